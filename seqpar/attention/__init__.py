@@ -1,0 +1,33 @@
+"""Sequence-parallel attention: the model calls `softmax_attention` / `linear_attention` with an
+`AttnContext`; the method named there runs over the context's cp group.
+
+The registries below are the single list of implemented methods: config validation reads them.
+"""
+from __future__ import annotations
+
+from seqpar import kernels
+from seqpar.attention.allgather import allgather_attention
+from seqpar.attention.context import AttnContext
+from seqpar.attention.lasp import lasp2_attention
+
+SOFTMAX_SP = {"allgather": allgather_attention}
+LINEAR_SP = {"lasp2": lasp2_attention}
+
+
+def softmax_attention(q, k, v, ctx: AttnContext, *, softmax_scale=None):
+    if ctx.cp_size == 1:
+        return kernels.flash_attn(q, k, v, causal=True, cu_seqlens=ctx.cu_seqlens, softmax_scale=softmax_scale)
+    return SOFTMAX_SP[ctx.softmax_sp](q, k, v, group=ctx.group, causal=True, cu_seqlens=ctx.cu_seqlens,
+                                      softmax_scale=softmax_scale, layout=ctx.layout)
+
+
+def linear_attention(q, k, v, log_decay, ctx: AttnContext, *, scale=None):
+    if ctx.cp_size == 1:
+        o, _ = kernels.lightning_attn(q, k, v, log_decay, scale=scale, cu_seqlens=ctx.cu_seqlens)
+        return o
+    return LINEAR_SP[ctx.linear_sp](q, k, v, log_decay=log_decay, group=ctx.group, cu_seqlens=ctx.cu_seqlens,
+                                    scale=scale, layout=ctx.layout)
+
+
+__all__ = ["AttnContext", "softmax_attention", "linear_attention", "allgather_attention", "lasp2_attention",
+           "SOFTMAX_SP", "LINEAR_SP"]

@@ -1,0 +1,251 @@
+"""The typed configuration of a run (registered with Hydra's ConfigStore) and its validation.
+
+Validation is the one place that knows the rules between keys; it runs in the launching process
+before any worker starts, and every message names the key, its value and the rule.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    vocab_size: int = MISSING
+    d_model: int = MISSING
+    n_layers: int = MISSING
+    n_heads: int = MISSING
+    n_kv_heads: int = MISSING
+    head_dim: Optional[int] = None
+    ffn_dim: int = MISSING
+    layer_pattern: str = "S"
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    linear_decay: str = "transnormer"
+    tie_embeddings: bool = False
+
+
+@dataclass
+class ParallelConfig:
+    dp: int = -1  # -1: whatever the world size leaves after pp, cp and tp
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    softmax_sp: str = "allgather"
+    linear_sp: str = "lasp2"
+    layout: str = "zigzag"
+    dp_engine: str = "fsdp2"
+
+
+@dataclass
+class DataConfig:
+    name: str = "embedded"  # embedded | token_file | synthetic
+    path: Optional[str] = None
+    seq_len: int = 256
+    distribution: str = "lognormal"  # synthetic documents: fixed | uniform | lognormal | file
+    mean_len: int = 1024
+    sigma: float = 1.0
+    max_len: Optional[int] = None
+    lengths_file: Optional[str] = None
+    num_tokens: int = 1 << 22
+    seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    global_batch_size: int = 8  # sequences of data.seq_len per optimizer step, whatever the layout
+    micro_batch_size: int = 4  # sequences per forward/backward on one dp rank
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    seed: int = 0
+    dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | fp64 | bf16
+    device: str = "auto"  # auto | cpu | cuda
+    activation_checkpointing: str = "none"  # none | full
+    checkpoint_every: int = 0  # 0: only at the end
+    keep_checkpoints: int = 2
+    resume: str = "auto"  # auto (latest in run_dir if any) | none | PATH of a checkpoint
+
+
+@dataclass
+class LauncherConfig:
+    name: str = "local"
+    nproc_per_node: Any = "auto"  # auto: every local GPU, or 2 processes on a CPU-only machine
+    nnodes: int = 1
+    master_addr: str = "127.0.0.1"
+    master_port: int = 0  # 0: a free port
+
+
+@dataclass
+class LoggingConfig:
+    console: bool = True
+    wandb: bool = False
+    wandb_project: str = "seqpar"
+    log_every: int = 1
+
+
+@dataclass
+class JobConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    run_dir: str = MISSING
+    dry_run: bool = False
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="job_schema", node=JobConfig)
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names key, value and rule."""
+
+
+def resolve_nproc(cfg) -> int:
+    n = cfg.launcher.nproc_per_node
+    if n == "auto":
+        import torch
+        return torch.cuda.device_count() if use_cuda(cfg) else 2
+    try:
+        return int(n)
+    except (TypeError, ValueError):
+        raise ConfigError(f"launcher.nproc_per_node={n!r}: must be a positive integer or 'auto'") from None
+
+
+def use_cuda(cfg) -> bool:
+    import torch
+    if cfg.train.device == "cuda":
+        return True
+    return cfg.train.device == "auto" and torch.cuda.is_available()
+
+
+def world_size(cfg) -> int:
+    return resolve_nproc(cfg) * cfg.launcher.nnodes
+
+
+def data_parallel_size(cfg, world: int) -> int:
+    p = cfg.parallel
+    return world // (p.pp * p.cp * p.tp) if p.dp == -1 else p.dp
+
+
+def validate(cfg, world: int | None = None) -> None:
+    """Raise ConfigError on the first rule the config breaks."""
+    from seqpar.attention import LINEAR_SP, SOFTMAX_SP
+    from seqpar.parallel.sharding import LAYOUTS, num_chunks
+
+    def fail(msg):
+        raise ConfigError(msg)
+
+    m, p, d, t, l = cfg.model, cfg.parallel, cfg.data, cfg.train, cfg.launcher
+    world = world_size(cfg) if world is None else world
+
+    if l.name != "local":
+        fail(f"launcher.name={l.name!r}: only 'local' exists so far (slurm and ray arrive with their issue)")
+    if world < 1:
+        fail(f"launcher.nproc_per_node x launcher.nnodes = {world}: need at least one process"
+             + (" (no CUDA device found; set train.device=cpu)" if use_cuda(cfg) else ""))
+    if use_cuda(cfg) and l.nnodes == 1:
+        import torch
+        if resolve_nproc(cfg) > torch.cuda.device_count():
+            fail(f"launcher.nproc_per_node={resolve_nproc(cfg)}: only {torch.cuda.device_count()} CUDA devices here")
+    for key in ("tp", "pp", "cp"):
+        if getattr(p, key) < 1:
+            fail(f"parallel.{key}={getattr(p, key)}: must be >= 1")
+    if p.dp == 0 or p.dp < -1:
+        fail(f"parallel.dp={p.dp}: must be >= 1, or -1 to fill the world size")
+    if p.dp == -1 and world % (p.pp * p.cp * p.tp):
+        fail(f"parallel.pp*cp*tp={p.pp * p.cp * p.tp} does not divide the world size {world} "
+             f"(launcher.nproc_per_node={l.nproc_per_node} x launcher.nnodes={l.nnodes})")
+    if p.dp != -1 and p.dp * p.pp * p.cp * p.tp != world:
+        fail(f"parallel.dp*pp*cp*tp={p.dp}*{p.pp}*{p.cp}*{p.tp}={p.dp * p.pp * p.cp * p.tp} must equal the world size {world} "
+             f"(launcher.nproc_per_node={l.nproc_per_node} x launcher.nnodes={l.nnodes}); or set parallel.dp=-1")
+    if p.tp > 1 or p.pp > 1:
+        fail(f"parallel.tp={p.tp}, parallel.pp={p.pp}: tensor and pipeline parallelism are not built yet (4D issue); use 1")
+    if p.dp_engine != "fsdp2":
+        fail(f"parallel.dp_engine={p.dp_engine!r}: only 'fsdp2' exists so far")
+    if p.layout not in LAYOUTS:
+        fail(f"parallel.layout={p.layout!r}: choose one of {list(LAYOUTS)}")
+    if p.softmax_sp not in SOFTMAX_SP:
+        fail(f"parallel.softmax_sp={p.softmax_sp!r}: implemented methods are {sorted(SOFTMAX_SP)}")
+    if p.linear_sp not in LINEAR_SP:
+        fail(f"parallel.linear_sp={p.linear_sp!r}: implemented methods are {sorted(LINEAR_SP)}")
+
+    bad = set(m.layer_pattern) - {"S", "L"}
+    if not m.layer_pattern or bad:
+        fail(f"model.layer_pattern={m.layer_pattern!r}: unknown layer type {sorted(bad)}; use S (softmax) and L (linear)")
+    if m.n_kv_heads < 1 or m.n_heads % m.n_kv_heads:
+        fail(f"model.n_kv_heads={m.n_kv_heads}: must divide model.n_heads={m.n_heads} (grouped-query attention)")
+    if m.n_heads % p.tp:
+        fail(f"model.n_heads={m.n_heads} is not divisible by parallel.tp={p.tp}")
+    if m.n_kv_heads % p.tp and p.tp % m.n_kv_heads:
+        fail(f"model.n_kv_heads={m.n_kv_heads} and parallel.tp={p.tp}: one must divide the other")
+    head_dim = m.head_dim or m.d_model // m.n_heads
+    if m.head_dim is None and m.d_model % m.n_heads:
+        fail(f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}; set model.head_dim")
+    if head_dim % 2:
+        fail(f"model.head_dim={head_dim}: rotary embeddings need an even head dimension")
+    if d.name in ("embedded", "synthetic") and m.vocab_size < 257:
+        fail(f"model.vocab_size={m.vocab_size}: data.name={d.name} uses the byte tokenizer's 257 ids")
+
+    chunks = num_chunks(p.cp, p.layout)
+    if d.seq_len < 1 or d.seq_len % chunks:
+        fail(f"parallel.cp={p.cp} with parallel.layout={p.layout}: data.seq_len={d.seq_len} must be divisible "
+             f"into {chunks} equal chunks" + (" (2*cp)" if p.layout == "zigzag" else ""))
+    if d.name not in ("embedded", "token_file", "synthetic"):
+        fail(f"data.name={d.name!r}: choose embedded, token_file or synthetic")
+    if d.name == "token_file":
+        if not d.path:
+            fail("data.name=token_file needs data.path=DIR (make one with `seqpar-prepare FILES --out DIR`)")
+        if not (Path(d.path) / "tokens.bin").is_file():
+            fail(f"data.path={d.path}: no tokens.bin there (make one with `seqpar-prepare FILES --out {d.path}`)")
+    if d.name == "synthetic" and d.distribution == "file" and not (d.lengths_file and os.path.isfile(d.lengths_file)):
+        fail(f"data.lengths_file={d.lengths_file}: file not found (data.distribution=file needs a JSON list of lengths)")
+
+    dp = data_parallel_size(cfg, world)
+    if t.steps < 1:
+        fail(f"train.steps={t.steps}: must be >= 1")
+    if t.micro_batch_size < 1 or t.global_batch_size < 1 or t.global_batch_size % (dp * t.micro_batch_size):
+        fail(f"train.global_batch_size={t.global_batch_size} must be a positive multiple of dp x train.micro_batch_size "
+             f"= {dp} x {t.micro_batch_size}")
+    if not t.lr > 0:
+        fail(f"train.lr={t.lr}: must be > 0")
+    if not 0 <= t.min_lr_ratio <= 1:
+        fail(f"train.min_lr_ratio={t.min_lr_ratio}: must be within [0, 1]")
+    if t.warmup_steps < 0 or t.warmup_steps > t.steps:
+        fail(f"train.warmup_steps={t.warmup_steps}: must be within [0, train.steps={t.steps}]")
+    if t.weight_decay < 0:
+        fail(f"train.weight_decay={t.weight_decay}: must be >= 0")
+    if not (0 <= t.beta1 < 1 and 0 <= t.beta2 < 1):
+        fail(f"train.beta1={t.beta1}, train.beta2={t.beta2}: must be within [0, 1)")
+    if t.grad_clip < 0:
+        fail(f"train.grad_clip={t.grad_clip}: must be >= 0 (0 disables clipping)")
+    if t.dtype not in ("auto", "fp32", "fp64", "bf16"):
+        fail(f"train.dtype={t.dtype!r}: choose auto, fp32, fp64 or bf16")
+    if t.dtype == "bf16" and not use_cuda(cfg):
+        fail("train.dtype=bf16 needs CUDA (bf16 autocast); on CPU use fp32 or fp64")
+    if t.device not in ("auto", "cpu", "cuda"):
+        fail(f"train.device={t.device!r}: choose auto, cpu or cuda")
+    if t.activation_checkpointing not in ("none", "full"):
+        fail(f"train.activation_checkpointing={t.activation_checkpointing!r}: choose none or full")
+    if t.checkpoint_every < 0 or t.keep_checkpoints < 1:
+        fail(f"train.checkpoint_every={t.checkpoint_every}, train.keep_checkpoints={t.keep_checkpoints}: "
+             "need checkpoint_every >= 0 and keep_checkpoints >= 1")
+    if t.resume not in ("auto", "none") and not Path(t.resume).is_dir():
+        fail(f"train.resume={t.resume}: no checkpoint folder there (use auto, none, or a run_dir/checkpoints/step_* path)")
+    if cfg.logging.log_every < 1:
+        fail(f"logging.log_every={cfg.logging.log_every}: must be >= 1")

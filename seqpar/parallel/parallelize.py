@@ -1,0 +1,27 @@
+"""Apply parallelism to a plain model, always in the same order (torchtitan's rule):
+tensor parallelism (4D issue) -> activation checkpointing -> data-parallel sharding (FSDP2)."""
+from __future__ import annotations
+
+import torch
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.fsdp import fully_shard
+
+from seqpar.parallel.dims import ParallelDims
+
+
+def parallelize(model: torch.nn.Module, dims: ParallelDims, train_cfg) -> torch.nn.Module:
+    if train_cfg.activation_checkpointing == "full":
+        for i, block in enumerate(model.layers):
+            model.layers[i] = checkpoint_wrapper(block)
+    if gradient_replicas(dims) > 1:
+        # cp ranks hold the same parameters but different tokens: they shard and reduce like dp ranks
+        mesh = dims.mesh["dp_cp"]
+        for block in model.layers:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    return model
+
+
+def gradient_replicas(dims: ParallelDims) -> int:
+    """How many ranks FSDP averages each gradient over (the loss is scaled to undo the mean)."""
+    return dims.dp * dims.cp

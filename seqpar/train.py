@@ -1,0 +1,219 @@
+"""seqpar-train: Hydra entry point. Validate -> start workers -> in each worker:
+build mesh -> model -> data -> optimizer -> loop (shard -> forward -> loss -> backward -> step)."""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import hydra
+import torch
+import torch.distributed as dist
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf
+
+from seqpar import checkpoint
+from seqpar.attention import AttnContext
+from seqpar.config import ConfigError, register_configs, resolve_nproc, use_cuda, validate, world_size
+from seqpar.data import PackedLoader, build_dataset
+from seqpar.launch.local import is_worker, launch_workers
+from seqpar.metrics import MetricsLogger, max_memory_gb, peak_flops
+from seqpar.model.flops import step_flops
+from seqpar.model.transformer import Transformer
+from seqpar.parallel.dims import ParallelDims
+from seqpar.parallel.parallelize import gradient_replicas, parallelize
+from seqpar.parallel.sharding import document_positions, shard_sequence
+
+
+def launch(cfg) -> int:
+    """In the launching process: fail on a bad config before any worker starts, then start them."""
+    try:
+        validate(cfg)
+    except ConfigError as e:
+        print(f"seqpar: invalid configuration: {e}", file=sys.stderr)
+        return 2
+    if cfg.dry_run:
+        print(OmegaConf.to_yaml(cfg, resolve=True))
+        print(f"world size {world_size(cfg)}: {ParallelDims.from_config(cfg.parallel, world_size(cfg))}")
+        return 0
+    nproc = resolve_nproc(cfg)
+    if nproc * cfg.launcher.nnodes == 1:
+        return run_worker(cfg)
+    # workers must agree on run_dir, whose default contains the launch time
+    argv = list(HydraConfig.get().overrides.task) + [f"run_dir={cfg.run_dir}"]
+    return launch_workers(argv, nproc_per_node=nproc, nnodes=cfg.launcher.nnodes,
+                          master_addr=cfg.launcher.master_addr, master_port=cfg.launcher.master_port)
+
+
+def init_distributed(cfg) -> torch.device:
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if use_cuda(cfg):
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+        # without device_id, NCCL init hung on the 2-GPU machine (ENVIRONMENT.md)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return device
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def param_dtype(cfg, device) -> torch.dtype:
+    return torch.float64 if cfg.train.dtype == "fp64" else torch.float32
+
+
+def autocast(cfg, device):
+    if device.type == "cuda" and cfg.train.dtype in ("auto", "bf16"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def build_optimizer(model, cfg, device):
+    t = cfg.train
+    decay = [p for p in model.parameters() if p.ndim >= 2]  # no decay on norms' gains
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), foreach=device.type == "cuda")
+
+    def lr_factor(step):  # linear warmup, then cosine down to min_lr_ratio
+        if step < t.warmup_steps:
+            return (step + 1) / t.warmup_steps
+        progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
+        return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+
+
+def run_worker(cfg) -> int:
+    validate(cfg, world=int(os.environ.get("WORLD_SIZE", 1)))
+    device = init_distributed(cfg)
+    try:
+        train(cfg, device)
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+def train(cfg, device) -> None:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    dims = ParallelDims.from_config(cfg.parallel, world)
+    dims.build_mesh(device.type)
+    cp_group = dims.group("cp") if dims.cp > 1 else None
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    torch.manual_seed(cfg.train.seed)
+    model = Transformer(cfg.model).to(device=device, dtype=param_dtype(cfg, device))
+    model.init_weights(cfg.train.seed)
+    model = parallelize(model, dims, cfg.train)
+    optimizer, scheduler = build_optimizer(model, cfg, device)
+
+    loader = PackedLoader(build_dataset(cfg.data, cfg.data.seq_len), global_batch_size=cfg.train.global_batch_size,
+                          micro_batch_size=cfg.train.micro_batch_size, dp_rank=dims.rank_in("dp"),
+                          dp_size=dims.dp, seed=cfg.train.seed)
+
+    start_step = 0
+    ckpt_root = run_dir / "checkpoints"
+    resume_from = checkpoint.latest(ckpt_root) if cfg.train.resume == "auto" else (
+        None if cfg.train.resume == "none" else Path(cfg.train.resume))
+    if resume_from is not None:
+        extra = checkpoint.load(resume_from, model, optimizer)
+        scheduler.load_state_dict(extra["scheduler"])
+        loader.load_state_dict(extra["data"])
+        checkpoint.restore_rng(extra["rng"])
+        start_step = extra["step"]
+
+    peak = peak_flops(device)
+    logger = MetricsLogger(run_dir, total_steps=cfg.train.steps, rank=rank, console=cfg.logging.console,
+                           wandb=cfg.logging.wandb, wandb_project=cfg.logging.wandb_project,
+                           config=OmegaConf.to_container(cfg, resolve=True), start_step=start_step)
+    with logger:
+        for step in range(start_step + 1, cfg.train.steps + 1):
+            t0 = time.perf_counter()
+            micro_batches = loader.next_batch()
+            stats = train_step(model, micro_batches, cfg, dims, cp_group, device)
+            grad_norm = clip_gradients(model, cfg.train.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss = stats["loss"]
+            if not math.isfinite(loss):
+                raise FloatingPointError(
+                    f"loss is {loss} at step {step}; the last checkpoint is kept. Lower train.lr (now {cfg.train.lr}), "
+                    "raise train.warmup_steps, or set train.grad_clip")
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            tokens = cfg.train.global_batch_size * cfg.data.seq_len
+            metrics = {"loss": loss, "lr": scheduler.get_last_lr()[0], "tokens": tokens * step,
+                       "tokens_per_s": tokens / dt, "step_time_s": dt, "grad_norm": grad_norm}
+            if peak is not None:
+                metrics["mfu"] = stats["flops"] / dt / (peak * world)
+                metrics["max_mem_gb"] = max_memory_gb(device)
+            if step % cfg.logging.log_every == 0 or step == cfg.train.steps:
+                logger.log(step, metrics)
+            if step == cfg.train.steps or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0):
+                extra = {"step": step, "scheduler": scheduler.state_dict(), "data": loader.state_dict(),
+                         "rng": checkpoint.capture_rng()}
+                checkpoint.save(ckpt_root, step, model, optimizer, extra, keep=cfg.train.keep_checkpoints)
+
+
+def train_step(model, micro_batches, cfg, dims: ParallelDims, cp_group, device) -> dict:
+    """Forward and backward of one optimizer step's micro-batches on this rank.
+
+    The loss is the mean over every target token of the global batch, so it does not depend on
+    how the batch is split over dp, cp and micro-batches."""
+    layout = cfg.parallel.layout
+    counts = torch.tensor([sum(int((mb.targets != -100).sum()) for mb in micro_batches),
+                           sum(step_flops(cfg.model, torch.diff(mb.cu_seqlens).tolist()) for mb in micro_batches)],
+                          dtype=torch.float64, device=device)
+    dist.all_reduce(counts, group=dims.group("dp"))  # every cp rank holds the same whole sequences
+    n_tokens, flops = counts.tolist()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    for mb in micro_batches:
+        cu_seqlens = mb.cu_seqlens.to(device)
+        shard = lambda x: shard_sequence(x.to(device), cp_group, layout=layout)
+        positions = document_positions(cu_seqlens, mb.input_ids.shape[1])
+        ctx = AttnContext(group=cp_group, cu_seqlens=cu_seqlens, position_ids=shard(positions[None])[0],
+                          layout=layout, softmax_sp=cfg.parallel.softmax_sp, linear_sp=cfg.parallel.linear_sp)
+        with autocast(cfg, device):
+            local_loss = model(shard(mb.input_ids), ctx, targets=shard(mb.targets))
+        (local_loss * (gradient_replicas(dims) / n_tokens)).backward()
+        loss_sum += local_loss.detach().to(torch.float64)
+    dist.all_reduce(loss_sum, group=dims.group("dp_cp"))
+    return {"loss": loss_sum.item() / n_tokens, "flops": flops}
+
+
+def clip_gradients(model, max_norm: float) -> float:
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
+@hydra.main(version_base=None, config_path="pkg://seqpar.conf", config_name="train")
+def _hydra_main(cfg) -> None:
+    code = run_worker(cfg) if is_worker() else launch(cfg)
+    if code:
+        sys.exit(code)
+
+
+def main() -> None:
+    register_configs()
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

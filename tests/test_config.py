@@ -1,0 +1,78 @@
+"""Bad configurations stop before any worker starts, with a message naming key, value and rule."""
+import subprocess
+import sys
+
+import pytest
+from hydra import compose, initialize_config_module
+
+from seqpar.config import ConfigError, register_configs, validate
+
+
+def make_cfg(*overrides):
+    register_configs()
+    with initialize_config_module(config_module="seqpar.conf", version_base=None):
+        return compose(config_name="train", overrides=["train.device=cpu", *overrides])
+
+
+def test_default_config_is_valid_for_two_processes():
+    cfg = make_cfg()
+    validate(cfg, world=2)
+    assert cfg.parallel.cp == 2 and cfg.model.name == "tiny_hybrid"
+
+
+BAD = [
+    (["parallel.cp=3"], 2, "parallel.pp*cp*tp=3 does not divide the world size 2"),
+    (["parallel.dp=2", "parallel.cp=2"], 2, "must equal the world size 2"),
+    (["parallel.cp=4", "parallel.dp=1", "data.seq_len=1000"], 4, "data.seq_len=1000 must be divisible into 8"),
+    (["parallel.cp=3", "parallel.dp=1", "parallel.layout=contiguous", "data.seq_len=100"], 3, "data.seq_len=100"),
+    (["model.n_heads=6", "model.n_kv_heads=4"], 2, "model.n_kv_heads=4: must divide model.n_heads=6"),
+    (["model.layer_pattern=LLXS"], 2, "model.layer_pattern='LLXS': unknown layer type ['X']"),
+    (["data=token_file", "data.path=/nonexistent/ds"], 2, "data.path=/nonexistent/ds: no tokens.bin"),
+    (["train.lr=-0.001"], 2, "train.lr=-0.001: must be > 0"),
+    (["train.global_batch_size=6"], 2, "train.global_batch_size=6 must be a positive multiple"),
+    (["parallel.softmax_sp=warp"], 2, "parallel.softmax_sp='warp'"),
+    (["parallel.linear_sp=lasp9"], 2, "parallel.linear_sp='lasp9'"),
+    (["parallel.layout=spiral"], 2, "parallel.layout='spiral'"),
+    (["parallel.tp=2", "parallel.cp=1"], 2, "parallel.tp=2"),
+    (["model.d_model=130"], 2, "model.d_model=130 is not divisible by model.n_heads=4"),
+    (["model.vocab_size=200"], 2, "model.vocab_size=200"),
+    (["train.warmup_steps=500"], 2, "train.warmup_steps=500"),
+    (["train.dtype=bf16"], 2, "train.dtype=bf16 needs CUDA"),
+    (["train.resume=/nonexistent/ckpt"], 2, "train.resume=/nonexistent/ckpt"),
+    (["train.grad_clip=-1"], 2, "train.grad_clip=-1"),
+    (["launcher.nproc_per_node=many"], None, "launcher.nproc_per_node='many'"),
+    (["data=synthetic", "data.distribution=file", "data.lengths_file=/nope.json"], 2, "data.lengths_file=/nope.json"),
+]
+
+
+@pytest.mark.parametrize("overrides,world,message", BAD, ids=[" ".join(o) for o, _, _ in BAD])
+def test_bad_config_is_rejected_with_key_value_rule(overrides, world, message):
+    cfg = make_cfg(*overrides)
+    with pytest.raises(ConfigError) as e:
+        validate(cfg, world=world)
+    assert message in str(e.value)
+
+
+def test_unknown_key_is_rejected_by_the_schema():
+    with pytest.raises(Exception, match="parallel.cpp"):
+        make_cfg("parallel.cpp=2")
+
+
+def test_wrong_type_is_rejected_by_the_schema():
+    with pytest.raises(Exception, match="parallel.cp"):
+        make_cfg("parallel.cp=two")
+
+
+def test_cli_fails_before_starting_workers(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "seqpar.train", "train.device=cpu", "parallel.cp=3", f"run_dir={tmp_path}/r"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "parallel.pp*cp*tp=3 does not divide the world size 2" in r.stderr
+    assert not (tmp_path / "r" / "metrics.jsonl").exists()
+
+
+def test_dry_run_prints_resolved_config(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "seqpar.train", "train.device=cpu", "dry_run=true", f"run_dir={tmp_path}/r"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "layer_pattern: LLLS" in r.stdout and "ParallelDims(dp=1, cp=2, tp=1, pp=1, world_size=2)" in r.stdout
