@@ -17,11 +17,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world_size, port, out_dir, fn, args):
+def _worker(rank, world_size, port, out_dir, backend, fn, args):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+        dist.init_process_group("nccl", rank=rank, world_size=world_size, device_id=torch.device("cuda", rank))
+    else:
+        dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         result = fn(rank, world_size, *args)
         with open(os.path.join(out_dir, f"{rank}.pkl"), "wb") as f:
@@ -30,10 +34,10 @@ def _worker(rank, world_size, port, out_dir, fn, args):
         dist.destroy_process_group()
 
 
-def run_distributed(fn, world_size: int, *args):
+def run_distributed(fn, world_size: int, *args, backend: str = "gloo"):
     """fn(rank, world_size, *args) on every rank; returns the list of per-rank results."""
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_worker, args=(world_size, free_port(), out_dir, fn, args), nprocs=world_size, join=True)
+        mp.spawn(_worker, args=(world_size, free_port(), out_dir, backend, fn, args), nprocs=world_size, join=True)
         results = []
         for r in range(world_size):
             with open(os.path.join(out_dir, f"{r}.pkl"), "rb") as f:

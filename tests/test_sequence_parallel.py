@@ -45,12 +45,12 @@ def _parallel(kind, method, q, k, v, log_decay, cu, layout):
     return LINEAR_SP[method](q, k, v, log_decay=log_decay, cu_seqlens=cu, layout=layout)
 
 
-def _check_all(rank, world):
+def _check_all(rank, world, device="cpu"):
     errors = {}
     methods = [("softmax", m) for m in SOFTMAX_SP] + [("linear", m) for m in LINEAR_SP]
     for kind, method in methods:
         for i, (layout, packed) in enumerate(_cases()):
-            q, k, v, grad, log_decay, cu = _inputs(kind, packed, seed=i)
+            q, k, v, grad, log_decay, cu = (None if t is None else t.to(device) for t in _inputs(kind, packed, seed=i))
             full = [t.clone().requires_grad_() for t in (q, k, v)]
             ref = _reference(kind, *full, log_decay, cu)
             ref.backward(grad)
