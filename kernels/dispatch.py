@@ -1,0 +1,71 @@
+"""The one place that decides which implementation runs an op.
+
+Every public kernel in `seqpar.kernels` asks `backend(op, *tensors, **features)` and runs what it
+names. Names returned today:
+
+- ``"reference"``: the pure-torch code in ``kernels/<op>/reference.py`` (always correct, any device)
+- ``"sdpa"``: ``torch.nn.functional.scaled_dot_product_attention`` (flash_attn, dense, CUDA)
+- ``"varlen"``: ``torch.nn.attention.varlen.varlen_attn`` (flash_attn, packed documents, CUDA)
+- ``"torch"``: the fused op torch ships (rms_norm -> ``torch.nn.functional.rms_norm``, CUDA)
+
+Later issues add ``"triton"``. ``SEQPAR_KERNELS=reference`` forces the reference everywhere (read
+on every call so that tests and benchmarks can flip it without re-importing).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from functools import lru_cache
+
+import torch
+
+OPS = ("flash_attn", "lightning_attn", "rms_norm", "apply_rotary", "rotary_cos_sin",
+       "fused_linear_cross_entropy")
+ENV = "SEQPAR_KERNELS"
+
+_FLASH_DTYPES = (torch.float16, torch.bfloat16)
+
+
+@lru_cache(maxsize=None)
+def has_varlen_attn() -> bool:
+    # torch.nn.attention.varlen appeared in torch 2.10; find_spec fails on the parent for older ones.
+    try:
+        return importlib.util.find_spec("torch.nn.attention.varlen") is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def backend(op: str, *tensors: torch.Tensor | None, **features) -> str:
+    """Name the implementation that runs `op` on these tensors.
+
+    `features` are the call's options that change what a fast path can do; for flash_attn:
+    `return_lse`, `cu_seqlens`, `cu_seqlens_q`, `cu_seqlens_k` (as passed to the op).
+    """
+    if op not in OPS:
+        raise ValueError(f"unknown kernel op {op!r}; known: {', '.join(OPS)}")
+    forced = os.environ.get(ENV, "").strip().lower()
+    if forced not in ("", "auto", "reference"):
+        raise ValueError(f"{ENV}={forced!r} is not one of: reference, auto")
+    present = [t for t in tensors if t is not None]
+    if forced == "reference" or not present or not all(t.is_cuda for t in present):
+        return "reference"
+    if op == "flash_attn":
+        return _flash_attn_backend(*present[:3], **features)
+    if op == "rms_norm":
+        return "torch"
+    return "reference"
+
+
+def _flash_attn_backend(q, k, v, *, return_lse=False, cu_seqlens=None, cu_seqlens_q=None,
+                        cu_seqlens_k=None, **_) -> str:
+    # Neither torch entry point hands back an lse usable for merging partial attention (ring, disagg).
+    if return_lse:
+        return "reference"
+    if cu_seqlens is None and cu_seqlens_q is None:
+        # SDPA's causal mask is top-left aligned; with equal lengths that is the same as ours.
+        return "sdpa" if q.shape[1] == k.shape[1] else "reference"
+    # The flash kernel behind varlen_attn aligns causal masks bottom-right and zeroes rows with no
+    # visible key, as the reference does (checked on an H100, torch 2.11: tests/test_kernels.py, gpu).
+    if has_varlen_attn() and q.dtype in _FLASH_DTYPES:
+        return "varlen"
+    return "reference"
