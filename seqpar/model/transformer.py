@@ -1,0 +1,141 @@
+"""The seqpar decoder: embedding -> blocks (softmax or lightning attention, SwiGLU) -> norm -> head.
+
+Plain PyTorch that knows nothing of ranks: it sees this rank's shard of tokens and an
+`AttnContext`; parallelism (tp, activation checkpointing, FSDP) is applied to `layers` from outside.
+"""
+from __future__ import annotations
+
+import math
+import zlib
+
+import torch
+import torch.nn as nn
+
+from seqpar import kernels
+from seqpar.attention import AttnContext
+from seqpar.model.layers import LinearAttention, RMSNorm, SoftmaxAttention, SwiGLU
+
+LAYER_TYPES = "SL"
+
+
+def layer_types(cfg) -> str:
+    """`cfg.layer_pattern` tiled to `cfg.n_layers`, one character per layer (S softmax, L linear)."""
+    pattern = cfg.layer_pattern
+    bad = sorted(set(pattern) - set(LAYER_TYPES))
+    if not pattern or bad:
+        raise ValueError(f"model.layer_pattern={pattern!r}: unknown layer types {bad or '(empty)'}; "
+                         "use S (softmax attention) and L (linear attention)")
+    return "".join(pattern[i % len(pattern)] for i in range(cfg.n_layers))
+
+
+def head_dim(cfg) -> int:
+    return cfg.head_dim or cfg.d_model // cfg.n_heads
+
+
+class Block(nn.Module):
+    def __init__(self, cfg, layer_idx: int, kind: str):
+        super().__init__()
+        hd = head_dim(cfg)
+        self.kind = kind
+        self.attention_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        if kind == "S":
+            self.attention = SoftmaxAttention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, hd)
+        else:
+            self.attention = LinearAttention(cfg.d_model, cfg.n_heads, hd, layer_idx, cfg.n_layers,
+                                             decay=getattr(cfg, "linear_decay", "transnormer"), eps=cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.feed_forward = SwiGLU(cfg.d_model, cfg.ffn_dim)
+
+    def forward(self, x: torch.Tensor, ctx: AttnContext, rope=None) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), ctx, rope)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.head_dim = head_dim(cfg)
+        self.rope_theta = cfg.rope_theta
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layer_types = layer_types(cfg)
+        self.layers = nn.ModuleList(Block(cfg, i, kind) for i, kind in enumerate(self.layer_types))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.tied = bool(getattr(cfg, "tie_embeddings", False))
+        if self.tied:
+            self.output.weight = self.tok_embeddings.weight
+
+    def forward(self, input_ids: torch.Tensor, ctx: AttnContext | None = None, *,
+                targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states `[B, S_local, d_model]` after the final norm; with `targets`, their loss sum.
+
+        The loss goes through forward (not only `loss_sum`) because FSDP gathers the root's
+        parameters, `output.weight` among them, in forward hooks."""
+        ctx = AttnContext() if ctx is None else ctx
+        h = self.tok_embeddings(input_ids)
+        rope = self.rotary(input_ids.shape[1], ctx, input_ids.device)
+        for layer in self.layers:
+            h = layer(h, ctx, rope)
+        h = self.norm(h)
+        return h if targets is None else self.loss_sum(h, targets)
+
+    def rotary(self, seq_len: int, ctx: AttnContext, device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """cos, sin for this shard's tokens, computed once per step and shared by every softmax layer."""
+        if "S" not in self.layer_types:
+            return None
+        positions = ctx.position_ids if ctx.position_ids is not None else torch.arange(seq_len, device=device)
+        return kernels.rotary_cos_sin(positions.to(device), self.head_dim, self.rope_theta)
+
+    def loss_sum(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Sum of next-token cross-entropies over targets != -100; the `[N, V]` logits never exist."""
+        return kernels.fused_linear_cross_entropy(hidden, self.output.weight, targets, ignore_index=-100)
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> None:
+        """Normal(init_std) weights, out projections (`wo`, `w2`) scaled by 1/sqrt(2 n_layers) (GPT-2's
+        residual scaling), norm gains one.
+
+        Each tensor is drawn on the CPU from its own generator, seeded by `seed` and the parameter's
+        name, then copied to its device and dtype: the weights do not depend on the device, on the
+        world size (DTensor shards take their slice of the same full draw), or on which layers a
+        pipeline stage holds. `seed=None` draws the base seed from torch's global generator.
+        """
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+        std = self.cfg.init_std
+        residual_std = std / math.sqrt(2 * self.cfg.n_layers)
+        for name, p in self.named_parameters():
+            name = canonical_name(name)
+            leaf = name.rsplit(".", 1)[0].rsplit(".", 1)[-1]
+            if "norm" in leaf:
+                full = torch.ones(p.shape, dtype=torch.float32)
+            else:
+                gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+                full = torch.randn(p.shape, generator=gen, dtype=torch.float32)
+                full *= residual_std if leaf in ("wo", "w2") else std
+            copy_full(p, full)
+        for module in self.modules():
+            if isinstance(module, LinearAttention):
+                module.reset_buffers()
+
+    def num_params(self, exclude_embedding: bool = False) -> int:
+        """Parameters counted once each (tied weights once); `exclude_embedding` drops the input
+        table, which does no matmul, unless it is tied to the output head."""
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embedding and not self.tied:
+            n -= self.tok_embeddings.weight.numel()
+        return n
+
+
+def canonical_name(name: str) -> str:
+    """The parameter's name with wrapper modules (activation checkpointing, compile) removed."""
+    return ".".join(part for part in name.split(".") if part not in ("_checkpoint_wrapped_module", "_orig_mod"))
+
+
+def copy_full(p: torch.Tensor, full: torch.Tensor) -> None:
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    if isinstance(p, DTensor):
+        # every rank drew the same full tensor: each keeps its own slice, no communication
+        full = distribute_tensor(full.to(p.device_mesh.device_type), p.device_mesh, p.placements, src_data_rank=None)
+    p.copy_(full.to(p.dtype))
