@@ -2,6 +2,7 @@
 build mesh -> model -> data -> optimizer -> loop (shard -> forward -> loss -> backward -> step)."""
 from __future__ import annotations
 
+import gc
 import math
 import os
 import sys
@@ -103,6 +104,7 @@ def run_worker(cfg) -> int:
     try:
         train(cfg, device)
     finally:
+        gc.collect()  # FSDP2 hooks must go before the gloo group does, or gloo aborts at exit
         dist.destroy_process_group()
     return 0
 
@@ -111,7 +113,7 @@ def train(cfg, device) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     dims = ParallelDims.from_config(cfg.parallel, world)
     dims.build_mesh(device.type)
-    cp_group = dims.group("cp") if dims.cp > 1 else None
+    cp_group = dims.group("cp")  # size 1 when cp=1; never None, which would mean the whole world
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
 

@@ -1,6 +1,7 @@
 """Run a function on N gloo processes of this machine (the harness every multi-rank test shares)."""
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import tempfile
@@ -31,6 +32,7 @@ def _worker(rank, world_size, port, out_dir, backend, fn, args):
         with open(os.path.join(out_dir, f"{rank}.pkl"), "wb") as f:
             pickle.dump(result, f)
     finally:
+        gc.collect()  # FSDP2 hooks must go before the gloo group does, or gloo aborts at exit
         dist.destroy_process_group()
 
 

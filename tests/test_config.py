@@ -23,7 +23,7 @@ def test_default_config_is_valid_for_two_processes():
 BAD = [
     (["parallel.cp=3"], 2, "parallel.pp*cp*tp=3 does not divide the world size 2"),
     (["parallel.dp=2", "parallel.cp=2"], 2, "must equal the world size 2"),
-    (["parallel.cp=4", "parallel.dp=1", "data.seq_len=1000"], 4, "data.seq_len=1000 must be divisible into 8"),
+    (["parallel.cp=4", "parallel.dp=1", "data.seq_len=1004"], 4, "data.seq_len=1004 must be divisible into 8"),
     (["parallel.cp=3", "parallel.dp=1", "parallel.layout=contiguous", "data.seq_len=100"], 3, "data.seq_len=100"),
     (["model.n_heads=6", "model.n_kv_heads=4"], 2, "model.n_kv_heads=4: must divide model.n_heads=6"),
     (["model.layer_pattern=LLXS"], 2, "model.layer_pattern='LLXS': unknown layer type ['X']"),

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from seqpar import kernels
-from seqpar.parallel.sharding import all_gather_autograd, chunk_order, group_size_rank, local_ranges
+from seqpar.parallel.sharding import all_gather_autograd, depend_on, chunk_order, group_size_rank, local_ranges
 
 
 def lasp2_attention(q, k, v, *, log_decay, group=None, cu_seqlens=None, scale=None, layout="contiguous"):
@@ -59,7 +59,7 @@ def lasp2_attention(q, k, v, *, log_decay, group=None, cu_seqlens=None, scale=No
             n = min([x for x in bounds if a < x] + [b]) - a
             o = torch.cat([o[:, :n] + _readout(q[:, sl][:, :n], carried, log_decay, scale), o[:, n:]], dim=1)
         out.append(o)
-    out = torch.cat(out, dim=1)
+    out = depend_on(torch.cat(out, dim=1), gathered)  # the backward reduce-scatter runs on every rank
     return out.reshape(B, s_local, *out.shape[2:])
 
 

@@ -133,6 +133,26 @@ class _AllGatherStack(torch.autograd.Function):
         return _reduce_scatter(list(grad.unbind(0)), ctx.group), None
 
 
+def depend_on(x: torch.Tensor, *others: torch.Tensor) -> torch.Tensor:
+    """`x` unchanged, but autograd-dependent on `others` (their gradient from here is zero).
+
+    A collective's backward must run on every rank. When a rank's output happens not to use the
+    result of a differentiable collective (LASP-2's first rank with the contiguous layout), tie
+    it in, or that rank skips the mirrored reduce-scatter and its peers wait forever."""
+    return _DependOn.apply(x, *others)
+
+
+class _DependOn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, *others):
+        ctx.others = [(o.shape, o.dtype, o.device) for o in others]
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (grad, *(torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in ctx.others))
+
+
 def document_positions(cu_seqlens: torch.Tensor, seq_len: int) -> torch.Tensor:
     """Position of each token of a packed row inside its own document (RoPE restarts per document)."""
     idx = torch.arange(seq_len, device=cu_seqlens.device)
