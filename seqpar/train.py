@@ -113,7 +113,6 @@ def train(cfg, device) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     dims = ParallelDims.from_config(cfg.parallel, world)
     dims.build_mesh(device.type)
-    cp_group = dims.group("cp")  # size 1 when cp=1; never None, which would mean the whole world
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -146,7 +145,7 @@ def train(cfg, device) -> None:
         for step in range(start_step + 1, cfg.train.steps + 1):
             t0 = time.perf_counter()
             micro_batches = loader.next_batch()
-            stats = train_step(model, micro_batches, cfg, dims, cp_group, device)
+            stats = train_step(model, micro_batches, cfg, dims, device)
             grad_norm = clip_gradients(model, cfg.train.grad_clip)
             optimizer.step()
             scheduler.step()
@@ -173,12 +172,13 @@ def train(cfg, device) -> None:
                 checkpoint.save(ckpt_root, step, model, optimizer, extra, keep=cfg.train.keep_checkpoints)
 
 
-def train_step(model, micro_batches, cfg, dims: ParallelDims, cp_group, device) -> dict:
+def train_step(model, micro_batches, cfg, dims: ParallelDims, device) -> dict:
     """Forward and backward of one optimizer step's micro-batches on this rank.
 
     The loss is the mean over every target token of the global batch, so it does not depend on
     how the batch is split over dp, cp and micro-batches."""
     layout = cfg.parallel.layout
+    cp_group = dims.group("cp")  # size 1 when cp=1; never None, which would mean the whole world
     counts = torch.tensor([sum(int((mb.targets != -100).sum()) for mb in micro_batches),
                            sum(step_flops(cfg.model, torch.diff(mb.cu_seqlens).tolist()) for mb in micro_batches)],
                           dtype=torch.float64, device=device)

@@ -69,8 +69,7 @@ def _one_step_grads(rank, world, overrides):
     model = parallelize(model, dims, cfg.train)
     loader = PackedLoader(build_dataset(cfg.data, cfg.data.seq_len), global_batch_size=4, micro_batch_size=1,
                           dp_rank=dims.rank_in("dp"), dp_size=dims.dp, seed=0)
-    cp_group = dims.group("cp") if dims.cp > 1 else None
-    stats = train_step(model, loader.next_batch(), cfg, dims, cp_group, torch.device("cpu"))
+    stats = train_step(model, loader.next_batch(), cfg, dims, torch.device("cpu"))
     grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad) for n, p in model.named_parameters()}
     return stats["loss"], grads
 
