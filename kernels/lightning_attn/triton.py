@@ -270,7 +270,9 @@ def segment_table(cu_seqlens, batch: int, seq_len: int, seg_len: int, device):
 
 
 def _dot_types(dtype):
-    if dtype == torch.float32:
+    # Triton's CPU interpreter mis-multiplies bf16 (it holds bf16 as uint16 for numpy), so the
+    # interpreted kernels keep fp32 operands; loads and stores still run in the inputs' dtype.
+    if dtype == torch.float32 or _interpreting():
         return tl.float32, "ieee"
     return tl.bfloat16, "tf32"  # the precision flag only matters for fp32 operands
 

@@ -1,0 +1,170 @@
+"""The Triton lightning-attention kernel against the float64 reference: on CPU through Triton's
+interpreter (small shapes, a few seconds each), and on CUDA (`gpu`) in bf16/fp16/fp32 at real sizes.
+
+Every case checks the forward (o, final state) and the gradients into q, k, v and the initial
+state, with a loss that uses the final state too, as LASP-2 does."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from seqpar import kernels
+from seqpar.kernels.lightning_attn.reference import lightning_attn_reference
+
+pytest.importorskip("triton")
+
+F64 = torch.float64
+
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+interp_only = pytest.mark.skipif(not INTERPRETING, reason="run by test_triton_interpreter_subprocess")
+
+
+def test_triton_interpreter_subprocess():
+    """Runs this module's `interp_` tests in a fresh process with TRITON_INTERPRET=1.
+
+    Triton picks interpreter or compiler when `triton.language` and each `@triton.jit` are first
+    imported, so the variable must be set before any module of this process touches triton; a
+    subprocess is the one way that holds whatever other test modules imported first."""
+    if INTERPRETING:
+        pytest.skip("already inside the interpreter run")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not gpu",
+                          "-k", "interp_", __file__], env=env, capture_output=True, text=True, timeout=600,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
+
+
+def _cu(lengths, device="cpu"):
+    return torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=device)
+
+
+def _case(lengths, B, H, Dk, Dv, log_decay, init, seed, device="cpu"):
+    """Inputs in float64; `lengths` packs documents into one row (B = 1); an int means B rows of it."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    S = sum(lengths) if isinstance(lengths, list) else lengths
+    n = len(lengths) if isinstance(lengths, list) else B
+    r = lambda *shape: torch.randn(*shape, generator=g, device=device, dtype=F64)  # noqa: E731
+    return dict(q=r(B, S, H, Dk), k=r(B, S, H, Dk), v=r(B, S, H, Dv),
+                log_decay=torch.tensor(log_decay, dtype=F64, device=device),
+                init=r(n, H, Dk, Dv) if init else None, do=r(B, S, H, Dv), dfinal=r(n, H, Dk, Dv),
+                cu=_cu(lengths, device) if isinstance(lengths, list) else None)
+
+
+def _run(fn, c, dtype, use_o=True, **kw):
+    """o, final, and the gradients of <o, do> + <final, dfinal> into q, k, v, init (fp64 copies)."""
+    q, k, v = (c[n].to(dtype).requires_grad_() for n in "qkv")
+    init = None if c["init"] is None else c["init"].clone().requires_grad_()
+    o, final = fn(q, k, v, c["log_decay"], initial_state=init, output_final_state=True,
+                  cu_seqlens=c["cu"], **kw)
+    loss = (final.double() * c["dfinal"]).sum()
+    if use_o:
+        loss = loss + (o.double() * c["do"]).sum()
+    leaves = [t for t in (q, k, v, init) if t is not None]
+    grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+    grads = [torch.zeros_like(t) if g is None else g for t, g in zip(leaves, grads)]
+    return {"o": o, "final": final, **dict(zip(["dq", "dk", "dv", "dinit"], grads))}
+
+
+def _check(ours, ref, tol):
+    for name, exact in ref.items():
+        got = ours[name].double()
+        assert got.shape == exact.shape, name
+        err = ((got - exact).norm() / exact.norm().clamp_min(1e-30)).item()
+        assert err <= tol, f"{name}: relative error {err:.2e} > {tol:.0e}"
+
+
+# ---------------------------------------------------------------- CPU, Triton interpreter
+
+@interp_only
+def test_interp_segment_table_covers_each_document_in_order():
+    from seqpar.kernels.lightning_attn import triton as interpreted
+
+    lengths = [1, 0, 130, 64, 65, 3]
+    segs, doc_seg, n_docs, n_max = interpreted.segment_table(_cu(lengths), 1, sum(lengths), 64, "cpu")
+    assert n_docs == 6 and n_max == sum(lengths) // 64 + 6
+    expect = [(0, 1), (1, 65), (65, 129), (129, 131), (131, 195), (195, 259), (259, 260), (260, 263)]
+    assert [tuple(s) for s in segs.tolist()[:len(expect)]] == expect
+    assert (segs[len(expect):] == 0).all()  # spare entries are empty segments
+    assert doc_seg.tolist() == [0, 1, 1, 4, 5, 7, 8]
+    dense, doc_seg, n_docs, _ = interpreted.segment_table(None, 3, 100, 64, "cpu")
+    assert n_docs == 3 and doc_seg.tolist() == [0, 2, 4, 6]
+    assert [tuple(s) for s in dense.tolist()[:6]] == [(0, 64), (64, 100), (100, 164), (164, 200), (200, 264),
+                                                      (264, 300)]
+
+
+@interp_only
+@pytest.mark.parametrize("seg_len", [64, 128])
+def test_interp_packed_documents_with_states(seg_len):
+    from seqpar.kernels.lightning_attn import triton as interpreted
+
+    # length-1 documents, an empty one, lengths around the chunk size, one spanning several segments
+    c = _case([1, 70, 0, 5, 130, 64, 1], 1, 2, 16, 32, [0.0, -0.3], init=True, seed=seg_len)
+    ours = _run(interpreted.lightning_attn_triton, c, torch.float32, seg_len=seg_len)
+    _check(ours, _run(lightning_attn_reference, c, F64), 1e-5)
+
+
+@interp_only
+def test_interp_batch_rows_odd_head_dims_strong_decay():
+    from seqpar.kernels.lightning_attn import triton as interpreted
+
+    # B rows without cu_seqlens; Dk = 24 pads to a 32-wide block; exp(-8 * 63) underflows to 0
+    c = _case(97, 2, 3, 24, 16, [0.0, -0.05, -8.0], init=False, seed=1)
+    ours = _run(interpreted.lightning_attn_triton, c, torch.float32, seg_len=64)
+    _check(ours, _run(lightning_attn_reference, c, F64), 1e-5)
+
+
+@interp_only
+def test_interp_only_the_final_state_is_used():
+    from seqpar.kernels.lightning_attn import triton as interpreted
+
+    # LASP-2 differentiates through the final state alone on some ranks: k, v, init get gradients
+    c = _case([40, 90], 1, 2, 16, 16, [-0.1, 0.0], init=True, seed=2)
+    ours = _run(interpreted.lightning_attn_triton, c, torch.float32, use_o=False, seg_len=64)
+    ref = _run(lightning_attn_reference, c, F64, use_o=False)
+    assert (ours["dq"] == 0).all()
+    _check({n: ours[n] for n in ("final", "dk", "dv", "dinit")}, {n: ref[n] for n in ("final", "dk", "dv", "dinit")},
+           1e-5)
+
+
+@interp_only
+def test_interp_bf16_inputs_and_defaults():
+    from seqpar.kernels.lightning_attn import triton as interpreted
+
+    # bf16 loads and stores, default scale and segment length, no states
+    c = _case([3, 100], 1, 2, 16, 16, [-0.2, -0.01], init=False, seed=3)
+    q, k, v = (c[n].bfloat16() for n in "qkv")
+    o, final = interpreted.lightning_attn_triton(q, k, v, c["log_decay"], cu_seqlens=c["cu"])
+    assert o.dtype == torch.bfloat16 and final is None
+    ref, _ = lightning_attn_reference(q.double(), k.double(), v.double(), c["log_decay"], cu_seqlens=c["cu"])
+    assert ((o.double() - ref).norm() / ref.norm()).item() < 1e-2
+
+
+# ---------------------------------------------------------------- CUDA
+
+GPU_CASES = {
+    # name: (document lengths, or the length of B rows, B, H, Dk, Dv)
+    "dense_rows": (4099, 2, 4, 128, 128),
+    "packed_odd": ([1, 5, 64, 65, 200, 1000, 4, 3, 3001, 1, 1], 1, 8, 128, 128),
+    "small_heads": ([777, 1, 2048, 63], 1, 4, 64, 32),
+    "long_no_decay": ([40000, 1, 25535], 1, 2, 128, 128),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("case", sorted(GPU_CASES))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_cuda_lightning_attn_matches_fp64_reference(case, dtype):
+    lengths, B, H, Dk, Dv = GPU_CASES[case]
+    decays = [0.0] * H if case == "long_no_decay" else (-torch.linspace(1, 8, H).exp2().reciprocal()).tolist()
+    c = _case(lengths, B, H, Dk, Dv, decays, init=True, seed=7, device="cuda")
+    q = c["q"].to(dtype)
+    assert kernels.backend("lightning_attn", q, q, c["v"].to(dtype), c["log_decay"], c["init"]) == "triton"
+    ours = _run(kernels.lightning_attn, c, dtype)
+    # ground truth: fp64 on the inputs rounded to dtype, so the tolerance measures the kernel only
+    rounded = {**c, **{n: c[n].to(dtype).double() for n in "qkv"}}
+    ref = _run(lightning_attn_reference, rounded, F64)
+    _check(ours, ref, 2e-4 if dtype == torch.float32 else 1e-2)
