@@ -7,8 +7,9 @@ names. Names returned today:
 - ``"sdpa"``: ``torch.nn.functional.scaled_dot_product_attention`` (flash_attn, dense, CUDA)
 - ``"varlen"``: ``torch.nn.attention.varlen.varlen_attn`` (flash_attn, packed documents, CUDA)
 - ``"torch"``: the fused op torch ships (rms_norm -> ``torch.nn.functional.rms_norm``, CUDA)
+- ``"triton"``: seqpar's own kernel in ``kernels/<op>/triton.py`` (lightning_attn, CUDA)
 
-Later issues add ``"triton"``. ``SEQPAR_KERNELS=reference`` forces the reference everywhere (read
+Later issues add more ``"triton"`` ops. ``SEQPAR_KERNELS=reference`` forces the reference everywhere (read
 on every call so that tests and benchmarks can flip it without re-importing).
 """
 from __future__ import annotations
@@ -35,6 +36,11 @@ def has_varlen_attn() -> bool:
         return False
 
 
+@lru_cache(maxsize=None)
+def has_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 def backend(op: str, *tensors: torch.Tensor | None, **features) -> str:
     """Name the implementation that runs `op` on these tensors.
 
@@ -53,6 +59,8 @@ def backend(op: str, *tensors: torch.Tensor | None, **features) -> str:
         return _flash_attn_backend(*present[:3], **features)
     if op == "rms_norm":
         return "torch"
+    if op == "lightning_attn":
+        return _lightning_attn_backend(*tensors[:4])
     return "reference"
 
 
@@ -69,3 +77,16 @@ def _flash_attn_backend(q, k, v, *, return_lse=False, cu_seqlens=None, cu_seqlen
     if has_varlen_attn() and q.dtype in _FLASH_DTYPES:
         return "varlen"
     return "reference"
+
+
+_LIGHTNING_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _lightning_attn_backend(q, k, v, log_decay) -> str:
+    # fp64 and gradients into log_decay stay with the reference (the model's decay is a buffer).
+    # The kernel holds a Dk x (Dv or Dv/2) fp32 state block in registers: head dims up to 128.
+    if not has_triton() or q.dtype not in _LIGHTNING_DTYPES or log_decay.requires_grad:
+        return "reference"
+    if max(q.shape[-1], v.shape[-1]) > 128 or q.shape[0] * q.shape[1] == 0:
+        return "reference"
+    return "triton"
