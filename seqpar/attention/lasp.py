@@ -1,90 +1,206 @@
-"""Linear attention over the cp group: LASP-2 (Sun et al., 2025), one all-gather of memory states.
+"""Linear attention over the cp group: LASP-2 (Sun et al., 2025), memory states instead of tokens.
 
 Decayed linear attention carries a fixed-size memory state M (H x Dk x Dv) along the sequence, so
-a rank needs from the ranks before it only their chunks' states, not their tokens. Each rank
-computes its chunks' outputs as if they started from zero state plus each chunk's own final
-state; ONE all-gather of those states lets every rank fold the states of all earlier chunks
-into the state entering each of its chunks, and add `q . state` to its outputs.
+a rank needs from the ranks before it only their chunks' states, not their tokens. Per local chunk:
 
-This version is exact through autograd: the all-gather's backward is the mirrored single
-reduce-scatter of the state gradients. A document boundary resets the carried state.
+    out = intra(q, k, v)                          (the chunk on its own, from zero state)
+        + scale * exp(log_decay * (t + 1)) q_t I   (t in the chunk's first document only)
+
+where I, the state entering the chunk, comes from an exact scan of the chunks' own states
+S = sum_s exp(log_decay * (C - 1 - s)) k_s^T v_s (over the chunk's last document) in chunk order
+(`state_scan`). A document that starts at or inside a chunk stops the carried state there.
+
+LASP-2 forward: S (cheap), post the scan, intra while it flies, wait, add the readout. Backward
+mirrors it: the gradients dI of the entering states (cheap), post the reverse scan (giving dS, the
+gradient of each chunk's own state), the intra backward while it flies, wait, add dS's share to
+dk and dv. With `zigzag` a rank's two chunks go into the same single scan. LASP-1 (`lasp1.py`)
+runs the same Function with an unblocked P2P chain and no overlap.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
+from dataclasses import dataclass
+
 import torch
+from torch.autograd.function import once_differentiable
 
 from seqpar import kernels
-from seqpar.parallel.sharding import all_gather_autograd, depend_on, chunk_order, group_size_rank, local_ranges
+from seqpar.attention.state_scan import SCANS, ChunkChain, start_scan
+from seqpar.parallel.sharding import chunk_order, group_size_rank
+
+_HALF = (torch.float16, torch.bfloat16)
 
 
-def lasp2_attention(q, k, v, *, log_decay, group=None, cu_seqlens=None, scale=None, layout="contiguous"):
+def lasp2_attention(q, k, v, *, log_decay, group=None, cu_seqlens=None, scale=None, layout="contiguous",
+                    scan="allgather"):
+    """`scan` is `parallel.linear_scan`: `allgather` (LASP-2's one all-gather) or `pipelined` (a chain)."""
+    if scan not in SCANS:
+        raise ValueError(f"lasp2_attention: scan={scan!r}; choose one of {SCANS}")
+    return lasp_attention(q, k, v, log_decay, group=group, cu_seqlens=cu_seqlens, scale=scale, layout=layout,
+                          scan=scan, overlap=True)
+
+
+def lasp_attention(q, k, v, log_decay, *, group, cu_seqlens, scale, layout, scan, overlap):
+    """The machinery LASP-1 and LASP-2 share; `overlap` posts the scan before the intra-chunk work."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    geo = _geometry(q, group, cu_seqlens, layout, log_decay)
+    return _LASP.apply(q, k, v, log_decay, geo, scale, group, scan, overlap)
+
+
+@dataclass
+class _Geometry:
+    chunk_len: int
+    n_local: int
+    dtype: torch.dtype  # states and their merges: fp32, fp64 for fp64 inputs
+    chain: ChunkChain
+    continues: list[bool]  # per local chunk: its first token continues a document of the previous chunk
+    first_len: list[int]  # per local chunk: tokens before its first inner document start (read the entering state)
+    last_start: list[int]  # per local chunk: offset of its last inner document start (feed its own state)
+    kernel_cu: torch.Tensor | None  # local document boundaries for the intra-chunk kernel (packed rows)
+
+
+def _geometry(q, group, cu_seqlens, layout, log_decay) -> _Geometry:
     world, rank = group_size_rank(group)
-    B, s_local, H, Dk = q.shape
-    scale = Dk ** -0.5 if scale is None else scale
-    seq_len = s_local * world
-    if cu_seqlens is None:  # equal-length rows are documents of one packed row
-        cu_seqlens = torch.arange(0, B * seq_len + 1, seq_len, dtype=torch.int32, device=q.device)
-        q, k, v = (t.reshape(1, B * s_local, *t.shape[2:]) for t in (q, k, v))
-    bounds = cu_seqlens.tolist()
-    doc_starts = set(bounds[:-1])
-    ranges = [(row * seq_len + a, row * seq_len + b) for row in range(B)
-              for a, b in local_ranges(seq_len, world, rank, layout)]
-    chunk_len = ranges[0][1] - ranges[0][0]
-    pieces = [(a, b, slice(i * chunk_len, (i + 1) * chunk_len)) for i, (a, b) in enumerate(ranges)]
+    B, s_local = q.shape[:2]
+    order = chunk_order(world, layout)
+    n_local = len(order[0])
+    if s_local % n_local:
+        raise ValueError(f"lasp: local length {s_local} does not split into {n_local} chunks (layout={layout})")
+    C = s_local // n_local
+    n_chunks = world * n_local
+    if cu_seqlens is None:
+        starts = [0]  # each row is one document
+    else:
+        if B != 1:
+            raise ValueError(f"lasp: packed documents (cu_seqlens) need batch size 1, got q of shape {tuple(q.shape)}")
+        bounds = cu_seqlens.tolist()
+        if bounds[0] != 0 or bounds[-1] != C * n_chunks:
+            raise ValueError(f"lasp: cu_seqlens must run from 0 to the global length {C * n_chunks}, got {bounds}")
+        starts = sorted(set(bounds[:-1]))
+    inside = [[s - g * C for s in starts if g * C < s < (g + 1) * C] for g in range(n_chunks)]
+    at_start = [g * C in starts for g in range(n_chunks)]
 
-    outs, states = [], []
-    for a, b, sl in pieces:
-        local_cu = [0] + [x - a for x in bounds if a < x < b] + [b - a]
-        o, final = kernels.lightning_attn(q[:, sl], k[:, sl], v[:, sl], log_decay, scale=scale,
-                                          cu_seqlens=_int32(local_cu, q), output_final_state=True)
-        outs.append(o)
-        states.append(final[-1])
-    state_dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
-    gathered = all_gather_autograd(torch.stack(states).to(state_dtype), group)  # [world, pieces, H, Dk, Dv]
-
-    n_chunks = seq_len // chunk_len
-    owner = {}  # global chunk index -> (rank, index among that rank's pieces)
-    for r, chunks in enumerate(chunk_order(world, layout)):
-        for row in range(B):
-            for i, c in enumerate(chunks):
-                owner[row * n_chunks + c] = (r, row * len(chunks) + i)
-
-    chunk_decay = torch.exp(log_decay.to(state_dtype) * chunk_len)[:, None, None]
-    incoming = _incoming_states(gathered, owner, chunk_len, doc_starts, chunk_decay)
-
-    out = []
-    for (a, b, sl), o in zip(pieces, outs):
-        carried = incoming[a // chunk_len]
-        if carried is not None:  # only the chunk's first document continues from earlier chunks
-            n = min([x for x in bounds if a < x] + [b]) - a
-            o = torch.cat([o[:, :n] + _readout(q[:, sl][:, :n], carried, log_decay, scale), o[:, n:]], dim=1)
-        out.append(o)
-    out = depend_on(torch.cat(out, dim=1), gathered)  # the backward reduce-scatter runs on every rank
-    return out.reshape(B, s_local, *out.shape[2:])
+    owners = [None] * n_chunks
+    for r, chunks in enumerate(order):
+        for i, g in enumerate(chunks):
+            owners[g] = (r, i)
+    dt = torch.promote_types(q.dtype, torch.float32)
+    passes = torch.tensor([not (at_start[g] or inside[g]) for g in range(n_chunks)], dtype=dt, device=q.device)
+    carry = torch.exp(log_decay.to(dt) * C)[None, :] * passes[:, None]
+    mine = order[rank]
+    kernel_cu = None
+    if cu_seqlens is not None:
+        edges = {i * C for i in range(n_local + 1)} | {i * C + s for i, g in enumerate(mine) for s in inside[g]}
+        kernel_cu = torch.tensor(sorted(edges), dtype=torch.int32, device=q.device)
+    return _Geometry(C, n_local, dt, ChunkChain(owners, carry, rank), [not at_start[g] for g in mine],
+                     first_len=[inside[g][0] if inside[g] else C for g in mine],
+                     last_start=[inside[g][-1] if inside[g] else 0 for g in mine], kernel_cu=kernel_cu)
 
 
-def _incoming_states(gathered, owner, chunk_len, doc_starts, chunk_decay):
-    """State entering each global chunk (None where a document starts at the chunk's start)."""
-    incoming, carry = [], None
-    for c in range(len(owner)):
-        start = c * chunk_len
-        if start in doc_starts:
-            carry = None
-        incoming.append(carry)
-        r, i = owner[c]
-        own = gathered[r, i]
-        starts_inside = any(start < s < start + chunk_len for s in doc_starts)
-        carry = own if (carry is None or starts_inside) else own + chunk_decay * carry
-    return incoming
+class _LASP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, log_decay, geo, scale, group, scan, overlap):
+        if ctx.needs_input_grad[3]:
+            raise ValueError("lasp: log_decay is a fixed per-head constant here; pass a tensor without requires_grad")
+        with torch.autocast(q.device.type, enabled=False):
+            lam = log_decay.to(geo.dtype)
+            states = torch.stack([_outer_sum(*_segments(geo, i, "last", k, v), _state_decay(lam, geo, i), geo.dtype)
+                                  for i in range(geo.n_local)])
+            pending = start_scan(scan, states, geo.chain, group) if overlap else None
+            # The intra-chunk graph is kept (not recomputed in backward): its backward is the
+            # kernel's own. It holds the output's storage, which the next layer keeps alive anyway.
+            needs = ctx.needs_input_grad[:3]
+            leaves = [t.detach().requires_grad_(n) for t, n in zip((q, k, v), needs)]
+            with torch.enable_grad() if any(needs) else nullcontext():
+                intra = _intra(*leaves, log_decay, scale, geo)
+            if pending is None:
+                pending = start_scan(scan, states, geo.chain, group)
+            entering = pending.wait()  # read only by chunks that continue a document
+            out = intra.detach()  # in place: version tracking still guards `intra`'s saved tensors
+            for i in _continuing(geo):
+                q_seg, o_seg = _segments(geo, i, "first", q, out)
+                o_seg += _apply_state(q_seg, entering[i], scale * _entry_decay(lam, geo, i))
+        ctx.save_for_backward(q, k, v, lam, entering)
+        ctx.geo, ctx.scale, ctx.group, ctx.scan, ctx.overlap = geo, scale, group, scan, overlap
+        ctx.intra, ctx.leaves = intra, leaves
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout):
+        q, k, v, lam, entering = ctx.saved_tensors
+        geo, scale = ctx.geo, ctx.scale
+        dout = dout.contiguous()
+        d_entering = torch.zeros_like(entering)
+        for i in _continuing(geo):
+            d_entering[i] = _outer_sum(*_segments(geo, i, "first", q, dout), scale * _entry_decay(lam, geo, i),
+                                       geo.dtype)
+        # every rank joins the reverse scan, whichever of q, k, v it needs gradients for
+        pending = start_scan(ctx.scan, d_entering, geo.chain, ctx.group, reverse=True) if ctx.overlap else None
+        wanted = [leaf for leaf in ctx.leaves if leaf.requires_grad]
+        grads = iter(torch.autograd.grad(ctx.intra, wanted, dout) if wanted else ())
+        dq, dk, dv = (next(grads).contiguous() if leaf.requires_grad else None for leaf in ctx.leaves)
+        del ctx.intra, ctx.leaves
+        if pending is None:
+            pending = start_scan(ctx.scan, d_entering, geo.chain, ctx.group, reverse=True)
+        if dq is not None:
+            for i in _continuing(geo):
+                do_seg, dq_seg = _segments(geo, i, "first", dout, dq)
+                dq_seg += _apply_state(do_seg, entering[i].transpose(-1, -2), scale * _entry_decay(lam, geo, i))
+        d_states = pending.wait()  # gradient of each local chunk's own state S
+        for i in range(geo.n_local):
+            u = _state_decay(lam, geo, i)
+            k_seg, v_seg = _segments(geo, i, "last", k, v)
+            if dk is not None:
+                _segments(geo, i, "last", dk)[0].add_(_apply_state(v_seg, d_states[i].transpose(-1, -2), u))
+            if dv is not None:
+                _segments(geo, i, "last", dv)[0].add_(_apply_state(k_seg, d_states[i], u))
+        return dq, dk, dv, None, None, None, None, None, None
 
 
-def _readout(q, state, log_decay, scale):
-    """scale * exp(log_decay * (t + 1)) * q_t . state for the tokens t of a chunk's first document."""
-    t = torch.arange(1, q.shape[1] + 1, device=q.device, dtype=state.dtype)
-    decay = torch.exp(t[:, None] * log_decay.to(state.dtype)[None, :])  # [T, H]
-    o = torch.einsum("bthd,hdv->bthv", q.to(state.dtype), state) * decay[None, :, :, None]
-    return (scale * o).to(q.dtype)
+def _continuing(geo):
+    return [i for i in range(geo.n_local) if geo.continues[i]]
 
 
-def _int32(values, like):
-    return torch.tensor(values, dtype=torch.int32, device=like.device)
+def _intra(q, k, v, log_decay, scale, geo):
+    """Every local chunk on its own, from zero state, in one kernel call."""
+    if geo.kernel_cu is not None:  # one packed row: chunk edges count as document edges
+        return kernels.lightning_attn(q, k, v, log_decay, scale=scale, cu_seqlens=geo.kernel_cu)[0]
+    B, S = q.shape[:2]
+    rows = [t.reshape(B * geo.n_local, geo.chunk_len, *t.shape[2:]) for t in (q, k, v)]
+    o = kernels.lightning_attn(*rows, log_decay, scale=scale)[0]
+    return o.reshape(B, S, *o.shape[2:])
+
+
+def _segments(geo, i, which, *xs):
+    """Views of local chunk i's tokens that read the entering state ("first") or feed its own ("last")."""
+    lo, hi = (0, geo.first_len[i]) if which == "first" else (geo.last_start[i], geo.chunk_len)
+    return [x.unflatten(1, (geo.n_local, geo.chunk_len))[:, i, lo:hi] for x in xs]
+
+
+def _entry_decay(lam, geo, i):
+    """[T, H]: exp(log_decay * (t + 1)), how much of the entering state token t of the chunk sees."""
+    t = torch.arange(1, geo.first_len[i] + 1, device=lam.device, dtype=lam.dtype)
+    return torch.exp(t[:, None] * lam[None, :])
+
+
+def _state_decay(lam, geo, i):
+    """[T, H]: exp(log_decay * (C - 1 - s)), the weight of token s in the state leaving the chunk."""
+    s = torch.arange(geo.last_start[i], geo.chunk_len, device=lam.device, dtype=lam.dtype)
+    return torch.exp((geo.chunk_len - 1 - s)[:, None] * lam[None, :])
+
+
+def _outer_sum(a, b, w, dtype):
+    """sum_t w[t, h] a[:, t, h]^T b[:, t, h] -> [B, H, Da, Db] in `dtype` (fp32 accumulation and result)."""
+    aw = a * w.to(a.dtype)[None, :, :, None]
+    if a.is_cuda and a.dtype in _HALF:
+        B, T, H, Da = a.shape
+        out = torch.bmm(aw.permute(0, 2, 3, 1).reshape(B * H, Da, T), b.permute(0, 2, 1, 3).reshape(B * H, T, -1),
+                        out_dtype=torch.float32)
+        return out.view(B, H, Da, -1)
+    return torch.einsum("bthd,bthe->bhde", aw.to(dtype), b.to(dtype))
+
+
+def _apply_state(x, state, w):
+    """w[t, h] * x[:, t, h] @ state[:, h] -> [B, T, H, De] in x's dtype."""
+    return torch.einsum("bthd,bhde->bthe", x, state.to(x.dtype)) * w.to(x.dtype)[None, :, :, None]

@@ -1,0 +1,135 @@
+"""LASP-1, LASP-2 and its pipelined scan against single-process lightning attention (fp64: output
+and dq, dk, dv), on packed documents with awkward lengths, both layouts, worlds 1, 2 and 4; and the
+bytes each moves per layer, which must not grow with the sequence length.
+
+Each world size is one spawned run that checks every case (a gloo spawn costs seconds)."""
+import pytest
+import torch
+
+from seqpar import kernels
+from seqpar.attention.lasp import lasp2_attention
+from seqpar.attention.lasp1 import lasp1_attention
+from seqpar.parallel.sharding import shard_sequence, unshard_sequence
+from seqpar.parallel.traffic import count_traffic
+from tests.distributed import run_distributed
+
+SEQ = 64  # world 4 zigzag: 8 chunks of 8; contiguous: 4 chunks of 16
+DOCS = {
+    # 1-token documents (at the start, at a chunk edge, at the end), boundaries at chunk edges of
+    # several layouts (16, 40, 48), documents crossing ranks
+    "awkward": [0, 1, 13, 16, 17, 40, 48, 63, 64],
+    "one": [0, 64],  # a single document through every rank
+    "edges": [0, 7, 8, 9, 32, 33, 64],
+    "rows": None,  # B=2 equal-length rows, no cu_seqlens
+}
+LOG_DECAY = [0.0, -0.01, -0.3, -2.0]  # per head: none, slow, fast, almost none carried
+METHODS = {
+    "lasp2": lambda *a, **kw: lasp2_attention(*a, **kw),
+    "pipelined": lambda *a, **kw: lasp2_attention(*a, **kw, scan="pipelined"),
+    "lasp1": lambda *a, **kw: lasp1_attention(*a, **kw),
+}
+TOL = 1e-10  # relative to the largest reference value, fp64
+
+
+def _inputs(docs, seed, seq=SEQ, heads=4, dk=6, dv=5, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    B = 2 if docs is None else 1
+    q = torch.randn(B, seq, heads, dk, generator=g, dtype=dtype)
+    k = torch.randn(B, seq, heads, dk, generator=g, dtype=dtype)
+    v = torch.randn(B, seq, heads, dv, generator=g, dtype=dtype)
+    grad = torch.randn(B, seq, heads, dv, generator=g, dtype=dtype)
+    cu = None if docs is None else torch.tensor(docs, dtype=torch.int32)
+    log_decay = torch.tensor(LOG_DECAY[:heads], dtype=dtype)
+    return q, k, v, grad, log_decay, cu
+
+
+def _rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def _check_exact(rank, world):
+    errors, agree = {}, {}
+    for seed, (name, docs) in enumerate(DOCS.items()):
+        q, k, v, grad, log_decay, cu = _inputs(docs, seed)
+        full = [t.clone().requires_grad_() for t in (q, k, v)]
+        ref = kernels.lightning_attn(*full, log_decay, cu_seqlens=cu)[0]
+        ref.backward(grad)
+        for layout in ("contiguous", "zigzag"):
+            results = {}
+            for method, fn in METHODS.items():
+                local = [shard_sequence(t, layout=layout).requires_grad_() for t in (q, k, v)]
+                out = fn(*local, log_decay=log_decay, cu_seqlens=cu, layout=layout)
+                out.backward(shard_sequence(grad, layout=layout))
+                got = [unshard_sequence(out.detach(), layout=layout)] + [
+                    unshard_sequence(t.grad, layout=layout) for t in local]
+                want = [ref.detach()] + [t.grad for t in full]
+                errors[(name, layout, method)] = max(_rel(a, b) for a, b in zip(got, want))
+                results[method] = got
+            agree[(name, layout)] = max(_rel(a, b) for m in ("pipelined", "lasp1")
+                                        for a, b in zip(results[m], results["lasp2"]))
+    return errors, agree
+
+
+def _bytes_per_layer(method, seq, layout):
+    q, k, v, grad, log_decay, _ = _inputs(None, seed=0, seq=seq, heads=2, dk=8, dv=8)
+    local = [shard_sequence(t, layout=layout).requires_grad_() for t in (q, k, v)]
+    with count_traffic() as traffic:
+        out = METHODS[method](*local, log_decay=log_decay, layout=layout)
+        out.backward(shard_sequence(grad, layout=layout))
+    return traffic
+
+
+def _check_traffic(rank, world):
+    found = {}
+    for layout in ("contiguous", "zigzag"):
+        for method in METHODS:
+            short, long = (_bytes_per_layer(method, seq, layout) for seq in (32, 256))
+            found[(layout, method)] = (short.total_bytes, long.total_bytes, dict(long.calls))
+        # the counter itself must see traffic that grows with the sequence: gather the keys
+        k = torch.zeros(1, 256, 2, 8, dtype=torch.float64)
+        with count_traffic() as short:
+            unshard_sequence(shard_sequence(k[:, :32], layout=layout), layout=layout)
+        with count_traffic() as long:
+            unshard_sequence(shard_sequence(k, layout=layout), layout=layout)
+        found[(layout, "kv_allgather")] = (short.total_bytes, long.total_bytes, dict(long.calls))
+    return found
+
+
+def _check_all(rank, world):
+    return _check_exact(rank, world), (_check_traffic(rank, world) if world > 1 else {})
+
+
+@pytest.fixture(scope="module")
+def results():
+    """One spawned run per world size, shared by the tests below."""
+    cache = {}
+
+    def run(world):
+        if world not in cache:
+            cache[world] = run_distributed(_check_all, world)
+        return cache[world]
+    return run
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_lasp_matches_single_process(world, results):
+    for (errors, agree), _ in results(world):
+        for case, err in errors.items():
+            assert err <= TOL, f"world={world} {case}: relative error {err:.3g}"
+        for case, err in agree.items():
+            assert err <= TOL, f"world={world} {case}: pipelined/lasp1 differ from lasp2 by {err:.3g}"
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_bytes_per_layer_do_not_grow_with_sequence(world, results):
+    for rank, (_, found) in enumerate(results(world)):
+        for (layout, method), (short, long, calls) in found.items():
+            if method == "kv_allgather":
+                assert long == 8 * short > 0, (world, rank, layout, calls)
+                continue
+            assert long == short > 0, f"world={world} rank={rank} {layout} {method}: {short} -> {long} bytes"
+            if method == "lasp2":  # one all-gather forward, its mirror backward, nothing else
+                assert len(calls) == 1 and set(calls) <= {"all_gather_single", "all_gather_into_tensor"}, calls
+                assert sum(calls.values()) == 2, calls
+            else:
+                assert set(calls) <= {"isend", "irecv"}, calls
