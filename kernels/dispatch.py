@@ -8,9 +8,14 @@ names. Names returned today:
 - ``"varlen"``: ``torch.nn.attention.varlen.varlen_attn`` (flash_attn, packed documents, CUDA)
 - ``"torch"``: the fused op torch ships (rms_norm -> ``torch.nn.functional.rms_norm``, CUDA)
 - ``"triton"``: seqpar's own kernel in ``kernels/<op>/triton.py`` (lightning_attn, CUDA)
+- ``"aten_flash"`` / ``"aten_cudnn"``: the FlashAttention-2 / cuDNN ops behind SDPA, called
+  directly for what the public entry points do not give: flash_attn's lse (outside autograd) and
+  flash_attn_backward from a given (out, lse) (``kernels/flash_attn/aten.py``, CUDA)
 
 Later issues add more ``"triton"`` ops. ``SEQPAR_KERNELS=reference`` forces the reference everywhere (read
 on every call so that tests and benchmarks can flip it without re-importing).
+``SEQPAR_ATTN_KERNEL=flash|cudnn`` picks the family of the lse paths (default: cuDNN where it applies,
+it is the faster one on H100/H200) so that benchmarks can compare both and a faulty one can be avoided.
 """
 from __future__ import annotations
 
@@ -20,9 +25,10 @@ from functools import lru_cache
 
 import torch
 
-OPS = ("flash_attn", "lightning_attn", "rms_norm", "apply_rotary", "rotary_cos_sin",
+OPS = ("flash_attn", "flash_attn_backward", "lightning_attn", "rms_norm", "apply_rotary", "rotary_cos_sin",
        "fused_linear_cross_entropy")
 ENV = "SEQPAR_KERNELS"
+ATTN_ENV = "SEQPAR_ATTN_KERNEL"
 
 _FLASH_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -57,6 +63,8 @@ def backend(op: str, *tensors: torch.Tensor | None, **features) -> str:
         return "reference"
     if op == "flash_attn":
         return _flash_attn_backend(*present[:3], **features)
+    if op == "flash_attn_backward":
+        return _lse_backend(*present[:3], **features)
     if op == "rms_norm":
         return "torch"
     if op == "lightning_attn":
@@ -65,10 +73,12 @@ def backend(op: str, *tensors: torch.Tensor | None, **features) -> str:
 
 
 def _flash_attn_backend(q, k, v, *, return_lse=False, cu_seqlens=None, cu_seqlens_q=None,
-                        cu_seqlens_k=None, **_) -> str:
-    # Neither torch entry point hands back an lse usable for merging partial attention (ring, disagg).
+                        cu_seqlens_k=None, needs_grad=False, **features) -> str:
     if return_lse:
-        return "reference"
+        # The aten ops' lse has no autograd formula: a caller that differentiates through this
+        # call gets the reference; ring attention runs it inside its own autograd.Function.
+        return "reference" if needs_grad else _lse_backend(q, k, v, cu_seqlens=cu_seqlens, cu_seqlens_q=cu_seqlens_q,
+                                                           cu_seqlens_k=cu_seqlens_k, **features)
     if cu_seqlens is None and cu_seqlens_q is None:
         # SDPA's causal mask is top-left aligned; with equal lengths that is the same as ours.
         return "sdpa" if q.shape[1] == k.shape[1] else "reference"
@@ -90,3 +100,21 @@ def _lightning_attn_backend(q, k, v, log_decay) -> str:
     if max(q.shape[-1], v.shape[-1]) > 128 or q.shape[0] * q.shape[1] == 0:
         return "reference"
     return "triton"
+
+
+def _lse_backend(q, k, v, *, causal=True, cu_seqlens=None, cu_seqlens_q=None, cu_seqlens_k=None, **_) -> str:
+    """aten_flash / aten_cudnn / reference for attention that returns (or consumes) its lse."""
+    choice = os.environ.get(ATTN_ENV, "").strip().lower()
+    if choice not in ("", "auto", "flash", "cudnn"):
+        raise ValueError(f"{ATTN_ENV}={choice!r} is not one of: auto, flash, cudnn")
+    D = q.shape[-1]
+    if q.dtype not in _FLASH_DTYPES or D % 8 or D > 256:
+        return "reference"
+    if cu_seqlens is not None or cu_seqlens_q is not None:
+        return "aten_flash"  # cuDNN's packed path is not exposed with an lse here
+    # Causal with Sq != Sk: the kernels disagree on the mask's alignment; only the reference is sure.
+    if causal and q.shape[1] != k.shape[1]:
+        return "reference"
+    if choice != "flash" and q.shape[2] == k.shape[2]:  # cuDNN here takes no GQA
+        return "aten_cudnn"
+    return "aten_flash"

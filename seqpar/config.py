@@ -39,6 +39,7 @@ class ParallelConfig:
     pp: int = 1
     cp: int = 1
     softmax_sp: str = "allgather"
+    ulysses_degree: int = 1  # softmax_sp=usp: cp = ring x ulysses, Ulysses (all-to-all) inside a node
     linear_sp: str = "lasp2"
     layout: str = "zigzag"
     dp_engine: str = "fsdp2"
@@ -182,6 +183,17 @@ def validate(cfg, world: int | None = None) -> None:
         fail(f"parallel.layout={p.layout!r}: choose one of {list(LAYOUTS)}")
     if p.softmax_sp not in SOFTMAX_SP:
         fail(f"parallel.softmax_sp={p.softmax_sp!r}: implemented methods are {sorted(SOFTMAX_SP)}")
+    if p.ulysses_degree != 1 and p.softmax_sp != "usp":
+        fail(f"parallel.ulysses_degree={p.ulysses_degree} only applies to parallel.softmax_sp=usp "
+             f"(now {p.softmax_sp!r}); leave it at 1")
+    if p.softmax_sp == "usp" and (p.ulysses_degree < 1 or p.cp % p.ulysses_degree):
+        fail(f"parallel.ulysses_degree={p.ulysses_degree} must divide parallel.cp={p.cp} (cp = ring x ulysses)")
+    if "S" in m.layer_pattern and p.softmax_sp in ("ulysses", "usp"):
+        degree = p.cp if p.softmax_sp == "ulysses" else p.ulysses_degree
+        key = "parallel.cp" if p.softmax_sp == "ulysses" else "parallel.ulysses_degree"
+        if m.n_heads % degree or (m.n_kv_heads % degree and degree % m.n_kv_heads):
+            fail(f"parallel.softmax_sp={p.softmax_sp} splits attention heads over {key}={degree}: it must divide "
+                 f"model.n_heads={m.n_heads}, and divide or be a multiple of model.n_kv_heads={m.n_kv_heads}")
     if p.linear_sp not in LINEAR_SP:
         fail(f"parallel.linear_sp={p.linear_sp!r}: implemented methods are {sorted(LINEAR_SP)}")
 

@@ -85,3 +85,54 @@ def _attend_document(q, k, v, causal, scale, group):
     p = torch.exp(s - lse_safe)
     o = torch.einsum("bhqk,bkhd->bqhd", p, v)
     return o, lse.squeeze(-1)
+
+
+def flash_attn_backward_reference(dout, q, k, v, out, lse, *, causal=True, cu_seqlens=None, cu_seqlens_q=None,
+                                  cu_seqlens_k=None, softmax_scale=None):
+    """(dq, dk, dv) of `out = flash_attn(q, k, v, ...)` from the upstream gradient `dout`.
+
+    `out` and `lse` may be those of a larger attention that this call is one block of (ring
+    attention passes the merged output and log-sum-exp): with P = exp(S - lse) and
+    D = rowsum(dout * out), dS = P * (dout v^T - D) is this block's exact share of the gradient
+    (FlashAttention-2, Algorithm 2). Computed in fp32 (fp64 for fp64), returned in the inputs' dtypes.
+    """
+    B, Sq, Hq, D = q.shape
+    Hkv = k.shape[2]
+    scale = D ** -0.5 if softmax_scale is None else softmax_scale
+    bq, bk = document_bounds(q, k, cu_seqlens, cu_seqlens_q, cu_seqlens_k)
+    dt = compute_dtype(q.dtype)
+    dq = torch.zeros(q.shape, dtype=dt, device=q.device)
+    dk = torch.zeros(k.shape, dtype=dt, device=q.device)
+    dv = torch.zeros(v.shape, dtype=dt, device=q.device)
+    for q0, q1, k0, k1 in zip(bq[:-1], bq[1:], bk[:-1], bk[1:]):
+        if q1 == q0 or k1 == k0:
+            continue
+        grads = _document_backward(dout[:, q0:q1], q[:, q0:q1], k[:, k0:k1], v[:, k0:k1], out[:, q0:q1],
+                                   lse[:, :, q0:q1], causal, scale, Hq // Hkv, dt)
+        dq[:, q0:q1], dk[:, k0:k1], dv[:, k0:k1] = grads
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _document_backward(do, q, k, v, o, lse, causal, scale, group, dt):
+    B, Lq, Hq, _ = q.shape
+    Lk, Hkv = k.shape[1], k.shape[2]
+    do, q, o = do.to(dt), q.to(dt), o.to(dt)
+    kr = k.to(dt).repeat_interleave(group, dim=2)
+    vr = v.to(dt).repeat_interleave(group, dim=2)
+    s = torch.einsum("bqhd,bkhd->bhqk", q, kr) * scale
+    if causal:
+        j = torch.arange(Lq, device=q.device)[:, None]
+        kk = torch.arange(Lk, device=q.device)[None, :]
+        s = s.masked_fill(kk > Lk - Lq + j, float("-inf"))
+    lse = lse.to(dt)[..., None]
+    # rows that see no key have lse = -inf and every score masked: their P is 0, not exp(nan)
+    p = torch.exp(s - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)))
+    dv = torch.einsum("bhqk,bqhd->bkhd", p, do)
+    dp = torch.einsum("bqhd,bkhd->bhqk", do, vr)
+    delta = (do * o).sum(-1).transpose(1, 2)[..., None]  # [B, H, Lq, 1]
+    ds = p * (dp - delta) * scale
+    dq = torch.einsum("bhqk,bkhd->bqhd", ds, kr)
+    dk = torch.einsum("bhqk,bqhd->bkhd", ds, q)
+    # GQA: a kv head's gradient is the sum over the query heads that read it
+    fold = lambda t: t.reshape(B, Lk, Hkv, group, t.shape[-1]).sum(3)
+    return dq, fold(dk), fold(dv)

@@ -6,6 +6,9 @@ and stays inside a node. Sub-meshes are named for what uses them:
   cp     = cp           (sequence-parallel attention)
   dp_cp  = dp x cp      (gradient reduction / FSDP sharding, and the loss all-reduce:
                          cp ranks hold different tokens of the same samples)
+With `ulysses` > 1 (softmax_sp=usp) cp is itself a 2D mesh (cp_ring, cp_ulysses), Ulysses innermost
+so that its all-to-all stays inside a node; `cp` and `dp_cp` are then flattened from it, so cp
+rank = ring rank * ulysses + ulysses rank. `cp_split(cp_group)` hands the two groups to usp.
 """
 from __future__ import annotations
 
@@ -23,20 +26,31 @@ class ParallelDims:
     tp: int
     pp: int
     world_size: int
+    ulysses: int = 1  # usp: the Ulysses degree inside cp (cp = ring x ulysses)
 
     def __post_init__(self):
         if self.dp * self.cp * self.tp * self.pp != self.world_size:
             raise ValueError(f"dp*cp*tp*pp={self.dp}*{self.cp}*{self.tp}*{self.pp} != world size {self.world_size}")
+        if self.ulysses < 1 or self.cp % self.ulysses:
+            raise ValueError(f"ulysses degree {self.ulysses} does not divide cp={self.cp}")
 
     @classmethod
     def from_config(cls, parallel_cfg, world_size: int) -> "ParallelDims":
         p = parallel_cfg
         dp = world_size // (p.pp * p.cp * p.tp) if p.dp == -1 else p.dp
-        return cls(dp=dp, cp=p.cp, tp=p.tp, pp=p.pp, world_size=world_size)
+        ulysses = getattr(p, "ulysses_degree", 1) if p.softmax_sp == "usp" else 1
+        return cls(dp=dp, cp=p.cp, tp=p.tp, pp=p.pp, world_size=world_size, ulysses=ulysses)
 
     def build_mesh(self, device_type: str) -> DeviceMesh:
-        mesh = init_device_mesh(device_type, (self.pp, self.dp, self.cp, self.tp), mesh_dim_names=("pp", "dp", "cp", "tp"))
-        mesh["dp", "cp"]._flatten("dp_cp")
+        if self.ulysses == 1:
+            mesh = init_device_mesh(device_type, (self.pp, self.dp, self.cp, self.tp), mesh_dim_names=("pp", "dp", "cp", "tp"))
+            mesh["dp", "cp"]._flatten("dp_cp")
+        else:
+            shape = (self.pp, self.dp, self.cp // self.ulysses, self.ulysses, self.tp)
+            mesh = init_device_mesh(device_type, shape, mesh_dim_names=("pp", "dp", "cp_ring", "cp_ulysses", "tp"))
+            mesh["cp_ring", "cp_ulysses"]._flatten("cp")
+            mesh["dp", "cp_ring", "cp_ulysses"]._flatten("dp_cp")
+            _CP_SPLITS[mesh["cp"].get_group()] = (mesh["cp_ulysses"].get_group(), mesh["cp_ring"].get_group())
         object.__setattr__(self, "_mesh", mesh)
         return mesh
 
@@ -47,7 +61,8 @@ class ParallelDims:
         return self._mesh
 
     def group(self, name: str) -> dist.ProcessGroup:
-        """Process group of a named sub-mesh: pp, dp (alias batch), cp, tp, dp_cp (alias loss)."""
+        """Process group of a named sub-mesh: pp, dp (alias batch), cp, tp, dp_cp (alias loss), and
+        with ulysses > 1 also cp_ring and cp_ulysses."""
         name = {"batch": "dp", "loss": "dp_cp"}.get(name, name)
         return self.mesh[name].get_group()
 
@@ -58,3 +73,13 @@ class ParallelDims:
     @cached_property
     def sequence_parallel(self) -> bool:
         return self.cp > 1
+
+
+_CP_SPLITS: dict = {}  # cp group -> (ulysses group, ring group), filled by ParallelDims.build_mesh
+
+
+def cp_split(group: dist.ProcessGroup | None) -> tuple[dist.ProcessGroup | None, dist.ProcessGroup | None]:
+    """(ulysses group, ring group) that ParallelDims split the cp `group` into; without a split
+    (ulysses degree 1, or a group ParallelDims did not build) Ulysses is trivial: (None, group)."""
+    key = dist.group.WORLD if group is None and dist.is_initialized() else group
+    return _CP_SPLITS.get(key, (None, group))

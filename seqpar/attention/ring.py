@@ -1,0 +1,246 @@
+"""Softmax attention over the cp group by passing K/V around a ring (Ring Self-Attention, Li et al.
+2021; Ring Attention, Liu et al. 2023), with zigzag load balance.
+
+Each rank keeps its queries and, in N steps, attends them to the K/V shard of every rank as it
+comes by: step s holds the shard of rank (rank - s) mod N. Each block returns (out, lse), merged
+online in fp32. The next shard's transfer is posted before the current block's compute.
+
+What is computed per step is decided once, from chunk positions alone (`plan_blocks`): shards
+are cut into equal aligned chunks, so a key chunk is before, equal to, or after a query chunk;
+under a causal mask "after" is skipped, "before" is a full rectangle and "equal" a causal
+diagonal. Documents (cu_seqlens) shrink a rectangle to the one document that spans both chunks
+(at most one can) or drop it, and make the diagonal a varlen call. With the zigzag layout every
+rank then does the same causal work at every step.
+
+The backward (an autograd.Function, not autograd through P2P) circulates K/V again; the dK/dV of
+a visiting shard travel with it and reach home after the last step, dQ stays local. The own
+shard's blocks are split around the remote steps, so that the first K/V transfer and the last
+dK/dV transfer both overlap compute.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from seqpar.kernels.flash_attn import flash_attn, flash_attn_backward
+from seqpar.parallel.sharding import group_size_rank, local_ranges
+
+
+@dataclass(frozen=True)
+class Block:
+    """One kernel call: local query rows `q` against visiting key rows `k`."""
+    q: slice
+    k: slice
+    causal: bool
+    cu: tuple[int, ...] | None = None  # document bounds shared by q and k rows (varlen), else dense
+
+    @property
+    def full(self) -> bool:  # every query sees every key
+        return not self.causal and self.cu is None
+
+    def work(self, batch: int = 1) -> int:
+        """Query-key pairs computed (the cost model of the imbalance figures)."""
+        if self.cu is not None:
+            lengths = [b - a for a, b in zip(self.cu[:-1], self.cu[1:])]
+            return sum(n * (n + 1) // 2 if self.causal else n * n for n in lengths)
+        nq, nk = self.q.stop - self.q.start, self.k.stop - self.k.start
+        return batch * (nq * (nq + 1) // 2 if self.causal else nq * nk)
+
+
+def plan_blocks(q_ranges, k_ranges, bounds, causal) -> list[Block]:
+    """Blocks of local queries (global row ranges `q_ranges`, in storage order) against a shard
+    holding `k_ranges`; `bounds` are the document boundaries of a packed row or None."""
+    blocks = []
+    for (a, b), qo in zip(q_ranges, _offsets(q_ranges)):
+        for (c, d), ko in zip(k_ranges, _offsets(k_ranges)):
+            if c == a:
+                cu = None if bounds is None else tuple([0] + [x - a for x in bounds if a < x < b] + [b - a])
+                if cu is not None and len(cu) == 2:
+                    cu = None  # one document covers the chunk: a dense call
+                blocks.append(Block(slice(qo, qo + b - a), slice(ko, ko + d - c), causal, cu))
+            elif causal and c > a:
+                continue
+            elif bounds is None:
+                blocks.append(Block(slice(qo, qo + b - a), slice(ko, ko + d - c), False))
+            else:
+                for ds, de in zip(bounds[:-1], bounds[1:]):
+                    qs, qe, ks, ke = max(a, ds), min(b, de), max(c, ds), min(d, de)
+                    if qs < qe and ks < ke:
+                        blocks.append(Block(slice(qo + qs - a, qo + qe - a), slice(ko + ks - c, ko + ke - c), False))
+    return _coalesce(blocks)
+
+
+def _offsets(ranges):
+    out, pos = [], 0
+    for a, b in ranges:
+        out.append(pos)
+        pos += b - a
+    return out
+
+
+def _coalesce(blocks):
+    """Join full rectangles that share their query rows and have adjacent key rows (or the
+    reverse): fewer, larger kernel calls (zigzag's "all queries against the first key chunk")."""
+    blocks = list(blocks)
+    for i in range(len(blocks)):
+        for j in range(len(blocks)):
+            a, b = blocks[i], blocks[j]
+            if i == j or not (a.full and b.full):
+                continue
+            if a.q == b.q and a.k.stop == b.k.start:
+                joined = Block(a.q, slice(a.k.start, b.k.stop), False)
+            elif a.k == b.k and a.q.stop == b.q.start:
+                joined = Block(slice(a.q.start, b.q.stop), a.k, False)
+            else:
+                continue
+            rest = [x for n, x in enumerate(blocks) if n not in (i, j)]
+            return _coalesce(rest[:min(i, j)] + [joined] + rest[min(i, j):])
+    return blocks
+
+
+def ring_schedule(held, rank, bounds, causal) -> list[list[Block]]:
+    """Blocks of each ring step of `rank`; step s visits the shard of rank (rank - s) mod N."""
+    world = len(held)
+    return [plan_blocks(held[rank], held[(rank - s) % world], bounds, causal) for s in range(world)]
+
+
+def ring_attention(q, k, v, *, group=None, causal=True, cu_seqlens=None, softmax_scale=None, layout="zigzag"):
+    world, _ = group_size_rank(group)
+    seq_len = q.shape[1] * world
+    held = [local_ranges(seq_len, world, r, layout) for r in range(world)]
+    return ring_attention_held(q, k, v, held, group=group, causal=causal, cu_seqlens=cu_seqlens,
+                               softmax_scale=softmax_scale)
+
+
+def ring_attention_held(q, k, v, held, *, group=None, causal=True, cu_seqlens=None, softmax_scale=None):
+    """Ring attention where ring rank r holds the global row ranges `held[r]` (in storage order);
+    usp passes the union of a Ulysses group's shards."""
+    world, rank = group_size_rank(group)
+    if len(held) != world or q.shape[1] != sum(b - a for a, b in held[rank]):
+        raise ValueError(f"rank {rank} of a ring of {world} holds {q.shape[1]} rows, not the ranges {held[rank]}")
+    if cu_seqlens is not None and q.shape[0] != 1:
+        raise ValueError(f"packed documents (cu_seqlens) need batch size 1, got q of shape {tuple(q.shape)}")
+    bounds = None if cu_seqlens is None else cu_seqlens.tolist()
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    steps = ring_schedule(held, rank, bounds, causal)
+    return _RingAttention.apply(q, k, v, group, steps, scale)
+
+
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, group, steps, scale):
+        comm = RingComm(group)
+        kv = _pack(k, v)  # one message per step, and only the Hkv heads (GQA)
+        acc = torch.promote_types(q.dtype, torch.float32)
+        out = torch.zeros(q.shape[:-1] + v.shape[-1:], dtype=acc, device=q.device)
+        lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), float("-inf"), dtype=acc, device=q.device)
+        for step, blocks in enumerate(steps):
+            pending = comm.shift(kv) if step + 1 < len(steps) else None
+            k_vis, v_vis = _unpack(kv, k, v)
+            for blk in blocks:
+                o, l = flash_attn(q[:, blk.q], k_vis[:, blk.k], v_vis[:, blk.k], causal=blk.causal,
+                                  cu_seqlens=_cu_tensor(blk, q), softmax_scale=scale, return_lse=True)
+                _merge(out[:, blk.q], lse[:, :, blk.q], o, l)
+            if pending is not None:
+                kv = pending.wait()
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.group, ctx.steps, ctx.scale = group, steps, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        steps, comm = ctx.steps, RingComm(ctx.group)
+        dout = dout.contiguous()
+        acc = torch.promote_types(q.dtype, torch.float32)
+        dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+        kv = _pack(k, v)
+        dkv_own = torch.zeros(kv.shape, dtype=acc, device=q.device)
+
+        def run(blocks, kv_buf, dkv_buf):
+            k_vis, v_vis = _unpack(kv_buf, k, v)
+            dk_vis, dv_vis = _unpack(dkv_buf, k, v)
+            for blk in blocks:
+                dq_b, dk_b, dv_b = flash_attn_backward(
+                    dout[:, blk.q], q[:, blk.q], k_vis[:, blk.k], v_vis[:, blk.k], out[:, blk.q], lse[:, :, blk.q],
+                    causal=blk.causal, cu_seqlens=_cu_tensor(blk, q), softmax_scale=ctx.scale)
+                dq[:, blk.q] += dq_b
+                dk_vis[:, blk.k] += dk_b
+                dv_vis[:, blk.k] += dv_b
+
+        pending_kv = comm.shift(kv) if len(steps) > 1 else None
+        run(steps[0][:1], kv, dkv_own)  # hides the first K/V transfer
+        pending_dkv = None
+        for step in range(1, len(steps)):
+            kv_vis = pending_kv.wait()
+            pending_kv = comm.shift(kv_vis) if step + 1 < len(steps) else None
+            dkv = torch.zeros(kv.shape, dtype=acc, device=q.device)
+            run(steps[step], kv_vis, dkv)
+            if pending_dkv is not None:
+                dkv += pending_dkv.wait()  # the sum of the ranks this shard visited before
+            pending_dkv = comm.shift(dkv)  # after the last step this hop takes it home
+        run(steps[0][1:], kv, dkv_own)  # hides the last dK/dV transfer
+        if pending_dkv is not None:
+            dkv_own += pending_dkv.wait()
+        dk, dv = _unpack(dkv_own, k, v)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+
+
+def _merge(out, lse, o, l):
+    """Fold one block's (o, l) into the running (out, lse) views, in place (fp32 or wider).
+
+    out_new = out * exp(lse - lse_new) + o * exp(l - lse_new), lse_new = logaddexp(lse, l)."""
+    new = torch.logaddexp(lse, l.to(lse.dtype))
+    # rows that no block has reached yet have -inf on both sides: weight 0, not exp(nan)
+    ref = torch.where(torch.isfinite(new), new, torch.zeros_like(new))
+    w_old = torch.exp(lse - ref).transpose(1, 2).unsqueeze(-1)
+    w_new = torch.exp(l.to(lse.dtype) - ref).transpose(1, 2).unsqueeze(-1)
+    out.mul_(w_old).addcmul_(o, w_new)
+    lse.copy_(new)
+
+
+def _pack(k, v):
+    return torch.cat([k.reshape(-1), v.reshape(-1)])
+
+
+def _unpack(buf, k, v):
+    return buf[:k.numel()].view(k.shape), buf[k.numel():].view(v.shape)
+
+
+def _cu_tensor(blk, like):
+    return None if blk.cu is None else torch.tensor(blk.cu, dtype=torch.int32, device=like.device)
+
+
+class RingComm:
+    """Sends a buffer to the next rank of the ring while receiving the previous rank's.
+
+    Asynchronous (batch_isend_irecv): on NCCL the transfer runs on the communicator's own CUDA
+    stream, so compute issued on the current stream before `wait()` overlaps it; on gloo the
+    work runs on gloo's threads. A fresh receive buffer per shift is the double buffer: the one
+    being read by compute is never the one being written."""
+
+    def __init__(self, group):
+        self.group = group
+        self.world, rank = group_size_rank(group)
+        if self.world > 1:
+            to_global = (lambda r: r) if group is None else (lambda r: dist.get_global_rank(group, r))
+            self.next, self.prev = to_global((rank + 1) % self.world), to_global((rank - 1) % self.world)
+
+    def shift(self, x: torch.Tensor) -> "_Pending":
+        buf = torch.empty_like(x)
+        ops = [dist.P2POp(dist.isend, x, self.next, self.group), dist.P2POp(dist.irecv, buf, self.prev, self.group)]
+        return _Pending(dist.batch_isend_irecv(ops), buf, x)
+
+
+class _Pending:
+    def __init__(self, works, buf, sent):
+        self.works, self.buf, self.sent = works, buf, sent  # `sent` stays referenced until the send is done
+
+    def wait(self) -> torch.Tensor:
+        for w in self.works:
+            w.wait()
+        self.sent = None
+        return self.buf

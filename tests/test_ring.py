@@ -1,0 +1,253 @@
+"""Ring attention, Ulysses and usp against single-process attention (fp64: outputs and dq/dk/dv,
+relative error <= 1e-7), their block plans, the order of transfers and compute, and (gpu) the
+CUDA kernel paths that return and consume the log-sum-exp."""
+import pytest
+import torch
+
+from seqpar import kernels
+from seqpar.attention import ring as ring_module
+from seqpar.attention.ring import plan_blocks, ring_attention, ring_schedule
+from seqpar.attention.ulysses import ulysses_attention, usp_attention
+from seqpar.kernels.flash_attn import flash_attn_backward
+from seqpar.parallel.sharding import local_ranges, shard_sequence, unshard_sequence
+from tests.distributed import run_distributed
+
+SEQ = 96  # 2*4 chunks of 12
+DOCS = {  # packed rows: a 1-token document, boundaries on (12, 24) and off (13, 50) chunk edges,
+    "docs_a": [0, 1, 13, 50, 51, 79, 96],  # documents crossing chunks and ranks
+    "docs_b": [0, 24, 25, 95, 96],  # a document spanning every rank's chunks, a last 1-token one
+}
+HEADS = {"gqa": (8, 2), "mha": (4, 4)}
+TOL = 1e-7
+
+
+def _inputs(rows, heads, seed):
+    g = torch.Generator().manual_seed(seed)
+    hq, hkv = HEADS[heads]
+    B = 2 if rows == "dense" else 1
+    q = torch.randn(B, SEQ, hq, 8, generator=g, dtype=torch.float64)
+    k = torch.randn(B, SEQ, hkv, 8, generator=g, dtype=torch.float64)
+    v = torch.randn(B, SEQ, hkv, 8, generator=g, dtype=torch.float64)
+    grad = torch.randn(B, SEQ, hq, 8, generator=g, dtype=torch.float64)
+    cu = None if rows == "dense" else torch.tensor(DOCS[rows], dtype=torch.int32)
+    return q, k, v, grad, cu
+
+
+def _rel_errors(fn, q, k, v, grad, cu, causal, layout, ref, group=None):
+    """max |parallel - reference| / max |reference| over out, dq, dk, dv (this rank's shard)."""
+    cut = lambda t: shard_sequence(t, group, layout=layout)
+    local = [cut(t).requires_grad_() for t in (q, k, v)]
+    out = fn(*local, group=group, causal=causal, cu_seqlens=cu, softmax_scale=0.3, layout=layout)
+    out.backward(cut(grad))
+    pairs = zip([out.detach()] + [t.grad for t in local], map(cut, ref))
+    return max(((a - b).abs().max() / b.abs().max()).item() for a, b in pairs)
+
+
+def _reference(q, k, v, grad, cu, causal):
+    full = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = kernels.flash_attn(*full, causal=causal, cu_seqlens=cu, softmax_scale=0.3)
+    out.backward(grad)
+    return [out.detach()] + [t.grad for t in full]
+
+
+def _cases():
+    for layout in ("zigzag", "contiguous"):
+        for rows in ("dense", "docs_a", "docs_b"):
+            for heads in HEADS:
+                for causal in (True, False):
+                    yield layout, rows, heads, causal
+
+
+def _check_world(rank, world):
+    """Every case on this rank; at world 2 also the transfer log, at world 4 Ulysses' head error."""
+    from seqpar.parallel.dims import ParallelDims, cp_split
+    methods = {"ring": (ring_attention, None), "ulysses": (ulysses_attention, None)}
+    if world > 1:  # usp over a real 2D split of the cp group: Ulysses degree 2, ring of world/2
+        dims = ParallelDims(dp=1, cp=world, tp=1, pp=1, world_size=world, ulysses=2)
+        dims.build_mesh("cpu")
+        cp_group = dims.group("cp")
+        assert cp_split(cp_group)[0] is not None, "ParallelDims did not register the usp split"
+        methods["usp"] = (usp_attention, cp_group)
+    errors = {}
+    for i, (layout, rows, heads, causal) in enumerate(_cases()):
+        q, k, v, grad, cu = _inputs(rows, heads, seed=i)
+        ref = _reference(q, k, v, grad, cu, causal)
+        for name, (fn, group) in methods.items():
+            errors[(name, layout, rows, heads, causal)] = _rel_errors(fn, q, k, v, grad, cu, causal, layout, ref, group)
+    extra = {2: _transfer_order, 4: _ulysses_head_error}.get(world)
+    return errors, (extra() if extra else None)
+
+
+def _assert_small(errors, world):
+    assert len(errors) == 24 * (2 if world == 1 else 3)
+    for case, err in errors.items():
+        assert err <= TOL, f"world={world} {case}: relative error {err:.2e}"
+
+
+def test_ring_ulysses_usp_single_process_without_a_process_group():
+    _assert_small(_check_world(0, 1)[0], 1)
+
+
+@pytest.fixture(scope="module", params=[2, 4])
+def world_results(request):
+    return request.param, run_distributed(_check_world, request.param)
+
+
+def test_ring_ulysses_usp_match_single_process(world_results):
+    world, results = world_results
+    for errors, _ in results:
+        _assert_small(errors, world)
+
+
+def _ulysses_head_error():
+    q = torch.zeros(1, 8, 6, 8, dtype=torch.float64)
+    try:
+        ulysses_attention(q, q, q, layout="contiguous")
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def _transfer_order():
+    """Log of one fwd+bwd: 'shift' when a transfer is posted, 'wait' when it is awaited, 'fwd' and
+    'bwd' for each block computed."""
+    log = []
+    shift, wait = ring_module.RingComm.shift, ring_module._Pending.wait
+    fwd, bwd = ring_module.flash_attn, ring_module.flash_attn_backward
+    ring_module.RingComm.shift = lambda self, x: (log.append("shift"), shift(self, x))[1]
+    ring_module._Pending.wait = lambda self: (log.append("wait"), wait(self))[1]
+    ring_module.flash_attn = lambda *a, **kw: (log.append("fwd"), fwd(*a, **kw))[1]
+    ring_module.flash_attn_backward = lambda *a, **kw: (log.append("bwd"), bwd(*a, **kw))[1]
+    try:
+        q, k, v, grad, _ = _inputs("dense", "gqa", seed=0)
+        local = [shard_sequence(t).requires_grad_() for t in (q, k, v)]
+        ring_attention(*local).backward(shard_sequence(grad))
+    finally:
+        ring_module.RingComm.shift, ring_module._Pending.wait = shift, wait
+        ring_module.flash_attn, ring_module.flash_attn_backward = fwd, bwd
+    return log
+
+
+def test_ulysses_names_the_heads_that_do_not_divide(world_results):
+    world, results = world_results
+    if world != 4:
+        pytest.skip("checked in the world-4 run")
+    messages = [extra for _, extra in results]
+    assert all(m is not None and "query heads (6)" in m for m in messages), messages
+
+
+def test_transfers_are_posted_before_the_compute_they_overlap(world_results):
+    world, results = world_results
+    if world != 2:
+        pytest.skip("checked in the world-2 run")
+    log = results[0][1]
+    split = log.index("bwd") - 1  # the backward opens with its K/V shift
+    fwd_log, bwd_log = log[:split], log[split:]
+    # forward: the K/V shift goes out first and is awaited only after step 0's blocks
+    assert fwd_log[0] == "shift" and fwd_log.index("wait") > fwd_log.index("fwd") and fwd_log[-1] == "fwd", fwd_log
+    # backward: K/V out before the first block; the dK/dV shift home goes out before the own
+    # shard's remaining blocks and is awaited after them
+    assert bwd_log[:2] == ["shift", "bwd"], bwd_log
+    last_shift = len(bwd_log) - 1 - bwd_log[::-1].index("shift")
+    assert "bwd" in bwd_log[last_shift:] and bwd_log[-1] == "wait", bwd_log
+
+
+@pytest.mark.parametrize("world", [2, 4, 8])
+def test_zigzag_gives_every_rank_the_same_causal_work_at_every_step(world):
+    held = [local_ranges(64 * world, world, r, "zigzag") for r in range(world)]
+    work = [[sum(b.work() for b in step) for step in ring_schedule(held, r, None, True)] for r in range(world)]
+    assert all(len(set(step)) == 1 for step in zip(*work)), work  # every rank, the same work at each step
+    # and every step the same, but for the diagonal itself (2 chunks of 32) that step 0 adds
+    assert set(work[0][1:]) == {work[0][0] - 2 * 32 // 2}, work
+
+
+def test_block_plan_skips_what_documents_and_causality_hide():
+    q_ranges, k_ranges = [(0, 12), (84, 96)], [(12, 24), (72, 84)]  # zigzag rank 0 of 4 and rank 1
+    # one document per chunk: nothing of rank 1 is visible to rank 0
+    bounds = list(range(0, 97, 12))
+    assert plan_blocks(q_ranges, k_ranges, bounds, causal=True) == []
+    # a document spanning [20, 90): queries 84..89 see keys 20..23 and 72..83, one coalesced call
+    blocks = plan_blocks(q_ranges, k_ranges, [0, 20, 90, 96], causal=True)
+    assert len(blocks) == 1 and blocks[0].q == slice(12, 18) and blocks[0].k == slice(8, 24)
+    assert blocks[0].work() == 6 * 16
+    # non-causal, no documents: every query against every key in a single call
+    assert [(b.q, b.k) for b in plan_blocks(q_ranges, k_ranges, None, causal=False)] == [(slice(0, 24), slice(0, 24))]
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_flash_attn_backward_from_merged_out_and_lse_matches_autograd(causal):
+    g = torch.Generator().manual_seed(1)
+    lq, lk = [1, 5, 9, 3], [4, 5, 2, 3]  # Lq < Lk, ==, > (rows that see nothing when causal)
+    cu_q, cu_k = (torch.tensor([0, *torch.tensor(x).cumsum(0).tolist()], dtype=torch.int32) for x in (lq, lk))
+    q = torch.randn(1, sum(lq), 6, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(1, sum(lk), 2, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    dout = torch.randn(1, sum(lq), 6, 8, generator=g, dtype=torch.float64)
+    out, lse = kernels.flash_attn(q, k, v, causal=causal, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, return_lse=True)
+    out.backward(dout)
+    grads = flash_attn_backward(dout, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), causal=causal,
+                                cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    for ours, t in zip(grads, (q, k, v)):
+        torch.testing.assert_close(ours, t.grad, rtol=1e-12, atol=1e-12)
+
+
+# ---- GPU: the aten kernel paths and the NCCL ring (pytest -m gpu on the GPU machine) ----
+
+def _gpu_case(rows, hq, hkv, causal, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    S, D = 2048, 128
+    B = 2 if rows is None else 1
+    t = [torch.randn(B, S, h, D, generator=g, dtype=torch.float64) for h in (hq, hkv, hkv, hq)]
+    cu = None if rows is None else torch.tensor(rows, dtype=torch.int32)
+    return t, cu
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kernel", ["cudnn", "flash"])
+@pytest.mark.parametrize("rows", [None, [0, 1, 700, 701, 2048]])
+@pytest.mark.parametrize("heads", [(8, 8), (8, 2)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_cuda_lse_paths_match_fp64_reference(kernel, rows, heads, causal, monkeypatch):
+    monkeypatch.setenv("SEQPAR_ATTN_KERNEL", kernel)
+    (q, k, v, do), cu = _gpu_case(rows, *heads, causal, torch.bfloat16, seed=0)
+    ref_out, ref_lse = kernels.flash_attn(q, k, v, causal=causal, cu_seqlens=cu, return_lse=True)
+    ref_grads = flash_attn_backward(do, q, k, v, ref_out, ref_lse, causal=causal, cu_seqlens=cu)
+    dev = [t.cuda().bfloat16() for t in (q, k, v, do)]
+    cu_d = None if cu is None else cu.cuda()
+    impl = kernels.backend("flash_attn", *dev[:3], return_lse=True, causal=causal, cu_seqlens=cu_d)
+    assert impl.startswith("aten_"), impl
+    out, lse = kernels.flash_attn(*dev[:3], causal=causal, cu_seqlens=cu_d, return_lse=True)
+    assert lse.shape == ref_lse.shape and lse.dtype == torch.float32
+    assert (lse.double().cpu() - ref_lse).abs().max() < 2e-2
+    assert (out.double().cpu() - ref_out).abs().max() < 3e-2
+    # backward from the fp64 reference's out and lse, so only the kernel's own rounding counts
+    grads = flash_attn_backward(dev[3], *dev[:3], ref_out.cuda().bfloat16(), ref_lse.float().cuda(), causal=causal,
+                                cu_seqlens=cu_d)
+    for ours, ref in zip(grads, ref_grads):
+        assert (ours.double().cpu() - ref).abs().max() < 0.1 * max(1.0, ref.abs().max().item())
+
+
+def _ring_bf16_on_nccl(rank, world):
+    torch.manual_seed(0)
+    errors = {}
+    for rows in (None, [0, 1, 700, 701, 1800, 2048]):
+        (q, k, v, do), cu = _gpu_case(rows, 8, 2, True, torch.bfloat16, seed=1)
+        full = [t.clone().requires_grad_() for t in (q, k, v)]
+        ref = kernels.flash_attn(*full, causal=True, cu_seqlens=cu)
+        ref.backward(do)
+        cut = lambda t: shard_sequence(t, layout="zigzag").cuda()
+        local = [cut(t).bfloat16().requires_grad_() for t in (q, k, v)]
+        out = ring_attention(*local, cu_seqlens=None if cu is None else cu.cuda())
+        out.backward(cut(do).bfloat16())
+        got = [unshard_sequence(out.detach().double())] + [unshard_sequence(t.grad.double()) for t in local]
+        want = [ref.detach()] + [t.grad for t in full]
+        errors[str(rows)] = [((a.cpu() - b).abs().max() / b.abs().max()).item() for a, b in zip(got, want)]
+    return errors
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_ring_bf16_on_nccl_against_fp64():
+    for errors in run_distributed(_ring_bf16_on_nccl, 2, backend="nccl"):
+        for case, errs in errors.items():
+            assert max(errs) < 2e-2, (case, errs)
