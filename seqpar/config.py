@@ -41,6 +41,7 @@ class ParallelConfig:
     softmax_sp: str = "allgather"
     ulysses_degree: int = 1  # softmax_sp=usp: cp = ring x ulysses, Ulysses (all-to-all) inside a node
     linear_sp: str = "lasp2"
+    linear_scan: str = "allgather"  # how lasp2 exchanges memory states: allgather | pipelined
     layout: str = "zigzag"
     dp_engine: str = "fsdp2"
 
@@ -147,6 +148,7 @@ def data_parallel_size(cfg, world: int) -> int:
 def validate(cfg, world: int | None = None) -> None:
     """Raise ConfigError on the first rule the config breaks."""
     from seqpar.attention import LINEAR_SP, SOFTMAX_SP
+    from seqpar.attention.state_scan import SCANS
     from seqpar.parallel.sharding import LAYOUTS, num_chunks
 
     def fail(msg):
@@ -196,6 +198,11 @@ def validate(cfg, world: int | None = None) -> None:
                  f"model.n_heads={m.n_heads}, and divide or be a multiple of model.n_kv_heads={m.n_kv_heads}")
     if p.linear_sp not in LINEAR_SP:
         fail(f"parallel.linear_sp={p.linear_sp!r}: implemented methods are {sorted(LINEAR_SP)}")
+    if p.linear_scan not in SCANS:
+        fail(f"parallel.linear_scan={p.linear_scan!r}: choose one of {list(SCANS)}")
+    if p.linear_sp == "lasp1" and p.linear_scan != "allgather":
+        fail(f"parallel.linear_scan={p.linear_scan} applies to parallel.linear_sp=lasp2; "
+             "lasp1 is a sequential ring of states by definition")
 
     bad = set(m.layer_pattern) - {"S", "L"}
     if not m.layer_pattern or bad:

@@ -190,7 +190,8 @@ def train_step(model, micro_batches, cfg, dims: ParallelDims, device) -> dict:
         shard = lambda x: shard_sequence(x.to(device), cp_group, layout=layout)
         positions = document_positions(cu_seqlens, mb.input_ids.shape[1])
         ctx = AttnContext(group=cp_group, cu_seqlens=cu_seqlens, position_ids=shard(positions[None])[0],
-                          layout=layout, softmax_sp=cfg.parallel.softmax_sp, linear_sp=cfg.parallel.linear_sp)
+                          layout=layout, softmax_sp=cfg.parallel.softmax_sp, linear_sp=cfg.parallel.linear_sp,
+                          linear_scan=cfg.parallel.linear_scan)
         with autocast(cfg, device):
             local_loss = model(shard(mb.input_ids), ctx, targets=shard(mb.targets))
         (local_loss * (gradient_replicas(dims) / n_tokens)).backward()

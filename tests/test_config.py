@@ -32,6 +32,8 @@ BAD = [
     (["train.global_batch_size=6"], 2, "train.global_batch_size=6 must be a positive multiple"),
     (["parallel.softmax_sp=warp"], 2, "parallel.softmax_sp='warp'"),
     (["parallel.linear_sp=lasp9"], 2, "parallel.linear_sp='lasp9'"),
+    (["parallel.linear_scan=telepathy"], 2, "parallel.linear_scan='telepathy'"),
+    (["parallel.linear_sp=lasp1", "parallel.linear_scan=pipelined"], 2, "applies to parallel.linear_sp=lasp2"),
     (["parallel.layout=spiral"], 2, "parallel.layout='spiral'"),
     (["parallel.tp=2", "parallel.cp=1"], 2, "parallel.tp=2"),
     (["model.d_model=130"], 2, "model.d_model=130 is not divisible by model.n_heads=4"),

@@ -6,7 +6,10 @@ Each world size is one spawned run that checks every case (a gloo spawn costs se
 import pytest
 import torch
 
+import torch.distributed as dist
+
 from seqpar import kernels
+from seqpar.attention import AttnContext, linear_attention
 from seqpar.attention.lasp import lasp2_attention
 from seqpar.attention.lasp1 import lasp1_attention
 from seqpar.parallel.sharding import shard_sequence, unshard_sequence
@@ -95,8 +98,23 @@ def _check_traffic(rank, world):
     return found
 
 
+def _check_dispatch(rank, world):
+    """The calls each (parallel.linear_sp, parallel.linear_scan) makes through the model's entry point."""
+    q, k, v, grad, log_decay, _ = _inputs(None, seed=0, heads=2, dk=8, dv=8)
+    calls = {}
+    for sp, scan in (("lasp2", "allgather"), ("lasp2", "pipelined"), ("lasp1", "allgather")):
+        ctx = AttnContext(group=dist.group.WORLD, layout="zigzag", linear_sp=sp, linear_scan=scan)
+        local = [shard_sequence(t, layout="zigzag").requires_grad_() for t in (q, k, v)]
+        with count_traffic() as traffic:
+            linear_attention(*local, log_decay, ctx).backward(shard_sequence(grad, layout="zigzag"))
+        calls[(sp, scan)] = dict(traffic.calls)
+    return calls
+
+
 def _check_all(rank, world):
-    return _check_exact(rank, world), (_check_traffic(rank, world) if world > 1 else {})
+    if world == 1:
+        return _check_exact(rank, world), {}, {}
+    return _check_exact(rank, world), _check_traffic(rank, world), _check_dispatch(rank, world)
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +131,7 @@ def results():
 
 @pytest.mark.parametrize("world", [1, 2, 4])
 def test_lasp_matches_single_process(world, results):
-    for (errors, agree), _ in results(world):
+    for (errors, agree), _, _ in results(world):
         for case, err in errors.items():
             assert err <= TOL, f"world={world} {case}: relative error {err:.3g}"
         for case, err in agree.items():
@@ -122,7 +140,7 @@ def test_lasp_matches_single_process(world, results):
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_bytes_per_layer_do_not_grow_with_sequence(world, results):
-    for rank, (_, found) in enumerate(results(world)):
+    for rank, (_, found, _) in enumerate(results(world)):
         for (layout, method), (short, long, calls) in found.items():
             if method == "kv_allgather":
                 assert long == 8 * short > 0, (world, rank, layout, calls)
@@ -133,3 +151,12 @@ def test_bytes_per_layer_do_not_grow_with_sequence(world, results):
                 assert sum(calls.values()) == 2, calls
             else:
                 assert set(calls) <= {"isend", "irecv"}, calls
+
+
+def test_context_picks_method_and_scan(results):
+    for _, _, calls in results(2):
+        assert set(calls[("lasp2", "allgather")]) <= {"all_gather_single", "all_gather_into_tensor"}
+        # zigzag over 2 ranks: each rank sends one hop forward and one backward; pipelined cuts
+        # each hop's state into PIPELINE_BLOCKS messages along Dv (8 columns -> 4 blocks of 2)
+        assert calls[("lasp1", "allgather")] == {"isend": 2, "irecv": 2}
+        assert calls[("lasp2", "pipelined")] == {"isend": 8, "irecv": 8}

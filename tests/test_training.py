@@ -17,6 +17,7 @@ LAYOUTS = {  # name: (processes, overrides)
     "dp2": (2, ["parallel.cp=1"]),
     "cp2_dp2": (4, ["parallel.cp=2", "parallel.dp=2"]),
     "cp2_contiguous": (2, ["parallel.cp=2", "parallel.layout=contiguous"]),
+    "cp2_lasp1": (2, ["parallel.cp=2", "parallel.linear_sp=lasp1"]),
 }
 
 
@@ -40,7 +41,7 @@ def test_metrics_file_has_one_object_per_step(single_run):
     assert single_run[-1]["tokens"] == 5 * 4 * 64
 
 
-@pytest.mark.parametrize("layout", ["cp2", "dp2", "cp2_dp2", "cp2_contiguous"])
+@pytest.mark.parametrize("layout", ["cp2", "dp2", "cp2_dp2", "cp2_contiguous", "cp2_lasp1"])
 def test_parallel_losses_match_single_process(layout, single_run, tmp_path):
     nproc, overrides = LAYOUTS[layout]
     losses = [m["loss"] for m in train(tmp_path, nproc, *overrides)]

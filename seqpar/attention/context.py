@@ -20,6 +20,7 @@ class AttnContext:
     layout: str = "zigzag"  # how shard_sequence cut the row: contiguous | zigzag
     softmax_sp: str = "allgather"  # allgather | ring | ulysses | usp | disagg
     linear_sp: str = "lasp2"  # lasp2 | lasp1
+    linear_scan: str = "allgather"  # lasp2's state exchange: allgather | pipelined
 
     @property
     def cp_size(self) -> int:
