@@ -36,6 +36,7 @@ class ModelConfig:
 class ParallelConfig:
     dp: int = -1  # -1: whatever the world size leaves after pp, cp and tp
     tp: int = 1
+    tp_sequence_parallel: bool = True  # Megatron-SP: norms and the residual stream split along the sequence over tp
     pp: int = 1
     cp: int = 1
     softmax_sp: str = "allgather"
@@ -88,6 +89,13 @@ class LauncherConfig:
     nnodes: int = 1
     master_addr: str = "127.0.0.1"
     master_port: int = 0  # 0: a free port
+    partition: Optional[str] = None  # slurm: sbatch --partition (null: the cluster's default)
+    time_limit: Optional[str] = None  # slurm: sbatch --time (null: the script's)
+    address: str = "auto"  # ray: a running cluster, auto (RAY_ADDRESS or this node's) | HOST:PORT | ray://HOST:PORT
+    placement_strategy: str = "PACK"  # ray: how the one-bundle-per-rank placement group spreads over nodes
+    cpus_per_worker: int = 1  # ray: CPUs in each rank's bundle (plus one GPU unless train.device=cpu)
+    max_restarts: int = 3  # ray: whole-group restarts from the last checkpoint after a worker dies
+    placement_timeout_s: float = 120.0  # ray: how long to wait for the placement group to fit
 
 
 @dataclass
@@ -157,12 +165,17 @@ def validate(cfg, world: int | None = None) -> None:
     m, p, d, t, l = cfg.model, cfg.parallel, cfg.data, cfg.train, cfg.launcher
     world = world_size(cfg) if world is None else world
 
-    if l.name != "local":
-        fail(f"launcher.name={l.name!r}: only 'local' exists so far (slurm and ray arrive with their issue)")
+    if l.name not in ("local", "slurm", "ray"):
+        fail(f"launcher.name={l.name!r}: choose local, slurm or ray")
+    if l.name == "ray" and l.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+        fail(f"launcher.placement_strategy={l.placement_strategy!r}: choose PACK, SPREAD, STRICT_PACK or STRICT_SPREAD")
+    if l.name == "ray" and (l.max_restarts < 0 or l.cpus_per_worker < 1 or not l.placement_timeout_s > 0):
+        fail(f"launcher.max_restarts={l.max_restarts}, launcher.cpus_per_worker={l.cpus_per_worker}, "
+             f"launcher.placement_timeout_s={l.placement_timeout_s}: need >= 0, >= 1 and > 0")
     if world < 1:
         fail(f"launcher.nproc_per_node x launcher.nnodes = {world}: need at least one process"
              + (" (no CUDA device found; set train.device=cpu)" if use_cuda(cfg) else ""))
-    if use_cuda(cfg) and l.nnodes == 1:
+    if use_cuda(cfg) and l.nnodes == 1 and l.name == "local":  # Slurm and Ray place ranks on other machines
         import torch
         if resolve_nproc(cfg) > torch.cuda.device_count():
             fail(f"launcher.nproc_per_node={resolve_nproc(cfg)}: only {torch.cuda.device_count()} CUDA devices here")
@@ -177,8 +190,8 @@ def validate(cfg, world: int | None = None) -> None:
     if p.dp != -1 and p.dp * p.pp * p.cp * p.tp != world:
         fail(f"parallel.dp*pp*cp*tp={p.dp}*{p.pp}*{p.cp}*{p.tp}={p.dp * p.pp * p.cp * p.tp} must equal the world size {world} "
              f"(launcher.nproc_per_node={l.nproc_per_node} x launcher.nnodes={l.nnodes}); or set parallel.dp=-1")
-    if p.tp > 1 or p.pp > 1:
-        fail(f"parallel.tp={p.tp}, parallel.pp={p.pp}: tensor and pipeline parallelism are not built yet (4D issue); use 1")
+    if p.pp > 1:
+        fail(f"parallel.pp={p.pp}: pipeline parallelism is not built yet (4D issue); use 1")
     if p.dp_engine != "fsdp2":
         fail(f"parallel.dp_engine={p.dp_engine!r}: only 'fsdp2' exists so far")
     if p.layout not in LAYOUTS:
@@ -209,10 +222,12 @@ def validate(cfg, world: int | None = None) -> None:
         fail(f"model.layer_pattern={m.layer_pattern!r}: unknown layer type {sorted(bad)}; use S (softmax) and L (linear)")
     if m.n_kv_heads < 1 or m.n_heads % m.n_kv_heads:
         fail(f"model.n_kv_heads={m.n_kv_heads}: must divide model.n_heads={m.n_heads} (grouped-query attention)")
-    if m.n_heads % p.tp:
-        fail(f"model.n_heads={m.n_heads} is not divisible by parallel.tp={p.tp}")
-    if m.n_kv_heads % p.tp and p.tp % m.n_kv_heads:
-        fail(f"model.n_kv_heads={m.n_kv_heads} and parallel.tp={p.tp}: one must divide the other")
+    for key in ("n_heads", "n_kv_heads", "ffn_dim"):
+        if getattr(m, key) % p.tp:
+            fail(f"parallel.tp={p.tp} splits model.{key}={getattr(m, key)} over tp ranks: it must divide it")
+    if p.tp > 1 and p.tp_sequence_parallel and d.seq_len % (p.cp * p.tp):
+        fail(f"parallel.tp_sequence_parallel=true splits each cp rank's data.seq_len/cp tokens over parallel.tp={p.tp}: "
+             f"data.seq_len={d.seq_len} must be divisible by cp*tp={p.cp * p.tp}")
     head_dim = m.head_dim or m.d_model // m.n_heads
     if m.head_dim is None and m.d_model % m.n_heads:
         fail(f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}; set model.head_dim")

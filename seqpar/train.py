@@ -7,6 +7,7 @@ import math
 import os
 import sys
 import time
+from collections import defaultdict
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -14,12 +15,14 @@ import hydra
 import torch
 import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
+from torch.distributed.tensor import DTensor
 from omegaconf import OmegaConf
 
 from seqpar import checkpoint
 from seqpar.attention import AttnContext
 from seqpar.config import ConfigError, register_configs, resolve_nproc, use_cuda, validate, world_size
 from seqpar.data import PackedLoader, build_dataset
+from seqpar.launch import ray as ray_launcher, slurm, stop_signal
 from seqpar.launch.local import is_worker, launch_workers
 from seqpar.metrics import MetricsLogger, max_memory_gb, peak_flops
 from seqpar.model.flops import step_flops
@@ -31,6 +34,8 @@ from seqpar.parallel.sharding import document_positions, shard_sequence
 
 def launch(cfg) -> int:
     """In the launching process: fail on a bad config before any worker starts, then start them."""
+    if cfg.launcher.name == "slurm" and slurm.in_job_step():
+        return slurm.run_task(cfg, run_worker)  # this process is one rank, placed by srun
     try:
         validate(cfg)
     except ConfigError as e:
@@ -40,11 +45,15 @@ def launch(cfg) -> int:
         print(OmegaConf.to_yaml(cfg, resolve=True))
         print(f"world size {world_size(cfg)}: {ParallelDims.from_config(cfg.parallel, world_size(cfg))}")
         return 0
+    # workers must agree on run_dir, whose default contains the launch time; absolute, as Ray workers run elsewhere
+    argv = list(HydraConfig.get().overrides.task) + [f"run_dir={os.path.abspath(cfg.run_dir)}"]
+    if cfg.launcher.name == "slurm":
+        return slurm.submit(cfg, argv)
+    if cfg.launcher.name == "ray":
+        return ray_launcher.launch(cfg, argv)
     nproc = resolve_nproc(cfg)
     if nproc * cfg.launcher.nnodes == 1:
         return run_worker(cfg)
-    # workers must agree on run_dir, whose default contains the launch time
-    argv = list(HydraConfig.get().overrides.task) + [f"run_dir={cfg.run_dir}"]
     return launch_workers(argv, nproc_per_node=nproc, nnodes=cfg.launcher.nnodes,
                           master_addr=cfg.launcher.master_addr, master_port=cfg.launcher.master_port)
 
@@ -119,7 +128,7 @@ def train(cfg, device) -> None:
     torch.manual_seed(cfg.train.seed)
     model = Transformer(cfg.model).to(device=device, dtype=param_dtype(cfg, device))
     model.init_weights(cfg.train.seed)
-    model = parallelize(model, dims, cfg.train)
+    model = parallelize(model, dims, cfg)
     optimizer, scheduler = build_optimizer(model, cfg, device)
 
     loader = PackedLoader(build_dataset(cfg.data, cfg.data.seq_len), global_batch_size=cfg.train.global_batch_size,
@@ -166,10 +175,13 @@ def train(cfg, device) -> None:
                 metrics["max_mem_gb"] = max_memory_gb(device)
             if step % cfg.logging.log_every == 0 or step == cfg.train.steps:
                 logger.log(step, metrics)
-            if step == cfg.train.steps or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0):
+            stop = stop_signal.agreed(device)  # Slurm's USR1: every rank checkpoints this step, then stops
+            if stop or step == cfg.train.steps or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0):
                 extra = {"step": step, "scheduler": scheduler.state_dict(), "data": loader.state_dict(),
                          "rng": checkpoint.capture_rng()}
                 checkpoint.save(ckpt_root, step, model, optimizer, extra, keep=cfg.train.keep_checkpoints)
+            if stop:
+                break
 
 
 def train_step(model, micro_batches, cfg, dims: ParallelDims, device) -> dict:
@@ -201,9 +213,22 @@ def train_step(model, micro_batches, cfg, dims: ParallelDims, device) -> dict:
 
 
 def clip_gradients(model, max_norm: float) -> float:
-    params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    """Clip to `max_norm` (0: only measure) and return the global gradient norm.
+
+    Parameters may be DTensors on different meshes (FSDP's dp x cp, and dp x cp x tp under tensor
+    parallelism), which one foreach norm cannot mix: each mesh's norm is made whole, then combined."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    by_mesh = defaultdict(list)
+    for g in grads:
+        by_mesh[getattr(g, "device_mesh", None)].append(g)
+    norms = [torch.nn.utils.get_total_norm(group) for group in by_mesh.values()]
+    total = float(torch.linalg.vector_norm(torch.stack(
+        [n.full_tensor() if isinstance(n, DTensor) else n for n in norms])))
+    if max_norm > 0 and total > max_norm:
+        coef = max_norm / (total + 1e-6)
+        for g in grads:
+            g.mul_(coef)
+    return total
 
 
 @hydra.main(version_base=None, config_path="pkg://seqpar.conf", config_name="train")

@@ -35,7 +35,10 @@ BAD = [
     (["parallel.linear_scan=telepathy"], 2, "parallel.linear_scan='telepathy'"),
     (["parallel.linear_sp=lasp1", "parallel.linear_scan=pipelined"], 2, "applies to parallel.linear_sp=lasp2"),
     (["parallel.layout=spiral"], 2, "parallel.layout='spiral'"),
-    (["parallel.tp=2", "parallel.cp=1"], 2, "parallel.tp=2"),
+    (["parallel.pp=2", "parallel.cp=1"], 2, "parallel.pp=2"),
+    (["parallel.tp=4", "parallel.cp=1", "model.n_kv_heads=2"], 4, "parallel.tp=4 splits model.n_kv_heads=2"),
+    (["parallel.tp=4", "parallel.cp=1", "model.n_kv_heads=4", "data.seq_len=66"], 4,
+     "data.seq_len=66 must be divisible by cp*tp=4"),
     (["model.d_model=130"], 2, "model.d_model=130 is not divisible by model.n_heads=4"),
     (["model.vocab_size=200"], 2, "model.vocab_size=200"),
     (["train.warmup_steps=500"], 2, "train.warmup_steps=500"),
@@ -77,4 +80,4 @@ def test_dry_run_prints_resolved_config(tmp_path):
     r = subprocess.run([sys.executable, "-m", "seqpar.train", "train.device=cpu", "dry_run=true", f"run_dir={tmp_path}/r"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert "layer_pattern: LLLS" in r.stdout and "ParallelDims(dp=1, cp=2, tp=1, pp=1, world_size=2)" in r.stdout
+    assert "layer_pattern: LLLS" in r.stdout and "ParallelDims(dp=1, cp=2, tp=1, pp=1, world_size=2" in r.stdout

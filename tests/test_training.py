@@ -18,6 +18,12 @@ LAYOUTS = {  # name: (processes, overrides)
     "cp2_dp2": (4, ["parallel.cp=2", "parallel.dp=2"]),
     "cp2_contiguous": (2, ["parallel.cp=2", "parallel.layout=contiguous"]),
     "cp2_lasp1": (2, ["parallel.cp=2", "parallel.linear_sp=lasp1"]),
+    "tp2": (2, ["parallel.cp=1", "parallel.tp=2"]),
+    "tp2_no_sp": (2, ["parallel.cp=1", "parallel.tp=2", "parallel.tp_sequence_parallel=false"]),
+    "cp2_tp2": (4, ["parallel.cp=2", "parallel.tp=2"]),
+    "dp2_tp2": (4, ["parallel.cp=1", "parallel.dp=2", "parallel.tp=2"]),
+    "cp2_ring": (2, ["parallel.cp=2", "parallel.softmax_sp=ring"]),
+    "cp2_ulysses": (2, ["parallel.cp=2", "parallel.softmax_sp=ulysses"]),
 }
 
 
@@ -41,7 +47,8 @@ def test_metrics_file_has_one_object_per_step(single_run):
     assert single_run[-1]["tokens"] == 5 * 4 * 64
 
 
-@pytest.mark.parametrize("layout", ["cp2", "dp2", "cp2_dp2", "cp2_contiguous", "cp2_lasp1"])
+@pytest.mark.parametrize("layout", ["cp2", "dp2", "cp2_dp2", "cp2_contiguous", "cp2_lasp1", "tp2", "cp2_tp2", "dp2_tp2",
+                                    "cp2_ring", "cp2_ulysses"])
 def test_parallel_losses_match_single_process(layout, single_run, tmp_path):
     nproc, overrides = LAYOUTS[layout]
     losses = [m["loss"] for m in train(tmp_path, nproc, *overrides)]
@@ -67,7 +74,7 @@ def _one_step_grads(rank, world, overrides):
     torch.manual_seed(0)
     model = Transformer(cfg.model).double()
     model.init_weights(0)
-    model = parallelize(model, dims, cfg.train)
+    model = parallelize(model, dims, cfg)
     loader = PackedLoader(build_dataset(cfg.data, cfg.data.seq_len), global_batch_size=4, micro_batch_size=1,
                           dp_rank=dims.rank_in("dp"), dp_size=dims.dp, seed=0)
     stats = train_step(model, loader.next_batch(), cfg, dims, torch.device("cpu"))
@@ -75,9 +82,14 @@ def _one_step_grads(rank, world, overrides):
     return stats["loss"], grads
 
 
-@pytest.mark.parametrize("layout", ["cp2", "dp2", "cp2_dp2"])
-def test_parallel_gradients_match_single_process(layout):
-    (ref_loss, ref_grads), = run_distributed(_one_step_grads, 1, LAYOUTS["single"][1])
+@pytest.fixture(scope="module")
+def single_step_grads():
+    return run_distributed(_one_step_grads, 1, LAYOUTS["single"][1])[0]
+
+
+@pytest.mark.parametrize("layout", ["cp2", "dp2", "cp2_dp2", "tp2", "tp2_no_sp", "cp2_tp2", "dp2_tp2"])
+def test_parallel_gradients_match_single_process(layout, single_step_grads):
+    ref_loss, ref_grads = single_step_grads
     nproc, overrides = LAYOUTS[layout]
     for loss, grads in run_distributed(_one_step_grads, nproc, overrides):
         assert abs(loss - ref_loss) < 1e-12
@@ -87,15 +99,16 @@ def test_parallel_gradients_match_single_process(layout):
 
 
 def test_resume_continues_bitwise(tmp_path):
+    nproc, overrides = LAYOUTS["cp2_tp2"]  # FSDP over cp and 2D DTensors over tp in one checkpoint
     straight = tmp_path / "straight"
-    full = train(straight, 2, "parallel.cp=2", "train.checkpoint_every=5", steps=10)
-    # the same run stopped after step 5: its step-5 checkpoint and first 5 metric lines
+    full = train(straight, nproc, *overrides, "train.checkpoint_every=3", steps=6)
+    # the same run stopped after step 3: its step-3 checkpoint and first 3 metric lines
     resumed = tmp_path / "resumed"
     shutil.copytree(straight, resumed)
-    shutil.rmtree(resumed / "checkpoints" / "step_00000010")
+    shutil.rmtree(resumed / "checkpoints" / "step_00000006")
     lines = (resumed / "metrics.jsonl").read_text().splitlines(keepends=True)
-    (resumed / "metrics.jsonl").write_text("".join(lines[:5]))
-    again = train(resumed, 2, "parallel.cp=2", "train.checkpoint_every=5", steps=10)
-    assert [m["step"] for m in again] == list(range(1, 11))
-    assert [m["loss"] for m in again[5:]] == [m["loss"] for m in full[5:]]
-    assert [m["grad_norm"] for m in again[5:]] == [m["grad_norm"] for m in full[5:]]
+    (resumed / "metrics.jsonl").write_text("".join(lines[:3]))
+    again = train(resumed, nproc, *overrides, "train.checkpoint_every=3", steps=6)
+    assert [m["step"] for m in again] == list(range(1, 7))
+    assert [m["loss"] for m in again[3:]] == [m["loss"] for m in full[3:]]
+    assert [m["grad_norm"] for m in again[3:]] == [m["grad_norm"] for m in full[3:]]

@@ -104,6 +104,7 @@ class LinearAttention(nn.Module):
             raise ValueError(f"model.linear_decay={decay!r}: unknown decay schedule; use one of {sorted(LINEAR_DECAYS)}")
         self.head_dim = head_dim
         self.decay_args = (decay, n_heads, layer_idx, n_layers)
+        self.head_shard = (0, 1)  # (rank, count): tensor parallelism keeps the decays of its own heads
         self.wq = nn.Linear(d_model, n_heads * head_dim, bias=False)
         self.wk = nn.Linear(d_model, n_heads * head_dim, bias=False)
         self.wv = nn.Linear(d_model, n_heads * head_dim, bias=False)
@@ -116,7 +117,13 @@ class LinearAttention(nn.Module):
 
     def _log_decay(self, dtype: torch.dtype) -> torch.Tensor:
         decay, n_heads, layer_idx, n_layers = self.decay_args
-        return LINEAR_DECAYS[decay](n_heads, layer_idx, n_layers).to(dtype)
+        rank, count = self.head_shard
+        return LINEAR_DECAYS[decay](n_heads, layer_idx, n_layers).chunk(count)[rank].to(dtype)
+
+    def shard_heads(self, rank: int, count: int) -> None:
+        """Keep the decays of heads [rank/count, (rank+1)/count) (the tp shard of wq/wk/wv)."""
+        self.head_shard = (rank, count)
+        self.reset_buffers()
 
     def reset_buffers(self) -> None:
         # `model.to(bf16)` casts buffers too; decays at bf16 precision shift long-range weights by

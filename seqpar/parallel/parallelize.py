@@ -1,5 +1,5 @@
 """Apply parallelism to a plain model, always in the same order (torchtitan's rule):
-tensor parallelism (4D issue) -> activation checkpointing -> data-parallel sharding (FSDP2)."""
+tensor parallelism -> activation checkpointing -> data-parallel sharding (FSDP2)."""
 from __future__ import annotations
 
 import torch
@@ -7,10 +7,14 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 from torch.distributed.fsdp import fully_shard
 
 from seqpar.parallel.dims import ParallelDims
+from seqpar.parallel.tensor_parallel import apply_tensor_parallel
 
 
-def parallelize(model: torch.nn.Module, dims: ParallelDims, train_cfg) -> torch.nn.Module:
-    if train_cfg.activation_checkpointing == "full":
+def parallelize(model: torch.nn.Module, dims: ParallelDims, cfg) -> torch.nn.Module:
+    """`cfg`: the job config (its `parallel` and `train` sections)."""
+    if dims.tp > 1:
+        apply_tensor_parallel(model, dims.mesh["tp"], sequence_parallel=cfg.parallel.tp_sequence_parallel)
+    if cfg.train.activation_checkpointing == "full":
         for i, block in enumerate(model.layers):
             model.layers[i] = checkpoint_wrapper(block)
     if gradient_replicas(dims) > 1:
