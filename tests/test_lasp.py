@@ -1,8 +1,13 @@
-"""LASP-1, LASP-2 and its pipelined scan against single-process lightning attention (fp64: output
-and dq, dk, dv), on packed documents with awkward lengths, both layouts, worlds 1, 2 and 4; and the
-bytes each moves per layer, which must not grow with the sequence length.
+"""LASP-1, LASP-2 (both schedules) and its pipelined scan against single-process lightning attention
+(fp64: output and dq, dk, dv), on packed documents with awkward lengths, both layouts, worlds 1, 2
+and 4; the bytes each moves per layer, which must not grow with the sequence length; and the same
+Function on the Triton kernel (interpreted) that CUDA runs use.
 
 Each world size is one spawned run that checks every case (a gloo spawn costs seconds)."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -10,7 +15,7 @@ import torch.distributed as dist
 
 from seqpar import kernels
 from seqpar.attention import AttnContext, linear_attention
-from seqpar.attention.lasp import lasp2_attention
+from seqpar.attention.lasp import lasp2_attention, lasp_attention
 from seqpar.attention.lasp1 import lasp1_attention
 from seqpar.parallel.sharding import shard_sequence, unshard_sequence
 from seqpar.parallel.traffic import count_traffic
@@ -30,6 +35,10 @@ METHODS = {
     "lasp2": lambda *a, **kw: lasp2_attention(*a, **kw),
     "pipelined": lambda *a, **kw: lasp2_attention(*a, **kw, scan="pipelined"),
     "lasp1": lambda *a, **kw: lasp1_attention(*a, **kw),
+    # the schedule that hands the entering states and dS to the kernel, with the all-gather
+    "serial": lambda q, k, v, log_decay, cu_seqlens=None, layout="contiguous": lasp_attention(
+        q, k, v, log_decay, group=None, cu_seqlens=cu_seqlens, scale=None, layout=layout, scan="allgather",
+        overlap=False),
 }
 TOL = 1e-10  # relative to the largest reference value, fp64
 
@@ -68,7 +77,7 @@ def _check_exact(rank, world):
                 want = [ref.detach()] + [t.grad for t in full]
                 errors[(name, layout, method)] = max(_rel(a, b) for a, b in zip(got, want))
                 results[method] = got
-            agree[(name, layout)] = max(_rel(a, b) for m in ("pipelined", "lasp1")
+            agree[(name, layout)] = max(_rel(a, b) for m in ("pipelined", "lasp1", "serial")
                                         for a, b in zip(results[m], results["lasp2"]))
     return errors, agree
 
@@ -146,7 +155,7 @@ def test_bytes_per_layer_do_not_grow_with_sequence(world, results):
                 assert long == 8 * short > 0, (world, rank, layout, calls)
                 continue
             assert long == short > 0, f"world={world} rank={rank} {layout} {method}: {short} -> {long} bytes"
-            if method == "lasp2":  # one all-gather forward, its mirror backward, nothing else
+            if method in ("lasp2", "serial"):  # one all-gather forward, its mirror backward, nothing else
                 assert len(calls) == 1 and set(calls) <= {"all_gather_single", "all_gather_into_tensor"}, calls
                 assert sum(calls.values()) == 2, calls
             else:
@@ -160,3 +169,32 @@ def test_context_picks_method_and_scan(results):
         # each hop's state into PIPELINE_BLOCKS messages along Dv (8 columns -> 4 blocks of 2)
         assert calls[("lasp1", "allgather")] == {"isend": 2, "irecv": 2}
         assert calls[("lasp2", "pipelined")] == {"isend": 8, "irecv": 8}
+
+
+def _check_triton():
+    """World 1 (zigzag: two local chunks and the local chain) on the Triton kernel, fp32."""
+    from seqpar.kernels.lightning_attn.reference import lightning_attn_reference
+    from seqpar.kernels.lightning_attn.triton import lightning_attn_triton
+    kernels.lightning_attn = lightning_attn_triton  # what dispatch picks on CUDA
+    q, k, v, grad, log_decay, cu = _inputs([0, 1, 31, 32, 33, 90, 127, 128], seed=0, seq=128, heads=2, dk=16, dv=16,
+                                          dtype=torch.float32)
+    full = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = lightning_attn_reference(*full, log_decay, cu_seqlens=cu)[0]
+    ref.backward(grad)
+    for overlap in (True, False):
+        local = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = lasp_attention(*local, log_decay, group=None, cu_seqlens=cu, scale=None, layout="zigzag",
+                             scan="allgather", overlap=overlap)
+        out.backward(grad)
+        err = max(_rel(a, b) for a, b in zip([out] + [t.grad for t in local], [ref] + [t.grad for t in full]))
+        assert err < 1e-5, (overlap, err)
+
+
+def test_lasp_on_the_triton_kernel():
+    """The kernel returns views, takes initial states and final-state gradients: the GPU path's
+    plumbing, run in a fresh process with TRITON_INTERPRET=1 (set before triton is imported)."""
+    pytest.importorskip("triton")
+    run = subprocess.run([sys.executable, "-c", "from tests.test_lasp import _check_triton; _check_triton()"],
+                         env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=300,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert run.returncode == 0, run.stderr[-3000:]
