@@ -1,0 +1,291 @@
+"""`torchrun --nproc_per_node 2 -m seqpar.bench ring --out FILE.json`: ring attention's efficiency
+against one GPU, with PyTorch's context_parallel measured in the same run as the anchor.
+
+Causal attention fwd+bwd, bf16, one sequence of S tokens, H=32 heads of D=128 (the shape of
+`../shared/anchors/anchors_torch_cp.py`, whose method this repeats). For each S and each local
+kernel family (cuDNN, FlashAttention-2; `SEQPAR_ATTN_KERNEL`):
+
+- single_ms: one GPU, the whole sequence, SDPA with the same kernel family;
+- ring_ms: seqpar's ring attention over the ranks (zigzag), slowest rank;
+- efficiency = single_ms / (world * ring_ms), 1.0 ideal;
+- exposed_comm_ms = ring_ms - the same schedule with every transfer replaced by a local no-op
+  (what the overlap failed to hide);
+- torch_cp: context_parallel with the same kernel (allgather and alltoall rotation), its efficiency.
+
+Packed documents (lognormal lengths, the draw of `anchors_varlen.py`): one GPU runs varlen flash
+on the whole row; the ring runs the same documents. Printed per rank: the modelled causal work
+(query-key pairs) and the measured time, whose max/mean is the imbalance that zigzag over
+chunks leaves when documents are not uniform.
+
+Needs only torch, triton and numpy. Without CUDA it runs a small smoke form on gloo (reference
+kernels, no anchor), which is how CI-side checks exercise this script.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+
+import torch
+import torch.distributed as dist
+
+from seqpar import kernels
+from seqpar.attention import ring as ring_module
+from seqpar.attention.ring import ring_attention, ring_schedule
+from seqpar.parallel.sharding import local_ranges, shard_sequence, unshard_sequence
+
+SDPA_BACKEND = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION"}
+
+
+def _timer(device, iters, warmup):
+    """Median ms of fn() over `iters` runs, ranks in step (a barrier before timing), as the anchor."""
+    def run(fn):
+        for _ in range(warmup):
+            fn()
+        _sync(device)
+        times = []
+        for _ in range(iters):
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                import time
+                t = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t) * 1e3)
+        return sorted(times)[len(times) // 2]
+    return run
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    dist.barrier()
+
+
+def _max_over_ranks(x, device):
+    t = torch.tensor([x], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
+def _all_ranks(x, device):
+    t = torch.tensor([x], dtype=torch.float64, device=device)
+    out = [torch.zeros_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t)
+    return [o.item() for o in out]
+
+
+class _NoComm:
+    """RingComm without transfers: each step reuses the local buffer, so the schedule and the
+    kernels are the same and only the communication is gone."""
+
+    def __init__(self, group):
+        pass
+
+    def shift(self, x):
+        return _Ready(x)
+
+
+class _Ready:
+    def __init__(self, x):
+        self.x = x
+
+    def wait(self):
+        return self.x
+
+
+@contextlib.contextmanager
+def _without_comm():
+    real = ring_module.RingComm
+    ring_module.RingComm = _NoComm
+    try:
+        yield
+    finally:
+        ring_module.RingComm = real
+
+
+def _single(q, k, v, do, kernel, device):
+    """fwd+bwd on one device over the whole sequence: SDPA pinned to `kernel` on CUDA."""
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    if device.type == "cuda":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        with sdpa_kernel(getattr(SDPBackend, SDPA_BACKEND[kernel])):
+            o = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in leaves), is_causal=True)
+        o = o.transpose(1, 2)
+    else:
+        o = kernels.flash_attn(*leaves, causal=True)
+    o.backward(do)
+    return o
+
+
+def _ring_step(q, k, v, do, cu=None):
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    o = ring_attention(*leaves, cu_seqlens=cu, layout="zigzag")
+    o.backward(do)
+    return o
+
+
+def _torch_cp(q, k, v, do, kernel, timer, device, rotate):
+    """The anchor: PyTorch's context_parallel (ring over SDPA, head-tail load balance)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.experimental import context_parallel
+    from torch.distributed.tensor.experimental._attention import set_rotate_method
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    mesh = init_device_mesh("cuda", (dist.get_world_size(),))
+    set_rotate_method(rotate)
+    bufs = [t.transpose(1, 2).contiguous() for t in (q, k, v, do)]  # [B, H, S, D], as the anchor
+    with context_parallel(mesh, buffers=bufs, buffer_seq_dims=[2, 2, 2, 2]):
+        def step():
+            ql, kl, vl = (t.detach().requires_grad_() for t in bufs[:3])
+            with sdpa_kernel(getattr(SDPBackend, SDPA_BACKEND[kernel])):
+                o = torch.nn.functional.scaled_dot_product_attention(ql, kl, vl, is_causal=True)
+            o.backward(bufs[3])
+        return _max_over_ranks(timer(step), device)
+
+
+def bench_dense(args, device, timer, world):
+    rows = []
+    for S in args.seq_lens:
+        g = torch.Generator(device=device).manual_seed(S)
+        q, k, v, do = (torch.randn(1, S, args.heads, args.head_dim, device=device, dtype=args.dtype, generator=g)
+                       for _ in range(4))
+        local = [shard_sequence(t, layout="zigzag") for t in (q, k, v, do)]
+        for kernel in args.kernels:
+            os.environ["SEQPAR_ATTN_KERNEL"] = kernel
+            row = dict(S=S, kernel=kernel, world=world, H=args.heads, D=args.head_dim)
+            try:
+                row["single_ms"] = _max_over_ranks(timer(lambda: _single(q, k, v, do, kernel, device)), device)
+                row["ring_ms"] = _max_over_ranks(timer(lambda: _ring_step(*local)), device)
+                with _without_comm():
+                    row["compute_only_ms"] = _max_over_ranks(timer(lambda: _ring_step(*local)), device)
+                row["exposed_comm_ms"] = round(row["ring_ms"] - row["compute_only_ms"], 3)
+                row["efficiency"] = round(row["single_ms"] / (world * row["ring_ms"]), 3)
+                out = unshard_sequence(_ring_step(*local).detach(), layout="zigzag")
+                ref = _single(q, k, v, do, kernel, device).detach()
+                row["max_abs_diff_vs_single"] = (out.float() - ref.float()).abs().max().item()
+            except Exception as e:  # a kernel family that fails here must not hide the others
+                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            if device.type == "cuda" and "error" not in row:
+                for rotate in args.torch_cp_rotate:
+                    try:
+                        t = _torch_cp(q, k, v, do, kernel, timer, device, rotate)
+                        row[f"torch_cp_{rotate}_ms"] = round(t, 3)
+                        row[f"torch_cp_{rotate}_efficiency"] = round(row["single_ms"] / (world * t), 3)
+                    except Exception as e:
+                        row[f"torch_cp_{rotate}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            _report(row, rows)
+        del q, k, v, do, local
+    return rows
+
+
+def lognormal_lengths(total, seed=0):
+    """The long-tailed document lengths of ../shared/anchors/anchors_varlen.py, cut to `total`."""
+    g = torch.Generator().manual_seed(seed)
+    lens = []
+    while sum(lens) < total:
+        lens.append(int(torch.empty(1).log_normal_(mean=7.5, std=1.2, generator=g).clamp(16, total).item()))
+    lens[-1] -= sum(lens) - total
+    return lens
+
+
+def bench_packed(args, device, timer, world):
+    rows = []
+    rank = dist.get_rank()
+    for S in args.packed_lens:
+        lens = lognormal_lengths(S)
+        cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=device)
+        g = torch.Generator(device=device).manual_seed(S)
+        q, k, v, do = (torch.randn(1, S, args.heads, args.head_dim, device=device, dtype=args.dtype, generator=g)
+                       for _ in range(4))
+        local = [shard_sequence(t, layout="zigzag") for t in (q, k, v, do)]
+        held = [local_ranges(S, world, r, "zigzag") for r in range(world)]
+        steps = ring_schedule(held, rank, cu.tolist(), True)
+        work = sum(b.work() for step in steps for b in step)
+        row = dict(S=S, world=world, n_docs=len(lens), max_doc=max(lens), H=args.heads, D=args.head_dim)
+        for kernel in args.kernels:
+            os.environ["SEQPAR_ATTN_KERNEL"] = kernel
+            try:
+                def single():
+                    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+                    kernels.flash_attn(*leaves, causal=True, cu_seqlens=cu).backward(do)
+                t_single = _max_over_ranks(timer(single), device)
+                t_rank = timer(lambda: _ring_step(*local, cu=cu))
+                times = _all_ranks(t_rank, device)
+                works = _all_ranks(work, device)
+                row[kernel] = dict(single_ms=t_single, ring_ms=max(times), efficiency=round(t_single / (world * max(times)), 3),
+                                   rank_ms=[round(t, 3) for t in times], rank_work=[int(w) for w in works],
+                                   work_imbalance=round(max(works) / (sum(works) / world), 3),
+                                   time_imbalance=round(max(times) / (sum(times) / world), 3))
+            except Exception as e:
+                row[kernel] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
+        _report(row, rows)
+        del q, k, v, do, local
+    return rows
+
+
+def _report(row, rows):
+    rows.append(row)
+    if dist.get_rank() == 0:
+        print(json.dumps(row), flush=True)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m seqpar.bench ring", description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--seq-lens", type=int, nargs="*", default=None, help="dense total S (default 32768 131072)")
+    p.add_argument("--packed-lens", type=int, nargs="*", default=None, help="packed total S (default 65536 131072)")
+    p.add_argument("--kernels", nargs="*", default=["cudnn", "flash"], choices=sorted(SDPA_BACKEND))
+    p.add_argument("--torch-cp-rotate", nargs="*", default=["allgather", "alltoall"])
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    args = p.parse_args(argv)
+
+    cuda = torch.cuda.is_available()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if cuda:
+        torch.cuda.set_device(local_rank)
+        # without device_id the first collective hung on the 2xH200 machine (ANCHORS.md, init note)
+        dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
+        device = torch.device("cuda", local_rank)
+        args.heads, args.head_dim, args.dtype = 32, 128, torch.bfloat16
+    else:  # smoke form: small shapes through the reference kernels on gloo
+        dist.init_process_group("gloo")
+        device = torch.device("cpu")
+        args.heads, args.head_dim, args.dtype = 4, 32, torch.float32
+        args.kernels, args.iters, args.warmup = args.kernels[:1], 2, 1
+    args.seq_lens = args.seq_lens if args.seq_lens is not None else ([32768, 131072] if cuda else [512])
+    args.packed_lens = args.packed_lens if args.packed_lens is not None else ([65536, 131072] if cuda else [4096])
+    world = dist.get_world_size()
+    timer = _timer(device, args.iters, args.warmup)
+    try:
+        result = dict(
+            benchmark="ring", date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            device=torch.cuda.get_device_name() if cuda else platform.processor() or "cpu", world=world,
+            torch=torch.__version__, triton=_triton_version(), python=platform.python_version(),
+            nccl=".".join(map(str, torch.cuda.nccl.version())) if cuda else None, dtype=str(args.dtype),
+            anchor="torch.distributed.tensor.experimental.context_parallel, same run, same kernel family",
+            dense=bench_dense(args, device, timer, world), packed=bench_packed(args, device, timer, world))
+        if dist.get_rank() == 0:
+            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=1)
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+def _triton_version():
+    try:
+        import triton
+        return triton.__version__
+    except ImportError:
+        return None
