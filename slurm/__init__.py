@@ -1,0 +1,1 @@
+"""The sbatch scripts, shipped inside the package so that `seqpar-train launcher=slurm` can submit them."""
