@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -38,6 +38,7 @@ class ParallelConfig:
     tp: int = 1
     tp_sequence_parallel: bool = True  # Megatron-SP: norms and the residual stream split along the sequence over tp
     pp: int = 1
+    pp_layers: Optional[List[int]] = None  # layers per pipeline stage; None: balanced on the cost model
     cp: int = 1
     softmax_sp: str = "allgather"
     ulysses_degree: int = 1  # softmax_sp=usp: cp = ring x ulysses, Ulysses (all-to-all) inside a node
@@ -190,8 +191,15 @@ def validate(cfg, world: int | None = None) -> None:
     if p.dp != -1 and p.dp * p.pp * p.cp * p.tp != world:
         fail(f"parallel.dp*pp*cp*tp={p.dp}*{p.pp}*{p.cp}*{p.tp}={p.dp * p.pp * p.cp * p.tp} must equal the world size {world} "
              f"(launcher.nproc_per_node={l.nproc_per_node} x launcher.nnodes={l.nnodes}); or set parallel.dp=-1")
-    if p.pp > 1:
-        fail(f"parallel.pp={p.pp}: pipeline parallelism is not built yet (4D issue); use 1")
+    if p.pp > m.n_layers:
+        fail(f"parallel.pp={p.pp}: more pipeline stages than model.n_layers={m.n_layers}")
+    if p.pp_layers is not None and (len(p.pp_layers) != p.pp or sum(p.pp_layers) != m.n_layers
+                                    or min(p.pp_layers) < 1):
+        fail(f"parallel.pp_layers={list(p.pp_layers)}: needs parallel.pp={p.pp} counts >= 1 summing to "
+             f"model.n_layers={m.n_layers}; or leave it null to balance stages on the cost model")
+    if p.pp > 1 and m.tie_embeddings:
+        fail("model.tie_embeddings=true with parallel.pp>1: the embedding and the output head live on different "
+             "pipeline stages; set model.tie_embeddings=false or parallel.pp=1")
     if p.dp_engine != "fsdp2":
         fail(f"parallel.dp_engine={p.dp_engine!r}: only 'fsdp2' exists so far")
     if p.layout not in LAYOUTS:

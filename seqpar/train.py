@@ -29,6 +29,7 @@ from seqpar.model.flops import step_flops
 from seqpar.model.transformer import Transformer
 from seqpar.parallel.dims import ParallelDims
 from seqpar.parallel.parallelize import gradient_replicas, parallelize
+from seqpar.parallel.pipeline import OneFOneB, pipeline_stage
 from seqpar.parallel.sharding import document_positions, shard_sequence
 
 
@@ -125,10 +126,7 @@ def train(cfg, device) -> None:
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
 
-    torch.manual_seed(cfg.train.seed)
-    model = Transformer(cfg.model).to(device=device, dtype=param_dtype(cfg, device))
-    model.init_weights(cfg.train.seed)
-    model = parallelize(model, dims, cfg)
+    model = build_model(cfg, dims, device)
     optimizer, scheduler = build_optimizer(model, cfg, device)
 
     loader = PackedLoader(build_dataset(cfg.data, cfg.data.seq_len), global_batch_size=cfg.train.global_batch_size,
@@ -155,7 +153,7 @@ def train(cfg, device) -> None:
             t0 = time.perf_counter()
             micro_batches = loader.next_batch()
             stats = train_step(model, micro_batches, cfg, dims, device)
-            grad_norm = clip_gradients(model, cfg.train.grad_clip)
+            grad_norm = clip_gradients(model, cfg.train.grad_clip, dims)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -184,6 +182,16 @@ def train(cfg, device) -> None:
                 break
 
 
+def build_model(cfg, dims: ParallelDims, device):
+    """This rank's part of the model: its pipeline stage, initialised (the same weights under
+    every layout), then tensor parallel, activation checkpointing and FSDP applied."""
+    torch.manual_seed(cfg.train.seed)
+    model = pipeline_stage(Transformer(cfg.model), dims, cfg)
+    model = model.to(device=device, dtype=param_dtype(cfg, device))
+    model.init_weights(cfg.train.seed)
+    return parallelize(model, dims, cfg)
+
+
 def train_step(model, micro_batches, cfg, dims: ParallelDims, device) -> dict:
     """Forward and backward of one optimizer step's micro-batches on this rank.
 
@@ -196,8 +204,13 @@ def train_step(model, micro_batches, cfg, dims: ParallelDims, device) -> dict:
                           dtype=torch.float64, device=device)
     dist.all_reduce(counts, group=dims.group("dp"))  # every cp rank holds the same whole sequences
     n_tokens, flops = counts.tolist()
+    first, last = dims.rank_in("pp") == 0, dims.rank_in("pp") == dims.pp - 1
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    for mb in micro_batches:
+
+    def forward(i, hidden=None):
+        """This rank's part of micro-batch i; on the last stage, the loss to backpropagate."""
+        nonlocal loss_sum
+        mb = micro_batches[i]
         cu_seqlens = mb.cu_seqlens.to(device)
         shard = lambda x: shard_sequence(x.to(device), cp_group, layout=layout)
         positions = document_positions(cu_seqlens, mb.input_ids.shape[1])
@@ -205,25 +218,41 @@ def train_step(model, micro_batches, cfg, dims: ParallelDims, device) -> dict:
                           layout=layout, softmax_sp=cfg.parallel.softmax_sp, linear_sp=cfg.parallel.linear_sp,
                           linear_scan=cfg.parallel.linear_scan)
         with autocast(cfg, device):
-            local_loss = model(shard(mb.input_ids), ctx, targets=shard(mb.targets))
-        (local_loss * (gradient_replicas(dims) / n_tokens)).backward()
-        loss_sum += local_loss.detach().to(torch.float64)
+            out = model(shard(mb.input_ids) if first else hidden, ctx, targets=shard(mb.targets) if last else None)
+        if not last:
+            return out
+        loss_sum += out.detach().to(torch.float64)
+        return out * (gradient_replicas(dims) / n_tokens)
+
+    if dims.pp == 1:
+        for i in range(len(micro_batches)):
+            forward(i).backward()
+    else:
+        rows, seq_len = micro_batches[0].input_ids.shape
+        shape = (rows, seq_len // dims.cp // (dims.tp if cfg.parallel.tp_sequence_parallel else 1), cfg.model.d_model)
+        OneFOneB(dims.group("pp"), shape, param_dtype(cfg, device), device).run(forward, len(micro_batches))
     dist.all_reduce(loss_sum, group=dims.group("dp_cp"))
+    if dims.pp > 1:  # only the last stage computed a loss
+        dist.all_reduce(loss_sum, group=dims.group("pp"))
     return {"loss": loss_sum.item() / n_tokens, "flops": flops}
 
 
-def clip_gradients(model, max_norm: float) -> float:
+def clip_gradients(model, max_norm: float, dims: ParallelDims) -> float:
     """Clip to `max_norm` (0: only measure) and return the global gradient norm.
 
     Parameters may be DTensors on different meshes (FSDP's dp x cp, and dp x cp x tp under tensor
-    parallelism), which one foreach norm cannot mix: each mesh's norm is made whole, then combined."""
+    parallelism), which one foreach norm cannot mix: each mesh's norm is made whole, then combined,
+    then summed over pipeline stages, which hold different parameters."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     by_mesh = defaultdict(list)
     for g in grads:
         by_mesh[getattr(g, "device_mesh", None)].append(g)
     norms = [torch.nn.utils.get_total_norm(group) for group in by_mesh.values()]
-    total = float(torch.linalg.vector_norm(torch.stack(
-        [n.full_tensor() if isinstance(n, DTensor) else n for n in norms])))
+    local = torch.stack([n.full_tensor() if isinstance(n, DTensor) else n for n in norms])
+    square = (local.double() ** 2).sum()
+    if dims.pp > 1:
+        dist.all_reduce(square, group=dims.group("pp"))
+    total = float(square.sqrt())
     if max_norm > 0 and total > max_norm:
         coef = max_norm / (total + 1e-6)
         for g in grads:

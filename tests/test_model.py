@@ -68,7 +68,7 @@ def test_tiny_hybrid_fits_byte_tokenizer():
 
 def test_layer_pattern_tiles_and_rejects_unknown_types():
     model = Transformer(small_cfg(n_layers=8, layer_pattern="LLLS"))
-    kinds = "".join("S" if isinstance(b.attention, SoftmaxAttention) else "L" for b in model.layers)
+    kinds = "".join("S" if isinstance(b.attention, SoftmaxAttention) else "L" for b in model.layers.values())
     assert kinds == "LLLSLLLS" == model.layer_types
     for bad in ("LLX", "", "s"):
         with pytest.raises(ValueError, match="model.layer_pattern"):
@@ -77,7 +77,7 @@ def test_layer_pattern_tiles_and_rejects_unknown_types():
 
 def test_linear_decay_is_fixed_negative_and_per_layer():
     model = Transformer(small_cfg(n_layers=4, layer_pattern="L"))
-    decays = [b.attention.log_decay for b in model.layers]
+    decays = [b.attention.log_decay for b in model.layers.values()]
     assert all(d.shape == (4,) and (d < 0).all() for d in decays)
     assert torch.all(decays[0] < decays[-1])  # deeper layers remember longer
     # ALiBi slopes 2^(-8h/H), full strength in the first layer (plus the 1e-5 floor)
@@ -88,7 +88,7 @@ def test_linear_decay_is_fixed_negative_and_per_layer():
     assert all(not p.requires_grad or "log_decay" not in n for n, p in model.named_parameters())
     model = model.to(torch.bfloat16)
     model.init_weights(0)
-    assert all(b.attention.log_decay.dtype == torch.float32 for b in model.layers)
+    assert all(b.attention.log_decay.dtype == torch.float32 for b in model.layers.values())
     with pytest.raises(ValueError, match="model.linear_decay"):
         Transformer(small_cfg(linear_decay="learned"))
 
@@ -160,7 +160,7 @@ def test_init_weights_is_deterministic_and_scaled():
     cfg = small_cfg(n_layers=8, d_model=64, ffn_dim=256)
     a, b, c = Transformer(cfg), Transformer(cfg), Transformer(cfg).double()
     a.init_weights(7)
-    b.layers[0] = checkpoint_wrapper(b.layers[0])  # wrappers must not change the draw
+    b.layers["0"] = checkpoint_wrapper(b.layers["0"])  # wrappers must not change the draw
     b.init_weights(7)
     c.init_weights(7)
     sa = a.state_dict()
@@ -169,7 +169,7 @@ def test_init_weights_is_deterministic_and_scaled():
         assert torch.equal(p, sa[name]), name
         assert torch.equal(c.get_parameter(name).float(), p), name
     b.init_weights(8)
-    assert not torch.equal(a.layers[0].attention.wq.weight, b.layers[0].attention.wq.weight)
+    assert not torch.equal(a.layers["0"].attention.wq.weight, b.layers["0"].attention.wq.weight)
 
     for model in (a, b):
         torch.manual_seed(3)
@@ -178,10 +178,10 @@ def test_init_weights_is_deterministic_and_scaled():
 
     std = cfg.init_std
     assert abs(a.tok_embeddings.weight.std().item() - std) < 0.1 * std
-    assert abs(a.layers[1].feed_forward.w1.weight.std().item() - std) < 0.1 * std
-    assert abs(a.layers[1].feed_forward.w2.weight.std().item() - std / math.sqrt(16)) < 0.1 * std / 4
-    assert abs(a.layers[1].attention.wo.weight.std().item() - std / math.sqrt(16)) < 0.1 * std / 4
-    assert torch.equal(a.layers[0].attention.out_norm.weight, torch.ones(16))
+    assert abs(a.layers["1"].feed_forward.w1.weight.std().item() - std) < 0.1 * std
+    assert abs(a.layers["1"].feed_forward.w2.weight.std().item() - std / math.sqrt(16)) < 0.1 * std / 4
+    assert abs(a.layers["1"].attention.wo.weight.std().item() - std / math.sqrt(16)) < 0.1 * std / 4
+    assert torch.equal(a.layers["0"].attention.out_norm.weight, torch.ones(16))
     assert torch.equal(a.norm.weight, torch.ones(64))
 
 

@@ -24,30 +24,40 @@ import torch
 from seqpar.model.transformer import head_dim, layer_types
 
 
-def count_params(cfg, *, exclude_embedding: bool = False) -> int:
-    """The parameter count of `Transformer(cfg)`, from the config (equals `Transformer.num_params`)."""
+def block_params(cfg) -> dict[str, int]:
+    """Parameters of one block, by layer type (S softmax, L linear)."""
     d, hd, H, Hkv = cfg.d_model, head_dim(cfg), cfg.n_heads, cfg.n_kv_heads
-    tied = bool(getattr(cfg, "tie_embeddings", False))
-    per_kind = {
+    attention = {
         "S": d * H * hd + 2 * d * Hkv * hd + H * hd * d,
         "L": 4 * d * H * hd + H * hd * d + hd,  # q, k, v, gate, out; the per-head output norm
     }
-    blocks = sum(per_kind[kind] + 2 * d + 3 * d * cfg.ffn_dim for kind in layer_types(cfg))
+    return {kind: n + 2 * d + 3 * d * cfg.ffn_dim for kind, n in attention.items()}
+
+
+def count_params(cfg, *, exclude_embedding: bool = False) -> int:
+    """The parameter count of `Transformer(cfg)`, from the config (equals `Transformer.num_params`)."""
+    d = cfg.d_model
+    tied = bool(getattr(cfg, "tie_embeddings", False))
+    blocks = sum(block_params(cfg)[kind] for kind in layer_types(cfg))
     embedding = 0 if exclude_embedding and not tied else cfg.vocab_size * d
     head = 0 if tied else cfg.vocab_size * d
     return embedding + blocks + d + head
 
 
-def step_flops(cfg, doc_lengths: list[int] | torch.Tensor, *, include_embedding: bool = False) -> float:
-    """Forward + backward FLOPs of one packed sequence made of documents of `doc_lengths` tokens."""
-    if isinstance(doc_lengths, torch.Tensor):
-        doc_lengths = doc_lengths.tolist()
-    lengths = [int(n) for n in doc_lengths]
+def layer_flops(cfg, doc_lengths: list[int] | torch.Tensor) -> list[float]:
+    """Forward + backward FLOPs of each block on one packed sequence (the pipeline's cost model)."""
+    lengths = [int(n) for n in (doc_lengths.tolist() if isinstance(doc_lengths, torch.Tensor) else doc_lengths)]
     tokens = sum(lengths)
     hd, H = head_dim(cfg), cfg.n_heads
-    kinds = layer_types(cfg)
-    n_params = count_params(cfg, exclude_embedding=not include_embedding)
-    causal_pairs = sum(n * n for n in lengths) / 2
-    softmax = 3 * 2 * 2 * H * hd * causal_pairs * kinds.count("S")
-    linear = 3 * 2 * 2 * H * hd * hd * tokens * kinds.count("L")
-    return float(6 * n_params * tokens + softmax + linear)
+    attention = {"S": 3 * 2 * 2 * H * hd * sum(n * n for n in lengths) / 2,
+                 "L": 3 * 2 * 2 * H * hd * hd * tokens}
+    params = block_params(cfg)
+    return [float(6 * params[kind] * tokens + attention[kind]) for kind in layer_types(cfg)]
+
+
+def step_flops(cfg, doc_lengths: list[int] | torch.Tensor, *, include_embedding: bool = False) -> float:
+    """Forward + backward FLOPs of one packed sequence made of documents of `doc_lengths` tokens."""
+    lengths = [int(n) for n in (doc_lengths.tolist() if isinstance(doc_lengths, torch.Tensor) else doc_lengths)]
+    blocks = sum(block_params(cfg)[kind] for kind in layer_types(cfg))
+    outside_blocks = count_params(cfg, exclude_embedding=not include_embedding) - blocks
+    return float(6 * outside_blocks * sum(lengths)) + sum(layer_flops(cfg, lengths))

@@ -59,7 +59,9 @@ class Transformer(nn.Module):
         self.rope_theta = cfg.rope_theta
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layer_types = layer_types(cfg)
-        self.layers = nn.ModuleList(Block(cfg, i, kind) for i, kind in enumerate(self.layer_types))
+        # keyed by global layer index: a pipeline stage keeps its own layers under their full-model
+        # names, so initialisation and checkpoints do not depend on the stage split
+        self.layers = nn.ModuleDict({str(i): Block(cfg, i, kind) for i, kind in enumerate(self.layer_types)})
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.tied = bool(getattr(cfg, "tie_embeddings", False))
@@ -71,12 +73,16 @@ class Transformer(nn.Module):
         """Hidden states `[B, S_local, d_model]` after the final norm; with `targets`, their loss sum.
 
         The loss goes through forward (not only `loss_sum`) because FSDP gathers the root's
-        parameters, `output.weight` among them, in forward hooks."""
+        parameters, `output.weight` among them, in forward hooks. A pipeline stage without the
+        embedding takes hidden states as `input_ids`; one without the final norm returns its last
+        layer's output."""
         ctx = AttnContext() if ctx is None else ctx
-        h = self.tok_embeddings(input_ids)
+        h = input_ids if self.tok_embeddings is None else self.tok_embeddings(input_ids)
         rope = self.rotary(input_ids.shape[1], ctx, input_ids.device)
-        for layer in self.layers:
+        for layer in self.layers.values():
             h = layer(h, ctx, rope)
+        if self.norm is None:
+            return h
         h = self.norm(h)
         return h if targets is None else self.loss_sum(h, targets)
 

@@ -15,12 +15,12 @@ def parallelize(model: torch.nn.Module, dims: ParallelDims, cfg) -> torch.nn.Mod
     if dims.tp > 1:
         apply_tensor_parallel(model, dims.mesh["tp"], sequence_parallel=cfg.parallel.tp_sequence_parallel)
     if cfg.train.activation_checkpointing == "full":
-        for i, block in enumerate(model.layers):
-            model.layers[i] = checkpoint_wrapper(block)
+        for name, block in model.layers.items():
+            model.layers[name] = checkpoint_wrapper(block)
     if gradient_replicas(dims) > 1:
         # cp ranks hold the same parameters but different tokens: they shard and reduce like dp ranks
         mesh = dims.mesh["dp_cp"]
-        for block in model.layers:
+        for block in model.layers.values():
             fully_shard(block, mesh=mesh)
         fully_shard(model, mesh=mesh)
     return model

@@ -31,16 +31,16 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parall
     tp = tp_mesh.size()
     # the residual stream between blocks: split along the sequence (SP) or whole on every rank
     stream = Shard(1) if sequence_parallel else Replicate()
-    if sequence_parallel:
-        parallelize_module(model, tp_mesh, {
-            # each rank keeps its slice of the sequence; backward all-gathers the embedding's gradient
-            "tok_embeddings": PrepareModuleOutput(output_layouts=Replicate(), desired_output_layouts=Shard(1)),
-            "norm": SequenceParallel(),
-        })
+    if sequence_parallel and model.tok_embeddings is not None:  # first pipeline stage
+        # each rank keeps its slice of the sequence; backward all-gathers the embedding's gradient
+        parallelize_module(model.tok_embeddings, tp_mesh,
+                           PrepareModuleOutput(output_layouts=Replicate(), desired_output_layouts=Shard(1)))
+    if sequence_parallel and model.norm is not None:  # last pipeline stage
+        parallelize_module(model.norm, tp_mesh, SequenceParallel())
         # the loss needs every token's hidden state: gather after the final norm
         parallelize_module(model.norm, tp_mesh, PrepareModuleOutput(output_layouts=Shard(1),
                                                                     desired_output_layouts=Replicate()))
-    for block in model.layers:
+    for block in model.layers.values():
         attn = block.attention
         plan = {
             "attention": PrepareModuleInput(input_layouts=(stream, None, None),
