@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import json
 import os
 import platform
@@ -135,12 +136,11 @@ def _ring_step(q, k, v, do, cu=None):
 
 def _torch_cp(q, k, v, do, kernel, timer, device, rotate):
     """The anchor: PyTorch's context_parallel (ring over SDPA, head-tail load balance)."""
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.experimental import context_parallel
     from torch.distributed.tensor.experimental._attention import set_rotate_method
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    mesh = init_device_mesh("cuda", (dist.get_world_size(),))
+    mesh = _world_mesh()
     set_rotate_method(rotate)
     bufs = [t.transpose(1, 2).contiguous() for t in (q, k, v, do)]  # [B, H, S, D], as the anchor
     with context_parallel(mesh, buffers=bufs, buffer_seq_dims=[2, 2, 2, 2]):
@@ -150,6 +150,12 @@ def _torch_cp(q, k, v, do, kernel, timer, device, rotate):
                 o = torch.nn.functional.scaled_dot_product_attention(ql, kl, vl, is_causal=True)
             o.backward(bufs[3])
         return _max_over_ranks(timer(step), device)
+
+
+@functools.lru_cache(maxsize=None)
+def _world_mesh():
+    from torch.distributed.device_mesh import init_device_mesh
+    return init_device_mesh("cuda", (dist.get_world_size(),))
 
 
 def bench_dense(args, device, timer, world):
@@ -210,7 +216,8 @@ def bench_packed(args, device, timer, world):
         held = [local_ranges(S, world, r, "zigzag") for r in range(world)]
         steps = ring_schedule(held, rank, cu.tolist(), True)
         work = sum(b.work() for step in steps for b in step)
-        row = dict(S=S, world=world, n_docs=len(lens), max_doc=max(lens), H=args.heads, D=args.head_dim)
+        row = dict(S=S, world=world, n_docs=len(lens), max_doc=max(lens), H=args.heads, D=args.head_dim,
+                   single_kernel="kernels.flash_attn with cu_seqlens (varlen flash on CUDA) for every family")
         for kernel in args.kernels:
             os.environ["SEQPAR_ATTN_KERNEL"] = kernel
             try:
@@ -263,7 +270,7 @@ def main(argv=None) -> int:
         args.heads, args.head_dim, args.dtype = 4, 32, torch.float32
         args.kernels, args.iters, args.warmup = args.kernels[:1], 2, 1
     args.seq_lens = args.seq_lens if args.seq_lens is not None else ([32768, 131072] if cuda else [512])
-    args.packed_lens = args.packed_lens if args.packed_lens is not None else ([65536, 131072] if cuda else [4096])
+    args.packed_lens = args.packed_lens if args.packed_lens is not None else ([65536, 131072] if cuda else [1024])
     world = dist.get_world_size()
     timer = _timer(device, args.iters, args.warmup)
     try:
