@@ -248,6 +248,8 @@ def _ring_bf16_on_nccl(rank, world):
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_ring_bf16_on_nccl_against_fp64():
-    for errors in run_distributed(_ring_bf16_on_nccl, 2, backend="nccl"):
+    # ring size 4 where lent: ring-flash-attention's users saw backward precision loss at 4-8
+    world = 4 if torch.cuda.device_count() >= 4 else 2
+    for errors in run_distributed(_ring_bf16_on_nccl, world, backend="nccl"):
         for case, errs in errors.items():
             assert max(errs) < 2e-2, (case, errs)
