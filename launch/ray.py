@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import runpy
 import signal
 import socket
 import subprocess
@@ -44,15 +45,23 @@ class RankWorker:
             return s.getsockname()[1]
 
     def run(self, argv: list[str], env: dict[str, str]) -> int:
-        proc = subprocess.Popen([sys.executable, "-m", "seqpar.train", *argv], env={**os.environ, **env},
-                                preexec_fn=_die_with_parent)
-        return proc.wait()
+        # through this module's __main__, so that the rank's process dies with this actor
+        cmd = [sys.executable, "-m", "seqpar.launch.ray", str(os.getpid()), *argv]
+        return subprocess.Popen(cmd, env={**os.environ, **env}).wait()
 
 
-def _die_with_parent() -> None:
-    # a killed actor must not leave its training process behind, holding the GPU and the rendezvous port
+def _run_rank(actor_pid: int) -> None:
+    """The rank's process: die with the actor that started it, then run `python -m seqpar.train`.
+
+    A killed actor must not leave its training process behind, holding the GPU and the rendezvous.
+    PR_SET_PDEATHSIG is set here, after exec, because a preexec_fn is not fork-safe in Ray's
+    multithreaded worker process."""
     if sys.platform == "linux":
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+        if os.getppid() != actor_pid:  # the actor died before prctl took effect
+            sys.exit(1)
+    sys.argv[0] = "seqpar.train"
+    runpy.run_module("seqpar.train", run_name="__main__", alter_sys=True)
 
 
 def connect(address: str) -> None:
@@ -187,3 +196,7 @@ def launch(cfg, argv: list[str]) -> int:
     print(f"seqpar: a worker was lost {cfg.launcher.max_restarts + 1} times; giving up (launcher.max_restarts="
           f"{cfg.launcher.max_restarts}). The newest checkpoint stays in {ckpt_root}", file=sys.stderr)
     return 1
+
+
+if __name__ == "__main__":
+    _run_rank(int(sys.argv.pop(1)))

@@ -13,8 +13,8 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable, Mapping
 from importlib.resources import as_file, files
-from typing import Callable, Mapping
 
 from seqpar.config import ConfigError, validate
 from seqpar.launch import stop_signal

@@ -1,6 +1,7 @@
 """launcher=ray against a real Ray cluster: `ray start --head` on loopback with 2 CPUs, once for the module."""
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -13,9 +14,11 @@ from pathlib import Path
 import pytest
 
 ray = pytest.importorskip("ray", reason="Ray is not installed: pip install -e '.[test]' brings ray[default]")
-from ray.util.state import list_actors  # noqa: E402
+from ray.util.state import list_actors
 
-from seqpar import checkpoint  # noqa: E402
+from seqpar import checkpoint
+from seqpar.config import ConfigError, validate
+from tests.test_config import make_cfg
 
 BIN = Path(sys.executable).parent
 # checkpoint_every=2 gives a worker loss a checkpoint to resume from; fp32 on CPU so losses compare exactly
@@ -128,3 +131,17 @@ def test_unreachable_ray_address_fails_fast(tmp_path):
     assert r.returncode == 2 and "no Ray cluster answers there" in r.stderr, r.stderr[-2000:]
     assert time.monotonic() - start < 60  # Ray's own retries would take minutes
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("launcher.placement_strategy=DIAGONAL", "launcher.placement_strategy='DIAGONAL': choose PACK, SPREAD"),
+    ("launcher.max_restarts=-1", "launcher.max_restarts=-1"),
+    ("launcher=moon", None),  # Hydra itself refuses a launcher group that does not exist
+])
+def test_bad_ray_launcher_keys_are_named(override, message):
+    if message is None:
+        with pytest.raises(Exception, match="launcher"):
+            make_cfg(*OVERRIDES, override)
+        return
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate(make_cfg(*OVERRIDES, override), world=2)

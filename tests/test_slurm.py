@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from seqpar.launch.slurm import SlurmEnvError, master_port, rendezvous_env
+from seqpar.config import ConfigError
+from seqpar.launch.slurm import SlurmEnvError, master_port, rendezvous_env, sbatch_options
+from tests.test_config import make_cfg
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # seqpar-train must be on the job's PATH
@@ -203,14 +205,20 @@ def test_bad_slurm_env_is_named(change, message):
         rendezvous_env(env)
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"SLURM_NTASKS": None}, "SLURM_NTASKS is not set"),
-    ({"SLURM_NTASKS": "3", "SLURM_STEP_NUM_TASKS": "3"}, "SLURM_NTASKS=3 does not fit parallel.dp*pp*cp*tp=-1*1*2*1"),
-])
-def test_slurm_task_with_bad_env_exits_before_training(change, message, tmp_path):
+def test_slurm_task_count_not_fitting_the_parallel_dims_exits_before_training(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    env.update({k: v for k, v in {**TASK, **change}.items() if v is not None})
+    env.update({**TASK, "SLURM_NTASKS": "3", "SLURM_STEP_NUM_TASKS": "3"})
+    message = "SLURM_NTASKS=3 does not fit parallel.dp*pp*cp*tp=-1*1*2*1: submit a multiple of 2 tasks"
     r = subprocess.run([sys.executable, "-m", "seqpar.train", "launcher=slurm", "parallel.cp=2", *OVERRIDES,
                         f"run_dir={tmp_path / 'run'}"], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and message in r.stderr, r.stderr[-2000:]
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_sbatch_options_follow_the_launcher_config():
+    cfg = make_cfg("launcher=slurm", "train.device=auto", "launcher.nnodes=4", "launcher.partition=gpu",
+                   "launcher.time_limit=02:00:00")
+    assert sbatch_options(cfg) == ["--parsable", "--nodes=4", "--ntasks-per-node=8", "--gpus-per-node=8",
+                                   "--partition=gpu", "--time=02:00:00"]
+    with pytest.raises(ConfigError, match="launcher=slurm needs launcher.nproc_per_node=N"):
+        sbatch_options(make_cfg("launcher=slurm", "launcher.nproc_per_node=auto"))
