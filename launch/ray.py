@@ -126,7 +126,8 @@ def start_group(pg, bundle: dict[str, float], world: int) -> tuple[list, list[di
     order = sorted(range(world), key=lambda i: (node_order.index(where[i][1]), i))
     actors, where = [actors[i] for i in order], [where[i] for i in order]
     # every rank of a node sees all of the node's GPUs (as under torchrun), so NCCL can use peer-to-peer
-    node_gpus = {node: sorted({g for _, n, gpus in where if n == node for g in gpus}, key=int) for node in node_order}
+    node_gpus = {node: sorted({g for _, n, gpus in where if n == node for g in gpus}, key=lambda g: (len(g), g))
+                 for node in node_order}  # numeric ids in numeric order; UUIDs sort too
     master_addr, master_port = where[0][0], ray.get(actors[0].free_port.remote())
     envs = []
     for rank, (_, node, gpus) in enumerate(where):
