@@ -94,7 +94,6 @@ def _segment_output(x_ptr, y_ptr, z_ptr, out_ptr, state_ptr, seg_ptr, lam_ptr,
                     Z_SPLIT: tl.constexpr):
     # One program: one segment, one head, one block of z's columns. Neighbouring programs share
     # the segment (and its x, y tiles through L2) and differ in column block, then head.
-    BZ: tl.constexpr = BLOCK_DZ // Z_SPLIT
     pid = tl.program_id(0)
     zb = pid % Z_SPLIT
     h = (pid // Z_SPLIT) % H
@@ -105,7 +104,7 @@ def _segment_output(x_ptr, y_ptr, z_ptr, out_ptr, state_ptr, seg_ptr, lam_ptr,
 
     rows = tl.arange(0, C)
     dy = tl.arange(0, BLOCK_DY)
-    dz = zb * BZ + tl.arange(0, BZ)
+    dz = zb * (BLOCK_DZ // Z_SPLIT) + tl.arange(0, BLOCK_DZ // Z_SPLIT)
     ymask, zmask = dy < DY, dz < DZ
     state = tl.load(state_ptr + seg.to(tl.int64) * ssn + h * ssh + dy[:, None] * ssy + dz[None, :] * ssz,
                     mask=ymask[:, None] & zmask[None, :], other=0.0).to(tl.float32)
@@ -155,7 +154,6 @@ def _segment_state(y_ptr, z_ptr, local_ptr, seg_ptr, lam_ptr, syt, syh, szt, szh
                    C: tl.constexpr, REVERSE: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
                    Z_SPLIT: tl.constexpr):
     # The same state recurrence as _segment_output, from a zero state, keeping only the end.
-    BZ: tl.constexpr = BLOCK_DZ // Z_SPLIT
     pid = tl.program_id(0)
     zb = pid % Z_SPLIT
     h = (pid // Z_SPLIT) % H
@@ -166,9 +164,9 @@ def _segment_state(y_ptr, z_ptr, local_ptr, seg_ptr, lam_ptr, syt, syh, szt, szh
 
     rows = tl.arange(0, C)
     dy = tl.arange(0, BLOCK_DY)
-    dz = zb * BZ + tl.arange(0, BZ)
+    dz = zb * (BLOCK_DZ // Z_SPLIT) + tl.arange(0, BLOCK_DZ // Z_SPLIT)
     ymask, zmask = dy < DY, dz < DZ
-    state = tl.zeros((BLOCK_DY, BZ), dtype=tl.float32)
+    state = tl.zeros((BLOCK_DY, BLOCK_DZ // Z_SPLIT), dtype=tl.float32)
     n_chunks = tl.cdiv(end - start, C)
     for c in range(0, n_chunks):
         if REVERSE:
@@ -192,15 +190,14 @@ def _segment_state(y_ptr, z_ptr, local_ptr, seg_ptr, lam_ptr, syt, syh, szt, szh
 @triton.jit
 def _segment_scan(local_ptr, state_ptr, init_ptr, final_ptr, seg_ptr, doc_seg_ptr, lam_ptr,
                   sin, sih, siy, siz, H,
-                  DY: tl.constexpr, DZ: tl.constexpr, BLOCK_DZ: tl.constexpr, ROWS: tl.constexpr,
+                  DY: tl.constexpr, DZ: tl.constexpr, BLOCK_DZ: tl.constexpr, ROWS: tl.constexpr, ROW_BLOCKS: tl.constexpr,
                   REVERSE: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr):
     # One program: one document, one head, ROWS rows of the state. The loop is sequential over
     # the document's segments only (a few hundred at most), plain fp32 loads and FMAs.
-    n_row_blocks: tl.constexpr = (DY + ROWS - 1) // ROWS
     pid = tl.program_id(0)
-    rb = pid % n_row_blocks
-    h = (pid // n_row_blocks) % H
-    doc = pid // (n_row_blocks * H)
+    rb = pid % ROW_BLOCKS
+    h = (pid // ROW_BLOCKS) % H
+    doc = pid // (ROW_BLOCKS * H)
     dy = rb * ROWS + tl.arange(0, ROWS)
     dz = tl.arange(0, BLOCK_DZ)
     mask = (dy < DY)[:, None] & (dz < DZ)[None, :]
@@ -323,9 +320,10 @@ def _states(y, z, tab, lam, update_scale, reverse, init, store_final):
     rows = min(SCAN_ROWS, dims["BLOCK_DY"])
     init_arg = init if init is not None else local
     init_strides = init.stride() if init is not None else (0, 0, 0, 0)
-    _segment_scan[(n_docs * H * triton.cdiv(dy, rows),)](
+    row_blocks = triton.cdiv(dy, rows)
+    _segment_scan[(n_docs * H * row_blocks,)](
         local, entering, init_arg, final, segs, doc_seg, lam, *init_strides, H,
-        DY=dy, DZ=dz, BLOCK_DZ=dims["BLOCK_DZ"], ROWS=rows, REVERSE=reverse,
+        DY=dy, DZ=dz, BLOCK_DZ=dims["BLOCK_DZ"], ROWS=rows, ROW_BLOCKS=row_blocks, REVERSE=reverse,
         HAS_INIT=init is not None, STORE_FINAL=store_final, num_warps=4)
     return entering, (final if store_final else None)
 
