@@ -83,16 +83,21 @@ def test_interp_segment_table_covers_each_document_in_order():
     from seqpar.kernels.lightning_attn import triton as interpreted
 
     lengths = [1, 0, 130, 64, 65, 3]
-    segs, doc_seg, n_docs, n_max = interpreted.segment_table(_cu(lengths), 1, sum(lengths), 64, "cpu")
-    assert n_docs == 6 and n_max == sum(lengths) // 64 + 6
-    expect = [(0, 1), (1, 65), (65, 129), (129, 131), (131, 195), (195, 259), (259, 260), (260, 263)]
+    segs, doc_seg, n_docs, n_max, n_bounds = interpreted.segment_table(_cu(lengths), 1, sum(lengths), 64, "cpu")
+    assert n_docs == 6 and n_max == sum(lengths) // 64 + 6 and n_bounds == sum(lengths) // 64
+    # (start, end, document, boundary before, boundary after): boundaries only inside documents
+    expect = [(0, 1, 0, -1, -1), (1, 65, 2, -1, 0), (65, 129, 2, 0, 1), (129, 131, 2, 1, -1),
+              (131, 195, 3, -1, -1), (195, 259, 4, -1, 2), (259, 260, 4, 2, -1), (260, 263, 5, -1, -1)]
     assert [tuple(s) for s in segs.tolist()[:len(expect)]] == expect
-    assert (segs[len(expect):] == 0).all()  # spare entries are empty segments
+    assert (segs[len(expect):, :2] == 0).all() and (segs[len(expect):, 3:] == -1).all()  # spare: empty
     assert doc_seg.tolist() == [0, 1, 1, 4, 5, 7, 8]
-    dense, doc_seg, n_docs, _ = interpreted.segment_table(None, 3, 100, 64, "cpu")
-    assert n_docs == 3 and doc_seg.tolist() == [0, 2, 4, 6]
-    assert [tuple(s) for s in dense.tolist()[:6]] == [(0, 64), (64, 100), (100, 164), (164, 200), (200, 264),
-                                                      (264, 300)]
+    dense, doc_seg, n_docs, _, n_bounds = interpreted.segment_table(None, 3, 100, 64, "cpu")
+    assert n_docs == 3 and doc_seg.tolist() == [0, 2, 4, 6] and n_bounds == 4
+    assert [tuple(s) for s in dense.tolist()[:6]] == [(0, 64, 0, -1, 0), (64, 100, 0, 0, -1), (100, 164, 1, -1, 1),
+                                                      (164, 200, 1, 1, -1), (200, 264, 2, -1, 2), (264, 300, 2, 2, -1)]
+    # many short documents need no state storage: boundaries are bounded by tokens / seg_len
+    *_, n_bounds = interpreted.segment_table(_cu([3] * 1000), 1, 3000, 256, "cpu")
+    assert n_bounds == 11
 
 
 @interp_only

@@ -8,14 +8,16 @@ segment never crosses a document start) are the unit of parallelism. Three kerne
 
   1. `_segment_state`: each segment's own contribution to the state at its end, from zero
      (parallel over segment x head x column block);
-  2. `_segment_scan`: per document, the state entering each segment, a short fp32 scan over
-     that document's segments, starting from the initial state; it also yields the final state;
-  3. `_segment_output`: per segment, walks its chunks from the entering state and writes the
-     outputs (parallel like 1).
+  2. `_segment_scan`: per document, the state at each boundary between two of its segments, a
+     short fp32 scan over the document's segments starting from its initial state;
+  3. `_segment_output`: per segment, walks its chunks from the entering state (the boundary's,
+     or the initial state for a document's first segment) and writes the outputs; a document's
+     last segment also writes the final state (parallel like 1).
 
-Only one state per segment is ever materialised (not one per chunk, as fla's chunk kernels do),
-so state traffic stays small next to q/k/v, and the parallelism is (tokens / seg_len) x heads
-whatever the batch and document layout: throughput per token does not depend on S.
+States are kept only at boundaries inside documents, at most tokens / seg_len of them whatever
+the number of documents (not one per chunk, as fla's chunk kernels do), so state traffic stays
+small next to q/k/v; the parallelism is (tokens / seg_len) x heads whatever the batch and
+document layout, so throughput per token does not depend on S.
 
 All three kernels are written once for a generic triple (x, y, z) and a direction:
     causal:      out_i = a_s * sum_{j<=i} a^(i-j) (x_i.y_j) z_j + a_r * a^(i+1) x_i State
@@ -28,7 +30,7 @@ E = a * G_(first token after the chunk) (or dFinal after a document's last token
     dq = causal(do, v, k; S^T)           scales (scale, scale, 1), S saved by the forward
     dv = anti-causal(k, q, do; E)        scales (scale, 1, scale)
     dk = anti-causal(v, do, q; E^T)      scales (scale, 1, scale)
-and d(initial_state) = E before a document's first token, what the backward scan ends with.
+and d(initial_state) = E before a document's first token, which the dv pass writes.
 A transposed state is the same buffer read with swapped strides.
 
 Every decay factor is exp of a non-positive number, so nothing overflows; padded rows get
@@ -46,10 +48,13 @@ import triton
 import triton.language as tl
 
 CHUNK = 64
-# Segments: long enough that the per-segment states (fp32, Dk x Dv per head) cost little memory
+# Segments: long enough that the boundary states (fp32, Dk x Dv per head) cost little memory
 # traffic next to q/k/v (2*Dv/seg_len of q's bytes), short enough for >= 4 programs per SM.
 MIN_SEGMENT, MAX_SEGMENT = 256, 2048
 SCAN_ROWS = 16
+# segment table columns: start, end, document, boundary before (-1: first of its document),
+# boundary after (-1: last of its document)
+SEG_COLS = 5
 
 
 def _interpreting() -> bool:
@@ -63,9 +68,10 @@ def _configs(split_options):
     return configs[:1] if _interpreting() else configs
 
 
-def _prune(configs, named_args, **_):
-    # A column block narrower than 16 cannot feed tl.dot.
-    kept = [c for c in configs if named_args["BLOCK_DZ"] // c.kwargs["Z_SPLIT"] >= 16]
+def _prune(configs, named_args, **kwargs):
+    # A column block narrower than 16 cannot feed tl.dot. (Constexprs come as keywords.)
+    block = {**named_args, **kwargs}["BLOCK_DZ"]
+    kept = [c for c in configs if block // c.kwargs["Z_SPLIT"] >= 16]
     return kept or configs[:1]
 
 
@@ -83,38 +89,57 @@ def _chunk_weights(lam, rows, L, REVERSE: tl.constexpr):
     return tl.where(valid, read, 0.0), tl.where(valid, write, 0.0)
 
 
+@triton.jit
+def _segment_info(seg_ptr, seg, REVERSE: tl.constexpr):
+    """start, end, document, and the boundaries the state comes from / goes to (-1: none)."""
+    row = seg_ptr + seg * 5  # SEG_COLS
+    start, end, doc = tl.load(row), tl.load(row + 1), tl.load(row + 2)
+    came_from, goes_to = tl.load(row + 3), tl.load(row + 4)
+    if REVERSE:
+        came_from, goes_to = tl.load(row + 4), tl.load(row + 3)
+    return start, end, doc, came_from, goes_to
+
+
 @triton.autotune(configs=_configs([(1, 8, 2), (2, 8, 2), (2, 4, 2)]), key=["DY", "DZ"],
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit
-def _segment_output(x_ptr, y_ptr, z_ptr, out_ptr, state_ptr, seg_ptr, lam_ptr,
-                    sxt, sxh, syt, syh, szt, szh, sot, soh, ssn, ssh, ssy, ssz,
+def _segment_output(x_ptr, y_ptr, z_ptr, out_ptr, bound_ptr, edge_in_ptr, edge_out_ptr, seg_ptr, lam_ptr,
+                    sxt, sxh, syt, syh, szt, szh, sot, soh, sbn, sbh, sby, sbz, sen, seh, sey, sez,
                     H, intra_scale, read_scale, update_scale,
                     DY: tl.constexpr, DZ: tl.constexpr, BLOCK_DY: tl.constexpr, BLOCK_DZ: tl.constexpr,
                     C: tl.constexpr, REVERSE: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
-                    Z_SPLIT: tl.constexpr):
+                    HAS_EDGE_IN: tl.constexpr, STORE_EDGE_OUT: tl.constexpr, Z_SPLIT: tl.constexpr):
     # One program: one segment, one head, one block of z's columns. Neighbouring programs share
     # the segment (and its x, y tiles through L2) and differ in column block, then head.
+    # edge_in: the state before a document (initial state; dFinal going backward), edge_out: the
+    # state after it (final state; d initial_state going backward), both per document.
     pid = tl.program_id(0)
     zb = pid % Z_SPLIT
     h = (pid // Z_SPLIT) % H
     seg = pid // (Z_SPLIT * H)
-    start = tl.load(seg_ptr + 2 * seg)
-    end = tl.load(seg_ptr + 2 * seg + 1)
+    start, end, doc, came_from, goes_to = _segment_info(seg_ptr, seg, REVERSE)
     lam = tl.load(lam_ptr + h).to(tl.float32)
 
     rows = tl.arange(0, C)
     dy = tl.arange(0, BLOCK_DY)
     dz = zb * (BLOCK_DZ // Z_SPLIT) + tl.arange(0, BLOCK_DZ // Z_SPLIT)
     ymask, zmask = dy < DY, dz < DZ
-    state = tl.load(state_ptr + seg.to(tl.int64) * ssn + h * ssh + dy[:, None] * ssy + dz[None, :] * ssz,
-                    mask=ymask[:, None] & zmask[None, :], other=0.0).to(tl.float32)
+    # Scalar conditions enter masks as a row bound (DY or 0): Triton's interpreter rejects a
+    # scalar boolean and-ed into a block mask.
+    from_bound = (came_from >= 0).to(tl.int32)
+    state = tl.load(bound_ptr + tl.maximum(came_from, 0).to(tl.int64) * sbn + h * sbh + dy[:, None] * sby
+                    + dz[None, :] * sbz, mask=(dy < DY * from_bound)[:, None] & zmask[None, :],
+                    other=0.0).to(tl.float32)
+    if HAS_EDGE_IN:
+        state += tl.load(edge_in_ptr + doc.to(tl.int64) * sen + h * seh + dy[:, None] * sey + dz[None, :] * sez,
+                         mask=(dy < DY * (1 - from_bound))[:, None] & zmask[None, :], other=0.0).to(tl.float32)
     # decay inside a chunk depends only on the distance, non-negative on the visible side
     dist = rows[:, None] - rows[None, :]
     if REVERSE:
         dist = -dist
     intra_decay = tl.where(dist >= 0, tl.exp(lam * tl.maximum(dist, 0).to(tl.float32)), 0.0) * intra_scale
 
-    n_chunks = tl.cdiv(end - start, C)
+    n_chunks = (end - start + C - 1) // C
     for c in range(0, n_chunks):
         if REVERSE:
             t0 = start + (n_chunks - 1 - c) * C
@@ -133,7 +158,8 @@ def _segment_output(x_ptr, y_ptr, z_ptr, out_ptr, state_ptr, seg_ptr, lam_ptr,
 
         # Row weights go onto the dot operands (in their dtype) rather than onto fp32 results, so
         # that one fp32 accumulator is live besides the state: at D = 128 the register file is the
-        # limit (checked with ptxas for sm_90a: no spills at 8 warps).
+        # limit (ptxas, sm_90a, triton 3.6: 210 registers and no spills at Z_SPLIT=2 / 8 warps;
+        # ~200 bytes of spills at Z_SPLIT=1, left to the autotuner to weigh).
         scores = tl.dot(x, tl.trans(y), input_precision=PRECISION) * intra_decay
         out = tl.dot(scores.to(DOT), z, input_precision=PRECISION)
         x_read = x * (read * read_scale).to(DOT)[:, None]
@@ -143,6 +169,10 @@ def _segment_output(x_ptr, y_ptr, z_ptr, out_ptr, state_ptr, seg_ptr, lam_ptr,
 
         z_write = z * (write * update_scale).to(DOT)[:, None]
         state = tl.dot(tl.trans(y), z_write, acc=state * tl.exp(lam * L.to(tl.float32)), input_precision=PRECISION)
+    if STORE_EDGE_OUT:  # the document's last segment in the direction of travel
+        last_one = ((goes_to < 0) & (end > start)).to(tl.int32)
+        tl.store(edge_out_ptr + ((doc.to(tl.int64) * H + h) * DY + dy[:, None]) * DZ + dz[None, :], state,
+                 mask=(dy < DY * last_one)[:, None] & zmask[None, :])
 
 
 @triton.autotune(configs=_configs([(1, 8, 2), (2, 8, 2), (2, 4, 3)]), key=["DY", "DZ"],
@@ -153,13 +183,13 @@ def _segment_state(y_ptr, z_ptr, local_ptr, seg_ptr, lam_ptr, syt, syh, szt, szh
                    DY: tl.constexpr, DZ: tl.constexpr, BLOCK_DY: tl.constexpr, BLOCK_DZ: tl.constexpr,
                    C: tl.constexpr, REVERSE: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
                    Z_SPLIT: tl.constexpr):
-    # The same state recurrence as _segment_output, from a zero state, keeping only the end.
+    # The same state recurrence as _segment_output, from a zero state, keeping only the end; it
+    # is needed only where a boundary follows in the direction of travel.
     pid = tl.program_id(0)
     zb = pid % Z_SPLIT
     h = (pid // Z_SPLIT) % H
     seg = pid // (Z_SPLIT * H)
-    start = tl.load(seg_ptr + 2 * seg)
-    end = tl.load(seg_ptr + 2 * seg + 1)
+    start, end, doc, came_from, goes_to = _segment_info(seg_ptr, seg, REVERSE)
     lam = tl.load(lam_ptr + h).to(tl.float32)
 
     rows = tl.arange(0, C)
@@ -167,7 +197,7 @@ def _segment_state(y_ptr, z_ptr, local_ptr, seg_ptr, lam_ptr, syt, syh, szt, szh
     dz = zb * (BLOCK_DZ // Z_SPLIT) + tl.arange(0, BLOCK_DZ // Z_SPLIT)
     ymask, zmask = dy < DY, dz < DZ
     state = tl.zeros((BLOCK_DY, BLOCK_DZ // Z_SPLIT), dtype=tl.float32)
-    n_chunks = tl.cdiv(end - start, C)
+    n_chunks = tl.where(goes_to >= 0, (end - start + C - 1) // C, 0)
     for c in range(0, n_chunks):
         if REVERSE:
             t0 = start + (n_chunks - 1 - c) * C
@@ -183,17 +213,18 @@ def _segment_state(y_ptr, z_ptr, local_ptr, seg_ptr, lam_ptr, syt, syh, szt, szh
         _, write = _chunk_weights(lam, rows, L, REVERSE)
         z_write = z * (write * update_scale).to(DOT)[:, None]
         state = tl.dot(tl.trans(y), z_write, acc=state * tl.exp(lam * L.to(tl.float32)), input_precision=PRECISION)
-    offs = ((seg.to(tl.int64) * H + h) * DY + dy[:, None]) * DZ + dz[None, :]
-    tl.store(local_ptr + offs, state, mask=ymask[:, None] & zmask[None, :])
+    offs = ((tl.maximum(goes_to, 0).to(tl.int64) * H + h) * DY + dy[:, None]) * DZ + dz[None, :]
+    tl.store(local_ptr + offs, state, mask=(dy < DY * (goes_to >= 0).to(tl.int32))[:, None] & zmask[None, :])
 
 
 @triton.jit
-def _segment_scan(local_ptr, state_ptr, init_ptr, final_ptr, seg_ptr, doc_seg_ptr, lam_ptr,
-                  sin, sih, siy, siz, H,
-                  DY: tl.constexpr, DZ: tl.constexpr, BLOCK_DZ: tl.constexpr, ROWS: tl.constexpr, ROW_BLOCKS: tl.constexpr,
-                  REVERSE: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr):
+def _segment_scan(local_ptr, bound_ptr, edge_in_ptr, edge_out_ptr, seg_ptr, doc_seg_ptr, lam_ptr,
+                  sen, seh, sey, sez, H,
+                  DY: tl.constexpr, DZ: tl.constexpr, BLOCK_DZ: tl.constexpr, ROWS: tl.constexpr,
+                  ROW_BLOCKS: tl.constexpr, REVERSE: tl.constexpr, HAS_EDGE_IN: tl.constexpr,
+                  STORE_EDGE_OUT: tl.constexpr):
     # One program: one document, one head, ROWS rows of the state. The loop is sequential over
-    # the document's segments only (a few hundred at most), plain fp32 loads and FMAs.
+    # the document's boundaries only (a few hundred at most), plain fp32 loads and FMAs.
     pid = tl.program_id(0)
     rb = pid % ROW_BLOCKS
     h = (pid // ROW_BLOCKS) % H
@@ -205,24 +236,26 @@ def _segment_scan(local_ptr, state_ptr, init_ptr, final_ptr, seg_ptr, doc_seg_pt
     first = tl.load(doc_seg_ptr + doc)
     last = tl.load(doc_seg_ptr + doc + 1)
 
-    if HAS_INIT:
-        carry = tl.load(init_ptr + doc.to(tl.int64) * sin + h * sih + dy[:, None] * siy + dz[None, :] * siz,
+    if HAS_EDGE_IN:
+        carry = tl.load(edge_in_ptr + doc.to(tl.int64) * sen + h * seh + dy[:, None] * sey + dz[None, :] * sez,
                         mask=mask, other=0.0).to(tl.float32)
     else:
         carry = tl.zeros((ROWS, BLOCK_DZ), dtype=tl.float32)
     inner = (h * DY + dy[:, None]) * DZ + dz[None, :]
-    for i in range(0, last - first):
+    for i in range(0, last - first - 1):
+        # the segment whose own contribution crosses the next boundary in the direction of travel
         if REVERSE:
             seg = last - 1 - i
         else:
             seg = first + i
-        n = tl.load(seg_ptr + 2 * seg + 1) - tl.load(seg_ptr + 2 * seg)
-        offs = seg.to(tl.int64) * (H * DY * DZ) + inner
-        local = tl.load(local_ptr + offs, mask=mask, other=0.0)
-        tl.store(state_ptr + offs, carry, mask=mask)
-        carry = carry * tl.exp(lam * n.to(tl.float32)) + local
-    if STORE_FINAL:
-        tl.store(final_ptr + doc.to(tl.int64) * (H * DY * DZ) + inner, carry, mask=mask)
+        start, end, _, _, bound = _segment_info(seg_ptr, seg, REVERSE)
+        offs = bound.to(tl.int64) * (H * DY * DZ) + inner
+        carry = carry * tl.exp(lam * (end - start).to(tl.float32)) + tl.load(local_ptr + offs, mask=mask, other=0.0)
+        tl.store(bound_ptr + offs, carry, mask=mask)
+    if STORE_EDGE_OUT:  # an empty document has no segment to write its final state: it is the initial one
+        empty = (last == first).to(tl.int32)
+        tl.store(edge_out_ptr + doc.to(tl.int64) * (H * DY * DZ) + inner, carry,
+                 mask=(dy < DY * empty)[:, None] & (dz < DZ)[None, :])
 
 
 # ------------------------------------------------------------------------------------ host side
@@ -246,9 +279,11 @@ def segment_length(tokens: int, heads: int, device: torch.device) -> int:
 def segment_table(cu_seqlens, batch: int, seq_len: int, seg_len: int, device):
     """Segments of the flattened [B * S] token axis, built on the device without a host sync.
 
-    Returns (segments int32 [n_max, 2] of (start, end), doc_segments int32 [N + 1] (the segment
-    range of each document), N, n_max). n_max = T // seg_len + N bounds the true count (each
-    document wastes less than one segment); the unused tail entries are empty (start == end).
+    Returns (segments int32 [n_max, SEG_COLS], doc_segments int32 [N + 1] (each document's range
+    of segments), N, n_max, n_bounds). n_max = T // seg_len + N bounds the number of segments
+    (each document wastes less than one); the unused tail entries are empty (start == end) with
+    no boundaries. Boundaries (two segments of one document meet) are numbered in token order;
+    there are at most n_bounds = T // seg_len of them, however many documents there are.
     """
     if cu_seqlens is None:
         cu = torch.arange(0, batch + 1, device=device, dtype=torch.int64) * seq_len
@@ -263,10 +298,18 @@ def segment_table(cu_seqlens, batch: int, seq_len: int, seg_len: int, device):
     doc = torch.searchsorted(doc_seg[1:].contiguous(), g, right=True)
     used = doc < n_docs
     doc = doc.clamp(max=n_docs - 1)
-    start = cu[doc] + (g - doc_seg[doc]) * seg_len
+    index = g - doc_seg[doc]  # the segment's place in its document
+    start = cu[doc] + index * seg_len
     end = torch.minimum(start + seg_len, cu[doc + 1])
-    segs = torch.stack([torch.where(used, start, 0), torch.where(used, end, 0)], dim=1)
-    return segs.to(torch.int32).contiguous(), doc_seg.to(torch.int32), n_docs, n_max
+    has_before = used & (index > 0)
+    has_after = used & (index < per_doc[doc] - 1)
+    # segment s's boundary after has the same number as segment s+1's boundary before: both
+    # count, in order, the pairs of neighbouring segments of one document
+    before = torch.where(has_before, torch.cumsum(has_before, 0) - 1, -1)
+    after = torch.where(has_after, torch.cumsum(has_after, 0) - 1, -1)
+    segs = torch.stack([torch.where(used, start, 0), torch.where(used, end, 0), doc, before, after], dim=1)
+    return (segs.to(torch.int32).contiguous(), doc_seg.to(torch.int32), n_docs, n_max,
+            max(1, batch * seq_len // seg_len))
 
 
 def _dot_types(dtype):
@@ -289,86 +332,96 @@ def _dims(dy, dz):
                 BLOCK_DZ=max(16, triton.next_power_of_2(dz)))
 
 
-def _output(x, y, z, state_strides, state, tab, lam, scales, reverse, out_dtype):
-    """One `_segment_output` launch: x, y `[T, H, Dy]`, z `[T, H, Dz]`, returns `[T, H, Dz]`."""
-    segs, _, _, n_max = tab
+def _output(x, y, z, bound, bound_strides, edge_in, edge_in_strides, edge_out, tab, lam, scales, reverse,
+            out_dtype):
+    """One `_segment_output` launch: x, y `[T, H, Dy]`, z `[T, H, Dz]`, returns `[T, H, Dz]`.
+    Writes `edge_out` ([N, H, Dy, Dz] fp32, the state past each document) when it is given."""
+    segs, _, _, n_max, _ = tab
     T, H, dy = x.shape
     dz = z.shape[-1]
     out = torch.empty(T, H, dz, device=x.device, dtype=out_dtype)
     dot, prec = _dot_types(x.dtype)
     _segment_output[lambda meta: (n_max * H * meta["Z_SPLIT"],)](
-        x, y, z, out, state, segs, lam,
+        x, y, z, out, bound, edge_in if edge_in is not None else bound,
+        edge_out if edge_out is not None else bound, segs, lam,
         x.stride(0), x.stride(1), y.stride(0), y.stride(1), z.stride(0), z.stride(1), out.stride(0), out.stride(1),
-        *state_strides, H, *scales, C=CHUNK, REVERSE=reverse, DOT=dot, PRECISION=prec, **_dims(dy, dz))
+        *bound_strides, *(edge_in_strides if edge_in is not None else (0, 0, 0, 0)), H, *scales,
+        C=CHUNK, REVERSE=reverse, DOT=dot, PRECISION=prec, HAS_EDGE_IN=edge_in is not None,
+        STORE_EDGE_OUT=edge_out is not None, **_dims(dy, dz))
     return out
 
 
-def _states(y, z, tab, lam, update_scale, reverse, init, store_final):
-    """Kernels 1 and 2: the state entering each segment `[n_max, H, Dy, Dz]` (fp32) in the
-    direction of travel, and the state after each document (`[N, H, Dy, Dz]`) if asked."""
-    segs, doc_seg, n_docs, n_max = tab
+def _boundary_states(y, z, tab, lam, update_scale, reverse, edge_in, edge_out):
+    """Kernels 1 and 2: the state at each boundary `[n_bounds, H, Dy, Dz]` (fp32) in the direction
+    of travel, from `edge_in` ([N, H, Dy, Dz] or None: zeros); `edge_out` gets empty documents'."""
+    segs, doc_seg, n_docs, n_max, n_bounds = tab
     T, H, dy = y.shape
     dz = z.shape[-1]
     dot, prec = _dot_types(y.dtype)
     dims = _dims(dy, dz)
-    local = torch.empty(n_max, H, dy, dz, device=y.device, dtype=torch.float32)
+    local = torch.empty(n_bounds, H, dy, dz, device=y.device, dtype=torch.float32)
     _segment_state[lambda meta: (n_max * H * meta["Z_SPLIT"],)](
         y, z, local, segs, lam, y.stride(0), y.stride(1), z.stride(0), z.stride(1), H, update_scale,
         C=CHUNK, REVERSE=reverse, DOT=dot, PRECISION=prec, **dims)
-    entering = torch.empty_like(local)
-    final = torch.empty(n_docs, H, dy, dz, device=y.device, dtype=torch.float32) if store_final else local
+    bound = torch.empty_like(local)
     rows = min(SCAN_ROWS, dims["BLOCK_DY"])
-    init_arg = init if init is not None else local
-    init_strides = init.stride() if init is not None else (0, 0, 0, 0)
     row_blocks = triton.cdiv(dy, rows)
     _segment_scan[(n_docs * H * row_blocks,)](
-        local, entering, init_arg, final, segs, doc_seg, lam, *init_strides, H,
+        local, bound, edge_in if edge_in is not None else local, edge_out if edge_out is not None else local,
+        segs, doc_seg, lam, *(edge_in.stride() if edge_in is not None else (0, 0, 0, 0)), H,
         DY=dy, DZ=dz, BLOCK_DZ=dims["BLOCK_DZ"], ROWS=rows, ROW_BLOCKS=row_blocks, REVERSE=reverse,
-        HAS_INIT=init is not None, STORE_FINAL=store_final, num_warps=4)
-    return entering, (final if store_final else None)
+        HAS_EDGE_IN=edge_in is not None, STORE_EDGE_OUT=edge_out is not None, num_warps=4)
+    return bound
 
 
 class LightningAttnFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens, seg_len):
         B, S, H, Dk = q.shape
+        Dv = v.shape[-1]
         tab = segment_table(cu_seqlens, B, S, seg_len, q.device)
         lam = log_decay.detach().to(device=q.device, dtype=torch.float32).contiguous()
         qt, kt, vt = _tokens(q), _tokens(k), _tokens(v)
         init = None if initial_state is None else initial_state.detach()
-        entering, final = _states(kt, vt, tab, lam, 1.0, False, init, output_final_state)
-        o = _output(qt, kt, vt, _strides(entering), entering, tab, lam, (scale, scale, 1.0), False, q.dtype)
-        ctx.save_for_backward(qt, kt, vt, lam, entering, tab[0], tab[1])
-        ctx.meta = (q.shape, v.shape[-1], scale, tab[2], tab[3],
-                    None if initial_state is None else initial_state.dtype)
-        return o.view(B, S, H, -1), final
+        final = torch.empty(tab[2], H, Dk, Dv, device=q.device, dtype=torch.float32) if output_final_state else None
+        bound = _boundary_states(kt, vt, tab, lam, 1.0, False, init, final)
+        o = _output(qt, kt, vt, bound, bound.stride(), init, None if init is None else init.stride(), final,
+                    tab, lam, (scale, scale, 1.0), False, q.dtype)
+        ctx.save_for_backward(qt, kt, vt, lam, bound, init, tab[0], tab[1])
+        ctx.meta = (q.shape, Dv, scale, tab[2], tab[3], tab[4], None if init is None else initial_state.dtype)
+        return o.view(B, S, H, Dv), final
 
     @staticmethod
     def backward(ctx, do, dfinal):
-        qt, kt, vt, lam, entering, segs, doc_seg = ctx.saved_tensors
-        shape, dv_dim, scale, n_docs, n_max, init_dtype = ctx.meta
-        tab = (segs, doc_seg, n_docs, n_max)
+        qt, kt, vt, lam, bound, init, segs, doc_seg = ctx.saved_tensors
+        shape, Dv, scale, n_docs, n_max, n_bounds, init_dtype = ctx.meta
+        tab = (segs, doc_seg, n_docs, n_max, n_bounds)
         B, S, H, Dk = shape
         if do is None:  # only the final state was used
-            do = torch.zeros(B, S, H, dv_dim, device=qt.device, dtype=qt.dtype)
+            do = torch.zeros(B, S, H, Dv, device=qt.device, dtype=qt.dtype)
         go = _tokens(do.to(qt.dtype))
         need_q, need_k, need_v = ctx.needs_input_grad[:3]
         need_init = ctx.needs_input_grad[5]
         dq = dk = dv = dinit = None
         if need_q:
-            dq = _output(go, vt, kt, _strides(entering, transpose=True), entering, tab, lam,
-                         (scale, scale, 1.0), False, qt.dtype).view(shape)
+            dq = _output(go, vt, kt, bound, _strides(bound, transpose=True), init,
+                         None if init is None else _strides(init, transpose=True), None,
+                         tab, lam, (scale, scale, 1.0), False, qt.dtype).view(shape)
         if need_k or need_v or need_init:
-            # E, the gradient flowing into each segment from the tokens after it (and dFinal)
-            grad_in, dinit = _states(qt, go, tab, lam, scale, True, dfinal, need_init)
-            if need_v:
-                dv = _output(kt, qt, go, _strides(grad_in), grad_in, tab, lam, (scale, 1.0, scale), True,
-                             qt.dtype).view(B, S, H, dv_dim)
+            # E: the gradient flowing into each segment from the tokens after it, and from dFinal
+            dinit = torch.empty(n_docs, H, Dk, Dv, device=qt.device, dtype=torch.float32) if need_init else None
+            grad_bound = _boundary_states(qt, go, tab, lam, scale, True, dfinal, dinit)
+            if need_v or need_init:  # this pass also writes d initial_state
+                dv = _output(kt, qt, go, grad_bound, grad_bound.stride(), dfinal,
+                             None if dfinal is None else dfinal.stride(), dinit, tab, lam, (scale, 1.0, scale), True,
+                             qt.dtype).view(B, S, H, Dv)
             if need_k:
-                dk = _output(vt, go, qt, _strides(grad_in, transpose=True), grad_in, tab, lam,
+                dk = _output(vt, go, qt, grad_bound, _strides(grad_bound, transpose=True), dfinal,
+                             None if dfinal is None else _strides(dfinal, transpose=True), None, tab, lam,
                              (scale, 1.0, scale), True, qt.dtype).view(shape)
             if dinit is not None:
                 dinit = dinit.to(init_dtype)
+            dv = dv if need_v else None
         return dq, dk, dv, None, None, dinit, None, None, None
 
 
