@@ -89,7 +89,9 @@ def _flash_attn_backend(q, k, v, *, return_lse=False, cu_seqlens=None, cu_seqlen
     return "reference"
 
 
-_LIGHTNING_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# bf16 only for now: on an H100 (2026-11-25) the fp16 case with Dk=64, Dv=32 hit an illegal memory
+# access and poisoned the fp32 cases after it; bf16 passed every case (tests/test_lightning_triton.py)
+_LIGHTNING_DTYPES = (torch.bfloat16,)
 
 
 def _lightning_attn_backend(q, k, v, log_decay) -> str:

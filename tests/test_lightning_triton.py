@@ -161,7 +161,7 @@ GPU_CASES = {
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("case", sorted(GPU_CASES))
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16])  # fp16/fp32 go to the reference (see kernels/dispatch.py)
 def test_cuda_lightning_attn_matches_fp64_reference(case, dtype):
     lengths, B, H, Dk, Dv = GPU_CASES[case]
     decays = [0.0] * H if case == "long_no_decay" else (-torch.linspace(1, 8, H).exp2().reciprocal()).tolist()
