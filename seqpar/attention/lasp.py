@@ -38,8 +38,11 @@ def lasp2_attention(q, k, v, *, log_decay, group=None, cu_seqlens=None, scale=No
     """`scan` is `parallel.linear_scan`: `allgather` (LASP-2's one all-gather) or `pipelined` (a chain)."""
     if scan not in SCANS:
         raise ValueError(f"lasp2_attention: scan={scan!r}; choose one of {SCANS}")
+    # serial: on 2 H100 (docs/benchmarks, 2026-11-25) it ran at 2x the overlapped schedule's
+    # efficiency (0.67 vs 0.33 at 256k tokens): the passes overlap adds cost more than the
+    # exchange of a few MiB it hides over NVLink. The overlapped schedule stays for slower links.
     return lasp_attention(q, k, v, log_decay, group=group, cu_seqlens=cu_seqlens, scale=scale, layout=layout,
-                          scan=scan, overlap=True)
+                          scan=scan, overlap=False)
 
 
 def lasp_attention(q, k, v, log_decay, *, group, cu_seqlens, scale, layout, scan, overlap):
