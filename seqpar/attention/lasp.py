@@ -14,8 +14,9 @@ LASP-2 forward: S (cheap), post the scan, intra while it flies, wait, add the re
 mirrors it: the gradients dI of the entering states (cheap), post the reverse scan (giving dS, the
 gradient of each chunk's own state), the intra backward while it flies, wait, add dS's share to
 dk and dv. With `zigzag` a rank's two chunks go into the same single scan. The serial schedule
-(`overlap=False`, see `_LASP`; `lasp2_attention`'s choice, the faster one over NVLink) hands the entering states and dS to the kernel instead; LASP-1
-(`lasp1.py`) is that schedule with an unblocked P2P chain.
+(`overlap=False`, see `_LASP`; what `lasp2_attention` runs, being the faster one over NVLink)
+hands the entering states and dS to the kernel instead; LASP-1 (`lasp1.py`) is that schedule with
+an unblocked P2P chain.
 """
 from __future__ import annotations
 
