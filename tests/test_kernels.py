@@ -353,18 +353,19 @@ def test_dispatch_is_reference_on_cpu(monkeypatch):
 # ---------------------------------------------------------------- CUDA fast paths vs references
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("layout", ["dense", "packed", "varlen_qk"])
+@pytest.mark.parametrize("layout", ["dense", "packed", "varlen_qk", "one_document"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cuda_flash_attn_fast_paths_match_reference(layout, dtype):
     g = _gen(20)
-    lq = [1, 5, 64, 65, 200, 1000, 4, 3]
+    lq = [1, 5, 64, 65, 200, 1000, 4, 3] if layout != "one_document" else [1342]
     lk = lq if layout != "varlen_qk" else [3, 5, 100, 65, 300, 1000, 1, 0]  # Lq < Lk, Lq > Lk, no keys
     B = 2 if layout == "dense" else 1
     q = _randn(g, B, sum(lq), 8, 64, dtype=dtype).cuda().requires_grad_()
     k, v = (_randn(g, B, sum(lk), 2, 64, dtype=dtype).cuda().requires_grad_() for _ in range(2))
-    docs = {"dense": {}, "packed": {"cu_seqlens": _cu(lq).cuda()},
+    docs = {"dense": {}, "packed": {"cu_seqlens": _cu(lq).cuda()}, "one_document": {"cu_seqlens": _cu(lq).cuda()},
             "varlen_qk": {"cu_seqlens_q": _cu(lq).cuda(), "cu_seqlens_k": _cu(lk).cuda()}}[layout]
-    expect = "sdpa" if layout == "dense" else ("varlen" if dispatch.has_varlen_attn() else "reference")
+    expect = "sdpa" if layout in ("dense", "one_document") else (
+        "varlen" if dispatch.has_varlen_attn() else "reference")
     assert kernels.backend("flash_attn", q, k, v, **docs) == expect
     out = kernels.flash_attn(q, k, v, **docs)
     go = torch.randn_like(out)
