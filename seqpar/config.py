@@ -77,7 +77,9 @@ class TrainConfig:
     seed: int = 0
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | fp64 | bf16
     device: str = "auto"  # auto | cpu | cuda
-    activation_checkpointing: str = "none"  # none | full
+    activation_checkpointing: str = "none"  # none | full | selective (keep attention, recompute norms and MLP)
+    offload_activations: bool = False  # checkpointed inputs wait for backward in pinned host memory
+    mlp_chunk_tokens: int = 0  # >0: the MLP runs longer sequences in chunks of this many positions
     checkpoint_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 2
     resume: str = "auto"  # auto (latest in run_dir if any) | none | PATH of a checkpoint
@@ -282,8 +284,18 @@ def validate(cfg, world: int | None = None) -> None:
         fail("train.dtype=bf16 needs CUDA (bf16 autocast); on CPU use fp32 or fp64")
     if t.device not in ("auto", "cpu", "cuda"):
         fail(f"train.device={t.device!r}: choose auto, cpu or cuda")
-    if t.activation_checkpointing not in ("none", "full"):
-        fail(f"train.activation_checkpointing={t.activation_checkpointing!r}: choose none or full")
+    if t.activation_checkpointing not in ("none", "full", "selective"):
+        fail(f"train.activation_checkpointing={t.activation_checkpointing!r}: choose none, full or selective")
+    if t.offload_activations and t.activation_checkpointing == "none":
+        fail("train.offload_activations=true offloads what activation checkpointing keeps: "
+             "set train.activation_checkpointing=full or selective")
+    if t.mlp_chunk_tokens < 0:
+        fail(f"train.mlp_chunk_tokens={t.mlp_chunk_tokens}: must be >= 0 (0 disables chunking)")
+    if t.mlp_chunk_tokens and p.tp > 1 and p.tp_sequence_parallel:
+        # w2's reduce-scatter splits each chunk over tp ranks: concatenated, the pieces would not be
+        # this rank's contiguous slice of the sequence
+        fail(f"train.mlp_chunk_tokens={t.mlp_chunk_tokens} with parallel.tp={p.tp} and "
+             "parallel.tp_sequence_parallel=true: chunk the MLP only with tp=1 or tp_sequence_parallel=false")
     if t.checkpoint_every < 0 or t.keep_checkpoints < 1:
         fail(f"train.checkpoint_every={t.checkpoint_every}, train.keep_checkpoints={t.keep_checkpoints}: "
              "need checkpoint_every >= 0 and keep_checkpoints >= 1")

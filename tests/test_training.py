@@ -29,6 +29,11 @@ LAYOUTS = {  # name: (processes, overrides)
     "pp2_cp2": (4, ["parallel.cp=2", "parallel.pp=2"]),
     "cp2_ring": (2, ["parallel.cp=2", "parallel.softmax_sp=ring"]),
     "cp2_ulysses": (2, ["parallel.cp=2", "parallel.softmax_sp=ulysses"]),
+    # memory modes: recomputation and chunking must not change a number
+    "cp2_selective_mlp_chunks": (2, ["parallel.cp=2", "train.activation_checkpointing=selective",
+                                     "train.mlp_chunk_tokens=12"]),
+    "dp2_full_offload": (2, ["parallel.cp=1", "train.activation_checkpointing=full", "train.offload_activations=true"]),
+    "cp2_tp2_selective": (4, ["parallel.cp=2", "parallel.tp=2", "train.activation_checkpointing=selective"]),
 }
 
 
@@ -53,8 +58,9 @@ def test_metrics_file_has_one_object_per_step(single_run):
 
 
 LOSS_LAYOUTS = ["cp2", "dp2", "cp2_dp2", "cp2_contiguous", "cp2_lasp1", "tp2", "cp2_tp2", "dp2_tp2", "pp2",
-                "cp2_ring", "cp2_ulysses"]
-GRAD_LAYOUTS = ["cp2", "dp2", "cp2_dp2", "tp2", "tp2_no_sp", "cp2_tp2", "dp2_tp2", "pp2", "pp2_cp2"]
+                "cp2_ring", "cp2_ulysses", "cp2_selective_mlp_chunks", "dp2_full_offload"]
+GRAD_LAYOUTS = ["cp2", "dp2", "cp2_dp2", "tp2", "tp2_no_sp", "cp2_tp2", "dp2_tp2", "pp2", "pp2_cp2",
+                "cp2_selective_mlp_chunks", "dp2_full_offload", "cp2_tp2_selective"]
 
 
 def _compose(*overrides):
@@ -92,6 +98,7 @@ def test_parallel_losses_match_single_process(nproc, single_run, tmp_path):
 def _one_step_grads(rank, world, variants):
     """(loss, {name: full gradient}) after one fp64 step, for each list of overrides in `variants`."""
     from seqpar.data import PackedLoader, build_dataset
+    from seqpar.model.transformer import canonical_name
     from seqpar.parallel.dims import ParallelDims
     from seqpar.train import build_model, train_step
 
@@ -104,7 +111,7 @@ def _one_step_grads(rank, world, variants):
         loader = PackedLoader(build_dataset(cfg.data, cfg.data.seq_len), global_batch_size=4, micro_batch_size=1,
                               dp_rank=dims.rank_in("dp"), dp_size=dims.dp, seed=0)
         stats = train_step(model, loader.next_batch(), cfg, dims, torch.device("cpu"))
-        grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad)
+        grads = {canonical_name(n): (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad)
                  for n, p in model.named_parameters()}
         results.append((stats["loss"], grads))
     return results

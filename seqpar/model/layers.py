@@ -12,6 +12,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from seqpar import kernels
 from seqpar.attention import AttnContext, linear_attention, softmax_attention
@@ -31,15 +32,28 @@ class RMSNorm(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    """w2(silu(w1 x) * w3 x); w1 and w3 stay separate so each shards column-wise on its own."""
+    """w2(silu(w1 x) * w3 x); w1 and w3 stay separate so each shards column-wise on its own.
+
+    `chunk_tokens > 0` (set from `train.mlp_chunk_tokens`) runs sequences longer than that in
+    chunks of that many positions, so the four `[S, ffn_dim]` intermediates (w1 x, its silu, w3 x,
+    their product) never exist for the whole sequence: the same math, token by token."""
 
     def __init__(self, d_model: int, ffn_dim: int):
         super().__init__()
         self.w1 = nn.Linear(d_model, ffn_dim, bias=False)
         self.w3 = nn.Linear(d_model, ffn_dim, bias=False)
         self.w2 = nn.Linear(ffn_dim, d_model, bias=False)
+        self.chunk_tokens = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.chunk_tokens or x.shape[1] <= self.chunk_tokens:
+            return self._mlp(x)
+        # each chunk is checkpointed: autograd would otherwise save every chunk's intermediates,
+        # and they would add up to the whole sequence's again; backward recomputes one at a time
+        return torch.cat([checkpoint(self._mlp, chunk, use_reentrant=False)
+                          for chunk in x.split(self.chunk_tokens, dim=1)], dim=1)
+
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.utils.checkpoint import checkpoint
 from torch.distributed.fsdp import fully_shard
 
 from seqpar.parallel.dims import ParallelDims
@@ -14,9 +15,7 @@ def parallelize(model: torch.nn.Module, dims: ParallelDims, cfg) -> torch.nn.Mod
     """`cfg`: the job config (its `parallel` and `train` sections)."""
     if dims.tp > 1:
         apply_tensor_parallel(model, dims.mesh["tp"], sequence_parallel=cfg.parallel.tp_sequence_parallel)
-    if cfg.train.activation_checkpointing == "full":
-        for name, block in model.layers.items():
-            model.layers[name] = checkpoint_wrapper(block)
+    apply_activation_checkpointing(model, cfg.train)
     if gradient_replicas(dims) > 1:
         # cp ranks hold the same parameters but different tokens: they shard and reduce like dp ranks
         mesh = dims.mesh["dp_cp"]
@@ -24,6 +23,41 @@ def parallelize(model: torch.nn.Module, dims: ParallelDims, cfg) -> torch.nn.Mod
             fully_shard(block, mesh=mesh)
         fully_shard(model, mesh=mesh)
     return model
+
+
+def apply_activation_checkpointing(model: torch.nn.Module, train_cfg) -> None:
+    """`full`: each block keeps only its input and recomputes the rest in backward. `selective`:
+    each block keeps its attention half's saved tensors (the attention output and its LSE or
+    states: quadratic or cross-rank work to recompute) and recomputes its norms and MLP (cheap
+    matmuls, but the MLP's `[S, ffn_dim]` intermediates are the largest activations of a block).
+    `offload_activations`: what a checkpoint keeps (its input) waits for backward in CPU memory."""
+    mode = train_cfg.activation_checkpointing
+    wrap = lambda module: checkpoint_wrapper(
+        module, checkpoint_fn=offloaded_checkpoint if train_cfg.offload_activations else checkpoint,
+        use_reentrant=False)
+    for name, block in model.layers.items():
+        block.feed_forward.chunk_tokens = train_cfg.mlp_chunk_tokens
+        if mode == "full":
+            model.layers[name] = wrap(block)
+        elif mode == "selective":
+            # norm and MLP are checkpointed one by one (the block's forward stays the model's own):
+            # each keeps its input, one [S, d] more than a joint checkpoint would
+            for part in ("attention_norm", "ffn_norm", "feed_forward"):
+                setattr(block, part, wrap(getattr(block, part)))
+
+
+def offloaded_checkpoint(fn, x: torch.Tensor, *args, **kwargs):
+    """`checkpoint(fn, x, ...)` whose kept input `x` lives in pinned host memory until backward.
+
+    A non-reentrant checkpoint keeps its inputs by reference (not through saved-tensor hooks, so
+    `save_on_cpu` cannot reach them): the input is copied to the host as an autograd op, and the
+    checkpointed function copies it back, which backward repeats before recomputing. The copy to a
+    pinned buffer does not block the host; on a CPU run both copies are no-ops."""
+    device = x.device
+    if device.type == "cuda" and type(x) is torch.Tensor:  # a DTensor's local shard would need its own copy
+        host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+        x = host.copy_(x, non_blocking=True)
+    return checkpoint(lambda h, *a, **k: fn(h.to(device, non_blocking=True), *a, **k), x, *args, **kwargs)
 
 
 def gradient_replicas(dims: ParallelDims) -> int:
