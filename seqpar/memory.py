@@ -1,0 +1,289 @@
+"""Memory per rank, predicted from the config before anything is allocated.
+
+`estimate(cfg, world)` returns the bytes of the busiest rank (the pipeline stage that holds the
+most), split into what lives for the whole run (parameters, gradients, AdamW's two moments, all
+sharded by FSDP2 over dp x cp; tp splits the block weights, pp keeps a stage's layers), what one
+step saves for backward (per layer, under the chosen activation checkpointing), and the largest
+transient on top (one layer's recompute, one MLP chunk, one cross-entropy chunk, FSDP's gathered
+weights, the sequence-parallel method's buffers).
+
+Activations count the tensors the CUDA path saves for backward (bf16 under autocast, residual
+stream and norms in the parameter dtype), per token of a layer:
+
+- RMSNorm (fused): its input and the fp32 rstd. Under autocast every linear layer saves its own
+  bf16 copy of its input (autocast casts per call), so wq/wk/wv save three; without autocast the
+  one input is shared.
+- softmax attention (flash, ring): q, k, v, the output (also wo's input) and the lse; RoPE saves
+  only cos/sin, which are shared by all layers.
+- lightning attention: the silu inputs of q and k, the kernel's q/k/v, the output norm's input,
+  the normed output, the gate's sigmoid and wo's input (nine q-sized tensors).
+- SwiGLU: w1 x, its silu, w3 x and their product (w2's input): four ffn_dim-sized tensors.
+
+CPU runs use the reference attention kernels, which save quadratic score matrices: the estimate
+describes the CUDA kernels, which is where it matters.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+
+from seqpar.model.transformer import head_dim, layer_types
+
+GiB = 2**30
+CE_CHUNK = 4096  # rows per chunk of kernels.fused_linear_cross_entropy (its default)
+MARGIN = 0.9  # of the device's memory: the CUDA context, the allocator's fragmentation, NCCL's buffers
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes on one rank (the busiest pipeline stage)."""
+    params: int
+    grads: int
+    optimizer: int
+    activations: int  # saved for backward by this rank's layers, all micro-batches in flight
+    loss: int  # the fused cross-entropy's saved gradients (its chunk of logits is in `transient`)
+    transient: int  # the largest short-lived buffer set on top (named in `transient_what`)
+    transient_what: str = ""
+    per_layer: dict[str, int] = field(default_factory=dict)  # saved bytes of one layer, by type (S, L)
+    stage: int = 0
+    layers: int = 0
+    tokens: int = 0  # tokens per micro-batch on this rank
+
+    @property
+    def total(self) -> int:
+        return self.params + self.grads + self.optimizer + self.activations + self.loss + self.transient
+
+    @property
+    def total_gb(self) -> float:
+        return self.total / GiB
+
+    def table(self) -> str:
+        rows = [("parameters", self.params), ("gradients", self.grads), ("optimizer (AdamW moments)", self.optimizer),
+                (f"activations ({self.layers} layers x {self.tokens} tokens)", self.activations),
+                ("loss (fused cross-entropy)", self.loss), (f"transient ({self.transient_what})", self.transient),
+                ("total", self.total)]
+        width = max(len(name) for name, _ in rows)
+        lines = [f"memory per rank (pipeline stage {self.stage}), predicted:"]
+        lines += [f"  {name:<{width}}  {b / GiB:9.3f} GiB" for name, b in rows]
+        lines += [f"  per layer saved ({kind}): {b / max(self.tokens, 1):,.0f} B/token"
+                  for kind, b in sorted(self.per_layer.items())]
+        return "\n".join(lines)
+
+
+def _dtype_bytes(cfg) -> tuple[int, int, bool]:
+    """(parameter bytes, activation bytes, autocast) as `seqpar.train` runs it."""
+    from seqpar.config import use_cuda
+    p = 8 if cfg.train.dtype == "fp64" else 4
+    autocast = use_cuda(cfg) and cfg.train.dtype in ("auto", "bf16")
+    return p, (2 if autocast else p), autocast
+
+
+def param_shapes(model_cfg, tp: int, *, layers, first: bool, last: bool) -> list[tuple[int, int]]:
+    """(rows, cols) of each parameter of a stage on one tp rank. Column-parallel weights split
+    their rows, row-parallel ones (wo, w2) their columns; norms and the embedding/output stay whole."""
+    d, hd, ffn = model_cfg.d_model, head_dim(model_cfg), model_cfg.ffn_dim
+    q, kv = model_cfg.n_heads * hd, model_cfg.n_kv_heads * hd
+    kinds = layer_types(model_cfg)
+    shapes = []
+    for i in layers:
+        shapes += [(d, 1), (d, 1)]  # attention_norm, ffn_norm
+        if kinds[i] == "S":
+            shapes += [(q // tp, d), (kv // tp, d), (kv // tp, d), (d, q // tp)]
+        else:
+            shapes += [(q // tp, d)] * 4 + [(d, q // tp), (hd, 1)]  # wq wk wv wg, wo, out_norm
+        shapes += [(ffn // tp, d), (ffn // tp, d), (d, ffn // tp)]
+    if first:
+        shapes.append((model_cfg.vocab_size, d))
+    if last:
+        shapes.append((d, 1))
+        if not (first and model_cfg.tie_embeddings):
+            shapes.append((model_cfg.vocab_size, d))
+    return shapes
+
+
+def sharded_numel(shapes, shards: int) -> int:
+    """Elements on the rank holding the most: FSDP2 splits dim 0 into `shards` pieces of ceil(rows/shards)."""
+    return sum(math.ceil(rows / shards) * cols for rows, cols in shapes)
+
+
+def layer_saved_per_token(model_cfg, kind: str, part: str, *, p: int, a: int, autocast: bool, tp: int,
+                          sp: bool) -> float:
+    """Bytes one token leaves saved for backward in one layer's `part`: "attention" or "ffn" half."""
+    d, hd, ffn = model_cfg.d_model, head_dim(model_cfg), model_cfg.ffn_dim
+    H, q, kv = model_cfg.n_heads, model_cfg.n_heads * hd, model_cfg.n_kv_heads * hd
+    norm = p * (d + 1) / (tp if sp else 1)  # input + rstd; Megatron-SP keeps 1/tp of the tokens
+    inputs = lambda n: (n * a if autocast else p) * d  # the linears' (gathered) input
+    if part == "ffn":
+        return norm + inputs(2) + 4 * a * ffn / tp
+    if kind == "S":
+        return norm + inputs(3) + (a * (2 * q + 2 * kv) + 4 * H) / tp
+    return norm + inputs(4) + (9 * a * q + 4 * H) / tp
+
+
+def estimate(cfg, world: int) -> MemoryEstimate:
+    """The busiest rank's memory for `cfg` on `world` ranks (see the module docstring)."""
+    from seqpar.config import data_parallel_size
+    from seqpar.parallel.pipeline import stage_layers
+
+    m, par, t = cfg.model, cfg.parallel, cfg.train
+    p, a, autocast = _dtype_bytes(cfg)
+    dp = data_parallel_size(cfg, world)
+    tp, cp, pp = par.tp, par.cp, par.pp
+    sp = tp > 1 and par.tp_sequence_parallel
+    shards = dp * cp
+    rows = t.micro_batch_size
+    row_tokens = cfg.data.seq_len // cp
+    tokens = rows * row_tokens
+    n_micro = max(1, t.global_batch_size // (dp * t.micro_batch_size))
+    stages = stage_layers(m, par, cfg.data.seq_len) if pp > 1 else [list(range(m.n_layers))]
+    kinds = layer_types(m)
+    mode = t.activation_checkpointing
+    chunk = t.mlp_chunk_tokens if 0 < t.mlp_chunk_tokens < row_tokens else 0
+    offload = t.offload_activations
+
+    spdiv = tp if sp else 1
+    per_token = lambda kind, part: layer_saved_per_token(m, kind, part, p=p, a=a, autocast=autocast, tp=tp, sp=sp)
+    norm = p * (m.d_model + 1) / spdiv  # a norm's saved input and rstd
+    block_input = p * m.d_model / spdiv * tokens  # what one checkpoint keeps
+    # chunked, the MLP keeps only its input (the norm's fp32 output) and runs one chunk at a time
+    ffn_inner = per_token("S", "ffn") - norm
+    ffn_kept = norm + (p * m.d_model if chunk else ffn_inner)
+    ffn_chunk = ffn_inner * rows * chunk
+
+    def saved(kind) -> tuple[float, float, str]:
+        """(kept per layer, transient while this layer runs its backward, what that transient is)."""
+        attention = per_token(kind, "attention")
+        if mode == "none":
+            return (attention + ffn_kept) * tokens, ffn_chunk, "one MLP chunk"
+        if mode == "full":
+            return (0.0 if offload else block_input), (attention + ffn_kept) * tokens + ffn_chunk, \
+                "one block's recompute"
+        # selective: the two norms and the MLP are checkpoints that keep their inputs (block input,
+        # residual after attention, ffn norm's output); the attention's own saved tensors stay
+        kept = (attention - norm) * tokens + (0.0 if offload else 3 * block_input)
+        return kept, ffn_kept * tokens + ffn_chunk, "one MLP's recompute"
+
+    best = None
+    for s, layers in enumerate(stages):
+        first, last = s == 0, s == len(stages) - 1
+        shapes = param_shapes(m, tp, layers=layers, first=first, last=last)
+        n = sharded_numel(shapes, shards)
+        in_flight = min(pp - s, n_micro) if pp > 1 else 1  # 1F1B: stage s holds pp - s micro-batches
+        per_layer = {kind: int(saved(kind)[0]) for kind in set(kinds[i] for i in layers)}
+        acts = in_flight * sum(saved(kinds[i])[0] for i in layers)
+        transients = {what: amount for kind in per_layer for _, amount, what in [saved(kind)]}
+        if last:
+            # the final norm's input, the saved grad of the hidden states (fp32 chunk logits below)
+            loss = p * (2 * m.d_model + 1) * tokens + p * m.vocab_size * m.d_model
+            transients["one cross-entropy chunk"] = min(tokens, CE_CHUNK) * m.vocab_size * (4 + a)
+        else:
+            loss = 0
+        if shards > 1:
+            # FSDP2 gathers the root (embedding, output head) for the whole forward and two blocks at a
+            # time (prefetch); the estimate keeps them unsharded on top of the largest transient
+            block = max((sharded_numel(param_shapes(m, tp, layers=[i], first=False, last=False), 1)
+                         for i in layers), default=0)
+            root = sharded_numel([sh for sh in shapes if sh[0] == m.vocab_size], 1)
+            fsdp = p * (root + 2 * block)
+        else:
+            fsdp = 0
+        what, amount = max(transients.items(), key=lambda kv: kv[1])
+        amount += _sp_buffers(cfg, tokens, a) + fsdp
+        if fsdp:
+            what += " + FSDP gathers"
+        whole = sharded_numel(shapes, 1)
+        held = [n if stage_sharded else whole for stage_sharded in _zero_sharding(par)]
+        est = MemoryEstimate(params=p * held[0], grads=p * held[1], optimizer=2 * p * held[2],
+                             activations=int(acts), loss=int(loss),
+                             transient=int(amount), transient_what=what, per_layer=per_layer, stage=s,
+                             layers=len(layers), tokens=tokens)
+        if best is None or est.total > best.total:
+            best = est
+    return best
+
+
+def _zero_sharding(par) -> tuple[bool, bool, bool]:
+    """Whether parameters, gradients and optimizer states are sharded over dp x cp: FSDP2 shards
+    all three (ZeRO-3's layout); DeepSpeed's ZeRO stage 1 only the optimizer, 2 also the gradients."""
+    if getattr(par, "dp_engine", "fsdp2") != "deepspeed":
+        return True, True, True
+    stage = getattr(par, "zero_stage", None) or 2
+    return stage >= 3, stage >= 2, True
+
+
+def _sp_buffers(cfg, tokens: int, a: int) -> int:
+    """The sequence-parallel method's extra buffers while one layer's attention runs."""
+    m, par = cfg.model, cfg.parallel
+    if par.cp == 1:
+        return 0
+    hd = head_dim(m)
+    kv = m.n_kv_heads * hd // par.tp
+    kinds = set(layer_types(m))
+    out = 0
+    if "S" in kinds:
+        if par.softmax_sp == "allgather":
+            out = max(out, 2 * kv * a * tokens * par.cp)  # the row's whole K and V
+        else:
+            out = max(out, 2 * 2 * kv * a * tokens)  # ring: the K/V block in use and the one arriving
+    if "L" in kinds:
+        states = m.n_heads // par.tp * hd * hd * 4  # one fp32 state per head
+        out = max(out, states * par.cp * cfg.train.micro_batch_size)  # every rank's state, gathered
+    return out
+
+
+def knobs_that_fit(cfg, world: int, capacity: int) -> list[str]:
+    """Overrides that bring the estimate under `capacity` (each on its own), with the total it gives."""
+    t, par = cfg.train, cfg.parallel
+    tries = []
+    if t.activation_checkpointing != "selective" and t.activation_checkpointing != "full":
+        tries.append(({"train.activation_checkpointing": "selective"}, world))
+    if t.activation_checkpointing != "full":
+        tries.append(({"train.activation_checkpointing": "full"}, world))
+    if not t.offload_activations:
+        ac = t.activation_checkpointing if t.activation_checkpointing != "none" else "full"
+        tries.append(({"train.activation_checkpointing": ac, "train.offload_activations": True}, world))
+    if not t.mlp_chunk_tokens and cfg.data.seq_len // par.cp > 8192:
+        tries.append(({"train.mlp_chunk_tokens": 8192}, world))
+    tries.append(({"parallel.cp": par.cp * 2}, world * 2))
+    tries.append(({"parallel.tp": par.tp * 2}, world * 2))
+    if par.dp != -1:
+        tries.append(({"parallel.dp": 2 * par.dp}, world * 2))
+    else:
+        tries.append(({}, world * 2))  # dp=-1 grows with the world: more FSDP shards
+    out = []
+    for overrides, w in tries:
+        c = copy.deepcopy(cfg)
+        for key, value in overrides.items():
+            section, name = key.split(".")
+            setattr(getattr(c, section), name, value)
+        try:
+            total = estimate(c, w).total
+        except (ValueError, ZeroDivisionError):
+            continue
+        if total <= capacity:
+            what = " ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in overrides.items())
+            what = what or "more data-parallel ranks (FSDP shards)"
+            out.append(f"{what}{f' on {w} GPUs' if w != world else ''} -> {total / GiB:.1f} GiB")
+    return out
+
+
+def fit_error(cfg, world: int, est: MemoryEstimate, device_bytes: int) -> str | None:
+    """The message for a run that will not fit in `device_bytes` per GPU, or None if it fits."""
+    capacity = int(device_bytes * MARGIN)
+    if est.total <= capacity:
+        return None
+    knobs = knobs_that_fit(cfg, world, capacity)
+    advice = ("; it would fit with: " + "; ".join(knobs)) if knobs else \
+        "; no single knob makes it fit: shorten data.seq_len or combine them"
+    return (f"data.seq_len={cfg.data.seq_len} with train.activation_checkpointing={cfg.train.activation_checkpointing}, "
+            f"parallel.cp={cfg.parallel.cp}, parallel.tp={cfg.parallel.tp}, parallel.dp={_dp(cfg, world)}: "
+            f"predicted {est.total_gb:.1f} GiB per GPU (parameters {est.params / GiB:.1f}, gradients "
+            f"{est.grads / GiB:.1f}, optimizer {est.optimizer / GiB:.1f}, activations {est.activations / GiB:.1f}, "
+            f"loss {est.loss / GiB:.1f}, transient {est.transient / GiB:.1f}) exceeds {MARGIN:.0%} of the device's "
+            f"{device_bytes / GiB:.1f} GiB{advice}")
+
+
+def _dp(cfg, world: int) -> int:
+    from seqpar.config import data_parallel_size
+    return data_parallel_size(cfg, world)

@@ -1,0 +1,123 @@
+"""The memory estimate against hand-computed cases, and the "will not fit" message."""
+import math
+
+import pytest
+
+from seqpar import memory
+from seqpar.memory import GiB, estimate, fit_error
+
+# tiny_hybrid (LLLS, d 128, 4 heads / 2 kv heads of 32, ffn 384, vocab 288), counted by hand:
+#   norms 2*128; MLP 3*128*384 = 147456; softmax attention 128*(128+64+64) + 128*128 = 49152;
+#   lightning attention 5*128*128 + out_norm 32 = 81952; embedding = output = 288*128 = 36864
+L_LAYER, S_LAYER = 256 + 147456 + 81952, 256 + 147456 + 49152
+TINY_PARAMS = 3 * L_LAYER + S_LAYER + 2 * 36864 + 128  # 959712
+
+
+def _cfg(*overrides):
+    from hydra import compose, initialize_config_module
+    from seqpar.config import register_configs
+
+    register_configs()
+    with initialize_config_module(config_module="seqpar.conf", version_base=None):
+        return compose(config_name="train", overrides=["train.device=cpu", "train.dtype=fp32", "run_dir=unused",
+                                                       "train.global_batch_size=4", "train.micro_batch_size=1",
+                                                       *overrides])
+
+
+def test_tiny_params_match_the_model():
+    from seqpar.model.transformer import Transformer
+
+    assert TINY_PARAMS == 959712 == Transformer(_cfg("parallel.cp=1").model).num_params()
+
+
+def test_params_grads_optimizer_sharded_over_dp_times_cp():
+    est = estimate(_cfg("parallel.cp=2", "parallel.dp=2"), world=4)
+    # every dim 0 (128, 64, 32, 384, 288) divides by dp*cp = 4: an exact quarter, fp32, two Adam moments
+    assert est.params == est.grads == TINY_PARAMS // 4 * 4
+    assert est.optimizer == 2 * TINY_PARAMS // 4 * 4
+    fp64 = estimate(_cfg("parallel.cp=2", "parallel.dp=2", "train.dtype=fp64"), world=4)
+    assert fp64.params == TINY_PARAMS // 4 * 8 and fp64.optimizer == 2 * TINY_PARAMS // 4 * 8
+
+
+def test_uneven_shards_round_up_like_fsdp2():
+    from seqpar.model.transformer import Transformer
+
+    cfg = _cfg("parallel.cp=1", "parallel.dp=3", "train.global_batch_size=3")
+    # FSDP2 splits dim 0 into ceil(rows/3)-row pieces; rank 0 holds a full piece of every parameter
+    want = sum(math.ceil(p.shape[0] / 3) * (p.numel() // p.shape[0])
+               for p in Transformer(cfg.model).parameters())
+    assert estimate(cfg, world=3).params == 4 * want
+
+
+def test_tp_splits_block_weights_and_pp_keeps_a_stage():
+    linears = 3 * (147456 + 81920) + (147456 + 49152)  # every block weight but the norms (and out_norm)
+    assert estimate(_cfg("parallel.cp=1", "parallel.tp=2"), world=2).params == 4 * (TINY_PARAMS - linears // 2)
+    est = estimate(_cfg("parallel.cp=1", "parallel.pp=2", "parallel.pp_layers=[1,3]"), world=2)
+    # the busiest stage is the last: layers 1-3, final norm and output head
+    assert est.stage == 1 and est.params == 4 * (2 * L_LAYER + S_LAYER + 128 + 36864)
+
+
+# a softmax-only model: d 64, 4 heads / 2 kv heads of 16, ffn 96; per token and layer, by hand (fp32):
+#   attention half: norm input + rstd 4*65 = 260, the linears' shared input 4*64 = 256,
+#                   flash q, o (4*64 each), k, v (4*32 each), lse 4*4: 784          -> 1300
+#   MLP half:       norm 260, input 256, w1 x, silu, w3 x, product 4*4*96 = 1536    -> 2052
+SMALL = ["model.layer_pattern=S", "model.d_model=64", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_dim=96",
+         "model.n_layers=2", "parallel.cp=2", "data.seq_len=256", "train.micro_batch_size=2"]
+TOKENS = 2 * 256 // 2  # rows x seq_len / cp
+
+
+@pytest.mark.parametrize("overrides,per_token", [
+    ([], 1300 + 2052),
+    (["train.activation_checkpointing=full"], 4 * 64),  # the block input only
+    (["train.activation_checkpointing=full", "train.offload_activations=true"], 0),
+    # attention without its norm, plus the inputs of three checkpoints (norm, norm, MLP)
+    (["train.activation_checkpointing=selective"], 1300 - 260 + 3 * 256),
+    (["train.activation_checkpointing=selective", "train.offload_activations=true"], 1300 - 260),
+    # chunked MLP keeps its norm and its input; one chunk's 256 + 1536 per token is transient
+    (["train.mlp_chunk_tokens=32"], 1300 + 260 + 256),
+])
+def test_activations_per_layer(overrides, per_token):
+    est = estimate(_cfg(*SMALL, *overrides), world=2)
+    assert est.tokens == TOKENS
+    assert est.per_layer == {"S": per_token * TOKENS}
+    assert est.activations == 2 * per_token * TOKENS
+
+
+def test_transients():
+    chunked = estimate(_cfg(*SMALL, "train.mlp_chunk_tokens=32"), world=2)
+    full = estimate(_cfg(*SMALL, "train.activation_checkpointing=full", "train.mlp_chunk_tokens=64"), world=2)
+    fsdp = 4 * (288 * 64 * 2 + 2 * (2 * 64 + 64 * 192 + 3 * 64 * 96))  # root and two blocks unsharded
+    ring = 2 * 2 * 32 * 4 * TOKENS  # allgather (the default) holds the row's whole K and V: 2 x kv x cp x local
+    ce_chunk = TOKENS * 288 * (4 + 4)  # fp32 logits and their gradient
+    mlp_chunk = (256 + 1536) * 2 * 32  # rows x chunk
+    assert chunked.transient == max(ce_chunk, mlp_chunk) + ring + fsdp
+    # full: one block's none-level saves, recomputed in backward, plus its MLP chunk (here above ce_chunk)
+    assert full.transient == (1300 + 260 + 256) * TOKENS + 2 * mlp_chunk + ring + fsdp
+
+
+def test_autocast_saves_bf16_copies(monkeypatch):
+    import seqpar.config
+
+    monkeypatch.setattr(seqpar.config, "use_cuda", lambda cfg: True)
+    est = estimate(_cfg(*SMALL, "train.dtype=auto"), world=2)
+    # bf16: each linear keeps its own bf16 copy of its input (3 in attention, 2 in the MLP);
+    # norms and the residual stream stay fp32
+    attention = 260 + 3 * 2 * 64 + 2 * (2 * 64 + 2 * 32) + 4 * 4
+    mlp = 260 + 2 * 2 * 64 + 2 * 4 * 96
+    assert est.per_layer == {"S": (attention + mlp) * TOKENS}
+
+
+def test_will_not_fit_names_the_numbers_and_the_knobs():
+    cfg = _cfg(*SMALL)
+    est = estimate(cfg, world=2)
+    assert fit_error(cfg, 2, est, device_bytes=10 * GiB) is None
+    full = estimate(_cfg(*SMALL, "train.activation_checkpointing=full"), world=2).total
+    # a device with room for full checkpointing but not for none
+    device = int((full + est.total) / 2 / memory.MARGIN)
+    msg = fit_error(cfg, 2, est, device_bytes=device)
+    assert f"predicted {est.total_gb:.1f} GiB per GPU" in msg
+    assert f"activations {est.activations / GiB:.1f}" in msg and f"{device / GiB:.1f} GiB" in msg
+    assert "data.seq_len=256" in msg and "train.activation_checkpointing=none" in msg
+    assert f"train.activation_checkpointing=full -> {full / GiB:.1f} GiB" in msg
+    assert "parallel.cp=4 on 4 GPUs" in msg
+    assert "no single knob" in fit_error(cfg, 2, est, device_bytes=1000)
