@@ -18,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from torch.distributed.tensor import DTensor
 from omegaconf import OmegaConf
 
-from seqpar import checkpoint
+from seqpar import checkpoint, memory
 from seqpar.attention import AttnContext
 from seqpar.config import ConfigError, register_configs, resolve_nproc, use_cuda, validate, world_size
 from seqpar.data import PackedLoader, build_dataset
@@ -45,6 +45,7 @@ def launch(cfg) -> int:
     if cfg.dry_run:
         print(OmegaConf.to_yaml(cfg, resolve=True))
         print(f"world size {world_size(cfg)}: {ParallelDims.from_config(cfg.parallel, world_size(cfg))}")
+        print(memory.estimate(cfg, world_size(cfg)).table())
         return 0
     # workers must agree on run_dir, whose default contains the launch time; absolute, as Ray workers run elsewhere
     argv = list(HydraConfig.get().overrides.task) + [f"run_dir={os.path.abspath(cfg.run_dir)}"]
@@ -123,6 +124,7 @@ def train(cfg, device) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     dims = ParallelDims.from_config(cfg.parallel, world)
     dims.build_mesh(device.type)
+    memory.check_before_start(cfg, world, device, rank)  # a run that will not fit stops before allocating
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
 
