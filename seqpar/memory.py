@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 from dataclasses import dataclass, field
 
 from seqpar.model.transformer import head_dim, layer_types
@@ -287,3 +288,21 @@ def fit_error(cfg, world: int, est: MemoryEstimate, device_bytes: int) -> str | 
 def _dp(cfg, world: int) -> int:
     from seqpar.config import data_parallel_size
     return data_parallel_size(cfg, world)
+
+
+def check_before_start(cfg, world: int, device, rank: int) -> MemoryEstimate:
+    """Rank 0 prints the estimate; on CUDA a run predicted not to fit stops here, before the first
+    step (every rank computes the same estimate, so every rank stops)."""
+    import torch
+
+    from seqpar.config import ConfigError
+
+    est = estimate(cfg, world)
+    if rank == 0 and cfg.logging.console:
+        print(est.table(), flush=True)
+    # SEQPAR_MEMORY_CHECK=0: the maxlen benchmark measures the real limit, past the prediction
+    if device.type == "cuda" and os.environ.get("SEQPAR_MEMORY_CHECK", "1") != "0":
+        msg = fit_error(cfg, world, est, torch.cuda.get_device_properties(device).total_memory)
+        if msg:
+            raise ConfigError(msg)
+    return est

@@ -1,4 +1,5 @@
 """The memory estimate against hand-computed cases, and the "will not fit" message."""
+import json
 import math
 
 import pytest
@@ -121,3 +122,28 @@ def test_will_not_fit_names_the_numbers_and_the_knobs():
     assert f"train.activation_checkpointing=full -> {full / GiB:.1f} GiB" in msg
     assert "parallel.cp=4 on 4 GPUs" in msg
     assert "no single knob" in fit_error(cfg, 2, est, device_bytes=1000)
+
+
+@pytest.mark.parametrize("limit,start", [(40, 8), (40, 64), (40, 40), (8, 8), (7, 16), (1000, 24), (0, 16)])
+def test_maxlen_search_finds_the_limit(limit, start):
+    from seqpar.bench.maxlen import search
+
+    tried = []
+    fits = lambda n: tried.append(n) or n <= limit
+    assert search(fits, start, step=8, max_len=64) == min(limit // 8 * 8, 64)
+    assert all(n % 8 == 0 and 8 <= n <= 64 for n in tried)
+    assert len(tried) == len(set(tried)) <= 7  # galloping and bisection never repeat a trial
+
+
+def test_maxlen_smoke_writes_the_answer(tmp_path):
+    from seqpar.bench.maxlen import main
+
+    out = tmp_path / "maxlen.json"
+    # one mode, one trial: the pretend capacity makes the estimate start at max_len, which fits
+    assert main(["--smoke", "--modes", "selective_chunked", "--step", "64", "--max-len", "128", "--steps", "1",
+                 "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    row, = result["results"]
+    assert row["mode"] == "selective_chunked" and row["max_seq_len"] == 128
+    assert row["trials"][-1]["fits"] and row["trials"][-1]["tokens_per_s"] > 0
+    assert row["tokens_per_s"] == row["trials"][-1]["tokens_per_s"]
