@@ -1,6 +1,7 @@
 """The memory estimate against hand-computed cases, and the "will not fit" message."""
 import json
 import math
+import re
 
 import pytest
 
@@ -147,3 +148,18 @@ def test_maxlen_smoke_writes_the_answer(tmp_path):
     assert row["mode"] == "selective_chunked" and row["max_seq_len"] == 128
     assert row["trials"][-1]["fits"] and row["trials"][-1]["tokens_per_s"] > 0
     assert row["tokens_per_s"] == row["trials"][-1]["tokens_per_s"]
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["train.activation_checkpointing=some"], "train.activation_checkpointing='some': choose none, full or selective"),
+    (["train.offload_activations=true"], "set train.activation_checkpointing=full or selective"),
+    (["train.mlp_chunk_tokens=-1"], "train.mlp_chunk_tokens=-1: must be >= 0"),
+    (["train.mlp_chunk_tokens=64", "parallel.tp=2", "parallel.cp=1"], "tp=1 or tp_sequence_parallel=false"),
+])
+def test_memory_knobs_are_validated(overrides, message):
+    from seqpar.config import ConfigError, validate
+
+    validate(_cfg("parallel.cp=1", "train.activation_checkpointing=selective", "train.offload_activations=true",
+                  "train.mlp_chunk_tokens=64"), world=2)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate(_cfg("parallel.cp=2", *overrides), world=2)
