@@ -282,7 +282,7 @@ def fit_error(cfg, world: int, est: MemoryEstimate, device_bytes: int) -> str | 
             f"predicted {est.total_gb:.1f} GiB per GPU (parameters {est.params / GiB:.1f}, gradients "
             f"{est.grads / GiB:.1f}, optimizer {est.optimizer / GiB:.1f}, activations {est.activations / GiB:.1f}, "
             f"loss {est.loss / GiB:.1f}, transient {est.transient / GiB:.1f}) exceeds {MARGIN:.0%} of the device's "
-            f"{device_bytes / GiB:.1f} GiB{advice}")
+            f"{device_bytes / GiB:.1f} GiB{advice} (SEQPAR_MEMORY_CHECK=0 starts it anyway)")
 
 
 def _dp(cfg, world: int) -> int:
