@@ -51,8 +51,10 @@ def offloaded_checkpoint(fn, x: torch.Tensor, *args, **kwargs):
 
     A non-reentrant checkpoint keeps its inputs by reference (not through saved-tensor hooks, so
     `save_on_cpu` cannot reach them): the input is copied to the host as an autograd op, and the
-    checkpointed function copies it back, which backward repeats before recomputing. The copy to a
-    pinned buffer does not block the host; on a CPU run both copies are no-ops."""
+    checkpointed function copies it back, which backward repeats before recomputing. The copies run
+    on the compute stream (not hidden behind compute: two [S, d] copies per block in forward, one in
+    backward, ~2% of a 512k-token llama_1b step at PCIe 5 speed) but do not block the host; on a CPU
+    run both are no-ops."""
     device = x.device
     if device.type == "cuda" and type(x) is torch.Tensor:  # a DTensor's local shard would need its own copy
         host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
