@@ -109,8 +109,9 @@ def sharded_numel(shapes, shards: int) -> int:
 
 
 def layer_saved_per_token(model_cfg, kind: str, part: str, *, p: int, a: int, autocast: bool, tp: int,
-                          sp: bool) -> float:
-    """Bytes one token leaves saved for backward in one layer's `part`: "attention" or "ffn" half."""
+                          sp: bool, keys: float = 1.0) -> float:
+    """Bytes one token leaves saved for backward in one layer's `part`: "attention" or "ffn" half.
+    `keys`: K/V rows the softmax attention saves per local query (see `saved_keys`)."""
     d, hd, ffn = model_cfg.d_model, head_dim(model_cfg), model_cfg.ffn_dim
     H, q, kv = model_cfg.n_heads, model_cfg.n_heads * hd, model_cfg.n_kv_heads * hd
     norm = p * (d + 1) / (tp if sp else 1)  # input + rstd; Megatron-SP keeps 1/tp of the tokens
@@ -118,8 +119,17 @@ def layer_saved_per_token(model_cfg, kind: str, part: str, *, p: int, a: int, au
     if part == "ffn":
         return norm + inputs(2) + 4 * a * ffn / tp
     if kind == "S":
-        return norm + inputs(3) + (a * (2 * q + 2 * kv) + 4 * H) / tp
+        return norm + inputs(3) + (a * (2 * q + 2 * kv * keys) + 4 * H) / tp
     return norm + inputs(4) + (9 * a * q + 4 * H) / tp
+
+
+def saved_keys(par) -> float:
+    """K/V rows per local token that softmax attention saves. Ring and Ulysses save their local
+    (or head-sliced) K/V: 1. All-gather attention saves, per query chunk, the keys up to its end:
+    with zigzag every rank's two chunks reach (2cp + 1)/2 local lengths in all, contiguous up to cp."""
+    if par.cp == 1 or par.softmax_sp != "allgather":
+        return 1.0
+    return (2 * par.cp + 1) / 2 if par.layout == "zigzag" else float(par.cp)
 
 
 def estimate(cfg, world: int) -> MemoryEstimate:
@@ -144,7 +154,8 @@ def estimate(cfg, world: int) -> MemoryEstimate:
     offload = t.offload_activations
 
     spdiv = tp if sp else 1
-    per_token = lambda kind, part: layer_saved_per_token(m, kind, part, p=p, a=a, autocast=autocast, tp=tp, sp=sp)
+    per_token = lambda kind, part: layer_saved_per_token(m, kind, part, p=p, a=a, autocast=autocast, tp=tp, sp=sp,
+                                                         keys=saved_keys(par))
     norm = p * (m.d_model + 1) / spdiv  # a norm's saved input and rstd
     block_input = p * m.d_model / spdiv * tokens  # what one checkpoint keeps
     # chunked, the MLP keeps only its input (the norm's fp32 output) and runs one chunk at a time

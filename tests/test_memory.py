@@ -64,7 +64,7 @@ def test_tp_splits_block_weights_and_pp_keeps_a_stage():
 #                   flash q, o (4*64 each), k, v (4*32 each), lse 4*4: 784          -> 1300
 #   MLP half:       norm 260, input 256, w1 x, silu, w3 x, product 4*4*96 = 1536    -> 2052
 SMALL = ["model.layer_pattern=S", "model.d_model=64", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_dim=96",
-         "model.n_layers=2", "parallel.cp=2", "data.seq_len=256", "train.micro_batch_size=2"]
+         "model.n_layers=2", "parallel.cp=2", "parallel.softmax_sp=ring", "data.seq_len=256", "train.micro_batch_size=2"]
 TOKENS = 2 * 256 // 2  # rows x seq_len / cp
 
 
@@ -77,6 +77,9 @@ TOKENS = 2 * 256 // 2  # rows x seq_len / cp
     (["train.activation_checkpointing=selective", "train.offload_activations=true"], 1300 - 260),
     # chunked MLP keeps its norm and its input; one chunk's 256 + 1536 per token is transient
     (["train.mlp_chunk_tokens=32"], 1300 + 260 + 256),
+    # all-gather attention saves each zigzag chunk's keys up to its end: (2 cp + 1) / 2 local lengths
+    (["parallel.softmax_sp=allgather"], 1300 + 2052 + 4 * 2 * 32 * (5 / 2 - 1)),
+    (["parallel.softmax_sp=allgather", "parallel.layout=contiguous"], 1300 + 2052 + 4 * 2 * 32 * (2 - 1)),
 ])
 def test_activations_per_layer(overrides, per_token):
     est = estimate(_cfg(*SMALL, *overrides), world=2)
@@ -89,7 +92,7 @@ def test_transients():
     chunked = estimate(_cfg(*SMALL, "train.mlp_chunk_tokens=32"), world=2)
     full = estimate(_cfg(*SMALL, "train.activation_checkpointing=full", "train.mlp_chunk_tokens=64"), world=2)
     fsdp = 4 * (288 * 64 * 2 + 2 * (2 * 64 + 64 * 192 + 3 * 64 * 96))  # root and two blocks unsharded
-    ring = 2 * 2 * 32 * 4 * TOKENS  # allgather (the default) holds the row's whole K and V: 2 x kv x cp x local
+    ring = 2 * 2 * 32 * 4 * TOKENS  # the K/V block in use and the one arriving
     ce_chunk = TOKENS * 288 * (4 + 4)  # fp32 logits and their gradient
     mlp_chunk = (256 + 1536) * 2 * 32  # rows x chunk
     assert chunked.transient == max(ce_chunk, mlp_chunk) + ring + fsdp
