@@ -6,6 +6,10 @@ state (sharded DTensors from FSDP2 stay sharded: every rank writes only its own 
 (scheduler, data position, RNG). Everything is written into `step_{step:08d}.tmp/` and the folder
 is renamed only after every rank has finished, so a run killed at any moment of a save leaves the
 previous checkpoint as the newest complete one.
+
+Under `parallel.dp_engine=deepspeed` the model and optimizer state is DeepSpeed's own checkpoint in
+the subfolder `deepspeed/` (written by `engine.save_checkpoint`) instead of DCP's files; the extra
+files, the `.tmp` folder and the rename are the same (`save_state` / `load_state`).
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 _COMPLETE = re.compile(r"^step_(\d{8})$")
 _METADATA = ".metadata"  # DCP writes it last, after every shard is on disk
+DEEPSPEED = "deepspeed"  # the subfolder (DeepSpeed's "tag") that holds a DeepSpeed engine's state
 _FIX = "delete it (or move it away) or set train.resume=none"
 
 
@@ -58,7 +63,7 @@ def _complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
     found = []
     for p in root.iterdir():
         m = _COMPLETE.match(p.name)
-        if m and p.is_dir() and (p / _METADATA).is_file():
+        if m and p.is_dir() and ((p / _METADATA).is_file() or (p / DEEPSPEED).is_dir()):
             found.append((int(m.group(1)), p))
     return sorted(found)
 
@@ -91,9 +96,31 @@ def _check_weights_only(extra: dict) -> bytes:
     return buf.getvalue()
 
 
+def fsync_tree(path: Path) -> None:
+    """Make every file under `path` durable (for writers that do not fsync, such as DeepSpeed's)."""
+    for folder, _, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_path(Path(folder))
+
+
 def save(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, extra: dict,
          *, keep: int = 2) -> Path:
     """Write a checkpoint of step `step` under root, collectively on every rank; returns its folder."""
+    def write(tmp: Path) -> None:
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+
+    return save_state(root, step, write, extra, keep=keep)
+
+
+def save_state(root: Path, step: int, write_state, extra: dict, *, keep: int = 2) -> Path:
+    """`save` with the model and optimizer state written by `write_state(tmp_folder)` (collective),
+    which must leave it durable on disk."""
     if keep < 1:
         raise ValueError(f"keep={keep}: must be >= 1 (train.keep_checkpoints)")
     root = Path(root)
@@ -111,8 +138,7 @@ def save(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.O
     _barrier()
     tmp.mkdir(parents=True, exist_ok=True)
 
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+    write_state(tmp)
     extra_path = tmp / _extra_name(rank)
     with open(extra_path, "wb") as f:
         f.write(extra_bytes)
@@ -136,7 +162,7 @@ def save(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.O
     return final
 
 
-def _problem(path: Path, rank: int, world: int) -> str | None:
+def _problem(path: Path, rank: int, world: int, engine: str) -> str | None:
     """What makes `path` unloadable on this rank, in words, or None."""
     if not path.exists():
         return f"checkpoint {path} does not exist"
@@ -144,7 +170,13 @@ def _problem(path: Path, rank: int, world: int) -> str | None:
         return f"checkpoint {path} is not a folder"
     if path.name.endswith(".tmp"):
         return f"checkpoint {path} is an unfinished save (a .tmp folder)"
-    if not (path / _METADATA).is_file():
+    if engine == "deepspeed" and not (path / DEEPSPEED).is_dir():
+        return (f"checkpoint {path} has no {DEEPSPEED}/ folder: it was not written with parallel.dp_engine=deepspeed; "
+                "resume with the engine that wrote it")
+    if engine != "deepspeed" and (path / DEEPSPEED).is_dir():
+        return (f"checkpoint {path} was written with parallel.dp_engine=deepspeed; resume it with that engine "
+                f"(now {engine})")
+    if engine != "deepspeed" and not (path / _METADATA).is_file():
         return f"checkpoint {path} has no {_METADATA}: the save did not finish or the folder is not a DCP checkpoint"
     written_by = len(list(path.glob("extra_rank*.pt")))
     if written_by != world or not (path / _extra_name(rank)).is_file():
@@ -156,9 +188,21 @@ def _problem(path: Path, rank: int, world: int) -> str | None:
 
 def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """Load model and optimizer state in place (collective) and return this rank's extra dict."""
+    def read(path: Path) -> None:
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=path)
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+    return load_state(path, read, engine="fsdp2")
+
+
+def load_state(path: Path, read_state, *, engine: str) -> dict:
+    """`load` with the model and optimizer state read by `read_state(path)` (collective) from a
+    checkpoint that parallel.dp_engine=`engine` wrote; returns this rank's extra dict."""
     path = Path(path)
     rank, world = _rank_world()
-    problem = _problem(path, rank, world)
+    problem = _problem(path, rank, world, engine)
     extra = None
     if problem is None:
         try:
@@ -176,14 +220,11 @@ def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -
         err = FileNotFoundError if missing else RuntimeError
         raise err(f"{problems[0]}; {_FIX}")
 
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
     try:
-        dcp.load(state, checkpoint_id=path)
+        read_state(path)
     # CheckpointException derives from BaseException, not Exception: it carries every rank's failure
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - any failure here means an unreadable file
         raise RuntimeError(f"checkpoint {path} is corrupt or truncated ({_first_failure(e)}); {_FIX}") from e
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     return extra
 
 

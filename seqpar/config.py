@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -45,7 +45,9 @@ class ParallelConfig:
     linear_sp: str = "lasp2"
     linear_scan: str = "allgather"  # how lasp2 exchanges memory states: allgather | pipelined
     layout: str = "zigzag"
-    dp_engine: str = "fsdp2"
+    dp_engine: str = "fsdp2"  # fsdp2 | deepspeed (ZeRO), both over the dp x cp ranks
+    zero_stage: Optional[int] = None  # dp_engine=deepspeed: 1, 2 or 3 (None: 2); FSDP2 always shards like stage 3
+    deepspeed: Dict[str, Any] = field(default_factory=dict)  # merged over the generated DeepSpeed config
 
 
 @dataclass
@@ -156,6 +158,36 @@ def data_parallel_size(cfg, world: int) -> int:
     return world // (p.pp * p.cp * p.tp) if p.dp == -1 else p.dp
 
 
+def _validate_dp_engine(p) -> None:
+    if p.dp_engine not in ("fsdp2", "deepspeed"):
+        raise ConfigError(f"parallel.dp_engine={p.dp_engine!r}: choose fsdp2 or deepspeed")
+    if p.dp_engine == "fsdp2":
+        if p.zero_stage is not None or p.deepspeed:
+            key = "parallel.zero_stage" if p.zero_stage is not None else "parallel.deepspeed"
+            raise ConfigError(f"{key} only applies to parallel.dp_engine=deepspeed (now fsdp2, which always shards "
+                              "parameters, gradients and optimizer state); remove it or set parallel.dp_engine=deepspeed")
+        return
+    if p.zero_stage is not None and p.zero_stage not in (1, 2, 3):
+        raise ConfigError(f"parallel.zero_stage={p.zero_stage}: DeepSpeed ZeRO stages are 1, 2 or 3")
+    if p.tp > 1 or p.pp > 1:
+        raise ConfigError(f"parallel.dp_engine=deepspeed with parallel.tp={p.tp}, parallel.pp={p.pp}: DeepSpeed runs "
+                          "only as the data-parallel engine over dp x cp here; set parallel.tp=1 and parallel.pp=1, "
+                          "or parallel.dp_engine=fsdp2")
+    from seqpar.parallel.engine import OWNED_DEEPSPEED_KEYS
+
+    owned = [k for k in p.deepspeed if k in OWNED_DEEPSPEED_KEYS]
+    if p.deepspeed and "stage" in (p.deepspeed.get("zero_optimization") or {}):
+        owned.append("zero_optimization.stage")
+    if owned:
+        source = {**OWNED_DEEPSPEED_KEYS, "zero_optimization.stage": "parallel.zero_stage"}
+        raise ConfigError(f"parallel.deepspeed.{owned[0]}: seqpar sets it from {source[owned[0]]}; set that instead")
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is None:  # find_spec: importing it here would cost seconds
+        raise ConfigError("parallel.dp_engine=deepspeed: DeepSpeed is not installed; "
+                          "install it with DS_BUILD_OPS=0 pip install 'seqpar[deepspeed]'")
+
+
 def validate(cfg, world: int | None = None) -> None:
     """Raise ConfigError on the first rule the config breaks."""
     from seqpar.attention import LINEAR_SP, SOFTMAX_SP
@@ -202,8 +234,7 @@ def validate(cfg, world: int | None = None) -> None:
     if p.pp > 1 and m.tie_embeddings:
         fail("model.tie_embeddings=true with parallel.pp>1: the embedding and the output head live on different "
              "pipeline stages; set model.tie_embeddings=false or parallel.pp=1")
-    if p.dp_engine != "fsdp2":
-        fail(f"parallel.dp_engine={p.dp_engine!r}: only 'fsdp2' exists so far")
+    _validate_dp_engine(p)
     if p.layout not in LAYOUTS:
         fail(f"parallel.layout={p.layout!r}: choose one of {list(LAYOUTS)}")
     if p.softmax_sp not in SOFTMAX_SP:

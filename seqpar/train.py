@@ -7,7 +7,6 @@ import math
 import os
 import sys
 import time
-from collections import defaultdict
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -15,7 +14,6 @@ import hydra
 import torch
 import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
-from torch.distributed.tensor import DTensor
 from omegaconf import OmegaConf
 
 from seqpar import checkpoint, memory
@@ -28,6 +26,7 @@ from seqpar.metrics import MetricsLogger, max_memory_gb, peak_flops
 from seqpar.model.flops import step_flops
 from seqpar.model.transformer import Transformer
 from seqpar.parallel.dims import ParallelDims
+from seqpar.parallel.engine import build_engine
 from seqpar.parallel.parallelize import gradient_replicas, parallelize
 from seqpar.parallel.pipeline import OneFOneB, pipeline_stage
 from seqpar.parallel.sharding import document_positions, shard_sequence
@@ -130,6 +129,7 @@ def train(cfg, device) -> None:
 
     model = build_model(cfg, dims, device)
     optimizer, scheduler = build_optimizer(model, cfg, device)
+    engine = build_engine(model, optimizer, scheduler, cfg, dims)  # FSDP2 or DeepSpeed: reduction, step, checkpoints
 
     loader = PackedLoader(build_dataset(cfg.data, cfg.data.seq_len), global_batch_size=cfg.train.global_batch_size,
                           micro_batch_size=cfg.train.micro_batch_size, dp_rank=dims.rank_in("dp"),
@@ -140,7 +140,7 @@ def train(cfg, device) -> None:
     resume_from = checkpoint.latest(ckpt_root) if cfg.train.resume == "auto" else (
         None if cfg.train.resume == "none" else Path(cfg.train.resume))
     if resume_from is not None:
-        extra = checkpoint.load(resume_from, model, optimizer)
+        extra = engine.load(resume_from)
         scheduler.load_state_dict(extra["scheduler"])
         loader.load_state_dict(extra["data"])
         checkpoint.restore_rng(extra["rng"])
@@ -154,11 +154,8 @@ def train(cfg, device) -> None:
         for step in range(start_step + 1, cfg.train.steps + 1):
             t0 = time.perf_counter()
             micro_batches = loader.next_batch()
-            stats = train_step(model, micro_batches, cfg, dims, device)
-            grad_norm = clip_gradients(model, cfg.train.grad_clip, dims)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            stats = train_step(engine.model, micro_batches, cfg, dims, device, backward=engine.backward)
+            grad_norm = engine.step()  # clip, optimizer and schedule step, clear gradients
             loss = stats["loss"]
             if not math.isfinite(loss):
                 raise FloatingPointError(
@@ -179,7 +176,7 @@ def train(cfg, device) -> None:
             if stop or step == cfg.train.steps or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0):
                 extra = {"step": step, "scheduler": scheduler.state_dict(), "data": loader.state_dict(),
                          "rng": checkpoint.capture_rng()}
-                checkpoint.save(ckpt_root, step, model, optimizer, extra, keep=cfg.train.keep_checkpoints)
+                engine.save(ckpt_root, step, extra, keep=cfg.train.keep_checkpoints)
             if stop:
                 break
 
@@ -194,8 +191,9 @@ def build_model(cfg, dims: ParallelDims, device):
     return parallelize(model, dims, cfg)
 
 
-def train_step(model, micro_batches, cfg, dims: ParallelDims, device) -> dict:
-    """Forward and backward of one optimizer step's micro-batches on this rank.
+def train_step(model, micro_batches, cfg, dims: ParallelDims, device, *, backward=torch.Tensor.backward) -> dict:
+    """Forward and backward of one optimizer step's micro-batches on this rank; `backward(loss)` is
+    the dp engine's (DeepSpeed must see every backward; validation keeps it off pipelines).
 
     The loss is the mean over every target token of the global batch, so it does not depend on
     how the batch is split over dp, cp and micro-batches."""
@@ -228,7 +226,7 @@ def train_step(model, micro_batches, cfg, dims: ParallelDims, device) -> dict:
 
     if dims.pp == 1:
         for i in range(len(micro_batches)):
-            forward(i).backward()
+            backward(forward(i))
     else:
         rows, seq_len = micro_batches[0].input_ids.shape
         shape = (rows, seq_len // dims.cp // (dims.tp if cfg.parallel.tp_sequence_parallel else 1), cfg.model.d_model)
@@ -237,29 +235,6 @@ def train_step(model, micro_batches, cfg, dims: ParallelDims, device) -> dict:
     if dims.pp > 1:  # only the last stage computed a loss
         dist.all_reduce(loss_sum, group=dims.group("pp"))
     return {"loss": loss_sum.item() / n_tokens, "flops": flops}
-
-
-def clip_gradients(model, max_norm: float, dims: ParallelDims) -> float:
-    """Clip to `max_norm` (0: only measure) and return the global gradient norm.
-
-    Parameters may be DTensors on different meshes (FSDP's dp x cp, and dp x cp x tp under tensor
-    parallelism), which one foreach norm cannot mix: each mesh's norm is made whole, then combined,
-    then summed over pipeline stages, which hold different parameters."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    by_mesh = defaultdict(list)
-    for g in grads:
-        by_mesh[getattr(g, "device_mesh", None)].append(g)
-    norms = [torch.nn.utils.get_total_norm(group) for group in by_mesh.values()]
-    local = torch.stack([n.full_tensor() if isinstance(n, DTensor) else n for n in norms])
-    square = (local.double() ** 2).sum()
-    if dims.pp > 1:
-        dist.all_reduce(square, group=dims.group("pp"))
-    total = float(square.sqrt())
-    if max_norm > 0 and total > max_norm:
-        coef = max_norm / (total + 1e-6)
-        for g in grads:
-            g.mul_(coef)
-    return total
 
 
 @hydra.main(version_base=None, config_path="pkg://seqpar.conf", config_name="train")

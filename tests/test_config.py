@@ -53,6 +53,17 @@ BAD = [
     (["train.grad_clip=-1"], 2, "train.grad_clip=-1"),
     (["launcher.nproc_per_node=many"], None, "launcher.nproc_per_node='many'"),
     (["data=synthetic", "data.distribution=file", "data.lengths_file=/nope.json"], 2, "data.lengths_file=/nope.json"),
+    (["parallel.dp_engine=megatron"], 2, "parallel.dp_engine='megatron': choose fsdp2 or deepspeed"),
+    (["parallel.dp_engine=deepspeed", "parallel.zero_stage=4"], 2, "parallel.zero_stage=4: DeepSpeed ZeRO stages are 1, 2 or 3"),
+    (["parallel.zero_stage=2"], 2, "parallel.zero_stage only applies to parallel.dp_engine=deepspeed"),
+    (["+parallel.deepspeed.wall_clock_breakdown=true"], 2, "parallel.deepspeed only applies to parallel.dp_engine=deepspeed"),
+    (["parallel.dp_engine=deepspeed", "parallel.tp=2", "parallel.cp=1"], 2,
+     "parallel.dp_engine=deepspeed with parallel.tp=2, parallel.pp=1: DeepSpeed runs only as the data-parallel engine"),
+    (["parallel.dp_engine=deepspeed", "parallel.pp=2", "parallel.cp=1"], 2, "parallel.tp=1, parallel.pp=2"),
+    (["parallel.dp_engine=deepspeed", "+parallel.deepspeed.gradient_clipping=0.5"], 2,
+     "parallel.deepspeed.gradient_clipping: seqpar sets it from train.grad_clip"),
+    (["parallel.dp_engine=deepspeed", "+parallel.deepspeed.zero_optimization.stage=3"], 2,
+     "parallel.deepspeed.zero_optimization.stage: seqpar sets it from parallel.zero_stage"),
 ]
 
 
@@ -87,3 +98,18 @@ def test_dry_run_prints_resolved_config(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "layer_pattern: LLLS" in r.stdout and "ParallelDims(dp=1, cp=2, tp=1, pp=1, world_size=2" in r.stdout
+
+
+def test_deepspeed_block_is_merged_over_the_generated_config():
+    from seqpar.parallel.dims import ParallelDims
+    from seqpar.parallel.engine import deepspeed_config
+
+    cfg = make_cfg("parallel.dp_engine=deepspeed", "parallel.zero_stage=3", "train.grad_clip=0.5",
+                   "train.global_batch_size=8", "train.micro_batch_size=2",
+                   "+parallel.deepspeed.zero_optimization.overlap_comm=false", "+parallel.deepspeed.wall_clock_breakdown=true")
+    validate(cfg, world=4)
+    ds = deepspeed_config(cfg, ParallelDims(dp=2, cp=2, tp=1, pp=1, world_size=4))
+    assert ds["zero_optimization"] == {"stage": 3, "overlap_comm": False}  # merged, not replaced
+    assert ds["wall_clock_breakdown"] is True and ds["gradient_clipping"] == 0.5
+    # 8 sequences over dp=2 in micro-batches of 2: 2 accumulation steps; DeepSpeed counts cp ranks as dp
+    assert (ds["gradient_accumulation_steps"], ds["train_micro_batch_size_per_gpu"], ds["train_batch_size"]) == (2, 2, 16)

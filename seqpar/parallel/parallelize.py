@@ -16,7 +16,7 @@ def parallelize(model: torch.nn.Module, dims: ParallelDims, cfg) -> torch.nn.Mod
     if dims.tp > 1:
         apply_tensor_parallel(model, dims.mesh["tp"], sequence_parallel=cfg.parallel.tp_sequence_parallel)
     apply_activation_checkpointing(model, cfg.train)
-    if gradient_replicas(dims) > 1:
+    if gradient_replicas(dims) > 1 and cfg.parallel.dp_engine == "fsdp2":  # else DeepSpeed wraps it (engine.py)
         # cp ranks hold the same parameters but different tokens: they shard and reduce like dp ranks
         mesh = dims.mesh["dp_cp"]
         for block in model.layers.values():
@@ -63,5 +63,5 @@ def offloaded_checkpoint(fn, x: torch.Tensor, *args, **kwargs):
 
 
 def gradient_replicas(dims: ParallelDims) -> int:
-    """How many ranks FSDP averages each gradient over (the loss is scaled to undo the mean)."""
+    """How many ranks FSDP or DeepSpeed averages each gradient over (the loss is scaled to undo the mean)."""
     return dims.dp * dims.cp
