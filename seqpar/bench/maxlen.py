@@ -9,6 +9,7 @@ estimate beside `max_mem_gb`, which is how the estimate is validated. The search
 longest length the estimate says fits (a trial at 512k takes minutes of attention alone), gallops
 up or down from there by doubling steps, then bisects to the granularity.
 
+`--cp 2` runs the same search on two GPUs with the sequence split over them (parallel.cp=2).
 `--anchor PATH` also runs the plain PyTorch anchor (`anchors_e2e.py --maxlen`) and records its
 answer in the same JSON. `--smoke` runs a tiny model on the CPU with small lengths: it exercises
 the search and the trial runner, not memory (a CPU run does not run out).
@@ -74,24 +75,26 @@ def compose(overrides: list[str]):
         return hydra_compose(config_name="train", overrides=[*overrides, "run_dir=unused"])
 
 
-def predicted_start(base: list[str], mode: list[str], step: int, max_len: int, capacity: int) -> int:
-    """The longest length (a multiple of `step`) whose estimate is within `capacity` bytes."""
+def predicted_start(base: list[str], mode: list[str], step: int, max_len: int, capacity: int, world: int) -> int:
+    """The longest length (a multiple of `step`, at least one step) whose estimate is within
+    `capacity` bytes; bisected, as the estimate grows with the length."""
     from seqpar.memory import estimate
 
-    best = step
-    for length in range(step, max_len + 1, step):
-        if estimate(compose([*base, *mode, f"data.seq_len={length}", f"data.mean_len={length}"]), 1).total > capacity:
-            break
-        best = length
-    return best
+    fits = lambda n: estimate(compose([*base, *mode, f"data.seq_len={n}", f"data.mean_len={n}"]), world).total <= capacity
+    lo, hi = 0, max_len // step + 1  # in steps: lo fits (or is 0), hi does not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid * step) else (lo, mid)
+    return max(lo, 1) * step
 
 
-def trial(base: list[str], mode: list[str], length: int, steps: int, timeout: float, log: list) -> dict | None:
+def trial(base: list[str], mode: list[str], length: int, steps: int, timeout: float, log: list,
+          world: int) -> dict | None:
     """Train `steps` steps at `length`; the last step's metrics if it fit, else None."""
     from seqpar.memory import estimate
 
     overrides = [*base, *mode, f"data.seq_len={length}", f"data.mean_len={length}", f"train.steps={steps}"]
-    predicted = estimate(compose(overrides), 1).total_gb
+    predicted = estimate(compose(overrides), world).total_gb
     with tempfile.TemporaryDirectory() as run_dir:
         cmd = [sys.executable, "-m", "seqpar.train", *overrides, f"run_dir={run_dir}"]
         env = {**os.environ, "SEQPAR_MEMORY_CHECK": "0"}
@@ -127,6 +130,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m seqpar.bench maxlen", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="llama_1b")
     ap.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {list(MODES)}")
+    ap.add_argument("--cp", type=int, default=1, help="GPUs, one sequence split over them (parallel.cp)")
     ap.add_argument("--step", type=int, default=8192, help="granularity of the answer (tokens)")
     ap.add_argument("--max-len", type=int, default=1 << 20)
     ap.add_argument("--steps", type=int, default=2, help="steps per trial; tokens/s and MFU from the last")
@@ -139,8 +143,9 @@ def main(argv=None) -> int:
     import torch
 
     model = "tiny_hybrid" if args.smoke else args.model
-    base = [f"model={model}", "train=long", "data=synthetic", "data.distribution=fixed", "launcher.nproc_per_node=1",
-            "parallel.cp=1", "logging.console=false", "train.warmup_steps=1"]
+    base = [f"model={model}", "train=long", "data=synthetic", "data.distribution=fixed",
+            f"launcher.nproc_per_node={args.cp}", f"parallel.cp={args.cp}", "logging.console=false",
+            "train.warmup_steps=1"]
     if args.smoke:
         base += ["train.device=cpu", "data.num_tokens=65536"]
         capacity = 28 << 20  # a pretend device, so that the estimate picks a start inside max_len
@@ -148,6 +153,9 @@ def main(argv=None) -> int:
     else:
         if not torch.cuda.is_available():
             print("maxlen: no CUDA device (use --smoke for the CPU form)", file=sys.stderr)
+            return 2
+        if torch.cuda.device_count() < args.cp:
+            print(f"maxlen: --cp {args.cp} needs {args.cp} GPUs, {torch.cuda.device_count()} here", file=sys.stderr)
             return 2
         capacity = torch.cuda.get_device_properties(0).total_memory
         device = torch.cuda.get_device_name(0)
@@ -162,11 +170,11 @@ def main(argv=None) -> int:
         mode = MODES[name]
         if args.smoke:  # chunks that the smoke form's short sequences actually split
             mode = [o.replace("mlp_chunk_tokens=8192", "mlp_chunk_tokens=64") for o in mode]
-        start = predicted_start(base, mode, args.step, args.max_len, capacity)
+        start = predicted_start(base, mode, args.step, args.max_len, capacity, args.cp)
         trials, best_metrics = [], {}
 
         def fits(length):
-            last = trial(base, mode, length, args.steps, args.trial_timeout, trials)
+            last = trial(base, mode, length, args.steps, args.trial_timeout, trials, args.cp)
             if last is not None:
                 best_metrics[length] = last
             return last is not None
@@ -178,7 +186,7 @@ def main(argv=None) -> int:
                         "trials": trials})
         print(json.dumps({k: v for k, v in results[-1].items() if k != "trials"}), flush=True)
 
-    out = {"benchmark": "maxlen", "model": model, "device": device,
+    out = {"benchmark": "maxlen", "model": model, "device": device, "gpus": args.cp, "parallel.cp": args.cp,
            "device_memory_gb": round(capacity / 2**30, 1), "step": args.step, "max_len": args.max_len,
            "steps_per_trial": args.steps, "date": datetime.date.today().isoformat(),
            "versions": {"torch": torch.__version__, "python": platform.python_version(),
