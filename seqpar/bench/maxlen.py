@@ -2,12 +2,13 @@
 of 8k) that one GPU trains, per memory mode, with tokens/s and MFU at that length.
 
 Each trial is a real `python -m seqpar.train` run in its own process (one sequence per step, one
-document per sequence, `train.steps` steps), so an out-of-memory failure leaves nothing behind for
+document per sequence), so an out-of-memory failure leaves nothing behind for
 the next trial; it fits when the run exits cleanly. The memory estimate's check is off in trials
 (`SEQPAR_MEMORY_CHECK=0`): the point is to measure the limit, and each trial records the
 estimate beside `max_mem_gb`, which is how the estimate is validated. The search starts at the
 longest length the estimate says fits (a trial at 512k takes minutes of attention alone), gallops
-up or down from there by doubling steps, then bisects to the granularity.
+up or down from there by doubling steps, then bisects to the granularity. Search trials run one
+step; one more run of `--steps` steps at the answer gives tokens/s and MFU (its last step).
 
 `--cp 2` runs the same search on two GPUs with the sequence split over them (parallel.cp=2).
 `--anchor PATH` also runs the plain PyTorch anchor (`anchors_e2e.py --maxlen`) and records its
@@ -133,7 +134,9 @@ def main(argv=None) -> int:
     ap.add_argument("--cp", type=int, default=1, help="GPUs, one sequence split over them (parallel.cp)")
     ap.add_argument("--step", type=int, default=8192, help="granularity of the answer (tokens)")
     ap.add_argument("--max-len", type=int, default=1 << 20)
-    ap.add_argument("--steps", type=int, default=2, help="steps per trial; tokens/s and MFU from the last")
+    ap.add_argument("--steps", type=int, default=2,
+                    help="steps of the timing run at the answer (search trials run one); tokens/s and MFU from the last")
+    ap.add_argument("--start", type=int, default=0, help="first length tried (default: the memory estimate's answer)")
     ap.add_argument("--trial-timeout", type=float, default=1800.0)
     ap.add_argument("--anchor", default=None, help="path of anchors_e2e.py to run its --maxlen beside")
     ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU (tests the search, not memory)")
@@ -173,14 +176,16 @@ def main(argv=None) -> int:
         start = predicted_start(base, mode, args.step, args.max_len, capacity, args.cp)
         trials, best_metrics = [], {}
 
-        def fits(length):
-            last = trial(base, mode, length, args.steps, args.trial_timeout, trials, args.cp)
+        def fits(length):  # one step allocates everything a step needs
+            last = trial(base, mode, length, 1, args.trial_timeout, trials, args.cp)
             if last is not None:
                 best_metrics[length] = last
             return last is not None
 
-        best = search(fits, start, args.step, args.max_len)
+        best = search(fits, args.start or start, args.step, args.max_len)
         at = best_metrics.get(best, {})
+        if best and args.steps > 1:  # the first step includes warm-up: time the last of --steps
+            at = trial(base, mode, best, args.steps, args.trial_timeout, trials, args.cp) or {}
         results.append({"mode": name, "overrides": mode, "max_seq_len": best, "predicted_start": start,
                         "tokens_per_s": at.get("tokens_per_s"), "mfu": at.get("mfu"), "max_mem_gb": at.get("max_mem_gb"),
                         "trials": trials})
