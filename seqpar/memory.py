@@ -19,6 +19,9 @@ stream and norms in the parameter dtype), per token of a layer:
   the normed output, the gate's sigmoid and wo's input (nine q-sized tensors).
 - SwiGLU: w1 x, its silu, w3 x and their product (w2's input): four ffn_dim-sized tensors.
 
+On top of the largest transient: three `[S, d]` tensors of the residual stream (a block's input
+and output, or the gradients entering and leaving it), which at a million tokens are gigabytes.
+
 CPU runs use the reference attention kernels, which save quadratic score matrices: the estimate
 describes the CUDA kernels, which is where it matters.
 """
@@ -201,7 +204,9 @@ def estimate(cfg, world: int) -> MemoryEstimate:
         else:
             fsdp = 0
         what, amount = max(transients.items(), key=lambda kv: kv[1])
-        amount += _sp_buffers(cfg, tokens, a) + fsdp
+        # the residual stream in flight: a block's input and output in forward; in backward the
+        # gradients entering and leaving it and, checkpointed, its input brought back
+        amount += 3 * block_input + _sp_buffers(cfg, tokens, a) + fsdp
         if fsdp:
             what += " + FSDP gathers"
         whole = sharded_numel(shapes, 1)

@@ -95,9 +95,10 @@ def test_transients():
     ring = 2 * 2 * 32 * 4 * TOKENS  # the K/V block in use and the one arriving
     ce_chunk = TOKENS * 288 * (4 + 4)  # fp32 logits and their gradient
     mlp_chunk = (256 + 1536) * 2 * 32  # rows x chunk
-    assert chunked.transient == max(ce_chunk, mlp_chunk) + ring + fsdp
+    stream = 3 * 4 * 64 * TOKENS  # residual stream and its gradients in flight
+    assert chunked.transient == max(ce_chunk, mlp_chunk) + stream + ring + fsdp
     # full: one block's none-level saves, recomputed in backward, plus its MLP chunk (here above ce_chunk)
-    assert full.transient == (1300 + 260 + 256) * TOKENS + 2 * mlp_chunk + ring + fsdp
+    assert full.transient == (1300 + 260 + 256) * TOKENS + 2 * mlp_chunk + stream + ring + fsdp
 
 
 def test_autocast_saves_bf16_copies(monkeypatch):
