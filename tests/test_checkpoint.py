@@ -231,3 +231,18 @@ def test_rng_round_trip_survives_weights_only_load(tmp_path):
     random.seed(4), np.random.seed(4), torch.manual_seed(4)
     checkpoint.restore_rng(torch.load(tmp_path / "rng.pt", weights_only=True))
     assert (random.random(), np.random.randn(2).tolist()) == expected[:2] and torch.equal(torch.randn(4), expected[2])
+
+
+def test_checkpoint_of_the_other_dp_engine_fails_naming_it(tmp_path):
+    ds = tmp_path / "step_00000001"  # the layout DeepSpeedEngine.save leaves: DeepSpeed's tag folder, no .metadata
+    (ds / checkpoint.DEEPSPEED).mkdir(parents=True)
+    torch.save({"step": 1}, ds / "extra_rank0.pt")
+    assert checkpoint.latest(tmp_path) == ds
+    model, opt = _model_and_optimizer(False, seed=0)
+    with pytest.raises(RuntimeError, match="written with parallel.dp_engine=deepspeed; resume it with that engine"):
+        checkpoint.load(ds, model, opt)
+    assert checkpoint.load_state(ds, lambda path: None, engine="deepspeed") == {"step": 1}
+
+    dcp_only = checkpoint.save(tmp_path / "fsdp", 1, model, opt, {"step": 1})
+    with pytest.raises(RuntimeError, match="no deepspeed/ folder: it was not written with parallel.dp_engine=deepspeed"):
+        checkpoint.load_state(dcp_only, lambda path: None, engine="deepspeed")

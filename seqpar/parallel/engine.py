@@ -65,6 +65,9 @@ class DeepSpeedEngine:
     def __init__(self, model, optimizer, scheduler, cfg, dims: ParallelDims):
         import deepspeed
 
+        # on CPU, DeepSpeed's first init JIT-compiles a shared-memory all-reduce (100 s on a fresh machine)
+        # that only its inference_all_reduce uses; ZeRO's collectives go through torch.distributed groups
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         self.scheduler = scheduler
         # the scheduler is not given to DeepSpeed: it is stepped in step() and saved with the extra
         # state, like under FSDP2, so both engines resume it the same way
