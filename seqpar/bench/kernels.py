@@ -18,6 +18,8 @@ import time
 
 import torch
 
+from seqpar.bench.ring import lognormal_lengths
+
 H, D = 32, 128
 TOKENS = 65536
 
@@ -36,16 +38,6 @@ def _timer(device):
             times.append((time.perf_counter() - t) * 1e3)
         return sorted(times)[1]
     return wall
-
-
-def _lognormal_lengths(total, seed=0):
-    # the long-tailed draw of anchors_varlen.py, cut to `total` tokens
-    g = torch.Generator().manual_seed(seed)
-    lens = []
-    while sum(lens) < total:
-        lens.append(int(torch.empty(1).log_normal_(mean=7.5, std=1.2, generator=g).clamp(16, total).item()))
-    lens[-1] -= sum(lens) - total
-    return lens
 
 
 def _lightning_impls(device):
@@ -75,7 +67,7 @@ def bench_lightning(args, device):
     impls = _lightning_impls(device)
     lam = -torch.linspace(1, 8, H, device=device).exp2().reciprocal()  # log-decay per head, as the anchor
     cases = [("dense", S, max(1, args.tokens // S), None) for S in args.seq_lens]
-    cases += [("packed", S, 1, _lognormal_lengths(S)) for S in args.packed_lens]
+    cases += [("packed", S, 1, lognormal_lengths(S)) for S in args.packed_lens]
     rows = []
     for layout, S, B, lens in cases:
         gen = torch.Generator(device=device).manual_seed(S)
