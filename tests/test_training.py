@@ -29,6 +29,7 @@ LAYOUTS = {  # name: (processes, overrides)
     "pp2_cp2": (4, ["parallel.cp=2", "parallel.pp=2"]),
     "cp2_ring": (2, ["parallel.cp=2", "parallel.softmax_sp=ring"]),
     "cp2_ulysses": (2, ["parallel.cp=2", "parallel.softmax_sp=ulysses"]),
+    "cp2_disagg": (2, ["parallel.cp=2", "parallel.softmax_sp=disagg"]),
     # memory modes: recomputation and chunking must not change a number
     "cp2_selective_mlp_chunks": (2, ["parallel.cp=2", "train.activation_checkpointing=selective",
                                      "train.mlp_chunk_tokens=12"]),
@@ -63,7 +64,7 @@ def test_metrics_file_has_one_object_per_step(single_run):
 
 
 LOSS_LAYOUTS = ["cp2", "dp2", "cp2_dp2", "cp2_contiguous", "cp2_lasp1", "tp2", "cp2_tp2", "dp2_tp2", "pp2",
-                "cp2_ring", "cp2_ulysses", "cp2_selective_mlp_chunks", "dp2_full_offload",
+                "cp2_ring", "cp2_ulysses", "cp2_disagg", "cp2_selective_mlp_chunks", "dp2_full_offload",
                 "dp2_zero1", "dp2_zero2", "dp2_zero3", "cp2_zero2"]
 GRAD_LAYOUTS = ["cp2", "dp2", "cp2_dp2", "tp2", "tp2_no_sp", "cp2_tp2", "dp2_tp2", "pp2", "pp2_cp2",
                 "cp2_selective_mlp_chunks", "dp2_full_offload", "cp2_tp2_selective",

@@ -8,13 +8,14 @@ from __future__ import annotations
 from seqpar import kernels
 from seqpar.attention.allgather import allgather_attention
 from seqpar.attention.context import AttnContext
+from seqpar.attention.disagg import disagg_attention
 from seqpar.attention.lasp import lasp2_attention
 from seqpar.attention.lasp1 import lasp1_attention
 from seqpar.attention.ring import ring_attention
 from seqpar.attention.ulysses import ulysses_attention, usp_attention
 
 SOFTMAX_SP = {"allgather": allgather_attention, "ring": ring_attention, "ulysses": ulysses_attention,
-              "usp": usp_attention}
+              "usp": usp_attention, "disagg": disagg_attention}
 LINEAR_SP = {"lasp2": lasp2_attention, "lasp1": lasp1_attention}
 
 
@@ -35,5 +36,6 @@ def linear_attention(q, k, v, log_decay, ctx: AttnContext, *, scale=None):
                                     scale=scale, layout=ctx.layout, **extra)
 
 
-__all__ = ["AttnContext", "softmax_attention", "linear_attention", "allgather_attention", "ring_attention",
-           "ulysses_attention", "usp_attention", "lasp2_attention", "lasp1_attention", "SOFTMAX_SP", "LINEAR_SP"]
+__all__ = ["AttnContext", "softmax_attention", "linear_attention", "allgather_attention", "disagg_attention",
+           "ring_attention", "ulysses_attention", "usp_attention", "lasp2_attention", "lasp1_attention", "SOFTMAX_SP",
+           "LINEAR_SP"]
