@@ -25,7 +25,7 @@ from seqpar.launch.local import is_worker, launch_workers
 from seqpar.metrics import MetricsLogger, max_memory_gb, peak_flops
 from seqpar.model.flops import step_flops
 from seqpar.model.transformer import Transformer
-from seqpar.parallel.dims import ParallelDims
+from seqpar.parallel.dims import ParallelDims, init_world
 from seqpar.parallel.engine import build_engine
 from seqpar.parallel.parallelize import gradient_replicas, parallelize
 from seqpar.parallel.pipeline import OneFOneB, pipeline_stage
@@ -64,15 +64,7 @@ def init_distributed(cfg) -> torch.device:
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    if use_cuda(cfg):
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-        # without device_id, NCCL init hung on the 2-GPU machine (ENVIRONMENT.md)
-        dist.init_process_group("nccl", device_id=device)
-    else:
-        device = torch.device("cpu")
-        dist.init_process_group("gloo")
-    return device
+    return init_world(use_cuda(cfg))
 
 
 def _free_port() -> int:

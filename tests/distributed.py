@@ -1,10 +1,12 @@
-"""Run a function on N gloo processes of this machine (the harness every multi-rank test shares)."""
+"""Run a function on N gloo processes of this machine (the harness every multi-rank test shares),
+and wait for an outside process (Slurm, Ray) to reach a state."""
 from __future__ import annotations
 
 import gc
 import os
 import socket
 import tempfile
+import time
 import pickle
 
 import torch
@@ -45,3 +47,13 @@ def run_distributed(fn, world_size: int, *args, backend: str = "gloo"):
             with open(os.path.join(out_dir, f"{r}.pkl"), "rb") as f:
                 results.append(pickle.load(f))
         return results
+
+
+def wait_until(ready, timeout: float, interval: float = 0.5) -> bool:
+    """Poll `ready()` until it is true (True) or `timeout` seconds pass (False)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if ready():
+            return True
+        time.sleep(interval)
+    return False

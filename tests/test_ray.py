@@ -18,6 +18,7 @@ from ray.util.state import list_actors
 
 from seqpar import checkpoint
 from seqpar.config import ConfigError, validate
+from tests.distributed import wait_until
 from tests.test_config import make_cfg
 
 BIN = Path(sys.executable).parent
@@ -50,7 +51,7 @@ def cluster():
     try:
         up = lambda: subprocess.run([str(BIN / "ray"), "job", "list", "--address", url], env=env,
                                     capture_output=True).returncode == 0
-        if not _wait(up, 120, 1):
+        if not wait_until(up, 120, 1):
             head.terminate()
             pytest.fail(f"`ray start --head` did not come up within 120 s: {head.communicate(timeout=30)[1][-3000:]}")
         yield {"address": address, "dashboard": url, "env": env}
@@ -61,15 +62,6 @@ def cluster():
         except subprocess.TimeoutExpired:
             head.kill()
         shutil.rmtree(temp, ignore_errors=True)
-
-
-def _wait(ready, timeout: float, interval: float = 0.5) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if ready():
-            return True
-        time.sleep(interval)
-    return False
 
 
 def _metrics(run_dir: Path) -> list[dict]:
@@ -100,7 +92,7 @@ def test_lost_worker_restarts_group_from_checkpoint(cluster, job_run, tmp_path):
                                    f"launcher.address={cluster['address']}", f"run_dir={run_dir}"],
                                   env=cluster["env"], stdout=out, stderr=subprocess.STDOUT)
     try:
-        assert _wait(lambda: checkpoint.latest(run_dir / "checkpoints") is not None, 240, 0.2), "no checkpoint"
+        assert wait_until(lambda: checkpoint.latest(run_dir / "checkpoints") is not None, 240, 0.2), "no checkpoint"
         alive = list_actors(address=cluster["dashboard"], filters=[("class_name", "=", "RankWorker"),
                                                                    ("state", "=", "ALIVE")])
         assert len(alive) == 2, alive

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from seqpar.config import ConfigError
+from tests.distributed import wait_until
 from seqpar.launch.slurm import SlurmEnvError, master_port, rendezvous_env, sbatch_options
 from tests.test_config import make_cfg
 
@@ -89,12 +90,12 @@ def slurm(tmp_path_factory):
         procs.append(subprocess.Popen(["munged", "-F", "--force", f"--socket={root}/munge-run/munge.socket",
                                        f"--key-file={key}", f"--pid-file={root}/munge-run/munged.pid",
                                        f"--log-file={root}/log/munged.log", f"--seed-file={root}/munge-key/seed"]))
-        _wait(lambda: (root / "munge-run" / "munge.socket").exists(), 20)
+        wait_until(lambda: (root / "munge-run" / "munge.socket").exists(), 20)
         procs.append(subprocess.Popen(["slurmctld", "-D", "-f", str(conf)], env=env))
         procs.append(subprocess.Popen(["slurmd", "-D", "-f", str(conf)], env=env))
         idle = lambda: subprocess.run(["sinfo", "-h", "-o", "%t"], env=env, capture_output=True,
                                       text=True).stdout.strip() == "idle"
-        if not _wait(idle, 60):
+        if not wait_until(idle, 60):
             logs = "\n".join(p.read_text()[-1500:] for p in sorted((root / "log").glob("*.log")))
             pytest.skip(f"Slurm cannot start: the node did not become idle within 60 s. Logs:\n{logs}")
         yield env
@@ -102,22 +103,13 @@ def slurm(tmp_path_factory):
         jobs = subprocess.run(["squeue", "-h", "-o", "%i"], env=env, capture_output=True, text=True).stdout.split()
         if jobs:
             subprocess.run(["scancel", *jobs], env=env)
-            _wait(lambda: not subprocess.run(["squeue", "-h"], env=env, capture_output=True, text=True).stdout, 30)
+            wait_until(lambda: not subprocess.run(["squeue", "-h"], env=env, capture_output=True, text=True).stdout, 30)
         for p in reversed(procs):
             p.send_signal(signal.SIGTERM)
             try:
                 p.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 p.kill()
-
-
-def _wait(ready, timeout: float, interval: float = 0.5) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if ready():
-            return True
-        time.sleep(interval)
-    return False
 
 
 def _job(env, job_id: str) -> dict:
@@ -127,7 +119,7 @@ def _job(env, job_id: str) -> dict:
 
 def _wait_job_done(env, job_id: str, timeout: float = 240) -> dict:
     done = lambda: _job(env, job_id).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL")
-    assert _wait(done, timeout, 1), f"job {job_id} still {_job(env, job_id).get('JobState')} after {timeout} s"
+    assert wait_until(done, timeout, 1), f"job {job_id} still {_job(env, job_id).get('JobState')} after {timeout} s"
     return _job(env, job_id)
 
 
@@ -161,11 +153,11 @@ def test_launcher_slurm_submits_and_usr1_requeues_and_resumes(slurm, sbatch_run,
                         *OVERRIDES, f"run_dir={run_dir}"], cwd=tmp_path, env=slurm, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     job_id = r.stdout.split("submitted Slurm job ")[1].split(";")[0]
-    assert _wait(lambda: (run_dir / "metrics.jsonl").is_file() and (run_dir / "metrics.jsonl").read_text(), 180, 0.2)
+    assert wait_until(lambda: (run_dir / "metrics.jsonl").is_file() and (run_dir / "metrics.jsonl").read_text(), 180, 0.2)
     # what Slurm sends --signal=USR1@300 before the time limit, sent now to every task of the job step
     subprocess.run(["scancel", "--signal=USR1", job_id], env=slurm, check=True)
     requeued = lambda: _job(slurm, job_id).get("JobState") == "PENDING" and _job(slurm, job_id).get("Restarts") == "1"
-    assert _wait(requeued, 120), f"job {job_id} was not requeued: {_job(slurm, job_id)}"
+    assert wait_until(requeued, 120), f"job {job_id} was not requeued: {_job(slurm, job_id)}"
     interrupted_at = max(m["step"] for m in _metrics(run_dir))
     assert interrupted_at < 12, "the run finished before the signal arrived; nothing was tested"
     # Slurm holds a requeued job for 2 minutes (BeginTime); release it after the old credential's second is over

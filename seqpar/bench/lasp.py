@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import platform
 import time
 
@@ -29,6 +28,7 @@ import torch.distributed as dist
 from seqpar import kernels
 from seqpar.attention.lasp import lasp2_attention, lasp_attention
 from seqpar.attention.lasp1 import lasp1_attention
+from seqpar.parallel.dims import init_world
 from seqpar.parallel.sharding import depend_on, group_size_rank, shard_sequence, unshard_sequence
 from seqpar.parallel.traffic import count_traffic
 
@@ -160,13 +160,7 @@ def main(argv=None):
         if m not in METHODS:
             raise SystemExit(f"--methods: unknown method {m!r}; known: {', '.join(METHODS)}")
 
-    if cuda:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
-    else:
-        device = torch.device("cpu")
-        dist.init_process_group("gloo")
+    device = init_world(cuda)
     world, rank = dist.get_world_size(), dist.get_rank()
     # per-head decays of lightning attention's kind, from -1/2 to -1/256
     lam = -torch.linspace(1, 8, args.heads, device=device).exp2().reciprocal()

@@ -36,6 +36,7 @@ import torch.distributed as dist
 from seqpar import kernels
 from seqpar.attention import ring as ring_module
 from seqpar.attention.ring import ring_attention, ring_schedule
+from seqpar.parallel.dims import init_world
 from seqpar.parallel.sharding import local_ranges, shard_sequence, unshard_sequence
 
 SDPA_BACKEND = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION"}
@@ -257,16 +258,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     cuda = torch.cuda.is_available()
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = init_world(cuda)
     if cuda:
-        torch.cuda.set_device(local_rank)
-        # without device_id the first collective hung on the 2xH200 machine (ANCHORS.md, init note)
-        dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
-        device = torch.device("cuda", local_rank)
         args.heads, args.head_dim, args.dtype = 32, 128, torch.bfloat16
     else:  # smoke form: small shapes through the reference kernels on gloo
-        dist.init_process_group("gloo")
-        device = torch.device("cpu")
         args.heads, args.head_dim, args.dtype = 4, 32, torch.float32
         args.kernels, args.iters, args.warmup = args.kernels[:1], 2, 1
     args.seq_lens = args.seq_lens if args.seq_lens is not None else ([32768, 131072] if cuda else [512])

@@ -12,11 +12,27 @@ rank = ring rank * ulysses + ulysses rank. `cp_split(cp_group)` hands the two gr
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from functools import cached_property
 
+import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+
+def init_world(cuda: bool) -> torch.device:
+    """The world process group (NCCL on this rank's LOCAL_RANK GPU, else gloo) and this rank's device.
+
+    Reads the torchrun/Slurm rendezvous variables (RANK, WORLD_SIZE, MASTER_ADDR/PORT, LOCAL_RANK)."""
+    if not cuda:
+        dist.init_process_group("gloo")
+        return torch.device("cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    torch.cuda.set_device(device)
+    # without device_id, NCCL init hung on the 2-GPU machine (ENVIRONMENT.md)
+    dist.init_process_group("nccl", device_id=device)
+    return device
 
 
 @dataclass(frozen=True)
