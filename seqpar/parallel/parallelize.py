@@ -8,6 +8,7 @@ from torch.utils.checkpoint import checkpoint
 from torch.distributed.fsdp import fully_shard
 
 from seqpar.parallel.dims import ParallelDims
+from seqpar.parallel.offload import ActivationOffloader
 from seqpar.parallel.tensor_parallel import apply_tensor_parallel
 
 
@@ -32,9 +33,9 @@ def apply_activation_checkpointing(model: torch.nn.Module, train_cfg) -> None:
     matmuls, but the MLP's `[S, ffn_dim]` intermediates are the largest activations of a block).
     `offload_activations`: what a checkpoint keeps (its input) waits for backward in CPU memory."""
     mode = train_cfg.activation_checkpointing
+    offloader = ActivationOffloader() if train_cfg.offload_activations and mode != "none" else None
     wrap = lambda module: checkpoint_wrapper(
-        module, checkpoint_fn=offloaded_checkpoint if train_cfg.offload_activations else checkpoint,
-        use_reentrant=False)
+        module, checkpoint_fn=offloader.checkpoint if offloader else checkpoint, use_reentrant=False)
     for name, block in model.layers.items():
         block.feed_forward.chunk_tokens = train_cfg.mlp_chunk_tokens
         if mode == "full":
@@ -44,22 +45,8 @@ def apply_activation_checkpointing(model: torch.nn.Module, train_cfg) -> None:
             # each keeps its input, one [S, d] more than a joint checkpoint would
             for part in ("attention_norm", "ffn_norm", "feed_forward"):
                 setattr(block, part, wrap(getattr(block, part)))
-
-
-def offloaded_checkpoint(fn, x: torch.Tensor, *args, **kwargs):
-    """`checkpoint(fn, x, ...)` whose kept input `x` lives in pinned host memory until backward.
-
-    A non-reentrant checkpoint keeps its inputs by reference (not through saved-tensor hooks, so
-    `save_on_cpu` cannot reach them): the input is copied to the host as an autograd op, and the
-    checkpointed function copies it back, which backward repeats before recomputing. The copies run
-    on the compute stream (not hidden behind compute: two [S, d] copies per block in forward, one in
-    backward, ~2% of a 512k-token llama_1b step at PCIe 5 speed) but do not block the host; on a CPU
-    run both are no-ops."""
-    device = x.device
-    if device.type == "cuda" and type(x) is torch.Tensor:  # a DTensor's local shard would need its own copy
-        host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
-        x = host.copy_(x, non_blocking=True)
-    return checkpoint(lambda h, *a, **k: fn(h.to(device, non_blocking=True), *a, **k), x, *args, **kwargs)
+        if offloader:  # on the outermost module of the block: its checkpoints are done when it returns
+            model.layers[name].register_forward_hook(offloader.release)
 
 
 def gradient_replicas(dims: ParallelDims) -> int:
