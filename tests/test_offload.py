@@ -10,10 +10,10 @@ from seqpar.parallel.parallelize import apply_activation_checkpointing
 from tests.test_memory import _cfg
 
 
-def _loss_and_grads(mode, offload, inputs_seen=None):
+def _loss_and_grads(mode, offload, inputs_seen=None, device="cpu", dtype=torch.float64):
     cfg = _cfg("parallel.cp=1")
     torch.manual_seed(0)
-    model = Transformer(cfg.model).to(torch.float64)
+    model = Transformer(cfg.model).to(device, dtype)
     model.init_weights(seed=1)
     train = OmegaConf.create({"activation_checkpointing": mode, "offload_activations": offload,
                               "mlp_chunk_tokens": 0})
@@ -24,7 +24,7 @@ def _loss_and_grads(mode, offload, inputs_seen=None):
             for module in layer.modules():
                 if isinstance(module, CheckpointWrapper):
                     module.register_forward_pre_hook(lambda _, args, i=i: inputs_seen.append((i, args[0])))
-    ids = torch.randint(0, cfg.model.vocab_size, (1, 37), generator=torch.Generator().manual_seed(2))
+    ids = torch.randint(0, cfg.model.vocab_size, (1, 37), generator=torch.Generator().manual_seed(2)).to(device)
     loss = model(ids[:, :-1], targets=ids[:, 1:])
     if inputs_seen is not None:
         # what every checkpoint kept was released when its block returned
@@ -41,7 +41,18 @@ def test_offload_gives_the_same_loss_and_gradients(mode):
     loss, grads = _loss_and_grads(mode, True, seen)
     assert torch.equal(loss, ref_loss) or abs(loss - ref_loss) <= 1e-12 * abs(ref_loss)
     for name, g in ref_grads.items():
-        canonical = name
-        other = next(v for k, v in grads.items() if k.replace("._checkpoint_wrapped_module", "") == canonical)
+        other = next(v for k, v in grads.items() if k.replace("._checkpoint_wrapped_module", "") == name)
         torch.testing.assert_close(other, g, rtol=1e-10, atol=1e-12)
     assert all(x.untyped_storage().nbytes() > 0 for _, x in seen)  # all back after backward
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_offload_on_cuda_streams(mode):
+    ref_loss, ref_grads = _loss_and_grads("none", False, device="cuda", dtype=torch.float32)
+    loss, grads = _loss_and_grads(mode, True, [], device="cuda", dtype=torch.float32)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=0)
+    for name, g in ref_grads.items():
+        other = next(v for k, v in grads.items() if k.replace("._checkpoint_wrapped_module", "") == name)
+        torch.testing.assert_close(other, g, rtol=1e-4, atol=1e-6)
