@@ -7,7 +7,8 @@ names. Names returned today:
 - ``"sdpa"``: ``torch.nn.functional.scaled_dot_product_attention`` (flash_attn, dense, CUDA)
 - ``"varlen"``: ``torch.nn.attention.varlen.varlen_attn`` (flash_attn, packed documents, CUDA)
 - ``"torch"``: the fused op torch ships (rms_norm -> ``torch.nn.functional.rms_norm``, CUDA)
-- ``"triton"``: seqpar's own kernel in ``kernels/<op>/triton.py`` (lightning_attn, CUDA)
+- ``"triton"``: seqpar's own kernel in ``kernels/<op>/triton.py`` (lightning_attn, rms_norm up to
+  8192 wide, apply_rotary, fused_linear_cross_entropy; CUDA)
 - ``"aten_flash"`` / ``"aten_cudnn"``: the FlashAttention-2 / cuDNN ops behind SDPA, called
   directly for what the public entry points do not give: flash_attn's lse (outside autograd) and
   flash_attn_backward from a given (out, lse) (``kernels/flash_attn/aten.py``, CUDA)
@@ -15,7 +16,11 @@ names. Names returned today:
 Later issues add more ``"triton"`` ops. ``SEQPAR_KERNELS=reference`` forces the reference everywhere (read
 on every call so that tests and benchmarks can flip it without re-importing).
 ``SEQPAR_ATTN_KERNEL=flash|cudnn`` picks the family of the lse paths (default: cuDNN where it applies,
-it is the faster one on H100/H200) so that benchmarks can compare both and a faulty one can be avoided.
+it is the faster one on H100/H200) so that benchmarks can compare both and a faulty one can be avoided;
+``SEQPAR_ATTN_KERNEL=triton`` sends every flash_attn / flash_attn_backward call that seqpar's Triton
+kernel takes (CUDA, fp16/bf16, head dim 64 or 128) there. Without it, a case (``attention_case``) goes
+to Triton only where the GPU benchmark measured it faster (``TRITON_FASTER``); ``flash_attn_choice``
+says which kernel a call gets and why.
 """
 from __future__ import annotations
 
@@ -64,9 +69,15 @@ def backend(op: str, *tensors: torch.Tensor | None, **features) -> str:
     if op == "flash_attn":
         return _flash_attn_backend(*present[:3], **features)
     if op == "flash_attn_backward":
+        if _wants_triton(*present[:3], **{**features, "return_lse": True}):
+            return "triton"
         return _lse_backend(*present[:3], **features)
     if op == "rms_norm":
-        return "torch"
+        return _rms_norm_backend(*present[:2])
+    if op == "apply_rotary":
+        return _rotary_backend(*present[:3])
+    if op == "fused_linear_cross_entropy":
+        return _cross_entropy_backend(*present[:2])
     if op == "lightning_attn":
         return _lightning_attn_backend(*tensors[:4])
     return "reference"
@@ -74,6 +85,9 @@ def backend(op: str, *tensors: torch.Tensor | None, **features) -> str:
 
 def _flash_attn_backend(q, k, v, *, return_lse=False, cu_seqlens=None, cu_seqlens_q=None,
                         cu_seqlens_k=None, needs_grad=False, **features) -> str:
+    if _wants_triton(q, k, v, return_lse=return_lse, cu_seqlens=cu_seqlens, cu_seqlens_q=cu_seqlens_q,
+                     cu_seqlens_k=cu_seqlens_k):
+        return "triton"  # differentiable through out and lse
     if return_lse:
         # The aten ops' lse has no autograd formula: a caller that differentiates through this
         # call gets the reference; ring attention runs it inside its own autograd.Function.
@@ -107,11 +121,36 @@ def _lightning_attn_backend(q, k, v, log_decay) -> str:
     return "triton"
 
 
+# Element-wise kernels and the cross-entropy pass: fp32 math in registers, so fp64 stays with the
+# reference; RMSNorm rows wider than the kernel keeps in registers go to torch's fused op.
+_ELEMENTWISE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _rms_norm_backend(x, weight=None) -> str:
+    if not has_triton() or x.dtype not in _ELEMENTWISE_DTYPES:
+        return "torch"
+    from seqpar.kernels.norm_rope.triton import MAX_NORM_DIM  # imports triton: only for CUDA tensors
+    return "triton" if x.shape[-1] <= MAX_NORM_DIM else "torch"
+
+
+def _rotary_backend(x, cos=None, sin=None) -> str:
+    if not has_triton() or x.dtype not in _ELEMENTWISE_DTYPES or x.dim() != 4:
+        return "reference"
+    if any(t is not None and t.requires_grad for t in (cos, sin)):
+        return "reference"  # gradients into cos/sin only through the reference
+    return "triton"
+
+
+def _cross_entropy_backend(hidden, weight=None) -> str:
+    dtypes = [t.dtype for t in (hidden, weight) if t is not None]
+    if not has_triton() or any(dt not in _ELEMENTWISE_DTYPES for dt in dtypes):
+        return "reference"
+    return "triton"
+
+
 def _lse_backend(q, k, v, *, causal=True, cu_seqlens=None, cu_seqlens_q=None, cu_seqlens_k=None, **_) -> str:
     """aten_flash / aten_cudnn / reference for attention that returns (or consumes) its lse."""
-    choice = os.environ.get(ATTN_ENV, "").strip().lower()
-    if choice not in ("", "auto", "flash", "cudnn"):
-        raise ValueError(f"{ATTN_ENV}={choice!r} is not one of: auto, flash, cudnn")
+    choice = _attn_choice()
     D = q.shape[-1]
     if q.dtype not in _FLASH_DTYPES or D % 8 or D > 256:
         return "reference"
@@ -123,3 +162,64 @@ def _lse_backend(q, k, v, *, causal=True, cu_seqlens=None, cu_seqlens_q=None, cu
     if choice != "flash" and q.shape[2] == k.shape[2]:  # cuDNN here takes no GQA
         return "aten_cudnn"
     return "aten_flash"
+
+
+# ---------------------------------------------------------------- seqpar's Triton flash kernel
+
+ATTN_CHOICES = ("auto", "flash", "cudnn", "triton")
+_TRITON_HEAD_DIMS = (64, 128)
+# Cases (attention_case) where the kernels benchmark (`--only flash`, H100) measured the Triton
+# kernel faster than torch's cuDNN / flash kernels. Empty until measured: today's defaults stay.
+TRITON_FASTER: frozenset[str] = frozenset()
+
+
+def _attn_choice() -> str:
+    choice = os.environ.get(ATTN_ENV, "").strip().lower() or "auto"
+    if choice not in ATTN_CHOICES:
+        raise ValueError(f"{ATTN_ENV}={choice!r} is not one of: {', '.join(ATTN_CHOICES)}")
+    return choice
+
+
+def attention_case(q, k, *, return_lse=False, cu_seqlens=None, cu_seqlens_q=None, cu_seqlens_k=None, **_) -> str:
+    """The case a flash_attn call is benchmarked and dispatched as: dense|packed, plus _lse when the
+    caller takes the lse (ring steps, disagg). A packed row of one document is dense."""
+    bounds = cu_seqlens if cu_seqlens is not None else cu_seqlens_q
+    packed = bounds is not None and len(bounds) > 2
+    return ("packed" if packed else "dense") + ("_lse" if return_lse else "")
+
+
+def triton_flash_applies(q, k, v) -> bool:
+    """Whether seqpar's Triton flash kernel takes these tensors (CUDA, fp16/bf16, head dim 64/128)."""
+    D = q.shape[-1]
+    return (has_triton() and q.is_cuda and q.dtype in _FLASH_DTYPES and k.dtype == q.dtype == v.dtype
+            and D in _TRITON_HEAD_DIMS and k.shape[-1] == D and v.shape[-1] == D)
+
+
+def _wants_triton(q, k, v, **features) -> bool:
+    if not triton_flash_applies(q, k, v):
+        return False
+    choice = _attn_choice()
+    if choice == "triton":
+        return True
+    return choice == "auto" and attention_case(q, k, **features) in TRITON_FASTER
+
+
+def flash_attn_choice(q, k, v, *, backward=False, **features) -> tuple[str, str]:
+    """(backend name, why) of a flash_attn call (or its backward): the attention dispatcher's
+    answer to "which kernel runs this case", for logs and benchmark tables."""
+    op = "flash_attn_backward" if backward else "flash_attn"
+    name = backend(op, q, k, v, **features)
+    case = attention_case(q, k, return_lse=backward or features.get("return_lse", False), **{
+        n: features.get(n) for n in ("cu_seqlens", "cu_seqlens_q", "cu_seqlens_k")})
+    choice = _attn_choice()
+    if name == "triton":
+        why = f"{ATTN_ENV}=triton" if choice == "triton" else f"case {case}: measured faster than cuDNN/flash"
+    elif name == "reference":
+        why = "no fast kernel takes this call (device, dtype, head dim, mask alignment or lse gradients)"
+    elif choice in ("flash", "cudnn"):
+        why = f"{ATTN_ENV}={choice}"
+    elif triton_flash_applies(q, k, v):
+        why = f"case {case}: not measured faster with Triton (TRITON_FASTER), torch's kernel kept"
+    else:
+        why = f"case {case}: the Triton kernel does not take these tensors"
+    return name, why

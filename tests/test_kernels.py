@@ -385,7 +385,7 @@ def test_cuda_rms_norm_matches_reference():
     from seqpar.kernels.norm_rope.reference import rms_norm_reference
     x = torch.randn(4, 300, 8, 128, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(128, device="cuda", dtype=torch.float32)
-    assert kernels.backend("rms_norm", x, w) == "torch"
+    assert kernels.backend("rms_norm", x, w) == "triton"  # torch's own op past 8192 wide (test_fused_triton.py)
     torch.testing.assert_close(kernels.rms_norm(x, w, 1e-6), rms_norm_reference(x, w, 1e-6), atol=3e-2, rtol=2e-2)
 
 
