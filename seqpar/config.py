@@ -38,7 +38,8 @@ class ParallelConfig:
     tp: int = 1
     tp_sequence_parallel: bool = True  # Megatron-SP: norms and the residual stream split along the sequence over tp
     pp: int = 1
-    pp_layers: Optional[List[int]] = None  # layers per pipeline stage; None: balanced on the cost model
+    virtual_stages: int = 1  # >1: interleaved 1F1B, each pp rank holding this many non-contiguous layer chunks
+    pp_layers: Optional[List[int]] = None  # layers per (virtual) pipeline stage; None: balanced on the cost model
     cp: int = 1
     softmax_sp: str = "allgather"
     ulysses_degree: int = 1  # softmax_sp=usp: cp = ring x ulysses, Ulysses (all-to-all) inside a node
@@ -227,10 +228,17 @@ def validate(cfg, world: int | None = None) -> None:
              f"(launcher.nproc_per_node={l.nproc_per_node} x launcher.nnodes={l.nnodes}); or set parallel.dp=-1")
     if p.pp > m.n_layers:
         fail(f"parallel.pp={p.pp}: more pipeline stages than model.n_layers={m.n_layers}")
-    if p.pp_layers is not None and (len(p.pp_layers) != p.pp or sum(p.pp_layers) != m.n_layers
+    stages = p.pp * p.virtual_stages
+    if p.virtual_stages < 1 or (p.virtual_stages > 1 and p.pp == 1):
+        fail(f"parallel.virtual_stages={p.virtual_stages}: must be >= 1, and > 1 only with parallel.pp > 1 "
+             f"(now {p.pp}): it interleaves pipeline stages")
+    if stages > m.n_layers:
+        fail(f"parallel.pp x parallel.virtual_stages = {p.pp} x {p.virtual_stages}: more pipeline stages than "
+             f"model.n_layers={m.n_layers}")
+    if p.pp_layers is not None and (len(p.pp_layers) != stages or sum(p.pp_layers) != m.n_layers
                                     or min(p.pp_layers) < 1):
-        fail(f"parallel.pp_layers={list(p.pp_layers)}: needs parallel.pp={p.pp} counts >= 1 summing to "
-             f"model.n_layers={m.n_layers}; or leave it null to balance stages on the cost model")
+        fail(f"parallel.pp_layers={list(p.pp_layers)}: needs parallel.pp x parallel.virtual_stages = {stages} "
+             f"counts >= 1 summing to model.n_layers={m.n_layers}; or leave it null to balance stages on the cost model")
     if p.pp > 1 and m.tie_embeddings:
         fail("model.tie_embeddings=true with parallel.pp>1: the embedding and the output head live on different "
              "pipeline stages; set model.tie_embeddings=false or parallel.pp=1")
@@ -297,6 +305,12 @@ def validate(cfg, world: int | None = None) -> None:
     if t.micro_batch_size < 1 or t.global_batch_size < 1 or t.global_batch_size % (dp * t.micro_batch_size):
         fail(f"train.global_batch_size={t.global_batch_size} must be a positive multiple of dp x train.micro_batch_size "
              f"= {dp} x {t.micro_batch_size}")
+    n_micro = t.global_batch_size // (dp * t.micro_batch_size)
+    if p.virtual_stages > 1 and n_micro % p.pp:
+        fail(f"parallel.virtual_stages={p.virtual_stages}: the interleaved schedule runs micro-batches in groups of "
+             f"parallel.pp={p.pp}, but train.global_batch_size / (dp x train.micro_batch_size) = "
+             f"{t.global_batch_size} / ({dp} x {t.micro_batch_size}) = {n_micro} micro-batches is not a multiple of it; "
+             "change train.global_batch_size or train.micro_batch_size, or set parallel.virtual_stages=1")
     if not t.lr > 0:
         fail(f"train.lr={t.lr}: must be > 0")
     if not 0 <= t.min_lr_ratio <= 1:

@@ -28,7 +28,7 @@ from seqpar.model.transformer import Transformer
 from seqpar.parallel.dims import ParallelDims, init_world
 from seqpar.parallel.engine import build_engine
 from seqpar.parallel.parallelize import gradient_replicas, parallelize
-from seqpar.parallel.pipeline import OneFOneB, pipeline_stage
+from seqpar.parallel.pipeline import InterleavedOneFOneB, OneFOneB, pipeline_stage
 from seqpar.parallel.sharding import document_positions, shard_sequence
 
 
@@ -196,12 +196,13 @@ def train_step(model, micro_batches, cfg, dims: ParallelDims, device, *, backwar
                           dtype=torch.float64, device=device)
     dist.all_reduce(counts, group=dims.group("dp"))  # every cp rank holds the same whole sequences
     n_tokens, flops = counts.tolist()
-    first, last = dims.rank_in("pp") == 0, dims.rank_in("pp") == dims.pp - 1
+    pp_rank, virtual = dims.rank_in("pp"), cfg.parallel.virtual_stages
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
 
-    def forward(i, hidden=None):
-        """This rank's part of micro-batch i; on the last stage, the loss to backpropagate."""
+    def forward(i, hidden=None, chunk=0):
+        """This rank's chunk `chunk` of micro-batch i; on the last stage, the loss to backpropagate."""
         nonlocal loss_sum
+        first, last = pp_rank == 0 and chunk == 0, pp_rank == dims.pp - 1 and chunk == virtual - 1
         mb = micro_batches[i]
         cu_seqlens = mb.cu_seqlens.to(device)
         shard = lambda x: shard_sequence(x.to(device), cp_group, layout=layout)
@@ -210,7 +211,8 @@ def train_step(model, micro_batches, cfg, dims: ParallelDims, device, *, backwar
                           layout=layout, softmax_sp=cfg.parallel.softmax_sp, linear_sp=cfg.parallel.linear_sp,
                           linear_scan=cfg.parallel.linear_scan)
         with autocast(cfg, device):
-            out = model(shard(mb.input_ids) if first else hidden, ctx, targets=shard(mb.targets) if last else None)
+            out = model(shard(mb.input_ids) if first else hidden, ctx, targets=shard(mb.targets) if last else None,
+                        chunk=chunk)
         if not last:
             return out
         loss_sum += out.detach().to(torch.float64)
@@ -222,7 +224,9 @@ def train_step(model, micro_batches, cfg, dims: ParallelDims, device, *, backwar
     else:
         rows, seq_len = micro_batches[0].input_ids.shape
         shape = (rows, seq_len // dims.cp // (dims.tp if cfg.parallel.tp_sequence_parallel else 1), cfg.model.d_model)
-        OneFOneB(dims.group("pp"), shape, param_dtype(cfg, device), device).run(forward, len(micro_batches))
+        args = (dims.group("pp"), shape, param_dtype(cfg, device), device)
+        schedule = InterleavedOneFOneB(*args, virtual=virtual) if virtual > 1 else OneFOneB(*args)
+        schedule.run(forward, len(micro_batches))
     dist.all_reduce(loss_sum, group=dims.group("dp_cp"))
     if dims.pp > 1:  # only the last stage computed a loss
         dist.all_reduce(loss_sum, group=dims.group("pp"))

@@ -62,6 +62,9 @@ class Transformer(nn.Module):
         # keyed by global layer index: a pipeline stage keeps its own layers under their full-model
         # names, so initialisation and checkpoints do not depend on the stage split
         self.layers = nn.ModuleDict({str(i): Block(cfg, i, kind) for i, kind in enumerate(self.layer_types)})
+        # layer names per chunk that one forward call runs: a pipeline rank with interleaved
+        # virtual stages holds several non-contiguous runs of layers
+        self.chunks = [list(self.layers.keys())]
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.tied = bool(getattr(cfg, "tie_embeddings", False))
@@ -69,19 +72,21 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
 
     def forward(self, input_ids: torch.Tensor, ctx: AttnContext | None = None, *,
-                targets: torch.Tensor | None = None) -> torch.Tensor:
+                targets: torch.Tensor | None = None, chunk: int = 0) -> torch.Tensor:
         """Hidden states `[B, S_local, d_model]` after the final norm; with `targets`, their loss sum.
 
         The loss goes through forward (not only `loss_sum`) because FSDP gathers the root's
-        parameters, `output.weight` among them, in forward hooks. A pipeline stage without the
-        embedding takes hidden states as `input_ids`; one without the final norm returns its last
-        layer's output."""
+        parameters, `output.weight` among them, in forward hooks. A pipeline stage runs the layers
+        of `self.chunks[chunk]`: it embeds only when it holds the embedding and runs its first
+        chunk, else takes hidden states as `input_ids`; it returns its last layer's output unless
+        it holds the final norm and runs its last chunk."""
         ctx = AttnContext() if ctx is None else ctx
-        h = input_ids if self.tok_embeddings is None else self.tok_embeddings(input_ids)
+        embed = chunk == 0 and self.tok_embeddings is not None
+        h = self.tok_embeddings(input_ids) if embed else input_ids
         rope = self.rotary(input_ids.shape[1], ctx, input_ids.device)
-        for layer in self.layers.values():
-            h = layer(h, ctx, rope)
-        if self.norm is None:
+        for name in self.chunks[chunk]:
+            h = self.layers[name](h, ctx, rope)
+        if self.norm is None or chunk != len(self.chunks) - 1:
             return h
         h = self.norm(h)
         return h if targets is None else self.loss_sum(h, targets)
