@@ -1,5 +1,9 @@
 """Softmax attention: `flash_attn` picks its implementation through `kernels.dispatch`.
 
+`flash_attn_merge_` serves one ring step: it attends and folds the block's result into a running
+(out, lse) in place (inside the Triton kernel's epilogue where that kernel runs, so no separate
+merge pass; elsewhere through (out, lse) of this block and the same formula in torch).
+
 `seqpar.kernels.flash_attn` is this function (re-exported by `seqpar.kernels`); reach the
 implementations as modules: `from seqpar.kernels.flash_attn.reference import flash_attn_reference`.
 """
@@ -24,6 +28,10 @@ def flash_attn(q, k, v, *, causal=True, cu_seqlens=None, cu_seqlens_q=None, cu_s
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     impl = backend("flash_attn", q, k, v, return_lse=return_lse, cu_seqlens=cu_seqlens, causal=causal,
                    cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, needs_grad=needs_grad)
+    if impl == "triton":
+        from seqpar.kernels.flash_attn.triton import flash_attn_triton
+        return flash_attn_triton(q, k, v, causal=causal, cu_seqlens=cu_seqlens, cu_seqlens_q=cu_seqlens_q,
+                                 cu_seqlens_k=cu_seqlens_k, softmax_scale=softmax_scale, return_lse=return_lse)
     if impl.startswith("aten_"):
         from seqpar.kernels.flash_attn.aten import attention_with_lse
         cu_q, cu_k = (cu_seqlens, cu_seqlens) if cu_seqlens is not None else (cu_seqlens_q, cu_seqlens_k)
@@ -50,6 +58,11 @@ def flash_attn_backward(dout, q, k, v, out, lse, *, causal=True, cu_seqlens=None
     """
     impl = backend("flash_attn_backward", q, k, v, causal=causal, cu_seqlens=cu_seqlens, cu_seqlens_q=cu_seqlens_q,
                    cu_seqlens_k=cu_seqlens_k)
+    if impl == "triton":
+        from seqpar.kernels.flash_attn.triton import flash_attn_backward_triton
+        return flash_attn_backward_triton(dout, q, k, v, out, lse, causal=causal, cu_seqlens=cu_seqlens,
+                                          cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                                          softmax_scale=softmax_scale)
     if impl.startswith("aten_"):
         from seqpar.kernels.flash_attn.aten import attention_backward
         cu_q, cu_k = (cu_seqlens, cu_seqlens) if cu_seqlens is not None else (cu_seqlens_q, cu_seqlens_k)
@@ -58,3 +71,29 @@ def flash_attn_backward(dout, q, k, v, out, lse, *, causal=True, cu_seqlens=None
     return flash_attn_backward_reference(dout, q, k, v, out, lse, causal=causal, cu_seqlens=cu_seqlens,
                                          cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                                          softmax_scale=softmax_scale)
+
+
+@torch.no_grad()
+def flash_attn_merge_(q, k, v, out, lse, *, causal=True, cu_seqlens=None, cu_seqlens_q=None, cu_seqlens_k=None,
+                      softmax_scale=None):
+    """Attend q to this block's k, v and merge into the running `out` `[B, Sq, Hq, D]` (fp32 or q's
+    dtype) and `lse` `[B, Hq, Sq]` (fp32; -inf where nothing was merged yet), in place:
+    out <- (out e^lse + o e^l) / (e^lse + e^l), lse <- logaddexp(lse, l). Returns (out, lse).
+    No autograd: differentiate with flash_attn_backward and the final (out, lse)."""
+    impl = backend("flash_attn", q, k, v, return_lse=True, cu_seqlens=cu_seqlens, causal=causal,
+                   cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+    if impl == "triton" and out.stride(-1) == 1 and lse.dtype == torch.float32:
+        from seqpar.kernels.flash_attn import triton as flash_triton
+        return flash_triton.flash_attn_merge_(q, k, v, out, lse, causal=causal, cu_seqlens=cu_seqlens,
+                                              cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                                              softmax_scale=softmax_scale)
+    o, l = flash_attn(q, k, v, causal=causal, cu_seqlens=cu_seqlens, cu_seqlens_q=cu_seqlens_q,
+                      cu_seqlens_k=cu_seqlens_k, softmax_scale=softmax_scale, return_lse=True)
+    new = torch.logaddexp(lse, l.to(lse.dtype))
+    # rows that neither side has reached have -inf on both: weight 0, not exp(nan)
+    top = torch.where(torch.isfinite(new), new, torch.zeros_like(new))
+    w_old = torch.exp(lse - top).transpose(1, 2).unsqueeze(-1)
+    w_new = torch.exp(l.to(lse.dtype) - top).transpose(1, 2).unsqueeze(-1)
+    out.copy_(out.to(w_old.dtype) * w_old + o.to(w_old.dtype) * w_new)
+    lse.copy_(new)
+    return out, lse

@@ -1,0 +1,573 @@
+"""Flash attention in Triton: forward (optionally merged in place into a running (out, lse)) and
+backward, dense rows or packed documents, GQA, causal masks aligned bottom-right.
+
+Layout `[B, S, H, D]` (unit stride on D), q with Hq heads, k/v with Hkv heads (Hq % Hkv == 0;
+query head h reads kv head h // (Hq // Hkv), never a repeated copy). Math in fp32, dot operands in
+the inputs' dtype; softmax in base 2 with log2(e) folded into the scale (FlashAttention-2, Alg. 1).
+
+Tiles. A program owns one tile of one head: BLOCK_M query rows (forward, dq) or BLOCK_N keys
+(dk/dv), and walks the other side in inner blocks. With packed documents a tile never crosses a
+document start, so the walk covers only the document's keys (or queries), and in a causal
+document only the visible triangle: fully visible inner blocks first without any mask, then the
+few diagonal ones with the mask. The tile table (document, start) is built on the device from
+cu_seqlens with a handful of torch ops (no host sync; its length is bounded by tokens / block +
+documents), and sorted by work, longest first, so that short tiles fill the tail of the grid.
+
+Causal alignment: in a document with Lq queries and Lk keys, query j sees keys n <= j + Lk - Lq.
+A row that sees no key gets out = 0 and lse = -inf (the neutral element of a merge).
+
+Autotuning is keyed on (head dim, causal, packed, merge, bucketed token count) and the dtypes,
+never on document lengths or counts, so changing packed batches never re-tune.
+
+Backward (FlashAttention-2, Alg. 2) from a given (out, lse), which may be the merged ones of a
+larger attention (ring attention): delta = rowsum(dout * out) - dlse, dS = P * (dP - delta).
+Two kernels and no atomics: dk/dv per key tile (looping over the query heads of its kv group, so
+GQA sums in registers), dq per query tile.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def table_blocks(head_dim: int) -> tuple[int, int]:
+    """(query tile, key tile) of packed documents: fixed per head dim since the tile table is built
+    before the launch. Dense rows let the autotuner pick the owned block too. The key tile of the
+    dk/dv kernel holds k, v, dk, dv live: 64 rows at D = 128 keeps that within the registers."""
+    if _interpreting():
+        return 32, 32
+    return 128, (128 if head_dim <= 64 else 64)
+
+
+def _configs(own, inner, options):
+    """Configs over (owned block, inner block, warps, stages); one small one in the interpreter."""
+    if _interpreting():
+        return [triton.Config({own: 32, inner: 16}, num_warps=4, num_stages=1)]
+    return [triton.Config({own: a, inner: b}, num_warps=w, num_stages=s) for a, b, w, s in options]
+
+
+def _prune_for(own):
+    def prune(configs, named_args, **kwargs):
+        # Packed documents: the tile table fixes the owned block. (Constexprs come as keywords.)
+        args = {**named_args, **kwargs}
+        if not args["VARLEN"]:
+            return configs
+        want = table_blocks(args["HEAD_DIM"])[0 if own == "BLOCK_M" else 1]
+        kept = [c for c in configs if c.kwargs[own] == want]
+        return kept or [triton.Config({**configs[0].kwargs, own: want}, num_warps=configs[0].num_warps,
+                                      num_stages=configs[0].num_stages)]
+    return prune
+
+
+_KEY = ["HEAD_DIM", "CAUSAL", "VARLEN", "LEN_BUCKET"]
+_FWD_OPTIONS = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2),
+                (64, 64, 4, 3)]
+_DQ_OPTIONS = [(128, 64, 8, 3), (128, 32, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3)]
+_DKDV_OPTIONS = [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 128, 8, 2), (64, 32, 4, 3)]
+
+
+@triton.jit
+def _tile(tiles_ptr, cu_q_ptr, cu_k_ptr, Sq, Sk, OWN: tl.constexpr, OWN_Q: tl.constexpr,
+          CAUSAL: tl.constexpr, VARLEN: tl.constexpr):
+    """(first token of the document in q and k, Lq, Lk, start of the owned tile in the document).
+
+    Unused table entries (doc < 0) come back with Lq = Lk = 0: every loop is empty, every store masked.
+    """
+    pid = tl.program_id(0)
+    if VARLEN:
+        doc = tl.load(tiles_ptr + 2 * pid)
+        start = tl.load(tiles_ptr + 2 * pid + 1)
+        used = (doc >= 0).to(tl.int32)
+        doc = tl.maximum(doc, 0)
+        q0 = tl.load(cu_q_ptr + doc)
+        k0 = tl.load(cu_k_ptr + doc)
+        Lq = (tl.load(cu_q_ptr + doc + 1) - q0) * used
+        Lk = (tl.load(cu_k_ptr + doc + 1) - k0) * used
+    else:
+        q0 = pid * 0  # a tensor, not a constant, like the packed branch's
+        k0 = pid * 0
+        Lq = Sq + q0
+        Lk = Sk + k0
+        own_len = Sq if OWN_Q else Sk
+        n_tiles = tl.cdiv(own_len, OWN)
+        # causal: the longest query tiles (the last ones) and key tiles (the first ones) go first
+        if CAUSAL and OWN_Q:
+            start = (n_tiles - 1 - pid) * OWN
+        else:
+            start = pid * OWN
+    return q0, k0, Lq, Lk, start
+
+
+@triton.jit
+def _fwd_block(acc, m_i, l_i, q, k_base, v_base, sks, svs, n0, offs_m, offs_n, offs_d, Lk, diag, qk_scale,
+               MASK: tl.constexpr, CAUSAL: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
+    cols = n0 + offs_n
+    kmask = cols < Lk
+    k = tl.load(k_base + cols[:, None].to(tl.int64) * sks + offs_d[None, :], mask=kmask[:, None], other=0.0)
+    v = tl.load(v_base + cols[:, None].to(tl.int64) * svs + offs_d[None, :], mask=kmask[:, None], other=0.0)
+    s = tl.dot(q, tl.trans(k.to(DOT)), input_precision=PRECISION) * qk_scale
+    if MASK:
+        visible = kmask[None, :]
+        if CAUSAL:
+            visible = visible & (cols[None, :] <= offs_m[:, None] + diag)
+        s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if MASK:  # a row without a visible key so far: exp2(-inf - 0) = 0, never exp2(nan)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_use = m_new
+    p = tl.exp2(s - m_use[:, None])
+    alpha = tl.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(DOT), v.to(DOT), acc=acc * alpha[:, None], input_precision=PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.autotune(configs=_configs("BLOCK_M", "BLOCK_N", _FWD_OPTIONS), key=_KEY + ["MERGE"],
+                 prune_configs_by={"early_config_prune": _prune_for("BLOCK_M")}, restore_value=["out_ptr", "lse_ptr"])
+@triton.jit
+def _attn_fwd(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, tiles_ptr, cu_q_ptr, cu_k_ptr,
+              sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sob, sos, soh, slb, slh, sls,
+              Sq, Sk, group, qk_scale, LEN_BUCKET,
+              HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, MERGE: tl.constexpr,
+              DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    q0, k0, Lq, Lk, m0 = _tile(tiles_ptr, cu_q_ptr, cu_k_ptr, Sq, Sk, BLOCK_M, True, CAUSAL, VARLEN)
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    rows = (q0 + offs_m).to(tl.int64)
+    rmask = offs_m < Lq
+    q = tl.load(q_ptr + b * sqb + h * sqh + rows[:, None] * sqs + offs_d[None, :], mask=rmask[:, None], other=0.0)
+    q = q.to(DOT)
+    hk = h // group
+    k_base = k_ptr + b * skb + hk * skh + k0.to(tl.int64) * sks
+    v_base = v_ptr + b * svb + hk * svh + k0.to(tl.int64) * svs
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    diag = Lk - Lq
+    if CAUSAL:
+        # blocks every row of the tile sees in full, then the diagonal ones up to the last row's limit
+        n_full = tl.maximum(m0 + diag + 1, 0) // BLOCK_N * BLOCK_N
+        hi = tl.minimum(tl.maximum(m0 + BLOCK_M + diag, 0), Lk)
+    else:
+        n_full = Lk // BLOCK_N * BLOCK_N
+        hi = Lk
+    n_full = tl.minimum(n_full, hi)
+    for n0 in range(0, n_full, BLOCK_N):
+        acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, sks, svs, n0, offs_m, offs_n, offs_d, Lk,
+                                   diag, qk_scale, False, CAUSAL, DOT, PRECISION)
+    for n0 in range(n_full, hi, BLOCK_N):
+        acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, sks, svs, n0, offs_m, offs_n, offs_d, Lk,
+                                   diag, qk_scale, True, CAUSAL, DOT, PRECISION)
+
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * LN2)
+    o_ptrs = out_ptr + b * sob + h * soh + rows[:, None] * sos + offs_d[None, :]
+    l_ptrs = lse_ptr + b * slb + h * slh + rows * sls
+    if MERGE:
+        # out <- (out e^lse_old + o e^lse) / (e^lse_old + e^lse), lse <- logaddexp(lse_old, lse)
+        lse_old = tl.load(l_ptrs, mask=rmask, other=float("-inf")).to(tl.float32)
+        top = tl.maximum(lse_old, lse)
+        top = tl.where(top == float("-inf"), 0.0, top)
+        w_old = tl.exp(lse_old - top)
+        w_new = tl.exp(lse - top)
+        total = w_old + w_new
+        none = total == 0.0
+        total = tl.where(none, 1.0, total)
+        out_old = tl.load(o_ptrs, mask=rmask[:, None], other=0.0).to(tl.float32)
+        out = (out_old * (w_old / total)[:, None]) + out * (w_new / total)[:, None]
+        lse = tl.where(none, float("-inf"), top + tl.log(total))
+    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
+    tl.store(l_ptrs, lse.to(lse_ptr.dtype.element_ty), mask=rmask)
+
+
+@triton.jit
+def _bwd_prep(out_ptr, do_ptr, lse_ptr, dlse_ptr, delta_ptr, lse2_ptr, S, H,
+              sob, sos, soh, sdb, sds, sdh, slb, slh, sls, sgb, sgh, sgs,
+              HEAD_DIM: tl.constexpr, HAS_DLSE: tl.constexpr, BLOCK: tl.constexpr):
+    """delta = rowsum(dout * out) - dlse; lse in base 2 with +inf for rows without a key, so that
+    P = exp2(s - lse2) is 0 there (and on padded rows) without another mask."""
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    rows = pid * BLOCK + tl.arange(0, BLOCK)
+    rmask = rows < S
+    r64 = rows.to(tl.int64)
+    offs_d = tl.arange(0, HEAD_DIM)
+    o = tl.load(out_ptr + b * sob + h * soh + r64[:, None] * sos + offs_d[None, :], mask=rmask[:, None], other=0.0)
+    do = tl.load(do_ptr + b * sdb + h * sdh + r64[:, None] * sds + offs_d[None, :], mask=rmask[:, None], other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if HAS_DLSE:
+        delta -= tl.load(dlse_ptr + b * sgb + h * sgh + r64 * sgs, mask=rmask, other=0.0).to(tl.float32)
+    lse = tl.load(lse_ptr + b * slb + h * slh + r64 * sls, mask=rmask, other=0.0).to(tl.float32)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+    dst = (b * H + h) * S + r64
+    tl.store(delta_ptr + dst, delta, mask=rmask)
+    tl.store(lse2_ptr + dst, lse2, mask=rmask)
+
+
+@triton.jit
+def _dkdv_block(dk, dv, k, v, q_base, do_base, lse2_base, delta_base, sqs, sds, m0, offs_m, offs_n, offs_d, Lq,
+                diag, qk_scale, MASK: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
+    rows = m0 + offs_m
+    rmask = rows < Lq
+    r64 = rows.to(tl.int64)
+    q = tl.load(q_base + r64[:, None] * sqs + offs_d[None, :], mask=rmask[:, None], other=0.0).to(DOT)
+    do = tl.load(do_base + r64[:, None] * sds + offs_d[None, :], mask=rmask[:, None], other=0.0).to(DOT)
+    lse2 = tl.load(lse2_base + rows, mask=rmask, other=float("inf"))
+    delta = tl.load(delta_base + rows, mask=rmask, other=0.0)
+    # transposed scores [keys, rows]: dk and dv come out of dots without a transpose of the result
+    st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
+    pt = tl.exp2(st - lse2[None, :])
+    if MASK:
+        pt = tl.where(offs_n[:, None] <= rows[None, :] + diag, pt, 0.0)
+    dv = tl.dot(pt.to(DOT), do, acc=dv, input_precision=PRECISION)
+    dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+    dst = pt * (dpt - delta[None, :])
+    dk = tl.dot(dst.to(DOT), q, acc=dk, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.autotune(configs=_configs("BLOCK_N", "BLOCK_M", [(n, m, w, s) for m, n, w, s in _DKDV_OPTIONS]),
+                 key=_KEY, prune_configs_by={"early_config_prune": _prune_for("BLOCK_N")})
+@triton.jit
+def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse2_ptr, delta_ptr, dk_ptr, dv_ptr, tiles_ptr, cu_q_ptr, cu_k_ptr,
+                   sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sdb, sds, sdh, sdkb, sdks, sdkh, sdvb, sdvs, sdvh,
+                   Sq, Sk, Hq, group, qk_scale, sm_scale, LEN_BUCKET,
+                   HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
+                   DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    hk = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    q0, k0, Lq, Lk, n0 = _tile(tiles_ptr, cu_q_ptr, cu_k_ptr, Sq, Sk, BLOCK_N, False, CAUSAL, VARLEN)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    keys = (k0 + offs_n).to(tl.int64)
+    kmask = offs_n < Lk
+    k = tl.load(k_ptr + b * skb + hk * skh + keys[:, None] * sks + offs_d[None, :], mask=kmask[:, None], other=0.0)
+    v = tl.load(v_ptr + b * svb + hk * svh + keys[:, None] * svs + offs_d[None, :], mask=kmask[:, None], other=0.0)
+    k = k.to(DOT)
+    v = v.to(DOT)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    diag = Lk - Lq
+    if CAUSAL:
+        # rows j >= n - diag see key n: the first row that sees the tile, and the first row from
+        # which every key of the tile is visible (mask-free blocks from there on)
+        lo = tl.maximum(n0 - diag, 0) // BLOCK_M * BLOCK_M
+        mid = tl.maximum(n0 + BLOCK_N - 1 - diag, lo)
+        mid = lo + tl.cdiv(mid - lo, BLOCK_M) * BLOCK_M
+        lo = tl.minimum(lo, Lq)
+        mid = tl.minimum(mid, Lq)
+    else:
+        lo = 0
+        mid = 0
+    for g in range(0, group):
+        h = hk * group + g
+        q_base = q_ptr + b * sqb + h * sqh + q0.to(tl.int64) * sqs
+        do_base = do_ptr + b * sdb + h * sdh + q0.to(tl.int64) * sds
+        lse2_base = lse2_ptr + (b * Hq + h) * Sq + q0
+        delta_base = delta_ptr + (b * Hq + h) * Sq + q0
+        for m0 in range(lo, mid, BLOCK_M):
+            dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, lse2_base, delta_base, sqs, sds, m0, offs_m, offs_n,
+                                 offs_d, Lq, diag, qk_scale, True, DOT, PRECISION)
+        for m0 in range(mid, Lq, BLOCK_M):
+            dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, lse2_base, delta_base, sqs, sds, m0, offs_m, offs_n,
+                                 offs_d, Lq, diag, qk_scale, False, DOT, PRECISION)
+    tl.store(dk_ptr + b * sdkb + hk * sdkh + keys[:, None] * sdks + offs_d[None, :],
+             (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=kmask[:, None])
+    tl.store(dv_ptr + b * sdvb + hk * sdvh + keys[:, None] * sdvs + offs_d[None, :],
+             dv.to(dv_ptr.dtype.element_ty), mask=kmask[:, None])
+
+
+@triton.jit
+def _dq_block(dq, q, do, lse2, delta, k_base, v_base, sks, svs, n0, offs_m, offs_n, offs_d, Lk, diag, qk_scale,
+              MASK: tl.constexpr, CAUSAL: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
+    cols = n0 + offs_n
+    kmask = cols < Lk
+    k = tl.load(k_base + cols[:, None].to(tl.int64) * sks + offs_d[None, :], mask=kmask[:, None], other=0.0).to(DOT)
+    v = tl.load(v_base + cols[:, None].to(tl.int64) * svs + offs_d[None, :], mask=kmask[:, None], other=0.0).to(DOT)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    p = tl.exp2(s - lse2[:, None])
+    if MASK:
+        visible = kmask[None, :]
+        if CAUSAL:
+            visible = visible & (cols[None, :] <= offs_m[:, None] + diag)
+        p = tl.where(visible, p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    ds = p * (dp - delta[:, None])
+    return tl.dot(ds.to(DOT), k, acc=dq, input_precision=PRECISION)
+
+
+@triton.autotune(configs=_configs("BLOCK_M", "BLOCK_N", _DQ_OPTIONS), key=_KEY,
+                 prune_configs_by={"early_config_prune": _prune_for("BLOCK_M")})
+@triton.jit
+def _attn_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse2_ptr, delta_ptr, dq_ptr, tiles_ptr, cu_q_ptr, cu_k_ptr,
+                 sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sdb, sds, sdh, sdqb, sdqs, sdqh,
+                 Sq, Sk, Hq, group, qk_scale, sm_scale, LEN_BUCKET,
+                 HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
+                 DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    q0, k0, Lq, Lk, m0 = _tile(tiles_ptr, cu_q_ptr, cu_k_ptr, Sq, Sk, BLOCK_M, True, CAUSAL, VARLEN)
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    rows = (q0 + offs_m).to(tl.int64)
+    rmask = offs_m < Lq
+    q = tl.load(q_ptr + b * sqb + h * sqh + rows[:, None] * sqs + offs_d[None, :], mask=rmask[:, None], other=0.0)
+    do = tl.load(do_ptr + b * sdb + h * sdh + rows[:, None] * sds + offs_d[None, :], mask=rmask[:, None], other=0.0)
+    q = q.to(DOT)
+    do = do.to(DOT)
+    lse2 = tl.load(lse2_ptr + (b * Hq + h) * Sq + rows, mask=rmask, other=float("inf"))
+    delta = tl.load(delta_ptr + (b * Hq + h) * Sq + rows, mask=rmask, other=0.0)
+    hk = h // group
+    k_base = k_ptr + b * skb + hk * skh + k0.to(tl.int64) * sks
+    v_base = v_ptr + b * svb + hk * svh + k0.to(tl.int64) * svs
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    diag = Lk - Lq
+    if CAUSAL:
+        n_full = tl.maximum(m0 + diag + 1, 0) // BLOCK_N * BLOCK_N
+        hi = tl.minimum(tl.maximum(m0 + BLOCK_M + diag, 0), Lk)
+    else:
+        n_full = Lk // BLOCK_N * BLOCK_N
+        hi = Lk
+    n_full = tl.minimum(n_full, hi)
+    for n0 in range(0, n_full, BLOCK_N):
+        dq = _dq_block(dq, q, do, lse2, delta, k_base, v_base, sks, svs, n0, offs_m, offs_n, offs_d, Lk, diag,
+                       qk_scale, False, CAUSAL, DOT, PRECISION)
+    for n0 in range(n_full, hi, BLOCK_N):
+        dq = _dq_block(dq, q, do, lse2, delta, k_base, v_base, sks, svs, n0, offs_m, offs_n, offs_d, Lk, diag,
+                       qk_scale, True, CAUSAL, DOT, PRECISION)
+    tl.store(dq_ptr + b * sdqb + h * sdqh + rows[:, None] * sdqs + offs_d[None, :],
+             (dq * sm_scale).to(dq_ptr.dtype.element_ty), mask=rmask[:, None])
+
+
+# ---------------------------------------------------------------- launchers
+
+
+def tile_table(cu_own, cu_other, block: int, n_own: int, causal: bool, own_is_q: bool):
+    """int32 [n_max, 2] of (document, first row of the tile in it), longest work first; -1 pads.
+
+    Built on the device from the boundaries alone (no host sync): n_max = n_own // block + docs
+    bounds the tile count, since each document wastes less than one tile."""
+    cu_own, cu_other = cu_own.long(), cu_other.long()
+    n_docs = cu_own.numel() - 1
+    own, other = cu_own[1:] - cu_own[:-1], cu_other[1:] - cu_other[:-1]
+    per_doc = (own + block - 1) // block
+    ends = torch.cumsum(per_doc, 0)
+    g = torch.arange(n_own // block + n_docs, device=cu_own.device)
+    doc = torch.searchsorted(ends, g, right=True)
+    used = doc < n_docs
+    doc = doc.clamp(max=n_docs - 1)
+    start = (g - ends[doc] + per_doc[doc]) * block
+    if not causal:
+        work = other[doc]
+    elif own_is_q:  # keys visible to the tile's last row
+        work = torch.minimum(other[doc], other[doc] - own[doc] + start + block).clamp(min=0)
+    else:  # rows that see the tile's first key
+        work = (other[doc] - (start - (own[doc] - other[doc])).clamp(min=0)).clamp(min=0)
+    work = torch.where(used, work, -1)
+    order = torch.argsort(work, descending=True)
+    return torch.stack([torch.where(used, doc, -1), start], 1)[order].to(torch.int32).contiguous()
+
+
+def _bucket(tokens: int) -> int:
+    """Tuning key of a token count: powers of 4 from 1k to 256k (a new bucket, not a new length, re-tunes)."""
+    return min(max(1024, 4 ** math.ceil(math.log(max(tokens, 1), 4))), 1 << 18)
+
+
+def _dot(dtype):
+    # The interpreter mis-multiplies 16-bit floats (numpy holds bf16 as uint16): fp32 operands there.
+    if dtype == torch.float32 or _interpreting():
+        return tl.float32, "ieee"
+    return (tl.bfloat16 if dtype == torch.bfloat16 else tl.float16), "tf32"  # flag unused for 16-bit
+
+
+def _unit(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _check(q, k, v, cu_q, cu_k):
+    B, Sq, Hq, D = q.shape
+    if k.shape[:2] != v.shape[:2] or k.shape[0] != B or k.shape[2] != v.shape[2] or Hq % k.shape[2]:
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: need [B, S, H, D] with "
+                         "k, v of one shape and query heads a multiple of key/value heads")
+    if k.shape[3] != D or v.shape[3] != D or D < 16 or D > 256 or D & (D - 1):
+        raise ValueError(f"the Triton flash kernel takes one head dim, a power of two in [16, 256]; got q {D}, "
+                         f"k {k.shape[3]}, v {v.shape[3]} (use the reference: SEQPAR_KERNELS=reference)")
+    if (cu_q is None) != (cu_k is None):
+        raise ValueError("cu_seqlens_q and cu_seqlens_k must be given together")
+    if cu_q is not None and (B != 1 or cu_q.numel() != cu_k.numel() or cu_q.numel() < 2):
+        raise ValueError(f"packed documents need B = 1 and as many q as k boundaries (>= 2); got B = {B}, "
+                         f"{cu_q.numel()} and {cu_k.numel()} boundaries")
+
+
+def _cu(cu_seqlens, cu_seqlens_q, cu_seqlens_k, device):
+    if cu_seqlens is not None:
+        if cu_seqlens_q is not None or cu_seqlens_k is not None:
+            raise ValueError("pass either cu_seqlens or cu_seqlens_q/cu_seqlens_k, not both")
+        cu_seqlens_q = cu_seqlens_k = cu_seqlens
+    if cu_seqlens_q is None:
+        return None, None
+    as_int = lambda c: torch.as_tensor(c, device=device).to(torch.int32).contiguous()  # noqa: E731
+    return as_int(cu_seqlens_q), as_int(cu_seqlens_k)
+
+
+def _grid(table, tokens, rows, heads, block_key):
+    if table is not None:
+        return (table.shape[0], heads, 1)
+    return lambda meta: (triton.cdiv(tokens, meta[block_key]), heads, rows)
+
+
+def _forward_into(q, k, v, out, lse, *, causal, cu_q, cu_k, scale, merge, q_table=None):
+    B, Sq, Hq, D = q.shape
+    Sk, Hkv = k.shape[1], k.shape[2]
+    varlen = cu_q is not None
+    if varlen and q_table is None:
+        q_table = tile_table(cu_q, cu_k, table_blocks(D)[0], Sq, causal, True)
+    dummy = cu_q if varlen else torch.zeros(2, dtype=torch.int32, device=q.device)
+    dot, precision = _dot(q.dtype)
+    _attn_fwd[_grid(q_table if varlen else None, Sq, B, Hq, "BLOCK_M")](
+        q, k, v, out, lse, q_table if varlen else dummy, dummy, cu_k if varlen else dummy,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        lse.stride(0), lse.stride(1), lse.stride(2),
+        Sq, Sk, Hq // Hkv, scale * LOG2E, _bucket(B * Sq),
+        HEAD_DIM=D, CAUSAL=bool(causal), VARLEN=varlen, MERGE=merge, DOT=dot, PRECISION=precision)
+    return q_table
+
+
+def _empty_result(q, k, out, lse):
+    """Zero keys or zero queries: out = 0, lse = -inf, no launch."""
+    return out.zero_(), lse.fill_(float("-inf"))
+
+
+def attention_forward(q, k, v, *, causal=True, cu_seqlens_q=None, cu_seqlens_k=None, softmax_scale=None):
+    """(out `[B, Sq, Hq, D]` in q's dtype, lse `[B, Hq, Sq]` fp32, the query tile table or None)."""
+    _check(q, k, v, cu_seqlens_q, cu_seqlens_k)
+    q, k, v = _unit(q), _unit(k), _unit(v)
+    B, Sq, Hq, D = q.shape
+    scale = D ** -0.5 if softmax_scale is None else softmax_scale
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, Hq, Sq, dtype=torch.float32, device=q.device)
+    if q.numel() == 0 or k.shape[1] == 0:
+        return (*_empty_result(q, k, out, lse), None)
+    table = _forward_into(q, k, v, out, lse, causal=causal, cu_q=cu_seqlens_q, cu_k=cu_seqlens_k, scale=scale,
+                          merge=False)
+    return out, lse, table
+
+
+def attention_backward(dout, q, k, v, out, lse, *, causal=True, cu_seqlens_q=None, cu_seqlens_k=None,
+                       softmax_scale=None, dlse=None, q_table=None):
+    """(dq, dk, dv) in the inputs' dtypes; `out`, `lse` may be the merged ones of a larger attention."""
+    _check(q, k, v, cu_seqlens_q, cu_seqlens_k)
+    dout, q, k, v, out = (_unit(t) for t in (dout, q, k, v, out))
+    B, Sq, Hq, D = q.shape
+    Sk, Hkv = k.shape[1], k.shape[2]
+    scale = D ** -0.5 if softmax_scale is None else softmax_scale
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if q.numel() == 0 or Sk == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    delta = torch.empty(B, Hq, Sq, dtype=torch.float32, device=q.device)
+    lse2 = torch.empty_like(delta)
+    g = lse if dlse is None else dlse
+    prep_block = 64
+    _bwd_prep[(triton.cdiv(Sq, prep_block), Hq, B)](
+        out, dout, lse, g, delta, lse2, Sq, Hq, out.stride(0), out.stride(1), out.stride(2),
+        dout.stride(0), dout.stride(1), dout.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
+        g.stride(0), g.stride(1), g.stride(2), HEAD_DIM=D, HAS_DLSE=dlse is not None, BLOCK=prep_block)
+    varlen = cu_seqlens_q is not None
+    dummy = cu_seqlens_q if varlen else torch.zeros(2, dtype=torch.int32, device=q.device)
+    block_q, block_k = table_blocks(D)
+    k_table = tile_table(cu_seqlens_k, cu_seqlens_q, block_k, Sk, causal, False) if varlen else None
+    if varlen and q_table is None:
+        q_table = tile_table(cu_seqlens_q, cu_seqlens_k, block_q, Sq, causal, True)
+    dot, precision = _dot(q.dtype)
+    common = dict(HEAD_DIM=D, CAUSAL=bool(causal), VARLEN=varlen, DOT=dot, PRECISION=precision)
+    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+               v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2))
+    _attn_bwd_dkdv[_grid(k_table, Sk, B, Hkv, "BLOCK_N")](
+        q, k, v, dout, lse2, delta, dk, dv, k_table if varlen else dummy, dummy, cu_seqlens_k if varlen else dummy,
+        *strides, dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+        Sq, Sk, Hq, Hq // Hkv, scale * LOG2E, scale, _bucket(B * Sq), **common)
+    _attn_bwd_dq[_grid(q_table, Sq, B, Hq, "BLOCK_M")](
+        q, k, v, dout, lse2, delta, dq, q_table if varlen else dummy, dummy, cu_seqlens_k if varlen else dummy,
+        *strides, dq.stride(0), dq.stride(1), dq.stride(2),
+        Sq, Sk, Hq, Hq // Hkv, scale * LOG2E, scale, _bucket(B * Sq), **common)
+    return dq, dk, dv
+
+
+class _FlashAttn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal, cu_q, cu_k, scale):
+        out, lse, table = attention_forward(q, k, v, causal=causal, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                                            softmax_scale=scale)
+        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, table)
+        ctx.causal, ctx.scale = causal, scale
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, cu_q, cu_k, table = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq, dk, dv = attention_backward(dout, q, k, v, out, lse, causal=ctx.causal, cu_seqlens_q=cu_q,
+                                        cu_seqlens_k=cu_k, softmax_scale=ctx.scale, dlse=dlse, q_table=table)
+        return dq, dk, dv, None, None, None, None
+
+
+def flash_attn_triton(q, k, v, *, causal=True, cu_seqlens=None, cu_seqlens_q=None, cu_seqlens_k=None,
+                      softmax_scale=None, return_lse=False):
+    """`seqpar.kernels.flash_attn` in Triton, differentiable through out and lse."""
+    cu_q, cu_k = _cu(cu_seqlens, cu_seqlens_q, cu_seqlens_k, q.device)
+    out, lse = _FlashAttn.apply(q, k, v, bool(causal), cu_q, cu_k, softmax_scale)
+    return (out, lse) if return_lse else out
+
+
+def flash_attn_backward_triton(dout, q, k, v, out, lse, *, causal=True, cu_seqlens=None, cu_seqlens_q=None,
+                               cu_seqlens_k=None, softmax_scale=None):
+    cu_q, cu_k = _cu(cu_seqlens, cu_seqlens_q, cu_seqlens_k, q.device)
+    return attention_backward(dout, q, k, v, out, lse, causal=causal, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                              softmax_scale=softmax_scale)
+
+
+@torch.no_grad()
+def flash_attn_merge_(q, k, v, out, lse, *, causal=True, cu_seqlens=None, cu_seqlens_q=None, cu_seqlens_k=None,
+                      softmax_scale=None):
+    """One ring step: attend q to this block's k, v and fold the result into the running
+    (out `[B, Sq, Hq, D]`, any float dtype, lse `[B, Hq, Sq]` fp32) in place, inside the kernel's
+    epilogue: out <- (out e^lse + o e^l) / (e^lse + e^l), lse <- logaddexp(lse, l). Start from
+    out = 0, lse = -inf. Views (strided slices of larger buffers) are fine if D has unit stride.
+    No autograd: the caller's own backward uses flash_attn_backward with the final (out, lse)."""
+    cu_q, cu_k = _cu(cu_seqlens, cu_seqlens_q, cu_seqlens_k, q.device)
+    _check(q, k, v, cu_q, cu_k)
+    if out.shape != q.shape or lse.shape != (q.shape[0], q.shape[2], q.shape[1]) or out.stride(-1) != 1:
+        raise ValueError(f"running out {tuple(out.shape)} / lse {tuple(lse.shape)} must be q's shape "
+                         f"{tuple(q.shape)} (unit stride on D) and [B, Hq, Sq]")
+    if lse.dtype != torch.float32:
+        raise ValueError(f"the running lse must be float32, got {lse.dtype}")
+    if q.numel() == 0 or k.shape[1] == 0:
+        return out, lse  # no keys: merging lse = -inf changes nothing
+    q, k, v = _unit(q), _unit(k), _unit(v)
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    _forward_into(q, k, v, out, lse, causal=causal, cu_q=cu_q, cu_k=cu_k, scale=scale, merge=True)
+    return out, lse

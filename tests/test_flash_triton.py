@@ -1,0 +1,254 @@
+"""The Triton flash-attention kernel against the float64 reference: on CPU through Triton's
+interpreter (tiny shapes, 32-row tiles so that documents span several tiles and the diagonal
+cuts inner blocks), and on CUDA (`gpu`) in bf16 at real sizes.
+
+Every case checks out, lse (-inf exactly where a row sees no key) and the gradients into q, k, v;
+the merge entry point is checked against merging the reference's blocks in float64."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from seqpar.kernels.flash_attn.reference import flash_attn_backward_reference, flash_attn_reference
+
+pytest.importorskip("triton")
+
+F64 = torch.float64
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+interp_only = pytest.mark.skipif(not INTERPRETING, reason="run by test_triton_interpreter_subprocess")
+
+
+def test_triton_interpreter_subprocess():
+    """Runs this module's `interp_` tests in one fresh process with TRITON_INTERPRET=1 (Triton
+    picks interpreter or compiler when it is first imported; see tests/test_lightning_triton.py)."""
+    if INTERPRETING:
+        pytest.skip("already inside the interpreter run")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not gpu",
+                          "-k", "interp_", __file__], env=env, capture_output=True, text=True, timeout=600,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
+
+
+def _cu(lengths, device="cpu"):
+    return torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=device)
+
+
+def _inputs(B, Sq, Sk, Hq, Hkv, D, seed, device="cpu"):
+    g = torch.Generator(device=device).manual_seed(seed)
+    r = lambda *shape: torch.randn(*shape, generator=g, device=device, dtype=F64)  # noqa: E731
+    return r(B, Sq, Hq, D), r(B, Sk, Hkv, D), r(B, Sk, Hkv, D), r(B, Sq, Hq, D)
+
+
+def _rel(got, exact):
+    return ((got.double() - exact).norm() / exact.norm().clamp_min(1e-30)).item()
+
+
+def _check_forward_backward(ft, q, k, v, do, dtype, tol, **kw):
+    """Forward (out, lse) and the kernel backward from the reference's (out, lse), vs float64."""
+    # the reference sees the same rounded inputs as the kernel
+    q, k, v, do = (t.to(dtype).double() for t in (q, k, v, do))
+    out, lse, _ = ft.attention_forward(q.to(dtype), k.to(dtype), v.to(dtype), **kw)
+    ref_out, ref_lse = flash_attn_reference(q, k, v, return_lse=True, **kw)
+    blind = torch.isinf(ref_lse)
+    assert torch.equal(torch.isneginf(lse), blind), "lse must be -inf exactly on rows without a visible key"
+    assert (out.double()[blind.transpose(1, 2)] == 0).all(), "rows without a visible key must be 0"
+    assert _rel(out, ref_out) <= tol, f"out: {_rel(out, ref_out):.2e}"
+    assert _rel(lse[~blind], ref_lse[~blind]) <= tol, "lse"
+    grads = ft.attention_backward(do.to(dtype), q.to(dtype), k.to(dtype), v.to(dtype), ref_out.to(dtype),
+                                  ref_lse.float(), **kw)
+    exact = flash_attn_backward_reference(do, q, k, v, ref_out, ref_lse, **kw)
+    for name, got, want in zip(("dq", "dk", "dv"), grads, exact):
+        assert got.dtype == dtype and got.shape == want.shape, name
+        assert _rel(got, want) <= tol, f"{name}: relative error {_rel(got, want):.2e} > {tol:.0e}"
+
+
+# ---------------------------------------------------------------- CPU, Triton interpreter
+
+@interp_only
+def test_interp_dense_rows_gqa_and_unequal_lengths():
+    from seqpar.kernels.flash_attn import triton as ft
+
+    # (B, Sq, Sk, Hq, Hkv, D, causal): GQA 4/2 and 2/1, Sq > Sk (first rows see nothing), Sq < Sk,
+    # lengths that are not multiples of the 32-row tile or the 16-wide inner block
+    for i, (B, Sq, Sk, Hq, Hkv, D, causal) in enumerate([(2, 70, 70, 4, 2, 32, True), (1, 75, 41, 2, 1, 16, True),
+                                                         (2, 37, 90, 2, 1, 16, True), (1, 50, 33, 2, 2, 16, False)]):
+        q, k, v, do = _inputs(B, Sq, Sk, Hq, Hkv, D, seed=i)
+        _check_forward_backward(ft, q, k, v, do, torch.float32, 2e-5, causal=causal, softmax_scale=0.3)
+
+
+@interp_only
+@pytest.mark.parametrize("causal", [True, False])
+def test_interp_packed_documents_awkward_lengths(causal):
+    from seqpar.kernels.flash_attn import triton as ft
+
+    # shared boundaries with length-1 and empty documents, then separate q/k boundaries: more
+    # queries than keys, no keys at all, a one-row document over many keys
+    lq = [1, 33, 70, 0, 5, 1, 40]
+    lk = [3, 1, 100, 2, 0, 64, 40]
+    for j, (a, b) in enumerate([(lq, lq), (lq, lk)]):
+        q, k, v, do = _inputs(1, sum(a), sum(b), 4, 2, 16, seed=10 + j)
+        _check_forward_backward(ft, q, k, v, do, torch.float32, 2e-5, causal=causal,
+                                cu_seqlens_q=_cu(a), cu_seqlens_k=_cu(b))
+
+
+@interp_only
+def test_interp_merge_in_place_equals_merged_reference_blocks():
+    from seqpar.kernels.flash_attn import triton as ft
+
+    # two ring steps into strided views of larger buffers (as ring attention holds them), fp32 and bf16 out
+    lq, lk1, lk2 = [5, 40, 1, 20], [3, 40, 0, 20], [7, 10, 2, 0]
+    q, k1, v1, _ = _inputs(1, sum(lq), sum(lk1), 4, 2, 16, seed=3)
+    _, k2, v2, _ = _inputs(1, sum(lq), sum(lk2), 4, 2, 16, seed=4)
+    blocks = [(k1, v1, lk1, True), (k2, v2, lk2, False)]
+    parts = [flash_attn_reference(q, k, v, causal=c, cu_seqlens_q=_cu(lq), cu_seqlens_k=_cu(lk), return_lse=True)
+             for k, v, lk, c in blocks]
+    lse_ref = torch.logaddexp(parts[0][1], parts[1][1])
+    top = torch.where(torch.isfinite(lse_ref), lse_ref, 0)
+    out_ref = sum(o * torch.exp(l - top).transpose(1, 2)[..., None] for o, l in parts)
+    for out_dtype in (torch.float32, torch.bfloat16):
+        big_out = torch.zeros(1, sum(lq) + 3, 4, 16, dtype=out_dtype)
+        big_lse = torch.full((1, 4, sum(lq) + 3), float("-inf"))
+        out, lse = big_out[:, 2:-1], big_lse[:, :, 2:-1]
+        for k, v, lk, c in blocks:
+            ft.flash_attn_merge_(q.float(), k.float(), v.float(), out, lse, causal=c, cu_seqlens_q=_cu(lq),
+                                 cu_seqlens_k=_cu(lk))
+        assert torch.equal(torch.isneginf(lse), torch.isneginf(lse_ref))
+        fin = torch.isfinite(lse_ref)
+        assert _rel(lse[fin], lse_ref[fin]) <= 1e-6
+        assert _rel(out, out_ref) <= (1e-6 if out_dtype == torch.float32 else 1e-2)
+        assert torch.isneginf(big_lse[:, :, :2]).all() and (big_out[:, :2] == 0).all()  # nothing outside the view
+
+
+@interp_only
+def test_interp_autograd_through_out_and_lse():
+    from seqpar.kernels.flash_attn import triton as ft
+
+    lq, lk = [3, 40, 1, 20], [1, 40, 0, 33]
+    q, k, v, do = _inputs(1, sum(lq), sum(lk), 4, 1, 16, seed=5)
+    weights = torch.randn(1, 4, sum(lq), generator=torch.Generator().manual_seed(6), dtype=F64)
+
+    def grads(fn, dtype):
+        leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        out, lse = fn(*leaves, causal=True, cu_seqlens_q=_cu(lq), cu_seqlens_k=_cu(lk), softmax_scale=0.4,
+                      return_lse=True)
+        lse = torch.where(torch.isfinite(lse), lse, 0)
+        loss = (out.double() * do).sum() + (lse.double() * weights).sum()
+        return torch.autograd.grad(loss, leaves)
+
+    for name, got, want in zip("qkv", grads(ft.flash_attn_triton, torch.float32), grads(flash_attn_reference, F64)):
+        assert _rel(got, want) <= 2e-5, f"d{name}"
+
+
+def test_tile_table_covers_each_document_once_longest_first():
+    from seqpar.kernels.flash_attn.triton import tile_table
+
+    lq, lk = [1, 0, 130, 64, 65], [3, 2, 130, 0, 200]
+    table = tile_table(_cu(lq), _cu(lk), 64, sum(lq), True, True)
+    assert table.shape == (sum(lq) // 64 + 5, 2) and table.dtype == torch.int32
+    used = [tuple(r) for r in table.tolist() if r[0] >= 0]
+    assert sorted(used) == [(0, 0), (2, 0), (2, 64), (2, 128), (3, 0), (4, 0), (4, 64)]
+    assert all(r[0] == -1 for r in table.tolist()[len(used):])  # padding only at the end
+    # causal work (keys the tile's last row sees): doc 4's second tile (200 keys) before doc 3 (none)
+    assert used.index((4, 64)) < used.index((2, 0)) and used[-1] == (3, 0)
+    k_table = tile_table(_cu(lk), _cu(lq), 64, sum(lk), False, False)
+    assert sorted(tuple(r) for r in k_table.tolist() if r[0] >= 0) == [(0, 0), (1, 0), (2, 0), (2, 64), (2, 128),
+                                                                       (4, 0), (4, 64), (4, 128), (4, 192)]
+
+
+def test_attention_case_and_choice_on_cpu(monkeypatch):
+    from seqpar.kernels import dispatch
+
+    x = torch.zeros(1, 10, 2, 64)
+    assert dispatch.attention_case(x, x) == "dense"
+    assert dispatch.attention_case(x, x, cu_seqlens=_cu([10])) == "dense"  # one document
+    assert dispatch.attention_case(x, x, cu_seqlens_q=_cu([4, 6]), return_lse=True) == "packed_lse"
+    assert not dispatch.triton_flash_applies(x, x, x)  # CPU
+    monkeypatch.setenv("SEQPAR_ATTN_KERNEL", "triton")
+    assert dispatch.flash_attn_choice(x, x, x)[0] == "reference"
+    assert dispatch.flash_attn_choice(x, x, x, backward=True, return_lse=True)[0] == "reference"
+    monkeypatch.setenv("SEQPAR_ATTN_KERNEL", "fastest")
+    with pytest.raises(ValueError, match="SEQPAR_ATTN_KERNEL"):
+        dispatch.flash_attn_choice(x, x, x)
+
+
+# ---------------------------------------------------------------- CUDA (bf16 vs float64)
+
+gpu = pytest.mark.gpu
+
+
+def _lognormal(total, seed):
+    g = torch.Generator().manual_seed(seed)
+    lens = []
+    while sum(lens) < total:
+        lens.append(int(torch.empty(1).log_normal_(mean=5.0, std=1.2, generator=g).clamp(1, total).item()))
+    lens[-1] -= sum(lens) - total
+    return [1, 1] + lens + [1]
+
+
+@gpu
+@pytest.mark.parametrize("shape", [
+    dict(B=2, Sq=1000, Sk=1000, Hq=8, Hkv=8, D=128, causal=True),
+    dict(B=1, Sq=4097, Sk=4097, Hq=32, Hkv=8, D=128, causal=True),
+    dict(B=2, Sq=777, Sk=1290, Hq=4, Hkv=2, D=64, causal=True),
+    dict(B=1, Sq=1290, Sk=777, Hq=4, Hkv=1, D=64, causal=True),
+    dict(B=3, Sq=513, Sk=300, Hq=8, Hkv=4, D=128, causal=False),
+])
+def test_gpu_dense_bf16(shape):
+    from seqpar.kernels.flash_attn import triton as ft
+
+    s = shape
+    q, k, v, do = _inputs(s["B"], s["Sq"], s["Sk"], s["Hq"], s["Hkv"], s["D"], seed=s["Sq"], device="cuda")
+    _check_forward_backward(ft, q, k, v, do, torch.bfloat16, 1e-2, causal=s["causal"])
+
+
+@gpu
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("causal", [True, False])
+def test_gpu_packed_bf16_with_length_one_documents(D, causal):
+    from seqpar.kernels.flash_attn import triton as ft
+
+    lq = _lognormal(8000, seed=D)
+    q, k, v, do = _inputs(1, sum(lq), sum(lq), 16, 4, D, seed=1, device="cuda")
+    _check_forward_backward(ft, q, k, v, do, torch.bfloat16, 1e-2, causal=causal, cu_seqlens=_cu(lq, "cuda"))
+    lk = [n + (7 if i % 3 == 0 else -min(n, 5)) for i, n in enumerate(lq)]  # more and fewer keys, some none
+    q, k, v, do = _inputs(1, sum(lq), sum(lk), 16, 4, D, seed=2, device="cuda")
+    _check_forward_backward(ft, q, k, v, do, torch.bfloat16, 1e-2, causal=causal, cu_seqlens_q=_cu(lq, "cuda"),
+                            cu_seqlens_k=_cu(lk, "cuda"))
+
+
+@gpu
+def test_gpu_merge_and_public_api(monkeypatch):
+    from seqpar import kernels
+    from seqpar.kernels import dispatch
+    from seqpar.kernels.flash_attn import flash_attn_merge_
+
+    monkeypatch.setenv("SEQPAR_ATTN_KERNEL", "triton")
+    lq = _lognormal(3000, seed=7)
+    q, k, v, do = _inputs(1, sum(lq), sum(lq), 8, 2, 128, seed=8, device="cuda")
+    qb, kb, vb = (t.bfloat16() for t in (q, k, v))
+    cu = _cu(lq, "cuda")
+    assert dispatch.flash_attn_choice(qb, kb, vb, cu_seqlens=cu)[0] == "triton"
+    # the keys in two halves of each document, merged in place: equals attention over all of them
+    half = [n // 2 for n in lq]
+    idx1 = torch.cat([torch.arange(a, a + h) for a, h in zip(_cu(lq)[:-1].tolist(), half)]).cuda()
+    idx2 = torch.cat([torch.arange(a + h, a + n) for a, h, n in zip(_cu(lq)[:-1].tolist(), half, lq)]).cuda()
+    out = torch.zeros(q.shape, device="cuda")
+    lse = torch.full((1, 8, sum(lq)), float("-inf"), device="cuda")
+    flash_attn_merge_(qb, kb[:, idx1], vb[:, idx1], out, lse, causal=False, cu_seqlens_q=cu,
+                              cu_seqlens_k=_cu(half, "cuda"))
+    flash_attn_merge_(qb, kb[:, idx2], vb[:, idx2], out, lse, causal=False, cu_seqlens_q=cu,
+                              cu_seqlens_k=_cu([n - h for n, h in zip(lq, half)], "cuda"))
+    ref_out, ref_lse = flash_attn_reference(qb.double(), kb.double(), vb.double(), causal=False, cu_seqlens=cu,
+                                            return_lse=True)
+    assert _rel(out, ref_out) <= 1e-2 and _rel(lse, ref_lse) <= 1e-3
+    # autograd through the public entry point
+    leaves = [t.clone().requires_grad_() for t in (qb, kb, vb)]
+    o = kernels.flash_attn(*leaves, cu_seqlens=cu)
+    grads = torch.autograd.grad(o, leaves, do.bfloat16())
+    exact = [t.double().requires_grad_() for t in (qb, kb, vb)]
+    ref = flash_attn_reference(*exact, cu_seqlens=cu)
+    for got, want in zip(grads, torch.autograd.grad(ref, exact, do)):
+        assert _rel(got, want) <= 1e-2
