@@ -83,6 +83,12 @@ def _dtype_bytes(cfg) -> tuple[int, int, bool]:
     return p, (2 if autocast else p), autocast
 
 
+def residual_bytes(cfg) -> int:
+    """Bytes of one element of the residual stream (block inputs, norm inputs, what checkpoints keep)."""
+    p, a, autocast = _dtype_bytes(cfg)
+    return a if autocast and not getattr(cfg.model, "fp32_residual", False) else p
+
+
 def param_shapes(model_cfg, tp: int, *, layers, first: bool, last: bool) -> list[tuple[int, int]]:
     """(rows, cols) of each parameter of a stage on one tp rank. Column-parallel weights split
     their rows, row-parallel ones (wo, w2) their columns; norms and the embedding/output stay whole."""
@@ -112,13 +118,17 @@ def sharded_numel(shapes, shards: int) -> int:
 
 
 def layer_saved_per_token(model_cfg, kind: str, part: str, *, p: int, a: int, autocast: bool, tp: int,
-                          sp: bool, keys: float = 1.0) -> float:
+                          sp: bool, keys: float = 1.0, r: int | None = None) -> float:
     """Bytes one token leaves saved for backward in one layer's `part`: "attention" or "ffn" half.
-    `keys`: K/V rows the softmax attention saves per local query (see `saved_keys`)."""
+    `keys`: K/V rows the softmax attention saves per local query (see `saved_keys`); `r`: bytes of
+    a residual-stream element (`residual_bytes`; default `p`)."""
+    r = p if r is None else r
     d, hd, ffn = model_cfg.d_model, head_dim(model_cfg), model_cfg.ffn_dim
     H, q, kv = model_cfg.n_heads, model_cfg.n_heads * hd, model_cfg.n_kv_heads * hd
-    norm = p * (d + 1) / (tp if sp else 1)  # input + rstd; Megatron-SP keeps 1/tp of the tokens
-    inputs = lambda n: (n * a if autocast else p) * d  # the linears' (gathered) input
+    norm = (r * d + 4) / (tp if sp else 1)  # input + fp32 rstd; Megatron-SP keeps 1/tp of the tokens
+    # the linears' (gathered) input: under autocast each linear saves its own bf16 cast of an fp32
+    # input, but all of them share one bf16 input (a bf16 residual stream's norm output)
+    inputs = lambda n: (a if r == a else n * a if autocast else p) * d
     if part == "ffn":
         return norm + inputs(2) + 4 * a * ffn / tp
     if kind == "S":
@@ -142,6 +152,7 @@ def estimate(cfg, world: int) -> MemoryEstimate:
 
     m, par, t = cfg.model, cfg.parallel, cfg.train
     p, a, autocast = _dtype_bytes(cfg)
+    r = residual_bytes(cfg)
     dp = data_parallel_size(cfg, world)
     tp, cp, pp = par.tp, par.cp, par.pp
     sp = tp > 1 and par.tp_sequence_parallel
@@ -158,12 +169,12 @@ def estimate(cfg, world: int) -> MemoryEstimate:
 
     spdiv = tp if sp else 1
     per_token = lambda kind, part: layer_saved_per_token(m, kind, part, p=p, a=a, autocast=autocast, tp=tp, sp=sp,
-                                                         keys=saved_keys(par))
-    norm = p * (m.d_model + 1) / spdiv  # a norm's saved input and rstd
-    block_input = p * m.d_model / spdiv * tokens  # what one checkpoint keeps
-    # chunked, the MLP keeps only its input (the norm's fp32 output) and runs one chunk at a time
+                                                         keys=saved_keys(par), r=r)
+    norm = (r * m.d_model + 4) / spdiv  # a norm's saved input and rstd
+    block_input = r * m.d_model / spdiv * tokens  # what one checkpoint keeps
+    # chunked, the MLP keeps only its input (the norm's output) and runs one chunk at a time
     ffn_inner = per_token("S", "ffn") - norm
-    ffn_kept = norm + (p * m.d_model if chunk else ffn_inner)
+    ffn_kept = norm + (r * m.d_model if chunk else ffn_inner)
     ffn_chunk = ffn_inner * rows * chunk
 
     def saved(kind) -> tuple[float, float, str]:
@@ -190,7 +201,7 @@ def estimate(cfg, world: int) -> MemoryEstimate:
         transients = {what: amount for kind in per_layer for _, amount, what in [saved(kind)]}
         if last:
             # the final norm's input, the saved grad of the hidden states (fp32 chunk logits below)
-            loss = p * (2 * m.d_model + 1) * tokens + p * m.vocab_size * m.d_model
+            loss = (2 * r * m.d_model + 4) * tokens + p * m.vocab_size * m.d_model
             transients["one cross-entropy chunk"] = min(tokens, CE_CHUNK) * m.vocab_size * (4 + a)
         else:
             loss = 0

@@ -105,11 +105,17 @@ def test_autocast_saves_bf16_copies(monkeypatch):
     import seqpar.config
 
     monkeypatch.setattr(seqpar.config, "use_cuda", lambda cfg: True)
-    est = estimate(_cfg(*SMALL, "train.dtype=auto"), world=2)
-    # bf16: each linear keeps its own bf16 copy of its input (3 in attention, 2 in the MLP);
+    est = estimate(_cfg(*SMALL, "train.dtype=auto", "model.fp32_residual=true"), world=2)
+    # fp32 residual: each linear keeps its own bf16 copy of its input (3 in attention, 2 in the MLP);
     # norms and the residual stream stay fp32
     attention = 260 + 3 * 2 * 64 + 2 * (2 * 64 + 2 * 32) + 4 * 4
     mlp = 260 + 2 * 2 * 64 + 2 * 4 * 96
+    assert est.per_layer == {"S": (attention + mlp) * TOKENS}
+    # bf16 residual (the default): a norm keeps its bf16 input and fp32 rstd, the linears after it
+    # share its bf16 output
+    est = estimate(_cfg(*SMALL, "train.dtype=auto"), world=2)
+    attention = 2 * 64 + 4 + 2 * 64 + 2 * (2 * 64 + 2 * 32) + 4 * 4
+    mlp = 2 * 64 + 4 + 2 * 64 + 2 * 4 * 96
     assert est.per_layer == {"S": (attention + mlp) * TOKENS}
 
 
