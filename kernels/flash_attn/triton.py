@@ -51,9 +51,13 @@ def table_blocks(head_dim: int) -> tuple[int, int]:
 
 
 def _configs(own, inner, options):
-    """Configs over (owned block, inner block, warps, stages); one small one in the interpreter."""
+    """Configs over (owned block, inner block, warps, stages); one small one in the interpreter.
+    SEQPAR_FLASH_TUNE=0 (read at import) keeps only the first of each list: tests that compile many
+    variants then skip the tuning runs."""
     if _interpreting():
         return [triton.Config({own: 32, inner: 16}, num_warps=4, num_stages=1)]
+    if os.environ.get("SEQPAR_FLASH_TUNE", "1") == "0":
+        options = options[:1]
     return [triton.Config({own: a, inner: b}, num_warps=w, num_stages=s) for a, b, w, s in options]
 
 

@@ -1,0 +1,202 @@
+"""The `flash` section of `python -m seqpar.bench kernels` (`--only flash`).
+
+Softmax attention, bf16, H=32, D=128, one row (B = 1), shapes of ../shared/anchors/anchors_gpu.py
+and anchors_varlen.py:
+
+- dense causal at S = 16k and 64k: seqpar's Triton kernel beside SDPA cuDNN, SDPA flash and
+  FlexAttention (compiled, causal block mask); FLOPs 2 S^2 H D forward, 3.5x that fwd+bwd;
+- packed documents of the anchor's lognormal lengths (16k, 64k): the Triton kernel beside
+  FlexAttention with a causal document mask and torch's varlen flash (today's dispatch choice),
+  TFLOP/s over the useful work sum(2 l^2 H D) only;
+- one ring step at 16k (a non-causal block merged into a running fp32 (out, lse)): the Triton
+  kernel's in-place merge beside the lse path of the dispatcher plus the torch merge.
+
+Each row says which kernel the dispatcher gives that case (`flash_attn_choice`), and the Triton
+rows carry their relative error against cuDNN (dense) or FlexAttention (packed) on the same inputs.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+H, D = 32, 128
+DENSE_LENS = (16384, 65536)
+PACKED_LENS = (16384, 65536)
+GOAL_DENSE_FWDBWD = 400.0
+GOAL_PACKED_VS_FLEX = 1.3
+
+
+def _bench(device):
+    if device.type == "cuda":
+        from triton.testing import do_bench
+        return lambda fn, grads=None: do_bench(fn, warmup=50, rep=300, return_mode="median", grad_to_none=grads)
+
+    def wall(fn, grads=None):
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1e3
+    return wall
+
+
+def _cu(lens, device):
+    return torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=device)
+
+
+def _rel(a, b):
+    a, b = a.double(), b.double()
+    return round(((a - b).norm() / b.norm()).item(), 5)
+
+
+def _impls(S, lens, device):
+    """{name: fn(q, k, v) -> out} on [1, S, H, D] tensors (transposed views where a kernel wants [B, H, S, D])."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from seqpar.kernels.flash_attn.triton import flash_attn_triton
+
+    cu = None if lens is None else _cu(lens, device)
+    impls = {"seqpar_triton": lambda q, k, v: flash_attn_triton(q, k, v, causal=True, cu_seqlens=cu)}
+    if lens is None:
+        for name, be in (("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa_flash", SDPBackend.FLASH_ATTENTION)):
+            def sdpa(q, k, v, be=be):
+                with sdpa_kernel(be):
+                    return F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)),
+                                                          is_causal=True).transpose(1, 2)
+            impls[name] = sdpa
+    else:
+        from seqpar.kernels import dispatch
+        if dispatch.has_varlen_attn():
+            from seqpar.kernels.flash_attn.sdpa import varlen_attention
+            impls["torch_varlen_flash"] = lambda q, k, v: varlen_attention(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu)
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError:
+        return impls
+    flex = torch.compile(flex_attention)
+    if lens is None:
+        mask = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, S, S, device=device)
+        name = "flex_causal"
+    else:
+        doc = torch.repeat_interleave(torch.arange(len(lens), device=device), torch.tensor(lens, device=device))
+        mask = create_block_mask(lambda b, h, qi, ki: (qi >= ki) & (doc[qi] == doc[ki]), None, None, S, S,
+                                 device=device)
+        name = "flex_docmask"
+    impls[name] = lambda q, k, v: flex(*(t.transpose(1, 2) for t in (q, k, v)), block_mask=mask).transpose(1, 2)
+    return impls
+
+
+def _case_rows(layout, S, lens, device, timer):
+    from seqpar.kernels import dispatch
+
+    gen = torch.Generator(device=device).manual_seed(S)
+    q, k, v, do = (torch.randn(1, S, H, D, device=device, dtype=torch.bfloat16, generator=gen) for _ in range(4))
+    for t in (q, k, v):
+        t.requires_grad_()
+    useful = 2 * H * D * (S * S if lens is None else sum(n * n for n in lens))
+    cu = None if lens is None else _cu(lens, device)
+    choice = dispatch.flash_attn_choice(q, k, v, causal=True, cu_seqlens=cu) if device.type == "cuda" else None
+    rows, outs = [], {}
+    for name, fn in _impls(S, lens, device).items():
+        try:
+            outs[name] = fn(q, k, v).detach()
+            ms_f = timer(lambda: fn(q, k, v))
+            ms_fb = timer(lambda: fn(q, k, v).backward(do), [q, k, v])
+        except Exception as e:  # a kernel that cannot run a case is recorded, not fatal
+            rows.append(dict(kernel=name, layout=layout, S=S, error=repr(e)[:300]))
+            print(rows[-1], flush=True)
+            continue
+        row = dict(kernel=name, layout=layout, S=S, H=H, D=D, dtype="bfloat16",
+                   n_docs=1 if lens is None else len(lens), max_doc=S if lens is None else max(lens),
+                   fwd_ms=round(ms_f, 3), fwdbwd_ms=round(ms_fb, 3),
+                   fwd_tflops=round(useful / ms_f / 1e9, 1), fwdbwd_tflops=round(3.5 * useful / ms_fb / 1e9, 1))
+        if name == "seqpar_triton":
+            row["dispatch_default"] = choice
+        rows.append(row)
+        print(row, flush=True)
+    anchor = "sdpa_cudnn" if lens is None else "flex_docmask"
+    for row in rows:
+        if row["kernel"] == "seqpar_triton" and "error" not in row and anchor in outs:
+            row[f"rel_err_vs_{anchor}"] = _rel(outs["seqpar_triton"], outs[anchor])
+    return rows
+
+
+def _ring_step_rows(S, device, timer):
+    """One ring step: a non-causal [S x S] block folded into a running fp32 (out, lse)."""
+    from seqpar.attention.ring import _merge
+    from seqpar.kernels.flash_attn.aten import attention_with_lse
+    from seqpar.kernels.flash_attn.triton import flash_attn_merge_
+
+    gen = torch.Generator(device=device).manual_seed(1)
+    q, k, v = (torch.randn(1, S, H, D, device=device, dtype=torch.bfloat16, generator=gen) for _ in range(3))
+    out0 = torch.randn(1, S, H, D, device=device)
+    lse0 = torch.randn(1, H, S, device=device) + 5.0
+    flops = 4 * S * S * H * D
+
+    def ours():
+        flash_attn_merge_(q, k, v, out0.clone(), lse0.clone(), causal=False)
+
+    def cudnn_then_merge():
+        o, l = attention_with_lse(q, k, v, kernel="cudnn", causal=False)
+        _merge(out0.clone(), lse0.clone(), o, l)
+
+    rows = []
+    base = timer(lambda: (out0.clone(), lse0.clone()))  # the clones both sides pay
+    for name, fn in (("seqpar_triton_merge_", ours), ("aten_cudnn_lse+torch_merge", cudnn_then_merge)):
+        try:
+            ms = max(timer(fn) - base, 1e-6)
+        except Exception as e:
+            rows.append(dict(kernel=name, layout="ring_step", S=S, error=repr(e)[:300]))
+            continue
+        rows.append(dict(kernel=name, layout="ring_step", S=S, H=H, D=D, fwd_ms=round(ms, 3),
+                         fwd_tflops=round(flops / ms / 1e9, 1)))
+        print(rows[-1], flush=True)
+    return rows
+
+
+def _tuned():
+    from seqpar.kernels.flash_attn import triton as ft
+    return {name: {str(key): str(cfg) for key, cfg in getattr(fn, "cache", {}).items()}
+            for name, fn in (("fwd", ft._attn_fwd), ("bwd_dkdv", ft._attn_bwd_dkdv), ("bwd_dq", ft._attn_bwd_dq))}
+
+
+def _summary(rows):
+    def rate(kernel, layout, S):
+        hit = [r for r in rows if r["kernel"] == kernel and r["layout"] == layout and r["S"] == S and "error" not in r]
+        return hit[0]["fwdbwd_tflops"] if hit else None
+
+    out = dict(goal_dense_fwdbwd_tflops=GOAL_DENSE_FWDBWD, goal_packed_vs_flex=GOAL_PACKED_VS_FLEX)
+    for S in DENSE_LENS:
+        out[f"dense_{S}_fwdbwd_tflops"] = {k: rate(k, "dense", S) for k in ("seqpar_triton", "sdpa_cudnn",
+                                                                             "sdpa_flash", "flex_causal")}
+    for S in PACKED_LENS:
+        ours, flex = rate("seqpar_triton", "packed", S), rate("flex_docmask", "packed", S)
+        out[f"packed_{S}_fwdbwd_vs_flex"] = round(ours / flex, 3) if ours and flex else None
+    return out
+
+
+def table(rows):
+    lines = [f"{'kernel':28} {'layout':9} {'S':>6} {'docs':>5} {'fwd TFLOP/s':>12} {'fwd+bwd TFLOP/s':>16}"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"{r['kernel']:28} {r['layout']:9} {r['S']:>6}  error: {r['error'][:60]}")
+        else:
+            lines.append(f"{r['kernel']:28} {r['layout']:9} {r['S']:>6} {r.get('n_docs', 1):>5} "
+                         f"{r['fwd_tflops']:>12} {r.get('fwdbwd_tflops', '-'):>16}")
+    return "\n".join(lines)
+
+
+def bench_flash(args, device):
+    """Rows, the autotuner's picks and a summary against the issue's goals."""
+    from seqpar.bench.ring import lognormal_lengths
+
+    if device.type != "cuda":  # the interpreter runs of the kernel are tests (tests/test_flash_triton.py)
+        return dict(rows=[], summary=dict(skipped="the flash section needs a CUDA device"), table="")
+    timer = _bench(device)
+    rows = []
+    for S in DENSE_LENS:
+        rows += _case_rows("dense", S, None, device, timer)
+    for S in PACKED_LENS:
+        rows += _case_rows("packed", S, lognormal_lengths(S), device, timer)
+    rows += _ring_step_rows(DENSE_LENS[0], device, timer)
+    return dict(rows=rows, tuned_configs=_tuned(), summary=_summary(rows), table=table(rows))
