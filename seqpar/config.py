@@ -33,6 +33,15 @@ class ModelConfig:
 
 
 @dataclass
+class DisaggConfig:  # parallel.softmax_sp=disagg (core-attention servers); rules in seqpar.attention.disagg.options
+    eps: float = 0.1  # planning stops when every server is within eps of the mean attention load
+    min_chunk: int = 128  # smallest query piece the planner cuts
+    task_overhead: Optional[int] = None  # per-task cost in score pairs; null: fitted from cost_table, else 8192
+    ping_pong: bool = True  # two nano-batches: the all-to-alls of one overlap the attention of the other
+    cost_table: Optional[str] = None  # JSON from `python -m seqpar.bench disagg --profile-cost-table`
+
+
+@dataclass
 class ParallelConfig:
     dp: int = -1  # -1: whatever the world size leaves after pp, cp and tp
     tp: int = 1
@@ -49,6 +58,7 @@ class ParallelConfig:
     dp_engine: str = "fsdp2"  # fsdp2 | deepspeed (ZeRO), both over the dp x cp ranks
     zero_stage: Optional[int] = None  # dp_engine=deepspeed: 1, 2 or 3 (None: 2); FSDP2 always shards like stage 3
     deepspeed: Dict[str, Any] = field(default_factory=dict)  # merged over the generated DeepSpeed config
+    disagg: DisaggConfig = field(default_factory=DisaggConfig)
 
 
 @dataclass
@@ -192,6 +202,7 @@ def _validate_dp_engine(p) -> None:
 def validate(cfg, world: int | None = None) -> None:
     """Raise ConfigError on the first rule the config breaks."""
     from seqpar.attention import LINEAR_SP, SOFTMAX_SP
+    from seqpar.attention.disagg import validate as validate_disagg
     from seqpar.attention.state_scan import SCANS
     from seqpar.parallel.sharding import LAYOUTS, num_chunks
 
@@ -247,6 +258,10 @@ def validate(cfg, world: int | None = None) -> None:
         fail(f"parallel.layout={p.layout!r}: choose one of {list(LAYOUTS)}")
     if p.softmax_sp not in SOFTMAX_SP:
         fail(f"parallel.softmax_sp={p.softmax_sp!r}: implemented methods are {sorted(SOFTMAX_SP)}")
+    try:
+        validate_disagg(p.disagg)
+    except ValueError as e:
+        fail(str(e))
     if p.ulysses_degree != 1 and p.softmax_sp != "usp":
         fail(f"parallel.ulysses_degree={p.ulysses_degree} only applies to parallel.softmax_sp=usp "
              f"(now {p.softmax_sp!r}); leave it at 1")

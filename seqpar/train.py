@@ -17,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
 from seqpar import checkpoint, memory
-from seqpar.attention import AttnContext
+from seqpar.attention import AttnContext, disagg
 from seqpar.config import ConfigError, register_configs, resolve_nproc, use_cuda, validate, world_size
 from seqpar.data import PackedLoader, build_dataset
 from seqpar.launch import ray as ray_launcher, slurm, stop_signal
@@ -113,6 +113,7 @@ def run_worker(cfg) -> int:
 
 def train(cfg, device) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
+    disagg.configure(cfg.parallel.disagg)  # the model's attention calls carry no disagg options
     dims = ParallelDims.from_config(cfg.parallel, world)
     dims.build_mesh(device.type)
     memory.check_before_start(cfg, world, device, rank)  # a run that will not fit stops before allocating
@@ -159,6 +160,7 @@ def train(cfg, device) -> None:
             tokens = cfg.train.global_batch_size * cfg.data.seq_len
             metrics = {"loss": loss, "lr": scheduler.get_last_lr()[0], "tokens": tokens * step,
                        "tokens_per_s": tokens / dt, "step_time_s": dt, "grad_norm": grad_norm}
+            metrics.update(disagg.step_metrics())  # sp/ keys; empty unless softmax_sp=disagg ran
             if peak is not None:
                 metrics["mfu"] = stats["flops"] / dt / (peak * world)
                 metrics["max_mem_gb"] = max_memory_gb(device)

@@ -1,6 +1,7 @@
 """Core-attention disaggregation: planner invariants, and disagg_attention exact against
 single-process attention on a mix where the plan really moves and splits work."""
 import bisect
+import json
 import random
 import time
 
@@ -101,43 +102,252 @@ def test_plan_1000_documents_is_fast():
 # 1-token document; min_chunk=16 lets the planner split the long document across servers.
 SEQ = 800
 DOCS = [0, 1, 9, 700, 701, 725, 800]
+# (causal, layout, hq, hkv, ping_pong): ping-pong (the default) everywhere, one nano-batch in two cases
+CASES = [(c, lay, hq, hkv, True) for c in (True, False) for lay in ("contiguous", "zigzag") for hq, hkv in ((8, 2), (4, 4))]
+CASES += [(True, "zigzag", 8, 2, False), (False, "contiguous", 4, 4, False)]
+
+
+def _inputs(hq, hkv):
+    g = torch.Generator().manual_seed(hq + hkv)
+    q = torch.randn(1, SEQ, hq, 8, generator=g, dtype=torch.float64)
+    k = torch.randn(1, SEQ, hkv, 8, generator=g, dtype=torch.float64)
+    v = torch.randn(1, SEQ, hkv, 6, generator=g, dtype=torch.float64)
+    grad = torch.randn(1, SEQ, hq, 6, generator=g, dtype=torch.float64)
+    return q, k, v, grad
 
 
 def _exact(rank, world):
-    errs = {}
-    for causal, layout in ((True, "contiguous"), (True, "zigzag"), (False, "contiguous"), (False, "zigzag")):
-        for hq, hkv in ((8, 2), (4, 4)):
-            g = torch.Generator().manual_seed(hq + hkv)
-            q = torch.randn(1, SEQ, hq, 8, generator=g, dtype=torch.float64)
-            k = torch.randn(1, SEQ, hkv, 8, generator=g, dtype=torch.float64)
-            v = torch.randn(1, SEQ, hkv, 6, generator=g, dtype=torch.float64)
-            grad = torch.randn(1, SEQ, hq, 6, generator=g, dtype=torch.float64)
-            cu = torch.tensor(DOCS, dtype=torch.int32)
-            full = [t.clone().requires_grad_() for t in (q, k, v)]
-            ref = kernels.flash_attn(*full, causal=causal, cu_seqlens=cu)
-            ref.backward(grad)
-            local = [shard_sequence(t, layout=layout).requires_grad_() for t in (q, k, v)]
-            out = disagg_attention(*local, causal=causal, cu_seqlens=cu, layout=layout, min_chunk=16)
-            out.backward(shard_sequence(grad, layout=layout))
-            err = [(unshard_sequence(out.detach(), layout=layout) - ref.detach()).abs().max().item()]
-            err += [(l.grad - shard_sequence(f.grad, layout=layout)).abs().max().item() for l, f in zip(local, full)]
-            errs[(causal, layout, hq, hkv)] = max(err)
+    import torch.distributed as dist
+    from seqpar.attention.disagg import step_metrics
+    cu = torch.tensor(DOCS, dtype=torch.int32)
+    refs = []
+    for i, (causal, layout, hq, hkv, _) in enumerate(CASES):  # each rank computes some references, then shares
+        q, k, v, grad = _inputs(hq, hkv)
+        full = [t.clone().requires_grad_() for t in (q, k, v)]
+        if i % world == rank:
+            kernels.flash_attn(*full, causal=causal, cu_seqlens=cu).backward(grad)
+            ref = [kernels.flash_attn(*full, causal=causal, cu_seqlens=cu).detach()] + [f.grad for f in full]
+        else:
+            ref = [torch.empty(1, SEQ, hq, 6, dtype=torch.float64)] + [torch.empty_like(t) for t in (q, k, v)]
+        for t in ref:
+            dist.broadcast(t, src=i % world)
+        refs.append(ref)
+    errs, sent = {}, {}
+    for case, (ref_out, *ref_grads) in zip(CASES, refs):
+        causal, layout, hq, hkv, ping_pong = case
+        q, k, v, grad = _inputs(hq, hkv)
+        local = [shard_sequence(t, layout=layout).requires_grad_() for t in (q, k, v)]
+        step_metrics()
+        out = disagg_attention(*local, causal=causal, cu_seqlens=cu, layout=layout, min_chunk=16, ping_pong=ping_pong)
+        out.backward(shard_sequence(grad, layout=layout))
+        sent[case] = step_metrics()
+        err = [(unshard_sequence(out.detach(), layout=layout) - ref_out).abs().max().item()]
+        err += [(l.grad - shard_sequence(f, layout=layout)).abs().max().item() for l, f in zip(local, ref_grads)]
+        errs[case] = max(err)
     moved = split = 0
     for layout in ("contiguous", "zigzag"):
         p = plan(DOCS, world, layout=layout, min_chunk=16)
         edges = set(DOCS) | {x for r in range(world) for rs in local_ranges(SEQ, world, r, layout) for x in rs}
         moved += sum(t.server != t.owner for t in p.tasks)
         split += sum(t.q_start not in edges or t.q_end not in edges for t in p.tasks)
-    return errs, moved, split
+    return errs, moved, split, sent
 
 
 def test_disagg_attention_exact_on_extreme_mix():
     results = run_distributed(_exact, 4)
-    for errs, moved, split in results:
+    for errs, moved, split, _ in results:
         assert moved > 0 and split > 0, "the plan must move and split work, or this test proves nothing"
         for case, err in errs.items():
-            assert err < 1e-10, f"(causal, layout, hq, hkv)={case}: max error {err}"
+            assert err < 1e-10, f"(causal, layout, hq, hkv, ping_pong)={case}: max error {err}"
+    # metrics: the ranks' bytes sent, forward + backward, are twice the plan's modelled bytes
+    # (each query row goes out and comes back, each key row out and its gradient back)
+    for case in CASES:
+        causal, layout, hq, hkv, ping_pong = case
+        m = [r[3][case] for r in results]
+        assert all(x["sp/disagg_calls"] == 1 and x["sp/tasks"] > 4 for x in m)
+        assert m[0]["sp/attn_imbalance_after"] < m[0]["sp/attn_imbalance_before"]
+        q_row, kv_row = hq * (8 + 6) * 8, hkv * (8 + 6) * 8
+        p = plan(DOCS, 4, layout=layout, min_chunk=16, causal=causal, row_bytes=(q_row, kv_row))
+        total = sum(x["sp/bytes_moved"] for x in m)
+        if ping_pong:  # the two nano-batches may both need a key row
+            assert total >= 2 * p.bytes_moved > 0
+        else:
+            assert total == 2 * p.bytes_moved > 0, case
 
 
 def test_disagg_is_a_registered_softmax_method():
     assert SOFTMAX_SP["disagg"] is disagg_attention
+
+
+# ---- planner: the cost model, the move choice, and the options that feed it ----
+
+def test_noncausal_and_mirrored_costs():
+    assert pairs(10, 14, 4, 30) == 4 * 26, "not causal: every query sees the whole document"
+    # positions p and qs+qe-1-p together see a constant number of keys: a mirrored pair is linear in m
+    qs, qe, d = 300, 1000, 100
+    for m in (1, 17, 200):
+        assert pairs(qs, qs + m, d) + pairs(qe - m, qe, d) == m * (qs + qe - 2 * d + 1)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_noncausal_plan_balances_with_its_own_costs(layout):
+    rng = random.Random(3)
+    bounds = _bounds([3000] + [rng.randint(16, 200) for _ in range(40)], 8)
+    p = plan(bounds, 4, layout=layout, causal=False, eps=0.05)
+    loads = [0] * 4
+    for t in p.tasks:
+        i = bisect.bisect_right(bounds, t.q_start) - 1
+        loads[t.server] += pairs(t.q_start, t.q_end, t.kv_start, bounds[i + 1]) + TASK_OVERHEAD
+    assert loads == p.loads and p.initial_imbalance > 1.15 and p.imbalance <= 1.05
+
+
+def _received_bytes(p, bounds, world, layout, q_row, kv_row):
+    """Bytes the servers receive for plan p, counted independently of the planner's model."""
+    owned = [local_ranges(bounds[-1], world, r, layout) for r in range(world)]
+    held = lambda s, x: any(a <= x < b for a, b in owned[s])
+    need = [set() for _ in range(world)]
+    total = 0
+    for t in p.tasks:
+        total += (t.q_end - t.q_start) * q_row * (t.server != t.owner)
+        need[t.server].update(x for x in range(t.kv_start, t.q_end) if not held(t.server, x))
+    return total + sum(map(len, need)) * kv_row
+
+
+def test_moves_prefer_work_per_byte():
+    # rank 0 holds doc X = [0, 600) and the head of Y = [600, 1100); rank 1 holds Y's tail, so it
+    # already receives Y's keys [600, 1000): moving queries of Y's head costs only the queries, a
+    # piece of X with as much work would also cost X's keys.
+    bounds = [0, 600, 1100] + list(range(1200, 2001, 100))
+    aware = plan(bounds, 2, overhead=0, row_bytes=(1, 1))
+    moved = [(t.q_start, t.q_end) for t in aware.tasks if t.server != t.owner]
+    assert len(moved) == 1 and 600 <= moved[0][0] and moved[0][1] == 1000, aware.tasks
+    blind = plan(bounds, 2, overhead=0, row_bytes=(0, 0))
+    assert blind.imbalance <= 1.1 and aware.imbalance <= 1.1
+    cost = lambda p: _received_bytes(p, bounds, 2, "contiguous", 1, 1)
+    assert cost(aware) == aware.bytes_moved < cost(blind)
+
+
+def test_byte_aware_plans_move_fewer_bytes_on_random_mixes():
+    aware_total = blind_total = 0
+    for seed in range(8):
+        rng = random.Random(seed)
+        world, layout = rng.choice([2, 4]), rng.choice(["contiguous", "zigzag"])
+        bounds = _bounds([rng.choice([rng.randint(1, 300), rng.randint(1500, 6000)]) for _ in range(rng.randint(4, 30))],
+                         2 * world)
+        aware = plan(bounds, world, layout=layout, eps=0.05, row_bytes=(4, 1))
+        blind = plan(bounds, world, layout=layout, eps=0.05, row_bytes=(0, 0))
+        _check_plan(aware, bounds, world, layout, 128)
+        assert aware.bytes_moved == _received_bytes(aware, bounds, world, layout, 4, 1)
+        aware_total += aware.bytes_moved
+        blind_total += _received_bytes(blind, bounds, world, layout, 4, 1)
+    assert aware_total < 0.9 * blind_total, (aware_total, blind_total)
+
+
+def test_mirrored_pairs_are_used_and_tile_their_task():
+    # bytes ignored: the planner picks the move closest to the gap, often a head+tail pair
+    found = 0
+    for seed in range(6):
+        rng = random.Random(seed)
+        bounds = _bounds([rng.randint(2000, 9000)] + [rng.randint(1, 200) for _ in range(20)], 8)
+        p = plan(bounds, 4, eps=0.02, row_bytes=(0, 0))
+        _check_plan(p, bounds, 4, "contiguous", 128)
+        pieces = {}
+        for t in p.tasks:
+            pieces.setdefault((t.server, t.kv_start, t.owner), []).append(t)
+        for ts in pieces.values():
+            for a in ts:  # a pair: a head and a tail of the same owner's range, with a gap between
+                found += any(b.q_start > a.q_end and b.q_end - b.q_start == a.q_end - a.q_start for b in ts)
+    assert found > 0
+
+
+def _table(overhead, a=1e-7):
+    return {"entries": [{"q_len": q, "kv_len": kv, "ms": a * (pairs(kv - q, kv, 0) + overhead)}
+                        for q in (128, 512, 2048) for kv in (2048, 8192) if q <= kv]}
+
+
+def test_cost_table_fits_the_task_overhead(tmp_path):
+    from seqpar.attention.disagg import fit_task_overhead, load_cost_table
+    assert abs(fit_task_overhead(_table(5000)) - 5000) <= 1
+    assert fit_task_overhead(_table(0)) == 0
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps(_table(20000)))
+    assert abs(fit_task_overhead(load_cost_table(str(path))) - 20000) <= 1
+    heavy = plan(_bounds([3000] + [150] * 30, 8), 4, overhead=200000)
+    light = plan(_bounds([3000] + [150] * 30, 8), 4, overhead=0)
+    assert len(heavy.tasks) < len(light.tasks), "a costly task makes the planner cut less"
+
+
+def _make_cfg(*overrides):
+    from hydra import compose, initialize_config_module
+    from seqpar.config import register_configs
+    register_configs()
+    with initialize_config_module(config_module="seqpar.conf", version_base=None):
+        return compose(config_name="train", overrides=["train.device=cpu", "parallel.softmax_sp=disagg", *overrides])
+
+
+def test_disagg_config_keys_reach_the_runtime(tmp_path):
+    from seqpar.attention.disagg import configure, current
+    from seqpar.attention.disagg.options import planner_overhead
+    from seqpar.config import validate
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps(_table(3000)))
+    cfg = _make_cfg("parallel.disagg.eps=0.03", "parallel.disagg.min_chunk=64", "parallel.disagg.ping_pong=false",
+                    f"parallel.disagg.cost_table={path}")
+    validate(cfg, world=2)
+    previous = configure(cfg.parallel.disagg)
+    try:
+        opts = current()
+        assert (opts.eps, opts.min_chunk, opts.ping_pong) == (0.03, 64, False)
+        assert abs(planner_overhead(opts) - 3000) <= 1
+    finally:
+        configure(previous)
+    assert current() == previous
+
+
+@pytest.mark.parametrize("override,message", [
+    ("parallel.disagg.eps=1.5", "parallel.disagg.eps=1.5: must be in [0, 1)"),
+    ("parallel.disagg.min_chunk=0", "parallel.disagg.min_chunk=0: must be an integer >= 1"),
+    ("parallel.disagg.task_overhead=-5", "parallel.disagg.task_overhead=-5: must be >= 0"),
+    ("parallel.disagg.cost_table=/nope/table.json", "parallel.disagg.cost_table=/nope/table.json: file not found"),
+])
+def test_bad_disagg_keys_fail_naming_the_key(override, message):
+    from seqpar.config import ConfigError, validate
+    with pytest.raises(ConfigError) as e:
+        validate(_make_cfg(override), world=2)
+    assert message in str(e.value)
+
+
+def test_overhead_from_two_places_is_refused(tmp_path):
+    from seqpar.config import ConfigError, validate
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps({"entries": [{"q_len": 1, "kv_len": 1}]}))
+    with pytest.raises(ConfigError, match="needs an 'entries' list"):
+        validate(_make_cfg(f"parallel.disagg.cost_table={path}"), world=2)
+    path.write_text(json.dumps(_table(100)))
+    with pytest.raises(ConfigError, match="set the other to null"):
+        validate(_make_cfg(f"parallel.disagg.cost_table={path}", "parallel.disagg.task_overhead=5"), world=2)
+
+
+# ---- ping-pong: the two nano-batches ----
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_nano_batches_cover_every_query_once_and_split_work(causal):
+    from seqpar.attention.disagg.routing import nano_batches
+    rng = random.Random(7)
+    bounds = _bounds([5000] + [rng.randint(1, 400) for _ in range(30)], 8)
+    p = plan(bounds, 4, causal=causal)
+    halves = nano_batches(p.tasks, 4, bounds, causal, 128)
+    covered = sorted((t.q_start, t.q_end, t.server) for h in halves for t in h)
+    pos = 0
+    for a, b, s in covered:
+        assert a == pos
+        pos = b
+    assert pos == bounds[-1]
+    doc_end = dict(zip(bounds, bounds[1:]))
+    for s in range(4):
+        work = [sum(pairs(t.q_start, t.q_end, t.kv_start, None if causal else doc_end[t.kv_start])
+                    for t in h if t.server == s) for h in halves]
+        assert {(t.q_start, t.q_end) for h in halves for t in h if t.server == s} <= {
+            (t.q_start, t.q_end) for t in p.tasks if t.server == s} | {
+            x for h in halves for t in h if t.server == s for x in [(t.q_start, t.q_end)]}
+        assert min(work) > 0.3 * max(work), (s, work)  # each half has work to overlap with the other

@@ -2,14 +2,20 @@
 attention of which query range.
 
 A task is the queries [q_start, q_end) of one document with the keys of that document up to
-q_end (the causal prefix, kv_start = the document start). Only the query side is cut, so each
-query's whole softmax is computed by one server and no LSE merge is needed.
+q_end (causal; the whole document when not causal), kv_start = the document start. Only the
+query side is cut, so each query's whole softmax is computed by one server: no LSE merge.
 
 The plan starts from "every rank serves the queries it holds" (its shard cut at document
-boundaries) and greedily moves work from the most to the least loaded server, cutting a
-document's query range only as much as the move needs, until every server is within `eps` of
-the mean or no move helps. It is pure Python and deterministic: every rank computes the same
-plan from the same boundaries, so no communication is needed to agree on it.
+boundaries) and greedily moves work from the most to the least loaded server until every server
+is within `eps` of the mean or no move helps. Candidate moves are a whole task, a head or a tail
+piece sized to the gap, and (causal) a mirrored head+tail pair: query positions p and L-1-p of a
+range together cost a constant, so a pair's cost is linear in its size and hits the gap to one
+row. Among the moves that do at least half the good of the best one, the planner takes the one
+that moves the most work per byte sent (queries out and outputs back, plus key/value rows the
+receiving server does not hold or receive already).
+
+It is pure Python and deterministic: every rank computes the same plan from the same
+boundaries, so no communication is needed to agree on it.
 """
 from __future__ import annotations
 
@@ -19,9 +25,9 @@ from dataclasses import dataclass
 
 from seqpar.parallel.sharding import local_ranges
 
-# Per-task cost on top of the score pairs, in score pairs: a stand-in for launch and tile
-# inefficiency of one more varlen segment (the issue's "fitted per-task overhead term"; a GPU
-# profile refines it). It stops the planner from shredding documents for negligible gains.
+# Default per-task cost on top of the score pairs, in score pairs: launch and tile inefficiency of
+# one more varlen segment. A GPU cost table (`fit_task_overhead`) replaces it with a measured
+# value. It stops the planner from shredding documents for negligible gains.
 TASK_OVERHEAD = 128 * 128 // 2
 
 
@@ -39,39 +45,65 @@ class Plan:
     tasks: list[Task]
     loads: list[int]          # modelled cost per server after planning
     initial_loads: list[int]  # ... and before (every rank serving its own tokens)
+    bytes_moved: int = 0      # modelled bytes servers receive from other ranks (row_bytes units)
 
     @property
     def imbalance(self) -> float:
         """max/mean of the modelled cost (1.0 = perfect balance)."""
-        mean = sum(self.loads) / len(self.loads)
-        return max(self.loads) / mean if mean else 1.0
+        return _imbalance(self.loads)
+
+    @property
+    def initial_imbalance(self) -> float:
+        return _imbalance(self.initial_loads)
 
 
-def pairs(q_start: int, q_end: int, kv_start: int) -> int:
-    """Causal score pairs of queries [q_start, q_end) over keys [kv_start, q_end):
-    q*kv - q*(q-1)/2 with q = q_end - q_start, kv = q_end - kv_start."""
-    q, kv = q_end - q_start, q_end - kv_start
+def _imbalance(loads) -> float:
+    mean = sum(loads) / len(loads)
+    return max(loads) / mean if mean else 1.0
+
+
+def pairs(q_start: int, q_end: int, kv_start: int, kv_end: int | None = None) -> int:
+    """Score pairs of queries [q_start, q_end) over their keys. Causal (kv_end None): keys
+    [kv_start, q_end), q*kv - q*(q-1)/2 with q = q_end - q_start, kv = q_end - kv_start.
+    Not causal: every query sees [kv_start, kv_end)."""
+    q = q_end - q_start
+    if kv_end is not None:
+        return q * (kv_end - kv_start)
+    kv = q_end - kv_start
     return q * kv - q * (q - 1) // 2
 
 
-def task_cost(q_start: int, q_end: int, kv_start: int) -> int:
-    return pairs(q_start, q_end, kv_start) + TASK_OVERHEAD
+def task_cost(q_start: int, q_end: int, kv_start: int, kv_end: int | None = None, *,
+              overhead: int = TASK_OVERHEAD) -> int:
+    return pairs(q_start, q_end, kv_start, kv_end) + overhead
 
 
-def plan(cu_seqlens, world_size: int, *, layout: str = "contiguous", eps: float = 0.1, min_chunk: int = 128) -> Plan:
+def plan(cu_seqlens, world_size: int, *, layout: str = "contiguous", eps: float = 0.1, min_chunk: int = 128,
+         causal: bool = True, overhead: int = TASK_OVERHEAD, row_bytes: tuple[int, int] = (2, 2)) -> Plan:
     """Plan of the packed row with document boundaries `cu_seqlens` (GLOBAL, tensor or list)
-    over `world_size` servers, the tokens held as `shard_sequence(layout)` cuts them."""
+    over `world_size` servers, the tokens held as `shard_sequence(layout)` cuts them.
+
+    `overhead`: per-task cost in score pairs. `row_bytes`: (bytes per query row: Q sent and O
+    returned; bytes per key/value row: K and V sent), used to prefer cheap moves; only their ratio
+    matters to the choice."""
     bounds = [int(x) for x in (cu_seqlens.tolist() if hasattr(cu_seqlens, "tolist") else cu_seqlens)]
     owned = [local_ranges(bounds[-1], world_size, r, layout) for r in range(world_size)]
-    return plan_owned(bounds, owned, eps=eps, min_chunk=min_chunk)
+    return plan_owned(bounds, owned, eps=eps, min_chunk=min_chunk, causal=causal, overhead=overhead,
+                      row_bytes=row_bytes)
 
 
-def plan_owned(bounds: list[int], owned: list[list[tuple[int, int]]], *, eps: float = 0.1,
-               min_chunk: int = 128) -> Plan:
+def plan_owned(bounds: list[int], owned: list[list[tuple[int, int]]], *, eps: float = 0.1, min_chunk: int = 128,
+               causal: bool = True, overhead: int = TASK_OVERHEAD, row_bytes: tuple[int, int] = (2, 2)) -> Plan:
     """`plan` for explicit ownership: `owned[r]` are the global token ranges rank r holds."""
     world = len(owned)
     if min_chunk < 1:
         raise ValueError(f"min_chunk={min_chunk} must be >= 1")
+    if not eps >= 0:
+        raise ValueError(f"eps={eps} must be >= 0")
+    if overhead < 0:
+        raise ValueError(f"overhead={overhead} must be >= 0")
+    doc_end = {bounds[i]: bounds[i + 1] for i in range(len(bounds) - 1)}
+    model = _Model(causal, overhead, doc_end, [sorted(r) for r in owned], row_bytes)
     # tasks[s] = list of [q_start, q_end, kv_start, owner]; start: every rank serves its own tokens
     tasks: list[list[list[int]]] = [[] for _ in range(world)]
     for r, ranges in enumerate(owned):
@@ -83,7 +115,7 @@ def plan_owned(bounds: list[int], owned: list[list[tuple[int, int]]], *, eps: fl
                     tasks[r].append([a, end, bounds[i], r])
                 a = end
                 i += 1
-    loads = [sum(task_cost(*t[:3]) for t in ts) for ts in tasks]
+    loads = [sum(model.cost(*t[:3]) for t in ts) for ts in tasks]
     initial = list(loads)
 
     for _ in range(4 * (sum(map(len, tasks)) + world) + 16):
@@ -92,54 +124,150 @@ def plan_owned(bounds: list[int], owned: list[list[tuple[int, int]]], *, eps: fl
         lo = min(range(world), key=loads.__getitem__)
         if loads[hi] <= (1 + eps) * mean and loads[lo] >= (1 - eps) * mean:
             break
-        move = _best_move(tasks[hi], loads[hi], loads[lo], mean, min_chunk)
+        move = _best_move(model, tasks[hi], tasks[lo], lo, loads[hi], loads[lo], mean, min_chunk)
         if move is None:
-            break  # no move from the most to the least loaded server lowers the maximum
-        idx, a, b = move
+            break  # no move from the most to the least loaded server lowers the imbalance
+        idx, moved, keep = move
         t = tasks[hi][idx]
-        d = t[2]
-        if (a, b) == (t[0], t[1]):
+        d, owner = t[2], t[3]
+        loads[hi] -= model.cost(t[0], t[1], d) - sum(model.cost(a, b, d) for a, b in keep)
+        if keep:
+            t[0], t[1] = keep[0]
+        else:
             del tasks[hi][idx]
-            loads[hi] -= task_cost(a, b, d)
-        else:  # a head or a tail piece: the rest stays on hi
-            if a == t[0]:
-                t[0] = b
+        for a, b in moved:
+            loads[lo] += model.cost(a, b, d)
+            for u in tasks[lo]:  # a piece next to one lo already serves joins it: one task, one overhead
+                if u[2] == d and u[3] == owner and (u[1] == a or u[0] == b) and model.within_one_range(
+                        owner, min(u[0], a), max(u[1], b)):
+                    u[0], u[1] = min(u[0], a), max(u[1], b)
+                    loads[lo] -= model.overhead
+                    break
             else:
-                t[1] = a
-            loads[hi] -= pairs(a, b, d)
-        tasks[lo].append([a, b, d, t[3]])
-        loads[lo] += task_cost(a, b, d)
+                tasks[lo].append([a, b, d, owner])
 
     out = sorted((Task(s, a, b, d, o) for s, ts in enumerate(tasks) for a, b, d, o in ts),
                  key=lambda t: (t.q_start, t.server))
-    return Plan(out, loads, initial)
+    return Plan(out, loads, initial, model.plan_bytes(out))
 
 
-def _best_move(tasks, load_hi, load_lo, mean, min_chunk):
-    """(task index, a, b): the query range [a, b) of one of `tasks` whose move from the most to
-    the least loaded server takes the work closest to `want` off the most loaded one (bringing
-    one of the two to the mean), among moves that leave both below the current maximum."""
+class _Model:
+    """The cost and transfer model the planner scores moves with."""
+
+    def __init__(self, causal, overhead, doc_end, owned, row_bytes):
+        self.causal, self.overhead, self.doc_end, self.owned = causal, overhead, doc_end, owned
+        self.q_bytes, self.kv_bytes = (int(x) for x in row_bytes)
+
+    def pairs(self, a, b, d):
+        return pairs(a, b, d, None if self.causal else self.doc_end[d])
+
+    def cost(self, a, b, d):
+        return self.pairs(a, b, d) + self.overhead
+
+    def key_end(self, b, d):
+        return b if self.causal else self.doc_end[d]
+
+    def within_one_range(self, rank, a, b):
+        """[a, b) inside one of rank's stored ranges (a task must not straddle two chunks)."""
+        return any(x <= a and b <= y for x, y in self.owned[rank])
+
+    def not_held(self, server, a, b):
+        """Rows of [a, b) that `server` does not hold."""
+        return (b - a) - sum(max(0, min(b, y) - max(a, x)) for x, y in self.owned[server])
+
+    def move_bytes(self, server, have, ranges, d, owner):
+        """Bytes `server` must receive (and return) to take over query `ranges` of document d,
+        given `have[d]`, the end of the keys of d its tasks already read."""
+        q = 0 if owner == server else sum(b - a for a, b in ranges) * self.q_bytes
+        e = self.key_end(max(b for _, b in ranges), d)
+        start = max(d, have.get(d, d))
+        return q + (self.not_held(server, start, e) * self.kv_bytes if e > start else 0)
+
+    def plan_bytes(self, tasks):
+        ends, total = {}, 0
+        for t in tasks:
+            if t.server != t.owner:
+                total += (t.q_end - t.q_start) * self.q_bytes
+            key = (t.server, t.kv_start)
+            ends[key] = max(ends.get(key, 0), self.key_end(t.q_end, t.kv_start))
+        for (s, d), e in ends.items():
+            total += self.not_held(s, d, e) * self.kv_bytes
+        return total
+
+
+def _best_move(model: _Model, tasks, lo_tasks, lo, load_hi, load_lo, mean, min_chunk):
+    """(task index, moved ranges, kept ranges) of the move from the most to the least loaded
+    server: among moves that leave both below the current maximum and do at least half the good
+    of the best (good = how much closer the two loads get to the mean), the fewest bytes per unit
+    of good."""
     want = min(load_hi - mean, mean - load_lo)
-    best, best_key = None, None
-    for idx, (qs, qe, d, _) in enumerate(tasks):
-        cands = [(qs, qe, task_cost(qs, qe, d))]  # whole task: its overhead moves too
-        if qe - qs >= 2 * min_chunk:  # a split leaves both pieces >= min_chunk
-            lo_m, hi_m = qs + min_chunk, qe - min_chunk
-            # Tail [m, qe): pairs = S(qe-d) - S(m-d), S(n) = n(n+1)/2; head [qs, m): S(m-d) - S(qs-d).
-            for target_s in (_tri(qe - d) - want, _tri(qs - d) + want):
-                x = _tri_inv(max(target_s, 0.0)) + d
-                for m in {max(lo_m, min(hi_m, x)), max(lo_m, min(hi_m, x + 1))}:
-                    cands.append((m, qe, pairs(m, qe, d)))
-                    cands.append((qs, m, pairs(qs, m, d)))
-        for a, b, dec in cands:
-            new_hi = load_hi - dec
-            new_lo = load_lo + task_cost(a, b, d)
+    have = {}
+    for a, b, d, _ in lo_tasks:
+        have[d] = max(have.get(d, d), model.key_end(b, d))
+    before = abs(load_hi - mean) + abs(load_lo - mean)
+    scored = []
+    for idx, (qs, qe, d, owner) in enumerate(tasks):
+        for moved, keep in _candidates(model, qs, qe, d, want, min_chunk):
+            dec = model.cost(qs, qe, d) - sum(model.cost(a, b, d) for a, b in keep)
+            new_hi, new_lo = load_hi - dec, load_lo + sum(model.cost(a, b, d) for a, b in moved)
             if max(new_hi, new_lo) >= load_hi:
                 continue
-            key = (abs(dec - want), (a, b) != (qs, qe))  # prefer no new task on ties
-            if best_key is None or key < best_key:
-                best, best_key = (idx, a, b), key
-    return best
+            good = before - abs(new_hi - mean) - abs(new_lo - mean)
+            if good <= 0:
+                continue
+            nbytes = model.move_bytes(lo, have, moved, d, owner)
+            scored.append((good, nbytes, len(moved) + len(keep), idx, moved, keep))
+    if not scored:
+        return None
+    best_good = max(s[0] for s in scored)
+    # fewest bytes per good (cross-multiplied: exact on integers), then more good, fewer tasks
+    pick = min((s for s in scored if 2 * s[0] >= best_good),
+               key=lambda s: (_Ratio(s[1], s[0]), -s[0], s[2], s[3]))
+    return pick[3], pick[4], pick[5]
+
+
+class _Ratio:
+    """bytes/good compared without division."""
+    __slots__ = ("n", "g")
+
+    def __init__(self, n, g):
+        self.n, self.g = n, g
+
+    def __lt__(self, other):
+        return self.n * other.g < other.n * self.g
+
+    def __eq__(self, other):
+        return self.n * other.g == other.n * self.g
+
+
+def _candidates(model: _Model, qs, qe, d, want, min_chunk):
+    """(moved ranges, kept ranges) of task [qs, qe) of the document starting at d: the whole
+    task, and pieces sized so the work moved is close to `want`, every piece >= min_chunk."""
+    yield ((qs, qe),), ()
+    if qe - qs < 2 * min_chunk:
+        return
+    lo_m, hi_m = qs + min_chunk, qe - min_chunk
+    clamp = lambda m: max(lo_m, min(hi_m, m))
+    if model.causal:
+        # Tail [m, qe): pairs = S(qe-d) - S(m-d), S(n) = n(n+1)/2; head [qs, m): S(m-d) - S(qs-d).
+        cuts = set()
+        for target in (_tri(qe - d) - want, _tri(qs - d) + want):
+            x = _tri_inv(max(target, 0.0)) + d
+            cuts |= {clamp(x), clamp(x + 1)}
+    else:  # every query row costs the document length
+        n = int(want // (model.doc_end[d] - d))
+        cuts = {clamp(qs + n), clamp(qs + n + 1), clamp(qe - n), clamp(qe - n - 1)}
+    for m in sorted(cuts):
+        yield ((m, qe),), ((qs, m),)
+        yield ((qs, m),), ((m, qe),)
+    if model.causal and qe - qs >= 3 * min_chunk:
+        # mirrored pair [qs, qs+m) + [qe-m, qe): positions p and qs+qe-1-p sum to a constant,
+        # so the pair costs m * (qs + qe - 2d + 1) pairs, linear in m
+        per_row = qs + qe - 2 * d + 1
+        n = int(want // per_row)
+        for m in {n, n + 1}:
+            if min_chunk <= m and qe - qs - 2 * m >= min_chunk:
+                yield ((qs, qs + m), (qe - m, qe)), ((qs + m, qe - m),)
 
 
 def _tri(n: int) -> int:

@@ -2,29 +2,41 @@
 
 Every rank computes the same plan from the global document boundaries. One all-to-all sends each
 task's queries to its server, another the key/value rows the server needs (each row once per
-server, however many of its tasks read it); the server runs ONE varlen flash call over all its
-tasks (queries are the last rows of their key range: bottom-right causal alignment) and a third
-all-to-all returns the outputs. The backward mirrors it inside one autograd.Function: dO goes to
-the servers, which kept their inputs, outputs and LSE of this step; dQ returns to the query
-owners and dK/dV, summed over the tasks that read a row, to the key owners.
+server and nano-batch, however many of its tasks read it); the server runs ONE varlen flash call
+over its tasks (queries are the last rows of their key range: bottom-right causal alignment) and
+a third all-to-all returns the outputs. The backward mirrors it inside one autograd.Function: dO
+goes to the servers, which kept their inputs, outputs and LSE of this step; dQ returns to the
+query owners and dK/dV, summed over the tasks that read a row, to the key owners.
+
+Ping-pong: each server's tasks are split into two nano-batches of about equal cost. All
+transfers are issued asynchronously in order, so the second nano-batch's inputs and the first's
+outputs travel while the other computes. On CUDA, NCCL runs async collectives on its own stream
+and `wait()` only orders the compute stream after them, so no extra stream is needed.
 """
 from __future__ import annotations
 
-import bisect
 import functools
-from dataclasses import dataclass
+import time
 
 import torch
 import torch.distributed as dist
 
+from seqpar.attention.disagg import metrics
+from seqpar.attention.disagg.options import current, planner_overhead
 from seqpar.attention.disagg.planner import plan_owned
+from seqpar.attention.disagg.routing import Route, nano_batches, route
 from seqpar.kernels.flash_attn import flash_attn, flash_attn_backward
 from seqpar.parallel.sharding import group_size_rank, local_ranges
 
 
 def disagg_attention(q, k, v, *, group=None, causal=True, cu_seqlens=None, softmax_scale=None, layout="contiguous",
-                     eps=0.1, min_chunk=128):
-    """`min_chunk` (beyond the ring contract): the planner's smallest query piece it cuts."""
+                     eps=None, min_chunk=None, ping_pong=None):
+    """Beyond the ring contract: `eps`, `min_chunk`, `ping_pong` (None: the process-wide
+    `parallel.disagg.*` options, see `options.configure`; eps defaults to 0.1)."""
+    opts = current()
+    eps = opts.eps if eps is None else eps
+    min_chunk = opts.min_chunk if min_chunk is None else min_chunk
+    ping_pong = opts.ping_pong if ping_pong is None else ping_pong
     world, rank = group_size_rank(group)
     B, s_local = q.shape[:2]
     seq_len = s_local * world
@@ -36,113 +48,33 @@ def disagg_attention(q, k, v, *, group=None, causal=True, cu_seqlens=None, softm
         bounds = tuple(int(x) for x in cu_seqlens.tolist())
         if bounds[-1] != seq_len:
             raise ValueError(f"cu_seqlens ends at {bounds[-1]}, the group holds {seq_len} tokens")
-    route = _route(bounds, seq_len, world, rank, layout, float(eps), int(min_chunk), bool(causal))
+    hq, hkv = q.shape[2], k.shape[2]
+    q_row = hq * (q.shape[3] + v.shape[3]) * q.element_size()  # Q sent, O returned
+    kv_row = hkv * (k.shape[3] + v.shape[3]) * k.element_size()
+    misses = _plan_routes.cache_info().misses
+    routes, info = _plan_routes(bounds, seq_len, world, rank, layout, float(eps), int(min_chunk), bool(causal),
+                                planner_overhead(opts), (q_row, kv_row), bool(ping_pong))
+    metrics.record_call(info, sum(r.sent_rows(q_row, kv_row) for r in routes),
+                        new=_plan_routes.cache_info().misses > misses)
     flat = [t.reshape(B * s_local, *t.shape[2:]) for t in (q, k, v)]
-    out = _DisaggAttention.apply(*flat, route, group, causal, softmax_scale)
+    out = _DisaggAttention.apply(*flat, routes, group, causal, softmax_scale)
     return out.reshape(B, s_local, *out.shape[1:])
 
 
-@dataclass(frozen=True)
-class _Route:
-    """This rank's part of the plan, as (start, length) segments of row indices."""
-    q_send: tuple        # local query rows to send, grouped by server in rank order
-    q_send_splits: list
-    q_recv_splits: list  # query rows this server receives from each owner
-    kv_send: tuple       # local key/value rows to send, grouped by server
-    kv_send_splits: list
-    kv_recv_splits: list
-    task_kv: tuple       # rows of the received key/value buffer, per task in order (may repeat)
-    cu_q: list           # the server's varlen boundaries over its tasks
-    cu_k: list
-
-
 @functools.lru_cache(maxsize=64)  # every layer of a step plans the same boundaries
-def _route(bounds, seq_len, world, rank, layout, eps, min_chunk, causal) -> _Route:
-    rows = (bounds[-1]) // seq_len
+def _plan_routes(bounds, seq_len, world, rank, layout, eps, min_chunk, causal, overhead, row_bytes, ping_pong):
+    t0 = time.perf_counter()
+    rows = bounds[-1] // seq_len
     # owned chunks in local storage order (row-major, then the layout's chunk order)
     owned = [[(row * seq_len + a, row * seq_len + b) for row in range(rows)
               for a, b in local_ranges(seq_len, world, r, layout)] for r in range(world)]
-    chunks = []  # (global start, global end, owner, local offset), sorted by start
-    for r, ranges in enumerate(owned):
-        off = 0
-        for a, b in ranges:
-            chunks.append((a, b, r, off))
-            off += b - a
-    chunks.sort()
-    starts = [c[0] for c in chunks]
-
-    def pieces(a, b):
-        """[a, b) split at chunk edges: (global start, global end, owner, local start)."""
-        out, i = [], bisect.bisect_right(starts, a) - 1
-        while a < b:
-            ca, cb, r, off = chunks[i]
-            e = min(b, cb)
-            out.append((a, e, r, off + a - ca))
-            a, i = e, i + 1
-        return out
-
-    tasks = plan_owned(list(bounds), owned, eps=eps, min_chunk=min_chunk).tasks
-    doc_end = {bounds[i]: bounds[i + 1] for i in range(len(bounds) - 1)}
-    key_end = (lambda t: t.q_end) if causal else (lambda t: doc_end[t.kv_start])
-
-    # Queries: owner r sends server s its tasks on s in plan order; the server stores them by owner.
-    q_send, q_send_splits = [], [0] * world
-    for s in range(world):
-        for t in tasks:
-            if t.server == s and t.owner == rank:
-                (_, _, _, loc), = pieces(t.q_start, t.q_end)  # a task lies inside one chunk
-                q_send.append((loc, t.q_end - t.q_start))
-                q_send_splits[s] += t.q_end - t.q_start
-    mine = sorted((t for t in tasks if t.server == rank), key=lambda t: t.owner)  # stable: plan order per owner
-    q_recv_splits = [sum(t.q_end - t.q_start for t in mine if t.owner == o) for o in range(world)]
-
-    def needed(s):
-        """Key/value pieces server s needs: per document, one range up to its furthest task."""
-        ends = {}
-        for t in tasks:
-            if t.server == s:
-                ends[t.kv_start] = max(ends.get(t.kv_start, 0), key_end(t))
-        return [p for d in sorted(ends) for p in pieces(d, ends[d])]
-
-    kv_send, kv_send_splits = [], [0] * world
-    for s in range(world):
-        for a, b, r, loc in needed(s):
-            if r == rank:
-                kv_send.append((loc, b - a))
-                kv_send_splits[s] += b - a
-    # The server's receive buffer: pieces grouped by owner (rank order), global order inside.
-    recv = sorted(needed(rank), key=lambda p: p[2])
-    kv_recv_splits = [sum(b - a for a, b, r, _ in recv if r == o) for o in range(world)]
-    buf_at, off = [], 0
-    for a, b, _, _ in recv:
-        buf_at.append((a, b, off))
-        off += b - a
-    buf_at.sort()
-    buf_starts = [x[0] for x in buf_at]
-    task_kv, cu_q, cu_k = [], [0], [0]
-    for t in mine:
-        a, e = t.kv_start, key_end(t)
-        i = bisect.bisect_right(buf_starts, a) - 1
-        while a < e:
-            pa, pb, poff = buf_at[i]
-            stop = min(e, pb)
-            task_kv.append((poff + a - pa, stop - a))
-            a, i = stop, i + 1
-        cu_q.append(cu_q[-1] + t.q_end - t.q_start)
-        cu_k.append(cu_k[-1] + key_end(t) - t.kv_start)
-    return _Route(tuple(_merge(q_send)), q_send_splits, q_recv_splits, tuple(_merge(kv_send)), kv_send_splits,
-                  kv_recv_splits, tuple(_merge(task_kv)), cu_q, cu_k)
-
-
-def _merge(segs):
-    """Adjacent (start, length) segments joined: fewer aranges to build per call."""
-    out = []
-    for s, n in segs:
-        if out and out[-1][0] + out[-1][1] == s:
-            out[-1] = (out[-1][0], out[-1][1] + n)
-        else:
-            out.append((s, n))
-    return out
+    p = plan_owned(list(bounds), owned, eps=eps, min_chunk=min_chunk, causal=causal, overhead=overhead,
+                   row_bytes=row_bytes)
+    groups = nano_batches(p.tasks, world, bounds, causal, min_chunk) if ping_pong and world > 1 else [p.tasks]
+    routes = tuple(route(ts, bounds, owned, rank, causal) for ts in groups)
+    info = {"imbalance_before": p.initial_imbalance, "imbalance_after": p.imbalance, "tasks": len(p.tasks),
+            "plan_ms": (time.perf_counter() - t0) * 1e3}
+    return routes, info
 
 
 def _index(segs, device) -> torch.Tensor:
@@ -152,66 +84,100 @@ def _index(segs, device) -> torch.Tensor:
 
 
 def _all_to_all(x, send_splits, recv_splits, group):
+    """Asynchronous all_to_all_single: (output, work or None); wait on work before reading."""
     if len(send_splits) == 1:
-        return x
+        return x, None
     out = x.new_empty((sum(recv_splits), *x.shape[1:]))
-    dist.all_to_all_single(out, x.contiguous(), output_split_sizes=list(recv_splits),
-                           input_split_sizes=list(send_splits), group=group)
-    return out
+    work = dist.all_to_all_single(out, x.contiguous(), output_split_sizes=list(recv_splits),
+                                  input_split_sizes=list(send_splits), group=group, async_op=True)
+    return out, work
+
+
+def _wait(*works):
+    for w in works:
+        if w is not None:
+            w.wait()
+
+
+class _Nano:
+    """One nano-batch's tensors on this rank (index tensors, server-side buffers)."""
+
+    def __init__(self, r: Route, device):
+        self.r = r
+        self.q_idx, self.kv_idx, self.task_idx = (_index(s, device) for s in (r.q_send, r.kv_send, r.task_kv))
+        self.cu_q, self.cu_k = (torch.tensor(c, dtype=torch.int32, device=device) for c in (r.cu_q, r.cu_k))
 
 
 class _DisaggAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, route, group, causal, scale):
+    def forward(ctx, q, k, v, routes, group, causal, scale):
         dev, n = q.device, q.shape[0]
         hkv, dk, dv = k.shape[1], k.shape[2], v.shape[2]
-        q_idx, kv_idx, task_idx = (_index(s, dev) for s in (route.q_send, route.kv_send, route.task_kv))
-        q_srv = _all_to_all(q.index_select(0, q_idx), route.q_send_splits, route.q_recv_splits, group)
+        nanos = [_Nano(r, dev) for r in routes]
         # K and V travel in one message per pair of ranks: rows of [k | v]
         kv = torch.cat([k.reshape(n, -1), v.reshape(n, -1).to(k.dtype)], dim=1)
-        kv_srv = _all_to_all(kv.index_select(0, kv_idx), route.kv_send_splits, route.kv_recv_splits, group)
-        kv_task = kv_srv.index_select(0, task_idx)  # rows shared by several tasks are copied here, not sent
-        k_task = kv_task[:, :hkv * dk].reshape(-1, hkv, dk)
-        v_task = kv_task[:, hkv * dk:].reshape(-1, hkv, dv).to(v.dtype)
-        cu_q, cu_k = (torch.tensor(c, dtype=torch.int32, device=dev) for c in (route.cu_q, route.cu_k))
-        if q_srv.shape[0]:
-            o_srv, lse = flash_attn(q_srv[None], k_task[None], v_task[None], causal=causal, cu_seqlens_q=cu_q,
-                                    cu_seqlens_k=cu_k, softmax_scale=scale, return_lse=True)
-            o_srv = o_srv[0]
-        else:  # a server without tasks still takes part in every all-to-all
-            o_srv, lse = q.new_zeros(0, q.shape[1], dv), None
-        o_back = _all_to_all(o_srv, route.q_recv_splits, route.q_send_splits, group)
+        inbound = []
+        for nb in nanos:  # every input transfer issued up front: the later ones travel during compute
+            q_srv, wq = _all_to_all(q.index_select(0, nb.q_idx), nb.r.q_send_splits, nb.r.q_recv_splits, group)
+            kv_srv, wkv = _all_to_all(kv.index_select(0, nb.kv_idx), nb.r.kv_send_splits, nb.r.kv_recv_splits, group)
+            inbound.append((q_srv, kv_srv, wq, wkv))
+        outbound, saved = [], []
+        for nb, (q_srv, kv_srv, wq, wkv) in zip(nanos, inbound):
+            _wait(wq, wkv)
+            kv_task = kv_srv.index_select(0, nb.task_idx)  # rows shared by several tasks are copied here, not sent
+            k_task = kv_task[:, :hkv * dk].reshape(-1, hkv, dk)
+            v_task = kv_task[:, hkv * dk:].reshape(-1, hkv, dv).to(v.dtype)
+            if q_srv.shape[0]:
+                o_srv, lse = flash_attn(q_srv[None], k_task[None], v_task[None], causal=causal, cu_seqlens_q=nb.cu_q,
+                                        cu_seqlens_k=nb.cu_k, softmax_scale=scale, return_lse=True)
+                o_srv = o_srv[0]
+            else:  # a server without tasks still takes part in every all-to-all
+                o_srv, lse = q.new_zeros(0, q.shape[1], dv), q.new_zeros(1, q.shape[1], 0)
+            outbound.append(_all_to_all(o_srv, nb.r.q_recv_splits, nb.r.q_send_splits, group))
+            saved += [q_srv, k_task, v_task, o_srv, lse]
         out = q.new_empty(n, q.shape[1], dv)
-        out[q_idx] = o_back  # every local query is in exactly one task
-        ctx.save_for_backward(q_srv, k_task, v_task, o_srv, lse, q_idx, kv_idx, task_idx, cu_q, cu_k)
-        ctx.route, ctx.group, ctx.causal, ctx.scale, ctx.n = route, group, causal, scale, n
+        for nb, (o_back, work) in zip(nanos, outbound):
+            _wait(work)
+            out[nb.q_idx] = o_back  # every local query is in exactly one task of one nano-batch
+        ctx.save_for_backward(*saved)
+        ctx.nanos, ctx.group, ctx.causal, ctx.scale, ctx.n = nanos, group, causal, scale, n
         ctx.shapes = (hkv, dk, dv, kv.shape[1], k.dtype, v.dtype)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q_srv, k_task, v_task, o_srv, lse, q_idx, kv_idx, task_idx, cu_q, cu_k = ctx.saved_tensors
-        route, group, n = ctx.route, ctx.group, ctx.n
+        saved, nanos, group, n = ctx.saved_tensors, ctx.nanos, ctx.group, ctx.n
         hkv, dk, dv, width, k_dtype, v_dtype = ctx.shapes
-        do_srv = _all_to_all(dout.contiguous().index_select(0, q_idx), route.q_send_splits, route.q_recv_splits,
-                             group)
-        if q_srv.shape[0]:
-            dq_t, dk_t, dv_t = flash_attn_backward(do_srv[None], q_srv[None], k_task[None], v_task[None],
-                                                   o_srv[None], lse, causal=ctx.causal, cu_seqlens_q=cu_q,
-                                                   cu_seqlens_k=cu_k, softmax_scale=ctx.scale)
-            dq_srv = dq_t[0]
-            dkv_task = torch.cat([dk_t[0].reshape(-1, hkv * dk), dv_t[0].reshape(-1, hkv * dv).to(k_dtype)], dim=1)
-        else:
-            dq_srv = q_srv.new_zeros(q_srv.shape)
-            dkv_task = k_task.new_zeros(0, width)
-        # a key row read by several tasks of this server: its gradients summed here, sent once
-        dkv_srv = dkv_task.new_zeros(sum(route.kv_recv_splits), width).index_add_(0, task_idx, dkv_task)
-        dq_back = _all_to_all(dq_srv, route.q_recv_splits, route.q_send_splits, group)
-        dkv_back = _all_to_all(dkv_srv, route.kv_recv_splits, route.kv_send_splits, group)
-        dq = dq_back.new_empty(n, *dq_back.shape[1:])
-        dq[q_idx] = dq_back
-        # a key row sent to several servers: the owner sums their gradients
-        dkv = dkv_back.new_zeros(n, width).index_add_(0, kv_idx, dkv_back)
+        dout = dout.contiguous()
+        inbound = [_all_to_all(dout.index_select(0, nb.q_idx), nb.r.q_send_splits, nb.r.q_recv_splits, group)
+                   for nb in nanos]
+        outbound = []
+        for i, (nb, (do_srv, work)) in enumerate(zip(nanos, inbound)):
+            q_srv, k_task, v_task, o_srv, lse = saved[5 * i:5 * i + 5]
+            _wait(work)
+            if q_srv.shape[0]:
+                dq_t, dk_t, dv_t = flash_attn_backward(do_srv[None], q_srv[None], k_task[None], v_task[None],
+                                                       o_srv[None], lse, causal=ctx.causal, cu_seqlens_q=nb.cu_q,
+                                                       cu_seqlens_k=nb.cu_k, softmax_scale=ctx.scale)
+                dq_srv = dq_t[0]
+                dkv_task = torch.cat([dk_t[0].reshape(-1, hkv * dk), dv_t[0].reshape(-1, hkv * dv).to(k_dtype)],
+                                     dim=1)
+            else:
+                dq_srv = q_srv.new_zeros(q_srv.shape)
+                dkv_task = k_task.new_zeros(0, width)
+            # a key row read by several tasks of this server: its gradients summed here, sent once
+            dkv_srv = dkv_task.new_zeros(sum(nb.r.kv_recv_splits), width).index_add_(0, nb.task_idx, dkv_task)
+            outbound.append((_all_to_all(dq_srv, nb.r.q_recv_splits, nb.r.q_send_splits, group),
+                             _all_to_all(dkv_srv, nb.r.kv_recv_splits, nb.r.kv_send_splits, group)))
+        dq = dkv = None
+        for nb, ((dq_back, wq), (dkv_back, wkv)) in zip(nanos, outbound):
+            _wait(wq, wkv)
+            if dq is None:
+                dq = dq_back.new_empty(n, *dq_back.shape[1:])
+                dkv = dkv_back.new_zeros(n, width)
+            dq[nb.q_idx] = dq_back
+            # a key row sent to several servers (or nano-batches): the owner sums their gradients
+            dkv.index_add_(0, nb.kv_idx, dkv_back)
         dk_ = dkv[:, :hkv * dk].reshape(n, hkv, dk)
         dv_ = dkv[:, hkv * dk:].reshape(n, hkv, dv).to(v_dtype)
         return dq, dk_, dv_, None, None, None, None

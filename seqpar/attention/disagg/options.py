@@ -1,0 +1,87 @@
+"""`parallel.disagg.*`: the knobs of core-attention disaggregation, their validation, and the
+process-wide setting that `disagg_attention` reads when a call does not pass them.
+
+The model calls attention with the ring contract only (no disagg keywords), so training sets
+the options once per process with `configure(cfg.parallel.disagg)`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Optional
+
+from seqpar.attention.disagg.planner import TASK_OVERHEAD
+
+
+@dataclass(frozen=True)
+class DisaggOptions:
+    eps: float = 0.1                 # stop when every server is within eps of the mean load
+    min_chunk: int = 128             # smallest query piece the planner cuts (the kernel loses throughput below)
+    task_overhead: Optional[int] = None  # per-task cost in score pairs; None: fitted from cost_table, else 8192
+    ping_pong: bool = True           # two nano-batches: one's all-to-alls overlap the other's attention
+    cost_table: Optional[str] = None  # JSON of (q_len, kv_len) -> ms profiled on the GPU
+
+    def overhead(self) -> int:
+        """The per-task overhead the planner uses."""
+        if self.task_overhead is not None:
+            return int(self.task_overhead)
+        if self.cost_table:
+            from seqpar.attention.disagg.cost_table import fit_task_overhead, load_cost_table
+            return fit_task_overhead(load_cost_table(self.cost_table))
+        return TASK_OVERHEAD
+
+
+_current = DisaggOptions()
+_overhead_cache: dict = {}
+
+
+def validate(options) -> DisaggOptions:
+    """`options` (a DisaggOptions, a mapping or a Hydra node) checked; ValueError names the key."""
+    opts = _coerce(options)
+    if not 0 <= opts.eps < 1:
+        raise ValueError(f"parallel.disagg.eps={opts.eps}: must be in [0, 1) (the allowed load above/below the mean, "
+                         "as a fraction of it; 0.1 = within 10%)")
+    if isinstance(opts.min_chunk, bool) or not isinstance(opts.min_chunk, int) or opts.min_chunk < 1:
+        raise ValueError(f"parallel.disagg.min_chunk={opts.min_chunk}: must be an integer >= 1 (128 keeps tasks at "
+                         "the kernel's tile size)")
+    if opts.task_overhead is not None and (isinstance(opts.task_overhead, bool) or opts.task_overhead < 0):
+        raise ValueError(f"parallel.disagg.task_overhead={opts.task_overhead}: must be >= 0 score pairs, or null "
+                         "(fitted from parallel.disagg.cost_table, else the default)")
+    if opts.task_overhead is not None and opts.cost_table:
+        raise ValueError(f"parallel.disagg.task_overhead={opts.task_overhead} and parallel.disagg.cost_table="
+                         f"{opts.cost_table}: the overhead comes from one of them; set the other to null")
+    if not isinstance(opts.ping_pong, bool):
+        raise ValueError(f"parallel.disagg.ping_pong={opts.ping_pong!r}: must be true or false")
+    if opts.cost_table:
+        opts.overhead()  # a missing or malformed table fails here, before any worker starts
+    return opts
+
+
+def configure(options=None, **overrides) -> DisaggOptions:
+    """Set the process-wide options (validated); returns the previous ones."""
+    global _current
+    opts = validate(replace(_coerce(options) if options is not None else _current, **overrides))
+    previous, _current = _current, opts
+    return previous
+
+
+def current() -> DisaggOptions:
+    return _current
+
+
+def planner_overhead(opts: DisaggOptions) -> int:
+    """`opts.overhead()`, the cost table read once per process."""
+    key = (opts.task_overhead, opts.cost_table)
+    if key not in _overhead_cache:
+        _overhead_cache[key] = opts.overhead()
+    return _overhead_cache[key]
+
+
+def _coerce(options) -> DisaggOptions:
+    if isinstance(options, DisaggOptions):
+        return options
+    names = {f.name for f in fields(DisaggOptions)}
+    items = dict(options.items()) if hasattr(options, "items") else {}
+    unknown = sorted(set(items) - names)
+    if unknown:
+        raise ValueError(f"parallel.disagg.{unknown[0]}: unknown key; the keys are {sorted(names)}")
+    return DisaggOptions(**{k: v for k, v in items.items()})
