@@ -10,6 +10,7 @@ import zlib
 
 import torch
 import torch.nn as nn
+from torch.distributed.tensor import DTensor
 
 from seqpar import kernels
 from seqpar.attention import AttnContext
@@ -83,6 +84,7 @@ class Transformer(nn.Module):
         ctx = AttnContext() if ctx is None else ctx
         embed = chunk == 0 and self.tok_embeddings is not None
         h = self.tok_embeddings(input_ids) if embed else input_ids
+        h = h.to(residual_dtype(self.cfg, h))
         rope = self.rotary(input_ids.shape[1], ctx, input_ids.device)
         for name in self.chunks[chunk]:
             h = self.layers[name](h, ctx, rope)
@@ -99,8 +101,18 @@ class Transformer(nn.Module):
         return kernels.rotary_cos_sin(positions.to(device), self.head_dim, self.rope_theta)
 
     def loss_sum(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Sum of next-token cross-entropies over targets != -100; the `[N, V]` logits never exist."""
-        return kernels.fused_linear_cross_entropy(hidden, self.output.weight, targets, ignore_index=-100)
+        """Sum of next-token cross-entropies over targets != -100; the `[N, V]` logits never exist.
+
+        A head sharded over the vocabulary (a DTensor: tensor parallelism shards it by rows) takes
+        the vocabulary-parallel loss, each rank computing its slice of every token's logits."""
+        weight = self.output.weight
+        if isinstance(weight, DTensor):
+            from seqpar.parallel.vocab_parallel import vocab_parallel_cross_entropy
+
+            mesh, local = weight.device_mesh, weight.to_local()
+            return vocab_parallel_cross_entropy(hidden, local, targets, group=mesh.get_group(),
+                                                vocab_start=mesh.get_local_rank() * local.shape[0], ignore_index=-100)
+        return kernels.fused_linear_cross_entropy(hidden, weight, targets, ignore_index=-100)
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:
@@ -137,6 +149,14 @@ class Transformer(nn.Module):
         if exclude_embedding and not self.tied:
             n -= self.tok_embeddings.weight.numel()
         return n
+
+
+def residual_dtype(cfg, h: torch.Tensor) -> torch.dtype:
+    """The residual stream's dtype: the autocast dtype unless `cfg.fp32_residual` (or no autocast)."""
+    device = h.device.type
+    if torch.is_autocast_enabled(device) and not getattr(cfg, "fp32_residual", False):
+        return torch.get_autocast_dtype(device)
+    return h.dtype
 
 
 def canonical_name(name: str) -> str:

@@ -11,9 +11,11 @@ Why DTensor rather than megatron-core's layers: it shards the same `nn.Linear`s 
 has, composes with FSDP2 on the same DeviceMesh (FSDP then shards the tp shards over dp x cp), and
 takes its groups from ParallelDims; megatron-core's layers bring their own modules and state.
 
-The embedding and the output head stay whole on every tp rank (FSDP still shards them over
-dp x cp): every tp rank computes the same loss from the same full hidden states, so their
-gradients agree without a tp reduction. A vocabulary-parallel loss would split that work too.
+The embedding and the output head are split over the vocabulary (Megatron's vocab-parallel
+layers): the embedding by rows, each rank looking up the ids it holds and the partial embeddings
+summed (reduce-scattered along the sequence under SP); the head by rows too, its loss computed by
+`vocab_parallel.vocab_parallel_cross_entropy` on the final hidden states, which every tp rank holds
+whole. FSDP then shards both over dp x cp like every other tp shard.
 """
 from __future__ import annotations
 
@@ -31,10 +33,16 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parall
     tp = tp_mesh.size()
     # the residual stream between blocks: split along the sequence (SP) or whole on every rank
     stream = Shard(1) if sequence_parallel else Replicate()
-    if sequence_parallel and model.tok_embeddings is not None:  # first pipeline stage
-        # each rank keeps its slice of the sequence; backward all-gathers the embedding's gradient
+    if model.tok_embeddings is not None:  # first pipeline stage
+        # input ids whole on every rank; each rank's rows give a partial sum of the embedding
         parallelize_module(model.tok_embeddings, tp_mesh,
-                           PrepareModuleOutput(output_layouts=Replicate(), desired_output_layouts=Shard(1)))
+                           RowwiseParallel(input_layouts=Replicate(), output_layouts=stream))
+    if model.output is not None:  # last pipeline stage
+        # rows = vocabulary slices; never called as a module (the loss reads its weight), so only
+        # the weight's sharding matters
+        parallelize_module(model.output, tp_mesh, ColwiseParallel())
+        if getattr(model, "tied", False):  # both were re-registered as DTensors: tie them again
+            model.output.weight = model.tok_embeddings.weight
     if sequence_parallel and model.norm is not None:  # last pipeline stage
         parallelize_module(model.norm, tp_mesh, SequenceParallel())
         # the loss needs every token's hidden state: gather after the final norm
