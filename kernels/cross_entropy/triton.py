@@ -9,10 +9,12 @@ over a chunk's fp32 logits costs a few ms:
    writes softmax - onehot once, in the matmul dtype: ~10 bytes per logit instead of the
    reference's ~40 (logsumexp, gather, sub, exp, scatter, mul, cast as separate torch passes).
 2. The gradient is written over the logits' own storage: row r of the 16-bit gradient fills the
-   first half of row r's fp32 bytes, read back as a [C, V] view with row stride 2V. Block j of a
-   row is stored only after it is loaded and only over bytes of blocks <= j, which the program has
-   already read, so the overwrite is safe whatever the order of programs or the loads in flight.
-   The chunk's extra memory is just its fp32 logits (C x V x 4 bytes), allocated once.
+   first half of row r's fp32 bytes, read back as a [C, V] view with row stride 2V. Only row r's
+   program touches row r; its store of block j covers fp32 bytes of blocks <= j only, and a
+   barrier between each block's load and store makes every warp's loads of those blocks come
+   first (warps are not in lockstep: without it a fast warp could overwrite logits a slow warp has
+   yet to read). Loads of later blocks issued early are never overwritten. The chunk's extra
+   memory is just its fp32 logits (C x V x 4 bytes), allocated once.
 3. grad_weight accumulates in fp32 inside the matmul (`addmm` with an fp32 out and beta=1) where
    torch allows it, instead of a 16-bit product per chunk cast and added in separate passes.
 
@@ -63,6 +65,10 @@ def _softmax_grad_rows(logits_ptr, grad_ptr, targets_ptr, loss_ptr, V, s_logits,
         for start in range(0, V, BLOCK):
             idx = start + cols
             x = tl.load(base + idx, mask=idx < V, other=0.0)
+            # A 16-bit store of block j lands on fp32 bytes of blocks <= j that OTHER warps load:
+            # every warp must have loaded block j (and, by the previous barriers, all before it)
+            # before any warp stores, and warps must not drift an iteration apart.
+            tl.debug_barrier()
             g = tl.exp(x - lse) - tl.where(idx == target, 1.0, 0.0)
             tl.store(gbase + idx, (g * keep).to(grad_ptr.dtype.element_ty), mask=idx < V)
 
@@ -75,9 +81,18 @@ def _grad_view(buf: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return buf.view(dtype).view(C, -1)[:, :V]  # row r starts at the first byte of logits row r
 
 
+_FP32_MM_OUT = [True]  # torch versions whose mm writes an fp32 out= from 16-bit operands
+
+
 def _logits_into(buf, h, w):
     if h.is_cuda and h.dtype in (torch.bfloat16, torch.float16):
-        return torch.mm(h, w.T, out_dtype=torch.float32, out=buf)
+        # fp32 straight from the tensor-core accumulator, as in the reference
+        if _FP32_MM_OUT[0]:
+            try:
+                return torch.mm(h, w.T, out_dtype=torch.float32, out=buf)
+            except (RuntimeError, TypeError):
+                _FP32_MM_OUT[0] = False
+        return buf.copy_(torch.mm(h, w.T, out_dtype=torch.float32))
     if h.dtype == buf.dtype:
         return torch.mm(h, w.T, out=buf)
     return buf.copy_(h @ w.T)  # CPU 16-bit: rounded to 16 bits first, as the reference does

@@ -35,13 +35,18 @@ def _configs(rows_options, warps_options):
     return configs
 
 
-def _prune_by_tile(min_tile, max_tile, width_key):
-    """Keep configs whose tile (rows x padded width) holds 4..32 elements per thread."""
+def _prune_by_tile(min_tile, max_tile, width_key, per_thread):
+    """Keep configs whose tile (rows x padded width) holds `per_thread` (lo, hi) elements per thread.
+
+    Measured from the cubins (ptxas for sm_90): the backward at 16 fp32 elements per thread per
+    operand needs ~130 registers, at 32 ~250 (one CTA per SM, too few bytes in flight); at 8, ~64."""
+    lo, hi = per_thread
+
     def prune(configs, named_args, **kwargs):
         width = {**named_args, **kwargs}[width_key]
         kept = [c for c in configs
                 if min_tile <= c.kwargs["BLOCK_M"] * width <= max_tile
-                and 4 <= c.kwargs["BLOCK_M"] * width // (32 * c.num_warps) <= 32]
+                and lo <= c.kwargs["BLOCK_M"] * width // (32 * c.num_warps) <= hi]
         if _interpreting():  # one config: the interpreter's "benchmark" would run every one
             kept = kept[:1]
         if not kept:  # tiny rows: the widest tile there is, few warps
@@ -64,8 +69,8 @@ def _programs(device: torch.device) -> int:
 
 # ------------------------------------------------------------------------------------ RMSNorm
 
-@triton.autotune(configs=_configs([1, 2, 4, 8, 16, 32, 64], [4, 8, 16]), key=["N"],
-                 prune_configs_by={"early_config_prune": _prune_by_tile(2048, 16384, "BLOCK_N")})
+@triton.autotune(configs=_configs([1, 2, 4, 8, 16, 32, 64], [4, 8, 16, 32]), key=["N"],
+                 prune_configs_by={"early_config_prune": _prune_by_tile(1024, 16384, "BLOCK_N", (4, 16))})
 @triton.jit
 def _rms_norm_fwd(x_ptr, w_ptr, y_ptr, M, N, sx, sy, eps, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -79,8 +84,8 @@ def _rms_norm_fwd(x_ptr, w_ptr, y_ptr, M, N, sx, sy, eps, BLOCK_N: tl.constexpr,
     tl.store(y_ptr + rows * sy + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=_configs([1, 2, 4, 8, 16, 32, 64], [4, 8, 16]), key=["N"],
-                 prune_configs_by={"early_config_prune": _prune_by_tile(1024, 8192, "BLOCK_N")})
+@triton.autotune(configs=_configs([1, 2, 4, 8, 16, 32, 64], [4, 8, 16, 32]), key=["N"],
+                 prune_configs_by={"early_config_prune": _prune_by_tile(1024, 8192, "BLOCK_N", (4, 8))})
 @triton.jit
 def _rms_norm_bwd(x_ptr, w_ptr, dy_ptr, dx_ptr, dw_part_ptr, M, N, sx, sdy, sdx, eps, rows_per_program,
                   BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
@@ -155,17 +160,18 @@ def rms_norm_triton(x, weight, eps=1e-6):
 # ------------------------------------------------------------------------------------ RoPE
 
 @triton.autotune(configs=_configs([1, 2, 4, 8, 16, 32, 64, 128], [4, 8, 16]), key=["HALF"],
-                 prune_configs_by={"early_config_prune": _prune_by_tile(1024, 8192, "BLOCK_D")})
+                 prune_configs_by={"early_config_prune": _prune_by_tile(1024, 4096, "BLOCK_D", (4, 8))})
 @triton.jit
 def _rotary(x_ptr, cos_ptr, sin_ptr, y_ptr, R, S, H, HALF, sxb, sxs, sxh, syb, sys, syh, scb, scs, ssb, sss,
             INVERSE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # row = (b * S + s) * H + h
+    # row = (b * S + s) * H + h; int32 division (the host checks R < 2^31), int64 offsets
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
     mask = (rows < R)[:, None] & (d < HALF)[None, :]
-    h = rows % H
+    h = (rows % H).to(tl.int64)
     token = rows // H
-    s = token % S
-    b = token // S
+    s = (token % S).to(tl.int64)
+    b = (token // S).to(tl.int64)
     xo = (b * sxb + s * sxs + h * sxh)[:, None] + d[None, :]
     yo = (b * syb + s * sys + h * syh)[:, None] + d[None, :]
     cos = tl.load(cos_ptr + (b * scb + s * scs)[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -194,6 +200,8 @@ def _rotate(x, cos, sin, inverse):
     R = B * S * H
     if R == 0:
         return y
+    if R >= 2 ** 31:
+        raise ValueError(f"apply_rotary_triton indexes rows in int32: B*S*H = {R} rows is too many; split the batch")
     grid = lambda meta: (triton.cdiv(R, meta["BLOCK_M"]),)  # noqa: E731
     _rotary[grid](x, cos, sin, y, R, S, H, half, *x.stride()[:3], *y.stride()[:3], *cos.stride()[:2],
                   *sin.stride()[:2], INVERSE=inverse, BLOCK_D=triton.next_power_of_2(half))
