@@ -5,9 +5,9 @@
 #   bash docs/benchmarks/fused_gpu.sh
 [ -n "$SEQPAR_GPU_READY" ] || source docs/benchmarks/gpu_setup.sh
 mkdir -p "$OUT"
-timeout 130 python3 -m pytest -q -m gpu tests/test_fused_triton.py tests/test_kernels.py \
+timeout 150 python3 -m pytest -q -m gpu tests/test_fused_triton.py tests/test_kernels.py \
     -k "fused or rms_norm or rotary or cross_entropy" > "$OUT/fused_gpu_tests.log" 2>&1
 echo "gpu tests exit $?"; grep -E "passed|failed|Error|assert" "$OUT/fused_gpu_tests.log" | tail -12
-timeout 160 python3 -m seqpar.bench kernels --only fused --out "$OUT/fused.json" > "$OUT/fused_bench.log" 2>&1
+timeout 170 python3 -m seqpar.bench kernels --only fused --out "$OUT/fused.json" > "$OUT/fused_bench.log" 2>&1
 echo "bench exit $?"; grep -vE "^\{'kernel'" "$OUT/fused_bench.log" | tail -25
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv,noheader
