@@ -1,0 +1,179 @@
+"""Time of one attention layer (forward + backward) on the busiest rank of its sequence-parallel group,
+for each method seqpar implements, with the method's communication and overlap rules.
+
+Per method, what the code in seqpar/attention/ issues per layer (forward + backward):
+
+- ring (zigzag): N steps; each step's blocks come from `ring.ring_schedule` (the same planner the
+  kernel runs). Step s >= 1 waits for the visiting K/V shard, sent during step s-1's compute; the
+  backward sends K/V and the visiting dK/dV: 3 shard transfers per remote step, each behind compute.
+  Every rank waits for its neighbour each step, so a step lasts as long as its busiest rank's.
+- ulysses: 4 all-to-alls forward (q, k, v, out) and 4 backward, not overlapped; the kernel sees
+  the whole sequence for H/N heads.
+- usp: Ulysses over `ulysses_degree` ranks inside a node, then the ring across them.
+- allgather: K/V all-gathered forward, dK/dV reduce-scattered backward, not overlapped; each
+  local query chunk attends keys up to its end.
+- disagg: the planner's tasks (`attention.disagg.plan`) on their servers; the busiest server's
+  tasks are one varlen call; three all-to-alls forward (queries, K/V once per server, outputs)
+  and three backward (dO, dQ, dK/dV), sized by the tokens that leave their owner; not overlapped
+  in seqpar's runtime (`overlap=True` models DistCA's ping-pong schedule, which hides them).
+- lasp2 (linear layers): the lightning kernel on the local tokens, LASP-2's extra passes (state,
+  readout: fitted), one all-gather of the fp32 H x Dk x Dv states forward and one backward;
+  seqpar runs the serial schedule, so the gathers are exposed. lasp1: a chain of N-1 sends.
+"""
+from __future__ import annotations
+
+import functools
+
+from seqpar.sim.comm import collective_time, overlapped, placed
+from seqpar.sim.compute import AttnCall, attn_features, linear_attn_time
+
+
+def attn_seconds(calib, calls, heads: int, head_dim: int, family: str = "cudnn") -> float:
+    """Dense calls run on `family`'s kernel; varlen calls on flash (the only varlen kernel)."""
+    total = 0.0
+    for call in calls:
+        fit = calib.attn["flash" if call.is_varlen or family not in calib.attn else family]
+        flops, rows, n = attn_features(call, heads, head_dim)
+        total += flops / fit.rate + rows * fit.per_token + n * fit.per_call
+    return total
+
+
+def _clip(bounds, a, b):
+    """Document pieces of the rows [a, b): (start, end, document start)."""
+    out = []
+    for i in range(len(bounds) - 1):
+        s, e = max(a, bounds[i]), min(b, bounds[i + 1])
+        if s < e:
+            out.append((s, e, bounds[i]))
+    return out
+
+
+def block_call(blk, causal=True) -> AttnCall | None:
+    nq, nk = blk.q.stop - blk.q.start, blk.k.stop - blk.k.start
+    if blk.cu is not None:
+        docs = [b - a for a, b in zip(blk.cu[:-1], blk.cu[1:])]
+        return AttnCall.varlen(docs, blk.causal)
+    return AttnCall.dense(nq, nk, blk.causal)
+
+
+@functools.lru_cache(maxsize=256)
+def ring_step_calls(bounds: tuple[int, ...], world: int, layout: str = "zigzag"):
+    """calls[s][r]: rank r's kernel calls at ring step s (seqpar.attention.ring's own plan)."""
+    from seqpar.attention.ring import ring_schedule
+    from seqpar.parallel.sharding import local_ranges
+
+    seq = bounds[-1]
+    held = [local_ranges(seq, world, r, layout) for r in range(world)]
+    cu = list(bounds) if len(bounds) > 2 else None
+    per_rank = [ring_schedule(held, r, cu, True) for r in range(world)]
+    return [[[block_call(b) for b in per_rank[r][s]] for r in range(world)] for s in range(world)]
+
+
+def ring_layer(calib, cluster, rows, world, heads, kv_heads, head_dim, group, family="cudnn", act=2):
+    """(seconds, exposed comm seconds, compute seconds) of ring attention on `rows` (document bounds per row)."""
+    if world == 1:
+        t = sum(attn_seconds(calib, [_single_call(b)], heads, head_dim, family) for b in rows)
+        return t, 0.0, t
+    total = comm_total = compute_total = 0.0
+    for bounds in rows:
+        steps = ring_step_calls(tuple(bounds), world)
+        local = bounds[-1] // world
+        shard = 2 * local * kv_heads * head_dim * act  # K and V of one rank
+        transfer = collective_time("send_recv", shard, group, cluster, calib.comm)
+        for s, per_rank in enumerate(steps):
+            compute = max(attn_seconds(calib, [c for c in calls if c], heads, head_dim, family) for calls in per_rank)
+            comm = 0.0 if s == 0 else 3 * transfer
+            total += overlapped(compute, comm, calib.overlap_tax)
+            compute_total += compute
+            comm_total += comm
+    return total, total - compute_total, compute_total
+
+
+def _single_call(bounds) -> AttnCall:
+    docs = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    return AttnCall.varlen(docs) if len(docs) > 1 else AttnCall.dense(docs[0], docs[0], True)
+
+
+def ulysses_layer(calib, cluster, rows, world, heads, kv_heads, head_dim, group, family="cudnn", act=2):
+    compute = sum(attn_seconds(calib, [_single_call(b)], heads // world, head_dim, family) for b in rows)
+    comm = 0.0
+    for bounds in rows:
+        local = bounds[-1] // world
+        q_bytes, kv_bytes = local * heads * head_dim * act, local * kv_heads * head_dim * act
+        one_way = 2 * collective_time("all_to_all", q_bytes, group, cluster, calib.comm) + \
+            2 * collective_time("all_to_all", kv_bytes, group, cluster, calib.comm)
+        comm += 2 * one_way  # forward q, k, v, out; backward dout, dq, dk, dv
+    return compute + comm, comm, compute
+
+
+def allgather_layer(calib, cluster, rows, world, heads, kv_heads, head_dim, group, family="cudnn", act=2,
+                    layout="zigzag"):
+    from seqpar.parallel.sharding import local_ranges
+
+    compute = comm = 0.0
+    for bounds in rows:
+        seq = bounds[-1]
+        per_rank = []
+        for r in range(world):
+            calls = []
+            for a, b in local_ranges(seq, world, r, layout):
+                pieces = _clip(bounds, a, b)
+                segs = tuple((e - s, e - d) for s, e, d in pieces)
+                calls.append(AttnCall(segs, True))
+            per_rank.append(attn_seconds(calib, calls, heads, head_dim, family))
+        compute += max(per_rank)
+        kv_all = 2 * seq * kv_heads * head_dim * act
+        comm += collective_time("all_gather", kv_all, group, cluster, calib.comm) + \
+            collective_time("reduce_scatter", kv_all, group, cluster, calib.comm)
+    return compute + comm, comm, compute
+
+
+def disagg_layer(calib, cluster, rows, world, heads, kv_heads, head_dim, group, family="cudnn", act=2,
+                 overlap=False):
+    from seqpar.attention.disagg import plan
+
+    compute = comm = 0.0
+    for bounds in rows:
+        p = plan(list(bounds), world)
+        per_server = [[] for _ in range(world)]
+        moved_q = [0] * world
+        for t in p.tasks:
+            per_server[t.server].append((t.q_end - t.q_start, t.q_end - t.kv_start))
+            if t.server != t.owner:
+                moved_q[t.owner] += t.q_end - t.q_start
+        times = [attn_seconds(calib, [AttnCall(tuple(segs), True)], heads, head_dim, family) if segs else 0.0
+                 for segs in per_server]
+        compute += max(times)
+        # queries out and outputs back forward, dO out and dQ back backward; K/V rows travel with
+        # their queries (once per server) and dK/dV back: about one K/V row per moved query row
+        rows_out = max(moved_q)
+        q_bytes = rows_out * heads * head_dim * act * world  # a2a buffer: the rank's share times the group
+        kv_bytes = rows_out * 2 * kv_heads * head_dim * act * world
+        a2a = lambda nbytes: collective_time("all_to_all", nbytes, group, cluster, calib.comm)
+        comm += 4 * a2a(q_bytes) + 2 * a2a(kv_bytes)
+    if overlap:
+        total = overlapped(compute, comm, calib.overlap_tax)
+        return total, total - compute, compute
+    return compute + comm, comm, compute
+
+
+def lasp_layer(calib, cluster, rows, world, heads, head_dim, group, method="lasp2"):
+    """Linear attention on the local tokens plus, over N > 1 ranks, LASP's state exchange."""
+    local = sum(b[-1] for b in rows) // world
+    kernel = linear_attn_time(local, heads, head_dim, head_dim, calib.linear_tokens_per_s, calib.linear_ref_hdd)
+    if world == 1:
+        return kernel, 0.0, kernel
+    extra = calib.lasp_call_s + calib.lasp_token_s * local
+    state = heads * head_dim * head_dim * 4  # one fp32 state per head
+    if method == "lasp1":
+        comm = 2 * (world - 1) * collective_time("send_recv", state, group, cluster, calib.comm)
+    else:
+        comm = 2 * collective_time("all_gather", state * world, group, cluster, calib.comm)
+    comm *= len(rows)
+    return kernel + extra + comm, comm, kernel + extra
+
+
+def usp_groups(sizes: dict, ulysses: int, gpus_per_node: int):
+    """(Ulysses group, ring group) of usp: Ulysses the inner `ulysses` ranks of cp, the ring across."""
+    tp = sizes.get("tp", 1)
+    return placed(ulysses, tp, gpus_per_node), placed(sizes["cp"] // ulysses, tp * ulysses, gpus_per_node)

@@ -1,0 +1,412 @@
+"""Fit the simulator's constants on the project's own measurements (docs/benchmarks/*/).
+
+Each constant is fitted by code from the JSON rows, never typed in; a missing file leaves the
+cluster-derived default and says so in `Calibration.sources`. `exclude` drops named groups of rows
+(validation predicts each case from a fit without its own group: leave-one-group-out).
+
+| constant | rows it is fitted on |
+| --- | --- |
+| attention kernel (rate, per_token, per_call), per family | ring bench: single-GPU dense and packed rows, ring compute-only rows |
+| linear attention tokens/s | kernels bench: seqpar lightning rows (median) |
+| LASP-2 extra per layer (fixed, per token) | lasp bench: lasp2_serial minus the kernel on the local half minus the gather |
+| overlap tax | ring bench: exposed comm (ring - compute-only) over the modelled transfers |
+| intra-node alpha/beta per collective | comm bench (`python -m seqpar.bench comm`), when present |
+| layer host overhead | the default job (tiny model, launch-bound) end to end |
+| element-wise factor | llama_1b 16k end to end on one GPU |
+"""
+from __future__ import annotations
+
+import glob
+import itertools
+import json
+import os
+import statistics
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from seqpar.sim.comm import LinkFit
+from seqpar.sim.compute import AttnFit
+
+# ANCHORS.md's plain-PyTorch llama 1.1B at 16k on a healthy H100, eager: what tells a throttled
+# card from a healthy one when the anchor ran in the same call (reference value, not a fit)
+ANCHOR_E2E_EAGER_TOKENS_S = 40989
+
+
+def bench_dir() -> Path:
+    return Path(os.environ.get("SEQPAR_BENCH_DIR", Path(__file__).resolve().parents[2] / "docs" / "benchmarks"))
+
+
+@dataclass
+class Calibration:
+    attn: dict[str, AttnFit]
+    linear_tokens_per_s: float
+    linear_ref_hdd: int
+    lasp_call_s: float
+    lasp_token_s: float
+    overlap_tax: float
+    elementwise_factor: float
+    layer_overhead_s: float
+    comm: LinkFit = field(default_factory=LinkFit)
+    sources: dict[str, str] = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {"attention": {k: v.as_dict() for k, v in self.attn.items()},
+                "linear_Mtok_s_at_H32_D128": round(self.linear_tokens_per_s * self.linear_ref_hdd / (32 * 128 * 128) / 1e6, 3),
+                "lasp_extra": {"per_layer_us": round(self.lasp_call_s * 1e6, 1),
+                               "per_token_ns": round(self.lasp_token_s * 1e9, 3)},
+                "overlap_tax": round(self.overlap_tax, 3), "elementwise_factor": round(self.elementwise_factor, 3),
+                "layer_overhead_us": round(self.layer_overhead_s * 1e6, 1),
+                "comm_intra_node": {op: {"latency_us": round(a * 1e6, 2), "GB_s": round(bw / 1e9, 1)}
+                                    for op, (a, bw) in self.comm.ops.items()},
+                "sources": self.sources}
+
+
+def default_calibration() -> Calibration:
+    """Before any measurement: FlashAttention-2 / cuDNN at ANCHORS-like rates, no overheads."""
+    return Calibration(attn={"cudnn": AttnFit(550e12, 0.0, 0.0), "flash": AttnFit(320e12, 0.0, 0.0)},
+                       linear_tokens_per_s=12e6, linear_ref_hdd=32 * 128 * 128, lasp_call_s=0.0, lasp_token_s=0.0,
+                       overlap_tax=0.0, elementwise_factor=1.0, layer_overhead_s=0.0,
+                       sources={"all": "defaults (no benchmark JSON found)"})
+
+
+# ---------------------------------------------------------------- reading the benchmark folders
+
+def load_benchmarks(root: Path | None = None) -> dict[str, list]:
+    """Every JSON/JSONL under `root`/*/ by kind: ring, lasp, kernels, comm, e2e (metrics.jsonl)."""
+    root = Path(root or bench_dir())
+    found = {"ring": [], "lasp": [], "kernels": [], "comm": [], "e2e": []}
+    for path in sorted(glob.glob(str(root / "*" / "*.json"))):
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        kind = data.get("benchmark") or data.get("bench") if isinstance(data, dict) else None
+        if kind in found:
+            found[kind].append((path, data))
+    for path in sorted(glob.glob(str(root / "*" / "*metrics.jsonl"))):
+        rows = []
+        for line in Path(path).read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+        if rows:
+            found["e2e"].append((path, rows))
+    return found
+
+
+def folder_health(path: str) -> str | None:
+    """Why a folder's timings cannot be trusted (its same-call anchor far below ANCHORS.md), or None."""
+    anchor = Path(path).parent / "anchors_e2e.json"
+    if not anchor.is_file():
+        return None
+    try:
+        rows = json.loads(anchor.read_text())
+        eager = next(r for r in rows if r.get("mode") == "eager")
+    except (json.JSONDecodeError, StopIteration, AttributeError):
+        return None
+    if eager["tokens_per_s"] < 0.8 * ANCHOR_E2E_EAGER_TOKENS_S:
+        return (f"the anchor measured in the same call ran at {eager['tokens_per_s']} tokens/s, "
+                f"{eager['tokens_per_s'] / ANCHOR_E2E_EAGER_TOKENS_S:.0%} of ANCHORS.md's {ANCHOR_E2E_EAGER_TOKENS_S}: "
+                "a throttled or shared card")
+    return None
+
+
+# ---------------------------------------------------------------- samples (calls, measured seconds)
+
+def ring_samples(found) -> list[dict]:
+    """Attention samples of the ring bench: {group, family, kind, S, world, calls/steps, measured}."""
+    from seqpar.bench.ring import lognormal_lengths
+
+    out = []
+    for path, data in found["ring"]:
+        world = data.get("world", 2)
+        for row in data.get("dense", []):
+            if "error" in row:
+                continue
+            S, fam, H, D = row["S"], row["kernel"], row["H"], row["D"]
+            base = dict(group=f"ring S={S}", family=fam, S=S, world=world, H=H, D=D, file=path,
+                        bounds=(0, S))
+            out.append(dict(base, kind="single", measured=row["single_ms"] / 1e3))
+            out.append(dict(base, kind="ring_compute", measured=row["compute_only_ms"] / 1e3))
+            out.append(dict(base, kind="ring", measured=row["ring_ms"] / 1e3))
+        for row in data.get("packed", []):
+            S = row["S"]
+            lens = lognormal_lengths(S)
+            if len(lens) != row.get("n_docs", len(lens)) or max(lens) != row.get("max_doc", max(lens)):
+                continue  # not the documents that were measured: cannot be modelled
+            bounds = tuple(itertools.accumulate([0] + lens))
+            for fam in ("cudnn", "flash"):
+                r = row.get(fam)
+                if not r or "error" in r:
+                    continue
+                base = dict(group=f"ring packed S={S}", family=fam, S=S, world=world, H=row["H"], D=row["D"],
+                            file=path, bounds=bounds)
+                if fam == "flash":  # the single-GPU row is varlen flash for every family
+                    out.append(dict(base, kind="single", measured=r["single_ms"] / 1e3))
+                out.append(dict(base, kind="ring", measured=r["ring_ms"] / 1e3))
+    return out
+
+
+def sample_features(sample) -> list[tuple[str, tuple]]:
+    """(family of each call, (flops, rows, calls)) of a single or ring-compute sample (busiest rank per step)."""
+    from seqpar.sim.attention_cost import _single_call, ring_step_calls
+    from seqpar.sim.compute import attn_features
+
+    H, D = sample["H"], sample["D"]
+    fam = lambda call: "flash" if call.is_varlen else sample["family"]
+    if sample["kind"] == "single":
+        call = _single_call(sample["bounds"])
+        return [(fam(call), attn_features(call, H, D))]
+    feats = []
+    for per_rank in ring_step_calls(tuple(sample["bounds"]), sample["world"]):
+        # dense zigzag rows: every rank the same work; keep rank 0's calls
+        feats += [(fam(c), attn_features(c, H, D)) for c in per_rank[0] if c]
+    return feats
+
+
+def _nnls_relative(rows: list[tuple[list[float], float]]) -> np.ndarray:
+    """Non-negative least squares on relative residuals, by trying every support (3 unknowns)."""
+    A = np.array([[x / y for x in xs] for xs, y in rows])
+    b = np.ones(len(rows))
+    best, best_err = None, float("inf")
+    n = A.shape[1]
+    for k in range(1, n + 1):
+        for support in itertools.combinations(range(n), k):
+            sub = A[:, support]
+            sol, *_ = np.linalg.lstsq(sub, b, rcond=None)
+            if (sol < 0).any():
+                continue
+            x = np.zeros(n)
+            x[list(support)] = sol
+            err = float(((A @ x - b) ** 2).sum())
+            if err < best_err - 1e-12:
+                best, best_err = x, err
+    return best
+
+
+def fit_attention(samples, exclude=()) -> dict[str, AttnFit]:
+    """Per family: coefficients of (1/rate, per_token, per_call) from single and ring-compute samples."""
+    fits = {}
+    usable = [s for s in samples if s["kind"] in ("single", "ring_compute") and s["group"] not in exclude]
+    for family in ("flash", "cudnn"):
+        rows = []
+        for s in usable:
+            feats = sample_features(s)
+            if not any(f == family for f, _ in feats):
+                continue
+            own = [np.array(x) for f, x in feats if f == family]
+            other = sum((np.array(x) for f, x in feats if f != family), np.zeros(3))
+            measured = s["measured"]
+            if other.any():
+                if "flash" not in fits:
+                    continue
+                fl = fits["flash"]
+                measured -= other[0] / fl.rate + other[1] * fl.per_token + other[2] * fl.per_call
+            rows.append((list(sum(own)), measured))
+        if not rows:
+            continue
+        x = _nnls_relative(rows)
+        if x is None or x[0] <= 0:
+            continue
+        fits[family] = AttnFit(rate=1 / x[0], per_token=float(x[1]), per_call=float(x[2]))
+    return fits
+
+
+def fit_linear(found) -> tuple[float, int] | None:
+    rates = []
+    for _, data in found["kernels"]:
+        for row in data.get("lightning", {}).get("rows", []):
+            if row.get("kernel") == "seqpar" and "fwdbwd_Mtok_s" in row:
+                rates.append((row["fwdbwd_Mtok_s"] * 1e6, row["H"] * row["D"] * row["D"]))
+    if not rates:
+        return None
+    hdd = rates[0][1]
+    return statistics.median(r * h / hdd for r, h in rates), hdd
+
+
+def lasp_samples(found) -> list[dict]:
+    out = []
+    for path, data in found["lasp"]:
+        world = data.get("world", 2)
+        for row in data.get("rows", []):
+            if row.get("method") in ("lasp2_serial", "lasp1", "lasp2"):
+                out.append(dict(group=f"lasp T={row['tokens']}", method=row["method"], tokens=row["tokens"],
+                                world=world, H=data.get("heads", 32), D=data.get("dim", 128), file=path,
+                                measured=row["ms"] / 1e3, single=row.get("single_ms", 0) / 1e3))
+    return out
+
+
+def fit_lasp(samples, calib, cluster, exclude=()) -> tuple[float, float] | None:
+    """(fixed s, s per local token) of LASP-2's passes beyond the kernel, from the serial rows
+    (the schedule lasp2_attention runs); one row left: the fixed part only."""
+    from seqpar.sim.attention_cost import lasp_layer
+    from seqpar.sim.comm import placed
+
+    pts = []
+    for s in samples:
+        if s["method"] != "lasp2_serial" or s["group"] in exclude:
+            continue
+        base = replace(calib, lasp_call_s=0.0, lasp_token_s=0.0)
+        pred, _, _ = lasp_layer(base, cluster, [(0, s["tokens"])], s["world"], s["H"], s["D"],
+                                placed(s["world"], 1, cluster.gpus_per_node))
+        pts.append((s["tokens"] / s["world"], s["measured"] - pred))
+    if not pts:
+        return None
+    if len(pts) == 1:
+        return max(0.0, pts[0][1]), 0.0
+    x = np.array([p[0] for p in pts]); y = np.array([p[1] for p in pts])
+    slope, icept = np.polyfit(x, y, 1)
+    if icept < 0:
+        return 0.0, float(max(0.0, (x @ y) / (x @ x)))
+    return float(icept), float(max(0.0, slope))
+
+
+def fit_overlap_tax(samples, calib, cluster, exclude=()) -> float | None:
+    """Median over dense ring rows of exposed comm / modelled transfers (both ranks busy alike)."""
+    from seqpar.sim.attention_cost import ring_layer
+    from seqpar.sim.comm import placed
+
+    by_key = {}
+    for s in samples:
+        if s["group"] in exclude or s["kind"] not in ("ring", "ring_compute") or len(s["bounds"]) > 2:
+            continue
+        by_key.setdefault((s["file"], s["S"], s["family"]), {})[s["kind"]] = s
+    taxes = []
+    for (_, S, fam), pair in by_key.items():
+        if len(pair) < 2:
+            continue
+        s = pair["ring"]
+        t0 = replace(calib, overlap_tax=0.0)
+        group = placed(s["world"], 1, cluster.gpus_per_node)
+        total, _, compute = ring_layer(t0, cluster, [s["bounds"]], s["world"], s["H"], s["H"], s["D"], group, fam)
+        t1 = replace(calib, overlap_tax=1.0)
+        total1, _, _ = ring_layer(t1, cluster, [s["bounds"]], s["world"], s["H"], s["H"], s["D"], group, fam)
+        hidden = total1 - total  # the sum of min(compute, comm) over steps
+        if hidden > 0:
+            taxes.append(max(0.0, (pair["ring"]["measured"] - pair["ring_compute"]["measured"]) / hidden))
+    return statistics.median(taxes) if taxes else None
+
+
+def fit_comm(found) -> LinkFit:
+    """Intra-node (latency, bandwidth) per collective from `seqpar.bench comm` rows: least squares of
+    time = latency_terms * a + moved_bytes / bw over the message sizes."""
+    from seqpar.sim.comm import OPS
+
+    fit = LinkFit()
+    for path, data in found["comm"]:
+        n = data.get("world", 2)
+        for op in OPS:
+            rows = [r for r in data.get("rows", []) if r.get("op") == op and r.get("time_s", 0) > 0]
+            if len(rows) < 2:
+                continue
+            steps = {"all_reduce": 2 * (n - 1), "all_gather": n - 1, "reduce_scatter": n - 1}.get(op, 1)
+            frac = {"all_reduce": 2 * (n - 1) / n, "send_recv": 1.0}.get(op, (n - 1) / n)
+            A = np.array([[steps / r["time_s"], frac * r["bytes"] / r["time_s"]] for r in rows])
+            sol = _nnls_relative([(list(A[i] * rows[i]["time_s"]), rows[i]["time_s"]) for i in range(len(rows))])
+            if sol is None or sol[1] <= 0:
+                continue
+            fit.ops[op] = (float(sol[0]), float(1 / sol[1]))
+        fit.source = path
+    return fit
+
+
+# The end-to-end runs of docs/benchmarks: which job each metrics file is (the scripts' commands).
+E2E_RUNS = {
+    "llama_1b_16k_metrics.jsonl": dict(
+        world=1, script="docs/benchmarks/foundation_gpu.sh",
+        overrides=["model=llama_1b", "parallel=none", "data=synthetic", "data.seq_len=16384", "data.distribution=fixed",
+                   "data.mean_len=16384", "train=long", "launcher.nproc_per_node=1"]),
+    "default_job_metrics.jsonl": dict(world=2, script="docs/benchmarks/two_gpu_linear.sh",
+                                      overrides=["launcher.nproc_per_node=2"]),
+}
+
+
+def e2e_samples(found) -> list[dict]:
+    out = []
+    for path, rows in found["e2e"]:
+        run = E2E_RUNS.get(Path(path).name)
+        if run is None:
+            continue
+        steady = [r for r in rows if r.get("step", 0) >= 3 and "step_time_s" in r]  # steps 1-2: warm-up, compile
+        if not steady:
+            continue
+        mem = max((r.get("max_mem_gb") or 0) for r in rows) or None
+        name = f"e2e {Path(path).parent.name}/{Path(path).stem}"
+        out.append(dict(group=name, name=name, file=path, world=run["world"], overrides=run["overrides"],
+                        measured=statistics.median(r["step_time_s"] for r in steady), measured_mem_gib=mem,
+                        unhealthy=folder_health(path)))
+    return out
+
+
+def fit_e2e(samples, calib, cluster, exclude=()) -> Calibration:
+    """Layer host overhead on the launch-bound run (the GPU part of its layers is far below it),
+    then the element-wise factor on the compute-bound one: each solved by bisection on the model."""
+    from seqpar.sim.configs import as_plain, compose
+    from seqpar.sim.step import predict_step
+
+    usable = [s for s in samples if not s["unhealthy"] and s["group"] not in exclude]
+    launch = [s for s in usable if s["world"] > 1]
+    compute = [s for s in usable if s["world"] == 1]
+
+    def solve(sample, key, lo, hi):
+        cfg = as_plain(compose(sample["overrides"]))
+        f = lambda v: predict_step(cfg, sample["world"], cluster, replace(calib, **{key: v}))["step_s"] - sample["measured"]
+        if f(lo) > 0 or f(hi) < 0:
+            return lo if f(lo) > 0 else hi
+        for _ in range(30):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if f(mid) < 0 else (lo, mid)
+        return (lo + hi) / 2
+
+    if launch:
+        calib = replace(calib, layer_overhead_s=statistics.median(solve(s, "layer_overhead_s", 0.0, 1.0) for s in launch))
+        calib.sources["layer_overhead_s"] = ", ".join(s["file"] for s in launch)
+    if compute:
+        calib = replace(calib, elementwise_factor=statistics.median(solve(s, "elementwise_factor", 0.0, 200.0)
+                                                                    for s in compute))
+        calib.sources["elementwise_factor"] = ", ".join(s["file"] for s in compute)
+    return calib
+
+
+_CACHE: dict = {}
+
+
+def calibrate(root: Path | None = None, exclude: tuple[str, ...] = (), cluster=None) -> Calibration:
+    """Every constant from the benchmark JSONs under `root` (default docs/benchmarks), fitted on
+    the machine they were measured on (the h100_8x400g preset's links), without the `exclude` groups."""
+    from seqpar.sim.cluster import load_cluster
+
+    key = (str(root), tuple(sorted(exclude)))
+    if key in _CACHE:
+        return _CACHE[key]
+    cluster = cluster or load_cluster("h100_8x400g")
+    found = load_benchmarks(root)
+    calib = default_calibration()
+    calib.sources = {}
+    calib.comm = fit_comm(found)
+    if calib.comm.ops:
+        calib.sources["comm"] = calib.comm.source
+    ring = [s for s in ring_samples(found) if not folder_health(s["file"])]
+    attn = fit_attention(ring, exclude)
+    if attn:
+        calib.attn = {**calib.attn, **attn}
+        calib.sources["attention"] = ", ".join(sorted({s["file"] for s in ring}))
+    lin = fit_linear(found)
+    if lin:
+        calib.linear_tokens_per_s, calib.linear_ref_hdd = lin
+        calib.sources["linear"] = ", ".join(p for p, _ in found["kernels"])
+    tax = fit_overlap_tax(ring, calib, cluster, exclude)
+    if tax is not None:
+        calib.overlap_tax = tax
+    lasp = fit_lasp(lasp_samples(found), calib, cluster, exclude)
+    if lasp:
+        calib.lasp_call_s, calib.lasp_token_s = lasp
+        calib.sources["lasp"] = ", ".join(p for p, _ in found["lasp"])
+    calib = fit_e2e(e2e_samples(found), calib, cluster, exclude)
+    for k in ("attention", "linear", "lasp", "layer_overhead_s", "elementwise_factor"):
+        calib.sources.setdefault(k, "default (no benchmark JSON found)")
+    _CACHE[key] = calib
+    return calib

@@ -1,0 +1,211 @@
+"""One training step of a config on a cluster: time per part, tokens/s, MFU and memory per rank.
+
+Per micro-batch and pipeline stage, each layer costs its matmuls + element-wise passes + attention
+(by method, `attention_cost`) + tensor-parallel collectives (Megatron-SP: two all-gathers and two
+reduce-scatters of the activations forward, the same backward; exposed). A layer never takes less
+than the host's time to launch it (`layer_overhead_s`: eager mode launches every kernel from
+Python; small models are launch-bound). The step is then
+
+    n_micro stage times x (1 + (pp - 1) / (v * n_micro))      1F1B (v = 1) or interleaved bubble
+    + pipeline sends, + FSDP gathers / reduce-scatters not hidden behind compute, + AdamW.
+
+Memory comes from seqpar.memory.estimate (the same estimate `seqpar-train --dry-run` prints).
+"""
+from __future__ import annotations
+
+import copy
+
+from seqpar.sim.attention_cost import (allgather_layer, disagg_layer, lasp_layer, ring_layer, ulysses_layer,
+                                       usp_groups)
+from seqpar.sim.comm import collective_time, group_of, overlapped, placed
+from seqpar.sim.compute import elementwise_bytes_per_token, loss_bytes_per_token, matmul_time
+
+
+class LayoutError(ValueError):
+    """A layout that cannot run (degrees that do not multiply to the GPUs, heads that do not split)."""
+
+
+def sizes_of(cfg, world: int) -> dict[str, int]:
+    p = cfg.parallel
+    fixed = p.pp * p.cp * p.tp
+    if p.dp == -1:
+        if world % fixed:
+            raise LayoutError(f"parallel.pp*cp*tp={fixed} does not divide the {world} GPUs")
+        dp = world // fixed
+    else:
+        dp = p.dp
+        if dp * fixed != world:
+            raise LayoutError(f"parallel.dp*pp*cp*tp={dp * fixed} must equal the {world} GPUs")
+    return {"pp": p.pp, "dp": dp, "cp": p.cp, "tp": p.tp}
+
+
+def row_documents(cfg, rows: int) -> list[tuple[int, ...]]:
+    """Document bounds of `rows` packed rows of data.seq_len tokens, drawn as seqpar.data draws them
+    (documents cut at row ends); the byte corpus and `fixed` lengths give one document per row."""
+    d = cfg.data
+    S = d.seq_len
+    if d.name != "synthetic" or d.distribution == "fixed" and d.mean_len >= S:
+        return [(0, S)] * rows
+    from seqpar.data.synthetic import synthetic_lengths
+
+    lengths = synthetic_lengths(S * rows, d.distribution, seed=d.seed, mean_len=d.mean_len, sigma=d.sigma,
+                                max_len=d.max_len, lengths_file=d.lengths_file).tolist()
+    out, it, carry = [], iter(lengths), 0
+    for _ in range(rows):
+        bounds, pos = [0], 0
+        while pos < S:
+            n = carry or next(it)
+            take = min(n, S - pos)
+            carry = n - take
+            pos += take
+            bounds.append(pos)
+        out.append(tuple(bounds))
+    return out
+
+
+def _attention(kind, cfg, calib, cluster, sizes, rows, tokens_rank, family):
+    from seqpar.model.transformer import head_dim
+
+    m, p = cfg.model, cfg.parallel
+    H, Hkv, D = m.n_heads // p.tp, max(1, m.n_kv_heads // p.tp), head_dim(m)
+    cp = sizes["cp"]
+    group = group_of(sizes, "cp", cluster.gpus_per_node)
+    if kind == "L":
+        return lasp_layer(calib, cluster, rows, cp, H, D, group, p.linear_sp)
+    method = p.softmax_sp if cp > 1 else "ring"
+    args = (calib, cluster, rows, cp, H, Hkv, D, group, family)
+    if method == "ring":
+        return ring_layer(*args)
+    if method == "ulysses":
+        return ulysses_layer(*args)
+    if method == "allgather":
+        return allgather_layer(*args, layout=p.layout)
+    if method in ("disagg", "disagg_overlap"):
+        return disagg_layer(*args, overlap=method == "disagg_overlap")
+    if method == "usp":
+        u = p.ulysses_degree
+        ug, rg = usp_groups(sizes, u, cluster.gpus_per_node)
+        # Ulysses exchanges first (whole sequence of the Ulysses group for H/u heads), then the ring
+        _, a2a, _ = ulysses_layer(calib, cluster, [(0, b[-1] * u // cp) for b in rows], u, H, Hkv, D, ug, family)
+        t, exposed, compute = ring_layer(calib, cluster, rows, cp // u, H // u, max(1, Hkv // u), D, rg, family)
+        return t + a2a, exposed + a2a, compute
+    raise LayoutError(f"parallel.softmax_sp={method!r}: the simulator models ring, ulysses, usp, allgather, disagg")
+
+
+def predict_step(cfg, world: int, cluster, calib, *, family: str = "cudnn", virtual_stages: int = 1,
+                 doc_bounds: list[tuple[int, ...]] | None = None) -> dict:
+    """The step time and its parts (seconds), tokens/s, MFU, memory; see the module docstring."""
+    from seqpar.model.flops import block_params, count_params, step_flops
+    from seqpar.model.transformer import layer_types
+    from seqpar.parallel.pipeline import stage_layers
+    from seqpar.sim.configs import as_plain
+
+    cfg = as_plain(cfg)
+    m, par, t = cfg.model, cfg.parallel, cfg.train
+    sizes = sizes_of(cfg, world)
+    dp, tp, pp, cp = sizes["dp"], sizes["tp"], sizes["pp"], sizes["cp"]
+    S, b = cfg.data.seq_len, t.micro_batch_size
+    if t.global_batch_size % (dp * b):
+        raise LayoutError(f"train.global_batch_size={t.global_batch_size} is not a multiple of dp x "
+                          f"train.micro_batch_size = {dp} x {b}")
+    if S % (2 * cp if par.layout == "zigzag" else cp):
+        raise LayoutError(f"data.seq_len={S} does not split into the {par.layout} chunks of parallel.cp={cp}")
+    n_micro = t.global_batch_size // (dp * b)
+    rows = doc_bounds or row_documents(cfg, b)
+    tokens_rank = b * S // cp
+    kinds = layer_types(m)
+    params = block_params(m)
+    act, hbm = 2, cluster.hbm_bytes_per_s
+    tp_group = group_of(sizes, "tp", cluster.gpus_per_node)
+
+    layer = {}
+    for kind in set(kinds):
+        mm = matmul_time(6 * params[kind] / tp * tokens_rank, cluster)
+        ew = elementwise_bytes_per_token(m, kind, tp) * tokens_rank * calib.elementwise_factor / hbm
+        attn, attn_exposed, attn_compute = _attention(kind, cfg, calib, cluster, sizes, rows, tokens_rank, family)
+        tp_comm = 0.0
+        if tp > 1:
+            full = tokens_rank * m.d_model * act
+            tp_comm = 4 * (collective_time("all_gather", full, tp_group, cluster, calib.comm)
+                           + collective_time("reduce_scatter", full, tp_group, cluster, calib.comm))
+        # checkpointing runs forwards again in backward: the whole block (full), or norms and MLP
+        # (selective); a forward is 1/3 of matmul fwd+bwd work and 1/3.5 of attention's
+        if t.activation_checkpointing == "full":
+            recompute = (mm + ew + tp_comm / 2) / 3 + attn / 3.5
+        elif t.activation_checkpointing == "selective":
+            mlp_share = 3 * m.d_model * m.ffn_dim / params[kind]
+            recompute = (mm * mlp_share + ew / 2) / 3
+        else:
+            recompute = 0.0
+        gpu = mm + ew + attn + tp_comm + recompute
+        layer[kind] = dict(total=max(gpu, calib.layer_overhead_s), matmul=mm, elementwise=ew, attention=attn,
+                           attention_comm_exposed=attn_exposed, tp_comm=tp_comm, recompute=recompute)
+
+    stages = stage_layers(m, par, S) if pp > 1 else [list(range(m.n_layers))]
+    head_mm = matmul_time(6 * m.vocab_size * m.d_model / tp * tokens_rank, cluster)
+    head_ew = loss_bytes_per_token(m.vocab_size // tp) * tokens_rank * calib.elementwise_factor / hbm
+    stage_times = []
+    for s, layers in enumerate(stages):
+        st = sum(layer[kinds[i]]["total"] for i in layers)
+        if s == len(stages) - 1:
+            st += head_mm + head_ew
+        stage_times.append(st)
+    stage = max(stage_times)
+    bubble = (pp - 1) / (virtual_stages * n_micro)
+    pipeline = n_micro * stage * (1 + bubble)
+    p2p = 0.0
+    if pp > 1:
+        pp_group = group_of(sizes, "pp", cluster.gpus_per_node)
+        p2p = 2 * n_micro * collective_time("send_recv", tokens_rank * m.d_model * act, pp_group, cluster, calib.comm)
+
+    # FSDP2 over dp x cp: gather the stage's parameters forward and backward for each micro-batch,
+    # reduce-scatter the gradients once; prefetched behind the layers' compute
+    shards = dp * cp
+    stage_params = max(sum(params[kinds[i]] for i in layers) for layers in stages) / tp \
+        + m.vocab_size * m.d_model * (1 if pp > 1 else 2) / tp
+    fsdp = fsdp_exposed = 0.0
+    if shards > 1:
+        g = placed(shards, tp, cluster.gpus_per_node)
+        p_bytes = 4 * stage_params
+        fsdp = 2 * n_micro * collective_time("all_gather", p_bytes, g, cluster, calib.comm) \
+            + collective_time("reduce_scatter", p_bytes, g, cluster, calib.comm)
+        fsdp_exposed = overlapped(pipeline, fsdp, calib.overlap_tax) - pipeline
+    local_params = stage_params / max(1, shards)
+    optimizer = 28 * local_params / hbm  # fused AdamW: read p, g, m, v and write p, m, v in fp32
+    total = pipeline + p2p + fsdp_exposed + optimizer
+
+    all_rows = row_documents(cfg, t.global_batch_size) if doc_bounds is None else doc_bounds * n_micro * dp
+    flops = sum(step_flops(m, [e - a for a, e in zip(r[:-1], r[1:])]) for r in all_rows)
+    tokens = t.global_batch_size * S
+    mem = memory_per_rank(cfg, world)
+    return {
+        "step_s": total, "tokens_per_s": tokens / total, "mfu": flops / (total * world * cluster.peak_flops),
+        "tflops_per_gpu": flops / total / world / 1e12,
+        "layout": dict(sizes, n_micro=n_micro, micro_batch_size=b, softmax_sp=par.softmax_sp, linear_sp=par.linear_sp,
+                       ulysses_degree=par.ulysses_degree, activation_checkpointing=t.activation_checkpointing),
+        "parts_s": {"pipeline_compute": pipeline - n_micro * stage * bubble, "pipeline_bubble": n_micro * stage * bubble,
+                    "pipeline_p2p": p2p, "fsdp_exposed": fsdp_exposed, "fsdp_total": fsdp, "optimizer": optimizer},
+        "per_layer_s": {k: {n: round(x, 6) for n, x in v.items()} for k, v in layer.items()},
+        "bubble_fraction": bubble / (1 + bubble),
+        "memory_gib": mem["total_gib"], "memory": mem,
+        "fits": mem["total_gib"] * 2**30 <= MEMORY_MARGIN() * cluster.memory_bytes,
+        "params": count_params(m),
+    }
+
+
+def MEMORY_MARGIN() -> float:
+    from seqpar.memory import MARGIN
+    return MARGIN
+
+
+def memory_per_rank(cfg, world: int) -> dict:
+    """seqpar.memory's estimate as the CUDA run sees it (bf16 autocast), whatever this machine has."""
+    from seqpar.memory import GiB, estimate
+    from seqpar.sim.configs import as_plain
+
+    c = copy.deepcopy(as_plain(cfg))
+    c.train.device = "cuda"
+    est = estimate(c, world)
+    return {"total_gib": est.total / GiB, "params_gib": est.params / GiB, "grads_gib": est.grads / GiB,
+            "optimizer_gib": est.optimizer / GiB, "activations_gib": est.activations / GiB,
+            "loss_gib": est.loss / GiB, "transient_gib": est.transient / GiB, "transient_what": est.transient_what}

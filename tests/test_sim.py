@@ -1,0 +1,256 @@
+"""The step cost model, cluster simulator and planner (seqpar.sim): formulas against hand-computed
+cases, sanity properties, the CLI on the committed benchmark JSONs, and clear errors."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from seqpar.sim.calibrate import calibrate, fit_comm, load_benchmarks
+from seqpar.sim.cluster import ClusterError, cluster_from_dict, load_cluster
+from seqpar.sim.comm import Group, collective_time, group_of, moved_bytes
+from seqpar.sim.compute import AttnCall
+from seqpar.sim.configs import as_plain, compose
+from seqpar.sim.step import LayoutError, predict_step
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def h100():
+    return load_cluster("h100_8x400g")
+
+
+@pytest.fixture(scope="module")
+def calib():
+    return calibrate()
+
+
+def _cfg(*overrides):
+    return as_plain(compose(list(overrides)))
+
+
+# ---------------------------------------------------------------- formulas against hand-computed cases
+
+def test_attention_pairs_of_a_causal_document_mix():
+    assert AttnCall.varlen([4, 6]).pairs() == 4 * 5 / 2 + 6 * 7 / 2
+    assert AttnCall.dense(8, 8, True).pairs() == 36
+    assert AttnCall.dense(2, 8, True).pairs() == 7 + 8  # bottom-right: the last query sees all 8 keys
+    assert AttnCall.dense(3, 5, False).pairs() == 15
+
+
+def test_step_flops_of_a_causal_document_mix(h100, calib):
+    """MFU x time x GPUs x peak is the step's FLOPs: 6 per parameter per token over the matmul
+    parameters plus 3 * 2 * 2 * H * hd * l^2 / 2 per softmax layer and document (flops.py's convention)."""
+    cfg = _cfg("model=tiny_hybrid", "parallel=none", "data=synthetic", "data.seq_len=256", "data.distribution=fixed",
+               "data.mean_len=256", "train.global_batch_size=2", "train.micro_batch_size=1")
+    docs = [(0, 100, 256), (0, 256)]  # one row of two documents (100, 156), one of one (256)
+    r = predict_step(cfg, 1, h100, calib, doc_bounds=docs)
+    m = cfg.model
+    d, H, hd, ffn, V = m.d_model, m.n_heads, m.d_model // m.n_heads, m.ffn_dim, m.vocab_size
+    kv = m.n_kv_heads * hd
+    per_block = {"S": d * H * hd + 2 * d * kv + H * hd * d, "L": 4 * d * H * hd + H * hd * d + hd}
+    per_block = {k: v + 2 * d + 3 * d * ffn for k, v in per_block.items()}
+    matmul_params = sum(per_block[k] for k in m.layer_pattern * (m.n_layers // len(m.layer_pattern))) + d + V * d
+    lengths = [100, 156, 256]
+    n_s, n_l = m.layer_pattern.count("S"), m.layer_pattern.count("L")
+    attn = n_s * sum(3 * 2 * 2 * H * hd * n * n / 2 for n in lengths) + n_l * 3 * 2 * 2 * H * hd * hd * 512
+    # doc_bounds are one micro-batch's rows, repeated for every micro-batch: 2 micro-batches here
+    flops = 2 * (6 * matmul_params * 512 + attn)
+    assert r["mfu"] * r["step_s"] * h100.peak_flops == pytest.approx(flops, rel=1e-9)
+
+
+@pytest.mark.parametrize("n", [2, 4, 8])
+def test_bytes_of_each_collective(n):
+    M = 1 << 20
+    assert moved_bytes("all_reduce", M, n) == 2 * (n - 1) / n * M
+    assert moved_bytes("all_gather", M, n) == (n - 1) / n * M
+    assert moved_bytes("reduce_scatter", M, n) == (n - 1) / n * M
+    assert moved_bytes("all_to_all", M, n) == (n - 1) / n * M
+    assert moved_bytes("send_recv", M, n) == M
+    assert moved_bytes("all_gather", M, 1) == 0
+
+
+def test_collective_time_alpha_beta(h100):
+    M = 64 << 20
+    a, bw = h100.nvlink_latency_us * 1e-6, h100.nvlink_gbps * 1e9
+    g = Group(size=4, per_node=4)
+    assert collective_time("all_gather", M, g, h100) == pytest.approx(3 * a + 0.75 * M / bw)
+    assert collective_time("all_reduce", M, g, h100) == pytest.approx(6 * a + 1.5 * M / bw)
+    assert collective_time("send_recv", M, g, h100) == pytest.approx(a + M / bw)
+    # across nodes the NIC's bandwidth: 400 Gb/s at net_efficiency
+    a_net, bw_net = h100.net_latency_us * 1e-6, 400 / 8 * 1e9 * h100.net_efficiency
+    assert collective_time("all_gather", M, Group(16, 8), h100) == pytest.approx(15 * a_net + 15 / 16 * M / bw_net)
+
+
+def test_group_placement_tp_innermost():
+    sizes = {"pp": 2, "dp": 2, "cp": 8, "tp": 2}
+    assert group_of(sizes, "tp", 8) == Group(2, 2)  # neighbours 1 apart, inside a node
+    assert group_of(sizes, "cp", 8) == Group(8, 4)  # stride 2: 4 per node, spans 2 nodes
+    assert group_of(sizes, "pp", 8).per_node == 1  # stride 64
+
+
+@pytest.mark.parametrize("pp,n_micro,v", [(4, 8, 1), (2, 4, 1), (4, 8, 2)])
+def test_pipeline_bubble_fraction(h100, calib, pp, n_micro, v):
+    cfg = _cfg("model=llama_1b", "parallel=none", f"parallel.pp={pp}", "data=synthetic", "data.seq_len=4096",
+               "data.distribution=fixed", "data.mean_len=4096", f"train.global_batch_size={n_micro}",
+               "train.micro_batch_size=1")
+    r = predict_step(cfg, pp, h100, calib, virtual_stages=v)
+    assert r["layout"]["n_micro"] == n_micro
+    idle = (pp - 1) / (v * n_micro)
+    assert r["bubble_fraction"] == pytest.approx(idle / (1 + idle))
+    if v == 1:  # 1F1B: (p - 1) idle stage-slots out of m + p - 1
+        assert r["bubble_fraction"] == pytest.approx((pp - 1) / (n_micro + pp - 1))
+    assert r["parts_s"]["pipeline_bubble"] == pytest.approx(r["parts_s"]["pipeline_compute"] * idle)
+
+
+# ---------------------------------------------------------------- sanity properties
+
+LAYOUTS = [
+    ("parallel.cp=16", "parallel.softmax_sp=ring"),
+    ("parallel.cp=16", "parallel.softmax_sp=ulysses"),
+    ("parallel.cp=8", "parallel.tp=2", "parallel.softmax_sp=usp", "parallel.ulysses_degree=4"),
+    ("parallel.cp=4", "parallel.tp=2", "parallel.pp=2", "parallel.softmax_sp=allgather", "train.global_batch_size=4"),
+]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda x: " ".join(x))
+def test_more_bandwidth_never_slower_and_memory_above_parameters(h100, calib, layout):
+    cfg = _cfg("model=llama_8b", "data=synthetic", "data.seq_len=65536", "data.distribution=fixed",
+               "data.mean_len=65536", "train=long", *layout)
+    base = predict_step(cfg, 16, h100, calib)
+    for change in ({"net_gbit_per_gpu": 800}, {"nvlink_gbps": 600}, {"net_latency_us": 5}):
+        faster = predict_step(cfg, 16, h100.replace(**change), calib)
+        assert faster["step_s"] <= base["step_s"] * (1 + 1e-12), change
+    slower = predict_step(cfg, 16, h100.replace(net_gbit_per_gpu=100), calib)
+    assert slower["step_s"] >= base["step_s"]
+    mem = base["memory"]
+    assert base["memory_gib"] >= mem["params_gib"] > 0
+    assert base["memory_gib"] >= mem["params_gib"] + mem["grads_gib"] + mem["optimizer_gib"]
+
+
+def test_longer_sequence_costs_more_and_checkpointing_trades_time_for_memory(h100, calib):
+    def run(seq, ckpt):
+        return predict_step(_cfg("model=llama_1b", "parallel=none", "parallel.cp=4", "parallel.softmax_sp=ring",
+                                 "data=synthetic", f"data.seq_len={seq}", "data.distribution=fixed",
+                                 f"data.mean_len={seq}", "train=long", f"train.activation_checkpointing={ckpt}"),
+                            4, h100, calib)
+    assert run(65536, "none")["step_s"] > run(32768, "none")["step_s"]
+    none, full = run(32768, "none"), run(32768, "full")
+    assert full["step_s"] > none["step_s"] and full["memory_gib"] < none["memory_gib"]
+
+
+# ---------------------------------------------------------------- CLI on the committed JSONs
+
+def test_validate_on_committed_benchmarks(tmp_path):
+    from seqpar.sim.__main__ import main
+
+    out = tmp_path / "validate.json"
+    assert main(["validate", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    names = " ".join(c["name"] for c in result["cases"])
+    for family in ("ring", "LASP-2", "e2e"):
+        assert family in names
+    assert any(c["world"] == 1 for c in result["cases"] if c["name"].startswith("e2e"))
+    assert any(c["world"] == 2 for c in result["cases"] if c["name"].startswith("e2e"))
+    for c in result["cases"]:
+        assert c["measured_s"] > 0 and c["predicted_s"] > 0
+        assert c["rel_err"] == pytest.approx((c["predicted_s"] - c["measured_s"]) / c["measured_s"], abs=1e-3)
+    assert result["memory"] and all(m["predicted_gib"] > 0 for m in result["memory"])
+    assert result["summary"]["within_goal"] == sum(abs(c["rel_err"]) <= 0.1 for c in result["cases"])
+
+
+def test_predict_cli_writes_json(tmp_path):
+    from seqpar.sim.__main__ import main
+
+    out = tmp_path / "p.json"
+    assert main(["predict", "model=llama_1b", "data.seq_len=8192", "parallel.cp=2", "parallel.softmax_sp=ring",
+                 "train=long", "train.global_batch_size=4", "cluster=h200_8x400g", "gpus=8", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["cluster"] == "h200_8x400g" and r["gpus"] == 8 and r["layout"]["dp"] == 4
+    assert r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1
+
+
+def test_seqpar_plan_prints_the_best_command(capsys):
+    from seqpar.sim.plan import main
+
+    assert main(["model=llama_1b", "cluster=h100_8x400g", "data=synthetic", "data.seq_len=32768",
+                 "data.distribution=fixed", "data.mean_len=32768", "train=long", "gpus=4", "top=3"]) == 0
+    out = capsys.readouterr().out
+    assert "tokens/s" in out and "MFU" in out and "GiB/rank" in out
+    cmd = out.strip().splitlines()[-1].strip()
+    assert cmd.startswith("seqpar-train model=llama_1b") and "parallel.cp=" in cmd and "launcher.nproc_per_node=4" in cmd
+
+
+# ---------------------------------------------------------------- clear errors
+
+def _preset():
+    import yaml
+    with open(os.path.join(REPO, "conf", "cluster", "h100_8x400g.yaml")) as f:
+        return yaml.safe_load(f)
+
+
+@pytest.mark.parametrize("change,key", [
+    ({"nvlink_gbs": 300}, "nvlink_gbs"),  # a typo
+    ({"net_gbit_per_gpu": -400}, "net_gbit_per_gpu"),
+    ({"matmul_efficiency": 70}, "matmul_efficiency"),
+    ({"gpus_per_node": 7.5}, "gpus_per_node"),
+    ({"hbm_tbps": "fast"}, "hbm_tbps"),
+])
+def test_bad_cluster_file_names_the_key(tmp_path, change, key):
+    raw = {**_preset(), **change}
+    with pytest.raises(ClusterError, match=key):
+        cluster_from_dict(raw, source="bad.yaml")
+    path = tmp_path / "bad.yaml"
+    import yaml
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ClusterError, match=key):
+        load_cluster(str(path))
+
+
+def test_missing_cluster_key_and_unknown_preset():
+    raw = _preset()
+    del raw["net_latency_us"]
+    with pytest.raises(ClusterError, match="net_latency_us"):
+        cluster_from_dict(raw)
+    with pytest.raises(ClusterError, match="h100_8x400g"):  # the message lists the presets
+        load_cluster("no_such_cluster")
+
+
+def test_impossible_layout_is_a_clear_error(h100, calib):
+    with pytest.raises(LayoutError, match="parallel.pp\\*cp\\*tp=3"):
+        predict_step(_cfg("model=llama_1b", "parallel.cp=3"), 8, h100, calib)
+    with pytest.raises(LayoutError, match="global_batch_size"):
+        predict_step(_cfg("model=llama_1b", "parallel=none", "train=long"), 8, h100, calib)
+
+
+def test_plan_with_nothing_that_fits_says_why(capsys):
+    from seqpar.sim.plan import main
+
+    assert main(["model=llama_8b", "cluster=h100_8x400g", "data.seq_len=4194304", "train=long", "gpus=1"]) == 1
+    assert "no layout fits" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the comm benchmark, smoke form
+
+def test_comm_bench_on_two_gloo_processes(tmp_path):
+    root = tmp_path / "bench" / "run"
+    root.mkdir(parents=True)
+    out = root / "comm.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "seqpar.bench", "comm", "--out", str(out), "--max-bytes", "16384", "--iters", "2"],
+                          capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["benchmark"] == "comm" and data["world"] == 2 and data["backend"] == "gloo"
+    timed = [r for r in data["rows"] if "time_s" in r]
+    assert {r["op"] for r in timed} >= {"all_reduce", "all_gather", "send_recv"}
+    for r in timed:
+        assert r["time_s"] > 0 and r["busbw_GBps"] >= 0
+    fit = fit_comm(load_benchmarks(tmp_path / "bench"))
+    for latency, bandwidth in fit.ops.values():
+        assert latency >= 0 and bandwidth > 0
