@@ -351,3 +351,60 @@ def test_nano_batches_cover_every_query_once_and_split_work(causal):
             (t.q_start, t.q_end) for t in p.tasks if t.server == s} | {
             x for h in halves for t in h if t.server == s for x in [(t.q_start, t.q_end)]}
         assert min(work) > 0.3 * max(work), (s, work)  # each half has work to overlap with the other
+
+
+# ---- the benchmark's CPU smoke form ----
+
+def _bench_smoke(rank, world, out, table):
+    from seqpar.bench.disagg import main
+    return main(["--smoke", "--mixes", "wlbllm", "lognormal", "--out", out, "--profile-cost-table", table])
+
+
+def test_bench_disagg_smoke_form(tmp_path):
+    out, table = tmp_path / "disagg.json", tmp_path / "table.json"
+    assert run_distributed(_bench_smoke, 2, str(out), str(table)) == [0, 0]
+    result = json.loads(out.read_text())
+    assert [c["mix"] for c in result["cases"]] == ["wlbllm", "lognormal"]
+    for case in result["cases"]:
+        s = case["summary"]
+        for m in ("disagg", "disagg_no_pingpong", "ring", "per_doc_cp", "dp_no_rebalance", "balanced_ideal"):
+            assert s[f"{m}_ms"] > 0, m
+        assert s["imbalance_after"] <= s["imbalance_before"]
+        assert case["rows"][0]["max_abs_diff_disagg_vs_local"] < 1e-4
+    entries = json.loads(table.read_text())["entries"]
+    assert {(e["q_len"], e["kv_len"]) for e in entries} == {(16, 64), (64, 64), (16, 256), (64, 256)}
+
+
+# ---- GPU: bf16 on NCCL, async all-to-alls on CUDA streams (docs/benchmarks/disagg_gpu.sh runs these) ----
+
+def _gpu_bf16(rank, world):
+    torch.cuda.set_device(rank)
+    dev = torch.device("cuda", rank)
+    bounds = _bounds([6000, 3, 700] + [random.Random(i).randint(50, 900) for i in range(12)], 4 * world)
+    S = bounds[-1]
+    cu = torch.tensor(bounds, dtype=torch.int32, device=dev)
+    g = torch.Generator(device=dev).manual_seed(0)
+    q, do = (torch.randn(1, S, 16, 128, device=dev, generator=g) for _ in range(2))
+    k, v = (torch.randn(1, S, 4, 128, device=dev, generator=g) for _ in range(2))
+    full = [t.clone().requires_grad_() for t in (q, k, v)]
+    kernels.flash_attn(*full, causal=True, cu_seqlens=cu).backward(do)  # fp32 reference on one GPU
+    ref = [kernels.flash_attn(*full, causal=True, cu_seqlens=cu).detach()] + [f.grad for f in full]
+    errs = {}
+    for layout in ("contiguous", "zigzag"):
+        for ping_pong in (True, False):
+            local = [shard_sequence(t.bfloat16(), layout=layout).requires_grad_() for t in (q, k, v)]
+            out = disagg_attention(*local, cu_seqlens=cu, layout=layout, ping_pong=ping_pong)
+            out.backward(shard_sequence(do.bfloat16(), layout=layout))
+            got = [out.detach()] + [t.grad for t in local]
+            errs[(layout, ping_pong)] = max(
+                ((a.float() - shard_sequence(b, layout=layout)).abs().max() / b.abs().max()).item()
+                for a, b in zip(got, ref))
+    return errs
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_disagg_bf16_on_two_gpus_matches_fp32():
+    for errs in run_distributed(_gpu_bf16, 2, backend="nccl"):
+        for case, err in errs.items():
+            assert err < 2e-2, f"(layout, ping_pong)={case}: error {err} relative to the largest value"

@@ -1,0 +1,22 @@
+# Two GPUs (device tool, kind nvidia-h100-x2 or nvidia-h200-x2), from the repo root, .whl carried:
+#   source docs/benchmarks/gpu_setup.sh && bash docs/benchmarks/disagg_gpu.sh
+# Core-attention disaggregation (issue 10), about 5 minutes: the bf16 NCCL check, the per-task cost
+# table on one GPU, then the benchmark (disagg vs ring vs per-document CP vs no rebalancing, ping-pong
+# on/off) at 64k and 128k tokens per GPU on the wlbllm / prolong / lognormal mixes.
+mkdir -p "$OUT"
+timeout 120 python3 -m pytest -q -m gpu tests/test_disagg.py 2>&1 | tail -5
+timeout 60 python3 -m seqpar.bench disagg --profile-cost-table "$OUT/disagg_cost_table.json" 2>&1 | tail -3
+TABLE=(); [ -s "$OUT/disagg_cost_table.json" ] && TABLE=(--cost-table "$OUT/disagg_cost_table.json")
+timeout 150 torchrun --standalone --nproc_per_node 2 -m seqpar.bench disagg --tokens 65536 "${TABLE[@]}" \
+  --out "$OUT/disagg_2gpu_64k.json" 2>&1 | grep -v Warning | tail -4
+timeout 120 torchrun --standalone --nproc_per_node 2 -m seqpar.bench disagg --tokens 131072 --mixes wlbllm prolong \
+  --batches 12 "${TABLE[@]}" --out "$OUT/disagg_2gpu_128k.json" 2>&1 | grep -v Warning | tail -3
+python3 - "$OUT" <<'PY'
+import json, sys, pathlib
+for f in sorted(pathlib.Path(sys.argv[1]).glob("disagg_2gpu_*.json")):
+    for c in json.loads(f.read_text())["cases"]:
+        s = c["summary"]
+        print(f"{c['mix']:9s} {c['tokens_per_rank']:6d}/gpu  imbalance {s['imbalance_before']:.3f}->{s['imbalance_after']:.3f}"
+              f"  vs ideal: disagg {s['disagg_vs_ideal']} (no pp {s['disagg_no_pingpong_vs_ideal']}) ring {s['ring_vs_ideal']}"
+              f" per-doc {s['per_doc_cp_vs_ideal']} dp {s['dp_no_rebalance_vs_ideal']}  hidden {s.get('disagg_hidden_fraction')}")
+PY

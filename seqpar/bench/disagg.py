@@ -1,0 +1,360 @@
+"""`torchrun --nproc_per_node 2 -m seqpar.bench disagg --out FILE.json`: core-attention
+disaggregation against the other ways of placing attention work of packed variable-length
+documents, on the same batches.
+
+Every rank's micro-batch is packed separately from a document-length mix (DistCA's wlbllm and
+prolong lists, `docs/benchmarks/data/`, and the lognormal mix of the ring benchmark), as data
+parallelism would give it. The group's row is their concatenation. Causal attention fwd+bwd,
+one layer (bf16, H=32 query heads, 8 key/value heads, D=128 on CUDA), per batch:
+
+- dp_no_rebalance: each rank attends its own micro-batch, no communication; the step waits for
+  the slowest (max), and the mean over ranks is the balanced ideal;
+- disagg / disagg_no_pingpong: `disagg_attention` (layout contiguous: tokens stay where the
+  loader put them), with and without ping-pong nano-batches;
+- ring: ring attention over the row re-cut zigzag (plain packing + ring CP);
+- per_doc_cp: every document cut into 2N chunks, rank r holding chunks r and 2N-1-r of each
+  (WLB-ideal); queries stay, each rank gathers the key/value prefixes its chunks need;
+- for disagg: compute_only (the servers' flash calls alone) and comm_only (its all-to-alls
+  alone), so exposed_comm = disagg - compute_only and hidden = 1 - exposed / comm_only.
+
+Reported per (mix, tokens per rank): modelled attention imbalance (max/mean) before and after
+planning, bytes each method sends (fwd+bwd, summed over ranks), and the methods' times averaged
+over the batches. `--profile-cost-table OUT.json` instead times one varlen flash fwd+bwd per task
+shape over a (q_len, kv_len) grid: the table `parallel.disagg.cost_table` fits the planner's
+per-task overhead from. Without CUDA: a small smoke form on gloo (CI runs it on 2 processes).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gzip
+import json
+import os
+import platform
+import random
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from seqpar import kernels
+from seqpar.attention.disagg import configure, current, fit_task_overhead
+from seqpar.attention.disagg.options import planner_overhead
+from seqpar.attention.disagg.planner import plan_owned
+from seqpar.attention.disagg.routing import route
+from seqpar.attention.disagg.runtime import _DisaggAttention, _plan_routes, disagg_attention
+from seqpar.attention.ring import ring_attention
+from seqpar.bench.ring import _all_ranks, _max_over_ranks, _timer, _triton_version, lognormal_lengths
+from seqpar.kernels.flash_attn import flash_attn, flash_attn_backward
+from seqpar.parallel.dims import init_world
+from seqpar.parallel.sharding import local_ranges, shard_sequence
+
+MIX_FILES = ("wlbllm", "prolong")
+DATA_DIRS = (Path(__file__).resolve().parents[2] / "docs" / "benchmarks" / "data",
+             Path(__file__).resolve().parents[3] / "shared" / "data" / "doc_lengths")
+
+
+def load_mix(name: str) -> list[int]:
+    for d in DATA_DIRS:
+        for path in (d / f"{name}.json.gz", d / f"{name}.json"):
+            if path.is_file():
+                with (gzip.open(path, "rt") if path.suffix == ".gz" else open(path)) as f:
+                    return [int(x) for x in json.load(f)]
+    raise FileNotFoundError(f"document-length mix {name!r}: no {name}.json(.gz) in {[str(d) for d in DATA_DIRS]}")
+
+
+def draw_bounds(mix: str, lengths, tokens: int, world: int, rng: random.Random, seed: int) -> list[int]:
+    """Global boundaries of `world` micro-batches of `tokens` each, packed separately (documents
+    drawn from the mix, the last one cut to fit): what data parallelism hands each rank."""
+    bounds = [0]
+    for r in range(world):
+        if mix == "lognormal":
+            lens = lognormal_lengths(tokens, seed=seed * world + r)
+        else:
+            lens, room = [], tokens
+            while room:
+                n = min(rng.choice(lengths), room)
+                lens.append(n)
+                room -= n
+        for n in lens:
+            bounds.append(bounds[-1] + n)
+    return bounds
+
+
+def per_doc_zigzag(bounds, world) -> list[list[tuple[int, int]]]:
+    """Rank r's ranges under per-document zigzag: each document cut into 2N near-equal chunks,
+    rank r holding chunks r and 2N-1-r of every document (empty chunks of short documents dropped)."""
+    owned = [[] for _ in range(world)]
+    n = 2 * world
+    for a, b in zip(bounds, bounds[1:]):
+        cuts = [a + (b - a) * i // n for i in range(n + 1)]
+        for r in range(world):
+            for c in (r, n - 1 - r):
+                if cuts[c + 1] > cuts[c]:
+                    owned[r].append((cuts[c], cuts[c + 1]))
+    return owned
+
+
+def _fwd_bwd(fn, q, k, v, do):
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    out = fn(*leaves)
+    out.backward(do)
+    return out
+
+
+def _gather_rows(x, ranges):
+    return torch.cat([x[:, a:b] for a, b in ranges], dim=1)
+
+
+def _route_rows(x_full, owned_r):
+    return _gather_rows(x_full, owned_r)[0]
+
+
+class _DisaggParts:
+    """The server-side compute and the transfers of one disagg call, each alone."""
+
+    def __init__(self, routes, hq, hkv, d, dtype, device):
+        self.routes, self.hq, self.hkv, self.d = routes, hq, hkv, d
+        g = torch.Generator(device=device).manual_seed(0)
+        self.srv = []
+        for r in routes:
+            nq, nk = r.cu_q[-1], r.cu_k[-1]
+            t = [torch.randn(1, n, h, d, device=device, dtype=dtype, generator=g)
+                 for n, h in ((nq, hq), (nk, hkv), (nk, hkv), (nq, hq))]
+            cu = [torch.tensor(c, dtype=torch.int32, device=device) for c in (r.cu_q, r.cu_k)]
+            self.srv.append((t, cu))
+        self.dtype, self.device = dtype, device
+
+    def compute(self):
+        for (q, k, v, do), (cu_q, cu_k) in self.srv:
+            if q.shape[1]:
+                o, lse = flash_attn(q, k, v, causal=True, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, return_lse=True)
+                flash_attn_backward(do, q, k, v, o, lse, causal=True, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+
+    def comm(self):
+        works = []
+        wq, wkv = self.hq * self.d, self.hkv * 2 * self.d
+        for r in self.routes:  # forward: Q, K|V out, O back; backward: dO out, dQ and dK|dV back
+            for send, recv, width in ((r.q_send_splits, r.q_recv_splits, wq), (r.kv_send_splits, r.kv_recv_splits, wkv),
+                                      (r.q_recv_splits, r.q_send_splits, wq), (r.q_send_splits, r.q_recv_splits, wq),
+                                      (r.q_recv_splits, r.q_send_splits, wq), (r.kv_recv_splits, r.kv_send_splits, wkv)):
+                x = torch.empty(sum(send), width, device=self.device, dtype=self.dtype)
+                y = torch.empty(sum(recv), width, device=self.device, dtype=self.dtype)
+                works.append(dist.all_to_all_single(y, x, list(recv), list(send), async_op=True))
+        for w in works:
+            w.wait()
+
+
+def bench_batch(args, bounds, device, timer, world, rank, check=False, parts=False) -> dict:
+    S = bounds[-1]
+    hq, hkv, d, dt = args.heads, args.kv_heads, args.head_dim, args.dtype
+    g = torch.Generator(device=device).manual_seed(len(bounds) * 7919 + S)
+    q, do = (torch.randn(1, S, hq, d, device=device, dtype=dt, generator=g) for _ in range(2))
+    k, v = (torch.randn(1, S, hkv, d, device=device, dtype=dt, generator=g) for _ in range(2))
+    cu = torch.tensor(bounds, dtype=torch.int32, device=device)
+    row = {"n_docs": len(bounds) - 1, "max_doc": max(b - a for a, b in zip(bounds, bounds[1:]))}
+
+    # data parallel, no rebalancing: this rank's own micro-batch, its own boundaries
+    lo, hi = rank * (S // world), (rank + 1) * (S // world)
+    own = [b - lo for b in bounds if lo <= b <= hi]
+    own_cu = torch.tensor(own, dtype=torch.int32, device=device)
+    mine = [t[:, lo:hi] for t in (q, k, v, do)]
+    t_own = timer(lambda: _fwd_bwd(lambda *x: kernels.flash_attn(*x, causal=True, cu_seqlens=own_cu), *mine))
+    times = _all_ranks(t_own, device)
+    row["dp_no_rebalance_rank_ms"] = [round(t, 3) for t in times]
+    row["dp_no_rebalance_ms"] = max(times)
+    row["balanced_ideal_ms"] = sum(times) / world
+
+    contiguous = [shard_sequence(t, layout="contiguous") for t in (q, k, v, do)]
+    q_row, kv_row = hq * 2 * d * q.element_size(), hkv * 2 * d * k.element_size()
+    opts = current()
+    for name, pp in (("disagg", True), ("disagg_no_pingpong", False)):
+        fn = lambda *x, pp=pp: disagg_attention(*x, causal=True, cu_seqlens=cu, layout="contiguous", ping_pong=pp)
+        row[f"{name}_ms"] = _max_over_ranks(timer(lambda: _fwd_bwd(fn, *contiguous)), device)
+        routes, info = _plan_routes(tuple(bounds), S, world, rank, "contiguous", float(opts.eps), int(opts.min_chunk),
+                                    True, planner_overhead(opts), (q_row, kv_row), pp)
+        row[f"{name}_bytes"] = int(sum(_all_ranks(sum(r.sent_rows(q_row, kv_row) for r in routes), device)))
+        if parts:  # the call's compute and transfers, each alone: how much of the transfer time shows
+            alone = _DisaggParts(routes, hq, hkv, d, dt, device)
+            row[f"{name}_compute_only_ms"] = _max_over_ranks(timer(alone.compute), device)
+            row[f"{name}_comm_only_ms"] = _max_over_ranks(timer(alone.comm), device)
+            exposed = row[f"{name}_ms"] - row[f"{name}_compute_only_ms"]
+            row[f"{name}_exposed_comm_ms"] = round(exposed, 3)
+            if row[f"{name}_comm_only_ms"] > 0:
+                row[f"{name}_hidden_fraction"] = round(1 - max(0.0, exposed) / row[f"{name}_comm_only_ms"], 3)
+            del alone
+        if pp:
+            row.update(imbalance_before=round(info["imbalance_before"], 4), imbalance_after=round(info["imbalance_after"], 4),
+                       tasks=info["tasks"], plan_ms=round(info["plan_ms"], 3), nano_batches=len(routes))
+
+    zz = [shard_sequence(t, layout="zigzag") for t in (q, k, v, do)]
+    row["ring_ms"] = _max_over_ranks(timer(lambda: _fwd_bwd(
+        lambda *x: ring_attention(*x, causal=True, cu_seqlens=cu, layout="zigzag"), *zz)), device)
+    # modelled: each rank's K|V goes round the ring in forward, K|V and dK|dV in backward
+    row["ring_bytes"] = 3 * (world - 1) * (S // world) * kv_row * world
+
+    owned = per_doc_zigzag(bounds, world)
+    tasks = plan_owned(list(bounds), owned, eps=float("inf"), min_chunk=1).tasks  # every rank serves its own chunks
+    routes = (route(tasks, bounds, owned, rank, True),)
+    pd = [_route_rows(t, owned[rank]) for t in (q, k, v, do)]
+    row["per_doc_cp_ms"] = _max_over_ranks(timer(lambda: _fwd_bwd(
+        lambda *x: _DisaggAttention.apply(*x, routes, None, True, None), *pd)), device)
+    row["per_doc_cp_bytes"] = int(sum(_all_ranks(routes[0].sent_rows(q_row, kv_row), device)))
+
+    if check:  # the methods compute the same attention (first batch only)
+        out_d = _fwd_bwd(lambda *x: disagg_attention(*x, causal=True, cu_seqlens=cu, layout="contiguous"),
+                         *contiguous).detach()
+        ref = kernels.flash_attn(*mine[:3], causal=True, cu_seqlens=own_cu)
+        row["max_abs_diff_disagg_vs_local"] = _max_over_ranks((out_d.float() - ref.float()).abs().max().item(), device)
+    return row
+
+
+def summarize(rows) -> dict:
+    """Means over the batches; the compute/comm-alone keys over the rows that have them."""
+    wanted = lambda k: ((k.endswith("_ms") and not k.endswith("rank_ms")) or k.startswith("imbalance")
+                        or k.endswith("_bytes") or k.endswith("hidden_fraction"))
+    keys = list(dict.fromkeys(k for r in rows for k in r if wanted(k)))
+    mean = {k: round(sum(r[k] for r in rows if k in r) / sum(k in r for r in rows), 4) for k in keys}
+    ideal = mean["balanced_ideal_ms"]
+    for m in ("disagg", "disagg_no_pingpong", "ring", "per_doc_cp", "dp_no_rebalance"):
+        mean[f"{m}_vs_ideal"] = round(mean[f"{m}_ms"] / ideal, 3)
+    mean["pingpong_gain"] = round(mean["disagg_no_pingpong_ms"] / mean["disagg_ms"], 3)
+    return mean
+
+
+def profile_cost_table(args, device) -> dict:
+    """ms of one task (q_len queries, the last of kv_len keys, causal) when `reps` such tasks share
+    one varlen flash fwd+bwd call, over a grid: the planner's per-task overhead is fitted from it."""
+    timer = _timer_local(device, max(args.iters, 5), max(args.warmup, 1))  # a fit wants steadier times than a sweep
+    entries = []
+    for kv_len in args.grid_kv:
+        for q_len in args.grid_q:
+            if q_len > kv_len:
+                continue
+            reps = max(1, args.grid_tokens // kv_len)
+            g = torch.Generator(device=device).manual_seed(q_len * 31 + kv_len)
+            q, do = (torch.randn(1, reps * q_len, args.heads, args.head_dim, device=device, dtype=args.dtype, generator=g)
+                     for _ in range(2))
+            k, v = (torch.randn(1, reps * kv_len, args.kv_heads, args.head_dim, device=device, dtype=args.dtype,
+                                generator=g) for _ in range(2))
+            cu_q = torch.arange(0, reps * q_len + 1, q_len, dtype=torch.int32, device=device)
+            cu_k = torch.arange(0, reps * kv_len + 1, kv_len, dtype=torch.int32, device=device)
+
+            def step():
+                o, lse = flash_attn(q, k, v, causal=True, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, return_lse=True)
+                flash_attn_backward(do, q, k, v, o, lse, causal=True, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+            entries.append({"q_len": q_len, "kv_len": kv_len, "reps": reps, "ms": timer(step) / reps})
+            print(json.dumps(entries[-1]), flush=True)
+    table = {"what": "ms of one causal task (q_len queries = the last of kv_len keys), fwd+bwd, many per varlen call",
+             "heads": args.heads, "kv_heads": args.kv_heads, "head_dim": args.head_dim, "dtype": str(args.dtype),
+             "entries": entries, **_env(device)}
+    table["fitted_task_overhead_pairs"] = fit_task_overhead(table)
+    return table
+
+
+def _timer_local(device, iters, warmup):
+    def run(fn):
+        import time
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(iters):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append((time.perf_counter() - t) * 1e3)
+        return sorted(times)[len(times) // 2]
+    return run
+
+
+def _env(device) -> dict:
+    cuda = device.type == "cuda"
+    return dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                device=torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
+                torch=torch.__version__, triton=_triton_version(), python=platform.python_version(),
+                nccl=".".join(map(str, torch.cuda.nccl.version())) if cuda else None)
+
+
+def _write(path, obj):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m seqpar.bench disagg", description=__doc__.splitlines()[0])
+    p.add_argument("--out", help="benchmark JSON")
+    p.add_argument("--profile-cost-table", metavar="OUT.json", help="write the GPU cost table instead (one process)")
+    p.add_argument("--cost-table", help="plan with the per-task overhead fitted from this table")
+    p.add_argument("--mixes", nargs="*", default=["wlbllm", "prolong", "lognormal"])
+    p.add_argument("--tokens", type=int, nargs="*", default=None, help="tokens per rank (default 65536 131072)")
+    p.add_argument("--batches", type=int, default=None, help="batches per case (default 16)")
+    p.add_argument("--parts-batches", type=int, default=4, help="batches that also time compute and comm alone")
+    p.add_argument("--iters", type=int, default=None)
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--eps", type=float, default=0.05)
+    p.add_argument("--min-chunk", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--smoke", action="store_true", help="tiny sizes (what CI runs on CPU)")
+    args = p.parse_args(argv)
+    if not (args.out or args.profile_cost_table):
+        p.error("give --out FILE.json (the benchmark) or --profile-cost-table OUT.json")
+
+    cuda = torch.cuda.is_available() and not args.smoke
+    if cuda:
+        args.heads, args.kv_heads, args.head_dim, args.dtype = 32, 8, 128, torch.bfloat16
+        tokens, batches, iters, warmup = [65536, 131072], 16, 2, 1
+        args.grid_q, args.grid_kv, args.grid_tokens = [128, 256, 512, 1024, 2048, 4096], [1024, 4096, 16384, 65536], 131072
+    else:  # smoke form: small shapes through the reference kernels on gloo
+        args.heads, args.kv_heads, args.head_dim, args.dtype = 4, 2, 16, torch.float32
+        tokens, batches, iters, warmup = [256], 2, 1, 0
+        args.grid_q, args.grid_kv, args.grid_tokens = [16, 64], [64, 256], 512
+    args.tokens = args.tokens or tokens
+    args.batches = args.batches or batches
+    args.iters = args.iters or iters
+    args.warmup = warmup if args.warmup is None else args.warmup
+
+    if args.profile_cost_table:  # one process, no group needed
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+        if int(os.environ.get("RANK", 0)) == 0:
+            _write(args.profile_cost_table, profile_cost_table(args, device))
+        if not args.out:
+            return 0
+
+    owns_group = not dist.is_initialized()
+    device = init_world(cuda) if owns_group else (torch.device("cuda", torch.cuda.current_device()) if cuda
+                                                   else torch.device("cpu"))
+    previous = configure(eps=args.eps, min_chunk=args.min_chunk, ping_pong=True,
+                         task_overhead=None, cost_table=args.cost_table)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    timer = _timer(device, args.iters, args.warmup)
+    result = dict(benchmark="disagg", world=world, heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim,
+                  dtype=str(args.dtype), eps=args.eps, min_chunk=args.min_chunk,
+                  task_overhead_pairs=planner_overhead(current()), cost_table=args.cost_table,
+                  timing="median of --iters fwd+bwd per batch, max over ranks; summary = mean over batches",
+                  cases=[], **_env(device))
+    try:
+        for mix in args.mixes:
+            lengths = None if mix == "lognormal" else load_mix(mix)
+            for tokens in args.tokens:
+                rng = random.Random(args.seed * 1000003 + tokens)
+                rows = []
+                for b in range(args.batches):
+                    bounds = draw_bounds(mix, lengths, tokens, world, rng, seed=args.seed * 1000 + b)
+                    rows.append(bench_batch(args, bounds, device, timer, world, rank, check=b == 0,
+                                            parts=b < args.parts_batches))
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                case = dict(mix=mix, tokens_per_rank=tokens, batches=len(rows), summary=summarize(rows), rows=rows)
+                result["cases"].append(case)
+                if rank == 0:
+                    print(json.dumps(dict(mix=mix, tokens_per_rank=tokens, **case["summary"])), flush=True)
+                    _write(args.out, result)  # a run cut short keeps the cases it finished
+    finally:
+        configure(previous)
+        if owns_group:
+            dist.destroy_process_group()
+    return 0
