@@ -126,15 +126,21 @@ def _lightning_attn_backend(q, k, v, log_decay) -> str:
 _ELEMENTWISE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def _plain(*tensors) -> bool:
+    # Triton reads raw storage: a tensor subclass (the DTensors of tensor parallelism's
+    # SequenceParallel norms, fake tensors under tracing) goes through ops that know its layout.
+    return all(t is None or type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors)
+
+
 def _rms_norm_backend(x, weight=None) -> str:
-    if not has_triton() or x.dtype not in _ELEMENTWISE_DTYPES:
+    if not has_triton() or x.dtype not in _ELEMENTWISE_DTYPES or not _plain(x, weight):
         return "torch"
     from seqpar.kernels.norm_rope.triton import MAX_NORM_DIM  # imports triton: only for CUDA tensors
     return "triton" if x.shape[-1] <= MAX_NORM_DIM else "torch"
 
 
 def _rotary_backend(x, cos=None, sin=None) -> str:
-    if not has_triton() or x.dtype not in _ELEMENTWISE_DTYPES or x.dim() != 4:
+    if not has_triton() or x.dtype not in _ELEMENTWISE_DTYPES or x.dim() != 4 or not _plain(x, cos, sin):
         return "reference"
     if any(t is not None and t.requires_grad for t in (cos, sin)):
         return "reference"  # gradients into cos/sin only through the reference
@@ -143,7 +149,7 @@ def _rotary_backend(x, cos=None, sin=None) -> str:
 
 def _cross_entropy_backend(hidden, weight=None) -> str:
     dtypes = [t.dtype for t in (hidden, weight) if t is not None]
-    if not has_triton() or any(dt not in _ELEMENTWISE_DTYPES for dt in dtypes):
+    if not has_triton() or any(dt not in _ELEMENTWISE_DTYPES for dt in dtypes) or not _plain(hidden, weight):
         return "reference"
     return "triton"
 

@@ -304,3 +304,16 @@ def test_cuda_model_step_matches_reference_kernels(monkeypatch):
     assert abs(fast_loss.item() - ref_loss.item()) <= 1e-3 * abs(ref_loss.item())
     for name, grad in ref.items():
         assert _rel(fast[name], grad) <= 3e-2, (name, _rel(fast[name], grad))
+
+
+def test_dispatch_keeps_tensor_subclasses_off_triton():
+    """Triton reads raw storage: DTensors (tensor parallelism's SequenceParallel norms) and other
+    subclasses must take the torch paths, plain tensors and Parameters may take Triton."""
+    from seqpar.kernels import dispatch
+
+    class Wrapped(torch.Tensor):
+        pass
+
+    x = torch.zeros(2, 3)
+    assert dispatch._plain(x, torch.nn.Parameter(x), None)
+    assert not dispatch._plain(x, x.as_subclass(Wrapped))
