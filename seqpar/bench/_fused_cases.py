@@ -241,4 +241,15 @@ def bench_fused(args, device):
         rows += _ce_rows(device, 65536, 131072, 2048, chunks=[4096, 8192])
     else:
         rows += _ce_rows(device, 256, 1024, 64, chunks=[64])
-    return dict(rows=rows, summary=_summary(rows, copy_gbps), table=_table(rows))
+    return dict(rows=rows, summary=_summary(rows, copy_gbps), tuned_configs=_tuned(), table=_table(rows))
+
+
+def _tuned():
+    """What the autotuner picked per key (width, dtypes): the configs to pin if tuning ever costs."""
+    try:
+        from seqpar.kernels.norm_rope import triton as nr
+    except ImportError:
+        return {}
+    return {name: {str(key): str(cfg) for key, cfg in getattr(fn, "cache", {}).items()}
+            for name, fn in (("rms_norm_fwd", nr._rms_norm_fwd), ("rms_norm_bwd", nr._rms_norm_bwd),
+                             ("rotary", nr._rotary))}
