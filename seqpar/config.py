@@ -30,6 +30,9 @@ class ModelConfig:
     init_std: float = 0.02
     linear_decay: str = "transnormer"
     tie_embeddings: bool = False
+    # Under bf16 autocast the residual stream (and so what a checkpoint keeps) is bf16, as in Megatron
+    # (its default) and torchtitan (FSDP2 param_dtype=bf16); true keeps it fp32 (Megatron's fp32_residual_connection)
+    fp32_residual: bool = False
 
 
 @dataclass
@@ -180,10 +183,16 @@ def _validate_dp_engine(p) -> None:
         return
     if p.zero_stage is not None and p.zero_stage not in (1, 2, 3):
         raise ConfigError(f"parallel.zero_stage={p.zero_stage}: DeepSpeed ZeRO stages are 1, 2 or 3")
-    if p.tp > 1 or p.pp > 1:
-        raise ConfigError(f"parallel.dp_engine=deepspeed with parallel.tp={p.tp}, parallel.pp={p.pp}: DeepSpeed runs "
-                          "only as the data-parallel engine over dp x cp here; set parallel.tp=1 and parallel.pp=1, "
-                          "or parallel.dp_engine=fsdp2")
+    if p.tp > 1:
+        raise ConfigError(f"parallel.dp_engine=deepspeed with parallel.tp={p.tp}: seqpar's tensor parallelism shards "
+                          "parameters as DTensors, which DeepSpeed cannot take (its initialize fails moving them, and ZeRO "
+                          "flattens parameters into plain buffers); use "
+                          "parallel.dp_engine=fsdp2 with tp (it shards the tp shards over dp x cp), or parallel.tp=1")
+    if p.pp > 1 and (p.zero_stage or 2) == 3:
+        raise ConfigError(f"parallel.zero_stage=3 with parallel.pp={p.pp}: ZeRO-3 gathers and frees parameters around "
+                          "each forward and backward, while a pipeline stage keeps several micro-batches in flight "
+                          "(DeepSpeed's own pipeline refuses it too); use parallel.zero_stage=1 or 2, or "
+                          "parallel.dp_engine=fsdp2")
     from seqpar.parallel.engine import OWNED_DEEPSPEED_KEYS
 
     owned = [k for k in p.deepspeed if k in OWNED_DEEPSPEED_KEYS]
@@ -286,7 +295,7 @@ def validate(cfg, world: int | None = None) -> None:
         fail(f"model.layer_pattern={m.layer_pattern!r}: unknown layer type {sorted(bad)}; use S (softmax) and L (linear)")
     if m.n_kv_heads < 1 or m.n_heads % m.n_kv_heads:
         fail(f"model.n_kv_heads={m.n_kv_heads}: must divide model.n_heads={m.n_heads} (grouped-query attention)")
-    for key in ("n_heads", "n_kv_heads", "ffn_dim"):
+    for key in ("n_heads", "n_kv_heads", "ffn_dim", "vocab_size"):  # vocab: the embedding and head split over tp
         if getattr(m, key) % p.tp:
             fail(f"parallel.tp={p.tp} splits model.{key}={getattr(m, key)} over tp ranks: it must divide it")
     if p.tp > 1 and p.tp_sequence_parallel and d.seq_len % (p.cp * p.tp):

@@ -78,6 +78,13 @@ def param_dtype(cfg, device) -> torch.dtype:
     return torch.float64 if cfg.train.dtype == "fp64" else torch.float32
 
 
+def activation_dtype(cfg, device) -> torch.dtype:
+    """The residual stream's dtype between blocks (and pipeline stages): see `residual_dtype`."""
+    if device.type == "cuda" and cfg.train.dtype in ("auto", "bf16") and not cfg.model.fp32_residual:
+        return torch.bfloat16
+    return param_dtype(cfg, device)
+
+
 def autocast(cfg, device):
     if device.type == "cuda" and cfg.train.dtype in ("auto", "bf16"):
         return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -185,9 +192,10 @@ def build_model(cfg, dims: ParallelDims, device):
     return parallelize(model, dims, cfg)
 
 
-def train_step(model, micro_batches, cfg, dims: ParallelDims, device, *, backward=torch.Tensor.backward) -> dict:
-    """Forward and backward of one optimizer step's micro-batches on this rank; `backward(loss)` is
-    the dp engine's (DeepSpeed must see every backward; validation keeps it off pipelines).
+def train_step(model, micro_batches, cfg, dims: ParallelDims, device, *, backward=torch.autograd.backward) -> dict:
+    """Forward and backward of one optimizer step's micro-batches on this rank; `backward(loss)`,
+    or `backward(output, grad)` on a pipeline stage before the last, is the dp engine's (DeepSpeed
+    must see every backward).
 
     The loss is the mean over every target token of the global batch, so it does not depend on
     how the batch is split over dp, cp and micro-batches."""
@@ -226,7 +234,7 @@ def train_step(model, micro_batches, cfg, dims: ParallelDims, device, *, backwar
     else:
         rows, seq_len = micro_batches[0].input_ids.shape
         shape = (rows, seq_len // dims.cp // (dims.tp if cfg.parallel.tp_sequence_parallel else 1), cfg.model.d_model)
-        args = (dims.group("pp"), shape, param_dtype(cfg, device), device)
+        args = (dims.group("pp"), shape, activation_dtype(cfg, device), device, backward)
         schedule = InterleavedOneFOneB(*args, virtual=virtual) if virtual > 1 else OneFOneB(*args)
         schedule.run(forward, len(micro_batches))
     dist.all_reduce(loss_sum, group=dims.group("dp_cp"))

@@ -43,6 +43,12 @@ LAYOUTS = {  # name: (processes, overrides)
     "dp2_zero2": (2, ["parallel.cp=1", "parallel.dp_engine=deepspeed", "parallel.zero_stage=2"]),
     "dp2_zero3": (2, ["parallel.cp=1", "parallel.dp_engine=deepspeed", "parallel.zero_stage=3"]),
     "cp2_zero2": (2, ["parallel.cp=2", "parallel.dp_engine=deepspeed", "parallel.zero_stage=2"]),
+    # DeepSpeed under our 1F1B: one engine per stage, a backward per micro-batch (and virtual stage)
+    "pp2_zero1": (2, ["parallel.cp=1", "parallel.pp=2", "parallel.dp_engine=deepspeed", "parallel.zero_stage=1"]),
+    "pp2_dp2_zero2": (4, ["parallel.cp=1", "parallel.dp=2", "parallel.pp=2", "parallel.dp_engine=deepspeed",
+                          "parallel.zero_stage=2"]),
+    "pp2_v2_cp2_zero2": (4, ["parallel.cp=2", "parallel.pp=2", "parallel.virtual_stages=2",
+                             "parallel.dp_engine=deepspeed", "parallel.zero_stage=2"]),
 }
 
 
@@ -68,10 +74,10 @@ def test_metrics_file_has_one_object_per_step(single_run):
 
 LOSS_LAYOUTS = ["cp2", "dp2", "cp2_dp2", "cp2_contiguous", "cp2_lasp1", "tp2", "cp2_tp2", "dp2_tp2", "pp2", "pp2_v2",
                 "cp2_ring", "cp2_ulysses", "cp2_disagg", "cp2_selective_mlp_chunks", "dp2_full_offload",
-                "dp2_zero1", "dp2_zero2", "dp2_zero3", "cp2_zero2"]
+                "dp2_zero1", "dp2_zero2", "dp2_zero3", "cp2_zero2", "pp2_zero1", "pp2_dp2_zero2"]
 GRAD_LAYOUTS = ["cp2", "dp2", "cp2_dp2", "tp2", "tp2_no_sp", "cp2_tp2", "dp2_tp2", "pp2", "pp2_cp2", "pp2_v2", "pp2_v2_cp2",
                 "cp2_selective_mlp_chunks", "dp2_full_offload", "cp2_tp2_selective",
-                "dp2_zero1", "dp2_zero2", "dp2_zero3", "cp2_zero2"]
+                "dp2_zero1", "dp2_zero2", "dp2_zero3", "cp2_zero2", "pp2_zero1", "pp2_v2_cp2_zero2"]
 
 
 def _compose(*overrides):

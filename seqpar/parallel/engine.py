@@ -41,8 +41,9 @@ class FSDP2Engine:
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.grad_clip, self.dims = cfg.train.grad_clip, dims
 
-    def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
+    def backward(self, loss: torch.Tensor, grad: torch.Tensor | None = None) -> None:
+        """`loss.backward()`; on a pipeline stage before the last, `grad` is d(loss)/d(output)."""
+        torch.autograd.backward(loss, grad)
 
     def step(self) -> float:
         """Clip, step the optimizer and the schedule, clear gradients; returns the global grad norm."""
@@ -74,7 +75,11 @@ class DeepSpeedEngine:
         self.model, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, dims),
                                               mpu=_DataParallelUnit(dims))
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor, grad: torch.Tensor | None = None) -> None:
+        if grad is not None:
+            # a pipeline stage's output and its gradient from the next stage: DeepSpeed's backward
+            # takes a scalar, and d/dy sum(y * dy) is exactly dy
+            loss = (loss * grad).sum()
         # train_step already scaled the loss to a mean over the global batch's tokens
         self.model.backward(loss, scale_wrt_gas=False)
         if not self.model.is_gradient_accumulation_boundary():
@@ -113,7 +118,8 @@ def deepspeed_config(cfg, dims: ParallelDims) -> dict:
     from omegaconf import OmegaConf
 
     t = cfg.train
-    micro_steps = t.global_batch_size // (dims.dp * t.micro_batch_size)
+    # one backward per micro-batch and per virtual pipeline stage: an interleaved stage runs V of them
+    micro_steps = t.global_batch_size // (dims.dp * t.micro_batch_size) * (cfg.parallel.virtual_stages if dims.pp > 1 else 1)
     generated = {
         # DeepSpeed counts the dp_cp group as data parallel, so its "batch" counts each sample cp times
         "train_batch_size": t.micro_batch_size * micro_steps * dims.dp * dims.cp,
@@ -135,11 +141,13 @@ def _merge(base: dict, override: dict) -> dict:
 
 
 class _DataParallelUnit:
-    """The `mpu` DeepSpeed asks for its groups: data parallel = our dp_cp group; no model parallelism
-    (validation rejects deepspeed with tp > 1 or pp > 1)."""
+    """The `mpu` DeepSpeed asks for its groups: data parallel = our dp_cp group; model parallel =
+    the pipeline stages (validation keeps tp at 1). DeepSpeed sums the gradient norm over the model
+    parallel group (stages hold different parameters) and names checkpoint files by its rank, so
+    that every stage writes its own."""
 
     def __init__(self, dims: ParallelDims):
-        self._dp, self._mp = dims.group("dp_cp"), dims.group("tp")  # tp is size 1 here
+        self._dp, self._pp, self._tp = dims.group("dp_cp"), dims.group("pp"), dims.group("tp")  # tp: size 1
 
     def get_data_parallel_group(self):
         return self._dp
@@ -154,26 +162,29 @@ class _DataParallelUnit:
         return dist.get_process_group_ranks(self._dp)
 
     def get_model_parallel_group(self):
-        return self._mp
+        return self._pp
 
     def get_model_parallel_world_size(self):
-        return 1
+        return dist.get_world_size(self._pp)
 
     def get_model_parallel_rank(self):
-        return 0
+        return dist.get_rank(self._pp)
 
-    get_tensor_model_parallel_group = get_model_parallel_group
-    get_tensor_model_parallel_world_size = get_model_parallel_world_size
-    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_pipeline_model_parallel_group = get_model_parallel_group
+    get_pipeline_model_parallel_world_size = get_model_parallel_world_size
+    get_pipeline_model_parallel_rank = get_model_parallel_rank
+
+    def get_tensor_model_parallel_group(self):
+        return self._tp
+
+    def get_tensor_model_parallel_world_size(self):
+        return 1
+
+    def get_tensor_model_parallel_rank(self):
+        return 0
 
     def get_tensor_model_parallel_src_rank(self):
         return dist.get_rank()
-
-    def get_pipeline_model_parallel_world_size(self):
-        return 1
-
-    def get_pipeline_model_parallel_rank(self):
-        return 0
 
 
 def clip_gradients(model, max_norm: float, dims: ParallelDims) -> float:

@@ -106,8 +106,8 @@ class OneFOneB:
     are alive per stage. Activations and their gradients move with paired non-blocking P2P, so two
     neighbours sending to each other at once cannot deadlock."""
 
-    def __init__(self, group, activation_shape, dtype, device):
-        self.group = group
+    def __init__(self, group, activation_shape, dtype, device, backward=torch.autograd.backward):
+        self.group, self.backward = group, backward  # backward(output, grad): the dp engine's
         self.rank, self.size = dist.get_rank(group), dist.get_world_size(group)
         self.prev = dist.get_global_rank(group, self.rank - 1) if self.rank > 0 else None
         self.next = dist.get_global_rank(group, self.rank + 1) if self.rank < self.size - 1 else None
@@ -138,7 +138,7 @@ class OneFOneB:
             self._exchange(send=(self._backward(*alive.popleft(), dy), self.prev))
 
     def _backward(self, x, y, dy):
-        torch.autograd.backward(y, dy)  # dy None on the last stage: y is the loss
+        self.backward(y, dy)  # dy None on the last stage: y is the loss
         return None if x is None else x.grad
 
     def _recv(self, peer):
@@ -235,8 +235,8 @@ class InterleavedOneFOneB(OneFOneB):
     receives go out in one batch, activations before gradients, so that with pp=2, where both
     neighbours are the same rank, the two streams still pair up in order."""
 
-    def __init__(self, group, activation_shape, dtype, device, virtual: int):
-        super().__init__(group, activation_shape, dtype, device)
+    def __init__(self, group, activation_shape, dtype, device, backward=torch.autograd.backward, *, virtual: int):
+        super().__init__(group, activation_shape, dtype, device, backward)
         self.virtual = virtual
         self.prev = dist.get_global_rank(group, (self.rank - 1) % self.size)
         self.next = dist.get_global_rank(group, (self.rank + 1) % self.size)
