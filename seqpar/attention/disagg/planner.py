@@ -205,8 +205,14 @@ def _best_move(model: _Model, tasks, lo_tasks, lo, load_hi, load_lo, mean, min_c
     for a, b, d, _ in lo_tasks:
         have[d] = max(have.get(d, d), model.key_end(b, d))
     before = abs(load_hi - mean) + abs(load_lo - mean)
-    scored = []
-    for idx, (qs, qe, d, owner) in enumerate(tasks):
+    scored, best_good = [], 0
+    costs = [model.cost(qs, qe, d) for qs, qe, d, _ in tasks]
+    for idx in sorted(range(len(tasks)), key=lambda i: (-costs[i], i)):
+        # a move's good is at most dec + inc <= 2 * (task cost + overhead): once that is below half
+        # the best found, no smaller task can be eligible
+        if 4 * (costs[idx] + model.overhead) < best_good:
+            break
+        qs, qe, d, owner = tasks[idx]
         for moved, keep in _candidates(model, qs, qe, d, want, min_chunk):
             dec = model.cost(qs, qe, d) - sum(model.cost(a, b, d) for a, b in keep)
             new_hi, new_lo = load_hi - dec, load_lo + sum(model.cost(a, b, d) for a, b in moved)
@@ -217,9 +223,9 @@ def _best_move(model: _Model, tasks, lo_tasks, lo, load_hi, load_lo, mean, min_c
                 continue
             nbytes = model.move_bytes(lo, have, moved, d, owner)
             scored.append((good, nbytes, len(moved) + len(keep), idx, moved, keep))
+            best_good = max(best_good, good)
     if not scored:
         return None
-    best_good = max(s[0] for s in scored)
     # fewest bytes per good (cross-multiplied: exact on integers), then more good, fewer tasks
     pick = min((s for s in scored if 2 * s[0] >= best_good),
                key=lambda s: (_Ratio(s[1], s[0]), -s[0], s[2], s[3]))

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from seqpar.attention.disagg.planner import Task, pairs
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # hashed by identity: routes are cached, and so is their device form
 class Route:
     """This rank's part of (a nano-batch of) the plan, as (start, length) segments of row indices."""
     rank: int

@@ -78,9 +78,11 @@ def _plan_routes(bounds, seq_len, world, rank, layout, eps, min_chunk, causal, o
 
 
 def _index(segs, device) -> torch.Tensor:
+    """Row indices of (start, length) segments, built on the host and copied once: one arange
+    per segment on the GPU would be one kernel launch each."""
     if not segs:
         return torch.zeros(0, dtype=torch.long, device=device)
-    return torch.cat([torch.arange(s, s + n, device=device) for s, n in segs])
+    return torch.cat([torch.arange(s, s + n) for s, n in segs]).to(device)
 
 
 def _all_to_all(x, send_splits, recv_splits, group):
@@ -99,8 +101,13 @@ def _wait(*works):
             w.wait()
 
 
+@functools.lru_cache(maxsize=16)  # every layer of a step reuses its plan's index tensors
+def _nano(r: Route, device) -> "_Nano":
+    return _Nano(r, device)
+
+
 class _Nano:
-    """One nano-batch's tensors on this rank (index tensors, server-side buffers)."""
+    """One nano-batch's index tensors and varlen boundaries on this rank's device."""
 
     def __init__(self, r: Route, device):
         self.r = r
@@ -113,7 +120,7 @@ class _DisaggAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, routes, group, causal, scale):
         dev, n = q.device, q.shape[0]
         hkv, dk, dv = k.shape[1], k.shape[2], v.shape[2]
-        nanos = [_Nano(r, dev) for r in routes]
+        nanos = [_nano(r, dev) for r in routes]
         # K and V travel in one message per pair of ranks: rows of [k | v]
         kv = torch.cat([k.reshape(n, -1), v.reshape(n, -1).to(k.dtype)], dim=1)
         inbound = []
