@@ -271,8 +271,10 @@ def test_cuda_fused_cross_entropy_bf16_vs_float64(N, V, d, chunk, autocast):
 
 @pytest.mark.gpu
 def test_cuda_model_step_matches_reference_kernels(monkeypatch):
-    """The decoder under bf16 autocast with every fast path (these kernels included) against the
-    same model with SEQPAR_KERNELS=reference: one loss and its gradients, packed documents."""
+    """The decoder in fp32 with the fast paths (these kernels; fp32 attention stays with the
+    reference) against SEQPAR_KERNELS=reference: one loss and every gradient, packed documents.
+    fp32 so that only these kernels differ, by summation order: bf16 noise in the attention
+    kernels would swamp the nearly-uniform attention's small q/k gradients of a fresh model."""
     from types import SimpleNamespace
 
     from seqpar.attention import AttnContext
@@ -293,17 +295,19 @@ def test_cuda_model_step_matches_reference_kernels(monkeypatch):
 
     def step():
         model.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(ids, ctx, targets=targets)
+        loss = model(ids, ctx, targets=targets)
         loss.backward()
         return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
 
+    x = torch.zeros(1, 8, 4, 64, device="cuda")
+    assert [kernels.backend(op, x, x) for op in ("rms_norm", "apply_rotary", "fused_linear_cross_entropy")] == \
+        ["triton"] * 3
     fast_loss, fast = step()
     monkeypatch.setenv("SEQPAR_KERNELS", "reference")
     ref_loss, ref = step()
-    assert abs(fast_loss.item() - ref_loss.item()) <= 1e-3 * abs(ref_loss.item())
+    assert abs(fast_loss.item() - ref_loss.item()) <= 1e-5 * abs(ref_loss.item())
     for name, grad in ref.items():
-        assert _rel(fast[name], grad) <= 3e-2, (name, _rel(fast[name], grad))
+        assert _rel(fast[name], grad) <= 1e-4, (name, _rel(fast[name], grad))
 
 
 def test_dispatch_keeps_tensor_subclasses_off_triton():
