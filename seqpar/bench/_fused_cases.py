@@ -93,7 +93,8 @@ def _norm_rows(device, timer, tokens, widths, copy_gbps):
         outs = {}
         for name, fn in impls.items():
             fwd, bwd, outs[name] = _fwd_bwd_ms(timer, fn, (x, w), dy)
-            row = dict(kernel=name, op="rms_norm", case=f"{tokens}x{N} bf16", fwd_ms=round(fwd, 4), bwd_ms=round(bwd, 4))
+            row = dict(kernel=name, op="rms_norm", case=f"{tokens}x{N} bf16", fwd_ms=round(fwd, 4),
+                       bwd_ms=round(bwd, 4))
             rows.append(_rate(row, 2 * tokens * N * elt, 3 * tokens * N * elt, copy_gbps))
             if name != next(iter(impls)):
                 row["rel_err_vs_first"] = _rel(outs[next(iter(impls))], outs[name])
