@@ -128,8 +128,9 @@ class TritonRMSNorm(torch.autograd.Function):
         x2, w = _rows(x), weight.contiguous()
         y = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
         M = x2.shape[0]
-        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)  # noqa: E731
-        _rms_norm_fwd[grid](x2, w, y, M, N, x2.stride(0), y.stride(0), eps, BLOCK_N=triton.next_power_of_2(N))
+        if M > 0:
+            grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)  # noqa: E731
+            _rms_norm_fwd[grid](x2, w, y, M, N, x2.stride(0), y.stride(0), eps, BLOCK_N=triton.next_power_of_2(N))
         ctx.save_for_backward(x2, w)
         ctx.eps, ctx.shape, ctx.weight_dtype = eps, x.shape, weight.dtype
         return y.view(x.shape)
