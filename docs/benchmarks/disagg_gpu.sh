@@ -6,7 +6,9 @@
 mkdir -p "$OUT"
 timeout 120 python3 -m pytest -q -m gpu tests/test_disagg.py 2>&1 | tail -5
 timeout 60 python3 -m seqpar.bench disagg --profile-cost-table "$OUT/disagg_cost_table.json" 2>&1 | tail -3
-TABLE=(); [ -s "$OUT/disagg_cost_table.json" ] && TABLE=(--cost-table "$OUT/disagg_cost_table.json")
+TABLE=()  # plan with the fitted per-task overhead when the profile produced one
+python3 -c "import json,sys; sys.exit(json.load(open('$OUT/disagg_cost_table.json'))['fitted_task_overhead_pairs'] is None)" \
+  2>/dev/null && TABLE=(--cost-table "$OUT/disagg_cost_table.json") && echo "planning with ${TABLE[1]}"
 timeout 150 torchrun --standalone --nproc_per_node 2 -m seqpar.bench disagg --tokens 65536 "${TABLE[@]}" \
   --out "$OUT/disagg_2gpu_64k.json" 2>&1 | grep -v Warning | tail -4
 timeout 120 torchrun --standalone --nproc_per_node 2 -m seqpar.bench disagg --tokens 131072 --mixes wlbllm prolong \

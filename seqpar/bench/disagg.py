@@ -248,7 +248,10 @@ def profile_cost_table(args, device) -> dict:
     table = {"what": "ms of one causal task (q_len queries = the last of kv_len keys), fwd+bwd, many per varlen call",
              "heads": args.heads, "kv_heads": args.kv_heads, "head_dim": args.head_dim, "dtype": str(args.dtype),
              "entries": entries, **_env(device)}
-    table["fitted_task_overhead_pairs"] = fit_task_overhead(table)
+    try:
+        table["fitted_task_overhead_pairs"] = fit_task_overhead(table)
+    except ValueError as e:  # keep the measurements; the planner then uses its default overhead
+        table["fitted_task_overhead_pairs"], table["fit_error"] = None, str(e)
     return table
 
 
