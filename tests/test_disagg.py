@@ -331,26 +331,35 @@ def test_overhead_from_two_places_is_refused(tmp_path):
 # ---- ping-pong: the two nano-batches ----
 
 @pytest.mark.parametrize("causal", [True, False])
-def test_nano_batches_cover_every_query_once_and_split_work(causal):
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_nano_batches_put_remote_work_between_local_halves(causal, layout):
     from seqpar.attention.disagg.routing import nano_batches
     rng = random.Random(7)
     bounds = _bounds([5000] + [rng.randint(1, 400) for _ in range(30)], 8)
-    p = plan(bounds, 4, causal=causal)
-    halves = nano_batches(p.tasks, 4, bounds, causal, 128)
-    covered = sorted((t.q_start, t.q_end, t.server) for h in halves for t in h)
+    owned = [local_ranges(bounds[-1], 4, r, layout) for r in range(4)]
+    p = plan(bounds, 4, causal=causal, layout=layout)
+    groups = nano_batches(p.tasks, 4, bounds, causal, 128, owned)
     pos = 0
-    for a, b, s in covered:
-        assert a == pos
-        pos = b
-    assert pos == bounds[-1]
+    for t in sorted((t for g in groups for t in g), key=lambda t: t.q_start):  # every query once
+        assert t.q_start == pos
+        pos = t.q_end
+    assert pos == bounds[-1] and len(groups) == 4, "this mix has local and remote work on every server"
     doc_end = dict(zip(bounds, bounds[1:]))
+    work = lambda t: pairs(t.q_start, t.q_end, t.kv_start, None if causal else doc_end[t.kv_start])
+    held = lambda s, x: any(a <= x < b for a, b in owned[s])
+    for gi, g in enumerate(groups):
+        for t in g:
+            assert any(u.server == t.server and u.owner == t.owner and u.kv_start == t.kv_start
+                       and u.q_start <= t.q_start and t.q_end <= u.q_end for u in p.tasks), t  # a piece, never moved
+            end = t.q_end if causal else doc_end[t.kv_start]
+            local = t.server == t.owner and all(held(t.server, x) for x in range(t.kv_start, end))
+            assert local == (gi in (0, 3)), (gi, t)
     for s in range(4):
-        work = [sum(pairs(t.q_start, t.q_end, t.kv_start, None if causal else doc_end[t.kv_start])
-                    for t in h if t.server == s) for h in halves]
-        for t in (t for h in halves for t in h if t.server == s):  # pieces of the plan's tasks, never moved
-            assert any(u.server == s and u.owner == t.owner and u.kv_start == t.kv_start
-                       and u.q_start <= t.q_start and t.q_end <= u.q_end for u in p.tasks), t
-        assert min(work) > 0.3 * max(work), (s, work)  # each half has work to overlap with the other
+        for a, b in ((0, 3), (1, 2)):
+            wa, wb = (sum(work(t) for t in groups[i] if t.server == s) for i in (a, b))
+            pair = [t for i in (a, b) for t in groups[i] if t.server == s]
+            if len(pair) > 1 or (pair and pair[0].q_end - pair[0].q_start >= 2 * 128):  # else nothing to split
+                assert min(wa, wb) > 0.3 * max(wa, wb), (s, a, b, wa, wb)
 
 
 # ---- the benchmark's CPU smoke form ----

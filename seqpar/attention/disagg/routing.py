@@ -22,6 +22,7 @@ class Route:
     task_kv: tuple       # rows of the received key/value buffer, per task in order (may repeat)
     cu_q: list           # the server's varlen boundaries over its tasks
     cu_k: list
+    collective: bool = True  # False: no rank sends anything to another in this (nano-batch of the) plan
 
     def sent_rows(self, q_row: int, kv_row: int) -> int:
         """Bytes this rank sends to other ranks in forward plus backward (Q/dQ out, O/dO back,
@@ -98,30 +99,45 @@ def route(tasks: list[Task], bounds, owned, rank: int, causal: bool) -> Route:
             a, i = stop, i + 1
         cu_q.append(cu_q[-1] + t.q_end - t.q_start)
         cu_k.append(cu_k[-1] + key_end(t) - t.kv_start)
+    collective = any(t.server != t.owner for t in tasks) or any(r != s for s in range(world) for _, _, r, _ in needed[s])
     return Route(rank, tuple(_merge(q_send)), q_send_splits, q_recv_splits, tuple(_merge(kv_send)), kv_send_splits,
-                 kv_recv_splits, tuple(_merge(task_kv)), cu_q, cu_k)
+                 kv_recv_splits, tuple(_merge(task_kv)), cu_q, cu_k, collective)
 
 
-def nano_batches(tasks: list[Task], world: int, bounds, causal: bool, min_chunk: int) -> list[list[Task]]:
-    """Two task lists with about half of every server's work each. A task holding more than half
-    of its server's work is first cut in two pieces of equal work (when both stay >= min_chunk),
-    so that a server with one long document still has work to overlap with in each half."""
+def nano_batches(tasks: list[Task], world: int, bounds, causal: bool, min_chunk: int, owned) -> list[list[Task]]:
+    """The tasks in up to four nano-batches, run in this order: local work L1, remote work R1, R2,
+    local work L2. A task is local when its server holds its queries and every key it reads, so
+    it needs no transfer. The inputs of R1 and R2 travel while L1 (and R1) compute, their outputs
+    while R2 and L2 compute; with no local work this is plain ping-pong over R1/R2, with no remote
+    work there is no collective at all. Each pair splits every server's work in about equal
+    halves; a task holding more than half of it is first cut in two pieces of equal work (both
+    >= min_chunk), so a server with one long document still has something to overlap with."""
     doc_end = {bounds[i]: bounds[i + 1] for i in range(len(bounds) - 1)}
     cost = lambda t: pairs(t.q_start, t.q_end, t.kv_start, None if causal else doc_end[t.kv_start])
-    halves: list[list[Task]] = [[], []]
+    key_end = (lambda t: t.q_end) if causal else (lambda t: doc_end[t.kv_start])
+    held = lambda s, a, b: sum(max(0, min(b, y) - max(a, x)) for x, y in owned[s]) == b - a
+    local = lambda t: t.server == t.owner and held(t.server, t.kv_start, key_end(t))
+    groups: list[list[Task]] = [[], [], [], []]  # L1, R1, R2, L2
     for s in range(world):
         mine = [t for t in tasks if t.server == s]
-        total = sum(map(cost, mine))
-        big = max(mine, key=cost, default=None)
-        if big is not None and 2 * cost(big) > total and big.q_end - big.q_start >= 2 * min_chunk:
-            mine.remove(big)
-            mine += _halve(big, cost, min_chunk)
-        load = [0, 0]
-        for t in sorted(mine, key=lambda t: (-cost(t), t.q_start)):
-            h = 0 if load[0] <= load[1] else 1
-            halves[h].append(t)
-            load[h] += cost(t)
-    return [sorted(h, key=lambda t: (t.q_start, t.server)) for h in halves]
+        for first, second, part in ((0, 3, [t for t in mine if local(t)]), (1, 2, [t for t in mine if not local(t)])):
+            a, b = _split_work(part, cost, min_chunk)
+            groups[first] += a
+            groups[second] += b
+    return [sorted(g, key=lambda t: (t.q_start, t.server)) for g in groups if g]
+
+
+def _split_work(tasks: list[Task], cost, min_chunk) -> tuple[list[Task], list[Task]]:
+    total = sum(map(cost, tasks))
+    big = max(tasks, key=cost, default=None)
+    if big is not None and 2 * cost(big) > total and big.q_end - big.q_start >= 2 * min_chunk:
+        tasks = [t for t in tasks if t is not big] + _halve(big, cost, min_chunk)
+    halves, load = ([], []), [0, 0]
+    for t in sorted(tasks, key=lambda t: (-cost(t), t.q_start)):
+        h = 0 if load[0] <= load[1] else 1
+        halves[h].append(t)
+        load[h] += cost(t)
+    return halves
 
 
 def _halve(t: Task, cost, min_chunk) -> list[Task]:

@@ -70,7 +70,7 @@ def _plan_routes(bounds, seq_len, world, rank, layout, eps, min_chunk, causal, o
               for a, b in local_ranges(seq_len, world, r, layout)] for r in range(world)]
     p = plan_owned(list(bounds), owned, eps=eps, min_chunk=min_chunk, causal=causal, overhead=overhead,
                    row_bytes=row_bytes)
-    groups = nano_batches(p.tasks, world, bounds, causal, min_chunk) if ping_pong and world > 1 else [p.tasks]
+    groups = nano_batches(p.tasks, world, bounds, causal, min_chunk, owned) if ping_pong and world > 1 else [p.tasks]
     routes = tuple(route(ts, bounds, owned, rank, causal) for ts in groups)
     info = {"imbalance_before": p.initial_imbalance, "imbalance_after": p.imbalance, "tasks": len(p.tasks),
             "plan_ms": (time.perf_counter() - t0) * 1e3}
@@ -85,9 +85,11 @@ def _index(segs, device) -> torch.Tensor:
     return torch.cat([torch.arange(s, s + n) for s, n in segs]).to(device)
 
 
-def _all_to_all(x, send_splits, recv_splits, group):
-    """Asynchronous all_to_all_single: (output, work or None); wait on work before reading."""
-    if len(send_splits) == 1:
+def _all_to_all(x, send_splits, recv_splits, group, collective=True):
+    """Asynchronous all_to_all_single: (output, work or None); wait on work before reading.
+    Without a collective (`collective` False on every rank alike), x is what this rank sends
+    itself, already in the receiver's order."""
+    if len(send_splits) == 1 or not collective:
         return x, None
     out = x.new_empty((sum(recv_splits), *x.shape[1:]))
     work = dist.all_to_all_single(out, x.contiguous(), output_split_sizes=list(recv_splits),
@@ -114,6 +116,18 @@ class _Nano:
         self.q_idx, self.kv_idx, self.task_idx = (_index(s, device) for s in (r.q_send, r.kv_send, r.task_kv))
         self.cu_q, self.cu_k = (torch.tensor(c, dtype=torch.int32, device=device) for c in (r.cu_q, r.cu_k))
 
+    def q_to_servers(self, x, group):
+        return _all_to_all(x, self.r.q_send_splits, self.r.q_recv_splits, group, self.r.collective)
+
+    def kv_to_servers(self, x, group):
+        return _all_to_all(x, self.r.kv_send_splits, self.r.kv_recv_splits, group, self.r.collective)
+
+    def q_to_owners(self, x, group):
+        return _all_to_all(x, self.r.q_recv_splits, self.r.q_send_splits, group, self.r.collective)
+
+    def kv_to_owners(self, x, group):
+        return _all_to_all(x, self.r.kv_recv_splits, self.r.kv_send_splits, group, self.r.collective)
+
 
 class _DisaggAttention(torch.autograd.Function):
     @staticmethod
@@ -125,8 +139,8 @@ class _DisaggAttention(torch.autograd.Function):
         kv = torch.cat([k.reshape(n, -1), v.reshape(n, -1).to(k.dtype)], dim=1)
         inbound = []
         for nb in nanos:  # every input transfer issued up front: the later ones travel during compute
-            q_srv, wq = _all_to_all(q.index_select(0, nb.q_idx), nb.r.q_send_splits, nb.r.q_recv_splits, group)
-            kv_srv, wkv = _all_to_all(kv.index_select(0, nb.kv_idx), nb.r.kv_send_splits, nb.r.kv_recv_splits, group)
+            q_srv, wq = nb.q_to_servers(q.index_select(0, nb.q_idx), group)
+            kv_srv, wkv = nb.kv_to_servers(kv.index_select(0, nb.kv_idx), group)
             inbound.append((q_srv, kv_srv, wq, wkv))
         outbound, saved = [], []
         for nb, (q_srv, kv_srv, wq, wkv) in zip(nanos, inbound):
@@ -140,7 +154,7 @@ class _DisaggAttention(torch.autograd.Function):
                 o_srv = o_srv[0]
             else:  # a server without tasks still takes part in every all-to-all
                 o_srv, lse = q.new_zeros(0, q.shape[1], dv), q.new_zeros(1, q.shape[1], 0)
-            outbound.append(_all_to_all(o_srv, nb.r.q_recv_splits, nb.r.q_send_splits, group))
+            outbound.append(nb.q_to_owners(o_srv, group))
             saved += [q_srv, k_task, v_task, o_srv, lse]
         out = q.new_empty(n, q.shape[1], dv)
         for nb, (o_back, work) in zip(nanos, outbound):
@@ -156,7 +170,7 @@ class _DisaggAttention(torch.autograd.Function):
         saved, nanos, group, n = ctx.saved_tensors, ctx.nanos, ctx.group, ctx.n
         hkv, dk, dv, width, k_dtype, v_dtype = ctx.shapes
         dout = dout.contiguous()
-        inbound = [_all_to_all(dout.index_select(0, nb.q_idx), nb.r.q_send_splits, nb.r.q_recv_splits, group)
+        inbound = [nb.q_to_servers(dout.index_select(0, nb.q_idx), group)
                    for nb in nanos]
         outbound = []
         for i, (nb, (do_srv, work)) in enumerate(zip(nanos, inbound)):
@@ -174,8 +188,8 @@ class _DisaggAttention(torch.autograd.Function):
                 dkv_task = k_task.new_zeros(0, width)
             # a key row read by several tasks of this server: its gradients summed here, sent once
             dkv_srv = dkv_task.new_zeros(sum(nb.r.kv_recv_splits), width).index_add_(0, nb.task_idx, dkv_task)
-            outbound.append((_all_to_all(dq_srv, nb.r.q_recv_splits, nb.r.q_send_splits, group),
-                             _all_to_all(dkv_srv, nb.r.kv_recv_splits, nb.r.kv_send_splits, group)))
+            outbound.append((nb.q_to_owners(dq_srv, group),
+                             nb.kv_to_owners(dkv_srv, group)))
         dq = dkv = None
         for nb, ((dq_back, wq), (dkv_back, wkv)) in zip(nanos, outbound):
             _wait(wq, wkv)
