@@ -134,7 +134,7 @@ class _DisaggParts:
     def comm(self):
         works = []
         wq, wkv = self.hq * self.d, self.hkv * 2 * self.d
-        for r in self.routes:  # forward: Q, K|V out, O back; backward: dO out, dQ and dK|dV back
+        for r in (r for r in self.routes if r.collective):  # fwd: Q, K|V out, O back; bwd: dO out, dQ, dK|dV back
             for send, recv, width in ((r.q_send_splits, r.q_recv_splits, wq), (r.kv_send_splits, r.kv_recv_splits, wkv),
                                       (r.q_recv_splits, r.q_send_splits, wq), (r.q_send_splits, r.q_recv_splits, wq),
                                       (r.q_recv_splits, r.q_send_splits, wq), (r.kv_recv_splits, r.kv_send_splits, wkv)):
