@@ -69,6 +69,8 @@ def _check_forward_backward(ft, q, k, v, do, dtype, tol, **kw):
 
 @interp_only
 def test_interp_dense_rows_gqa_and_unequal_lengths():
+    import triton
+
     from seqpar.kernels.flash_attn import triton as ft
 
     # (B, Sq, Sk, Hq, Hkv, D, causal): GQA 4/2 and 2/1, Sq > Sk (first rows see nothing), Sq < Sk,
@@ -77,6 +79,18 @@ def test_interp_dense_rows_gqa_and_unequal_lengths():
                                                          (2, 37, 90, 2, 1, 16, True), (1, 50, 33, 2, 2, 16, False)]):
         q, k, v, do = _inputs(B, Sq, Sk, Hq, Hkv, D, seed=i)
         _check_forward_backward(ft, q, k, v, do, torch.float32, 2e-5, causal=causal, softmax_scale=0.3)
+    # the dk/dv kernel's other loop structure (one loop that always masks; the GPU's untuned pick)
+    split, = ft._attn_bwd_dkdv.configs
+    ft._attn_bwd_dkdv.configs = [triton.Config({**split.kwargs, "SPLIT": False}, num_warps=4, num_stages=1)]
+    try:
+        q, k, v, do = _inputs(1, 75, 41, 4, 2, 16, seed=9)
+        _check_forward_backward(ft, q, k, v, do, torch.float32, 2e-5, causal=True)
+        lens = [1, 33, 70, 5]
+        q, k, v, do = _inputs(1, 109, 109, 2, 1, 16, seed=10)
+        _check_forward_backward(ft, q, k, v, do, torch.float32, 2e-5, causal=True, cu_seqlens_q=_cu(lens),
+                                cu_seqlens_k=_cu(lens))
+    finally:
+        ft._attn_bwd_dkdv.configs = [split]
 
 
 @interp_only

@@ -35,6 +35,9 @@ import triton.language as tl
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
+# what kernels may read of module globals: constexprs only
+_LOG2E_C = tl.constexpr(LOG2E)
+_LN2_C = tl.constexpr(LN2)
 
 
 def _interpreting() -> bool:
@@ -42,23 +45,24 @@ def _interpreting() -> bool:
 
 
 def table_blocks(head_dim: int) -> tuple[int, int]:
-    """(query tile, key tile) of packed documents: fixed per head dim since the tile table is built
-    before the launch. Dense rows let the autotuner pick the owned block too. The key tile of the
-    dk/dv kernel holds k, v, dk, dv live: 64 rows at D = 128 keeps that within the registers."""
+    """(query tile, key tile) of packed documents, fixed since the tile table is built before the
+    launch (dense rows let the autotuner pick the owned block too). The dk/dv kernel holds k, v,
+    dk, dv of its key tile live: 64 keys keep that within the registers at D = 128."""
     if _interpreting():
         return 32, 32
-    return 128, (128 if head_dim <= 64 else 64)
+    return _FWD_OPTIONS[0][0], _DKDV_OPTIONS[0][0]
 
 
-def _configs(own, inner, options):
+def _configs(own, inner, options, extra=()):
     """Configs over (owned block, inner block, warps, stages); one small one in the interpreter.
     SEQPAR_FLASH_TUNE=0 (read at import) keeps only the first of each list: tests that compile many
     variants then skip the tuning runs."""
     if _interpreting():
-        return [triton.Config({own: 32, inner: 16}, num_warps=4, num_stages=1)]
+        return [triton.Config({own: 32, inner: 16, **{name: True for name in extra}}, num_warps=4, num_stages=1)]
     if os.environ.get("SEQPAR_FLASH_TUNE", "1") == "0":
         options = options[:1]
-    return [triton.Config({own: a, inner: b}, num_warps=w, num_stages=s) for a, b, w, s in options]
+    return [triton.Config({own: a, inner: b, **dict(zip(extra, rest))}, num_warps=w, num_stages=s)
+            for a, b, w, s, *rest in options]
 
 
 def _prune_for(own):
@@ -75,10 +79,16 @@ def _prune_for(own):
 
 
 _KEY = ["HEAD_DIM", "CAUSAL", "VARLEN", "LEN_BUCKET"]
-_FWD_OPTIONS = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2),
-                (64, 64, 4, 3)]
-_DQ_OPTIONS = [(128, 64, 8, 3), (128, 32, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3)]
-_DKDV_OPTIONS = [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 128, 8, 2), (64, 32, 4, 3)]
+# The first option of each list owns the tile table's block (table_blocks): Triton's autotuner
+# skips the prune when it holds one config (SEQPAR_FLASH_TUNE=0) and runs the first.
+# (owned block, inner block, warps, stages): spill-free at D = 128 on sm_90 (ptxas of triton 3.9,
+# checked offline) but the last forward one, there for D = 64 (128-wide inner blocks spill at 128).
+_FWD_OPTIONS = [(128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3), (128, 64, 8, 2), (128, 128, 8, 3)]
+_DQ_OPTIONS = [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3)]
+# dk/dv: (owned key block, inner query block, warps, stages, SPLIT); the first is the untuned pick
+_DKDV_OPTIONS = [(64, 64, 8, 3, False), (64, 32, 4, 3, False), (128, 64, 8, 3, False), (64, 64, 8, 3, True),
+                 (128, 32, 4, 3, False), (128, 64, 8, 2, True)]
+assert _DQ_OPTIONS[0][0] == _FWD_OPTIONS[0][0], "dq and the forward share the query tile table"
 
 
 @triton.jit
@@ -182,7 +192,7 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, tiles_ptr, cu_q_ptr, cu_k_p
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * LN2)
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * _LN2_C)
     o_ptrs = out_ptr + b * sob + h * soh + rows[:, None] * sos + offs_d[None, :]
     l_ptrs = lse_ptr + b * slb + h * slh + rows * sls
     if MERGE:
@@ -221,22 +231,27 @@ def _bwd_prep(out_ptr, do_ptr, lse_ptr, dlse_ptr, delta_ptr, lse2_ptr, S, H,
     if HAS_DLSE:
         delta -= tl.load(dlse_ptr + b * sgb + h * sgh + r64 * sgs, mask=rmask, other=0.0).to(tl.float32)
     lse = tl.load(lse_ptr + b * slb + h * slh + r64 * sls, mask=rmask, other=0.0).to(tl.float32)
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E_C)
     dst = (b * H + h) * S + r64
     tl.store(delta_ptr + dst, delta, mask=rmask)
     tl.store(lse2_ptr + dst, lse2, mask=rmask)
 
 
 @triton.jit
-def _dkdv_block(dk, dv, k, v, q_base, do_base, lse2_base, delta_base, sqs, sds, m0, offs_m, offs_n, offs_d, Lq,
-                diag, qk_scale, MASK: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
+def _dkdv_block(dk, dv, k, v, q_ptr, do_ptr, lse2_ptr, delta_ptr, b, h, q0, Hq, Sq, sqb, sqh, sqs, sdb, sdh, sds,
+                m0, offs_m, offs_n, offs_d, Lq, diag, qk_scale,
+                MASK: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
     rows = m0 + offs_m
     rmask = rows < Lq
-    r64 = rows.to(tl.int64)
-    q = tl.load(q_base + r64[:, None] * sqs + offs_d[None, :], mask=rmask[:, None], other=0.0).to(DOT)
-    do = tl.load(do_base + r64[:, None] * sds + offs_d[None, :], mask=rmask[:, None], other=0.0).to(DOT)
-    lse2 = tl.load(lse2_base + rows, mask=rmask, other=float("inf"))
-    delta = tl.load(delta_base + rows, mask=rmask, other=0.0)
+    # 64-bit scalar bases, 32-bit offsets inside the block: fewer live registers than 64-bit tiles
+    first = (q0 + m0).to(tl.int64)
+    q = tl.load(q_ptr + b * sqb + h * sqh + first * sqs + offs_m[:, None] * sqs + offs_d[None, :],
+                mask=rmask[:, None], other=0.0).to(DOT)
+    do = tl.load(do_ptr + b * sdb + h * sdh + first * sds + offs_m[:, None] * sds + offs_d[None, :],
+                 mask=rmask[:, None], other=0.0).to(DOT)
+    stats = (b * Hq + h) * Sq + first
+    lse2 = tl.load(lse2_ptr + stats + offs_m, mask=rmask, other=float("inf"))
+    delta = tl.load(delta_ptr + stats + offs_m, mask=rmask, other=0.0)
     # transposed scores [keys, rows]: dk and dv come out of dots without a transpose of the result
     st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
     pt = tl.exp2(st - lse2[None, :])
@@ -249,14 +264,15 @@ def _dkdv_block(dk, dv, k, v, q_base, do_base, lse2_base, delta_base, sqs, sds, 
     return dk, dv
 
 
-@triton.autotune(configs=_configs("BLOCK_N", "BLOCK_M", [(n, m, w, s) for m, n, w, s in _DKDV_OPTIONS]),
+@triton.autotune(configs=_configs("BLOCK_N", "BLOCK_M", _DKDV_OPTIONS, extra=("SPLIT",)),
                  key=_KEY, prune_configs_by={"early_config_prune": _prune_for("BLOCK_N")})
 @triton.jit
 def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse2_ptr, delta_ptr, dk_ptr, dv_ptr, tiles_ptr, cu_q_ptr, cu_k_ptr,
                    sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sdb, sds, sdh, sdkb, sdks, sdkh, sdvb, sdvs, sdvh,
                    Sq, Sk, Hq, group, qk_scale, sm_scale, LEN_BUCKET,
                    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
-                   DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   SPLIT: tl.constexpr):
     hk = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     q0, k0, Lq, Lk, n0 = _tile(tiles_ptr, cu_q_ptr, cu_k_ptr, Sq, Sk, BLOCK_N, False, CAUSAL, VARLEN)
@@ -281,20 +297,31 @@ def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse2_ptr, delta_ptr, dk_ptr, dv_
         lo = tl.minimum(lo, Lq)
         mid = tl.minimum(mid, Lq)
     else:
-        lo = 0
-        mid = 0
-    for g in range(0, group):
-        h = hk * group + g
-        q_base = q_ptr + b * sqb + h * sqh + q0.to(tl.int64) * sqs
-        do_base = do_ptr + b * sdb + h * sdh + q0.to(tl.int64) * sds
-        lse2_base = lse2_ptr + (b * Hq + h) * Sq + q0
-        delta_base = delta_ptr + (b * Hq + h) * Sq + q0
-        for m0 in range(lo, mid, BLOCK_M):
-            dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, lse2_base, delta_base, sqs, sds, m0, offs_m, offs_n,
-                                 offs_d, Lq, diag, qk_scale, True, DOT, PRECISION)
-        for m0 in range(mid, Lq, BLOCK_M):
-            dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, lse2_base, delta_base, sqs, sds, m0, offs_m, offs_n,
-                                 offs_d, Lq, diag, qk_scale, False, DOT, PRECISION)
+        lo = Lq * 0
+        mid = lo
+    # One flat loop per region over (query head of the group, row block): nested loops cost
+    # ~40 registers of pipelining state, which at D = 128 tips the kernel into spills.
+    # Flat loops over (query head of the group, row block): nested loops cost ~40 registers of
+    # pipelining state. SPLIT: mask-free blocks in a loop of their own (less math, more registers:
+    # at D = 128 it spills unless the tiles are small), else one loop that always masks.
+    if SPLIT:
+        n_masked = tl.cdiv(mid - lo, BLOCK_M)
+        n_full = tl.cdiv(Lq - mid, BLOCK_M)
+    else:
+        n_masked = tl.cdiv(Lq - lo, BLOCK_M)
+        n_full = n_masked * 0
+    for it in range(0, group * n_masked):
+        g = it // n_masked
+        m0 = lo + (it - g * n_masked) * BLOCK_M
+        dk, dv = _dkdv_block(dk, dv, k, v, q_ptr, do_ptr, lse2_ptr, delta_ptr, b, hk * group + g, q0, Hq, Sq,
+                             sqb, sqh, sqs, sdb, sdh, sds, m0, offs_m, offs_n, offs_d, Lq, diag, qk_scale,
+                             CAUSAL, DOT, PRECISION)
+    for it in range(0, group * n_full):
+        g = it // n_full
+        m0 = mid + (it - g * n_full) * BLOCK_M
+        dk, dv = _dkdv_block(dk, dv, k, v, q_ptr, do_ptr, lse2_ptr, delta_ptr, b, hk * group + g, q0, Hq, Sq,
+                             sqb, sqh, sqs, sdb, sdh, sds, m0, offs_m, offs_n, offs_d, Lq, diag, qk_scale,
+                             False, DOT, PRECISION)
     tl.store(dk_ptr + b * sdkb + hk * sdkh + keys[:, None] * sdks + offs_d[None, :],
              (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=kmask[:, None])
     tl.store(dv_ptr + b * sdvb + hk * sdvh + keys[:, None] * sdvs + offs_d[None, :],
