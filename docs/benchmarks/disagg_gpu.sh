@@ -4,7 +4,7 @@
 # table on one GPU, then the benchmark (disagg vs ring vs per-document CP vs no rebalancing, ping-pong
 # on/off) at 64k and 128k tokens per GPU on the wlbllm / prolong / lognormal mixes.
 mkdir -p "$OUT"
-timeout 120 python3 -m pytest -q -m gpu tests/test_disagg.py 2>&1 | tail -5
+SEQPAR_FLASH_TUNE=0 timeout 120 python3 -m pytest -q -m gpu tests/test_disagg.py 2>&1 | tail -5
 timeout 60 python3 -m seqpar.bench disagg --profile-cost-table "$OUT/disagg_cost_table.json" 2>&1 | tail -3
 TABLE=()  # plan with the fitted per-task overhead when the profile produced one
 python3 -c "import json,sys; sys.exit(json.load(open('$OUT/disagg_cost_table.json'))['fitted_task_overhead_pairs'] is None)" \

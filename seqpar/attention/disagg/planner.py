@@ -226,7 +226,8 @@ def _best_move(model: _Model, tasks, lo_tasks, lo, load_hi, load_lo, mean, min_c
             best_good = max(best_good, good)
     if not scored:
         return None
-    # fewest bytes per good (cross-multiplied: exact on integers), then more good, fewer tasks
+    # fewest bytes per good (compared cross-multiplied, so 0 bytes needs no special case), then
+    # more good, then fewer tasks, then the task order: deterministic on every rank
     pick = min((s for s in scored if 2 * s[0] >= best_good),
                key=lambda s: (_Ratio(s[1], s[0]), -s[0], s[2], s[3]))
     return pick[3], pick[4], pick[5]
