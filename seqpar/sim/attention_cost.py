@@ -128,6 +128,29 @@ def allgather_layer(calib, cluster, rows, world, heads, kv_heads, head_dim, grou
     return compute + comm, comm, compute
 
 
+def perdoc_layer(calib, cluster, rows, world, heads, kv_heads, head_dim, group, family="cudnn", act=2):
+    """Per-document context parallelism (Llama 3's CP, WLB-LLM's baseline): every document cut into
+    2N chunks, rank r keeping chunks r and 2N-1-r (balanced causal work), K/V all-gathered forward
+    and dK/dV reduce-scattered backward, exposed. Short documents become many small kernel pieces."""
+    compute = comm = 0.0
+    for bounds in rows:
+        per_rank = [[] for _ in range(world)]
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            n = b - a
+            size = max(1, n // (2 * world))
+            for r in range(world):
+                for c in (r, 2 * world - 1 - r):
+                    s, e = c * size, (n if c == 2 * world - 1 else (c + 1) * size)
+                    if e > s:
+                        per_rank[r].append((e - s, e))
+        times = [attn_seconds(calib, [AttnCall(tuple(segs), True)], heads, head_dim, family) for segs in per_rank]
+        compute += max(times)
+        kv_all = 2 * bounds[-1] * kv_heads * head_dim * act
+        comm += collective_time("all_gather", kv_all, group, cluster, calib.comm) + \
+            collective_time("reduce_scatter", kv_all, group, cluster, calib.comm)
+    return compute + comm, comm, compute
+
+
 def disagg_layer(calib, cluster, rows, world, heads, kv_heads, head_dim, group, family="cudnn", act=2,
                  overlap=False):
     from seqpar.attention.disagg import plan
@@ -147,9 +170,11 @@ def disagg_layer(calib, cluster, rows, world, heads, kv_heads, head_dim, group, 
         # queries out and outputs back forward, dO out and dQ back backward; K/V rows travel with
         # their queries (once per server) and dK/dV back: about one K/V row per moved query row
         rows_out = max(moved_q)
-        q_bytes = rows_out * heads * head_dim * act * world  # a2a buffer: the rank's share times the group
-        kv_bytes = rows_out * 2 * kv_heads * head_dim * act * world
-        a2a = lambda nbytes: collective_time("all_to_all", nbytes, group, cluster, calib.comm)
+        q_bytes = rows_out * heads * head_dim * act
+        kv_bytes = rows_out * 2 * kv_heads * head_dim * act
+        # every moved row leaves its rank: the all-to-all's (n-1)/n on-rank share does not apply
+        a2a = lambda nbytes: collective_time("all_to_all", nbytes * world / max(1, world - 1), group, cluster,
+                                             calib.comm)
         comm += 4 * a2a(q_bytes) + 2 * a2a(kv_bytes)
     if overlap:
         total = overlapped(compute, comm, calib.overlap_tax)
@@ -165,6 +190,13 @@ def lasp_layer(calib, cluster, rows, world, heads, head_dim, group, method="lasp
         return kernel, 0.0, kernel
     extra = calib.lasp_call_s + calib.lasp_token_s * local
     state = heads * head_dim * head_dim * 4  # one fp32 state per head
+    if method == "ring":
+        # ring attention applied to linear layers (LASP-2's baseline): K/V travel instead of states;
+        # each visiting chunk costs its state (k^T v) and its readout (q S): half the kernel's passes
+        shard = 2 * local * heads * head_dim * 2
+        transfer = 3 * collective_time("send_recv", shard, group, cluster, calib.comm) * len(rows)
+        total = kernel + (world - 1) * overlapped(kernel / 2, transfer, calib.overlap_tax)
+        return total, total - kernel * (1 + (world - 1) / 2), kernel * (1 + (world - 1) / 2)
     if method == "lasp1":
         comm = 2 * (world - 1) * collective_time("send_recv", state, group, cluster, calib.comm)
     else:

@@ -2,9 +2,9 @@
 
 Per micro-batch and pipeline stage, each layer costs its matmuls + element-wise passes + attention
 (by method, `attention_cost`) + tensor-parallel collectives (Megatron-SP: two all-gathers and two
-reduce-scatters of the activations forward, the same backward; exposed). A layer never takes less
-than the host's time to launch it (`layer_overhead_s`: eager mode launches every kernel from
-Python; small models are launch-bound). The step is then
+reduce-scatters of the activations forward, the same backward; exposed). A stage never runs faster
+than the host launches its layers (`layer_overhead_s` per layer and micro-batch: eager mode
+launches every kernel from Python, ahead of the GPU; small models are launch-bound). The step is then
 
     n_micro stage times x (1 + (pp - 1) / (v * n_micro))      1F1B (v = 1) or interleaved bubble
     + pipeline sends, + FSDP gathers / reduce-scatters not hidden behind compute, + AdamW.
@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import copy
 
-from seqpar.sim.attention_cost import (allgather_layer, disagg_layer, lasp_layer, ring_layer, ulysses_layer,
-                                       usp_groups)
+from seqpar.sim.attention_cost import (allgather_layer, disagg_layer, lasp_layer, perdoc_layer, ring_layer,
+                                       ulysses_layer, usp_groups)
 from seqpar.sim.comm import collective_time, group_of, overlapped, placed
 from seqpar.sim.compute import elementwise_bytes_per_token, loss_bytes_per_token, matmul_time
 
@@ -80,6 +80,8 @@ def _attention(kind, cfg, calib, cluster, sizes, rows, tokens_rank, family):
         return ulysses_layer(*args)
     if method == "allgather":
         return allgather_layer(*args, layout=p.layout)
+    if method == "perdoc":
+        return perdoc_layer(*args)
     if method in ("disagg", "disagg_overlap"):
         return disagg_layer(*args, overlap=method == "disagg_overlap")
     if method == "usp":
@@ -89,7 +91,8 @@ def _attention(kind, cfg, calib, cluster, sizes, rows, tokens_rank, family):
         _, a2a, _ = ulysses_layer(calib, cluster, [(0, b[-1] * u // cp) for b in rows], u, H, Hkv, D, ug, family)
         t, exposed, compute = ring_layer(calib, cluster, rows, cp // u, H // u, max(1, Hkv // u), D, rg, family)
         return t + a2a, exposed + a2a, compute
-    raise LayoutError(f"parallel.softmax_sp={method!r}: the simulator models ring, ulysses, usp, allgather, disagg")
+    raise LayoutError(f"parallel.softmax_sp={method!r}: the simulator models ring, ulysses, usp, allgather, disagg "
+                      "(and, for comparisons, perdoc and disagg_overlap)")
 
 
 def predict_step(cfg, world: int, cluster, calib, *, family: str = "cudnn", virtual_stages: int = 1,
@@ -138,7 +141,7 @@ def predict_step(cfg, world: int, cluster, calib, *, family: str = "cudnn", virt
         else:
             recompute = 0.0
         gpu = mm + ew + attn + tp_comm + recompute
-        layer[kind] = dict(total=max(gpu, calib.layer_overhead_s), matmul=mm, elementwise=ew, attention=attn,
+        layer[kind] = dict(total=gpu, matmul=mm, elementwise=ew, attention=attn,
                            attention_comm_exposed=attn_exposed, tp_comm=tp_comm, recompute=recompute)
 
     stages = stage_layers(m, par, S) if pp > 1 else [list(range(m.n_layers))]
@@ -152,6 +155,9 @@ def predict_step(cfg, world: int, cluster, calib, *, family: str = "cudnn", virt
         stage_times.append(st)
     stage = max(stage_times)
     bubble = (pp - 1) / (virtual_stages * n_micro)
+    # the host launches ahead of the GPU; it sets the pace only when it is slower than the GPU work
+    host = n_micro * max(len(layers) for layers in stages) * calib.layer_overhead_s
+    stage = max(stage, host / n_micro)
     pipeline = n_micro * stage * (1 + bubble)
     p2p = 0.0
     if pp > 1:

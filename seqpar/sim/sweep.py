@@ -1,0 +1,188 @@
+"""`python -m seqpar.sim sweep --out DIR`: the published scaling trends, predicted, beside the papers' figures.
+
+1. DistCA (core-attention disaggregation) over per-document context parallelism, Llama-8B shape,
+   document mixes of ../shared/data/doc_lengths (WLB-LLM's pretrain mix, ProLong), 16-512 H200,
+   without and with pipeline parallelism. Per-document CP keeps each data-parallel rank's rows to
+   itself: the step waits for the rank whose documents cost most. DistCA pools the attention of
+   all rows over all dp x cp servers (the planner), with its all-to-alls hidden by the ping-pong
+   schedule. Published: 1.07-1.20x without PP, 1.10-1.35x with PP (the issue's figures).
+2. LASP-2 against ring attention on a linear-attention 1B model at 64 GPUs, 32k to 2048k tokens.
+   Published: LASP-2 +36.6% throughput over ring attention at 2048k.
+3. Ring vs Ulysses vs USP (Ulysses inside a node, ring across) for Llama-8B from 8 to 64 GPUs
+   and 128k to 1M tokens: where each wins.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from seqpar.sim.calibrate import calibrate
+from seqpar.sim.cluster import load_cluster
+from seqpar.sim.configs import as_plain, compose
+from seqpar.sim.step import predict_step, row_documents
+
+DOC_LENGTHS = Path(os.environ.get("SEQPAR_DOC_LENGTHS", Path(__file__).resolve().parents[3] / "shared" / "data" / "doc_lengths"))
+
+
+def _cfg(*overrides):
+    return as_plain(compose(list(overrides)))
+
+
+def _rows(mix: str, length: int, n: int, seed: int = 0) -> list[tuple[int, ...]]:
+    path = DOC_LENGTHS / f"{mix}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: the document-length mix is not here (SEQPAR_DOC_LENGTHS=DIR points elsewhere)")
+    cfg = _cfg("data=synthetic", f"data.seq_len={length}", "data.distribution=file", f"data.lengths_file={path}",
+               f"data.max_len={length}", f"data.seed={seed}")
+    return row_documents(cfg, n)
+
+
+def distca(cluster, calib, *, gpus=(16, 64, 256, 512), lengths=(131072, 262144, 524288),
+           mixes=("wlbllm", "prolong"), pp_options=(1, 4), tp=8, cp_max=4) -> list[dict]:
+    out = []
+    for mix in mixes:
+        for pp in pp_options:
+            for n in gpus:
+                cp = min(cp_max, n // (tp * pp))
+                dp = n // (tp * cp * pp) if cp else 0
+                if dp < 1:
+                    continue
+                n_micro = 2 * pp if pp > 1 else 1
+                for length in lengths:
+                    rows = _rows(mix, length, dp * n_micro)
+                    base = _cfg("model=llama_8b", "data=synthetic", f"data.seq_len={length}", f"parallel.tp={tp}",
+                                f"parallel.cp={cp}", f"parallel.pp={pp}", f"parallel.dp={dp}",
+                                f"train.global_batch_size={dp * n_micro}", "train.micro_batch_size=1",
+                                "train.activation_checkpointing=full")
+                    base.parallel.softmax_sp = "perdoc"
+                    # one row per micro-batch: each dp rank's step is its rows' 1F1B schedule
+                    t_row = [predict_step(base, n, cluster, calib, doc_bounds=[r])["step_s"] / n_micro for r in rows]
+                    per_rank = [t_row[i * n_micro:(i + 1) * n_micro] for i in range(dp)]
+                    idle = (pp - 1) / pp  # 1F1B: (pp - 1) stage slots of the slowest micro-batch
+                    baseline = max(sum(ts) / (1 + (pp - 1) / n_micro) + idle * max(ts) for ts in per_rank) \
+                        if pp > 1 else max(sum(ts) for ts in per_rank)
+                    # DistCA: every micro-batch's attention over all dp x cp servers at once
+                    pooled = _cfg("model=llama_8b", "data=synthetic", f"data.seq_len={length * dp}",
+                                  f"parallel.tp={tp}", f"parallel.cp={cp * dp}", f"parallel.pp={pp}", "parallel.dp=1",
+                                  f"train.global_batch_size={n_micro}", "train.micro_batch_size=1",
+                                  "train.activation_checkpointing=full")
+                    pooled.parallel.softmax_sp = "disagg_overlap"
+                    t_pool = []
+                    for m in range(n_micro):
+                        merged, off = [0], 0
+                        for i in range(dp):
+                            r = rows[i * n_micro + m]
+                            merged += [off + x for x in r[1:]]
+                            off += r[-1]
+                        t_pool.append(predict_step(pooled, n, cluster, calib, doc_bounds=[tuple(merged)])["step_s"] / n_micro)
+                    ours = sum(t_pool) / (1 + (pp - 1) / n_micro) + (pp - 1) / pp * max(t_pool) if pp > 1 else sum(t_pool)
+                    out.append(dict(mix=mix, pp=pp, gpus=n, dp=dp, tp=tp, cp=cp, context=length,
+                                    perdoc_cp_s=round(baseline, 4), distca_s=round(ours, 4),
+                                    speedup=round(baseline / ours, 3)))
+    return out
+
+
+def lasp_vs_ring(cluster, calib, *, gpus=64, lengths=(32768, 131072, 524288, 2097152)) -> list[dict]:
+    out = []
+    for length in lengths:
+        res = {}
+        for method in ("lasp2", "lasp1", "ring"):
+            cfg = _cfg("model=hybrid_1b", "model.layer_pattern=L", "data=synthetic", f"data.seq_len={length}",
+                       "data.distribution=fixed", f"data.mean_len={length}", f"parallel.cp={gpus}", "parallel.dp=1",
+                       "parallel.layout=contiguous", "train=long", "train.activation_checkpointing=full")
+            cfg.parallel.linear_sp = method
+            res[method] = predict_step(cfg, gpus, cluster, calib)
+        tps = {k: v["tokens_per_s"] for k, v in res.items()}
+        out.append(dict(gpus=gpus, tokens=length, lasp2_tokens_s=round(tps["lasp2"]), lasp1_tokens_s=round(tps["lasp1"]),
+                        ring_tokens_s=round(tps["ring"]), lasp2_gain_over_ring=round(tps["lasp2"] / tps["ring"] - 1, 3),
+                        lasp2_gain_over_lasp1=round(tps["lasp2"] / tps["lasp1"] - 1, 3)))
+    return out
+
+
+def sp_crossover(cluster, calib, *, gpus=(8, 16, 32, 64), lengths=(131072, 524288, 1048576)) -> list[dict]:
+    out = []
+    for n in gpus:
+        for length in lengths:
+            row = dict(gpus=n, tokens=length)
+            for method in ("ring", "ulysses", "usp"):
+                o = ["model=llama_8b", "data=synthetic", f"data.seq_len={length}", "data.distribution=fixed",
+                     f"data.mean_len={length}", f"parallel.cp={n}", "parallel.dp=1", "train=long",
+                     "train.activation_checkpointing=full", f"parallel.softmax_sp={method}"]
+                if method == "usp":
+                    u = min(n, cluster.gpus_per_node)
+                    if u == n:
+                        row[method] = None  # one node: usp is Ulysses
+                        continue
+                    o.append(f"parallel.ulysses_degree={u}")
+                if method == "ulysses" and 32 % n:
+                    row[method] = None  # Ulysses splits 32 heads: at most 32 ranks
+                    continue
+                r = predict_step(_cfg(*o), n, cluster, calib)
+                row[method] = round(r["tokens_per_s"])
+            best = max((m for m in ("ring", "ulysses", "usp") if row.get(m)), key=lambda m: row[m])
+            row["best"] = best
+            out.append(row)
+    return out
+
+
+PUBLISHED = {
+    "distca": "DistCA (Zhuang et al., 2025): 1.07-1.20x over per-document CP without PP, 1.10-1.35x with PP, 16-512 H200",
+    "lasp": "LASP-2 (Sun et al., 2025, arXiv 2502.07563): +36.6% training speed over ring attention and +15.2% over LASP "
+            "at 2048k tokens on 64 GPUs, Linear-Llama3-1B",
+    "crossover": "USP (Fang & Zhao, 2024): Ulysses inside a node, ring across nodes; Ulysses is capped by the head count",
+}
+
+
+def markdown(name: str, rows: list[dict]) -> str:
+    if not rows:
+        return f"## {name}\n\n(no rows)\n"
+    keys = list(rows[0])
+    lines = [f"## {name}", "", PUBLISHED.get(name, ""), "", "| " + " | ".join(keys) + " |",
+             "|" + "---|" * len(keys)]
+    for r in rows:
+        lines.append("| " + " | ".join("-" if r.get(k) is None else f"{r[k]:,}" if isinstance(r[k], int) else str(r[k])
+                                       for k in keys) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(out_dir: Path, results: dict) -> list[str]:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("plots skipped: matplotlib is not installed (pip install matplotlib); the tables are written")
+        return []
+    files = []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for mix in sorted({r["mix"] for r in results["distca"]}):
+        for pp in sorted({r["pp"] for r in results["distca"]}):
+            rs = [r for r in results["distca"] if r["mix"] == mix and r["pp"] == pp and r["context"] == max(
+                x["context"] for x in results["distca"])]
+            ax.plot([r["gpus"] for r in rs], [r["speedup"] for r in rs], marker="o", label=f"{mix}, pp={pp}")
+    ax.axhspan(1.07, 1.20, alpha=0.15, label="DistCA paper, no PP")
+    ax.set_xscale("log", base=2); ax.set_xlabel("GPUs"); ax.set_ylabel("speedup over per-document CP"); ax.legend()
+    files.append(str(out_dir / "distca.png")); fig.savefig(files[-1], dpi=120); plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    rs = results["lasp"]
+    ax.plot([r["tokens"] for r in rs], [100 * r["lasp2_gain_over_ring"] for r in rs], marker="o", label="predicted")
+    ax.scatter([2097152], [36.6], color="red", label="LASP-2 paper")
+    ax.set_xscale("log", base=2); ax.set_xlabel("tokens"); ax.set_ylabel("LASP-2 gain over ring (%)"); ax.legend()
+    files.append(str(out_dir / "lasp_vs_ring.png")); fig.savefig(files[-1], dpi=120); plt.close(fig)
+    return files
+
+
+def main(out: str) -> int:
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    calib = calibrate()
+    h100, h200 = load_cluster("h100_8x400g"), load_cluster("h200_8x400g")
+    results = {"distca": distca(h200, calib), "lasp": lasp_vs_ring(h100, calib), "crossover": sp_crossover(h100, calib)}
+    text = "\n".join(markdown(k, v) for k, v in results.items())
+    (out_dir / "sweep.md").write_text(text)
+    (out_dir / "sweep.json").write_text(json.dumps({"published": PUBLISHED, **results}, indent=1))
+    print(text)
+    for f in plot(out_dir, results):
+        print("wrote", f)
+    return 0
