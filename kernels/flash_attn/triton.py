@@ -79,6 +79,8 @@ def _prune_for(own):
 
 
 _KEY = ["HEAD_DIM", "CAUSAL", "VARLEN", "LEN_BUCKET"]
+# token counts vary per batch: no compiled variant per divisibility of a length
+_LENGTHS = ["Sq", "Sk", "LEN_BUCKET"]
 # The first option of each list owns the tile table's block (table_blocks): Triton's autotuner
 # skips the prune when it holds one config (SEQPAR_FLASH_TUNE=0) and runs the first.
 # (owned block, inner block, warps, stages): spill-free at D = 128 on sm_90 (ptxas of triton 3.9,
@@ -150,7 +152,7 @@ def _fwd_block(acc, m_i, l_i, q, k_base, v_base, sks, svs, n0, offs_m, offs_n, o
 
 @triton.autotune(configs=_configs("BLOCK_M", "BLOCK_N", _FWD_OPTIONS), key=_KEY + ["MERGE"],
                  prune_configs_by={"early_config_prune": _prune_for("BLOCK_M")}, restore_value=["out_ptr", "lse_ptr"])
-@triton.jit
+@triton.jit(do_not_specialize=_LENGTHS)
 def _attn_fwd(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, tiles_ptr, cu_q_ptr, cu_k_ptr,
               sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sob, sos, soh, slb, slh, sls,
               Sq, Sk, group, qk_scale, LEN_BUCKET,
@@ -266,7 +268,7 @@ def _dkdv_block(dk, dv, k, v, q_ptr, do_ptr, lse2_ptr, delta_ptr, b, h, q0, Hq, 
 
 @triton.autotune(configs=_configs("BLOCK_N", "BLOCK_M", _DKDV_OPTIONS, extra=("SPLIT",)),
                  key=_KEY, prune_configs_by={"early_config_prune": _prune_for("BLOCK_N")})
-@triton.jit
+@triton.jit(do_not_specialize=_LENGTHS)
 def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse2_ptr, delta_ptr, dk_ptr, dv_ptr, tiles_ptr, cu_q_ptr, cu_k_ptr,
                    sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sdb, sds, sdh, sdkb, sdks, sdkh, sdvb, sdvs, sdvh,
                    Sq, Sk, Hq, group, qk_scale, sm_scale, LEN_BUCKET,
@@ -349,7 +351,7 @@ def _dq_block(dq, q, do, lse2, delta, k_base, v_base, sks, svs, n0, offs_m, offs
 
 @triton.autotune(configs=_configs("BLOCK_M", "BLOCK_N", _DQ_OPTIONS), key=_KEY,
                  prune_configs_by={"early_config_prune": _prune_for("BLOCK_M")})
-@triton.jit
+@triton.jit(do_not_specialize=_LENGTHS)
 def _attn_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse2_ptr, delta_ptr, dq_ptr, tiles_ptr, cu_q_ptr, cu_k_ptr,
                  sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sdb, sds, sdh, sdqb, sdqs, sdqh,
                  Sq, Sk, Hq, group, qk_scale, sm_scale, LEN_BUCKET,
