@@ -408,5 +408,7 @@ def calibrate(root: Path | None = None, exclude: tuple[str, ...] = (), cluster=N
     calib = fit_e2e(e2e_samples(found), calib, cluster, exclude)
     for k in ("attention", "linear", "lasp", "layer_overhead_s", "elementwise_factor"):
         calib.sources.setdefault(k, "default (no benchmark JSON found)")
+    repo = str(Path(__file__).resolve().parents[2]) + os.sep
+    calib.sources = {k: v.replace(repo, "") for k, v in calib.sources.items()}
     _CACHE[key] = calib
     return calib
