@@ -1,35 +1,77 @@
 """Per-step numbers of core-attention disaggregation, for the training loop's log line (`sp/`
 keys): every `disagg_attention` call records its plan's modelled imbalance before and after
 planning, its task count, planning time (plans are cached, so only new boundaries cost) and the
-bytes this rank sends to other ranks in forward and backward. `step_metrics()` returns the
-step's summary and starts the next step."""
+bytes this rank sends to other ranks in forward and backward; every wait on a transfer records
+how long compute stood still for it (exposed communication). `step_metrics()` returns the step's
+summary and starts the next step. Running sums only: nothing grows if nobody reads them."""
 from __future__ import annotations
 
-_calls: list = []
-_bytes = 0
+import contextlib
+import time
+
+import torch
+
+_MAX_PENDING = 1024  # CUDA event pairs kept unread before the oldest are folded into the sum
+
+
+class _Step:
+    def __init__(self):
+        self.calls = 0
+        self.before = self.after = self.tasks = self.plan_ms = 0.0
+        self.bytes = 0
+        self.exposed_ms = 0.0
+        self.pending = []  # (start, end) CUDA events around waits, read at the end of the step
+
+    def fold(self, keep: int = 0):
+        while len(self.pending) > keep:
+            start, end = self.pending.pop(0)
+            end.synchronize()
+            self.exposed_ms += start.elapsed_time(end)
+
+
+_step = _Step()
 
 
 def record_call(info: dict, sent_bytes: int, new: bool) -> None:
-    global _bytes
-    _calls.append(dict(info, new=new))
-    _bytes += sent_bytes
+    _step.calls += 1
+    _step.before += info["imbalance_before"]
+    _step.after += info["imbalance_after"]
+    _step.tasks += info["tasks"]
+    _step.plan_ms += info["plan_ms"] if new else 0.0
+    _step.bytes += sent_bytes
+
+
+@contextlib.contextmanager
+def exposed_wait(device: torch.device):
+    """Around the wait for a transfer: on CUDA, events on the compute stream (the wait makes it
+    stall until the transfer is done, so their distance is the exposed time); else host time."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        yield
+        end.record()
+        _step.pending.append((start, end))
+        if len(_step.pending) > _MAX_PENDING:
+            _step.fold(keep=_MAX_PENDING // 2)
+    else:
+        t0 = time.perf_counter()
+        yield
+        _step.exposed_ms += (time.perf_counter() - t0) * 1e3
 
 
 def step_metrics(reset: bool = True) -> dict:
     """{} when no disagg call ran since the last reset. Imbalances (max/mean of the modelled
     attention cost over servers) and tasks are means over the calls; bytes are this rank's total
-    to other ranks (every layer, forward + backward); plan_ms is the step's planning time."""
-    global _bytes
-    if not _calls:
+    to other ranks (every layer, forward + backward); plan_ms is the step's planning time;
+    exposed_comm_ms the time this rank's compute waited for transfers."""
+    global _step
+    s = _step
+    if not s.calls:
         return {}
-    n = len(_calls)
-    out = {"sp/attn_imbalance_before": sum(c["imbalance_before"] for c in _calls) / n,
-           "sp/attn_imbalance_after": sum(c["imbalance_after"] for c in _calls) / n,
-           "sp/tasks": sum(c["tasks"] for c in _calls) / n,
-           "sp/bytes_moved": _bytes,
-           "sp/plan_ms": sum(c["plan_ms"] for c in _calls if c.get("new")),
-           "sp/disagg_calls": n}
+    s.fold()
+    out = {"sp/attn_imbalance_before": s.before / s.calls, "sp/attn_imbalance_after": s.after / s.calls,
+           "sp/tasks": s.tasks / s.calls, "sp/bytes_moved": s.bytes, "sp/plan_ms": s.plan_ms,
+           "sp/exposed_comm_ms": s.exposed_ms, "sp/disagg_calls": s.calls}
     if reset:
-        _calls.clear()
-        _bytes = 0
+        _step = _Step()
     return out

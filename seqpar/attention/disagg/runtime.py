@@ -97,10 +97,12 @@ def _all_to_all(x, send_splits, recv_splits, group, collective=True):
     return out, work
 
 
-def _wait(*works):
-    for w in works:
-        if w is not None:
-            w.wait()
+def _wait(device, *works):
+    works = [w for w in works if w is not None]
+    if works:
+        with metrics.exposed_wait(device):
+            for w in works:
+                w.wait()
 
 
 @functools.lru_cache(maxsize=16)  # every layer of a step reuses its plan's index tensors
@@ -144,7 +146,7 @@ class _DisaggAttention(torch.autograd.Function):
             inbound.append((q_srv, kv_srv, wq, wkv))
         outbound, saved = [], []
         for nb, (q_srv, kv_srv, wq, wkv) in zip(nanos, inbound):
-            _wait(wq, wkv)
+            _wait(dev, wq, wkv)
             kv_task = kv_srv.index_select(0, nb.task_idx)  # rows shared by several tasks are copied here, not sent
             k_task = kv_task[:, :hkv * dk].reshape(-1, hkv, dk)
             v_task = kv_task[:, hkv * dk:].reshape(-1, hkv, dv).to(v.dtype)
@@ -158,7 +160,7 @@ class _DisaggAttention(torch.autograd.Function):
             saved += [q_srv, k_task, v_task, o_srv, lse]
         out = q.new_empty(n, q.shape[1], dv)
         for nb, (o_back, work) in zip(nanos, outbound):
-            _wait(work)
+            _wait(dev, work)
             out[nb.q_idx] = o_back  # every local query is in exactly one task of one nano-batch
         ctx.save_for_backward(*saved)
         ctx.nanos, ctx.group, ctx.causal, ctx.scale, ctx.n = nanos, group, causal, scale, n
@@ -175,7 +177,7 @@ class _DisaggAttention(torch.autograd.Function):
         outbound = []
         for i, (nb, (do_srv, work)) in enumerate(zip(nanos, inbound)):
             q_srv, k_task, v_task, o_srv, lse = saved[5 * i:5 * i + 5]
-            _wait(work)
+            _wait(dout.device, work)
             if q_srv.shape[0]:
                 dq_t, dk_t, dv_t = flash_attn_backward(do_srv[None], q_srv[None], k_task[None], v_task[None],
                                                        o_srv[None], lse, causal=ctx.causal, cu_seqlens_q=nb.cu_q,
@@ -192,7 +194,7 @@ class _DisaggAttention(torch.autograd.Function):
                              nb.kv_to_owners(dkv_srv, group)))
         dq = dkv = None
         for nb, ((dq_back, wq), (dkv_back, wkv)) in zip(nanos, outbound):
-            _wait(wq, wkv)
+            _wait(dout.device, wq, wkv)
             if dq is None:
                 dq = dq_back.new_empty(n, *dq_back.shape[1:])
                 dkv = dkv_back.new_zeros(n, width)
