@@ -172,7 +172,27 @@ def _summary(rows):
     for S in PACKED_LENS:
         ours, flex = rate("seqpar_triton", "packed", S), rate("flex_docmask", "packed", S)
         out[f"packed_{S}_fwdbwd_vs_flex"] = round(ours / flex, 3) if ours and flex else None
+    out["suggest_TRITON_FASTER"] = _suggest(rows, rate)
     return out
+
+
+def _suggest(rows, rate):
+    """The dispatch cases (kernels.dispatch.attention_case) where Triton beat today's default at
+    every measured length: what kernels/dispatch.py's TRITON_FASTER should hold on this GPU."""
+    def beats(other, layout, lens):
+        pairs = [(rate("seqpar_triton", layout, S), rate(other, layout, S)) for S in lens]
+        return all(a and b and a > b for a, b in pairs)
+
+    step = {r["kernel"]: r.get("fwd_tflops") for r in rows if r["layout"] == "ring_step" and "error" not in r}
+    step_wins = (step.get("seqpar_triton_merge_") or 0) > (step.get("aten_cudnn_lse+torch_merge") or float("inf"))
+    cases = []
+    if beats("sdpa_cudnn", "dense", DENSE_LENS):
+        cases.append("dense")
+        if step_wins:
+            cases.append("dense_lse")
+    if beats("torch_varlen_flash", "packed", PACKED_LENS):
+        cases += ["packed", "packed_lse"]
+    return cases
 
 
 def table(rows):
