@@ -254,3 +254,30 @@ def test_comm_bench_on_two_gloo_processes(tmp_path):
     fit = fit_comm(load_benchmarks(tmp_path / "bench"))
     for latency, bandwidth in fit.ops.values():
         assert latency >= 0 and bandwidth > 0
+
+
+def test_validate_reads_a_disagg_benchmark(tmp_path):
+    """A GPU disagg JSON (here with made-up times) becomes one case per method and mix: the
+    batches' documents are redrawn as the bench drew them and matched on count and longest."""
+    import random
+
+    from seqpar.bench.disagg import draw_bounds
+    from seqpar.sim.validate import validate
+
+    rng, rows = random.Random(4096), []
+    for b in range(2):
+        bounds = draw_bounds("lognormal", None, 4096, 2, rng, seed=b)
+        docs = [y - x for x, y in zip(bounds, bounds[1:])]
+        rows.append(dict(n_docs=len(docs), max_doc=max(docs), disagg_ms=1.0, ring_ms=2.0, dp_no_rebalance_ms=3.0))
+    rows.append(dict(n_docs=1, max_doc=1, disagg_ms=99.0))  # not a batch the seed draws: skipped
+    run = tmp_path / "2026-01-01-2xh100-disagg"
+    run.mkdir()
+    (run / "disagg.json").write_text(json.dumps(dict(
+        benchmark="disagg", device="NVIDIA H100 80GB HBM3", world=2, heads=32, kv_heads=8, head_dim=128,
+        cases=[dict(mix="lognormal", tokens_per_rank=4096, batches=3, rows=rows)])))
+    result = validate(tmp_path)
+    cases = {c["name"]: c for c in result["cases"]}
+    assert set(cases) == {"disagg (ping-pong), lognormal 4k tokens per rank", "ring (zigzag), lognormal 4k tokens per rank",
+                          "data parallel, no rebalancing, lognormal 4k tokens per rank"}
+    assert cases["disagg (ping-pong), lognormal 4k tokens per rank"]["measured_s"] == pytest.approx(1e-3)
+    assert all(c["note"] == "mean over 2 batches" and c["predicted_s"] > 0 for c in cases.values())

@@ -14,8 +14,9 @@ Per method, what the code in seqpar/attention/ issues per layer (forward + backw
   local query chunk attends keys up to its end.
 - disagg: the planner's tasks (`attention.disagg.plan`) on their servers; the busiest server's
   tasks are one varlen call; three all-to-alls forward (queries, K/V once per server, outputs)
-  and three backward (dO, dQ, dK/dV), sized by the tokens that leave their owner; not overlapped
-  in seqpar's runtime (`overlap=True` models DistCA's ping-pong schedule, which hides them).
+  and three backward (dO, dQ, dK/dV), sized by the tokens that leave their owner; with
+  `parallel.disagg.ping_pong` (the default) two nano-batches hide one's all-to-alls behind the
+  other's attention (DistCA's schedule), else they are exposed.
 - lasp2 (linear layers): the lightning kernel on the local tokens, LASP-2's extra passes (state,
   readout: fitted), one all-gather of the fp32 H x Dk x Dv states forward and one backward;
   seqpar runs the serial schedule, so the gathers are exposed. lasp1: a chain of N-1 sends.

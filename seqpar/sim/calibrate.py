@@ -76,7 +76,7 @@ def default_calibration() -> Calibration:
 def load_benchmarks(root: Path | None = None) -> dict[str, list]:
     """Every JSON/JSONL under `root`/*/ by kind: ring, lasp, kernels, comm, e2e (metrics.jsonl)."""
     root = Path(root or bench_dir())
-    found = {"ring": [], "lasp": [], "kernels": [], "comm": [], "e2e": []}
+    found = {"ring": [], "lasp": [], "kernels": [], "comm": [], "disagg": [], "e2e": []}
     for path in sorted(glob.glob(str(root / "*" / "*.json"))):
         try:
             data = json.loads(Path(path).read_text())
@@ -311,6 +311,39 @@ def fit_comm(found) -> LinkFit:
             fit.ops[op] = (float(sol[0]), float(1 / sol[1]))
         fit.source = path
     return fit
+
+
+def disagg_samples(found, seed: int = 0) -> list[dict]:
+    """The disagg bench's cases with each batch's document bounds redrawn as the bench drew them
+    (its --seed, default 0, is not in the JSON: a batch whose document count or longest document
+    differs is not the one measured and is skipped). GPU runs only."""
+    import random
+
+    from seqpar.bench.disagg import draw_bounds, load_mix
+
+    out = []
+    for path, data in found["disagg"]:
+        if "NVIDIA" not in str(data.get("device", "")):
+            continue
+        world = data.get("world", 2)
+        for case in data.get("cases", []):
+            mix, tokens = case["mix"], case["tokens_per_rank"]
+            try:
+                lengths = None if mix == "lognormal" else load_mix(mix)
+            except (OSError, ValueError):
+                continue
+            rng = random.Random(seed * 1000003 + tokens)
+            batches = []
+            for b, row in enumerate(case.get("rows", [])):
+                bounds = tuple(draw_bounds(mix, lengths, tokens, world, rng, seed=seed * 1000 + b))
+                docs = [y - x for x, y in zip(bounds, bounds[1:])]
+                if len(docs) == row.get("n_docs") and max(docs) == row.get("max_doc"):
+                    batches.append((bounds, row))
+            if batches:
+                out.append(dict(group=f"disagg {mix} {tokens}", mix=mix, tokens=tokens, world=world, file=path,
+                                H=data.get("heads", 32), Hkv=data.get("kv_heads", 8), D=data.get("head_dim", 128),
+                                batches=batches, skipped=len(case.get("rows", [])) - len(batches)))
+    return out
 
 
 # The end-to-end runs of docs/benchmarks: which job each metrics file is (the scripts' commands).

@@ -13,7 +13,8 @@ import json
 import os
 
 from seqpar.sim.attention_cost import _single_call, lasp_layer, ring_layer
-from seqpar.sim.calibrate import (calibrate, e2e_samples, lasp_samples, load_benchmarks, ring_samples)
+from seqpar.sim.calibrate import (calibrate, disagg_samples, e2e_samples, lasp_samples, load_benchmarks,
+                                  ring_samples)
 from seqpar.sim.cluster import load_cluster
 from seqpar.sim.comm import placed
 from seqpar.sim.compute import linear_attn_time
@@ -41,6 +42,26 @@ def _lasp_case(s, calib, cluster, single=False):
     group = placed(s["world"], 1, cluster.gpus_per_node)
     method = "lasp1" if s["method"] == "lasp1" else "lasp2"
     return lasp_layer(calib, cluster, [(0, s["tokens"])], s["world"], s["H"], s["D"], group, method)[0]
+
+
+DISAGG_METHODS = {"dp_no_rebalance": "data parallel, no rebalancing", "disagg": "disagg (ping-pong)",
+                  "disagg_no_pingpong": "disagg (no ping-pong)", "ring": "ring (zigzag)", "per_doc_cp": "per-document CP"}
+
+
+def _disagg_method(method, bounds, s, calib, cluster):
+    from seqpar.sim.attention_cost import (attn_seconds, disagg_layer, perdoc_layer)
+
+    world, H, Hkv, D = s["world"], s["H"], s["Hkv"], s["D"]
+    group = placed(world, 1, cluster.gpus_per_node)
+    if method == "dp_no_rebalance":  # each rank its own micro-batch, no communication: the slowest
+        per = bounds[-1] // world
+        own = [tuple(x - r * per for x in bounds if r * per <= x <= (r + 1) * per) for r in range(world)]
+        return max(attn_seconds(calib, [_single_call(b)], H, D) for b in own)
+    if method == "ring":
+        return ring_layer(calib, cluster, [bounds], world, H, Hkv, D, group)[0]
+    if method == "per_doc_cp":
+        return perdoc_layer(calib, cluster, [bounds], world, H, Hkv, D, group)[0]
+    return disagg_layer(calib, cluster, [bounds], world, H, Hkv, D, group, overlap=method == "disagg")[0]
 
 
 def _e2e_case(s, calib, cluster):
@@ -96,6 +117,18 @@ def validate(root=None) -> dict:
                            _lasp_case(s, full, cluster), _lasp_case(s, loo(s["group"]), cluster), s["world"], s["file"],
                            ["lasp extra"] if s["method"] == "lasp2_serial" else []))
 
+    for s in disagg_samples(found):
+        for method, label in DISAGG_METHODS.items():
+            key = f"{method}_ms"
+            rows = [(b, r) for b, r in s["batches"] if key in r]
+            if not rows:
+                continue
+            measured = sum(r[key] for _, r in rows) / len(rows) / 1e3
+            pred = sum(_disagg_method(method, b, s, full, cluster) for b, _ in rows) / len(rows)
+            size = f"{s['tokens'] // 1024}k" if s["tokens"] >= 1024 else str(s["tokens"])
+            cases.append(_case(f"{label}, {s['mix']} {size} tokens per rank", measured, pred, pred,
+                               s["world"], s["file"], [], f"mean over {len(rows)} batches"))
+
     for s in e2e_samples(found):
         if s["unhealthy"]:
             excluded.append({"name": s["name"], "measured_s": s["measured"], "reason": s["unhealthy"]})
@@ -115,7 +148,8 @@ def validate(root=None) -> dict:
             "summary": {"cases": len(cases), "within_goal": len(within),
                         "within_goal_loo": sum(abs(c["loo_rel_err"]) <= GOAL for c in cases),
                         "max_abs_rel_err": max((abs(c["rel_err"]) for c in cases), default=None),
-                        "disagg": "no disaggregation benchmark committed yet: nothing to compare"},
+                        "disagg": ("no GPU disaggregation benchmark committed yet: nothing to compare"
+                                   if not found["disagg"] else f"{len(found['disagg'])} file(s)")},
             "cases": cases, "memory": memory, "excluded": excluded, "calibration": full.as_dict()}
 
 
