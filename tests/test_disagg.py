@@ -366,7 +366,7 @@ def test_nano_batches_put_remote_work_between_local_halves(causal, layout):
 
 def _bench_smoke(rank, world, out, table):
     from seqpar.bench.disagg import main
-    return main(["--smoke", "--mixes", "wlbllm", "lognormal", "--out", out, "--profile-cost-table", table])
+    return main(["--smoke", "--mixes", "wlbllm", "lognormal", "--min-chunk", "16", "--out", out, "--profile-cost-table", table])
 
 
 def test_bench_disagg_smoke_form(tmp_path):
@@ -380,6 +380,7 @@ def test_bench_disagg_smoke_form(tmp_path):
             assert s[f"{m}_ms"] > 0, m
         assert s["imbalance_after"] <= s["imbalance_before"]
         assert case["rows"][0]["max_abs_diff_disagg_vs_local"] < 1e-4
+    assert any(r["disagg_bytes"] > 0 for c in result["cases"] for r in c["rows"]), "no batch moved work"
     entries = json.loads(table.read_text())["entries"]
     assert {(e["q_len"], e["kv_len"]) for e in entries} == {(16, 64), (64, 64), (16, 256), (64, 256)}
 

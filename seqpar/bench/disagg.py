@@ -15,7 +15,8 @@ one layer (bf16, H=32 query heads, 8 key/value heads, D=128 on CUDA), per batch:
 - per_doc_cp: every document cut into 2N chunks, rank r holding chunks r and 2N-1-r of each
   (WLB-ideal); queries stay, each rank gathers the key/value prefixes its chunks need;
 - for disagg: compute_only (the servers' flash calls alone) and comm_only (its all-to-alls
-  alone), so exposed_comm = disagg - compute_only and hidden = 1 - exposed / comm_only.
+  alone), so exposed_comm = disagg - compute_only and hidden = 1 - exposed / comm_only; and
+  waited (the time the compute stream stood still on transfers, CUDA events around each wait).
 
 Reported per (mix, tokens per rank): modelled attention imbalance (max/mean) before and after
 planning, bytes each method sends (fwd+bwd, summed over ranks), and the methods' times averaged
@@ -38,7 +39,7 @@ import torch
 import torch.distributed as dist
 
 from seqpar import kernels
-from seqpar.attention.disagg import configure, current, fit_task_overhead
+from seqpar.attention.disagg import configure, current, fit_task_overhead, step_metrics
 from seqpar.attention.disagg.options import planner_overhead
 from seqpar.attention.disagg.planner import plan_owned
 from seqpar.attention.disagg.routing import route
@@ -63,19 +64,21 @@ def load_mix(name: str) -> list[int]:
     raise FileNotFoundError(f"document-length mix {name!r}: no {name}.json(.gz) in {[str(d) for d in DATA_DIRS]}")
 
 
-def draw_bounds(mix: str, lengths, tokens: int, world: int, rng: random.Random, seed: int) -> list[int]:
+def draw_bounds(mix: str, lengths, tokens: int, world: int, rng: random.Random, seed: int,
+                scale: float = 1.0) -> list[int]:
     """Global boundaries of `world` micro-batches of `tokens` each, packed separately (documents
-    drawn from the mix, the last one cut to fit): what data parallelism hands each rank."""
+    drawn from the mix, lengths times `scale`, the last one cut to fit): what data parallelism
+    hands each rank."""
     bounds = [0]
     for r in range(world):
         if mix == "lognormal":
-            lens = lognormal_lengths(tokens, seed=seed * world + r)
-        else:
-            lens, room = [], tokens
-            while room:
-                n = min(rng.choice(lengths), room)
-                lens.append(n)
-                room -= n
+            pool = lognormal_lengths(int(tokens / scale), seed=seed * world + r)
+        lens, room, i = [], tokens, 0
+        while room:
+            n = pool[i] if mix == "lognormal" and i < len(pool) else rng.choice(lengths or pool)
+            n = min(max(1, round(n * scale)), room)
+            lens.append(n)
+            room, i = room - n, i + 1
         for n in lens:
             bounds.append(bounds[-1] + n)
     return bounds
@@ -170,7 +173,10 @@ def bench_batch(args, bounds, device, timer, world, rank, check=False, parts=Fal
     opts = current()
     for name, pp in (("disagg", True), ("disagg_no_pingpong", False)):
         fn = lambda *x, pp=pp: disagg_attention(*x, causal=True, cu_seqlens=cu, layout="contiguous", ping_pong=pp)
+        step_metrics()
         row[f"{name}_ms"] = _max_over_ranks(timer(lambda: _fwd_bwd(fn, *contiguous)), device)
+        m = step_metrics()  # compute stood still waiting for transfers, per call, slowest rank
+        row[f"{name}_waited_ms"] = _max_over_ranks(m["sp/exposed_comm_ms"] / m["sp/disagg_calls"], device)
         routes, info = _plan_routes(tuple(bounds), S, world, rank, "contiguous", float(opts.eps), int(opts.min_chunk),
                                     True, planner_overhead(opts), (q_row, kv_row), pp)
         row[f"{name}_bytes"] = int(sum(_all_ranks(sum(r.sent_rows(q_row, kv_row) for r in routes), device)))
@@ -301,6 +307,7 @@ def main(argv=None) -> int:
     p.add_argument("--eps", type=float, default=0.05)
     p.add_argument("--min-chunk", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scale", type=float, default=None, help="document lengths times this (default 1; smoke 1/16)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes (what CI runs on CPU)")
     args = p.parse_args(argv)
     if not (args.out or args.profile_cost_table):
@@ -313,9 +320,10 @@ def main(argv=None) -> int:
         args.grid_q, args.grid_kv, args.grid_tokens = [128, 256, 512, 1024, 2048, 4096], [1024, 4096, 16384, 65536], 131072
     else:  # smoke form: small shapes through the reference kernels on gloo
         args.heads, args.kv_heads, args.head_dim, args.dtype = 4, 2, 16, torch.float32
-        tokens, batches, iters, warmup = [256], 2, 1, 0
+        tokens, batches, iters, warmup = [512], 2, 1, 0
         args.grid_q, args.grid_kv, args.grid_tokens = [16, 64], [64, 256], 512
     args.tokens = args.tokens or tokens
+    args.scale = args.scale or (1.0 if cuda else 1 / 16)  # the smoke's short rows still hold several documents
     args.batches = args.batches or batches
     args.iters = args.iters or iters
     args.warmup = warmup if args.warmup is None else args.warmup
@@ -335,7 +343,7 @@ def main(argv=None) -> int:
     world, rank = dist.get_world_size(), dist.get_rank()
     timer = _timer(device, args.iters, args.warmup)
     result = dict(benchmark="disagg", world=world, heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim,
-                  dtype=str(args.dtype), eps=args.eps, min_chunk=args.min_chunk,
+                  dtype=str(args.dtype), eps=args.eps, min_chunk=args.min_chunk, length_scale=args.scale,
                   task_overhead_pairs=planner_overhead(current()), cost_table=args.cost_table,
                   timing="median of --iters fwd+bwd per batch, max over ranks; summary = mean over batches",
                   cases=[], **_env(device))
@@ -346,7 +354,7 @@ def main(argv=None) -> int:
                 rng = random.Random(args.seed * 1000003 + tokens)
                 rows = []
                 for b in range(args.batches):
-                    bounds = draw_bounds(mix, lengths, tokens, world, rng, seed=args.seed * 1000 + b)
+                    bounds = draw_bounds(mix, lengths, tokens, world, rng, seed=args.seed * 1000 + b, scale=args.scale)
                     rows.append(bench_batch(args, bounds, device, timer, world, rank, check=b == 0,
                                             parts=b < args.parts_batches))
                     if device.type == "cuda":

@@ -66,12 +66,12 @@ def step_metrics(reset: bool = True) -> dict:
     exposed_comm_ms the time this rank's compute waited for transfers."""
     global _step
     s = _step
+    if reset:
+        _step = _Step()
     if not s.calls:
         return {}
     s.fold()
     out = {"sp/attn_imbalance_before": s.before / s.calls, "sp/attn_imbalance_after": s.after / s.calls,
            "sp/tasks": s.tasks / s.calls, "sp/bytes_moved": s.bytes, "sp/plan_ms": s.plan_ms,
            "sp/exposed_comm_ms": s.exposed_ms, "sp/disagg_calls": s.calls}
-    if reset:
-        _step = _Step()
     return out
