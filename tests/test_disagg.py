@@ -103,7 +103,8 @@ def test_plan_1000_documents_is_fast():
 SEQ = 800
 DOCS = [0, 1, 9, 700, 701, 725, 800]
 # (causal, layout, hq, hkv, ping_pong): ping-pong (the default) everywhere, one nano-batch in two cases
-CASES = [(c, lay, hq, hkv, True) for c in (True, False) for lay in ("contiguous", "zigzag") for hq, hkv in ((8, 2), (4, 4))]
+CASES = [(c, lay, hq, hkv, True) for c in (True, False) for lay in ("contiguous", "zigzag")
+         for hq, hkv in ((8, 2), (4, 4))]
 CASES += [(True, "zigzag", 8, 2, False), (False, "contiguous", 4, 4, False)]
 
 
@@ -232,8 +233,8 @@ def test_byte_aware_plans_move_fewer_bytes_on_random_mixes():
     for seed in range(8):
         rng = random.Random(seed)
         world, layout = rng.choice([2, 4]), rng.choice(["contiguous", "zigzag"])
-        bounds = _bounds([rng.choice([rng.randint(1, 300), rng.randint(1500, 6000)]) for _ in range(rng.randint(4, 30))],
-                         2 * world)
+        lengths = [rng.choice([rng.randint(1, 300), rng.randint(1500, 6000)]) for _ in range(rng.randint(4, 30))]
+        bounds = _bounds(lengths, 2 * world)
         aware = plan(bounds, world, layout=layout, eps=0.05, row_bytes=(4, 1))
         blind = plan(bounds, world, layout=layout, eps=0.05, row_bytes=(0, 0))
         _check_plan(aware, bounds, world, layout, 128)
@@ -366,7 +367,8 @@ def test_nano_batches_put_remote_work_between_local_halves(causal, layout):
 
 def _bench_smoke(rank, world, out, table):
     from seqpar.bench.disagg import main
-    return main(["--smoke", "--mixes", "wlbllm", "lognormal", "--min-chunk", "16", "--out", out, "--profile-cost-table", table])
+    return main(["--smoke", "--mixes", "wlbllm", "lognormal", "--min-chunk", "16", "--out", out,
+                 "--profile-cost-table", table])
 
 
 def test_bench_disagg_smoke_form(tmp_path):

@@ -48,7 +48,7 @@ from seqpar.attention.ring import ring_attention
 from seqpar.bench.ring import _all_ranks, _max_over_ranks, _timer, _triton_version, lognormal_lengths
 from seqpar.kernels.flash_attn import flash_attn, flash_attn_backward
 from seqpar.parallel.dims import init_world
-from seqpar.parallel.sharding import local_ranges, shard_sequence
+from seqpar.parallel.sharding import shard_sequence
 
 MIX_FILES = ("wlbllm", "prolong")
 DATA_DIRS = (Path(__file__).resolve().parents[2] / "docs" / "benchmarks" / "data",
@@ -138,9 +138,9 @@ class _DisaggParts:
         works = []
         wq, wkv = self.hq * self.d, self.hkv * 2 * self.d
         for r in (r for r in self.routes if r.collective):  # fwd: Q, K|V out, O back; bwd: dO out, dQ, dK|dV back
-            for send, recv, width in ((r.q_send_splits, r.q_recv_splits, wq), (r.kv_send_splits, r.kv_recv_splits, wkv),
-                                      (r.q_recv_splits, r.q_send_splits, wq), (r.q_send_splits, r.q_recv_splits, wq),
-                                      (r.q_recv_splits, r.q_send_splits, wq), (r.kv_recv_splits, r.kv_send_splits, wkv)):
+            to_srv_q, to_srv_kv = (r.q_send_splits, r.q_recv_splits, wq), (r.kv_send_splits, r.kv_recv_splits, wkv)
+            to_own_q, to_own_kv = (r.q_recv_splits, r.q_send_splits, wq), (r.kv_recv_splits, r.kv_send_splits, wkv)
+            for send, recv, width in (to_srv_q, to_srv_kv, to_own_q, to_srv_q, to_own_q, to_own_kv):
                 x = torch.empty(sum(send), width, device=self.device, dtype=self.dtype)
                 y = torch.empty(sum(recv), width, device=self.device, dtype=self.dtype)
                 works.append(dist.all_to_all_single(y, x, list(recv), list(send), async_op=True))
@@ -190,8 +190,9 @@ def bench_batch(args, bounds, device, timer, world, rank, check=False, parts=Fal
                 row[f"{name}_hidden_fraction"] = round(1 - max(0.0, exposed) / row[f"{name}_comm_only_ms"], 3)
             del alone
         if pp:
-            row.update(imbalance_before=round(info["imbalance_before"], 4), imbalance_after=round(info["imbalance_after"], 4),
-                       tasks=info["tasks"], plan_ms=round(info["plan_ms"], 3), nano_batches=len(routes))
+            row.update(imbalance_before=round(info["imbalance_before"], 4),
+                       imbalance_after=round(info["imbalance_after"], 4), tasks=info["tasks"],
+                       plan_ms=round(info["plan_ms"], 3), nano_batches=len(routes))
 
     zz = [shard_sequence(t, layout="zigzag") for t in (q, k, v, do)]
     row["ring_ms"] = _max_over_ranks(timer(lambda: _fwd_bwd(
@@ -239,10 +240,9 @@ def profile_cost_table(args, device) -> dict:
                 continue
             reps = max(1, args.grid_tokens // kv_len)
             g = torch.Generator(device=device).manual_seed(q_len * 31 + kv_len)
-            q, do = (torch.randn(1, reps * q_len, args.heads, args.head_dim, device=device, dtype=args.dtype, generator=g)
-                     for _ in range(2))
-            k, v = (torch.randn(1, reps * kv_len, args.kv_heads, args.head_dim, device=device, dtype=args.dtype,
-                                generator=g) for _ in range(2))
+            rand = lambda n, h: torch.randn(1, n, h, args.head_dim, device=device, dtype=args.dtype, generator=g)
+            q, do = rand(reps * q_len, args.heads), rand(reps * q_len, args.heads)
+            k, v = rand(reps * kv_len, args.kv_heads), rand(reps * kv_len, args.kv_heads)
             cu_q = torch.arange(0, reps * q_len + 1, q_len, dtype=torch.int32, device=device)
             cu_k = torch.arange(0, reps * kv_len + 1, kv_len, dtype=torch.int32, device=device)
 
@@ -317,7 +317,8 @@ def main(argv=None) -> int:
     if cuda:
         args.heads, args.kv_heads, args.head_dim, args.dtype = 32, 8, 128, torch.bfloat16
         tokens, batches, iters, warmup = [65536, 131072], 16, 2, 1
-        args.grid_q, args.grid_kv, args.grid_tokens = [128, 256, 512, 1024, 2048, 4096], [1024, 4096, 16384, 65536], 131072
+        args.grid_q, args.grid_kv = [128, 256, 512, 1024, 2048, 4096], [1024, 4096, 16384, 65536]
+        args.grid_tokens = 131072
     else:  # smoke form: small shapes through the reference kernels on gloo
         args.heads, args.kv_heads, args.head_dim, args.dtype = 4, 2, 16, torch.float32
         tokens, batches, iters, warmup = [512], 2, 1, 0

@@ -99,7 +99,8 @@ def route(tasks: list[Task], bounds, owned, rank: int, causal: bool) -> Route:
             a, i = stop, i + 1
         cu_q.append(cu_q[-1] + t.q_end - t.q_start)
         cu_k.append(cu_k[-1] + key_end(t) - t.kv_start)
-    collective = any(t.server != t.owner for t in tasks) or any(r != s for s in range(world) for _, _, r, _ in needed[s])
+    collective = (any(t.server != t.owner for t in tasks)
+                  or any(r != s for s in range(world) for _, _, r, _ in needed[s]))
     return Route(rank, tuple(_merge(q_send)), q_send_splits, q_recv_splits, tuple(_merge(kv_send)), kv_send_splits,
                  kv_recv_splits, tuple(_merge(task_kv)), cu_q, cu_k, collective)
 
