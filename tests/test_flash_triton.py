@@ -188,6 +188,27 @@ def test_attention_case_and_choice_on_cpu(monkeypatch):
         dispatch.flash_attn_choice(x, x, x)
 
 
+def test_public_merge_off_triton_equals_attention_over_all_keys():
+    from seqpar.kernels.flash_attn import flash_attn_merge_
+
+    # CPU: the reference's (out, lse) and the merge formula in torch; two key blocks of each
+    # document (one empty) merged in place equal one attention over all of them
+    lq, lk1, lk2 = [4, 9, 1], [3, 0, 2], [5, 6, 1]
+    q, k1, v1, _ = _inputs(1, sum(lq), sum(lk1), 4, 2, 8, seed=11)
+    _, k2, v2, _ = _inputs(1, sum(lq), sum(lk2), 4, 2, 8, seed=12)
+    out = torch.zeros(q.shape, dtype=F64)
+    lse = torch.full((1, 4, sum(lq)), float("-inf"), dtype=F64)
+    for k, v, lk in ((k1, v1, lk1), (k2, v2, lk2)):
+        flash_attn_merge_(q, k, v, out, lse, causal=False, cu_seqlens_q=_cu(lq), cu_seqlens_k=_cu(lk))
+    cat = lambda a, b, la, lb: torch.cat([t for i in range(len(lq)) for t in (  # noqa: E731
+        a[:, sum(la[:i]):sum(la[:i + 1])], b[:, sum(lb[:i]):sum(lb[:i + 1])])], dim=1)
+    lk = [a + b for a, b in zip(lk1, lk2)]
+    ref_out, ref_lse = flash_attn_reference(q, cat(k1, k2, lk1, lk2), cat(v1, v2, lk1, lk2), causal=False,
+                                            cu_seqlens_q=_cu(lq), cu_seqlens_k=_cu(lk), return_lse=True)
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(lse, ref_lse)
+
+
 # ---------------------------------------------------------------- CUDA (bf16 vs float64)
 
 gpu = pytest.mark.gpu
