@@ -251,9 +251,28 @@ def test_comm_bench_on_two_gloo_processes(tmp_path):
     assert {r["op"] for r in timed} >= {"all_reduce", "all_gather", "send_recv"}
     for r in timed:
         assert r["time_s"] > 0 and r["busbw_GBps"] >= 0
-    fit = fit_comm(load_benchmarks(tmp_path / "bench"))
-    for latency, bandwidth in fit.ops.values():
-        assert latency >= 0 and bandwidth > 0
+    assert fit_comm(load_benchmarks(tmp_path / "bench")).ops == {}  # CPU figures never stand for NVLink
+
+
+def test_comm_fit_recovers_alpha_beta(tmp_path):
+    """Rows made from known latencies and bandwidths (the bench's JSON form) give them back."""
+    from seqpar.sim.comm import Group
+    from seqpar.sim.cluster import load_cluster
+
+    truth = {"all_reduce": (8e-6, 300e9), "all_gather": (6e-6, 250e9), "send_recv": (10e-6, 350e9)}
+    n, rows = 2, []
+    for op, (alpha, bw) in truth.items():
+        c = load_cluster("h100_8x400g").replace(nvlink_latency_us=alpha * 1e6, nvlink_gbps=bw / 1e9)
+        for size in (4096, 1 << 20, 1 << 24, 1 << 28):
+            rows.append(dict(op=op, bytes=size, world=n, time_s=collective_time(op, size, Group(n, n), c)))
+    run = tmp_path / "x"
+    run.mkdir()
+    (run / "comm.json").write_text(json.dumps(dict(benchmark="comm", device="NVIDIA H100 80GB HBM3", world=n,
+                                                   rows=rows)))
+    fit = fit_comm(load_benchmarks(tmp_path))
+    for op, (alpha, bw) in truth.items():
+        assert fit.ops[op][0] == pytest.approx(alpha, rel=1e-3)
+        assert fit.ops[op][1] == pytest.approx(bw, rel=1e-3)
 
 
 def test_validate_reads_a_disagg_benchmark(tmp_path):

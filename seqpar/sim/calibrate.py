@@ -297,6 +297,8 @@ def fit_comm(found) -> LinkFit:
 
     fit = LinkFit()
     for path, data in found["comm"]:
+        if "NVIDIA" not in str(data.get("device", "")):
+            continue  # the gloo smoke form's CPU figures say nothing about NVLink
         n = data.get("world", 2)
         for op in OPS:
             rows = [r for r in data.get("rows", []) if r.get("op") == op and r.get("time_s", 0) > 0]
