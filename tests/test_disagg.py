@@ -420,3 +420,18 @@ def test_disagg_bf16_on_two_gpus_matches_fp32():
     for errs in run_distributed(_gpu_bf16, 2, backend="nccl"):
         for case, err in errs.items():
             assert err < 2e-2, f"(layout, ping_pong)={case}: error {err} relative to the largest value"
+
+
+def test_step_metrics_sum_a_step_and_reset():
+    from seqpar.attention.disagg import metrics
+    metrics.step_metrics()
+    with metrics.exposed_wait(torch.device("cpu")):  # a wait outside any call (the bench's per-document CP)
+        pass
+    assert metrics.step_metrics() == {}, "no disagg call: nothing to report, and the wait is dropped"
+    for before, bytes_ in ((1.5, 100), (1.1, 50)):
+        metrics.record_call({"imbalance_before": before, "imbalance_after": 1.0, "tasks": 4, "plan_ms": 2.0},
+                            bytes_, new=before > 1.2)
+    m = metrics.step_metrics()
+    assert m["sp/attn_imbalance_before"] == pytest.approx(1.3) and m["sp/bytes_moved"] == 150
+    assert m["sp/plan_ms"] == 2.0 and m["sp/disagg_calls"] == 2 and m["sp/exposed_comm_ms"] == 0
+    assert metrics.step_metrics() == {}
