@@ -488,11 +488,6 @@ def _forward_into(q, k, v, out, lse, *, causal, cu_q, cu_k, scale, merge, q_tabl
     return q_table
 
 
-def _empty_result(q, k, out, lse):
-    """Zero keys or zero queries: out = 0, lse = -inf, no launch."""
-    return out.zero_(), lse.fill_(float("-inf"))
-
-
 def attention_forward(q, k, v, *, causal=True, cu_seqlens_q=None, cu_seqlens_k=None, softmax_scale=None):
     """(out `[B, Sq, Hq, D]` in q's dtype, lse `[B, Hq, Sq]` fp32, the query tile table or None)."""
     _check(q, k, v, cu_seqlens_q, cu_seqlens_k)
@@ -501,8 +496,8 @@ def attention_forward(q, k, v, *, causal=True, cu_seqlens_q=None, cu_seqlens_k=N
     scale = D ** -0.5 if softmax_scale is None else softmax_scale
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, Hq, Sq, dtype=torch.float32, device=q.device)
-    if q.numel() == 0 or k.shape[1] == 0:
-        return (*_empty_result(q, k, out, lse), None)
+    if q.numel() == 0 or k.shape[1] == 0:  # no launch: out = 0, lse = -inf
+        return out.zero_(), lse.fill_(float("-inf")), None
     table = _forward_into(q, k, v, out, lse, causal=causal, cu_q=cu_seqlens_q, cu_k=cu_seqlens_k, scale=scale,
                           merge=False)
     return out, lse, table
