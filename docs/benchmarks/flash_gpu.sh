@@ -1,7 +1,8 @@
-# Issue 5, the Triton flash-attention kernel on ONE GPU (at most 8 minutes: 150 s of tests, 320 s of benchmark): its GPU tests (bf16 vs
-# the float64 reference; one autotune config, SEQPAR_FLASH_TUNE=0, so the many variants compile
-# fast), then the `flash` section of the kernels benchmark (dense causal 16k/64k beside SDPA
-# cuDNN/flash and FlexAttention, packed lognormal documents beside Flex's document mask, one ring step).
+# Issue 5, the Triton flash-attention kernel on ONE GPU, at most 8 minutes (150 s of tests, 320 s
+# of benchmark): its GPU tests (bf16 vs the float64 reference; one autotune config,
+# SEQPAR_FLASH_TUNE=0, so the many variants compile fast), then the `flash` section of the kernels
+# benchmark (dense causal 16k/64k beside SDPA cuDNN/flash and FlexAttention, packed lognormal
+# documents beside Flex's document mask and torch's varlen flash, one ring step).
 # Run through the device tool from the repo root (carry .whl):
 #   source docs/benchmarks/gpu_setup.sh && bash docs/benchmarks/flash_gpu.sh
 mkdir -p "$OUT"
