@@ -8,15 +8,18 @@ a third all-to-all returns the outputs. The backward mirrors it inside one autog
 goes to the servers, which kept their inputs, outputs and LSE of this step; dQ returns to the
 query owners and dK/dV, summed over the tasks that read a row, to the key owners.
 
-Ping-pong: each server's tasks are split into two nano-batches of about equal cost. All
-transfers are issued asynchronously in order, so the second nano-batch's inputs and the first's
-outputs travel while the other computes. On CUDA, NCCL runs async collectives on its own stream
-and `wait()` only orders the compute stream after them, so no extra stream is needed.
+Ping-pong (`routing.nano_batches`): the tasks run as up to four nano-batches, local work L1,
+remote work R1 and R2, local work L2. Every input transfer is issued asynchronously up front and
+every output transfer as soon as its nano-batch is computed, so remote inputs travel during L1
+(and R1) and outputs during R2 and L2. A nano-batch without transfers on any rank skips its
+collectives. On CUDA, NCCL runs async collectives on its own stream and `wait()` only orders the
+compute stream after them, so no extra stream is needed.
 """
 from __future__ import annotations
 
 import functools
 import time
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -45,7 +48,7 @@ def disagg_attention(q, k, v, *, group=None, causal=True, cu_seqlens=None, softm
     else:
         if B != 1:
             raise ValueError(f"packed documents (cu_seqlens) need batch size 1, got {B}")
-        bounds = tuple(int(x) for x in cu_seqlens.tolist())
+        bounds = _host_bounds(cu_seqlens)
         if bounds[-1] != seq_len:
             raise ValueError(f"cu_seqlens ends at {bounds[-1]}, the group holds {seq_len} tokens")
     hq, hkv = q.shape[2], k.shape[2]
@@ -59,6 +62,20 @@ def disagg_attention(q, k, v, *, group=None, causal=True, cu_seqlens=None, softm
     flat = [t.reshape(B * s_local, *t.shape[2:]) for t in (q, k, v)]
     out = _DisaggAttention.apply(*flat, routes, group, causal, softmax_scale)
     return out.reshape(B, s_local, *out.shape[1:])
+
+
+_last_bounds: list = [None, -1, None]  # weakref to the last cu_seqlens, its version, its host copy
+
+
+def _host_bounds(cu_seqlens) -> tuple:
+    """cu_seqlens on the host. Every layer of a step passes the same tensor: reading it once
+    spares a device sync per layer (the copy is reused while that tensor lives, unmodified)."""
+    ref, version, bounds = _last_bounds
+    if ref is not None and ref() is cu_seqlens and version == cu_seqlens._version:
+        return bounds
+    bounds = tuple(int(x) for x in cu_seqlens.tolist())
+    _last_bounds[:] = [weakref.ref(cu_seqlens), cu_seqlens._version, bounds]
+    return bounds
 
 
 @functools.lru_cache(maxsize=64)  # every layer of a step plans the same boundaries
