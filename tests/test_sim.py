@@ -227,6 +227,14 @@ def test_impossible_layout_is_a_clear_error(h100, calib):
         predict_step(_cfg("model=llama_1b", "parallel=none", "train=long"), 8, h100, calib)
 
 
+def test_predict_cli_names_a_bad_key(capsys):
+    from seqpar.sim.__main__ import main
+
+    assert main(["predict", "model=llama_8b", "parallel.cp=8", "parallel.softmax_sp=usp", "parallel.ulysses_degree=3",
+                 "cluster=h100_8x400g", "gpus=8"]) == 2
+    assert "parallel.ulysses_degree=3" in capsys.readouterr().err
+
+
 def test_plan_with_nothing_that_fits_says_why(capsys):
     from seqpar.sim.plan import main
 

@@ -27,7 +27,7 @@ def _pop_out(argv: list[str]) -> tuple[list[str], str | None]:
 def predict_main(argv: list[str], out: str | None) -> int:
     from seqpar.sim import predict
     from seqpar.sim.cluster import load_cluster
-    from seqpar.sim.configs import compose, split_args, world_of
+    from seqpar.sim.configs import check_config, compose, split_args, world_of
 
     overrides, own = split_args(argv)
     if "cluster" not in own:
@@ -36,6 +36,7 @@ def predict_main(argv: list[str], out: str | None) -> int:
     cluster = load_cluster(own["cluster"])
     cfg = compose(overrides)
     world = int(own["gpus"]) if "gpus" in own else world_of(cfg)
+    check_config(cfg, world)
     result = predict(cfg, cluster, world=world, family=own.get("family", "cudnn"),
                      virtual_stages=int(own.get("virtual_stages", 1)))
     result["overrides"] = overrides

@@ -63,3 +63,24 @@ def as_plain(cfg):
             return Section({k: wrap(v) for k, v in x.items()})
         return x
     return wrap(OmegaConf.to_container(cfg, resolve=True))
+
+
+def check_config(cfg, world: int) -> None:
+    """seqpar.config's rules for `cfg` on `world` GPUs of a CUDA cluster (raises ConfigError naming the
+    key), judged as if launched there: this machine's devices do not matter."""
+    import copy
+
+    from omegaconf import OmegaConf
+
+    from seqpar.config import ConfigError, validate
+
+    c = copy.deepcopy(cfg)
+    if OmegaConf.is_config(c):
+        OmegaConf.set_struct(c, False)
+    c.train.device = "cuda"
+    c.launcher.name = "slurm"  # the local launcher's rule compares nproc with this machine's GPUs
+    try:
+        validate(c, world)
+    except ConfigError as e:
+        if "is not installed" not in str(e):  # an optional engine missing here may exist on the cluster
+            raise

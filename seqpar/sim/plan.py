@@ -139,7 +139,11 @@ def main(argv=None) -> int:
               f"{b['memory_gib']:>9.1f}")
     d = result["dropped"]
     print(f"({d['memory']} layouts over memory, {d['batch']} not matching the global batch, {d['invalid']} invalid)")
-    print("best:\n  " + command(overrides, result["best"][0]["overrides"], gpus, cluster.gpus_per_node))
+    cmd = command(overrides, result["best"][0]["overrides"], gpus, cluster.gpus_per_node)
+    print("best:\n  " + cmd)
+    if gpus > cluster.gpus_per_node:  # the same job through the sbatch script directly
+        args = [a for a in cmd.split()[1:] if not a.startswith("launcher")]
+        print(f"  (or: sbatch --nodes={gpus // cluster.gpus_per_node} slurm/train_multi_node.sbatch {' '.join(args)})")
     return 0
 
 
