@@ -419,7 +419,7 @@ def _gpu_bf16(rank, world):
 def test_disagg_bf16_on_two_gpus_matches_fp32():
     for errs in run_distributed(_gpu_bf16, 2, backend="nccl"):
         for case, err in errs.items():
-            assert err < 2e-2, f"(layout, ping_pong)={case}: error {err} relative to the largest value"
+            assert err < 3e-2, f"(layout, ping_pong)={case}: error {err} relative to the largest value"
 
 
 def test_step_metrics_sum_a_step_and_reset():
