@@ -1,8 +1,9 @@
 # Two GPUs (device tool, kind nvidia-h100-x2 or nvidia-h200-x2), from the repo root, .whl carried:
 #   source docs/benchmarks/gpu_setup.sh && bash docs/benchmarks/disagg_gpu.sh
-# Core-attention disaggregation (issue 10), at most 6 minutes (each step under timeout; the bench writes every finished case): the bf16 NCCL check, the per-task cost
-# table on one GPU, then the benchmark (disagg vs ring vs per-document CP vs no rebalancing, ping-pong
-# on/off) at 64k and 128k tokens per GPU on the wlbllm / prolong / lognormal mixes.
+# Core-attention disaggregation (issue 10), at most 6 minutes (every step under a timeout; the bench
+# writes each case as it finishes): the bf16 NCCL check, the per-task cost table on one GPU, then the
+# benchmark (disagg vs ring vs per-document CP vs no rebalancing, ping-pong on/off) at 64k and 128k
+# tokens per GPU on the wlbllm / prolong / lognormal mixes.
 mkdir -p "$OUT"
 SEQPAR_FLASH_TUNE=0 timeout 90 python3 -m pytest -q -m gpu tests/test_disagg.py 2>&1 | tail -5
 timeout 45 python3 -m seqpar.bench disagg --profile-cost-table "$OUT/disagg_cost_table.json" 2>&1 | tail -3
