@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from seqpar.sim.calibrate import calibrate, fit_comm, load_benchmarks
+from seqpar.sim.calibrate import calibrate, fit_comm
+from seqpar.sim.measurements import load_benchmarks
 from seqpar.sim.cluster import ClusterError, cluster_from_dict, load_cluster
 from seqpar.sim.comm import Group, collective_time, group_of, moved_bytes
 from seqpar.sim.compute import AttnCall

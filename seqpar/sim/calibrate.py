@@ -16,9 +16,7 @@ cluster-derived default and says so in `Calibration.sources`. `exclude` drops na
 """
 from __future__ import annotations
 
-import glob
 import itertools
-import json
 import os
 import statistics
 from dataclasses import dataclass, field, replace
@@ -28,15 +26,7 @@ import numpy as np
 
 from seqpar.sim.comm import LinkFit
 from seqpar.sim.compute import AttnFit
-
-# ANCHORS.md's plain-PyTorch llama 1.1B at 16k on a healthy H100, eager: what tells a throttled
-# card from a healthy one when the anchor ran in the same call (reference value, not a fit)
-ANCHOR_E2E_EAGER_TOKENS_S = 40989
-
-
-def bench_dir() -> Path:
-    return Path(os.environ.get("SEQPAR_BENCH_DIR", Path(__file__).resolve().parents[2] / "docs" / "benchmarks"))
-
+from seqpar.sim.measurements import e2e_samples, folder_health, lasp_samples, load_benchmarks, ring_samples
 
 @dataclass
 class Calibration:
@@ -69,85 +59,6 @@ def default_calibration() -> Calibration:
                        linear_tokens_per_s=12e6, linear_ref_hdd=32 * 128 * 128, lasp_call_s=0.0, lasp_token_s=0.0,
                        overlap_tax=0.0, elementwise_factor=1.0, layer_overhead_s=0.0,
                        sources={"all": "defaults (no benchmark JSON found)"})
-
-
-# ---------------------------------------------------------------- reading the benchmark folders
-
-def load_benchmarks(root: Path | None = None) -> dict[str, list]:
-    """Every JSON/JSONL under `root`/*/ by kind: ring, lasp, kernels, comm, e2e (metrics.jsonl)."""
-    root = Path(root or bench_dir())
-    found = {"ring": [], "lasp": [], "kernels": [], "comm": [], "disagg": [], "e2e": []}
-    for path in sorted(glob.glob(str(root / "*" / "*.json"))):
-        try:
-            data = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        kind = data.get("benchmark") or data.get("bench") if isinstance(data, dict) else None
-        if kind in found:
-            found[kind].append((path, data))
-    for path in sorted(glob.glob(str(root / "*" / "*metrics.jsonl"))):
-        rows = []
-        for line in Path(path).read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass
-        if rows:
-            found["e2e"].append((path, rows))
-    return found
-
-
-def folder_health(path: str) -> str | None:
-    """Why a folder's timings cannot be trusted (its same-call anchor far below ANCHORS.md), or None."""
-    anchor = Path(path).parent / "anchors_e2e.json"
-    if not anchor.is_file():
-        return None
-    try:
-        rows = json.loads(anchor.read_text())
-        eager = next(r for r in rows if r.get("mode") == "eager")
-    except (json.JSONDecodeError, StopIteration, AttributeError):
-        return None
-    if eager["tokens_per_s"] < 0.8 * ANCHOR_E2E_EAGER_TOKENS_S:
-        return (f"the anchor measured in the same call ran at {eager['tokens_per_s']} tokens/s, "
-                f"{eager['tokens_per_s'] / ANCHOR_E2E_EAGER_TOKENS_S:.0%} of ANCHORS.md's {ANCHOR_E2E_EAGER_TOKENS_S}: "
-                "a throttled or shared card")
-    return None
-
-
-# ---------------------------------------------------------------- samples (calls, measured seconds)
-
-def ring_samples(found) -> list[dict]:
-    """Attention samples of the ring bench: {group, family, kind, S, world, calls/steps, measured}."""
-    from seqpar.bench.ring import lognormal_lengths
-
-    out = []
-    for path, data in found["ring"]:
-        world = data.get("world", 2)
-        for row in data.get("dense", []):
-            if "error" in row:
-                continue
-            S, fam, H, D = row["S"], row["kernel"], row["H"], row["D"]
-            base = dict(group=f"ring S={S}", family=fam, S=S, world=world, H=H, D=D, file=path,
-                        bounds=(0, S))
-            out.append(dict(base, kind="single", measured=row["single_ms"] / 1e3))
-            out.append(dict(base, kind="ring_compute", measured=row["compute_only_ms"] / 1e3))
-            out.append(dict(base, kind="ring", measured=row["ring_ms"] / 1e3))
-        for row in data.get("packed", []):
-            S = row["S"]
-            lens = lognormal_lengths(S)
-            if len(lens) != row.get("n_docs", len(lens)) or max(lens) != row.get("max_doc", max(lens)):
-                continue  # not the documents that were measured: cannot be modelled
-            bounds = tuple(itertools.accumulate([0] + lens))
-            for fam in ("cudnn", "flash"):
-                r = row.get(fam)
-                if not r or "error" in r:
-                    continue
-                base = dict(group=f"ring packed S={S}", family=fam, S=S, world=world, H=row["H"], D=row["D"],
-                            file=path, bounds=bounds)
-                if fam == "flash":  # the single-GPU row is varlen flash for every family
-                    out.append(dict(base, kind="single", measured=r["single_ms"] / 1e3))
-                out.append(dict(base, kind="ring", measured=r["ring_ms"] / 1e3))
-    return out
 
 
 def sample_features(sample) -> list[tuple[str, tuple]]:
@@ -227,18 +138,6 @@ def fit_linear(found) -> tuple[float, int] | None:
     return statistics.median(r * h / hdd for r, h in rates), hdd
 
 
-def lasp_samples(found) -> list[dict]:
-    out = []
-    for path, data in found["lasp"]:
-        world = data.get("world", 2)
-        for row in data.get("rows", []):
-            if row.get("method") in ("lasp2_serial", "lasp1", "lasp2"):
-                out.append(dict(group=f"lasp T={row['tokens']}", method=row["method"], tokens=row["tokens"],
-                                world=world, H=data.get("heads", 32), D=data.get("dim", 128), file=path,
-                                measured=row["ms"] / 1e3, single=row.get("single_ms", 0) / 1e3))
-    return out
-
-
 def fit_lasp(samples, calib, cluster, exclude=()) -> tuple[float, float] | None:
     """(fixed s, s per local token) of LASP-2's passes beyond the kernel, from the serial rows
     (the schedule lasp2_attention runs); one row left: the fixed part only."""
@@ -313,67 +212,6 @@ def fit_comm(found) -> LinkFit:
             fit.ops[op] = (float(sol[0]), float(1 / sol[1]))
         fit.source = path
     return fit
-
-
-def disagg_samples(found, seed: int = 0) -> list[dict]:
-    """The disagg bench's cases with each batch's document bounds redrawn as the bench drew them
-    (its --seed, default 0, is not in the JSON: a batch whose document count or longest document
-    differs is not the one measured and is skipped). GPU runs only."""
-    import random
-
-    from seqpar.bench.disagg import draw_bounds, load_mix
-
-    out = []
-    for path, data in found["disagg"]:
-        if "NVIDIA" not in str(data.get("device", "")):
-            continue
-        world = data.get("world", 2)
-        for case in data.get("cases", []):
-            mix, tokens = case["mix"], case["tokens_per_rank"]
-            try:
-                lengths = None if mix == "lognormal" else load_mix(mix)
-            except (OSError, ValueError):
-                continue
-            rng = random.Random(seed * 1000003 + tokens)
-            batches = []
-            for b, row in enumerate(case.get("rows", [])):
-                bounds = tuple(draw_bounds(mix, lengths, tokens, world, rng, seed=seed * 1000 + b))
-                docs = [y - x for x, y in zip(bounds, bounds[1:])]
-                if len(docs) == row.get("n_docs") and max(docs) == row.get("max_doc"):
-                    batches.append((bounds, row))
-            if batches:
-                out.append(dict(group=f"disagg {mix} {tokens}", mix=mix, tokens=tokens, world=world, file=path,
-                                H=data.get("heads", 32), Hkv=data.get("kv_heads", 8), D=data.get("head_dim", 128),
-                                batches=batches, skipped=len(case.get("rows", [])) - len(batches)))
-    return out
-
-
-# The end-to-end runs of docs/benchmarks: which job each metrics file is (the scripts' commands).
-E2E_RUNS = {
-    "llama_1b_16k_metrics.jsonl": dict(
-        world=1, script="docs/benchmarks/foundation_gpu.sh",
-        overrides=["model=llama_1b", "parallel=none", "data=synthetic", "data.seq_len=16384", "data.distribution=fixed",
-                   "data.mean_len=16384", "train=long", "launcher.nproc_per_node=1"]),
-    "default_job_metrics.jsonl": dict(world=2, script="docs/benchmarks/two_gpu_linear.sh",
-                                      overrides=["launcher.nproc_per_node=2"]),
-}
-
-
-def e2e_samples(found) -> list[dict]:
-    out = []
-    for path, rows in found["e2e"]:
-        run = E2E_RUNS.get(Path(path).name)
-        if run is None:
-            continue
-        steady = [r for r in rows if r.get("step", 0) >= 3 and "step_time_s" in r]  # steps 1-2: warm-up, compile
-        if not steady:
-            continue
-        mem = max((r.get("max_mem_gb") or 0) for r in rows) or None
-        name = f"e2e {Path(path).parent.name}/{Path(path).stem}"
-        out.append(dict(group=name, name=name, file=path, world=run["world"], overrides=run["overrides"],
-                        measured=statistics.median(r["step_time_s"] for r in steady), measured_mem_gib=mem,
-                        unhealthy=folder_health(path)))
-    return out
 
 
 def fit_e2e(samples, calib, cluster, exclude=()) -> Calibration:

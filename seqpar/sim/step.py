@@ -17,6 +17,7 @@ import copy
 
 from seqpar.sim.attention_cost import (allgather_layer, disagg_layer, lasp_layer, perdoc_layer, ring_layer,
                                        ulysses_layer, usp_groups)
+from seqpar.memory import MARGIN  # the share of a GPU's memory a run may plan to use
 from seqpar.sim.comm import collective_time, group_of, overlapped, placed
 from seqpar.sim.compute import elementwise_bytes_per_token, loss_bytes_per_token, matmul_time
 
@@ -196,14 +197,9 @@ def predict_step(cfg, world: int, cluster, calib, *, family: str = "cudnn", virt
         "per_layer_s": {k: {n: round(x, 6) for n, x in v.items()} for k, v in layer.items()},
         "bubble_fraction": bubble / (1 + bubble),
         "memory_gib": mem["total_gib"], "memory": mem,
-        "fits": mem["total_gib"] * 2**30 <= MEMORY_MARGIN() * cluster.memory_bytes,
+        "fits": mem["total_gib"] * 2**30 <= MARGIN * cluster.memory_bytes,
         "params": count_params(m),
     }
-
-
-def MEMORY_MARGIN() -> float:
-    from seqpar.memory import MARGIN
-    return MARGIN
 
 
 def memory_per_rank(cfg, world: int) -> dict:

@@ -13,8 +13,8 @@ import json
 import os
 
 from seqpar.sim.attention_cost import _single_call, lasp_layer, ring_layer
-from seqpar.sim.calibrate import (calibrate, disagg_samples, e2e_samples, lasp_samples, load_benchmarks,
-                                  ring_samples)
+from seqpar.sim.calibrate import calibrate
+from seqpar.sim.measurements import disagg_samples, e2e_samples, lasp_samples, load_benchmarks, ring_samples
 from seqpar.sim.cluster import load_cluster
 from seqpar.sim.comm import placed
 from seqpar.sim.compute import linear_attn_time
