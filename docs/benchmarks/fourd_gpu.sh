@@ -4,7 +4,7 @@
 # llama_1b and hybrid_1b at 32k context, one 32k document per sequence, 2 sequences per step (64k tokens
 # whatever the layout): cp=2 and tp=2 (FSDP2 over what is left: nothing), dp=2 under FSDP2 and under
 # DeepSpeed ZeRO-2. tokens/s and MFU are the means of steps 3..6 of seqpar-train's metrics.jsonl.
-# About 6 minutes (8 runs of ~45 s: start, first-step compiles, 6 steps); runs left when 8 minutes have
+# About 7 minutes (9 runs of ~45 s: start, first-step compiles, 6 steps); runs left when 7 minutes have
 # passed are skipped and say so. CPU smoke form (mechanics only):
 #   OUT=/tmp/o MODELS=tiny_hybrid SEQ=256 EXTRA="train.device=cpu" bash docs/benchmarks/fourd_gpu.sh
 mkdir -p "$OUT"
@@ -20,18 +20,23 @@ declare -A LAYOUT=(
   [tp2]="parallel.cp=1 parallel.tp=2 parallel.dp=1 train.mlp_chunk_tokens=0"
   [dp2_fsdp2]="parallel=none"
   [dp2_zero2]="parallel=none parallel.dp_engine=deepspeed parallel.zero_stage=2"
+  # interleaved 1F1B on NCCL (2 micro-batches x 2 virtual stages per rank), llama_1b only
+  [pp2_v2]="parallel.cp=1 parallel.pp=2 parallel.virtual_stages=2 parallel.dp=1"
 )
-for model in ${MODELS:-llama_1b hybrid_1b}; do
-  for name in cp2 tp2 dp2_fsdp2 dp2_zero2; do
-    if [ $(( $(date +%s) - START )) -gt 480 ]; then echo "skipped $model $name: time budget"; continue; fi
-    run=/tmp/fourd/${model}_${name}
-    rm -rf "$run"
-    # shellcheck disable=SC2086
-    timeout 110 seqpar-train model=$model $COMMON ${LAYOUT[$name]} run_dir=$run > "$OUT/${model}_${name}.log" 2>&1
-    echo "$model $name: exit $? after $(( $(date +%s) - START )) s"; tail -2 "$OUT/${model}_${name}.log"
-    [ -f "$run/metrics.jsonl" ] && cp "$run/metrics.jsonl" "$OUT/${model}_${name}_metrics.jsonl"
-  done
+MODELS=${MODELS:-llama_1b hybrid_1b}
+bench() {  # bench MODEL LAYOUT
+  local model=$1 name=$2 run=/tmp/fourd/$1_$2
+  if [ $(( $(date +%s) - START )) -gt 420 ]; then echo "skipped $model $name: time budget"; return; fi
+  rm -rf "$run"
+  # shellcheck disable=SC2086
+  timeout 100 seqpar-train model=$model $COMMON ${LAYOUT[$name]} run_dir=$run > "$OUT/${model}_${name}.log" 2>&1
+  echo "$model $name: exit $? after $(( $(date +%s) - START )) s"; tail -2 "$OUT/${model}_${name}.log"
+  [ -f "$run/metrics.jsonl" ] && cp "$run/metrics.jsonl" "$OUT/${model}_${name}_metrics.jsonl"
+}
+for model in $MODELS; do
+  for name in cp2 tp2 dp2_fsdp2 dp2_zero2; do bench "$model" "$name"; done
 done
+bench "${MODELS%% *}" pp2_v2
 SEQ=$SEQ python3 - "$OUT" <<'EOF'
 import glob, json, os, sys, platform
 import torch
