@@ -4,6 +4,11 @@ model + optimizer, behind one interface so that train.py has one code path for F
 Both engines reduce gradients over the dp_cp group, averaging: cp ranks hold different tokens of the
 same samples, so they reduce like dp ranks, and train_step's loss scaling undoes the mean for both.
 The learning-rate schedule stays ours (a torch LambdaLR stepped here) under either engine.
+
+Under pipeline parallelism each stage has its own engine over its own parameters; the schedule
+calls `backward(output, grad)` once per micro-batch and virtual stage and `step()` once. DeepSpeed
+(ZeRO-1/2) counts those backwards as its gradient accumulation steps and sums the gradient norm
+over the stages through the pp group, which the mpu hands it as the model-parallel group.
 """
 from __future__ import annotations
 
