@@ -30,6 +30,8 @@ LAYOUTS = {  # name: (processes, overrides)
     # interleaved 1F1B: 4 virtual stages of one layer each, micro-batches crossing each rank twice
     "pp2_v2": (2, ["parallel.cp=1", "parallel.pp=2", "parallel.virtual_stages=2"]),
     "pp2_v2_cp2": (4, ["parallel.cp=2", "parallel.pp=2", "parallel.virtual_stages=2"]),
+    # as many micro-batches as stages: the schedule's all-warm-up branch
+    "pp2_v2_mb2": (2, ["parallel.cp=1", "parallel.pp=2", "parallel.virtual_stages=2", "train.micro_batch_size=2"]),
     # the vocabulary-parallel embedding and loss on different stages, with interleaving
     "pp2_v2_tp2": (4, ["parallel.cp=1", "parallel.pp=2", "parallel.virtual_stages=2", "parallel.tp=2"]),
     "cp2_ring": (2, ["parallel.cp=2", "parallel.softmax_sp=ring"]),
@@ -75,7 +77,7 @@ def test_metrics_file_has_one_object_per_step(single_run):
 
 
 LOSS_LAYOUTS = ["cp2", "dp2", "cp2_dp2", "cp2_contiguous", "cp2_lasp1", "tp2", "cp2_tp2", "dp2_tp2", "pp2", "pp2_v2",
-                "cp2_ring", "cp2_ulysses", "cp2_disagg", "cp2_selective_mlp_chunks", "dp2_full_offload",
+                "pp2_v2_mb2", "cp2_ring", "cp2_ulysses", "cp2_disagg", "cp2_selective_mlp_chunks", "dp2_full_offload",
                 "dp2_zero1", "dp2_zero2", "dp2_zero3", "cp2_zero2", "pp2_zero1", "pp2_dp2_zero2"]
 GRAD_LAYOUTS = ["cp2", "dp2", "cp2_dp2", "tp2", "tp2_no_sp", "cp2_tp2", "dp2_tp2", "pp2", "pp2_cp2", "pp2_v2", "pp2_v2_cp2", "pp2_v2_tp2",
                 "cp2_selective_mlp_chunks", "dp2_full_offload", "cp2_tp2_selective",
