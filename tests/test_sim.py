@@ -309,3 +309,24 @@ def test_validate_reads_a_disagg_benchmark(tmp_path):
                           "data parallel, no rebalancing, lognormal 4k tokens per rank"}
     assert cases["disagg (ping-pong), lognormal 4k tokens per rank"]["measured_s"] == pytest.approx(1e-3)
     assert all(c["note"] == "mean over 2 batches" and c["predicted_s"] > 0 for c in cases.values())
+
+
+def test_wlb_packing_and_unequal_pipeline():
+    from seqpar.sim.sweep import _pipeline, wlb_pack
+
+    # costliest first into the least-loaded bin with room: 5 | 4, then 3 -> (4), then 3 -> (5)
+    assert wlb_pack([3, 5, 3, 4], 2, cap=100, cost=lambda n: n) == [[5, 3], [4, 3]]
+    assert wlb_pack([5, 4], 2, cap=6, cost=lambda n: n) == [[5], [4]]
+    # 1F1B over unequal micro-batches: the stage shares (t / pp) summed, plus pp - 1 slots of the slowest
+    assert _pipeline([1.0, 1.0, 2.0], 2) == pytest.approx(0.5 + 0.5 + 1.0 + 1.0)
+    assert _pipeline([1.0, 1.0, 2.0], 1) == pytest.approx(4.0)
+
+
+def test_crossover_sweep_rows(h100, calib):
+    from seqpar.sim.sweep import sp_crossover
+
+    rows = sp_crossover(h100, calib, gpus=(8, 64), lengths=(65536,))
+    one_node, eight_nodes = rows
+    assert one_node["usp"] is None and eight_nodes["ulysses"] is None  # usp = ulysses in a node; 32 heads < 64
+    for r in rows:
+        assert r["best"] == max((m for m in ("ring", "ulysses", "usp") if r[m]), key=lambda m: r[m])

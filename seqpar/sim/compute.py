@@ -94,9 +94,10 @@ def matmul_time(flops: float, cluster, efficiency: float | None = None) -> float
     return flops / (cluster.peak_flops * (efficiency or cluster.matmul_efficiency))
 
 
-def elementwise_bytes_per_token(model_cfg, kind: str, tp: int, act: int = 2, p: int = 4) -> float:
+def elementwise_bytes_per_token(model_cfg, kind: str, tp: int, act: int = 2, p: int = 4, sp: bool = True) -> float:
     """Bytes one token moves through the element-wise kernels of one layer, forward + backward:
-    each pass reads and writes its tensors once (backward ~ twice the forward's traffic)."""
+    each pass reads and writes its tensors once (backward ~ twice the forward's traffic). With
+    Megatron-SP (`sp`) the norms and the residual stream hold 1/tp of the tokens on each rank."""
     from seqpar.model.transformer import head_dim
 
     d, hd, ffn = model_cfg.d_model, head_dim(model_cfg), model_cfg.ffn_dim
@@ -106,7 +107,7 @@ def elementwise_bytes_per_token(model_cfg, kind: str, tp: int, act: int = 2, p: 
     casts = 2 * (p + act) * d  # the residual stream cast for the attention and MLP inputs
     swiglu = 3 * act * ffn // tp  # silu(w1 x) * w3 x: read two, write one
     attn = 2 * 2 * act * (q + kv) if kind == "S" else 9 * 2 * act * q  # RoPE on q, k | lightning's gates and norm
-    return 3.0 * (norms + residual + casts + swiglu + attn)
+    return 3.0 * ((norms + residual + casts) / (tp if sp else 1) + swiglu + attn)
 
 
 def loss_bytes_per_token(vocab: int) -> float:

@@ -127,7 +127,8 @@ def predict_step(cfg, world: int, cluster, calib, *, family: str = "cudnn", virt
     layer = {}
     for kind in set(kinds):
         mm = matmul_time(6 * params[kind] / tp * tokens_rank, cluster)
-        ew = elementwise_bytes_per_token(m, kind, tp) * tokens_rank * calib.elementwise_factor / hbm
+        ew = elementwise_bytes_per_token(m, kind, tp, sp=par.tp_sequence_parallel) * tokens_rank \
+            * calib.elementwise_factor / hbm
         attn, attn_exposed, attn_compute = _attention(kind, cfg, calib, cluster, sizes, rows, tokens_rank, family)
         tp_comm = 0.0
         if tp > 1:
