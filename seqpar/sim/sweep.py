@@ -199,21 +199,51 @@ def plot(out_dir: Path, results: dict) -> list[str]:
         print("plots skipped: matplotlib is not installed (pip install matplotlib); the tables are written")
         return []
     files = []
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for mix in sorted({r["mix"] for r in results["distca"]}):
-        for pp in sorted({r["pp"] for r in results["distca"]}):
-            rs = [r for r in results["distca"] if r["mix"] == mix and r["pp"] == pp and r["context"] == max(
-                x["context"] for x in results["distca"])]
-            ax.plot([r["gpus"] for r in rs], [r["speedup_vs_wlb"] for r in rs], marker="o", label=f"{mix}, pp={pp}")
-    ax.axhspan(1.07, 1.20, alpha=0.15, label="DistCA paper, no PP")
-    ax.set_xscale("log", base=2); ax.set_xlabel("GPUs"); ax.set_ylabel("speedup over per-document CP"); ax.legend()
-    files.append(str(out_dir / "distca.png")); fig.savefig(files[-1], dpi=120); plt.close(fig)
-    fig, ax = plt.subplots(figsize=(6, 4))
+
+    def save(fig, name):
+        files.append(str(out_dir / name))
+        fig.tight_layout()
+        fig.savefig(files[-1], dpi=110)
+        plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    context = min(r["context"] for r in results["distca"])
+    for ax, pp, band in ((axes[0], 1, (1.07, 1.20)), (axes[1], 4, (1.10, 1.35))):
+        for mix in sorted({r["mix"] for r in results["distca"]}):
+            rs = [r for r in results["distca"] if r["mix"] == mix and r["pp"] == pp and r["context"] == context]
+            ax.plot([r["gpus"] for r in rs], [r["speedup_vs_wlb"] for r in rs], marker="o", label=f"{mix}, vs WLB packing")
+            ax.plot([r["gpus"] for r in rs], [r["speedup_vs_in_order"] for r in rs], marker="x", ls=":",
+                    label=f"{mix}, vs rows in order")
+        ax.axhspan(*band, color="grey", alpha=0.2, label="DistCA paper")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("GPUs (H200)")
+        ax.set_title(f"pp={pp}, {context // 1024}k context")
+    axes[0].set_ylabel("DistCA speedup over per-document CP")
+    axes[0].legend(fontsize=7)
+    save(fig, "distca.png")
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
     rs = results["lasp"]
-    ax.plot([r["tokens"] for r in rs], [100 * r["lasp2_gain_over_ring"] for r in rs], marker="o", label="predicted")
-    ax.scatter([2097152], [36.6], color="red", label="LASP-2 paper")
-    ax.set_xscale("log", base=2); ax.set_xlabel("tokens"); ax.set_ylabel("LASP-2 gain over ring (%)"); ax.legend()
-    files.append(str(out_dir / "lasp_vs_ring.png")); fig.savefig(files[-1], dpi=120); plt.close(fig)
+    ax.plot([r["tokens"] for r in rs], [100 * r["lasp2_gain_over_ring"] for r in rs], marker="o", label="predicted, vs ring")
+    ax.scatter([2097152], [36.6], color="red", zorder=3, label="LASP-2 paper, vs ring")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("symlog", linthresh=100)
+    ax.set_xlabel("tokens (64 GPUs)")
+    ax.set_ylabel("LASP-2 throughput gain (%)")
+    ax.legend()
+    save(fig, "lasp_vs_ring.png")
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    length = max(r["tokens"] for r in results["crossover"])
+    for method in ("ring", "ulysses", "usp"):
+        rs = [r for r in results["crossover"] if r["tokens"] == length and r.get(method)]
+        ax.plot([r["gpus"] for r in rs], [r[method] for r in rs], marker="o", label=method)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("GPUs (H100, 8 per node)")
+    ax.set_ylabel("predicted tokens/s")
+    ax.set_title(f"llama_8b, {length // 1024}k tokens, cp = all GPUs")
+    ax.legend()
+    save(fig, "crossover.png")
     return files
 
 

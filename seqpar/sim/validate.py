@@ -168,9 +168,48 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def plot(result: dict, path: str) -> str | None:
+    """Predicted against measured, log-log, one point per case (in-sample ones hollow)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("plot skipped: matplotlib is not installed (pip install matplotlib)")
+        return None
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    cases = result["cases"]
+    lo = min(min(c["measured_s"], c["predicted_s"]) for c in cases) / 1.5
+    hi = max(max(c["measured_s"], c["predicted_s"]) for c in cases) * 1.5
+    ax.plot([lo, hi], [lo, hi], color="black", lw=0.8)
+    ax.fill_between([lo, hi], [lo * 0.9, hi * 0.9], [lo * 1.1, hi * 1.1], color="grey", alpha=0.2, label="within 10%")
+    held = [c for c in cases if not c["in_sample"]]
+    fitted = [c for c in cases if c["in_sample"]]
+    ax.scatter([c["measured_s"] for c in fitted], [c["predicted_s"] for c in fitted], marker="o",
+               facecolors="none", edgecolors="C0", label="a fit used the case")
+    ax.scatter([c["measured_s"] for c in held], [c["predicted_s"] for c in held], marker="s", color="C1",
+               label="held out of every fit")
+    ax.scatter([c["measured_s"] for c in fitted], [c["loo_predicted_s"] for c in fitted], marker="x", color="C3",
+               label="fitted ones, leave-one-group-out")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("measured (s)")
+    ax.set_ylabel("predicted (s)")
+    ax.set_title("seqpar.sim validate (H100, docs/benchmarks)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main(out: str | None) -> int:
     result = validate()
     print(table(result))
+    if out:
+        png = plot(result, os.path.splitext(out)[0] + ".png")
+        if png:
+            print("wrote", png)
     if out:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         with open(out, "w") as f:
