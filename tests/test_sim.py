@@ -96,10 +96,10 @@ def test_group_placement_tp_innermost():
 
 @pytest.mark.parametrize("pp,n_micro,v", [(4, 8, 1), (2, 4, 1), (4, 8, 2)])
 def test_pipeline_bubble_fraction(h100, calib, pp, n_micro, v):
-    cfg = _cfg("model=llama_1b", "parallel=none", f"parallel.pp={pp}", "data=synthetic", "data.seq_len=4096",
-               "data.distribution=fixed", "data.mean_len=4096", f"train.global_batch_size={n_micro}",
-               "train.micro_batch_size=1")
-    r = predict_step(cfg, pp, h100, calib, virtual_stages=v)
+    cfg = _cfg("model=llama_1b", "parallel=none", f"parallel.pp={pp}", f"parallel.virtual_stages={v}", "data=synthetic",
+               "data.seq_len=4096", "data.distribution=fixed", "data.mean_len=4096",
+               f"train.global_batch_size={n_micro}", "train.micro_batch_size=1")
+    r = predict_step(cfg, pp, h100, calib)
     assert r["layout"]["n_micro"] == n_micro
     idle = (pp - 1) / (v * n_micro)
     assert r["bubble_fraction"] == pytest.approx(idle / (1 + idle))

@@ -37,8 +37,7 @@ def predict_main(argv: list[str], out: str | None) -> int:
     cfg = compose(overrides)
     world = int(own["gpus"]) if "gpus" in own else world_of(cfg)
     check_config(cfg, world)
-    result = predict(cfg, cluster, world=world, family=own.get("family", "cudnn"),
-                     virtual_stages=int(own.get("virtual_stages", 1)))
+    result = predict(cfg, cluster, world=world, family=own.get("family", "cudnn"))
     result["overrides"] = overrides
     result["gpus"] = world
     print(f"{cluster.name}, {world} GPUs, {' '.join(overrides) or '(defaults)'}: step {result['step_s']:.4f} s, "

@@ -28,7 +28,7 @@ def world_of(cfg) -> int:
 
 def split_args(argv: list[str]) -> tuple[list[str], dict[str, str]]:
     """Hydra overrides, and the simulator's own `key=value` arguments (cluster=, gpus=, ...)."""
-    own_keys = {"cluster", "gpus", "family", "top", "virtual_stages", "out"}
+    own_keys = {"cluster", "gpus", "family", "top", "out"}
     overrides, own = [], {}
     for a in argv:
         key = a.split("=", 1)[0].lstrip("-")

@@ -98,7 +98,7 @@ def _attention(kind, cfg, calib, cluster, sizes, rows, tokens_rank, family):
                       "(and, for comparisons, perdoc and disagg_overlap)")
 
 
-def predict_step(cfg, world: int, cluster, calib, *, family: str = "cudnn", virtual_stages: int = 1,
+def predict_step(cfg, world: int, cluster, calib, *, family: str = "cudnn", virtual_stages: int | None = None,
                  doc_bounds: list[tuple[int, ...]] | None = None) -> dict:
     """The step time and its parts (seconds), tokens/s, MFU, memory; see the module docstring."""
     from seqpar.model.flops import block_params, count_params, step_flops
@@ -109,6 +109,7 @@ def predict_step(cfg, world: int, cluster, calib, *, family: str = "cudnn", virt
     cfg = as_plain(cfg)
     m, par, t = cfg.model, cfg.parallel, cfg.train
     sizes = sizes_of(cfg, world)
+    v = virtual_stages or getattr(par, "virtual_stages", None) or 1  # parallel.virtual_stages: interleaved 1F1B
     dp, tp, pp, cp = sizes["dp"], sizes["tp"], sizes["pp"], sizes["cp"]
     S, b = cfg.data.seq_len, t.micro_batch_size
     if t.global_batch_size % (dp * b):
@@ -158,7 +159,7 @@ def predict_step(cfg, world: int, cluster, calib, *, family: str = "cudnn", virt
             st += head_mm + head_ew
         stage_times.append(st)
     stage = max(stage_times)
-    bubble = (pp - 1) / (virtual_stages * n_micro)
+    bubble = (pp - 1) / (v * n_micro)
     # the host launches ahead of the GPU; it sets the pace only when it is slower than the GPU work
     host = n_micro * max(len(layers) for layers in stages) * calib.layer_overhead_s
     stage = max(stage, host / n_micro)
@@ -166,7 +167,9 @@ def predict_step(cfg, world: int, cluster, calib, *, family: str = "cudnn", virt
     p2p = 0.0
     if pp > 1:
         pp_group = group_of(sizes, "pp", cluster.gpus_per_node)
-        p2p = 2 * n_micro * collective_time("send_recv", tokens_rank * m.d_model * act, pp_group, cluster, calib.comm)
+        # each micro-batch crosses every rank boundary once per virtual stage, each way
+        p2p = 2 * v * n_micro * collective_time("send_recv", tokens_rank * m.d_model * act, pp_group, cluster,
+                                                calib.comm)
 
     # FSDP2 over dp x cp: gather the stage's parameters forward and backward for each micro-batch,
     # reduce-scatter the gradients once; prefetched behind the layers' compute
