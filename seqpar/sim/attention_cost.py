@@ -153,12 +153,12 @@ def perdoc_layer(calib, cluster, rows, world, heads, kv_heads, head_dim, group, 
 
 
 def disagg_layer(calib, cluster, rows, world, heads, kv_heads, head_dim, group, family="cudnn", act=2,
-                 overlap=False):
+                 overlap=False, eps=0.1, min_chunk=128):
     from seqpar.attention.disagg import plan
 
     compute = comm = 0.0
     for bounds in rows:
-        p = plan(list(bounds), world)
+        p = plan(list(bounds), world, eps=eps, min_chunk=min_chunk)
         per_server = [[] for _ in range(world)]
         moved_q = [0] * world
         for t in p.tasks:

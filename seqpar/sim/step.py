@@ -85,8 +85,9 @@ def _attention(kind, cfg, calib, cluster, sizes, rows, tokens_rank, family):
         return perdoc_layer(*args)
     if method in ("disagg", "disagg_overlap"):
         # parallel.disagg.ping_pong (default on): two nano-batches, one's all-to-alls behind the other's attention
-        ping_pong = (getattr(p, "disagg", None) or {}).get("ping_pong", True)
-        return disagg_layer(*args, overlap=method == "disagg_overlap" or bool(ping_pong))
+        opts = getattr(p, "disagg", None) or {}
+        return disagg_layer(*args, overlap=method == "disagg_overlap" or bool(opts.get("ping_pong", True)),
+                            eps=opts.get("eps", 0.1), min_chunk=opts.get("min_chunk", 128))
     if method == "usp":
         u = p.ulysses_degree
         ug, rg = usp_groups(sizes, u, cluster.gpus_per_node)
