@@ -213,7 +213,7 @@ def validate(cfg, world: int | None = None) -> None:
     from seqpar.attention import LINEAR_SP, SOFTMAX_SP
     from seqpar.attention.disagg import validate as validate_disagg
     from seqpar.attention.state_scan import SCANS
-    from seqpar.parallel.sharding import LAYOUTS, num_chunks
+    from seqpar.parallel.sharding import LAYOUTS, check_layout, num_chunks
 
     def fail(msg):
         raise ConfigError(msg)
@@ -265,6 +265,10 @@ def validate(cfg, world: int | None = None) -> None:
     _validate_dp_engine(p)
     if p.layout not in LAYOUTS:
         fail(f"parallel.layout={p.layout!r}: choose one of {list(LAYOUTS)}")
+    try:
+        check_layout(p, m.layer_pattern)
+    except ValueError as e:
+        fail(str(e))
     if p.softmax_sp not in SOFTMAX_SP:
         fail(f"parallel.softmax_sp={p.softmax_sp!r}: implemented methods are {sorted(SOFTMAX_SP)}")
     try:

@@ -215,13 +215,15 @@ def train_step(model, micro_batches, cfg, dims: ParallelDims, device, *, backwar
         first, last = pp_rank == 0 and chunk == 0, pp_rank == dims.pp - 1 and chunk == virtual - 1
         mb = micro_batches[i]
         cu_seqlens = mb.cu_seqlens.to(device)
-        shard = lambda x: shard_sequence(x.to(device), cp_group, layout=layout)
+        # doc_zigzag pads every document to a multiple of 2*cp: pad targets are the loss's ignore_index
+        shard = lambda x, pad=0: shard_sequence(x.to(device), cp_group, layout=layout, cu_seqlens=cu_seqlens,
+                                                pad_value=pad)
         positions = document_positions(cu_seqlens, mb.input_ids.shape[1])
         ctx = AttnContext(group=cp_group, cu_seqlens=cu_seqlens, position_ids=shard(positions[None])[0],
                           layout=layout, softmax_sp=cfg.parallel.softmax_sp, linear_sp=cfg.parallel.linear_sp,
                           linear_scan=cfg.parallel.linear_scan)
         with autocast(cfg, device):
-            out = model(shard(mb.input_ids) if first else hidden, ctx, targets=shard(mb.targets) if last else None,
+            out = model(shard(mb.input_ids) if first else hidden, ctx, targets=shard(mb.targets, -100) if last else None,
                         chunk=chunk)
         if not last:
             return out

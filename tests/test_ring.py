@@ -1,15 +1,21 @@
 """Ring attention, Ulysses and usp against single-process attention (fp64: outputs and dq/dk/dv,
-relative error <= 1e-7), their block plans, the order of transfers and compute, and (gpu) the
-CUDA kernel paths that return and consume the log-sum-exp."""
+relative error <= 1e-7), their block plans, the order of transfers and compute, the per-document
+zigzag layout (doc_zigzag: op, equal work, config checks, training), and (gpu) the CUDA kernel
+paths that return and consume the log-sum-exp."""
+import itertools
+import json
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from seqpar import kernels
 from seqpar.attention import ring as ring_module
-from seqpar.attention.ring import plan_blocks, ring_attention, ring_schedule
+from seqpar.attention.ring import Block, doc_ring_schedule, plan_blocks, ring_attention, ring_schedule
 from seqpar.attention.ulysses import ulysses_attention, usp_attention
 from seqpar.kernels.flash_attn import flash_attn_backward
-from seqpar.parallel.sharding import local_ranges, shard_sequence, unshard_sequence
+from seqpar.parallel.sharding import (check_layout, doc_zigzag_plan, local_ranges, shard_sequence,
+                                     unshard_sequence)
 from tests.distributed import run_distributed
 
 SEQ = 96  # 2*4 chunks of 12
@@ -75,7 +81,7 @@ def _check_world(rank, world):
         for name, (fn, group) in methods.items():
             errors[(name, layout, rows, heads, causal)] = _rel_errors(fn, q, k, v, grad, cu, causal, layout, ref, group)
     extra = {2: _transfer_order, 4: _ulysses_head_error}.get(world)
-    return errors, (extra() if extra else None)
+    return errors, (extra() if extra else None), _doc_zigzag_results(world)
 
 
 def _assert_small(errors, world):
@@ -95,7 +101,7 @@ def world_results(request):
 
 def test_ring_ulysses_usp_match_single_process(world_results):
     world, results = world_results
-    for errors, _ in results:
+    for errors, _, _ in results:
         _assert_small(errors, world)
 
 
@@ -132,7 +138,7 @@ def test_ulysses_names_the_heads_that_do_not_divide(world_results):
     world, results = world_results
     if world != 4:
         pytest.skip("checked in the world-4 run")
-    messages = [extra for _, extra in results]
+    messages = [extra for _, extra, _ in results]
     assert all(m is not None and "query heads (6)" in m for m in messages), messages
 
 
@@ -188,6 +194,161 @@ def test_flash_attn_backward_from_merged_out_and_lse_matches_autograd(causal):
                                 cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
     for ours, t in zip(grads, (q, k, v)):
         torch.testing.assert_close(ours, t.grad, rtol=1e-12, atol=1e-12)
+
+
+# ---- doc_zigzag: every document cut into 2N pieces, rank r holding pieces r and 2N-1-r ----
+
+DOC_ROWS = {  # lengths not divisible by 2N (padded), 1-token documents, one document spanning every rank
+    "mixed": [0, 1, 14, 50, 51, 80, 97],
+    "one_long": [0, 3, 90, 91],
+    "tiny": [0, 1, 2, 3, 5],  # every document shorter than 2N: mostly padding
+}
+
+
+def _doc_zigzag_results(world):
+    """Per case: relative error of out, dq, dk, dv (real rows, after unshard) and this rank's
+    local length; plus the gradient that unshard_sequence sends back to the shard."""
+    cut = lambda t, cu: shard_sequence(t, layout="doc_zigzag", cu_seqlens=cu)
+    errors, lengths = {}, {}
+    for i, (rows, heads, causal) in enumerate(itertools.product(DOC_ROWS, HEADS, (True, False))):
+        cu = torch.tensor(DOC_ROWS[rows], dtype=torch.int32)
+        g = torch.Generator().manual_seed(100 + i)
+        hq, hkv = HEADS[heads]
+        q, grad = (torch.randn(1, DOC_ROWS[rows][-1], hq, 8, generator=g, dtype=torch.float64) for _ in range(2))
+        k, v = (torch.randn(1, DOC_ROWS[rows][-1], hkv, 8, generator=g, dtype=torch.float64) for _ in range(2))
+        ref = _reference(q, k, v, grad, cu, causal)
+        local = [cut(t, cu).requires_grad_() for t in (q, k, v)]
+        out = ring_attention(*local, causal=causal, cu_seqlens=cu, softmax_scale=0.3, layout="doc_zigzag")
+        out.backward(cut(grad, cu))
+        got = [unshard_sequence(t, layout="doc_zigzag", cu_seqlens=cu) for t in [out.detach()] + [t.grad for t in local]]
+        errors[(rows, heads, causal)] = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(got, ref))
+        lengths[rows] = out.shape[1]
+    # unshard's backward: each rank's shard gets the sum over ranks of its rows' gradient, pads none
+    cu = torch.tensor(DOC_ROWS["mixed"], dtype=torch.int32)
+    x = torch.zeros(1, 97, 2, dtype=torch.float64, requires_grad=True)
+    shard = cut(x, cu).detach().requires_grad_()
+    unshard_sequence(shard, layout="doc_zigzag", cu_seqlens=cu).backward(torch.arange(194.0).view(1, 97, 2).double())
+    expected = world * shard_sequence(torch.arange(194.0).view(1, 97, 2).double(), layout="doc_zigzag",
+                                      cu_seqlens=cu, pad_value=0)
+    return errors, lengths, torch.equal(shard.grad, expected)
+
+
+def _assert_doc_zigzag(results, world):
+    for errors, lengths, grad_ok in results:
+        assert len(errors) == len(DOC_ROWS) * 4
+        for case, err in errors.items():
+            assert err <= TOL, f"doc_zigzag world={world} {case}: relative error {err:.2e}"
+        assert grad_ok, "unshard_sequence(doc_zigzag) sent back the wrong gradient"
+    # every rank holds the same number of rows: the documents padded to multiples of 2N over N ranks
+    for rows, bounds in DOC_ROWS.items():
+        padded = sum(-(-(b - a) // (2 * world)) * 2 * world for a, b in zip(bounds[:-1], bounds[1:]))
+        want = bounds[-1] if world == 1 else padded // world  # identity at world 1
+        assert {lengths[rows] for _, lengths, _ in results} == {want}, rows
+
+
+def test_doc_zigzag_single_process_is_the_identity():
+    x = torch.randn(1, 97, 3)
+    cu = torch.tensor(DOC_ROWS["mixed"], dtype=torch.int32)
+    assert shard_sequence(x, layout="doc_zigzag", cu_seqlens=cu) is x
+    _assert_doc_zigzag([_doc_zigzag_results(1)], 1)
+
+
+def test_doc_zigzag_matches_single_process(world_results):
+    world, results = world_results
+    _assert_doc_zigzag([r[2] for r in results], world)
+
+
+def test_doc_zigzag_shards_and_pads_each_document():
+    # 2 ranks, documents of 5 (padded to 8: pieces of 2) and 12 (pieces of 3); -1 marks padding
+    x = torch.arange(17)[None]
+    cu = torch.tensor([0, 5, 17])
+    plan = doc_zigzag_plan(cu, 2)
+    shards = [shard_for(x, cu, r, 2) for r in range(2)]
+    assert shards[0].tolist() == [[0, 1, 5, 6, 7, -1, -1, 14, 15, 16]]  # pieces 0 and 3 of each document
+    assert shards[1].tolist() == [[2, 3, 8, 9, 10, 4, -1, 11, 12, 13]]  # pieces 1 and 2
+    assert plan.bounds == (0, 5, 8, 20)  # the pad tail [5, 8) is a document of its own
+    # step 0 of rank 0: one causal diagonal over all its rows, and the second pieces against the
+    # first ones per document (document 0: pad queries see no key, real keys no query)
+    assert doc_ring_schedule(plan, 0, True)[0] == [
+        Block(slice(0, 10), slice(0, 10), True, (0, 2, 5, 7, 10)),
+        Block(slice(5, 10), slice(0, 5), False, (0, 0, 2, 5), (0, 2, 2, 5))]
+    with pytest.raises(ValueError, match="pass cu_seqlens"):
+        shard_sequence(x, layout="doc_zigzag")
+
+
+def shard_for(x, cu, rank, world):
+    from seqpar.parallel.sharding import _shard_doc_zigzag
+    return _shard_doc_zigzag(x, rank, world, 1, cu, -1)
+
+
+@pytest.mark.parametrize("world", [2, 4, 8])
+def test_doc_zigzag_gives_every_rank_the_same_causal_work_whatever_the_documents(world):
+    from seqpar.bench.ring import lognormal_lengths
+    lens = lognormal_lengths(65536)
+    padded = [-(-n // (2 * world)) * 2 * world for n in lens]
+    for lengths in (padded, lens):
+        bounds = list(itertools.accumulate([0] + lengths))
+        plan = doc_zigzag_plan(bounds, world)
+        steps = [doc_ring_schedule(plan, r, True) for r in range(world)]
+        work = [[sum(b.work() for b in step) for step in rank_steps] for rank_steps in steps]
+        # at most 2 kernel calls per step, for all of the documents
+        assert max(len(step) for rank_steps in steps for step in rank_steps) <= 2 and len(lengths) > 10
+        if lengths is padded:  # no padding to add: exactly equal work at every step
+            assert all(len(set(step)) == 1 for step in zip(*work)), work
+        else:  # the pad tails (< 2N tokens a document, all on the last pieces) are the only difference
+            totals = [sum(w) for w in work]
+            assert max(totals) / (sum(totals) / world) < 1.01, totals
+    # the row-level zigzag on the same documents: the imbalance doc_zigzag removes
+    held = [local_ranges(65536, world, r, "zigzag") for r in range(world)]
+    zz = [sum(b.work() for step in ring_schedule(held, r, bounds, True) for b in step) for r in range(world)]
+    assert max(zz) / (sum(zz) / world) > 1.1, zz
+
+
+def test_doc_zigzag_config_errors_name_the_supported_combination():
+    ok = SimpleNamespace(layout="doc_zigzag", cp=2, softmax_sp="ring", pp=1, tp=1, tp_sequence_parallel=True)
+    check_layout(ok, "S")
+    check_layout(SimpleNamespace(**{**vars(ok), "cp": 1, "softmax_sp": "ulysses"}), "LLLS")  # cp=1: the identity
+    cases = [(dict(softmax_sp="ulysses"), "S", "softmax_sp=ring"), ({}, "LLLS", "linear-attention"),
+             (dict(pp=2), "S", "pp>1"), (dict(tp=2), "S", "tp_sequence_parallel=false")]
+    for change, layers, message in cases:
+        with pytest.raises(ValueError, match=message):
+            check_layout(SimpleNamespace(**{**vars(ok), **change}), layers)
+    # wired into config validation
+    from seqpar.config import ConfigError, validate
+    from tests.test_training import _compose
+    with pytest.raises(ConfigError, match="LASP"):
+        validate(_compose("parallel.cp=2", "parallel.softmax_sp=ring", "parallel.layout=doc_zigzag",
+                          "model.layer_pattern=LLLS", "run_dir=unused"), 2)
+
+
+# short synthetic documents, so that windows hold several and their lengths need padding
+DOC_TRAIN = ["model.layer_pattern=S", "data=synthetic", "data.mean_len=13", "data.num_tokens=4096"]
+
+
+def _doc_zigzag_training(rank, world, overrides, run_dir):
+    from tests.test_training import _one_step_grads, _train_each
+    grads = _one_step_grads(rank, world, [overrides])[0]
+    _train_each(rank, world, [(run_dir, overrides)])
+    return grads
+
+
+def test_doc_zigzag_training_matches_single_process(tmp_path):
+    from seqpar.data import PackedLoader, build_dataset
+    from tests.test_training import _compose
+    cfg = _compose(*DOC_TRAIN, "run_dir=unused")
+    batch = PackedLoader(build_dataset(cfg.data, cfg.data.seq_len), global_batch_size=4, micro_batch_size=1,
+                         dp_rank=0, dp_size=1, seed=0).next_batch()
+    assert any(n % 4 for mb in batch for n in torch.diff(mb.cu_seqlens).tolist())  # padding is exercised
+    (ref_loss, ref_grads), = run_distributed(_doc_zigzag_training, 1, ["parallel.cp=1", *DOC_TRAIN], tmp_path / "single")
+    dz = ["parallel.cp=2", "parallel.softmax_sp=ring", "parallel.layout=doc_zigzag", *DOC_TRAIN]
+    for loss, grads in run_distributed(_doc_zigzag_training, 2, dz, tmp_path / "doc_zigzag"):
+        assert abs(loss - ref_loss) < 1e-12  # fp64, one step
+        for name, g in grads.items():
+            assert torch.allclose(g, ref_grads[name], rtol=1e-9, atol=1e-12), name
+    read = lambda d: [json.loads(line)["loss"] for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+    want = read("single")
+    for got, ref in zip(read("doc_zigzag"), want, strict=True):  # fp32, 5 steps
+        assert abs(got - ref) <= 1e-5 * abs(ref), (read("doc_zigzag"), want)
 
 
 # ---- GPU: the aten kernel paths and the NCCL ring (pytest -m gpu on the GPU machine) ----

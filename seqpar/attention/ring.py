@@ -10,7 +10,9 @@ are cut into equal aligned chunks, so a key chunk is before, equal to, or after 
 under a causal mask "after" is skipped, "before" is a full rectangle and "equal" a causal
 diagonal. Documents (cu_seqlens) shrink a rectangle to the one document that spans both chunks
 (at most one can) or drop it, and make the diagonal a varlen call. With the zigzag layout every
-rank then does the same causal work at every step.
+rank then does the same causal work at every step, for a dense row; with packed documents only
+the doc_zigzag layout does (`plan_doc_blocks`: every document is cut in 2N pieces, and a step is
+at most 2 causal or 4 non-causal varlen calls over all documents at once).
 
 The backward (an autograd.Function, not autograd through P2P) circulates K/V again; the dK/dV of
 a visiting shard travel with it and reach home after the last step, dQ stays local. The own
@@ -19,13 +21,15 @@ dK/dV transfer both overlap compute.
 """
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 import torch.distributed as dist
 
 from seqpar.kernels.flash_attn import flash_attn, flash_attn_backward
-from seqpar.parallel.sharding import group_size_rank, local_ranges
+from seqpar.parallel.sharding import doc_zigzag_plan, group_size_rank, local_ranges
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,7 @@ class Block:
     k: slice
     causal: bool
     cu: tuple[int, ...] | None = None  # document bounds shared by q and k rows (varlen), else dense
+    cu_k: tuple[int, ...] | None = None  # set when the key rows' documents differ: `cu` is then the queries'
 
     @property
     def full(self) -> bool:  # every query sees every key
@@ -42,6 +47,9 @@ class Block:
 
     def work(self, batch: int = 1) -> int:
         """Query-key pairs computed (the cost model of the imbalance figures)."""
+        if self.cu_k is not None:
+            pairs = zip(_lengths(self.cu), _lengths(self.cu_k))
+            return sum(_visible(nq, nk) if self.causal else nq * nk for nq, nk in pairs)
         if self.cu is not None:
             lengths = [b - a for a, b in zip(self.cu[:-1], self.cu[1:])]
             return sum(n * (n + 1) // 2 if self.causal else n * n for n in lengths)
@@ -70,6 +78,91 @@ def plan_blocks(q_ranges, k_ranges, bounds, causal) -> list[Block]:
                     if qs < qe and ks < ke:
                         blocks.append(Block(slice(qo + qs - a, qo + qe - a), slice(ko + ks - c, ko + ke - c), False))
     return _coalesce(blocks)
+
+
+def plan_doc_blocks(q_halves, k_halves, bounds, causal) -> list[Block]:
+    """Blocks of local queries against a visiting shard under doc_zigzag (`DocZigzag`).
+
+    A half is one piece per document, each with the same piece index, stored end to end; the
+    halves' pieces sit at the same relative place in every document, so a pair of halves is one
+    kernel call over all documents: a causal diagonal (the same pieces, with `bounds` inside
+    them), a full rectangle per document (key piece before query piece; separate q and k
+    document bounds, since a pad tail is its own document) or nothing (key piece after)."""
+    blocks = []
+    for qh, qo in zip(q_halves, _offsets([(0, _span(h)) for h in q_halves])):
+        for kh, ko in zip(k_halves, _offsets([(0, _span(h)) for h in k_halves])):
+            rel = {_relation(q, k, causal) for q, k in zip(qh, kh)}
+            if len(rel) != 1:
+                raise AssertionError(f"doc_zigzag halves out of step: {qh} vs {kh}")
+            rel = rel.pop()
+            if rel == "skip":
+                continue
+            nq, nk = _span(qh), _span(kh)
+            if rel == "diagonal":
+                blocks.append(Block(slice(qo, qo + nq), slice(ko, ko + nk), causal, _piece_bounds(qh, bounds)))
+            else:
+                cu_q, cu_k = _paired_bounds(qh, kh, bounds)
+                blocks.append(Block(slice(qo, qo + nq), slice(ko, ko + nk), False, cu_q, cu_k))
+    return _join_diagonals(blocks)
+
+
+def _span(half):
+    return sum(b - a for a, b in half)
+
+
+def _relation(q, k, causal):
+    if q[0] == k[0]:
+        return "diagonal"
+    return "skip" if causal and k[0] > q[0] else "full"
+
+
+def _piece_bounds(half, bounds):
+    """Document bounds of pieces stored end to end, relative to the first row."""
+    cu, pos = [0], 0
+    for a, b in half:
+        lo, hi = bisect.bisect_right(bounds, a), bisect.bisect_left(bounds, b)
+        cu += [pos + x - a for x in bounds[lo:hi]] + [pos + b - a]
+        pos += b - a
+    return tuple(cu)
+
+
+def _paired_bounds(q_half, k_half, bounds):
+    """(cu_q, cu_k) pairing, document by document, the query piece's rows with the key piece's
+    rows of the same (real or pad) document; either side may be empty."""
+    cu_q, cu_k, pq, pk = [0], [0], 0, 0
+    for (a, b), (c, d) in zip(q_half, k_half):
+        lo, hi = min(a, c), max(b, d)
+        cuts = [lo] + bounds[bisect.bisect_right(bounds, lo):bisect.bisect_left(bounds, hi)] + [hi]
+        for s, e in zip(cuts[:-1], cuts[1:]):
+            nq, nk = max(0, min(b, e) - max(a, s)), max(0, min(d, e) - max(c, s))
+            if nq or nk:
+                pq, pk = pq + nq, pk + nk
+                cu_q.append(pq)
+                cu_k.append(pk)
+    return tuple(cu_q), tuple(cu_k)
+
+
+def _join_diagonals(blocks):
+    """Step 0's diagonals of the first and of the second pieces cover adjacent rows: one call."""
+    diagonals = [b for b in blocks if b.cu_k is None]
+    joined = diagonals[:1]
+    for blk in diagonals[1:]:
+        prev = joined[-1]
+        if prev.causal == blk.causal and prev.q == prev.k and blk.q == blk.k and prev.q.stop == blk.q.start:
+            cu = prev.cu + tuple(x + prev.cu[-1] for x in blk.cu[1:])
+            joined[-1] = Block(slice(prev.q.start, blk.q.stop), slice(prev.k.start, blk.k.stop), blk.causal, cu)
+        else:
+            joined.append(blk)
+    return joined + [b for b in blocks if b.cu_k is not None]
+
+
+def _lengths(cu):
+    return [b - a for a, b in zip(cu[:-1], cu[1:])]
+
+
+def _visible(nq, nk):
+    """Causal pairs of nq queries and nk keys aligned bottom-right (query i sees nk - nq + i + 1 keys)."""
+    return sum(max(0, min(nk, nk - nq + i + 1)) for i in range(nq))
 
 
 def _offsets(ranges):
@@ -106,8 +199,26 @@ def ring_schedule(held, rank, bounds, causal) -> list[list[Block]]:
     return [plan_blocks(held[rank], held[(rank - s) % world], bounds, causal) for s in range(world)]
 
 
+@lru_cache(maxsize=64)  # every layer of a micro-batch asks for the same plan (cached by sharding)
+def doc_ring_schedule(plan, rank, causal) -> list[list[Block]]:
+    """ring_schedule for the doc_zigzag layout `plan` (a sharding.DocZigzag)."""
+    world, bounds = plan.world, list(plan.bounds)
+    return [plan_doc_blocks(plan.halves[rank], plan.halves[(rank - s) % world], bounds, causal) for s in range(world)]
+
+
 def ring_attention(q, k, v, *, group=None, causal=True, cu_seqlens=None, softmax_scale=None, layout="zigzag"):
-    world, _ = group_size_rank(group)
+    world, rank = group_size_rank(group)
+    if layout == "doc_zigzag" and world > 1:  # at world 1 the layout is the identity: the plain path
+        if q.shape[0] != 1:
+            raise ValueError(f"layout doc_zigzag needs a packed row (batch size 1), got q of shape {tuple(q.shape)}")
+        plan = doc_zigzag_plan(cu_seqlens, world)
+        if q.shape[1] != plan.local_len:
+            raise ValueError(f"doc_zigzag: rank {rank} holds {q.shape[1]} rows, but shard_sequence cuts these "
+                             f"cu_seqlens into {plan.local_len} per rank")
+        scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+        return _RingAttention.apply(q, k, v, group, doc_ring_schedule(plan, rank, causal), scale)
+    if layout == "doc_zigzag":
+        layout = "contiguous"
     seq_len = q.shape[1] * world
     held = [local_ranges(seq_len, world, r, layout) for r in range(world)]
     return ring_attention_held(q, k, v, held, group=group, causal=causal, cu_seqlens=cu_seqlens,
@@ -132,6 +243,7 @@ class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, group, steps, scale):
         comm = RingComm(group)
+        bounds = _BoundTensors(q.device)
         kv = _pack(k, v)  # one message per step, and only the Hkv heads (GQA)
         acc = torch.promote_types(q.dtype, torch.float32)
         out = torch.zeros(q.shape[:-1] + v.shape[-1:], dtype=acc, device=q.device)
@@ -141,13 +253,13 @@ class _RingAttention(torch.autograd.Function):
             k_vis, v_vis = _unpack(kv, k, v)
             for blk in blocks:
                 o, l = flash_attn(q[:, blk.q], k_vis[:, blk.k], v_vis[:, blk.k], causal=blk.causal,
-                                  cu_seqlens=_cu_tensor(blk, q), softmax_scale=scale, return_lse=True)
+                                  softmax_scale=scale, return_lse=True, **bounds(blk))
                 _merge(out[:, blk.q], lse[:, :, blk.q], o, l)
             if pending is not None:
                 kv = pending.wait()
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.group, ctx.steps, ctx.scale = group, steps, scale
+        ctx.group, ctx.steps, ctx.scale, ctx.bounds = group, steps, scale, bounds
         return out
 
     @staticmethod
@@ -166,7 +278,7 @@ class _RingAttention(torch.autograd.Function):
             for blk in blocks:
                 dq_b, dk_b, dv_b = flash_attn_backward(
                     dout[:, blk.q], q[:, blk.q], k_vis[:, blk.k], v_vis[:, blk.k], out[:, blk.q], lse[:, :, blk.q],
-                    causal=blk.causal, cu_seqlens=_cu_tensor(blk, q), softmax_scale=ctx.scale)
+                    causal=blk.causal, softmax_scale=ctx.scale, **ctx.bounds(blk))
                 dq[:, blk.q] += dq_b
                 dk_vis[:, blk.k] += dk_b
                 dv_vis[:, blk.k] += dv_b
@@ -210,8 +322,22 @@ def _unpack(buf, k, v):
     return buf[:k.numel()].view(k.shape), buf[k.numel():].view(v.shape)
 
 
-def _cu_tensor(blk, like):
-    return None if blk.cu is None else torch.tensor(blk.cu, dtype=torch.int32, device=like.device)
+class _BoundTensors:
+    """A block's document bounds as the kernels' keyword arguments, each copied to the device once
+    per call of ring attention (forward and backward share them)."""
+
+    def __init__(self, device):
+        self.device, self.cache = device, {}
+
+    def tensor(self, cu):
+        if cu not in self.cache:
+            self.cache[cu] = torch.tensor(cu, dtype=torch.int32, device=self.device)
+        return self.cache[cu]
+
+    def __call__(self, blk) -> dict:
+        if blk.cu_k is not None:
+            return {"cu_seqlens_q": self.tensor(blk.cu), "cu_seqlens_k": self.tensor(blk.cu_k)}
+        return {"cu_seqlens": None if blk.cu is None else self.tensor(blk.cu)}
 
 
 class RingComm:

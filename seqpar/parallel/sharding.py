@@ -4,13 +4,20 @@ Layouts (every sequence-parallel method takes its layout from here):
 - ``contiguous``: rank r holds chunk r of N equal chunks.
 - ``zigzag``: the row is cut into 2N chunks and rank r holds chunks r and 2N-1-r, so that
   under a causal mask every rank does the same attention work.
+- ``doc_zigzag`` (packed B=1 rows; Megatron-core's THD context parallel, Llama 3): EVERY document
+  is cut into 2N pieces and rank r holds pieces r and 2N-1-r of each, so the causal work is equal
+  per rank whatever the document mix (the row-level zigzag is not: a rank holding the tail of a
+  long document does more). See `DocZigzag` for the padding and the storage order.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 import torch.distributed as dist
 
-LAYOUTS = ("contiguous", "zigzag")
+LAYOUTS = ("contiguous", "zigzag", "doc_zigzag")
 
 
 def group_size_rank(group: dist.ProcessGroup | None) -> tuple[int, int]:
@@ -27,10 +34,16 @@ def chunk_order(world_size: int, layout: str) -> list[list[int]]:
         return [[r] for r in range(world_size)]
     if layout == "zigzag":
         return [[r, 2 * world_size - 1 - r] for r in range(world_size)]
+    if layout == "doc_zigzag":
+        raise ValueError("layout doc_zigzag cuts every document, not the row, into chunks: its ranges come from "
+                         "doc_zigzag_plan(cu_seqlens, world_size), not from chunk_order/local_ranges")
     raise ValueError(f"unknown sequence layout {layout!r}; choose one of {LAYOUTS}")
 
 
 def num_chunks(world_size: int, layout: str) -> int:
+    """Equal chunks the row must split into (doc_zigzag pads documents instead: any length works)."""
+    if layout == "doc_zigzag":
+        return 1
     return sum(len(c) for c in chunk_order(world_size, layout))
 
 
@@ -44,13 +57,18 @@ def local_ranges(seq_len: int, world_size: int, rank: int, layout: str) -> list[
 
 
 def shard_sequence(x: torch.Tensor, group: dist.ProcessGroup | None = None, *, dim: int = 1,
-                   layout: str = "zigzag", cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+                   layout: str = "zigzag", cu_seqlens: torch.Tensor | None = None,
+                   pad_value: float | int = 0) -> torch.Tensor:
     """This rank's shard of the full sequence `x` (no communication: every rank holds `x`).
 
-    `cu_seqlens` is accepted so that document-aware layouts share this signature; the layouts
-    here cut the packed row regardless of document boundaries.
+    `cu_seqlens` (the GLOBAL document boundaries of x's packed row) is needed by doc_zigzag only;
+    contiguous and zigzag cut the row regardless of documents. doc_zigzag pads each document to a
+    multiple of 2N with `pad_value` (use the loss's ignore_index for targets); pad rows are
+    dropped again by unshard_sequence, and ring attention keeps them apart from real tokens.
     """
     world, rank = group_size_rank(group)
+    if layout == "doc_zigzag":
+        return _shard_doc_zigzag(x, rank, world, dim, cu_seqlens, pad_value)
     return shard_for_rank(x, rank, world, dim=dim, layout=layout)
 
 
@@ -61,6 +79,9 @@ def unshard_sequence(x: torch.Tensor, group: dist.ProcessGroup | None = None, *,
     world, _ = group_size_rank(group)
     if world == 1:
         return x
+    if layout == "doc_zigzag":
+        plan = doc_zigzag_plan(_bounds(cu_seqlens), world)
+        return _GatherDocuments.apply(x, group, dim, plan)
     return _GatherSequence.apply(x, group, dim, layout)
 
 
@@ -159,3 +180,129 @@ def document_positions(cu_seqlens: torch.Tensor, seq_len: int) -> torch.Tensor:
     starts = cu_seqlens[:-1].long()
     doc = torch.searchsorted(starts, idx, right=True) - 1
     return idx - starts[doc]
+
+
+# ---------------------------------------------------------------- per-document zigzag (doc_zigzag)
+
+@dataclass(frozen=True, eq=False)  # identity hash: the tuples are long
+class DocZigzag:
+    """Where every token of a packed row lives under doc_zigzag over N ranks.
+
+    Padding: document d of length L is padded at its end to P = 2N * ceil(L / 2N) tokens, cut into
+    2N pieces of p = P / 2N. The pad tail is its own document in `bounds` (the padded row's
+    boundaries), so no real token attends a pad token or is attended by one: the real tokens'
+    outputs and gradients are exactly those of the unpadded row. Every rank holds 2 * sum(p)
+    rows (`local_len`), the same on each rank: the ring's messages have one size.
+
+    Storage order on rank r: piece r of every document, then piece 2N-1-r of every document
+    (`halves[r]`, global ranges of the padded row). Within a half every document's piece has the
+    same index, so its position relative to another rank's half is the same for all documents
+    (before, equal, after): one ring step is a constant number of varlen kernel calls, whatever
+    the number of documents.
+
+    At N = 1 the layout is the identity (no padding, no reordering), so a cp=1 run is unchanged."""
+    world: int
+    bounds: tuple[int, ...]  # padded row: real documents and their pad tails
+    halves: tuple[tuple[tuple[tuple[int, int], ...], ...], ...]  # [rank][half][doc] -> (start, end)
+    local_len: int
+    source: tuple[tuple[int, ...], ...]  # [rank][local row] -> index in the unpadded row, -1 for pad
+    gathered: tuple[int, ...]  # [token of the unpadded row] -> its row in the ranks' shards laid end to end
+
+    def held(self, rank: int) -> list[tuple[int, int]]:
+        return [rg for half in self.halves[rank] for rg in half]
+
+
+def doc_zigzag_plan(cu_seqlens, world_size: int) -> DocZigzag:
+    """The doc_zigzag layout of a packed row with document boundaries `cu_seqlens` (list or tensor)."""
+    return _plan(_bounds(cu_seqlens), world_size)
+
+
+@lru_cache(maxsize=64)  # one plan per micro-batch, asked for by every layer and by the sharding
+def _plan(bounds: tuple[int, ...], world: int) -> DocZigzag:
+    total = bounds[-1]
+    if world == 1:
+        return DocZigzag(1, bounds, (((0, total),),), total, (tuple(range(total)),), tuple(range(total)))
+    n = 2 * world
+    padded, halves, source = [0], [([], []) for _ in range(world)], [([], []) for _ in range(world)]
+    start = 0
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        length = b - a
+        p = -(-length // n)
+        padded += [start + length] + ([start + n * p] if n * p > length else [])
+        for r in range(world):
+            for h, piece in enumerate((r, n - 1 - r)):
+                lo = start + piece * p
+                halves[r][h].append((lo, lo + p))
+                source[r][h].extend(a + i if i < length else -1 for i in range(piece * p, piece * p + p))
+        start += n * p
+    local_len = start // world
+    gathered = [0] * total
+    for r, (first, second) in enumerate(source):
+        for i, src in enumerate(first + second):
+            if src >= 0:
+                gathered[src] = r * local_len + i
+    return DocZigzag(world, tuple(padded), tuple((tuple(f), tuple(s)) for f, s in halves), local_len,
+                     tuple(tuple(f + s) for f, s in source), tuple(gathered))
+
+
+def _bounds(cu_seqlens) -> tuple[int, ...]:
+    if cu_seqlens is None:
+        raise ValueError("layout doc_zigzag cuts every document into 2*cp pieces: pass cu_seqlens "
+                         "(the global document boundaries of the packed row)")
+    bounds = tuple(int(x) for x in (cu_seqlens.tolist() if torch.is_tensor(cu_seqlens) else cu_seqlens))
+    if len(bounds) < 2 or bounds[0] != 0 or any(b <= a for a, b in zip(bounds[:-1], bounds[1:])):
+        raise ValueError(f"cu_seqlens must rise strictly from 0 (documents of length >= 1), got {list(bounds)}")
+    return bounds
+
+
+def _shard_doc_zigzag(x, rank, world, dim, cu_seqlens, pad_value):
+    plan = doc_zigzag_plan(cu_seqlens, world)
+    total = _bounds(cu_seqlens)[-1]
+    if x.shape[dim] != total:
+        raise ValueError(f"doc_zigzag: x has {x.shape[dim]} rows along dim {dim} but cu_seqlens end at {total}; "
+                         "pass the whole packed row and its global document boundaries")
+    if world == 1:
+        return x
+    pad_shape = list(x.shape)
+    pad_shape[dim] = 1
+    padded = torch.cat([x, x.new_full(pad_shape, pad_value)], dim=dim)  # row x.shape[dim] is the pad
+    idx = torch.tensor(plan.source[rank], dtype=torch.long, device=x.device)
+    return padded.index_select(dim, torch.where(idx < 0, x.shape[dim], idx))
+
+
+class _GatherDocuments(torch.autograd.Function):
+    """unshard_sequence for doc_zigzag: all-gather the ranks' shards, keep the real rows in row order."""
+
+    @staticmethod
+    def forward(ctx, x, group, dim, plan):
+        where = torch.tensor(plan.gathered, dtype=torch.long, device=x.device)
+        ctx.group, ctx.dim, ctx.where, ctx.world, ctx.local_len = group, dim, where, plan.world, plan.local_len
+        return torch.cat(_all_gather(x, group), dim=dim).index_select(dim, where)
+
+    @staticmethod
+    def backward(ctx, grad):
+        shape = list(grad.shape)
+        shape[ctx.dim] = ctx.local_len * ctx.world
+        full = grad.new_zeros(shape).index_copy_(ctx.dim, ctx.where, grad.contiguous())  # pad rows: zero
+        return _reduce_scatter(list(full.chunk(ctx.world, dim=ctx.dim)), ctx.group), None, None, None
+
+
+def check_layout(parallel_cfg, layer_types: str) -> None:
+    """ValueError naming the fix when `parallel.layout` cannot run with these settings (config validation)."""
+    p = parallel_cfg
+    if p.layout != "doc_zigzag" or p.cp == 1:  # at cp=1 doc_zigzag is the identity
+        return
+    if "S" in layer_types and p.softmax_sp != "ring":
+        raise ValueError(f"parallel.layout=doc_zigzag runs softmax attention with parallel.softmax_sp=ring only "
+                         f"(got {p.softmax_sp!r}); set parallel.softmax_sp=ring or parallel.layout=zigzag")
+    if "L" in layer_types:
+        raise ValueError(f"parallel.layout=doc_zigzag with linear-attention layers (model.layer_pattern="
+                         f"{layer_types!r}): LASP's state scan needs the row's chunk order; use parallel.layout=zigzag "
+                         "or contiguous, or a softmax-only model")
+    if p.pp > 1:
+        raise ValueError("parallel.layout=doc_zigzag with parallel.pp>1: the padded local length changes with each "
+                         "micro-batch's documents and the pipeline sends fixed shapes; use parallel.layout=zigzag")
+    if p.tp > 1 and p.tp_sequence_parallel:
+        raise ValueError("parallel.layout=doc_zigzag with parallel.tp>1 and tp_sequence_parallel=true: the padded "
+                         "local length need not divide by tp; set parallel.tp_sequence_parallel=false or "
+                         "parallel.layout=zigzag")
