@@ -392,18 +392,21 @@ def test_cuda_lse_paths_match_fp64_reference(kernel, rows, heads, causal, monkey
 def _ring_bf16_on_nccl(rank, world):
     torch.manual_seed(0)
     errors = {}
-    for rows in (None, [0, 1, 700, 701, 1800, 2048]):
+    docs = [0, 1, 700, 701, 1800, 2048]  # doc_zigzag: 1-token documents and lengths that need padding
+    for rows, layout in ((None, "zigzag"), (docs, "zigzag"), (docs, "doc_zigzag")):
         (q, k, v, do), cu = _gpu_case(rows, 8, 2, seed=1)
         full = [t.clone().requires_grad_() for t in (q, k, v)]
         ref = kernels.flash_attn(*full, causal=True, cu_seqlens=cu)
         ref.backward(do)
-        cut = lambda t: shard_sequence(t, layout="zigzag").cuda()
+        cu_d = None if cu is None else cu.cuda()
+        cut = lambda t: shard_sequence(t.cuda(), layout=layout, cu_seqlens=cu_d)
         local = [cut(t).bfloat16().requires_grad_() for t in (q, k, v)]
-        out = ring_attention(*local, cu_seqlens=None if cu is None else cu.cuda())
+        out = ring_attention(*local, cu_seqlens=cu_d, layout=layout)
         out.backward(cut(do).bfloat16())
-        got = [unshard_sequence(out.detach().double())] + [unshard_sequence(t.grad.double()) for t in local]
+        whole = lambda t: unshard_sequence(t.double(), layout=layout, cu_seqlens=cu_d)
+        got = [whole(out.detach())] + [whole(t.grad) for t in local]
         want = [ref.detach()] + [t.grad for t in full]
-        errors[str(rows)] = [((a.cpu() - b).abs().max() / b.abs().max()).item() for a, b in zip(got, want)]
+        errors[f"{layout} {rows}"] = [((a.cpu() - b).abs().max() / b.abs().max()).item() for a, b in zip(got, want)]
     return errors
 
 

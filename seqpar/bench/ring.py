@@ -13,9 +13,11 @@ kernel family (cuDNN, FlashAttention-2; `SEQPAR_ATTN_KERNEL`):
 - torch_cp: context_parallel with the same kernel (allgather and alltoall rotation), its efficiency.
 
 Packed documents (lognormal lengths, the draw of `anchors_varlen.py`): one GPU runs varlen flash
-on the whole row; the ring runs the same documents. Printed per rank: the modelled causal work
-(query-key pairs) and the measured time, whose max/mean is the imbalance that zigzag over
-chunks leaves when documents are not uniform.
+on the whole row; the ring runs the same documents in two layouts: `zigzag` over the row's chunks
+(the family's key, e.g. "flash") and `doc_zigzag`, every document cut in 2N pieces ("flash_doc_zigzag").
+Printed per rank: the modelled causal work (query-key pairs) and the measured time, whose
+max/mean is the imbalance that zigzag over chunks leaves when documents are not uniform and
+doc_zigzag removes; with kernel calls per rank and, for doc_zigzag, the exposed communication.
 
 Needs only torch, triton and numpy. Without CUDA it runs a small smoke form on gloo (reference
 kernels, no anchor), which is how CI-side checks exercise this script.
@@ -35,9 +37,9 @@ import torch.distributed as dist
 
 from seqpar import kernels
 from seqpar.attention import ring as ring_module
-from seqpar.attention.ring import ring_attention, ring_schedule
+from seqpar.attention.ring import doc_ring_schedule, ring_attention, ring_schedule
 from seqpar.parallel.dims import init_world
-from seqpar.parallel.sharding import local_ranges, shard_sequence, unshard_sequence
+from seqpar.parallel.sharding import doc_zigzag_plan, local_ranges, shard_sequence, unshard_sequence
 
 SDPA_BACKEND = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION"}
 
@@ -128,9 +130,9 @@ def _single(q, k, v, do, kernel, device):
     return o
 
 
-def _ring_step(q, k, v, do, cu=None):
+def _ring_step(q, k, v, do, cu=None, layout="zigzag"):
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-    o = ring_attention(*leaves, cu_seqlens=cu, layout="zigzag")
+    o = ring_attention(*leaves, cu_seqlens=cu, layout=layout)
     o.backward(do)
     return o
 
@@ -213,10 +215,9 @@ def bench_packed(args, device, timer, world):
         g = torch.Generator(device=device).manual_seed(S)
         q, k, v, do = (torch.randn(1, S, args.heads, args.head_dim, device=device, dtype=args.dtype, generator=g)
                        for _ in range(4))
-        local = [shard_sequence(t, layout="zigzag") for t in (q, k, v, do)]
         held = [local_ranges(S, world, r, "zigzag") for r in range(world)]
-        steps = ring_schedule(held, rank, cu.tolist(), True)
-        work = sum(b.work() for step in steps for b in step)
+        layouts = {"zigzag": ring_schedule(held, rank, cu.tolist(), True),
+                   "doc_zigzag": doc_ring_schedule(doc_zigzag_plan(cu, world), rank, True)}
         row = dict(S=S, world=world, n_docs=len(lens), max_doc=max(lens), H=args.heads, D=args.head_dim,
                    single_kernel="kernels.flash_attn with cu_seqlens (varlen flash on CUDA) for every family")
         for kernel in args.kernels:
@@ -226,18 +227,39 @@ def bench_packed(args, device, timer, world):
                     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
                     kernels.flash_attn(*leaves, causal=True, cu_seqlens=cu).backward(do)
                 t_single = _max_over_ranks(timer(single), device)
-                t_rank = timer(lambda: _ring_step(*local, cu=cu))
-                times = _all_ranks(t_rank, device)
-                works = _all_ranks(work, device)
-                row[kernel] = dict(single_ms=t_single, ring_ms=max(times), efficiency=round(t_single / (world * max(times)), 3),
-                                   rank_ms=[round(t, 3) for t in times], rank_work=[int(w) for w in works],
-                                   work_imbalance=round(max(works) / (sum(works) / world), 3),
-                                   time_imbalance=round(max(times) / (sum(times) / world), 3))
             except Exception as e:
                 row[kernel] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
+                continue
+            for layout, steps in layouts.items():
+                key = kernel if layout == "zigzag" else f"{kernel}_{layout}"  # "flash": the sim reads it
+                try:
+                    row[key] = _packed_layout(q, k, v, do, cu, layout, steps, t_single, timer, device, world)
+                except Exception as e:
+                    row[key] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
         _report(row, rows)
-        del q, k, v, do, local
+        del q, k, v, do
     return rows
+
+
+def _packed_layout(q, k, v, do, cu, layout, steps, t_single, timer, device, world):
+    local = [shard_sequence(t, layout=layout, cu_seqlens=cu) for t in (q, k, v, do)]
+    t_rank = timer(lambda: _ring_step(*local, cu=cu, layout=layout))
+    times = _all_ranks(t_rank, device)
+    works = _all_ranks(sum(b.work() for step in steps for b in step), device)
+    calls = _all_ranks(sum(len(step) for step in steps), device)
+    out = dict(single_ms=t_single, ring_ms=max(times), efficiency=round(t_single / (world * max(times)), 3),
+               rank_ms=[round(t, 3) for t in times], rank_work=[int(w) for w in works],
+               work_imbalance=round(max(works) / (sum(works) / world), 3),
+               time_imbalance=round(max(times) / (sum(times) / world), 3),
+               calls_per_rank=[int(c) for c in calls], local_rows=local[0].shape[1])
+    if layout == "doc_zigzag":
+        with _without_comm():
+            out["compute_only_ms"] = _max_over_ranks(timer(lambda: _ring_step(*local, cu=cu, layout=layout)), device)
+        out["exposed_comm_ms"] = round(out["ring_ms"] - out["compute_only_ms"], 3)
+        o = unshard_sequence(_ring_step(*local, cu=cu, layout=layout).detach(), layout=layout, cu_seqlens=cu)
+        ref = kernels.flash_attn(q, k, v, causal=True, cu_seqlens=cu)
+        out["max_abs_diff_vs_single"] = (o.float() - ref.float()).abs().max().item()
+    return out
 
 
 def _report(row, rows):
