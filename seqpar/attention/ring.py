@@ -248,13 +248,19 @@ class _RingAttention(torch.autograd.Function):
         acc = torch.promote_types(q.dtype, torch.float32)
         out = torch.zeros(q.shape[:-1] + v.shape[-1:], dtype=acc, device=q.device)
         lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), float("-inf"), dtype=acc, device=q.device)
+        reached = []  # query row ranges some block has written
         for step, blocks in enumerate(steps):
             pending = comm.shift(kv) if step + 1 < len(steps) else None
             k_vis, v_vis = _unpack(kv, k, v)
             for blk in blocks:
                 o, l = flash_attn(q[:, blk.q], k_vis[:, blk.k], v_vis[:, blk.k], causal=blk.causal,
                                   softmax_scale=scale, return_lse=True, **bounds(blk))
-                _merge(out[:, blk.q], lse[:, :, blk.q], o, l)
+                if any(blk.q.start < r.stop and r.start < blk.q.stop for r in reached):
+                    _merge(out[:, blk.q], lse[:, :, blk.q], o, l)
+                else:  # the rows' first block: merging into (0, -inf) is a copy, at a third of the traffic
+                    out[:, blk.q].copy_(o)
+                    lse[:, :, blk.q].copy_(l)
+                reached.append(blk.q)
             if pending is not None:
                 kv = pending.wait()
         out = out.to(q.dtype)
