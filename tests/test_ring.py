@@ -201,7 +201,7 @@ def test_flash_attn_backward_from_merged_out_and_lse_matches_autograd(causal):
 DOC_ROWS = {  # lengths not divisible by 2N (padded), 1-token documents, one document spanning every rank
     "mixed": [0, 1, 14, 50, 51, 80, 97],
     "one_long": [0, 3, 90, 91],
-    "tiny": [0, 1, 2, 3, 5],  # every document shorter than 2N: mostly padding
+    "tiny": [0, 1, 2, 2, 3, 5],  # every document shorter than 2N (mostly padding), an empty one
 }
 
 

@@ -250,9 +250,9 @@ def _bounds(cu_seqlens) -> tuple[int, ...]:
         raise ValueError("layout doc_zigzag cuts every document into 2*cp pieces: pass cu_seqlens "
                          "(the global document boundaries of the packed row)")
     bounds = tuple(int(x) for x in (cu_seqlens.tolist() if torch.is_tensor(cu_seqlens) else cu_seqlens))
-    if len(bounds) < 2 or bounds[0] != 0 or any(b <= a for a, b in zip(bounds[:-1], bounds[1:])):
-        raise ValueError(f"cu_seqlens must rise strictly from 0 (documents of length >= 1), got {list(bounds)}")
-    return bounds
+    if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] < 1 or any(b < a for a, b in zip(bounds[:-1], bounds[1:])):
+        raise ValueError(f"cu_seqlens must rise from 0 to the row's length, got {list(bounds)}")
+    return tuple(sorted(set(bounds)))  # an empty document holds no token: nothing to place
 
 
 def _shard_doc_zigzag(x, rank, world, dim, cu_seqlens, pad_value):
