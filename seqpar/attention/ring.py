@@ -199,7 +199,7 @@ def ring_schedule(held, rank, bounds, causal) -> list[list[Block]]:
     return [plan_blocks(held[rank], held[(rank - s) % world], bounds, causal) for s in range(world)]
 
 
-@lru_cache(maxsize=64)  # every layer of a micro-batch asks for the same plan (cached by sharding)
+@lru_cache(maxsize=8)  # every layer of a micro-batch asks for the same plan (cached by sharding)
 def doc_ring_schedule(plan, rank, causal) -> list[list[Block]]:
     """ring_schedule for the doc_zigzag layout `plan` (a sharding.DocZigzag)."""
     world, bounds = plan.world, list(plan.bounds)

@@ -184,7 +184,7 @@ def document_positions(cu_seqlens: torch.Tensor, seq_len: int) -> torch.Tensor:
 
 # ---------------------------------------------------------------- per-document zigzag (doc_zigzag)
 
-@dataclass(frozen=True, eq=False)  # identity hash: the tuples are long
+@dataclass(frozen=True, eq=False)  # identity hash: plans are cached and looked up by their bounds
 class DocZigzag:
     """Where every token of a packed row lives under doc_zigzag over N ranks.
 
@@ -205,11 +205,8 @@ class DocZigzag:
     bounds: tuple[int, ...]  # padded row: real documents and their pad tails
     halves: tuple[tuple[tuple[tuple[int, int], ...], ...], ...]  # [rank][half][doc] -> (start, end)
     local_len: int
-    source: tuple[tuple[int, ...], ...]  # [rank][local row] -> index in the unpadded row, -1 for pad
-    gathered: tuple[int, ...]  # [token of the unpadded row] -> its row in the ranks' shards laid end to end
-
-    def held(self, rank: int) -> list[tuple[int, int]]:
-        return [rg for half in self.halves[rank] for rg in half]
+    source: torch.Tensor  # [world, local_len] int64: index of each local row in the unpadded row, -1 for pad
+    gathered: torch.Tensor  # [tokens] int64: each token's row in the ranks' shards laid end to end
 
 
 def doc_zigzag_plan(cu_seqlens, world_size: int) -> DocZigzag:
@@ -217,32 +214,38 @@ def doc_zigzag_plan(cu_seqlens, world_size: int) -> DocZigzag:
     return _plan(_bounds(cu_seqlens), world_size)
 
 
-@lru_cache(maxsize=64)  # one plan per micro-batch, asked for by every layer and by the sharding
+@lru_cache(maxsize=8)  # one plan per micro-batch, asked for by the sharding and by every layer
 def _plan(bounds: tuple[int, ...], world: int) -> DocZigzag:
     total = bounds[-1]
     if world == 1:
-        return DocZigzag(1, bounds, (((0, total),),), total, (tuple(range(total)),), tuple(range(total)))
+        every = torch.arange(total)
+        return DocZigzag(1, bounds, (((0, total),),), total, every[None], every)
     n = 2 * world
-    padded, halves, source = [0], [([], []) for _ in range(world)], [([], []) for _ in range(world)]
-    start = 0
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        length = b - a
-        p = -(-length // n)
-        padded += [start + length] + ([start + n * p] if n * p > length else [])
-        for r in range(world):
-            for h, piece in enumerate((r, n - 1 - r)):
-                lo = start + piece * p
-                halves[r][h].append((lo, lo + p))
-                source[r][h].extend(a + i if i < length else -1 for i in range(piece * p, piece * p + p))
-        start += n * p
-    local_len = start // world
-    gathered = [0] * total
-    for r, (first, second) in enumerate(source):
-        for i, src in enumerate(first + second):
-            if src >= 0:
-                gathered[src] = r * local_len + i
-    return DocZigzag(world, tuple(padded), tuple((tuple(f), tuple(s)) for f, s in halves), local_len,
-                     tuple(tuple(f + s) for f, s in source), tuple(gathered))
+    starts, lengths = torch.tensor(bounds[:-1]), torch.diff(torch.tensor(bounds))
+    pieces = (lengths + n - 1) // n
+    padded_starts = torch.cumsum(pieces * n, 0) - pieces * n
+    padded = [0]
+    for a, length, p in zip(padded_starts.tolist(), lengths.tolist(), pieces.tolist()):
+        padded += [a + length] + ([a + n * p] if n * p > length else [])
+    # every half lists the documents in order, p_d rows each: row -> (document, row within its piece)
+    doc = torch.repeat_interleave(torch.arange(len(lengths)), pieces)
+    within = torch.arange(len(doc)) - torch.repeat_interleave(torch.cumsum(pieces, 0) - pieces, pieces)
+    halves, source = [], []
+    for r in range(world):
+        rows, ranges = [], []
+        for piece in (r, n - 1 - r):
+            offset = piece * pieces[doc] + within  # position inside the padded document
+            rows.append(torch.where(offset < lengths[doc], starts[doc] + offset, -1))
+            lo = padded_starts + piece * pieces
+            ranges.append(tuple(zip(lo.tolist(), (lo + pieces).tolist())))
+        halves.append(tuple(ranges))
+        source.append(torch.cat(rows))
+    source = torch.stack(source)
+    local_len = source.shape[1]
+    gathered = torch.empty(total, dtype=torch.long)
+    real = source.reshape(-1) >= 0
+    gathered[source.reshape(-1)[real]] = torch.arange(world * local_len)[real]
+    return DocZigzag(world, tuple(padded), tuple(halves), local_len, source, gathered)
 
 
 def _bounds(cu_seqlens) -> tuple[int, ...]:
@@ -266,7 +269,7 @@ def _shard_doc_zigzag(x, rank, world, dim, cu_seqlens, pad_value):
     pad_shape = list(x.shape)
     pad_shape[dim] = 1
     padded = torch.cat([x, x.new_full(pad_shape, pad_value)], dim=dim)  # row x.shape[dim] is the pad
-    idx = torch.tensor(plan.source[rank], dtype=torch.long, device=x.device)
+    idx = plan.source[rank].to(x.device)
     return padded.index_select(dim, torch.where(idx < 0, x.shape[dim], idx))
 
 
@@ -275,7 +278,7 @@ class _GatherDocuments(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, group, dim, plan):
-        where = torch.tensor(plan.gathered, dtype=torch.long, device=x.device)
+        where = plan.gathered.to(x.device)
         ctx.group, ctx.dim, ctx.where, ctx.world, ctx.local_len = group, dim, where, plan.world, plan.local_len
         return torch.cat(_all_gather(x, group), dim=dim).index_select(dim, where)
 
