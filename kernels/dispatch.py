@@ -66,12 +66,18 @@ def backend(op: str, *tensors: torch.Tensor | None, **features) -> str:
     present = [t for t in tensors if t is not None]
     if forced == "reference" or not present or not all(t.is_cuda for t in present):
         return "reference"
-    if op == "flash_attn":
-        return _flash_attn_backend(*present[:3], **features)
-    if op == "flash_attn_backward":
-        if _wants_triton(*present[:3], **{**features, "return_lse": True}):
-            return "triton"
-        return _lse_backend(*present[:3], **features)
+    if op in ("flash_attn", "flash_attn_backward"):
+        if op == "flash_attn":
+            name = _flash_attn_backend(*present[:3], **features)
+        elif _wants_triton(*present[:3], **{**features, "return_lse": True}):
+            name = "triton"
+        else:
+            name = _lse_backend(*present[:3], **features)
+        # what torch's kernels cannot take (a causal mask with more keys than queries, gradients
+        # through the lse) the Triton kernel can: anything beats the reference's S x S matrices
+        if name == "reference" and _attn_choice() == "auto" and triton_flash_applies(*present[:3]):
+            name = "triton"
+        return name
     if op == "rms_norm":
         return _rms_norm_backend(*present[:2])
     if op == "apply_rotary":
@@ -174,9 +180,11 @@ def _lse_backend(q, k, v, *, causal=True, cu_seqlens=None, cu_seqlens_q=None, cu
 
 ATTN_CHOICES = ("auto", "flash", "cudnn", "triton")
 _TRITON_HEAD_DIMS = (64, 128)
-# Cases (attention_case) where the kernels benchmark (`--only flash`, H100) measured the Triton
-# kernel faster than torch's cuDNN / flash kernels. Empty until measured: today's defaults stay.
-TRITON_FASTER: frozenset[str] = frozenset()
+# Cases (attention_case) where the kernels benchmark (`--only flash`) measured the Triton kernel
+# faster than torch's cuDNN / flash kernels: on an H100 (2026-11-25, docs/benchmarks/2026-11-25-h100-kernels)
+# packed lognormal documents fwd+bwd 344 / 330 TFLOP/s at 16k / 64k against torch's varlen flash
+# 289 / 289 (and Flex's document mask 278 / 235); dense rows stay with cuDNN (556 against 394).
+TRITON_FASTER: frozenset[str] = frozenset({"packed", "packed_lse"})
 
 
 def _attn_choice() -> str:

@@ -247,7 +247,8 @@ def test_gpu_packed_bf16_with_length_one_documents(D, causal):
 
     lq = _lognormal(8000, seed=D)
     q, k, v, do = _inputs(1, sum(lq), sum(lq), 16, 4, D, seed=1, device="cuda")
-    _check_forward_backward(ft, q, k, v, do, torch.bfloat16, 1e-2, causal=causal, cu_seqlens=_cu(lq, "cuda"))
+    cu = _cu(lq, "cuda")  # the kernel module takes both sides' boundaries (the public flash_attn maps cu_seqlens)
+    _check_forward_backward(ft, q, k, v, do, torch.bfloat16, 1e-2, causal=causal, cu_seqlens_q=cu, cu_seqlens_k=cu)
     lk = [n + (7 if i % 3 == 0 else -min(n, 5)) for i, n in enumerate(lq)]  # more and fewer keys, some none
     q, k, v, do = _inputs(1, sum(lq), sum(lk), 16, 4, D, seed=2, device="cuda")
     _check_forward_backward(ft, q, k, v, do, torch.bfloat16, 1e-2, causal=causal, cu_seqlens_q=_cu(lq, "cuda"),
