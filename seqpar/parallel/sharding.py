@@ -75,13 +75,13 @@ def shard_sequence(x: torch.Tensor, group: dist.ProcessGroup | None = None, *, d
 def unshard_sequence(x: torch.Tensor, group: dist.ProcessGroup | None = None, *, dim: int = 1,
                      layout: str = "zigzag", cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
     """The full sequence from every rank's shard; differentiable (the gradient of the full
-    sequence is summed over ranks and each rank keeps its own shard's part)."""
+    sequence is summed over ranks and each rank keeps its own shard's part). doc_zigzag needs
+    the `cu_seqlens` the row was sharded with, and drops the pad rows."""
     world, _ = group_size_rank(group)
     if world == 1:
         return x
     if layout == "doc_zigzag":
-        plan = doc_zigzag_plan(_bounds(cu_seqlens), world)
-        return _GatherDocuments.apply(x, group, dim, plan)
+        return _GatherDocuments.apply(x, group, dim, doc_zigzag_plan(cu_seqlens, world))
     return _GatherSequence.apply(x, group, dim, layout)
 
 
