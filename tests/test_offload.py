@@ -1,6 +1,8 @@
 """Activation offload (seqpar/parallel/offload.py) on the CPU: the same bookkeeping as on CUDA
 (host copy, storage released when the block returns, brought back before recomputation, the one
 before prefetched), without the streams."""
+import weakref
+
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -56,3 +58,22 @@ def test_offload_on_cuda_streams(mode):
     for name, g in ref_grads.items():
         other = next(v for k, v in grads.items() if k.replace("._checkpoint_wrapped_module", "") == name)
         torch.testing.assert_close(other, g, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_backward_frees_each_restored_input_after_its_block(mode):
+    """The restored inputs must die block by block as backward goes, as without offload (a
+    reference held until the whole backward ends took the offload's savings back on an H100)."""
+    cfg = _cfg("parallel.cp=1")
+    model = Transformer(cfg.model)
+    model.init_weights(seed=1)
+    apply_activation_checkpointing(model, OmegaConf.create(
+        {"activation_checkpointing": mode, "offload_activations": True, "mlp_chunk_tokens": 0}))
+    inputs = []
+    for layer in model.layers.values():
+        layer.register_forward_pre_hook(lambda _, args: inputs.append(weakref.ref(args[0])))
+    alive_at_the_end = []  # the embedding's gradient is the last of the backward
+    model.tok_embeddings.weight.register_hook(lambda g: alive_at_the_end.append([r() is not None for r in inputs]))
+    ids = torch.randint(0, cfg.model.vocab_size, (1, 37), generator=torch.Generator().manual_seed(3))
+    model(ids[:, :-1], targets=ids[:, 1:]).backward()
+    assert alive_at_the_end == [[False] * len(model.layers)]

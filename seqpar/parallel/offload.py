@@ -114,7 +114,9 @@ class ActivationOffloader:
         self._start_restore(entry)
         if entry.ready is not None:
             torch.cuda.current_stream(entry.tensor.device).wait_event(entry.ready)
-        entry.state, entry.host, entry.ready = "done", None, None
+        # the checkpoint holds its own reference for the recomputation; this one (kept by the
+        # autograd graph until the whole backward ends) would keep every restored input alive
+        entry.state, entry.host, entry.ready, entry.tensor = "done", None, None, None
         prev = entry.prev() if entry.prev is not None else None
         if prev is not None:
             self._start_restore(prev)
