@@ -16,6 +16,7 @@ from functools import lru_cache
 
 import torch
 import torch.distributed as dist
+from torch.utils.weak import WeakIdKeyDictionary
 
 LAYOUTS = ("contiguous", "zigzag", "doc_zigzag")
 
@@ -211,7 +212,16 @@ class DocZigzag:
 
 def doc_zigzag_plan(cu_seqlens, world_size: int) -> DocZigzag:
     """The doc_zigzag layout of a packed row with document boundaries `cu_seqlens` (list or tensor)."""
-    return _plan(_bounds(cu_seqlens), world_size)
+    if not torch.is_tensor(cu_seqlens) or cu_seqlens.is_inference():  # (inference tensors have no version)
+        return _plan(_bounds(cu_seqlens), world_size)
+    # every layer passes the step's same cu_seqlens tensor: reading it again would be a device sync
+    known = _PLANS_OF.setdefault(cu_seqlens, {})
+    if world_size not in known or known[world_size][0] != cu_seqlens._version:
+        known[world_size] = (cu_seqlens._version, _plan(_bounds(cu_seqlens), world_size))
+    return known[world_size][1]
+
+
+_PLANS_OF = WeakIdKeyDictionary()  # cu_seqlens tensor -> {world: (its version, plan)}, while it lives
 
 
 @lru_cache(maxsize=8)  # one plan per micro-batch, asked for by the sharding and by every layer
