@@ -263,7 +263,7 @@ def test_doc_zigzag_shards_and_pads_each_document():
     x = torch.arange(17)[None]
     cu = torch.tensor([0, 5, 17])
     plan = doc_zigzag_plan(cu, 2)
-    shards = [shard_for(x, cu, r, 2) for r in range(2)]
+    shards = [_shard_for(x, cu, r, 2) for r in range(2)]
     assert shards[0].tolist() == [[0, 1, 5, 6, 7, -1, -1, 14, 15, 16]]  # pieces 0 and 3 of each document
     assert shards[1].tolist() == [[2, 3, 8, 9, 10, 4, -1, 11, 12, 13]]  # pieces 1 and 2
     assert plan.bounds == (0, 5, 8, 20)  # the pad tail [5, 8) is a document of its own
@@ -276,7 +276,7 @@ def test_doc_zigzag_shards_and_pads_each_document():
         shard_sequence(x, layout="doc_zigzag")
 
 
-def shard_for(x, cu, rank, world):
+def _shard_for(x, cu, rank, world):
     from seqpar.parallel.sharding import _shard_doc_zigzag
     return _shard_doc_zigzag(x, rank, world, 1, cu, -1)
 
