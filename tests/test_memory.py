@@ -173,3 +173,28 @@ def test_memory_knobs_are_validated(overrides, message):
                   "train.mlp_chunk_tokens=64"), world=2)
     with pytest.raises(ConfigError, match=re.escape(message)):
         validate(_cfg("parallel.cp=2", *overrides), world=2)
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_adam_states_allocated_up_front_change_nothing(foreach):
+    """The FSDP2 engine creates AdamW's moments before step 1 (so step 1's peak is every step's);
+    the steps that follow are bitwise those of torch's lazy initialisation."""
+    import torch
+    from seqpar.parallel.engine import allocate_adam_states
+
+    def run(eager):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 4))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, foreach=foreach)
+        if eager:
+            allocate_adam_states(opt)
+            assert all(opt.state[p]["exp_avg"].shape == p.shape for p in model.parameters())
+        for i in range(3):
+            model(torch.randn(5, 8, generator=torch.Generator().manual_seed(i))).square().sum().backward()
+            opt.step()
+            opt.zero_grad()
+        return [p.detach() for p in model.parameters()], opt.state_dict()["state"]
+
+    (lazy, lazy_state), (eager, eager_state) = run(False), run(True)
+    assert all(torch.equal(a, b) for a, b in zip(lazy, eager))
+    assert all(torch.equal(lazy_state[i][k], eager_state[i][k]) for i in lazy_state for k in lazy_state[i])

@@ -7,8 +7,10 @@ the next trial; it fits when the run exits cleanly. The memory estimate's check 
 (`SEQPAR_MEMORY_CHECK=0`): the point is to measure the limit, and each trial records the
 estimate beside `max_mem_gb`, which is how the estimate is validated. The search starts at the
 longest length the estimate says fits (a trial at 512k takes minutes of attention alone), gallops
-up or down from there by doubling steps, then bisects to the granularity. Search trials run one
-step; one more run of `--steps` steps at the answer gives tokens/s and MFU (its last step).
+up or down from there by doubling steps, then bisects to the granularity. Every trial runs
+`--steps` steps (default 2): the optimizer's states exist only from the first step's end, so a
+one-step trial measures a peak that training never has and can pass where step 2 runs out; the
+last step's tokens/s and MFU (past the first step's compiles and autotuning) are the answer's.
 
 `--cp 2` runs the same search on two GPUs with the sequence split over them (parallel.cp=2).
 `--anchor PATH` also runs the plain PyTorch anchor (`anchors_e2e.py --maxlen`) and records its
@@ -135,7 +137,7 @@ def main(argv=None) -> int:
     ap.add_argument("--step", type=int, default=8192, help="granularity of the answer (tokens)")
     ap.add_argument("--max-len", type=int, default=1 << 20)
     ap.add_argument("--steps", type=int, default=2,
-                    help="steps of the timing run at the answer (search trials run one); tokens/s and MFU from the last")
+                    help="steps of every trial (>= 2: the optimizer states exist from step 2); tokens/s, MFU from the last")
     ap.add_argument("--start", type=int, default=0, help="first length tried (default: the memory estimate's answer)")
     ap.add_argument("--trial-timeout", type=float, default=1800.0)
     ap.add_argument("--anchor", default=None, help="path of anchors_e2e.py to run its --maxlen beside")
@@ -176,16 +178,14 @@ def main(argv=None) -> int:
         start = predicted_start(base, mode, args.step, args.max_len, capacity, args.cp)
         trials, best_metrics = [], {}
 
-        def fits(length):  # one step allocates everything a step needs
-            last = trial(base, mode, length, 1, args.trial_timeout, trials, args.cp)
+        def fits(length):
+            last = trial(base, mode, length, args.steps, args.trial_timeout, trials, args.cp)
             if last is not None:
                 best_metrics[length] = last
             return last is not None
 
         best = search(fits, args.start or start, args.step, args.max_len)
         at = best_metrics.get(best, {})
-        if best and args.steps > 1:  # the first step includes warm-up: time the last of --steps
-            at = trial(base, mode, best, args.steps, args.trial_timeout, trials, args.cp) or {}
         results.append({"mode": name, "overrides": mode, "max_seq_len": best, "predicted_start": start,
                         "tokens_per_s": at.get("tokens_per_s"), "mfu": at.get("mfu"), "max_mem_gb": at.get("max_mem_gb"),
                         "trials": trials})

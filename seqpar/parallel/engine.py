@@ -39,12 +39,29 @@ def build_engine(model, optimizer, scheduler, cfg, dims: ParallelDims):
     return FSDP2Engine(model, optimizer, scheduler, cfg, dims)
 
 
+def allocate_adam_states(optimizer: torch.optim.Optimizer) -> None:
+    """Create Adam(W)'s moments now, as its first step would (zeros, step 0): torch allocates them
+    lazily, so the first step's forward and backward run without them and a run that does not fit
+    would pass step 1 and run out of memory in step 2. Allocated up front, the first step's peak is
+    every step's peak (what `seqpar.memory` predicts and `bench maxlen` measures in one step)."""
+    scalar = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+    for group in optimizer.param_groups:
+        if group.get("capturable") or group.get("fused") or group.get("amsgrad"):
+            return  # their states differ (device step, max moments): left to torch's own lazy init
+        for p in group["params"]:
+            if not optimizer.state[p]:
+                optimizer.state[p] = {"step": torch.tensor(0.0, dtype=scalar),
+                                      "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                                      "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
+
+
 class FSDP2Engine:
     """`model` already went through `parallelize` (fully_shard over dp_cp when it has > 1 rank)."""
 
     def __init__(self, model, optimizer, scheduler, cfg, dims: ParallelDims):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.grad_clip, self.dims = cfg.train.grad_clip, dims
+        allocate_adam_states(optimizer)
 
     def backward(self, loss: torch.Tensor, grad: torch.Tensor | None = None) -> None:
         """`loss.backward()`; on a pipeline stage before the last, `grad` is d(loss)/d(output)."""
