@@ -22,6 +22,7 @@ dK/dV transfer both overlap compute.
 from __future__ import annotations
 
 import bisect
+import weakref
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -233,7 +234,7 @@ def ring_attention_held(q, k, v, held, *, group=None, causal=True, cu_seqlens=No
         raise ValueError(f"rank {rank} of a ring of {world} holds {q.shape[1]} rows, not the ranges {held[rank]}")
     if cu_seqlens is not None and q.shape[0] != 1:
         raise ValueError(f"packed documents (cu_seqlens) need batch size 1, got q of shape {tuple(q.shape)}")
-    bounds = None if cu_seqlens is None else cu_seqlens.tolist()
+    bounds = None if cu_seqlens is None else _host_bounds(cu_seqlens)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
     steps = ring_schedule(held, rank, bounds, causal)
     return _RingAttention.apply(q, k, v, group, steps, scale)
@@ -243,7 +244,7 @@ class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, group, steps, scale):
         comm = RingComm(group)
-        bounds = _BoundTensors(q.device)
+        bounds = _BoundTensors(steps, q.device)
         kv = _pack(k, v)  # one message per step, and only the Hkv heads (GQA)
         acc = torch.promote_types(q.dtype, torch.float32)
         out = torch.zeros(q.shape[:-1] + v.shape[-1:], dtype=acc, device=q.device)
@@ -307,6 +308,27 @@ class _RingAttention(torch.autograd.Function):
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
 
+_HOST_BOUNDS: dict[int, tuple[weakref.ref, list[int]]] = {}  # id(tensor) -> (its weak reference, its values)
+
+
+def _host_bounds(cu_seqlens: torch.Tensor) -> list[int]:
+    """`cu_seqlens.tolist()`, read from the device once per tensor: every layer of a step passes the
+    same one, and each read is a host-device synchronisation. (Keyed by identity: a tensor's own
+    `==` is element-wise, so it cannot key a WeakKeyDictionary.)"""
+    key = id(cu_seqlens)
+    hit = _HOST_BOUNDS.get(key)
+    if hit is not None and hit[0]() is cu_seqlens:
+        return hit[1]
+
+    def forget(ref, key=key):
+        if _HOST_BOUNDS.get(key, (None,))[0] is ref:
+            del _HOST_BOUNDS[key]
+
+    bounds = cu_seqlens.tolist()
+    _HOST_BOUNDS[key] = (weakref.ref(cu_seqlens, forget), bounds)
+    return bounds
+
+
 def _merge(out, lse, o, l):
     """Fold one block's (o, l) into the running (out, lse) views, in place (fp32 or wider).
 
@@ -329,15 +351,24 @@ def _unpack(buf, k, v):
 
 
 class _BoundTensors:
-    """A block's document bounds as the kernels' keyword arguments, each copied to the device once
-    per call of ring attention (forward and backward share them)."""
+    """The blocks' document bounds as the kernels' keyword arguments, all of a call's steps copied
+    to the device at once (forward and backward share them): one copy from pinned memory, which
+    does not stall the host, instead of a copy per bound from pageable memory, each of which waits
+    for the stream to drain before it starts (CUDA's rule for pageable host-to-device copies)."""
 
-    def __init__(self, device):
-        self.device, self.cache = device, {}
+    def __init__(self, steps, device):
+        bounds = list(dict.fromkeys(cu for blocks in steps for blk in blocks for cu in (blk.cu, blk.cu_k) if cu))
+        flat = [x for cu in bounds for x in cu]
+        host = torch.tensor(flat, dtype=torch.int32)
+        if device.type == "cuda" and flat:
+            host = host.pin_memory()
+        dev = host.to(device, non_blocking=True)
+        self.cache, start = {}, 0
+        for cu in bounds:
+            self.cache[cu] = dev[start:start + len(cu)]
+            start += len(cu)
 
     def tensor(self, cu):
-        if cu not in self.cache:
-            self.cache[cu] = torch.tensor(cu, dtype=torch.int32, device=self.device)
         return self.cache[cu]
 
     def __call__(self, blk) -> dict:
