@@ -4,32 +4,20 @@ cuts inner blocks), and on CUDA (`gpu`) in bf16 at real sizes.
 
 Every case checks out, lse (-inf exactly where a row sees no key) and the gradients into q, k, v;
 the merge entry point is checked against merging the reference's blocks in float64."""
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from seqpar.kernels.flash_attn.reference import flash_attn_backward_reference, flash_attn_reference
+from tests.triton_interpreter import interp_only, run_interpreter_tests
 
 pytest.importorskip("triton")
 
 F64 = torch.float64
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
-interp_only = pytest.mark.skipif(not INTERPRETING, reason="run by test_triton_interpreter_subprocess")
 
 
 def test_triton_interpreter_subprocess():
-    """Runs this module's `interp_` tests in one fresh process with TRITON_INTERPRET=1 (Triton
-    picks interpreter or compiler when it is first imported; see tests/test_lightning_triton.py)."""
-    if INTERPRETING:
-        pytest.skip("already inside the interpreter run")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not gpu",
-                          "-k", "interp_", __file__], env=env, capture_output=True, text=True, timeout=600,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
+    run_interpreter_tests(__file__)
 
 
 def _cu(lengths, device="cpu"):

@@ -4,9 +4,6 @@ CPU: every kernel through Triton's interpreter on small odd shapes, forward and 
 subprocess (`TRITON_INTERPRET=1` must be set before triton is first imported); plus the references'
 backward against float64 math. GPU (`gpu`): bf16 kernels against the float64 reference, rel. err
 <= 1e-2 on several shapes, and the dispatch choosing them."""
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,28 +12,18 @@ import torch.nn.functional as F
 from seqpar import kernels
 from seqpar.kernels.cross_entropy.reference import fused_linear_cross_entropy_reference
 from seqpar.kernels.norm_rope.reference import apply_rotary_reference, rms_norm_reference, rotary_cos_sin
+from tests.triton_interpreter import interp_only, run_interpreter_tests
 
 pytest.importorskip("triton")
 
 F64 = torch.float64
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
-interp_only = pytest.mark.skipif(not INTERPRETING, reason="run by test_triton_interpreter_subprocess")
 # The interpreter stores bf16 by truncation (it holds bf16 as uint16 for numpy), not by rounding:
 # its bf16 results sit up to 2^-8 from the reference's, twice the rounding error.
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
 
 def test_triton_interpreter_subprocess():
-    """Runs this module's `interp_` tests in a fresh process with TRITON_INTERPRET=1 (see
-    tests/test_lightning_triton.py for why it must be a fresh process)."""
-    if INTERPRETING:
-        pytest.skip("already inside the interpreter run")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not gpu",
-                          "-k", "interp_", __file__], env=env, capture_output=True, text=True, timeout=600,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
-    assert " passed" in run.stdout, run.stdout[-2000:]
+    run_interpreter_tests(__file__)
 
 
 def _gen(seed, device="cpu"):

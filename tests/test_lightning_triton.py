@@ -3,38 +3,23 @@ interpreter (small shapes, a few seconds each), and on CUDA (`gpu`) in bf16/fp16
 
 Every case checks the forward (o, final state) and the gradients into q, k, v and the initial
 state, with a loss that uses the final state too, as LASP-2 does."""
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from seqpar import kernels
 from seqpar.kernels.lightning_attn.reference import lightning_attn_reference
+from tests.triton_interpreter import interp_only, run_interpreter_tests
 
 pytest.importorskip("triton")
 
 F64 = torch.float64
 
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
-interp_only = pytest.mark.skipif(not INTERPRETING, reason="run by test_triton_interpreter_subprocess")
 
 
 def test_triton_interpreter_subprocess():
-    """Runs this module's `interp_` tests in a fresh process with TRITON_INTERPRET=1.
-
-    Triton picks interpreter or compiler when `triton.language` and each `@triton.jit` are first
-    imported, so the variable must be set before any module of this process touches triton; a
-    subprocess is the one way that holds whatever other test modules imported first."""
-    if INTERPRETING:
-        pytest.skip("already inside the interpreter run")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not gpu",
-                          "-k", "interp_", __file__], env=env, capture_output=True, text=True, timeout=600,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
+    run_interpreter_tests(__file__)
 
 
 def _cu(lengths, device="cpu"):

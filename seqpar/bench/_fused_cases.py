@@ -16,29 +16,14 @@ Off CUDA it runs a smoke form on tiny shapes (the Triton kernels when TRITON_INT
 from __future__ import annotations
 
 import os
-import time
 
 import torch
 import torch.nn.functional as F
 
+from seqpar.bench.kernels import _timer
+
 GB = 1e9
 GiB = 2 ** 30
-
-
-def _timer(device, warmup=50, rep=300):
-    """Median ms of fn(); triton's do_bench (L2 flushed, CUDA events) on CUDA, wall clock elsewhere."""
-    if device.type == "cuda":
-        from triton.testing import do_bench
-        return lambda fn, grads=None: do_bench(fn, warmup=warmup, rep=rep, return_mode="median", grad_to_none=grads)
-
-    def wall(fn, grads=None):
-        times = []
-        for _ in range(3):
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e3)
-        return sorted(times)[1]
-    return wall
 
 
 def _use_triton(device) -> bool:

@@ -24,11 +24,11 @@ H, D = 32, 128
 TOKENS = 65536
 
 
-def _timer(device):
+def _timer(device, warmup=50, rep=300):
     """Median ms of fn(); triton's do_bench (L2 flushed, CUDA events) on CUDA, wall clock elsewhere."""
     if device.type == "cuda":
         from triton.testing import do_bench
-        return lambda fn, grads=None: do_bench(fn, warmup=50, rep=300, return_mode="median", grad_to_none=grads)
+        return lambda fn, grads=None: do_bench(fn, warmup=warmup, rep=rep, return_mode="median", grad_to_none=grads)
 
     def wall(fn, grads=None):
         times = []
