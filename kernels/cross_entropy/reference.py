@@ -21,6 +21,14 @@ def _matmul_dtype(hidden, weight):
     return torch.promote_types(hidden.dtype, weight.dtype)
 
 
+def token_rows(hidden, targets):
+    """(hidden as `[N, d]` rows, targets as `[N]`), checked to hold the same tokens."""
+    h, t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    if h.shape[0] != t.shape[0]:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and targets {tuple(targets.shape)} disagree on tokens")
+    return h, t
+
+
 def _logits(h, w, acc):
     if h.is_cuda and h.dtype in (torch.bfloat16, torch.float16):
         # fp32 output straight from the tensor-core accumulator: no bf16 rounding of the logits
@@ -32,11 +40,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, hidden, weight, targets, ignore_index, chunk_size, need_grad_hidden, need_grad_weight):
-        d = hidden.shape[-1]
-        h = hidden.reshape(-1, d)
-        t = targets.reshape(-1)
-        if h.shape[0] != t.shape[0]:
-            raise ValueError(f"hidden {tuple(hidden.shape)} and targets {tuple(targets.shape)} disagree on tokens")
+        h, t = token_rows(hidden, targets)
         mm = _matmul_dtype(hidden, weight)
         acc = torch.promote_types(mm, torch.float32)
         w = weight.to(mm)

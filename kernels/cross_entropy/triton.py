@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from seqpar.kernels.cross_entropy.reference import _matmul_dtype, _scale
+from seqpar.kernels.cross_entropy.reference import _matmul_dtype, _scale, token_rows
 
 BLOCK_V = 4096
 NUM_WARPS = 8
@@ -122,11 +122,7 @@ class TritonFusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, hidden, weight, targets, ignore_index, chunk_size, need_grad_hidden, need_grad_weight):
-        d = hidden.shape[-1]
-        h = hidden.reshape(-1, d)
-        t = targets.reshape(-1)
-        if h.shape[0] != t.shape[0]:
-            raise ValueError(f"hidden {tuple(hidden.shape)} and targets {tuple(targets.shape)} disagree on tokens")
+        h, t = token_rows(hidden, targets)
         mm = _matmul_dtype(hidden, weight)
         if mm not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"the Triton cross-entropy computes in fp32; matmul dtype {mm} needs the reference")

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from seqpar.kernels.cross_entropy.reference import _matmul_dtype, token_rows
+
 
 def vocab_parallel_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, group,
                                  vocab_start: int, ignore_index: int = -100, chunk_size: int = 4096) -> torch.Tensor:
@@ -27,20 +29,11 @@ def vocab_parallel_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, tar
                                   grad_on and hidden.requires_grad, grad_on and weight.requires_grad)
 
 
-def _matmul_dtype(hidden, weight):
-    if torch.is_autocast_enabled(hidden.device.type):
-        return torch.get_autocast_dtype(hidden.device.type)
-    return torch.promote_types(hidden.dtype, weight.dtype)
-
-
 class _VocabParallelCE(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, hidden, weight, targets, group, vocab_start, ignore_index, chunk_size, need_gh, need_gw):
-        d = hidden.shape[-1]
-        h, t = hidden.reshape(-1, d), targets.reshape(-1)
-        if h.shape[0] != t.shape[0]:
-            raise ValueError(f"hidden {tuple(hidden.shape)} and targets {tuple(targets.shape)} disagree on tokens")
+        h, t = token_rows(hidden, targets)
         mm = _matmul_dtype(hidden, weight)
         acc = torch.promote_types(mm, torch.float32)
         w = weight.to(mm)
