@@ -57,12 +57,34 @@ def block_call(blk, causal=True) -> AttnCall | None:
     return AttnCall.dense(nq, nk, blk.causal)
 
 
+def runtime_extra(calib, method: str, bounds) -> float:
+    """Seconds the disagg runtime (disagg, per-document CP) spends beyond its kernels and transfers,
+    per layer (fwd + bwd): gathers of task rows, index building, merges, all scaling with the
+    tokens (`calib.runtime_token_s`, fitted on the disagg benchmark)."""
+    return calib.runtime_token_s.get(method, 0.0) * bounds[-1]
+
+
+def ring_pieces(bounds: tuple[int, ...], world: int, layout: str = "zigzag") -> int:
+    """Document pieces the busiest rank's ring calls hold, summed over steps: what the packed ring
+    pays per piece beyond the kernel (`calib.ring_piece_s`: host work per document bound, fitted on
+    the packed ring rows). Dense rows: 0 (their cost is in the kernel constants)."""
+    if len(bounds) <= 2:
+        return 0
+    steps = ring_step_calls(tuple(bounds), world, layout)
+    return sum(max(sum(len(c.segments) for c in calls if c) for calls in per_rank) for per_rank in steps)
+
+
 @functools.lru_cache(maxsize=256)
 def ring_step_calls(bounds: tuple[int, ...], world: int, layout: str = "zigzag"):
-    """calls[s][r]: rank r's kernel calls at ring step s (seqpar.attention.ring's own plan)."""
-    from seqpar.attention.ring import ring_schedule
-    from seqpar.parallel.sharding import local_ranges
+    """calls[s][r]: rank r's kernel calls at ring step s (seqpar.attention.ring's own plan;
+    layout doc_zigzag: `doc_ring_schedule`, each document cut in 2N pieces)."""
+    from seqpar.attention.ring import doc_ring_schedule, ring_schedule
+    from seqpar.parallel.sharding import doc_zigzag_plan, local_ranges
 
+    if layout == "doc_zigzag" and world > 1:
+        plan = doc_zigzag_plan(list(bounds), world)
+        per_rank = [doc_ring_schedule(plan, r, True) for r in range(world)]
+        return [[[block_call(b) for b in per_rank[r][s]] for r in range(world)] for s in range(world)]
     seq = bounds[-1]
     held = [local_ranges(seq, world, r, layout) for r in range(world)]
     cu = list(bounds) if len(bounds) > 2 else None
@@ -70,15 +92,17 @@ def ring_step_calls(bounds: tuple[int, ...], world: int, layout: str = "zigzag")
     return [[[block_call(b) for b in per_rank[r][s]] for r in range(world)] for s in range(world)]
 
 
-def ring_layer(calib, cluster, rows, world, heads, kv_heads, head_dim, group, family="cudnn", act=2):
-    """(seconds, exposed comm seconds, compute seconds) of ring attention on `rows` (document bounds per row)."""
+def ring_layer(calib, cluster, rows, world, heads, kv_heads, head_dim, group, family="cudnn", act=2,
+               layout="zigzag"):
+    """(seconds, exposed comm seconds, compute seconds) of ring attention on `rows` (document bounds per row);
+    the packed rows' runtime extra (`runtime_extra`) counts as compute."""
     if world == 1:
         t = sum(attn_seconds(calib, [_single_call(b)], heads, head_dim, family) for b in rows)
         return t, 0.0, t
     total = comm_total = compute_total = 0.0
     for bounds in rows:
-        steps = ring_step_calls(tuple(bounds), world)
-        local = bounds[-1] // world
+        steps = ring_step_calls(tuple(bounds), world, layout)
+        local = -(-bounds[-1] // (2 * world)) * 2 if layout == "doc_zigzag" else bounds[-1] // world
         shard = 2 * local * kv_heads * head_dim * act  # K and V of one rank
         transfer = collective_time("send_recv", shard, group, cluster, calib.comm)
         for s, per_rank in enumerate(steps):
@@ -87,6 +111,11 @@ def ring_layer(calib, cluster, rows, world, heads, kv_heads, head_dim, group, fa
             total += overlapped(compute, comm, calib.overlap_tax)
             compute_total += compute
             comm_total += comm
+        extra = calib.ring_piece_s * ring_pieces(tuple(bounds), world, layout)
+        if len(bounds) > 2 and kv_heads < heads:  # measured only on packed GQA rows (disagg bench)
+            extra += calib.ring_gqa_token_s * local
+        total += extra
+        compute_total += extra
     return total, total - compute_total, compute_total
 
 
@@ -145,7 +174,7 @@ def perdoc_layer(calib, cluster, rows, world, heads, kv_heads, head_dim, group, 
                     if e > s:
                         per_rank[r].append((e - s, e))
         times = [attn_seconds(calib, [AttnCall(tuple(segs), True)], heads, head_dim, family) for segs in per_rank]
-        compute += max(times)
+        compute += max(times) + runtime_extra(calib, "per_doc_cp", bounds) / world
         kv_all = 2 * bounds[-1] * kv_heads * head_dim * act
         comm += collective_time("all_gather", kv_all, group, cluster, calib.comm) + \
             collective_time("reduce_scatter", kv_all, group, cluster, calib.comm)
@@ -153,12 +182,14 @@ def perdoc_layer(calib, cluster, rows, world, heads, kv_heads, head_dim, group, 
 
 
 def disagg_layer(calib, cluster, rows, world, heads, kv_heads, head_dim, group, family="cudnn", act=2,
-                 overlap=False, eps=0.1, min_chunk=128):
-    from seqpar.attention.disagg import plan
+                 overlap=False, eps=0.1, min_chunk=128, task_overhead=None):
+    from seqpar.attention.disagg.planner import TASK_OVERHEAD
 
     compute = comm = 0.0
+    row_bytes = (heads * 2 * head_dim * act, kv_heads * 2 * head_dim * act)  # as the runtime plans: Q+O, K+V
     for bounds in rows:
-        p = plan(list(bounds), world, eps=eps, min_chunk=min_chunk)
+        p = _disagg_plan(tuple(bounds), world, eps, min_chunk, TASK_OVERHEAD if task_overhead is None else task_overhead,
+                         row_bytes)
         per_server = [[] for _ in range(world)]
         moved_q = [0] * world
         for t in p.tasks:
@@ -167,7 +198,7 @@ def disagg_layer(calib, cluster, rows, world, heads, kv_heads, head_dim, group, 
                 moved_q[t.owner] += t.q_end - t.q_start
         times = [attn_seconds(calib, [AttnCall(tuple(segs), True)], heads, head_dim, family) if segs else 0.0
                  for segs in per_server]
-        compute += max(times)
+        compute += max(times) + runtime_extra(calib, "disagg", bounds) / world
         # queries out and outputs back forward, dO out and dQ back backward; K/V rows travel with
         # their queries (once per server) and dK/dV back: about one K/V row per moved query row
         rows_out = max(moved_q)
@@ -181,6 +212,13 @@ def disagg_layer(calib, cluster, rows, world, heads, kv_heads, head_dim, group, 
         total = overlapped(compute, comm, calib.overlap_tax)
         return total, total - compute, compute
     return compute + comm, comm, compute
+
+
+@functools.lru_cache(maxsize=1024)
+def _disagg_plan(bounds: tuple[int, ...], world, eps, min_chunk, overhead, row_bytes):
+    from seqpar.attention.disagg import plan
+
+    return plan(list(bounds), world, eps=eps, min_chunk=min_chunk, overhead=overhead, row_bytes=row_bytes)
 
 
 def lasp_layer(calib, cluster, rows, world, heads, head_dim, group, method="lasp2"):

@@ -11,6 +11,7 @@ cluster-derived default and says so in `Calibration.sources`. `exclude` drops na
 | LASP-2 extra per layer (fixed, per token) | lasp bench: lasp2_serial minus the kernel on the local half minus the gather |
 | overlap tax | ring bench: exposed comm (ring - compute-only) over the modelled transfers |
 | intra-node alpha/beta per collective | comm bench (`python -m seqpar.bench comm`), when present |
+| runtime extra per local token (disagg, per-document CP); packed ring per document piece | disagg bench case means; ring bench packed rows |
 | layer host overhead | the default job (tiny model, launch-bound) end to end |
 | element-wise factor | llama_1b 16k end to end on one GPU |
 """
@@ -26,7 +27,8 @@ import numpy as np
 
 from seqpar.sim.comm import LinkFit
 from seqpar.sim.compute import AttnFit
-from seqpar.sim.measurements import e2e_samples, folder_health, lasp_samples, load_benchmarks, ring_samples
+from seqpar.sim.measurements import (disagg_samples, e2e_samples, folder_health, lasp_samples, load_benchmarks,
+                                     ring_samples)
 
 @dataclass
 class Calibration:
@@ -38,6 +40,9 @@ class Calibration:
     overlap_tax: float
     elementwise_factor: float
     layer_overhead_s: float
+    runtime_token_s: dict[str, float] = field(default_factory=dict)  # see attention_cost.runtime_extra
+    ring_piece_s: float = 0.0  # see attention_cost.ring_pieces
+    ring_gqa_token_s: float = 0.0  # packed ring with fewer K/V than query heads, per local token
     comm: LinkFit = field(default_factory=LinkFit)
     sources: dict[str, str] = field(default_factory=dict)
 
@@ -48,6 +53,9 @@ class Calibration:
                                "per_token_ns": round(self.lasp_token_s * 1e9, 3)},
                 "overlap_tax": round(self.overlap_tax, 3), "elementwise_factor": round(self.elementwise_factor, 3),
                 "layer_overhead_us": round(self.layer_overhead_s * 1e6, 1),
+                "runtime_ns_per_local_token": {k: round(v * 1e9, 2) for k, v in self.runtime_token_s.items()},
+                "ring_per_document_piece_us": round(self.ring_piece_s * 1e6, 2),
+                "ring_gqa_ns_per_local_token": round(self.ring_gqa_token_s * 1e9, 2),
                 "comm_intra_node": {op: {"latency_us": round(a * 1e6, 2), "GB_s": round(bw / 1e9, 1)}
                                     for op, (a, bw) in self.comm.ops.items()},
                 "sources": self.sources}
@@ -101,7 +109,8 @@ def _nnls_relative(rows: list[tuple[list[float], float]]) -> np.ndarray:
 def fit_attention(samples, exclude=()) -> dict[str, AttnFit]:
     """Per family: coefficients of (1/rate, per_token, per_call) from single and ring-compute samples."""
     fits = {}
-    usable = [s for s in samples if s["kind"] in ("single", "ring_compute") and s["group"] not in exclude]
+    usable = [s for s in samples if s["kind"] in ("single", "ring_compute") and s["group"] not in exclude
+              and s.get("layout", "zigzag") == "zigzag"]  # doc_zigzag rows are held out (validation only)
     for family in ("flash", "cudnn"):
         rows = []
         for s in usable:
@@ -189,6 +198,65 @@ def fit_overlap_tax(samples, calib, cluster, exclude=()) -> float | None:
     return statistics.median(taxes) if taxes else None
 
 
+def _scales(points) -> np.ndarray:
+    """c >= 0 minimising the relative error of base + features . c against measured, over
+    (features, measured, base) points (every support tried: a handful of unknowns)."""
+    A = np.array([[x / m for x in xs] for xs, m, _ in points])
+    b = np.array([(m - base) / m for _, m, base in points])
+    best, best_err = np.zeros(A.shape[1]), float((b ** 2).sum())
+    for k in range(1, A.shape[1] + 1):
+        for support in itertools.combinations(range(A.shape[1]), k):
+            sol, *_ = np.linalg.lstsq(A[:, support], b, rcond=None)
+            x = np.zeros(A.shape[1])
+            x[list(support)] = sol
+            err = float(((A @ x - b) ** 2).sum())
+            if (sol >= 0).all() and err < best_err - 1e-15:
+                best, best_err = x, err
+    return best
+
+
+def _one_scale(points) -> float:
+    return float(_scales([((x,), m, b) for x, m, b in points])[0])
+
+
+def fit_runtime(ring, disagg, calib, cluster, exclude=()) -> tuple[dict[str, float], float | None]:
+    """({runtime: s per local token}, s per ring document piece) beyond the modelled kernels and
+    transfers: `disagg` on the disagg benchmark's disagg rows (with and without ping-pong),
+    `per_doc_cp` on its per-document CP rows (the same runtime serving its own chunks), the ring's
+    per-piece cost (attention_cost.ring_pieces) on the packed ring rows of the ring benchmark and the
+    disagg benchmark's ring rows. Fitted on each case's mean over its batches, every extra at zero."""
+    from seqpar.sim.attention_cost import ring_layer, ring_pieces
+    from seqpar.sim.cases import RUNTIME_OF, disagg_case
+    from seqpar.sim.comm import placed
+
+    base = replace(calib, runtime_token_s={}, ring_piece_s=0.0, ring_gqa_token_s=0.0)
+    points = {"disagg": [], "per_doc_cp": []}
+    ring_points = []
+    for s in disagg:
+        if s["group"] in exclude:
+            continue
+        for method, runtime in RUNTIME_OF.items():
+            case = disagg_case(method, s, base, cluster)
+            if case and runtime in points:
+                measured, pred, local, _ = case
+                points[runtime].append((local, measured, pred))
+            elif case:
+                rows = [b for b, r in s["batches"] if f"{method}_ms" in r]
+                pieces = sum(ring_pieces(tuple(b), s["world"]) for b in rows) / len(rows)
+                gqa = case[2] if s["Hkv"] < s["H"] else 0.0
+                ring_points.append(((pieces, gqa), case[0], case[1]))
+    for s in ring:
+        if s["group"] in exclude or s["kind"] != "ring" or len(s["bounds"]) <= 2:
+            continue
+        layout = s.get("layout", "zigzag")
+        group = placed(s["world"], 1, cluster.gpus_per_node)
+        pred = ring_layer(base, cluster, [s["bounds"]], s["world"], s["H"], s["H"], s["D"], group, s["family"],
+                          layout=layout)[0]
+        ring_points.append(((ring_pieces(tuple(s["bounds"]), s["world"], layout), 0.0), s["measured"], pred))
+    per_token = {name: _one_scale(pts) for name, pts in points.items() if pts}
+    return per_token, (tuple(_scales(ring_points)) if ring_points else None)
+
+
 def fit_comm(found) -> LinkFit:
     """Intra-node (latency, bandwidth) per collective from `seqpar.bench comm` rows: least squares of
     time = latency_terms * a + moved_bytes / bw over the message sizes."""
@@ -274,6 +342,11 @@ def calibrate(root: Path | None = None, exclude: tuple[str, ...] = (), cluster=N
     tax = fit_overlap_tax(ring, calib, cluster, exclude)
     if tax is not None:
         calib.overlap_tax = tax
+    runtime, piece = fit_runtime(ring, disagg_samples(found), calib, cluster, exclude)
+    if runtime or piece is not None:
+        calib.runtime_token_s = runtime
+        calib.ring_piece_s, calib.ring_gqa_token_s = piece or (0.0, 0.0)
+        calib.sources["runtime"] = ", ".join(sorted({p for p, _ in found["disagg"]} | {s["file"] for s in ring}))
     lasp = fit_lasp(lasp_samples(found), calib, cluster, exclude)
     if lasp:
         calib.lasp_call_s, calib.lasp_token_s = lasp

@@ -100,6 +100,12 @@ def ring_samples(found) -> list[dict]:
                 if fam == "flash":  # the single-GPU row is varlen flash for every family
                     out.append(dict(base, kind="single", measured=r["single_ms"] / 1e3))
                 out.append(dict(base, kind="ring", measured=r["ring_ms"] / 1e3))
+                zz = row.get(f"{fam}_doc_zigzag")  # the same documents under layout doc_zigzag
+                if zz and "error" not in zz:
+                    out.append(dict(base, kind="ring", layout="doc_zigzag", measured=zz["ring_ms"] / 1e3))
+                    if "compute_only_ms" in zz:
+                        out.append(dict(base, kind="ring_compute", layout="doc_zigzag",
+                                        measured=zz["compute_only_ms"] / 1e3))
     return out
 
 
@@ -143,6 +149,8 @@ def disagg_samples(found, seed: int = 0) -> list[dict]:
                     batches.append((bounds, row))
             if batches:
                 out.append(dict(group=f"disagg {mix} {tokens}", mix=mix, tokens=tokens, world=world, file=path,
+                                eps=data.get("eps", 0.1), min_chunk=data.get("min_chunk", 128),
+                                task_overhead=data.get("task_overhead_pairs"),
                                 H=data.get("heads", 32), Hkv=data.get("kv_heads", 8), D=data.get("head_dim", 128),
                                 batches=batches, skipped=len(case.get("rows", [])) - len(batches)))
     return out

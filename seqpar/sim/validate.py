@@ -14,6 +14,7 @@ import os
 
 from seqpar.sim.attention_cost import _single_call, lasp_layer, ring_layer
 from seqpar.sim.calibrate import calibrate
+from seqpar.sim.cases import DISAGG_METHODS, RUNTIME_OF, disagg_case
 from seqpar.sim.measurements import disagg_samples, e2e_samples, lasp_samples, load_benchmarks, ring_samples
 from seqpar.sim.cluster import load_cluster
 from seqpar.sim.comm import placed
@@ -32,7 +33,8 @@ def _attn_case(s, calib, cluster):
     group = placed(s["world"], 1, cluster.gpus_per_node)
     if s["kind"] == "single":
         return attn_seconds(calib, [_single_call(s["bounds"])], s["H"], s["D"], s["family"])
-    total, _, compute = ring_layer(calib, cluster, [s["bounds"]], s["world"], s["H"], s["H"], s["D"], group, s["family"])
+    total, _, compute = ring_layer(calib, cluster, [s["bounds"]], s["world"], s["H"], s["H"], s["D"], group, s["family"],
+                                   layout=s.get("layout", "zigzag"))
     return compute if s["kind"] == "ring_compute" else total
 
 
@@ -42,26 +44,6 @@ def _lasp_case(s, calib, cluster, single=False):
     group = placed(s["world"], 1, cluster.gpus_per_node)
     method = "lasp1" if s["method"] == "lasp1" else "lasp2"
     return lasp_layer(calib, cluster, [(0, s["tokens"])], s["world"], s["H"], s["D"], group, method)[0]
-
-
-DISAGG_METHODS = {"dp_no_rebalance": "data parallel, no rebalancing", "disagg": "disagg (ping-pong)",
-                  "disagg_no_pingpong": "disagg (no ping-pong)", "ring": "ring (zigzag)", "per_doc_cp": "per-document CP"}
-
-
-def _disagg_method(method, bounds, s, calib, cluster):
-    from seqpar.sim.attention_cost import (attn_seconds, disagg_layer, perdoc_layer)
-
-    world, H, Hkv, D = s["world"], s["H"], s["Hkv"], s["D"]
-    group = placed(world, 1, cluster.gpus_per_node)
-    if method == "dp_no_rebalance":  # each rank its own micro-batch, no communication: the slowest
-        per = bounds[-1] // world
-        own = [tuple(x - r * per for x in bounds if r * per <= x <= (r + 1) * per) for r in range(world)]
-        return max(attn_seconds(calib, [_single_call(b)], H, D) for b in own)
-    if method == "ring":
-        return ring_layer(calib, cluster, [bounds], world, H, Hkv, D, group)[0]
-    if method == "per_doc_cp":
-        return perdoc_layer(calib, cluster, [bounds], world, H, Hkv, D, group)[0]
-    return disagg_layer(calib, cluster, [bounds], world, H, Hkv, D, group, overlap=method == "disagg")[0]
 
 
 def _e2e_case(s, calib, cluster):
@@ -91,11 +73,16 @@ def validate(root=None) -> dict:
         docs = len(s["bounds"]) - 1
         name = (f"{label} {s['family']} S={s['S'] // 1024}k" + (f" packed {docs} docs" if docs > 1 else "")
                 + ("" if s["kind"] == "single" else f" on {s['world']} GPUs"))
+        layout = s.get("layout", "zigzag")
+        if layout != "zigzag":
+            name = name.replace(f"{label} ", f"{label} {layout} ", 1)
         fits = ["attention kernel"] if s["kind"] != "ring" or docs == 1 else []
         if s["kind"] == "ring" and docs == 1:
             fits.append("overlap tax")
         if s["kind"] == "ring" and docs > 1:
-            fits = []  # packed ring rows feed no fit (their single-GPU twin feeds the flash kernel)
+            fits = ["runtime extra"]  # packed ring rows fit only the packed ring's runtime extra
+        if layout != "zigzag" and s["kind"] == "ring_compute":
+            fits = []  # doc_zigzag compute-only rows feed no fit
         cases.append(_case(name, s["measured"], _attn_case(s, full, cluster), _attn_case(s, loo(s["group"]), cluster),
                            s["world"] if s["kind"] != "single" else 1, s["file"], fits))
 
@@ -118,16 +105,17 @@ def validate(root=None) -> dict:
                            ["lasp extra"] if s["method"] == "lasp2_serial" else []))
 
     for s in disagg_samples(found):
+        loo_calib = loo(s["group"])
         for method, label in DISAGG_METHODS.items():
-            key = f"{method}_ms"
-            rows = [(b, r) for b, r in s["batches"] if key in r]
-            if not rows:
+            case = disagg_case(method, s, full, cluster)
+            if case is None:
                 continue
-            measured = sum(r[key] for _, r in rows) / len(rows) / 1e3
-            pred = sum(_disagg_method(method, b, s, full, cluster) for b, _ in rows) / len(rows)
+            measured, pred, _, n = case
+            loo_pred = disagg_case(method, s, loo_calib, cluster)[1]
             size = f"{s['tokens'] // 1024}k" if s["tokens"] >= 1024 else str(s["tokens"])
-            cases.append(_case(f"{label}, {s['mix']} {size} tokens per rank", measured, pred, pred,
-                               s["world"], s["file"], [], f"mean over {len(rows)} batches"))
+            fits = ["runtime extra"] if method in RUNTIME_OF else []
+            cases.append(_case(f"{label}, {s['mix']} {size} tokens per rank", measured, pred, loo_pred,
+                               s["world"], s["file"], fits, f"mean over {n} batches"))
 
     for s in e2e_samples(found):
         if s["unhealthy"]:
