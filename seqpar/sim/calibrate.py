@@ -17,6 +17,7 @@ cluster-derived default and says so in `Calibration.sources`. `exclude` drops na
 """
 from __future__ import annotations
 
+import glob
 import itertools
 import os
 import statistics
@@ -43,6 +44,9 @@ class Calibration:
     runtime_token_s: dict[str, float] = field(default_factory=dict)  # see attention_cost.runtime_extra
     ring_piece_s: float = 0.0  # see attention_cost.ring_pieces
     ring_gqa_token_s: float = 0.0  # packed ring with fewer K/V than query heads, per local token
+    fused_norm_eff: float = 1.0  # Triton RMSNorm's share of HBM copy bandwidth (slowest of fwd, bwd)
+    fused_rope_eff: float = 1.0  # Triton RoPE's
+    fused_ce_ratio: float = 1.0  # fused linear + CE time over the unfused F.linear + F.cross_entropy
     comm: LinkFit = field(default_factory=LinkFit)
     sources: dict[str, str] = field(default_factory=dict)
 
@@ -56,6 +60,8 @@ class Calibration:
                 "runtime_ns_per_local_token": {k: round(v * 1e9, 2) for k, v in self.runtime_token_s.items()},
                 "ring_per_document_piece_us": round(self.ring_piece_s * 1e6, 2),
                 "ring_gqa_ns_per_local_token": round(self.ring_gqa_token_s * 1e9, 2),
+                "fused_kernels": {"rms_norm_share_of_hbm": self.fused_norm_eff, "rope_share_of_hbm": self.fused_rope_eff,
+                                  "ce_time_vs_unfused": self.fused_ce_ratio},
                 "comm_intra_node": {op: {"latency_us": round(a * 1e6, 2), "GB_s": round(bw / 1e9, 1)}
                                     for op, (a, bw) in self.comm.ops.items()},
                 "sources": self.sources}
@@ -257,6 +263,29 @@ def fit_runtime(ring, disagg, calib, cluster, exclude=()) -> tuple[dict[str, flo
     return per_token, (tuple(_scales(ring_points)) if ring_points else None)
 
 
+def fit_fused(root) -> tuple[float, float, float, str] | None:
+    """(RMSNorm share of HBM copy bandwidth, RoPE's, fused CE time ratio, file) from the kernels
+    benchmark's fused section summary (`seqpar.bench kernels --only fused`: a JSON file, or the
+    summary line its log prints when the JSON did not come back)."""
+    import json
+
+    from seqpar.sim.measurements import bench_dir
+
+    root = Path(root or bench_dir())
+    for path in sorted(glob.glob(str(root / "*" / "fused*.json")) + glob.glob(str(root / "*" / "fused*.log"))):
+        for line in Path(path).read_text().splitlines():
+            if not line.startswith("{") or "ce_vs_unfused" not in line:
+                continue
+            try:
+                summary = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            ce = [v["time_ratio"] for k, v in summary["ce_vs_unfused"].items() if "triton" in k and "4096" in k]
+            if ce:
+                return (summary["rms_norm_min_pct_copy"] / 100, summary["rope_min_pct_copy"] / 100, ce[0], path)
+    return None
+
+
 def fit_comm(found) -> LinkFit:
     """Intra-node (latency, bandwidth) per collective from `seqpar.bench comm` rows: least squares of
     time = latency_terms * a + moved_bytes / bw over the message sizes."""
@@ -290,11 +319,13 @@ def fit_e2e(samples, calib, cluster, exclude=()) -> Calibration:
 
     usable = [s for s in samples if not s["unhealthy"] and s["group"] not in exclude]
     launch = [s for s in usable if s["world"] > 1]
-    compute = [s for s in usable if s["world"] == 1]
+    # the factor is the eager torch ops' (the Triton kernels' runs are predicted, not fitted)
+    compute = [s for s in usable if s["world"] == 1 and s["torch_elementwise"]]
 
     def solve(sample, key, lo, hi):
         cfg = as_plain(compose(sample["overrides"]))
-        f = lambda v: predict_step(cfg, sample["world"], cluster, replace(calib, **{key: v}))["step_s"] - sample["measured"]
+        f = lambda v: predict_step(cfg, sample["world"], cluster, replace(calib, **{key: v}),
+                                   torch_elementwise=sample["torch_elementwise"])["step_s"] - sample["measured"]
         if f(lo) > 0 or f(hi) < 0:
             return lo if f(lo) > 0 else hi
         for _ in range(30):
@@ -351,6 +382,9 @@ def calibrate(root: Path | None = None, exclude: tuple[str, ...] = (), cluster=N
     if lasp:
         calib.lasp_call_s, calib.lasp_token_s = lasp
         calib.sources["lasp"] = ", ".join(p for p, _ in found["lasp"])
+    fused = fit_fused(root)
+    if fused:
+        calib.fused_norm_eff, calib.fused_rope_eff, calib.fused_ce_ratio, calib.sources["fused_kernels"] = fused
     calib = fit_e2e(e2e_samples(found), calib, cluster, exclude)
     for k in ("attention", "linear", "lasp", "layer_overhead_s", "elementwise_factor"):
         calib.sources.setdefault(k, "default (no benchmark JSON found)")

@@ -94,20 +94,41 @@ def matmul_time(flops: float, cluster, efficiency: float | None = None) -> float
     return flops / (cluster.peak_flops * (efficiency or cluster.matmul_efficiency))
 
 
-def elementwise_bytes_per_token(model_cfg, kind: str, tp: int, act: int = 2, p: int = 4, sp: bool = True) -> float:
-    """Bytes one token moves through the element-wise kernels of one layer, forward + backward:
-    each pass reads and writes its tensors once (backward ~ twice the forward's traffic). With
-    Megatron-SP (`sp`) the norms and the residual stream hold 1/tp of the tokens on each rank."""
+def elementwise_parts(model_cfg, kind: str, tp: int, act: int = 2, sp: bool = True) -> dict[str, float]:
+    """Bytes one token moves through the element-wise kernels of one layer, forward + backward, by
+    kind: `norms` and `rope` (seqpar's Triton kernels since the 2026-11-25 kernels work), `other`
+    (residual adds, casts, SwiGLU, lightning's gates: eager torch ops). Each pass reads and writes
+    its tensors once (backward ~ twice the forward's traffic). The residual stream is bf16 unless
+    `model.fp32_residual` (then fp32, cast for each block input). With Megatron-SP (`sp`) the norms
+    and the residual stream hold 1/tp of the tokens on each rank."""
     from seqpar.model.transformer import head_dim
 
+    p = 4 if getattr(model_cfg, "fp32_residual", False) else act
     d, hd, ffn = model_cfg.d_model, head_dim(model_cfg), model_cfg.ffn_dim
     q, kv = model_cfg.n_heads * hd // tp, model_cfg.n_kv_heads * hd // tp
-    norms = 2 * (p * d + act * d)  # two RMSNorms: fp32 in, bf16 out
-    residual = 2 * 3 * p * d  # two adds, read two write one
-    casts = 2 * (p + act) * d  # the residual stream cast for the attention and MLP inputs
+    split = tp if sp else 1
+    norms = 2 * (p * d + act * d) / split  # two RMSNorms: residual dtype in, bf16 out
+    residual = 2 * 3 * p * d / split  # two adds, read two write one
+    casts = 2 * (p + act) * d / split if p != act else 0.0  # an fp32 stream cast for the block inputs
     swiglu = 3 * act * ffn // tp  # silu(w1 x) * w3 x: read two, write one
-    attn = 2 * 2 * act * (q + kv) if kind == "S" else 9 * 2 * act * q  # RoPE on q, k | lightning's gates and norm
-    return 3.0 * ((norms + residual + casts) / (tp if sp else 1) + swiglu + attn)
+    rope = 2 * 2 * act * (q + kv) if kind == "S" else 0.0
+    gates = 9 * 2 * act * q if kind != "S" else 0.0  # lightning's gates and output norm
+    return {"norms": 3.0 * norms, "rope": 3.0 * rope, "other": 3.0 * (residual + casts + swiglu + gates)}
+
+
+def elementwise_bytes_per_token(model_cfg, kind: str, tp: int, act: int = 2, sp: bool = True) -> float:
+    return sum(elementwise_parts(model_cfg, kind, tp, act, sp).values())
+
+
+def elementwise_time(model_cfg, kind, tp, sp, tokens, calib, hbm, torch_ops: bool) -> float:
+    """Seconds of one layer's element-wise passes: with seqpar's Triton kernels (`torch_ops` False)
+    the norms and RoPE run at their measured share of HBM bandwidth and the rest at the fitted
+    eager factor; with the torch ops of earlier runs everything runs at the eager factor."""
+    parts = elementwise_parts(model_cfg, kind, tp, sp=sp)
+    if torch_ops:
+        return sum(parts.values()) * tokens * calib.elementwise_factor / hbm
+    return tokens / hbm * (parts["norms"] / calib.fused_norm_eff + parts["rope"] / calib.fused_rope_eff
+                           + parts["other"] * calib.elementwise_factor)
 
 
 def loss_bytes_per_token(vocab: int) -> float:

@@ -27,9 +27,9 @@ def bench_dir() -> Path:
 # ---------------------------------------------------------------- reading the benchmark folders
 
 def load_benchmarks(root: Path | None = None) -> dict[str, list]:
-    """Every JSON/JSONL under `root`/*/ by kind: ring, lasp, kernels, comm, e2e (metrics.jsonl)."""
+    """Every JSON/JSONL under `root`/*/ by kind: ring, lasp, kernels, comm, disagg, maxlen, e2e (metrics.jsonl)."""
     root = Path(root or bench_dir())
-    found = {"ring": [], "lasp": [], "kernels": [], "comm": [], "disagg": [], "e2e": []}
+    found = {"ring": [], "lasp": [], "kernels": [], "comm": [], "disagg": [], "maxlen": [], "e2e": []}
     for path in sorted(glob.glob(str(root / "*" / "*.json"))):
         try:
             data = json.loads(Path(path).read_text())
@@ -167,6 +167,26 @@ E2E_RUNS = {
 }
 
 
+# Runs made before seqpar's Triton RMSNorm/RoPE/fused CE and its bf16 residual stream (commit
+# 14f0567's notes, docs/benchmarks/README.md): torch's element-wise ops and an fp32 residual.
+TORCH_ELEMENTWISE_RUNS = {"2026-11-25-h100-foundation", "2026-11-25-h100-llama1b", "2026-11-25-h100-llama1b-sdpa",
+                          "2026-11-25-2xh100-linear"}
+
+
+def maxlen_exclusions(found) -> list[dict]:
+    """The maxlen benchmark's one-step trials, each with why it validates nothing."""
+    out = []
+    for path, data in found["maxlen"]:
+        for res in data.get("results", []):
+            reason = ("one step per trial (its time includes the first step's warm-up); its memory peak lacks "
+                      "the optimizer states, which were created lazily after the first step then")
+            if "offload" in res.get("mode", ""):
+                reason += "; the offload mode also had a leak fixed since"
+            out.append({"name": f"maxlen {data.get('model')} {res.get('mode')} {res.get('max_seq_len', 0) // 1024}k",
+                        "measured_s": None, "reason": reason, "file": os.path.relpath(path)})
+    return out
+
+
 def e2e_samples(found) -> list[dict]:
     out = []
     for path, rows in found["e2e"]:
@@ -178,7 +198,10 @@ def e2e_samples(found) -> list[dict]:
             continue
         mem = max((r.get("max_mem_gb") or 0) for r in rows) or None
         name = f"e2e {Path(path).parent.name}/{Path(path).stem}"
-        out.append(dict(group=name, name=name, file=path, world=run["world"], overrides=run["overrides"],
+        old_code = Path(path).parent.name in TORCH_ELEMENTWISE_RUNS
+        overrides = run["overrides"] + (["model.fp32_residual=true"] if old_code else [])
+        out.append(dict(group=name, name=name, file=path, world=run["world"], overrides=overrides,
+                        torch_elementwise=old_code,
                         measured=statistics.median(r["step_time_s"] for r in steady), measured_mem_gib=mem,
                         unhealthy=folder_health(path)))
     return out

@@ -19,7 +19,7 @@ from seqpar.sim.attention_cost import (allgather_layer, disagg_layer, lasp_layer
                                        ulysses_layer, usp_groups)
 from seqpar.memory import MARGIN  # the share of a GPU's memory a run may plan to use
 from seqpar.sim.comm import collective_time, group_of, overlapped, placed
-from seqpar.sim.compute import elementwise_bytes_per_token, loss_bytes_per_token, matmul_time
+from seqpar.sim.compute import elementwise_time, loss_bytes_per_token, matmul_time
 
 
 class LayoutError(ValueError):
@@ -100,8 +100,9 @@ def _attention(kind, cfg, calib, cluster, sizes, rows, tokens_rank, family):
 
 
 def predict_step(cfg, world: int, cluster, calib, *, family: str = "cudnn", virtual_stages: int | None = None,
-                 doc_bounds: list[tuple[int, ...]] | None = None) -> dict:
-    """The step time and its parts (seconds), tokens/s, MFU, memory; see the module docstring."""
+                 doc_bounds: list[tuple[int, ...]] | None = None, torch_elementwise: bool = False) -> dict:
+    """The step time and its parts (seconds), tokens/s, MFU, memory; see the module docstring.
+    `torch_elementwise`: the run used torch's norms, RoPE and loss (seqpar before its Triton kernels)."""
     from seqpar.model.flops import block_params, count_params, step_flops
     from seqpar.model.transformer import layer_types
     from seqpar.parallel.pipeline import stage_layers
@@ -129,8 +130,7 @@ def predict_step(cfg, world: int, cluster, calib, *, family: str = "cudnn", virt
     layer = {}
     for kind in set(kinds):
         mm = matmul_time(6 * params[kind] / tp * tokens_rank, cluster)
-        ew = elementwise_bytes_per_token(m, kind, tp, sp=par.tp_sequence_parallel) * tokens_rank \
-            * calib.elementwise_factor / hbm
+        ew = elementwise_time(m, kind, tp, par.tp_sequence_parallel, tokens_rank, calib, hbm, torch_elementwise)
         attn, attn_exposed, attn_compute = _attention(kind, cfg, calib, cluster, sizes, rows, tokens_rank, family)
         tp_comm = 0.0
         if tp > 1:
@@ -153,6 +153,8 @@ def predict_step(cfg, world: int, cluster, calib, *, family: str = "cudnn", virt
     stages = stage_layers(m, par, S) if pp > 1 else [list(range(m.n_layers))]
     head_mm = matmul_time(6 * m.vocab_size * m.d_model / tp * tokens_rank, cluster)
     head_ew = loss_bytes_per_token(m.vocab_size // tp) * tokens_rank * calib.elementwise_factor / hbm
+    if not torch_elementwise:  # the fused linear + cross-entropy kernel: its measured share of the unfused time
+        head_ew = calib.fused_ce_ratio * (head_mm + head_ew) - head_mm
     stage_times = []
     for s, layers in enumerate(stages):
         st = sum(layer[kinds[i]]["total"] for i in layers)

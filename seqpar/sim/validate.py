@@ -15,7 +15,8 @@ import os
 from seqpar.sim.attention_cost import _single_call, lasp_layer, ring_layer
 from seqpar.sim.calibrate import calibrate
 from seqpar.sim.cases import DISAGG_METHODS, RUNTIME_OF, disagg_case
-from seqpar.sim.measurements import disagg_samples, e2e_samples, lasp_samples, load_benchmarks, ring_samples
+from seqpar.sim.measurements import (disagg_samples, e2e_samples, lasp_samples, load_benchmarks, maxlen_exclusions,
+                                     ring_samples)
 from seqpar.sim.cluster import load_cluster
 from seqpar.sim.comm import placed
 from seqpar.sim.compute import linear_attn_time
@@ -51,7 +52,8 @@ def _e2e_case(s, calib, cluster):
     from seqpar.sim.step import memory_per_rank, predict_step
 
     cfg = compose(s["overrides"])
-    return predict_step(cfg, s["world"], cluster, calib)["step_s"], memory_per_rank(cfg, s["world"])["total_gib"]
+    step = predict_step(cfg, s["world"], cluster, calib, torch_elementwise=s["torch_elementwise"])
+    return step["step_s"], memory_per_rank(cfg, s["world"])["total_gib"]
 
 
 def _case(name, measured, pred, loo, world, file, in_sample, note=""):
@@ -123,13 +125,14 @@ def validate(root=None) -> dict:
             continue
         pred, mem = _e2e_case(s, full, cluster)
         loo_pred, _ = _e2e_case(s, loo(s["group"]), cluster)
-        fit = "layer overhead" if s["world"] > 1 else "element-wise factor"
-        cases.append(_case(s["name"], s["measured"], pred, loo_pred, s["world"], s["file"], [fit],
+        fit = ["layer overhead"] if s["world"] > 1 else ["element-wise factor"] if s["torch_elementwise"] else []
+        cases.append(_case(s["name"], s["measured"], pred, loo_pred, s["world"], s["file"], fit,
                            "the same configuration is measured twice" if s["world"] == 1 else ""))
         if s["measured_mem_gib"]:
             memory.append({"name": s["name"], "measured_gib": round(s["measured_mem_gib"], 3),
                            "predicted_gib": round(mem, 3), "rel_err": round(_rel(mem, s["measured_mem_gib"]), 4)})
 
+    excluded += maxlen_exclusions(found)
     within = [c for c in cases if abs(c["rel_err"]) <= GOAL]
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "cluster": cluster.name, "goal_rel_err": GOAL,
