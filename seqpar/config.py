@@ -42,6 +42,7 @@ class DisaggConfig:  # parallel.softmax_sp=disagg (core-attention servers); rule
     task_overhead: Optional[int] = None  # per-task cost in score pairs; null: fitted from cost_table, else 8192
     ping_pong: bool = True  # two nano-batches: the all-to-alls of one overlap the attention of the other
     cost_table: Optional[str] = None  # JSON from `python -m seqpar.bench disagg --profile-cost-table`
+    group: str = "cp"  # cp | dp_cp: also move attention work between the data-parallel ranks (cp=1 only)
 
 
 @dataclass
@@ -211,7 +212,7 @@ def _validate_dp_engine(p) -> None:
 def validate(cfg, world: int | None = None) -> None:
     """Raise ConfigError on the first rule the config breaks."""
     from seqpar.attention import LINEAR_SP, SOFTMAX_SP
-    from seqpar.attention.disagg import validate as validate_disagg
+    from seqpar.attention.disagg import check_group as check_disagg_group, validate as validate_disagg
     from seqpar.attention.state_scan import SCANS
     from seqpar.parallel.sharding import LAYOUTS, check_layout, num_chunks
 
@@ -273,6 +274,7 @@ def validate(cfg, world: int | None = None) -> None:
         fail(f"parallel.softmax_sp={p.softmax_sp!r}: implemented methods are {sorted(SOFTMAX_SP)}")
     try:
         validate_disagg(p.disagg)
+        check_disagg_group(p, t.micro_batch_size)
     except ValueError as e:
         fail(str(e))
     if p.ulysses_degree != 1 and p.softmax_sp != "usp":

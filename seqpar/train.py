@@ -219,8 +219,11 @@ def train_step(model, micro_batches, cfg, dims: ParallelDims, device, *, backwar
         shard = lambda x, pad=0: shard_sequence(x.to(device), cp_group, layout=layout, cu_seqlens=cu_seqlens,
                                                 pad_value=pad)
         positions = document_positions(cu_seqlens, mb.input_ids.shape[1])
-        ctx = AttnContext(group=cp_group, cu_seqlens=cu_seqlens, position_ids=shard(positions[None])[0],
-                          layout=layout, softmax_sp=cfg.parallel.softmax_sp, linear_sp=cfg.parallel.linear_sp,
+        attn = (cp_group, cu_seqlens, layout)
+        if cfg.parallel.disagg.group == "dp_cp" and cfg.parallel.softmax_sp == "disagg":  # cp=1 (validated)
+            attn = (dims.group("dp_cp"), disagg.join_row_bounds(cu_seqlens, dims.group("dp_cp")), "contiguous")
+        ctx = AttnContext(group=attn[0], cu_seqlens=attn[1], position_ids=shard(positions[None])[0],
+                          layout=attn[2], softmax_sp=cfg.parallel.softmax_sp, linear_sp=cfg.parallel.linear_sp,
                           linear_scan=cfg.parallel.linear_scan)
         with autocast(cfg, device):
             out = model(shard(mb.input_ids) if first else hidden, ctx, targets=shard(mb.targets, -100) if last else None,

@@ -435,3 +435,106 @@ def test_step_metrics_sum_a_step_and_reset():
     assert m["sp/attn_imbalance_before"] == pytest.approx(1.3) and m["sp/bytes_moved"] == 150
     assert m["sp/plan_ms"] == 2.0 and m["sp/disagg_calls"] == 2 and m["sp/exposed_comm_ms"] == 0
     assert metrics.step_metrics() == {}
+
+
+# ---- across data-parallel ranks (parallel.disagg.group=dp_cp): each rank its own packed row ----
+
+ROW = 480
+# rank 0 holds one long document (most of the work), the others ever more, shorter ones
+ROWS = [[480], [200, 1, 279], [120] * 4, [14, 66] * 6]
+# (causal, hq, hkv, ping_pong)
+ROW_CASES = [(True, 4, 2, True), (False, 4, 2, True), (True, 2, 2, False)]
+
+
+def _across_rows(rank, world, group, sub):
+    """On the first `sub` ranks (`group`): this rank's row through disagg over the group, against
+    attention on the row alone."""
+    from seqpar.attention.disagg import join_row_bounds
+    cu = torch.tensor(_bounds(ROWS[rank], 1), dtype=torch.int32)
+    joined = join_row_bounds(cu, group)
+    rel = lambda a, b: ((a - b).abs().max() / b.abs().max()).item()
+    errs = {}
+    for case in ROW_CASES:
+        causal, hq, hkv, ping_pong = case
+        g = torch.Generator().manual_seed(100 * rank + hq)  # different data on every rank
+        q, k, v = (torch.randn(1, ROW, h, d, generator=g, dtype=torch.float64) for h, d in ((hq, 8), (hkv, 8), (hkv, 6)))
+        grad = torch.randn(1, ROW, hq, 6, generator=g, dtype=torch.float64)
+        ref_in, mine = ([t.clone().requires_grad_() for t in (q, k, v)] for _ in range(2))
+        ref = kernels.flash_attn(*ref_in, causal=causal, cu_seqlens=cu)  # this rank's row on its own
+        ref.backward(grad)
+        out = disagg_attention(*mine, group=group, causal=causal, cu_seqlens=joined, layout="contiguous",
+                               min_chunk=16, ping_pong=ping_pong)
+        out.backward(grad)
+        errs[case] = max(rel(out, ref), *(rel(m.grad, r.grad) for m, r in zip(mine, ref_in)))
+    p = plan(joined.tolist(), sub, layout="contiguous", min_chunk=16)
+    moved = sum(t.q_end - t.q_start for t in p.tasks if t.owner == 0 and t.server != 0)
+    try:  # rows of different lengths are not the shards of one row: every rank refuses alike
+        join_row_bounds(torch.tensor([0, 5, ROW + rank], dtype=torch.int32), group)
+        refused = ""
+    except ValueError as e:
+        refused = str(e)
+    return joined.tolist(), errs, moved, (p.initial_imbalance, p.imbalance), refused
+
+
+def _across_rows_worlds(rank, world):
+    import torch.distributed as dist
+    results = {}
+    for sub in (2, world):  # a group of the first two ranks, then all of them: one process start
+        group = dist.new_group(list(range(sub))) if sub < world else None  # every rank takes part in new_group
+        if rank < sub:
+            results[sub] = _across_rows(rank, world, group, sub)
+    return results
+
+
+def test_disagg_across_ranks_rows_exact():
+    per_rank = run_distributed(_across_rows_worlds, 4)
+    for sub in (2, 4):
+        expected = _bounds([n for row in ROWS[:sub] for n in row], 1)
+        for joined, errs, moved, (before, after), refused in (r[sub] for r in per_rank[:sub]):
+            assert joined == expected, sub
+            assert moved > 0 and after < before, f"world {sub}: rank 0's long document must lend work to others"
+            for case, err in errs.items():
+                assert err <= 1e-7, f"world {sub}, (causal, hq, hkv, ping_pong)={case}: relative error {err}"
+            assert f"the rows end at {[ROW + r for r in range(sub)]}" in refused
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["parallel.disagg.group=dp"], "parallel.disagg.group='dp': choose cp"),
+    (["parallel.disagg.group=dp_cp", "parallel.cp=2"], "supported with parallel.cp=1 (now 2)"),
+    (["parallel.disagg.group=dp_cp", "train.micro_batch_size=2"], "needs train.micro_batch_size=1 (now 2)"),
+])
+def test_disagg_group_config_errors(overrides, message):
+    from seqpar.config import ConfigError, validate
+    validate(_make_cfg("parallel.disagg.group=dp_cp", "parallel.cp=1", "train.micro_batch_size=1"), world=2)
+    with pytest.raises(ConfigError) as e:
+        validate(_make_cfg("parallel.cp=1", "train.micro_batch_size=1", *overrides), world=2)
+    assert message in str(e.value)
+
+
+def test_disagg_group_dp_cp_needs_disagg():
+    from hydra import compose, initialize_config_module
+    from seqpar.config import ConfigError, register_configs, validate
+    register_configs()
+    with initialize_config_module(config_module="seqpar.conf", version_base=None):
+        cfg = compose(config_name="train", overrides=["train.device=cpu", "parallel.softmax_sp=ring",
+                                                      "parallel.disagg.group=dp_cp"])
+    with pytest.raises(ConfigError, match="parallel.disagg.group=dp_cp applies to parallel.softmax_sp=disagg"):
+        validate(cfg, world=2)
+
+
+def test_dp_cp_training_moves_work_and_keeps_the_losses(tmp_path):
+    """Short synthetic documents, two dp ranks: disagg over dp_cp really moves attention work
+    between them (the embedded corpus at seq_len 64 gives one document per row: nothing to move;
+    its losses are compared with the single process in test_training.py), and its losses are
+    those of plain data parallelism, itself checked against the single process there."""
+    from tests.test_training import LAYOUTS, _train_each
+    data = ["data=synthetic", "data.mean_len=12", "data.num_tokens=65536", "data.seq_len=64"]
+    runs = {"plain": LAYOUTS["dp2"][1] + data,
+            "moved": LAYOUTS["dp2_disagg"][1] + data + ["parallel.disagg.min_chunk=4", "parallel.disagg.task_overhead=0"]}
+    run_distributed(_train_each, 2, [(tmp_path / name, overrides) for name, overrides in runs.items()])
+    plain, moved = ([json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+                    for name in runs)
+    assert all(m["sp/bytes_moved"] > 0 and m["sp/attn_imbalance_after"] < m["sp/attn_imbalance_before"]
+               for m in moved), moved
+    for a, b in zip(moved, plain, strict=True):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(b["loss"]), (moved, plain)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Optional
 
 from seqpar.attention.disagg.planner import TASK_OVERHEAD
+from seqpar.attention.disagg.rows import GROUPS
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,7 @@ class DisaggOptions:
     task_overhead: Optional[int] = None  # per-task cost in score pairs; None: fitted from cost_table, else 8192
     ping_pong: bool = True           # two nano-batches: one's all-to-alls overlap the other's attention
     cost_table: Optional[str] = None  # JSON of (q_len, kv_len) -> ms profiled on the GPU
+    group: str = "cp"                # cp: balance inside the cp group; dp_cp: across data-parallel ranks (rows.py)
 
     def overhead(self) -> int:
         """The per-task overhead the planner uses."""
@@ -51,6 +53,9 @@ def validate(options) -> DisaggOptions:
                          f"{opts.cost_table}: the overhead comes from one of them; set the other to null")
     if not isinstance(opts.ping_pong, bool):
         raise ValueError(f"parallel.disagg.ping_pong={opts.ping_pong!r}: must be true or false")
+    if opts.group not in GROUPS:
+        raise ValueError(f"parallel.disagg.group={opts.group!r}: choose cp (balance inside each cp group) or dp_cp "
+                         "(balance across the data-parallel ranks too)")
     if opts.cost_table:
         opts.overhead()  # a missing or malformed table fails here, before any worker starts
     return opts
