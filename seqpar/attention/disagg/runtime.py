@@ -14,6 +14,9 @@ every output transfer as soon as its nano-batch is computed, so remote inputs tr
 (and R1) and outputs during R2 and L2. A nano-batch without transfers on any rank skips its
 collectives. On CUDA, NCCL runs async collectives on its own stream and `wait()` only orders the
 compute stream after them, so no extra stream is needed.
+
+Across data-parallel ranks (`parallel.disagg.group=dp_cp`) nothing here changes: the group is
+dp_cp and `cu_seqlens` are those of the ranks' rows joined by `rows.join_row_bounds`.
 """
 from __future__ import annotations
 
