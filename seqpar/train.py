@@ -220,8 +220,9 @@ def train_step(model, micro_batches, cfg, dims: ParallelDims, device, *, backwar
                                                 pad_value=pad)
         positions = document_positions(cu_seqlens, mb.input_ids.shape[1])
         attn = (cp_group, cu_seqlens, layout)
-        if cfg.parallel.disagg.group == "dp_cp" and cfg.parallel.softmax_sp == "disagg":  # cp=1 (validated)
-            attn = (dims.group("dp_cp"), disagg.join_row_bounds(cu_seqlens, dims.group("dp_cp")), "contiguous")
+        if cfg.parallel.disagg.group == "dp_cp" and cfg.parallel.softmax_sp == "disagg":
+            # the dp rows joined, each cut in cp contiguous pieces (validated): the dp_cp shards of one row
+            attn = (dims.group("dp_cp"), disagg.join_row_bounds(cu_seqlens, dims.group("dp")), "contiguous")
         ctx = AttnContext(group=attn[0], cu_seqlens=attn[1], position_ids=shard(positions[None])[0],
                           layout=attn[2], softmax_sp=cfg.parallel.softmax_sp, linear_sp=cfg.parallel.linear_sp,
                           linear_scan=cfg.parallel.linear_scan)

@@ -457,7 +457,8 @@ def _across_rows(rank, world, group, sub):
     for case in ROW_CASES:
         causal, hq, hkv, ping_pong = case
         g = torch.Generator().manual_seed(100 * rank + hq)  # different data on every rank
-        q, k, v = (torch.randn(1, ROW, h, d, generator=g, dtype=torch.float64) for h, d in ((hq, 8), (hkv, 8), (hkv, 6)))
+        shapes = ((hq, 8), (hkv, 8), (hkv, 6))
+        q, k, v = (torch.randn(1, ROW, h, d, generator=g, dtype=torch.float64) for h, d in shapes)
         grad = torch.randn(1, ROW, hq, 6, generator=g, dtype=torch.float64)
         ref_in, mine = ([t.clone().requires_grad_() for t in (q, k, v)] for _ in range(2))
         ref = kernels.flash_attn(*ref_in, causal=causal, cu_seqlens=cu)  # this rank's row on its own
@@ -500,12 +501,14 @@ def test_disagg_across_ranks_rows_exact():
 
 @pytest.mark.parametrize("overrides,message", [
     (["parallel.disagg.group=dp"], "parallel.disagg.group='dp': choose cp"),
-    (["parallel.disagg.group=dp_cp", "parallel.cp=2"], "supported with parallel.cp=1 (now 2)"),
+    (["parallel.disagg.group=dp_cp", "parallel.cp=2"],
+     "with parallel.cp=2 needs parallel.layout=contiguous (now zigzag)"),
     (["parallel.disagg.group=dp_cp", "train.micro_batch_size=2"], "needs train.micro_batch_size=1 (now 2)"),
 ])
 def test_disagg_group_config_errors(overrides, message):
     from seqpar.config import ConfigError, validate
-    validate(_make_cfg("parallel.disagg.group=dp_cp", "parallel.cp=1", "train.micro_batch_size=1"), world=2)
+    for ok in (["parallel.cp=1"], ["parallel.cp=2", "parallel.layout=contiguous"]):
+        validate(_make_cfg("parallel.disagg.group=dp_cp", "train.micro_batch_size=1", *ok), world=2)
     with pytest.raises(ConfigError) as e:
         validate(_make_cfg("parallel.cp=1", "train.micro_batch_size=1", *overrides), world=2)
     assert message in str(e.value)
@@ -530,7 +533,8 @@ def test_dp_cp_training_moves_work_and_keeps_the_losses(tmp_path):
     from tests.test_training import LAYOUTS, _train_each
     data = ["data=synthetic", "data.mean_len=12", "data.num_tokens=65536", "data.seq_len=64"]
     runs = {"plain": LAYOUTS["dp2"][1] + data,
-            "moved": LAYOUTS["dp2_disagg"][1] + data + ["parallel.disagg.min_chunk=4", "parallel.disagg.task_overhead=0"]}
+            "moved": LAYOUTS["dp2_disagg"][1] + data + ["parallel.disagg.min_chunk=4",
+                                                        "parallel.disagg.task_overhead=0"]}
     run_distributed(_train_each, 2, [(tmp_path / name, overrides) for name, overrides in runs.items()])
     plain, moved = ([json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
                     for name in runs)

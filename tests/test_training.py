@@ -39,6 +39,8 @@ LAYOUTS = {  # name: (processes, overrides)
     "cp2_disagg": (2, ["parallel.cp=2", "parallel.softmax_sp=disagg"]),
     # the two dp ranks' rows joined into one row whose attention work disagg balances across them
     "dp2_disagg": (2, ["parallel.cp=1", "parallel.softmax_sp=disagg", "parallel.disagg.group=dp_cp"]),
+    "cp2_dp2_disagg": (4, ["parallel.cp=2", "parallel.dp=2", "parallel.layout=contiguous", "parallel.softmax_sp=disagg",
+                           "parallel.disagg.group=dp_cp"]),
     # memory modes: recomputation and chunking must not change a number
     "cp2_selective_mlp_chunks": (2, ["parallel.cp=2", "train.activation_checkpointing=selective",
                                      "train.mlp_chunk_tokens=12"]),
@@ -79,8 +81,8 @@ def test_metrics_file_has_one_object_per_step(single_run):
 
 
 LOSS_LAYOUTS = ["cp2", "dp2", "cp2_dp2", "cp2_contiguous", "cp2_lasp1", "tp2", "cp2_tp2", "dp2_tp2", "pp2", "pp2_v2",
-                "pp2_v2_mb2", "cp2_ring", "cp2_ulysses", "cp2_disagg", "dp2_disagg", "cp2_selective_mlp_chunks",
-                "dp2_full_offload", "dp2_zero1", "dp2_zero2", "dp2_zero3", "cp2_zero2", "pp2_zero1", "pp2_dp2_zero2"]
+                "pp2_v2_mb2", "cp2_ring", "cp2_ulysses", "cp2_disagg", "dp2_disagg", "cp2_dp2_disagg",
+                "cp2_selective_mlp_chunks", "dp2_full_offload", "dp2_zero1", "dp2_zero2", "dp2_zero3", "cp2_zero2", "pp2_zero1", "pp2_dp2_zero2"]
 GRAD_LAYOUTS = ["cp2", "dp2", "cp2_dp2", "tp2", "tp2_no_sp", "cp2_tp2", "dp2_tp2", "pp2", "pp2_cp2", "pp2_v2", "pp2_v2_cp2", "pp2_v2_tp2",
                 "cp2_selective_mlp_chunks", "dp2_full_offload", "cp2_tp2_selective", "dp2_disagg",
                 "dp2_zero1", "dp2_zero2", "dp2_zero3", "cp2_zero2", "pp2_zero1", "pp2_v2_cp2_zero2"]

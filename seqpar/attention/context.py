@@ -14,9 +14,9 @@ import torch.distributed as dist
 
 @dataclass
 class AttnContext:
-    # the cp group; None or size 1 = no sequence parallelism. With parallel.disagg.group=dp_cp (cp=1)
-    # it is the dp_cp group, cu_seqlens those of the ranks' rows joined (disagg.join_row_bounds)
-    # and layout contiguous: the ranks' rows are the shards of one virtual row.
+    # the cp group; None or size 1 = no sequence parallelism. With parallel.disagg.group=dp_cp it is
+    # the dp_cp group, cu_seqlens those of the dp ranks' rows joined (disagg.join_row_bounds) and
+    # layout contiguous: the dp rows, each cut in cp contiguous pieces, are the shards of one row.
     group: dist.ProcessGroup | None = None
     cu_seqlens: torch.Tensor | None = None  # GLOBAL document boundaries of the packed B=1 row (int32)
     position_ids: torch.Tensor | None = None  # [S_local] position of each local token inside its document

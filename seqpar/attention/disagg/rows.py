@@ -9,6 +9,12 @@ the group with them and `layout="contiguous"` then plans over all ranks' documen
 tasks may be served by any rank, and its mirrored backward returns each rank the gradients of its
 own rows only (attention has no parameters: nothing else crosses ranks). Every rank gathers the
 same boundaries, so every rank computes the same plan.
+
+With cp > 1 the rows are joined over the dp group (every cp rank of a row holds its global
+boundaries) and each row is cut in cp `contiguous` pieces: dp_cp ranks are numbered dp-major
+(ParallelDims flattens (dp, cp)), so rank d*cp + c holds piece d*cp + c of the joined row, which
+again makes the ranks' shards the `contiguous` shards of one row over dp_cp. Other layouts cut a
+row into pieces that are not contiguous in the joined row: not supported.
 """
 from __future__ import annotations
 
@@ -56,9 +62,10 @@ def check_group(parallel, micro_batch_size: int) -> None:
     if parallel.softmax_sp != "disagg":
         raise ValueError(f"parallel.disagg.group=dp_cp applies to parallel.softmax_sp=disagg (now "
                          f"{parallel.softmax_sp!r})")
-    if parallel.cp != 1:
-        raise ValueError(f"parallel.disagg.group=dp_cp is supported with parallel.cp=1 (now {parallel.cp}): each "
-                         "data-parallel rank then holds whole rows; set parallel.cp=1, or parallel.disagg.group=cp")
+    if parallel.cp != 1 and parallel.layout != "contiguous":
+        raise ValueError(f"parallel.disagg.group=dp_cp with parallel.cp={parallel.cp} needs parallel.layout=contiguous "
+                         f"(now {parallel.layout}): the dp rows, each cut in cp contiguous pieces, are then the shards "
+                         "of one row over dp x cp; or set parallel.cp=1, or parallel.disagg.group=cp")
     if micro_batch_size != 1:
         raise ValueError(f"parallel.disagg.group=dp_cp needs train.micro_batch_size=1 (now {micro_batch_size}): "
                          "each rank's micro-batch is one packed row of the joined row")
