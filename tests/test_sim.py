@@ -343,7 +343,7 @@ def test_runtime_extra_is_recovered_from_a_disagg_benchmark(tmp_path, h100, cali
     from seqpar.sim.cases import disagg_method_seconds
     from seqpar.sim.measurements import disagg_samples
 
-    base = replace(calib, runtime_token_s={}, ring_piece_s=0.0, ring_gqa_token_s=0.0)
+    base = replace(calib, runtime_token_s={}, ring_piece_s=0.0, ring_gqa_slowdown=0.0)
     shape = dict(world=2, H=32, Hkv=8, D=128, eps=0.1, min_chunk=128, task_overhead=None)
     rows = []
     for tokens in (4096, 8192):

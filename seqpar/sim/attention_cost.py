@@ -64,6 +64,13 @@ def runtime_extra(calib, method: str, bounds) -> float:
     return calib.runtime_token_s.get(method, 0.0) * bounds[-1]
 
 
+@functools.lru_cache(maxsize=256)
+def _doc_zigzag_local(bounds: tuple[int, ...], world: int) -> int:
+    from seqpar.parallel.sharding import doc_zigzag_plan
+
+    return doc_zigzag_plan(list(bounds), world).local_len
+
+
 def ring_pieces(bounds: tuple[int, ...], world: int, layout: str = "zigzag") -> int:
     """Document pieces the busiest rank's ring calls hold, summed over steps: what the packed ring
     pays per piece beyond the kernel (`calib.ring_piece_s`: host work per document bound, fitted on
@@ -102,18 +109,21 @@ def ring_layer(calib, cluster, rows, world, heads, kv_heads, head_dim, group, fa
     total = comm_total = compute_total = 0.0
     for bounds in rows:
         steps = ring_step_calls(tuple(bounds), world, layout)
-        local = -(-bounds[-1] // (2 * world)) * 2 if layout == "doc_zigzag" else bounds[-1] // world
+        local = _doc_zigzag_local(tuple(bounds), world) if layout == "doc_zigzag" else bounds[-1] // world
         shard = 2 * local * kv_heads * head_dim * act  # K and V of one rank
         transfer = collective_time("send_recv", shard, group, cluster, calib.comm)
+        row_compute = 0.0
         for s, per_rank in enumerate(steps):
             compute = max(attn_seconds(calib, [c for c in calls if c], heads, head_dim, family) for calls in per_rank)
             comm = 0.0 if s == 0 else 3 * transfer
             total += overlapped(compute, comm, calib.overlap_tax)
-            compute_total += compute
+            row_compute += compute
             comm_total += comm
+        compute_total += row_compute
         extra = calib.ring_piece_s * ring_pieces(tuple(bounds), world, layout)
-        if len(bounds) > 2 and kv_heads < heads:  # measured only on packed GQA rows (disagg bench)
-            extra += calib.ring_gqa_token_s * local
+        if len(bounds) > 2 and kv_heads < heads:
+            # packed GQA rows ran slower than the MHA-fitted kernel constants say (disagg bench only)
+            extra += calib.ring_gqa_slowdown * row_compute
         total += extra
         compute_total += extra
     return total, total - compute_total, compute_total

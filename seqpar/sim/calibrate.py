@@ -43,7 +43,7 @@ class Calibration:
     layer_overhead_s: float
     runtime_token_s: dict[str, float] = field(default_factory=dict)  # see attention_cost.runtime_extra
     ring_piece_s: float = 0.0  # see attention_cost.ring_pieces
-    ring_gqa_token_s: float = 0.0  # packed ring with fewer K/V than query heads, per local token
+    ring_gqa_slowdown: float = 0.0  # packed ring with fewer K/V than query heads: extra share of its compute
     fused_norm_eff: float = 1.0  # Triton RMSNorm's share of HBM copy bandwidth (slowest of fwd, bwd)
     fused_rope_eff: float = 1.0  # Triton RoPE's
     fused_ce_ratio: float = 1.0  # fused linear + CE time over the unfused F.linear + F.cross_entropy
@@ -59,7 +59,7 @@ class Calibration:
                 "layer_overhead_us": round(self.layer_overhead_s * 1e6, 1),
                 "runtime_ns_per_local_token": {k: round(v * 1e9, 2) for k, v in self.runtime_token_s.items()},
                 "ring_per_document_piece_us": round(self.ring_piece_s * 1e6, 2),
-                "ring_gqa_ns_per_local_token": round(self.ring_gqa_token_s * 1e9, 2),
+                "ring_packed_gqa_slowdown": round(self.ring_gqa_slowdown, 4),
                 "fused_kernels": {"rms_norm_share_of_hbm": self.fused_norm_eff, "rope_share_of_hbm": self.fused_rope_eff,
                                   "ce_time_vs_unfused": self.fused_ce_ratio},
                 "comm_intra_node": {op: {"latency_us": round(a * 1e6, 2), "GB_s": round(bw / 1e9, 1)}
@@ -225,17 +225,26 @@ def _one_scale(points) -> float:
     return float(_scales([((x,), m, b) for x, m, b in points])[0])
 
 
+def _ring_compute(rows, s, calib, cluster) -> float:
+    """Mean modelled compute seconds of the ring on a disagg sample's batches."""
+    from seqpar.sim.attention_cost import ring_layer
+    from seqpar.sim.comm import placed
+
+    group = placed(s["world"], 1, cluster.gpus_per_node)
+    return sum(ring_layer(calib, cluster, [b], s["world"], s["H"], s["Hkv"], s["D"], group)[2] for b in rows) / len(rows)
+
+
 def fit_runtime(ring, disagg, calib, cluster, exclude=()) -> tuple[dict[str, float], float | None]:
-    """({runtime: s per local token}, s per ring document piece) beyond the modelled kernels and
-    transfers: `disagg` on the disagg benchmark's disagg rows (with and without ping-pong),
+    """({runtime: s per local token}, (s per ring document piece, GQA slowdown)) beyond the modelled
+    kernels and transfers: `disagg` on the disagg benchmark's disagg rows (with and without ping-pong),
     `per_doc_cp` on its per-document CP rows (the same runtime serving its own chunks), the ring's
-    per-piece cost (attention_cost.ring_pieces) on the packed ring rows of the ring benchmark and the
-    disagg benchmark's ring rows. Fitted on each case's mean over its batches, every extra at zero."""
+    per-piece cost (attention_cost.ring_pieces) and the packed GQA rows' extra share of compute on the
+    packed ring rows of the ring benchmark (MHA) and the disagg benchmark's ring rows (GQA 32/8). Fitted on each case's mean over its batches, every extra at zero."""
     from seqpar.sim.attention_cost import ring_layer, ring_pieces
     from seqpar.sim.cases import RUNTIME_OF, disagg_case
     from seqpar.sim.comm import placed
 
-    base = replace(calib, runtime_token_s={}, ring_piece_s=0.0, ring_gqa_token_s=0.0)
+    base = replace(calib, runtime_token_s={}, ring_piece_s=0.0, ring_gqa_slowdown=0.0)
     points = {"disagg": [], "per_doc_cp": []}
     ring_points = []
     for s in disagg:
@@ -249,7 +258,7 @@ def fit_runtime(ring, disagg, calib, cluster, exclude=()) -> tuple[dict[str, flo
             elif case:
                 rows = [b for b, r in s["batches"] if f"{method}_ms" in r]
                 pieces = sum(ring_pieces(tuple(b), s["world"]) for b in rows) / len(rows)
-                gqa = case[2] if s["Hkv"] < s["H"] else 0.0
+                gqa = _ring_compute(rows, s, base, cluster) if s["Hkv"] < s["H"] else 0.0
                 ring_points.append(((pieces, gqa), case[0], case[1]))
     for s in ring:
         if s["group"] in exclude or s["kind"] != "ring" or len(s["bounds"]) <= 2:
@@ -376,7 +385,7 @@ def calibrate(root: Path | None = None, exclude: tuple[str, ...] = (), cluster=N
     runtime, piece = fit_runtime(ring, disagg_samples(found), calib, cluster, exclude)
     if runtime or piece is not None:
         calib.runtime_token_s = runtime
-        calib.ring_piece_s, calib.ring_gqa_token_s = piece or (0.0, 0.0)
+        calib.ring_piece_s, calib.ring_gqa_slowdown = piece or (0.0, 0.0)
         calib.sources["runtime"] = ", ".join(sorted({p for p, _ in found["disagg"]} | {s["file"] for s in ring}))
     lasp = fit_lasp(lasp_samples(found), calib, cluster, exclude)
     if lasp:
