@@ -422,6 +422,35 @@ def test_disagg_bf16_on_two_gpus_matches_fp32():
             assert err < 3e-2, f"(layout, ping_pong)={case}: error {err} relative to the largest value"
 
 
+def _gpu_rows_bf16(rank, world):
+    """dp_cp on NCCL: rank 0 one 8k document, the other rank 32 of 256 tokens; bf16 through disagg
+    over both GPUs against fp32 attention of the rank's own row."""
+    from seqpar.attention.disagg import join_row_bounds, step_metrics
+    torch.cuda.set_device(rank)
+    dev = torch.device("cuda", rank)
+    cu = torch.tensor(_bounds([8192] if rank == 0 else [256] * 32, 1), dtype=torch.int32, device=dev)
+    g = torch.Generator(device=dev).manual_seed(rank)
+    q, do = (torch.randn(1, 8192, 16, 128, device=dev, generator=g) for _ in range(2))
+    k, v = (torch.randn(1, 8192, 4, 128, device=dev, generator=g) for _ in range(2))
+    full = [t.clone().requires_grad_() for t in (q, k, v)]
+    kernels.flash_attn(*full, causal=True, cu_seqlens=cu).backward(do)
+    ref = [kernels.flash_attn(*full, causal=True, cu_seqlens=cu).detach()] + [f.grad for f in full]
+    local = [t.bfloat16().requires_grad_() for t in (q, k, v)]
+    step_metrics()
+    out = disagg_attention(*local, cu_seqlens=join_row_bounds(cu), layout="contiguous")
+    out.backward(do.bfloat16())
+    moved = step_metrics()["sp/bytes_moved"]
+    got = [out.detach()] + [t.grad for t in local]
+    return max(((a.float() - b).abs().max() / b.abs().max()).item() for a, b in zip(got, ref)), moved
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_disagg_across_ranks_bf16_on_two_gpus_matches_fp32():
+    for err, moved in run_distributed(_gpu_rows_bf16, 2, backend="nccl"):
+        assert moved > 0 and err < 3e-2, f"error {err} relative to the largest value, {moved} bytes moved"
+
+
 def test_step_metrics_sum_a_step_and_reset():
     from seqpar.attention.disagg import metrics
     metrics.step_metrics()

@@ -1,0 +1,44 @@
+# Two GPUs (device tool, kind nvidia-h100-x2 or nvidia-h200-x2), from the repo root, .whl carried:
+#   source docs/benchmarks/gpu_setup.sh && bash docs/benchmarks/disagg_dp_cp_gpu.sh
+# Disaggregation across data-parallel ranks (parallel.disagg.group=dp_cp), at most 7 minutes:
+# 1. the bf16 NCCL check: each GPU its own packed row (rank 0 one 8k document, rank 1 32 short
+#    ones), disagg over both against fp32 attention of the row alone;
+# 2. llama_1b, dp=2, 16k tokens per GPU of lognormal documents (mean 4k), the same batches twice:
+#    plain data parallelism (each rank attends its own row) vs disagg over dp_cp; mean step time of
+#    steps 3..12 and the modelled attention imbalance before/after planning.
+# CPU smoke form (mechanics only):
+#   OUT=/tmp/o MODEL=tiny_hybrid SEQ=512 EXTRA="train.device=cpu" bash docs/benchmarks/disagg_dp_cp_gpu.sh
+mkdir -p "$OUT"
+SEQ=${SEQ:-16384}
+if [ -z "${EXTRA:-}" ]; then
+  SEQPAR_FLASH_TUNE=0 timeout 120 python3 -m pytest -q -m gpu tests/test_disagg.py -k across_ranks 2>&1 | tail -5
+fi
+COMMON="model=${MODEL:-llama_1b} parallel=none data=synthetic data.seq_len=$SEQ data.distribution=lognormal
+  data.mean_len=$((SEQ / 4)) data.sigma=1.0 train=long train.steps=12 train.warmup_steps=1 train.global_batch_size=2
+  train.micro_batch_size=1 launcher.nproc_per_node=2 logging.console=false ${EXTRA:-}"
+for name in dp2 dp2_disagg_dp_cp; do
+  extra=""
+  [ "$name" = dp2_disagg_dp_cp ] && extra="parallel.softmax_sp=disagg parallel.disagg.group=dp_cp"
+  rm -rf "/tmp/dp_cp/$name"
+  # shellcheck disable=SC2086
+  timeout 170 seqpar-train $COMMON $extra run_dir=/tmp/dp_cp/$name > "$OUT/$name.log" 2>&1
+  echo "$name: exit $?"; tail -2 "$OUT/$name.log"
+  [ -f "/tmp/dp_cp/$name/metrics.jsonl" ] && cp "/tmp/dp_cp/$name/metrics.jsonl" "$OUT/${name}_metrics.jsonl"
+done
+python3 - "$OUT" <<'PY'
+import json, sys, pathlib
+out, rows = pathlib.Path(sys.argv[1]), {}
+for name in ("dp2", "dp2_disagg_dp_cp"):
+    f = out / f"{name}_metrics.jsonl"
+    if not f.exists():
+        print(f"{name}: no metrics"); continue
+    ms = [json.loads(line) for line in f.read_text().splitlines()][2:]
+    mean = lambda k: sum(m.get(k, 0) for m in ms) / max(1, len(ms))
+    rows[name] = {"step_time_s": mean("step_time_s"), "tokens_per_s": mean("tokens_per_s"), "loss_last": ms[-1]["loss"],
+                  "imbalance_before": mean("sp/attn_imbalance_before"), "imbalance_after": mean("sp/attn_imbalance_after"),
+                  "exposed_comm_ms": mean("sp/exposed_comm_ms"), "bytes_moved": mean("sp/bytes_moved"), "steps": len(ms)}
+    print(name, json.dumps(rows[name]))
+if len(rows) == 2:
+    print(f"dp_cp speedup over plain dp: {rows['dp2']['step_time_s'] / rows['dp2_disagg_dp_cp']['step_time_s']:.3f}x")
+(out / "disagg_dp_cp.json").write_text(json.dumps(rows, indent=1) + "\n")
+PY
