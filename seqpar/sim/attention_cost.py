@@ -106,6 +106,8 @@ def ring_layer(calib, cluster, rows, world, heads, kv_heads, head_dim, group, fa
     if world == 1:
         t = sum(attn_seconds(calib, [_single_call(b)], heads, head_dim, family) for b in rows)
         return t, 0.0, t
+    if kv_heads < heads:
+        family = "flash"  # the ring's lse path runs cuDNN only without GQA (kernels/dispatch.py _lse_backend)
     total = comm_total = compute_total = 0.0
     for bounds in rows:
         steps = ring_step_calls(tuple(bounds), world, layout)
