@@ -560,7 +560,7 @@ def test_dp_cp_training_moves_work_and_keeps_the_losses(tmp_path):
     its losses are compared with the single process in test_training.py), and its losses are
     those of plain data parallelism, itself checked against the single process there."""
     from tests.test_training import LAYOUTS, _train_each
-    data = ["data=synthetic", "data.mean_len=12", "data.num_tokens=65536", "data.seq_len=64"]
+    data = ["data=synthetic", "data.mean_len=12", "data.num_tokens=65536", "data.seq_len=64", "train.steps=3"]
     runs = {"plain": LAYOUTS["dp2"][1] + data,
             "moved": LAYOUTS["dp2_disagg"][1] + data + ["parallel.disagg.min_chunk=4",
                                                         "parallel.disagg.task_overhead=0"]}
