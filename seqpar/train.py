@@ -2,6 +2,7 @@
 build mesh -> model -> data -> optimizer -> loop (shard -> forward -> loss -> backward -> step)."""
 from __future__ import annotations
 
+import dataclasses
 import gc
 import math
 import os
@@ -219,13 +220,13 @@ def train_step(model, micro_batches, cfg, dims: ParallelDims, device, *, backwar
         shard = lambda x, pad=0: shard_sequence(x.to(device), cp_group, layout=layout, cu_seqlens=cu_seqlens,
                                                 pad_value=pad)
         positions = document_positions(cu_seqlens, mb.input_ids.shape[1])
-        attn = (cp_group, cu_seqlens, layout)
+        ctx = AttnContext(group=cp_group, cu_seqlens=cu_seqlens, position_ids=shard(positions[None])[0],
+                          layout=layout, softmax_sp=cfg.parallel.softmax_sp, linear_sp=cfg.parallel.linear_sp,
+                          linear_scan=cfg.parallel.linear_scan)
         if cfg.parallel.disagg.group == "dp_cp" and cfg.parallel.softmax_sp == "disagg":
             # the dp rows joined, each cut in cp contiguous pieces (validated): the dp_cp shards of one row
-            attn = (dims.group("dp_cp"), disagg.join_row_bounds(cu_seqlens, dims.group("dp")), "contiguous")
-        ctx = AttnContext(group=attn[0], cu_seqlens=attn[1], position_ids=shard(positions[None])[0],
-                          layout=attn[2], softmax_sp=cfg.parallel.softmax_sp, linear_sp=cfg.parallel.linear_sp,
-                          linear_scan=cfg.parallel.linear_scan)
+            ctx.softmax_view = dataclasses.replace(ctx, group=dims.group("dp_cp"), layout="contiguous",
+                                                   cu_seqlens=disagg.join_row_bounds(cu_seqlens, dims.group("dp")))
         with autocast(cfg, device):
             out = model(shard(mb.input_ids) if first else hidden, ctx, targets=shard(mb.targets, -100) if last else None,
                         chunk=chunk)

@@ -20,6 +20,7 @@ LINEAR_SP = {"lasp2": lasp2_attention, "lasp1": lasp1_attention}
 
 
 def softmax_attention(q, k, v, ctx: AttnContext, *, softmax_scale=None):
+    ctx = ctx.for_softmax()
     if ctx.cp_size == 1:
         return kernels.flash_attn(q, k, v, causal=True, cu_seqlens=ctx.cu_seqlens, softmax_scale=softmax_scale)
     return SOFTMAX_SP[ctx.softmax_sp](q, k, v, group=ctx.group, causal=True, cu_seqlens=ctx.cu_seqlens,

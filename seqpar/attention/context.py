@@ -14,16 +14,20 @@ import torch.distributed as dist
 
 @dataclass
 class AttnContext:
-    # the cp group; None or size 1 = no sequence parallelism. With parallel.disagg.group=dp_cp it is
-    # the dp_cp group, cu_seqlens those of the dp ranks' rows joined (disagg.join_row_bounds) and
-    # layout contiguous: the dp rows, each cut in cp contiguous pieces, are the shards of one row.
-    group: dist.ProcessGroup | None = None
+    group: dist.ProcessGroup | None = None  # the cp group; None or size 1 = no sequence parallelism
     cu_seqlens: torch.Tensor | None = None  # GLOBAL document boundaries of the packed B=1 row (int32)
     position_ids: torch.Tensor | None = None  # [S_local] position of each local token inside its document
     layout: str = "zigzag"  # how shard_sequence cut the row: contiguous | zigzag | doc_zigzag
     softmax_sp: str = "allgather"  # allgather | ring | ulysses | usp | disagg
     linear_sp: str = "lasp2"  # lasp2 | lasp1
     linear_scan: str = "allgather"  # lasp2's state exchange: allgather | pipelined
+    # what softmax layers see instead, when it differs: with parallel.disagg.group=dp_cp, the dp_cp
+    # group, the dp ranks' rows joined (disagg.join_row_bounds) and layout contiguous (the dp rows,
+    # each cut in cp contiguous pieces, are the shards of one row); linear layers keep the cp group
+    softmax_view: "AttnContext | None" = None
+
+    def for_softmax(self) -> "AttnContext":
+        return self.softmax_view or self
 
     @property
     def cp_size(self) -> int:
