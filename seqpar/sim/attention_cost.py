@@ -17,6 +17,10 @@ Per method, what the code in seqpar/attention/ issues per layer (forward + backw
   and three backward (dO, dQ, dK/dV), sized by the tokens that leave their owner; with
   `parallel.disagg.ping_pong` (the default) two nano-batches hide one's all-to-alls behind the
   other's attention (DistCA's schedule), else they are exposed.
+- runtime extras (fitted, `runtime_extra`, `ring_pieces`): the disagg runtime's and per-document
+  CP's work beyond kernels and transfers per local token; the packed ring's per document piece
+  of its calls, and a share of the compute of packed GQA rows. The ring's dense GQA blocks run on
+  flash: its lse path takes cuDNN only when query and K/V heads match (kernels/dispatch.py).
 - lasp2 (linear layers): the lightning kernel on the local tokens, LASP-2's extra passes (state,
   readout: fitted), one all-gather of the fp32 H x Dk x Dv states forward and one backward;
   seqpar runs the serial schedule, so the gathers are exposed. lasp1: a chain of N-1 sends.
