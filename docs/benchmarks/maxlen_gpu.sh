@@ -2,8 +2,8 @@
 #   source docs/benchmarks/gpu_setup.sh && bash docs/benchmarks/maxlen_gpu.sh
 # A full search is minutes per trial at these lengths (a 512k llama_1b step is ~4 min of attention),
 # so each lane checks the goal lengths directly: `--start N --max-len N` runs one trial at N, and
-# --step 32768 makes a miss fall back one 32k step. Each trial runs 2 steps (the optimizer states exist
-# from step 2): at 384k-512k that is 6-10 minutes per trial, so give each trial its own call.
+# --step 32768 makes a miss fall back one 32k step. One step per trial is the training peak (the
+# optimizer states are allocated before step 1); the 128k speed runs take 2 steps (past the compiles).
 # Lane 0: full checkpointing at 384k (the goal), its speed at 128k, then 448k; lane 1: full
 # checkpointing + offload at 512k (the goal) and 128k.
 mkdir -p "$OUT"
@@ -11,13 +11,13 @@ M="python3 -m seqpar.bench maxlen --model llama_1b --step 32768 --trial-timeout 
 lane0() {
     export CUDA_VISIBLE_DEVICES=0
     timeout 270 $M --modes full --start 393216 --max-len 393216 --out "$OUT/maxlen_full_384k.json"
-    timeout 110 $M --modes full --start 131072 --max-len 131072 --out "$OUT/maxlen_full_128k.json"
+    timeout 110 $M --modes full --start 131072 --max-len 131072 --steps 2 --out "$OUT/maxlen_full_128k.json"
     timeout 180 $M --modes full --start 458752 --max-len 458752 --out "$OUT/maxlen_full_448k.json"
 }
 lane1() {
     export CUDA_VISIBLE_DEVICES=1
     timeout 400 $M --modes full_offload --start 524288 --max-len 524288 --out "$OUT/maxlen_offload_512k.json"
-    timeout 150 $M --modes full_offload --start 131072 --max-len 131072 --out "$OUT/maxlen_offload_128k.json"
+    timeout 150 $M --modes full_offload --start 131072 --max-len 131072 --steps 2 --out "$OUT/maxlen_offload_128k.json"
 }
 lane0 > "$OUT/lane0.log" 2>&1 &
 lane1 > "$OUT/lane1.log" 2>&1 &

@@ -8,9 +8,10 @@ the next trial; it fits when the run exits cleanly. The memory estimate's check 
 estimate beside `max_mem_gb`, which is how the estimate is validated. The search starts at the
 longest length the estimate says fits (a trial at 512k takes minutes of attention alone), gallops
 up or down from there by doubling steps, then bisects to the granularity. Every trial runs
-`--steps` steps (default 2): the optimizer's states exist only from the first step's end, so a
-one-step trial measures a peak that training never has and can pass where step 2 runs out; the
-last step's tokens/s and MFU (past the first step's compiles and autotuning) are the answer's.
+`--steps` steps (default 1): the FSDP2 engine creates the optimizer's states before the first step
+(`allocate_adam_states`), so one step already has every step's peak; the last step's tokens/s and
+MFU are the answer's (the first step includes compiles and autotuning: negligible at 384k, not at
+16k, where `--steps 2` is the honest speed).
 
 `--cp 2` runs the same search on two GPUs with the sequence split over them (parallel.cp=2).
 `--anchor PATH` also runs the plain PyTorch anchor (`anchors_e2e.py --maxlen`) and records its
@@ -136,8 +137,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cp", type=int, default=1, help="GPUs, one sequence split over them (parallel.cp)")
     ap.add_argument("--step", type=int, default=8192, help="granularity of the answer (tokens)")
     ap.add_argument("--max-len", type=int, default=1 << 20)
-    ap.add_argument("--steps", type=int, default=2,
-                    help="steps of every trial (>= 2: the optimizer states exist from step 2); tokens/s, MFU from the last")
+    ap.add_argument("--steps", type=int, default=1,
+                    help="steps of every trial; tokens/s and MFU from the last (2: past the first step's compiles)")
     ap.add_argument("--start", type=int, default=0, help="first length tried (default: the memory estimate's answer)")
     ap.add_argument("--trial-timeout", type=float, default=1800.0)
     ap.add_argument("--anchor", default=None, help="path of anchors_e2e.py to run its --maxlen beside")
