@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from seqpar.kernels.cross_entropy.reference import _matmul_dtype, _scale, token_rows
+from seqpar.kernels.cross_entropy.reference import FusedLinearCrossEntropy, _matmul_dtype, token_rows
 
 BLOCK_V = 4096
 NUM_WARPS = 8
@@ -118,7 +118,7 @@ def _accumulate(acc, a, b):
     acc += (a @ b).to(acc.dtype)
 
 
-class TritonFusedLinearCrossEntropy(torch.autograd.Function):
+class TritonFusedLinearCrossEntropy(FusedLinearCrossEntropy):  # the same backward: grads formed in forward
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, hidden, weight, targets, ignore_index, chunk_size, need_grad_hidden, need_grad_weight):
@@ -156,14 +156,6 @@ class TritonFusedLinearCrossEntropy(torch.autograd.Function):
         ctx.save_for_backward(grad_h.view_as(hidden) if grad_h is not None else None,
                               grad_w.to(weight.dtype) if grad_w is not None else None)
         return losses.sum()
-
-    @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
-    def backward(ctx, grad_loss):
-        grad_h, grad_w = ctx.saved_tensors
-        gh = _scale(grad_h, grad_loss, ctx.chunk_size) if grad_h is not None else None
-        gw = _scale(grad_w, grad_loss, ctx.chunk_size) if grad_w is not None else None
-        return gh, gw, None, None, None, None, None
 
 
 def fused_linear_cross_entropy_triton(hidden, weight, targets, *, ignore_index=-100, chunk_size=4096):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from seqpar.kernels.cross_entropy.reference import _matmul_dtype, token_rows
+from seqpar.kernels.cross_entropy.reference import _logits, _matmul_dtype, _scale, token_rows
 
 
 def vocab_parallel_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, group,
@@ -50,10 +50,7 @@ class _VocabParallelCE(torch.autograd.Function):
                 local_t = tc - vocab_start
                 mine = valid & (local_t >= 0) & (local_t < n_local)  # the target's row lives on this rank
                 safe_t = torch.where(mine, local_t, torch.zeros_like(local_t))
-                if hc.is_cuda and mm in (torch.bfloat16, torch.float16):
-                    logits = torch.mm(hc, w.T, out_dtype=torch.float32)  # fp32 from the accumulator
-                else:
-                    logits = (hc @ w.T).to(acc)
+                logits = _logits(hc, w, acc)
                 row_max = logits.max(dim=-1).values
                 dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
                 picked = torch.where(mine, logits.gather(1, safe_t[:, None]).squeeze(1), torch.zeros_like(row_max))
@@ -75,6 +72,7 @@ class _VocabParallelCE(torch.autograd.Function):
                     grad_w += (dlogits.T @ hc).to(grad_w.dtype)
             if grad_h is not None:
                 dist.all_reduce(grad_h, group=group)  # each rank saw only its vocabulary slice
+        ctx.chunk_size = chunk_size
         ctx.save_for_backward(grad_h.to(hidden.dtype).view_as(hidden) if grad_h is not None else None,
                               grad_w.to(weight.dtype) if grad_w is not None else None)
         return loss
@@ -82,9 +80,6 @@ class _VocabParallelCE(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_loss):
-        grad_h, grad_w = ctx.saved_tensors
-        # the loss is a sum, so its gradient is linear in grad_loss; scale in the grads' own dtype
-        # only when that is fp32/fp64 (a bf16 1/n_tokens factor would be off by up to 0.4%)
-        scale = lambda g: None if g is None else (g.float() * grad_loss.float()).to(g.dtype) \
-            if g.dtype not in (torch.float32, torch.float64) else g * grad_loss.to(g.dtype)
+        grad_h, grad_w = ctx.saved_tensors  # the loss is a sum: its gradient is linear in grad_loss
+        scale = lambda g: None if g is None else _scale(g, grad_loss, ctx.chunk_size)  # noqa: E731
         return scale(grad_h), scale(grad_w), None, None, None, None, None, None, None
