@@ -132,6 +132,60 @@ def test_interp_bf16_inputs_and_defaults():
     assert ((o.double() - ref).norm() / ref.norm()).item() < 1e-2
 
 
+class _Mix:
+    """A linear map of the documents' own states and its adjoint, standing in for LASP-2's scan:
+    each document enters with a fixed mix of every document's exit state (counted calls)."""
+
+    def __init__(self, n, seed):
+        self.w = torch.randn(n, n, generator=torch.Generator().manual_seed(seed), dtype=F64)
+        self.calls = []
+
+    def forward(self, own):
+        self.calls.append("forward")
+        return torch.einsum("ij,jhde->ihde", self.w.to(own), own)
+
+    def backward(self, d_initial):
+        self.calls.append("backward")
+        return torch.einsum("ji,jhde->ihde", self.w.to(d_initial), d_initial)
+
+
+def _run_exchange(fn, c, dtype, seed, **kw):
+    q, k, v = (c[n].to(dtype).requires_grad_() for n in "qkv")
+    mix = _Mix(c["dfinal"].shape[0], seed)
+    o, final = fn(q, k, v, c["log_decay"], cu_seqlens=c["cu"], exchange=mix, **kw)
+    assert final is None
+    grads = torch.autograd.grad((o.double() * c["do"]).sum(), (q, k, v))
+    assert mix.calls == ["forward", "backward"]
+    return {"o": o, **dict(zip(["dq", "dk", "dv"], grads))}
+
+
+@interp_only
+@pytest.mark.parametrize("seg_len", [64, 128])
+def test_interp_exchange_hook(seg_len):
+    """The kernel's exchange path (own states from zero, the map, the pass from its answer) equals
+    the reference composed through autograd; documents of one segment, several, and empty ones."""
+    from seqpar.kernels.lightning_attn import triton as interpreted
+
+    c = _case([1, 70, 0, 5, 200, 64], 1, 2, 16, 32, [0.0, -0.3], init=False, seed=seg_len + 1)
+    ours = _run_exchange(interpreted.lightning_attn_triton, c, torch.float32, seed=4, seg_len=seg_len)
+    _check(ours, _run_exchange(kernels.lightning_attn, c, F64, seed=4), 1e-5)
+
+
+def test_exchange_reference_is_the_composition():
+    """On the reference: the exchange's map applied by hand to the own states gives the same output
+    and gradients (float64), and an exchange with initial_state is refused."""
+    c = _case([3, 40, 17], 1, 2, 8, 8, [-0.1, 0.0], init=False, seed=5)
+    ours = _run_exchange(kernels.lightning_attn, c, F64, seed=6)
+    q, k, v = (c[n].clone().requires_grad_() for n in "qkv")
+    _, own = lightning_attn_reference(q, k, v, c["log_decay"], cu_seqlens=c["cu"], output_final_state=True)
+    initial = torch.einsum("ij,jhde->ihde", _Mix(3, 6).w, own)
+    o, _ = lightning_attn_reference(q, k, v, c["log_decay"], cu_seqlens=c["cu"], initial_state=initial)
+    grads = torch.autograd.grad((o * c["do"]).sum(), (q, k, v))
+    _check(ours, {"o": o, **dict(zip(["dq", "dk", "dv"], grads))}, 1e-12)
+    with pytest.raises(ValueError, match="exchange"):
+        kernels.lightning_attn(q, k, v, c["log_decay"], initial_state=initial, exchange=_Mix(3, 6))
+
+
 # ---------------------------------------------------------------- CUDA
 
 GPU_CASES = {
@@ -158,3 +212,23 @@ def test_cuda_lightning_attn_matches_fp64_reference(case, dtype):
     rounded = {**c, **{n: c[n].to(dtype).double() for n in "qkv"}}
     ref = _run(lightning_attn_reference, rounded, F64)
     _check(ours, ref, 2e-4 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_exchange_hook_matches_fp64_reference():
+    c = _case([1, 5, 3000, 64, 9000, 2], 1, 4, 128, 128, [-0.5, -0.01, -0.001, 0.0], init=False, seed=8,
+              device="cuda")
+    assert kernels.backend("lightning_attn", c["q"].bfloat16(), c["k"].bfloat16(), c["v"].bfloat16(),
+                           c["log_decay"], None) == "triton"
+    ours = _run_exchange(kernels.lightning_attn, c, torch.bfloat16, seed=9)
+    rounded = {**c, **{n: c[n].bfloat16().double() for n in "qkv"}}
+    _check(ours, _run_exchange(lightning_attn_reference_exchange, rounded, F64, seed=9), 1e-2)
+
+
+def lightning_attn_reference_exchange(q, k, v, log_decay, **kw):
+    """The reference path of `kernels.lightning_attn` whatever device the tensors are on."""
+    import os
+    from unittest import mock
+    with mock.patch.dict(os.environ, {"SEQPAR_KERNELS": "reference"}):
+        return kernels.lightning_attn(q, k, v, log_decay, **kw)

@@ -31,6 +31,12 @@ E = a * G_(first token after the chunk) (or dFinal after a document's last token
     dv = anti-causal(k, q, do; E)        scales (scale, 1, scale)
     dk = anti-causal(v, do, q; E^T)      scales (scale, 1, scale)
 and d(initial_state) = E before a document's first token, which the dv pass writes.
+
+With an `exchange` (LASP-2), the entering states are not known when the kernel starts: kernel 1
+runs once, a scan from zero with each document's last segment folded in gives the documents' own
+exit states, `exchange.forward` turns them into entering states (the cp group's scan), and a
+second scan of the same segment states from those gives the boundaries; backward mirrors it with
+`exchange.backward`. Over a plain call this adds one short scan and the last segments' states.
 A transposed state is the same buffer read with swapped strides.
 
 Every decay factor is exp of a non-positive number, so nothing overflows; padded rows get
@@ -45,6 +51,7 @@ import os
 
 import torch
 import triton
+from torch.utils.weak import WeakIdKeyDictionary
 import triton.language as tl
 
 CHUNK = 64
@@ -178,13 +185,14 @@ def _segment_output(x_ptr, y_ptr, z_ptr, out_ptr, bound_ptr, edge_in_ptr, edge_o
 @triton.autotune(configs=_configs([(1, 8, 2), (2, 8, 2), (2, 4, 3)]), key=["DY", "DZ"],
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit
-def _segment_state(y_ptr, z_ptr, local_ptr, seg_ptr, lam_ptr, syt, syh, szt, szh,
+def _segment_state(y_ptr, z_ptr, local_ptr, tail_ptr, seg_ptr, lam_ptr, syt, syh, szt, szh,
                    H, update_scale,
                    DY: tl.constexpr, DZ: tl.constexpr, BLOCK_DY: tl.constexpr, BLOCK_DZ: tl.constexpr,
                    C: tl.constexpr, REVERSE: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
-                   Z_SPLIT: tl.constexpr):
+                   TAILS: tl.constexpr, Z_SPLIT: tl.constexpr):
     # The same state recurrence as _segment_output, from a zero state, keeping only the end; it
-    # is needed only where a boundary follows in the direction of travel.
+    # is needed where a boundary follows in the direction of travel, and with TAILS also for a
+    # document's last segment (its share of the document's own exit state, into tail[doc]).
     pid = tl.program_id(0)
     zb = pid % Z_SPLIT
     h = (pid // Z_SPLIT) % H
@@ -197,7 +205,10 @@ def _segment_state(y_ptr, z_ptr, local_ptr, seg_ptr, lam_ptr, syt, syh, szt, szh
     dz = zb * (BLOCK_DZ // Z_SPLIT) + tl.arange(0, BLOCK_DZ // Z_SPLIT)
     ymask, zmask = dy < DY, dz < DZ
     state = tl.zeros((BLOCK_DY, BLOCK_DZ // Z_SPLIT), dtype=tl.float32)
-    n_chunks = tl.where(goes_to >= 0, (end - start + C - 1) // C, 0)
+    if TAILS:
+        n_chunks = (end - start + C - 1) // C
+    else:
+        n_chunks = tl.where(goes_to >= 0, (end - start + C - 1) // C, 0)
     for c in range(0, n_chunks):
         if REVERSE:
             t0 = start + (n_chunks - 1 - c) * C
@@ -215,16 +226,22 @@ def _segment_state(y_ptr, z_ptr, local_ptr, seg_ptr, lam_ptr, syt, syh, szt, szh
         state = tl.dot(tl.trans(y), z_write, acc=state * tl.exp(lam * L.to(tl.float32)), input_precision=PRECISION)
     offs = ((tl.maximum(goes_to, 0).to(tl.int64) * H + h) * DY + dy[:, None]) * DZ + dz[None, :]
     tl.store(local_ptr + offs, state, mask=(dy < DY * (goes_to >= 0).to(tl.int32))[:, None] & zmask[None, :])
+    if TAILS:  # unused table entries (start == end) write nothing
+        is_tail = ((goes_to < 0) & (end > start)).to(tl.int32)
+        tail = ((doc.to(tl.int64) * H + h) * DY + dy[:, None]) * DZ + dz[None, :]
+        tl.store(tail_ptr + tail, state, mask=(dy < DY * is_tail)[:, None] & zmask[None, :])
 
 
 @triton.jit
-def _segment_scan(local_ptr, bound_ptr, edge_in_ptr, edge_out_ptr, seg_ptr, doc_seg_ptr, lam_ptr,
+def _segment_scan(local_ptr, tail_ptr, bound_ptr, edge_in_ptr, edge_out_ptr, seg_ptr, doc_seg_ptr, lam_ptr,
                   sen, seh, sey, sez, H,
                   DY: tl.constexpr, DZ: tl.constexpr, BLOCK_DZ: tl.constexpr, ROWS: tl.constexpr,
                   ROW_BLOCKS: tl.constexpr, REVERSE: tl.constexpr, HAS_EDGE_IN: tl.constexpr,
-                  STORE_EDGE_OUT: tl.constexpr):
+                  EDGE_OUT: tl.constexpr):
     # One program: one document, one head, ROWS rows of the state. The loop is sequential over
     # the document's boundaries only (a few hundred at most), plain fp32 loads and FMAs.
+    # EDGE_OUT: 0 writes no exit state, 1 writes empty documents' (the output pass writes the
+    # others'), 2 writes every document's, folding in its last segment's share from tail.
     pid = tl.program_id(0)
     rb = pid % ROW_BLOCKS
     h = (pid // ROW_BLOCKS) % H
@@ -252,10 +269,22 @@ def _segment_scan(local_ptr, bound_ptr, edge_in_ptr, edge_out_ptr, seg_ptr, doc_
         offs = bound.to(tl.int64) * (H * DY * DZ) + inner
         carry = carry * tl.exp(lam * (end - start).to(tl.float32)) + tl.load(local_ptr + offs, mask=mask, other=0.0)
         tl.store(bound_ptr + offs, carry, mask=mask)
-    if STORE_EDGE_OUT:  # an empty document has no segment to write its final state: it is the initial one
+    if EDGE_OUT == 1:  # an empty document has no segment to write its final state: it is the initial one
         empty = (last == first).to(tl.int32)
         tl.store(edge_out_ptr + doc.to(tl.int64) * (H * DY * DZ) + inner, carry,
                  mask=(dy < DY * empty)[:, None] & (dz < DZ)[None, :])
+    if EDGE_OUT == 2:
+        has = (last > first).to(tl.int32)
+        if REVERSE:
+            seg = first
+        else:
+            seg = tl.maximum(last - 1, 0)
+        start, end, _, _, _ = _segment_info(seg_ptr, seg, REVERSE)
+        at = doc.to(tl.int64) * (H * DY * DZ) + inner
+        span = tl.where(has > 0, end - start, 0).to(tl.float32)
+        carry = carry * tl.exp(lam * span) + tl.load(tail_ptr + at, mask=(dy < DY * has)[:, None] & (dz < DZ)[None, :],
+                                                     other=0.0)
+        tl.store(edge_out_ptr + at, carry, mask=mask)
 
 
 # ------------------------------------------------------------------------------------ host side
@@ -276,7 +305,29 @@ def segment_length(tokens: int, heads: int, device: torch.device) -> int:
     return seg
 
 
+_TABLES = WeakIdKeyDictionary()  # cu_seqlens tensor -> {(batch, seq_len, seg_len, device): (its version, table)}
+
+
 def segment_table(cu_seqlens, batch: int, seq_len: int, seg_len: int, device):
+    """`_segment_table`, built once per boundaries: every layer of a step passes the same tensor
+    (or none), and a table is some 25 small launches."""
+    key = (batch, seq_len, seg_len, torch.device(device))
+    if cu_seqlens is None:
+        return _dense_table(*key)
+    if cu_seqlens.is_inference():  # (inference tensors have no version)
+        return _segment_table(cu_seqlens, *key)
+    known = _TABLES.setdefault(cu_seqlens, {})
+    if key not in known or known[key][0] != cu_seqlens._version:
+        known[key] = (cu_seqlens._version, _segment_table(cu_seqlens, *key))
+    return known[key][1]
+
+
+@functools.lru_cache(maxsize=16)
+def _dense_table(batch, seq_len, seg_len, device):
+    return _segment_table(None, batch, seq_len, seg_len, device)
+
+
+def _segment_table(cu_seqlens, batch: int, seq_len: int, seg_len: int, device):
     """Segments of the flattened [B * S] token axis, built on the device without a host sync.
 
     Returns (segments int32 [n_max, SEG_COLS], doc_segments int32 [N + 1] (each document's range
@@ -351,44 +402,88 @@ def _output(x, y, z, bound, bound_strides, edge_in, edge_in_strides, edge_out, t
     return out
 
 
-def _boundary_states(y, z, tab, lam, update_scale, reverse, edge_in, edge_out):
-    """Kernels 1 and 2: the state at each boundary `[n_bounds, H, Dy, Dz]` (fp32) in the direction
-    of travel, from `edge_in` ([N, H, Dy, Dz] or None: zeros); `edge_out` gets empty documents'."""
-    segs, doc_seg, n_docs, n_max, n_bounds = tab
+def _segment_locals(y, z, tab, lam, update_scale, reverse, tails=None):
+    """Kernel 1: each segment's own state `[n_bounds, H, Dy, Dz]` (fp32), indexed by the boundary
+    it crosses in the direction of travel; with `tails` ([N, H, Dy, Dz]) also the share of each
+    document's last segment in that direction, which crosses no boundary."""
+    segs, _, _, n_max, n_bounds = tab
     T, H, dy = y.shape
     dz = z.shape[-1]
     dot, prec = _dot_types(y.dtype)
-    dims = _dims(dy, dz)
     local = torch.empty(n_bounds, H, dy, dz, device=y.device, dtype=torch.float32)
     _segment_state[lambda meta: (n_max * H * meta["Z_SPLIT"],)](
-        y, z, local, segs, lam, y.stride(0), y.stride(1), z.stride(0), z.stride(1), H, update_scale,
-        C=CHUNK, REVERSE=reverse, DOT=dot, PRECISION=prec, **dims)
+        y, z, local, tails if tails is not None else local, segs, lam, y.stride(0), y.stride(1), z.stride(0),
+        z.stride(1), H, update_scale, C=CHUNK, REVERSE=reverse, DOT=dot, PRECISION=prec, TAILS=tails is not None,
+        **_dims(dy, dz))
+    return local
+
+
+def _scan(local, tab, lam, reverse, edge_in, edge_out=None, tails=None):
+    """Kernel 2: the state at each boundary (in the direction of travel) from `edge_in` ([N, H, Dy,
+    Dz] or None: zeros). `edge_out` gets each document's exit state when `tails` is given (the
+    whole document folded), else only empty documents' (the output pass writes the others')."""
+    segs, doc_seg, n_docs, _, _ = tab
+    _, H, dy, dz = local.shape
+    block_dz = _dims(dy, dz)["BLOCK_DZ"]
     bound = torch.empty_like(local)
-    rows = min(SCAN_ROWS, dims["BLOCK_DY"])
+    rows = min(SCAN_ROWS, max(16, triton.next_power_of_2(dy)))
     row_blocks = triton.cdiv(dy, rows)
     _segment_scan[(n_docs * H * row_blocks,)](
-        local, bound, edge_in if edge_in is not None else local, edge_out if edge_out is not None else local,
-        segs, doc_seg, lam, *(edge_in.stride() if edge_in is not None else (0, 0, 0, 0)), H,
-        DY=dy, DZ=dz, BLOCK_DZ=dims["BLOCK_DZ"], ROWS=rows, ROW_BLOCKS=row_blocks, REVERSE=reverse,
-        HAS_EDGE_IN=edge_in is not None, STORE_EDGE_OUT=edge_out is not None, num_warps=4)
+        local, tails if tails is not None else local, bound, edge_in if edge_in is not None else local,
+        edge_out if edge_out is not None else local, segs, doc_seg, lam,
+        *(edge_in.stride() if edge_in is not None else (0, 0, 0, 0)), H,
+        DY=dy, DZ=dz, BLOCK_DZ=block_dz, ROWS=rows, ROW_BLOCKS=row_blocks, REVERSE=reverse,
+        HAS_EDGE_IN=edge_in is not None, EDGE_OUT=0 if edge_out is None else (2 if tails is not None else 1),
+        num_warps=4)
     return bound
+
+
+def _exchanged(y, z, tab, lam, update_scale, reverse, exchange_fn):
+    """Kernels 1 and 2 around an exchange: each document's own exit state (from zero) goes to
+    `exchange_fn`, whose answer is the documents' entering states; returns (boundary states,
+    entering states). The segments' own states are computed once and serve both scans."""
+    n_docs = tab[2]
+    H, dy, dz = y.shape[1], y.shape[2], z.shape[2]
+    tails = torch.empty(n_docs, H, dy, dz, device=y.device, dtype=torch.float32)
+    local = _segment_locals(y, z, tab, lam, update_scale, reverse, tails)
+    own = torch.empty_like(tails)
+    _scan(local, tab, lam, reverse, None, own, tails)
+    entering = exchange_fn(own)
+    if tuple(entering.shape) != tuple(own.shape):
+        raise ValueError(f"lightning_attn exchange returned states of shape {tuple(entering.shape)}, "
+                         f"expected {tuple(own.shape)}")
+    entering = entering.to(torch.float32).contiguous()
+    return _scan(local, tab, lam, reverse, entering), entering
+
+
+def _boundary_states(y, z, tab, lam, update_scale, reverse, edge_in, edge_out):
+    """Kernels 1 and 2: the state at each boundary `[n_bounds, H, Dy, Dz]` (fp32) in the direction
+    of travel, from `edge_in` ([N, H, Dy, Dz] or None: zeros); `edge_out` gets empty documents'."""
+    local = _segment_locals(y, z, tab, lam, update_scale, reverse)
+    return _scan(local, tab, lam, reverse, edge_in, edge_out)
 
 
 class LightningAttnFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens, seg_len):
+    def forward(ctx, q, k, v, log_decay, scale, initial_state, output_final_state, cu_seqlens, seg_len, exchange):
         B, S, H, Dk = q.shape
         Dv = v.shape[-1]
         tab = segment_table(cu_seqlens, B, S, seg_len, q.device)
         lam = log_decay.detach().to(device=q.device, dtype=torch.float32).contiguous()
         qt, kt, vt = _tokens(q), _tokens(k), _tokens(v)
-        init = None if initial_state is None else initial_state.detach()
-        final = torch.empty(tab[2], H, Dk, Dv, device=q.device, dtype=torch.float32) if output_final_state else None
-        bound = _boundary_states(kt, vt, tab, lam, 1.0, False, init, final)
+        final = None
+        if exchange is not None:
+            bound, init = _exchanged(kt, vt, tab, lam, 1.0, False, exchange.forward)
+        else:
+            init = None if initial_state is None else initial_state.detach()
+            if output_final_state:
+                final = torch.empty(tab[2], H, Dk, Dv, device=q.device, dtype=torch.float32)
+            bound = _boundary_states(kt, vt, tab, lam, 1.0, False, init, final)
         o = _output(qt, kt, vt, bound, bound.stride(), init, None if init is None else init.stride(), final,
                     tab, lam, (scale, scale, 1.0), False, q.dtype)
         ctx.save_for_backward(qt, kt, vt, lam, bound, init, tab[0], tab[1])
-        ctx.meta = (q.shape, Dv, scale, tab[2], tab[3], tab[4], None if init is None else initial_state.dtype)
+        ctx.meta = (q.shape, Dv, scale, tab[2], tab[3], tab[4], None if initial_state is None else initial_state.dtype)
+        ctx.exchange = exchange
         return o.view(B, S, H, Dv), final
 
     @staticmethod
@@ -407,22 +502,25 @@ class LightningAttnFunction(torch.autograd.Function):
             dq = _output(go, vt, kt, bound, _strides(bound, transpose=True), init,
                          None if init is None else _strides(init, transpose=True), None,
                          tab, lam, (scale, scale, 1.0), False, qt.dtype).view(shape)
-        if need_k or need_v or need_init:
+        if ctx.exchange is not None:
+            # every rank of the exchange's group takes part, whatever it needs gradients for;
+            # dFinal comes back from the exchange, given each document's d(entering state)
+            grad_bound, dfinal = _exchanged(qt, go, tab, lam, scale, True, ctx.exchange.backward)
+        elif need_k or need_v or need_init:
             # E: the gradient flowing into each segment from the tokens after it, and from dFinal
             dinit = torch.empty(n_docs, H, Dk, Dv, device=qt.device, dtype=torch.float32) if need_init else None
             grad_bound = _boundary_states(qt, go, tab, lam, scale, True, dfinal, dinit)
-            if need_v or need_init:  # this pass also writes d initial_state
-                dv = _output(kt, qt, go, grad_bound, grad_bound.stride(), dfinal,
-                             None if dfinal is None else dfinal.stride(), dinit, tab, lam, (scale, 1.0, scale), True,
-                             qt.dtype).view(B, S, H, Dv)
-            if need_k:
-                dk = _output(vt, go, qt, grad_bound, _strides(grad_bound, transpose=True), dfinal,
-                             None if dfinal is None else _strides(dfinal, transpose=True), None, tab, lam,
-                             (scale, 1.0, scale), True, qt.dtype).view(shape)
-            if dinit is not None:
-                dinit = dinit.to(init_dtype)
-            dv = dv if need_v else None
-        return dq, dk, dv, None, None, dinit, None, None, None
+        if need_v or need_init:  # this pass also writes d initial_state
+            dv = _output(kt, qt, go, grad_bound, grad_bound.stride(), dfinal,
+                         None if dfinal is None else dfinal.stride(), dinit, tab, lam, (scale, 1.0, scale), True,
+                         qt.dtype).view(B, S, H, Dv)
+        if need_k:
+            dk = _output(vt, go, qt, grad_bound, _strides(grad_bound, transpose=True), dfinal,
+                         None if dfinal is None else _strides(dfinal, transpose=True), None, tab, lam,
+                         (scale, 1.0, scale), True, qt.dtype).view(shape)
+        if dinit is not None:
+            dinit = dinit.to(init_dtype)
+        return dq, dk, dv if need_v else None, None, None, dinit, None, None, None, None
 
 
 def _strides(state, transpose=False):
@@ -431,11 +529,12 @@ def _strides(state, transpose=False):
 
 
 def lightning_attn_triton(q, k, v, log_decay, *, scale=None, initial_state=None, output_final_state=False,
-                          cu_seqlens=None, seg_len=None):
+                          cu_seqlens=None, exchange=None, seg_len=None):
     """`seqpar.kernels.lightning_attn` on Triton; same contract as the reference.
 
     `cu_seqlens` is trusted (no host sync to check it); the reference checks it on CPU runs.
     `seg_len` (a multiple of 64) overrides the segment length; tests use it to cross segments.
+    `exchange`: see `seqpar.kernels.lightning_attn`.
     """
     B, S, H, Dk = q.shape
     Dv = v.shape[-1]
@@ -457,4 +556,4 @@ def lightning_attn_triton(q, k, v, log_decay, *, scale=None, initial_state=None,
     if cu_seqlens is not None:
         cu_seqlens = cu_seqlens.to(q.device)
     return LightningAttnFunction.apply(q, k, v, log_decay, scale, initial_state, output_final_state,
-                                       cu_seqlens, seg_len)
+                                       cu_seqlens, seg_len, exchange)

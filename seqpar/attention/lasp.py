@@ -10,13 +10,17 @@ where I, the state entering the chunk, comes from an exact scan of the chunks' o
 S = sum_s exp(log_decay * (C - 1 - s)) k_s^T v_s (over the chunk's last document) in chunk order
 (`state_scan`). A document that starts at or inside a chunk stops the carried state there.
 
-LASP-2 forward: S (cheap), post the scan, intra while it flies, wait, add the readout. Backward
-mirrors it: the gradients dI of the entering states (cheap), post the reverse scan (giving dS, the
-gradient of each chunk's own state), the intra backward while it flies, wait, add dS's share to
-dk and dv. With `zigzag` a rank's two chunks go into the same single scan. The serial schedule
-(`overlap=False`, see `_LASP`; what `lasp2_attention` runs, being the faster one over NVLink)
-hands the entering states and dS to the kernel instead; LASP-1 (`lasp1.py`) is that schedule with
-an unblocked P2P chain.
+Two schedules of the same math:
+- serial (what `lasp2_attention` runs): the kernel itself exchanges the states (`_ChunkExchange`,
+  the lightning kernel's `exchange` hook): its first pass over k, v yields every S, the scan runs,
+  and its output pass starts from I; backward mirrors it with the gradients of I and S. Nothing
+  is computed twice; the exchange (a few MiB) is exposed. LASP-1 (`lasp1.py`) is this schedule
+  with an unblocked P2P chain.
+- overlapped (`overlap=True`, `_Overlapped`): S by a separate pass, the scan posted, the kernel
+  from zero while it flies, then the readout q.I; backward: dI, the reverse scan posted, the
+  kernel's backward while it flies, dS's share of dk, dv. It hides the exchange behind extra
+  passes over the chunk: the choice for links slower than NVLink.
+With `zigzag` a rank's two chunks go into the same single scan.
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ from torch.autograd.function import once_differentiable
 
 from seqpar import kernels
 from seqpar.attention.state_scan import SCANS, ChunkChain, start_scan
-from seqpar.parallel.sharding import chunk_order, group_size_rank
+from seqpar.parallel.sharding import chunk_order, group_size_rank, host_bounds
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -39,26 +43,37 @@ def lasp2_attention(q, k, v, *, log_decay, group=None, cu_seqlens=None, scale=No
     """`scan` is `parallel.linear_scan`: `allgather` (LASP-2's one all-gather) or `pipelined` (a chain)."""
     if scan not in SCANS:
         raise ValueError(f"lasp2_attention: scan={scan!r}; choose one of {SCANS}")
-    # serial: on 2 H100 (docs/benchmarks, 2026-11-25) it ran at 2x the overlapped schedule's
-    # efficiency (0.67 vs 0.33 at 256k tokens): the passes overlap adds cost more than the
-    # exchange of a few MiB it hides over NVLink. The overlapped schedule stays for slower links.
+    # serial: on 2 H100 (docs/benchmarks, 2026-11-25) even the unfused serial schedule ran at 2x
+    # the overlapped one's efficiency (0.67 vs 0.33 at 256k tokens): over NVLink the exchange of
+    # a few MiB costs less than the passes that hide it.
     return lasp_attention(q, k, v, log_decay, group=group, cu_seqlens=cu_seqlens, scale=scale, layout=layout,
                           scan=scan, overlap=False)
 
 
 def lasp_attention(q, k, v, log_decay, *, group, cu_seqlens, scale, layout, scan, overlap):
-    """The machinery LASP-1 and LASP-2 share; `overlap` posts the scan before the intra-chunk work."""
+    """The machinery LASP-1 and LASP-2 share; `overlap` picks the schedule (module docstring)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    geo = _geometry(q, group, cu_seqlens, layout, log_decay)
-    return _LASP.apply(q, k, v, log_decay, geo, scale, group, scan, overlap)
+    if log_decay.requires_grad:
+        raise ValueError("lasp: log_decay is a fixed per-head constant here; pass a tensor without requires_grad")
+    world, rank = group_size_rank(group)
+    bounds = None if cu_seqlens is None else host_bounds(cu_seqlens)
+    geo = _cut(world, rank, *q.shape[:2], layout, bounds, q.device, torch.promote_types(q.dtype, torch.float32))
+    # a_g: how much of the state entering chunk g survives it (0 where a document starts in it)
+    carry = torch.exp(log_decay.to(geo.dtype) * geo.chunk_len)[None, :] * geo.passes[:, None]
+    chain = ChunkChain(geo.owners, carry, rank)
+    if overlap:
+        return _Overlapped.apply(q, k, v, log_decay, geo, chain, scale, group, scan)
+    return _kernel(q, k, v, log_decay, scale, geo, exchange=_ChunkExchange(geo, chain, group, scan))
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Geometry:
+    """How this rank's local chunks sit in the global sequence; depends on shapes and boundaries only."""
     chunk_len: int
     n_local: int
     dtype: torch.dtype  # states and their merges: fp32, fp64 for fp64 inputs
-    chain: ChunkChain
+    owners: list[tuple[int, int]]  # global chunk -> (rank, its slot among that rank's chunks)
+    passes: torch.Tensor  # [n_chunks]: 1 where the carried state crosses the chunk, 0 where a document starts
     continues: list[bool]  # per local chunk: its first token continues a document of the previous chunk
     keep: torch.Tensor  # the same as a [n_local, 1, 1, 1, 1] mask
     first_len: list[int]  # per local chunk: tokens before its first inner document start (read the entering state)
@@ -69,23 +84,21 @@ class _Geometry:
     n_slots: int
 
 
-def _geometry(q, group, cu_seqlens, layout, log_decay) -> _Geometry:
-    world, rank = group_size_rank(group)
-    B, s_local = q.shape[:2]
+@functools.lru_cache(maxsize=64)  # every layer of a step asks for the same one: no rebuild, no host-to-device copy
+def _cut(world, rank, B, s_local, layout, bounds, device, dt) -> _Geometry:
     order = chunk_order(world, layout)
     n_local = len(order[0])
     if s_local % n_local:
         raise ValueError(f"lasp: local length {s_local} does not split into {n_local} chunks (layout={layout})")
     C = s_local // n_local
     n_chunks = world * n_local
-    if cu_seqlens is None:
+    if bounds is None:
         starts = [0]  # each row is one document
     else:
         if B != 1:
-            raise ValueError(f"lasp: packed documents (cu_seqlens) need batch size 1, got q of shape {tuple(q.shape)}")
-        bounds = cu_seqlens.tolist()
+            raise ValueError(f"lasp: packed documents (cu_seqlens) need batch size 1, got a batch of {B}")
         if bounds[0] != 0 or bounds[-1] != C * n_chunks:
-            raise ValueError(f"lasp: cu_seqlens must run from 0 to the global length {C * n_chunks}, got {bounds}")
+            raise ValueError(f"lasp: cu_seqlens must run from 0 to the global length {C * n_chunks}, got {list(bounds)}")
         starts = sorted(set(bounds[:-1]))
     inside = [[s - g * C for s in starts if g * C < s < (g + 1) * C] for g in range(n_chunks)]
     at_start = [g * C in starts for g in range(n_chunks)]
@@ -94,101 +107,96 @@ def _geometry(q, group, cu_seqlens, layout, log_decay) -> _Geometry:
     for r, chunks in enumerate(order):
         for i, g in enumerate(chunks):
             owners[g] = (r, i)
-    dt = torch.promote_types(q.dtype, torch.float32)
-    passes = torch.tensor([not (at_start[g] or inside[g]) for g in range(n_chunks)], dtype=dt, device=q.device)
-    carry = torch.exp(log_decay.to(dt) * C)[None, :] * passes[:, None]
+    passes = torch.tensor([not (at_start[g] or inside[g]) for g in range(n_chunks)], dtype=dt, device=device)
     mine = order[rank]
     continues = [not at_start[g] for g in mine]
-    keep = torch.tensor(continues, dtype=dt, device=q.device).view(-1, 1, 1, 1, 1)
-    if cu_seqlens is None:  # the kernel sees B * n_local rows, row b * n_local + i is chunk i of row b
+    keep = torch.tensor(continues, dtype=dt, device=device).view(-1, 1, 1, 1, 1)
+    if bounds is None:  # the kernel sees B * n_local rows, row b * n_local + i is chunk i of row b
         kernel_cu = None
-        first_slot = last_slot = torch.arange(B * n_local, device=q.device).view(B, n_local).T
+        first_slot = last_slot = torch.arange(B * n_local, device=device).view(B, n_local).T
         n_slots = B * n_local
     else:
         edges = sorted({i * C for i in range(n_local + 1)} | {i * C + s for i, g in enumerate(mine) for s in inside[g]})
-        kernel_cu = torch.tensor(edges, dtype=torch.int32, device=q.device)
-        first_slot = torch.tensor([[edges.index(i * C)] for i in range(n_local)], device=q.device)
-        last_slot = torch.tensor([[edges.index((i + 1) * C) - 1] for i in range(n_local)], device=q.device)
+        kernel_cu = torch.tensor(edges, dtype=torch.int32, device=device)
+        first_slot = torch.tensor([[edges.index(i * C)] for i in range(n_local)], device=device)
+        last_slot = torch.tensor([[edges.index((i + 1) * C) - 1] for i in range(n_local)], device=device)
         n_slots = len(edges) - 1
-    return _Geometry(C, n_local, dt, ChunkChain(owners, carry, rank), continues, keep,
+    return _Geometry(C, n_local, dt, owners, passes, continues, keep,
                      first_len=[inside[g][0] if inside[g] else C for g in mine],
                      last_start=[inside[g][-1] if inside[g] else 0 for g in mine], kernel_cu=kernel_cu,
                      first_slot=first_slot, last_slot=last_slot, n_slots=n_slots)
 
 
-class _LASP(torch.autograd.Function):
-    """Two schedules of the same exact math.
+class _ChunkExchange:
+    """The lightning kernel's exchange hook for the serial schedule: the kernel hands over the own
+    (exit) state of every document slot of the local chunks, computed from zero; the chunks' own
+    states S (their last slots) go into the cp scan; the entering states I come back into the
+    chunks' first slots. Backward: d(entering) of the first slots -> reverse scan -> dS into the
+    last slots, which the kernel takes as the gradient of those documents' exit states."""
 
-    overlap=True (LASP-2): the exchange flies while the kernel runs the chunks from zero state;
-    the readout q.I, dI, the readout's dq and dS's share of dk, dv are separate passes over the
-    chunk. overlap=False: the exchange runs first and the kernel itself reads the entering states
-    (initial_state) and, backward, takes dS as the gradient of its final states, so only the S
-    and dI passes are extra; the exchange is exposed. Which wins depends on the exchange's time
-    against a pass over the chunk's tokens (interconnect, world size, tokens per rank).
-    """
+    def __init__(self, geo, chain, group, scan):
+        self.geo, self.chain, self.group, self.scan = geo, chain, group, scan
+
+    def forward(self, own):
+        geo = self.geo
+        entering = start_scan(self.scan, own.to(geo.dtype)[geo.last_slot], self.chain, self.group).wait()
+        return _to_slots(entering * geo.keep, geo.first_slot, geo.n_slots)
+
+    def backward(self, d_initial):
+        geo = self.geo
+        d_entering = d_initial.to(geo.dtype)[geo.first_slot] * geo.keep
+        d_states = start_scan(self.scan, d_entering, self.chain, self.group, reverse=True).wait()
+        return _to_slots(d_states, geo.last_slot, geo.n_slots)
+
+
+class _Overlapped(torch.autograd.Function):
+    """The overlapped schedule: the exchange flies while the kernel runs the chunks from zero state;
+    the readout q.I, dI, the readout's dq and dS's share of dk, dv are separate passes over the chunk."""
 
     @staticmethod
-    def forward(ctx, q, k, v, log_decay, geo, scale, group, scan, overlap):
-        if ctx.needs_input_grad[3]:
-            raise ValueError("lasp: log_decay is a fixed per-head constant here; pass a tensor without requires_grad")
+    def forward(ctx, q, k, v, log_decay, geo, chain, scale, group, scan):
         with torch.autocast(q.device.type, enabled=False):
             lam = log_decay.to(geo.dtype)
             states = torch.stack([_outer_sum(*_segments(geo, i, "last", k, v), _state_decay(lam, geo, i), geo.dtype)
                                   for i in range(geo.n_local)])
-            pending = start_scan(scan, states, geo.chain, group) if overlap else None
+            pending = start_scan(scan, states, chain, group)
             # The kernel's graph is kept (not recomputed in backward): its backward is the kernel's own.
             needs = ctx.needs_input_grad[:3]
             leaves = [t.detach().requires_grad_(n) for t, n in zip((q, k, v), needs)]
-            if overlap:
-                with torch.enable_grad() if any(needs) else nullcontext():
-                    intra, _ = _kernel(*leaves, log_decay, scale, geo)
-                entering = pending.wait()  # read only by chunks that continue a document
-                # The readout goes into the kernel's output buffer, which `intra` (kept for the
-                # backward) shares: a second buffer would hold one more activation per layer. Hiding
-                # the write from autograd is sound because lightning attention's backward never reads
-                # its output (neither the reference nor the Triton kernel saves it).
-                out = intra.detach()
-                out = out if out.is_contiguous() else out.contiguous()  # segments below must be views
-                with torch.autograd._unsafe_preserve_version_counter(out):
-                    for i in _continuing(geo):
-                        q_seg, o_seg = _segments(geo, i, "first", q, out)
-                        o_seg += _apply_state(q_seg, entering[i], scale * _entry_decay(lam, geo, i))
-                roots = [intra]
-            else:
-                entering = start_scan(scan, states, geo.chain, group).wait()
-                initial = _to_slots(entering * geo.keep, geo.first_slot, geo.n_slots)
-                with torch.enable_grad() if any(needs) else nullcontext():
-                    intra, final = _kernel(*leaves, log_decay, scale, geo, initial)
-                out = intra.detach()
-                roots = [intra, final]
+            with torch.enable_grad() if any(needs) else nullcontext():
+                intra = _kernel(*leaves, log_decay, scale, geo)
+            entering = pending.wait()  # read only by chunks that continue a document
+            # The readout goes into the kernel's output buffer, which `intra` (kept for the
+            # backward) shares: a second buffer would hold one more activation per layer. Hiding
+            # the write from autograd is sound because lightning attention's backward never reads
+            # its output (neither the reference nor the Triton kernel saves it).
+            out = intra.detach()
+            out = out if out.is_contiguous() else out.contiguous()  # segments below must be views
+            with torch.autograd._unsafe_preserve_version_counter(out):
+                for i in _continuing(geo):
+                    q_seg, o_seg = _segments(geo, i, "first", q, out)
+                    o_seg += _apply_state(q_seg, entering[i], scale * _entry_decay(lam, geo, i))
         ctx.save_for_backward(q, k, v, lam, entering)
-        ctx.geo, ctx.scale, ctx.group, ctx.scan, ctx.overlap = geo, scale, group, scan, overlap
-        ctx.roots, ctx.leaves = roots, leaves
+        ctx.geo, ctx.chain, ctx.scale, ctx.group, ctx.scan = geo, chain, scale, group, scan
+        ctx.intra, ctx.leaves = intra, leaves
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dout):
         q, k, v, lam, entering = ctx.saved_tensors
-        geo, scale, scan = ctx.geo, ctx.scale, ctx.scan
-        roots, leaves = ctx.roots, ctx.leaves
-        del ctx.roots, ctx.leaves
+        geo, scale = ctx.geo, ctx.scale
+        intra, leaves = ctx.intra, ctx.leaves
+        del ctx.intra, ctx.leaves
         dout = dout.contiguous()
         d_entering = torch.zeros_like(entering)
         for i in _continuing(geo):
             d_entering[i] = _outer_sum(*_segments(geo, i, "first", q, dout), scale * _entry_decay(lam, geo, i),
                                        geo.dtype)
         # every rank joins the reverse scan, whichever of q, k, v it needs gradients for
-        pending = start_scan(scan, d_entering, geo.chain, ctx.group, reverse=True)
+        pending = start_scan(ctx.scan, d_entering, ctx.chain, ctx.group, reverse=True)
         wanted = [leaf for leaf in leaves if leaf.requires_grad]
-        if not ctx.overlap:
-            intra, final = roots
-            d_final = _to_slots(pending.wait(), geo.last_slot, geo.n_slots).to(final.dtype)
-            outs, grad_outs = zip(*[(r, g) for r, g in zip(roots, (dout, d_final)) if r.requires_grad])
-            grads = iter(torch.autograd.grad(outs, wanted, grad_outs, allow_unused=True) if wanted else ())
-            return (*(next(grads) if leaf.requires_grad else None for leaf in leaves), *[None] * 6)
-
-        grads = iter(torch.autograd.grad(roots[0], wanted, dout) if wanted else ())
+        grads = iter(torch.autograd.grad(intra, wanted, dout) if wanted else ())
         dq, dk, dv = (next(grads).contiguous() if leaf.requires_grad else None for leaf in leaves)
         if dq is not None:
             for i in _continuing(geo):
@@ -209,16 +217,14 @@ def _continuing(geo):
     return [i for i in range(geo.n_local) if geo.continues[i]]
 
 
-def _kernel(q, k, v, log_decay, scale, geo, initial=None):
-    """Every local chunk in one kernel call, from `initial` (per state slot) or zero state."""
-    final = initial is not None
+def _kernel(q, k, v, log_decay, scale, geo, exchange=None):
+    """Every local chunk's output in one kernel call, from zero state or through `exchange`."""
     if geo.kernel_cu is not None:  # one packed row: chunk edges count as document edges
-        return kernels.lightning_attn(q, k, v, log_decay, scale=scale, cu_seqlens=geo.kernel_cu,
-                                      initial_state=initial, output_final_state=final)
+        return kernels.lightning_attn(q, k, v, log_decay, scale=scale, cu_seqlens=geo.kernel_cu, exchange=exchange)[0]
     B, S = q.shape[:2]
     rows = [t.reshape(B * geo.n_local, geo.chunk_len, *t.shape[2:]) for t in (q, k, v)]
-    o, last = kernels.lightning_attn(*rows, log_decay, scale=scale, initial_state=initial, output_final_state=final)
-    return o.reshape(B, S, *o.shape[2:]), last
+    o = kernels.lightning_attn(*rows, log_decay, scale=scale, exchange=exchange)[0]
+    return o.reshape(B, S, *o.shape[2:])
 
 
 def _to_slots(x, slots, n_slots):

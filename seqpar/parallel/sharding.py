@@ -29,6 +29,22 @@ def group_size_rank(group: dist.ProcessGroup | None) -> tuple[int, int]:
     return dist.get_world_size(group), dist.get_rank(group)
 
 
+_HOST_BOUNDS = WeakIdKeyDictionary()  # cu_seqlens tensor -> (its version, its values), while it lives
+
+
+def host_bounds(cu_seqlens) -> tuple[int, ...]:
+    """`cu_seqlens` as host integers, read from the device once per tensor (and version): every
+    layer of a step passes the step's same tensor, and each read is a host-device synchronisation."""
+    if not torch.is_tensor(cu_seqlens):
+        return tuple(int(x) for x in cu_seqlens)
+    if cu_seqlens.is_inference():  # (inference tensors have no version)
+        return tuple(int(x) for x in cu_seqlens.tolist())
+    hit = _HOST_BOUNDS.get(cu_seqlens)
+    if hit is None or hit[0] != cu_seqlens._version:
+        hit = _HOST_BOUNDS[cu_seqlens] = (cu_seqlens._version, tuple(int(x) for x in cu_seqlens.tolist()))
+    return hit[1]
+
+
 def chunk_order(world_size: int, layout: str) -> list[list[int]]:
     """For each rank, the indices of the chunks it holds, in the order it stores them."""
     if layout == "contiguous":
