@@ -22,6 +22,14 @@ stream and norms in the parameter dtype), per token of a layer:
 On top of the largest transient: three `[S, d]` tensors of the residual stream (a block's input
 and output, or the gradients entering and leaving it), which at a million tokens are gigabytes.
 
+On CUDA, a fixed term (`fixed_allocations`) for what the libraries allocate through torch's
+caching allocator whatever the model: Triton's autotuner clears the L2 cache between timed
+launches with a 256 MiB buffer (`get_empty_cache_for_benchmark` in Triton's CUDA driver; seqpar's
+Triton kernels autotune on their first calls, inside step 1's forward and backward) and cuBLAS's
+workspace (torch's default on Hopper and later: 32 MiB). It explains the tiny default job's
+measured peak (0.287 GiB against 0.026 GiB of model state and activations; docs/sim.md). What the
+allocator does not count (the CUDA context, NCCL's buffers, fragmentation) is in `MARGIN`.
+
 CPU runs use the reference attention kernels, which save quadratic score matrices: the estimate
 describes the CUDA kernels, which is where it matters.
 """
@@ -37,6 +45,8 @@ from seqpar.model.transformer import head_dim, layer_types
 GiB = 2**30
 CE_CHUNK = 4096  # rows per chunk of kernels.fused_linear_cross_entropy (its default)
 MARGIN = 0.9  # of the device's memory: the CUDA context, the allocator's fragmentation, NCCL's buffers
+# allocated through torch's caching allocator on CUDA whatever the model (see the module docstring)
+FIXED_ALLOCATIONS = {"Triton autotuner's L2 flush buffer": 256 << 20, "cuBLAS workspace": 32 << 20}
 
 
 @dataclass
@@ -53,10 +63,11 @@ class MemoryEstimate:
     stage: int = 0
     layers: int = 0
     tokens: int = 0  # tokens per micro-batch on this rank
+    fixed: int = 0  # the libraries' own allocations on CUDA (`FIXED_ALLOCATIONS`)
 
     @property
     def total(self) -> int:
-        return self.params + self.grads + self.optimizer + self.activations + self.loss + self.transient
+        return self.params + self.grads + self.optimizer + self.activations + self.loss + self.transient + self.fixed
 
     @property
     def total_gb(self) -> float:
@@ -66,7 +77,7 @@ class MemoryEstimate:
         rows = [("parameters", self.params), ("gradients", self.grads), ("optimizer (AdamW moments)", self.optimizer),
                 (f"activations ({self.layers} layers x {self.tokens} tokens)", self.activations),
                 ("loss (fused cross-entropy)", self.loss), (f"transient ({self.transient_what})", self.transient),
-                ("total", self.total)]
+                ("fixed (Triton autotune buffer, cuBLAS workspace)", self.fixed), ("total", self.total)]
         width = max(len(name) for name, _ in rows)
         lines = [f"memory per rank (pipeline stage {self.stage}), predicted:"]
         lines += [f"  {name:<{width}}  {b / GiB:9.3f} GiB" for name, b in rows]
@@ -81,6 +92,12 @@ def _dtype_bytes(cfg) -> tuple[int, int, bool]:
     p = 8 if cfg.train.dtype == "fp64" else 4
     autocast = use_cuda(cfg) and cfg.train.dtype in ("auto", "bf16")
     return p, (2 if autocast else p), autocast
+
+
+def fixed_allocations(cfg) -> int:
+    """Bytes the libraries allocate on every CUDA rank whatever the model (`FIXED_ALLOCATIONS`); 0 on CPU."""
+    from seqpar.config import use_cuda
+    return sum(FIXED_ALLOCATIONS.values()) if use_cuda(cfg) else 0
 
 
 def residual_bytes(cfg) -> int:
@@ -225,7 +242,7 @@ def estimate(cfg, world: int) -> MemoryEstimate:
         est = MemoryEstimate(params=p * held[0], grads=p * held[1], optimizer=2 * p * held[2],
                              activations=int(acts), loss=int(loss),
                              transient=int(amount), transient_what=what, per_layer=per_layer, stage=s,
-                             layers=len(layers), tokens=tokens)
+                             layers=len(layers), tokens=tokens, fixed=fixed_allocations(cfg))
         if best is None or est.total > best.total:
             best = est
     return best
@@ -308,8 +325,8 @@ def fit_error(cfg, world: int, est: MemoryEstimate, device_bytes: int) -> str | 
             f"parallel.cp={cfg.parallel.cp}, parallel.tp={cfg.parallel.tp}, parallel.dp={_dp(cfg, world)}: "
             f"predicted {est.total_gb:.1f} GiB per GPU (parameters {est.params / GiB:.1f}, gradients "
             f"{est.grads / GiB:.1f}, optimizer {est.optimizer / GiB:.1f}, activations {est.activations / GiB:.1f}, "
-            f"loss {est.loss / GiB:.1f}, transient {est.transient / GiB:.1f}) exceeds {MARGIN:.0%} of the device's "
-            f"{device_bytes / GiB:.1f} GiB{advice} (SEQPAR_MEMORY_CHECK=0 starts it anyway)")
+            f"loss {est.loss / GiB:.1f}, transient {est.transient / GiB:.1f}, fixed {est.fixed / GiB:.2f}) "
+            f"exceeds {MARGIN:.0%} of the device's {device_bytes / GiB:.1f} GiB{advice} (SEQPAR_MEMORY_CHECK=0 starts it anyway)")
 
 
 def _dp(cfg, world: int) -> int:

@@ -119,6 +119,21 @@ def test_autocast_saves_bf16_copies(monkeypatch):
     assert est.per_layer == {"S": (attention + mlp) * TOKENS}
 
 
+def test_fixed_allocations_on_cuda_only(monkeypatch):
+    import seqpar.config
+
+    cpu = estimate(_cfg(*SMALL), world=2)
+    assert cpu.fixed == 0
+    monkeypatch.setattr(seqpar.config, "use_cuda", lambda cfg: True)
+    cuda = estimate(_cfg(*SMALL), world=2)
+    # Triton's autotuner flushes L2 with a 256 MiB buffer; cuBLAS's Hopper workspace is 32 MiB
+    assert cuda.fixed == (256 + 32) * 2**20
+    assert cuda.total == (cuda.params + cuda.grads + cuda.optimizer + cuda.activations + cuda.loss
+                          + cuda.transient + (256 + 32) * 2**20)
+    assert re.search(r"fixed \(Triton autotune buffer, cuBLAS workspace\) +0\.281 GiB", cuda.table())
+    assert f"fixed {cuda.fixed / GiB:.2f})" in fit_error(_cfg(*SMALL), 2, cuda, device_bytes=1000)
+
+
 def test_will_not_fit_names_the_numbers_and_the_knobs():
     cfg = _cfg(*SMALL)
     est = estimate(cfg, world=2)

@@ -219,4 +219,5 @@ def memory_per_rank(cfg, world: int) -> dict:
     est = estimate(c, world)
     return {"total_gib": est.total / GiB, "params_gib": est.params / GiB, "grads_gib": est.grads / GiB,
             "optimizer_gib": est.optimizer / GiB, "activations_gib": est.activations / GiB,
-            "loss_gib": est.loss / GiB, "transient_gib": est.transient / GiB, "transient_what": est.transient_what}
+            "loss_gib": est.loss / GiB, "transient_gib": est.transient / GiB, "transient_what": est.transient_what,
+            "fixed_gib": est.fixed / GiB}
