@@ -392,3 +392,28 @@ def test_fused_elementwise_kernels_and_residual_dtype(calib):
     assert sum(elementwise_parts(fp32, "S", 1).values()) > sum(elementwise_parts(m, "S", 1).values())
     norm, rope, ce, _ = fit_fused(None)
     assert 0 < norm <= 1.05 and 0 < rope <= 1.05 and 0.5 < ce < 1.5
+
+
+def test_packed_calls_run_on_triton_by_the_run_date(calib):
+    """Packed (varlen) calls cost torch's varlen flash times the kernels bench's Triton/torch time
+    ratio where the dispatcher sends them to Triton (runs dated after the switch); dense calls and
+    runs before it are unchanged."""
+    from dataclasses import replace
+
+    from seqpar.sim.attention_cost import attn_seconds
+    from seqpar.sim.calibrate import fit_triton_packed
+    from seqpar.sim.measurements import packed_kernel_of
+
+    packed, dense = AttnCall.varlen([1024, 3072]), AttnCall.dense(4096, 4096, True)
+    torch_side = replace(calib, packed_kernel="flash")
+    triton = replace(calib, packed_kernel="triton", triton_packed_ratio=0.8)
+    assert attn_seconds(triton, [packed], 32, 128) == pytest.approx(0.8 * attn_seconds(torch_side, [packed], 32, 128))
+    assert attn_seconds(triton, [dense], 32, 128) == attn_seconds(torch_side, [dense], 32, 128)
+    assert packed_kernel_of({"date": "2026-11-25T23:03:33+00:00"}) == "flash"
+    assert packed_kernel_of({"date": "2026-11-26T00:47:33+00:00"}) == packed_kernel_of({}) == "triton"
+    row = lambda kernel, S, ms: dict(kernel=kernel, layout="packed", S=S, n_docs=4, fwdbwd_ms=ms)
+    rows = [row("seqpar_triton", 16384, 8.0), row("torch_varlen_flash", 16384, 10.0),
+            row("seqpar_triton", 65536, 9.0), row("torch_varlen_flash", 65536, 10.0),
+            dict(row("seqpar_triton", 16384, 1.0), layout="dense")]  # dense rows say nothing of packed calls
+    ratio, _ = fit_triton_packed({"kernels": [("k.json", {"flash": {"rows": rows}})]})
+    assert ratio == pytest.approx(0.85)

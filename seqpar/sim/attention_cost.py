@@ -34,12 +34,17 @@ from seqpar.sim.compute import AttnCall, attn_features, linear_attn_time
 
 
 def attn_seconds(calib, calls, heads: int, head_dim: int, family: str = "cudnn") -> float:
-    """Dense calls run on `family`'s kernel; varlen calls on flash (the only varlen kernel)."""
+    """Dense calls run on `family`'s kernel; varlen (packed) calls on torch's varlen flash, or on
+    seqpar's Triton kernel where the dispatcher sends them (`calib.packed_kernel`, the default since
+    kernels/dispatch.py's TRITON_FASTER): torch's flash constants times the measured time ratio."""
     total = 0.0
     for call in calls:
         fit = calib.attn["flash" if call.is_varlen or family not in calib.attn else family]
         flops, rows, n = attn_features(call, heads, head_dim)
-        total += flops / fit.rate + rows * fit.per_token + n * fit.per_call
+        t = flops / fit.rate + rows * fit.per_token + n * fit.per_call
+        if call.is_varlen and calib.packed_kernel == "triton":
+            t *= calib.triton_packed_ratio
+        total += t
     return total
 
 

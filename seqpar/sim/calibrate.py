@@ -12,6 +12,7 @@ cluster-derived default and says so in `Calibration.sources`. `exclude` drops na
 | overlap tax | ring bench: exposed comm (ring - compute-only) over the modelled transfers |
 | intra-node alpha/beta per collective | comm bench (`python -m seqpar.bench comm`), when present |
 | runtime extra per local token (disagg, per-document CP); packed ring per document piece | disagg bench case means; ring bench packed rows |
+| Triton flash over torch's varlen flash on packed rows (time ratio) | kernels bench: flash section, packed rows |
 | layer host overhead | the default job (tiny model, launch-bound) end to end |
 | element-wise factor | llama_1b 16k end to end on one GPU |
 """
@@ -47,6 +48,10 @@ class Calibration:
     fused_norm_eff: float = 1.0  # Triton RMSNorm's share of HBM copy bandwidth (slowest of fwd, bwd)
     fused_rope_eff: float = 1.0  # Triton RoPE's
     fused_ce_ratio: float = 1.0  # fused linear + CE time over the unfused F.linear + F.cross_entropy
+    # which kernel packed (varlen) calls run: "triton" (dispatch's choice since TRITON_FASTER named
+    # them) or "flash" (torch's varlen flash: runs before that, and the ring bench's forced families)
+    packed_kernel: str = "triton"
+    triton_packed_ratio: float = 1.0  # Triton flash time over torch's varlen flash on packed rows
     comm: LinkFit = field(default_factory=LinkFit)
     sources: dict[str, str] = field(default_factory=dict)
 
@@ -60,6 +65,7 @@ class Calibration:
                 "runtime_ns_per_local_token": {k: round(v * 1e9, 2) for k, v in self.runtime_token_s.items()},
                 "ring_per_document_piece_us": round(self.ring_piece_s * 1e6, 2),
                 "ring_packed_gqa_slowdown": round(self.ring_gqa_slowdown, 4),
+                "triton_packed_time_ratio": round(self.triton_packed_ratio, 4),
                 "fused_kernels": {"rms_norm_share_of_hbm": self.fused_norm_eff, "rope_share_of_hbm": self.fused_rope_eff,
                                   "ce_time_vs_unfused": self.fused_ce_ratio},
                 "comm_intra_node": {op: {"latency_us": round(a * 1e6, 2), "GB_s": round(bw / 1e9, 1)}
@@ -151,6 +157,21 @@ def fit_linear(found) -> tuple[float, int] | None:
         return None
     hdd = rates[0][1]
     return statistics.median(r * h / hdd for r, h in rates), hdd
+
+
+def fit_triton_packed(found) -> tuple[float, str] | None:
+    """(median time ratio, file) of seqpar's Triton flash over torch's varlen flash, fwd+bwd, on the
+    kernels bench's packed rows (the same documents for both kernels)."""
+    ratios, files = [], []
+    for path, data in found["kernels"]:
+        rows = data.get("flash", {}).get("rows", []) if isinstance(data.get("flash"), dict) else []
+        packed = {(r["kernel"], r["S"], r.get("n_docs")): r for r in rows if r.get("layout") == "packed"}
+        for (kernel, S, docs), r in packed.items():
+            torch_row = packed.get(("torch_varlen_flash", S, docs))
+            if kernel == "seqpar_triton" and torch_row and r.get("fwdbwd_ms") and torch_row.get("fwdbwd_ms"):
+                ratios.append(r["fwdbwd_ms"] / torch_row["fwdbwd_ms"])
+                files.append(path)
+    return (statistics.median(ratios), ", ".join(sorted(set(files)))) if ratios else None
 
 
 def fit_lasp(samples, calib, cluster, exclude=()) -> tuple[float, float] | None:
@@ -258,14 +279,15 @@ def fit_runtime(ring, disagg, calib, cluster, exclude=()) -> tuple[dict[str, flo
             elif case:
                 rows = [b for b, r in s["batches"] if f"{method}_ms" in r]
                 pieces = sum(ring_pieces(tuple(b), s["world"]) for b in rows) / len(rows)
-                gqa = _ring_compute(rows, s, base, cluster) if s["Hkv"] < s["H"] else 0.0
+                own = replace(base, packed_kernel=s.get("packed_kernel", "triton"))
+                gqa = _ring_compute(rows, s, own, cluster) if s["Hkv"] < s["H"] else 0.0
                 ring_points.append(((pieces, gqa), case[0], case[1]))
     for s in ring:
         if s["group"] in exclude or s["kind"] != "ring" or len(s["bounds"]) <= 2:
             continue
         layout = s.get("layout", "zigzag")
         group = placed(s["world"], 1, cluster.gpus_per_node)
-        pred = ring_layer(base, cluster, [s["bounds"]], s["world"], s["H"], s["H"], s["D"], group, s["family"],
+        pred = ring_layer(replace(base, packed_kernel="flash"), cluster, [s["bounds"]], s["world"], s["H"], s["H"], s["D"], group, s["family"],
                           layout=layout)[0]
         ring_points.append(((ring_pieces(tuple(s["bounds"]), s["world"], layout), 0.0), s["measured"], pred))
     per_token = {name: _one_scale(pts) for name, pts in points.items() if pts}
@@ -368,6 +390,9 @@ def calibrate(root: Path | None = None, exclude: tuple[str, ...] = (), cluster=N
     calib = default_calibration()
     calib.sources = {}
     calib.comm = fit_comm(found)
+    triton = fit_triton_packed(found)
+    if triton:
+        calib.triton_packed_ratio, calib.sources["triton_packed"] = triton
     if calib.comm.ops:
         calib.sources["comm"] = calib.comm.source
     ring = [s for s in ring_samples(found) if not folder_health(s["file"])]

@@ -3,6 +3,8 @@ the disagg benchmark per method, on the batches the benchmark drew. Shared by th
 (which fits the runtime extras on them) and the validation."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 from seqpar.sim.attention_cost import _single_call, attn_seconds, disagg_layer, perdoc_layer, ring_layer
 from seqpar.sim.comm import placed
 
@@ -36,6 +38,7 @@ def disagg_case(method, s, calib, cluster):
     rows = [(b, r) for b, r in s["batches"] if key in r]
     if not rows:
         return None
+    calib = replace(calib, packed_kernel=s.get("packed_kernel", "triton"))  # what the run's dispatcher chose
     measured = sum(r[key] for _, r in rows) / len(rows) / 1e3
     pred = sum(disagg_method_seconds(method, b, s, calib, cluster) for b, _ in rows) / len(rows)
     return measured, pred, sum(b[-1] for b, _ in rows) / len(rows) / s["world"], len(rows)

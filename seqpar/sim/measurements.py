@@ -121,6 +121,25 @@ def lasp_samples(found) -> list[dict]:
     return out
 
 
+# kernels/dispatch.py sends packed calls to seqpar's Triton flash since commit fc26d23 (this time);
+# a disagg bench run dated before it ran them on torch's varlen flash
+TRITON_PACKED_SINCE = "2026-11-25T23:10:59+00:00"
+
+
+def packed_kernel_of(data: dict) -> str:
+    """The kernel the dispatcher gave a benchmark's packed calls when it ran (from its `date`)."""
+    import datetime
+
+    date = data.get("date")
+    try:
+        when = datetime.datetime.fromisoformat(date)
+    except (TypeError, ValueError):
+        return "triton"  # undated: today's code
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return "flash" if when < datetime.datetime.fromisoformat(TRITON_PACKED_SINCE) else "triton"
+
+
 def disagg_samples(found, seed: int = 0) -> list[dict]:
     """The disagg bench's cases with each batch's document bounds redrawn as the bench drew them
     (its --seed, default 0, is not in the JSON: a batch whose document count or longest document
@@ -152,6 +171,7 @@ def disagg_samples(found, seed: int = 0) -> list[dict]:
                                 eps=data.get("eps", 0.1), min_chunk=data.get("min_chunk", 128),
                                 task_overhead=data.get("task_overhead_pairs"),
                                 H=data.get("heads", 32), Hkv=data.get("kv_heads", 8), D=data.get("head_dim", 128),
+                                packed_kernel=packed_kernel_of(data),
                                 batches=batches, skipped=len(case.get("rows", [])) - len(batches)))
     return out
 

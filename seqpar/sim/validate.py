@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+from dataclasses import replace
 
 from seqpar.sim.attention_cost import _single_call, lasp_layer, ring_layer
 from seqpar.sim.calibrate import calibrate
@@ -32,6 +33,7 @@ def _attn_case(s, calib, cluster):
     from seqpar.sim.attention_cost import attn_seconds
 
     group = placed(s["world"], 1, cluster.gpus_per_node)
+    calib = replace(calib, packed_kernel="flash")  # the ring bench forces torch's kernels (SEQPAR_ATTN_KERNEL)
     if s["kind"] == "single":
         return attn_seconds(calib, [_single_call(s["bounds"])], s["H"], s["D"], s["family"])
     total, _, compute = ring_layer(calib, cluster, [s["bounds"]], s["world"], s["H"], s["H"], s["D"], group, s["family"],
