@@ -78,8 +78,15 @@ def attention_backward(dout, q, k, v, out, lse, *, kernel, causal, cu_seqlens_q=
 def _varlen_args(q, cu_seqlens_q, cu_seqlens_k):
     cu_q = cu_seqlens_q.to(device=q.device, dtype=torch.int32)
     cu_k = cu_seqlens_k.to(device=q.device, dtype=torch.int32)
-    max_q, max_k = (int((c[1:] - c[:-1]).max()) for c in (cu_q, cu_k))
+    max_q, max_k = (_max_seqlen(given, c) for given, c in ((cu_seqlens_q, cu_q), (cu_seqlens_k, cu_k)))
     return cu_q, cu_k, max_q, max_k
+
+
+def _max_seqlen(given, cu):
+    # A caller that knows the bounds on the host (ring attention's plan) attaches the longest
+    # document as `seqpar_max_seqlen`: reading it from the device synchronises the host per call.
+    known = getattr(given, "seqpar_max_seqlen", None)
+    return int((cu[1:] - cu[:-1]).max()) if known is None else known
 
 
 def _no_dropout_state(device):

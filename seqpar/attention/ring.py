@@ -29,6 +29,7 @@ from functools import lru_cache
 import torch
 import torch.distributed as dist
 
+from seqpar.attention.ring_fold import fold_grad, fold_out, fold_out_rest, fold_rest, plan_folds
 from seqpar.kernels.flash_attn import flash_attn, flash_attn_backward
 from seqpar.parallel.sharding import doc_zigzag_plan, group_size_rank, local_ranges
 
@@ -207,6 +208,44 @@ def doc_ring_schedule(plan, rank, causal) -> list[list[Block]]:
     return [plan_doc_blocks(plan.halves[rank], plan.halves[(rank - s) % world], bounds, causal) for s in range(world)]
 
 
+class RingPlan:
+    """What a ring call does that depends on the sharding alone, worked out once and shared by
+    every layer of a micro-batch: the blocks of each step, how each block's result folds into
+    the row buffers (`ring_fold`), and the document bounds on the device."""
+
+    def __init__(self, steps: list[list[Block]], q_len: int, k_len: int):
+        self.steps = steps
+        self.out = plan_folds([b.q for blocks in steps for b in blocks], q_len, final=True)
+        self.dq = plan_folds([b.q for b in self.backward_order()], q_len, final=True)
+        # dK/dV of a visiting shard: fresh at step 1, then on top of the ranks' before it
+        self.travel = [None] + [plan_folds([b.k for b in steps[s]], k_len, final=False, base=s >= 2)
+                                for s in range(1, len(steps))]
+        self.home = plan_folds([b.k for b in steps[0]], k_len, final=True, base=len(steps) > 1)
+        self._bounds: dict[torch.device, _BoundTensors] = {}
+
+    def backward_order(self) -> list[Block]:
+        """The own shard's blocks are split around the remote steps: the first hides the first K/V
+        transfer, the rest the last dK/dV transfer."""
+        return self.steps[0][:1] + [b for blocks in self.steps[1:] for b in blocks] + self.steps[0][1:]
+
+    def bounds(self, device: torch.device) -> "_BoundTensors":
+        if device not in self._bounds:
+            self._bounds[device] = _BoundTensors(self.steps, device)
+        return self._bounds[device]
+
+
+@lru_cache(maxsize=8)
+def _doc_ring_plan(plan, rank, causal) -> RingPlan:
+    return RingPlan(doc_ring_schedule(plan, rank, causal), plan.local_len, plan.local_len)
+
+
+@lru_cache(maxsize=16)
+def _held_ring_plan(held, rank, bounds, causal) -> RingPlan:
+    steps = ring_schedule([list(h) for h in held], rank, None if bounds is None else list(bounds), causal)
+    rows = sum(b - a for a, b in held[rank])
+    return RingPlan(steps, rows, rows)
+
+
 def ring_attention(q, k, v, *, group=None, causal=True, cu_seqlens=None, softmax_scale=None, layout="zigzag"):
     world, rank = group_size_rank(group)
     if layout == "doc_zigzag" and world > 1:  # at world 1 the layout is the identity: the plain path
@@ -217,7 +256,7 @@ def ring_attention(q, k, v, *, group=None, causal=True, cu_seqlens=None, softmax
             raise ValueError(f"doc_zigzag: rank {rank} holds {q.shape[1]} rows, but shard_sequence cuts these "
                              f"cu_seqlens into {plan.local_len} per rank")
         scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
-        return _RingAttention.apply(q, k, v, group, doc_ring_schedule(plan, rank, causal), scale)
+        return _RingAttention.apply(q, k, v, group, _doc_ring_plan(plan, rank, bool(causal)), scale)
     if layout == "doc_zigzag":
         layout = "contiguous"
     seq_len = q.shape[1] * world
@@ -234,78 +273,98 @@ def ring_attention_held(q, k, v, held, *, group=None, causal=True, cu_seqlens=No
         raise ValueError(f"rank {rank} of a ring of {world} holds {q.shape[1]} rows, not the ranges {held[rank]}")
     if cu_seqlens is not None and q.shape[0] != 1:
         raise ValueError(f"packed documents (cu_seqlens) need batch size 1, got q of shape {tuple(q.shape)}")
-    bounds = None if cu_seqlens is None else _host_bounds(cu_seqlens)
+    bounds = None if cu_seqlens is None else tuple(_host_bounds(cu_seqlens))
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
-    steps = ring_schedule(held, rank, bounds, causal)
-    return _RingAttention.apply(q, k, v, group, steps, scale)
+    key = tuple(tuple(tuple(r) for r in ranges) for ranges in held)
+    return _RingAttention.apply(q, k, v, group, _held_ring_plan(key, rank, bounds, bool(causal)), scale)
 
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, group, steps, scale):
-        comm = RingComm(group)
-        bounds = _BoundTensors(steps, q.device)
-        kv = _pack(k, v)  # one message per step, and only the Hkv heads (GQA)
-        acc = torch.promote_types(q.dtype, torch.float32)
-        out = torch.zeros(q.shape[:-1] + v.shape[-1:], dtype=acc, device=q.device)
-        lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), float("-inf"), dtype=acc, device=q.device)
-        reached = []  # query row ranges some block has written
+    def forward(ctx, q, k, v, group, plan, scale):
+        comm, steps = RingComm(group), plan.steps
+        bounds = plan.bounds(q.device)
+        acc_dtype = torch.promote_types(q.dtype, torch.float32)
+        out = q.new_empty(q.shape[:-1] + v.shape[-1:])
+        acc = _accumulator(out, acc_dtype, plan.out)
+        lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=acc_dtype)
+        fold_out_rest(plan.out, out, lse)
+        kv = (k.contiguous(), v.contiguous())  # only the Hkv heads travel (GQA)
+        runs = iter(plan.out.runs)
         for step, blocks in enumerate(steps):
             pending = comm.shift(kv) if step + 1 < len(steps) else None
-            k_vis, v_vis = _unpack(kv, k, v)
+            k_vis, v_vis = kv
             for blk in blocks:
                 o, l = flash_attn(q[:, blk.q], k_vis[:, blk.k], v_vis[:, blk.k], causal=blk.causal,
                                   softmax_scale=scale, return_lse=True, **bounds(blk))
-                if any(blk.q.start < r.stop and r.start < blk.q.stop for r in reached):
-                    _merge(out[:, blk.q], lse[:, :, blk.q], o, l)
-                else:  # the rows' first block: merging into (0, -inf) is a copy, at a third of the traffic
-                    out[:, blk.q].copy_(o)
-                    lse[:, :, blk.q].copy_(l)
-                reached.append(blk.q)
+                fold_out(next(runs), o, l, acc, lse, out)
             if pending is not None:
                 kv = pending.wait()
-        out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.group, ctx.steps, ctx.scale, ctx.bounds = group, steps, scale, bounds
+        ctx.group, ctx.plan, ctx.scale = group, plan, scale
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        steps, comm = ctx.steps, RingComm(ctx.group)
+        plan, comm = ctx.plan, RingComm(ctx.group)
+        steps, bounds = plan.steps, plan.bounds(q.device)
         dout = dout.contiguous()
-        acc = torch.promote_types(q.dtype, torch.float32)
-        dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-        kv = _pack(k, v)
-        dkv_own = torch.zeros(kv.shape, dtype=acc, device=q.device)
+        acc_dtype = torch.promote_types(q.dtype, torch.float32)
+        dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        dq_acc = _accumulator(dq, acc_dtype, plan.dq)
+        fold_rest(plan.dq, dq_acc, dq)
+        dq_runs = iter(plan.dq.runs)
+        kv = (k.contiguous(), v.contiguous())
 
-        def run(blocks, kv_buf, dkv_buf):
-            k_vis, v_vis = _unpack(kv_buf, k, v)
-            dk_vis, dv_vis = _unpack(dkv_buf, k, v)
-            for blk in blocks:
-                dq_b, dk_b, dv_b = flash_attn_backward(
-                    dout[:, blk.q], q[:, blk.q], k_vis[:, blk.k], v_vis[:, blk.k], out[:, blk.q], lse[:, :, blk.q],
-                    causal=blk.causal, softmax_scale=ctx.scale, **ctx.bounds(blk))
-                dq[:, blk.q] += dq_b
-                dk_vis[:, blk.k] += dk_b
-                dv_vis[:, blk.k] += dv_b
+        def grads(blk, kv_vis):
+            k_vis, v_vis = kv_vis
+            dq_b, dk_b, dv_b = flash_attn_backward(
+                dout[:, blk.q], q[:, blk.q], k_vis[:, blk.k], v_vis[:, blk.k], out[:, blk.q], lse[:, :, blk.q],
+                causal=blk.causal, softmax_scale=ctx.scale, **bounds(blk))
+            fold_grad(next(dq_runs), dq_b, dq_acc, dq)
+            return dk_b, dv_b
+
+        def fold_kv(folds, results, accs, finals):
+            for (dk_b, dv_b), runs in zip(results, folds.runs):
+                fold_grad(runs, dk_b, accs[0], finals[0])
+                fold_grad(runs, dv_b, accs[1], finals[1])
 
         pending_kv = comm.shift(kv) if len(steps) > 1 else None
-        run(steps[0][:1], kv, dkv_own)  # hides the first K/V transfer
+        home = [grads(blk, kv) for blk in steps[0][:1]]  # hides the first K/V transfer
         pending_dkv = None
         for step in range(1, len(steps)):
             kv_vis = pending_kv.wait()
             pending_kv = comm.shift(kv_vis) if step + 1 < len(steps) else None
-            dkv = torch.zeros(kv.shape, dtype=acc, device=q.device)
-            run(steps[step], kv_vis, dkv)
-            if pending_dkv is not None:
-                dkv += pending_dkv.wait()  # the sum of the ranks this shard visited before
+            folds = plan.travel[step]
+            if pending_dkv is None:  # step 1: this shard's dK/dV start here, in fp32
+                dkv = tuple(t.new_empty(t.shape, dtype=acc_dtype) for t in kv)
+                for t in dkv:
+                    fold_rest(folds, t, None)
+                fold_kv(folds, [grads(blk, kv_vis) for blk in steps[step]], dkv, (None, None))
+            else:  # on top of the sum of the ranks this shard visited before, once it is here
+                results = [grads(blk, kv_vis) for blk in steps[step]]
+                dkv = pending_dkv.wait()
+                fold_kv(folds, results, dkv, (None, None))
             pending_dkv = comm.shift(dkv)  # after the last step this hop takes it home
-        run(steps[0][1:], kv, dkv_own)  # hides the last dK/dV transfer
+        home += [grads(blk, kv) for blk in steps[0][1:]]  # hides the last dK/dV transfer
+        dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (k, v))
         if pending_dkv is not None:
-            dkv_own += pending_dkv.wait()
-        dk, dv = _unpack(dkv_own, k, v)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+            accs = pending_dkv.wait()
+        else:
+            accs = (_accumulator(dk, acc_dtype, plan.home), _accumulator(dv, acc_dtype, plan.home))
+        for acc, final in zip(accs, (dk, dv)):
+            fold_rest(plan.home, acc, final)
+        fold_kv(plan.home, home, accs, (dk, dv))
+        return dq, dk, dv, None, None, None
+
+
+def _accumulator(final, dtype, folds):
+    """The fp32 (or wider) buffer that a final buffer's rows of several results merge in; the
+    final buffer itself when it has that dtype or no row takes more than one result."""
+    if final.dtype == dtype or not folds.needs_acc:
+        return final
+    return torch.empty(final.shape, dtype=dtype, device=final.device)
 
 
 _HOST_BOUNDS: dict[int, tuple[weakref.ref, list[int]]] = {}  # id(tensor) -> (its weak reference, its values)
@@ -329,32 +388,13 @@ def _host_bounds(cu_seqlens: torch.Tensor) -> list[int]:
     return bounds
 
 
-def _merge(out, lse, o, l):
-    """Fold one block's (o, l) into the running (out, lse) views, in place (fp32 or wider).
-
-    out_new = out * exp(lse - lse_new) + o * exp(l - lse_new), lse_new = logaddexp(lse, l)."""
-    new = torch.logaddexp(lse, l.to(lse.dtype))
-    # rows that no block has reached yet have -inf on both sides: weight 0, not exp(nan)
-    ref = torch.where(torch.isfinite(new), new, torch.zeros_like(new))
-    w_old = torch.exp(lse - ref).transpose(1, 2).unsqueeze(-1)
-    w_new = torch.exp(l.to(lse.dtype) - ref).transpose(1, 2).unsqueeze(-1)
-    out.mul_(w_old).addcmul_(o, w_new)
-    lse.copy_(new)
-
-
-def _pack(k, v):
-    return torch.cat([k.reshape(-1), v.reshape(-1)])
-
-
-def _unpack(buf, k, v):
-    return buf[:k.numel()].view(k.shape), buf[k.numel():].view(v.shape)
-
-
 class _BoundTensors:
-    """The blocks' document bounds as the kernels' keyword arguments, all of a call's steps copied
-    to the device at once (forward and backward share them): one copy from pinned memory, which
-    does not stall the host, instead of a copy per bound from pageable memory, each of which waits
-    for the stream to drain before it starts (CUDA's rule for pageable host-to-device copies)."""
+    """The blocks' document bounds as the kernels' keyword arguments, all of a plan's steps copied
+    to the device at once and kept with the plan (every layer and the backward share them): one
+    copy from pinned memory per plan, instead of a copy per bound from pageable memory, each of
+    which waits for the stream to drain before it starts (CUDA's rule for pageable host-to-device
+    copies). Each carries its longest document as `seqpar_max_seqlen`, which the aten varlen
+    kernels need on the host: reading it from the device would synchronise the host per call."""
 
     def __init__(self, steps, device):
         bounds = list(dict.fromkeys(cu for blocks in steps for blk in blocks for cu in (blk.cu, blk.cu_k) if cu))
@@ -365,7 +405,9 @@ class _BoundTensors:
         dev = host.to(device, non_blocking=True)
         self.cache, start = {}, 0
         for cu in bounds:
-            self.cache[cu] = dev[start:start + len(cu)]
+            view = dev[start:start + len(cu)]
+            view.seqpar_max_seqlen = max(b - a for a, b in zip(cu[:-1], cu[1:]))
+            self.cache[cu] = view
             start += len(cu)
 
     def tensor(self, cu):
@@ -392,17 +434,20 @@ class RingComm:
             to_global = (lambda r: r) if group is None else (lambda r: dist.get_global_rank(group, r))
             self.next, self.prev = to_global((rank + 1) % self.world), to_global((rank - 1) % self.world)
 
-    def shift(self, x: torch.Tensor) -> "_Pending":
-        buf = torch.empty_like(x)
-        ops = [dist.P2POp(dist.isend, x, self.next, self.group), dist.P2POp(dist.irecv, buf, self.prev, self.group)]
-        return _Pending(dist.batch_isend_irecv(ops), buf, x)
+    def shift(self, tensors: tuple[torch.Tensor, ...]) -> "_Pending":
+        """Send `tensors` (contiguous) on, receive the previous rank's of the same shapes; K and V
+        go as two messages of one batch rather than one packed copy."""
+        bufs = tuple(torch.empty_like(t) for t in tensors)
+        ops = [dist.P2POp(dist.isend, t, self.next, self.group) for t in tensors]
+        ops += [dist.P2POp(dist.irecv, b, self.prev, self.group) for b in bufs]
+        return _Pending(dist.batch_isend_irecv(ops), bufs, tensors)
 
 
 class _Pending:
     def __init__(self, works, buf, sent):
         self.works, self.buf, self.sent = works, buf, sent  # `sent` stays referenced until the send is done
 
-    def wait(self) -> torch.Tensor:
+    def wait(self) -> tuple[torch.Tensor, ...]:
         for w in self.works:
             w.wait()
         self.sent = None

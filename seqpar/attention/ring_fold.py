@@ -1,0 +1,151 @@
+"""How ring attention folds its blocks' results into per-row buffers, in the fewest passes over memory.
+
+A ring step's kernel call returns a result for some rows of a buffer (forward: (out, lse) for
+query rows; backward: dq for query rows, dk/dv for the visiting shard's key rows). The blocks
+of a whole call, and so how many results reach each row and in which order, are known from the
+plan alone (`ring.plan_blocks`), so every row's fold is decided once per plan, not per row at run
+time. Per row, with n results and the merge in fp32 (an accumulator `acc`; the buffer itself
+when the inputs are fp32 or fp64):
+
+- n = 1: the result is written straight to the final buffer (no fp32 pass at all);
+- n > 1: the first result is written to acc (no zero-fill and add), the middle ones fold into
+  acc in place, and the last one folds into acc AND casts to the final buffer in one op
+  (``torch.add(acc, c, out=final)``: computed in fp32, rounded once, as ``.to()`` after would);
+- n = 0: zero (forward: out 0, lse -inf).
+
+A travelling buffer (dK/dV of a visiting shard, sent on in fp32) has no final cast; one that
+arrives with a value (`base`: the partial sums of the ranks before) takes every result as a fold.
+The cost counted by `fold_cost` is in units of one bf16 pass over a row.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+ROLES = ("put", "init", "add", "last")  # final = c; acc = c; acc += c; final = acc + c
+
+
+@dataclass(frozen=True)
+class Run:
+    """One element-wise op of a result: its rows `src` fold into rows `dst` of the buffer."""
+    role: str
+    dst: slice
+    src: slice
+
+
+@dataclass(frozen=True)
+class Folds:
+    """Per result (in arrival order) its runs; `rest`: rows no result reaches (zeroed, or copied
+    from the base into the final buffer)."""
+    runs: tuple[tuple[Run, ...], ...]
+    rest: tuple[slice, ...]
+    final: bool
+    base: bool
+
+    @property
+    def needs_acc(self) -> bool:  # an accumulator apart from the final buffer (when dtypes differ)
+        return any(r.role in ("init", "add") for runs in self.runs for r in runs)
+
+
+def plan_folds(slices, length: int, *, final: bool, base: bool = False) -> Folds:
+    """The runs of results that reach rows `slices[i]` (in that order) of a buffer of `length` rows.
+
+    final: the buffer ends in the inputs' dtype (roles put/init/add/last); otherwise it is an
+    accumulator that travels on (init/add). base: it already holds a value in every row."""
+    cuts = sorted({0, length, *(s.start for s in slices), *(s.stop for s in slices)})
+    segments = list(zip(cuts[:-1], cuts[1:]))
+    reach = [[i for i, s in enumerate(slices) if s.start <= a and b <= s.stop] for a, b in segments]
+    runs: list[list[Run]] = [[] for _ in slices]
+    for (a, b), who in zip(segments, reach):
+        n = len(who)
+        for j, i in enumerate(who):
+            if base:
+                role = "last" if final and j == n - 1 else "add"
+            elif j == 0:
+                role = "put" if final and n == 1 else "init"
+            else:
+                role = "last" if final and j == n - 1 else "add"
+            start = slices[i].start
+            prev = runs[i][-1] if runs[i] else None
+            if prev is not None and prev.role == role and prev.dst.stop == a:
+                runs[i][-1] = Run(role, slice(prev.dst.start, b), slice(prev.src.start, b - start))
+            else:
+                runs[i].append(Run(role, slice(a, b), slice(a - start, b - start)))
+    rest = _join([slice(a, b) for (a, b), who in zip(segments, reach) if not who and b > a])
+    return Folds(tuple(map(tuple, runs)), tuple(rest), final, base)
+
+
+def _join(slices):
+    out = []
+    for s in slices:
+        if out and out[-1].stop == s.start:
+            out[-1] = slice(out[-1].start, s.stop)
+        else:
+            out.append(s)
+    return out
+
+
+def fold_cost(folds: Folds, wide: int = 2) -> float:
+    """Rows read + written by the folds, in bf16 row units (an fp32 row counts `wide`): the
+    element-wise traffic that the GPU profile's add_/copy_/fill_ kernels were."""
+    per_role = {"put": 2, "init": 1 + wide, "add": 1 + 2 * wide, "last": 2 + wide}
+    total = sum(per_role[r.role] * (r.dst.stop - r.dst.start) for runs in folds.runs for r in runs)
+    rest = sum(s.stop - s.start for s in folds.rest)
+    if folds.base:
+        return total + (rest * (wide + 1) if folds.final else 0)  # the base cast to the final buffer
+    return total + rest * (1 if folds.final else wide)  # zeros
+
+
+def fold_grad(runs, c, acc, final):
+    """Fold one block's gradient `c` ([B, rows, H, D]) into `acc` / `final` along dim 1."""
+    for r in runs:
+        src = c[:, r.src]
+        if r.role == "put":
+            final[:, r.dst].copy_(src)
+        elif r.role == "init":
+            acc[:, r.dst].copy_(src)
+        elif r.role == "add":
+            acc[:, r.dst].add_(src)
+        else:
+            torch.add(acc[:, r.dst], src, out=final[:, r.dst])
+
+
+def fold_rest(folds: Folds, acc, final):
+    """The rows no result reached: zero, or the base's value cast to the final buffer."""
+    for s in folds.rest:
+        if folds.base:
+            if folds.final:
+                final[:, s].copy_(acc[:, s])
+        else:
+            (final if folds.final else acc)[:, s].zero_()
+
+
+def fold_out(runs, o, l, acc, lse, final):
+    """Fold one block's attention (o `[B, rows, H, D]`, l `[B, H, rows]`) into the running
+    (acc, lse) along the rows, or into `final` for a row's last (or only) block:
+    out_new = out e^(lse - lse_new) + o e^(l - lse_new), lse_new = logaddexp(lse, l)."""
+    for r in runs:
+        o_r, l_r = o[:, r.src], l[:, :, r.src].to(lse.dtype)
+        lse_r = lse[:, :, r.dst]
+        if r.role in ("put", "init"):
+            (final if r.role == "put" else acc)[:, r.dst].copy_(o_r)
+            lse_r.copy_(l_r)
+            continue
+        new = torch.logaddexp(lse_r, l_r)
+        # rows that no block has reached yet have -inf on both sides: weight 0, not exp(nan)
+        ref = torch.nan_to_num(new, neginf=0.0)
+        w_old = (lse_r - ref).exp_().transpose(1, 2).unsqueeze(-1)
+        w_new = (l_r - ref).exp_().transpose(1, 2).unsqueeze(-1)
+        acc_r = acc[:, r.dst].mul_(w_old)
+        if r.role == "add":
+            acc_r.addcmul_(o_r, w_new)
+        else:
+            torch.addcmul(acc_r, o_r, w_new, out=final[:, r.dst])
+        lse_r.copy_(new)
+
+
+def fold_out_rest(folds: Folds, final, lse):
+    for s in folds.rest:
+        final[:, s].zero_()
+        lse[:, :, s].fill_(float("-inf"))
