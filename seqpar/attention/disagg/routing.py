@@ -1,27 +1,121 @@
-"""From a plan's tasks to one rank's transfers: which local rows go to which server, and how a
-server lays out what it receives for its one varlen call. Also the split of the tasks into the
-two nano-batches of ping-pong."""
+"""From a plan's tasks to one rank's transfers, and the split of the tasks into nano-batches.
+
+A rank is the owner of its rows and the server of its tasks. Rows it keeps for its own tasks
+never travel and are never copied into a staging buffer: the server reads them in place. Rows that
+travel are packed by `Assembly`, a host-compiled list of contiguous row ranges that one
+`torch.cat` joins (no per-token index tensors: on the GPU index_put/index_add over
+[tokens, heads, dim] cost more than the transfers they fed). Per nano-batch and pair of ranks one
+message carries everything that goes the same way at the same time (Q with K and V; dQ with dK
+and dV), so a nano-batch costs two all-to-alls per direction, or none when no rank sends anything.
+"""
 from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
 
+import torch
+
 from seqpar.attention.disagg.planner import Task, pairs
+
+
+@dataclass(frozen=True, eq=False)
+class Assembly:
+    """Rows of one tensor built from row ranges of source tensors. `sizes[s]` cuts source s into
+    pieces (None: unused); `order` lists the output's pieces as (source, piece), source -1
+    meaning `piece` rows of zeros; `adds` are (base, extra) pieces: the extra is added into the
+    base in place before the join, which is how rows that several sources contribute to are
+    summed (only gradient sources, which the caller owns, are ever bases). `whole`: the output
+    is that source itself, no copy."""
+    rows: int
+    sizes: tuple
+    order: tuple
+    adds: tuple
+    whole: int | None
+
+    def parts(self, sources, like) -> list:
+        """The output's pieces, in order, after the adds (views where possible)."""
+        pieces = [None if sz is None else src.split(sz) for src, sz in zip(sources, self.sizes)]
+        for (a, i), (b, j) in self.adds:
+            pieces[a][i].add_(pieces[b][j])
+        return [pieces[s][i] if s >= 0 else like.new_zeros(i, *like.shape[1:]) for s, i in self.order]
+
+    def __call__(self, sources, like):
+        if self.whole is not None:
+            return sources[self.whole]
+        if not self.rows:
+            return like.new_empty(0, *like.shape[1:])
+        parts = self.parts(sources, like)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def assembly(contribs, src_lens, rows: int) -> Assembly:
+    """Compile `contribs` = (out_start, n, source, source_start): output rows
+    [out_start, out_start + n) take source rows [source_start, ...). A source row may feed
+    several output rows (forward: a key read by several tasks), and an output row may take
+    several source rows, summed (backward: their gradients), if those source rows feed nothing
+    else. Output rows nobody feeds are zeros."""
+    merged = []
+    for d, n, s, ss in sorted(c for c in contribs if c[1] > 0):
+        last = merged[-1] if merged else None
+        if last and last[2] == s and last[0] + last[1] == d and last[3] + last[1] == ss:
+            merged[-1] = (last[0], last[1] + n, s, last[3])
+        else:
+            merged.append((d, n, s, ss))
+    cuts = sorted({0, rows} | {d for d, *_ in merged} | {d + n for d, n, *_ in merged})
+    subs = {}  # output piece start -> [(source, source_start, n)]
+    for d, n, s, ss in merged:
+        end, i = d + n, bisect.bisect_left(cuts, d)
+        while d < end:  # cut at every other contribution's edges: pieces are summed whole
+            e = cuts[i + 1]
+            subs.setdefault(d, []).append((s, ss, e - d))
+            ss, d, i = ss + e - d, e, i + 1
+    src_cuts = [{0, m} for m in src_lens]
+    for lst in subs.values():
+        for s, ss, n in lst:
+            src_cuts[s] |= {ss, ss + n}
+    src_cuts = [sorted(c) for c in src_cuts]
+    used = {s for lst in subs.values() for s, _, _ in lst}
+    sizes = tuple(tuple(b - a for a, b in zip(c, c[1:])) if s in used else None for s, c in enumerate(src_cuts))
+    order, adds = [], []
+    for a, b in zip(cuts, cuts[1:]):
+        lst = subs.get(a)
+        if not lst:
+            order.append((-1, b - a))
+            continue
+        spans = [(s, bisect.bisect_left(src_cuts[s], ss), bisect.bisect_left(src_cuts[s], ss + n)) for s, ss, n in lst]
+        order += [(spans[0][0], p) for p in range(spans[0][1], spans[0][2])]
+        if len(spans) > 1:
+            if any(j - i != 1 for _, i, j in spans):
+                raise AssertionError("a summed source row also feeds another output row")
+            adds += [((spans[0][0], spans[0][1]), (s, i)) for s, i, _ in spans[1:]]
+    whole = order[0][0] if (len(order) == 1 and not adds and order[0][0] >= 0
+                            and src_lens[order[0][0]] == rows) else None
+    return Assembly(rows, sizes, tuple(order), tuple(adds), whole)
 
 
 @dataclass(frozen=True, eq=False)  # hashed by identity: routes are cached, and so is their device form
 class Route:
-    """This rank's part of (a nano-batch of) the plan, as (start, length) segments of row indices."""
+    """This rank's part of (a nano-batch of) the plan. Row counts per rank (self included, which
+    never travels): Q rows this rank sends each server / receives from each owner, and K/V rows
+    likewise. Sources of the server's buffers: 0 = this rank's rows, 1 + o = the rows received
+    from owner o. The server's query buffer holds its own tasks first (in local row order: with
+    nothing received it is the local tensor itself), then each other owner's, in rank order."""
     rank: int
-    q_send: tuple        # local query rows to send, grouped by server in rank order
+    rows: int              # rows this rank holds
     q_send_splits: list
-    q_recv_splits: list  # query rows this server receives from each owner
-    kv_send: tuple       # local key/value rows to send, grouped by server
+    q_recv_splits: list
     kv_send_splits: list
     kv_recv_splits: list
-    task_kv: tuple       # rows of the received key/value buffer, per task in order (may repeat)
-    cu_q: list           # the server's varlen boundaries over its tasks
+    cu_q: list             # the server's varlen boundaries over its tasks
     cu_k: list
+    send_q: tuple          # per server: Assembly of the local Q rows it gets (None: nothing, or self)
+    send_kv: tuple         # per server: Assembly of the local K/V rows it gets
+    srv_q: Assembly        # the server's query buffer
+    srv_kv: Assembly       # the server's key/value buffer, task by task (a row read by several tasks repeats)
+    back_kv: tuple         # per owner: Assembly of the K/V gradient rows it gets back, from the task buffer
+    q_off: tuple           # per owner: first row of its queries in the server's query buffer
+    own_q: tuple           # (local row, n, kind, row): kind 0 = server buffer, 1 + s = returned by server s
+    own_kv: tuple          # ... the same for key/value gradients (kind 0: rows of the task buffer)
     collective: bool = True  # False: no rank sends anything to another in this (nano-batch of the) plan
 
     def sent_rows(self, q_row: int, kv_row: int) -> int:
@@ -42,6 +136,7 @@ def route(tasks: list[Task], bounds, owned, rank: int, causal: bool) -> Route:
             off += b - a
     chunks.sort()
     starts = [c[0] for c in chunks]
+    n_local = sum(b - a for a, b in owned[rank])
 
     def pieces(a, b):
         """[a, b) split at chunk edges: (global start, global end, owner, local start)."""
@@ -55,84 +150,159 @@ def route(tasks: list[Task], bounds, owned, rank: int, causal: bool) -> Route:
 
     doc_end = {bounds[i]: bounds[i + 1] for i in range(len(bounds) - 1)}
     key_end = (lambda t: t.q_end) if causal else (lambda t: doc_end[t.kv_start])
-
-    # Queries: owner r sends server s its tasks on s in plan order; the server stores them by owner.
-    q_send, q_send_splits = [], [0] * world
-    for s in range(world):
-        for t in tasks:
-            if t.server == s and t.owner == rank:
-                for a, b, _, loc in pieces(t.q_start, t.q_end):
-                    q_send.append((loc, b - a))
-                q_send_splits[s] += t.q_end - t.q_start
-    mine = sorted((t for t in tasks if t.server == rank), key=lambda t: t.owner)  # stable: plan order per owner
-    q_recv_splits = [sum(t.q_end - t.q_start for t in mine if t.owner == o) for o in range(world)]
+    pair = {}  # (owner, server) -> its tasks by query position: both ends derive the same order
+    for t in sorted(tasks, key=lambda t: (t.q_start, t.q_end)):
+        pair.setdefault((t.owner, t.server), []).append(t)
+    q_rows = lambda o, s: [p for t in pair.get((o, s), ()) for p in pieces(t.q_start, t.q_end)]
 
     ends_by_server = [{} for _ in range(world)]
     for t in tasks:  # key/value pieces a server needs: per document, one range up to its furthest task
         ends = ends_by_server[t.server]
         ends[t.kv_start] = max(ends.get(t.kv_start, 0), key_end(t))
     needed = [[p for d in sorted(ends) for p in pieces(d, ends[d])] for ends in ends_by_server]
+    kv_rows = lambda o, s: [p for p in needed[s] if p[2] == o]  # global order: the owner's send order
 
-    kv_send, kv_send_splits = [], [0] * world
-    for s in range(world):
-        for a, b, r, loc in needed[s]:
-            if r == rank:
-                kv_send.append((loc, b - a))
-                kv_send_splits[s] += b - a
-    # The server's receive buffer: pieces grouped by owner (rank order), global order inside.
-    recv = sorted(needed[rank], key=lambda p: p[2])
-    kv_recv_splits = [sum(b - a for a, b, r, _ in recv if r == o) for o in range(world)]
-    buf_at, off = [], 0
-    for a, b, _, _ in recv:
-        buf_at.append((a, b, off))
-        off += b - a
-    buf_at.sort()
-    buf_starts = [x[0] for x in buf_at]
-    task_kv, cu_q, cu_k = [], [0], [0]
+    size = lambda ps: sum(b - a for a, b, *_ in ps)
+    q_send_splits = [size(q_rows(rank, s)) for s in range(world)]
+    q_recv_splits = [size(q_rows(o, rank)) for o in range(world)]
+    kv_send_splits = [size(kv_rows(rank, s)) for s in range(world)]
+    kv_recv_splits = [size(kv_rows(o, rank)) for o in range(world)]
+
+    def packer(ps):  # local rows, in order, into a message
+        off, contribs = 0, []
+        for a, b, _, loc in ps:
+            contribs.append((off, b - a, 0, loc))
+            off += b - a
+        return assembly(contribs, [n_local], off) if off else None
+    send_q = tuple(None if s == rank else packer(q_rows(rank, s)) for s in range(world))
+    send_kv = tuple(None if s == rank else packer(kv_rows(rank, s)) for s in range(world))
+
+    # the server's query buffer: its own tasks first, then each other owner's rows as they arrive
+    owners = [rank] + [o for o in range(world) if o != rank]
+    mine = [t for o in owners for t in pair.get((o, rank), ())]
+    q_off, off = [0] * world, 0
+    for o in owners:
+        q_off[o], off = off, off + q_recv_splits[o]
+    own_pieces = q_rows(rank, rank)
+    q_contribs, pos = [], 0
+    for a, b, _, loc in own_pieces:
+        q_contribs.append((pos, b - a, 0, loc))
+        pos += b - a
+    q_contribs += [(q_off[o], q_recv_splits[o], 1 + o, 0) for o in owners[1:] if q_recv_splits[o]]
+    src_q = [n_local] + [0 if o == rank else q_recv_splits[o] for o in range(world)]
+    srv_q = assembly(q_contribs, src_q, off)
+
+    # where each needed key row sits: local rows in place, received ones in their owner's section
+    at, section = [], [0] * world
+    for a, b, r, loc in needed[rank]:
+        if r == rank:
+            at.append((a, b, 0, loc))
+        else:
+            at.append((a, b, 1 + r, section[r]))
+            section[r] += b - a
+    at.sort()
+    at_starts = [x[0] for x in at]
+    kv_contribs, cu_q, cu_k = [], [0], [0]
     for t in mine:
         a, e = t.kv_start, key_end(t)
-        i = bisect.bisect_right(buf_starts, a) - 1
+        i = bisect.bisect_right(at_starts, a) - 1
         while a < e:
-            pa, pb, poff = buf_at[i]
+            pa, pb, src, poff = at[i]
             stop = min(e, pb)
-            task_kv.append((poff + a - pa, stop - a))
+            kv_contribs.append((cu_k[-1] + (a - t.kv_start), stop - a, src, poff + a - pa))
             a, i = stop, i + 1
         cu_q.append(cu_q[-1] + t.q_end - t.q_start)
         cu_k.append(cu_k[-1] + key_end(t) - t.kv_start)
+    src_kv = [n_local] + [0 if o == rank else kv_recv_splits[o] for o in range(world)]
+    srv_kv = assembly(kv_contribs, src_kv, cu_k[-1])
+    # gradients of a received key row: summed over the tasks that read it, then sent back once
+    back_kv = tuple(None if o == rank or not kv_recv_splits[o] else
+                    assembly([(ss, n, 0, d) for d, n, s, ss in kv_contribs if s == 1 + o], [cu_k[-1]],
+                             kv_recv_splits[o]) for o in range(world))
+
+    # the owner's rows back from every source: its own tasks' from the server buffer, the rest as returned
+    own_q = [(loc, n, 0, pos) for pos, n, src, loc in q_contribs if src == 0]
+    own_kv = [(loc, n, 0, pos) for pos, n, src, loc in kv_contribs if src == 0]
+    for s in owners[1:]:
+        for rows_of, own in ((q_rows, own_q), (kv_rows, own_kv)):
+            off = 0
+            for a, b, _, loc in rows_of(rank, s):
+                own.append((loc, b - a, 1 + s, off))
+                off += b - a
+
     collective = (any(t.server != t.owner for t in tasks)
                   or any(r != s for s in range(world) for _, _, r, _ in needed[s]))
-    return Route(rank, tuple(_merge(q_send)), q_send_splits, q_recv_splits, tuple(_merge(kv_send)), kv_send_splits,
-                 kv_recv_splits, tuple(_merge(task_kv)), cu_q, cu_k, collective)
+    return Route(rank, n_local, q_send_splits, q_recv_splits, kv_send_splits, kv_recv_splits, cu_q, cu_k, send_q, send_kv,
+                 srv_q, srv_kv, back_kv, tuple(q_off), tuple(own_q), tuple(own_kv), collective)
+
+
+def owner_assemblies(routes) -> tuple[Assembly, Assembly]:
+    """The owner's query rows (outputs, dQ) and key/value rows (dK/dV) from every nano-batch.
+    Sources: per nano-batch i, (W + 1) * i = this rank's server buffer (queries; the task buffer
+    for keys), (W + 1) * i + 1 + s = the rows server s returned."""
+    world, rank, n = len(routes[0].q_send_splits), routes[0].rank, routes[0].rows
+    q_contribs, kv_contribs, q_lens, kv_lens = [], [], [], []
+    for i, r in enumerate(routes):
+        base = (world + 1) * i
+        q_contribs += [(d, m, base + k, ss) for d, m, k, ss in r.own_q]
+        kv_contribs += [(d, m, base + k, ss) for d, m, k, ss in r.own_kv]
+        q_lens += [r.cu_q[-1]] + [0 if s == rank else r.q_send_splits[s] for s in range(world)]
+        kv_lens += [r.cu_k[-1]] + [0 if s == rank else r.kv_send_splits[s] for s in range(world)]
+    return assembly(q_contribs, q_lens, n), assembly(kv_contribs, kv_lens, n)
 
 
 def nano_batches(tasks: list[Task], world: int, bounds, causal: bool, min_chunk: int, owned) -> list[list[Task]]:
     """The tasks in up to four nano-batches, run in this order: local work L1, remote work R1, R2,
     local work L2. A task is local when its server holds its queries and every key it reads, so
     it needs no transfer. The inputs of R1 and R2 travel while L1 (and R1) compute, their outputs
-    while R2 and L2 compute; with no local work this is plain ping-pong over R1/R2, with no remote
-    work there is no collective at all. Each pair splits every server's work in about equal
-    halves; a task holding more than half of it is first cut in two pieces of equal work (both
-    >= min_chunk), so a server with one long document still has something to overlap with."""
+    while R2 and L2 compute; with no local work this is plain ping-pong over R1/R2. With no remote
+    work on any server there is nothing to overlap: one nano-batch, no collective, and the server
+    runs on its rows in place.
+
+    Each pair splits every server's work in about equal halves. Local work is cut in query order
+    (L1 a prefix of the local rows, L2 the rest, a task cut at the point of equal work if its
+    pieces keep >= min_chunk), so each half reads its rows as one slice where the tasks are
+    adjacent. Remote work is dealt out largest first, its largest task first halved in equal
+    work if it holds more than half, so a server with one long document has something to overlap."""
     doc_end = {bounds[i]: bounds[i + 1] for i in range(len(bounds) - 1)}
     cost = lambda t: pairs(t.q_start, t.q_end, t.kv_start, None if causal else doc_end[t.kv_start])
     key_end = (lambda t: t.q_end) if causal else (lambda t: doc_end[t.kv_start])
     held = lambda s, a, b: sum(max(0, min(b, y) - max(a, x)) for x, y in owned[s]) == b - a
     local = lambda t: t.server == t.owner and held(t.server, t.kv_start, key_end(t))
+    if all(map(local, tasks)):
+        return [sorted(tasks, key=lambda t: (t.q_start, t.server))] if tasks else []
     groups: list[list[Task]] = [[], [], [], []]  # L1, R1, R2, L2
     for s in range(world):
         mine = [t for t in tasks if t.server == s]
-        for first, second, part in ((0, 3, [t for t in mine if local(t)]), (1, 2, [t for t in mine if not local(t)])):
-            a, b = _split_work(part, cost, min_chunk)
+        for first, second, split, part in ((0, 3, _split_in_order, [t for t in mine if local(t)]),
+                                           (1, 2, _split_work, [t for t in mine if not local(t)])):
+            a, b = split(part, cost, min_chunk)
             groups[first] += a
             groups[second] += b
     return [sorted(g, key=lambda t: (t.q_start, t.server)) for g in groups if g]
+
+
+def _split_in_order(tasks: list[Task], cost, min_chunk) -> tuple[list[Task], list[Task]]:
+    """A prefix (in query order) holding about half the work, and the rest."""
+    tasks = sorted(tasks, key=lambda t: t.q_start)
+    half, acc = sum(map(cost, tasks)) / 2, 0
+    for i, t in enumerate(tasks):
+        if acc + cost(t) < half:
+            acc += cost(t)
+            continue
+        if t.q_end - t.q_start >= 2 * min_chunk:
+            head, tail = _cut(t, half - acc, cost, min_chunk)
+            return tasks[:i] + [head], [tail] + tasks[i + 1:]
+        cut = i + 1 if acc + cost(t) - half <= half - acc else i  # the whole task to the nearer side
+        return tasks[:cut], tasks[cut:]
+    return tasks, []
 
 
 def _split_work(tasks: list[Task], cost, min_chunk) -> tuple[list[Task], list[Task]]:
     total = sum(map(cost, tasks))
     big = max(tasks, key=cost, default=None)
     if big is not None and 2 * cost(big) > total and big.q_end - big.q_start >= 2 * min_chunk:
-        tasks = [t for t in tasks if t is not big] + _halve(big, cost, min_chunk)
+        tasks = [t for t in tasks if t is not big] + list(_cut(big, cost(big) / 2, cost, min_chunk))
     halves, load = ([], []), [0, 0]
     for t in sorted(tasks, key=lambda t: (-cost(t), t.q_start)):
         h = 0 if load[0] <= load[1] else 1
@@ -141,27 +311,14 @@ def _split_work(tasks: list[Task], cost, min_chunk) -> tuple[list[Task], list[Ta
     return halves
 
 
-def _halve(t: Task, cost, min_chunk) -> list[Task]:
-    """`t` cut at the query position that splits its work most evenly (pieces >= min_chunk)."""
+def _cut(t: Task, work, cost, min_chunk) -> tuple[Task, Task]:
+    """`t` cut at the first query position whose head holds `work` (pieces >= min_chunk)."""
     lo, hi = t.q_start + min_chunk, t.q_end - min_chunk
     piece = lambda a, b: cost(Task(t.server, a, b, t.kv_start, t.owner))
-    half = cost(t) / 2
-    while lo < hi:  # the head's work grows with the cut: first cut whose head holds half
+    while lo < hi:  # the head's work grows with the cut
         m = (lo + hi) // 2
-        if piece(t.q_start, m) < half:
+        if piece(t.q_start, m) < work:
             lo = m + 1
         else:
             hi = m
-    m = lo
-    return [Task(t.server, t.q_start, m, t.kv_start, t.owner), Task(t.server, m, t.q_end, t.kv_start, t.owner)]
-
-
-def _merge(segs):
-    """Adjacent (start, length) segments joined: fewer aranges to build per call."""
-    out = []
-    for s, n in segs:
-        if out and out[-1][0] + out[-1][1] == s:
-            out[-1] = (out[-1][0], out[-1][1] + n)
-        else:
-            out.append((s, n))
-    return out
+    return Task(t.server, t.q_start, lo, t.kv_start, t.owner), Task(t.server, lo, t.q_end, t.kv_start, t.owner)

@@ -1,12 +1,19 @@
 """`disagg_attention`: the ring_attention contract, computed by core-attention servers.
 
-Every rank computes the same plan from the global document boundaries. One all-to-all sends each
-task's queries to its server, another the key/value rows the server needs (each row once per
-server and nano-batch, however many of its tasks read it); the server runs ONE varlen flash call
-over its tasks (queries are the last rows of their key range: bottom-right causal alignment) and
-a third all-to-all returns the outputs. The backward mirrors it inside one autograd.Function: dO
-goes to the servers, which kept their inputs, outputs and LSE of this step; dQ returns to the
-query owners and dK/dV, summed over the tasks that read a row, to the key owners.
+Every rank computes the same plan from the global document boundaries. Per nano-batch one
+all-to-all sends each server the queries of its tasks and the key/value rows it needs (each row
+once per server and nano-batch, however many of its tasks read it); the server runs ONE varlen
+flash call over its tasks (queries are the last rows of their key range: bottom-right causal
+alignment) and a second all-to-all returns the outputs. The backward mirrors it inside one
+autograd.Function: dO goes to the servers, which kept their inputs, outputs and LSE of this
+step; dQ returns to the query owners and dK/dV, summed over the tasks that read a row, to the key
+owners, in one message.
+
+What a rank keeps for itself is never staged: its own tasks read its q/k/v in place, and when
+nothing arrives the server's buffers are those tensors and its outputs are the results (a plan
+that moves nothing runs exactly local attention, with no copy and no collective). What travels
+is packed and unpacked with contiguous row slices joined by one torch.cat per buffer
+(`routing.Assembly`); gradients of rows read by several tasks are summed slice by slice.
 
 Ping-pong (`routing.nano_batches`): the tasks run as up to four nano-batches, local work L1,
 remote work R1 and R2, local work L2. Every input transfer is issued asynchronously up front and
@@ -21,6 +28,7 @@ dp_cp and `cu_seqlens` are those of the ranks' rows joined by `rows.join_row_bou
 from __future__ import annotations
 
 import functools
+import math
 import time
 import weakref
 
@@ -30,7 +38,7 @@ import torch.distributed as dist
 from seqpar.attention.disagg import metrics
 from seqpar.attention.disagg.options import current, planner_overhead
 from seqpar.attention.disagg.planner import plan_owned
-from seqpar.attention.disagg.routing import Route, nano_batches, route
+from seqpar.attention.disagg.routing import Route, nano_batches, owner_assemblies, route
 from seqpar.kernels.flash_attn import flash_attn, flash_attn_backward
 from seqpar.parallel.sharding import group_size_rank, local_ranges
 
@@ -97,24 +105,47 @@ def _plan_routes(bounds, seq_len, world, rank, layout, eps, min_chunk, causal, o
     return routes, info
 
 
-def _index(segs, device) -> torch.Tensor:
-    """Row indices of (start, length) segments, built on the host and copied once: one arange
-    per segment on the GPU would be one kernel launch each."""
-    if not segs:
-        return torch.zeros(0, dtype=torch.long, device=device)
-    return torch.cat([torch.arange(s, s + n) for s, n in segs]).to(device)
+@functools.lru_cache(maxsize=64)  # every layer of a step reuses its plan's boundaries
+def _device_cu(r: Route, device) -> tuple[torch.Tensor, torch.Tensor]:
+    return _to_device(r.cu_q, device), _to_device(r.cu_k, device)
 
 
-def _all_to_all(x, send_splits, recv_splits, group, collective=True):
-    """Asynchronous all_to_all_single: (output, work or None); wait on work before reading.
-    Without a collective (`collective` False on every rank alike), x is what this rank sends
-    itself, already in the receiver's order."""
-    if len(send_splits) == 1 or not collective:
-        return x, None
-    out = x.new_empty((sum(recv_splits), *x.shape[1:]))
-    work = dist.all_to_all_single(out, x.contiguous(), output_split_sizes=list(recv_splits),
-                                  input_split_sizes=list(send_splits), group=group, async_op=True)
+def _to_device(values, device) -> torch.Tensor:
+    t = torch.tensor(values, dtype=torch.int32)
+    if device.type == "cuda":  # from pinned memory the copy does not make the host wait for the GPU
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+_owner = functools.lru_cache(maxsize=64)(owner_assemblies)
+
+
+def _exchange(parts_to, send, recv, like, group, collective):
+    """Asynchronous all_to_all_single of flat messages: `parts_to[s]` are the tensors for rank s,
+    `send`/`recv` element counts per rank. Returns (the received flat buffer, work) or
+    (None, None) when no rank sends anything in this nano-batch (`collective` False everywhere alike)."""
+    if not collective:
+        return None, None
+    flat = [p.reshape(-1) for parts in parts_to for p in parts]
+    x = flat[0] if len(flat) == 1 else torch.cat(flat) if flat else like.new_empty(0)
+    out = like.new_empty(sum(recv))
+    work = dist.all_to_all_single(out, x, output_split_sizes=list(recv), input_split_sizes=list(send),
+                                  group=group, async_op=True)
     return out, work
+
+
+def _fields(buf, rows, shapes):
+    """Per rank, the views of its section of a received flat buffer: `rows[o]` = row counts of
+    each field, `shapes` = the fields' trailing shapes. None for every rank without a buffer."""
+    if buf is None:
+        return [[None] * len(shapes) for _ in rows]
+    widths = [math.prod(s) for s in shapes]
+    sections = buf.split([sum(n * w for n, w in zip(ns, widths)) for ns in rows])
+    out = []
+    for ns, sec in zip(rows, sections):
+        views = sec.split([n * w for n, w in zip(ns, widths)])
+        out.append([x.view(n, *s) for x, n, s in zip(views, ns, shapes)])
+    return out
 
 
 def _wait(device, *works):
@@ -125,102 +156,104 @@ def _wait(device, *works):
                 w.wait()
 
 
-@functools.lru_cache(maxsize=16)  # every layer of a step reuses its plan's index tensors
-def _nano(r: Route, device) -> "_Nano":
-    return _Nano(r, device)
+def _pack(*pairs) -> list:
+    """The pieces of (assembly, source) pairs, in order, for one message (None: nothing)."""
+    return [p for a, src in pairs if a is not None for p in a.parts([src], src)]
 
 
-class _Nano:
-    """One nano-batch's index tensors and varlen boundaries on this rank's device."""
-
-    def __init__(self, r: Route, device):
-        self.r = r
-        self.q_idx, self.kv_idx, self.task_idx = (_index(s, device) for s in (r.q_send, r.kv_send, r.task_kv))
-        self.cu_q, self.cu_k = (torch.tensor(c, dtype=torch.int32, device=device) for c in (r.cu_q, r.cu_k))
-
-    def q_to_servers(self, x, group):
-        return _all_to_all(x, self.r.q_send_splits, self.r.q_recv_splits, group, self.r.collective)
-
-    def kv_to_servers(self, x, group):
-        return _all_to_all(x, self.r.kv_send_splits, self.r.kv_recv_splits, group, self.r.collective)
-
-    def q_to_owners(self, x, group):
-        return _all_to_all(x, self.r.q_recv_splits, self.r.q_send_splits, group, self.r.collective)
-
-    def kv_to_owners(self, x, group):
-        return _all_to_all(x, self.r.kv_recv_splits, self.r.kv_send_splits, group, self.r.collective)
+def _others(splits, rank):
+    return [0 if i == rank else n for i, n in enumerate(splits)]
 
 
 class _DisaggAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, routes, group, causal, scale):
-        dev, n = q.device, q.shape[0]
-        hkv, dk, dv = k.shape[1], k.shape[2], v.shape[2]
-        nanos = [_nano(r, dev) for r in routes]
-        # K and V travel in one message per pair of ranks: rows of [k | v]
-        kv = torch.cat([k.reshape(n, -1), v.reshape(n, -1).to(k.dtype)], dim=1)
+        dev, rank, n = q.device, routes[0].rank, q.shape[0]
+        k_dtype, v_dtype = k.dtype, v.dtype
+        k, v = k.to(q.dtype), v.to(q.dtype)  # one message carries all three
+        sq, sk, sv, so = q.shape[1:], k.shape[1:], v.shape[1:], (q.shape[1], v.shape[2])
+        wq, wkv, wo = math.prod(sq), math.prod(sk) + math.prod(sv), math.prod(so)
+        flat = q.new_empty(0)
         inbound = []
-        for nb in nanos:  # every input transfer issued up front: the later ones travel during compute
-            q_srv, wq = nb.q_to_servers(q.index_select(0, nb.q_idx), group)
-            kv_srv, wkv = nb.kv_to_servers(kv.index_select(0, nb.kv_idx), group)
-            inbound.append((q_srv, kv_srv, wq, wkv))
+        for r in routes:  # every input transfer issued up front: the later ones travel during compute
+            parts = [_pack((a, q), (b, k), (b, v)) for a, b in zip(r.send_q, r.send_kv)]
+            send = [nq * wq + nk * wkv for nq, nk in zip(_others(r.q_send_splits, rank), _others(r.kv_send_splits, rank))]
+            recv = [nq * wq + nk * wkv for nq, nk in zip(_others(r.q_recv_splits, rank), _others(r.kv_recv_splits, rank))]
+            inbound.append(_exchange(parts, send, recv, flat, group, r.collective))
         outbound, saved = [], []
-        for nb, (q_srv, kv_srv, wq, wkv) in zip(nanos, inbound):
-            _wait(dev, wq, wkv)
-            kv_task = kv_srv.index_select(0, nb.task_idx)  # rows shared by several tasks are copied here, not sent
-            k_task = kv_task[:, :hkv * dk].reshape(-1, hkv, dk)
-            v_task = kv_task[:, hkv * dk:].reshape(-1, hkv, dv).to(v.dtype)
+        for r, (buf, work) in zip(routes, inbound):
+            _wait(dev, work)
+            got = _fields(buf, list(zip(_others(r.q_recv_splits, rank), _others(r.kv_recv_splits, rank),
+                                        _others(r.kv_recv_splits, rank))), (sq, sk, sv))
+            q_srv = r.srv_q([q] + [g[0] for g in got], q)
+            k_task = r.srv_kv([k] + [g[1] for g in got], k)
+            v_task = r.srv_kv([v] + [g[2] for g in got], v)
             if q_srv.shape[0]:
-                o_srv, lse = flash_attn(q_srv[None], k_task[None], v_task[None], causal=causal, cu_seqlens_q=nb.cu_q,
-                                        cu_seqlens_k=nb.cu_k, softmax_scale=scale, return_lse=True)
+                cu_q, cu_k = _device_cu(r, dev)
+                o_srv, lse = flash_attn(q_srv[None], k_task[None], v_task[None], causal=causal, cu_seqlens_q=cu_q,
+                                        cu_seqlens_k=cu_k, softmax_scale=scale, return_lse=True)
                 o_srv = o_srv[0]
             else:  # a server without tasks still takes part in every all-to-all
-                o_srv, lse = q.new_zeros(0, q.shape[1], dv), q.new_zeros(1, q.shape[1], 0)
-            outbound.append(nb.q_to_owners(o_srv, group))
+                o_srv, lse = q.new_zeros(0, *so), q.new_zeros(1, so[0], 0)
+            back = [[] if o == rank or not m else [o_srv[r.q_off[o]:r.q_off[o] + m]]
+                    for o, m in enumerate(r.q_recv_splits)]
+            outbound.append(_exchange(back, [m * wo for m in _others(r.q_recv_splits, rank)],
+                                      [m * wo for m in _others(r.q_send_splits, rank)], flat, group, r.collective))
             saved += [q_srv, k_task, v_task, o_srv, lse]
-        out = q.new_empty(n, q.shape[1], dv)
-        for nb, (o_back, work) in zip(nanos, outbound):
+        sources = []
+        for r, o_srv, (buf, work) in zip(routes, saved[3::5], outbound):
             _wait(dev, work)
-            out[nb.q_idx] = o_back  # every local query is in exactly one task of one nano-batch
+            sources += [o_srv] + [g[0] for g in _fields(buf, [(m,) for m in _others(r.q_send_splits, rank)], (so,))]
+        out = _owner(routes)[0](sources, q.new_empty(0, *so))
         ctx.save_for_backward(*saved)
-        ctx.nanos, ctx.group, ctx.causal, ctx.scale, ctx.n = nanos, group, causal, scale, n
-        ctx.shapes = (hkv, dk, dv, kv.shape[1], k.dtype, v.dtype)
+        ctx.routes, ctx.group, ctx.causal, ctx.scale = routes, group, causal, scale
+        ctx.shapes = (sq, sk, sv, so, k_dtype, v_dtype)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        saved, nanos, group, n = ctx.saved_tensors, ctx.nanos, ctx.group, ctx.n
-        hkv, dk, dv, width, k_dtype, v_dtype = ctx.shapes
+        saved, routes, group = ctx.saved_tensors, ctx.routes, ctx.group
+        sq, sk, sv, so, k_dtype, v_dtype = ctx.shapes
+        dev, rank = dout.device, routes[0].rank
+        wq, wkv, wo = math.prod(sq), math.prod(sk) + math.prod(sv), math.prod(so)
         dout = dout.contiguous()
-        inbound = [nb.q_to_servers(dout.index_select(0, nb.q_idx), group)
-                   for nb in nanos]
-        outbound = []
-        for i, (nb, (do_srv, work)) in enumerate(zip(nanos, inbound)):
+        flat = dout.new_empty(0)
+        inbound = [_exchange([_pack((a, dout)) for a in r.send_q],
+                             [m * wo for m in _others(r.q_send_splits, rank)],
+                             [m * wo for m in _others(r.q_recv_splits, rank)], flat, group, r.collective)
+                   for r in routes]
+        outbound, grads = [], []
+        for i, (r, (buf, work)) in enumerate(zip(routes, inbound)):
             q_srv, k_task, v_task, o_srv, lse = saved[5 * i:5 * i + 5]
-            _wait(dout.device, work)
+            _wait(dev, work)
+            got = _fields(buf, [(m,) for m in _others(r.q_recv_splits, rank)], (so,))
+            do_srv = r.srv_q([dout] + [g[0] for g in got], dout)
             if q_srv.shape[0]:
+                cu_q, cu_k = _device_cu(r, dev)
                 dq_t, dk_t, dv_t = flash_attn_backward(do_srv[None], q_srv[None], k_task[None], v_task[None],
-                                                       o_srv[None], lse, causal=ctx.causal, cu_seqlens_q=nb.cu_q,
-                                                       cu_seqlens_k=nb.cu_k, softmax_scale=ctx.scale)
-                dq_srv = dq_t[0]
-                dkv_task = torch.cat([dk_t[0].reshape(-1, hkv * dk), dv_t[0].reshape(-1, hkv * dv).to(k_dtype)],
-                                     dim=1)
+                                                       o_srv[None], lse, causal=ctx.causal, cu_seqlens_q=cu_q,
+                                                       cu_seqlens_k=cu_k, softmax_scale=ctx.scale)
+                dq_srv, dk_task, dv_task = dq_t[0], dk_t[0], dv_t[0]
             else:
-                dq_srv = q_srv.new_zeros(q_srv.shape)
-                dkv_task = k_task.new_zeros(0, width)
+                dq_srv, dk_task, dv_task = q_srv.new_zeros(q_srv.shape), k_task, v_task
             # a key row read by several tasks of this server: its gradients summed here, sent once
-            dkv_srv = dkv_task.new_zeros(sum(nb.r.kv_recv_splits), width).index_add_(0, nb.task_idx, dkv_task)
-            outbound.append((nb.q_to_owners(dq_srv, group),
-                             nb.kv_to_owners(dkv_srv, group)))
-        dq = dkv = None
-        for nb, ((dq_back, wq), (dkv_back, wkv)) in zip(nanos, outbound):
-            _wait(dout.device, wq, wkv)
-            if dq is None:
-                dq = dq_back.new_empty(n, *dq_back.shape[1:])
-                dkv = dkv_back.new_zeros(n, width)
-            dq[nb.q_idx] = dq_back
-            # a key row sent to several servers (or nano-batches): the owner sums their gradients
-            dkv.index_add_(0, nb.kv_idx, dkv_back)
-        dk_ = dkv[:, :hkv * dk].reshape(n, hkv, dk)
-        dv_ = dkv[:, hkv * dk:].reshape(n, hkv, dv).to(v_dtype)
-        return dq, dk_, dv_, None, None, None, None
+            back = [[] if o == rank or not m else [dq_srv[r.q_off[o]:r.q_off[o] + m]] for o, m in enumerate(r.q_recv_splits)]
+            back = [b + _pack((a, dk_task), (a, dv_task)) for b, a in zip(back, r.back_kv)]
+            send = [nq * wq + nk * wkv for nq, nk in zip(_others(r.q_recv_splits, rank), _others(r.kv_recv_splits, rank))]
+            recv = [nq * wq + nk * wkv for nq, nk in zip(_others(r.q_send_splits, rank), _others(r.kv_send_splits, rank))]
+            outbound.append(_exchange(back, send, recv, flat, group, r.collective))
+            grads.append((dq_srv, dk_task, dv_task))
+        sq_src, sk_src, sv_src = [], [], []
+        for r, (dq_srv, dk_task, dv_task), (buf, work) in zip(routes, grads, outbound):
+            _wait(dev, work)
+            got = _fields(buf, list(zip(_others(r.q_send_splits, rank), _others(r.kv_send_splits, rank),
+                                        _others(r.kv_send_splits, rank))), (sq, sk, sv))
+            sq_src += [dq_srv] + [g[0] for g in got]
+            sk_src += [dk_task] + [g[1] for g in got]
+            sv_src += [dv_task] + [g[2] for g in got]
+        # a key row sent to several servers (or nano-batches): the owner sums their gradients
+        own_q, own_kv = _owner(routes)
+        dq = own_q(sq_src, dout.new_empty(0, *sq))
+        dk = own_kv(sk_src, dout.new_empty(0, *sk)).to(k_dtype)
+        dv = own_kv(sv_src, dout.new_empty(0, *sv)).to(v_dtype)
+        return dq, dk, dv, None, None, None, None
