@@ -20,12 +20,13 @@ def lightning_attn(q, k, v, log_decay, *, scale=None, initial_state=None, output
     initial_state (zeros if None). States are `[N, H, Dk, Dv]`, N = B, or the number of documents
     when `cu_seqlens` is given. Returns (o in q's dtype, final state or None).
 
-    `exchange` (instead of `initial_state`; LASP-2's hook): an object with `forward(own) ->
-    initial` and `backward(d_initial) -> d_own`, a linear map and its adjoint. `own` are the
-    documents' exit states from a zero state (fp32/fp64, `[N, H, Dk, Dv]`); the kernel calls
-    `forward` between its passes over the tokens and uses the answer as `initial_state`, so a
-    caller can exchange states with other ranks without an extra pass over k and v (and, in
-    backward, over q and do). Both are called on every rank, once per forward and once per backward.
+    `exchange` (instead of `initial_state`; LASP-2's hook): an object with `forward(own)` and
+    `backward(d_initial)`, a linear map and its adjoint, each returning a pending result whose
+    `wait()` gives the answer. `own` are the documents' exit states from a zero state (fp32/fp64,
+    `[N, H, Dk, Dv]`); the kernel calls `forward` between its passes over the tokens and uses the
+    answer as `initial_state`, so a caller can exchange states with other ranks without an extra
+    pass over k and v (or, in backward, over q and do; there the kernel runs its dq pass before
+    it waits). Both are called on every rank, once per forward and once per backward.
     """
     if exchange is not None and (initial_state is not None or output_final_state):
         raise ValueError("lightning_attn: an exchange supplies the initial state and returns no final state; "
@@ -48,8 +49,8 @@ class _Exchange(torch.autograd.Function):
     @staticmethod
     def forward(ctx, own, exchange):
         ctx.exchange = exchange
-        return exchange.forward(own)
+        return exchange.forward(own).wait()
 
     @staticmethod
     def backward(ctx, d_initial):
-        return ctx.exchange.backward(d_initial), None
+        return ctx.exchange.backward(d_initial).wait(), None

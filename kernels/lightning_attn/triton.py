@@ -32,11 +32,13 @@ E = a * G_(first token after the chunk) (or dFinal after a document's last token
     dk = anti-causal(v, do, q; E^T)      scales (scale, 1, scale)
 and d(initial_state) = E before a document's first token, which the dv pass writes.
 
-With an `exchange` (LASP-2), the entering states are not known when the kernel starts: kernel 1
-runs once, a scan from zero with each document's last segment folded in gives the documents' own
-exit states, `exchange.forward` turns them into entering states (the cp group's scan), and a
-second scan of the same segment states from those gives the boundaries; backward mirrors it with
-`exchange.backward`. Over a plain call this adds one short scan and the last segments' states.
+Boundaries hold a document's own state from zero; the output pass adds the state entering the
+document, decayed over the tokens before the segment. So with an `exchange` (LASP-2), whose
+entering states are not known when the kernel starts, nothing runs twice: kernels 1 and 2 also
+fold each document's last segment in (its own exit state), `exchange.forward` turns those into
+entering states (the cp group's scan) and kernel 3 starts from them; backward posts
+`exchange.backward` before the dq pass, which does not need its answer. Over a plain call this
+adds the last segments' states (one segment per document).
 A transposed state is the same buffer read with swapped strides.
 
 Every decay factor is exp of a non-positive number, so nothing overflows; padded rows get
@@ -60,8 +62,9 @@ CHUNK = 64
 MIN_SEGMENT, MAX_SEGMENT = 256, 2048
 SCAN_ROWS = 16
 # segment table columns: start, end, document, boundary before (-1: first of its document),
-# boundary after (-1: last of its document)
-SEG_COLS = 5
+# boundary after (-1: last of its document), tokens between the document's start and the segment's
+# start, tokens between the segment's end and the document's end
+SEG_COLS = 7
 
 
 def _interpreting() -> bool:
@@ -99,12 +102,22 @@ def _chunk_weights(lam, rows, L, REVERSE: tl.constexpr):
 @triton.jit
 def _segment_info(seg_ptr, seg, REVERSE: tl.constexpr):
     """start, end, document, and the boundaries the state comes from / goes to (-1: none)."""
-    row = seg_ptr + seg * 5  # SEG_COLS
+    row = seg_ptr + seg * 7  # SEG_COLS
     start, end, doc = tl.load(row), tl.load(row + 1), tl.load(row + 2)
     came_from, goes_to = tl.load(row + 3), tl.load(row + 4)
     if REVERSE:
         came_from, goes_to = tl.load(row + 4), tl.load(row + 3)
     return start, end, doc, came_from, goes_to
+
+
+@triton.jit
+def _segment_offset(seg_ptr, seg, REVERSE: tl.constexpr):
+    """Tokens between the document's edge and the segment, in the direction of travel: how much
+    the state entering the document has decayed when it enters the segment."""
+    col = 5
+    if REVERSE:
+        col = 6
+    return tl.load(seg_ptr + seg * 7 + col)
 
 
 @triton.autotune(configs=_configs([(1, 8, 2), (2, 8, 2), (2, 4, 2)]), key=["DY", "DZ"],
@@ -133,13 +146,17 @@ def _segment_output(x_ptr, y_ptr, z_ptr, out_ptr, bound_ptr, edge_in_ptr, edge_o
     ymask, zmask = dy < DY, dz < DZ
     # Scalar conditions enter masks as a row bound (DY or 0): Triton's interpreter rejects a
     # scalar boolean and-ed into a block mask.
+    # the state entering the segment: the document's own part up to here (the boundary, computed
+    # from zero) plus the state entering the document, decayed over the tokens before the segment
     from_bound = (came_from >= 0).to(tl.int32)
     state = tl.load(bound_ptr + tl.maximum(came_from, 0).to(tl.int64) * sbn + h * sbh + dy[:, None] * sby
                     + dz[None, :] * sbz, mask=(dy < DY * from_bound)[:, None] & zmask[None, :],
                     other=0.0).to(tl.float32)
     if HAS_EDGE_IN:
-        state += tl.load(edge_in_ptr + doc.to(tl.int64) * sen + h * seh + dy[:, None] * sey + dz[None, :] * sez,
-                         mask=(dy < DY * (1 - from_bound))[:, None] & zmask[None, :], other=0.0).to(tl.float32)
+        before = _segment_offset(seg_ptr, seg, REVERSE).to(tl.float32)
+        state += tl.exp(lam * before) * tl.load(
+            edge_in_ptr + doc.to(tl.int64) * sen + h * seh + dy[:, None] * sey + dz[None, :] * sez,
+            mask=ymask[:, None] & zmask[None, :], other=0.0).to(tl.float32)
     # decay inside a chunk depends only on the distance, non-negative on the visible side
     dist = rows[:, None] - rows[None, :]
     if REVERSE:
@@ -240,8 +257,10 @@ def _segment_scan(local_ptr, tail_ptr, bound_ptr, edge_in_ptr, edge_out_ptr, seg
                   EDGE_OUT: tl.constexpr):
     # One program: one document, one head, ROWS rows of the state. The loop is sequential over
     # the document's boundaries only (a few hundred at most), plain fp32 loads and FMAs.
-    # EDGE_OUT: 0 writes no exit state, 1 writes empty documents' (the output pass writes the
-    # others'), 2 writes every document's, folding in its last segment's share from tail.
+    # Boundaries hold the document's own part from a zero state; the output pass adds the state
+    # entering the document (edge_in), decayed. EDGE_OUT: 0 writes no exit state, 1 writes empty
+    # documents' (= edge_in; the output pass writes the others'), 2 writes every document's own
+    # exit state, folding in its last segment's share from tail.
     pid = tl.program_id(0)
     rb = pid % ROW_BLOCKS
     h = (pid // ROW_BLOCKS) % H
@@ -253,11 +272,7 @@ def _segment_scan(local_ptr, tail_ptr, bound_ptr, edge_in_ptr, edge_out_ptr, seg
     first = tl.load(doc_seg_ptr + doc)
     last = tl.load(doc_seg_ptr + doc + 1)
 
-    if HAS_EDGE_IN:
-        carry = tl.load(edge_in_ptr + doc.to(tl.int64) * sen + h * seh + dy[:, None] * sey + dz[None, :] * sez,
-                        mask=mask, other=0.0).to(tl.float32)
-    else:
-        carry = tl.zeros((ROWS, BLOCK_DZ), dtype=tl.float32)
+    carry = tl.zeros((ROWS, BLOCK_DZ), dtype=tl.float32)
     inner = (h * DY + dy[:, None]) * DZ + dz[None, :]
     for i in range(0, last - first - 1):
         # the segment whose own contribution crosses the next boundary in the direction of travel
@@ -270,9 +285,11 @@ def _segment_scan(local_ptr, tail_ptr, bound_ptr, edge_in_ptr, edge_out_ptr, seg
         carry = carry * tl.exp(lam * (end - start).to(tl.float32)) + tl.load(local_ptr + offs, mask=mask, other=0.0)
         tl.store(bound_ptr + offs, carry, mask=mask)
     if EDGE_OUT == 1:  # an empty document has no segment to write its final state: it is the initial one
-        empty = (last == first).to(tl.int32)
-        tl.store(edge_out_ptr + doc.to(tl.int64) * (H * DY * DZ) + inner, carry,
-                 mask=(dy < DY * empty)[:, None] & (dz < DZ)[None, :])
+        empty = (dy < DY * (last == first).to(tl.int32))[:, None] & (dz < DZ)[None, :]
+        if HAS_EDGE_IN:
+            carry = tl.load(edge_in_ptr + doc.to(tl.int64) * sen + h * seh + dy[:, None] * sey + dz[None, :] * sez,
+                            mask=empty, other=0.0).to(tl.float32)
+        tl.store(edge_out_ptr + doc.to(tl.int64) * (H * DY * DZ) + inner, carry, mask=empty)
     if EDGE_OUT == 2:
         has = (last > first).to(tl.int32)
         if REVERSE:
@@ -358,7 +375,8 @@ def _segment_table(cu_seqlens, batch: int, seq_len: int, seg_len: int, device):
     # count, in order, the pairs of neighbouring segments of one document
     before = torch.where(has_before, torch.cumsum(has_before, 0) - 1, -1)
     after = torch.where(has_after, torch.cumsum(has_after, 0) - 1, -1)
-    segs = torch.stack([torch.where(used, start, 0), torch.where(used, end, 0), doc, before, after], dim=1)
+    segs = torch.stack([torch.where(used, start, 0), torch.where(used, end, 0), doc, before, after,
+                        torch.where(used, start - cu[doc], 0), torch.where(used, cu[doc + 1] - end, 0)], dim=1)
     return (segs.to(torch.int32).contiguous(), doc_seg.to(torch.int32), n_docs, n_max,
             max(1, batch * seq_len // seg_len))
 
@@ -418,10 +436,10 @@ def _segment_locals(y, z, tab, lam, update_scale, reverse, tails=None):
     return local
 
 
-def _scan(local, tab, lam, reverse, edge_in, edge_out=None, tails=None):
-    """Kernel 2: the state at each boundary (in the direction of travel) from `edge_in` ([N, H, Dy,
-    Dz] or None: zeros). `edge_out` gets each document's exit state when `tails` is given (the
-    whole document folded), else only empty documents' (the output pass writes the others')."""
+def _scan(local, tab, lam, reverse, edge_in=None, edge_out=None, tails=None):
+    """Kernel 2: each document's own state at each of its boundaries (in the direction of travel,
+    from a zero state; the output pass adds the entering state). `edge_out` gets every document's
+    own exit state when `tails` is given, else empty documents' exit state, `edge_in` (or zeros)."""
     segs, doc_seg, n_docs, _, _ = tab
     _, H, dy, dz = local.shape
     block_dz = _dims(dy, dz)["BLOCK_DZ"]
@@ -438,27 +456,27 @@ def _scan(local, tab, lam, reverse, edge_in, edge_out=None, tails=None):
     return bound
 
 
-def _exchanged(y, z, tab, lam, update_scale, reverse, exchange_fn):
-    """Kernels 1 and 2 around an exchange: each document's own exit state (from zero) goes to
-    `exchange_fn`, whose answer is the documents' entering states; returns (boundary states,
-    entering states). The segments' own states are computed once and serve both scans."""
-    n_docs = tab[2]
+def _exchange_start(y, z, tab, lam, update_scale, reverse, exchange_fn):
+    """Kernels 1 and 2 with each document's own exit state, handed to `exchange_fn`; returns
+    (boundary states, the exchange's pending answer: `.wait()` gives the entering states)."""
     H, dy, dz = y.shape[1], y.shape[2], z.shape[2]
-    tails = torch.empty(n_docs, H, dy, dz, device=y.device, dtype=torch.float32)
+    tails = torch.empty(tab[2], H, dy, dz, device=y.device, dtype=torch.float32)
     local = _segment_locals(y, z, tab, lam, update_scale, reverse, tails)
     own = torch.empty_like(tails)
-    _scan(local, tab, lam, reverse, None, own, tails)
-    entering = exchange_fn(own)
-    if tuple(entering.shape) != tuple(own.shape):
-        raise ValueError(f"lightning_attn exchange returned states of shape {tuple(entering.shape)}, "
-                         f"expected {tuple(own.shape)}")
-    entering = entering.to(torch.float32).contiguous()
-    return _scan(local, tab, lam, reverse, entering), entering
+    bound = _scan(local, tab, lam, reverse, edge_out=own, tails=tails)
+    return bound, exchange_fn(own)
 
 
-def _boundary_states(y, z, tab, lam, update_scale, reverse, edge_in, edge_out):
-    """Kernels 1 and 2: the state at each boundary `[n_bounds, H, Dy, Dz]` (fp32) in the direction
-    of travel, from `edge_in` ([N, H, Dy, Dz] or None: zeros); `edge_out` gets empty documents'."""
+def _exchange_wait(pending, shape):
+    entering = pending.wait()
+    if tuple(entering.shape) != shape:
+        raise ValueError(f"lightning_attn exchange returned states of shape {tuple(entering.shape)}, expected {shape}")
+    return entering.to(torch.float32).contiguous()
+
+
+def _boundary_states(y, z, tab, lam, update_scale, reverse, edge_in=None, edge_out=None):
+    """Kernels 1 and 2: each document's own state at its boundaries `[n_bounds, H, Dy, Dz]` (fp32)
+    in the direction of travel; `edge_out` gets empty documents' exit state (`edge_in`)."""
     local = _segment_locals(y, z, tab, lam, update_scale, reverse)
     return _scan(local, tab, lam, reverse, edge_in, edge_out)
 
@@ -473,7 +491,8 @@ class LightningAttnFunction(torch.autograd.Function):
         qt, kt, vt = _tokens(q), _tokens(k), _tokens(v)
         final = None
         if exchange is not None:
-            bound, init = _exchanged(kt, vt, tab, lam, 1.0, False, exchange.forward)
+            bound, pending = _exchange_start(kt, vt, tab, lam, 1.0, False, exchange.forward)
+            init = _exchange_wait(pending, (tab[2], H, Dk, Dv))
         else:
             init = None if initial_state is None else initial_state.detach()
             if output_final_state:
@@ -497,15 +516,17 @@ class LightningAttnFunction(torch.autograd.Function):
         go = _tokens(do.to(qt.dtype))
         need_q, need_k, need_v = ctx.needs_input_grad[:3]
         need_init = ctx.needs_input_grad[5]
-        dq = dk = dv = dinit = None
+        dq = dk = dv = dinit = pending = None
+        if ctx.exchange is not None:
+            # every rank of the exchange's group takes part, whatever it needs gradients for: it
+            # gets each document's d(entering state) and answers dFinal, while the dq pass runs
+            grad_bound, pending = _exchange_start(qt, go, tab, lam, scale, True, ctx.exchange.backward)
         if need_q:
             dq = _output(go, vt, kt, bound, _strides(bound, transpose=True), init,
                          None if init is None else _strides(init, transpose=True), None,
                          tab, lam, (scale, scale, 1.0), False, qt.dtype).view(shape)
-        if ctx.exchange is not None:
-            # every rank of the exchange's group takes part, whatever it needs gradients for;
-            # dFinal comes back from the exchange, given each document's d(entering state)
-            grad_bound, dfinal = _exchanged(qt, go, tab, lam, scale, True, ctx.exchange.backward)
+        if pending is not None:
+            dfinal = _exchange_wait(pending, (n_docs, H, Dk, Dv))
         elif need_k or need_v or need_init:
             # E: the gradient flowing into each segment from the tokens after it, and from dFinal
             dinit = torch.empty(n_docs, H, Dk, Dv, device=qt.device, dtype=torch.float32) if need_init else None

@@ -139,14 +139,24 @@ class _ChunkExchange:
 
     def forward(self, own):
         geo = self.geo
-        entering = start_scan(self.scan, own.to(geo.dtype)[geo.last_slot], self.chain, self.group).wait()
-        return _to_slots(entering * geo.keep, geo.first_slot, geo.n_slots)
+        pending = start_scan(self.scan, own.to(geo.dtype)[geo.last_slot], self.chain, self.group)
+        return _Then(pending, lambda entering: _to_slots(entering * geo.keep, geo.first_slot, geo.n_slots))
 
     def backward(self, d_initial):
         geo = self.geo
         d_entering = d_initial.to(geo.dtype)[geo.first_slot] * geo.keep
-        d_states = start_scan(self.scan, d_entering, self.chain, self.group, reverse=True).wait()
-        return _to_slots(d_states, geo.last_slot, geo.n_slots)
+        pending = start_scan(self.scan, d_entering, self.chain, self.group, reverse=True)
+        return _Then(pending, lambda d_states: _to_slots(d_states, geo.last_slot, geo.n_slots))
+
+
+class _Then:
+    """A posted scan and what to do with its answer."""
+
+    def __init__(self, pending, then):
+        self.pending, self.then = pending, then
+
+    def wait(self):
+        return self.then(self.pending.wait())
 
 
 class _Overlapped(torch.autograd.Function):
