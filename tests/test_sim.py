@@ -417,3 +417,64 @@ def test_packed_calls_run_on_triton_by_the_run_date(calib):
             dict(row("seqpar_triton", 16384, 1.0), layout="dense")]  # dense rows say nothing of packed calls
     ratio, _ = fit_triton_packed({"kernels": [("k.json", {"flash": {"rows": rows}})]})
     assert ratio == pytest.approx(0.85)
+
+
+# ---------------------------------------------------------------- data parallelism with document mixes
+
+def test_dp_straggler_and_disagg_over_dp_cp(h100, calib):
+    """Two dp ranks, one holding a 16384-token document and one 64 documents of 256: without
+    rebalancing the layer lasts as long as the first rank's attention; disaggregation over dp x cp
+    plans the joined row over both ranks, is faster, and moves the queries it sends away (with
+    their K/V and the backward's gradients) over the wire."""
+    from seqpar.model.transformer import head_dim
+    from seqpar.sim.attention_cost import disagg_moved_bytes
+    from seqpar.sim.step import _attention, dp_attention, joined_row, sizes_of
+
+    assert joined_row([(0, 3, 8), (0, 5, 8)]) == (0, 3, 8, 13, 16)
+    long_doc, short_docs = (0, 16384), tuple(range(0, 16385, 256))
+    base = ["model=llama_1b", "data=synthetic", "data.seq_len=16384", "parallel.cp=1", "parallel.dp=2",
+            "train.micro_batch_size=1", "train.global_batch_size=2"]
+    plain = _cfg(*base)
+    ours = _cfg(*base, "parallel.softmax_sp=disagg", "parallel.disagg.group=dp_cp")
+    sizes = sizes_of(plain, 2)
+    draws = [[[long_doc], [short_docs]]]
+    own = [_attention("S", plain, calib, h100, sizes, rows, 16384, "cudnn")[0] for rows in draws[0]]
+    assert own[0] > 2 * own[1]  # causal work ~ sum of squared lengths: 16384^2 against 64 x 256^2
+    (t_plain, _, _), info = dp_attention("S", plain, calib, h100, sizes, draws, 16384, "cudnn")
+    assert t_plain == pytest.approx(max(own))
+    assert info["imbalance_before"] == pytest.approx(max(own) / (sum(own) / 2))
+    (t_ours, _, _), info_ours = dp_attention("S", ours, calib, h100, sizes, draws, 16384, "cudnn")
+    assert t_ours < t_plain and info_ours["imbalance_before"] == pytest.approx(info["imbalance_before"])
+    m = ours.model
+    H, Hkv, D = m.n_heads, m.n_kv_heads, head_dim(m)
+    moved = disagg_moved_bytes(joined_row([long_doc, short_docs]), 2, H, Hkv, D)
+    assert moved == info_ours["moved_bytes_per_rank"] > 0
+    assert moved % ((4 * H + 4 * Hkv) * D * 2) == 0  # whole query rows: Q, O, dO, dQ and K/V, dK/dV
+    # the same rows on every rank: no straggler, nothing to gain
+    (t_same, _, _), same = dp_attention("S", plain, calib, h100, sizes, [[[long_doc], [long_doc]]], 16384, "cudnn")
+    assert same["imbalance_before"] == 1.0 and t_same == pytest.approx(own[0])
+
+
+def test_dp_cp_disagg_in_the_step_the_planner_and_the_sweep(tmp_path, monkeypatch, h100, calib):
+    import seqpar.sim.sweep as sweep
+    from seqpar.sim.plan import apply, candidates
+
+    mix = ["data=synthetic", "data.seq_len=8192", "data.distribution=lognormal", "data.mean_len=1024"]
+    cfg = _cfg("model=llama_1b", *mix, "train.global_batch_size=8")
+    layouts = list(candidates(cfg, 4, 8))
+    dp_cp = [o for o in layouts if o.get("parallel.disagg.group") == "dp_cp"]
+    assert dp_cp and all(o["parallel.dp"] > 1 and o["parallel.softmax_sp"] == "disagg" for o in dp_cp)
+    assert all(o.get("parallel.layout") == "contiguous" for o in dp_cp if o["parallel.cp"] > 1)
+    assert apply(cfg, dp_cp[0]).parallel.disagg["group"] == "dp_cp"
+    fixed = _cfg("model=llama_1b", "data=synthetic", "data.distribution=fixed", "train.global_batch_size=8")
+    assert not any(o.get("parallel.disagg.group") for o in candidates(fixed, 4, 8))
+    r = predict_step(apply(cfg, dp_cp[0]), 4, h100, calib)
+    assert r["step_s"] > 0 and r["dp_attention"]["S"]["moved_bytes_per_rank"] >= 0
+    # the sweep's rows on a made-up mix: half the documents a whole row long (heavy stragglers)
+    (tmp_path / "mix.json").write_text(json.dumps([65536] * 50 + [512] * 6400))
+    monkeypatch.setattr(sweep, "DOC_LENGTHS", tmp_path)
+    row, = sweep.dp_disagg(h100, calib, gpus=(32,), lengths=(65536,), mixes=("mix",), n_micro=2)
+    assert row["dp"] == 4 and row["attention_imbalance_before"] > 1 and row["speedup"] > 1
+    assert row["moved_mib_per_layer"] > 0
+    measured = sweep.measured_dp_disagg()
+    assert any(m["mix"] == "wlbllm" and m["tokens_per_rank"] == 131072 for m in measured)

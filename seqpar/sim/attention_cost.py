@@ -30,7 +30,7 @@ from __future__ import annotations
 import functools
 
 from seqpar.sim.comm import collective_time, overlapped, placed
-from seqpar.sim.compute import AttnCall, attn_features, linear_attn_time
+from seqpar.sim.compute import REF_HD, AttnCall, attn_features, linear_attn_time
 
 
 def attn_seconds(calib, calls, heads: int, head_dim: int, family: str = "cudnn") -> float:
@@ -66,11 +66,14 @@ def block_call(blk, causal=True) -> AttnCall | None:
     return AttnCall.dense(nq, nk, blk.causal)
 
 
-def runtime_extra(calib, method: str, bounds) -> float:
+def runtime_extra(calib, method: str, bounds, heads: int = 32, head_dim: int = 128) -> float:
     """Seconds the disagg runtime (disagg, per-document CP) spends beyond its kernels and transfers,
     per layer (fwd + bwd): gathers of task rows, index building, merges, all scaling with the
-    tokens (`calib.runtime_token_s`, fitted on the disagg benchmark)."""
-    return calib.runtime_token_s.get(method, 0.0) * bounds[-1]
+    tokens (`calib.runtime_token_s`, fitted on the disagg benchmark at 32 heads x 128). The
+    profile of that benchmark (docs/benchmarks/2026-11-26-2xh100-profile/disagg) puts it in
+    index_put / index_add / gather / cat kernels over [tokens, heads, head_dim] rows, so it scales
+    with the heads a rank holds (fewer under tp)."""
+    return calib.runtime_token_s.get(method, 0.0) * bounds[-1] * heads * head_dim / REF_HD
 
 
 @functools.lru_cache(maxsize=256)
@@ -195,7 +198,7 @@ def perdoc_layer(calib, cluster, rows, world, heads, kv_heads, head_dim, group, 
                     if e > s:
                         per_rank[r].append((e - s, e))
         times = [attn_seconds(calib, [AttnCall(tuple(segs), True)], heads, head_dim, family) for segs in per_rank]
-        compute += max(times) + runtime_extra(calib, "per_doc_cp", bounds) / world
+        compute += max(times) + runtime_extra(calib, "per_doc_cp", bounds, heads, head_dim) / world
         kv_all = 2 * bounds[-1] * kv_heads * head_dim * act
         comm += collective_time("all_gather", kv_all, group, cluster, calib.comm) + \
             collective_time("reduce_scatter", kv_all, group, cluster, calib.comm)
@@ -219,7 +222,7 @@ def disagg_layer(calib, cluster, rows, world, heads, kv_heads, head_dim, group, 
                 moved_q[t.owner] += t.q_end - t.q_start
         times = [attn_seconds(calib, [AttnCall(tuple(segs), True)], heads, head_dim, family) if segs else 0.0
                  for segs in per_server]
-        compute += max(times) + runtime_extra(calib, "disagg", bounds) / world
+        compute += max(times) + runtime_extra(calib, "disagg", bounds, heads, head_dim) / world
         # queries out and outputs back forward, dO out and dQ back backward; K/V rows travel with
         # their queries (once per server) and dK/dV back: about one K/V row per moved query row
         rows_out = max(moved_q)
@@ -233,6 +236,22 @@ def disagg_layer(calib, cluster, rows, world, heads, kv_heads, head_dim, group, 
         total = overlapped(compute, comm, calib.overlap_tax)
         return total, total - compute, compute
     return compute + comm, comm, compute
+
+
+def disagg_moved_bytes(bounds, world, heads, kv_heads, head_dim, act=2, eps=0.1, min_chunk=128,
+                       task_overhead=None) -> float:
+    """Bytes the busiest sender puts on the wire per layer (fwd + bwd) for the tasks that leave
+    their owner: what `disagg_layer` times (queries, outputs, dO, dQ, K/V and dK/dV rows)."""
+    from seqpar.attention.disagg.planner import TASK_OVERHEAD
+
+    row_bytes = (heads * 2 * head_dim * act, kv_heads * 2 * head_dim * act)
+    p = _disagg_plan(tuple(bounds), world, eps, min_chunk, TASK_OVERHEAD if task_overhead is None else task_overhead,
+                     row_bytes)
+    moved_q = [0] * world
+    for t in p.tasks:
+        if t.server != t.owner:
+            moved_q[t.owner] += t.q_end - t.q_start
+    return max(moved_q) * (4 * heads + 2 * 2 * kv_heads) * head_dim * act
 
 
 @functools.lru_cache(maxsize=1024)

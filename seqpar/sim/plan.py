@@ -1,7 +1,8 @@
 """`seqpar-plan model=... cluster=... data.seq_len=N gpus=N [overrides]`: the fastest layouts that fit.
 
 Every layout of `gpus` GPUs is tried: tp inside a node (dividing the heads), pp dividing the layers,
-cp, dp filling the rest, each softmax sequence-parallel method that applies, and the activation
+cp, dp filling the rest, each softmax sequence-parallel method that applies (for a document mix
+with dp > 1 also disaggregation over dp x cp, `parallel.disagg.group=dp_cp`), and the activation
 checkpointing modes; one sequence per micro-batch, `train.global_batch_size` as given. Those whose
 memory estimate (seqpar.memory, as `seqpar-train --dry-run` prints it) exceeds the device's usable
 memory are dropped; the rest are ranked by predicted tokens/s. The best one's `seqpar-train`
@@ -41,12 +42,19 @@ def candidates(cfg, gpus: int, gpus_per_node: int):
                         methods.append(f"usp:{u}")
                     if cfg.data.name == "synthetic" and cfg.data.distribution != "fixed":
                         methods.append("disagg")
+                if dp > 1 and softmax and cfg.data.name == "synthetic" and cfg.data.distribution != "fixed":
+                    methods.append("disagg:dp_cp")  # attention work moves between the dp ranks too
                 for method in methods:
                     for ac in ("none", "selective", "full"):
                         o = {"parallel.dp": dp, "parallel.tp": tp, "parallel.pp": pp, "parallel.cp": cp,
                              "train.activation_checkpointing": ac, "train.micro_batch_size": 1}
                         if method.startswith("usp:"):
                             o["parallel.softmax_sp"], o["parallel.ulysses_degree"] = "usp", int(method[4:])
+                        elif method == "disagg:dp_cp":
+                            o["parallel.softmax_sp"], o["parallel.ulysses_degree"] = "disagg", 1
+                            o["parallel.disagg.group"] = "dp_cp"
+                            if cp > 1:  # the dp rows cut in cp contiguous pieces are the joined row's shards
+                                o["parallel.layout"] = "contiguous"
                         else:
                             o["parallel.softmax_sp"], o["parallel.ulysses_degree"] = method, 1
                         yield o
@@ -55,8 +63,11 @@ def candidates(cfg, gpus: int, gpus_per_node: int):
 def apply(cfg, overrides: dict):
     c = copy.deepcopy(cfg)
     for key, value in overrides.items():
-        section, name = key.split(".")
-        setattr(getattr(c, section), name, value)
+        *path, name = key.split(".")
+        node = c
+        for part in path:
+            node = getattr(node, part)
+        setattr(node, name, value)
     return c
 
 
@@ -134,6 +145,7 @@ def main(argv=None) -> int:
     for i, b in enumerate(result["best"], 1):
         o = b["overrides"]
         sp = o["parallel.softmax_sp"] + (f"/{o['parallel.ulysses_degree']}" if o["parallel.softmax_sp"] == "usp" else "")
+        sp += "/dp_cp" if o.get("parallel.disagg.group") == "dp_cp" else ""
         print(f"{i:>2} {o['parallel.dp']:>3} {o['parallel.tp']:>3} {o['parallel.pp']:>3} {o['parallel.cp']:>4} "
               f"{sp:<10} {o['train.activation_checkpointing']:<9} {b['tokens_per_s']:>12,.0f} {b['mfu']:>6.3f} "
               f"{b['memory_gib']:>9.1f}")

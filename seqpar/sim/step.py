@@ -9,17 +9,28 @@ launches every kernel from Python, ahead of the GPU; small models are launch-bou
     n_micro stage times x (1 + (pp - 1) / (v * n_micro))      1F1B (v = 1) or interleaved bubble
     + pipeline sends, + FSDP gathers / reduce-scatters not hidden behind compute, + AdamW.
 
+Data-parallel ranks draw their own rows (a document-length mix gives each different work) and meet
+at FSDP's collectives every layer: a layer's attention lasts as long as the slowest dp rank's
+(`dp_attention`; the mean over up to MAX_DRAWS micro-batches drawn). With
+`parallel.disagg.group=dp_cp` the dp ranks' rows are joined into one row (as
+`seqpar.attention.disagg.rows.join_row_bounds` joins them) whose attention the planner spreads
+over all dp x cp ranks: the straggler becomes the busiest server after balancing, plus the
+all-to-alls of the work it moved (`parts_s`/`dp_attention` report both sides).
+
 Memory comes from seqpar.memory.estimate (the same estimate `seqpar-train --dry-run` prints).
 """
 from __future__ import annotations
 
 import copy
 
-from seqpar.sim.attention_cost import (allgather_layer, disagg_layer, lasp_layer, perdoc_layer, ring_layer,
-                                       ulysses_layer, usp_groups)
+from seqpar.sim.attention_cost import (allgather_layer, disagg_layer, disagg_moved_bytes, lasp_layer, perdoc_layer,
+                                       ring_layer, ulysses_layer, usp_groups)
 from seqpar.memory import MARGIN  # the share of a GPU's memory a run may plan to use
-from seqpar.sim.comm import collective_time, group_of, overlapped, placed
+from seqpar.sim.comm import collective_time, dim_stride, group_of, overlapped, placed
 from seqpar.sim.compute import elementwise_time, loss_bytes_per_token, matmul_time
+
+
+MAX_DRAWS = 4  # micro-batches drawn per prediction (each: every dp rank its own rows); their mean is used
 
 
 class LayoutError(ValueError):
@@ -62,6 +73,75 @@ def row_documents(cfg, rows: int) -> list[tuple[int, ...]]:
             bounds.append(pos)
         out.append(tuple(bounds))
     return out
+
+
+def dp_draws(cfg, dp: int, rows_per_rank: int, n_micro: int, doc_bounds=None) -> list[list[list[tuple[int, ...]]]]:
+    """draws[k][d]: the rows of dp rank d in drawn micro-batch k (consecutive rows of the data's
+    draw). Given `doc_bounds`, every rank holds those rows (one draw)."""
+    if doc_bounds is not None:
+        return [[list(doc_bounds)] * dp]
+    k = min(n_micro, MAX_DRAWS)
+    drawn = row_documents(cfg, k * dp * rows_per_rank)
+    per = rows_per_rank
+    return [[drawn[(i * dp + d) * per:(i * dp + d + 1) * per] for d in range(dp)] for i in range(k)]
+
+
+def dp_cp_disagg(cfg) -> bool:
+    """Whether attention work moves between data-parallel ranks (`parallel.disagg.group=dp_cp`)."""
+    p = cfg.parallel
+    return p.softmax_sp == "disagg" and ((getattr(p, "disagg", None) or {}).get("group", "cp") == "dp_cp")
+
+
+def joined_row(rows: list[tuple[int, ...]]) -> tuple[int, ...]:
+    """The dp ranks' rows end to end (rank order): `join_row_bounds`' virtual row."""
+    out = [0]
+    for r in rows:
+        offset = out[-1]
+        out += [offset + b for b in r[1:]]
+    return tuple(out)
+
+
+def dp_attention(kind, cfg, calib, cluster, sizes, draws, tokens_rank, family) -> tuple[tuple, dict]:
+    """((seconds, exposed comm, compute) of one layer's attention on the slowest dp rank, averaged
+    over the draws; {imbalance, moved_bytes}). Under disagg over dp_cp (softmax layers) the joined row is
+    planned over dp x cp servers; otherwise each dp rank runs its own rows and the slowest sets the pace."""
+    from seqpar.model.transformer import head_dim
+
+    m, p = cfg.model, cfg.parallel
+    dp, cp = sizes["dp"], sizes["cp"]
+    cache, total, imbalance, moved = {}, [0.0, 0.0, 0.0], [], []
+    for ranks in draws:
+        if kind == "S" and dp > 1 and dp_cp_disagg(cfg):
+            if any(len(rows) != 1 for rows in ranks):
+                raise LayoutError("parallel.disagg.group=dp_cp joins one packed row per rank: train.micro_batch_size=1")
+            H, Hkv, D = m.n_heads // p.tp, max(1, m.n_kv_heads // p.tp), head_dim(m)
+            opts = getattr(p, "disagg", None) or {}
+            group = placed(dp * cp, dim_stride(sizes, "cp"), cluster.gpus_per_node)  # dp x cp flattened
+            joined = joined_row([rows[0] for rows in ranks])
+            kw = dict(eps=opts.get("eps", 0.1), min_chunk=opts.get("min_chunk", 128))
+            t = disagg_layer(calib, cluster, [joined], dp * cp, H, Hkv, D, group, family,
+                             overlap=bool(opts.get("ping_pong", True)), **kw)
+            moved.append(disagg_moved_bytes(joined, dp * cp, H, Hkv, D, **kw))
+            own = [_cached(cache, kind, cfg, calib, cluster, {**sizes, "dp": 1}, rows, tokens_rank, family)[0]
+                   for rows in ranks]  # before balancing: each rank its own rows
+            imbalance.append(max(own) / (sum(own) / len(own)))
+        else:
+            per = [_cached(cache, kind, cfg, calib, cluster, sizes, rows, tokens_rank, family) for rows in ranks]
+            t = max(per, key=lambda x: x[0])
+            imbalance.append(t[0] / (sum(x[0] for x in per) / len(per)))
+        total = [a + b for a, b in zip(total, t)]
+    n = len(draws)
+    info = {"imbalance_before": sum(imbalance) / n}
+    if moved:
+        info["moved_bytes_per_rank"] = sum(moved) / n
+    return tuple(x / n for x in total), info
+
+
+def _cached(cache, kind, cfg, calib, cluster, sizes, rows, tokens_rank, family):
+    key = (tuple(rows), sizes["dp"])
+    if key not in cache:
+        cache[key] = _attention(kind, cfg, calib, cluster, sizes, rows, tokens_rank, family)
+    return cache[key]
 
 
 def _attention(kind, cfg, calib, cluster, sizes, rows, tokens_rank, family):
@@ -120,18 +200,19 @@ def predict_step(cfg, world: int, cluster, calib, *, family: str = "cudnn", virt
     if S % (2 * cp if par.layout == "zigzag" else cp):
         raise LayoutError(f"data.seq_len={S} does not split into the {par.layout} chunks of parallel.cp={cp}")
     n_micro = t.global_batch_size // (dp * b)
-    rows = doc_bounds or row_documents(cfg, b)
+    draws = dp_draws(cfg, dp, b, n_micro, doc_bounds)
     tokens_rank = b * S // cp
     kinds = layer_types(m)
     params = block_params(m)
     act, hbm = 2, cluster.hbm_bytes_per_s
     tp_group = group_of(sizes, "tp", cluster.gpus_per_node)
 
-    layer = {}
+    layer, dp_info = {}, {}
     for kind in set(kinds):
         mm = matmul_time(6 * params[kind] / tp * tokens_rank, cluster)
         ew = elementwise_time(m, kind, tp, par.tp_sequence_parallel, tokens_rank, calib, hbm, torch_elementwise)
-        attn, attn_exposed, attn_compute = _attention(kind, cfg, calib, cluster, sizes, rows, tokens_rank, family)
+        (attn, attn_exposed, attn_compute), dp_info[kind] = dp_attention(kind, cfg, calib, cluster, sizes, draws,
+                                                                          tokens_rank, family)
         tp_comm = 0.0
         if tp > 1:
             full = tokens_rank * m.d_model * act
@@ -203,6 +284,8 @@ def predict_step(cfg, world: int, cluster, calib, *, family: str = "cudnn", virt
                     "pipeline_p2p": p2p, "fsdp_exposed": fsdp_exposed, "fsdp_total": fsdp, "optimizer": optimizer},
         "per_layer_s": {k: {n: round(x, 6) for n, x in v.items()} for k, v in layer.items()},
         "bubble_fraction": bubble / (1 + bubble),
+        "dp_attention": {k: {n: round(x, 4) if n == "imbalance_before" else x for n, x in v.items()}
+                         for k, v in dp_info.items()},
         "memory_gib": mem["total_gib"], "memory": mem,
         "fits": mem["total_gib"] * 2**30 <= MARGIN * cluster.memory_bytes,
         "params": count_params(m),

@@ -10,6 +10,11 @@
    Published: LASP-2 +36.6% throughput over ring attention at 2048k.
 3. Ring vs Ulysses vs USP (Ulysses inside a node, ring across) for Llama-8B from 8 to 64 GPUs
    and 128k to 1M tokens: where each wins.
+4. Data parallelism with document mixes: the straggler effect without rebalancing (each dp rank
+   its own rows; every layer waits for the rank whose documents cost most) against
+   disaggregation over dp x cp (`parallel.disagg.group=dp_cp`, DistCA's main setting: the ranks'
+   rows joined and their attention planned over all ranks), with the bytes it moves. Beside it,
+   seqpar's own 2-GPU measurement of the same comparison (attention only).
 """
 from __future__ import annotations
 
@@ -127,6 +132,52 @@ def distca(cluster, calib, *, gpus=(16, 64, 256, 512), lengths=(131072, 262144, 
     return out
 
 
+def dp_disagg(cluster, calib, *, gpus=(16, 64, 256), lengths=(65536, 131072), mixes=("wlbllm", "prolong"),
+              tp=8, n_micro=4) -> list[dict]:
+    """Step of Llama-8B (tp inside a node, cp=1, full checkpointing) on `gpus`, one row of `length`
+    tokens of `mix` per dp rank and micro-batch: plain dp (the slowest rank's attention per layer)
+    against disaggregation over dp (`parallel.disagg.group=dp_cp`) on the same rows."""
+    out = []
+    for mix in mixes:
+        path = DOC_LENGTHS / f"{mix}.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: the document-length mix is not here (SEQPAR_DOC_LENGTHS=DIR points elsewhere)")
+        for n in gpus:
+            dp = n // tp
+            for length in lengths:
+                o = ["model=llama_8b", "data=synthetic", f"data.seq_len={length}", "data.distribution=file",
+                     f"data.lengths_file={path}", f"data.max_len={length}", f"parallel.tp={tp}", "parallel.cp=1",
+                     "parallel.pp=1", f"parallel.dp={dp}", f"train.global_batch_size={dp * n_micro}",
+                     "train.micro_batch_size=1", "train.activation_checkpointing=full"]
+                plain = predict_step(_cfg(*o), n, cluster, calib)
+                ours = predict_step(_cfg(*o, "parallel.softmax_sp=disagg", "parallel.disagg.group=dp_cp"), n, cluster,
+                                    calib)
+                info = ours["dp_attention"]["S"]
+                out.append(dict(mix=mix, gpus=n, dp=dp, tp=tp, context=length,
+                                dp_no_rebalance_s=round(plain["step_s"], 3), dp_cp_disagg_s=round(ours["step_s"], 3),
+                                speedup=round(plain["step_s"] / ours["step_s"], 3),
+                                attention_imbalance_before=round(float(info["imbalance_before"]), 3),
+                                moved_mib_per_layer=round(info["moved_bytes_per_rank"] / 2**20, 1)))
+    return out
+
+
+def measured_dp_disagg(root=None) -> list[dict]:
+    """seqpar's 2-GPU disagg benchmark (attention only, fwd+bwd per layer): no rebalancing against
+    disagg (ping-pong), mean over the batches, per mix and tokens per rank."""
+    from seqpar.sim.measurements import disagg_samples, load_benchmarks
+
+    out = []
+    for s in disagg_samples(load_benchmarks(root)):
+        rows = [r for _, r in s["batches"] if "dp_no_rebalance_ms" in r and "disagg_ms" in r]
+        if rows:
+            plain = sum(r["dp_no_rebalance_ms"] for r in rows) / len(rows)
+            ours = sum(r["disagg_ms"] for r in rows) / len(rows)
+            out.append(dict(file=Path(s["file"]).parent.name, mix=s["mix"], tokens_per_rank=s["tokens"],
+                            batches=len(rows), dp_no_rebalance_ms=round(plain, 1), disagg_ms=round(ours, 1),
+                            speedup=round(plain / ours, 3)))
+    return out
+
+
 def lasp_vs_ring(cluster, calib, *, gpus=64, lengths=(32768, 131072, 524288, 2097152)) -> list[dict]:
     out = []
     for length in lengths:
@@ -175,6 +226,10 @@ PUBLISHED = {
     "lasp": "LASP-2 (Sun et al., 2025, arXiv 2502.07563): +36.6% training speed over ring attention and +15.2% over LASP "
             "at 2048k tokens on 64 GPUs, Linear-Llama3-1B",
     "crossover": "USP (Fang & Zhao, 2024): Ulysses inside a node, ring across nodes; Ulysses is capped by the head count",
+    "dp_disagg": "Predicted whole steps (Llama-8B, H200, tp=8): plain data parallelism, every layer waiting for the dp "
+                 "rank whose documents cost most, against disaggregation over dp x cp (parallel.disagg.group=dp_cp)",
+    "dp_disagg_measured": "seqpar's own 2-GPU disagg benchmark (attention only, fwd+bwd of one layer, H100): the same "
+                          "comparison measured",
 }
 
 
@@ -252,7 +307,8 @@ def main(out: str) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     calib = calibrate()
     h100, h200 = load_cluster("h100_8x400g"), load_cluster("h200_8x400g")
-    results = {"distca": distca(h200, calib), "lasp": lasp_vs_ring(h100, calib), "crossover": sp_crossover(h100, calib)}
+    results = {"distca": distca(h200, calib), "lasp": lasp_vs_ring(h100, calib), "crossover": sp_crossover(h100, calib),
+               "dp_disagg": dp_disagg(h200, calib), "dp_disagg_measured": measured_dp_disagg()}
     text = "\n".join(markdown(k, v) for k, v in results.items())
     (out_dir / "sweep.md").write_text(text)
     (out_dir / "sweep.json").write_text(json.dumps({"published": PUBLISHED, **results}, indent=1))
