@@ -2,12 +2,14 @@
 relative error <= 1e-7), their block plans, the order of transfers and compute, the per-document
 zigzag layout (doc_zigzag: op, equal work, config checks, training), and (gpu) the CUDA kernel
 paths that return and consume the log-sum-exp."""
+import contextlib
 import itertools
 import json
 from types import SimpleNamespace
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from seqpar import kernels
 from seqpar.attention import ring as ring_module
@@ -80,7 +82,8 @@ def _check_world(rank, world):
         ref = _reference(q, k, v, grad, cu, causal)
         for name, (fn, group) in methods.items():
             errors[(name, layout, rows, heads, causal)] = _rel_errors(fn, q, k, v, grad, cu, causal, layout, ref, group)
-    extra = {2: _transfer_order, 4: _ulysses_head_error}.get(world)
+    extra = {2: lambda: {"order": _transfer_order(), "folds": _fold_results()},
+             4: lambda: {"heads": _ulysses_head_error(), "folds": _fold_results()}}.get(world)
     return errors, (extra() if extra else None), _doc_zigzag_results(world)
 
 
@@ -138,7 +141,7 @@ def test_ulysses_names_the_heads_that_do_not_divide(world_results):
     world, results = world_results
     if world != 4:
         pytest.skip("checked in the world-4 run")
-    messages = [extra for _, extra, _ in results]
+    messages = [extra["heads"] for _, extra, _ in results]
     assert all(m is not None and "query heads (6)" in m for m in messages), messages
 
 
@@ -146,7 +149,7 @@ def test_transfers_are_posted_before_the_compute_they_overlap(world_results):
     world, results = world_results
     if world != 2:
         pytest.skip("checked in the world-2 run")
-    log = results[0][1]
+    log = results[0][1]["order"]
     split = log.index("bwd") - 1  # the backward opens with its K/V shift
     fwd_log, bwd_log = log[:split], log[split:]
     # forward: the K/V shift goes out first and is awaited only after step 0's blocks
@@ -349,6 +352,142 @@ def test_doc_zigzag_training_matches_single_process(tmp_path):
     want = read("single")
     for got, ref in zip(read("doc_zigzag"), want, strict=True):  # fp32, 5 steps
         assert abs(got - ref) <= 1e-5 * abs(ref), (read("doc_zigzag"), want)
+
+
+# ---- folding the blocks' results into the row buffers: element-wise work and host reads ----
+
+FOLD_DOCS = [0, 1, 13, 50, 51, 79, 96]
+_VIEWS = {"view", "_unsafe_view", "slice", "transpose", "unsqueeze", "t", "detach", "alias", "expand", "select",
+          "empty", "empty_like", "new_empty", "empty_strided", "as_strided"}
+
+
+class _Writes(TorchDispatchMode):
+    """Bytes written by each aten op that the ring runs around its kernels (the CPU reference
+    kernels' own ops are not counted: they run while `inside` is set), and host reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes, self.host_reads, self.inside = {}, 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if name == "_local_scalar_dense":
+            self.host_reads += 1
+        elif not self.inside and name not in _VIEWS:
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor):
+                    self.bytes[name] = self.bytes.get(name, 0) + t.numel() * t.element_size()
+        return out
+
+
+def _fold_run(layout, dtype, acc_dtype=None):
+    """Causal fwd+bwd of ring_attention (GQA 8/2) on this rank's shard, twice (the second call is
+    counted): the max relative error of out, dq, dk, dv against fp64, the bytes written per op in
+    units of the local q in `dtype`, and the host reads of the counted call."""
+    g = torch.Generator().manual_seed(7)
+    cu = torch.tensor(FOLD_DOCS, dtype=torch.int32) if layout == "doc_zigzag" else None
+    B = 1 if cu is not None else 2
+    q, do = (torch.randn(B, 96, 8, 16, generator=g, dtype=torch.float64).to(dtype).double() for _ in range(2))
+    k, v = (torch.randn(B, 96, 2, 16, generator=g, dtype=torch.float64).to(dtype).double() for _ in range(2))
+    ref = _reference(q, k, v, do, cu, True)
+    cut = lambda t: shard_sequence(t, layout=layout, cu_seqlens=cu)
+    whole = lambda t: unshard_sequence(t.double(), layout=layout, cu_seqlens=cu)
+    counter, patched = _Writes(), {}
+    for name in ("flash_attn", "flash_attn_backward"):
+        fn = patched[name] = getattr(ring_module, name)
+
+        def uncounted(*a, fn=fn, **kw):
+            counter.inside += 1
+            try:
+                return fn(*a, **kw)
+            finally:
+                counter.inside -= 1
+        setattr(ring_module, name, uncounted)
+    if acc_dtype is not None:
+        patched["_acc_dtype"] = ring_module._acc_dtype
+        ring_module._acc_dtype = lambda _: acc_dtype
+    try:
+        for counted in (False, True):
+            local = [cut(t).to(dtype).requires_grad_() for t in (q, k, v)]
+            grad = cut(do).to(dtype)
+            with counter if counted else contextlib.nullcontext():
+                out = ring_attention(*local, cu_seqlens=cu, softmax_scale=0.3, layout=layout)
+                out.backward(grad)
+    finally:
+        for name, fn in patched.items():
+            setattr(ring_module, name, fn)
+    got = [whole(out.detach())] + [whole(t.grad) for t in local]
+    err = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(got, ref))
+    unit = local[0].numel() * local[0].element_size()
+    return err, {name: n / unit for name, n in counter.bytes.items()}, counter.host_reads
+
+
+def _fold_results():
+    return {(layout, str(dtype)): _fold_run(layout, dtype) for layout in ("zigzag", "doc_zigzag")
+            for dtype in (torch.bfloat16, torch.float32)} | {
+        (layout, "float32 in float64"): _fold_run(layout, torch.float32, torch.float64) for layout in ("zigzag", "doc_zigzag")}
+
+
+# Bytes written around the kernels per causal fwd+bwd, in units of the local q: the fp32 merges of
+# one block's (out, dq, dk, dv) at most ~4 q-sized passes, the fp32 dK/dV that travel 2 more per
+# step. (Before the fold plans: 30-38 at world 1, 58-62 at world 2 -- zero-filled fp32 buffers,
+# a copy per first result, an add per block into fp32, a cast at the end, K and V packed by cat.)
+FOLD_BUDGET = {1: 10, 2: 24, 4: 40}
+
+
+def _assert_folds(results, world):
+    for (layout, dtype), (err, writes, host_reads) in results.items():
+        tol = {"torch.bfloat16": 2e-2, "torch.float32": 1e-5, "float32 in float64": 1e-5}[dtype]
+        assert err < tol, (world, layout, dtype, err)
+        assert host_reads == 0, (world, layout, dtype, host_reads)  # every layer after the first
+        casts = {"_to_copy"} if dtype != "float32 in float64" else set()  # (that one casts each block's lse)
+        assert not ({"cat", "zeros", "full", "fill_"} | casts) & set(writes), (world, layout, dtype, writes)
+        if dtype == "torch.bfloat16":
+            assert sum(writes.values()) <= FOLD_BUDGET[world], (world, layout, writes)
+
+
+def test_ring_folds_each_result_in_place_without_zero_fill():
+    _assert_folds(_fold_results(), 1)
+
+
+def test_ring_folds_at_world_2_and_4(world_results):
+    world, results = world_results
+    for _, extra, _ in results:
+        _assert_folds(extra["folds"], world)
+
+
+def test_fold_plan_writes_first_merges_middle_and_casts_last():
+    from seqpar.attention.ring_fold import Run, plan_folds
+    # rows 0..9 of a buffer; results reach [0, 10), [5, 10), [5, 8) in that order; nothing reaches 10..11
+    folds = plan_folds([slice(0, 10), slice(5, 10), slice(5, 8)], 12, final=True)
+    assert folds.runs == ((Run("put", slice(0, 5), slice(0, 5)), Run("init", slice(5, 10), slice(5, 10))),
+                          (Run("add", slice(5, 8), slice(0, 3)), Run("last", slice(8, 10), slice(3, 5))),
+                          (Run("last", slice(5, 8), slice(0, 3)),))
+    assert folds.rest == (slice(10, 12),)
+    travel = plan_folds([slice(0, 4), slice(2, 6)], 8, final=False)  # fp32 to the next rank: no cast
+    assert [[r.role for r in runs] for runs in travel.runs] == [["init"], ["add", "init"]]
+    assert travel.rest == (slice(6, 8),)
+    on_top = plan_folds([slice(0, 4), slice(2, 6)], 8, final=True, base=True)  # after the other ranks' sums
+    assert [[r.role for r in runs] for runs in on_top.runs] == [["last", "add"], ["last"]]
+
+
+def test_plans_and_device_bounds_are_built_once_per_sharding():
+    cu = torch.tensor(FOLD_DOCS, dtype=torch.int32)
+    q = torch.randn(1, 96, 2, 8, dtype=torch.float64)
+    ring_module._held_ring_plan.cache_clear()
+    for _ in range(3):
+        ring_attention(q, q, q, cu_seqlens=cu)
+    info = ring_module._held_ring_plan.cache_info()
+    assert (info.misses, info.hits) == (1, 2), info
+    plan = ring_module._held_ring_plan((tuple(local_ranges(96, 1, 0, "zigzag")),), 0, tuple(FOLD_DOCS), True)
+    assert ring_module._held_ring_plan.cache_info().hits == 3 and list(plan._bounds) == [torch.device("cpu")]
+    for cu_t in plan.bounds(torch.device("cpu")).cache.values():  # the aten varlen path's max, known on the host
+        from seqpar.kernels.flash_attn.aten import _max_seqlen
+        counter = _Writes()
+        with counter:
+            got = _max_seqlen(cu_t, cu_t)
+        assert got == int(torch.diff(cu_t).max()) and counter.host_reads == 0
 
 
 # ---- GPU: the aten kernel paths and the NCCL ring (pytest -m gpu on the GPU machine) ----
