@@ -571,3 +571,133 @@ def test_dp_cp_training_moves_work_and_keeps_the_losses(tmp_path):
                for m in moved), moved
     for a, b in zip(moved, plain, strict=True):
         assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(b["loss"]), (moved, plain)
+
+
+# ---- the runtime's own cost: what a rank keeps is never copied, what moves is sliced, not indexed ----
+
+def _naive_assembly(contribs, sources, rows):
+    out = torch.zeros(rows, *sources[0].shape[1:], dtype=sources[0].dtype)
+    for d, n, s, ss in contribs:
+        out[d:d + n] += sources[s][ss:ss + n]
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_assembly_gathers_and_sums_row_ranges_like_a_loop(seed):
+    from seqpar.attention.disagg.routing import assembly
+    rng = random.Random(seed)
+    lens = [rng.randint(0, 40) for _ in range(3)]
+    sources = [torch.randn(n, 2, 3, dtype=torch.float64) for n in lens]
+    rows = rng.randint(1, 50)
+    contribs = []
+    if seed % 2:  # gather: every output row from one source row, source rows reused (keys read twice)
+        d = 0
+        while d < rows:
+            s = rng.choice([i for i, n in enumerate(lens) if n] or [None])
+            if s is None:
+                break
+            n = min(rng.randint(1, lens[s]), rows - d)
+            ss = rng.randint(0, lens[s] - n)
+            contribs.append((d, n, s, ss))
+            d += n + rng.choice([0, 0, 2])  # an uncovered gap is zeros
+    else:  # scatter-add: every source row at most once, output rows summed from several
+        for s, n in enumerate(lens):
+            ss = 0
+            while ss < n:
+                m = min(rng.randint(1, 12), n - ss, rows)
+                contribs.append((rng.randint(0, rows - m), m, s, ss))
+                ss += m + rng.choice([0, 3])
+    a = assembly(contribs, lens, rows)
+    expected = _naive_assembly(contribs, sources, rows)
+    got = a([s.clone() for s in sources], sources[0])  # sums are added into the (owned) sources
+    assert got.shape == expected.shape and torch.allclose(got, expected, rtol=0, atol=1e-12), (contribs, lens, rows)
+    assert assembly([(0, lens[0], 0, 0)], lens, lens[0]).whole == 0 or lens[0] == 0, "a whole source is not copied"
+
+
+class _OpCounter:
+    """aten ops the disagg runtime issues (TorchDispatchMode), the attention kernels' own excluded."""
+
+    def __init__(self, monkeypatch_module):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from collections import Counter
+        counter = self
+        self.counts, self.kernel_calls, self.paused = Counter(), 0, False
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if not counter.paused:
+                    counter.counts[func.overloadpacket.__name__] += 1
+                return func(*args, **(kwargs or {}))
+
+        def quiet(fn):
+            def call(*a, **kw):
+                counter.paused, counter.kernel_calls = True, counter.kernel_calls + 1
+                try:
+                    return fn(*a, **kw)
+                finally:
+                    counter.paused = False
+            return call
+        for name in ("flash_attn", "flash_attn_backward"):
+            setattr(monkeypatch_module, name, quiet(getattr(monkeypatch_module, name)))
+        self.mode = Mode()
+
+
+# ops that move or combine rows: none of them may run when nothing moves; the per-token index
+# ops may never run at all (slices and one cat per buffer replace them)
+_COPY_OPS = {"cat", "copy_", "clone", "_to_copy", "add_", "add", "zeros", "new_zeros", "fill_", "zero_", "stack"}
+_INDEX_OPS = {"index", "index_select", "index_put", "index_put_", "_index_put_impl_", "index_add", "index_add_",
+              "gather", "scatter", "scatter_", "scatter_add", "scatter_add_", "take", "masked_select"}
+
+
+def _runtime_overhead(rank, world):
+    import torch.distributed as dist
+    from seqpar.attention.disagg import runtime
+    from seqpar.kernels.flash_attn import flash_attn, flash_attn_backward
+    from seqpar.parallel.traffic import count_traffic
+    counter = _OpCounter(runtime)
+    results = {}
+    # balanced: each rank's own documents, equal work (nothing moves); then the extreme mix (much moves)
+    for name, docs in (("still", [0, 100, 256, 356, 512]), ("moving", [0, 1, 9, 300, 301, 325, 512])):
+        cu = torch.tensor(docs, dtype=torch.int32)
+        g = torch.Generator().manual_seed(5)
+        q, k, v, grad = (torch.randn(1, 512, h, 8, generator=g, dtype=torch.float64) for h in (4, 2, 2, 4))
+        local = [shard_sequence(t, layout="contiguous").requires_grad_() for t in (q, k, v)]
+        grad = shard_sequence(grad, layout="contiguous")
+        counter.counts.clear()
+        counter.kernel_calls = 0
+        with count_traffic() as traffic, counter.mode:
+            out = disagg_attention(*local, cu_seqlens=cu, layout="contiguous", min_chunk=16, ping_pong=True)
+            out.backward(grad)
+        got = [out.detach()] + [t.grad for t in local]
+        if name == "still":  # the kernel pair on the rank's own rows, as its server runs them
+            own = torch.tensor([b - rank * 256 for b in docs if rank * 256 <= b <= rank * 256 + 256], dtype=torch.int32)
+            x = [t.detach() for t in local]
+            o, lse = flash_attn(*x, cu_seqlens_q=own, cu_seqlens_k=own, return_lse=True)
+            ref = [o] + list(flash_attn_backward(grad, *x, o, lse, cu_seqlens_q=own, cu_seqlens_k=own))
+        else:
+            ref = got
+        routes, _ = runtime._plan_routes(tuple(docs), 512, world, rank, "contiguous", 0.1, 16, True,
+                                         runtime.planner_overhead(runtime.current()), (4 * 14 * 8, 2 * 16 * 8), True)
+        results[name] = dict(equal=all(torch.equal(a, b) for a, b in zip(got, ref)),
+                             err=max((a - b).abs().max().item() for a, b in zip(got, ref)),
+                             a2a=traffic.calls["all_to_all_single"], ops=dict(counter.counts),
+                             kernels=counter.kernel_calls, nanos=len(routes),
+                             collective=sum(r.collective for r in routes))
+    dist.barrier()
+    return results
+
+
+def test_disagg_runtime_copies_only_what_moves():
+    for res in run_distributed(_runtime_overhead, 2):
+        still, moving = res["still"], res["moving"]
+        # nothing moves: one nano-batch, exactly the local kernel pair, no collective, no copy
+        assert still["nanos"] == 1 and still["collective"] == 0 and still["a2a"] == 0, still
+        assert still["equal"], f"a plan moving nothing must compute exactly local attention ({still['err']})"
+        assert still["kernels"] == 2, still
+        assert not (_COPY_OPS | _INDEX_OPS) & set(still["ops"]), str(still["ops"])
+        # work moves: exact (the moved rows' results compared by the extreme-mix test), two all-to-alls
+        # per direction and nano-batch with transfers, no per-token index op, at most one join per buffer
+        assert moving["collective"] > 0 and moving["a2a"] == 4 * moving["collective"], moving
+        assert not _INDEX_OPS & set(moving["ops"]), moving["ops"]
+        # per nano-batch: fwd send, Q, K, V, outputs sent; bwd dO sent, dO, gradients sent; then out, dq, dk, dv
+        assert moving["ops"].get("cat", 0) <= 8 * moving["nanos"] + 4, moving["ops"]

@@ -137,12 +137,16 @@ class _DisaggParts:
     def comm(self):
         works = []
         wq, wkv = self.hq * self.d, self.hkv * 2 * self.d
-        for r in (r for r in self.routes if r.collective):  # fwd: Q, K|V out, O back; bwd: dO out, dQ, dK|dV back
-            to_srv_q, to_srv_kv = (r.q_send_splits, r.q_recv_splits, wq), (r.kv_send_splits, r.kv_recv_splits, wkv)
-            to_own_q, to_own_kv = (r.q_recv_splits, r.q_send_splits, wq), (r.kv_recv_splits, r.kv_send_splits, wkv)
-            for send, recv, width in (to_srv_q, to_srv_kv, to_own_q, to_srv_q, to_own_q, to_own_kv):
-                x = torch.empty(sum(send), width, device=self.device, dtype=self.dtype)
-                y = torch.empty(sum(recv), width, device=self.device, dtype=self.dtype)
+        for r in (r for r in self.routes if r.collective):  # the runtime's messages, rows kept by a rank excluded:
+            # fwd Q with K|V out, O back; bwd dO out, dQ with dK|dV back
+            mine = lambda splits: [0 if i == r.rank else n for i, n in enumerate(splits)]
+            qs, qr, ks, kr = (mine(x) for x in (r.q_send_splits, r.q_recv_splits, r.kv_send_splits, r.kv_recv_splits))
+            inputs = [a * wq + b * wkv for a, b in zip(qs, ks)], [a * wq + b * wkv for a, b in zip(qr, kr)]
+            outputs = [a * wq for a in qr], [a * wq for a in qs]
+            grads = [a * wq + b * wkv for a, b in zip(qr, kr)], [a * wq + b * wkv for a, b in zip(qs, ks)]
+            for send, recv in (inputs, outputs, ([a * wq for a in qs], [a * wq for a in qr]), grads):
+                x = torch.empty(sum(send), device=self.device, dtype=self.dtype)
+                y = torch.empty(sum(recv), device=self.device, dtype=self.dtype)
                 works.append(dist.all_to_all_single(y, x, list(recv), list(send), async_op=True))
         for w in works:
             w.wait()
