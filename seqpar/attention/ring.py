@@ -213,14 +213,23 @@ class RingPlan:
     every layer of a micro-batch: the blocks of each step, how each block's result folds into
     the row buffers (`ring_fold`), and the document bounds on the device."""
 
-    def __init__(self, steps: list[list[Block]], q_len: int, k_len: int):
+    def __init__(self, steps: list[list[Block]], q_len: int, k_len: int, peer_last: list[Block] | None = None):
         self.steps = steps
         self.out = plan_folds([b.q for blocks in steps for b in blocks], q_len, final=True)
         self.dq = plan_folds([b.q for b in self.backward_order()], q_len, final=True)
         # dK/dV of a visiting shard: fresh at step 1, then on top of the ranks' before it
         self.travel = [None] + [plan_folds([b.k for b in steps[s]], k_len, final=False, base=s >= 2)
                                 for s in range(1, len(steps))]
-        self.home = plan_folds([b.k for b in steps[0]], k_len, final=True, base=len(steps) > 1)
+        # Ring of 2: the one hop home carries the previous rank's block gradients as the kernel
+        # wrote them (exact, in the inputs' dtype), folded here with the own ones; nothing is
+        # folded, zero-filled or widened to fp32 before the transfer, and half the bytes move.
+        self.raw_hop = len(steps) == 2
+        self.peer_last = peer_last if self.raw_hop else None
+        own = [b.k for b in steps[0]]
+        if self.raw_hop:
+            self.home = plan_folds(own + [b.k for b in peer_last], k_len, final=True)
+        else:
+            self.home = plan_folds(own, k_len, final=True, base=len(steps) > 1)
         self._bounds: dict[torch.device, _BoundTensors] = {}
 
     def backward_order(self) -> list[Block]:
@@ -236,14 +245,18 @@ class RingPlan:
 
 @lru_cache(maxsize=8)
 def _doc_ring_plan(plan, rank, causal) -> RingPlan:
-    return RingPlan(doc_ring_schedule(plan, rank, causal), plan.local_len, plan.local_len)
+    steps = doc_ring_schedule(plan, rank, causal)
+    peer = doc_ring_schedule(plan, (rank - 1) % plan.world, causal)[-1] if plan.world == 2 else None
+    return RingPlan(steps, plan.local_len, plan.local_len, peer)
 
 
 @lru_cache(maxsize=16)
 def _held_ring_plan(held, rank, bounds, causal) -> RingPlan:
-    steps = ring_schedule([list(h) for h in held], rank, None if bounds is None else list(bounds), causal)
+    held, bounds = [list(h) for h in held], None if bounds is None else list(bounds)
+    steps = ring_schedule(held, rank, bounds, causal)
+    peer = ring_schedule(held, (rank - 1) % len(held), bounds, causal)[-1] if len(held) == 2 else None
     rows = sum(b - a for a, b in held[rank])
-    return RingPlan(steps, rows, rows)
+    return RingPlan(steps, rows, rows, peer)
 
 
 def ring_attention(q, k, v, *, group=None, causal=True, cu_seqlens=None, softmax_scale=None, layout="zigzag"):
@@ -337,6 +350,12 @@ class _RingAttention(torch.autograd.Function):
             kv_vis = pending_kv.wait()
             pending_kv = comm.shift(kv_vis) if step + 1 < len(steps) else None
             folds = plan.travel[step]
+            if plan.raw_hop:  # home as they are; the previous rank's come back the same way
+                sent = [t.contiguous() for blk in steps[step] for t in grads(blk, kv_vis)]
+                recv = [t.new_empty((t.shape[0], blk.k.stop - blk.k.start) + t.shape[2:])
+                        for blk in plan.peer_last for t in kv]
+                pending_dkv = comm.exchange(sent, recv)
+                continue
             if pending_dkv is None:  # step 1: this shard's dK/dV start here, in fp32
                 dkv = tuple(t.new_empty(t.shape, dtype=acc_dtype) for t in kv)
                 for t in dkv:
@@ -349,9 +368,12 @@ class _RingAttention(torch.autograd.Function):
             pending_dkv = comm.shift(dkv)  # after the last step this hop takes it home
         home += [grads(blk, kv) for blk in steps[0][1:]]  # hides the last dK/dV transfer
         dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (k, v))
-        if pending_dkv is not None:
+        if plan.home.base:
             accs = pending_dkv.wait()
         else:
+            if pending_dkv is not None:
+                peer = pending_dkv.wait()
+                home += list(zip(peer[0::2], peer[1::2]))
             accs = (_accumulator(dk, acc_dtype, plan.home), _accumulator(dv, acc_dtype, plan.home))
         for acc, final in zip(accs, (dk, dv)):
             fold_rest(plan.home, acc, final)
@@ -439,13 +461,16 @@ class RingComm:
             to_global = (lambda r: r) if group is None else (lambda r: dist.get_global_rank(group, r))
             self.next, self.prev = to_global((rank + 1) % self.world), to_global((rank - 1) % self.world)
 
-    def shift(self, tensors: tuple[torch.Tensor, ...]) -> "_Pending":
+    def shift(self, tensors) -> "_Pending":
         """Send `tensors` (contiguous) on, receive the previous rank's of the same shapes; K and V
         go as two messages of one batch rather than one packed copy."""
-        bufs = tuple(torch.empty_like(t) for t in tensors)
-        ops = [dist.P2POp(dist.isend, t, self.next, self.group) for t in tensors]
-        ops += [dist.P2POp(dist.irecv, b, self.prev, self.group) for b in bufs]
-        return _Pending(dist.batch_isend_irecv(ops), bufs, tensors)
+        return self.exchange(tensors, tuple(torch.empty_like(t) for t in tensors))
+
+    def exchange(self, send, recv) -> "_Pending":
+        """Send the tensors `send` to the next rank while receiving the previous rank's into `recv`."""
+        ops = [dist.P2POp(dist.isend, t, self.next, self.group) for t in send]
+        ops += [dist.P2POp(dist.irecv, b, self.prev, self.group) for b in recv]
+        return _Pending(dist.batch_isend_irecv(ops) if ops else [], tuple(recv), send)
 
 
 class _Pending:

@@ -97,6 +97,9 @@ class _NoComm:
     def shift(self, x):
         return _Ready(x)
 
+    def exchange(self, send, recv):
+        return _Ready(recv)
+
 
 class _Ready:
     def __init__(self, x):
