@@ -232,8 +232,8 @@ def route(tasks: list[Task], bounds, owned, rank: int, causal: bool) -> Route:
 
     collective = (any(t.server != t.owner for t in tasks)
                   or any(r != s for s in range(world) for _, _, r, _ in needed[s]))
-    return Route(rank, n_local, q_send_splits, q_recv_splits, kv_send_splits, kv_recv_splits, cu_q, cu_k, send_q, send_kv,
-                 srv_q, srv_kv, back_kv, tuple(q_off), tuple(own_q), tuple(own_kv), collective)
+    return Route(rank, n_local, q_send_splits, q_recv_splits, kv_send_splits, kv_recv_splits, cu_q, cu_k, send_q,
+                 send_kv, srv_q, srv_kv, back_kv, tuple(q_off), tuple(own_q), tuple(own_kv), collective)
 
 
 def owner_assemblies(routes) -> tuple[Assembly, Assembly]:

@@ -161,30 +161,37 @@ def _pack(*pairs) -> list:
     return [p for a, src in pairs if a is not None for p in a.parts([src], src)]
 
 
-def _others(splits, rank):
-    return [0 if i == rank else n for i, n in enumerate(splits)]
+class _Counts:
+    """Per rank, the rows and elements of this rank's messages in one nano-batch; its own rows
+    never travel. Toward the servers: Q|K|V (forward), dO (backward); toward the owners: O
+    (forward), dQ|dK|dV (backward)."""
+
+    def __init__(self, r: Route, wq: int, wkv: int, wo: int):
+        others = lambda splits: [0 if i == r.rank else n for i, n in enumerate(splits)]
+        qs, qr, ks, kr = map(others, (r.q_send_splits, r.q_recv_splits, r.kv_send_splits, r.kv_recv_splits))
+        self.sent_rows, self.recv_rows = list(zip(qs, ks, ks)), list(zip(qr, kr, kr))  # (q, k, v) rows
+        self.sent_q_rows, self.recv_q_rows = [(n,) for n in qs], [(n,) for n in qr]
+        self.sent = [a * wq + b * wkv for a, b in zip(qs, ks)]  # Q|K|V out; dQ|dK|dV back in
+        self.recv = [a * wq + b * wkv for a, b in zip(qr, kr)]
+        self.sent_o, self.recv_o = [n * wo for n in qs], [n * wo for n in qr]  # O back in, dO out
 
 
 class _DisaggAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, routes, group, causal, scale):
-        dev, rank, n = q.device, routes[0].rank, q.shape[0]
+        dev = q.device
         k_dtype, v_dtype = k.dtype, v.dtype
         k, v = k.to(q.dtype), v.to(q.dtype)  # one message carries all three
         sq, sk, sv, so = q.shape[1:], k.shape[1:], v.shape[1:], (q.shape[1], v.shape[2])
-        wq, wkv, wo = math.prod(sq), math.prod(sk) + math.prod(sv), math.prod(so)
+        counts = [_Counts(r, math.prod(sq), math.prod(sk) + math.prod(sv), math.prod(so)) for r in routes]
         flat = q.new_empty(0)
-        inbound = []
-        for r in routes:  # every input transfer issued up front: the later ones travel during compute
-            parts = [_pack((a, q), (b, k), (b, v)) for a, b in zip(r.send_q, r.send_kv)]
-            send = [nq * wq + nk * wkv for nq, nk in zip(_others(r.q_send_splits, rank), _others(r.kv_send_splits, rank))]
-            recv = [nq * wq + nk * wkv for nq, nk in zip(_others(r.q_recv_splits, rank), _others(r.kv_recv_splits, rank))]
-            inbound.append(_exchange(parts, send, recv, flat, group, r.collective))
+        inbound = [_exchange([_pack((a, q), (b, k), (b, v)) for a, b in zip(r.send_q, r.send_kv)], c.sent, c.recv,
+                             flat, group, r.collective)
+                   for r, c in zip(routes, counts)]  # every input transfer issued up front: they travel during compute
         outbound, saved = [], []
-        for r, (buf, work) in zip(routes, inbound):
+        for r, c, (buf, work) in zip(routes, counts, inbound):
             _wait(dev, work)
-            got = _fields(buf, list(zip(_others(r.q_recv_splits, rank), _others(r.kv_recv_splits, rank),
-                                        _others(r.kv_recv_splits, rank))), (sq, sk, sv))
+            got = _fields(buf, c.recv_rows, (sq, sk, sv))
             q_srv = r.srv_q([q] + [g[0] for g in got], q)
             k_task = r.srv_kv([k] + [g[1] for g in got], k)
             v_task = r.srv_kv([v] + [g[2] for g in got], v)
@@ -195,39 +202,32 @@ class _DisaggAttention(torch.autograd.Function):
                 o_srv = o_srv[0]
             else:  # a server without tasks still takes part in every all-to-all
                 o_srv, lse = q.new_zeros(0, *so), q.new_zeros(1, so[0], 0)
-            back = [[] if o == rank or not m else [o_srv[r.q_off[o]:r.q_off[o] + m]]
-                    for o, m in enumerate(r.q_recv_splits)]
-            outbound.append(_exchange(back, [m * wo for m in _others(r.q_recv_splits, rank)],
-                                      [m * wo for m in _others(r.q_send_splits, rank)], flat, group, r.collective))
+            outbound.append(_exchange(_by_owner(r, o_srv), c.recv_o, c.sent_o, flat, group, r.collective))
             saved += [q_srv, k_task, v_task, o_srv, lse]
         sources = []
-        for r, o_srv, (buf, work) in zip(routes, saved[3::5], outbound):
+        for c, o_srv, (buf, work) in zip(counts, saved[3::5], outbound):
             _wait(dev, work)
-            sources += [o_srv] + [g[0] for g in _fields(buf, [(m,) for m in _others(r.q_send_splits, rank)], (so,))]
+            sources += [o_srv] + [g[0] for g in _fields(buf, c.sent_q_rows, (so,))]
         out = _owner(routes)[0](sources, q.new_empty(0, *so))
         ctx.save_for_backward(*saved)
-        ctx.routes, ctx.group, ctx.causal, ctx.scale = routes, group, causal, scale
+        ctx.routes, ctx.counts, ctx.group, ctx.causal, ctx.scale = routes, counts, group, causal, scale
         ctx.shapes = (sq, sk, sv, so, k_dtype, v_dtype)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        saved, routes, group = ctx.saved_tensors, ctx.routes, ctx.group
+        saved, routes, counts, group = ctx.saved_tensors, ctx.routes, ctx.counts, ctx.group
         sq, sk, sv, so, k_dtype, v_dtype = ctx.shapes
-        dev, rank = dout.device, routes[0].rank
-        wq, wkv, wo = math.prod(sq), math.prod(sk) + math.prod(sv), math.prod(so)
+        dev = dout.device
         dout = dout.contiguous()
         flat = dout.new_empty(0)
-        inbound = [_exchange([_pack((a, dout)) for a in r.send_q],
-                             [m * wo for m in _others(r.q_send_splits, rank)],
-                             [m * wo for m in _others(r.q_recv_splits, rank)], flat, group, r.collective)
-                   for r in routes]
+        inbound = [_exchange([_pack((a, dout)) for a in r.send_q], c.sent_o, c.recv_o, flat, group, r.collective)
+                   for r, c in zip(routes, counts)]
         outbound, grads = [], []
-        for i, (r, (buf, work)) in enumerate(zip(routes, inbound)):
+        for i, (r, c, (buf, work)) in enumerate(zip(routes, counts, inbound)):
             q_srv, k_task, v_task, o_srv, lse = saved[5 * i:5 * i + 5]
             _wait(dev, work)
-            got = _fields(buf, [(m,) for m in _others(r.q_recv_splits, rank)], (so,))
-            do_srv = r.srv_q([dout] + [g[0] for g in got], dout)
+            do_srv = r.srv_q([dout] + [g[0] for g in _fields(buf, c.recv_q_rows, (so,))], dout)
             if q_srv.shape[0]:
                 cu_q, cu_k = _device_cu(r, dev)
                 dq_t, dk_t, dv_t = flash_attn_backward(do_srv[None], q_srv[None], k_task[None], v_task[None],
@@ -237,23 +237,23 @@ class _DisaggAttention(torch.autograd.Function):
             else:
                 dq_srv, dk_task, dv_task = q_srv.new_zeros(q_srv.shape), k_task, v_task
             # a key row read by several tasks of this server: its gradients summed here, sent once
-            back = [[] if o == rank or not m else [dq_srv[r.q_off[o]:r.q_off[o] + m]] for o, m in enumerate(r.q_recv_splits)]
-            back = [b + _pack((a, dk_task), (a, dv_task)) for b, a in zip(back, r.back_kv)]
-            send = [nq * wq + nk * wkv for nq, nk in zip(_others(r.q_recv_splits, rank), _others(r.kv_recv_splits, rank))]
-            recv = [nq * wq + nk * wkv for nq, nk in zip(_others(r.q_send_splits, rank), _others(r.kv_send_splits, rank))]
-            outbound.append(_exchange(back, send, recv, flat, group, r.collective))
+            back = [b + _pack((a, dk_task), (a, dv_task)) for b, a in zip(_by_owner(r, dq_srv), r.back_kv)]
+            outbound.append(_exchange(back, c.recv, c.sent, flat, group, r.collective))
             grads.append((dq_srv, dk_task, dv_task))
-        sq_src, sk_src, sv_src = [], [], []
-        for r, (dq_srv, dk_task, dv_task), (buf, work) in zip(routes, grads, outbound):
+        sources = ([], [], [])  # dq, dk, dv
+        for c, grad, (buf, work) in zip(counts, grads, outbound):
             _wait(dev, work)
-            got = _fields(buf, list(zip(_others(r.q_send_splits, rank), _others(r.kv_send_splits, rank),
-                                        _others(r.kv_send_splits, rank))), (sq, sk, sv))
-            sq_src += [dq_srv] + [g[0] for g in got]
-            sk_src += [dk_task] + [g[1] for g in got]
-            sv_src += [dv_task] + [g[2] for g in got]
+            got = _fields(buf, c.sent_rows, (sq, sk, sv))
+            for i, src in enumerate(sources):
+                src += [grad[i]] + [g[i] for g in got]
         # a key row sent to several servers (or nano-batches): the owner sums their gradients
         own_q, own_kv = _owner(routes)
-        dq = own_q(sq_src, dout.new_empty(0, *sq))
-        dk = own_kv(sk_src, dout.new_empty(0, *sk)).to(k_dtype)
-        dv = own_kv(sv_src, dout.new_empty(0, *sv)).to(v_dtype)
+        dq = own_q(sources[0], dout.new_empty(0, *sq))
+        dk = own_kv(sources[1], dout.new_empty(0, *sk)).to(k_dtype)
+        dv = own_kv(sources[2], dout.new_empty(0, *sv)).to(v_dtype)
         return dq, dk, dv, None, None, None, None
+
+
+def _by_owner(r: Route, x) -> list:
+    """Rows of the server buffer `x` per owner that sent them (none for this rank's own)."""
+    return [[] if o == r.rank or not m else [x[r.q_off[o]:r.q_off[o] + m]] for o, m in enumerate(r.q_recv_splits)]
