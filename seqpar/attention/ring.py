@@ -215,7 +215,8 @@ class RingPlan:
 
     def __init__(self, steps: list[list[Block]], q_len: int, k_len: int, peer_last: list[Block] | None = None):
         self.steps = steps
-        self.out = plan_folds([b.q for blocks in steps for b in blocks], q_len, final=True)
+        self.out = plan_folds([b.q for blocks in steps for b in blocks], q_len, final=True, pairs=True)
+        self.out_kept, self.out_released = self.out.kept, self.out.released
         self.dq = plan_folds([b.q for b in self.backward_order()], q_len, final=True)
         # dK/dV of a visiting shard: fresh at step 1, then on top of the ranks' before it
         self.travel = [None] + [plan_folds([b.k for b in steps[s]], k_len, final=False, base=s >= 2)
@@ -303,14 +304,19 @@ class _RingAttention(torch.autograd.Function):
         lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=acc_dtype)
         fold_out_rest(plan.out, out, lse)
         kv = (k.contiguous(), v.contiguous())  # only the Hkv heads travel (GQA)
-        runs = iter(plan.out.runs)
+        kept, n = {}, 0  # results whose rows' next result merges with them, by number
         for step, blocks in enumerate(steps):
             pending = comm.shift(kv) if step + 1 < len(steps) else None
             k_vis, v_vis = kv
             for blk in blocks:
                 o, l = flash_attn(q[:, blk.q], k_vis[:, blk.k], v_vis[:, blk.k], causal=blk.causal,
                                   softmax_scale=scale, return_lse=True, **bounds(blk))
-                fold_out(next(runs), o, l, acc, lse, out)
+                fold_out(plan.out.runs[n], o, l, acc, lse, out, kept)
+                if plan.out_kept[n]:
+                    kept[n] = o
+                for done in plan.out_released[n]:
+                    del kept[done]
+                n += 1
             if pending is not None:
                 kv = pending.wait()
         ctx.save_for_backward(q, k, v, out, lse)

@@ -23,15 +23,19 @@ from dataclasses import dataclass
 
 import torch
 
-ROLES = ("put", "init", "add", "last")  # final = c; acc = c; acc += c; final = acc + c
+# final = c; acc = c; acc += c; final = acc + c; and for (out, lse) only: keep c for the next
+# result of these rows (lse = l); merge the kept one with c (into acc, or final when c is the last)
+ROLES = ("put", "init", "add", "last", "hold", "pair", "pair_last")
 
 
 @dataclass(frozen=True)
 class Run:
-    """One element-wise op of a result: its rows `src` fold into rows `dst` of the buffer."""
+    """One element-wise op of a result: its rows `src` fold into rows `dst` of the buffer
+    (pairing with rows `held[1]` of the kept result number `held[0]`)."""
     role: str
     dst: slice
     src: slice
+    held: tuple[int, slice] | None = None
 
 
 @dataclass(frozen=True)
@@ -45,35 +49,64 @@ class Folds:
 
     @property
     def needs_acc(self) -> bool:  # an accumulator apart from the final buffer (when dtypes differ)
-        return any(r.role in ("init", "add") for runs in self.runs for r in runs)
+        return any(r.role in ("init", "add", "pair", "pair_last") for runs in self.runs for r in runs)
+
+    @property
+    def kept(self) -> tuple[bool, ...]:
+        """Per result: whether a later one pairs with it (the caller keeps it until then)."""
+        return tuple(any(r.role == "hold" for r in runs) for runs in self.runs)
+
+    @property
+    def released(self) -> tuple[tuple[int, ...], ...]:
+        """Per result: the kept results that no result after it pairs with any more."""
+        last = {}
+        for i, runs in enumerate(self.runs):
+            for r in runs:
+                if r.held is not None:
+                    last[r.held[0]] = i
+        return tuple(tuple(h for h, i_last in last.items() if i_last == i) for i in range(len(self.runs)))
 
 
-def plan_folds(slices, length: int, *, final: bool, base: bool = False) -> Folds:
+def plan_folds(slices, length: int, *, final: bool, base: bool = False, pairs: bool = False) -> Folds:
     """The runs of results that reach rows `slices[i]` (in that order) of a buffer of `length` rows.
 
     final: the buffer ends in the inputs' dtype (roles put/init/add/last); otherwise it is an
-    accumulator that travels on (init/add). base: it already holds a value in every row."""
+    accumulator that travels on (init/add). base: it already holds a value in every row.
+    pairs (forward merges): a row's first result is kept, not widened, and merged with its second."""
     cuts = sorted({0, length, *(s.start for s in slices), *(s.stop for s in slices)})
     segments = list(zip(cuts[:-1], cuts[1:]))
     reach = [[i for i, s in enumerate(slices) if s.start <= a and b <= s.stop] for a, b in segments]
     runs: list[list[Run]] = [[] for _ in slices]
     for (a, b), who in zip(segments, reach):
-        n = len(who)
+        n, held = len(who), None
         for j, i in enumerate(who):
+            last = final and j == n - 1
             if base:
-                role = "last" if final and j == n - 1 else "add"
+                role = "last" if last else "add"
             elif j == 0:
-                role = "put" if final and n == 1 else "init"
+                role = "put" if final and n == 1 else "hold" if pairs else "init"
+            elif j == 1 and pairs:
+                role = "pair_last" if last else "pair"
+                h = who[0]
+                held = (h, slice(a - slices[h].start, b - slices[h].start))
             else:
-                role = "last" if final and j == n - 1 else "add"
+                role = "last" if last else "add"
             start = slices[i].start
+            run = Run(role, slice(a, b), slice(a - start, b - start), held if role.startswith("pair") else None)
             prev = runs[i][-1] if runs[i] else None
-            if prev is not None and prev.role == role and prev.dst.stop == a:
-                runs[i][-1] = Run(role, slice(prev.dst.start, b), slice(prev.src.start, b - start))
+            if prev is not None and _adjacent(prev, run):
+                joined_held = None if run.held is None else (run.held[0], slice(prev.held[1].start, run.held[1].stop))
+                runs[i][-1] = Run(role, slice(prev.dst.start, b), slice(prev.src.start, b - start), joined_held)
             else:
-                runs[i].append(Run(role, slice(a, b), slice(a - start, b - start)))
+                runs[i].append(run)
     rest = _join([slice(a, b) for (a, b), who in zip(segments, reach) if not who and b > a])
     return Folds(tuple(map(tuple, runs)), tuple(rest), final, base)
+
+
+def _adjacent(prev: Run, run: Run) -> bool:
+    if prev.role != run.role or prev.dst.stop != run.dst.start:
+        return False
+    return prev.held is None or (prev.held[0] == run.held[0] and prev.held[1].stop == run.held[1].start)
 
 
 def _join(slices):
@@ -89,7 +122,8 @@ def _join(slices):
 def fold_cost(folds: Folds, wide: int = 2) -> float:
     """Rows read + written by the folds, in bf16 row units (an fp32 row counts `wide`): the
     element-wise traffic that the GPU profile's add_/copy_/fill_ kernels were."""
-    per_role = {"put": 2, "init": 1 + wide, "add": 1 + 2 * wide, "last": 2 + wide}
+    per_role = {"put": 2, "init": 1 + wide, "add": 1 + 2 * wide, "last": 2 + wide, "hold": 0,
+                "pair": 2 + 3 * wide, "pair_last": 3 + 2 * wide}  # (forward: + the weights' mul)
     total = sum(per_role[r.role] * (r.dst.stop - r.dst.start) for runs in folds.runs for r in runs)
     rest = sum(s.stop - s.start for s in folds.rest)
     if folds.base:
@@ -121,15 +155,17 @@ def fold_rest(folds: Folds, acc, final):
             (final if folds.final else acc)[:, s].zero_()
 
 
-def fold_out(runs, o, l, acc, lse, final):
+def fold_out(runs, o, l, acc, lse, final, kept=None):
     """Fold one block's attention (o `[B, rows, H, D]`, l `[B, H, rows]`) into the running
     (acc, lse) along the rows, or into `final` for a row's last (or only) block:
-    out_new = out e^(lse - lse_new) + o e^(l - lse_new), lse_new = logaddexp(lse, l)."""
+    out_new = out e^(lse - lse_new) + o e^(l - lse_new), lse_new = logaddexp(lse, l).
+    `kept`: the earlier results (o) that this one pairs with, by number."""
     for r in runs:
         o_r, l_r = o[:, r.src], l[:, :, r.src].to(lse.dtype)
         lse_r = lse[:, :, r.dst]
-        if r.role in ("put", "init"):
-            (final if r.role == "put" else acc)[:, r.dst].copy_(o_r)
+        if r.role in ("put", "init", "hold"):
+            if r.role != "hold":
+                (final if r.role == "put" else acc)[:, r.dst].copy_(o_r)
             lse_r.copy_(l_r)
             continue
         new = torch.logaddexp(lse_r, l_r)
@@ -137,8 +173,12 @@ def fold_out(runs, o, l, acc, lse, final):
         ref = torch.nan_to_num(new, neginf=0.0)
         w_old = (lse_r - ref).exp_().transpose(1, 2).unsqueeze(-1)
         w_new = (l_r - ref).exp_().transpose(1, 2).unsqueeze(-1)
-        acc_r = acc[:, r.dst].mul_(w_old)
-        if r.role == "add":
+        acc_r = acc[:, r.dst]
+        if r.held is not None:  # the row's first result, kept as the kernel wrote it
+            torch.mul(kept[r.held[0]][:, r.held[1]], w_old, out=acc_r)
+        else:
+            acc_r.mul_(w_old)
+        if r.role in ("add", "pair"):
             acc_r.addcmul_(o_r, w_new)
         else:
             torch.addcmul(acc_r, o_r, w_new, out=final[:, r.dst])
