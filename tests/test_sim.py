@@ -359,7 +359,7 @@ def test_runtime_extra_is_recovered_from_a_disagg_benchmark(tmp_path, h100, cali
     run.mkdir()
     (run / "disagg.json").write_text(json.dumps(dict(
         benchmark="disagg", device="NVIDIA H100 80GB HBM3", world=2, heads=32, kv_heads=8, head_dim=128,
-        eps=0.1, min_chunk=128, cases=rows)))
+        eps=0.1, min_chunk=128, cases=rows, date="2026-12-01T00:00:00+00:00")))  # today's code: Triton packed calls
     per_token, _ = fit_runtime([], disagg_samples(load_benchmarks(tmp_path)), base, h100)
     assert per_token["disagg"] == pytest.approx(200e-9, rel=1e-3)
     assert per_token["per_doc_cp"] == pytest.approx(300e-9, rel=1e-3)
@@ -478,3 +478,32 @@ def test_dp_cp_disagg_in_the_step_the_planner_and_the_sweep(tmp_path, monkeypatc
     assert row["moved_mib_per_layer"] > 0
     measured = sweep.measured_dp_disagg()
     assert any(m["mix"] == "wlbllm" and m["tokens_per_rank"] == 131072 for m in measured)
+
+
+def test_code_eras_split_the_fits(tmp_path):
+    """A run belongs to the era of the last code change before its date (a folder without a dated
+    JSON: the end of the day it is named for); each era's constants come from its own runs, and
+    constants an era has no runs for are the previous era's. The bench's first LASP naming
+    (`lasp2_serial` = what lasp2_attention ran) is read as today's."""
+    from seqpar.sim.measurements import CODE_CHANGES, era_of, lasp_samples
+
+    since = CODE_CHANGES[0][0]
+    assert era_of("x/2026-11-25-2xh100-ring/r.json", {"date": "2026-11-25T23:18:49+00:00"}) == 0
+    assert era_of("x/2026-11-25-2xh100-ring/r.json", {"date": since}) == 1
+    assert era_of(str(tmp_path / "2026-11-25-h100-run" / "m.jsonl")) == 0
+    assert era_of(str(tmp_path / "2099-01-01-h100-run" / "m.jsonl")) == len(CODE_CHANGES)
+    old = {"lasp": [("a.json", {"rows": [dict(tokens=8, method=m, ms=1.0) for m in ("lasp2", "lasp2_serial")]})]}
+    assert [s["method"] for s in lasp_samples(old)] == ["lasp2_overlapped", "lasp2"]
+    new = {"lasp": [("b.json", {"rows": [dict(tokens=8, method=m, ms=1.0) for m in ("lasp2", "lasp2_overlapped")]})]}
+    assert [s["method"] for s in lasp_samples(new)] == ["lasp2", "lasp2_overlapped"]
+    # one LASP file per era, made up: the fixed extra per layer is each era's own
+    for day, extra_ms in (("2026-11-25", 12.0), ("2026-11-27", 6.0)):
+        run = tmp_path / f"{day}-2xh100-lasp"
+        run.mkdir()
+        rows = [dict(tokens=t, method="lasp2", ms=extra_ms, single_ms=0.0) for t in (65536, 65536)]
+        (run / "lasp.json").write_text(json.dumps(dict(bench="lasp", date=f"{day}T12:00:00+00:00", world=2,
+                                                       heads=32, dim=128, rows=rows)))
+    first, latest = calibrate(tmp_path, era=0), calibrate(tmp_path)
+    assert latest.era == len(CODE_CHANGES) and first.era == 0
+    assert first.lasp_call_s == pytest.approx(latest.lasp_call_s + 6e-3) and latest.lasp_call_s > 0
+    assert latest.attn == first.attn  # no ring runs in either era: the defaults, inherited

@@ -8,7 +8,7 @@ cluster-derived default and says so in `Calibration.sources`. `exclude` drops na
 | --- | --- |
 | attention kernel (rate, per_token, per_call), per family | ring bench: single-GPU dense and packed rows, ring compute-only rows |
 | linear attention tokens/s | kernels bench: seqpar lightning rows (median) |
-| LASP-2 extra per layer (fixed, per token) | lasp bench: lasp2_serial minus the kernel on the local half minus the gather |
+| LASP-2 extra per layer (fixed, per token) | lasp bench: lasp2 (what lasp2_attention runs) minus the kernel on the local half minus the gather |
 | overlap tax | ring bench: exposed comm (ring - compute-only) over the modelled transfers |
 | intra-node alpha/beta per collective | comm bench (`python -m seqpar.bench comm`), when present |
 | runtime extra per local token (disagg, per-document CP); packed ring per document piece | disagg bench case means; ring bench packed rows |
@@ -54,6 +54,7 @@ class Calibration:
     triton_packed_ratio: float = 1.0  # Triton flash time over torch's varlen flash on packed rows
     comm: LinkFit = field(default_factory=LinkFit)
     sources: dict[str, str] = field(default_factory=dict)
+    era: int = 0  # the code era these constants describe (measurements.CODE_CHANGES)
 
     def as_dict(self) -> dict:
         return {"attention": {k: v.as_dict() for k, v in self.attn.items()},
@@ -70,7 +71,7 @@ class Calibration:
                                   "ce_time_vs_unfused": self.fused_ce_ratio},
                 "comm_intra_node": {op: {"latency_us": round(a * 1e6, 2), "GB_s": round(bw / 1e9, 1)}
                                     for op, (a, bw) in self.comm.ops.items()},
-                "sources": self.sources}
+                "era": self.era, "sources": self.sources}
 
 
 def default_calibration() -> Calibration:
@@ -175,14 +176,14 @@ def fit_triton_packed(found) -> tuple[float, str] | None:
 
 
 def fit_lasp(samples, calib, cluster, exclude=()) -> tuple[float, float] | None:
-    """(fixed s, s per local token) of LASP-2's passes beyond the kernel, from the serial rows
-    (the schedule lasp2_attention runs); one row left: the fixed part only."""
+    """(fixed s, s per local token) of LASP-2's passes beyond the kernel, from the `lasp2` rows (the
+    schedule lasp2_attention runs); rows of one length only: the fixed part only."""
     from seqpar.sim.attention_cost import lasp_layer
     from seqpar.sim.comm import placed
 
     pts = []
     for s in samples:
-        if s["method"] != "lasp2_serial" or s["group"] in exclude:
+        if s["method"] != "lasp2" or s["group"] in exclude:
             continue
         base = replace(calib, lasp_call_s=0.0, lasp_token_s=0.0)
         pred, _, _ = lasp_layer(base, cluster, [(0, s["tokens"])], s["world"], s["H"], s["D"],
@@ -190,8 +191,8 @@ def fit_lasp(samples, calib, cluster, exclude=()) -> tuple[float, float] | None:
         pts.append((s["tokens"] / s["world"], s["measured"] - pred))
     if not pts:
         return None
-    if len(pts) == 1:
-        return max(0.0, pts[0][1]), 0.0
+    if len({x for x, _ in pts}) == 1:  # one length (maybe measured twice): the fixed part only
+        return max(0.0, statistics.mean(y for _, y in pts)), 0.0
     x = np.array([p[0] for p in pts]); y = np.array([p[1] for p in pts])
     slope, icept = np.polyfit(x, y, 1)
     if icept < 0:
@@ -294,7 +295,7 @@ def fit_runtime(ring, disagg, calib, cluster, exclude=()) -> tuple[dict[str, flo
     return per_token, (tuple(_scales(ring_points)) if ring_points else None)
 
 
-def fit_fused(root) -> tuple[float, float, float, str] | None:
+def fit_fused(root, era: int | None = None) -> tuple[float, float, float, str] | None:
     """(RMSNorm share of HBM copy bandwidth, RoPE's, fused CE time ratio, file) from the kernels
     benchmark's fused section summary (`seqpar.bench kernels --only fused`: a JSON file, or the
     summary line its log prints when the JSON did not come back)."""
@@ -302,8 +303,12 @@ def fit_fused(root) -> tuple[float, float, float, str] | None:
 
     from seqpar.sim.measurements import bench_dir
 
+    from seqpar.sim.measurements import era_of
+
     root = Path(root or bench_dir())
     for path in sorted(glob.glob(str(root / "*" / "fused*.json")) + glob.glob(str(root / "*" / "fused*.log"))):
+        if era is not None and era_of(path) != era:
+            continue
         for line in Path(path).read_text().splitlines():
             if not line.startswith("{") or "ce_vs_unfused" not in line:
                 continue
@@ -377,24 +382,30 @@ def fit_e2e(samples, calib, cluster, exclude=()) -> Calibration:
 _CACHE: dict = {}
 
 
-def calibrate(root: Path | None = None, exclude: tuple[str, ...] = (), cluster=None) -> Calibration:
+def calibrate(root: Path | None = None, exclude: tuple[str, ...] = (), cluster=None, era: int | None = None) -> Calibration:
     """Every constant from the benchmark JSONs under `root` (default docs/benchmarks), fitted on
-    the machine they were measured on (the h100_8x400g preset's links), without the `exclude` groups."""
+    the machine they were measured on (the h100_8x400g preset's links), without the `exclude` groups.
+    `era` (default: the latest, today's code): fit on that code era's runs only
+    (`measurements.CODE_CHANGES`); a constant the era has no runs for keeps the previous era's value."""
     from seqpar.sim.cluster import load_cluster
+    from seqpar.sim.measurements import CODE_CHANGES, in_era
 
-    key = (str(root), tuple(sorted(exclude)))
+    era = len(CODE_CHANGES) if era is None else era
+    key = (str(root), tuple(sorted(exclude)), era)
     if key in _CACHE:
         return _CACHE[key]
     cluster = cluster or load_cluster("h100_8x400g")
-    found = load_benchmarks(root)
-    calib = default_calibration()
-    calib.sources = {}
-    calib.comm = fit_comm(found)
+    found = in_era(load_benchmarks(root), era)
+    calib = default_calibration() if era == 0 else calibrate(root, exclude, cluster, era - 1)
+    calib = replace(calib, attn=dict(calib.attn), runtime_token_s=dict(calib.runtime_token_s), era=era,
+                    sources={} if era == 0 else dict(calib.sources))
+    comm = fit_comm(found)
+    if comm.ops:
+        calib.comm = comm
+        calib.sources["comm"] = comm.source
     triton = fit_triton_packed(found)
     if triton:
         calib.triton_packed_ratio, calib.sources["triton_packed"] = triton
-    if calib.comm.ops:
-        calib.sources["comm"] = calib.comm.source
     ring = [s for s in ring_samples(found) if not folder_health(s["file"])]
     attn = fit_attention(ring, exclude)
     if attn:
@@ -409,14 +420,15 @@ def calibrate(root: Path | None = None, exclude: tuple[str, ...] = (), cluster=N
         calib.overlap_tax = tax
     runtime, piece = fit_runtime(ring, disagg_samples(found), calib, cluster, exclude)
     if runtime or piece is not None:
-        calib.runtime_token_s = runtime
-        calib.ring_piece_s, calib.ring_gqa_slowdown = piece or (0.0, 0.0)
+        calib.runtime_token_s.update(runtime)
+        if piece is not None:
+            calib.ring_piece_s, calib.ring_gqa_slowdown = piece
         calib.sources["runtime"] = ", ".join(sorted({p for p, _ in found["disagg"]} | {s["file"] for s in ring}))
     lasp = fit_lasp(lasp_samples(found), calib, cluster, exclude)
     if lasp:
         calib.lasp_call_s, calib.lasp_token_s = lasp
         calib.sources["lasp"] = ", ".join(p for p, _ in found["lasp"])
-    fused = fit_fused(root)
+    fused = fit_fused(root, era)
     if fused:
         calib.fused_norm_eff, calib.fused_rope_eff, calib.fused_ce_ratio, calib.sources["fused_kernels"] = fused
     calib = fit_e2e(e2e_samples(found), calib, cluster, exclude)

@@ -24,6 +24,63 @@ def bench_dir() -> Path:
     return Path(os.environ.get("SEQPAR_BENCH_DIR", Path(__file__).resolve().parents[2] / "docs" / "benchmarks"))
 
 
+# ---------------------------------------------------------------- code eras
+
+# Commits after which what a runtime costs beyond its kernels changed (the fitted extras, the ring's
+# per-step work): a measurement belongs to the era of the last change before it ran. Each era's
+# constants are fitted on its own runs (those it has no runs for are the previous era's), each
+# case is predicted with its era's constants, and predictions for today's code use the latest.
+CODE_CHANGES = (
+    ("2026-11-26T00:55:00+00:00", "79fc72c LASP-2 exchange hook, 7a17a3f ring fold plans, 1fad4de disagg runtime "
+                                  "without per-token index ops, e049981 lightning kernel one-scan exchange"),
+)
+
+
+def _parse_date(text):
+    import datetime
+
+    try:
+        when = datetime.datetime.fromisoformat(str(text))
+    except ValueError:
+        return None
+    if len(str(text)) <= 10:  # a day without a time: its end (a run that day ran after that day's changes)
+        when = when.replace(hour=23, minute=59, second=59)
+    return when if when.tzinfo else when.replace(tzinfo=datetime.timezone.utc)
+
+
+def run_date(path, data=None):
+    """When a benchmark file's run happened: its `date`, else a dated JSON beside it, else the end of
+    the day its folder is named for (`YYYY-MM-DD-...`); None if nothing says."""
+    if isinstance(data, dict) and data.get("date"):
+        return _parse_date(data["date"])
+    folder = Path(path).parent
+    dates = []
+    for other in sorted(folder.glob("*.json")):
+        try:
+            d = json.loads(other.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(d, dict) and d.get("date") and _parse_date(d["date"]):
+            dates.append(_parse_date(d["date"]))
+    if dates:
+        return max(dates)
+    return _parse_date(folder.name[:10])
+
+
+def era_of(path, data=None) -> int:
+    """Index of the code era the run measured (0 before the first of CODE_CHANGES); undated: the latest."""
+    when = run_date(path, data)
+    if when is None:
+        return len(CODE_CHANGES)
+    return sum(when >= _parse_date(since) for since, _ in CODE_CHANGES)
+
+
+def in_era(found: dict, era: int) -> dict:
+    """`found` (load_benchmarks) restricted to the runs of one code era."""
+    return {kind: [(p, d) for p, d in items if era_of(p, d if isinstance(d, dict) else None) == era]
+            for kind, items in found.items()}
+
+
 # ---------------------------------------------------------------- reading the benchmark folders
 
 def load_benchmarks(root: Path | None = None) -> dict[str, list]:
@@ -75,13 +132,13 @@ def ring_samples(found) -> list[dict]:
 
     out = []
     for path, data in found["ring"]:
-        world = data.get("world", 2)
+        world, era = data.get("world", 2), era_of(path, data)
         for row in data.get("dense", []):
             if "error" in row:
                 continue
             S, fam, H, D = row["S"], row["kernel"], row["H"], row["D"]
             base = dict(group=f"ring S={S}", family=fam, S=S, world=world, H=H, D=D, file=path,
-                        bounds=(0, S))
+                        bounds=(0, S), era=era)
             out.append(dict(base, kind="single", measured=row["single_ms"] / 1e3))
             out.append(dict(base, kind="ring_compute", measured=row["compute_only_ms"] / 1e3))
             out.append(dict(base, kind="ring", measured=row["ring_ms"] / 1e3))
@@ -96,7 +153,7 @@ def ring_samples(found) -> list[dict]:
                 if not r or "error" in r:
                     continue
                 base = dict(group=f"ring packed S={S}", family=fam, S=S, world=world, H=row["H"], D=row["D"],
-                            file=path, bounds=bounds)
+                            file=path, bounds=bounds, era=era)
                 if fam == "flash":  # the single-GPU row is varlen flash for every family
                     out.append(dict(base, kind="single", measured=r["single_ms"] / 1e3))
                 out.append(dict(base, kind="ring", measured=r["ring_ms"] / 1e3))
@@ -110,14 +167,22 @@ def ring_samples(found) -> list[dict]:
 
 
 def lasp_samples(found) -> list[dict]:
+    """LASP rows as `lasp2` (what lasp2_attention runs), `lasp2_overlapped` (the schedule it is
+    compared with) and `lasp1`. Files that have a `lasp2_serial` row are of the bench's first naming,
+    where `lasp2` was the overlapped schedule and `lasp2_serial` what lasp2_attention ran."""
     out = []
     for path, data in found["lasp"]:
         world = data.get("world", 2)
-        for row in data.get("rows", []):
-            if row.get("method") in ("lasp2_serial", "lasp1", "lasp2"):
-                out.append(dict(group=f"lasp T={row['tokens']}", method=row["method"], tokens=row["tokens"],
+        rows = data.get("rows", [])
+        old_names = any(r.get("method") == "lasp2_serial" for r in rows)
+        rename = {"lasp2": "lasp2_overlapped", "lasp2_serial": "lasp2"} if old_names else {}
+        for row in rows:
+            method = rename.get(row.get("method"), row.get("method"))
+            if method in ("lasp2", "lasp1", "lasp2_overlapped"):
+                out.append(dict(group=f"lasp T={row['tokens']}", method=method, tokens=row["tokens"],
                                 world=world, H=data.get("heads", 32), D=data.get("dim", 128), file=path,
-                                measured=row["ms"] / 1e3, single=row.get("single_ms", 0) / 1e3))
+                                measured=row["ms"] / 1e3, single=row.get("single_ms", 0) / 1e3,
+                                era=era_of(path, data)))
     return out
 
 
@@ -126,18 +191,12 @@ def lasp_samples(found) -> list[dict]:
 TRITON_PACKED_SINCE = "2026-11-25T23:10:59+00:00"
 
 
-def packed_kernel_of(data: dict) -> str:
+def packed_kernel_of(data: dict, path: str = "") -> str:
     """The kernel the dispatcher gave a benchmark's packed calls when it ran (from its `date`)."""
-    import datetime
-
-    date = data.get("date")
-    try:
-        when = datetime.datetime.fromisoformat(date)
-    except (TypeError, ValueError):
+    when = run_date(path, data) if path or data.get("date") else None
+    if when is None:
         return "triton"  # undated: today's code
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=datetime.timezone.utc)
-    return "flash" if when < datetime.datetime.fromisoformat(TRITON_PACKED_SINCE) else "triton"
+    return "flash" if when < _parse_date(TRITON_PACKED_SINCE) else "triton"
 
 
 def disagg_samples(found, seed: int = 0) -> list[dict]:
@@ -171,7 +230,7 @@ def disagg_samples(found, seed: int = 0) -> list[dict]:
                                 eps=data.get("eps", 0.1), min_chunk=data.get("min_chunk", 128),
                                 task_overhead=data.get("task_overhead_pairs"),
                                 H=data.get("heads", 32), Hkv=data.get("kv_heads", 8), D=data.get("head_dim", 128),
-                                packed_kernel=packed_kernel_of(data),
+                                packed_kernel=packed_kernel_of(data, path), era=era_of(path, data),
                                 batches=batches, skipped=len(case.get("rows", [])) - len(batches)))
     return out
 
@@ -220,7 +279,7 @@ def e2e_samples(found) -> list[dict]:
         name = f"e2e {Path(path).parent.name}/{Path(path).stem}"
         old_code = Path(path).parent.name in TORCH_ELEMENTWISE_RUNS
         overrides = run["overrides"] + (["model.fp32_residual=true"] if old_code else [])
-        out.append(dict(group=name, name=name, file=path, world=run["world"], overrides=overrides,
+        out.append(dict(group=name, name=name, file=path, world=run["world"], overrides=overrides, era=era_of(path),
                         torch_elementwise=old_code,
                         measured=statistics.median(r["step_time_s"] for r in steady), measured_mem_gib=mem,
                         unhealthy=folder_health(path)))

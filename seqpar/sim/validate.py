@@ -2,7 +2,8 @@
 
 Each case is predicted twice: with the calibration fitted on everything (`predicted_s`), and with
 one fitted without the case's own group of rows (`loo_predicted_s`, leave-one-group-out: a ring
-row at 32k is predicted from constants fitted on the 128k and packed rows). `in_sample` names the
+row at 32k is predicted from constants fitted on the 128k and packed rows). Both use the constants
+of the case's code era (`measurements.CODE_CHANGES`): a run describes the code it ran. `in_sample` names the
 constants whose fit used the case. Cases of a card that ran below its usual speed (its same-call
 anchor far below ANCHORS.md) are listed under `excluded` with the reason.
 """
@@ -16,8 +17,8 @@ from dataclasses import replace
 from seqpar.sim.attention_cost import _single_call, lasp_layer, ring_layer
 from seqpar.sim.calibrate import calibrate
 from seqpar.sim.cases import DISAGG_METHODS, RUNTIME_OF, disagg_case
-from seqpar.sim.measurements import (disagg_samples, e2e_samples, lasp_samples, load_benchmarks, maxlen_exclusions,
-                                     ring_samples)
+from seqpar.sim.measurements import (CODE_CHANGES, disagg_samples, e2e_samples, lasp_samples, load_benchmarks,
+                                     maxlen_exclusions, ring_samples)
 from seqpar.sim.cluster import load_cluster
 from seqpar.sim.comm import placed
 from seqpar.sim.compute import linear_attn_time
@@ -58,8 +59,8 @@ def _e2e_case(s, calib, cluster):
     return step["step_s"], memory_per_rank(cfg, s["world"])["total_gib"]
 
 
-def _case(name, measured, pred, loo, world, file, in_sample, note=""):
-    return {"name": name, "world": world, "measured_s": round(float(measured), 6), "predicted_s": round(float(pred), 6),
+def _case(name, measured, pred, loo, world, file, in_sample, note="", era=0):
+    return {"name": name, "world": world, "era": era, "measured_s": round(float(measured), 6), "predicted_s": round(float(pred), 6),
             "rel_err": round(float(_rel(pred, measured)), 4), "loo_predicted_s": round(float(loo), 6),
             "loo_rel_err": round(float(_rel(loo, measured)), 4), "in_sample": in_sample, "file": os.path.relpath(file),
             **({"note": note} if note else {})}
@@ -70,7 +71,8 @@ def validate(root=None) -> dict:
     found = load_benchmarks(root)
     full = calibrate(root)
     cases, memory, excluded = [], [], []
-    loo = lambda group: calibrate(root, exclude=(group,))
+    own = lambda s: calibrate(root, era=s["era"])
+    loo = lambda s: calibrate(root, exclude=(s["group"],), era=s["era"])
 
     for s in ring_samples(found):
         label = {"single": "attention 1 GPU", "ring_compute": "ring compute only", "ring": "ring"}[s["kind"]]
@@ -87,31 +89,31 @@ def validate(root=None) -> dict:
             fits = ["runtime extra"]  # packed ring rows fit only the packed ring's runtime extra
         if layout != "zigzag" and s["kind"] == "ring_compute":
             fits = []  # doc_zigzag compute-only rows feed no fit
-        cases.append(_case(name, s["measured"], _attn_case(s, full, cluster), _attn_case(s, loo(s["group"]), cluster),
-                           s["world"] if s["kind"] != "single" else 1, s["file"], fits))
+        cases.append(_case(name, s["measured"], _attn_case(s, own(s), cluster), _attn_case(s, loo(s), cluster),
+                           s["world"] if s["kind"] != "single" else 1, s["file"], fits, era=s["era"]))
 
     seen_single = set()
     for s in lasp_samples(found):
         if s["single"] and s["tokens"] not in seen_single:
             seen_single.add(s["tokens"])
             cases.append(_case(f"lightning kernel 1 GPU T={s['tokens'] // 1024}k", s["single"],
-                               _lasp_case(s, full, cluster, True), _lasp_case(s, full, cluster, True), 1, s["file"],
-                               [], "kernel rate fitted on the kernels bench, a different run"))
-        if s["method"] == "lasp2":
+                               _lasp_case(s, own(s), cluster, True), _lasp_case(s, own(s), cluster, True), 1, s["file"],
+                               [], "kernel rate fitted on the kernels bench, a different run", era=s["era"]))
+        if s["method"] == "lasp2_overlapped":
             excluded.append({"name": f"LASP-2 overlapped schedule T={s['tokens'] // 1024}k on {s['world']} GPUs",
                              "measured_s": s["measured"],
-                             "reason": "a schedule the benchmark compares against; lasp2_attention runs the serial one "
+                             "reason": "a schedule the benchmark compares against; lasp2_attention runs another one "
                                        "(faster over NVLink), which is what the simulator models"})
             continue
-        label = {"lasp2_serial": "LASP-2 (serial schedule, what lasp2_attention runs)", "lasp1": "LASP-1"}[s["method"]]
+        label = {"lasp2": "LASP-2 (what lasp2_attention runs)", "lasp1": "LASP-1"}[s["method"]]
         cases.append(_case(f"{label} T={s['tokens'] // 1024}k on {s['world']} GPUs", s["measured"],
-                           _lasp_case(s, full, cluster), _lasp_case(s, loo(s["group"]), cluster), s["world"], s["file"],
-                           ["lasp extra"] if s["method"] == "lasp2_serial" else []))
+                           _lasp_case(s, own(s), cluster), _lasp_case(s, loo(s), cluster), s["world"], s["file"],
+                           ["lasp extra"] if s["method"] == "lasp2" else [], era=s["era"]))
 
     for s in disagg_samples(found):
-        loo_calib = loo(s["group"])
+        loo_calib = loo(s)
         for method, label in DISAGG_METHODS.items():
-            case = disagg_case(method, s, full, cluster)
+            case = disagg_case(method, s, own(s), cluster)
             if case is None:
                 continue
             measured, pred, _, n = case
@@ -119,23 +121,24 @@ def validate(root=None) -> dict:
             size = f"{s['tokens'] // 1024}k" if s["tokens"] >= 1024 else str(s["tokens"])
             fits = ["runtime extra"] if method in RUNTIME_OF else []
             cases.append(_case(f"{label}, {s['mix']} {size} tokens per rank", measured, pred, loo_pred,
-                               s["world"], s["file"], fits, f"mean over {n} batches"))
+                               s["world"], s["file"], fits, f"mean over {n} batches", era=s["era"]))
 
     for s in e2e_samples(found):
         if s["unhealthy"]:
             excluded.append({"name": s["name"], "measured_s": s["measured"], "reason": s["unhealthy"]})
             continue
-        pred, mem = _e2e_case(s, full, cluster)
-        loo_pred, _ = _e2e_case(s, loo(s["group"]), cluster)
+        pred, mem = _e2e_case(s, own(s), cluster)
+        loo_pred, _ = _e2e_case(s, loo(s), cluster)
         fit = ["layer overhead"] if s["world"] > 1 else ["element-wise factor"] if s["torch_elementwise"] else []
         cases.append(_case(s["name"], s["measured"], pred, loo_pred, s["world"], s["file"], fit,
-                           "the same configuration is measured twice" if s["world"] == 1 else ""))
+                           "the same configuration is measured twice" if s["world"] == 1 else "", era=s["era"]))
         if s["measured_mem_gib"]:
             memory.append({"name": s["name"], "measured_gib": round(s["measured_mem_gib"], 3),
                            "predicted_gib": round(mem, 3), "rel_err": round(_rel(mem, s["measured_mem_gib"]), 4)})
 
     excluded += maxlen_exclusions(found)
     within = [c for c in cases if abs(c["rel_err"]) <= GOAL]
+    eras = {e: calibrate(root, era=e).as_dict() for e in sorted({c["era"] for c in cases})}
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "cluster": cluster.name, "goal_rel_err": GOAL,
             "summary": {"cases": len(cases), "within_goal": len(within),
@@ -143,7 +146,9 @@ def validate(root=None) -> dict:
                         "max_abs_rel_err": max((abs(c["rel_err"]) for c in cases), default=None),
                         "disagg": ("no GPU disaggregation benchmark committed yet: nothing to compare"
                                    if not found["disagg"] else f"{len(found['disagg'])} file(s)")},
-            "cases": cases, "memory": memory, "excluded": excluded, "calibration": full.as_dict()}
+            "cases": cases, "memory": memory, "excluded": excluded, "calibration": full.as_dict(),
+            "code_changes": [{"since": since, "what": what} for since, what in CODE_CHANGES],
+            "calibration_by_era": eras}
 
 
 def table(result: dict) -> str:
