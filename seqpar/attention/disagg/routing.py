@@ -3,10 +3,11 @@
 A rank is the owner of its rows and the server of its tasks. Rows it keeps for its own tasks
 never travel and are never copied into a staging buffer: the server reads them in place. Rows that
 travel are packed by `Assembly`, a host-compiled list of contiguous row ranges that one
-`torch.cat` joins (no per-token index tensors: on the GPU index_put/index_add over
-[tokens, heads, dim] cost more than the transfers they fed). Per nano-batch and pair of ranks one
-message carries everything that goes the same way at the same time (Q with K and V; dQ with dK
-and dV), so a nano-batch costs two all-to-alls per direction, or none when no rank sends anything.
+`torch.cat` joins (no per-token index tensors: on 2x H100, 2026-11-26, index_put/index_add/gather
+over [tokens, heads, dim] cost 12 ms per layer on a batch whose plan moved nothing, against
+0.02 ms of transfers). Per nano-batch and pair of ranks one message carries everything that goes
+the same way at the same time (Q with K and V; dQ with dK and dV): a nano-batch costs two
+all-to-alls in forward and two in backward, or none when no rank sends anything.
 """
 from __future__ import annotations
 
