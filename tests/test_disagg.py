@@ -355,7 +355,9 @@ def test_nano_batches_put_remote_work_between_local_halves(causal, layout):
             end = t.q_end if causal else doc_end[t.kv_start]
             local = t.server == t.owner and all(held(t.server, x) for x in range(t.kv_start, end))
             assert local == (gi in (0, 3)), (gi, t)
-    for s in range(4):
+    for s in range(4):  # local halves in query order: each reads its rows as few slices as the plan allows
+        first, last = ([t for t in groups[i] if t.server == s] for i in (0, 3))
+        assert not first or not last or max(t.q_end for t in first) <= min(t.q_start for t in last), s
         for a, b in ((0, 3), (1, 2)):
             wa, wb = (sum(work(t) for t in groups[i] if t.server == s) for i in (a, b))
             pair = [t for i in (a, b) for t in groups[i] if t.server == s]
