@@ -217,9 +217,10 @@ class RingPlan:
         self.steps = steps
         self.out = plan_folds([b.q for blocks in steps for b in blocks], q_len, final=True, pairs=True)
         self.out_kept, self.out_released = self.out.kept, self.out.released
-        self.dq = plan_folds([b.q for b in self.backward_order()], q_len, final=True)
+        self.dq = plan_folds([b.q for b in self.backward_order()], q_len, final=True, pairs=True)
+        self.dq_kept, self.dq_released = self.dq.kept, self.dq.released
         # dK/dV of a visiting shard: fresh at step 1, then on top of the ranks' before it
-        self.travel = [None] + [plan_folds([b.k for b in steps[s]], k_len, final=False, base=s >= 2)
+        self.travel = [None] + [plan_folds([b.k for b in steps[s]], k_len, final=False, base=s >= 2, pairs=True)
                                 for s in range(1, len(steps))]
         # Ring of 2: the one hop home carries the previous rank's block gradients as the kernel
         # wrote them (exact, in the inputs' dtype), folded here with the own ones; nothing is
@@ -228,9 +229,9 @@ class RingPlan:
         self.peer_last = peer_last if self.raw_hop else None
         own = [b.k for b in steps[0]]
         if self.raw_hop:
-            self.home = plan_folds(own + [b.k for b in peer_last], k_len, final=True)
+            self.home = plan_folds(own + [b.k for b in peer_last], k_len, final=True, pairs=True)
         else:
-            self.home = plan_folds(own, k_len, final=True, base=len(steps) > 1)
+            self.home = plan_folds(own, k_len, final=True, base=len(steps) > 1, pairs=True)
         self._bounds: dict[torch.device, _BoundTensors] = {}
 
     def backward_order(self) -> list[Block]:
@@ -333,21 +334,28 @@ class _RingAttention(torch.autograd.Function):
         dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         dq_acc = _accumulator(dq, acc_dtype, plan.dq)
         fold_rest(plan.dq, dq_acc, dq)
-        dq_runs = iter(plan.dq.runs)
         kv = (k.contiguous(), v.contiguous())
+        dq_kept, n = {}, [0]
 
         def grads(blk, kv_vis):
             k_vis, v_vis = kv_vis
             dq_b, dk_b, dv_b = flash_attn_backward(
                 dout[:, blk.q], q[:, blk.q], k_vis[:, blk.k], v_vis[:, blk.k], out[:, blk.q], lse[:, :, blk.q],
                 causal=blk.causal, softmax_scale=ctx.scale, **bounds(blk))
-            fold_grad(next(dq_runs), dq_b, dq_acc, dq)
+            i = n[0]
+            fold_grad(plan.dq.runs[i], dq_b, dq_acc, dq, dq_kept)
+            if plan.dq_kept[i]:
+                dq_kept[i] = dq_b
+            for done in plan.dq_released[i]:
+                del dq_kept[done]
+            n[0] += 1
             return dk_b, dv_b
 
         def fold_kv(folds, results, accs, finals):
+            kept_k, kept_v = dict(enumerate(r[0] for r in results)), dict(enumerate(r[1] for r in results))
             for (dk_b, dv_b), runs in zip(results, folds.runs):
-                fold_grad(runs, dk_b, accs[0], finals[0])
-                fold_grad(runs, dv_b, accs[1], finals[1])
+                fold_grad(runs, dk_b, accs[0], finals[0], kept_k)
+                fold_grad(runs, dv_b, accs[1], finals[1], kept_v)
 
         pending_kv = comm.shift(kv) if len(steps) > 1 else None
         home = [grads(blk, kv) for blk in steps[0][:1]]  # hides the first K/V transfer

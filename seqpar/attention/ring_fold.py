@@ -15,7 +15,6 @@ when the inputs are fp32 or fp64):
 
 A travelling buffer (dK/dV of a visiting shard, sent on in fp32) has no final cast; one that
 arrives with a value (`base`: the partial sums of the ranks before) takes every result as a fold.
-The cost counted by `fold_cost` is in units of one bf16 pass over a row.
 """
 from __future__ import annotations
 
@@ -72,7 +71,8 @@ def plan_folds(slices, length: int, *, final: bool, base: bool = False, pairs: b
 
     final: the buffer ends in the inputs' dtype (roles put/init/add/last); otherwise it is an
     accumulator that travels on (init/add). base: it already holds a value in every row.
-    pairs (forward merges): a row's first result is kept, not widened, and merged with its second."""
+    pairs: a row's first result is kept as it is and merged with its second in one op (no copy
+    to acc first); the caller keeps the results that `Folds.kept` names until `Folds.released`."""
     cuts = sorted({0, length, *(s.start for s in slices), *(s.stop for s in slices)})
     segments = list(zip(cuts[:-1], cuts[1:]))
     reach = [[i for i, s in enumerate(slices) if s.start <= a and b <= s.stop] for a, b in segments]
@@ -84,7 +84,7 @@ def plan_folds(slices, length: int, *, final: bool, base: bool = False, pairs: b
             if base:
                 role = "last" if last else "add"
             elif j == 0:
-                role = "put" if final and n == 1 else "hold" if pairs else "init"
+                role = "put" if final and n == 1 else "hold" if pairs and n > 1 else "init"
             elif j == 1 and pairs:
                 role = "pair_last" if last else "pair"
                 h = who[0]
@@ -119,20 +119,9 @@ def _join(slices):
     return out
 
 
-def fold_cost(folds: Folds, wide: int = 2) -> float:
-    """Rows read + written by the folds, in bf16 row units (an fp32 row counts `wide`): the
-    element-wise traffic that the GPU profile's add_/copy_/fill_ kernels were."""
-    per_role = {"put": 2, "init": 1 + wide, "add": 1 + 2 * wide, "last": 2 + wide, "hold": 0,
-                "pair": 2 + 3 * wide, "pair_last": 3 + 2 * wide}  # (forward: + the weights' mul)
-    total = sum(per_role[r.role] * (r.dst.stop - r.dst.start) for runs in folds.runs for r in runs)
-    rest = sum(s.stop - s.start for s in folds.rest)
-    if folds.base:
-        return total + (rest * (wide + 1) if folds.final else 0)  # the base cast to the final buffer
-    return total + rest * (1 if folds.final else wide)  # zeros
-
-
-def fold_grad(runs, c, acc, final):
-    """Fold one block's gradient `c` ([B, rows, H, D]) into `acc` / `final` along dim 1."""
+def fold_grad(runs, c, acc, final, kept=None):
+    """Fold one block's gradient `c` ([B, rows, H, D]) into `acc` / `final` along dim 1; `kept`:
+    the earlier results that this one pairs with, by number."""
     for r in runs:
         src = c[:, r.src]
         if r.role == "put":
@@ -141,8 +130,23 @@ def fold_grad(runs, c, acc, final):
             acc[:, r.dst].copy_(src)
         elif r.role == "add":
             acc[:, r.dst].add_(src)
-        else:
+        elif r.role == "last":
             torch.add(acc[:, r.dst], src, out=final[:, r.dst])
+        elif r.role in ("pair", "pair_last"):
+            # c1 + c2 * 1 with a dimensioned fp32 one: the sum is taken in fp32 (an add of two
+            # bf16 tensors would round it to bf16 first, whatever the out dtype)
+            torch.addcmul(kept[r.held[0]][:, r.held[1]], src, _one(acc),
+                          out=(acc if r.role == "pair" else final)[:, r.dst])
+
+
+_ONES: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _one(like):
+    key = (like.dtype, like.device)
+    if key not in _ONES:
+        _ONES[key] = torch.ones(1, dtype=like.dtype, device=like.device)
+    return _ONES[key]
 
 
 def fold_rest(folds: Folds, acc, final):
