@@ -112,9 +112,12 @@ def trial(base: list[str], mode: list[str], length: int, steps: int, timeout: fl
     if "invalid configuration" in why:  # the benchmark's own mistake, not a length that does not fit
         raise SystemExit(f"maxlen: {' '.join(overrides)}: {why}")
     oom = "out of memory" in why.lower() or "outofmemory" in why.lower()
+    if oom:  # the sentence that says how much was asked for and what was held
+        text = r.stderr or r.stdout
+        why = next((line.strip()[-400:] for line in text.splitlines() if "Tried to allocate" in line), why)
     entry = {"seq_len": length, "fits": last is not None, "predicted_gb": round(predicted, 2)}
     if last is None:
-        entry["error"] = "out of memory" if oom else why
+        entry["error"] = f"out of memory: {why}" if oom else why
     else:
         entry.update({k: last.get(k) for k in ("tokens_per_s", "mfu", "max_mem_gb", "step_time_s")})
     log.append(entry)
