@@ -15,9 +15,15 @@ the doc_zigzag layout does (`plan_doc_blocks`: every document is cut in 2N piece
 at most 2 causal or 4 non-causal varlen calls over all documents at once).
 
 The backward (an autograd.Function, not autograd through P2P) circulates K/V again; the dK/dV of
-a visiting shard travel with it and reach home after the last step, dQ stays local. The own
+a visiting shard travel with it (in fp32) and reach home after the last step, dQ stays local; in
+a ring of 2 the one hop home carries the block gradients as the kernel wrote them instead. The own
 shard's blocks are split around the remote steps, so that the first K/V transfer and the last
 dK/dV transfer both overlap compute.
+
+Everything that depends on the sharding alone (`RingPlan`: the blocks, how each block's result
+folds into the row buffers -- `ring_fold` -- and the document bounds on the device with their
+longest document known on the host) is built once per micro-batch and shared by every layer, so
+a layer's call makes no host-device synchronisation and no per-step planning.
 """
 from __future__ import annotations
 
