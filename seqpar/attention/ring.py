@@ -207,6 +207,27 @@ def ring_schedule(held, rank, bounds, causal) -> list[list[Block]]:
     return [plan_blocks(held[rank], held[(rank - s) % world], bounds, causal) for s in range(world)]
 
 
+def own_shard_block(ranges, bounds, causal) -> Block | None:
+    """The own shard's attention (step 0) as ONE call, for the forward: held ranges in ascending
+    order make a causal mask over the local rows exactly the global one (a later chunk sees all of
+    an earlier one), and a document that crosses the junction of two ranges continues there. The
+    same work as step 0's blocks, in one launch and with no merge between its parts. None when the
+    ranges are not in order. (The backward keeps step 0's blocks: it splits them around the remote
+    steps to hide the first and the last transfers.)"""
+    if any(b > c for (_, b), (c, _) in zip(ranges, ranges[1:])):
+        return None
+    cu, pos = [0], 0
+    for i, (a, b) in enumerate(ranges):
+        if bounds is not None:
+            if i and pos > cu[-1] and any(ranges[i - 1][1] <= x <= a for x in bounds):
+                cu.append(pos)  # a document ends or starts at the junction
+            cu += [pos + x - a for x in bounds if a < x < b]
+        pos += b - a
+    cu.append(pos)
+    rows = slice(0, pos)
+    return Block(rows, rows, causal, tuple(cu) if len(cu) > 2 else None)
+
+
 @lru_cache(maxsize=8)  # every layer of a micro-batch asks for the same plan (cached by sharding)
 def doc_ring_schedule(plan, rank, causal) -> list[list[Block]]:
     """ring_schedule for the doc_zigzag layout `plan` (a sharding.DocZigzag)."""
@@ -219,9 +240,11 @@ class RingPlan:
     every layer of a micro-batch: the blocks of each step, how each block's result folds into
     the row buffers (`ring_fold`), and the document bounds on the device."""
 
-    def __init__(self, steps: list[list[Block]], q_len: int, k_len: int, peer_last: list[Block] | None = None):
+    def __init__(self, steps: list[list[Block]], q_len: int, k_len: int, peer_last: list[Block] | None = None,
+                 own: Block | None = None):
         self.steps = steps
-        self.out = plan_folds([b.q for blocks in steps for b in blocks], q_len, final=True, pairs=True)
+        self.fwd_steps = steps if own is None else [[own]] + steps[1:]
+        self.out = plan_folds([b.q for blocks in self.fwd_steps for b in blocks], q_len, final=True, pairs=True)
         self.out_kept, self.out_released = self.out.kept, self.out.released
         self.dq = plan_folds([b.q for b in self.backward_order()], q_len, final=True, pairs=True)
         self.dq_kept, self.dq_released = self.dq.kept, self.dq.released
@@ -247,7 +270,7 @@ class RingPlan:
 
     def bounds(self, device: torch.device) -> "_BoundTensors":
         if device not in self._bounds:
-            self._bounds[device] = _BoundTensors(self.steps, device)
+            self._bounds[device] = _BoundTensors(self.fwd_steps + self.steps, device)
         return self._bounds[device]
 
 
@@ -264,7 +287,7 @@ def _held_ring_plan(held, rank, bounds, causal) -> RingPlan:
     steps = ring_schedule(held, rank, bounds, causal)
     peer = ring_schedule(held, (rank - 1) % len(held), bounds, causal)[-1] if len(held) == 2 else None
     rows = sum(b - a for a, b in held[rank])
-    return RingPlan(steps, rows, rows, peer)
+    return RingPlan(steps, rows, rows, peer, own_shard_block(held[rank], bounds, causal))
 
 
 def ring_attention(q, k, v, *, group=None, causal=True, cu_seqlens=None, softmax_scale=None, layout="zigzag"):
@@ -303,7 +326,7 @@ def ring_attention_held(q, k, v, held, *, group=None, causal=True, cu_seqlens=No
 class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, group, plan, scale):
-        comm, steps = RingComm(group), plan.steps
+        comm, steps = RingComm(group), plan.fwd_steps
         bounds = plan.bounds(q.device)
         acc_dtype = _acc_dtype(q.dtype)
         out = q.new_empty(q.shape[:-1] + v.shape[-1:])
