@@ -183,6 +183,20 @@ def test_block_plan_skips_what_documents_and_causality_hide():
     assert [(b.q, b.k) for b in plan_blocks(q_ranges, k_ranges, None, causal=False)] == [(slice(0, 24), slice(0, 24))]
 
 
+def test_own_shard_is_one_forward_call_with_documents_joined_across_the_junction():
+    from seqpar.attention.ring import own_shard_block
+    zigzag = [local_ranges(96, 2, r, "zigzag") for r in range(2)]  # [(0, 24), (72, 96)], [(24, 48), (48, 72)]
+    dense = own_shard_block(zigzag[0], None, True)
+    assert (dense.q, dense.k, dense.causal, dense.cu) == (slice(0, 48), slice(0, 48), True, None)
+    assert sum(b.work() for b in ring_schedule(zigzag, 0, None, True)[0]) == dense.work()  # the same work
+    bounds = [0, 1, 13, 50, 51, 79, 96]
+    # rank 0: documents end between 24 and 72, so the junction cuts; [72, 79) is its own document
+    assert own_shard_block(zigzag[0], bounds, True).cu == (0, 1, 13, 24, 31, 48)
+    # rank 1: [13, 50) continues across the junction at 48 as one document of 26 local rows
+    assert own_shard_block(zigzag[1], bounds, True).cu == (0, 26, 27, 48)
+    assert own_shard_block([(72, 96), (0, 24)], bounds, True) is None  # out of order: step 0's blocks stay
+
+
 @pytest.mark.parametrize("causal", [True, False])
 def test_flash_attn_backward_from_merged_out_and_lse_matches_autograd(causal):
     g = torch.Generator().manual_seed(1)
