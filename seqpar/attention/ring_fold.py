@@ -8,10 +8,15 @@ time. Per row, with n results and the merge in fp32 (an accumulator `acc`; the b
 when the inputs are fp32 or fp64):
 
 - n = 1: the result is written straight to the final buffer (no fp32 pass at all);
-- n > 1: the first result is written to acc (no zero-fill and add), the middle ones fold into
-  acc in place, and the last one folds into acc AND casts to the final buffer in one op
-  (``torch.add(acc, c, out=final)``: computed in fp32, rounded once, as ``.to()`` after would);
+- n > 1: the first result is kept as the kernel wrote it and meets the second in one op that
+  writes acc (no zero-fill, no copy to fp32: gradients ``addcmul(c1, c2, one_fp32)``, whose
+  dimensioned fp32 one makes the sum fp32; attention ``mul(o1, w1)`` then ``addcmul_(o2, w2)``),
+  the middle ones fold into acc in place, and the last one folds AND casts to the final buffer
+  in one op (``torch.add(acc, c, out=final)``: computed in fp32, rounded once, as ``.to()``
+  after would); with n = 2 the pair writes the final buffer directly;
 - n = 0: zero (forward: out 0, lse -inf).
+
+Every op computes what the fp32 running merge computed before (bitwise the same in bf16 on CPU).
 
 A travelling buffer (dK/dV of a visiting shard, sent on in fp32) has no final cast; one that
 arrives with a value (`base`: the partial sums of the ranks before) takes every result as a fold.
@@ -22,8 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-# final = c; acc = c; acc += c; final = acc + c; and for (out, lse) only: keep c for the next
-# result of these rows (lse = l); merge the kept one with c (into acc, or final when c is the last)
+# final = c; acc = c; acc += c; final = acc + c; keep c for these rows' next result (forward:
+# lse = l); merge the kept one with c (into acc, or into final when c is the rows' last)
 ROLES = ("put", "init", "add", "last", "hold", "pair", "pair_last")
 
 
