@@ -193,7 +193,7 @@ def plot(result: dict, path: str) -> str | None:
     ax.set_yscale("log")
     ax.set_xlabel("measured (s)")
     ax.set_ylabel("predicted (s)")
-    ax.set_title("seqpar.sim validate (H100, docs/benchmarks)")
+    ax.set_title("seqpar.sim validate (H100 and H200 runs, docs/benchmarks)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -205,11 +205,10 @@ def main(out: str | None) -> int:
     result = validate()
     print(table(result))
     if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         png = plot(result, os.path.splitext(out)[0] + ".png")
         if png:
             print("wrote", png)
-    if out:
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         with open(out, "w") as f:
             json.dump(result, f, indent=1, default=lambda o: o.item() if hasattr(o, "item") else str(o))
     return 0
