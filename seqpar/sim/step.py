@@ -284,7 +284,7 @@ def predict_step(cfg, world: int, cluster, calib, *, family: str = "cudnn", virt
                     "pipeline_p2p": p2p, "fsdp_exposed": fsdp_exposed, "fsdp_total": fsdp, "optimizer": optimizer},
         "per_layer_s": {k: {n: round(x, 6) for n, x in v.items()} for k, v in layer.items()},
         "bubble_fraction": bubble / (1 + bubble),
-        "dp_attention": {k: {n: round(x, 4) if n == "imbalance_before" else x for n, x in v.items()}
+        "dp_attention": {k: {n: round(float(x), 4) if n == "imbalance_before" else float(x) for n, x in v.items()}
                          for k, v in dp_info.items()},
         "memory_gib": mem["total_gib"], "memory": mem,
         "fits": mem["total_gib"] * 2**30 <= MARGIN * cluster.memory_bytes,
