@@ -4,7 +4,7 @@
 # no host synchronisation in a second layer's fwd+bwd), then the 2026-11-26 profile's cases again
 # (dense 32k and packed 64k, cuDNN family, torch's context_parallel beside), plain and profiled,
 # so that the element-wise kernels (add_/copy_/fill_/addcmul_) and cudaStreamSynchronize per case
-# can be set against docs/benchmarks/2026-11-26-2xh100-profile/ring. About 5 minutes, each step
+# can be set against docs/benchmarks/2026-11-26-2xh100-profile/ring. About 4 minutes (8 at most), each step
 # under a timeout.
 mkdir -p "$OUT"
 timeout 120 python3 -m pytest -q -m gpu tests/test_ring.py 2>&1 | tail -6
