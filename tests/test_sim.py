@@ -507,3 +507,20 @@ def test_code_eras_split_the_fits(tmp_path):
     assert latest.era == len(CODE_CHANGES) and first.era == 0
     assert first.lasp_call_s == pytest.approx(latest.lasp_call_s + 6e-3) and latest.lasp_call_s > 0
     assert latest.attn == first.attn  # no ring runs in either era: the defaults, inherited
+
+
+def test_chunked_mlp_pays_its_recompute(h100, calib):
+    """train.mlp_chunk_tokens below the local length checkpoints each MLP chunk (SwiGLU): backward
+    runs the MLP forward once more, a third of its matmuls plus its share of element-wise work."""
+    from seqpar.model.flops import block_params
+
+    base = ["model=llama_1b", "data=synthetic", "data.seq_len=32768", "data.distribution=fixed",
+            "data.mean_len=32768", "parallel=none", "train.global_batch_size=1", "train.micro_batch_size=1"]
+    whole = predict_step(_cfg(*base, "train.mlp_chunk_tokens=0"), 1, h100, calib)["per_layer_s"]["S"]
+    chunked = predict_step(_cfg(*base, "train.mlp_chunk_tokens=8192"), 1, h100, calib)["per_layer_s"]["S"]
+    m = _cfg("model=llama_1b").model
+    share = 3 * m.d_model * m.ffn_dim / block_params(m)["S"]
+    assert whole["recompute"] == 0
+    assert chunked["recompute"] == pytest.approx((whole["matmul"] * share + whole["elementwise"] / 2) / 3, rel=1e-4)
+    longer = predict_step(_cfg(*base, "train.mlp_chunk_tokens=32768"), 1, h100, calib)["per_layer_s"]["S"]
+    assert longer["recompute"] == 0  # a chunk as long as the sequence: not chunked

@@ -40,7 +40,7 @@ def attn_seconds(calib, calls, heads: int, head_dim: int, family: str = "cudnn")
     total = 0.0
     for call in calls:
         fit = calib.attn["flash" if call.is_varlen or family not in calib.attn else family]
-        flops, rows, n = attn_features(call, heads, head_dim)
+        flops, rows, n = attn_features(call, heads, head_dim, calib.head_dim_rate)
         t = flops / fit.rate + rows * fit.per_token + n * fit.per_call
         if call.is_varlen and calib.packed_kernel == "triton":
             t *= calib.triton_packed_ratio

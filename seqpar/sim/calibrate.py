@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from seqpar.sim.comm import LinkFit
-from seqpar.sim.compute import AttnFit
+from seqpar.sim.compute import HEAD_DIM_RATE, AttnFit
 from seqpar.sim.measurements import (disagg_samples, e2e_samples, folder_health, lasp_samples, load_benchmarks,
                                      ring_samples)
 
@@ -55,6 +55,8 @@ class Calibration:
     comm: LinkFit = field(default_factory=LinkFit)
     sources: dict[str, str] = field(default_factory=dict)
     era: int = 0  # the code era these constants describe (measurements.CODE_CHANGES)
+    # attention kernel speed per head dim relative to 128 (compute.HEAD_DIM_RATE; 64 fitted end to end)
+    head_dim_rate: dict = field(default_factory=lambda: dict(HEAD_DIM_RATE))
 
     def as_dict(self) -> dict:
         return {"attention": {k: v.as_dict() for k, v in self.attn.items()},
@@ -63,6 +65,7 @@ class Calibration:
                                "per_token_ns": round(self.lasp_token_s * 1e9, 3)},
                 "overlap_tax": round(self.overlap_tax, 3), "elementwise_factor": round(self.elementwise_factor, 3),
                 "layer_overhead_us": round(self.layer_overhead_s * 1e6, 1),
+                "attention_rate_by_head_dim": {str(k): round(v, 3) for k, v in self.head_dim_rate.items()},
                 "runtime_ns_per_local_token": {k: round(v * 1e9, 2) for k, v in self.runtime_token_s.items()},
                 "ring_per_document_piece_us": round(self.ring_piece_s * 1e6, 2),
                 "ring_packed_gqa_slowdown": round(self.ring_gqa_slowdown, 4),
@@ -349,33 +352,46 @@ def fit_comm(found) -> LinkFit:
 
 def fit_e2e(samples, calib, cluster, exclude=()) -> Calibration:
     """Layer host overhead on the launch-bound run (the GPU part of its layers is far below it),
-    then the element-wise factor on the compute-bound one: each solved by bisection on the model."""
+    then the element-wise factor on the compute-bound eager runs and the attention kernel's speed at
+    head dim 64 (every kernel row is at 128) on the compute-bound run with seqpar's kernels: the
+    two share the model's attention, so they are solved in turn until they settle, each by
+    bisection on the model. Runs with no `fit` role (E2E_RUNS) are held out."""
     from seqpar.sim.configs import as_plain, compose
     from seqpar.sim.step import predict_step
 
     usable = [s for s in samples if not s["unhealthy"] and s["group"] not in exclude]
-    launch = [s for s in usable if s["world"] > 1]
-    # the factor is the eager torch ops' (the Triton kernels' runs are predicted, not fitted)
-    compute = [s for s in usable if s["world"] == 1 and s["torch_elementwise"]]
+    launch = [s for s in usable if s.get("fit") == "layer_overhead"]
+    compute = [s for s in usable if s.get("fit") == "compute" and s["torch_elementwise"]]
+    kernels = [s for s in usable if s.get("fit") == "compute" and not s["torch_elementwise"]]
 
     def solve(sample, key, lo, hi):
         cfg = as_plain(compose(sample["overrides"]))
-        f = lambda v: predict_step(cfg, sample["world"], cluster, replace(calib, **{key: v}),
-                                   torch_elementwise=sample["torch_elementwise"])["step_s"] - sample["measured"]
-        if f(lo) > 0 or f(hi) < 0:
-            return lo if f(lo) > 0 else hi
+        def f(v):
+            c = replace(calib, head_dim_rate={**calib.head_dim_rate, 64: v}) if key == "head_dim_64" else \
+                replace(calib, **{key: v})
+            return predict_step(cfg, sample["world"], cluster, c,
+                                torch_elementwise=sample["torch_elementwise"])["step_s"] - sample["measured"]
+        # the step time falls as the head-dim rate rises and rises with the other two constants
+        sign = -1 if key == "head_dim_64" else 1
+        if sign * f(lo) > 0 or sign * f(hi) < 0:
+            return lo if sign * f(lo) > 0 else hi
         for _ in range(30):
             mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if f(mid) < 0 else (lo, mid)
+            lo, hi = (mid, hi) if sign * f(mid) < 0 else (lo, mid)
         return (lo + hi) / 2
 
     if launch:
         calib = replace(calib, layer_overhead_s=statistics.median(solve(s, "layer_overhead_s", 0.0, 1.0) for s in launch))
         calib.sources["layer_overhead_s"] = ", ".join(s["file"] for s in launch)
-    if compute:
-        calib = replace(calib, elementwise_factor=statistics.median(solve(s, "elementwise_factor", 0.0, 200.0)
-                                                                    for s in compute))
-        calib.sources["elementwise_factor"] = ", ".join(s["file"] for s in compute)
+    for _ in range(4 if compute and kernels else 1):
+        if compute:
+            calib = replace(calib, elementwise_factor=statistics.median(solve(s, "elementwise_factor", 0.0, 200.0)
+                                                                        for s in compute))
+            calib.sources["elementwise_factor"] = ", ".join(s["file"] for s in compute)
+        if kernels:
+            rate = statistics.median(solve(s, "head_dim_64", 0.2, 1.5) for s in kernels)
+            calib = replace(calib, head_dim_rate={**calib.head_dim_rate, 64: rate})
+            calib.sources["head_dim_64_rate"] = ", ".join(s["file"] for s in kernels)
     return calib
 
 

@@ -70,10 +70,12 @@ class AttnCall:
         return float(sum(q * min(q, TILE) / 2 for q, _ in self.segments)) if self.causal else 0.0
 
 
-def attn_features(call: AttnCall, heads: int, head_dim: int) -> tuple[float, float, float]:
-    """(FLOPs, rows scaled to REF_HD, calls): the coefficients of (1/rate, per_token, per_call)."""
+def attn_features(call: AttnCall, heads: int, head_dim: int, head_dim_rate: dict | None = None
+                  ) -> tuple[float, float, float]:
+    """(FLOPs, rows scaled to REF_HD, calls): the coefficients of (1/rate, per_token, per_call).
+    `head_dim_rate`: the kernel's speed at each head dim relative to 128 (default HEAD_DIM_RATE)."""
     flops = ATTN_FWD_BWD * 4 * heads * head_dim * (call.pairs() + call.waste())
-    flops /= HEAD_DIM_RATE.get(head_dim, 1.0)
+    flops /= (HEAD_DIM_RATE if head_dim_rate is None else head_dim_rate).get(head_dim, 1.0)
     return flops, call.rows() * heads * head_dim / REF_HD, 1.0
 
 

@@ -236,13 +236,19 @@ def disagg_samples(found, seed: int = 0) -> list[dict]:
 
 
 # The end-to-end runs of docs/benchmarks: which job each metrics file is (the scripts' commands).
-E2E_RUNS = {
+E2E_RUNS = {  # fit: the constant the run fits (calibrate.fit_e2e); None: held out of every fit
     "llama_1b_16k_metrics.jsonl": dict(
-        world=1, script="docs/benchmarks/foundation_gpu.sh",
+        world=1, script="docs/benchmarks/foundation_gpu.sh", fit="compute",
         overrides=["model=llama_1b", "parallel=none", "data=synthetic", "data.seq_len=16384", "data.distribution=fixed",
                    "data.mean_len=16384", "train=long", "launcher.nproc_per_node=1"]),
-    "default_job_metrics.jsonl": dict(world=2, script="docs/benchmarks/two_gpu_linear.sh",
+    "default_job_metrics.jsonl": dict(world=2, script="docs/benchmarks/two_gpu_linear.sh", fit="layer_overhead",
                                       overrides=["launcher.nproc_per_node=2"]),
+    "llama_1b_dp2_fsdp2_metrics.jsonl": dict(
+        world=2, script="docs/benchmarks/fourd_gpu.sh", fit=None,
+        overrides=["model=llama_1b", "data=synthetic", "data.seq_len=32768", "data.distribution=fixed",
+                   "data.mean_len=32768", "train=long", "train.steps=6", "train.warmup_steps=1",
+                   "train.global_batch_size=2", "train.micro_batch_size=1", "launcher.nproc_per_node=2",
+                   "parallel=none"]),
 }
 
 
@@ -280,6 +286,7 @@ def e2e_samples(found) -> list[dict]:
         old_code = Path(path).parent.name in TORCH_ELEMENTWISE_RUNS
         overrides = run["overrides"] + (["model.fp32_residual=true"] if old_code else [])
         out.append(dict(group=name, name=name, file=path, world=run["world"], overrides=overrides, era=era_of(path),
+                        fit=run.get("fit"),
                         torch_elementwise=old_code,
                         measured=statistics.median(r["step_time_s"] for r in steady), measured_mem_gib=mem,
                         unhealthy=folder_health(path)))

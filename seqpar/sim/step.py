@@ -220,13 +220,18 @@ def predict_step(cfg, world: int, cluster, calib, *, family: str = "cudnn", virt
                            + collective_time("reduce_scatter", full, tp_group, cluster, calib.comm))
         # checkpointing runs forwards again in backward: the whole block (full), or norms and MLP
         # (selective); a forward is 1/3 of matmul fwd+bwd work and 1/3.5 of attention's
+        mlp_share = 3 * m.d_model * m.ffn_dim / params[kind]
+        mlp_forward = (mm * mlp_share + ew / 2) / 3
         if t.activation_checkpointing == "full":
             recompute = (mm + ew + tp_comm / 2) / 3 + attn / 3.5
         elif t.activation_checkpointing == "selective":
-            mlp_share = 3 * m.d_model * m.ffn_dim / params[kind]
-            recompute = (mm * mlp_share + ew / 2) / 3
+            recompute = mlp_forward
         else:
             recompute = 0.0
+        if 0 < getattr(t, "mlp_chunk_tokens", 0) < S // cp:
+            # the chunked MLP checkpoints each chunk (model/layers.py SwiGLU): its forward runs once
+            # more in backward, inside whatever the checkpointing above already recomputes
+            recompute += mlp_forward
         gpu = mm + ew + attn + tp_comm + recompute
         layer[kind] = dict(total=gpu, matmul=mm, elementwise=ew, attention=attn,
                            attention_comm_exposed=attn_exposed, tp_comm=tp_comm, recompute=recompute)

@@ -129,9 +129,10 @@ def validate(root=None) -> dict:
             continue
         pred, mem = _e2e_case(s, own(s), cluster)
         loo_pred, _ = _e2e_case(s, loo(s), cluster)
-        fit = ["layer overhead"] if s["world"] > 1 else ["element-wise factor"] if s["torch_elementwise"] else []
+        fit = {"layer_overhead": ["layer overhead"], "compute": ["element-wise factor" if s["torch_elementwise"]
+                                                                  else "head-dim 64 rate"]}.get(s["fit"], [])
         cases.append(_case(s["name"], s["measured"], pred, loo_pred, s["world"], s["file"], fit,
-                           "the same configuration is measured twice" if s["world"] == 1 else "", era=s["era"]))
+                           "the same configuration is measured twice" if s["torch_elementwise"] else "", era=s["era"]))
         if s["measured_mem_gib"]:
             memory.append({"name": s["name"], "measured_gib": round(s["measured_mem_gib"], 3),
                            "predicted_gib": round(mem, 3), "rel_err": round(_rel(mem, s["measured_mem_gib"]), 4)})
