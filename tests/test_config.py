@@ -119,3 +119,8 @@ def test_deepspeed_block_is_merged_over_the_generated_config():
     assert ds["wall_clock_breakdown"] is True and ds["gradient_clipping"] == 0.5
     # 8 sequences over dp=2 in micro-batches of 2: 2 accumulation steps; DeepSpeed counts cp ranks as dp
     assert (ds["gradient_accumulation_steps"], ds["train_micro_batch_size_per_gpu"], ds["train_batch_size"]) == (2, 2, 16)
+    assert "torch_autocast" not in ds  # fp32 on the CPU
+    # on CUDA in bf16 the engine's forward runs under torch's autocast, gradients reduced in fp32
+    cuda = deepspeed_config(make_cfg("parallel.dp_engine=deepspeed", "train.device=cuda"),
+                            ParallelDims(dp=2, cp=1, tp=1, pp=1, world_size=2))
+    assert cuda["torch_autocast"] == {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}

@@ -45,6 +45,9 @@ rows = []
 for path in sorted(glob.glob(os.path.join(out, "*_metrics.jsonl"))):
     name = os.path.basename(path)[:-len("_metrics.jsonl")]
     steps = [json.loads(line) for line in open(path)]
+    if not steps:  # the run failed before its first step: its log says why
+        rows.append({"run": name, "failed": True})
+        continue
     timed = [m for m in steps if m["step"] >= 3] or steps
     mean = lambda k: sum(m.get(k, 0.0) for m in timed) / len(timed)
     rows.append({"run": name, "steps_timed": [m["step"] for m in timed], "tokens_per_s": round(mean("tokens_per_s")),
@@ -58,5 +61,8 @@ doc = {"benchmark": "fourd_2gpu", "device": torch.cuda.get_device_name(0) if cud
 json.dump(doc, open(os.path.join(out, "fourd_2gpu.json"), "w"), indent=1)
 print(f"{'run':24s} {'tok/s':>8s} {'mfu':>6s} {'step s':>7s} {'mem GB':>7s}")
 for r in rows:
+    if r.get("failed"):
+        print(f"{r['run']:24s} failed (see its log)")
+        continue
     print(f"{r['run']:24s} {r['tokens_per_s']:8d} {r['mfu']:6.3f} {r['step_time_s']:7.3f} {r['max_mem_gb']:7.1f}")
 EOF

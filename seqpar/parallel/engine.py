@@ -30,6 +30,7 @@ OWNED_DEEPSPEED_KEYS = {
     "gradient_accumulation_steps": "train.global_batch_size / (dp * train.micro_batch_size)",
     "gradient_clipping": "train.grad_clip", "optimizer": "train.lr/beta1/beta2/weight_decay",
     "scheduler": "train.warmup_steps/min_lr_ratio", "fp16": "train.dtype", "bf16": "train.dtype",
+    "torch_autocast": "train.dtype",
 }
 
 
@@ -139,6 +140,8 @@ def deepspeed_config(cfg, dims: ParallelDims) -> dict:
     merged over it (validation keeps that block off the keys seqpar owns)."""
     from omegaconf import OmegaConf
 
+    from seqpar.config import use_cuda
+
     t = cfg.train
     # one backward per micro-batch and per virtual pipeline stage: an interleaved stage runs V of them
     micro_steps = t.global_batch_size // (dims.dp * t.micro_batch_size) * (cfg.parallel.virtual_stages if dims.pp > 1 else 1)
@@ -152,6 +155,11 @@ def deepspeed_config(cfg, dims: ParallelDims) -> dict:
         "zero_allow_untested_optimizer": True,  # our torch AdamW, so that both engines run the same update
         "steps_per_print": 1 << 30,  # metrics.py logs; DeepSpeed's own step lines would interleave
     }
+    if use_cuda(cfg) and t.dtype in ("auto", "bf16"):
+        # the engine turns an outer autocast off inside its forward: without this the model runs in
+        # fp32 there (and attention on fp32 falls back to the S x S reference). No module is marked
+        # lower-precision-safe, so gradients are still reduced in fp32, as under FSDP2.
+        generated["torch_autocast"] = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
     return _merge(generated, OmegaConf.to_container(cfg.parallel.deepspeed, resolve=True) or {})
 
 
