@@ -600,19 +600,3 @@ def test_ring_bf16_on_nccl_against_fp64():
                 assert errs == [], (case, errs)
             else:
                 assert max(errs) < 2e-2, (case, errs)
-
-
-def test_host_bounds_read_once_per_tensor_and_forgotten_with_it():
-    import gc
-
-    from seqpar.attention import ring
-
-    cu = torch.tensor([0, 3, 10], dtype=torch.int32)
-    first = ring._host_bounds(cu)
-    assert first == [0, 3, 10] and ring._host_bounds(cu) is first  # the second layer reads no device
-    other = torch.tensor([0, 3, 10], dtype=torch.int32)
-    assert ring._host_bounds(other) is not first  # equal values, another tensor: its own entry
-    key = id(cu)
-    del cu
-    gc.collect()
-    assert key not in ring._HOST_BOUNDS

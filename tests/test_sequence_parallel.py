@@ -84,3 +84,24 @@ def test_zigzag_balances_causal_work():
     from seqpar.parallel.sharding import local_ranges
     work = [sum(b * (b + 1) // 2 - a * (a + 1) // 2 for a, b in local_ranges(64, 4, r, "zigzag")) for r in range(4)]
     assert len(set(work)) == 1, work  # each rank: one early and one late chunk
+
+
+def test_host_bounds_read_once_per_tensor_and_version():
+    """Every layer of a step passes the same cu_seqlens: its host copy is read once (each read is a
+    device sync), kept while the tensor lives and read again after an in-place change."""
+    import gc
+
+    from seqpar.parallel import sharding
+
+    cu = torch.tensor([0, 3, 10], dtype=torch.int32)
+    first = sharding.host_bounds(cu)
+    assert first == (0, 3, 10) and sharding.host_bounds(cu) is first
+    other = torch.tensor([0, 3, 10], dtype=torch.int32)
+    assert sharding.host_bounds(other) is not first  # equal values, another tensor: its own entry
+    cu[1] = 4
+    assert sharding.host_bounds(cu) == (0, 4, 10)
+    assert sharding.host_bounds([0, 5]) == (0, 5)
+    n = len(sharding._HOST_BOUNDS)
+    del cu
+    gc.collect()
+    assert len(sharding._HOST_BOUNDS) == n - 1

@@ -28,7 +28,6 @@ a layer's call makes no host-device synchronisation and no per-step planning.
 from __future__ import annotations
 
 import bisect
-import weakref
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -37,7 +36,7 @@ import torch.distributed as dist
 
 from seqpar.attention.ring_fold import fold_grad, fold_out, fold_out_rest, fold_rest, plan_folds
 from seqpar.kernels.flash_attn import flash_attn, flash_attn_backward
-from seqpar.parallel.sharding import doc_zigzag_plan, group_size_rank, local_ranges
+from seqpar.parallel.sharding import doc_zigzag_plan, group_size_rank, host_bounds, local_ranges
 
 
 @dataclass(frozen=True)
@@ -317,7 +316,7 @@ def ring_attention_held(q, k, v, held, *, group=None, causal=True, cu_seqlens=No
         raise ValueError(f"rank {rank} of a ring of {world} holds {q.shape[1]} rows, not the ranges {held[rank]}")
     if cu_seqlens is not None and q.shape[0] != 1:
         raise ValueError(f"packed documents (cu_seqlens) need batch size 1, got q of shape {tuple(q.shape)}")
-    bounds = None if cu_seqlens is None else tuple(_host_bounds(cu_seqlens))
+    bounds = None if cu_seqlens is None else host_bounds(cu_seqlens)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
     key = tuple(tuple(tuple(r) for r in ranges) for ranges in held)
     return _RingAttention.apply(q, k, v, group, _held_ring_plan(key, rank, bounds, bool(causal)), scale)
@@ -435,27 +434,6 @@ def _accumulator(final, dtype, folds):
     if final.dtype == dtype or not folds.needs_acc:
         return final
     return torch.empty(final.shape, dtype=dtype, device=final.device)
-
-
-_HOST_BOUNDS: dict[int, tuple[weakref.ref, list[int]]] = {}  # id(tensor) -> (its weak reference, its values)
-
-
-def _host_bounds(cu_seqlens: torch.Tensor) -> list[int]:
-    """`cu_seqlens.tolist()`, read from the device once per tensor: every layer of a step passes the
-    same one, and each read is a host-device synchronisation. (Keyed by identity: a tensor's own
-    `==` is element-wise, so it cannot key a WeakKeyDictionary.)"""
-    key = id(cu_seqlens)
-    hit = _HOST_BOUNDS.get(key)
-    if hit is not None and hit[0]() is cu_seqlens:
-        return hit[1]
-
-    def forget(ref, key=key):
-        if _HOST_BOUNDS.get(key, (None,))[0] is ref:
-            del _HOST_BOUNDS[key]
-
-    bounds = cu_seqlens.tolist()
-    _HOST_BOUNDS[key] = (weakref.ref(cu_seqlens, forget), bounds)
-    return bounds
 
 
 class _BoundTensors:

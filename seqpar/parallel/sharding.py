@@ -228,16 +228,7 @@ class DocZigzag:
 
 def doc_zigzag_plan(cu_seqlens, world_size: int) -> DocZigzag:
     """The doc_zigzag layout of a packed row with document boundaries `cu_seqlens` (list or tensor)."""
-    if not torch.is_tensor(cu_seqlens) or cu_seqlens.is_inference():  # (inference tensors have no version)
-        return _plan(_bounds(cu_seqlens), world_size)
-    # every layer passes the step's same cu_seqlens tensor: reading it again would be a device sync
-    known = _PLANS_OF.setdefault(cu_seqlens, {})
-    if world_size not in known or known[world_size][0] != cu_seqlens._version:
-        known[world_size] = (cu_seqlens._version, _plan(_bounds(cu_seqlens), world_size))
-    return known[world_size][1]
-
-
-_PLANS_OF = WeakIdKeyDictionary()  # cu_seqlens tensor -> {world: (its version, plan)}, while it lives
+    return _plan(_bounds(cu_seqlens), world_size)
 
 
 @lru_cache(maxsize=8)  # one plan per micro-batch, asked for by the sharding and by every layer
@@ -278,7 +269,7 @@ def _bounds(cu_seqlens) -> tuple[int, ...]:
     if cu_seqlens is None:
         raise ValueError("layout doc_zigzag cuts every document into 2*cp pieces: pass cu_seqlens "
                          "(the global document boundaries of the packed row)")
-    bounds = tuple(int(x) for x in (cu_seqlens.tolist() if torch.is_tensor(cu_seqlens) else cu_seqlens))
+    bounds = host_bounds(cu_seqlens)
     if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] < 1 or any(b < a for a, b in zip(bounds[:-1], bounds[1:])):
         raise ValueError(f"cu_seqlens must rise from 0 to the row's length, got {list(bounds)}")
     return tuple(sorted(set(bounds)))  # an empty document holds no token: nothing to place

@@ -30,7 +30,6 @@ from __future__ import annotations
 import functools
 import math
 import time
-import weakref
 
 import torch
 import torch.distributed as dist
@@ -40,7 +39,7 @@ from seqpar.attention.disagg.options import current, planner_overhead
 from seqpar.attention.disagg.planner import plan_owned
 from seqpar.attention.disagg.routing import Route, nano_batches, owner_assemblies, route
 from seqpar.kernels.flash_attn import flash_attn, flash_attn_backward
-from seqpar.parallel.sharding import group_size_rank, local_ranges
+from seqpar.parallel.sharding import group_size_rank, host_bounds, local_ranges
 
 
 def disagg_attention(q, k, v, *, group=None, causal=True, cu_seqlens=None, softmax_scale=None, layout="contiguous",
@@ -59,7 +58,7 @@ def disagg_attention(q, k, v, *, group=None, causal=True, cu_seqlens=None, softm
     else:
         if B != 1:
             raise ValueError(f"packed documents (cu_seqlens) need batch size 1, got {B}")
-        bounds = _host_bounds(cu_seqlens)
+        bounds = host_bounds(cu_seqlens)
         if bounds[-1] != seq_len:
             raise ValueError(f"cu_seqlens ends at {bounds[-1]}, the group holds {seq_len} tokens")
     hq, hkv = q.shape[2], k.shape[2]
@@ -73,20 +72,6 @@ def disagg_attention(q, k, v, *, group=None, causal=True, cu_seqlens=None, softm
     flat = [t.reshape(B * s_local, *t.shape[2:]) for t in (q, k, v)]
     out = _DisaggAttention.apply(*flat, routes, group, causal, softmax_scale)
     return out.reshape(B, s_local, *out.shape[1:])
-
-
-_last_bounds: list = [None, -1, None]  # weakref to the last cu_seqlens, its version, its host copy
-
-
-def _host_bounds(cu_seqlens) -> tuple:
-    """cu_seqlens on the host. Every layer of a step passes the same tensor: reading it once
-    spares a device sync per layer (the copy is reused while that tensor lives, unmodified)."""
-    ref, version, bounds = _last_bounds
-    if ref is not None and ref() is cu_seqlens and version == cu_seqlens._version:
-        return bounds
-    bounds = tuple(int(x) for x in cu_seqlens.tolist())
-    _last_bounds[:] = [weakref.ref(cu_seqlens), cu_seqlens._version, bounds]
-    return bounds
 
 
 @functools.lru_cache(maxsize=64)  # every layer of a step plans the same boundaries
