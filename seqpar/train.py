@@ -113,6 +113,10 @@ def build_optimizer(model, cfg, device):
 
 def run_worker(cfg) -> int:
     validate(cfg, world=int(os.environ.get("WORLD_SIZE", 1)))
+    # Before the first CUDA allocation (the allocator reads it then), unless the user chose: long
+    # sequences allocate blocks of many sizes, and segments that grow in place keep the freed
+    # space usable (torchtitan's launch script sets the same)
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     device = init_distributed(cfg)
     try:
         train(cfg, device)
