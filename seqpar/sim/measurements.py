@@ -67,6 +67,20 @@ def run_date(path, data=None):
     return _parse_date(folder.name[:10])
 
 
+def cluster_preset_of(path) -> str:
+    """The cluster preset of the card a run used: h200_8x400g when a JSON in its folder names an H200
+    as its device (or the folder's name says h200), else h100_8x400g (the other committed card)."""
+    folder = Path(path).parent
+    for other in sorted(folder.glob("*.json")):
+        try:
+            d = json.loads(other.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(d, dict) and d.get("device"):
+            return "h200_8x400g" if "H200" in str(d["device"]) else "h100_8x400g"
+    return "h200_8x400g" if "h200" in folder.name.lower() else "h100_8x400g"
+
+
 def era_of(path, data=None) -> int:
     """Index of the code era the run measured (0 before the first of CODE_CHANGES); undated: the latest."""
     when = run_date(path, data)
@@ -243,13 +257,17 @@ E2E_RUNS = {  # fit: the constant the run fits (calibrate.fit_e2e); None: held o
                    "data.mean_len=16384", "train=long", "launcher.nproc_per_node=1"]),
     "default_job_metrics.jsonl": dict(world=2, script="docs/benchmarks/two_gpu_linear.sh", fit="layer_overhead",
                                       overrides=["launcher.nproc_per_node=2"]),
-    "llama_1b_dp2_fsdp2_metrics.jsonl": dict(
-        world=2, script="docs/benchmarks/fourd_gpu.sh", fit=None,
-        overrides=["model=llama_1b", "data=synthetic", "data.seq_len=32768", "data.distribution=fixed",
-                   "data.mean_len=32768", "train=long", "train.steps=6", "train.warmup_steps=1",
-                   "train.global_batch_size=2", "train.micro_batch_size=1", "launcher.nproc_per_node=2",
-                   "parallel=none"]),
 }
+# docs/benchmarks/fourd_gpu.sh: llama_1b and hybrid_1b at 32k on 2 GPUs, one layout per run (held out)
+_FOURD = ["data=synthetic", "data.seq_len=32768", "data.distribution=fixed", "data.mean_len=32768", "train=long",
+          "train.steps=6", "train.warmup_steps=1", "train.global_batch_size=2", "train.micro_batch_size=1",
+          "launcher.nproc_per_node=2"]
+_FOURD_LAYOUTS = {"cp2": ["parallel.cp=2", "parallel.dp=1"],
+                  "tp2": ["parallel.cp=1", "parallel.tp=2", "parallel.dp=1", "train.mlp_chunk_tokens=0"],
+                  "dp2_fsdp2": ["parallel=none"]}
+E2E_RUNS.update({f"{model}_{name}_metrics.jsonl": dict(world=2, script="docs/benchmarks/fourd_gpu.sh", fit=None,
+                                                       overrides=[f"model={model}", *_FOURD, *layout])
+                 for model in ("llama_1b", "hybrid_1b") for name, layout in _FOURD_LAYOUTS.items()})
 
 
 # Runs made before seqpar's Triton RMSNorm/RoPE/fused CE and its bf16 residual stream (commit

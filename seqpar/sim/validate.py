@@ -17,7 +17,7 @@ from dataclasses import replace
 from seqpar.sim.attention_cost import _single_call, lasp_layer, ring_layer
 from seqpar.sim.calibrate import calibrate
 from seqpar.sim.cases import DISAGG_METHODS, RUNTIME_OF, disagg_case
-from seqpar.sim.measurements import (CODE_CHANGES, disagg_samples, e2e_samples, lasp_samples, load_benchmarks,
+from seqpar.sim.measurements import (CODE_CHANGES, cluster_preset_of, disagg_samples, e2e_samples, lasp_samples, load_benchmarks,
                                      maxlen_exclusions, ring_samples)
 from seqpar.sim.cluster import load_cluster
 from seqpar.sim.comm import placed
@@ -67,7 +67,7 @@ def _case(name, measured, pred, loo, world, file, in_sample, note="", era=0):
 
 
 def validate(root=None) -> dict:
-    cluster = load_cluster("h100_8x400g")  # where every committed benchmark ran
+    cluster = load_cluster("h100_8x400g")  # the constants are fitted with its links (calibrate)
     found = load_benchmarks(root)
     full = calibrate(root)
     cases, memory, excluded = [], [], []
@@ -127,8 +127,10 @@ def validate(root=None) -> dict:
         if s["unhealthy"]:
             excluded.append({"name": s["name"], "measured_s": s["measured"], "reason": s["unhealthy"]})
             continue
-        pred, mem = _e2e_case(s, own(s), cluster)
-        loo_pred, _ = _e2e_case(s, loo(s), cluster)
+        # a whole step's matmuls and element-wise passes run at the card's own figures (H100 or H200)
+        card = load_cluster(cluster_preset_of(s["file"]))
+        pred, mem = _e2e_case(s, own(s), card)
+        loo_pred, _ = _e2e_case(s, loo(s), card)
         fit = {"layer_overhead": ["layer overhead"], "compute": ["element-wise factor" if s["torch_elementwise"]
                                                                   else "head-dim 64 rate"]}.get(s["fit"], [])
         cases.append(_case(s["name"], s["measured"], pred, loo_pred, s["world"], s["file"], fit,
