@@ -1,4 +1,5 @@
-# Sourced at the start of every device-tool command: installs the carried wheels (hydra-core,
+# Sourced at the start of every device-tool command: installs the carried wheels (made by
+# docs/benchmarks/wheels.sh: hydra-core,
 # omegaconf, antlr4; see the device README) and seqpar itself, editable, into the machine's venv,
 # so that `seqpar.kernels` / `seqpar.launch` resolve exactly as on a user's machine.
 set -e
