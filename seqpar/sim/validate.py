@@ -51,10 +51,10 @@ def _lasp_case(s, calib, cluster, single=False):
 
 
 def _e2e_case(s, calib, cluster):
-    from seqpar.sim.configs import compose
+    from seqpar.sim.configs import plain_config
     from seqpar.sim.step import memory_per_rank, predict_step
 
-    cfg = compose(s["overrides"])
+    cfg = plain_config(s["overrides"])
     step = predict_step(cfg, s["world"], cluster, calib, torch_elementwise=s["torch_elementwise"])
     return step["step_s"], memory_per_rank(cfg, s["world"])["total_gib"]
 
