@@ -456,7 +456,7 @@ def test_dp_straggler_and_disagg_over_dp_cp(h100, calib):
 
 
 def test_dp_cp_disagg_in_the_step_the_planner_and_the_sweep(tmp_path, monkeypatch, h100, calib):
-    import seqpar.sim.sweep as sweep
+    from seqpar.sim import sweep
     from seqpar.sim.plan import apply, candidates
 
     mix = ["data=synthetic", "data.seq_len=8192", "data.distribution=lognormal", "data.mean_len=1024"]

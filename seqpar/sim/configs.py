@@ -6,7 +6,8 @@ import functools
 
 
 def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose, initialize_config_module
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
     from omegaconf import OmegaConf
 
     from seqpar.config import register_configs
@@ -18,7 +19,7 @@ def compose(overrides: list[str]):
     return cfg
 
 
-def plain_config(overrides) -> "Section":
+def plain_config(overrides) -> Section:
     """`as_plain(compose(overrides))`, composed once per distinct overrides (Hydra takes ~0.3 s a
     composition; calibration and validation predict the same runs many times). A fresh copy each call."""
     import copy
@@ -27,7 +28,7 @@ def plain_config(overrides) -> "Section":
 
 
 @functools.lru_cache(maxsize=64)
-def _plain_config(overrides: tuple) -> "Section":
+def _plain_config(overrides: tuple) -> Section:
     return as_plain(compose(list(overrides)))
 
 

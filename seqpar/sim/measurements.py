@@ -31,8 +31,8 @@ def bench_dir() -> Path:
 # constants are fitted on its own runs (those it has no runs for are the previous era's), each
 # case is predicted with its era's constants, and predictions for today's code use the latest.
 CODE_CHANGES = (
-    ("2026-11-26T00:55:00+00:00", "79fc72c LASP-2 exchange hook, 7a17a3f ring fold plans, 1fad4de disagg runtime "
-                                  "without per-token index ops, e049981 lightning kernel one-scan exchange"),
+    ("2026-11-26T00:55:00+00:00", ("79fc72c LASP-2 exchange hook, 7a17a3f ring fold plans, 1fad4de disagg runtime "
+                                   "without per-token index ops, e049981 lightning kernel one-scan exchange")),
 )
 
 

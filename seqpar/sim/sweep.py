@@ -170,8 +170,8 @@ def measured_dp_disagg(root=None) -> list[dict]:
     for s in disagg_samples(load_benchmarks(root)):
         rows = [r for _, r in s["batches"] if "dp_no_rebalance_ms" in r and "disagg_ms" in r]
         if rows:
-            mean = lambda key: sum(r.get(key, float("nan")) for r in rows) / len(rows)
-            plain, ours, no_pp = mean("dp_no_rebalance_ms"), mean("disagg_ms"), mean("disagg_no_pingpong_ms")
+            plain, ours, no_pp = (sum(r.get(key, float("nan")) for r in rows) / len(rows)
+                                  for key in ("dp_no_rebalance_ms", "disagg_ms", "disagg_no_pingpong_ms"))
             out.append(dict(run=Path(s["file"]).parent.name, mix=s["mix"], tokens_per_rank=s["tokens"],
                             batches=len(rows), dp_no_rebalance_ms=round(plain, 1), disagg_ms=round(ours, 1),
                             disagg_no_pingpong_ms=round(no_pp, 1), speedup=round(plain / ours, 3),
