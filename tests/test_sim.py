@@ -492,6 +492,15 @@ def test_code_eras_split_the_fits(tmp_path):
     assert era_of("x/2026-11-25-2xh100-ring/r.json", {"date": since}) == 1
     assert era_of(str(tmp_path / "2026-11-25-h100-run" / "m.jsonl")) == 0
     assert era_of(str(tmp_path / "2099-01-01-h100-run" / "m.jsonl")) == len(CODE_CHANGES)
+    # the card: a JSON beside the run naming its device, else the folder's name
+    from seqpar.sim.measurements import cluster_preset_of
+
+    card = tmp_path / "2026-11-26-2xgpu-run"
+    card.mkdir()
+    assert cluster_preset_of(str(card / "m.jsonl")) == "h100_8x400g"
+    (card / "summary.json").write_text(json.dumps({"device": "NVIDIA H200"}))
+    assert cluster_preset_of(str(card / "m.jsonl")) == "h200_8x400g"
+    assert cluster_preset_of(str(tmp_path / "2026-11-26-2xh200-x" / "m.jsonl")) == "h200_8x400g"
     old = {"lasp": [("a.json", {"rows": [dict(tokens=8, method=m, ms=1.0) for m in ("lasp2", "lasp2_serial")]})]}
     assert [s["method"] for s in lasp_samples(old)] == ["lasp2_overlapped", "lasp2"]
     new = {"lasp": [("b.json", {"rows": [dict(tokens=8, method=m, ms=1.0) for m in ("lasp2", "lasp2_overlapped")]})]}
