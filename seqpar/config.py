@@ -40,7 +40,9 @@ class DisaggConfig:  # parallel.softmax_sp=disagg (core-attention servers); rule
     eps: float = 0.1  # planning stops when every server is within eps of the mean attention load
     min_chunk: int = 128  # smallest query piece the planner cuts
     task_overhead: Optional[int] = None  # per-task cost in score pairs; null: fitted from cost_table, else 8192
-    ping_pong: bool = True  # two nano-batches: the all-to-alls of one overlap the attention of the other
+    # two nano-batches, the all-to-alls of one overlapping the attention of the other; off by default
+    # until it pays: on 2 GPUs it measured 0.91-1.00x of one nano-batch (docs/benchmarks, 2026-11-25/26)
+    ping_pong: bool = False
     cost_table: Optional[str] = None  # JSON from `python -m seqpar.bench disagg --profile-cost-table`
     group: str = "cp"  # cp | dp_cp: also move attention work between the data-parallel ranks (cp=1 only)
 

@@ -102,7 +102,7 @@ def test_plan_1000_documents_is_fast():
 # 1-token document; min_chunk=16 lets the planner split the long document across servers.
 SEQ = 800
 DOCS = [0, 1, 9, 700, 701, 725, 800]
-# (causal, layout, hq, hkv, ping_pong): ping-pong (the default) everywhere, one nano-batch in two cases
+# (causal, layout, hq, hkv, ping_pong): ping-pong everywhere, one nano-batch (the default) in two cases
 CASES = [(c, lay, hq, hkv, True) for c in (True, False) for lay in ("contiguous", "zigzag")
          for hq, hkv in ((8, 2), (4, 4))]
 CASES += [(True, "zigzag", 8, 2, False), (False, "contiguous", 4, 4, False)]

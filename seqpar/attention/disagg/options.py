@@ -18,7 +18,7 @@ class DisaggOptions:
     eps: float = 0.1                 # stop when every server is within eps of the mean load
     min_chunk: int = 128             # smallest query piece the planner cuts (the kernel loses throughput below)
     task_overhead: Optional[int] = None  # per-task cost in score pairs; None: fitted from cost_table, else 8192
-    ping_pong: bool = True           # two nano-batches: one's all-to-alls overlap the other's attention
+    ping_pong: bool = False          # two nano-batches: one's all-to-alls overlap the other's attention (see config)
     cost_table: Optional[str] = None  # JSON of (q_len, kv_len) -> ms profiled on the GPU
     group: str = "cp"                # cp: balance inside the cp group; dp_cp: across data-parallel ranks (rows.py)
 
