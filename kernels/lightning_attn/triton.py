@@ -8,11 +8,11 @@ segment never crosses a document start) are the unit of parallelism. Three kerne
 
   1. `_segment_state`: each segment's own contribution to the state at its end, from zero
      (parallel over segment x head x column block);
-  2. `_segment_scan`: per document, the state at each boundary between two of its segments, a
-     short fp32 scan over the document's segments starting from its initial state;
-  3. `_segment_output`: per segment, walks its chunks from the entering state (the boundary's,
-     or the initial state for a document's first segment) and writes the outputs; a document's
-     last segment also writes the final state (parallel like 1).
+  2. `_segment_scan`: per document, the document's own state (from zero) at each boundary
+     between two of its segments, a short fp32 scan over the document's segments;
+  3. `_segment_output`: per segment, walks its chunks from the entering state (the boundary's
+     plus the document's initial state decayed over the tokens before the segment) and writes
+     the outputs; a document's last segment also writes the final state (parallel like 1).
 
 States are kept only at boundaries inside documents, at most tokens / seg_len of them whatever
 the number of documents (not one per chunk, as fla's chunk kernels do), so state traffic stays
