@@ -144,6 +144,53 @@ def test_interp_autograd_through_out_and_lse():
         assert _rel(got, want) <= 2e-5, f"d{name}"
 
 
+def _views(t, seed):
+    """Three destinations of t's shape and dtype, prefilled with noise: a row slice of a longer
+    buffer (unit stride on D: the kernels store into it), a view strided on heads (still unit
+    D: direct), and one strided on D (the buffer-then-copy fallback)."""
+    g = torch.Generator().manual_seed(seed)
+    B, S, H, D = t.shape
+    big = lambda *shape: torch.randn(*shape, generator=g).to(t.device, t.dtype)  # noqa: E731
+    return [big(B, S + 7, H, D)[:, 4:S + 4], big(B, S, 2 * H, D)[:, :, 1::2], big(B, S, H, 2 * D)[..., ::2]]
+
+
+def _check_destinations(ft, q, k, v, do, **kw):
+    """out= and dq/dk/dv= (overwrite, then accumulate) store exactly the plain calls' results (in
+    16-bit, accumulating in the kernel rounds once where the plain call and add_ round twice)."""
+    exact = q.dtype == torch.float32
+    out, lse, _ = ft.attention_forward(q, k, v, **kw)
+    plain = ft.attention_backward(do, q, k, v, out, lse, **kw)
+    for dest in _views(out, 1):
+        got, got_lse, _ = ft.attention_forward(q, k, v, out=dest, **kw)
+        assert got is dest and torch.equal(dest, out) and torch.equal(got_lse, lse)
+    for accumulate in (False, True):
+        for which in range(3):
+            dests = [_views(t, 2 + i)[which] for i, t in enumerate((q, k, v))]
+            before = [d.clone() for d in dests]
+            got = ft.attention_backward(do, q, k, v, out, lse, dq=dests[0], dk=dests[1], dv=dests[2],
+                                        accumulate=accumulate, **kw)
+            for i, (d, b, p) in enumerate(zip(dests, before, plain)):
+                name = ("dq", "dk", "dv")[i]
+                assert got[i] is d, name
+                if accumulate and i:
+                    want = b.double() + p.double()
+                    assert torch.equal(d, b + p) if exact else _rel(d, want) <= 1e-2, (name, which)
+                else:
+                    assert torch.equal(d, p), (name, accumulate, which)
+
+
+@interp_only
+def test_interp_destinations_equal_plain_calls():
+    from seqpar.kernels.flash_attn import triton as ft
+
+    # packed documents with separate q/k boundaries (a document without keys), then dense GQA rows
+    lq, lk = [3, 40, 1, 20], [1, 40, 0, 33]
+    q, k, v, do = (t.float() for t in _inputs(1, sum(lq), sum(lk), 4, 2, 16, seed=13))
+    _check_destinations(ft, q, k, v, do, causal=True, cu_seqlens_q=_cu(lq), cu_seqlens_k=_cu(lk))
+    q, k, v, do = (t.float() for t in _inputs(2, 37, 45, 4, 2, 16, seed=14))
+    _check_destinations(ft, q, k, v, do, causal=False, softmax_scale=0.3)
+
+
 def test_tile_table_covers_each_document_once_longest_first():
     from seqpar.kernels.flash_attn.triton import tile_table
 
@@ -276,3 +323,34 @@ def test_gpu_merge_and_public_api(monkeypatch):
     ref = flash_attn_reference(*exact, cu_seqlens=cu)
     for got, want in zip(grads, torch.autograd.grad(ref, exact, do)):
         assert _rel(got, want) <= 1e-2
+
+
+@gpu
+def test_gpu_destinations_bf16_equal_plain_calls():
+    from seqpar.kernels.flash_attn import triton as ft
+
+    lq = _lognormal(4000, seed=3)
+    lk = [n + (7 if i % 3 == 0 else -min(n, 5)) for i, n in enumerate(lq)]
+    q, k, v, do = (t.bfloat16() for t in _inputs(1, sum(lq), sum(lk), 16, 4, 128, seed=15, device="cuda"))
+    _check_destinations(ft, q, k, v, do, causal=True, cu_seqlens_q=_cu(lq, "cuda"), cu_seqlens_k=_cu(lk, "cuda"))
+    q, k, v, do = (t.bfloat16() for t in _inputs(2, 1000, 1000, 8, 8, 64, seed=16, device="cuda"))
+    _check_destinations(ft, q, k, v, do, causal=True)
+
+
+@gpu
+def test_gpu_public_destinations_on_the_dispatched_kernel():
+    """Whatever kernel the dispatcher picks on CUDA (Triton, or torch's with the copy fallback)."""
+    from seqpar import kernels
+    from seqpar.kernels.flash_attn import flash_attn_backward
+
+    lq = _lognormal(3000, seed=4)
+    cu = _cu(lq, "cuda")
+    q, k, v, do = (t.bfloat16() for t in _inputs(1, sum(lq), sum(lq), 8, 2, 128, seed=17, device="cuda"))
+    o, lse = kernels.flash_attn(q, k, v, cu_seqlens=cu, return_lse=True)
+    plain = flash_attn_backward(do, q, k, v, o, lse, cu_seqlens=cu)
+    out = torch.empty(1, sum(lq) + 9, 8, 128, device="cuda", dtype=torch.bfloat16)[:, 9:]
+    assert kernels.flash_attn(q, k, v, cu_seqlens=cu, out=out) is out and torch.equal(out, o)
+    dests = [torch.empty(1, t.shape[1] + 3, *t.shape[2:], device="cuda", dtype=t.dtype)[:, 3:] for t in (q, k, v)]
+    got = flash_attn_backward(do, q, k, v, o, lse, cu_seqlens=cu, dq=dests[0], dk=dests[1], dv=dests[2])
+    # torch's flash backward accumulates dq with atomics: equal up to the order of its sums
+    assert all(g is d and _rel(d, p.double()) <= 1e-2 for g, d, p in zip(got, dests, plain))

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from seqpar import kernels
 from seqpar.kernels import dispatch
 from seqpar.kernels.cross_entropy.reference import fused_linear_cross_entropy_reference
+from seqpar.kernels.flash_attn import flash_attn_backward
 from seqpar.kernels.flash_attn.reference import flash_attn_reference
 from seqpar.kernels.lightning_attn.naive import lightning_attn_recurrent
 from seqpar.kernels.lightning_attn.reference import lightning_attn_reference
@@ -145,6 +146,55 @@ def test_flash_attn_rejects_bad_boundaries():
         kernels.flash_attn(q, q, q, cu_seqlens=_cu([2, 2]))
     with pytest.raises(ValueError, match="together"):
         kernels.flash_attn(q, q, q, cu_seqlens_q=_cu([5]))
+
+
+def _destinations(shape, dtype, seed):
+    """Views of `shape` into larger buffers: a contiguous row slice, and one strided on heads
+    and D (every other element), each prefilled with noise that must be overwritten or added to."""
+    g = _gen(seed)
+    B, S, H, D = shape
+    rows = _randn(g, B, S + 5, H, D, dtype=dtype)[:, 3:S + 3]
+    strided = _randn(g, B, S, 2 * H, 2 * D, dtype=dtype)[:, :, ::2, ::2]
+    return rows, strided
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_flash_attn_destinations_equal_plain_calls(causal):
+    """out= and dq/dk/dv= (overwrite and accumulate) through the reference: bitwise the plain
+    calls' results, or the prefill plus them."""
+    g = _gen(21)
+    lq, lk = [3, 17, 1, 9], [5, 11, 0, 9]  # more and fewer keys, a document without keys
+    q, do = (_randn(g, 1, sum(lq), 4, 8) for _ in range(2))
+    k, v = (_randn(g, 1, sum(lk), 2, 8) for _ in range(2))
+    kw = dict(causal=causal, cu_seqlens_q=_cu(lq), cu_seqlens_k=_cu(lk), softmax_scale=0.3)
+    o, lse = kernels.flash_attn(q, k, v, return_lse=True, **kw)
+    plain = flash_attn_backward(do, q, k, v, o, lse, **kw)
+    for seed, dest in enumerate(_destinations(o.shape, F64, 1)):
+        got, got_lse = kernels.flash_attn(q, k, v, return_lse=True, out=dest, **kw)
+        assert got is dest and torch.equal(dest, o) and torch.equal(got_lse, lse)
+        assert kernels.flash_attn(q, k, v, out=dest, **kw) is dest
+    for accumulate in (False, True):
+        for which in range(2):  # contiguous row slices, then strided views
+            dests = [_destinations(t.shape, F64, 2 + i)[which] for i, t in enumerate((q, k, v))]
+            before = [d.clone() for d in dests]
+            got = flash_attn_backward(do, q, k, v, o, lse, **kw, dq=dests[0], dk=dests[1], dv=dests[2],
+                                              accumulate=accumulate)
+            for i, (name, d, b, p) in enumerate(zip(("dq", "dk", "dv"), dests, before, plain)):
+                want = b + p if accumulate and i else p
+                assert got[i] is d and torch.equal(d, want), (name, accumulate, which)
+    # some destinations given, the others returned fresh
+    dq, dk, dv = flash_attn_backward(do, q, k, v, o, lse, **kw, dk=torch.zeros_like(k), accumulate=True)
+    assert all(torch.equal(a, b) for a, b in zip((dq, dk, dv), plain))
+
+
+def test_flash_attn_destination_errors_name_the_argument():
+    q = torch.zeros(1, 5, 2, 4, dtype=F64)
+    with pytest.raises(ValueError, match="out= must have shape"):
+        kernels.flash_attn(q, q, q, out=torch.zeros(1, 5, 2, 4))
+    with pytest.raises(ValueError, match="dk= must have shape"):
+        flash_attn_backward(q, q, q, q, q, torch.zeros(1, 2, 5, dtype=F64), dk=q[:, :4])
+    with pytest.raises(RuntimeError, match="autograd"):
+        kernels.flash_attn(q.clone().requires_grad_(), q, q, out=torch.zeros_like(q))
 
 
 # ---------------------------------------------------------------- lightning_attn

@@ -266,13 +266,15 @@ def _dkdv_block(dk, dv, k, v, q_ptr, do_ptr, lse2_ptr, delta_ptr, b, h, q0, Hq, 
     return dk, dv
 
 
+# restore_value: with ACCUM the destinations are read, so tuning runs must not add into them twice
 @triton.autotune(configs=_configs("BLOCK_N", "BLOCK_M", _DKDV_OPTIONS, extra=("SPLIT",)),
-                 key=_KEY, prune_configs_by={"early_config_prune": _prune_for("BLOCK_N")})
+                 key=_KEY, prune_configs_by={"early_config_prune": _prune_for("BLOCK_N")},
+                 restore_value=["dk_ptr", "dv_ptr"])
 @triton.jit(do_not_specialize=_LENGTHS)
 def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse2_ptr, delta_ptr, dk_ptr, dv_ptr, tiles_ptr, cu_q_ptr, cu_k_ptr,
                    sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sdb, sds, sdh, sdkb, sdks, sdkh, sdvb, sdvs, sdvh,
                    Sq, Sk, Hq, group, qk_scale, sm_scale, LEN_BUCKET,
-                   HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, ACCUM: tl.constexpr,
                    DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    SPLIT: tl.constexpr):
     hk = tl.program_id(1)
@@ -324,10 +326,14 @@ def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse2_ptr, delta_ptr, dk_ptr, dv_
         dk, dv = _dkdv_block(dk, dv, k, v, q_ptr, do_ptr, lse2_ptr, delta_ptr, b, hk * group + g, q0, Hq, Sq,
                              sqb, sqh, sqs, sdb, sdh, sds, m0, offs_m, offs_n, offs_d, Lq, diag, qk_scale,
                              False, DOT, PRECISION)
-    tl.store(dk_ptr + b * sdkb + hk * sdkh + keys[:, None] * sdks + offs_d[None, :],
-             (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=kmask[:, None])
-    tl.store(dv_ptr + b * sdvb + hk * sdvh + keys[:, None] * sdvs + offs_d[None, :],
-             dv.to(dv_ptr.dtype.element_ty), mask=kmask[:, None])
+    dk_ptrs = dk_ptr + b * sdkb + hk * sdkh + keys[:, None] * sdks + offs_d[None, :]
+    dv_ptrs = dv_ptr + b * sdvb + hk * sdvh + keys[:, None] * sdvs + offs_d[None, :]
+    dk = dk * sm_scale
+    if ACCUM:  # one program owns a key row: a read-add-store needs no atomics
+        dk += tl.load(dk_ptrs, mask=kmask[:, None], other=0.0).to(tl.float32)
+        dv += tl.load(dv_ptrs, mask=kmask[:, None], other=0.0).to(tl.float32)
+    tl.store(dk_ptrs, dk.to(dk_ptr.dtype.element_ty), mask=kmask[:, None])
+    tl.store(dv_ptrs, dv.to(dv_ptr.dtype.element_ty), mask=kmask[:, None])
 
 
 @triton.jit
@@ -488,32 +494,52 @@ def _forward_into(q, k, v, out, lse, *, causal, cu_q, cu_k, scale, merge, q_tabl
     return q_table
 
 
-def attention_forward(q, k, v, *, causal=True, cu_seqlens_q=None, cu_seqlens_k=None, softmax_scale=None):
-    """(out `[B, Sq, Hq, D]` in q's dtype, lse `[B, Hq, Sq]` fp32, the query tile table or None)."""
+def attention_forward(q, k, v, *, causal=True, cu_seqlens_q=None, cu_seqlens_k=None, softmax_scale=None, out=None):
+    """(out `[B, Sq, Hq, D]` in q's dtype, lse `[B, Hq, Sq]` fp32, the query tile table or None).
+
+    `out`: where to store the output (q's shape and dtype, any strides with unit stride on D)."""
     _check(q, k, v, cu_seqlens_q, cu_seqlens_k)
     q, k, v = _unit(q), _unit(k), _unit(v)
     B, Sq, Hq, D = q.shape
     scale = D ** -0.5 if softmax_scale is None else softmax_scale
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    given = out
+    if out is None or out.stride(-1) != 1:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, Hq, Sq, dtype=torch.float32, device=q.device)
     if q.numel() == 0 or k.shape[1] == 0:  # no launch: out = 0, lse = -inf
-        return out.zero_(), lse.fill_(float("-inf")), None
-    table = _forward_into(q, k, v, out, lse, causal=causal, cu_q=cu_seqlens_q, cu_k=cu_seqlens_k, scale=scale,
-                          merge=False)
+        table = None
+        out.zero_(), lse.fill_(float("-inf"))
+    else:
+        table = _forward_into(q, k, v, out, lse, causal=causal, cu_q=cu_seqlens_q, cu_k=cu_seqlens_k, scale=scale,
+                              merge=False)
+    if given is not None and given is not out:  # D not unit-strided: the kernel stored into a buffer
+        out = given.copy_(out)
     return out, lse, table
 
 
 def attention_backward(dout, q, k, v, out, lse, *, causal=True, cu_seqlens_q=None, cu_seqlens_k=None,
-                       softmax_scale=None, dlse=None, q_table=None):
-    """(dq, dk, dv) in the inputs' dtypes; `out`, `lse` may be the merged ones of a larger attention."""
+                       softmax_scale=None, dlse=None, q_table=None, dq=None, dk=None, dv=None, accumulate=False):
+    """(dq, dk, dv) in the inputs' dtypes; `out`, `lse` may be the merged ones of a larger attention.
+
+    `dq`, `dk`, `dv`: where to store them (the inputs' shapes and dtypes, any strides); the kernels
+    store there directly when D has unit stride. `accumulate`: add into dk and dv."""
     _check(q, k, v, cu_seqlens_q, cu_seqlens_k)
+    given = (dq, dk, dv)
     dout, q, k, v, out = (_unit(t) for t in (dout, q, k, v, out))
     B, Sq, Hq, D = q.shape
     Sk, Hkv = k.shape[1], k.shape[2]
     scale = D ** -0.5 if softmax_scale is None else softmax_scale
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    direct = [d is not None and d.stride(-1) == 1 for d in given]
+    # a destination the kernels cannot store into (D strided) takes its result from a buffer,
+    # overwritten or added after the launch
+    accum = accumulate and direct[1] and direct[2]
+    dq, dk, dv = (d if ok and (i == 0 or accum or not accumulate) else torch.empty_like(t)
+                  for i, (d, ok, t) in enumerate(zip(given, direct, (q, k, v))))
     if q.numel() == 0 or Sk == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
+        dq.zero_()
+        if not accum:
+            dk.zero_(), dv.zero_()
+        return _into(given, (dq, dk, dv), accumulate)
     delta = torch.empty(B, Hq, Sq, dtype=torch.float32, device=q.device)
     lse2 = torch.empty_like(delta)
     g = lse if dlse is None else dlse
@@ -530,17 +556,30 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=True, cu_seqlens_q=Non
         q_table = tile_table(cu_seqlens_q, cu_seqlens_k, block_q, Sq, causal, True)
     dot, precision = _dot(q.dtype)
     common = dict(HEAD_DIM=D, CAUSAL=bool(causal), VARLEN=varlen, DOT=dot, PRECISION=precision)
+    accum_kw = dict(ACCUM=bool(accum))
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2))
     _attn_bwd_dkdv[_grid(k_table, Sk, B, Hkv, "BLOCK_N")](
         q, k, v, dout, lse2, delta, dk, dv, k_table if varlen else dummy, dummy, cu_seqlens_k if varlen else dummy,
         *strides, dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-        Sq, Sk, Hq, Hq // Hkv, scale * LOG2E, scale, _bucket(B * Sq), **common)
+        Sq, Sk, Hq, Hq // Hkv, scale * LOG2E, scale, _bucket(B * Sq), **common, **accum_kw)
     _attn_bwd_dq[_grid(q_table, Sq, B, Hq, "BLOCK_M")](
         q, k, v, dout, lse2, delta, dq, q_table if varlen else dummy, dummy, cu_seqlens_k if varlen else dummy,
         *strides, dq.stride(0), dq.stride(1), dq.stride(2),
         Sq, Sk, Hq, Hq // Hkv, scale * LOG2E, scale, _bucket(B * Sq), **common)
-    return dq, dk, dv
+    return _into(given, (dq, dk, dv), accumulate)
+
+
+def _into(given, computed, accumulate):
+    """Each given destination holding its result: those the kernels stored into are returned as
+    they are; the others take theirs by copy_ (dq, or dk/dv without accumulate) or add_."""
+    out = []
+    for i, (dest, got) in enumerate(zip(given, computed)):
+        if dest is None or dest is got:
+            out.append(got)
+        else:
+            out.append(dest.add_(got) if accumulate and i else dest.copy_(got))
+    return tuple(out)
 
 
 class _FlashAttn(torch.autograd.Function):
@@ -564,18 +603,23 @@ class _FlashAttn(torch.autograd.Function):
 
 
 def flash_attn_triton(q, k, v, *, causal=True, cu_seqlens=None, cu_seqlens_q=None, cu_seqlens_k=None,
-                      softmax_scale=None, return_lse=False):
-    """`seqpar.kernels.flash_attn` in Triton, differentiable through out and lse."""
+                      softmax_scale=None, return_lse=False, out=None):
+    """`seqpar.kernels.flash_attn` in Triton, differentiable through out and lse unless `out` is
+    given (then the result is stored there, without autograd)."""
     cu_q, cu_k = _cu(cu_seqlens, cu_seqlens_q, cu_seqlens_k, q.device)
-    out, lse = _FlashAttn.apply(q, k, v, bool(causal), cu_q, cu_k, softmax_scale)
+    if out is not None:
+        out, lse, _ = attention_forward(q, k, v, causal=bool(causal), cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                                        softmax_scale=softmax_scale, out=out)
+    else:
+        out, lse = _FlashAttn.apply(q, k, v, bool(causal), cu_q, cu_k, softmax_scale)
     return (out, lse) if return_lse else out
 
 
 def flash_attn_backward_triton(dout, q, k, v, out, lse, *, causal=True, cu_seqlens=None, cu_seqlens_q=None,
-                               cu_seqlens_k=None, softmax_scale=None):
+                               cu_seqlens_k=None, softmax_scale=None, dq=None, dk=None, dv=None, accumulate=False):
     cu_q, cu_k = _cu(cu_seqlens, cu_seqlens_q, cu_seqlens_k, q.device)
     return attention_backward(dout, q, k, v, out, lse, causal=causal, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
-                              softmax_scale=softmax_scale)
+                              softmax_scale=softmax_scale, dq=dq, dk=dk, dv=dv, accumulate=accumulate)
 
 
 @torch.no_grad()
