@@ -40,14 +40,18 @@ def _timer(device, warmup=50, rep=300):
     return wall
 
 
-def _lightning_impls(device):
+def _lightning_impls(device, seg_lens=()):
     from seqpar import kernels
     from seqpar.kernels.lightning_attn.reference import lightning_attn_reference
+    from seqpar.kernels.lightning_attn.triton import lightning_attn_triton
 
     ours = kernels.lightning_attn
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") == "1":  # CPU smoke run of the kernel
-        from seqpar.kernels.lightning_attn.triton import lightning_attn_triton as ours
+        ours = lightning_attn_triton
     impls = {"seqpar": lambda q, k, v, lam, cu: ours(q, k, v, lam, cu_seqlens=cu)[0]}
+    for n in seg_lens:  # the segment length the heuristic would not pick (`segment_length`), for tuning it
+        impls[f"seqpar(seg_len={n})"] = (lambda q, k, v, lam, cu, n=n:
+                                         lightning_attn_triton(q, k, v, lam, cu_seqlens=cu, seg_len=n)[0])
     try:
         from fla.ops.simple_gla import chunk_simple_gla
         impls["fla_chunk_simple_gla(g_gamma)"] = (
@@ -64,7 +68,7 @@ def bench_lightning(args, device):
     from seqpar.kernels.lightning_attn import triton as lt
 
     timer = _timer(device)
-    impls = _lightning_impls(device)
+    impls = _lightning_impls(device, args.seg_lens)
     lam = -torch.linspace(1, 8, H, device=device).exp2().reciprocal()  # log-decay per head, as the anchor
     cases = [("dense", S, max(1, args.tokens // S), None) for S in args.seq_lens]
     cases += [("packed", S, 1, lognormal_lengths(S)) for S in args.packed_lens]
@@ -96,7 +100,7 @@ def bench_lightning(args, device):
                        fwd_Mtok_s=round(tokens / ms_f / 1e3, 4), fwdbwd_Mtok_s=round(tokens / ms_fb / 1e3, 4))
             if name == "seqpar":
                 row.update(backend=backend, seg_len=lt.segment_length(tokens, H, q.device))
-            elif "seqpar" in outs:  # sanity: the anchor computes the same thing on the same inputs
+            elif "seqpar" in outs:  # sanity: the anchor (or variant) computes the same thing on the same inputs
                 ours, other = outs["seqpar"].double(), outs[name].double()
                 row["rel_err_vs_seqpar"] = round(((ours - other).norm() / other.norm()).item(), 5)
             rows.append(row)
@@ -151,6 +155,8 @@ def main(argv=None):
     p.add_argument("--reference-max-tokens", type=int, default=TOKENS)
     p.add_argument("--heads", type=int, default=H)
     p.add_argument("--head-dim", type=int, default=D)
+    p.add_argument("--seg-lens", type=int, nargs="*", default=[],
+                   help="lightning: also time these segment lengths (multiples of 64) beside the heuristic's")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.seq_lens is None:
