@@ -533,3 +533,28 @@ def test_chunked_mlp_pays_its_recompute(h100, calib):
     assert chunked["recompute"] == pytest.approx((whole["matmul"] * share + whole["elementwise"] / 2) / 3, rel=1e-4)
     longer = predict_step(_cfg(*base, "train.mlp_chunk_tokens=32768"), 1, h100, calib)["per_layer_s"]["S"]
     assert longer["recompute"] == 0  # a chunk as long as the sequence: not chunked
+
+
+def test_not_comparable_repeat_feeds_no_fit(tmp_path, monkeypatch):
+    """A repeated measurement listed in NOT_COMPARABLE keeps its reason, is left out of the LASP fit
+    (the other run's row alone sets the extra) and appears under `excluded`, not as a case."""
+    from seqpar.sim import measurements
+
+    for folder, ms in (("2026-11-25-2xh100-a", 8.0), ("2026-11-25-2xh100-b", 2.0)):
+        run = tmp_path / folder
+        run.mkdir()
+        (run / "lasp.json").write_text(json.dumps(dict(bench="lasp", date="2026-11-25T12:00:00+00:00", world=2,
+                                                       heads=32, dim=128, rows=[dict(tokens=65536, method="lasp2",
+                                                                                     ms=ms, single_ms=0.0)])))
+    both = calibrate(tmp_path, era=0).lasp_call_s
+    monkeypatch.setitem(measurements.NOT_COMPARABLE, ("2026-11-25-2xh100-b", "lasp2", 65536), "a made-up reason")
+    monkeypatch.setattr("seqpar.sim.calibrate._CACHE", {})  # the fit above is cached per folder
+    samples = measurements.lasp_samples(measurements.load_benchmarks(tmp_path))
+    assert [s["not_comparable"] for s in samples] == [None, "a made-up reason"]
+    alone = calibrate(tmp_path, era=0).lasp_call_s
+    assert alone > both  # only the 8 ms row is fitted now
+    from seqpar.sim.validate import validate
+
+    result = validate(tmp_path)
+    assert any(e["reason"] == "a made-up reason" for e in result["excluded"])
+    assert sum(c["name"].startswith("LASP-2") for c in result["cases"]) == 1

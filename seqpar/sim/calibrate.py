@@ -186,7 +186,7 @@ def fit_lasp(samples, calib, cluster, exclude=()) -> tuple[float, float] | None:
 
     pts = []
     for s in samples:
-        if s["method"] != "lasp2" or s["group"] in exclude:
+        if s["method"] != "lasp2" or s["group"] in exclude or s.get("not_comparable"):
             continue
         base = replace(calib, lasp_call_s=0.0, lasp_token_s=0.0)
         pred, _, _ = lasp_layer(base, cluster, [(0, s["tokens"])], s["world"], s["H"], s["D"],

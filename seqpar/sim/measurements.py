@@ -180,10 +180,33 @@ def ring_samples(found) -> list[dict]:
     return out
 
 
+# Rows measured again with the same code that disagree with their first measurement for a reason
+# outside what the simulator models: (folder, method as lasp_samples names it, tokens) -> why. The
+# row is listed under `excluded` and feeds no fit; the first measurement stays a case.
+NOT_COMPARABLE = {
+    ("2026-11-26-2xh100-profile", "lasp2", 65536): (
+        "the same code and case as 2026-11-25-2xh100-linear's lasp2_serial row (lasp.py and the lightning "
+        "kernel unchanged between 20:40 and 00:47 but for names and docstrings; lasp2_attention ran that serial "
+        "schedule), measured at 5.44 ms there against 6.84 ms here. The GPU work agrees: the 1-GPU kernel rows "
+        "(5.82 / 5.84 ms) and the 256k rows (16.03 / 15.92 ms) of both runs are within 0.7%. At 64k that era's "
+        "code was host-bound (the profile shows the GPU idle on the geometry's host copies, ~2 of 5.4 ms), so "
+        "the 1.4 ms between the two runs is the host's speed, which the simulator does not model, and no one "
+        "prediction can be within 10% of both. The 2026-11-25 run is kept: its LASP-1 row (the same kernel "
+        "path and host copies, held out of the LASP fit) measured 6.24 ms in the same call, within 10% of what "
+        "the constants fitted with the 6.84 ms row give (+9.9%), not of what the 5.44 ms row would give (-13%)"),
+}
+
+
+def not_comparable(path, method: str, tokens: int) -> str | None:
+    """Why a repeated measurement is left out (`NOT_COMPARABLE`), or None."""
+    return NOT_COMPARABLE.get((Path(path).parent.name, method, tokens))
+
+
 def lasp_samples(found) -> list[dict]:
     """LASP rows as `lasp2` (what lasp2_attention runs), `lasp2_overlapped` (the schedule it is
     compared with) and `lasp1`. Files that have a `lasp2_serial` row are of the bench's first naming,
-    where `lasp2` was the overlapped schedule and `lasp2_serial` what lasp2_attention ran."""
+    where `lasp2` was the overlapped schedule and `lasp2_serial` what lasp2_attention ran. A row of
+    `NOT_COMPARABLE` carries its reason under `not_comparable`."""
     out = []
     for path, data in found["lasp"]:
         world = data.get("world", 2)
@@ -196,7 +219,7 @@ def lasp_samples(found) -> list[dict]:
                 out.append(dict(group=f"lasp T={row['tokens']}", method=method, tokens=row["tokens"],
                                 world=world, H=data.get("heads", 32), D=data.get("dim", 128), file=path,
                                 measured=row["ms"] / 1e3, single=row.get("single_ms", 0) / 1e3,
-                                era=era_of(path, data)))
+                                era=era_of(path, data), not_comparable=not_comparable(path, method, row["tokens"])))
     return out
 
 

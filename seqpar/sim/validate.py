@@ -106,6 +106,11 @@ def validate(root=None) -> dict:
                                        "(faster over NVLink), which is what the simulator models"})
             continue
         label = {"lasp2": "LASP-2 (what lasp2_attention runs)", "lasp1": "LASP-1"}[s["method"]]
+        if s.get("not_comparable"):
+            excluded.append({"name": f"{label} T={s['tokens'] // 1024}k on {s['world']} GPUs "
+                                     f"({os.path.basename(os.path.dirname(s['file']))})",
+                             "measured_s": s["measured"], "reason": s["not_comparable"]})
+            continue
         cases.append(_case(f"{label} T={s['tokens'] // 1024}k on {s['world']} GPUs", s["measured"],
                            _lasp_case(s, own(s), cluster), _lasp_case(s, loo(s), cluster), s["world"], s["file"],
                            ["lasp extra"] if s["method"] == "lasp2" else [], era=s["era"]))
