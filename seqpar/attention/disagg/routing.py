@@ -118,6 +118,10 @@ class Route:
     own_q: tuple           # (local row, n, kind, row): kind 0 = server buffer, 1 + s = returned by server s
     own_kv: tuple          # ... the same for key/value gradients (kind 0: rows of the task buffer)
     collective: bool = True  # False: no rank sends anything to another in this (nano-batch of the) plan
+    # (local start, rows) when the server's query buffer is that slice of its own rows and nothing
+    # else: its outputs and dQ are then rows of the final tensors (`owner_placements`)
+    q_direct: tuple | None = None
+    kv_direct: tuple | None = None  # the same for the key/value task buffer (each row once, all local)
 
     def sent_rows(self, q_row: int, kv_row: int) -> int:
         """Bytes this rank sends to other ranks in forward plus backward (Q/dQ out, O/dO back,
@@ -234,7 +238,19 @@ def route(tasks: list[Task], bounds, owned, rank: int, causal: bool) -> Route:
     collective = (any(t.server != t.owner for t in tasks)
                   or any(r != s for s in range(world) for _, _, r, _ in needed[s]))
     return Route(rank, n_local, q_send_splits, q_recv_splits, kv_send_splits, kv_recv_splits, cu_q, cu_k, send_q,
-                 send_kv, srv_q, srv_kv, back_kv, tuple(q_off), tuple(own_q), tuple(own_kv), collective)
+                 send_kv, srv_q, srv_kv, back_kv, tuple(q_off), tuple(own_q), tuple(own_kv), collective,
+                 _local_slice(q_contribs, off), _local_slice(kv_contribs, cu_k[-1]))
+
+
+def _local_slice(contribs, rows):
+    """(local start, rows) if a server buffer of `rows` rows built from `contribs` is one slice of
+    the local rows, each once and in order; else None."""
+    if not rows or any(src != 0 for _, _, src, _ in contribs):
+        return None
+    pos = [(d, n, loc) for d, n, _, loc in sorted(contribs) if n]
+    if not pos or pos[0][0] != 0 or any(d + n != d2 or l + n != l2 for (d, n, l), (d2, _, l2) in zip(pos, pos[1:])):
+        return None
+    return (pos[0][2], rows) if pos[-1][0] + pos[-1][1] == rows else None
 
 
 def owner_assemblies(routes) -> tuple[Assembly, Assembly]:
@@ -250,6 +266,105 @@ def owner_assemblies(routes) -> tuple[Assembly, Assembly]:
         q_lens += [r.cu_q[-1]] + [0 if s == rank else r.q_send_splits[s] for s in range(world)]
         kv_lens += [r.cu_k[-1]] + [0 if s == rank else r.kv_send_splits[s] for s in range(world)]
     return assembly(q_contribs, q_lens, n), assembly(kv_contribs, kv_lens, n)
+
+
+@dataclass(frozen=True, eq=False)
+class Placement:
+    """The owner's final tensor (outputs, dQ, dK or dV) filled in place. `direct[i]`: rows
+    (start, n, accumulate) that nano-batch i's kernel call writes straight into it (None: its
+    rows come from its sources); `ops` = (row, n, source, source row, add) copy or add the other
+    sources' rows after every nano-batch ran (sources numbered as in `owner_assemblies`);
+    `zeros` = (row, n) ranges that nothing writes."""
+    rows: int
+    direct: tuple
+    ops: tuple
+    zeros: tuple
+
+    def finish(self, dest, sources):
+        for d, n, s, ss, add in self.ops:
+            part, src = dest[d:d + n], sources[s][ss:ss + n]
+            part.add_(src) if add else part.copy_(src)
+        for d, n in self.zeros:
+            dest[d:d + n].zero_()
+        return dest
+
+
+def owner_placements(routes) -> tuple[Placement | None, Placement | None]:
+    """Placements of the owner's query rows (outputs, dQ) and key/value rows (dK/dV), or None
+    where no nano-batch can write into the final tensor (then `owner_assemblies` joins the pieces),
+    or where that join is no copy at all (a plan that moves nothing).
+
+    A nano-batch writes directly when its server buffer is one slice of the local rows
+    (`Route.q_direct` / `kv_direct`). Query rows belong to one task each, so never twice; a key
+    row may be read in several nano-batches: a later direct write accumulates into rows an
+    earlier one wrote, and a nano-batch whose rows are partly written already keeps its sources."""
+    world = len(routes[0].q_send_splits)
+    q_asm, kv_asm = owner_assemblies(routes)
+    places = []
+    for asm, own, key in ((q_asm, "own_q", "q_direct"), (kv_asm, "own_kv", "kv_direct")):
+        if asm.whole is not None or not any(getattr(r, key) for r in routes):
+            places.append(None)
+            continue
+        cover, direct, contribs = [], [], []
+        for i, r in enumerate(routes):
+            base, span = (world + 1) * i, getattr(r, key)
+            acc = None
+            if span is not None:
+                parts = _split_by_cover(span[0], span[0] + span[1], cover)
+                if len(parts) == 1:
+                    acc = parts[0][2]
+                    cover = _add_cover(cover, span[0], span[0] + span[1])
+            direct.append(None if acc is None else (span[0], span[1], acc))
+            contribs += [(d, m, base + k, ss) for d, m, k, ss in getattr(r, own) if acc is None or k != 0]
+        ops = []
+        for d, n, s, ss in _merged(contribs):
+            for a, b, covered in _split_by_cover(d, d + n, cover):
+                ops.append((a, b - a, s, ss + a - d, covered))
+            cover = _add_cover(cover, d, d + n)
+        zeros, pos = [], 0
+        for a, b in cover + [(routes[0].rows, routes[0].rows)]:
+            if a > pos:
+                zeros.append((pos, a - pos))
+            pos = max(pos, b)
+        places.append(Placement(routes[0].rows, tuple(direct), tuple(ops), tuple(zeros)))
+    return places[0], places[1]
+
+
+def _merged(contribs):
+    """Contributions joined where one continues another from the same source."""
+    out = []
+    for d, n, s, ss in sorted(c for c in contribs if c[1] > 0):
+        last = out[-1] if out else None
+        if last and last[2] == s and last[0] + last[1] == d and last[3] + last[1] == ss:
+            out[-1] = (last[0], last[1] + n, s, last[3])
+        else:
+            out.append((d, n, s, ss))
+    return out
+
+
+def _split_by_cover(a, b, cover):
+    """[a, b) cut where the sorted disjoint intervals `cover` begin or end: (start, end, covered)."""
+    parts, pos = [], a
+    for x, y in cover:
+        if y <= pos or x >= b:
+            continue
+        if x > pos:
+            parts.append((pos, x, False))
+        parts.append((max(pos, x), min(b, y), True))
+        pos = min(b, y)
+    if pos < b:
+        parts.append((pos, b, False))
+    return parts
+
+
+def _add_cover(cover, a, b):
+    out = []
+    for x, y in sorted(cover + [(a, b)]):
+        if out and x <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], y))
+        else:
+            out.append((x, y))
+    return out
 
 
 def nano_batches(tasks: list[Task], world: int, bounds, causal: bool, min_chunk: int, owned) -> list[list[Task]]:

@@ -37,7 +37,7 @@ import torch.distributed as dist
 from seqpar.attention.disagg import metrics
 from seqpar.attention.disagg.options import current, planner_overhead
 from seqpar.attention.disagg.planner import plan_owned
-from seqpar.attention.disagg.routing import Route, nano_batches, owner_assemblies, route
+from seqpar.attention.disagg.routing import Route, nano_batches, owner_assemblies, owner_placements, route
 from seqpar.kernels.flash_attn import flash_attn, flash_attn_backward
 from seqpar.parallel.sharding import group_size_rank, host_bounds, local_ranges
 
@@ -103,6 +103,17 @@ def _to_device(values, device) -> torch.Tensor:
 
 
 _owner = functools.lru_cache(maxsize=64)(owner_assemblies)
+_placements = functools.lru_cache(maxsize=64)(owner_placements)
+
+
+def _dest(place, full, i):
+    """Nano-batch i's rows of the final tensor `full` as its kernel's destination `[1, n, ...]`,
+    with whether to add into them; (None, False) when they come from its sources instead."""
+    span = None if place is None else place.direct[i]
+    if span is None:
+        return None, False
+    start, n, accumulate = span
+    return full[start:start + n][None], accumulate
 
 
 def _exchange(parts_to, send, recv, like, group, collective):
@@ -173,8 +184,11 @@ class _DisaggAttention(torch.autograd.Function):
         inbound = [_exchange([_pack((a, q), (b, k), (b, v)) for a, b in zip(r.send_q, r.send_kv)], c.sent, c.recv,
                              flat, group, r.collective)
                    for r, c in zip(routes, counts)]  # every input transfer issued up front: they travel during compute
+        # where a nano-batch serves one slice of this rank's own rows, its kernel writes the final output
+        place, _ = _placements(routes)
+        out = None if place is None else q.new_empty(q.shape[0], *so)
         outbound, saved = [], []
-        for r, c, (buf, work) in zip(routes, counts, inbound):
+        for i, (r, c, (buf, work)) in enumerate(zip(routes, counts, inbound)):
             _wait(dev, work)
             got = _fields(buf, c.recv_rows, (sq, sk, sv))
             q_srv = r.srv_q([q] + [g[0] for g in got], q)
@@ -183,41 +197,56 @@ class _DisaggAttention(torch.autograd.Function):
             if q_srv.shape[0]:
                 cu_q, cu_k = _device_cu(r, dev)
                 o_srv, lse = flash_attn(q_srv[None], k_task[None], v_task[None], causal=causal, cu_seqlens_q=cu_q,
-                                        cu_seqlens_k=cu_k, softmax_scale=scale, return_lse=True)
+                                        cu_seqlens_k=cu_k, softmax_scale=scale, return_lse=True,
+                                        out=_dest(place, out, i)[0])
                 o_srv = o_srv[0]
             else:  # a server without tasks still takes part in every all-to-all
                 o_srv, lse = q.new_zeros(0, *so), q.new_zeros(1, so[0], 0)
             outbound.append(_exchange(_by_owner(r, o_srv), c.recv_o, c.sent_o, flat, group, r.collective))
-            saved += [q_srv, k_task, v_task, o_srv, lse]
+            # a view of the output is rebuilt in backward from the output itself (saved once)
+            saved += [q_srv, k_task, v_task, None if _dest(place, out, i)[0] is not None else o_srv, lse]
         sources = []
         for c, o_srv, (buf, work) in zip(counts, saved[3::5], outbound):
             _wait(dev, work)
             sources += [o_srv] + [g[0] for g in _fields(buf, c.sent_q_rows, (so,))]
-        out = _owner(routes)[0](sources, q.new_empty(0, *so))
-        ctx.save_for_backward(*saved)
+        if place is None:
+            out = _owner(routes)[0](sources, q.new_empty(0, *so))
+        else:
+            place.finish(out, sources)
+        ctx.save_for_backward(out, *saved)
         ctx.routes, ctx.counts, ctx.group, ctx.causal, ctx.scale = routes, counts, group, causal, scale
         ctx.shapes = (sq, sk, sv, so, k_dtype, v_dtype)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        saved, routes, counts, group = ctx.saved_tensors, ctx.routes, ctx.counts, ctx.group
+        (out, *saved), routes, counts, group = ctx.saved_tensors, ctx.routes, ctx.counts, ctx.group
         sq, sk, sv, so, k_dtype, v_dtype = ctx.shapes
         dev = dout.device
         dout = dout.contiguous()
+        q_place, kv_place = _placements(routes)
+        # the final gradients, where some nano-batch's kernel writes straight into them
+        dq = None if q_place is None else dout.new_empty(dout.shape[0], *sq)
+        dk, dv = (None, None) if kv_place is None else (dout.new_empty(dout.shape[0], *sk),
+                                                         dout.new_empty(dout.shape[0], *sv))
         flat = dout.new_empty(0)
         inbound = [_exchange([_pack((a, dout)) for a in r.send_q], c.sent_o, c.recv_o, flat, group, r.collective)
                    for r, c in zip(routes, counts)]
         outbound, grads = [], []
         for i, (r, c, (buf, work)) in enumerate(zip(routes, counts, inbound)):
             q_srv, k_task, v_task, o_srv, lse = saved[5 * i:5 * i + 5]
+            if o_srv is None:
+                o_srv = _dest(q_place, out, i)[0][0]
             _wait(dev, work)
             do_srv = r.srv_q([dout] + [g[0] for g in _fields(buf, c.recv_q_rows, (so,))], dout)
             if q_srv.shape[0]:
                 cu_q, cu_k = _device_cu(r, dev)
+                dk_i, accumulate = _dest(kv_place, dk, i)
                 dq_t, dk_t, dv_t = flash_attn_backward(do_srv[None], q_srv[None], k_task[None], v_task[None],
                                                        o_srv[None], lse, causal=ctx.causal, cu_seqlens_q=cu_q,
-                                                       cu_seqlens_k=cu_k, softmax_scale=ctx.scale)
+                                                       cu_seqlens_k=cu_k, softmax_scale=ctx.scale,
+                                                       dq=_dest(q_place, dq, i)[0], dk=dk_i,
+                                                       dv=_dest(kv_place, dv, i)[0], accumulate=accumulate)
                 dq_srv, dk_task, dv_task = dq_t[0], dk_t[0], dv_t[0]
             else:
                 dq_srv, dk_task, dv_task = q_srv.new_zeros(q_srv.shape), k_task, v_task
@@ -233,10 +262,12 @@ class _DisaggAttention(torch.autograd.Function):
                 src += [grad[i]] + [g[i] for g in got]
         # a key row sent to several servers (or nano-batches): the owner sums their gradients
         own_q, own_kv = _owner(routes)
-        dq = own_q(sources[0], dout.new_empty(0, *sq))
-        dk = own_kv(sources[1], dout.new_empty(0, *sk)).to(k_dtype)
-        dv = own_kv(sources[2], dout.new_empty(0, *sv)).to(v_dtype)
-        return dq, dk, dv, None, None, None, None
+        dq = own_q(sources[0], dout.new_empty(0, *sq)) if q_place is None else q_place.finish(dq, sources[0])
+        if kv_place is None:
+            dk, dv = own_kv(sources[1], dout.new_empty(0, *sk)), own_kv(sources[2], dout.new_empty(0, *sv))
+        else:
+            dk, dv = kv_place.finish(dk, sources[1]), kv_place.finish(dv, sources[2])
+        return dq, dk.to(k_dtype), dv.to(v_dtype), None, None, None, None
 
 
 def _by_owner(r: Route, x) -> list:
