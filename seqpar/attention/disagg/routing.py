@@ -188,14 +188,26 @@ def route(tasks: list[Task], bounds, owned, rank: int, causal: bool) -> Route:
     q_off, off = [0] * world, 0
     for o in owners:
         q_off[o], off = off, off + q_recv_splits[o]
+    # A server that serves only its own rows reads its queries (keys) as ONE slice of them, the
+    # rows of other tasks between its tasks' forming documents without keys (queries): its
+    # outputs and gradients are then rows of the final tensors (`owner_placements`). Worth it
+    # while those rows are no more than the used ones (the kernel writes them too).
+    local_ranges_of = lambda a, b: [(loc, e - s) for s, e, r, loc in pieces(a, b)] if a < b else []
+    q_span = kv_span = None
+    if off == q_recv_splits[rank] and mine:
+        q_span = _span([local_ranges_of(t.q_start, t.q_end) for t in mine])
+    if mine and all(r == rank for _, _, r, _ in needed[rank]):
+        kv_span = _span([local_ranges_of(t.kv_start, key_end(t)) for t in mine])
     own_pieces = q_rows(rank, rank)
     q_contribs, pos = [], 0
     for a, b, _, loc in own_pieces:
-        q_contribs.append((pos, b - a, 0, loc))
+        q_contribs.append((loc - q_span[0] if q_span else pos, b - a, 0, loc))
         pos += b - a
     q_contribs += [(q_off[o], q_recv_splits[o], 1 + o, 0) for o in owners[1:] if q_recv_splits[o]]
     src_q = [n_local] + [0 if o == rank else q_recv_splits[o] for o in range(world)]
-    srv_q = assembly(q_contribs, src_q, off)
+    if q_span:
+        off = q_span[1] - q_span[0]
+    srv_q = assembly([(0, off, 0, q_span[0])] if q_span else q_contribs, src_q, off)
 
     # where each needed key row sits: local rows in place, received ones in their owner's section
     at, section = [], [0] * world
@@ -208,7 +220,21 @@ def route(tasks: list[Task], bounds, owned, rank: int, causal: bool) -> Route:
     at.sort()
     at_starts = [x[0] for x in at]
     kv_contribs, cu_q, cu_k = [], [0], [0]
+    q_at, k_at = (q_span or (0,))[0], (kv_span or (0,))[0]
     for t in mine:
+        # the slices' gaps before this task: one document without keys, one without queries
+        if q_span:
+            qa = local_ranges_of(t.q_start, t.q_end)[0][0]
+            if qa > q_at:
+                cu_q.append(cu_q[-1] + qa - q_at)
+                cu_k.append(cu_k[-1])
+            q_at = qa + t.q_end - t.q_start
+        if kv_span:
+            ka = local_ranges_of(t.kv_start, key_end(t))[0][0]
+            if ka > k_at:
+                cu_q.append(cu_q[-1])
+                cu_k.append(cu_k[-1] + ka - k_at)
+            k_at = ka + key_end(t) - t.kv_start
         a, e = t.kv_start, key_end(t)
         i = bisect.bisect_right(at_starts, a) - 1
         while a < e:
@@ -219,7 +245,7 @@ def route(tasks: list[Task], bounds, owned, rank: int, causal: bool) -> Route:
         cu_q.append(cu_q[-1] + t.q_end - t.q_start)
         cu_k.append(cu_k[-1] + key_end(t) - t.kv_start)
     src_kv = [n_local] + [0 if o == rank else kv_recv_splits[o] for o in range(world)]
-    srv_kv = assembly(kv_contribs, src_kv, cu_k[-1])
+    srv_kv = assembly([(0, cu_k[-1], 0, kv_span[0])] if kv_span else kv_contribs, src_kv, cu_k[-1])
     # gradients of a received key row: summed over the tasks that read it, then sent back once
     back_kv = tuple(None if o == rank or not kv_recv_splits[o] else
                     assembly([(ss, n, 0, d) for d, n, s, ss in kv_contribs if s == 1 + o], [cu_k[-1]],
@@ -239,18 +265,23 @@ def route(tasks: list[Task], bounds, owned, rank: int, causal: bool) -> Route:
                   or any(r != s for s in range(world) for _, _, r, _ in needed[s]))
     return Route(rank, n_local, q_send_splits, q_recv_splits, kv_send_splits, kv_recv_splits, cu_q, cu_k, send_q,
                  send_kv, srv_q, srv_kv, back_kv, tuple(q_off), tuple(own_q), tuple(own_kv), collective,
-                 _local_slice(q_contribs, off), _local_slice(kv_contribs, cu_k[-1]))
+                 (q_span[0], srv_q.rows) if q_span else None, (kv_span[0], cu_k[-1]) if kv_span else None)
 
 
-def _local_slice(contribs, rows):
-    """(local start, rows) if a server buffer of `rows` rows built from `contribs` is one slice of
-    the local rows, each once and in order; else None."""
-    if not rows or any(src != 0 for _, _, src, _ in contribs):
+def _span(ranges_per_task):
+    """(first, end) local rows of one slice holding every task's rows, if each task's rows are
+    contiguous, the tasks follow each other in local order without sharing a row, and the gaps
+    between them are no more than the rows used; else None."""
+    spans = []
+    for ranges in ranges_per_task:
+        if not ranges or any(a + n != b for (a, n), (b, _) in zip(ranges, ranges[1:])):
+            return None
+        spans.append((ranges[0][0], ranges[-1][0] + ranges[-1][1]))
+    if any(b > c for (_, b), (c, _) in zip(spans, spans[1:])):
         return None
-    pos = [(d, n, loc) for d, n, _, loc in sorted(contribs) if n]
-    if not pos or pos[0][0] != 0 or any(d + n != d2 or l + n != l2 for (d, n, l), (d2, _, l2) in zip(pos, pos[1:])):
-        return None
-    return (pos[0][2], rows) if pos[-1][0] + pos[-1][1] == rows else None
+    used = sum(b - a for a, b in spans)
+    first, end = spans[0][0], spans[-1][1]
+    return (first, end) if end - first <= 2 * used else None
 
 
 def owner_assemblies(routes) -> tuple[Assembly, Assembly]:
@@ -295,9 +326,11 @@ def owner_placements(routes) -> tuple[Placement | None, Placement | None]:
     or where that join is no copy at all (a plan that moves nothing).
 
     A nano-batch writes directly when its server buffer is one slice of the local rows
-    (`Route.q_direct` / `kv_direct`). Query rows belong to one task each, so never twice; a key
-    row may be read in several nano-batches: a later direct write accumulates into rows an
-    earlier one wrote, and a nano-batch whose rows are partly written already keeps its sources."""
+    (`Route.q_direct` / `kv_direct`). Query rows belong to one task each, but the slice's gap
+    rows (other tasks' queries) are written too (zeros, overwritten later): such a write may not
+    touch rows an earlier one wrote. Key rows may be read in several nano-batches, and a slice's
+    gap rows get zero gradients, a true partial sum: a direct write accumulates where an earlier
+    one wrote all its rows, overwrites where none did, and otherwise the nano-batch keeps its sources."""
     world = len(routes[0].q_send_splits)
     q_asm, kv_asm = owner_assemblies(routes)
     places = []
@@ -311,9 +344,13 @@ def owner_placements(routes) -> tuple[Placement | None, Placement | None]:
             acc = None
             if span is not None:
                 parts = _split_by_cover(span[0], span[0] + span[1], cover)
-                if len(parts) == 1:
+                if len(parts) == 1 and (key == "kv_direct" or not parts[0][2]):
                     acc = parts[0][2]
-                    cover = _add_cover(cover, span[0], span[0] + span[1])
+                    if key == "kv_direct":
+                        cover = _add_cover(cover, span[0], span[0] + span[1])
+                    for d, m, k, _ in getattr(r, own) if key == "q_direct" else ():
+                        if k == 0:  # the rows of this server's tasks, not the gaps between them
+                            cover = _add_cover(cover, d, d + m)
             direct.append(None if acc is None else (span[0], span[1], acc))
             contribs += [(d, m, base + k, ss) for d, m, k, ss in getattr(r, own) if acc is None or k != 0]
         ops = []
