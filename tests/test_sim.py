@@ -558,3 +558,41 @@ def test_not_comparable_repeat_feeds_no_fit(tmp_path, monkeypatch):
     result = validate(tmp_path)
     assert any(e["reason"] == "a made-up reason" for e in result["excluded"])
     assert sum(c["name"].startswith("LASP-2") for c in result["cases"]) == 1
+
+
+def test_ping_pong_schedule_by_hand():
+    """seqpar's ping-pong as its runtime runs it: inputs up front, each output all-to-all once every
+    rank issued it (one NCCL stream, issue order), and a rank computing while its issued output
+    waits for a peer pays the SM-sharing tax on that overlap."""
+    from seqpar.attention.disagg.planner import Task
+    from seqpar.sim.attention_cost import _nano_bytes, _nano_schedule
+
+    # no transfers: each rank runs its share of its nano-batches back to back
+    assert _nano_schedule([[1.0, 2.0], [3.0, 0.0]], 0.5, [None, None], [None, None], 0.4) == pytest.approx(2.0)
+    # rank 1 serves R1 (4 s of work, inputs take 1 s); rank 0 has only local work in L2 (3 s).
+    # Every rank waits for R1's inputs (the runtime waits before it looks at its tasks), so rank 0
+    # issues R1's output at t=1 and computes L2 [1, 4] while rank 1 computes R1 [1, 5]: 3 s of
+    # overlap x tax 0.5 -> rank 0 ends at 5.5; the output starts at 5 and ends at 5.5
+    work = [[0.0, 4.0], [3.0, 0.0]]
+    assert _nano_schedule(work, 1.0, [1.0, None], [0.5, None], 0.5) == pytest.approx(5.5)
+    assert _nano_schedule(work, 1.0, [1.0, None], [0.5, None], 0.0) == pytest.approx(5.5)
+    work = [[0.0, 1.0], [6.0, 0.0]]  # rank 0's L2 [1, 7] overlaps its waiting output [1, 2]: 7 + 0.5
+    assert _nano_schedule(work, 1.0, [1.0, None], [0.5, None], 0.5) == pytest.approx(7.5)
+    # K/V rows a server reads but does not hold travel once per nano-batch, its own never
+    owned = [[(0, 100)], [(100, 200)]]
+    tasks = [Task(server=1, q_start=60, q_end=100, kv_start=0, owner=0), Task(1, 150, 200, 100, 1),
+             Task(1, 40, 60, 0, 0)]
+    assert _nano_bytes(tasks, owned) == (60, 100)
+
+
+def test_disagg_server_of_one_task_runs_flash(h100, calib):
+    """The runtime passes cu_seqlens and takes the lse, so a server's one-task call is torch's flash
+    (the dense_lse case), never cuDNN: disagg costs no less with a cuDNN `family` argument."""
+    from seqpar.sim.attention_cost import disagg_layer
+    from seqpar.sim.comm import placed
+
+    g = placed(2, 1, 8)
+    bounds = [(0, 65536)]  # one document: one task per server
+    a = disagg_layer(calib, h100, bounds, 2, 32, 8, 128, g, family="cudnn")[0]
+    b = disagg_layer(calib, h100, bounds, 2, 32, 8, 128, g, family="flash")[0]
+    assert a == b

@@ -14,9 +14,12 @@ Per method, what the code in seqpar/attention/ issues per layer (forward + backw
   local query chunk attends keys up to its end.
 - disagg: the planner's tasks (`attention.disagg.plan`) on their servers; the busiest server's
   tasks are one varlen call; three all-to-alls forward (queries, K/V once per server, outputs)
-  and three backward (dO, dQ, dK/dV), sized by the tokens that leave their owner; with
-  `parallel.disagg.ping_pong` (the default) two nano-batches hide one's all-to-alls behind the
-  other's attention (DistCA's schedule), else they are exposed.
+  and three backward (dO, dQ, dK/dV), sized by the tokens that leave their owner, exposed (the
+  default). With `parallel.disagg.ping_pong=true` the runtime's own schedule (`_ping_pong_layer`):
+  up to four nano-batches, one kernel call each, remote K/V rows sent once per nano-batch, inputs
+  issued up front and outputs as each nano-batch ends on one NCCL stream, and the SM-sharing tax
+  on a rank's compute while its issued output waits for the server; a one-task call is torch's
+  flash (dense_lse), several tasks Triton (packed_lse).
 - runtime extras (fitted, `runtime_extra`, `ring_pieces`): the disagg runtime's and per-document
   CP's work beyond kernels and transfers per local token; the packed ring's per document piece
   of its calls, and a share of the compute of packed GQA rows. The ring's dense GQA blocks run on
@@ -207,8 +210,14 @@ def perdoc_layer(calib, cluster, rows, world, heads, kv_heads, head_dim, group, 
 
 def disagg_layer(calib, cluster, rows, world, heads, kv_heads, head_dim, group, family="cudnn", act=2,
                  overlap=False, eps=0.1, min_chunk=128, task_overhead=None):
+    """`overlap`: False (one nano-batch, transfers exposed: seqpar's default), True (seqpar's
+    ping-pong as its runtime runs it), "distca" (DistCA's schedule, every transfer behind the
+    other nano-batch's attention: the sweep's comparison with the paper)."""
     from seqpar.attention.disagg.planner import TASK_OVERHEAD
 
+    # the runtime always passes cu_seqlens and takes the lse: a server's call of one task is the
+    # dense_lse case (torch's flash, kernels/dispatch.py _lse_backend), never cuDNN; of several, Triton
+    family = "flash"
     compute = comm = 0.0
     row_bytes = (heads * 2 * head_dim * act, kv_heads * 2 * head_dim * act)  # as the runtime plans: Q+O, K+V
     for bounds in rows:
@@ -232,10 +241,122 @@ def disagg_layer(calib, cluster, rows, world, heads, kv_heads, head_dim, group, 
         a2a = lambda nbytes: collective_time("all_to_all", nbytes * world / max(1, world - 1), group, cluster,
                                              calib.comm)
         comm += 4 * a2a(q_bytes) + 2 * a2a(kv_bytes)
-    if overlap:
+    if overlap == "distca":  # DistCA's schedule: the other nano-batch's attention hides the all-to-alls
         total = overlapped(compute, comm, calib.overlap_tax)
         return total, total - compute, compute
+    if overlap:
+        return _ping_pong_layer(calib, cluster, rows, world, heads, kv_heads, head_dim, group, family, act, eps,
+                                min_chunk, task_overhead)
     return compute + comm, comm, compute
+
+
+def _ping_pong_layer(calib, cluster, rows, world, heads, kv_heads, head_dim, group, family, act, eps, min_chunk,
+                     task_overhead):
+    """(seconds, exposed, compute) of `parallel.disagg.ping_pong=true` as seqpar's runtime runs it
+    (attention/disagg/runtime.py, routing.nano_batches): the tasks in up to four nano-batches L1,
+    R1, R2, L2, one varlen kernel call per nano-batch and server (so up to four calls' per-call
+    cost); every input all-to-all issued up front, each output all-to-all issued by a rank when
+    its own share of that nano-batch is computed; all on NCCL's one stream, in issue order, each
+    starting when every rank has issued it. Remote K/V rows travel once per nano-batch that reads
+    them (`_nano_bytes`). A rank that issued an all-to-all its peers have not joined yet keeps
+    NCCL's kernel resident while it computes its next nano-batches: that overlap costs the fitted
+    SM-sharing tax (`overlap_tax`), as overlapped transfers do. Forward and backward are timed
+    alike (backward: 2.5 x the kernel time, dO in, dQ|dK|dV out); the layer is the slower rank's
+    forward plus its backward."""
+    from seqpar.attention.disagg.planner import TASK_OVERHEAD
+    from seqpar.attention.disagg.routing import nano_batches
+
+    row_bytes = (heads * 2 * head_dim * act, kv_heads * 2 * head_dim * act)
+    q_w, kv_w = heads * head_dim * act, 2 * kv_heads * head_dim * act  # one Q (O, dO, dQ) row; one K|V row
+    a2a = lambda nbytes: collective_time("all_to_all", nbytes * world / max(1, world - 1), group, cluster, calib.comm)
+    total = exposed = compute_total = 0.0
+    for bounds in rows:
+        bounds = tuple(bounds)
+        p = _disagg_plan(bounds, world, eps, min_chunk, TASK_OVERHEAD if task_overhead is None else task_overhead,
+                         row_bytes)
+        per = bounds[-1] // world
+        owned = [[(r * per, (r + 1) * per)] for r in range(world)]
+        groups = nano_batches(p.tasks, world, list(bounds), True, min_chunk, owned)
+        work = []  # work[i][s]: server s's kernel time (fwd + bwd) in nano-batch i
+        for g in groups:
+            segs = [[] for _ in range(world)]
+            for t in g:
+                segs[t.server].append((t.q_end - t.q_start, t.q_end - t.kv_start))
+            work.append([attn_seconds(calib, [AttnCall(tuple(x), True)], heads, head_dim, family) if x else 0.0
+                         for x in segs])
+        moved = [_nano_bytes(g, owned) for g in groups]  # (max Q rows, max K|V rows) received by a server
+        fwd_in = [a2a(q * q_w + kv * kv_w) if q or kv else None for q, kv in moved]
+        fwd_out = [a2a(q * q_w) if q else None for q, kv in moved]
+        bwd_out = [a2a(q * q_w + kv * kv_w) if q or kv else None for q, kv in moved]
+        fwd = _nano_schedule(work, 1 / 3.5, fwd_in, fwd_out, calib.overlap_tax)
+        bwd = _nano_schedule(work, 2.5 / 3.5, fwd_out, bwd_out, calib.overlap_tax)  # dO in: one Q row each
+        kernels = max(sum(w[s] for w in work) for s in range(world))
+        extra = runtime_extra(calib, "disagg", bounds, heads, head_dim) / world
+        total += fwd + bwd + extra
+        compute_total += kernels + extra
+        exposed += fwd + bwd - kernels
+    return total, exposed, compute_total
+
+
+def _nano_bytes(tasks, owned) -> tuple[int, int]:
+    """(Q rows, K|V rows) the busiest server receives in one nano-batch: the queries of its tasks
+    owned elsewhere, and each K/V row it reads but does not hold, once (the runtime sends a row
+    once per server and nano-batch)."""
+    world = len(owned)
+    q_rows, kv_ranges = [0] * world, [[] for _ in range(world)]
+    for t in tasks:
+        if t.server != t.owner:
+            q_rows[t.server] += t.q_end - t.q_start
+        kv_ranges[t.server].append((t.kv_start, t.q_end))
+    kv_rows = []
+    for s in range(world):
+        merged = []
+        for a, b in sorted(kv_ranges[s]):
+            if merged and a <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], b)
+            else:
+                merged.append([a, b])
+        held = sum(max(0, min(b, y) - max(a, x)) for a, b in merged for x, y in owned[s])
+        kv_rows.append(sum(b - a for a, b in merged) - held)
+    return max(q_rows), max(kv_rows)
+
+
+def _nano_schedule(work, share, inbound, outbound, tax) -> float:
+    """Seconds of one pass (forward or backward) of the nano-batches on every rank: `work[i][r]`
+    kernel seconds (fwd + bwd; `share` of it runs in this pass), `inbound[i]` / `outbound[i]` the
+    all-to-all seconds of nano-batch i (None: no rank sends, no collective). Inputs are issued at
+    the start, outputs as each rank finishes its share; NCCL runs them one after another in issue
+    order, each once every rank has issued it. A rank computing while one of its issued outputs
+    waits for its peers pays `tax` on that overlap."""
+    n, world = len(work), len(work[0]) if work else 0
+    comm_free, in_done = 0.0, []
+    for t in inbound:
+        if t is None:
+            in_done.append(0.0)
+        else:
+            comm_free += t
+            in_done.append(comm_free)
+    clock = [0.0] * world
+    spans = [[] for _ in range(world)]  # each rank's compute intervals
+    issued = [[0.0] * world for _ in range(n)]
+    for i in range(n):
+        for r in range(world):
+            start = max(clock[r], in_done[i])
+            end = start + share * work[i][r]
+            if end > start:
+                spans[r].append((start, end))
+            issued[i][r] = clock[r] = end
+    finish = list(clock)
+    last_out = 0.0
+    for i, t in enumerate(outbound):
+        if t is None:
+            continue
+        start = max(comm_free, max(issued[i]))
+        comm_free = last_out = start + t
+        for r in range(world):  # NCCL's kernel resident on rank r from its issue until the peers join
+            wait = (issued[i][r], start)
+            finish[r] += tax * sum(max(0.0, min(b, wait[1]) - max(a, wait[0])) for a, b in spans[r])
+    return max(max(finish), last_out)
 
 
 def disagg_moved_bytes(bounds, world, heads, kv_heads, head_dim, act=2, eps=0.1, min_chunk=128,

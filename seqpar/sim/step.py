@@ -120,7 +120,7 @@ def dp_attention(kind, cfg, calib, cluster, sizes, draws, tokens_rank, family) -
             joined = joined_row([rows[0] for rows in ranks])
             kw = dict(eps=opts.get("eps", 0.1), min_chunk=opts.get("min_chunk", 128))
             t = disagg_layer(calib, cluster, [joined], dp * cp, H, Hkv, D, group, family,
-                             overlap=bool(opts.get("ping_pong", True)), **kw)
+                             overlap=bool(opts.get("ping_pong", False)), **kw)
             moved.append(disagg_moved_bytes(joined, dp * cp, H, Hkv, D, **kw))
             own = [_cached(cache, kind, cfg, calib, cluster, {**sizes, "dp": 1}, rows, tokens_rank, family)[0]
                    for rows in ranks]  # before balancing: each rank its own rows
@@ -164,10 +164,11 @@ def _attention(kind, cfg, calib, cluster, sizes, rows, tokens_rank, family):
     if method == "perdoc":
         return perdoc_layer(*args)
     if method in ("disagg", "disagg_overlap"):
-        # parallel.disagg.ping_pong (default on): two nano-batches, one's all-to-alls behind the other's attention
+        # parallel.disagg.ping_pong (default off): seqpar's nano-batch schedule; disagg_overlap (the
+        # sweep's DistCA): every all-to-all hidden behind the other nano-batch's attention
         opts = getattr(p, "disagg", None) or {}
-        return disagg_layer(*args, overlap=method == "disagg_overlap" or bool(opts.get("ping_pong", True)),
-                            eps=opts.get("eps", 0.1), min_chunk=opts.get("min_chunk", 128))
+        overlap = "distca" if method == "disagg_overlap" else bool(opts.get("ping_pong", False))
+        return disagg_layer(*args, overlap=overlap, eps=opts.get("eps", 0.1), min_chunk=opts.get("min_chunk", 128))
     if method == "usp":
         u = p.ulysses_degree
         ug, rg = usp_groups(sizes, u, cluster.gpus_per_node)
