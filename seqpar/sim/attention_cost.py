@@ -47,6 +47,8 @@ def attn_seconds(calib, calls, heads: int, head_dim: int, family: str = "cudnn")
         t = flops / fit.rate + rows * fit.per_token + n * fit.per_call
         if call.is_varlen and calib.packed_kernel == "triton":
             t *= calib.triton_packed_ratio
+        elif family == "triton":  # a dense call on seqpar's Triton kernel: torch's flash times the measured ratio
+            t *= calib.triton_dense_ratio
         total += t
     return total
 
@@ -172,12 +174,16 @@ def allgather_layer(calib, cluster, rows, world, heads, kv_heads, head_dim, grou
         seq = bounds[-1]
         per_rank = []
         for r in range(world):
-            calls = []
+            t = 0.0
             for a, b in local_ranges(seq, world, r, layout):
                 pieces = _clip(bounds, a, b)
-                segs = tuple((e - s, e - d) for s, e, d in pieces)
-                calls.append(AttnCall(segs, True))
-            per_rank.append(attn_seconds(calib, calls, heads, head_dim, family))
+                call = AttnCall(tuple((e - s, e - d) for s, e, d in pieces), True)
+                nq, nk = call.segments[0]
+                # one document whose queries see more keys than they are: SDPA's causal mask is
+                # top-left aligned, so kernels/dispatch.py sends it to the Triton kernel
+                fam = "triton" if not call.is_varlen and nq != nk else family
+                t += attn_seconds(calib, [call], heads, head_dim, fam)
+            per_rank.append(t)
         compute += max(per_rank)
         kv_all = 2 * seq * kv_heads * head_dim * act
         comm += collective_time("all_gather", kv_all, group, cluster, calib.comm) + \

@@ -52,6 +52,7 @@ class Calibration:
     # them) or "flash" (torch's varlen flash: runs before that, and the ring bench's forced families)
     packed_kernel: str = "triton"
     triton_packed_ratio: float = 1.0  # Triton flash time over torch's varlen flash on packed rows
+    triton_dense_ratio: float = 1.0  # Triton flash time over torch's (SDPA) flash on dense causal rows
     comm: LinkFit = field(default_factory=LinkFit)
     sources: dict[str, str] = field(default_factory=dict)
     era: int = 0  # the code era these constants describe (measurements.CODE_CHANGES)
@@ -70,6 +71,7 @@ class Calibration:
                 "ring_per_document_piece_us": round(self.ring_piece_s * 1e6, 2),
                 "ring_packed_gqa_slowdown": round(self.ring_gqa_slowdown, 4),
                 "triton_packed_time_ratio": round(self.triton_packed_ratio, 4),
+                "triton_dense_time_ratio": round(self.triton_dense_ratio, 4),
                 "fused_kernels": {"rms_norm_share_of_hbm": self.fused_norm_eff, "rope_share_of_hbm": self.fused_rope_eff,
                                   "ce_time_vs_unfused": self.fused_ce_ratio},
                 "comm_intra_node": {op: {"latency_us": round(a * 1e6, 2), "GB_s": round(bw / 1e9, 1)}
@@ -163,15 +165,17 @@ def fit_linear(found) -> tuple[float, int] | None:
     return statistics.median(r * h / hdd for r, h in rates), hdd
 
 
-def fit_triton_packed(found) -> tuple[float, str] | None:
-    """(median time ratio, file) of seqpar's Triton flash over torch's varlen flash, fwd+bwd, on the
-    kernels bench's packed rows (the same documents for both kernels)."""
+def fit_triton_packed(found, layout: str = "packed") -> tuple[float, str] | None:
+    """(median time ratio, file) of seqpar's Triton flash over torch's flash, fwd+bwd, on the
+    kernels bench's rows of `layout`: packed (against varlen flash, the same documents) or dense
+    (against SDPA's flash, one causal document)."""
+    other = {"packed": "torch_varlen_flash", "dense": "sdpa_flash"}[layout]
     ratios, files = [], []
     for path, data in found["kernels"]:
         rows = data.get("flash", {}).get("rows", []) if isinstance(data.get("flash"), dict) else []
-        packed = {(r["kernel"], r["S"], r.get("n_docs")): r for r in rows if r.get("layout") == "packed"}
+        packed = {(r["kernel"], r["S"], r.get("n_docs")): r for r in rows if r.get("layout") == layout}
         for (kernel, S, docs), r in packed.items():
-            torch_row = packed.get(("torch_varlen_flash", S, docs))
+            torch_row = packed.get((other, S, docs))
             if kernel == "seqpar_triton" and torch_row and r.get("fwdbwd_ms") and torch_row.get("fwdbwd_ms"):
                 ratios.append(r["fwdbwd_ms"] / torch_row["fwdbwd_ms"])
                 files.append(path)
@@ -435,6 +439,9 @@ def calibrate(root: Path | None = None, exclude: tuple[str, ...] = (), cluster=N
     triton = fit_triton_packed(found)
     if triton:
         calib.triton_packed_ratio, calib.sources["triton_packed"] = triton
+    triton = fit_triton_packed(found, "dense")
+    if triton:
+        calib.triton_dense_ratio, calib.sources["triton_dense"] = triton
     ring = [s for s in ring_samples(found) if not folder_health(s["file"])]
     attn = fit_attention(ring, exclude)
     if attn:
