@@ -624,12 +624,17 @@ class _OpCounter:
         from collections import Counter
         counter = self
         self.counts, self.kernel_calls, self.paused = Counter(), 0, False
+        self.bytes = Counter()  # bytes written by the row-moving ops (_COPY_OPS)
 
         class Mode(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                result = func(*args, **(kwargs or {}))
+                name = func.overloadpacket.__name__
                 if not counter.paused:
-                    counter.counts[func.overloadpacket.__name__] += 1
-                return func(*args, **(kwargs or {}))
+                    counter.counts[name] += 1
+                    if name in _COPY_OPS and isinstance(result, torch.Tensor):
+                        counter.bytes[name] += result.numel() * result.element_size()
+                return result
 
         def quiet(fn):
             def call(*a, **kw):
@@ -703,3 +708,57 @@ def test_disagg_runtime_copies_only_what_moves():
         assert not _INDEX_OPS & set(moving["ops"]), moving["ops"]
         # per nano-batch: fwd send, Q, K, V, outputs sent; bwd dO sent, dO, gradients sent; then out, dq, dk, dv
         assert moving["ops"].get("cat", 0) <= 8 * moving["nanos"] + 4, moving["ops"]
+
+
+def _copies_before_after(rank, world):
+    """The moving mix, each rank's copy bytes with server buffers built from pieces ("before":
+    no slice of own rows, so no kernel writes into the final tensors) and as the runtime runs."""
+    from seqpar.attention.disagg import routing, runtime
+    counter = _OpCounter(runtime)
+    docs = [0, 1, 9, 300, 301, 325, 512]
+    cu = torch.tensor(docs, dtype=torch.int32)
+    g = torch.Generator().manual_seed(5)
+    q, k, v, grad = (torch.randn(1, 512, h, 8, generator=g, dtype=torch.float64) for h in (4, 2, 2, 4))
+    grad = shard_sequence(grad, layout="contiguous")
+    span, results = routing._span, {}
+    try:
+        for ping_pong in (True, False):
+            for name, fn in (("before", lambda ranges: None), ("after", span)):
+                routing._span = fn
+                for cache in (runtime._plan_routes, runtime._placements, runtime._owner, runtime._device_cu):
+                    cache.cache_clear()
+                local = [shard_sequence(t, layout="contiguous").requires_grad_() for t in (q, k, v)]
+                counter.counts.clear()
+                counter.bytes.clear()
+                with counter.mode:
+                    out = disagg_attention(*local, cu_seqlens=cu, layout="contiguous", min_chunk=16, ping_pong=ping_pong)
+                    out.backward(grad)
+                routes, _ = runtime._plan_routes(tuple(docs), 512, world, rank, "contiguous", 0.1, 16, True,
+                                                 runtime.planner_overhead(runtime.current()), (4 * 14 * 8, 2 * 16 * 8),
+                                                 ping_pong)
+                results[ping_pong, name] = dict(bytes=sum(counter.bytes.values()), per_op=dict(counter.bytes),
+                                                ops=dict(counter.counts), nanos=len(routes),
+                                                direct=sum((r.q_direct is not None) + (r.kv_direct is not None)
+                                                           for r in routes),
+                                                got=[out.detach()] + [t.grad for t in local])
+    finally:
+        routing._span = span
+        for cache in (runtime._plan_routes, runtime._placements, runtime._owner, runtime._device_cu):
+            cache.cache_clear()
+    return results
+
+
+def test_kernels_write_into_the_final_tensors_and_copy_less():
+    res = run_distributed(_copies_before_after, 2)
+    for ping_pong in (True, False):
+        before = [r[ping_pong, "before"] for r in res]
+        after = [r[ping_pong, "after"] for r in res]
+        for b, a in zip(before, after):
+            assert b["direct"] == 0 and a["direct"] > 0 or ping_pong is False, (b["direct"], a["direct"])
+            for x, y in zip(b["got"], a["got"]):
+                assert torch.allclose(x, y, rtol=0, atol=1e-12), "direct writes must not change the results"
+            assert a["bytes"] <= b["bytes"], (ping_pong, b["per_op"], a["per_op"])
+        assert sum(a["bytes"] for a in after) < sum(b["bytes"] for b in before), (ping_pong, before, after)
+        print(f"ping_pong={ping_pong}: copy bytes per rank before {[b['bytes'] for b in before]} "
+              f"after {[a['bytes'] for a in after]} (nano-batches {[a['nanos'] for a in after]}); "
+              f"before {[b['per_op'] for b in before]} after {[a['per_op'] for a in after]}")
