@@ -731,7 +731,8 @@ def _copies_before_after(rank, world):
                 counter.counts.clear()
                 counter.bytes.clear()
                 with counter.mode:
-                    out = disagg_attention(*local, cu_seqlens=cu, layout="contiguous", min_chunk=16, ping_pong=ping_pong)
+                    out = disagg_attention(*local, cu_seqlens=cu, layout="contiguous", min_chunk=16,
+                                           ping_pong=ping_pong)
                     out.backward(grad)
                 routes, _ = runtime._plan_routes(tuple(docs), 512, world, rank, "contiguous", 0.1, 16, True,
                                                  runtime.planner_overhead(runtime.current()), (4 * 14 * 8, 2 * 16 * 8),

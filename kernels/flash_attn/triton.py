@@ -513,7 +513,8 @@ def attention_forward(q, k, v, *, causal=True, cu_seqlens_q=None, cu_seqlens_k=N
         table = _forward_into(q, k, v, out, lse, causal=causal, cu_q=cu_seqlens_q, cu_k=cu_seqlens_k, scale=scale,
                               merge=False)
     if given is not None and given is not out:  # D not unit-strided: the kernel stored into a buffer
-        out = given.copy_(out)
+        from seqpar.kernels.flash_attn import _deliver
+        out = _deliver(given, out, False)
     return out, lse, table
 
 
@@ -572,14 +573,10 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=True, cu_seqlens_q=Non
 
 def _into(given, computed, accumulate):
     """Each given destination holding its result: those the kernels stored into are returned as
-    they are; the others take theirs by copy_ (dq, or dk/dv without accumulate) or add_."""
-    out = []
-    for i, (dest, got) in enumerate(zip(given, computed)):
-        if dest is None or dest is got:
-            out.append(got)
-        else:
-            out.append(dest.add_(got) if accumulate and i else dest.copy_(got))
-    return tuple(out)
+    they are; the others take theirs from the package's fallback (copy_, or add_ for dk/dv)."""
+    from seqpar.kernels.flash_attn import _deliver
+    return tuple(got if dest is None or dest is got else _deliver(dest, got, accumulate and i > 0)
+                 for i, (dest, got) in enumerate(zip(given, computed)))
 
 
 class _FlashAttn(torch.autograd.Function):
