@@ -596,3 +596,39 @@ def test_disagg_server_of_one_task_runs_flash(h100, calib):
     a = disagg_layer(calib, h100, bounds, 2, 32, 8, 128, g, family="cudnn")[0]
     b = disagg_layer(calib, h100, bounds, 2, 32, 8, 128, g, family="flash")[0]
     assert a == b
+
+
+def test_allgather_chunk_with_more_keys_runs_triton(h100, calib):
+    """All-gather SP: rank 0's first zigzag chunk sees as many keys as it has queries (SDPA, the
+    cudnn family); its last chunk sees the whole row before it, which kernels/dispatch.py sends to
+    the Triton kernel: torch's flash constants times the measured dense Triton/flash time ratio."""
+    from seqpar.sim.attention_cost import allgather_layer, attn_seconds
+    from seqpar.sim.comm import placed
+
+    S, H, D = 32768, 32, 128
+    q = S // 4
+    first = attn_seconds(calib, [AttnCall.dense(q, q, True)], H, D, "cudnn")
+    last = attn_seconds(calib, [AttnCall.dense(q, S, True)], H, D, "flash") * calib.triton_dense_ratio
+    middle = sum(attn_seconds(calib, [AttnCall.dense(q, k, True)], H, D, "flash") * calib.triton_dense_ratio
+                 for k in (2 * q, 3 * q))
+    _, comm, compute = allgather_layer(calib, h100, [(0, S)], 2, H, H, D, placed(2, 1, 8))
+    assert compute == pytest.approx(max(first + last, middle))
+    assert 0.7 < calib.triton_dense_ratio < 1.0  # the kernels bench: Triton beats SDPA's flash on dense rows
+
+
+def test_megatron_sp_charges_its_collectives_and_copies(h100, calib):
+    """tp=2 with Megatron-SP: per layer and micro-batch 4 all-gathers and 4 reduce-scatters of the
+    [S, d] stream, plus the copy torch's reduce_scatter_single makes of its input (4 of them; the
+    all-gathers copy too when B > 1)."""
+    from seqpar.sim.comm import placed
+
+    base = ["model=llama_1b", "data=synthetic", "data.seq_len=8192", "data.distribution=fixed", "data.mean_len=8192",
+            "parallel.cp=1", "parallel.tp=2", "parallel.dp=1", "train.global_batch_size=2"]
+    g = placed(2, 1, 8)
+    for b, copies in ((1, 4), (2, 8)):
+        cfg = _cfg(*base, f"train.micro_batch_size={b}")
+        full = b * 8192 * 2048 * 2
+        want = 4 * (collective_time("all_gather", full, g, h100, calib.comm)
+                    + collective_time("reduce_scatter", full, g, h100, calib.comm)) + copies * 2 * full / h100.hbm_bytes_per_s
+        got = predict_step(cfg, 2, h100, calib)["per_layer_s"]["S"]["tp_comm"]
+        assert got == pytest.approx(want, rel=2e-3)  # per_layer_s is rounded to the microsecond

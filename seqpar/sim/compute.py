@@ -129,7 +129,9 @@ def elementwise_time(model_cfg, kind, tp, sp, tokens, calib, hbm, torch_ops: boo
     parts = elementwise_parts(model_cfg, kind, tp, sp=sp)
     if torch_ops:
         return sum(parts.values()) * tokens * calib.elementwise_factor / hbm
-    return tokens / hbm * (parts["norms"] / calib.fused_norm_eff + parts["rope"] / calib.fused_rope_eff
+    # under Megatron-SP the norms' inputs are DTensors, which kernels/dispatch.py keeps on torch's ops
+    norm_cost = calib.elementwise_factor if tp > 1 and sp else 1 / calib.fused_norm_eff
+    return tokens / hbm * (parts["norms"] * norm_cost + parts["rope"] / calib.fused_rope_eff
                            + parts["other"] * calib.elementwise_factor)
 
 

@@ -219,6 +219,13 @@ def predict_step(cfg, world: int, cluster, calib, *, family: str = "cudnn", virt
             full = tokens_rank * m.d_model * act
             tp_comm = 4 * (collective_time("all_gather", full, tp_group, cluster, calib.comm)
                            + collective_time("reduce_scatter", full, tp_group, cluster, calib.comm))
+            if par.tp_sequence_parallel:
+                # DTensor scatters the stream along the sequence (dim 1 of [B, S, d]) through dim 0:
+                # torch's reduce_scatter_single first joins the chunks with a torch.cat, a copy of the
+                # whole [S, d] (read and written) per reduce-scatter; its all_gather_single returns a
+                # view when B = 1 (pytorch#169404), else it copies too
+                copies = 4 + (4 if b > 1 else 0)
+                tp_comm += copies * 2 * full / hbm
         # checkpointing runs forwards again in backward: the whole block (full), or norms and MLP
         # (selective); a forward is 1/3 of matmul fwd+bwd work and 1/3.5 of attention's
         mlp_share = 3 * m.d_model * m.ffn_dim / params[kind]
@@ -240,8 +247,20 @@ def predict_step(cfg, world: int, cluster, calib, *, family: str = "cudnn", virt
     stages = stage_layers(m, par, S) if pp > 1 else [list(range(m.n_layers))]
     head_mm = matmul_time(6 * m.vocab_size * m.d_model / tp * tokens_rank, cluster)
     head_ew = loss_bytes_per_token(m.vocab_size // tp) * tokens_rank * calib.elementwise_factor / hbm
-    if not torch_elementwise:  # the fused linear + cross-entropy kernel: its measured share of the unfused time
+    if not torch_elementwise and tp == 1:  # the fused linear + cross-entropy kernel: its measured share of the unfused time
         head_ew = calib.fused_ce_ratio * (head_mm + head_ew) - head_mm
+    if tp > 1:
+        # parallel/vocab_parallel.py: eager torch ops on fp32 logit chunks (not the fused kernel),
+        # two blocking all-reduces of per-row numbers per 4096-row chunk and one of grad_hidden
+        # (fp32 [tokens, d]); Megatron-SP adds the embedding's reduce-scatter (its gradient's
+        # all-gather) and the final norm's all-gather (its gradient's reduce-scatter) per micro-batch
+        full = tokens_rank * m.d_model * act
+        chunks = -(-tokens_rank // 4096)
+        head_ew += (2 * chunks * collective_time("all_reduce", 8 * 4096, tp_group, cluster, calib.comm)
+                    + collective_time("all_reduce", 2 * full, tp_group, cluster, calib.comm))
+        if par.tp_sequence_parallel:
+            head_ew += 2 * (collective_time("all_gather", full, tp_group, cluster, calib.comm)
+                            + collective_time("reduce_scatter", full, tp_group, cluster, calib.comm))
     stage_times = []
     for s, layers in enumerate(stages):
         st = sum(layer[kinds[i]]["total"] for i in layers)
