@@ -280,8 +280,10 @@ def predict_step(cfg, world: int, cluster, calib, *, family: str = "cudnn", virt
         p2p = 2 * v * n_micro * collective_time("send_recv", tokens_rank * m.d_model * act, pp_group, cluster,
                                                 calib.comm)
 
-    # FSDP2 over dp x cp: gather the stage's parameters forward and backward for each micro-batch,
-    # reduce-scatter the gradients once; prefetched behind the layers' compute
+    # FSDP2 over dp x cp (parallelize.py: fully_shard, no mixed-precision policy, so fp32): gather
+    # the stage's parameters forward and backward and reduce-scatter the gradients for each
+    # micro-batch (the engine never turns gradient sync off between micro-batches); prefetched
+    # behind the layers' compute
     shards = dp * cp
     stage_params = max(sum(params[kinds[i]] for i in layers) for layers in stages) / tp \
         + m.vocab_size * m.d_model * (1 if pp > 1 else 2) / tp
@@ -289,8 +291,8 @@ def predict_step(cfg, world: int, cluster, calib, *, family: str = "cudnn", virt
     if shards > 1:
         g = placed(shards, tp, cluster.gpus_per_node)
         p_bytes = 4 * stage_params
-        fsdp = 2 * n_micro * collective_time("all_gather", p_bytes, g, cluster, calib.comm) \
-            + collective_time("reduce_scatter", p_bytes, g, cluster, calib.comm)
+        fsdp = n_micro * (2 * collective_time("all_gather", p_bytes, g, cluster, calib.comm)
+                          + collective_time("reduce_scatter", p_bytes, g, cluster, calib.comm))
         fsdp_exposed = overlapped(pipeline, fsdp, calib.overlap_tax) - pipeline
     local_params = stage_params / max(1, shards)
     optimizer = 28 * local_params / hbm  # fused AdamW: read p, g, m, v and write p, m, v in fp32
