@@ -44,7 +44,9 @@ class DisaggConfig:  # parallel.softmax_sp=disagg (core-attention servers); rule
     # until it pays: on 2 GPUs it measured 0.91-1.00x of one nano-batch (docs/benchmarks, 2026-11-25/26)
     ping_pong: bool = False
     cost_table: Optional[str] = None  # JSON from `python -m seqpar.bench disagg --profile-cost-table`
-    group: str = "cp"  # cp | dp_cp: also move attention work between the data-parallel ranks (cp=1 only)
+    # dp_cp: also move attention work between the data-parallel ranks (their packed rows joined into
+    # one); the same as cp where dp = 1 or softmax_sp is not disagg
+    group: str = "dp_cp"
 
 
 @dataclass
@@ -276,7 +278,7 @@ def validate(cfg, world: int | None = None) -> None:
         fail(f"parallel.softmax_sp={p.softmax_sp!r}: implemented methods are {sorted(SOFTMAX_SP)}")
     try:
         validate_disagg(p.disagg)
-        check_disagg_group(p, t.micro_batch_size)
+        check_disagg_group(p, t.micro_batch_size, data_parallel_size(cfg, world))
     except ValueError as e:
         fail(str(e))
     if p.ulysses_degree != 1 and p.softmax_sp != "usp":

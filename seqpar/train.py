@@ -230,7 +230,7 @@ def train_step(model, micro_batches, cfg, dims: ParallelDims, device, *, backwar
         ctx = AttnContext(group=cp_group, cu_seqlens=cu_seqlens, position_ids=shard(positions[None])[0],
                           layout=layout, softmax_sp=cfg.parallel.softmax_sp, linear_sp=cfg.parallel.linear_sp,
                           linear_scan=cfg.parallel.linear_scan)
-        if cfg.parallel.disagg.group == "dp_cp" and cfg.parallel.softmax_sp == "disagg":
+        if disagg.joins_dp_rows(cfg.parallel, dims.dp):
             # the dp rows joined, each cut in cp contiguous pieces (validated): the dp_cp shards of one row
             ctx.softmax_view = dataclasses.replace(ctx, group=dims.group("dp_cp"), layout="contiguous",
                                                    cu_seqlens=disagg.join_row_bounds(cu_seqlens, dims.group("dp")))

@@ -530,30 +530,39 @@ def test_disagg_across_ranks_rows_exact():
             assert f"the rows end at {[ROW + r for r in range(sub)]}" in refused
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["parallel.disagg.group=dp"], "parallel.disagg.group='dp': choose cp"),
-    (["parallel.disagg.group=dp_cp", "parallel.cp=2"],
-     "with parallel.cp=2 needs parallel.layout=contiguous (now zigzag)"),
-    (["parallel.disagg.group=dp_cp", "train.micro_batch_size=2"], "needs train.micro_batch_size=1 (now 2)"),
+@pytest.mark.parametrize("overrides,world,message", [
+    (["parallel.disagg.group=dp"], 2, "parallel.disagg.group='dp': choose cp"),
+    (["parallel.cp=2", "parallel.dp=2"], 4, "with parallel.cp=2 needs parallel.layout=contiguous (now zigzag)"),
+    (["train.micro_batch_size=2"], 2, "needs train.micro_batch_size=1 (now 2)"),
 ])
-def test_disagg_group_config_errors(overrides, message):
+def test_disagg_group_config_errors(overrides, world, message):
+    """dp_cp (the default) joins the dp ranks' rows: its rules apply where there are dp ranks to join."""
     from seqpar.config import ConfigError, validate
-    for ok in (["parallel.cp=1"], ["parallel.cp=2", "parallel.layout=contiguous"]):
-        validate(_make_cfg("parallel.disagg.group=dp_cp", "train.micro_batch_size=1", *ok), world=2)
+    for ok in (["parallel.cp=1"], ["parallel.cp=2", "parallel.dp=2", "parallel.layout=contiguous"]):
+        validate(_make_cfg("train.micro_batch_size=1", *ok), world=2 * (1 + ("parallel.cp=2" in ok)))
     with pytest.raises(ConfigError) as e:
-        validate(_make_cfg("parallel.cp=1", "train.micro_batch_size=1", *overrides), world=2)
+        validate(_make_cfg("parallel.cp=1", "train.micro_batch_size=1", *overrides), world=world)
     assert message in str(e.value)
 
 
-def test_disagg_group_dp_cp_needs_disagg():
+def test_disagg_group_dp_cp_is_cp_where_nothing_joins():
+    """The default dp_cp asks nothing of a config with one dp rank, or whose softmax layers do not
+    use disagg: zigzag with cp=2, micro-batches of 2, ring attention all validate, and the
+    training loop keeps the cp group for them (joins_dp_rows)."""
     from hydra import compose, initialize_config_module
-    from seqpar.config import ConfigError, register_configs, validate
+    from seqpar.attention.disagg import joins_dp_rows
+    from seqpar.config import register_configs, validate
+    cfg = _make_cfg("parallel.cp=2", "parallel.dp=1", "train.micro_batch_size=2", "train.global_batch_size=2")
+    assert cfg.parallel.disagg.group == "dp_cp"
+    validate(cfg, world=2)
+    assert not joins_dp_rows(cfg.parallel, 1)
     register_configs()
     with initialize_config_module(config_module="seqpar.conf", version_base=None):
-        cfg = compose(config_name="train", overrides=["train.device=cpu", "parallel.softmax_sp=ring",
-                                                      "parallel.disagg.group=dp_cp"])
-    with pytest.raises(ConfigError, match="parallel.disagg.group=dp_cp applies to parallel.softmax_sp=disagg"):
-        validate(cfg, world=2)
+        ring = compose(config_name="train", overrides=["train.device=cpu", "parallel.softmax_sp=ring", "parallel.cp=1",
+                                                       "parallel.dp=2", "train.micro_batch_size=2",
+                                                       "train.global_batch_size=4"])
+    validate(ring, world=2)
+    assert not joins_dp_rows(ring.parallel, 2) and joins_dp_rows(_make_cfg().parallel, 2)
 
 
 def test_dp_cp_training_moves_work_and_keeps_the_losses(tmp_path):

@@ -57,6 +57,8 @@ def candidates(cfg, gpus: int, gpus_per_node: int):
                                 o["parallel.layout"] = "contiguous"
                         else:
                             o["parallel.softmax_sp"], o["parallel.ulysses_degree"] = method, 1
+                            if method == "disagg":  # balanced inside each cp group only
+                                o["parallel.disagg.group"] = "cp"
                         yield o
 
 

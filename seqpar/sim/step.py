@@ -87,9 +87,10 @@ def dp_draws(cfg, dp: int, rows_per_rank: int, n_micro: int, doc_bounds=None) ->
 
 
 def dp_cp_disagg(cfg) -> bool:
-    """Whether attention work moves between data-parallel ranks (`parallel.disagg.group=dp_cp`)."""
+    """Whether attention work moves between data-parallel ranks (`parallel.disagg.group=dp_cp`, the
+    default; callers also need dp > 1)."""
     p = cfg.parallel
-    return p.softmax_sp == "disagg" and ((getattr(p, "disagg", None) or {}).get("group", "cp") == "dp_cp")
+    return p.softmax_sp == "disagg" and ((getattr(p, "disagg", None) or {}).get("group", "dp_cp") == "dp_cp")
 
 
 def joined_row(rows: list[tuple[int, ...]]) -> tuple[int, ...]:

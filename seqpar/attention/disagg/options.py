@@ -20,7 +20,7 @@ class DisaggOptions:
     task_overhead: Optional[int] = None  # per-task cost in score pairs; None: fitted from cost_table, else 8192
     ping_pong: bool = False          # two nano-batches: one's all-to-alls overlap the other's attention (see config)
     cost_table: Optional[str] = None  # JSON of (q_len, kv_len) -> ms profiled on the GPU
-    group: str = "cp"                # cp: balance inside the cp group; dp_cp: across data-parallel ranks (rows.py)
+    group: str = "dp_cp"             # cp: balance inside the cp group; dp_cp: across data-parallel ranks too (rows.py)
 
     def overhead(self) -> int:
         """The per-task overhead the planner uses."""

@@ -55,13 +55,16 @@ def join_row_bounds(cu_seqlens: torch.Tensor, group=None) -> torch.Tensor:
     return torch.tensor(joined, dtype=torch.int32, device=cu_seqlens.device)
 
 
-def check_group(parallel, micro_batch_size: int) -> None:
+def joins_dp_rows(parallel, dp: int) -> bool:
+    """Whether softmax layers see the dp ranks' rows joined (`parallel.disagg.group=dp_cp` with
+    disagg attention and more than one data-parallel rank; elsewhere dp_cp is the cp group)."""
+    return parallel.disagg.group == "dp_cp" and parallel.softmax_sp == "disagg" and dp > 1
+
+
+def check_group(parallel, micro_batch_size: int, dp: int) -> None:
     """`parallel.disagg.group=dp_cp` against the rest of the config (ValueError names the keys)."""
-    if parallel.disagg.group != "dp_cp":  # its value is checked by options.validate
+    if not joins_dp_rows(parallel, dp):  # the group's value is checked by options.validate
         return
-    if parallel.softmax_sp != "disagg":
-        raise ValueError(f"parallel.disagg.group=dp_cp applies to parallel.softmax_sp=disagg (now "
-                         f"{parallel.softmax_sp!r})")
     if parallel.cp != 1 and parallel.layout != "contiguous":
         raise ValueError(f"parallel.disagg.group=dp_cp with parallel.cp={parallel.cp} needs parallel.layout=contiguous "
                          f"(now {parallel.layout}): the dp rows, each cut in cp contiguous pieces, are then the shards "
