@@ -55,13 +55,7 @@ def assembly(contribs, src_lens, rows: int) -> Assembly:
     several output rows (forward: a key read by several tasks), and an output row may take
     several source rows, summed (backward: their gradients), if those source rows feed nothing
     else. Output rows nobody feeds are zeros."""
-    merged = []
-    for d, n, s, ss in sorted(c for c in contribs if c[1] > 0):
-        last = merged[-1] if merged else None
-        if last and last[2] == s and last[0] + last[1] == d and last[3] + last[1] == ss:
-            merged[-1] = (last[0], last[1] + n, s, last[3])
-        else:
-            merged.append((d, n, s, ss))
+    merged = _merged(contribs)
     cuts = sorted({0, rows} | {d for d, *_ in merged} | {d + n for d, n, *_ in merged})
     subs = {}  # output piece start -> [(source, source_start, n)]
     for d, n, s, ss in merged:
