@@ -10,7 +10,9 @@ kernel family (cuDNN, FlashAttention-2; `SEQPAR_ATTN_KERNEL`):
 - efficiency = single_ms / (world * ring_ms), 1.0 ideal;
 - exposed_comm_ms = ring_ms - the same schedule with every transfer replaced by a local no-op
   (what the overlap failed to hide);
-- torch_cp: context_parallel with the same kernel (allgather and alltoall rotation), its efficiency.
+- torch_cp: context_parallel with the same kernel (allgather and alltoall rotation), its efficiency;
+- with `--methods ulysses usp:U`: Ulysses and USP (Ulysses of degree U inside groups, ring across)
+  on the same inputs, their times and efficiencies (`ulysses_ms`, `usp:2_efficiency`, ...).
 
 Packed documents (lognormal lengths, the draw of `anchors_varlen.py`): one GPU runs varlen flash
 on the whole row; the ring runs the same documents in two layouts: `zigzag` over the row's chunks
@@ -140,6 +142,29 @@ def _ring_step(q, k, v, do, cu=None, layout="zigzag"):
     return o
 
 
+def _other_method(name: str, world: int):
+    """fwd+bwd of Ulysses (`ulysses`) or USP (`usp:U`: Ulysses of degree U inside groups, ring
+    across them, the process groups built as training builds them) over the whole world, zigzag."""
+    from seqpar.attention.ulysses import ulysses_attention, usp_attention
+    from seqpar.parallel.dims import ParallelDims
+
+    if name == "ulysses":
+        fn = ulysses_attention
+    elif name.startswith("usp:") and name[4:].isdigit():
+        dims = ParallelDims(dp=1, cp=world, tp=1, pp=1, world_size=world, ulysses=int(name[4:]))
+        dims.build_mesh("cuda" if torch.cuda.is_available() else "cpu")
+        fn = functools.partial(usp_attention, group=dims.group("cp"))
+    else:
+        raise SystemExit(f"--methods: unknown method {name!r}; known: ring, ulysses, usp:U")
+
+    def step(q, k, v, do):
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        o = fn(*leaves, layout="zigzag")
+        o.backward(do)
+        return o
+    return step
+
+
 def _torch_cp(q, k, v, do, kernel, timer, device, rotate):
     """The anchor: PyTorch's context_parallel (ring over SDPA, head-tail load balance)."""
     from torch.distributed.tensor.experimental import context_parallel
@@ -171,6 +196,7 @@ def bench_dense(args, device, timer, world):
         q, k, v, do = (torch.randn(1, S, args.heads, args.head_dim, device=device, dtype=args.dtype, generator=g)
                        for _ in range(4))
         local = [shard_sequence(t, layout="zigzag") for t in (q, k, v, do)]
+        others = {name: _other_method(name, world) for name in args.methods if name != "ring"}
         for kernel in args.kernels:
             os.environ["SEQPAR_ATTN_KERNEL"] = kernel
             row = dict(S=S, kernel=kernel, world=world, H=args.heads, D=args.head_dim)
@@ -184,6 +210,11 @@ def bench_dense(args, device, timer, world):
                 out = unshard_sequence(_ring_step(*local).detach(), layout="zigzag")
                 ref = _single(q, k, v, do, kernel, device).detach()
                 row["max_abs_diff_vs_single"] = (out.float() - ref.float()).abs().max().item()
+                for name, step in others.items():  # Ulysses and USP beside the ring, same inputs
+                    row[f"{name}_ms"] = _max_over_ranks(timer(lambda: step(*local)), device)
+                    row[f"{name}_efficiency"] = round(row["single_ms"] / (world * row[f"{name}_ms"]), 3)
+                    got = unshard_sequence(step(*local).detach(), layout="zigzag")
+                    row[f"{name}_max_abs_diff_vs_single"] = (got.float() - ref.float()).abs().max().item()
             except Exception as e:  # a kernel family that fails here must not hide the others
                 row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
             if device.type == "cuda" and "error" not in row:
@@ -278,6 +309,8 @@ def main(argv=None) -> int:
     p.add_argument("--packed-lens", type=int, nargs="*", default=None, help="packed total S (default 65536 131072)")
     p.add_argument("--kernels", nargs="*", default=["cudnn", "flash"], choices=sorted(SDPA_BACKEND))
     p.add_argument("--torch-cp-rotate", nargs="*", default=["allgather", "alltoall"])
+    p.add_argument("--methods", nargs="*", default=["ring"],
+                   help="dense cases: also ulysses and usp:U (U = the Ulysses degree inside the world)")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     args = p.parse_args(argv)
