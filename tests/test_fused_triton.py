@@ -103,6 +103,24 @@ def test_interp_rms_norm_strided_rows_and_16bit_weight():
 
 
 @interp_only
+def test_interp_rms_norm_backward_variants():
+    """Every backward loop variant (the benchmark's candidates) equals the reference; rows that
+    do not fill the last block of a program, and fewer rows than programs."""
+    from seqpar.kernels.norm_rope import triton as nr
+    g = _gen(7)
+    w = (1 + 0.5 * torch.randn(48, generator=g)).requires_grad_()
+    for M in (150, 3):  # 150: 38 rows a program on CPU (4 programs), three 16-row blocks, the last short
+        x = torch.randn(M, 48, generator=g).requires_grad_()
+        dy = torch.randn(M, 48, generator=g)
+        ref = _grads(lambda a, b: rms_norm_reference(a, b, 1e-5), (x, w), dy)
+        for name in nr.RMS_BWD_VARIANTS:
+            ours = _grads(lambda a, b: nr.rms_norm_triton(a, b, 1e-5, bwd_variant=name), (x, w), dy)
+            _check(ours, ref, 1e-5, f"rms_norm backward variant {name}, {M} rows")
+    with pytest.raises(ValueError, match="SEQPAR_RMS_BWD"):
+        nr.rms_norm_triton(x, w, bwd_variant="nope")
+
+
+@interp_only
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("B,S,H,D,per_batch", [(2, 5, 3, 12, False), (2, 9, 1, 6, True), (1, 3, 4, 128, True)])
 def test_interp_rotary(B, S, H, D, per_batch, dtype):

@@ -60,11 +60,11 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _programs(device: torch.device) -> int:
+def _programs(device: torch.device, per_sm: int) -> int:
     """Backward programs for the two-stage weight gradient: a few per SM, so partials stay small."""
     if device.type != "cuda":
         return 4
-    return 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return per_sm * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
 # ------------------------------------------------------------------------------------ RMSNorm
@@ -84,11 +84,51 @@ def _rms_norm_fwd(x_ptr, w_ptr, y_ptr, M, N, sx, sy, eps, BLOCK_N: tl.constexpr,
     tl.store(y_ptr + rows * sy + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=_configs([1, 2, 4, 8, 16, 32, 64], [4, 8, 16, 32]), key=["N"],
+# Backward loop variants, (programs per SM, STAGES, PREFETCH). The persistent loop of the plain one
+# ("loop") runs load -> two row reductions -> store in series, with one 32-warp CTA per SM at
+# N = 8192 (64 registers a thread is all 1024 threads get): nothing is in flight during the
+# reductions, 76% of the copy bandwidth on an H100 (2026-11-25). STAGES > 0: `tl.range(num_stages=)`,
+# which makes Triton's pipeliner stage the loads of a dot-free loop through shared memory with
+# cp.async (it does so only for loops that carry the attribute); PREFETCH: the next block's x and dy
+# are loaded into registers before this block's reductions. `SEQPAR_RMS_BWD` picks one (read per
+# call, for the benchmark's candidates); each is tuned apart (the autotune key holds STAGES, PREFETCH).
+# Offline sm_90 compiles (triton 3.6, ptxas): the pipelined ones carry cp.async and no spills at
+# 2048-8192 wide (the stages take 2 x 32 KiB of shared memory at N = 8192 with STAGES = 3); a width
+# that is not a multiple of 16 loses the cp.async (too narrow an aligned run) and runs unstaged.
+RMS_BWD_VARIANTS = {"loop": (4, 0, False), "prefetch": (4, 0, True), "pipe2": (2, 2, False),
+                    "pipe3": (2, 3, False), "pipe3_1": (1, 3, False), "pipe3_4": (4, 3, False),
+                    "pipe4": (2, 4, False)}
+RMS_BWD_DEFAULT = "loop"
+RMS_BWD_ENV = "SEQPAR_RMS_BWD"
+
+
+def rms_bwd_variant(name: str | None = None) -> tuple[int, int, bool]:
+    name = name or os.environ.get(RMS_BWD_ENV, "") or RMS_BWD_DEFAULT
+    if name not in RMS_BWD_VARIANTS:
+        raise ValueError(f"{RMS_BWD_ENV}={name!r} is not one of: {', '.join(RMS_BWD_VARIANTS)}")
+    return RMS_BWD_VARIANTS[name]
+
+
+@triton.jit
+def _rms_bwd_block(x, dy, w, dw, rows, cols, mask, dx_ptr, sdx, N, eps):
+    """dx of one block of rows (stored) and dw += dy * xhat; x, dy as loaded (any float dtype)."""
+    x = x.to(tl.float32)
+    dy = dy.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(x * x, axis=1) / N + eps)
+    xhat = x * rstd[:, None]
+    wdy = dy * w[None, :]
+    # d/dx of x * rstd(x): rstd * (g - xhat * mean(g * xhat)) with g = dy * w
+    c = tl.sum(wdy * xhat, axis=1) / N
+    dx = (wdy - xhat * c[:, None]) * rstd[:, None]
+    tl.store(dx_ptr + rows.to(tl.int64)[:, None] * sdx + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    return dw + dy * xhat
+
+
+@triton.autotune(configs=_configs([1, 2, 4, 8, 16, 32, 64], [4, 8, 16, 32]), key=["N", "STAGES", "PREFETCH"],
                  prune_configs_by={"early_config_prune": _prune_by_tile(1024, 8192, "BLOCK_N", (4, 8))})
 @triton.jit
 def _rms_norm_bwd(x_ptr, w_ptr, dy_ptr, dx_ptr, dw_part_ptr, M, N, sx, sdy, sdx, eps, rows_per_program,
-                  BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+                  BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, STAGES: tl.constexpr, PREFETCH: tl.constexpr):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     cmask = cols < N
@@ -96,20 +136,35 @@ def _rms_norm_bwd(x_ptr, w_ptr, dy_ptr, dx_ptr, dw_part_ptr, M, N, sx, sdy, sdx,
     dw = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     first = pid * rows_per_program
     last = tl.minimum(first + rows_per_program, M)
-    for start in range(first, last, BLOCK_M):
-        rows = start + tl.arange(0, BLOCK_M)
+    if PREFETCH:
+        rows = first + tl.arange(0, BLOCK_M)
         mask = (rows < last)[:, None] & cmask[None, :]
-        r = rows.to(tl.int64)[:, None]
-        x = tl.load(x_ptr + r * sx + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + r * sdy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.rsqrt(tl.sum(x * x, axis=1) / N + eps)
-        xhat = x * rstd[:, None]
-        wdy = dy * w[None, :]
-        # d/dx of x * rstd(x): rstd * (g - xhat * mean(g * xhat)) with g = dy * w
-        c = tl.sum(wdy * xhat, axis=1) / N
-        dx = (wdy - xhat * c[:, None]) * rstd[:, None]
-        tl.store(dx_ptr + r * sdx + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
-        dw += dy * xhat
+        x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * sx + cols[None, :], mask=mask, other=0.0)
+        dy = tl.load(dy_ptr + rows.to(tl.int64)[:, None] * sdy + cols[None, :], mask=mask, other=0.0)
+        for start in range(first, last, BLOCK_M):
+            nxt = start + BLOCK_M + tl.arange(0, BLOCK_M)
+            nmask = (nxt < last)[:, None] & cmask[None, :]
+            # issued before this block's reductions, so they are in flight while the CTA reduces
+            x_next = tl.load(x_ptr + nxt.to(tl.int64)[:, None] * sx + cols[None, :], mask=nmask, other=0.0)
+            dy_next = tl.load(dy_ptr + nxt.to(tl.int64)[:, None] * sdy + cols[None, :], mask=nmask, other=0.0)
+            dw = _rms_bwd_block(x, dy, w, dw, rows, cols, mask, dx_ptr, sdx, N, eps)
+            x, dy, rows, mask = x_next, dy_next, nxt, nmask
+    elif STAGES > 0:
+        for start in tl.range(first, last, BLOCK_M, num_stages=STAGES):
+            rows = start + tl.arange(0, BLOCK_M)
+            mask = (rows < last)[:, None] & cmask[None, :]
+            r = rows.to(tl.int64)[:, None]
+            x = tl.load(x_ptr + r * sx + cols[None, :], mask=mask, other=0.0)
+            dy = tl.load(dy_ptr + r * sdy + cols[None, :], mask=mask, other=0.0)
+            dw = _rms_bwd_block(x, dy, w, dw, rows, cols, mask, dx_ptr, sdx, N, eps)
+    else:
+        for start in range(first, last, BLOCK_M):
+            rows = start + tl.arange(0, BLOCK_M)
+            mask = (rows < last)[:, None] & cmask[None, :]
+            r = rows.to(tl.int64)[:, None]
+            x = tl.load(x_ptr + r * sx + cols[None, :], mask=mask, other=0.0)
+            dy = tl.load(dy_ptr + r * sdy + cols[None, :], mask=mask, other=0.0)
+            dw = _rms_bwd_block(x, dy, w, dw, rows, cols, mask, dx_ptr, sdx, N, eps)
     tl.store(dw_part_ptr + pid.to(tl.int64) * N + cols, tl.sum(dw, axis=0), mask=cmask)
 
 
@@ -121,7 +176,7 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 class TritonRMSNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, eps):
+    def forward(ctx, x, weight, eps, bwd_variant=None):
         N = x.shape[-1]
         if weight.shape != (N,):
             raise ValueError(f"rms_norm weight {tuple(weight.shape)} must be ({N},), the last dim of x")
@@ -133,6 +188,7 @@ class TritonRMSNorm(torch.autograd.Function):
             _rms_norm_fwd[grid](x2, w, y, M, N, x2.stride(0), y.stride(0), eps, BLOCK_N=triton.next_power_of_2(N))
         ctx.save_for_backward(x2, w)
         ctx.eps, ctx.shape, ctx.weight_dtype = eps, x.shape, weight.dtype
+        ctx.bwd_variant = rms_bwd_variant(bwd_variant)  # checked now: a bad name fails before the backward
         return y.view(x.shape)
 
     @staticmethod
@@ -141,21 +197,25 @@ class TritonRMSNorm(torch.autograd.Function):
         M, N = x2.shape
         dy2 = _rows(dy)
         dx = torch.empty(x2.shape, dtype=x2.dtype, device=x2.device)
-        rows_per_program = max(1, triton.cdiv(M, _programs(x2.device)))
+        per_sm, stages, prefetch = ctx.bwd_variant
+        rows_per_program = max(1, triton.cdiv(M, _programs(x2.device, per_sm)))
         programs = max(1, triton.cdiv(M, rows_per_program))
         partial = torch.empty(programs, N, dtype=torch.float32, device=x2.device)
         _rms_norm_bwd[(programs,)](x2, w, dy2, dx, partial, M, N, x2.stride(0), dy2.stride(0), dx.stride(0),
-                                   ctx.eps, rows_per_program, BLOCK_N=triton.next_power_of_2(N))
+                                   ctx.eps, rows_per_program, BLOCK_N=triton.next_power_of_2(N), STAGES=stages,
+                                   PREFETCH=prefetch)
         dw = partial.sum(0).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
-        return dx.view(ctx.shape), dw, None
+        return dx.view(ctx.shape), dw, None, None
 
 
-def rms_norm_triton(x, weight, eps=1e-6):
-    """x * rsqrt(mean(x^2) + eps) * weight over the last dim (fp32 math), in x's dtype."""
+def rms_norm_triton(x, weight, eps=1e-6, bwd_variant=None):
+    """x * rsqrt(mean(x^2) + eps) * weight over the last dim (fp32 math), in x's dtype.
+
+    `bwd_variant`: a key of RMS_BWD_VARIANTS (default: $SEQPAR_RMS_BWD, else RMS_BWD_DEFAULT)."""
     if x.shape[-1] > MAX_NORM_DIM:
         raise ValueError(f"rms_norm_triton holds a row in registers: last dim {x.shape[-1]} > {MAX_NORM_DIM}; "
                          "use torch.nn.functional.rms_norm (kernels.dispatch does)")
-    return TritonRMSNorm.apply(x, weight, eps)
+    return TritonRMSNorm.apply(x, weight, eps, bwd_variant)
 
 
 # ------------------------------------------------------------------------------------ RoPE

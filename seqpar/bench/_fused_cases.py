@@ -24,6 +24,7 @@ from seqpar.bench.kernels import _timer
 
 GB = 1e9
 GiB = 2 ** 30
+FUSED_PARTS = ("rms_norm", "rope", "ce")
 
 
 def _use_triton(device) -> bool:
@@ -61,13 +62,17 @@ def _rel(a, b):
     return round(((a - b).norm() / b.norm().clamp_min(1e-30)).item(), 6)
 
 
-def _norm_rows(device, timer, tokens, widths, copy_gbps):
+def _norm_rows(device, timer, tokens, widths, copy_gbps, bwd_variants=()):
+    """`bwd_variants`: backward loop variants (norm_rope.triton.RMS_BWD_VARIANTS) timed beside the
+    default, as rows "seqpar triton bwd=NAME" (candidates for RMS_BWD_DEFAULT)."""
     from seqpar.kernels.norm_rope.reference import rms_norm_reference
     impls = {"torch F.rms_norm": lambda x, w: F.rms_norm(x, (x.shape[-1],), w, 1e-6),
              "torch reference (unfused)": lambda x, w: rms_norm_reference(x, w, 1e-6)}
     if _use_triton(device):
         from seqpar.kernels.norm_rope.triton import rms_norm_triton
-        impls = {"seqpar triton": lambda x, w: rms_norm_triton(x, w, 1e-6), **impls}
+        variants = {f"seqpar triton bwd={v}": (lambda x, w, v=v: rms_norm_triton(x, w, 1e-6, bwd_variant=v))
+                    for v in bwd_variants}
+        impls = {"seqpar triton": lambda x, w: rms_norm_triton(x, w, 1e-6), **variants, **impls}
     rows = []
     for N in widths:
         g = torch.Generator(device=device).manual_seed(N)
@@ -83,9 +88,18 @@ def _norm_rows(device, timer, tokens, widths, copy_gbps):
             rows.append(_rate(row, 2 * tokens * N * elt, 3 * tokens * N * elt, copy_gbps))
             if name != next(iter(impls)):
                 row["rel_err_vs_first"] = _rel(outs[next(iter(impls))], outs[name])
+            if name.startswith("seqpar triton bwd="):  # the backward is what differs: compare its grads
+                row["grad_rel_err_vs_first"] = _grad_rel(impls[next(iter(impls))], impls[name], x, w, dy)
             print(row, flush=True)
         del x, w, dy, outs
     return rows
+
+
+def _grad_rel(first, other, x, w, dy):
+    """max over (dx, dw) of the relative difference of other's gradients to first's."""
+    a = torch.autograd.grad(first(x, w), (x, w), dy)
+    b = torch.autograd.grad(other(x, w), (x, w), dy)
+    return max(_rel(gb, ga) for ga, gb in zip(a, b))
 
 
 def _rope_rows(device, timer, tokens, heads_list, head_dim, copy_gbps):
@@ -185,6 +199,11 @@ def _summary(rows, copy_gbps):
         ours = [r for r in rows if r["op"] == op and r["kernel"] == "seqpar triton"]
         if ours and copy_gbps:
             out[f"{op}_min_pct_copy"] = min(min(r["fwd_pct_copy"], r["bwd_pct_copy"]) for r in ours)
+    # each backward candidate's worst width, beside the default's: the pick for RMS_BWD_DEFAULT
+    cands = sorted({r["kernel"] for r in rows if r["op"] == "rms_norm" and r["kernel"].startswith("seqpar triton")})
+    if copy_gbps and len(cands) > 1:
+        out["rms_norm_bwd_min_pct_copy"] = {
+            k: min(r["bwd_pct_copy"] for r in rows if r["op"] == "rms_norm" and r["kernel"] == k) for k in cands}
     ce = {r["kernel"]: r for r in rows if r["op"] == "linear+cross_entropy"}
     unfused = ce.get("unfused F.linear + F.cross_entropy")
     if unfused is not None and "error" in unfused:
@@ -221,12 +240,17 @@ def bench_fused(args, device):
     copy_gbps = rows[0]["fwd_GBps"]
     print(rows[0], flush=True)
     tokens = 65536 if cuda else 256
-    rows += _norm_rows(device, timer, tokens, [2048, 4096, 8192] if cuda else [64, 100], copy_gbps)
-    rows += _rope_rows(device, timer, tokens, [32, 8] if cuda else [4], 128 if cuda else 32, copy_gbps)
-    if cuda:
-        rows += _ce_rows(device, 65536, 131072, 2048, chunks=[4096, 8192])
-    else:
-        rows += _ce_rows(device, 256, 1024, 64, chunks=[64])
+    parts = getattr(args, "fused_parts", None) or FUSED_PARTS
+    if "rms_norm" in parts:
+        rows += _norm_rows(device, timer, tokens, [2048, 4096, 8192] if cuda else [64, 100], copy_gbps,
+                           getattr(args, "rms_bwd_variants", ()) or ())
+    if "rope" in parts:
+        rows += _rope_rows(device, timer, tokens, [32, 8] if cuda else [4], 128 if cuda else 32, copy_gbps)
+    if "ce" in parts:
+        if cuda:
+            rows += _ce_rows(device, 65536, 131072, 2048, chunks=[4096, 8192])
+        else:
+            rows += _ce_rows(device, 256, 1024, 64, chunks=[64])
     return dict(rows=rows, summary=_summary(rows, copy_gbps), tuned_configs=_tuned(), table=_table(rows))
 
 

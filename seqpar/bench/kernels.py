@@ -157,6 +157,10 @@ def main(argv=None):
     p.add_argument("--head-dim", type=int, default=D)
     p.add_argument("--seg-lens", type=int, nargs="*", default=[],
                    help="lightning: also time these segment lengths (multiples of 64) beside the heuristic's")
+    p.add_argument("--fused-parts", nargs="+", default=None, choices=("rms_norm", "rope", "ce"),
+                   help="fused: which parts to run (default all)")
+    p.add_argument("--rms-bwd-variants", nargs="*", default=[],
+                   help="fused: RMSNorm backward loop variants (norm_rope.triton.RMS_BWD_VARIANTS) beside the default")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.seq_lens is None:
