@@ -100,6 +100,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     activation_checkpointing: str = "none"  # none | full | selective (keep attention, recompute norms and MLP)
     offload_activations: bool = False  # checkpointed inputs wait for backward in pinned host memory
+    offload_optimizer: bool = False  # AdamW's moments wait in pinned host memory between steps (fsdp2 engine)
     mlp_chunk_tokens: int = 0  # >0: the MLP runs longer sequences in chunks of this many positions
     checkpoint_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 2
@@ -368,6 +369,9 @@ def validate(cfg, world: int | None = None) -> None:
     if t.offload_activations and t.activation_checkpointing == "none":
         fail("train.offload_activations=true offloads what activation checkpointing keeps: "
              "set train.activation_checkpointing=full or selective")
+    if t.offload_optimizer and p.dp_engine == "deepspeed":
+        fail("train.offload_optimizer=true is the fsdp2 engine's; under parallel.dp_engine=deepspeed use DeepSpeed's "
+             "own: +deepspeed.zero_optimization.offload_optimizer.device=cpu (and set train.offload_optimizer=false)")
     if t.mlp_chunk_tokens < 0:
         fail(f"train.mlp_chunk_tokens={t.mlp_chunk_tokens}: must be >= 0 (0 disables chunking)")
     if t.mlp_chunk_tokens and p.tp > 1 and p.tp_sequence_parallel:

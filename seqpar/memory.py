@@ -41,11 +41,15 @@ import os
 from dataclasses import dataclass, field
 
 from seqpar.model.transformer import head_dim, layer_types
+from seqpar.parallel.optim_offload import DEFAULT_BUCKET_NUMEL
 
 GiB = 2**30
 CE_CHUNK = 4096  # rows per chunk of kernels.fused_linear_cross_entropy (its default)
 MARGIN = 0.9  # of the device's memory: the CUDA context, the allocator's fragmentation, NCCL's buffers
 # allocated through torch's caching allocator on CUDA whatever the model (see the module docstring)
+# train.offload_optimizer: the step streams the moments through the device a bucket at a time, and
+# three buckets are in flight at most (copy in, update, copy out; seqpar.parallel.optim_offload)
+OFFLOAD_BUCKETS_IN_FLIGHT = 3
 FIXED_ALLOCATIONS = {"Triton autotuner's L2 flush buffer": 256 << 20, "cuBLAS workspace": 32 << 20}
 
 
@@ -64,6 +68,7 @@ class MemoryEstimate:
     layers: int = 0
     tokens: int = 0  # tokens per micro-batch on this rank
     fixed: int = 0  # the libraries' own allocations on CUDA (`FIXED_ALLOCATIONS`)
+    optimizer_what: str = "AdamW moments"
 
     @property
     def total(self) -> int:
@@ -74,7 +79,7 @@ class MemoryEstimate:
         return self.total / GiB
 
     def table(self) -> str:
-        rows = [("parameters", self.params), ("gradients", self.grads), ("optimizer (AdamW moments)", self.optimizer),
+        rows = [("parameters", self.params), ("gradients", self.grads), (f"optimizer ({self.optimizer_what})", self.optimizer),
                 (f"activations ({self.layers} layers x {self.tokens} tokens)", self.activations),
                 ("loss (fused cross-entropy)", self.loss), (f"transient ({self.transient_what})", self.transient),
                 ("fixed (Triton autotune buffer, cuBLAS workspace)", self.fixed), ("total", self.total)]
@@ -239,7 +244,11 @@ def estimate(cfg, world: int) -> MemoryEstimate:
             what += " + FSDP gathers"
         whole = sharded_numel(shapes, 1)
         held = [n if stage_sharded else whole for stage_sharded in _zero_sharding(par)]
-        est = MemoryEstimate(params=p * held[0], grads=p * held[1], optimizer=2 * p * held[2],
+        moments = 2 * p * held[2]
+        if t.offload_optimizer:  # in host memory; on the device, the moments of the buckets in flight
+            moments = min(moments, OFFLOAD_BUCKETS_IN_FLIGHT * 2 * p * DEFAULT_BUCKET_NUMEL)
+        est = MemoryEstimate(params=p * held[0], grads=p * held[1], optimizer=moments,
+                             optimizer_what="AdamW moments in flight from host" if t.offload_optimizer else "AdamW moments",
                              activations=int(acts), loss=int(loss),
                              transient=int(amount), transient_what=what, per_layer=per_layer, stage=s,
                              layers=len(layers), tokens=tokens, fixed=fixed_allocations(cfg))
@@ -288,6 +297,8 @@ def knobs_that_fit(cfg, world: int, capacity: int) -> list[str]:
     if not t.offload_activations:
         ac = t.activation_checkpointing if t.activation_checkpointing != "none" else "full"
         tries.append(({"train.activation_checkpointing": ac, "train.offload_activations": True}, world))
+    if not t.offload_optimizer and par.dp_engine == "fsdp2":
+        tries.append(({"train.offload_optimizer": True}, world))
     if not t.mlp_chunk_tokens and cfg.data.seq_len // par.cp > 8192:
         tries.append(({"train.mlp_chunk_tokens": 8192}, world))
     tries.append(({"parallel.cp": par.cp * 2}, world * 2))

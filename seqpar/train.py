@@ -28,6 +28,7 @@ from seqpar.model.flops import step_flops
 from seqpar.model.transformer import Transformer
 from seqpar.parallel.dims import ParallelDims, init_world
 from seqpar.parallel.engine import build_engine
+from seqpar.parallel.optim_offload import HostOffloadedAdamW, check_host_memory
 from seqpar.parallel.parallelize import gradient_replicas, parallelize
 from seqpar.parallel.pipeline import InterleavedOneFOneB, OneFOneB, pipeline_stage
 from seqpar.parallel.sharding import document_positions, shard_sequence
@@ -100,7 +101,12 @@ def build_optimizer(model, cfg, device):
     decay = [p for p in model.parameters() if p.ndim >= 2]  # no decay on norms' gains
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), foreach=device.type == "cuda")
+    kwargs = dict(lr=t.lr, betas=(t.beta1, t.beta2), foreach=device.type == "cuda")
+    if t.offload_optimizer:
+        check_host_memory(model.parameters(), int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+        opt = HostOffloadedAdamW(groups, **kwargs)
+    else:
+        opt = torch.optim.AdamW(groups, **kwargs)
 
     def lr_factor(step):  # linear warmup, then cosine down to min_lr_ratio
         if step < t.warmup_steps:

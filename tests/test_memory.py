@@ -180,6 +180,8 @@ def test_maxlen_smoke_writes_the_answer(tmp_path):
     (["train.offload_activations=true"], "set train.activation_checkpointing=full or selective"),
     (["train.mlp_chunk_tokens=-1"], "train.mlp_chunk_tokens=-1: must be >= 0"),
     (["train.mlp_chunk_tokens=64", "parallel.tp=2", "parallel.cp=1"], "tp=1 or tp_sequence_parallel=false"),
+    (["train.offload_optimizer=true", "parallel.dp_engine=deepspeed"],
+     "+deepspeed.zero_optimization.offload_optimizer.device=cpu (and set train.offload_optimizer=false)"),
 ])
 def test_memory_knobs_are_validated(overrides, message):
     from seqpar.config import ConfigError, validate
@@ -188,6 +190,27 @@ def test_memory_knobs_are_validated(overrides, message):
                   "train.mlp_chunk_tokens=64"), world=2)
     with pytest.raises(ConfigError, match=re.escape(message)):
         validate(_cfg("parallel.cp=2", *overrides), world=2)
+
+
+def test_offloaded_optimizer_leaves_buckets_in_flight():
+    from seqpar.memory import OFFLOAD_BUCKETS_IN_FLIGHT, knobs_that_fit
+    from seqpar.parallel.optim_offload import DEFAULT_BUCKET_NUMEL
+
+    on_device = estimate(_cfg(*SMALL), world=2)
+    offloaded = estimate(_cfg(*SMALL, "train.offload_optimizer=true"), world=2)
+    assert on_device.optimizer == 2 * on_device.params  # fp32: two moments per parameter
+    # a model smaller than three buckets: all its moments are in flight at the step's peak
+    assert offloaded.optimizer == on_device.optimizer and OFFLOAD_BUCKETS_IN_FLIGHT * DEFAULT_BUCKET_NUMEL > 1e6
+    big = estimate(_cfg("model=llama_8b", "parallel.cp=1", "data.seq_len=8192", "train.micro_batch_size=1",
+                        "train.offload_optimizer=true"), world=1)
+    assert big.optimizer == OFFLOAD_BUCKETS_IN_FLIGHT * 2 * 4 * DEFAULT_BUCKET_NUMEL
+    assert "in flight from host" in big.table()
+    # the knob is offered where the moments decide
+    cfg = _cfg("model=llama_8b", "parallel.cp=1", "data.seq_len=8192", "train.micro_batch_size=1",
+               "train.activation_checkpointing=full")
+    est = estimate(cfg, world=1)
+    capacity = est.total - est.optimizer // 2
+    assert any(k.startswith("train.offload_optimizer=true ->") for k in knobs_that_fit(cfg, 1, capacity))
 
 
 @pytest.mark.parametrize("foreach", [False, True])

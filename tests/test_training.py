@@ -45,6 +45,8 @@ LAYOUTS = {  # name: (processes, overrides)
     "cp2_selective_mlp_chunks": (2, ["parallel.cp=2", "train.activation_checkpointing=selective",
                                      "train.mlp_chunk_tokens=12"]),
     "dp2_full_offload": (2, ["parallel.cp=1", "train.activation_checkpointing=full", "train.offload_activations=true"]),
+    # AdamW's moments in host memory: DTensors over host-memory shards under FSDP2
+    "cp2_offload_optimizer": (2, ["parallel.cp=2", "train.offload_optimizer=true"]),
     "cp2_tp2_selective": (4, ["parallel.cp=2", "parallel.tp=2", "train.activation_checkpointing=selective"]),
     # DeepSpeed ZeRO as the dp engine, over dp x cp like FSDP2
     "dp2_zero1": (2, ["parallel.cp=1", "parallel.dp_engine=deepspeed", "parallel.zero_stage=1"]),
@@ -82,7 +84,7 @@ def test_metrics_file_has_one_object_per_step(single_run):
 
 LOSS_LAYOUTS = ["cp2", "dp2", "cp2_dp2", "cp2_contiguous", "cp2_lasp1", "tp2", "cp2_tp2", "dp2_tp2", "pp2", "pp2_v2",
                 "pp2_v2_mb2", "cp2_ring", "cp2_ulysses", "cp2_disagg", "dp2_disagg", "cp2_dp2_disagg",
-                "cp2_selective_mlp_chunks", "dp2_full_offload", "dp2_zero1", "dp2_zero2", "dp2_zero3", "cp2_zero2", "pp2_zero1", "pp2_dp2_zero2"]
+                "cp2_selective_mlp_chunks", "dp2_full_offload", "cp2_offload_optimizer", "dp2_zero1", "dp2_zero2", "dp2_zero3", "cp2_zero2", "pp2_zero1", "pp2_dp2_zero2"]
 GRAD_LAYOUTS = ["cp2", "dp2", "cp2_dp2", "tp2", "tp2_no_sp", "cp2_tp2", "dp2_tp2", "pp2", "pp2_cp2", "pp2_v2", "pp2_v2_cp2", "pp2_v2_tp2",
                 "cp2_selective_mlp_chunks", "dp2_full_offload", "cp2_tp2_selective", "dp2_disagg",
                 "dp2_zero1", "dp2_zero2", "dp2_zero3", "cp2_zero2", "pp2_zero1", "pp2_v2_cp2_zero2"]
@@ -172,8 +174,9 @@ def test_parallel_gradients_match_single_process(nproc):
 
 
 # cp2_tp2: FSDP over cp and 2D DTensors over tp in one checkpoint; dp2_zero3: DeepSpeed's own
-# checkpoint of partitioned parameters and optimizer state, inside our atomic folder
-@pytest.mark.parametrize("layout", ["cp2_tp2", "dp2_zero3"])
+# checkpoint of partitioned parameters and optimizer state, inside our atomic folder;
+# cp2_offload_optimizer: moments as DTensors over host-memory shards, loaded into those same tensors
+@pytest.mark.parametrize("layout", ["cp2_tp2", "dp2_zero3", "cp2_offload_optimizer"])
 def test_resume_continues_bitwise(tmp_path, layout):
     nproc, overrides = LAYOUTS[layout]
     straight = tmp_path / "straight"

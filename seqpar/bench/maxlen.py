@@ -37,6 +37,9 @@ MODES = {  # name: overrides
     "selective_chunked": ["train.activation_checkpointing=selective", "train.mlp_chunk_tokens=8192"],
     "full_offload": ["train.activation_checkpointing=full", "train.offload_activations=true",
                      "train.mlp_chunk_tokens=8192"],
+    # also AdamW's moments in host memory (llama_8b on one GPU: 60 GiB of them)
+    "full_offload_optimizer": ["train.activation_checkpointing=full", "train.offload_activations=true",
+                               "train.mlp_chunk_tokens=8192", "train.offload_optimizer=true"],
 }
 
 
