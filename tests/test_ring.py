@@ -1,7 +1,8 @@
 """Ring attention, Ulysses and usp against single-process attention (fp64: outputs and dq/dk/dv,
 relative error <= 1e-7), their block plans, the order of transfers and compute, the per-document
-zigzag layout (doc_zigzag: op, equal work, config checks, training), and (gpu) the CUDA kernel
-paths that return and consume the log-sum-exp."""
+zigzag layout (doc_zigzag: op, equal work, config checks, training), the doc_balanced layout
+(whole documents placed for equal work, the rest cut doc_zigzag-style: op, transfers), and (gpu)
+the CUDA kernel paths that return and consume the log-sum-exp."""
 import contextlib
 import itertools
 import json
@@ -13,10 +14,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from seqpar import kernels
 from seqpar.attention import ring as ring_module
-from seqpar.attention.ring import Block, doc_ring_schedule, plan_blocks, ring_attention, ring_schedule
+from seqpar.attention.ring import (Block, doc_balanced_schedule, doc_ring_schedule, plan_blocks, ring_attention,
+                                   ring_schedule)
 from seqpar.attention.ulysses import ulysses_attention, usp_attention
 from seqpar.kernels.flash_attn import flash_attn_backward
-from seqpar.parallel.sharding import (check_layout, doc_zigzag_plan, local_ranges, shard_sequence,
+from seqpar.parallel.sharding import (check_layout, doc_zigzag_plan, document_plan, local_ranges, shard_sequence,
                                      unshard_sequence)
 from tests.distributed import run_distributed
 
@@ -84,7 +86,7 @@ def _check_world(rank, world):
             errors[(name, layout, rows, heads, causal)] = _rel_errors(fn, q, k, v, grad, cu, causal, layout, ref, group)
     extra = {2: lambda: {"order": _transfer_order(), "folds": _fold_results()},
              4: lambda: {"heads": _ulysses_head_error(), "folds": _fold_results()}}.get(world)
-    return errors, (extra() if extra else None), _doc_zigzag_results(world)
+    return errors, (extra() if extra else None), _doc_zigzag_results(world), _doc_balanced_results(world)
 
 
 def _assert_small(errors, world):
@@ -104,7 +106,7 @@ def world_results(request):
 
 def test_ring_ulysses_usp_match_single_process(world_results):
     world, results = world_results
-    for errors, _, _ in results:
+    for errors, *_ in results:
         _assert_small(errors, world)
 
 
@@ -141,7 +143,7 @@ def test_ulysses_names_the_heads_that_do_not_divide(world_results):
     world, results = world_results
     if world != 4:
         pytest.skip("checked in the world-4 run")
-    messages = [extra["heads"] for _, extra, _ in results]
+    messages = [extra["heads"] for _, extra, *_ in results]
     assert all(m is not None and "query heads (6)" in m for m in messages), messages
 
 
@@ -294,8 +296,8 @@ def test_doc_zigzag_shards_and_pads_each_document():
 
 
 def _shard_for(x, cu, rank, world):
-    from seqpar.parallel.sharding import _shard_doc_zigzag
-    return _shard_doc_zigzag(x, rank, world, 1, cu, -1)
+    from seqpar.parallel.sharding import _shard_documents
+    return _shard_documents(x, rank, world, 1, "doc_zigzag", cu, -1)
 
 
 @pytest.mark.parametrize("world", [2, 4, 8])
@@ -321,8 +323,127 @@ def test_doc_zigzag_gives_every_rank_the_same_causal_work_whatever_the_documents
     assert max(zz) / (sum(zz) / world) > 1.1, zz
 
 
-def test_doc_zigzag_config_errors_name_the_supported_combination():
-    ok = SimpleNamespace(layout="doc_zigzag", cp=2, softmax_sp="ring", pp=1, tp=1, tp_sequence_parallel=True)
+# ---- doc_balanced: whole documents placed for equal work, only the rest cut doc_zigzag-style ----
+
+BALANCED_ROWS = {  # document lengths; what the planner makes of them at world 2 and 4 is asserted below
+    "long_short": [7, 33, 600, 21, 9, 40, 12, 27, 38, 5, 16, 30, 25, 11, 36, 19, 8, 29, 14, 23, 35],  # 600 > a rank's share
+    "all_short": [59, 29, 53, 31, 7, 21, 37, 36, 30, 55, 58, 24, 35, 27, 42, 18, 37, 13, 23, 13, 53, 11, 44, 56],
+    "ones": [1, 1, 150, 1, 217, 1, 1, 160, 1, 90, 1, 133, 1, 1, 2, 1],  # 1-token documents stay whole
+    "nothing_cut": [70, 130, 100, 100, 60, 140, 90, 110],
+    "one_long": [300, 1, 2],  # at world 4 two ranks hold no whole document, only padding
+    "tiny": [3, 5],  # everything cut: doc_zigzag
+}
+
+
+def _balanced_cu(rows):
+    return torch.tensor(list(itertools.accumulate([0] + BALANCED_ROWS[rows])), dtype=torch.int32)
+
+
+def _doc_balanced_results(world):
+    """Per case: relative error of out, dq, dk, dv (real rows, after unshard), this rank's local
+    length and the rows of each K/V message it sent; plus unshard's gradient back to the shard."""
+    cut = lambda t, cu: shard_sequence(t, layout="doc_balanced", cu_seqlens=cu)
+    errors, lengths, sent = {}, {}, {}
+    exchange = ring_module.RingComm.exchange
+    for i, (rows, causal) in enumerate(itertools.product(BALANCED_ROWS, (True, False))):
+        cu = _balanced_cu(rows)
+        g = torch.Generator().manual_seed(200 + i)
+        hq, hkv = HEADS["gqa" if causal else "mha"]
+        S = int(cu[-1])
+        q, grad = (torch.randn(1, S, hq, 8, generator=g, dtype=torch.float64) for _ in range(2))
+        k, v = (torch.randn(1, S, hkv, 8, generator=g, dtype=torch.float64) for _ in range(2))
+        ref = _reference(q, k, v, grad, cu, causal)
+        local = [cut(t, cu).requires_grad_() for t in (q, k, v)]
+        log = sent[(rows, causal)] = []
+        ring_module.RingComm.exchange = lambda self, snd, rcv: (log.append([t.shape[1] for t in snd]),
+                                                                exchange(self, snd, rcv))[1]
+        try:
+            out = ring_attention(*local, causal=causal, cu_seqlens=cu, softmax_scale=0.3, layout="doc_balanced")
+            out.backward(cut(grad, cu))
+        finally:
+            ring_module.RingComm.exchange = exchange
+        got = [unshard_sequence(t, layout="doc_balanced", cu_seqlens=cu) for t in [out.detach()] + [t.grad for t in local]]
+        errors[(rows, causal)] = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(got, ref))
+        lengths[rows] = out.shape[1]
+    # unshard's backward: each rank's shard gets the sum over ranks of its rows' gradient, pads none
+    cu = _balanced_cu("long_short")
+    full = torch.arange(2.0 * int(cu[-1]), dtype=torch.float64).view(1, -1, 2)
+    shard = cut(torch.zeros_like(full), cu).requires_grad_()
+    whole = unshard_sequence(shard, layout="doc_balanced", cu_seqlens=cu)
+    whole.backward(full)
+    round_trip = torch.equal(unshard_sequence(cut(full, cu), layout="doc_balanced", cu_seqlens=cu), full)
+    grad_ok = torch.equal(shard.grad, world * shard_sequence(full, layout="doc_balanced", cu_seqlens=cu, pad_value=0))
+    return errors, lengths, sent, round_trip and grad_ok
+
+
+def _assert_doc_balanced(results, world):
+    for errors, lengths, sent, grads_ok in results:
+        assert len(errors) == len(BALANCED_ROWS) * 2
+        for case, err in errors.items():
+            assert err <= TOL, f"doc_balanced world={world} {case}: relative error {err:.2e}"
+        assert grads_ok, "shard/unshard_sequence(doc_balanced) did not round-trip the row or its gradient"
+        for rows in BALANCED_ROWS:
+            if world == 1:
+                assert lengths[rows] == sum(BALANCED_ROWS[rows])  # the identity
+                continue
+            plan = document_plan("doc_balanced", _balanced_cu(rows), world)
+            assert lengths[rows] == plan.local_len
+            for causal in (True, False):  # only the cut documents' rows travel, and none when nothing is cut
+                msgs = sent[(rows, causal)]
+                # every message is split_len rows (the forward's world - 1 K/V shifts come first), but
+                # the ring of 2's raw hop home, which carries block gradients as the kernel wrote them
+                travel = msgs if world > 2 else msgs[:world - 1]
+                assert (msgs == []) == (plan.split_len == 0), (rows, msgs)
+                assert all(set(m) == {plan.split_len} for m in travel), (rows, plan.split_len, msgs)
+    if world == 1:
+        return
+    # the cases exercise what they are named for (both cut and whole documents where it says so)
+    placements = {rows: document_plan("doc_balanced", _balanced_cu(rows), world).placement for rows in BALANCED_ROWS}
+    lens = lambda rows, docs: sorted(BALANCED_ROWS[rows][d] for d in docs)
+    assert lens("long_short", placements["long_short"].split) == [600]
+    assert placements["nothing_cut"].split == placements["all_short"].split == ()
+    assert all(placements["ones"].owner[d] >= 0 for d, n in enumerate(BALANCED_ROWS["ones"]) if n == 1)
+    assert placements["ones"].split and placements["one_long"].split == (0,)
+    assert len(placements["tiny"].split) == 2
+
+
+def test_doc_balanced_single_process_is_the_identity():
+    x = torch.randn(1, 1038, 3)
+    assert shard_sequence(x, layout="doc_balanced", cu_seqlens=_balanced_cu("long_short")) is x
+    _assert_doc_balanced([_doc_balanced_results(1)], 1)
+
+
+def test_doc_balanced_matches_single_process(world_results):
+    world, results = world_results
+    _assert_doc_balanced([r[3] for r in results], world)
+
+
+def test_doc_balanced_schedule_keeps_whole_documents_in_the_diagonal_call():
+    # 2 ranks: the 600-token document cut (doc_zigzag's storage first), the rest whole after it
+    cu = _balanced_cu("long_short")
+    plan = document_plan("doc_balanced", cu, 2)
+    assert plan.split_len == 300 and plan.local_len == 520
+    for r in range(2):
+        steps = doc_balanced_schedule(plan, r, True)
+        zz = doc_ring_schedule(plan.split, r, True)
+        diagonal = steps[0][0]
+        # step 0: ONE causal call over the cut pieces and the whole documents, then the pieces' rectangle
+        assert diagonal.q == diagonal.k == slice(0, 520) and diagonal.causal and len(steps[0]) == 2
+        assert diagonal.cu[:len(zz[0][0].cu)] == zz[0][0].cu and diagonal.cu[-1] == 520
+        assert steps[1:] == zz[1:]  # later steps: the doc_zigzag schedule of the cut documents alone
+        # every real token of the shard comes from its document: whole ones in row order after the pieces
+        source = plan.source[r]
+        owned = [d for d, o in enumerate(plan.placement.owner) if o == r]
+        starts = cu[:-1].tolist()
+        expect = [t for d in owned for t in range(starts[d], starts[d] + BALANCED_ROWS["long_short"][d])]
+        assert source[300:300 + len(expect)].tolist() == expect and (source[300 + len(expect):] == -1).all()
+    nothing = document_plan("doc_balanced", _balanced_cu("nothing_cut"), 4)
+    assert [len(doc_balanced_schedule(nothing, r, False)) for r in range(4)] == [1] * 4  # no ring step at all
+
+
+@pytest.mark.parametrize("layout", ["doc_zigzag", "doc_balanced"])
+def test_doc_layout_config_errors_name_the_supported_combination(layout):
+    ok = SimpleNamespace(layout=layout, cp=2, softmax_sp="ring", pp=1, tp=1, tp_sequence_parallel=True)
     check_layout(ok, "S")
     check_layout(SimpleNamespace(**{**vars(ok), "cp": 1, "softmax_sp": "ulysses"}), "LLLS")  # cp=1: the identity
     cases = [(dict(softmax_sp="ulysses"), "S", "softmax_sp=ring"), ({}, "LLLS", "linear-attention"),
@@ -334,7 +455,7 @@ def test_doc_zigzag_config_errors_name_the_supported_combination():
     from seqpar.config import ConfigError, validate
     from tests.test_training import _compose
     with pytest.raises(ConfigError, match="LASP"):
-        validate(_compose("parallel.cp=2", "parallel.softmax_sp=ring", "parallel.layout=doc_zigzag",
+        validate(_compose("parallel.cp=2", "parallel.softmax_sp=ring", f"parallel.layout={layout}",
                           "model.layer_pattern=LLLS", "run_dir=unused"), 2)
 
 
@@ -467,7 +588,7 @@ def test_ring_folds_each_result_in_place_without_zero_fill():
 
 def test_ring_folds_at_world_2_and_4(world_results):
     world, results = world_results
-    for _, extra, _ in results:
+    for _, extra, *_ in results:
         _assert_folds(extra["folds"], world)
 
 

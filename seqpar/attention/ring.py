@@ -12,7 +12,11 @@ diagonal. Documents (cu_seqlens) shrink a rectangle to the one document that spa
 (at most one can) or drop it, and make the diagonal a varlen call. With the zigzag layout every
 rank then does the same causal work at every step, for a dense row; with packed documents only
 the doc_zigzag layout does (`plan_doc_blocks`: every document is cut in 2N pieces, and a step is
-at most 2 causal or 4 non-causal varlen calls over all documents at once).
+at most 2 causal or 4 non-causal varlen calls over all documents at once). Its pieces are short
+(~700 tokens at 64k packed over 2 ranks), which costs the varlen kernel 37 % over its ideal time;
+the doc_balanced layout keeps most documents whole on one rank, placed for equal work, and cuts
+only the rest doc_zigzag-style (`doc_balanced_schedule`): the own whole documents join step 0's
+diagonal call, and only the cut documents' rows travel (no transfer at all when none is cut).
 
 The backward (an autograd.Function, not autograd through P2P) circulates K/V again; the dK/dV of
 a visiting shard travel with it (in fp32) and reach home after the last step, dQ stays local; in
@@ -36,7 +40,7 @@ import torch.distributed as dist
 
 from seqpar.attention.ring_fold import fold_grad, fold_out, fold_out_rest, fold_rest, plan_folds
 from seqpar.kernels.flash_attn import flash_attn, flash_attn_backward
-from seqpar.parallel.sharding import doc_zigzag_plan, group_size_rank, host_bounds, local_ranges
+from seqpar.parallel.sharding import DOC_LAYOUTS, document_plan, group_size_rank, host_bounds, local_ranges
 
 
 @dataclass(frozen=True)
@@ -234,22 +238,36 @@ def doc_ring_schedule(plan, rank, causal) -> list[list[Block]]:
     return [plan_doc_blocks(plan.halves[rank], plan.halves[(rank - s) % world], bounds, causal) for s in range(world)]
 
 
+@lru_cache(maxsize=8)
+def doc_balanced_schedule(plan, rank, causal) -> list[list[Block]]:
+    """ring_schedule for the doc_balanced layout `plan` (a doc_balance.DocBalanced): the cut
+    documents' doc_zigzag schedule over the first `split_len` rows, and the rank's whole documents
+    (with its pad document) joined to step 0's diagonal call. Nothing cut: one step, no transfer."""
+    steps = [list(step) for step in doc_ring_schedule(plan.split, rank, causal)] if plan.split else [[]]
+    if plan.local_len > plan.split_len:
+        rows = slice(plan.split_len, plan.local_len)
+        steps[0] = _join_diagonals(steps[0] + [Block(rows, rows, causal, plan.whole_cu[rank])])
+    return steps
+
+
 class RingPlan:
     """What a ring call does that depends on the sharding alone, worked out once and shared by
     every layer of a micro-batch: the blocks of each step, how each block's result folds into
-    the row buffers (`ring_fold`), and the document bounds on the device."""
+    the row buffers (`ring_fold`), and the document bounds on the device. `travel_len`: the
+    leading K/V rows that go round the ring (doc_balanced: the cut documents'), by default all."""
 
     def __init__(self, steps: list[list[Block]], q_len: int, k_len: int, peer_last: list[Block] | None = None,
-                 own: Block | None = None):
+                 own: Block | None = None, travel_len: int | None = None):
         self.steps = steps
+        self.travel_len = k_len if travel_len is None else travel_len
         self.fwd_steps = steps if own is None else [[own]] + steps[1:]
         self.out = plan_folds([b.q for blocks in self.fwd_steps for b in blocks], q_len, final=True, pairs=True)
         self.out_kept, self.out_released = self.out.kept, self.out.released
         self.dq = plan_folds([b.q for b in self.backward_order()], q_len, final=True, pairs=True)
         self.dq_kept, self.dq_released = self.dq.kept, self.dq.released
         # dK/dV of a visiting shard: fresh at step 1, then on top of the ranks' before it
-        self.travel = [None] + [plan_folds([b.k for b in steps[s]], k_len, final=False, base=s >= 2, pairs=True)
-                                for s in range(1, len(steps))]
+        self.travel = [None] + [plan_folds([b.k for b in steps[s]], self.travel_len, final=False, base=s >= 2,
+                                           pairs=True) for s in range(1, len(steps))]
         # Ring of 2: the one hop home carries the previous rank's block gradients as the kernel
         # wrote them (exact, in the inputs' dtype), folded here with the own ones; nothing is
         # folded, zero-filled or widened to fp32 before the transfer, and half the bytes move.
@@ -259,7 +277,8 @@ class RingPlan:
         if self.raw_hop:
             self.home = plan_folds(own + [b.k for b in peer_last], k_len, final=True, pairs=True)
         else:
-            self.home = plan_folds(own, k_len, final=True, base=len(steps) > 1, pairs=True)
+            # rows that travelled come home with the other ranks' sums; the rest never left
+            self.home = plan_folds(own, k_len, final=True, base=self.travel_len if len(steps) > 1 else 0, pairs=True)
         self._bounds: dict[torch.device, _BoundTensors] = {}
 
     def backward_order(self) -> list[Block]:
@@ -275,9 +294,13 @@ class RingPlan:
 
 @lru_cache(maxsize=8)
 def _doc_ring_plan(plan, rank, causal) -> RingPlan:
-    steps = doc_ring_schedule(plan, rank, causal)
-    peer = doc_ring_schedule(plan, (rank - 1) % plan.world, causal)[-1] if plan.world == 2 else None
-    return RingPlan(steps, plan.local_len, plan.local_len, peer)
+    if hasattr(plan, "split_len"):  # doc_balanced
+        schedule, travel = doc_balanced_schedule, plan.split_len
+    else:
+        schedule, travel = doc_ring_schedule, None
+    steps = schedule(plan, rank, causal)
+    peer = schedule(plan, (rank - 1) % plan.world, causal)[-1] if len(steps) == 2 else None
+    return RingPlan(steps, plan.local_len, plan.local_len, peer, travel_len=travel)
 
 
 @lru_cache(maxsize=16)
@@ -291,16 +314,16 @@ def _held_ring_plan(held, rank, bounds, causal) -> RingPlan:
 
 def ring_attention(q, k, v, *, group=None, causal=True, cu_seqlens=None, softmax_scale=None, layout="zigzag"):
     world, rank = group_size_rank(group)
-    if layout == "doc_zigzag" and world > 1:  # at world 1 the layout is the identity: the plain path
+    if layout in DOC_LAYOUTS and world > 1:  # at world 1 the layout is the identity: the plain path
         if q.shape[0] != 1:
-            raise ValueError(f"layout doc_zigzag needs a packed row (batch size 1), got q of shape {tuple(q.shape)}")
-        plan = doc_zigzag_plan(cu_seqlens, world)
+            raise ValueError(f"layout {layout} needs a packed row (batch size 1), got q of shape {tuple(q.shape)}")
+        plan = document_plan(layout, cu_seqlens, world)
         if q.shape[1] != plan.local_len:
-            raise ValueError(f"doc_zigzag: rank {rank} holds {q.shape[1]} rows, but shard_sequence cuts these "
+            raise ValueError(f"{layout}: rank {rank} holds {q.shape[1]} rows, but shard_sequence cuts these "
                              f"cu_seqlens into {plan.local_len} per rank")
         scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
         return _RingAttention.apply(q, k, v, group, _doc_ring_plan(plan, rank, bool(causal)), scale)
-    if layout == "doc_zigzag":
+    if layout in DOC_LAYOUTS:
         layout = "contiguous"
     seq_len = q.shape[1] * world
     held = [local_ranges(seq_len, world, r, layout) for r in range(world)]
@@ -335,7 +358,7 @@ class _RingAttention(torch.autograd.Function):
         kv = (k.contiguous(), v.contiguous())  # only the Hkv heads travel (GQA)
         kept, n = {}, 0  # results whose rows' next result merges with them, by number
         for step, blocks in enumerate(steps):
-            pending = comm.shift(kv) if step + 1 < len(steps) else None
+            pending = comm.shift(_travelling(kv, plan) if step == 0 else kv) if step + 1 < len(steps) else None
             k_vis, v_vis = kv
             for blk in blocks:
                 o, l = flash_attn(q[:, blk.q], k_vis[:, blk.k], v_vis[:, blk.k], causal=blk.causal,
@@ -385,9 +408,9 @@ class _RingAttention(torch.autograd.Function):
                 fold_grad(runs, dk_b, accs[0], finals[0], kept_k)
                 fold_grad(runs, dv_b, accs[1], finals[1], kept_v)
 
-        pending_kv = comm.shift(kv) if len(steps) > 1 else None
+        pending_kv = comm.shift(_travelling(kv, plan)) if len(steps) > 1 else None
         home = [grads(blk, kv) for blk in steps[0][:1]]  # hides the first K/V transfer
-        pending_dkv = None
+        pending_dkv, home_accs = None, None
         for step in range(1, len(steps)):
             kv_vis = pending_kv.wait()
             pending_kv = comm.shift(kv_vis) if step + 1 < len(steps) else None
@@ -399,7 +422,7 @@ class _RingAttention(torch.autograd.Function):
                 pending_dkv = comm.exchange(sent, recv)
                 continue
             if pending_dkv is None:  # step 1: this shard's dK/dV start here, in fp32
-                dkv = tuple(t.new_empty(t.shape, dtype=acc_dtype) for t in kv)
+                dkv = tuple(t.new_empty(t.shape, dtype=acc_dtype) for t in kv_vis)
                 for t in dkv:
                     fold_rest(folds, t, None)
                 fold_kv(folds, [grads(blk, kv_vis) for blk in steps[step]], dkv, (None, None))
@@ -407,12 +430,22 @@ class _RingAttention(torch.autograd.Function):
                 results = [grads(blk, kv_vis) for blk in steps[step]]
                 dkv = pending_dkv.wait()
                 fold_kv(folds, results, dkv, (None, None))
-            pending_dkv = comm.shift(dkv)  # after the last step this hop takes it home
+            if step + 1 == len(steps) and 0 < plan.home.base < k.shape[1]:
+                # home to the leading rows of this shard's accumulators: the rest never travelled
+                dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (k, v))
+                home_accs = tuple(_home_accumulator(t, acc_dtype) for t in (dk, dv))
+                pending_dkv = comm.exchange(dkv, tuple(a[:, :plan.home.base] for a in home_accs))
+            else:
+                pending_dkv = comm.shift(dkv)  # after the last step this hop takes it home
         home += [grads(blk, kv) for blk in steps[0][1:]]  # hides the last dK/dV transfer
-        dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (k, v))
-        if plan.home.base:
+        if home_accs is not None:  # dk and dv were made with them
+            pending_dkv.wait()
+            accs = home_accs
+        elif plan.home.base:
+            dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (k, v))
             accs = pending_dkv.wait()
         else:
+            dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (k, v))
             if pending_dkv is not None:
                 peer = pending_dkv.wait()
                 home += list(zip(peer[0::2], peer[1::2]))
@@ -421,6 +454,18 @@ class _RingAttention(torch.autograd.Function):
             fold_rest(plan.home, acc, final)
         fold_kv(plan.home, home, accs, (dk, dv))
         return dq, dk, dv, None, None, None
+
+
+def _travelling(kv, plan):
+    """The leading rows of the own K/V that go round the ring (views: rows of a B=1 row are contiguous)."""
+    rows = plan.travel_len
+    return kv if rows == kv[0].shape[1] else tuple(t[:, :rows] for t in kv)
+
+
+def _home_accumulator(final, acc_dtype):
+    """The fp32 (or wider) buffer of a shard's dK or dV whose leading rows come home with the
+    other ranks' sums: the final buffer itself when it has that dtype."""
+    return final if final.dtype == acc_dtype else torch.empty(final.shape, dtype=acc_dtype, device=final.device)
 
 
 def _acc_dtype(dtype):

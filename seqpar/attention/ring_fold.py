@@ -20,6 +20,7 @@ Every op computes what the fp32 running merge computed before (bitwise the same 
 
 A travelling buffer (dK/dV of a visiting shard, sent on in fp32) has no final cast; one that
 arrives with a value (`base`: the partial sums of the ranks before) takes every result as a fold.
+Under doc_balanced only a shard's leading rows travel: its home buffer has a base in those rows only.
 """
 from __future__ import annotations
 
@@ -45,11 +46,11 @@ class Run:
 @dataclass(frozen=True)
 class Folds:
     """Per result (in arrival order) its runs; `rest`: rows no result reaches (zeroed, or copied
-    from the base into the final buffer)."""
+    from the base into the final buffer); `base`: the leading rows that arrive with a value."""
     runs: tuple[tuple[Run, ...], ...]
     rest: tuple[slice, ...]
     final: bool
-    base: bool
+    base: int
 
     @property
     def needs_acc(self) -> bool:  # an accumulator apart from the final buffer (when dtypes differ)
@@ -71,14 +72,16 @@ class Folds:
         return tuple(tuple(h for h, i_last in last.items() if i_last == i) for i in range(len(self.runs)))
 
 
-def plan_folds(slices, length: int, *, final: bool, base: bool = False, pairs: bool = False) -> Folds:
+def plan_folds(slices, length: int, *, final: bool, base: bool | int = False, pairs: bool = False) -> Folds:
     """The runs of results that reach rows `slices[i]` (in that order) of a buffer of `length` rows.
 
     final: the buffer ends in the inputs' dtype (roles put/init/add/last); otherwise it is an
-    accumulator that travels on (init/add). base: it already holds a value in every row.
+    accumulator that travels on (init/add). base: it already holds a value in every row (True) or
+    in its first `base` rows (an int).
     pairs: a row's first result is kept as it is and merged with its second in one op (no copy
     to acc first); the caller keeps the results that `Folds.kept` names until `Folds.released`."""
-    cuts = sorted({0, length, *(s.start for s in slices), *(s.stop for s in slices)})
+    base = length if base is True else int(base)
+    cuts = sorted({0, length, min(base, length), *(s.start for s in slices), *(s.stop for s in slices)})
     segments = list(zip(cuts[:-1], cuts[1:]))
     reach = [[i for i, s in enumerate(slices) if s.start <= a and b <= s.stop] for a, b in segments]
     runs: list[list[Run]] = [[] for _ in slices]
@@ -86,7 +89,7 @@ def plan_folds(slices, length: int, *, final: bool, base: bool = False, pairs: b
         n, held = len(who), None
         for j, i in enumerate(who):
             last = final and j == n - 1
-            if base:
+            if a < base:
                 role = "last" if last else "add"
             elif j == 0:
                 role = "put" if final and n == 1 else "hold" if pairs and n > 1 else "init"
@@ -104,7 +107,8 @@ def plan_folds(slices, length: int, *, final: bool, base: bool = False, pairs: b
                 runs[i][-1] = Run(role, slice(prev.dst.start, b), slice(prev.src.start, b - start), joined_held)
             else:
                 runs[i].append(run)
-    rest = _join([slice(a, b) for (a, b), who in zip(segments, reach) if not who and b > a])
+    rest = [slice(a, b) for (a, b), who in zip(segments, reach) if not who and b > a]
+    rest = _join([s for s in rest if s.stop <= base]) + _join([s for s in rest if s.start >= base])
     return Folds(tuple(map(tuple, runs)), tuple(rest), final, base)
 
 
@@ -157,8 +161,8 @@ def _one(like):
 def fold_rest(folds: Folds, acc, final):
     """The rows no result reached: zero, or the base's value cast to the final buffer."""
     for s in folds.rest:
-        if folds.base:
-            if folds.final:
+        if s.stop <= folds.base:
+            if folds.final and acc is not final:
                 final[:, s].copy_(acc[:, s])
         else:
             (final if folds.final else acc)[:, s].zero_()

@@ -15,11 +15,13 @@ kernel family (cuDNN, FlashAttention-2; `SEQPAR_ATTN_KERNEL`):
   on the same inputs, their times and efficiencies (`ulysses_ms`, `usp:2_efficiency`, ...).
 
 Packed documents (lognormal lengths, the draw of `anchors_varlen.py`): one GPU runs varlen flash
-on the whole row; the ring runs the same documents in two layouts: `zigzag` over the row's chunks
-(the family's key, e.g. "flash") and `doc_zigzag`, every document cut in 2N pieces ("flash_doc_zigzag").
+on the whole row; the ring runs the same documents in three layouts: `zigzag` over the row's chunks
+(the family's key, e.g. "flash"), `doc_zigzag`, every document cut in 2N pieces ("flash_doc_zigzag"),
+and `doc_balanced`, documents whole on ranks chosen for equal work and only the rest cut
+("flash_doc_balanced", with `cut_docs` and `travel_rows`, the rows per rank that go round the ring).
 Printed per rank: the modelled causal work (query-key pairs) and the measured time, whose
-max/mean is the imbalance that zigzag over chunks leaves when documents are not uniform and
-doc_zigzag removes; with kernel calls per rank and, for doc_zigzag, the exposed communication.
+max/mean is the imbalance that zigzag over chunks leaves when documents are not uniform and the
+document layouts remove; with kernel calls per rank and, for those, the exposed communication.
 
 Needs only torch, triton and numpy. Without CUDA it runs a small smoke form on gloo (reference
 kernels, no anchor), which is how CI-side checks exercise this script.
@@ -39,9 +41,10 @@ import torch.distributed as dist
 
 from seqpar import kernels
 from seqpar.attention import ring as ring_module
-from seqpar.attention.ring import doc_ring_schedule, ring_attention, ring_schedule
+from seqpar.attention.ring import doc_balanced_schedule, doc_ring_schedule, ring_attention, ring_schedule
 from seqpar.parallel.dims import init_world
-from seqpar.parallel.sharding import doc_zigzag_plan, local_ranges, shard_sequence, unshard_sequence
+from seqpar.parallel.sharding import (DOC_LAYOUTS, doc_zigzag_plan, document_plan, local_ranges, shard_sequence,
+                                     unshard_sequence)
 
 SDPA_BACKEND = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION"}
 
@@ -250,8 +253,10 @@ def bench_packed(args, device, timer, world):
         q, k, v, do = (torch.randn(1, S, args.heads, args.head_dim, device=device, dtype=args.dtype, generator=g)
                        for _ in range(4))
         held = [local_ranges(S, world, r, "zigzag") for r in range(world)]
+        balanced = document_plan("doc_balanced", cu, world)
         layouts = {"zigzag": ring_schedule(held, rank, cu.tolist(), True),
-                   "doc_zigzag": doc_ring_schedule(doc_zigzag_plan(cu, world), rank, True)}
+                   "doc_zigzag": doc_ring_schedule(doc_zigzag_plan(cu, world), rank, True),
+                   "doc_balanced": doc_balanced_schedule(balanced, rank, True)}
         row = dict(S=S, world=world, n_docs=len(lens), max_doc=max(lens), H=args.heads, D=args.head_dim,
                    single_kernel="kernels.flash_attn with cu_seqlens (varlen flash on CUDA) for every family")
         for kernel in args.kernels:
@@ -286,7 +291,10 @@ def _packed_layout(q, k, v, do, cu, layout, steps, t_single, timer, device, worl
                work_imbalance=round(max(works) / (sum(works) / world), 3),
                time_imbalance=round(max(times) / (sum(times) / world), 3),
                calls_per_rank=[int(c) for c in calls], local_rows=local[0].shape[1])
-    if layout == "doc_zigzag":
+    if layout == "doc_balanced":
+        plan = document_plan(layout, cu, world)
+        out.update(cut_docs=len(plan.placement.split), travel_rows=plan.split_len)
+    if layout in DOC_LAYOUTS:
         with _without_comm():
             out["compute_only_ms"] = _max_over_ranks(timer(lambda: _ring_step(*local, cu=cu, layout=layout)), device)
         out["exposed_comm_ms"] = round(out["ring_ms"] - out["compute_only_ms"], 3)

@@ -8,6 +8,14 @@ Layouts (every sequence-parallel method takes its layout from here):
   is cut into 2N pieces and rank r holds pieces r and 2N-1-r of each, so the causal work is equal
   per rank whatever the document mix (the row-level zigzag is not: a rank holding the tail of a
   long document does more). See `DocZigzag` for the padding and the storage order.
+- ``doc_balanced`` (packed B=1 rows): documents stay WHOLE on one rank, placed so that the ranks'
+  causal work is equal; only the documents that cannot be placed so are cut as doc_zigzag cuts
+  them, and only their rows travel round the ring (none at all when nothing is cut). Why:
+  doc_zigzag's work is equal (imbalance 1.001) but its compute alone took 27.6 ms where 20.2 is
+  ideal (64k packed tokens, 24 documents, 2x H200, 2026-11-26): its short pieces make the varlen
+  kernel's tiles ragged; efficiency 0.70 there and 0.73 at 128k against the 0.90 goal, and the row
+  zigzag's 0.71 / 0.77 suffers the work imbalance (1.44 / 1.28) instead. See
+  `seqpar.parallel.doc_balance` for the planner and the storage order.
 """
 from __future__ import annotations
 
@@ -18,7 +26,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.weak import WeakIdKeyDictionary
 
-LAYOUTS = ("contiguous", "zigzag", "doc_zigzag")
+LAYOUTS = ("contiguous", "zigzag", "doc_zigzag", "doc_balanced")
+DOC_LAYOUTS = ("doc_zigzag", "doc_balanced")  # cut by documents: need cu_seqlens, any row length
 
 
 def group_size_rank(group: dist.ProcessGroup | None) -> tuple[int, int]:
@@ -51,15 +60,15 @@ def chunk_order(world_size: int, layout: str) -> list[list[int]]:
         return [[r] for r in range(world_size)]
     if layout == "zigzag":
         return [[r, 2 * world_size - 1 - r] for r in range(world_size)]
-    if layout == "doc_zigzag":
-        raise ValueError("layout doc_zigzag cuts every document, not the row, into chunks: its ranges come from "
-                         "doc_zigzag_plan(cu_seqlens, world_size), not from chunk_order/local_ranges")
+    if layout in DOC_LAYOUTS:
+        raise ValueError(f"layout {layout} cuts the row by documents, not into chunks: its ranges come from "
+                         "document_plan(layout, cu_seqlens, world_size), not from chunk_order/local_ranges")
     raise ValueError(f"unknown sequence layout {layout!r}; choose one of {LAYOUTS}")
 
 
 def num_chunks(world_size: int, layout: str) -> int:
-    """Equal chunks the row must split into (doc_zigzag pads documents instead: any length works)."""
-    if layout == "doc_zigzag":
+    """Equal chunks the row must split into (the document layouts pad instead: any length works)."""
+    if layout in DOC_LAYOUTS:
         return 1
     return sum(len(c) for c in chunk_order(world_size, layout))
 
@@ -78,27 +87,28 @@ def shard_sequence(x: torch.Tensor, group: dist.ProcessGroup | None = None, *, d
                    pad_value: float | int = 0) -> torch.Tensor:
     """This rank's shard of the full sequence `x` (no communication: every rank holds `x`).
 
-    `cu_seqlens` (the GLOBAL document boundaries of x's packed row) is needed by doc_zigzag only;
-    contiguous and zigzag cut the row regardless of documents. doc_zigzag pads each document to a
-    multiple of 2N with `pad_value` (use the loss's ignore_index for targets); pad rows are
+    `cu_seqlens` (the GLOBAL document boundaries of x's packed row) is needed by the document
+    layouts only; contiguous and zigzag cut the row regardless of documents. doc_zigzag pads each
+    document to a multiple of 2N, doc_balanced the cut ones so and each rank's whole documents to
+    the same row count, with `pad_value` (use the loss's ignore_index for targets); pad rows are
     dropped again by unshard_sequence, and ring attention keeps them apart from real tokens.
     """
     world, rank = group_size_rank(group)
-    if layout == "doc_zigzag":
-        return _shard_doc_zigzag(x, rank, world, dim, cu_seqlens, pad_value)
+    if layout in DOC_LAYOUTS:
+        return _shard_documents(x, rank, world, dim, layout, cu_seqlens, pad_value)
     return shard_for_rank(x, rank, world, dim=dim, layout=layout)
 
 
 def unshard_sequence(x: torch.Tensor, group: dist.ProcessGroup | None = None, *, dim: int = 1,
                      layout: str = "zigzag", cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
     """The full sequence from every rank's shard; differentiable (the gradient of the full
-    sequence is summed over ranks and each rank keeps its own shard's part). doc_zigzag needs
-    the `cu_seqlens` the row was sharded with, and drops the pad rows."""
+    sequence is summed over ranks and each rank keeps its own shard's part). The document layouts
+    need the `cu_seqlens` the row was sharded with, and drop the pad rows."""
     world, _ = group_size_rank(group)
     if world == 1:
         return x
-    if layout == "doc_zigzag":
-        return _GatherDocuments.apply(x, group, dim, doc_zigzag_plan(cu_seqlens, world))
+    if layout in DOC_LAYOUTS:
+        return _GatherDocuments.apply(x, group, dim, document_plan(layout, cu_seqlens, world))
     return _GatherSequence.apply(x, group, dim, layout)
 
 
@@ -265,21 +275,32 @@ def _plan(bounds: tuple[int, ...], world: int) -> DocZigzag:
     return DocZigzag(world, tuple(padded), tuple(halves), local_len, source, gathered)
 
 
+def document_plan(layout: str, cu_seqlens, world_size: int):
+    """The plan (`DocZigzag` or `doc_balance.DocBalanced`) of a document layout: where every token
+    of the packed row lives; both have `world`, `local_len`, `source` and `gathered`."""
+    if layout == "doc_zigzag":
+        return doc_zigzag_plan(cu_seqlens, world_size)
+    if layout == "doc_balanced":
+        from seqpar.parallel.doc_balance import doc_balanced_plan  # (it builds on this module's doc_zigzag)
+        return doc_balanced_plan(cu_seqlens, world_size)
+    raise ValueError(f"layout {layout!r} is not a document layout {DOC_LAYOUTS}")
+
+
 def _bounds(cu_seqlens) -> tuple[int, ...]:
     if cu_seqlens is None:
-        raise ValueError("layout doc_zigzag cuts every document into 2*cp pieces: pass cu_seqlens "
-                         "(the global document boundaries of the packed row)")
+        raise ValueError("the document layouts (doc_zigzag, doc_balanced) cut the row by its documents: pass "
+                         "cu_seqlens (the global document boundaries of the packed row)")
     bounds = host_bounds(cu_seqlens)
     if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] < 1 or any(b < a for a, b in zip(bounds[:-1], bounds[1:])):
         raise ValueError(f"cu_seqlens must rise from 0 to the row's length, got {list(bounds)}")
     return tuple(sorted(set(bounds)))  # an empty document holds no token: nothing to place
 
 
-def _shard_doc_zigzag(x, rank, world, dim, cu_seqlens, pad_value):
-    plan = doc_zigzag_plan(cu_seqlens, world)
+def _shard_documents(x, rank, world, dim, layout, cu_seqlens, pad_value):
+    plan = document_plan(layout, cu_seqlens, world)
     total = _bounds(cu_seqlens)[-1]
     if x.shape[dim] != total:
-        raise ValueError(f"doc_zigzag: x has {x.shape[dim]} rows along dim {dim} but cu_seqlens end at {total}; "
+        raise ValueError(f"{layout}: x has {x.shape[dim]} rows along dim {dim} but cu_seqlens end at {total}; "
                          "pass the whole packed row and its global document boundaries")
     if world == 1:
         return x
@@ -291,7 +312,7 @@ def _shard_doc_zigzag(x, rank, world, dim, cu_seqlens, pad_value):
 
 
 class _GatherDocuments(torch.autograd.Function):
-    """unshard_sequence for doc_zigzag: all-gather the ranks' shards, keep the real rows in row order."""
+    """unshard_sequence for the document layouts: all-gather the ranks' shards, keep the real rows in row order."""
 
     @staticmethod
     def forward(ctx, x, group, dim, plan):
@@ -310,19 +331,20 @@ class _GatherDocuments(torch.autograd.Function):
 def check_layout(parallel_cfg, layer_types: str) -> None:
     """ValueError naming the fix when `parallel.layout` cannot run with these settings (config validation)."""
     p = parallel_cfg
-    if p.layout != "doc_zigzag" or p.cp == 1:  # at cp=1 doc_zigzag is the identity
+    if p.layout not in DOC_LAYOUTS or p.cp == 1:  # at cp=1 the document layouts are the identity
         return
+    name = f"parallel.layout={p.layout}"
     if "S" in layer_types and p.softmax_sp != "ring":
-        raise ValueError(f"parallel.layout=doc_zigzag runs softmax attention with parallel.softmax_sp=ring only "
+        raise ValueError(f"{name} runs softmax attention with parallel.softmax_sp=ring only "
                          f"(got {p.softmax_sp!r}); set parallel.softmax_sp=ring or parallel.layout=zigzag")
     if "L" in layer_types:
-        raise ValueError(f"parallel.layout=doc_zigzag with linear-attention layers (model.layer_pattern="
+        raise ValueError(f"{name} with linear-attention layers (model.layer_pattern="
                          f"{layer_types!r}): LASP's state scan needs the row's chunk order; use parallel.layout=zigzag "
                          "or contiguous, or a softmax-only model")
     if p.pp > 1:
-        raise ValueError("parallel.layout=doc_zigzag with parallel.pp>1: the padded local length changes with each "
+        raise ValueError(f"{name} with parallel.pp>1: the padded local length changes with each "
                          "micro-batch's documents and the pipeline sends fixed shapes; use parallel.layout=zigzag")
     if p.tp > 1 and p.tp_sequence_parallel:
-        raise ValueError("parallel.layout=doc_zigzag with parallel.tp>1 and tp_sequence_parallel=true: the padded "
+        raise ValueError(f"{name} with parallel.tp>1 and tp_sequence_parallel=true: the padded "
                          "local length need not divide by tp; set parallel.tp_sequence_parallel=false or "
                          "parallel.layout=zigzag")
