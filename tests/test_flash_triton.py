@@ -192,6 +192,32 @@ def test_interp_destinations_equal_plain_calls():
     _check_destinations(ft, q, k, v, do, causal=False, softmax_scale=0.3)
 
 
+@interp_only
+def test_interp_head_grouped_launch_orders():
+    """The flat grids of the candidate config sets (programs ordered by head group, tile, head)
+    cover every (tile, head) once: heads that do not fill the last group, in all three kernels
+    (GQA: the dk/dv grid has the kv heads), dense rows and packed documents."""
+    from seqpar.kernels.flash_attn import triton as ft
+
+    assert {sets[3] for sets in ft.CONFIG_SETS.values()} >= {0, 4, ft.ALL_HEADS}
+    fwd, dq, dkdv, _ = ft.CONFIG_SETS["default"]
+    ft.CONFIG_SETS["_two"] = (fwd, dq, dkdv, 2)  # 6 query heads in 3 groups, 3 kv heads in 2
+    lens = [1, 40, 7]
+    try:
+        for name in ("lpt4", "_two", "lpt"):
+            ft.use_config_set(name)
+            q, k, v, do = _inputs(1, 48, 48, 6, 3, 16, seed=20)
+            _check_forward_backward(ft, q, k, v, do, torch.float32, 2e-5, causal=True)
+            q, k, v, do = _inputs(1, sum(lens), sum(lens), 6, 3, 16, seed=21)
+            _check_forward_backward(ft, q, k, v, do, torch.float32, 2e-5, causal=True, cu_seqlens_q=_cu(lens),
+                                    cu_seqlens_k=_cu(lens))
+    finally:
+        ft.use_config_set("default")
+        del ft.CONFIG_SETS["_two"]
+    with pytest.raises(ValueError, match="unknown flash config set"):
+        ft.use_config_set("nope")
+
+
 def test_tile_table_covers_each_document_once_longest_first():
     from seqpar.kernels.flash_attn.triton import tile_table
 

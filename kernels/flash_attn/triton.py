@@ -50,7 +50,8 @@ def table_blocks(head_dim: int) -> tuple[int, int]:
     dk, dv of its key tile live: 64 keys keep that within the registers at D = 128."""
     if _interpreting():
         return 32, 32
-    return _FWD_OPTIONS[0][0], _DKDV_OPTIONS[0][0]
+    fwd, _, dkdv, _ = CONFIG_SETS[_active]
+    return fwd[0][0], dkdv[0][0]
 
 
 def _configs(own, inner, options, extra=()):
@@ -80,7 +81,7 @@ def _prune_for(own):
 
 _KEY = ["HEAD_DIM", "CAUSAL", "VARLEN", "LEN_BUCKET"]
 # token counts vary per batch: no compiled variant per divisibility of a length
-_LENGTHS = ["Sq", "Sk", "LEN_BUCKET"]
+_LENGTHS = ["Sq", "Sk", "LEN_BUCKET", "grid_heads", "head_group"]
 # The first option of each list owns the tile table's block (table_blocks): Triton's autotuner
 # skips the prune when it holds one config (SEQPAR_FLASH_TUNE=0) and runs the first.
 # (owned block, inner block, warps, stages): spill-free at D = 128 on sm_90 (ptxas of triton 3.9,
@@ -90,17 +91,62 @@ _DQ_OPTIONS = [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3)]
 # dk/dv: (owned key block, inner query block, warps, stages, SPLIT); the first is the untuned pick
 _DKDV_OPTIONS = [(64, 64, 8, 3, False), (64, 32, 4, 3, False), (128, 64, 8, 3, False), (64, 64, 8, 3, True),
                  (128, 32, 4, 3, False), (128, 64, 8, 2, True)]
-assert _DQ_OPTIONS[0][0] == _FWD_OPTIONS[0][0], "dq and the forward share the query tile table"
+
+# Candidate tunings, one active per process (SEQPAR_FLASH_CONFIGS at import, or use_config_set):
+# (forward, dq, dk/dv option lists, head group of the launch order). The benchmark times each
+# (`--flash-candidates`); "default" is what runs until a measurement moves the default.
+# Head group 0: grid (tiles, heads, B) as launched until 2026-11-26: CTAs start head by head, so
+# the longest tiles of the last heads start last and run alone at the end of the grid. g > 0: a
+# flat grid ordered by (group of g heads, tile, head in group), so within a group the longest
+# tiles of all its heads start first (longest-processing-time first, as FA3 schedules causal
+# grids), while one group's K/V (g heads, 8 MiB each at 16k, D = 128) stays within the L2.
+_DKDV_KV128 = [(128, 64, 8, 2, True)] + [o for o in _DKDV_OPTIONS if o != (128, 64, 8, 2, True)]
+ALL_HEADS = 1 << 16
+CONFIG_SETS = {
+    "default": (_FWD_OPTIONS, _DQ_OPTIONS, _DKDV_OPTIONS, 0),
+    "lpt": (_FWD_OPTIONS, _DQ_OPTIONS, _DKDV_OPTIONS, ALL_HEADS),
+    "lpt8": (_FWD_OPTIONS, _DQ_OPTIONS, _DKDV_OPTIONS, 8),
+    "lpt4": (_FWD_OPTIONS, _DQ_OPTIONS, _DKDV_OPTIONS, 4),
+    # packed documents' key tile of 128 (the dense rows' tuned pick, 2026-11-25) instead of 64
+    "kv128": (_FWD_OPTIONS, _DQ_OPTIONS, _DKDV_KV128, 0),
+    "kv128_lpt8": (_FWD_OPTIONS, _DQ_OPTIONS, _DKDV_KV128, 8),
+}
+CONFIG_ENV = "SEQPAR_FLASH_CONFIGS"
+_active = os.environ.get(CONFIG_ENV, "") or "default"
+if _active not in CONFIG_SETS:
+    raise ValueError(f"{CONFIG_ENV}={_active!r} is not one of: {', '.join(CONFIG_SETS)}")
+for _fwd, _dq, _dkdv, _ in CONFIG_SETS.values():
+    assert _dq[0][0] == _fwd[0][0], "dq and the forward share the query tile table"
 
 
 @triton.jit
-def _tile(tiles_ptr, cu_q_ptr, cu_k_ptr, Sq, Sk, OWN: tl.constexpr, OWN_Q: tl.constexpr,
+def _program(grid_heads, head_group, SWIZZLE: tl.constexpr):
+    """(tile index, head) of this program: grid (tiles, heads, B), or with SWIZZLE the flat grid
+    (tiles * heads, 1, B) in the order (group of head_group heads, tile, head in the group); the
+    last group may hold fewer heads."""
+    if SWIZZLE:
+        pid = tl.program_id(0)
+        n_tiles = tl.num_programs(0) // grid_heads
+        per_group = head_group * n_tiles
+        g = pid // per_group
+        r = pid - g * per_group
+        in_group = tl.minimum(head_group, grid_heads - g * head_group)
+        tile = r // in_group
+        head = g * head_group + (r - tile * in_group)
+    else:
+        tile = tl.program_id(0)
+        head = tl.program_id(1)
+    return tile, head
+
+
+@triton.jit
+def _tile(tiles_ptr, cu_q_ptr, cu_k_ptr, Sq, Sk, pid, OWN: tl.constexpr, OWN_Q: tl.constexpr,
           CAUSAL: tl.constexpr, VARLEN: tl.constexpr):
-    """(first token of the document in q and k, Lq, Lk, start of the owned tile in the document).
+    """(first token of the document in q and k, Lq, Lk, start of the owned tile in the document)
+    of tile `pid` (a table entry, or the pid-th tile in work order of dense rows).
 
     Unused table entries (doc < 0) come back with Lq = Lk = 0: every loop is empty, every store masked.
     """
-    pid = tl.program_id(0)
     if VARLEN:
         doc = tl.load(tiles_ptr + 2 * pid)
         start = tl.load(tiles_ptr + 2 * pid + 1)
@@ -150,17 +196,18 @@ def _fwd_block(acc, m_i, l_i, q, k_base, v_base, sks, svs, n0, offs_m, offs_n, o
     return acc, m_new, l_i
 
 
-@triton.autotune(configs=_configs("BLOCK_M", "BLOCK_N", _FWD_OPTIONS), key=_KEY + ["MERGE"],
+@triton.autotune(configs=_configs("BLOCK_M", "BLOCK_N", CONFIG_SETS[_active][0]), key=_KEY + ["MERGE"],
                  prune_configs_by={"early_config_prune": _prune_for("BLOCK_M")}, restore_value=["out_ptr", "lse_ptr"])
 @triton.jit(do_not_specialize=_LENGTHS)
 def _attn_fwd(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, tiles_ptr, cu_q_ptr, cu_k_ptr,
               sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sob, sos, soh, slb, slh, sls,
-              Sq, Sk, group, qk_scale, LEN_BUCKET,
+              Sq, Sk, group, qk_scale, LEN_BUCKET, grid_heads, head_group,
               HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, MERGE: tl.constexpr,
-              DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    h = tl.program_id(1)
+              DOT: tl.constexpr, PRECISION: tl.constexpr, SWIZZLE: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    tile, h = _program(grid_heads, head_group, SWIZZLE)
     b = tl.program_id(2).to(tl.int64)
-    q0, k0, Lq, Lk, m0 = _tile(tiles_ptr, cu_q_ptr, cu_k_ptr, Sq, Sk, BLOCK_M, True, CAUSAL, VARLEN)
+    q0, k0, Lq, Lk, m0 = _tile(tiles_ptr, cu_q_ptr, cu_k_ptr, Sq, Sk, tile, BLOCK_M, True, CAUSAL, VARLEN)
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -267,19 +314,19 @@ def _dkdv_block(dk, dv, k, v, q_ptr, do_ptr, lse2_ptr, delta_ptr, b, h, q0, Hq, 
 
 
 # restore_value: with ACCUM the destinations are read, so tuning runs must not add into them twice
-@triton.autotune(configs=_configs("BLOCK_N", "BLOCK_M", _DKDV_OPTIONS, extra=("SPLIT",)),
+@triton.autotune(configs=_configs("BLOCK_N", "BLOCK_M", CONFIG_SETS[_active][2], extra=("SPLIT",)),
                  key=_KEY, prune_configs_by={"early_config_prune": _prune_for("BLOCK_N")},
                  restore_value=["dk_ptr", "dv_ptr"])
 @triton.jit(do_not_specialize=_LENGTHS)
 def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse2_ptr, delta_ptr, dk_ptr, dv_ptr, tiles_ptr, cu_q_ptr, cu_k_ptr,
                    sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sdb, sds, sdh, sdkb, sdks, sdkh, sdvb, sdvs, sdvh,
-                   Sq, Sk, Hq, group, qk_scale, sm_scale, LEN_BUCKET,
+                   Sq, Sk, Hq, group, qk_scale, sm_scale, LEN_BUCKET, grid_heads, head_group,
                    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, ACCUM: tl.constexpr,
-                   DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   SPLIT: tl.constexpr):
-    hk = tl.program_id(1)
+                   DOT: tl.constexpr, PRECISION: tl.constexpr, SWIZZLE: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr):
+    tile, hk = _program(grid_heads, head_group, SWIZZLE)
     b = tl.program_id(2).to(tl.int64)
-    q0, k0, Lq, Lk, n0 = _tile(tiles_ptr, cu_q_ptr, cu_k_ptr, Sq, Sk, BLOCK_N, False, CAUSAL, VARLEN)
+    q0, k0, Lq, Lk, n0 = _tile(tiles_ptr, cu_q_ptr, cu_k_ptr, Sq, Sk, tile, BLOCK_N, False, CAUSAL, VARLEN)
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -355,17 +402,18 @@ def _dq_block(dq, q, do, lse2, delta, k_base, v_base, sks, svs, n0, offs_m, offs
     return tl.dot(ds.to(DOT), k, acc=dq, input_precision=PRECISION)
 
 
-@triton.autotune(configs=_configs("BLOCK_M", "BLOCK_N", _DQ_OPTIONS), key=_KEY,
+@triton.autotune(configs=_configs("BLOCK_M", "BLOCK_N", CONFIG_SETS[_active][1]), key=_KEY,
                  prune_configs_by={"early_config_prune": _prune_for("BLOCK_M")})
 @triton.jit(do_not_specialize=_LENGTHS)
 def _attn_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse2_ptr, delta_ptr, dq_ptr, tiles_ptr, cu_q_ptr, cu_k_ptr,
                  sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sdb, sds, sdh, sdqb, sdqs, sdqh,
-                 Sq, Sk, Hq, group, qk_scale, sm_scale, LEN_BUCKET,
+                 Sq, Sk, Hq, group, qk_scale, sm_scale, LEN_BUCKET, grid_heads, head_group,
                  HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
-                 DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    h = tl.program_id(1)
+                 DOT: tl.constexpr, PRECISION: tl.constexpr, SWIZZLE: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    tile, h = _program(grid_heads, head_group, SWIZZLE)
     b = tl.program_id(2).to(tl.int64)
-    q0, k0, Lq, Lk, m0 = _tile(tiles_ptr, cu_q_ptr, cu_k_ptr, Sq, Sk, BLOCK_M, True, CAUSAL, VARLEN)
+    q0, k0, Lq, Lk, m0 = _tile(tiles_ptr, cu_q_ptr, cu_k_ptr, Sq, Sk, tile, BLOCK_M, True, CAUSAL, VARLEN)
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -397,6 +445,28 @@ def _attn_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse2_ptr, delta_ptr, dq_ptr, tiles
                        qk_scale, True, CAUSAL, DOT, PRECISION)
     tl.store(dq_ptr + b * sdqb + h * sdqh + rows[:, None] * sdqs + offs_d[None, :],
              (dq * sm_scale).to(dq_ptr.dtype.element_ty), mask=rmask[:, None])
+
+
+def use_config_set(name: str) -> None:
+    """Make CONFIG_SETS[name] the active tuning: the autotuners' option lists (their picks are
+    forgotten, so the next call of each key tunes again), the tile table's blocks and the launch
+    order. Naming the active set changes nothing."""
+    global _active
+    if name not in CONFIG_SETS:
+        raise ValueError(f"unknown flash config set {name!r}; known: {', '.join(CONFIG_SETS)}")
+    if name == _active:
+        return
+    fwd, dq, dkdv, _ = CONFIG_SETS[name]
+    _active = name
+    for tuner, configs in ((_attn_fwd, _configs("BLOCK_M", "BLOCK_N", fwd)),
+                           (_attn_bwd_dq, _configs("BLOCK_M", "BLOCK_N", dq)),
+                           (_attn_bwd_dkdv, _configs("BLOCK_N", "BLOCK_M", dkdv, extra=("SPLIT",)))):
+        tuner.configs = configs
+        tuner.cache.clear()
+
+
+def active_config_set() -> str:
+    return _active
 
 
 # ---------------------------------------------------------------- launchers
@@ -470,9 +540,19 @@ def _cu(cu_seqlens, cu_seqlens_q, cu_seqlens_k, device):
     return as_int(cu_seqlens_q), as_int(cu_seqlens_k)
 
 
+def _order(heads):
+    """The launch-order arguments of the active config set for a grid of `heads` heads."""
+    group = CONFIG_SETS[_active][3]
+    return dict(grid_heads=heads, head_group=max(1, min(group, heads)), SWIZZLE=group > 0)
+
+
 def _grid(table, tokens, rows, heads, block_key):
+    """(tiles, heads, rows), or (tiles * heads, 1, rows) under a head group (`_program`)."""
+    flat = CONFIG_SETS[_active][3] > 0
     if table is not None:
-        return (table.shape[0], heads, 1)
+        return (table.shape[0] * heads, 1, 1) if flat else (table.shape[0], heads, 1)
+    if flat:
+        return lambda meta: (triton.cdiv(tokens, meta[block_key]) * heads, 1, rows)
     return lambda meta: (triton.cdiv(tokens, meta[block_key]), heads, rows)
 
 
@@ -489,7 +569,7 @@ def _forward_into(q, k, v, out, lse, *, causal, cu_q, cu_k, scale, merge, q_tabl
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1), lse.stride(2),
-        Sq, Sk, Hq // Hkv, scale * LOG2E, _bucket(B * Sq),
+        Sq, Sk, Hq // Hkv, scale * LOG2E, _bucket(B * Sq), **_order(Hq),
         HEAD_DIM=D, CAUSAL=bool(causal), VARLEN=varlen, MERGE=merge, DOT=dot, PRECISION=precision)
     return q_table
 
@@ -563,11 +643,11 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=True, cu_seqlens_q=Non
     _attn_bwd_dkdv[_grid(k_table, Sk, B, Hkv, "BLOCK_N")](
         q, k, v, dout, lse2, delta, dk, dv, k_table if varlen else dummy, dummy, cu_seqlens_k if varlen else dummy,
         *strides, dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-        Sq, Sk, Hq, Hq // Hkv, scale * LOG2E, scale, _bucket(B * Sq), **common, **accum_kw)
+        Sq, Sk, Hq, Hq // Hkv, scale * LOG2E, scale, _bucket(B * Sq), **_order(Hkv), **common, **accum_kw)
     _attn_bwd_dq[_grid(q_table, Sq, B, Hq, "BLOCK_M")](
         q, k, v, dout, lse2, delta, dq, q_table if varlen else dummy, dummy, cu_seqlens_k if varlen else dummy,
         *strides, dq.stride(0), dq.stride(1), dq.stride(2),
-        Sq, Sk, Hq, Hq // Hkv, scale * LOG2E, scale, _bucket(B * Sq), **common)
+        Sq, Sk, Hq, Hq // Hkv, scale * LOG2E, scale, _bucket(B * Sq), **_order(Hq), **common)
     return _into(given, (dq, dk, dv), accumulate)
 
 

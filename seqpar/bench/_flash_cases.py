@@ -13,6 +13,11 @@ and anchors_varlen.py:
 
 Each row says which kernel the dispatcher gives that case (`flash_attn_choice`), and the Triton
 rows carry their relative error against cuDNN (dense) or FlexAttention (packed) on the same inputs.
+
+Tuning candidates (`--flash-candidates NAME ...`, keys of `flash_attn.triton.CONFIG_SETS`): each
+case also times the Triton kernel under each named config set ("seqpar_triton[NAME]" rows, tuned
+afresh), beside the active set's "seqpar_triton" row and the anchors of the same run; the summary's
+`candidates` lists each one's fwd+bwd TFLOP/s per case, the one to make the default.
 """
 from __future__ import annotations
 
@@ -86,8 +91,9 @@ def _impls(S, lens, device):
     return impls
 
 
-def _case_rows(layout, S, lens, device, timer):
+def _case_rows(layout, S, lens, device, timer, candidates=()):
     from seqpar.kernels import dispatch
+    from seqpar.kernels.flash_attn import triton as ft
 
     gen = torch.Generator(device=device).manual_seed(S)
     q, k, v, do = (torch.randn(1, S, H, D, device=device, dtype=torch.bfloat16, generator=gen) for _ in range(4))
@@ -97,7 +103,14 @@ def _case_rows(layout, S, lens, device, timer):
     cu = None if lens is None else _cu(lens, device)
     choice = dispatch.flash_attn_choice(q, k, v, causal=True, cu_seqlens=cu) if device.type == "cuda" else None
     rows, outs = [], {}
-    for name, fn in _impls(S, lens, device).items():
+    impls = _impls(S, lens, device)
+    active = ft.active_config_set()
+    for cand in candidates:  # the Triton kernel again under each other config set, tuned afresh
+        if cand != active:
+            impls[f"seqpar_triton[{cand}]"] = impls["seqpar_triton"]
+    for name, fn in impls.items():
+        if name.startswith("seqpar_triton"):
+            ft.use_config_set(name[len("seqpar_triton["):-1] if name.startswith("seqpar_triton[") else active)
         try:
             outs[name] = fn(q, k, v).detach()
             ms_f = timer(lambda: fn(q, k, v))
@@ -112,12 +125,15 @@ def _case_rows(layout, S, lens, device, timer):
                    fwd_tflops=round(useful / ms_f / 1e9, 1), fwdbwd_tflops=round(3.5 * useful / ms_fb / 1e9, 1))
         if name == "seqpar_triton":
             row["dispatch_default"] = choice
+        if name.startswith("seqpar_triton"):
+            row.update(config_set=ft.active_config_set(), tuned=_tuned(compact=True))
         rows.append(row)
         print(row, flush=True)
+    ft.use_config_set(active)
     anchor = "sdpa_cudnn" if lens is None else "flex_docmask"
     for row in rows:
-        if row["kernel"] == "seqpar_triton" and "error" not in row and anchor in outs:
-            row[f"rel_err_vs_{anchor}"] = _rel(outs["seqpar_triton"], outs[anchor])
+        if row["kernel"].startswith("seqpar_triton") and "error" not in row and anchor in outs:
+            row[f"rel_err_vs_{anchor}"] = _rel(outs[row["kernel"]], outs[anchor])
     return rows
 
 
@@ -154,10 +170,14 @@ def _ring_step_rows(S, device, timer):
     return rows
 
 
-def _tuned():
+def _tuned(compact=False):
+    """What the autotuners picked per key (compact: the picks of the active config set only)."""
     from seqpar.kernels.flash_attn import triton as ft
-    return {name: {str(key): str(cfg) for key, cfg in getattr(fn, "cache", {}).items()}
-            for name, fn in (("fwd", ft._attn_fwd), ("bwd_dkdv", ft._attn_bwd_dkdv), ("bwd_dq", ft._attn_bwd_dq))}
+    kernels = (("fwd", ft._attn_fwd), ("bwd_dkdv", ft._attn_bwd_dkdv), ("bwd_dq", ft._attn_bwd_dq))
+    if compact:
+        return {name: sorted({str(cfg).split(", num_ctas")[0] for cfg in getattr(fn, "cache", {}).values()})
+                for name, fn in kernels}
+    return {name: {str(key): str(cfg) for key, cfg in getattr(fn, "cache", {}).items()} for name, fn in kernels}
 
 
 def _summary(rows):
@@ -173,6 +193,27 @@ def _summary(rows):
         ours, flex = rate("seqpar_triton", "packed", S), rate("flex_docmask", "packed", S)
         out[f"packed_{S}_fwdbwd_vs_flex"] = round(ours / flex, 3) if ours and flex else None
     out["suggest_TRITON_FASTER"] = _suggest(rows, rate)
+    cands = sorted({r["kernel"] for r in rows if r["kernel"].startswith("seqpar_triton[")})
+    if cands:
+        out["candidates"] = _candidates(rows, ["seqpar_triton"] + cands)
+    return out
+
+
+def _candidates(rows, names):
+    """{case: {kernel: fwd+bwd TFLOP/s, ..., anchors}} per dense/packed case, and each kernel's
+    ratio to FlexAttention's document mask on packed cases (the issue's 1.3x goal)."""
+    out = {}
+    for case in sorted({(r["layout"], r["S"]) for r in rows if r["layout"] in ("dense", "packed")}):
+        here = {r["kernel"]: r for r in rows if (r["layout"], r["S"]) == case and "error" not in r}
+        entry = {k: here[k]["fwdbwd_tflops"] for k in names + ["sdpa_cudnn", "sdpa_flash", "flex_causal",
+                                                                 "flex_docmask", "torch_varlen_flash"] if k in here}
+        for k in names:
+            if k in here:
+                entry[f"{k} fwd"] = here[k]["fwd_tflops"]
+        if here.get("flex_docmask", {}).get("fwdbwd_tflops"):
+            entry["vs_flex"] = {k: round(here[k]["fwdbwd_tflops"] / here["flex_docmask"]["fwdbwd_tflops"], 3)
+                                for k in names if k in here}
+        out[f"{case[0]}_{case[1]}"] = entry
     return out
 
 
@@ -214,9 +255,13 @@ def bench_flash(args, device):
         return dict(rows=[], summary=dict(skipped="the flash section needs a CUDA device"), table="")
     timer = _bench(device)
     rows = []
-    for S in DENSE_LENS:
-        rows += _case_rows("dense", S, None, device, timer)
-    for S in PACKED_LENS:
-        rows += _case_rows("packed", S, lognormal_lengths(S), device, timer)
-    rows += _ring_step_rows(DENSE_LENS[0], device, timer)
+    cands = getattr(args, "flash_candidates", None) or ()
+    dense = getattr(args, "flash_dense_lens", None)
+    packed = getattr(args, "flash_packed_lens", None)
+    for S in DENSE_LENS if dense is None else dense:
+        rows += _case_rows("dense", S, None, device, timer, cands)
+    for S in PACKED_LENS if packed is None else packed:
+        rows += _case_rows("packed", S, lognormal_lengths(S), device, timer, cands)
+    if not getattr(args, "flash_no_ring_step", False):
+        rows += _ring_step_rows(DENSE_LENS[0], device, timer)
     return dict(rows=rows, tuned_configs=_tuned(), summary=_summary(rows), table=table(rows))
