@@ -91,7 +91,7 @@ def place_documents(lengths, world: int) -> Placement:
     onto the rank of least modelled cost among those with room for it (room: an equal share of the
     uncut tokens plus SLACK_FRACTION), or, where none has room, onto the emptiest rank (more
     padding). The candidate whose slowest rank costs least is taken, among those padding the row by
-    at most MAX_PAD_FRACTION; the search stops at the first within TOLERANCE of balance. Cutting
+    at most MAX_PAD_FRACTION (or doc_zigzag's padding, when more); the search stops at the first within TOLERANCE of balance. Cutting
     every document (doc_zigzag) is always a candidate. Deterministic: ties go to the lower
     document and rank."""
     lengths = [int(n) for n in lengths]
@@ -99,8 +99,9 @@ def place_documents(lengths, world: int) -> Placement:
         raise ValueError(f"place_documents needs world >= 1 and documents of >= 1 token, got {world}, {lengths}")
     order = sorted(range(len(lengths)), key=lambda d: (-lengths[d], d))
     slack = math.ceil(SLACK_FRACTION * sum(lengths) / world)
-    max_pad = MAX_PAD_FRACTION * sum(lengths)
     candidates = [_pack(lengths, order, order, world, slack)]  # every document cut
+    # (tiny rows: doc_zigzag's own padding, < 2N a document, may exceed the fraction; no worse is fine)
+    max_pad = max(MAX_PAD_FRACTION * sum(lengths), candidates[0].local_len * world - sum(lengths))
     for k in range(min(len(lengths), MAX_CANDIDATES)):
         placed = _pack(lengths, order, order[:k], world, slack)
         if placed.local_len * world - sum(lengths) <= max_pad:
