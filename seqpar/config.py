@@ -62,7 +62,7 @@ class ParallelConfig:
     ulysses_degree: int = 1  # softmax_sp=usp: cp = ring x ulysses, Ulysses (all-to-all) inside a node
     linear_sp: str = "lasp2"
     linear_scan: str = "allgather"  # how lasp2 exchanges memory states: allgather | pipelined
-    layout: str = "zigzag"
+    layout: str = "zigzag"  # sharding.LAYOUTS: contiguous | zigzag | doc_zigzag | doc_balanced
     dp_engine: str = "fsdp2"  # fsdp2 | deepspeed (ZeRO), both over the dp x cp ranks
     zero_stage: Optional[int] = None  # dp_engine=deepspeed: 1, 2 or 3 (None: 2); FSDP2 always shards like stage 3
     deepspeed: Dict[str, Any] = field(default_factory=dict)  # merged over the generated DeepSpeed config

@@ -61,8 +61,9 @@ def chunk_order(world_size: int, layout: str) -> list[list[int]]:
     if layout == "zigzag":
         return [[r, 2 * world_size - 1 - r] for r in range(world_size)]
     if layout in DOC_LAYOUTS:
-        raise ValueError(f"layout {layout} cuts the row by documents, not into chunks: its ranges come from "
-                         "document_plan(layout, cu_seqlens, world_size), not from chunk_order/local_ranges")
+        raise ValueError(f"layout {layout} cuts the row by documents, not into chunks (its ranges come from "
+                         "document_plan(layout, cu_seqlens, world_size)): only ring attention runs on it; use "
+                         "parallel.softmax_sp=ring, or layout zigzag for Ulysses, usp and LASP")
     raise ValueError(f"unknown sequence layout {layout!r}; choose one of {LAYOUTS}")
 
 
