@@ -4,7 +4,8 @@
 # `one`: two lanes of llama_8b on one GPU each. Lane 0: AdamW's moments in host memory
 # (full_offload_optimizer) at 128k, the goal. Lane 1: the moments on the GPU (full_offload), from
 # the estimate's answer (88k) to 96k: where one GPU stops when it holds all 16 bytes per parameter.
-# `cp2`: llama_8b with cp=2 at 256k in full_offload (FSDP shards the model state over the two).
+# `cp2`: llama_8b with cp=2 at 256k in lane 0's mode (the same 128k tokens per GPU as lane 0: the
+# per-GPU activation memory should match lane 0's, the model state halves under FSDP).
 # One step per trial: the engine allocates the optimizer states before step 1. An 8b step at 128k
 # is ~30 PFLOP (about 70 s on an H200) plus start-up.
 mkdir -p "$OUT"
@@ -18,7 +19,7 @@ if [ "$1" = one ]; then
     wait
     grep -h '^{"seq_len"' "$OUT"/lane*.log
 else
-    timeout 560 $M --trial-timeout 540 --model llama_8b --cp 2 --modes full_offload --start 262144 --max-len 262144 \
+    timeout 560 $M --trial-timeout 540 --model llama_8b --cp 2 --modes full_offload_optimizer --start 262144 --max-len 262144 \
         --out "$OUT/maxlen_8b_cp2.json" > "$OUT/cp2.log" 2>&1
     grep -h '^{"seq_len"' "$OUT/cp2.log"
 fi
