@@ -199,12 +199,13 @@ def test_interp_head_grouped_launch_orders():
     (GQA: the dk/dv grid has the kv heads), dense rows and packed documents."""
     from seqpar.kernels.flash_attn import triton as ft
 
-    assert {sets[3] for sets in ft.CONFIG_SETS.values()} >= {0, 4, ft.ALL_HEADS}
+    assert {sets[3] for sets in ft.CONFIG_SETS.values()} >= {0, 8, ft.ALL_HEADS}
     fwd, dq, dkdv, _ = ft.CONFIG_SETS["default"]
     ft.CONFIG_SETS["_two"] = (fwd, dq, dkdv, 2)  # 6 query heads in 3 groups, 3 kv heads in 2
+    ft.CONFIG_SETS["_four"] = (fwd, dq, dkdv, 4)  # 6 query heads in groups of 4 and 2
     lens = [1, 40, 7]
     try:
-        for name in ("lpt4", "_two", "lpt"):
+        for name in ("_four", "_two", "lpt"):
             ft.use_config_set(name)
             q, k, v, do = _inputs(1, 48, 48, 6, 3, 16, seed=20)
             _check_forward_backward(ft, q, k, v, do, torch.float32, 2e-5, causal=True)
@@ -213,7 +214,7 @@ def test_interp_head_grouped_launch_orders():
                                     cu_seqlens_k=_cu(lens))
     finally:
         ft.use_config_set("default")
-        del ft.CONFIG_SETS["_two"]
+        del ft.CONFIG_SETS["_two"], ft.CONFIG_SETS["_four"]
     with pytest.raises(ValueError, match="unknown flash config set"):
         ft.use_config_set("nope")
 

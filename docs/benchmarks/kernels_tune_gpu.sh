@@ -7,29 +7,34 @@
 #    lognormal documents >= 1.3x FlexAttention's document mask (1.24x at 16k): the Triton kernel
 #    under each config set of kernels/flash_attn/triton.py (CONFIG_SETS), dense 16k and packed
 #    16k/64k, beside cuDNN, FA2 (SDPA flash), Flex and torch's varlen flash of the same run.
-# First the GPU tests of both kernels (the flash ones under the default set and under one set with
-# the head-grouped launch order and 128-key tiles). Writes logs and JSON under $OUT and prints one
-# summary line per candidate. Run through the device tool from the repo root (carry .whl):
+# Candidates. RMSNorm: "seqpar triton" (the default, "loop"), then prefetch (next rows loaded into
+# registers during this row's reductions), pipe2/pipe3/pipe4 (loads staged through shared memory
+# by tl.range(num_stages=2/3/4), 2 programs per SM), pipe3_1 / pipe3_4 (1 / 4 per SM). Flash:
+# "seqpar_triton" (default set), lpt (longest tiles of all heads first), kv128_lpt (that and packed
+# documents on 128-key dk/dv tiles), kv128, lpt8 (longest first within groups of 8 heads).
+# First the GPU tests of both kernels (the flash ones under the default set and under kv128_lpt).
+# Writes logs and JSON under $OUT and prints one summary line per candidate; worst case (every
+# step at its timeout) 330 s, expected about 4 minutes. Device tool, repo root (carry .whl):
 #   bash docs/benchmarks/kernels_tune_gpu.sh
 # Then: default RMSNorm variant = RMS_BWD_DEFAULT (norm_rope/triton.py), flash set = "default"
 # entry of CONFIG_SETS (or SEQPAR_FLASH_CONFIGS) in kernels/flash_attn/triton.py.
 [ -n "$SEQPAR_GPU_READY" ] || source docs/benchmarks/gpu_setup.sh
 mkdir -p "$OUT"
 T0=$(date +%s)
-timeout 50 python3 -m pytest -q -m gpu tests/test_fused_triton.py -k rms_norm > "$OUT/tune_tests_rms.log" 2>&1
+timeout 30 python3 -m pytest -q -m gpu tests/test_fused_triton.py -k rms_norm > "$OUT/tune_tests_rms.log" 2>&1
 echo "rms_norm gpu tests exit $? ($(tail -1 "$OUT/tune_tests_rms.log"))"
-SEQPAR_FLASH_TUNE=0 timeout 60 python3 -m pytest -q -m gpu tests/test_flash_triton.py > "$OUT/tune_tests_flash.log" 2>&1
+SEQPAR_FLASH_TUNE=0 timeout 50 python3 -m pytest -q -m gpu tests/test_flash_triton.py > "$OUT/tune_tests_flash.log" 2>&1
 echo "flash gpu tests (default set) exit $? ($(tail -1 "$OUT/tune_tests_flash.log"))"
-SEQPAR_FLASH_TUNE=0 SEQPAR_FLASH_CONFIGS=kv128_lpt8 timeout 45 python3 -m pytest -q -m gpu tests/test_flash_triton.py \
-    -k "dense or packed" > "$OUT/tune_tests_flash_kv128_lpt8.log" 2>&1
-echo "flash gpu tests (kv128_lpt8) exit $? ($(tail -1 "$OUT/tune_tests_flash_kv128_lpt8.log"))"
+SEQPAR_FLASH_TUNE=0 SEQPAR_FLASH_CONFIGS=kv128_lpt timeout 30 python3 -m pytest -q -m gpu tests/test_flash_triton.py \
+    -k "dense or packed" > "$OUT/tune_tests_flash_kv128_lpt.log" 2>&1
+echo "flash gpu tests (kv128_lpt) exit $? ($(tail -1 "$OUT/tune_tests_flash_kv128_lpt.log"))"
 echo "tests took $(( $(date +%s) - T0 )) s"
 
-timeout 60 python3 -m seqpar.bench kernels --only fused --fused-parts rms_norm \
+timeout 50 python3 -m seqpar.bench kernels --only fused --fused-parts rms_norm \
     --rms-bwd-variants prefetch pipe2 pipe3 pipe3_1 pipe3_4 pipe4 --out "$OUT/rms_tune.json" > "$OUT/rms_tune.log" 2>&1
 echo "rms bench exit $? at $(( $(date +%s) - T0 )) s"
-timeout 165 python3 -m seqpar.bench kernels --only flash --flash-dense-lens 16384 --flash-packed-lens 16384 65536 \
-    --flash-no-ring-step --flash-candidates lpt lpt8 kv128 kv128_lpt8 --out "$OUT/flash_tune.json" > "$OUT/flash_tune.log" 2>&1
+timeout 170 python3 -m seqpar.bench kernels --only flash --flash-dense-lens 16384 --flash-packed-lens 16384 65536 \
+    --flash-no-ring-step --flash-candidates lpt kv128_lpt kv128 lpt8 --out "$OUT/flash_tune.json" > "$OUT/flash_tune.log" 2>&1
 echo "flash bench exit $? at $(( $(date +%s) - T0 )) s"
 
 # one line per candidate, from the printed rows (so a step cut by its timeout still reports)
