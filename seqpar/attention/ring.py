@@ -40,6 +40,7 @@ import torch.distributed as dist
 
 from seqpar.attention.ring_fold import fold_grad, fold_out, fold_out_rest, fold_rest, plan_folds
 from seqpar.kernels.flash_attn import flash_attn, flash_attn_backward
+from seqpar.parallel.doc_balance import DocBalanced
 from seqpar.parallel.sharding import DOC_LAYOUTS, document_plan, group_size_rank, host_bounds, local_ranges
 
 
@@ -294,7 +295,7 @@ class RingPlan:
 
 @lru_cache(maxsize=8)
 def _doc_ring_plan(plan, rank, causal) -> RingPlan:
-    if hasattr(plan, "split_len"):  # doc_balanced
+    if isinstance(plan, DocBalanced):
         schedule, travel = doc_balanced_schedule, plan.split_len
     else:
         schedule, travel = doc_ring_schedule, None

@@ -91,9 +91,9 @@ def place_documents(lengths, world: int) -> Placement:
     onto the rank of least modelled cost among those with room for it (room: an equal share of the
     uncut tokens plus SLACK_FRACTION), or, where none has room, onto the emptiest rank (more
     padding). The candidate whose slowest rank costs least is taken, among those padding the row by
-    at most MAX_PAD_FRACTION (or doc_zigzag's padding, when more); the search stops at the first within TOLERANCE of balance. Cutting
-    every document (doc_zigzag) is always a candidate. Deterministic: ties go to the lower
-    document and rank."""
+    at most MAX_PAD_FRACTION (or doc_zigzag's padding, when more); the search stops at the first
+    within TOLERANCE of balance. Cutting every document (doc_zigzag) is always a candidate.
+    Deterministic: ties go to the lower document and rank."""
     lengths = [int(n) for n in lengths]
     if world < 1 or not lengths or any(n < 1 for n in lengths):
         raise ValueError(f"place_documents needs world >= 1 and documents of >= 1 token, got {world}, {lengths}")
