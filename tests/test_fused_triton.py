@@ -230,6 +230,24 @@ def test_cuda_rms_norm_bf16_vs_float64(shape):
 
 
 @pytest.mark.gpu
+def test_cuda_rms_norm_backward_variants_bf16_vs_float64():
+    """The backward loop variants (the benchmark's candidates; staged ones compile to cp.async only
+    on a GPU) against float64, widths that stage and one that cannot (not a multiple of 16)."""
+    from seqpar.kernels.norm_rope import triton as nr
+    g = _gen(14, "cuda")
+    for shape in ((3, 1001, 2048), (1, 700, 8192), (2, 99, 333)):
+        x = _cuda_rand(g, *shape).requires_grad_()
+        w = (1 + 0.2 * torch.randn(shape[-1], device="cuda", generator=g)).requires_grad_()
+        dy = _cuda_rand(g, *shape)
+        xd, wd = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+        exact = _grads(lambda a, b: rms_norm_reference(a, b, 1e-6), (xd, wd), dy.double())
+        for name in nr.RMS_BWD_VARIANTS:
+            ours = _grads(lambda a, b: nr.rms_norm_triton(a, b, 1e-6, bwd_variant=name), (x, w), dy)
+            for what, a, b in zip(("y", "dx", "dw"), ours, exact):
+                assert _rel(a, b) <= 1e-2, (shape, name, what, _rel(a, b))
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("B,S,H,D,per_batch", [(1, 4097, 32, 128, False), (2, 333, 8, 64, True),
                                                (3, 17, 5, 96, False), (1, 1, 2, 128, True)])
 def test_cuda_rotary_bf16_vs_float64(B, S, H, D, per_batch):
