@@ -200,9 +200,9 @@ def test_interp_head_grouped_launch_orders():
     from seqpar.kernels.flash_attn import triton as ft
 
     assert {sets[3] for sets in ft.CONFIG_SETS.values()} >= {0, 8, ft.ALL_HEADS}
-    fwd, dq, dkdv, _ = ft.CONFIG_SETS["default"]
-    ft.CONFIG_SETS["_two"] = (fwd, dq, dkdv, 2)  # 6 query heads in 3 groups, 3 kv heads in 2
-    ft.CONFIG_SETS["_four"] = (fwd, dq, dkdv, 4)  # 6 query heads in groups of 4 and 2
+    default = ft.CONFIG_SETS["default"]
+    ft.CONFIG_SETS["_two"] = default._replace(head_group=2)  # 6 query heads in 3 groups, 3 kv heads in 2
+    ft.CONFIG_SETS["_four"] = default._replace(head_group=4)  # 6 query heads in groups of 4 and 2
     lens = [1, 40, 7]
     try:
         for name in ("_four", "_two", "lpt"):
@@ -217,6 +217,36 @@ def test_interp_head_grouped_launch_orders():
         del ft.CONFIG_SETS["_two"], ft.CONFIG_SETS["_four"]
     with pytest.raises(ValueError, match="unknown flash config set"):
         ft.use_config_set("nope")
+
+
+@interp_only
+def test_interp_cached_tile_tables():
+    """With a caching config set, calls on the same unmodified boundaries reuse one table (and
+    stay exact); an in-place change of the boundaries, or other boundaries, builds a new one."""
+    from seqpar.kernels.flash_attn import triton as ft
+
+    lens = [5, 40, 19]
+    cu = _cu(lens)
+    q, k, v, do = _inputs(1, sum(lens), sum(lens), 2, 1, 16, seed=22)
+    try:
+        ft.use_config_set("cache")
+        _check_forward_backward(ft, q, k, v, do, torch.float32, 2e-5, causal=True, cu_seqlens_q=cu, cu_seqlens_k=cu)
+        first = ft.attention_forward(q.float(), k.float(), v.float(), cu_seqlens_q=cu, cu_seqlens_k=cu)[2]
+        assert ft.attention_forward(q.float(), k.float(), v.float(), cu_seqlens_q=cu, cu_seqlens_k=cu)[2] is first
+        other = _cu(lens)  # equal values, another tensor: its own table
+        assert ft.attention_forward(q.float(), k.float(), v.float(), cu_seqlens_q=other, cu_seqlens_k=other)[2] \
+            is not first
+        cu[2] = 30  # documents 5, 25, 34: the table must follow
+        cu[3] = 64
+        again = ft.attention_forward(q.float(), k.float(), v.float(), cu_seqlens_q=cu, cu_seqlens_k=cu)[2]
+        assert again is not first and torch.equal(again, ft.tile_table(cu, cu, 32, 64, True, True))
+        _check_forward_backward(ft, q, k, v, do, torch.float32, 2e-5, causal=True, cu_seqlens_q=cu, cu_seqlens_k=cu)
+        with torch.inference_mode():
+            frozen = _cu(lens)
+            ft.attention_forward(q.float(), k.float(), v.float(), cu_seqlens_q=frozen, cu_seqlens_k=frozen)
+    finally:
+        ft.use_config_set("default")
+        ft._TABLES.clear()
 
 
 def test_tile_table_covers_each_document_once_longest_first():

@@ -11,7 +11,9 @@
 # registers during this row's reductions), pipe2/pipe3/pipe4 (loads staged through shared memory
 # by tl.range(num_stages=2/3/4), 2 programs per SM), pipe3_1 / pipe3_4 (1 / 4 per SM). Flash:
 # "seqpar_triton" (default set), lpt (longest tiles of all heads first), kv128_lpt (that and packed
-# documents on 128-key dk/dv tiles), kv128, lpt8 (longest first within groups of 8 heads).
+# documents on 128-key dk/dv tiles), cache (the default kernels, tile tables built once per
+# cu_seqlens tensor), kv128, lpt8 (longest first within groups of 8 heads); all but the default
+# cache the tables and tune over the 2026-11-25 picks and their neighbours only.
 # First the GPU tests of both kernels (the flash ones under the default set and under kv128_lpt).
 # Writes logs and JSON under $OUT and prints one summary line per candidate; worst case (every
 # step at its timeout) 330 s, expected about 4 minutes. Device tool, repo root (carry .whl):
@@ -34,7 +36,7 @@ timeout 50 python3 -m seqpar.bench kernels --only fused --fused-parts rms_norm \
     --rms-bwd-variants prefetch pipe2 pipe3 pipe3_1 pipe3_4 pipe4 --out "$OUT/rms_tune.json" > "$OUT/rms_tune.log" 2>&1
 echo "rms bench exit $? at $(( $(date +%s) - T0 )) s"
 timeout 170 python3 -m seqpar.bench kernels --only flash --flash-dense-lens 16384 --flash-packed-lens 16384 65536 \
-    --flash-no-ring-step --flash-candidates lpt kv128_lpt kv128 lpt8 --out "$OUT/flash_tune.json" > "$OUT/flash_tune.log" 2>&1
+    --flash-no-ring-step --flash-candidates lpt kv128_lpt cache kv128 lpt8 --out "$OUT/flash_tune.json" > "$OUT/flash_tune.log" 2>&1
 echo "flash bench exit $? at $(( $(date +%s) - T0 )) s"
 
 # one line per candidate, from the printed rows (so a step cut by its timeout still reports)

@@ -17,7 +17,9 @@ Causal alignment: in a document with Lq queries and Lk keys, query j sees keys n
 A row that sees no key gets out = 0 and lse = -inf (the neutral element of a merge).
 
 Autotuning is keyed on (head dim, causal, packed, merge, bucketed token count) and the dtypes,
-never on document lengths or counts, so changing packed batches never re-tune.
+never on document lengths or counts, so changing packed batches never re-tune. What it tunes over,
+the launch order across heads and the reuse of tile tables form a config set (CONFIG_SETS); the
+kernels benchmark times the candidates side by side, one of them is active per process.
 
 Backward (FlashAttention-2, Alg. 2) from a given (out, lse), which may be the merged ones of a
 larger attention (ring attention): delta = rowsum(dout * out) - dlse, dS = P * (dP - delta).
@@ -26,8 +28,10 @@ GQA sums in registers), dq per query tile.
 """
 from __future__ import annotations
 
+import collections
 import math
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -50,8 +54,8 @@ def table_blocks(head_dim: int) -> tuple[int, int]:
     dk, dv of its key tile live: 64 keys keep that within the registers at D = 128."""
     if _interpreting():
         return 32, 32
-    fwd, _, dkdv, _ = CONFIG_SETS[_active]
-    return fwd[0][0], dkdv[0][0]
+    tuning = CONFIG_SETS[_active]
+    return tuning.fwd[0][0], tuning.dkdv[0][0]
 
 
 def _configs(own, inner, options, extra=()):
@@ -93,8 +97,9 @@ _DKDV_OPTIONS = [(64, 64, 8, 3, False), (64, 32, 4, 3, False), (128, 64, 8, 3, F
                  (128, 32, 4, 3, False), (128, 64, 8, 2, True)]
 
 # Candidate tunings, one active per process (SEQPAR_FLASH_CONFIGS at import, or use_config_set):
-# (forward, dq, dk/dv option lists, head group of the launch order). The benchmark times each
-# (`--flash-candidates`); "default" is what runs until a measurement moves the default.
+# the option lists, the head group of the launch order and whether tile tables are cached
+# (`_table`). The benchmark times each (`--flash-candidates`); "default" is what runs until a
+# measurement moves the default.
 # Head group 0: grid (tiles, heads, B) as launched until 2026-11-26: CTAs start head by head, so
 # the longest tiles of the last heads start last and run alone at the end of the grid. g > 0: a
 # flat grid ordered by (group of g heads, tile, head in group), so within a group the longest
@@ -105,25 +110,38 @@ _DKDV_OPTIONS = [(64, 64, 8, 3, False), (64, 32, 4, 3, False), (128, 64, 8, 3, F
 # (128, 64, 8, 2, SPLIT) on dense rows and (64, 32, 4, 3) on packed documents, whose key tile is
 # the table's (64). "kv128": packed documents on 128-key tiles too; (128, 32, 8, 2) has no spills
 # there (triton 3.6, sm_90a ptxas: 254 registers), (128, 64, 8, 2, SPLIT) spills 144 bytes.
+# cache_tables: a tile table is built by ~20 small torch kernels (~50 us of GPU time at 16k, 1-3%
+# of a packed fwd+bwd); every layer of a step passes the same cu_seqlens, so one build can serve all.
+
+
+class ConfigSet(NamedTuple):
+    fwd: list
+    dq: list
+    dkdv: list
+    head_group: int  # 0: grid (tiles, heads, B); g > 0: flat grid in (head group, tile, head) order
+    cache_tables: bool = False
+
+
 ALL_HEADS = 1 << 16
 _FWD_FEW = [(128, 64, 8, 3), (128, 128, 8, 3)]
 _DQ_FEW = [(128, 64, 8, 3), (128, 64, 8, 2)]
 _DKDV_FEW = [(64, 32, 4, 3, False), (64, 64, 8, 3, False), (128, 64, 8, 2, True)]
 _DKDV_KV128 = [(128, 64, 8, 2, True), (128, 32, 8, 2, True), (128, 32, 8, 2, False)]
 CONFIG_SETS = {
-    "default": (_FWD_OPTIONS, _DQ_OPTIONS, _DKDV_OPTIONS, 0),
-    "lpt": (_FWD_FEW, _DQ_FEW, _DKDV_FEW, ALL_HEADS),
-    "lpt8": (_FWD_FEW, _DQ_FEW, _DKDV_FEW, 8),
-    "kv128": (_FWD_FEW, _DQ_FEW, _DKDV_KV128, 0),
-    "kv128_lpt": (_FWD_FEW, _DQ_FEW, _DKDV_KV128, ALL_HEADS),
-    "kv128_lpt8": (_FWD_FEW, _DQ_FEW, _DKDV_KV128, 8),
+    "default": ConfigSet(_FWD_OPTIONS, _DQ_OPTIONS, _DKDV_OPTIONS, 0),
+    "cache": ConfigSet(_FWD_OPTIONS, _DQ_OPTIONS, _DKDV_OPTIONS, 0, True),
+    "lpt": ConfigSet(_FWD_FEW, _DQ_FEW, _DKDV_FEW, ALL_HEADS, True),
+    "lpt8": ConfigSet(_FWD_FEW, _DQ_FEW, _DKDV_FEW, 8, True),
+    "kv128": ConfigSet(_FWD_FEW, _DQ_FEW, _DKDV_KV128, 0, True),
+    "kv128_lpt": ConfigSet(_FWD_FEW, _DQ_FEW, _DKDV_KV128, ALL_HEADS, True),
+    "kv128_lpt8": ConfigSet(_FWD_FEW, _DQ_FEW, _DKDV_KV128, 8, True),
 }
 CONFIG_ENV = "SEQPAR_FLASH_CONFIGS"
 _active = os.environ.get(CONFIG_ENV, "") or "default"
 if _active not in CONFIG_SETS:
     raise ValueError(f"{CONFIG_ENV}={_active!r} is not one of: {', '.join(CONFIG_SETS)}")
-for _fwd, _dq, _dkdv, _ in CONFIG_SETS.values():
-    assert _dq[0][0] == _fwd[0][0], "dq and the forward share the query tile table"
+for _tuning in CONFIG_SETS.values():
+    assert _tuning.dq[0][0] == _tuning.fwd[0][0], "dq and the forward share the query tile table"
 
 
 @triton.jit
@@ -203,7 +221,7 @@ def _fwd_block(acc, m_i, l_i, q, k_base, v_base, sks, svs, n0, offs_m, offs_n, o
     return acc, m_new, l_i
 
 
-@triton.autotune(configs=_configs("BLOCK_M", "BLOCK_N", CONFIG_SETS[_active][0]), key=_KEY + ["MERGE"],
+@triton.autotune(configs=_configs("BLOCK_M", "BLOCK_N", CONFIG_SETS[_active].fwd), key=_KEY + ["MERGE"],
                  prune_configs_by={"early_config_prune": _prune_for("BLOCK_M")}, restore_value=["out_ptr", "lse_ptr"])
 @triton.jit(do_not_specialize=_LENGTHS)
 def _attn_fwd(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, tiles_ptr, cu_q_ptr, cu_k_ptr,
@@ -321,7 +339,7 @@ def _dkdv_block(dk, dv, k, v, q_ptr, do_ptr, lse2_ptr, delta_ptr, b, h, q0, Hq, 
 
 
 # restore_value: with ACCUM the destinations are read, so tuning runs must not add into them twice
-@triton.autotune(configs=_configs("BLOCK_N", "BLOCK_M", CONFIG_SETS[_active][2], extra=("SPLIT",)),
+@triton.autotune(configs=_configs("BLOCK_N", "BLOCK_M", CONFIG_SETS[_active].dkdv, extra=("SPLIT",)),
                  key=_KEY, prune_configs_by={"early_config_prune": _prune_for("BLOCK_N")},
                  restore_value=["dk_ptr", "dv_ptr"])
 @triton.jit(do_not_specialize=_LENGTHS)
@@ -409,7 +427,7 @@ def _dq_block(dq, q, do, lse2, delta, k_base, v_base, sks, svs, n0, offs_m, offs
     return tl.dot(ds.to(DOT), k, acc=dq, input_precision=PRECISION)
 
 
-@triton.autotune(configs=_configs("BLOCK_M", "BLOCK_N", CONFIG_SETS[_active][1]), key=_KEY,
+@triton.autotune(configs=_configs("BLOCK_M", "BLOCK_N", CONFIG_SETS[_active].dq), key=_KEY,
                  prune_configs_by={"early_config_prune": _prune_for("BLOCK_M")})
 @triton.jit(do_not_specialize=_LENGTHS)
 def _attn_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse2_ptr, delta_ptr, dq_ptr, tiles_ptr, cu_q_ptr, cu_k_ptr,
@@ -463,11 +481,11 @@ def use_config_set(name: str) -> None:
         raise ValueError(f"unknown flash config set {name!r}; known: {', '.join(CONFIG_SETS)}")
     if name == _active:
         return
-    fwd, dq, dkdv, _ = CONFIG_SETS[name]
+    tuning = CONFIG_SETS[name]
     _active = name
-    for tuner, configs in ((_attn_fwd, _configs("BLOCK_M", "BLOCK_N", fwd)),
-                           (_attn_bwd_dq, _configs("BLOCK_M", "BLOCK_N", dq)),
-                           (_attn_bwd_dkdv, _configs("BLOCK_N", "BLOCK_M", dkdv, extra=("SPLIT",)))):
+    for tuner, configs in ((_attn_fwd, _configs("BLOCK_M", "BLOCK_N", tuning.fwd)),
+                           (_attn_bwd_dq, _configs("BLOCK_M", "BLOCK_N", tuning.dq)),
+                           (_attn_bwd_dkdv, _configs("BLOCK_N", "BLOCK_M", tuning.dkdv, extra=("SPLIT",)))):
         tuner.configs = configs
         tuner.cache.clear()
 
@@ -503,6 +521,30 @@ def tile_table(cu_own, cu_other, block: int, n_own: int, causal: bool, own_is_q:
     work = torch.where(used, work, -1)
     order = torch.argsort(work, descending=True)
     return torch.stack([torch.where(used, doc, -1), start], 1)[order].to(torch.int32).contiguous()
+
+
+_TABLES: collections.OrderedDict = collections.OrderedDict()
+_TABLES_KEPT = 8
+
+
+def _table(cu_own, cu_other, block: int, n_own: int, causal: bool, own_is_q: bool):
+    """tile_table, reused while the boundaries are the same unmodified tensors (same objects, same
+    version counters) on the same stream, when the active config set caches tables. The cache
+    holds the boundary tensors, so their ids stay theirs while cached; a table is only read on the
+    stream that built it, so no reader can run ahead of its build."""
+    if not CONFIG_SETS[_active].cache_tables or cu_own.is_inference() or cu_other.is_inference():
+        return tile_table(cu_own, cu_other, block, n_own, causal, own_is_q)  # inference tensors: no versions
+    stream = torch.cuda.current_stream(cu_own.device).cuda_stream if cu_own.is_cuda else 0
+    key = (id(cu_own), id(cu_other), cu_own._version, cu_other._version, block, n_own, causal, own_is_q, stream)
+    hit = _TABLES.get(key)
+    if hit is not None and hit[0] is cu_own and hit[1] is cu_other:
+        _TABLES.move_to_end(key)
+        return hit[2]
+    table = tile_table(cu_own, cu_other, block, n_own, causal, own_is_q)
+    _TABLES[key] = (cu_own, cu_other, table)
+    while len(_TABLES) > _TABLES_KEPT:
+        _TABLES.popitem(last=False)
+    return table
 
 
 def _bucket(tokens: int) -> int:
@@ -549,13 +591,13 @@ def _cu(cu_seqlens, cu_seqlens_q, cu_seqlens_k, device):
 
 def _order(heads):
     """The launch-order arguments of the active config set for a grid of `heads` heads."""
-    group = CONFIG_SETS[_active][3]
+    group = CONFIG_SETS[_active].head_group
     return dict(grid_heads=heads, head_group=max(1, min(group, heads)), SWIZZLE=group > 0)
 
 
 def _grid(table, tokens, rows, heads, block_key):
     """(tiles, heads, rows), or (tiles * heads, 1, rows) under a head group (`_program`)."""
-    flat = CONFIG_SETS[_active][3] > 0
+    flat = CONFIG_SETS[_active].head_group > 0
     if table is not None:
         return (table.shape[0] * heads, 1, 1) if flat else (table.shape[0], heads, 1)
     if flat:
@@ -568,7 +610,7 @@ def _forward_into(q, k, v, out, lse, *, causal, cu_q, cu_k, scale, merge, q_tabl
     Sk, Hkv = k.shape[1], k.shape[2]
     varlen = cu_q is not None
     if varlen and q_table is None:
-        q_table = tile_table(cu_q, cu_k, table_blocks(D)[0], Sq, causal, True)
+        q_table = _table(cu_q, cu_k, table_blocks(D)[0], Sq, causal, True)
     dummy = cu_q if varlen else torch.zeros(2, dtype=torch.int32, device=q.device)
     dot, precision = _dot(q.dtype)
     _attn_fwd[_grid(q_table if varlen else None, Sq, B, Hq, "BLOCK_M")](
@@ -639,9 +681,9 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=True, cu_seqlens_q=Non
     varlen = cu_seqlens_q is not None
     dummy = cu_seqlens_q if varlen else torch.zeros(2, dtype=torch.int32, device=q.device)
     block_q, block_k = table_blocks(D)
-    k_table = tile_table(cu_seqlens_k, cu_seqlens_q, block_k, Sk, causal, False) if varlen else None
+    k_table = _table(cu_seqlens_k, cu_seqlens_q, block_k, Sk, causal, False) if varlen else None
     if varlen and q_table is None:
-        q_table = tile_table(cu_seqlens_q, cu_seqlens_k, block_q, Sq, causal, True)
+        q_table = _table(cu_seqlens_q, cu_seqlens_k, block_q, Sq, causal, True)
     dot, precision = _dot(q.dtype)
     common = dict(HEAD_DIM=D, CAUSAL=bool(causal), VARLEN=varlen, DOT=dot, PRECISION=precision)
     accum_kw = dict(ACCUM=bool(accum))
