@@ -3,8 +3,8 @@
 # Layout doc_balanced (issue 3's packed goal, efficiency >= 0.90): the GPU tests of test_ring (bf16
 # ring vs fp64 on NCCL for zigzag, doc_zigzag and doc_balanced, and no host synchronisation in a
 # second layer's fwd+bwd), then bench ring on the packed cases only (64k and 128k, the lognormal mix:
-# zigzag, doc_zigzag and doc_balanced per kernel family), one line per family. About 2-3 minutes (under 4 with the timeouts), each
-# step under a timeout.
+# zigzag, doc_zigzag and doc_balanced per kernel family), one line per family. About 2-3 minutes,
+# under 4 with every step's timeout.
 mkdir -p "$OUT"
 timeout 120 python3 -m pytest -q -m gpu tests/test_ring.py 2>&1 | tail -8 | tee "$OUT/gpu_tests.log"
 timeout 110 torchrun --standalone --nproc_per_node 2 -m seqpar.bench ring --seq-lens --packed-lens 65536 131072 \
