@@ -96,8 +96,7 @@ def _rms_norm_fwd(x_ptr, w_ptr, y_ptr, M, N, sx, sy, eps, BLOCK_N: tl.constexpr,
 # 2048-8192 wide (the stages take 2 x 32 KiB of shared memory at N = 8192 with STAGES = 3); a width
 # that is not a multiple of 16 loses the cp.async (too narrow an aligned run) and runs unstaged.
 RMS_BWD_VARIANTS = {"loop": (4, 0, False), "prefetch": (4, 0, True), "pipe2": (2, 2, False),
-                    "pipe3": (2, 3, False), "pipe3_1": (1, 3, False), "pipe3_4": (4, 3, False),
-                    "pipe4": (2, 4, False)}
+                    "pipe3": (2, 3, False), "pipe3_1": (1, 3, False), "pipe4": (2, 4, False)}
 RMS_BWD_DEFAULT = "loop"
 RMS_BWD_ENV = "SEQPAR_RMS_BWD"
 
