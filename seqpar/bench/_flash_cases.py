@@ -17,7 +17,9 @@ rows carry their relative error against cuDNN (dense) or FlexAttention (packed) 
 Tuning candidates (`--flash-candidates NAME ...`, keys of `flash_attn.triton.CONFIG_SETS`): each
 case also times the Triton kernel under each named config set ("seqpar_triton[NAME]" rows, tuned
 afresh), beside the active set's "seqpar_triton" row and the anchors of the same run; the summary's
-`candidates` lists each one's fwd+bwd TFLOP/s per case, the one to make the default.
+`candidates` lists each one's fwd+bwd TFLOP/s per case, the one to make the default. Each
+candidate row carries `grad_rel_err_vs_default` (its dq/dk/dv against the default set's, same
+inputs); `--flash-profile S` adds each Triton row's kernel times at length S (`kernels_ms`).
 """
 from __future__ import annotations
 
@@ -91,7 +93,27 @@ def _impls(S, lens, device):
     return impls
 
 
-def _case_rows(layout, S, lens, device, timer, candidates=()):
+def _grads(fn, q, k, v, do):
+    return torch.autograd.grad(fn(q, k, v), (q, k, v), do)
+
+
+def _kernel_ms(fn, q, k, v, do, reps=3):
+    """GPU ms per fwd+bwd of each kernel (torch.profiler), largest first: where a candidate's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn(q, k, v).backward(do)
+        torch.cuda.synchronize()
+    per = {}
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if t > 0:
+            per[e.key[:60]] = round(t / reps / 1e3, 3)
+    return dict(sorted(per.items(), key=lambda kv: -kv[1])[:8])
+
+
+def _case_rows(layout, S, lens, device, timer, candidates=(), profile=False):
     from seqpar.kernels import dispatch
     from seqpar.kernels.flash_attn import triton as ft
 
@@ -102,7 +124,7 @@ def _case_rows(layout, S, lens, device, timer, candidates=()):
     useful = 2 * H * D * (S * S if lens is None else sum(n * n for n in lens))
     cu = None if lens is None else _cu(lens, device)
     choice = dispatch.flash_attn_choice(q, k, v, causal=True, cu_seqlens=cu) if device.type == "cuda" else None
-    rows, outs = [], {}
+    rows, outs, grads = [], {}, {}
     impls = _impls(S, lens, device)
     active = ft.active_config_set()
     for cand in candidates:  # the Triton kernel again under each other config set, tuned afresh
@@ -127,6 +149,16 @@ def _case_rows(layout, S, lens, device, timer, candidates=()):
             row["dispatch_default"] = choice
         if name.startswith("seqpar_triton"):
             row.update(config_set=ft.active_config_set(), tuned=_tuned(compact=True))
+            # each candidate's backward against the default set's on the same inputs
+            grads[name] = _grads(fn, q, k, v, do)
+            if name != "seqpar_triton" and "seqpar_triton" in grads:
+                row["grad_rel_err_vs_default"] = max(_rel(a, b) for a, b in zip(grads[name], grads["seqpar_triton"]))
+                del grads[name]
+            if profile:
+                try:
+                    row["kernels_ms"] = _kernel_ms(fn, q, k, v, do)
+                except Exception as e:  # a diagnostic: never costs the row
+                    row["kernels_ms"] = {"error": repr(e)[:200]}
         rows.append(row)
         print(row, flush=True)
     ft.use_config_set(active)
@@ -258,10 +290,11 @@ def bench_flash(args, device):
     cands = getattr(args, "flash_candidates", None) or ()
     dense = getattr(args, "flash_dense_lens", None)
     packed = getattr(args, "flash_packed_lens", None)
+    prof = set(getattr(args, "flash_profile", None) or ())
     for S in DENSE_LENS if dense is None else dense:
-        rows += _case_rows("dense", S, None, device, timer, cands)
+        rows += _case_rows("dense", S, None, device, timer, cands, S in prof)
     for S in PACKED_LENS if packed is None else packed:
-        rows += _case_rows("packed", S, lognormal_lengths(S), device, timer, cands)
+        rows += _case_rows("packed", S, lognormal_lengths(S), device, timer, cands, S in prof)
     if not getattr(args, "flash_no_ring_step", False):
         rows += _ring_step_rows(DENSE_LENS[0], device, timer)
     return dict(rows=rows, tuned_configs=_tuned(), summary=_summary(rows), table=table(rows))
