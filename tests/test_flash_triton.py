@@ -128,6 +128,10 @@ def test_interp_merge_in_place_equals_merged_reference_blocks():
 def test_interp_autograd_through_out_and_lse():
     from seqpar.kernels.flash_attn import triton as ft
 
+    _check_autograd_through_out_and_lse(ft)
+
+
+def _check_autograd_through_out_and_lse(ft):
     lq, lk = [3, 40, 1, 20], [1, 40, 0, 33]
     q, k, v, do = _inputs(1, sum(lq), sum(lk), 4, 1, 16, seed=5)
     weights = torch.randn(1, 4, sum(lq), generator=torch.Generator().manual_seed(6), dtype=F64)
@@ -217,6 +221,31 @@ def test_interp_head_grouped_launch_orders():
         del ft.CONFIG_SETS["_two"], ft.CONFIG_SETS["_four"]
     with pytest.raises(ValueError, match="unknown flash config set"):
         ft.use_config_set("nope")
+
+
+@interp_only
+def test_interp_dq_kernel_doing_the_backward_prep():
+    """fuse_prep (the dq kernel computes delta and lse2, then dk/dv runs): gradients through lse,
+    packed documents with more queries than keys and a document without keys, dense GQA rows,
+    and the ring's destinations with accumulate, all as with the separate prep kernel."""
+    from seqpar.kernels.flash_attn import triton as ft
+
+    assert ft.CONFIG_SETS["kv128_lpt_fused"].fuse_prep
+    try:
+        ft.use_config_set("kv128_lpt_fused")
+        _check_autograd_through_out_and_lse(ft)
+        lq, lk = [1, 33, 0, 5, 40], [3, 1, 2, 0, 40]
+        q, k, v, do = _inputs(1, sum(lq), sum(lk), 4, 2, 16, seed=23)
+        _check_forward_backward(ft, q, k, v, do, torch.float32, 2e-5, causal=True, cu_seqlens_q=_cu(lq),
+                                cu_seqlens_k=_cu(lk))
+        q, k, v, do = _inputs(1, 75, 41, 4, 2, 16, seed=24)
+        _check_forward_backward(ft, q, k, v, do, torch.float32, 2e-5, causal=True)
+        lq, lk = [3, 40, 1, 20], [1, 40, 0, 33]
+        q, k, v, do = (t.float() for t in _inputs(1, sum(lq), sum(lk), 4, 2, 16, seed=25))
+        _check_destinations(ft, q, k, v, do, causal=True, cu_seqlens_q=_cu(lq), cu_seqlens_k=_cu(lk))
+    finally:
+        ft.use_config_set("default")
+        ft._TABLES.clear()
 
 
 @interp_only

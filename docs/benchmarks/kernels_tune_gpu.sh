@@ -11,13 +11,15 @@
 # registers during this row's reductions), pipe2/pipe3/pipe4 (loads staged through shared memory
 # by tl.range(num_stages=2/3/4), 2 programs per SM), pipe3_1 (1 per SM). Flash:
 # "seqpar_triton" (default set), lpt (longest tiles of all heads first), kv128_lpt (that and packed
-# documents on 128-key dk/dv tiles), cache (the default kernels, tile tables built once per
-# cu_seqlens tensor), kv128, lpt8 (longest first within groups of 8 heads); all but the default
-# cache the tables and tune over the 2026-11-25 picks and their neighbours only.
-# First the GPU tests of both kernels (the flash ones under the default set, the packed ones also
-# under kv128_lpt); the benchmark checks every candidate's gradients against the default set's.
+# documents on 128-key dk/dv tiles), kv128_lpt_fused (that and the backward prep done by the dq
+# kernel), cache (the default kernels, tile tables built once per cu_seqlens tensor), lpt8
+# (longest first within groups of 8 heads); all but the default cache the tables and tune over
+# the 2026-11-25 picks and their neighbours only.
+# First the GPU tests of both kernels (the flash ones under the default set, the dense and packed
+# ones also under kv128_lpt_fused); the benchmark checks every candidate's gradients against the
+# default set's.
 # Writes logs and JSON under $OUT and prints one summary line per candidate; worst case (every
-# step at its timeout) 340 s, expected about 4.5 minutes. Device tool, repo root (carry .whl):
+# step at its timeout) 350 s, expected about 4.5 minutes. Device tool, repo root (carry .whl):
 #   bash docs/benchmarks/kernels_tune_gpu.sh
 # Then: default RMSNorm variant = RMS_BWD_DEFAULT (norm_rope/triton.py), flash set = "default"
 # entry of CONFIG_SETS (or SEQPAR_FLASH_CONFIGS) in kernels/flash_attn/triton.py.
@@ -28,16 +30,16 @@ timeout 30 python3 -m pytest -q -m gpu tests/test_fused_triton.py -k rms_norm > 
 echo "rms_norm gpu tests exit $? ($(tail -1 "$OUT/tune_tests_rms.log"))"
 SEQPAR_FLASH_TUNE=0 timeout 45 python3 -m pytest -q -m gpu tests/test_flash_triton.py > "$OUT/tune_tests_flash.log" 2>&1
 echo "flash gpu tests (default set) exit $? ($(tail -1 "$OUT/tune_tests_flash.log"))"
-SEQPAR_FLASH_TUNE=0 SEQPAR_FLASH_CONFIGS=kv128_lpt timeout 25 python3 -m pytest -q -m gpu tests/test_flash_triton.py \
-    -k packed > "$OUT/tune_tests_flash_kv128_lpt.log" 2>&1
-echo "flash gpu tests (kv128_lpt) exit $? ($(tail -1 "$OUT/tune_tests_flash_kv128_lpt.log"))"
+SEQPAR_FLASH_TUNE=0 SEQPAR_FLASH_CONFIGS=kv128_lpt_fused timeout 35 python3 -m pytest -q -m gpu tests/test_flash_triton.py \
+    -k "packed or dense" > "$OUT/tune_tests_flash_kv128_lpt_fused.log" 2>&1
+echo "flash gpu tests (kv128_lpt_fused) exit $? ($(tail -1 "$OUT/tune_tests_flash_kv128_lpt_fused.log"))"
 echo "tests took $(( $(date +%s) - T0 )) s"
 
 timeout 70 python3 -m seqpar.bench kernels --only fused --fused-parts rms_norm \
     --rms-bwd-variants pipe3 pipe3_1 prefetch pipe2 pipe4 --out "$OUT/rms_tune.json" > "$OUT/rms_tune.log" 2>&1
 echo "rms bench exit $? at $(( $(date +%s) - T0 )) s"
 timeout 170 python3 -m seqpar.bench kernels --only flash --flash-dense-lens 16384 --flash-packed-lens 16384 65536 \
-    --flash-no-ring-step --flash-candidates lpt kv128_lpt cache kv128 lpt8 --flash-profile 16384 \
+    --flash-no-ring-step --flash-candidates lpt kv128_lpt kv128_lpt_fused cache lpt8 --flash-profile 16384 \
     --out "$OUT/flash_tune.json" > "$OUT/flash_tune.log" 2>&1
 echo "flash bench exit $? at $(( $(date +%s) - T0 )) s"
 

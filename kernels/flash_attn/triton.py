@@ -112,6 +112,8 @@ _DKDV_OPTIONS = [(64, 64, 8, 3, False), (64, 32, 4, 3, False), (128, 64, 8, 3, F
 # there (triton 3.6, sm_90a ptxas: 254 registers), (128, 64, 8, 2, SPLIT) spills 144 bytes.
 # cache_tables: a tile table is built by ~20 small torch kernels (~50 us of GPU time at 16k, 1-3%
 # of a packed fwd+bwd); every layer of a step passes the same cu_seqlens, so one build can serve all.
+# fuse_prep: _bwd_prep reads out and dout once more (268 MB at 16k, H = 32: ~90 us, 0.5% of a
+# dense fwd+bwd); the dq kernel holds dout already and reads out once in its prologue.
 
 
 class ConfigSet(NamedTuple):
@@ -120,6 +122,7 @@ class ConfigSet(NamedTuple):
     dkdv: list
     head_group: int  # 0: grid (tiles, heads, B); g > 0: flat grid in (head group, tile, head) order
     cache_tables: bool = False
+    fuse_prep: bool = False  # the dq kernel does _bwd_prep's work for its rows and runs before dk/dv
 
 
 ALL_HEADS = 1 << 16
@@ -135,6 +138,7 @@ CONFIG_SETS = {
     "kv128": ConfigSet(_FWD_FEW, _DQ_FEW, _DKDV_KV128, 0, True),
     "kv128_lpt": ConfigSet(_FWD_FEW, _DQ_FEW, _DKDV_KV128, ALL_HEADS, True),
     "kv128_lpt8": ConfigSet(_FWD_FEW, _DQ_FEW, _DKDV_KV128, 8, True),
+    "kv128_lpt_fused": ConfigSet(_FWD_FEW, _DQ_FEW, _DKDV_KV128, ALL_HEADS, True, True),
 }
 CONFIG_ENV = "SEQPAR_FLASH_CONFIGS"
 _active = os.environ.get(CONFIG_ENV, "") or "default"
@@ -431,10 +435,13 @@ def _dq_block(dq, q, do, lse2, delta, k_base, v_base, sks, svs, n0, offs_m, offs
                  prune_configs_by={"early_config_prune": _prune_for("BLOCK_M")})
 @triton.jit(do_not_specialize=_LENGTHS)
 def _attn_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse2_ptr, delta_ptr, dq_ptr, tiles_ptr, cu_q_ptr, cu_k_ptr,
+                 out_ptr, lse_ptr, dlse_ptr,
                  sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sdb, sds, sdh, sdqb, sdqs, sdqh,
+                 sob, sos, soh, slb, slh, sls, sgb, sgh, sgs,
                  Sq, Sk, Hq, group, qk_scale, sm_scale, LEN_BUCKET, grid_heads, head_group,
                  HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
                  DOT: tl.constexpr, PRECISION: tl.constexpr, SWIZZLE: tl.constexpr,
+                 FUSE_PREP: tl.constexpr, HAS_DLSE: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     tile, h = _program(grid_heads, head_group, SWIZZLE)
     b = tl.program_id(2).to(tl.int64)
@@ -448,8 +455,20 @@ def _attn_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse2_ptr, delta_ptr, dq_ptr, tiles
     do = tl.load(do_ptr + b * sdb + h * sdh + rows[:, None] * sds + offs_d[None, :], mask=rmask[:, None], other=0.0)
     q = q.to(DOT)
     do = do.to(DOT)
-    lse2 = tl.load(lse2_ptr + (b * Hq + h) * Sq + rows, mask=rmask, other=float("inf"))
-    delta = tl.load(delta_ptr + (b * Hq + h) * Sq + rows, mask=rmask, other=0.0)
+    stats = (b * Hq + h) * Sq + rows
+    if FUSE_PREP:  # _bwd_prep's rows of this tile, stored for the dk/dv kernel that runs next
+        o = tl.load(out_ptr + b * sob + h * soh + rows[:, None] * sos + offs_d[None, :], mask=rmask[:, None],
+                    other=0.0)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        if HAS_DLSE:
+            delta -= tl.load(dlse_ptr + b * sgb + h * sgh + rows * sgs, mask=rmask, other=0.0).to(tl.float32)
+        lse = tl.load(lse_ptr + b * slb + h * slh + rows * sls, mask=rmask, other=float("-inf")).to(tl.float32)
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E_C)
+        tl.store(delta_ptr + stats, delta, mask=rmask)
+        tl.store(lse2_ptr + stats, lse2, mask=rmask)
+    else:
+        lse2 = tl.load(lse2_ptr + stats, mask=rmask, other=float("inf"))
+        delta = tl.load(delta_ptr + stats, mask=rmask, other=0.0)
     hk = h // group
     k_base = k_ptr + b * skb + hk * skh + k0.to(tl.int64) * sks
     v_base = v_ptr + b * svb + hk * svh + k0.to(tl.int64) * svs
@@ -673,11 +692,13 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=True, cu_seqlens_q=Non
     delta = torch.empty(B, Hq, Sq, dtype=torch.float32, device=q.device)
     lse2 = torch.empty_like(delta)
     g = lse if dlse is None else dlse
-    prep_block = 64
-    _bwd_prep[(triton.cdiv(Sq, prep_block), Hq, B)](
-        out, dout, lse, g, delta, lse2, Sq, Hq, out.stride(0), out.stride(1), out.stride(2),
-        dout.stride(0), dout.stride(1), dout.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
-        g.stride(0), g.stride(1), g.stride(2), HEAD_DIM=D, HAS_DLSE=dlse is not None, BLOCK=prep_block)
+    fuse_prep = CONFIG_SETS[_active].fuse_prep
+    if not fuse_prep:
+        prep_block = 64
+        _bwd_prep[(triton.cdiv(Sq, prep_block), Hq, B)](
+            out, dout, lse, g, delta, lse2, Sq, Hq, out.stride(0), out.stride(1), out.stride(2),
+            dout.stride(0), dout.stride(1), dout.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
+            g.stride(0), g.stride(1), g.stride(2), HEAD_DIM=D, HAS_DLSE=dlse is not None, BLOCK=prep_block)
     varlen = cu_seqlens_q is not None
     dummy = cu_seqlens_q if varlen else torch.zeros(2, dtype=torch.int32, device=q.device)
     block_q, block_k = table_blocks(D)
@@ -689,14 +710,23 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=True, cu_seqlens_q=Non
     accum_kw = dict(ACCUM=bool(accum))
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2))
-    _attn_bwd_dkdv[_grid(k_table, Sk, B, Hkv, "BLOCK_N")](
-        q, k, v, dout, lse2, delta, dk, dv, k_table if varlen else dummy, dummy, cu_seqlens_k if varlen else dummy,
-        *strides, dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-        Sq, Sk, Hq, Hq // Hkv, scale * LOG2E, scale, _bucket(B * Sq), **_order(Hkv), **common, **accum_kw)
+    def dkdv():
+        _attn_bwd_dkdv[_grid(k_table, Sk, B, Hkv, "BLOCK_N")](
+            q, k, v, dout, lse2, delta, dk, dv, k_table if varlen else dummy, dummy, cu_seqlens_k if varlen else dummy,
+            *strides, dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+            Sq, Sk, Hq, Hq // Hkv, scale * LOG2E, scale, _bucket(B * Sq), **_order(Hkv), **common, **accum_kw)
+
+    if not fuse_prep:
+        dkdv()
     _attn_bwd_dq[_grid(q_table, Sq, B, Hq, "BLOCK_M")](
         q, k, v, dout, lse2, delta, dq, q_table if varlen else dummy, dummy, cu_seqlens_k if varlen else dummy,
-        *strides, dq.stride(0), dq.stride(1), dq.stride(2),
-        Sq, Sk, Hq, Hq // Hkv, scale * LOG2E, scale, _bucket(B * Sq), **_order(Hq), **common)
+        out, lse, g, *strides, dq.stride(0), dq.stride(1), dq.stride(2),
+        out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
+        g.stride(0), g.stride(1), g.stride(2),
+        Sq, Sk, Hq, Hq // Hkv, scale * LOG2E, scale, _bucket(B * Sq), **_order(Hq), **common,
+        FUSE_PREP=fuse_prep, HAS_DLSE=dlse is not None)
+    if fuse_prep:  # after dq, which wrote delta and lse2
+        dkdv()
     return _into(given, (dq, dk, dv), accumulate)
 
 
