@@ -279,12 +279,55 @@ def table(rows):
     return "\n".join(lines)
 
 
+def warm_compile(part, parts, sets, device):
+    """Compile every kernel config that the tuners of config `sets` try on the benchmark's shapes,
+    this process's share (`part` of `parts`), by one small fwd+bwd per combination of single
+    configs. Run in parallel processes before the benchmark: its tuning then finds the kernels in
+    Triton's cache instead of compiling some 45 of them one after another. Small shapes compile
+    the same variants (H, D, dtypes, the strides' divisibility; lengths are not specialised)."""
+    from seqpar.kernels.flash_attn import triton as ft
+
+    jobs, seen = [], set()
+    for name in sets:
+        tuning = ft.CONFIG_SETS[name]
+        ft.use_config_set(name)
+        q_block, k_block = ft.table_blocks(D)
+        for varlen in (False, True):
+            fwd = [o for o in tuning.fwd if not varlen or o[0] == q_block]  # packed: the table's blocks only
+            dq = [o for o in tuning.dq if not varlen or o[0] == q_block]
+            dkdv = [o for o in tuning.dkdv if not varlen or o[0] == k_block]
+            for i in range(max(len(fwd), len(dq), len(dkdv))):
+                picks = (fwd[i % len(fwd)], dq[i % len(dq)], dkdv[i % len(dkdv)])
+                variant = (tuning.head_group > 0, tuning.fuse_prep, varlen, picks)  # what compiles differently
+                if variant not in seen:
+                    seen.add(variant)
+                    jobs.append((name, varlen, picks))
+    gen = torch.Generator(device=device).manual_seed(0)
+    q, k, v, do = (torch.randn(1, 1024, H, D, device=device, dtype=torch.bfloat16, generator=gen) for _ in range(4))
+    for t in (q, k, v):
+        t.requires_grad_()
+    cu = _cu([300, 724], device)
+    mine = jobs[part::parts]
+    for name, varlen, (fwd, dq, dkdv) in mine:
+        ft.use_config_set(name)
+        # one config each: the autotuner then compiles and runs it, no tuning
+        ft._attn_fwd.configs = ft._configs("BLOCK_M", "BLOCK_N", [fwd])
+        ft._attn_bwd_dq.configs = ft._configs("BLOCK_M", "BLOCK_N", [dq])
+        ft._attn_bwd_dkdv.configs = ft._configs("BLOCK_N", "BLOCK_M", [dkdv], extra=("SPLIT",))
+        ft.flash_attn_triton(q, k, v, causal=True, cu_seqlens=cu if varlen else None).backward(do)
+    torch.cuda.synchronize()
+    return dict(rows=[], summary=dict(warmed=len(mine), of=len(jobs)), table="")
+
+
 def bench_flash(args, device):
     """Rows, the autotuner's picks and a summary against the issue's goals."""
     from seqpar.bench.ring import lognormal_lengths
 
     if device.type != "cuda":  # the interpreter runs of the kernel are tests (tests/test_flash_triton.py)
         return dict(rows=[], summary=dict(skipped="the flash section needs a CUDA device"), table="")
+    if getattr(args, "flash_warm", None):
+        part, parts = args.flash_warm
+        return warm_compile(part, parts, ["default", *(getattr(args, "flash_candidates", None) or ())], device)
     timer = _bench(device)
     rows = []
     cands = getattr(args, "flash_candidates", None) or ()

@@ -166,6 +166,8 @@ def main(argv=None):
     p.add_argument("--flash-dense-lens", type=int, nargs="*", default=None, help="flash: dense causal lengths")
     p.add_argument("--flash-packed-lens", type=int, nargs="*", default=None, help="flash: packed row lengths")
     p.add_argument("--flash-no-ring-step", action="store_true", help="flash: skip the one-ring-step rows")
+    p.add_argument("--flash-warm", type=int, nargs=2, default=None, metavar=("PART", "PARTS"),
+                   help="flash: only compile this share of the kernels the default and candidate sets tune over")
     p.add_argument("--flash-profile", type=int, nargs="*", default=[],
                    help="flash: at these lengths, each Triton row also lists its kernels' GPU ms (torch.profiler)")
     args = p.parse_args(argv)
