@@ -91,7 +91,7 @@ def _rms_norm_fwd(x_ptr, w_ptr, y_ptr, M, N, sx, sy, eps, BLOCK_N: tl.constexpr,
 # which makes Triton's pipeliner stage the loads of a dot-free loop through shared memory with
 # cp.async (it does so only for loops that carry the attribute); PREFETCH: the next block's x and dy
 # are loaded into registers before this block's reductions. `SEQPAR_RMS_BWD` picks one (read per
-# call, for the benchmark's candidates); each is tuned apart (the autotune key holds STAGES, PREFETCH).
+# call, for the benchmark's candidates); each is tuned apart (the autotune key holds all three).
 # Offline sm_90 compiles (triton 3.6, ptxas): the pipelined ones carry cp.async and no spills at
 # 2048-8192 wide (the stages take 2 x 32 KiB of shared memory at N = 8192 with STAGES = 3); a width
 # that is not a multiple of 16 loses the cp.async (too narrow an aligned run) and runs unstaged.
@@ -123,10 +123,11 @@ def _rms_bwd_block(x, dy, w, dw, rows, cols, mask, dx_ptr, sdx, N, eps):
     return dw + dy * xhat
 
 
-@triton.autotune(configs=_configs([1, 2, 4, 8, 16, 32, 64], [4, 8, 16, 32]), key=["N", "STAGES", "PREFETCH"],
+@triton.autotune(configs=_configs([1, 2, 4, 8, 16, 32, 64], [4, 8, 16, 32]), key=["N", "STAGES", "PREFETCH", "per_sm"],
                  prune_configs_by={"early_config_prune": _prune_by_tile(1024, 8192, "BLOCK_N", (4, 8))})
 @triton.jit
 def _rms_norm_bwd(x_ptr, w_ptr, dy_ptr, dx_ptr, dw_part_ptr, M, N, sx, sdy, sdx, eps, rows_per_program,
+                  per_sm,  # unused by the code: a tuning key (the variant's programs per SM)
                   BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, STAGES: tl.constexpr, PREFETCH: tl.constexpr):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
@@ -201,7 +202,7 @@ class TritonRMSNorm(torch.autograd.Function):
         programs = max(1, triton.cdiv(M, rows_per_program))
         partial = torch.empty(programs, N, dtype=torch.float32, device=x2.device)
         _rms_norm_bwd[(programs,)](x2, w, dy2, dx, partial, M, N, x2.stride(0), dy2.stride(0), dx.stride(0),
-                                   ctx.eps, rows_per_program, BLOCK_N=triton.next_power_of_2(N), STAGES=stages,
+                                   ctx.eps, rows_per_program, per_sm, BLOCK_N=triton.next_power_of_2(N), STAGES=stages,
                                    PREFETCH=prefetch)
         dw = partial.sum(0).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
         return dx.view(ctx.shape), dw, None, None
