@@ -90,6 +90,10 @@ _LENGTHS = ["Sq", "Sk", "LEN_BUCKET", "grid_heads", "head_group"]
 # skips the prune when it holds one config (SEQPAR_FLASH_TUNE=0) and runs the first.
 # (owned block, inner block, warps, stages): spill-free at D = 128 on sm_90 (ptxas of triton 3.9,
 # checked offline) but the last forward one, there for D = 64 (128-wide inner blocks spill at 128).
+# Under triton 3.6 (the GPU machine's; sm_90a ptxas, 2026-11-26) the dk/dv kernel sits at 255
+# registers in every option and some spill: (64, 32, 4, 3) 4 B dense / 44 B packed, (128, 64, 8, 3)
+# 120 / 188 B, (128, 32, 4, 3) 1.5 / 1.9 KB, (128, 64, 8, 2, SPLIT) 0 / 144 B; forward and dq none
+# (the forward's (128, 128, 8, 3): 4 B packed).
 _FWD_OPTIONS = [(128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3), (128, 64, 8, 2), (128, 128, 8, 3)]
 _DQ_OPTIONS = [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3)]
 # dk/dv: (owned key block, inner query block, warps, stages, SPLIT); the first is the untuned pick
