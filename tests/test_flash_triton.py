@@ -211,7 +211,7 @@ def test_interp_head_grouped_launch_orders():
     try:
         for name in ("_four", "_two", "lpt"):
             ft.use_config_set(name)
-            q, k, v, do = _inputs(1, 48, 48, 6, 3, 16, seed=20)
+            q, k, v, do = _inputs(2, 48, 48, 6, 3, 16, seed=20)  # B = 2: the grid's third axis
             _check_forward_backward(ft, q, k, v, do, torch.float32, 2e-5, causal=True)
             q, k, v, do = _inputs(1, sum(lens), sum(lens), 6, 3, 16, seed=21)
             _check_forward_backward(ft, q, k, v, do, torch.float32, 2e-5, causal=True, cu_seqlens_q=_cu(lens),
