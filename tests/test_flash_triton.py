@@ -203,7 +203,7 @@ def test_interp_head_grouped_launch_orders():
     (GQA: the dk/dv grid has the kv heads), dense rows and packed documents."""
     from seqpar.kernels.flash_attn import triton as ft
 
-    assert {sets[3] for sets in ft.CONFIG_SETS.values()} >= {0, 8, ft.ALL_HEADS}
+    assert {tuning.head_group for tuning in ft.CONFIG_SETS.values()} >= {0, 8, ft.ALL_HEADS}
     default = ft.CONFIG_SETS["default"]
     ft.CONFIG_SETS["_two"] = default._replace(head_group=2)  # 6 query heads in 3 groups, 3 kv heads in 2
     ft.CONFIG_SETS["_four"] = default._replace(head_group=4)  # 6 query heads in groups of 4 and 2
