@@ -19,7 +19,7 @@
 # ones also under kv128_lpt_fused); the benchmark checks every candidate's gradients against the
 # default set's.
 # Writes logs and JSON under $OUT and prints one summary line per candidate; worst case (every
-# step at its timeout) 350 s, expected about 4.5 minutes. Device tool, repo root (carry .whl):
+# step at its timeout) 340 s, expected 4 to 5 minutes. Device tool, repo root (carry .whl):
 #   bash docs/benchmarks/kernels_tune_gpu.sh
 # Then: default RMSNorm variant = RMS_BWD_DEFAULT (norm_rope/triton.py), flash set = "default"
 # entry of CONFIG_SETS (or SEQPAR_FLASH_CONFIGS) in kernels/flash_attn/triton.py.
@@ -29,7 +29,7 @@ T0=$(date +%s)
 FLASH_SETS="lpt kv128_lpt kv128_lpt_fused cache lpt8"
 # the flash kernels the benchmark's tuners will try (~45), compiled by 8 processes while the tests run
 for i in 0 1 2 3 4 5 6 7; do
-    timeout 150 python3 -m seqpar.bench kernels --only flash --flash-warm $i 8 --flash-candidates $FLASH_SETS \
+    timeout 100 python3 -m seqpar.bench kernels --only flash --flash-warm $i 8 --flash-candidates $FLASH_SETS \
         --out "$OUT/flash_warm_$i.json" > "$OUT/flash_warm_$i.log" 2>&1 &
 done
 timeout 30 python3 -m pytest -q -m gpu tests/test_fused_triton.py -k rms_norm > "$OUT/tune_tests_rms.log" 2>&1
