@@ -153,7 +153,7 @@ def test_validate_on_committed_benchmarks(tmp_path):
     assert main(["validate", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     names = " ".join(c["name"] for c in result["cases"])
-    for family in ("ring", "LASP-2", "e2e"):
+    for family in ("ring", "LASP-2", "e2e", "ring doc_zigzag", "ring doc_balanced"):
         assert family in names
     assert any(c["world"] == 1 for c in result["cases"] if c["name"].startswith("e2e"))
     assert any(c["world"] == 2 for c in result["cases"] if c["name"].startswith("e2e"))
@@ -375,6 +375,55 @@ def test_ring_pieces_dense_none_doc_zigzag_per_document():
     row = lambda n: tuple(itertools.accumulate([0] + [1024] * n))
     assert ring_pieces((0, 8192), 2) == 0
     assert ring_pieces(row(8), 2, "doc_zigzag") == 2 * ring_pieces(row(4), 2, "doc_zigzag") > 0
+
+
+def test_ring_schedule_time_by_hand():
+    """What hides each ring transfer: step 0's compute hides the first K/V shift (forward and
+    backward) and the hop home, so a heavy step 0 before a light remote step exposes nothing
+    (packed rows, doc_balanced); transfers longer than the compute beside them are exposed."""
+    from seqpar.sim.attention_cost import ring_schedule_time
+
+    # fwd+bwd 3.5 = fwd 1 + bwd 2.5. Step 0: 7 (first block 3.5), step 1: 0.35, K/V shift 1, hop home 0.1
+    assert ring_schedule_time(3.5, 3.5, [0.35], 1.0, 0.1, 0.0) == pytest.approx(7.35)
+    # tax 0.5 on each overlap: fwd 1 (of step 0's 2), bwd 1 (of the first block's 2.5), home 0.1
+    assert ring_schedule_time(3.5, 3.5, [0.35], 1.0, 0.1, 0.5) == pytest.approx(7.35 + 0.5 * 2.1)
+    # little compute: fwd max(0.2, 1) + 0.1; bwd max(0.25, 1) + 0.25 + max(0.25, 1)
+    assert ring_schedule_time(0.35, 0.35, [0.35], 1.0, 1.0, 0.0) == pytest.approx(3.35)
+    # one step (doc_balanced with nothing cut): no transfer at all
+    assert ring_schedule_time(2.0, 1.0, [], 5.0, 5.0, 0.5) == 3.0
+
+
+def test_doc_balanced_ring_and_prediction(h100, calib):
+    """layout doc_balanced in the cost model: documents that fit stay whole on one rank (one step,
+    nothing travels, no exposed communication); a long document is cut and only its rows travel;
+    a whole step predicts with the layout, and the lognormal mix runs faster than under doc_zigzag
+    (the benchmark's finding: doc_zigzag's short pieces cost the kernel)."""
+    import itertools
+
+    from seqpar.parallel.sharding import document_plan
+    from seqpar.sim.attention_cost import ring_layer, ring_rows, ring_step_calls
+    from seqpar.sim.comm import placed
+
+    g = placed(2, 1, 8)
+    even = tuple(itertools.accumulate([0] + [1024] * 8))
+    assert ring_rows(even, 2, "doc_balanced") == (4096, 0)
+    steps = ring_step_calls(even, 2, "doc_balanced")
+    assert len(steps) == 1 and all(c.segments == ((1024, 1024),) * 4 for calls in steps[0] for c in calls)
+    total, exposed, compute = ring_layer(calib, h100, [even], 2, 32, 32, 128, g, layout="doc_balanced")
+    assert exposed == 0 and compute > 0 and total == pytest.approx(compute)
+
+    long = tuple(itertools.accumulate([0, 12288] + [512] * 8))
+    plan = document_plan("doc_balanced", list(long), 2)
+    local, travel = ring_rows(long, 2, "doc_balanced")
+    assert plan.placement.split and local == plan.local_len and 0 < travel == plan.split_len < local
+    assert len(ring_step_calls(long, 2, "doc_balanced")) == 2
+    assert ring_rows(long, 2, "doc_zigzag")[1] == ring_rows(long, 2, "doc_zigzag")[0]  # every row travels
+
+    step = {layout: predict_step(_cfg("model=llama_1b", "parallel.cp=2", "parallel.dp=1", "parallel.softmax_sp=ring",
+                                      f"parallel.layout={layout}", "data=synthetic", "data.seq_len=32768",
+                                      "train.global_batch_size=1", "train.micro_batch_size=1"), 2, h100, calib)
+            for layout in ("doc_zigzag", "doc_balanced")}
+    assert 0 < step["doc_balanced"]["step_s"] < step["doc_zigzag"]["step_s"]
 
 
 def test_fused_elementwise_kernels_and_residual_dtype(calib):

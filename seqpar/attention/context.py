@@ -17,7 +17,7 @@ class AttnContext:
     group: dist.ProcessGroup | None = None  # the cp group; None or size 1 = no sequence parallelism
     cu_seqlens: torch.Tensor | None = None  # GLOBAL document boundaries of the packed B=1 row (int32)
     position_ids: torch.Tensor | None = None  # [S_local] position of each local token inside its document
-    layout: str = "zigzag"  # how shard_sequence cut the row: contiguous | zigzag | doc_zigzag
+    layout: str = "zigzag"  # how shard_sequence cut the row: contiguous | zigzag | doc_zigzag | doc_balanced
     softmax_sp: str = "allgather"  # allgather | ring | ulysses | usp | disagg
     linear_sp: str = "lasp2"  # lasp2 | lasp1
     linear_scan: str = "allgather"  # lasp2's state exchange: allgather | pipelined

@@ -3,9 +3,11 @@ for each method seqpar implements, with the method's communication and overlap r
 
 Per method, what the code in seqpar/attention/ issues per layer (forward + backward):
 
-- ring (zigzag): N steps; each step's blocks come from `ring.ring_schedule` (the same planner the
-  kernel runs). Step s >= 1 waits for the visiting K/V shard, sent during step s-1's compute; the
-  backward sends K/V and the visiting dK/dV: 3 shard transfers per remote step, each behind compute.
+- ring: N steps; each step's blocks come from the planner the kernel runs (`ring.ring_schedule`
+  for zigzag/contiguous, `doc_ring_schedule` for doc_zigzag, `doc_balanced_schedule` for
+  doc_balanced: whole documents in step 0's call, only the cut documents' rows travel, a single
+  step and no transfer when nothing is cut). 3 transfers per remote step (K/V forward, K/V and
+  dK/dV backward), each behind the compute the code posts it before (`ring_schedule_time`).
   Every rank waits for its neighbour each step, so a step lasts as long as its busiest rank's.
 - ulysses: 4 all-to-alls forward (q, k, v, out) and 4 backward, not overlapped; the kernel sees
   the whole sequence for H/N heads.
@@ -33,7 +35,7 @@ from __future__ import annotations
 import functools
 
 from seqpar.sim.comm import collective_time, overlapped, placed
-from seqpar.sim.compute import REF_HD, AttnCall, attn_features, linear_attn_time
+from seqpar.sim.compute import ATTN_FWD_BWD, REF_HD, AttnCall, attn_features, linear_attn_time
 
 
 def attn_seconds(calib, calls, heads: int, head_dim: int, family: str = "cudnn") -> float:
@@ -42,7 +44,7 @@ def attn_seconds(calib, calls, heads: int, head_dim: int, family: str = "cudnn")
     kernels/dispatch.py's TRITON_FASTER): torch's flash constants times the measured time ratio."""
     total = 0.0
     for call in calls:
-        fit = calib.attn["flash" if call.is_varlen or family not in calib.attn else family]
+        fit = calib.attn["flash" if call.is_varlen or call.with_bounds or family not in calib.attn else family]
         flops, rows, n = attn_features(call, heads, head_dim, calib.head_dim_rate)
         t = flops / fit.rate + rows * fit.per_token + n * fit.per_call
         if call.is_varlen and calib.packed_kernel == "triton":
@@ -64,10 +66,13 @@ def _clip(bounds, a, b):
 
 
 def block_call(blk, causal=True) -> AttnCall | None:
-    nq, nk = blk.q.stop - blk.q.start, blk.k.stop - blk.k.start
+    if blk.cu_k is not None:  # a rectangle whose key rows' documents differ from the queries' (pad tails)
+        pairs = [(b - a, d - c) for a, b, c, d in zip(blk.cu[:-1], blk.cu[1:], blk.cu_k[:-1], blk.cu_k[1:])]
+        return AttnCall(tuple((nq, nk) for nq, nk in pairs if nq and nk), blk.causal, True)
     if blk.cu is not None:
         docs = [b - a for a, b in zip(blk.cu[:-1], blk.cu[1:])]
-        return AttnCall.varlen(docs, blk.causal)
+        return AttnCall.varlen(docs, blk.causal, True)
+    nq, nk = blk.q.stop - blk.q.start, blk.k.stop - blk.k.start
     return AttnCall.dense(nq, nk, blk.causal)
 
 
@@ -81,11 +86,35 @@ def runtime_extra(calib, method: str, bounds, heads: int = 32, head_dim: int = 1
     return calib.runtime_token_s.get(method, 0.0) * bounds[-1] * heads * head_dim / REF_HD
 
 
-@functools.lru_cache(maxsize=256)
-def _doc_zigzag_local(bounds: tuple[int, ...], world: int) -> int:
-    from seqpar.parallel.sharding import doc_zigzag_plan
+DOC_LAYOUTS = ("doc_zigzag", "doc_balanced")  # seqpar.parallel.sharding's layouts cut by documents
 
-    return doc_zigzag_plan(list(bounds), world).local_len
+
+@functools.lru_cache(maxsize=256)
+def _ring_plan(bounds: tuple[int, ...], world: int, layout: str):
+    """(blocks[r][s]: rank r's kernel blocks at ring step s, rows per rank, K/V rows that travel):
+    the plan seqpar.attention.ring runs for this row. doc_zigzag: every document in 2N pieces, every
+    row travels; doc_balanced: whole documents stay on their rank, only the cut documents' rows
+    travel (`DocBalanced.split_len`), and one step, no transfer, when nothing is cut. At world 1 a
+    document layout is the identity (the plain path)."""
+    from seqpar.attention.ring import doc_balanced_schedule, doc_ring_schedule, ring_schedule
+    from seqpar.parallel.sharding import document_plan, local_ranges
+
+    if layout in DOC_LAYOUTS and world > 1:
+        plan = document_plan(layout, list(bounds), world)
+        if layout == "doc_balanced":
+            return [doc_balanced_schedule(plan, r, True) for r in range(world)], plan.local_len, plan.split_len
+        return [doc_ring_schedule(plan, r, True) for r in range(world)], plan.local_len, plan.local_len
+    layout = "contiguous" if layout in DOC_LAYOUTS else layout
+    seq = bounds[-1]
+    held = [local_ranges(seq, world, r, layout) for r in range(world)]
+    cu = list(bounds) if len(bounds) > 2 else None
+    return [ring_schedule(held, r, cu, True) for r in range(world)], seq // world, seq // world
+
+
+def ring_rows(bounds: tuple[int, ...], world: int, layout: str = "zigzag") -> tuple[int, int]:
+    """(rows each rank holds, K/V rows that go round the ring) under `layout`."""
+    _, local, travel = _ring_plan(tuple(bounds), world, layout)
+    return local, travel
 
 
 def ring_pieces(bounds: tuple[int, ...], world: int, layout: str = "zigzag") -> int:
@@ -100,46 +129,72 @@ def ring_pieces(bounds: tuple[int, ...], world: int, layout: str = "zigzag") -> 
 
 @functools.lru_cache(maxsize=256)
 def ring_step_calls(bounds: tuple[int, ...], world: int, layout: str = "zigzag"):
-    """calls[s][r]: rank r's kernel calls at ring step s (seqpar.attention.ring's own plan;
-    layout doc_zigzag: `doc_ring_schedule`, each document cut in 2N pieces)."""
-    from seqpar.attention.ring import doc_ring_schedule, ring_schedule
-    from seqpar.parallel.sharding import doc_zigzag_plan, local_ranges
+    """calls[s][r]: rank r's kernel calls at ring step s (seqpar.attention.ring's own plan,
+    `_ring_plan`; doc_balanced with nothing cut has one step)."""
+    blocks = _ring_plan(tuple(bounds), world, layout)[0]
+    return [[[block_call(b) for b in blocks[r][s]] for r in range(world)] for s in range(len(blocks[0]))]
 
-    if layout == "doc_zigzag" and world > 1:
-        plan = doc_zigzag_plan(list(bounds), world)
-        per_rank = [doc_ring_schedule(plan, r, True) for r in range(world)]
-        return [[[block_call(b) for b in per_rank[r][s]] for r in range(world)] for s in range(world)]
-    seq = bounds[-1]
-    held = [local_ranges(seq, world, r, layout) for r in range(world)]
-    cu = list(bounds) if len(bounds) > 2 else None
-    per_rank = [ring_schedule(held, r, cu, True) for r in range(world)]
-    return [[[block_call(b) for b in per_rank[r][s]] for r in range(world)] for s in range(world)]
+
+def _home_rows(bounds: tuple[int, ...], world: int, layout: str) -> int:
+    """K/V rows of the last dK/dV hop home, busiest rank: a ring of 2 sends the block gradients of
+    its one remote step as the kernel wrote them (the rows those blocks read), a longer ring the
+    travelling accumulators."""
+    blocks, _, travel = _ring_plan(tuple(bounds), world, layout)
+    if world != 2 or len(blocks[0]) != 2:
+        return travel
+    return max(sum(b.k.stop - b.k.start for b in per_rank[1]) for per_rank in blocks)
+
+
+def ring_schedule_time(first: float, rest: float, remote: list[float], kv: float, home: float, tax: float) -> float:
+    """Seconds of one ring layer (forward + backward) as seqpar.attention.ring orders its work:
+    `first` / `rest` the fwd+bwd seconds of step 0's first block and of its other blocks, `remote[i]`
+    those of step i+1, `kv` one K/V (or dK/dV) shift, `home` the last dK/dV hop. Forward: each
+    step's compute hides the next step's K/V, posted at its start. Backward: the own first block
+    hides the first K/V shift, step s the next K/V shift and step s-1's dK/dV, and the own other
+    blocks the hop home. A transfer longer than the compute beside it is exposed; the compute it
+    overlaps pays `tax` (SM sharing). So a heavy step 0 (whole documents) hides the transfers
+    that a light remote step (a few crossing documents) would expose."""
+    f, b = 1 / ATTN_FWD_BWD, 1 - 1 / ATTN_FWD_BWD
+    if not remote:
+        return first + rest
+    hide = lambda work, comm: max(work + tax * min(work, comm), comm)
+    steps = [first + rest] + remote
+    fwd = sum(hide(f * c, kv) for c in steps[:-1]) + f * steps[-1]
+    bwd = hide(b * first, kv)
+    for i, c in enumerate(remote):
+        in_flight = (kv if i + 1 < len(remote) else 0.0) + (kv if i >= 1 else 0.0)
+        bwd += hide(b * c, in_flight)
+    return fwd + bwd + hide(b * rest, home)
 
 
 def ring_layer(calib, cluster, rows, world, heads, kv_heads, head_dim, group, family="cudnn", act=2,
                layout="zigzag"):
-    """(seconds, exposed comm seconds, compute seconds) of ring attention on `rows` (document bounds per row);
-    the packed rows' runtime extra (`runtime_extra`) counts as compute."""
+    """(seconds, exposed comm seconds, compute seconds) of ring attention on `rows` (document bounds per row)
+    under `layout` (zigzag, contiguous, doc_zigzag, doc_balanced); the packed rows' runtime extra
+    (`runtime_extra`) counts as compute. Each step lasts as long as its busiest rank's compute."""
     if world == 1:
         t = sum(attn_seconds(calib, [_single_call(b)], heads, head_dim, family) for b in rows)
         return t, 0.0, t
     if kv_heads < heads:
         family = "flash"  # the ring's lse path runs cuDNN only without GQA (kernels/dispatch.py _lse_backend)
-    total = comm_total = compute_total = 0.0
+    cost = lambda calls: attn_seconds(calib, [c for c in calls if c], heads, head_dim, family)
+    kv_row = 2 * kv_heads * head_dim * act  # one row of K and V
+    total = compute_total = 0.0
     for bounds in rows:
-        steps = ring_step_calls(tuple(bounds), world, layout)
-        local = _doc_zigzag_local(tuple(bounds), world) if layout == "doc_zigzag" else bounds[-1] // world
-        shard = 2 * local * kv_heads * head_dim * act  # K and V of one rank
-        transfer = collective_time("send_recv", shard, group, cluster, calib.comm)
-        row_compute = 0.0
-        for s, per_rank in enumerate(steps):
-            compute = max(attn_seconds(calib, [c for c in calls if c], heads, head_dim, family) for calls in per_rank)
-            comm = 0.0 if s == 0 else 3 * transfer
-            total += overlapped(compute, comm, calib.overlap_tax)
-            row_compute += compute
-            comm_total += comm
+        bounds = tuple(bounds)
+        steps = ring_step_calls(bounds, world, layout)
+        _, travel = ring_rows(bounds, world, layout)
+        kv = collective_time("send_recv", travel * kv_row, group, cluster, calib.comm) if len(steps) > 1 else 0.0
+        home = collective_time("send_recv", _home_rows(bounds, world, layout) * kv_row, group, cluster,
+                               calib.comm) if len(steps) > 1 else 0.0
+        own = [cost(calls) for calls in steps[0]]
+        busiest = max(range(world), key=lambda r: own[r])
+        first = cost(steps[0][busiest][:1])
+        remote = [max(cost(calls) for calls in per_rank) for per_rank in steps[1:]]
+        row_compute = own[busiest] + sum(remote)
+        total += ring_schedule_time(first, own[busiest] - first, remote, kv, home, calib.overlap_tax)
         compute_total += row_compute
-        extra = calib.ring_piece_s * ring_pieces(tuple(bounds), world, layout)
+        extra = calib.ring_piece_s * ring_pieces(bounds, world, layout)
         if len(bounds) > 2 and kv_heads < heads:
             # packed GQA rows ran slower than the MHA-fitted kernel constants say (disagg bench only)
             extra += calib.ring_gqa_slowdown * row_compute

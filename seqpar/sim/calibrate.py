@@ -93,7 +93,7 @@ def sample_features(sample) -> list[tuple[str, tuple]]:
     from seqpar.sim.compute import attn_features
 
     H, D = sample["H"], sample["D"]
-    fam = lambda call: "flash" if call.is_varlen else sample["family"]
+    fam = lambda call: "flash" if call.is_varlen or call.with_bounds else sample["family"]
     if sample["kind"] == "single":
         call = _single_call(sample["bounds"])
         return [(fam(call), attn_features(call, H, D))]

@@ -45,14 +45,17 @@ class AttnCall:
     last query sees the last key."""
     segments: tuple[tuple[int, int], ...]
     causal: bool
+    # called with document bounds (a ring block with cu_seqlens): the lse path takes torch's varlen
+    # flash even for one document (kernels/dispatch.py _lse_backend), never the family's dense kernel
+    with_bounds: bool = False
 
     @staticmethod
     def dense(nq: int, nk: int, causal: bool) -> "AttnCall":
         return AttnCall(((int(nq), int(nk)),), causal)
 
     @staticmethod
-    def varlen(docs, causal: bool = True) -> "AttnCall":
-        return AttnCall(tuple((int(n), int(n)) for n in docs if n > 0), causal)
+    def varlen(docs, causal: bool = True, with_bounds: bool = False) -> "AttnCall":
+        return AttnCall(tuple((int(n), int(n)) for n in docs if n > 0), causal, with_bounds)
 
     @property
     def is_varlen(self) -> bool:

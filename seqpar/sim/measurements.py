@@ -171,12 +171,13 @@ def ring_samples(found) -> list[dict]:
                 if fam == "flash":  # the single-GPU row is varlen flash for every family
                     out.append(dict(base, kind="single", measured=r["single_ms"] / 1e3))
                 out.append(dict(base, kind="ring", measured=r["ring_ms"] / 1e3))
-                zz = row.get(f"{fam}_doc_zigzag")  # the same documents under layout doc_zigzag
-                if zz and "error" not in zz:
-                    out.append(dict(base, kind="ring", layout="doc_zigzag", measured=zz["ring_ms"] / 1e3))
-                    if "compute_only_ms" in zz:
-                        out.append(dict(base, kind="ring_compute", layout="doc_zigzag",
-                                        measured=zz["compute_only_ms"] / 1e3))
+                for layout in ("doc_zigzag", "doc_balanced"):  # the same documents under a document layout
+                    zz = row.get(f"{fam}_{layout}")
+                    if zz and "error" not in zz:
+                        out.append(dict(base, kind="ring", layout=layout, measured=zz["ring_ms"] / 1e3))
+                        if "compute_only_ms" in zz:
+                            out.append(dict(base, kind="ring_compute", layout=layout,
+                                            measured=zz["compute_only_ms"] / 1e3))
     return out
 
 

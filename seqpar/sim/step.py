@@ -157,7 +157,7 @@ def _attention(kind, cfg, calib, cluster, sizes, rows, tokens_rank, family):
     method = p.softmax_sp if cp > 1 else "ring"
     args = (calib, cluster, rows, cp, H, Hkv, D, group, family)
     if method == "ring":
-        return ring_layer(*args)
+        return ring_layer(*args, layout=p.layout if cp > 1 else "zigzag")
     if method == "ulysses":
         return ulysses_layer(*args)
     if method == "allgather":
@@ -199,7 +199,8 @@ def predict_step(cfg, world: int, cluster, calib, *, family: str = "cudnn", virt
     if t.global_batch_size % (dp * b):
         raise LayoutError(f"train.global_batch_size={t.global_batch_size} is not a multiple of dp x "
                           f"train.micro_batch_size = {dp} x {b}")
-    if S % (2 * cp if par.layout == "zigzag" else cp):
+    # the document layouts cut each packed row by its documents (padding them): any length
+    if S % {"zigzag": 2 * cp, "contiguous": cp}.get(par.layout, 1):
         raise LayoutError(f"data.seq_len={S} does not split into the {par.layout} chunks of parallel.cp={cp}")
     n_micro = t.global_batch_size // (dp * b)
     draws = dp_draws(cfg, dp, b, n_micro, doc_bounds)
