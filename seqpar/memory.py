@@ -19,6 +19,10 @@ stream and norms in the parameter dtype), per token of a layer:
   the normed output, the gate's sigmoid and wo's input (nine q-sized tensors).
 - SwiGLU: w1 x, its silu, w3 x and their product (w2's input): four ffn_dim-sized tensors.
 
+Under autocast each linear also saves the bf16 cast of its weight (there is no cast cache, so
+every call casts anew): a layer's weights in bf16, kept with its activations (`none`), or in the
+transient of its recompute (`full`; `selective` keeps the attention's and recomputes the MLP's).
+
 On top of the largest transient: three `[S, d]` tensors of the residual stream (a block's input
 and output, or the gradients entering and leaving it), which at a million tokens are gigabytes.
 
@@ -29,6 +33,14 @@ Triton kernels autotune on their first calls, inside step 1's forward and backwa
 workspace (torch's default on Hopper and later: 32 MiB). It explains the tiny default job's
 measured peak (0.287 GiB against 0.026 GiB of model state and activations; docs/sim.md). What the
 allocator does not count (the CUDA context, NCCL's buffers, fragmentation) is in `MARGIN`.
+
+The peak is the larger of two moments (`MemoryEstimate.total`). In backward, activations are
+freed as gradients are made, so the peak is at one of its ends: all activations and the loss's
+saved gradients at its start, all gradients at its end (both at its start when earlier
+micro-batches' gradients are held). At the optimizer step: parameters, gradients, moments and
+foreach AdamW's temporary, one moment's size (llama_8b on one H200: 150 GiB, whatever the
+length). With `train.offload_optimizer` the moments live in host memory and visit the device
+bucket by bucket during the step only.
 
 CPU runs use the reference attention kernels, which save quadratic score matrices: the estimate
 describes the CUDA kernels, which is where it matters.
@@ -69,10 +81,26 @@ class MemoryEstimate:
     tokens: int = 0  # tokens per micro-batch on this rank
     fixed: int = 0  # the libraries' own allocations on CUDA (`FIXED_ALLOCATIONS`)
     optimizer_what: str = "AdamW moments"
+    step_temporaries: int = 0  # what the optimizer step allocates on top of the states (foreach temporaries)
+    optimizer_in_step_only: bool = False  # train.offload_optimizer: the moments visit the device in the step
+    accumulating: bool = False  # gradients of earlier micro-batches are held while later ones run
+
+    @property
+    def backward_peak(self) -> int:
+        """Activations are consumed as gradients are made: the sum of the two peaks at either end
+        of the backward (all activations and the loss's saved gradients at its start; all gradients
+        at its end), unless earlier micro-batches' gradients are already there at its start."""
+        held = self.params + self.fixed + self.transient + (0 if self.optimizer_in_step_only else self.optimizer)
+        start = self.activations + self.loss + (self.grads if self.accumulating else 0)
+        return held + max(start, self.grads)
+
+    @property
+    def step_peak(self) -> int:
+        return self.params + self.grads + self.optimizer + self.step_temporaries + self.fixed
 
     @property
     def total(self) -> int:
-        return self.params + self.grads + self.optimizer + self.activations + self.loss + self.transient + self.fixed
+        return max(self.backward_peak, self.step_peak)
 
     @property
     def total_gb(self) -> float:
@@ -82,7 +110,9 @@ class MemoryEstimate:
         rows = [("parameters", self.params), ("gradients", self.grads), (f"optimizer ({self.optimizer_what})", self.optimizer),
                 (f"activations ({self.layers} layers x {self.tokens} tokens)", self.activations),
                 ("loss (fused cross-entropy)", self.loss), (f"transient ({self.transient_what})", self.transient),
-                ("fixed (Triton autotune buffer, cuBLAS workspace)", self.fixed), ("total", self.total)]
+                ("fixed (Triton autotune buffer, cuBLAS workspace)", self.fixed),
+                ("optimizer step's temporaries", self.step_temporaries),
+                ("peak (" + ("optimizer step" if self.step_peak > self.backward_peak else "backward") + ")", self.total)]
         width = max(len(name) for name, _ in rows)
         lines = [f"memory per rank (pipeline stage {self.stage}), predicted:"]
         lines += [f"  {name:<{width}}  {b / GiB:9.3f} GiB" for name, b in rows]
@@ -199,18 +229,31 @@ def estimate(cfg, world: int) -> MemoryEstimate:
     ffn_kept = norm + (r * m.d_model if chunk else ffn_inner)
     ffn_chunk = ffn_inner * rows * chunk
 
+    def cast_weights(kind, part) -> float:
+        """The bf16 copies of a layer part's weights its linears save for backward under autocast
+        (each call casts the fp32 weight anew: there is no cast cache), held with its activations."""
+        if not autocast:
+            return 0.0
+        d, hd = m.d_model, head_dim(m)
+        q, kv = m.n_heads * hd, m.n_kv_heads * hd
+        if part == "ffn":
+            return a * 3 * m.ffn_dim * d / tp
+        return a * ((2 * q + 2 * kv) * d if kind == "S" else 5 * q * d) / tp
+
     def saved(kind) -> tuple[float, float, str]:
         """(kept per layer, transient while this layer runs its backward, what that transient is)."""
         attention = per_token(kind, "attention")
-        if mode == "none":
-            return (attention + ffn_kept) * tokens, ffn_chunk, "one MLP chunk"
+        w_att, w_ffn = cast_weights(kind, "attention"), cast_weights(kind, "ffn")
+        if mode == "none":  # a checkpointed MLP chunk casts its weights again when it recomputes
+            return (attention + ffn_kept) * tokens + w_att + (0 if chunk else w_ffn), \
+                ffn_chunk + (w_ffn if chunk else 0), "one MLP chunk"
         if mode == "full":
-            return (0.0 if offload else block_input), (attention + ffn_kept) * tokens + ffn_chunk, \
+            return (0.0 if offload else block_input), (attention + ffn_kept) * tokens + ffn_chunk + w_att + w_ffn, \
                 "one block's recompute"
         # selective: the two norms and the MLP are checkpoints that keep their inputs (block input,
         # residual after attention, ffn norm's output); the attention's own saved tensors stay
-        kept = (attention - norm) * tokens + (0.0 if offload else 3 * block_input)
-        return kept, ffn_kept * tokens + ffn_chunk, "one MLP's recompute"
+        kept = (attention - norm) * tokens + w_att + (0.0 if offload else 3 * block_input)
+        return kept, ffn_kept * tokens + ffn_chunk + w_ffn, "one MLP's recompute"
 
     best = None
     for s, layers in enumerate(stages):
@@ -245,13 +288,19 @@ def estimate(cfg, world: int) -> MemoryEstimate:
         whole = sharded_numel(shapes, 1)
         held = [n if stage_sharded else whole for stage_sharded in _zero_sharding(par)]
         moments = 2 * p * held[2]
+        # torch's foreach AdamW makes one temporary the size of the moments it updates (the square
+        # root of exp_avg_sq): all of them at once, or one bucket of them when they stream from host
+        temporaries = p * held[2]
         if t.offload_optimizer:  # in host memory; on the device, the moments of the buckets in flight
             moments = min(moments, OFFLOAD_BUCKETS_IN_FLIGHT * 2 * p * DEFAULT_BUCKET_NUMEL)
+            temporaries = min(temporaries, p * DEFAULT_BUCKET_NUMEL)
         est = MemoryEstimate(params=p * held[0], grads=p * held[1], optimizer=moments,
                              optimizer_what="AdamW moments in flight from host" if t.offload_optimizer else "AdamW moments",
                              activations=int(acts), loss=int(loss),
                              transient=int(amount), transient_what=what, per_layer=per_layer, stage=s,
-                             layers=len(layers), tokens=tokens, fixed=fixed_allocations(cfg))
+                             layers=len(layers), tokens=tokens, fixed=fixed_allocations(cfg),
+                             step_temporaries=temporaries, optimizer_in_step_only=t.offload_optimizer,
+                             accumulating=n_micro > 1)
         if best is None or est.total > best.total:
             best = est
     return best

@@ -110,13 +110,16 @@ def test_autocast_saves_bf16_copies(monkeypatch):
     # norms and the residual stream stay fp32
     attention = 260 + 3 * 2 * 64 + 2 * (2 * 64 + 2 * 32) + 4 * 4
     mlp = 260 + 2 * 2 * 64 + 2 * 4 * 96
-    assert est.per_layer == {"S": (attention + mlp) * TOKENS}
+    # and each linear saves the bf16 cast of its weight (no cast cache: every call casts anew):
+    # wq, wo 64 x 64, wk, wv 32 x 64, w1, w3, w2 96 x 64, per layer whatever the tokens
+    weights = 2 * ((2 * 64 + 2 * 32) * 64 + 3 * 96 * 64)
+    assert est.per_layer == {"S": (attention + mlp) * TOKENS + weights}
     # bf16 residual (the default): a norm keeps its bf16 input and fp32 rstd, the linears after it
     # share its bf16 output
     est = estimate(_cfg(*SMALL, "train.dtype=auto"), world=2)
     attention = 2 * 64 + 4 + 2 * 64 + 2 * (2 * 64 + 2 * 32) + 4 * 4
     mlp = 2 * 64 + 4 + 2 * 64 + 2 * 4 * 96
-    assert est.per_layer == {"S": (attention + mlp) * TOKENS}
+    assert est.per_layer == {"S": (attention + mlp) * TOKENS + weights}
 
 
 def test_fixed_allocations_on_cuda_only(monkeypatch):
@@ -190,6 +193,24 @@ def test_memory_knobs_are_validated(overrides, message):
                   "train.mlp_chunk_tokens=64"), world=2)
     with pytest.raises(ConfigError, match=re.escape(message)):
         validate(_cfg("parallel.cp=2", *overrides), world=2)
+
+
+def test_peak_is_the_larger_of_backward_and_optimizer_step():
+    """Activations are consumed while gradients are made; the step's foreach temporaries come on
+    top of all the states (what ran llama_8b out of memory on one H200 at any length)."""
+    one = estimate(_cfg(*SMALL, "train.global_batch_size=2"), world=2)  # dp 1 x 2 rows: one micro-batch
+    acc = estimate(_cfg(*SMALL), world=2)  # 8 rows: four micro-batches, gradients held from the first
+    assert not one.accumulating and acc.accumulating
+    held = one.params + one.optimizer + one.fixed + one.transient
+    assert one.backward_peak == held + max(one.activations + one.loss, one.grads)
+    assert acc.backward_peak == (acc.params + acc.optimizer + acc.fixed + acc.transient + acc.activations
+                                 + acc.loss + acc.grads)
+    # the sqrt of exp_avg_sq, one moment's size, at the step
+    assert one.step_temporaries == one.params and one.step_peak == 5 * one.params + one.fixed
+    big = estimate(_cfg("model=llama_8b", "parallel.cp=1", "data.seq_len=8192", "train.micro_batch_size=1",
+                        "train.global_batch_size=1", "train.activation_checkpointing=full"), world=1)
+    assert big.total == big.step_peak == 5 * big.params + big.fixed  # params, grads, 2 moments, 1 temporary
+    assert "peak (optimizer step)" in big.table()
 
 
 def test_offloaded_optimizer_leaves_buckets_in_flight():

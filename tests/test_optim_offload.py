@@ -91,3 +91,27 @@ def test_streamed_steps_on_gpu_equal_torch_adamw():
         assert torch.equal(p, q)
         if p.requires_grad:
             assert torch.equal(opt_ref.state[p]["exp_avg_sq"].cpu(), opt_off.state[q]["exp_avg_sq"])
+
+
+def _dtensor_moments_stay_on_host(rank, world):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cuda", (world,))
+    weight = torch.nn.Parameter(distribute_tensor(torch.randn(8, 4, device="cuda"), mesh, [Shard(0)]))
+    opt = HostOffloadedAdamW([weight], lr=1e-2, foreach=True, bucket_numel=16)
+    local = opt.state[weight]["exp_avg"].to_local()
+    weight.grad = distribute_tensor(torch.ones(8, 4, device="cuda"), mesh, [Shard(0)])
+    opt.step()
+    return local.device.type, local.is_pinned(), float(opt.state[weight]["exp_avg"].to_local().abs().sum())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_dtensor_moments_stay_in_host_memory():
+    """FSDP2's parameters are DTensors on a CUDA mesh: their moments must stay host-side DTensors
+    (DTensor.from_local would have moved them to the GPU)."""
+    from tests.distributed import run_distributed
+
+    (device, pinned, total), = run_distributed(_dtensor_moments_stay_on_host, 1, backend="nccl")
+    assert device == "cpu" and pinned and total > 0  # and the step wrote into them
