@@ -389,6 +389,9 @@ def test_ring_schedule_time_by_hand():
     assert ring_schedule_time(3.5, 3.5, [0.35], 1.0, 0.1, 0.5) == pytest.approx(7.35 + 0.5 * 2.1)
     # little compute: fwd max(0.2, 1) + 0.1; bwd max(0.25, 1) + 0.25 + max(0.25, 1)
     assert ring_schedule_time(0.35, 0.35, [0.35], 1.0, 1.0, 0.0) == pytest.approx(3.35)
+    # 3 steps of 2, 1, 1 (first block 1), K/V shift 1, fp32 dK/dV shift and hop home 2: fwd
+    # max(4/7, 1) + max(2/7, 1) + 2/7; bwd max(5/7, 1) + max(5/7, 1 K/V) + max(5/7, 2 dK/dV) + max(5/7, 2)
+    assert ring_schedule_time(1.0, 1.0, [1.0, 1.0], 1.0, 2.0, 0.0, dkv=2.0) == pytest.approx(8 + 2 / 7)
     # one step (doc_balanced with nothing cut): no transfer at all
     assert ring_schedule_time(2.0, 1.0, [], 5.0, 5.0, 0.5) == 3.0
 

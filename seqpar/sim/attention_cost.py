@@ -137,24 +137,27 @@ def ring_step_calls(bounds: tuple[int, ...], world: int, layout: str = "zigzag")
 
 def _home_rows(bounds: tuple[int, ...], world: int, layout: str) -> int:
     """K/V rows of the last dK/dV hop home, busiest rank: a ring of 2 sends the block gradients of
-    its one remote step as the kernel wrote them (the rows those blocks read), a longer ring the
-    travelling accumulators."""
+    its one remote step as the kernel wrote them (the rows those blocks read, in the inputs'
+    dtype), a longer ring the travelling fp32 accumulators."""
     blocks, _, travel = _ring_plan(tuple(bounds), world, layout)
     if world != 2 or len(blocks[0]) != 2:
         return travel
     return max(sum(b.k.stop - b.k.start for b in per_rank[1]) for per_rank in blocks)
 
 
-def ring_schedule_time(first: float, rest: float, remote: list[float], kv: float, home: float, tax: float) -> float:
+def ring_schedule_time(first: float, rest: float, remote: list[float], kv: float, home: float, tax: float,
+                       dkv: float | None = None) -> float:
     """Seconds of one ring layer (forward + backward) as seqpar.attention.ring orders its work:
     `first` / `rest` the fwd+bwd seconds of step 0's first block and of its other blocks, `remote[i]`
-    those of step i+1, `kv` one K/V (or dK/dV) shift, `home` the last dK/dV hop. Forward: each
+    those of step i+1, `kv` one K/V shift, `dkv` one dK/dV shift (default `kv`), `home` the last
+    dK/dV hop. Forward: each
     step's compute hides the next step's K/V, posted at its start. Backward: the own first block
     hides the first K/V shift, step s the next K/V shift and step s-1's dK/dV, and the own other
     blocks the hop home. A transfer longer than the compute beside it is exposed; the compute it
     overlaps pays `tax` (SM sharing). So a heavy step 0 (whole documents) hides the transfers
     that a light remote step (a few crossing documents) would expose."""
     f, b = 1 / ATTN_FWD_BWD, 1 - 1 / ATTN_FWD_BWD
+    dkv = kv if dkv is None else dkv
     if not remote:
         return first + rest
     hide = lambda work, comm: max(work + tax * min(work, comm), comm)
@@ -162,7 +165,7 @@ def ring_schedule_time(first: float, rest: float, remote: list[float], kv: float
     fwd = sum(hide(f * c, kv) for c in steps[:-1]) + f * steps[-1]
     bwd = hide(b * first, kv)
     for i, c in enumerate(remote):
-        in_flight = (kv if i + 1 < len(remote) else 0.0) + (kv if i >= 1 else 0.0)
+        in_flight = (kv if i + 1 < len(remote) else 0.0) + (dkv if i >= 1 else 0.0)
         bwd += hide(b * c, in_flight)
     return fwd + bwd + hide(b * rest, home)
 
@@ -185,14 +188,17 @@ def ring_layer(calib, cluster, rows, world, heads, kv_heads, head_dim, group, fa
         steps = ring_step_calls(bounds, world, layout)
         _, travel = ring_rows(bounds, world, layout)
         kv = collective_time("send_recv", travel * kv_row, group, cluster, calib.comm) if len(steps) > 1 else 0.0
+        # beyond a ring of 2 the visiting dK/dV travel as fp32 accumulators (ring.py _acc_dtype)
+        dkv = collective_time("send_recv", travel * kv_row * 4 / act, group, cluster, calib.comm) \
+            if len(steps) > 2 else kv
         home = collective_time("send_recv", _home_rows(bounds, world, layout) * kv_row, group, cluster,
-                               calib.comm) if len(steps) > 1 else 0.0
+                               calib.comm) if len(steps) == 2 else dkv
         own = [cost(calls) for calls in steps[0]]
         busiest = max(range(world), key=lambda r: own[r])
         first = cost(steps[0][busiest][:1])
         remote = [max(cost(calls) for calls in per_rank) for per_rank in steps[1:]]
         row_compute = own[busiest] + sum(remote)
-        total += ring_schedule_time(first, own[busiest] - first, remote, kv, home, calib.overlap_tax)
+        total += ring_schedule_time(first, own[busiest] - first, remote, kv, home, calib.overlap_tax, dkv)
         compute_total += row_compute
         extra = calib.ring_piece_s * ring_pieces(bounds, world, layout)
         if len(bounds) > 2 and kv_heads < heads:
