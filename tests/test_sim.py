@@ -377,6 +377,21 @@ def test_ring_pieces_dense_none_doc_zigzag_per_document():
     assert ring_pieces(row(8), 2, "doc_zigzag") == 2 * ring_pieces(row(4), 2, "doc_zigzag") > 0
 
 
+def test_ring_fold_rows_by_hand():
+    """Rows the busiest rank's blocks fold into (queries + keys, summed over steps): 8 documents of
+    1024 over 2 ranks, zigzag chunks of 2048 that no document crosses, so step 0 is two diagonals of
+    2048 + 2048 rows and the remote step has no block; doc_balanced keeps 4 documents whole per
+    rank, one diagonal of 4096 + 4096 rows. Dense rows: 0 (their folds are in the kernel constants)."""
+    import itertools
+
+    from seqpar.sim.attention_cost import ring_fold_rows
+
+    row = tuple(itertools.accumulate([0] + [1024] * 8))
+    assert ring_fold_rows((0, 8192), 2) == 0
+    assert ring_fold_rows(row, 2) == 2 * (2048 + 2048)
+    assert ring_fold_rows(row, 2, "doc_balanced") == 4096 + 4096
+
+
 def test_ring_schedule_time_by_hand():
     """What hides each ring transfer: step 0's compute hides the first K/V shift (forward and
     backward) and the hop home, so a heavy step 0 before a light remote step exposes nothing

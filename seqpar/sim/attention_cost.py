@@ -22,9 +22,9 @@ Per method, what the code in seqpar/attention/ issues per layer (forward + backw
   issued up front and outputs as each nano-batch ends on one NCCL stream, and the SM-sharing tax
   on a rank's compute while its issued output waits for the server; a one-task call is torch's
   flash (dense_lse), several tasks Triton (packed_lse).
-- runtime extras (fitted, `runtime_extra`, `ring_pieces`): the disagg runtime's and per-document
-  CP's work beyond kernels and transfers per local token; the packed ring's per document piece
-  of its calls, and a share of the compute of packed GQA rows. The ring's dense GQA blocks run on
+- runtime extras (fitted, `runtime_extra`, `ring_pieces`, `ring_fold_rows`): the disagg runtime's
+  and per-document CP's work beyond kernels and transfers per local token; the packed ring's per
+  document piece of its calls and per row its blocks fold their results into, and a share of the compute of packed GQA rows. The ring's dense GQA blocks run on
   flash: its lse path takes cuDNN only when query and K/V heads match (kernels/dispatch.py).
 - lasp2 (linear layers): the lightning kernel on the local tokens, LASP-2's extra passes (state,
   readout: fitted), one all-gather of the fp32 H x Dk x Dv states forward and one backward;
@@ -127,6 +127,20 @@ def ring_pieces(bounds: tuple[int, ...], world: int, layout: str = "zigzag") -> 
     return sum(max(sum(len(c.segments) for c in calls if c) for calls in per_rank) for per_rank in steps)
 
 
+def ring_fold_rows(bounds: tuple[int, ...], world: int, layout: str = "zigzag") -> int:
+    """Rows the busiest rank's ring blocks fold their results into, summed over steps (each block's
+    query rows, for out and dq, and key rows, for dK/dV): what the packed ring pays per row beyond
+    its kernels (`calib.ring_fold_row_s`, fitted on the packed ring rows). The era-0 ring merged every
+    block result into zero-filled fp32 buffers (the 00:47 profile of its packed zigzag ring: ~6 ms of
+    add_ / copy_ / fill_ / cat beside 27 ms of kernels at 64k); the fold plans (7a17a3f) removed
+    most of it. Dense rows: 0 (their cost is in the kernel constants, fitted on dense ring rows)."""
+    if len(bounds) <= 2:
+        return 0
+    blocks = _ring_plan(tuple(bounds), world, layout)[0]
+    return sum(max(sum(b.q.stop - b.q.start + b.k.stop - b.k.start for b in blocks[r][s]) for r in range(world))
+               for s in range(len(blocks[0])))
+
+
 @functools.lru_cache(maxsize=256)
 def ring_step_calls(bounds: tuple[int, ...], world: int, layout: str = "zigzag"):
     """calls[s][r]: rank r's kernel calls at ring step s (seqpar.attention.ring's own plan,
@@ -201,6 +215,7 @@ def ring_layer(calib, cluster, rows, world, heads, kv_heads, head_dim, group, fa
         total += ring_schedule_time(first, own[busiest] - first, remote, kv, home, calib.overlap_tax, dkv)
         compute_total += row_compute
         extra = calib.ring_piece_s * ring_pieces(bounds, world, layout)
+        extra += calib.ring_fold_row_s * ring_fold_rows(bounds, world, layout) * heads * head_dim / REF_HD
         if len(bounds) > 2 and kv_heads < heads:
             # packed GQA rows ran slower than the MHA-fitted kernel constants say (disagg bench only)
             extra += calib.ring_gqa_slowdown * row_compute

@@ -11,7 +11,7 @@ cluster-derived default and says so in `Calibration.sources`. `exclude` drops na
 | LASP-2 extra per layer (fixed, per token) | lasp bench: lasp2 (what lasp2_attention runs) minus the kernel on the local half minus the gather |
 | overlap tax | ring bench: exposed comm (ring - compute-only) over the modelled transfers |
 | intra-node alpha/beta per collective | comm bench (`python -m seqpar.bench comm`), when present |
-| runtime extra per local token (disagg, per-document CP); packed ring per document piece | disagg bench case means; ring bench packed rows |
+| runtime extra per local token (disagg, per-document CP); packed ring per document piece and per folded row | disagg bench case means; ring bench packed rows |
 | Triton flash over torch's varlen flash on packed rows (time ratio) | kernels bench: flash section, packed rows |
 | layer host overhead | the default job (tiny model, launch-bound) end to end |
 | element-wise factor | llama_1b 16k end to end on one GPU |
@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from seqpar.sim.comm import LinkFit
-from seqpar.sim.compute import HEAD_DIM_RATE, AttnFit
+from seqpar.sim.compute import HEAD_DIM_RATE, REF_HD, AttnFit
 from seqpar.sim.measurements import (disagg_samples, e2e_samples, folder_health, lasp_samples, load_benchmarks,
                                      ring_samples)
 
@@ -44,6 +44,7 @@ class Calibration:
     layer_overhead_s: float
     runtime_token_s: dict[str, float] = field(default_factory=dict)  # see attention_cost.runtime_extra
     ring_piece_s: float = 0.0  # see attention_cost.ring_pieces
+    ring_fold_row_s: float = 0.0  # see attention_cost.ring_fold_rows (per row at 32 heads x 128)
     ring_gqa_slowdown: float = 0.0  # packed ring with fewer K/V than query heads: extra share of its compute
     fused_norm_eff: float = 1.0  # Triton RMSNorm's share of HBM copy bandwidth (slowest of fwd, bwd)
     fused_rope_eff: float = 1.0  # Triton RoPE's
@@ -69,6 +70,7 @@ class Calibration:
                 "attention_rate_by_head_dim": {str(k): round(v, 3) for k, v in self.head_dim_rate.items()},
                 "runtime_ns_per_local_token": {k: round(v * 1e9, 2) for k, v in self.runtime_token_s.items()},
                 "ring_per_document_piece_us": round(self.ring_piece_s * 1e6, 2),
+                "ring_per_folded_row_ns": round(self.ring_fold_row_s * 1e9, 3),
                 "ring_packed_gqa_slowdown": round(self.ring_gqa_slowdown, 4),
                 "triton_packed_time_ratio": round(self.triton_packed_ratio, 4),
                 "triton_dense_time_ratio": round(self.triton_dense_ratio, 4),
@@ -264,16 +266,16 @@ def _ring_compute(rows, s, calib, cluster) -> float:
 
 
 def fit_runtime(ring, disagg, calib, cluster, exclude=()) -> tuple[dict[str, float], float | None]:
-    """({runtime: s per local token}, (s per ring document piece, GQA slowdown)) beyond the modelled
+    """({runtime: s per local token}, (s per ring document piece, GQA slowdown, s per folded row)) beyond the modelled
     kernels and transfers: `disagg` on the disagg benchmark's disagg rows (with and without ping-pong),
     `per_doc_cp` on its per-document CP rows (the same runtime serving its own chunks), the ring's
     per-piece cost (attention_cost.ring_pieces) and the packed GQA rows' extra share of compute on the
     packed ring rows of the ring benchmark (MHA) and the disagg benchmark's ring rows (GQA 32/8). Fitted on each case's mean over its batches, every extra at zero."""
-    from seqpar.sim.attention_cost import ring_layer, ring_pieces
+    from seqpar.sim.attention_cost import ring_fold_rows, ring_layer, ring_pieces
     from seqpar.sim.cases import RUNTIME_OF, disagg_case
     from seqpar.sim.comm import placed
 
-    base = replace(calib, runtime_token_s={}, ring_piece_s=0.0, ring_gqa_slowdown=0.0)
+    base = replace(calib, runtime_token_s={}, ring_piece_s=0.0, ring_gqa_slowdown=0.0, ring_fold_row_s=0.0)
     points = {"disagg": [], "per_doc_cp": []}
     ring_points = []
     for s in disagg:
@@ -287,9 +289,10 @@ def fit_runtime(ring, disagg, calib, cluster, exclude=()) -> tuple[dict[str, flo
             elif case:
                 rows = [b for b, r in s["batches"] if f"{method}_ms" in r]
                 pieces = sum(ring_pieces(tuple(b), s["world"]) for b in rows) / len(rows)
+                folds = sum(ring_fold_rows(tuple(b), s["world"]) for b in rows) / len(rows) * s["H"] * s["D"] / REF_HD
                 own = replace(base, packed_kernel=s.get("packed_kernel", "triton"))
                 gqa = _ring_compute(rows, s, own, cluster) if s["Hkv"] < s["H"] else 0.0
-                ring_points.append(((pieces, gqa), case[0], case[1]))
+                ring_points.append(((pieces, gqa, folds), case[0], case[1]))
     for s in ring:
         if s["group"] in exclude or s["kind"] != "ring" or len(s["bounds"]) <= 2:
             continue
@@ -297,7 +300,8 @@ def fit_runtime(ring, disagg, calib, cluster, exclude=()) -> tuple[dict[str, flo
         group = placed(s["world"], 1, cluster.gpus_per_node)
         pred = ring_layer(replace(base, packed_kernel="flash"), cluster, [s["bounds"]], s["world"], s["H"], s["H"], s["D"], group, s["family"],
                           layout=layout)[0]
-        ring_points.append(((ring_pieces(tuple(s["bounds"]), s["world"], layout), 0.0), s["measured"], pred))
+        folds = ring_fold_rows(tuple(s["bounds"]), s["world"], layout) * s["H"] * s["D"] / REF_HD
+        ring_points.append(((ring_pieces(tuple(s["bounds"]), s["world"], layout), 0.0, folds), s["measured"], pred))
     per_token = {name: _one_scale(pts) for name, pts in points.items() if pts}
     return per_token, (tuple(_scales(ring_points)) if ring_points else None)
 
@@ -458,7 +462,7 @@ def calibrate(root: Path | None = None, exclude: tuple[str, ...] = (), cluster=N
     if runtime or piece is not None:
         calib.runtime_token_s.update(runtime)
         if piece is not None:
-            calib.ring_piece_s, calib.ring_gqa_slowdown = piece
+            calib.ring_piece_s, calib.ring_gqa_slowdown, calib.ring_fold_row_s = piece
         calib.sources["runtime"] = ", ".join(sorted({p for p, _ in found["disagg"]} | {s["file"] for s in ring}))
     lasp = fit_lasp(lasp_samples(found), calib, cluster, exclude)
     if lasp:
