@@ -164,10 +164,9 @@ def ring_schedule_time(first: float, rest: float, remote: list[float], kv: float
     """Seconds of one ring layer (forward + backward) as seqpar.attention.ring orders its work:
     `first` / `rest` the fwd+bwd seconds of step 0's first block and of its other blocks, `remote[i]`
     those of step i+1, `kv` one K/V shift, `dkv` one dK/dV shift (default `kv`), `home` the last
-    dK/dV hop. Forward: each
-    step's compute hides the next step's K/V, posted at its start. Backward: the own first block
-    hides the first K/V shift, step s the next K/V shift and step s-1's dK/dV, and the own other
-    blocks the hop home. A transfer longer than the compute beside it is exposed; the compute it
+    dK/dV hop. Forward: each step's compute hides the next step's K/V, posted at its start.
+    Backward: the own first block hides the first K/V shift, step s the next K/V shift and step
+    s-1's dK/dV, and the own other blocks the hop home. A transfer longer than the compute beside it is exposed; the compute it
     overlaps pays `tax` (SM sharing). So a heavy step 0 (whole documents) hides the transfers
     that a light remote step (a few crossing documents) would expose."""
     f, b = 1 / ATTN_FWD_BWD, 1 - 1 / ATTN_FWD_BWD
