@@ -200,8 +200,9 @@ def build_model(cfg, dims: ParallelDims, device):
     """This rank's part of the model: its pipeline stage, initialised (the same weights under
     every layout), then tensor parallel, activation checkpointing and FSDP applied."""
     torch.manual_seed(cfg.train.seed)
-    model = pipeline_stage(Transformer(cfg.model), dims, cfg)
-    model = model.to(device=device, dtype=param_dtype(cfg, device))
+    with torch.device("meta"):  # init_weights writes every weight: torch's own init would be wasted (~1 min for 8B)
+        model = pipeline_stage(Transformer(cfg.model), dims, cfg)
+    model = model.to_empty(device=device).to(dtype=param_dtype(cfg, device))
     model.init_weights(cfg.train.seed)
     return parallelize(model, dims, cfg)
 

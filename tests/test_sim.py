@@ -162,6 +162,26 @@ def test_validate_on_committed_benchmarks(tmp_path):
         assert c["rel_err"] == pytest.approx((c["predicted_s"] - c["measured_s"]) / c["measured_s"], abs=1e-3)
     assert result["memory"] and all(m["predicted_gib"] > 0 for m in result["memory"])
     assert result["summary"]["within_goal"] == sum(abs(c["rel_err"]) <= 0.1 for c in result["cases"])
+    # maxlen peaks validate the estimate, as the benchmark ran them, unless a run is known not to
+    assert any(m["name"].startswith("maxlen ") for m in result["memory"])
+    excluded = " ".join(e["reason"] for e in result["excluded"])
+    assert "DTensor.from_local moved them" in excluded and "created lazily after the first step" in excluded
+    # of two runs of one configuration, the later code's peak is the one validated
+    assert any(e["name"].startswith("memory of e2e") for e in result["excluded"])
+
+
+def test_maxlen_memory_samples_rebuild_the_benchmarks_overrides(tmp_path):
+    from seqpar.bench.maxlen import MODES, base_overrides, trial_overrides
+    from seqpar.sim.measurements import maxlen_memory_samples
+
+    run = {"benchmark": "maxlen", "model": "llama_8b", "gpus": 2, "steps_per_trial": 1, "results": [
+        {"mode": "full_offload", "overrides": MODES["full_offload"], "trials": [
+            {"seq_len": 65536, "fits": True, "max_mem_gb": 50.0}, {"seq_len": 131072, "fits": False}]}]}
+    found = {"maxlen": [(str(tmp_path / "2026-12-01-run" / "maxlen.json"), run)]}
+    sample, = maxlen_memory_samples(found)
+    assert sample["world"] == 2 and sample["measured_mem_gib"] == 50.0
+    assert sample["overrides"] == trial_overrides(base_overrides("llama_8b", 2), MODES["full_offload"], 65536)
+    assert not maxlen_memory_samples({"maxlen": [(str(tmp_path / "2026-11-25-h100-maxlen" / "m.json"), run)]})
 
 
 def test_predict_cli_writes_json(tmp_path):

@@ -82,12 +82,22 @@ def compose(overrides: list[str]):
         return hydra_compose(config_name="train", overrides=[*overrides, "run_dir=unused"])
 
 
+def base_overrides(model: str, cp: int) -> list[str]:
+    """What every trial of `model` on `cp` GPUs runs with (one sequence of one document per step)."""
+    return [f"model={model}", "train=long", "data=synthetic", "data.distribution=fixed",
+            f"launcher.nproc_per_node={cp}", f"parallel.cp={cp}", "logging.console=false", "train.warmup_steps=1"]
+
+
+def trial_overrides(base: list[str], mode: list[str], length: int, steps: int = 1) -> list[str]:
+    return [*base, *mode, f"data.seq_len={length}", f"data.mean_len={length}", f"train.steps={steps}"]
+
+
 def predicted_start(base: list[str], mode: list[str], step: int, max_len: int, capacity: int, world: int) -> int:
     """The longest length (a multiple of `step`, at least one step) whose estimate is within
     `capacity` bytes; bisected, as the estimate grows with the length."""
     from seqpar.memory import estimate
 
-    fits = lambda n: estimate(compose([*base, *mode, f"data.seq_len={n}", f"data.mean_len={n}"]), world).total <= capacity
+    fits = lambda n: estimate(compose(trial_overrides(base, mode, n)), world).total <= capacity
     lo, hi = 0, max_len // step + 1  # in steps: lo fits (or is 0), hi does not
     while hi - lo > 1:
         mid = (lo + hi) // 2
@@ -100,7 +110,7 @@ def trial(base: list[str], mode: list[str], length: int, steps: int, timeout: fl
     """Train `steps` steps at `length`; the last step's metrics if it fit, else None."""
     from seqpar.memory import estimate
 
-    overrides = [*base, *mode, f"data.seq_len={length}", f"data.mean_len={length}", f"train.steps={steps}"]
+    overrides = trial_overrides(base, mode, length, steps)
     predicted = estimate(compose(overrides), world).total_gb
     with tempfile.TemporaryDirectory() as run_dir:
         cmd = [sys.executable, "-m", "seqpar.train", *overrides, f"run_dir={run_dir}"]
@@ -155,9 +165,7 @@ def main(argv=None) -> int:
     import torch
 
     model = "tiny_hybrid" if args.smoke else args.model
-    base = [f"model={model}", "train=long", "data=synthetic", "data.distribution=fixed",
-            f"launcher.nproc_per_node={args.cp}", f"parallel.cp={args.cp}", "logging.console=false",
-            "train.warmup_steps=1"]
+    base = base_overrides(model, args.cp)
     if args.smoke:
         base += ["train.device=cpu", "data.num_tokens=65536"]
         capacity = 28 << 20  # a pretend device, so that the estimate picks a start inside max_len

@@ -300,17 +300,55 @@ TORCH_ELEMENTWISE_RUNS = {"2026-11-25-h100-foundation", "2026-11-25-h100-llama1b
                           "2026-11-25-2xh100-linear"}
 
 
+# maxlen runs whose memory peaks say nothing about today's code, and why
+MAXLEN_LAZY_STATES = {"2026-11-25-h100-maxlen"}  # before the engine created AdamW's states up front
+MAXLEN_NOT_COMPARABLE = {
+    "2026-11-26-2xh200-pm/maxlen_8b_cp2.json":
+        "its AdamW moments were on the GPU, not in host memory as train.offload_optimizer means "
+        "(DTensor.from_local moved them to the mesh's device; fixed in d7e0cd4): 30 GiB per GPU the estimate "
+        "rightly leaves out",
+}
+
+
 def maxlen_exclusions(found) -> list[dict]:
-    """The maxlen benchmark's one-step trials, each with why it validates nothing."""
+    """The maxlen benchmark's one-step trials: their times (the first step's warm-up included)
+    validate nothing, and neither do the memory peaks of the runs named above."""
     out = []
     for path, data in found["maxlen"]:
+        folder = Path(path).parent.name
+        odd = MAXLEN_NOT_COMPARABLE.get(f"{folder}/{Path(path).name}")
         for res in data.get("results", []):
-            reason = ("one step per trial (its time includes the first step's warm-up); its memory peak lacks "
-                      "the optimizer states, which were created lazily after the first step then")
-            if "offload" in res.get("mode", ""):
-                reason += "; the offload mode also had a leak fixed since"
+            reason = "one step per trial (its time includes the first step's warm-up)"
+            if folder in MAXLEN_LAZY_STATES:
+                reason += ("; its memory peak lacks the optimizer states, which were created lazily after the "
+                           "first step then")
+                if "offload" in res.get("mode", ""):
+                    reason += "; the offload mode also had a leak fixed since"
+            elif odd:
+                reason += f"; its memory peak: {odd}"
             out.append({"name": f"maxlen {data.get('model')} {res.get('mode')} {res.get('max_seq_len', 0) // 1024}k",
                         "measured_s": None, "reason": reason, "file": os.path.relpath(path)})
+    return out
+
+
+def maxlen_memory_samples(found) -> list[dict]:
+    """Peaks of the maxlen trials that fit, with the overrides the benchmark ran them with."""
+    from seqpar.bench.maxlen import base_overrides, trial_overrides
+
+    out = []
+    for path, data in found["maxlen"]:
+        folder = Path(path).parent.name
+        if folder in MAXLEN_LAZY_STATES or f"{folder}/{Path(path).name}" in MAXLEN_NOT_COMPARABLE:
+            continue
+        gpus = data.get("gpus", 1)
+        for res in data.get("results", []):
+            for t in res.get("trials", []):
+                if t.get("fits") and t.get("max_mem_gb"):
+                    out.append({"name": f"maxlen {folder}/{data['model']} {res['mode']} {t['seq_len'] // 1024}k "
+                                        f"on {gpus} GPU{'s' if gpus > 1 else ''}",
+                                "world": gpus, "measured_mem_gib": t["max_mem_gb"],
+                                "overrides": trial_overrides(base_overrides(data["model"], gpus), res["overrides"],
+                                                             t["seq_len"], data.get("steps_per_trial", 1))})
     return out
 
 
