@@ -103,7 +103,10 @@ def build_optimizer(model, cfg, device):
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     kwargs = dict(lr=t.lr, betas=(t.beta1, t.beta2), foreach=device.type == "cuda")
     if t.offload_optimizer:
-        check_host_memory(model.parameters(), int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+        # ranks sharing this host's RAM: torchrun says; under Slurm/Ray, at most one per local GPU
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        local = os.environ.get("LOCAL_WORLD_SIZE") or min(world, max(1, torch.cuda.device_count()))
+        check_host_memory(model.parameters(), int(local))
         opt = HostOffloadedAdamW(groups, **kwargs)
     else:
         opt = torch.optim.AdamW(groups, **kwargs)
