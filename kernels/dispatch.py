@@ -215,7 +215,13 @@ def _wants_triton(q, k, v, **features) -> bool:
     choice = _attn_choice()
     if choice == "triton":
         return True
-    return choice == "auto" and attention_case(q, k, **features) in TRITON_FASTER
+    case = attention_case(q, k, **features)
+    # One document given by boundaries, with an lse (a disagg server with one task): cuDNN's lse
+    # path takes no boundaries, so torch's kernel is FA2 varlen, slower than this one dense and
+    # packed (326/320 against 394/381 TFLOP/s, 2026-11-25-h100-kernels) and, unless told the
+    # longest document, reading it on the host at every call.
+    bounded = any(features.get(n) is not None for n in ("cu_seqlens", "cu_seqlens_q"))
+    return choice == "auto" and (case in TRITON_FASTER or (case == "dense_lse" and bounded))
 
 
 def flash_attn_choice(q, k, v, *, backward=False, **features) -> tuple[str, str]:

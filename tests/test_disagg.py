@@ -772,3 +772,108 @@ def test_kernels_write_into_the_final_tensors_and_copy_less():
         print(f"ping_pong={ping_pong}: copy bytes per rank before {[b['bytes'] for b in before]} "
               f"after {[a['bytes'] for a in after]} (nano-batches {[a['nanos'] for a in after]}); "
               f"before {[b['per_op'] for b in before]} after {[a['per_op'] for a in after]}")
+
+
+# ---- the benchmark's accounting: the call without its transfers, and its transfers alone ----
+
+def _parts_pieces(rank, world):
+    import torch.distributed as dist
+    from seqpar.attention.disagg import runtime
+    from seqpar.bench.disagg import TransferTrace, _collective, _fwd_bwd, _no_transfer
+    from seqpar.parallel.traffic import count_traffic
+    docs = [0, 1, 9, 300, 301, 325, 512]
+    cu = torch.tensor(docs, dtype=torch.int32)
+    g = torch.Generator().manual_seed(5)
+    q, k, v, grad = (shard_sequence(torch.randn(1, 512, h, 8, generator=g, dtype=torch.float64), layout="contiguous")
+                     for h in (4, 2, 2, 4))
+    calls = []
+    kernels_ = {name: getattr(runtime, name) for name in ("flash_attn", "flash_attn_backward")}
+
+    def counted(name):
+        def call(*a, **kw):
+            calls.append(name)
+            return kernels_[name](*a, **kw)
+        return call
+    results = {}
+    try:
+        for name in kernels_:
+            setattr(runtime, name, counted(name))
+        for ping_pong in (True, False):
+            fn = lambda *x: disagg_attention(*x, cu_seqlens=cu, layout="contiguous", min_chunk=16, ping_pong=ping_pong)
+            res = {}
+            for mode, swap in (("whole", None), ("compute", _no_transfer), ("trace", TransferTrace())):
+                calls.clear()
+                with count_traffic() as traffic:
+                    if swap is None:
+                        out = _fwd_bwd(fn, q, k, v, grad)
+                    else:
+                        with _collective(swap):
+                            out = _fwd_bwd(fn, q, k, v, grad)
+                res[mode] = dict(a2a=traffic.calls["all_to_all_single"], bytes=traffic.bytes["all_to_all_single"],
+                                 kernels=list(calls), shape=tuple(out.shape))
+                if mode == "trace":
+                    with count_traffic() as traffic:
+                        swap.replay(q.device)()
+                    res["replay"] = dict(a2a=traffic.calls["all_to_all_single"],
+                                         bytes=traffic.bytes["all_to_all_single"],
+                                         waits=sum(kind == "wait" for kind, _ in swap.events))
+            results[ping_pong] = res
+    finally:
+        for name, fn in kernels_.items():
+            setattr(runtime, name, fn)
+    dist.barrier()
+    return results
+
+
+def test_bench_parts_are_the_call_without_transfers_and_its_transfers_alone():
+    for res in run_distributed(_parts_pieces, 2):
+        for ping_pong, r in res.items():
+            whole, compute, trace, replay = r["whole"], r["compute"], r["trace"], r["replay"]
+            assert whole["a2a"] > 0, "the mix must move work, or this test proves nothing"
+            # compute only: the same kernels in the same order, no collective
+            assert compute["a2a"] == 0 and compute["kernels"] == whole["kernels"], (ping_pong, compute, whole)
+            # recording does not change the call; the replay issues exactly its collectives, each waited for
+            assert trace["a2a"] == whole["a2a"] and trace["bytes"] == whole["bytes"], (ping_pong, trace, whole)
+            assert replay["a2a"] == whole["a2a"] and replay["bytes"] == whole["bytes"], (ping_pong, replay, whole)
+            assert replay["waits"] == whole["a2a"], replay
+
+
+def test_bench_summary_takes_parts_from_the_same_batches():
+    from seqpar.bench.disagg import hidden_fraction, summarize
+    base = dict(balanced_ideal_ms=100.0, dp_no_rebalance_ms=150.0, ring_ms=160.0, per_doc_cp_ms=110.0,
+                disagg_no_pingpong_ms=120.0)
+    rows = [dict(base, disagg_ms=200.0, disagg_compute_only_ms=190.0, disagg_comm_only_ms=20.0, disagg_collectives=8),
+            dict(base, disagg_ms=50.0, disagg_compute_only_ms=50.0, disagg_comm_only_ms=0.0, disagg_collectives=0),
+            dict(base, disagg_ms=60.0)]  # a batch without parts
+    s = summarize(rows)
+    assert s["disagg_ms"] == pytest.approx(310 / 3)  # the whole: every batch
+    # parts: only the batch that timed them and moved work, against its own whole
+    assert s["disagg_parts_batches"] == 1 and s["disagg_parts_ms"] == 200.0
+    assert s["disagg_compute_only_ms"] == 190.0 and s["disagg_exposed_comm_ms"] == 10.0
+    assert s["disagg_hidden_fraction"] == pytest.approx(0.5) == hidden_fraction(200.0, 190.0, 20.0)
+    assert "disagg_no_pingpong_hidden_fraction" not in s
+    assert hidden_fraction(10.0, 10.0, 0.0) is None
+
+
+def test_one_task_server_call_goes_to_the_triton_kernel(monkeypatch):
+    """A server with one task calls varlen attention on one document with its lse: torch's kernel
+    for that is FA2 varlen (slower, and a host sync for the longest document), so it goes to
+    Triton like packed calls; a dense call without boundaries stays with torch's kernels."""
+    from seqpar.kernels import dispatch
+    monkeypatch.setattr(dispatch, "triton_flash_applies", lambda q, k, v: True)
+    monkeypatch.delenv(dispatch.ATTN_ENV, raising=False)
+    q, k = torch.empty(1, 256, 4, 64), torch.empty(1, 512, 2, 64)
+    one = dict(cu_seqlens_q=torch.tensor([0, 256]), cu_seqlens_k=torch.tensor([0, 512]))
+    assert dispatch._wants_triton(q, k, k, return_lse=True, **one)
+    assert dispatch._wants_triton(q, k, k, return_lse=True, cu_seqlens_q=torch.tensor([0, 100, 256]),
+                                  cu_seqlens_k=torch.tensor([0, 200, 512]))
+    assert not dispatch._wants_triton(q, q, q, return_lse=True), "dense rows stay with cuDNN"
+    assert not dispatch._wants_triton(q, q, q), "dense rows stay with cuDNN"
+    monkeypatch.setenv(dispatch.ATTN_ENV, "flash")
+    assert not dispatch._wants_triton(q, k, k, return_lse=True, **one), "an explicit kernel family wins"
+
+
+def test_server_boundaries_carry_their_longest_document():
+    from seqpar.attention.disagg.runtime import _to_device
+    t = _to_device([0, 3, 10, 10, 12], torch.device("cpu"))
+    assert t.tolist() == [0, 3, 10, 10, 12] and t.seqpar_max_seqlen == 7

@@ -14,9 +14,13 @@ one layer (bf16, H=32 query heads, 8 key/value heads, D=128 on CUDA), per batch:
 - ring: ring attention over the row re-cut zigzag (plain packing + ring CP);
 - per_doc_cp: every document cut into 2N chunks, rank r holding chunks r and 2N-1-r of each
   (WLB-ideal); queries stay, each rank gathers the key/value prefixes its chunks need;
-- for disagg: compute_only (the servers' flash calls alone) and comm_only (its all-to-alls
-  alone), so exposed_comm = disagg - compute_only and hidden = 1 - exposed / comm_only; and
-  waited (the time the compute stream stood still on transfers, CUDA events around each wait).
+- for disagg, on the first --parts-batches batches: compute_only (the same fwd+bwd call with its
+  all-to-alls skipped: every copy and kernel, nothing waited for) and comm_only (the all-to-alls
+  that call issued, recorded and replayed alone: same sizes, order and waits), both timed like
+  the whole, so exposed_comm = disagg - compute_only and hidden_fraction = (compute_only +
+  comm_only - disagg) / comm_only; the summary takes them over the batches that moved work,
+  with the whole's time over the same batches; and waited (per call, the time the compute stream
+  stood still on transfers, CUDA events around each wait, counted after a warm-up call).
 
 Reported per (mix, tokens per rank): modelled attention imbalance (max/mean) before and after
 planning, bytes each method sends (fwd+bwd, summed over ranks), and the methods' times averaged
@@ -27,6 +31,7 @@ per-task overhead from. Without CUDA: a small smoke form on gloo (CI runs it on 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gzip
 import json
@@ -39,7 +44,7 @@ import torch
 import torch.distributed as dist
 
 from seqpar import kernels
-from seqpar.attention.disagg import configure, current, fit_task_overhead, step_metrics
+from seqpar.attention.disagg import configure, current, fit_task_overhead, runtime, step_metrics
 from seqpar.attention.disagg.options import planner_overhead
 from seqpar.attention.disagg.planner import plan_owned
 from seqpar.attention.disagg.routing import route
@@ -113,43 +118,81 @@ def _route_rows(x_full, owned_r):
     return _gather_rows(x_full, owned_r)[0]
 
 
-class _DisaggParts:
-    """The server-side compute and the transfers of one disagg call, each alone."""
+@contextlib.contextmanager
+def _collective(fn):
+    """`disagg_attention`'s all-to-all swapped for `fn` while inside."""
+    previous, runtime.all_to_all = runtime.all_to_all, fn
+    try:
+        yield
+    finally:
+        runtime.all_to_all = previous
 
-    def __init__(self, routes, hq, hkv, d, dtype, device):
-        self.routes, self.hq, self.hkv, self.d = routes, hq, hkv, d
-        g = torch.Generator(device=device).manual_seed(0)
-        self.srv = []
-        for r in routes:
-            nq, nk = r.cu_q[-1], r.cu_k[-1]
-            t = [torch.randn(1, n, h, d, device=device, dtype=dtype, generator=g)
-                 for n, h in ((nq, hq), (nk, hkv), (nk, hkv), (nq, hq))]
-            cu = [torch.tensor(c, dtype=torch.int32, device=device) for c in (r.cu_q, r.cu_k)]
-            self.srv.append((t, cu))
-        self.dtype, self.device = dtype, device
 
-    def compute(self):
-        for (q, k, v, do), (cu_q, cu_k) in self.srv:
-            if q.shape[1]:
-                o, lse = flash_attn(q, k, v, causal=True, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, return_lse=True)
-                flash_attn_backward(do, q, k, v, o, lse, causal=True, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+def _no_transfer(out, x, recv, send, group):
+    """The call without its transfers: the received buffers keep what they were allocated with,
+    so every copy and kernel runs on the same shapes (other values), and nothing is waited for."""
+    return None
 
-    def comm(self):
-        works = []
-        wq, wkv = self.hq * self.d, self.hkv * 2 * self.d
-        for r in (r for r in self.routes if r.collective):  # the runtime's messages, rows kept by a rank excluded:
-            # fwd Q with K|V out, O back; bwd dO out, dQ with dK|dV back
-            mine = lambda splits: [0 if i == r.rank else n for i, n in enumerate(splits)]
-            qs, qr, ks, kr = (mine(x) for x in (r.q_send_splits, r.q_recv_splits, r.kv_send_splits, r.kv_recv_splits))
-            inputs = [a * wq + b * wkv for a, b in zip(qs, ks)], [a * wq + b * wkv for a, b in zip(qr, kr)]
-            outputs = [a * wq for a in qr], [a * wq for a in qs]
-            grads = [a * wq + b * wkv for a, b in zip(qr, kr)], [a * wq + b * wkv for a, b in zip(qs, ks)]
-            for send, recv in (inputs, outputs, ([a * wq for a in qs], [a * wq for a in qr]), grads):
-                x = torch.empty(sum(send), device=self.device, dtype=self.dtype)
-                y = torch.empty(sum(recv), device=self.device, dtype=self.dtype)
-                works.append(dist.all_to_all_single(y, x, list(recv), list(send), async_op=True))
-        for w in works:
-            w.wait()
+
+class TransferTrace:
+    """The collectives of disagg calls as the runtime issued and waited for them (sizes, order,
+    and where each wait came), recorded from real calls; `replay` times them alone."""
+
+    def __init__(self):
+        self.issued, self.events = [], []  # (out numel, in numel, dtype, recv, send, group); ("issue"|"wait", i)
+
+    def __call__(self, out, x, recv, send, group):
+        i = len(self.issued)
+        self.issued.append((out.numel(), x.numel(), out.dtype, list(recv), list(send), group))
+        self.events.append(("issue", i))
+        return _RecordedWork(self.events, i, runtime._all_to_all(out, x, recv, send, group))
+
+    def replay(self, device):
+        """A function that issues the same all-to-alls on buffers of the same sizes, and waits for
+        each where the runtime did: the transfers of the recorded calls without their compute."""
+        bufs = [(torch.empty(o, dtype=dt, device=device), torch.empty(n, dtype=dt, device=device))
+                for o, n, dt, *_ in self.issued]
+
+        def run():
+            works = {}
+            for kind, i in self.events:
+                if kind == "issue":
+                    recv, send, group = self.issued[i][3:]
+                    works[i] = dist.all_to_all_single(bufs[i][0], bufs[i][1], recv, send, group=group, async_op=True)
+                else:
+                    works.pop(i).wait()
+            for w in works.values():  # never waited by the runtime: still part of the transfers
+                w.wait()
+        return run
+
+
+class _RecordedWork:
+    def __init__(self, events, i, work):
+        self.events, self.i, self.work = events, i, work
+
+    def wait(self):
+        self.events.append(("wait", self.i))
+        return self.work.wait()
+
+
+def parts_times(fn, inputs, timer, device) -> dict:
+    """The call `fn(*inputs)` fwd+bwd timed as the whole is (same timer, max over ranks) without
+    its transfers (compute_only: every copy and kernel) and as its transfers alone (comm_only:
+    the recorded all-to-alls, same sizes, order and waits); hidden_fraction = the share of the
+    transfer time that the whole did not pay on top of its compute."""
+    with _collective(_no_transfer):
+        compute = _max_over_ranks(timer(lambda: _fwd_bwd(fn, *inputs)), device)
+    trace = TransferTrace()
+    with _collective(trace):
+        _fwd_bwd(fn, *inputs)
+    comm = _max_over_ranks(timer(trace.replay(device)), device) if trace.issued else 0.0
+    return {"compute_only_ms": compute, "comm_only_ms": comm, "collectives": len(trace.issued)}
+
+
+def hidden_fraction(total, compute_only, comm_only):
+    """(compute_only + comm_only - total) / comm_only: 1 when the transfers cost nothing on top of
+    the compute, 0 when they add their whole time; None without transfers."""
+    return None if comm_only <= 0 else (compute_only + comm_only - total) / comm_only
 
 
 def bench_batch(args, bounds, device, timer, world, rank, check=False, parts=False) -> dict:
@@ -177,6 +220,7 @@ def bench_batch(args, bounds, device, timer, world, rank, check=False, parts=Fal
     opts = current()
     for name, pp in (("disagg", True), ("disagg_no_pingpong", False)):
         fn = lambda *x, pp=pp: disagg_attention(*x, causal=True, cu_seqlens=cu, layout="contiguous", ping_pong=pp)
+        _fwd_bwd(fn, *contiguous)  # plans, tunes and compiles before the waits are counted
         step_metrics()
         row[f"{name}_ms"] = _max_over_ranks(timer(lambda: _fwd_bwd(fn, *contiguous)), device)
         m = step_metrics()  # compute stood still waiting for transfers, per call, slowest rank
@@ -184,19 +228,17 @@ def bench_batch(args, bounds, device, timer, world, rank, check=False, parts=Fal
         routes, info = _plan_routes(tuple(bounds), S, world, rank, "contiguous", float(opts.eps), int(opts.min_chunk),
                                     True, planner_overhead(opts), (q_row, kv_row), pp)
         row[f"{name}_bytes"] = int(sum(_all_ranks(sum(r.sent_rows(q_row, kv_row) for r in routes), device)))
-        if parts:  # the call's compute and transfers, each alone: how much of the transfer time shows
-            alone = _DisaggParts(routes, hq, hkv, d, dt, device)
-            row[f"{name}_compute_only_ms"] = _max_over_ranks(timer(alone.compute), device)
-            row[f"{name}_comm_only_ms"] = _max_over_ranks(timer(alone.comm), device)
-            exposed = row[f"{name}_ms"] - row[f"{name}_compute_only_ms"]
-            row[f"{name}_exposed_comm_ms"] = round(exposed, 3)
-            if row[f"{name}_comm_only_ms"] > 0:
-                row[f"{name}_hidden_fraction"] = round(1 - max(0.0, exposed) / row[f"{name}_comm_only_ms"], 3)
-            del alone
+        if parts:  # the same call without its transfers, and its transfers alone
+            for key, value in parts_times(fn, contiguous, timer, device).items():
+                row[f"{name}_{key}"] = value
+            row[f"{name}_exposed_comm_ms"] = round(row[f"{name}_ms"] - row[f"{name}_compute_only_ms"], 3)
+            row[f"{name}_hidden_fraction"] = hidden_fraction(row[f"{name}_ms"], row[f"{name}_compute_only_ms"],
+                                                             row[f"{name}_comm_only_ms"])
         if pp:
             row.update(imbalance_before=round(info["imbalance_before"], 4),
                        imbalance_after=round(info["imbalance_after"], 4), tasks=info["tasks"],
                        plan_ms=round(info["plan_ms"], 3), nano_batches=len(routes))
+        row[f"{name}_server_calls"] = int(_max_over_ranks(sum(r.cu_q[-1] > 0 for r in routes), device))
 
     zz = [shard_sequence(t, layout="zigzag") for t in (q, k, v, do)]
     row["ring_ms"] = _max_over_ranks(timer(lambda: _fwd_bwd(
@@ -220,16 +262,34 @@ def bench_batch(args, bounds, device, timer, world, rank, check=False, parts=Fal
     return row
 
 
+PARTS = ("compute_only_ms", "comm_only_ms", "collectives", "exposed_comm_ms", "hidden_fraction", "server_calls")
+
+
 def summarize(rows) -> dict:
-    """Means over the batches; the compute/comm-alone keys over the rows that have them."""
+    """Means over the batches; compute/comm alone, and what follows from them, over the batches
+    that timed them and moved something (the whole call's time averaged over the same batches)."""
+    parted = lambda k: any(k.endswith(p) for p in PARTS)
     wanted = lambda k: ((k.endswith("_ms") and not k.endswith("rank_ms")) or k.startswith("imbalance")
-                        or k.endswith("_bytes") or k.endswith("hidden_fraction"))
+                        or k.endswith("_bytes")) and not parted(k)
     keys = list(dict.fromkeys(k for r in rows for k in r if wanted(k)))
     mean = {k: round(sum(r[k] for r in rows if k in r) / sum(k in r for r in rows), 4) for k in keys}
     ideal = mean["balanced_ideal_ms"]
     for m in ("disagg", "disagg_no_pingpong", "ring", "per_doc_cp", "dp_no_rebalance"):
         mean[f"{m}_vs_ideal"] = round(mean[f"{m}_ms"] / ideal, 3)
     mean["pingpong_gain"] = round(mean["disagg_no_pingpong_ms"] / mean["disagg_ms"], 3)
+    for m in ("disagg", "disagg_no_pingpong"):
+        part = [r for r in rows if r.get(f"{m}_collectives")]
+        if not part:
+            continue
+        avg = lambda k: sum(r[k] for r in part) / len(part)
+        total, compute, comm = avg(f"{m}_ms"), avg(f"{m}_compute_only_ms"), avg(f"{m}_comm_only_ms")
+        fraction = hidden_fraction(total, compute, comm)
+        mean.update({f"{m}_parts_batches": len(part), f"{m}_parts_ms": round(total, 4),
+                     f"{m}_parts_ideal_ms": round(avg("balanced_ideal_ms"), 4),
+                     f"{m}_compute_only_ms": round(compute, 4), f"{m}_comm_only_ms": round(comm, 4),
+                     f"{m}_exposed_comm_ms": round(total - compute, 4),
+                     f"{m}_compute_only_vs_ideal": round(compute / avg("balanced_ideal_ms"), 3),
+                     f"{m}_hidden_fraction": None if fraction is None else round(fraction, 3)})
     return mean
 
 
@@ -263,6 +323,20 @@ def profile_cost_table(args, device) -> dict:
     except ValueError as e:  # keep the measurements; the planner then uses its default overhead
         table["fitted_task_overhead_pairs"], table["fit_error"] = None, str(e)
     return table
+
+
+def server_kernels(args, device) -> dict:
+    """Which kernel a server's call gets (dispatch) with one task and with several."""
+    from seqpar.kernels.dispatch import flash_attn_choice
+    q = torch.empty(1, 256, args.heads, args.head_dim, device=device, dtype=args.dtype)
+    k = torch.empty(1, 512, args.kv_heads, args.head_dim, device=device, dtype=args.dtype)
+    out = {}
+    for name, (cu_q, cu_k) in (("one_task", ([0, 256], [0, 512])), ("tasks", ([0, 128, 256], [0, 256, 512]))):
+        cu = dict(cu_seqlens_q=torch.tensor(cu_q, dtype=torch.int32, device=device),
+                  cu_seqlens_k=torch.tensor(cu_k, dtype=torch.int32, device=device))
+        out[name] = {"forward": flash_attn_choice(q, k, k, return_lse=True, **cu)[0],
+                     "backward": flash_attn_choice(q, k, k, backward=True, **cu)[0]}
+    return out
 
 
 def _timer_local(device, iters, warmup):
@@ -351,7 +425,7 @@ def main(argv=None) -> int:
                   dtype=str(args.dtype), eps=args.eps, min_chunk=args.min_chunk, length_scale=args.scale,
                   task_overhead_pairs=planner_overhead(current()), cost_table=args.cost_table,
                   timing="median of --iters fwd+bwd per batch, max over ranks; summary = mean over batches",
-                  cases=[], **_env(device))
+                  server_kernels=server_kernels(args, device), cases=[], **_env(device))
     try:
         for mix in args.mixes:
             lengths = None if mix == "lognormal" else load_mix(mix)

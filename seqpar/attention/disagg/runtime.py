@@ -115,8 +115,13 @@ def _device_cu(r: Route, device) -> tuple[torch.Tensor, torch.Tensor]:
 def _to_device(values, device) -> torch.Tensor:
     t = torch.tensor(values, dtype=torch.int32)
     if device.type == "cuda":  # from pinned memory the copy does not make the host wait for the GPU
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
+        t = t.pin_memory().to(device, non_blocking=True)
+    else:
+        t = t.to(device)
+    # a kernel that wants the longest document on the host (torch's varlen flash) reads it here
+    # instead of from the device, which would make the host wait for the GPU at every call
+    t.seqpar_max_seqlen = max((b - a for a, b in zip(values, values[1:])), default=0)
+    return t
 
 
 _owner = functools.lru_cache(maxsize=64)(owner_assemblies)
@@ -142,9 +147,18 @@ def _exchange(parts_to, send, recv, like, group, collective):
     flat = [p.reshape(-1) for parts in parts_to for p in parts]
     x = flat[0] if len(flat) == 1 else torch.cat(flat) if flat else like.new_empty(0)
     out = like.new_empty(sum(recv))
-    work = dist.all_to_all_single(out, x, output_split_sizes=list(recv), input_split_sizes=list(send),
-                                  group=group, async_op=True)
-    return out, work
+    return out, all_to_all(out, x, list(recv), list(send), group)
+
+
+def _all_to_all(out, x, recv, send, group):
+    return dist.all_to_all_single(out, x, output_split_sizes=recv, input_split_sizes=send, group=group,
+                                  async_op=True)
+
+
+# The runtime's only collective, looked up at every call: the benchmark swaps it to time the
+# same call without its transfers, and records what it sends to time the transfers alone
+# (seqpar/bench/disagg.py). Returns the async work (None: nothing to wait for).
+all_to_all = _all_to_all
 
 
 def _fields(buf, rows, shapes):
