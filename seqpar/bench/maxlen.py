@@ -28,6 +28,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 MODES = {  # name: overrides
@@ -115,6 +116,7 @@ def trial(base: list[str], mode: list[str], length: int, steps: int, timeout: fl
     with tempfile.TemporaryDirectory() as run_dir:
         cmd = [sys.executable, "-m", "seqpar.train", *overrides, f"run_dir={run_dir}"]
         env = {**os.environ, "SEQPAR_MEMORY_CHECK": "0"}
+        started = time.perf_counter()
         try:
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
             ok, why = r.returncode == 0, (r.stderr or r.stdout)[-400:]
@@ -128,7 +130,9 @@ def trial(base: list[str], mode: list[str], length: int, steps: int, timeout: fl
     if oom:  # the sentence that says how much was asked for and what was held
         text = r.stderr or r.stdout
         why = next((line.strip()[-400:] for line in text.splitlines() if "Tried to allocate" in line), why)
-    entry = {"seq_len": length, "fits": last is not None, "predicted_gb": round(predicted, 2)}
+    # the whole trial's wall time: start-up (model init, allocation, autotuning) is wall_s - step_time_s
+    entry = {"seq_len": length, "fits": last is not None, "predicted_gb": round(predicted, 2),
+             "wall_s": round(time.perf_counter() - started, 1)}
     if last is None:
         entry["error"] = f"out of memory: {why}" if oom else why
     else:
