@@ -555,6 +555,13 @@ def test_dp_cp_disagg_in_the_step_the_planner_and_the_sweep(tmp_path, monkeypatc
     assert apply(cfg, dp_cp[0]).parallel.disagg["group"] == "dp_cp"
     fixed = _cfg("model=llama_1b", "data=synthetic", "data.distribution=fixed", "train.global_batch_size=8")
     assert not any(o.get("parallel.disagg.group") for o in candidates(fixed, 4, 8))
+    # a document mix also tries the ring over doc_balanced, within the document layouts' rules
+    balanced = [o for o in layouts if o.get("parallel.layout") == "doc_balanced"]
+    assert balanced and all(o["parallel.cp"] > 1 and o["parallel.pp"] == 1 and o["parallel.softmax_sp"] == "ring"
+                            for o in balanced)
+    assert all(not o["parallel.tp_sequence_parallel"] for o in balanced if o["parallel.tp"] > 1)
+    assert not any(o.get("parallel.layout") == "doc_balanced" for o in candidates(fixed, 4, 8))
+    assert predict_step(apply(cfg, balanced[0]), 4, h100, calib)["step_s"] > 0
     r = predict_step(apply(cfg, dp_cp[0]), 4, h100, calib)
     assert r["step_s"] > 0 and r["dp_attention"]["S"]["moved_bytes_per_rank"] >= 0
     # the sweep's rows on a made-up mix: half the documents a whole row long (heavy stragglers)

@@ -2,7 +2,8 @@
 
 Every layout of `gpus` GPUs is tried: tp inside a node (dividing the heads), pp dividing the layers,
 cp, dp filling the rest, each softmax sequence-parallel method that applies (for a document mix
-with dp > 1 also disaggregation over dp x cp, `parallel.disagg.group=dp_cp`), and the activation
+also the ring over the `doc_balanced` layout, and with dp > 1 disaggregation over dp x cp,
+`parallel.disagg.group=dp_cp`), and the activation
 checkpointing modes; one sequence per micro-batch, `train.global_batch_size` as given. Those whose
 memory estimate (seqpar.memory, as `seqpar-train --dry-run` prints it) exceeds the device's usable
 memory are dropped; the rest are ranked by predicted tokens/s. The best one's `seqpar-train`
@@ -42,6 +43,8 @@ def candidates(cfg, gpus: int, gpus_per_node: int):
                         methods.append(f"usp:{u}")
                     if cfg.data.name == "synthetic" and cfg.data.distribution != "fixed":
                         methods.append("disagg")
+                        if "L" not in m.layer_pattern and pp == 1:  # the document layouts' own rules
+                            methods.append("ring:doc_balanced")
                 if dp > 1 and softmax and cfg.data.name == "synthetic" and cfg.data.distribution != "fixed":
                     methods.append("disagg:dp_cp")  # attention work moves between the dp ranks too
                 for method in methods:
@@ -50,6 +53,11 @@ def candidates(cfg, gpus: int, gpus_per_node: int):
                              "train.activation_checkpointing": ac, "train.micro_batch_size": 1}
                         if method.startswith("usp:"):
                             o["parallel.softmax_sp"], o["parallel.ulysses_degree"] = "usp", int(method[4:])
+                        elif method == "ring:doc_balanced":  # whole documents balanced over the cp ranks
+                            o["parallel.softmax_sp"], o["parallel.ulysses_degree"] = "ring", 1
+                            o["parallel.layout"] = "doc_balanced"
+                            if tp > 1:  # the padded local length need not divide by tp
+                                o["parallel.tp_sequence_parallel"] = False
                         elif method == "disagg:dp_cp":
                             o["parallel.softmax_sp"], o["parallel.ulysses_degree"] = "disagg", 1
                             o["parallel.disagg.group"] = "dp_cp"
@@ -142,14 +150,15 @@ def main(argv=None) -> int:
               f"{cfg.train.global_batch_size}, {d['invalid']} invalid; try more GPUs, a shorter data.seq_len, or a "
               "global batch divisible by more data-parallel ranks", file=sys.stderr)
         return 1
-    print(f"{'#':>2} {'dp':>3} {'tp':>3} {'pp':>3} {'cp':>4} {'softmax_sp':<10} {'ckpt':<9} {'tokens/s':>12} "
+    print(f"{'#':>2} {'dp':>3} {'tp':>3} {'pp':>3} {'cp':>4} {'softmax_sp':<12} {'ckpt':<9} {'tokens/s':>12} "
           f"{'MFU':>6} {'GiB/rank':>9}")
     for i, b in enumerate(result["best"], 1):
         o = b["overrides"]
-        sp = o["parallel.softmax_sp"] + (f"/{o['parallel.ulysses_degree']}" if o["parallel.softmax_sp"] == "usp" else "")
+        sp = o["parallel.softmax_sp"] + (f"/{o['parallel.ulysses_degree']}" if o["parallel.softmax_sp"] == "usp" else "") \
+            + ("/doc_bal" if o.get("parallel.layout") == "doc_balanced" else "")
         sp += "/dp_cp" if o.get("parallel.disagg.group") == "dp_cp" else ""
         print(f"{i:>2} {o['parallel.dp']:>3} {o['parallel.tp']:>3} {o['parallel.pp']:>3} {o['parallel.cp']:>4} "
-              f"{sp:<10} {o['train.activation_checkpointing']:<9} {b['tokens_per_s']:>12,.0f} {b['mfu']:>6.3f} "
+              f"{sp:<12} {o['train.activation_checkpointing']:<9} {b['tokens_per_s']:>12,.0f} {b['mfu']:>6.3f} "
               f"{b['memory_gib']:>9.1f}")
     d = result["dropped"]
     print(f"({d['memory']} layouts over memory, {d['batch']} not matching the global batch, {d['invalid']} invalid)")
