@@ -439,18 +439,34 @@ def _gpu_rows_bf16(rank, world):
     ref = [kernels.flash_attn(*full, causal=True, cu_seqlens=cu).detach()] + [f.grad for f in full]
     local = [t.bfloat16().requires_grad_() for t in (q, k, v)]
     step_metrics()
-    out = disagg_attention(*local, cu_seqlens=join_row_bounds(cu), layout="contiguous")
+    joined = join_row_bounds(cu)
+    out = disagg_attention(*local, cu_seqlens=joined, layout="contiguous")
     out.backward(do.bfloat16())
     moved = step_metrics()["sp/bytes_moved"]
     got = [out.detach()] + [t.grad for t in local]
-    return max(((a.float() - b).abs().max() / b.abs().max()).item() for a, b in zip(got, ref)), moved
+    err = max(((a.float() - b).abs().max() / b.abs().max()).item() for a, b in zip(got, ref))
+    # the plan gives rank 1 one piece of rank 0's document: a one-task server call, which must
+    # run the Triton kernel and, once planned, make no host sync (FA2 varlen read max_seqlen)
+    from tests.test_ring import _host_syncs
+    again = [t.detach().requires_grad_() for t in local]
+    grad = do.bfloat16()
+    syncs = _host_syncs(lambda: disagg_attention(*again, cu_seqlens=joined, layout="contiguous").backward(grad))
+    one = dict(cu_seqlens_q=torch.tensor([0, 256], dtype=torch.int32, device=dev),
+               cu_seqlens_k=torch.tensor([0, 8192], dtype=torch.int32, device=dev))
+    kq, kk = torch.empty(1, 256, 16, 128, device=dev, dtype=torch.bfloat16), local[1][:, :8192]
+    from seqpar.kernels.dispatch import flash_attn_choice
+    choice = [flash_attn_choice(kq, kk, kk, return_lse=True, **one)[0],
+              flash_attn_choice(kq, kk, kk, backward=True, **one)[0]]
+    return err, moved, syncs, choice
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_disagg_across_ranks_bf16_on_two_gpus_matches_fp32():
-    for err, moved in run_distributed(_gpu_rows_bf16, 2, backend="nccl"):
+    for err, moved, syncs, choice in run_distributed(_gpu_rows_bf16, 2, backend="nccl"):
         assert moved > 0 and err < 3e-2, f"error {err} relative to the largest value, {moved} bytes moved"
+        assert choice == ["triton", "triton"], choice
+        assert syncs == [], syncs
 
 
 def test_step_metrics_sum_a_step_and_reset():
