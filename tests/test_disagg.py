@@ -363,6 +363,14 @@ def test_nano_batches_put_remote_work_between_local_halves(causal, layout):
             pair = [t for i in (a, b) for t in groups[i] if t.server == s]
             if len(pair) > 1 or (pair and pair[0].q_end - pair[0].q_start >= 2 * 128):  # else nothing to split
                 assert min(wa, wb) > 0.3 * max(wa, wb), (s, a, b, wa, wb)
+    # without ping-pong (the default): the same local halves around the remote work left whole
+    plain = nano_batches(p.tasks, 4, bounds, causal, 128, owned, split_remote=False)
+    assert len(plain) == 3 and [len(g) for g in (plain[0], plain[2])] == [len(groups[0]), len(groups[3])]
+    key = lambda g: sorted((t.server, t.q_start, t.q_end) for t in g)
+    assert key(plain[0]) == key(groups[0]) and key(plain[2]) == key(groups[3])
+    is_local = lambda t: t.server == t.owner and all(
+        held(t.server, x) for x in range(t.kv_start, t.q_end if causal else doc_end[t.kv_start]))
+    assert key(plain[1]) == key(t for t in p.tasks if not is_local(t)), "remote tasks whole, in one nano-batch"
 
 
 # ---- the benchmark's CPU smoke form ----

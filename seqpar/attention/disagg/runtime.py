@@ -24,9 +24,12 @@ On 2 ranks at 128k tokens each (wlbllm, prolong; bf16, H=32/8, D=128; bytes writ
 per rank and layer, fwd+bwd, counted on CPU, 2026-11-26) that cut the copies from 2.9-5.5 GB to
 0.09-0.34 GB without ping-pong (with the split below) and to 0.36-0.97 GB with it.
 
-Without ping-pong the tasks run as two nano-batches, local work then remote work
-(`routing.local_then_remote`): the same messages as one, but the local work writes its results in
-place and computes while the remote inputs travel.
+Without ping-pong the tasks run as up to three nano-batches, local work L1, remote work R, local
+work L2 (`routing.nano_batches(split_remote=False)`): the same messages as one nano-batch, but the
+local work writes its results in place, and each server's local work, cut in two halves of equal
+work, computes while the remote inputs travel (L1) and while the outputs return (L2); in backward
+likewise for dO and the gradients. (Local work then remote work, 2026-11-26, left the outputs and
+gradients of the remote work exposed at the end of the layer.)
 
 Ping-pong (`routing.nano_batches`): the tasks run as up to four nano-batches, local work L1,
 remote work R1 and R2, local work L2. Every input transfer is issued asynchronously up front and
@@ -50,8 +53,7 @@ import torch.distributed as dist
 from seqpar.attention.disagg import metrics
 from seqpar.attention.disagg.options import current, planner_overhead
 from seqpar.attention.disagg.planner import plan_owned
-from seqpar.attention.disagg.routing import (Route, local_then_remote, nano_batches, owner_assemblies, owner_placements,
-                                             route)
+from seqpar.attention.disagg.routing import Route, nano_batches, owner_assemblies, owner_placements, route
 from seqpar.kernels.flash_attn import flash_attn, flash_attn_backward
 from seqpar.parallel.sharding import group_size_rank, host_bounds, local_ranges
 
@@ -97,10 +99,7 @@ def _plan_routes(bounds, seq_len, world, rank, layout, eps, min_chunk, causal, o
               for a, b in local_ranges(seq_len, world, r, layout)] for r in range(world)]
     p = plan_owned(list(bounds), owned, eps=eps, min_chunk=min_chunk, causal=causal, overhead=overhead,
                    row_bytes=row_bytes)
-    if ping_pong and world > 1:
-        groups = nano_batches(p.tasks, world, bounds, causal, min_chunk, owned)
-    else:
-        groups = local_then_remote(p.tasks, bounds, causal, owned) or [p.tasks]
+    groups = nano_batches(p.tasks, world, bounds, causal, min_chunk, owned, split_remote=ping_pong) or [p.tasks]
     routes = tuple(route(ts, bounds, owned, rank, causal) for ts in groups)
     info = {"imbalance_before": p.initial_imbalance, "imbalance_after": p.imbalance, "tasks": len(p.tasks),
             "plan_ms": (time.perf_counter() - t0) * 1e3}
