@@ -393,6 +393,11 @@ def test_bench_disagg_smoke_form(tmp_path):
         assert s["imbalance_after"] <= s["imbalance_before"]
         assert case["rows"][0]["max_abs_diff_disagg_vs_local"] < 1e-4
     assert any(r["disagg_bytes"] > 0 for c in result["cases"] for r in c["rows"]), "no batch moved work"
+    # compute and transfers alone on the parts batches (the first 4 by default: all of the smoke's)
+    rows = [r for c in result["cases"] for r in c["rows"]]
+    assert all(r["disagg_compute_only_ms"] > 0 and (r["disagg_collectives"] > 0) == (r["disagg_bytes"] > 0)
+               for r in rows), rows
+    assert result["server_kernels"]["one_task"] == {"forward": "reference", "backward": "reference"}  # CPU
     entries = json.loads(table.read_text())["entries"]
     assert {(e["q_len"], e["kv_len"]) for e in entries} == {(16, 64), (64, 64), (16, 256), (64, 256)}
 
