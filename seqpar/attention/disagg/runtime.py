@@ -22,7 +22,8 @@ kernel calls write outputs, dQ, dK and dV straight into the rank's final tensors
 arrives from elsewhere, or what a mixed server call computed, is copied in (`routing.Placement`).
 On 2 ranks at 128k tokens each (wlbllm, prolong; bf16, H=32/8, D=128; bytes written by copy ops
 per rank and layer, fwd+bwd, counted on CPU, 2026-11-26) that cut the copies from 2.9-5.5 GB to
-0.09-0.34 GB without ping-pong (with the split below) and to 0.36-0.97 GB with it.
+0.09-0.34 GB without ping-pong (local work then remote work; the L1/R/L2 split below adds up to
+0.3 GB per rank on those batches) and to 0.36-0.97 GB with it.
 
 Without ping-pong the tasks run as up to three nano-batches, local work L1, remote work R, local
 work L2 (`routing.nano_batches(split_remote=False)`): the same messages as one nano-batch, but the
