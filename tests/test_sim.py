@@ -586,6 +586,9 @@ def test_code_eras_split_the_fits(tmp_path):
     assert era_of("x/2026-11-25-2xh100-ring/r.json", {"date": since}) == 1
     assert era_of(str(tmp_path / "2026-11-25-h100-run" / "m.jsonl")) == 0
     assert era_of(str(tmp_path / "2099-01-01-h100-run" / "m.jsonl")) == len(CODE_CHANGES)
+    # a run that gives only its day is never later than the commit that added it (COMMITTED_BY):
+    # the 4D runs of 2026-11-26 (committed 01:26) stay in era 1, not today's
+    assert era_of("x/2026-11-26-2xh200-fourd/llama_1b_cp2_metrics.jsonl") == 1 < len(CODE_CHANGES)
     # the card: a JSON beside the run naming its device, else the folder's name
     from seqpar.sim.measurements import cluster_preset_of
 
@@ -680,16 +683,87 @@ def test_ping_pong_schedule_by_hand():
 
 
 def test_disagg_server_of_one_task_runs_flash(h100, calib):
-    """The runtime passes cu_seqlens and takes the lse, so a server's one-task call is torch's flash
-    (the dense_lse case), never cuDNN: disagg costs no less with a cuDNN `family` argument."""
-    from seqpar.sim.attention_cost import disagg_layer
+    """Eras 0-1 (before c8d5eb5): the runtime passes cu_seqlens and takes the lse, so a server's
+    one-task call is torch's FA2 (the dense_lse case), never cuDNN: disagg costs no less with a cuDNN
+    `family` argument, in that era and in today's (where the call is Triton's, see below)."""
+    from dataclasses import replace
+
+    from seqpar.sim.attention_cost import bounded_one_on_triton, disagg_layer
     from seqpar.sim.comm import placed
+    from seqpar.sim.measurements import era_since
 
     g = placed(2, 1, 8)
     bounds = [(0, 65536)]  # one document: one task per server
-    a = disagg_layer(calib, h100, bounds, 2, 32, 8, 128, g, family="cudnn")[0]
-    b = disagg_layer(calib, h100, bounds, 2, 32, 8, 128, g, family="flash")[0]
-    assert a == b
+    old = replace(calib, era=era_since("c8d5eb5") - 1)
+    assert not bounded_one_on_triton(old) and bounded_one_on_triton(calib)
+    for c in (old, calib):
+        a = disagg_layer(c, h100, bounds, 2, 32, 8, 128, g, family="cudnn")[0]
+        b = disagg_layer(c, h100, bounds, 2, 32, 8, 128, g, family="flash")[0]
+        assert a == b
+
+
+def test_todays_one_task_server_runs_triton_and_l1_r_l2_returns_remote_results_early(h100, calib):
+    """Today's code (the era of c8d5eb5, which `calibrate()` and so predict/sweep/seqpar-plan use):
+    a one-task server call runs seqpar's Triton flash (torch's flash constants times the measured
+    dense Triton/flash ratio), where era 1 ran FA2 varlen; the ring bench's forced kernels stay
+    torch's. Without ping-pong the servers run L1, R, L2 (e23bcd3): R's outputs travel while L2
+    computes, where the old local-then-remote order left them at the end."""
+    from dataclasses import replace
+
+    from seqpar.attention.disagg.routing import nano_batches
+    from seqpar.sim.attention_cost import (_disagg_plan, _nano_schedule, _ping_pong_layer, attn_seconds,
+                                           disagg_layer)
+    from seqpar.sim.comm import placed
+    from seqpar.sim.measurements import CODE_CHANGES, era_since
+
+    assert calib.era == len(CODE_CHANGES) >= era_since("c8d5eb5")
+    new = replace(calib, runtime_token_s={})
+    old = replace(new, era=era_since("c8d5eb5") - 1)
+    one = AttnCall.varlen([65536], True, with_bounds=True)
+    fa2 = attn_seconds(old, [one], 32, 128, "flash")
+    assert fa2 == attn_seconds(new, [AttnCall.dense(65536, 65536, True)], 32, 128, "flash")
+    assert attn_seconds(new, [one], 32, 128, "flash") == pytest.approx(fa2 * calib.triton_dense_ratio)
+    assert attn_seconds(replace(new, packed_kernel="flash"), [one], 32, 128, "flash") == fa2  # forced kernels
+    # one rank, one document: one task, one server call, no transfer
+    g1 = placed(1, 1, 8)
+    assert disagg_layer(new, h100, [(0, 65536)], 1, 32, 8, 128, g1)[2] == pytest.approx(fa2 * calib.triton_dense_ratio)
+    assert disagg_layer(old, h100, [(0, 65536)], 1, 32, 8, 128, g1)[2] == pytest.approx(fa2)
+    # by hand: rank 1 serves remote work R (4 s, inputs 1 s, outputs 0.5 s), both ranks 2 s of local
+    # work in halves around it: rank 1 runs L1 [0, 1], R [1, 5], L2 [5, 6]; R's output starts when it
+    # issues it (t = 5) and ends at 5.5, behind L2: nothing exposed. Local then remote (L [0, 2],
+    # R [2, 6]) ends with the output: 6.5
+    assert _nano_schedule([[1.0, 1.0], [0.0, 4.0], [1.0, 1.0]], 1.0, [None, 1.0, None], [None, 0.5, None],
+                          0.0) == pytest.approx(6.0)
+    assert _nano_schedule([[2.0, 2.0], [0.0, 4.0]], 1.0, [None, 1.0], [None, 0.5], 0.0) == pytest.approx(6.5)
+    # the model's default (no ping-pong) is the runtime's split_remote=False grouping: L1, R, L2
+    bounds, g2 = (0, 20000, 120000, 131072), placed(2, 1, 8)
+    row_bytes = (32 * 2 * 128 * 2, 8 * 2 * 128 * 2)
+    from seqpar.attention.disagg.planner import TASK_OVERHEAD
+
+    p = _disagg_plan(bounds, 2, 0.1, 128, TASK_OVERHEAD, row_bytes)
+    owned = [[(0, 65536)], [(65536, 131072)]]
+    groups = nano_batches(p.tasks, 2, list(bounds), True, 128, owned, split_remote=False)
+    assert len(groups) == 3 and any(t.server != t.owner for t in groups[1])
+    assert all(t.server == t.owner for t in groups[0] + groups[2])
+    today = disagg_layer(new, h100, [bounds], 2, 32, 8, 128, g2)
+    assert today == _ping_pong_layer(new, h100, [bounds], 2, 32, 8, 128, g2, "flash", 2, 0.1, 128, None,
+                                     split_remote=False)
+    before = disagg_layer(old, h100, [bounds], 2, 32, 8, 128, g2)
+    assert before[0] == pytest.approx(before[1] + before[2])  # eras 0-1: one nano-batch, transfers exposed
+    # without the SM-sharing tax (which a rank pays computing L2 while its issued output waits for
+    # the server) the transfers hide behind L1 and L2 on this batch: nothing exposed
+    untaxed = lambda c: disagg_layer(replace(c, overlap_tax=0.0), h100, [bounds], 2, 32, 8, 128, g2)
+    assert before[1] > 1e-3 and untaxed(new)[1] == pytest.approx(0.0, abs=1e-9)
+    assert untaxed(old)[1] == pytest.approx(before[1])
+
+
+def test_an_era_without_runs_inherits_the_fitted_constants(calib):
+    """The era of c8d5eb5 has no run yet: its constants are era 1's, only the code differs."""
+    from seqpar.sim.measurements import era_since
+
+    prev = calibrate(era=era_since("c8d5eb5") - 1)
+    assert {k: v for k, v in calib.as_dict().items() if k != "era"} == \
+        {k: v for k, v in prev.as_dict().items() if k != "era"}
 
 
 def test_allgather_chunk_with_more_keys_runs_triton(h100, calib):

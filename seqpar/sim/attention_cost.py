@@ -16,12 +16,16 @@ Per method, what the code in seqpar/attention/ issues per layer (forward + backw
   local query chunk attends keys up to its end.
 - disagg: the planner's tasks (`attention.disagg.plan`) on their servers; the busiest server's
   tasks are one varlen call; three all-to-alls forward (queries, K/V once per server, outputs)
-  and three backward (dO, dQ, dK/dV), sized by the tokens that leave their owner, exposed (the
-  default). With `parallel.disagg.ping_pong=true` the runtime's own schedule (`_ping_pong_layer`):
+  and three backward (dO, dQ, dK/dV), sized by the tokens that leave their owner. Without
+  ping-pong (the default): before c8d5eb5/e23bcd3 (eras 0-1) one nano-batch with the transfers
+  exposed (the 03:06 run's local-then-remote order, e3ee969, is modelled so too); from that era
+  on the runtime's L1, R, L2 (`routing.nano_batches(split_remote=False)`) through the ping-pong
+  schedule below, so the remote outputs and gradients return while L2 computes. With
+  `parallel.disagg.ping_pong=true` the runtime's own schedule (`_ping_pong_layer`):
   up to four nano-batches, one kernel call each, remote K/V rows sent once per nano-batch, inputs
   issued up front and outputs as each nano-batch ends on one NCCL stream, and the SM-sharing tax
   on a rank's compute while its issued output waits for the server; a one-task call is torch's
-  flash (dense_lse), several tasks Triton (packed_lse).
+  flash (dense_lse) before c8d5eb5's era and Triton from it, several tasks Triton (packed_lse).
 - runtime extras (fitted, `runtime_extra`, `ring_pieces`, `ring_fold_rows`): the disagg runtime's
   and per-document CP's work beyond kernels and transfers per local token; the packed ring's per
   document piece of its calls and per row its blocks fold their results into, and a share of the compute of packed GQA rows. The ring's dense GQA blocks run on
@@ -38,10 +42,23 @@ from seqpar.sim.comm import collective_time, overlapped, placed
 from seqpar.sim.compute import ATTN_FWD_BWD, REF_HD, AttnCall, attn_features, linear_attn_time
 
 
+def bounded_one_on_triton(calib) -> bool:
+    """Whether a one-document call given with bounds and taking the lse (a one-task disagg server,
+    a ring block with cu_seqlens over one document) runs seqpar's Triton kernel: from c8d5eb5 on
+    (kernels/dispatch.py `_wants_triton`), where the dispatcher chooses (`calib.packed_kernel`
+    "triton"; the ring bench forces torch's kernels). Before, torch's FA2 varlen (`_lse_backend`)."""
+    from seqpar.sim.measurements import era_since
+
+    return calib.packed_kernel == "triton" and calib.era >= era_since("c8d5eb5")
+
+
 def attn_seconds(calib, calls, heads: int, head_dim: int, family: str = "cudnn") -> float:
     """Dense calls run on `family`'s kernel; varlen (packed) calls on torch's varlen flash, or on
     seqpar's Triton kernel where the dispatcher sends them (`calib.packed_kernel`, the default since
-    kernels/dispatch.py's TRITON_FASTER): torch's flash constants times the measured time ratio."""
+    kernels/dispatch.py's TRITON_FASTER): torch's flash constants times the measured time ratio.
+    A one-document call with bounds is torch's flash, or Triton (the dense ratio) from the era of
+    c8d5eb5 on (`bounded_one_on_triton`)."""
+    bounded_triton = bounded_one_on_triton(calib)
     total = 0.0
     for call in calls:
         fit = calib.attn["flash" if call.is_varlen or call.with_bounds or family not in calib.attn else family]
@@ -49,6 +66,8 @@ def attn_seconds(calib, calls, heads: int, head_dim: int, family: str = "cudnn")
         t = flops / fit.rate + rows * fit.per_token + n * fit.per_call
         if call.is_varlen and calib.packed_kernel == "triton":
             t *= calib.triton_packed_ratio
+        elif call.with_bounds and not call.is_varlen and bounded_triton:
+            t *= calib.triton_dense_ratio
         elif family == "triton":  # a dense call on seqpar's Triton kernel: torch's flash times the measured ratio
             t *= calib.triton_dense_ratio
         total += t
@@ -291,13 +310,16 @@ def perdoc_layer(calib, cluster, rows, world, heads, kv_heads, head_dim, group, 
 
 def disagg_layer(calib, cluster, rows, world, heads, kv_heads, head_dim, group, family="cudnn", act=2,
                  overlap=False, eps=0.1, min_chunk=128, task_overhead=None):
-    """`overlap`: False (one nano-batch, transfers exposed: seqpar's default), True (seqpar's
-    ping-pong as its runtime runs it), "distca" (DistCA's schedule, every transfer behind the
-    other nano-batch's attention: the sweep's comparison with the paper)."""
+    """`overlap`: False (seqpar's default: before the era of c8d5eb5 one nano-batch with the
+    transfers exposed, from it L1, R, L2 through `_ping_pong_layer`), True (seqpar's ping-pong as
+    its runtime runs it), "distca" (DistCA's schedule, every transfer behind the other
+    nano-batch's attention: the sweep's comparison with the paper)."""
     from seqpar.attention.disagg.planner import TASK_OVERHEAD
+    from seqpar.sim.measurements import era_since
 
     # the runtime always passes cu_seqlens and takes the lse: a server's call of one task is the
-    # dense_lse case (torch's flash, kernels/dispatch.py _lse_backend), never cuDNN; of several, Triton
+    # dense_lse case with bounds (torch's flash before c8d5eb5, Triton since: `attn_seconds`),
+    # never cuDNN; of several, Triton
     family = "flash"
     compute = comm = 0.0
     row_bytes = (heads * 2 * head_dim * act, kv_heads * 2 * head_dim * act)  # as the runtime plans: Q+O, K+V
@@ -310,7 +332,7 @@ def disagg_layer(calib, cluster, rows, world, heads, kv_heads, head_dim, group, 
             per_server[t.server].append((t.q_end - t.q_start, t.q_end - t.kv_start))
             if t.server != t.owner:
                 moved_q[t.owner] += t.q_end - t.q_start
-        times = [attn_seconds(calib, [AttnCall(tuple(segs), True)], heads, head_dim, family) if segs else 0.0
+        times = [attn_seconds(calib, [AttnCall(tuple(segs), True, True)], heads, head_dim, family) if segs else 0.0
                  for segs in per_server]
         compute += max(times) + runtime_extra(calib, "disagg", bounds, heads, head_dim) / world
         # queries out and outputs back forward, dO out and dQ back backward; K/V rows travel with
@@ -325,18 +347,19 @@ def disagg_layer(calib, cluster, rows, world, heads, kv_heads, head_dim, group, 
     if overlap == "distca":  # DistCA's schedule: the other nano-batch's attention hides the all-to-alls
         total = overlapped(compute, comm, calib.overlap_tax)
         return total, total - compute, compute
-    if overlap:
+    if overlap or calib.era >= era_since("c8d5eb5"):
         return _ping_pong_layer(calib, cluster, rows, world, heads, kv_heads, head_dim, group, family, act, eps,
-                                min_chunk, task_overhead)
+                                min_chunk, task_overhead, split_remote=bool(overlap))
     return compute + comm, comm, compute
 
 
 def _ping_pong_layer(calib, cluster, rows, world, heads, kv_heads, head_dim, group, family, act, eps, min_chunk,
-                     task_overhead):
+                     task_overhead, split_remote=True):
     """(seconds, exposed, compute) of `parallel.disagg.ping_pong=true` as seqpar's runtime runs it
     (attention/disagg/runtime.py, routing.nano_batches): the tasks in up to four nano-batches L1,
     R1, R2, L2, one varlen kernel call per nano-batch and server (so up to four calls' per-call
-    cost); every input all-to-all issued up front, each output all-to-all issued by a rank when
+    cost); `split_remote=False`: the default schedule since e23bcd3 (no ping-pong), L1, R, L2,
+    the same loop over up to three nano-batches. Every input all-to-all issued up front, each output all-to-all issued by a rank when
     its own share of that nano-batch is computed; all on NCCL's one stream, in issue order, each
     starting when every rank has issued it. Remote K/V rows travel once per nano-batch that reads
     them (`_nano_bytes`). A rank that issued an all-to-all its peers have not joined yet keeps
@@ -357,13 +380,13 @@ def _ping_pong_layer(calib, cluster, rows, world, heads, kv_heads, head_dim, gro
                          row_bytes)
         per = bounds[-1] // world
         owned = [[(r * per, (r + 1) * per)] for r in range(world)]
-        groups = nano_batches(p.tasks, world, list(bounds), True, min_chunk, owned)
+        groups = nano_batches(p.tasks, world, list(bounds), True, min_chunk, owned, split_remote=split_remote)
         work = []  # work[i][s]: server s's kernel time (fwd + bwd) in nano-batch i
         for g in groups:
             segs = [[] for _ in range(world)]
             for t in g:
                 segs[t.server].append((t.q_end - t.q_start, t.q_end - t.kv_start))
-            work.append([attn_seconds(calib, [AttnCall(tuple(x), True)], heads, head_dim, family) if x else 0.0
+            work.append([attn_seconds(calib, [AttnCall(tuple(x), True, True)], heads, head_dim, family) if x else 0.0
                          for x in segs])
         moved = [_nano_bytes(g, owned) for g in groups]  # (max Q rows, max K|V rows) received by a server
         fwd_in = [a2a(q * q_w + kv * kv_w) if q or kv else None for q, kv in moved]

@@ -33,7 +33,31 @@ def bench_dir() -> Path:
 CODE_CHANGES = (
     ("2026-11-26T00:55:00+00:00", ("79fc72c LASP-2 exchange hook, 7a17a3f ring fold plans, 1fad4de disagg runtime "
                                    "without per-token index ops, e049981 lightning kernel one-scan exchange")),
+    # no run yet: today's code differs from era 1's in what attention_cost models from this era on
+    # (`era_since("c8d5eb5")`), never in fitted constants, which are era 1's until a run here
+    ("2026-11-26T04:07:39+00:00", ("c8d5eb5 one-document calls with bounds and an lse (a one-task disagg server, the "
+                                   "ring's bounded one-document blocks) on seqpar's Triton flash instead of FA2 varlen, "
+                                   "e23bcd3 (04:13:39) disagg without ping-pong as L1, R, L2 instead of local then "
+                                   "remote")),
 )
+
+
+def era_since(commit: str) -> int:
+    """The era that begins with `commit` (the first hash of its CODE_CHANGES entry): the code from
+    that commit on is era >= this."""
+    for i, (_, what) in enumerate(CODE_CHANGES):
+        if what.split()[0] == commit:
+            return i + 1
+    raise KeyError(f"no CODE_CHANGES entry starts with commit {commit!r}")
+
+
+# Runs whose files give only a day (or nothing): the time of the commit that added them, a bound
+# on when they ran, so that a change later that day does not claim them (folder or folder/file)
+COMMITTED_BY = {
+    "2026-11-26-2xh200-fourd": "2026-11-26T01:26:45+00:00",  # a4192d6
+    "2026-11-26-2xh200-pm/maxlen_8b_1gpu_offload_optimizer.json": "2026-11-26T03:22:54+00:00",  # 5fbc617
+    "2026-11-26-2xh200-pm/maxlen_8b_cp2.json": "2026-11-26T03:37:17+00:00",  # 06bb906
+}
 
 
 def _parse_date(text):
@@ -50,7 +74,15 @@ def _parse_date(text):
 
 def run_date(path, data=None):
     """When a benchmark file's run happened: its `date`, else a dated JSON beside it, else the end of
-    the day its folder is named for (`YYYY-MM-DD-...`); None if nothing says."""
+    the day its folder is named for (`YYYY-MM-DD-...`); never after the commit that added it where
+    `COMMITTED_BY` says; None if nothing says."""
+    when = _run_date(path, data)
+    folder = Path(path).parent.name
+    bound = COMMITTED_BY.get(f"{folder}/{Path(path).name}") or COMMITTED_BY.get(folder)
+    return min(when, _parse_date(bound)) if when is not None and bound else when
+
+
+def _run_date(path, data=None):
     if isinstance(data, dict) and data.get("date"):
         return _parse_date(data["date"])
     folder = Path(path).parent
