@@ -45,8 +45,9 @@ class AttnCall:
     last query sees the last key."""
     segments: tuple[tuple[int, int], ...]
     causal: bool
-    # called with document bounds (a ring block with cu_seqlens): the lse path takes torch's varlen
-    # flash even for one document (kernels/dispatch.py _lse_backend), never the family's dense kernel
+    # called with document bounds (a ring block with cu_seqlens, a disagg server's call): never the
+    # family's dense kernel; one document is torch's varlen flash before c8d5eb5 (kernels/dispatch.py
+    # _lse_backend) and Triton since (_wants_triton): attention_cost.attn_seconds picks by era
     with_bounds: bool = False
 
     @staticmethod
