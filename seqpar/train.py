@@ -136,6 +136,7 @@ def run_worker(cfg) -> int:
 
 
 def train(cfg, device) -> None:
+    started = time.perf_counter()
     rank, world = dist.get_rank(), dist.get_world_size()
     disagg.configure(cfg.parallel.disagg)  # the model's attention calls carry no disagg options
     dims = ParallelDims.from_config(cfg.parallel, world)
@@ -185,6 +186,8 @@ def train(cfg, device) -> None:
             metrics = {"loss": loss, "lr": scheduler.get_last_lr()[0], "tokens": tokens * step,
                        "tokens_per_s": tokens / dt, "step_time_s": dt, "grad_norm": grad_norm}
             metrics.update(disagg.step_metrics())  # sp/ keys; empty unless softmax_sp=disagg ran
+            if step == start_step + 1:  # model build and init, optimizer states, resume: minutes for 8B
+                metrics["startup_s"] = t0 - started
             if peak is not None:
                 metrics["mfu"] = stats["flops"] / dt / (peak * world)
                 metrics["max_mem_gb"] = max_memory_gb(device)

@@ -80,6 +80,8 @@ def test_metrics_file_has_one_object_per_step(single_run):
     for m in single_run:
         assert {"step", "loss", "lr", "tokens", "tokens_per_s", "step_time_s"} <= m.keys()
     assert single_run[-1]["tokens"] == 5 * 4 * 64
+    # the first step also says how long the run took to get there (model, optimizer states, resume)
+    assert single_run[0]["startup_s"] > 0 and not any("startup_s" in m for m in single_run[1:])
 
 
 LOSS_LAYOUTS = ["cp2", "dp2", "cp2_dp2", "cp2_contiguous", "cp2_lasp1", "tp2", "cp2_tp2", "dp2_tp2", "pp2", "pp2_v2",

@@ -123,20 +123,23 @@ def trial(base: list[str], mode: list[str], length: int, steps: int, timeout: fl
         except subprocess.TimeoutExpired:
             ok, why = False, f"timeout after {timeout:.0f} s"
         metrics = Path(run_dir) / "metrics.jsonl"
-        last = json.loads(metrics.read_text().splitlines()[-1]) if ok and metrics.exists() else None
+        lines = metrics.read_text().splitlines() if ok and metrics.exists() else []
+        last = json.loads(lines[-1]) if lines else None
+        startup = json.loads(lines[0]).get("startup_s") if lines else None
     if "invalid configuration" in why:  # the benchmark's own mistake, not a length that does not fit
         raise SystemExit(f"maxlen: {' '.join(overrides)}: {why}")
     oom = "out of memory" in why.lower() or "outofmemory" in why.lower()
     if oom:  # the sentence that says how much was asked for and what was held
         text = r.stderr or r.stdout
         why = next((line.strip()[-400:] for line in text.splitlines() if "Tried to allocate" in line), why)
-    # the whole trial's wall time: start-up (model init, allocation, autotuning) is wall_s - step_time_s
+    # the whole trial's wall time (process launch, imports, start-up, every step)
     entry = {"seq_len": length, "fits": last is not None, "predicted_gb": round(predicted, 2),
              "wall_s": round(time.perf_counter() - started, 1)}
     if last is None:
         entry["error"] = f"out of memory: {why}" if oom else why
     else:
         entry.update({k: last.get(k) for k in ("tokens_per_s", "mfu", "max_mem_gb", "step_time_s")})
+        entry["startup_s"] = startup  # inside train(): model, optimizer states (the rest of wall_s: launch, steps)
     log.append(entry)
     print(json.dumps(entry), flush=True)
     return last
