@@ -22,6 +22,7 @@ WANDB_KEYS: dict[str, tuple[str, float]] = {
     "tokens": ("throughput/tokens_seen", 1.0),
     "tokens_per_s": ("throughput/tps", 1.0),
     "step_time_s": ("time_metrics/end_to_end_s", 1.0),
+    "startup_s": ("time_metrics/startup_s", 1.0),
     "mfu": ("mfu/mfu_pct", 100.0),
     "max_mem_gb": ("memory/max_allocated_gib", 1.0),
 }
