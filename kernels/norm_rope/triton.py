@@ -123,6 +123,18 @@ def _rms_bwd_block(x, dy, w, dw, rows, cols, mask, dx_ptr, sdx, N, eps):
     return dw + dy * xhat
 
 
+@triton.jit
+def _rms_bwd_load(x_ptr, dy_ptr, start, last, cols, cmask, sx, sdy, BLOCK_M: tl.constexpr):
+    """Rows [start, start + BLOCK_M) below `last`: (rows, mask, x, dy) as stored. Inlined by Triton,
+    so inside a `tl.range(num_stages=)` loop its loads are still the ones the pipeliner stages."""
+    rows = start + tl.arange(0, BLOCK_M)
+    mask = (rows < last)[:, None] & cmask[None, :]
+    r = rows.to(tl.int64)[:, None]
+    x = tl.load(x_ptr + r * sx + cols[None, :], mask=mask, other=0.0)
+    dy = tl.load(dy_ptr + r * sdy + cols[None, :], mask=mask, other=0.0)
+    return rows, mask, x, dy
+
+
 @triton.autotune(configs=_configs([1, 2, 4, 8, 16, 32, 64], [4, 8, 16, 32]), key=["N", "STAGES", "PREFETCH", "per_sm"],
                  prune_configs_by={"early_config_prune": _prune_by_tile(1024, 8192, "BLOCK_N", (4, 8))})
 @triton.jit
@@ -137,33 +149,20 @@ def _rms_norm_bwd(x_ptr, w_ptr, dy_ptr, dx_ptr, dw_part_ptr, M, N, sx, sdy, sdx,
     first = pid * rows_per_program
     last = tl.minimum(first + rows_per_program, M)
     if PREFETCH:
-        rows = first + tl.arange(0, BLOCK_M)
-        mask = (rows < last)[:, None] & cmask[None, :]
-        x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * sx + cols[None, :], mask=mask, other=0.0)
-        dy = tl.load(dy_ptr + rows.to(tl.int64)[:, None] * sdy + cols[None, :], mask=mask, other=0.0)
+        rows, mask, x, dy = _rms_bwd_load(x_ptr, dy_ptr, first, last, cols, cmask, sx, sdy, BLOCK_M)
         for start in range(first, last, BLOCK_M):
-            nxt = start + BLOCK_M + tl.arange(0, BLOCK_M)
-            nmask = (nxt < last)[:, None] & cmask[None, :]
             # issued before this block's reductions, so they are in flight while the CTA reduces
-            x_next = tl.load(x_ptr + nxt.to(tl.int64)[:, None] * sx + cols[None, :], mask=nmask, other=0.0)
-            dy_next = tl.load(dy_ptr + nxt.to(tl.int64)[:, None] * sdy + cols[None, :], mask=nmask, other=0.0)
+            nxt, nmask, x_next, dy_next = _rms_bwd_load(x_ptr, dy_ptr, start + BLOCK_M, last, cols, cmask, sx, sdy,
+                                                        BLOCK_M)
             dw = _rms_bwd_block(x, dy, w, dw, rows, cols, mask, dx_ptr, sdx, N, eps)
             x, dy, rows, mask = x_next, dy_next, nxt, nmask
     elif STAGES > 0:
         for start in tl.range(first, last, BLOCK_M, num_stages=STAGES):
-            rows = start + tl.arange(0, BLOCK_M)
-            mask = (rows < last)[:, None] & cmask[None, :]
-            r = rows.to(tl.int64)[:, None]
-            x = tl.load(x_ptr + r * sx + cols[None, :], mask=mask, other=0.0)
-            dy = tl.load(dy_ptr + r * sdy + cols[None, :], mask=mask, other=0.0)
+            rows, mask, x, dy = _rms_bwd_load(x_ptr, dy_ptr, start, last, cols, cmask, sx, sdy, BLOCK_M)
             dw = _rms_bwd_block(x, dy, w, dw, rows, cols, mask, dx_ptr, sdx, N, eps)
     else:
         for start in range(first, last, BLOCK_M):
-            rows = start + tl.arange(0, BLOCK_M)
-            mask = (rows < last)[:, None] & cmask[None, :]
-            r = rows.to(tl.int64)[:, None]
-            x = tl.load(x_ptr + r * sx + cols[None, :], mask=mask, other=0.0)
-            dy = tl.load(dy_ptr + r * sdy + cols[None, :], mask=mask, other=0.0)
+            rows, mask, x, dy = _rms_bwd_load(x_ptr, dy_ptr, start, last, cols, cmask, sx, sdy, BLOCK_M)
             dw = _rms_bwd_block(x, dy, w, dw, rows, cols, mask, dx_ptr, sdx, N, eps)
     tl.store(dw_part_ptr + pid.to(tl.int64) * N + cols, tl.sum(dw, axis=0), mask=cmask)
 
