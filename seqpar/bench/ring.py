@@ -50,7 +50,9 @@ SDPA_BACKEND = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION"}
 
 
 def _timer(device, iters, warmup):
-    """Median ms of fn() over `iters` runs, ranks in step (a barrier before timing), as the anchor."""
+    """Median ms of fn() over `iters` runs, ranks in step (a barrier before timing), as the anchor.
+    The last run's result stays in `run.last`: the accuracy checks read it rather than run a
+    step again, which at 1M tokens is a minute of one GPU."""
     def run(fn):
         for _ in range(warmup):
             fn()
@@ -60,14 +62,14 @@ def _timer(device, iters, warmup):
             if device.type == "cuda":
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
-                fn()
+                run.last = fn()
                 end.record()
                 torch.cuda.synchronize()
                 times.append(start.elapsed_time(end))
             else:
                 import time
                 t = time.perf_counter()
-                fn()
+                run.last = fn()
                 times.append((time.perf_counter() - t) * 1e3)
         return sorted(times)[len(times) // 2]
     return run
@@ -205,19 +207,22 @@ def bench_dense(args, device, timer, world):
             row = dict(S=S, kernel=kernel, world=world, H=args.heads, D=args.head_dim)
             try:
                 row["single_ms"] = _max_over_ranks(timer(lambda: _single(q, k, v, do, kernel, device)), device)
+                ref = timer.last.detach()
                 row["ring_ms"] = _max_over_ranks(timer(lambda: _ring_step(*local)), device)
+                out = unshard_sequence(timer.last.detach(), layout="zigzag")
+                row["max_abs_diff_vs_single"] = (out.float() - ref.float()).abs().max().item()
+                del out
                 with _without_comm():
                     row["compute_only_ms"] = _max_over_ranks(timer(lambda: _ring_step(*local)), device)
                 row["exposed_comm_ms"] = round(row["ring_ms"] - row["compute_only_ms"], 3)
                 row["efficiency"] = round(row["single_ms"] / (world * row["ring_ms"]), 3)
-                out = unshard_sequence(_ring_step(*local).detach(), layout="zigzag")
-                ref = _single(q, k, v, do, kernel, device).detach()
-                row["max_abs_diff_vs_single"] = (out.float() - ref.float()).abs().max().item()
                 for name, step in others.items():  # Ulysses and USP beside the ring, same inputs
                     row[f"{name}_ms"] = _max_over_ranks(timer(lambda: step(*local)), device)
                     row[f"{name}_efficiency"] = round(row["single_ms"] / (world * row[f"{name}_ms"]), 3)
-                    got = unshard_sequence(step(*local).detach(), layout="zigzag")
+                    got = unshard_sequence(timer.last.detach(), layout="zigzag")
                     row[f"{name}_max_abs_diff_vs_single"] = (got.float() - ref.float()).abs().max().item()
+                del ref
+                timer.last = None
             except Exception as e:  # a kernel family that fails here must not hide the others
                 row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
             if device.type == "cuda" and "error" not in row:
