@@ -84,24 +84,23 @@ def _rms_norm_fwd(x_ptr, w_ptr, y_ptr, M, N, sx, sy, eps, BLOCK_N: tl.constexpr,
     tl.store(y_ptr + rows * sy + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-# Backward loop variants, (programs per SM, STAGES, PREFETCH). The persistent loop of the plain one
-# ("loop") runs load -> two row reductions -> store in series, with one 32-warp CTA per SM at
-# N = 8192 (64 registers a thread is all 1024 threads get): nothing is in flight during the
-# reductions, 76% of the copy bandwidth on an H100 (2026-11-25). STAGES > 0: `tl.range(num_stages=)`,
+# Backward loop variants, (programs per SM, STAGES). The persistent loop of the plain one ("loop")
+# runs load -> two row reductions -> store in series, with one 32-warp CTA per SM at N = 8192 (64
+# registers a thread is all 1024 threads get): nothing is in flight during the reductions, 76% of
+# the copy bandwidth on an H100 (2026-11-25), 61-67% on an H200. STAGES > 0: `tl.range(num_stages=)`,
 # which makes Triton's pipeliner stage the loads of a dot-free loop through shared memory with
-# cp.async (it does so only for loops that carry the attribute); PREFETCH: the next block's x and dy
-# are loaded into registers before this block's reductions. `SEQPAR_RMS_BWD` picks one (read per
-# call, for the benchmark's candidates); each is tuned apart (the autotune key holds all three).
-# Offline sm_90 compiles (triton 3.6, ptxas): the pipelined ones carry cp.async and no spills at
-# 2048-8192 wide (the stages take 2 x 32 KiB of shared memory at N = 8192 with STAGES = 3); a width
-# that is not a multiple of 16 loses the cp.async (too narrow an aligned run) and runs unstaged.
-RMS_BWD_VARIANTS = {"loop": (4, 0, False), "prefetch": (4, 0, True), "pipe2": (2, 2, False),
-                    "pipe3": (2, 3, False), "pipe3_1": (1, 3, False), "pipe4": (2, 4, False)}
-RMS_BWD_DEFAULT = "loop"
+# cp.async (it does so only for loops that carry the attribute). Measured on an H200 (2026-11-26,
+# docs/benchmarks/2026-11-26-4xh200/tune_summary.txt, 64k rows x 2048/4096/8192): pipe4 84-94% of
+# the copy, pipe3_1 83-91%; register prefetching and two stages stayed at 61-82% and were dropped.
+# `SEQPAR_RMS_BWD` picks one (read per call); each is tuned apart (the autotune key holds both).
+# A width that is not a multiple of 16 loses the cp.async (too narrow an aligned run) and runs
+# unstaged.
+RMS_BWD_VARIANTS = {"loop": (4, 0), "pipe3_1": (1, 3), "pipe4": (2, 4)}
+RMS_BWD_DEFAULT = "pipe4"
 RMS_BWD_ENV = "SEQPAR_RMS_BWD"
 
 
-def rms_bwd_variant(name: str | None = None) -> tuple[int, int, bool]:
+def rms_bwd_variant(name: str | None = None) -> tuple[int, int]:
     name = name or os.environ.get(RMS_BWD_ENV, "") or RMS_BWD_DEFAULT
     if name not in RMS_BWD_VARIANTS:
         raise ValueError(f"{RMS_BWD_ENV}={name!r} is not one of: {', '.join(RMS_BWD_VARIANTS)}")
@@ -135,12 +134,12 @@ def _rms_bwd_load(x_ptr, dy_ptr, start, last, cols, cmask, sx, sdy, BLOCK_M: tl.
     return rows, mask, x, dy
 
 
-@triton.autotune(configs=_configs([1, 2, 4, 8, 16, 32, 64], [4, 8, 16, 32]), key=["N", "STAGES", "PREFETCH", "per_sm"],
+@triton.autotune(configs=_configs([1, 2, 4, 8, 16, 32, 64], [4, 8, 16, 32]), key=["N", "STAGES", "per_sm"],
                  prune_configs_by={"early_config_prune": _prune_by_tile(1024, 8192, "BLOCK_N", (4, 8))})
 @triton.jit
 def _rms_norm_bwd(x_ptr, w_ptr, dy_ptr, dx_ptr, dw_part_ptr, M, N, sx, sdy, sdx, eps, rows_per_program,
                   per_sm,  # unused by the code: a tuning key (the variant's programs per SM)
-                  BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, STAGES: tl.constexpr, PREFETCH: tl.constexpr):
+                  BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, STAGES: tl.constexpr):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     cmask = cols < N
@@ -148,15 +147,7 @@ def _rms_norm_bwd(x_ptr, w_ptr, dy_ptr, dx_ptr, dw_part_ptr, M, N, sx, sdy, sdx,
     dw = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     first = pid * rows_per_program
     last = tl.minimum(first + rows_per_program, M)
-    if PREFETCH:
-        rows, mask, x, dy = _rms_bwd_load(x_ptr, dy_ptr, first, last, cols, cmask, sx, sdy, BLOCK_M)
-        for start in range(first, last, BLOCK_M):
-            # issued before this block's reductions, so they are in flight while the CTA reduces
-            nxt, nmask, x_next, dy_next = _rms_bwd_load(x_ptr, dy_ptr, start + BLOCK_M, last, cols, cmask, sx, sdy,
-                                                        BLOCK_M)
-            dw = _rms_bwd_block(x, dy, w, dw, rows, cols, mask, dx_ptr, sdx, N, eps)
-            x, dy, rows, mask = x_next, dy_next, nxt, nmask
-    elif STAGES > 0:
+    if STAGES > 0:
         for start in tl.range(first, last, BLOCK_M, num_stages=STAGES):
             rows, mask, x, dy = _rms_bwd_load(x_ptr, dy_ptr, start, last, cols, cmask, sx, sdy, BLOCK_M)
             dw = _rms_bwd_block(x, dy, w, dw, rows, cols, mask, dx_ptr, sdx, N, eps)
@@ -196,13 +187,12 @@ class TritonRMSNorm(torch.autograd.Function):
         M, N = x2.shape
         dy2 = _rows(dy)
         dx = torch.empty(x2.shape, dtype=x2.dtype, device=x2.device)
-        per_sm, stages, prefetch = ctx.bwd_variant
+        per_sm, stages = ctx.bwd_variant
         rows_per_program = max(1, triton.cdiv(M, _programs(x2.device, per_sm)))
         programs = max(1, triton.cdiv(M, rows_per_program))
         partial = torch.empty(programs, N, dtype=torch.float32, device=x2.device)
         _rms_norm_bwd[(programs,)](x2, w, dy2, dx, partial, M, N, x2.stride(0), dy2.stride(0), dx.stride(0),
-                                   ctx.eps, rows_per_program, per_sm, BLOCK_N=triton.next_power_of_2(N), STAGES=stages,
-                                   PREFETCH=prefetch)
+                                   ctx.eps, rows_per_program, per_sm, BLOCK_N=triton.next_power_of_2(N), STAGES=stages)
         dw = partial.sum(0).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
         return dx.view(ctx.shape), dw, None, None
 
