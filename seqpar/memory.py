@@ -336,7 +336,11 @@ def _sp_buffers(cfg, tokens: int, a: int) -> int:
 
 
 def knobs_that_fit(cfg, world: int, capacity: int) -> list[str]:
-    """Overrides that bring the estimate under `capacity` (each on its own), with the total it gives."""
+    """Overrides that bring the estimate under `capacity` (each on its own), with the total it gives;
+    only those the config validation accepts (a tp that divides the heads, no MLP chunks under
+    sequence-parallel TP, ...), so that every knob offered starts."""
+    from seqpar.config import validate
+
     t, par = cfg.train, cfg.parallel
     tries = []
     if t.activation_checkpointing != "selective" and t.activation_checkpointing != "full":
@@ -363,8 +367,9 @@ def knobs_that_fit(cfg, world: int, capacity: int) -> list[str]:
             section, name = key.split(".")
             setattr(getattr(c, section), name, value)
         try:
+            validate(c, w)
             total = estimate(c, w).total
-        except (ValueError, ZeroDivisionError):
+        except (ValueError, ZeroDivisionError):  # ConfigError is a ValueError
             continue
         if total <= capacity:
             what = " ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in overrides.items())

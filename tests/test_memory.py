@@ -259,3 +259,21 @@ def test_adam_states_allocated_up_front_change_nothing(foreach):
     (lazy, lazy_state), (eager, eager_state) = run(False), run(True)
     assert all(torch.equal(a, b) for a, b in zip(lazy, eager))
     assert all(torch.equal(lazy_state[i][k], eager_state[i][k]) for i in lazy_state for k in lazy_state[i])
+
+
+def test_offered_knobs_pass_config_validation():
+    """Under sequence-parallel TP the MLP may not be chunked (config validation refuses it), so the
+    fit error must not offer it; every knob it offers starts."""
+    from seqpar.config import validate
+    from seqpar.memory import knobs_that_fit
+
+    cfg = _cfg(*SMALL, "parallel.cp=1", "parallel.tp=2", "data.seq_len=65536", "train.mlp_chunk_tokens=0")
+    est = estimate(cfg, world=2)
+    knobs = knobs_that_fit(cfg, 2, est.total - 1)
+    assert knobs and not any("mlp_chunk_tokens" in k for k in knobs)
+    plain = _cfg(*SMALL, "parallel.cp=1", "parallel.tp=1", "data.seq_len=65536", "train.mlp_chunk_tokens=0")
+    assert any("mlp_chunk_tokens" in k for k in knobs_that_fit(plain, 1, estimate(plain, world=1).total - 1))
+    for knob in knobs:
+        world = int(knob.split(" on ")[1].split()[0]) if " on " in knob else 2
+        overrides = [kv for kv in knob.split(" -> ")[0].split(" on ")[0].split() if "=" in kv]
+        validate(_cfg(*SMALL, "parallel.cp=1", "parallel.tp=2", "data.seq_len=65536", *overrides), world)
