@@ -17,9 +17,7 @@ Causal alignment: in a document with Lq queries and Lk keys, query j sees keys n
 A row that sees no key gets out = 0 and lse = -inf (the neutral element of a merge).
 
 Autotuning is keyed on (head dim, causal, packed, merge, bucketed token count) and the dtypes,
-never on document lengths or counts, so changing packed batches never re-tune. What it tunes over,
-the launch order across heads and the reuse of tile tables form a config set (CONFIG_SETS); the
-kernels benchmark times the candidates side by side, one of them is active per process.
+never on document lengths or counts, so changing packed batches never re-tune.
 
 Backward (FlashAttention-2, Alg. 2) from a given (out, lse), which may be the merged ones of a
 larger attention (ring attention): delta = rowsum(dout * out) - dlse, dS = P * (dP - delta).
@@ -28,10 +26,8 @@ GQA sums in registers), dq per query tile.
 """
 from __future__ import annotations
 
-import collections
 import math
 import os
-from typing import NamedTuple
 
 import torch
 import triton
@@ -54,8 +50,7 @@ def table_blocks(head_dim: int) -> tuple[int, int]:
     dk, dv of its key tile live: 64 keys keep that within the registers at D = 128."""
     if _interpreting():
         return 32, 32
-    tuning = CONFIG_SETS[_active]
-    return tuning.fwd[0][0], tuning.dkdv[0][0]
+    return _FWD_OPTIONS[0][0], _DKDV_OPTIONS[0][0]
 
 
 def _configs(own, inner, options, extra=()):
@@ -85,7 +80,7 @@ def _prune_for(own):
 
 _KEY = ["HEAD_DIM", "CAUSAL", "VARLEN", "LEN_BUCKET"]
 # token counts vary per batch: no compiled variant per divisibility of a length
-_LENGTHS = ["Sq", "Sk", "LEN_BUCKET", "grid_heads", "head_group"]
+_LENGTHS = ["Sq", "Sk", "LEN_BUCKET"]
 # The first option of each list owns the tile table's block (table_blocks): Triton's autotuner
 # skips the prune when it holds one config (SEQPAR_FLASH_TUNE=0) and runs the first.
 # (owned block, inner block, warps, stages): spill-free at D = 128 on sm_90 (ptxas of triton 3.9,
@@ -100,76 +95,7 @@ _DQ_OPTIONS = [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3)]
 _DKDV_OPTIONS = [(64, 64, 8, 3, False), (64, 32, 4, 3, False), (128, 64, 8, 3, False), (64, 64, 8, 3, True),
                  (128, 32, 4, 3, False), (128, 64, 8, 2, True)]
 
-# Candidate tunings, one active per process (SEQPAR_FLASH_CONFIGS at import, or use_config_set):
-# the option lists, the head group of the launch order and whether tile tables are cached
-# (`_table`). The benchmark times each (`--flash-candidates`); "default" is what runs until a
-# measurement moves the default.
-# Head group 0: grid (tiles, heads, B) as launched until 2026-11-26: CTAs start head by head, so
-# the longest tiles of the last heads start last and run alone at the end of the grid. g > 0: a
-# flat grid ordered by (group of g heads, tile, head in group), so within a group the longest
-# tiles of all its heads start first (longest-processing-time first, as FA3 schedules causal
-# grids); a small group keeps the K/V the group's CTAs read (8 MiB a head at 16k, D = 128) in L2.
-# The candidates tune over fewer options, each tuner's 2026-11-25 picks on an H100 and neighbours
-# (fewer kernels to compile in one benchmark call): fwd (128, 128, 8, 3), dq (128, 64, 8, 3), dk/dv
-# (128, 64, 8, 2, SPLIT) on dense rows and (64, 32, 4, 3) on packed documents, whose key tile is
-# the table's (64). "kv128": packed documents on 128-key tiles too; (128, 32, 8, 2) has no spills
-# there (triton 3.6, sm_90a ptxas: 254 registers), (128, 64, 8, 2, SPLIT) spills 144 bytes.
-# cache_tables: a tile table is built by ~20 small torch kernels (~50 us of GPU time at 16k, 1-3%
-# of a packed fwd+bwd); every layer of a step passes the same cu_seqlens, so one build can serve all.
-# fuse_prep: _bwd_prep reads out and dout once more (268 MB at 16k, H = 32: ~90 us, 0.5% of a
-# dense fwd+bwd); the dq kernel holds dout already and reads out once in its prologue.
-
-
-class ConfigSet(NamedTuple):
-    fwd: list
-    dq: list
-    dkdv: list
-    head_group: int  # 0: grid (tiles, heads, B); g > 0: flat grid in (head group, tile, head) order
-    cache_tables: bool = False
-    fuse_prep: bool = False  # the dq kernel does _bwd_prep's work for its rows and runs before dk/dv
-
-
-ALL_HEADS = 1 << 16
-_FWD_FEW = [(128, 64, 8, 3), (128, 128, 8, 3)]
-_DQ_FEW = [(128, 64, 8, 3), (128, 64, 8, 2)]
-_DKDV_FEW = [(64, 32, 4, 3, False), (64, 64, 8, 3, False), (128, 64, 8, 2, True)]
-_DKDV_KV128 = [(128, 64, 8, 2, True), (128, 32, 8, 2, True), (128, 32, 8, 2, False)]
-CONFIG_SETS = {
-    "default": ConfigSet(_FWD_OPTIONS, _DQ_OPTIONS, _DKDV_OPTIONS, 0),
-    "cache": ConfigSet(_FWD_OPTIONS, _DQ_OPTIONS, _DKDV_OPTIONS, 0, True),
-    "lpt": ConfigSet(_FWD_FEW, _DQ_FEW, _DKDV_FEW, ALL_HEADS, True),
-    "lpt8": ConfigSet(_FWD_FEW, _DQ_FEW, _DKDV_FEW, 8, True),
-    "kv128": ConfigSet(_FWD_FEW, _DQ_FEW, _DKDV_KV128, 0, True),
-    "kv128_lpt": ConfigSet(_FWD_FEW, _DQ_FEW, _DKDV_KV128, ALL_HEADS, True),
-    "kv128_lpt8": ConfigSet(_FWD_FEW, _DQ_FEW, _DKDV_KV128, 8, True),
-    "kv128_lpt_fused": ConfigSet(_FWD_FEW, _DQ_FEW, _DKDV_KV128, ALL_HEADS, True, True),
-}
-CONFIG_ENV = "SEQPAR_FLASH_CONFIGS"
-_active = os.environ.get(CONFIG_ENV, "") or "default"
-if _active not in CONFIG_SETS:
-    raise ValueError(f"{CONFIG_ENV}={_active!r} is not one of: {', '.join(CONFIG_SETS)}")
-for _tuning in CONFIG_SETS.values():
-    assert _tuning.dq[0][0] == _tuning.fwd[0][0], "dq and the forward share the query tile table"
-
-
-@triton.jit
-def _program(grid_heads, head_group, SWIZZLE: tl.constexpr):
-    """(tile index, head) of this program: grid (tiles, heads, B), or with SWIZZLE the flat grid
-    (tiles * heads, 1, B) in the order (group of head_group heads, tile, head in the group); the
-    last group may hold fewer heads."""
-    if SWIZZLE:
-        pid = tl.program_id(0)
-        n_tiles = tl.num_programs(0) // grid_heads
-        per_group = head_group * n_tiles
-        g = pid // per_group
-        r = pid - g * per_group
-        in_group = tl.minimum(head_group, grid_heads - g * head_group)
-        tile = r // in_group
-        head = g * head_group + (r - tile * in_group)
-    else:
-        tile = tl.program_id(0)
-        head = tl.program_id(1)
-    return tile, head
+assert _DQ_OPTIONS[0][0] == _FWD_OPTIONS[0][0], "dq and the forward share the query tile table"
 
 
 @triton.jit
@@ -229,16 +155,16 @@ def _fwd_block(acc, m_i, l_i, q, k_base, v_base, sks, svs, n0, offs_m, offs_n, o
     return acc, m_new, l_i
 
 
-@triton.autotune(configs=_configs("BLOCK_M", "BLOCK_N", CONFIG_SETS[_active].fwd), key=_KEY + ["MERGE"],
+@triton.autotune(configs=_configs("BLOCK_M", "BLOCK_N", _FWD_OPTIONS), key=_KEY + ["MERGE"],
                  prune_configs_by={"early_config_prune": _prune_for("BLOCK_M")}, restore_value=["out_ptr", "lse_ptr"])
 @triton.jit(do_not_specialize=_LENGTHS)
 def _attn_fwd(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, tiles_ptr, cu_q_ptr, cu_k_ptr,
               sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sob, sos, soh, slb, slh, sls,
-              Sq, Sk, group, qk_scale, LEN_BUCKET, grid_heads, head_group,
+              Sq, Sk, group, qk_scale, LEN_BUCKET,
               HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, MERGE: tl.constexpr,
-              DOT: tl.constexpr, PRECISION: tl.constexpr, SWIZZLE: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    tile, h = _program(grid_heads, head_group, SWIZZLE)
+              DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    tile = tl.program_id(0)
+    h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     q0, k0, Lq, Lk, m0 = _tile(tiles_ptr, cu_q_ptr, cu_k_ptr, Sq, Sk, tile, BLOCK_M, True, CAUSAL, VARLEN)
     offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -347,17 +273,18 @@ def _dkdv_block(dk, dv, k, v, q_ptr, do_ptr, lse2_ptr, delta_ptr, b, h, q0, Hq, 
 
 
 # restore_value: with ACCUM the destinations are read, so tuning runs must not add into them twice
-@triton.autotune(configs=_configs("BLOCK_N", "BLOCK_M", CONFIG_SETS[_active].dkdv, extra=("SPLIT",)),
+@triton.autotune(configs=_configs("BLOCK_N", "BLOCK_M", _DKDV_OPTIONS, extra=("SPLIT",)),
                  key=_KEY, prune_configs_by={"early_config_prune": _prune_for("BLOCK_N")},
                  restore_value=["dk_ptr", "dv_ptr"])
 @triton.jit(do_not_specialize=_LENGTHS)
 def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse2_ptr, delta_ptr, dk_ptr, dv_ptr, tiles_ptr, cu_q_ptr, cu_k_ptr,
                    sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sdb, sds, sdh, sdkb, sdks, sdkh, sdvb, sdvs, sdvh,
-                   Sq, Sk, Hq, group, qk_scale, sm_scale, LEN_BUCKET, grid_heads, head_group,
+                   Sq, Sk, Hq, group, qk_scale, sm_scale, LEN_BUCKET,
                    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, ACCUM: tl.constexpr,
-                   DOT: tl.constexpr, PRECISION: tl.constexpr, SWIZZLE: tl.constexpr,
+                   DOT: tl.constexpr, PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr):
-    tile, hk = _program(grid_heads, head_group, SWIZZLE)
+    tile = tl.program_id(0)
+    hk = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     q0, k0, Lq, Lk, n0 = _tile(tiles_ptr, cu_q_ptr, cu_k_ptr, Sq, Sk, tile, BLOCK_N, False, CAUSAL, VARLEN)
     offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -383,11 +310,10 @@ def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse2_ptr, delta_ptr, dk_ptr, dv_
     else:
         lo = Lq * 0
         mid = lo
-    # One flat loop per region over (query head of the group, row block): nested loops cost
-    # ~40 registers of pipelining state, which at D = 128 tips the kernel into spills.
     # Flat loops over (query head of the group, row block): nested loops cost ~40 registers of
-    # pipelining state. SPLIT: mask-free blocks in a loop of their own (less math, more registers:
-    # at D = 128 it spills unless the tiles are small), else one loop that always masks.
+    # pipelining state, which at D = 128 tips the kernel into spills. SPLIT: mask-free blocks in a
+    # loop of their own (less math, more registers: at D = 128 it spills unless the tiles are
+    # small), else one loop that always masks.
     if SPLIT:
         n_masked = tl.cdiv(mid - lo, BLOCK_M)
         n_full = tl.cdiv(Lq - mid, BLOCK_M)
@@ -435,19 +361,17 @@ def _dq_block(dq, q, do, lse2, delta, k_base, v_base, sks, svs, n0, offs_m, offs
     return tl.dot(ds.to(DOT), k, acc=dq, input_precision=PRECISION)
 
 
-@triton.autotune(configs=_configs("BLOCK_M", "BLOCK_N", CONFIG_SETS[_active].dq), key=_KEY,
+@triton.autotune(configs=_configs("BLOCK_M", "BLOCK_N", _DQ_OPTIONS), key=_KEY,
                  prune_configs_by={"early_config_prune": _prune_for("BLOCK_M")})
 @triton.jit(do_not_specialize=_LENGTHS)
 def _attn_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse2_ptr, delta_ptr, dq_ptr, tiles_ptr, cu_q_ptr, cu_k_ptr,
-                 out_ptr, lse_ptr, dlse_ptr,
                  sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sdb, sds, sdh, sdqb, sdqs, sdqh,
-                 sob, sos, soh, slb, slh, sls, sgb, sgh, sgs,
-                 Sq, Sk, Hq, group, qk_scale, sm_scale, LEN_BUCKET, grid_heads, head_group,
+                 Sq, Sk, Hq, group, qk_scale, sm_scale, LEN_BUCKET,
                  HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
-                 DOT: tl.constexpr, PRECISION: tl.constexpr, SWIZZLE: tl.constexpr,
-                 FUSE_PREP: tl.constexpr, HAS_DLSE: tl.constexpr,
+                 DOT: tl.constexpr, PRECISION: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    tile, h = _program(grid_heads, head_group, SWIZZLE)
+    tile = tl.program_id(0)
+    h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     q0, k0, Lq, Lk, m0 = _tile(tiles_ptr, cu_q_ptr, cu_k_ptr, Sq, Sk, tile, BLOCK_M, True, CAUSAL, VARLEN)
     offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -460,19 +384,8 @@ def _attn_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse2_ptr, delta_ptr, dq_ptr, tiles
     q = q.to(DOT)
     do = do.to(DOT)
     stats = (b * Hq + h) * Sq + rows
-    if FUSE_PREP:  # _bwd_prep's rows of this tile, stored for the dk/dv kernel that runs next
-        o = tl.load(out_ptr + b * sob + h * soh + rows[:, None] * sos + offs_d[None, :], mask=rmask[:, None],
-                    other=0.0)
-        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-        if HAS_DLSE:
-            delta -= tl.load(dlse_ptr + b * sgb + h * sgh + rows * sgs, mask=rmask, other=0.0).to(tl.float32)
-        lse = tl.load(lse_ptr + b * slb + h * slh + rows * sls, mask=rmask, other=float("-inf")).to(tl.float32)
-        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E_C)
-        tl.store(delta_ptr + stats, delta, mask=rmask)
-        tl.store(lse2_ptr + stats, lse2, mask=rmask)
-    else:
-        lse2 = tl.load(lse2_ptr + stats, mask=rmask, other=float("inf"))
-        delta = tl.load(delta_ptr + stats, mask=rmask, other=0.0)
+    lse2 = tl.load(lse2_ptr + stats, mask=rmask, other=float("inf"))
+    delta = tl.load(delta_ptr + stats, mask=rmask, other=0.0)
     hk = h // group
     k_base = k_ptr + b * skb + hk * skh + k0.to(tl.int64) * sks
     v_base = v_ptr + b * svb + hk * svh + k0.to(tl.int64) * svs
@@ -493,28 +406,6 @@ def _attn_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse2_ptr, delta_ptr, dq_ptr, tiles
                        qk_scale, True, CAUSAL, DOT, PRECISION)
     tl.store(dq_ptr + b * sdqb + h * sdqh + rows[:, None] * sdqs + offs_d[None, :],
              (dq * sm_scale).to(dq_ptr.dtype.element_ty), mask=rmask[:, None])
-
-
-def use_config_set(name: str) -> None:
-    """Make CONFIG_SETS[name] the active tuning: the autotuners' option lists (their picks are
-    forgotten, so the next call of each key tunes again), the tile table's blocks and the launch
-    order. Naming the active set changes nothing."""
-    global _active
-    if name not in CONFIG_SETS:
-        raise ValueError(f"unknown flash config set {name!r}; known: {', '.join(CONFIG_SETS)}")
-    if name == _active:
-        return
-    tuning = CONFIG_SETS[name]
-    _active = name
-    for tuner, configs in ((_attn_fwd, _configs("BLOCK_M", "BLOCK_N", tuning.fwd)),
-                           (_attn_bwd_dq, _configs("BLOCK_M", "BLOCK_N", tuning.dq)),
-                           (_attn_bwd_dkdv, _configs("BLOCK_N", "BLOCK_M", tuning.dkdv, extra=("SPLIT",)))):
-        tuner.configs = configs
-        tuner.cache.clear()
-
-
-def active_config_set() -> str:
-    return _active
 
 
 # ---------------------------------------------------------------- launchers
@@ -544,30 +435,6 @@ def tile_table(cu_own, cu_other, block: int, n_own: int, causal: bool, own_is_q:
     work = torch.where(used, work, -1)
     order = torch.argsort(work, descending=True)
     return torch.stack([torch.where(used, doc, -1), start], 1)[order].to(torch.int32).contiguous()
-
-
-_TABLES: collections.OrderedDict = collections.OrderedDict()
-_TABLES_KEPT = 8
-
-
-def _table(cu_own, cu_other, block: int, n_own: int, causal: bool, own_is_q: bool):
-    """tile_table, reused while the boundaries are the same unmodified tensors (same objects, same
-    version counters) on the same stream, when the active config set caches tables. The cache
-    holds the boundary tensors, so their ids stay theirs while cached; a table is only read on the
-    stream that built it, so no reader can run ahead of its build."""
-    if not CONFIG_SETS[_active].cache_tables or cu_own.is_inference() or cu_other.is_inference():
-        return tile_table(cu_own, cu_other, block, n_own, causal, own_is_q)  # inference tensors: no versions
-    stream = torch.cuda.current_stream(cu_own.device).cuda_stream if cu_own.is_cuda else 0
-    key = (id(cu_own), id(cu_other), cu_own._version, cu_other._version, block, n_own, causal, own_is_q, stream)
-    hit = _TABLES.get(key)
-    if hit is not None and hit[0] is cu_own and hit[1] is cu_other:
-        _TABLES.move_to_end(key)
-        return hit[2]
-    table = tile_table(cu_own, cu_other, block, n_own, causal, own_is_q)
-    _TABLES[key] = (cu_own, cu_other, table)
-    while len(_TABLES) > _TABLES_KEPT:
-        _TABLES.popitem(last=False)
-    return table
 
 
 def _bucket(tokens: int) -> int:
@@ -612,19 +479,10 @@ def _cu(cu_seqlens, cu_seqlens_q, cu_seqlens_k, device):
     return as_int(cu_seqlens_q), as_int(cu_seqlens_k)
 
 
-def _order(heads):
-    """The launch-order arguments of the active config set for a grid of `heads` heads."""
-    group = CONFIG_SETS[_active].head_group
-    return dict(grid_heads=heads, head_group=max(1, min(group, heads)), SWIZZLE=group > 0)
-
-
 def _grid(table, tokens, rows, heads, block_key):
-    """(tiles, heads, rows), or (tiles * heads, 1, rows) under a head group (`_program`)."""
-    flat = CONFIG_SETS[_active].head_group > 0
+    """(tiles, heads, rows): a packed batch's tiles are its table's entries."""
     if table is not None:
-        return (table.shape[0] * heads, 1, 1) if flat else (table.shape[0], heads, 1)
-    if flat:
-        return lambda meta: (triton.cdiv(tokens, meta[block_key]) * heads, 1, rows)
+        return (table.shape[0], heads, 1)
     return lambda meta: (triton.cdiv(tokens, meta[block_key]), heads, rows)
 
 
@@ -633,7 +491,7 @@ def _forward_into(q, k, v, out, lse, *, causal, cu_q, cu_k, scale, merge, q_tabl
     Sk, Hkv = k.shape[1], k.shape[2]
     varlen = cu_q is not None
     if varlen and q_table is None:
-        q_table = _table(cu_q, cu_k, table_blocks(D)[0], Sq, causal, True)
+        q_table = tile_table(cu_q, cu_k, table_blocks(D)[0], Sq, causal, True)
     dummy = cu_q if varlen else torch.zeros(2, dtype=torch.int32, device=q.device)
     dot, precision = _dot(q.dtype)
     _attn_fwd[_grid(q_table if varlen else None, Sq, B, Hq, "BLOCK_M")](
@@ -641,7 +499,7 @@ def _forward_into(q, k, v, out, lse, *, causal, cu_q, cu_k, scale, merge, q_tabl
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1), lse.stride(2),
-        Sq, Sk, Hq // Hkv, scale * LOG2E, _bucket(B * Sq), **_order(Hq),
+        Sq, Sk, Hq // Hkv, scale * LOG2E, _bucket(B * Sq),
         HEAD_DIM=D, CAUSAL=bool(causal), VARLEN=varlen, MERGE=merge, DOT=dot, PRECISION=precision)
     return q_table
 
@@ -696,41 +554,29 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=True, cu_seqlens_q=Non
     delta = torch.empty(B, Hq, Sq, dtype=torch.float32, device=q.device)
     lse2 = torch.empty_like(delta)
     g = lse if dlse is None else dlse
-    fuse_prep = CONFIG_SETS[_active].fuse_prep
-    if not fuse_prep:
-        prep_block = 64
-        _bwd_prep[(triton.cdiv(Sq, prep_block), Hq, B)](
-            out, dout, lse, g, delta, lse2, Sq, Hq, out.stride(0), out.stride(1), out.stride(2),
-            dout.stride(0), dout.stride(1), dout.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
-            g.stride(0), g.stride(1), g.stride(2), HEAD_DIM=D, HAS_DLSE=dlse is not None, BLOCK=prep_block)
+    prep_block = 64
+    _bwd_prep[(triton.cdiv(Sq, prep_block), Hq, B)](
+        out, dout, lse, g, delta, lse2, Sq, Hq, out.stride(0), out.stride(1), out.stride(2),
+        dout.stride(0), dout.stride(1), dout.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
+        g.stride(0), g.stride(1), g.stride(2), HEAD_DIM=D, HAS_DLSE=dlse is not None, BLOCK=prep_block)
     varlen = cu_seqlens_q is not None
     dummy = cu_seqlens_q if varlen else torch.zeros(2, dtype=torch.int32, device=q.device)
     block_q, block_k = table_blocks(D)
-    k_table = _table(cu_seqlens_k, cu_seqlens_q, block_k, Sk, causal, False) if varlen else None
+    k_table = tile_table(cu_seqlens_k, cu_seqlens_q, block_k, Sk, causal, False) if varlen else None
     if varlen and q_table is None:
-        q_table = _table(cu_seqlens_q, cu_seqlens_k, block_q, Sq, causal, True)
+        q_table = tile_table(cu_seqlens_q, cu_seqlens_k, block_q, Sq, causal, True)
     dot, precision = _dot(q.dtype)
     common = dict(HEAD_DIM=D, CAUSAL=bool(causal), VARLEN=varlen, DOT=dot, PRECISION=precision)
-    accum_kw = dict(ACCUM=bool(accum))
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2))
-    def dkdv():
-        _attn_bwd_dkdv[_grid(k_table, Sk, B, Hkv, "BLOCK_N")](
-            q, k, v, dout, lse2, delta, dk, dv, k_table if varlen else dummy, dummy, cu_seqlens_k if varlen else dummy,
-            *strides, dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-            Sq, Sk, Hq, Hq // Hkv, scale * LOG2E, scale, _bucket(B * Sq), **_order(Hkv), **common, **accum_kw)
-
-    if not fuse_prep:
-        dkdv()
+    _attn_bwd_dkdv[_grid(k_table, Sk, B, Hkv, "BLOCK_N")](
+        q, k, v, dout, lse2, delta, dk, dv, k_table if varlen else dummy, dummy, cu_seqlens_k if varlen else dummy,
+        *strides, dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+        Sq, Sk, Hq, Hq // Hkv, scale * LOG2E, scale, _bucket(B * Sq), **common, ACCUM=bool(accum))
     _attn_bwd_dq[_grid(q_table, Sq, B, Hq, "BLOCK_M")](
         q, k, v, dout, lse2, delta, dq, q_table if varlen else dummy, dummy, cu_seqlens_k if varlen else dummy,
-        out, lse, g, *strides, dq.stride(0), dq.stride(1), dq.stride(2),
-        out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
-        g.stride(0), g.stride(1), g.stride(2),
-        Sq, Sk, Hq, Hq // Hkv, scale * LOG2E, scale, _bucket(B * Sq), **_order(Hq), **common,
-        FUSE_PREP=fuse_prep, HAS_DLSE=dlse is not None)
-    if fuse_prep:  # after dq, which wrote delta and lse2
-        dkdv()
+        *strides, dq.stride(0), dq.stride(1), dq.stride(2),
+        Sq, Sk, Hq, Hq // Hkv, scale * LOG2E, scale, _bucket(B * Sq), **common)
     return _into(given, (dq, dk, dv), accumulate)
 
 

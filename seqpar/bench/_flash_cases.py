@@ -12,14 +12,9 @@ and anchors_varlen.py:
   kernel's in-place merge beside the lse path of the dispatcher plus the torch merge.
 
 Each row says which kernel the dispatcher gives that case (`flash_attn_choice`), and the Triton
-rows carry their relative error against cuDNN (dense) or FlexAttention (packed) on the same inputs.
-
-Tuning candidates (`--flash-candidates NAME ...`, keys of `flash_attn.triton.CONFIG_SETS`): each
-case also times the Triton kernel under each named config set ("seqpar_triton[NAME]" rows, tuned
-afresh), beside the active set's "seqpar_triton" row and the anchors of the same run; the summary's
-`candidates` lists each one's fwd+bwd TFLOP/s per case, the one to make the default. Each
-candidate row carries `grad_rel_err_vs_default` (its dq/dk/dv against the default set's, same
-inputs); `--flash-profile S` adds each Triton row's kernel times at length S (`kernels_ms`).
+rows carry their relative error against cuDNN (dense) or FlexAttention (packed) on the same inputs
+and the autotuners' picks; `--flash-profile S` adds the Triton row's kernel times at length S
+(`kernels_ms`).
 """
 from __future__ import annotations
 
@@ -93,12 +88,8 @@ def _impls(S, lens, device):
     return impls
 
 
-def _grads(fn, q, k, v, do):
-    return torch.autograd.grad(fn(q, k, v), (q, k, v), do)
-
-
 def _kernel_ms(fn, q, k, v, do, reps=3):
-    """GPU ms per fwd+bwd of each kernel (torch.profiler), largest first: where a candidate's time goes."""
+    """GPU ms per fwd+bwd of each kernel (torch.profiler), largest first: where the time goes."""
     from torch.profiler import ProfilerActivity, profile
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -113,9 +104,8 @@ def _kernel_ms(fn, q, k, v, do, reps=3):
     return dict(sorted(per.items(), key=lambda kv: -kv[1])[:8])
 
 
-def _case_rows(layout, S, lens, device, timer, candidates=(), profile=False):
+def _case_rows(layout, S, lens, device, timer, profile=False):
     from seqpar.kernels import dispatch
-    from seqpar.kernels.flash_attn import triton as ft
 
     gen = torch.Generator(device=device).manual_seed(S)
     q, k, v, do = (torch.randn(1, S, H, D, device=device, dtype=torch.bfloat16, generator=gen) for _ in range(4))
@@ -124,15 +114,8 @@ def _case_rows(layout, S, lens, device, timer, candidates=(), profile=False):
     useful = 2 * H * D * (S * S if lens is None else sum(n * n for n in lens))
     cu = None if lens is None else _cu(lens, device)
     choice = dispatch.flash_attn_choice(q, k, v, causal=True, cu_seqlens=cu) if device.type == "cuda" else None
-    rows, outs, grads = [], {}, {}
-    impls = _impls(S, lens, device)
-    active = ft.active_config_set()
-    for cand in candidates:  # the Triton kernel again under each other config set, tuned afresh
-        if cand != active:
-            impls[f"seqpar_triton[{cand}]"] = impls["seqpar_triton"]
-    for name, fn in impls.items():
-        if name.startswith("seqpar_triton"):
-            ft.use_config_set(name[len("seqpar_triton["):-1] if name.startswith("seqpar_triton[") else active)
+    rows, outs = [], {}
+    for name, fn in _impls(S, lens, device).items():
         try:
             outs[name] = fn(q, k, v).detach()
             ms_f = timer(lambda: fn(q, k, v))
@@ -146,14 +129,7 @@ def _case_rows(layout, S, lens, device, timer, candidates=(), profile=False):
                    fwd_ms=round(ms_f, 3), fwdbwd_ms=round(ms_fb, 3),
                    fwd_tflops=round(useful / ms_f / 1e9, 1), fwdbwd_tflops=round(3.5 * useful / ms_fb / 1e9, 1))
         if name == "seqpar_triton":
-            row["dispatch_default"] = choice
-        if name.startswith("seqpar_triton"):
-            row.update(config_set=ft.active_config_set(), tuned=_tuned(compact=True))
-            # each candidate's backward against the default set's on the same inputs
-            grads[name] = _grads(fn, q, k, v, do)
-            if name != "seqpar_triton" and "seqpar_triton" in grads:
-                row["grad_rel_err_vs_default"] = max(_rel(a, b) for a, b in zip(grads[name], grads["seqpar_triton"]))
-                del grads[name]
+            row.update(dispatch_default=choice, tuned=_tuned(compact=True))
             if profile:
                 try:
                     row["kernels_ms"] = _kernel_ms(fn, q, k, v, do)
@@ -161,11 +137,10 @@ def _case_rows(layout, S, lens, device, timer, candidates=(), profile=False):
                     row["kernels_ms"] = {"error": repr(e)[:200]}
         rows.append(row)
         print(row, flush=True)
-    ft.use_config_set(active)
     anchor = "sdpa_cudnn" if lens is None else "flex_docmask"
     for row in rows:
-        if row["kernel"].startswith("seqpar_triton") and "error" not in row and anchor in outs:
-            row[f"rel_err_vs_{anchor}"] = _rel(outs[row["kernel"]], outs[anchor])
+        if row["kernel"] == "seqpar_triton" and "error" not in row and anchor in outs:
+            row[f"rel_err_vs_{anchor}"] = _rel(outs["seqpar_triton"], outs[anchor])
     return rows
 
 
@@ -203,7 +178,7 @@ def _ring_step_rows(S, device, timer):
 
 
 def _tuned(compact=False):
-    """What the autotuners picked per key (compact: the picks of the active config set only)."""
+    """What the autotuners picked per key (compact: the distinct picks only)."""
     from seqpar.kernels.flash_attn import triton as ft
     kernels = (("fwd", ft._attn_fwd), ("bwd_dkdv", ft._attn_bwd_dkdv), ("bwd_dq", ft._attn_bwd_dq))
     if compact:
@@ -225,27 +200,6 @@ def _summary(rows):
         ours, flex = rate("seqpar_triton", "packed", S), rate("flex_docmask", "packed", S)
         out[f"packed_{S}_fwdbwd_vs_flex"] = round(ours / flex, 3) if ours and flex else None
     out["suggest_TRITON_FASTER"] = _suggest(rows, rate)
-    cands = sorted({r["kernel"] for r in rows if r["kernel"].startswith("seqpar_triton[")})
-    if cands:
-        out["candidates"] = _candidates(rows, ["seqpar_triton"] + cands)
-    return out
-
-
-def _candidates(rows, names):
-    """{case: {kernel: fwd+bwd TFLOP/s, ..., anchors}} per dense/packed case, and each kernel's
-    ratio to FlexAttention's document mask on packed cases (the issue's 1.3x goal)."""
-    out = {}
-    for case in sorted({(r["layout"], r["S"]) for r in rows if r["layout"] in ("dense", "packed")}):
-        here = {r["kernel"]: r for r in rows if (r["layout"], r["S"]) == case and "error" not in r}
-        entry = {k: here[k]["fwdbwd_tflops"] for k in names + ["sdpa_cudnn", "sdpa_flash", "flex_causal",
-                                                                 "flex_docmask", "torch_varlen_flash"] if k in here}
-        for k in names:
-            if k in here:
-                entry[f"{k} fwd"] = here[k]["fwd_tflops"]
-        if here.get("flex_docmask", {}).get("fwdbwd_tflops"):
-            entry["vs_flex"] = {k: round(here[k]["fwdbwd_tflops"] / here["flex_docmask"]["fwdbwd_tflops"], 3)
-                                for k in names if k in here}
-        out[f"{case[0]}_{case[1]}"] = entry
     return out
 
 
@@ -279,37 +233,29 @@ def table(rows):
     return "\n".join(lines)
 
 
-def warm_compile(part, parts, sets, device):
-    """Compile every kernel config that the tuners of config `sets` try on the benchmark's shapes,
-    this process's share (`part` of `parts`), by one small fwd+bwd per combination of single
-    configs. Run in parallel processes before the benchmark: its tuning then finds the kernels in
-    Triton's cache instead of compiling some 45 of them one after another. Small shapes compile
-    the same variants (H, D, dtypes, the strides' divisibility; lengths are not specialised)."""
+def warm_compile(part, parts, device):
+    """Compile every kernel config that the tuners try on the benchmark's shapes, this process's
+    share (`part` of `parts`), by one small fwd+bwd per combination of single configs. Run in
+    parallel processes before the benchmark: its tuning then finds the kernels in Triton's cache
+    instead of compiling some 20 of them one after another. Small shapes compile the same variants
+    (H, D, dtypes, the strides' divisibility; lengths are not specialised)."""
     from seqpar.kernels.flash_attn import triton as ft
 
-    jobs, seen = [], set()
-    for name in sets:
-        tuning = ft.CONFIG_SETS[name]
-        ft.use_config_set(name)
-        q_block, k_block = ft.table_blocks(D)
-        for varlen in (False, True):
-            fwd = [o for o in tuning.fwd if not varlen or o[0] == q_block]  # packed: the table's blocks only
-            dq = [o for o in tuning.dq if not varlen or o[0] == q_block]
-            dkdv = [o for o in tuning.dkdv if not varlen or o[0] == k_block]
-            for i in range(max(len(fwd), len(dq), len(dkdv))):
-                picks = (fwd[i % len(fwd)], dq[i % len(dq)], dkdv[i % len(dkdv)])
-                variant = (tuning.head_group > 0, tuning.fuse_prep, varlen, picks)  # what compiles differently
-                if variant not in seen:
-                    seen.add(variant)
-                    jobs.append((name, varlen, picks))
+    jobs = []
+    q_block, k_block = ft.table_blocks(D)
+    for varlen in (False, True):
+        fwd = [o for o in ft._FWD_OPTIONS if not varlen or o[0] == q_block]  # packed: the table's blocks only
+        dq = [o for o in ft._DQ_OPTIONS if not varlen or o[0] == q_block]
+        dkdv = [o for o in ft._DKDV_OPTIONS if not varlen or o[0] == k_block]
+        jobs += [(varlen, (fwd[i % len(fwd)], dq[i % len(dq)], dkdv[i % len(dkdv)]))
+                 for i in range(max(len(fwd), len(dq), len(dkdv)))]
     gen = torch.Generator(device=device).manual_seed(0)
     q, k, v, do = (torch.randn(1, 1024, H, D, device=device, dtype=torch.bfloat16, generator=gen) for _ in range(4))
     for t in (q, k, v):
         t.requires_grad_()
     cu = _cu([300, 724], device)
     mine, failed = jobs[part::parts], []
-    for name, varlen, (fwd, dq, dkdv) in mine:
-        ft.use_config_set(name)
+    for varlen, (fwd, dq, dkdv) in mine:
         # one config each: the autotuner then compiles and runs it, no tuning
         ft._attn_fwd.configs = ft._configs("BLOCK_M", "BLOCK_N", [fwd])
         ft._attn_bwd_dq.configs = ft._configs("BLOCK_M", "BLOCK_N", [dq])
@@ -317,7 +263,7 @@ def warm_compile(part, parts, sets, device):
         try:
             ft.flash_attn_triton(q, k, v, causal=True, cu_seqlens=cu if varlen else None).backward(do)
         except Exception as e:  # the benchmark's tuner meets (and skips) the same failure
-            failed.append(f"{name} varlen={varlen} {fwd} {dq} {dkdv}: {repr(e)[:200]}")
+            failed.append(f"varlen={varlen} {fwd} {dq} {dkdv}: {repr(e)[:200]}")
     torch.cuda.synchronize()
     return dict(rows=[], summary=dict(warmed=len(mine), of=len(jobs), failed=failed), table="")
 
@@ -330,17 +276,16 @@ def bench_flash(args, device):
         return dict(rows=[], summary=dict(skipped="the flash section needs a CUDA device"), table="")
     if getattr(args, "flash_warm", None):
         part, parts = args.flash_warm
-        return warm_compile(part, parts, ["default", *(getattr(args, "flash_candidates", None) or ())], device)
+        return warm_compile(part, parts, device)
     timer = _bench(device)
     rows = []
-    cands = getattr(args, "flash_candidates", None) or ()
     dense = getattr(args, "flash_dense_lens", None)
     packed = getattr(args, "flash_packed_lens", None)
     prof = set(getattr(args, "flash_profile", None) or ())
     for S in DENSE_LENS if dense is None else dense:
-        rows += _case_rows("dense", S, None, device, timer, cands, S in prof)
+        rows += _case_rows("dense", S, None, device, timer, S in prof)
     for S in PACKED_LENS if packed is None else packed:
-        rows += _case_rows("packed", S, lognormal_lengths(S), device, timer, cands, S in prof)
+        rows += _case_rows("packed", S, lognormal_lengths(S), device, timer, S in prof)
     if not getattr(args, "flash_no_ring_step", False):
         rows += _ring_step_rows(DENSE_LENS[0], device, timer)
     return dict(rows=rows, tuned_configs=_tuned(), summary=_summary(rows), table=table(rows))

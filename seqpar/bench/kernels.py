@@ -161,15 +161,13 @@ def main(argv=None):
                    help="fused: which parts to run (default all)")
     p.add_argument("--rms-bwd-variants", nargs="*", default=[],
                    help="fused: RMSNorm backward loop variants (norm_rope.triton.RMS_BWD_VARIANTS) beside the default")
-    p.add_argument("--flash-candidates", nargs="*", default=[],
-                   help="flash: also time the Triton kernel under these config sets (flash_attn.triton.CONFIG_SETS)")
     p.add_argument("--flash-dense-lens", type=int, nargs="*", default=None, help="flash: dense causal lengths")
     p.add_argument("--flash-packed-lens", type=int, nargs="*", default=None, help="flash: packed row lengths")
     p.add_argument("--flash-no-ring-step", action="store_true", help="flash: skip the one-ring-step rows")
     p.add_argument("--flash-warm", type=int, nargs=2, default=None, metavar=("PART", "PARTS"),
-                   help="flash: only compile this share of the kernels the default and candidate sets tune over")
+                   help="flash: only compile this share of the kernels the Triton tuners try")
     p.add_argument("--flash-profile", type=int, nargs="*", default=[],
-                   help="flash: at these lengths, each Triton row also lists its kernels' GPU ms (torch.profiler)")
+                   help="flash: at these lengths, the Triton row also lists its kernels' GPU ms (torch.profiler)")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.seq_lens is None:
