@@ -758,12 +758,32 @@ def test_todays_one_task_server_runs_triton_and_l1_r_l2_returns_remote_results_e
 
 
 def test_an_era_without_runs_inherits_the_fitted_constants(calib):
-    """The era of c8d5eb5 has no run yet: its constants are era 1's, only the code differs."""
+    """The era of 755a3a8 has no run yet: its constants are the era before's, only the code differs."""
     from seqpar.sim.measurements import era_since
 
-    prev = calibrate(era=era_since("c8d5eb5") - 1)
+    prev = calibrate(era=era_since("755a3a8") - 1)
     assert {k: v for k, v in calib.as_dict().items() if k != "era"} == \
         {k: v for k, v in prev.as_dict().items() if k != "era"}
+
+
+def test_equal_l2_tails_join_the_output_all_to_all_together(h100, calib):
+    """755a3a8: without ping-pong every server keeps the same local work for L2. On a batch whose
+    long document's owner sends half of it away, the owner used to join R's output all-to-all
+    after half its local work, long before the server, and pay the SM-sharing tax through its L2;
+    now both join when the same work is left, and less is exposed. The era before is modelled with
+    the halves it ran."""
+    from dataclasses import replace
+
+    from seqpar.sim.attention_cost import _ping_pong_layer
+    from seqpar.sim.comm import placed
+    from seqpar.sim.measurements import era_since
+
+    bounds, g2 = (0, 3000, 95008, 131072), placed(2, 1, 8)
+    args = (h100, [bounds], 2, 32, 8, 128, g2, "flash", 2, 0.1, 128, None)
+    now = _ping_pong_layer(calib, *args, split_remote=False)
+    before = _ping_pong_layer(replace(calib, era=era_since("755a3a8") - 1), *args, split_remote=False)
+    assert now[2] == pytest.approx(before[2], rel=0.02)  # the same kernels, cut elsewhere
+    assert now[1] < 0.5 * before[1] and now[0] < before[0]
 
 
 def test_allgather_chunk_with_more_keys_runs_triton(h100, calib):

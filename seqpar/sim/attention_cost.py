@@ -368,7 +368,8 @@ def _ping_pong_layer(calib, cluster, rows, world, heads, kv_heads, head_dim, gro
     alike (backward: 2.5 x the kernel time, dO in, dQ|dK|dV out); the layer is the slower rank's
     forward plus its backward."""
     from seqpar.attention.disagg.planner import TASK_OVERHEAD
-    from seqpar.attention.disagg.routing import nano_batches
+    from seqpar.attention.disagg.routing import _is_local, nano_batches
+    from seqpar.sim.measurements import era_since
 
     row_bytes = (heads * 2 * head_dim * act, kv_heads * 2 * head_dim * act)
     q_w, kv_w = heads * head_dim * act, 2 * kv_heads * head_dim * act  # one Q (O, dO, dQ) row; one K|V row
@@ -381,6 +382,13 @@ def _ping_pong_layer(calib, cluster, rows, world, heads, kv_heads, head_dim, gro
         per = bounds[-1] // world
         owned = [[(r * per, (r + 1) * per)] for r in range(world)]
         groups = nano_batches(p.tasks, world, list(bounds), True, min_chunk, owned, split_remote=split_remote)
+        if not split_remote and calib.era < era_since("755a3a8"):
+            # before 755a3a8 each server's local work was halved around R: ping-pong's L1 and L2
+            halves = nano_batches(p.tasks, world, list(bounds), True, min_chunk, owned, split_remote=True)
+            local = lambda g: all(map(_is_local(list(bounds), True, owned), g))
+            l1 = halves[0] if local(halves[0]) else []
+            l2 = halves[-1] if len(halves) > 1 and local(halves[-1]) else []
+            groups = [g for g in (l1, [t for g in halves if g is not l1 and g is not l2 for t in g], l2) if g]
         work = []  # work[i][s]: server s's kernel time (fwd + bwd) in nano-batch i
         for g in groups:
             segs = [[] for _ in range(world)]
