@@ -27,10 +27,13 @@ per rank and layer, fwd+bwd, counted on CPU, 2026-11-26) that cut the copies fro
 
 Without ping-pong the tasks run as up to three nano-batches, local work L1, remote work R, local
 work L2 (`routing.nano_batches(split_remote=False)`): the same messages as one nano-batch, but the
-local work writes its results in place, and each server's local work, cut in two halves of equal
-work, computes while the remote inputs travel (L1) and while the outputs return (L2); in backward
-likewise for dO and the gradients. (Local work then remote work, 2026-11-26, left the outputs and
-gradients of the remote work exposed at the end of the layer.)
+local work writes its results in place, and each server's local work computes while the remote
+inputs travel (L1) and while the outputs return (L2); in backward likewise for dO and the
+gradients. Every server keeps the same work for L2, so that the ranks reach R's output all-to-all
+together: a rank that joins it early holds NCCL's kernel, and its SMs, through its own L2.
+(Local work then remote work left the outputs and gradients of the remote work exposed at the end
+of the layer; halves of each server's local work left the owner of a split document joining its
+output all-to-all ~165 ms early on 2 GPUs, 2026-11-26.)
 
 Ping-pong (`routing.nano_batches`): the tasks run as up to four nano-batches, local work L1,
 remote work R1 and R2, local work L2. Every input transfer is issued asynchronously up front and
