@@ -1,6 +1,7 @@
 """Kernel references against independent brute-force fp64 computations, odd shapes, gradients,
 and the dispatch rule. The `gpu` tests pair the CUDA fast paths with the references."""
 import math
+import os
 
 import pytest
 import torch
@@ -458,3 +459,25 @@ def test_cuda_fused_cross_entropy_under_autocast():
     torch.testing.assert_close(loss.double(), ref, rtol=1e-4, atol=1e-2)
     for ours, exact in ((h.grad, hd.grad), (w.grad, wd.grad)):
         assert ((ours.double() - exact).norm() / exact.norm()).item() < 1e-2
+
+
+def test_triton_autotuners_keep_their_picks_on_disk():
+    """Every Triton kernel tunes through kernels/autotune.py, which keeps the picks in Triton's
+    cache (a restart or the next run skips the timing); SEQPAR_TUNE_CACHE=0 times afresh."""
+    pytest.importorskip("triton")
+    import subprocess
+    import sys
+
+    code = ("import inspect, triton, triton.runtime.autotuner as at\n"
+            "from seqpar.kernels.flash_attn import triton as f\n"
+            "from seqpar.kernels.lightning_attn import triton as l\n"
+            "from seqpar.kernels.norm_rope import triton as n\n"
+            "tuners = [v for m in (f, l, n) for v in vars(m).values() if isinstance(v, at.Autotuner)]\n"
+            "assert len(tuners) >= 8, len(tuners)\n"
+            "print(sorted({t.cache_results for t in tuners}),"
+            " 'cache_results' in inspect.signature(triton.autotune).parameters)\n")
+    for env, want in (({}, "[True] True"), ({"SEQPAR_TUNE_CACHE": "0"}, "[False] True")):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             env={**os.environ, "TRITON_INTERPRET": "0", **env})
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stdout.strip() == want

@@ -33,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
+from seqpar.kernels.autotune import autotune
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 # what kernels may read of module globals: constexprs only
@@ -155,7 +157,7 @@ def _fwd_block(acc, m_i, l_i, q, k_base, v_base, sks, svs, n0, offs_m, offs_n, o
     return acc, m_new, l_i
 
 
-@triton.autotune(configs=_configs("BLOCK_M", "BLOCK_N", _FWD_OPTIONS), key=_KEY + ["MERGE"],
+@autotune(configs=_configs("BLOCK_M", "BLOCK_N", _FWD_OPTIONS), key=_KEY + ["MERGE"],
                  prune_configs_by={"early_config_prune": _prune_for("BLOCK_M")}, restore_value=["out_ptr", "lse_ptr"])
 @triton.jit(do_not_specialize=_LENGTHS)
 def _attn_fwd(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, tiles_ptr, cu_q_ptr, cu_k_ptr,
@@ -273,7 +275,7 @@ def _dkdv_block(dk, dv, k, v, q_ptr, do_ptr, lse2_ptr, delta_ptr, b, h, q0, Hq, 
 
 
 # restore_value: with ACCUM the destinations are read, so tuning runs must not add into them twice
-@triton.autotune(configs=_configs("BLOCK_N", "BLOCK_M", _DKDV_OPTIONS, extra=("SPLIT",)),
+@autotune(configs=_configs("BLOCK_N", "BLOCK_M", _DKDV_OPTIONS, extra=("SPLIT",)),
                  key=_KEY, prune_configs_by={"early_config_prune": _prune_for("BLOCK_N")},
                  restore_value=["dk_ptr", "dv_ptr"])
 @triton.jit(do_not_specialize=_LENGTHS)
@@ -361,7 +363,7 @@ def _dq_block(dq, q, do, lse2, delta, k_base, v_base, sks, svs, n0, offs_m, offs
     return tl.dot(ds.to(DOT), k, acc=dq, input_precision=PRECISION)
 
 
-@triton.autotune(configs=_configs("BLOCK_M", "BLOCK_N", _DQ_OPTIONS), key=_KEY,
+@autotune(configs=_configs("BLOCK_M", "BLOCK_N", _DQ_OPTIONS), key=_KEY,
                  prune_configs_by={"early_config_prune": _prune_for("BLOCK_M")})
 @triton.jit(do_not_specialize=_LENGTHS)
 def _attn_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse2_ptr, delta_ptr, dq_ptr, tiles_ptr, cu_q_ptr, cu_k_ptr,

@@ -56,6 +56,8 @@ import triton
 from torch.utils.weak import WeakIdKeyDictionary
 import triton.language as tl
 
+from seqpar.kernels.autotune import autotune
+
 CHUNK = 64
 # Segments: long enough that the boundary states (fp32, Dk x Dv per head) cost little memory
 # traffic next to q/k/v (2*Dv/seg_len of q's bytes), short enough for >= 4 programs per SM.
@@ -120,7 +122,7 @@ def _segment_offset(seg_ptr, seg, REVERSE: tl.constexpr):
     return tl.load(seg_ptr + seg * 7 + col)
 
 
-@triton.autotune(configs=_configs([(1, 8, 2), (2, 8, 2), (2, 4, 2)]), key=["DY", "DZ"],
+@autotune(configs=_configs([(1, 8, 2), (2, 8, 2), (2, 4, 2)]), key=["DY", "DZ"],
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _segment_output(x_ptr, y_ptr, z_ptr, out_ptr, bound_ptr, edge_in_ptr, edge_out_ptr, seg_ptr, lam_ptr,
@@ -199,7 +201,7 @@ def _segment_output(x_ptr, y_ptr, z_ptr, out_ptr, bound_ptr, edge_in_ptr, edge_o
                  mask=(dy < DY * last_one)[:, None] & zmask[None, :])
 
 
-@triton.autotune(configs=_configs([(1, 8, 2), (2, 8, 2), (2, 4, 3)]), key=["DY", "DZ"],
+@autotune(configs=_configs([(1, 8, 2), (2, 8, 2), (2, 4, 3)]), key=["DY", "DZ"],
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _segment_state(y_ptr, z_ptr, local_ptr, tail_ptr, seg_ptr, lam_ptr, syt, syh, szt, szh,
