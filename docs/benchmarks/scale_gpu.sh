@@ -7,12 +7,13 @@
 #   sequence once, the same-run baseline: ~1 min per iteration at 1M, so 1M runs apart with one timed
 #   iteration after one warm-up; ~7 minutes in all on H200), torch's context_parallel beside it, Ulysses
 #   and USP (Ulysses inside pairs of GPUs, ring across) on the same inputs; cuDNN only.
-# ring+lasp: both parts in one call (~8 minutes on 4 H200).
-# lasp: LASP-2 vs LASP-1 vs the K/V all-gather (up to 512k), total 1M and 2M tokens.
+# ring1m: the 1M case alone (~5 minutes on 4 H200). ring+lasp: both parts in one call (~8 minutes).
+# lasp: LASP-2 vs LASP-1 vs the K/V all-gather (up to 1M), total 1M and 2M tokens.
 # e2e: hybrid_1b and llama_1b, one sequence per step of 64k tokens per GPU, under cp=N, cp=N/2 x dp=2,
 #   cp=2 x tp=2 x dp=N/4, cp=N/2 x pp=2 (2 micro-batches): tokens/s per GPU and MFU, steps 3-4 (step 1 compiles).
 #   MODELS="llama_1b" LAYOUTS="cp2_dp2 cp2_pp2" picks some (names as printed); the first step of each
-#   run compiles and tunes for ~45-65 s on 4 H200, so about six runs fit one call.
+#   run compiled and tuned for ~45-65 s on 4 H200 (2026-11-26, before kernels/autotune.py kept the
+#   picks on disk), so about six runs fit one call; RUN_TIMEOUT (110 s) bounds each run (pp needs more).
 # SMOKE=1 runs the same commands small on the CPU (gloo, 4 processes): the mechanics, not the figures.
 set -u
 mkdir -p "$OUT"
@@ -25,13 +26,16 @@ if [ "${SMOKE:-0}" = 1 ]; then
 else
     RING="--seq-lens 131072 524288 --packed-lens --kernels cudnn --iters 2 --warmup 1"
     RING_1M="--seq-lens 1048576 --packed-lens --kernels cudnn --iters 1 --warmup 1"
-    LASP="--tokens 1048576 2097152 --kv-max-tokens 524288"
+    LASP="--tokens 1048576 2097152 --kv-max-tokens 1048576"
     E2E_SEQ=$((65536 * N)) E2E=""
 fi
 ring() {
     # shellcheck disable=SC2086
     timeout 200 $T -m seqpar.bench ring $RING --methods ring ulysses usp:2 --torch-cp-rotate allgather \
         --out "$OUT/ring_${N}gpu.json" 2>&1 | grep -E '^\{' | cut -c1-700
+    ring1m
+}
+ring1m() {
     # shellcheck disable=SC2086
     timeout 330 $T -m seqpar.bench ring $RING_1M --methods ring ulysses usp:2 --torch-cp-rotate allgather \
         --out "$OUT/ring_${N}gpu_1m.json" 2>&1 | grep -E '^\{' | cut -c1-700
@@ -43,6 +47,7 @@ lasp() {
 }
 case "${1:-}" in
 ring) ring ;;
+ring1m) ring1m ;;
 lasp) lasp ;;
 ring+lasp) lasp; ring ;;
 e2e)
@@ -62,7 +67,7 @@ e2e)
             extra=""  # hybrid_1b's TP pair holds 127 GiB of activations at 64k/GPU (H200: 126 usable)
             [ "$model" = hybrid_1b ] && [[ $name == *tp2* ]] && [ "${SMOKE:-0}" != 1 ] && extra="train.activation_checkpointing=selective"
             # shellcheck disable=SC2086
-            timeout 110 seqpar-train model=$model $COMMON ${LAYOUT[$name]} $extra run_dir=$run > "$OUT/${model}_$name.log" 2>&1
+            timeout "${RUN_TIMEOUT:-110}" seqpar-train model=$model $COMMON ${LAYOUT[$name]} $extra run_dir=$run > "$OUT/${model}_$name.log" 2>&1
             echo "$model $name: exit $?"
             [ -f "$run/metrics.jsonl" ] && cp "$run/metrics.jsonl" "$OUT/${model}_${name}_metrics.jsonl" \
                 && tail -1 "$run/metrics.jsonl" | cut -c1-300
@@ -71,6 +76,6 @@ e2e)
     tar czf /tmp/scale.tgz -C "$OUT" . && rm -rf "${OUT:?}"/* && mv /tmp/scale.tgz "$OUT/"  # the tool returns 8 files
     ;;
 *)
-    echo "usage: bash docs/benchmarks/scale_gpu.sh ring|lasp|ring+lasp|e2e" >&2; exit 2
+    echo "usage: bash docs/benchmarks/scale_gpu.sh ring|ring1m|lasp|ring+lasp|e2e" >&2; exit 2
     ;;
 esac
