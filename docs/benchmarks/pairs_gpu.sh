@@ -1,17 +1,26 @@
-# The two-GPU checks side by side on a 4-GPU machine (device tool, kind nvidia-h200-x4 or
-# nvidia-h100-x4; it costs the same time as a 2-GPU one): GPUs 0,1 run issue 10's
-# disagg_check_gpu.sh while GPUs 2,3 run issue 3's ring_doc_balanced_gpu.sh and then, on GPU 2
-# alone, issue 5's kernels_tune_gpu.sh if KERNELS=1. The pairs share the host (64 cores) and
-# nothing else; each keeps its own $OUT subfolder, packed into one archive (the tool returns 8 files).
-#   source docs/benchmarks/gpu_setup.sh && KERNELS=1 bash docs/benchmarks/pairs_gpu.sh
+# Two-GPU checks side by side on a 4-GPU machine (device tool, kind nvidia-h200-x4 or
+# nvidia-h100-x4; it costs the same device time as a 2-GPU one). Two arguments, the scripts (of
+# docs/benchmarks/) that GPUs 0,1 and GPUs 2,3 run, each pair its list in order; NAME@1 runs on
+# the pair's first GPU alone. The pairs share the host (64 cores) and nothing else; each script
+# writes under its own $OUT subfolder (gpu01_NAME, gpu23_NAME), all packed into one archive (the tool
+# returns 8 files).
+#   source docs/benchmarks/gpu_setup.sh && bash docs/benchmarks/pairs_gpu.sh \
+#       "disagg_check_gpu.sh" "ring_doc_balanced_gpu.sh kernels_tune_gpu.sh@1"
 set -u
 ROOT=$OUT
 export SEQPAR_GPU_READY=1
-(export CUDA_VISIBLE_DEVICES=0,1 OUT=$ROOT/disagg; bash docs/benchmarks/disagg_check_gpu.sh > "$ROOT/disagg.txt" 2>&1) &
-(export CUDA_VISIBLE_DEVICES=2,3 OUT=$ROOT/ring; bash docs/benchmarks/ring_doc_balanced_gpu.sh > "$ROOT/ring.txt" 2>&1
- if [ "${KERNELS:-0}" = 1 ]; then
-     export CUDA_VISIBLE_DEVICES=2 OUT=$ROOT/kernels; bash docs/benchmarks/kernels_tune_gpu.sh > "$ROOT/kernels.txt" 2>&1
- fi) &
+run_pair() {  # GPUS SCRIPTS...
+    local gpus=$1 s name; shift
+    for s in "$@"; do
+        name=${s%@1}; name=gpu${gpus/,/}_${name%.sh}  # e.g. gpu01_disagg_check
+        if [ "$s" != "${s%@1}" ]; then devices=${gpus%%,*}; else devices=$gpus; fi
+        CUDA_VISIBLE_DEVICES=$devices OUT=$ROOT/$name bash "docs/benchmarks/${s%@1}" > "$ROOT/$name.txt" 2>&1
+    done
+}
+# shellcheck disable=SC2086
+run_pair 0,1 ${1:?scripts for GPUs 0,1} &
+# shellcheck disable=SC2086
+run_pair 2,3 ${2:?scripts for GPUs 2,3} &
 wait
-for f in disagg ring kernels; do [ -f "$ROOT/$f.txt" ] && { echo "=== $f"; cut -c1-400 "$ROOT/$f.txt" | tail -40; }; done
+for f in "$ROOT"/*.txt; do echo "=== $(basename "$f" .txt)"; cut -c1-400 "$f" | tail -40; done
 tar czf /tmp/pairs.tgz -C "$ROOT" . && rm -rf "${ROOT:?}"/* && mv /tmp/pairs.tgz "$ROOT/"
