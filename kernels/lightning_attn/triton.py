@@ -123,7 +123,7 @@ def _segment_offset(seg_ptr, seg, REVERSE: tl.constexpr):
 
 
 @autotune(configs=_configs([(1, 8, 2), (2, 8, 2), (2, 4, 2)]), key=["DY", "DZ"],
-                 prune_configs_by={"early_config_prune": _prune})
+          prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _segment_output(x_ptr, y_ptr, z_ptr, out_ptr, bound_ptr, edge_in_ptr, edge_out_ptr, seg_ptr, lam_ptr,
                     sxt, sxh, syt, syh, szt, szh, sot, soh, sbn, sbh, sby, sbz, sen, seh, sey, sez,
@@ -202,7 +202,7 @@ def _segment_output(x_ptr, y_ptr, z_ptr, out_ptr, bound_ptr, edge_in_ptr, edge_o
 
 
 @autotune(configs=_configs([(1, 8, 2), (2, 8, 2), (2, 4, 3)]), key=["DY", "DZ"],
-                 prune_configs_by={"early_config_prune": _prune})
+          prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _segment_state(y_ptr, z_ptr, local_ptr, tail_ptr, seg_ptr, lam_ptr, syt, syh, szt, szh,
                    H, update_scale,

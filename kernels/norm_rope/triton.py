@@ -72,7 +72,7 @@ def _programs(device: torch.device, per_sm: int) -> int:
 # ------------------------------------------------------------------------------------ RMSNorm
 
 @autotune(configs=_configs([1, 2, 4, 8, 16, 32, 64], [4, 8, 16, 32]), key=["N"],
-                 prune_configs_by={"early_config_prune": _prune_by_tile(1024, 16384, "BLOCK_N", (4, 16))})
+          prune_configs_by={"early_config_prune": _prune_by_tile(1024, 16384, "BLOCK_N", (4, 16))})
 @triton.jit
 def _rms_norm_fwd(x_ptr, w_ptr, y_ptr, M, N, sx, sy, eps, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -137,7 +137,7 @@ def _rms_bwd_load(x_ptr, dy_ptr, start, last, cols, cmask, sx, sdy, BLOCK_M: tl.
 
 
 @autotune(configs=_configs([1, 2, 4, 8, 16, 32, 64], [4, 8, 16, 32]), key=["N", "STAGES", "per_sm"],
-                 prune_configs_by={"early_config_prune": _prune_by_tile(1024, 8192, "BLOCK_N", (4, 8))})
+          prune_configs_by={"early_config_prune": _prune_by_tile(1024, 8192, "BLOCK_N", (4, 8))})
 @triton.jit
 def _rms_norm_bwd(x_ptr, w_ptr, dy_ptr, dx_ptr, dw_part_ptr, M, N, sx, sdy, sdx, eps, rows_per_program,
                   per_sm,  # unused by the code: a tuning key (the variant's programs per SM)
@@ -212,7 +212,7 @@ def rms_norm_triton(x, weight, eps=1e-6, bwd_variant=None):
 # ------------------------------------------------------------------------------------ RoPE
 
 @autotune(configs=_configs([1, 2, 4, 8, 16, 32, 64, 128], [4, 8, 16]), key=["HALF"],
-                 prune_configs_by={"early_config_prune": _prune_by_tile(1024, 4096, "BLOCK_D", (4, 8))})
+          prune_configs_by={"early_config_prune": _prune_by_tile(1024, 4096, "BLOCK_D", (4, 8))})
 @triton.jit
 def _rotary(x_ptr, cos_ptr, sin_ptr, y_ptr, R, S, H, HALF, sxb, sxs, sxh, syb, sys, syh, scb, scs, ssb, sss,
             INVERSE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
