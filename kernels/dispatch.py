@@ -12,6 +12,10 @@ names. Names returned today:
 - ``"aten_flash"`` / ``"aten_cudnn"``: the FlashAttention-2 / cuDNN ops behind SDPA, called
   directly for what the public entry points do not give: flash_attn's lse (outside autograd) and
   flash_attn_backward from a given (out, lse) (``kernels/flash_attn/aten.py``, CUDA)
+- ``"split"``: flash_attn over packed documents (case ``packed``), documents of >= 4096 tokens
+  (``SEQPAR_CUDNN_DOC_MIN``) through cuDNN one by one, the rest through one Triton call
+  (``kernels/flash_attn/split.py``, CUDA); where ``SPLIT_FASTER`` holds the case or
+  ``SEQPAR_ATTN_KERNEL=split`` forces it (elsewhere that setting acts as ``auto``)
 
 Later issues add more ``"triton"`` ops. ``SEQPAR_KERNELS=reference`` forces the reference everywhere (read
 on every call so that tests and benchmarks can flip it without re-importing).
@@ -75,7 +79,7 @@ def backend(op: str, *tensors: torch.Tensor | None, **features) -> str:
             name = _lse_backend(*present[:3], **features)
         # what torch's kernels cannot take (a causal mask with more keys than queries, gradients
         # through the lse) the Triton kernel can: anything beats the reference's S x S matrices
-        if name == "reference" and _attn_choice() == "auto" and triton_flash_applies(*present[:3]):
+        if name == "reference" and _attn_choice() in _AUTO and triton_flash_applies(*present[:3]):
             name = "triton"
         return name
     if op == "rms_norm":
@@ -91,6 +95,9 @@ def backend(op: str, *tensors: torch.Tensor | None, **features) -> str:
 
 def _flash_attn_backend(q, k, v, *, return_lse=False, cu_seqlens=None, cu_seqlens_q=None,
                         cu_seqlens_k=None, needs_grad=False, **features) -> str:
+    if _wants_split(q, k, v, return_lse=return_lse, cu_seqlens=cu_seqlens, cu_seqlens_q=cu_seqlens_q,
+                    cu_seqlens_k=cu_seqlens_k):
+        return "split"
     if _wants_triton(q, k, v, return_lse=return_lse, cu_seqlens=cu_seqlens, cu_seqlens_q=cu_seqlens_q,
                      cu_seqlens_k=cu_seqlens_k):
         return "triton"  # differentiable through out and lse
@@ -178,13 +185,19 @@ def _lse_backend(q, k, v, *, causal=True, cu_seqlens=None, cu_seqlens_q=None, cu
 
 # ---------------------------------------------------------------- seqpar's Triton flash kernel
 
-ATTN_CHOICES = ("auto", "flash", "cudnn", "triton")
+ATTN_CHOICES = ("auto", "flash", "cudnn", "triton", "split")
+# "split" forces the split where it applies (split_applies); every other call then dispatches as auto
+_AUTO = ("auto", "split")
 _TRITON_HEAD_DIMS = (64, 128)
 # Cases (attention_case) where the kernels benchmark (`--only flash`) measured the Triton kernel
 # faster than torch's cuDNN / flash kernels: on an H100 (2026-11-25, docs/benchmarks/2026-11-25-h100-kernels)
 # packed lognormal documents fwd+bwd 344 / 330 TFLOP/s at 16k / 64k against torch's varlen flash
 # 289 / 289 (and Flex's document mask 278 / 235); dense rows stay with cuDNN (556 against 394).
 TRITON_FASTER: frozenset[str] = frozenset({"packed", "packed_lse"})
+# Cases where the split (long documents through cuDNN, kernels/flash_attn/split.py) measured faster
+# than the kernel the case gets without it: none measured yet (docs/benchmarks/split_attn_gpu.sh).
+# Only "packed" can join: the split takes no lse-returning calls.
+SPLIT_FASTER: frozenset[str] = frozenset()
 
 
 def _attn_choice() -> str:
@@ -221,7 +234,25 @@ def _wants_triton(q, k, v, **features) -> bool:
     # packed (326/320 against 394/381 TFLOP/s, 2026-11-25-h100-kernels) and, unless told the
     # longest document, reading it on the host at every call.
     bounded = any(features.get(n) is not None for n in ("cu_seqlens", "cu_seqlens_q"))
-    return choice == "auto" and (case in TRITON_FASTER or (case == "dense_lse" and bounded))
+    return choice in _AUTO and (case in TRITON_FASTER or (case == "dense_lse" and bounded))
+
+
+def split_applies(q, k, v, *, return_lse=False, cu_seqlens=None, cu_seqlens_q=None, cu_seqlens_k=None,
+                  **_) -> bool:
+    """Whether the split takes this flash_attn call: a packed row of self-attention (shared
+    boundaries, equal lengths) without lse, on tensors the Triton kernel takes, with cuDNN present.
+    From the shapes alone: whether the row holds a long document is known only inside the split."""
+    shared = cu_seqlens if cu_seqlens is not None else (cu_seqlens_q if cu_seqlens_q is cu_seqlens_k else None)
+    return (shared is not None and not return_lse and q.shape[1] == k.shape[1]
+            and attention_case(q, k, cu_seqlens=shared) == "packed" and triton_flash_applies(q, k, v)
+            and torch.backends.cudnn.is_available())
+
+
+def _wants_split(q, k, v, **features) -> bool:
+    choice = _attn_choice()
+    if choice not in _AUTO or not split_applies(q, k, v, **features):
+        return False
+    return choice == "split" or "packed" in SPLIT_FASTER
 
 
 def flash_attn_choice(q, k, v, *, backward=False, **features) -> tuple[str, str]:
@@ -232,7 +263,10 @@ def flash_attn_choice(q, k, v, *, backward=False, **features) -> tuple[str, str]
     case = attention_case(q, k, return_lse=backward or features.get("return_lse", False), **{
         n: features.get(n) for n in ("cu_seqlens", "cu_seqlens_q", "cu_seqlens_k")})
     choice = _attn_choice()
-    if name == "triton":
+    if name == "split":
+        why = (f"{ATTN_ENV}=split" if choice == "split"
+               else f"case {case}: the split (long documents through cuDNN) measured faster (SPLIT_FASTER)")
+    elif name == "triton":
         why = f"{ATTN_ENV}=triton" if choice == "triton" else f"case {case}: measured faster than cuDNN/flash"
     elif name == "reference":
         why = "no fast kernel takes this call (device, dtype, head dim, mask alignment or lse gradients)"

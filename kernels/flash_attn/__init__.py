@@ -52,6 +52,10 @@ def flash_attn(q, k, v, *, causal=True, cu_seqlens=None, cu_seqlens_q=None, cu_s
         cu_q, cu_k = (cu_seqlens, cu_seqlens) if cu_seqlens is not None else (cu_seqlens_q, cu_seqlens_k)
         result = attention_with_lse(q, k, v, kernel=impl[5:], causal=causal, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
                                     softmax_scale=softmax_scale)
+    elif impl == "split":  # packed self-attention without lse (dispatch.split_applies)
+        from seqpar.kernels.flash_attn.split import flash_attn_split
+        result = flash_attn_split(q, k, v, causal=causal, softmax_scale=softmax_scale,
+                                  cu_seqlens=cu_seqlens if cu_seqlens is not None else cu_seqlens_q)
     elif impl == "sdpa":
         from seqpar.kernels.flash_attn.sdpa import sdpa_attention
         result = sdpa_attention(q, k, v, causal=causal, softmax_scale=softmax_scale)

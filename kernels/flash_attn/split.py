@@ -1,0 +1,196 @@
+"""Packed attention split by document length: long documents through cuDNN, the rest through ONE
+Triton varlen call.
+
+cuDNN runs dense causal fwd+bwd at ~540 TFLOP/s on H100/H200, seqpar's Triton kernel at ~360-394,
+and in lognormal packed rows the few long documents hold most of the work (86-90% at 16k/64k for
+documents of >= 4096 tokens). So each document of at least `min_len` tokens runs as one dense
+cuDNN call on its slice, and everything else runs as one Triton call over the whole row in which
+each long document [a, b) is cut into two pieces: (queries a..b, no keys) and (no queries, keys
+a..b). The Triton kernel gives such query rows out = 0, lse = -inf (dq = 0) and such key rows
+dk = dv = 0 without touching the document's keys (tests/test_flash_triton.py, interp_packed);
+the cuDNN results then overwrite those slices. One Triton call, not one per run of short
+documents: a row of many short documents would otherwise pay a launch (and a tile table) each.
+
+GQA: cuDNN here takes equal head counts (kernels/flash_attn/aten.py), so a long document's k, v
+slices are expanded to the query heads (a transient copy of 2 x L x Hq x D elements per long
+document, made again in the backward rather than kept) and its dk, dv summed back over each group.
+
+Gradients through the lse (return_lse=True and a loss that uses it): cuDNN's backward takes no
+dlse, so that backward runs the Triton kernel over the whole row with the original boundaries.
+
+The host needs the document lengths: `split_plan` reads cu_seqlens once per boundaries tensor
+(one device-to-host sync per tensor, cached weakly on it, as every layer of a step passes the same one).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Callable, NamedTuple
+
+import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+MIN_DOC_LEN = 4096
+MIN_DOC_ENV = "SEQPAR_CUDNN_DOC_MIN"
+
+
+def min_doc_len() -> int:
+    """Documents of at least this many tokens go to cuDNN (SEQPAR_CUDNN_DOC_MIN, read per call so that
+    benchmarks can flip it)."""
+    raw = os.environ.get(MIN_DOC_ENV, "").strip()
+    if not raw:
+        return MIN_DOC_LEN
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"{MIN_DOC_ENV}={raw!r}: need a positive token count (default {MIN_DOC_LEN})")
+    return int(raw)
+
+
+def split_bounds(bounds, min_len: int):
+    """(long documents [(a, b)], boundaries of q, boundaries of k) of the Triton call.
+
+    Each long document [a, b) becomes two documents: (q a..b, k a..a) and (q b..b, k a..b); the
+    others keep their boundaries. Both lists have the same length, as the varlen kernel needs."""
+    bounds = [int(x) for x in bounds]
+    if len(bounds) < 2 or bounds[0] != 0 or any(x > y for x, y in zip(bounds, bounds[1:])):
+        raise ValueError(f"cu_seqlens must rise from 0 (at least one document), got {bounds}")
+    long_docs, bq, bk = [], [0], [0]
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        if b - a >= min_len:
+            long_docs.append((a, b))
+            bq += [b, b]
+            bk += [a, b]
+        else:
+            bq.append(b)
+            bk.append(b)
+    return long_docs, bq, bk
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    long_docs: tuple  # ((a, b), ...) token ranges that cuDNN runs
+    cu_q: torch.Tensor  # int32 boundaries of the Triton call, on the tensors' device
+    cu_k: torch.Tensor
+    cu_full: torch.Tensor  # the original boundaries, int32 (the whole-row backward with dlse)
+    tokens: int
+
+
+_PLANS = WeakIdKeyDictionary()  # cu_seqlens tensor -> {(min_len, device): (its version, plan)}
+
+
+def split_plan(cu_seqlens, min_len: int, device) -> SplitPlan:
+    """The plan of these boundaries, built once per tensor (and version, min_len, device)."""
+    device = torch.device(device)
+    if not torch.is_tensor(cu_seqlens) or cu_seqlens.is_inference():  # (inference tensors have no version)
+        return _build_plan(cu_seqlens, min_len, device)
+    known = _PLANS.setdefault(cu_seqlens, {})
+    key = (min_len, device)
+    if key not in known or known[key][0] != cu_seqlens._version:
+        known[key] = (cu_seqlens._version, _build_plan(cu_seqlens, min_len, device))
+    return known[key][1]
+
+
+def _build_plan(cu_seqlens, min_len, device):
+    # the one device-to-host sync of these boundaries (a list or CPU tensor costs none)
+    bounds = cu_seqlens.tolist() if torch.is_tensor(cu_seqlens) else list(cu_seqlens)
+    long_docs, bq, bk = split_bounds(bounds, min_len)
+    as_dev = lambda b: torch.tensor(b, dtype=torch.int32, device=device)  # noqa: E731
+    return SplitPlan(tuple(long_docs), as_dev(bq), as_dev(bk), as_dev(bounds), bounds[-1])
+
+
+class SplitKernels(NamedTuple):
+    """The two kernels the split composes (tests pass the reference's in their place).
+
+    dense_fwd(q, k, v, causal, scale) -> (out, lse `[B, H, L]`); equal head counts
+    dense_bwd(dout, q, k, v, out, lse, causal, scale) -> (dq, dk, dv)
+    packed_fwd(q, k, v, causal, cu_q, cu_k, scale) -> (out, lse)
+    packed_bwd(dout, q, k, v, out, lse, causal, cu_q, cu_k, scale, dlse) -> (dq, dk, dv)
+    """
+    dense_fwd: Callable
+    dense_bwd: Callable
+    packed_fwd: Callable
+    packed_bwd: Callable
+
+
+@lru_cache(maxsize=None)
+def cudnn_triton_kernels() -> SplitKernels:
+    from seqpar.kernels.flash_attn import aten
+    from seqpar.kernels.flash_attn import triton as ft
+
+    def packed_fwd(q, k, v, causal, cu_q, cu_k, scale):
+        out, lse, _ = ft.attention_forward(q, k, v, causal=causal, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                                           softmax_scale=scale)
+        return out, lse
+
+    def packed_bwd(dout, q, k, v, out, lse, causal, cu_q, cu_k, scale, dlse):
+        return ft.attention_backward(dout, q, k, v, out, lse, causal=causal, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                                     softmax_scale=scale, dlse=dlse)
+
+    return SplitKernels(
+        lambda q, k, v, causal, scale: aten.attention_with_lse(q, k, v, kernel="cudnn", causal=causal,
+                                                               softmax_scale=scale),
+        lambda dout, q, k, v, out, lse, causal, scale: aten.attention_backward(
+            dout, q, k, v, out, lse, kernel="cudnn", causal=causal, softmax_scale=scale),
+        packed_fwd, packed_bwd)
+
+
+def _heads(t, group):
+    # query head h reads kv head h // group: repeat_interleave lays the copies out that way
+    return t if group == 1 else t.repeat_interleave(group, dim=2)
+
+
+def _fold(g, group):
+    return g if group == 1 else g.unflatten(2, (-1, group)).sum(3)
+
+
+class _SplitAttn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal, plan, scale, kernels):
+        out, lse = kernels.packed_fwd(q, k, v, causal, plan.cu_q, plan.cu_k, scale)
+        group = q.shape[2] // k.shape[2]
+        for a, b in plan.long_docs:
+            o, l = kernels.dense_fwd(q[:, a:b], _heads(k[:, a:b], group), _heads(v[:, a:b], group), causal, scale)
+            out[:, a:b].copy_(o)  # the Triton call left zeros here
+            lse[:, :, a:b].copy_(l)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.causal, ctx.plan, ctx.scale, ctx.kernels = causal, plan, scale, kernels
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        plan, kn, causal, scale = ctx.plan, ctx.kernels, ctx.causal, ctx.scale
+        if dout is None:
+            dout = torch.zeros_like(out)
+        if dlse is not None:  # cuDNN's backward takes no dlse: the whole row through Triton
+            grads = kn.packed_bwd(dout, q, k, v, out, lse, causal, plan.cu_full, plan.cu_full, scale, dlse)
+            return (*grads, None, None, None, None)
+        dq, dk, dv = kn.packed_bwd(dout, q, k, v, out, lse, causal, plan.cu_q, plan.cu_k, scale, None)
+        group = q.shape[2] // k.shape[2]
+        for a, b in plan.long_docs:
+            gq, gk, gv = kn.dense_bwd(dout[:, a:b], q[:, a:b], _heads(k[:, a:b], group), _heads(v[:, a:b], group),
+                                      out[:, a:b], lse[:, :, a:b], causal, scale)
+            dq[:, a:b].copy_(gq)  # the Triton call left zeros in these rows
+            dk[:, a:b].copy_(_fold(gk, group))
+            dv[:, a:b].copy_(_fold(gv, group))
+        return dq, dk, dv, None, None, None, None
+
+
+def flash_attn_split(q, k, v, *, causal=True, cu_seqlens, softmax_scale=None, return_lse=False, min_len=None,
+                     kernels: SplitKernels | None = None):
+    """`seqpar.kernels.flash_attn` over a packed row (B = 1, shared `cu_seqlens`), long documents
+    through cuDNN and the rest through one Triton call; differentiable through out (and lse).
+
+    `min_len`: documents of at least this many tokens go to cuDNN (default: `min_doc_len()`).
+    `kernels`: the two kernels composed (default cuDNN + Triton; tests inject the reference)."""
+    B, S, Hq, D = q.shape
+    if B != 1 or k.shape[:2] != q.shape[:2] or v.shape[:2] != q.shape[:2] or Hq % k.shape[2]:
+        raise ValueError(f"split attention takes one packed row of self-attention: q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)} need B = 1, equal lengths, Hq % Hkv == 0")
+    plan = split_plan(cu_seqlens, min_doc_len() if min_len is None else min_len, q.device)
+    if plan.tokens != S:
+        raise ValueError(f"cu_seqlens ends at {plan.tokens}, the row has {S} tokens")
+    scale = D ** -0.5 if softmax_scale is None else softmax_scale
+    out, lse = _SplitAttn.apply(q, k, v, bool(causal), plan, scale, kernels or cudnn_triton_kernels())
+    return (out, lse) if return_lse else out

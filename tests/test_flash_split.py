@@ -1,0 +1,284 @@
+"""Split packed attention (kernels/flash_attn/split.py): long documents through the dense kernel
+(cuDNN), the rest through one varlen call (Triton) with each long document cut into a
+(queries, no keys) and a (no queries, keys) piece.
+
+CPU: the boundaries' split as a pure function; the composition with the reference standing in
+for both kernels, in float64, against flash_attn_reference (out, lse, gradients; causal and not;
+GQA; gradients through the lse); the real Triton kernel in the interpreter as the varlen part;
+the dispatch rules. CUDA (`gpu`): bf16 cuDNN + Triton against the float64 reference and the
+Triton path."""
+
+import pytest
+import torch
+
+from seqpar.kernels.flash_attn.reference import flash_attn_backward_reference, flash_attn_reference
+from seqpar.kernels.flash_attn.split import SplitKernels, flash_attn_split, split_bounds
+from tests.triton_interpreter import interp_only, run_interpreter_tests
+
+F64 = torch.float64
+
+
+def _cu(lengths, device="cpu"):
+    return torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=device)
+
+
+def _inputs(S, Hq, Hkv, D, seed, device="cpu", dtype=F64):
+    g = torch.Generator(device=device).manual_seed(seed)
+    r = lambda h: torch.randn(1, S, h, D, generator=g, device=device, dtype=F64).to(dtype)  # noqa: E731
+    return r(Hq), r(Hkv), r(Hkv), r(Hq)
+
+
+def _rel(got, exact):
+    return ((got.double() - exact.double()).norm() / exact.double().norm().clamp_min(1e-30)).item()
+
+
+# ---------------------------------------------------------------- the boundaries
+
+def _pieces(bq, bk):
+    return [(q1 - q0, k1 - k0, q0, k0) for q0, q1, k0, k1 in zip(bq, bq[1:], bk, bk[1:])]
+
+
+@pytest.mark.parametrize("lengths, min_len, long_idx", [
+    ([1, 1, 1], 2, []),              # no long document, all of length 1
+    ([10], 4, [0]),                  # the row is one long document
+    ([6, 1, 2, 7], 5, [0, 3]),       # long documents first and last
+    ([1, 5, 5, 1], 5, [1, 2]),       # adjacent long documents, exactly min_len
+    ([3, 0, 4, 9, 0], 4, [2, 3]),    # empty documents stay short
+])
+def test_split_bounds_awkward_mixes(lengths, min_len, long_idx):
+    bounds = _cu(lengths).tolist()
+    long_docs, bq, bk = split_bounds(bounds, min_len)
+    assert long_docs == [(bounds[i], bounds[i + 1]) for i in long_idx]
+    assert len(bq) == len(bk) == len(bounds) + len(long_idx)
+    assert bq[-1] == bk[-1] == bounds[-1] and bq[0] == bk[0] == 0
+    # each long document: its queries without keys, then its keys without queries; the rest unchanged
+    want = []
+    for i, (a, n) in enumerate(zip(bounds, lengths)):
+        want += [(n, 0, a, a), (0, n, a + n, a)] if i in long_idx else [(n, n, a, a)]
+    assert _pieces(bq, bk) == want
+
+
+def test_split_bounds_rejects_bad_boundaries():
+    for bad in ([5, 9], [0, 4, 2], [0]):
+        with pytest.raises(ValueError, match="cu_seqlens"):
+            split_bounds(bad, 4)
+
+
+def test_plan_reads_each_boundaries_tensor_once(monkeypatch):
+    from seqpar.kernels.flash_attn import split
+
+    built = []
+    real = split._build_plan
+    monkeypatch.setattr(split, "_build_plan", lambda *a: built.append(a) or real(*a))
+    cu = _cu([5, 2, 9])
+    plan = split.split_plan(cu, 4, "cpu")
+    assert split.split_plan(cu, 4, "cpu") is plan and len(built) == 1
+    assert split.split_plan(cu, 3, "cpu").long_docs == ((0, 5), (7, 16)) and len(built) == 2
+    cu[2] = 6  # edited in place: a new version, read again
+    assert split.split_plan(cu, 4, "cpu").long_docs == ((0, 5), (6, 16)) and len(built) == 3
+    assert plan.cu_q.tolist() == [0, 5, 5, 7, 16, 16] and plan.cu_k.tolist() == [0, 0, 5, 7, 7, 16]
+
+
+def test_min_doc_len_env(monkeypatch):
+    from seqpar.kernels.flash_attn.split import MIN_DOC_LEN, min_doc_len
+
+    monkeypatch.delenv("SEQPAR_CUDNN_DOC_MIN", raising=False)
+    assert min_doc_len() == MIN_DOC_LEN
+    monkeypatch.setenv("SEQPAR_CUDNN_DOC_MIN", "2048")
+    assert min_doc_len() == 2048
+    monkeypatch.setenv("SEQPAR_CUDNN_DOC_MIN", "4k")
+    with pytest.raises(ValueError, match="SEQPAR_CUDNN_DOC_MIN"):
+        min_doc_len()
+
+
+# ---------------------------------------------------------------- the composition, reference kernels
+
+def _reference_kernels(calls):
+    """The reference in both places, recording what each kernel was given."""
+    def dense_fwd(q, k, v, causal, scale):
+        assert q.shape[2] == k.shape[2], "the dense kernel (cuDNN) takes no GQA"
+        calls.append(("dense", q.shape[1]))
+        return flash_attn_reference(q, k, v, causal=causal, softmax_scale=scale, return_lse=True)
+
+    def dense_bwd(dout, q, k, v, out, lse, causal, scale):
+        assert q.shape[2] == k.shape[2]
+        return flash_attn_backward_reference(dout, q, k, v, out, lse, causal=causal, softmax_scale=scale)
+
+    def packed_fwd(q, k, v, causal, cu_q, cu_k, scale):
+        calls.append(("packed", cu_q.tolist(), cu_k.tolist()))
+        return flash_attn_reference(q, k, v, causal=causal, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                                    softmax_scale=scale, return_lse=True)
+
+    def packed_bwd(dout, q, k, v, out, lse, causal, cu_q, cu_k, scale, dlse):
+        kw = dict(causal=causal, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, softmax_scale=scale)
+        if dlse is None:
+            return flash_attn_backward_reference(dout, q, k, v, out, lse, **kw)
+        calls.append(("packed_bwd_dlse", cu_q.tolist()))
+        with torch.enable_grad():  # the reference's own autograd carries dlse
+            leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+            o, l = flash_attn_reference(*leaves, return_lse=True, **kw)
+            l = torch.where(torch.isfinite(l), l, 0)
+            return torch.autograd.grad((o, l), leaves, (dout, dlse))
+
+    return SplitKernels(dense_fwd, dense_bwd, packed_fwd, packed_bwd)
+
+
+def _check_split(kernels, lengths, min_len, Hq, Hkv, D, causal, dtype, tol, seed, lse_loss=False, scale=None):
+    q, k, v, do = _inputs(sum(lengths), Hq, Hkv, D, seed)
+    cu = _cu(lengths)
+    weights = torch.randn(1, Hq, sum(lengths), generator=torch.Generator().manual_seed(seed), dtype=F64)
+
+    def run(fn, leaves_dtype, **kw):
+        leaves = [t.to(leaves_dtype).requires_grad_() for t in (q, k, v)]
+        out, lse = fn(*leaves, causal=causal, cu_seqlens=cu, softmax_scale=scale, return_lse=True, **kw)
+        loss = (out.double() * do).sum()
+        if lse_loss:
+            loss = loss + (torch.where(torch.isfinite(lse), lse, 0).double() * weights).sum()
+        return (out, lse, *torch.autograd.grad(loss, leaves))
+
+    got = run(flash_attn_split, dtype, min_len=min_len, kernels=kernels)
+    want = run(flash_attn_reference, F64)
+    for name, g, w in zip(("out", "lse", "dq", "dk", "dv"), got, want):
+        assert g.shape == w.shape, name
+        assert _rel(g, w) <= tol, f"{name}: relative error {_rel(g, w):.2e} > {tol:.0e}"
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("Hq, Hkv", [(2, 2), (4, 2)])
+def test_split_with_reference_kernels_equals_reference(causal, Hq, Hkv):
+    # long documents first, adjacent and last, length-1 documents between them
+    lengths, min_len = [12, 1, 3, 9, 9, 1, 15], 9
+    calls = []
+    _check_split(_reference_kernels(calls), lengths, min_len, Hq, Hkv, 8, causal, F64, 1e-12, seed=Hq + causal,
+                 scale=0.3)
+    assert [c for c in calls if c[0] == "dense"] == [("dense", n) for n in (12, 9, 9, 15)]
+    packed = [c for c in calls if c[0] == "packed"]
+    assert len(packed) == 1, "everything but the long documents in ONE varlen call"
+    assert packed[0][1:] == tuple(split_bounds(_cu(lengths).tolist(), min_len)[1:])
+
+
+def test_split_gradients_through_lse_and_rows_without_long_documents():
+    calls = []
+    kernels = _reference_kernels(calls)
+    _check_split(kernels, [7, 2, 11, 1], 7, 4, 1, 8, True, F64, 1e-12, seed=3, lse_loss=True)
+    assert ("packed_bwd_dlse", _cu([7, 2, 11, 1]).tolist()) in calls  # the whole row, original boundaries
+    calls.clear()
+    _check_split(kernels, [3, 2, 1], 7, 2, 2, 8, True, F64, 1e-12, seed=4)  # nothing long: the varlen call only
+    assert [c[0] for c in calls] == ["packed"]
+    _check_split(kernels, [20], 7, 2, 2, 8, False, F64, 1e-12, seed=5)  # one long document
+
+
+def test_split_rejects_what_it_cannot_take():
+    q, k, v, _ = _inputs(10, 2, 2, 8, seed=0)
+    with pytest.raises(ValueError, match="ends at 9"):
+        flash_attn_split(q, k, v, cu_seqlens=_cu([4, 5]), kernels=_reference_kernels([]))
+    with pytest.raises(ValueError, match="B = 1"):
+        flash_attn_split(q.expand(2, -1, -1, -1), k, v, cu_seqlens=_cu([4, 6]), kernels=_reference_kernels([]))
+
+
+# ---------------------------------------------------------------- the Triton kernel, interpreted
+
+def test_triton_interpreter_subprocess():
+    pytest.importorskip("triton")
+    run_interpreter_tests(__file__)
+
+
+@interp_only
+@pytest.mark.parametrize("causal", [True, False])
+def test_interp_triton_takes_the_split_boundaries(causal):
+    from seqpar.kernels.flash_attn.split import cudnn_triton_kernels
+
+    # the interpreter's tiles are 32 rows: long documents over several tiles, short ones inside one
+    ref = _reference_kernels([])
+    kernels = SplitKernels(ref.dense_fwd, ref.dense_bwd, *cudnn_triton_kernels()[2:])
+    _check_split(kernels, [40, 1, 3, 70, 33, 1], 33, 4, 2, 16, causal, torch.float32, 2e-5, seed=7)
+
+
+# ---------------------------------------------------------------- dispatch
+
+def test_dispatch_split_rules(monkeypatch):
+    from seqpar.kernels import dispatch
+
+    x = torch.zeros(1, 10, 2, 64)
+    cu, one = _cu([4, 6]), _cu([10])
+    assert not dispatch.split_applies(x, x, x, cu_seqlens=cu)  # CPU: no Triton kernel
+    monkeypatch.setattr(dispatch, "triton_flash_applies", lambda *a: True)
+    monkeypatch.setattr(torch.backends.cudnn, "is_available", lambda: True)
+    assert dispatch.split_applies(x, x, x, cu_seqlens=cu)
+    assert dispatch.split_applies(x, x, x, cu_seqlens_q=cu, cu_seqlens_k=cu)
+    assert not dispatch.split_applies(x, x, x, cu_seqlens_q=cu, cu_seqlens_k=_cu([4, 6]))  # not known shared
+    assert not dispatch.split_applies(x, x, x, cu_seqlens=cu, return_lse=True)
+    assert not dispatch.split_applies(x, x, x, cu_seqlens=one)  # one document: the dense case
+    assert not dispatch.split_applies(x, x, x)
+    assert not dispatch.split_applies(x, torch.zeros(1, 12, 2, 64), x, cu_seqlens=cu)
+    monkeypatch.setenv("SEQPAR_ATTN_KERNEL", "split")
+    assert dispatch._flash_attn_backend(x, x, x, cu_seqlens=cu) == "split"
+    assert dispatch._flash_attn_backend(x, x, x, cu_seqlens=cu, return_lse=True) == "triton"  # auto's pick
+    monkeypatch.setenv("SEQPAR_ATTN_KERNEL", "auto")
+    monkeypatch.setattr(dispatch, "SPLIT_FASTER", frozenset())
+    assert dispatch._flash_attn_backend(x, x, x, cu_seqlens=cu) != "split"
+    monkeypatch.setattr(dispatch, "SPLIT_FASTER", frozenset({"packed"}))
+    assert dispatch._flash_attn_backend(x, x, x, cu_seqlens=cu) == "split"
+
+
+# ---------------------------------------------------------------- CUDA (bf16)
+
+gpu = pytest.mark.gpu
+# long documents (>= 2048) first, adjacent, last, with length-1 and short ones between them
+GPU_LENGTHS = [3000, 1, 17, 5000, 2100, 600, 1, 999, 1, 2048]
+GPU_MIN = 2048
+
+
+def _gpu_case(Hq, Hkv, D, causal, seed):
+    from seqpar.kernels.flash_attn.triton import flash_attn_triton
+
+    q, k, v, do = _inputs(sum(GPU_LENGTHS), Hq, Hkv, D, seed, device="cuda")
+    cu = _cu(GPU_LENGTHS, "cuda")
+    qb, kb, vb = (t.bfloat16() for t in (q, k, v))
+    exact = [t.double() for t in (qb, kb, vb)]  # the reference sees the same rounded inputs
+    ref_out, ref_lse = flash_attn_reference(*exact, causal=causal, cu_seqlens=cu, return_lse=True)
+    ref_grads = flash_attn_backward_reference(do, *exact, ref_out, ref_lse, causal=causal, cu_seqlens=cu)
+
+    def run(fn, **kw):
+        leaves = [t.clone().requires_grad_() for t in (qb, kb, vb)]
+        out, lse = fn(*leaves, causal=causal, cu_seqlens=cu, return_lse=True, **kw)
+        return (out, lse, *torch.autograd.grad(out, leaves, do.bfloat16()))
+
+    return run(flash_attn_split, min_len=GPU_MIN), run(flash_attn_triton), (ref_out, ref_lse, *ref_grads)
+
+
+@gpu
+@pytest.mark.parametrize("Hq, Hkv, D", [(16, 16, 128), (16, 4, 128), (8, 8, 64)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_gpu_split_bf16_vs_reference_and_triton(Hq, Hkv, D, causal):
+    split, triton_, ref = _gpu_case(Hq, Hkv, D, causal, seed=Hq + D + causal)
+    for name, s, t, r in zip(("out", "lse", "dq", "dk", "dv"), split, triton_, ref):
+        assert s.dtype == t.dtype and s.shape == r.shape, name
+        tol = 1e-3 if name == "lse" else 1e-2
+        assert _rel(s, r) <= tol, f"{name} vs fp64: {_rel(s, r):.2e}"
+        # equal to the Triton path within bf16 noise: no worse than twice the Triton path's own error
+        assert _rel(s, t) <= max(2 * _rel(t, r), 1e-4) + 1e-3, f"{name} vs triton: {_rel(s, t):.2e}"
+
+
+@gpu
+def test_gpu_dispatch_forced_split_and_rows_without_long_documents(monkeypatch):
+    from seqpar import kernels
+    from seqpar.kernels import dispatch
+    from seqpar.kernels.flash_attn.triton import flash_attn_triton
+
+    q, k, v, do = (t.bfloat16() for t in _inputs(sum(GPU_LENGTHS), 8, 2, 128, seed=1, device="cuda"))
+    cu = _cu(GPU_LENGTHS, "cuda")
+    monkeypatch.setenv("SEQPAR_ATTN_KERNEL", "split")
+    monkeypatch.setenv("SEQPAR_CUDNN_DOC_MIN", str(GPU_MIN))
+    assert dispatch.flash_attn_choice(q, k, v, cu_seqlens=cu)[0] == "split"
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = kernels.flash_attn(*leaves, cu_seqlens=cu)
+    grads = torch.autograd.grad(out, leaves, do)
+    direct = [t.clone().requires_grad_() for t in (q, k, v)]
+    out2 = flash_attn_split(*direct, cu_seqlens=cu, min_len=GPU_MIN)
+    assert torch.equal(out, out2)
+    for g, h in zip(grads, torch.autograd.grad(out2, direct, do)):
+        assert _rel(g, h) <= 1e-3  # cuDNN's backward may sum in another order run to run
+    # no long document: the Triton call alone, bit for bit
+    monkeypatch.setenv("SEQPAR_CUDNN_DOC_MIN", "100000")
+    assert torch.equal(kernels.flash_attn(q, k, v, cu_seqlens=cu), flash_attn_triton(q, k, v, cu_seqlens=cu))
