@@ -73,6 +73,9 @@ for case, ks in sorted(cases.items()):
             print(f"  {'':28} tuned {r.get('tuned', '')}")
             if "kernels_ms" in r:
                 print(f"  {'':28} kernels ms {dict(list(r['kernels_ms'].items())[:5])}")
+        elif k.startswith("seqpar_split"):  # long documents through cuDNN (kernels/flash_attn/split.py)
+            ratio = f" = {r['fwdbwd_tflops'] / flex:.3f}x Flex" if flex else ""
+            print(f"  {k:28} fwd+bwd {r['fwdbwd_tflops']:6.1f} TFLOP/s{ratio}  (fwd {r['fwd_tflops']})")
 EOF
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv,noheader
 echo "total $(( $(date +%s) - T0 )) s"

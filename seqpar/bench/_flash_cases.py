@@ -7,7 +7,10 @@ and anchors_varlen.py:
   FlexAttention (compiled, causal block mask); FLOPs 2 S^2 H D forward, 3.5x that fwd+bwd;
 - packed documents of the anchor's lognormal lengths (16k, 64k): the Triton kernel beside
   FlexAttention with a causal document mask and torch's varlen flash (today's dispatch choice),
-  TFLOP/s over the useful work sum(2 l^2 H D) only;
+  TFLOP/s over the useful work sum(2 l^2 H D) only; beside them the split (kernels/flash_attn/split.py:
+  documents of >= 4096 tokens through cuDNN, the rest through one Triton call; `seqpar_split`, and
+  `seqpar_split_min2048` with a lower threshold) with its max abs difference from the Triton row
+  in out and gradients;
 - one ring step at 16k (a non-causal block merged into a running fp32 (out, lse)): the Triton
   kernel's in-place merge beside the lse path of the dispatcher plus the torch merge.
 
@@ -27,6 +30,8 @@ DENSE_LENS = (16384, 65536)
 PACKED_LENS = (16384, 65536)
 GOAL_DENSE_FWDBWD = 400.0
 GOAL_PACKED_VS_FLEX = 1.3
+# split rows: documents of at least this many tokens through cuDNN (None: the default, SEQPAR_CUDNN_DOC_MIN)
+SPLIT_ROWS = {"seqpar_split": None, "seqpar_split_min2048": 2048}
 
 
 def _bench(device):
@@ -59,6 +64,10 @@ def _impls(S, lens, device):
 
     cu = None if lens is None else _cu(lens, device)
     impls = {"seqpar_triton": lambda q, k, v: flash_attn_triton(q, k, v, causal=True, cu_seqlens=cu)}
+    if lens is not None:
+        from seqpar.kernels.flash_attn.split import flash_attn_split
+        for name, min_len in SPLIT_ROWS.items():
+            impls[name] = lambda q, k, v, m=min_len: flash_attn_split(q, k, v, causal=True, cu_seqlens=cu, min_len=m)
     if lens is None:
         for name, be in (("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa_flash", SDPBackend.FLASH_ATTENTION)):
             def sdpa(q, k, v, be=be):
@@ -114,10 +123,12 @@ def _case_rows(layout, S, lens, device, timer, profile=False):
     useful = 2 * H * D * (S * S if lens is None else sum(n * n for n in lens))
     cu = None if lens is None else _cu(lens, device)
     choice = dispatch.flash_attn_choice(q, k, v, causal=True, cu_seqlens=cu) if device.type == "cuda" else None
-    rows, outs = [], {}
+    rows, outs, grads = [], {}, {}
     for name, fn in _impls(S, lens, device).items():
         try:
             outs[name] = fn(q, k, v).detach()
+            if lens is not None and name.startswith("seqpar_"):  # the split rows' check against Triton's
+                grads[name] = torch.autograd.grad(fn(q, k, v), (q, k, v), do)
             ms_f = timer(lambda: fn(q, k, v))
             ms_fb = timer(lambda: fn(q, k, v).backward(do), [q, k, v])
         except Exception as e:  # a kernel that cannot run a case is recorded, not fatal
@@ -141,6 +152,13 @@ def _case_rows(layout, S, lens, device, timer, profile=False):
     for row in rows:
         if row["kernel"] == "seqpar_triton" and "error" not in row and anchor in outs:
             row[f"rel_err_vs_{anchor}"] = _rel(outs["seqpar_triton"], outs[anchor])
+        if row["kernel"] in SPLIT_ROWS and "error" not in row and "seqpar_triton" in grads:
+            mine = (outs[row["kernel"]], *grads[row["kernel"]])
+            theirs = (outs["seqpar_triton"], *grads["seqpar_triton"])
+            row["max_abs_diff_vs_triton"] = {n: round((a.float() - b.float()).abs().max().item(), 5)
+                                             for n, a, b in zip(("out", "dq", "dk", "dv"), mine, theirs)}
+            row["rel_err_vs_triton"] = {n: _rel(a, b) for n, a, b in zip(("out", "dq", "dk", "dv"), mine, theirs)}
+            print({"kernel": row["kernel"], "S": S, "vs_triton": row["max_abs_diff_vs_triton"]}, flush=True)
     return rows
 
 
@@ -199,7 +217,14 @@ def _summary(rows):
     for S in PACKED_LENS:
         ours, flex = rate("seqpar_triton", "packed", S), rate("flex_docmask", "packed", S)
         out[f"packed_{S}_fwdbwd_vs_flex"] = round(ours / flex, 3) if ours and flex else None
+        for name in SPLIT_ROWS:
+            split = rate(name, "packed", S)
+            out[f"packed_{S}_{name}_fwdbwd_vs_flex"] = round(split / flex, 3) if split and flex else None
     out["suggest_TRITON_FASTER"] = _suggest(rows, rate)
+    # the split at its default threshold beat both packed kernels at every measured length
+    pairs = [(rate("seqpar_split", "packed", S), rate("seqpar_triton", "packed", S),
+              rate("torch_varlen_flash", "packed", S) or 0.0) for S in PACKED_LENS]
+    out["suggest_SPLIT_FASTER"] = ["packed"] if all(a and b and a > max(b, c) for a, b, c in pairs) else []
     return out
 
 
