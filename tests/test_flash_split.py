@@ -184,14 +184,16 @@ def test_triton_interpreter_subprocess():
 
 
 @interp_only
-@pytest.mark.parametrize("causal", [True, False])
-def test_interp_triton_takes_the_split_boundaries(causal):
+@pytest.mark.parametrize("causal, lse_loss", [(True, False), (False, False), (True, True)])
+def test_interp_triton_takes_the_split_boundaries(causal, lse_loss):
     from seqpar.kernels.flash_attn.split import cudnn_triton_kernels
 
-    # the interpreter's tiles are 32 rows: long documents over several tiles, short ones inside one
+    # the interpreter's tiles are 32 rows: long documents over several tiles, short ones inside one;
+    # lse_loss: the backward with dlse, the whole row through the Triton kernel
     ref = _reference_kernels([])
     kernels = SplitKernels(ref.dense_fwd, ref.dense_bwd, *cudnn_triton_kernels()[2:])
-    _check_split(kernels, [40, 1, 3, 70, 33, 1], 33, 4, 2, 16, causal, torch.float32, 2e-5, seed=7)
+    _check_split(kernels, [40, 1, 3, 70, 33, 1], 33, 4, 2, 16, causal, torch.float32, 2e-5, seed=7,
+                 lse_loss=lse_loss)
 
 
 # ---------------------------------------------------------------- dispatch
