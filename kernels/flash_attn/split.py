@@ -7,9 +7,15 @@ documents of >= 4096 tokens). So each document of at least `min_len` tokens runs
 cuDNN call on its slice, and everything else runs as one Triton call over the whole row in which
 each long document [a, b) is cut into two pieces: (queries a..b, no keys) and (no queries, keys
 a..b). The Triton kernel gives such query rows out = 0, lse = -inf (dq = 0) and such key rows
-dk = dv = 0 without touching the document's keys (tests/test_flash_triton.py, interp_packed);
-the cuDNN results then overwrite those slices. One Triton call, not one per run of short
-documents: a row of many short documents would otherwise pay a launch (and a tile table) each.
+dk = dv = 0 without touching the document's keys: a piece without queries has no query tile,
+one without keys no key tile, and the other side's loops are empty (tests/test_flash_triton.py
+interp_packed, tests/test_flash_split.py interp_ with exactly these boundaries). The cuDNN results
+then overwrite those slices (copy_: the aten ops take no destination). One Triton call, not one
+per run of short documents: a row of many short documents would otherwise pay a launch (and a
+tile table) each; a row of long documents only still launches it, to store zeros.
+
+cuDNN builds (and caches) an execution plan per shape, so every new long-document length costs a
+build on first use; docs/benchmarks/split_attn_gpu.sh times rows of fresh lengths for that reason.
 
 GQA: cuDNN here takes equal head counts (kernels/flash_attn/aten.py), so a long document's k, v
 slices are expanded to the query heads (a transient copy of 2 x L x Hq x D elements per long
