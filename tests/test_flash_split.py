@@ -213,9 +213,11 @@ def test_dispatch_split_rules(monkeypatch):
     assert not dispatch.split_applies(x, x, x, cu_seqlens=one)  # one document: the dense case
     assert not dispatch.split_applies(x, x, x)
     assert not dispatch.split_applies(x, torch.zeros(1, 12, 2, 64), x, cu_seqlens=cu)
+    monkeypatch.setenv("SEQPAR_ATTN_KERNEL", "auto")
+    auto_lse = dispatch._flash_attn_backend(x, x, x, cu_seqlens=cu, return_lse=True)
     monkeypatch.setenv("SEQPAR_ATTN_KERNEL", "split")
     assert dispatch._flash_attn_backend(x, x, x, cu_seqlens=cu) == "split"
-    assert dispatch._flash_attn_backend(x, x, x, cu_seqlens=cu, return_lse=True) == "triton"  # auto's pick
+    assert dispatch._flash_attn_backend(x, x, x, cu_seqlens=cu, return_lse=True) == auto_lse  # not the split's
     monkeypatch.setenv("SEQPAR_ATTN_KERNEL", "auto")
     monkeypatch.setattr(dispatch, "SPLIT_FASTER", frozenset())
     assert dispatch._flash_attn_backend(x, x, x, cu_seqlens=cu) != "split"
