@@ -328,6 +328,20 @@ E2E_RUNS.update({f"{model}_{name}_metrics.jsonl": dict(world=2, script="docs/ben
                                                        overrides=[f"model={model}", *_FOURD, *layout])
                  for model in ("llama_1b", "hybrid_1b") for name, layout in _FOURD_LAYOUTS.items()})
 
+# docs/benchmarks/scale_gpu.sh e2e: llama_1b and hybrid_1b at 64k tokens per GPU on 4 GPUs (held out);
+# hybrid_1b's TP pair ran with selective checkpointing from 7dbbc09 on (its 4xh200 run was refused)
+_SCALE4 = ["data=synthetic", "data.seq_len=262144", "data.distribution=fixed", "data.mean_len=262144", "train=long",
+           "train.steps=4", "train.warmup_steps=1", "launcher.nproc_per_node=4"]
+_SCALE4_LAYOUTS = {"cp4": ["parallel.cp=4", "parallel.dp=1", "train.global_batch_size=1"],
+                   "cp2_dp2": ["parallel.cp=2", "parallel.dp=2", "train.global_batch_size=2"],
+                   "cp2_tp2_dp1": ["parallel.cp=2", "parallel.tp=2", "parallel.dp=1", "train.global_batch_size=1",
+                                   "train.mlp_chunk_tokens=0"],
+                   "cp2_pp2": ["parallel.cp=2", "parallel.pp=2", "parallel.dp=1", "train.global_batch_size=2"]}
+E2E_RUNS.update({f"{model}_{name}_metrics.jsonl": dict(
+    world=4, script="docs/benchmarks/scale_gpu.sh", fit=None,
+    overrides=[f"model={model}", *_SCALE4, *layout,
+               *(["train.activation_checkpointing=selective"] if model == "hybrid_1b" and "tp2" in name else [])])
+    for model in ("llama_1b", "hybrid_1b") for name, layout in _SCALE4_LAYOUTS.items()})
 
 # Runs made before seqpar's Triton RMSNorm/RoPE/fused CE and its bf16 residual stream (commit
 # 14f0567's notes, docs/benchmarks/README.md): torch's element-wise ops and an fp32 residual.
