@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from seqpar.kernels.flash_attn.reference import flash_attn_backward_reference, flash_attn_reference
-from seqpar.kernels.flash_attn.split import SplitKernels, flash_attn_split, split_bounds
+from seqpar.kernels.flash_attn.split import SplitKernels, bucket_len, flash_attn_split, split_bounds
 from tests.triton_interpreter import interp_only, run_interpreter_tests
 
 F64 = torch.float64
@@ -91,6 +91,30 @@ def test_min_doc_len_env(monkeypatch):
         min_doc_len()
 
 
+def test_bucket_len_bounds_the_padding_and_the_plans():
+    assert [bucket_len(n, 4) for n in (1, 3, 4, 5, 8, 9, 12, 13, 16, 17)] == [1, 3, 4, 5, 8, 10, 12, 14, 16, 20]
+    for p in (1, 2, 16):
+        lens = range(p, 70000)
+        got = {n: bucket_len(n, p) for n in lens}
+        assert all(n <= b <= n * (1 + 1 / p) for n, b in got.items())
+        # p buckets per octave (plus the octave's end): what bounds cuDNN's plans
+        assert len({b for n, b in got.items() if 4096 <= n < 8192}) <= p + 1
+    assert all(bucket_len(n, 0) == n for n in (1, 4097, 99999))
+
+
+def test_buckets_env(monkeypatch):
+    from seqpar.kernels.flash_attn.split import BUCKETS_PER_OCTAVE, buckets_per_octave
+
+    monkeypatch.delenv("SEQPAR_CUDNN_BUCKETS", raising=False)
+    assert buckets_per_octave() == BUCKETS_PER_OCTAVE
+    monkeypatch.setenv("SEQPAR_CUDNN_BUCKETS", "0")
+    assert buckets_per_octave() == 0
+    for bad in ("12", "-4", "x"):
+        monkeypatch.setenv("SEQPAR_CUDNN_BUCKETS", bad)
+        with pytest.raises(ValueError, match="SEQPAR_CUDNN_BUCKETS"):
+            buckets_per_octave()
+
+
 # ---------------------------------------------------------------- the composition, reference kernels
 
 def _reference_kernels(calls):
@@ -123,7 +147,8 @@ def _reference_kernels(calls):
     return SplitKernels(dense_fwd, dense_bwd, packed_fwd, packed_bwd)
 
 
-def _check_split(kernels, lengths, min_len, Hq, Hkv, D, causal, dtype, tol, seed, lse_loss=False, scale=None):
+def _check_split(kernels, lengths, min_len, Hq, Hkv, D, causal, dtype, tol, seed, lse_loss=False, scale=None,
+                 per_octave=None):
     q, k, v, do = _inputs(sum(lengths), Hq, Hkv, D, seed)
     cu = _cu(lengths)
     weights = torch.randn(1, Hq, sum(lengths), generator=torch.Generator().manual_seed(seed), dtype=F64)
@@ -136,7 +161,7 @@ def _check_split(kernels, lengths, min_len, Hq, Hkv, D, causal, dtype, tol, seed
             loss = loss + (torch.where(torch.isfinite(lse), lse, 0).double() * weights).sum()
         return (out, lse, *torch.autograd.grad(loss, leaves))
 
-    got = run(flash_attn_split, dtype, min_len=min_len, kernels=kernels)
+    got = run(flash_attn_split, dtype, min_len=min_len, per_octave=per_octave, kernels=kernels)
     want = run(flash_attn_reference, F64)
     for name, g, w in zip(("out", "lse", "dq", "dk", "dv"), got, want):
         assert g.shape == w.shape, name
@@ -155,6 +180,16 @@ def test_split_with_reference_kernels_equals_reference(causal, Hq, Hkv):
     packed = [c for c in calls if c[0] == "packed"]
     assert len(packed) == 1, "everything but the long documents in ONE varlen call"
     assert packed[0][1:] == tuple(split_bounds(_cu(lengths).tolist(), min_len)[1:])
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_long_documents_run_padded_to_their_bucket(causal):
+    # causal: 9 -> 10 and 13 -> 14 (zero q, k, v after the document; their rows and gradients
+    # dropped); not causal: the exact lengths, since real queries would see padded keys
+    lengths, calls = [9, 2, 13, 12, 1], []
+    _check_split(_reference_kernels(calls), lengths, 9, 4, 2, 8, causal, F64, 1e-12, seed=11, per_octave=4)
+    want = (10, 14, 12) if causal else (9, 13, 12)
+    assert [c for c in calls if c[0] == "dense"] == [("dense", n) for n in want]
 
 
 def test_split_gradients_through_lse_and_rows_without_long_documents():

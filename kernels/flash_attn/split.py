@@ -14,8 +14,14 @@ then overwrite those slices (copy_: the aten ops take no destination). One Trito
 per run of short documents: a row of many short documents would otherwise pay a launch (and a
 tile table) each; a row of long documents only still launches it, to store zeros.
 
-cuDNN builds (and caches) an execution plan per shape, so every new long-document length costs a
-build on first use; docs/benchmarks/split_attn_gpu.sh times rows of fresh lengths for that reason.
+cuDNN builds (and caches) an execution plan per shape, ~80 ms per new length on H200 (measured,
+docs/benchmarks/split_attn_gpu.sh), and training packs new lengths every step: that cost alone
+made rows of fresh lengths 13x slower than Triton. So a long document of L tokens runs padded to
+its bucket length (`bucket_len`: 16 per octave, at most 1/16 longer, ~3% more work on average):
+a few dozen plans per run, each built once. Padding sits at the end of the document with zero
+q, k, v: causality keeps the real queries off the padded keys, the padded queries' outputs are
+dropped, and in the backward their dout is zero, so they add nothing to the real keys' dk, dv
+(dS = P * (dP - delta) with dP = delta = 0; their forward lse is kept so that P stays finite).
 
 GQA: cuDNN here takes equal head counts (kernels/flash_attn/aten.py), so a long document's k, v
 slices are expanded to the query heads (a transient copy of 2 x L x Hq x D elements per long
@@ -39,6 +45,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 MIN_DOC_LEN = 4096
 MIN_DOC_ENV = "SEQPAR_CUDNN_DOC_MIN"
+BUCKETS_PER_OCTAVE = 16
+BUCKETS_ENV = "SEQPAR_CUDNN_BUCKETS"
 
 
 def min_doc_len() -> int:
@@ -50,6 +58,27 @@ def min_doc_len() -> int:
     if not raw.isdigit() or int(raw) < 1:
         raise ValueError(f"{MIN_DOC_ENV}={raw!r}: need a positive token count (default {MIN_DOC_LEN})")
     return int(raw)
+
+
+def buckets_per_octave() -> int:
+    """Bucket lengths per doubling of the length (SEQPAR_CUDNN_BUCKETS; 0 runs exact lengths, one
+    cuDNN plan per distinct length)."""
+    raw = os.environ.get(BUCKETS_ENV, "").strip()
+    if not raw:
+        return BUCKETS_PER_OCTAVE
+    if not raw.isdigit() or int(raw) & (int(raw) - 1):
+        raise ValueError(f"{BUCKETS_ENV}={raw!r}: need 0 (exact lengths) or a power of two "
+                         f"(default {BUCKETS_PER_OCTAVE})")
+    return int(raw)
+
+
+def bucket_len(length: int, per_octave: int) -> int:
+    """The smallest multiple of 2**(floor(log2 length)) / per_octave that holds `length` (at most
+    1/per_octave longer); `length` itself for per_octave 0 or lengths below per_octave."""
+    if per_octave == 0 or length < per_octave:
+        return length
+    step = max(1, (1 << (length.bit_length() - 1)) // per_octave)
+    return -(-length // step) * step
 
 
 def split_bounds(bounds, min_len: int):
@@ -79,29 +108,33 @@ class SplitPlan:
     cu_k: torch.Tensor
     cu_full: torch.Tensor  # the original boundaries, int32 (the whole-row backward with dlse)
     tokens: int
+    per_octave: int  # cuDNN's length buckets (bucket_len)
+
+    def bucket(self, length: int) -> int:
+        return bucket_len(length, self.per_octave)
 
 
-_PLANS = WeakIdKeyDictionary()  # cu_seqlens tensor -> {(min_len, device): (its version, plan)}
+_PLANS = WeakIdKeyDictionary()  # cu_seqlens tensor -> {(min_len, per_octave, device): (its version, plan)}
 
 
-def split_plan(cu_seqlens, min_len: int, device) -> SplitPlan:
-    """The plan of these boundaries, built once per tensor (and version, min_len, device)."""
+def split_plan(cu_seqlens, min_len: int, device, per_octave: int = 0) -> SplitPlan:
+    """The plan of these boundaries, built once per tensor (and version, min_len, per_octave, device)."""
     device = torch.device(device)
     if not torch.is_tensor(cu_seqlens) or cu_seqlens.is_inference():  # (inference tensors have no version)
-        return _build_plan(cu_seqlens, min_len, device)
+        return _build_plan(cu_seqlens, min_len, device, per_octave)
     known = _PLANS.setdefault(cu_seqlens, {})
-    key = (min_len, device)
+    key = (min_len, per_octave, device)
     if key not in known or known[key][0] != cu_seqlens._version:
-        known[key] = (cu_seqlens._version, _build_plan(cu_seqlens, min_len, device))
+        known[key] = (cu_seqlens._version, _build_plan(cu_seqlens, min_len, device, per_octave))
     return known[key][1]
 
 
-def _build_plan(cu_seqlens, min_len, device):
+def _build_plan(cu_seqlens, min_len, device, per_octave):
     # the one device-to-host sync of these boundaries (a list or CPU tensor costs none)
     bounds = cu_seqlens.tolist() if torch.is_tensor(cu_seqlens) else list(cu_seqlens)
     long_docs, bq, bk = split_bounds(bounds, min_len)
     as_dev = lambda b: torch.tensor(b, dtype=torch.int32, device=device)  # noqa: E731
-    return SplitPlan(tuple(long_docs), as_dev(bq), as_dev(bk), as_dev(bounds), bounds[-1])
+    return SplitPlan(tuple(long_docs), as_dev(bq), as_dev(bk), as_dev(bounds), bounds[-1], per_octave)
 
 
 class SplitKernels(NamedTuple):
@@ -140,9 +173,23 @@ def cudnn_triton_kernels() -> SplitKernels:
         packed_fwd, packed_bwd)
 
 
-def _heads(t, group):
-    # query head h reads kv head h // group: repeat_interleave lays the copies out that way
-    return t if group == 1 else t.repeat_interleave(group, dim=2)
+def _pad_rows(t, rows, group=1):
+    """t `[1, n, H, D]` as a fresh contiguous `[1, rows, H * group, D]`: each head repeated `group`
+    times (query head h reads kv head h // group) and zeros after the n rows. A fresh buffer also
+    gives every call of one bucket the same strides, part of cuDNN's plan key."""
+    n, heads = t.shape[1], t.shape[2]
+    if group == 1 and n == rows and t.is_contiguous():
+        return t
+    padded = t.new_empty(1, rows, heads * group, *t.shape[3:])
+    padded[:, :n].unflatten(2, (heads, group)).copy_(t.unsqueeze(3))  # broadcast over the group
+    padded[:, n:].zero_()
+    return padded
+
+
+def _padded(q, k, v, a, b, rows):
+    """The long document [a, b) as dense `[1, rows, Hq, D]` q, k, v."""
+    group = q.shape[2] // k.shape[2]
+    return _pad_rows(q[:, a:b], rows), _pad_rows(k[:, a:b], rows, group), _pad_rows(v[:, a:b], rows, group)
 
 
 def _fold(g, group):
@@ -153,19 +200,21 @@ class _SplitAttn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, causal, plan, scale, kernels):
         out, lse = kernels.packed_fwd(q, k, v, causal, plan.cu_q, plan.cu_k, scale)
-        group = q.shape[2] // k.shape[2]
+        pad_lse = []  # per long document, the padded queries' lse (the backward's P stays finite there)
         for a, b in plan.long_docs:
-            o, l = kernels.dense_fwd(q[:, a:b], _heads(k[:, a:b], group), _heads(v[:, a:b], group), causal, scale)
-            out[:, a:b].copy_(o)  # the Triton call left zeros here
-            lse[:, :, a:b].copy_(l)
-        ctx.save_for_backward(q, k, v, out, lse)
+            rows = plan.bucket(b - a) if causal else b - a  # without causality real queries would see the pad
+            o, l = kernels.dense_fwd(*_padded(q, k, v, a, b, rows), causal, scale)
+            out[:, a:b].copy_(o[:, :b - a])  # the Triton call left zeros here
+            lse[:, :, a:b].copy_(l[:, :, :b - a])
+            pad_lse.append(l[:, :, b - a:])
+        ctx.save_for_backward(q, k, v, out, lse, *pad_lse)
         ctx.causal, ctx.plan, ctx.scale, ctx.kernels = causal, plan, scale, kernels
         ctx.set_materialize_grads(False)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, *pad_lse = ctx.saved_tensors
         plan, kn, causal, scale = ctx.plan, ctx.kernels, ctx.causal, ctx.scale
         if dout is None:
             dout = torch.zeros_like(out)
@@ -174,27 +223,31 @@ class _SplitAttn(torch.autograd.Function):
             return (*grads, None, None, None, None)
         dq, dk, dv = kn.packed_bwd(dout, q, k, v, out, lse, causal, plan.cu_q, plan.cu_k, scale, None)
         group = q.shape[2] // k.shape[2]
-        for a, b in plan.long_docs:
-            gq, gk, gv = kn.dense_bwd(dout[:, a:b], q[:, a:b], _heads(k[:, a:b], group), _heads(v[:, a:b], group),
-                                      out[:, a:b], lse[:, :, a:b], causal, scale)
-            dq[:, a:b].copy_(gq)  # the Triton call left zeros in these rows
-            dk[:, a:b].copy_(_fold(gk, group))
-            dv[:, a:b].copy_(_fold(gv, group))
+        for (a, b), l_pad in zip(plan.long_docs, pad_lse):
+            n = b - a
+            qp, kp, vp = _padded(q, k, v, a, b, n + l_pad.shape[-1])
+            dop, op = (_pad_rows(t[:, a:b], qp.shape[1]) for t in (dout, out))  # zero dout: no gradient
+            gq, gk, gv = kn.dense_bwd(dop, qp, kp, vp, op, torch.cat([lse[:, :, a:b], l_pad], dim=2), causal, scale)
+            dq[:, a:b].copy_(gq[:, :n])  # the Triton call left zeros in these rows
+            dk[:, a:b].copy_(_fold(gk[:, :n], group))
+            dv[:, a:b].copy_(_fold(gv[:, :n], group))
         return dq, dk, dv, None, None, None, None
 
 
 def flash_attn_split(q, k, v, *, causal=True, cu_seqlens, softmax_scale=None, return_lse=False, min_len=None,
-                     kernels: SplitKernels | None = None):
+                     per_octave=None, kernels: SplitKernels | None = None):
     """`seqpar.kernels.flash_attn` over a packed row (B = 1, shared `cu_seqlens`), long documents
     through cuDNN and the rest through one Triton call; differentiable through out (and lse).
 
     `min_len`: documents of at least this many tokens go to cuDNN (default: `min_doc_len()`).
+    `per_octave`: their length buckets (`bucket_len`; default `buckets_per_octave()`).
     `kernels`: the two kernels composed (default cuDNN + Triton; tests inject the reference)."""
     B, S, Hq, D = q.shape
     if B != 1 or k.shape[:2] != q.shape[:2] or v.shape[:2] != q.shape[:2] or Hq % k.shape[2]:
         raise ValueError(f"split attention takes one packed row of self-attention: q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}, v {tuple(v.shape)} need B = 1, equal lengths, Hq % Hkv == 0")
-    plan = split_plan(cu_seqlens, min_doc_len() if min_len is None else min_len, q.device)
+    plan = split_plan(cu_seqlens, min_doc_len() if min_len is None else min_len, q.device,
+                      buckets_per_octave() if per_octave is None else per_octave)
     if plan.tokens != S:
         raise ValueError(f"cu_seqlens ends at {plan.tokens}, the row has {S} tokens")
     scale = D ** -0.5 if softmax_scale is None else softmax_scale
