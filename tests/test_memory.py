@@ -180,6 +180,21 @@ def test_maxlen_smoke_writes_the_answer(tmp_path):
     assert trial["wall_s"] >= trial["step_time_s"] + trial["startup_s"] and trial["startup_s"] > 0
 
 
+def test_maxlen_timed_out_trial_says_where_it_was(monkeypatch, capsys):
+    import subprocess
+
+    from seqpar.bench import maxlen
+
+    def slow(cmd, **kw):  # what run() raises after the kill: the output read so far, as bytes
+        raise subprocess.TimeoutExpired(cmd, kw["timeout"], output=b"", stderr=b"memory: 55.3 GiB\nstep 1 started\n")
+
+    monkeypatch.setattr(maxlen.subprocess, "run", slow)
+    log = []
+    assert maxlen.trial(maxlen.base_overrides("tiny_hybrid", 1), [], 256, 1, 5.0, log, 1) is None
+    assert not log[0]["fits"] and log[0]["error"].startswith("timeout after 5 s; last output:")
+    assert "step 1 started" in log[0]["error"] and json.loads(capsys.readouterr().out)["seq_len"] == 256
+
+
 @pytest.mark.parametrize("overrides,message", [
     (["train.activation_checkpointing=some"], "train.activation_checkpointing='some': choose none, full or selective"),
     (["train.offload_activations=true"], "set train.activation_checkpointing=full or selective"),

@@ -7,7 +7,8 @@
 #     seqpar_split_min2048 beside seqpar_triton (today's packed default), torch's varlen flash and
 #     Flex's document mask, with the split's max abs difference from the Triton row;
 #  3. fresh document lengths at every call (as in training, where every batch packs new ones):
-#     split vs Triton fwd+bwd wall time per row, so that cuDNN's per-shape graph builds show; long
+#     split vs Triton fwd+bwd wall time per layer (8 layers per row share its boundaries, as in a
+#     step), so that cuDNN's per-shape graph builds and the per-row plans show; long
 #     documents run padded to length buckets (split.py's bucket_len), so after every bucket of the
 #     row's range is built once (timed), new rows should cost no builds.
 # Before "packed" joins kernels/dispatch.py's SPLIT_FASTER: suggest_SPLIT_FASTER == ["packed"]
@@ -36,18 +37,19 @@ import statistics, time, torch
 from seqpar.bench.ring import lognormal_lengths
 from seqpar.kernels.flash_attn.split import bucket_len, buckets_per_octave, flash_attn_split, min_doc_len
 from seqpar.kernels.flash_attn.triton import flash_attn_triton
-S, H, D = 16384, 32, 128
+S, H, D, LAYERS = 16384, 32, 128, 8
 def rows(seeds, times):
-    for seed in seeds:  # a new row (new long-document lengths) every call
+    for seed in seeds:  # a new row (new long-document lengths) every step
         lens = lognormal_lengths(S, seed=seed)
         cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
         q, k, v, do = (torch.randn(1, S, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=i < 3) for i in range(4))
         for name, fn in (("triton", flash_attn_triton), ("split", flash_attn_split)):
             torch.cuda.synchronize()
             t = time.perf_counter()
-            fn(q, k, v, cu_seqlens=cu).backward(do)
+            for _ in range(LAYERS):  # the layers of a step share the boundaries tensor (and its plan)
+                fn(q, k, v, cu_seqlens=cu).backward(do)
             torch.cuda.synchronize()
-            times[name].append((time.perf_counter() - t) * 1e3)
+            times[name].append((time.perf_counter() - t) * 1e3 / LAYERS)  # ms per layer
         print({"seed": seed, "max_doc": max(lens), "long_docs": sum(n >= min_doc_len() for n in lens),
                **{n: round(t[-1], 2) for n, t in times.items()}}, flush=True)
 med = lambda times, skip=0: {n: round(statistics.median(t[skip:]), 2) for n, t in times.items()}  # noqa: E731

@@ -106,6 +106,11 @@ def predicted_start(base: list[str], mode: list[str], step: int, max_len: int, c
     return max(lo, 1) * step
 
 
+def _text(out) -> str:
+    # TimeoutExpired keeps what was read before the kill, as bytes even under text=True
+    return out.decode(errors="replace") if isinstance(out, bytes) else (out or "")
+
+
 def trial(base: list[str], mode: list[str], length: int, steps: int, timeout: float, log: list,
           world: int) -> dict | None:
     """Train `steps` steps at `length`; the last step's metrics if it fit, else None."""
@@ -120,8 +125,8 @@ def trial(base: list[str], mode: list[str], length: int, steps: int, timeout: fl
         try:
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
             ok, why = r.returncode == 0, (r.stderr or r.stdout)[-400:]
-        except subprocess.TimeoutExpired:
-            ok, why = False, f"timeout after {timeout:.0f} s"
+        except subprocess.TimeoutExpired as e:  # where it was, for the next, longer trial's budget
+            ok, why = False, f"timeout after {timeout:.0f} s; last output: {_text(e.stderr or e.stdout)[-300:]!r}"
         metrics = Path(run_dir) / "metrics.jsonl"
         lines = metrics.read_text().splitlines() if ok and metrics.exists() else []
         last = json.loads(lines[-1]) if lines else None
