@@ -184,12 +184,24 @@ def test_split_with_reference_kernels_equals_reference(causal, Hq, Hkv):
 
 @pytest.mark.parametrize("causal", [True, False])
 def test_long_documents_run_padded_to_their_bucket(causal):
-    # causal: 9 -> 10 and 13 -> 14 (zero q, k, v after the document; their rows and gradients
-    # dropped); not causal: the exact lengths, since real queries would see padded keys
-    lengths, calls = [9, 2, 13, 12, 1], []
+    # causal: 9 -> 10 (padded with the row's next token) and 13 -> 14 (the row's last document:
+    # padded with zeros); their rows and gradients dropped; not causal: the exact lengths, since
+    # real queries would see padded keys
+    lengths, calls = [9, 2, 12, 1, 13], []
     _check_split(_reference_kernels(calls), lengths, 9, 4, 2, 8, causal, F64, 1e-12, seed=11, per_octave=4)
-    want = (10, 14, 12) if causal else (9, 13, 12)
+    want = (10, 12, 14) if causal else (9, 12, 13)
     assert [c for c in calls if c[0] == "dense"] == [("dense", n) for n in want]
+
+
+def test_padding_is_the_rows_next_tokens_where_there_are_any():
+    from seqpar.kernels.flash_attn.split import _padded
+
+    q, k, v, _ = _inputs(20, 4, 2, 8, seed=2)
+    qp, kp, vp = _padded(q, k, v, 3, 9, 8)  # [3, 9) and two more rows of the row: a view of q, kv heads repeated
+    assert qp.data_ptr() == q[:, 3].data_ptr() and torch.equal(qp, q[:, 3:11])
+    assert torch.equal(kp, k[:, 3:11].repeat_interleave(2, dim=2)) and torch.equal(vp, v[:, 3:11].repeat_interleave(2, 2))
+    qp, kp, _ = _padded(q, k, v, 14, 20, 8)  # the row ends: zeros
+    assert torch.equal(qp[:, :6], q[:, 14:]) and not qp[:, 6:].any() and not kp[:, 6:].any()
 
 
 def test_split_gradients_through_lse_and_rows_without_long_documents():

@@ -18,10 +18,11 @@ cuDNN builds (and caches) an execution plan per shape, ~80 ms per new length on 
 docs/benchmarks/split_attn_gpu.sh), and training packs new lengths every step: that cost alone
 made rows of fresh lengths 13x slower than Triton. So a long document of L tokens runs padded to
 its bucket length (`bucket_len`: 16 per octave, at most 1/16 longer, ~3% more work on average):
-a few dozen plans per run, each built once. Padding sits at the end of the document with zero
-q, k, v: causality keeps the real queries off the padded keys, the padded queries' outputs are
-dropped, and in the backward their dout is zero, so they add nothing to the real keys' dk, dv
-(dS = P * (dP - delta) with dP = delta = 0; their forward lse is kept so that P stays finite).
+a few dozen plans per run, each built once. The padding follows the document: the row's own next
+tokens where the row has them (a view, no copy), else zeros. Causality keeps the real queries off
+the padded keys, the padded queries' outputs are dropped, and in the backward their dout is zero,
+so they add nothing to the real keys' dk, dv (dS = P * (dP - delta) with dP = delta = 0; their
+forward lse is kept so that P stays finite).
 
 GQA: cuDNN here takes equal head counts (kernels/flash_attn/aten.py), so a long document's k, v
 slices are expanded to the query heads (a transient copy of 2 x L x Hq x D elements per long
@@ -174,9 +175,8 @@ def cudnn_triton_kernels() -> SplitKernels:
 
 
 def _pad_rows(t, rows, group=1):
-    """t `[1, n, H, D]` as a fresh contiguous `[1, rows, H * group, D]`: each head repeated `group`
-    times (query head h reads kv head h // group) and zeros after the n rows. A fresh buffer also
-    gives every call of one bucket the same strides, part of cuDNN's plan key."""
+    """t `[1, n, H, D]` as `[1, rows, H * group, D]`: each head repeated `group` times (query head h
+    reads kv head h // group), zeros after the n rows; t itself when there is nothing to do."""
     n, heads = t.shape[1], t.shape[2]
     if group == 1 and n == rows and t.is_contiguous():
         return t
@@ -186,10 +186,16 @@ def _pad_rows(t, rows, group=1):
     return padded
 
 
+def _rows(t, a, b, rows, group=1):
+    """Rows [a, a + rows) of t (the document [a, b) and what follows it in the row) where the row
+    has them, else the document padded with zeros; kv heads repeated `group` times."""
+    return _pad_rows(t[:, a:a + rows] if a + rows <= t.shape[1] else t[:, a:b], rows, group)
+
+
 def _padded(q, k, v, a, b, rows):
     """The long document [a, b) as dense `[1, rows, Hq, D]` q, k, v."""
     group = q.shape[2] // k.shape[2]
-    return _pad_rows(q[:, a:b], rows), _pad_rows(k[:, a:b], rows, group), _pad_rows(v[:, a:b], rows, group)
+    return _rows(q, a, b, rows), _rows(k, a, b, rows, group), _rows(v, a, b, rows, group)
 
 
 def _fold(g, group):
@@ -226,7 +232,7 @@ class _SplitAttn(torch.autograd.Function):
         for (a, b), l_pad in zip(plan.long_docs, pad_lse):
             n = b - a
             qp, kp, vp = _padded(q, k, v, a, b, n + l_pad.shape[-1])
-            dop, op = (_pad_rows(t[:, a:b], qp.shape[1]) for t in (dout, out))  # zero dout: no gradient
+            dop, op = _pad_rows(dout[:, a:b], qp.shape[1]), _rows(out, a, b, qp.shape[1])  # zero dout: no gradient
             gq, gk, gv = kn.dense_bwd(dop, qp, kp, vp, op, torch.cat([lse[:, :, a:b], l_pad], dim=2), causal, scale)
             dq[:, a:b].copy_(gq[:, :n])  # the Triton call left zeros in these rows
             dk[:, a:b].copy_(_fold(gk[:, :n], group))
