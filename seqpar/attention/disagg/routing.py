@@ -402,43 +402,39 @@ def _add_cover(cover, a, b):
 def nano_batches(tasks: list[Task], world: int, bounds, causal: bool, min_chunk: int, owned, *,
                  split_remote: bool = True) -> list[list[Task]]:
     """The tasks in up to four nano-batches, run in this order: local work L1, remote work R1, R2,
-    local work L2 (`split_remote=False`, the default schedule: L1, R, L2, where the local work
-    alone covers the transfers: no K/V row travels twice, one kernel call fewer per server). A task
+    local work L2 (`split_remote=False`, the default schedule: L1, R, L2, where the local halves
+    alone cover the transfers: no K/V row travels twice, one kernel call fewer per server). A task
     is local when its server holds its queries and every key it reads, so it needs no transfer.
     The inputs of R1 and R2 travel while L1 (and R1) compute, their outputs while R2 and L2
     compute; with no local work this is plain ping-pong over R1/R2. With no remote
     work on any server there is nothing to overlap: one nano-batch, no collective, and the server
     runs on its rows in place.
 
-    Local work is cut in query order (L1 a prefix of the local rows, L2 the rest, a task cut at
-    the point of equal work if its pieces keep >= min_chunk), so each half reads its rows as one
-    slice where the tasks are adjacent. With ping-pong every server's local work is halved, and
-    its remote work dealt out largest first, its largest task first halved in equal work if it
-    holds more than half, so a server with one long document has something to overlap.
-    Without ping-pong every server keeps the SAME amount of local work for L2: half the local work
-    of the server with the least of it among those that serve remote work. A rank joins R's output
-    all-to-all when its L1 and R are done, and NCCL's kernel then sits on the GPU, holding SMs,
-    until every rank has joined; with the plan's loads balanced, an equal L2 makes the ranks join
-    together. Halves did not: on 2 H200 (2026-11-26, wlbllm 128k/GPU) the rank that sent half of
-    a 92k-token document away joined after its first half, ~165 ms before the server, and its
-    NCCL kernels held SMs for 219 ms of a 600 ms step (4.7 ms of transfers)."""
+    Each pair splits every server's work in about equal halves. Local work is cut in query order
+    (L1 a prefix of the local rows, L2 the rest, a task cut at the point of equal work if its
+    pieces keep >= min_chunk), so each half reads its rows as one slice where the tasks are
+    adjacent. Remote work is dealt out largest first, its largest task first halved in equal
+    work if it holds more than half, so a server with one long document has something to overlap.
+
+    Halves, not an equal L2 on every server (so that the ranks join R's output all-to-all
+    together): tried in 755a3a8, that cut the time NCCL's kernels sat on the owner of a split
+    document from 219 to 4 ms, but on the same card type (2 H200, 128k tokens per GPU, 2026-11-26)
+    it was no faster on wlbllm (1.080x the ideal vs 1.074x) and slower on prolong (1.092x vs 1.060x):
+    the least local work, halved, is too short to cover the output transfer."""
     doc_end = {bounds[i]: bounds[i + 1] for i in range(len(bounds) - 1)}
     cost = lambda t: pairs(t.q_start, t.q_end, t.kv_start, None if causal else doc_end[t.kv_start])
     local = _is_local(bounds, causal, owned)
     if all(map(local, tasks)):
         return [sorted(tasks, key=lambda t: (t.q_start, t.server))] if tasks else []
     groups: list[list[Task]] = [[], [], [], []]  # L1, R1, R2, L2
-    mine = [([t for t in tasks if t.server == s and local(t)], [t for t in tasks if t.server == s and not local(t)])
-            for s in range(world)]
-    work = lambda ts: sum(map(cost, ts))
-    tail = min(work(loc) / 2 for loc, rem in mine if rem)
-    for loc, rem in mine:
-        a, b = _split_in_order(loc, cost, min_chunk, work(loc) / 2 if split_remote else work(loc) - tail)
-        groups[0] += a
-        groups[3] += b
-        a, b = _split_work(rem, cost, min_chunk) if split_remote else (rem, [])
-        groups[1] += a
-        groups[2] += b
+    for s in range(world):
+        mine = [t for t in tasks if t.server == s]
+        remote = _split_work if split_remote else lambda ts, cost, min_chunk: (ts, [])
+        for first, second, split, part in ((0, 3, _split_in_order, [t for t in mine if local(t)]),
+                                           (1, 2, remote, [t for t in mine if not local(t)])):
+            a, b = split(part, cost, min_chunk)
+            groups[first] += a
+            groups[second] += b
     return [sorted(g, key=lambda t: (t.q_start, t.server)) for g in groups if g]
 
 
@@ -450,20 +446,18 @@ def _is_local(bounds, causal, owned):
     return lambda t: t.server == t.owner and held(t.server, t.kv_start, key_end(t))
 
 
-def _split_in_order(tasks: list[Task], cost, min_chunk, head: float) -> tuple[list[Task], list[Task]]:
-    """A prefix (in query order) holding about `head` work, and the rest."""
+def _split_in_order(tasks: list[Task], cost, min_chunk) -> tuple[list[Task], list[Task]]:
+    """A prefix (in query order) holding about half the work, and the rest."""
     tasks = sorted(tasks, key=lambda t: t.q_start)
-    if head <= 0:
-        return [], tasks
-    acc = 0
+    half, acc = sum(map(cost, tasks)) / 2, 0
     for i, t in enumerate(tasks):
-        if acc + cost(t) < head:
+        if acc + cost(t) < half:
             acc += cost(t)
             continue
-        if t.q_end - t.q_start >= 2 * min_chunk and acc + cost(t) > head:
-            first, rest = _cut(t, head - acc, cost, min_chunk)
-            return tasks[:i] + [first], [rest] + tasks[i + 1:]
-        cut = i + 1 if acc + cost(t) - head <= head - acc else i  # the whole task to the nearer side
+        if t.q_end - t.q_start >= 2 * min_chunk:
+            head, tail = _cut(t, half - acc, cost, min_chunk)
+            return tasks[:i] + [head], [tail] + tasks[i + 1:]
+        cut = i + 1 if acc + cost(t) - half <= half - acc else i  # the whole task to the nearer side
         return tasks[:cut], tasks[cut:]
     return tasks, []
 
