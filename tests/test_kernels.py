@@ -463,7 +463,8 @@ def test_cuda_fused_cross_entropy_under_autocast():
 
 def test_triton_autotuners_keep_their_picks_on_disk():
     """Every Triton kernel tunes through kernels/autotune.py, which keeps the picks in Triton's
-    cache (a restart or the next run skips the timing); SEQPAR_TUNE_CACHE=0 times afresh."""
+    cache (a restart or the next run skips the timing; SEQPAR_TUNE_CACHE=0 times afresh) and
+    times long configs once."""
     pytest.importorskip("triton")
     import subprocess
     import sys
@@ -474,6 +475,8 @@ def test_triton_autotuners_keep_their_picks_on_disk():
             "from seqpar.kernels.norm_rope import triton as n\n"
             "tuners = [v for m in (f, l, n) for v in vars(m).values() if isinstance(v, at.Autotuner)]\n"
             "assert len(tuners) >= 8, len(tuners)\n"
+            "from seqpar.kernels.autotune import bench\n"
+            "assert all(t.do_bench is bench for t in tuners), 'long configs timed once'\n"
             "print(sorted({t.cache_results for t in tuners}),"
             " 'cache_results' in inspect.signature(triton.autotune).parameters)\n")
     for env, want in (({}, "[True] True"), ({"SEQPAR_TUNE_CACHE": "0"}, "[False] True")):
@@ -481,3 +484,17 @@ def test_triton_autotuners_keep_their_picks_on_disk():
                              env={**os.environ, "TRITON_INTERPRET": "0", **env})
         assert out.returncode == 0, out.stderr[-2000:]
         assert out.stdout.strip() == want
+
+
+def test_autotune_times_long_configs_once():
+    pytest.importorskip("triton")
+    from seqpar.kernels.autotune import LONG_MS, bench
+
+    for ms, quantiles in ((LONG_MS * 10, (0.5, 0.2, 0.8)), (LONG_MS, None), (LONG_MS / 10, (0.5,))):
+        calls, full = [], []
+        got = bench(lambda: calls.append(1), quantiles, time_once=lambda fn: fn() or ms,
+                    full=lambda fn, quantiles: full.append(quantiles) or "triton's")
+        if ms >= LONG_MS:  # one untimed run (compiles), one timed: Triton's do_bench never runs
+            assert len(calls) == 2 and not full and got == ([ms] * len(quantiles) if quantiles else ms)
+        else:
+            assert got == "triton's" and full == [quantiles]
