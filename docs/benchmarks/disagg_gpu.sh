@@ -1,6 +1,6 @@
 # Two GPUs (device tool, kind nvidia-h100-x2 or nvidia-h200-x2), from the repo root, .whl carried:
 #   source docs/benchmarks/gpu_setup.sh && bash docs/benchmarks/disagg_gpu.sh
-# Core-attention disaggregation (issue 10), at most 6 minutes (every step under a timeout; the bench
+# Core-attention disaggregation (issue 10), at most 7 minutes (every step under a timeout; the bench
 # writes each case as it finishes): the bf16 NCCL check, the per-task cost table on one GPU, then the
 # benchmark (disagg vs ring vs per-document CP vs no rebalancing, ping-pong on/off) at 64k and 128k
 # tokens per GPU on the wlbllm / prolong / lognormal mixes.
@@ -12,8 +12,8 @@ python3 -c "import json,sys; sys.exit(json.load(open('$OUT/disagg_cost_table.jso
   2>/dev/null && TABLE=(--cost-table "$OUT/disagg_cost_table.json") && echo "planning with ${TABLE[1]}"
 timeout 130 torchrun --standalone --nproc_per_node 2 -m seqpar.bench disagg --tokens 65536 "${TABLE[@]}" \
   --out "$OUT/disagg_2gpu_64k.json" 2>&1 | grep -v Warning | tail -4
-timeout 95 torchrun --standalone --nproc_per_node 2 -m seqpar.bench disagg --tokens 131072 --mixes wlbllm prolong \
-  --batches 12 "${TABLE[@]}" --out "$OUT/disagg_2gpu_128k.json" 2>&1 | grep -v Warning | tail -3
+timeout 150 torchrun --standalone --nproc_per_node 2 -m seqpar.bench disagg --tokens 131072 --mixes wlbllm prolong \
+  --batches 16 "${TABLE[@]}" --out "$OUT/disagg_2gpu_128k.json" 2>&1 | grep -v Warning | tail -3
 python3 - "$OUT" <<'PY'
 import json, sys, pathlib
 for f in sorted(pathlib.Path(sys.argv[1]).glob("disagg_2gpu_*.json")):
