@@ -130,10 +130,12 @@ def _reference_kernels(calls):
 
     def packed_fwd(q, k, v, causal, cu_q, cu_k, scale):
         calls.append(("packed", cu_q.tolist(), cu_k.tolist()))
-        return flash_attn_reference(q, k, v, causal=causal, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
-                                    softmax_scale=scale, return_lse=True)
+        return (*flash_attn_reference(q, k, v, causal=causal, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                                      softmax_scale=scale, return_lse=True), ("state", cu_q.tolist()))
 
-    def packed_bwd(dout, q, k, v, out, lse, causal, cu_q, cu_k, scale, dlse):
+    def packed_bwd(dout, q, k, v, out, lse, causal, cu_q, cu_k, scale, dlse, state):
+        # the forward's state comes back only to the backward over the same boundaries
+        assert state is None if dlse is not None else state == ("state", cu_q.tolist())
         kw = dict(causal=causal, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, softmax_scale=scale)
         if dlse is None:
             return flash_attn_backward_reference(dout, q, k, v, out, lse, **kw)

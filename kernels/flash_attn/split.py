@@ -143,8 +143,9 @@ class SplitKernels(NamedTuple):
 
     dense_fwd(q, k, v, causal, scale) -> (out, lse `[B, H, L]`); equal head counts
     dense_bwd(dout, q, k, v, out, lse, causal, scale) -> (dq, dk, dv)
-    packed_fwd(q, k, v, causal, cu_q, cu_k, scale) -> (out, lse)
-    packed_bwd(dout, q, k, v, out, lse, causal, cu_q, cu_k, scale, dlse) -> (dq, dk, dv)
+    packed_fwd(q, k, v, causal, cu_q, cu_k, scale) -> (out, lse, state)
+    packed_bwd(dout, q, k, v, out, lse, causal, cu_q, cu_k, scale, dlse, state) -> (dq, dk, dv)
+    `state`: what the forward leaves its backward on the same boundaries (Triton's tile table), or None
     """
     dense_fwd: Callable
     dense_bwd: Callable
@@ -158,13 +159,11 @@ def cudnn_triton_kernels() -> SplitKernels:
     from seqpar.kernels.flash_attn import triton as ft
 
     def packed_fwd(q, k, v, causal, cu_q, cu_k, scale):
-        out, lse, _ = ft.attention_forward(q, k, v, causal=causal, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
-                                           softmax_scale=scale)
-        return out, lse
+        return ft.attention_forward(q, k, v, causal=causal, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, softmax_scale=scale)
 
-    def packed_bwd(dout, q, k, v, out, lse, causal, cu_q, cu_k, scale, dlse):
+    def packed_bwd(dout, q, k, v, out, lse, causal, cu_q, cu_k, scale, dlse, q_table):
         return ft.attention_backward(dout, q, k, v, out, lse, causal=causal, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
-                                     softmax_scale=scale, dlse=dlse)
+                                     softmax_scale=scale, dlse=dlse, q_table=q_table)
 
     return SplitKernels(
         lambda q, k, v, causal, scale: aten.attention_with_lse(q, k, v, kernel="cudnn", causal=causal,
@@ -205,7 +204,7 @@ def _fold(g, group):
 class _SplitAttn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, causal, plan, scale, kernels):
-        out, lse = kernels.packed_fwd(q, k, v, causal, plan.cu_q, plan.cu_k, scale)
+        out, lse, state = kernels.packed_fwd(q, k, v, causal, plan.cu_q, plan.cu_k, scale)
         pad_lse = []  # per long document, the padded queries' lse (the backward's P stays finite there)
         for a, b in plan.long_docs:
             rows = plan.bucket(b - a) if causal else b - a  # without causality real queries would see the pad
@@ -214,7 +213,7 @@ class _SplitAttn(torch.autograd.Function):
             lse[:, :, a:b].copy_(l[:, :, :b - a])
             pad_lse.append(l[:, :, b - a:])
         ctx.save_for_backward(q, k, v, out, lse, *pad_lse)
-        ctx.causal, ctx.plan, ctx.scale, ctx.kernels = causal, plan, scale, kernels
+        ctx.causal, ctx.plan, ctx.scale, ctx.kernels, ctx.state = causal, plan, scale, kernels, state
         ctx.set_materialize_grads(False)
         return out, lse
 
@@ -225,9 +224,9 @@ class _SplitAttn(torch.autograd.Function):
         if dout is None:
             dout = torch.zeros_like(out)
         if dlse is not None:  # cuDNN's backward takes no dlse: the whole row through Triton
-            grads = kn.packed_bwd(dout, q, k, v, out, lse, causal, plan.cu_full, plan.cu_full, scale, dlse)
+            grads = kn.packed_bwd(dout, q, k, v, out, lse, causal, plan.cu_full, plan.cu_full, scale, dlse, None)
             return (*grads, None, None, None, None)
-        dq, dk, dv = kn.packed_bwd(dout, q, k, v, out, lse, causal, plan.cu_q, plan.cu_k, scale, None)
+        dq, dk, dv = kn.packed_bwd(dout, q, k, v, out, lse, causal, plan.cu_q, plan.cu_k, scale, None, ctx.state)
         group = q.shape[2] // k.shape[2]
         for (a, b), l_pad in zip(plan.long_docs, pad_lse):
             n = b - a
