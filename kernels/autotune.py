@@ -13,8 +13,8 @@ Triton's `do_bench` runs every config at least 8 times (one run, 5 to estimate, 
 timed run): at 384k tokens an attention backward config takes seconds per run, so tuning one
 layer's kernels took minutes and a one-GPU llama_1b trial at 384k ran past its 280 s (H100,
 2026-11-26). `bench` times a config whose second run (the first compiles) takes at least
-`LONG_MS` by that run alone: one run of a 20 ms kernel varies by well under the 5-10% that
-separates configs, and shorter kernels keep Triton's full measurement.
+`LONG_MS` by that run alone (launch and timer jitter are microseconds, 0.1% of such a run);
+shorter kernels keep Triton's full measurement.
 """
 from __future__ import annotations
 
