@@ -61,16 +61,20 @@ def attn_seconds(calib, calls, heads: int, head_dim: int, family: str = "cudnn")
     bounded_triton = bounded_one_on_triton(calib)
     total = 0.0
     for call in calls:
-        fit = calib.attn["flash" if call.is_varlen or call.with_bounds or family not in calib.attn else family]
-        flops, rows, n = attn_features(call, heads, head_dim, calib.head_dim_rate)
-        t = flops / fit.rate + rows * fit.per_token + n * fit.per_call
+        fit_family = "flash" if call.is_varlen or call.with_bounds or family not in calib.attn else family
+        fit = calib.attn[fit_family]
+        ratio, kernel = 1.0, fit_family
         if call.is_varlen and calib.packed_kernel == "triton":
-            t *= calib.triton_packed_ratio
+            ratio, kernel = calib.triton_packed_ratio, "triton"
         elif call.with_bounds and not call.is_varlen and bounded_triton:
-            t *= calib.triton_dense_ratio
+            ratio, kernel = calib.triton_dense_ratio, "triton"
         elif family == "triton":  # a dense call on seqpar's Triton kernel: torch's flash times the measured ratio
-            t *= calib.triton_dense_ratio
-        total += t
+            ratio, kernel = calib.triton_dense_ratio, "triton"
+        # the kernels lose different shares of their speed at a smaller head dim (measured per kernel
+        # where sim_hd64 ran: calib.kernel_head_dim_rate; else the one rate for every kernel)
+        rates = {**calib.head_dim_rate, **calib.kernel_head_dim_rate.get(kernel, {})}
+        flops, rows, n = attn_features(call, heads, head_dim, rates)
+        total += (flops / fit.rate + rows * fit.per_token + n * fit.per_call) * ratio
     return total
 
 
@@ -368,7 +372,7 @@ def _ping_pong_layer(calib, cluster, rows, world, heads, kv_heads, head_dim, gro
     alike (backward: 2.5 x the kernel time, dO in, dQ|dK|dV out); the layer is the slower rank's
     forward plus its backward."""
     from seqpar.attention.disagg.planner import TASK_OVERHEAD
-    from seqpar.attention.disagg.routing import _is_local, nano_batches
+    from seqpar.attention.disagg.routing import nano_batches
     from seqpar.sim.measurements import era_since
 
     row_bytes = (heads * 2 * head_dim * act, kv_heads * 2 * head_dim * act)
@@ -381,14 +385,12 @@ def _ping_pong_layer(calib, cluster, rows, world, heads, kv_heads, head_dim, gro
                          row_bytes)
         per = bounds[-1] // world
         owned = [[(r * per, (r + 1) * per)] for r in range(world)]
-        groups = nano_batches(p.tasks, world, list(bounds), True, min_chunk, owned, split_remote=split_remote)
-        if not split_remote and calib.era < era_since("755a3a8"):
-            # before 755a3a8 each server's local work was halved around R: ping-pong's L1 and L2
-            halves = nano_batches(p.tasks, world, list(bounds), True, min_chunk, owned, split_remote=True)
-            local = lambda g: all(map(_is_local(list(bounds), True, owned), g))
-            l1 = halves[0] if local(halves[0]) else []
-            l2 = halves[-1] if len(halves) > 1 and local(halves[-1]) else []
-            groups = [g for g in (l1, [t for g in halves if g is not l1 and g is not l2 for t in g], l2) if g]
+        # without ping-pong: each server's local work halved around R (the runtime's code before
+        # 755a3a8 and again since 852d464); in between (era 3) the same local work for L2 on every server
+        if not split_remote and era_since("755a3a8") <= calib.era < era_since("852d464"):
+            groups = _equal_tail_batches(p.tasks, world, list(bounds), min_chunk, owned)
+        else:
+            groups = nano_batches(p.tasks, world, list(bounds), True, min_chunk, owned, split_remote=split_remote)
         work = []  # work[i][s]: server s's kernel time (fwd + bwd) in nano-batch i
         for g in groups:
             segs = [[] for _ in range(world)]
@@ -408,6 +410,47 @@ def _ping_pong_layer(calib, cluster, rows, world, heads, kv_heads, head_dim, gro
         compute_total += kernels + extra
         exposed += fwd + bwd - kernels
     return total, exposed, compute_total
+
+
+def _equal_tail_batches(tasks, world, bounds, min_chunk, owned):
+    """routing.nano_batches(split_remote=False) as 755a3a8 ran it (the era-3 runs; 852d464 reverted
+    it, so the runtime no longer has it): L1, R, L2 with every server keeping the SAME local work
+    for L2, half the least local work among the servers with remote work, so that the ranks join
+    R's output all-to-all together; each server's L1 is a prefix of its local tasks in query order."""
+    from seqpar.attention.disagg.planner import pairs
+    from seqpar.attention.disagg.routing import _cut, _is_local
+
+    cost = lambda t: pairs(t.q_start, t.q_end, t.kv_start, None)  # causal
+    local = _is_local(bounds, True, owned)
+    order = lambda g: sorted(g, key=lambda t: (t.q_start, t.server))
+    if all(map(local, tasks)):
+        return [order(tasks)] if tasks else []
+    mine = [([t for t in tasks if t.server == s and local(t)], [t for t in tasks if t.server == s and not local(t)])
+            for s in range(world)]
+    work = lambda ts: sum(map(cost, ts))
+    tail = min(work(loc) / 2 for loc, rem in mine if rem)
+    groups = [[], [], []]
+    for loc, rem in mine:
+        head, acc, loc = work(loc) - tail, 0, sorted(loc, key=lambda t: t.q_start)
+        first, second = loc, []
+        for i, t in enumerate(loc):  # the prefix holding about `head` work
+            if head <= 0:
+                first, second = [], loc
+                break
+            if acc + cost(t) < head:
+                acc += cost(t)
+                continue
+            if t.q_end - t.q_start >= 2 * min_chunk and acc + cost(t) > head:
+                a, b = _cut(t, head - acc, cost, min_chunk)
+                first, second = loc[:i] + [a], [b] + loc[i + 1:]
+            else:  # the whole task to the nearer side
+                cut = i + 1 if acc + cost(t) - head <= head - acc else i
+                first, second = loc[:cut], loc[cut:]
+            break
+        groups[0] += first
+        groups[1] += rem
+        groups[2] += second
+    return [order(g) for g in groups if g]
 
 
 def _nano_bytes(tasks, owned) -> tuple[int, int]:

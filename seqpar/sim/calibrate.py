@@ -57,8 +57,12 @@ class Calibration:
     comm: LinkFit = field(default_factory=LinkFit)
     sources: dict[str, str] = field(default_factory=dict)
     era: int = 0  # the code era these constants describe (measurements.CODE_CHANGES)
-    # attention kernel speed per head dim relative to 128 (compute.HEAD_DIM_RATE; 64 fitted end to end)
+    # attention kernel speed per head dim relative to 128 (compute.HEAD_DIM_RATE; 64 fitted end to end
+    # where no kernel row at 64 was measured)
     head_dim_rate: dict = field(default_factory=lambda: dict(HEAD_DIM_RATE))
+    # the same per kernel ("cudnn", "flash", "triton") from the sim_hd64 bench; overrides head_dim_rate
+    # for that kernel's calls (attention_cost.attn_seconds)
+    kernel_head_dim_rate: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return {"attention": {k: v.as_dict() for k, v in self.attn.items()},
@@ -68,6 +72,8 @@ class Calibration:
                 "overlap_tax": round(self.overlap_tax, 3), "elementwise_factor": round(self.elementwise_factor, 3),
                 "layer_overhead_us": round(self.layer_overhead_s * 1e6, 1),
                 "attention_rate_by_head_dim": {str(k): round(v, 3) for k, v in self.head_dim_rate.items()},
+                "attention_rate_by_head_dim_per_kernel": {kern: {str(k): round(v, 3) for k, v in r.items()}
+                                                          for kern, r in self.kernel_head_dim_rate.items()},
                 "runtime_ns_per_local_token": {k: round(v * 1e9, 2) for k, v in self.runtime_token_s.items()},
                 "ring_per_document_piece_us": round(self.ring_piece_s * 1e6, 2),
                 "ring_per_folded_row_ns": round(self.ring_fold_row_s * 1e9, 3),
@@ -182,6 +188,36 @@ def fit_triton_packed(found, layout: str = "packed") -> tuple[float, str] | None
                 ratios.append(r["fwdbwd_ms"] / torch_row["fwdbwd_ms"])
                 files.append(path)
     return (statistics.median(ratios), ", ".join(sorted(set(files)))) if ratios else None
+
+
+# the sim_hd64 bench's kernel names -> the simulator's kernels: "sdpa" is what kernels/sdpa.py runs for
+# a dense row (cuDNN first), "sdpa_flash" torch's FA2, "triton" seqpar's kernel ("dispatch": whichever
+# the dispatcher picks, which the model decides itself)
+HD_BENCH_KERNELS = {"sdpa": "cudnn", "sdpa_flash": "flash", "triton": "triton"}
+
+
+def fit_head_dim(found) -> tuple[dict[str, dict[int, float]], str] | None:
+    """({kernel: {head_dim: fwd+bwd TFLOP/s over head dim 128's}}, files) from the sim_hd64 rows: per
+    kernel, the median over the shapes (nq, nk) measured at both head dims of the ratio of their
+    TFLOP/s. Kernel-aware, not length-aware: on the 2026-11-26 H200 rows (16k, 32k, 8k queries
+    against 16k/32k keys) the kernels differ (cuDNN 0.78-0.81, FA2 0.86-0.88, Triton 0.76-0.83) while
+    no kernel's ratio moves one way with length (cuDNN falls 16k -> 32k, FA2 and Triton rise, Triton's
+    8k-query rows sit between), each within 5% of its median. The head-dim-64 rows have 8 K/V heads
+    for 32 queries (llama_1b's and hybrid_1b's GQA), the 128 ones 32: the ratio carries GQA's share."""
+    by_kernel, files = {}, set()
+    for path, data in found.get("sim_hd64", []):
+        rows = [r for r in data.get("rows", []) if r.get("fwdbwd_tflops") and r.get("kernel") in HD_BENCH_KERNELS]
+        ref = {(r["kernel"], r["nq"], r["nk"]): r["fwdbwd_tflops"] for r in rows if r["D"] == 128}
+        for r in rows:
+            base = ref.get((r["kernel"], r["nq"], r["nk"]))
+            if r["D"] != 128 and base:
+                by_kernel.setdefault(HD_BENCH_KERNELS[r["kernel"]], {}).setdefault(r["D"], []).append(
+                    r["fwdbwd_tflops"] / base)
+                files.add(path)
+    if not by_kernel:
+        return None
+    rates = {k: {d: statistics.median(v) for d, v in per.items()} for k, per in by_kernel.items()}
+    return rates, ", ".join(sorted(files))
 
 
 def fit_lasp(samples, calib, cluster, exclude=()) -> tuple[float, float] | None:
@@ -409,7 +445,7 @@ def fit_e2e(samples, calib, cluster, exclude=()) -> Calibration:
             calib = replace(calib, elementwise_factor=statistics.median(solve(s, "elementwise_factor", 0.0, 200.0)
                                                                         for s in compute))
             calib.sources["elementwise_factor"] = ", ".join(s["file"] for s in compute)
-        if kernels:
+        if kernels and not calib.kernel_head_dim_rate:
             rate = statistics.median(solve(s, "head_dim_64", 0.2, 1.5) for s in kernels)
             calib = replace(calib, head_dim_rate={**calib.head_dim_rate, 64: rate})
             calib.sources["head_dim_64_rate"] = ", ".join(s["file"] for s in kernels)
@@ -471,6 +507,11 @@ def calibrate(root: Path | None = None, exclude: tuple[str, ...] = (), cluster=N
     fused = fit_fused(root, era)
     if fused:
         calib.fused_norm_eff, calib.fused_rope_eff, calib.fused_ce_ratio, calib.sources["fused_kernels"] = fused
+    # kernel speeds at head dim 64 from every era's files: they are torch's cuDNN and FA2 and the Triton
+    # kernel on their own, whose head-dim ratio no runtime change of CODE_CHANGES touches
+    head_dim = fit_head_dim(load_benchmarks(root))
+    if head_dim:
+        calib.kernel_head_dim_rate, calib.sources["head_dim_rate"] = head_dim
     calib = fit_e2e(e2e_samples(found), calib, cluster, exclude)
     for k in ("attention", "linear", "lasp", "layer_overhead_s", "elementwise_factor"):
         calib.sources.setdefault(k, "default (no benchmark JSON found)")

@@ -42,6 +42,9 @@ CODE_CHANGES = (
     # no run yet: what attention_cost models changes (`era_since("755a3a8")`), not the constants
     ("2026-11-26T05:56:48+00:00", ("755a3a8 disagg without ping-pong keeps the same local work for L2 on every "
                                    "server (was half of each server's local work)")),
+    # no run yet: what attention_cost models changes back (`era_since("852d464")`), not the constants
+    ("2026-11-26T08:13:57+00:00", ("852d464 disagg without ping-pong back to each server's local work halved "
+                                   "around R (reverts 755a3a8)")),
 )
 
 
@@ -60,6 +63,11 @@ COMMITTED_BY = {
     "2026-11-26-2xh200-fourd": "2026-11-26T01:26:45+00:00",  # a4192d6
     "2026-11-26-2xh200-pm/maxlen_8b_1gpu_offload_optimizer.json": "2026-11-26T03:22:54+00:00",  # 5fbc617
     "2026-11-26-2xh200-pm/maxlen_8b_cp2.json": "2026-11-26T03:37:17+00:00",  # 06bb906
+    # the e2e metrics and fourd_2gpu.json are undated and maxlen_8b_cp2.json gives only the day (which
+    # would date the folder's undated files at 23:59): the runs were made at code ae43a7a (07:00),
+    # after 755a3a8 and with nothing since that changes what the model costs (split attention is
+    # opt-in, the autotune cache only shortens step 1), so era 3 either way
+    "2026-11-26-4xh200-4th": "2026-11-26T08:07:48+00:00",  # 69140ea
 }
 
 
@@ -135,14 +143,15 @@ def in_era(found: dict, era: int) -> dict:
 def load_benchmarks(root: Path | None = None) -> dict[str, list]:
     """Every JSON/JSONL under `root`/*/ by kind: ring, lasp, kernels, comm, disagg, maxlen, e2e (metrics.jsonl)."""
     root = Path(root or bench_dir())
-    found = {"ring": [], "lasp": [], "kernels": [], "comm": [], "disagg": [], "maxlen": [], "e2e": []}
+    found = {"ring": [], "lasp": [], "kernels": [], "comm": [], "disagg": [], "maxlen": [], "e2e": [],
+             "fourd_2gpu": [], "sim_hd64": []}
     for path in sorted(glob.glob(str(root / "*" / "*.json"))):
         try:
             data = json.loads(Path(path).read_text())
         except (OSError, json.JSONDecodeError):
             continue
         kind = (data.get("benchmark") or data.get("bench")) if isinstance(data, dict) else None
-        if kind in found:
+        if kind in found and not diagnostic(path):
             found[kind].append((path, data))
     for path in sorted(glob.glob(str(root / "*" / "*metrics.jsonl"))):
         rows = []
@@ -154,6 +163,29 @@ def load_benchmarks(root: Path | None = None) -> dict[str, list]:
         if rows:
             found["e2e"].append((path, rows))
     return found
+
+
+# Files whose timings are a diagnostic, not a measurement: (folder/file) -> why. load_benchmarks skips
+# them (no fit, no case); validate lists them under `excluded`.
+DIAGNOSTIC_FILES = {
+    "2026-11-26-4xh200-4th/disagg_profiled.json": (
+        "the disagg bench under docs/benchmarks/profile_gpu.py to see which kernels run, with untuned kernels "
+        "(SEQPAR_FLASH_TUNE=0), one timed iteration and each case profiled: its times are not the benchmark's "
+        "(no rebalancing on the 92k-document batch 1009 ms, against 690 ms in disagg_check_128k.json of the "
+        "same call)"),
+}
+
+
+def diagnostic(path) -> str | None:
+    """Why a benchmark file's timings are left out (`DIAGNOSTIC_FILES`), or None."""
+    return DIAGNOSTIC_FILES.get(f"{Path(path).parent.name}/{Path(path).name}")
+
+
+def diagnostic_exclusions(root=None) -> list[dict]:
+    """The `DIAGNOSTIC_FILES` present under `root`, as validate's `excluded` entries."""
+    root = Path(root or bench_dir())
+    return [{"name": f"every case of {key}", "measured_s": None, "reason": why}
+            for key, why in DIAGNOSTIC_FILES.items() if (root / key).is_file()]
 
 
 def folder_health(path: str) -> str | None:
@@ -323,7 +355,10 @@ _FOURD = ["data=synthetic", "data.seq_len=32768", "data.distribution=fixed", "da
           "launcher.nproc_per_node=2"]
 _FOURD_LAYOUTS = {"cp2": ["parallel.cp=2", "parallel.dp=1"],
                   "tp2": ["parallel.cp=1", "parallel.tp=2", "parallel.dp=1", "train.mlp_chunk_tokens=0"],
-                  "dp2_fsdp2": ["parallel=none"]}
+                  "dp2_fsdp2": ["parallel=none"],
+                  # first measured in the fourth session of 2026-11-26 (fourd_2gpu.json only)
+                  "dp2_zero2": ["parallel=none", "parallel.dp_engine=deepspeed", "parallel.zero_stage=2"],
+                  "pp2_v2": ["parallel.cp=1", "parallel.pp=2", "parallel.virtual_stages=2", "parallel.dp=1"]}
 E2E_RUNS.update({f"{model}_{name}_metrics.jsonl": dict(world=2, script="docs/benchmarks/fourd_gpu.sh", fit=None,
                                                        overrides=[f"model={model}", *_FOURD, *layout])
                  for model in ("llama_1b", "hybrid_1b") for name, layout in _FOURD_LAYOUTS.items()})
@@ -401,13 +436,30 @@ def maxlen_memory_samples(found) -> list[dict]:
     return out
 
 
+def e2e_run_of(path) -> dict | None:
+    """The E2E_RUNS entry of a metrics file; the fourth session of 2026-11-26 named its copies
+    `e2e_<model>_<layout>_metrics.jsonl`."""
+    name = Path(path).name
+    return E2E_RUNS.get(name) or (E2E_RUNS.get(name[len("e2e_"):]) if name.startswith("e2e_") else None)
+
+
 def e2e_samples(found) -> list[dict]:
+    """Whole training steps: the metrics files E2E_RUNS names (median of steps 3 on), then the
+    fourd_2gpu.json summaries of runs whose metrics file did not come back (`fourd_samples`)."""
     out = []
     for path, rows in found["e2e"]:
-        run = E2E_RUNS.get(Path(path).name)
+        run = e2e_run_of(path)
         if run is None:
             continue
-        steady = [r for r in rows if r.get("step", 0) >= 3 and "step_time_s" in r]  # steps 1-2: warm-up, compile
+        timed = [r for r in rows if "step_time_s" in r]
+        steady = [r for r in timed if r.get("step", 0) >= 3]  # steps 1-2: warm-up, compile
+        note = ""
+        if not steady and len(timed) >= 2:
+            # a run cut by its time limit before step 3: the last step past the first (step 1 compiles
+            # and tunes) stands for it, and the case says so. Less sure than steps 3 on: over the
+            # committed runs step 2 took 0.99-1.06x step 3's time in most, up to 1.12x in two
+            steady = [timed[-1]]
+            note = f"step {steady[0].get('step')} only (the run was cut before step 3)"
         if not steady:
             continue
         mem = max((r.get("max_mem_gb") or 0) for r in rows) or None
@@ -418,5 +470,29 @@ def e2e_samples(found) -> list[dict]:
                         fit=run.get("fit"),
                         torch_elementwise=old_code,
                         measured=statistics.median(r["step_time_s"] for r in steady), measured_mem_gib=mem,
-                        unhealthy=folder_health(path)))
+                        unhealthy=folder_health(path), note=note))
+    return out + fourd_samples(found)
+
+
+def fourd_samples(found) -> list[dict]:
+    """fourd_gpu.sh's summary (`fourd_2gpu.json`: the mean step time of steps 3-6 and the peak of
+    each run) as whole-step samples, for the runs whose metrics file is not beside it (a folder
+    with both, 2026-11-26-2xh200-fourd, is read from its metrics files: one sample per run).
+    Failed runs and layouts outside E2E_RUNS are skipped."""
+    out = []
+    for path, data in found["fourd_2gpu"]:
+        folder = Path(path).parent
+        for row in data.get("runs", []):
+            key = f"{row.get('run')}_metrics.jsonl"
+            run = E2E_RUNS.get(key)
+            if run is None or row.get("failed") or not row.get("step_time_s") or (folder / key).is_file():
+                continue
+            if data.get("seq_len", 32768) != 32768:
+                continue  # E2E_RUNS' fourd overrides are the script's default length
+            name = f"e2e {folder.name}/{row['run']}"
+            out.append(dict(group=name, name=name, file=path, world=run["world"], overrides=list(run["overrides"]),
+                            era=era_of(path, data), fit=run.get("fit"), torch_elementwise=False,
+                            measured=float(row["step_time_s"]), measured_mem_gib=row.get("max_mem_gb") or None,
+                            unhealthy=folder_health(path),
+                            note=f"mean of steps {row.get('steps_timed')} (fourd_2gpu.json)"))
     return out

@@ -9,6 +9,9 @@ launches every kernel from Python, ahead of the GPU; small models are launch-bou
     n_micro stage times x (1 + (pp - 1) / (v * n_micro))      1F1B (v = 1) or interleaved bubble
     + pipeline sends, + FSDP gathers / reduce-scatters not hidden behind compute, + AdamW.
 
+(DeepSpeed ZeRO-1/2: whole parameters, the gradients' reduce-scatter per micro-batch and one
+all-gather of the updated parameters, exposed.)
+
 Data-parallel ranks draw their own rows (a document-length mix gives each different work) and meet
 at FSDP's collectives every layer: a layer's attention lasts as long as the slowest dp rank's
 (`dp_attention`; the mean over up to MAX_DRAWS micro-batches drawn). With
@@ -290,7 +293,18 @@ def predict_step(cfg, world: int, cluster, calib, *, family: str = "cudnn", virt
     stage_params = max(sum(params[kinds[i]] for i in layers) for layers in stages) / tp \
         + m.vocab_size * m.d_model * (1 if pp > 1 else 2) / tp
     fsdp = fsdp_exposed = 0.0
-    if shards > 1:
+    deepspeed = getattr(par, "dp_engine", "fsdp2") == "deepspeed" and (getattr(par, "zero_stage", None) or 2) < 3
+    if shards > 1 and deepspeed:
+        # DeepSpeed ZeRO-1/2 (parallel/engine.py's config): parameters stay whole on every rank, so
+        # nothing is gathered in forward or backward; the fp32 gradients (no module is marked
+        # lower-precision-safe) are reduced in each micro-batch's backward from DeepSpeed's own
+        # hooks on the compute stream (overlap_comm is off below stage 3 unless the config says so),
+        # and the updated parameters are all-gathered once after the optimizer step: all exposed
+        g = placed(shards, tp, cluster.gpus_per_node)
+        p_bytes = 4 * stage_params
+        fsdp = fsdp_exposed = (n_micro * collective_time("reduce_scatter", p_bytes, g, cluster, calib.comm)
+                               + collective_time("all_gather", p_bytes, g, cluster, calib.comm))
+    elif shards > 1:
         g = placed(shards, tp, cluster.gpus_per_node)
         p_bytes = 4 * stage_params
         fsdp = n_micro * (2 * collective_time("all_gather", p_bytes, g, cluster, calib.comm)

@@ -17,8 +17,8 @@ from dataclasses import replace
 from seqpar.sim.attention_cost import _single_call, lasp_layer, ring_layer
 from seqpar.sim.calibrate import calibrate
 from seqpar.sim.cases import DISAGG_METHODS, RUNTIME_OF, disagg_case
-from seqpar.sim.measurements import (CODE_CHANGES, cluster_preset_of, disagg_samples, e2e_samples, lasp_samples, load_benchmarks,
-                                     maxlen_exclusions, maxlen_memory_samples, ring_samples)
+from seqpar.sim.measurements import (CODE_CHANGES, cluster_preset_of, diagnostic_exclusions, disagg_samples, e2e_samples,
+                                     lasp_samples, load_benchmarks, maxlen_exclusions, maxlen_memory_samples, ring_samples)
 from seqpar.sim.cluster import load_cluster
 from seqpar.sim.comm import placed
 from seqpar.sim.compute import linear_attn_time
@@ -150,15 +150,19 @@ def validate(root=None) -> dict:
         card = load_cluster(cluster_preset_of(s["file"]))
         pred, mem = _e2e_case(s, own(s), card)
         loo_pred, _ = _e2e_case(s, loo(s), card)
+        kernels_run = s["fit"] == "compute" and not s["torch_elementwise"]
         fit = {"layer_overhead": ["layer overhead"], "compute": ["element-wise factor" if s["torch_elementwise"]
                                                                   else "head-dim 64 rate"]}.get(s["fit"], [])
-        cases.append(_case(s["name"], s["measured"], pred, loo_pred, s["world"], s["file"], fit,
-                           "the same configuration is measured twice" if s["torch_elementwise"] else "", era=s["era"]))
+        if kernels_run and own(s).kernel_head_dim_rate:
+            fit = []  # the head-dim-64 rates are the kernels' measured ones (sim_hd64): nothing fits on it
+        note = "; ".join(n for n in (s.get("note"), "the same configuration is measured twice"
+                                      if s["torch_elementwise"] else "") if n)
+        cases.append(_case(s["name"], s["measured"], pred, loo_pred, s["world"], s["file"], fit, note, era=s["era"]))
         if s["measured_mem_gib"]:
             memory.append({"name": s["name"], "measured_gib": round(s["measured_mem_gib"], 3),
                            "predicted_gib": round(mem, 3), "rel_err": round(_rel(mem, s["measured_mem_gib"]), 4)})
 
-    excluded += maxlen_exclusions(found)
+    excluded += maxlen_exclusions(found) + diagnostic_exclusions(root)
     from seqpar.sim.configs import plain_config
     from seqpar.sim.step import memory_per_rank
 
