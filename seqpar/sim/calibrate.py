@@ -15,6 +15,7 @@ cluster-derived default and says so in `Calibration.sources`. `exclude` drops na
 | Triton flash over torch's varlen flash on packed rows (time ratio) | kernels bench: flash section, packed rows |
 | layer host overhead | the default job (tiny model, launch-bound) end to end |
 | element-wise factor | llama_1b 16k end to end on one GPU |
+| attention speed at head dim 64 relative to 128, per kernel | sim_hd64 bench (`fit_head_dim`); without it, the llama_1b 16k run with seqpar's kernels end to end (one rate) |
 """
 from __future__ import annotations
 
@@ -397,9 +398,10 @@ def fit_comm(found) -> LinkFit:
 def fit_e2e(samples, calib, cluster, exclude=()) -> Calibration:
     """Layer host overhead on the launch-bound run (the GPU part of its layers is far below it),
     then the element-wise factor on the compute-bound eager runs and the attention kernel's speed at
-    head dim 64 (every kernel row is at 128) on the compute-bound run with seqpar's kernels: the
-    two share the model's attention, so they are solved in turn until they settle, each by
-    bisection on the model. Runs with no `fit` role (E2E_RUNS) are held out."""
+    head dim 64 on the compute-bound run with seqpar's kernels where no sim_hd64 bench measured it
+    per kernel (`calib.kernel_head_dim_rate`; with it that run is held out): the two share the
+    model's attention, so they are solved in turn until they settle, each by bisection on the
+    model. Runs with no `fit` role (E2E_RUNS) are held out."""
     from seqpar.sim.configs import plain_config
     from seqpar.sim.step import predict_step
 
@@ -440,12 +442,15 @@ def fit_e2e(samples, calib, cluster, exclude=()) -> Calibration:
     if launch:
         calib = replace(calib, layer_overhead_s=statistics.median(solve(s, "layer_overhead_s", 0.0, 1.0) for s in launch))
         calib.sources["layer_overhead_s"] = ", ".join(s["file"] for s in launch)
-    for _ in range(4 if compute and kernels else 1):
+    # one end-to-end rate for every kernel could not fit 16k and 256k steps together (it absorbed
+    # what is not attention); measured per-kernel rates replace it, leaving the eager factor alone
+    fit_rate = bool(kernels) and not calib.kernel_head_dim_rate
+    for _ in range(4 if compute and fit_rate else 1):
         if compute:
             calib = replace(calib, elementwise_factor=statistics.median(solve(s, "elementwise_factor", 0.0, 200.0)
                                                                         for s in compute))
             calib.sources["elementwise_factor"] = ", ".join(s["file"] for s in compute)
-        if kernels and not calib.kernel_head_dim_rate:
+        if fit_rate:
             rate = statistics.median(solve(s, "head_dim_64", 0.2, 1.5) for s in kernels)
             calib = replace(calib, head_dim_rate={**calib.head_dim_rate, 64: rate})
             calib.sources["head_dim_64_rate"] = ", ".join(s["file"] for s in kernels)
