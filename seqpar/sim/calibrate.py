@@ -473,7 +473,8 @@ def calibrate(root: Path | None = None, exclude: tuple[str, ...] = (), cluster=N
     if key in _CACHE:
         return _CACHE[key]
     cluster = cluster or load_cluster("h100_8x400g")
-    found = in_era(load_benchmarks(root), era)
+    everything = load_benchmarks(root)
+    found = in_era(everything, era)
     calib = default_calibration() if era == 0 else calibrate(root, exclude, cluster, era - 1)
     calib = replace(calib, attn=dict(calib.attn), runtime_token_s=dict(calib.runtime_token_s), era=era,
                     sources={} if era == 0 else dict(calib.sources))
@@ -514,7 +515,7 @@ def calibrate(root: Path | None = None, exclude: tuple[str, ...] = (), cluster=N
         calib.fused_norm_eff, calib.fused_rope_eff, calib.fused_ce_ratio, calib.sources["fused_kernels"] = fused
     # kernel speeds at head dim 64 from every era's files: they are torch's cuDNN and FA2 and the Triton
     # kernel on their own, whose head-dim ratio no runtime change of CODE_CHANGES touches
-    head_dim = fit_head_dim(load_benchmarks(root))
+    head_dim = fit_head_dim(everything)
     if head_dim:
         calib.kernel_head_dim_rate, calib.sources["head_dim_rate"] = head_dim
     calib = fit_e2e(e2e_samples(found), calib, cluster, exclude)
