@@ -203,7 +203,7 @@ def fit_head_dim(found) -> tuple[dict[str, dict[int, float]], str] | None:
     TFLOP/s. Kernel-aware, not length-aware: on the 2026-11-26 H200 rows (16k, 32k, 8k queries
     against 16k/32k keys) the kernels differ (cuDNN 0.78-0.81, FA2 0.86-0.88, Triton 0.76-0.83) while
     no kernel's ratio moves one way with length (cuDNN falls 16k -> 32k, FA2 and Triton rise, Triton's
-    8k-query rows sit between), each within 5% of its median. The head-dim-64 rows have 8 K/V heads
+    8k-query rows sit between), each within 6% of its median. The head-dim-64 rows have 8 K/V heads
     for 32 queries (llama_1b's and hybrid_1b's GQA), the 128 ones 32: the ratio carries GQA's share."""
     by_kernel, files = {}, set()
     for path, data in found.get("sim_hd64", []):
