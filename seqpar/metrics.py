@@ -9,6 +9,7 @@ import json
 import math
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -192,3 +193,27 @@ def summary_line(record: dict, total_steps: int) -> str:
             value = record[key] * 100 if key == "mfu" else record[key]
             parts.append(template.format(format(value, spec)))
     return "  ".join(parts)
+
+
+@contextmanager
+def profiled(step: int, logging_cfg, run_dir: Path, rank: int, device: torch.device):
+    """torch.profiler over the block when `step` is `logging.profile_step`: the ops of every rank
+    (its GPU kernels first on CUDA) as a table in `run_dir/profile/step<N>_rank<R>.txt`, and the
+    Chrome trace beside it with `logging.profile_trace`. Other steps run as they are."""
+    if step != logging_cfg.profile_step:
+        yield
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        yield
+        if cuda:
+            torch.cuda.synchronize()
+    out = Path(run_dir) / "profile"
+    out.mkdir(parents=True, exist_ok=True)
+    name = f"step{step}_rank{rank}"
+    table = prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=40)
+    (out / f"{name}.txt").write_text(table + "\n")
+    if logging_cfg.profile_trace:
+        prof.export_chrome_trace(str(out / f"{name}.json"))

@@ -23,7 +23,7 @@ from seqpar.config import ConfigError, register_configs, resolve_nproc, use_cuda
 from seqpar.data import PackedLoader, build_dataset
 from seqpar.launch import ray as ray_launcher, slurm, stop_signal
 from seqpar.launch.local import is_worker, launch_workers
-from seqpar.metrics import MetricsLogger, max_memory_gb, peak_flops
+from seqpar.metrics import MetricsLogger, max_memory_gb, peak_flops, profiled
 from seqpar.model.flops import step_flops
 from seqpar.model.transformer import Transformer
 from seqpar.parallel.dims import ParallelDims, init_world
@@ -172,8 +172,9 @@ def train(cfg, device) -> None:
         for step in range(start_step + 1, cfg.train.steps + 1):
             t0 = time.perf_counter()
             micro_batches = loader.next_batch()
-            stats = train_step(engine.model, micro_batches, cfg, dims, device, backward=engine.backward)
-            grad_norm = engine.step()  # clip, optimizer and schedule step, clear gradients
+            with profiled(step, cfg.logging, run_dir, rank, device):  # its step time includes the profiler's
+                stats = train_step(engine.model, micro_batches, cfg, dims, device, backward=engine.backward)
+                grad_norm = engine.step()  # clip, optimizer and schedule step, clear gradients
             loss = stats["loss"]
             if not math.isfinite(loss):
                 raise FloatingPointError(

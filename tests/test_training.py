@@ -71,8 +71,21 @@ def train(run_dir, nproc, *overrides, steps=5):
 
 
 @pytest.fixture(scope="module")
-def single_run(tmp_path_factory):
-    return train(tmp_path_factory.mktemp("single"), *LAYOUTS["single"][:1], *LAYOUTS["single"][1])
+def single_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("single")
+
+
+@pytest.fixture(scope="module")
+def single_run(single_dir):
+    # step 3 profiled: the profiler observes, so the losses stay the reference of every layout
+    return train(single_dir, *LAYOUTS["single"][:1], *LAYOUTS["single"][1], "logging.profile_step=3")
+
+
+def test_profile_step_writes_the_ops_of_that_step(single_run, single_dir):
+    tables = sorted(p.name for p in (single_dir / "profile").iterdir())
+    assert tables == ["step3_rank0.txt"]
+    table = (single_dir / "profile" / tables[0]).read_text()
+    assert "Self CPU" in table and "aten::mm" in table  # the step's matmuls, by op
 
 
 def test_metrics_file_has_one_object_per_step(single_run):
