@@ -395,8 +395,14 @@ def test_bench_disagg_smoke_form(tmp_path):
     assert any(r["disagg_bytes"] > 0 for c in result["cases"] for r in c["rows"]), "no batch moved work"
     # compute and transfers alone on the parts batches (the first 4 by default: all of the smoke's)
     rows = [r for c in result["cases"] for r in c["rows"]]
+    assert all(len(r["disagg_timeline"]) == 2 for r in rows)  # one per rank
     assert all(r["disagg_compute_only_ms"] > 0 and (r["disagg_collectives"] > 0) == (r["disagg_bytes"] > 0)
                for r in rows), rows
+    # each rank's timeline of one call: marks in the order the compute reached them
+    for tl in rows[0]["disagg_no_pingpong_timeline"]:
+        labels, ms = [m[0] for m in tl], [m[1] for m in tl]
+        assert labels[0] == "fwd" and labels[-1] == "bwd end" and "fwd end" in labels and ms == sorted(ms), tl
+        assert any(label.startswith("bwd attn") for label in labels), tl
     assert result["server_kernels"]["one_task"] == {"forward": "reference", "backward": "reference"}  # CPU
     entries = json.loads(table.read_text())["entries"]
     assert {(e["q_len"], e["kv_len"]) for e in entries} == {(16, 64), (64, 64), (16, 256), (64, 256)}

@@ -10,7 +10,9 @@
 #    FA2 (flash_fwd/flash_bwd kernels) and no host sync between them (untuned kernels, to keep it
 #    short: the profile shows which kernels and copies run, the timings are the benchmark's).
 # Prints per mix: each method against the balanced ideal, compute alone against the ideal (the
-# runtime's loss without transfers), the hidden fraction of the transfers, and the kernels used.
+# runtime's loss without transfers), the hidden fraction of the transfers, the kernels used, and
+# each rank's timeline of one call on the first batch that moved work (when each nano-batch's
+# transfer was ready and its kernel done, in ms since the call began).
 mkdir -p "$OUT"
 SEQPAR_FLASH_TUNE=0 timeout 100 python3 -m pytest -q -m gpu tests/test_disagg.py 2>&1 | tail -4
 timeout 170 torchrun --standalone --nproc_per_node 2 -m seqpar.bench disagg --mixes wlbllm prolong --tokens 131072 \
@@ -49,6 +51,12 @@ for c in res["cases"]:
               f", comm {fmt(r.get('disagg_comm_only_ms'), 2)}, calls {r.get('disagg_server_calls')}) default "
               f"{r['disagg_no_pingpong_ms']:.1f} (compute {fmt(r.get('disagg_no_pingpong_compute_only_ms'))}, comm "
               f"{fmt(r.get('disagg_no_pingpong_comm_only_ms'), 2)}) per-doc {r['per_doc_cp_ms']:.1f}")
+    moved = [r for r in c["rows"] if r.get("disagg_timeline") and r["disagg_bytes"] > 0][:1]
+    for r in moved:  # where each rank's time went in one call: ms since the call began, per mark
+        for m in ("disagg", "disagg_no_pingpong"):
+            for rank, marks in enumerate(r.get(f"{m}_timeline") or []):
+                print(f"   timeline {m} rank {rank}: " + " ".join(f"{label.replace(' ', ':')} {ms:.1f}"
+                                                                   for label, ms in marks))
 PY
 for r in 0 1; do
   echo "--- profile rank $r (cases: per batch dp, disagg, disagg default, ring, per-doc CP)"

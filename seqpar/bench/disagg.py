@@ -20,7 +20,9 @@ one layer (bf16, H=32 query heads, 8 key/value heads, D=128 on CUDA), per batch:
   the whole, so exposed_comm = disagg - compute_only and hidden_fraction = (compute_only +
   comm_only - disagg) / comm_only; the summary takes them over the batches that moved work,
   with the whole's time over the same batches; and waited (per call, the time the compute stream
-  stood still on transfers, CUDA events around each wait, counted after a warm-up call).
+  stood still on transfers, CUDA events around each wait, counted after a warm-up call); and
+  one more call per parts batch recorded as each rank's timeline (`{method}_timeline`: per rank,
+  (mark, ms) when each nano-batch's transfer was ready, its kernel done, each direction ended).
 
 Reported per (mix, tokens per rank): modelled attention imbalance (max/mean) before and after
 planning, bytes each method sends (fwd+bwd, summed over ranks), and the methods' times averaged
@@ -45,6 +47,7 @@ import torch.distributed as dist
 
 from seqpar import kernels
 from seqpar.attention.disagg import configure, current, fit_task_overhead, runtime, step_metrics
+from seqpar.attention.disagg import metrics as disagg_metrics
 from seqpar.attention.disagg.options import planner_overhead
 from seqpar.attention.disagg.planner import plan_owned
 from seqpar.attention.disagg.routing import route
@@ -189,6 +192,24 @@ def parts_times(fn, inputs, timer, device) -> dict:
     return {"compute_only_ms": compute, "comm_only_ms": comm, "collectives": len(trace.issued)}
 
 
+def _aligned(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    if dist.is_initialized():
+        dist.barrier()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _gather_objects(obj) -> list:
+    """Every rank's `obj`, in rank order (this rank's alone without a process group)."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def hidden_fraction(total, compute_only, comm_only):
     """(compute_only + comm_only - total) / comm_only: 1 when the transfers cost nothing on top of
     the compute, 0 when they add their whole time; None without transfers."""
@@ -234,6 +255,10 @@ def bench_batch(args, bounds, device, timer, world, rank, check=False, parts=Fal
             row[f"{name}_exposed_comm_ms"] = round(row[f"{name}_ms"] - row[f"{name}_compute_only_ms"], 3)
             row[f"{name}_hidden_fraction"] = hidden_fraction(row[f"{name}_ms"], row[f"{name}_compute_only_ms"],
                                                              row[f"{name}_comm_only_ms"])
+            _aligned(device)  # the ranks' marks then share (about) one origin
+            with disagg_metrics.timeline(device) as marks:  # where each rank's time went, one more call
+                _fwd_bwd(fn, *contiguous)
+            row[f"{name}_timeline"] = _gather_objects(marks)
         if pp:
             row.update(imbalance_before=round(info["imbalance_before"], 4),
                        imbalance_after=round(info["imbalance_after"], 4), tasks=info["tasks"],

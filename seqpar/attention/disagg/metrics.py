@@ -59,6 +59,38 @@ def exposed_wait(device: torch.device):
         _step.exposed_ms += (time.perf_counter() - t0) * 1e3
 
 
+_marks: list | None = None  # (label, CUDA event or host time) while a `timeline` records
+
+
+@contextlib.contextmanager
+def timeline(device: torch.device):
+    """Records the `mark`s of every disagg call inside the block. Yields a list that afterwards
+    holds this rank's (label, ms since the first mark): when each transfer was ready, each
+    nano-batch's kernel done, each direction's end; on CUDA as the compute stream reached them."""
+    global _marks
+    _marks, out = [], []
+    try:
+        yield out
+    finally:
+        marks, _marks = _marks, None
+        if marks and device.type == "cuda":
+            marks[-1][1].synchronize()
+            out += [(label, round(marks[0][1].elapsed_time(e), 3)) for label, e in marks]
+        elif marks:
+            out += [(label, round((t - marks[0][1]) * 1e3, 3)) for label, t in marks]
+
+
+def mark(label: str, device: torch.device) -> None:
+    if _marks is None:
+        return
+    if device.type == "cuda":
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        _marks.append((label, event))
+    else:
+        _marks.append((label, time.perf_counter()))
+
+
 def step_metrics(reset: bool = True) -> dict:
     """{} when no disagg call ran since the last reset. Imbalances (max/mean of the modelled
     attention cost over servers) and tasks are means over the calls; bytes are this rank's total

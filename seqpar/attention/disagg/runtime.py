@@ -210,6 +210,7 @@ class _DisaggAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, routes, group, causal, scale):
         dev = q.device
+        metrics.mark("fwd", dev)
         k_dtype, v_dtype = k.dtype, v.dtype
         k, v = k.to(q.dtype), v.to(q.dtype)  # one message carries all three
         sq, sk, sv, so = q.shape[1:], k.shape[1:], v.shape[1:], (q.shape[1], v.shape[2])
@@ -224,6 +225,7 @@ class _DisaggAttention(torch.autograd.Function):
         outbound, saved = [], []
         for i, (r, c, (buf, work)) in enumerate(zip(routes, counts, inbound)):
             _wait(dev, work)
+            metrics.mark(f"fwd in{i}", dev)
             got = _fields(buf, c.recv_rows, (sq, sk, sv))
             q_srv = r.srv_q([q] + [g[0] for g in got], q)
             k_task = r.srv_kv([k] + [g[1] for g in got], k)
@@ -236,17 +238,20 @@ class _DisaggAttention(torch.autograd.Function):
                 o_srv = o_srv[0]
             else:  # a server without tasks still takes part in every all-to-all
                 o_srv, lse = q.new_zeros(0, *so), q.new_zeros(1, so[0], 0)
+            metrics.mark(f"fwd attn{i}", dev)
             outbound.append(_exchange(_by_owner(r, o_srv), c.recv_o, c.sent_o, flat, group, r.collective))
             # a view of the output is rebuilt in backward from the output itself (saved once)
             saved += [q_srv, k_task, v_task, None if _dest(place, out, i)[0] is not None else o_srv, lse]
         sources = []
-        for c, o_srv, (buf, work) in zip(counts, saved[3::5], outbound):
+        for i, (c, o_srv, (buf, work)) in enumerate(zip(counts, saved[3::5], outbound)):
             _wait(dev, work)
+            metrics.mark(f"fwd out{i}", dev)
             sources += [o_srv] + [g[0] for g in _fields(buf, c.sent_q_rows, (so,))]
         if place is None:
             out = _owner(routes)[0](sources, q.new_empty(0, *so))
         else:
             place.finish(out, sources)
+        metrics.mark("fwd end", dev)
         ctx.save_for_backward(out, *saved)
         ctx.routes, ctx.counts, ctx.group, ctx.causal, ctx.scale = routes, counts, group, causal, scale
         ctx.shapes = (sq, sk, sv, so, k_dtype, v_dtype)
@@ -257,6 +262,7 @@ class _DisaggAttention(torch.autograd.Function):
         (out, *saved), routes, counts, group = ctx.saved_tensors, ctx.routes, ctx.counts, ctx.group
         sq, sk, sv, so, k_dtype, v_dtype = ctx.shapes
         dev = dout.device
+        metrics.mark("bwd", dev)
         dout = dout.contiguous()
         q_place, kv_place = _placements(routes)
         # the final gradients, where some nano-batch's kernel writes straight into them
@@ -272,6 +278,7 @@ class _DisaggAttention(torch.autograd.Function):
             if o_srv is None:
                 o_srv = _dest(q_place, out, i)[0][0]
             _wait(dev, work)
+            metrics.mark(f"bwd in{i}", dev)
             do_srv = r.srv_q([dout] + [g[0] for g in _fields(buf, c.recv_q_rows, (so,))], dout)
             if q_srv.shape[0]:
                 cu_q, cu_k = _device_cu(r, dev)
@@ -284,13 +291,15 @@ class _DisaggAttention(torch.autograd.Function):
                 dq_srv, dk_task, dv_task = dq_t[0], dk_t[0], dv_t[0]
             else:
                 dq_srv, dk_task, dv_task = q_srv.new_zeros(q_srv.shape), k_task, v_task
+            metrics.mark(f"bwd attn{i}", dev)
             # a key row read by several tasks of this server: its gradients summed here, sent once
             back = [b + _pack((a, dk_task), (a, dv_task)) for b, a in zip(_by_owner(r, dq_srv), r.back_kv)]
             outbound.append(_exchange(back, c.recv, c.sent, flat, group, r.collective))
             grads.append((dq_srv, dk_task, dv_task))
         sources = ([], [], [])  # dq, dk, dv
-        for c, grad, (buf, work) in zip(counts, grads, outbound):
+        for i, (c, grad, (buf, work)) in enumerate(zip(counts, grads, outbound)):
             _wait(dev, work)
+            metrics.mark(f"bwd out{i}", dev)
             got = _fields(buf, c.sent_rows, (sq, sk, sv))
             for i, src in enumerate(sources):
                 src += [grad[i]] + [g[i] for g in got]
@@ -301,6 +310,7 @@ class _DisaggAttention(torch.autograd.Function):
             dk, dv = own_kv(sources[1], dout.new_empty(0, *sk)), own_kv(sources[2], dout.new_empty(0, *sv))
         else:
             dk, dv = kv_place.finish(dk, sources[1]), kv_place.finish(dv, sources[2])
+        metrics.mark("bwd end", dev)
         return dq, dk.to(k_dtype), dv.to(v_dtype), None, None, None, None
 
 
