@@ -31,8 +31,11 @@ caching allocator whatever the model: Triton's autotuner clears the L2 cache bet
 launches with a 256 MiB buffer (`get_empty_cache_for_benchmark` in Triton's CUDA driver; seqpar's
 Triton kernels autotune on their first calls, inside step 1's forward and backward) and cuBLAS's
 workspace (torch's default on Hopper and later: 32 MiB). It explains the tiny default job's
-measured peak (0.287 GiB against 0.026 GiB of model state and activations; docs/sim.md). What the
-allocator does not count (the CUDA context, NCCL's buffers, fragmentation) is in `MARGIN`.
+measured peak (0.287 GiB against 0.026 GiB of model state and activations; docs/sim.md). Under
+DeepSpeed ZeRO-1/2 also its gradient reduce bucket (`deepspeed_buckets`): `reduce_bucket_size`
+elements (default 5e8: 1.86 GiB in fp32) allocated whatever the model's size, twice with
+`overlap_comm`. What the allocator does not count (the CUDA context, NCCL's buffers,
+fragmentation) is in `MARGIN`.
 
 The peak is the larger of two moments (`MemoryEstimate.total`). In backward, activations are
 freed as gradients are made, so the peak is at one of its ends: all activations and the loss's
@@ -79,7 +82,7 @@ class MemoryEstimate:
     stage: int = 0
     layers: int = 0
     tokens: int = 0  # tokens per micro-batch on this rank
-    fixed: int = 0  # the libraries' own allocations on CUDA (`FIXED_ALLOCATIONS`)
+    fixed: int = 0  # the libraries' own allocations on CUDA (`FIXED_ALLOCATIONS`, DeepSpeed's buckets)
     optimizer_what: str = "AdamW moments"
     step_temporaries: int = 0  # what the optimizer step allocates on top of the states (foreach temporaries)
     optimizer_in_step_only: bool = False  # train.offload_optimizer: the moments visit the device in the step
@@ -110,7 +113,9 @@ class MemoryEstimate:
         rows = [("parameters", self.params), ("gradients", self.grads), (f"optimizer ({self.optimizer_what})", self.optimizer),
                 (f"activations ({self.layers} layers x {self.tokens} tokens)", self.activations),
                 ("loss (fused cross-entropy)", self.loss), (f"transient ({self.transient_what})", self.transient),
-                ("fixed (Triton autotune buffer, cuBLAS workspace)", self.fixed),
+                ("fixed (Triton autotune buffer, cuBLAS workspace" + (", DeepSpeed reduce bucket)"
+                                                                     if self.fixed > sum(FIXED_ALLOCATIONS.values())
+                                                                     else ")"), self.fixed),
                 ("optimizer step's temporaries", self.step_temporaries),
                 ("peak (" + ("optimizer step" if self.step_peak > self.backward_peak else "backward") + ")", self.total)]
         width = max(len(name) for name, _ in rows)
@@ -130,9 +135,27 @@ def _dtype_bytes(cfg) -> tuple[int, int, bool]:
 
 
 def fixed_allocations(cfg) -> int:
-    """Bytes the libraries allocate on every CUDA rank whatever the model (`FIXED_ALLOCATIONS`); 0 on CPU."""
+    """Bytes the libraries allocate on every CUDA rank whatever the model (`FIXED_ALLOCATIONS`, and
+    DeepSpeed's reduce buckets under its engine); 0 on CPU."""
     from seqpar.config import use_cuda
-    return sum(FIXED_ALLOCATIONS.values()) if use_cuda(cfg) else 0
+    return sum(FIXED_ALLOCATIONS.values()) + deepspeed_buckets(cfg) if use_cuda(cfg) else 0
+
+
+def deepspeed_buckets(cfg) -> int:
+    """DeepSpeed ZeRO-1/2's gradient reduce buffer(s): with `contiguous_gradients` (its default)
+    each micro-batch's backward stages gradients in `reduce_bucket_size` elements allocated in
+    full (DeepSpeed 0.19 `stage_1_and_2.py`, `setup_buckets`) in the parameters' dtype (seqpar's
+    are fp32, or fp64); a second one with `overlap_comm`. Read from the pass-through
+    `parallel.deepspeed` block, else DeepSpeed's defaults."""
+    par = cfg.parallel
+    stage = getattr(par, "zero_stage", None) or 2
+    if getattr(par, "dp_engine", "fsdp2") != "deepspeed" or stage >= 3:
+        return 0
+    zero = dict((getattr(par, "deepspeed", None) or {}).get("zero_optimization", None) or {})
+    if not zero.get("contiguous_gradients", True):
+        return 0
+    numel = int(float(zero.get("reduce_bucket_size", 5e8)))
+    return numel * _dtype_bytes(cfg)[0] * (2 if zero.get("overlap_comm", False) else 1)
 
 
 def residual_bytes(cfg) -> int:

@@ -137,6 +137,23 @@ def test_fixed_allocations_on_cuda_only(monkeypatch):
     assert f"fixed {cuda.fixed / GiB:.2f})" in fit_error(_cfg(*SMALL), 2, cuda, device_bytes=1000)
 
 
+def test_deepspeed_reduce_bucket_is_fixed_memory(monkeypatch):
+    import seqpar.config
+
+    monkeypatch.setattr(seqpar.config, "use_cuda", lambda cfg: True)
+    base = estimate(_cfg(*SMALL), world=2).fixed
+    ds = ["parallel.dp_engine=deepspeed", "parallel.cp=1"]
+    # DeepSpeed allocates reduce_bucket_size elements (default 5e8) whatever the model: fp32 params here
+    for extra, bucket in ((["parallel.zero_stage=2"], 5 * 10**8 * 4), (["parallel.zero_stage=1"], 5 * 10**8 * 4),
+                          (["parallel.zero_stage=3"], 0),
+                          (["+parallel.deepspeed.zero_optimization.reduce_bucket_size=1000"], 1000 * 4),
+                          (["+parallel.deepspeed.zero_optimization.overlap_comm=true"], 2 * 5 * 10**8 * 4),
+                          (["+parallel.deepspeed.zero_optimization.contiguous_gradients=false"], 0)):
+        est = estimate(_cfg(*SMALL, *ds, *extra), world=2)
+        assert est.fixed - base == bucket, extra
+        assert ("DeepSpeed reduce bucket" in est.table()) == (bucket > 0)
+
+
 def test_will_not_fit_names_the_numbers_and_the_knobs():
     cfg = _cfg(*SMALL)
     est = estimate(cfg, world=2)
