@@ -53,7 +53,7 @@ from seqpar.attention.disagg.planner import plan_owned
 from seqpar.attention.disagg.routing import route
 from seqpar.attention.disagg.runtime import _DisaggAttention, _plan_routes, disagg_attention
 from seqpar.attention.ring import ring_attention
-from seqpar.bench.ring import _all_ranks, _max_over_ranks, _timer, _triton_version, lognormal_lengths
+from seqpar.bench.ring import _all_ranks, _max_over_ranks, _sync, _timer, _triton_version, lognormal_lengths
 from seqpar.kernels.flash_attn import flash_attn, flash_attn_backward
 from seqpar.parallel.dims import init_world
 from seqpar.parallel.sharding import shard_sequence
@@ -192,19 +192,8 @@ def parts_times(fn, inputs, timer, device) -> dict:
     return {"compute_only_ms": compute, "comm_only_ms": comm, "collectives": len(trace.issued)}
 
 
-def _aligned(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    if dist.is_initialized():
-        dist.barrier()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def _gather_objects(obj) -> list:
-    """Every rank's `obj`, in rank order (this rank's alone without a process group)."""
-    if not dist.is_initialized():
-        return [obj]
+    """Every rank's `obj`, in rank order."""
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
@@ -255,7 +244,7 @@ def bench_batch(args, bounds, device, timer, world, rank, check=False, parts=Fal
             row[f"{name}_exposed_comm_ms"] = round(row[f"{name}_ms"] - row[f"{name}_compute_only_ms"], 3)
             row[f"{name}_hidden_fraction"] = hidden_fraction(row[f"{name}_ms"], row[f"{name}_compute_only_ms"],
                                                              row[f"{name}_comm_only_ms"])
-            _aligned(device)  # the ranks' marks then share (about) one origin
+            _sync(device)  # the ranks' marks then share (about) one origin
             with disagg_metrics.timeline(device) as marks:  # where each rank's time went, one more call
                 _fwd_bwd(fn, *contiguous)
             row[f"{name}_timeline"] = _gather_objects(marks)
