@@ -197,6 +197,25 @@ def test_maxlen_smoke_writes_the_answer(tmp_path):
     assert trial["wall_s"] >= trial["step_time_s"] + trial["startup_s"] and trial["startup_s"] > 0
 
 
+def test_maxlen_keeps_each_trial_when_killed(tmp_path, monkeypatch):
+    from seqpar.bench import maxlen
+
+    out, seen = tmp_path / "maxlen.json", []
+
+    def fake(base, mode, length, steps, timeout, log, world):  # the second trial never returns (killed)
+        if seen:
+            raise KeyboardInterrupt
+        seen.append(length)
+        log.append({"seq_len": length, "fits": False, "error": "out of memory"})
+
+    monkeypatch.setattr(maxlen, "trial", fake)
+    with pytest.raises(KeyboardInterrupt):
+        maxlen.main(["--smoke", "--modes", "full", "--step", "64", "--max-len", "128", "--out", str(out)])
+    row, = json.loads(out.read_text())["results"]
+    assert row["unfinished"] and row["mode"] == "full" and row["trials"] == [
+        {"seq_len": seen[0], "fits": False, "error": "out of memory"}]
+
+
 def test_maxlen_timed_out_trial_says_where_it_was(monkeypatch, capsys):
     import subprocess
 

@@ -10,15 +10,17 @@
 # 2026-11-26 a 384k trial did not finish in 280 s. The 128k offload speed (2026-11-25: 0.99x full)
 # is not rerun here.
 mkdir -p "$OUT"
-M="python3 -m seqpar.bench maxlen --model llama_1b --step 32768 --trial-timeout 420"
+# Each trial stops (and is recorded, with its last output) before its lane's outer timeout; the
+# JSON is written after every trial, so a lane killed later keeps what it measured.
+M="python3 -m seqpar.bench maxlen --model llama_1b --step 32768"
 lane0() {
     export CUDA_VISIBLE_DEVICES=0
-    timeout 400 $M --modes full --start 393216 --max-len 393216 --out "$OUT/maxlen_full_384k.json"
-    timeout 170 $M --modes full --start 131072 --max-len 131072 --steps 2 --out "$OUT/maxlen_full_128k.json"
+    timeout 380 $M --modes full --start 393216 --max-len 393216 --trial-timeout 365 --out "$OUT/maxlen_full_384k.json"
+    timeout 150 $M --modes full --start 131072 --max-len 131072 --steps 2 --trial-timeout 140 --out "$OUT/maxlen_full_128k.json"
 }
 lane1() {
     export CUDA_VISIBLE_DEVICES=1
-    timeout 570 $M --modes full_offload --start 524288 --max-len 524288 --out "$OUT/maxlen_offload_512k.json"
+    timeout 535 $M --modes full_offload --start 524288 --max-len 524288 --trial-timeout 525 --out "$OUT/maxlen_offload_512k.json"
 }
 lane0 > "$OUT/lane0.log" 2>&1 &
 lane1 > "$OUT/lane1.log" 2>&1 &

@@ -19,10 +19,11 @@ run_pair() {  # GPUS SCRIPTS...
         CUDA_VISIBLE_DEVICES=$devices OUT=$ROOT/$name bash "docs/benchmarks/$script" $arg > "$ROOT/$name.txt" 2>&1
     done
 }
-# shellcheck disable=SC2086
-run_pair 0,1 ${1:?scripts for GPUs 0,1} &
-# shellcheck disable=SC2086
-run_pair 2,3 ${2:?scripts for GPUs 2,3} &
+# Both pairs stop at PAIRS_TIMEOUT seconds (timeout kills each pair's whole process group), so that
+# the archive below is written inside the device tool's 600 s per command.
+export -f run_pair; export ROOT
+timeout "${PAIRS_TIMEOUT:-560}" bash -c "run_pair 0,1 ${1:?scripts for GPUs 0,1}" &
+timeout "${PAIRS_TIMEOUT:-560}" bash -c "run_pair 2,3 ${2:?scripts for GPUs 2,3}" &
 wait
 for f in "$ROOT"/*.txt; do echo "=== $(basename "$f" .txt)"; cut -c1-400 "$f" | tail -40; done
 tar czf /tmp/pairs.tgz -C "$ROOT" . && rm -rf "${ROOT:?}"/* && mv /tmp/pairs.tgz "$ROOT/"

@@ -197,7 +197,18 @@ def main(argv=None) -> int:
         print(f"maxlen: unknown modes {unknown}; choose from {list(MODES)}", file=sys.stderr)
         return 2
 
-    results = []
+    out = {"benchmark": "maxlen", "model": model, "device": device, "gpus": args.cp, "parallel.cp": args.cp,
+           "device_memory_gb": round(capacity / 2**30, 1), "step": args.step, "max_len": args.max_len,
+           "steps_per_trial": args.steps, "date": datetime.date.today().isoformat(),
+           "versions": {"torch": torch.__version__, "python": platform.python_version(),
+                        "cuda": torch.version.cuda},
+           "results": []}
+    results = out["results"]
+
+    def save(partial=None):  # after every trial: a run killed from outside keeps what it measured
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({**out, "results": results + ([partial] if partial else [])}, indent=1) + "\n")
+
     for name in modes:
         mode = MODES[name]
         if args.smoke:  # chunks that the smoke form's short sequences actually split
@@ -209,6 +220,7 @@ def main(argv=None) -> int:
             last = trial(base, mode, length, args.steps, args.trial_timeout, trials, args.cp)
             if last is not None:
                 best_metrics[length] = last
+            save({"mode": name, "overrides": mode, "unfinished": True, "trials": trials})
             return last is not None
 
         best = search(fits, args.start or start, args.step, args.max_len)
@@ -218,14 +230,7 @@ def main(argv=None) -> int:
                         "trials": trials})
         print(json.dumps({k: v for k, v in results[-1].items() if k != "trials"}), flush=True)
 
-    out = {"benchmark": "maxlen", "model": model, "device": device, "gpus": args.cp, "parallel.cp": args.cp,
-           "device_memory_gb": round(capacity / 2**30, 1), "step": args.step, "max_len": args.max_len,
-           "steps_per_trial": args.steps, "date": datetime.date.today().isoformat(),
-           "versions": {"torch": torch.__version__, "python": platform.python_version(),
-                        "cuda": torch.version.cuda},
-           "results": results}
     if args.anchor:
         out["anchor"] = run_anchor(args.anchor, args.trial_timeout * 4)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+    save()
     return 0
