@@ -206,6 +206,22 @@ def test_padding_is_the_rows_next_tokens_where_there_are_any():
     assert torch.equal(qp[:, :6], q[:, 14:]) and not qp[:, 6:].any() and not kp[:, 6:].any()
 
 
+def test_padded_documents_reach_cudnn_with_one_stride_per_shape():
+    # a document inside the row (a view) and one at its end (a padded copy) differ only in the
+    # size-1 batch dimension's stride, which cuDNN's plan cache would tell apart
+    from seqpar.kernels.flash_attn.aten import canonical_strides
+    from seqpar.kernels.flash_attn.split import _padded
+
+    q, k, v, _ = _inputs(20, 4, 4, 8, seed=2)
+    inside, at_end = _padded(q, k, v, 3, 9, 8)[0], _padded(q, k, v, 14, 20, 8)[0]
+    assert inside.stride() != at_end.stride()
+    view = canonical_strides(inside)
+    assert view.stride() == at_end.stride() == torch.empty(at_end.shape).stride()
+    assert view.data_ptr() == inside.data_ptr() and torch.equal(view, inside)
+    strided = q[:, :, ::2]
+    assert canonical_strides(strided) is strided
+
+
 def test_split_gradients_through_lse_and_rows_without_long_documents():
     calls = []
     kernels = _reference_kernels(calls)

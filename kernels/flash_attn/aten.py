@@ -36,7 +36,7 @@ def attention_with_lse(q, k, v, *, kernel, causal, cu_seqlens_q=None, cu_seqlens
         return out.unsqueeze(0), _blind_rows_neg_inf(lse).unsqueeze(0)
     B, Sq, Sk = q.shape[0], q.shape[1], k.shape[1]
     if kernel == "cudnn":
-        q_, k_, v_ = (t.transpose(1, 2) for t in (q, k, v))
+        q_, k_, v_ = (canonical_strides(t).transpose(1, 2) for t in (q, k, v))
         out, lse, *_ = aten._scaled_dot_product_cudnn_attention(q_, k_, v_, None, True, 0.0, causal, False,
                                                                 scale=softmax_scale)
         return out.transpose(1, 2), lse.reshape(B, q.shape[2], Sq)
@@ -64,7 +64,7 @@ def attention_backward(dout, q, k, v, out, lse, *, kernel, causal, cu_seqlens_q=
         return dq.unsqueeze(0), dk.unsqueeze(0), dv.unsqueeze(0)
     B, Sq, Sk = q.shape[0], q.shape[1], k.shape[1]
     if kernel == "cudnn":
-        q_, k_, v_, o_, do_ = (t.transpose(1, 2) for t in (q, k, v, out, dout))
+        q_, k_, v_, o_, do_ = (canonical_strides(t).transpose(1, 2) for t in (q, k, v, out, dout))
         unit_dim, seed_layout = _cudnn_layout()
         lse_ = (lse.unsqueeze(-1) if unit_dim else lse).contiguous()
         seed, offset = (torch.zeros(shape, dtype=dtype, device=q.device) for shape, dtype in seed_layout)
@@ -73,6 +73,24 @@ def attention_backward(dout, q, k, v, out, lse, *, kernel, causal, cu_seqlens_q=
         return tuple(g.transpose(1, 2) for g in grads)
     return aten._flash_attention_backward(dout, q, k, v, out, lse.contiguous(), None, None, Sq, Sk, 0.0, causal,
                                           rng, unused, scale=softmax_scale)
+
+
+def canonical_strides(t):
+    """A contiguous `t` with the strides `torch.empty(t.shape)` would have (the same memory).
+
+    A size-1 dimension may carry any stride in a contiguous tensor: rows [a, a + n) of a
+    `[1, S, H, D]` row keep the row's batch stride S*H*D, a copy of them has n*H*D. cuDNN keys its
+    execution plans on the strides, so the two would build (~80 ms each) and cache two plans for
+    one shape: split attention's long documents, views of the row or padded copies at the row's
+    end, kept building plans for lengths it had already seen (H100, 2026-11-26)."""
+    if not t.is_contiguous():
+        return t
+    strides, step = [], 1
+    for n in reversed(t.shape):
+        strides.append(step)
+        step *= max(n, 1)
+    strides = tuple(reversed(strides))
+    return t if t.stride() == strides else t.as_strided(t.shape, strides, t.storage_offset())
 
 
 def _varlen_args(q, cu_seqlens_q, cu_seqlens_k):
