@@ -131,6 +131,8 @@ class LoggingConfig:
     log_every: int = 1
     profile_step: int = 0  # > 0: torch.profiler over that step, every rank's table in run_dir/profile/
     profile_trace: bool = False  # with it, each rank's Chrome trace too (tens to hundreds of MB)
+    memory_snapshot: bool = False  # CUDA: what is live at step 1's peak, by allocating code (run_dir/memory/)
+    memory_snapshot_pickle: bool = False  # with it, the raw snapshot too (for pytorch.org/memory_viz)
 
 
 @dataclass
@@ -388,6 +390,8 @@ def validate(cfg, world: int | None = None) -> None:
         fail(f"train.resume={t.resume}: no checkpoint folder there (use auto, none, or a run_dir/checkpoints/step_* path)")
     if cfg.logging.log_every < 1:
         fail(f"logging.log_every={cfg.logging.log_every}: must be >= 1")
+    if cfg.logging.memory_snapshot and not use_cuda(cfg):
+        fail("logging.memory_snapshot=true records CUDA allocations: run on GPUs, or drop it")
     if not 0 <= cfg.logging.profile_step <= t.steps:
         fail(f"logging.profile_step={cfg.logging.profile_step}: choose a step of the run (1..train.steps={t.steps}), "
              "or 0 for none")

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
-from seqpar import checkpoint, memory
+from seqpar import checkpoint, memory, memtrace
 from seqpar.attention import AttnContext, disagg
 from seqpar.config import ConfigError, register_configs, resolve_nproc, use_cuda, validate, world_size
 from seqpar.data import PackedLoader, build_dataset
@@ -144,6 +144,7 @@ def train(cfg, device) -> None:
     memory.check_before_start(cfg, world, device, rank)  # a run that will not fit stops before allocating
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    tracing = cfg.logging.memory_snapshot and memtrace.start(device)  # until step 1's end, its peak
 
     model = build_model(cfg, dims, device)
     optimizer, scheduler = build_optimizer(model, cfg, device)
@@ -192,6 +193,9 @@ def train(cfg, device) -> None:
             if peak is not None:
                 metrics["mfu"] = stats["flops"] / dt / (peak * world)
                 metrics["max_mem_gb"] = max_memory_gb(device)
+            if tracing:
+                memtrace.dump(run_dir, rank, keep_pickle=cfg.logging.memory_snapshot_pickle)
+                tracing = False
             if step % cfg.logging.log_every == 0 or step == cfg.train.steps:
                 logger.log(step, metrics)
             stop = stop_signal.agreed(device)  # Slurm's USR1: every rank checkpoints this step, then stops

@@ -29,6 +29,7 @@ BAD = [
     (["model.layer_pattern=LLXS"], 2, "model.layer_pattern='LLXS': unknown layer type ['X']"),
     (["data=token_file", "data.path=/nonexistent/ds"], 2, "data.path=/nonexistent/ds: no tokens.bin"),
     (["train.lr=-0.001"], 2, "train.lr=-0.001: must be > 0"),
+    (["train.device=cpu", "logging.memory_snapshot=true"], 2, "logging.memory_snapshot=true records CUDA allocations"),
     (["train.steps=30", "logging.profile_step=31"], 2, "logging.profile_step=31: choose a step of the run (1..train.steps=30)"),
     (["train.global_batch_size=6"], 2, "train.global_batch_size=6 must be a positive multiple"),
     (["parallel.softmax_sp=warp"], 2, "parallel.softmax_sp='warp'"),
