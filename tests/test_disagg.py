@@ -408,6 +408,22 @@ def test_bench_disagg_smoke_form(tmp_path):
     assert {(e["q_len"], e["kv_len"]) for e in entries} == {(16, 64), (64, 64), (16, 256), (64, 256)}
 
 
+def _rounds(rank, world):
+    from seqpar.bench.disagg import rounds_timer
+    seen = []
+    calls = {name: (lambda name=name: seen.append(name)) for name in ("dp", "disagg", "ring")}
+    ms = rounds_timer(torch.device("cpu"), 3, 1)(calls, after=lambda name: seen.append(("after", name)))
+    return seen, sorted(ms)
+
+
+def test_bench_times_the_methods_in_rounds():
+    # warm-ups, then every method once per round: a drift over the batch reaches all of them alike
+    seen, names = run_distributed(_rounds, 1)[0]
+    timed = [x for x in seen[4:] if isinstance(x, str)]
+    assert seen[:4] == ["dp", "disagg", "ring", ("after", None)] and names == ["disagg", "dp", "ring"]
+    assert timed == ["dp", "disagg", "ring"] * 3 and seen[5] == ("after", "dp")
+
+
 # ---- GPU: bf16 on NCCL, async all-to-alls on CUDA streams (docs/benchmarks/disagg_gpu.sh runs these) ----
 
 def _gpu_bf16(rank, world):

@@ -40,6 +40,7 @@ import json
 import os
 import platform
 import random
+import time
 from pathlib import Path
 
 import torch
@@ -53,7 +54,7 @@ from seqpar.attention.disagg.planner import plan_owned
 from seqpar.attention.disagg.routing import route
 from seqpar.attention.disagg.runtime import _DisaggAttention, _plan_routes, disagg_attention
 from seqpar.attention.ring import ring_attention
-from seqpar.bench.ring import _all_ranks, _max_over_ranks, _sync, _timer, _triton_version, lognormal_lengths
+from seqpar.bench.ring import _all_ranks, _max_over_ranks, _sync, _triton_version, lognormal_lengths
 from seqpar.kernels.flash_attn import flash_attn, flash_attn_backward
 from seqpar.parallel.dims import init_world
 from seqpar.parallel.sharding import shard_sequence
@@ -184,11 +185,11 @@ def parts_times(fn, inputs, timer, device) -> dict:
     the recorded all-to-alls, same sizes, order and waits); hidden_fraction = the share of the
     transfer time that the whole did not pay on top of its compute."""
     with _collective(_no_transfer):
-        compute = _max_over_ranks(timer(lambda: _fwd_bwd(fn, *inputs)), device)
+        compute = _max_over_ranks(timer({"compute": lambda: _fwd_bwd(fn, *inputs)})["compute"], device)
     trace = TransferTrace()
     with _collective(trace):
         _fwd_bwd(fn, *inputs)
-    comm = _max_over_ranks(timer(trace.replay(device)), device) if trace.issued else 0.0
+    comm = _max_over_ranks(timer({"comm": trace.replay(device)})["comm"], device) if trace.issued else 0.0
     return {"compute_only_ms": compute, "comm_only_ms": comm, "collectives": len(trace.issued)}
 
 
@@ -219,22 +220,39 @@ def bench_batch(args, bounds, device, timer, world, rank, check=False, parts=Fal
     own = [b - lo for b in bounds if lo <= b <= hi]
     own_cu = torch.tensor(own, dtype=torch.int32, device=device)
     mine = [t[:, lo:hi] for t in (q, k, v, do)]
-    t_own = timer(lambda: _fwd_bwd(lambda *x: kernels.flash_attn(*x, causal=True, cu_seqlens=own_cu), *mine))
-    times = _all_ranks(t_own, device)
+    contiguous = [shard_sequence(t, layout="contiguous") for t in (q, k, v, do)]
+    zz = [shard_sequence(t, layout="zigzag") for t in (q, k, v, do)]
+    owned = per_doc_zigzag(bounds, world)
+    pd_tasks = plan_owned(list(bounds), owned, eps=float("inf"), min_chunk=1).tasks  # every rank serves its own chunks
+    pd_routes = (route(pd_tasks, bounds, owned, rank, True),)
+    pd = [_route_rows(t, owned[rank]) for t in (q, k, v, do)]
+    disagg = {name: (lambda *x, pp=pp: disagg_attention(*x, causal=True, cu_seqlens=cu, layout="contiguous",
+                                                        ping_pong=pp))
+              for name, pp in (("disagg", True), ("disagg_no_pingpong", False))}
+    calls = {"dp_no_rebalance": lambda: _fwd_bwd(lambda *x: kernels.flash_attn(*x, causal=True, cu_seqlens=own_cu),
+                                                 *mine),
+             **{name: (lambda fn=fn: _fwd_bwd(fn, *contiguous)) for name, fn in disagg.items()},
+             "ring": lambda: _fwd_bwd(lambda *x: ring_attention(*x, causal=True, cu_seqlens=cu, layout="zigzag"), *zz),
+             "per_doc_cp": lambda: _fwd_bwd(lambda *x: _DisaggAttention.apply(*x, pd_routes, None, True, None), *pd)}
+    waited = {name: [] for name in disagg}
+
+    def after(name):  # compute stood still waiting for transfers, per call (read outside the timed run)
+        m = step_metrics()
+        if name in waited and m:
+            waited[name].append(m["sp/exposed_comm_ms"] / m["sp/disagg_calls"])
+
+    ms = timer(calls, after=after)
+    times = _all_ranks(ms["dp_no_rebalance"], device)
     row["dp_no_rebalance_rank_ms"] = [round(t, 3) for t in times]
     row["dp_no_rebalance_ms"] = max(times)
     row["balanced_ideal_ms"] = sum(times) / world
 
-    contiguous = [shard_sequence(t, layout="contiguous") for t in (q, k, v, do)]
     q_row, kv_row = hq * 2 * d * q.element_size(), hkv * 2 * d * k.element_size()
     opts = current()
     for name, pp in (("disagg", True), ("disagg_no_pingpong", False)):
-        fn = lambda *x, pp=pp: disagg_attention(*x, causal=True, cu_seqlens=cu, layout="contiguous", ping_pong=pp)
-        _fwd_bwd(fn, *contiguous)  # plans, tunes and compiles before the waits are counted
-        step_metrics()
-        row[f"{name}_ms"] = _max_over_ranks(timer(lambda: _fwd_bwd(fn, *contiguous)), device)
-        m = step_metrics()  # compute stood still waiting for transfers, per call, slowest rank
-        row[f"{name}_waited_ms"] = _max_over_ranks(m["sp/exposed_comm_ms"] / m["sp/disagg_calls"], device)
+        fn = disagg[name]
+        row[f"{name}_ms"] = _max_over_ranks(ms[name], device)
+        row[f"{name}_waited_ms"] = _max_over_ranks(sorted(waited[name])[len(waited[name]) // 2], device)
         routes, info = _plan_routes(tuple(bounds), S, world, rank, "contiguous", float(opts.eps), int(opts.min_chunk),
                                     True, planner_overhead(opts), (q_row, kv_row), pp)
         row[f"{name}_bytes"] = int(sum(_all_ranks(sum(r.sent_rows(q_row, kv_row) for r in routes), device)))
@@ -254,19 +272,11 @@ def bench_batch(args, bounds, device, timer, world, rank, check=False, parts=Fal
                        plan_ms=round(info["plan_ms"], 3), nano_batches=len(routes))
         row[f"{name}_server_calls"] = int(_max_over_ranks(sum(r.cu_q[-1] > 0 for r in routes), device))
 
-    zz = [shard_sequence(t, layout="zigzag") for t in (q, k, v, do)]
-    row["ring_ms"] = _max_over_ranks(timer(lambda: _fwd_bwd(
-        lambda *x: ring_attention(*x, causal=True, cu_seqlens=cu, layout="zigzag"), *zz)), device)
+    row["ring_ms"] = _max_over_ranks(ms["ring"], device)
     # modelled: each rank's K|V goes round the ring in forward, K|V and dK|dV in backward
     row["ring_bytes"] = 3 * (world - 1) * (S // world) * kv_row * world
-
-    owned = per_doc_zigzag(bounds, world)
-    tasks = plan_owned(list(bounds), owned, eps=float("inf"), min_chunk=1).tasks  # every rank serves its own chunks
-    routes = (route(tasks, bounds, owned, rank, True),)
-    pd = [_route_rows(t, owned[rank]) for t in (q, k, v, do)]
-    row["per_doc_cp_ms"] = _max_over_ranks(timer(lambda: _fwd_bwd(
-        lambda *x: _DisaggAttention.apply(*x, routes, None, True, None), *pd)), device)
-    row["per_doc_cp_bytes"] = int(sum(_all_ranks(routes[0].sent_rows(q_row, kv_row), device)))
+    row["per_doc_cp_ms"] = _max_over_ranks(ms["per_doc_cp"], device)
+    row["per_doc_cp_bytes"] = int(sum(_all_ranks(pd_routes[0].sent_rows(q_row, kv_row), device)))
 
     if check:  # the methods compute the same attention (first batch only)
         out_d = _fwd_bwd(lambda *x: disagg_attention(*x, causal=True, cu_seqlens=cu, layout="contiguous"),
@@ -353,6 +363,41 @@ def server_kernels(args, device) -> dict:
     return out
 
 
+def rounds_timer(device, iters, warmup):
+    """Median ms of each call of a {name: call} dict over `iters` rounds that run every call once
+    in turn, the ranks in step before each run (CUDA events on the compute stream). Timed one
+    method after the other, the first (dp_no_rebalance) ran on GPUs still cool from the previous
+    batch's set-up, and disagg came out 0-9% slower than it on batches where it moves nothing,
+    which run the same kernel on the same rows (H100, 2026-11-26); in rounds, a drift of clocks
+    or temperature over the batch reaches every method alike. `after(name)` runs after each timed
+    run, outside it."""
+    def run(calls, after=None):
+        for call in calls.values():
+            for _ in range(warmup):
+                call()
+        if after:
+            after(None)  # what the warm-up runs recorded is not a timed run's
+        times = {name: [] for name in calls}
+        for _ in range(iters):
+            for name, call in calls.items():
+                _sync(device)
+                if device.type == "cuda":
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    call()
+                    end.record()
+                    torch.cuda.synchronize()
+                    times[name].append(start.elapsed_time(end))
+                else:
+                    t = time.perf_counter()
+                    call()
+                    times[name].append((time.perf_counter() - t) * 1e3)
+                if after:
+                    after(name)
+        return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+    return run
+
+
 def _timer_local(device, iters, warmup):
     def run(fn):
         import time
@@ -434,7 +479,7 @@ def main(argv=None) -> int:
     previous = configure(eps=args.eps, min_chunk=args.min_chunk, ping_pong=True,
                          task_overhead=None, cost_table=args.cost_table)
     world, rank = dist.get_world_size(), dist.get_rank()
-    timer = _timer(device, args.iters, args.warmup)
+    timer = rounds_timer(device, args.iters, args.warmup)
     result = dict(benchmark="disagg", world=world, heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim,
                   dtype=str(args.dtype), eps=args.eps, min_chunk=args.min_chunk, length_scale=args.scale,
                   task_overhead_pairs=planner_overhead(current()), cost_table=args.cost_table,
