@@ -43,6 +43,9 @@ class DisaggConfig:  # parallel.softmax_sp=disagg (core-attention servers); rule
     # two nano-batches, the all-to-alls of one overlapping the attention of the other; off by default
     # until it pays: on 2 GPUs it measured 0.91-1.00x of one nano-batch (docs/benchmarks, 2026-11-25/26)
     ping_pong: bool = False
+    # false: every server runs its tasks in ONE kernel call per direction, after its inputs arrived
+    # (no local work split around the transfers: fewer, larger calls where the attention is short)
+    overlap: bool = True
     cost_table: Optional[str] = None  # JSON from `python -m seqpar.bench disagg --profile-cost-table`
     # dp_cp: also move attention work between the data-parallel ranks (their packed rows joined into
     # one); the same as cp where dp = 1 or softmax_sp is not disagg

@@ -102,10 +102,12 @@ def test_plan_1000_documents_is_fast():
 # 1-token document; min_chunk=16 lets the planner split the long document across servers.
 SEQ = 800
 DOCS = [0, 1, 9, 700, 701, 725, 800]
-# (causal, layout, hq, hkv, ping_pong): ping-pong everywhere, one nano-batch (the default) in two cases
+# (causal, layout, hq, hkv, schedule): ping-pong (True) everywhere, the default halves (False) and
+# one call without overlap ("single") in two cases each
 CASES = [(c, lay, hq, hkv, True) for c in (True, False) for lay in ("contiguous", "zigzag")
          for hq, hkv in ((8, 2), (4, 4))]
 CASES += [(True, "zigzag", 8, 2, False), (False, "contiguous", 4, 4, False)]
+CASES += [(True, "contiguous", 8, 2, "single"), (False, "zigzag", 4, 4, "single")]
 
 
 def _inputs(hq, hkv):
@@ -139,7 +141,8 @@ def _exact(rank, world):
         q, k, v, grad = _inputs(hq, hkv)
         local = [shard_sequence(t, layout=layout).requires_grad_() for t in (q, k, v)]
         step_metrics()
-        out = disagg_attention(*local, causal=causal, cu_seqlens=cu, layout=layout, min_chunk=16, ping_pong=ping_pong)
+        out = disagg_attention(*local, causal=causal, cu_seqlens=cu, layout=layout, min_chunk=16,
+                               ping_pong=ping_pong is True, overlap=ping_pong != "single")
         out.backward(shard_sequence(grad, layout=layout))
         sent[case] = step_metrics()
         err = [(unshard_sequence(out.detach(), layout=layout) - ref_out).abs().max().item()]
@@ -170,7 +173,7 @@ def test_disagg_attention_exact_on_extreme_mix():
         q_row, kv_row = hq * (8 + 6) * 8, hkv * (8 + 6) * 8
         p = plan(DOCS, 4, layout=layout, min_chunk=16, causal=causal, row_bytes=(q_row, kv_row))
         total = sum(x["sp/bytes_moved"] for x in m)
-        if ping_pong:  # the two nano-batches may both need a key row
+        if ping_pong is True:  # the two nano-batches may both need a key row
             assert total >= 2 * p.bytes_moved > 0
         else:
             assert total == 2 * p.bytes_moved > 0, case
@@ -308,13 +311,14 @@ def test_disagg_config_keys_reach_the_runtime(tmp_path):
 @pytest.mark.parametrize("override,message", [
     ("parallel.disagg.eps=1.5", "parallel.disagg.eps=1.5: must be in [0, 1)"),
     ("parallel.disagg.min_chunk=0", "parallel.disagg.min_chunk=0: must be an integer >= 1"),
+    ("parallel.disagg.ping_pong=true parallel.disagg.overlap=false", "ping-pong is a way to overlap the transfers"),
     ("parallel.disagg.task_overhead=-5", "parallel.disagg.task_overhead=-5: must be >= 0"),
     ("parallel.disagg.cost_table=/nope/table.json", "parallel.disagg.cost_table=/nope/table.json: file not found"),
 ])
 def test_bad_disagg_keys_fail_naming_the_key(override, message):
     from seqpar.config import ConfigError, validate
     with pytest.raises(ConfigError) as e:
-        validate(_make_cfg(override), world=2)
+        validate(_make_cfg(*override.split()), world=2)
     assert message in str(e.value)
 
 

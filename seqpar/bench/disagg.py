@@ -9,8 +9,9 @@ one layer (bf16, H=32 query heads, 8 key/value heads, D=128 on CUDA), per batch:
 
 - dp_no_rebalance: each rank attends its own micro-batch, no communication; the step waits for
   the slowest (max), and the mean over ranks is the balanced ideal;
-- disagg / disagg_no_pingpong: `disagg_attention` (layout contiguous: tokens stay where the
-  loader put them), with and without ping-pong nano-batches;
+- disagg / disagg_no_pingpong / disagg_single: `disagg_attention` (layout contiguous: tokens stay
+  where the loader put them) under its three schedules: ping-pong nano-batches, the default local
+  halves around the remote work, and one call per server without overlap (`overlap=False`);
 - ring: ring attention over the row re-cut zigzag (plain packing + ring CP);
 - per_doc_cp: every document cut into 2N chunks, rank r holding chunks r and 2N-1-r of each
   (WLB-ideal); queries stay, each rank gathers the key/value prefixes its chunks need;
@@ -226,9 +227,9 @@ def bench_batch(args, bounds, device, timer, world, rank, check=False, parts=Fal
     pd_tasks = plan_owned(list(bounds), owned, eps=float("inf"), min_chunk=1).tasks  # every rank serves its own chunks
     pd_routes = (route(pd_tasks, bounds, owned, rank, True),)
     pd = [_route_rows(t, owned[rank]) for t in (q, k, v, do)]
-    disagg = {name: (lambda *x, pp=pp: disagg_attention(*x, causal=True, cu_seqlens=cu, layout="contiguous",
-                                                        ping_pong=pp))
-              for name, pp in (("disagg", True), ("disagg_no_pingpong", False))}
+    disagg = {name: (lambda *x, pp=pp, ov=ov: disagg_attention(*x, causal=True, cu_seqlens=cu, layout="contiguous",
+                                                               ping_pong=pp, overlap=ov))
+              for name, (pp, ov) in SCHEDULES.items()}
     calls = {"dp_no_rebalance": lambda: _fwd_bwd(lambda *x: kernels.flash_attn(*x, causal=True, cu_seqlens=own_cu),
                                                  *mine),
              **{name: (lambda fn=fn: _fwd_bwd(fn, *contiguous)) for name, fn in disagg.items()},
@@ -249,14 +250,14 @@ def bench_batch(args, bounds, device, timer, world, rank, check=False, parts=Fal
 
     q_row, kv_row = hq * 2 * d * q.element_size(), hkv * 2 * d * k.element_size()
     opts = current()
-    for name, pp in (("disagg", True), ("disagg_no_pingpong", False)):
+    for name, (pp, ov) in SCHEDULES.items():
         fn = disagg[name]
         row[f"{name}_ms"] = _max_over_ranks(ms[name], device)
         row[f"{name}_waited_ms"] = _max_over_ranks(sorted(waited[name])[len(waited[name]) // 2], device)
         routes, info = _plan_routes(tuple(bounds), S, world, rank, "contiguous", float(opts.eps), int(opts.min_chunk),
-                                    True, planner_overhead(opts), (q_row, kv_row), pp)
+                                    True, planner_overhead(opts), (q_row, kv_row), pp, ov)
         row[f"{name}_bytes"] = int(sum(_all_ranks(sum(r.sent_rows(q_row, kv_row) for r in routes), device)))
-        if parts:  # the same call without its transfers, and its transfers alone
+        if parts and ov:  # the same call without its transfers, and its transfers alone
             for key, value in parts_times(fn, contiguous, timer, device).items():
                 row[f"{name}_{key}"] = value
             row[f"{name}_exposed_comm_ms"] = round(row[f"{name}_ms"] - row[f"{name}_compute_only_ms"], 3)
@@ -286,6 +287,8 @@ def bench_batch(args, bounds, device, timer, world, rank, check=False, parts=Fal
     return row
 
 
+# disagg_attention's schedules: (ping_pong, overlap)
+SCHEDULES = {"disagg": (True, True), "disagg_no_pingpong": (False, True), "disagg_single": (False, False)}
 PARTS = ("compute_only_ms", "comm_only_ms", "collectives", "exposed_comm_ms", "hidden_fraction", "server_calls")
 
 
@@ -298,8 +301,9 @@ def summarize(rows) -> dict:
     keys = list(dict.fromkeys(k for r in rows for k in r if wanted(k)))
     mean = {k: round(sum(r[k] for r in rows if k in r) / sum(k in r for r in rows), 4) for k in keys}
     ideal = mean["balanced_ideal_ms"]
-    for m in ("disagg", "disagg_no_pingpong", "ring", "per_doc_cp", "dp_no_rebalance"):
-        mean[f"{m}_vs_ideal"] = round(mean[f"{m}_ms"] / ideal, 3)
+    for m in (*SCHEDULES, "ring", "per_doc_cp", "dp_no_rebalance"):
+        if f"{m}_ms" in mean:
+            mean[f"{m}_vs_ideal"] = round(mean[f"{m}_ms"] / ideal, 3)
     mean["pingpong_gain"] = round(mean["disagg_no_pingpong_ms"] / mean["disagg_ms"], 3)
     for m in ("disagg", "disagg_no_pingpong"):
         part = [r for r in rows if r.get(f"{m}_collectives")]

@@ -19,6 +19,7 @@ class DisaggOptions:
     min_chunk: int = 128             # smallest query piece the planner cuts (the kernel loses throughput below)
     task_overhead: Optional[int] = None  # per-task cost in score pairs; None: fitted from cost_table, else 8192
     ping_pong: bool = False          # two nano-batches: one's all-to-alls overlap the other's attention (see config)
+    overlap: bool = True             # False: one kernel call per server and direction, its transfers exposed
     cost_table: Optional[str] = None  # JSON of (q_len, kv_len) -> ms profiled on the GPU
     group: str = "dp_cp"             # cp: balance inside the cp group; dp_cp: across data-parallel ranks too (rows.py)
 
@@ -53,6 +54,11 @@ def validate(options) -> DisaggOptions:
                          f"{opts.cost_table}: the overhead comes from one of them; set the other to null")
     if not isinstance(opts.ping_pong, bool):
         raise ValueError(f"parallel.disagg.ping_pong={opts.ping_pong!r}: must be true or false")
+    if not isinstance(opts.overlap, bool):
+        raise ValueError(f"parallel.disagg.overlap={opts.overlap!r}: must be true or false")
+    if opts.ping_pong and not opts.overlap:
+        raise ValueError("parallel.disagg.ping_pong=true with parallel.disagg.overlap=false: ping-pong is a way to "
+                         "overlap the transfers; set one of them to its default")
     if opts.group not in GROUPS:
         raise ValueError(f"parallel.disagg.group={opts.group!r}: choose cp (balance inside each cp group) or dp_cp "
                          "(balance across the data-parallel ranks too)")

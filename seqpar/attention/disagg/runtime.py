@@ -42,6 +42,12 @@ every output transfer as soon as its nano-batch is computed, so remote inputs tr
 collectives. On CUDA, NCCL runs async collectives on its own stream and `wait()` only orders the
 compute stream after them, so no extra stream is needed.
 
+Without overlap (`overlap=False`) the tasks run as one nano-batch: each server's inputs arrive
+before its one kernel call, its outputs leave after it. The transfers are exposed, but every
+server makes one call per direction on all its work, where the split schedules make two to four,
+each with its own launch and last-wave tail: which costs less depends on how long the attention is
+against the transfers (the benchmark times all three schedules, `disagg_single`).
+
 Across data-parallel ranks (`parallel.disagg.group=dp_cp`) nothing here changes: the group is
 dp_cp and `cu_seqlens` are those of the ranks' rows joined by `rows.join_row_bounds`.
 """
@@ -63,13 +69,14 @@ from seqpar.parallel.sharding import group_size_rank, host_bounds, local_ranges
 
 
 def disagg_attention(q, k, v, *, group=None, causal=True, cu_seqlens=None, softmax_scale=None, layout="contiguous",
-                     eps=None, min_chunk=None, ping_pong=None):
-    """Beyond the ring contract: `eps`, `min_chunk`, `ping_pong` (None: the process-wide
-    `parallel.disagg.*` options, see `options.configure`; eps defaults to 0.1)."""
+                     eps=None, min_chunk=None, ping_pong=None, overlap=None):
+    """Beyond the ring contract: `eps`, `min_chunk`, `ping_pong`, `overlap` (None: the
+    process-wide `parallel.disagg.*` options, see `options.configure`; eps defaults to 0.1)."""
     opts = current()
     eps = opts.eps if eps is None else eps
     min_chunk = opts.min_chunk if min_chunk is None else min_chunk
     ping_pong = opts.ping_pong if ping_pong is None else ping_pong
+    overlap = opts.overlap if overlap is None else overlap
     world, rank = group_size_rank(group)
     B, s_local = q.shape[:2]
     seq_len = s_local * world
@@ -86,7 +93,7 @@ def disagg_attention(q, k, v, *, group=None, causal=True, cu_seqlens=None, softm
     kv_row = hkv * (k.shape[3] + v.shape[3]) * k.element_size()
     misses = _plan_routes.cache_info().misses
     routes, info = _plan_routes(bounds, seq_len, world, rank, layout, float(eps), int(min_chunk), bool(causal),
-                                planner_overhead(opts), (q_row, kv_row), bool(ping_pong))
+                                planner_overhead(opts), (q_row, kv_row), bool(ping_pong), bool(overlap))
     metrics.record_call(info, sum(r.sent_rows(q_row, kv_row) for r in routes),
                         new=_plan_routes.cache_info().misses > misses)
     flat = [t.reshape(B * s_local, *t.shape[2:]) for t in (q, k, v)]
@@ -95,7 +102,8 @@ def disagg_attention(q, k, v, *, group=None, causal=True, cu_seqlens=None, softm
 
 
 @functools.lru_cache(maxsize=64)  # every layer of a step plans the same boundaries
-def _plan_routes(bounds, seq_len, world, rank, layout, eps, min_chunk, causal, overhead, row_bytes, ping_pong):
+def _plan_routes(bounds, seq_len, world, rank, layout, eps, min_chunk, causal, overhead, row_bytes, ping_pong,
+                 overlap=True):
     t0 = time.perf_counter()
     rows = bounds[-1] // seq_len
     # owned chunks in local storage order (row-major, then the layout's chunk order)
@@ -103,7 +111,8 @@ def _plan_routes(bounds, seq_len, world, rank, layout, eps, min_chunk, causal, o
               for a, b in local_ranges(seq_len, world, r, layout)] for r in range(world)]
     p = plan_owned(list(bounds), owned, eps=eps, min_chunk=min_chunk, causal=causal, overhead=overhead,
                    row_bytes=row_bytes)
-    groups = nano_batches(p.tasks, world, bounds, causal, min_chunk, owned, split_remote=ping_pong) or [p.tasks]
+    groups = (overlap and nano_batches(p.tasks, world, bounds, causal, min_chunk, owned, split_remote=ping_pong)
+              or [sorted(p.tasks, key=lambda t: (t.q_start, t.server))])
     routes = tuple(route(ts, bounds, owned, rank, causal) for ts in groups)
     info = {"imbalance_before": p.initial_imbalance, "imbalance_after": p.imbalance, "tasks": len(p.tasks),
             "plan_ms": (time.perf_counter() - t0) * 1e3}
