@@ -195,9 +195,13 @@ _TRITON_HEAD_DIMS = (64, 128)
 # 289 / 289 (and Flex's document mask 278 / 235); dense rows stay with cuDNN (556 against 394).
 TRITON_FASTER: frozenset[str] = frozenset({"packed", "packed_lse"})
 # Cases where the split (long documents through cuDNN, kernels/flash_attn/split.py) measured faster
-# than the kernel the case gets without it: none measured yet (docs/benchmarks/split_attn_gpu.sh).
-# Only "packed" can join: the split takes no lse-returning calls.
-SPLIT_FASTER: frozenset[str] = frozenset()
+# than the kernel the case gets without it (docs/benchmarks/split_attn_gpu.sh, H100, 2026-11-26,
+# docs/benchmarks/2026-11-26-4xh100-5th/call7): packed lognormal rows fwd+bwd 425.6 / 396.3 TFLOP/s
+# at 16k / 64k against the Triton kernel's 337.9 / 301.6, and on rows of fresh document lengths
+# 7.15 against 7.75 ms per layer (median of 12 rows, 8 layers each) once cuDNN's plans for the
+# length buckets exist (all of [4k, 16k] built in 2.7 s; before that each new bucket costs a build,
+# ~15 ms per layer on the first rows). Only "packed" can join: the split takes no lse-returning calls.
+SPLIT_FASTER: frozenset[str] = frozenset({"packed"})
 
 
 def _attn_choice() -> str:
