@@ -509,28 +509,31 @@ def test_packed_calls_run_on_triton_by_the_run_date(calib):
 # ---------------------------------------------------------------- data parallelism with document mixes
 
 def test_dp_straggler_and_disagg_over_dp_cp(h100, calib):
-    """Two dp ranks, one holding a 16384-token document and one 64 documents of 256: without
+    """Two dp ranks, one holding a 65536-token document and one 256 documents of 256: without
     rebalancing the layer lasts as long as the first rank's attention; disaggregation over dp x cp
     plans the joined row over both ranks, is faster, and moves the queries it sends away (with
-    their K/V and the backward's gradients) over the wire."""
+    their K/V and the backward's gradients) over the wire. (At 16k tokens per rank the transfers and
+    the Triton kernel's lower rate than cuDNN's on one dense document eat the gain: long enough
+    rows that the quadratic work dominates.)"""
     from seqpar.model.transformer import head_dim
     from seqpar.sim.attention_cost import disagg_moved_bytes
     from seqpar.sim.step import _attention, dp_attention, joined_row, sizes_of
 
     assert joined_row([(0, 3, 8), (0, 5, 8)]) == (0, 3, 8, 13, 16)
-    long_doc, short_docs = (0, 16384), tuple(range(0, 16385, 256))
-    base = ["model=llama_1b", "data=synthetic", "data.seq_len=16384", "parallel.cp=1", "parallel.dp=2",
+    S = 65536
+    long_doc, short_docs = (0, S), tuple(range(0, S + 1, 256))
+    base = ["model=llama_1b", "data=synthetic", f"data.seq_len={S}", "parallel.cp=1", "parallel.dp=2",
             "train.micro_batch_size=1", "train.global_batch_size=2"]
     plain = _cfg(*base)
     ours = _cfg(*base, "parallel.softmax_sp=disagg", "parallel.disagg.group=dp_cp")
     sizes = sizes_of(plain, 2)
     draws = [[[long_doc], [short_docs]]]
-    own = [_attention("S", plain, calib, h100, sizes, rows, 16384, "cudnn")[0] for rows in draws[0]]
-    assert own[0] > 2 * own[1]  # causal work ~ sum of squared lengths: 16384^2 against 64 x 256^2
-    (t_plain, _, _), info = dp_attention("S", plain, calib, h100, sizes, draws, 16384, "cudnn")
+    own = [_attention("S", plain, calib, h100, sizes, rows, S, "cudnn")[0] for rows in draws[0]]
+    assert own[0] > 2 * own[1]  # causal work ~ sum of squared lengths: 65536^2 against 256 x 256^2
+    (t_plain, _, _), info = dp_attention("S", plain, calib, h100, sizes, draws, S, "cudnn")
     assert t_plain == pytest.approx(max(own))
     assert info["imbalance_before"] == pytest.approx(max(own) / (sum(own) / 2))
-    (t_ours, _, _), info_ours = dp_attention("S", ours, calib, h100, sizes, draws, 16384, "cudnn")
+    (t_ours, _, _), info_ours = dp_attention("S", ours, calib, h100, sizes, draws, S, "cudnn")
     assert t_ours < t_plain and info_ours["imbalance_before"] == pytest.approx(info["imbalance_before"])
     m = ours.model
     H, Hkv, D = m.n_heads, m.n_kv_heads, head_dim(m)
@@ -538,7 +541,7 @@ def test_dp_straggler_and_disagg_over_dp_cp(h100, calib):
     assert moved == info_ours["moved_bytes_per_rank"] > 0
     assert moved % ((4 * H + 4 * Hkv) * D * 2) == 0  # whole query rows: Q, O, dO, dQ and K/V, dK/dV
     # the same rows on every rank: no straggler, nothing to gain
-    (t_same, _, _), same = dp_attention("S", plain, calib, h100, sizes, [[[long_doc], [long_doc]]], 16384, "cudnn")
+    (t_same, _, _), same = dp_attention("S", plain, calib, h100, sizes, [[[long_doc], [long_doc]]], S, "cudnn")
     assert same["imbalance_before"] == 1.0 and t_same == pytest.approx(own[0])
 
 

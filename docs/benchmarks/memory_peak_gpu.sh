@@ -9,7 +9,7 @@ export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES%%,*}
 SEQ=${SEQ:-131072}
 timeout 60 python3 -m pytest -q -m gpu tests/test_memtrace.py 2>&1 | tail -2
 BASE="model=llama_1b train=long data=synthetic data.distribution=fixed data.seq_len=$SEQ data.mean_len=$SEQ
-  train.steps=1 train.warmup_steps=1 logging.console=true logging.memory_snapshot=true launcher.nproc_per_node=1"
+  parallel.cp=1 train.steps=1 train.warmup_steps=1 logging.console=true logging.memory_snapshot=true launcher.nproc_per_node=1"
 for mode in full full_offload selective_chunked; do
   case $mode in
     full) M="train.activation_checkpointing=full" ;;

@@ -43,7 +43,7 @@ ring1m() {
 lasp() {
     # shellcheck disable=SC2086
     timeout 120 $T -m seqpar.bench lasp $LASP --methods lasp2,lasp2_zigzag,lasp1,kv_allgather \
-        --out "$OUT/lasp_${N}gpu.json" 2>&1 | grep -E '^ +[0-9]+ |^\{'
+        --out "$OUT/lasp_${N}gpu.json" 2>&1 | tee "$OUT/lasp_${N}gpu.log" | grep -E '^ +[0-9]+ |^\{'
 }
 case "${1:-}" in
 ring) ring ;;

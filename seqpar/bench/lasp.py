@@ -126,7 +126,7 @@ def _parallel(name, tokens, args, device, lam, world):
 
 def _check(args, device, lam, world):
     """bf16 outputs of each method against one GPU on the same 64k-or-less sequence (a sanity check)."""
-    tokens = min(args.tokens)
+    tokens = min(*args.tokens, 65536)  # 1M-token methods' outputs in fp32 would not fit beside each other
     q, k, v, _ = _inputs((1, tokens, args.heads, args.dim), args.dim, device, args.dtype, seed=0)
     ref = kernels.lightning_attn(q, k, v, lam)[0].float()
     errs = {}
@@ -181,7 +181,10 @@ def main(argv=None):
             rows.append(row)
             if rank == 0:
                 print(_line(row), flush=True)
-    check = _check(args, device, lam, world)
+    try:
+        check = _check(args, device, lam, world)
+    except torch.OutOfMemoryError as e:  # keep the timings measured above
+        check = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
     if rank == 0:
         result = dict(bench="lasp", date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                       device=torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",

@@ -302,12 +302,13 @@ def _ring_compute(rows, s, calib, cluster) -> float:
     return sum(ring_layer(calib, cluster, [b], s["world"], s["H"], s["Hkv"], s["D"], group)[2] for b in rows) / len(rows)
 
 
-def fit_runtime(ring, disagg, calib, cluster, exclude=()) -> tuple[dict[str, float], float | None]:
+def fit_runtime(ring, disagg, calib, cluster, exclude=(), ring_disagg=None) -> tuple[dict[str, float], float | None]:
     """({runtime: s per local token}, (s per ring document piece, GQA slowdown, s per folded row)) beyond the modelled
     kernels and transfers: `disagg` on the disagg benchmark's disagg rows (with and without ping-pong),
     `per_doc_cp` on its per-document CP rows (the same runtime serving its own chunks), the ring's
     per-piece cost (attention_cost.ring_pieces) and the packed GQA rows' extra share of compute on the
-    packed ring rows of the ring benchmark (MHA) and the disagg benchmark's ring rows (GQA 32/8). Fitted on each case's mean over its batches, every extra at zero."""
+    packed ring rows of the ring benchmark (MHA) and the disagg benchmark's ring rows (GQA 32/8) of
+    `ring_disagg` (default `disagg`). Fitted on each case's mean over its batches, every extra at zero."""
     from seqpar.sim.attention_cost import ring_fold_rows, ring_layer, ring_pieces
     from seqpar.sim.cases import RUNTIME_OF, disagg_case
     from seqpar.sim.comm import placed
@@ -315,10 +316,13 @@ def fit_runtime(ring, disagg, calib, cluster, exclude=()) -> tuple[dict[str, flo
     base = replace(calib, runtime_token_s={}, ring_piece_s=0.0, ring_gqa_slowdown=0.0, ring_fold_row_s=0.0)
     points = {"disagg": [], "per_doc_cp": []}
     ring_points = []
-    for s in disagg:
+    ring_disagg = disagg if ring_disagg is None else ring_disagg
+    for s in disagg + [x for x in ring_disagg if x not in disagg]:
         if s["group"] in exclude:
             continue
         for method, runtime in RUNTIME_OF.items():
+            if (runtime in points and s not in disagg) or (runtime not in points and s not in ring_disagg):
+                continue
             case = disagg_case(method, s, base, cluster)
             if case and runtime in points:
                 measured, pred, local, _ = case
@@ -415,6 +419,7 @@ def fit_e2e(samples, calib, cluster, exclude=()) -> Calibration:
         def f(v):
             c = replace(calib, head_dim_rate={**calib.head_dim_rate, 64: v}) if key == "head_dim_64" else \
                 replace(calib, **{key: v})
+            c = replace(c, packed_kernel=sample.get("packed_kernel", "triton"))  # the run's dispatcher's choice
             return predict_step(cfg, sample["world"], cluster, c,
                                 torch_elementwise=sample["torch_elementwise"])["step_s"] - sample["measured"]
         # the step time falls as the head-dim rate rises and rises with the other two constants;
@@ -464,9 +469,11 @@ def calibrate(root: Path | None = None, exclude: tuple[str, ...] = (), cluster=N
     """Every constant from the benchmark JSONs under `root` (default docs/benchmarks), fitted on
     the machine they were measured on (the h100_8x400g preset's links), without the `exclude` groups.
     `era` (default: the latest, today's code): fit on that code era's runs only
-    (`measurements.CODE_CHANGES`); a constant the era has no runs for keeps the previous era's value."""
+    (`measurements.CODE_CHANGES`), the ring and kernels benchmarks on those of every era that shares
+    its ring and kernel code (`measurements.kernel_eras`); a constant the era has no runs for keeps
+    the previous era's value."""
     from seqpar.sim.cluster import load_cluster
-    from seqpar.sim.measurements import CODE_CHANGES, in_era
+    from seqpar.sim.measurements import CODE_CHANGES, in_era, kernel_eras
 
     era = len(CODE_CHANGES) if era is None else era
     key = (str(root), tuple(sorted(exclude)), era)
@@ -475,6 +482,9 @@ def calibrate(root: Path | None = None, exclude: tuple[str, ...] = (), cluster=N
     cluster = cluster or load_cluster("h100_8x400g")
     everything = load_benchmarks(root)
     found = in_era(everything, era)
+    # the ring and kernels benchmarks of every era with this era's ring and kernel code (a change of the
+    # disagg schedule alone starts an era for the disagg runtime's constants, not for these)
+    same_kernels = in_era(everything, kernel_eras(era))
     calib = default_calibration() if era == 0 else calibrate(root, exclude, cluster, era - 1)
     calib = replace(calib, attn=dict(calib.attn), runtime_token_s=dict(calib.runtime_token_s), era=era,
                     sources={} if era == 0 else dict(calib.sources))
@@ -482,30 +492,33 @@ def calibrate(root: Path | None = None, exclude: tuple[str, ...] = (), cluster=N
     if comm.ops:
         calib.comm = comm
         calib.sources["comm"] = comm.source
-    triton = fit_triton_packed(found)
+    triton = fit_triton_packed(same_kernels)
     if triton:
         calib.triton_packed_ratio, calib.sources["triton_packed"] = triton
-    triton = fit_triton_packed(found, "dense")
+    triton = fit_triton_packed(same_kernels, "dense")
     if triton:
         calib.triton_dense_ratio, calib.sources["triton_dense"] = triton
-    ring = [s for s in ring_samples(found) if not folder_health(s["file"])]
+    ring = [s for s in ring_samples(same_kernels) if not folder_health(s["file"])]
     attn = fit_attention(ring, exclude)
     if attn:
         calib.attn = {**calib.attn, **attn}
         calib.sources["attention"] = ", ".join(sorted({s["file"] for s in ring}))
-    lin = fit_linear(found)
+    lin = fit_linear(same_kernels)
     if lin:
         calib.linear_tokens_per_s, calib.linear_ref_hdd = lin
-        calib.sources["linear"] = ", ".join(p for p, _ in found["kernels"])
+        calib.sources["linear"] = ", ".join(p for p, _ in same_kernels["kernels"])
     tax = fit_overlap_tax(ring, calib, cluster, exclude)
     if tax is not None:
         calib.overlap_tax = tax
-    runtime, piece = fit_runtime(ring, disagg_samples(found), calib, cluster, exclude)
+    # the disagg runtime's extras from this era's disagg rows; the packed ring's from the ring rows (of the
+    # ring bench and of the disagg bench) of every era with this era's ring code
+    runtime, piece = fit_runtime(ring, disagg_samples(found), calib, cluster, exclude,
+                                 ring_disagg=disagg_samples(same_kernels))
     if runtime or piece is not None:
         calib.runtime_token_s.update(runtime)
         if piece is not None:
             calib.ring_piece_s, calib.ring_gqa_slowdown, calib.ring_fold_row_s = piece
-        calib.sources["runtime"] = ", ".join(sorted({p for p, _ in found["disagg"]} | {s["file"] for s in ring}))
+        calib.sources["runtime"] = ", ".join(sorted({p for p, _ in same_kernels["disagg"]} | {s["file"] for s in ring}))
     lasp = fit_lasp(lasp_samples(found), calib, cluster, exclude)
     if lasp:
         calib.lasp_call_s, calib.lasp_token_s = lasp

@@ -48,6 +48,21 @@ CODE_CHANGES = (
 )
 
 
+# CODE_CHANGES entries that changed only the disagg runtime's schedule (which local work runs when):
+# the ring, the attention kernels and their dispatch are the same code before and after them, so the
+# ring and kernels benchmarks of those eras measure one thing and are fitted together (`kernel_eras`)
+DISAGG_SCHEDULE_ONLY = ("755a3a8", "852d464")
+
+
+def kernel_eras(era: int) -> tuple[int, ...]:
+    """The eras whose ring and kernels code is era `era`'s: back to the last change that was not
+    DISAGG_SCHEDULE_ONLY."""
+    first = era
+    while first > 0 and CODE_CHANGES[first - 1][1].split()[0] in DISAGG_SCHEDULE_ONLY:
+        first -= 1
+    return tuple(range(first, era + 1))
+
+
 def era_since(commit: str) -> int:
     """The era that begins with `commit` (the first hash of its CODE_CHANGES entry): the code from
     that commit on is era >= this."""
@@ -68,6 +83,12 @@ COMMITTED_BY = {
     # after 755a3a8 and with nothing since that changes what the model costs (split attention is
     # opt-in, the autotune cache only shortens step 1), so era 3 either way
     "2026-11-26-4xh200-4th": "2026-11-26T08:07:48+00:00",  # 69140ea
+    # the fifth session (4x H100): code 1d2c17d plus benchmark scripts; its maxlen JSONs give only the day
+    "2026-11-26-4xh100-5th": "2026-11-26T09:55:26+00:00",  # e9b18af
+    # the GPU call whose kernels bench made fc26d23 (23:10:59) send packed rows to Triton ran these
+    # before that commit (results committed with 14f0567 at 23:16, "dispatch since then")
+    "2026-11-25-h100-llama1b-kernels": "2026-11-25T23:10:58+00:00",
+    "2026-11-25-2xh100-fourd": "2026-11-25T23:10:58+00:00",
 }
 
 
@@ -83,13 +104,32 @@ def _parse_date(text):
     return when if when.tzinfo else when.replace(tzinfo=datetime.timezone.utc)
 
 
+def run_folder(path) -> Path:
+    """The dated run folder (`YYYY-MM-DD-...`) a benchmark file lies in: its parent, or for the
+    fifth session's lanes (`<run>/callN/<lane>/file.json`) the nearest dated ancestor."""
+    for folder in Path(path).parents:
+        if _parse_date(folder.name[:10]) is not None and folder.name[4:5] == "-":
+            return folder
+    return Path(path).parent
+
+
+def run_key(path) -> str:
+    """`folder/file` of a benchmark file, the folder being its run folder (`run_folder`): the key of
+    COMMITTED_BY, DIAGNOSTIC_FILES and the other per-file lists."""
+    path = Path(path)
+    folder = run_folder(path)
+    try:
+        return f"{folder.name}/{path.relative_to(folder).as_posix()}"
+    except ValueError:
+        return f"{path.parent.name}/{path.name}"
+
+
 def run_date(path, data=None):
     """When a benchmark file's run happened: its `date`, else a dated JSON beside it, else the end of
-    the day its folder is named for (`YYYY-MM-DD-...`); never after the commit that added it where
+    the day its run folder is named for (`YYYY-MM-DD-...`); never after the commit that added it where
     `COMMITTED_BY` says; None if nothing says."""
     when = _run_date(path, data)
-    folder = Path(path).parent.name
-    bound = COMMITTED_BY.get(f"{folder}/{Path(path).name}") or COMMITTED_BY.get(folder)
+    bound = COMMITTED_BY.get(run_key(path)) or COMMITTED_BY.get(run_folder(path).name)
     return min(when, _parse_date(bound)) if when is not None and bound else when
 
 
@@ -107,21 +147,21 @@ def _run_date(path, data=None):
             dates.append(_parse_date(d["date"]))
     if dates:
         return max(dates)
-    return _parse_date(folder.name[:10])
+    return _parse_date(run_folder(path).name[:10])
 
 
 def cluster_preset_of(path) -> str:
     """The cluster preset of the card a run used: h200_8x400g when a JSON in its folder names an H200
     as its device (or the folder's name says h200), else h100_8x400g (the other committed card)."""
-    folder = Path(path).parent
-    for other in sorted(folder.glob("*.json")):
-        try:
-            d = json.loads(other.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        if isinstance(d, dict) and d.get("device"):
-            return "h200_8x400g" if "H200" in str(d["device"]) else "h100_8x400g"
-    return "h200_8x400g" if "h200" in folder.name.lower() else "h100_8x400g"
+    for folder in dict.fromkeys((Path(path).parent, run_folder(path))):
+        for other in sorted(folder.glob("*.json")):
+            try:
+                d = json.loads(other.read_text())
+            except (OSError, json.JSONDecodeError):
+                continue
+            if isinstance(d, dict) and d.get("device"):
+                return "h200_8x400g" if "H200" in str(d["device"]) else "h100_8x400g"
+    return "h200_8x400g" if "h200" in run_folder(path).name.lower() else "h100_8x400g"
 
 
 def era_of(path, data=None) -> int:
@@ -132,9 +172,10 @@ def era_of(path, data=None) -> int:
     return sum(when >= _parse_date(since) for since, _ in CODE_CHANGES)
 
 
-def in_era(found: dict, era: int) -> dict:
-    """`found` (load_benchmarks) restricted to the runs of one code era."""
-    return {kind: [(p, d) for p, d in items if era_of(p, d if isinstance(d, dict) else None) == era]
+def in_era(found: dict, era: int | tuple[int, ...]) -> dict:
+    """`found` (load_benchmarks) restricted to the runs of one code era (or of several)."""
+    eras = (era,) if isinstance(era, int) else tuple(era)
+    return {kind: [(p, d) for p, d in items if era_of(p, d if isinstance(d, dict) else None) in eras]
             for kind, items in found.items()}
 
 
@@ -145,7 +186,8 @@ def load_benchmarks(root: Path | None = None) -> dict[str, list]:
     root = Path(root or bench_dir())
     found = {"ring": [], "lasp": [], "kernels": [], "comm": [], "disagg": [], "maxlen": [], "e2e": [],
              "fourd_2gpu": [], "sim_hd64": []}
-    for path in sorted(glob.glob(str(root / "*" / "*.json"))):
+    # a run folder's files, or (fifth session on) its lanes' `callN/<lane>/` files below it
+    for path in sorted(glob.glob(str(root / "*" / "**" / "*.json"), recursive=True)):
         try:
             data = json.loads(Path(path).read_text())
         except (OSError, json.JSONDecodeError):
@@ -153,7 +195,7 @@ def load_benchmarks(root: Path | None = None) -> dict[str, list]:
         kind = (data.get("benchmark") or data.get("bench")) if isinstance(data, dict) else None
         if kind in found and not diagnostic(path):
             found[kind].append((path, data))
-    for path in sorted(glob.glob(str(root / "*" / "*metrics.jsonl"))):
+    for path in sorted(glob.glob(str(root / "*" / "**" / "*metrics.jsonl"), recursive=True)):
         rows = []
         for line in Path(path).read_text().splitlines():
             try:
@@ -174,11 +216,18 @@ DIAGNOSTIC_FILES = {
         "(no rebalancing on the 92k-document batch 1009 ms, against 690 ms in disagg_check_128k.json of the "
         "same call)"),
 }
+# disagg_check_gpu.sh's profiled pass (profile_gpu.py, SEQPAR_FLASH_TUNE=0, --iters 1) on both GPU pairs of
+# the fifth session: the same kind of diagnostic (no rebalancing on the 92k batch 1010 ms in both
+# against 700 / 718 ms in the plain run of the same lane)
+DIAGNOSTIC_FILES.update({f"2026-11-26-4xh100-5th/{lane}/disagg_profiled.json": (
+    "the disagg bench under docs/benchmarks/profile_gpu.py with untuned kernels (SEQPAR_FLASH_TUNE=0), one timed "
+    "iteration and each case profiled: not the benchmark's times (disagg_check_128k.json beside it is)")
+    for lane in ("call2/gpu01_disagg_check_gpu", "call6/gpu23_disagg_check_gpu")})
 
 
 def diagnostic(path) -> str | None:
     """Why a benchmark file's timings are left out (`DIAGNOSTIC_FILES`), or None."""
-    return DIAGNOSTIC_FILES.get(f"{Path(path).parent.name}/{Path(path).name}")
+    return DIAGNOSTIC_FILES.get(run_key(path))
 
 
 def diagnostic_exclusions(root=None) -> list[dict]:
@@ -267,7 +316,7 @@ NOT_COMPARABLE = {
 
 def not_comparable(path, method: str, tokens: int) -> str | None:
     """Why a repeated measurement is left out (`NOT_COMPARABLE`), or None."""
-    return NOT_COMPARABLE.get((Path(path).parent.name, method, tokens))
+    return NOT_COMPARABLE.get((run_folder(path).name, method, tokens))
 
 
 def lasp_samples(found) -> list[dict]:
@@ -378,6 +427,22 @@ E2E_RUNS.update({f"{model}_{name}_metrics.jsonl": dict(
                *(["train.activation_checkpointing=selective"] if model == "hybrid_1b" and "tp2" in name else [])])
     for model in ("llama_1b", "hybrid_1b") for name, layout in _SCALE4_LAYOUTS.items()})
 
+# docs/benchmarks/profile_step_gpu.sh: fourd_gpu.sh's dp2 (FSDP2) runs again, step 5 under the
+# profiler (logging.profile_step=5: that step's time is the profiler's, left out); held out
+E2E_RUNS.update({f"{model}_dp2_metrics.jsonl": dict(
+    world=2, script="docs/benchmarks/profile_step_gpu.sh", fit=None, profiled_step=5,
+    overrides=[f"model={model}", *_FOURD, *_FOURD_LAYOUTS["dp2_fsdp2"]]) for model in ("llama_1b", "hybrid_1b")})
+# docs/benchmarks/disagg_dp_cp_gpu.sh: llama_1b dp2 at 16k tokens per GPU of lognormal documents (mean
+# 4k), plain data parallelism and disagg over dp_cp (held out; the model draws its own rows of the mix)
+_DP_CP = ["model=llama_1b", "parallel=none", "data=synthetic", "data.seq_len=16384", "data.distribution=lognormal",
+          "data.mean_len=4096", "data.sigma=1.0", "train=long", "train.steps=12", "train.warmup_steps=1",
+          "train.global_batch_size=2", "train.micro_batch_size=1", "launcher.nproc_per_node=2"]
+E2E_RUNS.update({"dp2_metrics.jsonl": dict(world=2, script="docs/benchmarks/disagg_dp_cp_gpu.sh", fit=None,
+                                           overrides=list(_DP_CP)),
+                 "dp2_disagg_dp_cp_metrics.jsonl": dict(
+                     world=2, script="docs/benchmarks/disagg_dp_cp_gpu.sh", fit=None,
+                     overrides=[*_DP_CP, "parallel.softmax_sp=disagg", "parallel.disagg.group=dp_cp"])})
+
 # Runs made before seqpar's Triton RMSNorm/RoPE/fused CE and its bf16 residual stream (commit
 # 14f0567's notes, docs/benchmarks/README.md): torch's element-wise ops and an fp32 residual.
 TORCH_ELEMENTWISE_RUNS = {"2026-11-25-h100-foundation", "2026-11-25-h100-llama1b", "2026-11-25-h100-llama1b-sdpa",
@@ -399,8 +464,10 @@ def maxlen_exclusions(found) -> list[dict]:
     validate nothing, and neither do the memory peaks of the runs named above."""
     out = []
     for path, data in found["maxlen"]:
-        folder = Path(path).parent.name
-        odd = MAXLEN_NOT_COMPARABLE.get(f"{folder}/{Path(path).name}")
+        folder = run_folder(path).name
+        odd = MAXLEN_NOT_COMPARABLE.get(run_key(path))
+        if data.get("steps_per_trial", 1) >= 2 and folder not in MAXLEN_LAZY_STATES:
+            continue  # its last step is a case (maxlen_step_samples)
         for res in data.get("results", []):
             reason = "one step per trial (its time includes the first step's warm-up)"
             if folder in MAXLEN_LAZY_STATES:
@@ -421,8 +488,8 @@ def maxlen_memory_samples(found) -> list[dict]:
 
     out = []
     for path, data in found["maxlen"]:
-        folder = Path(path).parent.name
-        if folder in MAXLEN_LAZY_STATES or f"{folder}/{Path(path).name}" in MAXLEN_NOT_COMPARABLE:
+        folder = run_folder(path).name
+        if folder in MAXLEN_LAZY_STATES or run_key(path) in MAXLEN_NOT_COMPARABLE:
             continue
         gpus = data.get("gpus", 1)
         for res in data.get("results", []):
@@ -451,9 +518,9 @@ def e2e_samples(found) -> list[dict]:
         run = e2e_run_of(path)
         if run is None:
             continue
-        timed = [r for r in rows if "step_time_s" in r]
+        timed = [r for r in rows if "step_time_s" in r and r.get("step") != run.get("profiled_step")]
         steady = [r for r in timed if r.get("step", 0) >= 3]  # steps 1-2: warm-up, compile
-        note = ""
+        note = f"step {run['profiled_step']} (profiled) left out" if run.get("profiled_step") else ""
         if not steady and len(timed) >= 2:
             # a run cut by its time limit before step 3: the last step past the first (step 1 compiles
             # and tunes) stands for it, and the case says so. Less sure than steps 3 on: over the
@@ -463,15 +530,40 @@ def e2e_samples(found) -> list[dict]:
         if not steady:
             continue
         mem = max((r.get("max_mem_gb") or 0) for r in rows) or None
-        name = f"e2e {Path(path).parent.name}/{Path(path).stem}"
-        old_code = Path(path).parent.name in TORCH_ELEMENTWISE_RUNS
+        name = f"e2e {run_folder(path).name}/{Path(path).stem}"
+        old_code = run_folder(path).name in TORCH_ELEMENTWISE_RUNS
         overrides = run["overrides"] + (["model.fp32_residual=true"] if old_code else [])
         out.append(dict(group=name, name=name, file=path, world=run["world"], overrides=overrides, era=era_of(path),
-                        fit=run.get("fit"),
+                        fit=run.get("fit"), packed_kernel=packed_kernel_of({}, path),
                         torch_elementwise=old_code,
                         measured=statistics.median(r["step_time_s"] for r in steady), measured_mem_gib=mem,
                         unhealthy=folder_health(path), note=note))
-    return out + fourd_samples(found)
+    return out + fourd_samples(found) + maxlen_step_samples(found)
+
+
+def maxlen_step_samples(found) -> list[dict]:
+    """The maxlen trials of more than one step that fit (`--steps 2`): their last step as a whole-step
+    sample (held out; its memory peak is a maxlen memory twin already)."""
+    from seqpar.bench.maxlen import base_overrides, trial_overrides
+
+    out = []
+    for path, data in found["maxlen"]:
+        steps = data.get("steps_per_trial", 1)
+        if steps < 2 or run_folder(path).name in MAXLEN_LAZY_STATES:
+            continue
+        gpus = data.get("gpus", 1)
+        for res in data.get("results", []):
+            for t in res.get("trials", []):
+                if not (t.get("fits") and t.get("step_time_s")):
+                    continue
+                name = f"maxlen {run_folder(path).name}/{data['model']} {res['mode']} {t['seq_len'] // 1024}k step {steps}"
+                out.append(dict(group=name, name=name, file=path, world=gpus, era=era_of(path, data), fit=None,
+                                overrides=trial_overrides(base_overrides(data["model"], gpus), res["overrides"],
+                                                          t["seq_len"], steps),
+                                packed_kernel=packed_kernel_of(data, path), torch_elementwise=False,
+                                measured=float(t["step_time_s"]), measured_mem_gib=None,
+                                unhealthy=folder_health(path), note=f"step {steps} of the trial (its last)"))
+    return out
 
 
 def fourd_samples(found) -> list[dict]:
@@ -492,6 +584,7 @@ def fourd_samples(found) -> list[dict]:
             name = f"e2e {folder.name}/{row['run']}"
             out.append(dict(group=name, name=name, file=path, world=run["world"], overrides=list(run["overrides"]),
                             era=era_of(path, data), fit=run.get("fit"), torch_elementwise=False,
+                            packed_kernel=packed_kernel_of(data, path),
                             measured=float(row["step_time_s"]), measured_mem_gib=row.get("max_mem_gb") or None,
                             unhealthy=folder_health(path),
                             note=f"mean of steps {row.get('steps_timed')} (fourd_2gpu.json)"))

@@ -25,6 +25,7 @@ Memory comes from seqpar.memory.estimate (the same estimate `seqpar-train --dry-
 from __future__ import annotations
 
 import copy
+import functools
 
 from seqpar.sim.attention_cost import (allgather_layer, disagg_layer, disagg_moved_bytes, lasp_layer, perdoc_layer,
                                        ring_layer, ulysses_layer, usp_groups)
@@ -56,11 +57,15 @@ def sizes_of(cfg, world: int) -> dict[str, int]:
 
 def row_documents(cfg, rows: int) -> list[tuple[int, ...]]:
     """Document bounds of `rows` packed rows of data.seq_len tokens, drawn as seqpar.data draws them
-    (documents cut at row ends); the byte corpus and `fixed` lengths give one document per row."""
+    (documents cut at row ends); the byte corpus gives one document per row. `fixed` lengths: the
+    windows the loader hands out (`packed_windows`), whose EOS tokens shift every later window."""
     d = cfg.data
     S = d.seq_len
-    if d.name != "synthetic" or d.distribution == "fixed" and d.mean_len >= S:
+    if d.name != "synthetic":
         return [(0, S)] * rows
+    if d.distribution == "fixed":
+        return list(packed_windows(S, d.mean_len, d.num_tokens, getattr(d, "max_len", None), d.seed, cfg.train.seed,
+                                   rows))
     from seqpar.data.synthetic import synthetic_lengths
 
     lengths = synthetic_lengths(S * rows, d.distribution, seed=d.seed, mean_len=d.mean_len, sigma=d.sigma,
@@ -77,6 +82,37 @@ def row_documents(cfg, rows: int) -> list[tuple[int, ...]]:
         out.append(tuple(bounds))
     return out
 
+
+
+@functools.lru_cache(maxsize=64)
+def packed_windows(S: int, doc_len: int, num_tokens: int, max_len, data_seed: int, seed: int,
+                   rows: int) -> tuple[tuple[int, ...], ...]:
+    """Bounds of the first `rows` windows seqpar.data's loader hands out of documents of `doc_len`
+    tokens (`data.distribution=fixed`). The packer follows every document with an EOS and windows
+    overlap by one token (seqpar.data.packing), so a document of exactly data.seq_len tokens fills
+    only window 0; every later window holds the tail of one document and the head of the next
+    ([0, i, S] for window i). That makes the row a packed (varlen) attention call: seqpar's Triton
+    kernel since TRITON_FASTER named the case, torch's varlen flash before, never cuDNN (the
+    profile of llama_1b dp2 at 32k, 2026-11-26-4xh100-5th: _attn_fwd / _attn_bwd_* on every layer)."""
+    import numpy as np
+
+    from seqpar.data.loader import PackedLoader
+    from seqpar.data.packing import PackedSequences
+    from seqpar.data.synthetic import SyntheticDocuments, synthetic_lengths
+
+    lengths = synthetic_lengths(num_tokens, "fixed", seed=data_seed, mean_len=doc_len, max_len=max_len)
+    data = PackedSequences(SyntheticDocuments(lengths, seed=data_seed), S)
+    if len(data) == 0:
+        return ((0, S),) * rows
+    order = PackedLoader(data, global_batch_size=1, micro_batch_size=1, dp_rank=0, dp_size=1, seed=seed)
+    out = []
+    for j in range(rows):  # with one window per "batch", batch j is position j of the loader's order
+        i = int(order.global_indices(j)[0])
+        lo = i * S
+        # packing.PackedSequences.__getitem__'s cu_seqlens, from the document starts (no tokens read)
+        inner = data.starts[(data.starts > lo) & (data.starts < lo + S)] - lo
+        out.append(tuple(int(x) for x in np.concatenate([[0], inner, [S]])))
+    return tuple(out)
 
 def dp_draws(cfg, dp: int, rows_per_rank: int, n_micro: int, doc_bounds=None) -> list[list[list[tuple[int, ...]]]]:
     """draws[k][d]: the rows of dp rank d in drawn micro-batch k (consecutive rows of the data's

@@ -55,6 +55,7 @@ def _e2e_case(s, calib, cluster):
     from seqpar.sim.step import memory_per_rank, predict_step
 
     cfg = plain_config(s["overrides"])
+    calib = replace(calib, packed_kernel=s.get("packed_kernel", "triton"))  # what the run's dispatcher chose
     step = predict_step(cfg, s["world"], cluster, calib, torch_elementwise=s["torch_elementwise"])
     return step["step_s"], memory_per_rank(cfg, s["world"])["total_gib"]
 
