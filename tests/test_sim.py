@@ -170,6 +170,56 @@ def test_validate_on_committed_benchmarks(tmp_path):
     assert any(e["name"].startswith("memory of e2e") for e in result["excluded"])
 
 
+def test_fixed_length_rows_are_the_packers_windows():
+    """Documents of exactly data.seq_len tokens: the packer follows each with an EOS, so only window 0
+    is one document; the rows the model draws are the loader's, with seqpar.data's own boundaries
+    (a packed call: never cuDNN's dense kernel)."""
+    from seqpar.data import build_dataset
+    from seqpar.data.loader import PackedLoader
+    from seqpar.sim.step import packed_windows, row_documents
+
+    cfg = _cfg("model=tiny_hybrid", "data=synthetic", "data.seq_len=512", "data.distribution=fixed",
+               "data.mean_len=512", "data.num_tokens=65536", "train.seed=3")
+    rows = row_documents(cfg, 6)
+    data = build_dataset(cfg.data, 512)
+    order = PackedLoader(data, global_batch_size=1, micro_batch_size=1, dp_rank=0, dp_size=1, seed=3)
+    assert rows == [tuple(data[int(order.global_indices(j)[0])][2].tolist()) for j in range(6)]
+    assert all(len(r) == 3 and r[-1] == 512 for r in rows if r != (0, 512))  # a tail and a head
+    # documents longer than a row: windows inside one document are one document, the others two
+    many = packed_windows(512, 1300, 65536, None, 0, 0, 40)
+    assert {len(r) for r in many} == {2, 3}
+
+
+def test_fixed_rows_cost_the_packed_kernel_and_schedule_eras_share_kernel_fits(h100, calib):
+    """llama_1b dp2 at 32k (the profile of 2026-11-26-4xh100-5th): its rows are two documents, so its
+    attention is the packed (Triton) call, dearer than cuDNN on the one document the model used to
+    assume. And the eras that changed only the disagg schedule fit the ring and kernels together."""
+    from seqpar.sim.measurements import era_since, kernel_eras
+    from seqpar.sim.step import predict_step
+
+    cfg = _cfg("model=llama_1b", "parallel=none", "data=synthetic", "data.seq_len=32768", "data.distribution=fixed",
+               "data.mean_len=32768", "train=long", "train.global_batch_size=2", "train.micro_batch_size=1")
+    packed = predict_step(cfg, 2, h100, calib)
+    dense = predict_step(cfg, 2, h100, calib, doc_bounds=[(0, 32768)])
+    assert packed["step_s"] > 1.1 * dense["step_s"]
+    assert kernel_eras(era_since("852d464")) == tuple(range(era_since("c8d5eb5"), era_since("852d464") + 1))
+    assert kernel_eras(era_since("c8d5eb5")) == (era_since("c8d5eb5"),)
+
+
+def test_lane_folders_belong_to_their_run_folder(tmp_path):
+    """The fifth session's files lie in <run>/callN/<lane>/: dated, keyed and found by the run folder."""
+    from seqpar.sim.measurements import run_date, run_folder, run_key
+
+    lane = tmp_path / "2026-11-26-4xh100-5th" / "call1" / "gpu01_maxlen_gpu"
+    lane.mkdir(parents=True)
+    f = lane / "maxlen_full_128k.json"
+    f.write_text(json.dumps({"benchmark": "maxlen", "date": "2026-11-26", "results": []}))
+    assert run_folder(f).name == "2026-11-26-4xh100-5th"
+    assert run_key(f) == "2026-11-26-4xh100-5th/call1/gpu01_maxlen_gpu/maxlen_full_128k.json"
+    assert run_date(f, json.loads(f.read_text())).isoformat() == "2026-11-26T09:55:26+00:00"  # COMMITTED_BY
+    assert [p for p, _ in load_benchmarks(tmp_path)["maxlen"]] == [str(f)]
+
+
 def test_maxlen_memory_samples_rebuild_the_benchmarks_overrides(tmp_path):
     from seqpar.bench.maxlen import MODES, base_overrides, trial_overrides
     from seqpar.sim.measurements import maxlen_memory_samples

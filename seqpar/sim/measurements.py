@@ -7,6 +7,7 @@ speed) are dropped or flagged here, so that neither the fits nor the validation 
 """
 from __future__ import annotations
 
+import functools
 import glob
 import itertools
 import json
@@ -136,6 +137,12 @@ def run_date(path, data=None):
 def _run_date(path, data=None):
     if isinstance(data, dict) and data.get("date"):
         return _parse_date(data["date"])
+    return _folder_date(str(path))
+
+
+@functools.lru_cache(maxsize=None)
+def _folder_date(path: str):
+    """The latest `date` of the JSONs beside an undated file, else its run folder's day (read once)."""
     folder = Path(path).parent
     dates = []
     for other in sorted(folder.glob("*.json")):
@@ -356,36 +363,54 @@ def packed_kernel_of(data: dict, path: str = "") -> str:
 def disagg_samples(found, seed: int = 0) -> list[dict]:
     """The disagg bench's cases with each batch's document bounds redrawn as the bench drew them
     (its --seed, default 0, is not in the JSON: a batch whose document count or longest document
-    differs is not the one measured and is skipped). GPU runs only."""
+    differs is not the one measured and is skipped). GPU runs only. Each file's samples are drawn
+    once per process (the same objects every call: callers read them, never change them)."""
+    return [x for path, data in found["disagg"] for x in _file_disagg_samples(path, data, seed)]
+
+
+_DISAGG_DRAWN: dict = {}
+
+
+def _file_disagg_samples(path, data, seed) -> list[dict]:
+    try:  # the file as it is on disk: a rewritten file is drawn again
+        st = os.stat(path)
+        key = (str(path), seed, st.st_mtime_ns, st.st_size)
+    except OSError:
+        return _draw_disagg_samples(path, data, seed)
+    if key not in _DISAGG_DRAWN:
+        _DISAGG_DRAWN[key] = _draw_disagg_samples(path, data, seed)
+    return _DISAGG_DRAWN[key]
+
+
+def _draw_disagg_samples(path, data, seed) -> list[dict]:
     import random
 
     from seqpar.bench.disagg import draw_bounds, load_mix
 
-    out = []
-    for path, data in found["disagg"]:
-        if "NVIDIA" not in str(data.get("device", "")):
+    if "NVIDIA" not in str(data.get("device", "")):
+        return []
+    out, world, mixes = [], data.get("world", 2), {}
+    for case in data.get("cases", []):
+        mix, tokens = case["mix"], case["tokens_per_rank"]
+        try:
+            if mix not in mixes:
+                mixes[mix] = None if mix == "lognormal" else load_mix(mix)
+        except (OSError, ValueError):
             continue
-        world = data.get("world", 2)
-        for case in data.get("cases", []):
-            mix, tokens = case["mix"], case["tokens_per_rank"]
-            try:
-                lengths = None if mix == "lognormal" else load_mix(mix)
-            except (OSError, ValueError):
-                continue
-            rng = random.Random(seed * 1000003 + tokens)
-            batches = []
-            for b, row in enumerate(case.get("rows", [])):
-                bounds = tuple(draw_bounds(mix, lengths, tokens, world, rng, seed=seed * 1000 + b))
-                docs = [y - x for x, y in zip(bounds, bounds[1:])]
-                if len(docs) == row.get("n_docs") and max(docs) == row.get("max_doc"):
-                    batches.append((bounds, row))
-            if batches:
-                out.append(dict(group=f"disagg {mix} {tokens}", mix=mix, tokens=tokens, world=world, file=path,
-                                eps=data.get("eps", 0.1), min_chunk=data.get("min_chunk", 128),
-                                task_overhead=data.get("task_overhead_pairs"),
-                                H=data.get("heads", 32), Hkv=data.get("kv_heads", 8), D=data.get("head_dim", 128),
-                                packed_kernel=packed_kernel_of(data, path), era=era_of(path, data),
-                                batches=batches, skipped=len(case.get("rows", [])) - len(batches)))
+        rng = random.Random(seed * 1000003 + tokens)
+        batches = []
+        for b, row in enumerate(case.get("rows", [])):
+            bounds = tuple(draw_bounds(mix, mixes[mix], tokens, world, rng, seed=seed * 1000 + b))
+            docs = [y - x for x, y in zip(bounds, bounds[1:])]
+            if len(docs) == row.get("n_docs") and max(docs) == row.get("max_doc"):
+                batches.append((bounds, row))
+        if batches:
+            out.append(dict(group=f"disagg {mix} {tokens}", mix=mix, tokens=tokens, world=world, file=path,
+                            eps=data.get("eps", 0.1), min_chunk=data.get("min_chunk", 128),
+                            task_overhead=data.get("task_overhead_pairs"),
+                            H=data.get("heads", 32), Hkv=data.get("kv_heads", 8), D=data.get("head_dim", 128),
+                            packed_kernel=packed_kernel_of(data, path), era=era_of(path, data),
+                            batches=batches, skipped=len(case.get("rows", [])) - len(batches)))
     return out
 
 
