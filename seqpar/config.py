@@ -40,12 +40,11 @@ class DisaggConfig:  # parallel.softmax_sp=disagg (core-attention servers); rule
     eps: float = 0.1  # planning stops when every server is within eps of the mean attention load
     min_chunk: int = 128  # smallest query piece the planner cuts
     task_overhead: Optional[int] = None  # per-task cost in score pairs; null: fitted from cost_table, else 8192
-    # two nano-batches, the all-to-alls of one overlapping the attention of the other; off by default
-    # until it pays: on 2 GPUs it measured 0.91-1.00x of one nano-batch (docs/benchmarks, 2026-11-25/26)
-    ping_pong: bool = False
-    # false: every server runs its tasks in ONE kernel call per direction, after its inputs arrived
-    # (no local work split around the transfers: fewer, larger calls where the attention is short)
-    overlap: bool = True
+    # single: every server runs its tasks in ONE kernel call per direction, its transfers exposed;
+    # halves: its local work split around the remote work (L1 / R / L2), transfers behind L1 and L2;
+    # ping_pong: L1 / R1 / R2 / L2. single measured fastest on 2 H100 (all five mixes x lengths,
+    # 16 batches each, 2026-11-26): the overlapped schedules' extra calls cost more than they hide
+    schedule: str = "single"
     cost_table: Optional[str] = None  # JSON from `python -m seqpar.bench disagg --profile-cost-table`
     # dp_cp: also move attention work between the data-parallel ranks (their packed rows joined into
     # one); the same as cp where dp = 1 or softmax_sp is not disagg

@@ -102,11 +102,10 @@ def test_plan_1000_documents_is_fast():
 # 1-token document; min_chunk=16 lets the planner split the long document across servers.
 SEQ = 800
 DOCS = [0, 1, 9, 700, 701, 725, 800]
-# (causal, layout, hq, hkv, schedule): ping-pong (True) everywhere, the default halves (False) and
-# one call without overlap ("single") in two cases each
-CASES = [(c, lay, hq, hkv, True) for c in (True, False) for lay in ("contiguous", "zigzag")
+# (causal, layout, hq, hkv, schedule): ping-pong everywhere, halves and single (the default) in two cases each
+CASES = [(c, lay, hq, hkv, "ping_pong") for c in (True, False) for lay in ("contiguous", "zigzag")
          for hq, hkv in ((8, 2), (4, 4))]
-CASES += [(True, "zigzag", 8, 2, False), (False, "contiguous", 4, 4, False)]
+CASES += [(True, "zigzag", 8, 2, "halves"), (False, "contiguous", 4, 4, "halves")]
 CASES += [(True, "contiguous", 8, 2, "single"), (False, "zigzag", 4, 4, "single")]
 
 
@@ -137,12 +136,12 @@ def _exact(rank, world):
         refs.append(ref)
     errs, sent = {}, {}
     for case, (ref_out, *ref_grads) in zip(CASES, refs):
-        causal, layout, hq, hkv, ping_pong = case
+        causal, layout, hq, hkv, schedule = case
         q, k, v, grad = _inputs(hq, hkv)
         local = [shard_sequence(t, layout=layout).requires_grad_() for t in (q, k, v)]
         step_metrics()
         out = disagg_attention(*local, causal=causal, cu_seqlens=cu, layout=layout, min_chunk=16,
-                               ping_pong=ping_pong is True, overlap=ping_pong != "single")
+                               schedule=schedule)
         out.backward(shard_sequence(grad, layout=layout))
         sent[case] = step_metrics()
         err = [(unshard_sequence(out.detach(), layout=layout) - ref_out).abs().max().item()]
@@ -162,18 +161,18 @@ def test_disagg_attention_exact_on_extreme_mix():
     for errs, moved, split, _ in results:
         assert moved > 0 and split > 0, "the plan must move and split work, or this test proves nothing"
         for case, err in errs.items():
-            assert err < 1e-10, f"(causal, layout, hq, hkv, ping_pong)={case}: max error {err}"
+            assert err < 1e-10, f"(causal, layout, hq, hkv, schedule)={case}: max error {err}"
     # metrics: the ranks' bytes sent, forward + backward, are twice the plan's modelled bytes
     # (each query row goes out and comes back, each key row out and its gradient back)
     for case in CASES:
-        causal, layout, hq, hkv, ping_pong = case
+        causal, layout, hq, hkv, schedule = case
         m = [r[3][case] for r in results]
         assert all(x["sp/disagg_calls"] == 1 and x["sp/tasks"] > 4 and x["sp/exposed_comm_ms"] >= 0 for x in m)
         assert m[0]["sp/attn_imbalance_after"] < m[0]["sp/attn_imbalance_before"]
         q_row, kv_row = hq * (8 + 6) * 8, hkv * (8 + 6) * 8
         p = plan(DOCS, 4, layout=layout, min_chunk=16, causal=causal, row_bytes=(q_row, kv_row))
         total = sum(x["sp/bytes_moved"] for x in m)
-        if ping_pong is True:  # the two nano-batches may both need a key row
+        if schedule == "ping_pong":  # the two nano-batches may both need a key row
             assert total >= 2 * p.bytes_moved > 0
         else:
             assert total == 2 * p.bytes_moved > 0, case
@@ -295,13 +294,13 @@ def test_disagg_config_keys_reach_the_runtime(tmp_path):
     from seqpar.config import validate
     path = tmp_path / "table.json"
     path.write_text(json.dumps(_table(3000)))
-    cfg = _make_cfg("parallel.disagg.eps=0.03", "parallel.disagg.min_chunk=64", "parallel.disagg.ping_pong=false",
+    cfg = _make_cfg("parallel.disagg.eps=0.03", "parallel.disagg.min_chunk=64", "parallel.disagg.schedule=halves",
                     f"parallel.disagg.cost_table={path}")
     validate(cfg, world=2)
     previous = configure(cfg.parallel.disagg)
     try:
         opts = current()
-        assert (opts.eps, opts.min_chunk, opts.ping_pong) == (0.03, 64, False)
+        assert (opts.eps, opts.min_chunk, opts.schedule) == (0.03, 64, "halves")
         assert abs(planner_overhead(opts) - 3000) <= 1
     finally:
         configure(previous)
@@ -311,7 +310,7 @@ def test_disagg_config_keys_reach_the_runtime(tmp_path):
 @pytest.mark.parametrize("override,message", [
     ("parallel.disagg.eps=1.5", "parallel.disagg.eps=1.5: must be in [0, 1)"),
     ("parallel.disagg.min_chunk=0", "parallel.disagg.min_chunk=0: must be an integer >= 1"),
-    ("parallel.disagg.ping_pong=true parallel.disagg.overlap=false", "ping-pong is a way to overlap the transfers"),
+    ("parallel.disagg.schedule=both", "parallel.disagg.schedule='both': choose single, halves, ping_pong"),
     ("parallel.disagg.task_overhead=-5", "parallel.disagg.task_overhead=-5: must be >= 0"),
     ("parallel.disagg.cost_table=/nope/table.json", "parallel.disagg.cost_table=/nope/table.json: file not found"),
 ])
@@ -444,12 +443,12 @@ def _gpu_bf16(rank, world):
     ref = [kernels.flash_attn(*full, causal=True, cu_seqlens=cu).detach()] + [f.grad for f in full]
     errs = {}
     for layout in ("contiguous", "zigzag"):
-        for ping_pong in (True, False):
+        for schedule in ("ping_pong", "halves", "single"):
             local = [shard_sequence(t.bfloat16(), layout=layout).requires_grad_() for t in (q, k, v)]
-            out = disagg_attention(*local, cu_seqlens=cu, layout=layout, ping_pong=ping_pong)
+            out = disagg_attention(*local, cu_seqlens=cu, layout=layout, schedule=schedule)
             out.backward(shard_sequence(do.bfloat16(), layout=layout))
             got = [out.detach()] + [t.grad for t in local]
-            errs[(layout, ping_pong)] = max(
+            errs[(layout, schedule)] = max(
                 ((a.float() - shard_sequence(b, layout=layout)).abs().max() / b.abs().max()).item()
                 for a, b in zip(got, ref))
     return errs
@@ -460,7 +459,7 @@ def _gpu_bf16(rank, world):
 def test_disagg_bf16_on_two_gpus_matches_fp32():
     for errs in run_distributed(_gpu_bf16, 2, backend="nccl"):
         for case, err in errs.items():
-            assert err < 3e-2, f"(layout, ping_pong)={case}: error {err} relative to the largest value"
+            assert err < 3e-2, f"(layout, schedule)={case}: error {err} relative to the largest value"
 
 
 def _gpu_rows_bf16(rank, world):
@@ -528,8 +527,8 @@ def test_step_metrics_sum_a_step_and_reset():
 ROW = 480
 # rank 0 holds one long document (most of the work), the others ever more, shorter ones
 ROWS = [[480], [200, 1, 279], [120] * 4, [14, 66] * 6]
-# (causal, hq, hkv, ping_pong)
-ROW_CASES = [(True, 4, 2, True), (False, 4, 2, True), (True, 2, 2, False)]
+# (causal, hq, hkv, schedule)
+ROW_CASES = [(True, 4, 2, "ping_pong"), (False, 4, 2, "ping_pong"), (True, 2, 2, "single")]
 
 
 def _across_rows(rank, world, group, sub):
@@ -541,7 +540,7 @@ def _across_rows(rank, world, group, sub):
     rel = lambda a, b: ((a - b).abs().max() / b.abs().max()).item()
     errs = {}
     for case in ROW_CASES:
-        causal, hq, hkv, ping_pong = case
+        causal, hq, hkv, schedule = case
         g = torch.Generator().manual_seed(100 * rank + hq)  # different data on every rank
         shapes = ((hq, 8), (hkv, 8), (hkv, 6))
         q, k, v = (torch.randn(1, ROW, h, d, generator=g, dtype=torch.float64) for h, d in shapes)
@@ -550,7 +549,7 @@ def _across_rows(rank, world, group, sub):
         ref = kernels.flash_attn(*ref_in, causal=causal, cu_seqlens=cu)  # this rank's row on its own
         ref.backward(grad)
         out = disagg_attention(*mine, group=group, causal=causal, cu_seqlens=joined, layout="contiguous",
-                               min_chunk=16, ping_pong=ping_pong)
+                               min_chunk=16, schedule=schedule)
         out.backward(grad)
         errs[case] = max(rel(out, ref), *(rel(m.grad, r.grad) for m, r in zip(mine, ref_in)))
     p = plan(joined.tolist(), sub, layout="contiguous", min_chunk=16)
@@ -581,7 +580,7 @@ def test_disagg_across_ranks_rows_exact():
             assert joined == expected, sub
             assert moved > 0 and after < before, f"world {sub}: rank 0's long document must lend work to others"
             for case, err in errs.items():
-                assert err <= 1e-7, f"world {sub}, (causal, hq, hkv, ping_pong)={case}: relative error {err}"
+                assert err <= 1e-7, f"world {sub}, (causal, hq, hkv, schedule)={case}: relative error {err}"
             assert f"the rows end at {[ROW + r for r in range(sub)]}" in refused
 
 
@@ -737,7 +736,7 @@ def _runtime_overhead(rank, world):
         counter.counts.clear()
         counter.kernel_calls = 0
         with count_traffic() as traffic, counter.mode:
-            out = disagg_attention(*local, cu_seqlens=cu, layout="contiguous", min_chunk=16, ping_pong=True)
+            out = disagg_attention(*local, cu_seqlens=cu, layout="contiguous", min_chunk=16, schedule="ping_pong")
             out.backward(grad)
         got = [out.detach()] + [t.grad for t in local]
         if name == "still":  # the kernel pair on the rank's own rows, as its server runs them
@@ -748,7 +747,7 @@ def _runtime_overhead(rank, world):
         else:
             ref = got
         routes, _ = runtime._plan_routes(tuple(docs), 512, world, rank, "contiguous", 0.1, 16, True,
-                                         runtime.planner_overhead(runtime.current()), (4 * 14 * 8, 2 * 16 * 8), True)
+                                         runtime.planner_overhead(runtime.current()), (4 * 14 * 8, 2 * 16 * 8), "ping_pong")
         results[name] = dict(equal=all(torch.equal(a, b) for a, b in zip(got, ref)),
                              err=max((a - b).abs().max().item() for a, b in zip(got, ref)),
                              a2a=traffic.calls["all_to_all_single"], ops=dict(counter.counts),
@@ -786,7 +785,7 @@ def _copies_before_after(rank, world):
     grad = shard_sequence(grad, layout="contiguous")
     span, results = routing._span, {}
     try:
-        for ping_pong in (True, False):
+        for schedule in ("ping_pong", "halves"):
             for name, fn in (("before", lambda ranges: None), ("after", span)):
                 routing._span = fn
                 for cache in (runtime._plan_routes, runtime._placements, runtime._owner, runtime._device_cu):
@@ -796,12 +795,12 @@ def _copies_before_after(rank, world):
                 counter.bytes.clear()
                 with counter.mode:
                     out = disagg_attention(*local, cu_seqlens=cu, layout="contiguous", min_chunk=16,
-                                           ping_pong=ping_pong)
+                                           schedule=schedule)
                     out.backward(grad)
                 routes, _ = runtime._plan_routes(tuple(docs), 512, world, rank, "contiguous", 0.1, 16, True,
                                                  runtime.planner_overhead(runtime.current()), (4 * 14 * 8, 2 * 16 * 8),
-                                                 ping_pong)
-                results[ping_pong, name] = dict(bytes=sum(counter.bytes.values()), per_op=dict(counter.bytes),
+                                                 schedule)
+                results[schedule, name] = dict(bytes=sum(counter.bytes.values()), per_op=dict(counter.bytes),
                                                 ops=dict(counter.counts), nanos=len(routes),
                                                 direct=sum((r.q_direct is not None) + (r.kv_direct is not None)
                                                            for r in routes),
@@ -815,16 +814,16 @@ def _copies_before_after(rank, world):
 
 def test_kernels_write_into_the_final_tensors_and_copy_less():
     res = run_distributed(_copies_before_after, 2)
-    for ping_pong in (True, False):
-        before = [r[ping_pong, "before"] for r in res]
-        after = [r[ping_pong, "after"] for r in res]
+    for schedule in ("ping_pong", "halves"):
+        before = [r[schedule, "before"] for r in res]
+        after = [r[schedule, "after"] for r in res]
         for b, a in zip(before, after):
-            assert b["direct"] == 0 and a["direct"] > 0 or ping_pong is False, (b["direct"], a["direct"])
+            assert b["direct"] == 0 and a["direct"] > 0 or schedule == "halves", (b["direct"], a["direct"])
             for x, y in zip(b["got"], a["got"]):
                 assert torch.allclose(x, y, rtol=0, atol=1e-12), "direct writes must not change the results"
-            assert a["bytes"] <= b["bytes"], (ping_pong, b["per_op"], a["per_op"])
-        assert sum(a["bytes"] for a in after) < sum(b["bytes"] for b in before), (ping_pong, before, after)
-        print(f"ping_pong={ping_pong}: copy bytes per rank before {[b['bytes'] for b in before]} "
+            assert a["bytes"] <= b["bytes"], (schedule, b["per_op"], a["per_op"])
+        assert sum(a["bytes"] for a in after) < sum(b["bytes"] for b in before), (schedule, before, after)
+        print(f"schedule={schedule}: copy bytes per rank before {[b['bytes'] for b in before]} "
               f"after {[a['bytes'] for a in after]} (nano-batches {[a['nanos'] for a in after]}); "
               f"before {[b['per_op'] for b in before]} after {[a['per_op'] for a in after]}")
 
@@ -853,8 +852,8 @@ def _parts_pieces(rank, world):
     try:
         for name in kernels_:
             setattr(runtime, name, counted(name))
-        for ping_pong in (True, False):
-            fn = lambda *x: disagg_attention(*x, cu_seqlens=cu, layout="contiguous", min_chunk=16, ping_pong=ping_pong)
+        for schedule in ("ping_pong", "halves", "single"):
+            fn = lambda *x: disagg_attention(*x, cu_seqlens=cu, layout="contiguous", min_chunk=16, schedule=schedule)
             res = {}
             for mode, swap in (("whole", None), ("compute", _no_transfer), ("trace", TransferTrace())):
                 calls.clear()
@@ -872,7 +871,7 @@ def _parts_pieces(rank, world):
                     res["replay"] = dict(a2a=traffic.calls["all_to_all_single"],
                                          bytes=traffic.bytes["all_to_all_single"],
                                          waits=sum(kind == "wait" for kind, _ in swap.events))
-            results[ping_pong] = res
+            results[schedule] = res
     finally:
         for name, fn in kernels_.items():
             setattr(runtime, name, fn)
@@ -882,14 +881,14 @@ def _parts_pieces(rank, world):
 
 def test_bench_parts_are_the_call_without_transfers_and_its_transfers_alone():
     for res in run_distributed(_parts_pieces, 2):
-        for ping_pong, r in res.items():
+        for schedule, r in res.items():
             whole, compute, trace, replay = r["whole"], r["compute"], r["trace"], r["replay"]
             assert whole["a2a"] > 0, "the mix must move work, or this test proves nothing"
             # compute only: the same kernels in the same order, no collective
-            assert compute["a2a"] == 0 and compute["kernels"] == whole["kernels"], (ping_pong, compute, whole)
+            assert compute["a2a"] == 0 and compute["kernels"] == whole["kernels"], (schedule, compute, whole)
             # recording does not change the call; the replay issues exactly its collectives, each waited for
-            assert trace["a2a"] == whole["a2a"] and trace["bytes"] == whole["bytes"], (ping_pong, trace, whole)
-            assert replay["a2a"] == whole["a2a"] and replay["bytes"] == whole["bytes"], (ping_pong, replay, whole)
+            assert trace["a2a"] == whole["a2a"] and trace["bytes"] == whole["bytes"], (schedule, trace, whole)
+            assert replay["a2a"] == whole["a2a"] and replay["bytes"] == whole["bytes"], (schedule, replay, whole)
             assert replay["waits"] == whole["a2a"], replay
 
 

@@ -10,8 +10,8 @@ one layer (bf16, H=32 query heads, 8 key/value heads, D=128 on CUDA), per batch:
 - dp_no_rebalance: each rank attends its own micro-batch, no communication; the step waits for
   the slowest (max), and the mean over ranks is the balanced ideal;
 - disagg / disagg_no_pingpong / disagg_single: `disagg_attention` (layout contiguous: tokens stay
-  where the loader put them) under its three schedules: ping-pong nano-batches, the default local
-  halves around the remote work, and one call per server without overlap (`overlap=False`);
+  where the loader put them) under its three schedules (`schedule`): ping-pong nano-batches, local
+  halves around the remote work, and one call per server with its transfers exposed (the default);
 - ring: ring attention over the row re-cut zigzag (plain packing + ring CP);
 - per_doc_cp: every document cut into 2N chunks, rank r holding chunks r and 2N-1-r of each
   (WLB-ideal); queries stay, each rank gathers the key/value prefixes its chunks need;
@@ -227,9 +227,9 @@ def bench_batch(args, bounds, device, timer, world, rank, check=False, parts=Fal
     pd_tasks = plan_owned(list(bounds), owned, eps=float("inf"), min_chunk=1).tasks  # every rank serves its own chunks
     pd_routes = (route(pd_tasks, bounds, owned, rank, True),)
     pd = [_route_rows(t, owned[rank]) for t in (q, k, v, do)]
-    disagg = {name: (lambda *x, pp=pp, ov=ov: disagg_attention(*x, causal=True, cu_seqlens=cu, layout="contiguous",
-                                                               ping_pong=pp, overlap=ov))
-              for name, (pp, ov) in SCHEDULES.items()}
+    disagg = {name: (lambda *x, sch=sch: disagg_attention(*x, causal=True, cu_seqlens=cu, layout="contiguous",
+                                                          schedule=sch))
+              for name, sch in SCHEDULES.items()}
     calls = {"dp_no_rebalance": lambda: _fwd_bwd(lambda *x: kernels.flash_attn(*x, causal=True, cu_seqlens=own_cu),
                                                  *mine),
              **{name: (lambda fn=fn: _fwd_bwd(fn, *contiguous)) for name, fn in disagg.items()},
@@ -250,14 +250,14 @@ def bench_batch(args, bounds, device, timer, world, rank, check=False, parts=Fal
 
     q_row, kv_row = hq * 2 * d * q.element_size(), hkv * 2 * d * k.element_size()
     opts = current()
-    for name, (pp, ov) in SCHEDULES.items():
+    for name, sch in SCHEDULES.items():
         fn = disagg[name]
         row[f"{name}_ms"] = _max_over_ranks(ms[name], device)
         row[f"{name}_waited_ms"] = _max_over_ranks(sorted(waited[name])[len(waited[name]) // 2], device)
         routes, info = _plan_routes(tuple(bounds), S, world, rank, "contiguous", float(opts.eps), int(opts.min_chunk),
-                                    True, planner_overhead(opts), (q_row, kv_row), pp, ov)
+                                    True, planner_overhead(opts), (q_row, kv_row), sch)
         row[f"{name}_bytes"] = int(sum(_all_ranks(sum(r.sent_rows(q_row, kv_row) for r in routes), device)))
-        if parts and ov:  # the same call without its transfers, and its transfers alone
+        if parts and sch != "single":  # the same call without its transfers, and its transfers alone
             for key, value in parts_times(fn, contiguous, timer, device).items():
                 row[f"{name}_{key}"] = value
             row[f"{name}_exposed_comm_ms"] = round(row[f"{name}_ms"] - row[f"{name}_compute_only_ms"], 3)
@@ -267,7 +267,7 @@ def bench_batch(args, bounds, device, timer, world, rank, check=False, parts=Fal
             with disagg_metrics.timeline(device) as marks:  # where each rank's time went, one more call
                 _fwd_bwd(fn, *contiguous)
             row[f"{name}_timeline"] = _gather_objects(marks)
-        if pp:
+        if sch == "ping_pong":
             row.update(imbalance_before=round(info["imbalance_before"], 4),
                        imbalance_after=round(info["imbalance_after"], 4), tasks=info["tasks"],
                        plan_ms=round(info["plan_ms"], 3), nano_batches=len(routes))
@@ -287,8 +287,8 @@ def bench_batch(args, bounds, device, timer, world, rank, check=False, parts=Fal
     return row
 
 
-# disagg_attention's schedules: (ping_pong, overlap)
-SCHEDULES = {"disagg": (True, True), "disagg_no_pingpong": (False, True), "disagg_single": (False, False)}
+# disagg_attention's schedules by the names of the benchmark's keys (kept from before `schedule`)
+SCHEDULES = {"disagg": "ping_pong", "disagg_no_pingpong": "halves", "disagg_single": "single"}
 PARTS = ("compute_only_ms", "comm_only_ms", "collectives", "exposed_comm_ms", "hidden_fraction", "server_calls")
 
 
@@ -480,7 +480,7 @@ def main(argv=None) -> int:
     owns_group = not dist.is_initialized()
     device = init_world(cuda) if owns_group else (torch.device("cuda", torch.cuda.current_device()) if cuda
                                                    else torch.device("cpu"))
-    previous = configure(eps=args.eps, min_chunk=args.min_chunk, ping_pong=True,
+    previous = configure(eps=args.eps, min_chunk=args.min_chunk,
                          task_overhead=None, cost_table=args.cost_table)
     world, rank = dist.get_world_size(), dist.get_rank()
     timer = rounds_timer(device, args.iters, args.warmup)

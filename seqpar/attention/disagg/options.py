@@ -12,14 +12,17 @@ from typing import Optional
 from seqpar.attention.disagg.planner import TASK_OVERHEAD
 from seqpar.attention.disagg.rows import GROUPS
 
+# The runtime's nano-batch schedules (runtime.py's docstring): one call per server; local halves
+# L1 / remote R / L2; ping-pong L1 / R1 / R2 / L2.
+SCHEDULES = ("single", "halves", "ping_pong")
+
 
 @dataclass(frozen=True)
 class DisaggOptions:
     eps: float = 0.1                 # stop when every server is within eps of the mean load
     min_chunk: int = 128             # smallest query piece the planner cuts (the kernel loses throughput below)
     task_overhead: Optional[int] = None  # per-task cost in score pairs; None: fitted from cost_table, else 8192
-    ping_pong: bool = False          # two nano-batches: one's all-to-alls overlap the other's attention (see config)
-    overlap: bool = True             # False: one kernel call per server and direction, its transfers exposed
+    schedule: str = "single"         # how a server's calls meet the transfers (SCHEDULES; see config)
     cost_table: Optional[str] = None  # JSON of (q_len, kv_len) -> ms profiled on the GPU
     group: str = "dp_cp"             # cp: balance inside the cp group; dp_cp: across data-parallel ranks too (rows.py)
 
@@ -52,13 +55,10 @@ def validate(options) -> DisaggOptions:
     if opts.task_overhead is not None and opts.cost_table:
         raise ValueError(f"parallel.disagg.task_overhead={opts.task_overhead} and parallel.disagg.cost_table="
                          f"{opts.cost_table}: the overhead comes from one of them; set the other to null")
-    if not isinstance(opts.ping_pong, bool):
-        raise ValueError(f"parallel.disagg.ping_pong={opts.ping_pong!r}: must be true or false")
-    if not isinstance(opts.overlap, bool):
-        raise ValueError(f"parallel.disagg.overlap={opts.overlap!r}: must be true or false")
-    if opts.ping_pong and not opts.overlap:
-        raise ValueError("parallel.disagg.ping_pong=true with parallel.disagg.overlap=false: ping-pong is a way to "
-                         "overlap the transfers; set one of them to its default")
+    if opts.schedule not in SCHEDULES:
+        raise ValueError(f"parallel.disagg.schedule={opts.schedule!r}: choose {', '.join(SCHEDULES)} (single: one "
+                         "kernel call per server, transfers exposed; halves: local work split around the remote "
+                         "work; ping_pong: four nano-batches)")
     if opts.group not in GROUPS:
         raise ValueError(f"parallel.disagg.group={opts.group!r}: choose cp (balance inside each cp group) or dp_cp "
                          "(balance across the data-parallel ranks too)")

@@ -22,31 +22,28 @@ kernel calls write outputs, dQ, dK and dV straight into the rank's final tensors
 arrives from elsewhere, or what a mixed server call computed, is copied in (`routing.Placement`).
 On 2 ranks at 128k tokens each (wlbllm, prolong; bf16, H=32/8, D=128; bytes written by copy ops
 per rank and layer, fwd+bwd, counted on CPU, 2026-11-26) that cut the copies from 2.9-5.5 GB to
-0.09-0.34 GB without ping-pong (local work then remote work; the L1/R/L2 split below adds up to
-0.3 GB per rank on those batches) and to 0.36-0.97 GB with it.
+0.09-0.34 GB with local work then remote work as two nano-batches (the halves schedule below adds
+up to 0.3 GB per rank on those batches) and to 0.36-0.97 GB with ping-pong. A server call that mixes
+local and remote tasks (the single schedule's, where work moved) copies its outputs in.
 
-Without ping-pong the tasks run as up to three nano-batches, local work L1, remote work R, local
-work L2 (`routing.nano_batches(split_remote=False)`): the same messages as one nano-batch, but the
-local work writes its results in place, and each server's local work computes while the remote
-inputs travel (L1) and while the outputs return (L2); in backward likewise for dO and the
-gradients. Every server keeps the same work for L2, so that the ranks reach R's output all-to-all
-together: a rank that joins it early holds NCCL's kernel, and its SMs, through its own L2.
-(Local work then remote work left the outputs and gradients of the remote work exposed at the end
-of the layer; halves of each server's local work left the owner of a split document joining its
-output all-to-all ~165 ms early on 2 GPUs, 2026-11-26.)
+Three schedules (`parallel.disagg.schedule`):
 
-Ping-pong (`routing.nano_batches`): the tasks run as up to four nano-batches, local work L1,
-remote work R1 and R2, local work L2. Every input transfer is issued asynchronously up front and
-every output transfer as soon as its nano-batch is computed, so remote inputs travel during L1
-(and R1) and outputs during R2 and L2. A nano-batch without transfers on any rank skips its
-collectives. On CUDA, NCCL runs async collectives on its own stream and `wait()` only orders the
-compute stream after them, so no extra stream is needed.
+- `single` (the default): the tasks run as one nano-batch. Each server's inputs arrive before its
+  one kernel call per direction, its outputs leave after it: the transfers are exposed, but every
+  server launches one call on all its work, where the overlapped schedules make two to four, each
+  with its own launch and last-wave tail, and NCCL's kernels compete with them for SMs. On 2 H100
+  (16 batches of each mix, 64k and 128k tokens per GPU, methods timed in rounds, 2026-11-26) it was
+  the fastest of the three on every mix: 1.048-1.134x the balanced ideal against 1.060-1.168x.
+- `halves`: local work L1, remote work R, local work L2 (`routing.nano_batches(split_remote=False)`):
+  the same messages as one nano-batch, each server's local work halved so that it computes while
+  the remote inputs travel (L1) and while the outputs return (L2); in backward likewise.
+- `ping_pong`: local work L1, remote work R1 and R2, local work L2 (`routing.nano_batches`). Every
+  input transfer is issued asynchronously up front and every output transfer as soon as its
+  nano-batch is computed, so remote inputs travel during L1 (and R1) and outputs during R2 and L2.
 
-Without overlap (`overlap=False`) the tasks run as one nano-batch: each server's inputs arrive
-before its one kernel call, its outputs leave after it. The transfers are exposed, but every
-server makes one call per direction on all its work, where the split schedules make two to four,
-each with its own launch and last-wave tail: which costs less depends on how long the attention is
-against the transfers (the benchmark times all three schedules, `disagg_single`).
+A nano-batch without transfers on any rank skips its collectives. On CUDA, NCCL runs async
+collectives on its own stream and `wait()` only orders the compute stream after them, so no extra
+stream is needed.
 
 Across data-parallel ranks (`parallel.disagg.group=dp_cp`) nothing here changes: the group is
 dp_cp and `cu_seqlens` are those of the ranks' rows joined by `rows.join_row_bounds`.
@@ -61,7 +58,7 @@ import torch
 import torch.distributed as dist
 
 from seqpar.attention.disagg import metrics
-from seqpar.attention.disagg.options import current, planner_overhead
+from seqpar.attention.disagg.options import SCHEDULES, current, planner_overhead
 from seqpar.attention.disagg.planner import plan_owned
 from seqpar.attention.disagg.routing import Route, nano_batches, owner_assemblies, owner_placements, route
 from seqpar.kernels.flash_attn import flash_attn, flash_attn_backward
@@ -69,14 +66,15 @@ from seqpar.parallel.sharding import group_size_rank, host_bounds, local_ranges
 
 
 def disagg_attention(q, k, v, *, group=None, causal=True, cu_seqlens=None, softmax_scale=None, layout="contiguous",
-                     eps=None, min_chunk=None, ping_pong=None, overlap=None):
-    """Beyond the ring contract: `eps`, `min_chunk`, `ping_pong`, `overlap` (None: the
-    process-wide `parallel.disagg.*` options, see `options.configure`; eps defaults to 0.1)."""
+                     eps=None, min_chunk=None, schedule=None):
+    """Beyond the ring contract: `eps`, `min_chunk`, `schedule` (None: the process-wide
+    `parallel.disagg.*` options, see `options.configure`; eps defaults to 0.1)."""
     opts = current()
     eps = opts.eps if eps is None else eps
     min_chunk = opts.min_chunk if min_chunk is None else min_chunk
-    ping_pong = opts.ping_pong if ping_pong is None else ping_pong
-    overlap = opts.overlap if overlap is None else overlap
+    schedule = opts.schedule if schedule is None else schedule
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule={schedule!r}: choose one of {SCHEDULES}")
     world, rank = group_size_rank(group)
     B, s_local = q.shape[:2]
     seq_len = s_local * world
@@ -93,7 +91,7 @@ def disagg_attention(q, k, v, *, group=None, causal=True, cu_seqlens=None, softm
     kv_row = hkv * (k.shape[3] + v.shape[3]) * k.element_size()
     misses = _plan_routes.cache_info().misses
     routes, info = _plan_routes(bounds, seq_len, world, rank, layout, float(eps), int(min_chunk), bool(causal),
-                                planner_overhead(opts), (q_row, kv_row), bool(ping_pong), bool(overlap))
+                                planner_overhead(opts), (q_row, kv_row), schedule)
     metrics.record_call(info, sum(r.sent_rows(q_row, kv_row) for r in routes),
                         new=_plan_routes.cache_info().misses > misses)
     flat = [t.reshape(B * s_local, *t.shape[2:]) for t in (q, k, v)]
@@ -102,8 +100,7 @@ def disagg_attention(q, k, v, *, group=None, causal=True, cu_seqlens=None, softm
 
 
 @functools.lru_cache(maxsize=64)  # every layer of a step plans the same boundaries
-def _plan_routes(bounds, seq_len, world, rank, layout, eps, min_chunk, causal, overhead, row_bytes, ping_pong,
-                 overlap=True):
+def _plan_routes(bounds, seq_len, world, rank, layout, eps, min_chunk, causal, overhead, row_bytes, schedule):
     t0 = time.perf_counter()
     rows = bounds[-1] // seq_len
     # owned chunks in local storage order (row-major, then the layout's chunk order)
@@ -111,7 +108,8 @@ def _plan_routes(bounds, seq_len, world, rank, layout, eps, min_chunk, causal, o
               for a, b in local_ranges(seq_len, world, r, layout)] for r in range(world)]
     p = plan_owned(list(bounds), owned, eps=eps, min_chunk=min_chunk, causal=causal, overhead=overhead,
                    row_bytes=row_bytes)
-    groups = (overlap and nano_batches(p.tasks, world, bounds, causal, min_chunk, owned, split_remote=ping_pong)
+    groups = (schedule != "single" and nano_batches(p.tasks, world, bounds, causal, min_chunk, owned,
+                                                    split_remote=schedule == "ping_pong")
               or [sorted(p.tasks, key=lambda t: (t.q_start, t.server))])
     routes = tuple(route(ts, bounds, owned, rank, causal) for ts in groups)
     info = {"imbalance_before": p.initial_imbalance, "imbalance_after": p.imbalance, "tasks": len(p.tasks),
