@@ -192,18 +192,50 @@ def test_fixed_length_rows_are_the_packers_windows():
 
 def test_fixed_rows_cost_the_packed_kernel_and_schedule_eras_share_kernel_fits(h100, calib):
     """llama_1b dp2 at 32k (the profile of 2026-11-26-4xh100-5th): its rows are two documents, so its
-    attention is the packed (Triton) call, dearer than cuDNN on the one document the model used to
-    assume. And the eras that changed only the disagg schedule fit the ring and kernels together."""
+    attention was the packed (Triton) call, dearer than cuDNN on the one document the model used to
+    assume; since 235a598 the split sends the long one to cuDNN again. And the eras that changed only
+    the disagg schedule fit the ring and kernels together."""
+    from dataclasses import replace
+
     from seqpar.sim.measurements import era_since, kernel_eras
     from seqpar.sim.step import predict_step
 
     cfg = _cfg("model=llama_1b", "parallel=none", "data=synthetic", "data.seq_len=32768", "data.distribution=fixed",
                "data.mean_len=32768", "train=long", "train.global_batch_size=2", "train.micro_batch_size=1")
-    packed = predict_step(cfg, 2, h100, calib)
-    dense = predict_step(cfg, 2, h100, calib, doc_bounds=[(0, 32768)])
+    before = replace(calib, era=era_since("235a598") - 1)
+    packed = predict_step(cfg, 2, h100, before)
+    dense = predict_step(cfg, 2, h100, before, doc_bounds=[(0, 32768)])
     assert packed["step_s"] > 1.1 * dense["step_s"]
+    split = predict_step(cfg, 2, h100, replace(calib, era=era_since("235a598")))
+    assert dense["step_s"] < split["step_s"] < 1.02 * dense["step_s"]
     assert kernel_eras(era_since("852d464")) == tuple(range(era_since("c8d5eb5"), era_since("852d464") + 1))
     assert kernel_eras(era_since("c8d5eb5")) == (era_since("c8d5eb5"),)
+
+
+def test_the_split_prices_long_documents_on_cudnn_at_their_bucket(calib):
+    """235a598's split: a document of >= 4096 tokens is one cuDNN call at its bucket length, the rest one
+    Triton call (launched even when nothing is left); rows of short documents only cost the Triton call."""
+    from dataclasses import replace
+
+    from seqpar.kernels.flash_attn.split import bucket_len
+    from seqpar.sim.attention_cost import attn_seconds, split_applies, split_call_seconds
+    from seqpar.sim.compute import AttnCall
+    from seqpar.sim.measurements import era_since
+
+    now = replace(calib, era=era_since("235a598"), packed_kernel="triton")
+    row = replace(AttnCall.varlen([5000, 300, 700]), splittable=True)
+    assert split_applies(now, row) and not split_applies(replace(now, packed_kernel="flash"), row)
+    assert not split_applies(replace(now, era=era_since("235a598") - 1), row)
+    assert not split_applies(now, AttnCall.varlen([5000, 300, 700], with_bounds=True))  # lse paths: no split
+    L = bucket_len(5000, 16)
+    assert L >= 5000 and L <= 5000 * 17 / 16
+    want = (attn_seconds(now, [AttnCall.dense(L, L, True)], 32, 128, "cudnn")
+            + attn_seconds(now, [AttnCall.varlen([300, 700])], 32, 128, "triton"))
+    assert split_call_seconds(now, row, 32, 128) == pytest.approx(want)
+    assert attn_seconds(now, [row], 32, 128) == pytest.approx(want)
+    short = replace(AttnCall.varlen([300, 700, 1000]), splittable=True)
+    assert attn_seconds(now, [short], 32, 128) == pytest.approx(attn_seconds(now, [AttnCall.varlen([300, 700, 1000])],
+                                                                             32, 128))
 
 
 def test_lane_folders_belong_to_their_run_folder(tmp_path):

@@ -37,6 +37,7 @@ Per method, what the code in seqpar/attention/ issues per layer (forward + backw
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 
 from seqpar.sim.comm import collective_time, overlapped, placed
 from seqpar.sim.compute import ATTN_FWD_BWD, REF_HD, AttnCall, attn_features, linear_attn_time
@@ -52,6 +53,36 @@ def bounded_one_on_triton(calib) -> bool:
     return calib.packed_kernel == "triton" and calib.era >= era_since("c8d5eb5")
 
 
+def split_applies(calib, call) -> bool:
+    """Whether a call runs through the split (kernels/flash_attn/split.py): from 235a598 on, where the
+    dispatcher chooses (`calib.packed_kernel` "triton"), a packed self-attention row without lse."""
+    from seqpar.sim.measurements import era_since
+
+    return (call.splittable and call.is_varlen and calib.packed_kernel == "triton"
+            and calib.era >= era_since("235a598"))
+
+
+def split_call_seconds(calib, call, heads: int, head_dim: int, per_octave: int | None = None) -> float:
+    """The split's cost: each document of at least the split's minimum on cuDNN at its bucket length
+    (the padded rows are computed and dropped), the rest as one Triton call (launched even when every
+    document went to cuDNN, to store the zeros the cuDNN results overwrite). Its K/V expansion for
+    GQA (a copy per long document) is left out: ~1% of the cuDNN call's time at 32k."""
+    from seqpar.kernels.flash_attn.split import BUCKETS_PER_OCTAVE, MIN_DOC_LEN, bucket_len
+
+    docs = [q for q, _ in call.segments]
+    long = [n for n in docs if n >= MIN_DOC_LEN]
+    short = [n for n in docs if n < MIN_DOC_LEN]
+    padded = [bucket_len(n, BUCKETS_PER_OCTAVE if per_octave is None else per_octave) for n in long]
+    t = sum(attn_seconds(calib, [AttnCall.dense(n, n, call.causal)], heads, head_dim, "cudnn") for n in padded)
+    if short:  # one Triton call with bounds (of one document: the bounded dense case)
+        rest = AttnCall.varlen(short, call.causal) if len(short) > 1 else AttnCall(((short[0], short[0]),),
+                                                                                    call.causal, True)
+        t += attn_seconds(calib, [rest], heads, head_dim, "triton")
+    else:
+        t += calib.attn["flash"].per_call * calib.triton_packed_ratio
+    return t
+
+
 def attn_seconds(calib, calls, heads: int, head_dim: int, family: str = "cudnn") -> float:
     """Dense calls run on `family`'s kernel; varlen (packed) calls on torch's varlen flash, or on
     seqpar's Triton kernel where the dispatcher sends them (`calib.packed_kernel`, the default since
@@ -61,6 +92,9 @@ def attn_seconds(calib, calls, heads: int, head_dim: int, family: str = "cudnn")
     bounded_triton = bounded_one_on_triton(calib)
     total = 0.0
     for call in calls:
+        if split_applies(calib, call):
+            total += split_call_seconds(calib, call, heads, head_dim)
+            continue
         fit_family = "flash" if call.is_varlen or call.with_bounds or family not in calib.attn else family
         fit = calib.attn[fit_family]
         ratio, kernel = 1.0, fit_family
@@ -247,8 +281,11 @@ def ring_layer(calib, cluster, rows, world, heads, kv_heads, head_dim, group, fa
 
 
 def _single_call(bounds) -> AttnCall:
+    """The model's own call over a row (cp = 1): flash_attn with the row's bounds, no lse."""
     docs = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
-    return AttnCall.varlen(docs) if len(docs) > 1 else AttnCall.dense(docs[0], docs[0], True)
+    if len(docs) > 1:
+        return replace(AttnCall.varlen(docs), splittable=True)
+    return AttnCall.dense(docs[0], docs[0], True)
 
 
 def ulysses_layer(calib, cluster, rows, world, heads, kv_heads, head_dim, group, family="cudnn", act=2):

@@ -49,6 +49,9 @@ class AttnCall:
     # family's dense kernel; one document is torch's varlen flash before c8d5eb5 (kernels/dispatch.py
     # _lse_backend) and Triton since (_wants_triton): attention_cost.attn_seconds picks by era
     with_bounds: bool = False
+    # self-attention over a packed row without lse (the model's own call where cp = 1, Ulysses' after its
+    # all-to-all): what kernels/dispatch.py's split takes from 235a598 on (`attention_cost.split_call_seconds`)
+    splittable: bool = False
 
     @staticmethod
     def dense(nq: int, nk: int, causal: bool) -> "AttnCall":

@@ -46,6 +46,10 @@ CODE_CHANGES = (
     # no run yet: what attention_cost models changes back (`era_since("852d464")`), not the constants
     ("2026-11-26T08:13:57+00:00", ("852d464 disagg without ping-pong back to each server's local work halved "
                                    "around R (reverts 755a3a8)")),
+    # no run yet: what attention_cost models changes (`era_since("235a598")`), not the constants
+    ("2026-11-26T10:10:47+00:00", ("235a598 packed self-attention rows (flash_attn without lse) through the "
+                                   "split: documents of >= 4096 tokens on cuDNN at their bucket length, the rest "
+                                   "in one Triton call (SPLIT_FASTER)")),
 )
 
 
@@ -344,6 +348,33 @@ def lasp_samples(found) -> list[dict]:
                                 world=world, H=data.get("heads", 32), D=data.get("dim", 128), file=path,
                                 measured=row["ms"] / 1e3, single=(row.get("single_ms") or 0) / 1e3,
                                 era=era_of(path, data), not_comparable=not_comparable(path, method, row["tokens"])))
+    return out
+
+
+# the kernels bench's packed flash rows the simulator prices: (bench kernel name) -> how
+KERNEL_ROWS = {"torch_varlen_flash": "flash", "seqpar_triton": "triton", "seqpar_split": "split"}
+
+
+def kernel_samples(found) -> list[dict]:
+    """The kernels bench's packed rows of torch's varlen flash, seqpar's Triton kernel and the split
+    (one GPU, fwd + bwd) on the anchor's lognormal documents (redrawn: rows whose document count or
+    longest document differ are skipped). The split's long documents ran at their bucket lengths,
+    but for the `split_exact*` files (exact lengths, before the buckets: `per_octave` 0)."""
+    from seqpar.bench.ring import lognormal_lengths
+
+    out = []
+    for path, data in found["kernels"]:
+        flash = data.get("flash") if isinstance(data.get("flash"), dict) else {}
+        for row in flash.get("rows", []):
+            how = KERNEL_ROWS.get(row.get("kernel"))
+            if how is None or row.get("layout") != "packed" or not row.get("fwdbwd_ms"):
+                continue
+            lens = lognormal_lengths(row["S"])
+            if len(lens) != row.get("n_docs") or max(lens) != row.get("max_doc"):
+                continue
+            out.append(dict(group=f"kernels packed S={row['S']}", kernel=how, S=row["S"], H=row["H"], D=row["D"],
+                            docs=tuple(lens), measured=row["fwdbwd_ms"] / 1e3, file=path, era=era_of(path, data),
+                            per_octave=0 if Path(path).name.startswith("split_exact") else None))
     return out
 
 

@@ -18,7 +18,7 @@ from seqpar.sim.attention_cost import _single_call, lasp_layer, ring_layer
 from seqpar.sim.calibrate import calibrate
 from seqpar.sim.cases import DISAGG_METHODS, RUNTIME_OF, disagg_case
 from seqpar.sim.measurements import (CODE_CHANGES, cluster_preset_of, diagnostic_exclusions, disagg_samples, e2e_samples,
-                                     lasp_samples, load_benchmarks, maxlen_exclusions, maxlen_memory_samples, ring_samples)
+                                     kernel_samples, lasp_samples, load_benchmarks, maxlen_exclusions, maxlen_memory_samples, ring_samples)
 from seqpar.sim.cluster import load_cluster
 from seqpar.sim.comm import placed
 from seqpar.sim.compute import linear_attn_time
@@ -40,6 +40,17 @@ def _attn_case(s, calib, cluster):
     total, _, compute = ring_layer(calib, cluster, [s["bounds"]], s["world"], s["H"], s["H"], s["D"], group, s["family"],
                                    layout=s.get("layout", "zigzag"))
     return compute if s["kind"] == "ring_compute" else total
+
+
+def _kernel_case(s, calib):
+    """A kernels bench row: the packed call on the kernel it names."""
+    from seqpar.sim.attention_cost import attn_seconds, split_call_seconds
+    from seqpar.sim.compute import AttnCall
+
+    call = AttnCall.varlen(s["docs"])
+    if s["kernel"] == "split":
+        return split_call_seconds(calib, call, s["H"], s["D"], s["per_octave"])
+    return attn_seconds(replace(calib, packed_kernel=s["kernel"]), [call], s["H"], s["D"])
 
 
 def _lasp_case(s, calib, cluster, single=False):
@@ -92,6 +103,12 @@ def validate(root=None) -> dict:
             fits = []  # doc_zigzag compute-only rows feed no fit
         cases.append(_case(name, s["measured"], _attn_case(s, own(s), cluster), _attn_case(s, loo(s), cluster),
                            s["world"] if s["kind"] != "single" else 1, s["file"], fits, era=s["era"]))
+
+    for s in kernel_samples(found):
+        label = {"flash": "torch varlen flash", "triton": "seqpar Triton flash", "split": "split (cuDNN + Triton)"}
+        name = f"kernel {label[s['kernel']]} 1 GPU S={s['S'] // 1024}k packed {len(s['docs'])} docs"
+        cases.append(_case(name, s["measured"], _kernel_case(s, own(s)), _kernel_case(s, loo(s)), 1, s["file"],
+                           ["Triton packed ratio"] if s["kernel"] != "split" else [], era=s["era"]))
 
     seen_single = set()
     for s in lasp_samples(found):
