@@ -37,10 +37,11 @@ elements (default 5e8: 1.86 GiB in fp32) allocated whatever the model's size, tw
 `overlap_comm`. What the allocator does not count (the CUDA context, NCCL's buffers,
 fragmentation) is in `MARGIN`.
 
-The peak is the larger of two moments (`MemoryEstimate.total`). In backward, activations are
-freed as gradients are made, so the peak is at one of its ends: all activations and the loss's
-saved gradients at its start, all gradients at its end (both at its start when earlier
-micro-batches' gradients are held). At the optimizer step: parameters, gradients, moments and
+The peak is the largest of four moments (`MemoryEstimate.total`). In backward, activations are
+freed as gradients are made: all activations and the loss's saved gradients at its start; all
+activations and the first layer's transient once the final norm has consumed the loss's tensors
+(but the output head's gradient); all gradients and the last layer's transient at its end
+(`MemoryEstimate.backward_peak`; earlier micro-batches' gradients on top when accumulating). At the optimizer step: parameters, gradients, moments and
 foreach AdamW's temporary, one moment's size (llama_8b on one H200: 150 GiB, whatever the
 length). With `train.offload_optimizer` the moments live in host memory and visit the device
 bucket by bucket during the step only.
@@ -78,6 +79,7 @@ class MemoryEstimate:
     loss: int  # the fused cross-entropy's saved gradients (its chunk of logits is in `transient`)
     transient: int  # the largest short-lived buffer set on top (named in `transient_what`)
     transient_what: str = ""
+    head_grad: int = 0  # of `loss`, the output head's gradient: kept through the rest of the backward
     per_layer: dict[str, int] = field(default_factory=dict)  # saved bytes of one layer, by type (S, L)
     stage: int = 0
     layers: int = 0
@@ -90,12 +92,20 @@ class MemoryEstimate:
 
     @property
     def backward_peak(self) -> int:
-        """Activations are consumed as gradients are made: the sum of the two peaks at either end
-        of the backward (all activations and the loss's saved gradients at its start; all gradients
-        at its end), unless earlier micro-batches' gradients are already there at its start."""
-        held = self.params + self.fixed + self.transient + (0 if self.optimizer_in_step_only else self.optimizer)
-        start = self.activations + self.loss + (self.grads if self.accumulating else 0)
-        return held + max(start, self.grads)
+        """The highest of three moments of the backward (earlier micro-batches' gradients held at
+        each when accumulating): its start, all activations and the loss's saved gradients; the
+        first layer it runs through, all activations, the output head's gradient and that layer's
+        transient (the final norm's backward has consumed the rest of the loss's); and its end,
+        all gradients and the last layer's transient. Activations are consumed as gradients are
+        made. Recorded on one H100 (logging.memory_snapshot, llama_1b, 128k tokens, 2026-11-26):
+        full checkpointing peaked in the first layer, all 16 block inputs live and the loss's
+        tensors gone but one; activation offload peaked late, most gradients made."""
+        held = self.params + self.fixed + (0 if self.optimizer_in_step_only else self.optimizer)
+        earlier = self.grads if self.accumulating else 0
+        start = self.activations + self.loss + earlier
+        first_layer = self.activations + self.head_grad + self.transient + earlier
+        end = self.grads + self.transient
+        return held + max(start, first_layer, end)
 
     @property
     def step_peak(self) -> int:
@@ -289,10 +299,11 @@ def estimate(cfg, world: int) -> MemoryEstimate:
         transients = {what: amount for kind in per_layer for _, amount, what in [saved(kind)]}
         if last:
             # the final norm's input, the saved grad of the hidden states (fp32 chunk logits below)
-            loss = (2 * r * m.d_model + 4) * tokens + p * m.vocab_size * m.d_model
+            head_grad = p * m.vocab_size * m.d_model
+            loss = (2 * r * m.d_model + 4) * tokens + head_grad
             transients["one cross-entropy chunk"] = min(tokens, CE_CHUNK) * m.vocab_size * (4 + a)
         else:
-            loss = 0
+            loss = head_grad = 0
         if shards > 1:
             # FSDP2 gathers the root (embedding, output head) for the whole forward and two blocks at a
             # time (prefetch); the estimate keeps them unsharded on top of the largest transient
@@ -319,7 +330,7 @@ def estimate(cfg, world: int) -> MemoryEstimate:
             temporaries = min(temporaries, p * DEFAULT_BUCKET_NUMEL)
         est = MemoryEstimate(params=p * held[0], grads=p * held[1], optimizer=moments,
                              optimizer_what="AdamW moments in flight from host" if t.offload_optimizer else "AdamW moments",
-                             activations=int(acts), loss=int(loss),
+                             activations=int(acts), loss=int(loss), head_grad=int(head_grad),
                              transient=int(amount), transient_what=what, per_layer=per_layer, stage=s,
                              layers=len(layers), tokens=tokens, fixed=fixed_allocations(cfg),
                              step_temporaries=temporaries, optimizer_in_step_only=t.offload_optimizer,
