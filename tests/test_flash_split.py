@@ -288,6 +288,10 @@ def test_dispatch_split_rules(monkeypatch):
     assert dispatch._flash_attn_backend(x, x, x, cu_seqlens=cu) != "split"
     monkeypatch.setattr(dispatch, "SPLIT_FASTER", frozenset({"packed"}))
     assert dispatch._flash_attn_backend(x, x, x, cu_seqlens=cu) == "split"
+    gqa = torch.zeros(1, 10, 1, 64)  # K/V would be expanded to the query heads: forced only
+    assert dispatch._flash_attn_backend(x, gqa, gqa, cu_seqlens=cu) != "split"
+    monkeypatch.setenv("SEQPAR_ATTN_KERNEL", "split")
+    assert dispatch._flash_attn_backend(x, gqa, gqa, cu_seqlens=cu) == "split"
 
 
 # ---------------------------------------------------------------- CUDA (bf16)
