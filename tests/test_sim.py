@@ -830,14 +830,22 @@ def test_todays_one_task_server_runs_triton_and_l1_r_l2_returns_remote_results_e
     groups = nano_batches(p.tasks, 2, list(bounds), True, 128, owned, split_remote=False)
     assert len(groups) == 3 and any(t.server != t.owner for t in groups[1])
     assert all(t.server == t.owner for t in groups[0] + groups[2])
-    today = disagg_layer(new, h100, [bounds], 2, 32, 8, 128, g2)
+    today = disagg_layer(new, h100, [bounds], 2, 32, 8, 128, g2, schedule="halves")
     assert today == _ping_pong_layer(new, h100, [bounds], 2, 32, 8, 128, g2, "flash", 2, 0.1, 128, None,
                                      split_remote=False)
+    # 219ea22: the default is one call per server again, its transfers exposed
+    single = disagg_layer(new, h100, [bounds], 2, 32, 8, 128, g2)
+    assert single == disagg_layer(new, h100, [bounds], 2, 32, 8, 128, g2, schedule="single")
+    assert single[0] == pytest.approx(single[1] + single[2]) and single[1] > 0
+    halves_era = replace(new, era=era_since("219ea22") - 1)
+    assert disagg_layer(halves_era, h100, [bounds], 2, 32, 8, 128, g2) == \
+        disagg_layer(halves_era, h100, [bounds], 2, 32, 8, 128, g2, schedule="halves")
     before = disagg_layer(old, h100, [bounds], 2, 32, 8, 128, g2)
     assert before[0] == pytest.approx(before[1] + before[2])  # eras 0-1: one nano-batch, transfers exposed
     # without the SM-sharing tax (which a rank pays computing L2 while its issued output waits for
     # the server) the transfers hide behind L1 and L2 on this batch: nothing exposed
-    untaxed = lambda c: disagg_layer(replace(c, overlap_tax=0.0), h100, [bounds], 2, 32, 8, 128, g2)
+    untaxed = lambda c: disagg_layer(replace(c, overlap_tax=0.0), h100, [bounds], 2, 32, 8, 128, g2,
+                                     schedule="halves" if c.era >= era_since("c8d5eb5") else None)
     assert before[1] > 1e-3 and untaxed(new)[1] == pytest.approx(0.0, abs=1e-9)
     assert untaxed(old)[1] == pytest.approx(before[1])
 
@@ -849,7 +857,7 @@ def test_an_era_without_runs_inherits_the_fitted_constants(tmp_path):
 
     latest = len(CODE_CHANGES)
     for folder in sorted(bench_dir().iterdir()):
-        runs = [f for f in folder.glob("*.json*")] if folder.is_dir() else []
+        runs = [f for f in folder.rglob("*.json*")] if folder.is_dir() else []  # lanes below it too
         if runs and not any(era_of(str(f), _json_or_none(f)) == latest for f in runs):
             (tmp_path / folder.name).symlink_to(folder)
     assert len(list(tmp_path.iterdir())) < len([f for f in bench_dir().iterdir() if f.is_dir()]), "today has runs"

@@ -349,14 +349,23 @@ def perdoc_layer(calib, cluster, rows, world, heads, kv_heads, head_dim, group, 
     return compute + comm, comm, compute
 
 
-def disagg_layer(calib, cluster, rows, world, heads, kv_heads, head_dim, group, family="cudnn", act=2,
-                 overlap=False, eps=0.1, min_chunk=128, task_overhead=None):
-    """`overlap`: False (seqpar's default: before the era of c8d5eb5 one nano-batch with the
-    transfers exposed, from it L1, R, L2 through `_ping_pong_layer`), True (seqpar's ping-pong as
-    its runtime runs it), "distca" (DistCA's schedule, every transfer behind the other
-    nano-batch's attention: the sweep's comparison with the paper)."""
-    from seqpar.attention.disagg.planner import TASK_OVERHEAD
+def default_schedule(era: int) -> str:
+    """The disagg runtime's schedule without ping-pong or `parallel.disagg.schedule`, as the era's code
+    ran it: one nano-batch (eras 0-1), local halves around the remote work (c8d5eb5 / e23bcd3 on; era
+    3's equal tails are rebuilt inside `_ping_pong_layer`), one call per server again from 219ea22."""
     from seqpar.sim.measurements import era_since
+
+    return "halves" if era_since("c8d5eb5") <= era < era_since("219ea22") else "single"
+
+
+def disagg_layer(calib, cluster, rows, world, heads, kv_heads, head_dim, group, family="cudnn", act=2,
+                 overlap=False, eps=0.1, min_chunk=128, task_overhead=None, schedule=None):
+    """`schedule` (`parallel.disagg.schedule`): "single" (one nano-batch, the transfers exposed),
+    "halves" (L1, R, L2 through `_ping_pong_layer`), "ping_pong" (seqpar's ping-pong as its runtime
+    runs it); None: the era's default (`default_schedule`). `overlap`: True is "ping_pong" (the
+    option before 219ea22), "distca" DistCA's schedule, every transfer behind the other nano-batch's
+    attention (the sweep's comparison with the paper)."""
+    from seqpar.attention.disagg.planner import TASK_OVERHEAD
 
     # the runtime always passes cu_seqlens and takes the lse: a server's call of one task is the
     # dense_lse case with bounds (torch's flash before c8d5eb5, Triton since: `attn_seconds`),
@@ -388,9 +397,12 @@ def disagg_layer(calib, cluster, rows, world, heads, kv_heads, head_dim, group, 
     if overlap == "distca":  # DistCA's schedule: the other nano-batch's attention hides the all-to-alls
         total = overlapped(compute, comm, calib.overlap_tax)
         return total, total - compute, compute
-    if overlap or calib.era >= era_since("c8d5eb5"):
+    schedule = "ping_pong" if overlap is True else (schedule or default_schedule(calib.era))
+    if schedule in ("halves", "ping_pong"):
         return _ping_pong_layer(calib, cluster, rows, world, heads, kv_heads, head_dim, group, family, act, eps,
-                                min_chunk, task_overhead, split_remote=bool(overlap))
+                                min_chunk, task_overhead, split_remote=schedule == "ping_pong")
+    if schedule != "single":
+        raise ValueError(f"parallel.disagg.schedule={schedule!r}: the simulator models single, halves, ping_pong")
     return compute + comm, comm, compute
 
 

@@ -9,10 +9,26 @@ from seqpar.sim.attention_cost import _single_call, attn_seconds, disagg_layer, 
 from seqpar.sim.comm import placed
 
 DISAGG_METHODS = {"dp_no_rebalance": "data parallel, no rebalancing", "disagg": "disagg (ping-pong)",
-                  "disagg_no_pingpong": "disagg (no ping-pong)", "ring": "ring (zigzag)", "per_doc_cp": "per-document CP"}
+                  "disagg_no_pingpong": "disagg (no ping-pong)", "disagg_single": "disagg (single)",
+                  "ring": "ring (zigzag)", "per_doc_cp": "per-document CP"}
 
 # which runtime extra (attention_cost.runtime_extra) each benchmark method pays
-RUNTIME_OF = {"disagg": "disagg", "disagg_no_pingpong": "disagg", "per_doc_cp": "per_doc_cp", "ring": "ring_packed"}
+RUNTIME_OF = {"disagg": "disagg", "disagg_no_pingpong": "disagg", "disagg_single": "disagg", "per_doc_cp": "per_doc_cp",
+              "ring": "ring_packed"}
+
+
+def bench_schedule(method: str, era: int) -> str:
+    """The runtime schedule a disagg bench key timed: `disagg` ping-pong, `disagg_single` one call per
+    server (d987b2e on), `disagg_no_pingpong` the era's schedule without ping-pong (one nano-batch in
+    eras 0-1, the local halves since c8d5eb5 / e23bcd3, named `halves` since 219ea22)."""
+    from seqpar.sim.attention_cost import default_schedule
+    from seqpar.sim.measurements import era_since
+
+    if method == "disagg":
+        return "ping_pong"
+    if method == "disagg_single":
+        return "single"
+    return "halves" if era >= era_since("c8d5eb5") else default_schedule(era)
 
 
 def disagg_method_seconds(method, bounds, s, calib, cluster) -> float:
@@ -27,7 +43,7 @@ def disagg_method_seconds(method, bounds, s, calib, cluster) -> float:
         return ring_layer(calib, cluster, [bounds], world, H, Hkv, D, group)[0]
     if method == "per_doc_cp":
         return perdoc_layer(calib, cluster, [bounds], world, H, Hkv, D, group)[0]
-    return disagg_layer(calib, cluster, [bounds], world, H, Hkv, D, group, overlap=method == "disagg",
+    return disagg_layer(calib, cluster, [bounds], world, H, Hkv, D, group, schedule=bench_schedule(method, calib.era),
                         eps=s.get("eps", 0.1), min_chunk=s.get("min_chunk", 128), task_overhead=s.get("task_overhead"))[0]
 
 

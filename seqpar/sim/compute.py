@@ -121,8 +121,18 @@ def elementwise_parts(model_cfg, kind: str, tp: int, act: int = 2, sp: bool = Tr
     casts = 2 * (p + act) * d / split if p != act else 0.0  # an fp32 stream cast for the block inputs
     swiglu = 3 * act * ffn // tp  # silu(w1 x) * w3 x: read two, write one
     rope = 2 * 2 * act * (q + kv) if kind == "S" else 0.0
-    gates = 9 * 2 * act * q if kind != "S" else 0.0  # lightning's gates and output norm
-    return {"norms": 3.0 * norms, "rope": 3.0 * rope, "other": 3.0 * (residual + casts + swiglu + gates)}
+    out = {"norms": 3.0 * norms, "rope": 3.0 * rope, "other": 3.0 * (residual + casts + swiglu)}
+    if kind != "S":
+        # LinearAttention's eager ops over the heads' width, counted forward and backward (not 3x the
+        # forward): silu(q), silu(k), sigmoid(g) read one and write one forward, read two and write one
+        # backward; o * gate reads two, writes one forward, twice that backward: 24 passes. Its output
+        # norm is seqpar's Triton RMSNorm over each head (one read and write forward, ~2x backward).
+        # (Before: 9 forward passes x 3, for gates and norm at the eager factor, which put the
+        # hybrid_1b dp2 step of the 2026-11-26 H100 profile ~6 ms per linear layer over; the profile's
+        # eager ops differ by ~1 ms per layer between hybrid_1b and llama_1b.)
+        out["other"] += 24 * act * q
+        out["norms"] += 3 * 2 * act * q
+    return out
 
 
 def elementwise_bytes_per_token(model_cfg, kind: str, tp: int, act: int = 2, sp: bool = True) -> float:

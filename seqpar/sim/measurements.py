@@ -50,13 +50,17 @@ CODE_CHANGES = (
     ("2026-11-26T10:10:47+00:00", ("235a598 packed self-attention rows (flash_attn without lse) through the "
                                    "split: documents of >= 4096 tokens on cuDNN at their bucket length, the rest "
                                    "in one Triton call (SPLIT_FASTER)")),
+    # what attention_cost models changes (`era_since("219ea22")`: the default schedule), not the constants
+    ("2026-11-26T10:14:53+00:00", ("219ea22 disagg's default schedule single (one kernel call per server, its "
+                                   "transfers exposed; parallel.disagg.schedule=single|halves|ping_pong replaces "
+                                   "ping_pong)")),
 )
 
 
 # CODE_CHANGES entries that changed only the disagg runtime's schedule (which local work runs when):
 # the ring, the attention kernels and their dispatch are the same code before and after them, so the
 # ring and kernels benchmarks of those eras measure one thing and are fitted together (`kernel_eras`)
-DISAGG_SCHEDULE_ONLY = ("755a3a8", "852d464")
+DISAGG_SCHEDULE_ONLY = ("755a3a8", "852d464", "219ea22")
 
 
 def kernel_eras(era: int) -> tuple[int, ...]:
@@ -88,8 +92,9 @@ COMMITTED_BY = {
     # after 755a3a8 and with nothing since that changes what the model costs (split attention is
     # opt-in, the autotune cache only shortens step 1), so era 3 either way
     "2026-11-26-4xh200-4th": "2026-11-26T08:07:48+00:00",  # 69140ea
-    # the fifth session (4x H100): code 1d2c17d plus benchmark scripts; its maxlen JSONs give only the day
-    "2026-11-26-4xh100-5th": "2026-11-26T09:55:26+00:00",  # e9b18af
+    # the fifth session (4x H100): its maxlen JSONs give only the day; the run folder's lanes are dated
+    # by their own or their call's timed JSONs (`_folder_date`)
+    "2026-11-26-4xh100-5th/call1": "2026-11-26T09:55:26+00:00",  # e9b18af
     # the GPU call whose kernels bench made fc26d23 (23:10:59) send packed rows to Triton ran these
     # before that commit (results committed with 14f0567 at 23:16, "dispatch since then")
     "2026-11-25-h100-llama1b-kernels": "2026-11-25T23:10:58+00:00",
@@ -134,7 +139,10 @@ def run_date(path, data=None):
     the day its run folder is named for (`YYYY-MM-DD-...`); never after the commit that added it where
     `COMMITTED_BY` says; None if nothing says."""
     when = _run_date(path, data)
-    bound = COMMITTED_BY.get(run_key(path)) or COMMITTED_BY.get(run_folder(path).name)
+    key = run_key(path)
+    # the file's own entry, else the nearest folder's (a lane, a call, the run folder)
+    bound = next((COMMITTED_BY[k] for k in [key] + [key.rsplit("/", n)[0] for n in range(1, key.count("/") + 1)]
+                  if k in COMMITTED_BY), None)
     return min(when, _parse_date(bound)) if when is not None and bound else when
 
 
@@ -146,19 +154,30 @@ def _run_date(path, data=None):
 
 @functools.lru_cache(maxsize=None)
 def _folder_date(path: str):
-    """The latest `date` of the JSONs beside an undated file, else its run folder's day (read once)."""
-    folder = Path(path).parent
+    """An undated file's time (read once): the latest `date` of the JSONs beside it; below a run folder
+    (the fifth session's `callN/<lane>/`) where none beside it has one, the latest full timestamp
+    of its call's JSONs (the lanes of one call ran together); else its run folder's day."""
+    folder, top = Path(path).parent, run_folder(path)
+    dates = _json_dates(folder, "*.json")
+    if not dates and folder != top:
+        call = next((f for f in Path(path).parents if f.parent == top), folder)
+        dates = [d for d in _json_dates(call, "**/*.json") if d.hour or d.minute or d.second][-1:] or \
+            _json_dates(call, "**/*.json")
+    if dates:
+        return max(dates)
+    return _parse_date(top.name[:10])
+
+
+def _json_dates(folder: Path, pattern: str) -> list:
     dates = []
-    for other in sorted(folder.glob("*.json")):
+    for other in sorted(folder.glob(pattern)):
         try:
             d = json.loads(other.read_text())
         except (OSError, json.JSONDecodeError):
             continue
         if isinstance(d, dict) and d.get("date") and _parse_date(d["date"]):
             dates.append(_parse_date(d["date"]))
-    if dates:
-        return max(dates)
-    return _parse_date(run_folder(path).name[:10])
+    return sorted(dates)
 
 
 def cluster_preset_of(path) -> str:
@@ -498,6 +517,16 @@ E2E_RUNS.update({"dp2_metrics.jsonl": dict(world=2, script="docs/benchmarks/disa
                  "dp2_disagg_dp_cp_metrics.jsonl": dict(
                      world=2, script="docs/benchmarks/disagg_dp_cp_gpu.sh", fit=None,
                      overrides=[*_DP_CP, "parallel.softmax_sp=disagg", "parallel.disagg.group=dp_cp"])})
+
+def era_overrides(era: int, overrides) -> list[str]:
+    """The overrides that give today's config the defaults of the code a run of `era` ran: without
+    ping-pong, disagg ran the local halves from c8d5eb5 / e23bcd3 until 219ea22 made `single` the
+    default (one nano-batch before c8d5eb5, which `single` is)."""
+    if any(o.startswith("parallel.disagg.schedule=") for o in overrides) or \
+            "parallel.softmax_sp=disagg" not in overrides:
+        return []
+    return ["parallel.disagg.schedule=halves"] if era_since("c8d5eb5") <= era < era_since("219ea22") else []
+
 
 # Runs made before seqpar's Triton RMSNorm/RoPE/fused CE and its bf16 residual stream (commit
 # 14f0567's notes, docs/benchmarks/README.md): torch's element-wise ops and an fp32 residual.

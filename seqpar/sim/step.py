@@ -125,6 +125,14 @@ def dp_draws(cfg, dp: int, rows_per_rank: int, n_micro: int, doc_bounds=None) ->
     return [[drawn[(i * dp + d) * per:(i * dp + d + 1) * per] for d in range(dp)] for i in range(k)]
 
 
+def disagg_schedule(opts) -> str | None:
+    """`parallel.disagg.schedule` (219ea22 on), or the `ping_pong` flag of the configs before it (then
+    None: the era's default without ping-pong, `attention_cost.default_schedule`)."""
+    if opts.get("schedule"):
+        return opts["schedule"]
+    return "ping_pong" if opts.get("ping_pong") else None
+
+
 def dp_cp_disagg(cfg) -> bool:
     """Whether attention work moves between data-parallel ranks (`parallel.disagg.group=dp_cp`, the
     default; callers also need dp > 1)."""
@@ -160,7 +168,7 @@ def dp_attention(kind, cfg, calib, cluster, sizes, draws, tokens_rank, family) -
             joined = joined_row([rows[0] for rows in ranks])
             kw = dict(eps=opts.get("eps", 0.1), min_chunk=opts.get("min_chunk", 128))
             t = disagg_layer(calib, cluster, [joined], dp * cp, H, Hkv, D, group, family,
-                             overlap=bool(opts.get("ping_pong", False)), **kw)
+                             schedule=disagg_schedule(opts), **kw)
             moved.append(disagg_moved_bytes(joined, dp * cp, H, Hkv, D, **kw))
             own = [_cached(cache, kind, cfg, calib, cluster, {**sizes, "dp": 1}, rows, tokens_rank, family)[0]
                    for rows in ranks]  # before balancing: each rank its own rows
@@ -204,11 +212,12 @@ def _attention(kind, cfg, calib, cluster, sizes, rows, tokens_rank, family):
     if method == "perdoc":
         return perdoc_layer(*args)
     if method in ("disagg", "disagg_overlap"):
-        # parallel.disagg.ping_pong (default off): seqpar's nano-batch schedule; disagg_overlap (the
-        # sweep's DistCA): every all-to-all hidden behind the other nano-batch's attention
+        # parallel.disagg.schedule: seqpar's nano-batch schedules; disagg_overlap (the sweep's DistCA):
+        # every all-to-all hidden behind the other nano-batch's attention
         opts = getattr(p, "disagg", None) or {}
-        overlap = "distca" if method == "disagg_overlap" else bool(opts.get("ping_pong", False))
-        return disagg_layer(*args, overlap=overlap, eps=opts.get("eps", 0.1), min_chunk=opts.get("min_chunk", 128))
+        overlap = "distca" if method == "disagg_overlap" else False
+        return disagg_layer(*args, overlap=overlap, schedule=disagg_schedule(opts), eps=opts.get("eps", 0.1),
+                            min_chunk=opts.get("min_chunk", 128))
     if method == "usp":
         u = p.ulysses_degree
         ug, rg = usp_groups(sizes, u, cluster.gpus_per_node)

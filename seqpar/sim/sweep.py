@@ -164,7 +164,7 @@ def dp_disagg(cluster, calib, *, gpus=(16, 64, 256), lengths=(65536, 131072), mi
 def measured_dp_disagg(root=None) -> list[dict]:
     """seqpar's 2-GPU disagg benchmark (attention only, fwd+bwd per layer): no rebalancing against
     disagg with and without ping-pong, mean over the batches, per run, mix and tokens per rank."""
-    from seqpar.sim.measurements import disagg_samples, load_benchmarks
+    from seqpar.sim.measurements import disagg_samples, load_benchmarks, run_key
 
     out = []
     for s in disagg_samples(load_benchmarks(root)):
@@ -172,7 +172,7 @@ def measured_dp_disagg(root=None) -> list[dict]:
         if rows:
             plain, ours, no_pp = (sum(r.get(key, float("nan")) for r in rows) / len(rows)
                                   for key in ("dp_no_rebalance_ms", "disagg_ms", "disagg_no_pingpong_ms"))
-            out.append(dict(run=Path(s["file"]).parent.name, mix=s["mix"], tokens_per_rank=s["tokens"],
+            out.append(dict(run=str(Path(run_key(s["file"])).parent), mix=s["mix"], tokens_per_rank=s["tokens"],
                             batches=len(rows), dp_no_rebalance_ms=round(plain, 1), disagg_ms=round(ours, 1),
                             disagg_no_pingpong_ms=round(no_pp, 1), speedup=round(plain / ours, 3),
                             speedup_no_pingpong=round(plain / no_pp, 3)))

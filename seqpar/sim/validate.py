@@ -65,7 +65,9 @@ def _e2e_case(s, calib, cluster):
     from seqpar.sim.configs import plain_config
     from seqpar.sim.step import memory_per_rank, predict_step
 
-    cfg = plain_config(s["overrides"])
+    from seqpar.sim.measurements import era_overrides
+
+    cfg = plain_config(s["overrides"] + era_overrides(s["era"], s["overrides"]))
     calib = replace(calib, packed_kernel=s.get("packed_kernel", "triton"))  # what the run's dispatcher chose
     step = predict_step(cfg, s["world"], cluster, calib, torch_elementwise=s["torch_elementwise"])
     return step["step_s"], memory_per_rank(cfg, s["world"])["total_gib"]
@@ -215,6 +217,23 @@ def table(result: dict) -> str:
     s = result["summary"]
     lines.append(f"{s['within_goal']}/{s['cases']} cases within {result['goal_rel_err']:.0%} "
                  f"({s['within_goal_loo']}/{s['cases']} leave-one-group-out)")
+    return "\n".join(lines)
+
+
+def markdown(result: dict) -> str:
+    """The cases as docs/sim.md's Validation table (run: the run folder without its date, and the lane
+    for files below it)."""
+    from pathlib import Path
+
+    from seqpar.sim.measurements import run_key
+
+    lines = ["| case | run | era | GPUs | measured | predicted | error | leave-one-group-out | fitted on it |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for c in result["cases"]:
+        run = str(Path(run_key(c["file"])).parent)[len("2026-11-26-"):]
+        lines.append(f"| {c['name']} | {run} | {c['era']} | {c['world']} | {c['measured_s'] * 1e3:.2f} ms | "
+                     f"{c['predicted_s'] * 1e3:.2f} ms | {c['rel_err']:+.1%} | {c['loo_rel_err']:+.1%} | "
+                     f"{', '.join(c['in_sample']) or '-'} |")
     return "\n".join(lines)
 
 
