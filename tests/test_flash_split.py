@@ -58,6 +58,24 @@ def test_split_bounds_awkward_mixes(lengths, min_len, long_idx):
     assert _pieces(bq, bk) == want
 
 
+def test_documents_beyond_the_scratch_bound_stay_in_the_triton_call(monkeypatch):
+    from seqpar.kernels.flash_attn import split
+
+    bounds = _cu([6, 1, 12, 9]).tolist()
+    assert split_bounds(bounds, 5, 9)[0] == [(0, 6), (19, 28)]  # the 12-token document stays short
+    assert split_bounds(bounds, 5)[0] == [(0, 6), (7, 19), (19, 28)]
+    # the bound: the cuDNN calls' tensors (eight of the query heads per token) within the scratch MiB
+    monkeypatch.setenv(split.SCRATCH_ENV, "1")
+    assert split.max_doc_len(4, 64, 2) == (1 << 20) // (8 * 4 * 64 * 2) == 256
+    assert split.max_doc_len(4, 64, 8) == 64  # fp64, as below
+    calls = []
+    _check_split(_reference_kernels(calls), [100, 5, 50], 9, 4, 4, 64, True, F64, 1e-12, seed=4, per_octave=0)
+    assert [c for c in calls if c[0] == "dense"] == [("dense", 50)]  # the 100-token document: Triton
+    monkeypatch.setenv(split.SCRATCH_ENV, "lots")
+    with pytest.raises(ValueError, match="SEQPAR_CUDNN_SCRATCH_MB='lots': need a positive number of MiB"):
+        split.max_doc_len(4, 64, 2)
+
+
 def test_split_bounds_rejects_bad_boundaries():
     for bad in ([5, 9], [0, 4, 2], [0]):
         with pytest.raises(ValueError, match="cu_seqlens"):
@@ -288,9 +306,7 @@ def test_dispatch_split_rules(monkeypatch):
     assert dispatch._flash_attn_backend(x, x, x, cu_seqlens=cu) != "split"
     monkeypatch.setattr(dispatch, "SPLIT_FASTER", frozenset({"packed"}))
     assert dispatch._flash_attn_backend(x, x, x, cu_seqlens=cu) == "split"
-    gqa = torch.zeros(1, 10, 1, 64)  # K/V would be expanded to the query heads: forced only
-    assert dispatch._flash_attn_backend(x, gqa, gqa, cu_seqlens=cu) != "split"
-    monkeypatch.setenv("SEQPAR_ATTN_KERNEL", "split")
+    gqa = torch.zeros(1, 10, 1, 64)
     assert dispatch._flash_attn_backend(x, gqa, gqa, cu_seqlens=cu) == "split"
 
 

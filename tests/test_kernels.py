@@ -416,10 +416,10 @@ def test_cuda_flash_attn_fast_paths_match_reference(layout, dtype):
     docs = {"dense": {}, "packed": {"cu_seqlens": _cu(lq).cuda()}, "one_document": {"cu_seqlens": _cu(lq).cuda()},
             "varlen_qk": {"cu_seqlens_q": _cu(lq).cuda(), "cu_seqlens_k": _cu(lk).cuda()}}[layout]
     dense = layout in ("dense", "one_document")
-    # packed documents with GQA (8/2 heads here) and distinct query and key boundaries: seqpar's
-    # Triton kernel, measured faster than torch's varlen flash (dispatch.TRITON_FASTER); the split
-    # takes equal head counts only, unless forced (tests/test_flash_split.py)
-    want = {"dense": "sdpa", "one_document": "sdpa", "packed": "triton", "varlen_qk": "triton"}[layout]
+    # packed documents: the split (long documents through cuDNN, the rest through seqpar's Triton
+    # kernel; dispatch.SPLIT_FASTER); distinct query and key boundaries: the Triton kernel, both
+    # measured faster than torch's varlen flash (dispatch.TRITON_FASTER)
+    want = {"dense": "sdpa", "one_document": "sdpa", "packed": "split", "varlen_qk": "triton"}[layout]
     assert kernels.backend("flash_attn", q, k, v, **docs) == want
     out = kernels.flash_attn(q, k, v, **docs)
     go = torch.randn_like(out)

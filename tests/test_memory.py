@@ -330,3 +330,23 @@ def test_offered_knobs_pass_config_validation():
         world = int(knob.split(" on ")[1].split()[0]) if " on " in knob else 2
         overrides = [kv for kv in knob.split(" -> ")[0].split(" on ")[0].split() if "=" in kv]
         validate(_cfg(*SMALL, "parallel.cp=1", "parallel.tp=2", "data.seq_len=65536", *overrides), world)
+
+
+def test_split_attention_scratch_is_counted_where_attention_sees_whole_documents(monkeypatch):
+    import seqpar.config
+    from seqpar.kernels.flash_attn.split import max_doc_len, scratch_per_token
+    from seqpar.memory import split_scratch
+
+    monkeypatch.setattr(seqpar.config, "use_cuda", lambda cfg: True)
+    one = _cfg(*SMALL, "parallel.cp=1", "data.seq_len=8192", "train.dtype=auto")  # bf16 under autocast
+    assert split_scratch(one) == 8192 * scratch_per_token(4, 16, 2) == 8192 * 8 * 4 * 16 * 2
+    monkeypatch.setenv("SEQPAR_CUDNN_SCRATCH_MB", "6")  # a document beyond the bound stays in the Triton call
+    assert split_scratch(one) == max_doc_len(4, 16, 2) * scratch_per_token(4, 16, 2) == 6144 * 1024
+    monkeypatch.setenv("SEQPAR_CUDNN_SCRATCH_MB", "3")  # the bound below the split's shortest document: none
+    assert split_scratch(one) == 0
+    monkeypatch.delenv("SEQPAR_CUDNN_SCRATCH_MB")
+    with_split, ring = estimate(one, world=1), estimate(_cfg(*SMALL, "data.seq_len=8192", "train.dtype=auto"), 2)
+    assert "split attention's cuDNN scratch" in with_split.transient_what
+    assert split_scratch(_cfg(*SMALL, "data.seq_len=8192")) == 0  # the ring's calls return lse: no split
+    assert split_scratch(_cfg(*SMALL, "parallel.cp=1", "data.seq_len=2048")) == 0  # no document that long
+    assert "split" not in ring.transient_what

@@ -24,6 +24,10 @@ the padded keys, the padded queries' outputs are dropped, and in the backward th
 so they add nothing to the real keys' dk, dv (dS = P * (dP - delta) with dP = delta = 0; their
 forward lse is kept so that P stays finite).
 
+A document runs through cuDNN only up to `max_doc_len` tokens: its calls allocate up to eight
+tensors of its length at the query heads (below), which `SEQPAR_CUDNN_SCRATCH_MB` bounds (default
+2 GiB; seqpar.memory counts it); longer documents stay in the Triton call.
+
 GQA: cuDNN here takes equal head counts (kernels/flash_attn/aten.py), so a long document's k, v
 slices are expanded to the query heads (a transient copy of 2 x L x Hq x D elements per long
 document, made again in the backward rather than kept) and its dk, dv summed back over each group.
@@ -46,6 +50,10 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 MIN_DOC_LEN = 4096
 MIN_DOC_ENV = "SEQPAR_CUDNN_DOC_MIN"
+# What a long document's cuDNN call may allocate beside the Triton call's tensors (MiB): its dq,
+# dk, dv, K/V expanded to the query heads under GQA, padded copies at the row's end
+SCRATCH_MB = 2048
+SCRATCH_ENV = "SEQPAR_CUDNN_SCRATCH_MB"
 BUCKETS_PER_OCTAVE = 16
 BUCKETS_ENV = "SEQPAR_CUDNN_BUCKETS"
 
@@ -59,6 +67,24 @@ def min_doc_len() -> int:
     if not raw.isdigit() or int(raw) < 1:
         raise ValueError(f"{MIN_DOC_ENV}={raw!r}: need a positive token count (default {MIN_DOC_LEN})")
     return int(raw)
+
+
+def scratch_per_token(hq: int, head_dim: int, elem: int) -> int:
+    """Bytes per token of a long document's cuDNN calls at most: dq, dk, dv and K/V expanded to
+    the query heads, dout, q and out padded (a document at the row's end) -- eight tensors of
+    `hq` heads. One llama_1b document of 128k tokens (32/8 heads, D = 64) allocated 5 GiB of them
+    at a step's peak (H100, 2026-11-26, logging.memory_snapshot)."""
+    return 8 * hq * head_dim * elem
+
+
+def max_doc_len(hq: int, head_dim: int, elem: int) -> int:
+    """Documents longer than this stay in the Triton call, so that the cuDNN calls' scratch stays
+    within SEQPAR_CUDNN_SCRATCH_MB (default 2048; seqpar.memory counts it)."""
+    raw = os.environ.get(SCRATCH_ENV, "").strip()
+    if raw and (not raw.isdigit() or int(raw) < 1):
+        raise ValueError(f"{SCRATCH_ENV}={raw!r}: need a positive number of MiB (default {SCRATCH_MB})")
+    mb = int(raw) if raw else SCRATCH_MB
+    return (mb << 20) // scratch_per_token(hq, head_dim, elem)
 
 
 def buckets_per_octave() -> int:
@@ -82,8 +108,9 @@ def bucket_len(length: int, per_octave: int) -> int:
     return -(-length // step) * step
 
 
-def split_bounds(bounds, min_len: int):
-    """(long documents [(a, b)], boundaries of q, boundaries of k) of the Triton call.
+def split_bounds(bounds, min_len: int, max_len: int | None = None):
+    """(long documents [(a, b)], boundaries of q, boundaries of k) of the Triton call; long: at
+    least `min_len` and at most `max_len` tokens.
 
     Each long document [a, b) becomes two documents: (q a..b, k a..a) and (q b..b, k a..b); the
     others keep their boundaries. Both lists have the same length, as the varlen kernel needs."""
@@ -92,7 +119,7 @@ def split_bounds(bounds, min_len: int):
         raise ValueError(f"cu_seqlens must rise from 0 (at least one document), got {bounds}")
     long_docs, bq, bk = [], [0], [0]
     for a, b in zip(bounds[:-1], bounds[1:]):
-        if b - a >= min_len:
+        if min_len <= b - a <= (max_len or b - a):
             long_docs.append((a, b))
             bq += [b, b]
             bk += [a, b]
@@ -118,22 +145,22 @@ class SplitPlan:
 _PLANS = WeakIdKeyDictionary()  # cu_seqlens tensor -> {(min_len, per_octave, device): (its version, plan)}
 
 
-def split_plan(cu_seqlens, min_len: int, device, per_octave: int = 0) -> SplitPlan:
-    """The plan of these boundaries, built once per tensor (and version, min_len, per_octave, device)."""
+def split_plan(cu_seqlens, min_len: int, device, per_octave: int = 0, max_len: int | None = None) -> SplitPlan:
+    """The plan of these boundaries, built once per tensor (and version, lengths, per_octave, device)."""
     device = torch.device(device)
     if not torch.is_tensor(cu_seqlens) or cu_seqlens.is_inference():  # (inference tensors have no version)
-        return _build_plan(cu_seqlens, min_len, device, per_octave)
+        return _build_plan(cu_seqlens, min_len, max_len, device, per_octave)
     known = _PLANS.setdefault(cu_seqlens, {})
-    key = (min_len, per_octave, device)
+    key = (min_len, max_len, per_octave, device)
     if key not in known or known[key][0] != cu_seqlens._version:
-        known[key] = (cu_seqlens._version, _build_plan(cu_seqlens, min_len, device, per_octave))
+        known[key] = (cu_seqlens._version, _build_plan(cu_seqlens, min_len, max_len, device, per_octave))
     return known[key][1]
 
 
-def _build_plan(cu_seqlens, min_len, device, per_octave):
+def _build_plan(cu_seqlens, min_len, max_len, device, per_octave):
     # the one device-to-host sync of these boundaries (a list or CPU tensor costs none)
     bounds = cu_seqlens.tolist() if torch.is_tensor(cu_seqlens) else list(cu_seqlens)
-    long_docs, bq, bk = split_bounds(bounds, min_len)
+    long_docs, bq, bk = split_bounds(bounds, min_len, max_len)
     as_dev = lambda b: torch.tensor(b, dtype=torch.int32, device=device)  # noqa: E731
     return SplitPlan(tuple(long_docs), as_dev(bq), as_dev(bk), as_dev(bounds), bounds[-1], per_octave)
 
@@ -240,11 +267,12 @@ class _SplitAttn(torch.autograd.Function):
 
 
 def flash_attn_split(q, k, v, *, causal=True, cu_seqlens, softmax_scale=None, return_lse=False, min_len=None,
-                     per_octave=None, kernels: SplitKernels | None = None):
+                     max_len=None, per_octave=None, kernels: SplitKernels | None = None):
     """`seqpar.kernels.flash_attn` over a packed row (B = 1, shared `cu_seqlens`), long documents
     through cuDNN and the rest through one Triton call; differentiable through out (and lse).
 
-    `min_len`: documents of at least this many tokens go to cuDNN (default: `min_doc_len()`).
+    `min_len`, `max_len`: documents of min_len..max_len tokens go to cuDNN (default: `min_doc_len()`,
+    `max_doc_len()` of these heads).
     `per_octave`: their length buckets (`bucket_len`; default `buckets_per_octave()`).
     `kernels`: the two kernels composed (default cuDNN + Triton; tests inject the reference)."""
     B, S, Hq, D = q.shape
@@ -252,7 +280,8 @@ def flash_attn_split(q, k, v, *, causal=True, cu_seqlens, softmax_scale=None, re
         raise ValueError(f"split attention takes one packed row of self-attention: q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}, v {tuple(v.shape)} need B = 1, equal lengths, Hq % Hkv == 0")
     plan = split_plan(cu_seqlens, min_doc_len() if min_len is None else min_len, q.device,
-                      buckets_per_octave() if per_octave is None else per_octave)
+                      buckets_per_octave() if per_octave is None else per_octave,
+                      max_doc_len(Hq, D, q.element_size()) if max_len is None else max_len)
     if plan.tokens != S:
         raise ValueError(f"cu_seqlens ends at {plan.tokens}, the row has {S} tokens")
     scale = D ** -0.5 if softmax_scale is None else softmax_scale
