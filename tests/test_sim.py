@@ -208,6 +208,9 @@ def test_fixed_rows_cost_the_packed_kernel_and_schedule_eras_share_kernel_fits(h
     assert packed["step_s"] > 1.1 * dense["step_s"]
     split = predict_step(cfg, 2, h100, replace(calib, era=era_since("235a598")))
     assert dense["step_s"] < split["step_s"] < 1.02 * dense["step_s"]
+    # b77bec6: the split takes equal head counts only; llama_1b's 32/8 heads are Triton's again
+    gqa = predict_step(cfg, 2, h100, replace(calib, era=era_since("b77bec6")))
+    assert gqa["step_s"] > 1.1 * dense["step_s"]
     assert kernel_eras(era_since("852d464")) == tuple(range(era_since("c8d5eb5"), era_since("852d464") + 1))
     assert kernel_eras(era_since("c8d5eb5")) == (era_since("c8d5eb5"),)
 
@@ -227,6 +230,8 @@ def test_the_split_prices_long_documents_on_cudnn_at_their_bucket(calib):
     assert split_applies(now, row) and not split_applies(replace(now, packed_kernel="flash"), row)
     assert not split_applies(replace(now, era=era_since("235a598") - 1), row)
     assert not split_applies(now, AttnCall.varlen([5000, 300, 700], with_bounds=True))  # lse paths: no split
+    gqa = replace(row, gqa=True)  # fewer K/V heads: the split's until b77bec6, Triton's since
+    assert split_applies(now, gqa) and not split_applies(replace(now, era=era_since("b77bec6")), gqa)
     L = bucket_len(5000, 16)
     assert L >= 5000 and L <= 5000 * 17 / 16
     want = (attn_seconds(now, [AttnCall.dense(L, L, True)], 32, 128, "cudnn")

@@ -55,11 +55,12 @@ def bounded_one_on_triton(calib) -> bool:
 
 def split_applies(calib, call) -> bool:
     """Whether a call runs through the split (kernels/flash_attn/split.py): from 235a598 on, where the
-    dispatcher chooses (`calib.packed_kernel` "triton"), a packed self-attention row without lse."""
+    dispatcher chooses (`calib.packed_kernel` "triton"), a packed self-attention row without lse; from
+    b77bec6 on with equal query and K/V head counts only."""
     from seqpar.sim.measurements import era_since
 
     return (call.splittable and call.is_varlen and calib.packed_kernel == "triton"
-            and calib.era >= era_since("235a598"))
+            and calib.era >= era_since("235a598") and not (call.gqa and calib.era >= era_since("b77bec6")))
 
 
 def split_call_seconds(calib, call, heads: int, head_dim: int, per_octave: int | None = None) -> float:
@@ -246,7 +247,7 @@ def ring_layer(calib, cluster, rows, world, heads, kv_heads, head_dim, group, fa
     under `layout` (zigzag, contiguous, doc_zigzag, doc_balanced); the packed rows' runtime extra
     (`runtime_extra`) counts as compute. Each step lasts as long as its busiest rank's compute."""
     if world == 1:
-        t = sum(attn_seconds(calib, [_single_call(b)], heads, head_dim, family) for b in rows)
+        t = sum(attn_seconds(calib, [_single_call(b, kv_heads < heads)], heads, head_dim, family) for b in rows)
         return t, 0.0, t
     if kv_heads < heads:
         family = "flash"  # the ring's lse path runs cuDNN only without GQA (kernels/dispatch.py _lse_backend)
@@ -280,16 +281,18 @@ def ring_layer(calib, cluster, rows, world, heads, kv_heads, head_dim, group, fa
     return total, total - compute_total, compute_total
 
 
-def _single_call(bounds) -> AttnCall:
-    """The model's own call over a row (cp = 1): flash_attn with the row's bounds, no lse."""
+def _single_call(bounds, gqa: bool = False) -> AttnCall:
+    """The model's own call over a row (cp = 1): flash_attn with the row's bounds, no lse; `gqa`: fewer
+    K/V than query heads."""
     docs = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
     if len(docs) > 1:
-        return replace(AttnCall.varlen(docs), splittable=True)
+        return replace(AttnCall.varlen(docs), splittable=True, gqa=gqa)
     return AttnCall.dense(docs[0], docs[0], True)
 
 
 def ulysses_layer(calib, cluster, rows, world, heads, kv_heads, head_dim, group, family="cudnn", act=2):
-    compute = sum(attn_seconds(calib, [_single_call(b)], heads // world, head_dim, family) for b in rows)
+    compute = sum(attn_seconds(calib, [_single_call(b, max(1, kv_heads // world) < heads // world)], heads // world,
+                               head_dim, family) for b in rows)
     comm = 0.0
     for bounds in rows:
         local = bounds[-1] // world

@@ -38,7 +38,7 @@ def disagg_method_seconds(method, bounds, s, calib, cluster) -> float:
     if method == "dp_no_rebalance":  # each rank its own micro-batch, no communication: the slowest
         per = bounds[-1] // world
         own = [tuple(x - r * per for x in bounds if r * per <= x <= (r + 1) * per) for r in range(world)]
-        return max(attn_seconds(calib, [_single_call(b)], H, D) for b in own)
+        return max(attn_seconds(calib, [_single_call(b, Hkv < H)], H, D) for b in own)
     if method == "ring":
         return ring_layer(calib, cluster, [bounds], world, H, Hkv, D, group)[0]
     if method == "per_doc_cp":

@@ -52,6 +52,7 @@ class AttnCall:
     # self-attention over a packed row without lse (the model's own call where cp = 1, Ulysses' after its
     # all-to-all): what kernels/dispatch.py's split takes from 235a598 on (`attention_cost.split_call_seconds`)
     splittable: bool = False
+    gqa: bool = False  # fewer K/V than query heads: the split takes it only where forced from b77bec6 on
 
     @staticmethod
     def dense(nq: int, nk: int, causal: bool) -> "AttnCall":

@@ -54,6 +54,9 @@ CODE_CHANGES = (
     ("2026-11-26T10:14:53+00:00", ("219ea22 disagg's default schedule single (one kernel call per server, its "
                                    "transfers exposed; parallel.disagg.schedule=single|halves|ping_pong replaces "
                                    "ping_pong)")),
+    # what attention_cost models changes (`era_since("b77bec6")`), not the constants
+    ("2026-11-26T10:22:56+00:00", ("b77bec6 the split only for packed rows with equal query and K/V head counts "
+                                   "(GQA rows back on the Triton kernel unless forced)")),
 )
 
 
