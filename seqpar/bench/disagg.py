@@ -354,11 +354,15 @@ def profile_cost_table(args, device) -> dict:
 
 
 def server_kernels(args, device) -> dict:
-    """Which kernel a server's call gets (dispatch) with one task and with several."""
+    """Which kernel a server's call gets (dispatch) with one task and with several, and which the
+    data-parallel rows get (a packed row of self-attention: the split where it is on)."""
     from seqpar.kernels.dispatch import flash_attn_choice
     q = torch.empty(1, 256, args.heads, args.head_dim, device=device, dtype=args.dtype)
     k = torch.empty(1, 512, args.kv_heads, args.head_dim, device=device, dtype=args.dtype)
-    out = {}
+    row = torch.empty(1, 512, args.kv_heads, args.head_dim, device=device, dtype=args.dtype)
+    rows = torch.tensor([0, 256, 512], dtype=torch.int32, device=device)
+    out = {"dp_rows": flash_attn_choice(torch.empty(1, 512, args.heads, args.head_dim, device=device,
+                                                    dtype=args.dtype), row, row, cu_seqlens=rows)[0]}
     for name, (cu_q, cu_k) in (("one_task", ([0, 256], [0, 512])), ("tasks", ([0, 128, 256], [0, 256, 512]))):
         cu = dict(cu_seqlens_q=torch.tensor(cu_q, dtype=torch.int32, device=device),
                   cu_seqlens_k=torch.tensor(cu_k, dtype=torch.int32, device=device))
