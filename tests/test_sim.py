@@ -208,9 +208,12 @@ def test_fixed_rows_cost_the_packed_kernel_and_schedule_eras_share_kernel_fits(h
     assert packed["step_s"] > 1.1 * dense["step_s"]
     split = predict_step(cfg, 2, h100, replace(calib, era=era_since("235a598")))
     assert dense["step_s"] < split["step_s"] < 1.02 * dense["step_s"]
-    # b77bec6: the split takes equal head counts only; llama_1b's 32/8 heads are Triton's again
+    # b77bec6: the split takes equal head counts only; llama_1b's 32/8 heads are Triton's again; 8969915:
+    # GQA on the split again, documents up to its scratch bound (64k tokens at 32 heads x 64)
     gqa = predict_step(cfg, 2, h100, replace(calib, era=era_since("b77bec6")))
     assert gqa["step_s"] > 1.1 * dense["step_s"]
+    bounded = predict_step(cfg, 2, h100, replace(calib, era=era_since("8969915")))
+    assert bounded["step_s"] == pytest.approx(split["step_s"])
     assert kernel_eras(era_since("852d464")) == tuple(range(era_since("c8d5eb5"), era_since("852d464") + 1))
     assert kernel_eras(era_since("c8d5eb5")) == (era_since("c8d5eb5"),)
 
@@ -230,8 +233,16 @@ def test_the_split_prices_long_documents_on_cudnn_at_their_bucket(calib):
     assert split_applies(now, row) and not split_applies(replace(now, packed_kernel="flash"), row)
     assert not split_applies(replace(now, era=era_since("235a598") - 1), row)
     assert not split_applies(now, AttnCall.varlen([5000, 300, 700], with_bounds=True))  # lse paths: no split
-    gqa = replace(row, gqa=True)  # fewer K/V heads: the split's until b77bec6, Triton's since
+    gqa = replace(row, gqa=True)  # fewer K/V heads: the split's, Triton's from b77bec6 to 8969915
     assert split_applies(now, gqa) and not split_applies(replace(now, era=era_since("b77bec6")), gqa)
+    assert split_applies(replace(now, era=era_since("8969915")), gqa)
+    # 8969915: a document beyond the scratch bound (32k tokens at 32 x 128) stays in the Triton call
+    bounded = replace(now, era=era_since("8969915"))
+    big = replace(AttnCall.varlen([40000, 5000, 700]), splittable=True)
+    L5 = bucket_len(5000, 16)
+    assert split_call_seconds(bounded, big, 32, 128) == pytest.approx(
+        attn_seconds(bounded, [AttnCall.dense(L5, L5, True)], 32, 128, "cudnn")
+        + attn_seconds(bounded, [AttnCall.varlen([40000, 700])], 32, 128, "triton"))
     L = bucket_len(5000, 16)
     assert L >= 5000 and L <= 5000 * 17 / 16
     want = (attn_seconds(now, [AttnCall.dense(L, L, True)], 32, 128, "cudnn")

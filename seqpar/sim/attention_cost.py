@@ -56,23 +56,27 @@ def bounded_one_on_triton(calib) -> bool:
 def split_applies(calib, call) -> bool:
     """Whether a call runs through the split (kernels/flash_attn/split.py): from 235a598 on, where the
     dispatcher chooses (`calib.packed_kernel` "triton"), a packed self-attention row without lse; from
-    b77bec6 on with equal query and K/V head counts only."""
+    b77bec6 to 8969915 with equal query and K/V head counts only."""
     from seqpar.sim.measurements import era_since
 
+    gqa_off = call.gqa and era_since("b77bec6") <= calib.era < era_since("8969915")
     return (call.splittable and call.is_varlen and calib.packed_kernel == "triton"
-            and calib.era >= era_since("235a598") and not (call.gqa and calib.era >= era_since("b77bec6")))
+            and calib.era >= era_since("235a598") and not gqa_off)
 
 
 def split_call_seconds(calib, call, heads: int, head_dim: int, per_octave: int | None = None) -> float:
-    """The split's cost: each document of at least the split's minimum on cuDNN at its bucket length
-    (the padded rows are computed and dropped), the rest as one Triton call (launched even when every
-    document went to cuDNN, to store the zeros the cuDNN results overwrite). Its K/V expansion for
-    GQA (a copy per long document) is left out: ~1% of the cuDNN call's time at 32k."""
-    from seqpar.kernels.flash_attn.split import BUCKETS_PER_OCTAVE, MIN_DOC_LEN, bucket_len
+    """The split's cost: each document of at least the split's minimum (and, from 8969915 on, at most
+    `max_doc_len`, its cuDNN scratch bound) on cuDNN at its bucket length (the padded rows are
+    computed and dropped), the rest as one Triton call (launched even when every document went to
+    cuDNN, to store the zeros the cuDNN results overwrite). Its K/V expansion for GQA (a copy per
+    long document) is left out: ~1% of the cuDNN call's time at 32k."""
+    from seqpar.kernels.flash_attn.split import BUCKETS_PER_OCTAVE, MIN_DOC_LEN, bucket_len, max_doc_len
+    from seqpar.sim.measurements import era_since
 
     docs = [q for q, _ in call.segments]
-    long = [n for n in docs if n >= MIN_DOC_LEN]
-    short = [n for n in docs if n < MIN_DOC_LEN]
+    top = max_doc_len(heads, head_dim, 2) if calib.era >= era_since("8969915") else max(docs)
+    long = [n for n in docs if MIN_DOC_LEN <= n <= top]
+    short = [n for n in docs if not MIN_DOC_LEN <= n <= top]
     padded = [bucket_len(n, BUCKETS_PER_OCTAVE if per_octave is None else per_octave) for n in long]
     t = sum(attn_seconds(calib, [AttnCall.dense(n, n, call.causal)], heads, head_dim, "cudnn") for n in padded)
     if short:  # one Triton call with bounds (of one document: the bounded dense case)

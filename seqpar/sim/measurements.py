@@ -57,6 +57,10 @@ CODE_CHANGES = (
     # what attention_cost models changes (`era_since("b77bec6")`), not the constants
     ("2026-11-26T10:22:56+00:00", ("b77bec6 the split only for packed rows with equal query and K/V head counts "
                                    "(GQA rows back on the Triton kernel unless forced)")),
+    # what attention_cost models changes (`era_since("8969915")`), not the constants
+    ("2026-11-26T10:28:24+00:00", ("8969915 the split for GQA rows again, documents on cuDNN only up to "
+                                   "max_doc_len (2 GiB of cuDNN scratch: 64k tokens at 32 x 64 query heads x "
+                                   "dim), longer ones in the Triton call")),
 )
 
 
