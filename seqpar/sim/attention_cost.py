@@ -16,12 +16,13 @@ Per method, what the code in seqpar/attention/ issues per layer (forward + backw
   local query chunk attends keys up to its end.
 - disagg: the planner's tasks (`attention.disagg.plan`) on their servers; the busiest server's
   tasks are one varlen call; three all-to-alls forward (queries, K/V once per server, outputs)
-  and three backward (dO, dQ, dK/dV), sized by the tokens that leave their owner. Without
-  ping-pong (the default): before c8d5eb5/e23bcd3 (eras 0-1) one nano-batch with the transfers
-  exposed (the 03:06 run's local-then-remote order, e3ee969, is modelled so too); from that era
-  on the runtime's L1, R, L2 (`routing.nano_batches(split_remote=False)`) through the ping-pong
-  schedule below, so the remote outputs and gradients return while L2 computes. With
-  `parallel.disagg.ping_pong=true` the runtime's own schedule (`_ping_pong_layer`):
+  and three backward (dO, dQ, dK/dV), sized by the tokens that leave their owner.
+  `parallel.disagg.schedule` (`default_schedule` by era where a config does not say): `single`
+  (eras 0-1, and the default again from 219ea22) one nano-batch with the transfers exposed (the
+  03:06 run's local-then-remote order, e3ee969, is modelled so too); `halves` (the default from
+  c8d5eb5/e23bcd3 to 219ea22) the runtime's L1, R, L2 (`routing.nano_batches(split_remote=False)`)
+  through the ping-pong schedule below, so the remote outputs and gradients return while L2
+  computes; `ping_pong` the runtime's own schedule (`_ping_pong_layer`):
   up to four nano-batches, one kernel call each, remote K/V rows sent once per nano-batch, inputs
   issued up front and outputs as each nano-batch ends on one NCCL stream, and the SM-sharing tax
   on a rank's compute while its issued output waits for the server; a one-task call is torch's

@@ -229,9 +229,10 @@ PUBLISHED = {
     "crossover": "USP (Fang & Zhao, 2024): Ulysses inside a node, ring across nodes; Ulysses is capped by the head count",
     "dp_disagg": "Predicted whole steps (Llama-8B, H200, tp=8): plain data parallelism, every layer waiting for the dp "
                  "rank whose documents cost most, against disaggregation over dp x cp (parallel.disagg.group=dp_cp)",
-    "dp_disagg_measured": "seqpar's own 2-GPU disagg benchmark (attention only, fwd+bwd of one layer; H100 runs of "
-                          "2026-11-25 and the 2026-11-26 profile, H200 run of 2026-11-26 after the disagg runtime "
-                          "rework): the same comparison measured",
+    "dp_disagg_measured": "seqpar's own 2-GPU disagg benchmark (attention only, fwd+bwd of one layer; the H100 and H200 "
+                          "runs of 2026-11-25/26, each under its run folder and, from the fifth session on, its call and "
+                          "lane; speedup_no_pingpong: the local halves in eras 2-5, one nano-batch before): the same "
+                          "comparison measured",
 }
 
 
