@@ -47,9 +47,20 @@ def disagg_method_seconds(method, bounds, s, calib, cluster) -> float:
                         eps=s.get("eps", 0.1), min_chunk=s.get("min_chunk", 128), task_overhead=s.get("task_overhead"))[0]
 
 
+_CASES: dict = {}
+
+
 def disagg_case(method, s, calib, cluster):
     """(measured s, predicted s, local tokens, batches) of `method` averaged over the sample's batches,
-    or None where the method was not measured."""
+    or None where the method was not measured. Kept per (method, sample, constants, cluster): the
+    leave-one-group-out fits ask for the same cases with the same constants many times."""
+    memo = (method, id(s), repr(replace(calib, sources={})), repr(cluster))
+    if memo not in _CASES:
+        _CASES[memo] = (s, _disagg_case(method, s, calib, cluster))  # s held: its id stays its own
+    return _CASES[memo][1]
+
+
+def _disagg_case(method, s, calib, cluster):
     key = f"{method}_ms"
     rows = [(b, r) for b, r in s["batches"] if key in r]
     if not rows:
