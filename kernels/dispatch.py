@@ -73,6 +73,8 @@ def backend(op: str, *tensors: torch.Tensor | None, **features) -> str:
     if op in ("flash_attn", "flash_attn_backward"):
         if op == "flash_attn":
             name = _flash_attn_backend(*present[:3], **features)
+        elif _wants_split(*present[:3], **{**features, "return_lse": True}):
+            name = "split"
         elif _wants_triton(*present[:3], **{**features, "return_lse": True}):
             name = "triton"
         else:
@@ -96,7 +98,7 @@ def backend(op: str, *tensors: torch.Tensor | None, **features) -> str:
 def _flash_attn_backend(q, k, v, *, return_lse=False, cu_seqlens=None, cu_seqlens_q=None,
                         cu_seqlens_k=None, needs_grad=False, **features) -> str:
     if _wants_split(q, k, v, return_lse=return_lse, cu_seqlens=cu_seqlens, cu_seqlens_q=cu_seqlens_q,
-                    cu_seqlens_k=cu_seqlens_k):
+                    cu_seqlens_k=cu_seqlens_k, needs_grad=needs_grad):
         return "split"
     if _wants_triton(q, k, v, return_lse=return_lse, cu_seqlens=cu_seqlens, cu_seqlens_q=cu_seqlens_q,
                      cu_seqlens_k=cu_seqlens_k):
@@ -201,7 +203,9 @@ TRITON_FASTER: frozenset[str] = frozenset({"packed", "packed_lse"})
 # 7.15 against 7.75 ms per layer (median of 12 rows, 8 layers each) once cuDNN's plans for the
 # length buckets exist (all of [4k, 16k] built in 2.7 s; before that each new bucket costs a build,
 # ~15 ms per layer on the first rows); with GQA (32/8 heads) the disagg benchmark's data-parallel
-# rows ran 16-25% faster on it. Only "packed" can join: the split takes no lse-returning calls.
+# rows ran 16-25% faster on it. "packed_lse" (ring steps, disagg servers: split.split_forward /
+# split_backward, lse-returning, long square tasks through cuDNN) is not measured yet:
+# SEQPAR_ATTN_KERNEL=split runs it (docs/benchmarks/disagg_gpu.sh with it against without).
 SPLIT_FASTER: frozenset[str] = frozenset({"packed"})
 
 
@@ -253,11 +257,26 @@ def split_applies(q, k, v, *, return_lse=False, cu_seqlens=None, cu_seqlens_q=No
             and torch.backends.cudnn.is_available())
 
 
+def task_split_applies(q, k, v, *, return_lse=False, cu_seqlens=None, cu_seqlens_q=None, cu_seqlens_k=None,
+                       needs_grad=False, **_) -> bool:
+    """Whether the split's lse form takes this call (`split.split_forward` / `split_backward`):
+    packed documents or tasks given by boundaries (shared, or separate for queries and keys), the
+    lse taken, no autograd through it (ring steps and disagg servers run their own backward), on
+    tensors the Triton kernel takes, with cuDNN present. Its long square tasks go to cuDNN."""
+    bounded = cu_seqlens is not None or (cu_seqlens_q is not None and cu_seqlens_k is not None)
+    return (bounded and return_lse and not needs_grad and triton_flash_applies(q, k, v)
+            and torch.backends.cudnn.is_available())
+
+
 def _wants_split(q, k, v, **features) -> bool:
     choice = _attn_choice()
-    if choice not in _AUTO or not split_applies(q, k, v, **features):
+    if choice not in _AUTO:
         return False
-    return choice == "split" or "packed" in SPLIT_FASTER
+    if split_applies(q, k, v, **features):
+        return choice == "split" or "packed" in SPLIT_FASTER
+    if task_split_applies(q, k, v, **features):
+        return choice == "split" or "packed_lse" in SPLIT_FASTER
+    return False
 
 
 def flash_attn_choice(q, k, v, *, backward=False, **features) -> tuple[str, str]:

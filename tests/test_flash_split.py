@@ -76,6 +76,54 @@ def test_documents_beyond_the_scratch_bound_stay_in_the_triton_call(monkeypatch)
         split.max_doc_len(4, 64, 2)
 
 
+def test_task_bounds_send_square_tasks_to_cudnn():
+    from seqpar.kernels.flash_attn.split import split_task_bounds
+
+    # tasks (q, k): a whole document (5, 5), a tail piece (3 queries over 8 keys), a head piece
+    # (4, 4), one too long (9, 9), one without keys (2, 0)
+    bq, bk = _cu([5, 3, 4, 9, 2]).tolist(), _cu([5, 8, 4, 9, 0]).tolist()
+    long_tasks, q, k = split_task_bounds(bq, bk, 4, 8)
+    assert long_tasks == [(0, 5, 0, 5), (8, 12, 13, 17)]
+    assert _pieces(q, k) == [(5, 0, 0, 0), (0, 5, 5, 0), (3, 8, 5, 5), (4, 0, 8, 13), (0, 4, 12, 13),
+                             (9, 9, 12, 17), (2, 0, 21, 26)]
+    with pytest.raises(ValueError, match="count the same documents"):
+        split_task_bounds([0, 4], [0, 2, 4], 2)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("Hq, Hkv", [(2, 2), (4, 2)])
+def test_split_forward_backward_with_task_boundaries(causal, Hq, Hkv):
+    # a disagg server's call: square tasks (whole documents, heads of documents) through the dense
+    # kernel at their buckets, the one at the buffer's end padded with zeros; tail pieces, a task
+    # without keys and a length-1 task through the packed one; gradients into given destinations
+    from seqpar.kernels.flash_attn.split import split_backward, split_forward
+
+    lq, lk = [9, 3, 10, 1, 2, 11], [9, 12, 10, 1, 0, 11]
+    g = torch.Generator().manual_seed(Hq + causal)
+    q, do = (torch.randn(1, sum(lq), Hq, 8, generator=g, dtype=F64) for _ in range(2))
+    k, v = (torch.randn(1, sum(lk), Hkv, 8, generator=g, dtype=F64) for _ in range(2))
+    cu_q, cu_k = _cu(lq), _cu(lk)
+    calls = []
+    kn = _reference_kernels(calls, stateless=True)
+    kw = dict(causal=causal, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, min_len=9, per_octave=4)
+    out, lse = split_forward(q, k, v, kernels=kn, **kw)
+    ref_out, ref_lse = flash_attn_reference(q, k, v, causal=causal, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                                            return_lse=True)
+    assert _rel(out, ref_out) < 1e-12 and torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+    assert _rel(torch.where(torch.isinf(lse), 0, lse), torch.where(torch.isinf(ref_lse), 0, ref_lse)) < 1e-12
+    assert [c for c in calls if c[0] == "dense"] == [("dense", 10 if causal else 9), ("dense", 10),
+                                                     ("dense", 12 if causal else 11)]
+    want = flash_attn_backward_reference(do, q, k, v, ref_out, ref_lse, causal=causal, cu_seqlens_q=cu_q,
+                                         cu_seqlens_k=cu_k)
+    dk0 = torch.randn(k.shape, generator=g, dtype=F64)
+    dests = (torch.empty_like(q), dk0.clone(), dk0.clone())
+    got = split_backward(do, q, k, v, out, lse, dq=dests[0], dk=dests[1], dv=dests[2], accumulate=True,
+                         kernels=kn, **kw)
+    assert all(a is b for a, b in zip(got, dests))
+    for name, a, w in zip(("dq", "dk", "dv"), got, (want[0], want[1] + dk0, want[2] + dk0)):
+        assert _rel(a, w) < 1e-12, name
+
+
 def test_split_bounds_rejects_bad_boundaries():
     for bad in ([5, 9], [0, 4, 2], [0]):
         with pytest.raises(ValueError, match="cu_seqlens"):
@@ -135,8 +183,9 @@ def test_buckets_env(monkeypatch):
 
 # ---------------------------------------------------------------- the composition, reference kernels
 
-def _reference_kernels(calls):
-    """The reference in both places, recording what each kernel was given."""
+def _reference_kernels(calls, stateless=False):
+    """The reference in both places, recording what each kernel was given (`stateless`: a
+    backward that keeps nothing from its forward, as split_backward)."""
     def dense_fwd(q, k, v, causal, scale):
         assert q.shape[2] == k.shape[2], "the dense kernel (cuDNN) takes no GQA"
         calls.append(("dense", q.shape[1]))
@@ -153,7 +202,7 @@ def _reference_kernels(calls):
 
     def packed_bwd(dout, q, k, v, out, lse, causal, cu_q, cu_k, scale, dlse, state):
         # the forward's state comes back only to the backward over the same boundaries
-        assert state is None if dlse is not None else state == ("state", cu_q.tolist())
+        assert state is None if dlse is not None or stateless else state == ("state", cu_q.tolist())
         kw = dict(causal=causal, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, softmax_scale=scale)
         if dlse is None:
             return flash_attn_backward_reference(dout, q, k, v, out, lse, **kw)
@@ -296,12 +345,19 @@ def test_dispatch_split_rules(monkeypatch):
     assert not dispatch.split_applies(x, x, x, cu_seqlens=one)  # one document: the dense case
     assert not dispatch.split_applies(x, x, x)
     assert not dispatch.split_applies(x, torch.zeros(1, 12, 2, 64), x, cu_seqlens=cu)
-    monkeypatch.setenv("SEQPAR_ATTN_KERNEL", "auto")
-    auto_lse = dispatch._flash_attn_backend(x, x, x, cu_seqlens=cu, return_lse=True)
+    # the lse form (ring steps, disagg servers): task boundaries, no autograd through it
+    tasks = dict(cu_seqlens_q=cu, cu_seqlens_k=_cu([7, 5]), return_lse=True)
+    assert dispatch.task_split_applies(x, x, x, **tasks) and dispatch.task_split_applies(x, x, x, cu_seqlens=one,
+                                                                                           return_lse=True)
+    assert not dispatch.task_split_applies(x, x, x, **tasks, needs_grad=True)
+    assert not dispatch.task_split_applies(x, x, x, cu_seqlens=cu)  # without lse: the autograd split's
     monkeypatch.setenv("SEQPAR_ATTN_KERNEL", "split")
     assert dispatch._flash_attn_backend(x, x, x, cu_seqlens=cu) == "split"
-    assert dispatch._flash_attn_backend(x, x, x, cu_seqlens=cu, return_lse=True) == auto_lse  # not the split's
+    assert dispatch._flash_attn_backend(x, x, x, **tasks) == "split"
     monkeypatch.setenv("SEQPAR_ATTN_KERNEL", "auto")
+    assert dispatch._flash_attn_backend(x, x, x, **tasks) != "split"  # "packed_lse" not measured faster yet
+    monkeypatch.setattr(dispatch, "SPLIT_FASTER", frozenset({"packed_lse"}))
+    assert dispatch._flash_attn_backend(x, x, x, **tasks) == "split"
     monkeypatch.setattr(dispatch, "SPLIT_FASTER", frozenset())
     assert dispatch._flash_attn_backend(x, x, x, cu_seqlens=cu) != "split"
     monkeypatch.setattr(dispatch, "SPLIT_FASTER", frozenset({"packed"}))
@@ -347,6 +403,36 @@ def test_gpu_split_bf16_vs_reference_and_triton(Hq, Hkv, D, causal):
         assert _rel(s, r) <= tol, f"{name} vs fp64: {_rel(s, r):.2e}"
         # equal to the Triton path within bf16 noise: no worse than twice the Triton path's own error
         assert _rel(s, t) <= max(2 * _rel(t, r), 1e-4) + 1e-3, f"{name} vs triton: {_rel(s, t):.2e}"
+
+
+@gpu
+@pytest.mark.parametrize("Hq, Hkv", [(16, 16), (16, 4)])
+def test_gpu_task_split_bf16_vs_reference_and_triton(Hq, Hkv):
+    # a disagg server's call: square tasks >= GPU_MIN through cuDNN (one at the buffer's end,
+    # padded with zeros), tail pieces and short tasks through Triton; the backward with lse = +inf
+    # on the padded queries, into destinations with accumulate
+    from seqpar.kernels.flash_attn.split import split_backward, split_forward
+    from seqpar.kernels.flash_attn.triton import attention_backward, attention_forward
+
+    lq, lk = [3000, 700, 2100, 1, 17, 2500], [3000, 5000, 2100, 1, 0, 2500]
+    g = torch.Generator().manual_seed(Hq + Hkv)
+    q, do = (torch.randn(1, sum(lq), Hq, 128, generator=g, dtype=F64) for _ in range(2))
+    k, v = (torch.randn(1, sum(lk), Hkv, 128, generator=g, dtype=F64) for _ in range(2))
+    cu_q, cu_k = _cu(lq, "cuda"), _cu(lk, "cuda")
+    qb, kb, vb, dob = (t.cuda().bfloat16() for t in (q, k, v, do))
+    exact = [t.double() for t in (qb, kb, vb)]
+    kw = dict(causal=True, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    ref_out, ref_lse = flash_attn_reference(*exact, return_lse=True, **kw)
+    ref = (ref_out, *flash_attn_backward_reference(dob.double(), *exact, ref_out, ref_lse, **kw))
+    out, lse = split_forward(qb, kb, vb, min_len=GPU_MIN, **kw)
+    zeros = [torch.zeros_like(t) for t in (qb, kb, vb)]
+    split = (out, *split_backward(dob, qb, kb, vb, out, lse, min_len=GPU_MIN, dq=zeros[0], dk=zeros[1],
+                                  dv=zeros[2], accumulate=True, **kw))
+    t_out, t_lse, _ = attention_forward(qb, kb, vb, **kw)
+    triton_ = (t_out, *attention_backward(dob, qb, kb, vb, t_out, t_lse, **kw))
+    for name, s_, t_, r in zip(("out", "dq", "dk", "dv"), split, triton_, ref):
+        assert _rel(s_, r) <= 1e-2, f"{name} vs fp64: {_rel(s_, r):.2e}"
+        assert _rel(s_, t_) <= max(2 * _rel(t_, r), 1e-4) + 1e-3, f"{name} vs triton: {_rel(s_, t_):.2e}"
 
 
 @gpu

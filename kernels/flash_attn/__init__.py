@@ -52,10 +52,15 @@ def flash_attn(q, k, v, *, causal=True, cu_seqlens=None, cu_seqlens_q=None, cu_s
         cu_q, cu_k = (cu_seqlens, cu_seqlens) if cu_seqlens is not None else (cu_seqlens_q, cu_seqlens_k)
         result = attention_with_lse(q, k, v, kernel=impl[5:], causal=causal, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
                                     softmax_scale=softmax_scale)
-    elif impl == "split":  # packed self-attention without lse (dispatch.split_applies)
+    elif impl == "split" and not return_lse:  # packed self-attention, differentiable (dispatch.split_applies)
         from seqpar.kernels.flash_attn.split import flash_attn_split
         result = flash_attn_split(q, k, v, causal=causal, softmax_scale=softmax_scale,
                                   cu_seqlens=cu_seqlens if cu_seqlens is not None else cu_seqlens_q)
+    elif impl == "split":  # with lse, no autograd (dispatch.task_split_applies): a ring step, a disagg server
+        from seqpar.kernels.flash_attn.split import split_forward
+        cu_q, cu_k = (cu_seqlens, cu_seqlens) if cu_seqlens is not None else (cu_seqlens_q, cu_seqlens_k)
+        return split_forward(q, k, v, causal=causal, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                             softmax_scale=softmax_scale, out=out)
     elif impl == "sdpa":
         from seqpar.kernels.flash_attn.sdpa import sdpa_attention
         result = sdpa_attention(q, k, v, causal=causal, softmax_scale=softmax_scale)
@@ -96,6 +101,11 @@ def flash_attn_backward(dout, q, k, v, out, lse, *, causal=True, cu_seqlens=None
         return flash_attn_backward_triton(dout, q, k, v, out, lse, causal=causal, cu_seqlens=cu_seqlens,
                                           cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                                           softmax_scale=softmax_scale, dq=dq, dk=dk, dv=dv, accumulate=accumulate)
+    if impl == "split":
+        from seqpar.kernels.flash_attn.split import split_backward
+        cu_q, cu_k = (cu_seqlens, cu_seqlens) if cu_seqlens is not None else (cu_seqlens_q, cu_seqlens_k)
+        return split_backward(dout, q, k, v, out, lse, causal=causal, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                              softmax_scale=softmax_scale, dq=dq, dk=dk, dv=dv, accumulate=accumulate)
     if impl.startswith("aten_"):
         from seqpar.kernels.flash_attn.aten import attention_backward
         cu_q, cu_k = (cu_seqlens, cu_seqlens) if cu_seqlens is not None else (cu_seqlens_q, cu_seqlens_k)

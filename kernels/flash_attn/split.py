@@ -114,19 +114,32 @@ def split_bounds(bounds, min_len: int, max_len: int | None = None):
 
     Each long document [a, b) becomes two documents: (q a..b, k a..a) and (q b..b, k a..b); the
     others keep their boundaries. Both lists have the same length, as the varlen kernel needs."""
-    bounds = [int(x) for x in bounds]
-    if len(bounds) < 2 or bounds[0] != 0 or any(x > y for x, y in zip(bounds, bounds[1:])):
-        raise ValueError(f"cu_seqlens must rise from 0 (at least one document), got {bounds}")
-    long_docs, bq, bk = [], [0], [0]
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        if min_len <= b - a <= (max_len or b - a):
-            long_docs.append((a, b))
-            bq += [b, b]
-            bk += [a, b]
+    long_tasks, bq, bk = split_task_bounds(bounds, bounds, min_len, max_len)
+    return [(qa, qb) for qa, qb, _, _ in long_tasks], bq, bk
+
+
+def split_task_bounds(bounds_q, bounds_k, min_len: int, max_len: int | None = None):
+    """`split_bounds` for separate query and key boundaries (tasks: queries bounds_q[i]..[i+1] over
+    keys bounds_k[i]..[i+1], causal aligned bottom-right; a disagg server's call). A task is long
+    when its queries and keys are equally many, min_len..max_len: the causal square of one
+    document (or of its head), which a dense cuDNN call computes. Returns ([(qa, qb, ka, kb)], the
+    Triton call's q and k boundaries)."""
+    bq_in, bk_in = [int(x) for x in bounds_q], [int(x) for x in bounds_k]
+    for bounds in (bq_in, bk_in):
+        if len(bounds) < 2 or bounds[0] != 0 or any(x > y for x, y in zip(bounds, bounds[1:])):
+            raise ValueError(f"cu_seqlens must rise from 0 (at least one document), got {bounds}")
+    if len(bq_in) != len(bk_in):
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must count the same documents: {bq_in}, {bk_in}")
+    long_tasks, bq, bk = [], [0], [0]
+    for qa, qb, ka, kb in zip(bq_in, bq_in[1:], bk_in, bk_in[1:]):
+        if qb - qa == kb - ka and min_len <= qb - qa <= (max_len or qb - qa):
+            long_tasks.append((qa, qb, ka, kb))
+            bq += [qb, qb]
+            bk += [ka, kb]
         else:
-            bq.append(b)
-            bk.append(b)
-    return long_docs, bq, bk
+            bq.append(qb)
+            bk.append(kb)
+    return long_tasks, bq, bk
 
 
 @dataclass(frozen=True)
@@ -264,6 +277,105 @@ class _SplitAttn(torch.autograd.Function):
             dk[:, a:b].copy_(_fold(gk[:, :n], group))
             dv[:, a:b].copy_(_fold(gv[:, :n], group))
         return dq, dk, dv, None, None, None, None
+
+
+@dataclass(frozen=True)
+class TaskPlan:
+    long_tasks: tuple  # ((qa, qb, ka, kb), ...): square tasks that cuDNN runs
+    cu_q: torch.Tensor  # int32 boundaries of the Triton call
+    cu_k: torch.Tensor
+    per_octave: int
+
+    def bucket(self, length: int) -> int:
+        return bucket_len(length, self.per_octave)
+
+
+_HOST = WeakIdKeyDictionary()  # boundaries tensor -> (its version, its values)
+
+
+def _host_bounds(cu) -> tuple:
+    """The values of a boundaries tensor, read from the device once per tensor and version (or
+    the host copy a caller attached as `seqpar_bounds`, as disagg's routes do)."""
+    if not torch.is_tensor(cu):
+        return tuple(int(x) for x in cu)
+    known = getattr(cu, "seqpar_bounds", None)
+    if known is not None:
+        return tuple(known)
+    if cu.is_inference():
+        return tuple(cu.tolist())
+    version, values = _HOST.get(cu, (None, None))
+    if version != cu._version:
+        values = tuple(cu.tolist())
+        _HOST[cu] = (cu._version, values)
+    return values
+
+
+@lru_cache(maxsize=128)  # every layer of a step passes the same boundaries
+def task_plan(bounds_q: tuple, bounds_k: tuple, min_len: int, max_len: int | None, per_octave: int,
+              device) -> TaskPlan:
+    long_tasks, bq, bk = split_task_bounds(bounds_q, bounds_k, min_len, max_len)
+    as_dev = lambda b: torch.tensor(b, dtype=torch.int32, device=device)  # noqa: E731
+    return TaskPlan(tuple(long_tasks), as_dev(bq), as_dev(bk), per_octave)
+
+
+def _task_plan_for(q, cu_q, cu_k, min_len, max_len, per_octave) -> TaskPlan:
+    D = q.shape[-1]
+    return task_plan(_host_bounds(cu_q), _host_bounds(cu_k), min_doc_len() if min_len is None else min_len,
+                     max_doc_len(q.shape[2], D, q.element_size()) if max_len is None else max_len,
+                     buckets_per_octave() if per_octave is None else per_octave, q.device)
+
+
+@torch.no_grad()
+def split_forward(q, k, v, *, causal=True, cu_seqlens_q, cu_seqlens_k, softmax_scale=None, out=None,
+                  min_len=None, max_len=None, per_octave=None, kernels: SplitKernels | None = None):
+    """(out, lse) of packed attention with separate query and key boundaries (`flash_attn` with
+    return_lse and cu_seqlens_q/_k, no autograd), its long square tasks through cuDNN: the split
+    for ring steps and disagg servers. Stateless, so that `split_backward` (or any backward that
+    takes out and lse) can follow it: the padded queries' lse is not kept (see split_backward)."""
+    plan = _task_plan_for(q, cu_seqlens_q, cu_seqlens_k, min_len, max_len, per_octave)
+    kn = kernels or cudnn_triton_kernels()
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    o, lse, _ = kn.packed_fwd(q, k, v, causal, plan.cu_q, plan.cu_k, scale)
+    group = q.shape[2] // k.shape[2]
+    for qa, qb, ka, kb in plan.long_tasks:
+        n = qb - qa
+        rows = plan.bucket(n) if causal else n
+        od, ld = kn.dense_fwd(_rows(q, qa, qb, rows), _rows(k, ka, kb, rows, group), _rows(v, ka, kb, rows, group),
+                              causal, scale)
+        o[:, qa:qb].copy_(od[:, :n])  # the Triton call left zeros here
+        lse[:, :, qa:qb].copy_(ld[:, :, :n])
+    return (o if out is None else out.copy_(o)), lse
+
+
+@torch.no_grad()
+def split_backward(dout, q, k, v, out, lse, *, causal=True, cu_seqlens_q, cu_seqlens_k, softmax_scale=None,
+                   dq=None, dk=None, dv=None, accumulate=False, min_len=None, max_len=None, per_octave=None,
+                   kernels: SplitKernels | None = None):
+    """(dq, dk, dv) of `split_forward`'s attention from its out and lse (or any equal ones).
+
+    A long task runs padded to its bucket as in the forward; the padded queries get dout = 0 and
+    lse = +inf, so their P = exp(S - lse) is 0 and they add nothing to the keys' gradients, with no
+    state kept from the forward. Key rows that several tasks read are separate rows of the call's
+    keys (the varlen layout), so each gradient row comes from one task. `dq`, `dk`, `dv`,
+    `accumulate`: as flash_attn_backward's."""
+    plan = _task_plan_for(q, cu_seqlens_q, cu_seqlens_k, min_len, max_len, per_octave)
+    kn = kernels or cudnn_triton_kernels()
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    gq, gk, gv = kn.packed_bwd(dout, q, k, v, out, lse, causal, plan.cu_q, plan.cu_k, scale, None, None)
+    group = q.shape[2] // k.shape[2]
+    for qa, qb, ka, kb in plan.long_tasks:
+        n = qb - qa
+        rows = plan.bucket(n) if causal else n
+        pad = torch.full((*lse.shape[:2], rows - n), float("inf"), dtype=lse.dtype, device=lse.device)
+        d_q, d_k, d_v = kn.dense_bwd(_pad_rows(dout[:, qa:qb], rows), _rows(q, qa, qb, rows),
+                                     _rows(k, ka, kb, rows, group), _rows(v, ka, kb, rows, group),
+                                     _rows(out, qa, qb, rows), torch.cat([lse[:, :, qa:qb], pad], dim=2), causal, scale)
+        gq[:, qa:qb].copy_(d_q[:, :n])  # the Triton call left zeros in these rows
+        gk[:, ka:kb].copy_(_fold(d_k[:, :n], group))
+        gv[:, ka:kb].copy_(_fold(d_v[:, :n], group))
+    from seqpar.kernels.flash_attn import _deliver
+    return tuple(g if dest is None else _deliver(dest, g, accumulate and i > 0)
+                 for i, (g, dest) in enumerate(zip((gq, gk, gv), (dq, dk, dv))))
 
 
 def flash_attn_split(q, k, v, *, causal=True, cu_seqlens, softmax_scale=None, return_lse=False, min_len=None,

@@ -488,7 +488,8 @@ class _BoundTensors:
     copy from pinned memory per plan, instead of a copy per bound from pageable memory, each of
     which waits for the stream to drain before it starts (CUDA's rule for pageable host-to-device
     copies). Each carries its longest document as `seqpar_max_seqlen`, which the aten varlen
-    kernels need on the host: reading it from the device would synchronise the host per call."""
+    kernels need on the host, and its values as `seqpar_bounds` (the split's tasks): reading them
+    from the device would synchronise the host per call."""
 
     def __init__(self, steps, device):
         bounds = list(dict.fromkeys(cu for blocks in steps for blk in blocks for cu in (blk.cu, blk.cu_k) if cu))
@@ -501,6 +502,7 @@ class _BoundTensors:
         for cu in bounds:
             view = dev[start:start + len(cu)]
             view.seqpar_max_seqlen = max(b - a for a, b in zip(cu[:-1], cu[1:]))
+            view.seqpar_bounds = tuple(cu)  # the split's tasks, without a device read
             self.cache[cu] = view
             start += len(cu)
 

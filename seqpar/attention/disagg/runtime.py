@@ -128,9 +128,11 @@ def _to_device(values, device) -> torch.Tensor:
         t = t.pin_memory().to(device, non_blocking=True)
     else:
         t = t.to(device)
-    # a kernel that wants the longest document on the host (torch's varlen flash) reads it here
-    # instead of from the device, which would make the host wait for the GPU at every call
+    # kernels that want the bounds on the host (torch's varlen flash its longest document, the
+    # split its tasks) read them here instead of from the device, which would make the host wait
+    # for the GPU at every call
     t.seqpar_max_seqlen = max((b - a for a, b in zip(values, values[1:])), default=0)
+    t.seqpar_bounds = tuple(values)
     return t
 
 
