@@ -4,9 +4,11 @@
 # writes each case as it finishes): the bf16 NCCL check, the per-task cost table on one GPU, then the
 # benchmark (disagg's three schedules vs ring vs per-document CP vs no rebalancing, timed in rounds) at 64k and 128k
 # tokens per GPU on the wlbllm / prolong / lognormal mixes.
-# SEQPAR_ATTN_KERNEL=split (exported before) also puts the servers' calls (lse-returning, task
-# boundaries) on the split: their long square tasks through cuDNN, as the data-parallel rows'
-# packed calls are by default (kernels/dispatch.py SPLIT_FASTER "packed_lse", not measured yet).
+# `bash docs/benchmarks/disagg_gpu.sh split` (pairs_gpu.sh: "disagg_gpu.sh:split") runs it all with
+# SEQPAR_ATTN_KERNEL=split: the servers' calls (lse-returning, task boundaries) on the split too,
+# their long square tasks through cuDNN, as the data-parallel rows' packed calls are by default
+# (kernels/dispatch.py SPLIT_FASTER "packed_lse", not measured yet).
+[ "${1:-}" = split ] && export SEQPAR_ATTN_KERNEL=split
 mkdir -p "$OUT"
 SEQPAR_FLASH_TUNE=0 timeout 90 python3 -m pytest -q -m gpu tests/test_disagg.py 2>&1 | tail -5
 timeout 45 python3 -m seqpar.bench disagg --profile-cost-table "$OUT/disagg_cost_table.json" 2>&1 | tail -3
