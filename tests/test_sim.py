@@ -197,7 +197,7 @@ def test_fixed_rows_cost_the_packed_kernel_and_schedule_eras_share_kernel_fits(h
     the disagg schedule fit the ring and kernels together."""
     from dataclasses import replace
 
-    from seqpar.sim.measurements import era_since, kernel_eras
+    from seqpar.sim.eras import era_since, kernel_eras
     from seqpar.sim.step import predict_step
 
     cfg = _cfg("model=llama_1b", "parallel=none", "data=synthetic", "data.seq_len=32768", "data.distribution=fixed",
@@ -226,7 +226,7 @@ def test_the_split_prices_long_documents_on_cudnn_at_their_bucket(calib):
     from seqpar.kernels.flash_attn.split import bucket_len
     from seqpar.sim.attention_cost import attn_seconds, split_applies, split_call_seconds
     from seqpar.sim.compute import AttnCall
-    from seqpar.sim.measurements import era_since
+    from seqpar.sim.eras import era_since
 
     now = replace(calib, era=era_since("235a598"), packed_kernel="triton")
     row = replace(AttnCall.varlen([5000, 300, 700]), splittable=True)
@@ -256,7 +256,7 @@ def test_the_split_prices_long_documents_on_cudnn_at_their_bucket(calib):
 
 def test_lane_folders_belong_to_their_run_folder(tmp_path):
     """The fifth session's files lie in <run>/callN/<lane>/: dated, keyed and found by the run folder."""
-    from seqpar.sim.measurements import run_date, run_folder, run_key
+    from seqpar.sim.eras import run_date, run_folder, run_key
 
     lane = tmp_path / "2026-11-26-4xh100-5th" / "call1" / "gpu01_maxlen_gpu"
     lane.mkdir(parents=True)
@@ -587,7 +587,7 @@ def test_packed_calls_run_on_triton_by_the_run_date(calib):
 
     from seqpar.sim.attention_cost import attn_seconds
     from seqpar.sim.calibrate import fit_triton_packed
-    from seqpar.sim.measurements import packed_kernel_of
+    from seqpar.sim.eras import packed_kernel_of
 
     packed, dense = AttnCall.varlen([1024, 3072]), AttnCall.dense(4096, 4096, True)
     torch_side = replace(calib, packed_kernel="flash")
@@ -680,7 +680,8 @@ def test_code_eras_split_the_fits(tmp_path):
     JSON: the end of the day it is named for); each era's constants come from its own runs, and
     constants an era has no runs for are the previous era's. The bench's first LASP naming
     (`lasp2_serial` = what lasp2_attention ran) is read as today's."""
-    from seqpar.sim.measurements import CODE_CHANGES, era_of, lasp_samples
+    from seqpar.sim.eras import CODE_CHANGES, era_of
+    from seqpar.sim.measurements import lasp_samples
 
     since = CODE_CHANGES[0][0]
     assert era_of("x/2026-11-25-2xh100-ring/r.json", {"date": "2026-11-25T23:18:49+00:00"}) == 0
@@ -691,7 +692,7 @@ def test_code_eras_split_the_fits(tmp_path):
     # the 4D runs of 2026-11-26 (committed 01:26) stay in era 1, not today's
     assert era_of("x/2026-11-26-2xh200-fourd/llama_1b_cp2_metrics.jsonl") == 1 < len(CODE_CHANGES)
     # the card: a JSON beside the run naming its device, else the folder's name
-    from seqpar.sim.measurements import cluster_preset_of
+    from seqpar.sim.eras import cluster_preset_of
 
     card = tmp_path / "2026-11-26-2xgpu-run"
     card.mkdir()
@@ -791,7 +792,7 @@ def test_disagg_server_of_one_task_runs_flash(h100, calib):
 
     from seqpar.sim.attention_cost import bounded_one_on_triton, disagg_layer
     from seqpar.sim.comm import placed
-    from seqpar.sim.measurements import era_since
+    from seqpar.sim.eras import era_since
 
     g = placed(2, 1, 8)
     bounds = [(0, 65536)]  # one document: one task per server
@@ -815,7 +816,7 @@ def test_todays_one_task_server_runs_triton_and_l1_r_l2_returns_remote_results_e
     from seqpar.sim.attention_cost import (_disagg_plan, _nano_schedule, _ping_pong_layer, attn_seconds,
                                            disagg_layer)
     from seqpar.sim.comm import placed
-    from seqpar.sim.measurements import CODE_CHANGES, era_since
+    from seqpar.sim.eras import CODE_CHANGES, era_since
 
     assert calib.era == len(CODE_CHANGES) >= era_since("c8d5eb5")
     new = replace(calib, runtime_token_s={})
@@ -869,7 +870,8 @@ def test_todays_one_task_server_runs_triton_and_l1_r_l2_returns_remote_results_e
 def test_an_era_without_runs_inherits_the_fitted_constants(tmp_path):
     """Without the runs of today's era (the folders measured after its commit), its constants are
     the era before's: only the code differs."""
-    from seqpar.sim.measurements import CODE_CHANGES, bench_dir, era_of
+    from seqpar.sim.eras import CODE_CHANGES, era_of
+    from seqpar.sim.measurements import bench_dir
 
     latest = len(CODE_CHANGES)
     for folder in sorted(bench_dir().iterdir()):
@@ -900,7 +902,7 @@ def test_equal_l2_tails_join_the_output_all_to_all_together(h100, calib):
 
     from seqpar.sim.attention_cost import _ping_pong_layer
     from seqpar.sim.comm import placed
-    from seqpar.sim.measurements import era_since
+    from seqpar.sim.eras import era_since
 
     bounds, g2 = (0, 3000, 95008, 131072), placed(2, 1, 8)
     args = (h100, [bounds], 2, 32, 8, 128, g2, "flash", 2, 0.1, 128, None)
@@ -1019,7 +1021,8 @@ def test_whole_step_readers_e2e_names_short_runs_fourd_summary_and_diagnostics(t
 def test_fourth_session_runs_belong_to_the_equal_tails_era():
     """Run at ae43a7a, before 852d464 reverted the equal L2 tails: era 3, although a maxlen JSON in
     the folder gives only the day (COMMITTED_BY bounds it by the commit that added the folder)."""
-    from seqpar.sim.measurements import bench_dir, era_of, era_since
+    from seqpar.sim.eras import era_of, era_since
+    from seqpar.sim.measurements import bench_dir
 
     folder = bench_dir() / "2026-11-26-4xh200-4th"
     if not folder.is_dir():

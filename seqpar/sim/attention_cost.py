@@ -49,7 +49,7 @@ def bounded_one_on_triton(calib) -> bool:
     a ring block with cu_seqlens over one document) runs seqpar's Triton kernel: from c8d5eb5 on
     (kernels/dispatch.py `_wants_triton`), where the dispatcher chooses (`calib.packed_kernel`
     "triton"; the ring bench forces torch's kernels). Before, torch's FA2 varlen (`_lse_backend`)."""
-    from seqpar.sim.measurements import era_since
+    from seqpar.sim.eras import era_since
 
     return calib.packed_kernel == "triton" and calib.era >= era_since("c8d5eb5")
 
@@ -58,7 +58,7 @@ def split_applies(calib, call) -> bool:
     """Whether a call runs through the split (kernels/flash_attn/split.py): from 235a598 on, where the
     dispatcher chooses (`calib.packed_kernel` "triton"), a packed self-attention row without lse; from
     b77bec6 to 8969915 with equal query and K/V head counts only."""
-    from seqpar.sim.measurements import era_since
+    from seqpar.sim.eras import era_since
 
     gqa_off = call.gqa and era_since("b77bec6") <= calib.era < era_since("8969915")
     return (call.splittable and call.is_varlen and calib.packed_kernel == "triton"
@@ -72,7 +72,7 @@ def split_call_seconds(calib, call, heads: int, head_dim: int, per_octave: int |
     cuDNN, to store the zeros the cuDNN results overwrite). Its K/V expansion for GQA (a copy per
     long document) is left out: ~1% of the cuDNN call's time at 32k."""
     from seqpar.kernels.flash_attn.split import BUCKETS_PER_OCTAVE, MIN_DOC_LEN, bucket_len, max_doc_len
-    from seqpar.sim.measurements import era_since
+    from seqpar.sim.eras import era_since
 
     docs = [q for q, _ in call.segments]
     top = max_doc_len(heads, head_dim, 2) if calib.era >= era_since("8969915") else max(docs)
@@ -361,7 +361,7 @@ def default_schedule(era: int) -> str:
     """The disagg runtime's schedule without ping-pong or `parallel.disagg.schedule`, as the era's code
     ran it: one nano-batch (eras 0-1), local halves around the remote work (c8d5eb5 / e23bcd3 on; era
     3's equal tails are rebuilt inside `_ping_pong_layer`), one call per server again from 219ea22."""
-    from seqpar.sim.measurements import era_since
+    from seqpar.sim.eras import era_since
 
     return "halves" if era_since("c8d5eb5") <= era < era_since("219ea22") else "single"
 
@@ -430,7 +430,7 @@ def _ping_pong_layer(calib, cluster, rows, world, heads, kv_heads, head_dim, gro
     forward plus its backward."""
     from seqpar.attention.disagg.planner import TASK_OVERHEAD
     from seqpar.attention.disagg.routing import nano_batches
-    from seqpar.sim.measurements import era_since
+    from seqpar.sim.eras import era_since
 
     row_bytes = (heads * 2 * head_dim * act, kv_heads * 2 * head_dim * act)
     q_w, kv_w = heads * head_dim * act, 2 * kv_heads * head_dim * act  # one Q (O, dO, dQ) row; one K|V row

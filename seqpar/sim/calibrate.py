@@ -57,7 +57,7 @@ class Calibration:
     triton_dense_ratio: float = 1.0  # Triton flash time over torch's (SDPA) flash on dense causal rows
     comm: LinkFit = field(default_factory=LinkFit)
     sources: dict[str, str] = field(default_factory=dict)
-    era: int = 0  # the code era these constants describe (measurements.CODE_CHANGES)
+    era: int = 0  # the code era these constants describe (eras.CODE_CHANGES)
     # attention kernel speed per head dim relative to 128 (compute.HEAD_DIM_RATE; 64 fitted end to end
     # where no kernel row at 64 was measured)
     head_dim_rate: dict = field(default_factory=lambda: dict(HEAD_DIM_RATE))
@@ -355,7 +355,7 @@ def fit_fused(root, era: int | None = None) -> tuple[float, float, float, str] |
 
     from seqpar.sim.measurements import bench_dir
 
-    from seqpar.sim.measurements import era_of
+    from seqpar.sim.eras import era_of
 
     root = Path(root or bench_dir())
     for path in sorted(glob.glob(str(root / "*" / "fused*.json")) + glob.glob(str(root / "*" / "fused*.log"))):
@@ -469,11 +469,11 @@ def calibrate(root: Path | None = None, exclude: tuple[str, ...] = (), cluster=N
     """Every constant from the benchmark JSONs under `root` (default docs/benchmarks), fitted on
     the machine they were measured on (the h100_8x400g preset's links), without the `exclude` groups.
     `era` (default: the latest, today's code): fit on that code era's runs only
-    (`measurements.CODE_CHANGES`), the ring and kernels benchmarks on those of every era that shares
-    its ring and kernel code (`measurements.kernel_eras`); a constant the era has no runs for keeps
+    (`eras.CODE_CHANGES`), the ring and kernels benchmarks on those of every era that shares
+    its ring and kernel code (`eras.kernel_eras`); a constant the era has no runs for keeps
     the previous era's value."""
     from seqpar.sim.cluster import load_cluster
-    from seqpar.sim.measurements import CODE_CHANGES, in_era, kernel_eras
+    from seqpar.sim.eras import CODE_CHANGES, in_era, kernel_eras
 
     era = len(CODE_CHANGES) if era is None else era
     key = (str(root), tuple(sorted(exclude)), era)

@@ -22,7 +22,7 @@ def bench_schedule(method: str, era: int) -> str:
     server (d987b2e on), `disagg_no_pingpong` the era's schedule without ping-pong (one nano-batch in
     eras 0-1, the local halves since c8d5eb5 / e23bcd3, named `halves` since 219ea22)."""
     from seqpar.sim.attention_cost import default_schedule
-    from seqpar.sim.measurements import era_since
+    from seqpar.sim.eras import era_since
 
     if method == "disagg":
         return "ping_pong"

@@ -164,7 +164,8 @@ def dp_disagg(cluster, calib, *, gpus=(16, 64, 256), lengths=(65536, 131072), mi
 def measured_dp_disagg(root=None) -> list[dict]:
     """seqpar's 2-GPU disagg benchmark (attention only, fwd+bwd per layer): no rebalancing against
     disagg with and without ping-pong, mean over the batches, per run, mix and tokens per rank."""
-    from seqpar.sim.measurements import disagg_samples, load_benchmarks, run_key
+    from seqpar.sim.eras import run_key
+    from seqpar.sim.measurements import disagg_samples, load_benchmarks
 
     out = []
     for s in disagg_samples(load_benchmarks(root)):

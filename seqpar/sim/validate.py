@@ -3,7 +3,7 @@
 Each case is predicted twice: with the calibration fitted on everything (`predicted_s`), and with
 one fitted without the case's own group of rows (`loo_predicted_s`, leave-one-group-out: a ring
 row at 32k is predicted from constants fitted on the 128k and packed rows). Both use the constants
-of the case's code era (`measurements.CODE_CHANGES`): a run describes the code it ran. `in_sample` names the
+of the case's code era (`eras.CODE_CHANGES`): a run describes the code it ran. `in_sample` names the
 constants whose fit used the case. Cases of a card that ran below its usual speed (its same-call
 anchor far below ANCHORS.md) are listed under `excluded` with the reason.
 """
@@ -17,8 +17,9 @@ from dataclasses import replace
 from seqpar.sim.attention_cost import _single_call, lasp_layer, ring_layer
 from seqpar.sim.calibrate import calibrate
 from seqpar.sim.cases import DISAGG_METHODS, RUNTIME_OF, disagg_case
-from seqpar.sim.measurements import (CODE_CHANGES, cluster_preset_of, diagnostic_exclusions, disagg_samples, e2e_samples,
-                                     kernel_samples, lasp_samples, load_benchmarks, maxlen_exclusions, maxlen_memory_samples, ring_samples)
+from seqpar.sim.eras import CODE_CHANGES, cluster_preset_of
+from seqpar.sim.measurements import (diagnostic_exclusions, disagg_samples, e2e_samples, kernel_samples, lasp_samples,
+                                     load_benchmarks, maxlen_exclusions, maxlen_memory_samples, ring_samples)
 from seqpar.sim.cluster import load_cluster
 from seqpar.sim.comm import placed
 from seqpar.sim.compute import linear_attn_time
@@ -65,7 +66,7 @@ def _e2e_case(s, calib, cluster):
     from seqpar.sim.configs import plain_config
     from seqpar.sim.step import memory_per_rank, predict_step
 
-    from seqpar.sim.measurements import era_overrides
+    from seqpar.sim.eras import era_overrides
 
     cfg = plain_config(s["overrides"] + era_overrides(s["era"], s["overrides"]))
     calib = replace(calib, packed_kernel=s.get("packed_kernel", "triton"))  # what the run's dispatcher chose
@@ -225,7 +226,7 @@ def markdown(result: dict) -> str:
     for files below it)."""
     from pathlib import Path
 
-    from seqpar.sim.measurements import run_key
+    from seqpar.sim.eras import run_key
 
     lines = ["| case | run | era | GPUs | measured | predicted | error | leave-one-group-out | fitted on it |",
              "|---|---|---|---|---|---|---|---|---|"]

@@ -1,0 +1,225 @@
+"""When each benchmark run ran, with which code and on which card.
+
+A run belongs to the code era of the last change before it (`CODE_CHANGES`); its date comes from its
+file, the timed JSONs beside it or in its call, or the day its run folder is named for, bounded by
+the commit that added it (`COMMITTED_BY`). Files lie in dated run folders (`YYYY-MM-DD-...`), from
+the fifth session of 2026-11-26 on in lanes below them (`callN/<lane>/`): `run_folder` and `run_key`
+name a file by its run folder.
+"""
+from __future__ import annotations
+
+import datetime
+import functools
+import json
+from pathlib import Path
+
+
+# Commits after which what a runtime costs beyond its kernels changed (the fitted extras, the ring's
+# per-step work): a measurement belongs to the era of the last change before it ran. Each era's
+# constants are fitted on its own runs (those it has no runs for are the previous era's), each
+# case is predicted with its era's constants, and predictions for today's code use the latest.
+CODE_CHANGES = (
+    ("2026-11-26T00:55:00+00:00", ("79fc72c LASP-2 exchange hook, 7a17a3f ring fold plans, 1fad4de disagg runtime "
+                                   "without per-token index ops, e049981 lightning kernel one-scan exchange")),
+    # no run yet: today's code differs from era 1's in what attention_cost models from this era on
+    # (`era_since("c8d5eb5")`), never in fitted constants, which are era 1's until a run here
+    ("2026-11-26T04:07:39+00:00", ("c8d5eb5 one-document calls with bounds and an lse (a one-task disagg server, the "
+                                   "ring's bounded one-document blocks) on seqpar's Triton flash instead of FA2 varlen, "
+                                   "e23bcd3 (04:13:39) disagg without ping-pong as L1, R, L2 instead of local then "
+                                   "remote")),
+    # no run yet: what attention_cost models changes (`era_since("755a3a8")`), not the constants
+    ("2026-11-26T05:56:48+00:00", ("755a3a8 disagg without ping-pong keeps the same local work for L2 on every "
+                                   "server (was half of each server's local work)")),
+    # no run yet: what attention_cost models changes back (`era_since("852d464")`), not the constants
+    ("2026-11-26T08:13:57+00:00", ("852d464 disagg without ping-pong back to each server's local work halved "
+                                   "around R (reverts 755a3a8)")),
+    # no run yet: what attention_cost models changes (`era_since("235a598")`), not the constants
+    ("2026-11-26T10:10:47+00:00", ("235a598 packed self-attention rows (flash_attn without lse) through the "
+                                   "split: documents of >= 4096 tokens on cuDNN at their bucket length, the rest "
+                                   "in one Triton call (SPLIT_FASTER)")),
+    # what attention_cost models changes (`era_since("219ea22")`: the default schedule), not the constants
+    ("2026-11-26T10:14:53+00:00", ("219ea22 disagg's default schedule single (one kernel call per server, its "
+                                   "transfers exposed; parallel.disagg.schedule=single|halves|ping_pong replaces "
+                                   "ping_pong)")),
+    # what attention_cost models changes (`era_since("b77bec6")`), not the constants
+    ("2026-11-26T10:22:56+00:00", ("b77bec6 the split only for packed rows with equal query and K/V head counts "
+                                   "(GQA rows back on the Triton kernel unless forced)")),
+    # what attention_cost models changes (`era_since("8969915")`), not the constants
+    ("2026-11-26T10:28:24+00:00", ("8969915 the split for GQA rows again, documents on cuDNN only up to "
+                                   "max_doc_len (2 GiB of cuDNN scratch: 64k tokens at 32 x 64 query heads x "
+                                   "dim), longer ones in the Triton call")),
+)
+
+
+# CODE_CHANGES entries that changed only the disagg runtime's schedule (which local work runs when):
+# the ring, the attention kernels and their dispatch are the same code before and after them, so the
+# ring and kernels benchmarks of those eras measure one thing and are fitted together (`kernel_eras`)
+DISAGG_SCHEDULE_ONLY = ("755a3a8", "852d464", "219ea22")
+
+
+def kernel_eras(era: int) -> tuple[int, ...]:
+    """The eras whose ring and kernels code is era `era`'s: back to the last change that was not
+    DISAGG_SCHEDULE_ONLY."""
+    first = era
+    while first > 0 and CODE_CHANGES[first - 1][1].split()[0] in DISAGG_SCHEDULE_ONLY:
+        first -= 1
+    return tuple(range(first, era + 1))
+
+
+def era_since(commit: str) -> int:
+    """The era that begins with `commit` (the first hash of its CODE_CHANGES entry): the code from
+    that commit on is era >= this."""
+    for i, (_, what) in enumerate(CODE_CHANGES):
+        if what.split()[0] == commit:
+            return i + 1
+    raise KeyError(f"no CODE_CHANGES entry starts with commit {commit!r}")
+
+
+# Runs whose files give only a day (or nothing): the time of the commit that added them, a bound
+# on when they ran, so that a change later that day does not claim them (folder or folder/file)
+COMMITTED_BY = {
+    "2026-11-26-2xh200-fourd": "2026-11-26T01:26:45+00:00",  # a4192d6
+    "2026-11-26-2xh200-pm/maxlen_8b_1gpu_offload_optimizer.json": "2026-11-26T03:22:54+00:00",  # 5fbc617
+    "2026-11-26-2xh200-pm/maxlen_8b_cp2.json": "2026-11-26T03:37:17+00:00",  # 06bb906
+    # the e2e metrics and fourd_2gpu.json are undated and maxlen_8b_cp2.json gives only the day (which
+    # would date the folder's undated files at 23:59): the runs were made at code ae43a7a (07:00),
+    # after 755a3a8 and with nothing since that changes what the model costs (split attention is
+    # opt-in, the autotune cache only shortens step 1), so era 3 either way
+    "2026-11-26-4xh200-4th": "2026-11-26T08:07:48+00:00",  # 69140ea
+    # the fifth session (4x H100): its maxlen JSONs give only the day; the run folder's lanes are dated
+    # by their own or their call's timed JSONs (`_folder_date`)
+    "2026-11-26-4xh100-5th/call1": "2026-11-26T09:55:26+00:00",  # e9b18af
+    # the GPU call whose kernels bench made fc26d23 (23:10:59) send packed rows to Triton ran these
+    # before that commit (results committed with 14f0567 at 23:16, "dispatch since then")
+    "2026-11-25-h100-llama1b-kernels": "2026-11-25T23:10:58+00:00",
+    "2026-11-25-2xh100-fourd": "2026-11-25T23:10:58+00:00",
+}
+
+
+def _parse_date(text):
+    try:
+        when = datetime.datetime.fromisoformat(str(text))
+    except ValueError:
+        return None
+    if len(str(text)) <= 10:  # a day without a time: its end (a run that day ran after that day's changes)
+        when = when.replace(hour=23, minute=59, second=59)
+    return when if when.tzinfo else when.replace(tzinfo=datetime.timezone.utc)
+
+
+def run_folder(path) -> Path:
+    """The dated run folder (`YYYY-MM-DD-...`) a benchmark file lies in: its parent, or for the
+    fifth session's lanes (`<run>/callN/<lane>/file.json`) the nearest dated ancestor."""
+    for folder in Path(path).parents:
+        if _parse_date(folder.name[:10]) is not None and folder.name[4:5] == "-":
+            return folder
+    return Path(path).parent
+
+
+def run_key(path) -> str:
+    """`folder/file` of a benchmark file, the folder being its run folder (`run_folder`): the key of
+    COMMITTED_BY, DIAGNOSTIC_FILES and the other per-file lists."""
+    path = Path(path)
+    folder = run_folder(path)
+    try:
+        return f"{folder.name}/{path.relative_to(folder).as_posix()}"
+    except ValueError:
+        return f"{path.parent.name}/{path.name}"
+
+
+def run_date(path, data=None):
+    """When a benchmark file's run happened: its `date`, else a dated JSON beside it, else the end of
+    the day its run folder is named for (`YYYY-MM-DD-...`); never after the commit that added it where
+    `COMMITTED_BY` says; None if nothing says."""
+    when = _run_date(path, data)
+    key = run_key(path)
+    # the file's own entry, else the nearest folder's (a lane, a call, the run folder)
+    bound = next((COMMITTED_BY[k] for k in [key] + [key.rsplit("/", n)[0] for n in range(1, key.count("/") + 1)]
+                  if k in COMMITTED_BY), None)
+    return min(when, _parse_date(bound)) if when is not None and bound else when
+
+
+def _run_date(path, data=None):
+    if isinstance(data, dict) and data.get("date"):
+        return _parse_date(data["date"])
+    return _folder_date(str(path))
+
+
+@functools.lru_cache(maxsize=None)
+def _folder_date(path: str):
+    """An undated file's time (read once): the latest `date` of the JSONs beside it; below a run folder
+    (the fifth session's `callN/<lane>/`) where none beside it has one, the latest full timestamp
+    of its call's JSONs (the lanes of one call ran together); else its run folder's day."""
+    folder, top = Path(path).parent, run_folder(path)
+    dates = _json_dates(folder, "*.json")
+    if not dates and folder != top:
+        call = next((f for f in Path(path).parents if f.parent == top), folder)
+        dates = [d for d in _json_dates(call, "**/*.json") if d.hour or d.minute or d.second][-1:] or \
+            _json_dates(call, "**/*.json")
+    if dates:
+        return max(dates)
+    return _parse_date(top.name[:10])
+
+
+def _json_dates(folder: Path, pattern: str) -> list:
+    dates = []
+    for other in sorted(folder.glob(pattern)):
+        try:
+            d = json.loads(other.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(d, dict) and d.get("date") and _parse_date(d["date"]):
+            dates.append(_parse_date(d["date"]))
+    return sorted(dates)
+
+
+def cluster_preset_of(path) -> str:
+    """The cluster preset of the card a run used: h200_8x400g when a JSON in its folder names an H200
+    as its device (or the folder's name says h200), else h100_8x400g (the other committed card)."""
+    for folder in dict.fromkeys((Path(path).parent, run_folder(path))):
+        for other in sorted(folder.glob("*.json")):
+            try:
+                d = json.loads(other.read_text())
+            except (OSError, json.JSONDecodeError):
+                continue
+            if isinstance(d, dict) and d.get("device"):
+                return "h200_8x400g" if "H200" in str(d["device"]) else "h100_8x400g"
+    return "h200_8x400g" if "h200" in run_folder(path).name.lower() else "h100_8x400g"
+
+
+def era_of(path, data=None) -> int:
+    """Index of the code era the run measured (0 before the first of CODE_CHANGES); undated: the latest."""
+    when = run_date(path, data)
+    if when is None:
+        return len(CODE_CHANGES)
+    return sum(when >= _parse_date(since) for since, _ in CODE_CHANGES)
+
+
+def in_era(found: dict, era: int | tuple[int, ...]) -> dict:
+    """`found` (load_benchmarks) restricted to the runs of one code era (or of several)."""
+    eras = (era,) if isinstance(era, int) else tuple(era)
+    return {kind: [(p, d) for p, d in items if era_of(p, d if isinstance(d, dict) else None) in eras]
+            for kind, items in found.items()}
+
+
+
+# kernels/dispatch.py sends packed calls to seqpar's Triton flash since commit fc26d23 (this time);
+# a disagg bench run dated before it ran them on torch's varlen flash
+TRITON_PACKED_SINCE = "2026-11-25T23:10:59+00:00"
+
+
+def packed_kernel_of(data: dict, path: str = "") -> str:
+    """The kernel the dispatcher gave a benchmark's packed calls when it ran (from its `date`)."""
+    when = run_date(path, data) if path or data.get("date") else None
+    if when is None:
+        return "triton"  # undated: today's code
+    return "flash" if when < _parse_date(TRITON_PACKED_SINCE) else "triton"
+
+
+def era_overrides(era: int, overrides) -> list[str]:
+    """The overrides that give today's config the defaults of the code a run of `era` ran: without
+    ping-pong, disagg ran the local halves from c8d5eb5 / e23bcd3 until 219ea22 made `single` the
+    default (one nano-batch before c8d5eb5, which `single` is)."""
+    if any(o.startswith("parallel.disagg.schedule=") for o in overrides) or \
+            "parallel.softmax_sp=disagg" not in overrides:
+        return []
+    return ["parallel.disagg.schedule=halves"] if era_since("c8d5eb5") <= era < era_since("219ea22") else []
