@@ -234,8 +234,9 @@ def saved_keys(par) -> float:
     return (2 * par.cp + 1) / 2 if par.layout == "zigzag" else float(par.cp)
 
 
-def estimate(cfg, world: int) -> MemoryEstimate:
-    """The busiest rank's memory for `cfg` on `world` ranks (see the module docstring)."""
+def estimate(cfg, world: int, *, split: bool = True) -> MemoryEstimate:
+    """The busiest rank's memory for `cfg` on `world` ranks (see the module docstring). `split`:
+    count the split attention's cuDNN scratch (runs of code before the split did not allocate it)."""
     from seqpar.config import data_parallel_size
     from seqpar.parallel.pipeline import stage_layers
 
@@ -277,12 +278,12 @@ def estimate(cfg, world: int) -> MemoryEstimate:
             return a * 3 * m.ffn_dim * d / tp
         return a * ((2 * q + 2 * kv) * d if kind == "S" else 5 * q * d) / tp
 
-    split = split_scratch(cfg) if "S" in kinds else 0
+    scratch = split_scratch(cfg) if split and "S" in kinds else 0
 
     def saved(kind) -> tuple[float, float, str]:
         """(kept per layer, transient while this layer runs its backward, what that transient is)."""
         kept, transient, what = _saved(kind)
-        return (kept, transient + split, what + " + split attention's cuDNN scratch") if kind == "S" and split \
+        return (kept, transient + scratch, what + " + split attention's cuDNN scratch") if kind == "S" and scratch \
             else (kept, transient, what)
 
     def _saved(kind) -> tuple[float, float, str]:

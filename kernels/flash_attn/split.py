@@ -24,7 +24,7 @@ the padded keys, the padded queries' outputs are dropped, and in the backward th
 so they add nothing to the real keys' dk, dv (dS = P * (dP - delta) with dP = delta = 0; their
 forward lse is kept so that P stays finite).
 
-A document runs through cuDNN only up to `max_doc_len` tokens: its calls allocate up to eight
+A document runs through cuDNN only up to `max_doc_len` tokens: its calls allocate up to ten
 tensors of its length at the query heads (below), which `SEQPAR_CUDNN_SCRATCH_MB` bounds (default
 2 GiB; seqpar.memory counts it); longer documents stay in the Triton call.
 
@@ -70,11 +70,11 @@ def min_doc_len() -> int:
 
 
 def scratch_per_token(hq: int, head_dim: int, elem: int) -> int:
-    """Bytes per token of a long document's cuDNN calls at most: dq, dk, dv and K/V expanded to
-    the query heads, dout, q and out padded (a document at the row's end) -- eight tensors of
-    `hq` heads. One llama_1b document of 128k tokens (32/8 heads, D = 64) allocated 5 GiB of them
-    at a step's peak (H100, 2026-11-26, logging.memory_snapshot)."""
-    return 8 * hq * head_dim * elem
+    """Bytes per token of a long document's cuDNN calls at most: ten tensors of `hq` heads (in the
+    backward K/V expanded to the query heads, dout, q and out padded at the row's end, cuDNN's dq,
+    dk, dv and its fp32 dq accumulator). One llama_1b document of 128k tokens (32/8 heads, D = 64)
+    held exactly ten at a step's peak, 5 GiB (H100, 2026-11-26, logging.memory_snapshot)."""
+    return 10 * hq * head_dim * elem
 
 
 def max_doc_len(hq: int, head_dim: int, elem: int) -> int:
@@ -132,7 +132,7 @@ def split_task_bounds(bounds_q, bounds_k, min_len: int, max_len: int | None = No
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must count the same documents: {bq_in}, {bk_in}")
     long_tasks, bq, bk = [], [0], [0]
     for qa, qb, ka, kb in zip(bq_in, bq_in[1:], bk_in, bk_in[1:]):
-        if qb - qa == kb - ka and min_len <= qb - qa <= (max_len or qb - qa):
+        if qb - qa == kb - ka and min_len <= qb - qa and (max_len is None or qb - qa <= max_len):
             long_tasks.append((qa, qb, ka, kb))
             bq += [qb, qb]
             bk += [ka, kb]

@@ -46,8 +46,8 @@ CODE_CHANGES = (
                                    "(GQA rows back on the Triton kernel unless forced)")),
     # what attention_cost models changes (`era_since("8969915")`), not the constants
     ("2026-11-26T10:28:24+00:00", ("8969915 the split for GQA rows again, documents on cuDNN only up to "
-                                   "max_doc_len (2 GiB of cuDNN scratch: 64k tokens at 32 x 64 query heads x "
-                                   "dim), longer ones in the Triton call")),
+                                   "max_doc_len (2 GiB of cuDNN scratch: 52k tokens at 32 query heads x 64 "
+                                   "dims, ten tensors per token), longer ones in the Triton call")),
 )
 
 

@@ -376,7 +376,7 @@ def maxlen_memory_samples(found) -> list[dict]:
                 if t.get("fits") and t.get("max_mem_gb"):
                     out.append({"name": f"maxlen {folder}/{data['model']} {res['mode']} {t['seq_len'] // 1024}k "
                                         f"on {gpus} GPU{'s' if gpus > 1 else ''}",
-                                "world": gpus, "measured_mem_gib": t["max_mem_gb"],
+                                "world": gpus, "measured_mem_gib": t["max_mem_gb"], "era": era_of(path, data),
                                 "overrides": trial_overrides(base_overrides(data["model"], gpus), res["overrides"],
                                                              t["seq_len"], data.get("steps_per_trial", 1))})
     return out

@@ -380,14 +380,15 @@ def predict_step(cfg, world: int, cluster, calib, *, family: str = "cudnn", virt
     }
 
 
-def memory_per_rank(cfg, world: int) -> dict:
-    """seqpar.memory's estimate as the CUDA run sees it (bf16 autocast), whatever this machine has."""
+def memory_per_rank(cfg, world: int, *, split: bool = True) -> dict:
+    """seqpar.memory's estimate as the CUDA run sees it (bf16 autocast), whatever this machine has;
+    `split`: with the split attention's cuDNN scratch (runs of code before 235a598 had none)."""
     from seqpar.memory import GiB, estimate
     from seqpar.sim.configs import as_plain
 
     c = copy.deepcopy(as_plain(cfg))
     c.train.device = "cuda"
-    est = estimate(c, world)
+    est = estimate(c, world, split=split)
     return {"total_gib": est.total / GiB, "params_gib": est.params / GiB, "grads_gib": est.grads / GiB,
             "optimizer_gib": est.optimizer / GiB, "activations_gib": est.activations / GiB,
             "loss_gib": est.loss / GiB, "transient_gib": est.transient / GiB, "transient_what": est.transient_what,
