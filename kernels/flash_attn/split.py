@@ -171,8 +171,9 @@ def split_plan(cu_seqlens, min_len: int, device, per_octave: int = 0, max_len: i
 
 
 def _build_plan(cu_seqlens, min_len, max_len, device, per_octave):
-    # the one device-to-host sync of these boundaries (a list or CPU tensor costs none)
-    bounds = cu_seqlens.tolist() if torch.is_tensor(cu_seqlens) else list(cu_seqlens)
+    # the one device-to-host sync of these boundaries (a list, a CPU tensor or a tensor that
+    # carries its host values costs none)
+    bounds = list(_host_bounds(cu_seqlens))
     long_docs, bq, bk = split_bounds(bounds, min_len, max_len)
     as_dev = lambda b: torch.tensor(b, dtype=torch.int32, device=device)  # noqa: E731
     return SplitPlan(tuple(long_docs), as_dev(bq), as_dev(bk), as_dev(bounds), bounds[-1], per_octave)
