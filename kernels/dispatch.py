@@ -14,7 +14,8 @@ names. Names returned today:
   flash_attn_backward from a given (out, lse) (``kernels/flash_attn/aten.py``, CUDA)
 - ``"split"``: flash_attn over packed documents (case ``packed``), documents of >= 4096 tokens
   (``SEQPAR_CUDNN_DOC_MIN``) through cuDNN one by one, the rest through one Triton call
-  (``kernels/flash_attn/split.py``, CUDA); where ``SPLIT_FASTER`` holds the case or
+  (``kernels/flash_attn/split.py``, CUDA), and its lse form for ring steps and disagg servers
+  (case ``packed_lse``, tasks given by query and key boundaries); where ``SPLIT_FASTER`` holds the case or
   ``SEQPAR_ATTN_KERNEL=split`` forces it (elsewhere that setting acts as ``auto``)
 
 Later issues add more ``"triton"`` ops. ``SEQPAR_KERNELS=reference`` forces the reference everywhere (read
@@ -204,9 +205,12 @@ TRITON_FASTER: frozenset[str] = frozenset({"packed", "packed_lse"})
 # length buckets exist (all of [4k, 16k] built in 2.7 s; before that each new bucket costs a build,
 # ~15 ms per layer on the first rows); with GQA (32/8 heads) the disagg benchmark's data-parallel
 # rows ran 16-25% faster on it. "packed_lse" (ring steps, disagg servers: split.split_forward /
-# split_backward, lse-returning, long square tasks through cuDNN) is not measured yet:
-# SEQPAR_ATTN_KERNEL=split runs it (docs/benchmarks/disagg_gpu.sh with it against without).
-SPLIT_FASTER: frozenset[str] = frozenset({"packed"})
+# split_backward, lse-returning, long square tasks through cuDNN): the disagg benchmark's servers
+# (2 H100, docs/benchmarks/2026-11-26-4xh100-6th/call2, disagg_gpu.sh with and without it in the
+# same call) took 3-12% less time per step (single schedule 64k: wlbllm 56.0 -> 54.3 ms, prolong
+# 41.6 -> 38.6, lognormal 59.6 -> 53.1; 128k: 139.9 -> 132.3, 81.8 -> 73.8) and its packed ring
+# 4-10% less (wlbllm 64k 1.631 -> 1.567x the ideal, prolong 1.538 -> 1.378, lognormal 1.671 -> 1.569).
+SPLIT_FASTER: frozenset[str] = frozenset({"packed", "packed_lse"})
 
 
 def _attn_choice() -> str:

@@ -355,17 +355,25 @@ def estimate(cfg, world: int, *, split: bool = True) -> MemoryEstimate:
 def split_scratch(cfg) -> int:
     """What one softmax layer's long-document cuDNN calls may allocate on top (the split of packed
     rows, kernels/flash_attn/split.py): on CUDA, where attention sees whole documents (cp = 1, or
-    Ulysses); the longest document taken as long as the row, up to the split's own bound."""
+    Ulysses); the longest document taken as long as the row, up to the split's own bound. Rows
+    of one document each (synthetic `fixed` documents at least a row long) are dense: no split."""
     from seqpar.config import use_cuda
     from seqpar.kernels.flash_attn.split import max_doc_len, min_doc_len, scratch_per_token
 
     m, par = cfg.model, cfg.parallel
-    if not use_cuda(cfg) or (par.cp > 1 and par.softmax_sp != "ulysses"):
+    if not use_cuda(cfg) or (par.cp > 1 and par.softmax_sp != "ulysses") or _one_document_rows(cfg.data):
         return 0
     heads = m.n_heads // par.tp // (par.cp if par.cp > 1 else 1)
     _, a, _ = _dtype_bytes(cfg)
     longest = min(cfg.data.seq_len, max_doc_len(heads, head_dim(m), a))
     return longest * scratch_per_token(heads, head_dim(m), a) if longest >= min_doc_len() else 0
+
+
+def _one_document_rows(data) -> bool:
+    """Whether every packed row holds a single document (the maxlen benchmark's rows): a packed
+    row of one document is dense attention (kernels.dispatch.attention_case)."""
+    return (data.name == "synthetic" and data.distribution == "fixed"
+            and getattr(data, "mean_len", 1024) >= data.seq_len)
 
 
 def _zero_sharding(par) -> tuple[bool, bool, bool]:

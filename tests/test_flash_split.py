@@ -355,9 +355,9 @@ def test_dispatch_split_rules(monkeypatch):
     assert dispatch._flash_attn_backend(x, x, x, cu_seqlens=cu) == "split"
     assert dispatch._flash_attn_backend(x, x, x, **tasks) == "split"
     monkeypatch.setenv("SEQPAR_ATTN_KERNEL", "auto")
-    assert dispatch._flash_attn_backend(x, x, x, **tasks) != "split"  # "packed_lse" not measured faster yet
-    monkeypatch.setattr(dispatch, "SPLIT_FASTER", frozenset({"packed_lse"}))
-    assert dispatch._flash_attn_backend(x, x, x, **tasks) == "split"
+    assert dispatch._flash_attn_backend(x, x, x, **tasks) == "split"  # "packed_lse" measured faster
+    monkeypatch.setattr(dispatch, "SPLIT_FASTER", frozenset({"packed"}))
+    assert dispatch._flash_attn_backend(x, x, x, **tasks) != "split"
     monkeypatch.setattr(dispatch, "SPLIT_FASTER", frozenset())
     assert dispatch._flash_attn_backend(x, x, x, cu_seqlens=cu) != "split"
     monkeypatch.setattr(dispatch, "SPLIT_FASTER", frozenset({"packed"}))

@@ -350,3 +350,9 @@ def test_split_attention_scratch_is_counted_where_attention_sees_whole_documents
     assert split_scratch(_cfg(*SMALL, "data.seq_len=8192")) == 0  # the ring's calls return lse: no split
     assert split_scratch(_cfg(*SMALL, "parallel.cp=1", "data.seq_len=2048")) == 0  # no document that long
     assert "split" not in ring.transient_what
+    # rows of one document each (the maxlen benchmark's) are dense attention: no split
+    dense = _cfg(*SMALL, "parallel.cp=1", "data.seq_len=8192", "train.dtype=auto", "data.name=synthetic",
+                 "data.distribution=fixed", "data.mean_len=8192")
+    assert split_scratch(dense) == 0
+    assert split_scratch(_cfg(*SMALL, "parallel.cp=1", "data.seq_len=8192", "train.dtype=auto", "data.name=synthetic",
+                              "data.distribution=fixed", "data.mean_len=4096")) > 0  # two documents a row

@@ -22,6 +22,15 @@ lane1() {
     export CUDA_VISIBLE_DEVICES=1
     timeout 535 $M --modes full_offload --start 524288 --max-len 524288 --trial-timeout 525 --out "$OUT/maxlen_offload_512k.json"
 }
+if [ "${1:-}" = speed128 ]; then
+    # `maxlen_gpu.sh speed128` (pairs_gpu.sh "maxlen_gpu.sh:speed128@1"): on ONE GPU, the issue's
+    # speed question at 128k, full checkpointing then full + offload, back to back (2 steps each)
+    export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES%%,*}
+    timeout 330 $M --modes full,full_offload --start 131072 --max-len 131072 --steps 2 --trial-timeout 160 \
+        --out "$OUT/maxlen_speed_128k.json" > "$OUT/speed128.log" 2>&1
+    tail -n 4 "$OUT/speed128.log"
+    exit
+fi
 lane0 > "$OUT/lane0.log" 2>&1 &
 lane1 > "$OUT/lane1.log" 2>&1 &
 wait
