@@ -34,8 +34,8 @@ def apply_activation_checkpointing(model: torch.nn.Module, train_cfg) -> None:
     `offload_activations`: what a checkpoint keeps (its input) waits for backward in CPU memory."""
     mode = train_cfg.activation_checkpointing
     offloader = ActivationOffloader() if train_cfg.offload_activations and mode != "none" else None
-    wrap = lambda module: checkpoint_wrapper(
-        module, checkpoint_fn=offloader.checkpoint if offloader else checkpoint, use_reentrant=False)
+    wrap = lambda module, **kw: checkpoint_wrapper(
+        module, checkpoint_fn=offloader.checkpoint if offloader else checkpoint, use_reentrant=False, **kw)
     for name, block in model.layers.items():
         block.feed_forward.chunk_tokens = train_cfg.mlp_chunk_tokens
         if mode == "full":
@@ -43,8 +43,12 @@ def apply_activation_checkpointing(model: torch.nn.Module, train_cfg) -> None:
         elif mode == "selective":
             # norm and MLP are checkpointed one by one (the block's forward stays the model's own):
             # each keeps its input, one [S, d] more than a joint checkpoint would
+            # early_stop=False: a norm's recompute is one custom autograd Function (the Triton
+            # RMSNorm), and checkpoint's early stop, an exception raised from the pack hook inside
+            # that Function's save, came out of torch 2.11's Function.apply as "SystemError:
+            # returned NULL without setting an exception" (H100, llama_1b 96k/128k, 2026-11-26)
             for part in ("attention_norm", "ffn_norm", "feed_forward"):
-                setattr(block, part, wrap(getattr(block, part)))
+                setattr(block, part, wrap(getattr(block, part), early_stop=False))
         if offloader:  # on the outermost module of the block: its checkpoints are done when it returns
             model.layers[name].register_forward_hook(offloader.release)
 
