@@ -6,7 +6,7 @@
 # few one-step trials per mode (galloping, then bisecting: ~140k with checkpointing on an H100).
 [ -n "$SEQPAR_GPU_READY" ] || source docs/benchmarks/gpu_setup.sh
 mkdir -p "$OUT"
-export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES%%,*}
+export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0}; CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES%%,*}
 if [ ! -f .anchors/anchors_e2e.py ]; then
   echo "maxlen_anchor_gpu.sh: .anchors/anchors_e2e.py missing: carry a copy of ../shared/anchors as .anchors" >&2
   exit 2

@@ -5,7 +5,7 @@
 #   bash docs/benchmarks/memory_peak_gpu.sh
 [ -n "$SEQPAR_GPU_READY" ] || source docs/benchmarks/gpu_setup.sh
 mkdir -p "$OUT"
-export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES%%,*}
+export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0}; CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES%%,*}
 # `memory_peak_gpu.sh SEQ[,MODE...]` (pairs_gpu.sh "memory_peak_gpu.sh:98304,selective_chunked@1"):
 # another length, some of the modes
 IFS=, read -r SEQ MODES <<< "${1:-131072}"
