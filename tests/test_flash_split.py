@@ -88,17 +88,35 @@ def test_task_bounds_send_square_tasks_to_cudnn():
                              (9, 9, 12, 17), (2, 0, 21, 26)]
     with pytest.raises(ValueError, match="count the same documents"):
         split_task_bounds([0, 4], [0, 2, 4], 2)
+    # causal: a piece of at least min_len queries over its causal prefix too (4 over 6 keys), within
+    # max_len keys (4 over 9 stays), never one with fewer keys than queries (4 over 2)
+    bq, bk = _cu([4, 4, 4]).tolist(), _cu([6, 9, 2]).tolist()
+    assert split_task_bounds(bq, bk, 4, 8, causal=True)[0] == [(0, 4, 0, 6)]
+    assert split_task_bounds(bq, bk, 4, 8)[0] == []
+
+
+def test_prefix_parts_bucket_both_calls():
+    from seqpar.kernels.flash_attn.split import bucket_len, prefix_parts
+
+    assert prefix_parts(10, 10, 9, 4) == (0, 0)  # a square: one causal call
+    assert prefix_parts(10, 30, 9, 4) == (20, 0)  # a prefix of 20 keys, on the grid
+    assert prefix_parts(9, 32, 9, 4) == (20, 3)  # 23 keys of prefix: 20 in the non-causal call
+    assert prefix_parts(9, 14, 9, 4) == (0, 5)  # a prefix below min_len: all in the causal call
+    for n, m in ((2300, 7000), (5000, 70000), (4096, 4097)):
+        p, f = prefix_parts(n, m, 2048, 16)
+        assert p + f == m - n and (p == 0 or bucket_len(p, 16) == p) and f < max(p / 16 + 1, 2048)
 
 
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("Hq, Hkv", [(2, 2), (4, 2)])
 def test_split_forward_backward_with_task_boundaries(causal, Hq, Hkv):
-    # a disagg server's call: square tasks (whole documents, heads of documents) through the dense
-    # kernel at their buckets, the one at the buffer's end padded with zeros; tail pieces, a task
-    # without keys and a length-1 task through the packed one; gradients into given destinations
+    # a disagg server's call: square tasks (whole documents, heads of documents) and, causal, long
+    # pieces over their prefix through the dense kernel at their buckets, the one at the buffer's
+    # end padded with zeros; short tail pieces, a task without keys and a length-1 task through the
+    # packed one; gradients into given destinations
     from seqpar.kernels.flash_attn.split import split_backward, split_forward
 
-    lq, lk = [9, 3, 10, 1, 2, 11], [9, 12, 10, 1, 0, 11]
+    lq, lk = [9, 3, 10, 1, 2, 11, 10, 9, 9], [9, 12, 10, 1, 0, 11, 30, 32, 14]
     g = torch.Generator().manual_seed(Hq + causal)
     q, do = (torch.randn(1, sum(lq), Hq, 8, generator=g, dtype=F64) for _ in range(2))
     k, v = (torch.randn(1, sum(lk), Hkv, 8, generator=g, dtype=F64) for _ in range(2))
@@ -111,8 +129,10 @@ def test_split_forward_backward_with_task_boundaries(causal, Hq, Hkv):
                                             return_lse=True)
     assert _rel(out, ref_out) < 1e-12 and torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
     assert _rel(torch.where(torch.isinf(lse), 0, lse), torch.where(torch.isinf(ref_lse), 0, ref_lse)) < 1e-12
-    assert [c for c in calls if c[0] == "dense"] == [("dense", 10 if causal else 9), ("dense", 10),
-                                                     ("dense", 12 if causal else 11)]
+    # causal, pieces over their prefix (prefix_parts): 10 over 30 keys as a causal square of 10 and
+    # a 10 x 20 block; 9 over 32 as a causal call of 3 blank + 9 queries and a 9 x 20 block; 9
+    # over 14 as one causal call of 5 blank + 9 queries (each call's queries at their bucket)
+    assert [c[1] for c in calls if c[0] == "dense"] == ([10, 10, 12, 10, 10, 12, 10, 14] if causal else [9, 10, 11])
     want = flash_attn_backward_reference(do, q, k, v, ref_out, ref_lse, causal=causal, cu_seqlens_q=cu_q,
                                          cu_seqlens_k=cu_k)
     dk0 = torch.randn(k.shape, generator=g, dtype=F64)
@@ -414,7 +434,7 @@ def test_gpu_task_split_bf16_vs_reference_and_triton(Hq, Hkv):
     from seqpar.kernels.flash_attn.split import split_backward, split_forward
     from seqpar.kernels.flash_attn.triton import attention_backward, attention_forward
 
-    lq, lk = [3000, 700, 2100, 1, 17, 2500], [3000, 5000, 2100, 1, 0, 2500]
+    lq, lk = [3000, 700, 2100, 1, 17, 2500, 2300], [3000, 5000, 2100, 1, 0, 2500, 7000]  # 2300 over 7000: prefix_parts
     g = torch.Generator().manual_seed(Hq + Hkv)
     q, do = (torch.randn(1, sum(lq), Hq, 128, generator=g, dtype=F64) for _ in range(2))
     k, v = (torch.randn(1, sum(lk), Hkv, 128, generator=g, dtype=F64) for _ in range(2))

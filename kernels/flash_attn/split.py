@@ -56,6 +56,7 @@ SCRATCH_MB = 2048
 SCRATCH_ENV = "SEQPAR_CUDNN_SCRATCH_MB"
 BUCKETS_PER_OCTAVE = 16
 BUCKETS_ENV = "SEQPAR_CUDNN_BUCKETS"
+PREFIX_ENV = "SEQPAR_CUDNN_PREFIX"  # 0: causal pieces over a prefix stay in the Triton call (benchmarks' A/B)
 
 
 def min_doc_len() -> int:
@@ -108,6 +109,14 @@ def bucket_len(length: int, per_octave: int) -> int:
     return -(-length // step) * step
 
 
+def bucket_floor(length: int, per_octave: int) -> int:
+    """The largest bucket length (`bucket_len`'s grid) within `length`."""
+    if per_octave == 0 or length < per_octave:
+        return length
+    step = max(1, (1 << (length.bit_length() - 1)) // per_octave)
+    return length // step * step
+
+
 def split_bounds(bounds, min_len: int, max_len: int | None = None):
     """(long documents [(a, b)], boundaries of q, boundaries of k) of the Triton call; long: at
     least `min_len` and at most `max_len` tokens.
@@ -118,12 +127,13 @@ def split_bounds(bounds, min_len: int, max_len: int | None = None):
     return [(qa, qb) for qa, qb, _, _ in long_tasks], bq, bk
 
 
-def split_task_bounds(bounds_q, bounds_k, min_len: int, max_len: int | None = None):
+def split_task_bounds(bounds_q, bounds_k, min_len: int, max_len: int | None = None, causal: bool = False):
     """`split_bounds` for separate query and key boundaries (tasks: queries bounds_q[i]..[i+1] over
     keys bounds_k[i]..[i+1], causal aligned bottom-right; a disagg server's call). A task is long
-    when its queries and keys are equally many, min_len..max_len: the causal square of one
-    document (or of its head), which a dense cuDNN call computes. Returns ([(qa, qb, ka, kb)], the
-    Triton call's q and k boundaries)."""
+    when it has min_len..max_len queries and as many keys (the causal square of one document, or
+    of its head), or, `causal`, at least min_len queries over more keys, at most max_len (a piece
+    of a document over its causal prefix): dense cuDNN calls compute it. Returns
+    ([(qa, qb, ka, kb)], the Triton call's q and k boundaries)."""
     bq_in, bk_in = [int(x) for x in bounds_q], [int(x) for x in bounds_k]
     for bounds in (bq_in, bk_in):
         if len(bounds) < 2 or bounds[0] != 0 or any(x > y for x, y in zip(bounds, bounds[1:])):
@@ -132,7 +142,8 @@ def split_task_bounds(bounds_q, bounds_k, min_len: int, max_len: int | None = No
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must count the same documents: {bq_in}, {bk_in}")
     long_tasks, bq, bk = [], [0], [0]
     for qa, qb, ka, kb in zip(bq_in, bq_in[1:], bk_in, bk_in[1:]):
-        if qb - qa == kb - ka and min_len <= qb - qa and (max_len is None or qb - qa <= max_len):
+        n, m = qb - qa, kb - ka
+        if min_len <= n and (m == n or (causal and m > n)) and (max_len is None or m <= max_len):
             long_tasks.append((qa, qb, ka, kb))
             bq += [qb, qb]
             bk += [ka, kb]
@@ -140,6 +151,18 @@ def split_task_bounds(bounds_q, bounds_k, min_len: int, max_len: int | None = No
             bq.append(qb)
             bk.append(kb)
     return long_tasks, bq, bk
+
+
+def prefix_parts(n: int, m: int, min_len: int, per_octave: int) -> tuple[int, int]:
+    """How a causal task of n queries over m >= n keys (its causal square, after m - n keys of
+    prefix that every query sees) runs on cuDNN: (p, f). The first p prefix keys, a bucket length
+    (or 0 below min_len), in one non-causal call; the last m - p keys in one causal call of f + n
+    queries, f = m - n - p blank ones before the n real ones, padded to their bucket. Both calls
+    then have bucketed shapes (a cuDNN plan per shape, built once), at the cost of the f blank rows
+    (f < p / per_octave, or < min_len without the prefix call)."""
+    r = m - n
+    p = bucket_floor(r, per_octave) if r >= min_len else 0
+    return p, r - p
 
 
 @dataclass(frozen=True)
@@ -282,7 +305,7 @@ class _SplitAttn(torch.autograd.Function):
 
 @dataclass(frozen=True)
 class TaskPlan:
-    long_tasks: tuple  # ((qa, qb, ka, kb), ...): square tasks that cuDNN runs
+    long_tasks: tuple  # ((qa, qb, ka, kb, p, f), ...): tasks that cuDNN runs (prefix_parts: p, f)
     cu_q: torch.Tensor  # int32 boundaries of the Triton call
     cu_k: torch.Tensor
     per_octave: int
@@ -313,17 +336,43 @@ def _host_bounds(cu) -> tuple:
 
 @lru_cache(maxsize=128)  # every layer of a step passes the same boundaries
 def task_plan(bounds_q: tuple, bounds_k: tuple, min_len: int, max_len: int | None, per_octave: int,
-              device) -> TaskPlan:
-    long_tasks, bq, bk = split_task_bounds(bounds_q, bounds_k, min_len, max_len)
+              device, causal: bool = False) -> TaskPlan:
+    long_tasks, bq, bk = split_task_bounds(bounds_q, bounds_k, min_len, max_len, causal)
     as_dev = lambda b: torch.tensor(b, dtype=torch.int32, device=device)  # noqa: E731
-    return TaskPlan(tuple(long_tasks), as_dev(bq), as_dev(bk), per_octave)
+    parts = [prefix_parts(qb - qa, kb - ka, min_len, per_octave) for qa, qb, ka, kb in long_tasks]
+    return TaskPlan(tuple((*t, p, f) for t, (p, f) in zip(long_tasks, parts)), as_dev(bq), as_dev(bk), per_octave)
 
 
-def _task_plan_for(q, cu_q, cu_k, min_len, max_len, per_octave) -> TaskPlan:
+def _task_plan_for(q, cu_q, cu_k, min_len, max_len, per_octave, causal) -> TaskPlan:
     D = q.shape[-1]
     return task_plan(_host_bounds(cu_q), _host_bounds(cu_k), min_doc_len() if min_len is None else min_len,
                      max_doc_len(q.shape[2], D, q.element_size()) if max_len is None else max_len,
-                     buckets_per_octave() if per_octave is None else per_octave, q.device)
+                     buckets_per_octave() if per_octave is None else per_octave, q.device,
+                     bool(causal) and os.environ.get(PREFIX_ENV, "1").strip() != "0")
+
+
+def _blank_front(t, a, b, front, rows):
+    """Rows [a, b) of t after `front` zero rows, zeros up to `rows` (`_rows` where front is 0)."""
+    if not front:
+        return _rows(t, a, b, rows)
+    padded = t.new_zeros(1, rows, *t.shape[2:])
+    padded[:, front:front + b - a].copy_(t[:, a:b])
+    return padded
+
+
+def _merge(out, lse, out2, lse2):
+    """(out, lse) of the union of two blocks of keys from each block's (out `[1, n, H, D]`, lse `[1, H, n]`)."""
+    both = torch.logaddexp(lse, lse2)
+    w, w2 = (torch.exp(x - both).transpose(1, 2).unsqueeze(-1) for x in (lse, lse2))
+    acc = torch.promote_types(out.dtype, torch.float32)  # bf16 blocks merge in fp32
+    return (out.to(acc) * w + out2.to(acc) * w2).to(out.dtype), both
+
+
+def _with_inf(lse, front, rows):
+    """lse `[1, H, n]` at rows [front, front + n) of `rows`, +inf elsewhere (padded queries: P = 0)."""
+    padded = torch.full((*lse.shape[:2], rows), float("inf"), dtype=lse.dtype, device=lse.device)
+    padded[:, :, front:front + lse.shape[2]] = lse
+    return padded
 
 
 @torch.no_grad()
@@ -333,18 +382,23 @@ def split_forward(q, k, v, *, causal=True, cu_seqlens_q, cu_seqlens_k, softmax_s
     return_lse and cu_seqlens_q/_k, no autograd), its long square tasks through cuDNN: the split
     for ring steps and disagg servers. Stateless, so that `split_backward` (or any backward that
     takes out and lse) can follow it: the padded queries' lse is not kept (see split_backward)."""
-    plan = _task_plan_for(q, cu_seqlens_q, cu_seqlens_k, min_len, max_len, per_octave)
+    plan = _task_plan_for(q, cu_seqlens_q, cu_seqlens_k, min_len, max_len, per_octave, causal)
     kn = kernels or cudnn_triton_kernels()
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
     o, lse, _ = kn.packed_fwd(q, k, v, causal, plan.cu_q, plan.cu_k, scale)
     group = q.shape[2] // k.shape[2]
-    for qa, qb, ka, kb in plan.long_tasks:
-        n = qb - qa
-        rows = plan.bucket(n) if causal else n
-        od, ld = kn.dense_fwd(_rows(q, qa, qb, rows), _rows(k, ka, kb, rows, group), _rows(v, ka, kb, rows, group),
-                              causal, scale)
-        o[:, qa:qb].copy_(od[:, :n])  # the Triton call left zeros here
-        lse[:, :, qa:qb].copy_(ld[:, :, :n])
+    for qa, qb, ka, kb, p, f in plan.long_tasks:
+        n, t = qb - qa, kb - ka - p  # t: the causal call's keys, the last of the task's
+        rows = plan.bucket(f + n) if causal else n
+        od, ld = kn.dense_fwd(_blank_front(q, qa, qb, f, rows), _rows(k, kb - t, kb, rows, group),
+                              _rows(v, kb - t, kb, rows, group), causal, scale)
+        od, ld = od[:, f:f + n], ld[:, :, f:f + n]
+        if p:  # the prefix's first p keys, seen by every query
+            o2, l2 = kn.dense_fwd(_rows(q, qa, qb, plan.bucket(n)), _rows(k, ka, ka + p, p, group),
+                                  _rows(v, ka, ka + p, p, group), False, scale)
+            od, ld = _merge(od, ld, o2[:, :n], l2[:, :, :n])
+        o[:, qa:qb].copy_(od)  # the Triton call left zeros here
+        lse[:, :, qa:qb].copy_(ld)
     return (o if out is None else out.copy_(o)), lse
 
 
@@ -359,21 +413,30 @@ def split_backward(dout, q, k, v, out, lse, *, causal=True, cu_seqlens_q, cu_seq
     state kept from the forward. Key rows that several tasks read are separate rows of the call's
     keys (the varlen layout), so each gradient row comes from one task. `dq`, `dk`, `dv`,
     `accumulate`: as flash_attn_backward's."""
-    plan = _task_plan_for(q, cu_seqlens_q, cu_seqlens_k, min_len, max_len, per_octave)
+    plan = _task_plan_for(q, cu_seqlens_q, cu_seqlens_k, min_len, max_len, per_octave, causal)
     kn = kernels or cudnn_triton_kernels()
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
     gq, gk, gv = kn.packed_bwd(dout, q, k, v, out, lse, causal, plan.cu_q, plan.cu_k, scale, None, None)
     group = q.shape[2] // k.shape[2]
-    for qa, qb, ka, kb in plan.long_tasks:
-        n = qb - qa
-        rows = plan.bucket(n) if causal else n
-        pad = torch.full((*lse.shape[:2], rows - n), float("inf"), dtype=lse.dtype, device=lse.device)
-        d_q, d_k, d_v = kn.dense_bwd(_pad_rows(dout[:, qa:qb], rows), _rows(q, qa, qb, rows),
-                                     _rows(k, ka, kb, rows, group), _rows(v, ka, kb, rows, group),
-                                     _rows(out, qa, qb, rows), torch.cat([lse[:, :, qa:qb], pad], dim=2), causal, scale)
-        gq[:, qa:qb].copy_(d_q[:, :n])  # the Triton call left zeros in these rows
-        gk[:, ka:kb].copy_(_fold(d_k[:, :n], group))
-        gv[:, ka:kb].copy_(_fold(d_v[:, :n], group))
+    for qa, qb, ka, kb, p, f in plan.long_tasks:
+        # each call's backward with the task's merged out and lse: exact gradients of its keys
+        n, t = qb - qa, kb - ka - p
+        rows = plan.bucket(f + n) if causal else n
+        d_q, d_k, d_v = kn.dense_bwd(_pad_rows(_blank_front(dout, qa, qb, f, f + n), rows),
+                                     _blank_front(q, qa, qb, f, rows), _rows(k, kb - t, kb, rows, group),
+                                     _rows(v, kb - t, kb, rows, group), _blank_front(out, qa, qb, f, rows),
+                                     _with_inf(lse[:, :, qa:qb], f, rows), causal, scale)
+        gq[:, qa:qb].copy_(d_q[:, f:f + n])  # the Triton call left zeros in these rows
+        gk[:, kb - t:kb].copy_(_fold(d_k[:, :t], group))
+        gv[:, kb - t:kb].copy_(_fold(d_v[:, :t], group))
+        if p:
+            rows = plan.bucket(n)
+            d_q, d_k, d_v = kn.dense_bwd(_pad_rows(dout[:, qa:qb], rows), _rows(q, qa, qb, rows),
+                                         _rows(k, ka, ka + p, p, group), _rows(v, ka, ka + p, p, group),
+                                         _rows(out, qa, qb, rows), _with_inf(lse[:, :, qa:qb], 0, rows), False, scale)
+            gq[:, qa:qb] += d_q[:, :n]
+            gk[:, ka:ka + p].copy_(_fold(d_k, group))
+            gv[:, ka:ka + p].copy_(_fold(d_v, group))
     from seqpar.kernels.flash_attn import _deliver
     return tuple(g if dest is None else _deliver(dest, g, accumulate and i > 0)
                  for i, (g, dest) in enumerate(zip((gq, gk, gv), (dq, dk, dv))))
