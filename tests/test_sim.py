@@ -254,6 +254,66 @@ def test_the_split_prices_long_documents_on_cudnn_at_their_bucket(calib):
                                                                              32, 128))
 
 
+def test_calls_with_bounds_and_an_lse_run_the_splits_lse_form_from_cec5aa8(calib):
+    """cec5aa8: a ring block or a server's call (bounds, lse) runs the split's lse form: each square task
+    of 4096..max_doc_len tokens one cuDNN call (causal: at its bucket length; a non-causal ring block at
+    its own), the other tasks one Triton call with their (queries, keys); before it, or where a run
+    recorded Triton servers, the one Triton call; the ring bench's forced torch kernels never."""
+    from dataclasses import replace
+
+    from seqpar.kernels.flash_attn.split import bucket_len
+    from seqpar.sim.attention_cost import _call_seconds, attn_seconds, lse_split_applies
+    from seqpar.sim.eras import era_since, kernel_eras
+
+    now = replace(calib, era=era_since("cec5aa8"), packed_kernel="triton", lse_split=None)
+    before = replace(now, era=era_since("cec5aa8") - 1)
+    # 40000 tokens at 32 heads x 128 is past the scratch bound (26k): Triton's, as the head of a document
+    call = AttnCall(((5000, 5000), (300, 9000), (700, 700), (40000, 40000)), True, True)
+    assert lse_split_applies(now, call) and not lse_split_applies(before, call)
+    assert lse_split_applies(replace(before, lse_split=True), call)  # SEQPAR_ATTN_KERNEL=split before cec5aa8
+    assert not lse_split_applies(replace(now, lse_split=False), call)
+    assert not lse_split_applies(replace(now, packed_kernel="flash"), call)
+    assert not lse_split_applies(now, AttnCall.varlen([5000, 700]))  # no bounds, no lse: the model's own call
+    L = bucket_len(5000, 16)
+    rest = AttnCall(((300, 9000), (700, 700), (40000, 40000)), True, True)
+    want = _call_seconds(now, AttnCall.dense(L, L, True), 32, 128, "cudnn") + _call_seconds(now, rest, 32, 128, "x")
+    assert attn_seconds(now, [call], 32, 128, "flash") == pytest.approx(want)
+    assert attn_seconds(before, [call], 32, 128, "flash") == pytest.approx(_call_seconds(before, call, 32, 128, "x"))
+    block = AttnCall(((6000, 6000),), False, True)  # nothing left for the Triton call: launched all the same
+    assert attn_seconds(now, [block], 32, 128) == pytest.approx(
+        _call_seconds(now, AttnCall.dense(6000, 6000, False), 32, 128, "cudnn")
+        + now.attn["flash"].per_call * now.triton_packed_ratio)
+    # the ring bench forces torch's kernels and the kernels bench times no lse call: fitted across cec5aa8
+    assert kernel_eras(era_since("cec5aa8")) == (era_since("8969915"), era_since("cec5aa8"))
+
+
+def test_sixth_session_dates_server_kernels_and_memory_peaks(tmp_path):
+    """The sixth session's day-only files: calls 1-3 ran before cec5aa8, call 4 with it; a disagg run
+    says whether its servers ran the split; memory_peak_gpu.sh's peaks are twins, the latest of a
+    configuration kept."""
+    from seqpar.sim.eras import era_of, era_since
+    from seqpar.sim.measurements import lse_split_of, memory_peak_samples
+
+    run = tmp_path / "2026-11-26-4xh100-6th"
+    for call in ("call1", "call3", "call4", "call6"):
+        (run / call / "lane").mkdir(parents=True)
+    day = {"benchmark": "maxlen", "date": "2026-11-26"}
+    assert era_of(run / "call1" / "lane" / "maxlen.json", day) == era_since("8969915")
+    assert era_of(run / "call4" / "lane" / "maxlen.json", day) == era_since("cec5aa8")
+    assert lse_split_of({"server_kernels": {"tasks": {"forward": "split", "backward": "split"}}}) is True
+    assert lse_split_of({"server_kernels": {"tasks": {"forward": "triton"}}}) is False
+    assert lse_split_of({}) is None
+    for call, gib in (("call3", 60.0), ("call6", 67.325)):
+        (run / call / "lane" / "selective_chunked_131072_peak.txt").write_text(
+            f"peak allocated {gib} GiB at trace event 1 of 2; live then:\n    1.0 GiB\n")
+    (run / "call6" / "lane" / "other_131072_peak.txt").write_text("peak allocated 1.0 GiB\n")  # not a script mode
+    (twin,), (old,) = memory_peak_samples(tmp_path)
+    assert twin["measured_mem_gib"] == 67.325 and twin["world"] == 1 and "call6" in twin["name"]
+    assert {"data.seq_len=131072", "train.activation_checkpointing=selective",
+            "train.mlp_chunk_tokens=8192"} <= set(twin["overrides"])
+    assert "call3" in old["name"] and "67.33 GiB against 60.00" in old["reason"]
+
+
 def test_lane_folders_belong_to_their_run_folder(tmp_path):
     """The fifth session's files lie in <run>/callN/<lane>/: dated, keyed and found by the run folder."""
     from seqpar.sim.eras import run_date, run_folder, run_key
@@ -819,7 +879,8 @@ def test_todays_one_task_server_runs_triton_and_l1_r_l2_returns_remote_results_e
     from seqpar.sim.eras import CODE_CHANGES, era_since
 
     assert calib.era == len(CODE_CHANGES) >= era_since("c8d5eb5")
-    new = replace(calib, runtime_token_s={})
+    # the servers' calls on Triton, as from c8d5eb5 until cec5aa8 sent them to the split's lse form
+    new = replace(calib, runtime_token_s={}, lse_split=False)
     old = replace(new, era=era_since("c8d5eb5") - 1)
     one = AttnCall.varlen([65536], True, with_bounds=True)
     fa2 = attn_seconds(old, [one], 32, 128, "flash")

@@ -65,25 +65,42 @@ def split_applies(calib, call) -> bool:
             and calib.era >= era_since("235a598") and not gqa_off)
 
 
-def split_call_seconds(calib, call, heads: int, head_dim: int, per_octave: int | None = None) -> float:
+def lse_split_applies(calib, call) -> bool:
+    """Whether a call given with bounds and taking the lse (a ring block with cu_seqlens, a disagg or
+    per-document CP server's call) runs the split's lse form (split.split_forward / split_backward):
+    from cec5aa8 on, where the dispatcher chooses (`calib.packed_kernel` "triton"; the ring bench
+    forces torch's kernels), or where a run records it (`calib.lse_split`: the disagg bench's
+    `server_kernels`, e.g. a run with SEQPAR_ATTN_KERNEL=split before cec5aa8)."""
+    from seqpar.sim.eras import era_since
+
+    if not call.with_bounds or calib.packed_kernel != "triton":
+        return False
+    return calib.era >= era_since("cec5aa8") if calib.lse_split is None else bool(calib.lse_split)
+
+
+def split_call_seconds(calib, call, heads: int, head_dim: int, per_octave: int | None = None,
+                       tasks: bool = False) -> float:
     """The split's cost: each document of at least the split's minimum (and, from 8969915 on, at most
     `max_doc_len`, its cuDNN scratch bound) on cuDNN at its bucket length (the padded rows are
     computed and dropped), the rest as one Triton call (launched even when every document went to
     cuDNN, to store the zeros the cuDNN results overwrite). Its K/V expansion for GQA (a copy per
-    long document) is left out: ~1% of the cuDNN call's time at 32k."""
+    long document) is left out: ~1% of the cuDNN call's time at 32k.
+
+    `tasks`: the lse form (`lse_split_applies`): a task is long when its queries and keys are
+    equally many (the causal square of a document or its head; a ring block's non-causal square
+    runs at its exact length), the others keep their (queries, keys) in the Triton call."""
     from seqpar.kernels.flash_attn.split import BUCKETS_PER_OCTAVE, MIN_DOC_LEN, bucket_len, max_doc_len
     from seqpar.sim.eras import era_since
 
-    docs = [q for q, _ in call.segments]
-    top = max_doc_len(heads, head_dim, 2) if calib.era >= era_since("8969915") else max(docs)
-    long = [n for n in docs if MIN_DOC_LEN <= n <= top]
-    short = [n for n in docs if not MIN_DOC_LEN <= n <= top]
-    padded = [bucket_len(n, BUCKETS_PER_OCTAVE if per_octave is None else per_octave) for n in long]
-    t = sum(attn_seconds(calib, [AttnCall.dense(n, n, call.causal)], heads, head_dim, "cudnn") for n in padded)
-    if short:  # one Triton call with bounds (of one document: the bounded dense case)
-        rest = AttnCall.varlen(short, call.causal) if len(short) > 1 else AttnCall(((short[0], short[0]),),
-                                                                                    call.causal, True)
-        t += attn_seconds(calib, [rest], heads, head_dim, "triton")
+    segs = list(call.segments) if tasks else [(q, q) for q, _ in call.segments]
+    top = max_doc_len(heads, head_dim, 2) if calib.era >= era_since("8969915") or tasks else max(q for q, _ in segs)
+    is_long = lambda q, k: q == k and MIN_DOC_LEN <= q <= top  # noqa: E731
+    octave = BUCKETS_PER_OCTAVE if per_octave is None else per_octave
+    padded = [bucket_len(q, octave) if call.causal else q for q, k in segs if is_long(q, k)]
+    t = sum(_call_seconds(calib, AttnCall.dense(n, n, call.causal), heads, head_dim, "cudnn") for n in padded)
+    rest = tuple(s for s in segs if not is_long(*s))
+    if rest:  # one Triton call with bounds (of one document or task: the bounded dense case)
+        t += _call_seconds(calib, AttnCall(rest, call.causal, True), heads, head_dim, "triton")
     else:
         t += calib.attn["flash"].per_call * calib.triton_packed_ratio
     return t
@@ -94,28 +111,35 @@ def attn_seconds(calib, calls, heads: int, head_dim: int, family: str = "cudnn")
     seqpar's Triton kernel where the dispatcher sends them (`calib.packed_kernel`, the default since
     kernels/dispatch.py's TRITON_FASTER): torch's flash constants times the measured time ratio.
     A one-document call with bounds is torch's flash, or Triton (the dense ratio) from the era of
-    c8d5eb5 on (`bounded_one_on_triton`)."""
-    bounded_triton = bounded_one_on_triton(calib)
+    c8d5eb5 on (`bounded_one_on_triton`). The split takes packed rows without lse from 235a598 on
+    (`split_applies`) and calls with bounds and lse from cec5aa8 on (`lse_split_applies`)."""
     total = 0.0
     for call in calls:
         if split_applies(calib, call):
             total += split_call_seconds(calib, call, heads, head_dim)
-            continue
-        fit_family = "flash" if call.is_varlen or call.with_bounds or family not in calib.attn else family
-        fit = calib.attn[fit_family]
-        ratio, kernel = 1.0, fit_family
-        if call.is_varlen and calib.packed_kernel == "triton":
-            ratio, kernel = calib.triton_packed_ratio, "triton"
-        elif call.with_bounds and not call.is_varlen and bounded_triton:
-            ratio, kernel = calib.triton_dense_ratio, "triton"
-        elif family == "triton":  # a dense call on seqpar's Triton kernel: torch's flash times the measured ratio
-            ratio, kernel = calib.triton_dense_ratio, "triton"
-        # the kernels lose different shares of their speed at a smaller head dim (measured per kernel
-        # where sim_hd64 ran: calib.kernel_head_dim_rate; else the one rate for every kernel)
-        rates = {**calib.head_dim_rate, **calib.kernel_head_dim_rate.get(kernel, {})}
-        flops, rows, n = attn_features(call, heads, head_dim, rates)
-        total += (flops / fit.rate + rows * fit.per_token + n * fit.per_call) * ratio
+        elif lse_split_applies(calib, call):
+            total += split_call_seconds(calib, call, heads, head_dim, tasks=True)
+        else:
+            total += _call_seconds(calib, call, heads, head_dim, family)
     return total
+
+
+def _call_seconds(calib, call, heads: int, head_dim: int, family: str) -> float:
+    """One kernel call on the kernel the dispatcher gives it, the split aside."""
+    fit_family = "flash" if call.is_varlen or call.with_bounds or family not in calib.attn else family
+    fit = calib.attn[fit_family]
+    ratio, kernel = 1.0, fit_family
+    if call.is_varlen and calib.packed_kernel == "triton":
+        ratio, kernel = calib.triton_packed_ratio, "triton"
+    elif call.with_bounds and not call.is_varlen and bounded_one_on_triton(calib):
+        ratio, kernel = calib.triton_dense_ratio, "triton"
+    elif family == "triton":  # a dense call on seqpar's Triton kernel: torch's flash times the measured ratio
+        ratio, kernel = calib.triton_dense_ratio, "triton"
+    # the kernels lose different shares of their speed at a smaller head dim (measured per kernel
+    # where sim_hd64 ran: calib.kernel_head_dim_rate; else the one rate for every kernel)
+    rates = {**calib.head_dim_rate, **calib.kernel_head_dim_rate.get(kernel, {})}
+    flops, rows, n = attn_features(call, heads, head_dim, rates)
+    return (flops / fit.rate + rows * fit.per_token + n * fit.per_call) * ratio
 
 
 def _clip(bounds, a, b):
@@ -349,7 +373,9 @@ def perdoc_layer(calib, cluster, rows, world, heads, kv_heads, head_dim, group, 
                     s, e = c * size, (n if c == 2 * world - 1 else (c + 1) * size)
                     if e > s:
                         per_rank[r].append((e - s, e))
-        times = [attn_seconds(calib, [AttnCall(tuple(segs), True)], heads, head_dim, family) for segs in per_rank]
+        # the disagg runtime serves the chunks: calls with bounds and an lse (the split's lse form from cec5aa8)
+        times = [attn_seconds(calib, [AttnCall(tuple(segs), True, True)], heads, head_dim, family)
+                 for segs in per_rank]
         compute += max(times) + runtime_extra(calib, "per_doc_cp", bounds, heads, head_dim) / world
         kv_all = 2 * bounds[-1] * kv_heads * head_dim * act
         comm += collective_time("all_gather", kv_all, group, cluster, calib.comm) + \

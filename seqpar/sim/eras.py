@@ -48,6 +48,12 @@ CODE_CHANGES = (
     ("2026-11-26T10:28:24+00:00", ("8969915 the split for GQA rows again, documents on cuDNN only up to "
                                    "max_doc_len (2 GiB of cuDNN scratch: 52k tokens at 32 query heads x 64 "
                                    "dims, ten tensors per token), longer ones in the Triton call")),
+    # what attention_cost models changes (`era_since("cec5aa8")`: `lse_split_applies`), not the ring and
+    # kernels benchmarks' constants (`SAME_KERNEL_BENCHES`)
+    ("2026-11-26T12:13:34+00:00", ("cec5aa8 calls with bounds and an lse (ring blocks with cu_seqlens, disagg "
+                                   "and per-document CP servers) through the split's lse form (SPLIT_FASTER "
+                                   "packed_lse): square tasks of 4096..max_doc_len tokens on cuDNN at their bucket "
+                                   "length, the rest in one Triton call")),
 )
 
 
@@ -55,13 +61,18 @@ CODE_CHANGES = (
 # the ring, the attention kernels and their dispatch are the same code before and after them, so the
 # ring and kernels benchmarks of those eras measure one thing and are fitted together (`kernel_eras`)
 DISAGG_SCHEDULE_ONLY = ("755a3a8", "852d464", "219ea22")
+# CODE_CHANGES entries after which the ring and kernels benchmarks still measure the same thing: the
+# disagg schedule changes, and cec5aa8, whose dispatch change reaches only auto-dispatched calls with an
+# lse (the ring bench forces torch's kernels with SEQPAR_ATTN_KERNEL, the kernels bench times no lse
+# call); the disagg bench's ring rows that changed are priced per run (`Calibration.lse_split`)
+SAME_KERNEL_BENCHES = DISAGG_SCHEDULE_ONLY + ("cec5aa8",)
 
 
 def kernel_eras(era: int) -> tuple[int, ...]:
-    """The eras whose ring and kernels code is era `era`'s: back to the last change that was not
-    DISAGG_SCHEDULE_ONLY."""
+    """The eras whose ring and kernels benchmarks measure what era `era`'s do: back to the last
+    change that was not in SAME_KERNEL_BENCHES."""
     first = era
-    while first > 0 and CODE_CHANGES[first - 1][1].split()[0] in DISAGG_SCHEDULE_ONLY:
+    while first > 0 and CODE_CHANGES[first - 1][1].split()[0] in SAME_KERNEL_BENCHES:
         first -= 1
     return tuple(range(first, era + 1))
 
@@ -89,6 +100,13 @@ COMMITTED_BY = {
     # the fifth session (4x H100): its maxlen JSONs give only the day; the run folder's lanes are dated
     # by their own or their call's timed JSONs (`_folder_date`)
     "2026-11-26-4xh100-5th/call1": "2026-11-26T09:55:26+00:00",  # e9b18af
+    # the sixth session (4x H100 as two pairs): its maxlen JSONs and the dp_cp metrics give only the
+    # day. Calls 1-3 (~11:55-12:08) ran code 22114c2, before cec5aa8 (12:13:34); call 4 (~12:15) ran
+    # cec5aa8, before 771d76d (12:23:10, no cost change); call 6 (~12:25) ran 771d76d
+    "2026-11-26-4xh100-6th/call1": "2026-11-26T12:13:33+00:00",
+    "2026-11-26-4xh100-6th/call2": "2026-11-26T12:13:33+00:00",
+    "2026-11-26-4xh100-6th/call3": "2026-11-26T12:13:33+00:00",
+    "2026-11-26-4xh100-6th/call4": "2026-11-26T12:23:09+00:00",
     # the GPU call whose kernels bench made fc26d23 (23:10:59) send packed rows to Triton ran these
     # before that commit (results committed with 14f0567 at 23:16, "dispatch since then")
     "2026-11-25-h100-llama1b-kernels": "2026-11-25T23:10:58+00:00",

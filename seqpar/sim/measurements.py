@@ -14,7 +14,7 @@ import os
 import statistics
 from pathlib import Path
 
-from seqpar.sim.eras import era_of, packed_kernel_of, run_folder, run_key
+from seqpar.sim.eras import era_of, packed_kernel_of, run_date, run_folder, run_key
 
 
 # ANCHORS.md's plain-PyTorch llama 1.1B at 16k on a healthy H100, eager: what tells a throttled
@@ -264,8 +264,17 @@ def _draw_disagg_samples(path, data, seed) -> list[dict]:
                             task_overhead=data.get("task_overhead_pairs"),
                             H=data.get("heads", 32), Hkv=data.get("kv_heads", 8), D=data.get("head_dim", 128),
                             packed_kernel=packed_kernel_of(data, path), era=era_of(path, data),
-                            batches=batches, skipped=len(case.get("rows", [])) - len(batches)))
+                            lse_split=lse_split_of(data), batches=batches,
+                            skipped=len(case.get("rows", [])) - len(batches)))
     return out
+
+
+def lse_split_of(data: dict) -> bool | None:
+    """Whether a disagg bench run's servers ran their calls (bounds, lse) on the split's lse form, as
+    its `server_kernels` records (a run with SEQPAR_ATTN_KERNEL=split did before cec5aa8 made it the
+    default); None where the file does not say (its era decides: attention_cost.lse_split_applies)."""
+    tasks = (data.get("server_kernels") or {}).get("tasks") or {}
+    return tasks["forward"] == "split" if "forward" in tasks else None
 
 
 # The end-to-end runs of docs/benchmarks: which job each metrics file is (the scripts' commands).
@@ -380,6 +389,47 @@ def maxlen_memory_samples(found) -> list[dict]:
                                 "overrides": trial_overrides(base_overrides(data["model"], gpus), res["overrides"],
                                                              t["seq_len"], data.get("steps_per_trial", 1))})
     return out
+
+
+# docs/benchmarks/memory_peak_gpu.sh: one llama_1b step on one GPU under logging.memory_snapshot, its
+# peak in `<mode>_<seq>_peak.txt` (the first line: "peak allocated X GiB"); the script's modes
+_MEMORY_PEAK_MODES = {
+    "full": ["train.activation_checkpointing=full"],
+    "full_offload": ["train.activation_checkpointing=full", "train.offload_activations=true",
+                     "train.mlp_chunk_tokens=8192"],
+    "selective_chunked": ["train.activation_checkpointing=selective", "train.mlp_chunk_tokens=8192"],
+}
+
+
+def memory_peak_samples(root=None) -> tuple[list[dict], list[dict]]:
+    """(memory twins, superseded) of memory_peak_gpu.sh's peaks: of one (mode, length) the latest
+    run's peak (the estimate describes today's code); the earlier ones as validate's `excluded`."""
+    import re
+
+    root = Path(root or bench_dir())
+    latest = {}
+    for path in sorted(glob.glob(str(root / "*" / "**" / "*_peak.txt"), recursive=True)):
+        m = re.fullmatch(r"(\w+?)_(\d+)_peak\.txt", Path(path).name)
+        line = Path(path).read_text().split("\n", 1)[0]
+        peak = re.match(r"peak allocated ([0-9.]+) GiB", line)
+        if not (m and peak and m.group(1) in _MEMORY_PEAK_MODES):
+            continue
+        mode, seq = m.group(1), int(m.group(2))
+        sample = {"name": f"memory_peak {run_key(path).rsplit('/', 1)[0]} llama_1b {mode} {seq // 1024}k on 1 GPU",
+                  "world": 1, "measured_mem_gib": float(peak.group(1)), "era": era_of(path), "file": path,
+                  "overrides": ["model=llama_1b", "train=long", "data=synthetic", "data.distribution=fixed",
+                                f"data.seq_len={seq}", f"data.mean_len={seq}", "parallel.cp=1", "train.steps=1",
+                                "train.warmup_steps=1", "launcher.nproc_per_node=1", *_MEMORY_PEAK_MODES[mode]]}
+        latest.setdefault((mode, seq), []).append(sample)
+    twins, superseded = [], []
+    for runs in latest.values():
+        runs.sort(key=lambda s: (era_of(s["file"]), str(run_date(s["file"])), s["file"]))
+        twins.append(runs[-1])
+        superseded += [{"name": f"memory of {s['name']}", "measured_s": None,
+                        "reason": f"the same configuration measured again later ({runs[-1]['name']}, "
+                                  f"{runs[-1]['measured_mem_gib']:.2f} GiB against {s['measured_mem_gib']:.2f} here)"}
+                       for s in runs[:-1]]
+    return twins, superseded
 
 
 def e2e_run_of(path) -> dict | None:
