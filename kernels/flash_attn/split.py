@@ -35,6 +35,12 @@ document, made again in the backward rather than kept) and its dk, dv summed bac
 Gradients through the lse (return_lse=True and a loss that uses it): cuDNN's backward takes no
 dlse, so that backward runs the Triton kernel over the whole row with the original boundaries.
 
+The lse form (`split_forward` / `split_backward`: ring steps, disagg servers) takes tasks with
+separate query and key boundaries. Causal, a piece of n >= min_len queries over m > n keys (a
+disagg server's piece of a document over its prefix) runs on cuDNN as two calls of bucketed shapes
+(`prefix_parts`), merged in fp32 like two ring blocks; SEQPAR_CUDNN_PREFIX=0 leaves such pieces in
+the Triton call (the benchmarks' A/B: 0.3-3% of a disagg step on 2 H100, 2026-11-26).
+
 The host needs the document lengths: `split_plan` reads cu_seqlens once per boundaries tensor
 (one device-to-host sync per tensor, cached weakly on it, as every layer of a step passes the same one).
 """
