@@ -258,7 +258,8 @@ def test_calls_with_bounds_and_an_lse_run_the_splits_lse_form_from_cec5aa8(calib
     """cec5aa8: a ring block or a server's call (bounds, lse) runs the split's lse form: each square task
     of 4096..max_doc_len tokens one cuDNN call (causal: at its bucket length; a non-causal ring block at
     its own), the other tasks one Triton call with their (queries, keys); before it, or where a run
-    recorded Triton servers, the one Triton call; the ring bench's forced torch kernels never."""
+    recorded Triton servers, the one Triton call; the ring bench's forced torch kernels never. From
+    9a4c89d a causal piece over its document's prefix goes to cuDNN too."""
     from dataclasses import replace
 
     from seqpar.kernels.flash_attn.split import bucket_len
@@ -283,8 +284,23 @@ def test_calls_with_bounds_and_an_lse_run_the_splits_lse_form_from_cec5aa8(calib
     assert attn_seconds(now, [block], 32, 128) == pytest.approx(
         _call_seconds(now, AttnCall.dense(6000, 6000, False), 32, 128, "cudnn")
         + now.attn["flash"].per_call * now.triton_packed_ratio)
-    # the ring bench forces torch's kernels and the kernels bench times no lse call: fitted across cec5aa8
-    assert kernel_eras(era_since("cec5aa8")) == (era_since("8969915"), era_since("cec5aa8"))
+    # 9a4c89d: a causal piece over its document's prefix too (SEQPAR_CUDNN_PREFIX=0, recorded, turns it off):
+    # 5000 queries over 12000 keys: prefix 7000 -> p = 6912 (27 x 256) non-causal over 5120 (bucketed)
+    # queries, and 88 blank + 5000 real queries causal over the last 5088 keys, padded to 5120; with a
+    # prefix below the minimum (5000 over 8000) one causal call of 8000 rows padded to 8192
+    cudnn = lambda nq, nk, causal: _call_seconds(now, AttnCall.dense(nq, nk, causal), 32, 128, "cudnn")  # noqa: E731
+    launch = now.attn["flash"].per_call * now.triton_packed_ratio
+    piece = AttnCall(((5000, 12000),), True, True)
+    prefix = replace(now, era=era_since("9a4c89d"))
+    assert attn_seconds(now, [piece], 32, 128) == pytest.approx(_call_seconds(now, piece, 32, 128, "x"))
+    assert attn_seconds(replace(prefix, lse_prefix=False), [piece], 32, 128) == pytest.approx(
+        _call_seconds(now, piece, 32, 128, "x"))
+    assert attn_seconds(prefix, [piece], 32, 128) == pytest.approx(
+        cudnn(5120, 5120, True) + cudnn(5120, 6912, False) + launch)
+    assert attn_seconds(prefix, [AttnCall(((5000, 8000),), True, True)], 32, 128) == pytest.approx(
+        cudnn(8192, 8192, True) + launch)
+    # the ring bench forces torch's kernels and the kernels bench times no lse call: fitted across both
+    assert kernel_eras(era_since("9a4c89d")) == (era_since("8969915"), era_since("cec5aa8"), era_since("9a4c89d"))
 
 
 def test_sixth_session_dates_server_kernels_and_memory_peaks(tmp_path):

@@ -78,6 +78,15 @@ def lse_split_applies(calib, call) -> bool:
     return calib.era >= era_since("cec5aa8") if calib.lse_split is None else bool(calib.lse_split)
 
 
+def lse_prefix_applies(calib) -> bool:
+    """Whether the split's lse form also sends causal tasks over a longer prefix to cuDNN
+    (split.prefix_parts): from 9a4c89d on, or where a run records it (`calib.lse_prefix`: the
+    disagg bench's `server_kernels.cudnn_prefix`; SEQPAR_CUDNN_PREFIX=0 turns it off)."""
+    from seqpar.sim.eras import era_since
+
+    return calib.era >= era_since("9a4c89d") if calib.lse_prefix is None else bool(calib.lse_prefix)
+
+
 def split_call_seconds(calib, call, heads: int, head_dim: int, per_octave: int | None = None,
                        tasks: bool = False) -> float:
     """The split's cost: each document of at least the split's minimum (and, from 8969915 on, at most
@@ -88,21 +97,44 @@ def split_call_seconds(calib, call, heads: int, head_dim: int, per_octave: int |
 
     `tasks`: the lse form (`lse_split_applies`): a task is long when its queries and keys are
     equally many (the causal square of a document or its head; a ring block's non-causal square
-    runs at its exact length), the others keep their (queries, keys) in the Triton call."""
+    runs at its exact length), and from 9a4c89d (`lse_prefix_applies`) also when it is causal with
+    more keys than queries, at most max_doc_len keys (a piece over its document's prefix:
+    `_prefix_task_seconds`); the others keep their (queries, keys) in the Triton call."""
     from seqpar.kernels.flash_attn.split import BUCKETS_PER_OCTAVE, MIN_DOC_LEN, bucket_len, max_doc_len
     from seqpar.sim.eras import era_since
 
     segs = list(call.segments) if tasks else [(q, q) for q, _ in call.segments]
     top = max_doc_len(heads, head_dim, 2) if calib.era >= era_since("8969915") or tasks else max(q for q, _ in segs)
-    is_long = lambda q, k: q == k and MIN_DOC_LEN <= q <= top  # noqa: E731
+    prefix = tasks and call.causal and lse_prefix_applies(calib)
+    is_long = lambda q, k: MIN_DOC_LEN <= q and (k == q or (prefix and k > q)) and k <= top  # noqa: E731
     octave = BUCKETS_PER_OCTAVE if per_octave is None else per_octave
-    padded = [bucket_len(q, octave) if call.causal else q for q, k in segs if is_long(q, k)]
-    t = sum(_call_seconds(calib, AttnCall.dense(n, n, call.causal), heads, head_dim, "cudnn") for n in padded)
+    t = 0.0
+    for q, k in segs:
+        if is_long(q, k) and k > q:
+            t += _prefix_task_seconds(calib, q, k, heads, head_dim, octave)
+        elif is_long(q, k):
+            n = bucket_len(q, octave) if call.causal else q
+            t += _call_seconds(calib, AttnCall.dense(n, n, call.causal), heads, head_dim, "cudnn")
     rest = tuple(s for s in segs if not is_long(*s))
     if rest:  # one Triton call with bounds (of one document or task: the bounded dense case)
         t += _call_seconds(calib, AttnCall(rest, call.causal, True), heads, head_dim, "triton")
     else:
         t += calib.attn["flash"].per_call * calib.triton_packed_ratio
+    return t
+
+
+def _prefix_task_seconds(calib, n: int, m: int, heads: int, head_dim: int, per_octave: int) -> float:
+    """A causal task of n queries over m > n keys on cuDNN (split.prefix_parts): one causal call of
+    f blank + n real queries over the last f + n keys, padded to their bucket, and where the
+    prefix reaches the minimum one non-causal call of the n queries (at their bucket) over the
+    first p prefix keys (a bucket length)."""
+    from seqpar.kernels.flash_attn.split import MIN_DOC_LEN, bucket_len, prefix_parts
+
+    p, f = prefix_parts(n, m, MIN_DOC_LEN, per_octave)
+    rows = bucket_len(f + n, per_octave)
+    t = _call_seconds(calib, AttnCall.dense(rows, rows, True), heads, head_dim, "cudnn")
+    if p:
+        t += _call_seconds(calib, AttnCall.dense(bucket_len(n, per_octave), p, False), heads, head_dim, "cudnn")
     return t
 
 

@@ -56,6 +56,8 @@ class Calibration:
     # whether calls with bounds and an lse (ring blocks, disagg servers) run the split's lse form:
     # None by era (from cec5aa8, attention_cost.lse_split_applies), else what the run recorded
     lse_split: bool | None = None
+    # whether that lse form also sends causal tasks over a prefix to cuDNN: None by era (from 9a4c89d)
+    lse_prefix: bool | None = None
     triton_packed_ratio: float = 1.0  # Triton flash time over torch's varlen flash on packed rows
     triton_dense_ratio: float = 1.0  # Triton flash time over torch's (SDPA) flash on dense causal rows
     comm: LinkFit = field(default_factory=LinkFit)
@@ -334,7 +336,8 @@ def fit_runtime(ring, disagg, calib, cluster, exclude=(), ring_disagg=None) -> t
                 rows = [b for b, r in s["batches"] if f"{method}_ms" in r]
                 pieces = sum(ring_pieces(tuple(b), s["world"]) for b in rows) / len(rows)
                 folds = sum(ring_fold_rows(tuple(b), s["world"]) for b in rows) / len(rows) * s["H"] * s["D"] / REF_HD
-                own = replace(base, packed_kernel=s.get("packed_kernel", "triton"), lse_split=s.get("lse_split"))
+                own = replace(base, packed_kernel=s.get("packed_kernel", "triton"), lse_split=s.get("lse_split"),
+                              lse_prefix=s.get("lse_prefix"))
                 gqa = _ring_compute(rows, s, own, cluster) if s["Hkv"] < s["H"] else 0.0
                 ring_points.append(((pieces, gqa, folds), case[0], case[1]))
     for s in ring:

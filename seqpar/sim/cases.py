@@ -65,8 +65,10 @@ def _disagg_case(method, s, calib, cluster):
     rows = [(b, r) for b, r in s["batches"] if key in r]
     if not rows:
         return None
-    # what the run's dispatcher chose: packed calls' kernel, the servers' lse calls on the split or not
-    calib = replace(calib, packed_kernel=s.get("packed_kernel", "triton"), lse_split=s.get("lse_split"))
+    # what the run's dispatcher chose: packed calls' kernel, the servers' lse calls on the split (and its
+    # prefix rule) or not
+    calib = replace(calib, packed_kernel=s.get("packed_kernel", "triton"), lse_split=s.get("lse_split"),
+                    lse_prefix=s.get("lse_prefix"))
     measured = sum(r[key] for _, r in rows) / len(rows) / 1e3
     pred = sum(disagg_method_seconds(method, b, s, calib, cluster) for b, _ in rows) / len(rows)
     return measured, pred, sum(b[-1] for b, _ in rows) / len(rows) / s["world"], len(rows)

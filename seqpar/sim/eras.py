@@ -54,6 +54,11 @@ CODE_CHANGES = (
                                    "and per-document CP servers) through the split's lse form (SPLIT_FASTER "
                                    "packed_lse): square tasks of 4096..max_doc_len tokens on cuDNN at their bucket "
                                    "length, the rest in one Triton call")),
+    # no run yet: what attention_cost models changes (`era_since("9a4c89d")`: `lse_prefix_applies`)
+    ("2026-11-26T12:33:04+00:00", ("9a4c89d the split's lse form also sends causal tasks of >= 4096 queries over "
+                                   "a longer prefix (at most max_doc_len keys) to cuDNN: a causal call of blank + "
+                                   "real queries at a bucket length and a non-causal call over the prefix "
+                                   "(SEQPAR_CUDNN_PREFIX=0 keeps them in the Triton call)")),
 )
 
 
@@ -62,10 +67,10 @@ CODE_CHANGES = (
 # ring and kernels benchmarks of those eras measure one thing and are fitted together (`kernel_eras`)
 DISAGG_SCHEDULE_ONLY = ("755a3a8", "852d464", "219ea22")
 # CODE_CHANGES entries after which the ring and kernels benchmarks still measure the same thing: the
-# disagg schedule changes, and cec5aa8, whose dispatch change reaches only auto-dispatched calls with an
+# disagg schedule changes, and cec5aa8 and 9a4c89d, whose changes reach only auto-dispatched calls with an
 # lse (the ring bench forces torch's kernels with SEQPAR_ATTN_KERNEL, the kernels bench times no lse
 # call); the disagg bench's ring rows that changed are priced per run (`Calibration.lse_split`)
-SAME_KERNEL_BENCHES = DISAGG_SCHEDULE_ONLY + ("cec5aa8",)
+SAME_KERNEL_BENCHES = DISAGG_SCHEDULE_ONLY + ("cec5aa8", "9a4c89d")
 
 
 def kernel_eras(era: int) -> tuple[int, ...]:

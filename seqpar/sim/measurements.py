@@ -264,7 +264,8 @@ def _draw_disagg_samples(path, data, seed) -> list[dict]:
                             task_overhead=data.get("task_overhead_pairs"),
                             H=data.get("heads", 32), Hkv=data.get("kv_heads", 8), D=data.get("head_dim", 128),
                             packed_kernel=packed_kernel_of(data, path), era=era_of(path, data),
-                            lse_split=lse_split_of(data), batches=batches,
+                            lse_split=lse_split_of(data), lse_prefix=(data.get("server_kernels") or {}).get(
+                                "cudnn_prefix"), batches=batches,
                             skipped=len(case.get("rows", [])) - len(batches)))
     return out
 
