@@ -153,15 +153,18 @@ def test_split_bounds_rejects_bad_boundaries():
 def test_plan_reads_each_boundaries_tensor_once(monkeypatch):
     from seqpar.kernels.flash_attn import split
 
-    built = []
-    real = split._build_plan
-    monkeypatch.setattr(split, "_build_plan", lambda *a: built.append(a) or real(*a))
     cu = _cu([5, 2, 9])
+    other = cu.clone()
+    reads = []
+    real = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: (t is cu or t is other) and reads.append(t) or real(t))
     plan = split.split_plan(cu, 4, "cpu")
-    assert split.split_plan(cu, 4, "cpu") is plan and len(built) == 1
-    assert split.split_plan(cu, 3, "cpu").long_docs == ((0, 5), (7, 16)) and len(built) == 2
+    assert split.split_plan(cu, 4, "cpu") is plan and len(reads) == 1
+    assert split.split_plan(cu, 3, "cpu").long_docs == ((0, 5), (7, 16)) and len(reads) == 1
+    assert split.split_plan(other, 4, "cpu") is plan and len(reads) == 2  # another tensor, the same values
     cu[2] = 6  # edited in place: a new version, read again
-    assert split.split_plan(cu, 4, "cpu").long_docs == ((0, 5), (6, 16)) and len(built) == 3
+    assert split.split_plan(cu, 4, "cpu").long_docs == ((0, 5), (6, 16)) and len(reads) == 3
+    monkeypatch.setattr(torch.Tensor, "tolist", real)
     assert plan.cu_q.tolist() == [0, 5, 5, 7, 16, 16] and plan.cu_k.tolist() == [0, 0, 5, 7, 7, 16]
 
 

@@ -41,8 +41,10 @@ disagg server's piece of a document over its prefix) runs on cuDNN as two calls 
 (`prefix_parts`), merged in fp32 like two ring blocks; SEQPAR_CUDNN_PREFIX=0 leaves such pieces in
 the Triton call (the benchmarks' A/B: 0.3-3% of a disagg step on 2 H100, 2026-11-26).
 
-The host needs the document lengths: `split_plan` reads cu_seqlens once per boundaries tensor
-(one device-to-host sync per tensor, cached weakly on it, as every layer of a step passes the same one).
+The host needs the document lengths: `_host_bounds` reads cu_seqlens once per boundaries tensor
+and version (one device-to-host sync per tensor, cached weakly on it, as every layer of a step
+passes the same one; none where the caller attached the host values), and the plans are cached
+by those values.
 """
 from __future__ import annotations
 
@@ -184,25 +186,14 @@ class SplitPlan:
         return bucket_len(length, self.per_octave)
 
 
-_PLANS = WeakIdKeyDictionary()  # cu_seqlens tensor -> {(min_len, per_octave, device): (its version, plan)}
-
-
 def split_plan(cu_seqlens, min_len: int, device, per_octave: int = 0, max_len: int | None = None) -> SplitPlan:
-    """The plan of these boundaries, built once per tensor (and version, lengths, per_octave, device)."""
-    device = torch.device(device)
-    if not torch.is_tensor(cu_seqlens) or cu_seqlens.is_inference():  # (inference tensors have no version)
-        return _build_plan(cu_seqlens, min_len, max_len, device, per_octave)
-    known = _PLANS.setdefault(cu_seqlens, {})
-    key = (min_len, max_len, per_octave, device)
-    if key not in known or known[key][0] != cu_seqlens._version:
-        known[key] = (cu_seqlens._version, _build_plan(cu_seqlens, min_len, max_len, device, per_octave))
-    return known[key][1]
+    """The plan of these boundaries: their values read once per tensor and version (`_host_bounds`),
+    the plan built once per values (and lengths, per_octave, device), as `task_plan`'s."""
+    return _self_plan(_host_bounds(cu_seqlens), min_len, max_len, per_octave, torch.device(device))
 
 
-def _build_plan(cu_seqlens, min_len, max_len, device, per_octave):
-    # the one device-to-host sync of these boundaries (a list, a CPU tensor or a tensor that
-    # carries its host values costs none)
-    bounds = list(_host_bounds(cu_seqlens))
+@lru_cache(maxsize=128)  # every layer of a step passes the same boundaries
+def _self_plan(bounds: tuple, min_len: int, max_len: int | None, per_octave: int, device) -> SplitPlan:
     long_docs, bq, bk = split_bounds(bounds, min_len, max_len)
     as_dev = lambda b: torch.tensor(b, dtype=torch.int32, device=device)  # noqa: E731
     return SplitPlan(tuple(long_docs), as_dev(bq), as_dev(bk), as_dev(bounds), bounds[-1], per_octave)
