@@ -204,7 +204,7 @@ TRITON_FASTER: frozenset[str] = frozenset({"packed", "packed_lse"})
 # 7.15 against 7.75 ms per layer (median of 12 rows, 8 layers each) once cuDNN's plans for the
 # length buckets exist (all of [4k, 16k] built in 2.7 s; before that each new bucket costs a build,
 # ~15 ms per layer on the first rows); with GQA (32/8 heads) the disagg benchmark's data-parallel
-# rows ran 16-25% faster on it. "packed_lse" (ring steps, disagg servers: split.split_forward /
+# rows ran 16-25% faster on it. "packed_lse" (ring steps, disagg servers: split_tasks.split_forward /
 # split_backward, lse-returning, long square tasks through cuDNN): the disagg benchmark's servers
 # (2 H100, docs/benchmarks/2026-11-26-4xh100-6th/call2, disagg_gpu.sh with and without it in the
 # same call) took 3-12% less time per step (single schedule 64k: wlbllm 56.0 -> 54.3 ms, prolong
@@ -263,7 +263,7 @@ def split_applies(q, k, v, *, return_lse=False, cu_seqlens=None, cu_seqlens_q=No
 
 def task_split_applies(q, k, v, *, return_lse=False, cu_seqlens=None, cu_seqlens_q=None, cu_seqlens_k=None,
                        needs_grad=False, **_) -> bool:
-    """Whether the split's lse form takes this call (`split.split_forward` / `split_backward`):
+    """Whether the split's lse form takes this call (`split_tasks.split_forward` / `split_backward`):
     packed documents or tasks given by boundaries (shared, or separate for queries and keys), the
     lse taken, no autograd through it (ring steps and disagg servers run their own backward), on
     tensors the Triton kernel takes, with cuDNN present. Its long square tasks go to cuDNN."""

@@ -114,7 +114,7 @@ def test_split_forward_backward_with_task_boundaries(causal, Hq, Hkv):
     # pieces over their prefix through the dense kernel at their buckets, the one at the buffer's
     # end padded with zeros; short tail pieces, a task without keys and a length-1 task through the
     # packed one; gradients into given destinations
-    from seqpar.kernels.flash_attn.split import split_backward, split_forward
+    from seqpar.kernels.flash_attn.split_tasks import split_backward, split_forward
 
     lq, lk = [9, 3, 10, 1, 2, 11, 10, 9, 9], [9, 12, 10, 1, 0, 11, 30, 32, 14]
     g = torch.Generator().manual_seed(Hq + causal)
@@ -434,7 +434,7 @@ def test_gpu_task_split_bf16_vs_reference_and_triton(Hq, Hkv):
     # a disagg server's call: square tasks >= GPU_MIN through cuDNN (one at the buffer's end,
     # padded with zeros), tail pieces and short tasks through Triton; the backward with lse = +inf
     # on the padded queries, into destinations with accumulate
-    from seqpar.kernels.flash_attn.split import split_backward, split_forward
+    from seqpar.kernels.flash_attn.split_tasks import split_backward, split_forward
     from seqpar.kernels.flash_attn.triton import attention_backward, attention_forward
 
     lq, lk = [3000, 700, 2100, 1, 17, 2500, 2300], [3000, 5000, 2100, 1, 0, 2500, 7000]  # 2300 over 7000: prefix_parts

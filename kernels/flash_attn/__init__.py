@@ -57,7 +57,7 @@ def flash_attn(q, k, v, *, causal=True, cu_seqlens=None, cu_seqlens_q=None, cu_s
         result = flash_attn_split(q, k, v, causal=causal, softmax_scale=softmax_scale,
                                   cu_seqlens=cu_seqlens if cu_seqlens is not None else cu_seqlens_q)
     elif impl == "split":  # with lse, no autograd (dispatch.task_split_applies): a ring step, a disagg server
-        from seqpar.kernels.flash_attn.split import split_forward
+        from seqpar.kernels.flash_attn.split_tasks import split_forward
         cu_q, cu_k = (cu_seqlens, cu_seqlens) if cu_seqlens is not None else (cu_seqlens_q, cu_seqlens_k)
         return split_forward(q, k, v, causal=causal, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
                              softmax_scale=softmax_scale, out=out)
@@ -102,7 +102,7 @@ def flash_attn_backward(dout, q, k, v, out, lse, *, causal=True, cu_seqlens=None
                                           cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                                           softmax_scale=softmax_scale, dq=dq, dk=dk, dv=dv, accumulate=accumulate)
     if impl == "split":
-        from seqpar.kernels.flash_attn.split import split_backward
+        from seqpar.kernels.flash_attn.split_tasks import split_backward
         cu_q, cu_k = (cu_seqlens, cu_seqlens) if cu_seqlens is not None else (cu_seqlens_q, cu_seqlens_k)
         return split_backward(dout, q, k, v, out, lse, causal=causal, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
                               softmax_scale=softmax_scale, dq=dq, dk=dk, dv=dv, accumulate=accumulate)

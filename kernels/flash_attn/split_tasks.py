@@ -1,0 +1,144 @@
+"""The split's lse form: `flash_attn` with return_lse over tasks given by separate query and key
+boundaries (ring steps, disagg servers), no autograd, long tasks through cuDNN and the rest
+through one Triton call, as `split.py` does for packed rows of self-attention.
+
+Stateless, so that `split_backward` (or any backward that takes out and lse) can follow
+`split_forward`: the padded queries' lse is not kept, the backward gives them +inf.
+
+Causal, a piece of n >= min_len queries over m > n keys (a disagg server's piece of a document over
+its prefix) runs on cuDNN as two calls of bucketed shapes (`split.prefix_parts`), merged in fp32
+like two ring blocks; SEQPAR_CUDNN_PREFIX=0 leaves such pieces in the Triton call (the benchmarks'
+A/B: 0.3-3% of a disagg step on 2 H100, 2026-11-26, docs/benchmarks/2026-11-26-4xh100-6th/call7).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from seqpar.kernels.flash_attn.split import (SplitKernels, _fold, _host_bounds, _pad_rows, _rows, bucket_len,
+                                             buckets_per_octave, cudnn_triton_kernels, max_doc_len, min_doc_len,
+                                             prefix_parts, split_task_bounds)
+
+PREFIX_ENV = "SEQPAR_CUDNN_PREFIX"  # 0: causal pieces over a prefix stay in the Triton call (benchmarks' A/B)
+
+
+@dataclass(frozen=True)
+class TaskPlan:
+    long_tasks: tuple  # ((qa, qb, ka, kb, p, f), ...): tasks that cuDNN runs (prefix_parts: p, f)
+    cu_q: torch.Tensor  # int32 boundaries of the Triton call
+    cu_k: torch.Tensor
+    per_octave: int
+
+    def bucket(self, length: int) -> int:
+        return bucket_len(length, self.per_octave)
+
+
+@lru_cache(maxsize=128)  # every layer of a step passes the same boundaries
+def task_plan(bounds_q: tuple, bounds_k: tuple, min_len: int, max_len: int | None, per_octave: int,
+              device, causal: bool = False) -> TaskPlan:
+    long_tasks, bq, bk = split_task_bounds(bounds_q, bounds_k, min_len, max_len, causal)
+    as_dev = lambda b: torch.tensor(b, dtype=torch.int32, device=device)  # noqa: E731
+    parts = [prefix_parts(qb - qa, kb - ka, min_len, per_octave) for qa, qb, ka, kb in long_tasks]
+    return TaskPlan(tuple((*t, p, f) for t, (p, f) in zip(long_tasks, parts)), as_dev(bq), as_dev(bk), per_octave)
+
+
+def _task_plan_for(q, cu_q, cu_k, min_len, max_len, per_octave, causal) -> TaskPlan:
+    D = q.shape[-1]
+    return task_plan(_host_bounds(cu_q), _host_bounds(cu_k), min_doc_len() if min_len is None else min_len,
+                     max_doc_len(q.shape[2], D, q.element_size()) if max_len is None else max_len,
+                     buckets_per_octave() if per_octave is None else per_octave, q.device,
+                     bool(causal) and os.environ.get(PREFIX_ENV, "1").strip() != "0")
+
+
+def _blank_front(t, a, b, front, rows):
+    """Rows [a, b) of t after `front` zero rows, zeros up to `rows` (`_rows` where front is 0)."""
+    if not front:
+        return _rows(t, a, b, rows)
+    padded = t.new_zeros(1, rows, *t.shape[2:])
+    padded[:, front:front + b - a].copy_(t[:, a:b])
+    return padded
+
+
+def _merge(out, lse, out2, lse2):
+    """(out, lse) of the union of two blocks of keys from each block's (out `[1, n, H, D]`, lse `[1, H, n]`)."""
+    both = torch.logaddexp(lse, lse2)
+    w, w2 = (torch.exp(x - both).transpose(1, 2).unsqueeze(-1) for x in (lse, lse2))
+    acc = torch.promote_types(out.dtype, torch.float32)  # bf16 blocks merge in fp32
+    return (out.to(acc) * w + out2.to(acc) * w2).to(out.dtype), both
+
+
+def _with_inf(lse, front, rows):
+    """lse `[1, H, n]` at rows [front, front + n) of `rows`, +inf elsewhere (padded queries: P = 0)."""
+    padded = torch.full((*lse.shape[:2], rows), float("inf"), dtype=lse.dtype, device=lse.device)
+    padded[:, :, front:front + lse.shape[2]] = lse
+    return padded
+
+
+@torch.no_grad()
+def split_forward(q, k, v, *, causal=True, cu_seqlens_q, cu_seqlens_k, softmax_scale=None, out=None,
+                  min_len=None, max_len=None, per_octave=None, kernels: SplitKernels | None = None):
+    """(out, lse) of packed attention with separate query and key boundaries (`flash_attn` with
+    return_lse and cu_seqlens_q/_k, no autograd), its long square tasks through cuDNN: the split
+    for ring steps and disagg servers. Stateless, so that `split_backward` (or any backward that
+    takes out and lse) can follow it: the padded queries' lse is not kept (see split_backward)."""
+    plan = _task_plan_for(q, cu_seqlens_q, cu_seqlens_k, min_len, max_len, per_octave, causal)
+    kn = kernels or cudnn_triton_kernels()
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    o, lse, _ = kn.packed_fwd(q, k, v, causal, plan.cu_q, plan.cu_k, scale)
+    group = q.shape[2] // k.shape[2]
+    for qa, qb, ka, kb, p, f in plan.long_tasks:
+        n, t = qb - qa, kb - ka - p  # t: the causal call's keys, the last of the task's
+        rows = plan.bucket(f + n) if causal else n
+        od, ld = kn.dense_fwd(_blank_front(q, qa, qb, f, rows), _rows(k, kb - t, kb, rows, group),
+                              _rows(v, kb - t, kb, rows, group), causal, scale)
+        od, ld = od[:, f:f + n], ld[:, :, f:f + n]
+        if p:  # the prefix's first p keys, seen by every query
+            o2, l2 = kn.dense_fwd(_rows(q, qa, qb, plan.bucket(n)), _rows(k, ka, ka + p, p, group),
+                                  _rows(v, ka, ka + p, p, group), False, scale)
+            od, ld = _merge(od, ld, o2[:, :n], l2[:, :, :n])
+        o[:, qa:qb].copy_(od)  # the Triton call left zeros here
+        lse[:, :, qa:qb].copy_(ld)
+    return (o if out is None else out.copy_(o)), lse
+
+
+@torch.no_grad()
+def split_backward(dout, q, k, v, out, lse, *, causal=True, cu_seqlens_q, cu_seqlens_k, softmax_scale=None,
+                   dq=None, dk=None, dv=None, accumulate=False, min_len=None, max_len=None, per_octave=None,
+                   kernels: SplitKernels | None = None):
+    """(dq, dk, dv) of `split_forward`'s attention from its out and lse (or any equal ones).
+
+    A long task runs padded to its bucket as in the forward; the padded queries get dout = 0 and
+    lse = +inf, so their P = exp(S - lse) is 0 and they add nothing to the keys' gradients, with no
+    state kept from the forward. Key rows that several tasks read are separate rows of the call's
+    keys (the varlen layout), so each gradient row comes from one task. `dq`, `dk`, `dv`,
+    `accumulate`: as flash_attn_backward's."""
+    plan = _task_plan_for(q, cu_seqlens_q, cu_seqlens_k, min_len, max_len, per_octave, causal)
+    kn = kernels or cudnn_triton_kernels()
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    gq, gk, gv = kn.packed_bwd(dout, q, k, v, out, lse, causal, plan.cu_q, plan.cu_k, scale, None, None)
+    group = q.shape[2] // k.shape[2]
+    for qa, qb, ka, kb, p, f in plan.long_tasks:
+        # each call's backward with the task's merged out and lse: exact gradients of its keys
+        n, t = qb - qa, kb - ka - p
+        rows = plan.bucket(f + n) if causal else n
+        d_q, d_k, d_v = kn.dense_bwd(_pad_rows(_blank_front(dout, qa, qb, f, f + n), rows),
+                                     _blank_front(q, qa, qb, f, rows), _rows(k, kb - t, kb, rows, group),
+                                     _rows(v, kb - t, kb, rows, group), _blank_front(out, qa, qb, f, rows),
+                                     _with_inf(lse[:, :, qa:qb], f, rows), causal, scale)
+        gq[:, qa:qb].copy_(d_q[:, f:f + n])  # the Triton call left zeros in these rows
+        gk[:, kb - t:kb].copy_(_fold(d_k[:, :t], group))
+        gv[:, kb - t:kb].copy_(_fold(d_v[:, :t], group))
+        if p:
+            rows = plan.bucket(n)
+            d_q, d_k, d_v = kn.dense_bwd(_pad_rows(dout[:, qa:qb], rows), _rows(q, qa, qb, rows),
+                                         _rows(k, ka, ka + p, p, group), _rows(v, ka, ka + p, p, group),
+                                         _rows(out, qa, qb, rows), _with_inf(lse[:, :, qa:qb], 0, rows), False, scale)
+            gq[:, qa:qb] += d_q[:, :n]
+            gk[:, ka:ka + p].copy_(_fold(d_k, group))
+            gv[:, ka:ka + p].copy_(_fold(d_v, group))
+    from seqpar.kernels.flash_attn import _deliver
+    return tuple(g if dest is None else _deliver(dest, g, accumulate and i > 0)
+                 for i, (g, dest) in enumerate(zip((gq, gk, gv), (dq, dk, dv))))
