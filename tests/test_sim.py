@@ -168,6 +168,9 @@ def test_validate_on_committed_benchmarks(tmp_path):
     assert "DTensor.from_local moved them" in excluded and "created lazily after the first step" in excluded
     # of two runs of one configuration, the later code's peak is the one validated
     assert any(e["name"].startswith("memory of e2e") for e in result["excluded"])
+    # the sixth session's call-3 end-to-end runs ran beside another job: excluded, not cases
+    slowed = [e for e in result["excluded"] if "call3/gpu23_disagg_dp_cp_gpu" in e.get("file", "")]
+    assert len(slowed) == 2 and not [c for c in result["cases"] if "call3/gpu23_disagg_dp_cp_gpu" in c["file"]]
 
 
 def test_fixed_length_rows_are_the_packers_windows():
@@ -1165,3 +1168,27 @@ def test_deepspeed_zero2_reduces_gradients_and_gathers_parameters_exposed(h100, 
         collective_time("all_gather", 4 * params, g, h100, calib.comm)
     assert zero2["parts_s"]["fsdp_exposed"] == zero2["parts_s"]["fsdp_total"] == pytest.approx(want)
     assert fsdp["parts_s"]["fsdp_exposed"] < fsdp["parts_s"]["fsdp_total"]
+
+
+def test_contaminated_step_times_feed_no_fit_and_stay_visible(tmp_path, monkeypatch):
+    """A run in CONTAMINATED_TIMES (another job on the host slowed it) fits nothing, is listed under
+    validate's `excluded` with its prediction, not as a case, and keeps its memory peak as a twin."""
+    from seqpar.sim import measurements as M
+    from seqpar.sim.validate import validate
+
+    run = tmp_path / "2026-12-01-h100-x"
+    run.mkdir()
+    _write_metrics(run / "llama_1b_16k_metrics.jsonl", [3.0, 2.0, 1.0, 1.0])  # fits the head-dim-64 rate
+    _write_metrics(run / "dp2_metrics.jsonl", [3.0, 2.0, 0.9, 0.9])  # held out of every fit
+    fitted = calibrate(tmp_path).head_dim_rate[64]
+    for name in ("llama_1b_16k", "dp2"):
+        monkeypatch.setitem(M.CONTAMINATED_TIMES, f"{run.name}/{name}_metrics.jsonl", "a neighbour's job")
+    monkeypatch.setattr("seqpar.sim.calibrate._CACHE", {})
+    assert [s["contaminated"] for s in M.e2e_samples(M.load_benchmarks(tmp_path))] == ["a neighbour's job"] * 2
+    assert calibrate(tmp_path).head_dim_rate[64] != fitted  # the run no longer sets it
+    result = validate(tmp_path)
+    assert not [c for c in result["cases"] if c["name"].startswith("e2e")]
+    out = {e["name"].split("/")[-1]: e for e in result["excluded"] if e["reason"] == "a neighbour's job"}
+    assert set(out) == {"llama_1b_16k_metrics", "dp2_metrics"}
+    assert out["dp2_metrics"]["measured_s"] == 0.9 and out["dp2_metrics"]["predicted_s"] > 0
+    assert {m["name"].split("/")[-1] for m in result["memory"]} == {"llama_1b_16k_metrics", "dp2_metrics"}

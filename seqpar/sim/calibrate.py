@@ -415,7 +415,7 @@ def fit_e2e(samples, calib, cluster, exclude=()) -> Calibration:
     from seqpar.sim.configs import plain_config
     from seqpar.sim.step import predict_step
 
-    usable = [s for s in samples if not s["unhealthy"] and s["group"] not in exclude]
+    usable = [s for s in samples if not s["unhealthy"] and not s.get("contaminated") and s["group"] not in exclude]
     launch = [s for s in usable if s.get("fit") == "layer_overhead"]
     compute = [s for s in usable if s.get("fit") == "compute" and s["torch_elementwise"]]
     kernels = [s for s in usable if s.get("fit") == "compute" and not s["torch_elementwise"]]

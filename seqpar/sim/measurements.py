@@ -72,6 +72,22 @@ DIAGNOSTIC_FILES.update({f"2026-11-26-4xh100-5th/{lane}/disagg_profiled.json": (
     for lane in ("call2/gpu01_disagg_check_gpu", "call6/gpu23_disagg_check_gpu")})
 
 
+# Runs whose step times something outside the run slowed (memory peaks unaffected: each process's own
+# allocator): (folder/file) -> why. Their times feed no constant (fit_e2e) and validate lists them
+# under `excluded`, not as cases; their memory peaks stay memory twins.
+CONTAMINATED_TIMES = {f"2026-11-26-4xh100-6th/call3/gpu23_disagg_dp_cp_gpu/{name}_metrics.jsonl": (
+    "the sixth session's call 3 ran disagg_dp_cp_gpu.sh on GPUs 2-3 while GPU 0 ran memory_peak_gpu.sh (every "
+    "allocation recorded with its stack trace) on the same host: both runs of that call were slower than the same "
+    "script's in the fifth session (dp2 0.497 s per step against 0.367 / 0.379 s in its calls 2 / 8, +31-35%; "
+    "dp2 + disagg dp_cp 0.415 s against 0.379 / 0.351 s, +9-18%), with no change of the code they ran that the "
+    "simulator prices to explain it; to be measured again alone") for name in ("dp2", "dp2_disagg_dp_cp")}
+
+
+def contaminated(path) -> str | None:
+    """Why a run's step times are left out (`CONTAMINATED_TIMES`), or None."""
+    return CONTAMINATED_TIMES.get(run_key(path))
+
+
 def diagnostic(path) -> str | None:
     """Why a benchmark file's timings are left out (`DIAGNOSTIC_FILES`), or None."""
     return DIAGNOSTIC_FILES.get(run_key(path))
@@ -467,7 +483,7 @@ def e2e_samples(found) -> list[dict]:
                         fit=run.get("fit"), packed_kernel=packed_kernel_of({}, path),
                         torch_elementwise=old_code,
                         measured=statistics.median(r["step_time_s"] for r in steady), measured_mem_gib=mem,
-                        unhealthy=folder_health(path), note=note))
+                        unhealthy=folder_health(path), contaminated=contaminated(path), note=note))
     return out + fourd_samples(found) + maxlen_step_samples(found)
 
 

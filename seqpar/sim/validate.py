@@ -5,8 +5,9 @@ one fitted without the case's own group of rows (`loo_predicted_s`, leave-one-gr
 row at 32k is predicted from constants fitted on the 128k and packed rows). Both use the constants
 of the case's code era (`eras.CODE_CHANGES`): a run describes the code it ran. `in_sample` names the
 constants whose fit used the case. Cases of a card that ran below its usual speed (its same-call
-anchor far below ANCHORS.md) are listed under `excluded` with the reason.
-"""
+anchor far below ANCHORS.md) are listed under `excluded` with the reason, and so are runs whose
+step times another job on the host slowed (`measurements.CONTAMINATED_TIMES`: their prediction
+beside the measured time, their memory peak still a memory twin)."""
 from __future__ import annotations
 
 import datetime
@@ -169,8 +170,16 @@ def validate(root=None) -> dict:
         if s["unhealthy"]:
             excluded.append({"name": s["name"], "measured_s": s["measured"], "reason": s["unhealthy"]})
             continue
-        # a whole step's matmuls and element-wise passes run at the card's own figures (H100 or H200)
         card = load_cluster(cluster_preset_of(s["file"]))
+        if s.get("contaminated"):  # its time slowed by something else on the host; its memory peak is its own
+            pred, mem = _e2e_case(s, own(s), card)
+            excluded.append({"name": s["name"], "measured_s": s["measured"], "predicted_s": round(float(pred), 6),
+                             "reason": s["contaminated"], "file": os.path.relpath(s["file"])})
+            if s["measured_mem_gib"]:
+                memory.append({"name": s["name"], "measured_gib": round(s["measured_mem_gib"], 3),
+                               "predicted_gib": round(mem, 3), "rel_err": round(_rel(mem, s["measured_mem_gib"]), 4)})
+            continue
+        # a whole step's matmuls and element-wise passes run at the card's own figures (H100 or H200)
         pred, mem = _e2e_case(s, own(s), card)
         # a run with no fit role feeds no constant: the fit without its group is the full one
         loo_pred = _e2e_case(s, loo(s), card)[0] if s.get("fit") else pred
@@ -221,7 +230,9 @@ def table(result: dict) -> str:
     for m in result["memory"]:
         lines.append(f"memory {m['name']:<65} {m['measured_gib']:8.2f}GiB {m['predicted_gib']:8.2f}GiB {m['rel_err']:+7.1%}")
     for e in result["excluded"]:
-        lines.append(f"excluded: {e['name']}: {e['reason']}")
+        timed = (f" (measured {e['measured_s'] * 1e3:.2f} ms, predicted {e['predicted_s'] * 1e3:.2f} ms)"
+                 if e.get("predicted_s") else "")
+        lines.append(f"excluded: {e['name']}{timed}: {e['reason']}")
     s = result["summary"]
     lines.append(f"{s['within_goal']}/{s['cases']} cases within {result['goal_rel_err']:.0%} "
                  f"({s['within_goal_loo']}/{s['cases']} leave-one-group-out)")
