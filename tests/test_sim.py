@@ -752,6 +752,11 @@ def test_dp_cp_disagg_in_the_step_the_planner_and_the_sweep(tmp_path, monkeypatc
     assert row["moved_mib_per_layer"] > 0
     measured = sweep.measured_dp_disagg()
     assert any(m["mix"] == "wlbllm" and m["tokens_per_rank"] == 131072 for m in measured)
+    # the `single` schedule where the bench timed it (d987b2e on), none before
+    single = [m for m in measured if m["disagg_single_ms"] is not None]
+    assert single and all(m["speedup_single"] == pytest.approx(m["dp_no_rebalance_ms"] / m["disagg_single_ms"], rel=1e-2)
+                          for m in single)
+    assert any(m["run"] == "2026-11-25-2xh100-disagg" and m["speedup_single"] is None for m in measured)
 
 
 def test_code_eras_split_the_fits(tmp_path):

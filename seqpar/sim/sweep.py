@@ -163,7 +163,8 @@ def dp_disagg(cluster, calib, *, gpus=(16, 64, 256), lengths=(65536, 131072), mi
 
 def measured_dp_disagg(root=None) -> list[dict]:
     """seqpar's 2-GPU disagg benchmark (attention only, fwd+bwd per layer): no rebalancing against
-    disagg with and without ping-pong, mean over the batches, per run, mix and tokens per rank."""
+    disagg with and without ping-pong and (d987b2e on) its `single` schedule, today's default, mean
+    over the batches, per run, mix and tokens per rank."""
     from seqpar.sim.eras import run_key
     from seqpar.sim.measurements import disagg_samples, load_benchmarks
 
@@ -173,10 +174,14 @@ def measured_dp_disagg(root=None) -> list[dict]:
         if rows:
             plain, ours, no_pp = (sum(r.get(key, float("nan")) for r in rows) / len(rows)
                                   for key in ("dp_no_rebalance_ms", "disagg_ms", "disagg_no_pingpong_ms"))
+            single = (sum(r["disagg_single_ms"] for r in rows) / len(rows)
+                      if all("disagg_single_ms" in r for r in rows) else None)
             out.append(dict(run=str(Path(run_key(s["file"])).parent), mix=s["mix"], tokens_per_rank=s["tokens"],
                             batches=len(rows), dp_no_rebalance_ms=round(plain, 1), disagg_ms=round(ours, 1),
                             disagg_no_pingpong_ms=round(no_pp, 1), speedup=round(plain / ours, 3),
-                            speedup_no_pingpong=round(plain / no_pp, 3)))
+                            speedup_no_pingpong=round(plain / no_pp, 3),
+                            disagg_single_ms=None if single is None else round(single, 1),
+                            speedup_single=None if single is None else round(plain / single, 3)))
     return out
 
 
@@ -232,8 +237,9 @@ PUBLISHED = {
                  "rank whose documents cost most, against disaggregation over dp x cp (parallel.disagg.group=dp_cp)",
     "dp_disagg_measured": "seqpar's own 2-GPU disagg benchmark (attention only, fwd+bwd of one layer; the H100 and H200 "
                           "runs of 2026-11-25/26, each under its run folder and, from the fifth session on, its call and "
-                          "lane; speedup_no_pingpong: the local halves in eras 2-5, one nano-batch before): the same "
-                          "comparison measured",
+                          "lane; speedup_no_pingpong: the local halves in eras 2-5, one nano-batch before; speedup_single: one "
+                          "call per server, the default since 219ea22, timed from d987b2e on): the same comparison "
+                          "measured",
 }
 
 
