@@ -400,7 +400,9 @@ def maxlen_memory_samples(found) -> list[dict]:
         for res in data.get("results", []):
             for t in res.get("trials", []):
                 if t.get("fits") and t.get("max_mem_gb"):
-                    out.append({"name": f"maxlen {folder}/{data['model']} {res['mode']} {t['seq_len'] // 1024}k "
+                    # named by the lane too: a session's calls may repeat a trial (the sixth's 128k)
+                    out.append({"name": f"maxlen {Path(run_key(path)).parent}/{data['model']} {res['mode']} "
+                                        f"{t['seq_len'] // 1024}k "
                                         f"on {gpus} GPU{'s' if gpus > 1 else ''}",
                                 "world": gpus, "measured_mem_gib": t["max_mem_gb"], "era": era_of(path, data),
                                 "overrides": trial_overrides(base_overrides(data["model"], gpus), res["overrides"],
@@ -502,7 +504,8 @@ def maxlen_step_samples(found) -> list[dict]:
             for t in res.get("trials", []):
                 if not (t.get("fits") and t.get("step_time_s")):
                     continue
-                name = f"maxlen {run_folder(path).name}/{data['model']} {res['mode']} {t['seq_len'] // 1024}k step {steps}"
+                name = (f"maxlen {Path(run_key(path)).parent}/{data['model']} {res['mode']} {t['seq_len'] // 1024}k "
+                        f"step {steps}")
                 out.append(dict(group=name, name=name, file=path, world=gpus, era=era_of(path, data), fit=None,
                                 overrides=trial_overrides(base_overrides(data["model"], gpus), res["overrides"],
                                                           t["seq_len"], steps),
