@@ -67,7 +67,7 @@ def split_applies(calib, call) -> bool:
 
 def lse_split_applies(calib, call) -> bool:
     """Whether a call given with bounds and taking the lse (a ring block with cu_seqlens, a disagg or
-    per-document CP server's call) runs the split's lse form (split.split_forward / split_backward):
+    per-document CP server's call) runs the split's lse form (split_tasks.split_forward / split_backward):
     from cec5aa8 on, where the dispatcher chooses (`calib.packed_kernel` "triton"; the ring bench
     forces torch's kernels), or where a run records it (`calib.lse_split`: the disagg bench's
     `server_kernels`, e.g. a run with SEQPAR_ATTN_KERNEL=split before cec5aa8)."""
