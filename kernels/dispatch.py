@@ -208,8 +208,9 @@ TRITON_FASTER: frozenset[str] = frozenset({"packed", "packed_lse"})
 # split_backward, lse-returning, long square tasks through cuDNN): the disagg benchmark's servers
 # (2 H100, docs/benchmarks/2026-11-26-4xh100-6th/call2, disagg_gpu.sh with and without it in the
 # same call) took 3-12% less time per step (single schedule 64k: wlbllm 56.0 -> 54.3 ms, prolong
-# 41.6 -> 38.6, lognormal 59.6 -> 53.1; 128k: 139.9 -> 132.3, 81.8 -> 73.8) and its packed ring
-# 4-10% less (wlbllm 64k 1.631 -> 1.567x the ideal, prolong 1.538 -> 1.378, lognormal 1.671 -> 1.569).
+# 41.6 -> 38.6, lognormal 59.6 -> 53.1; 128k: 139.9 -> 132.3, 81.8 -> 73.8) and its ring over the
+# packed row 4-13% less on four of the five cases (64k: wlbllm 1.631 -> 1.567x the ideal, prolong
+# 1.538 -> 1.378, lognormal 1.671 -> 1.569; 128k prolong 1.534 -> 1.339; wlbllm 1.468 -> 1.479).
 SPLIT_FASTER: frozenset[str] = frozenset({"packed", "packed_lse"})
 
 
