@@ -164,7 +164,7 @@ def prefix_parts(n: int, m: int, min_len: int, per_octave: int) -> tuple[int, in
     (or 0 below min_len), in one non-causal call; the last m - p keys in one causal call of f + n
     queries, f = m - n - p blank ones before the n real ones, padded to their bucket. Both calls
     then have bucketed shapes (a cuDNN plan per shape, built once), at the cost of the f blank rows
-    (f < p / per_octave, or < min_len without the prefix call)."""
+    (f < (m - n) / per_octave, or < min_len without the prefix call)."""
     r = m - n
     p = bucket_floor(r, per_octave) if r >= min_len else 0
     return p, r - p
@@ -185,7 +185,7 @@ class SplitPlan:
 
 def split_plan(cu_seqlens, min_len: int, device, per_octave: int = 0, max_len: int | None = None) -> SplitPlan:
     """The plan of these boundaries: their values read once per tensor and version (`_host_bounds`),
-    the plan built once per values (and lengths, per_octave, device), as `task_plan`'s."""
+    the plan built once per values (and lengths, per_octave, device), as `split_tasks.task_plan`'s."""
     return _self_plan(_host_bounds(cu_seqlens), min_len, max_len, per_octave, torch.device(device))
 
 
