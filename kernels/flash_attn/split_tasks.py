@@ -81,8 +81,8 @@ def _with_inf(lse, front, rows):
 def split_forward(q, k, v, *, causal=True, cu_seqlens_q, cu_seqlens_k, softmax_scale=None, out=None,
                   min_len=None, max_len=None, per_octave=None, kernels: SplitKernels | None = None):
     """(out, lse) of packed attention with separate query and key boundaries (`flash_attn` with
-    return_lse and cu_seqlens_q/_k, no autograd), its long square tasks through cuDNN: the split
-    for ring steps and disagg servers. Stateless, so that `split_backward` (or any backward that
+    return_lse and cu_seqlens_q/_k, no autograd), its long tasks (squares, and causal pieces over a
+    prefix) through cuDNN: the split for ring steps and disagg servers. Stateless, so that `split_backward` (or any backward that
     takes out and lse) can follow it: the padded queries' lse is not kept (see split_backward)."""
     plan = _task_plan_for(q, cu_seqlens_q, cu_seqlens_k, min_len, max_len, per_octave, causal)
     kn = kernels or cudnn_triton_kernels()
@@ -124,7 +124,8 @@ def split_backward(dout, q, k, v, out, lse, *, causal=True, cu_seqlens_q, cu_seq
         # each call's backward with the task's merged out and lse: exact gradients of its keys
         n, t = qb - qa, kb - ka - p
         rows = plan.bucket(f + n) if causal else n
-        d_q, d_k, d_v = kn.dense_bwd(_pad_rows(_blank_front(dout, qa, qb, f, f + n), rows),
+        d_out = _blank_front(dout, qa, qb, f, rows) if f else _pad_rows(dout[:, qa:qb], rows)  # zeros around
+        d_q, d_k, d_v = kn.dense_bwd(d_out,
                                      _blank_front(q, qa, qb, f, rows), _rows(k, kb - t, kb, rows, group),
                                      _rows(v, kb - t, kb, rows, group), _blank_front(out, qa, qb, f, rows),
                                      _with_inf(lse[:, :, qa:qb], f, rows), causal, scale)
