@@ -3,9 +3,12 @@
 # Disaggregation across data-parallel ranks (parallel.disagg.group=dp_cp), at most 7 minutes:
 # 1. the bf16 NCCL check: each GPU its own packed row (rank 0 one 8k document, rank 1 32 short
 #    ones), disagg over both against fp32 attention of the row alone;
-# 2. llama_1b, dp=2, 16k tokens per GPU of lognormal documents (mean 4k), the same batches twice:
-#    plain data parallelism (each rank attends its own row) vs disagg over dp_cp; mean step time of
-#    steps 3..12 and the modelled attention imbalance before/after planning.
+# 2. llama_1b, 16k tokens per GPU of lognormal documents (mean 4k), the same batches (two rows per
+#    step) in every lane: plain data parallelism (dp2: each rank attends its own row), disagg over
+#    dp_cp, ring CP (cp2: each row zigzag over both GPUs), per-document CP (cp2, doc_zigzag: every
+#    document cut into head/tail pairs, ring), and the balanced ideal: one GPU running both rows,
+#    its step time halved (the two ranks' mean work with free communication); mean step time of
+#    steps 3..12 and the modelled attention imbalance before/after planning. LANES picks a subset.
 # CPU smoke form (mechanics only):
 #   OUT=/tmp/o MODEL=tiny_hybrid SEQ=512 EXTRA="train.device=cpu" bash docs/benchmarks/disagg_dp_cp_gpu.sh
 mkdir -p "$OUT"
@@ -16,19 +19,24 @@ fi
 COMMON="model=${MODEL:-llama_1b} parallel=none data=synthetic data.seq_len=$SEQ data.distribution=lognormal
   data.mean_len=$((SEQ / 4)) data.sigma=1.0 train=long train.steps=12 train.warmup_steps=1 train.global_batch_size=2
   train.micro_batch_size=1 launcher.nproc_per_node=2 logging.console=false ${EXTRA:-}"
-for name in dp2 dp2_disagg_dp_cp; do
-  extra=""
-  [ "$name" = dp2_disagg_dp_cp ] && extra="parallel.softmax_sp=disagg parallel.disagg.group=dp_cp"
+for name in ${LANES:-dp2 ideal_1gpu dp2_disagg_dp_cp cp2_ring cp2_per_doc}; do
+  case $name in
+    dp2) extra="" ;;
+    dp2_disagg_dp_cp) extra="parallel.softmax_sp=disagg parallel.disagg.group=dp_cp" ;;
+    cp2_ring) extra="parallel.cp=2 parallel.softmax_sp=ring parallel.layout=zigzag" ;;
+    cp2_per_doc) extra="parallel.cp=2 parallel.softmax_sp=ring parallel.layout=doc_zigzag" ;;
+    ideal_1gpu) extra="launcher.nproc_per_node=1" ;;
+  esac
   rm -rf "/tmp/dp_cp/$name"
   # shellcheck disable=SC2086
-  timeout 170 seqpar-train $COMMON $extra run_dir=/tmp/dp_cp/$name > "$OUT/$name.log" 2>&1
+  timeout 110 seqpar-train $COMMON $extra run_dir=/tmp/dp_cp/$name > "$OUT/$name.log" 2>&1
   echo "$name: exit $?"; tail -2 "$OUT/$name.log"
   [ -f "/tmp/dp_cp/$name/metrics.jsonl" ] && cp "/tmp/dp_cp/$name/metrics.jsonl" "$OUT/${name}_metrics.jsonl"
 done
 python3 - "$OUT" <<'PY'
 import json, sys, pathlib
 out, rows = pathlib.Path(sys.argv[1]), {}
-for name in ("dp2", "dp2_disagg_dp_cp"):
+for name in ("dp2", "dp2_disagg_dp_cp", "cp2_ring", "cp2_per_doc", "ideal_1gpu"):
     f = out / f"{name}_metrics.jsonl"
     if not f.exists():
         print(f"{name}: no metrics"); continue
@@ -38,7 +46,13 @@ for name in ("dp2", "dp2_disagg_dp_cp"):
                   "imbalance_before": mean("sp/attn_imbalance_before"), "imbalance_after": mean("sp/attn_imbalance_after"),
                   "exposed_comm_ms": mean("sp/exposed_comm_ms"), "bytes_moved": mean("sp/bytes_moved"), "steps": len(ms)}
     print(name, json.dumps(rows[name]))
-if len(rows) == 2:
+if "ideal_1gpu" in rows:  # one GPU did both rows: half its step is the two ranks' balanced share
+    ideal = rows["ideal_1gpu"]["step_time_s"] / 2
+    for name, r in rows.items():
+        if name != "ideal_1gpu":
+            r["x_balanced_ideal"] = round(r["step_time_s"] / ideal, 4)
+            print(f"{name}: {r['x_balanced_ideal']:.3f}x the balanced ideal ({ideal * 1e3:.1f} ms)")
+if "dp2" in rows and "dp2_disagg_dp_cp" in rows:
     print(f"dp_cp speedup over plain dp: {rows['dp2']['step_time_s'] / rows['dp2_disagg_dp_cp']['step_time_s']:.3f}x")
 (out / "disagg_dp_cp.json").write_text(json.dumps(rows, indent=1) + "\n")
 PY

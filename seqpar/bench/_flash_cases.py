@@ -113,14 +113,14 @@ def _kernel_ms(fn, q, k, v, do, reps=3):
     return dict(sorted(per.items(), key=lambda kv: -kv[1])[:8])
 
 
-def _case_rows(layout, S, lens, device, timer, profile=False):
+def _case_rows(layout, S, lens, device, timer, profile=False, heads=H):
     from seqpar.kernels import dispatch
 
     gen = torch.Generator(device=device).manual_seed(S)
-    q, k, v, do = (torch.randn(1, S, H, D, device=device, dtype=torch.bfloat16, generator=gen) for _ in range(4))
+    q, k, v, do = (torch.randn(1, S, heads, D, device=device, dtype=torch.bfloat16, generator=gen) for _ in range(4))
     for t in (q, k, v):
         t.requires_grad_()
-    useful = 2 * H * D * (S * S if lens is None else sum(n * n for n in lens))
+    useful = 2 * heads * D * (S * S if lens is None else sum(n * n for n in lens))
     cu = None if lens is None else _cu(lens, device)
     choice = dispatch.flash_attn_choice(q, k, v, causal=True, cu_seqlens=cu) if device.type == "cuda" else None
     rows, outs, grads = [], {}, {}
@@ -135,7 +135,7 @@ def _case_rows(layout, S, lens, device, timer, profile=False):
             rows.append(dict(kernel=name, layout=layout, S=S, error=repr(e)[:300]))
             print(rows[-1], flush=True)
             continue
-        row = dict(kernel=name, layout=layout, S=S, H=H, D=D, dtype="bfloat16",
+        row = dict(kernel=name, layout=layout, S=S, H=heads, D=D, dtype="bfloat16",
                    n_docs=1 if lens is None else len(lens), max_doc=S if lens is None else max(lens),
                    fwd_ms=round(ms_f, 3), fwdbwd_ms=round(ms_fb, 3),
                    fwd_tflops=round(useful / ms_f / 1e9, 1), fwdbwd_tflops=round(3.5 * useful / ms_fb / 1e9, 1))
@@ -307,10 +307,11 @@ def bench_flash(args, device):
     dense = getattr(args, "flash_dense_lens", None)
     packed = getattr(args, "flash_packed_lens", None)
     prof = set(getattr(args, "flash_profile", None) or ())
+    heads = getattr(args, "heads", H)  # fewer: one tensor-parallel rank's share of a layer's heads
     for S in DENSE_LENS if dense is None else dense:
-        rows += _case_rows("dense", S, None, device, timer, S in prof)
+        rows += _case_rows("dense", S, None, device, timer, S in prof, heads)
     for S in PACKED_LENS if packed is None else packed:
-        rows += _case_rows("packed", S, lognormal_lengths(S), device, timer, S in prof)
+        rows += _case_rows("packed", S, lognormal_lengths(S), device, timer, S in prof, heads)
     if not getattr(args, "flash_no_ring_step", False):
         rows += _ring_step_rows(DENSE_LENS[0], device, timer)
     return dict(rows=rows, tuned_configs=_tuned(), summary=_summary(rows), table=table(rows))

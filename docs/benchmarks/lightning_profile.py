@@ -1,0 +1,55 @@
+"""Where one lightning-attention fwd+bwd spends its time at each length (B=1, H=32, D=128, bf16):
+CUDA-event ms per call, then torch.profiler's GPU ms per kernel per call, and the GPU's busy share.
+Written for the question of issue 4: why a 32k-token call costs more per token than a 64k one.
+
+    python3 docs/benchmarks/lightning_profile.py OUTDIR 32768 65536
+"""
+import json
+import sys
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from seqpar import kernels
+
+
+def main(out_dir, lens):
+    H, D, dev = 32, 128, torch.device("cuda")
+    lam = -torch.linspace(1, 8, H, device=dev).exp2().reciprocal()
+    result = {}
+    for S in lens:
+        q, k, v, do = (torch.randn(1, S, H, D, device=dev, dtype=torch.bfloat16) for _ in range(4))
+        for t in (q, k, v):
+            t.requires_grad_()
+
+        def step():
+            kernels.lightning_attn(q, k, v, lam)[0].backward(do)
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(20):
+            step()
+        end.record()
+        torch.cuda.synchronize()
+        wall = start.elapsed_time(end) / 20
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                step()
+            torch.cuda.synchronize()
+        per = {}
+        for e in prof.key_averages():
+            t = getattr(e, "self_device_time_total", 0)
+            if t > 0:
+                per[e.key[:70]] = (round(t / 5 / 1e3, 4), e.count // 5)
+        busy = sum(t for t, _ in per.values())
+        result[S] = dict(ms=round(wall, 4), Mtok_s=round(S / wall / 1e3, 3), gpu_busy_ms=round(busy, 4),
+                         kernels=dict(sorted(per.items(), key=lambda kv: -kv[1][0])))
+        print(S, json.dumps(result[S], indent=1), flush=True)
+    with open(f"{out_dir}/lightning_profile.json", "w") as f:
+        json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], [int(s) for s in sys.argv[2:]])
