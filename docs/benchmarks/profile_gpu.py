@@ -52,6 +52,8 @@ def main():
 
             def timed(fn):
                 ms = run(fn)
+                # the ring bench's accuracy checks read (and clear) its timer's last result
+                timed.last, run.last = getattr(run, "last", None), None
                 _profiled(fn, out)
                 return ms
             return timed
