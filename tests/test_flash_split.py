@@ -378,6 +378,10 @@ def test_dispatch_split_rules(monkeypatch):
     assert dispatch._flash_attn_backend(x, x, x, cu_seqlens=cu) == "split"
     assert dispatch._flash_attn_backend(x, x, x, **tasks) == "split"
     monkeypatch.setenv("SEQPAR_ATTN_KERNEL", "auto")
+    # by itself only with SPLIT_MIN_HEADS query heads or more (fewer: Triton measured faster)
+    assert dispatch._flash_attn_backend(x, x, x, **tasks) != "split"
+    assert dispatch._flash_attn_backend(x, x, x, cu_seqlens=cu) != "split"
+    x = torch.zeros(1, 10, dispatch.SPLIT_MIN_HEADS, 64)
     assert dispatch._flash_attn_backend(x, x, x, **tasks) == "split"  # "packed_lse" measured faster
     monkeypatch.setattr(dispatch, "SPLIT_FASTER", frozenset({"packed"}))
     assert dispatch._flash_attn_backend(x, x, x, **tasks) != "split"

@@ -1,24 +1,27 @@
 # Two GPUs (device tool, kind nvidia-h100-x2 or nvidia-h200-x2), from the repo root, .whl carried:
-#   source docs/benchmarks/gpu_setup.sh && bash docs/benchmarks/disagg_dp_cp_gpu.sh
+#   source docs/benchmarks/gpu_setup.sh && bash docs/benchmarks/disagg_dp_cp_gpu.sh [SEQ]
 # Disaggregation across data-parallel ranks (parallel.disagg.group=dp_cp), at most 7 minutes:
 # 1. the bf16 NCCL check: each GPU its own packed row (rank 0 one 8k document, rank 1 32 short
 #    ones), disagg over both against fp32 attention of the row alone;
-# 2. llama_1b, 16k tokens per GPU of lognormal documents (mean 4k), the same batches (two rows per
-#    step) in every lane: plain data parallelism (dp2: each rank attends its own row), disagg over
-#    dp_cp, ring CP (cp2: each row zigzag over both GPUs), per-document CP (cp2, doc_zigzag: every
-#    document cut into head/tail pairs, ring), and the balanced ideal: one GPU running both rows,
-#    its step time halved (the two ranks' mean work with free communication); mean step time of
-#    steps 3..12 and the modelled attention imbalance before/after planning. LANES picks a subset.
+# 2. llama_1b, SEQ (default 16k; above it selective checkpointing) tokens per GPU of lognormal
+#    documents (mean SEQ / 4), the same batches (two rows per step) in every lane: plain data
+#    parallelism (dp2: each rank attends its own row), disagg over dp_cp, ring CP (cp2: each row
+#    zigzag over both GPUs), per-document CP (cp2, doc_zigzag: every document cut into head/tail
+#    pairs, ring), and the balanced ideal: one GPU running both rows, its step time halved (the two ranks' mean work with free communication); mean step time of
+#    steps 3..STEPS (12; 8 above 16k) and the modelled attention imbalance before/after planning.
+#    LANES picks a subset.
 # CPU smoke form (mechanics only):
 #   OUT=/tmp/o MODEL=tiny_hybrid SEQ=512 EXTRA="train.device=cpu" bash docs/benchmarks/disagg_dp_cp_gpu.sh
 mkdir -p "$OUT"
-SEQ=${SEQ:-16384}
+SEQ=${1:-${SEQ:-16384}}
+STEPS=${STEPS:-$((SEQ > 16384 ? 8 : 12))}
+CKPT=$([ "$SEQ" -gt 16384 ] && echo selective || echo none)
 if [ -z "${EXTRA:-}" ]; then
   SEQPAR_FLASH_TUNE=0 timeout 120 python3 -m pytest -q -m gpu tests/test_disagg.py -k across_ranks 2>&1 | tail -5
 fi
 COMMON="model=${MODEL:-llama_1b} parallel=none data=synthetic data.seq_len=$SEQ data.distribution=lognormal
-  data.mean_len=$((SEQ / 4)) data.sigma=1.0 train=long train.steps=12 train.warmup_steps=1 train.global_batch_size=2
-  train.micro_batch_size=1 launcher.nproc_per_node=2 logging.console=false ${EXTRA:-}"
+  data.mean_len=$((SEQ / 4)) data.sigma=1.0 train=long train.steps=$STEPS train.activation_checkpointing=$CKPT train.warmup_steps=1
+  train.global_batch_size=2 train.micro_batch_size=1 launcher.nproc_per_node=2 logging.console=false ${EXTRA:-}"
 for name in ${LANES:-dp2 ideal_1gpu dp2_disagg_dp_cp cp2_ring cp2_per_doc}; do
   case $name in
     dp2) extra="" ;;
