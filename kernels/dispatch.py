@@ -215,7 +215,7 @@ SPLIT_FASTER: frozenset[str] = frozenset({"packed", "packed_lse"})
 # ... but only with enough query heads per call: the split's cuDNN call per long document has a
 # grid of (its length / 128) x heads, and with tensor parallelism's share of the heads one Triton
 # call over the whole row wins. Packed lognormal rows fwd+bwd on one H200, split against Triton at
-# 32k / 64k tokens (docs/benchmarks/2026-11-26-4xh200-7th/call2, flash_heads_gpu.sh): 4 heads 3.32
+# 32k / 64k tokens (docs/benchmarks/2026-11-26-4gpu-7th/call2, flash_heads_gpu.sh): 4 heads 3.32
 # against 2.49 / 5.87 against 4.35 ms, 8 heads 4.82 / 4.41 and 7.78 / 8.53, 16 heads 7.20 / 8.44
 # and 14.6 / 17.1; at 32 heads the split's rows above.
 SPLIT_MIN_HEADS = 8

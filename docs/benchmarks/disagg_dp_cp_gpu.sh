@@ -7,9 +7,11 @@
 #    documents (mean SEQ / 4), the same batches (two rows per step) in every lane: plain data
 #    parallelism (dp2: each rank attends its own row), disagg over dp_cp, ring CP (cp2: each row
 #    zigzag over both GPUs), per-document CP (cp2, doc_zigzag: every document cut into head/tail
-#    pairs, ring), and the balanced ideal: one GPU running both rows, its step time halved (the two ranks' mean work with free communication); mean step time of
-#    steps 3..STEPS (12; 8 above 16k) and the modelled attention imbalance before/after planning.
-#    LANES picks a subset.
+#    pairs, ring), and the balanced ideal: one GPU running both rows, its step time halved (the
+#    two ranks' mean work with free communication); mean step time of steps 3..STEPS (12; 8 above
+#    16k) and the modelled attention imbalance before/after planning. LANES picks a subset; lane
+#    dp2_disagg_noprefix is disagg with SEQPAR_CUDNN_PREFIX=0 (the servers' prefix pieces on Triton:
+#    no cuDNN plan per new (queries, prefix) shape).
 # CPU smoke form (mechanics only):
 #   OUT=/tmp/o MODEL=tiny_hybrid SEQ=512 EXTRA="train.device=cpu" bash docs/benchmarks/disagg_dp_cp_gpu.sh
 mkdir -p "$OUT"
@@ -25,6 +27,7 @@ COMMON="model=${MODEL:-llama_1b} parallel=none data=synthetic data.seq_len=$SEQ 
 for name in ${LANES:-dp2 ideal_1gpu dp2_disagg_dp_cp cp2_ring cp2_per_doc}; do
   case $name in
     dp2) extra="" ;;
+    dp2_disagg_noprefix) extra="parallel.softmax_sp=disagg parallel.disagg.group=dp_cp" ;;
     dp2_disagg_dp_cp) extra="parallel.softmax_sp=disagg parallel.disagg.group=dp_cp" ;;
     cp2_ring) extra="parallel.cp=2 parallel.softmax_sp=ring parallel.layout=zigzag" ;;
     cp2_per_doc) extra="parallel.cp=2 parallel.softmax_sp=ring parallel.layout=doc_zigzag" ;;
@@ -32,20 +35,21 @@ for name in ${LANES:-dp2 ideal_1gpu dp2_disagg_dp_cp cp2_ring cp2_per_doc}; do
   esac
   rm -rf "/tmp/dp_cp/$name"
   # shellcheck disable=SC2086
-  timeout 110 seqpar-train $COMMON $extra run_dir=/tmp/dp_cp/$name > "$OUT/$name.log" 2>&1
+  prefix=1; [ "$name" = dp2_disagg_noprefix ] && prefix=0
+  SEQPAR_CUDNN_PREFIX=$prefix timeout 150 seqpar-train $COMMON $extra run_dir=/tmp/dp_cp/$name > "$OUT/$name.log" 2>&1
   echo "$name: exit $?"; tail -2 "$OUT/$name.log"
   [ -f "/tmp/dp_cp/$name/metrics.jsonl" ] && cp "/tmp/dp_cp/$name/metrics.jsonl" "$OUT/${name}_metrics.jsonl"
 done
 python3 - "$OUT" <<'PY'
 import json, sys, pathlib
 out, rows = pathlib.Path(sys.argv[1]), {}
-for name in ("dp2", "dp2_disagg_dp_cp", "cp2_ring", "cp2_per_doc", "ideal_1gpu"):
+for name in ("dp2", "dp2_disagg_dp_cp", "dp2_disagg_noprefix", "cp2_ring", "cp2_per_doc", "ideal_1gpu"):
     f = out / f"{name}_metrics.jsonl"
     if not f.exists():
         print(f"{name}: no metrics"); continue
     ms = [json.loads(line) for line in f.read_text().splitlines()][2:]
     mean = lambda k: sum(m.get(k, 0) for m in ms) / max(1, len(ms))
-    rows[name] = {"step_time_s": mean("step_time_s"), "tokens_per_s": mean("tokens_per_s"), "loss_last": ms[-1]["loss"],
+    rows[name] = {"step_times_s": [m["step_time_s"] for m in ms], "step_time_s": mean("step_time_s"), "tokens_per_s": mean("tokens_per_s"), "loss_last": ms[-1]["loss"],
                   "imbalance_before": mean("sp/attn_imbalance_before"), "imbalance_after": mean("sp/attn_imbalance_after"),
                   "exposed_comm_ms": mean("sp/exposed_comm_ms"), "bytes_moved": mean("sp/bytes_moved"), "steps": len(ms)}
     print(name, json.dumps(rows[name]))

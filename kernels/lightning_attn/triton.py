@@ -317,7 +317,7 @@ def segment_length(tokens: int, heads: int, device: torch.device) -> int:
     """Tokens per segment: the longest (power of two times C) that still gives each SM a segment
     of some head (with the column blocks, about two programs per SM). Longer segments won over a
     fuller grid: one row of 16k tokens, H=32, ran 12.8 Mtok/s fwd+bwd at 2048 against 11.5 at 512
-    (one H200, docs/benchmarks/2026-11-26-4xh200-7th/call1), at 32k-128k 2048 was the fastest too.
+    (one H200, docs/benchmarks/2026-11-26-4gpu-7th/call1), at 32k-128k 2048 was the fastest too.
     Only the grid depends on it, never a compiled kernel or a tuning key."""
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
         if device.type == "cuda" else 8
