@@ -257,6 +257,30 @@ def test_the_split_prices_long_documents_on_cudnn_at_their_bucket(calib):
                                                                              32, 128))
 
 
+def test_few_heads_per_rank_run_triton_not_the_split_from_7a02c2d(calib):
+    """7a02c2d (kernels/dispatch.py SPLIT_MIN_HEADS): a call of fewer than 8 query heads (a tp rank's
+    share) runs one Triton call, in both forms; at 8 heads, or before 7a02c2d, the split."""
+    from dataclasses import replace
+
+    from seqpar.kernels import dispatch
+    from seqpar.sim.attention_cost import (SPLIT_MIN_HEADS, _call_seconds, attn_seconds, lse_split_applies,
+                                           split_applies, split_call_seconds)
+    from seqpar.sim.eras import era_since
+
+    assert SPLIT_MIN_HEADS == dispatch.SPLIT_MIN_HEADS  # the simulator's copy of the dispatcher's rule
+    now = replace(calib, era=era_since("7a02c2d"), packed_kernel="triton", lse_split=None)
+    before = replace(now, era=era_since("7a02c2d") - 1)
+    row = replace(AttnCall.varlen([12000, 300, 700]), splittable=True)
+    tasks = AttnCall(((6000, 6000), (300, 900)), True, True)
+    for call, applies in ((row, split_applies), (tasks, lse_split_applies)):
+        assert not applies(now, call, 4) and applies(now, call, 8) and applies(before, call, 4)
+    assert attn_seconds(now, [row], 4, 128) == pytest.approx(_call_seconds(now, row, 4, 128, "x"))
+    assert attn_seconds(before, [row], 4, 128) == pytest.approx(split_call_seconds(before, row, 4, 128))
+    assert attn_seconds(now, [row], 4, 128) != pytest.approx(attn_seconds(before, [row], 4, 128))
+    assert attn_seconds(now, [tasks], 4, 128) == pytest.approx(_call_seconds(now, tasks, 4, 128, "x"))
+    assert lse_split_applies(replace(now, lse_split=True), tasks, 4)  # a run that recorded (forced) the split
+
+
 def test_calls_with_bounds_and_an_lse_run_the_splits_lse_form_from_cec5aa8(calib):
     """cec5aa8: a ring block or a server's call (bounds, lse) runs the split's lse form: each square task
     of 4096..max_doc_len tokens one cuDNN call (causal: at its bucket length; a non-causal ring block at

@@ -54,28 +54,48 @@ def bounded_one_on_triton(calib) -> bool:
     return calib.packed_kernel == "triton" and calib.era >= era_since("c8d5eb5")
 
 
-def split_applies(calib, call) -> bool:
+# kernels/dispatch.py SPLIT_MIN_HEADS (7a02c2d): the dispatcher sends a call through the split (either
+# form) only with at least this many query heads; below it one Triton call over the whole row is
+# faster (a cuDNN call per long document has a grid of its length / 128 x heads). A copy (the
+# simulator imports no dispatch constant); tests/test_sim.py checks that the two agree.
+SPLIT_MIN_HEADS = 8
+
+
+def few_heads_off(calib, heads: int | None) -> bool:
+    """Whether the dispatcher keeps a call of `heads` query heads (per rank) off the split: from
+    7a02c2d on, below SPLIT_MIN_HEADS (a tensor-parallel rank's share: llama_8b at tp=8 holds 4).
+    `heads` None: no head rule (callers that price the split as forced)."""
+    from seqpar.sim.eras import era_since
+
+    return heads is not None and heads < SPLIT_MIN_HEADS and calib.era >= era_since("7a02c2d")
+
+
+def split_applies(calib, call, heads: int | None = None) -> bool:
     """Whether a call runs through the split (kernels/flash_attn/split.py): from 235a598 on, where the
     dispatcher chooses (`calib.packed_kernel` "triton"), a packed self-attention row without lse; from
-    b77bec6 to 8969915 with equal query and K/V head counts only."""
+    b77bec6 to 8969915 with equal query and K/V head counts only; from 7a02c2d with at least
+    SPLIT_MIN_HEADS query heads (`few_heads_off`)."""
     from seqpar.sim.eras import era_since
 
     gqa_off = call.gqa and era_since("b77bec6") <= calib.era < era_since("8969915")
     return (call.splittable and call.is_varlen and calib.packed_kernel == "triton"
-            and calib.era >= era_since("235a598") and not gqa_off)
+            and calib.era >= era_since("235a598") and not gqa_off and not few_heads_off(calib, heads))
 
 
-def lse_split_applies(calib, call) -> bool:
+def lse_split_applies(calib, call, heads: int | None = None) -> bool:
     """Whether a call given with bounds and taking the lse (a ring block with cu_seqlens, a disagg or
     per-document CP server's call) runs the split's lse form (split_tasks.split_forward / split_backward):
     from cec5aa8 on, where the dispatcher chooses (`calib.packed_kernel` "triton"; the ring bench
-    forces torch's kernels), or where a run records it (`calib.lse_split`: the disagg bench's
-    `server_kernels`, e.g. a run with SEQPAR_ATTN_KERNEL=split before cec5aa8)."""
+    forces torch's kernels) and, from 7a02c2d, the call has SPLIT_MIN_HEADS query heads or more; or
+    where a run records it (`calib.lse_split`: the disagg bench's `server_kernels`, e.g. a run with
+    SEQPAR_ATTN_KERNEL=split before cec5aa8, which the head rule does not stop)."""
     from seqpar.sim.eras import era_since
 
     if not call.with_bounds or calib.packed_kernel != "triton":
         return False
-    return calib.era >= era_since("cec5aa8") if calib.lse_split is None else bool(calib.lse_split)
+    if calib.lse_split is not None:
+        return bool(calib.lse_split)
+    return calib.era >= era_since("cec5aa8") and not few_heads_off(calib, heads)
 
 
 def lse_prefix_applies(calib) -> bool:
@@ -144,12 +164,13 @@ def attn_seconds(calib, calls, heads: int, head_dim: int, family: str = "cudnn")
     kernels/dispatch.py's TRITON_FASTER): torch's flash constants times the measured time ratio.
     A one-document call with bounds is torch's flash, or Triton (the dense ratio) from the era of
     c8d5eb5 on (`bounded_one_on_triton`). The split takes packed rows without lse from 235a598 on
-    (`split_applies`) and calls with bounds and lse from cec5aa8 on (`lse_split_applies`)."""
+    (`split_applies`) and calls with bounds and lse from cec5aa8 on (`lse_split_applies`), from 7a02c2d
+    only at SPLIT_MIN_HEADS query heads or more (fewer: the Triton call, priced as packed rows are)."""
     total = 0.0
     for call in calls:
-        if split_applies(calib, call):
+        if split_applies(calib, call, heads):
             total += split_call_seconds(calib, call, heads, head_dim)
-        elif lse_split_applies(calib, call):
+        elif lse_split_applies(calib, call, heads):
             total += split_call_seconds(calib, call, heads, head_dim, tasks=True)
         else:
             total += _call_seconds(calib, call, heads, head_dim, family)

@@ -167,12 +167,24 @@ def fit_attention(samples, exclude=()) -> dict[str, AttnFit]:
     return fits
 
 
+# the lightning kernel's rows of fewer tokens are launch-bound, which a tokens/s rate does not describe:
+# one H200 at B=1 (2026-11-26-4gpu-7th call 2) ran 4k and 8k tokens at 3.3 and 7.4 Mtok/s, 16k-128k at 11.1-13.1
+LINEAR_MIN_TOKENS = 16384
+
+
+def _lightning_rows(data) -> list[dict]:
+    """A kernels bench's rows of seqpar's lightning kernel (its default segments) that `fit_linear` uses."""
+    rows = data.get("lightning", {}).get("rows", []) if isinstance(data.get("lightning"), dict) else []
+    return [r for r in rows if r.get("kernel") == "seqpar" and "fwdbwd_Mtok_s" in r
+            and r.get("B", 1) * r.get("S", LINEAR_MIN_TOKENS) >= LINEAR_MIN_TOKENS]
+
+
 def fit_linear(found) -> tuple[float, int] | None:
+    """(median fwd+bwd tokens/s scaled to the first row's H x D x D, that H x D x D) of the lightning rows."""
     rates = []
     for _, data in found["kernels"]:
-        for row in data.get("lightning", {}).get("rows", []):
-            if row.get("kernel") == "seqpar" and "fwdbwd_Mtok_s" in row:
-                rates.append((row["fwdbwd_Mtok_s"] * 1e6, row["H"] * row["D"] * row["D"]))
+        for row in _lightning_rows(data):
+            rates.append((row["fwdbwd_Mtok_s"] * 1e6, row["H"] * row["D"] * row["D"]))
     if not rates:
         return None
     hdd = rates[0][1]
@@ -479,7 +491,7 @@ def calibrate(root: Path | None = None, exclude: tuple[str, ...] = (), cluster=N
     its ring and kernel code (`eras.kernel_eras`); a constant the era has no runs for keeps
     the previous era's value."""
     from seqpar.sim.cluster import load_cluster
-    from seqpar.sim.eras import CODE_CHANGES, in_era, kernel_eras
+    from seqpar.sim.eras import CODE_CHANGES, in_era, kernel_eras, lightning_eras
 
     era = len(CODE_CHANGES) if era is None else era
     key = (str(root), tuple(sorted(exclude)), era)
@@ -509,10 +521,11 @@ def calibrate(root: Path | None = None, exclude: tuple[str, ...] = (), cluster=N
     if attn:
         calib.attn = {**calib.attn, **attn}
         calib.sources["attention"] = ", ".join(sorted({s["file"] for s in ring}))
-    lin = fit_linear(same_kernels)
+    lightning = in_era(everything, lightning_eras(era))  # the rows of this era's lightning kernel
+    lin = fit_linear(lightning)
     if lin:
         calib.linear_tokens_per_s, calib.linear_ref_hdd = lin
-        calib.sources["linear"] = ", ".join(p for p, _ in same_kernels["kernels"])
+        calib.sources["linear"] = ", ".join(p for p, d in lightning["kernels"] if _lightning_rows(d))
     tax = fit_overlap_tax(ring, calib, cluster, exclude)
     if tax is not None:
         calib.overlap_tax = tax

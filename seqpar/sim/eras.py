@@ -59,6 +59,13 @@ CODE_CHANGES = (
                                    "a longer prefix (at most max_doc_len keys) to cuDNN: a causal call of blank + "
                                    "real queries at a bucket length and a non-causal call over the prefix "
                                    "(SEQPAR_CUDNN_PREFIX=0 keeps them in the Triton call)")),
+    # the lightning kernel's own speed (`fit_linear` on its rows from this era on: `lightning_eras`);
+    # the softmax kernels, the ring and the disagg runtime are unchanged (SAME_KERNEL_BENCHES)
+    ("2026-11-26T14:18:52+00:00", ("83f5aae lightning kernel segments: the longest with (tokens // (2 x segment)) "
+                                   "x heads >= SMs (was >= 4 x SMs), 2048-token segments from 16k tokens on")),
+    # what attention_cost models changes (`era_since("7a02c2d")`: `few_heads_off`), not the constants
+    ("2026-11-26T14:26:40+00:00", ("7a02c2d the split (both forms) only for calls of >= SPLIT_MIN_HEADS (8) query "
+                                   "heads; below, one Triton call (tensor parallelism's share of the heads)")),
 )
 
 
@@ -71,6 +78,13 @@ DISAGG_SCHEDULE_ONLY = ("755a3a8", "852d464", "219ea22")
 # lse (the ring bench forces torch's kernels with SEQPAR_ATTN_KERNEL, the kernels bench times no lse
 # call); the disagg bench's ring rows that changed are priced per run (`Calibration.lse_split`)
 SAME_KERNEL_BENCHES = DISAGG_SCHEDULE_ONLY + ("cec5aa8", "9a4c89d")
+# ... and 83f5aae (the lightning kernel only: its rows are fitted per `lightning_eras`) and 7a02c2d (the
+# head rule reaches only auto-dispatched calls below 8 query heads: the kernels bench times the split
+# and the Triton kernel by name, the ring bench forces torch's kernels, the disagg bench runs 32 heads)
+SAME_KERNEL_BENCHES += ("83f5aae", "7a02c2d")
+# CODE_CHANGES entries that changed the lightning kernel (79fc72c's entry holds e049981's one-scan
+# exchange): its kernels-bench rows measure one kernel only between two of them
+LIGHTNING_CHANGES = ("79fc72c", "83f5aae")
 
 
 def kernel_eras(era: int) -> tuple[int, ...]:
@@ -80,6 +94,13 @@ def kernel_eras(era: int) -> tuple[int, ...]:
     while first > 0 and CODE_CHANGES[first - 1][1].split()[0] in SAME_KERNEL_BENCHES:
         first -= 1
     return tuple(range(first, era + 1))
+
+
+def lightning_eras(era: int) -> tuple[int, ...]:
+    """The eras whose lightning kernel rows measure era `era`'s kernel: `kernel_eras` back to the last
+    of LIGHTNING_CHANGES at or before `era`."""
+    since = max((era_since(c) for c in LIGHTNING_CHANGES if era_since(c) <= era), default=0)
+    return tuple(e for e in kernel_eras(era) if e >= since)
 
 
 def era_since(commit: str) -> int:
@@ -197,9 +218,13 @@ def _json_dates(folder: Path, pattern: str) -> list:
 
 def cluster_preset_of(path) -> str:
     """The cluster preset of the card a run used: h200_8x400g when a JSON in its folder names an H200
-    as its device (or the folder's name says h200), else h100_8x400g (the other committed card)."""
-    for folder in dict.fromkeys((Path(path).parent, run_folder(path))):
-        for other in sorted(folder.glob("*.json")):
+    as its device (else one in its call's lanes, `callN/**`: a session's calls may get different cards;
+    else in its run folder), or the run folder's name says h200; else h100_8x400g (the other committed card)."""
+    top = run_folder(path)
+    call = next((f for f in Path(path).parents if f.parent == top), None)
+    places = [(Path(path).parent, "*.json")] + ([(call, "**/*.json")] if call else []) + [(top, "*.json")]
+    for folder, pattern in dict.fromkeys(places):
+        for other in sorted(folder.glob(pattern)):
             try:
                 d = json.loads(other.read_text())
             except (OSError, json.JSONDecodeError):
