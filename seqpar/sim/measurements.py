@@ -177,9 +177,26 @@ NOT_COMPARABLE = {
 }
 
 
+# LASP rows that the host's speed decided (the simulator does not model host time): (folder/file as
+# `run_key` names it, tokens or None for every row) -> why. Listed under `excluded`; no fit uses them.
+_LASP_HOST = ("LASP-2 at 64k on 2 GPUs is host-bound: the seventh session's lasp_host.py (H100, call 3) timed "
+              "2.89 ms per layer with the host enqueueing 2.29 ms of it, 2.69 ms for the kernel alone")
+HOST_BOUND_LASP = {
+    ("2026-11-26-4gpu-7th/call2/gpu01_profile_bench_gpu_lasp/lasp.json", None): (
+        "profile_bench_gpu.sh lasp ran beside CPU-heavy compile jobs on the same host (call 2's other lanes): "
+        "LASP-2 at 64k 3.59 ms against 2.5 ms for the kernel alone; " + _LASP_HOST),
+    ("2026-11-26-4gpu-7th/call4/gpu23_lasp_host_gpu/lasp.json", 65536): (
+        "call 4's 64k rows (H200) are slower than call 3's on H100 (LASP-2 3.66 against 2.90 ms) with the same "
+        "code: its own lasp_host.py timed LASP-2 at 3.37 ms with the host enqueueing 3.36 ms of it (the kernel "
+        "alone 2.48 ms); " + _LASP_HOST),
+}
+
+
 def not_comparable(path, method: str, tokens: int) -> str | None:
-    """Why a repeated measurement is left out (`NOT_COMPARABLE`), or None."""
-    return NOT_COMPARABLE.get((run_folder(path).name, method, tokens))
+    """Why a measurement is left out (`NOT_COMPARABLE`, `HOST_BOUND_LASP`), or None."""
+    key = run_key(path)
+    return (NOT_COMPARABLE.get((run_folder(path).name, method, tokens)) or HOST_BOUND_LASP.get((key, tokens))
+            or HOST_BOUND_LASP.get((key, None)))
 
 
 def lasp_samples(found) -> list[dict]:
@@ -342,11 +359,33 @@ E2E_RUNS.update({f"{model}_dp2_metrics.jsonl": dict(
 _DP_CP = ["model=llama_1b", "parallel=none", "data=synthetic", "data.seq_len=16384", "data.distribution=lognormal",
           "data.mean_len=4096", "data.sigma=1.0", "train=long", "train.steps=12", "train.warmup_steps=1",
           "train.global_batch_size=2", "train.micro_batch_size=1", "launcher.nproc_per_node=2"]
-E2E_RUNS.update({"dp2_metrics.jsonl": dict(world=2, script="docs/benchmarks/disagg_dp_cp_gpu.sh", fit=None,
-                                           overrides=list(_DP_CP)),
-                 "dp2_disagg_dp_cp_metrics.jsonl": dict(
-                     world=2, script="docs/benchmarks/disagg_dp_cp_gpu.sh", fit=None,
-                     overrides=[*_DP_CP, "parallel.softmax_sp=disagg", "parallel.disagg.group=dp_cp"])})
+# From the seventh session of 2026-11-26 on the script has more lanes (ring CP, per-document CP, the
+# one-GPU balanced ideal, disagg without the prefix pieces) and takes SEQ: a lane folder named
+# `..._disagg_dp_cp_gpu_<SEQ>` ran SEQ tokens per GPU (mean SEQ / 4, selective checkpointing above 16k)
+_DP_CP_LANES = {"dp2": ([], None), "dp2_disagg_dp_cp": (["parallel.softmax_sp=disagg", "parallel.disagg.group=dp_cp"], None),
+                # SEQPAR_CUDNN_PREFIX=0: the servers' causal pieces over a prefix stay in the Triton call
+                "dp2_disagg_noprefix": (["parallel.softmax_sp=disagg", "parallel.disagg.group=dp_cp"], False),
+                "cp2_ring": (["parallel.cp=2", "parallel.softmax_sp=ring", "parallel.layout=zigzag"], None),
+                "cp2_per_doc": (["parallel.cp=2", "parallel.softmax_sp=ring", "parallel.layout=doc_zigzag"], None),
+                # one GPU running both rows (two micro-batches): half its step is the balanced ideal
+                "ideal_1gpu": (["launcher.nproc_per_node=1"], None)}
+
+
+def dp_cp_run(lane: str, seq: int = 16384) -> dict | None:
+    """The E2E_RUNS entry of disagg_dp_cp_gpu.sh's lane `lane` at SEQ tokens per GPU (held out)."""
+    if lane not in _DP_CP_LANES:
+        return None
+    extra, prefix = _DP_CP_LANES[lane]
+    base = [o for o in _DP_CP if not o.startswith(("data.seq_len=", "data.mean_len=", "train.steps="))]
+    overrides = [*base, f"data.seq_len={seq}", f"data.mean_len={seq // 4}", f"train.steps={12 if seq <= 16384 else 8}",
+                 f"train.activation_checkpointing={'selective' if seq > 16384 else 'none'}", *extra]
+    world = 1 if "launcher.nproc_per_node=1" in extra else 2
+    return dict(world=world, script="docs/benchmarks/disagg_dp_cp_gpu.sh", fit=None, overrides=overrides,
+                **({"lse_prefix": prefix} if prefix is not None else {}))
+
+
+# the lanes before the seventh session, at 16k (their files lie in lanes without the SEQ suffix)
+E2E_RUNS.update({f"{lane}_metrics.jsonl": dp_cp_run(lane) for lane in ("dp2", "dp2_disagg_dp_cp")})
 
 # Runs made before seqpar's Triton RMSNorm/RoPE/fused CE and its bf16 residual stream (commit
 # 14f0567's notes, docs/benchmarks/README.md): torch's element-wise ops and an fp32 residual.
@@ -453,8 +492,15 @@ def memory_peak_samples(root=None) -> tuple[list[dict], list[dict]]:
 
 def e2e_run_of(path) -> dict | None:
     """The E2E_RUNS entry of a metrics file; the fourth session of 2026-11-26 named its copies
-    `e2e_<model>_<layout>_metrics.jsonl`."""
+    `e2e_<model>_<layout>_metrics.jsonl`; a disagg_dp_cp_gpu.sh lane folder says its SEQ (`dp_cp_run`)."""
+    import re
+
     name = Path(path).name
+    lane = re.fullmatch(r".*disagg_dp_cp_gpu(?:_(\d+))?", Path(path).parent.name)
+    if lane and name.endswith("_metrics.jsonl"):
+        run = dp_cp_run(name[:-len("_metrics.jsonl")], int(lane.group(1) or 16384))
+        if run:
+            return run
     return E2E_RUNS.get(name) or (E2E_RUNS.get(name[len("e2e_"):]) if name.startswith("e2e_") else None)
 
 
@@ -478,11 +524,12 @@ def e2e_samples(found) -> list[dict]:
         if not steady:
             continue
         mem = max((r.get("max_mem_gb") or 0) for r in rows) or None
-        name = f"e2e {run_folder(path).name}/{Path(path).stem}"
+        # named by the lane where the file lies below its run folder (a session's calls repeat a lane)
+        name = f"e2e {Path(run_key(path)).parent}/{Path(path).stem}"
         old_code = run_folder(path).name in TORCH_ELEMENTWISE_RUNS
         overrides = run["overrides"] + (["model.fp32_residual=true"] if old_code else [])
         out.append(dict(group=name, name=name, file=path, world=run["world"], overrides=overrides, era=era_of(path),
-                        fit=run.get("fit"), packed_kernel=packed_kernel_of({}, path),
+                        fit=run.get("fit"), packed_kernel=packed_kernel_of({}, path), lse_prefix=run.get("lse_prefix"),
                         torch_elementwise=old_code,
                         measured=statistics.median(r["step_time_s"] for r in steady), measured_mem_gib=mem,
                         unhealthy=folder_health(path), contaminated=contaminated(path), note=note))

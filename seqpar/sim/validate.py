@@ -71,7 +71,8 @@ def _e2e_case(s, calib, cluster):
     from seqpar.sim.eras import era_overrides
 
     cfg = plain_config(s["overrides"] + era_overrides(s["era"], s["overrides"]))
-    calib = replace(calib, packed_kernel=s.get("packed_kernel", "triton"))  # what the run's dispatcher chose
+    # what the run's dispatcher chose (and SEQPAR_CUDNN_PREFIX where a lane set it)
+    calib = replace(calib, packed_kernel=s.get("packed_kernel", "triton"), lse_prefix=s.get("lse_prefix"))
     step = predict_step(cfg, s["world"], cluster, calib, torch_elementwise=s["torch_elementwise"])
     # runs before the split (235a598) never allocated its cuDNN scratch
     return step["step_s"], memory_per_rank(cfg, s["world"], split=s["era"] >= era_since("235a598"))["total_gib"]
