@@ -248,9 +248,9 @@ def train_step(model, micro_batches, cfg, dims: ParallelDims, device, *, backwar
         ctx = AttnContext(group=cp_group, cu_seqlens=cu_seqlens, position_ids=shard(positions[None])[0],
                           layout=layout, softmax_sp=cfg.parallel.softmax_sp, linear_sp=cfg.parallel.linear_sp,
                           linear_scan=cfg.parallel.linear_scan)
-        if disagg.joins_dp_rows(cfg.parallel, dims.dp):
+        if dims.attention_dp_cp:
             # the dp rows joined, each cut in cp contiguous pieces (validated): the dp_cp shards of one row
-            ctx.softmax_view = dataclasses.replace(ctx, group=dims.group("dp_cp"), layout="contiguous",
+            ctx.softmax_view = dataclasses.replace(ctx, group=dims.group("attn_dp_cp"), layout="contiguous",
                                                    cu_seqlens=disagg.join_row_bounds(cu_seqlens, dims.group("dp")))
         with autocast(cfg, device):
             out = model(shard(mb.input_ids) if first else hidden, ctx, targets=shard(mb.targets, -100) if last else None,

@@ -166,6 +166,35 @@ def _one_step_grads(rank, world, variants):
     return results
 
 
+def _attention_groups(rank, world):
+    import os
+
+    import torch.distributed as dist
+
+    from seqpar.parallel.dims import ParallelDims
+
+    out = []
+    for shared in ("0", "1"):
+        os.environ["SEQPAR_DISAGG_SHARED_GROUP"] = shared
+        for overrides in (LAYOUTS["cp2_dp2_disagg"][1], LAYOUTS["cp2_ring"][1]):
+            dims = ParallelDims.from_config(_compose("run_dir=unused", *overrides).parallel, world)
+            dims.build_mesh("cpu")
+            attn, dp_cp = dims.group("attn_dp_cp"), dims.group("dp_cp")
+            out.append((shared, dims.attention_dp_cp, attn is dp_cp, dist.get_process_group_ranks(attn),
+                        dist.get_process_group_ranks(dp_cp)))
+    return out
+
+
+def test_disagg_over_dp_cp_gets_its_own_communicator():
+    """Disagg's all-to-alls over dp_cp do not queue behind FSDP's collectives on one communicator
+    (unless SEQPAR_DISAGG_SHARED_GROUP=1); other layouts build no extra group."""
+    for rank_results in run_distributed(_attention_groups, 4):
+        (_, joined, same, attn, dp_cp), (_, ring_joined, ring_same, _, _), shared_run, _ = rank_results
+        assert joined and not same and attn == dp_cp == [0, 1, 2, 3]
+        assert not ring_joined and ring_same
+        assert shared_run[2]  # the A/B switch: FSDP's group itself
+
+
 @pytest.mark.parametrize("nproc", [2, 4])
 def test_parallel_gradients_match_single_process(nproc):
     (ref_loss, ref_grads), = run_distributed(_one_step_grads, 1, [LAYOUTS["single"][1]])[0]

@@ -9,9 +9,10 @@
 #    zigzag over both GPUs), per-document CP (cp2, doc_zigzag: every document cut into head/tail
 #    pairs, ring), and the balanced ideal: one GPU running both rows, its step time halved (the
 #    two ranks' mean work with free communication); mean step time of steps 3..STEPS (12; 8 above
-#    16k) and the modelled attention imbalance before/after planning. LANES picks a subset; lane
-#    dp2_disagg_noprefix is disagg with SEQPAR_CUDNN_PREFIX=0 (the servers' prefix pieces on Triton:
-#    no cuDNN plan per new (queries, prefix) shape).
+#    16k) and the modelled attention imbalance before/after planning. LANES picks a subset; A/B
+#    lanes of disagg: dp2_disagg_noprefix (SEQPAR_CUDNN_PREFIX=0: the servers' prefix pieces on
+#    Triton, no cuDNN plan per new (queries, prefix) shape), dp2_disagg_shared_group
+#    (SEQPAR_DISAGG_SHARED_GROUP=1: its all-to-alls on FSDP's communicator, as before 2026-11-26 7th).
 # CPU smoke form (mechanics only):
 #   OUT=/tmp/o MODEL=tiny_hybrid SEQ=512 EXTRA="train.device=cpu" bash docs/benchmarks/disagg_dp_cp_gpu.sh
 mkdir -p "$OUT"
@@ -22,28 +23,30 @@ if [ -z "${EXTRA:-}" ]; then
   SEQPAR_FLASH_TUNE=0 timeout 120 python3 -m pytest -q -m gpu tests/test_disagg.py -k across_ranks 2>&1 | tail -5
 fi
 COMMON="model=${MODEL:-llama_1b} parallel=none data=synthetic data.seq_len=$SEQ data.distribution=lognormal
-  data.mean_len=$((SEQ / 4)) data.sigma=1.0 train=long train.steps=$STEPS train.activation_checkpointing=$CKPT train.warmup_steps=1
-  train.global_batch_size=2 train.micro_batch_size=1 launcher.nproc_per_node=2 logging.console=false ${EXTRA:-}"
+  data.mean_len=$((SEQ / 4)) data.sigma=1.0 train=long train.steps=$STEPS train.warmup_steps=1
+  train.activation_checkpointing=$CKPT train.global_batch_size=2 train.micro_batch_size=1 launcher.nproc_per_node=2 logging.console=false ${EXTRA:-}"
 for name in ${LANES:-dp2 ideal_1gpu dp2_disagg_dp_cp cp2_ring cp2_per_doc}; do
   case $name in
     dp2) extra="" ;;
-    dp2_disagg_noprefix) extra="parallel.softmax_sp=disagg parallel.disagg.group=dp_cp" ;;
-    dp2_disagg_dp_cp) extra="parallel.softmax_sp=disagg parallel.disagg.group=dp_cp" ;;
+    dp2_disagg_*) extra="parallel.softmax_sp=disagg parallel.disagg.group=dp_cp" ;;
     cp2_ring) extra="parallel.cp=2 parallel.softmax_sp=ring parallel.layout=zigzag" ;;
     cp2_per_doc) extra="parallel.cp=2 parallel.softmax_sp=ring parallel.layout=doc_zigzag" ;;
     ideal_1gpu) extra="launcher.nproc_per_node=1" ;;
   esac
   rm -rf "/tmp/dp_cp/$name"
+  envs="SEQPAR_CUDNN_PREFIX=1 SEQPAR_DISAGG_SHARED_GROUP=0"
+  [ "$name" = dp2_disagg_noprefix ] && envs="SEQPAR_CUDNN_PREFIX=0 SEQPAR_DISAGG_SHARED_GROUP=0"
+  [ "$name" = dp2_disagg_shared_group ] && envs="SEQPAR_CUDNN_PREFIX=1 SEQPAR_DISAGG_SHARED_GROUP=1"
   # shellcheck disable=SC2086
-  prefix=1; [ "$name" = dp2_disagg_noprefix ] && prefix=0
-  SEQPAR_CUDNN_PREFIX=$prefix timeout 150 seqpar-train $COMMON $extra run_dir=/tmp/dp_cp/$name > "$OUT/$name.log" 2>&1
+  env $envs timeout 150 seqpar-train $COMMON $extra run_dir=/tmp/dp_cp/$name > "$OUT/$name.log" 2>&1
   echo "$name: exit $?"; tail -2 "$OUT/$name.log"
   [ -f "/tmp/dp_cp/$name/metrics.jsonl" ] && cp "/tmp/dp_cp/$name/metrics.jsonl" "$OUT/${name}_metrics.jsonl"
 done
 python3 - "$OUT" <<'PY'
 import json, sys, pathlib
 out, rows = pathlib.Path(sys.argv[1]), {}
-for name in ("dp2", "dp2_disagg_dp_cp", "dp2_disagg_noprefix", "cp2_ring", "cp2_per_doc", "ideal_1gpu"):
+for name in ("dp2", "dp2_disagg_dp_cp", "dp2_disagg_noprefix", "dp2_disagg_shared_group", "cp2_ring", "cp2_per_doc",
+             "ideal_1gpu"):
     f = out / f"{name}_metrics.jsonl"
     if not f.exists():
         print(f"{name}: no metrics"); continue
