@@ -280,11 +280,16 @@ def task_split_applies(q, k, v, *, return_lse=False, cu_seqlens=None, cu_seqlens
             and torch.backends.cudnn.is_available())
 
 
+def split_heads_ok(heads: int) -> bool:
+    """Whether a call with `heads` query heads may take the split (SPLIT_MIN_HEADS, or forced)."""
+    return heads >= SPLIT_MIN_HEADS or _attn_choice() == "split"
+
+
 def _wants_split(q, k, v, **features) -> bool:
     choice = _attn_choice()
     if choice not in _AUTO:
         return False
-    if choice != "split" and q.shape[2] < SPLIT_MIN_HEADS:
+    if not split_heads_ok(q.shape[2]):
         return False
     if split_applies(q, k, v, **features):
         return choice == "split" or "packed" in SPLIT_FASTER
