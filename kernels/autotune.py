@@ -53,4 +53,55 @@ def autotune(configs, key, **kwargs):
         kwargs.setdefault("cache_results", True)
     if "do_bench" in _PARAMS:
         kwargs.setdefault("do_bench", bench)
-    return triton.autotune(configs=configs, key=key, **kwargs)
+    tune = triton.autotune(configs=configs, key=key, **kwargs)
+    return lambda fn: Tuned(tune(fn))
+
+
+class Tuned:
+    """A tuned kernel whose launches skip `Autotuner.run`'s bookkeeping once their key is tuned.
+
+    To find its tuning key Triton's autotuner builds dicts of all the kernel's arguments at every
+    launch (and filters them by membership in a list of the argument names): tens of microseconds
+    of host time per launch for kernels of ~40 arguments. The lightning kernel's fwd+bwd makes 8
+    launches, and LASP-2 at 32k tokens per GPU was bound by the host on an H200 machine (2026-11-26,
+    seventh session, docs/benchmarks). The first launch of each key goes through the autotuner
+    (tuning, or its disk cache); later ones take the pick from a dict under the autotuner's own key
+    (the key arguments' values, then every tensor argument's dtype) and launch the kernel with it,
+    as the autotuner does for a key it knows. Everything else is the autotuner's (`cache`,
+    `configs`, ...); setting `configs` forgets the picks.
+    """
+
+    _OWN = ("tuner", "_picks", "_key_at", "_names")
+
+    def __init__(self, tuner):
+        object.__setattr__(self, "tuner", tuner)
+        object.__setattr__(self, "_picks", {})
+        object.__setattr__(self, "_key_at", {k: tuner.arg_names.index(k) for k in tuner.keys})
+        object.__setattr__(self, "_names", frozenset(tuner.arg_names))
+
+    def __getattr__(self, name):
+        return getattr(self.tuner, name)
+
+    def __setattr__(self, name, value):
+        setattr(self.tuner, name, value)
+        self._picks.clear()
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.run(*args, grid=grid, warmup=False, **kwargs)
+
+    def run(self, *args, **kwargs):
+        key = self._key(args, kwargs)
+        picked = self._picks.get(key)  # the config's launch options
+        if picked is None:
+            out = self.tuner.run(*args, **kwargs)
+            if self.tuner.best_config.pre_hook is None:
+                self._picks[key] = self.tuner.best_config.all_kwargs()
+            return out
+        return self.tuner.fn.run(*args, **kwargs, **picked)
+
+    def _key(self, args, kwargs) -> tuple:
+        n = len(args)
+        values = tuple(args[i] if i < n else kwargs.get(name) for name, i in self._key_at.items())
+        dtypes = tuple(str(a.dtype) for a in args if hasattr(a, "dtype"))
+        dtypes += tuple(str(v.dtype) for k, v in kwargs.items() if k in self._names and hasattr(v, "dtype"))
+        return values + dtypes

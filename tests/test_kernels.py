@@ -476,9 +476,11 @@ def test_triton_autotuners_keep_their_picks_on_disk():
             "from seqpar.kernels.flash_attn import triton as f\n"
             "from seqpar.kernels.lightning_attn import triton as l\n"
             "from seqpar.kernels.norm_rope import triton as n\n"
-            "tuners = [v for m in (f, l, n) for v in vars(m).values() if isinstance(v, at.Autotuner)]\n"
+            "from seqpar.kernels.autotune import Tuned, bench\n"
+            "kernels = [v for m in (f, l, n) for v in vars(m).values()]\n"
+            "assert not [v for v in kernels if isinstance(v, at.Autotuner)], 'every tuner launches through Tuned'\n"
+            "tuners = [v.tuner for v in kernels if isinstance(v, Tuned)]\n"
             "assert len(tuners) >= 8, len(tuners)\n"
-            "from seqpar.kernels.autotune import bench\n"
             "assert all(t.do_bench is bench for t in tuners), 'long configs timed once'\n"
             "print(sorted({t.cache_results for t in tuners}),"
             " 'cache_results' in inspect.signature(triton.autotune).parameters)\n")
@@ -487,6 +489,38 @@ def test_triton_autotuners_keep_their_picks_on_disk():
                              env={**os.environ, "TRITON_INTERPRET": "0", **env})
         assert out.returncode == 0, out.stderr[-2000:]
         assert out.stdout.strip() == want
+
+
+def test_tuned_launches_skip_the_autotuner_once_a_key_is_tuned():
+    """`Tuned` takes a key's pick from the autotuner's first launch of it and launches later ones
+    with it; its key is the autotuner's own (else the autotuner, finding no pick under it, would
+    try to time the configs, which needs a GPU, and fail here)."""
+    triton = pytest.importorskip("triton")
+    import triton.language as tl
+
+    from seqpar.kernels.autotune import autotune
+
+    small, large = triton.Config({"BLOCK": 16}, num_warps=4), triton.Config({"BLOCK": 32}, num_warps=8)
+
+    @autotune(configs=[small, large], key=["N"])
+    @triton.jit
+    def kernel(x_ptr, y_ptr, n, N: tl.constexpr, BLOCK: tl.constexpr):
+        pass
+
+    tuner, launched, through_tuner = kernel.tuner, [], []
+    tuner.fn.run = lambda *args, **kw: launched.append(kw["BLOCK"])  # no launch: what it would launch with
+    tuner_run = tuner.run
+    tuner.run = lambda *args, **kw: through_tuner.append(kw["N"]) or tuner_run(*args, **kw)
+    x, y, h = torch.zeros(4), torch.zeros(4), torch.zeros(4, dtype=torch.float16)
+    launch = {"grid": (1,), "warmup": False}
+    tuner.cache[kernel._key((x, y, 7), {"N": 64, **launch})] = large  # as if tuned: the autotuner's key
+    tuner.cache[kernel._key((h, y, 7), {"N": 64, **launch})] = small
+    for inputs, n in (((x, y, 7), 64), ((x, y, 9), 64), ((h, y, 7), 64), ((x, y, 7), 64)):
+        kernel[(1,)](*inputs, N=n)
+    assert launched == [32, 32, 16, 32] and through_tuner == [64, 64]  # a new dtype is a new key
+    kernel.configs = [small]  # set on the autotuner; the picks are forgotten
+    kernel[(1,)](x, y, 7, N=64)
+    assert tuner.configs == [small] and launched[-1] == 16 and through_tuner == [64, 64, 64]
 
 
 def test_autotune_times_long_configs_once():
