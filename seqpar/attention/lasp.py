@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 from torch.autograd.function import once_differentiable
+from torch.utils.weak import WeakIdKeyDictionary
 
 from seqpar import kernels
 from seqpar.attention.state_scan import SCANS, ChunkChain, start_scan
@@ -58,12 +59,32 @@ def lasp_attention(q, k, v, log_decay, *, group, cu_seqlens, scale, layout, scan
     world, rank = group_size_rank(group)
     bounds = None if cu_seqlens is None else host_bounds(cu_seqlens)
     geo = _cut(world, rank, *q.shape[:2], layout, bounds, q.device, torch.promote_types(q.dtype, torch.float32))
-    # a_g: how much of the state entering chunk g survives it (0 where a document starts in it)
-    carry = torch.exp(log_decay.to(geo.dtype) * geo.chunk_len)[None, :] * geo.passes[:, None]
-    chain = ChunkChain(geo.owners, carry, rank)
+    chain = _chain(geo, rank, log_decay)
     if overlap:
         return _Overlapped.apply(q, k, v, log_decay, geo, chain, scale, group, scan)
     return _kernel(q, k, v, log_decay, scale, geo, exchange=_ChunkExchange(geo, chain, group, scan))
+
+
+_CHAINS = WeakIdKeyDictionary()  # log_decay -> {id(geometry): (geometry, log_decay's version, chain)}
+
+
+def _chain(geo, rank, log_decay) -> ChunkChain:
+    """The chain of a geometry under a layer's decays, built once per (geometry, decay tensor and
+    version): the layer's later calls reuse its carry and its gather weights (no launches)."""
+    def build():
+        # a_g: how much of the state entering chunk g survives it (0 where a document starts in it)
+        carry = torch.exp(log_decay.to(geo.dtype) * geo.chunk_len)[None, :] * geo.passes[:, None]
+        return ChunkChain(geo.owners, carry, rank)
+
+    if log_decay.is_inference():  # (no version to check)
+        return build()
+    known = _CHAINS.setdefault(log_decay, {})
+    hit = known.get(id(geo))
+    if hit is None or hit[0] is not geo or hit[1] != log_decay._version:
+        hit = known[id(geo)] = (geo, log_decay._version, build())
+        if len(known) > 8:  # packed rows bring new geometries: keep the latest few
+            del known[next(iter(known))]
+    return hit[2]
 
 
 @dataclass(frozen=True)
@@ -139,14 +160,14 @@ class _ChunkExchange:
 
     def forward(self, own):
         geo = self.geo
-        pending = start_scan(self.scan, own.to(geo.dtype)[geo.last_slot], self.chain, self.group)
-        return _Then(pending, lambda entering: _to_slots(entering * geo.keep, geo.first_slot, geo.n_slots))
+        pending = start_scan(self.scan, _chunk_states(own.to(geo.dtype), geo, geo.last_slot), self.chain, self.group)
+        return _Then(pending, lambda entering: _to_slots(entering * geo.keep, geo, geo.first_slot))
 
     def backward(self, d_initial):
         geo = self.geo
-        d_entering = d_initial.to(geo.dtype)[geo.first_slot] * geo.keep
+        d_entering = _chunk_states(d_initial.to(geo.dtype), geo, geo.first_slot) * geo.keep
         pending = start_scan(self.scan, d_entering, self.chain, self.group, reverse=True)
-        return _Then(pending, lambda d_states: _to_slots(d_states, geo.last_slot, geo.n_slots))
+        return _Then(pending, lambda d_states: _to_slots(d_states, geo, geo.last_slot))
 
 
 class _Then:
@@ -237,9 +258,19 @@ def _kernel(q, k, v, log_decay, scale, geo, exchange=None):
     return o.reshape(B, S, *o.shape[2:])
 
 
-def _to_slots(x, slots, n_slots):
+def _chunk_states(states, geo, slots):
+    """The kernel's per-document states `[n_slots, H, Dk, Dv]` at `slots` as per-chunk states
+    `[n_local, B, H, Dk, Dv]`; the inverse of `_to_slots`."""
+    if geo.kernel_cu is None:  # rows without documents: slot b * n_local + i is chunk i of row b (a view)
+        return states.unflatten(0, (-1, geo.n_local)).transpose(0, 1)
+    return states[slots]
+
+
+def _to_slots(x, geo, slots):
     """Per-chunk states `[n_local, B, H, Dk, Dv]` into the kernel's per-document slots (zero elsewhere)."""
-    out = x.new_zeros(n_slots, *x.shape[2:])
+    if geo.kernel_cu is None:
+        return x.transpose(0, 1).flatten(0, 1)
+    out = x.new_zeros(geo.n_slots, *x.shape[2:])
     return out.index_copy_(0, slots.flatten(), x.flatten(0, 1))
 
 
