@@ -212,13 +212,8 @@ TRITON_FASTER: frozenset[str] = frozenset({"packed", "packed_lse"})
 # packed row 4-13% less on four of the five cases (64k: wlbllm 1.631 -> 1.567x the ideal, prolong
 # 1.538 -> 1.378, lognormal 1.671 -> 1.569; 128k prolong 1.534 -> 1.339; wlbllm 1.468 -> 1.479).
 SPLIT_FASTER: frozenset[str] = frozenset({"packed", "packed_lse"})
-# ... but only with enough query heads per call: the split's cuDNN call per long document has a
-# grid of (its length / 128) x heads, and with tensor parallelism's share of the heads one Triton
-# call over the whole row wins. Packed lognormal rows fwd+bwd on one H200, split against Triton at
-# 32k / 64k tokens (docs/benchmarks/2026-11-26-4gpu-7th/call2, flash_heads_gpu.sh): 4 heads 3.32
-# against 2.49 / 5.87 against 4.35 ms, 8 heads 4.82 / 4.41 and 7.78 / 8.53, 16 heads 7.20 / 8.44
-# and 14.6 / 17.1; at 32 heads the split's rows above.
-SPLIT_MIN_HEADS = 8
+# Which documents of a call the split hands to cuDNN depends on the call's query heads too
+# (split.min_doc_len: with a tensor-parallel rank's few heads only longer ones; none, one Triton call).
 
 
 def _attn_choice() -> str:
@@ -280,16 +275,9 @@ def task_split_applies(q, k, v, *, return_lse=False, cu_seqlens=None, cu_seqlens
             and torch.backends.cudnn.is_available())
 
 
-def split_heads_ok(heads: int) -> bool:
-    """Whether a call with `heads` query heads may take the split (SPLIT_MIN_HEADS, or forced)."""
-    return heads >= SPLIT_MIN_HEADS or _attn_choice() == "split"
-
-
 def _wants_split(q, k, v, **features) -> bool:
     choice = _attn_choice()
     if choice not in _AUTO:
-        return False
-    if not split_heads_ok(q.shape[2]):
         return False
     if split_applies(q, k, v, **features):
         return choice == "split" or "packed" in SPLIT_FASTER

@@ -356,21 +356,17 @@ def split_scratch(cfg) -> int:
     """What one softmax layer's long-document cuDNN calls may allocate on top (the split of packed
     rows, kernels/flash_attn/split.py): on CUDA, where attention sees whole documents (cp = 1, or
     Ulysses); the longest document taken as long as the row, up to the split's own bound. Rows
-    of one document each (synthetic `fixed` documents at least a row long) are dense: no split,
-    nor with too few heads per rank (the dispatcher's SPLIT_MIN_HEADS: the Triton kernel runs those)."""
+    of one document each (synthetic `fixed` documents at least a row long) are dense: no split."""
     from seqpar.config import use_cuda
-    from seqpar.kernels.dispatch import split_heads_ok
     from seqpar.kernels.flash_attn.split import max_doc_len, min_doc_len, scratch_per_token
 
     m, par = cfg.model, cfg.parallel
     if not use_cuda(cfg) or (par.cp > 1 and par.softmax_sp != "ulysses") or _one_document_rows(cfg.data):
         return 0
     heads = m.n_heads // par.tp // (par.cp if par.cp > 1 else 1)
-    if not split_heads_ok(heads):
-        return 0
     _, a, _ = _dtype_bytes(cfg)
     longest = min(cfg.data.seq_len, max_doc_len(heads, head_dim(m), a))
-    return longest * scratch_per_token(heads, head_dim(m), a) if longest >= min_doc_len() else 0
+    return longest * scratch_per_token(heads, head_dim(m), a) if longest >= min_doc_len(heads) else 0
 
 
 def _one_document_rows(data) -> bool:

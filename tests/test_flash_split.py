@@ -169,12 +169,15 @@ def test_plan_reads_each_boundaries_tensor_once(monkeypatch):
 
 
 def test_min_doc_len_env(monkeypatch):
-    from seqpar.kernels.flash_attn.split import MIN_DOC_LEN, min_doc_len
+    from seqpar.kernels.flash_attn.split import MIN_DOC_HEAD_TOKENS, MIN_DOC_LEN, min_doc_len
 
     monkeypatch.delenv("SEQPAR_CUDNN_DOC_MIN", raising=False)
     assert min_doc_len() == MIN_DOC_LEN
+    # few query heads (a tensor-parallel rank's share): only documents of MIN_DOC_HEAD_TOKENS / heads
+    assert [min_doc_len(h) for h in (32, 16, 8, 4, 3)] == [MIN_DOC_LEN] * 2 + [8192, 16384, 21846]
+    assert MIN_DOC_HEAD_TOKENS == 16 * MIN_DOC_LEN  # the floor alone from 16 heads on
     monkeypatch.setenv("SEQPAR_CUDNN_DOC_MIN", "2048")
-    assert min_doc_len() == 2048
+    assert min_doc_len() == min_doc_len(4) == 2048  # set: what it says, whatever the heads
     monkeypatch.setenv("SEQPAR_CUDNN_DOC_MIN", "4k")
     with pytest.raises(ValueError, match="SEQPAR_CUDNN_DOC_MIN"):
         min_doc_len()
@@ -378,10 +381,6 @@ def test_dispatch_split_rules(monkeypatch):
     assert dispatch._flash_attn_backend(x, x, x, cu_seqlens=cu) == "split"
     assert dispatch._flash_attn_backend(x, x, x, **tasks) == "split"
     monkeypatch.setenv("SEQPAR_ATTN_KERNEL", "auto")
-    # by itself only with SPLIT_MIN_HEADS query heads or more (fewer: Triton measured faster)
-    assert dispatch._flash_attn_backend(x, x, x, **tasks) != "split"
-    assert dispatch._flash_attn_backend(x, x, x, cu_seqlens=cu) != "split"
-    x = torch.zeros(1, 10, dispatch.SPLIT_MIN_HEADS, 64)
     assert dispatch._flash_attn_backend(x, x, x, **tasks) == "split"  # "packed_lse" measured faster
     monkeypatch.setattr(dispatch, "SPLIT_FASTER", frozenset({"packed"}))
     assert dispatch._flash_attn_backend(x, x, x, **tasks) != "split"

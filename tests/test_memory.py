@@ -337,12 +337,11 @@ def test_split_attention_scratch_is_counted_where_attention_sees_whole_documents
     from seqpar.kernels.flash_attn.split import max_doc_len, scratch_per_token
     from seqpar.memory import split_scratch
 
-    from seqpar.kernels import dispatch
-
     monkeypatch.setattr(seqpar.config, "use_cuda", lambda cfg: True)
+    monkeypatch.delenv("SEQPAR_CUDNN_DOC_MIN", raising=False)
     one = _cfg(*SMALL, "parallel.cp=1", "data.seq_len=8192", "train.dtype=auto")  # bf16 under autocast
-    assert split_scratch(one) == 0  # 4 heads, below dispatch.SPLIT_MIN_HEADS: the Triton kernel takes the row
-    monkeypatch.setattr(dispatch, "SPLIT_MIN_HEADS", 4)
+    assert split_scratch(one) == 0  # 4 heads: only documents of 16k tokens or more would go to cuDNN
+    monkeypatch.setenv("SEQPAR_CUDNN_DOC_MIN", "4096")  # the floor alone, as from 16 heads on
     assert split_scratch(one) == 8192 * scratch_per_token(4, 16, 2) == 8192 * 10 * 4 * 16 * 2
     monkeypatch.setenv("SEQPAR_CUDNN_SCRATCH_MB", "6")  # a document beyond the bound stays in the Triton call
     assert split_scratch(one) == max_doc_len(4, 16, 2) * scratch_per_token(4, 16, 2) == 4915 * 1280

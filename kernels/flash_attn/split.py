@@ -56,6 +56,14 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 MIN_DOC_LEN = 4096
 MIN_DOC_ENV = "SEQPAR_CUDNN_DOC_MIN"
+# ... and at least this many tokens x query heads: a cuDNN call of few heads has a small grid
+# ((length / 128) x heads tiles), and one Triton call over the row takes those documents faster.
+# Packed lognormal rows (documents up to 11k) fwd+bwd on one H200, split with the 4096 floor
+# against Triton at 32k / 64k tokens (docs/benchmarks/2026-11-26-4gpu-7th/call2, flash_heads_gpu.sh):
+# 4 heads 3.32 / 2.49 and 5.87 / 4.35 ms, 8 heads 4.82 / 4.41 and 7.78 / 8.53, 16 heads 7.20 /
+# 8.44 and 14.6 / 17.1: the floor holds from 16 heads on (64k tokens x heads); at 4 heads no
+# document of those rows qualifies (16k), a long one still does.
+MIN_DOC_HEAD_TOKENS = 65536
 # What a long document's cuDNN call may allocate beside the Triton call's tensors (MiB): its dq,
 # dk, dv, K/V expanded to the query heads under GQA, padded copies at the row's end
 SCRATCH_MB = 2048
@@ -64,12 +72,13 @@ BUCKETS_PER_OCTAVE = 16
 BUCKETS_ENV = "SEQPAR_CUDNN_BUCKETS"
 
 
-def min_doc_len() -> int:
-    """Documents of at least this many tokens go to cuDNN (SEQPAR_CUDNN_DOC_MIN, read per call so that
-    benchmarks can flip it)."""
+def min_doc_len(heads: int | None = None) -> int:
+    """Documents of at least this many tokens go to cuDNN: SEQPAR_CUDNN_DOC_MIN where set (read per
+    call so that benchmarks can flip it), else MIN_DOC_LEN, raised for calls of few query `heads` to
+    MIN_DOC_HEAD_TOKENS / heads."""
     raw = os.environ.get(MIN_DOC_ENV, "").strip()
     if not raw:
-        return MIN_DOC_LEN
+        return MIN_DOC_LEN if heads is None else max(MIN_DOC_LEN, -(-MIN_DOC_HEAD_TOKENS // heads))
     if not raw.isdigit() or int(raw) < 1:
         raise ValueError(f"{MIN_DOC_ENV}={raw!r}: need a positive token count (default {MIN_DOC_LEN})")
     return int(raw)
@@ -322,15 +331,15 @@ def flash_attn_split(q, k, v, *, causal=True, cu_seqlens, softmax_scale=None, re
     """`seqpar.kernels.flash_attn` over a packed row (B = 1, shared `cu_seqlens`), long documents
     through cuDNN and the rest through one Triton call; differentiable through out (and lse).
 
-    `min_len`, `max_len`: documents of min_len..max_len tokens go to cuDNN (default: `min_doc_len()`,
-    `max_doc_len()` of these heads).
+    `min_len`, `max_len`: documents of min_len..max_len tokens go to cuDNN (default: `min_doc_len()`
+    and `max_doc_len()` of these heads).
     `per_octave`: their length buckets (`bucket_len`; default `buckets_per_octave()`).
     `kernels`: the two kernels composed (default cuDNN + Triton; tests inject the reference)."""
     B, S, Hq, D = q.shape
     if B != 1 or k.shape[:2] != q.shape[:2] or v.shape[:2] != q.shape[:2] or Hq % k.shape[2]:
         raise ValueError(f"split attention takes one packed row of self-attention: q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}, v {tuple(v.shape)} need B = 1, equal lengths, Hq % Hkv == 0")
-    plan = split_plan(cu_seqlens, min_doc_len() if min_len is None else min_len, q.device,
+    plan = split_plan(cu_seqlens, min_doc_len(Hq) if min_len is None else min_len, q.device,
                       buckets_per_octave() if per_octave is None else per_octave,
                       max_doc_len(Hq, D, q.element_size()) if max_len is None else max_len)
     if plan.tokens != S:
