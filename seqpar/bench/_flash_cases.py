@@ -46,6 +46,15 @@ def _bench(device):
     return wall
 
 
+def mix_lengths(mix: str, S: int) -> list[int]:
+    """One row of S tokens packed from a document-length mix of `bench disagg` (seeded by S)."""
+    import random
+
+    from seqpar.bench.disagg import draw_bounds, load_mix
+    bounds = draw_bounds(mix, load_mix(mix), S, 1, random.Random(S), S)
+    return [b - a for a, b in zip(bounds, bounds[1:])]
+
+
 def _cu(lens, device):
     return torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=device)
 
@@ -308,10 +317,12 @@ def bench_flash(args, device):
     packed = getattr(args, "flash_packed_lens", None)
     prof = set(getattr(args, "flash_profile", None) or ())
     heads = getattr(args, "heads", H)  # fewer: one tensor-parallel rank's share of a layer's heads
+    mix = getattr(args, "flash_mix", "lognormal")
     for S in DENSE_LENS if dense is None else dense:
         rows += _case_rows("dense", S, None, device, timer, S in prof, heads)
     for S in PACKED_LENS if packed is None else packed:
-        rows += _case_rows("packed", S, lognormal_lengths(S), device, timer, S in prof, heads)
+        lens = lognormal_lengths(S) if mix == "lognormal" else mix_lengths(mix, S)
+        rows += [dict(row, mix=mix) for row in _case_rows("packed", S, lens, device, timer, S in prof, heads)]
     if not getattr(args, "flash_no_ring_step", False):
         rows += _ring_step_rows(DENSE_LENS[0], device, timer)
     return dict(rows=rows, tuned_configs=_tuned(), summary=_summary(rows), table=table(rows))

@@ -164,6 +164,9 @@ def main(argv=None):
     p.add_argument("--flash-dense-lens", type=int, nargs="*", default=None, help="flash: dense causal lengths")
     p.add_argument("--flash-packed-lens", type=int, nargs="*", default=None, help="flash: packed row lengths")
     p.add_argument("--flash-no-ring-step", action="store_true", help="flash: skip the one-ring-step rows")
+    p.add_argument("--flash-mix", default="lognormal",
+                   help="flash: document lengths of the packed rows: lognormal (the anchor's) or a mix of "
+                        "bench disagg (wlbllm, prolong)")
     p.add_argument("--flash-warm", type=int, nargs=2, default=None, metavar=("PART", "PARTS"),
                    help="flash: only compile this share of the kernels the Triton tuners try")
     p.add_argument("--flash-profile", type=int, nargs="*", default=[],
