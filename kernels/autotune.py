@@ -71,8 +71,6 @@ class Tuned:
     `configs`, ...); setting `configs` forgets the picks.
     """
 
-    _OWN = ("tuner", "_picks", "_key_at", "_names")
-
     def __init__(self, tuner):
         object.__setattr__(self, "tuner", tuner)
         object.__setattr__(self, "_picks", {})

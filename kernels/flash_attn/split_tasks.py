@@ -46,9 +46,9 @@ def task_plan(bounds_q: tuple, bounds_k: tuple, min_len: int, max_len: int | Non
 
 
 def _task_plan_for(q, cu_q, cu_k, min_len, max_len, per_octave, causal) -> TaskPlan:
-    D = q.shape[-1]
-    return task_plan(_host_bounds(cu_q), _host_bounds(cu_k), min_doc_len(q.shape[2]) if min_len is None else min_len,
-                     max_doc_len(q.shape[2], D, q.element_size()) if max_len is None else max_len,
+    H, D = q.shape[2:]
+    return task_plan(_host_bounds(cu_q), _host_bounds(cu_k), min_doc_len(H) if min_len is None else min_len,
+                     max_doc_len(H, D, q.element_size()) if max_len is None else max_len,
                      buckets_per_octave() if per_octave is None else per_octave, q.device,
                      bool(causal) and os.environ.get(PREFIX_ENV, "1").strip() != "0")
 

@@ -160,7 +160,8 @@ class _ChunkExchange:
 
     def forward(self, own):
         geo = self.geo
-        pending = start_scan(self.scan, _chunk_states(own.to(geo.dtype), geo, geo.last_slot), self.chain, self.group)
+        states = _chunk_states(own.to(geo.dtype), geo, geo.last_slot)
+        pending = start_scan(self.scan, states, self.chain, self.group)
         return _Then(pending, lambda entering: _to_slots(entering * geo.keep, geo, geo.first_slot))
 
     def backward(self, d_initial):

@@ -93,7 +93,8 @@ class ParallelDims:
         with ulysses > 1 also cp_ring and cp_ulysses; attn_dp_cp: dp_cp's ranks for disaggregated
         attention (its own communicator where one was built, else dp_cp's)."""
         if name == "attn_dp_cp":
-            return getattr(self, "_attn_dp_cp", None) or self.group("dp_cp")
+            own = getattr(self, "_attn_dp_cp", None)
+            return self.group("dp_cp") if own is None else own
         name = {"batch": "dp", "loss": "dp_cp"}.get(name, name)
         return self.mesh[name].get_group()
 
