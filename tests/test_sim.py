@@ -257,28 +257,46 @@ def test_the_split_prices_long_documents_on_cudnn_at_their_bucket(calib):
                                                                              32, 128))
 
 
-def test_few_heads_per_rank_run_triton_not_the_split_from_7a02c2d(calib):
-    """7a02c2d (kernels/dispatch.py SPLIT_MIN_HEADS): a call of fewer than 8 query heads (a tp rank's
-    share) runs one Triton call, in both forms; at 8 heads, or before 7a02c2d, the split."""
+def test_the_splits_cudnn_documents_depend_on_the_query_heads_from_790f716(calib, monkeypatch):
+    """790f716 (split.min_doc_len(heads) = max(4096, 65536 / heads)): a 4-head call's split (either
+    form) keeps a 5k document in its Triton call and sends a 40k one to cuDNN; at 16 heads, or before
+    790f716 (7a02c2d's per-call rule is not modelled), the 5k one goes to cuDNN as well."""
     from dataclasses import replace
 
-    from seqpar.kernels import dispatch
-    from seqpar.sim.attention_cost import (SPLIT_MIN_HEADS, _call_seconds, attn_seconds, lse_split_applies,
-                                           split_applies, split_call_seconds)
+    from seqpar.kernels.flash_attn import split
+    from seqpar.kernels.flash_attn.split import bucket_len
+    from seqpar.sim.attention_cost import _call_seconds, attn_seconds, split_call_seconds, split_min_len
     from seqpar.sim.eras import era_since
 
-    assert SPLIT_MIN_HEADS == dispatch.SPLIT_MIN_HEADS  # the simulator's copy of the dispatcher's rule
-    now = replace(calib, era=era_since("7a02c2d"), packed_kernel="triton", lse_split=None)
-    before = replace(now, era=era_since("7a02c2d") - 1)
-    row = replace(AttnCall.varlen([12000, 300, 700]), splittable=True)
-    tasks = AttnCall(((6000, 6000), (300, 900)), True, True)
-    for call, applies in ((row, split_applies), (tasks, lse_split_applies)):
-        assert not applies(now, call, 4) and applies(now, call, 8) and applies(before, call, 4)
-    assert attn_seconds(now, [row], 4, 128) == pytest.approx(_call_seconds(now, row, 4, 128, "x"))
-    assert attn_seconds(before, [row], 4, 128) == pytest.approx(split_call_seconds(before, row, 4, 128))
-    assert attn_seconds(now, [row], 4, 128) != pytest.approx(attn_seconds(before, [row], 4, 128))
-    assert attn_seconds(now, [tasks], 4, 128) == pytest.approx(_call_seconds(now, tasks, 4, 128, "x"))
-    assert lse_split_applies(replace(now, lse_split=True), tasks, 4)  # a run that recorded (forced) the split
+    monkeypatch.delenv(split.MIN_DOC_ENV, raising=False)
+    now = replace(calib, era=era_since("790f716"), packed_kernel="triton", lse_split=None)
+    before = replace(now, era=era_since("790f716") - 1)
+    assert [split_min_len(now, h) for h in (4, 8, 16, 32)] == [split.min_doc_len(h) for h in (4, 8, 16, 32)] \
+        == [16384, 8192, 4096, 4096]
+    assert split_min_len(before, 4) == split.MIN_DOC_LEN
+    cudnn = lambda c, n: _call_seconds(c, AttnCall.dense(n, n, True), 4, 128, "cudnn")  # noqa: E731
+    L5, L40 = bucket_len(5000, 16), bucket_len(40000, 16)
+    # packed rows without lse (40k tokens at 4 heads x 128 is within max_doc_len)
+    row = replace(AttnCall.varlen([40000, 5000, 700]), splittable=True)
+    triton = lambda c, segs: _call_seconds(c, AttnCall(segs, True, True), 4, 128, "triton")  # noqa: E731
+    assert attn_seconds(now, [row], 4, 128) == pytest.approx(cudnn(now, L40) + triton(now, ((5000, 5000), (700, 700))))
+    assert attn_seconds(before, [row], 4, 128) == pytest.approx(
+        cudnn(before, L40) + cudnn(before, L5) + triton(before, ((700, 700),)))
+    assert split_call_seconds(now, row, 16, 128) == pytest.approx(split_call_seconds(before, row, 16, 128))
+    # the measured lognormal rows' documents (at most ~11k) at 4 heads: one Triton call
+    short = replace(AttnCall.varlen([11000, 5000, 700]), splittable=True)
+    assert attn_seconds(now, [short], 4, 128) == pytest.approx(triton(now, short.segments))
+    # the lse form (a server's tasks): the same threshold for its squares and pieces over a prefix
+    tasks = AttnCall(((40000, 40000), (5000, 5000), (5000, 9000)), True, True)
+    assert attn_seconds(now, [tasks], 4, 128) == pytest.approx(
+        cudnn(now, L40) + triton(now, ((5000, 5000), (5000, 9000))))
+    # a piece of 20k queries over a 10k prefix: below the 4-head minimum, no prefix call (prefix_parts)
+    empty = now.attn["flash"].per_call * now.triton_packed_ratio  # the Triton call left with no task
+    piece = AttnCall(((20000, 30000),), True, True)
+    assert attn_seconds(now, [piece], 4, 128) == pytest.approx(cudnn(now, bucket_len(30000, 16)) + empty)
+    L9 = bucket_len(9000, 16)  # before: the piece over a 4000-token prefix too (no prefix call below 4096)
+    assert attn_seconds(before, [tasks], 4, 128) == pytest.approx(
+        cudnn(before, L40) + cudnn(before, L5) + cudnn(before, L9) + empty)
 
 
 def test_calls_with_bounds_and_an_lse_run_the_splits_lse_form_from_cec5aa8(calib):

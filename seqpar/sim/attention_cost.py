@@ -54,48 +54,44 @@ def bounded_one_on_triton(calib) -> bool:
     return calib.packed_kernel == "triton" and calib.era >= era_since("c8d5eb5")
 
 
-# kernels/dispatch.py SPLIT_MIN_HEADS (7a02c2d): the dispatcher sends a call through the split (either
-# form) only with at least this many query heads; below it one Triton call over the whole row is
-# faster (a cuDNN call per long document has a grid of its length / 128 x heads). A copy (the
-# simulator imports no dispatch constant); tests/test_sim.py checks that the two agree.
-SPLIT_MIN_HEADS = 8
-
-
-def few_heads_off(calib, heads: int | None) -> bool:
-    """Whether the dispatcher keeps a call of `heads` query heads (per rank) off the split: from
-    7a02c2d on, below SPLIT_MIN_HEADS (a tensor-parallel rank's share: llama_8b at tp=8 holds 4).
-    `heads` None: no head rule (callers that price the split as forced)."""
+def split_min_len(calib, heads: int | None = None) -> int:
+    """The fewest tokens of a document (a task: its queries) that the split sends to cuDNN, in both
+    forms: `split.min_doc_len` (the code's own rule, SEQPAR_CUDNN_DOC_MIN where set), from 790f716
+    on of the call's query heads (MIN_DOC_HEAD_TOKENS / heads with a floor of MIN_DOC_LEN: 4096 from
+    16 heads on, 8192 at 8, 16384 at 4, a tensor-parallel rank's share of Llama-8B's 32 at tp=8),
+    before it 4096 for any heads. `heads` None: the floor. 7a02c2d's per-call rule (era 12: no split
+    below 8 query heads) is not modelled: no run of that era has a split call of fewer than 8."""
+    from seqpar.kernels.flash_attn.split import min_doc_len
     from seqpar.sim.eras import era_since
 
-    return heads is not None and heads < SPLIT_MIN_HEADS and calib.era >= era_since("7a02c2d")
+    return min_doc_len(heads if calib.era >= era_since("790f716") else None)
 
 
-def split_applies(calib, call, heads: int | None = None) -> bool:
+def split_applies(calib, call) -> bool:
     """Whether a call runs through the split (kernels/flash_attn/split.py): from 235a598 on, where the
     dispatcher chooses (`calib.packed_kernel` "triton"), a packed self-attention row without lse; from
-    b77bec6 to 8969915 with equal query and K/V head counts only; from 7a02c2d with at least
-    SPLIT_MIN_HEADS query heads (`few_heads_off`)."""
+    b77bec6 to 8969915 with equal query and K/V head counts only. Which of its documents go to cuDNN:
+    `split_min_len` (from 790f716 of the call's query heads)."""
     from seqpar.sim.eras import era_since
 
     gqa_off = call.gqa and era_since("b77bec6") <= calib.era < era_since("8969915")
     return (call.splittable and call.is_varlen and calib.packed_kernel == "triton"
-            and calib.era >= era_since("235a598") and not gqa_off and not few_heads_off(calib, heads))
+            and calib.era >= era_since("235a598") and not gqa_off)
 
 
-def lse_split_applies(calib, call, heads: int | None = None) -> bool:
+def lse_split_applies(calib, call) -> bool:
     """Whether a call given with bounds and taking the lse (a ring block with cu_seqlens, a disagg or
     per-document CP server's call) runs the split's lse form (split_tasks.split_forward / split_backward):
     from cec5aa8 on, where the dispatcher chooses (`calib.packed_kernel` "triton"; the ring bench
-    forces torch's kernels) and, from 7a02c2d, the call has SPLIT_MIN_HEADS query heads or more; or
-    where a run records it (`calib.lse_split`: the disagg bench's `server_kernels`, e.g. a run with
-    SEQPAR_ATTN_KERNEL=split before cec5aa8, which the head rule does not stop)."""
+    forces torch's kernels); or where a run records it (`calib.lse_split`: the disagg bench's
+    `server_kernels`, e.g. a run with SEQPAR_ATTN_KERNEL=split before cec5aa8)."""
     from seqpar.sim.eras import era_since
 
     if not call.with_bounds or calib.packed_kernel != "triton":
         return False
     if calib.lse_split is not None:
         return bool(calib.lse_split)
-    return calib.era >= era_since("cec5aa8") and not few_heads_off(calib, heads)
+    return calib.era >= era_since("cec5aa8")
 
 
 def lse_prefix_applies(calib) -> bool:
@@ -109,7 +105,8 @@ def lse_prefix_applies(calib) -> bool:
 
 def split_call_seconds(calib, call, heads: int, head_dim: int, per_octave: int | None = None,
                        tasks: bool = False) -> float:
-    """The split's cost: each document of at least the split's minimum (and, from 8969915 on, at most
+    """The split's cost: each document of at least the split's minimum (`split_min_len`: from 790f716
+    on, of `heads`), and, from 8969915 on, at most
     `max_doc_len`, its cuDNN scratch bound) on cuDNN at its bucket length (the padded rows are
     computed and dropped), the rest as one Triton call (launched even when every document went to
     cuDNN, to store the zeros the cuDNN results overwrite). Its K/V expansion for GQA (a copy per
@@ -120,18 +117,19 @@ def split_call_seconds(calib, call, heads: int, head_dim: int, per_octave: int |
     runs at its exact length), and from 9a4c89d (`lse_prefix_applies`) also when it is causal with
     more keys than queries, at most max_doc_len keys (a piece over its document's prefix:
     `_prefix_task_seconds`); the others keep their (queries, keys) in the Triton call."""
-    from seqpar.kernels.flash_attn.split import BUCKETS_PER_OCTAVE, MIN_DOC_LEN, bucket_len, max_doc_len
+    from seqpar.kernels.flash_attn.split import BUCKETS_PER_OCTAVE, bucket_len, max_doc_len
     from seqpar.sim.eras import era_since
 
+    low = split_min_len(calib, heads)
     segs = list(call.segments) if tasks else [(q, q) for q, _ in call.segments]
     top = max_doc_len(heads, head_dim, 2) if calib.era >= era_since("8969915") or tasks else max(q for q, _ in segs)
     prefix = tasks and call.causal and lse_prefix_applies(calib)
-    is_long = lambda q, k: MIN_DOC_LEN <= q and (k == q or (prefix and k > q)) and k <= top  # noqa: E731
+    is_long = lambda q, k: low <= q and (k == q or (prefix and k > q)) and k <= top  # noqa: E731
     octave = BUCKETS_PER_OCTAVE if per_octave is None else per_octave
     t = 0.0
     for q, k in segs:
         if is_long(q, k) and k > q:
-            t += _prefix_task_seconds(calib, q, k, heads, head_dim, octave)
+            t += _prefix_task_seconds(calib, q, k, heads, head_dim, octave, low)
         elif is_long(q, k):
             n = bucket_len(q, octave) if call.causal else q
             t += _call_seconds(calib, AttnCall.dense(n, n, call.causal), heads, head_dim, "cudnn")
@@ -143,14 +141,15 @@ def split_call_seconds(calib, call, heads: int, head_dim: int, per_octave: int |
     return t
 
 
-def _prefix_task_seconds(calib, n: int, m: int, heads: int, head_dim: int, per_octave: int) -> float:
+def _prefix_task_seconds(calib, n: int, m: int, heads: int, head_dim: int, per_octave: int,
+                         min_len: int) -> float:
     """A causal task of n queries over m > n keys on cuDNN (split.prefix_parts): one causal call of
     f blank + n real queries over the last f + n keys, padded to their bucket, and where the
-    prefix reaches the minimum one non-causal call of the n queries (at their bucket) over the
-    first p prefix keys (a bucket length)."""
-    from seqpar.kernels.flash_attn.split import MIN_DOC_LEN, bucket_len, prefix_parts
+    prefix reaches the split's minimum (`min_len`, the task's: `split_min_len`) one non-causal call
+    of the n queries (at their bucket) over the first p prefix keys (a bucket length)."""
+    from seqpar.kernels.flash_attn.split import bucket_len, prefix_parts
 
-    p, f = prefix_parts(n, m, MIN_DOC_LEN, per_octave)
+    p, f = prefix_parts(n, m, min_len, per_octave)
     rows = bucket_len(f + n, per_octave)
     t = _call_seconds(calib, AttnCall.dense(rows, rows, True), heads, head_dim, "cudnn")
     if p:
@@ -164,13 +163,14 @@ def attn_seconds(calib, calls, heads: int, head_dim: int, family: str = "cudnn")
     kernels/dispatch.py's TRITON_FASTER): torch's flash constants times the measured time ratio.
     A one-document call with bounds is torch's flash, or Triton (the dense ratio) from the era of
     c8d5eb5 on (`bounded_one_on_triton`). The split takes packed rows without lse from 235a598 on
-    (`split_applies`) and calls with bounds and lse from cec5aa8 on (`lse_split_applies`), from 7a02c2d
-    only at SPLIT_MIN_HEADS query heads or more (fewer: the Triton call, priced as packed rows are)."""
+    (`split_applies`) and calls with bounds and lse from cec5aa8 on (`lse_split_applies`); from 790f716
+    its cuDNN share shrinks with the call's query heads (`split_min_len`: at 4 heads documents under
+    16k stay in its Triton call, so a row of only such documents is one Triton call)."""
     total = 0.0
     for call in calls:
-        if split_applies(calib, call, heads):
+        if split_applies(calib, call):
             total += split_call_seconds(calib, call, heads, head_dim)
-        elif lse_split_applies(calib, call, heads):
+        elif lse_split_applies(calib, call):
             total += split_call_seconds(calib, call, heads, head_dim, tasks=True)
         else:
             total += _call_seconds(calib, call, heads, head_dim, family)

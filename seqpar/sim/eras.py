@@ -63,9 +63,14 @@ CODE_CHANGES = (
     # the softmax kernels, the ring and the disagg runtime are unchanged (SAME_KERNEL_BENCHES)
     ("2026-11-26T14:18:52+00:00", ("83f5aae lightning kernel segments: the longest with (tokens // (2 x segment)) "
                                    "x heads >= SMs (was >= 4 x SMs), 2048-token segments from 16k tokens on")),
-    # what attention_cost models changes (`era_since("7a02c2d")`: `few_heads_off`), not the constants
+    # not modelled: its per-call head rule meets no run of this era (no split call of its runs has fewer
+    # than 8 query heads), so its cases are priced as era 11's code; its runs still date its constants
     ("2026-11-26T14:26:40+00:00", ("7a02c2d the split (both forms) only for calls of >= SPLIT_MIN_HEADS (8) query "
                                    "heads; below, one Triton call (tensor parallelism's share of the heads)")),
+    # no run yet: what attention_cost models changes (`era_since("790f716")`: `split_min_len`)
+    ("2026-11-26T15:17:23+00:00", ("790f716 the split (both forms) for every call again, its documents (tasks) on "
+                                   "cuDNN from split.min_doc_len(query heads) = max(4096, 65536 / heads) tokens "
+                                   "(8192 at 8 heads, 16384 at 4), replacing 7a02c2d's SPLIT_MIN_HEADS")),
 )
 
 
@@ -78,10 +83,11 @@ DISAGG_SCHEDULE_ONLY = ("755a3a8", "852d464", "219ea22")
 # lse (the ring bench forces torch's kernels with SEQPAR_ATTN_KERNEL, the kernels bench times no lse
 # call); the disagg bench's ring rows that changed are priced per run (`Calibration.lse_split`)
 SAME_KERNEL_BENCHES = DISAGG_SCHEDULE_ONLY + ("cec5aa8", "9a4c89d")
-# ... and 83f5aae (the lightning kernel only: its rows are fitted per `lightning_eras`) and 7a02c2d (the
-# head rule reaches only auto-dispatched calls below 8 query heads: the kernels bench times the split
-# and the Triton kernel by name, the ring bench forces torch's kernels, the disagg bench runs 32 heads)
-SAME_KERNEL_BENCHES += ("83f5aae", "7a02c2d")
+# ... and 83f5aae (the lightning kernel only: its rows are fitted per `lightning_eras`), 7a02c2d and 790f716
+# (the head rules reach only calls below 16 query heads: the kernels bench times the split and the
+# Triton kernel by name, its split rows priced per era by `attention_cost.split_min_len`; the ring
+# bench forces torch's kernels, the disagg bench runs 32 heads)
+SAME_KERNEL_BENCHES += ("83f5aae", "7a02c2d", "790f716")
 # CODE_CHANGES entries that changed the lightning kernel (79fc72c's entry holds e049981's one-scan
 # exchange): its kernels-bench rows measure one kernel only between two of them
 LIGHTNING_CHANGES = ("79fc72c", "83f5aae")
