@@ -120,10 +120,28 @@ def _check_dispatch(rank, world):
     return calls
 
 
+def _check_chain_cache(rank, world):
+    """A layer's chain (carry, gather weights) is built once per geometry and decay tensor, and
+    again when the tensor changes in place: the second call's error against the reference."""
+    from seqpar.attention import lasp
+
+    q, k, v, grad, log_decay, cu = _inputs(DOCS["one"], seed=5)  # one document: every chunk carries
+    local = [shard_sequence(t, layout="zigzag") for t in (q, k, v)]
+    run = lambda: unshard_sequence(lasp2_attention(*local, log_decay=log_decay, cu_seqlens=cu,  # noqa: E731
+                                                   layout="zigzag"), layout="zigzag")
+    run()
+    geo = next(iter(lasp._CHAINS[log_decay].values()))[0]
+    reused = lasp._chain(geo, rank, log_decay) is lasp._chain(geo, rank, log_decay)
+    log_decay.mul_(2.0)  # the same tensor, other decays: the cached chain must not answer
+    ref = kernels.lightning_attn(q, k, v, log_decay, cu_seqlens=cu)[0]
+    return reused, _rel(run(), ref)
+
+
 def _check_all(rank, world):
     if world == 1:
         return _check_exact(rank, world), {}, {}
-    return _check_exact(rank, world), _check_traffic(rank, world), _check_dispatch(rank, world)
+    return (_check_exact(rank, world), _check_traffic(rank, world), _check_dispatch(rank, world),
+            _check_chain_cache(rank, world))
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +158,7 @@ def results():
 
 @pytest.mark.parametrize("world", [1, 2, 4])
 def test_lasp_matches_single_process(world, results):
-    for (errors, agree), _, _ in results(world):
+    for (errors, agree), *_ in results(world):
         for case, err in errors.items():
             assert err <= TOL, f"world={world} {case}: relative error {err:.3g}"
         for case, err in agree.items():
@@ -149,7 +167,7 @@ def test_lasp_matches_single_process(world, results):
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_bytes_per_layer_do_not_grow_with_sequence(world, results):
-    for rank, (_, found, _) in enumerate(results(world)):
+    for rank, (_, found, *_) in enumerate(results(world)):
         for (layout, method), (short, long, calls) in found.items():
             if method == "kv_allgather":
                 assert long == 8 * short > 0, (world, rank, layout, calls)
@@ -163,12 +181,18 @@ def test_bytes_per_layer_do_not_grow_with_sequence(world, results):
 
 
 def test_context_picks_method_and_scan(results):
-    for _, _, calls in results(2):
+    for _, _, calls, _ in results(2):
         assert set(calls[("lasp2", "allgather")]) <= {"all_gather_single", "all_gather_into_tensor"}
         # zigzag over 2 ranks: each rank sends one hop forward and one backward; pipelined cuts
         # each hop's state into PIPELINE_BLOCKS messages along Dv (8 columns -> 4 blocks of 2)
         assert calls[("lasp1", "allgather")] == {"isend": 2, "irecv": 2}
         assert calls[("lasp2", "pipelined")] == {"isend": 8, "irecv": 8}
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_chains_are_cached_and_rebuilt_when_the_decays_change(world, results):
+    for *_, (reused, err) in results(world):
+        assert reused and err <= TOL, (world, reused, err)
 
 
 def _check_triton():
