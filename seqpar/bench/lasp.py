@@ -65,17 +65,26 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+WINDOWS = 3
+
+
 def _time_ms(step, device, iters, warmup, distributed):
+    """Mean ms of `iters` back-to-back steps (the host may run ahead, as in training), the median
+    of WINDOWS such windows: one host hiccup in a window of a few ms-long steps moved a 2 H100
+    figure by 1.3x (2026-11-26 seventh session, docs/benchmarks)."""
     for _ in range(warmup):
         step()
-    _sync(device)
-    if distributed:
-        dist.barrier()
-    start = time.perf_counter()
-    for _ in range(iters):
-        step()
-    _sync(device)
-    return (time.perf_counter() - start) * 1e3 / iters
+    windows = []
+    for _ in range(WINDOWS):
+        _sync(device)
+        if distributed:
+            dist.barrier()
+        start = time.perf_counter()
+        for _ in range(iters):
+            step()
+        _sync(device)
+        windows.append((time.perf_counter() - start) * 1e3 / iters)
+    return sorted(windows)[len(windows) // 2]
 
 
 def _inputs(shape, dv, device, dtype, seed):
