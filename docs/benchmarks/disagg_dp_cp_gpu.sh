@@ -25,18 +25,19 @@ fi
 COMMON="model=${MODEL:-llama_1b} parallel=none data=synthetic data.seq_len=$SEQ data.distribution=lognormal
   data.mean_len=$((SEQ / 4)) data.sigma=1.0 train=long train.steps=$STEPS train.warmup_steps=1
   train.activation_checkpointing=$CKPT train.global_batch_size=2 train.micro_batch_size=1 launcher.nproc_per_node=2 logging.console=false ${EXTRA:-}"
+disagg="parallel.softmax_sp=disagg parallel.disagg.group=dp_cp"
 for name in ${LANES:-dp2 ideal_1gpu dp2_disagg_dp_cp cp2_ring cp2_per_doc}; do
+  envs=""
   case $name in
     dp2) extra="" ;;
-    dp2_disagg_*) extra="parallel.softmax_sp=disagg parallel.disagg.group=dp_cp" ;;
+    dp2_disagg_dp_cp) extra=$disagg ;;
+    dp2_disagg_noprefix) extra=$disagg envs="SEQPAR_CUDNN_PREFIX=0" ;;
+    dp2_disagg_shared_group) extra=$disagg envs="SEQPAR_DISAGG_SHARED_GROUP=1" ;;
     cp2_ring) extra="parallel.cp=2 parallel.softmax_sp=ring parallel.layout=zigzag" ;;
     cp2_per_doc) extra="parallel.cp=2 parallel.softmax_sp=ring parallel.layout=doc_zigzag" ;;
     ideal_1gpu) extra="launcher.nproc_per_node=1" ;;
   esac
   rm -rf "/tmp/dp_cp/$name"
-  envs="SEQPAR_CUDNN_PREFIX=1 SEQPAR_DISAGG_SHARED_GROUP=0"
-  [ "$name" = dp2_disagg_noprefix ] && envs="SEQPAR_CUDNN_PREFIX=0 SEQPAR_DISAGG_SHARED_GROUP=0"
-  [ "$name" = dp2_disagg_shared_group ] && envs="SEQPAR_CUDNN_PREFIX=1 SEQPAR_DISAGG_SHARED_GROUP=1"
   # shellcheck disable=SC2086
   env $envs timeout 150 seqpar-train $COMMON $extra run_dir=/tmp/dp_cp/$name > "$OUT/$name.log" 2>&1
   echo "$name: exit $?"; tail -2 "$OUT/$name.log"
@@ -45,11 +46,8 @@ done
 python3 - "$OUT" <<'PY'
 import json, sys, pathlib
 out, rows = pathlib.Path(sys.argv[1]), {}
-for name in ("dp2", "dp2_disagg_dp_cp", "dp2_disagg_noprefix", "dp2_disagg_shared_group", "cp2_ring", "cp2_per_doc",
-             "ideal_1gpu"):
-    f = out / f"{name}_metrics.jsonl"
-    if not f.exists():
-        print(f"{name}: no metrics"); continue
+for f in sorted(out.glob("*_metrics.jsonl")):
+    name = f.name.removesuffix("_metrics.jsonl")
     ms = [json.loads(line) for line in f.read_text().splitlines()][2:]
     mean = lambda k: sum(m.get(k, 0) for m in ms) / max(1, len(ms))
     rows[name] = {"step_times_s": [m["step_time_s"] for m in ms], "step_time_s": mean("step_time_s"), "tokens_per_s": mean("tokens_per_s"), "loss_last": ms[-1]["loss"],
