@@ -12,7 +12,9 @@
 #    16k) and the modelled attention imbalance before/after planning. LANES picks a subset; A/B
 #    lanes of disagg: dp2_disagg_noprefix (SEQPAR_CUDNN_PREFIX=0: the servers' prefix pieces on
 #    Triton, no cuDNN plan per new (queries, prefix) shape), dp2_disagg_shared_group
-#    (SEQPAR_DISAGG_SHARED_GROUP=1: its all-to-alls on FSDP's communicator, as before 2026-11-26 7th).
+#    (SEQPAR_DISAGG_SHARED_GROUP=1: its all-to-alls on FSDP's communicator, as before 2026-11-26 7th);
+#    dp2_fixed and ideal_1gpu_fixed: every document SEQ / 4 long (balanced rows), so dp2_fixed over
+#    the halved ideal_1gpu_fixed is plain data parallelism's cost apart from any imbalance.
 # CPU smoke form (mechanics only):
 #   OUT=/tmp/o MODEL=tiny_hybrid SEQ=512 EXTRA="train.device=cpu" bash docs/benchmarks/disagg_dp_cp_gpu.sh
 mkdir -p "$OUT"
@@ -36,6 +38,8 @@ for name in ${LANES:-dp2 ideal_1gpu dp2_disagg_dp_cp cp2_ring cp2_per_doc}; do
     cp2_ring) extra="parallel.cp=2 parallel.softmax_sp=ring parallel.layout=zigzag" ;;
     cp2_per_doc) extra="parallel.cp=2 parallel.softmax_sp=ring parallel.layout=doc_zigzag" ;;
     ideal_1gpu) extra="launcher.nproc_per_node=1" ;;
+    dp2_fixed) extra="data.distribution=fixed" ;;
+    ideal_1gpu_fixed) extra="launcher.nproc_per_node=1 data.distribution=fixed" ;;
   esac
   rm -rf "/tmp/dp_cp/$name"
   # shellcheck disable=SC2086
@@ -54,10 +58,12 @@ for f in sorted(out.glob("*_metrics.jsonl")):
                   "imbalance_before": mean("sp/attn_imbalance_before"), "imbalance_after": mean("sp/attn_imbalance_after"),
                   "exposed_comm_ms": mean("sp/exposed_comm_ms"), "bytes_moved": mean("sp/bytes_moved"), "steps": len(ms)}
     print(name, json.dumps(rows[name]))
-if "ideal_1gpu" in rows:  # one GPU did both rows: half its step is the two ranks' balanced share
-    ideal = rows["ideal_1gpu"]["step_time_s"] / 2
+for suffix in ("", "_fixed"):  # one GPU did both rows: half its step is the two ranks' balanced share
+    if "ideal_1gpu" + suffix not in rows:
+        continue
+    ideal = rows["ideal_1gpu" + suffix]["step_time_s"] / 2
     for name, r in rows.items():
-        if name != "ideal_1gpu":
+        if not name.startswith("ideal_1gpu") and name.endswith("_fixed") == bool(suffix):
             r["x_balanced_ideal"] = round(r["step_time_s"] / ideal, 4)
             print(f"{name}: {r['x_balanced_ideal']:.3f}x the balanced ideal ({ideal * 1e3:.1f} ms)")
 if "dp2" in rows and "dp2_disagg_dp_cp" in rows:
