@@ -516,15 +516,22 @@ def test_disagg_across_ranks_bf16_on_two_gpus_matches_fp32():
 def test_step_metrics_sum_a_step_and_reset():
     from seqpar.attention.disagg import metrics
     metrics.step_metrics()
-    with metrics.exposed_wait(torch.device("cpu")):  # a wait outside any call (the bench's per-document CP)
+    with metrics.exposed_wait(torch.device("cpu"), "fwd_in"):  # a wait outside any call
         pass
     assert metrics.step_metrics() == {}, "no disagg call: nothing to report, and the wait is dropped"
     for before, bytes_ in ((1.5, 100), (1.1, 50)):
         metrics.record_call({"imbalance_before": before, "imbalance_after": 1.0, "tasks": 4, "plan_ms": 2.0},
                             bytes_, new=before > 1.2)
+    for phase, seconds in (("bwd_in", 0.004), ("bwd_in", 0.002), ("fwd_out", 0.001)):
+        with metrics.exposed_wait(torch.device("cpu"), phase):
+            time.sleep(seconds)
     m = metrics.step_metrics()
     assert m["sp/attn_imbalance_before"] == pytest.approx(1.3) and m["sp/bytes_moved"] == 150
-    assert m["sp/plan_ms"] == 2.0 and m["sp/disagg_calls"] == 2 and m["sp/exposed_comm_ms"] == 0
+    assert m["sp/plan_ms"] == 2.0 and m["sp/disagg_calls"] == 2
+    assert m["sp/exposed_fwd_in_ms"] == m["sp/exposed_bwd_out_ms"] == 0
+    assert m["sp/exposed_bwd_in_ms"] >= 6 and 1 <= m["sp/exposed_fwd_out_ms"] < m["sp/exposed_max_ms"]
+    assert 4 <= m["sp/exposed_max_ms"] < m["sp/exposed_bwd_in_ms"]
+    assert m["sp/exposed_comm_ms"] == pytest.approx(m["sp/exposed_bwd_in_ms"] + m["sp/exposed_fwd_out_ms"])
     assert metrics.step_metrics() == {}
 
 

@@ -12,6 +12,10 @@ import time
 import torch
 
 _MAX_PENDING = 1024  # CUDA event pairs kept unread before the oldest are folded into the sum
+# Where compute waits: for the inputs at the servers and for the results back at the owners, in
+# forward and backward. Split by phase (and the longest single wait) the step's exposed time tells
+# a transfer that is slow everywhere from one rank late at some layers or in one direction.
+PHASES = ("fwd_in", "fwd_out", "bwd_in", "bwd_out")
 
 
 class _Step:
@@ -20,13 +24,20 @@ class _Step:
         self.before = self.after = self.tasks = self.plan_ms = 0.0
         self.bytes = 0
         self.exposed_ms = 0.0
-        self.pending = []  # (start, end) CUDA events around waits, read at the end of the step
+        self.by_phase = dict.fromkeys(PHASES, 0.0)
+        self.longest = 0.0
+        self.pending = []  # (phase, start, end) CUDA events around waits, read at the end of the step
+
+    def add(self, phase: str, ms: float):
+        self.exposed_ms += ms
+        self.by_phase[phase] += ms
+        self.longest = max(self.longest, ms)
 
     def fold(self, keep: int = 0):
         while len(self.pending) > keep:
-            start, end = self.pending.pop(0)
+            phase, start, end = self.pending.pop(0)
             end.synchronize()
-            self.exposed_ms += start.elapsed_time(end)
+            self.add(phase, start.elapsed_time(end))
 
 
 _step = _Step()
@@ -42,21 +53,22 @@ def record_call(info: dict, sent_bytes: int, new: bool) -> None:
 
 
 @contextlib.contextmanager
-def exposed_wait(device: torch.device):
-    """Around the wait for a transfer: on CUDA, events on the compute stream (the wait makes it
-    stall until the transfer is done, so their distance is the exposed time); else host time."""
+def exposed_wait(device: torch.device, phase: str):
+    """Around the wait for a transfer of `phase` (PHASES): on CUDA, events on the compute stream
+    (the wait makes it stall until the transfer is done, so their distance is the exposed time);
+    else host time."""
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         yield
         end.record()
-        _step.pending.append((start, end))
+        _step.pending.append((phase, start, end))
         if len(_step.pending) > _MAX_PENDING:
             _step.fold(keep=_MAX_PENDING // 2)
     else:
         t0 = time.perf_counter()
         yield
-        _step.exposed_ms += (time.perf_counter() - t0) * 1e3
+        _step.add(phase, (time.perf_counter() - t0) * 1e3)
 
 
 _marks: list | None = None  # (label, CUDA event or host time) while a `timeline` records
@@ -95,7 +107,8 @@ def step_metrics(reset: bool = True) -> dict:
     """{} when no disagg call ran since the last reset. Imbalances (max/mean of the modelled
     attention cost over servers) and tasks are means over the calls; bytes are this rank's total
     to other ranks (every layer, forward + backward); plan_ms is the step's planning time;
-    exposed_comm_ms the time this rank's compute waited for transfers."""
+    exposed_comm_ms the time this rank's compute waited for transfers, split by PHASES
+    (exposed_<phase>_ms), and exposed_max_ms its longest single wait."""
     global _step
     s = _step
     if reset:
@@ -105,5 +118,6 @@ def step_metrics(reset: bool = True) -> dict:
     s.fold()
     out = {"sp/attn_imbalance_before": s.before / s.calls, "sp/attn_imbalance_after": s.after / s.calls,
            "sp/tasks": s.tasks / s.calls, "sp/bytes_moved": s.bytes, "sp/plan_ms": s.plan_ms,
-           "sp/exposed_comm_ms": s.exposed_ms, "sp/disagg_calls": s.calls}
+           "sp/exposed_comm_ms": s.exposed_ms, "sp/exposed_max_ms": s.longest, "sp/disagg_calls": s.calls}
+    out.update({f"sp/exposed_{phase}_ms": ms for phase, ms in s.by_phase.items()})
     return out

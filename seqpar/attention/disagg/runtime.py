@@ -187,10 +187,10 @@ def _fields(buf, rows, shapes):
     return out
 
 
-def _wait(device, *works):
+def _wait(device, phase, *works):
     works = [w for w in works if w is not None]
     if works:
-        with metrics.exposed_wait(device):
+        with metrics.exposed_wait(device, phase):
             for w in works:
                 w.wait()
 
@@ -233,7 +233,7 @@ class _DisaggAttention(torch.autograd.Function):
         out = None if place is None else q.new_empty(q.shape[0], *so)
         outbound, saved = [], []
         for i, (r, c, (buf, work)) in enumerate(zip(routes, counts, inbound)):
-            _wait(dev, work)
+            _wait(dev, "fwd_in", work)
             metrics.mark(f"fwd in{i}", dev)
             got = _fields(buf, c.recv_rows, (sq, sk, sv))
             q_srv = r.srv_q([q] + [g[0] for g in got], q)
@@ -253,7 +253,7 @@ class _DisaggAttention(torch.autograd.Function):
             saved += [q_srv, k_task, v_task, None if _dest(place, out, i)[0] is not None else o_srv, lse]
         sources = []
         for i, (c, o_srv, (buf, work)) in enumerate(zip(counts, saved[3::5], outbound)):
-            _wait(dev, work)
+            _wait(dev, "fwd_out", work)
             metrics.mark(f"fwd out{i}", dev)
             sources += [o_srv] + [g[0] for g in _fields(buf, c.sent_q_rows, (so,))]
         if place is None:
@@ -286,7 +286,7 @@ class _DisaggAttention(torch.autograd.Function):
             q_srv, k_task, v_task, o_srv, lse = saved[5 * i:5 * i + 5]
             if o_srv is None:
                 o_srv = _dest(q_place, out, i)[0][0]
-            _wait(dev, work)
+            _wait(dev, "bwd_in", work)
             metrics.mark(f"bwd in{i}", dev)
             do_srv = r.srv_q([dout] + [g[0] for g in _fields(buf, c.recv_q_rows, (so,))], dout)
             if q_srv.shape[0]:
@@ -307,7 +307,7 @@ class _DisaggAttention(torch.autograd.Function):
             grads.append((dq_srv, dk_task, dv_task))
         sources = ([], [], [])  # dq, dk, dv
         for i, (c, grad, (buf, work)) in enumerate(zip(counts, grads, outbound)):
-            _wait(dev, work)
+            _wait(dev, "bwd_out", work)
             metrics.mark(f"bwd out{i}", dev)
             got = _fields(buf, c.sent_rows, (sq, sk, sv))
             for i, src in enumerate(sources):
