@@ -58,6 +58,16 @@ def max_memory_gb(device: torch.device | str) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**30
 
 
+def alloc_retries(device: torch.device | str) -> int | None:
+    """How often the CUDA caching allocator found no free block, released its cache and retried
+    (each release synchronises the device: a stall that shows as one rank late), since the start;
+    None off CUDA. A count that grows step after step means fragmentation (torchtitan logs it too)."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return int(torch.cuda.memory_stats(device).get("num_alloc_retries", 0))
+
+
 def _plain(value):
     if isinstance(value, torch.Tensor):
         value = value.item()
@@ -199,14 +209,18 @@ def summary_line(record: dict, total_steps: int) -> str:
 def profiled(step: int, logging_cfg, run_dir: Path, rank: int, device: torch.device):
     """torch.profiler over the block when `step` is `logging.profile_step`: the ops of every rank
     (its GPU kernels first on CUDA) as a table in `run_dir/profile/step<N>_rank<R>.txt`, and the
-    Chrome trace beside it with `logging.profile_trace`. Other steps run as they are."""
+    Chrome trace beside it with `logging.profile_trace`; on CUDA without the CPU ops with
+    `logging.profile_cpu_ops=false` (docs/benchmarks/trace_gaps.py reads such a trace: where the GPU
+    stood still, and whether for the host or a collective). Other steps run as they are."""
     if step != logging_cfg.profile_step:
         yield
         return
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
-    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+    activities = ([ProfilerActivity.CPU] if logging_cfg.profile_cpu_ops or not cuda else []) + \
+        ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
         yield
         if cuda:
             torch.cuda.synchronize()

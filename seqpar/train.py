@@ -23,7 +23,7 @@ from seqpar.config import ConfigError, register_configs, resolve_nproc, use_cuda
 from seqpar.data import PackedLoader, build_dataset
 from seqpar.launch import ray as ray_launcher, slurm, stop_signal
 from seqpar.launch.local import is_worker, launch_workers
-from seqpar.metrics import MetricsLogger, max_memory_gb, peak_flops, profiled
+from seqpar.metrics import MetricsLogger, alloc_retries, max_memory_gb, peak_flops, profiled
 from seqpar.model.flops import step_flops
 from seqpar.model.transformer import Transformer
 from seqpar.parallel.dims import ParallelDims, init_world
@@ -166,6 +166,7 @@ def train(cfg, device) -> None:
         start_step = extra["step"]
 
     peak = peak_flops(device)
+    disagg_spread = cfg.parallel.softmax_sp == "disagg" and dist.is_initialized()
     logger = MetricsLogger(run_dir, total_steps=cfg.train.steps, rank=rank, console=cfg.logging.console,
                            wandb=cfg.logging.wandb, wandb_project=cfg.logging.wandb_project,
                            config=OmegaConf.to_container(cfg, resolve=True), start_step=start_step)
@@ -187,12 +188,14 @@ def train(cfg, device) -> None:
             tokens = cfg.train.global_batch_size * cfg.data.seq_len
             metrics = {"loss": loss, "lr": scheduler.get_last_lr()[0], "tokens": tokens * step,
                        "tokens_per_s": tokens / dt, "step_time_s": dt, "grad_norm": grad_norm}
-            metrics.update(disagg.step_metrics())  # sp/ keys; empty unless softmax_sp=disagg ran
+            # sp/ keys; empty unless softmax_sp=disagg ran; with it every rank joins the spread's all-reduce
+            metrics.update(disagg.step_metrics(group=dist.group.WORLD if disagg_spread else None))
             if step == start_step + 1:  # model build and init, optimizer states, resume: minutes for 8B
                 metrics["startup_s"] = t0 - started
             if peak is not None:
                 metrics["mfu"] = stats["flops"] / dt / (peak * world)
                 metrics["max_mem_gb"] = max_memory_gb(device)
+                metrics["alloc_retries"] = alloc_retries(device)
             if tracing:
                 memtrace.dump(run_dir, rank, keep_pickle=cfg.logging.memory_snapshot_pickle)
                 tracing = False

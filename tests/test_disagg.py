@@ -7,6 +7,7 @@ import time
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from seqpar import kernels
 from seqpar.attention import SOFTMAX_SP, disagg_attention
@@ -119,7 +120,6 @@ def _inputs(hq, hkv):
 
 
 def _exact(rank, world):
-    import torch.distributed as dist
     from seqpar.attention.disagg import step_metrics
     cu = torch.tensor(DOCS, dtype=torch.int32)
     refs = []
@@ -143,7 +143,7 @@ def _exact(rank, world):
         out = disagg_attention(*local, causal=causal, cu_seqlens=cu, layout=layout, min_chunk=16,
                                schedule=schedule)
         out.backward(shard_sequence(grad, layout=layout))
-        sent[case] = step_metrics()
+        sent[case] = step_metrics(group=dist.group.WORLD)
         err = [(unshard_sequence(out.detach(), layout=layout) - ref_out).abs().max().item()]
         err += [(l.grad - shard_sequence(f, layout=layout)).abs().max().item() for l, f in zip(local, ref_grads)]
         errs[case] = max(err)
@@ -168,6 +168,8 @@ def test_disagg_attention_exact_on_extreme_mix():
         causal, layout, hq, hkv, schedule = case
         m = [r[3][case] for r in results]
         assert all(x["sp/disagg_calls"] == 1 and x["sp/tasks"] > 4 and x["sp/exposed_comm_ms"] >= 0 for x in m)
+        waits = sorted(x["sp/exposed_comm_ms"] for x in m)  # the spread over ranks, the same on every rank
+        assert all((x["sp/exposed_comm_ms_min"], x["sp/exposed_comm_ms_max"]) == (waits[0], waits[-1]) for x in m)
         assert m[0]["sp/attn_imbalance_after"] < m[0]["sp/attn_imbalance_before"]
         q_row, kv_row = hq * (8 + 6) * 8, hkv * (8 + 6) * 8
         p = plan(DOCS, 4, layout=layout, min_chunk=16, causal=causal, row_bytes=(q_row, kv_row))
@@ -576,7 +578,6 @@ def _across_rows(rank, world, group, sub):
 
 
 def _across_rows_worlds(rank, world):
-    import torch.distributed as dist
     results = {}
     for sub in (2, world):  # a group of the first two ranks, then all of them: one process start
         group = dist.new_group(list(range(sub))) if sub < world else None  # every rank takes part in new_group
@@ -733,7 +734,6 @@ _INDEX_OPS = {"index", "index_select", "index_put", "index_put_", "_index_put_im
 
 
 def _runtime_overhead(rank, world):
-    import torch.distributed as dist
     from seqpar.attention.disagg import runtime
     from seqpar.kernels.flash_attn import flash_attn, flash_attn_backward
     from seqpar.parallel.traffic import count_traffic
@@ -844,7 +844,6 @@ def test_kernels_write_into_the_final_tensors_and_copy_less():
 # ---- the benchmark's accounting: the call without its transfers, and its transfers alone ----
 
 def _parts_pieces(rank, world):
-    import torch.distributed as dist
     from seqpar.attention.disagg import runtime
     from seqpar.bench.disagg import TransferTrace, _collective, _fwd_bwd, _no_transfer
     from seqpar.parallel.traffic import count_traffic

@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from seqpar.metrics import MetricsLogger, max_memory_gb, peak_flops, summary_line, wandb_keys
+from seqpar.metrics import MetricsLogger, alloc_retries, max_memory_gb, peak_flops, summary_line, wandb_keys
 
 
 def _metrics(step: int) -> dict:
@@ -91,6 +94,7 @@ def test_wandb_offline_run_writes_under_run_dir(tmp_path, monkeypatch):
 
 def test_peak_flops_and_memory_are_none_off_cuda():
     assert peak_flops(torch.device("cpu")) is None and max_memory_gb("cpu") is None
+    assert alloc_retries("cpu") is None
 
 
 @pytest.mark.gpu
@@ -101,4 +105,49 @@ def test_peak_flops_known_gpu():
         pytest.skip(f"no stated peak for {name}")
     assert peak_flops(torch.device("cuda")) == expected
     torch.ones(1 << 20, device="cuda")
-    assert max_memory_gb("cuda") > 0
+    assert max_memory_gb("cuda") > 0 and alloc_retries("cuda") >= 0
+
+
+TRACE_GAPS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "trace_gaps.py"
+
+
+def _trace_gaps(trace: Path, tmp_path: Path) -> dict:
+    out = tmp_path / "gaps.json"
+    subprocess.run([sys.executable, str(TRACE_GAPS), str(trace), str(out), "100"], check=True, capture_output=True)
+    return json.loads(out.read_text())
+
+
+def test_trace_gaps_tells_host_stalls_from_collective_waits(tmp_path):
+    def event(cat, name, ts, dur, corr=None):
+        return dict(ph="X", cat=cat, name=name, ts=ts, dur=dur, args={} if corr is None else dict(correlation=corr))
+
+    # A (0-100), a collective (100-400) that B (launched at 50) waited for, then 400 us without
+    # anything launched: C's launch came at 800 from inside the host op `plan`
+    trace = tmp_path / "trace.json"
+    trace.write_text(json.dumps({"traceEvents": [
+        event("kernel", "A", 0, 100, 1), event("kernel", "ncclDevKernel_SendRecv", 100, 300, 2),
+        event("kernel", "B", 400, 100, 3), event("kernel", "C", 900, 100, 4),
+        event("cuda_runtime", "cudaLaunchKernel", 50, 5, 3), event("cuda_runtime", "cudaLaunchKernel", 800, 5, 4),
+        event("cpu_op", "plan", 700, 150)]}))
+    got = _trace_gaps(trace, tmp_path)
+    assert got["gap_ms"] == {"comm": 0.3, "host": 0.4} and got["compute_ms"] == 0.3 and got["nccl_ms"] == 0.3
+    host, comm = got["longest"]
+    assert (host["kind"], host["before"], host["after"], host["host"]) == ("host", "B", "C", ["plan"])
+    assert (comm["kind"], comm["us"], comm["host"]) == ("comm", 300, None)
+
+
+@pytest.mark.gpu
+def test_profile_without_cpu_ops_keeps_kernels_and_launches(tmp_path):
+    from omegaconf import OmegaConf
+    from seqpar.config import LoggingConfig
+    from seqpar.metrics import profiled
+
+    cfg = OmegaConf.structured(LoggingConfig(profile_step=1, profile_trace=True, profile_cpu_ops=False))
+    x = torch.randn(1024, 1024, device="cuda")
+    with profiled(1, cfg, tmp_path, 0, torch.device("cuda")):
+        for _ in range(3):
+            x = x @ x
+    trace = tmp_path / "profile" / "step1_rank0.json"
+    cats = {e.get("cat") for e in json.loads(trace.read_text())["traceEvents"]}
+    assert {"kernel", "cuda_runtime"} <= cats and "cpu_op" not in cats, cats
+    assert _trace_gaps(trace, tmp_path)["compute_ms"] > 0

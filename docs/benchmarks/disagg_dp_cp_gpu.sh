@@ -15,8 +15,9 @@
 #    (SEQPAR_DISAGG_SHARED_GROUP=1: its all-to-alls on FSDP's communicator, as before 2026-11-26 7th);
 #    dp2_fixed and ideal_1gpu_fixed: every document SEQ / 4 long (balanced rows), so dp2_fixed over
 #    the halved ideal_1gpu_fixed is plain data parallelism's cost apart from any imbalance.
-# Disagg lanes also report rank 0's exposed waits by phase (fwd_in, fwd_out, bwd_in, bwd_out) and
-# its longest single wait.
+# Disagg lanes also report rank 0's exposed waits by phase (fwd_in, fwd_out, bwd_in, bwd_out), its
+# longest single wait and the spread of the exposed time over the ranks (max, min); every lane the
+# CUDA allocator's retries since the start (alloc_retries: each one a device-wide stall).
 # CPU smoke form (mechanics only):
 #   OUT=/tmp/o MODEL=tiny_hybrid SEQ=512 EXTRA="train.device=cpu" bash docs/benchmarks/disagg_dp_cp_gpu.sh
 mkdir -p "$OUT"
@@ -59,6 +60,7 @@ for f in sorted(out.glob("*_metrics.jsonl")):
     rows[name] = {"step_times_s": [m["step_time_s"] for m in ms], "step_time_s": mean("step_time_s"), "tokens_per_s": mean("tokens_per_s"), "loss_last": ms[-1]["loss"],
                   "imbalance_before": mean("sp/attn_imbalance_before"), "imbalance_after": mean("sp/attn_imbalance_after"),
                   "exposed_comm_ms": mean("sp/exposed_comm_ms"), "bytes_moved": mean("sp/bytes_moved"), "steps": len(ms),
+                  "alloc_retries": ms[-1].get("alloc_retries"),
                   **{k[3:]: mean(k) for k in ms[0] if k.startswith("sp/exposed_") and k != "sp/exposed_comm_ms"}}
     print(name, json.dumps(rows[name]))
 for suffix in ("", "_fixed"):  # one GPU did both rows: half its step is the two ranks' balanced share

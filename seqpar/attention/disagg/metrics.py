@@ -10,6 +10,7 @@ import contextlib
 import time
 
 import torch
+import torch.distributed as dist
 
 _MAX_PENDING = 1024  # CUDA event pairs kept unread before the oldest are folded into the sum
 # Where compute waits: for the inputs at the servers and for the results back at the owners, in
@@ -103,21 +104,32 @@ def mark(label: str, device: torch.device) -> None:
         _marks.append((label, time.perf_counter()))
 
 
-def step_metrics(reset: bool = True) -> dict:
+def step_metrics(reset: bool = True, group=None) -> dict:
     """{} when no disagg call ran since the last reset. Imbalances (max/mean of the modelled
     attention cost over servers) and tasks are means over the calls; bytes are this rank's total
     to other ranks (every layer, forward + backward); plan_ms is the step's planning time;
     exposed_comm_ms the time this rank's compute waited for transfers, split by PHASES
-    (exposed_<phase>_ms), and exposed_max_ms its longest single wait."""
+    (exposed_<phase>_ms), and exposed_max_ms its longest single wait. With a process `group`
+    (a collective: all its ranks call) also exposed_comm_ms_max / _min over its ranks: the rank
+    that waits least is the one the others wait for."""
     global _step
     s = _step
     if reset:
         _step = _Step()
+    s.fold()
+    spread = _spread(s.exposed_ms, group) if group is not None else {}
     if not s.calls:
         return {}
-    s.fold()
     out = {"sp/attn_imbalance_before": s.before / s.calls, "sp/attn_imbalance_after": s.after / s.calls,
            "sp/tasks": s.tasks / s.calls, "sp/bytes_moved": s.bytes, "sp/plan_ms": s.plan_ms,
            "sp/exposed_comm_ms": s.exposed_ms, "sp/exposed_max_ms": s.longest, "sp/disagg_calls": s.calls}
     out.update({f"sp/exposed_{phase}_ms": ms for phase, ms in s.by_phase.items()})
-    return out
+    return out | spread
+
+
+def _spread(exposed_ms: float, group) -> dict:
+    on_gpu = dist.get_backend(group) == "nccl"
+    x = torch.tensor([exposed_ms, -exposed_ms], dtype=torch.float64,
+                     device=torch.device("cuda", torch.cuda.current_device()) if on_gpu else "cpu")
+    dist.all_reduce(x, op=dist.ReduceOp.MAX, group=group)
+    return {"sp/exposed_comm_ms_max": x[0].item(), "sp/exposed_comm_ms_min": -x[1].item()}
