@@ -196,7 +196,8 @@ def test_chains_are_cached_and_rebuilt_when_the_decays_change(world, results):
 
 
 def _check_triton():
-    """World 1 (zigzag: two local chunks and the local chain) on the Triton kernel, fp32."""
+    """World 1 on the Triton kernel, fp32: zigzag (two local chunks and the local chain) and
+    contiguous (one chunk, nothing exchanged)."""
     from seqpar.kernels.lightning_attn.reference import lightning_attn_reference
     from seqpar.kernels.lightning_attn.triton import lightning_attn_triton
     kernels.lightning_attn = lightning_attn_triton  # what dispatch picks on CUDA
@@ -205,13 +206,15 @@ def _check_triton():
     full = [t.clone().requires_grad_() for t in (q, k, v)]
     ref = lightning_attn_reference(*full, log_decay, cu_seqlens=cu)[0]
     ref.backward(grad)
-    for overlap in (True, False):
+    # contiguous on one rank: its one chunk receives nothing, so the kernel runs without entering
+    # states and settles the exchange after its passes (ChunkChain.receives)
+    for overlap, layout in ((True, "zigzag"), (False, "zigzag"), (False, "contiguous")):
         local = [t.clone().requires_grad_() for t in (q, k, v)]
-        out = lasp_attention(*local, log_decay, group=None, cu_seqlens=cu, scale=None, layout="zigzag",
+        out = lasp_attention(*local, log_decay, group=None, cu_seqlens=cu, scale=None, layout=layout,
                              scan="allgather", overlap=overlap)
         out.backward(grad)
         err = max(_rel(a, b) for a, b in zip([out] + [t.grad for t in local], [ref] + [t.grad for t in full]))
-        assert err < 1e-5, (overlap, err)
+        assert err < 1e-5, (overlap, layout, err)
 
 
 def test_lasp_on_the_triton_kernel():
@@ -222,3 +225,40 @@ def test_lasp_on_the_triton_kernel():
                          env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=300,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert run.returncode == 0, run.stderr[-3000:]
+
+
+@pytest.mark.parametrize("world", [1, 2, 4, 8])
+def test_receives_says_where_the_scan_brings_a_nonzero_state(world):
+    """`ChunkChain.receives` (host only) against the scan's weights with no decay (a_g = 1 unless a
+    document starts in chunk g), masked as the exchange masks them: where it says False, the rank
+    skips waiting for the collective and starts from zero, so a wrong False would be a wrong
+    result. Also the cases the speed-up is for: 2 ranks, contiguous, one document."""
+    from seqpar.attention.lasp import _chain, _cut
+
+    rng = torch.Generator().manual_seed(world)
+    seq = 16 * 2 * world
+    cases = [None, [0, seq], [0, seq // 2, seq], [0, 1, seq - 1, seq]]
+    cases += [[0, *sorted(set(torch.randint(1, seq, (n,), generator=rng).tolist())), seq] for n in (1, 2, 3, 5, 9)]
+    cases += [[0, *range(16, seq, 16), seq]]  # every chunk edge of the contiguous layout (zigzag: every other)
+    seen = {True: 0, False: 0}
+    for layout in ("contiguous", "zigzag"):
+        for bounds in cases:
+            B = 2 if bounds is None else 1
+            s_local = seq // world
+            for rank in range(world):
+                geo = _cut(world, rank, B, s_local, layout, None if bounds is None else tuple(bounds), torch.device("cpu"),
+                           torch.float64)
+                chain = _chain(geo, rank, torch.zeros(3, dtype=torch.float64))
+                cont = torch.tensor(chain.continues, dtype=torch.float64)
+                col_chunk = {r * geo.n_local + i: g for g, (r, i) in enumerate(geo.owners)}
+                cols = torch.tensor([cont[col_chunk[c]] for c in range(len(geo.owners))], dtype=torch.float64)
+                fwd = (chain.weights(False).abs().sum(-1) * geo.keep.view(-1, 1)).sum() > 0
+                bwd = (chain.weights(True).abs().sum(-1) * cols[None, :]).sum() > 0
+                assert chain.receives(False) == bool(fwd), (layout, bounds, rank)
+                assert chain.receives(True) == bool(bwd), (layout, bounds, rank)
+                seen[chain.receives(False)] += 1
+    assert seen[False] > 0 and seen[True] > 0
+    if world == 2:  # one document over 2 ranks, contiguous: rank 0 receives nothing forward, rank 1 nothing backward
+        chains = [_chain(_cut(2, r, 1, seq // 2, "contiguous", (0, seq), torch.device("cpu"), torch.float64), r,
+                         torch.zeros(3, dtype=torch.float64)) for r in range(2)]
+        assert [(c.receives(False), c.receives(True)) for c in chains] == [(False, True), (True, False)]

@@ -22,7 +22,9 @@ def lightning_attn(q, k, v, log_decay, *, scale=None, initial_state=None, output
 
     `exchange` (instead of `initial_state`; LASP-2's hook): an object with `forward(own)` and
     `backward(d_initial)`, a linear map and its adjoint, each returning a pending result whose
-    `wait()` gives the answer. `own` are the documents' exit states from a zero state (fp32/fp64,
+    `wait()` gives the answer, or None for zeros (this rank receives nothing); then the kernel
+    calls its `settle()` once its own passes are enqueued, so that the exchange ends (for the
+    other ranks) without this rank's compute waiting for it. `own` are the documents' exit states from a zero state (fp32/fp64,
     `[N, H, Dk, Dv]`); the kernel calls `forward` between its passes over the tokens and uses the
     answer as `initial_state`, so a caller can exchange states with other ranks without an extra
     pass over k and v (or, in backward, over q and do; there the kernel runs its dq pass before
@@ -49,8 +51,16 @@ class _Exchange(torch.autograd.Function):
     @staticmethod
     def forward(ctx, own, exchange):
         ctx.exchange = exchange
-        return exchange.forward(own).wait()
+        return _answer(exchange.forward(own), own)
 
     @staticmethod
     def backward(ctx, d_initial):
-        return ctx.exchange.backward(d_initial).wait(), None
+        return _answer(ctx.exchange.backward(d_initial), d_initial), None
+
+
+def _answer(pending, like):
+    got = pending.wait()
+    if got is None:
+        pending.settle()
+        return torch.zeros_like(like)
+    return got

@@ -74,7 +74,7 @@ def _chain(geo, rank, log_decay) -> ChunkChain:
     def build():
         # a_g: how much of the state entering chunk g survives it (0 where a document starts in it)
         carry = torch.exp(log_decay.to(geo.dtype) * geo.chunk_len)[None, :] * geo.passes[:, None]
-        return ChunkChain(geo.owners, carry, rank)
+        return ChunkChain(geo.owners, carry, rank, geo.starts, geo.chunk_continues)
 
     if log_decay.is_inference():  # (no version to check)
         return build()
@@ -95,6 +95,8 @@ class _Geometry:
     dtype: torch.dtype  # states and their merges: fp32, fp64 for fp64 inputs
     owners: list[tuple[int, int]]  # global chunk -> (rank, its slot among that rank's chunks)
     passes: torch.Tensor  # [n_chunks]: 1 where the carried state crosses the chunk, 0 where a document starts
+    starts: tuple[bool, ...]  # per global chunk, on the host: a document starts in it (passes == 0)
+    chunk_continues: tuple[bool, ...]  # per global chunk: its first token continues the previous chunk's document
     continues: list[bool]  # per local chunk: its first token continues a document of the previous chunk
     keep: torch.Tensor  # the same as a [n_local, 1, 1, 1, 1] mask
     first_len: list[int]  # per local chunk: tokens before its first inner document start (read the entering state)
@@ -142,7 +144,8 @@ def _cut(world, rank, B, s_local, layout, bounds, device, dt) -> _Geometry:
         first_slot = torch.tensor([[edges.index(i * C)] for i in range(n_local)], device=device)
         last_slot = torch.tensor([[edges.index((i + 1) * C) - 1] for i in range(n_local)], device=device)
         n_slots = len(edges) - 1
-    return _Geometry(C, n_local, dt, owners, passes, continues, keep,
+    return _Geometry(C, n_local, dt, owners, passes, tuple(at_start[g] or bool(inside[g]) for g in range(n_chunks)),
+                     tuple(not at_start[g] for g in range(n_chunks)), continues, keep,
                      first_len=[inside[g][0] if inside[g] else C for g in mine],
                      last_start=[inside[g][-1] if inside[g] else 0 for g in mine], kernel_cu=kernel_cu,
                      first_slot=first_slot, last_slot=last_slot, n_slots=n_slots)
@@ -162,23 +165,31 @@ class _ChunkExchange:
         geo = self.geo
         states = _chunk_states(own.to(geo.dtype), geo, geo.last_slot)
         pending = start_scan(self.scan, states, self.chain, self.group)
-        return _Then(pending, lambda entering: _to_slots(entering * geo.keep, geo, geo.first_slot))
+        return _Then(pending, lambda entering: _to_slots(entering * geo.keep, geo, geo.first_slot),
+                     self.chain.receives(False))
 
     def backward(self, d_initial):
         geo = self.geo
         d_entering = _chunk_states(d_initial.to(geo.dtype), geo, geo.first_slot) * geo.keep
         pending = start_scan(self.scan, d_entering, self.chain, self.group, reverse=True)
-        return _Then(pending, lambda d_states: _to_slots(d_states, geo, geo.last_slot))
+        return _Then(pending, lambda d_states: _to_slots(d_states, geo, geo.last_slot), self.chain.receives(True))
 
 
 class _Then:
-    """A posted scan and what to do with its answer."""
+    """A posted scan and what to do with its answer. Where this rank's chunks receive nothing
+    (`ChunkChain.receives`), `wait` gives None at once (the kernel then starts every document from
+    zero) and the kernel calls `settle` when its passes are enqueued: its compute no longer waits
+    for the other ranks at this collective, which is one of the two per layer on 2 ranks."""
 
-    def __init__(self, pending, then):
-        self.pending, self.then = pending, then
+    def __init__(self, pending, then, receives=True):
+        self.pending, self.then, self.receives = pending, then, receives
 
     def wait(self):
-        return self.then(self.pending.wait())
+        return self.then(self.pending.wait()) if self.receives else None
+
+    def settle(self):
+        if not self.receives:
+            self.pending.settle()
 
 
 class _Overlapped(torch.autograd.Function):

@@ -41,6 +41,10 @@ class ChunkChain:
     owners: list[tuple[int, int]]  # global chunk -> (rank in the cp group, its slot among that rank's chunks)
     carry: torch.Tensor  # [n_chunks, H]: a_g, the factor the state entering chunk g has when it leaves it
     rank: int
+    # per global chunk, on the host: a document starts in it (a_g = 0) / its first token continues
+    # the previous chunk's document (None: every chunk; then `receives` assumes states flow everywhere)
+    starts: tuple[bool, ...] | None = None
+    continues: tuple[bool, ...] | None = None
     _weights: dict = field(default_factory=dict, compare=False, repr=False)
 
     def factor(self, g: int) -> torch.Tensor:
@@ -65,6 +69,30 @@ class ChunkChain:
                     crossed = crossed * self.carry[before]
             self._weights[reverse] = w
         return self._weights[reverse]
+
+    def receives(self, reverse: bool) -> bool:
+        """Whether a nonzero state reaches any of this rank's chunks, decided on the host from where
+        documents start: forward, a chunk that continues a document and has a chunk before it;
+        backward (`reverse`), a later chunk that continues a document, reached without crossing a
+        document start. The LASP exchange reads the inputs and results of the scan masked so
+        (`lasp._ChunkExchange`): on 2 ranks, contiguous, rank 0 receives nothing in the forward
+        and rank 1 nothing in the backward, so they need not wait for the collective."""
+        n = len(self.owners)
+        starts = self.starts or (False,) * n
+        continues = self.continues or (True,) * n
+        order = _order(n, reverse)
+        for p, g in enumerate(order):
+            if self.owners[g][0] != self.rank:
+                continue
+            if not reverse and continues[g] and p > 0:
+                return True
+            if reverse:
+                for before in reversed(order[:p]):  # outward from the next chunk
+                    if continues[before]:
+                        return True
+                    if starts[before]:
+                        break
+        return False
 
 
 def start_scan(method: str, x: torch.Tensor, chain: ChunkChain, group, *, reverse: bool = False):
@@ -100,10 +128,16 @@ class _Gathered:
             self.parts = self.parts.unflatten(0, (world, x.shape[0]))
 
     def wait(self) -> torch.Tensor:
-        if self.work is not None:
-            self.work.wait()
+        self.settle()
         # one contraction instead of a running fold chunk by chunk: a few launches whatever the world size
         return torch.einsum("igh,gbhkv->ibhkv", self.chain.weights(self.reverse), self.parts.flatten(0, 1))
+
+    def settle(self) -> None:
+        """The collective done, its result unread: the compute stream waits for it from here on
+        (its buffers outlive the transfer) without a fold."""
+        if self.work is not None:
+            self.work.wait()
+            self.work = None
 
 
 class _Chained:
@@ -126,6 +160,10 @@ class _Chained:
             work.wait()
         self.sends.clear()
         return self.y
+
+    def settle(self) -> None:
+        """The chain finished (the next ranks need what this one sends on), its result unread."""
+        self.wait()
 
     def _run(self, x, chain, reverse):
         order = _order(len(chain.owners), reverse)
