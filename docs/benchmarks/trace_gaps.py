@@ -34,6 +34,8 @@ def main(path, out_path=None, min_gap=200.0):
     launches = {e["args"].get("correlation"): e for e in events if e.get("cat") == "cuda_runtime"}
     ops = sorted((e for e in events if e.get("cat") == "cpu_op"), key=lambda e: e["ts"])
     op_starts = [e["ts"] for e in ops]
+    if not compute:
+        sys.exit(f"{path}: no GPU kernels in this trace (a CPU run, or a profile without CUDA activity)")
     busy = _intervals(compute)
     comm = _intervals(nccl)
     span = busy[-1][1] - busy[0][0]
