@@ -275,6 +275,13 @@ def task_split_applies(q, k, v, *, return_lse=False, cu_seqlens=None, cu_seqlens
             and torch.backends.cudnn.is_available())
 
 
+def split_may_run() -> bool:
+    """Whether any call may go to the split under this process's setting (what its cuDNN plans
+    are prebuilt for, `split.prebuild_plans`)."""
+    choice = _attn_choice()
+    return choice == "split" or (choice in _AUTO and bool(SPLIT_FASTER))
+
+
 def _wants_split(q, k, v, **features) -> bool:
     choice = _attn_choice()
     if choice not in _AUTO:

@@ -104,6 +104,9 @@ class TrainConfig:
     offload_activations: bool = False  # checkpointed inputs wait for backward in pinned host memory
     offload_optimizer: bool = False  # AdamW's moments wait in pinned host memory between steps (fsdp2 engine)
     mlp_chunk_tokens: int = 0  # >0: the MLP runs longer sequences in chunks of this many positions
+    # CUDA, bf16, softmax layers: build cuDNN's attention plans for every long-document length bucket
+    # before step 1 (seconds), not inside the steps that first meet each (kernels/flash_attn/split.py)
+    cudnn_prebuild: bool = False
     checkpoint_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 2
     resume: str = "auto"  # auto (latest in run_dir if any) | none | PATH of a checkpoint

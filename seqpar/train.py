@@ -21,6 +21,8 @@ from seqpar import checkpoint, memory, memtrace
 from seqpar.attention import AttnContext, disagg
 from seqpar.config import ConfigError, register_configs, resolve_nproc, use_cuda, validate, world_size
 from seqpar.data import PackedLoader, build_dataset
+from seqpar.kernels import dispatch
+from seqpar.kernels.flash_attn.split import prebuild_plans
 from seqpar.launch import ray as ray_launcher, slurm, stop_signal
 from seqpar.launch.local import is_worker, launch_workers
 from seqpar.metrics import MetricsLogger, alloc_retries, max_memory_gb, peak_flops, profiled
@@ -147,6 +149,8 @@ def train(cfg, device) -> None:
     tracing = cfg.logging.memory_snapshot and memtrace.start(device)  # until step 1's end, its peak
 
     model = build_model(cfg, dims, device)
+    if cfg.train.cudnn_prebuild:
+        prebuild_attention_plans(cfg, dims, device, rank)
     optimizer, scheduler = build_optimizer(model, cfg, device)
     engine = build_engine(model, optimizer, scheduler, cfg, dims)  # FSDP2 or DeepSpeed: reduction, step, checkpoints
 
@@ -208,6 +212,21 @@ def train(cfg, device) -> None:
                 engine.save(ckpt_root, step, extra, keep=cfg.train.keep_checkpoints)
             if stop:
                 break
+
+
+def prebuild_attention_plans(cfg, dims: ParallelDims, device, rank: int) -> None:
+    """`train.cudnn_prebuild`: where softmax attention runs on CUDA in bf16, the split's cuDNN plans
+    for this rank's heads (a tensor-parallel rank holds n_heads / tp of them), built now."""
+    m = cfg.model
+    if (device.type != "cuda" or "S" not in m.layer_pattern or cfg.train.dtype not in ("auto", "bf16")
+            or not dispatch.split_may_run()):
+        return
+    t0 = time.perf_counter()
+    built = prebuild_plans(m.n_heads // dims.tp, m.head_dim or m.d_model // m.n_heads, dtype=torch.bfloat16,
+                           device=device)
+    if rank == 0:
+        print(f"seqpar: cuDNN attention plans of {len(built)} length buckets built in "
+              f"{time.perf_counter() - t0:.1f} s (train.cudnn_prebuild)", flush=True)
 
 
 def build_model(cfg, dims: ParallelDims, device):
