@@ -36,7 +36,7 @@ from functools import lru_cache
 import torch
 
 OPS = ("flash_attn", "flash_attn_backward", "lightning_attn", "rms_norm", "apply_rotary", "rotary_cos_sin",
-       "fused_linear_cross_entropy")
+       "fused_linear_cross_entropy", "attn_merge")
 ENV = "SEQPAR_KERNELS"
 ATTN_ENV = "SEQPAR_ATTN_KERNEL"
 
@@ -93,6 +93,8 @@ def backend(op: str, *tensors: torch.Tensor | None, **features) -> str:
         return _cross_entropy_backend(*present[:2])
     if op == "lightning_attn":
         return _lightning_attn_backend(*tensors[:4])
+    if op == "attn_merge":
+        return _attn_merge_backend(*tensors[:5])
     return "reference"
 
 
@@ -160,6 +162,16 @@ def _rotary_backend(x, cos=None, sin=None) -> str:
         return "reference"
     if any(t is not None and t.requires_grad for t in (cos, sin)):
         return "reference"  # gradients into cos/sin only through the reference
+    return "triton"
+
+
+def _attn_merge_backend(old, o, lse, l, out) -> str:
+    # the kernel reads rows of the head dim as contiguous tiles of up to 256 values, in fp32 registers
+    rows = (old, o, out)
+    if not has_triton() or not _plain(*rows, lse, l) or lse.dtype != torch.float32 or l.dtype not in _ELEMENTWISE_DTYPES:
+        return "reference"
+    if any(t.dtype not in _ELEMENTWISE_DTYPES or t.dim() != 4 or t.stride(-1) != 1 for t in rows) or out.shape[-1] > 256:
+        return "reference"
     return "triton"
 
 

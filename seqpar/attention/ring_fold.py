@@ -17,6 +17,8 @@ when the inputs are fp32 or fp64):
 - n = 0: zero (forward: out 0, lse -inf).
 
 Every op computes what the fp32 running merge computed before (bitwise the same in bf16 on CPU).
+The attention merges are `kernels.attn_merge_`: one Triton pass per run on CUDA (old, o and both
+lse read once, out and lse written once), torch's ops elsewhere.
 
 A travelling buffer (dK/dV of a visiting shard, sent on in fp32) has no final cast; one that
 arrives with a value (`base`: the partial sums of the ranks before) takes every result as a fold.
@@ -27,6 +29,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from seqpar.kernels.attn_merge import attn_merge_
 
 # final = c; acc = c; acc += c; final = acc + c; keep c for these rows' next result (forward:
 # lse = l); merge the kept one with c (into acc, or into final when c is the rows' last)
@@ -181,21 +185,9 @@ def fold_out(runs, o, l, acc, lse, final, kept=None):
                 (final if r.role == "put" else acc)[:, r.dst].copy_(o_r)
             lse_r.copy_(l_r)
             continue
-        new = torch.logaddexp(lse_r, l_r)
-        # rows that no block has reached yet have -inf on both sides: weight 0, not exp(nan)
-        ref = torch.nan_to_num(new, neginf=0.0)
-        w_old = (lse_r - ref).exp_().transpose(1, 2).unsqueeze(-1)
-        w_new = (l_r - ref).exp_().transpose(1, 2).unsqueeze(-1)
-        acc_r = acc[:, r.dst]
-        if r.held is not None:  # the row's first result, kept as the kernel wrote it
-            torch.mul(kept[r.held[0]][:, r.held[1]], w_old, out=acc_r)
-        else:
-            acc_r.mul_(w_old)
-        if r.role in ("add", "pair"):
-            acc_r.addcmul_(o_r, w_new)
-        else:
-            torch.addcmul(acc_r, o_r, w_new, out=final[:, r.dst])
-        lse_r.copy_(new)
+        # the earlier result: the row's first, kept as the kernel wrote it, or the running acc
+        old = kept[r.held[0]][:, r.held[1]] if r.held is not None else acc[:, r.dst]
+        attn_merge_(old, o_r, lse_r, l_r, (acc if r.role in ("add", "pair") else final)[:, r.dst])
 
 
 def fold_out_rest(folds: Folds, final, lse):
