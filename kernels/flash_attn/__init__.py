@@ -148,11 +148,5 @@ def flash_attn_merge_(q, k, v, out, lse, *, causal=True, cu_seqlens=None, cu_seq
                                               softmax_scale=softmax_scale)
     o, l = flash_attn(q, k, v, causal=causal, cu_seqlens=cu_seqlens, cu_seqlens_q=cu_seqlens_q,
                       cu_seqlens_k=cu_seqlens_k, softmax_scale=softmax_scale, return_lse=True)
-    new = torch.logaddexp(lse, l.to(lse.dtype))
-    # rows that neither side has reached have -inf on both: weight 0, not exp(nan)
-    top = torch.where(torch.isfinite(new), new, torch.zeros_like(new))
-    w_old = torch.exp(lse - top).transpose(1, 2).unsqueeze(-1)
-    w_new = torch.exp(l.to(lse.dtype) - top).transpose(1, 2).unsqueeze(-1)
-    out.copy_(out.to(w_old.dtype) * w_old + o.to(w_old.dtype) * w_new)
-    lse.copy_(new)
-    return out, lse
+    from seqpar.kernels.attn_merge import attn_merge_
+    return attn_merge_(out, o, lse, l, out)

@@ -18,6 +18,7 @@ from functools import lru_cache
 
 import torch
 
+from seqpar.kernels.attn_merge import attn_merge_
 from seqpar.kernels.flash_attn.split import (SplitKernels, _fold, _host_bounds, _pad_rows, _rows, bucket_len,
                                              buckets_per_octave, cudnn_triton_kernels, max_doc_len, min_doc_len,
                                              prefix_parts, split_task_bounds)
@@ -62,14 +63,6 @@ def _blank_front(t, a, b, front, rows):
     return padded
 
 
-def _merge(out, lse, out2, lse2):
-    """(out, lse) of the union of two blocks of keys from each block's (out `[1, n, H, D]`, lse `[1, H, n]`)."""
-    both = torch.logaddexp(lse, lse2)
-    w, w2 = (torch.exp(x - both).transpose(1, 2).unsqueeze(-1) for x in (lse, lse2))
-    acc = torch.promote_types(out.dtype, torch.float32)  # bf16 blocks merge in fp32
-    return (out.to(acc) * w + out2.to(acc) * w2).to(out.dtype), both
-
-
 def _with_inf(lse, front, rows):
     """lse `[1, H, n]` at rows [front, front + n) of `rows`, +inf elsewhere (padded queries: P = 0)."""
     padded = torch.full((*lse.shape[:2], rows), float("inf"), dtype=lse.dtype, device=lse.device)
@@ -98,7 +91,7 @@ def split_forward(q, k, v, *, causal=True, cu_seqlens_q, cu_seqlens_k, softmax_s
         if p:  # the prefix's first p keys, seen by every query
             o2, l2 = kn.dense_fwd(_rows(q, qa, qb, plan.bucket(n)), _rows(k, ka, ka + p, p, group),
                                   _rows(v, ka, ka + p, p, group), False, scale)
-            od, ld = _merge(od, ld, o2[:, :n], l2[:, :, :n])
+            od, ld = attn_merge_(od, o2[:, :n], ld, l2[:, :, :n], od)  # the union of the two calls' keys
         o[:, qa:qb].copy_(od)  # the Triton call left zeros here
         lse[:, :, qa:qb].copy_(ld)
     return (o if out is None else out.copy_(o)), lse
