@@ -16,5 +16,5 @@ from seqpar.kernels.flash_attn import flash_attn
 from seqpar.kernels.lightning_attn import lightning_attn
 from seqpar.kernels.norm_rope import apply_rotary, rms_norm, rotary_cos_sin
 
-__all__ = ["apply_rotary", "attn_merge_", "backend", "flash_attn", "fused_linear_cross_entropy", "lightning_attn", "rms_norm",
-           "rotary_cos_sin"]
+__all__ = ["apply_rotary", "attn_merge_", "backend", "flash_attn", "fused_linear_cross_entropy", "lightning_attn",
+           "rms_norm", "rotary_cos_sin"]

@@ -47,4 +47,3 @@ def attn_merge_triton_(old, o, lse, l, out):
     _merge[grid](old, o, lse, l, out, n, H, *old.stride()[:3], *o.stride()[:3], *out.stride()[:3],
                  *lse.stride(), *l.stride(), D=D, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4)
     return out, lse
-

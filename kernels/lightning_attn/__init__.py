@@ -22,13 +22,14 @@ def lightning_attn(q, k, v, log_decay, *, scale=None, initial_state=None, output
 
     `exchange` (instead of `initial_state`; LASP-2's hook): an object with `forward(own)` and
     `backward(d_initial)`, a linear map and its adjoint, each returning a pending result whose
-    `wait()` gives the answer, or None for zeros (this rank receives nothing); then the kernel
-    calls its `settle()` once its own passes are enqueued, so that the exchange ends (for the
-    other ranks) without this rank's compute waiting for it. `own` are the documents' exit states from a zero state (fp32/fp64,
-    `[N, H, Dk, Dv]`); the kernel calls `forward` between its passes over the tokens and uses the
-    answer as `initial_state`, so a caller can exchange states with other ranks without an extra
-    pass over k and v (or, in backward, over q and do; there the kernel runs its dq pass before
-    it waits). Both are called on every rank, once per forward and once per backward.
+    `wait()` gives the answer, or None for zeros (this rank receives nothing; the kernel then
+    calls its `settle()` once its own passes are enqueued, so that the exchange ends for the
+    other ranks without this rank's compute waiting for it). `own` are the documents' exit
+    states from a zero state (fp32/fp64, `[N, H, Dk, Dv]`); the kernel calls `forward` between
+    its passes over the tokens and uses the answer as `initial_state`, so a caller can exchange
+    states with other ranks without an extra pass over k and v (or, in backward, over q and do;
+    there the kernel runs its dq pass before it waits). Both are called on every rank, once per
+    forward and once per backward.
     """
     if exchange is not None and (initial_state is not None or output_final_state):
         raise ValueError("lightning_attn: an exchange supplies the initial state and returns no final state; "
