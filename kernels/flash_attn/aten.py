@@ -62,7 +62,7 @@ def attention_backward(dout, q, k, v, out, lse, *, kernel, causal, cu_seqlens_q=
         dq, dk, dv = aten._flash_attention_backward(dout[0], q[0], k[0], v[0], out[0], lse[0].contiguous(), cu_q,
                                                     cu_k, max_q, max_k, 0.0, causal, rng, unused, scale=softmax_scale)
         return dq.unsqueeze(0), dk.unsqueeze(0), dv.unsqueeze(0)
-    B, Sq, Sk = q.shape[0], q.shape[1], k.shape[1]
+    Sq, Sk = q.shape[1], k.shape[1]
     if kernel == "cudnn":
         q_, k_, v_, o_, do_ = (canonical_strides(t).transpose(1, 2) for t in (q, k, v, out, dout))
         unit_dim, seed_layout = _cudnn_layout()
