@@ -615,6 +615,10 @@ def test_fold_plan_writes_first_merges_middle_and_casts_last():
                              Run("pair_last", slice(8, 10), slice(3, 5), (0, slice(8, 10))))
     assert pairs.runs[2] == (Run("last", slice(5, 8), slice(0, 3)),)
     assert pairs.kept == (True, False, False) and pairs.released == ((), (0,), ())
+    # two results per row (a ring of 2): they meet in one op into the final buffer, no running sum
+    two = plan_folds([slice(0, 10), slice(5, 10)], 12, final=True, pairs=True)
+    assert [[r.role for r in runs] for runs in two.runs] == [["put", "hold"], ["pair_last"]]
+    assert not two.needs_acc and pairs.needs_acc and folds.needs_acc and travel.needs_acc
     on_top = plan_folds([slice(0, 4), slice(2, 6)], 8, final=True, base=True)  # after the other ranks' sums
     assert [[r.role for r in runs] for runs in on_top.runs] == [["last", "add"], ["last"]]
 

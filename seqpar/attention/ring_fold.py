@@ -57,8 +57,11 @@ class Folds:
     base: int
 
     @property
-    def needs_acc(self) -> bool:  # an accumulator apart from the final buffer (when dtypes differ)
-        return any(r.role in ("init", "add", "pair", "pair_last") for runs in self.runs for r in runs)
+    def needs_acc(self) -> bool:
+        """Whether a row keeps a running sum apart from the final buffer (when their dtypes differ):
+        not for a row of two results ("hold" then "pair_last"), which meet in one op that writes
+        the final buffer (2 ranks: every merged row; an fp32 buffer of the shard's size saved)."""
+        return any(r.role in ("init", "add", "pair") for runs in self.runs for r in runs)
 
     @property
     def kept(self) -> tuple[bool, ...]:
@@ -148,17 +151,17 @@ def fold_grad(runs, c, acc, final, kept=None):
         elif r.role in ("pair", "pair_last"):
             # c1 + c2 * 1 with a dimensioned fp32 one: the sum is taken in fp32 (an add of two
             # bf16 tensors would round it to bf16 first, whatever the out dtype)
-            torch.addcmul(kept[r.held[0]][:, r.held[1]], src, _one(acc),
-                          out=(acc if r.role == "pair" else final)[:, r.dst])
+            one = _one(torch.promote_types(acc.dtype, torch.float32), acc.device)  # acc may be final (bf16)
+            torch.addcmul(kept[r.held[0]][:, r.held[1]], src, one, out=(acc if r.role == "pair" else final)[:, r.dst])
 
 
 _ONES: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
 
 
-def _one(like):
-    key = (like.dtype, like.device)
+def _one(dtype, device):
+    key = (dtype, device)
     if key not in _ONES:
-        _ONES[key] = torch.ones(1, dtype=like.dtype, device=like.device)
+        _ONES[key] = torch.ones(1, dtype=dtype, device=device)
     return _ONES[key]
 
 
