@@ -181,7 +181,7 @@ class _Then:
     zero) and the kernel calls `settle` when its passes are enqueued: its compute no longer waits
     for the other ranks at this collective, which is one of the two per layer on 2 ranks."""
 
-    def __init__(self, pending, then, receives=True):
+    def __init__(self, pending, then, receives):
         self.pending, self.then, self.receives = pending, then, receives
 
     def wait(self):

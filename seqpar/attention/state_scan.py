@@ -42,9 +42,9 @@ class ChunkChain:
     carry: torch.Tensor  # [n_chunks, H]: a_g, the factor the state entering chunk g has when it leaves it
     rank: int
     # per global chunk, on the host: a document starts in it (a_g = 0) / its first token continues
-    # the previous chunk's document (None: every chunk; then `receives` assumes states flow everywhere)
-    starts: tuple[bool, ...] | None = None
-    continues: tuple[bool, ...] | None = None
+    # the previous chunk's document
+    starts: tuple[bool, ...]
+    continues: tuple[bool, ...]
     _weights: dict = field(default_factory=dict, compare=False, repr=False)
 
     def factor(self, g: int) -> torch.Tensor:
@@ -77,20 +77,17 @@ class ChunkChain:
         document start. The LASP exchange reads the inputs and results of the scan masked so
         (`lasp._ChunkExchange`): on 2 ranks, contiguous, rank 0 receives nothing in the forward
         and rank 1 nothing in the backward, so they need not wait for the collective."""
-        n = len(self.owners)
-        starts = self.starts or (False,) * n
-        continues = self.continues or (True,) * n
-        order = _order(n, reverse)
+        order = _order(len(self.owners), reverse)
         for p, g in enumerate(order):
             if self.owners[g][0] != self.rank:
                 continue
-            if not reverse and continues[g] and p > 0:
+            if not reverse and self.continues[g] and p > 0:
                 return True
             if reverse:
                 for before in reversed(order[:p]):  # outward from the next chunk
-                    if continues[before]:
+                    if self.continues[before]:
                         return True
-                    if starts[before]:
+                    if self.starts[before]:
                         break
         return False
 
