@@ -46,6 +46,7 @@ class ChunkChain:
     starts: tuple[bool, ...]
     continues: tuple[bool, ...]
     _weights: dict = field(default_factory=dict, compare=False, repr=False)
+    _receives: dict = field(default_factory=dict, compare=False, repr=False)
 
     def factor(self, g: int) -> torch.Tensor:
         return self.carry[g][:, None, None]
@@ -77,6 +78,11 @@ class ChunkChain:
         document start. The LASP exchange reads the inputs and results of the scan masked so
         (`lasp._ChunkExchange`): on 2 ranks, contiguous, rank 0 receives nothing in the forward
         and rank 1 nothing in the backward, so they need not wait for the collective."""
+        if reverse not in self._receives:
+            self._receives[reverse] = self._flows_in(reverse)
+        return self._receives[reverse]
+
+    def _flows_in(self, reverse: bool) -> bool:
         order = _order(len(self.owners), reverse)
         for p, g in enumerate(order):
             if self.owners[g][0] != self.rank:
