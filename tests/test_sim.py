@@ -1239,3 +1239,17 @@ def test_contaminated_step_times_feed_no_fit_and_stay_visible(tmp_path, monkeypa
     assert set(out) == {"llama_1b_16k_metrics", "dp2_metrics"}
     assert out["dp2_metrics"]["measured_s"] == 0.9 and out["dp2_metrics"]["predicted_s"] > 0
     assert {m["name"].split("/")[-1] for m in result["memory"]} == {"llama_1b_16k_metrics", "dp2_metrics"}
+
+
+def test_dp_cp_lanes_with_a_profiled_step_and_balanced_rows():
+    """disagg_dp_cp_gpu.sh's lane files: the folder says SEQ, `_profiled<N>` a step left out,
+    and the balanced lanes (every document SEQ / 4) run with data.distribution=fixed."""
+    from seqpar.sim.measurements import e2e_run_of
+
+    lane = "docs/benchmarks/2026-11-26-2gpu-8th/call3/gpu01_disagg_dp_cp_gpu_65536"
+    run = e2e_run_of(f"{lane}/ideal_1gpu_fixed_profiled8_metrics.jsonl")
+    assert run["profiled_step"] == 8 and run["world"] == 1
+    assert "data.seq_len=65536" in run["overrides"] and run["overrides"][-1] == "data.distribution=fixed"
+    plain = e2e_run_of(f"{lane}/dp2_metrics.jsonl")
+    assert "profiled_step" not in plain and plain["world"] == 2 and "data.distribution=lognormal" in plain["overrides"]
+    assert e2e_run_of(f"{lane}/dp2_alltriton_metrics.jsonl") is None  # a lane the model cannot be told

@@ -11,6 +11,7 @@ import glob
 import itertools
 import json
 import os
+import re
 import statistics
 from pathlib import Path
 
@@ -368,11 +369,19 @@ _DP_CP_LANES = {"dp2": ([], None), "dp2_disagg_dp_cp": (["parallel.softmax_sp=di
                 "cp2_ring": (["parallel.cp=2", "parallel.softmax_sp=ring", "parallel.layout=zigzag"], None),
                 "cp2_per_doc": (["parallel.cp=2", "parallel.softmax_sp=ring", "parallel.layout=doc_zigzag"], None),
                 # one GPU running both rows (two micro-batches): half its step is the balanced ideal
-                "ideal_1gpu": (["launcher.nproc_per_node=1"], None)}
+                "ideal_1gpu": (["launcher.nproc_per_node=1"], None),
+                # every document SEQ / 4 long (eighth session): equal work on both ranks, plain dp's own cost
+                "dp2_fixed": (["data.distribution=fixed"], None),
+                "ideal_1gpu_fixed": (["launcher.nproc_per_node=1", "data.distribution=fixed"], None)}
 
 
 def dp_cp_run(lane: str, seq: int = 16384) -> dict | None:
-    """The E2E_RUNS entry of disagg_dp_cp_gpu.sh's lane `lane` at SEQ tokens per GPU (held out)."""
+    """The E2E_RUNS entry of disagg_dp_cp_gpu.sh's lane `lane` at SEQ tokens per GPU (held out);
+    a lane named `<lane>_profiled<N>` had step N profiled (logging.profile_step=N), which is left out."""
+    profiled = re.fullmatch(r"(.+)_profiled(\d+)", lane)
+    if profiled:
+        run = dp_cp_run(profiled.group(1), seq)
+        return run and {**run, "profiled_step": int(profiled.group(2))}
     if lane not in _DP_CP_LANES:
         return None
     extra, prefix = _DP_CP_LANES[lane]
@@ -462,8 +471,6 @@ _MEMORY_PEAK_MODES = {
 def memory_peak_samples(root=None) -> tuple[list[dict], list[dict]]:
     """(memory twins, superseded) of memory_peak_gpu.sh's peaks: of one (mode, length) the latest
     run's peak (the estimate describes today's code); the earlier ones as validate's `excluded`."""
-    import re
-
     root = Path(root or bench_dir())
     latest = {}
     for path in sorted(glob.glob(str(root / "*" / "**" / "*_peak.txt"), recursive=True)):
@@ -493,8 +500,6 @@ def memory_peak_samples(root=None) -> tuple[list[dict], list[dict]]:
 def e2e_run_of(path) -> dict | None:
     """The E2E_RUNS entry of a metrics file; the fourth session of 2026-11-26 named its copies
     `e2e_<model>_<layout>_metrics.jsonl`; a disagg_dp_cp_gpu.sh lane folder says its SEQ (`dp_cp_run`)."""
-    import re
-
     name = Path(path).name
     lane = re.fullmatch(r".*disagg_dp_cp_gpu(?:_(\d+))?", Path(path).parent.name)
     if lane and name.endswith("_metrics.jsonl"):
