@@ -130,7 +130,8 @@ def _cut(world, rank, B, s_local, layout, bounds, device, dt) -> _Geometry:
     for r, chunks in enumerate(order):
         for i, g in enumerate(chunks):
             owners[g] = (r, i)
-    passes = torch.tensor([not (at_start[g] or inside[g]) for g in range(n_chunks)], dtype=dt, device=device)
+    resets = tuple(at_start[g] or bool(inside[g]) for g in range(n_chunks))  # a document starts in chunk g
+    passes = torch.tensor([not r for r in resets], dtype=dt, device=device)
     mine = order[rank]
     continues = [not at_start[g] for g in mine]
     keep = torch.tensor(continues, dtype=dt, device=device).view(-1, 1, 1, 1, 1)
@@ -144,8 +145,7 @@ def _cut(world, rank, B, s_local, layout, bounds, device, dt) -> _Geometry:
         first_slot = torch.tensor([[edges.index(i * C)] for i in range(n_local)], device=device)
         last_slot = torch.tensor([[edges.index((i + 1) * C) - 1] for i in range(n_local)], device=device)
         n_slots = len(edges) - 1
-    return _Geometry(C, n_local, dt, owners, passes, tuple(at_start[g] or bool(inside[g]) for g in range(n_chunks)),
-                     tuple(not at_start[g] for g in range(n_chunks)), continues, keep,
+    return _Geometry(C, n_local, dt, owners, passes, resets, tuple(not a for a in at_start), continues, keep,
                      first_len=[inside[g][0] if inside[g] else C for g in mine],
                      last_start=[inside[g][-1] if inside[g] else 0 for g in mine], kernel_cu=kernel_cu,
                      first_slot=first_slot, last_slot=last_slot, n_slots=n_slots)
