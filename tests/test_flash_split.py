@@ -486,8 +486,9 @@ def test_gpu_dispatch_forced_split_and_rows_without_long_documents(monkeypatch):
 
 
 def test_prebuild_covers_every_shape_the_split_then_runs(monkeypatch):
-    """`prebuild_plans` calls the dense kernels (forward, then backward) once per length bucket from
-    min_doc_len to max_doc_len, causal, with the calls' heads, head dim and scale, and rows of new
+    """`prebuild_plans` calls the dense forward once per length bucket from min_doc_len to
+    max_doc_len, then inside a backward pass (torch's cuDNN plans are per thread, a CUDA backward
+    has its own) forward and backward, causal, with the calls' heads, head dim and scale; rows of new
     document lengths afterwards run only those shapes (what makes a cuDNN plan: the length, heads,
     head dim, scale, causality; strides are made canonical in aten.py)."""
     from seqpar.kernels.flash_attn.split import max_doc_len, min_doc_len, prebuild_plans
@@ -503,7 +504,8 @@ def test_prebuild_covers_every_shape_the_split_then_runs(monkeypatch):
     def record(kind):
         def dense(*args):
             q, causal, sc = args[0] if kind == "fwd" else args[1], args[-2], args[-1]
-            seen.append((kind, q.shape[1:], causal, sc))
+            in_backward = torch._C._current_graph_task_id() != -1
+            seen.append((kind, q.shape[1:], causal, sc, in_backward))
             ref = _reference_kernels([])
             return ref.dense_fwd(*args) if kind == "fwd" else ref.dense_bwd(*args)
         return dense
@@ -511,14 +513,15 @@ def test_prebuild_covers_every_shape_the_split_then_runs(monkeypatch):
     kernels = SplitKernels(record("fwd"), record("bwd"), *_reference_kernels([])[2:])
     built = prebuild_plans(Hq, D, dtype=F64, device="cpu", kernels=kernels)
     assert built == sorted({bucket_len(n, 4) for n in range(lo, hi + 1)}) and len(built) > 8
-    assert seen == [(kind, (n, Hq, D), True, scale) for n in built for kind in ("fwd", "bwd")]
-    prebuilt, seen[:] = set(seen), []
+    assert seen == ([("fwd", (n, Hq, D), True, scale, False) for n in built]
+                    + [(kind, (n, Hq, D), True, scale, True) for n in built for kind in ("fwd", "bwd")])
+    prebuilt, seen[:] = {key[:4] for key in seen if key[4]}, []
     rng = torch.Generator().manual_seed(3)
     for _ in range(6):  # rows of fresh lengths, some long (as training packs them)
         lengths = [int(x) for x in torch.randint(1, hi, (3,), generator=rng)] + [lo, hi]
         q, k, v, do = _inputs(sum(lengths), Hq, Hkv, D, seed=len(seen))
         leaves = [t.requires_grad_() for t in (q, k, v)]
         flash_attn_split(*leaves, cu_seqlens=_cu(lengths), kernels=kernels).backward(do)
-    assert seen and set(seen) <= prebuilt, set(seen) - prebuilt
+    assert seen and {key[:4] for key in seen} <= prebuilt, {key[:4] for key in seen} - prebuilt
     monkeypatch.setenv("SEQPAR_CUDNN_BUCKETS", "0")  # exact lengths: one plan per length, nothing to prebuild
     assert prebuild_plans(Hq, D, dtype=F64, device="cpu", kernels=kernels) == []

@@ -247,6 +247,9 @@ def prebuild_plans(heads: int, head_dim: int, *, dtype=torch.bfloat16, device="c
     `max_doc_len`), before training rather than at each bucket's first document inside a step:
     each build stalls its rank's GPU for ~100 ms (H100: [4k, 16k]'s 33 buckets took 3.3 s), and
     under disaggregated attention the other ranks wait for it at the layer's next all-to-all.
+    torch keeps cuDNN's plans per thread, and a CUDA backward runs on the autograd engine's own
+    thread (recomputed checkpointed forwards too): forward plans are built here, forward and
+    backward ones again inside a backward pass.
     The scale must be the calls' (cuDNN keys its plans on it); the model's is head_dim ** -0.5.
     Returns the bucket lengths built ([] without buckets, SEQPAR_CUDNN_BUCKETS=0: one per length).
     Not built: the non-causal prefix calls of disagg servers' pieces (two lengths each)."""
@@ -256,15 +259,36 @@ def prebuild_plans(heads: int, head_dim: int, *, dtype=torch.bfloat16, device="c
     kn = kernels or cudnn_triton_kernels()
     scale = head_dim ** -0.5 if scale is None else scale
     hi = max_doc_len(heads, head_dim, torch.empty((), dtype=dtype).element_size())
-    built, n = [], min_doc_len(heads)
+    lengths, n = [], min_doc_len(heads)
     while n <= hi:
-        length = bucket_len(n, per)
-        x = torch.randn(1, length, heads, head_dim, device=device, dtype=dtype)  # any values build the plan
-        out, lse = kn.dense_fwd(x, x, x, True, scale)
-        kn.dense_bwd(x, x, x, x, out, lse, True, scale)
-        built.append(length)
-        n = length + 1
-    return built
+        lengths.append(bucket_len(n, per))
+        n = lengths[-1] + 1
+
+    def build(backward: bool):
+        for length in lengths:
+            x = torch.randn(1, length, heads, head_dim, device=device, dtype=dtype)  # any values build the plan
+            out, lse = kn.dense_fwd(x, x, x, True, scale)
+            if backward:
+                kn.dense_bwd(x, x, x, x, out, lse, True, scale)
+
+    build(backward=False)
+    _RunInBackward.apply(torch.zeros((), device=device, requires_grad=True), lambda: build(backward=True)).backward()
+    return lengths
+
+
+class _RunInBackward(torch.autograd.Function):
+    """Identity whose backward first calls `fn`: runs `fn` on the thread the autograd engine runs
+    this device's backward passes on."""
+
+    @staticmethod
+    def forward(ctx, x, fn):
+        ctx.fn = fn
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.fn()
+        return grad, None
 
 
 def _pad_rows(t, rows, group=1):
