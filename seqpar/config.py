@@ -46,6 +46,10 @@ class DisaggConfig:  # parallel.softmax_sp=disagg (core-attention servers); rule
     # 16 batches each, 2026-11-26): the overlapped schedules' extra calls cost more than they hide
     schedule: str = "single"
     cost_table: Optional[str] = None  # JSON from `python -m seqpar.bench disagg --profile-cost-table`
+    # a score pair a server computes on seqpar's Triton kernel costs this many on cuDNN, where the
+    # split hands its long tasks to cuDNN (CUDA): the planner weighs tasks by their kernel. 1.54 on
+    # 2 H100 (llama_1b, 64k tokens per GPU, a step whose long document stayed on Triton, 2026-11-26)
+    triton_cost: float = 1.5
     # dp_cp: also move attention work between the data-parallel ranks (their packed rows joined into
     # one); the same as cp where dp = 1 or softmax_sp is not disagg
     group: str = "dp_cp"
@@ -105,8 +109,10 @@ class TrainConfig:
     offload_optimizer: bool = False  # AdamW's moments wait in pinned host memory between steps (fsdp2 engine)
     mlp_chunk_tokens: int = 0  # >0: the MLP runs longer sequences in chunks of this many positions
     # CUDA, bf16, softmax layers: build cuDNN's attention plans for every long-document length bucket
-    # before step 1 (seconds), not inside the steps that first meet each (kernels/flash_attn/split.py)
-    cudnn_prebuild: bool = False
+    # before step 1 (10-13 s for llama_1b), not inside the steps that first meet each
+    # (kernels/flash_attn/split.py). 2 H100, llama_1b 64k tokens per GPU, disagg dp_cp: 1.229x -> 1.169x
+    # the balanced ideal, a profiled step's host stalls 546 -> 40 ms (2026-11-26, docs/benchmarks)
+    cudnn_prebuild: bool = True
     checkpoint_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 2
     resume: str = "auto"  # auto (latest in run_dir if any) | none | PATH of a checkpoint

@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from seqpar import kernels
 from seqpar.attention import SOFTMAX_SP, disagg_attention
-from seqpar.attention.disagg import TASK_OVERHEAD, pairs, plan, task_cost
+from seqpar.attention.disagg import TASK_OVERHEAD, KernelSpeed, pairs, plan, task_cost
 from seqpar.parallel.sharding import local_ranges, shard_sequence, unshard_sequence
 from tests.distributed import run_distributed
 
@@ -25,7 +25,7 @@ def _bounds(lengths, multiple):
     return b
 
 
-def _check_plan(p, bounds, world, layout, min_chunk):
+def _check_plan(p, bounds, world, layout, min_chunk, speed=None):
     owned = [local_ranges(bounds[-1], world, r, layout) for r in range(world)]
     edges = set(bounds) | {x for rs in owned for r in rs for x in r}
     pos = 0  # sorted by q_start, the tasks must tile [0, total) exactly: every query once
@@ -40,8 +40,8 @@ def _check_plan(p, bounds, world, layout, min_chunk):
     assert pos == bounds[-1], "every query token in exactly one task"
     loads = [0] * world
     for t in p.tasks:
-        loads[t.server] += task_cost(t.q_start, t.q_end, t.kv_start)
-    assert loads == p.loads
+        loads[t.server] += task_cost(t.q_start, t.q_end, t.kv_start, speed=speed)
+    assert loads == pytest.approx(p.loads, rel=1e-12)
 
 
 def test_task_cost_counts_causal_pairs():
@@ -64,9 +64,11 @@ def test_plan_invariants_random_mixes(layout, seed):
         lengths = [rng.randint(1, 64) for _ in range(200)]
     bounds = _bounds(lengths, 2 * world)
     min_chunk = rng.choice([16, 128])
-    p = plan(bounds, world, layout=layout, min_chunk=min_chunk)
-    _check_plan(p, bounds, world, layout, min_chunk)
-    assert p == plan(torch.tensor(bounds, dtype=torch.int32), world, layout=layout, min_chunk=min_chunk), \
+    speed = rng.choice([None, KernelSpeed(rng.randint(64, 1024), rng.randint(1500, 7000), rng.random() < 0.5)])
+    p = plan(bounds, world, layout=layout, min_chunk=min_chunk, speed=speed)
+    _check_plan(p, bounds, world, layout, min_chunk, speed)
+    assert p == plan(torch.tensor(bounds, dtype=torch.int32), world, layout=layout, min_chunk=min_chunk,
+                     speed=speed), \
         "deterministic, and tensors plan like lists"
     assert max(p.loads) <= max(p.initial_loads), "planning never makes the slowest server slower"
 
@@ -84,6 +86,30 @@ def test_plan_balances_one_long_document_among_small_ones(layout):
     assert any(t.server != t.owner for t in p.tasks)
     tight = plan(bounds, 4, layout=layout, eps=0.02)
     assert tight.imbalance <= 1.02 + 1e-9, tight.loads
+
+
+def test_plan_weighs_pairs_by_the_kernel_that_runs_them():
+    """With a KernelSpeed, tasks cuDNN would not take (a document past max_len; pieces under
+    min_len queries) cost triton_cost per pair: the plan balances those weighted loads, where
+    balancing the bare pairs leaves the rank of the long document slowest."""
+    speed = KernelSpeed(min_len=256, max_len=3000, triton_cost=1.5)
+    assert task_cost(0, 3584, 0, speed=speed) == 1.5 * pairs(0, 3584, 0) + TASK_OVERHEAD
+    assert task_cost(0, 2896, 0, speed=speed) == task_cost(0, 2896, 0)
+    assert task_cost(2800, 2896, 0, speed=speed) == 1.5 * pairs(2800, 2896, 0) + TASK_OVERHEAD  # 96 queries
+    assert task_cost(1000, 2896, 0, speed=speed) == task_cost(1000, 2896, 0)  # a piece over its prefix
+    no_prefix = KernelSpeed(min_len=256, max_len=3000, prefix=False, triton_cost=1.5)
+    assert task_cost(1000, 2896, 0, speed=no_prefix) == 1.5 * pairs(1000, 2896, 0) + TASK_OVERHEAD
+    bounds = [0, 3584, 4096, 4096 + 2896, 8192]  # rank 0: a document past max_len; rank 1: two under it
+
+    def weighted(p):
+        loads = [0.0, 0.0]
+        for t in p.tasks:
+            loads[t.server] += task_cost(t.q_start, t.q_end, t.kv_start, speed=speed)
+        return max(loads) / (sum(loads) / 2)
+
+    blind, aware = plan(bounds, 2, eps=0.05), plan(bounds, 2, eps=0.05, speed=speed)
+    _check_plan(aware, bounds, 2, "contiguous", 128, speed)
+    assert weighted(blind) > 1.15 and aware.imbalance == weighted(aware) <= 1.05, (weighted(blind), aware.loads)
 
 
 def test_plan_1000_documents_is_fast():
@@ -297,12 +323,12 @@ def test_disagg_config_keys_reach_the_runtime(tmp_path):
     path = tmp_path / "table.json"
     path.write_text(json.dumps(_table(3000)))
     cfg = _make_cfg("parallel.disagg.eps=0.03", "parallel.disagg.min_chunk=64", "parallel.disagg.schedule=halves",
-                    f"parallel.disagg.cost_table={path}")
+                    f"parallel.disagg.cost_table={path}", "parallel.disagg.triton_cost=1.25")
     validate(cfg, world=2)
     previous = configure(cfg.parallel.disagg)
     try:
         opts = current()
-        assert (opts.eps, opts.min_chunk, opts.schedule) == (0.03, 64, "halves")
+        assert (opts.eps, opts.min_chunk, opts.schedule, opts.triton_cost) == (0.03, 64, "halves", 1.25)
         assert abs(planner_overhead(opts) - 3000) <= 1
     finally:
         configure(previous)
@@ -315,6 +341,7 @@ def test_disagg_config_keys_reach_the_runtime(tmp_path):
     ("parallel.disagg.schedule=both", "parallel.disagg.schedule='both': choose single, halves, ping_pong"),
     ("parallel.disagg.task_overhead=-5", "parallel.disagg.task_overhead=-5: must be >= 0"),
     ("parallel.disagg.cost_table=/nope/table.json", "parallel.disagg.cost_table=/nope/table.json: file not found"),
+    ("parallel.disagg.triton_cost=-1", "parallel.disagg.triton_cost=-1.0: must be a number > 0"),
 ])
 def test_bad_disagg_keys_fail_naming_the_key(override, message):
     from seqpar.config import ConfigError, validate
@@ -499,6 +526,22 @@ def _gpu_rows_bf16(rank, world):
     choice = [flash_attn_choice(kq, kk, kk, return_lse=True, **one)[0],
               flash_attn_choice(kq, kk, kk, backward=True, **one)[0]]
     return err, moved, syncs, choice
+
+
+def test_kernel_speed_says_which_tasks_the_servers_run_on_cudnn():
+    """What the planner is told about the servers' kernels: nothing where one kernel runs every
+    task (CPU); on CUDA, where the split takes the servers' calls, its cuDNN lengths."""
+    from seqpar.attention.disagg import DisaggOptions, KernelSpeed
+    from seqpar.attention.disagg.runtime import kernel_speed
+    from seqpar.kernels.flash_attn.split import max_doc_len, min_doc_len
+    q = torch.empty(1, 64, 32, 64)
+    assert kernel_speed(q, q[:, :, :8], q[:, :, :8], DisaggOptions()) is None
+    if not torch.cuda.is_available():
+        return
+    q = q.to("cuda", torch.bfloat16)
+    speed = kernel_speed(q, q[:, :, :8], q[:, :, :8], DisaggOptions(triton_cost=1.25))
+    want = KernelSpeed(min_doc_len(32), max_doc_len(32, 64, 2), True, 1.25)
+    assert speed == (want if _server_kernel() == "split" else None)
 
 
 def _server_kernel() -> str:

@@ -19,6 +19,7 @@ import sys
 
 from hydra import compose, initialize_config_dir
 
+from seqpar.attention.disagg import KernelSpeed
 from seqpar.attention.disagg.options import planner_overhead, DisaggOptions
 from seqpar.attention.disagg.runtime import _plan_routes
 from seqpar.config import register_configs
@@ -72,7 +73,8 @@ def main(seq=65536, steps=12, pow2=False):
         for rank, own in enumerate((r0, r1)):
             need = {"dp2": _task_shapes(own, own, lo, hi, True, pow2)}
             routes, _ = _plan_routes(tuple(joined), seq, 2, rank, "contiguous", opts.eps, opts.min_chunk, True,
-                                     planner_overhead(opts), (q_row, kv_row), "single")
+                                     planner_overhead(opts), (q_row, kv_row), "single",
+                                     KernelSpeed(lo, hi, triton_cost=opts.triton_cost))  # as on the GPU
             need["disagg"] = set().union(*(_task_shapes(r.cu_q, r.cu_k, lo, hi, True, pow2) for r in routes))
             for lane, shapes in need.items():
                 line[f"{lane}_r{rank}"] = [len(shapes), len(shapes - seen[lane, rank])]

@@ -156,8 +156,7 @@ def split_task_bounds(bounds_q, bounds_k, min_len: int, max_len: int | None = No
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must count the same documents: {bq_in}, {bk_in}")
     long_tasks, bq, bk = [], [0], [0]
     for qa, qb, ka, kb in zip(bq_in, bq_in[1:], bk_in, bk_in[1:]):
-        n, m = qb - qa, kb - ka
-        if min_len <= n and (m == n or (causal and m > n)) and (max_len is None or m <= max_len):
+        if runs_on_cudnn(qb - qa, kb - ka, min_len, max_len, causal):
             long_tasks.append((qa, qb, ka, kb))
             bq += [qb, qb]
             bk += [ka, kb]
@@ -165,6 +164,11 @@ def split_task_bounds(bounds_q, bounds_k, min_len: int, max_len: int | None = No
             bq.append(qb)
             bk.append(kb)
     return long_tasks, bq, bk
+
+
+def runs_on_cudnn(n: int, m: int, min_len: int, max_len: int | None, causal: bool) -> bool:
+    """Whether a task of n queries over m keys is long (`split_task_bounds`): cuDNN computes it."""
+    return min_len <= n and (m == n or (causal and m > n)) and (max_len is None or m <= max_len)
 
 
 def prefix_parts(n: int, m: int, min_len: int, per_octave: int) -> tuple[int, int]:

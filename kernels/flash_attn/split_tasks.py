@@ -46,12 +46,18 @@ def task_plan(bounds_q: tuple, bounds_k: tuple, min_len: int, max_len: int | Non
     return TaskPlan(tuple((*t, p, f) for t, (p, f) in zip(long_tasks, parts)), as_dev(bq), as_dev(bk), per_octave)
 
 
-def _task_plan_for(q, cu_q, cu_k, min_len, max_len, per_octave, causal) -> TaskPlan:
+def cudnn_lengths(q) -> tuple[int, int, bool]:
+    """(min_len, max_len, prefix) of the tasks a call on queries like `q` hands to cuDNN
+    (`split.runs_on_cudnn`; prefix: causal pieces over a prefix too)."""
     H, D = q.shape[2:]
-    return task_plan(_host_bounds(cu_q), _host_bounds(cu_k), min_doc_len(H) if min_len is None else min_len,
-                     max_doc_len(H, D, q.element_size()) if max_len is None else max_len,
-                     buckets_per_octave() if per_octave is None else per_octave, q.device,
-                     bool(causal) and os.environ.get(PREFIX_ENV, "1").strip() != "0")
+    return min_doc_len(H), max_doc_len(H, D, q.element_size()), os.environ.get(PREFIX_ENV, "1").strip() != "0"
+
+
+def _task_plan_for(q, cu_q, cu_k, min_len, max_len, per_octave, causal) -> TaskPlan:
+    lo, hi, prefix = cudnn_lengths(q)
+    return task_plan(_host_bounds(cu_q), _host_bounds(cu_k), lo if min_len is None else min_len,
+                     hi if max_len is None else max_len, buckets_per_octave() if per_octave is None else per_octave,
+                     q.device, bool(causal) and prefix)
 
 
 def _blank_front(t, a, b, front, rows):

@@ -53,7 +53,7 @@ from seqpar.attention.disagg import metrics as disagg_metrics
 from seqpar.attention.disagg.options import planner_overhead
 from seqpar.attention.disagg.planner import plan_owned
 from seqpar.attention.disagg.routing import route
-from seqpar.attention.disagg.runtime import _DisaggAttention, _plan_routes, disagg_attention
+from seqpar.attention.disagg.runtime import _DisaggAttention, _plan_routes, disagg_attention, kernel_speed
 from seqpar.attention.ring import ring_attention
 from seqpar.bench.ring import _all_ranks, _max_over_ranks, _sync, _triton_version, lognormal_lengths
 from seqpar.kernels.flash_attn import flash_attn, flash_attn_backward
@@ -255,7 +255,7 @@ def bench_batch(args, bounds, device, timer, world, rank, check=False, parts=Fal
         row[f"{name}_ms"] = _max_over_ranks(ms[name], device)
         row[f"{name}_waited_ms"] = _max_over_ranks(sorted(waited[name])[len(waited[name]) // 2], device)
         routes, info = _plan_routes(tuple(bounds), S, world, rank, "contiguous", float(opts.eps), int(opts.min_chunk),
-                                    True, planner_overhead(opts), (q_row, kv_row), sch)
+                                    True, planner_overhead(opts), (q_row, kv_row), sch, kernel_speed(*contiguous[:3], opts))
         row[f"{name}_bytes"] = int(sum(_all_ranks(sum(r.sent_rows(q_row, kv_row) for r in routes), device)))
         if parts and sch != "single":  # the same call without its transfers, and its transfers alone
             for key, value in parts_times(fn, contiguous, timer, device).items():

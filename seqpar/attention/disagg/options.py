@@ -25,6 +25,7 @@ class DisaggOptions:
     schedule: str = "single"         # how a server's calls meet the transfers (SCHEDULES; see config)
     cost_table: Optional[str] = None  # JSON of (q_len, kv_len) -> ms profiled on the GPU
     group: str = "dp_cp"             # cp: balance inside the cp group; dp_cp: across data-parallel ranks too (rows.py)
+    triton_cost: float = 1.5         # a score pair on the servers' Triton kernel, relative to one on cuDNN (planner.KernelSpeed)
 
     def overhead(self) -> int:
         """The per-task overhead the planner uses."""
@@ -55,6 +56,9 @@ def validate(options) -> DisaggOptions:
     if opts.task_overhead is not None and opts.cost_table:
         raise ValueError(f"parallel.disagg.task_overhead={opts.task_overhead} and parallel.disagg.cost_table="
                          f"{opts.cost_table}: the overhead comes from one of them; set the other to null")
+    if isinstance(opts.triton_cost, bool) or not isinstance(opts.triton_cost, (int, float)) or not opts.triton_cost > 0:
+        raise ValueError(f"parallel.disagg.triton_cost={opts.triton_cost}: must be a number > 0 (the cost of a score "
+                         "pair on the Triton kernel relative to cuDNN; 1.54 measured on H100, 1 ignores the kernels)")
     if opts.schedule not in SCHEDULES:
         raise ValueError(f"parallel.disagg.schedule={opts.schedule!r}: choose {', '.join(SCHEDULES)} (single: one "
                          "kernel call per server, transfers exposed; halves: local work split around the remote "

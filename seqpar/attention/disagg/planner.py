@@ -14,6 +14,12 @@ row. Among the moves that do at least half the good of the best one, the planner
 that moves the most work per byte sent (queries out and outputs back, plus key/value rows the
 receiving server does not hold or receive already).
 
+On CUDA a server's call hands long tasks to cuDNN and the rest to seqpar's Triton kernel
+(kernels/flash_attn/split_tasks.py), which computes a score pair ~1.5x slower: with a
+`KernelSpeed` the planner weighs each task's pairs by the kernel that will run it, so that a rank
+whose documents exceed cuDNN's length cap is not handed the mean number of pairs (2 H100, llama_1b,
+64k tokens per GPU: such a step ran 2.9 s of attention on one rank against 2.1 s on the other).
+
 It is pure Python and deterministic: every rank computes the same plan from the same
 boundaries, so no communication is needed to agree on it.
 """
@@ -23,12 +29,27 @@ import bisect
 import math
 from dataclasses import dataclass
 
+from seqpar.kernels.flash_attn.split import runs_on_cudnn
 from seqpar.parallel.sharding import local_ranges
 
 # Default per-task cost on top of the score pairs, in score pairs: launch and tile inefficiency of
 # one more varlen segment. A GPU cost table (`fit_task_overhead`) replaces it with a measured
 # value. It stops the planner from shredding documents for negligible gains.
 TASK_OVERHEAD = 128 * 128 // 2
+
+
+@dataclass(frozen=True)
+class KernelSpeed:
+    """Which tasks a server's call runs on cuDNN (`split.runs_on_cudnn` with these lengths;
+    `prefix`: causal pieces over a prefix too, SEQPAR_CUDNN_PREFIX) and the cost of a score pair
+    on the Triton kernel that runs the others, relative to cuDNN (`parallel.disagg.triton_cost`)."""
+    min_len: int
+    max_len: int | None
+    prefix: bool = True
+    triton_cost: float = 1.5
+
+    def weight(self, queries: int, keys: int, causal: bool) -> float:
+        return 1 if runs_on_cudnn(queries, keys, self.min_len, self.max_len, causal and self.prefix) else self.triton_cost
 
 
 @dataclass(frozen=True)
@@ -43,8 +64,8 @@ class Task:
 @dataclass(frozen=True)
 class Plan:
     tasks: list[Task]
-    loads: list[int]          # modelled cost per server after planning
-    initial_loads: list[int]  # ... and before (every rank serving its own tokens)
+    loads: list[float]          # modelled cost per server after planning
+    initial_loads: list[float]  # ... and before (every rank serving its own tokens)
     bytes_moved: int = 0      # modelled bytes servers receive from other ranks (row_bytes units)
 
     @property
@@ -74,26 +95,33 @@ def pairs(q_start: int, q_end: int, kv_start: int, kv_end: int | None = None) ->
 
 
 def task_cost(q_start: int, q_end: int, kv_start: int, kv_end: int | None = None, *,
-              overhead: int = TASK_OVERHEAD) -> int:
-    return pairs(q_start, q_end, kv_start, kv_end) + overhead
+              overhead: int = TASK_OVERHEAD, speed: KernelSpeed | None = None) -> float:
+    """The planner's cost of a task: its score pairs, weighed by the kernel that runs it (`speed`,
+    None: one kernel), plus the per-task overhead."""
+    n = pairs(q_start, q_end, kv_start, kv_end)
+    if speed is not None:
+        n *= speed.weight(q_end - q_start, (q_end if kv_end is None else kv_end) - kv_start, kv_end is None)
+    return n + overhead
 
 
 def plan(cu_seqlens, world_size: int, *, layout: str = "contiguous", eps: float = 0.1, min_chunk: int = 128,
-         causal: bool = True, overhead: int = TASK_OVERHEAD, row_bytes: tuple[int, int] = (2, 2)) -> Plan:
+         causal: bool = True, overhead: int = TASK_OVERHEAD, row_bytes: tuple[int, int] = (2, 2),
+         speed: KernelSpeed | None = None) -> Plan:
     """Plan of the packed row with document boundaries `cu_seqlens` (GLOBAL, tensor or list)
     over `world_size` servers, the tokens held as `shard_sequence(layout)` cuts them.
 
     `overhead`: per-task cost in score pairs. `row_bytes`: (bytes per query row: Q sent and O
     returned; bytes per key/value row: K and V sent), used to prefer cheap moves; only their ratio
-    matters to the choice."""
+    matters to the choice. `speed`: the servers' kernels (None: every pair costs the same)."""
     bounds = [int(x) for x in (cu_seqlens.tolist() if hasattr(cu_seqlens, "tolist") else cu_seqlens)]
     owned = [local_ranges(bounds[-1], world_size, r, layout) for r in range(world_size)]
     return plan_owned(bounds, owned, eps=eps, min_chunk=min_chunk, causal=causal, overhead=overhead,
-                      row_bytes=row_bytes)
+                      row_bytes=row_bytes, speed=speed)
 
 
 def plan_owned(bounds: list[int], owned: list[list[tuple[int, int]]], *, eps: float = 0.1, min_chunk: int = 128,
-               causal: bool = True, overhead: int = TASK_OVERHEAD, row_bytes: tuple[int, int] = (2, 2)) -> Plan:
+               causal: bool = True, overhead: int = TASK_OVERHEAD, row_bytes: tuple[int, int] = (2, 2),
+               speed: KernelSpeed | None = None) -> Plan:
     """`plan` for explicit ownership: `owned[r]` are the global token ranges rank r holds."""
     world = len(owned)
     if min_chunk < 1:
@@ -103,7 +131,7 @@ def plan_owned(bounds: list[int], owned: list[list[tuple[int, int]]], *, eps: fl
     if overhead < 0:
         raise ValueError(f"overhead={overhead} must be >= 0")
     doc_end = {bounds[i]: bounds[i + 1] for i in range(len(bounds) - 1)}
-    model = _Model(causal, overhead, doc_end, [sorted(r) for r in owned], row_bytes)
+    model = _Model(causal, overhead, doc_end, [sorted(r) for r in owned], row_bytes, speed)
     # tasks[s] = list of [q_start, q_end, kv_start, owner]; start: every rank serves its own tokens
     tasks: list[list[list[int]]] = [[] for _ in range(world)]
     for r, ranges in enumerate(owned):
@@ -136,15 +164,16 @@ def plan_owned(bounds: list[int], owned: list[list[tuple[int, int]]], *, eps: fl
         else:
             del tasks[hi][idx]
         for a, b in moved:
-            loads[lo] += model.cost(a, b, d)
             for u in tasks[lo]:  # a piece next to one lo already serves joins it: one task, one overhead
                 if u[2] == d and u[3] == owner and (u[1] == a or u[0] == b) and model.within_one_range(
                         owner, min(u[0], a), max(u[1], b)):
+                    loads[lo] -= model.cost(u[0], u[1], d)
                     u[0], u[1] = min(u[0], a), max(u[1], b)
-                    loads[lo] -= model.overhead
+                    loads[lo] += model.cost(u[0], u[1], d)
                     break
             else:
                 tasks[lo].append([a, b, d, owner])
+                loads[lo] += model.cost(a, b, d)
 
     out = sorted((Task(s, a, b, d, o) for s, ts in enumerate(tasks) for a, b, d, o in ts),
                  key=lambda t: (t.q_start, t.server))
@@ -154,15 +183,16 @@ def plan_owned(bounds: list[int], owned: list[list[tuple[int, int]]], *, eps: fl
 class _Model:
     """The cost and transfer model the planner scores moves with."""
 
-    def __init__(self, causal, overhead, doc_end, owned, row_bytes):
-        self.causal, self.overhead, self.doc_end, self.owned = causal, overhead, doc_end, owned
+    def __init__(self, causal, overhead, doc_end, owned, row_bytes, speed):
+        self.causal, self.overhead, self.doc_end, self.owned, self.speed = causal, overhead, doc_end, owned, speed
         self.q_bytes, self.kv_bytes = (int(x) for x in row_bytes)
 
-    def pairs(self, a, b, d):
-        return pairs(a, b, d, None if self.causal else self.doc_end[d])
-
     def cost(self, a, b, d):
-        return self.pairs(a, b, d) + self.overhead
+        return task_cost(a, b, d, None if self.causal else self.doc_end[d], overhead=self.overhead, speed=self.speed)
+
+    def weight(self, a, b, d):
+        """What a score pair of task [a, b) costs on the kernel that runs it."""
+        return 1 if self.speed is None else self.speed.weight(b - a, self.key_end(b, d) - d, self.causal)
 
     def key_end(self, b, d):
         return b if self.causal else self.doc_end[d]
@@ -213,7 +243,7 @@ def _best_move(model: _Model, tasks, lo_tasks, lo, load_hi, load_lo, mean, min_c
         if 4 * (costs[idx] + model.overhead) < best_good:
             break
         qs, qe, d, owner = tasks[idx]
-        for moved, keep in _candidates(model, qs, qe, d, want, min_chunk):
+        for moved, keep in _candidates(model, qs, qe, d, want / model.weight(qs, qe, d), min_chunk):
             dec = model.cost(qs, qe, d) - sum(model.cost(a, b, d) for a, b in keep)
             new_hi, new_lo = load_hi - dec, load_lo + sum(model.cost(a, b, d) for a, b in moved)
             if max(new_hi, new_lo) >= load_hi:
@@ -249,7 +279,7 @@ class _Ratio:
 
 def _candidates(model: _Model, qs, qe, d, want, min_chunk):
     """(moved ranges, kept ranges) of task [qs, qe) of the document starting at d: the whole
-    task, and pieces sized so the work moved is close to `want`, every piece >= min_chunk."""
+    task, and pieces sized so the score pairs moved are close to `want`, every piece >= min_chunk."""
     yield ((qs, qe),), ()
     if qe - qs < 2 * min_chunk:
         return

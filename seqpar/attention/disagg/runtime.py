@@ -59,9 +59,11 @@ import torch.distributed as dist
 
 from seqpar.attention.disagg import metrics
 from seqpar.attention.disagg.options import SCHEDULES, current, planner_overhead
-from seqpar.attention.disagg.planner import plan_owned
+from seqpar.attention.disagg.planner import KernelSpeed, plan_owned
 from seqpar.attention.disagg.routing import Route, nano_batches, owner_assemblies, owner_placements, route
+from seqpar.kernels import backend
 from seqpar.kernels.flash_attn import flash_attn, flash_attn_backward
+from seqpar.kernels.flash_attn.split_tasks import cudnn_lengths
 from seqpar.parallel.sharding import group_size_rank, host_bounds, local_ranges
 
 
@@ -91,7 +93,7 @@ def disagg_attention(q, k, v, *, group=None, causal=True, cu_seqlens=None, softm
     kv_row = hkv * (k.shape[3] + v.shape[3]) * k.element_size()
     misses = _plan_routes.cache_info().misses
     routes, info = _plan_routes(bounds, seq_len, world, rank, layout, float(eps), int(min_chunk), bool(causal),
-                                planner_overhead(opts), (q_row, kv_row), schedule)
+                                planner_overhead(opts), (q_row, kv_row), schedule, kernel_speed(q, k, v, opts))
     metrics.record_call(info, sum(r.sent_rows(q_row, kv_row) for r in routes),
                         new=_plan_routes.cache_info().misses > misses)
     flat = [t.reshape(B * s_local, *t.shape[2:]) for t in (q, k, v)]
@@ -99,15 +101,25 @@ def disagg_attention(q, k, v, *, group=None, causal=True, cu_seqlens=None, softm
     return out.reshape(B, s_local, *out.shape[1:])
 
 
+def kernel_speed(q, k, v, opts) -> KernelSpeed | None:
+    """Which of the servers' tasks cuDNN runs and what a pair costs on Triton, for the planner;
+    None where one kernel runs them all (CPU, the Triton kernel forced, ...)."""
+    tasks = (0, 1, 2)  # what a server's call is: packed tasks, lse returned
+    if backend("flash_attn", q, k, v, return_lse=True, cu_seqlens_q=tasks, cu_seqlens_k=tasks) != "split":
+        return None
+    return KernelSpeed(*cudnn_lengths(q), triton_cost=opts.triton_cost)
+
+
 @functools.lru_cache(maxsize=64)  # every layer of a step plans the same boundaries
-def _plan_routes(bounds, seq_len, world, rank, layout, eps, min_chunk, causal, overhead, row_bytes, schedule):
+def _plan_routes(bounds, seq_len, world, rank, layout, eps, min_chunk, causal, overhead, row_bytes, schedule,
+                 speed=None):
     t0 = time.perf_counter()
     rows = bounds[-1] // seq_len
     # owned chunks in local storage order (row-major, then the layout's chunk order)
     owned = [[(row * seq_len + a, row * seq_len + b) for row in range(rows)
               for a, b in local_ranges(seq_len, world, r, layout)] for r in range(world)]
     p = plan_owned(list(bounds), owned, eps=eps, min_chunk=min_chunk, causal=causal, overhead=overhead,
-                   row_bytes=row_bytes)
+                   row_bytes=row_bytes, speed=speed)
     groups = (schedule != "single" and nano_batches(p.tasks, world, bounds, causal, min_chunk, owned,
                                                     split_remote=schedule == "ping_pong")
               or [sorted(p.tasks, key=lambda t: (t.q_start, t.server))])
