@@ -735,7 +735,7 @@ def test_dp_straggler_and_disagg_over_dp_cp(h100, calib):
     the Triton kernel's lower rate than cuDNN's on one dense document eat the gain: long enough
     rows that the quadratic work dominates.)"""
     from seqpar.model.transformer import head_dim
-    from seqpar.sim.attention_cost import disagg_moved_bytes
+    from seqpar.sim.attention_cost import disagg_moved_bytes, disagg_speed
     from seqpar.sim.step import _attention, dp_attention, joined_row, sizes_of
 
     assert joined_row([(0, 3, 8), (0, 5, 8)]) == (0, 3, 8, 13, 16)
@@ -756,8 +756,12 @@ def test_dp_straggler_and_disagg_over_dp_cp(h100, calib):
     assert t_ours < t_plain and info_ours["imbalance_before"] == pytest.approx(info["imbalance_before"])
     m = ours.model
     H, Hkv, D = m.n_heads, m.n_kv_heads, head_dim(m)
-    moved = disagg_moved_bytes(joined_row([long_doc, short_docs]), 2, H, Hkv, D)
+    speed = disagg_speed(calib, H, D)  # today's planner weighs the 64k document's Triton pairs
+    assert speed is not None and speed.max_len < S
+    moved = disagg_moved_bytes(joined_row([long_doc, short_docs]), 2, H, Hkv, D, speed=speed)
     assert moved == info_ours["moved_bytes_per_rank"] > 0
+    # pieces of it cuDNN takes (at most max_len keys) weigh less where they land: fewer rows move
+    assert moved < disagg_moved_bytes(joined_row([long_doc, short_docs]), 2, H, Hkv, D)
     assert moved % ((4 * H + 4 * Hkv) * D * 2) == 0  # whole query rows: Q, O, dO, dQ and K/V, dK/dV
     # the same rows on every rank: no straggler, nothing to gain
     (t_same, _, _), same = dp_attention("S", plain, calib, h100, sizes, [[[long_doc], [long_doc]]], S, "cudnn")

@@ -117,14 +117,14 @@ def split_call_seconds(calib, call, heads: int, head_dim: int, per_octave: int |
     runs at its exact length), and from 9a4c89d (`lse_prefix_applies`) also when it is causal with
     more keys than queries, at most max_doc_len keys (a piece over its document's prefix:
     `_prefix_task_seconds`); the others keep their (queries, keys) in the Triton call."""
-    from seqpar.kernels.flash_attn.split import BUCKETS_PER_OCTAVE, bucket_len, max_doc_len
+    from seqpar.kernels.flash_attn.split import BUCKETS_PER_OCTAVE, bucket_len, max_doc_len, runs_on_cudnn
     from seqpar.sim.eras import era_since
 
     low = split_min_len(calib, heads)
     segs = list(call.segments) if tasks else [(q, q) for q, _ in call.segments]
     top = max_doc_len(heads, head_dim, 2) if calib.era >= era_since("8969915") or tasks else max(q for q, _ in segs)
     prefix = tasks and call.causal and lse_prefix_applies(calib)
-    is_long = lambda q, k: low <= q and (k == q or (prefix and k > q)) and k <= top  # noqa: E731
+    is_long = lambda q, k: runs_on_cudnn(q, k, low, top, prefix)  # noqa: E731
     octave = BUCKETS_PER_OCTAVE if per_octave is None else per_octave
     t = 0.0
     for q, k in segs:
@@ -462,7 +462,7 @@ def disagg_layer(calib, cluster, rows, world, heads, kv_heads, head_dim, group, 
     row_bytes = (heads * 2 * head_dim * act, kv_heads * 2 * head_dim * act)  # as the runtime plans: Q+O, K+V
     for bounds in rows:
         p = _disagg_plan(tuple(bounds), world, eps, min_chunk, TASK_OVERHEAD if task_overhead is None else task_overhead,
-                         row_bytes)
+                         row_bytes, disagg_speed(calib, heads, head_dim))
         per_server = [[] for _ in range(world)]
         moved_q = [0] * world
         for t in p.tasks:
@@ -518,7 +518,7 @@ def _ping_pong_layer(calib, cluster, rows, world, heads, kv_heads, head_dim, gro
     for bounds in rows:
         bounds = tuple(bounds)
         p = _disagg_plan(bounds, world, eps, min_chunk, TASK_OVERHEAD if task_overhead is None else task_overhead,
-                         row_bytes)
+                         row_bytes, disagg_speed(calib, heads, head_dim))
         per = bounds[-1] // world
         owned = [[(r * per, (r + 1) * per)] for r in range(world)]
         # without ping-pong: each server's local work halved around R (the runtime's code before
@@ -651,14 +651,14 @@ def _nano_schedule(work, share, inbound, outbound, tax) -> float:
 
 
 def disagg_moved_bytes(bounds, world, heads, kv_heads, head_dim, act=2, eps=0.1, min_chunk=128,
-                       task_overhead=None) -> float:
+                       task_overhead=None, speed=None) -> float:
     """Bytes the busiest sender puts on the wire per layer (fwd + bwd) for the tasks that leave
     their owner: what `disagg_layer` times (queries, outputs, dO, dQ, K/V and dK/dV rows)."""
     from seqpar.attention.disagg.planner import TASK_OVERHEAD
 
     row_bytes = (heads * 2 * head_dim * act, kv_heads * 2 * head_dim * act)
     p = _disagg_plan(tuple(bounds), world, eps, min_chunk, TASK_OVERHEAD if task_overhead is None else task_overhead,
-                     row_bytes)
+                     row_bytes, speed)
     moved_q = [0] * world
     for t in p.tasks:
         if t.server != t.owner:
@@ -666,11 +666,27 @@ def disagg_moved_bytes(bounds, world, heads, kv_heads, head_dim, act=2, eps=0.1,
     return max(moved_q) * (4 * heads + 2 * 2 * kv_heads) * head_dim * act
 
 
+def disagg_speed(calib, heads: int, head_dim: int):
+    """The KernelSpeed disagg's planner is given (runtime.kernel_speed): from a8a710a on, where the
+    servers' calls run the split's lse form; None before (every pair the same)."""
+    from seqpar.attention.disagg.options import DisaggOptions
+    from seqpar.attention.disagg.planner import KernelSpeed
+    from seqpar.kernels.flash_attn.split import max_doc_len
+    from seqpar.sim.eras import era_since
+
+    server_call = AttnCall(((2, 2),), True, True)  # bounds and an lse, as every server call
+    if calib.era < era_since("a8a710a") or not lse_split_applies(calib, server_call):
+        return None
+    return KernelSpeed(split_min_len(calib, heads), max_doc_len(heads, head_dim, 2), lse_prefix_applies(calib),
+                       DisaggOptions().triton_cost)
+
+
 @functools.lru_cache(maxsize=1024)
-def _disagg_plan(bounds: tuple[int, ...], world, eps, min_chunk, overhead, row_bytes):
+def _disagg_plan(bounds: tuple[int, ...], world, eps, min_chunk, overhead, row_bytes, speed=None):
     from seqpar.attention.disagg import plan
 
-    return plan(list(bounds), world, eps=eps, min_chunk=min_chunk, overhead=overhead, row_bytes=row_bytes)
+    return plan(list(bounds), world, eps=eps, min_chunk=min_chunk, overhead=overhead, row_bytes=row_bytes,
+                speed=speed)
 
 
 def lasp_layer(calib, cluster, rows, world, heads, head_dim, group, method="lasp2"):

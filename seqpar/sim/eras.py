@@ -71,6 +71,15 @@ CODE_CHANGES = (
     ("2026-11-26T15:17:23+00:00", ("790f716 the split (both forms) for every call again, its documents (tasks) on "
                                    "cuDNN from split.min_doc_len(query heads) = max(4096, 65536 / heads) tokens "
                                    "(8192 at 8 heads, 16384 at 4), replacing 7a02c2d's SPLIT_MIN_HEADS")),
+    # the LASP-2 exchange's wait (its fitted extras), not the kernels (SAME_KERNEL_BENCHES)
+    ("2026-11-26T17:19:44+00:00", ("6619ad8 LASP-2: a rank whose chunks receive no state skips waiting for the "
+                                   "exchange (ChunkChain.receives) and settles it after its passes")),
+    # the ring's per-step work (its fitted extras), not the kernels (SAME_KERNEL_BENCHES)
+    ("2026-11-26T17:32:06+00:00", ("47528c5 kernels.attn_merge_: a ring step's (out, lse) folded into the running "
+                                   "result in one Triton pass (525bf9f: no fp32 running buffer at cp=2)")),
+    # no run yet: what attention_cost models changes (`era_since("a8a710a")`: the plan's KernelSpeed)
+    ("2026-11-26T19:51:48+00:00", ("a8a710a disagg's planner weighs each task's score pairs by the kernel its server "
+                                   "runs it on (parallel.disagg.triton_cost, 1.5 per Triton pair)")),
 )
 
 
@@ -88,6 +97,8 @@ SAME_KERNEL_BENCHES = DISAGG_SCHEDULE_ONLY + ("cec5aa8", "9a4c89d")
 # Triton kernel by name, its split rows priced per era by `attention_cost.split_min_len`; the ring
 # bench forces torch's kernels, the disagg bench runs 32 heads)
 SAME_KERNEL_BENCHES += ("83f5aae", "7a02c2d", "790f716")
+# ... and 6619ad8 (the LASP exchange), 47528c5 (the ring's merge), a8a710a (disagg's plan): no kernel changed
+SAME_KERNEL_BENCHES += ("6619ad8", "47528c5", "a8a710a")
 # CODE_CHANGES entries that changed the lightning kernel (79fc72c's entry holds e049981's one-scan
 # exchange): its kernels-bench rows measure one kernel only between two of them
 LIGHTNING_CHANGES = ("79fc72c", "83f5aae")

@@ -27,8 +27,8 @@ from __future__ import annotations
 import copy
 import functools
 
-from seqpar.sim.attention_cost import (allgather_layer, disagg_layer, disagg_moved_bytes, lasp_layer, perdoc_layer,
-                                       ring_layer, ulysses_layer, usp_groups)
+from seqpar.sim.attention_cost import (allgather_layer, disagg_layer, disagg_moved_bytes, disagg_speed, lasp_layer,
+                                       perdoc_layer, ring_layer, ulysses_layer, usp_groups)
 from seqpar.memory import MARGIN  # the share of a GPU's memory a run may plan to use
 from seqpar.sim.comm import collective_time, dim_stride, group_of, overlapped, placed
 from seqpar.sim.compute import elementwise_time, loss_bytes_per_token, matmul_time
@@ -169,7 +169,7 @@ def dp_attention(kind, cfg, calib, cluster, sizes, draws, tokens_rank, family) -
             kw = dict(eps=opts.get("eps", 0.1), min_chunk=opts.get("min_chunk", 128))
             t = disagg_layer(calib, cluster, [joined], dp * cp, H, Hkv, D, group, family,
                              schedule=disagg_schedule(opts), **kw)
-            moved.append(disagg_moved_bytes(joined, dp * cp, H, Hkv, D, **kw))
+            moved.append(disagg_moved_bytes(joined, dp * cp, H, Hkv, D, speed=disagg_speed(calib, H, D), **kw))
             own = [_cached(cache, kind, cfg, calib, cluster, {**sizes, "dp": 1}, rows, tokens_rank, family)[0]
                    for rows in ranks]  # before balancing: each rank its own rows
             imbalance.append(max(own) / (sum(own) / len(own)))
