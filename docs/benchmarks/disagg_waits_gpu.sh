@@ -1,20 +1,20 @@
 # Two GPUs (device tool, kind nvidia-h100-x2 / nvidia-h200-x2), repo root, .whl carried:
 #   bash docs/benchmarks/disagg_waits_gpu.sh MODE [SEQ]      (SEQ default 65536)
-# Issue 10: what the end-to-end disagg lane's backward waits are (eighth session: 187-258 ms per
-# step at 64k, single waits of 35-44 ms, gone when every server call runs on Triton). MODE:
+# Issue 10: what the end-to-end disagg lane's waits are. MODE:
 # - timeline (~2 min): dp2_disagg_dp_cp with step 8 of 8 profiled WITHOUT the CPU ops
 #   (logging.profile_cpu_ops=false: the step keeps its own timeline), each rank's trace read by
 #   trace_gaps.py: how long its GPU stood still, and whether for the host (the next kernel launched
-#   late: e.g. a cuDNN plan build) or for a collective (the other rank late);
+#   late: a cuDNN plan build) or for a collective (the other rank late). Ninth session: 546 ms of
+#   host stalls per step before the plans were prebuilt on the autograd thread, 40-97 ms after;
 # - norecompile (~6 min): the lanes dp2, ideal_1gpu and dp2_disagg_dp_cp with
 #   TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1 (torch's experimental ragged path for dense cuDNN attention:
-#   one plan per power-of-two length instead of one per bucket; docs/benchmarks/cudnn_shapes.py
-#   counts 25 / 36 new shapes per rank in steps 3-12 without it, 2 / 7 with it);
-# - prebuild (~6 min): the same lanes with train.cudnn_prebuild=true (every bucket's plans built
-#   before step 1; startup_s says what that took);
-# - plain (~6 min): the same lanes as they run by default, to set beside the two above in one call.
+#   one plan per power-of-two length). Ninth session (torch 2.11): loss NaN at step 2 in dp2;
+# - noprebuild (~6 min): the same lanes with train.cudnn_prebuild=false (each bucket's plans built
+#   inside the step that first meets it);
+# - plain (~6 min): the same lanes as they run by default (plans prebuilt, disagg's planner told
+#   which tasks run on cuDNN), to set beside the others in one call.
 [ -n "$SEQPAR_GPU_READY" ] || source docs/benchmarks/gpu_setup.sh
-MODE=${1:?timeline, norecompile, prebuild or plain}
+MODE=${1:?timeline, norecompile, noprebuild or plain}
 SEQ=${2:-65536}
 mkdir -p "$OUT/$MODE"
 lanes() {  # ENV... -- EXTRA: the three lanes, 10 steps
@@ -29,13 +29,14 @@ case $MODE in
     for rank in 0 1; do
         trace=/tmp/dp_cp/dp2_disagg_dp_cp/profile/step8_rank$rank.json
         [ -f "$trace" ] && timeout 120 python3 docs/benchmarks/trace_gaps.py "$trace" "$OUT/$MODE/gaps_rank$rank.json" \
-            | head -12 | cut -c1-300
+            > "$OUT/$MODE/gaps_rank$rank.txt" 2>&1  # whole (a pipe into head cut it short)
+        head -12 "$OUT/$MODE/gaps_rank$rank.txt" | cut -c1-300
         cp /tmp/dp_cp/dp2_disagg_dp_cp/profile/step8_rank$rank.txt "$OUT/$MODE/" 2>/dev/null
     done ;;
   norecompile)
     TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1 EXTRA=" " lanes
     grep -h "AVOID_RECOMPILE" "$OUT/$MODE"/*.log | sort | uniq -c | head -3 ;;  # torch's warning: the path was taken
-  prebuild) EXTRA="train.cudnn_prebuild=true" lanes ;;
+  noprebuild) EXTRA="train.cudnn_prebuild=false" lanes ;;
   plain) EXTRA=" " lanes ;;
-  *) echo "MODE: timeline, norecompile, prebuild or plain" >&2; exit 2 ;;
+  *) echo "MODE: timeline, norecompile, noprebuild or plain" >&2; exit 2 ;;
 esac
