@@ -154,6 +154,8 @@ COMMITTED_BY = {
     # before that commit (results committed with 14f0567 at 23:16, "dispatch since then")
     "2026-11-25-h100-llama1b-kernels": "2026-11-25T23:10:58+00:00",
     "2026-11-25-2xh100-fourd": "2026-11-25T23:10:58+00:00",
+    # the ninth session (2x H100): its e2e lanes are undated; every call ran before a8a710a (19:51:48)
+    "2026-11-26-2gpu-9th": "2026-11-26T19:51:47+00:00",
 }
 
 
