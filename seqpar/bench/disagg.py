@@ -255,7 +255,8 @@ def bench_batch(args, bounds, device, timer, world, rank, check=False, parts=Fal
         row[f"{name}_ms"] = _max_over_ranks(ms[name], device)
         row[f"{name}_waited_ms"] = _max_over_ranks(sorted(waited[name])[len(waited[name]) // 2], device)
         routes, info = _plan_routes(tuple(bounds), S, world, rank, "contiguous", float(opts.eps), int(opts.min_chunk),
-                                    True, planner_overhead(opts), (q_row, kv_row), sch, kernel_speed(*contiguous[:3], opts))
+                                    True, planner_overhead(opts), (q_row, kv_row), sch,
+                                    kernel_speed(*contiguous[:3], opts))
         row[f"{name}_bytes"] = int(sum(_all_ranks(sum(r.sent_rows(q_row, kv_row) for r in routes), device)))
         if parts and sch != "single":  # the same call without its transfers, and its transfers alone
             for key, value in parts_times(fn, contiguous, timer, device).items():

@@ -25,7 +25,7 @@ class DisaggOptions:
     schedule: str = "single"         # how a server's calls meet the transfers (SCHEDULES; see config)
     cost_table: Optional[str] = None  # JSON of (q_len, kv_len) -> ms profiled on the GPU
     group: str = "dp_cp"             # cp: balance inside the cp group; dp_cp: across data-parallel ranks too (rows.py)
-    triton_cost: float = 1.5         # a score pair on the servers' Triton kernel, relative to one on cuDNN (planner.KernelSpeed)
+    triton_cost: float = 1.5         # a score pair on the servers' Triton kernel, in cuDNN pairs (KernelSpeed)
 
     def overhead(self) -> int:
         """The per-task overhead the planner uses."""

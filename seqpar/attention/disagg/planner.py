@@ -49,7 +49,8 @@ class KernelSpeed:
     triton_cost: float = 1.5
 
     def weight(self, queries: int, keys: int, causal: bool) -> float:
-        return 1 if runs_on_cudnn(queries, keys, self.min_len, self.max_len, causal and self.prefix) else self.triton_cost
+        fast = runs_on_cudnn(queries, keys, self.min_len, self.max_len, causal and self.prefix)
+        return 1 if fast else self.triton_cost
 
 
 @dataclass(frozen=True)
