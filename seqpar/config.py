@@ -47,9 +47,9 @@ class DisaggConfig:  # parallel.softmax_sp=disagg (core-attention servers); rule
     schedule: str = "single"
     cost_table: Optional[str] = None  # JSON from `python -m seqpar.bench disagg --profile-cost-table`
     # a score pair a server computes on seqpar's Triton kernel costs this many on cuDNN, where the
-    # split hands its long tasks to cuDNN (CUDA): the planner weighs tasks by their kernel. 1.54 on
-    # 2 H100 (llama_1b, 64k tokens per GPU, a step whose long document stayed on Triton, 2026-11-26)
-    triton_cost: float = 1.5
+    # split hands its long tasks to cuDNN (CUDA): the planner weighs tasks by their kernel (the
+    # backward's ratio, 1.74 on 2 H100: planner.TRITON_COST says why)
+    triton_cost: float = 1.7
     # dp_cp: also move attention work between the data-parallel ranks (their packed rows joined into
     # one); the same as cp where dp = 1 or softmax_sp is not disagg
     group: str = "dp_cp"

@@ -64,7 +64,8 @@ def test_plan_invariants_random_mixes(layout, seed):
         lengths = [rng.randint(1, 64) for _ in range(200)]
     bounds = _bounds(lengths, 2 * world)
     min_chunk = rng.choice([16, 128])
-    speed = rng.choice([None, KernelSpeed(rng.randint(64, 1024), rng.randint(1500, 7000), rng.random() < 0.5)])
+    speed = rng.choice([None, KernelSpeed(rng.randint(64, 1024), rng.randint(1500, 7000), rng.random() < 0.5,
+                                            rng.choice([0.8, 1.7]))])
     p = plan(bounds, world, layout=layout, min_chunk=min_chunk, speed=speed)
     _check_plan(p, bounds, world, layout, min_chunk, speed)
     assert p == plan(torch.tensor(bounds, dtype=torch.int32), world, layout=layout, min_chunk=min_chunk,
@@ -92,7 +93,7 @@ def test_plan_weighs_pairs_by_the_kernel_that_runs_them():
     """With a KernelSpeed, tasks cuDNN would not take (a document past max_len; pieces under
     min_len queries) cost triton_cost per pair: the plan balances those weighted loads, where
     balancing the bare pairs leaves the rank of the long document slowest."""
-    speed = KernelSpeed(min_len=256, max_len=3000, triton_cost=1.5)
+    speed = KernelSpeed(min_len=256, max_len=3000, prefix=True, triton_cost=1.5)
     assert task_cost(0, 3584, 0, speed=speed) == 1.5 * pairs(0, 3584, 0) + TASK_OVERHEAD
     assert task_cost(0, 2896, 0, speed=speed) == task_cost(0, 2896, 0)
     assert task_cost(2800, 2896, 0, speed=speed) == 1.5 * pairs(2800, 2896, 0) + TASK_OVERHEAD  # 96 queries

@@ -74,7 +74,7 @@ def main(seq=65536, steps=12, pow2=False):
             need = {"dp2": _task_shapes(own, own, lo, hi, True, pow2)}
             routes, _ = _plan_routes(tuple(joined), seq, 2, rank, "contiguous", opts.eps, opts.min_chunk, True,
                                      planner_overhead(opts), (q_row, kv_row), "single",
-                                     KernelSpeed(lo, hi, triton_cost=opts.triton_cost))  # as on the GPU
+                                     KernelSpeed(lo, hi, True, opts.triton_cost))  # as on the GPU
             need["disagg"] = set().union(*(_task_shapes(r.cu_q, r.cu_k, lo, hi, True, pow2) for r in routes))
             for lane, shapes in need.items():
                 line[f"{lane}_r{rank}"] = [len(shapes), len(shapes - seen[lane, rank])]

@@ -669,8 +669,7 @@ def disagg_moved_bytes(bounds, world, heads, kv_heads, head_dim, act=2, eps=0.1,
 def disagg_speed(calib, heads: int, head_dim: int):
     """The KernelSpeed disagg's planner is given (runtime.kernel_speed): from a8a710a on, where the
     servers' calls run the split's lse form; None before (every pair the same)."""
-    from seqpar.attention.disagg.options import DisaggOptions
-    from seqpar.attention.disagg.planner import KernelSpeed
+    from seqpar.attention.disagg.planner import TRITON_COST, KernelSpeed
     from seqpar.kernels.flash_attn.split import max_doc_len
     from seqpar.sim.eras import era_since
 
@@ -678,7 +677,7 @@ def disagg_speed(calib, heads: int, head_dim: int):
     if calib.era < era_since("a8a710a") or not lse_split_applies(calib, server_call):
         return None
     return KernelSpeed(split_min_len(calib, heads), max_doc_len(heads, head_dim, 2), lse_prefix_applies(calib),
-                       DisaggOptions().triton_cost)
+                       TRITON_COST)
 
 
 @functools.lru_cache(maxsize=1024)

@@ -79,7 +79,7 @@ CODE_CHANGES = (
                                    "result in one Triton pass (525bf9f: no fp32 running buffer at cp=2)")),
     # no run yet: what attention_cost models changes (`era_since("a8a710a")`: the plan's KernelSpeed)
     ("2026-11-26T19:51:48+00:00", ("a8a710a disagg's planner weighs each task's score pairs by the kernel its server "
-                                   "runs it on (parallel.disagg.triton_cost, 1.5 per Triton pair)")),
+                                   "runs it on (parallel.disagg.triton_cost: 1.5 per Triton pair, 1.7 a commit later)")),
 )
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from typing import Optional
 
-from seqpar.attention.disagg.planner import TASK_OVERHEAD
+from seqpar.attention.disagg.planner import TASK_OVERHEAD, TRITON_COST
 from seqpar.attention.disagg.rows import GROUPS
 
 # The runtime's nano-batch schedules (runtime.py's docstring): one call per server; local halves
@@ -25,7 +25,7 @@ class DisaggOptions:
     schedule: str = "single"         # how a server's calls meet the transfers (SCHEDULES; see config)
     cost_table: Optional[str] = None  # JSON of (q_len, kv_len) -> ms profiled on the GPU
     group: str = "dp_cp"             # cp: balance inside the cp group; dp_cp: across data-parallel ranks too (rows.py)
-    triton_cost: float = 1.5         # a score pair on the servers' Triton kernel, in cuDNN pairs (KernelSpeed)
+    triton_cost: float = TRITON_COST  # a score pair on the servers' Triton kernel, in cuDNN pairs (KernelSpeed)
 
     def overhead(self) -> int:
         """The per-task overhead the planner uses."""
@@ -58,7 +58,7 @@ def validate(options) -> DisaggOptions:
                          f"{opts.cost_table}: the overhead comes from one of them; set the other to null")
     if isinstance(opts.triton_cost, bool) or not isinstance(opts.triton_cost, (int, float)) or not opts.triton_cost > 0:
         raise ValueError(f"parallel.disagg.triton_cost={opts.triton_cost}: must be a number > 0 (the cost of a score "
-                         "pair on the Triton kernel relative to cuDNN; 1.54 measured on H100, 1 ignores the kernels)")
+                         "pair on the Triton kernel relative to cuDNN; 1 ignores the kernels)")
     if opts.schedule not in SCHEDULES:
         raise ValueError(f"parallel.disagg.schedule={opts.schedule!r}: choose {', '.join(SCHEDULES)} (single: one "
                          "kernel call per server, transfers exposed; halves: local work split around the remote "

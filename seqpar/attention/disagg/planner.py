@@ -36,6 +36,13 @@ from seqpar.parallel.sharding import local_ranges
 # one more varlen segment. A GPU cost table (`fit_task_overhead`) replaces it with a measured
 # value. It stops the planner from shredding documents for negligible gains.
 TASK_OVERHEAD = 128 * 128 // 2
+# A score pair on seqpar's Triton kernel, in pairs on cuDNN, for disagg servers' calls: the backward's
+# ratio. 2 H100, llama_1b (32/8 heads, D = 64), a 64k-per-GPU step whose long document's tasks ran
+# on Triton on one rank (docs/benchmarks/2026-11-26-2gpu-9th/call7): forward 1.06, backward 1.74,
+# both 1.55. Every layer waits for its slowest server in each direction, and the backward is 2.6-4x
+# the forward: balancing the backward costs the forward less than it saves (per step, per pair:
+# 1.74 gives 1197, 1.55 gives 1247, 1.0 gives 1460 in those units).
+TRITON_COST = 1.7
 
 
 @dataclass(frozen=True)
@@ -45,8 +52,8 @@ class KernelSpeed:
     on the Triton kernel that runs the others, relative to cuDNN (`parallel.disagg.triton_cost`)."""
     min_len: int
     max_len: int | None
-    prefix: bool = True
-    triton_cost: float = 1.5
+    prefix: bool
+    triton_cost: float
 
     def weight(self, queries: int, keys: int, causal: bool) -> float:
         fast = runs_on_cudnn(queries, keys, self.min_len, self.max_len, causal and self.prefix)

@@ -107,7 +107,7 @@ def kernel_speed(q, k, v, opts) -> KernelSpeed | None:
     tasks = (0, 1, 2)  # what a server's call is: packed tasks, lse returned
     if backend("flash_attn", q, k, v, return_lse=True, cu_seqlens_q=tasks, cu_seqlens_k=tasks) != "split":
         return None
-    return KernelSpeed(*cudnn_lengths(q), triton_cost=opts.triton_cost)
+    return KernelSpeed(*cudnn_lengths(q), opts.triton_cost)
 
 
 @functools.lru_cache(maxsize=64)  # every layer of a step plans the same boundaries
