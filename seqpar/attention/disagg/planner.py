@@ -15,7 +15,7 @@ that moves the most work per byte sent (queries out and outputs back, plus key/v
 receiving server does not hold or receive already).
 
 On CUDA a server's call hands long tasks to cuDNN and the rest to seqpar's Triton kernel
-(kernels/flash_attn/split_tasks.py), which computes a score pair ~1.5x slower: with a
+(kernels/flash_attn/split_tasks.py), whose backward computes a score pair ~1.7x slower: with a
 `KernelSpeed` the planner weighs each task's pairs by the kernel that will run it, so that a rank
 whose documents exceed cuDNN's length cap is not handed the mean number of pairs (2 H100, llama_1b,
 64k tokens per GPU: such a step ran 2.9 s of attention on one rank against 2.1 s on the other).
