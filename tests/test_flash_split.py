@@ -58,19 +58,32 @@ def test_split_bounds_awkward_mixes(lengths, min_len, long_idx):
     assert _pieces(bq, bk) == want
 
 
-def test_documents_beyond_the_scratch_bound_stay_in_the_triton_call(monkeypatch):
+def test_documents_beyond_the_scratch_bound_give_cudnn_their_head(monkeypatch):
+    """A document past max_len stays in the Triton call, except, causal, its head of max_len
+    tokens: cuDNN runs their causal square, the Triton call the tail's queries over all the keys."""
     from seqpar.kernels.flash_attn import split
 
     bounds = _cu([6, 1, 12, 9]).tolist()
     assert split_bounds(bounds, 5, 9)[0] == [(0, 6), (19, 28)]  # the 12-token document stays short
     assert split_bounds(bounds, 5)[0] == [(0, 6), (7, 19), (19, 28)]
+    long_docs, bq, bk = split_bounds(bounds, 5, 9, cut=True)
+    assert long_docs == [(0, 6), (7, 16), (19, 28)]
+    assert _pieces(bq, bk) == [(6, 0, 0, 0), (0, 6, 6, 0), (1, 1, 6, 6), (9, 0, 7, 7), (3, 12, 16, 7), (9, 0, 19, 19),
+                               (0, 9, 28, 19)]
+    assert split_bounds(bounds, 5, 6, cut=True)[0] == [(0, 6), (7, 13), (19, 25)]
+    assert split_bounds(bounds, 7, 6, cut=True)[0] == []  # a head under min_len: none
     # the bound: the cuDNN calls' tensors (ten of the query heads per token) within the scratch MiB
     monkeypatch.setenv(split.SCRATCH_ENV, "1")
     assert split.max_doc_len(4, 64, 2) == (1 << 20) // (10 * 4 * 64 * 2) == 204
     assert split.max_doc_len(4, 64, 8) == 51  # fp64, as below
-    calls = []
-    _check_split(_reference_kernels(calls), [100, 5, 50], 9, 4, 4, 64, True, F64, 1e-12, seed=4, per_octave=0)
-    assert [c for c in calls if c[0] == "dense"] == [("dense", 50)]  # the 100-token document: Triton
+    for causal, dense in ((True, [51, 50]), (False, [50])):  # the 100-token document: its head, causal
+        calls = []
+        _check_split(_reference_kernels(calls), [100, 5, 50], 9, 4, 4, 64, causal, F64, 1e-12, seed=4,
+                     per_octave=0)
+        assert [c for c in calls if c[0] == "dense"] == [("dense", n) for n in dense]
+    calls = []  # GQA, buckets (the head padded with the tail's rows), a gradient through the lse
+    _check_split(_reference_kernels(calls), [7, 100, 5], 9, 4, 2, 64, True, F64, 1e-12, seed=5, per_octave=4)
+    _check_split(_reference_kernels(calls), [7, 100, 5], 9, 4, 2, 64, True, F64, 1e-12, seed=6, lse_loss=True)
     monkeypatch.setenv(split.SCRATCH_ENV, "lots")
     with pytest.raises(ValueError, match="SEQPAR_CUDNN_SCRATCH_MB='lots': need a positive number of MiB"):
         split.max_doc_len(4, 64, 2)
@@ -142,6 +155,43 @@ def test_split_forward_backward_with_task_boundaries(causal, Hq, Hkv):
     assert all(a is b for a, b in zip(got, dests))
     for name, a, w in zip(("dq", "dk", "dv"), got, (want[0], want[1] + dk0, want[2] + dk0)):
         assert _rel(a, w) < 1e-12, name
+
+
+@pytest.mark.parametrize("prefix", [True, False])
+def test_split_tasks_give_cudnn_the_head_of_a_task_past_max_len(monkeypatch, prefix):
+    """Causal tasks whose keys pass max_len: cuDNN takes the head (a square of max_len; over a
+    prefix, the queries whose keys fit, where pieces over a prefix may go), the Triton call the
+    tail over every key; the keys both read get both gradients. Exact against the reference."""
+    from seqpar.kernels.flash_attn import split_tasks
+    from seqpar.kernels.flash_attn.split import cudnn_head
+
+    assert [cudnn_head(n, m, 9, 20, True) for n, m in ((30, 30), (14, 24), (12, 25), (15, 18), (10, 40))] == \
+        [20, 10, 0, 0, 0]
+    assert cudnn_head(14, 24, 9, 20, False) == 0 and cudnn_head(30, 30, 9, 20, False) == 20
+    monkeypatch.setenv(split_tasks.PREFIX_ENV, "1" if prefix else "0")
+    lq, lk = [30, 14, 12, 5, 31], [30, 24, 25, 5, 40]
+    g = torch.Generator().manual_seed(7 + prefix)
+    q, do = (torch.randn(1, sum(lq), 4, 8, generator=g, dtype=F64) for _ in range(2))
+    k, v = (torch.randn(1, sum(lk), 2, 8, generator=g, dtype=F64) for _ in range(2))
+    cu_q, cu_k = _cu(lq), _cu(lk)
+    calls = []
+    kw = dict(causal=True, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, min_len=9, max_len=20, per_octave=4)
+    kn = _reference_kernels(calls, stateless=True)
+    out, lse = split_tasks.split_forward(q, k, v, kernels=kn, **kw)
+    got = split_tasks.split_backward(do, q, k, v, out, lse, kernels=kn, **kw)
+    ref_out, ref_lse = flash_attn_reference(q, k, v, causal=True, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                                            return_lse=True)
+    want = flash_attn_backward_reference(do, q, k, v, ref_out, ref_lse, causal=True, cu_seqlens_q=cu_q,
+                                         cu_seqlens_k=cu_k)
+    assert _rel(out, ref_out) < 1e-12
+    for name, a, w in zip(("dq", "dk", "dv"), got, want):
+        assert _rel(a, w) < 1e-12, name
+    # the 30 square's head of 20 on cuDNN; with pieces over a prefix also the 14 over 24's head
+    # (10 queries over 10 + 10 keys) and the 31 over 40's (11 over 9 + 11); the 12 over 25's would be 7
+    plan = split_tasks.task_plan(tuple(cu_q.tolist()), tuple(cu_k.tolist()), 9, 20, 4, torch.device("cpu"),
+                                 prefix, True)
+    heads = [t[:4] for t in plan.long_tasks]
+    assert heads == ([(0, 20, 0, 20), (30, 40, 30, 50), (61, 72, 84, 104)] if prefix else [(0, 20, 0, 20)])
 
 
 def test_split_bounds_rejects_bad_boundaries():

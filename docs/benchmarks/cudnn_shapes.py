@@ -50,7 +50,7 @@ def _pow2(n):
 def _task_shapes(bq, bk, lo, hi, causal, pow2=False):
     key = _pow2 if pow2 else (lambda n: n)
     shapes = set()
-    long_tasks, _, _ = split_task_bounds(bq, bk, lo, hi, causal)
+    long_tasks, _, _ = split_task_bounds(bq, bk, lo, hi, causal, cut=causal)
     for qa, qb, ka, kb in long_tasks:
         n, m = qb - qa, kb - ka
         p, f = prefix_parts(n, m, lo, BUCKETS_PER_OCTAVE) if causal else (0, 0)

@@ -26,7 +26,11 @@ forward lse is kept so that P stays finite).
 
 A document runs through cuDNN only up to `max_doc_len` tokens: its calls allocate up to ten
 tensors of its length at the query heads (below), which `SEQPAR_CUDNN_SCRATCH_MB` bounds (default
-2 GiB; seqpar.memory counts it); longer documents stay in the Triton call.
+2 GiB; seqpar.memory counts it). Of a longer causal document cuDNN takes the head, its first
+max_doc_len queries over their keys (their causal square), and the Triton call the tail: its
+queries over all the document's keys (bottom-right aligned), so both calls read the head's keys
+and their dk, dv add up (`cudnn_head`; on 2 H100 a score pair's backward ran 1.74x longer on Triton
+than on cuDNN, docs/benchmarks/2026-11-26-2gpu-9th/call7).
 
 GQA: cuDNN here takes equal head counts (kernels/flash_attn/aten.py), so a long document's k, v
 slices are expanded to the query heads (a transient copy of 2 x L x Hq x D elements per long
@@ -131,23 +135,28 @@ def bucket_floor(length: int, per_octave: int) -> int:
     return length // step * step
 
 
-def split_bounds(bounds, min_len: int, max_len: int | None = None):
+def split_bounds(bounds, min_len: int, max_len: int | None = None, cut: bool = False):
     """(long documents [(a, b)], boundaries of q, boundaries of k) of the Triton call; long: at
-    least `min_len` and at most `max_len` tokens.
+    least `min_len` and at most `max_len` tokens; `cut` (causal attention): of a longer document,
+    its head of max_len tokens (`cudnn_head`).
 
-    Each long document [a, b) becomes two documents: (q a..b, k a..a) and (q b..b, k a..b); the
-    others keep their boundaries. Both lists have the same length, as the varlen kernel needs."""
-    long_tasks, bq, bk = split_task_bounds(bounds, bounds, min_len, max_len)
+    Each long document [a, b) becomes two documents: (q a..b, k a..a) and (q b..b, k a..b); a cut
+    one [a, c) with head [a, b): (q a..b, k a..a) and (q b..c, k a..c); the others keep their
+    boundaries. Both lists have the same length, as the varlen kernel needs."""
+    long_tasks, bq, bk = split_task_bounds(bounds, bounds, min_len, max_len, cut=cut)
     return [(qa, qb) for qa, qb, _, _ in long_tasks], bq, bk
 
 
-def split_task_bounds(bounds_q, bounds_k, min_len: int, max_len: int | None = None, causal: bool = False):
+def split_task_bounds(bounds_q, bounds_k, min_len: int, max_len: int | None = None, causal: bool = False,
+                      cut: bool = False):
     """`split_bounds` for separate query and key boundaries (tasks: queries bounds_q[i]..[i+1] over
     keys bounds_k[i]..[i+1], causal aligned bottom-right; a disagg server's call). A task is long
     when it has min_len..max_len queries and as many keys (the causal square of one document, or
     of its head), or, `causal`, at least min_len queries over more keys, at most max_len (a piece
-    of a document over its causal prefix): dense cuDNN calls compute it. Returns
-    ([(qa, qb, ka, kb)], the Triton call's q and k boundaries)."""
+    of a document over its causal prefix): dense cuDNN calls compute it. `cut` (causal attention):
+    a task too long only for its keys gives cuDNN its head (`cudnn_head`) and keeps its tail, over
+    all its keys, in the Triton call. Returns ([(qa, qb, ka, kb)], the Triton call's q and k
+    boundaries)."""
     bq_in, bk_in = [int(x) for x in bounds_q], [int(x) for x in bounds_k]
     for bounds in (bq_in, bk_in):
         if len(bounds) < 2 or bounds[0] != 0 or any(x > y for x, y in zip(bounds, bounds[1:])):
@@ -156,9 +165,14 @@ def split_task_bounds(bounds_q, bounds_k, min_len: int, max_len: int | None = No
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must count the same documents: {bq_in}, {bk_in}")
     long_tasks, bq, bk = [], [0], [0]
     for qa, qb, ka, kb in zip(bq_in, bq_in[1:], bk_in, bk_in[1:]):
-        if runs_on_cudnn(qb - qa, kb - ka, min_len, max_len, causal):
-            long_tasks.append((qa, qb, ka, kb))
-            bq += [qb, qb]
+        n, m = qb - qa, kb - ka
+        if runs_on_cudnn(n, m, min_len, max_len, causal):
+            head = n
+        else:
+            head = cudnn_head(n, m, min_len, max_len, causal) if cut else 0
+        if head:  # its queries without keys here; after them the tail (if any) over all the keys
+            long_tasks.append((qa, qa + head, ka, kb - n + head))
+            bq += [qa + head, qb]
             bk += [ka, kb]
         else:
             bq.append(qb)
@@ -169,6 +183,16 @@ def split_task_bounds(bounds_q, bounds_k, min_len: int, max_len: int | None = No
 def runs_on_cudnn(n: int, m: int, min_len: int, max_len: int | None, causal: bool) -> bool:
     """Whether a task of n queries over m keys is long (`split_task_bounds`): cuDNN computes it."""
     return min_len <= n and (m == n or (causal and m > n)) and (max_len is None or m <= max_len)
+
+
+def cudnn_head(n: int, m: int, min_len: int, max_len: int | None, causal: bool) -> int:
+    """Of a causal task of n queries over m >= n keys (bottom-right aligned) that cuDNN cannot take
+    for its keys (more than max_len), the first queries whose keys fit, as many as a long task may
+    have (`runs_on_cudnn`; over a prefix only with `causal`); 0 where that is under min_len."""
+    if max_len is None or m < n or m <= max_len:
+        return 0
+    head = max_len - (m - n)
+    return head if 0 < head < n and runs_on_cudnn(head, m - n + head, min_len, max_len, causal) else 0
 
 
 def prefix_parts(n: int, m: int, min_len: int, per_octave: int) -> tuple[int, int]:
@@ -196,15 +220,17 @@ class SplitPlan:
         return bucket_len(length, self.per_octave)
 
 
-def split_plan(cu_seqlens, min_len: int, device, per_octave: int = 0, max_len: int | None = None) -> SplitPlan:
+def split_plan(cu_seqlens, min_len: int, device, per_octave: int = 0, max_len: int | None = None,
+               causal: bool = False) -> SplitPlan:
     """The plan of these boundaries: their values read once per tensor and version (`_host_bounds`),
-    the plan built once per values (and lengths, per_octave, device), as `split_tasks.task_plan`'s."""
-    return _self_plan(_host_bounds(cu_seqlens), min_len, max_len, per_octave, torch.device(device))
+    the plan built once per values (and lengths, per_octave, device, causality: a causal document
+    past max_len gives cuDNN its head), as `split_tasks.task_plan`'s."""
+    return _self_plan(_host_bounds(cu_seqlens), min_len, max_len, per_octave, torch.device(device), bool(causal))
 
 
 @lru_cache(maxsize=128)  # every layer of a step passes the same boundaries
-def _self_plan(bounds: tuple, min_len: int, max_len: int | None, per_octave: int, device) -> SplitPlan:
-    long_docs, bq, bk = split_bounds(bounds, min_len, max_len)
+def _self_plan(bounds: tuple, min_len: int, max_len: int | None, per_octave: int, device, causal: bool) -> SplitPlan:
+    long_docs, bq, bk = split_bounds(bounds, min_len, max_len, cut=causal)
     as_dev = lambda b: torch.tensor(b, dtype=torch.int32, device=device)  # noqa: E731
     return SplitPlan(tuple(long_docs), as_dev(bq), as_dev(bk), as_dev(bounds), bounds[-1], per_octave)
 
@@ -356,8 +382,8 @@ class _SplitAttn(torch.autograd.Function):
             dop, op = _pad_rows(dout[:, a:b], qp.shape[1]), _rows(out, a, b, qp.shape[1])  # zero dout: no gradient
             gq, gk, gv = kn.dense_bwd(dop, qp, kp, vp, op, torch.cat([lse[:, :, a:b], l_pad], dim=2), causal, scale)
             dq[:, a:b].copy_(gq[:, :n])  # the Triton call left zeros in these rows
-            dk[:, a:b].copy_(_fold(gk[:, :n], group))
-            dv[:, a:b].copy_(_fold(gv[:, :n], group))
+            dk[:, a:b] += _fold(gk[:, :n], group)  # zeros too, or a cut document's tail's share
+            dv[:, a:b] += _fold(gv[:, :n], group)
         return dq, dk, dv, None, None, None, None
 
 
@@ -396,7 +422,7 @@ def flash_attn_split(q, k, v, *, causal=True, cu_seqlens, softmax_scale=None, re
                          f"k {tuple(k.shape)}, v {tuple(v.shape)} need B = 1, equal lengths, Hq % Hkv == 0")
     plan = split_plan(cu_seqlens, min_doc_len(Hq) if min_len is None else min_len, q.device,
                       buckets_per_octave() if per_octave is None else per_octave,
-                      max_doc_len(Hq, D, q.element_size()) if max_len is None else max_len)
+                      max_doc_len(Hq, D, q.element_size()) if max_len is None else max_len, causal)
     if plan.tokens != S:
         raise ValueError(f"cu_seqlens ends at {plan.tokens}, the row has {S} tokens")
     scale = D ** -0.5 if softmax_scale is None else softmax_scale

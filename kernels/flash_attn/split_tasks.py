@@ -9,6 +9,8 @@ Causal, a piece of n >= min_len queries over m > n keys (a disagg server's piece
 its prefix) runs on cuDNN as two calls of bucketed shapes (`split.prefix_parts`), merged in fp32
 like two ring blocks; SEQPAR_CUDNN_PREFIX=0 leaves such pieces in the Triton call (the benchmarks'
 A/B: 0.3-3% of a disagg step on 2 H100, 2026-11-26, docs/benchmarks/2026-11-26-4xh100-6th/call7).
+Causal, a task whose keys pass max_len gives cuDNN its head (`split.cudnn_head`) and keeps its tail
+in the Triton call: the key rows both read get both calls' dk, dv.
 """
 from __future__ import annotations
 
@@ -39,8 +41,8 @@ class TaskPlan:
 
 @lru_cache(maxsize=128)  # every layer of a step passes the same boundaries
 def task_plan(bounds_q: tuple, bounds_k: tuple, min_len: int, max_len: int | None, per_octave: int,
-              device, causal: bool = False) -> TaskPlan:
-    long_tasks, bq, bk = split_task_bounds(bounds_q, bounds_k, min_len, max_len, causal)
+              device, causal: bool = False, cut: bool = False) -> TaskPlan:
+    long_tasks, bq, bk = split_task_bounds(bounds_q, bounds_k, min_len, max_len, causal, cut)
     as_dev = lambda b: torch.tensor(b, dtype=torch.int32, device=device)  # noqa: E731
     parts = [prefix_parts(qb - qa, kb - ka, min_len, per_octave) for qa, qb, ka, kb in long_tasks]
     return TaskPlan(tuple((*t, p, f) for t, (p, f) in zip(long_tasks, parts)), as_dev(bq), as_dev(bk), per_octave)
@@ -57,7 +59,7 @@ def _task_plan_for(q, cu_q, cu_k, min_len, max_len, per_octave, causal) -> TaskP
     lo, hi, prefix = cudnn_lengths(q)
     return task_plan(_host_bounds(cu_q), _host_bounds(cu_k), lo if min_len is None else min_len,
                      hi if max_len is None else max_len, buckets_per_octave() if per_octave is None else per_octave,
-                     q.device, bool(causal) and prefix)
+                     q.device, bool(causal) and prefix, bool(causal))
 
 
 def _blank_front(t, a, b, front, rows):
@@ -129,16 +131,16 @@ def split_backward(dout, q, k, v, out, lse, *, causal=True, cu_seqlens_q, cu_seq
                                      _rows(v, kb - t, kb, rows, group), _blank_front(out, qa, qb, f, rows),
                                      _with_inf(lse[:, :, qa:qb], f, rows), causal, scale)
         gq[:, qa:qb].copy_(d_q[:, f:f + n])  # the Triton call left zeros in these rows
-        gk[:, kb - t:kb].copy_(_fold(d_k[:, :t], group))
-        gv[:, kb - t:kb].copy_(_fold(d_v[:, :t], group))
+        gk[:, kb - t:kb] += _fold(d_k[:, :t], group)  # zeros too, or a cut task's tail's share
+        gv[:, kb - t:kb] += _fold(d_v[:, :t], group)
         if p:
             rows = plan.bucket(n)
             d_q, d_k, d_v = kn.dense_bwd(_pad_rows(dout[:, qa:qb], rows), _rows(q, qa, qb, rows),
                                          _rows(k, ka, ka + p, p, group), _rows(v, ka, ka + p, p, group),
                                          _rows(out, qa, qb, rows), _with_inf(lse[:, :, qa:qb], 0, rows), False, scale)
             gq[:, qa:qb] += d_q[:, :n]
-            gk[:, ka:ka + p].copy_(_fold(d_k, group))
-            gv[:, ka:ka + p].copy_(_fold(d_v, group))
+            gk[:, ka:ka + p] += _fold(d_k, group)
+            gv[:, ka:ka + p] += _fold(d_v, group)
     from seqpar.kernels.flash_attn import _deliver
     return tuple(g if dest is None else _deliver(dest, g, accumulate and i > 0)
                  for i, (g, dest) in enumerate(zip((gq, gk, gv), (dq, dk, dv))))

@@ -29,7 +29,7 @@ import bisect
 import math
 from dataclasses import dataclass
 
-from seqpar.kernels.flash_attn.split import runs_on_cudnn
+from seqpar.kernels.flash_attn.split import cudnn_head, runs_on_cudnn
 from seqpar.parallel.sharding import local_ranges
 
 # Default per-task cost on top of the score pairs, in score pairs: launch and tile inefficiency of
@@ -48,16 +48,22 @@ TRITON_COST = 1.7
 @dataclass(frozen=True)
 class KernelSpeed:
     """Which tasks a server's call runs on cuDNN (`split.runs_on_cudnn` with these lengths;
-    `prefix`: causal pieces over a prefix too, SEQPAR_CUDNN_PREFIX) and the cost of a score pair
-    on the Triton kernel that runs the others, relative to cuDNN (`parallel.disagg.triton_cost`)."""
+    `prefix`: causal pieces over a prefix too, SEQPAR_CUDNN_PREFIX; of a causal task past max_len
+    keys its head, `split.cudnn_head`) and the cost of a score pair on the Triton kernel that runs
+    the rest, relative to cuDNN (`parallel.disagg.triton_cost`)."""
     min_len: int
     max_len: int | None
     prefix: bool
     triton_cost: float
 
-    def weight(self, queries: int, keys: int, causal: bool) -> float:
-        fast = runs_on_cudnn(queries, keys, self.min_len, self.max_len, causal and self.prefix)
-        return 1 if fast else self.triton_cost
+    def cost(self, queries: int, keys: int, causal: bool) -> float:
+        """The score pairs of a task of `queries` over `keys`, weighed by the kernels that run them."""
+        total = pairs(keys - queries, keys, 0) if causal else queries * keys
+        if runs_on_cudnn(queries, keys, self.min_len, self.max_len, causal and self.prefix):
+            return total
+        head = cudnn_head(queries, keys, self.min_len, self.max_len, self.prefix) if causal else 0
+        fast = pairs(keys - queries, keys - queries + head, 0) if head else 0
+        return fast + self.triton_cost * (total - fast)
 
 
 @dataclass(frozen=True)
@@ -106,10 +112,9 @@ def task_cost(q_start: int, q_end: int, kv_start: int, kv_end: int | None = None
               overhead: int = TASK_OVERHEAD, speed: KernelSpeed | None = None) -> float:
     """The planner's cost of a task: its score pairs, weighed by the kernel that runs it (`speed`,
     None: one kernel), plus the per-task overhead."""
-    n = pairs(q_start, q_end, kv_start, kv_end)
-    if speed is not None:
-        n *= speed.weight(q_end - q_start, (q_end if kv_end is None else kv_end) - kv_start, kv_end is None)
-    return n + overhead
+    if speed is None:
+        return pairs(q_start, q_end, kv_start, kv_end) + overhead
+    return speed.cost(q_end - q_start, (q_end if kv_end is None else kv_end) - kv_start, kv_end is None) + overhead
 
 
 def plan(cu_seqlens, world_size: int, *, layout: str = "contiguous", eps: float = 0.1, min_chunk: int = 128,
@@ -199,8 +204,11 @@ class _Model:
         return task_cost(a, b, d, None if self.causal else self.doc_end[d], overhead=self.overhead, speed=self.speed)
 
     def weight(self, a, b, d):
-        """What a score pair of task [a, b) costs on the kernel that runs it."""
-        return 1 if self.speed is None else self.speed.weight(b - a, self.key_end(b, d) - d, self.causal)
+        """What a score pair of task [a, b) costs on average on the kernels that run it."""
+        if self.speed is None:
+            return 1
+        n = pairs(a, b, d, None if self.causal else self.doc_end[d])
+        return self.speed.cost(b - a, self.key_end(b, d) - d, self.causal) / n if n else 1
 
     def key_end(self, b, d):
         return b if self.causal else self.doc_end[d]
