@@ -246,6 +246,14 @@ def test_the_split_prices_long_documents_on_cudnn_at_their_bucket(calib):
     assert split_call_seconds(bounded, big, 32, 128) == pytest.approx(
         attn_seconds(bounded, [AttnCall.dense(L5, L5, True)], 32, 128, "cudnn")
         + attn_seconds(bounded, [AttnCall.varlen([40000, 700])], 32, 128, "triton"))
+    # 6eda7f2: its head of max_doc_len on cuDNN, its tail (the other queries over all its keys) on Triton
+    from seqpar.kernels.flash_attn.split import max_doc_len
+    cut, M = replace(now, era=era_since("6eda7f2")), max_doc_len(32, 128, 2)
+    LM = bucket_len(M, 16)
+    assert split_call_seconds(cut, big, 32, 128) == pytest.approx(
+        attn_seconds(cut, [AttnCall.dense(LM, LM, True), AttnCall.dense(L5, L5, True)], 32, 128, "cudnn")
+        + attn_seconds(cut, [AttnCall(((40000 - M, 40000), (700, 700)), True)], 32, 128, "triton"))
+    assert split_call_seconds(cut, big, 32, 128) < split_call_seconds(bounded, big, 32, 128)
     L = bucket_len(5000, 16)
     assert L >= 5000 and L <= 5000 * 17 / 16
     want = (attn_seconds(now, [AttnCall.dense(L, L, True)], 32, 128, "cudnn")

@@ -116,8 +116,10 @@ def split_call_seconds(calib, call, heads: int, head_dim: int, per_octave: int |
     equally many (the causal square of a document or its head; a ring block's non-causal square
     runs at its exact length), and from 9a4c89d (`lse_prefix_applies`) also when it is causal with
     more keys than queries, at most max_doc_len keys (a piece over its document's prefix:
-    `_prefix_task_seconds`); the others keep their (queries, keys) in the Triton call."""
-    from seqpar.kernels.flash_attn.split import BUCKETS_PER_OCTAVE, bucket_len, max_doc_len, runs_on_cudnn
+    `_prefix_task_seconds`); the others keep their (queries, keys) in the Triton call. From 6eda7f2
+    on a causal document or task past max_doc_len gives cuDNN its head (`split.cudnn_head`) and
+    the Triton call its tail (its other queries over all its keys)."""
+    from seqpar.kernels.flash_attn.split import BUCKETS_PER_OCTAVE, bucket_len, cudnn_head, max_doc_len, runs_on_cudnn
     from seqpar.sim.eras import era_since
 
     low = split_min_len(calib, heads)
@@ -125,6 +127,12 @@ def split_call_seconds(calib, call, heads: int, head_dim: int, per_octave: int |
     top = max_doc_len(heads, head_dim, 2) if calib.era >= era_since("8969915") or tasks else max(q for q, _ in segs)
     prefix = tasks and call.causal and lse_prefix_applies(calib)
     is_long = lambda q, k: runs_on_cudnn(q, k, low, top, prefix)  # noqa: E731
+    if call.causal and calib.era >= era_since("6eda7f2"):
+        cut = []  # each too-long segment as its head (long) and its tail (Triton)
+        for q, k in segs:
+            head = 0 if is_long(q, k) else cudnn_head(q, k, low, top, prefix)
+            cut += [(head, k - q + head), (q - head, k)] if head else [(q, k)]
+        segs = cut
     octave = BUCKETS_PER_OCTAVE if per_octave is None else per_octave
     t = 0.0
     for q, k in segs:

@@ -78,8 +78,13 @@ CODE_CHANGES = (
     ("2026-11-26T17:32:06+00:00", ("47528c5 kernels.attn_merge_: a ring step's (out, lse) folded into the running "
                                    "result in one Triton pass (525bf9f: no fp32 running buffer at cp=2)")),
     # no run yet: what attention_cost models changes (`era_since("a8a710a")`: the plan's KernelSpeed)
-    ("2026-11-26T19:51:48+00:00", ("a8a710a disagg's planner weighs each task's score pairs by the kernel its server "
-                                   "runs it on (parallel.disagg.triton_cost: 1.5 per Triton pair, 1.7 a commit later)")),
+    ("2026-11-26T19:51:48+00:00", ("a8a710a disagg's planner weighs each task's score pairs by the kernel its "
+                                   "server runs it on (parallel.disagg.triton_cost: 1.5 per Triton pair, 1.7 from "
+                                   "2737d3b)")),
+    # no run yet: what attention_cost models changes (`era_since("6eda7f2")`: `split_call_seconds`)
+    ("2026-11-26T20:23:25+00:00", ("6eda7f2 the split gives cuDNN the head of a causal document or task past "
+                                   "max_doc_len (its first queries whose keys fit), the tail staying in the Triton "
+                                   "call")),
 )
 
 
@@ -99,6 +104,8 @@ SAME_KERNEL_BENCHES = DISAGG_SCHEDULE_ONLY + ("cec5aa8", "9a4c89d")
 SAME_KERNEL_BENCHES += ("83f5aae", "7a02c2d", "790f716")
 # ... and 6619ad8 (the LASP exchange), 47528c5 (the ring's merge), a8a710a (disagg's plan): no kernel changed
 SAME_KERNEL_BENCHES += ("6619ad8", "47528c5", "a8a710a")
+# ... and 6eda7f2 (what the split hands cuDNN: its rows are priced per era by `split_call_seconds`)
+SAME_KERNEL_BENCHES += ("6eda7f2",)
 # CODE_CHANGES entries that changed the lightning kernel (79fc72c's entry holds e049981's one-scan
 # exchange): its kernels-bench rows measure one kernel only between two of them
 LIGHTNING_CHANGES = ("79fc72c", "83f5aae")
