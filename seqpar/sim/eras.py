@@ -104,8 +104,7 @@ SAME_KERNEL_BENCHES = DISAGG_SCHEDULE_ONLY + ("cec5aa8", "9a4c89d")
 SAME_KERNEL_BENCHES += ("83f5aae", "7a02c2d", "790f716")
 # ... and 6619ad8 (the LASP exchange), 47528c5 (the ring's merge), a8a710a (disagg's plan): no kernel changed
 SAME_KERNEL_BENCHES += ("6619ad8", "47528c5", "a8a710a")
-# ... and 6eda7f2 (what the split hands cuDNN: its rows are priced per era by `split_call_seconds`)
-SAME_KERNEL_BENCHES += ("6eda7f2",)
+# (not 6eda7f2: the kernels bench's split rows and the disagg bench's servers change with it)
 # CODE_CHANGES entries that changed the lightning kernel (79fc72c's entry holds e049981's one-scan
 # exchange): its kernels-bench rows measure one kernel only between two of them
 LIGHTNING_CHANGES = ("79fc72c", "83f5aae")
