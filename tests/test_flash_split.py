@@ -450,7 +450,7 @@ GPU_LENGTHS = [3000, 1, 17, 5000, 2100, 600, 1, 999, 1, 2048]
 GPU_MIN = 2048
 
 
-def _gpu_case(Hq, Hkv, D, causal, seed):
+def _gpu_case(Hq, Hkv, D, causal, seed, max_len=None):
     from seqpar.kernels.flash_attn.triton import flash_attn_triton
 
     q, k, v, do = _inputs(sum(GPU_LENGTHS), Hq, Hkv, D, seed, device="cuda")
@@ -465,14 +465,16 @@ def _gpu_case(Hq, Hkv, D, causal, seed):
         out, lse = fn(*leaves, causal=causal, cu_seqlens=cu, return_lse=True, **kw)
         return (out, lse, *torch.autograd.grad(out, leaves, do.bfloat16()))
 
-    return run(flash_attn_split, min_len=GPU_MIN), run(flash_attn_triton), (ref_out, ref_lse, *ref_grads)
+    split = run(flash_attn_split, min_len=GPU_MIN, max_len=max_len)
+    return split, run(flash_attn_triton), (ref_out, ref_lse, *ref_grads)
 
 
 @gpu
-@pytest.mark.parametrize("Hq, Hkv, D, causal", [(16, 16, 128, True), (16, 16, 128, False), (16, 4, 128, True),
-                                                (8, 8, 64, True)])
-def test_gpu_split_bf16_vs_reference_and_triton(Hq, Hkv, D, causal):
-    split, triton_, ref = _gpu_case(Hq, Hkv, D, causal, seed=Hq + D + causal)
+@pytest.mark.parametrize("Hq, Hkv, D, causal, max_len", [(16, 16, 128, True, None), (16, 16, 128, False, None),
+                                                         (16, 4, 128, True, None), (8, 8, 64, True, None),
+                                                         (16, 4, 128, True, 2400)])  # 3000 and 5000: heads
+def test_gpu_split_bf16_vs_reference_and_triton(Hq, Hkv, D, causal, max_len):
+    split, triton_, ref = _gpu_case(Hq, Hkv, D, causal, seed=Hq + D + causal, max_len=max_len)
     for name, s, t, r in zip(("out", "lse", "dq", "dk", "dv"), split, triton_, ref):
         assert s.dtype == t.dtype and s.shape == r.shape, name
         tol = 1e-3 if name == "lse" else 1e-2
@@ -482,8 +484,8 @@ def test_gpu_split_bf16_vs_reference_and_triton(Hq, Hkv, D, causal):
 
 
 @gpu
-@pytest.mark.parametrize("Hq, Hkv", [(16, 16), (16, 4)])
-def test_gpu_task_split_bf16_vs_reference_and_triton(Hq, Hkv):
+@pytest.mark.parametrize("Hq, Hkv, max_len", [(16, 16, None), (16, 4, None), (16, 4, 2400)])
+def test_gpu_task_split_bf16_vs_reference_and_triton(Hq, Hkv, max_len):
     # a disagg server's call: square tasks >= GPU_MIN through cuDNN (one at the buffer's end,
     # padded with zeros), tail pieces and short tasks through Triton; the backward with lse = +inf
     # on the padded queries, into destinations with accumulate
@@ -500,10 +502,10 @@ def test_gpu_task_split_bf16_vs_reference_and_triton(Hq, Hkv):
     kw = dict(causal=True, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
     ref_out, ref_lse = flash_attn_reference(*exact, return_lse=True, **kw)
     ref = (ref_out, *flash_attn_backward_reference(dob.double(), *exact, ref_out, ref_lse, **kw))
-    out, lse = split_forward(qb, kb, vb, min_len=GPU_MIN, **kw)
+    out, lse = split_forward(qb, kb, vb, min_len=GPU_MIN, max_len=max_len, **kw)  # 2400: the squares' heads
     zeros = [torch.zeros_like(t) for t in (qb, kb, vb)]
-    split = (out, *split_backward(dob, qb, kb, vb, out, lse, min_len=GPU_MIN, dq=zeros[0], dk=zeros[1],
-                                  dv=zeros[2], accumulate=True, **kw))
+    split = (out, *split_backward(dob, qb, kb, vb, out, lse, min_len=GPU_MIN, max_len=max_len, dq=zeros[0],
+                                  dk=zeros[1], dv=zeros[2], accumulate=True, **kw))
     t_out, t_lse, _ = attention_forward(qb, kb, vb, **kw)
     triton_ = (t_out, *attention_backward(dob, qb, kb, vb, t_out, t_lse, **kw))
     for name, s_, t_, r in zip(("out", "dq", "dk", "dv"), split, triton_, ref):
