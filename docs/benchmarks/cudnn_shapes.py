@@ -5,10 +5,12 @@ backward each), and the GPU waits for it; under plain data parallelism one rank'
 that rank until the step's end, while disaggregated attention meets every layer's all-to-alls,
 so each build on one rank holds up the other there.
 
-    python docs/benchmarks/cudnn_shapes.py [SEQ] [STEPS] [pow2]     (default 65536 12)
+    python docs/benchmarks/cudnn_shapes.py [SEQ] [STEPS] [pow2|prebuilt]     (default 65536 12)
 
 `pow2`: count shapes as torch's TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1 keys them (its ragged path:
 sequence lengths rounded up to powers of two, batch strides ignored; torch >= 2.9, experimental).
+`prebuilt`: count only what `train.cudnn_prebuild` (the default) leaves to build inside the steps
+(the causal squares of every bucket are built before step 1).
 
 Per step and rank: new shapes of dp2 (its own row's long documents through split.py) and of disagg
 over dp_cp (the tasks each rank serves, through split_tasks.py: causal squares, and a causal call
@@ -24,8 +26,8 @@ from seqpar.attention.disagg.options import planner_overhead, DisaggOptions
 from seqpar.attention.disagg.runtime import _plan_routes
 from seqpar.config import register_configs
 from seqpar.data import PackedLoader, build_dataset
-from seqpar.kernels.flash_attn.split import (BUCKETS_PER_OCTAVE, bucket_len, max_doc_len, min_doc_len, prefix_parts,
-                                             split_task_bounds)
+from seqpar.kernels.flash_attn.split import (BUCKETS_PER_OCTAVE, bucket_len, max_doc_len, min_doc_len, prebuilt_lengths,
+                                             prefix_parts, split_task_bounds)
 
 
 def _rows(seq, steps):
@@ -60,12 +62,13 @@ def _task_shapes(bq, bk, lo, hi, causal, pow2=False):
     return shapes
 
 
-def main(seq=65536, steps=12, pow2=False):
+def main(seq=65536, steps=12, pow2=False, prebuilt=False):
     rows, heads, head_dim = _rows(seq, steps)
     lo, hi = min_doc_len(heads), max_doc_len(heads, head_dim, 2)
     opts = DisaggOptions()
     q_row, kv_row = heads * 2 * head_dim * 2, 8 * 2 * head_dim * 2
-    seen = {(lane, r): set() for lane in ("dp2", "disagg") for r in range(2)}
+    built = {("causal", n) for n in prebuilt_lengths(heads, head_dim, 2)} if prebuilt else set()
+    seen = {(lane, r): set(built) for lane in ("dp2", "disagg") for r in range(2)}
     table = []
     for step, (r0, r1) in enumerate(rows, 1):
         joined = r0 + [seq + b for b in r1[1:]]
@@ -87,4 +90,4 @@ def main(seq=65536, steps=12, pow2=False):
 
 
 if __name__ == "__main__":
-    main(*(int(a) for a in sys.argv[1:3]), pow2="pow2" in sys.argv[3:])
+    main(*(int(a) for a in sys.argv[1:3]), pow2="pow2" in sys.argv[3:], prebuilt="prebuilt" in sys.argv[3:])

@@ -283,16 +283,11 @@ def prebuild_plans(heads: int, head_dim: int, *, dtype=torch.bfloat16, device="c
     The scale must be the calls' (cuDNN keys its plans on it); the model's is head_dim ** -0.5.
     Returns the bucket lengths built ([] without buckets, SEQPAR_CUDNN_BUCKETS=0: one per length).
     Not built: the non-causal prefix calls of disagg servers' pieces (two lengths each)."""
-    per = buckets_per_octave()
-    if per == 0:
+    lengths = prebuilt_lengths(heads, head_dim, torch.empty((), dtype=dtype).element_size())
+    if not lengths:
         return []
     kn = kernels or cudnn_triton_kernels()
     scale = head_dim ** -0.5 if scale is None else scale
-    hi = max_doc_len(heads, head_dim, torch.empty((), dtype=dtype).element_size())
-    lengths, n = [], min_doc_len(heads)
-    while n <= hi:
-        lengths.append(bucket_len(n, per))
-        n = lengths[-1] + 1
 
     def build(backward: bool):
         for length in lengths:
@@ -303,6 +298,20 @@ def prebuild_plans(heads: int, head_dim: int, *, dtype=torch.bfloat16, device="c
 
     build(backward=False)
     _RunInBackward.apply(torch.zeros((), device=device, requires_grad=True), lambda: build(backward=True)).backward()
+    return lengths
+
+
+def prebuilt_lengths(heads: int, head_dim: int, elem: int) -> list[int]:
+    """The causal square lengths `prebuild_plans` builds: every bucket from min_doc_len(heads) to
+    max_doc_len ([] without buckets)."""
+    per = buckets_per_octave()
+    if per == 0:
+        return []
+    hi = max_doc_len(heads, head_dim, elem)
+    lengths, n = [], min_doc_len(heads)
+    while n <= hi:
+        lengths.append(bucket_len(n, per))
+        n = lengths[-1] + 1
     return lengths
 
 
