@@ -10,7 +10,8 @@ a..b). The Triton kernel gives such query rows out = 0, lse = -inf (dq = 0) and 
 dk = dv = 0 without touching the document's keys: a piece without queries has no query tile,
 one without keys no key tile, and the other side's loops are empty (tests/test_flash_triton.py
 interp_packed, tests/test_flash_split.py interp_ with exactly these boundaries). The cuDNN results
-then overwrite those slices (copy_: the aten ops take no destination). One Triton call, not one
+then overwrite those slices (copy_: the aten ops take no destination), dk and dv add to them (the
+zeros, or the tail's share where a document was cut, below). One Triton call, not one
 per run of short documents: a row of many short documents would otherwise pay a launch (and a
 tile table) each; a row of long documents only still launches it, to store zeros.
 
