@@ -22,9 +22,8 @@ def lightning_attn(q, k, v, log_decay, *, scale=None, initial_state=None, output
 
     `exchange` (instead of `initial_state`; LASP-2's hook): an object with `forward(own)` and
     `backward(d_initial)`, a linear map and its adjoint, each returning a pending result whose
-    `wait()` gives the answer, or None for zeros (this rank receives nothing; the kernel then
-    calls its `settle()` once its own passes are enqueued, so that the exchange ends for the
-    other ranks without this rank's compute waiting for it). `own` are the documents' exit
+    `wait()` gives the answer, or None for zeros (this rank receives nothing: no fold of zeros).
+    `own` are the documents' exit
     states from a zero state (fp32/fp64, `[N, H, Dk, Dv]`); the kernel calls `forward` between
     its passes over the tokens and uses the answer as `initial_state`, so a caller can exchange
     states with other ranks without an extra pass over k and v (or, in backward, over q and do;
@@ -61,7 +60,4 @@ class _Exchange(torch.autograd.Function):
 
 def _answer(pending, like):
     got = pending.wait()
-    if got is None:
-        pending.settle()
-        return torch.zeros_like(like)
-    return got
+    return torch.zeros_like(like) if got is None else got

@@ -474,7 +474,7 @@ def _exchange_start(y, z, tab, lam, update_scale, reverse, exchange_fn):
 
 def _exchange_wait(pending, shape):
     """The entering states, or None where the exchange has none for this rank (every document then
-    starts from zero; the kernel calls `pending.settle()` once its passes are enqueued)."""
+    starts from zero)."""
     entering = pending.wait()
     if entering is None:
         return None
@@ -509,8 +509,6 @@ class LightningAttnFunction(torch.autograd.Function):
             bound = _boundary_states(kt, vt, tab, lam, 1.0, False, init, final)
         o = _output(qt, kt, vt, bound, bound.stride(), init, None if init is None else init.stride(), final,
                     tab, lam, (scale, scale, 1.0), False, q.dtype)
-        if exchange is not None and init is None:
-            pending.settle()
         ctx.save_for_backward(qt, kt, vt, lam, bound, init, tab[0], tab[1])
         ctx.meta = (q.shape, Dv, scale, tab[2], tab[3], tab[4], None if initial_state is None else initial_state.dtype)
         ctx.exchange = exchange
@@ -538,8 +536,6 @@ class LightningAttnFunction(torch.autograd.Function):
                          tab, lam, (scale, scale, 1.0), False, qt.dtype).view(shape)
         if pending is not None:
             dfinal = _exchange_wait(pending, (n_docs, H, Dk, Dv))
-            if dfinal is None:  # nothing comes back to this rank: the exchange ends when dq's pass does
-                pending.settle()
         elif need_k or need_v or need_init:
             # E: the gradient flowing into each segment from the tokens after it, and from dFinal
             dinit = torch.empty(n_docs, H, Dk, Dv, device=qt.device, dtype=torch.float32) if need_init else None

@@ -192,9 +192,6 @@ class _Then:
         self.pending.settle()
         return None
 
-    def settle(self):
-        self.pending.settle()  # a no-op once `wait` has settled it
-
 
 class _Overlapped(torch.autograd.Function):
     """The overlapped schedule: the exchange flies while the kernel runs the chunks from zero state;
