@@ -87,6 +87,9 @@ class DataConfig:
     lengths_file: Optional[str] = None
     num_tokens: int = 1 << 22
     seed: int = 0
+    # benchmarks only: every dp rank reads this dp rank's micro-batches, so the ranks hold equal work
+    # (disagg's end-to-end "balanced ideal": the mean over r of a run with data.read_as_rank=r)
+    read_as_rank: Optional[int] = None
 
 
 @dataclass
@@ -353,6 +356,8 @@ def validate(cfg, world: int | None = None) -> None:
         fail(f"data.lengths_file={d.lengths_file}: file not found (data.distribution=file needs a JSON list of lengths)")
 
     dp = data_parallel_size(cfg, world)
+    if d.read_as_rank is not None and not 0 <= d.read_as_rank < dp:
+        fail(f"data.read_as_rank={d.read_as_rank}: must be a data-parallel rank, 0..{dp - 1} (dp={dp}), or null")
     if t.steps < 1:
         fail(f"train.steps={t.steps}: must be >= 1")
     if t.micro_batch_size < 1 or t.global_batch_size < 1 or t.global_batch_size % (dp * t.micro_batch_size):

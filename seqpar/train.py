@@ -156,7 +156,7 @@ def train(cfg, device) -> None:
 
     loader = PackedLoader(build_dataset(cfg.data, cfg.data.seq_len), global_batch_size=cfg.train.global_batch_size,
                           micro_batch_size=cfg.train.micro_batch_size, dp_rank=dims.rank_in("dp"),
-                          dp_size=dims.dp, seed=cfg.train.seed)
+                          dp_size=dims.dp, seed=cfg.train.seed, read_as_rank=cfg.data.read_as_rank)
 
     start_step = 0
     ckpt_root = run_dir / "checkpoints"

@@ -60,6 +60,7 @@ BAD = [
     (["train.grad_clip=-1"], 2, "train.grad_clip=-1"),
     (["launcher.nproc_per_node=many"], None, "launcher.nproc_per_node='many'"),
     (["data=synthetic", "data.distribution=file", "data.lengths_file=/nope.json"], 2, "data.lengths_file=/nope.json"),
+    (["parallel.cp=1", "data.read_as_rank=2"], 2, "data.read_as_rank=2: must be a data-parallel rank, 0..1"),
     (["parallel.dp_engine=megatron"], 2, "parallel.dp_engine='megatron': choose fsdp2 or deepspeed"),
     (["parallel.dp_engine=deepspeed", "parallel.zero_stage=4"], 2, "parallel.zero_stage=4: DeepSpeed ZeRO stages are 1, 2 or 3"),
     (["parallel.zero_stage=2"], 2, "parallel.zero_stage only applies to parallel.dp_engine=deepspeed"),

@@ -145,6 +145,19 @@ def test_loader_dp_shards_partition_the_global_batch_and_epochs_wrap():
     assert not np.array_equal(other_seed.global_indices(0), loader.global_indices(0))
 
 
+def test_loader_read_as_rank_gives_every_rank_that_ranks_batches():
+    ds = make_dataset()
+    kwargs = dict(global_batch_size=8, micro_batch_size=2, dp_size=2, seed=3)
+    own = [take(PackedLoader(ds, dp_rank=r, **kwargs), 3) for r in range(2)]
+    as_one = [take(PackedLoader(ds, dp_rank=r, read_as_rank=1, **kwargs), 3) for r in range(2)]
+    for s in range(3):
+        for r in range(2):
+            assert torch.equal(torch.stack(flat_rows(as_one[r][s], ds.seq_len)), torch.stack(flat_rows(own[1][s], ds.seq_len)))
+    assert not torch.equal(torch.stack(flat_rows(own[0][0], ds.seq_len)), torch.stack(flat_rows(own[1][0], ds.seq_len)))
+    with pytest.raises(ValueError, match="read_as_rank=2 out of range"):
+        PackedLoader(ds, dp_rank=0, read_as_rank=2, **kwargs)
+
+
 def test_loader_resume_continues_exactly():
     ds = make_dataset()
     kwargs = dict(global_batch_size=8, micro_batch_size=2, seed=3)

@@ -14,7 +14,10 @@
 #    Triton, no cuDNN plan per new (queries, prefix) shape), dp2_disagg_shared_group
 #    (SEQPAR_DISAGG_SHARED_GROUP=1: its all-to-alls on FSDP's communicator, as before 2026-11-26 7th);
 #    dp2_fixed and ideal_1gpu_fixed: every document SEQ / 4 long (balanced rows), so dp2_fixed over
-#    the halved ideal_1gpu_fixed is plain data parallelism's cost apart from any imbalance.
+#    the halved ideal_1gpu_fixed is plain data parallelism's cost apart from any imbalance;
+#    dp2_as0 and dp2_as1: plain dp with both ranks reading rank 0's (1's) rows (data.read_as_rank),
+#    so the mean of the two is the issue's balanced ideal, "the mean of the ranks' unbalanced step
+#    times", with data parallelism's own cost in it (ideal_1gpu has none).
 # Disagg lanes also report rank 0's exposed waits by phase (fwd_in, fwd_out, bwd_in, bwd_out), its
 # longest single wait and the spread of the exposed time over the ranks (max, min); every lane the
 # CUDA allocator's retries since the start (alloc_retries: each one a device-wide stall).
@@ -42,6 +45,7 @@ for name in ${LANES:-dp2 ideal_1gpu dp2_disagg_dp_cp cp2_ring cp2_per_doc}; do
     cp2_per_doc) extra="parallel.cp=2 parallel.softmax_sp=ring parallel.layout=doc_zigzag" ;;
     ideal_1gpu) extra="launcher.nproc_per_node=1" ;;
     dp2_fixed) extra="data.distribution=fixed" ;;
+    dp2_as0|dp2_as1) extra="data.read_as_rank=${name#dp2_as}" ;;
     ideal_1gpu_fixed) extra="launcher.nproc_per_node=1 data.distribution=fixed" ;;
   esac
   rm -rf "/tmp/dp_cp/$name"
@@ -71,6 +75,12 @@ for suffix in ("", "_fixed"):  # one GPU did both rows: half its step is the two
         if not name.startswith("ideal_1gpu") and name.endswith("_fixed") == bool(suffix):
             r["x_balanced_ideal"] = round(r["step_time_s"] / ideal, 4)
             print(f"{name}: {r['x_balanced_ideal']:.3f}x the balanced ideal ({ideal * 1e3:.1f} ms)")
+if "dp2_as0" in rows and "dp2_as1" in rows:  # the ranks' mean step time had each held its own row's work on both
+    ideal = (rows["dp2_as0"]["step_time_s"] + rows["dp2_as1"]["step_time_s"]) / 2
+    for name, r in rows.items():
+        if not name.startswith(("ideal_1gpu", "dp2_as")) and not name.endswith("_fixed"):
+            r["x_dp_ideal"] = round(r["step_time_s"] / ideal, 4)
+            print(f"{name}: {r['x_dp_ideal']:.3f}x the mean of the ranks' own step times ({ideal * 1e3:.1f} ms)")
 if "dp2" in rows and "dp2_disagg_dp_cp" in rows:
     print(f"dp_cp speedup over plain dp: {rows['dp2']['step_time_s'] / rows['dp2_disagg_dp_cp']['step_time_s']:.3f}x")
 (out / "disagg_dp_cp.json").write_text(json.dumps(rows, indent=1) + "\n")

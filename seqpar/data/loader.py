@@ -22,14 +22,15 @@ class MicroBatch:
 
 class PackedLoader:
     def __init__(self, dataset, *, global_batch_size: int, micro_batch_size: int, dp_rank: int, dp_size: int,
-                 seed: int):
+                 seed: int, read_as_rank: int | None = None):
         if global_batch_size < 1 or micro_batch_size < 1 or global_batch_size % (dp_size * micro_batch_size):
             raise ValueError(
                 f"train.global_batch_size={global_batch_size} must be a positive multiple of "
                 f"train.micro_batch_size={micro_batch_size} times the data-parallel size dp={dp_size} "
                 f"(= {dp_size * micro_batch_size})")
-        if not 0 <= dp_rank < dp_size:
-            raise ValueError(f"dp_rank={dp_rank} out of range for dp size {dp_size}")
+        for name, r in (("dp_rank", dp_rank), ("read_as_rank", read_as_rank)):
+            if r is not None and not 0 <= r < dp_size:
+                raise ValueError(f"{name}={r} out of range for dp size {dp_size}")
         if len(dataset) < global_batch_size:
             seq_len = getattr(dataset, "seq_len", "?")
             raise ValueError(
@@ -40,6 +41,7 @@ class PackedLoader:
         self.global_batch_size = global_batch_size
         self.micro_batch_size = micro_batch_size
         self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.read_rank = dp_rank if read_as_rank is None else read_as_rank  # whose micro-batches this rank reads
         self.seed = seed
         self.consumed = 0  # global batches taken so far
         self._perms: dict[int, np.ndarray] = {}
@@ -61,7 +63,7 @@ class PackedLoader:
     def next_batch(self) -> list[MicroBatch]:
         """This rank's micro-batches of the next optimizer step."""
         per_rank = self.global_batch_size // self.dp_size
-        mine = self.global_indices(self.consumed)[self.dp_rank * per_rank:(self.dp_rank + 1) * per_rank]
+        mine = self.global_indices(self.consumed)[self.read_rank * per_rank:(self.read_rank + 1) * per_rank]
         self.consumed += 1
         m = self.micro_batch_size
         return [self._micro_batch(mine[k:k + m]) for k in range(0, per_rank, m)]
