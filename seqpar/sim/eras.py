@@ -77,11 +77,13 @@ CODE_CHANGES = (
     # the ring's per-step work (its fitted extras), not the kernels (SAME_KERNEL_BENCHES)
     ("2026-11-26T17:32:06+00:00", ("47528c5 kernels.attn_merge_: a ring step's (out, lse) folded into the running "
                                    "result in one Triton pass (525bf9f: no fp32 running buffer at cp=2)")),
-    # no run yet: what attention_cost models changes (`era_since("a8a710a")`: the plan's KernelSpeed)
+    # what attention_cost models changes (`era_since("a8a710a")`: the plan's KernelSpeed); no run of its own
+    # (6eda7f2 followed before the next GPU call)
     ("2026-11-26T19:51:48+00:00", ("a8a710a disagg's planner weighs each task's score pairs by the kernel its "
                                    "server runs it on (parallel.disagg.triton_cost: 1.5 per Triton pair, 1.7 from "
                                    "2737d3b)")),
-    # no run yet: what attention_cost models changes (`era_since("6eda7f2")`: `split_call_seconds`)
+    # what attention_cost models changes (`era_since("6eda7f2")`: `split_call_seconds`); first runs:
+    # 2026-11-26-2gpu-10th
     ("2026-11-26T20:23:25+00:00", ("6eda7f2 the split gives cuDNN the head of a causal document or task past "
                                    "max_doc_len (its first queries whose keys fit), the tail staying in the Triton "
                                    "call")),
@@ -162,6 +164,9 @@ COMMITTED_BY = {
     "2026-11-25-2xh100-fourd": "2026-11-25T23:10:58+00:00",
     # the ninth session (2x H100): its e2e lanes are undated; every call ran before a8a710a (19:51:48)
     "2026-11-26-2gpu-9th": "2026-11-26T19:51:47+00:00",
+    # the tenth session (2x H100 / 2x H200): its e2e lanes are undated; every call ran code d8a7086 or
+    # 3d7fc82 (data.read_as_rank only), before anything committed after the results
+    "2026-11-26-2gpu-10th": "2026-11-26T22:35:00+00:00",
 }
 
 

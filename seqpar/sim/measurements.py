@@ -58,6 +58,9 @@ def load_benchmarks(root: Path | None = None) -> dict[str, list]:
 # Files whose timings are a diagnostic, not a measurement: (folder/file) -> why. load_benchmarks skips
 # them (no fit, no case); validate lists them under `excluded`.
 DIAGNOSTIC_FILES = {
+    "2026-11-26-2gpu-10th/call1/hiprio/lasp_hiprio.json": (
+        "bench lasp with TORCH_NCCL_HIGH_PRIORITY=1 (NCCL on high-priority streams), an A/B of an environment "
+        "variable beside call1/lasp.json: LASP-1 at 64k ran 3.58 ms against 2.87 without it"),
     "2026-11-26-4xh200-4th/disagg_profiled.json": (
         "the disagg bench under docs/benchmarks/profile_gpu.py to see which kernels run, with untuned kernels "
         "(SEQPAR_FLASH_TUNE=0), one timed iteration and each case profiled: its times are not the benchmark's "
