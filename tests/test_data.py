@@ -145,7 +145,7 @@ def test_loader_dp_shards_partition_the_global_batch_and_epochs_wrap():
     assert not np.array_equal(other_seed.global_indices(0), loader.global_indices(0))
 
 
-def test_loader_read_as_rank_gives_every_rank_that_ranks_batches():
+def test_loader_read_as_rank_and_peek():
     ds = make_dataset()
     kwargs = dict(global_batch_size=8, micro_batch_size=2, dp_size=2, seed=3)
     own = [take(PackedLoader(ds, dp_rank=r, **kwargs), 3) for r in range(2)]
@@ -154,6 +154,14 @@ def test_loader_read_as_rank_gives_every_rank_that_ranks_batches():
         for r in range(2):
             assert torch.equal(torch.stack(flat_rows(as_one[r][s], ds.seq_len)), torch.stack(flat_rows(own[1][s], ds.seq_len)))
     assert not torch.equal(torch.stack(flat_rows(own[0][0], ds.seq_len)), torch.stack(flat_rows(own[1][0], ds.seq_len)))
+    peeked = PackedLoader(ds, dp_rank=0, **kwargs)
+    for s in range(3):  # peek: any rank's next micro-batches, not taken
+        ahead = [flat_rows(peeked.peek(r), ds.seq_len) for r in (None, 0, 1)]
+        taken = flat_rows(peeked.next_batch(), ds.seq_len)
+        assert torch.equal(torch.stack(ahead[0]), torch.stack(taken)) and torch.equal(torch.stack(ahead[1]), torch.stack(taken))
+        assert torch.equal(torch.stack(ahead[2]), torch.stack(flat_rows(own[1][s], ds.seq_len)))
+    assert torch.equal(torch.stack(flat_rows(PackedLoader(ds, dp_rank=0, read_as_rank=1, **kwargs).peek(0), ds.seq_len)),
+                       torch.stack(flat_rows(own[1][0], ds.seq_len)))
     with pytest.raises(ValueError, match="read_as_rank=2 out of range"):
         PackedLoader(ds, dp_rank=0, read_as_rank=2, **kwargs)
 

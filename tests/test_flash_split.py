@@ -577,3 +577,33 @@ def test_prebuild_covers_every_shape_the_split_then_runs(monkeypatch):
     assert seen and {key[:4] for key in seen} <= prebuilt, {key[:4] for key in seen} - prebuilt
     monkeypatch.setenv("SEQPAR_CUDNN_BUCKETS", "0")  # exact lengths: one plan per length, nothing to prebuild
     assert prebuild_plans(Hq, D, dtype=F64, device="cpu", kernels=kernels) == []
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_dense_shapes_are_the_calls_the_task_split_makes(causal):
+    """`split_tasks.dense_shapes` (what a look-ahead builds cuDNN plans for) lists exactly the dense
+    calls split_forward and split_backward make: squares at their bucket, pieces over a prefix as a
+    causal call and a non-causal one, the head of a task past max_len."""
+    from seqpar.kernels.flash_attn.split_tasks import dense_shapes, split_backward, split_forward
+
+    lq, lk = [9, 3, 10, 1, 2, 11, 10, 9, 9, 30, 14], [9, 12, 10, 1, 0, 11, 30, 32, 14, 30, 24]
+    g = torch.Generator().manual_seed(int(causal))
+    q, do = (torch.randn(1, sum(lq), 4, 8, generator=g, dtype=F64) for _ in range(2))
+    k, v = (torch.randn(1, sum(lk), 2, 8, generator=g, dtype=F64) for _ in range(2))
+    seen = set()
+    ref = _reference_kernels([], stateless=True)
+
+    def fwd(q_, k_, v_, c, scale):
+        seen.add((c, q_.shape[1], k_.shape[1]))
+        return ref.dense_fwd(q_, k_, v_, c, scale)
+
+    def bwd(dout, q_, k_, v_, out, lse, c, scale):
+        seen.add((c, q_.shape[1], k_.shape[1]))
+        return ref.dense_bwd(dout, q_, k_, v_, out, lse, c, scale)
+
+    kn = SplitKernels(fwd, bwd, ref.packed_fwd, ref.packed_bwd)
+    kw = dict(causal=causal, cu_seqlens_q=_cu(lq), cu_seqlens_k=_cu(lk), min_len=9, max_len=20, per_octave=4)
+    out, lse = split_forward(q, k, v, kernels=kn, **kw)
+    split_backward(do, q, k, v, out, lse, kernels=kn, **kw)
+    shapes = dense_shapes(_cu(lq).tolist(), _cu(lk).tolist(), q, causal=causal, min_len=9, max_len=20, per_octave=4)
+    assert set(shapes) == seen and any(not c for c, _, _ in seen) and (not causal or any(c for c, _, _ in seen))

@@ -240,3 +240,41 @@ def test_resume_continues_bitwise(tmp_path, layout):
     assert [m["step"] for m in again] == list(range(1, 7))
     assert [m["loss"] for m in again[3:]] == [m["loss"] for m in full[3:]]
     assert [m["grad_norm"] for m in again[3:]] == [m["grad_norm"] for m in full[3:]]
+
+
+def _lookahead_plans(rank, world, overrides):
+    """(the plans a step made that the look-ahead had not: with it, without it; server calls the
+    look-ahead found) over two steps of a disagg layout."""
+    from seqpar.attention.disagg import runtime
+    from seqpar.data import PackedLoader, build_dataset
+    from seqpar.parallel.dims import ParallelDims
+    from seqpar.parallel.engine import build_engine
+    from seqpar.train import build_model, build_optimizer, next_step_shapes, train_step
+
+    # documents of a few tokens, so that each step's boundaries (and plans) differ
+    cfg = _compose("train.dtype=fp64", "run_dir=unused", "data=synthetic", "data.mean_len=12", *overrides)
+    device = torch.device("cpu")
+    dims = ParallelDims.from_config(cfg.parallel, world)
+    dims.build_mesh("cpu")
+    model = build_model(cfg, dims, device)
+    engine = build_engine(model, *build_optimizer(model, cfg, device), cfg, dims)
+    loader = PackedLoader(build_dataset(cfg.data, cfg.data.seq_len), global_batch_size=4, micro_batch_size=1,
+                          dp_rank=dims.rank_in("dp"), dp_size=dims.dp, seed=0)
+    new_plans, shapes = [], []
+    for look in (True, False):
+        if look:
+            shapes = next_step_shapes(cfg, dims, device, loader)
+        misses = runtime._plan_routes.cache_info().misses
+        train_step(engine.model, loader.next_batch(), cfg, dims, device, backward=engine.backward)
+        new_plans.append(runtime._plan_routes.cache_info().misses - misses)
+    return new_plans, shapes
+
+
+@pytest.mark.parametrize("name", ["dp2_disagg", "cp2_disagg"])
+def test_plan_lookahead_plans_what_the_next_step_runs(name):
+    """`next_step_shapes` plans the next step's disagg servers' calls from the data loader exactly as
+    the step then does (the step makes no plan of its own; without the look-ahead it makes one per
+    micro-batch), and lists their dense calls, the shapes whose cuDNN plans train builds ahead."""
+    for new_plans, shapes in run_distributed(_lookahead_plans, 2, LAYOUTS[name][1]):
+        assert new_plans[0] == 0 and new_plans[1] > 0, new_plans
+        assert all(isinstance(c, bool) and q > 0 and k > 0 for c, q, k in shapes), shapes

@@ -75,7 +75,7 @@ def main(seq=65536, steps=12, pow2=False, prebuilt=False):
         line = {"step": step, "docs": [len(r0) - 1, len(r1) - 1]}
         for rank, own in enumerate((r0, r1)):
             need = {"dp2": _task_shapes(own, own, lo, hi, True, pow2)}
-            routes, _ = _plan_routes(tuple(joined), seq, 2, rank, "contiguous", opts.eps, opts.min_chunk, True,
+            routes, _ = _plan_routes(tuple(joined), 2 * seq, 2, rank, "contiguous", opts.eps, opts.min_chunk, True,
                                      planner_overhead(opts), (q_row, kv_row), "single",
                                      KernelSpeed(lo, hi, True, opts.triton_cost))  # as on the GPU
             need["disagg"] = set().union(*(_task_shapes(r.cu_q, r.cu_k, lo, hi, True, pow2) for r in routes))

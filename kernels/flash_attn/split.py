@@ -278,28 +278,45 @@ def prebuild_plans(heads: int, head_dim: int, *, dtype=torch.bfloat16, device="c
     `max_doc_len`), before training rather than at each bucket's first document inside a step:
     each build stalls its rank's GPU for ~100 ms (H100: [4k, 16k]'s 33 buckets took 3.3 s), and
     under disaggregated attention the other ranks wait for it at the layer's next all-to-all.
-    torch keeps cuDNN's plans per thread, and a CUDA backward runs on the autograd engine's own
-    thread (recomputed checkpointed forwards too): forward plans are built here, forward and
-    backward ones again inside a backward pass.
-    The scale must be the calls' (cuDNN keys its plans on it); the model's is head_dim ** -0.5.
     Returns the bucket lengths built ([] without buckets, SEQPAR_CUDNN_BUCKETS=0: one per length).
-    Not built: the non-causal prefix calls of disagg servers' pieces (two lengths each)."""
+    Not built here: the non-causal prefix calls of disagg servers' pieces (their shapes depend on
+    each step's plan: `seqpar.train.plan_lookahead` builds the next step's)."""
     lengths = prebuilt_lengths(heads, head_dim, torch.empty((), dtype=dtype).element_size())
-    if not lengths:
-        return []
-    kn = kernels or cudnn_triton_kernels()
+    build_plans([(True, n, n) for n in lengths], heads, head_dim, dtype=dtype, device=device, scale=scale,
+                kernels=kernels)
+    return lengths
+
+
+_BUILT: set = set()  # (kernels, heads, head_dim, dtype, scale, device, shape) whose plans build_plans made
+
+
+def build_plans(shapes, heads: int, head_dim: int, *, dtype=torch.bfloat16, device="cuda", scale=None,
+                kernels: SplitKernels | None = None) -> list[tuple[bool, int, int]]:
+    """cuDNN's forward and backward plans of the dense calls (causal, query rows, key rows) that
+    the split makes at `heads` query heads (cuDNN keys a plan on the shape and the scale, the
+    model's being head_dim ** -0.5). torch keeps cuDNN's plans per thread, and a CUDA backward runs
+    on the autograd engine's own thread (recomputed checkpointed forwards too): forward plans are
+    built here, forward and backward ones again inside a backward pass. Shapes built before in this
+    process are skipped; returns the ones built now."""
     scale = head_dim ** -0.5 if scale is None else scale
+    kn = kernels or cudnn_triton_kernels()
+    key = (kn, heads, head_dim, dtype, scale, str(device))
+    todo = [s for s in dict.fromkeys(tuple(s) for s in shapes) if (*key, s) not in _BUILT]
+    if not todo:
+        return []
 
     def build(backward: bool):
-        for length in lengths:
-            x = torch.randn(1, length, heads, head_dim, device=device, dtype=dtype)  # any values build the plan
-            out, lse = kn.dense_fwd(x, x, x, True, scale)
+        for causal, nq, nk in todo:
+            q = torch.randn(1, nq, heads, head_dim, device=device, dtype=dtype)  # any values build the plan
+            k = q if nk == nq else torch.randn(1, nk, heads, head_dim, device=device, dtype=dtype)
+            out, lse = kn.dense_fwd(q, k, k, causal, scale)
             if backward:
-                kn.dense_bwd(x, x, x, x, out, lse, True, scale)
+                kn.dense_bwd(q, q, k, k, out, lse, causal, scale)
 
     build(backward=False)
     _RunInBackward.apply(torch.zeros((), device=device, requires_grad=True), lambda: build(backward=True)).backward()
-    return lengths
+    _BUILT.update((*key, s) for s in todo)
+    return todo
 
 
 def prebuilt_lengths(heads: int, head_dim: int, elem: int) -> list[int]:

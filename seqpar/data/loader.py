@@ -41,7 +41,7 @@ class PackedLoader:
         self.global_batch_size = global_batch_size
         self.micro_batch_size = micro_batch_size
         self.dp_rank, self.dp_size = dp_rank, dp_size
-        self.read_rank = dp_rank if read_as_rank is None else read_as_rank  # whose micro-batches this rank reads
+        self.read_as_rank = read_as_rank  # every rank reads this rank's micro-batches (benchmarks' balanced ideal)
         self.seed = seed
         self.consumed = 0  # global batches taken so far
         self._perms: dict[int, np.ndarray] = {}
@@ -62,9 +62,17 @@ class PackedLoader:
 
     def next_batch(self) -> list[MicroBatch]:
         """This rank's micro-batches of the next optimizer step."""
-        per_rank = self.global_batch_size // self.dp_size
-        mine = self.global_indices(self.consumed)[self.read_rank * per_rank:(self.read_rank + 1) * per_rank]
+        batch = self.peek()
         self.consumed += 1
+        return batch
+
+    def peek(self, dp_rank: int | None = None) -> list[MicroBatch]:
+        """The micro-batches that dp rank `dp_rank` (default: this one) takes at its next
+        `next_batch`, without taking them."""
+        read = self.dp_rank if dp_rank is None else dp_rank
+        read = read if self.read_as_rank is None else self.read_as_rank
+        per_rank = self.global_batch_size // self.dp_size
+        mine = self.global_indices(self.consumed)[read * per_rank:(read + 1) * per_rank]
         m = self.micro_batch_size
         return [self._micro_batch(mine[k:k + m]) for k in range(0, per_rank, m)]
 
