@@ -225,6 +225,39 @@ def test_cuda_lightning_attn_matches_fp64_reference(case, dtype):
     _check(ours, ref, 2e-4 if dtype == torch.float32 else 1e-2)
 
 
+def _direct_check(case: str, dtype_name: str) -> None:
+    """The Triton kernel itself (not the dispatcher) on GPU_CASES[case] in torch.<dtype_name>
+    against the fp64 reference; for a subprocess (`test_cuda_triton_fp16_fp32_direct`)."""
+    from seqpar.kernels.lightning_attn.triton import lightning_attn_triton
+
+    dtype = getattr(torch, dtype_name)
+    lengths, B, H, Dk, Dv = GPU_CASES[case]
+    decays = (-torch.linspace(1, 8, H).exp2().reciprocal()).tolist()
+    c = _case(lengths, B, H, Dk, Dv, decays, init=True, seed=7, device="cuda")
+    ours = _run(lightning_attn_triton, c, dtype)
+    torch.cuda.synchronize()
+    rounded = {**c, **{n: c[n].to(dtype).double() for n in "qkv"}}
+    _check(ours, _run(lightning_attn_reference, rounded, F64), 2e-4 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("case", sorted(GPU_CASES))
+@pytest.mark.parametrize("dtype_name", ["float16", "float32"])
+def test_cuda_triton_fp16_fp32_direct(case, dtype_name):
+    """What keeps fp16 and fp32 on the reference (kernels/dispatch.py: on 2026-11-25's kernel, fp16
+    with Dk=64, Dv=32 hit an illegal memory access that poisoned the cases after it): each case in
+    its own process, so one fault fails one case. All passing is what lets dispatch take them."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    run = subprocess.run([sys.executable, "-c", "from tests.test_lightning_triton import _direct_check; "
+                          f"_direct_check({case!r}, {dtype_name!r})"], cwd=Path(__file__).parents[1],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_exchange_hook_matches_fp64_reference():
