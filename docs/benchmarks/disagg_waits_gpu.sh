@@ -13,14 +13,15 @@
 #   inside the step that first meets it);
 # - plain (~6 min): the same lanes as they run by default (plans prebuilt, disagg's planner told
 #   which tasks run on cuDNN), to set beside the others in one call;
-# - dpideal (~8 min): plain's lanes and dp2_as0, dp2_as1 (both ranks read rank 0's / 1's rows):
-#   the issue's balanced ideal, the mean of the ranks' own step times, data parallelism's cost in it.
+# - dpideal (~7 min): dp2, dp2_disagg_dp_cp and dp2_as0, dp2_as1 (both ranks read rank 0's / 1's
+#   rows): the issue's balanced ideal, the mean of the ranks' own step times, data parallelism's
+#   cost in it; 18 steps (the issue averages at least 16). Tenth session (2 H100): disagg 1.080x it.
 [ -n "$SEQPAR_GPU_READY" ] || source docs/benchmarks/gpu_setup.sh
 MODE=${1:?timeline, norecompile, noprebuild, plain or dpideal}
 SEQ=${2:-65536}
 mkdir -p "$OUT/$MODE"
-lanes() {  # EXTRA, LANES (default: the three lanes), 10 steps
-    STEPS=10 LANES=${LANES:-"dp2 ideal_1gpu dp2_disagg_dp_cp"} OUT="$OUT/$MODE" bash docs/benchmarks/disagg_dp_cp_gpu.sh "$SEQ" \
+lanes() {  # EXTRA, LANES (default: the three lanes), STEPS (default 10)
+    STEPS=${STEPS:-10} LANES=${LANES:-"dp2 ideal_1gpu dp2_disagg_dp_cp"} OUT="$OUT/$MODE" bash docs/benchmarks/disagg_dp_cp_gpu.sh "$SEQ" \
         2>&1 | grep -v Warn | tail -9 | cut -c1-900
     grep -o '"startup_s": [0-9.]*' "$OUT/$MODE"/*_metrics.jsonl
 }
@@ -40,6 +41,6 @@ case $MODE in
     grep -h "AVOID_RECOMPILE" "$OUT/$MODE"/*.log | sort | uniq -c | head -3 ;;  # torch's warning: the path was taken
   noprebuild) EXTRA="train.cudnn_prebuild=false" lanes ;;
   plain) EXTRA=" " lanes ;;
-  dpideal) EXTRA=" " LANES="dp2 dp2_as0 dp2_as1 ideal_1gpu dp2_disagg_dp_cp" lanes ;;
+  dpideal) EXTRA=" " STEPS=18 LANES="dp2_as0 dp2_as1 dp2_disagg_dp_cp dp2" lanes ;;
   *) echo "MODE: timeline, norecompile, noprebuild, plain or dpideal" >&2; exit 2 ;;
 esac
