@@ -245,9 +245,9 @@ def next_step_shapes(cfg, dims: ParallelDims, device, loader: PackedLoader) -> l
     shape's first call on the host while the other ranks wait at the layer's all-to-all: 2x H100,
     64k tokens per GPU, 240-380 ms of waits in the steps that met one
     (docs/benchmarks/2026-11-26-2gpu-10th). [] unless disagg attention sees the loader's boundaries
-    as they are (over dp_cp, or over cp in the contiguous or zigzag layout)."""
+    as they are (over dp_cp, or over cp > 1 in the contiguous or zigzag layout)."""
     p, m = cfg.parallel, cfg.model
-    if p.softmax_sp != "disagg" or not (dims.attention_dp_cp or p.layout in ("contiguous", "zigzag")):
+    if p.softmax_sp != "disagg" or not (dims.attention_dp_cp or (dims.cp > 1 and p.layout in ("contiguous", "zigzag"))):
         return []
     head_dim = m.head_dim or m.d_model // m.n_heads
     dtype = torch.bfloat16 if device.type == "cuda" and cfg.train.dtype in ("auto", "bf16") else param_dtype(cfg, device)
