@@ -1,5 +1,6 @@
 """Data pipeline: tokenizer, packing against a brute-force stream, loader sharding and resume,
 seqpar-prepare, synthetic lengths, the embedded corpus."""
+import gzip
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -291,6 +292,19 @@ def test_synthetic_lengths_from_shared_file():
     ds = build_dataset(SimpleNamespace(name="synthetic", num_tokens=1 << 20, distribution="file", mean_len=1,
                                        sigma=1.0, max_len=None, lengths_file=str(path), seed=0), 4096)
     assert len(ds) >= (1 << 20) // 4096
+
+
+def test_synthetic_lengths_from_the_committed_gzipped_mixes():
+    """docs/benchmarks/data's gzipped copies of the mixes (what GPU runs carry) read as the JSON does."""
+    committed = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "data"
+    for name in ("wlbllm", "prolong"):
+        gz = committed / f"{name}.json.gz"
+        pool = np.array(json.loads(gzip.decompress(gz.read_bytes())))
+        a = synthetic_lengths(1_000_000, "file", seed=1, lengths_file=gz)
+        assert set(np.unique(a)) <= set(np.unique(pool)) and a.sum() >= 1_000_000
+        if (SHARED_LENGTHS / f"{name}.json").is_file():
+            np.testing.assert_array_equal(a, synthetic_lengths(1_000_000, "file", seed=1,
+                                                               lengths_file=SHARED_LENGTHS / f"{name}.json"))
 
 
 def test_embedded_corpus():

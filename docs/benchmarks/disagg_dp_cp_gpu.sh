@@ -32,8 +32,14 @@ CKPT=$([ "$SEQ" -gt 16384 ] && echo selective || echo none)
 if [ -z "${EXTRA:-}" ]; then
   SEQPAR_FLASH_TUNE=0 timeout 120 python3 -m pytest -q -m gpu tests/test_disagg.py -k across_ranks 2>&1 | tail -5
 fi
-COMMON="model=${MODEL:-llama_1b} parallel=none data=synthetic data.seq_len=$SEQ data.distribution=lognormal
-  data.mean_len=$((SEQ / 4)) data.sigma=1.0 train=long train.steps=$STEPS train.warmup_steps=1
+# MIX=wlbllm|prolong: DistCA's length mixes (docs/benchmarks/data) instead of the lognormal documents;
+# name the OUT folder ..._disagg_dp_cp_gpu_<MIX>_<SEQ> (the simulator reads the mix from it)
+case ${MIX:-lognormal} in
+  lognormal) DOCS="data.distribution=lognormal data.mean_len=$((SEQ / 4)) data.sigma=1.0" ;;
+  wlbllm|prolong) DOCS="data.distribution=file data.lengths_file=$PWD/docs/benchmarks/data/$MIX.json.gz" ;;
+  *) echo "MIX=$MIX: lognormal, wlbllm or prolong" >&2; exit 2 ;;
+esac
+COMMON="model=${MODEL:-llama_1b} parallel=none data=synthetic data.seq_len=$SEQ $DOCS train=long train.steps=$STEPS train.warmup_steps=1
   train.activation_checkpointing=$CKPT train.global_batch_size=2 train.micro_batch_size=1 launcher.nproc_per_node=2 logging.console=false ${EXTRA:-}"
 disagg="parallel.softmax_sp=disagg parallel.disagg.group=dp_cp"
 for name in ${LANES:-dp2 ideal_1gpu dp2_disagg_dp_cp cp2_ring cp2_per_doc}; do

@@ -3,9 +3,10 @@
 What matters to sequence parallelism is where document boundaries fall (attention work grows
 with the square of each document's length), not what the tokens say, so the tokens are random
 and only the lengths follow a distribution: `fixed`, `uniform`, `lognormal`, or `file` (a JSON
-list of real document lengths such as DistCA's prolong.json, resampled)."""
+list of real document lengths such as DistCA's prolong.json, resampled; gzipped where it ends in .gz)."""
 from __future__ import annotations
 
+import gzip
 import json
 import math
 from pathlib import Path
@@ -33,7 +34,8 @@ def _read_lengths_file(lengths_file) -> np.ndarray:
     path = Path(lengths_file)
     if not path.is_file():
         raise FileNotFoundError(f"data.lengths_file={path}: file not found (a JSON list of document lengths)")
-    pool = np.asarray(json.loads(path.read_text()))
+    text = gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text()
+    pool = np.asarray(json.loads(text))
     if pool.ndim != 1 or pool.size == 0 or not np.issubdtype(pool.dtype, np.number) or pool.min() < 1:
         raise ValueError(f"data.lengths_file={path}: must be a non-empty JSON list of positive integers")
     return pool.astype(np.int64)

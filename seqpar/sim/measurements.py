@@ -380,18 +380,22 @@ _DP_CP_LANES = {"dp2": ([], None), "dp2_disagg_dp_cp": (["parallel.softmax_sp=di
                 "ideal_1gpu_fixed": (["launcher.nproc_per_node=1", "data.distribution=fixed"], None)}
 
 
-def dp_cp_run(lane: str, seq: int = 16384) -> dict | None:
-    """The E2E_RUNS entry of disagg_dp_cp_gpu.sh's lane `lane` at SEQ tokens per GPU (held out);
+def dp_cp_run(lane: str, seq: int = 16384, mix: str | None = None) -> dict | None:
+    """The E2E_RUNS entry of disagg_dp_cp_gpu.sh's lane `lane` at SEQ tokens per GPU (held out),
+    of lognormal documents or of DistCA's length mix `mix` (MIX=wlbllm|prolong, docs/benchmarks/data);
     a lane named `<lane>_profiled<N>` had step N profiled (logging.profile_step=N), which is left out."""
     profiled = re.fullmatch(r"(.+)_profiled(\d+)", lane)
     if profiled:
-        run = dp_cp_run(profiled.group(1), seq)
+        run = dp_cp_run(profiled.group(1), seq, mix)
         return run and {**run, "profiled_step": int(profiled.group(2))}
     if lane not in _DP_CP_LANES:
         return None
     extra, prefix = _DP_CP_LANES[lane]
-    base = [o for o in _DP_CP if not o.startswith(("data.seq_len=", "data.mean_len=", "train.steps="))]
-    overrides = [*base, f"data.seq_len={seq}", f"data.mean_len={seq // 4}", f"train.steps={12 if seq <= 16384 else 8}",
+    base = [o for o in _DP_CP if not o.startswith(("data.seq_len=", "data.mean_len=", "train.steps=",
+                                                   "data.distribution=", "data.sigma="))]
+    docs = (["data.distribution=file", f"data.lengths_file={bench_dir() / 'data' / f'{mix}.json.gz'}"] if mix
+            else ["data.distribution=lognormal", f"data.mean_len={seq // 4}", "data.sigma=1.0"])
+    overrides = [*base, f"data.seq_len={seq}", *docs, f"train.steps={12 if seq <= 16384 else 8}",
                  f"train.activation_checkpointing={'selective' if seq > 16384 else 'none'}", *extra]
     world = 1 if "launcher.nproc_per_node=1" in extra else 2
     return dict(world=world, script="docs/benchmarks/disagg_dp_cp_gpu.sh", fit=None, overrides=overrides,
@@ -506,9 +510,9 @@ def e2e_run_of(path) -> dict | None:
     """The E2E_RUNS entry of a metrics file; the fourth session of 2026-11-26 named its copies
     `e2e_<model>_<layout>_metrics.jsonl`; a disagg_dp_cp_gpu.sh lane folder says its SEQ (`dp_cp_run`)."""
     name = Path(path).name
-    lane = re.fullmatch(r".*disagg_dp_cp_gpu(?:_(\d+))?", Path(path).parent.name)
+    lane = re.fullmatch(r".*disagg_dp_cp_gpu(?:_(wlbllm|prolong))?(?:_(\d+))?", Path(path).parent.name)
     if lane and name.endswith("_metrics.jsonl"):
-        run = dp_cp_run(name[:-len("_metrics.jsonl")], int(lane.group(1) or 16384))
+        run = dp_cp_run(name[:-len("_metrics.jsonl")], int(lane.group(2) or 16384), lane.group(1))
         if run:
             return run
     return E2E_RUNS.get(name) or (E2E_RUNS.get(name[len("e2e_"):]) if name.startswith("e2e_") else None)
