@@ -242,9 +242,9 @@ def next_step_shapes(cfg, dims: ParallelDims, device, loader: PackedLoader) -> l
     the step `loader` gives next (`disagg.server_calls`, `split_tasks.dense_shapes`). A server's
     call over a piece of a document after its prefix has a shape that each step's plan decides (a
     new (queries, prefix) pair in most steps for hundreds of steps), and cuDNN builds a plan at a
-    shape's first call on the host while the other ranks wait at the layer's all-to-all: 2x H100,
-    64k tokens per GPU, 240-380 ms of waits in the steps that met one
-    (docs/benchmarks/2026-11-26-2gpu-10th). [] unless disagg attention sees the loader's boundaries
+    shape's first call on the host while the other ranks wait at the layer's all-to-all (2x H100,
+    llama_1b at 64k tokens per GPU: up to 376 ms of waits in the steps that met one,
+    docs/benchmarks/2026-11-26-2gpu-10th). [] unless disagg attention sees the loader's boundaries
     as they are (over dp_cp, or over cp > 1 in the contiguous or zigzag layout)."""
     p, m = cfg.parallel, cfg.model
     if p.softmax_sp != "disagg" or not (dims.attention_dp_cp or (dims.cp > 1 and p.layout in ("contiguous", "zigzag"))):
