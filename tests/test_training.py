@@ -245,6 +245,7 @@ def test_resume_continues_bitwise(tmp_path, layout):
 def _lookahead_plans(rank, world, overrides):
     """(the plans a step made that the look-ahead had not: with it, without it; server calls the
     look-ahead found) over two steps of a disagg layout."""
+    from seqpar.attention import disagg
     from seqpar.attention.disagg import runtime
     from seqpar.data import PackedLoader, build_dataset
     from seqpar.parallel.dims import ParallelDims
@@ -260,21 +261,25 @@ def _lookahead_plans(rank, world, overrides):
     engine = build_engine(model, *build_optimizer(model, cfg, device), cfg, dims)
     loader = PackedLoader(build_dataset(cfg.data, cfg.data.seq_len), global_batch_size=4, micro_batch_size=1,
                           dp_rank=dims.rank_in("dp"), dp_size=dims.dp, seed=0)
-    new_plans, shapes = [], []
+    new_plans, shapes, plan_ms = [], [], []
+    disagg.step_metrics()  # what building the model recorded, if anything
     for look in (True, False):
         if look:
             shapes = next_step_shapes(cfg, dims, device, loader)
         misses = runtime._plan_routes.cache_info().misses
         train_step(engine.model, loader.next_batch(), cfg, dims, device, backward=engine.backward)
         new_plans.append(runtime._plan_routes.cache_info().misses - misses)
-    return new_plans, shapes
+        plan_ms.append(disagg.step_metrics()["sp/plan_ms"])
+    return new_plans, shapes, plan_ms
 
 
 @pytest.mark.parametrize("name", ["dp2_disagg", "cp2_disagg"])
 def test_plan_lookahead_plans_what_the_next_step_runs(name):
     """`next_step_shapes` plans the next step's disagg servers' calls from the data loader exactly as
     the step then does (the step makes no plan of its own; without the look-ahead it makes one per
-    micro-batch), and lists their dense calls, the shapes whose cuDNN plans train builds ahead."""
-    for new_plans, shapes in run_distributed(_lookahead_plans, 2, LAYOUTS[name][1]):
+    micro-batch; the planning time counts either way), and lists their dense calls, the shapes whose
+    cuDNN plans train builds ahead."""
+    for new_plans, shapes, plan_ms in run_distributed(_lookahead_plans, 2, LAYOUTS[name][1]):
         assert new_plans[0] == 0 and new_plans[1] > 0, new_plans
+        assert all(ms > 0 for ms in plan_ms), plan_ms  # a plan made ahead counts where it was made
         assert all(isinstance(c, bool) and q > 0 and k > 0 for c, q, k in shapes), shapes

@@ -116,8 +116,11 @@ def server_calls(bounds, group=None, *, q, k, v, causal=True, layout="contiguous
     calls' kernel plans before their step (`seqpar.train`)."""
     opts = current()
     world, rank = group_size_rank(group)
-    routes, _ = _plan(bounds, bounds[-1], world, rank, q, k, v, layout, causal, opts.eps, opts.min_chunk,
-                      opts.schedule, opts)
+    misses = _plan_routes.cache_info().misses
+    routes, info = _plan(bounds, bounds[-1], world, rank, q, k, v, layout, causal, opts.eps, opts.min_chunk,
+                         opts.schedule, opts)
+    if _plan_routes.cache_info().misses > misses:
+        metrics.record_plan(info)
     return [(r.cu_q, r.cu_k) for r in routes]
 
 
