@@ -28,7 +28,7 @@ from seqpar.launch import ray as ray_launcher, slurm, stop_signal
 from seqpar.launch.local import is_worker, launch_workers
 from seqpar.metrics import MetricsLogger, alloc_retries, max_memory_gb, peak_flops, profiled
 from seqpar.model.flops import step_flops
-from seqpar.model.transformer import Transformer
+from seqpar.model.transformer import Transformer, head_dim
 from seqpar.parallel.dims import ParallelDims, init_world
 from seqpar.parallel.engine import build_engine
 from seqpar.parallel.optim_offload import HostOffloadedAdamW, check_host_memory
@@ -230,7 +230,7 @@ def prebuild_attention_plans(cfg, dims: ParallelDims, device, rank: int) -> None
     holds n_heads / tp of them), built now."""
     m = cfg.model
     t0 = time.perf_counter()
-    built = prebuild_plans(m.n_heads // dims.tp, m.head_dim or m.d_model // m.n_heads, dtype=torch.bfloat16,
+    built = prebuild_plans(m.n_heads // dims.tp, head_dim(m), dtype=torch.bfloat16,
                            device=device)
     if rank == 0:
         print(f"seqpar: cuDNN attention plans of {len(built)} length buckets built in "
@@ -249,9 +249,8 @@ def next_step_shapes(cfg, dims: ParallelDims, device, loader: PackedLoader) -> l
     p, m = cfg.parallel, cfg.model
     if p.softmax_sp != "disagg" or not (dims.attention_dp_cp or (dims.cp > 1 and p.layout in ("contiguous", "zigzag"))):
         return []
-    head_dim = m.head_dim or m.d_model // m.n_heads
     dtype = torch.bfloat16 if device.type == "cuda" and cfg.train.dtype in ("auto", "bf16") else param_dtype(cfg, device)
-    q, kv = (torch.empty(1, 1, h // dims.tp, head_dim, dtype=dtype, device=device) for h in (m.n_heads, m.n_kv_heads))
+    q, kv = (torch.empty(1, 1, h // dims.tp, head_dim(m), dtype=dtype, device=device) for h in (m.n_heads, m.n_kv_heads))
     if dims.attention_dp_cp:  # every dp rank's micro-batch i, joined (as train_step's softmax_view)
         batches = [loader.peek(r) for r in range(dims.dp)]
         rows = [disagg.join_bounds([b[i].cu_seqlens.tolist() for b in batches]) for i in range(len(batches[0]))]
@@ -272,9 +271,8 @@ def plan_lookahead(cfg, dims: ParallelDims, device, loader: PackedLoader):
     if not (prebuilds_plans(cfg, device) and cfg.parallel.softmax_sp == "disagg"):
         return None
     m = cfg.model
-    heads, head_dim = m.n_heads // dims.tp, m.head_dim or m.d_model // m.n_heads
-    return lambda: build_plans(next_step_shapes(cfg, dims, device, loader), heads, head_dim, dtype=torch.bfloat16,
-                               device=device)
+    return lambda: build_plans(next_step_shapes(cfg, dims, device, loader), m.n_heads // dims.tp, head_dim(m),
+                               dtype=torch.bfloat16, device=device)
 
 
 def build_model(cfg, dims: ParallelDims, device):
