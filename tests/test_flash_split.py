@@ -537,6 +537,30 @@ def test_gpu_dispatch_forced_split_and_rows_without_long_documents(monkeypatch):
     assert torch.equal(kernels.flash_attn(q, k, v, cu_seqlens=cu), flash_attn_triton(q, k, v, cu_seqlens=cu))
 
 
+@gpu
+def test_gpu_build_plans_run_nothing_on_the_gpu_and_the_plans_serve():
+    """build_plans captures its calls in a CUDA graph it throws away: cuDNN builds the plans on the
+    host, no attention kernel runs on the GPU; the plans then compute the right attention."""
+    from seqpar.kernels.flash_attn import aten
+    from seqpar.kernels.flash_attn.split import _CAPTURE, build_plans
+
+    shapes = [(True, 2304, 2304), (False, 1536, 3072)]  # lengths no other test runs: new plans
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        assert build_plans(shapes, 8, 128, device="cuda") == shapes
+        torch.cuda.synchronize()
+    assert _CAPTURE["ok"]
+    ran = {e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA}
+    assert not [n for n in ran if any(w in n.lower() for w in ("cudnn", "sdpa", "fmha", "flash"))], ran
+    for causal, nq, nk in shapes:
+        q, k, v = (t.cuda().bfloat16() for t in _inputs(nk, 8, 8, 128, seed=nq)[:3])
+        q = q[:, nk - nq:]
+        exact = [t.double() for t in (q, k, v)]
+        ref = flash_attn_reference(*exact, causal=causal, cu_seqlens_q=_cu([nq], "cuda"),
+                                   cu_seqlens_k=_cu([nk], "cuda"))
+        out, _ = aten.attention_with_lse(q, k, v, kernel="cudnn", causal=causal)
+        assert _rel(out, ref) <= 1e-2
+
+
 def test_prebuild_covers_every_shape_the_split_then_runs(monkeypatch):
     """`prebuild_plans` calls the dense forward once per length bucket from min_doc_len to
     max_doc_len, then inside a backward pass (torch's cuDNN plans are per thread, a CUDA backward
