@@ -29,25 +29,29 @@ def timed(fn):
 
 
 def first_call(shape):
+    """(host ms, GPU ms) of the shape's first forward on this thread and its first backward on the
+    autograd engine's (where training runs it), then the same again (plans surely built)."""
     causal, nq, nk = shape
     k = torch.randn(1, nk, H, D, device="cuda", dtype=torch.bfloat16)
     q = k[:, nk - nq:]
-    def run():
-        out, lse = aten.attention_with_lse(q, k, k, kernel="cudnn", causal=causal)
-        aten.attention_backward(out, q, k, k, out, lse, kernel="cudnn", causal=causal)
-    return timed(run), timed(run)  # the first call, then one with the plan surely built
+    fwd = lambda: aten.attention_with_lse(q, k, k, kernel="cudnn", causal=causal)  # noqa: E731
+    out, lse = fwd()
+    bwd = lambda: split._RunInBackward.apply(  # noqa: E731
+        torch.zeros((), device="cuda", requires_grad=True),
+        lambda: aten.attention_backward(out, q, k, k, out, lse, kernel="cudnn", causal=causal)).backward()
+    return [timed(f) for f in (fwd, bwd, fwd, bwd)]
 
 
 rows = []
 for i, shape in enumerate(SHAPES):
-    for capture in (False, True):
+    for capture in (True, False):  # the capture first: its warm-up calls are the process's first cuDNN calls
         split._CAPTURE["ok"] = capture
         s = (shape[0], shape[1] + 64 * (2 * i + capture), shape[2] + 64 * (2 * i + capture))  # unbuilt lengths
         build = timed(lambda: split.build_plans([s], H, D, device="cuda", scale=D ** -0.5))
-        first, warm = first_call(s)
+        calls = first_call(s)
         rows.append(dict(shape=s, capture=capture, capture_ok=split._CAPTURE["ok"], build_host_ms=build[0],
-                         build_gpu_ms=build[1], first_call_host_ms=first[0], first_call_gpu_ms=first[1],
-                         warm_call_host_ms=warm[0], warm_call_gpu_ms=warm[1]))
+                         **{f"{n}_{what}_ms": t[i] for n, t in zip(("fwd1", "bwd1", "fwd2", "bwd2"), calls)
+                            for i, what in enumerate(("host", "gpu"))}))
         print(rows[-1], flush=True)
 json.dump({"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "rows": rows},
           open(sys.argv[1], "w"), indent=1)

@@ -52,6 +52,7 @@ by those values.
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache
@@ -306,8 +307,8 @@ def build_plans(shapes, heads: int, head_dim: int, *, dtype=torch.bfloat16, devi
     if not todo:
         return []
 
-    def calls(backward: bool):
-        for causal, nq, nk in todo:
+    def calls(backward: bool, shapes=todo):
+        for causal, nq, nk in shapes:
             q = torch.zeros(1, nq, heads, head_dim, device=device, dtype=dtype)  # any values build the plan
             k = q if nk == nq else torch.zeros(1, nk, heads, head_dim, device=device, dtype=dtype)
             out, lse = kn.dense_fwd(q, k, k, causal, scale)
@@ -315,7 +316,7 @@ def build_plans(shapes, heads: int, head_dim: int, *, dtype=torch.bfloat16, devi
                 kn.dense_bwd(q, q, k, k, out, lse, causal, scale)
 
     def build(backward: bool):
-        if not _unrun(lambda: calls(backward), device):
+        if not _unrun(lambda: calls(backward), device, warm_up=lambda: calls(backward, [(True, 128, 128)])):
             calls(backward)
 
     build(backward=False)
@@ -324,17 +325,23 @@ def build_plans(shapes, heads: int, head_dim: int, *, dtype=torch.bfloat16, devi
     return todo
 
 
+_WARM: set = set()  # (thread, device) that made its cuDNN calls for real once
 _CAPTURE = {"ok": os.environ.get("SEQPAR_PLAN_CAPTURE", "1") != "0"}
 
 
-def _unrun(fn, device) -> bool:
+def _unrun(fn, device, warm_up) -> bool:
     """Runs fn's CUDA calls inside a CUDA graph capture that is then thrown away: the host does all
     it would (cuDNN builds and caches its plans), the GPU runs none of it. A plan built by running
     its call costs the GPU a forward and backward of that shape (a look-ahead's builds of a disagg
     server's new prefix shapes added ~0.2 s to some steps, 2 H100, 2026-11-27). False where it
-    cannot (not CUDA, SEQPAR_PLAN_CAPTURE=0, or the capture failed once: then fn runs for real)."""
+    cannot (not CUDA, SEQPAR_PLAN_CAPTURE=0, or the capture failed once: then fn runs for real).
+    `warm_up()` runs for real before a thread's first capture: a thread's first cuDNN call makes
+    its handle, which inside a capture invalidates it (2 H100, 2026-11-27)."""
     if not (_CAPTURE["ok"] and torch.device(device).type == "cuda"):
         return False
+    if (threading.get_ident(), str(device)) not in _WARM:
+        warm_up()
+        _WARM.add((threading.get_ident(), str(device)))
     # torch.cuda.graph() would synchronise the device on entry: a look-ahead must not wait for the GPU
     graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream(device)
     try:
