@@ -22,8 +22,7 @@ from seqpar.attention import AttnContext, disagg
 from seqpar.config import ConfigError, register_configs, resolve_nproc, use_cuda, validate, world_size
 from seqpar.data import PackedLoader, build_dataset
 from seqpar.kernels import dispatch
-from seqpar.kernels.flash_attn.split import build_plans, prebuild_plans
-from seqpar.kernels.flash_attn.split_tasks import dense_shapes
+from seqpar.kernels.flash_attn.split import prebuild_plans
 from seqpar.launch import ray as ray_launcher, slurm, stop_signal
 from seqpar.launch.local import is_worker, launch_workers
 from seqpar.metrics import MetricsLogger, alloc_retries, max_memory_gb, peak_flops, profiled
@@ -170,9 +169,6 @@ def train(cfg, device) -> None:
         checkpoint.restore_rng(extra["rng"])
         start_step = extra["step"]
 
-    lookahead = plan_lookahead(cfg, dims, device, loader)
-    if lookahead is not None:
-        lookahead()  # the first step's; each step then builds the next one's (train_step's after_backward)
     peak = peak_flops(device)
     disagg_spread = cfg.parallel.softmax_sp == "disagg" and dist.is_initialized()
     logger = MetricsLogger(run_dir, total_steps=cfg.train.steps, rank=rank, console=cfg.logging.console,
@@ -183,8 +179,7 @@ def train(cfg, device) -> None:
             t0 = time.perf_counter()
             micro_batches = loader.next_batch()
             with profiled(step, cfg.logging, run_dir, rank, device):  # its step time includes the profiler's
-                stats = train_step(engine.model, micro_batches, cfg, dims, device, backward=engine.backward,
-                                   after_backward=lookahead if step < cfg.train.steps else None)
+                stats = train_step(engine.model, micro_batches, cfg, dims, device, backward=engine.backward)
                 grad_norm = engine.step()  # clip, optimizer and schedule step, clear gradients
             loss = stats["loss"]
             if not math.isfinite(loss):
@@ -237,44 +232,6 @@ def prebuild_attention_plans(cfg, dims: ParallelDims, device, rank: int) -> None
               f"{time.perf_counter() - t0:.1f} s (train.cudnn_prebuild)", flush=True)
 
 
-def next_step_shapes(cfg, dims: ParallelDims, device, loader: PackedLoader) -> list[tuple[bool, int, int]]:
-    """The dense cuDNN calls (causal, query rows, key rows) of this rank's disagg server calls in
-    the step `loader` gives next (`disagg.server_calls`, `split_tasks.dense_shapes`). A server's
-    call over a piece of a document after its prefix has a shape that each step's plan decides (a
-    new (queries, prefix) pair in most steps for hundreds of steps), and cuDNN builds a plan at a
-    shape's first call on the host while the other ranks wait at the layer's all-to-all (2x H100,
-    llama_1b at 64k tokens per GPU: up to 376 ms of waits in the steps that met one,
-    docs/benchmarks/2026-11-26-2gpu-10th). [] unless disagg attention sees the loader's boundaries
-    as they are (over dp_cp, or over cp > 1 in the contiguous or zigzag layout)."""
-    p, m = cfg.parallel, cfg.model
-    if p.softmax_sp != "disagg" or not (dims.attention_dp_cp or (dims.cp > 1 and p.layout in ("contiguous", "zigzag"))):
-        return []
-    dtype = torch.bfloat16 if device.type == "cuda" and cfg.train.dtype in ("auto", "bf16") else param_dtype(cfg, device)
-    q, kv = (torch.empty(1, 1, h // dims.tp, head_dim(m), dtype=dtype, device=device) for h in (m.n_heads, m.n_kv_heads))
-    if dims.attention_dp_cp:  # every dp rank's micro-batch i, joined (as train_step's softmax_view)
-        batches = [loader.peek(r) for r in range(dims.dp)]
-        rows = [disagg.join_bounds([b[i].cu_seqlens.tolist() for b in batches]) for i in range(len(batches[0]))]
-        group, layout = dims.group("attn_dp_cp"), "contiguous"
-    else:
-        rows = [mb.cu_seqlens.tolist() for mb in loader.peek()]
-        group, layout = dims.group("cp"), p.layout
-    return [shape for bounds in rows
-            for cu_q, cu_k in disagg.server_calls(bounds, group, q=q, k=kv, v=kv, layout=layout)
-            for shape in dense_shapes(cu_q, cu_k, q)]
-
-
-def plan_lookahead(cfg, dims: ParallelDims, device, loader: PackedLoader):
-    """With `train.cudnn_prebuild` and disagg attention: a function that builds the plans of the
-    next step's server calls (`next_step_shapes`, the shapes not built yet; `split.build_plans`).
-    train_step calls it once the step's backward is queued: the host's builds then hide behind
-    the GPU's queue, which runs one dummy forward and backward per new shape. None otherwise."""
-    if not (prebuilds_plans(cfg, device) and cfg.parallel.softmax_sp == "disagg"):
-        return None
-    m = cfg.model
-    return lambda: build_plans(next_step_shapes(cfg, dims, device, loader), m.n_heads // dims.tp, head_dim(m),
-                               dtype=torch.bfloat16, device=device)
-
-
 def build_model(cfg, dims: ParallelDims, device):
     """This rank's part of the model: its pipeline stage, initialised (the same weights under
     every layout), then tensor parallel, activation checkpointing and FSDP applied."""
@@ -286,12 +243,10 @@ def build_model(cfg, dims: ParallelDims, device):
     return parallelize(model, dims, cfg)
 
 
-def train_step(model, micro_batches, cfg, dims: ParallelDims, device, *, backward=torch.autograd.backward,
-               after_backward=None) -> dict:
+def train_step(model, micro_batches, cfg, dims: ParallelDims, device, *, backward=torch.autograd.backward) -> dict:
     """Forward and backward of one optimizer step's micro-batches on this rank; `backward(loss)`,
     or `backward(output, grad)` on a pipeline stage before the last, is the dp engine's (DeepSpeed
-    must see every backward). `after_backward()` runs once every backward is queued, before the
-    step's first wait for the GPU (the loss).
+    must see every backward).
 
     The loss is the mean over every target token of the global batch, so it does not depend on
     how the batch is split over dp, cp and micro-batches."""
@@ -339,8 +294,6 @@ def train_step(model, micro_batches, cfg, dims: ParallelDims, device, *, backwar
         args = (dims.group("pp"), shape, activation_dtype(cfg, device), device, backward)
         schedule = InterleavedOneFOneB(*args, virtual=virtual) if virtual > 1 else OneFOneB(*args)
         schedule.run(forward, len(micro_batches))
-    if after_backward is not None:
-        after_backward()
     dist.all_reduce(loss_sum, group=dims.group("dp_cp"))
     if dims.pp > 1:  # only the last stage computed a loss
         dist.all_reduce(loss_sum, group=dims.group("pp"))

@@ -120,14 +120,17 @@ def test_prefix_parts_bucket_both_calls():
         assert p + f == m - n and (p == 0 or bucket_len(p, 16) == p) and f < max(p / 16 + 1, 2048)
 
 
+@pytest.mark.parametrize("prefix", ["1", "0"])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("Hq, Hkv", [(2, 2), (4, 2)])
-def test_split_forward_backward_with_task_boundaries(causal, Hq, Hkv):
-    # a disagg server's call: square tasks (whole documents, heads of documents) and, causal, long
-    # pieces over their prefix through the dense kernel at their buckets, the one at the buffer's
-    # end padded with zeros; short tail pieces, a task without keys and a length-1 task through the
-    # packed one; gradients into given destinations
-    from seqpar.kernels.flash_attn.split_tasks import split_backward, split_forward
+def test_split_forward_backward_with_task_boundaries(monkeypatch, causal, Hq, Hkv, prefix):
+    # a disagg server's call: square tasks (whole documents, heads of documents) and, causal with
+    # SEQPAR_CUDNN_PREFIX=1, long pieces over their prefix through the dense kernel at their
+    # buckets, the one at the buffer's end padded with zeros; short tail pieces, a task without keys
+    # and a length-1 task through the packed one; gradients into given destinations
+    from seqpar.kernels.flash_attn.split_tasks import PREFIX_ENV, split_backward, split_forward
+
+    monkeypatch.setenv(PREFIX_ENV, prefix)
 
     lq, lk = [9, 3, 10, 1, 2, 11, 10, 9, 9], [9, 12, 10, 1, 0, 11, 30, 32, 14]
     g = torch.Generator().manual_seed(Hq + causal)
@@ -145,7 +148,8 @@ def test_split_forward_backward_with_task_boundaries(causal, Hq, Hkv):
     # causal, pieces over their prefix (prefix_parts): 10 over 30 keys as a causal square of 10 and
     # a 10 x 20 block; 9 over 32 as a causal call of 3 blank + 9 queries and a 9 x 20 block; 9
     # over 14 as one causal call of 5 blank + 9 queries (each call's queries at their bucket)
-    assert [c[1] for c in calls if c[0] == "dense"] == ([10, 10, 12, 10, 10, 12, 10, 14] if causal else [9, 10, 11])
+    pieces = [10, 10, 12, 10, 14] if prefix == "1" else []  # without: in the packed call
+    assert [c[1] for c in calls if c[0] == "dense"] == ([10, 10, 12, *pieces] if causal else [9, 10, 11])
     want = flash_attn_backward_reference(do, q, k, v, ref_out, ref_lse, causal=causal, cu_seqlens_q=cu_q,
                                          cu_seqlens_k=cu_k)
     dk0 = torch.randn(k.shape, generator=g, dtype=F64)
@@ -612,33 +616,3 @@ def test_prebuild_covers_every_shape_the_split_then_runs(monkeypatch):
     assert seen and {key[:4] for key in seen} <= prebuilt, {key[:4] for key in seen} - prebuilt
     monkeypatch.setenv("SEQPAR_CUDNN_BUCKETS", "0")  # exact lengths: one plan per length, nothing to prebuild
     assert prebuild_plans(Hq, D, dtype=F64, device="cpu", kernels=kernels) == []
-
-
-@pytest.mark.parametrize("causal", [True, False])
-def test_dense_shapes_are_the_calls_the_task_split_makes(causal):
-    """`split_tasks.dense_shapes` (what a look-ahead builds cuDNN plans for) lists exactly the dense
-    calls split_forward and split_backward make: squares at their bucket, pieces over a prefix as a
-    causal call and a non-causal one, the head of a task past max_len."""
-    from seqpar.kernels.flash_attn.split_tasks import dense_shapes, split_backward, split_forward
-
-    lq, lk = [9, 3, 10, 1, 2, 11, 10, 9, 9, 30, 14], [9, 12, 10, 1, 0, 11, 30, 32, 14, 30, 24]
-    g = torch.Generator().manual_seed(int(causal))
-    q, do = (torch.randn(1, sum(lq), 4, 8, generator=g, dtype=F64) for _ in range(2))
-    k, v = (torch.randn(1, sum(lk), 2, 8, generator=g, dtype=F64) for _ in range(2))
-    seen = set()
-    ref = _reference_kernels([], stateless=True)
-
-    def fwd(q_, k_, v_, c, scale):
-        seen.add((c, q_.shape[1], k_.shape[1]))
-        return ref.dense_fwd(q_, k_, v_, c, scale)
-
-    def bwd(dout, q_, k_, v_, out, lse, c, scale):
-        seen.add((c, q_.shape[1], k_.shape[1]))
-        return ref.dense_bwd(dout, q_, k_, v_, out, lse, c, scale)
-
-    kn = SplitKernels(fwd, bwd, ref.packed_fwd, ref.packed_bwd)
-    kw = dict(causal=causal, cu_seqlens_q=_cu(lq), cu_seqlens_k=_cu(lk), min_len=9, max_len=20, per_octave=4)
-    out, lse = split_forward(q, k, v, kernels=kn, **kw)
-    split_backward(do, q, k, v, out, lse, kernels=kn, **kw)
-    shapes = dense_shapes(_cu(lq).tolist(), _cu(lk).tolist(), q, causal=causal, min_len=9, max_len=20, per_octave=4)
-    assert set(shapes) == seen and any(not c for c, _, _ in seen) and (not causal or any(c for c, _, _ in seen))

@@ -8,10 +8,10 @@
 # SEQPAR_ATTN_KERNEL=split: the servers' calls (lse-returning, task boundaries) on the split too,
 # their long square tasks through cuDNN, as the data-parallel rows' packed calls are by default
 # (kernels/dispatch.py SPLIT_FASTER "packed_lse", not measured yet).
-# `disagg_gpu.sh noprefix` (SEQPAR_CUDNN_PREFIX=0): the servers' long pieces over a causal prefix
-# stay in the Triton call (split.prefix_parts: on cuDNN since 2026-11-26, sixth session), for the A/B.
+# `disagg_gpu.sh prefix` (SEQPAR_CUDNN_PREFIX=1): the servers' long pieces over a causal prefix
+# on cuDNN (split.prefix_parts: the default from 2026-11-26's sixth session to 2026-11-27), for the A/B.
 [ "${1:-}" = split ] && export SEQPAR_ATTN_KERNEL=split
-[ "${1:-}" = noprefix ] && export SEQPAR_CUDNN_PREFIX=0
+[ "${1:-}" = prefix ] && export SEQPAR_CUDNN_PREFIX=1
 mkdir -p "$OUT"
 SEQPAR_FLASH_TUNE=0 timeout 90 python3 -m pytest -q -m gpu tests/test_disagg.py 2>&1 | tail -5
 SEQPAR_FLASH_TUNE=0 timeout 60 python3 -m pytest -q -m gpu tests/test_flash_split.py -k task 2>&1 | tail -3

@@ -281,8 +281,8 @@ def prebuild_plans(heads: int, head_dim: int, *, dtype=torch.bfloat16, device="c
     each build stalls its rank's GPU for ~100 ms (H100: [4k, 16k]'s 33 buckets took 3.3 s), and
     under disaggregated attention the other ranks wait for it at the layer's next all-to-all.
     Returns the bucket lengths built ([] without buckets, SEQPAR_CUDNN_BUCKETS=0: one per length).
-    Not built here: the non-causal prefix calls of disagg servers' pieces (their shapes depend on
-    each step's plan: `seqpar.train.plan_lookahead` builds the next step's)."""
+    Not built: the non-causal calls over a prefix of disagg servers' pieces (SEQPAR_CUDNN_PREFIX=1;
+    their shapes depend on each step's plan)."""
     lengths = prebuilt_lengths(heads, head_dim, torch.empty((), dtype=dtype).element_size())
     build_plans([(True, n, n) for n in lengths], heads, head_dim, dtype=dtype, device=device, scale=scale,
                 kernels=kernels)
@@ -331,9 +331,9 @@ _CAPTURE = {"ok": os.environ.get("SEQPAR_PLAN_CAPTURE", "1") != "0"}
 
 def _unrun(fn, device, warm_up) -> bool:
     """Runs fn's CUDA calls inside a CUDA graph capture that is then thrown away: the host does all
-    it would (cuDNN builds and caches its plans), the GPU runs none of it. A plan built by running
-    its call costs the GPU a forward and backward of that shape (a look-ahead's builds of a disagg
-    server's new prefix shapes added ~0.2 s to some steps, 2 H100, 2026-11-27). False where it
+    it would (cuDNN builds and caches its plans), the GPU runs none of it, nor needs memory for it
+    beyond the graph's pool. Built by running their calls, llama_1b's 59 buckets took 11.6-14.0 s;
+    captured 10.6 s (2 H100, 2026-11-27: the host's builds, ~0.18 s a shape, are most of it). False where it
     cannot (not CUDA, SEQPAR_PLAN_CAPTURE=0, or the capture failed once: then fn runs for real).
     `warm_up()` runs for real before a thread's first capture: a thread's first cuDNN call makes
     its handle, which inside a capture invalidates it (2 H100, 2026-11-27)."""
@@ -342,7 +342,7 @@ def _unrun(fn, device, warm_up) -> bool:
     if (threading.get_ident(), str(device)) not in _WARM:
         warm_up()
         _WARM.add((threading.get_ident(), str(device)))
-    # torch.cuda.graph() would synchronise the device on entry: a look-ahead must not wait for the GPU
+    # not torch.cuda.graph(): it synchronises the device and empties the allocator's cache on entry
     graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream(device)
     try:
         with torch.cuda.stream(stream):

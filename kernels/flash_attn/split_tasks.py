@@ -6,9 +6,13 @@ Stateless, so that `split_backward` (or any backward that takes out and lse) can
 `split_forward`: the padded queries' lse is not kept, the backward gives them +inf.
 
 Causal, a piece of n >= min_len queries over m > n keys (a disagg server's piece of a document over
-its prefix) runs on cuDNN as two calls of bucketed shapes (`split.prefix_parts`), merged in fp32
-like two ring blocks; SEQPAR_CUDNN_PREFIX=0 leaves such pieces in the Triton call (the benchmarks'
-A/B: 0.3-3% of a disagg step on 2 H100, 2026-11-26, docs/benchmarks/2026-11-26-4xh100-6th/call7).
+its prefix) stays in the Triton call; with SEQPAR_CUDNN_PREFIX=1 it runs on cuDNN as two calls of
+bucketed shapes (`split.prefix_parts`), merged in fp32 like two ring blocks. Off by default: the
+kernels gain 0.3-3% of a disagg step (2 H100, docs/benchmarks/2026-11-26-4xh100-6th/call7), but
+the (queries, prefix) shapes are new in most steps for hundreds of steps, and each new shape's cuDNN
+plans cost ~0.2 s of host time while the other ranks wait at the next all-to-all (end to end on
+2 H200, llama_1b, 64k tokens per GPU: 1.050x the balanced ideal off, 1.071x on;
+docs/benchmarks/2026-11-27-2gpu-11th).
 Causal, a task whose keys pass max_len gives cuDNN its head (`split.cudnn_head`) and keeps its tail
 in the Triton call: the key rows both read get both calls' dk, dv.
 """
@@ -25,7 +29,12 @@ from seqpar.kernels.flash_attn.split import (SplitKernels, _fold, _host_bounds, 
                                              buckets_per_octave, cudnn_triton_kernels, max_doc_len, min_doc_len,
                                              prefix_parts, split_task_bounds)
 
-PREFIX_ENV = "SEQPAR_CUDNN_PREFIX"  # 0: causal pieces over a prefix stay in the Triton call (benchmarks' A/B)
+PREFIX_ENV = "SEQPAR_CUDNN_PREFIX"  # 1: causal pieces over a prefix on cuDNN too (benchmarks' A/B)
+
+
+def cudnn_prefix() -> bool:
+    """Whether causal pieces over a prefix run on cuDNN (SEQPAR_CUDNN_PREFIX=1; off by default)."""
+    return os.environ.get(PREFIX_ENV, "0").strip() not in ("0", "")
 
 
 @dataclass(frozen=True)
@@ -54,28 +63,11 @@ def _long_tasks(bounds_q, bounds_k, min_len, max_len, per_octave, causal, cut):
     return tuple((*t, p, f) for t, (p, f) in zip(long_tasks, parts)), bq, bk
 
 
-def dense_shapes(bounds_q, bounds_k, q, *, causal: bool = True, min_len=None, max_len=None,
-                 per_octave=None) -> list[tuple[bool, int, int]]:
-    """The dense calls (causal, query rows, key rows) that split_forward and split_backward make on
-    cuDNN for these host boundaries and queries like `q` (its heads, head dim and dtype; a meta
-    tensor will do): what `split.build_plans` must have built for the call to build none."""
-    lo, hi, per, pieces, cut = _plan_args(q, min_len, max_len, per_octave, causal)
-    tasks, _, _ = _long_tasks(tuple(bounds_q), tuple(bounds_k), lo, hi, per, pieces, cut)
-    shapes = []
-    for qa, qb, ka, kb, p, f in tasks:
-        n = qb - qa
-        rows = bucket_len(f + n, per) if causal else n
-        shapes.append((bool(causal), rows, rows))
-        if p:
-            shapes.append((False, bucket_len(n, per), p))
-    return shapes
-
-
 def cudnn_lengths(q) -> tuple[int, int, bool]:
     """(min_len, max_len, prefix) of the tasks a call on queries like `q` hands to cuDNN
     (`split.runs_on_cudnn`; prefix: causal pieces over a prefix too)."""
     H, D = q.shape[2:]
-    return min_doc_len(H), max_doc_len(H, D, q.element_size()), os.environ.get(PREFIX_ENV, "1").strip() != "0"
+    return min_doc_len(H), max_doc_len(H, D, q.element_size()), cudnn_prefix()
 
 
 def _plan_args(q, min_len, max_len, per_octave, causal) -> tuple:

@@ -369,8 +369,8 @@ def server_kernels(args, device) -> dict:
                   cu_seqlens_k=torch.tensor(cu_k, dtype=torch.int32, device=device))
         out[name] = {"forward": flash_attn_choice(q, k, k, return_lse=True, **cu)[0],
                      "backward": flash_attn_choice(q, k, k, backward=True, **cu)[0]}
-    from seqpar.kernels.flash_attn.split_tasks import PREFIX_ENV
-    out["cudnn_prefix"] = os.environ.get(PREFIX_ENV, "1").strip() != "0"  # split.prefix_parts on (the split's)
+    from seqpar.kernels.flash_attn.split_tasks import cudnn_prefix
+    out["cudnn_prefix"] = cudnn_prefix()  # split.prefix_parts on (the split's)
     return out
 
 

@@ -369,6 +369,7 @@ _DP_CP = ["model=llama_1b", "parallel=none", "data=synthetic", "data.seq_len=163
 _DP_CP_LANES = {"dp2": ([], None), "dp2_disagg_dp_cp": (["parallel.softmax_sp=disagg", "parallel.disagg.group=dp_cp"], None),
                 # SEQPAR_CUDNN_PREFIX=0: the servers' causal pieces over a prefix stay in the Triton call
                 "dp2_disagg_noprefix": (["parallel.softmax_sp=disagg", "parallel.disagg.group=dp_cp"], False),
+                "dp2_disagg_prefix": (["parallel.softmax_sp=disagg", "parallel.disagg.group=dp_cp"], True),
                 "dp2_disagg_eps05": (["parallel.softmax_sp=disagg", "parallel.disagg.group=dp_cp",
                                       "parallel.disagg.eps=0.05"], None),
                 "cp2_ring": (["parallel.cp=2", "parallel.softmax_sp=ring", "parallel.layout=zigzag"], None),

@@ -8,9 +8,9 @@ from seqpar.attention.disagg.metrics import step_metrics
 from seqpar.attention.disagg.options import DisaggOptions, configure, current, validate
 from seqpar.attention.disagg.planner import (TASK_OVERHEAD, KernelSpeed, Plan, Task, pairs, plan, plan_owned,
                                              task_cost)
-from seqpar.attention.disagg.rows import check_group, join_bounds, join_row_bounds, joins_dp_rows
-from seqpar.attention.disagg.runtime import disagg_attention, server_calls
+from seqpar.attention.disagg.rows import check_group, join_row_bounds, joins_dp_rows
+from seqpar.attention.disagg.runtime import disagg_attention
 
 __all__ = ["TASK_OVERHEAD", "DisaggOptions", "KernelSpeed", "Plan", "Task", "check_group", "configure", "current",
-           "disagg_attention", "fit_task_overhead", "join_bounds", "join_row_bounds", "joins_dp_rows",
-           "load_cost_table", "pairs", "plan", "plan_owned", "server_calls", "step_metrics", "task_cost", "validate"]
+           "disagg_attention", "fit_task_overhead", "join_row_bounds", "joins_dp_rows",
+           "load_cost_table", "pairs", "plan", "plan_owned", "step_metrics", "task_cost", "validate"]

@@ -1,7 +1,6 @@
 """Per-step numbers of core-attention disaggregation, for the training loop's log line (`sp/`
 keys): every `disagg_attention` call records its plan's modelled imbalance before and after
-planning, its task count, planning time (plans are cached, so only new boundaries cost; a plan
-made ahead, for the next step, counts in the step that made it) and the
+planning, its task count, planning time (plans are cached, so only new boundaries cost) and the
 bytes this rank sends to other ranks in forward and backward; every wait on a transfer records
 how long compute stood still for it (exposed communication). `step_metrics()` returns the step's
 summary and starts the next step. Running sums only: nothing grows if nobody reads them."""
@@ -43,11 +42,6 @@ class _Step:
 
 
 _step = _Step()
-
-
-def record_plan(info: dict) -> None:
-    """A plan made ahead of its call (`runtime.server_calls`): its time counts in this step."""
-    _step.plan_ms += info["plan_ms"]
 
 
 def record_call(info: dict, sent_bytes: int, new: bool) -> None:

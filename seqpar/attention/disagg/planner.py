@@ -48,7 +48,7 @@ TRITON_COST = 1.7
 @dataclass(frozen=True)
 class KernelSpeed:
     """Which tasks a server's call runs on cuDNN (`split.runs_on_cudnn` with these lengths;
-    `prefix`: causal pieces over a prefix too, SEQPAR_CUDNN_PREFIX; of a causal task past max_len
+    `prefix`: causal pieces over a prefix too, SEQPAR_CUDNN_PREFIX=1; of a causal task past max_len
     keys its head, `split.cudnn_head`) and the cost of a score pair on the Triton kernel that runs
     the rest, relative to cuDNN (`parallel.disagg.triton_cost`)."""
     min_len: int

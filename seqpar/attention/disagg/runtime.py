@@ -89,7 +89,8 @@ def disagg_attention(q, k, v, *, group=None, causal=True, cu_seqlens=None, softm
         if bounds[-1] != seq_len:
             raise ValueError(f"cu_seqlens ends at {bounds[-1]}, the group holds {seq_len} tokens")
     misses = _plan_routes.cache_info().misses
-    routes, info = _plan(bounds, seq_len, world, rank, q, k, v, layout, causal, eps, min_chunk, schedule, opts)
+    routes, info = _plan_routes(tuple(bounds), seq_len, world, rank, layout, float(eps), int(min_chunk), bool(causal),
+                                planner_overhead(opts), _row_bytes(q, k, v), schedule, kernel_speed(q, k, v, opts))
     metrics.record_call(info, sum(r.sent_rows(*_row_bytes(q, k, v)) for r in routes),
                         new=_plan_routes.cache_info().misses > misses)
     flat = [t.reshape(B * s_local, *t.shape[2:]) for t in (q, k, v)]
@@ -101,27 +102,6 @@ def _row_bytes(q, k, v) -> tuple[int, int]:
     """Bytes per token a task moves: its query row (Q sent, O returned) and key/value row."""
     return (q.shape[2] * (q.shape[3] + v.shape[3]) * q.element_size(),
             k.shape[2] * (k.shape[3] + v.shape[3]) * k.element_size())
-
-
-def _plan(bounds, seq_len, world, rank, q, k, v, layout, causal, eps, min_chunk, schedule, opts):
-    return _plan_routes(tuple(bounds), seq_len, world, rank, layout, float(eps), int(min_chunk), bool(causal),
-                        planner_overhead(opts), _row_bytes(q, k, v), schedule, kernel_speed(q, k, v, opts))
-
-
-def server_calls(bounds, group=None, *, q, k, v, causal=True, layout="contiguous") -> list[tuple[tuple, tuple]]:
-    """The host boundaries (cu_q, cu_k) of the server calls `disagg_attention` makes on this rank
-    of `group` for a packed row (B = 1) of GLOBAL boundaries `bounds`, with tensors like q, k, v
-    (their heads, head dims, dtype and device; any length): its plan, made now as the call would
-    make it with the process-wide options, and cached for it. A look-ahead uses it to build the
-    calls' kernel plans before their step (`seqpar.train`)."""
-    opts = current()
-    world, rank = group_size_rank(group)
-    misses = _plan_routes.cache_info().misses
-    routes, info = _plan(bounds, bounds[-1], world, rank, q, k, v, layout, causal, opts.eps, opts.min_chunk,
-                         opts.schedule, opts)
-    if _plan_routes.cache_info().misses > misses:
-        metrics.record_plan(info)
-    return [(r.cu_q, r.cu_k) for r in routes]
 
 
 def kernel_speed(q, k, v, opts) -> KernelSpeed | None:
