@@ -312,7 +312,7 @@ def test_calls_with_bounds_and_an_lse_run_the_splits_lse_form_from_cec5aa8(calib
     of 4096..max_doc_len tokens one cuDNN call (causal: at its bucket length; a non-causal ring block at
     its own), the other tasks one Triton call with their (queries, keys); before it, or where a run
     recorded Triton servers, the one Triton call; the ring bench's forced torch kernels never. From
-    9a4c89d a causal piece over its document's prefix goes to cuDNN too."""
+    9a4c89d to a63d362 a causal piece over its document's prefix goes to cuDNN too."""
     from dataclasses import replace
 
     from seqpar.kernels.flash_attn.split import bucket_len
@@ -352,6 +352,11 @@ def test_calls_with_bounds_and_an_lse_run_the_splits_lse_form_from_cec5aa8(calib
         cudnn(5120, 5120, True) + cudnn(5120, 6912, False) + launch)
     assert attn_seconds(prefix, [AttnCall(((5000, 8000),), True, True)], 32, 128) == pytest.approx(
         cudnn(8192, 8192, True) + launch)
+    # a63d362: back in the Triton call by default; a run that set SEQPAR_CUDNN_PREFIX=1 records it
+    after = replace(now, era=era_since("a63d362"))
+    assert attn_seconds(after, [piece], 32, 128) == pytest.approx(_call_seconds(now, piece, 32, 128, "x"))
+    assert attn_seconds(replace(after, lse_prefix=True), [piece], 32, 128) == pytest.approx(
+        cudnn(5120, 5120, True) + cudnn(5120, 6912, False) + launch)
     # the ring bench forces torch's kernels and the kernels bench times no lse call: fitted across both
     assert kernel_eras(era_since("9a4c89d")) == (era_since("8969915"), era_since("cec5aa8"), era_since("9a4c89d"))
 

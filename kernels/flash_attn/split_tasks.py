@@ -11,8 +11,8 @@ bucketed shapes (`split.prefix_parts`), merged in fp32 like two ring blocks. Off
 kernels gain 0.3-3% of a disagg step (2 H100, docs/benchmarks/2026-11-26-4xh100-6th/call7), but
 the (queries, prefix) shapes are new in most steps for hundreds of steps, and each new shape's cuDNN
 plans cost ~0.2 s of host time while the other ranks wait at the next all-to-all (end to end on
-2 H200, llama_1b, 64k tokens per GPU: 1.050x the balanced ideal off, 1.071x on;
-docs/benchmarks/2026-11-27-2gpu-11th).
+2 H200, llama_1b, 64k tokens per GPU: 1.050x the balanced ideal off over 16 steps,
+docs/benchmarks/2026-11-27-2gpu-11th; on, 1.071x over 8 steps, 2026-11-26-2gpu-10th).
 Causal, a task whose keys pass max_len gives cuDNN its head (`split.cudnn_head`) and keeps its tail
 in the Triton call: the key rows both read get both calls' dk, dv.
 """

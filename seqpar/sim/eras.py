@@ -87,6 +87,15 @@ CODE_CHANGES = (
     ("2026-11-26T20:23:25+00:00", ("6eda7f2 the split gives cuDNN the head of a causal document or task past "
                                    "max_doc_len (its first queries whose keys fit), the tail staying in the Triton "
                                    "call")),
+    # the disagg runtime's per-step extras (fitted on its runs: 2026-11-27-2gpu-11th calls 1-3), not the kernels
+    ("2026-11-26T22:50:47+00:00", ("148d759 disagg plan look-ahead: once a step's backward is queued, the next "
+                                   "step's server calls are planned and their new cuDNN shapes built (a forward "
+                                   "and backward run per shape; from 73bf75a / 9e5dfe5, 2026-11-27 01:00-01:15, "
+                                   "inside a thrown-away CUDA graph capture)")),
+    # what attention_cost models changes (`era_since("a63d362")`: `lse_prefix_applies`)
+    ("2026-11-27T01:34:28+00:00", ("a63d362 no look-ahead, and the split's lse form keeps causal tasks over a "
+                                   "prefix in the Triton call again by default (SEQPAR_CUDNN_PREFIX=1 sends them "
+                                   "to cuDNN as 9a4c89d did)")),
 )
 
 
@@ -106,6 +115,8 @@ SAME_KERNEL_BENCHES = DISAGG_SCHEDULE_ONLY + ("cec5aa8", "9a4c89d")
 SAME_KERNEL_BENCHES += ("83f5aae", "7a02c2d", "790f716")
 # ... and 6619ad8 (the LASP exchange), 47528c5 (the ring's merge), a8a710a (disagg's plan): no kernel changed
 SAME_KERNEL_BENCHES += ("6619ad8", "47528c5", "a8a710a")
+# ... and 148d759 (disagg's runtime) and a63d362 (as 9a4c89d: only auto-dispatched calls with an lse)
+SAME_KERNEL_BENCHES += ("148d759", "a63d362")
 # (not 6eda7f2: the kernels bench's split rows and the disagg bench's servers change with it)
 # CODE_CHANGES entries that changed the lightning kernel (79fc72c's entry holds e049981's one-scan
 # exchange): its kernels-bench rows measure one kernel only between two of them
@@ -167,6 +178,8 @@ COMMITTED_BY = {
     # the tenth session (2x H100 / 2x H200): its e2e lanes are undated; every call ran code d8a7086 or
     # 3d7fc82 (data.read_as_rank only), before anything committed after the results
     "2026-11-26-2gpu-10th": "2026-11-26T22:35:00+00:00",
+    # the eleventh session's calls ran 00:58-01:31 (device tool), all before a63d362 (01:34:28): era 148d759
+    "2026-11-27-2gpu-11th": "2026-11-27T01:31:00+00:00",
 }
 
 
