@@ -15,9 +15,13 @@
 #   which tasks run on cuDNN), to set beside the others in one call;
 # - dpideal (~7 min): dp2, dp2_disagg_dp_cp and dp2_as0, dp2_as1 (both ranks read rank 0's / 1's
 #   rows): the issue's balanced ideal, the mean of the ranks' own step times, data parallelism's
-#   cost in it; 18 steps (the issue averages at least 16). Tenth session (2 H100): disagg 1.080x it.
+#   cost in it; 18 steps (the issue averages at least 16). Tenth session (2 H100): disagg 1.080x it;
+#   eleventh (2 H200, the servers' prefix pieces on Triton): 1.050x;
+# - schedules (~8 min): dp2_as0, dp2_as1 and disagg over dp_cp with the halves and ping_pong
+#   schedules (what is left past 1.050x: ~60 ms a step of exposed waits, imbalance 1.035);
+#   `STEPS=18 LANES=dp2_disagg_eps05 EXTRA=" " bash docs/benchmarks/disagg_dp_cp_gpu.sh 65536` beside it.
 [ -n "$SEQPAR_GPU_READY" ] || source docs/benchmarks/gpu_setup.sh
-MODE=${1:?timeline, norecompile, noprebuild, plain or dpideal}
+MODE=${1:?timeline, norecompile, noprebuild, plain, dpideal or schedules}
 SEQ=${2:-65536}
 mkdir -p "$OUT/$MODE"
 lanes() {  # EXTRA, LANES (default: the three lanes), STEPS (default 10)
@@ -43,5 +47,6 @@ case $MODE in
   noprebuild) EXTRA="train.cudnn_prebuild=false" lanes ;;
   plain) EXTRA=" " lanes ;;
   dpideal) EXTRA=" " STEPS=18 LANES="dp2_as0 dp2_as1 dp2_disagg_dp_cp dp2" lanes ;;
-  *) echo "MODE: timeline, norecompile, noprebuild, plain or dpideal" >&2; exit 2 ;;
+  schedules) EXTRA=" " STEPS=18 LANES="dp2_as0 dp2_as1 dp2_disagg_halves dp2_disagg_ping_pong" lanes ;;
+  *) echo "MODE: timeline, norecompile, noprebuild, plain, dpideal or schedules" >&2; exit 2 ;;
 esac

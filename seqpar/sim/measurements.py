@@ -372,6 +372,8 @@ _DP_CP_LANES = {"dp2": ([], None), "dp2_disagg_dp_cp": (["parallel.softmax_sp=di
                 "dp2_disagg_prefix": (["parallel.softmax_sp=disagg", "parallel.disagg.group=dp_cp"], True),
                 "dp2_disagg_eps05": (["parallel.softmax_sp=disagg", "parallel.disagg.group=dp_cp",
                                       "parallel.disagg.eps=0.05"], None),
+                **{f"dp2_disagg_{s}": (["parallel.softmax_sp=disagg", "parallel.disagg.group=dp_cp",
+                                        f"parallel.disagg.schedule={s}"], None) for s in ("halves", "ping_pong")},
                 "cp2_ring": (["parallel.cp=2", "parallel.softmax_sp=ring", "parallel.layout=zigzag"], None),
                 "cp2_per_doc": (["parallel.cp=2", "parallel.softmax_sp=ring", "parallel.layout=doc_zigzag"], None),
                 # one GPU running both rows (two micro-batches): half its step is the balanced ideal
