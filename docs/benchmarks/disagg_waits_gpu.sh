@@ -19,7 +19,8 @@
 #   eleventh (2 H200, the servers' prefix pieces on Triton): 1.050x;
 # - schedules (~8 min): dp2_as0, dp2_as1 and disagg over dp_cp with the halves and ping_pong
 #   schedules (what is left past 1.050x: ~60 ms a step of exposed waits, imbalance 1.035);
-#   `STEPS=18 LANES=dp2_disagg_eps05 EXTRA=" " bash docs/benchmarks/disagg_dp_cp_gpu.sh 65536` beside it.
+#   `STEPS=18 LANES="dp2_disagg_eps05 dp2_disagg_eps02" EXTRA=" " bash docs/benchmarks/disagg_dp_cp_gpu.sh 65536`
+#   beside it (disagg_phases.py models both directions' imbalance 1.040 at eps 0.1, 1.025 at 0.05, 1.017 at 0.02).
 [ -n "$SEQPAR_GPU_READY" ] || source docs/benchmarks/gpu_setup.sh
 MODE=${1:?timeline, norecompile, noprebuild, plain, dpideal or schedules}
 SEQ=${2:-65536}

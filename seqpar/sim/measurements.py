@@ -370,8 +370,8 @@ _DP_CP_LANES = {"dp2": ([], None), "dp2_disagg_dp_cp": (["parallel.softmax_sp=di
                 # SEQPAR_CUDNN_PREFIX=0: the servers' causal pieces over a prefix stay in the Triton call
                 "dp2_disagg_noprefix": (["parallel.softmax_sp=disagg", "parallel.disagg.group=dp_cp"], False),
                 "dp2_disagg_prefix": (["parallel.softmax_sp=disagg", "parallel.disagg.group=dp_cp"], True),
-                "dp2_disagg_eps05": (["parallel.softmax_sp=disagg", "parallel.disagg.group=dp_cp",
-                                      "parallel.disagg.eps=0.05"], None),
+                **{f"dp2_disagg_eps{e[2:]}": (["parallel.softmax_sp=disagg", "parallel.disagg.group=dp_cp",
+                                               f"parallel.disagg.eps={e}"], None) for e in ("0.05", "0.02")},
                 **{f"dp2_disagg_{s}": (["parallel.softmax_sp=disagg", "parallel.disagg.group=dp_cp",
                                         f"parallel.disagg.schedule={s}"], None) for s in ("halves", "ping_pong")},
                 "cp2_ring": (["parallel.cp=2", "parallel.softmax_sp=ring", "parallel.layout=zigzag"], None),

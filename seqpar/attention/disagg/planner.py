@@ -56,14 +56,19 @@ class KernelSpeed:
     prefix: bool
     triton_cost: float
 
-    def cost(self, queries: int, keys: int, causal: bool) -> float:
-        """The score pairs of a task of `queries` over `keys`, weighed by the kernels that run them."""
+    def by_kernel(self, queries: int, keys: int, causal: bool) -> tuple[int, int]:
+        """(cuDNN pairs, Triton pairs) of a task of `queries` over `keys`."""
         total = pairs(keys - queries, keys, 0) if causal else queries * keys
         if runs_on_cudnn(queries, keys, self.min_len, self.max_len, causal and self.prefix):
-            return total
+            return total, 0
         head = cudnn_head(queries, keys, self.min_len, self.max_len, self.prefix) if causal else 0
         fast = pairs(keys - queries, keys - queries + head, 0) if head else 0
-        return fast + self.triton_cost * (total - fast)
+        return fast, total - fast
+
+    def cost(self, queries: int, keys: int, causal: bool) -> float:
+        """The score pairs of a task of `queries` over `keys`, weighed by the kernels that run them."""
+        fast, slow = self.by_kernel(queries, keys, causal)
+        return fast + self.triton_cost * slow
 
 
 @dataclass(frozen=True)
