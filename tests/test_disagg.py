@@ -956,17 +956,20 @@ def test_bench_summary_takes_parts_from_the_same_batches():
     from seqpar.bench.disagg import hidden_fraction, summarize
     base = dict(balanced_ideal_ms=100.0, dp_no_rebalance_ms=150.0, ring_ms=160.0, per_doc_cp_ms=110.0,
                 disagg_no_pingpong_ms=120.0)
-    rows = [dict(base, disagg_ms=200.0, disagg_compute_only_ms=190.0, disagg_comm_only_ms=20.0, disagg_collectives=8),
-            dict(base, disagg_ms=50.0, disagg_compute_only_ms=50.0, disagg_comm_only_ms=0.0, disagg_collectives=0),
-            dict(base, disagg_ms=60.0)]  # a batch without parts
+    rows = [dict(base, disagg_ms=200.0, disagg_compute_only_ms=190.0, disagg_comm_only_ms=20.0, disagg_collectives=8,
+                 disagg_waited_ms=10.0),
+            dict(base, disagg_ms=50.0, disagg_compute_only_ms=50.0, disagg_comm_only_ms=0.0, disagg_collectives=0,
+                 disagg_waited_ms=0.0),
+            dict(base, disagg_ms=60.0, disagg_waited_ms=30.0)]  # a batch without parts
     s = summarize(rows)
     assert s["disagg_ms"] == pytest.approx(310 / 3)  # the whole: every batch
     # parts: only the batch that timed them and moved work, against its own whole
     assert s["disagg_parts_batches"] == 1 and s["disagg_parts_ms"] == 200.0
     assert s["disagg_compute_only_ms"] == 190.0 and s["disagg_exposed_comm_ms"] == 10.0
-    assert s["disagg_hidden_fraction"] == pytest.approx(0.5) == hidden_fraction(200.0, 190.0, 20.0)
+    # hidden: 1 - waited / comm alone, over the same batch (not the batch without parts)
+    assert s["disagg_hidden_fraction"] == pytest.approx(0.5) == hidden_fraction(10.0, 20.0)
     assert "disagg_no_pingpong_hidden_fraction" not in s
-    assert hidden_fraction(10.0, 10.0, 0.0) is None
+    assert hidden_fraction(0.0, 0.0) is None
 
 
 def test_one_task_server_call_goes_to_the_triton_kernel(monkeypatch):
