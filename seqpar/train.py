@@ -149,7 +149,7 @@ def train(cfg, device) -> None:
     tracing = cfg.logging.memory_snapshot and memtrace.start(device)  # until step 1's end, its peak
 
     model = build_model(cfg, dims, device)
-    if prebuilds_plans(cfg, device):
+    if cfg.train.cudnn_prebuild:
         prebuild_attention_plans(cfg, dims, device, rank)
     optimizer, scheduler = build_optimizer(model, cfg, device)
     engine = build_engine(model, optimizer, scheduler, cfg, dims)  # FSDP2 or DeepSpeed: reduction, step, checkpoints
@@ -214,16 +214,13 @@ def train(cfg, device) -> None:
                 break
 
 
-def prebuilds_plans(cfg, device) -> bool:
-    """`train.cudnn_prebuild` applies: softmax attention runs the split (cuDNN) on CUDA in bf16."""
-    return (cfg.train.cudnn_prebuild and device.type == "cuda" and "S" in cfg.model.layer_pattern
-            and cfg.train.dtype in ("auto", "bf16") and dispatch.split_may_run())
-
-
 def prebuild_attention_plans(cfg, dims: ParallelDims, device, rank: int) -> None:
-    """`train.cudnn_prebuild`: the split's cuDNN plans for this rank's heads (a tensor-parallel rank
-    holds n_heads / tp of them), built now."""
+    """`train.cudnn_prebuild`: where softmax attention runs on CUDA in bf16, the split's cuDNN plans
+    for this rank's heads (a tensor-parallel rank holds n_heads / tp of them), built now."""
     m = cfg.model
+    if (device.type != "cuda" or "S" not in m.layer_pattern or cfg.train.dtype not in ("auto", "bf16")
+            or not dispatch.split_may_run()):
+        return
     t0 = time.perf_counter()
     built = prebuild_plans(m.n_heads // dims.tp, head_dim(m), dtype=torch.bfloat16,
                            device=device)

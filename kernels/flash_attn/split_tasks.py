@@ -51,16 +51,10 @@ class TaskPlan:
 @lru_cache(maxsize=128)  # every layer of a step passes the same boundaries
 def task_plan(bounds_q: tuple, bounds_k: tuple, min_len: int, max_len: int | None, per_octave: int,
               device, causal: bool = False, cut: bool = False) -> TaskPlan:
-    long_tasks, bq, bk = _long_tasks(bounds_q, bounds_k, min_len, max_len, per_octave, causal, cut)
-    as_dev = lambda b: torch.tensor(b, dtype=torch.int32, device=device)  # noqa: E731
-    return TaskPlan(long_tasks, as_dev(bq), as_dev(bk), per_octave)
-
-
-def _long_tasks(bounds_q, bounds_k, min_len, max_len, per_octave, causal, cut):
-    """((qa, qb, ka, kb, p, f), ...) of the tasks cuDNN runs, and the Triton call's boundaries."""
     long_tasks, bq, bk = split_task_bounds(bounds_q, bounds_k, min_len, max_len, causal, cut)
+    as_dev = lambda b: torch.tensor(b, dtype=torch.int32, device=device)  # noqa: E731
     parts = [prefix_parts(qb - qa, kb - ka, min_len, per_octave) for qa, qb, ka, kb in long_tasks]
-    return tuple((*t, p, f) for t, (p, f) in zip(long_tasks, parts)), bq, bk
+    return TaskPlan(tuple((*t, p, f) for t, (p, f) in zip(long_tasks, parts)), as_dev(bq), as_dev(bk), per_octave)
 
 
 def cudnn_lengths(q) -> tuple[int, int, bool]:
@@ -70,16 +64,11 @@ def cudnn_lengths(q) -> tuple[int, int, bool]:
     return min_doc_len(H), max_doc_len(H, D, q.element_size()), cudnn_prefix()
 
 
-def _plan_args(q, min_len, max_len, per_octave, causal) -> tuple:
-    """(min_len, max_len, per_octave, causal pieces over a prefix, cut) of a call on queries like q."""
-    lo, hi, prefix = cudnn_lengths(q)
-    return (lo if min_len is None else min_len, hi if max_len is None else max_len,
-            buckets_per_octave() if per_octave is None else per_octave, bool(causal) and prefix, bool(causal))
-
-
 def _task_plan_for(q, cu_q, cu_k, min_len, max_len, per_octave, causal) -> TaskPlan:
-    lo, hi, per, pieces, cut = _plan_args(q, min_len, max_len, per_octave, causal)
-    return task_plan(_host_bounds(cu_q), _host_bounds(cu_k), lo, hi, per, q.device, pieces, cut)
+    lo, hi, prefix = cudnn_lengths(q)
+    return task_plan(_host_bounds(cu_q), _host_bounds(cu_k), lo if min_len is None else min_len,
+                     hi if max_len is None else max_len, buckets_per_octave() if per_octave is None else per_octave,
+                     q.device, bool(causal) and prefix, bool(causal))
 
 
 def _blank_front(t, a, b, front, rows):

@@ -45,20 +45,14 @@ def join_row_bounds(cu_seqlens: torch.Tensor, group=None) -> torch.Tensor:
     parts = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(parts, padded, group=group)
     rows = [p[:n].tolist() for p, n in zip(torch.stack(parts).cpu(), counts)]
-    return torch.tensor(join_bounds(rows), dtype=torch.int32, device=cu_seqlens.device)
-
-
-def join_bounds(rows: list[list[int]]) -> list[int]:
-    """`join_row_bounds` on the host: the rows' boundaries (each from 0 to one common length), in
-    rank order, as one row's."""
     lengths = [row[-1] - row[0] if row else 0 for row in rows]
     if any(len(row) < 2 or row[0] != 0 for row in rows) or len(set(lengths)) != 1:
         raise ValueError(f"disaggregation over the data-parallel group joins the ranks' packed rows into one row: "
                          f"every rank needs cu_seqlens from 0 to the same row length; the rows end at {lengths}")
     joined = [0]
     for r, row in enumerate(rows):
-        joined += [r * lengths[0] + int(b) for b in row[1:]]
-    return joined
+        joined += [r * lengths[0] + b for b in row[1:]]
+    return torch.tensor(joined, dtype=torch.int32, device=cu_seqlens.device)
 
 
 def joins_dp_rows(parallel, dp: int) -> bool:

@@ -88,20 +88,17 @@ def disagg_attention(q, k, v, *, group=None, causal=True, cu_seqlens=None, softm
         bounds = host_bounds(cu_seqlens)
         if bounds[-1] != seq_len:
             raise ValueError(f"cu_seqlens ends at {bounds[-1]}, the group holds {seq_len} tokens")
+    hq, hkv = q.shape[2], k.shape[2]
+    q_row = hq * (q.shape[3] + v.shape[3]) * q.element_size()  # Q sent, O returned
+    kv_row = hkv * (k.shape[3] + v.shape[3]) * k.element_size()
     misses = _plan_routes.cache_info().misses
-    routes, info = _plan_routes(tuple(bounds), seq_len, world, rank, layout, float(eps), int(min_chunk), bool(causal),
-                                planner_overhead(opts), _row_bytes(q, k, v), schedule, kernel_speed(q, k, v, opts))
-    metrics.record_call(info, sum(r.sent_rows(*_row_bytes(q, k, v)) for r in routes),
+    routes, info = _plan_routes(bounds, seq_len, world, rank, layout, float(eps), int(min_chunk), bool(causal),
+                                planner_overhead(opts), (q_row, kv_row), schedule, kernel_speed(q, k, v, opts))
+    metrics.record_call(info, sum(r.sent_rows(q_row, kv_row) for r in routes),
                         new=_plan_routes.cache_info().misses > misses)
     flat = [t.reshape(B * s_local, *t.shape[2:]) for t in (q, k, v)]
     out = _DisaggAttention.apply(*flat, routes, group, causal, softmax_scale)
     return out.reshape(B, s_local, *out.shape[1:])
-
-
-def _row_bytes(q, k, v) -> tuple[int, int]:
-    """Bytes per token a task moves: its query row (Q sent, O returned) and key/value row."""
-    return (q.shape[2] * (q.shape[3] + v.shape[3]) * q.element_size(),
-            k.shape[2] * (k.shape[3] + v.shape[3]) * k.element_size())
 
 
 def kernel_speed(q, k, v, opts) -> KernelSpeed | None:
