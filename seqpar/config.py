@@ -114,7 +114,8 @@ class TrainConfig:
     # CUDA, bf16, softmax layers: build cuDNN's attention plans for every long-document length bucket
     # before step 1 (10-13 s for llama_1b), not inside the steps that first meet each
     # (kernels/flash_attn/split.py). 2 H100, llama_1b 64k tokens per GPU, disagg dp_cp: 1.229x -> 1.169x
-    # the balanced ideal, a profiled step's host stalls 546 -> 40 ms (2026-11-26, docs/benchmarks)
+    # the balanced ideal, a profiled step's host stalls 546 -> 40 ms (2026-11-26, docs/benchmarks).
+    # Also tunes the Triton kernel for each token bucket of a row (flash_attn.triton.tune_buckets)
     cudnn_prebuild: bool = True
     checkpoint_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 2

@@ -23,6 +23,7 @@ from seqpar.config import ConfigError, register_configs, resolve_nproc, use_cuda
 from seqpar.data import PackedLoader, build_dataset
 from seqpar.kernels import dispatch
 from seqpar.kernels.flash_attn.split import prebuild_plans
+from seqpar.kernels.flash_attn.triton import tune_buckets
 from seqpar.launch import ray as ray_launcher, slurm, stop_signal
 from seqpar.launch.local import is_worker, launch_workers
 from seqpar.metrics import MetricsLogger, alloc_retries, max_memory_gb, peak_flops, profiled
@@ -216,17 +217,22 @@ def train(cfg, device) -> None:
 
 def prebuild_attention_plans(cfg, dims: ParallelDims, device, rank: int) -> None:
     """`train.cudnn_prebuild`: where softmax attention runs on CUDA in bf16, the split's cuDNN plans
-    for this rank's heads (a tensor-parallel rank holds n_heads / tp of them), built now."""
+    for this rank's heads (a tensor-parallel rank holds n_heads / tp of them) built now, and its
+    Triton kernel tuned for every length bucket of the rank's rows (`tune_buckets`)."""
     m = cfg.model
     if (device.type != "cuda" or "S" not in m.layer_pattern or cfg.train.dtype not in ("auto", "bf16")
             or not dispatch.split_may_run()):
         return
     t0 = time.perf_counter()
-    built = prebuild_plans(m.n_heads // dims.tp, head_dim(m), dtype=torch.bfloat16,
-                           device=device)
+    heads = m.n_heads // dims.tp
+    built = prebuild_plans(heads, head_dim(m), dtype=torch.bfloat16, device=device)
+    t1 = time.perf_counter()
+    tuned = tune_buckets(heads, max(1, m.n_kv_heads // dims.tp), head_dim(m),
+                         cfg.data.seq_len * cfg.train.micro_batch_size, device=device)
     if rank == 0:
-        print(f"seqpar: cuDNN attention plans of {len(built)} length buckets built in "
-              f"{time.perf_counter() - t0:.1f} s (train.cudnn_prebuild)", flush=True)
+        print(f"seqpar: cuDNN attention plans of {len(built)} length buckets built in {t1 - t0:.1f} s, the Triton "
+              f"kernel tuned for {tuned} tokens in {time.perf_counter() - t1:.1f} s (train.cudnn_prebuild)",
+              flush=True)
 
 
 def build_model(cfg, dims: ParallelDims, device):

@@ -359,3 +359,18 @@ def test_gpu_public_destinations_on_the_dispatched_kernel():
     got = flash_attn_backward(do, q, k, v, o, lse, cu_seqlens=cu, dq=dests[0], dk=dests[1], dv=dests[2])
     # torch's flash backward accumulates dq with atomics: equal up to the order of its sums
     assert all(g is d and _rel(d, p.double()) <= 1e-2 for g, d, p in zip(got, dests, plain))
+
+
+@gpu
+def test_gpu_tune_buckets_tunes_each_bucket_before_its_first_call():
+    from seqpar.kernels.flash_attn import triton as ft
+
+    tuned = ft.tune_buckets(4, 2, 64, 5000, doc_len=1000)
+    assert tuned == [1024, 4096, 16384]
+    for kernel in (ft._attn_fwd, ft._attn_bwd_dkdv, ft._attn_bwd_dq):
+        buckets = {v for key in kernel.cache for v in key if v in tuned}
+        assert buckets == set(tuned), (kernel, list(kernel.cache))
+    lq = _lognormal(3000, seed=3)  # a later call in a tuned bucket is right
+    q, k, v, do = _inputs(1, sum(lq), sum(lq), 4, 2, 64, seed=4, device="cuda")
+    cu = _cu(lq, "cuda")
+    _check_forward_backward(ft, q, k, v, do, torch.bfloat16, 1e-2, causal=True, cu_seqlens_q=cu, cu_seqlens_k=cu)

@@ -30,9 +30,9 @@ FORWARD, BACKWARD = 1.06, 1.74  # a Triton pair in cuDNN pairs (planner.TRITON_C
 BACKWARD_TIME = 2.6  # cuDNN's backward time per pair over its forward's
 
 
-def main(seq=65536, steps=18, eps=0.1, prefix=False):
+def main(seq=65536, steps=18, eps=0.1, triton_cost=1.7, prefix=False):
     rows, heads, head_dim = _rows(seq, steps)
-    opts = DisaggOptions(eps=eps)
+    opts = DisaggOptions(eps=eps, triton_cost=triton_cost)
     speed = KernelSpeed(min_doc_len(heads), max_doc_len(heads, head_dim, 2), prefix, opts.triton_cost)
     row_bytes = (heads * 2 * head_dim * 2, 8 * 2 * head_dim * 2)
     imbalance = lambda x: max(x) / (sum(x) / len(x))  # noqa: E731
@@ -62,4 +62,4 @@ def main(seq=65536, steps=18, eps=0.1, prefix=False):
 
 if __name__ == "__main__":
     args = [a for a in sys.argv[1:] if a != "prefix"]
-    main(*(int(a) for a in args[:2]), *(float(a) for a in args[2:3]), prefix="prefix" in sys.argv[1:])
+    main(*(int(a) for a in args[:2]), *(float(a) for a in args[2:4]), prefix="prefix" in sys.argv[1:])

@@ -651,3 +651,26 @@ def flash_attn_merge_(q, k, v, out, lse, *, causal=True, cu_seqlens=None, cu_seq
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
     _forward_into(q, k, v, out, lse, causal=causal, cu_q=cu_q, cu_k=cu_k, scale=scale, merge=True)
     return out, lse
+
+
+def tune_buckets(heads: int, kv_heads: int, head_dim: int, max_tokens: int, *, dtype=torch.bfloat16,
+                 device="cuda", doc_len: int = 4096) -> list[int]:
+    """Tunes the causal packed-row kernels (forward and both backward kernels) for every length
+    bucket up to `max_tokens` query rows, now rather than at each bucket's first call inside a step.
+    A disagg server's Triton call changes bucket with each step's plan (its pieces over a prefix
+    come and go), and timing every config of a bucket took 5.6 s on one rank in step 5 while the
+    other waited (2 H100, llama_1b, 64k tokens per GPU, wlbllm mix: that step 8.6 s against 1.5).
+    The picks stay on disk (`kernels/autotune.py`): a later process on the machine pays nothing.
+    Each bucket is tuned on its largest token count, cut into documents of `doc_len`.
+    Returns the buckets tuned."""
+    buckets = sorted({_bucket(4 ** i) for i in range(5, 10) if _bucket(4 ** i) <= _bucket(max_tokens)})
+    for n in buckets:
+        cuts = list(range(0, n, doc_len)) + [n]
+        cu = torch.tensor(cuts, dtype=torch.int32, device=device)
+        q = torch.randn(1, n, heads, head_dim, dtype=dtype, device=device)
+        k, v = (torch.randn(1, n, kv_heads, head_dim, dtype=dtype, device=device) for _ in range(2))
+        out, lse, table = attention_forward(q, k, v, causal=True, cu_seqlens_q=cu, cu_seqlens_k=cu)
+        attention_backward(torch.randn_like(out), q, k, v, out, lse, causal=True, cu_seqlens_q=cu, cu_seqlens_k=cu,
+                           q_table=table)
+        del q, k, v, out, lse
+    return buckets
