@@ -56,6 +56,13 @@ def _check_forward_backward(ft, q, k, v, do, dtype, tol, **kw):
 # ---------------------------------------------------------------- CPU, Triton interpreter
 
 @interp_only
+def test_interp_tune_buckets_runs_each_bucket_up_to_the_row():
+    from seqpar.kernels.flash_attn import triton as ft
+
+    assert ft.tune_buckets(1, 1, 16, 1000, dtype=torch.float32, device="cpu", doc_len=100) == [1024]
+
+
+@interp_only
 def test_interp_dense_rows_gqa_and_unequal_lengths():
     import triton
 
@@ -368,6 +375,8 @@ def test_gpu_tune_buckets_tunes_each_bucket_before_its_first_call():
     tuned = ft.tune_buckets(4, 2, 64, 5000, doc_len=1000)
     assert tuned == [1024, 4096, 16384]
     for kernel in (ft._attn_fwd, ft._attn_bwd_dkdv, ft._attn_bwd_dq):
+        if len(kernel.configs) == 1:
+            continue  # SEQPAR_FLASH_TUNE=0: Triton's autotuner keeps no picks for a single config
         buckets = {v for key in kernel.cache for v in key if v in tuned}
         assert buckets == set(tuned), (kernel, list(kernel.cache))
     lq = _lognormal(3000, seed=3)  # a later call in a tuned bucket is right
