@@ -7,11 +7,19 @@ work is then balanced in the backward, not in the forward. Prints per step the m
 backward imbalance (max / mean over servers), each server's cuDNN and Triton pairs (G) and the
 plan's own imbalance before and after.
 
-    python docs/benchmarks/disagg_phases.py [SEQ] [STEPS] [EPS] [prefix]      (default 65536 18 0.1)
+    python docs/benchmarks/disagg_phases.py [SEQ] [STEPS] [EPS] [TRITON_COST] [prefix] [LANE_DIR/LANE]
+                                                                      (default 65536 18 0.1 1.7)
 
-EPS: parallel.disagg.eps; `prefix`: the servers' causal pieces over a prefix on cuDNN
-(SEQPAR_CUDNN_PREFIX=1). The last line: the means over steps 3 on, the imbalance of both directions
-weighted by their times (the backward 2.6x the forward) and the bytes moved.
+EPS, TRITON_COST: parallel.disagg.eps, .triton_cost; `prefix`: the servers' causal pieces over a
+prefix on cuDNN (SEQPAR_CUDNN_PREFIX=1). The last line: the means over steps 3 on, the imbalance of
+both directions weighted by their times (the backward 2.6x the forward) and the bytes moved.
+LANE_DIR/LANE (a lane folder of the script holding dp2_as0, dp2_as1 and LANE's metrics, run with
+the same EPS and TRITON_COST): each step's measured ratio to the mean of the as0 / as1 lanes beside
+the model, and the correlation of the ratios with each direction's modelled imbalance.
+
+Twelfth session (2026-11-27-2gpu-12th/call1, eps 0.02): correlation 0.89 with the forward, 0.14 with
+the backward; call 2 (TRITON_COST 1.05: forward balanced, backward 1.11-1.23 in the heavy steps)
+ran 1.079x the ideal against 1.053x. Both directions count.
 
 Eleventh session (call 4's rows, prefix pieces on Triton), means of steps 3-18: eps 0.1 forward
 1.049, backward 1.037, weighted 1.040, 102 MB into the servers per layer's forward; eps 0.05: 1.039
@@ -30,7 +38,7 @@ FORWARD, BACKWARD = 1.06, 1.74  # a Triton pair in cuDNN pairs (planner.TRITON_C
 BACKWARD_TIME = 2.6  # cuDNN's backward time per pair over its forward's
 
 
-def main(seq=65536, steps=18, eps=0.1, triton_cost=1.7, prefix=False):
+def main(seq=65536, steps=18, eps=0.1, triton_cost=1.7, prefix=False, lane=None):
     rows, heads, head_dim = _rows(seq, steps)
     opts = DisaggOptions(eps=eps, triton_cost=triton_cost)
     speed = KernelSpeed(min_doc_len(heads), max_doc_len(heads, head_dim, 2), prefix, opts.triton_cost)
@@ -51,7 +59,11 @@ def main(seq=65536, steps=18, eps=0.1, triton_cost=1.7, prefix=False):
                     "cudnn_G": [round(x / 1e9, 3) for x in cudnn], "triton_G": [round(x / 1e9, 3) for x in triton],
                     "plan_before": round(p.initial_imbalance, 3), "plan_after": round(p.imbalance, 3),
                     "moved_MB": round(p.bytes_moved / 1e6, 1)})
-        print(json.dumps(out[-1]))
+    fit = _fit(out, lane) if lane else None
+    for row in out:
+        print(json.dumps(row))
+    if fit:
+        print(json.dumps(fit))
     later = out[2:]  # the benchmarks' mean skips steps 1-2
     mean = lambda key: sum(r[key] for r in later) / len(later)  # noqa: E731
     print(json.dumps({"steps_3+": {"forward": round(mean("forward"), 3), "backward": round(mean("backward"), 3),
@@ -60,6 +72,28 @@ def main(seq=65536, steps=18, eps=0.1, triton_cost=1.7, prefix=False):
                                    "moved_MB": round(mean("moved_MB"), 1)}}))
 
 
+def _fit(model, lane):
+    """Each step's measured ratio disagg / mean(as0, as1) of lane folder `lane` beside `model`'s rows."""
+    folder, name = lane.rsplit("/", 1)
+    read = lambda n: [json.loads(x) for x in open(f"{folder}/{n}_metrics.jsonl")]  # noqa: E731
+    as0, as1, run = read("dp2_as0"), read("dp2_as1"), read(name)
+    ratios = [m["step_time_s"] * 2 / (a["step_time_s"] + b["step_time_s"]) for a, b, m in zip(as0, as1, run)]
+    for r, row in zip(ratios, model):
+        row["measured"] = round(r, 3)
+    later = model[2:len(ratios)]
+    return {"correlation": {d: round(_corr([r["measured"] for r in later], [r[d] for r in later]), 3)
+                            for d in ("forward", "backward")}}
+
+
+def _corr(x, y):
+    mx, my = sum(x) / len(x), sum(y) / len(y)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    sxx, syy = sum((a - mx) ** 2 for a in x), sum((b - my) ** 2 for b in y)
+    return sxy / (sxx * syy) ** 0.5 if sxx and syy else 0.0
+
+
 if __name__ == "__main__":
-    args = [a for a in sys.argv[1:] if a != "prefix"]
-    main(*(int(a) for a in args[:2]), *(float(a) for a in args[2:4]), prefix="prefix" in sys.argv[1:])
+    flags = [a for a in sys.argv[1:] if a == "prefix" or "/" in a]
+    args = [a for a in sys.argv[1:] if a not in flags]
+    main(*(int(a) for a in args[:2]), *(float(a) for a in args[2:4]), prefix="prefix" in flags,
+         lane=next((a for a in flags if "/" in a), None))

@@ -96,6 +96,9 @@ CODE_CHANGES = (
     ("2026-11-27T01:34:28+00:00", ("a63d362 no look-ahead, and the split's lse form keeps causal tasks over a "
                                    "prefix in the Triton call again by default (SEQPAR_CUDNN_PREFIX=1 sends them "
                                    "to cuDNN as 9a4c89d did)")),
+    # no run yet: the Triton kernel's tuning moves from a step's first call in a token bucket to startup
+    ("2026-11-27T03:54:46+00:00", ("c52307c train.cudnn_prebuild also tunes the Triton attention kernels for every "
+                                   "token bucket of a row (a disagg server's new bucket stalled a step by 5.6 s)")),
 )
 
 
@@ -117,6 +120,8 @@ SAME_KERNEL_BENCHES += ("83f5aae", "7a02c2d", "790f716")
 SAME_KERNEL_BENCHES += ("6619ad8", "47528c5", "a8a710a")
 # ... and 148d759 (disagg's runtime) and a63d362 (as 9a4c89d: only auto-dispatched calls with an lse)
 SAME_KERNEL_BENCHES += ("148d759", "a63d362")
+# ... and c52307c (tuning at startup: the kernels bench tunes before it times)
+SAME_KERNEL_BENCHES += ("c52307c",)
 # (not 6eda7f2: the kernels bench's split rows and the disagg bench's servers change with it)
 # CODE_CHANGES entries that changed the lightning kernel (79fc72c's entry holds e049981's one-scan
 # exchange): its kernels-bench rows measure one kernel only between two of them
@@ -180,6 +185,8 @@ COMMITTED_BY = {
     "2026-11-26-2gpu-10th": "2026-11-26T22:35:00+00:00",
     # the eleventh session's calls ran 00:58-01:31 (device tool), all before a63d362 (01:34:28): era 148d759
     "2026-11-27-2gpu-11th": "2026-11-27T01:31:00+00:00",
+    # the twelfth session's calls ran 03:20-03:50 at b08da29 (lanes added only to the script), before c52307c
+    "2026-11-27-2gpu-12th": "2026-11-27T03:54:45+00:00",
 }
 
 

@@ -372,6 +372,10 @@ _DP_CP_LANES = {"dp2": ([], None), "dp2_disagg_dp_cp": (["parallel.softmax_sp=di
                 "dp2_disagg_prefix": (["parallel.softmax_sp=disagg", "parallel.disagg.group=dp_cp"], True),
                 **{f"dp2_disagg_eps{e[2:]}": (["parallel.softmax_sp=disagg", "parallel.disagg.group=dp_cp",
                                                f"parallel.disagg.eps={e}"], None) for e in ("0.05", "0.02")},
+                # a Triton pair weighed as 1.05 cuDNN pairs by the planner (twelfth session; worse)
+                **{f"dp2_disagg_tc105{x}": (["parallel.softmax_sp=disagg", "parallel.disagg.group=dp_cp",
+                                             "parallel.disagg.triton_cost=1.05", *e], None)
+                   for x, e in (("", []), ("_eps02", ["parallel.disagg.eps=0.02"]))},
                 **{f"dp2_disagg_{s}": (["parallel.softmax_sp=disagg", "parallel.disagg.group=dp_cp",
                                         f"parallel.disagg.schedule={s}"], None) for s in ("halves", "ping_pong")},
                 "cp2_ring": (["parallel.cp=2", "parallel.softmax_sp=ring", "parallel.layout=zigzag"], None),

@@ -14,7 +14,7 @@ all-gather of the updated parameters, exposed.)
 
 Data-parallel ranks draw their own rows (a document-length mix gives each different work) and meet
 at FSDP's collectives every layer: a layer's attention lasts as long as the slowest dp rank's
-(`dp_attention`; the mean over up to MAX_DRAWS micro-batches drawn). With
+(`dp_attention`; the mean over MAX_DRAWS micro-batches drawn). With
 `parallel.disagg.group=dp_cp` the dp ranks' rows are joined into one row (as
 `seqpar.attention.disagg.rows.join_row_bounds` joins them) whose attention the planner spreads
 over all dp x cp ranks: the straggler becomes the busiest server after balancing, plus the
@@ -34,7 +34,10 @@ from seqpar.sim.comm import collective_time, dim_stride, group_of, overlapped, p
 from seqpar.sim.compute import elementwise_time, loss_bytes_per_token, matmul_time
 
 
-MAX_DRAWS = 4  # micro-batches drawn per prediction (each: every dp rank its own rows); their mean is used
+# micro-batches drawn per prediction (each: every dp rank its own rows), however few a step has: their
+# mean is the expected step of a run. One draw (a step of one micro-batch per rank) predicted a wlbllm
+# run's step 1.58x too slow (2026-11-27-2gpu-12th): that mix's first rows hold 2.6x the attention of its mean
+MAX_DRAWS = 16
 
 
 class LayoutError(ValueError):
@@ -114,12 +117,13 @@ def packed_windows(S: int, doc_len: int, num_tokens: int, max_len, data_seed: in
         out.append(tuple(int(x) for x in np.concatenate([[0], inner, [S]])))
     return tuple(out)
 
-def dp_draws(cfg, dp: int, rows_per_rank: int, n_micro: int, doc_bounds=None) -> list[list[list[tuple[int, ...]]]]:
+def dp_draws(cfg, dp: int, rows_per_rank: int, doc_bounds=None) -> list[list[list[tuple[int, ...]]]]:
     """draws[k][d]: the rows of dp rank d in drawn micro-batch k (consecutive rows of the data's
-    draw). Given `doc_bounds`, every rank holds those rows (one draw)."""
+    draw; MAX_DRAWS of them, however many a step has). Given `doc_bounds`, every rank holds those
+    rows (one draw)."""
     if doc_bounds is not None:
         return [[list(doc_bounds)] * dp]
-    k = min(n_micro, MAX_DRAWS)
+    k = MAX_DRAWS
     drawn = row_documents(cfg, k * dp * rows_per_rank)
     per = rows_per_rank
     return [[drawn[(i * dp + d) * per:(i * dp + d + 1) * per] for d in range(dp)] for i in range(k)]
@@ -251,7 +255,7 @@ def predict_step(cfg, world: int, cluster, calib, *, family: str = "cudnn", virt
     if S % {"zigzag": 2 * cp, "contiguous": cp}.get(par.layout, 1):
         raise LayoutError(f"data.seq_len={S} does not split into the {par.layout} chunks of parallel.cp={cp}")
     n_micro = t.global_batch_size // (dp * b)
-    draws = dp_draws(cfg, dp, b, n_micro, doc_bounds)
+    draws = dp_draws(cfg, dp, b, doc_bounds)
     tokens_rank = b * S // cp
     kinds = layer_types(m)
     params = block_params(m)

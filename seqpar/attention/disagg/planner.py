@@ -41,7 +41,9 @@ TASK_OVERHEAD = 128 * 128 // 2
 # on Triton on one rank (docs/benchmarks/2026-11-26-2gpu-9th/call7): forward 1.06, backward 1.74,
 # both 1.55. Every layer waits for its slowest server in each direction, and the backward is 2.6-4x
 # the forward: balancing the backward costs the forward less than it saves (per step, per pair:
-# 1.74 gives 1197, 1.55 gives 1247, 1.0 gives 1460 in those units).
+# 1.74 gives 1197, 1.55 gives 1247, 1.0 gives 1460 in those units). Measured end to end (2 H100, 64k,
+# docs/benchmarks/2026-11-27-2gpu-12th): 1.05 ran 1.079x the balanced ideal against 1.7's 1.053x, its
+# steps' ratios following the backward's imbalance as 1.7's follow the forward's.
 TRITON_COST = 1.7
 
 
