@@ -50,6 +50,10 @@ class DisaggConfig:  # parallel.softmax_sp=disagg (core-attention servers); rule
     # split hands its long tasks to cuDNN (CUDA): the planner weighs tasks by their kernel (the
     # backward's ratio, 1.74 on 2 H100: planner.TRITON_COST says why)
     triton_cost: float = 1.7
+    # one: the backward reuses the forward's plan (the servers keep their inputs); per_direction: the
+    # forward is planned for the Triton kernel's forward speed (planner.TRITON_FWD_COST) and the
+    # backward for triton_cost, each balanced, the backward's servers sent their inputs again
+    plans: str = "one"
     # dp_cp: also move attention work between the data-parallel ranks (their packed rows joined into
     # one); the same as cp where dp = 1 or softmax_sp is not disagg
     group: str = "dp_cp"

@@ -211,6 +211,49 @@ def test_disagg_attention_exact_on_extreme_mix():
             assert total == 2 * p.bytes_moved > 0, case
 
 
+# the planner told which tasks a CUDA server would run on cuDNN (squares of >= 64 rows): the
+# forward plan (a Triton pair at TRITON_FWD_COST) and the backward's (at 1.7) then differ
+_CUDA_LIKE = KernelSpeed(min_len=64, max_len=None, prefix=False, triton_cost=1.7)
+PER_DIRECTION = [(True, "zigzag", 8, 2, "single"), (True, "contiguous", 4, 4, "ping_pong"),
+                 (False, "zigzag", 8, 2, "halves")]
+
+
+def _per_direction(rank, world):
+    from seqpar.attention.disagg import runtime
+    runtime.kernel_speed = lambda q, k, v, opts: _CUDA_LIKE
+    cu = torch.tensor(DOCS, dtype=torch.int32)
+    errs = {}
+    for causal, layout, hq, hkv, schedule in PER_DIRECTION:
+        q, k, v, grad = _inputs(hq, hkv)
+        full = [t.clone().requires_grad_() for t in (q, k, v)]
+        ref_out = kernels.flash_attn(*full, causal=causal, cu_seqlens=cu)
+        ref_out.backward(grad)
+        local = [shard_sequence(t, layout=layout).requires_grad_() for t in (q, k, v)]
+        out = disagg_attention(*local, causal=causal, cu_seqlens=cu, layout=layout, min_chunk=16, schedule=schedule,
+                               plans="per_direction")
+        out.backward(shard_sequence(grad, layout=layout))
+        err = [(unshard_sequence(out.detach(), layout=layout) - ref_out.detach()).abs().max().item()]
+        err += [(l.grad - shard_sequence(f.grad, layout=layout)).abs().max().item() for l, f in zip(local, full)]
+        errs[(causal, layout, schedule)] = max(err)
+    return errs
+
+
+def test_disagg_per_direction_plans_exact():
+    from dataclasses import replace
+
+    from seqpar.attention.disagg.planner import TRITON_FWD_COST
+    differ = 0
+    for causal, layout, *_ in PER_DIRECTION:
+        fwd, bwd = (plan(DOCS, 4, layout=layout, min_chunk=16, causal=causal, speed=s)
+                    for s in (replace(_CUDA_LIKE, triton_cost=TRITON_FWD_COST), _CUDA_LIKE))
+        differ += fwd.tasks != bwd.tasks
+    assert differ, "the two directions' plans must differ, or this test proves nothing"
+    for world in (1, 2, 4):
+        for errs in run_distributed(_per_direction, world):
+            for case, err in errs.items():
+                assert err < 1e-10, f"world {world}, (causal, layout, schedule)={case}: max error {err}"
+
+
 def test_disagg_is_a_registered_softmax_method():
     assert SOFTMAX_SP["disagg"] is disagg_attention
 
@@ -328,12 +371,14 @@ def test_disagg_config_keys_reach_the_runtime(tmp_path):
     path = tmp_path / "table.json"
     path.write_text(json.dumps(_table(3000)))
     cfg = _make_cfg("parallel.disagg.eps=0.03", "parallel.disagg.min_chunk=64", "parallel.disagg.schedule=halves",
-                    f"parallel.disagg.cost_table={path}", "parallel.disagg.triton_cost=1.25")
+                    f"parallel.disagg.cost_table={path}", "parallel.disagg.triton_cost=1.25",
+                    "parallel.disagg.plans=per_direction")
     validate(cfg, world=2)
     previous = configure(cfg.parallel.disagg)
     try:
         opts = current()
-        assert (opts.eps, opts.min_chunk, opts.schedule, opts.triton_cost) == (0.03, 64, "halves", 1.25)
+        assert (opts.eps, opts.min_chunk, opts.schedule, opts.triton_cost, opts.plans) == (
+            0.03, 64, "halves", 1.25, "per_direction")
         assert abs(planner_overhead(opts) - 3000) <= 1
     finally:
         configure(previous)
@@ -347,6 +392,7 @@ def test_disagg_config_keys_reach_the_runtime(tmp_path):
     ("parallel.disagg.task_overhead=-5", "parallel.disagg.task_overhead=-5: must be >= 0"),
     ("parallel.disagg.cost_table=/nope/table.json", "parallel.disagg.cost_table=/nope/table.json: file not found"),
     ("parallel.disagg.triton_cost=-1", "parallel.disagg.triton_cost=-1.0: must be a number > 0"),
+    ("parallel.disagg.plans=two", "parallel.disagg.plans='two': choose one (the backward reuses"),
 ])
 def test_bad_disagg_keys_fail_naming_the_key(override, message):
     from seqpar.config import ConfigError, validate
@@ -476,15 +522,17 @@ def _gpu_bf16(rank, world):
     kernels.flash_attn(*full, causal=True, cu_seqlens=cu).backward(do)  # fp32 reference on one GPU
     ref = [kernels.flash_attn(*full, causal=True, cu_seqlens=cu).detach()] + [f.grad for f in full]
     errs = {}
-    for layout in ("contiguous", "zigzag"):
-        for schedule in ("ping_pong", "halves", "single"):
-            local = [shard_sequence(t.bfloat16(), layout=layout).requires_grad_() for t in (q, k, v)]
-            out = disagg_attention(*local, cu_seqlens=cu, layout=layout, schedule=schedule)
-            out.backward(shard_sequence(do.bfloat16(), layout=layout))
-            got = [out.detach()] + [t.grad for t in local]
-            errs[(layout, schedule)] = max(
-                ((a.float() - shard_sequence(b, layout=layout)).abs().max() / b.abs().max()).item()
-                for a, b in zip(got, ref))
+    cases = [(layout, schedule, "one") for layout in ("contiguous", "zigzag")
+             for schedule in ("ping_pong", "halves", "single")]
+    cases += [("zigzag", "single", "per_direction"), ("contiguous", "ping_pong", "per_direction")]
+    for layout, schedule, plans in cases:
+        local = [shard_sequence(t.bfloat16(), layout=layout).requires_grad_() for t in (q, k, v)]
+        out = disagg_attention(*local, cu_seqlens=cu, layout=layout, schedule=schedule, plans=plans)
+        out.backward(shard_sequence(do.bfloat16(), layout=layout))
+        got = [out.detach()] + [t.grad for t in local]
+        errs[(layout, schedule, plans)] = max(
+            ((a.float() - shard_sequence(b, layout=layout)).abs().max() / b.abs().max()).item()
+            for a, b in zip(got, ref))
     return errs
 
 
@@ -493,7 +541,7 @@ def _gpu_bf16(rank, world):
 def test_disagg_bf16_on_two_gpus_matches_fp32():
     for errs in run_distributed(_gpu_bf16, 2, backend="nccl"):
         for case, err in errs.items():
-            assert err < 3e-2, f"(layout, schedule)={case}: error {err} relative to the largest value"
+            assert err < 3e-2, f"(layout, schedule, plans)={case}: error {err} relative to the largest value"
 
 
 def _gpu_rows_bf16(rank, world):
@@ -691,13 +739,16 @@ def test_dp_cp_training_moves_work_and_keeps_the_losses(tmp_path):
     runs = {"plain": LAYOUTS["dp2"][1] + data,
             "moved": LAYOUTS["dp2_disagg"][1] + data + ["parallel.disagg.min_chunk=4",
                                                         "parallel.disagg.task_overhead=0"]}
+    # the backward planned apart (on CPU the same plan, its inputs sent again)
+    runs["apart"] = runs["moved"] + ["parallel.disagg.plans=per_direction"]
     run_distributed(_train_each, 2, [(tmp_path / name, overrides) for name, overrides in runs.items()])
-    plain, moved = ([json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-                    for name in runs)
+    plain, moved, apart = ([json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+                           for name in runs)
     assert all(m["sp/bytes_moved"] > 0 and m["sp/attn_imbalance_after"] < m["sp/attn_imbalance_before"]
                for m in moved), moved
-    for a, b in zip(moved, plain, strict=True):
-        assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(b["loss"]), (moved, plain)
+    for run in (moved, apart):
+        for a, b in zip(run, plain, strict=True):
+            assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(b["loss"]), (run, plain)
 
 
 # ---- the runtime's own cost: what a rank keeps is never copied, what moves is sliced, not indexed ----

@@ -7,11 +7,13 @@ work is then balanced in the backward, not in the forward. Prints per step the m
 backward imbalance (max / mean over servers), each server's cuDNN and Triton pairs (G) and the
 plan's own imbalance before and after.
 
-    python docs/benchmarks/disagg_phases.py [SEQ] [STEPS] [EPS] [TRITON_COST] [prefix] [LANE_DIR/LANE]
-                                                                      (default 65536 18 0.1 1.7)
+    python docs/benchmarks/disagg_phases.py [SEQ] [STEPS] [EPS] [TRITON_COST] [prefix] [per_direction]
+                                            [LANE_DIR/LANE]           (default 65536 18 0.1 1.7)
 
 EPS, TRITON_COST: parallel.disagg.eps, .triton_cost; `prefix`: the servers' causal pieces over a
-prefix on cuDNN (SEQPAR_CUDNN_PREFIX=1). The last line: the means over steps 3 on, the imbalance of
+prefix on cuDNN (SEQPAR_CUDNN_PREFIX=1); `per_direction`: parallel.disagg.plans=per_direction, the
+forward's columns from a plan made with a Triton pair at planner.TRITON_FWD_COST (eps 0.02: forward
+1.048 -> 1.007, backward 1.005 either way; eps 0.1: 1.049 -> 1.017, backward 1.037). The last line: the means over steps 3 on, the imbalance of
 both directions weighted by their times (the backward 2.6x the forward) and the bytes moved.
 LANE_DIR/LANE (a lane folder of the script holding dp2_as0, dp2_as1 and LANE's metrics, run with
 the same EPS and TRITON_COST): each step's measured ratio to the mean of the as0 / as1 lanes beside
@@ -27,10 +29,12 @@ Eleventh session (call 4's rows, prefix pieces on Triton), means of steps 3-18: 
 candidate moves by the waits of each direction (tried, not kept) gave 1.015 at eps 0.02 for 152 MB."""
 import json
 import sys
+from dataclasses import replace
 
 from cudnn_shapes import _rows
 
 from seqpar.attention.disagg import KernelSpeed, plan
+from seqpar.attention.disagg.planner import TRITON_FWD_COST
 from seqpar.attention.disagg.options import DisaggOptions, planner_overhead
 from seqpar.kernels.flash_attn.split import max_doc_len, min_doc_len
 
@@ -38,22 +42,28 @@ FORWARD, BACKWARD = 1.06, 1.74  # a Triton pair in cuDNN pairs (planner.TRITON_C
 BACKWARD_TIME = 2.6  # cuDNN's backward time per pair over its forward's
 
 
-def main(seq=65536, steps=18, eps=0.1, triton_cost=1.7, prefix=False, lane=None):
+def main(seq=65536, steps=18, eps=0.1, triton_cost=1.7, prefix=False, lane=None, per_direction=False):
     rows, heads, head_dim = _rows(seq, steps)
     opts = DisaggOptions(eps=eps, triton_cost=triton_cost)
     speed = KernelSpeed(min_doc_len(heads), max_doc_len(heads, head_dim, 2), prefix, opts.triton_cost)
     row_bytes = (heads * 2 * head_dim * 2, 8 * 2 * head_dim * 2)
     imbalance = lambda x: max(x) / (sum(x) / len(x))  # noqa: E731
     out = []
-    for step, (r0, r1) in enumerate(rows, 1):
-        p = plan(r0 + [seq + b for b in r1[1:]], 2, eps=opts.eps, min_chunk=opts.min_chunk,
-                 overhead=planner_overhead(opts), row_bytes=row_bytes, speed=speed)
-        cudnn, triton = [0, 0], [0, 0]
+    fwd_speed = replace(speed, triton_cost=TRITON_FWD_COST) if per_direction else speed
+
+    def pairs_by_kernel(p):  # per server: (cuDNN pairs, Triton pairs)
+        x = [[0, 0], [0, 0]]
         for t in p.tasks:
             c, tr = speed.by_kernel(t.q_end - t.q_start, t.q_end - t.kv_start, True)
-            cudnn[t.server] += c
-            triton[t.server] += tr
-        fwd = [c + FORWARD * t for c, t in zip(cudnn, triton)]
+            x[0][t.server] += c
+            x[1][t.server] += tr
+        return x
+
+    for step, (r0, r1) in enumerate(rows, 1):
+        p, pf = (plan(r0 + [seq + b for b in r1[1:]], 2, eps=opts.eps, min_chunk=opts.min_chunk,
+                      overhead=planner_overhead(opts), row_bytes=row_bytes, speed=s) for s in (speed, fwd_speed))
+        cudnn, triton = pairs_by_kernel(p)
+        fwd = [c + FORWARD * t for c, t in zip(*pairs_by_kernel(pf))]
         bwd = [c + BACKWARD * t for c, t in zip(cudnn, triton)]
         out.append({"step": step, "forward": round(imbalance(fwd), 3), "backward": round(imbalance(bwd), 3),
                     "cudnn_G": [round(x / 1e9, 3) for x in cudnn], "triton_G": [round(x / 1e9, 3) for x in triton],
@@ -93,7 +103,7 @@ def _corr(x, y):
 
 
 if __name__ == "__main__":
-    flags = [a for a in sys.argv[1:] if a == "prefix" or "/" in a]
+    flags = [a for a in sys.argv[1:] if a in ("prefix", "per_direction") or "/" in a]
     args = [a for a in sys.argv[1:] if a not in flags]
     main(*(int(a) for a in args[:2]), *(float(a) for a in args[2:4]), prefix="prefix" in flags,
-         lane=next((a for a in flags if "/" in a), None))
+         lane=next((a for a in flags if "/" in a), None), per_direction="per_direction" in flags)

@@ -236,7 +236,7 @@ def bench_batch(args, bounds, device, timer, world, rank, check=False, parts=Fal
                                                  *mine),
              **{name: (lambda fn=fn: _fwd_bwd(fn, *contiguous)) for name, fn in disagg.items()},
              "ring": lambda: _fwd_bwd(lambda *x: ring_attention(*x, causal=True, cu_seqlens=cu, layout="zigzag"), *zz),
-             "per_doc_cp": lambda: _fwd_bwd(lambda *x: _DisaggAttention.apply(*x, pd_routes, None, True, None), *pd)}
+             "per_doc_cp": lambda: _fwd_bwd(lambda *x: _DisaggAttention.apply(*x, pd_routes, None, True, None, None), *pd)}
     waited = {name: [] for name in disagg}
 
     def after(name):  # compute stood still waiting for transfers, per call (read outside the timed run)

@@ -15,6 +15,9 @@ from seqpar.attention.disagg.rows import GROUPS
 # The runtime's nano-batch schedules (runtime.py's docstring): one call per server; local halves
 # L1 / remote R / L2; ping-pong L1 / R1 / R2 / L2.
 SCHEDULES = ("single", "halves", "ping_pong")
+# one: the backward reuses the forward's plan (servers keep their inputs); per_direction: each
+# direction balances its own cost (runtime.py's docstring)
+PLANS = ("one", "per_direction")
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,7 @@ class DisaggOptions:
     cost_table: Optional[str] = None  # JSON of (q_len, kv_len) -> ms profiled on the GPU
     group: str = "dp_cp"             # cp: balance inside the cp group; dp_cp: across data-parallel ranks too (rows.py)
     triton_cost: float = TRITON_COST  # a score pair on the servers' Triton kernel, in cuDNN pairs (KernelSpeed)
+    plans: str = "one"               # PLANS: one plan for both directions, or one per direction
 
     def overhead(self) -> int:
         """The per-task overhead the planner uses."""
@@ -63,6 +67,10 @@ def validate(options) -> DisaggOptions:
         raise ValueError(f"parallel.disagg.schedule={opts.schedule!r}: choose {', '.join(SCHEDULES)} (single: one "
                          "kernel call per server, transfers exposed; halves: local work split around the remote "
                          "work; ping_pong: four nano-batches)")
+    if opts.plans not in PLANS:
+        raise ValueError(f"parallel.disagg.plans={opts.plans!r}: choose one (the backward reuses the forward's plan) "
+                         "or per_direction (each direction balanced for its own kernel speeds, the backward's "
+                         "inputs sent again)")
     if opts.group not in GROUPS:
         raise ValueError(f"parallel.disagg.group={opts.group!r}: choose cp (balance inside each cp group) or dp_cp "
                          "(balance across the data-parallel ranks too)")

@@ -45,6 +45,8 @@ TASK_OVERHEAD = 128 * 128 // 2
 # docs/benchmarks/2026-11-27-2gpu-12th): 1.05 ran 1.079x the balanced ideal against 1.7's 1.053x, its
 # steps' ratios following the backward's imbalance as 1.7's follow the forward's.
 TRITON_COST = 1.7
+# ... and in the forward alone (the same run): what a per-direction forward plan weighs a Triton pair
+TRITON_FWD_COST = 1.06
 
 
 @dataclass(frozen=True)

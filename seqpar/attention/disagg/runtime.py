@@ -41,6 +41,16 @@ Three schedules (`parallel.disagg.schedule`):
   input transfer is issued asynchronously up front and every output transfer as soon as its
   nano-batch is computed, so remote inputs travel during L1 (and R1) and outputs during R2 and L2.
 
+Two plans (`parallel.disagg.plans=per_direction`): the forward is planned with a Triton score
+pair at its forward cost (`planner.TRITON_FWD_COST`, 1.06 cuDNN pairs) and the backward with
+`triton_cost` (1.7), each balanced for its own direction; with one plan (the default, balanced for the
+backward) the server given the Triton pieces is underloaded in the forward, and every layer's forward
+waits for the other (2 H100, llama_1b 64k tokens per GPU, 2026-11-27: the step's ratio to the
+balanced ideal followed the modelled forward imbalance, 1.048 at eps 0.02, correlation 0.89; per
+direction the model gives 1.007). The forward's servers then keep nothing; the owners keep the lse,
+returned beside the outputs, and the backward sends its servers Q|K|V, O|dO and the lse again, as
+DistCA's backward does.
+
 A nano-batch without transfers on any rank skips its collectives. On CUDA, NCCL runs async
 collectives on its own stream and `wait()` only orders the compute stream after them, so no extra
 stream is needed.
@@ -53,13 +63,14 @@ from __future__ import annotations
 import functools
 import math
 import time
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
 
 from seqpar.attention.disagg import metrics
-from seqpar.attention.disagg.options import SCHEDULES, current, planner_overhead
-from seqpar.attention.disagg.planner import KernelSpeed, plan_owned
+from seqpar.attention.disagg.options import PLANS, SCHEDULES, current, planner_overhead
+from seqpar.attention.disagg.planner import TRITON_FWD_COST, KernelSpeed, plan_owned
 from seqpar.attention.disagg.routing import Route, nano_batches, owner_assemblies, owner_placements, route
 from seqpar.kernels import backend
 from seqpar.kernels.flash_attn import flash_attn, flash_attn_backward
@@ -68,15 +79,18 @@ from seqpar.parallel.sharding import group_size_rank, host_bounds, local_ranges
 
 
 def disagg_attention(q, k, v, *, group=None, causal=True, cu_seqlens=None, softmax_scale=None, layout="contiguous",
-                     eps=None, min_chunk=None, schedule=None):
-    """Beyond the ring contract: `eps`, `min_chunk`, `schedule` (None: the process-wide
+                     eps=None, min_chunk=None, schedule=None, plans=None):
+    """Beyond the ring contract: `eps`, `min_chunk`, `schedule`, `plans` (None: the process-wide
     `parallel.disagg.*` options, see `options.configure`; eps defaults to 0.1)."""
     opts = current()
     eps = opts.eps if eps is None else eps
     min_chunk = opts.min_chunk if min_chunk is None else min_chunk
     schedule = opts.schedule if schedule is None else schedule
+    plans = opts.plans if plans is None else plans
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule={schedule!r}: choose one of {SCHEDULES}")
+    if plans not in PLANS:
+        raise ValueError(f"plans={plans!r}: choose one of {PLANS}")
     world, rank = group_size_rank(group)
     B, s_local = q.shape[:2]
     seq_len = s_local * world
@@ -92,12 +106,19 @@ def disagg_attention(q, k, v, *, group=None, causal=True, cu_seqlens=None, softm
     q_row = hq * (q.shape[3] + v.shape[3]) * q.element_size()  # Q sent, O returned
     kv_row = hkv * (k.shape[3] + v.shape[3]) * k.element_size()
     misses = _plan_routes.cache_info().misses
-    routes, info = _plan_routes(bounds, seq_len, world, rank, layout, float(eps), int(min_chunk), bool(causal),
-                                planner_overhead(opts), (q_row, kv_row), schedule, kernel_speed(q, k, v, opts))
-    metrics.record_call(info, sum(r.sent_rows(q_row, kv_row) for r in routes),
+    args = (bounds, seq_len, world, rank, layout, float(eps), int(min_chunk), bool(causal), planner_overhead(opts),
+            (q_row, kv_row), schedule)
+    speed = kernel_speed(q, k, v, opts)
+    routes, info = _plan_routes(*args, speed)
+    routes_b = None
+    if plans == "per_direction":  # the forward balanced for its own Triton speed, the backward as planned
+        routes_b = routes
+        routes, _ = _plan_routes(*args, speed and replace(speed, triton_cost=TRITON_FWD_COST))
+    # bytes: each plan's rows out and back once (the backward's own plan also sends O, dO and the lse)
+    metrics.record_call(info, sum(r.sent_rows(q_row, kv_row) for r in routes + (routes_b or ())),
                         new=_plan_routes.cache_info().misses > misses)
     flat = [t.reshape(B * s_local, *t.shape[2:]) for t in (q, k, v)]
-    out = _DisaggAttention.apply(*flat, routes, group, causal, softmax_scale)
+    out = _DisaggAttention.apply(*flat, routes, group, causal, softmax_scale, routes_b)
     return out.reshape(B, s_local, *out.shape[1:])
 
 
@@ -214,10 +235,10 @@ def _pack(*pairs) -> list:
 
 class _Counts:
     """Per rank, the rows and elements of this rank's messages in one nano-batch; its own rows
-    never travel. Toward the servers: Q|K|V (forward), dO (backward); toward the owners: O
-    (forward), dQ|dK|dV (backward)."""
+    never travel. Toward the servers: Q|K|V (forward), dO (backward); toward the owners: O and the
+    lse (forward), dQ|dK|dV (backward). A backward planned apart sends Q|K|V, O|dO and the lse."""
 
-    def __init__(self, r: Route, wq: int, wkv: int, wo: int):
+    def __init__(self, r: Route, wq: int, wkv: int, wo: int, wl: int):
         others = lambda splits: [0 if i == r.rank else n for i, n in enumerate(splits)]
         qs, qr, ks, kr = map(others, (r.q_send_splits, r.q_recv_splits, r.kv_send_splits, r.kv_recv_splits))
         self.sent_rows, self.recv_rows = list(zip(qs, ks, ks)), list(zip(qr, kr, kr))  # (q, k, v) rows
@@ -225,114 +246,183 @@ class _Counts:
         self.sent = [a * wq + b * wkv for a, b in zip(qs, ks)]  # Q|K|V out; dQ|dK|dV back in
         self.recv = [a * wq + b * wkv for a, b in zip(qr, kr)]
         self.sent_o, self.recv_o = [n * wo for n in qs], [n * wo for n in qr]  # O back in, dO out
+        self.sent_l, self.recv_l = [n * wl for n in qs], [n * wl for n in qr]  # the lse, as O
+
+
+def _counts(routes, q, k, v) -> list:
+    wo = q.shape[-2] * v.shape[-1]
+    return [_Counts(r, math.prod(q.shape[-2:]), math.prod(k.shape[-2:]) + math.prod(v.shape[-2:]), wo, q.shape[-2])
+            for r in routes]
+
+
+def _send_inputs(routes, counts, q, k, v, group):
+    """Every nano-batch's Q|K|V transfer to its servers, issued up front: they travel during compute."""
+    flat = q.new_empty(0)
+    return [_exchange([_pack((a, q), (b, k), (b, v)) for a, b in zip(r.send_q, r.send_kv)], c.sent, c.recv,
+                      flat, group, r.collective) for r, c in zip(routes, counts)]
+
+
+def _server_inputs(r, c, q, k, v, got):
+    """The server's query and task key/value buffers from its own rows and the received ones."""
+    got = _fields(got, c.recv_rows, (q.shape[1:], k.shape[1:], v.shape[1:]))
+    return (r.srv_q([q] + [g[0] for g in got], q), r.srv_kv([k] + [g[1] for g in got], k),
+            r.srv_kv([v] + [g[2] for g in got], v))
+
+
+def _lse_dtype(q):
+    return torch.promote_types(q.dtype, torch.float32)
 
 
 class _DisaggAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, routes, group, causal, scale):
+    def forward(ctx, q, k, v, routes, group, causal, scale, routes_b):
         dev = q.device
         metrics.mark("fwd", dev)
         k_dtype, v_dtype = k.dtype, v.dtype
         k, v = k.to(q.dtype), v.to(q.dtype)  # one message carries all three
         sq, sk, sv, so = q.shape[1:], k.shape[1:], v.shape[1:], (q.shape[1], v.shape[2])
-        counts = [_Counts(r, math.prod(sq), math.prod(sk) + math.prod(sv), math.prod(so)) for r in routes]
+        counts = _counts(routes, q, k, v)
         flat = q.new_empty(0)
-        inbound = [_exchange([_pack((a, q), (b, k), (b, v)) for a, b in zip(r.send_q, r.send_kv)], c.sent, c.recv,
-                             flat, group, r.collective)
-                   for r, c in zip(routes, counts)]  # every input transfer issued up front: they travel during compute
+        apart = routes_b is not None  # the backward has its own plan: the owners keep the lse, servers nothing
+        lse_flat = flat.new_empty(0, dtype=_lse_dtype(q))
+        inbound = _send_inputs(routes, counts, q, k, v, group)
         # where a nano-batch serves one slice of this rank's own rows, its kernel writes the final output
         place, _ = _placements(routes)
         out = None if place is None else q.new_empty(q.shape[0], *so)
-        outbound, saved = [], []
+        outbound, saved, o_parts, lse_parts = [], [], [], []
         for i, (r, c, (buf, work)) in enumerate(zip(routes, counts, inbound)):
             _wait(dev, "fwd_in", work)
             metrics.mark(f"fwd in{i}", dev)
-            got = _fields(buf, c.recv_rows, (sq, sk, sv))
-            q_srv = r.srv_q([q] + [g[0] for g in got], q)
-            k_task = r.srv_kv([k] + [g[1] for g in got], k)
-            v_task = r.srv_kv([v] + [g[2] for g in got], v)
+            q_srv, k_task, v_task = _server_inputs(r, c, q, k, v, buf)
+            direct = _dest(place, out, i)[0]
             if q_srv.shape[0]:
                 cu_q, cu_k = _device_cu(r, dev)
                 o_srv, lse = flash_attn(q_srv[None], k_task[None], v_task[None], causal=causal, cu_seqlens_q=cu_q,
-                                        cu_seqlens_k=cu_k, softmax_scale=scale, return_lse=True,
-                                        out=_dest(place, out, i)[0])
+                                        cu_seqlens_k=cu_k, softmax_scale=scale, return_lse=True, out=direct)
                 o_srv = o_srv[0]
             else:  # a server without tasks still takes part in every all-to-all
-                o_srv, lse = q.new_zeros(0, *so), q.new_zeros(1, so[0], 0)
+                o_srv, lse = q.new_zeros(0, *so), lse_flat.new_zeros(1, so[0], 0)
             metrics.mark(f"fwd attn{i}", dev)
             outbound.append(_exchange(_by_owner(r, o_srv), c.recv_o, c.sent_o, flat, group, r.collective))
             # a view of the output is rebuilt in backward from the output itself (saved once)
-            saved += [q_srv, k_task, v_task, None if _dest(place, out, i)[0] is not None else o_srv, lse]
-        sources = []
-        for i, (c, o_srv, (buf, work)) in enumerate(zip(counts, saved[3::5], outbound)):
-            _wait(dev, "fwd_out", work)
+            o_parts.append(None if direct is not None else o_srv)
+            if apart:
+                rows = lse[0].transpose(0, 1).to(lse_flat.dtype).contiguous()  # [rows, heads]: routed as O is
+                lse_parts.append(rows)
+                outbound[-1] += _exchange(_by_owner(r, rows), c.recv_l, c.sent_l, lse_flat, group, r.collective)
+            else:
+                saved += [q_srv, k_task, v_task, o_parts[-1], lse]
+        sources, lse_sources = [], []
+        for i, (c, o_srv, back) in enumerate(zip(counts, o_parts, outbound)):
+            _wait(dev, "fwd_out", *back[1::2])
             metrics.mark(f"fwd out{i}", dev)
-            sources += [o_srv] + [g[0] for g in _fields(buf, c.sent_q_rows, (so,))]
+            sources += [o_srv] + [g[0] for g in _fields(back[0], c.sent_q_rows, (so,))]
+            if apart:
+                lse_sources += [lse_parts[i]] + [g[0] for g in _fields(back[2], c.sent_q_rows, (so[:1],))]
         if place is None:
             out = _owner(routes)[0](sources, q.new_empty(0, *so))
         else:
             place.finish(out, sources)
         metrics.mark("fwd end", dev)
+        if apart:
+            saved = [q, k, v, _owner(routes)[0](lse_sources, lse_flat.new_empty(0, so[0]))]
         ctx.save_for_backward(out, *saved)
         ctx.routes, ctx.counts, ctx.group, ctx.causal, ctx.scale = routes, counts, group, causal, scale
-        ctx.shapes = (sq, sk, sv, so, k_dtype, v_dtype)
+        ctx.routes_b, ctx.shapes = routes_b, (sq, sk, sv, so, k_dtype, v_dtype)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        (out, *saved), routes, counts, group = ctx.saved_tensors, ctx.routes, ctx.counts, ctx.group
-        sq, sk, sv, so, k_dtype, v_dtype = ctx.shapes
+        out, *saved = ctx.saved_tensors
         dev = dout.device
         metrics.mark("bwd", dev)
         dout = dout.contiguous()
-        q_place, kv_place = _placements(routes)
-        # the final gradients, where some nano-batch's kernel writes straight into them
-        dq = None if q_place is None else dout.new_empty(dout.shape[0], *sq)
-        dk, dv = (None, None) if kv_place is None else (dout.new_empty(dout.shape[0], *sk),
-                                                         dout.new_empty(dout.shape[0], *sv))
         flat = dout.new_empty(0)
-        inbound = [_exchange([_pack((a, dout)) for a in r.send_q], c.sent_o, c.recv_o, flat, group, r.collective)
-                   for r, c in zip(routes, counts)]
-        outbound, grads = [], []
-        for i, (r, c, (buf, work)) in enumerate(zip(routes, counts, inbound)):
-            q_srv, k_task, v_task, o_srv, lse = saved[5 * i:5 * i + 5]
-            if o_srv is None:
-                o_srv = _dest(q_place, out, i)[0][0]
-            _wait(dev, "bwd_in", work)
-            metrics.mark(f"bwd in{i}", dev)
-            do_srv = r.srv_q([dout] + [g[0] for g in _fields(buf, c.recv_q_rows, (so,))], dout)
-            if q_srv.shape[0]:
-                cu_q, cu_k = _device_cu(r, dev)
-                dk_i, accumulate = _dest(kv_place, dk, i)
-                dq_t, dk_t, dv_t = flash_attn_backward(do_srv[None], q_srv[None], k_task[None], v_task[None],
-                                                       o_srv[None], lse, causal=ctx.causal, cu_seqlens_q=cu_q,
-                                                       cu_seqlens_k=cu_k, softmax_scale=ctx.scale,
-                                                       dq=_dest(q_place, dq, i)[0], dk=dk_i,
-                                                       dv=_dest(kv_place, dv, i)[0], accumulate=accumulate)
-                dq_srv, dk_task, dv_task = dq_t[0], dk_t[0], dv_t[0]
-            else:
-                dq_srv, dk_task, dv_task = q_srv.new_zeros(q_srv.shape), k_task, v_task
-            metrics.mark(f"bwd attn{i}", dev)
-            # a key row read by several tasks of this server: its gradients summed here, sent once
-            back = [b + _pack((a, dk_task), (a, dv_task)) for b, a in zip(_by_owner(r, dq_srv), r.back_kv)]
-            outbound.append(_exchange(back, c.recv, c.sent, flat, group, r.collective))
-            grads.append((dq_srv, dk_task, dv_task))
-        sources = ([], [], [])  # dq, dk, dv
-        for i, (c, grad, (buf, work)) in enumerate(zip(counts, grads, outbound)):
-            _wait(dev, "bwd_out", work)
-            metrics.mark(f"bwd out{i}", dev)
-            got = _fields(buf, c.sent_rows, (sq, sk, sv))
-            for i, src in enumerate(sources):
-                src += [grad[i]] + [g[i] for g in got]
-        # a key row sent to several servers (or nano-batches): the owner sums their gradients
-        own_q, own_kv = _owner(routes)
-        dq = own_q(sources[0], dout.new_empty(0, *sq)) if q_place is None else q_place.finish(dq, sources[0])
-        if kv_place is None:
-            dk, dv = own_kv(sources[1], dout.new_empty(0, *sk)), own_kv(sources[2], dout.new_empty(0, *sv))
+        if ctx.routes_b is None:  # the servers kept their inputs: dO goes to them
+            routes, counts = ctx.routes, ctx.counts
+            q_place = _placements(routes)[0]
+            inbound = [_exchange([_pack((a, dout)) for a in r.send_q], c.sent_o, c.recv_o, flat, ctx.group,
+                                 r.collective) for r, c in zip(routes, counts)]
+
+            def inputs(i, r, c):
+                q_srv, k_task, v_task, o_srv, lse = saved[5 * i:5 * i + 5]
+                if o_srv is None:
+                    o_srv = _dest(q_place, out, i)[0][0]
+                buf, work = inbound[i]
+                _wait(dev, "bwd_in", work)
+                do_srv = r.srv_q([dout] + [g[0] for g in _fields(buf, c.recv_q_rows, (out.shape[1:],))], dout)
+                return q_srv, k_task, v_task, o_srv, lse, do_srv
+        else:  # the backward's own plan: its servers get Q|K|V, O|dO and the lse of their tasks
+            q, k, v, lse_own = saved
+            routes = ctx.routes_b
+            counts = _counts(routes, q, k, v)
+            inbound = _send_inputs(routes, counts, q, k, v, ctx.group)
+            with_o = [_exchange([_pack((a, out), (a, dout)) for a in r.send_q], [2 * n for n in c.sent_o],
+                                [2 * n for n in c.recv_o], flat, ctx.group, r.collective)
+                      for r, c in zip(routes, counts)]
+            with_lse = [_exchange([_pack((a, lse_own)) for a in r.send_q], c.sent_l, c.recv_l, lse_own.new_empty(0),
+                                  ctx.group, r.collective) for r, c in zip(routes, counts)]
+
+            def inputs(i, r, c):
+                (buf, work), (obuf, owork), (lbuf, lwork) = inbound[i], with_o[i], with_lse[i]
+                _wait(dev, "bwd_in", work, owork, lwork)
+                q_srv, k_task, v_task = _server_inputs(r, c, q, k.to(q.dtype), v.to(q.dtype), buf)
+                got = _fields(obuf, [(n, n) for (n,) in c.recv_q_rows], (out.shape[1:], out.shape[1:]))
+                o_srv = r.srv_q([out] + [g[0] for g in got], out)
+                do_srv = r.srv_q([dout] + [g[1] for g in got], dout)
+                lse = r.srv_q([lse_own] + [g[0] for g in _fields(lbuf, c.recv_q_rows, (lse_own.shape[1:],))], lse_own)
+                return q_srv, k_task, v_task, o_srv, lse.transpose(0, 1)[None].contiguous(), do_srv
+        return _serve_backward(ctx, routes, counts, dout, inputs)
+
+
+def _serve_backward(ctx, routes, counts, dout, inputs):
+    """The servers' backward calls on `inputs(i, route, counts)` = (q, k, v, out, lse, dO) of
+    nano-batch i, their gradients returned to the owners and placed or joined there."""
+    group = ctx.group
+    sq, sk, sv, so, k_dtype, v_dtype = ctx.shapes
+    dev = dout.device
+    q_place, kv_place = _placements(routes)
+    # the final gradients, where some nano-batch's kernel writes straight into them
+    dq = None if q_place is None else dout.new_empty(dout.shape[0], *sq)
+    dk, dv = (None, None) if kv_place is None else (dout.new_empty(dout.shape[0], *sk),
+                                                     dout.new_empty(dout.shape[0], *sv))
+    flat = dout.new_empty(0)
+    outbound, grads = [], []
+    for i, (r, c) in enumerate(zip(routes, counts)):
+        q_srv, k_task, v_task, o_srv, lse, do_srv = inputs(i, r, c)
+        metrics.mark(f"bwd in{i}", dev)
+        if q_srv.shape[0]:
+            cu_q, cu_k = _device_cu(r, dev)
+            dk_i, accumulate = _dest(kv_place, dk, i)
+            dq_t, dk_t, dv_t = flash_attn_backward(do_srv[None], q_srv[None], k_task[None], v_task[None],
+                                                   o_srv[None], lse, causal=ctx.causal, cu_seqlens_q=cu_q,
+                                                   cu_seqlens_k=cu_k, softmax_scale=ctx.scale,
+                                                   dq=_dest(q_place, dq, i)[0], dk=dk_i,
+                                                   dv=_dest(kv_place, dv, i)[0], accumulate=accumulate)
+            dq_srv, dk_task, dv_task = dq_t[0], dk_t[0], dv_t[0]
         else:
-            dk, dv = kv_place.finish(dk, sources[1]), kv_place.finish(dv, sources[2])
-        metrics.mark("bwd end", dev)
-        return dq, dk.to(k_dtype), dv.to(v_dtype), None, None, None, None
+            dq_srv, dk_task, dv_task = q_srv.new_zeros(q_srv.shape), k_task, v_task
+        metrics.mark(f"bwd attn{i}", dev)
+        # a key row read by several tasks of this server: its gradients summed here, sent once
+        back = [b + _pack((a, dk_task), (a, dv_task)) for b, a in zip(_by_owner(r, dq_srv), r.back_kv)]
+        outbound.append(_exchange(back, c.recv, c.sent, flat, group, r.collective))
+        grads.append((dq_srv, dk_task, dv_task))
+    sources = ([], [], [])  # dq, dk, dv
+    for i, (c, grad, (buf, work)) in enumerate(zip(counts, grads, outbound)):
+        _wait(dev, "bwd_out", work)
+        metrics.mark(f"bwd out{i}", dev)
+        got = _fields(buf, c.sent_rows, (sq, sk, sv))
+        for j, src in enumerate(sources):
+            src += [grad[j]] + [g[j] for g in got]
+    # a key row sent to several servers (or nano-batches): the owner sums their gradients
+    own_q, own_kv = _owner(routes)
+    dq = own_q(sources[0], dout.new_empty(0, *sq)) if q_place is None else q_place.finish(dq, sources[0])
+    if kv_place is None:
+        dk, dv = own_kv(sources[1], dout.new_empty(0, *sk)), own_kv(sources[2], dout.new_empty(0, *sv))
+    else:
+        dk, dv = kv_place.finish(dk, sources[1]), kv_place.finish(dv, sources[2])
+    metrics.mark("bwd end", dev)
+    return dq, dk.to(k_dtype), dv.to(v_dtype), None, None, None, None, None
 
 
 def _by_owner(r: Route, x) -> list:
