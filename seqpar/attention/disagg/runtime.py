@@ -49,7 +49,8 @@ waits for the other (2 H100, llama_1b 64k tokens per GPU, 2026-11-27: the step's
 balanced ideal followed the modelled forward imbalance, 1.048 at eps 0.02, correlation 0.89; per
 direction the model gives 1.007). The forward's servers then keep nothing; the owners keep the lse,
 returned beside the outputs, and the backward sends its servers Q|K|V, O|dO and the lse again, as
-DistCA's backward does.
+DistCA's backward does. Where one kernel runs every task (CPU, a forced kernel) the two plans are
+one, and so is the call.
 
 A nano-batch without transfers on any rank skips its collectives. On CUDA, NCCL runs async
 collectives on its own stream and `wait()` only orders the compute stream after them, so no extra
@@ -111,9 +112,9 @@ def disagg_attention(q, k, v, *, group=None, causal=True, cu_seqlens=None, softm
     speed = kernel_speed(q, k, v, opts)
     routes, info = _plan_routes(*args, speed)
     routes_b = None
-    if plans == "per_direction":  # the forward balanced for its own Triton speed, the backward as planned
+    if plans == "per_direction" and speed is not None:  # the forward balanced for its own Triton speed
         routes_b = routes
-        routes, _ = _plan_routes(*args, speed and replace(speed, triton_cost=TRITON_FWD_COST))
+        routes, _ = _plan_routes(*args, replace(speed, triton_cost=TRITON_FWD_COST))
     # bytes: each plan's rows out and back once (the backward's own plan also sends O, dO and the lse)
     metrics.record_call(info, sum(r.sent_rows(q_row, kv_row) for r in routes + (routes_b or ())),
                         new=_plan_routes.cache_info().misses > misses)
