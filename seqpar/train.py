@@ -229,6 +229,7 @@ def prebuild_attention_plans(cfg, dims: ParallelDims, device, rank: int) -> None
     t1 = time.perf_counter()
     tuned = tune_buckets(heads, max(1, m.n_kv_heads // dims.tp), head_dim(m),
                          cfg.data.seq_len * cfg.train.micro_batch_size, device=device)
+    torch.cuda.empty_cache()  # the tuning's inputs (GBs at long rows) back to the device, not the cache
     if rank == 0:
         print(f"seqpar: cuDNN attention plans of {len(built)} length buckets built in {t1 - t0:.1f} s, the Triton "
               f"kernel tuned for {tuned} tokens in {time.perf_counter() - t1:.1f} s (train.cudnn_prebuild)",
