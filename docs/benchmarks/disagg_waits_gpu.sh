@@ -20,9 +20,13 @@
 # - schedules (~8 min): dp2_as0, dp2_as1 and disagg over dp_cp with the halves and ping_pong
 #   schedules (what is left past 1.050x: ~60 ms a step of exposed waits, imbalance 1.035);
 #   `STEPS=18 LANES="dp2_disagg_eps05 dp2_disagg_eps02" EXTRA=" " bash docs/benchmarks/disagg_dp_cp_gpu.sh 65536`
-#   beside it (disagg_phases.py models both directions' imbalance 1.040 at eps 0.1, 1.025 at 0.05, 1.017 at 0.02).
+#   beside it (disagg_phases.py models both directions' imbalance 1.040 at eps 0.1, 1.025 at 0.05, 1.017 at 0.02;
+#   twelfth session, 2 H100: eps 0.05 1.060x, eps 0.02 1.053x the ideal);
+# - apart (~8 min): dp2_as0, dp2_as1 and disagg with parallel.disagg.plans=per_direction at eps 0.02 and
+#   0.1 (each direction planned for its own Triton speed: modelled forward imbalance 1.048 -> 1.007 at
+#   eps 0.02, where the steps' ratios followed the forward's imbalance).
 [ -n "$SEQPAR_GPU_READY" ] || source docs/benchmarks/gpu_setup.sh
-MODE=${1:?timeline, norecompile, noprebuild, plain, dpideal or schedules}
+MODE=${1:?timeline, norecompile, noprebuild, plain, dpideal, schedules or apart}
 SEQ=${2:-65536}
 mkdir -p "$OUT/$MODE"
 lanes() {  # EXTRA, LANES (default: the three lanes), STEPS (default 10)
@@ -49,5 +53,6 @@ case $MODE in
   plain) EXTRA=" " lanes ;;
   dpideal) EXTRA=" " STEPS=18 LANES="dp2_as0 dp2_as1 dp2_disagg_dp_cp dp2" lanes ;;
   schedules) EXTRA=" " STEPS=18 LANES="dp2_as0 dp2_as1 dp2_disagg_halves dp2_disagg_ping_pong" lanes ;;
-  *) echo "MODE: timeline, norecompile, noprebuild, plain, dpideal or schedules" >&2; exit 2 ;;
+  apart) EXTRA=" " STEPS=18 LANES="dp2_as0 dp2_as1 dp2_disagg_apart_eps02 dp2_disagg_apart" lanes ;;
+  *) echo "MODE: timeline, norecompile, noprebuild, plain, dpideal, schedules or apart" >&2; exit 2 ;;
 esac
