@@ -49,8 +49,8 @@ waits for the other (2 H100, llama_1b 64k tokens per GPU, 2026-11-27: the step's
 balanced ideal followed the modelled forward imbalance, 1.048 at eps 0.02, correlation 0.89; per
 direction the model gives 1.007). The forward's servers then keep nothing; the owners keep the lse,
 returned beside the outputs, and the backward sends its servers Q|K|V, O|dO and the lse again, as
-DistCA's backward does. Where one kernel runs every task (CPU, a forced kernel) the two plans are
-one, and so is the call.
+DistCA's backward does. Where the two plans hold the same tasks (one kernel runs every task: CPU,
+a forced kernel; or no Triton work moves) the one plan serves both directions.
 
 A nano-batch without transfers on any rank skips its collectives. On CUDA, NCCL runs async
 collectives on its own stream and `wait()` only orders the compute stream after them, so no extra
@@ -113,8 +113,10 @@ def disagg_attention(q, k, v, *, group=None, causal=True, cu_seqlens=None, softm
     routes, info = _plan_routes(*args, speed)
     routes_b = None
     if plans == "per_direction" and speed is not None:  # the forward balanced for its own Triton speed
-        routes_b = routes
-        routes, _ = _plan_routes(*args, replace(speed, triton_cost=TRITON_FWD_COST))
+        fwd_routes, fwd_info = _plan_routes(*args, replace(speed, triton_cost=TRITON_FWD_COST))
+        info = {**info, "plan_ms": info["plan_ms"] + fwd_info["plan_ms"]}
+        if fwd_info["plan"] != info["plan"]:  # the same tasks: the one plan serves both directions
+            routes, routes_b = fwd_routes, routes
     # bytes: each plan's rows out and back once (the backward's own plan also sends O, dO and the lse)
     metrics.record_call(info, sum(r.sent_rows(q_row, kv_row) for r in routes + (routes_b or ())),
                         new=_plan_routes.cache_info().misses > misses)
@@ -147,7 +149,7 @@ def _plan_routes(bounds, seq_len, world, rank, layout, eps, min_chunk, causal, o
               or [sorted(p.tasks, key=lambda t: (t.q_start, t.server))])
     routes = tuple(route(ts, bounds, owned, rank, causal) for ts in groups)
     info = {"imbalance_before": p.initial_imbalance, "imbalance_after": p.imbalance, "tasks": len(p.tasks),
-            "plan_ms": (time.perf_counter() - t0) * 1e3}
+            "plan_ms": (time.perf_counter() - t0) * 1e3, "plan": tuple(p.tasks)}
     return routes, info
 
 
