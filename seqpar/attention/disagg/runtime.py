@@ -272,10 +272,6 @@ def _server_inputs(r, c, q, k, v, got):
             r.srv_kv([v] + [g[2] for g in got], v))
 
 
-def _lse_dtype(q):
-    return torch.promote_types(q.dtype, torch.float32)
-
-
 class _DisaggAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, routes, group, causal, scale, routes_b):
@@ -287,7 +283,7 @@ class _DisaggAttention(torch.autograd.Function):
         counts = _counts(routes, q, k, v)
         flat = q.new_empty(0)
         apart = routes_b is not None  # the backward has its own plan: the owners keep the lse, servers nothing
-        lse_flat = flat.new_empty(0, dtype=_lse_dtype(q))
+        lse_flat = flat.new_empty(0, dtype=torch.promote_types(q.dtype, torch.float32))
         inbound = _send_inputs(routes, counts, q, k, v, group)
         # where a nano-batch serves one slice of this rank's own rows, its kernel writes the final output
         place, _ = _placements(routes)
@@ -369,7 +365,7 @@ class _DisaggAttention(torch.autograd.Function):
             def inputs(i, r, c):
                 (buf, work), (obuf, owork), (lbuf, lwork) = inbound[i], with_o[i], with_lse[i]
                 _wait(dev, "bwd_in", work, owork, lwork)
-                q_srv, k_task, v_task = _server_inputs(r, c, q, k.to(q.dtype), v.to(q.dtype), buf)
+                q_srv, k_task, v_task = _server_inputs(r, c, q, k, v, buf)  # k, v saved in q's dtype
                 got = _fields(obuf, [(n, n) for (n,) in c.recv_q_rows], (out.shape[1:], out.shape[1:]))
                 o_srv = r.srv_q([out] + [g[0] for g in got], out)
                 do_srv = r.srv_q([dout] + [g[1] for g in got], dout)
