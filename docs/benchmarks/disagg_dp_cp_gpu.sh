@@ -19,7 +19,8 @@
 #    a Triton pair weighed as 1.05 cuDNN pairs: 1.079x, worse; _eps02: and eps 0.02), dp2_disagg_apart
 #    (parallel.disagg.plans=per_direction: each direction planned for its own Triton speed; _eps02: and
 #    eps 0.02), dp2_disagg_halves and dp2_disagg_ping_pong (parallel.disagg.schedule: the
-#    local work around the transfers, the transfers of one nano-batch under another's compute);
+#    local work around the transfers, the transfers of one nano-batch under another's compute; _eps02:
+#    and eps 0.02);
 #    dp2_fixed and ideal_1gpu_fixed: every document SEQ / 4 long (balanced rows), so dp2_fixed over
 #    the halved ideal_1gpu_fixed is plain data parallelism's cost apart from any imbalance;
 #    dp2_as0 and dp2_as1: plain dp with both ranks reading rank 0's (1's) rows (data.read_as_rank),
@@ -63,6 +64,8 @@ for name in ${LANES:-dp2 ideal_1gpu dp2_disagg_dp_cp cp2_ring cp2_per_doc}; do
     dp2_disagg_tc105_eps02) extra="$disagg parallel.disagg.triton_cost=1.05 parallel.disagg.eps=0.02" ;;
     dp2_disagg_halves) extra="$disagg parallel.disagg.schedule=halves" ;;
     dp2_disagg_ping_pong) extra="$disagg parallel.disagg.schedule=ping_pong" ;;
+    dp2_disagg_halves_eps02) extra="$disagg parallel.disagg.schedule=halves parallel.disagg.eps=0.02" ;;
+    dp2_disagg_ping_pong_eps02) extra="$disagg parallel.disagg.schedule=ping_pong parallel.disagg.eps=0.02" ;;
     cp2_ring) extra="parallel.cp=2 parallel.softmax_sp=ring parallel.layout=zigzag" ;;
     cp2_per_doc) extra="parallel.cp=2 parallel.softmax_sp=ring parallel.layout=doc_zigzag" ;;
     ideal_1gpu) extra="launcher.nproc_per_node=1" ;;

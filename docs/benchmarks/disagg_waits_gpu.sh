@@ -18,7 +18,7 @@
 #   cost in it; 18 steps (the issue averages at least 16). Tenth session (2 H100): disagg 1.080x it;
 #   eleventh (2 H200, the servers' prefix pieces on Triton): 1.050x;
 # - schedules (~8 min): dp2_as0, dp2_as1 and disagg over dp_cp with the halves and ping_pong
-#   schedules (what is left past 1.050x: ~60 ms a step of exposed waits, imbalance 1.035);
+#   schedules at eps 0.02 (what is left past 1.050x: ~60 ms a step of exposed waits, imbalance 1.035);
 #   `STEPS=18 LANES="dp2_disagg_eps05 dp2_disagg_eps02" EXTRA=" " bash docs/benchmarks/disagg_dp_cp_gpu.sh 65536`
 #   beside it (disagg_phases.py models both directions' imbalance 1.040 at eps 0.1, 1.025 at 0.05, 1.017 at 0.02;
 #   twelfth session, 2 H100: eps 0.05 1.060x, eps 0.02 1.053x the ideal);
@@ -52,7 +52,7 @@ case $MODE in
   noprebuild) EXTRA="train.cudnn_prebuild=false" lanes ;;
   plain) EXTRA=" " lanes ;;
   dpideal) EXTRA=" " STEPS=18 LANES="dp2_as0 dp2_as1 dp2_disagg_dp_cp dp2" lanes ;;
-  schedules) EXTRA=" " STEPS=18 LANES="dp2_as0 dp2_as1 dp2_disagg_halves dp2_disagg_ping_pong" lanes ;;
+  schedules) EXTRA=" " STEPS=18 LANES="dp2_as0 dp2_as1 dp2_disagg_halves_eps02 dp2_disagg_ping_pong_eps02" lanes ;;
   apart) EXTRA=" " STEPS=18 LANES="dp2_as0 dp2_as1 dp2_disagg_apart_eps02 dp2_disagg_apart" lanes ;;
   *) echo "MODE: timeline, norecompile, noprebuild, plain, dpideal, schedules or apart" >&2; exit 2 ;;
 esac

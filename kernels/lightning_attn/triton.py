@@ -578,6 +578,15 @@ def lightning_attn_triton(q, k, v, log_decay, *, scale=None, initial_state=None,
         raise ValueError(f"initial_state must be {(n_docs, H, Dk, Dv)}, got {tuple(initial_state.shape)}")
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.dtype == torch.float16:
+        # The kernels' dots take bf16 operands for fp16 inputs too, and Triton 3.6 miscompiles that
+        # conversion of the loaded tiles at Dk = 64 on sm_90 (compute-sanitizer, H100, 2026-11-27:
+        # out-of-range shared address at the tile loads of `_segment_output`): round the inputs to
+        # bf16 here instead, the same dot operands, one rounding of the output more.
+        o, final = lightning_attn_triton(q.bfloat16(), k.bfloat16(), v.bfloat16(), log_decay, scale=scale,
+                                         initial_state=initial_state, output_final_state=output_final_state,
+                                         cu_seqlens=cu_seqlens, exchange=exchange, seg_len=seg_len)
+        return o.to(torch.float16), final
     scale = Dk ** -0.5 if scale is None else float(scale)
     if seg_len is None:
         seg_len = segment_length(B * S, H, q.device)
