@@ -96,7 +96,7 @@ CODE_CHANGES = (
     ("2026-11-27T01:34:28+00:00", ("a63d362 no look-ahead, and the split's lse form keeps causal tasks over a "
                                    "prefix in the Triton call again by default (SEQPAR_CUDNN_PREFIX=1 sends them "
                                    "to cuDNN as 9a4c89d did)")),
-    # no run yet: the Triton kernel's tuning moves from a step's first call in a token bucket to startup
+    # the Triton kernel's tuning moves from a step's first call in a token bucket to startup
     ("2026-11-27T03:54:46+00:00", ("c52307c train.cudnn_prebuild also tunes the Triton attention kernels for every "
                                    "token bucket of a row (a disagg server's new bucket stalled a step by 5.6 s)")),
 )
@@ -187,6 +187,8 @@ COMMITTED_BY = {
     "2026-11-27-2gpu-11th": "2026-11-27T01:31:00+00:00",
     # the twelfth session's calls ran 03:20-03:50 at b08da29 (lanes added only to the script), before c52307c
     "2026-11-27-2gpu-12th": "2026-11-27T03:54:45+00:00",
+    # the thirteenth session's calls ran 06:10-06:43 (7cc8513, then fp16 lightning only): era c52307c
+    "2026-11-27-2gpu-13th": "2026-11-27T06:44:00+00:00",
 }
 
 

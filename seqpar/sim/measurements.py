@@ -376,8 +376,9 @@ _DP_CP_LANES = {"dp2": ([], None), "dp2_disagg_dp_cp": (["parallel.softmax_sp=di
                 **{f"dp2_disagg_tc105{x}": (["parallel.softmax_sp=disagg", "parallel.disagg.group=dp_cp",
                                              "parallel.disagg.triton_cost=1.05", *e], None)
                    for x, e in (("", []), ("_eps02", ["parallel.disagg.eps=0.02"]))},
-                **{f"dp2_disagg_{s}": (["parallel.softmax_sp=disagg", "parallel.disagg.group=dp_cp",
-                                        f"parallel.disagg.schedule={s}"], None) for s in ("halves", "ping_pong")},
+                **{f"dp2_disagg_{s}{x}": (["parallel.softmax_sp=disagg", "parallel.disagg.group=dp_cp",
+                                           f"parallel.disagg.schedule={s}", *e], None)
+                   for s in ("halves", "ping_pong") for x, e in (("", []), ("_eps02", ["parallel.disagg.eps=0.02"]))},
                 "cp2_ring": (["parallel.cp=2", "parallel.softmax_sp=ring", "parallel.layout=zigzag"], None),
                 "cp2_per_doc": (["parallel.cp=2", "parallel.softmax_sp=ring", "parallel.layout=doc_zigzag"], None),
                 # one GPU running both rows (two micro-batches): half its step is the balanced ideal
@@ -515,11 +516,14 @@ def memory_peak_samples(root=None) -> tuple[list[dict], list[dict]]:
 
 def e2e_run_of(path) -> dict | None:
     """The E2E_RUNS entry of a metrics file; the fourth session of 2026-11-26 named its copies
-    `e2e_<model>_<layout>_metrics.jsonl`; a disagg_dp_cp_gpu.sh lane folder says its SEQ (`dp_cp_run`)."""
+    `e2e_<model>_<layout>_metrics.jsonl`; a disagg_dp_cp_gpu.sh lane folder says its SEQ (`dp_cp_run`),
+    disagg_waits_gpu.sh's `schedules` folder holds its lanes at 64k."""
     name = Path(path).name
-    lane = re.fullmatch(r".*disagg_dp_cp_gpu(?:_(wlbllm|prolong))?(?:_(\d+))?", Path(path).parent.name)
-    if lane and name.endswith("_metrics.jsonl"):
-        run = dp_cp_run(name[:-len("_metrics.jsonl")], int(lane.group(2) or 16384), lane.group(1))
+    folder = Path(path).parent.name
+    lane = re.fullmatch(r".*disagg_dp_cp_gpu(?:_(wlbllm|prolong))?(?:_(\d+))?", folder)
+    if (lane or folder == "schedules") and name.endswith("_metrics.jsonl"):  # disagg_waits_gpu.sh's mode: 64k
+        seq, mix = (int(lane.group(2) or 16384), lane.group(1)) if lane else (65536, None)
+        run = dp_cp_run(name[:-len("_metrics.jsonl")], seq, mix)
         if run:
             return run
     return E2E_RUNS.get(name) or (E2E_RUNS.get(name[len("e2e_"):]) if name.startswith("e2e_") else None)
