@@ -90,8 +90,11 @@ def test_interp_dense_rows_gqa_and_unequal_lengths():
 
 @interp_only
 @pytest.mark.parametrize("causal", [True, False])
-def test_interp_packed_documents_awkward_lengths(causal):
+@pytest.mark.parametrize("dkdv", ["fused", "split"])
+def test_interp_packed_documents_awkward_lengths(causal, dkdv, monkeypatch):
     from seqpar.kernels.flash_attn import triton as ft
+
+    monkeypatch.setenv(ft.DKDV_ENV, dkdv)
 
     # shared boundaries with length-1 and empty documents, then separate q/k boundaries: more
     # queries than keys, no keys at all, a one-row document over many keys
@@ -192,8 +195,11 @@ def _check_destinations(ft, q, k, v, do, **kw):
 
 
 @interp_only
-def test_interp_destinations_equal_plain_calls():
+@pytest.mark.parametrize("dkdv", ["fused", "split"])
+def test_interp_destinations_equal_plain_calls(dkdv, monkeypatch):
     from seqpar.kernels.flash_attn import triton as ft
+
+    monkeypatch.setenv(ft.DKDV_ENV, dkdv)  # split: dv's launch, then dk's, each adding into its own
 
     # packed documents with separate q/k boundaries (a document without keys), then dense GQA rows
     lq, lk = [3, 40, 1, 20], [1, 40, 0, 33]
@@ -201,6 +207,18 @@ def test_interp_destinations_equal_plain_calls():
     _check_destinations(ft, q, k, v, do, causal=True, cu_seqlens_q=_cu(lq), cu_seqlens_k=_cu(lk))
     q, k, v, do = (t.float() for t in _inputs(2, 37, 45, 4, 2, 16, seed=14))
     _check_destinations(ft, q, k, v, do, causal=False, softmax_scale=0.3)
+
+
+def test_dkdv_parts_names_the_setting_it_rejects(monkeypatch):
+    from seqpar.kernels.flash_attn import triton as ft
+
+    monkeypatch.delenv(ft.DKDV_ENV, raising=False)
+    assert ft.dkdv_parts() == (0,)
+    monkeypatch.setenv(ft.DKDV_ENV, "split")
+    assert ft.dkdv_parts() == (1, 2)
+    monkeypatch.setenv(ft.DKDV_ENV, "both")
+    with pytest.raises(ValueError, match="SEQPAR_FLASH_DKDV='both'"):
+        ft.dkdv_parts()
 
 
 def test_tile_table_covers_each_document_once_longest_first():
@@ -278,8 +296,11 @@ def _lognormal(total, seed):
     dict(B=1, Sq=1290, Sk=777, Hq=4, Hkv=1, D=64, causal=True),
     dict(B=3, Sq=513, Sk=300, Hq=8, Hkv=4, D=128, causal=False),
 ])
-def test_gpu_dense_bf16(shape):
+@pytest.mark.parametrize("dkdv", ["fused", "split"])
+def test_gpu_dense_bf16(shape, dkdv, monkeypatch):
     from seqpar.kernels.flash_attn import triton as ft
+
+    monkeypatch.setenv(ft.DKDV_ENV, dkdv)
 
     s = shape
     q, k, v, do = _inputs(s["B"], s["Sq"], s["Sk"], s["Hq"], s["Hkv"], s["D"], seed=s["Sq"], device="cuda")
