@@ -17,7 +17,7 @@ import sys
 
 import torch
 
-from seqpar.bench._flash_cases import D, H, _bench, _cu, _impls, _kernel_ms
+from seqpar.bench._flash_cases import _bench, _impls, _kernel_ms, case_inputs
 from seqpar.bench.ring import lognormal_lengths
 from seqpar.kernels.flash_attn.triton import DKDV_ENV, flash_attn_triton
 
@@ -28,12 +28,7 @@ def main(out_path):
     rows = []
     for layout, S in (("dense", 16384), ("dense", 65536), ("packed", 16384), ("packed", 65536)):
         lens = None if layout == "dense" else lognormal_lengths(S)
-        gen = torch.Generator(device=device).manual_seed(S)
-        q, k, v, do = (torch.randn(1, S, H, D, device=device, dtype=torch.bfloat16, generator=gen) for _ in range(4))
-        for t in (q, k, v):
-            t.requires_grad_()
-        useful = 2 * H * D * (S * S if lens is None else sum(n * n for n in lens))
-        cu = None if lens is None else _cu(lens, device)
+        q, k, v, do, useful, cu = case_inputs(S, lens, device)
         grads = {}
         for mode in ("fused", "split"):
             os.environ[DKDV_ENV] = mode

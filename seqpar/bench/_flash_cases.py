@@ -122,15 +122,21 @@ def _kernel_ms(fn, q, k, v, do, reps=3):
     return dict(sorted(per.items(), key=lambda kv: -kv[1])[:8])
 
 
-def _case_rows(layout, S, lens, device, timer, profile=False, heads=H):
-    from seqpar.kernels import dispatch
-
+def case_inputs(S, lens, device, heads=H):
+    """(q, k, v, dout, useful forward FLOPs, cu_seqlens) of a case: bf16 [1, S, heads, D], seeded by S,
+    q, k, v requiring grad; lens None: one dense causal row."""
     gen = torch.Generator(device=device).manual_seed(S)
     q, k, v, do = (torch.randn(1, S, heads, D, device=device, dtype=torch.bfloat16, generator=gen) for _ in range(4))
     for t in (q, k, v):
         t.requires_grad_()
     useful = 2 * heads * D * (S * S if lens is None else sum(n * n for n in lens))
-    cu = None if lens is None else _cu(lens, device)
+    return q, k, v, do, useful, (None if lens is None else _cu(lens, device))
+
+
+def _case_rows(layout, S, lens, device, timer, profile=False, heads=H):
+    from seqpar.kernels import dispatch
+
+    q, k, v, do, useful, cu = case_inputs(S, lens, device, heads)
     choice = dispatch.flash_attn_choice(q, k, v, causal=True, cu_seqlens=cu) if device.type == "cuda" else None
     rows, outs, grads = [], {}, {}
     for name, fn in _impls(S, lens, device).items():
