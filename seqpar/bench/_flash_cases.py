@@ -122,14 +122,15 @@ def _kernel_ms(fn, q, k, v, do, reps=3):
     return dict(sorted(per.items(), key=lambda kv: -kv[1])[:8])
 
 
-def case_inputs(S, lens, device, heads=H):
-    """(q, k, v, dout, useful forward FLOPs, cu_seqlens) of a case: bf16 [1, S, heads, D], seeded by S,
-    q, k, v requiring grad; lens None: one dense causal row."""
+def case_inputs(S, lens, device, heads=H, kv_heads=None, head_dim=D):
+    """(q, k, v, dout, useful forward FLOPs, cu_seqlens) of a case: bf16 [1, S, heads, head_dim]
+    (k, v with kv_heads), seeded by S, q, k, v requiring grad; lens None: one dense causal row."""
     gen = torch.Generator(device=device).manual_seed(S)
-    q, k, v, do = (torch.randn(1, S, heads, D, device=device, dtype=torch.bfloat16, generator=gen) for _ in range(4))
+    q, k, v, do = (torch.randn(1, S, n, head_dim, device=device, dtype=torch.bfloat16, generator=gen)
+                   for n in (heads, kv_heads or heads, kv_heads or heads, heads))
     for t in (q, k, v):
         t.requires_grad_()
-    useful = 2 * heads * D * (S * S if lens is None else sum(n * n for n in lens))
+    useful = 2 * heads * head_dim * (S * S if lens is None else sum(n * n for n in lens))
     return q, k, v, do, useful, (None if lens is None else _cu(lens, device))
 
 
