@@ -19,6 +19,15 @@ LANE_DIR/LANE (a lane folder of the script holding dp2_as0, dp2_as1 and LANE's m
 the same EPS and TRITON_COST): each step's measured ratio to the mean of the as0 / as1 lanes beside
 the model, and the correlation of the ratios with each direction's modelled imbalance.
 
+With LANE it also fits a step-time model on the as0 / as1 lanes (`_step_model`) and predicts each
+disagg step from its servers' loads. Thirteenth session, on the twelfth's call 1 (eps 0.02): base
+1.41 s + 0.257 s per G weighted pairs; predicted 1.017x the ideal over steps 3-18 against 1.051x
+measured (correlation 0.48), and a Triton backward 10-30% faster changes the prediction by
+nothing (the plans then leave the Triton server light; the ideal's short documents gain too): the
+~3.4% left is not the kernels' balance but what the model leaves out, the transfers (31 ms a step
+exposed on rank 0) and host time per layer; `disagg_waits_gpu.sh timeline` with
+LANE=dp2_disagg_eps02 on a step that moves much (PSTEP=9) shows which.
+
 Twelfth session (2026-11-27-2gpu-12th/call1, eps 0.02): correlation 0.89 with the forward, 0.14 with
 the backward; call 2 (TRITON_COST 1.05: forward balanced, backward 1.11-1.23 in the heavy steps)
 ran 1.079x the ideal against 1.053x. Both directions count.
@@ -70,6 +79,8 @@ def main(seq=65536, steps=18, eps=0.1, triton_cost=1.7, prefix=False, lane=None,
                     "plan_before": round(p.initial_imbalance, 3), "plan_after": round(p.imbalance, 3),
                     "moved_MB": round(p.bytes_moved / 1e6, 1)})
     fit = _fit(out, lane) if lane else None
+    if lane:
+        fit["step_model"] = _step_model(out, rows, speed, lane)
     for row in out:
         print(json.dumps(row))
     if fit:
@@ -93,6 +104,51 @@ def _fit(model, lane):
     later = model[2:len(ratios)]
     return {"correlation": {d: round(_corr([r["measured"] for r in later], [r[d] for r in later]), 3)
                             for d in ("forward", "backward")}}
+
+
+def _step_model(model, rows, speed, lane):
+    """Step time = base + rate x attention, attention = the slowest server's forward pairs plus
+    BACKWARD_TIME x its backward's, in cuDNN forward pairs (Triton pairs at FORWARD / BACKWARD):
+    base and rate fitted by least squares on the dp2_as0 / dp2_as1 steps 3 on (each rank its own rows,
+    short documents on Triton there too); then each step's disagg time predicted from `model`'s
+    servers (exposed transfers left out), its ratio to the ideal beside the measured one, and what
+    the mean ratio would be with a Triton backward at BACKWARD x 0.9 / 0.8 / 0.7 (plans unchanged,
+    the ideal's own Triton pairs faster too)."""
+    folder = lane.rsplit("/", 1)[0]
+    read = lambda n: [json.loads(x)["step_time_s"] for x in open(f"{folder}/{n}_metrics.jsonl")]  # noqa: E731
+    as0, as1 = read("dp2_as0"), read("dp2_as1")
+
+    def own(bounds, bwd):  # a rank running its own rows: every document a task of its own
+        c = t = 0
+        for a, b in zip(bounds, bounds[1:]):
+            x, y = speed.by_kernel(b - a, b - a, True)
+            c, t = c + x, t + y
+        return c + FORWARD * t + BACKWARD_TIME * (c + bwd * t)
+
+    n = min(len(as0), len(as1), len(model))
+    xs = [own(r[i], BACKWARD) for r in rows[2:n] for i in (0, 1)]  # steps 1-2 compile and warm up
+    ys = [y for pair in zip(as0[2:n], as1[2:n]) for y in pair]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    rate = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    base = my - rate * mx
+
+    def ratios(bwd):
+        out = []
+        for row, (r0, r1) in zip(model[:n], rows[:n]):
+            fwd = max(c * 1e9 + FORWARD * t * 1e9 for c, t in zip(row["cudnn_G"], row["triton_G"]))
+            back = max(c * 1e9 + bwd * t * 1e9 for c, t in zip(row["cudnn_G"], row["triton_G"]))
+            ideal = base + rate * (own(r0, bwd) + own(r1, bwd)) / 2
+            out.append((base + rate * (fwd + BACKWARD_TIME * back)) / ideal)
+        return out
+
+    now = ratios(BACKWARD)
+    later = slice(2, n)
+    mean = lambda x: round(sum(x[later]) / len(x[later]), 3)  # noqa: E731
+    return {"base_s": round(base, 3), "s_per_G_pairs": round(rate * 1e9, 4),
+            "predicted": [round(r, 3) for r in now], "predicted_mean": mean(now),
+            "measured_mean": mean([r["measured"] for r in model[:n]]),
+            "correlation": round(_corr([r["measured"] for r in model[later]], now[later]), 3),
+            "triton_backward_faster": {f"x{f}": mean(ratios(BACKWARD * f)) for f in (0.9, 0.8, 0.7)}}
 
 
 def _corr(x, y):

@@ -1,7 +1,7 @@
 # Two GPUs (device tool, kind nvidia-h100-x2 / nvidia-h200-x2), repo root, .whl carried:
 #   bash docs/benchmarks/disagg_waits_gpu.sh MODE [SEQ]      (SEQ default 65536)
 # Issue 10: what the end-to-end disagg lane's waits are. MODE:
-# - timeline (~2 min): dp2_disagg_dp_cp with step PSTEP (default 8) of PSTEP profiled WITHOUT the CPU ops
+# - timeline (~2 min): lane LANE (default dp2_disagg_dp_cp) with step PSTEP (default 8) of PSTEP profiled WITHOUT the CPU ops
 #   (logging.profile_cpu_ops=false: the step keeps its own timeline), each rank's trace read by
 #   trace_gaps.py: how long its GPU stood still, and whether for the host (the next kernel launched
 #   late: a cuDNN plan build) or for a collective (the other rank late). Ninth session: 546 ms of
@@ -37,14 +37,15 @@ lanes() {  # EXTRA, LANES (default: the three lanes), STEPS (default 10)
 case $MODE in
   timeline)
     P=${PSTEP:-8}
-    STEPS=$P LANES="dp2_disagg_dp_cp" EXTRA="logging.profile_step=$P logging.profile_trace=true logging.profile_cpu_ops=false" \
+    L=${LANE:-dp2_disagg_dp_cp}
+    STEPS=$P LANES="$L" EXTRA="logging.profile_step=$P logging.profile_trace=true logging.profile_cpu_ops=false" \
         OUT="$OUT/$MODE" bash docs/benchmarks/disagg_dp_cp_gpu.sh "$SEQ" 2>&1 | grep -v Warn | tail -1 | cut -c1-600
     for rank in 0 1; do
-        trace=/tmp/dp_cp/dp2_disagg_dp_cp/profile/step${P}_rank$rank.json
+        trace=/tmp/dp_cp/$L/profile/step${P}_rank$rank.json
         [ -f "$trace" ] && timeout 120 python3 docs/benchmarks/trace_gaps.py "$trace" "$OUT/$MODE/gaps_rank$rank.json" \
             > "$OUT/$MODE/gaps_rank$rank.txt" 2>&1  # whole (a pipe into head cut it short)
         head -12 "$OUT/$MODE/gaps_rank$rank.txt" | cut -c1-300
-        cp /tmp/dp_cp/dp2_disagg_dp_cp/profile/step${P}_rank$rank.txt "$OUT/$MODE/" 2>/dev/null
+        cp /tmp/dp_cp/$L/profile/step${P}_rank$rank.txt "$OUT/$MODE/" 2>/dev/null
     done ;;
   norecompile)
     TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1 EXTRA=" " lanes
