@@ -22,10 +22,9 @@ the model, and the correlation of the ratios with each direction's modelled imba
 With LANE it also fits a step-time model on the as0 / as1 lanes (`_step_model`) and predicts each
 disagg step from its servers' loads. Thirteenth session, on the twelfth's call 1 (eps 0.02): base
 1.41 s + 0.257 s per G weighted pairs; predicted 1.017x the ideal over steps 3-18 against 1.051x
-measured (correlation 0.48), and a Triton backward 10-30% faster changes the prediction by
-nothing (the plans then leave the Triton server light; the ideal's short documents gain too): the
-~3.4% left is not the kernels' balance but what the model leaves out, the transfers (31 ms a step
-exposed on rank 0) and host time per layer; `disagg_waits_gpu.sh timeline` with
+measured (correlation 0.48); a Triton backward 10 / 20 / 30% faster (replanned at a weight as much
+lower) predicts 1.015 / 1.011 / 1.007x: ~1 point. The ~3.4% between model and measurement is what
+the model leaves out, the transfers (31 ms a step exposed on rank 0) and host time per layer; `disagg_waits_gpu.sh timeline` with
 LANE=dp2_disagg_eps02 on a step that moves much (PSTEP=9) shows which.
 
 Twelfth session (2026-11-27-2gpu-12th/call1, eps 0.02): correlation 0.89 with the forward, 0.14 with
@@ -78,9 +77,15 @@ def main(seq=65536, steps=18, eps=0.1, triton_cost=1.7, prefix=False, lane=None,
                     "cudnn_G": [round(x / 1e9, 3) for x in cudnn], "triton_G": [round(x / 1e9, 3) for x in triton],
                     "plan_before": round(p.initial_imbalance, 3), "plan_after": round(p.imbalance, 3),
                     "moved_MB": round(p.bytes_moved / 1e6, 1)})
+    def loads(weight):  # per step, per server: (cuDNN pairs, Triton pairs) of plans made at this Triton weight
+        w = replace(speed, triton_cost=weight)
+        return [pairs_by_kernel(plan(r0 + [seq + b for b in r1[1:]], 2, eps=opts.eps, min_chunk=opts.min_chunk,
+                                     overhead=planner_overhead(opts), row_bytes=row_bytes, speed=w))
+                for r0, r1 in rows]
+
     fit = _fit(out, lane) if lane else None
     if lane:
-        fit["step_model"] = _step_model(out, rows, speed, lane)
+        fit["step_model"] = _step_model(out, rows, speed, lane, loads)
     for row in out:
         print(json.dumps(row))
     if fit:
@@ -106,14 +111,14 @@ def _fit(model, lane):
                             for d in ("forward", "backward")}}
 
 
-def _step_model(model, rows, speed, lane):
+def _step_model(model, rows, speed, lane, loads):
     """Step time = base + rate x attention, attention = the slowest server's forward pairs plus
     BACKWARD_TIME x its backward's, in cuDNN forward pairs (Triton pairs at FORWARD / BACKWARD):
     base and rate fitted by least squares on the dp2_as0 / dp2_as1 steps 3 on (each rank its own rows,
     short documents on Triton there too); then each step's disagg time predicted from `model`'s
     servers (exposed transfers left out), its ratio to the ideal beside the measured one, and what
-    the mean ratio would be with a Triton backward at BACKWARD x 0.9 / 0.8 / 0.7 (plans unchanged,
-    the ideal's own Triton pairs faster too)."""
+    the mean ratio would be with a Triton backward at BACKWARD x 0.9 / 0.8 / 0.7 (planned at the
+    planner's weight x the same factor; the ideal's own Triton pairs faster too)."""
     folder = lane.rsplit("/", 1)[0]
     read = lambda n: [json.loads(x)["step_time_s"] for x in open(f"{folder}/{n}_metrics.jsonl")]  # noqa: E731
     as0, as1 = read("dp2_as0"), read("dp2_as1")
@@ -132,23 +137,24 @@ def _step_model(model, rows, speed, lane):
     rate = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
     base = my - rate * mx
 
-    def ratios(bwd):
+    def ratios(bwd, servers):
         out = []
-        for row, (r0, r1) in zip(model[:n], rows[:n]):
-            fwd = max(c * 1e9 + FORWARD * t * 1e9 for c, t in zip(row["cudnn_G"], row["triton_G"]))
-            back = max(c * 1e9 + bwd * t * 1e9 for c, t in zip(row["cudnn_G"], row["triton_G"]))
+        for (cudnn, triton), (r0, r1) in zip(servers[:n], rows[:n]):
+            fwd = max(c + FORWARD * t for c, t in zip(cudnn, triton))
+            back = max(c + bwd * t for c, t in zip(cudnn, triton))
             ideal = base + rate * (own(r0, bwd) + own(r1, bwd)) / 2
             out.append((base + rate * (fwd + BACKWARD_TIME * back)) / ideal)
         return out
 
-    now = ratios(BACKWARD)
+    now = ratios(BACKWARD, loads(speed.triton_cost))
     later = slice(2, n)
     mean = lambda x: round(sum(x[later]) / len(x[later]), 3)  # noqa: E731
     return {"base_s": round(base, 3), "s_per_G_pairs": round(rate * 1e9, 4),
             "predicted": [round(r, 3) for r in now], "predicted_mean": mean(now),
             "measured_mean": mean([r["measured"] for r in model[:n]]),
             "correlation": round(_corr([r["measured"] for r in model[later]], now[later]), 3),
-            "triton_backward_faster": {f"x{f}": mean(ratios(BACKWARD * f)) for f in (0.9, 0.8, 0.7)}}
+            "triton_backward_faster": {f"x{f}": mean(ratios(BACKWARD * f, loads(speed.triton_cost * f)))
+                                       for f in (0.9, 0.8, 0.7)}}
 
 
 def _corr(x, y):
