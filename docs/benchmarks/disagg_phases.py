@@ -67,9 +67,12 @@ def main(seq=65536, steps=18, eps=0.1, triton_cost=1.7, prefix=False, lane=None,
             x[1][t.server] += tr
         return x
 
+    def plan_at(r0, r1, s):  # the runtime's plan of a step's two rows joined, at KernelSpeed s
+        return plan(r0 + [seq + b for b in r1[1:]], 2, eps=opts.eps, min_chunk=opts.min_chunk,
+                    overhead=planner_overhead(opts), row_bytes=row_bytes, speed=s)
+
     for step, (r0, r1) in enumerate(rows, 1):
-        p, pf = (plan(r0 + [seq + b for b in r1[1:]], 2, eps=opts.eps, min_chunk=opts.min_chunk,
-                      overhead=planner_overhead(opts), row_bytes=row_bytes, speed=s) for s in (speed, fwd_speed))
+        p, pf = (plan_at(r0, r1, s) for s in (speed, fwd_speed))
         cudnn, triton = pairs_by_kernel(p)
         fwd = [c + FORWARD * t for c, t in zip(*pairs_by_kernel(pf))]
         bwd = [c + BACKWARD * t for c, t in zip(cudnn, triton)]
@@ -78,10 +81,7 @@ def main(seq=65536, steps=18, eps=0.1, triton_cost=1.7, prefix=False, lane=None,
                     "plan_before": round(p.initial_imbalance, 3), "plan_after": round(p.imbalance, 3),
                     "moved_MB": round(p.bytes_moved / 1e6, 1)})
     def loads(weight):  # per step, per server: (cuDNN pairs, Triton pairs) of plans made at this Triton weight
-        w = replace(speed, triton_cost=weight)
-        return [pairs_by_kernel(plan(r0 + [seq + b for b in r1[1:]], 2, eps=opts.eps, min_chunk=opts.min_chunk,
-                                     overhead=planner_overhead(opts), row_bytes=row_bytes, speed=w))
-                for r0, r1 in rows]
+        return [pairs_by_kernel(plan_at(r0, r1, replace(speed, triton_cost=weight))) for r0, r1 in rows]
 
     fit = _fit(out, lane) if lane else None
     if lane:
