@@ -90,11 +90,8 @@ def test_interp_dense_rows_gqa_and_unequal_lengths():
 
 @interp_only
 @pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("dkdv", ["fused", "split"])
-def test_interp_packed_documents_awkward_lengths(causal, dkdv, monkeypatch):
+def test_interp_packed_documents_awkward_lengths(causal):
     from seqpar.kernels.flash_attn import triton as ft
-
-    monkeypatch.setenv(ft.DKDV_ENV, dkdv)
 
     # shared boundaries with length-1 and empty documents, then separate q/k boundaries: more
     # queries than keys, no keys at all, a one-row document over many keys
@@ -195,11 +192,8 @@ def _check_destinations(ft, q, k, v, do, **kw):
 
 
 @interp_only
-@pytest.mark.parametrize("dkdv", ["fused", "split"])
-def test_interp_destinations_equal_plain_calls(dkdv, monkeypatch):
+def test_interp_destinations_equal_plain_calls():
     from seqpar.kernels.flash_attn import triton as ft
-
-    monkeypatch.setenv(ft.DKDV_ENV, dkdv)  # split: dv's launch, then dk's, each adding into its own
 
     # packed documents with separate q/k boundaries (a document without keys), then dense GQA rows
     lq, lk = [3, 40, 1, 20], [1, 40, 0, 33]
@@ -209,16 +203,24 @@ def test_interp_destinations_equal_plain_calls(dkdv, monkeypatch):
     _check_destinations(ft, q, k, v, do, causal=False, softmax_scale=0.3)
 
 
-def test_dkdv_parts_names_the_setting_it_rejects(monkeypatch):
+def test_key_tile_follows_head_dim_and_untuned_runs_keep_one_config_per_tile(monkeypatch):
     from seqpar.kernels.flash_attn import triton as ft
 
-    monkeypatch.delenv(ft.DKDV_ENV, raising=False)
-    assert ft.dkdv_parts() == (0,)
-    monkeypatch.setenv(ft.DKDV_ENV, "split")
-    assert ft.dkdv_parts() == (1, 2)
-    monkeypatch.setenv(ft.DKDV_ENV, "both")
-    with pytest.raises(ValueError, match="SEQPAR_FLASH_DKDV='both'"):
-        ft.dkdv_parts()
+    if ft._interpreting():
+        pytest.skip("the interpreter runs one small config")
+    assert ft.table_blocks(64) == (128, 128) and ft.table_blocks(128) == (128, 64)
+    prune = ft._prune_for("BLOCK_N")
+    tiles = lambda configs: [c.kwargs["BLOCK_N"] for c in configs]  # noqa: E731
+    monkeypatch.setenv("SEQPAR_FLASH_TUNE", "0")
+    untuned = ft._configs("BLOCK_N", "BLOCK_M", ft._DKDV_OPTIONS, extra=("SPLIT",))
+    assert tiles(untuned) == [64, 128]  # the first option of each key tile
+    for head_dim, tile in ((64, 128), (128, 64)):
+        for varlen in (True, False):  # one config left: no tuning run
+            assert tiles(prune(untuned, {}, VARLEN=varlen, HEAD_DIM=head_dim)) == [tile]
+    monkeypatch.setenv("SEQPAR_FLASH_TUNE", "1")
+    tuned = ft._configs("BLOCK_N", "BLOCK_M", ft._DKDV_OPTIONS, extra=("SPLIT",))
+    assert prune(tuned, {}, VARLEN=False, HEAD_DIM=64) == tuned  # dense rows tune every tile
+    assert set(tiles(prune(tuned, {}, VARLEN=True, HEAD_DIM=64))) == {128}
 
 
 def test_tile_table_covers_each_document_once_longest_first():
@@ -296,11 +298,8 @@ def _lognormal(total, seed):
     dict(B=1, Sq=1290, Sk=777, Hq=4, Hkv=1, D=64, causal=True),
     dict(B=3, Sq=513, Sk=300, Hq=8, Hkv=4, D=128, causal=False),
 ])
-@pytest.mark.parametrize("dkdv", ["fused", "split"])
-def test_gpu_dense_bf16(shape, dkdv, monkeypatch):
+def test_gpu_dense_bf16(shape):
     from seqpar.kernels.flash_attn import triton as ft
-
-    monkeypatch.setenv(ft.DKDV_ENV, dkdv)
 
     s = shape
     q, k, v, do = _inputs(s["B"], s["Sq"], s["Sk"], s["Hq"], s["Hkv"], s["D"], seed=s["Sq"], device="cuda")

@@ -49,29 +49,36 @@ def _interpreting() -> bool:
 def table_blocks(head_dim: int) -> tuple[int, int]:
     """(query tile, key tile) of packed documents, fixed since the tile table is built before the
     launch (dense rows let the autotuner pick the owned block too). The dk/dv kernel holds k, v,
-    dk, dv of its key tile live: 64 keys keep that within the registers at D = 128."""
+    dk, dv of its key tile live: 64 keys keep that within the registers at D = 128; at D <= 64, 128
+    keys fit, and each of the two warpgroups then owns 64 keys (with 64 only, each gets half of
+    every inner block: wgmma tiles of 32 columns)."""
     if _interpreting():
         return 32, 32
-    return _FWD_OPTIONS[0][0], _DKDV_OPTIONS[0][0]
+    return _FWD_OPTIONS[0][0], (128 if head_dim <= 64 else 64)
 
 
 def _configs(own, inner, options, extra=()):
     """Configs over (owned block, inner block, warps, stages); one small one in the interpreter.
-    SEQPAR_FLASH_TUNE=0 (read at import) keeps only the first of each list: tests that compile many
-    variants then skip the tuning runs."""
+    SEQPAR_FLASH_TUNE=0 (read at import) keeps the first of each owned block size, which the prune
+    narrows to one (`_prune_for`): tests that compile many variants then skip the tuning runs."""
     if _interpreting():
         return [triton.Config({own: 32, inner: 16, **{name: True for name in extra}}, num_warps=4, num_stages=1)]
-    if os.environ.get("SEQPAR_FLASH_TUNE", "1") == "0":
-        options = options[:1]
+    if not _tuning():
+        options = [o for i, o in enumerate(options) if all(p[0] != o[0] for p in options[:i])]
     return [triton.Config({own: a, inner: b, **dict(zip(extra, rest))}, num_warps=w, num_stages=s)
             for a, b, w, s, *rest in options]
 
 
+def _tuning() -> bool:
+    return os.environ.get("SEQPAR_FLASH_TUNE", "1") != "0"
+
+
 def _prune_for(own):
     def prune(configs, named_args, **kwargs):
-        # Packed documents: the tile table fixes the owned block. (Constexprs come as keywords.)
+        # Packed documents: the tile table fixes the owned block; untuned dense rows take it too.
+        # (Constexprs come as keywords.)
         args = {**named_args, **kwargs}
-        if not args["VARLEN"]:
+        if not args["VARLEN"] and _tuning():
             return configs
         want = table_blocks(args["HEAD_DIM"])[0 if own == "BLOCK_M" else 1]
         kept = [c for c in configs if c.kwargs[own] == want]
@@ -250,7 +257,7 @@ def _bwd_prep(out_ptr, do_ptr, lse_ptr, dlse_ptr, delta_ptr, lse2_ptr, S, H,
 @triton.jit
 def _dkdv_block(dk, dv, k, v, q_ptr, do_ptr, lse2_ptr, delta_ptr, b, h, q0, Hq, Sq, sqb, sqh, sqs, sdb, sdh, sds,
                 m0, offs_m, offs_n, offs_d, Lq, diag, qk_scale,
-                MASK: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, PART: tl.constexpr):
+                MASK: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
     rows = m0 + offs_m
     rmask = rows < Lq
     # 64-bit scalar bases, 32-bit offsets inside the block: fewer live registers than 64-bit tiles
@@ -261,33 +268,30 @@ def _dkdv_block(dk, dv, k, v, q_ptr, do_ptr, lse2_ptr, delta_ptr, b, h, q0, Hq, 
                  mask=rmask[:, None], other=0.0).to(DOT)
     stats = (b * Hq + h) * Sq + first
     lse2 = tl.load(lse2_ptr + stats + offs_m, mask=rmask, other=float("inf"))
+    delta = tl.load(delta_ptr + stats + offs_m, mask=rmask, other=0.0)
     # transposed scores [keys, rows]: dk and dv come out of dots without a transpose of the result
     st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
     pt = tl.exp2(st - lse2[None, :])
     if MASK:
         pt = tl.where(offs_n[:, None] <= rows[None, :] + diag, pt, 0.0)
-    if PART != 2:
-        dv = tl.dot(pt.to(DOT), do, acc=dv, input_precision=PRECISION)
-    if PART != 1:
-        delta = tl.load(delta_ptr + stats + offs_m, mask=rmask, other=0.0)
-        dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-        dst = pt * (dpt - delta[None, :])
-        dk = tl.dot(dst.to(DOT), q, acc=dk, input_precision=PRECISION)
+    dv = tl.dot(pt.to(DOT), do, acc=dv, input_precision=PRECISION)
+    dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+    dst = pt * (dpt - delta[None, :])
+    dk = tl.dot(dst.to(DOT), q, acc=dk, input_precision=PRECISION)
     return dk, dv
 
 
 # restore_value: with ACCUM the destinations are read, so tuning runs must not add into them twice
 @autotune(configs=_configs("BLOCK_N", "BLOCK_M", _DKDV_OPTIONS, extra=("SPLIT",)),
-          key=_KEY + ["PART"], prune_configs_by={"early_config_prune": _prune_for("BLOCK_N")},
+          key=_KEY, prune_configs_by={"early_config_prune": _prune_for("BLOCK_N")},
           restore_value=["dk_ptr", "dv_ptr"])
 @triton.jit(do_not_specialize=_LENGTHS)
 def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse2_ptr, delta_ptr, dk_ptr, dv_ptr, tiles_ptr, cu_q_ptr, cu_k_ptr,
                    sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sdb, sds, sdh, sdkb, sdks, sdkh, sdvb, sdvs, sdvh,
                    Sq, Sk, Hq, group, qk_scale, sm_scale, LEN_BUCKET,
                    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, ACCUM: tl.constexpr,
-                   DOT: tl.constexpr, PRECISION: tl.constexpr, PART: tl.constexpr,
+                   DOT: tl.constexpr, PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr):
-    # PART: 0 dk and dv, 1 dv only, 2 dk only (`dkdv_parts`)
     tile = tl.program_id(0)
     hk = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -330,25 +334,21 @@ def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse2_ptr, delta_ptr, dk_ptr, dv_
         m0 = lo + (it - g * n_masked) * BLOCK_M
         dk, dv = _dkdv_block(dk, dv, k, v, q_ptr, do_ptr, lse2_ptr, delta_ptr, b, hk * group + g, q0, Hq, Sq,
                              sqb, sqh, sqs, sdb, sdh, sds, m0, offs_m, offs_n, offs_d, Lq, diag, qk_scale,
-                             CAUSAL, DOT, PRECISION, PART)
+                             CAUSAL, DOT, PRECISION)
     for it in range(0, group * n_full):
         g = it // n_full
         m0 = mid + (it - g * n_full) * BLOCK_M
         dk, dv = _dkdv_block(dk, dv, k, v, q_ptr, do_ptr, lse2_ptr, delta_ptr, b, hk * group + g, q0, Hq, Sq,
                              sqb, sqh, sqs, sdb, sdh, sds, m0, offs_m, offs_n, offs_d, Lq, diag, qk_scale,
-                             False, DOT, PRECISION, PART)
+                             False, DOT, PRECISION)
     dk_ptrs = dk_ptr + b * sdkb + hk * sdkh + keys[:, None] * sdks + offs_d[None, :]
     dv_ptrs = dv_ptr + b * sdvb + hk * sdvh + keys[:, None] * sdvs + offs_d[None, :]
     dk = dk * sm_scale
     if ACCUM:  # one program owns a key row: a read-add-store needs no atomics
-        if PART != 1:
-            dk += tl.load(dk_ptrs, mask=kmask[:, None], other=0.0).to(tl.float32)
-        if PART != 2:
-            dv += tl.load(dv_ptrs, mask=kmask[:, None], other=0.0).to(tl.float32)
-    if PART != 1:
-        tl.store(dk_ptrs, dk.to(dk_ptr.dtype.element_ty), mask=kmask[:, None])
-    if PART != 2:
-        tl.store(dv_ptrs, dv.to(dv_ptr.dtype.element_ty), mask=kmask[:, None])
+        dk += tl.load(dk_ptrs, mask=kmask[:, None], other=0.0).to(tl.float32)
+        dv += tl.load(dv_ptrs, mask=kmask[:, None], other=0.0).to(tl.float32)
+    tl.store(dk_ptrs, dk.to(dk_ptr.dtype.element_ty), mask=kmask[:, None])
+    tl.store(dv_ptrs, dv.to(dv_ptr.dtype.element_ty), mask=kmask[:, None])
 
 
 @triton.jit
@@ -456,18 +456,6 @@ def _dot(dtype):
     if dtype == torch.float32 or _interpreting():
         return tl.float32, "ieee"
     return (tl.bfloat16 if dtype == torch.bfloat16 else tl.float16), "tf32"  # flag unused for 16-bit
-
-
-DKDV_ENV = "SEQPAR_FLASH_DKDV"  # fused (default) | split: the benchmarks' A/B
-
-
-def dkdv_parts() -> tuple[int, ...]:
-    """The dk/dv kernel's launches: one that computes both (fused), or dv then dk apart (split:
-    one accumulator each, as the dq kernel has, for one more recomputed QK^T)."""
-    mode = os.environ.get(DKDV_ENV, "fused").strip()
-    if mode not in ("fused", "split"):
-        raise ValueError(f"{DKDV_ENV}={mode!r}: use fused or split")
-    return (0,) if mode == "fused" else (1, 2)
 
 
 def _unit(t):
@@ -590,12 +578,10 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=True, cu_seqlens_q=Non
     common = dict(HEAD_DIM=D, CAUSAL=bool(causal), VARLEN=varlen, DOT=dot, PRECISION=precision)
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2))
-    for part in dkdv_parts():
-        _attn_bwd_dkdv[_grid(k_table, Sk, B, Hkv, "BLOCK_N")](
-            q, k, v, dout, lse2, delta, dk, dv, k_table if varlen else dummy, dummy,
-            cu_seqlens_k if varlen else dummy, *strides, dk.stride(0), dk.stride(1), dk.stride(2),
-            dv.stride(0), dv.stride(1), dv.stride(2), Sq, Sk, Hq, Hq // Hkv, scale * LOG2E, scale, _bucket(B * Sq),
-            **common, ACCUM=bool(accum), PART=part)
+    _attn_bwd_dkdv[_grid(k_table, Sk, B, Hkv, "BLOCK_N")](
+        q, k, v, dout, lse2, delta, dk, dv, k_table if varlen else dummy, dummy, cu_seqlens_k if varlen else dummy,
+        *strides, dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+        Sq, Sk, Hq, Hq // Hkv, scale * LOG2E, scale, _bucket(B * Sq), **common, ACCUM=bool(accum))
     _attn_bwd_dq[_grid(q_table, Sq, B, Hq, "BLOCK_M")](
         q, k, v, dout, lse2, delta, dq, q_table if varlen else dummy, dummy, cu_seqlens_k if varlen else dummy,
         *strides, dq.stride(0), dq.stride(1), dq.stride(2),
