@@ -91,7 +91,6 @@ def main(out_path):
                              fwdbwd_ms=round(ms, 3), fwdbwd_tflops=round(3.5 * useful / ms / 1e9, 1),
                              kernels_ms=_kernel_ms(lambda q, k, v: _cudnn(q, k, v), q, k, v, do)))
             print(rows[-1], flush=True)
-        del q, k, v, do, grads
     json.dump(dict(device=torch.cuda.get_device_name(0), torch=torch.__version__, rows=rows),
               open(out_path, "w"), indent=1)
 
