@@ -48,15 +48,36 @@ def _rate(row, bytes_fwd, bytes_bwd, copy_gbps):
     return row
 
 
-def _fwd_bwd_ms(timer, fn, inputs, dy, repeat=8):
-    """(forward ms, backward-only ms) of fn(*inputs), the backward from one retained graph. Each
-    timed run makes `repeat` calls back to back, as a model's layers queue them: a lone backward of
-    a 0.1 ms kernel waits on the autograd engine's host time (RoPE at 8 heads, H100: 66% of the
-    copy's bandwidth alone, 95% in another run)."""
+def _graphed(fn, device):
+    """fn replayed from a CUDA graph: the GPU's time without the host's between kernels. A lone
+    autograd backward takes ~0.1-0.15 ms of host time, more than RoPE's kernel at 8 heads (H100,
+    2026-11-27: 64.6% of the copy's bandwidth even with 8 calls queued, 97.5% forward). Eager fn
+    where a graph cannot hold it (or on CPU)."""
+    if device.type != "cuda":
+        return fn
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # tuning, compilation and the allocator's warm-up outside the capture
+            fn(), fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return graph.replay
+    except Exception:  # noqa: BLE001 - a kernel the graph cannot capture is timed eagerly
+        torch.cuda.synchronize()
+        return fn
+
+
+def _fwd_bwd_ms(timer, fn, inputs, dy):
+    """(forward ms, backward-only ms) of fn(*inputs), the backward from one retained graph, each
+    timed as GPU time (`_graphed`)."""
     leaves = [t for t in inputs if t.requires_grad]
-    fwd = timer(lambda: [fn(*inputs) for _ in range(repeat)]) / repeat
+    device = inputs[0].device
+    fwd = timer(_graphed(lambda: fn(*inputs), device))
     y = fn(*inputs)
-    bwd = timer(lambda: [torch.autograd.grad(y, leaves, dy, retain_graph=True) for _ in range(repeat)]) / repeat
+    bwd = timer(_graphed(lambda: torch.autograd.grad(y, leaves, dy, retain_graph=True), device))
     return fwd, bwd, y.detach()
 
 
