@@ -102,7 +102,7 @@ def _norm_rows(device, timer, tokens, widths, copy_gbps, bwd_variants=()):
         g = torch.Generator(device=device).manual_seed(N)
         x = torch.randn(tokens, N, device=device, generator=g, dtype=torch.bfloat16).requires_grad_()
         w = (1 + 0.1 * torch.randn(N, device=device, generator=g)).bfloat16().requires_grad_()
-        dy = torch.randn_like(x)
+        dy = torch.randn(x.shape, device=device, generator=g, dtype=x.dtype)
         elt = x.element_size()
         outs = {}
         for name, fn in impls.items():
@@ -138,7 +138,7 @@ def _rope_rows(device, timer, tokens, heads_list, head_dim, copy_gbps):
     for H in heads_list:
         g = torch.Generator(device=device).manual_seed(H)
         x = torch.randn(1, tokens, H, head_dim, device=device, generator=g, dtype=torch.bfloat16).requires_grad_()
-        dy = torch.randn_like(x)
+        dy = torch.randn(x.shape, device=device, generator=g, dtype=x.dtype)
         nbytes = 2 * x.numel() * x.element_size() + table_bytes
         outs = {}
         for name, fn in impls.items():
