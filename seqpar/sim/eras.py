@@ -99,6 +99,10 @@ CODE_CHANGES = (
     # the Triton kernel's tuning moves from a step's first call in a token bucket to startup
     ("2026-11-27T03:54:46+00:00", ("c52307c train.cudnn_prebuild also tunes the Triton attention kernels for every "
                                    "token bucket of a row (a disagg server's new bucket stalled a step by 5.6 s)")),
+    # the Triton flash kernel's backward at head dim <= 64 (llama_1b's heads: the disagg servers' and the
+    # split's Triton calls; 2026-11-27-gpu-14th/call3: 5-9% faster per fwd+bwd), D = 128 unchanged
+    ("2026-11-27T08:27:07+00:00", ("7262efd the Triton flash backward's dk/dv kernel owns 128 keys at head dim <= 64 "
+                                   "(64 before; each warpgroup then owns 64 keys)")),
 )
 
 
@@ -189,6 +193,11 @@ COMMITTED_BY = {
     "2026-11-27-2gpu-12th": "2026-11-27T03:54:45+00:00",
     # the thirteenth session's calls ran 06:10-06:43 (7cc8513, then fp16 lightning only): era c52307c
     "2026-11-27-2gpu-13th": "2026-11-27T06:44:00+00:00",
+    # the fourteenth session: calls 1-2 ran 0f68538 (08:16-08:22, before 7262efd), calls 3-7 7262efd on
+    # (the bench's timing only changed after it)
+    "2026-11-27-gpu-14th/call1": "2026-11-27T08:27:06+00:00",
+    "2026-11-27-gpu-14th/call2": "2026-11-27T08:27:06+00:00",
+    "2026-11-27-gpu-14th": "2026-11-27T09:15:23+00:00",
 }
 
 
