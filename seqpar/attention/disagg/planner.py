@@ -43,7 +43,10 @@ TASK_OVERHEAD = 128 * 128 // 2
 # the forward: balancing the backward costs the forward less than it saves (per step, per pair:
 # 1.74 gives 1197, 1.55 gives 1247, 1.0 gives 1460 in those units). Measured end to end (2 H100, 64k,
 # docs/benchmarks/2026-11-27-2gpu-12th): 1.05 ran 1.079x the balanced ideal against 1.7's 1.053x, its
-# steps' ratios following the backward's imbalance as 1.7's follow the forward's.
+# steps' ratios following the backward's imbalance as 1.7's follow the forward's. A timeline of the
+# heaviest step (2026-11-27-gpu-14th/call2, step 9) measured 1.10 forward and 1.90 backward on the
+# servers' own tasks, the ranks then waiting for each other ~8 ms a layer forward and 5-10 backward;
+# the dk/dv kernel's 128-key tile at D = 64 (7262efd) has since made that backward ~9% faster.
 TRITON_COST = 1.7
 # ... and in the forward alone (the same run): what a per-direction forward plan weighs a Triton pair
 TRITON_FWD_COST = 1.06
