@@ -90,8 +90,8 @@ def _prune_for(own):
 _KEY = ["HEAD_DIM", "CAUSAL", "VARLEN", "LEN_BUCKET"]
 # token counts vary per batch: no compiled variant per divisibility of a length
 _LENGTHS = ["Sq", "Sk", "LEN_BUCKET"]
-# The first option of each list owns the tile table's block (table_blocks): Triton's autotuner
-# skips the prune when it holds one config (SEQPAR_FLASH_TUNE=0) and runs the first.
+# SEQPAR_FLASH_TUNE=0 keeps the first option of each owned block size; the prune then leaves the one
+# of the tile table's block (`table_blocks`; Triton skips the prune of a single config).
 # (owned block, inner block, warps, stages): spill-free at D = 128 on sm_90 (ptxas of triton 3.9,
 # checked offline) but the last forward one, there for D = 64 (128-wide inner blocks spill at 128).
 # Under triton 3.6 (the GPU machine's; sm_90a ptxas, 2026-11-26) the dk/dv kernel sits at 255
@@ -100,7 +100,8 @@ _LENGTHS = ["Sq", "Sk", "LEN_BUCKET"]
 # (the forward's (128, 128, 8, 3): 4 B packed).
 _FWD_OPTIONS = [(128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3), (128, 64, 8, 2), (128, 128, 8, 3)]
 _DQ_OPTIONS = [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3)]
-# dk/dv: (owned key block, inner query block, warps, stages, SPLIT); the first is the untuned pick
+# dk/dv: (owned key block, inner query block, warps, stages, SPLIT); the first of each key block is
+# the untuned pick (64 keys at D = 128, 128 at D <= 64)
 _DKDV_OPTIONS = [(64, 64, 8, 3, False), (64, 32, 4, 3, False), (128, 64, 8, 3, False), (64, 64, 8, 3, True),
                  (128, 32, 4, 3, False), (128, 64, 8, 2, True)]
 
