@@ -21,7 +21,7 @@ import sys
 
 import torch
 
-from seqpar.bench._flash_cases import _bench, _kernel_ms, case_inputs
+from seqpar.bench._flash_cases import _bench, _kernel_ms, _tuned, case_inputs
 from seqpar.bench.ring import lognormal_lengths
 from seqpar.kernels.flash_attn import triton as ft
 
@@ -77,7 +77,7 @@ def main(out_path):
             ms = timer(lambda: fn(q, k, v).backward(do), [q, k, v])
             row = dict(kernel="seqpar_triton", key_tile=tile or ft.table_blocks(hd)[1], layout=layout, S=S,
                        heads=(hq, hkv, hd), fwdbwd_ms=round(ms, 3), fwdbwd_tflops=round(3.5 * useful / ms / 1e9, 1),
-                       kernels_ms=_kernel_ms(fn, q, k, v, do))
+                       kernels_ms=_kernel_ms(fn, q, k, v, do), dkdv_picks=_tuned(compact=True)["bwd_dkdv"])
             if tile == 128:
                 row["max_abs_diff_vs_64"] = {n: (a.float() - b.float()).abs().max().item()
                                              for n, a, b in zip(("dq", "dk", "dv"), grads[128], grads[64])}
