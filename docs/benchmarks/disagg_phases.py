@@ -8,7 +8,13 @@ backward imbalance (max / mean over servers), each server's cuDNN and Triton pai
 plan's own imbalance before and after.
 
     python docs/benchmarks/disagg_phases.py [SEQ] [STEPS] [EPS] [TRITON_COST] [prefix] [per_direction]
-                                            [LANE_DIR/LANE]           (default 65536 18 0.1 1.7)
+                                            [LANE_DIR/LANE] [timeline=DIR:STEP]   (default 65536 18 0.1 1.7)
+
+`timeline=DIR:STEP` (a `disagg_waits_gpu.sh timeline` folder and its profiled step, run with the same
+EPS and TRITON_COST): each kernel family's time on both ranks over the step's planned pairs, so the
+Triton / cuDNN ratio of each direction and cuDNN's backward / forward time per pair as that run
+measured them (`65536 9 0.02 1.7 timeline=docs/benchmarks/2026-11-27-gpu-14th/call2/timeline:9`, the
+64-key dk/dv tile: 1.157, 1.929, 2.712; rank 0's large Triton tasks alone 1.10 and 1.90).
 
 EPS, TRITON_COST: parallel.disagg.eps, .triton_cost; `prefix`: the servers' causal pieces over a
 prefix on cuDNN (SEQPAR_CUDNN_PREFIX=1); `per_direction`: parallel.disagg.plans=per_direction, the
@@ -36,6 +42,7 @@ Eleventh session (call 4's rows, prefix pieces on Triton), means of steps 3-18: 
 / 1.019 / 1.025, 110 MB; eps 0.02: 1.048 / 1.005 / 1.017, 108 MB. Choosing among the planner's
 candidate moves by the waits of each direction (tried, not kept) gave 1.015 at eps 0.02 for 152 MB."""
 import json
+import re
 import sys
 from dataclasses import replace
 
@@ -50,7 +57,41 @@ FORWARD, BACKWARD = 1.06, 1.74  # a Triton pair in cuDNN pairs (planner.TRITON_C
 BACKWARD_TIME = 2.6  # cuDNN's backward time per pair over its forward's
 
 
-def main(seq=65536, steps=18, eps=0.1, triton_cost=1.7, prefix=False, lane=None, per_direction=False):
+# kernel families in a profiled step's table (step<N>_rank<r>.txt): the Triton kernels' and cuDNN's
+FAMILIES = {("triton", "fwd"): ("_attn_fwd",), ("triton", "bwd"): ("_attn_bwd_dkdv", "_attn_bwd_dq", "_bwd_prep"),
+            ("cudnn", "fwd"): ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop",),
+            ("cudnn", "bwd"): ("cudnn_generated_fort_native_sdpa_sm90_flash_bprop",)}
+
+
+def _self_cuda_ms(path):
+    """(kernel name, its Self CUDA ms) rows of a torch.profiler table (names cut at 55 characters
+    can repeat: a list, not a dict)."""
+    out = []
+    for line in open(path):
+        cols = re.split(r"\s{2,}", line.strip())
+        m = re.fullmatch(r"([\d.]+)(us|ms|s)", cols[6]) if len(cols) == 11 else None
+        if m:
+            out.append((cols[0], float(m[1]) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[m[2]]))
+    return out
+
+
+def _timeline_ratios(folder, step, row):
+    """Per direction, a Triton pair's time over a cuDNN pair's on both ranks of a profiled step, and
+    cuDNN's backward time per pair over its forward's (`row`: the model's row of that step)."""
+    ms = {key: 0.0 for key in FAMILIES}
+    for rank in (0, 1):
+        for name, t in _self_cuda_ms(f"{folder}/step{step}_rank{rank}.txt"):
+            for key, prefixes in FAMILIES.items():
+                if name.startswith(prefixes):
+                    ms[key] += t
+    per_pair = {(kind, d): ms[kind, d] / sum(row[f"{kind}_G"]) for kind, d in ms}
+    return {"forward": round(per_pair["triton", "fwd"] / per_pair["cudnn", "fwd"], 3),
+            "backward": round(per_pair["triton", "bwd"] / per_pair["cudnn", "bwd"], 3),
+            "backward_time": round(per_pair["cudnn", "bwd"] / per_pair["cudnn", "fwd"], 3),
+            "ms": {f"{k}_{d}": round(t, 1) for (k, d), t in ms.items()}}
+
+
+def main(seq=65536, steps=18, eps=0.1, triton_cost=1.7, prefix=False, lane=None, per_direction=False, timeline=None):
     rows, heads, head_dim = _rows(seq, steps)
     opts = DisaggOptions(eps=eps, triton_cost=triton_cost)
     speed = KernelSpeed(min_doc_len(heads), max_doc_len(heads, head_dim, 2), prefix, opts.triton_cost)
@@ -90,6 +131,9 @@ def main(seq=65536, steps=18, eps=0.1, triton_cost=1.7, prefix=False, lane=None,
         print(json.dumps(row))
     if fit:
         print(json.dumps(fit))
+    if timeline:
+        folder, step = timeline.rsplit(":", 1)
+        print(json.dumps({"timeline": _timeline_ratios(folder, int(step), out[int(step) - 1])}))
     later = out[2:]  # the benchmarks' mean skips steps 1-2
     mean = lambda key: sum(r[key] for r in later) / len(later)  # noqa: E731
     print(json.dumps({"steps_3+": {"forward": round(mean("forward"), 3), "backward": round(mean("backward"), 3),
@@ -168,4 +212,6 @@ if __name__ == "__main__":
     flags = [a for a in sys.argv[1:] if a in ("prefix", "per_direction") or "/" in a]
     args = [a for a in sys.argv[1:] if a not in flags]
     main(*(int(a) for a in args[:2]), *(float(a) for a in args[2:4]), prefix="prefix" in flags,
-         lane=next((a for a in flags if "/" in a), None), per_direction="per_direction" in flags)
+         lane=next((a for a in flags if "/" in a and not a.startswith("timeline=")), None),
+         per_direction="per_direction" in flags,
+         timeline=next((a[len("timeline="):] for a in flags if a.startswith("timeline=")), None))
