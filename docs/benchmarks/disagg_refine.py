@@ -18,6 +18,7 @@ the planner.
 import sys
 
 from cudnn_shapes import _rows
+from disagg_phases import BACKWARD_TIME
 
 from seqpar.attention.disagg import KernelSpeed, plan
 from seqpar.attention.disagg.options import DisaggOptions, planner_overhead
@@ -26,7 +27,6 @@ from seqpar.kernels.flash_attn.split import max_doc_len, min_doc_len
 from seqpar.parallel.sharding import local_ranges
 
 SEQ, EPS, STEPS = 65536, 0.02, 18
-BACKWARD_TIME = 2.6  # cuDNN's backward time per pair over its forward's (disagg_phases.py)
 BASE_S, S_PER_PAIR = 1.408, 0.2567e-9  # disagg_phases.py's step model on the twelfth session's lanes
 
 

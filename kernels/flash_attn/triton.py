@@ -64,7 +64,10 @@ def _configs(own, inner, options, extra=()):
     if _interpreting():
         return [triton.Config({own: 32, inner: 16, **{name: True for name in extra}}, num_warps=4, num_stages=1)]
     if not _tuning():
-        options = [o for i, o in enumerate(options) if all(p[0] != o[0] for p in options[:i])]
+        first = {}
+        for o in options:
+            first.setdefault(o[0], o)
+        options = list(first.values())
     return [triton.Config({own: a, inner: b, **dict(zip(extra, rest))}, num_warps=w, num_stages=s)
             for a, b, w, s, *rest in options]
 
