@@ -90,7 +90,7 @@ def _prune_for(own):
     return prune
 
 
-_KEY = ["HEAD_DIM", "CAUSAL", "VARLEN", "LEN_BUCKET"]
+_KEY = ["HEAD_DIM", "CAUSAL", "VARLEN", "LEN_BUCKET", "TMA"]
 # token counts vary per batch: no compiled variant per divisibility of a length
 _LENGTHS = ["Sq", "Sk", "LEN_BUCKET"]
 # SEQPAR_FLASH_TUNE=0 keeps the first option of each owned block size; the prune then leaves the one
@@ -144,12 +144,37 @@ def _tile(tiles_ptr, cu_q_ptr, cu_k_ptr, Sq, Sk, pid, OWN: tl.constexpr, OWN_Q: 
 
 
 @triton.jit
+def _rows_desc(base, rows, heads, s_row, s_head, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """A TMA descriptor over one document's rows of every head ([rows, heads, D] from `base`, its
+    first row): a block past the document reads zeros, so loads need no mask."""
+    return tl.make_tensor_descriptor(base, shape=[tl.maximum(rows, 1), heads, HEAD_DIM], strides=[s_row, s_head, 1],
+                                     block_shape=[BLOCK, 1, HEAD_DIM])
+
+
+@triton.jit
+def _load_rows(base, desc, row0, head, rows, rmask, s_row, offs_d, TMA: tl.constexpr):
+    """Rows row0 + rows of one head (`base` at its first row and head, or `desc` at its document)."""
+    if TMA:
+        return desc.load([row0, head, 0]).reshape(rows.shape[0], offs_d.shape[0])
+    return tl.load(base + rows[:, None].to(tl.int64) * s_row + offs_d[None, :], mask=rmask[:, None], other=0.0)
+
+
+@triton.jit
+def _kv_block(k_base, v_base, sks, svs, n0, cols, kmask, offs_d, TMA: tl.constexpr):
+    """Keys and values n0 + offs of the program's document and head: `k_base`, `v_base` at its first
+    row (or, TMA, descriptors over its rows, `_rows_desc` with one head)."""
+    k = _load_rows(k_base, k_base, n0, 0, cols, kmask, sks, offs_d, TMA)
+    v = _load_rows(v_base, v_base, n0, 0, cols, kmask, svs, offs_d, TMA)
+    return k, v
+
+
+@triton.jit
 def _fwd_block(acc, m_i, l_i, q, k_base, v_base, sks, svs, n0, offs_m, offs_n, offs_d, Lk, diag, qk_scale,
-               MASK: tl.constexpr, CAUSAL: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
+               MASK: tl.constexpr, CAUSAL: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+               TMA: tl.constexpr):
     cols = n0 + offs_n
     kmask = cols < Lk
-    k = tl.load(k_base + cols[:, None].to(tl.int64) * sks + offs_d[None, :], mask=kmask[:, None], other=0.0)
-    v = tl.load(v_base + cols[:, None].to(tl.int64) * svs + offs_d[None, :], mask=kmask[:, None], other=0.0)
+    k, v = _kv_block(k_base, v_base, sks, svs, n0, cols, kmask, offs_d, TMA)
     s = tl.dot(q, tl.trans(k.to(DOT)), input_precision=PRECISION) * qk_scale
     if MASK:
         visible = kmask[None, :]
@@ -175,7 +200,8 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, tiles_ptr, cu_q_ptr, cu_k_p
               sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sob, sos, soh, slb, slh, sls,
               Sq, Sk, group, qk_scale, LEN_BUCKET,
               HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, MERGE: tl.constexpr,
-              DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+              DOT: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     tile = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -190,6 +216,9 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, tiles_ptr, cu_q_ptr, cu_k_p
     hk = h // group
     k_base = k_ptr + b * skb + hk * skh + k0.to(tl.int64) * sks
     v_base = v_ptr + b * svb + hk * svh + k0.to(tl.int64) * svs
+    if TMA:
+        k_base = _rows_desc(k_base, Lk, 1, sks, skh, BLOCK_N, HEAD_DIM)
+        v_base = _rows_desc(v_base, Lk, 1, svs, svh, BLOCK_N, HEAD_DIM)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -205,10 +234,10 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, tiles_ptr, cu_q_ptr, cu_k_p
     n_full = tl.minimum(n_full, hi)
     for n0 in range(0, n_full, BLOCK_N):
         acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, sks, svs, n0, offs_m, offs_n, offs_d, Lk,
-                                   diag, qk_scale, False, CAUSAL, DOT, PRECISION)
+                                   diag, qk_scale, False, CAUSAL, DOT, PRECISION, TMA)
     for n0 in range(n_full, hi, BLOCK_N):
         acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, sks, svs, n0, offs_m, offs_n, offs_d, Lk,
-                                   diag, qk_scale, True, CAUSAL, DOT, PRECISION)
+                                   diag, qk_scale, True, CAUSAL, DOT, PRECISION, TMA)
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -259,17 +288,16 @@ def _bwd_prep(out_ptr, do_ptr, lse_ptr, dlse_ptr, delta_ptr, lse2_ptr, S, H,
 
 
 @triton.jit
-def _dkdv_block(dk, dv, k, v, q_ptr, do_ptr, lse2_ptr, delta_ptr, b, h, q0, Hq, Sq, sqb, sqh, sqs, sdb, sdh, sds,
-                m0, offs_m, offs_n, offs_d, Lq, diag, qk_scale,
-                MASK: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
+def _dkdv_block(dk, dv, k, v, q_ptr, do_ptr, q_desc, do_desc, lse2_ptr, delta_ptr, b, h, q0, Hq, Sq,
+                sqb, sqh, sqs, sdb, sdh, sds, m0, offs_m, offs_n, offs_d, Lq, diag, qk_scale,
+                MASK: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
     rows = m0 + offs_m
     rmask = rows < Lq
     # 64-bit scalar bases, 32-bit offsets inside the block: fewer live registers than 64-bit tiles
     first = (q0 + m0).to(tl.int64)
-    q = tl.load(q_ptr + b * sqb + h * sqh + first * sqs + offs_m[:, None] * sqs + offs_d[None, :],
-                mask=rmask[:, None], other=0.0).to(DOT)
-    do = tl.load(do_ptr + b * sdb + h * sdh + first * sds + offs_m[:, None] * sds + offs_d[None, :],
-                 mask=rmask[:, None], other=0.0).to(DOT)
+    q = _load_rows(q_ptr + b * sqb + h * sqh + first * sqs, q_desc, m0, h, offs_m, rmask, sqs, offs_d, TMA).to(DOT)
+    do = _load_rows(do_ptr + b * sdb + h * sdh + first * sds, do_desc, m0, h, offs_m, rmask, sds, offs_d,
+                    TMA).to(DOT)
     stats = (b * Hq + h) * Sq + first
     lse2 = tl.load(lse2_ptr + stats + offs_m, mask=rmask, other=float("inf"))
     delta = tl.load(delta_ptr + stats + offs_m, mask=rmask, other=0.0)
@@ -294,7 +322,7 @@ def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse2_ptr, delta_ptr, dk_ptr, dv_
                    sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sdb, sds, sdh, sdkb, sdks, sdkh, sdvb, sdvs, sdvh,
                    Sq, Sk, Hq, group, qk_scale, sm_scale, LEN_BUCKET,
                    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, ACCUM: tl.constexpr,
-                   DOT: tl.constexpr, PRECISION: tl.constexpr,
+                   DOT: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr):
     tile = tl.program_id(0)
     hk = tl.program_id(1)
@@ -311,6 +339,12 @@ def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse2_ptr, delta_ptr, dk_ptr, dv_
     v = v.to(DOT)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    if TMA:  # over the document's query rows of every head
+        q_desc = _rows_desc(q_ptr + b * sqb + q0.to(tl.int64) * sqs, Lq, Hq, sqs, sqh, BLOCK_M, HEAD_DIM)
+        do_desc = _rows_desc(do_ptr + b * sdb + q0.to(tl.int64) * sds, Lq, Hq, sds, sdh, BLOCK_M, HEAD_DIM)
+    else:
+        q_desc = q_ptr
+        do_desc = do_ptr
     diag = Lk - Lq
     if CAUSAL:
         # rows j >= n - diag see key n: the first row that sees the tile, and the first row from
@@ -336,15 +370,15 @@ def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse2_ptr, delta_ptr, dk_ptr, dv_
     for it in range(0, group * n_masked):
         g = it // n_masked
         m0 = lo + (it - g * n_masked) * BLOCK_M
-        dk, dv = _dkdv_block(dk, dv, k, v, q_ptr, do_ptr, lse2_ptr, delta_ptr, b, hk * group + g, q0, Hq, Sq,
-                             sqb, sqh, sqs, sdb, sdh, sds, m0, offs_m, offs_n, offs_d, Lq, diag, qk_scale,
-                             CAUSAL, DOT, PRECISION)
+        dk, dv = _dkdv_block(dk, dv, k, v, q_ptr, do_ptr, q_desc, do_desc, lse2_ptr, delta_ptr, b, hk * group + g,
+                             q0, Hq, Sq, sqb, sqh, sqs, sdb, sdh, sds, m0, offs_m, offs_n, offs_d, Lq, diag,
+                             qk_scale, CAUSAL, DOT, PRECISION, TMA)
     for it in range(0, group * n_full):
         g = it // n_full
         m0 = mid + (it - g * n_full) * BLOCK_M
-        dk, dv = _dkdv_block(dk, dv, k, v, q_ptr, do_ptr, lse2_ptr, delta_ptr, b, hk * group + g, q0, Hq, Sq,
-                             sqb, sqh, sqs, sdb, sdh, sds, m0, offs_m, offs_n, offs_d, Lq, diag, qk_scale,
-                             False, DOT, PRECISION)
+        dk, dv = _dkdv_block(dk, dv, k, v, q_ptr, do_ptr, q_desc, do_desc, lse2_ptr, delta_ptr, b, hk * group + g,
+                             q0, Hq, Sq, sqb, sqh, sqs, sdb, sdh, sds, m0, offs_m, offs_n, offs_d, Lq, diag,
+                             qk_scale, False, DOT, PRECISION, TMA)
     dk_ptrs = dk_ptr + b * sdkb + hk * sdkh + keys[:, None] * sdks + offs_d[None, :]
     dv_ptrs = dv_ptr + b * sdvb + hk * sdvh + keys[:, None] * sdvs + offs_d[None, :]
     dk = dk * sm_scale
@@ -357,11 +391,13 @@ def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse2_ptr, delta_ptr, dk_ptr, dv_
 
 @triton.jit
 def _dq_block(dq, q, do, lse2, delta, k_base, v_base, sks, svs, n0, offs_m, offs_n, offs_d, Lk, diag, qk_scale,
-              MASK: tl.constexpr, CAUSAL: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
+              MASK: tl.constexpr, CAUSAL: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+              TMA: tl.constexpr):
     cols = n0 + offs_n
     kmask = cols < Lk
-    k = tl.load(k_base + cols[:, None].to(tl.int64) * sks + offs_d[None, :], mask=kmask[:, None], other=0.0).to(DOT)
-    v = tl.load(v_base + cols[:, None].to(tl.int64) * svs + offs_d[None, :], mask=kmask[:, None], other=0.0).to(DOT)
+    k, v = _kv_block(k_base, v_base, sks, svs, n0, cols, kmask, offs_d, TMA)
+    k = k.to(DOT)
+    v = v.to(DOT)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     p = tl.exp2(s - lse2[:, None])
     if MASK:
@@ -381,7 +417,7 @@ def _attn_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse2_ptr, delta_ptr, dq_ptr, tiles
                  sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sdb, sds, sdh, sdqb, sdqs, sdqh,
                  Sq, Sk, Hq, group, qk_scale, sm_scale, LEN_BUCKET,
                  HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
-                 DOT: tl.constexpr, PRECISION: tl.constexpr,
+                 DOT: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     tile = tl.program_id(0)
     h = tl.program_id(1)
@@ -402,6 +438,9 @@ def _attn_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse2_ptr, delta_ptr, dq_ptr, tiles
     hk = h // group
     k_base = k_ptr + b * skb + hk * skh + k0.to(tl.int64) * sks
     v_base = v_ptr + b * svb + hk * svh + k0.to(tl.int64) * svs
+    if TMA:
+        k_base = _rows_desc(k_base, Lk, 1, sks, skh, BLOCK_N, HEAD_DIM)
+        v_base = _rows_desc(v_base, Lk, 1, svs, svh, BLOCK_N, HEAD_DIM)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     diag = Lk - Lq
     if CAUSAL:
@@ -413,10 +452,10 @@ def _attn_bwd_dq(q_ptr, k_ptr, v_ptr, do_ptr, lse2_ptr, delta_ptr, dq_ptr, tiles
     n_full = tl.minimum(n_full, hi)
     for n0 in range(0, n_full, BLOCK_N):
         dq = _dq_block(dq, q, do, lse2, delta, k_base, v_base, sks, svs, n0, offs_m, offs_n, offs_d, Lk, diag,
-                       qk_scale, False, CAUSAL, DOT, PRECISION)
+                       qk_scale, False, CAUSAL, DOT, PRECISION, TMA)
     for n0 in range(n_full, hi, BLOCK_N):
         dq = _dq_block(dq, q, do, lse2, delta, k_base, v_base, sks, svs, n0, offs_m, offs_n, offs_d, Lk, diag,
-                       qk_scale, True, CAUSAL, DOT, PRECISION)
+                       qk_scale, True, CAUSAL, DOT, PRECISION, TMA)
     tl.store(dq_ptr + b * sdqb + h * sdqh + rows[:, None] * sdqs + offs_d[None, :],
              (dq * sm_scale).to(dq_ptr.dtype.element_ty), mask=rmask[:, None])
 
@@ -460,6 +499,25 @@ def _dot(dtype):
     if dtype == torch.float32 or _interpreting():
         return tl.float32, "ieee"
     return (tl.bfloat16 if dtype == torch.bfloat16 else tl.float16), "tf32"  # flag unused for 16-bit
+
+
+def _tma(*tensors) -> bool:
+    """Whether the kernels load their inner blocks through TMA descriptors (SEQPAR_FLASH_TMA=1, read
+    per call; on sm_90+): needs 16-byte aligned bases and row and head strides."""
+    if os.environ.get("SEQPAR_FLASH_TMA", "0") != "1":
+        return False
+    t0 = tensors[0]
+    if not _interpreting() and (t0.device.type != "cuda" or torch.cuda.get_device_capability(t0.device)[0] < 9):
+        return False
+    if any(t.data_ptr() % 16 or any(s * t.element_size() % 16 for s in t.stride()[:-1]) for t in tensors):
+        return False
+    triton.set_allocator(_descriptor_scratch)
+    return True
+
+
+def _descriptor_scratch(size: int, alignment: int, stream):
+    device = "cpu" if _interpreting() else "cuda"
+    return torch.empty(size, dtype=torch.int8, device=device)
 
 
 def _unit(t):
@@ -513,7 +571,8 @@ def _forward_into(q, k, v, out, lse, *, causal, cu_q, cu_k, scale, merge, q_tabl
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1), lse.stride(2),
         Sq, Sk, Hq // Hkv, scale * LOG2E, _bucket(B * Sq),
-        HEAD_DIM=D, CAUSAL=bool(causal), VARLEN=varlen, MERGE=merge, DOT=dot, PRECISION=precision)
+        HEAD_DIM=D, CAUSAL=bool(causal), VARLEN=varlen, MERGE=merge, DOT=dot, PRECISION=precision,
+        TMA=_tma(q, k, v))
     return q_table
 
 
@@ -579,7 +638,8 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=True, cu_seqlens_q=Non
     if varlen and q_table is None:
         q_table = tile_table(cu_seqlens_q, cu_seqlens_k, block_q, Sq, causal, True)
     dot, precision = _dot(q.dtype)
-    common = dict(HEAD_DIM=D, CAUSAL=bool(causal), VARLEN=varlen, DOT=dot, PRECISION=precision)
+    common = dict(HEAD_DIM=D, CAUSAL=bool(causal), VARLEN=varlen, DOT=dot, PRECISION=precision,
+                  TMA=_tma(q, k, v, dout))
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2))
     _attn_bwd_dkdv[_grid(k_table, Sk, B, Hkv, "BLOCK_N")](
