@@ -154,9 +154,11 @@ def _rows_desc(base, rows, heads, s_row, s_head, BLOCK: tl.constexpr, HEAD_DIM: 
 @triton.jit
 def _load_rows(base, desc, row0, head, rows, rmask, s_row, offs_d, TMA: tl.constexpr):
     """Rows row0 + rows of one head (`base` at its first row and head, or `desc` at its document)."""
-    if TMA:
-        return desc.load([row0, head, 0]).reshape(rows.shape[0], offs_d.shape[0])
-    return tl.load(base + rows[:, None].to(tl.int64) * s_row + offs_d[None, :], mask=rmask[:, None], other=0.0)
+    if TMA:  # (an if/else: the compiler visits code after a constexpr branch's return)
+        x = desc.load([row0, head, 0]).reshape(rows.shape[0], offs_d.shape[0])
+    else:
+        x = tl.load(base + rows[:, None].to(tl.int64) * s_row + offs_d[None, :], mask=rmask[:, None], other=0.0)
+    return x
 
 
 @triton.jit
