@@ -13,6 +13,12 @@ few diagonal ones with the mask. The tile table (document, start) is built on th
 cu_seqlens with a handful of torch ops (no host sync; its length is bounded by tokens / block +
 documents), and sorted by work, longest first, so that short tiles fill the tail of the grid.
 
+Loads. On sm_90 and later the inner blocks (k, v in the forward and dq kernels, q, dout in the
+dk/dv kernel) come through TMA descriptors over the program's document (`_rows_desc`, made on the
+device: the copy engine fetches the next blocks without registers or address math, and a block past
+the document reads zeros instead of masking); elsewhere, and with SEQPAR_FLASH_TMA=0, through
+pointers (`_tma` says which).
+
 Causal alignment: in a document with Lq queries and Lk keys, query j sees keys n <= j + Lk - Lq.
 A row that sees no key gets out = 0 and lse = -inf (the neutral element of a merge).
 
@@ -104,9 +110,11 @@ _LENGTHS = ["Sq", "Sk", "LEN_BUCKET"]
 _FWD_OPTIONS = [(128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3), (128, 64, 8, 2), (128, 128, 8, 3)]
 _DQ_OPTIONS = [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3)]
 # dk/dv: (owned key block, inner query block, warps, stages, SPLIT); the first of each key block is
-# the untuned pick (64 keys at D = 128, 128 at D <= 64)
+# the untuned pick (64 keys at D = 128, 128 at D <= 64). At D = 64 with TMA loads (one H100, 32/8 heads,
+# docs/benchmarks/2026-11-27-gpu-15th/call2, 12 configs) the last one led: packed 64k 9.15 ms, one
+# piece over a prefix 19.1, against 9.51 / 19.4 for (128, 32, 4, 3) and 11.3-39 for the rest.
 _DKDV_OPTIONS = [(64, 64, 8, 3, False), (64, 32, 4, 3, False), (128, 64, 8, 3, False), (64, 64, 8, 3, True),
-                 (128, 32, 4, 3, False), (128, 64, 8, 2, True)]
+                 (128, 32, 4, 3, False), (128, 64, 8, 2, True), (128, 32, 4, 3, True)]
 
 assert _DQ_OPTIONS[0][0] == _FWD_OPTIONS[0][0], "dq and the forward share the query tile table"
 
@@ -504,22 +512,27 @@ def _dot(dtype):
 
 
 def _tma(*tensors) -> bool:
-    """Whether the kernels load their inner blocks through TMA descriptors (SEQPAR_FLASH_TMA=1, read
-    per call; on sm_90+): needs 16-byte aligned bases and row and head strides."""
-    if os.environ.get("SEQPAR_FLASH_TMA", "0") != "1":
-        return False
+    """Whether the kernels load their inner blocks through TMA descriptors: on sm_90 and later
+    (SEQPAR_FLASH_TMA=0 turns it off, =1 forces it, in the interpreter too), where the bases and the
+    row and head strides are 16-byte aligned. On one H100 (2026-11-27, docs/benchmarks
+    2026-11-27-gpu-15th/call2) it made causal fwd+bwd 4-10% faster in every case measured: dense 16k,
+    32 heads of 128, 386 -> 403 TFLOP/s; packed 64k 328 -> 360; llama_1b's heads (32/8 of 64) packed
+    64k 274 -> 291 and one piece over a prefix 149 -> 160; gradients identical."""
+    flag = os.environ.get("SEQPAR_FLASH_TMA", "").strip()
+    if flag not in ("", "0", "1"):
+        raise ValueError(f"SEQPAR_FLASH_TMA={flag!r}: need 0 (pointer loads) or 1 (TMA descriptors), "
+                         "unset: TMA on sm_90 and later")
     t0 = tensors[0]
-    if not _interpreting() and (t0.device.type != "cuda" or torch.cuda.get_device_capability(t0.device)[0] < 9):
+    if flag == "0" or (flag == "" and (t0.device.type != "cuda" or torch.cuda.get_device_capability(t0.device)[0] < 9)):
         return False
     if any(t.data_ptr() % 16 or any(s * t.element_size() % 16 for s in t.stride()[:-1]) for t in tensors):
         return False
-    triton.set_allocator(_descriptor_scratch)
+    triton.set_allocator(_descriptor_scratch)  # where device-side descriptors live (128 B each)
     return True
 
 
 def _descriptor_scratch(size: int, alignment: int, stream):
-    device = "cpu" if _interpreting() else "cuda"
-    return torch.empty(size, dtype=torch.int8, device=device)
+    return torch.empty(size, dtype=torch.int8, device="cpu" if _interpreting() else "cuda")
 
 
 def _unit(t):
