@@ -16,7 +16,7 @@
 #    (SEQPAR_DISAGG_SHARED_GROUP=1: its all-to-alls on FSDP's communicator, as before 2026-11-26 7th),
 #    dp2_disagg_eps05 (parallel.disagg.eps=0.05: rows within 10% of balance, which the default leaves
 #    alone, balanced too; dp2_disagg_eps02: 0.02), dp2_disagg_tc105 (parallel.disagg.triton_cost=1.05:
-#    a Triton pair weighed as 1.05 cuDNN pairs: 1.079x, worse; _eps02: and eps 0.02), dp2_disagg_apart
+#    a Triton pair weighed as 1.05 cuDNN pairs: 1.079x, worse; dp2_disagg_tcNNN_eps02: weighed 1.NN, eps 0.02), dp2_disagg_apart
 #    (parallel.disagg.plans=per_direction: each direction planned for its own Triton speed; _eps02: and
 #    eps 0.02), dp2_disagg_halves and dp2_disagg_ping_pong (parallel.disagg.schedule: the
 #    local work around the transfers, the transfers of one nano-batch under another's compute; _eps02:
@@ -61,7 +61,8 @@ for name in ${LANES:-dp2 ideal_1gpu dp2_disagg_dp_cp cp2_ring cp2_per_doc}; do
     dp2_disagg_apart) extra="$disagg parallel.disagg.plans=per_direction" ;;
     dp2_disagg_apart_eps02) extra="$disagg parallel.disagg.plans=per_direction parallel.disagg.eps=0.02" ;;
     dp2_disagg_tc105) extra="$disagg parallel.disagg.triton_cost=1.05" ;;
-    dp2_disagg_tc105_eps02) extra="$disagg parallel.disagg.triton_cost=1.05 parallel.disagg.eps=0.02" ;;
+    dp2_disagg_tc1[0-9]*_eps02) tc=${name#dp2_disagg_tc}; tc=${tc%_eps02}
+      extra="$disagg parallel.disagg.triton_cost=1.${tc#1} parallel.disagg.eps=0.02" ;;
     dp2_disagg_halves) extra="$disagg parallel.disagg.schedule=halves" ;;
     dp2_disagg_ping_pong) extra="$disagg parallel.disagg.schedule=ping_pong" ;;
     dp2_disagg_halves_eps02) extra="$disagg parallel.disagg.schedule=halves parallel.disagg.eps=0.02" ;;
