@@ -15,7 +15,7 @@ that moves the most work per byte sent (queries out and outputs back, plus key/v
 receiving server does not hold or receive already).
 
 On CUDA a server's call hands long tasks to cuDNN and the rest to seqpar's Triton kernel
-(kernels/flash_attn/split_tasks.py), whose backward computes a score pair ~1.7x slower: with a
+(kernels/flash_attn/split_tasks.py), whose backward computes a score pair ~1.5-1.9x slower: with a
 `KernelSpeed` the planner weighs each task's pairs by the kernel that will run it, so that a rank
 whose documents exceed cuDNN's length cap is not handed the mean number of pairs (2 H100, llama_1b,
 64k tokens per GPU: such a step ran 2.9 s of attention on one rank against 2.1 s on the other).
@@ -46,8 +46,11 @@ TASK_OVERHEAD = 128 * 128 // 2
 # steps' ratios following the backward's imbalance as 1.7's follow the forward's. A timeline of the
 # heaviest step (2026-11-27-gpu-14th/call2, step 9) measured 1.10 forward and 1.90 backward on the
 # servers' own tasks, the ranks then waiting for each other ~8 ms a layer forward and 5-10 backward;
-# the dk/dv kernel's 128-key tile at D = 64 (7262efd) has since made that backward ~9% faster.
-TRITON_COST = 1.7
+# the dk/dv kernel's 128-key tile at D = 64 (7262efd) has since made that backward ~9% faster, and TMA
+# loads (1693e8a) all the Triton kernels another 4-10%. Then 1.55 beat 1.7 end to end in two runs on
+# 2 H200 at eps 0.02 (docs/benchmarks/2026-11-27-gpu-15th/call4, call5): 1.038x / 1.044x the balanced
+# ideal against 1.047x / 1.048x, the heaviest steps gaining most.
+TRITON_COST = 1.55
 # ... and in the forward alone (the same run): what a per-direction forward plan weighs a Triton pair
 TRITON_FWD_COST = 1.06
 
