@@ -47,9 +47,9 @@ class DisaggConfig:  # parallel.softmax_sp=disagg (core-attention servers); rule
     schedule: str = "single"
     cost_table: Optional[str] = None  # JSON from `python -m seqpar.bench disagg --profile-cost-table`
     # a score pair a server computes on seqpar's Triton kernel costs this many on cuDNN, where the
-    # split hands its long tasks to cuDNN (CUDA): the planner weighs tasks by their kernel (the
-    # backward's ratio: planner.TRITON_COST says why)
-    triton_cost: float = 1.55
+    # split hands its long tasks to cuDNN (CUDA): the planner weighs tasks by their kernel; null:
+    # planner.TRITON_COST, the measured one (it says why)
+    triton_cost: Optional[float] = None
     # one: the backward reuses the forward's plan (the servers keep their inputs); per_direction: the
     # forward is planned for the Triton kernel's forward speed (planner.TRITON_FWD_COST) and the
     # backward for triton_cost, each balanced, the backward's servers sent their inputs again

@@ -377,6 +377,15 @@ def test_disagg_config_keys_reach_the_runtime(tmp_path):
     finally:
         configure(previous)
     assert current() == previous
+    # null (the default): the planner's measured weight
+    from seqpar.attention.disagg.planner import TRITON_COST
+    default = _make_cfg()
+    assert default.parallel.disagg.triton_cost is None
+    previous = configure(default.parallel.disagg)
+    try:
+        assert current().triton_cost == TRITON_COST
+    finally:
+        configure(previous)
 
 
 @pytest.mark.parametrize("override,message", [

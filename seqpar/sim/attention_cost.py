@@ -457,7 +457,7 @@ def default_schedule(era: int) -> str:
 
 
 def disagg_layer(calib, cluster, rows, world, heads, kv_heads, head_dim, group, family="cudnn", act=2,
-                 overlap=False, eps=0.1, min_chunk=128, task_overhead=None, schedule=None):
+                 overlap=False, eps=0.1, min_chunk=128, task_overhead=None, schedule=None, triton_cost=None):
     """`schedule` (`parallel.disagg.schedule`): "single" (one nano-batch, the transfers exposed),
     "halves" (L1, R, L2 through `_ping_pong_layer`), "ping_pong" (seqpar's ping-pong as its runtime
     runs it); None: the era's default (`default_schedule`). `overlap`: True is "ping_pong" (the
@@ -473,7 +473,7 @@ def disagg_layer(calib, cluster, rows, world, heads, kv_heads, head_dim, group, 
     row_bytes = (heads * 2 * head_dim * act, kv_heads * 2 * head_dim * act)  # as the runtime plans: Q+O, K+V
     for bounds in rows:
         p = _disagg_plan(tuple(bounds), world, eps, min_chunk, TASK_OVERHEAD if task_overhead is None else task_overhead,
-                         row_bytes, disagg_speed(calib, heads, head_dim))
+                         row_bytes, disagg_speed(calib, heads, head_dim, triton_cost))
         per_server = [[] for _ in range(world)]
         moved_q = [0] * world
         for t in p.tasks:
@@ -498,14 +498,14 @@ def disagg_layer(calib, cluster, rows, world, heads, kv_heads, head_dim, group, 
     schedule = "ping_pong" if overlap is True else (schedule or default_schedule(calib.era))
     if schedule in ("halves", "ping_pong"):
         return _ping_pong_layer(calib, cluster, rows, world, heads, kv_heads, head_dim, group, family, act, eps,
-                                min_chunk, task_overhead, split_remote=schedule == "ping_pong")
+                                min_chunk, task_overhead, split_remote=schedule == "ping_pong", triton_cost=triton_cost)
     if schedule != "single":
         raise ValueError(f"parallel.disagg.schedule={schedule!r}: the simulator models single, halves, ping_pong")
     return compute + comm, comm, compute
 
 
 def _ping_pong_layer(calib, cluster, rows, world, heads, kv_heads, head_dim, group, family, act, eps, min_chunk,
-                     task_overhead, split_remote=True):
+                     task_overhead, split_remote=True, triton_cost=None):
     """(seconds, exposed, compute) of `parallel.disagg.ping_pong=true` as seqpar's runtime runs it
     (attention/disagg/runtime.py, routing.nano_batches): the tasks in up to four nano-batches L1,
     R1, R2, L2, one varlen kernel call per nano-batch and server (so up to four calls' per-call
@@ -529,7 +529,7 @@ def _ping_pong_layer(calib, cluster, rows, world, heads, kv_heads, head_dim, gro
     for bounds in rows:
         bounds = tuple(bounds)
         p = _disagg_plan(bounds, world, eps, min_chunk, TASK_OVERHEAD if task_overhead is None else task_overhead,
-                         row_bytes, disagg_speed(calib, heads, head_dim))
+                         row_bytes, disagg_speed(calib, heads, head_dim, triton_cost))
         per = bounds[-1] // world
         owned = [[(r * per, (r + 1) * per)] for r in range(world)]
         # without ping-pong: each server's local work halved around R (the runtime's code before
@@ -677,9 +677,10 @@ def disagg_moved_bytes(bounds, world, heads, kv_heads, head_dim, act=2, eps=0.1,
     return max(moved_q) * (4 * heads + 2 * 2 * kv_heads) * head_dim * act
 
 
-def disagg_speed(calib, heads: int, head_dim: int):
+def disagg_speed(calib, heads: int, head_dim: int, triton_cost: float | None = None):
     """The KernelSpeed disagg's planner is given (runtime.kernel_speed): from a8a710a on, where the
-    servers' calls run the split's lse form; None before (every pair the same)."""
+    servers' calls run the split's lse form; None before (every pair the same). `triton_cost`: the
+    run's parallel.disagg.triton_cost (None: the era's default)."""
     from seqpar.attention.disagg.planner import TRITON_COST, KernelSpeed
     from seqpar.kernels.flash_attn.split import max_doc_len
     from seqpar.sim.eras import era_since
@@ -688,7 +689,7 @@ def disagg_speed(calib, heads: int, head_dim: int):
     if calib.era < era_since("a8a710a") or not lse_split_applies(calib, server_call):
         return None
     return KernelSpeed(split_min_len(calib, heads), max_doc_len(heads, head_dim, 2), lse_prefix_applies(calib),
-                       TRITON_COST)
+                       triton_cost or (TRITON_COST if calib.era >= era_since("ff4de8f") else 1.7))
 
 
 @functools.lru_cache(maxsize=1024)

@@ -103,6 +103,12 @@ CODE_CHANGES = (
     # split's Triton calls; 2026-11-27-gpu-14th/call3: 5-9% faster per fwd+bwd), D = 128 unchanged
     ("2026-11-27T08:27:07+00:00", ("7262efd the Triton flash backward's dk/dv kernel owns 128 keys at head dim <= 64 "
                                    "(64 before; each warpgroup then owns 64 keys)")),
+    # the Triton flash kernels themselves (2026-11-27-gpu-15th/call2: 4-10% faster fwd+bwd on one H100)
+    ("2026-11-27T10:46:28+00:00", ("1693e8a the Triton flash kernels load their inner blocks through TMA descriptors "
+                                   "on sm_90+ (SEQPAR_FLASH_TMA=0: pointer loads as before)")),
+    # what attention_cost models changes (`era_since("ff4de8f")`: `disagg_speed`), not the constants
+    ("2026-11-27T11:08:59+00:00", ("ff4de8f disagg's planner weighs a Triton score pair 1.55 cuDNN pairs "
+                                   "(parallel.disagg.triton_cost; 1.7 before)")),
 )
 
 
@@ -124,8 +130,8 @@ SAME_KERNEL_BENCHES += ("83f5aae", "7a02c2d", "790f716")
 SAME_KERNEL_BENCHES += ("6619ad8", "47528c5", "a8a710a")
 # ... and 148d759 (disagg's runtime) and a63d362 (as 9a4c89d: only auto-dispatched calls with an lse)
 SAME_KERNEL_BENCHES += ("148d759", "a63d362")
-# ... and c52307c (tuning at startup: the kernels bench tunes before it times)
-SAME_KERNEL_BENCHES += ("c52307c",)
+# ... and c52307c (tuning at startup: the kernels bench tunes before it times), ff4de8f (disagg's plan)
+SAME_KERNEL_BENCHES += ("c52307c", "ff4de8f")
 # (not 6eda7f2: the kernels bench's split rows and the disagg bench's servers change with it)
 # CODE_CHANGES entries that changed the lightning kernel (79fc72c's entry holds e049981's one-scan
 # exchange): its kernels-bench rows measure one kernel only between two of them
@@ -198,6 +204,9 @@ COMMITTED_BY = {
     "2026-11-27-gpu-14th/call1": "2026-11-27T08:27:06+00:00",
     "2026-11-27-gpu-14th/call2": "2026-11-27T08:27:06+00:00",
     "2026-11-27-gpu-14th": "2026-11-27T09:15:23+00:00",
+    # the fifteenth session: calls 1-2 ran the TMA loads opt-in (7b170da and its fix: pointer loads by default;
+    # their JSON is flash_tma_gpu.py's, not read), calls 3-5 1693e8a / 8847949, before ff4de8f
+    "2026-11-27-gpu-15th": "2026-11-27T11:08:58+00:00",
 }
 
 

@@ -171,9 +171,10 @@ def dp_attention(kind, cfg, calib, cluster, sizes, draws, tokens_rank, family) -
             group = placed(dp * cp, dim_stride(sizes, "cp"), cluster.gpus_per_node)  # dp x cp flattened
             joined = joined_row([rows[0] for rows in ranks])
             kw = dict(eps=opts.get("eps", 0.1), min_chunk=opts.get("min_chunk", 128))
+            weight = opts.get("triton_cost")
             t = disagg_layer(calib, cluster, [joined], dp * cp, H, Hkv, D, group, family,
-                             schedule=disagg_schedule(opts), **kw)
-            moved.append(disagg_moved_bytes(joined, dp * cp, H, Hkv, D, speed=disagg_speed(calib, H, D), **kw))
+                             schedule=disagg_schedule(opts), triton_cost=weight, **kw)
+            moved.append(disagg_moved_bytes(joined, dp * cp, H, Hkv, D, speed=disagg_speed(calib, H, D, weight), **kw))
             own = [_cached(cache, kind, cfg, calib, cluster, {**sizes, "dp": 1}, rows, tokens_rank, family)[0]
                    for rows in ranks]  # before balancing: each rank its own rows
             imbalance.append(max(own) / (sum(own) / len(own)))
@@ -221,7 +222,7 @@ def _attention(kind, cfg, calib, cluster, sizes, rows, tokens_rank, family):
         opts = getattr(p, "disagg", None) or {}
         overlap = "distca" if method == "disagg_overlap" else False
         return disagg_layer(*args, overlap=overlap, schedule=disagg_schedule(opts), eps=opts.get("eps", 0.1),
-                            min_chunk=opts.get("min_chunk", 128))
+                            min_chunk=opts.get("min_chunk", 128), triton_cost=opts.get("triton_cost"))
     if method == "usp":
         u = p.ulysses_degree
         ug, rg = usp_groups(sizes, u, cluster.gpus_per_node)

@@ -107,4 +107,5 @@ def _coerce(options) -> DisaggOptions:
     unknown = sorted(set(items) - names)
     if unknown:
         raise ValueError(f"parallel.disagg.{unknown[0]}: unknown key; the keys are {sorted(names)}")
-    return DisaggOptions(**{k: v for k, v in items.items()})
+    # a null triton_cost is the planner's measured one (the field's default)
+    return DisaggOptions(**{k: v for k, v in items.items() if not (k == "triton_cost" and v is None)})
