@@ -204,7 +204,7 @@ COMMITTED_BY = {
     "2026-11-27-gpu-14th/call1": "2026-11-27T08:27:06+00:00",
     "2026-11-27-gpu-14th/call2": "2026-11-27T08:27:06+00:00",
     "2026-11-27-gpu-14th": "2026-11-27T09:15:23+00:00",
-    # the fifteenth session: calls 1-2 ran the TMA loads opt-in (7b170da and its fix: pointer loads by default;
+    # the fifteenth session: calls 1-2 ran the TMA loads opt-in (7b170da, 9f5a8fb: pointer loads by default;
     # their JSON is flash_tma_gpu.py's, not read), calls 3-5 1693e8a / 8847949, before ff4de8f
     "2026-11-27-gpu-15th": "2026-11-27T11:08:58+00:00",
 }
