@@ -91,23 +91,26 @@ def test_interp_dense_rows_gqa_and_unequal_lengths():
 @interp_only
 def test_interp_tma_loads_equal_the_reference(monkeypatch):
     from seqpar.kernels.flash_attn import triton as ft
+    from seqpar.kernels.tma import use_tma
 
     # the GPU's default loads (TMA descriptors over each document; past its end they read zeros)
-    monkeypatch.setenv("SEQPAR_FLASH_TMA", "1")
+    monkeypatch.setenv("SEQPAR_TMA", "1")
     q, k, v, do = _inputs(2, 75, 41, 4, 2, 16, seed=21)
-    assert ft._tma(q, k, v, do)
+    assert use_tma(q, k, v, do)
     _check_forward_backward(ft, q, k, v, do, torch.float32, 2e-5, causal=True)
     lq, lk = [1, 33, 70, 0, 5, 1, 40], [3, 1, 100, 2, 0, 64, 40]
     q, k, v, do = _inputs(1, sum(lq), sum(lk), 4, 2, 16, seed=22)
     _check_forward_backward(ft, q, k, v, do, torch.float32, 2e-5, causal=True, cu_seqlens_q=_cu(lq),
                             cu_seqlens_k=_cu(lk))
     # strides TMA cannot take (a row of 3 heads of 2 fp32 = 24 bytes) fall back to pointer loads
-    assert not ft._tma(torch.zeros(1, 8, 3, 2))
-    monkeypatch.setenv("SEQPAR_FLASH_TMA", "0")
-    assert not ft._tma(q, k, v)
-    monkeypatch.setenv("SEQPAR_FLASH_TMA", "yes")
-    with pytest.raises(ValueError, match="SEQPAR_FLASH_TMA"):
-        ft._tma(q, k, v)
+    assert not use_tma(torch.zeros(1, 8, 3, 2))
+    monkeypatch.setenv("SEQPAR_TMA", "0")
+    assert not use_tma(q, k, v)
+    monkeypatch.setenv("SEQPAR_TMA", "yes")
+    with pytest.raises(ValueError, match="SEQPAR_TMA"):
+        use_tma(q, k, v)
+    monkeypatch.delenv("SEQPAR_TMA")
+    assert not use_tma(q, k, v)  # unset: on sm_90 and later only
 
 
 @interp_only

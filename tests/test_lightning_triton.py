@@ -110,6 +110,20 @@ def test_interp_batch_rows_odd_head_dims_strong_decay():
 
 
 @interp_only
+def test_interp_tma_loads_equal_the_reference(monkeypatch):
+    from seqpar.kernels.lightning_attn import triton as interpreted
+    from seqpar.kernels.tma import use_tma
+
+    # chunks through TMA descriptors over each segment: past its end, and past Dk = 24 in the 32-wide
+    # block, they read zeros
+    monkeypatch.setenv("SEQPAR_TMA", "1")
+    c = _case([1, 70, 0, 5, 130, 64, 1], 1, 2, 24, 16, [0.0, -0.3], init=True, seed=5)
+    assert use_tma(c["q"], c["k"], c["v"])
+    ours = _run(interpreted.lightning_attn_triton, c, torch.float32, seg_len=64)
+    _check(ours, _run(lightning_attn_reference, c, F64), 1e-5)
+
+
+@interp_only
 def test_interp_only_the_final_state_is_used():
     from seqpar.kernels.lightning_attn import triton as interpreted
 

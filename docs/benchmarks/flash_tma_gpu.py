@@ -1,5 +1,5 @@
 """Issue 5 / 10: the Triton flash kernels' inner blocks loaded through TMA descriptors
-(SEQPAR_FLASH_TMA=1: k, v in the forward and dq kernels, q, dout in the dk/dv kernel; a block past
+(SEQPAR_TMA=1, SEQPAR_FLASH_TMA=1 when it ran: k, v in the forward and dq kernels, q, dout in the dk/dv kernel; a block past
 the document reads zeros, no masks) against pointer loads, and a sweep of dk/dv configs at head
 dim 64 (llama_1b's 32/8 heads, where the dk/dv kernel ran at half the dq kernel's rate per matmul,
 2026-11-27-gpu-14th). One H100 (~4 min):
@@ -32,7 +32,7 @@ SWEEP = [(128, 64, 8, 3, False), (128, 64, 8, 4, False), (128, 64, 8, 2, False),
 
 
 def _mode(tma):
-    os.environ["SEQPAR_FLASH_TMA"] = "1" if tma else "0"
+    os.environ["SEQPAR_TMA"] = "1" if tma else "0"
     for kernel in KERNELS:
         kernel.cache = {}  # picks afresh (Tuned's setattr forgets its own too)
 

@@ -15,9 +15,10 @@ documents), and sorted by work, longest first, so that short tiles fill the tail
 
 Loads. On sm_90 and later the inner blocks (k, v in the forward and dq kernels, q, dout in the
 dk/dv kernel) come through TMA descriptors over the program's document (`_rows_desc`, made on the
-device: the copy engine fetches the next blocks without registers or address math, and a block past
-the document reads zeros instead of masking); elsewhere, and with SEQPAR_FLASH_TMA=0, through
-pointers (`_tma` says which).
+device; kernels/tma.py), elsewhere and with SEQPAR_TMA=0 through masked pointers. On one H100
+(2026-11-27, docs/benchmarks/2026-11-27-gpu-15th/call2) TMA made causal fwd+bwd 4-10% faster in
+every case measured: dense 16k, 32 heads of 128, 386 -> 403 TFLOP/s; packed 64k 328 -> 360;
+llama_1b's heads (32/8 of 64) packed 64k 274 -> 291, one piece over a prefix 149 -> 160.
 
 Causal alignment: in a document with Lq queries and Lk keys, query j sees keys n <= j + Lk - Lq.
 A row that sees no key gets out = 0 and lse = -inf (the neutral element of a merge).
@@ -40,6 +41,7 @@ import triton
 import triton.language as tl
 
 from seqpar.kernels.autotune import autotune
+from seqpar.kernels.tma import use_tma
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -511,30 +513,6 @@ def _dot(dtype):
     return (tl.bfloat16 if dtype == torch.bfloat16 else tl.float16), "tf32"  # flag unused for 16-bit
 
 
-def _tma(*tensors) -> bool:
-    """Whether the kernels load their inner blocks through TMA descriptors: on sm_90 and later
-    (SEQPAR_FLASH_TMA=0 turns it off, =1 forces it, in the interpreter too), where the bases and the
-    row and head strides are 16-byte aligned. On one H100 (2026-11-27, docs/benchmarks
-    2026-11-27-gpu-15th/call2) it made causal fwd+bwd 4-10% faster in every case measured: dense 16k,
-    32 heads of 128, 386 -> 403 TFLOP/s; packed 64k 328 -> 360; llama_1b's heads (32/8 of 64) packed
-    64k 274 -> 291 and one piece over a prefix 149 -> 160; gradients identical."""
-    flag = os.environ.get("SEQPAR_FLASH_TMA", "").strip()
-    if flag not in ("", "0", "1"):
-        raise ValueError(f"SEQPAR_FLASH_TMA={flag!r}: need 0 (pointer loads) or 1 (TMA descriptors), "
-                         "unset: TMA on sm_90 and later")
-    t0 = tensors[0]
-    if flag == "0" or (flag == "" and (t0.device.type != "cuda" or torch.cuda.get_device_capability(t0.device)[0] < 9)):
-        return False
-    if any(t.data_ptr() % 16 or any(s * t.element_size() % 16 for s in t.stride()[:-1]) for t in tensors):
-        return False
-    triton.set_allocator(_descriptor_scratch)  # where device-side descriptors live (128 B each)
-    return True
-
-
-def _descriptor_scratch(size: int, alignment: int, stream):
-    return torch.empty(size, dtype=torch.int8, device="cpu" if _interpreting() else "cuda")
-
-
 def _unit(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -587,7 +565,7 @@ def _forward_into(q, k, v, out, lse, *, causal, cu_q, cu_k, scale, merge, q_tabl
         lse.stride(0), lse.stride(1), lse.stride(2),
         Sq, Sk, Hq // Hkv, scale * LOG2E, _bucket(B * Sq),
         HEAD_DIM=D, CAUSAL=bool(causal), VARLEN=varlen, MERGE=merge, DOT=dot, PRECISION=precision,
-        TMA=_tma(q, k, v))
+        TMA=use_tma(q, k, v))
     return q_table
 
 
@@ -654,7 +632,7 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=True, cu_seqlens_q=Non
         q_table = tile_table(cu_seqlens_q, cu_seqlens_k, block_q, Sq, causal, True)
     dot, precision = _dot(q.dtype)
     common = dict(HEAD_DIM=D, CAUSAL=bool(causal), VARLEN=varlen, DOT=dot, PRECISION=precision,
-                  TMA=_tma(q, k, v, dout))
+                  TMA=use_tma(q, k, v, dout))
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2))
     _attn_bwd_dkdv[_grid(k_table, Sk, B, Hkv, "BLOCK_N")](

@@ -57,12 +57,15 @@ from torch.utils.weak import WeakIdKeyDictionary
 import triton.language as tl
 
 from seqpar.kernels.autotune import autotune
+from seqpar.kernels.tma import use_tma
 
 CHUNK = 64
 # Segments: long enough that the boundary states (fp32, Dk x Dv per head) cost little memory
 # traffic next to q/k/v (2*Dv/seg_len of q's bytes), short enough for >= 4 programs per SM.
 MIN_SEGMENT, MAX_SEGMENT = 256, 2048
 SCAN_ROWS = 16
+# TMA loads of the chunks (kernels/tma.py) on sm_90+ by default: not measured yet (SEQPAR_TMA=1 tries them)
+TMA_DEFAULT = False
 # segment table columns: start, end, document, boundary before (-1: first of its document),
 # boundary after (-1: last of its document), tokens between the document's start and the segment's
 # start, tokens between the segment's end and the document's end
@@ -122,7 +125,26 @@ def _segment_offset(seg_ptr, seg, REVERSE: tl.constexpr):
     return tl.load(seg_ptr + seg * 7 + col)
 
 
-@autotune(configs=_configs([(1, 8, 2), (2, 8, 2), (2, 4, 2)]), key=["DY", "DZ"],
+@triton.jit
+def _segment_desc(ptr, start, end, H, s_t, s_h, D: tl.constexpr, C: tl.constexpr, BLOCK: tl.constexpr):
+    """A TMA descriptor over one segment's tokens of every head ([end - start, H, D]): a chunk
+    past the segment's end (or columns past D) reads zeros."""
+    return tl.make_tensor_descriptor(ptr + start.to(tl.int64) * s_t, shape=[tl.maximum(end - start, 1), H, D],
+                                     strides=[s_t, s_h, 1], block_shape=[C, 1, BLOCK])
+
+
+@triton.jit
+def _load_chunk(ptr, desc, tok, row, h, s_t, s_h, cols, col0, valid, cmask, TMA: tl.constexpr):
+    """One chunk's rows `tok` (`row` from the segment's start) of head h, columns `cols` (from col0)."""
+    if TMA:
+        x = desc.load([row, h, col0]).reshape(tok.shape[0], cols.shape[0])
+    else:
+        x = tl.load(ptr + tok[:, None] * s_t + h * s_h + cols[None, :], mask=valid[:, None] & cmask[None, :],
+                    other=0.0)
+    return x
+
+
+@autotune(configs=_configs([(1, 8, 2), (2, 8, 2), (2, 4, 2)]), key=["DY", "DZ", "TMA"],
           prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _segment_output(x_ptr, y_ptr, z_ptr, out_ptr, bound_ptr, edge_in_ptr, edge_out_ptr, seg_ptr, lam_ptr,
@@ -130,7 +152,8 @@ def _segment_output(x_ptr, y_ptr, z_ptr, out_ptr, bound_ptr, edge_in_ptr, edge_o
                     H, intra_scale, read_scale, update_scale,
                     DY: tl.constexpr, DZ: tl.constexpr, BLOCK_DY: tl.constexpr, BLOCK_DZ: tl.constexpr,
                     C: tl.constexpr, REVERSE: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
-                    HAS_EDGE_IN: tl.constexpr, STORE_EDGE_OUT: tl.constexpr, Z_SPLIT: tl.constexpr):
+                    HAS_EDGE_IN: tl.constexpr, STORE_EDGE_OUT: tl.constexpr, TMA: tl.constexpr,
+                    Z_SPLIT: tl.constexpr):
     # One program: one segment, one head, one block of z's columns. Neighbouring programs share
     # the segment (and its x, y tiles through L2) and differ in column block, then head.
     # edge_in: the state before a document (initial state; dFinal going backward), edge_out: the
@@ -165,6 +188,13 @@ def _segment_output(x_ptr, y_ptr, z_ptr, out_ptr, bound_ptr, edge_in_ptr, edge_o
         dist = -dist
     intra_decay = tl.where(dist >= 0, tl.exp(lam * tl.maximum(dist, 0).to(tl.float32)), 0.0) * intra_scale
 
+    z0 = zb * (BLOCK_DZ // Z_SPLIT)
+    if TMA:
+        x_src = _segment_desc(x_ptr, start, end, H, sxt, sxh, DY, C, BLOCK_DY)
+        y_src = _segment_desc(y_ptr, start, end, H, syt, syh, DY, C, BLOCK_DY)
+        z_src = _segment_desc(z_ptr, start, end, H, szt, szh, DZ, C, BLOCK_DZ // Z_SPLIT)
+    else:
+        x_src, y_src, z_src = x_ptr, y_ptr, z_ptr
     n_chunks = (end - start + C - 1) // C
     for c in range(0, n_chunks):
         if REVERSE:
@@ -174,12 +204,9 @@ def _segment_output(x_ptr, y_ptr, z_ptr, out_ptr, bound_ptr, edge_in_ptr, edge_o
         L = tl.minimum(end - t0, C)
         valid = rows < L
         tok = (t0 + rows).to(tl.int64)
-        x = tl.load(x_ptr + tok[:, None] * sxt + h * sxh + dy[None, :],
-                    mask=valid[:, None] & ymask[None, :], other=0.0).to(DOT)
-        y = tl.load(y_ptr + tok[:, None] * syt + h * syh + dy[None, :],
-                    mask=valid[:, None] & ymask[None, :], other=0.0).to(DOT)
-        z = tl.load(z_ptr + tok[:, None] * szt + h * szh + dz[None, :],
-                    mask=valid[:, None] & zmask[None, :], other=0.0).to(DOT)
+        x = _load_chunk(x_ptr, x_src, tok, t0 - start, h, sxt, sxh, dy, 0, valid, ymask, TMA).to(DOT)
+        y = _load_chunk(y_ptr, y_src, tok, t0 - start, h, syt, syh, dy, 0, valid, ymask, TMA).to(DOT)
+        z = _load_chunk(z_ptr, z_src, tok, t0 - start, h, szt, szh, dz, z0, valid, zmask, TMA).to(DOT)
         read, write = _chunk_weights(lam, rows, L, REVERSE)
 
         # Row weights go onto the dot operands (in their dtype) rather than onto fp32 results, so
@@ -201,14 +228,14 @@ def _segment_output(x_ptr, y_ptr, z_ptr, out_ptr, bound_ptr, edge_in_ptr, edge_o
                  mask=(dy < DY * last_one)[:, None] & zmask[None, :])
 
 
-@autotune(configs=_configs([(1, 8, 2), (2, 8, 2), (2, 4, 3)]), key=["DY", "DZ"],
+@autotune(configs=_configs([(1, 8, 2), (2, 8, 2), (2, 4, 3)]), key=["DY", "DZ", "TMA"],
           prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _segment_state(y_ptr, z_ptr, local_ptr, tail_ptr, seg_ptr, lam_ptr, syt, syh, szt, szh,
                    H, update_scale,
                    DY: tl.constexpr, DZ: tl.constexpr, BLOCK_DY: tl.constexpr, BLOCK_DZ: tl.constexpr,
                    C: tl.constexpr, REVERSE: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
-                   TAILS: tl.constexpr, Z_SPLIT: tl.constexpr):
+                   TAILS: tl.constexpr, TMA: tl.constexpr, Z_SPLIT: tl.constexpr):
     # The same state recurrence as _segment_output, from a zero state, keeping only the end; it
     # is needed where a boundary follows in the direction of travel, and with TAILS also for a
     # document's last segment (its share of the document's own exit state, into tail[doc]).
@@ -228,6 +255,12 @@ def _segment_state(y_ptr, z_ptr, local_ptr, tail_ptr, seg_ptr, lam_ptr, syt, syh
         n_chunks = (end - start + C - 1) // C
     else:
         n_chunks = tl.where(goes_to >= 0, (end - start + C - 1) // C, 0)
+    z0 = zb * (BLOCK_DZ // Z_SPLIT)
+    if TMA:
+        y_src = _segment_desc(y_ptr, start, end, H, syt, syh, DY, C, BLOCK_DY)
+        z_src = _segment_desc(z_ptr, start, end, H, szt, szh, DZ, C, BLOCK_DZ // Z_SPLIT)
+    else:
+        y_src, z_src = y_ptr, z_ptr
     for c in range(0, n_chunks):
         if REVERSE:
             t0 = start + (n_chunks - 1 - c) * C
@@ -236,10 +269,8 @@ def _segment_state(y_ptr, z_ptr, local_ptr, tail_ptr, seg_ptr, lam_ptr, syt, syh
         L = tl.minimum(end - t0, C)
         valid = rows < L
         tok = (t0 + rows).to(tl.int64)
-        y = tl.load(y_ptr + tok[:, None] * syt + h * syh + dy[None, :],
-                    mask=valid[:, None] & ymask[None, :], other=0.0).to(DOT)
-        z = tl.load(z_ptr + tok[:, None] * szt + h * szh + dz[None, :],
-                    mask=valid[:, None] & zmask[None, :], other=0.0).to(DOT)
+        y = _load_chunk(y_ptr, y_src, tok, t0 - start, h, syt, syh, dy, 0, valid, ymask, TMA).to(DOT)
+        z = _load_chunk(z_ptr, z_src, tok, t0 - start, h, szt, szh, dz, z0, valid, zmask, TMA).to(DOT)
         _, write = _chunk_weights(lam, rows, L, REVERSE)
         z_write = z * (write * update_scale).to(DOT)[:, None]
         state = tl.dot(tl.trans(y), z_write, acc=state * tl.exp(lam * L.to(tl.float32)), input_precision=PRECISION)
@@ -421,7 +452,7 @@ def _output(x, y, z, bound, bound_strides, edge_in, edge_in_strides, edge_out, t
         x.stride(0), x.stride(1), y.stride(0), y.stride(1), z.stride(0), z.stride(1), out.stride(0), out.stride(1),
         *bound_strides, *(edge_in_strides if edge_in is not None else (0, 0, 0, 0)), H, *scales,
         C=CHUNK, REVERSE=reverse, DOT=dot, PRECISION=prec, HAS_EDGE_IN=edge_in is not None,
-        STORE_EDGE_OUT=edge_out is not None, **_dims(dy, dz))
+        STORE_EDGE_OUT=edge_out is not None, TMA=use_tma(x, y, z, default_on=TMA_DEFAULT), **_dims(dy, dz))
     return out
 
 
@@ -437,7 +468,7 @@ def _segment_locals(y, z, tab, lam, update_scale, reverse, tails=None):
     _segment_state[lambda meta: (n_max * H * meta["Z_SPLIT"],)](
         y, z, local, tails if tails is not None else local, segs, lam, y.stride(0), y.stride(1), z.stride(0),
         z.stride(1), H, update_scale, C=CHUNK, REVERSE=reverse, DOT=dot, PRECISION=prec, TAILS=tails is not None,
-        **_dims(dy, dz))
+        TMA=use_tma(y, z, default_on=TMA_DEFAULT), **_dims(dy, dz))
     return local
 
 

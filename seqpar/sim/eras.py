@@ -105,7 +105,7 @@ CODE_CHANGES = (
                                    "(64 before; each warpgroup then owns 64 keys)")),
     # the Triton flash kernels themselves (2026-11-27-gpu-15th/call2: 4-10% faster fwd+bwd on one H100)
     ("2026-11-27T10:46:28+00:00", ("1693e8a the Triton flash kernels load their inner blocks through TMA descriptors "
-                                   "on sm_90+ (SEQPAR_FLASH_TMA=0: pointer loads as before)")),
+                                   "on sm_90+ (SEQPAR_TMA=0: pointer loads as before)")),
     # what attention_cost models changes (`era_since("ff4de8f")`: `disagg_speed`), not the constants
     ("2026-11-27T11:08:59+00:00", ("ff4de8f disagg's planner weighs a Triton score pair 1.55 cuDNN pairs "
                                    "(parallel.disagg.triton_cost; 1.7 before)")),
