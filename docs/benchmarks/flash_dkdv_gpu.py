@@ -46,6 +46,17 @@ def _prefix_inputs(nq, nk, device, hq, hkv, hd):
     return q, k, v, do, useful, dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
 
 
+def _case(layout, S, hq, hkv, hd, device):
+    """(q, k, v, dout, useful FLOPs, the Triton kernel's call) of a dense, packed or prefix case."""
+    if layout == "prefix":
+        q, k, v, do, useful, cu = _prefix_inputs(*S, device, hq, hkv, hd)
+    else:
+        lens = None if layout == "dense" else lognormal_lengths(S)
+        q, k, v, do, useful, c = case_inputs(S, lens, device, hq, hkv, hd)
+        cu = dict(cu_seqlens=c)
+    return q, k, v, do, useful, (lambda q, k, v: ft.flash_attn_triton(q, k, v, causal=True, **cu))
+
+
 def _cudnn(q, k, v):
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -63,13 +74,7 @@ def main(out_path):
     cases = [("packed", 65536, 32, 8, 64), ("packed", 16384, 32, 8, 64), ("dense", 16384, 32, 8, 64),
              ("prefix", (8192, 57344), 32, 8, 64), ("packed", 16384, 32, 32, 128), ("dense", 16384, 32, 32, 128)]
     for layout, S, hq, hkv, hd in cases:
-        if layout == "prefix":
-            q, k, v, do, useful, cu = _prefix_inputs(*S, device, hq, hkv, hd)
-        else:
-            lens = None if layout == "dense" else lognormal_lengths(S)
-            q, k, v, do, useful, c = case_inputs(S, lens, device, hq, hkv, hd)
-            cu = dict(cu_seqlens=c)
-        fn = lambda q, k, v: ft.flash_attn_triton(q, k, v, causal=True, **cu)  # noqa: E731
+        q, k, v, do, useful, fn = _case(layout, S, hq, hkv, hd, device)
         grads = {}
         for tile in ((64, 128) if hd <= 64 else (None,)):
             _use_tile(tile)

@@ -1,8 +1,8 @@
-"""Issue 5 / 10: the Triton flash kernels' inner blocks loaded through TMA descriptors
-(SEQPAR_TMA=1, SEQPAR_FLASH_TMA=1 when it ran: k, v in the forward and dq kernels, q, dout in the dk/dv kernel; a block past
-the document reads zeros, no masks) against pointer loads, and a sweep of dk/dv configs at head
-dim 64 (llama_1b's 32/8 heads, where the dk/dv kernel ran at half the dq kernel's rate per matmul,
-2026-11-27-gpu-14th). One H100 (~4 min):
+"""Issue 5 / 10: the Triton flash kernels' inner blocks loaded through TMA descriptors (SEQPAR_TMA=1;
+SEQPAR_FLASH_TMA=1 when it ran: k, v in the forward and dq kernels, q, dout in the dk/dv kernel; a
+block past the document reads zeros, no masks) against pointer loads, and a sweep of dk/dv configs
+at head dim 64 (llama_1b's 32/8 heads, where the dk/dv kernel ran at half the dq kernel's rate per
+matmul, 2026-11-27-gpu-14th). One H100 (~4 min):
 
     SEQPAR_TUNE_CACHE=0 python3 docs/benchmarks/flash_tma_gpu.py OUT.json
 
@@ -16,12 +16,11 @@ import sys
 import torch
 import triton
 
-from seqpar.bench._flash_cases import _bench, _kernel_ms, _tuned, case_inputs
-from seqpar.bench.ring import lognormal_lengths
+from seqpar.bench._flash_cases import _bench, _kernel_ms, _tuned
 from seqpar.kernels.flash_attn import triton as ft
 
 sys.path.insert(0, os.path.dirname(__file__))
-from flash_dkdv_gpu import _prefix_inputs  # noqa: E402
+from flash_dkdv_gpu import _case  # noqa: E402
 
 KERNELS = (ft._attn_fwd, ft._attn_bwd_dkdv, ft._attn_bwd_dq)
 DKDV_CONFIGS = ft._attn_bwd_dkdv.configs
@@ -35,16 +34,6 @@ def _mode(tma):
     os.environ["SEQPAR_TMA"] = "1" if tma else "0"
     for kernel in KERNELS:
         kernel.cache = {}  # picks afresh (Tuned's setattr forgets its own too)
-
-
-def _case(layout, S, hq, hkv, hd, device):
-    if layout == "prefix":
-        q, k, v, do, useful, cu = _prefix_inputs(*S, device, hq, hkv, hd)
-    else:
-        lens = None if layout == "dense" else lognormal_lengths(S)
-        q, k, v, do, useful, c = case_inputs(S, lens, device, hq, hkv, hd)
-        cu = dict(cu_seqlens=c)
-    return q, k, v, do, useful, (lambda q, k, v: ft.flash_attn_triton(q, k, v, causal=True, **cu))
 
 
 def main(out_path):
