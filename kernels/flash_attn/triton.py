@@ -23,7 +23,7 @@ llama_1b's heads (32/8 of 64) packed 64k 274 -> 291, one piece over a prefix 149
 Causal alignment: in a document with Lq queries and Lk keys, query j sees keys n <= j + Lk - Lq.
 A row that sees no key gets out = 0 and lse = -inf (the neutral element of a merge).
 
-Autotuning is keyed on (head dim, causal, packed, merge, bucketed token count) and the dtypes,
+Autotuning is keyed on (head dim, causal, packed, merge, bucketed token count, TMA) and the dtypes,
 never on document lengths or counts, so changing packed batches never re-tune.
 
 Backward (FlashAttention-2, Alg. 2) from a given (out, lse), which may be the merged ones of a
