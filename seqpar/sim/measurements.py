@@ -372,10 +372,11 @@ _DP_CP_LANES = {"dp2": ([], None), "dp2_disagg_dp_cp": (["parallel.softmax_sp=di
                 "dp2_disagg_prefix": (["parallel.softmax_sp=disagg", "parallel.disagg.group=dp_cp"], True),
                 **{f"dp2_disagg_eps{e[2:]}": (["parallel.softmax_sp=disagg", "parallel.disagg.group=dp_cp",
                                                f"parallel.disagg.eps={e}"], None) for e in ("0.05", "0.02")},
-                # a Triton pair weighed as 1.05 (twelfth session; worse) or 1.55 cuDNN pairs by the planner
+                # a Triton pair weighed as 1.NN cuDNN pairs by the planner (1.05: twelfth session, worse;
+                # 1.55: fifteenth, better than 1.7 and the default since)
                 **{f"dp2_disagg_tc{tc}{x}": (["parallel.softmax_sp=disagg", "parallel.disagg.group=dp_cp",
                                               f"parallel.disagg.triton_cost=1.{tc[1:]}", *e], None)
-                   for tc in ("105", "155") for x, e in (("", []), ("_eps02", ["parallel.disagg.eps=0.02"]))},
+                   for tc in ("105", "140", "155") for x, e in (("", []), ("_eps02", ["parallel.disagg.eps=0.02"]))},
                 **{f"dp2_disagg_{s}{x}": (["parallel.softmax_sp=disagg", "parallel.disagg.group=dp_cp",
                                            f"parallel.disagg.schedule={s}", *e], None)
                    for s in ("halves", "ping_pong") for x, e in (("", []), ("_eps02", ["parallel.disagg.eps=0.02"]))},
