@@ -8,6 +8,7 @@ SEQPAR_TMA=0 turns every family's off, =1 forces it on (in the interpreter too).
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -29,13 +30,21 @@ def use_tma(*tensors: torch.Tensor, default_on: bool = True) -> bool:
         raise ValueError(f"{ENV}={flag!r}: need 0 (pointer loads) or 1 (TMA descriptors); unset: each kernel's "
                          "measured default (TMA on sm_90 and later where it was faster)")
     t0 = tensors[0]
-    if flag == "0" or (flag == "" and not (default_on and t0.device.type == "cuda"
-                                           and torch.cuda.get_device_capability(t0.device)[0] >= 9)):
+    if flag == "0" or (flag == "" and not (default_on and t0.device.type == "cuda" and _hopper_or_later(t0.device))):
         return False
     if any(t.data_ptr() % 16 or any(s * t.element_size() % 16 for s in t.stride()[:-1]) for t in tensors):
         return False
     triton.set_allocator(_descriptor_scratch)  # where device-side descriptors live (128 B each)
     return True
+
+
+def _hopper_or_later(device: torch.device) -> bool:
+    return _capability(device.index if device.index is not None else torch.cuda.current_device()) >= 9
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> int:  # once per device: use_tma runs on every launch
+    return torch.cuda.get_device_capability(index)[0]
 
 
 def _descriptor_scratch(size: int, alignment: int, stream):
