@@ -588,7 +588,7 @@ def _forward_into(q, k, v, out, lse, *, causal, cu_q, cu_k, scale, merge, q_tabl
         lse.stride(0), lse.stride(1), lse.stride(2),
         Sq, Sk, Hq // Hkv, scale * LOG2E, _bucket(B * Sq),
         HEAD_DIM=D, CAUSAL=bool(causal), VARLEN=varlen, MERGE=merge, DOT=dot, PRECISION=precision,
-        TMA=use_tma(q, k, v))
+        TMA=use_tma(k, v))  # (q itself is loaded through a pointer)
     return q_table
 
 
@@ -659,8 +659,9 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=True, cu_seqlens_q=Non
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2))
     fused = _fused_dq()
-    # FUSED_DQ: dq summed in fp32 by the dk/dv kernel; else a stand-in of its own (the autotuner zeroes it)
-    dq32 = torch.zeros(q.shape if fused else 1, dtype=torch.float32, device=q.device)
+    # FUSED_DQ: dq summed in fp32 by the dk/dv kernel; else a stand-in of its own (the autotuner zeroes it),
+    # left empty: no fill launch on every backward
+    dq32 = (torch.zeros if fused else torch.empty)(q.shape if fused else 1, dtype=torch.float32, device=q.device)
     _attn_bwd_dkdv[_grid(k_table, Sk, B, Hkv, "BLOCK_N")](
         q, k, v, dout, lse2, delta, dk, dv, dq32, k_table if varlen else dummy, dummy,
         cu_seqlens_k if varlen else dummy, *strides, dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0),
