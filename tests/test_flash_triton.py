@@ -114,22 +114,6 @@ def test_interp_tma_loads_equal_the_reference(monkeypatch):
 
 
 @interp_only
-def test_interp_fused_dq_equals_the_reference(monkeypatch):
-    from seqpar.kernels.flash_attn import triton as ft
-
-    # SEQPAR_FLASH_FUSED_DQ=1: the dk/dv kernel adds each tile's dq into an fp32 buffer (atomics here)
-    monkeypatch.setenv("SEQPAR_FLASH_FUSED_DQ", "1")
-    lq, lk = [1, 33, 70, 0, 5, 1, 40], [3, 1, 100, 2, 0, 64, 40]
-    for causal in (True, False):
-        q, k, v, do = _inputs(1, sum(lq), sum(lk), 4, 2, 16, seed=23)
-        _check_forward_backward(ft, q, k, v, do, torch.float32, 2e-5, causal=causal, cu_seqlens_q=_cu(lq),
-                                cu_seqlens_k=_cu(lk))
-    monkeypatch.setenv("SEQPAR_FLASH_FUSED_DQ", "2")
-    with pytest.raises(ValueError, match="SEQPAR_FLASH_FUSED_DQ"):
-        ft._fused_dq()
-
-
-@interp_only
 @pytest.mark.parametrize("causal", [True, False])
 def test_interp_packed_documents_awkward_lengths(causal):
     from seqpar.kernels.flash_attn import triton as ft
@@ -361,21 +345,6 @@ def test_gpu_packed_bf16_with_length_one_documents(D, causal):
     q, k, v, do = _inputs(1, sum(lq), sum(lk), 16, 4, D, seed=2, device="cuda")
     _check_forward_backward(ft, q, k, v, do, torch.bfloat16, 1e-2, causal=causal, cu_seqlens_q=_cu(lq, "cuda"),
                             cu_seqlens_k=_cu(lk, "cuda"))
-
-
-@gpu
-@pytest.mark.parametrize("D", [64, 128])
-def test_gpu_fused_dq_bf16(D, monkeypatch):
-    from seqpar.kernels.flash_attn import triton as ft
-
-    # the experiment's path on the GPU: dq by TMA bulk reduces from the dk/dv kernel
-    monkeypatch.setenv("SEQPAR_FLASH_FUSED_DQ", "1")
-    q, k, v, do = _inputs(1, 1290, 1290, 8, 2, D, seed=D, device="cuda")
-    _check_forward_backward(ft, q, k, v, do, torch.bfloat16, 1e-2, causal=True)
-    lq = _lognormal(8000, seed=D)
-    q, k, v, do = _inputs(1, sum(lq), sum(lq), 16, 4, D, seed=3, device="cuda")
-    _check_forward_backward(ft, q, k, v, do, torch.bfloat16, 1e-2, causal=True, cu_seqlens_q=_cu(lq, "cuda"),
-                            cu_seqlens_k=_cu(lq, "cuda"))
 
 
 @gpu

@@ -1,10 +1,8 @@
 """Issue 5 / 10: the Triton flash kernels' inner blocks loaded through TMA descriptors (SEQPAR_TMA=1;
 SEQPAR_FLASH_TMA=1 when it ran: k, v in the forward and dq kernels, q, dout in the dk/dv kernel; a
-block past the document reads zeros, no masks) against pointer loads; with TMA, dq summed by the
-dk/dv kernel (SEQPAR_FLASH_FUSED_DQ=1, rows `tma_fused_dq`; FUSED=0 leaves them out); and a sweep of
-dk/dv configs (SWEEP=0 leaves it out) at head dim 64 (llama_1b's 32/8 heads, where the dk/dv kernel
-ran at half the dq kernel's rate per matmul, 2026-11-27-gpu-14th). One H100 (~4 min; with the
-fused-dq rows, which came after the call that ran it, ~5):
+block past the document reads zeros, no masks) against pointer loads, and a sweep of dk/dv configs
+at head dim 64 (llama_1b's 32/8 heads, where the dk/dv kernel ran at half the dq kernel's rate per
+matmul, 2026-11-27-gpu-14th). One H100 (~4 min):
 
     SEQPAR_TUNE_CACHE=0 python3 docs/benchmarks/flash_tma_gpu.py OUT.json
 
@@ -32,14 +30,8 @@ SWEEP = [(128, 64, 8, 3, False), (128, 64, 8, 4, False), (128, 64, 8, 2, False),
          (128, 16, 4, 4, False), (128, 64, 8, 2, True), (128, 64, 8, 3, True), (128, 32, 4, 3, True)]
 
 
-# (row label, SEQPAR_TMA, SEQPAR_FLASH_FUSED_DQ); FUSED=0 in the environment leaves out the fused-dq rows
-MODES = [("pointers", "0", "0"), ("tma", "1", "0")] + ([("tma_fused_dq", "1", "1")]
-                                                      if os.environ.get("FUSED", "1") == "1" else [])
-
-
-def _mode(tma, fused="0"):
+def _mode(tma):
     os.environ["SEQPAR_TMA"] = "1" if tma else "0"
-    os.environ["SEQPAR_FLASH_FUSED_DQ"] = fused
     for kernel in KERNELS:
         kernel.cache = {}  # picks afresh (Tuned's setattr forgets its own too)
 
@@ -54,21 +46,20 @@ def main(out_path):
     for layout, S, hq, hkv, hd in cases:
         q, k, v, do, useful, fn = _case(layout, S, hq, hkv, hd, device)
         grads = {}
-        for label, tma, fused in MODES:
-            _mode(tma == "1", fused)
-            grads[label] = torch.autograd.grad(fn(q, k, v), (q, k, v), do)
+        for tma in (False, True):
+            _mode(tma)
+            grads[tma] = torch.autograd.grad(fn(q, k, v), (q, k, v), do)
             ms = timer(lambda: fn(q, k, v).backward(do), [q, k, v])
-            row = dict(mode=label, tma=tma == "1", layout=layout, S=S, heads=(hq, hkv, hd), fwdbwd_ms=round(ms, 3),
+            row = dict(tma=tma, layout=layout, S=S, heads=(hq, hkv, hd), fwdbwd_ms=round(ms, 3),
                        fwdbwd_tflops=round(3.5 * useful / ms / 1e9, 1), kernels_ms=_kernel_ms(fn, q, k, v, do),
                        picks=_tuned(compact=True))
-            if label != "pointers":
+            if tma:
                 row["max_abs_diff_vs_pointers"] = {n: (a.float() - b.float()).abs().max().item()
-                                                   for n, a, b in zip(("dq", "dk", "dv"), grads[label],
-                                                                      grads["pointers"])}
+                                                   for n, a, b in zip(("dq", "dk", "dv"), grads[True], grads[False])}
             rows.append(row)
             print(row, flush=True)
-    # dk/dv configs one at a time (a single config skips tuning and the prune); SWEEP=0 skips them
-    for layout, S in (("packed", 65536), ("prefix", (8192, 57344))) if os.environ.get("SWEEP", "1") == "1" else ():
+    # dk/dv configs one at a time (a single config skips tuning and the prune)
+    for layout, S in (("packed", 65536), ("prefix", (8192, 57344))):
         q, k, v, do, useful, fn = _case(layout, S, 32, 8, 64, device)
         for tma in (False, True):
             _mode(tma)

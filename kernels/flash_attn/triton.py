@@ -29,9 +29,7 @@ never on document lengths or counts, so changing packed batches never re-tune.
 Backward (FlashAttention-2, Alg. 2) from a given (out, lse), which may be the merged ones of a
 larger attention (ring attention): delta = rowsum(dout * out) - dlse, dS = P * (dP - delta).
 Two kernels and no atomics: dk/dv per key tile (looping over the query heads of its kv group, so
-GQA sums in registers), dq per query tile. SEQPAR_FLASH_FUSED_DQ=1 (an experiment, `_fused_dq`)
-runs one: the dk/dv kernel also adds each tile's dq into an fp32 buffer, saving the dq kernel's
-second QK^T and dP at the price of a reduce per tile and the buffer (4 bytes per element of q).
+GQA sums in registers), dq per query tile.
 """
 from __future__ import annotations
 
@@ -80,16 +78,6 @@ def _configs(own, inner, options, extra=()):
         options = list(first.values())
     return [triton.Config({own: a, inner: b, **dict(zip(extra, rest))}, num_warps=w, num_stages=s)
             for a, b, w, s, *rest in options]
-
-
-def _fused_dq() -> bool:
-    """SEQPAR_FLASH_FUSED_DQ=1 (read per call; an experiment, off by default): the dk/dv kernel also
-    computes dq, adding each tile's share into an fp32 buffer (TMA bulk reduces on sm_90+, atomics
-    elsewhere), and the dq kernel, which recomputes the scores and dP, does not run."""
-    flag = os.environ.get("SEQPAR_FLASH_FUSED_DQ", "0").strip()
-    if flag not in ("0", "1"):
-        raise ValueError(f"SEQPAR_FLASH_FUSED_DQ={flag!r}: need 0 (a dq kernel) or 1 (dq summed by the dk/dv kernel)")
-    return flag == "1"
 
 
 def _tuning() -> bool:
@@ -312,10 +300,9 @@ def _bwd_prep(out_ptr, do_ptr, lse_ptr, dlse_ptr, delta_ptr, lse2_ptr, S, H,
 
 
 @triton.jit
-def _dkdv_block(dk, dv, k, v, q_ptr, do_ptr, q_desc, do_desc, dq_dst, lse2_ptr, delta_ptr, b, h, q0, Hq, Sq,
-                sqb, sqh, sqs, sdb, sdh, sds, sdqh, sdqs, m0, offs_m, offs_n, offs_d, Lq, diag, qk_scale, sm_scale,
-                MASK: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr,
-                FUSED_DQ: tl.constexpr):
+def _dkdv_block(dk, dv, k, v, q_ptr, do_ptr, q_desc, do_desc, lse2_ptr, delta_ptr, b, h, q0, Hq, Sq,
+                sqb, sqh, sqs, sdb, sdh, sds, m0, offs_m, offs_n, offs_d, Lq, diag, qk_scale,
+                MASK: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
     rows = m0 + offs_m
     rmask = rows < Lq
     # 64-bit scalar bases, 32-bit offsets inside the block: fewer live registers than 64-bit tiles
@@ -335,26 +322,19 @@ def _dkdv_block(dk, dv, k, v, q_ptr, do_ptr, q_desc, do_desc, dq_dst, lse2_ptr, 
     dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
     dst = pt * (dpt - delta[None, :])
     dk = tl.dot(dst.to(DOT), q, acc=dk, input_precision=PRECISION)
-    if FUSED_DQ:  # this tile's share of dq, added into the fp32 buffer (the dq kernel does not run)
-        dq = tl.dot(tl.trans(dst.to(DOT)), k, input_precision=PRECISION) * sm_scale
-        if TMA:  # a bulk reduce of the tile into L2; rows past the document are dropped
-            dq_dst.atomic_add([m0, h, 0], dq.reshape(dq.shape[0], 1, dq.shape[1]))
-        else:
-            tl.atomic_add(dq_dst + h * sdqh + rows[:, None].to(tl.int64) * sdqs + offs_d[None, :], dq,
-                          mask=rmask[:, None], sem="relaxed")
     return dk, dv
 
 
 # restore_value: with ACCUM the destinations are read, so tuning runs must not add into them twice
 @autotune(configs=_configs("BLOCK_N", "BLOCK_M", _DKDV_OPTIONS, extra=("SPLIT",)),
-          key=_KEY + ["FUSED_DQ"], prune_configs_by={"early_config_prune": _prune_for("BLOCK_N")},
-          restore_value=["dk_ptr", "dv_ptr"], reset_to_zero=["dq32_ptr"])
+          key=_KEY, prune_configs_by={"early_config_prune": _prune_for("BLOCK_N")},
+          restore_value=["dk_ptr", "dv_ptr"])
 @triton.jit(do_not_specialize=_LENGTHS)
-def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse2_ptr, delta_ptr, dk_ptr, dv_ptr, dq32_ptr, tiles_ptr, cu_q_ptr,
-                   cu_k_ptr, sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sdb, sds, sdh, sdkb, sdks, sdkh, sdvb, sdvs,
-                   sdvh, sdqb, sdqs, sdqh, Sq, Sk, Hq, group, qk_scale, sm_scale, LEN_BUCKET,
+def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse2_ptr, delta_ptr, dk_ptr, dv_ptr, tiles_ptr, cu_q_ptr, cu_k_ptr,
+                   sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sdb, sds, sdh, sdkb, sdks, sdkh, sdvb, sdvs, sdvh,
+                   Sq, Sk, Hq, group, qk_scale, sm_scale, LEN_BUCKET,
                    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, ACCUM: tl.constexpr,
-                   DOT: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr, FUSED_DQ: tl.constexpr,
+                   DOT: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr):
     tile = tl.program_id(0)
     hk = tl.program_id(1)
@@ -377,9 +357,6 @@ def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse2_ptr, delta_ptr, dk_ptr, dv_
     else:
         q_desc = q_ptr
         do_desc = do_ptr
-    dq_dst = dq32_ptr + b * sdqb + q0.to(tl.int64) * sdqs  # FUSED_DQ: the document's first row of dq
-    if FUSED_DQ and TMA:
-        dq_dst = _rows_desc(dq_dst, Lq, Hq, sdqs, sdqh, BLOCK_M, HEAD_DIM)
     diag = Lk - Lq
     if CAUSAL:
         # rows j >= n - diag see key n: the first row that sees the tile, and the first row from
@@ -405,15 +382,15 @@ def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse2_ptr, delta_ptr, dk_ptr, dv_
     for it in range(0, group * n_masked):
         g = it // n_masked
         m0 = lo + (it - g * n_masked) * BLOCK_M
-        dk, dv = _dkdv_block(dk, dv, k, v, q_ptr, do_ptr, q_desc, do_desc, dq_dst, lse2_ptr, delta_ptr, b,
-                             hk * group + g, q0, Hq, Sq, sqb, sqh, sqs, sdb, sdh, sds, sdqh, sdqs, m0, offs_m, offs_n,
-                             offs_d, Lq, diag, qk_scale, sm_scale, CAUSAL, DOT, PRECISION, TMA, FUSED_DQ)
+        dk, dv = _dkdv_block(dk, dv, k, v, q_ptr, do_ptr, q_desc, do_desc, lse2_ptr, delta_ptr, b, hk * group + g,
+                             q0, Hq, Sq, sqb, sqh, sqs, sdb, sdh, sds, m0, offs_m, offs_n, offs_d, Lq, diag,
+                             qk_scale, CAUSAL, DOT, PRECISION, TMA)
     for it in range(0, group * n_full):
         g = it // n_full
         m0 = mid + (it - g * n_full) * BLOCK_M
-        dk, dv = _dkdv_block(dk, dv, k, v, q_ptr, do_ptr, q_desc, do_desc, dq_dst, lse2_ptr, delta_ptr, b,
-                             hk * group + g, q0, Hq, Sq, sqb, sqh, sqs, sdb, sdh, sds, sdqh, sdqs, m0, offs_m, offs_n,
-                             offs_d, Lq, diag, qk_scale, sm_scale, False, DOT, PRECISION, TMA, FUSED_DQ)
+        dk, dv = _dkdv_block(dk, dv, k, v, q_ptr, do_ptr, q_desc, do_desc, lse2_ptr, delta_ptr, b, hk * group + g,
+                             q0, Hq, Sq, sqb, sqh, sqs, sdb, sdh, sds, m0, offs_m, offs_n, offs_d, Lq, diag,
+                             qk_scale, False, DOT, PRECISION, TMA)
     dk_ptrs = dk_ptr + b * sdkb + hk * sdkh + keys[:, None] * sdks + offs_d[None, :]
     dv_ptrs = dv_ptr + b * sdvb + hk * sdvh + keys[:, None] * sdvs + offs_d[None, :]
     dk = dk * sm_scale
@@ -654,22 +631,14 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=True, cu_seqlens_q=Non
     if varlen and q_table is None:
         q_table = tile_table(cu_seqlens_q, cu_seqlens_k, block_q, Sq, causal, True)
     dot, precision = _dot(q.dtype)
-    tma = use_tma(q, k, v, dout)
-    common = dict(HEAD_DIM=D, CAUSAL=bool(causal), VARLEN=varlen, DOT=dot, PRECISION=precision, TMA=tma)
+    common = dict(HEAD_DIM=D, CAUSAL=bool(causal), VARLEN=varlen, DOT=dot, PRECISION=precision,
+                  TMA=use_tma(q, k, v, dout))
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2))
-    fused = _fused_dq()
-    # FUSED_DQ: dq summed in fp32 by the dk/dv kernel; else a stand-in of its own (the autotuner zeroes it),
-    # left empty: no fill launch on every backward
-    dq32 = (torch.zeros if fused else torch.empty)(q.shape if fused else 1, dtype=torch.float32, device=q.device)
     _attn_bwd_dkdv[_grid(k_table, Sk, B, Hkv, "BLOCK_N")](
-        q, k, v, dout, lse2, delta, dk, dv, dq32, k_table if varlen else dummy, dummy,
-        cu_seqlens_k if varlen else dummy, *strides, dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0),
-        dv.stride(1), dv.stride(2), *(dq32.stride()[:3] if fused else (0, 0, 0)),
-        Sq, Sk, Hq, Hq // Hkv, scale * LOG2E, scale, _bucket(B * Sq), **common, ACCUM=bool(accum), FUSED_DQ=fused)
-    if fused:
-        dq.copy_(dq32)
-        return _into(given, (dq, dk, dv), accumulate)
+        q, k, v, dout, lse2, delta, dk, dv, k_table if varlen else dummy, dummy, cu_seqlens_k if varlen else dummy,
+        *strides, dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+        Sq, Sk, Hq, Hq // Hkv, scale * LOG2E, scale, _bucket(B * Sq), **common, ACCUM=bool(accum))
     _attn_bwd_dq[_grid(q_table, Sq, B, Hq, "BLOCK_M")](
         q, k, v, dout, lse2, delta, dq, q_table if varlen else dummy, dummy, cu_seqlens_k if varlen else dummy,
         *strides, dq.stride(0), dq.stride(1), dq.stride(2),
