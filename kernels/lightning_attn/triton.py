@@ -64,8 +64,9 @@ CHUNK = 64
 # traffic next to q/k/v (2*Dv/seg_len of q's bytes), short enough for >= 4 programs per SM.
 MIN_SEGMENT, MAX_SEGMENT = 256, 2048
 SCAN_ROWS = 16
-# TMA loads of the chunks (kernels/tma.py) on sm_90+ by default: not measured yet (SEQPAR_TMA=1 tries them)
-TMA_DEFAULT = False
+# TMA loads of the chunks (kernels/tma.py) on sm_90+: 2-6 % faster fwd+bwd at every length on H100
+# and H200 (2026-11-27-gpu-16th calls 1, 2), so on by default (SEQPAR_TMA=0 turns them off)
+TMA_DEFAULT = True
 # segment table columns: start, end, document, boundary before (-1: first of its document),
 # boundary after (-1: last of its document), tokens between the document's start and the segment's
 # start, tokens between the segment's end and the document's end
