@@ -227,11 +227,11 @@ def layer_saved_per_token(model_cfg, kind: str, part: str, *, p: int, a: int, au
 
 def saved_keys(par) -> float:
     """K/V rows per local token that softmax attention saves. Ring and Ulysses save their local
-    (or head-sliced) K/V: 1. All-gather attention saves, per query chunk, the keys up to its end:
-    with zigzag every rank's two chunks reach (2cp + 1)/2 local lengths in all, contiguous up to cp."""
+    (or head-sliced) K/V: 1. All-gather attention saves the key rows its queries see, in one buffer:
+    the whole row on the busiest rank (zigzag: rank 0; contiguous: the last), cp local lengths."""
     if par.cp == 1 or par.softmax_sp != "allgather":
         return 1.0
-    return (2 * par.cp + 1) / 2 if par.layout == "zigzag" else float(par.cp)
+    return float(par.cp)
 
 
 def estimate(cfg, world: int, *, split: bool = True) -> MemoryEstimate:

@@ -77,8 +77,8 @@ TOKENS = 2 * 256 // 2  # rows x seq_len / cp
     (["train.activation_checkpointing=selective", "train.offload_activations=true"], 1300 - 260),
     # chunked MLP keeps its norm and its input; one chunk's 256 + 1536 per token is transient
     (["train.mlp_chunk_tokens=32"], 1300 + 260 + 256),
-    # all-gather attention saves each zigzag chunk's keys up to its end: (2 cp + 1) / 2 local lengths
-    (["parallel.softmax_sp=allgather"], 1300 + 2052 + 4 * 2 * 32 * (5 / 2 - 1)),
+    # all-gather attention saves the key rows its queries see: with zigzag rank 0 sees the whole row
+    (["parallel.softmax_sp=allgather"], 1300 + 2052 + 4 * 2 * 32 * (2 - 1)),
     (["parallel.softmax_sp=allgather", "parallel.layout=contiguous"], 1300 + 2052 + 4 * 2 * 32 * (2 - 1)),
 ])
 def test_activations_per_layer(overrides, per_token):

@@ -1,4 +1,4 @@
-"""Ring attention, Ulysses and usp against single-process attention (fp64: outputs and dq/dk/dv,
+"""Ring attention, Ulysses, usp and the merge-free all-gather against single-process attention (fp64: outputs and dq/dk/dv,
 relative error <= 1e-7), their block plans, the order of transfers and compute, the per-document
 zigzag layout (doc_zigzag: op, equal work, config checks, training), the doc_balanced layout
 (whole documents placed for equal work, the rest cut doc_zigzag-style: op, transfers), and (gpu)
@@ -16,6 +16,7 @@ from seqpar import kernels
 from seqpar.attention import ring as ring_module
 from seqpar.attention.ring import (Block, doc_balanced_schedule, doc_ring_schedule, plan_blocks, ring_attention,
                                    ring_schedule)
+from seqpar.attention.allgather import allgather_attention
 from seqpar.attention.ulysses import ulysses_attention, usp_attention
 from seqpar.kernels.flash_attn import flash_attn_backward
 from seqpar.parallel.sharding import (check_layout, doc_zigzag_plan, document_plan, local_ranges, shard_sequence,
@@ -71,7 +72,8 @@ def _cases():
 def _check_world(rank, world):
     """Every case on this rank; at world 2 also the transfer log, at world 4 Ulysses' head error."""
     from seqpar.parallel.dims import ParallelDims, cp_split
-    methods = {"ring": (ring_attention, None), "ulysses": (ulysses_attention, None)}
+    methods = {"ring": (ring_attention, None), "ulysses": (ulysses_attention, None),
+               "allgather": (allgather_attention, None)}
     if world > 1:  # usp over a real 2D split of the cp group: Ulysses degree 2, ring of world/2
         dims = ParallelDims(dp=1, cp=world, tp=1, pp=1, world_size=world, ulysses=2)
         dims.build_mesh("cpu")
@@ -90,7 +92,7 @@ def _check_world(rank, world):
 
 
 def _assert_small(errors, world):
-    assert len(errors) == 24 * (2 if world == 1 else 3)
+    assert len(errors) == 24 * (3 if world == 1 else 4)
     for case, err in errors.items():
         assert err <= TOL, f"world={world} {case}: relative error {err:.2e}"
 
@@ -197,6 +199,34 @@ def test_own_shard_is_one_forward_call_with_documents_joined_across_the_junction
     # rank 1: [13, 50) continues across the junction at 48 as one document of 26 local rows
     assert own_shard_block(zigzag[1], bounds, True).cu == (0, 26, 27, 48)
     assert own_shard_block([(72, 96), (0, 24)], bounds, True) is None  # out of order: step 0's blocks stay
+
+
+def test_allgather_plan_moves_only_the_rows_a_rank_sees_and_calls_once_per_range():
+    from seqpar.attention.allgather import gather_plan
+    rows = lambda segs: [(s.owner, s.start, s.stop) for s in segs]  # noqa: E731
+    r0, r1 = gather_plan(96, 96, 2, "zigzag", (0, 96), True)
+    # rank 0 ([0, 24), [72, 96)): its first chunk reads its own keys only (runs while rows arrive),
+    # the last one reads the whole row, bottom-right causal, in one call
+    assert [(b.q, b.k, b.cu, b.cu_k) for b in r0.local_calls] == [(slice(0, 24), slice(0, 24), (0, 24), (0, 24))]
+    assert [(b.q, b.k, b.cu, b.cu_k) for b in r0.remote_calls] == [(slice(24, 48), slice(0, 96), (0, 24), (0, 96))]
+    assert rows(r0.recv) == [(1, 24, 48), (1, 48, 72)]
+    # rank 1 ([24, 48), [48, 72)) sees nothing after row 72: it receives rank 0's first chunk only
+    assert rows(r1.recv) == [(0, 0, 24)] and (r1.lo, r1.hi) == (0, 72) and not r1.local_calls
+    # contiguous: rank 0 receives nothing at all; documents that stay on a rank move nothing
+    c0, c1 = gather_plan(96, 96, 2, "contiguous", (0, 96), True)
+    assert c0.recv == [] and rows(c1.recv) == [(0, 0, 48)]
+    d0, d1 = gather_plan(96, 96, 2, "contiguous", (0, 40, 48, 96), True)
+    assert d0.recv == d1.recv == [] and not d0.remote_calls and not d1.remote_calls
+    # a document [40, 60) across the ranks: rank 1 receives its 8 rows of rank 0, one varlen call
+    e0, e1 = gather_plan(96, 96, 2, "contiguous", (0, 40, 60, 96), True)
+    assert rows(e1.recv) == [(0, 40, 48)] and (e1.lo, e1.hi) == (40, 96)
+    assert [(b.k, b.cu, b.cu_k) for b in e1.remote_calls] == [(slice(0, 56), (0, 12, 48), (0, 20, 56))]
+    # non-causal: a rank's queries see their whole documents, later rows included
+    n0, _ = gather_plan(96, 96, 2, "contiguous", (0, 40, 60, 96), False)
+    assert rows(n0.recv) == [(1, 48, 60)]
+    # a remote segment is cut where a call's keys end, so each call's dK/dV covers it whole or not
+    z = gather_plan(96, 96, 4, "zigzag", (0, 96), True)[1]  # chunks of 12: [12, 24), [72, 84)
+    assert all(not (s.start < ke < s.stop) for s in z.recv for b in z.remote_calls for ke in [z.lo + b.k.stop])
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -684,7 +714,12 @@ def _ring_bf16_on_nccl(rank, world):
     errors = {}
     docs = [0, 1, 700, 701, 1800, 2048]  # doc_zigzag: 1-token documents and lengths that need padding
     # doc_balanced (2 or 4 ranks): the 699-, 1099- and 248-token documents cut, the 1-token ones whole
-    for rows, layout in ((None, "zigzag"), (docs, "zigzag"), (docs, "doc_zigzag"), (docs, "doc_balanced")):
+    cases = [(ring_attention, rows, layout) for rows, layout in
+             ((None, "zigzag"), (docs, "zigzag"), (docs, "doc_zigzag"), (docs, "doc_balanced"))]
+    cases += [(allgather_attention, rows, layout) for rows, layout in
+              ((None, "zigzag"), (docs, "zigzag"), (docs, "contiguous"))]
+    for fn, rows, layout in cases:
+        name = f"{fn.__name__} {layout} {rows}"
         (q, k, v, do), cu = _gpu_case(rows, 8, 2, seed=1)
         full = [t.clone().requires_grad_() for t in (q, k, v)]
         ref = kernels.flash_attn(*full, causal=True, cu_seqlens=cu)
@@ -692,17 +727,16 @@ def _ring_bf16_on_nccl(rank, world):
         cu_d = None if cu is None else cu.cuda()
         cut = lambda t: shard_sequence(t.cuda(), layout=layout, cu_seqlens=cu_d)
         local = [cut(t).bfloat16().requires_grad_() for t in (q, k, v)]
-        out = ring_attention(*local, cu_seqlens=cu_d, layout=layout)
+        out = fn(*local, cu_seqlens=cu_d, layout=layout)
         out.backward(cut(do).bfloat16())
         whole = lambda t: unshard_sequence(t.double(), layout=layout, cu_seqlens=cu_d)
         got = [whole(out.detach())] + [whole(t.grad) for t in local]
         want = [ref.detach()] + [t.grad for t in full]
-        errors[f"{layout} {rows}"] = [((a.cpu() - b).abs().max() / b.abs().max()).item() for a, b in zip(got, want)]
+        errors[name] = [((a.cpu() - b).abs().max() / b.abs().max()).item() for a, b in zip(got, want)]
         # the next layer's call (same cu_seqlens): nothing may wait for the GPU on the host
         grad = cut(do).bfloat16()
         again = [t.detach().requires_grad_() for t in local]
-        errors[f"{layout} {rows} host syncs"] = _host_syncs(
-            lambda: ring_attention(*again, cu_seqlens=cu_d, layout=layout).backward(grad))
+        errors[f"{name} host syncs"] = _host_syncs(lambda: fn(*again, cu_seqlens=cu_d, layout=layout).backward(grad))
     return errors
 
 

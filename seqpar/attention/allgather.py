@@ -1,51 +1,301 @@
-"""Softmax attention over the cp group by all-gathering K and V (Llama 3's context parallelism).
+"""Softmax attention over the cp group by gathering K and V (Llama 3's context parallelism), merge-free.
 
-Every rank gathers the whole K/V row once, then attends its own query chunks to the keys they
-can see. Exact in forward and backward (the gather's backward sums dK/dV over ranks). It moves
-all of K/V and holds it whole, which is why ring attention exists; it stays as the simple,
-always-correct baseline `parallel.softmax_sp=allgather`.
+Every query range a rank holds (as `shard_sequence` cut it) attends, in ONE kernel call, the keys
+of its documents up to its last row, causal aligned bottom-right (a query sees every key before it,
+whoever holds it). No part of a range's attention is computed apart from the rest, so nothing is
+merged: no partial outputs and lse folds in the forward, one dq per range in the backward. Where
+the ring makes a call per visiting shard and folds each result, this makes one call per range
+(zigzag: two per rank). The price is memory: a rank keeps, for its backward, every key row its
+queries see (zigzag: the whole row on rank 0), where the ring keeps its own shard; so this is the
+method for moderate lengths (and GQA's small K/V), the ring the one for the longest.
+
+Transfers: a rank receives only the key rows its queries see (causal: none after its last row),
+straight into their place in one buffer, and sends its own rows to the ranks that see them, in one
+batch of point-to-point transfers. Overlap: the forward runs the calls that read only the rank's
+own rows while the batch is in flight (zigzag: rank 0's first chunk); the backward runs the calls
+that read other ranks' rows first, posts their dK/dV home, and runs the local-only calls while
+they travel. A key row's dK/dV is summed over the calls and ranks that saw it in fp32, rounded once.
+
+Layouts `contiguous` and `zigzag` (the document layouts cut by documents: ring only).
 """
 from __future__ import annotations
 
-import torch
+import bisect
+from dataclasses import dataclass
+from functools import lru_cache
 
-from seqpar import kernels
-from seqpar.parallel.sharding import group_size_rank, local_ranges, unshard_sequence
+import torch
+import torch.distributed as dist
+
+from seqpar.attention.ring import Block, BoundTensors
+from seqpar.attention.ring_fold import _one
+from seqpar.kernels.flash_attn import flash_attn, flash_attn_backward
+from seqpar.parallel.sharding import DOC_LAYOUTS, group_size_rank, host_bounds, local_ranges
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Rows [start, stop) of the packed row that rank `owner` holds from local row `local` on."""
+    owner: int
+    start: int
+    stop: int
+    local: int
+
+
+@dataclass
+class RankPlan:
+    """One rank's calls and transfers. Blocks: `q` local query rows, `k` rows of the key buffer,
+    which holds the packed row's rows [lo, hi); `cu`/`cu_k` the documents of both sides."""
+    lo: int
+    hi: int
+    local_calls: list[Block]  # read only the rank's own rows
+    remote_calls: list[Block]
+    own: list[Segment]  # own rows the calls read (copied into the buffer)
+    recv: list[Segment]  # other ranks' rows the calls read (received into the buffer)
+    pieces: list[Segment]  # every row the rank holds, in storage order
+
+    def __post_init__(self):
+        self._bounds: dict[torch.device, BoundTensors] = {}
+
+    def bounds(self, device) -> BoundTensors:
+        if device not in self._bounds:
+            self._bounds[device] = BoundTensors([self.local_calls + self.remote_calls], device)
+        return self._bounds[device]
+
+
+@lru_cache(maxsize=16)  # every layer of a micro-batch passes the same shapes and documents
+def gather_plan(rows: int, seq_len: int, world: int, layout: str, bounds: tuple[int, ...], causal: bool
+                ) -> list[RankPlan]:
+    """Every rank's plan (a rank needs the others' to know what to send them) for a packed row of
+    `rows` rows made of equal sequences of `seq_len` rows, each cut by `layout`, with documents
+    `bounds` (global boundaries, sequence edges among them)."""
+    local_len = seq_len // world
+    pieces = [[Segment(r, row * seq_len + a, row * seq_len + b, row * local_len + off)
+               for row in range(rows // seq_len)
+               for (a, b), off in zip(local_ranges(seq_len, world, r, layout), _offsets(seq_len, world, r, layout))]
+              for r in range(world)]
+    held = sorted((s for ps in pieces for s in ps), key=lambda s: s.start)
+    plans = []
+    for r in range(world):
+        calls = [_call(p, bounds, causal) for p in pieces[r]]
+        lo, hi = min(ks for _, ks, _ in calls), max(ke for _, _, ke in calls)
+        # the rows the calls read, cut where a call's keys start or end: a call's dK/dV covers
+        # each such segment whole or not at all
+        cuts = sorted({x for _, ks, ke in calls for x in (ks, ke)} | {x for s in held for x in (s.start, s.stop)})
+        needed = _union([(ks, ke) for _, ks, ke in calls])
+        seen = [Segment(s.owner, a, b, s.local + a - s.start) for s in held for ks, ke in needed
+                for a, b in _cut(max(s.start, ks), min(s.stop, ke), cuts)]
+        local, remote = [], []
+        for blk, ks, ke in calls:
+            blk = Block(blk.q, slice(ks - lo, ke - lo), causal, blk.cu, blk.cu_k)
+            reads_remote = any(s.owner != r and s.start < ke and ks < s.stop for s in seen)
+            (remote if reads_remote else local).append(blk)
+        plans.append(RankPlan(lo, hi, local, remote, [s for s in seen if s.owner == r],
+                              [s for s in seen if s.owner != r], pieces[r]))
+    return plans
+
+
+def _cut(a, b, cuts):
+    """[a, b) cut at the points `cuts` (sorted) inside it; nothing when empty."""
+    if a >= b:
+        return []
+    inner = cuts[bisect.bisect_right(cuts, a):bisect.bisect_left(cuts, b)]
+    points = [a, *inner, b]
+    return list(zip(points[:-1], points[1:]))
+
+
+def _offsets(seq_len, world, rank, layout):
+    out, pos = [], 0
+    for a, b in local_ranges(seq_len, world, rank, layout):
+        out.append(pos)
+        pos += b - a
+    return out
+
+
+def _call(piece: Segment, bounds, causal) -> tuple[Block, int, int]:
+    """The one call of a query range: (block, first key row, key end) in packed-row rows. Per
+    document it overlaps, its queries in the range against the document's keys up to the range's
+    end (causal) or to the document's end; the documents' key parts are adjacent rows."""
+    a, b = piece.start, piece.stop
+    first = bisect.bisect_right(bounds, a) - 1
+    cu_q, cu_k = [0], [0]
+    ks = ke = bounds[first]
+    for ds, de in zip(bounds[first:-1], bounds[first + 1:]):
+        if ds >= b:
+            break
+        if ds == de:
+            continue
+        ke = min(b, de) if causal else de
+        cu_q.append(cu_q[-1] + min(b, de) - max(a, ds))
+        cu_k.append(cu_k[-1] + ke - ds)
+    q = slice(piece.local, piece.local + b - a)
+    return Block(q, slice(0, ke - ks), causal, tuple(cu_q), tuple(cu_k)), ks, ke
+
+
+def _union(spans):
+    out = []
+    for a, b in sorted(spans):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
 
 
 def allgather_attention(q, k, v, *, group=None, causal=True, cu_seqlens=None, softmax_scale=None, layout="zigzag"):
     world, rank = group_size_rank(group)
     B, s_local = q.shape[:2]
     seq_len = s_local * world
-    k_full = unshard_sequence(k, group, layout=layout)
-    v_full = unshard_sequence(v, group, layout=layout)
+    if layout in DOC_LAYOUTS:
+        if world > 1:
+            raise ValueError(f"layout {layout} cuts by documents: run it with parallel.softmax_sp=ring, or use "
+                             "layout zigzag or contiguous with allgather")
+        layout = "contiguous"
     if cu_seqlens is None:  # equal-length rows are documents of one packed row
-        cu_seqlens = torch.arange(0, B * seq_len + 1, seq_len, dtype=torch.int32, device=q.device)
-        q, k_full, v_full = (t.reshape(1, B * t.shape[1], *t.shape[2:]) for t in (q, k_full, v_full))
-    bounds = cu_seqlens.tolist()
-    outs, offset = [], 0
-    for row in range(B):
-        for start, end in local_ranges(seq_len, world, rank, layout):
-            a, b = start + row * seq_len, end + row * seq_len
-            q_piece = q[:, offset:offset + (b - a)]
-            offset += b - a
-            outs.append(_attend_range(q_piece, k_full, v_full, a, b, bounds, causal, softmax_scale))
-    out = torch.cat(outs, dim=1)
-    return out.reshape(B, s_local, *out.shape[2:])
+        bounds = tuple(range(0, B * seq_len + 1, seq_len))
+    elif B != 1:
+        raise ValueError(f"packed documents (cu_seqlens) need batch size 1, got q of shape {tuple(q.shape)}")
+    else:
+        bounds = host_bounds(cu_seqlens)
+    plan = gather_plan(B * seq_len, seq_len, world, layout, bounds, bool(causal))
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    return _GatherAttention.apply(q, k, v, group, plan, scale)
 
 
-def _attend_range(q, k, v, a, b, bounds, causal, softmax_scale):
-    """Queries [a, b) of the packed row against the keys of their documents."""
-    cu_q, cu_k, k_slices = [0], [0], []
-    for ds, de in zip(bounds[:-1], bounds[1:]):
-        if de <= a or ds >= b:
-            continue
-        k_end = min(b, de) if causal else de
-        cu_q.append(cu_q[-1] + min(b, de) - max(a, ds))
-        cu_k.append(cu_k[-1] + k_end - ds)
-        k_slices.append((ds, k_end))
-    k_sel = torch.cat([k[:, s:e] for s, e in k_slices], dim=1)
-    v_sel = torch.cat([v[:, s:e] for s, e in k_slices], dim=1)
-    as_tensor = lambda c: torch.tensor(c, dtype=torch.int32, device=q.device)
-    return kernels.flash_attn(q, k_sel, v_sel, causal=causal, cu_seqlens_q=as_tensor(cu_q),
-                              cu_seqlens_k=as_tensor(cu_k), softmax_scale=softmax_scale)
+def _packed(t):
+    return t.contiguous().reshape(1, t.shape[0] * t.shape[1], *t.shape[2:])
+
+
+class _GatherAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, group, plans, scale):
+        rank = group_size_rank(group)[1]
+        me = plans[rank]
+        q1, k1, v1 = (_packed(t) for t in (q, k, v))
+        kb, vb = (t.new_empty((1, me.hi - me.lo) + t.shape[2:]) for t in (k1, v1))
+        # K and V: ours to the ranks that see them, theirs into the buffer, one batch
+        sends = [(peer, [t[:, _local(s)] for t in (k1, v1)]) for peer, s in _theirs(plans, rank)]
+        recvs = [(s.owner, [t[:, s.start - me.lo:s.stop - me.lo] for t in (kb, vb)]) for s in me.recv]
+        pending = _exchange(group, sends, recvs)
+        for s in me.own:
+            for buf, t in ((kb, k1), (vb, v1)):
+                buf[:, s.start - me.lo:s.stop - me.lo].copy_(t[:, _local(s)])
+        out = q1.new_empty(q1.shape[:-1] + v1.shape[-1:])
+        lse = torch.empty((1, q1.shape[2], q1.shape[1]), dtype=_acc_dtype(q1.dtype), device=q1.device)
+        bounds = me.bounds(q1.device)
+
+        def attend(blk):
+            _, l = flash_attn(q1[:, blk.q], kb[:, blk.k], vb[:, blk.k], causal=blk.causal, softmax_scale=scale,
+                              return_lse=True, out=out[:, blk.q], **bounds(blk))
+            lse[:, :, blk.q] = l
+
+        for blk in me.local_calls:  # while the rows of the other ranks arrive
+            attend(blk)
+        pending.wait()
+        for blk in me.remote_calls:
+            attend(blk)
+        ctx.save_for_backward(q1, kb, vb, out, lse)
+        ctx.group, ctx.plans, ctx.scale, ctx.shapes = group, plans, scale, (q.shape, k.shape, v.shape)
+        return out.reshape(*q.shape[:-1], v.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dout):
+        q1, kb, vb, out, lse = ctx.saved_tensors
+        rank = group_size_rank(ctx.group)[1]
+        plans, me = ctx.plans, ctx.plans[rank]
+        dout1 = _packed(dout)
+        dq = torch.empty_like(q1)
+        bounds = me.bounds(q1.device)
+        grads = []  # (first packed row, dK, dV) of each call
+
+        def grad(blk):
+            _, dk_b, dv_b = flash_attn_backward(dout1[:, blk.q], q1[:, blk.q], kb[:, blk.k], vb[:, blk.k],
+                                                out[:, blk.q], lse[:, :, blk.q], causal=blk.causal,
+                                                softmax_scale=ctx.scale, dq=dq[:, blk.q], **bounds(blk))
+            grads.append((me.lo + blk.k.start, dk_b, dv_b))
+
+        for blk in me.remote_calls:  # first: their other ranks' rows go home while the rest computes
+            grad(blk)
+        sends = [(s.owner, [_summed(_parts(grads, s.start, s.stop, i)) for i in (1, 2)]) for s in me.recv]
+        theirs = _theirs(plans, rank)
+        recvs = [(peer, [t.new_empty((1, s.stop - s.start) + t.shape[2:]) for t in (kb, vb)]) for peer, s in theirs]
+        pending = _exchange(ctx.group, sends, recvs)
+        for blk in me.local_calls:
+            grad(blk)
+        pending.wait()
+        for (_, s), (_, (dk_p, dv_p)) in zip(theirs, recvs):
+            grads.append((s.start, dk_p, dv_p))
+        q_shape, k_shape, v_shape = ctx.shapes
+        dk, dv = kb.new_empty(k_shape), vb.new_empty(v_shape)
+        dk1, dv1 = _packed(dk), _packed(dv)  # views
+        for piece in me.pieces:
+            cuts = sorted({piece.start, piece.stop, *(x for a, g, _ in grads for x in (a, a + g.shape[1])
+                                                      if piece.start < x < piece.stop)})
+            for a, b in zip(cuts[:-1], cuts[1:]):
+                rows = slice(piece.local + a - piece.start, piece.local + b - piece.start)
+                for i, final in ((1, dk1), (2, dv1)):
+                    _sum_into(final[:, rows], _parts(grads, a, b, i))
+        return dq.reshape(q_shape), dk, dv, None, None, None
+
+
+def _theirs(plans, rank):
+    """(peer, segment) of every own row segment another rank reads, in the order its plan lists them."""
+    return [(peer, s) for peer, plan in enumerate(plans) if peer != rank for s in plan.recv if s.owner == rank]
+
+
+def _local(s: Segment) -> slice:
+    return slice(s.local, s.local + s.stop - s.start)
+
+
+def _parts(grads, a, b, i):
+    """The views of rows [a, b) of every result (first row, dK, dV) that covers them: dK (i = 1) or dV."""
+    return [g[i][:, a - g[0]:b - g[0]] for g in grads if g[0] <= a and b <= g[0] + g[i].shape[1]]
+
+
+def _summed(parts):
+    if len(parts) == 1:
+        return parts[0].contiguous()
+    total = parts[0].new_empty(parts[0].shape)
+    _sum_into(total, parts)
+    return total
+
+
+def _sum_into(final, parts):
+    """final = the sum of `parts` taken in fp32 (or wider), rounded once."""
+    if not parts:
+        final.zero_()
+    elif len(parts) == 1:
+        final.copy_(parts[0])
+    else:
+        # c1 + c2 * 1 with a dimensioned fp32 one: the sum in fp32 (as ring_fold's pairs)
+        one = _one(_acc_dtype(final.dtype), final.device)
+        if len(parts) == 2:
+            torch.addcmul(parts[0], parts[1], one, out=final)
+            return
+        acc = torch.addcmul(parts[0], parts[1], one)
+        for p in parts[2:-1]:
+            acc.add_(p)
+        torch.add(acc, parts[-1], out=final)
+
+
+def _acc_dtype(dtype):
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _exchange(group, sends, recvs) -> "_Pending":
+    """Post every (peer, tensors) send and receive as one batch of point-to-point transfers; between
+    two ranks the order of both lists is the receiver's plan order, so the pairs match."""
+    to_global = (lambda r: r) if group is None else (lambda r: dist.get_global_rank(group, r))
+    ops = [dist.P2POp(dist.isend, t, to_global(peer), group) for peer, ts in sends for t in ts]
+    ops += [dist.P2POp(dist.irecv, t, to_global(peer), group) for peer, ts in recvs for t in ts]
+    return _Pending(dist.batch_isend_irecv(ops) if ops else [], sends)
+
+
+class _Pending:
+    def __init__(self, works, sent):
+        self.works, self.sent = works, sent  # the sent tensors stay referenced until the transfer is done
+
+    def wait(self):
+        for w in self.works:
+            w.wait()
+        self.sent = None

@@ -280,16 +280,16 @@ class RingPlan:
         else:
             # rows that travelled come home with the other ranks' sums; the rest never left
             self.home = plan_folds(own, k_len, final=True, base=self.travel_len if len(steps) > 1 else 0, pairs=True)
-        self._bounds: dict[torch.device, _BoundTensors] = {}
+        self._bounds: dict[torch.device, BoundTensors] = {}
 
     def backward_order(self) -> list[Block]:
         """The own shard's blocks are split around the remote steps: the first hides the first K/V
         transfer, the rest the last dK/dV transfer."""
         return self.steps[0][:1] + [b for blocks in self.steps[1:] for b in blocks] + self.steps[0][1:]
 
-    def bounds(self, device: torch.device) -> "_BoundTensors":
+    def bounds(self, device: torch.device) -> "BoundTensors":
         if device not in self._bounds:
-            self._bounds[device] = _BoundTensors(self.fwd_steps + self.steps, device)
+            self._bounds[device] = BoundTensors(self.fwd_steps + self.steps, device)
         return self._bounds[device]
 
 
@@ -482,7 +482,7 @@ def _accumulator(final, dtype, folds):
     return torch.empty(final.shape, dtype=dtype, device=final.device)
 
 
-class _BoundTensors:
+class BoundTensors:
     """The blocks' document bounds as the kernels' keyword arguments, all of a plan's steps copied
     to the device at once and kept with the plan (every layer and the backward share them): one
     copy from pinned memory per plan, instead of a copy per bound from pageable memory, each of

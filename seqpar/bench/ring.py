@@ -11,8 +11,9 @@ kernel family (cuDNN, FlashAttention-2; `SEQPAR_ATTN_KERNEL`):
 - exposed_comm_ms = ring_ms - the same schedule with every transfer replaced by a local no-op
   (what the overlap failed to hide);
 - torch_cp: context_parallel with the same kernel (allgather and alltoall rotation), its efficiency;
-- with `--methods ulysses usp:U`: Ulysses and USP (Ulysses of degree U inside groups, ring across)
-  on the same inputs, their times and efficiencies (`ulysses_ms`, `usp:2_efficiency`, ...).
+- with `--methods ulysses usp:U allgather`: Ulysses, USP (Ulysses of degree U inside groups, ring
+  across) and the merge-free all-gather on the same inputs, their times and efficiencies
+  (`ulysses_ms`, `usp:2_efficiency`, `allgather_efficiency`, ...).
 
 Packed documents (lognormal lengths, the draw of `anchors_varlen.py`): one GPU runs varlen flash
 on the whole row; the ring runs the same documents in three layouts: `zigzag` over the row's chunks
@@ -155,19 +156,23 @@ def _ring_step(q, k, v, do, cu=None, layout="zigzag"):
 
 
 def _other_method(name: str, world: int):
-    """fwd+bwd of Ulysses (`ulysses`) or USP (`usp:U`: Ulysses of degree U inside groups, ring
-    across them, the process groups built as training builds them) over the whole world, zigzag."""
+    """fwd+bwd of Ulysses (`ulysses`), USP (`usp:U`: Ulysses of degree U inside groups, ring
+    across them, the process groups built as training builds them) or the merge-free all-gather
+    (`allgather`: one call per query range over its whole prefix) over the whole world, zigzag."""
+    from seqpar.attention.allgather import allgather_attention
     from seqpar.attention.ulysses import ulysses_attention, usp_attention
     from seqpar.parallel.dims import ParallelDims
 
     if name == "ulysses":
         fn = ulysses_attention
+    elif name == "allgather":
+        fn = allgather_attention
     elif name.startswith("usp:") and name[4:].isdigit():
         dims = ParallelDims(dp=1, cp=world, tp=1, pp=1, world_size=world, ulysses=int(name[4:]))
         dims.build_mesh("cuda" if torch.cuda.is_available() else "cpu")
         fn = functools.partial(usp_attention, group=dims.group("cp"))
     else:
-        raise SystemExit(f"--methods: unknown method {name!r}; known: ring, ulysses, usp:U")
+        raise SystemExit(f"--methods: unknown method {name!r}; known: ring, ulysses, usp:U, allgather")
 
     def step(q, k, v, do):
         leaves = [t.detach().requires_grad_() for t in (q, k, v)]
@@ -287,6 +292,11 @@ def bench_packed(args, device, timer, world):
                     row[key] = _packed_layout(q, k, v, do, cu, layout, steps, t_single, timer, device, world)
                 except Exception as e:
                     row[key] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
+            if "allgather" in args.methods:  # the merge-free all-gather over the zigzag chunks
+                try:
+                    row[f"{kernel}_allgather"] = _packed_allgather(q, k, v, do, cu, t_single, timer, device, world)
+                except Exception as e:
+                    row[f"{kernel}_allgather"] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
         _report(row, rows)
         del q, k, v, do
     return rows
@@ -314,6 +324,22 @@ def _packed_layout(q, k, v, do, cu, layout, steps, t_single, timer, device, worl
         ref = kernels.flash_attn(q, k, v, causal=True, cu_seqlens=cu)
         out["max_abs_diff_vs_single"] = _max_abs_diff(o, ref)
     return out
+
+
+def _packed_allgather(q, k, v, do, cu, t_single, timer, device, world):
+    from seqpar.attention.allgather import allgather_attention
+    local = [shard_sequence(t, layout="zigzag") for t in (q, k, v, do)]
+
+    def step():
+        leaves = [t.detach().requires_grad_() for t in local[:3]]
+        o = allgather_attention(*leaves, cu_seqlens=cu, layout="zigzag")
+        o.backward(local[3])
+        return o
+    times = _all_ranks(timer(step), device)
+    o = unshard_sequence(timer.last.detach(), layout="zigzag")
+    return dict(single_ms=t_single, allgather_ms=max(times), efficiency=round(t_single / (world * max(times)), 3),
+                rank_ms=[round(t, 3) for t in times],
+                max_abs_diff_vs_single=_max_abs_diff(o, kernels.flash_attn(q, k, v, causal=True, cu_seqlens=cu)))
 
 
 def _report(row, rows):
