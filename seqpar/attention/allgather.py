@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from seqpar.attention.ring import Block, BoundTensors
-from seqpar.attention.ring_fold import _one
+from seqpar.attention.ring_fold import add_once
 from seqpar.kernels.flash_attn import flash_attn, flash_attn_backward
 from seqpar.parallel.sharding import DOC_LAYOUTS, group_size_rank, host_bounds, local_ranges
 
@@ -266,13 +266,10 @@ def _sum_into(final, parts):
         final.zero_()
     elif len(parts) == 1:
         final.copy_(parts[0])
+    elif len(parts) == 2:
+        add_once(parts[0], parts[1], final, _acc_dtype(final.dtype))
     else:
-        # c1 + c2 * 1 with a dimensioned fp32 one: the sum in fp32 (as ring_fold's pairs)
-        one = _one(_acc_dtype(final.dtype), final.device)
-        if len(parts) == 2:
-            torch.addcmul(parts[0], parts[1], one, out=final)
-            return
-        acc = torch.addcmul(parts[0], parts[1], one)
+        acc = parts[0].to(_acc_dtype(final.dtype)) + parts[1]
         for p in parts[2:-1]:
             acc.add_(p)
         torch.add(acc, parts[-1], out=final)

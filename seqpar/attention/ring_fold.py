@@ -9,8 +9,8 @@ when the inputs are fp32 or fp64):
 
 - n = 1: the result is written straight to the final buffer (no fp32 pass at all);
 - n > 1: the first result is kept as the kernel wrote it and meets the second in one op that
-  writes acc (no zero-fill, no copy to fp32: gradients ``addcmul(c1, c2, one_fp32)``, whose
-  dimensioned fp32 one makes the sum fp32; attention ``mul(o1, w1)`` then ``addcmul_(o2, w2)``),
+  writes acc (no zero-fill, no copy to fp32: gradients `add_once`, the sum in fp32 whether it
+  lands in acc or, rounded once, in the final buffer; attention through `kernels.attn_merge_`),
   the middle ones fold into acc in place, and the last one folds AND casts to the final buffer
   in one op (``torch.add(acc, c, out=final)``: computed in fp32, rounded once, as ``.to()``
   after would); with n = 2 the pair writes the final buffer directly;
@@ -149,10 +149,21 @@ def fold_grad(runs, c, acc, final, kept=None):
         elif r.role == "last":
             torch.add(acc[:, r.dst], src, out=final[:, r.dst])
         elif r.role in ("pair", "pair_last"):
-            # c1 + c2 * 1 with a dimensioned fp32 one: the sum is taken in fp32 (an add of two
-            # bf16 tensors would round it to bf16 first, whatever the out dtype)
-            one = _one(torch.promote_types(acc.dtype, torch.float32), acc.device)  # acc may be final (bf16)
-            torch.addcmul(kept[r.held[0]][:, r.held[1]], src, one, out=(acc if r.role == "pair" else final)[:, r.dst])
+            add_once(kept[r.held[0]][:, r.held[1]], src, (acc if r.role == "pair" else final)[:, r.dst],
+                     torch.promote_types(acc.dtype, torch.float32))  # (acc may be final: bf16)
+
+
+_OPMATH = {torch.bfloat16: torch.float32, torch.float16: torch.float32}
+
+
+def add_once(a, b, out, acc_dtype):
+    """out = a + b, the sum taken in `acc_dtype` and rounded once to out's dtype."""
+    if a.dtype == b.dtype == out.dtype and _OPMATH.get(a.dtype, a.dtype) == acc_dtype:
+        torch.add(a, b, out=out)  # torch adds 16-bit tensors in fp32 and rounds once (a vectorised pass)
+    else:
+        # c1 + c2 * 1 with a dimensioned one of acc_dtype: the sum in acc_dtype (an add of two bf16
+        # tensors into an fp32 out would round to bf16 first); a slower, unvectorised pass
+        torch.addcmul(a, b, _one(acc_dtype, out.device), out=out)
 
 
 _ONES: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
