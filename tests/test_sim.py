@@ -1085,12 +1085,16 @@ def test_equal_tails_rebuilt_as_755a3a8_ran_them():
 
 
 def test_allgather_chunk_with_more_keys_runs_triton(h100, calib):
-    """All-gather SP: rank 0's first zigzag chunk sees as many keys as it has queries (SDPA, the
-    cudnn family); its last chunk sees the whole row before it, which kernels/dispatch.py sends to
-    the Triton kernel: torch's flash constants times the measured dense Triton/flash time ratio."""
+    """All-gather SP before bb52ff6: rank 0's first zigzag chunk sees as many keys as it has queries
+    (SDPA, the cudnn family); its last chunk sees the whole row before it, which kernels/dispatch.py
+    sent to the Triton kernel: torch's flash constants times the measured dense Triton/flash time ratio."""
+    from dataclasses import replace
+
     from seqpar.sim.attention_cost import allgather_layer, attn_seconds
     from seqpar.sim.comm import placed
+    from seqpar.sim.eras import era_since
 
+    calib = replace(calib, era=era_since("bb52ff6") - 1)
     S, H, D = 32768, 32, 128
     q = S // 4
     first = attn_seconds(calib, [AttnCall.dense(q, q, True)], H, D, "cudnn")
@@ -1100,6 +1104,27 @@ def test_allgather_chunk_with_more_keys_runs_triton(h100, calib):
     _, comm, compute = allgather_layer(calib, h100, [(0, S)], 2, H, H, D, placed(2, 1, 8))
     assert compute == pytest.approx(max(first + last, middle))
     assert 0.7 < calib.triton_dense_ratio < 1.0  # the kernels bench: Triton beats SDPA's flash on dense rows
+
+
+def test_allgather_moves_only_seen_rows_behind_local_calls(h100, calib):
+    """All-gather SP from bb52ff6 on: one call with bounds per query range over its causal prefix;
+    a rank receives only the rows it sees (zigzag of 2: rank 0 two chunks, rank 1 one), forward and
+    backward, hidden behind its local-only calls (rank 0's first chunk; rank 1 has none)."""
+    from seqpar.sim.attention_cost import allgather_layer, attn_seconds
+    from seqpar.sim.comm import collective_time, placed
+    from seqpar.sim.compute import ATTN_FWD_BWD
+
+    S, H, D = 32768, 32, 128
+    q, group = S // 4, placed(2, 1, 8)
+    call = lambda k: attn_seconds(calib, [AttnCall(((q, k),), True, with_bounds=True)], H, D, "cudnn")  # noqa: E731
+    moved = lambda rows: collective_time("send_recv", rows * 2 * H * D * 2, group, h100, calib.comm)  # noqa: E731
+    c0, c1 = call(q) + call(S), call(2 * q) + call(3 * q)
+    e0 = max(0, moved(2 * q) - call(q) / ATTN_FWD_BWD) + max(0, moved(2 * q) - call(q) * (1 - 1 / ATTN_FWD_BWD))
+    e1 = 2 * moved(q)
+    total, comm, compute = allgather_layer(calib, h100, [(0, S)], 2, H, H, D, group)
+    assert compute == pytest.approx(max(c0, c1))
+    assert total == pytest.approx(max(c0 + e0, c1 + e1)) and comm == pytest.approx(total - compute)
+    assert 0 < comm < 2 * moved(2 * q)  # less than an exposed all-gather and reduce-scatter of the row
 
 
 def test_megatron_sp_charges_its_collectives_and_copies(h100, calib):

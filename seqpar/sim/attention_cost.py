@@ -12,8 +12,9 @@ Per method, what the code in seqpar/attention/ issues per layer (forward + backw
 - ulysses: 4 all-to-alls forward (q, k, v, out) and 4 backward, not overlapped; the kernel sees
   the whole sequence for H/N heads.
 - usp: Ulysses over `ulysses_degree` ranks inside a node, then the ring across them.
-- allgather: K/V all-gathered forward, dK/dV reduce-scattered backward, not overlapped; each
-  local query chunk attends keys up to its end.
+- allgather: each local query range attends the keys up to its end in one call; before bb52ff6
+  K/V all-gathered forward and dK/dV reduce-scattered backward, exposed; from it only the rows a
+  rank sees move, behind its local-only calls where it has any (`allgather_layer`).
 - disagg: the planner's tasks (`attention.disagg.plan`) on their servers; the busiest server's
   tasks are one varlen call; three all-to-alls forward (queries, K/V once per server, outputs)
   and three backward (dO, dQ, dK/dV), sized by the tokens that leave their owner.
@@ -398,8 +399,17 @@ def ulysses_layer(calib, cluster, rows, world, heads, kv_heads, head_dim, group,
 
 def allgather_layer(calib, cluster, rows, world, heads, kv_heads, head_dim, group, family="cudnn", act=2,
                     layout="zigzag"):
+    """All-gather attention: each local query range attends the keys up to its end in one call.
+    Before bb52ff6: K/V all-gathered, dK/dV reduce-scattered, exposed; calls without bounds (SDPA where
+    queries and keys match, the Triton kernel where SDPA's top-left causal mask would be wrong). From
+    bb52ff6 on (`attention.allgather.gather_plan`): every call with bounds and an lse, only the rows a
+    rank sees move (point to point), the forward's transfer behind its local-only calls, the
+    backward's dK/dV behind them too (`_gather_exposed`)."""
     from seqpar.parallel.sharding import local_ranges
+    from seqpar.sim.eras import era_since
 
+    if calib.era >= era_since("bb52ff6"):
+        return _gather_layer(calib, cluster, rows, world, heads, kv_heads, head_dim, group, family, act, layout)
     compute = comm = 0.0
     for bounds in rows:
         seq = bounds[-1]
@@ -420,6 +430,39 @@ def allgather_layer(calib, cluster, rows, world, heads, kv_heads, head_dim, grou
         comm += collective_time("all_gather", kv_all, group, cluster, calib.comm) + \
             collective_time("reduce_scatter", kv_all, group, cluster, calib.comm)
     return compute + comm, comm, compute
+
+
+def _gather_layer(calib, cluster, rows, world, heads, kv_heads, head_dim, group, family, act, layout):
+    from seqpar.attention.allgather import gather_plan
+
+    kv_row = 2 * kv_heads * head_dim * act  # one row of K and V (and of dK and dV)
+    total = compute_total = 0.0
+    for bounds in rows:
+        seq = bounds[-1]
+        ranks = []
+        for me in gather_plan(seq, seq, world, layout, tuple(bounds), True):
+            cost = lambda blocks: sum(attn_seconds(calib, [_gather_call(b)], heads, head_dim, family)  # noqa: E731
+                                      for b in blocks)
+            local, remote = cost(me.local_calls), cost(me.remote_calls)
+            moved = collective_time("send_recv", sum(s.stop - s.start for s in me.recv) * kv_row, group, cluster,
+                                    calib.comm)
+            # the forward (1 / ATTN_FWD_BWD of a call's time) and the backward each hide a transfer
+            # behind the local-only calls
+            fwd, bwd = local / ATTN_FWD_BWD, local * (1 - 1 / ATTN_FWD_BWD)
+            ranks.append((local + remote, max(0.0, moved - fwd) + max(0.0, moved - bwd)))
+        compute = max(c for c, _ in ranks)
+        total += max(c + e for c, e in ranks)
+        compute_total += compute
+    return total, total - compute_total, compute_total
+
+
+def _gather_call(blk) -> AttnCall:
+    return AttnCall(tuple((q, k) for q, k in zip(_lengths(blk.cu), _lengths(blk.cu_k)) if q > 0), blk.causal,
+                    with_bounds=True)
+
+
+def _lengths(cu):
+    return [b - a for a, b in zip(cu[:-1], cu[1:])]
 
 
 def perdoc_layer(calib, cluster, rows, world, heads, kv_heads, head_dim, group, family="cudnn", act=2):

@@ -109,6 +109,16 @@ CODE_CHANGES = (
     # what attention_cost models changes (`era_since("ff4de8f")`: `disagg_speed`), not the constants
     ("2026-11-27T11:08:59+00:00", ("ff4de8f disagg's planner weighs a Triton score pair 1.55 cuDNN pairs "
                                    "(parallel.disagg.triton_cost; 1.7 before)")),
+    # the lightning kernels themselves (2026-11-27-gpu-16th/call2: 2-6% faster fwd+bwd on H200)
+    ("2026-11-27T13:07:06+00:00", ("195962d the lightning kernels load their chunks through TMA descriptors on "
+                                   "sm_90+ (SEQPAR_TMA=0: pointer loads as before)")),
+    # what attention_cost models changes (`era_since("bb52ff6")`: `allgather_layer`), no kernel
+    ("2026-11-27T13:11:27+00:00", ("bb52ff6 allgather attention merge-free: one call per query range over its "
+                                   "causal prefix (bounds, lse), only the rows a rank sees sent point to point, "
+                                   "behind its local-only calls")),
+    # the ring's per-step work (its fitted extras), no kernel
+    ("2026-11-27T13:19:09+00:00", ("de46c0e the ring's (and all-gather's) pairs of 16-bit gradients summed by "
+                                   "torch.add (vectorised) instead of addcmul with an fp32 one (same bits)")),
 )
 
 
@@ -132,10 +142,12 @@ SAME_KERNEL_BENCHES += ("6619ad8", "47528c5", "a8a710a")
 SAME_KERNEL_BENCHES += ("148d759", "a63d362")
 # ... and c52307c (tuning at startup: the kernels bench tunes before it times), ff4de8f (disagg's plan)
 SAME_KERNEL_BENCHES += ("c52307c", "ff4de8f")
+# ... and 195962d (the lightning kernel only, as 83f5aae), bb52ff6 (the all-gather) and de46c0e (the ring's folds)
+SAME_KERNEL_BENCHES += ("195962d", "bb52ff6", "de46c0e")
 # (not 6eda7f2: the kernels bench's split rows and the disagg bench's servers change with it)
 # CODE_CHANGES entries that changed the lightning kernel (79fc72c's entry holds e049981's one-scan
 # exchange): its kernels-bench rows measure one kernel only between two of them
-LIGHTNING_CHANGES = ("79fc72c", "83f5aae")
+LIGHTNING_CHANGES = ("79fc72c", "83f5aae", "195962d")
 
 
 def kernel_eras(era: int) -> tuple[int, ...]:

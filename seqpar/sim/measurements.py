@@ -61,6 +61,9 @@ DIAGNOSTIC_FILES = {
     "2026-11-26-2gpu-10th/call1/hiprio/lasp_hiprio.json": (
         "bench lasp with TORCH_NCCL_HIGH_PRIORITY=1 (NCCL on high-priority streams), an A/B of an environment "
         "variable beside call1/lasp.json: LASP-1 at 64k ran 3.58 ms against 2.87 without it"),
+    "2026-11-27-gpu-16th/call2/lasp_tma1.json": (
+        "bench lasp with SEQPAR_TMA=1 (the lightning kernels' TMA loads, off by default at that code), an A/B "
+        "of an environment variable beside call2/lasp_tma0.json; 195962d made it the default after the call"),
     "2026-11-26-4xh200-4th/disagg_profiled.json": (
         "the disagg bench under docs/benchmarks/profile_gpu.py to see which kernels run, with untuned kernels "
         "(SEQPAR_FLASH_TUNE=0), one timed iteration and each case profiled: its times are not the benchmark's "
