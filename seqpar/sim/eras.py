@@ -219,6 +219,9 @@ COMMITTED_BY = {
     # the fifteenth session: calls 1-2 ran the TMA loads opt-in (7b170da, 9f5a8fb: pointer loads by default;
     # their JSON is flash_tma_gpu.py's, not read), calls 3-5 1693e8a / 8847949, before ff4de8f
     "2026-11-27-gpu-15th": "2026-11-27T11:08:58+00:00",
+    # the sixteenth session: call 1 a3bff51, call 2 7b3bc9d (SEQPAR_TMA A/B by environment), calls 3-4
+    # bb52ff6, call 5 de46c0e; its JSONs carry their times
+    "2026-11-27-gpu-16th": "2026-11-27T13:29:17+00:00",
 }
 
 
