@@ -127,7 +127,8 @@ def folder_health(path: str) -> str | None:
 # ---------------------------------------------------------------- samples (calls, measured seconds)
 
 def ring_samples(found) -> list[dict]:
-    """Attention samples of the ring bench: {group, family, kind, S, world, calls/steps, measured}."""
+    """Attention samples of the ring bench: {group, family, kind, S, world, calls/steps, measured};
+    kind single, ring, ring_compute, or allgather (the merge-free all-gather beside the ring)."""
     from seqpar.bench.ring import lognormal_lengths
 
     out = []
@@ -142,6 +143,8 @@ def ring_samples(found) -> list[dict]:
             out.append(dict(base, kind="single", measured=row["single_ms"] / 1e3))
             out.append(dict(base, kind="ring_compute", measured=row["compute_only_ms"] / 1e3))
             out.append(dict(base, kind="ring", measured=row["ring_ms"] / 1e3))
+            if "allgather_ms" in row:  # --methods allgather (zigzag), no fit uses it
+                out.append(dict(base, kind="allgather", measured=row["allgather_ms"] / 1e3))
         for row in data.get("packed", []):
             S = row["S"]
             lens = lognormal_lengths(S)
@@ -157,6 +160,9 @@ def ring_samples(found) -> list[dict]:
                 if fam == "flash":  # the single-GPU row is varlen flash for every family
                     out.append(dict(base, kind="single", measured=r["single_ms"] / 1e3))
                 out.append(dict(base, kind="ring", measured=r["ring_ms"] / 1e3))
+                ag = row.get(f"{fam}_allgather")
+                if ag and "error" not in ag:
+                    out.append(dict(base, kind="allgather", measured=ag["allgather_ms"] / 1e3))
                 for layout in ("doc_zigzag", "doc_balanced"):  # the same documents under a document layout
                     zz = row.get(f"{fam}_{layout}")
                     if zz and "error" not in zz:

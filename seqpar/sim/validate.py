@@ -15,7 +15,7 @@ import json
 import os
 from dataclasses import replace
 
-from seqpar.sim.attention_cost import _single_call, lasp_layer, ring_layer
+from seqpar.sim.attention_cost import _single_call, allgather_layer, lasp_layer, ring_layer
 from seqpar.sim.calibrate import calibrate
 from seqpar.sim.cases import DISAGG_METHODS, RUNTIME_OF, disagg_case
 from seqpar.sim.eras import CODE_CHANGES, cluster_preset_of, era_since
@@ -40,6 +40,9 @@ def _attn_case(s, calib, cluster):
     calib = replace(calib, packed_kernel="flash")  # the ring bench forces torch's kernels (SEQPAR_ATTN_KERNEL)
     if s["kind"] == "single":
         return attn_seconds(calib, [_single_call(s["bounds"])], s["H"], s["D"], s["family"])
+    if s["kind"] == "allgather":
+        return allgather_layer(calib, cluster, [s["bounds"]], s["world"], s["H"], s["H"], s["D"], group,
+                               s["family"])[0]
     total, _, compute = ring_layer(calib, cluster, [s["bounds"]], s["world"], s["H"], s["H"], s["D"], group, s["family"],
                                    layout=s.get("layout", "zigzag"))
     return compute if s["kind"] == "ring_compute" else total
@@ -94,7 +97,8 @@ def validate(root=None) -> dict:
     loo = lambda s: calibrate(root, exclude=(s["group"],), era=s["era"])
 
     for s in ring_samples(found):
-        label = {"single": "attention 1 GPU", "ring_compute": "ring compute only", "ring": "ring"}[s["kind"]]
+        label = {"single": "attention 1 GPU", "ring_compute": "ring compute only", "ring": "ring",
+                 "allgather": "all-gather"}[s["kind"]]
         docs = len(s["bounds"]) - 1
         name = (f"{label} {s['family']} S={s['S'] // 1024}k" + (f" packed {docs} docs" if docs > 1 else "")
                 + ("" if s["kind"] == "single" else f" on {s['world']} GPUs"))
@@ -106,8 +110,8 @@ def validate(root=None) -> dict:
             fits.append("overlap tax")
         if s["kind"] == "ring" and docs > 1:
             fits = ["runtime extra"]  # packed ring rows fit only the packed ring's runtime extra
-        if layout != "zigzag" and s["kind"] == "ring_compute":
-            fits = []  # doc_zigzag compute-only rows feed no fit
+        if layout != "zigzag" and s["kind"] == "ring_compute" or s["kind"] == "allgather":
+            fits = []  # doc_zigzag compute-only rows and the all-gather's feed no fit
         cases.append(_case(name, s["measured"], _attn_case(s, own(s), cluster), _attn_case(s, loo(s), cluster),
                            s["world"] if s["kind"] != "single" else 1, s["file"], fits, era=s["era"]))
 
