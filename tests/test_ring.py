@@ -204,29 +204,42 @@ def test_own_shard_is_one_forward_call_with_documents_joined_across_the_junction
 def test_allgather_plan_moves_only_the_rows_a_rank_sees_and_calls_once_per_range():
     from seqpar.attention.allgather import gather_plan
     rows = lambda segs: [(s.owner, s.start, s.stop) for s in segs]  # noqa: E731
+    blocks = lambda bs: [(b.q, b.k, b.causal, b.cu, b.cu_k) for b in bs]  # noqa: E731
     r0, r1 = gather_plan(96, 96, 2, "zigzag", (0, 96), True)
-    # rank 0 ([0, 24), [72, 96)): its first chunk reads its own keys only (runs while rows arrive),
-    # the last one reads the whole row, bottom-right causal, in one call
-    assert [(b.q, b.k, b.cu, b.cu_k) for b in r0.local_calls] == [(slice(0, 24), slice(0, 24), (0, 24), (0, 24))]
-    assert [(b.q, b.k, b.cu, b.cu_k) for b in r0.remote_calls] == [(slice(24, 48), slice(0, 96), (0, 24), (0, 96))]
+    # rank 0 ([0, 24), [72, 96)): the backward's calls, one per range over its whole prefix
+    assert blocks(r0.calls) == [(slice(0, 24), slice(0, 24), True, (0, 24), (0, 24)),
+                                (slice(24, 48), slice(0, 96), True, (0, 24), (0, 96))] and r0.remote == [False, True]
+    # the forward runs the first chunk and the last one's own keys while rank 1's rows arrive, then
+    # the last chunk against the rows before it, merged
+    assert blocks(r0.fwd_first) == [(slice(0, 24), slice(0, 24), True, (0, 24), (0, 24)),
+                                    (slice(24, 48), slice(72, 96), True, (0, 24), (0, 24))]
+    assert [(blocks([b])[0], m) for b, m in r0.fwd_then] == [((slice(24, 48), slice(0, 72), False, (0, 24), (0, 72)),
+                                                             True)]
     assert rows(r0.recv) == [(1, 24, 48), (1, 48, 72)]
-    # rank 1 ([24, 48), [48, 72)) sees nothing after row 72: it receives rank 0's first chunk only
-    assert rows(r1.recv) == [(0, 0, 24)] and (r1.lo, r1.hi) == (0, 72) and not r1.local_calls
+    # rank 1 ([24, 48), [48, 72): one range) sees nothing after row 72: it receives rank 0's first chunk
+    # only, and attends its own rows first
+    assert blocks(r1.calls) == [(slice(0, 48), slice(0, 72), True, (0, 48), (0, 72))]
+    assert rows(r1.recv) == [(0, 0, 24)] and (r1.lo, r1.hi) == (0, 72)
+    assert blocks(r1.fwd_first) == [(slice(0, 48), slice(24, 72), True, (0, 48), (0, 48))]
+    assert blocks([b for b, _ in r1.fwd_then]) == [(slice(0, 48), slice(0, 24), False, (0, 48), (0, 24))]
     # contiguous: rank 0 receives nothing at all; documents that stay on a rank move nothing
     c0, c1 = gather_plan(96, 96, 2, "contiguous", (0, 96), True)
     assert c0.recv == [] and rows(c1.recv) == [(0, 0, 48)]
     d0, d1 = gather_plan(96, 96, 2, "contiguous", (0, 40, 48, 96), True)
-    assert d0.recv == d1.recv == [] and not d0.remote_calls and not d1.remote_calls
-    # a document [40, 60) across the ranks: rank 1 receives its 8 rows of rank 0, one varlen call
+    assert d0.recv == d1.recv == [] and not any(d0.remote + d1.remote) and not d0.fwd_then + d1.fwd_then
+    # a document [40, 60) across the ranks: rank 1 receives its 8 rows of rank 0; the forward's far
+    # part is that document's 12 queries against them
     e0, e1 = gather_plan(96, 96, 2, "contiguous", (0, 40, 60, 96), True)
     assert rows(e1.recv) == [(0, 40, 48)] and (e1.lo, e1.hi) == (40, 96)
-    assert [(b.k, b.cu, b.cu_k) for b in e1.remote_calls] == [(slice(0, 56), (0, 12, 48), (0, 20, 56))]
-    # non-causal: a rank's queries see their whole documents, later rows included
+    assert blocks(e1.calls) == [(slice(0, 48), slice(0, 56), True, (0, 12, 48), (0, 20, 56))]
+    assert blocks([b for b, _ in e1.fwd_then]) == [(slice(0, 12), slice(0, 8), False, (0, 12), (0, 8))]
+    assert blocks(e1.fwd_first) == [(slice(0, 48), slice(8, 56), True, (0, 12, 48), (0, 12, 48))]
+    # non-causal: a rank's queries see their whole documents, later rows included; no split
     n0, _ = gather_plan(96, 96, 2, "contiguous", (0, 40, 60, 96), False)
-    assert rows(n0.recv) == [(1, 48, 60)]
+    assert rows(n0.recv) == [(1, 48, 60)] and [m for _, m in n0.fwd_then] == [False]
     # a remote segment is cut where a call's keys end, so each call's dK/dV covers it whole or not
     z = gather_plan(96, 96, 4, "zigzag", (0, 96), True)[1]  # chunks of 12: [12, 24), [72, 84)
-    assert all(not (s.start < ke < s.stop) for s in z.recv for b in z.remote_calls for ke in [z.lo + b.k.stop])
+    assert all(not (s.start < z.lo + b.k.stop < s.stop) for s in z.recv for b in z.calls)
 
 
 @pytest.mark.parametrize("causal", [True, False])

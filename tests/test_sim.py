@@ -1109,24 +1109,32 @@ def test_allgather_chunk_with_more_keys_runs_triton(h100, calib):
 
 
 def test_allgather_moves_only_seen_rows_behind_local_calls(h100, calib):
-    """All-gather SP from bb52ff6 on: one call with bounds per query range over its causal prefix;
-    a rank receives only the rows it sees (zigzag of 2: rank 0 two chunks, rank 1 one), forward and
-    backward, hidden behind its local-only calls (rank 0's first chunk; rank 1 has none)."""
+    """All-gather SP from bb52ff6 on: the backward makes one call with bounds per query range over its
+    causal prefix, the forward runs a range's own rows first and the rest after, merged; a rank
+    receives only the rows it sees (zigzag of 2: rank 0 two chunks, rank 1 one), hidden in the forward
+    behind its calls on own rows and in the backward behind its local-only calls (rank 0's first)."""
     from seqpar.sim.attention_cost import allgather_layer, attn_seconds
     from seqpar.sim.comm import collective_time, placed
     from seqpar.sim.compute import ATTN_FWD_BWD
 
     S, H, D = 32768, 32, 128
     q, group = S // 4, placed(2, 1, 8)
-    call = lambda k: attn_seconds(calib, [AttnCall(((q, k),), True, with_bounds=True)], H, D, "cudnn")  # noqa: E731
+    call = lambda nq, nk, causal=True: attn_seconds(  # noqa: E731
+        calib, [AttnCall(((nq, nk),), causal, with_bounds=True)], H, D, "cudnn")
+    fwd, bwd = 1 / ATTN_FWD_BWD, 1 - 1 / ATTN_FWD_BWD
     moved = lambda rows: collective_time("send_recv", rows * 2 * H * D * 2, group, h100, calib.comm)  # noqa: E731
-    c0, c1 = call(q) + call(S), call(2 * q) + call(3 * q)
-    e0 = max(0, moved(2 * q) - call(q) / ATTN_FWD_BWD) + max(0, moved(2 * q) - call(q) * (1 - 1 / ATTN_FWD_BWD))
-    e1 = 2 * moved(q)
+    # rank 0: chunk 0 local; chunk 3 as its own keys, then the 3 chunks before it (forward), one call (backward)
+    first0 = fwd * (call(q, q) + call(q, q))
+    c0 = first0 + fwd * call(q, 3 * q, False) + bwd * (call(q, q) + call(q, S))
+    e0 = max(0, moved(2 * q) - first0) + max(0, moved(2 * q) - bwd * call(q, q))
+    # rank 1: chunks 1-2 as one range: their own keys, then chunk 0's; the backward's dK/dV hop exposed
+    first1 = fwd * call(2 * q, 2 * q)
+    c1 = first1 + fwd * call(2 * q, q, False) + bwd * call(2 * q, 3 * q)
+    e1 = max(0, moved(q) - first1) + moved(q)
     total, comm, compute = allgather_layer(calib, h100, [(0, S)], 2, H, H, D, group)
     assert compute == pytest.approx(max(c0, c1))
     assert total == pytest.approx(max(c0 + e0, c1 + e1)) and comm == pytest.approx(total - compute)
-    assert 0 < comm < 2 * moved(2 * q)  # less than an exposed all-gather and reduce-scatter of the row
+    assert e1 >= moved(q) > 0 and comm < 2 * moved(2 * q)  # rank 1's hop home shows; less than the old exposed gathers
 
 
 def test_megatron_sp_charges_its_collectives_and_copies(h100, calib):

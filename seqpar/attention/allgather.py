@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from seqpar.attention.ring import Block, BoundTensors
 from seqpar.attention.ring_fold import add_once
-from seqpar.kernels.flash_attn import flash_attn, flash_attn_backward
+from seqpar.kernels.flash_attn import flash_attn, flash_attn_backward, flash_attn_merge_
 from seqpar.parallel.sharding import DOC_LAYOUTS, group_size_rank, host_bounds, local_ranges
 
 
@@ -45,11 +45,17 @@ class Segment:
 @dataclass
 class RankPlan:
     """One rank's calls and transfers. Blocks: `q` local query rows, `k` rows of the key buffer,
-    which holds the packed row's rows [lo, hi); `cu`/`cu_k` the documents of both sides."""
+    which holds the packed row's rows [lo, hi); `cu`/`cu_k` the documents of both sides.
+
+    `calls`: one per query range over its whole prefix, the backward's (those reading other ranks'
+    rows first). The forward runs `fwd_first` while the rows arrive (local-only calls, and the own
+    rows' part of the others) and `fwd_then` after, each (block, merged into its rows' earlier part)."""
     lo: int
     hi: int
-    local_calls: list[Block]  # read only the rank's own rows
-    remote_calls: list[Block]
+    calls: list[Block]
+    remote: list[bool]  # per call: reads other ranks' rows
+    fwd_first: list[Block]
+    fwd_then: list[tuple[Block, bool]]
     own: list[Segment]  # own rows the calls read (copied into the buffer)
     recv: list[Segment]  # other ranks' rows the calls read (received into the buffer)
     pieces: list[Segment]  # every row the rank holds, in storage order
@@ -57,9 +63,14 @@ class RankPlan:
     def __post_init__(self):
         self._bounds: dict[torch.device, BoundTensors] = {}
 
+    def backward_order(self) -> list[Block]:
+        """Calls on other ranks' rows first: their dK/dV go home while the local-only calls compute."""
+        return [c for c, r in zip(self.calls, self.remote) if r] + [c for c, r in zip(self.calls, self.remote) if not r]
+
     def bounds(self, device) -> BoundTensors:
         if device not in self._bounds:
-            self._bounds[device] = BoundTensors([self.local_calls + self.remote_calls], device)
+            blocks = self.calls + self.fwd_first + [b for b, _ in self.fwd_then]
+            self._bounds[device] = BoundTensors([blocks], device)
         return self._bounds[device]
 
 
@@ -77,7 +88,8 @@ def gather_plan(rows: int, seq_len: int, world: int, layout: str, bounds: tuple[
     held = sorted((s for ps in pieces for s in ps), key=lambda s: s.start)
     plans = []
     for r in range(world):
-        calls = [_call(p, bounds, causal) for p in pieces[r]]
+        ranges = _ranges(pieces[r])
+        calls = [_call(p, bounds, causal) for p in ranges]
         lo, hi = min(ks for _, ks, _ in calls), max(ke for _, _, ke in calls)
         # the rows the calls read, cut where a call's keys start or end: a call's dK/dV covers
         # each such segment whole or not at all
@@ -85,14 +97,68 @@ def gather_plan(rows: int, seq_len: int, world: int, layout: str, bounds: tuple[
         needed = _union([(ks, ke) for _, ks, ke in calls])
         seen = [Segment(s.owner, a, b, s.local + a - s.start) for s in held for ks, ke in needed
                 for a, b in _cut(max(s.start, ks), min(s.stop, ke), cuts)]
-        local, remote = [], []
-        for blk, ks, ke in calls:
-            blk = Block(blk.q, slice(ks - lo, ke - lo), causal, blk.cu, blk.cu_k)
-            reads_remote = any(s.owner != r and s.start < ke and ks < s.stop for s in seen)
-            (remote if reads_remote else local).append(blk)
-        plans.append(RankPlan(lo, hi, local, remote, [s for s in seen if s.owner == r],
+        blocks, remote, first, then = [], [], [], []
+        for p, (blk, ks, ke) in zip(ranges, calls):
+            blocks.append(Block(blk.q, slice(ks - lo, ke - lo), causal, blk.cu, blk.cu_k))
+            remote.append(any(s.owner != r and s.start < ke and ks < s.stop for s in seen))
+            x = _own_suffix(p.start, pieces[r])
+            if not remote[-1]:
+                first.append(blocks[-1])
+            elif causal and x > ks:  # the own rows' part while the others' arrive, theirs merged after
+                own, theirs = _split(p, bounds, x)
+                first.append(_shifted(own, lo))
+                then.append((_shifted(theirs, lo), True))
+            else:
+                then.append((blocks[-1], False))
+        plans.append(RankPlan(lo, hi, blocks, remote, first, then, [s for s in seen if s.owner == r],
                               [s for s in seen if s.owner != r], pieces[r]))
     return plans
+
+
+def _ranges(pieces):
+    """Pieces that continue each other (rows and storage both) joined: one call for the range."""
+    out = []
+    for p in pieces:
+        prev = out[-1] if out else None
+        if prev is not None and prev.stop == p.start and prev.local + prev.stop - prev.start == p.local:
+            out[-1] = Segment(prev.owner, prev.start, p.stop, prev.local)
+        else:
+            out.append(p)
+    return out
+
+
+def _own_suffix(a, pieces):
+    """Where the rank's own rows that end at row `a` begin (its pieces run back from `a` unbroken)."""
+    ends = {p.stop: p.start for p in pieces}
+    while a in ends:
+        a = ends[a]
+    return a
+
+
+def _split(piece: Segment, bounds, x) -> tuple[tuple[Block, int], tuple[Block, int]]:
+    """A causal range call cut at key row x (<= the range's start, the own rows from x on): per
+    document, (its queries against its keys from x on, causal; those of the documents that begin
+    before x against their keys before x, every pair), each as (block with keys from 0, first key)."""
+    a, b = piece.start, piece.stop
+    first = bisect.bisect_right(bounds, a) - 1
+    docs = [(ds, de) for ds, de in zip(bounds[first:-1], bounds[first + 1:]) if ds < b and ds < de]
+    own_q, own_k, far_q, far_k = [0], [0], [0], [0]
+    for ds, de in docs:
+        nq = min(b, de) - max(a, ds)
+        own_q.append(own_q[-1] + nq)
+        own_k.append(own_k[-1] + min(b, de) - max(ds, x))
+        if ds < x:
+            far_q.append(far_q[-1] + nq)
+            far_k.append(far_k[-1] + min(de, x) - ds)
+    ks = max(docs[0][0], x)
+    own = Block(slice(piece.local, piece.local + b - a), slice(0, b - ks), True, tuple(own_q), tuple(own_k))
+    far = Block(slice(piece.local, piece.local + far_q[-1]), slice(0, far_k[-1]), False, tuple(far_q), tuple(far_k))
+    return (own, ks), (far, docs[0][0])
+
+
+def _shifted(part, lo) -> Block:
+    blk, ks = part
+    return Block(blk.q, slice(ks - lo, ks - lo + blk.k.stop), blk.causal, blk.cu, blk.cu_k)
 
 
 def _cut(a, b, cuts):
@@ -184,16 +250,21 @@ class _GatherAttention(torch.autograd.Function):
         lse = torch.empty((1, q1.shape[2], q1.shape[1]), dtype=_acc_dtype(q1.dtype), device=q1.device)
         bounds = me.bounds(q1.device)
 
-        def attend(blk):
-            _, l = flash_attn(q1[:, blk.q], kb[:, blk.k], vb[:, blk.k], causal=blk.causal, softmax_scale=scale,
-                              return_lse=True, out=out[:, blk.q], **bounds(blk))
+        def attend(blk, merge=False):
+            args = (q1[:, blk.q], kb[:, blk.k], vb[:, blk.k])
+            if merge:  # into the rows' own part, in place (inside the kernel where it is Triton's)
+                flash_attn_merge_(*args, out[:, blk.q], lse[:, :, blk.q], causal=blk.causal, softmax_scale=scale,
+                                  **bounds(blk))
+                return
+            _, l = flash_attn(*args, causal=blk.causal, softmax_scale=scale, return_lse=True, out=out[:, blk.q],
+                              **bounds(blk))
             lse[:, :, blk.q] = l
 
-        for blk in me.local_calls:  # while the rows of the other ranks arrive
+        for blk in me.fwd_first:  # while the rows of the other ranks arrive
             attend(blk)
         pending.wait()
-        for blk in me.remote_calls:
-            attend(blk)
+        for blk, merge in me.fwd_then:
+            attend(blk, merge)
         ctx.save_for_backward(q1, kb, vb, out, lse)
         ctx.group, ctx.plans, ctx.scale, ctx.shapes = group, plans, scale, (q.shape, k.shape, v.shape)
         return out.reshape(*q.shape[:-1], v.shape[-1])
@@ -214,13 +285,15 @@ class _GatherAttention(torch.autograd.Function):
                                                 softmax_scale=ctx.scale, dq=dq[:, blk.q], **bounds(blk))
             grads.append((me.lo + blk.k.start, dk_b, dv_b))
 
-        for blk in me.remote_calls:  # first: their other ranks' rows go home while the rest computes
+        order = me.backward_order()
+        n_remote = sum(me.remote)
+        for blk in order[:n_remote]:  # first: their other ranks' rows go home while the rest computes
             grad(blk)
         sends = [(s.owner, [_summed(_parts(grads, s.start, s.stop, i)) for i in (1, 2)]) for s in me.recv]
         theirs = _theirs(plans, rank)
         recvs = [(peer, [t.new_empty((1, s.stop - s.start) + t.shape[2:]) for t in (kb, vb)]) for peer, s in theirs]
         pending = _exchange(ctx.group, sends, recvs)
-        for blk in me.local_calls:
+        for blk in order[n_remote:]:
             grad(blk)
         pending.wait()
         for (_, s), (_, (dk_p, dv_p)) in zip(theirs, recvs):

@@ -403,8 +403,9 @@ def allgather_layer(calib, cluster, rows, world, heads, kv_heads, head_dim, grou
     Before bb52ff6: K/V all-gathered, dK/dV reduce-scattered, exposed; calls without bounds (SDPA where
     queries and keys match, the Triton kernel where SDPA's top-left causal mask would be wrong). From
     bb52ff6 on (`attention.allgather.gather_plan`): every call with bounds and an lse, only the rows a
-    rank sees move (point to point), the forward's transfer behind its local-only calls, the
-    backward's dK/dV behind them too (`_gather_exposed`)."""
+    rank sees move (point to point), the forward's transfer behind the calls on own rows (the
+    local-only ones and, from the split, the own rows' part of the others), the backward's dK/dV
+    behind the local-only calls."""
     from seqpar.parallel.sharding import local_ranges
     from seqpar.sim.eras import era_since
 
@@ -443,13 +444,15 @@ def _gather_layer(calib, cluster, rows, world, heads, kv_heads, head_dim, group,
         for me in gather_plan(seq, seq, world, layout, tuple(bounds), True):
             cost = lambda blocks: sum(attn_seconds(calib, [_gather_call(b)], heads, head_dim, family)  # noqa: E731
                                       for b in blocks)
-            local, remote = cost(me.local_calls), cost(me.remote_calls)
+            # a call's forward is 1 / ATTN_FWD_BWD of its time; the forward may run a call as two parts
+            first = cost(me.fwd_first) / ATTN_FWD_BWD
+            fwd = first + cost(b for b, _ in me.fwd_then) / ATTN_FWD_BWD
+            bwd_local = cost(c for c, r in zip(me.calls, me.remote) if not r) * (1 - 1 / ATTN_FWD_BWD)
+            bwd = cost(me.calls) * (1 - 1 / ATTN_FWD_BWD)
             moved = collective_time("send_recv", sum(s.stop - s.start for s in me.recv) * kv_row, group, cluster,
                                     calib.comm)
-            # the forward (1 / ATTN_FWD_BWD of a call's time) and the backward each hide a transfer
-            # behind the local-only calls
-            fwd, bwd = local / ATTN_FWD_BWD, local * (1 - 1 / ATTN_FWD_BWD)
-            ranks.append((local + remote, max(0.0, moved - fwd) + max(0.0, moved - bwd)))
+            # the forward's K/V behind the calls on own rows, the backward's dK/dV behind the local-only calls
+            ranks.append((fwd + bwd, max(0.0, moved - first) + max(0.0, moved - bwd_local)))
         compute = max(c for c, _ in ranks)
         total += max(c + e for c, e in ranks)
         compute_total += compute
