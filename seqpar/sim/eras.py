@@ -119,6 +119,11 @@ CODE_CHANGES = (
     # the ring's per-step work (its fitted extras), no kernel
     ("2026-11-27T13:19:09+00:00", ("de46c0e the ring's (and all-gather's) pairs of 16-bit gradients summed by "
                                    "torch.add (vectorised) instead of addcmul with an fp32 one (same bits)")),
+    # no run yet; `allgather_layer` models this plan for every era from bb52ff6 on (the plan of bb52ff6
+    # itself is gone: its all-gather rows, 2026-11-27-gpu-16th calls 3-5, held out of every fit, are
+    # predicted with this one's)
+    ("2026-11-27T13:42:30+00:00", ("e1a8f31 the all-gather's adjacent pieces one range, and its forward runs a "
+                                   "causal range's own rows first and the rows before them after, merged")),
 )
 
 
@@ -143,7 +148,7 @@ SAME_KERNEL_BENCHES += ("148d759", "a63d362")
 # ... and c52307c (tuning at startup: the kernels bench tunes before it times), ff4de8f (disagg's plan)
 SAME_KERNEL_BENCHES += ("c52307c", "ff4de8f")
 # ... and 195962d (the lightning kernel only, as 83f5aae), bb52ff6 (the all-gather) and de46c0e (the ring's folds)
-SAME_KERNEL_BENCHES += ("195962d", "bb52ff6", "de46c0e")
+SAME_KERNEL_BENCHES += ("195962d", "bb52ff6", "de46c0e", "e1a8f31")
 # (not 6eda7f2: the kernels bench's split rows and the disagg bench's servers change with it)
 # CODE_CHANGES entries that changed the lightning kernel (79fc72c's entry holds e049981's one-scan
 # exchange): its kernels-bench rows measure one kernel only between two of them
