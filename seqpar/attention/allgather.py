@@ -1,20 +1,21 @@
-"""Softmax attention over the cp group by gathering K and V (Llama 3's context parallelism), merge-free.
+"""Softmax attention over the cp group by gathering K and V (Llama 3's context parallelism).
 
-Every query range a rank holds (as `shard_sequence` cut it) attends, in ONE kernel call, the keys
-of its documents up to its last row, causal aligned bottom-right (a query sees every key before it,
-whoever holds it). No part of a range's attention is computed apart from the rest, so nothing is
-merged: no partial outputs and lse folds in the forward, one dq per range in the backward. Where
-the ring makes a call per visiting shard and folds each result, this makes one call per range
-(zigzag: two per rank). The price is memory: a rank keeps, for its backward, every key row its
-queries see (zigzag: the whole row on rank 0), where the ring keeps its own shard; so this is the
-method for moderate lengths (and GQA's small K/V), the ring the one for the longest.
+The backward makes ONE kernel call per query range a rank holds (as `shard_sequence` cut it;
+adjacent pieces are one range): its queries against the keys of their documents up to its last row,
+causal aligned bottom-right (a query sees every key before it, whoever holds it), from the merged
+(out, lse). So no dq is summed from parts and a range's keys get one dK/dV per call, where the ring
+makes a call per visiting shard and folds each result. The forward runs a causal range as two parts:
+its own rows' keys first, while the other ranks' rows arrive, then the keys before them, merged into
+the first part's (out, lse) in place; a range that reads only own rows is one call. The price is
+memory: a rank keeps, for its backward, every key row its queries see (zigzag: the whole row on rank
+0), where the ring keeps its own shard; so this is the method for moderate lengths (and GQA's small
+K/V), the ring the one for the longest.
 
 Transfers: a rank receives only the key rows its queries see (causal: none after its last row),
 straight into their place in one buffer, and sends its own rows to the ranks that see them, in one
-batch of point-to-point transfers. Overlap: the forward runs the calls that read only the rank's
-own rows while the batch is in flight (zigzag: rank 0's first chunk); the backward runs the calls
-that read other ranks' rows first, posts their dK/dV home, and runs the local-only calls while
-they travel. A key row's dK/dV is summed over the calls and ranks that saw it in fp32, rounded once.
+batch of point-to-point transfers. The backward runs the calls that read other ranks' rows first,
+posts their dK/dV home, and runs the local-only calls while they travel. A key row's dK/dV is summed
+over the calls and ranks that saw it in fp32, rounded once.
 
 Layouts `contiguous` and `zigzag` (the document layouts cut by documents: ring only).
 """
