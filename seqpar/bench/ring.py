@@ -12,7 +12,7 @@ kernel family (cuDNN, FlashAttention-2; `SEQPAR_ATTN_KERNEL`):
   (what the overlap failed to hide);
 - torch_cp: context_parallel with the same kernel (allgather and alltoall rotation), its efficiency;
 - with `--methods ulysses usp:U allgather`: Ulysses, USP (Ulysses of degree U inside groups, ring
-  across) and the merge-free all-gather on the same inputs, their times and efficiencies
+  across) and the all-gather (`attention.allgather`) on the same inputs, their times and efficiencies
   (`ulysses_ms`, `usp:2_efficiency`, `allgather_efficiency`, ...).
 
 Packed documents (lognormal lengths, the draw of `anchors_varlen.py`): one GPU runs varlen flash
@@ -157,8 +157,8 @@ def _ring_step(q, k, v, do, cu=None, layout="zigzag"):
 
 def _other_method(name: str, world: int):
     """fwd+bwd of Ulysses (`ulysses`), USP (`usp:U`: Ulysses of degree U inside groups, ring
-    across them, the process groups built as training builds them) or the merge-free all-gather
-    (`allgather`: one call per query range over its whole prefix) over the whole world, zigzag."""
+    across them, the process groups built as training builds them) or the all-gather (`allgather`,
+    `attention.allgather`) over the whole world, zigzag."""
     from seqpar.attention.allgather import allgather_attention
     from seqpar.attention.ulysses import ulysses_attention, usp_attention
     from seqpar.parallel.dims import ParallelDims
@@ -292,7 +292,7 @@ def bench_packed(args, device, timer, world):
                     row[key] = _packed_layout(q, k, v, do, cu, layout, steps, t_single, timer, device, world)
                 except Exception as e:
                     row[key] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
-            if "allgather" in args.methods:  # the merge-free all-gather over the zigzag chunks
+            if "allgather" in args.methods:  # the all-gather over the zigzag chunks
                 try:
                     row[f"{kernel}_allgather"] = _packed_allgather(q, k, v, do, cu, t_single, timer, device, world)
                 except Exception as e:
