@@ -128,7 +128,7 @@ def folder_health(path: str) -> str | None:
 
 def ring_samples(found) -> list[dict]:
     """Attention samples of the ring bench: {group, family, kind, S, world, calls/steps, measured};
-    kind single, ring, ring_compute, or allgather (the merge-free all-gather beside the ring)."""
+    kind single, ring, ring_compute, or allgather (`attention.allgather` beside the ring)."""
     from seqpar.bench.ring import lognormal_lengths
 
     out = []
