@@ -125,10 +125,10 @@ def _transfer_order():
     """Log of one fwd+bwd: 'shift' when a transfer is posted, 'wait' when it is awaited, 'fwd' and
     'bwd' for each block computed."""
     log = []
-    shift, wait = ring_module.RingComm.exchange, ring_module._Pending.wait
+    shift, wait = ring_module.RingComm.exchange, ring_module.Pending.wait
     fwd, bwd = ring_module.flash_attn, ring_module.flash_attn_backward
     ring_module.RingComm.exchange = lambda self, *a: (log.append("shift"), shift(self, *a))[1]
-    ring_module._Pending.wait = lambda self: (log.append("wait"), wait(self))[1]
+    ring_module.Pending.wait = lambda self: (log.append("wait"), wait(self))[1]
     ring_module.flash_attn = lambda *a, **kw: (log.append("fwd"), fwd(*a, **kw))[1]
     ring_module.flash_attn_backward = lambda *a, **kw: (log.append("bwd"), bwd(*a, **kw))[1]
     try:
@@ -136,7 +136,7 @@ def _transfer_order():
         local = [shard_sequence(t).requires_grad_() for t in (q, k, v)]
         ring_attention(*local).backward(shard_sequence(grad))
     finally:
-        ring_module.RingComm.exchange, ring_module._Pending.wait = shift, wait
+        ring_module.RingComm.exchange, ring_module.Pending.wait = shift, wait
         ring_module.flash_attn, ring_module.flash_attn_backward = fwd, bwd
     return log
 

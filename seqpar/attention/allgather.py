@@ -22,13 +22,14 @@ Layouts `contiguous` and `zigzag` (the document layouts cut by documents: ring o
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from itertools import accumulate
 from functools import lru_cache
 
 import torch
 import torch.distributed as dist
 
-from seqpar.attention.ring import Block, BoundTensors
+from seqpar.attention.ring import Block, BoundTensors, Pending
 from seqpar.attention.ring_fold import add_once
 from seqpar.kernels.flash_attn import flash_attn, flash_attn_backward, flash_attn_merge_
 from seqpar.parallel.sharding import DOC_LAYOUTS, group_size_rank, host_bounds, local_ranges
@@ -60,6 +61,9 @@ class RankPlan:
     own: list[Segment]  # own rows the calls read (copied into the buffer)
     recv: list[Segment]  # other ranks' rows the calls read (received into the buffer)
     pieces: list[Segment]  # every row the rank holds, in storage order
+    # (peer, segment) of own rows other ranks read, in the order their plans list them (so the
+    # point-to-point pairs match): K/V go out this way, their dK/dV come back the same way
+    theirs: list[tuple[int, Segment]] = field(default_factory=list)
 
     def __post_init__(self):
         self._bounds: dict[torch.device, BoundTensors] = {}
@@ -82,10 +86,12 @@ def gather_plan(rows: int, seq_len: int, world: int, layout: str, bounds: tuple[
     `rows` rows made of equal sequences of `seq_len` rows, each cut by `layout`, with documents
     `bounds` (global boundaries, sequence edges among them)."""
     local_len = seq_len // world
-    pieces = [[Segment(r, row * seq_len + a, row * seq_len + b, row * local_len + off)
-               for row in range(rows // seq_len)
-               for (a, b), off in zip(local_ranges(seq_len, world, r, layout), _offsets(seq_len, world, r, layout))]
-              for r in range(world)]
+    pieces = []
+    for r in range(world):
+        held_r = local_ranges(seq_len, world, r, layout)
+        offsets = list(accumulate((b - a for a, b in held_r[:-1]), initial=0))  # in local storage
+        pieces.append([Segment(r, row * seq_len + a, row * seq_len + b, row * local_len + off)
+                       for row in range(rows // seq_len) for (a, b), off in zip(held_r, offsets)])
     held = sorted((s for ps in pieces for s in ps), key=lambda s: s.start)
     plans = []
     for r in range(world):
@@ -113,6 +119,8 @@ def gather_plan(rows: int, seq_len: int, world: int, layout: str, bounds: tuple[
                 then.append((blocks[-1], False))
         plans.append(RankPlan(lo, hi, blocks, remote, first, then, [s for s in seen if s.owner == r],
                               [s for s in seen if s.owner != r], pieces[r]))
+    for r, me in enumerate(plans):
+        me.theirs = [(peer, s) for peer, plan in enumerate(plans) if peer != r for s in plan.recv if s.owner == r]
     return plans
 
 
@@ -169,14 +177,6 @@ def _cut(a, b, cuts):
     inner = cuts[bisect.bisect_right(cuts, a):bisect.bisect_left(cuts, b)]
     points = [a, *inner, b]
     return list(zip(points[:-1], points[1:]))
-
-
-def _offsets(seq_len, world, rank, layout):
-    out, pos = [], 0
-    for a, b in local_ranges(seq_len, world, rank, layout):
-        out.append(pos)
-        pos += b - a
-    return out
 
 
 def _call(piece: Segment, bounds, causal) -> tuple[Block, int, int]:
@@ -241,7 +241,7 @@ class _GatherAttention(torch.autograd.Function):
         q1, k1, v1 = (_packed(t) for t in (q, k, v))
         kb, vb = (t.new_empty((1, me.hi - me.lo) + t.shape[2:]) for t in (k1, v1))
         # K and V: ours to the ranks that see them, theirs into the buffer, one batch
-        sends = [(peer, [t[:, _local(s)] for t in (k1, v1)]) for peer, s in _theirs(plans, rank)]
+        sends = [(peer, [t[:, _local(s)] for t in (k1, v1)]) for peer, s in me.theirs]
         recvs = [(s.owner, [t[:, s.start - me.lo:s.stop - me.lo] for t in (kb, vb)]) for s in me.recv]
         pending = _exchange(group, sends, recvs)
         for s in me.own:
@@ -274,7 +274,7 @@ class _GatherAttention(torch.autograd.Function):
     def backward(ctx, dout):
         q1, kb, vb, out, lse = ctx.saved_tensors
         rank = group_size_rank(ctx.group)[1]
-        plans, me = ctx.plans, ctx.plans[rank]
+        me = ctx.plans[rank]
         dout1 = _packed(dout)
         dq = torch.empty_like(q1)
         bounds = me.bounds(q1.device)
@@ -291,7 +291,7 @@ class _GatherAttention(torch.autograd.Function):
         for blk in order[:n_remote]:  # first: their other ranks' rows go home while the rest computes
             grad(blk)
         sends = [(s.owner, [_summed(_parts(grads, s.start, s.stop, i)) for i in (1, 2)]) for s in me.recv]
-        theirs = _theirs(plans, rank)
+        theirs = me.theirs
         recvs = [(peer, [t.new_empty((1, s.stop - s.start) + t.shape[2:]) for t in (kb, vb)]) for peer, s in theirs]
         pending = _exchange(ctx.group, sends, recvs)
         for blk in order[n_remote:]:
@@ -310,11 +310,6 @@ class _GatherAttention(torch.autograd.Function):
                 for i, final in ((1, dk1), (2, dv1)):
                     _sum_into(final[:, rows], _parts(grads, a, b, i))
         return dq.reshape(q_shape), dk, dv, None, None, None
-
-
-def _theirs(plans, rank):
-    """(peer, segment) of every own row segment another rank reads, in the order its plan lists them."""
-    return [(peer, s) for peer, plan in enumerate(plans) if peer != rank for s in plan.recv if s.owner == rank]
 
 
 def _local(s: Segment) -> slice:
@@ -353,20 +348,10 @@ def _acc_dtype(dtype):
     return torch.promote_types(dtype, torch.float32)
 
 
-def _exchange(group, sends, recvs) -> "_Pending":
+def _exchange(group, sends, recvs) -> Pending:
     """Post every (peer, tensors) send and receive as one batch of point-to-point transfers; between
     two ranks the order of both lists is the receiver's plan order, so the pairs match."""
     to_global = (lambda r: r) if group is None else (lambda r: dist.get_global_rank(group, r))
     ops = [dist.P2POp(dist.isend, t, to_global(peer), group) for peer, ts in sends for t in ts]
     ops += [dist.P2POp(dist.irecv, t, to_global(peer), group) for peer, ts in recvs for t in ts]
-    return _Pending(dist.batch_isend_irecv(ops) if ops else [], sends)
-
-
-class _Pending:
-    def __init__(self, works, sent):
-        self.works, self.sent = works, sent  # the sent tensors stay referenced until the transfer is done
-
-    def wait(self):
-        for w in self.works:
-            w.wait()
-        self.sent = None
+    return Pending(dist.batch_isend_irecv(ops) if ops else [], (), sends)

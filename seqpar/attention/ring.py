@@ -530,19 +530,21 @@ class RingComm:
             to_global = (lambda r: r) if group is None else (lambda r: dist.get_global_rank(group, r))
             self.next, self.prev = to_global((rank + 1) % self.world), to_global((rank - 1) % self.world)
 
-    def shift(self, tensors) -> "_Pending":
+    def shift(self, tensors) -> "Pending":
         """Send `tensors` (contiguous) on, receive the previous rank's of the same shapes; K and V
         go as two messages of one batch rather than one packed copy."""
         return self.exchange(tensors, tuple(torch.empty_like(t) for t in tensors))
 
-    def exchange(self, send, recv) -> "_Pending":
+    def exchange(self, send, recv) -> "Pending":
         """Send the tensors `send` to the next rank while receiving the previous rank's into `recv`."""
         ops = [dist.P2POp(dist.isend, t, self.next, self.group) for t in send]
         ops += [dist.P2POp(dist.irecv, b, self.prev, self.group) for b in recv]
-        return _Pending(dist.batch_isend_irecv(ops) if ops else [], tuple(recv), send)
+        return Pending(dist.batch_isend_irecv(ops) if ops else [], tuple(recv), send)
 
 
-class _Pending:
+class Pending:
+    """Posted transfers: `wait()` makes the current stream wait for them and returns the receive buffers."""
+
     def __init__(self, works, buf, sent):
         self.works, self.buf, self.sent = works, buf, sent  # `sent` stays referenced until the send is done
 
