@@ -1,8 +1,10 @@
 """Where one lightning-attention fwd+bwd spends its time at each length (B=1, H=32, D=128, bf16):
 CUDA-event ms per call, then torch.profiler's GPU ms per kernel per call, and the GPU's busy share.
-Written for the question of issue 4: why a 32k-token call costs more per token than a 64k one.
+Written for the question of issue 4: why a 32k-token call costs more per token than a 64k one;
+a length may name a batch (`4x16384`: four rows of 16k, issue 5's flatness question, where one
+64k row's backward ran 22% slower than four 16k rows').
 
-    python3 docs/benchmarks/lightning_profile.py OUTDIR 32768 65536
+    python3 docs/benchmarks/lightning_profile.py OUTDIR 32768 65536 4x16384
 """
 import json
 import sys
@@ -17,8 +19,9 @@ def main(out_dir, lens):
     H, D, dev = 32, 128, torch.device("cuda")
     lam = -torch.linspace(1, 8, H, device=dev).exp2().reciprocal()
     result = {}
-    for S in lens:
-        q, k, v, do = (torch.randn(1, S, H, D, device=dev, dtype=torch.bfloat16) for _ in range(4))
+    for spec in lens:
+        B, S = (int(x) for x in spec.split("x")) if "x" in spec else (1, int(spec))
+        q, k, v, do = (torch.randn(B, S, H, D, device=dev, dtype=torch.bfloat16) for _ in range(4))
         for t in (q, k, v):
             t.requires_grad_()
 
@@ -44,12 +47,12 @@ def main(out_dir, lens):
             if t > 0:
                 per[e.key[:70]] = (round(t / 5 / 1e3, 4), e.count // 5)
         busy = sum(t for t, _ in per.values())
-        result[S] = dict(ms=round(wall, 4), Mtok_s=round(S / wall / 1e3, 3), gpu_busy_ms=round(busy, 4),
+        result[spec] = dict(ms=round(wall, 4), Mtok_s=round(B * S / wall / 1e3, 3), gpu_busy_ms=round(busy, 4),
                          kernels=dict(sorted(per.items(), key=lambda kv: -kv[1][0])))
-        print(S, json.dumps(result[S], indent=1), flush=True)
+        print(spec, json.dumps(result[spec], indent=1), flush=True)
     with open(f"{out_dir}/lightning_profile.json", "w") as f:
         json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], [int(s) for s in sys.argv[2:]])
+    main(sys.argv[1], sys.argv[2:])
