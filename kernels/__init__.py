@@ -10,11 +10,12 @@ Reach implementations with from-imports, which resolve through the module system
 `kernels/dispatch.py`.
 """
 from seqpar.kernels.attn_merge import attn_merge_
+from seqpar.kernels.block_sum import block_sum_
 from seqpar.kernels.cross_entropy import fused_linear_cross_entropy
 from seqpar.kernels.dispatch import backend
 from seqpar.kernels.flash_attn import flash_attn
 from seqpar.kernels.lightning_attn import lightning_attn
 from seqpar.kernels.norm_rope import apply_rotary, rms_norm, rotary_cos_sin
 
-__all__ = ["apply_rotary", "attn_merge_", "backend", "flash_attn", "fused_linear_cross_entropy", "lightning_attn",
+__all__ = ["apply_rotary", "attn_merge_", "backend", "block_sum_", "flash_attn", "fused_linear_cross_entropy", "lightning_attn",
            "rms_norm", "rotary_cos_sin"]

@@ -36,7 +36,7 @@ from functools import lru_cache
 import torch
 
 OPS = ("flash_attn", "flash_attn_backward", "lightning_attn", "rms_norm", "apply_rotary", "rotary_cos_sin",
-       "fused_linear_cross_entropy", "attn_merge")
+       "fused_linear_cross_entropy", "attn_merge", "block_sum")
 ENV = "SEQPAR_KERNELS"
 ATTN_ENV = "SEQPAR_ATTN_KERNEL"
 
@@ -95,6 +95,8 @@ def backend(op: str, *tensors: torch.Tensor | None, **features) -> str:
         return _lightning_attn_backend(*tensors[:4])
     if op == "attn_merge":
         return _attn_merge_backend(*tensors[:5])
+    if op == "block_sum":
+        return _block_sum_backend(*present)
     return "reference"
 
 
@@ -172,6 +174,16 @@ def _attn_merge_backend(old, o, lse, l, out) -> str:
     if not has_triton() or not _plain(*rows, lse, l) or lse.dtype != torch.float32 or l.dtype not in _ELEMENTWISE_DTYPES:
         return "reference"
     if any(t.dtype not in _ELEMENTWISE_DTYPES or t.dim() != 4 or t.stride(-1) != 1 for t in rows) or out.shape[-1] > 256:
+        return "reference"
+    return "triton"
+
+
+def _block_sum_backend(out, *parts) -> str:
+    # two or three parts, summed in fp32 registers (fp64 sums stay with torch), head-dim tiles of <= 256
+    rows = (out, *parts)
+    if not has_triton() or not _plain(*rows) or len(parts) not in (2, 3) or out.shape[-1] > 256:
+        return "reference"
+    if any(t.dtype not in _ELEMENTWISE_DTYPES or t.dim() != 4 or t.stride(-1) != 1 for t in rows):
         return "reference"
     return "triton"
 

@@ -654,10 +654,20 @@ def test_fold_plan_writes_first_merges_middle_and_casts_last():
     # forward merges: the first result of a row is kept as it is and merged with the second
     pairs = plan_folds([slice(0, 10), slice(5, 10), slice(5, 8)], 12, final=True, pairs=True)
     assert pairs.runs[0] == (Run("put", slice(0, 5), slice(0, 5)), Run("hold", slice(5, 10), slice(5, 10)))
-    assert pairs.runs[1] == (Run("pair", slice(5, 8), slice(0, 3), (0, slice(5, 8))),
-                             Run("pair_last", slice(8, 10), slice(3, 5), (0, slice(8, 10))))
+    assert pairs.runs[1] == (Run("pair", slice(5, 8), slice(0, 3), ((0, slice(5, 8)),)),
+                             Run("pair_last", slice(8, 10), slice(3, 5), ((0, slice(8, 10)),)))
     assert pairs.runs[2] == (Run("last", slice(5, 8), slice(0, 3)),)
     assert pairs.kept == (True, False, False) and pairs.released == ((), (0,), ())
+    # gradients: a row of three results keeps the first two and sums them with the third in one op
+    trios = plan_folds([slice(0, 10), slice(5, 10), slice(5, 8), slice(6, 8)], 12, final=True, pairs=True,
+                       trios=True)
+    assert trios.runs[1] == (Run("hold", slice(5, 8), slice(0, 3)),
+                             Run("pair_last", slice(8, 10), slice(3, 5), ((0, slice(8, 10)),)))
+    assert trios.runs[2] == (Run("trio_last", slice(5, 6), slice(0, 1), ((0, slice(5, 6)), (1, slice(0, 1)))),
+                             Run("trio", slice(6, 8), slice(1, 3), ((0, slice(6, 8)), (1, slice(1, 3)))))
+    assert trios.runs[3] == (Run("last", slice(6, 8), slice(0, 2)),)
+    assert trios.kept == (True, True, False, False) and trios.released == ((), (), (0, 1), ())
+    assert trios.needs_acc  # rows 6..7: four results, the trio's sum runs on in acc
     # two results per row (a ring of 2): they meet in one op into the final buffer, no running sum
     two = plan_folds([slice(0, 10), slice(5, 10)], 12, final=True, pairs=True)
     assert [[r.role for r in runs] for runs in two.runs] == [["put", "hold"], ["pair_last"]]

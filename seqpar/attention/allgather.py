@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from seqpar.attention.ring import Block, BoundTensors, Pending
-from seqpar.attention.ring_fold import add_once
+from seqpar.kernels.block_sum import block_sum_
 from seqpar.kernels.flash_attn import flash_attn, flash_attn_backward, flash_attn_merge_
 from seqpar.parallel.sharding import DOC_LAYOUTS, group_size_rank, host_bounds, local_ranges
 
@@ -331,17 +331,10 @@ def _summed(parts):
 
 def _sum_into(final, parts):
     """final = the sum of `parts` taken in fp32 (or wider), rounded once."""
-    if not parts:
-        final.zero_()
-    elif len(parts) == 1:
-        final.copy_(parts[0])
-    elif len(parts) == 2:
-        add_once(parts[0], parts[1], final, _acc_dtype(final.dtype))
+    if parts:
+        block_sum_(final, parts)
     else:
-        acc = parts[0].to(_acc_dtype(final.dtype)) + parts[1]
-        for p in parts[2:-1]:
-            acc.add_(p)
-        torch.add(acc, parts[-1], out=final)
+        final.zero_()
 
 
 def _acc_dtype(dtype):

@@ -264,11 +264,11 @@ class RingPlan:
         self.fwd_steps = steps if own is None else [[own]] + steps[1:]
         self.out = plan_folds([b.q for blocks in self.fwd_steps for b in blocks], q_len, final=True, pairs=True)
         self.out_kept, self.out_released = self.out.kept, self.out.released
-        self.dq = plan_folds([b.q for b in self.backward_order()], q_len, final=True, pairs=True)
+        self.dq = plan_folds([b.q for b in self.backward_order()], q_len, final=True, pairs=True, trios=True)
         self.dq_kept, self.dq_released = self.dq.kept, self.dq.released
         # dK/dV of a visiting shard: fresh at step 1, then on top of the ranks' before it
         self.travel = [None] + [plan_folds([b.k for b in steps[s]], self.travel_len, final=False, base=s >= 2,
-                                           pairs=True) for s in range(1, len(steps))]
+                                           pairs=True, trios=True) for s in range(1, len(steps))]
         # Ring of 2: the one hop home carries the previous rank's block gradients as the kernel
         # wrote them (exact, in the inputs' dtype), folded here with the own ones; nothing is
         # folded, zero-filled or widened to fp32 before the transfer, and half the bytes move.
@@ -276,10 +276,11 @@ class RingPlan:
         self.peer_last = peer_last if self.raw_hop else None
         own = [b.k for b in steps[0]]
         if self.raw_hop:
-            self.home = plan_folds(own + [b.k for b in peer_last], k_len, final=True, pairs=True)
+            self.home = plan_folds(own + [b.k for b in peer_last], k_len, final=True, pairs=True, trios=True)
         else:
             # rows that travelled come home with the other ranks' sums; the rest never left
-            self.home = plan_folds(own, k_len, final=True, base=self.travel_len if len(steps) > 1 else 0, pairs=True)
+            self.home = plan_folds(own, k_len, final=True, base=self.travel_len if len(steps) > 1 else 0, pairs=True,
+                                   trios=True)
         self._bounds: dict[torch.device, BoundTensors] = {}
 
     def backward_order(self) -> list[Block]:

@@ -9,11 +9,14 @@ when the inputs are fp32 or fp64):
 
 - n = 1: the result is written straight to the final buffer (no fp32 pass at all);
 - n > 1: the first result is kept as the kernel wrote it and meets the second in one op that
-  writes acc (no zero-fill, no copy to fp32: gradients `add_once`, the sum in fp32 whether it
-  lands in acc or, rounded once, in the final buffer; attention through `kernels.attn_merge_`),
-  the middle ones fold into acc in place, and the last one folds AND casts to the final buffer
-  in one op (``torch.add(acc, c, out=final)``: computed in fp32, rounded once, as ``.to()``
-  after would); with n = 2 the pair writes the final buffer directly;
+  writes acc (no zero-fill, no copy to fp32; attention through `kernels.attn_merge_`), the
+  middle ones fold into acc in place, and the last one folds AND casts to the final buffer in one
+  op (computed in fp32, rounded once, as ``.to()`` after would); with n = 2 the pair writes the
+  final buffer directly. Gradients (`trios`) keep the second result too and meet the first two
+  with the third in one op: a row of three results (the 2-rank ring's dQ of its later chunk and
+  dK/dV of its earlier one) is one pass that reads three blocks and writes the final buffer.
+  Every gradient sum is `kernels.block_sum_`: in fp32 whatever the blocks' dtypes, rounded once
+  (one Triton pass on CUDA);
 - n = 0: zero (forward: out 0, lse -inf).
 
 Every op computes what the fp32 running merge computed before (bitwise the same in bf16 on CPU).
@@ -28,23 +31,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from seqpar.kernels.attn_merge import attn_merge_
+from seqpar.kernels.block_sum import block_sum_
 
 # final = c; acc = c; acc += c; final = acc + c; keep c for these rows' next result (forward:
-# lse = l); merge the kept one with c (into acc, or into final when c is the rows' last)
-ROLES = ("put", "init", "add", "last", "hold", "pair", "pair_last")
+# lse = l); merge the kept one with c (into acc, or into final when c is the rows' last); sum the
+# two kept ones and c (gradients)
+ROLES = ("put", "init", "add", "last", "hold", "pair", "pair_last", "trio", "trio_last")
 
 
 @dataclass(frozen=True)
 class Run:
-    """One element-wise op of a result: its rows `src` fold into rows `dst` of the buffer
-    (pairing with rows `held[1]` of the kept result number `held[0]`)."""
+    """One element-wise op of a result: its rows `src` fold into rows `dst` of the buffer (pair
+    and trio: with rows `s` of the kept result number `i`, for each `(i, s)` in `held`)."""
     role: str
     dst: slice
     src: slice
-    held: tuple[int, slice] | None = None
+    held: tuple[tuple[int, slice], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -59,9 +62,10 @@ class Folds:
     @property
     def needs_acc(self) -> bool:
         """Whether a row keeps a running sum apart from the final buffer (when their dtypes differ):
-        not for a row of two results ("hold" then "pair_last"), which meet in one op that writes
-        the final buffer (2 ranks: every merged row; an fp32 buffer of the shard's size saved)."""
-        return any(r.role in ("init", "add", "pair") for runs in self.runs for r in runs)
+        not for a row of two results ("hold" then "pair_last"), nor of three gradients ("hold",
+        "hold", "trio_last"), which meet in one op that writes the final buffer (2 ranks: every
+        merged row; an fp32 buffer of the shard's size saved)."""
+        return any(r.role in ("init", "add", "pair", "trio") for runs in self.runs for r in runs)
 
     @property
     def kept(self) -> tuple[bool, ...]:
@@ -74,44 +78,50 @@ class Folds:
         last = {}
         for i, runs in enumerate(self.runs):
             for r in runs:
-                if r.held is not None:
-                    last[r.held[0]] = i
+                for h, _ in r.held:
+                    last[h] = i
         return tuple(tuple(h for h, i_last in last.items() if i_last == i) for i in range(len(self.runs)))
 
 
-def plan_folds(slices, length: int, *, final: bool, base: bool | int = False, pairs: bool = False) -> Folds:
+def plan_folds(slices, length: int, *, final: bool, base: bool | int = False, pairs: bool = False,
+               trios: bool = False) -> Folds:
     """The runs of results that reach rows `slices[i]` (in that order) of a buffer of `length` rows.
 
     final: the buffer ends in the inputs' dtype (roles put/init/add/last); otherwise it is an
     accumulator that travels on (init/add). base: it already holds a value in every row (True) or
     in its first `base` rows (an int).
     pairs: a row's first result is kept as it is and merged with its second in one op (no copy
-    to acc first); the caller keeps the results that `Folds.kept` names until `Folds.released`."""
+    to acc first); the caller keeps the results that `Folds.kept` names until `Folds.released`.
+    trios (with pairs): a row of three or more results keeps its second one too, and the first
+    two meet the third in one op (sums, not attention merges)."""
     base = length if base is True else int(base)
     cuts = sorted({0, length, min(base, length), *(s.start for s in slices), *(s.stop for s in slices)})
     segments = list(zip(cuts[:-1], cuts[1:]))
     reach = [[i for i, s in enumerate(slices) if s.start <= a and b <= s.stop] for a, b in segments]
     runs: list[list[Run]] = [[] for _ in slices]
     for (a, b), who in zip(segments, reach):
-        n, held = len(who), None
+        n = len(who)
+        meet = 3 if trios and pairs and n >= 3 else 2  # the result that meets the kept ones
         for j, i in enumerate(who):
             last = final and j == n - 1
+            held = ()
             if a < base:
                 role = "last" if last else "add"
             elif j == 0:
                 role = "put" if final and n == 1 else "hold" if pairs and n > 1 else "init"
-            elif j == 1 and pairs:
-                role = "pair_last" if last else "pair"
-                h = who[0]
-                held = (h, slice(a - slices[h].start, b - slices[h].start))
+            elif pairs and j < meet - 1:
+                role = "hold"
+            elif pairs and j == meet - 1:
+                role = ("trio" if meet == 3 else "pair") + ("_last" if last else "")
+                held = tuple((h, slice(a - slices[h].start, b - slices[h].start)) for h in who[:j])
             else:
                 role = "last" if last else "add"
             start = slices[i].start
-            run = Run(role, slice(a, b), slice(a - start, b - start), held if role.startswith("pair") else None)
+            run = Run(role, slice(a, b), slice(a - start, b - start), held)
             prev = runs[i][-1] if runs[i] else None
             if prev is not None and _adjacent(prev, run):
-                joined_held = None if run.held is None else (run.held[0], slice(prev.held[1].start, run.held[1].stop))
-                runs[i][-1] = Run(role, slice(prev.dst.start, b), slice(prev.src.start, b - start), joined_held)
+                joined = tuple((h, slice(p.start, r.stop)) for (h, p), (_, r) in zip(prev.held, run.held))
+                runs[i][-1] = Run(role, slice(prev.dst.start, b), slice(prev.src.start, b - start), joined)
             else:
                 runs[i].append(run)
     rest = [slice(a, b) for (a, b), who in zip(segments, reach) if not who and b > a]
@@ -120,9 +130,9 @@ def plan_folds(slices, length: int, *, final: bool, base: bool | int = False, pa
 
 
 def _adjacent(prev: Run, run: Run) -> bool:
-    if prev.role != run.role or prev.dst.stop != run.dst.start:
+    if prev.role != run.role or prev.dst.stop != run.dst.start or len(prev.held) != len(run.held):
         return False
-    return prev.held is None or (prev.held[0] == run.held[0] and prev.held[1].stop == run.held[1].start)
+    return all(h == g and p.stop == r.start for (h, p), (g, r) in zip(prev.held, run.held))
 
 
 def _join(slices):
@@ -137,7 +147,8 @@ def _join(slices):
 
 def fold_grad(runs, c, acc, final, kept=None):
     """Fold one block's gradient `c` ([B, rows, H, D]) into `acc` / `final` along dim 1; `kept`:
-    the earlier results that this one pairs with, by number."""
+    the earlier results that this one meets, by number. Every sum is taken in fp32 (or wider) and
+    rounded once, whatever the dtypes of the blocks and of acc (acc may be final: bf16)."""
     for r in runs:
         src = c[:, r.src]
         if r.role == "put":
@@ -145,35 +156,12 @@ def fold_grad(runs, c, acc, final, kept=None):
         elif r.role == "init":
             acc[:, r.dst].copy_(src)
         elif r.role == "add":
-            acc[:, r.dst].add_(src)
+            block_sum_(acc[:, r.dst], [acc[:, r.dst], src])
         elif r.role == "last":
-            torch.add(acc[:, r.dst], src, out=final[:, r.dst])
-        elif r.role in ("pair", "pair_last"):
-            add_once(kept[r.held[0]][:, r.held[1]], src, (acc if r.role == "pair" else final)[:, r.dst],
-                     torch.promote_types(acc.dtype, torch.float32))  # (acc may be final: bf16)
-
-
-_OPMATH = {torch.bfloat16: torch.float32, torch.float16: torch.float32}
-
-
-def add_once(a, b, out, acc_dtype):
-    """out = a + b, the sum taken in `acc_dtype` and rounded once to out's dtype."""
-    if a.dtype == b.dtype == out.dtype and _OPMATH.get(a.dtype, a.dtype) == acc_dtype:
-        torch.add(a, b, out=out)  # torch adds 16-bit tensors in fp32 and rounds once (a vectorised pass)
-    else:
-        # c1 + c2 * 1 with a dimensioned one of acc_dtype: the sum in acc_dtype (an add of two bf16
-        # tensors into an fp32 out would round to bf16 first); a slower, unvectorised pass
-        torch.addcmul(a, b, _one(acc_dtype, out.device), out=out)
-
-
-_ONES: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
-
-
-def _one(dtype, device):
-    key = (dtype, device)
-    if key not in _ONES:
-        _ONES[key] = torch.ones(1, dtype=dtype, device=device)
-    return _ONES[key]
+            block_sum_(final[:, r.dst], [acc[:, r.dst], src])
+        elif r.role != "hold":  # pair, trio: the kept results and this one
+            out = final if r.role.endswith("_last") else acc
+            block_sum_(out[:, r.dst], [kept[h][:, rows] for h, rows in r.held] + [src])
 
 
 def fold_rest(folds: Folds, acc, final):
@@ -200,7 +188,7 @@ def fold_out(runs, o, l, acc, lse, final, kept=None):
             lse_r.copy_(l_r)
             continue
         # the earlier result: the row's first, kept as the kernel wrote it, or the running acc
-        old = kept[r.held[0]][:, r.held[1]] if r.held is not None else acc[:, r.dst]
+        old = kept[r.held[0][0]][:, r.held[0][1]] if r.held else acc[:, r.dst]
         attn_merge_(old, o_r, lse_r, l_r, (acc if r.role in ("add", "pair") else final)[:, r.dst])
 
 
