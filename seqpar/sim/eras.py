@@ -124,6 +124,11 @@ CODE_CHANGES = (
     # predicted with this one's)
     ("2026-11-27T13:42:30+00:00", ("e1a8f31 the all-gather's adjacent pieces one range, and its forward runs a "
                                    "causal range's own rows first and the rows before them after, merged")),
+    # the ring's per-step work (its fitted extras), no attention kernel (2026-11-27-gpu-17th/call4: the
+    # 2-rank cuDNN ring at 32k 30.99 -> 30.58 ms, its fold ops 1.03 -> 0.28 ms of GPU time per rank)
+    ("2026-11-27T15:25:46+00:00", ("ba5602e the ring's gradient sums through kernels.block_sum_ (one Triton pass, "
+                                   "fp32, rounded once), a row's three results in one op (trios); the all-gather's "
+                                   "dK/dV sums too")),
 )
 
 
@@ -149,6 +154,8 @@ SAME_KERNEL_BENCHES += ("148d759", "a63d362")
 SAME_KERNEL_BENCHES += ("c52307c", "ff4de8f")
 # ... and 195962d (the lightning kernel only, as 83f5aae), bb52ff6 (the all-gather) and de46c0e (the ring's folds)
 SAME_KERNEL_BENCHES += ("195962d", "bb52ff6", "de46c0e", "e1a8f31")
+# ... and ba5602e (the ring's folds, as de46c0e)
+SAME_KERNEL_BENCHES += ("ba5602e",)
 # (not 6eda7f2: the kernels bench's split rows and the disagg bench's servers change with it)
 # CODE_CHANGES entries that changed the lightning kernel (79fc72c's entry holds e049981's one-scan
 # exchange): its kernels-bench rows measure one kernel only between two of them
@@ -227,6 +234,12 @@ COMMITTED_BY = {
     # the sixteenth session: call 1 a3bff51, call 2 7b3bc9d (SEQPAR_TMA A/B by environment), calls 3-4
     # bb52ff6, call 5 de46c0e; its JSONs carry their times
     "2026-11-27-gpu-16th": "2026-11-27T13:29:17+00:00",
+    # the seventeenth session: calls 1-3 ran 8a877ef / e894535 (15:03-15:21, before ba5602e), calls 4-5
+    # ba5602e (their code before it, run beside, is in DIAGNOSTIC_FILES); the bench JSONs carry their times
+    "2026-11-27-gpu-17th/call1": "2026-11-27T15:25:45+00:00",
+    "2026-11-27-gpu-17th/call2": "2026-11-27T15:25:45+00:00",
+    "2026-11-27-gpu-17th/call3": "2026-11-27T15:25:45+00:00",
+    "2026-11-27-gpu-17th": "2026-11-27T15:45:00+00:00",
 }
 
 

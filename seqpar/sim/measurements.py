@@ -64,12 +64,22 @@ DIAGNOSTIC_FILES = {
     "2026-11-27-gpu-16th/call2/lasp_tma1.json": (
         "bench lasp with SEQPAR_TMA=1 (the lightning kernels' TMA loads, off by default at that code), an A/B "
         "of an environment variable beside call2/lasp_tma0.json; 195962d made it the default after the call"),
+    "2026-11-27-gpu-17th/call4/ring_old_32k.json": (
+        "the ring bench at the code before ba5602e (the ring's folds through block_sum_), run after the new "
+        "code's rows in the same call as their A/B: its time says the new code's era, its code the one before"),
+    "2026-11-27-gpu-17th/call5/old128k.json": (
+        "as call4/ring_old_32k.json at 128k (FA2): the code before ba5602e, run beside the new as its A/B"),
     "2026-11-26-4xh200-4th/disagg_profiled.json": (
         "the disagg bench under docs/benchmarks/profile_gpu.py to see which kernels run, with untuned kernels "
         "(SEQPAR_FLASH_TUNE=0), one timed iteration and each case profiled: its times are not the benchmark's "
         "(no rebalancing on the 92k-document batch 1009 ms, against 690 ms in disagg_check_128k.json of the "
         "same call)"),
 }
+# ring_nccl_gpu.sh's runs with NCCL's channels capped (an A/B of environment variables beside
+# call3/ring_default.json): NCCL_MAX_NCHANNELS=2 exposed 6.6 ms of transfer at 32k, the others no change
+DIAGNOSTIC_FILES.update({f"2026-11-27-gpu-17th/call3/ring_{setting.replace('=', '_')}.json": (
+    f"the ring bench with {setting} (NCCL's SM channels capped), an A/B of an environment variable beside "
+    "call3/ring_default.json") for setting in ("NCCL_MAX_NCHANNELS=2", "NCCL_MAX_NCHANNELS=8", "NCCL_NCHANNELS_PER_PEER=1")})
 # disagg_check_gpu.sh's profiled pass (profile_gpu.py, SEQPAR_FLASH_TUNE=0, --iters 1) on both GPU pairs of
 # the fifth session: the same kind of diagnostic (no rebalancing on the 92k batch 1010 ms in both
 # against 700 / 718 ms in the plain run of the same lane)
