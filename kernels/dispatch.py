@@ -318,6 +318,16 @@ def _wants_split(q, k, v, **features) -> bool:
     return False
 
 
+def prefix_calls_fast(q, k, v) -> bool:
+    """Whether a causal call with an lse of some queries over a longer prefix of keys (aligned
+    bottom-right: a varlen call of one document) runs where a square dense call of these heads runs,
+    so that one call over the prefix beats a full rectangle and a causal diagonal: FA2 (its varlen
+    kernel aligns bottom-right) and seqpar's Triton kernel take both; cuDNN aligns a causal mask
+    top-left when Sq < Sk (measured, 2026-11-27-gpu-16th/call2), so there a prefix call would leave
+    cuDNN for FA2."""
+    return backend("flash_attn_backward", q, k, v) in ("aten_flash", "triton")
+
+
 def flash_attn_choice(q, k, v, *, backward=False, **features) -> tuple[str, str]:
     """(backend name, why) of a flash_attn call (or its backward): the attention dispatcher's
     answer to "which kernel runs this case", for logs and benchmark tables."""

@@ -69,6 +69,17 @@ def _cases():
                     yield layout, rows, heads, causal
 
 
+def _ring_prefix(*args, **kwargs):
+    """ring_attention with the backward's own blocks joined into calls over a prefix, as FA2 and
+    Triton runs get them on CUDA (`prefix_calls_fast`; on CPU the dispatcher answers no)."""
+    real = ring_module.prefix_calls_fast
+    ring_module.prefix_calls_fast = lambda *_: True
+    try:
+        return ring_attention(*args, **kwargs)
+    finally:
+        ring_module.prefix_calls_fast = real
+
+
 def _check_world(rank, world):
     """Every case on this rank; at world 2 also the transfer log, at world 4 Ulysses' head error."""
     from seqpar.parallel.dims import ParallelDims, cp_split
@@ -86,13 +97,19 @@ def _check_world(rank, world):
         ref = _reference(q, k, v, grad, cu, causal)
         for name, (fn, group) in methods.items():
             errors[(name, layout, rows, heads, causal)] = _rel_errors(fn, q, k, v, grad, cu, causal, layout, ref, group)
+    for i, (layout, heads) in enumerate((lay, h) for lay in ("zigzag", "contiguous") for h in HEADS):
+        # one dense row (prefix calls are varlen calls of one document: batch 1)
+        q, k, v, grad = (t[:1] for t in _inputs("dense", heads, seed=100 + i)[:4])
+        ref = _reference(q, k, v, grad, None, True)
+        errors[("ring_prefix", layout, "dense", heads, True)] = _rel_errors(_ring_prefix, q, k, v, grad, None, True,
+                                                                             layout, ref)
     extra = {2: lambda: {"order": _transfer_order(), "folds": _fold_results()},
              4: lambda: {"heads": _ulysses_head_error(), "folds": _fold_results()}}.get(world)
     return errors, (extra() if extra else None), _doc_zigzag_results(world), _doc_balanced_results(world)
 
 
 def _assert_small(errors, world):
-    assert len(errors) == 24 * (3 if world == 1 else 4)
+    assert len(errors) == 24 * (3 if world == 1 else 4) + 4
     for case, err in errors.items():
         assert err <= TOL, f"world={world} {case}: relative error {err:.2e}"
 
@@ -185,6 +202,34 @@ def test_block_plan_skips_what_documents_and_causality_hide():
     assert blocks[0].work() == 6 * 16
     # non-causal, no documents: every query against every key in a single call
     assert [(b.q, b.k) for b in plan_blocks(q_ranges, k_ranges, None, causal=False)] == [(slice(0, 24), slice(0, 24))]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_backward_tail_is_one_call_over_a_prefix_where_the_kernel_takes_it(world):
+    """zigzag: after the remote steps a rank's later chunk attends its earlier chunk (a full
+    rectangle) and itself (a causal diagonal); with prefix calls that is one causal call of the
+    chunk over both, aligned bottom-right, the same work, and its dQ rows fold one result fewer."""
+    from seqpar.attention.ring import Block
+    S = 64 * world
+    C = S // (2 * world)
+    held = tuple(tuple(local_ranges(S, world, r, "zigzag")) for r in range(world))
+    for rank in range(world):
+        split = ring_module._held_ring_plan(held, rank, None, True, False)
+        joined = ring_module._held_ring_plan(held, rank, None, True, True)
+        assert [b.causal for b in split.tail] == [False, True]
+        assert joined.tail == [Block(slice(C, 2 * C), slice(0, 2 * C), True, (0, C), (0, 2 * C))]
+        assert sum(b.work() for b in joined.tail) == sum(b.work() for b in split.tail)
+        assert len(joined.dq.runs) == len(split.dq.runs) - 1  # one block result fewer
+        if world == 2:  # the later chunk's dQ: three results (a trio) split, two (a pair) joined
+            assert "trio_last" in {r.role for runs in split.dq.runs for r in runs}
+            assert "trio_last" not in {r.role for runs in joined.dq.runs for r in runs}
+    # documents: one document holding the whole later chunk joins too (its rectangle is that
+    # document's part of the earlier chunk); a boundary inside the later chunk makes its diagonal
+    # a call with bounds and its rectangle a document's rows only: nothing to join
+    one = ring_module._held_ring_plan(held, 0, (0, 5, S), True, True)
+    assert one.tail == [Block(slice(C, 2 * C), slice(5, 2 * C), True, (0, C), (0, 2 * C - 5))]
+    cut = ring_module._held_ring_plan(held, 0, (0, 5, S - C // 2, S), True, True)
+    assert cut.tail == cut.steps[0][1:]
 
 
 def test_own_shard_is_one_forward_call_with_documents_joined_across_the_junction():
@@ -684,7 +729,7 @@ def test_plans_and_device_bounds_are_built_once_per_sharding():
         ring_attention(q, q, q, cu_seqlens=cu)
     info = ring_module._held_ring_plan.cache_info()
     assert (info.misses, info.hits) == (1, 2), info
-    plan = ring_module._held_ring_plan((tuple(local_ranges(96, 1, 0, "zigzag")),), 0, tuple(FOLD_DOCS), True)
+    plan = ring_module._held_ring_plan((tuple(local_ranges(96, 1, 0, "zigzag")),), 0, tuple(FOLD_DOCS), True, False)
     assert ring_module._held_ring_plan.cache_info().hits == 3 and list(plan._bounds) == [torch.device("cpu")]
     for cu_t in plan.bounds(torch.device("cpu")).cache.values():  # the aten varlen path's max, known on the host
         from seqpar.kernels.flash_attn.aten import _max_seqlen

@@ -28,6 +28,11 @@ Everything that depends on the sharding alone (`RingPlan`: the blocks, how each 
 folds into the row buffers -- `ring_fold` -- and the document bounds on the device with their
 longest document known on the host) is built once per micro-batch and shared by every layer, so
 a layer's call makes no host-device synchronisation and no per-step planning.
+
+Where the kernel takes a causal mask aligned bottom-right as fast as a square one (FA2, seqpar's
+Triton kernel: `dispatch.prefix_calls_fast`; not cuDNN), the own blocks the backward runs after the
+remote steps (zigzag: the later chunk against the earlier one, then against itself) are one call of
+those queries over their whole local prefix (`prefix_tail`).
 """
 from __future__ import annotations
 
@@ -39,6 +44,7 @@ import torch
 import torch.distributed as dist
 
 from seqpar.attention.ring_fold import fold_grad, fold_out, fold_out_rest, fold_rest, plan_folds
+from seqpar.kernels.dispatch import prefix_calls_fast
 from seqpar.kernels.flash_attn import flash_attn, flash_attn_backward
 from seqpar.parallel.doc_balance import DocBalanced
 from seqpar.parallel.sharding import DOC_LAYOUTS, document_plan, group_size_rank, host_bounds, local_ranges
@@ -232,6 +238,26 @@ def own_shard_block(ranges, bounds, causal) -> Block | None:
     return Block(rows, rows, causal, tuple(cu) if len(cu) > 2 else None)
 
 
+def prefix_tail(blocks) -> list[Block]:
+    """The own shard's blocks that the backward runs after the remote steps, as calls over a prefix:
+    a full rectangle followed by the causal diagonal of the same query rows whose key rows it
+    continues (zigzag: a rank's later chunk against its earlier chunk, then against itself) is
+    one causal call of those queries over both key ranges, aligned bottom-right (a varlen call of
+    one document). One launch instead of two (FA2 at 32k over 2 ranks: ~0.9 ms less kernel time in
+    the sixteenth session's probe) and one result per query row to fold instead of two."""
+    out: list[Block] = []
+    for blk in blocks:
+        prev = out[-1] if out else None
+        square = blk.q.stop - blk.q.start == blk.k.stop - blk.k.start
+        if (prev is not None and prev.full and blk.causal and blk.cu is None and blk.cu_k is None and square
+                and prev.q == blk.q and prev.k.stop == blk.k.start):
+            nq, nk = blk.q.stop - blk.q.start, blk.k.stop - prev.k.start
+            out[-1] = Block(blk.q, slice(prev.k.start, blk.k.stop), True, (0, nq), (0, nk))
+        else:
+            out.append(blk)
+    return out
+
+
 @lru_cache(maxsize=8)  # every layer of a micro-batch asks for the same plan (cached by sharding)
 def doc_ring_schedule(plan, rank, causal) -> list[list[Block]]:
     """ring_schedule for the doc_zigzag layout `plan` (a sharding.DocZigzag)."""
@@ -258,8 +284,11 @@ class RingPlan:
     leading K/V rows that go round the ring (doc_balanced: the cut documents'), by default all."""
 
     def __init__(self, steps: list[list[Block]], q_len: int, k_len: int, peer_last: list[Block] | None = None,
-                 own: Block | None = None, travel_len: int | None = None):
+                 own: Block | None = None, travel_len: int | None = None, prefix: bool = False):
         self.steps = steps
+        # the own shard's blocks after the remote steps (`prefix`: joined into calls over a prefix,
+        # where the kernel takes a causal mask aligned bottom-right as fast: `prefix_calls_fast`)
+        self.tail = prefix_tail(steps[0][1:]) if prefix else steps[0][1:]
         self.travel_len = k_len if travel_len is None else travel_len
         self.fwd_steps = steps if own is None else [[own]] + steps[1:]
         self.out = plan_folds([b.q for blocks in self.fwd_steps for b in blocks], q_len, final=True, pairs=True)
@@ -274,7 +303,7 @@ class RingPlan:
         # folded, zero-filled or widened to fp32 before the transfer, and half the bytes move.
         self.raw_hop = len(steps) == 2
         self.peer_last = peer_last if self.raw_hop else None
-        own = [b.k for b in steps[0]]
+        own = [b.k for b in steps[0][:1] + self.tail]
         if self.raw_hop:
             self.home = plan_folds(own + [b.k for b in peer_last], k_len, final=True, pairs=True, trios=True)
         else:
@@ -285,12 +314,12 @@ class RingPlan:
 
     def backward_order(self) -> list[Block]:
         """The own shard's blocks are split around the remote steps: the first hides the first K/V
-        transfer, the rest the last dK/dV transfer."""
-        return self.steps[0][:1] + [b for blocks in self.steps[1:] for b in blocks] + self.steps[0][1:]
+        transfer, the rest (`tail`) the last dK/dV transfer."""
+        return self.steps[0][:1] + [b for blocks in self.steps[1:] for b in blocks] + self.tail
 
     def bounds(self, device: torch.device) -> "BoundTensors":
         if device not in self._bounds:
-            self._bounds[device] = BoundTensors(self.fwd_steps + self.steps, device)
+            self._bounds[device] = BoundTensors(self.fwd_steps + self.steps + [self.tail], device)
         return self._bounds[device]
 
 
@@ -306,12 +335,12 @@ def _doc_ring_plan(plan, rank, causal) -> RingPlan:
 
 
 @lru_cache(maxsize=16)
-def _held_ring_plan(held, rank, bounds, causal) -> RingPlan:
+def _held_ring_plan(held, rank, bounds, causal, prefix=False) -> RingPlan:
     held, bounds = [list(h) for h in held], None if bounds is None else list(bounds)
     steps = ring_schedule(held, rank, bounds, causal)
     peer = ring_schedule(held, (rank - 1) % len(held), bounds, causal)[-1] if len(held) == 2 else None
     rows = sum(b - a for a, b in held[rank])
-    return RingPlan(steps, rows, rows, peer, own_shard_block(held[rank], bounds, causal))
+    return RingPlan(steps, rows, rows, peer, own_shard_block(held[rank], bounds, causal), prefix=prefix)
 
 
 def ring_attention(q, k, v, *, group=None, causal=True, cu_seqlens=None, softmax_scale=None, layout="zigzag"):
@@ -344,7 +373,10 @@ def ring_attention_held(q, k, v, held, *, group=None, causal=True, cu_seqlens=No
     bounds = None if cu_seqlens is None else host_bounds(cu_seqlens)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
     key = tuple(tuple(tuple(r) for r in ranges) for ranges in held)
-    return _RingAttention.apply(q, k, v, group, _held_ring_plan(key, rank, bounds, bool(causal)), scale)
+    # a prefix call is a varlen call of one document: one row (batch 1)
+    prefix = bool(causal) and q.shape[0] == 1 and prefix_calls_fast(q, k, v)
+    plan = _held_ring_plan(key, rank, bounds, bool(causal), prefix)
+    return _RingAttention.apply(q, k, v, group, plan, scale)
 
 
 class _RingAttention(torch.autograd.Function):
@@ -439,7 +471,7 @@ class _RingAttention(torch.autograd.Function):
                 pending_dkv = comm.exchange(dkv, tuple(a[:, :plan.home.base] for a in home_accs))
             else:
                 pending_dkv = comm.shift(dkv)  # after the last step this hop takes it home
-        home += [grads(blk, kv) for blk in steps[0][1:]]  # hides the last dK/dV transfer
+        home += [grads(blk, kv) for blk in plan.tail]  # hides the last dK/dV transfer
         if home_accs is not None:  # dk and dv were made with them
             pending_dkv.wait()
             accs = home_accs
