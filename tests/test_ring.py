@@ -6,6 +6,7 @@ the CUDA kernel paths that return and consume the log-sum-exp."""
 import contextlib
 import itertools
 import json
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -14,6 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from seqpar import kernels
 from seqpar.attention import ring as ring_module
+from seqpar.attention.copy_engine import ENV as TRANSPORT_ENV
 from seqpar.attention.ring import (Block, doc_balanced_schedule, doc_ring_schedule, plan_blocks, ring_attention,
                                    ring_schedule)
 from seqpar.attention.allgather import allgather_attention
@@ -209,7 +211,6 @@ def test_backward_tail_is_one_call_over_a_prefix_where_the_kernel_takes_it(world
     """zigzag: after the remote steps a rank's later chunk attends its earlier chunk (a full
     rectangle) and itself (a causal diagonal); with prefix calls that is one causal call of the
     chunk over both, aligned bottom-right, the same work, and its dQ rows fold one result fewer."""
-    from seqpar.attention.ring import Block
     S = 64 * world
     C = S // (2 * world)
     held = tuple(tuple(local_ranges(S, world, r, "zigzag")) for r in range(world))
@@ -230,6 +231,41 @@ def test_backward_tail_is_one_call_over_a_prefix_where_the_kernel_takes_it(world
     assert one.tail == [Block(slice(C, 2 * C), slice(5, 2 * C), True, (0, C), (0, 2 * C - 5))]
     cut = ring_module._held_ring_plan(held, 0, (0, 5, S - C // 2, S), True, True)
     assert cut.tail == cut.steps[0][1:]
+
+
+def _copy_transport_on_gloo(rank, world):
+    os.environ[TRANSPORT_ENV] = "copy"
+    q = torch.randn(1, 8, 2, 4, dtype=torch.float64)
+    try:
+        ring_attention(q, q, q)
+    except ValueError as e:
+        return str(e)
+
+
+def test_copy_transport_names_what_it_needs(monkeypatch):
+    from seqpar.attention.copy_engine import transport
+    monkeypatch.setenv(TRANSPORT_ENV, "shm")
+    with pytest.raises(ValueError, match="SEQPAR_RING_TRANSPORT='shm' is not one of: nccl, copy"):
+        transport()
+    for message in run_distributed(_copy_transport_on_gloo, 2):
+        assert "SEQPAR_RING_TRANSPORT=copy needs CUDA tensors and an NCCL process group" in message
+        assert "not backend gloo" in message
+
+
+def test_exchange_bytes_cover_every_transfer_of_a_ring_call():
+    """What a copy-engine staging buffer must hold: 2-rank zigzag, 64 rows of 2 heads x 8 in bf16
+    (32 bytes a row): the K/V shift moves 2 x 64 rows; the hop home carries the remote block's
+    dK/dV, 64 rows from rank 0 (its later chunk saw all of rank 1's) and 32 from rank 1; a ring of
+    4 sends its running sums in fp32 (twice the bytes of the shift)."""
+    k = torch.empty(1, 64, 2, 8, dtype=torch.bfloat16)
+    for world, rank, want in ((2, 0, 2 * 64 * 32), (2, 1, 2 * 64 * 32), (4, 0, 2 * 2 * 64 * 32)):
+        held = tuple(tuple(local_ranges(64 * world, world, r, "zigzag")) for r in range(world))
+        plan = ring_module._held_ring_plan(held, rank, None, True, False)
+        key, nbytes, device = plan.exchange_bytes(k, k)
+        assert nbytes == want and device == k.device and key[0] is plan, (world, rank, nbytes)
+    two = ring_module._held_ring_plan(tuple(tuple(local_ranges(128, 2, r, "zigzag")) for r in range(2)), 1, None,
+                                      True, False)
+    assert [b.k.stop - b.k.start for b in two.steps[1]] == [32] and [b.k.stop - b.k.start for b in two.peer_last] == [64]
 
 
 def test_own_shard_is_one_forward_call_with_documents_joined_across_the_junction():
@@ -777,7 +813,8 @@ def test_cuda_lse_paths_match_fp64_reference(kernel, rows, heads, causal, monkey
         assert (ours.double().cpu() - ref).abs().max() < 0.1 * max(1.0, ref.abs().max().item())
 
 
-def _ring_bf16_on_nccl(rank, world):
+def _ring_bf16_on_nccl(rank, world, transport="nccl"):
+    os.environ[TRANSPORT_ENV] = transport  # the ring's transfers: NCCL's kernels or the copy engines
     torch.manual_seed(0)
     errors = {}
     docs = [0, 1, 700, 701, 1800, 2048]  # doc_zigzag: 1-token documents and lengths that need padding
@@ -826,10 +863,11 @@ def _host_syncs(fn):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-def test_ring_bf16_on_nccl_against_fp64():
+@pytest.mark.parametrize("transport", ["nccl", "copy"])
+def test_ring_bf16_on_nccl_against_fp64(transport):
     # ring size 4 where lent: ring-flash-attention's users saw backward precision loss at 4-8
     world = 4 if torch.cuda.device_count() >= 4 else 2
-    for errors in run_distributed(_ring_bf16_on_nccl, world, backend="nccl"):
+    for errors in run_distributed(_ring_bf16_on_nccl, world, transport, backend="nccl"):
         for case, errs in errors.items():
             if case.endswith("host syncs"):
                 assert errs == [], (case, errs)

@@ -43,6 +43,8 @@ from functools import lru_cache
 import torch
 import torch.distributed as dist
 
+from seqpar.attention.copy_engine import ENV as TRANSPORT_ENV
+from seqpar.attention.copy_engine import CopyEngineComm, staged_bytes, transport
 from seqpar.attention.ring_fold import fold_grad, fold_out, fold_out_rest, fold_rest, plan_folds
 from seqpar.kernels.dispatch import prefix_calls_fast
 from seqpar.kernels.flash_attn import flash_attn, flash_attn_backward
@@ -317,6 +319,20 @@ class RingPlan:
         transfer, the rest (`tail`) the last dK/dV transfer."""
         return self.steps[0][:1] + [b for blocks in self.steps[1:] for b in blocks] + self.tail
 
+    def exchange_bytes(self, k, v) -> tuple[tuple, int, torch.device]:
+        """(key, bytes, device) of the largest exchange a call of this plan makes on this rank, fwd
+        or bwd (what a staging buffer must hold): the K/V shift, and the dK/dV hop home (a ring of 2:
+        the block gradients as the kernels wrote them, both ways) or the fp32 dK/dV travelling on."""
+        row = [t[0, :1].numel() * t.element_size() * t.shape[0] for t in (k, v)]  # bytes per K / V row
+        sizes = lambda counts, scale=1: [n * r * scale for n in counts for r in row]
+        kv = staged_bytes(sizes([self.travel_len]))
+        if self.raw_hop:
+            own, peer = ([b.k.stop - b.k.start for b in blocks] for blocks in (self.steps[1], self.peer_last))
+            grads = max(staged_bytes(sizes(own)), staged_bytes(sizes(peer)))
+        else:  # the running sums travel in fp32 (fp64 for fp64 inputs)
+            grads = staged_bytes(sizes([self.travel_len], _acc_dtype(k.dtype).itemsize // k.element_size()))
+        return (self, k.dtype, tuple(k.shape), tuple(v.shape)), max(kv, grads), k.device
+
     def bounds(self, device: torch.device) -> "BoundTensors":
         if device not in self._bounds:
             self._bounds[device] = BoundTensors(self.fwd_steps + self.steps + [self.tail], device)
@@ -383,6 +399,7 @@ class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, group, plan, scale):
         comm, steps = RingComm(group), plan.fwd_steps
+        comm.reserve(*plan.exchange_bytes(k, v))
         bounds = plan.bounds(q.device)
         acc_dtype = _acc_dtype(q.dtype)
         out = q.new_empty(q.shape[:-1] + v.shape[-1:])
@@ -413,6 +430,7 @@ class _RingAttention(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
         plan, comm = ctx.plan, RingComm(ctx.group)
+        comm.reserve(*plan.exchange_bytes(k, v))
         steps, bounds = plan.steps, plan.bounds(q.device)
         dout = dout.contiguous()
         acc_dtype = _acc_dtype(q.dtype)
@@ -554,14 +572,27 @@ class RingComm:
     Asynchronous (batch_isend_irecv): on NCCL the transfer runs on the communicator's own CUDA
     stream, so compute issued on the current stream before `wait()` overlaps it; on gloo the
     work runs on gloo's threads. A fresh receive buffer per shift is the double buffer: the one
-    being read by compute is never the one being written."""
+    being read by compute is never the one being written. SEQPAR_RING_TRANSPORT=copy moves the
+    bytes by the copy engines instead (`copy_engine`: one node, no SM taken from the compute)."""
 
     def __init__(self, group):
         self.group = group
         self.world, rank = group_size_rank(group)
+        self.copy = None
         if self.world > 1:
             to_global = (lambda r: r) if group is None else (lambda r: dist.get_global_rank(group, r))
             self.next, self.prev = to_global((rank + 1) % self.world), to_global((rank - 1) % self.world)
+            if transport() == "copy":
+                if dist.get_backend(group) != "nccl":
+                    raise ValueError(f"{TRANSPORT_ENV}=copy needs CUDA tensors and an NCCL process group (the GPUs "
+                                     f"of one node), not backend {dist.get_backend(group)}: unset it")
+                self.copy = CopyEngineComm(group, self.next, self.prev)
+
+    def reserve(self, key, nbytes: int, device) -> None:
+        """Room for this call's largest exchange (`nbytes`), agreed over the group once per `key`
+        (the copy engines' staging buffer; nothing to do for NCCL)."""
+        if self.copy is not None:
+            self.copy.reserve(key, nbytes, device)
 
     def shift(self, tensors) -> "Pending":
         """Send `tensors` (contiguous) on, receive the previous rank's of the same shapes; K and V
@@ -570,6 +601,8 @@ class RingComm:
 
     def exchange(self, send, recv) -> "Pending":
         """Send the tensors `send` to the next rank while receiving the previous rank's into `recv`."""
+        if self.copy is not None:
+            return self.copy.exchange(send, recv)
         ops = [dist.P2POp(dist.isend, t, self.next, self.group) for t in send]
         ops += [dist.P2POp(dist.irecv, b, self.prev, self.group) for b in recv]
         return Pending(dist.batch_isend_irecv(ops) if ops else [], tuple(recv), send)

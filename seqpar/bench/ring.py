@@ -42,6 +42,7 @@ import torch.distributed as dist
 
 from seqpar import kernels
 from seqpar.attention import ring as ring_module
+from seqpar.attention.copy_engine import transport
 from seqpar.attention.ring import doc_balanced_schedule, doc_ring_schedule, ring_attention, ring_schedule
 from seqpar.parallel.dims import init_world
 from seqpar.parallel.sharding import (DOC_LAYOUTS, doc_zigzag_plan, document_plan, local_ranges, shard_sequence,
@@ -107,6 +108,9 @@ class _NoComm:
     kernels are the same and only the communication is gone."""
 
     def __init__(self, group):
+        pass
+
+    def reserve(self, key, nbytes, device):
         pass
 
     def shift(self, x):
@@ -379,6 +383,7 @@ def main(argv=None) -> int:
             torch=torch.__version__, triton=_triton_version(), python=platform.python_version(),
             nccl=".".join(map(str, torch.cuda.nccl.version())) if cuda else None, dtype=str(args.dtype),
             anchor="torch.distributed.tensor.experimental.context_parallel, same run, same kernel family",
+            transport=transport(),  # the ring's transfers: NCCL's kernels or the copy engines (SEQPAR_RING_TRANSPORT)
             dense=bench_dense(args, device, timer, world), packed=bench_packed(args, device, timer, world))
         if dist.get_rank() == 0:
             os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -41,6 +41,8 @@ def load_benchmarks(root: Path | None = None) -> dict[str, list]:
         except (OSError, json.JSONDecodeError):
             continue
         kind = (data.get("benchmark") or data.get("bench")) if isinstance(data, dict) else None
+        if kind == "ring" and data.get("transport", "nccl") != "nccl":
+            continue  # the copy engines' transfers (SEQPAR_RING_TRANSPORT=copy): the model prices NCCL's
         if kind in found and not diagnostic(path):
             found[kind].append((path, data))
     for path in sorted(glob.glob(str(root / "*" / "**" / "*metrics.jsonl"), recursive=True)):
