@@ -129,6 +129,11 @@ CODE_CHANGES = (
     ("2026-11-27T15:25:46+00:00", ("ba5602e the ring's gradient sums through kernels.block_sum_ (one Triton pass, "
                                    "fp32, rounded once), a row's three results in one op (trios); the all-gather's "
                                    "dK/dV sums too")),
+    # no run yet: the ring's FA2 (and Triton) backward makes one call fewer per rank; attention_cost
+    # still prices the rectangle and the diagonal (the probe's ~0.9 ms at 32k is within its error)
+    ("2026-11-27T15:46:23+00:00", ("ce206fa the ring backward's own blocks after the remote steps as one call over "
+                                   "their local prefix (bottom-right) where the kernel takes it as fast: FA2, "
+                                   "Triton; not cuDNN")),
 )
 
 
