@@ -13,22 +13,12 @@
 [ -n "$SEQPAR_GPU_READY" ] || source docs/benchmarks/gpu_setup.sh
 mkdir -p "$OUT/profile"
 NEW=$PWD
-summary() {
-    grep "^{" "$1" | python3 -c "
-import json, sys
-for line in sys.stdin:
-    d = json.loads(line)
-    print('   ', d['S'], d['kernel'], 'single', round(d['single_ms'], 2), 'ring', round(d['ring_ms'], 2),
-          'compute-only', round(d.get('compute_only_ms', 0), 2), 'exposed', d.get('exposed_comm_ms'), 'eff',
-          d.get('efficiency'), 'torch CP', d.get('torch_cp_allgather_efficiency'),
-          d.get('torch_cp_alltoall_efficiency'), d.get('error', ''))"
-}
 bench() {  # name, transport, extra args
     local name=$1 transport=$2; shift 2
     SEQPAR_RING_TRANSPORT=$transport timeout 200 torchrun --standalone --nproc_per_node 2 -m seqpar.bench ring \
         --packed-lens --methods ring --iters 10 --warmup 3 --out "$OUT/$name.json" "$@" > "$OUT/$name.log" 2>&1
     echo "$name ($transport): exit $?"
-    summary "$OUT/$name.log"
+    python3 "$NEW/docs/benchmarks/ring_summary.py" "$OUT/$name.log"
 }
 timeout 120 python3 docs/benchmarks/ce_contention_probe_gpu.py "$OUT/ce_probe.json" > "$OUT/ce_probe.log" 2>&1
 echo "probe: exit $?"; grep -A4 '"attention_ms"\|"transfer_ms"' "$OUT/ce_probe.log"

@@ -11,22 +11,12 @@
 [ -n "$SEQPAR_GPU_READY" ] || source docs/benchmarks/gpu_setup.sh
 mkdir -p "$OUT/profile"
 NEW=$PWD
-summary() {
-    grep "^{" "$1" | python3 -c "
-import json, sys
-for line in sys.stdin:
-    d = json.loads(line)
-    print('   ', d['S'], d['kernel'], 'single', round(d['single_ms'], 2), 'ring', round(d['ring_ms'], 2),
-          'compute-only', round(d.get('compute_only_ms', 0), 2), 'eff', d.get('efficiency'), 'all-gather',
-          d.get('allgather_efficiency'), 'torch CP', d.get('torch_cp_allgather_efficiency'),
-          d.get('torch_cp_alltoall_efficiency'), d.get('error', ''))"
-}
 bench() {  # name, extra args
     local name=$1; shift
     timeout 240 torchrun --standalone --nproc_per_node 2 -m seqpar.bench ring --packed-lens --methods ring allgather \
         --iters 10 --warmup 3 --out "$OUT/$name.json" "$@" > "$OUT/$name.log" 2>&1
     echo "$name: exit $?"
-    summary "$OUT/$name.log"
+    python3 "$NEW/docs/benchmarks/ring_summary.py" "$OUT/$name.log"
 }
 timeout 150 python3 -m pytest -q -m gpu tests/test_block_sum.py tests/test_ring.py -k "nccl or cuda_triton" \
     > "$OUT/gpu_tests.log" 2>&1
