@@ -19,6 +19,8 @@ Opt-in: SEQPAR_RING_TRANSPORT=copy (CUDA tensors, an NCCL process group within o
 from __future__ import annotations
 
 import os
+import warnings
+from collections import OrderedDict
 
 import torch
 import torch.distributed as dist
@@ -54,12 +56,19 @@ class _Staging:
 
     def __init__(self):
         self.buf, self.handle, self.stream = None, None, None
-        self.agreed: dict = {}
+        # the sizes agreed per key, the latest 64 (every rank sees the same keys in the same order,
+        # so every rank forgets the same ones: a key seen again is agreed again, by all)
+        self.agreed: OrderedDict = OrderedDict()
 
     def grow(self, nbytes, group, device):
         from torch.distributed import _symmetric_memory as symm_mem
+        group = group if group is not None else dist.group.WORLD
+        with warnings.catch_warnings():  # needed by older torch, deprecated (a no-op) by newer
+            warnings.simplefilter("ignore", FutureWarning)
+            if not symm_mem.is_symm_mem_enabled_for_group(group.group_name):
+                symm_mem.enable_symm_mem_for_group(group.group_name)
         self.buf = symm_mem.empty(nbytes, dtype=torch.uint8, device=device)
-        self.handle = symm_mem.rendezvous(self.buf, group if group is not None else dist.group.WORLD)
+        self.handle = symm_mem.rendezvous(self.buf, group)
 
 
 _STAGING: dict[str, _Staging] = {}
@@ -84,6 +93,8 @@ class CopyEngineComm:
             need = torch.tensor([nbytes], dtype=torch.int64, device=device)
             dist.all_reduce(need, op=dist.ReduceOp.MAX, group=self.group)
             st.agreed[key] = int(need.item())
+            while len(st.agreed) > 64:
+                st.agreed.popitem(last=False)
             if st.buf is None or st.buf.numel() < st.agreed[key]:
                 if st.stream is not None:
                     torch.cuda.current_stream(device).wait_stream(st.stream)  # the old buffer's last use
