@@ -97,7 +97,7 @@ class CopyEngineComm:
                 st.agreed.popitem(last=False)
             if st.buf is None or st.buf.numel() < st.agreed[key]:
                 if st.stream is not None:
-                    torch.cuda.current_stream(device).wait_stream(st.stream)  # the old buffer's last use
+                    st.stream.synchronize()  # the old buffer's last exchange is done before it is freed
                 st.grow(max(st.agreed[key], 0 if st.buf is None else st.buf.numel()), self.group, device)
                 st.stream = st.stream or torch.cuda.Stream(device=device)
 
