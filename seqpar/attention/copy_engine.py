@@ -7,7 +7,9 @@ is a cudaMemcpyAsync that the copy engines carry out, with no SM. An exchange: e
 it sends in its own symmetric buffer, the ranks meet at a barrier, each pulls its source's staged
 bytes into its receive buffers, and a second barrier frees the buffers for the next exchange. All of
 it runs on one side stream (one exchange after the other), ordered after the caller's stream as
-NCCL's operations are; `wait()` makes the caller's stream wait for it.
+NCCL's operations are; `wait()` makes the caller's stream wait for it. (torch's own
+`_low_contention_all_gather` / `reduce_scatter` pull through symmetric memory the same way, but
+only as collectives; the ring needs a shift to one neighbour, of several tensors, both ways.)
 
 The staging buffer is collective (every rank allocates and maps it at once), so its size must be
 agreed: `reserve` takes a rank's largest exchange for a key (a ring plan and a row size) and, the
