@@ -320,12 +320,16 @@ def _wants_split(q, k, v, **features) -> bool:
 
 def prefix_calls_fast(q, k, v) -> bool:
     """Whether a causal call with an lse of some queries over a longer prefix of keys (aligned
-    bottom-right: a varlen call of one document) runs where a square dense call of these heads runs,
-    so that one call over the prefix beats a full rectangle and a causal diagonal: FA2 (its varlen
-    kernel aligns bottom-right) and seqpar's Triton kernel take both; cuDNN aligns a causal mask
-    top-left when Sq < Sk (measured, 2026-11-27-gpu-16th/call2), so there a prefix call would leave
-    cuDNN for FA2."""
-    return backend("flash_attn_backward", q, k, v) in ("aten_flash", "triton")
+    bottom-right: a varlen call of one document) runs on the kernel a square dense call of these
+    heads runs on, so that one call over the prefix beats a full rectangle and a causal diagonal:
+    FA2 (its varlen kernel aligns bottom-right) and seqpar's Triton kernel take both. cuDNN aligns a
+    causal mask top-left when Sq < Sk (measured, 2026-11-27-gpu-16th/call2): there a prefix call
+    would leave cuDNN for FA2; and where the bounded call would go to the split (auto dispatch), its
+    pieces are not measured against the two dense calls: no."""
+    fast = ("aten_flash", "triton")
+    one_document = {"cu_seqlens_q": (0, q.shape[1]), "cu_seqlens_k": (0, k.shape[1])}
+    return (backend("flash_attn_backward", q, k, v) in fast
+            and backend("flash_attn_backward", q, k, v, **one_document) in fast)
 
 
 def flash_attn_choice(q, k, v, *, backward=False, **features) -> tuple[str, str]:

@@ -224,6 +224,7 @@ def test_backward_tail_is_one_call_over_a_prefix_where_the_kernel_takes_it(world
         if world == 2:  # the later chunk's dQ: three results (a trio) split, two (a pair) joined
             assert "trio_last" in {r.role for runs in split.dq.runs for r in runs}
             assert "trio_last" not in {r.role for runs in joined.dq.runs for r in runs}
+    assert not ring_module.prefix_calls_fast(*[torch.empty(1, 8, 2, 4)] * 3)  # CPU: the reference, no join
     # documents: one document holding the whole later chunk joins too (its rectangle is that
     # document's part of the earlier chunk); a boundary inside the later chunk makes its diagonal
     # a call with bounds and its rectangle a document's rows only: nothing to join
@@ -811,6 +812,23 @@ def test_cuda_lse_paths_match_fp64_reference(kernel, rows, heads, causal, monkey
                                 cu_seqlens=cu_d)
     for ours, ref in zip(grads, ref_grads):
         assert (ours.double().cpu() - ref).abs().max() < 0.1 * max(1.0, ref.abs().max().item())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_prefix_calls_where_the_family_takes_them(monkeypatch):
+    """The ring joins its backward's own blocks into a call over a prefix only where both that
+    call and the dense ones run on FA2 or Triton: not on cuDNN (top-left causal), not where auto
+    dispatch would send the bounded call to the split."""
+    from seqpar.kernels.dispatch import ATTN_ENV, prefix_calls_fast
+    q = torch.randn(1, 256, 8, 128, device="cuda", dtype=torch.bfloat16)
+    gqa, mha = (torch.randn(1, 512, h, 128, device="cuda", dtype=torch.bfloat16) for h in (2, 8))
+    monkeypatch.setenv(ATTN_ENV, "flash")
+    assert prefix_calls_fast(q, gqa, gqa) and prefix_calls_fast(q, mha, mha)
+    monkeypatch.setenv(ATTN_ENV, "cudnn")
+    assert not prefix_calls_fast(q, mha, mha)
+    monkeypatch.setenv(ATTN_ENV, "triton")
+    assert prefix_calls_fast(q, mha, mha)
 
 
 def _ring_bf16_on_nccl(rank, world, transport="nccl"):
