@@ -82,6 +82,10 @@ class CopyEngineComm:
 
     def __init__(self, group, next_rank: int, prev_rank: int):
         world_group = group if group is not None else dist.group.WORLD
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", torch.cuda.device_count()))
+        if dist.get_world_size(group) > local:
+            raise ValueError(f"{ENV}=copy maps the peers' memory: the ring's {dist.get_world_size(group)} ranks must "
+                             f"share one node, which runs {local}; unset it (NCCL) across nodes")
         self.group = group
         self.peer = dist.get_group_rank(world_group, prev_rank) if group is not None else prev_rank
         self.staging = _STAGING.setdefault(world_group.group_name, _Staging())
