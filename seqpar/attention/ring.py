@@ -399,7 +399,7 @@ class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, group, plan, scale):
         comm, steps = RingComm(group), plan.fwd_steps
-        comm.reserve(*plan.exchange_bytes(k, v))
+        comm.reserve(plan, k, v)
         bounds = plan.bounds(q.device)
         acc_dtype = _acc_dtype(q.dtype)
         out = q.new_empty(q.shape[:-1] + v.shape[-1:])
@@ -430,7 +430,7 @@ class _RingAttention(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
         plan, comm = ctx.plan, RingComm(ctx.group)
-        comm.reserve(*plan.exchange_bytes(k, v))
+        comm.reserve(plan, k, v)
         steps, bounds = plan.steps, plan.bounds(q.device)
         dout = dout.contiguous()
         acc_dtype = _acc_dtype(q.dtype)
@@ -588,11 +588,11 @@ class RingComm:
                                      f"of one node), not backend {dist.get_backend(group)}: unset it")
                 self.copy = CopyEngineComm(group, self.next, self.prev)
 
-    def reserve(self, key, nbytes: int, device) -> None:
-        """Room for this call's largest exchange (`nbytes`), agreed over the group once per `key`
-        (the copy engines' staging buffer; nothing to do for NCCL)."""
+    def reserve(self, plan, k, v) -> None:
+        """Room for the largest exchange of a call of `plan` on these K/V, agreed over the group once
+        per plan and shapes (the copy engines' staging buffer; nothing to do for NCCL)."""
         if self.copy is not None:
-            self.copy.reserve(key, nbytes, device)
+            self.copy.reserve(*plan.exchange_bytes(k, v))
 
     def shift(self, tensors) -> "Pending":
         """Send `tensors` (contiguous) on, receive the previous rank's of the same shapes; K and V

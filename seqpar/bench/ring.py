@@ -110,7 +110,7 @@ class _NoComm:
     def __init__(self, group):
         pass
 
-    def reserve(self, key, nbytes, device):
+    def reserve(self, plan, k, v):
         pass
 
     def shift(self, x):
