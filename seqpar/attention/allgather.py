@@ -29,7 +29,7 @@ from functools import lru_cache
 import torch
 import torch.distributed as dist
 
-from seqpar.attention.ring import Block, BoundTensors, Pending
+from seqpar.attention.ring import Block, BoundTensors, Pending, _acc_dtype
 from seqpar.kernels.block_sum import block_sum_
 from seqpar.kernels.flash_attn import flash_attn, flash_attn_backward, flash_attn_merge_
 from seqpar.parallel.sharding import DOC_LAYOUTS, group_size_rank, host_bounds, local_ranges
@@ -335,10 +335,6 @@ def _sum_into(final, parts):
         block_sum_(final, parts)
     else:
         final.zero_()
-
-
-def _acc_dtype(dtype):
-    return torch.promote_types(dtype, torch.float32)
 
 
 def _exchange(group, sends, recvs) -> Pending:
