@@ -105,7 +105,7 @@ def _check_world(rank, world):
         ref = _reference(q, k, v, grad, None, True)
         errors[("ring_prefix", layout, "dense", heads, True)] = _rel_errors(_ring_prefix, q, k, v, grad, None, True,
                                                                              layout, ref)
-    extra = {2: lambda: {"order": _transfer_order(), "folds": _fold_results()},
+    extra = {2: lambda: {"order": _transfer_order(), "folds": _fold_results(), "keep": _keep_results()},
              4: lambda: {"heads": _ulysses_head_error(), "folds": _fold_results()}}.get(world)
     return errors, (extra() if extra else None), _doc_zigzag_results(world), _doc_balanced_results(world)
 
@@ -138,6 +138,30 @@ def _ulysses_head_error():
     except ValueError as e:
         return str(e)
     return None
+
+
+@contextlib.contextmanager
+def _keeping_kv():
+    os.environ[ring_module.KEEP_ENV] = "1"
+    try:
+        yield
+    finally:
+        del os.environ[ring_module.KEEP_ENV]
+
+
+def _keep_results():
+    """A ring of 2 keeping the peer's K/V for the backward (SEQPAR_RING_KEEP_KV=1): relative errors
+    of every layout (dense and packed rows, GQA and MHA, causal or not), the doc layouts' results
+    as their own checks take them, and the transfer log of one fwd+bwd."""
+    errors = {}
+    with _keeping_kv():
+        for i, (layout, rows, heads, causal) in enumerate(_cases()):
+            if heads == "mha" and rows != "dense":
+                continue
+            q, k, v, grad, cu = _inputs(rows, heads, seed=300 + i)
+            ref = _reference(q, k, v, grad, cu, causal)
+            errors[(layout, rows, heads, causal)] = _rel_errors(ring_attention, q, k, v, grad, cu, causal, layout, ref)
+        return errors, _doc_zigzag_results(2), _doc_balanced_results(2), _transfer_order()
 
 
 def _transfer_order():
@@ -182,6 +206,40 @@ def test_transfers_are_posted_before_the_compute_they_overlap(world_results):
     assert bwd_log[:2] == ["shift", "bwd"], bwd_log
     last_shift = len(bwd_log) - 1 - bwd_log[::-1].index("shift")
     assert "bwd" in bwd_log[last_shift:] and bwd_log[-1] == "wait", bwd_log
+
+
+def test_ring_of_2_keeping_the_peer_kv_matches_single_process_and_moves_no_kv_in_the_backward(world_results):
+    world, results = world_results
+    if world != 2:
+        pytest.skip("a ring of 2 only")
+    keeps = [extra["keep"] for _, extra, *_ in results]
+    for errors, *_ in keeps:
+        assert len(errors) == 16
+        for case, err in errors.items():
+            assert err <= TOL, f"keep {case}: relative error {err:.2e}"
+    _assert_doc_zigzag([k[1] for k in keeps], 2)
+    _assert_doc_balanced([k[2] for k in keeps], 2)
+    for *_, log in keeps:
+        bwd_log = log[log.index("bwd"):]
+        # the backward: the remote block, the dK/dV hop home posted, the own shard in one call, then the wait
+        assert bwd_log == ["bwd", "shift", "bwd", "wait"], bwd_log
+
+
+def test_keeping_kv_plans_the_own_shard_as_one_backward_call(monkeypatch):
+    S, C = 128, 32
+    held = tuple(tuple(local_ranges(S, 2, r, "zigzag")) for r in range(2))
+    for rank in range(2):
+        split = ring_module._held_ring_plan(held, rank, None, True, False)
+        kept = ring_module._held_ring_plan(held, rank, None, True, False, True)
+        assert kept.keep and kept.first == [] and kept.tail == [kept.fwd_steps[0][0]]
+        assert kept.backward_order() == kept.steps[1] + kept.tail
+        assert sum(b.work() for b in kept.backward_order()) == sum(b.work() for b in split.backward_order())
+    assert kept.tail == [Block(slice(0, 2 * C), slice(0, 2 * C), True)]
+    held4 = tuple(tuple(local_ranges(S, 4, r, "zigzag")) for r in range(4))
+    assert not ring_module._held_ring_plan(held4, 0, None, True, False, True).keep  # a ring of 2 only
+    monkeypatch.setenv(ring_module.KEEP_ENV, "yes")
+    with pytest.raises(ValueError, match="SEQPAR_RING_KEEP_KV='yes' is not one of: 0, 1"):
+        ring_module.keep_kv()
 
 
 @pytest.mark.parametrize("world", [2, 4, 8])

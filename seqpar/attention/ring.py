@@ -33,10 +33,17 @@ Where the kernel takes a causal mask aligned bottom-right as fast as a square on
 Triton kernel: `dispatch.prefix_calls_fast`; not cuDNN), the own blocks the backward runs after the
 remote steps (zigzag: the later chunk against the earlier one, then against itself) are one call of
 those queries over their whole local prefix (`prefix_tail`).
+
+SEQPAR_RING_KEEP_KV=1 (a ring of 2, opt-in: it costs memory): the forward keeps the peer's K/V, which
+it holds after its last step anyway, for the backward. The backward then moves no K/V: it runs the
+remote block first, sends its dK/dV home and, while they travel, the own shard's whole causal
+attention as the forward's one call (`own_shard_block`), on any kernel family. Per layer it saves
+the peer's K/V beside its own: the K/V of the whole sequence, where the ring saves half.
 """
 from __future__ import annotations
 
 import bisect
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -50,6 +57,18 @@ from seqpar.kernels.dispatch import prefix_calls_fast
 from seqpar.kernels.flash_attn import flash_attn, flash_attn_backward
 from seqpar.parallel.doc_balance import DocBalanced
 from seqpar.parallel.sharding import DOC_LAYOUTS, document_plan, group_size_rank, host_bounds, local_ranges
+
+
+KEEP_ENV = "SEQPAR_RING_KEEP_KV"
+
+
+def keep_kv() -> bool:
+    """Whether a ring of 2 keeps the peer's K/V from the forward for the backward (SEQPAR_RING_KEEP_KV=1)."""
+    choice = os.environ.get(KEEP_ENV, "").strip() or "0"
+    if choice not in ("0", "1"):
+        raise ValueError(f"{KEEP_ENV}={choice!r} is not one of: 0, 1 (1: a ring of 2 keeps the peer's K/V for the "
+                         f"backward, memory for speed)")
+    return choice == "1"
 
 
 @dataclass(frozen=True)
@@ -283,14 +302,20 @@ class RingPlan:
     """What a ring call does that depends on the sharding alone, worked out once and shared by
     every layer of a micro-batch: the blocks of each step, how each block's result folds into
     the row buffers (`ring_fold`), and the document bounds on the device. `travel_len`: the
-    leading K/V rows that go round the ring (doc_balanced: the cut documents'), by default all."""
+    leading K/V rows that go round the ring (doc_balanced: the cut documents'), by default all.
+    `keep`: a ring of 2 keeps the peer's K/V for the backward (`keep_kv`)."""
 
     def __init__(self, steps: list[list[Block]], q_len: int, k_len: int, peer_last: list[Block] | None = None,
-                 own: Block | None = None, travel_len: int | None = None, prefix: bool = False):
+                 own: Block | None = None, travel_len: int | None = None, prefix: bool = False, keep: bool = False):
         self.steps = steps
-        # the own shard's blocks after the remote steps (`prefix`: joined into calls over a prefix,
-        # where the kernel takes a causal mask aligned bottom-right as fast: `prefix_calls_fast`)
-        self.tail = prefix_tail(steps[0][1:]) if prefix else steps[0][1:]
+        self.keep = keep and len(steps) == 2
+        if self.keep:  # no K/V transfer to hide: the remote block first, then the own shard at once
+            self.first, own_blocks = [], [own] if own is not None else steps[0]
+        else:  # the first own block hides the first K/V transfer, the rest (`tail`) the last dK/dV one
+            self.first, own_blocks = steps[0][:1], steps[0][1:]
+        # `prefix`: the own blocks joined into calls over a prefix, where the kernel takes a causal
+        # mask aligned bottom-right as fast (`prefix_calls_fast`)
+        self.tail = prefix_tail(own_blocks) if prefix else own_blocks
         self.travel_len = k_len if travel_len is None else travel_len
         self.fwd_steps = steps if own is None else [[own]] + steps[1:]
         self.out = plan_folds([b.q for blocks in self.fwd_steps for b in blocks], q_len, final=True, pairs=True)
@@ -305,7 +330,7 @@ class RingPlan:
         # folded, zero-filled or widened to fp32 before the transfer, and half the bytes move.
         self.raw_hop = len(steps) == 2
         self.peer_last = peer_last if self.raw_hop else None
-        own = [b.k for b in steps[0][:1] + self.tail]
+        own = [b.k for b in self.first + self.tail]
         if self.raw_hop:
             self.home = plan_folds(own + [b.k for b in peer_last], k_len, final=True, pairs=True, trios=True)
         else:
@@ -315,9 +340,9 @@ class RingPlan:
         self._bounds: dict[torch.device, BoundTensors] = {}
 
     def backward_order(self) -> list[Block]:
-        """The own shard's blocks are split around the remote steps: the first hides the first K/V
-        transfer, the rest (`tail`) the last dK/dV transfer."""
-        return self.steps[0][:1] + [b for blocks in self.steps[1:] for b in blocks] + self.tail
+        """The own shard's blocks around the remote steps: `first` hides the first K/V transfer,
+        `tail` the last dK/dV transfer."""
+        return self.first + [b for blocks in self.steps[1:] for b in blocks] + self.tail
 
     def exchange_bytes(self, k, v) -> tuple[tuple, int, torch.device]:
         """(key, bytes, device) of the largest exchange a call of this plan makes on this rank, fwd
@@ -340,23 +365,23 @@ class RingPlan:
 
 
 @lru_cache(maxsize=8)
-def _doc_ring_plan(plan, rank, causal) -> RingPlan:
+def _doc_ring_plan(plan, rank, causal, keep=False) -> RingPlan:
     if isinstance(plan, DocBalanced):
         schedule, travel = doc_balanced_schedule, plan.split_len
     else:
         schedule, travel = doc_ring_schedule, None
     steps = schedule(plan, rank, causal)
     peer = schedule(plan, (rank - 1) % plan.world, causal)[-1] if len(steps) == 2 else None
-    return RingPlan(steps, plan.local_len, plan.local_len, peer, travel_len=travel)
+    return RingPlan(steps, plan.local_len, plan.local_len, peer, travel_len=travel, keep=keep)
 
 
 @lru_cache(maxsize=16)
-def _held_ring_plan(held, rank, bounds, causal, prefix=False) -> RingPlan:
+def _held_ring_plan(held, rank, bounds, causal, prefix=False, keep=False) -> RingPlan:
     held, bounds = [list(h) for h in held], None if bounds is None else list(bounds)
     steps = ring_schedule(held, rank, bounds, causal)
     peer = ring_schedule(held, (rank - 1) % len(held), bounds, causal)[-1] if len(held) == 2 else None
     rows = sum(b - a for a, b in held[rank])
-    return RingPlan(steps, rows, rows, peer, own_shard_block(held[rank], bounds, causal), prefix=prefix)
+    return RingPlan(steps, rows, rows, peer, own_shard_block(held[rank], bounds, causal), prefix=prefix, keep=keep)
 
 
 def ring_attention(q, k, v, *, group=None, causal=True, cu_seqlens=None, softmax_scale=None, layout="zigzag"):
@@ -369,7 +394,7 @@ def ring_attention(q, k, v, *, group=None, causal=True, cu_seqlens=None, softmax
             raise ValueError(f"{layout}: rank {rank} holds {q.shape[1]} rows, but shard_sequence cuts these "
                              f"cu_seqlens into {plan.local_len} per rank")
         scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
-        return _RingAttention.apply(q, k, v, group, _doc_ring_plan(plan, rank, bool(causal)), scale)
+        return _RingAttention.apply(q, k, v, group, _doc_ring_plan(plan, rank, bool(causal), keep_kv()), scale)
     if layout in DOC_LAYOUTS:
         layout = "contiguous"
     seq_len = q.shape[1] * world
@@ -391,7 +416,7 @@ def ring_attention_held(q, k, v, held, *, group=None, causal=True, cu_seqlens=No
     key = tuple(tuple(tuple(r) for r in ranges) for ranges in held)
     # a prefix call is a varlen call of one document: one row (batch 1)
     prefix = bool(causal) and q.shape[0] == 1 and prefix_calls_fast(q, k, v)
-    plan = _held_ring_plan(key, rank, bounds, bool(causal), prefix)
+    plan = _held_ring_plan(key, rank, bounds, bool(causal), prefix, keep_kv())
     return _RingAttention.apply(q, k, v, group, plan, scale)
 
 
@@ -422,13 +447,13 @@ class _RingAttention(torch.autograd.Function):
                 n += 1
             if pending is not None:
                 kv = pending.wait()
-        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.save_for_backward(q, k, v, out, lse, *(kv if plan.keep else ()))  # keep: kv is the peer's
         ctx.group, ctx.plan, ctx.scale = group, plan, scale
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, *kept_kv = ctx.saved_tensors
         plan, comm = ctx.plan, RingComm(ctx.group)
         comm.reserve(plan, k, v)
         steps, bounds = plan.steps, plan.bounds(q.device)
@@ -460,11 +485,11 @@ class _RingAttention(torch.autograd.Function):
                 fold_grad(runs, dk_b, accs[0], finals[0], kept_k)
                 fold_grad(runs, dv_b, accs[1], finals[1], kept_v)
 
-        pending_kv = comm.shift(_travelling(kv, plan)) if len(steps) > 1 else None
-        home = [grads(blk, kv) for blk in steps[0][:1]]  # hides the first K/V transfer
+        pending_kv = comm.shift(_travelling(kv, plan)) if len(steps) > 1 and not plan.keep else None
+        home = [grads(blk, kv) for blk in plan.first]  # hides the first K/V transfer
         pending_dkv, home_accs = None, None
         for step in range(1, len(steps)):
-            kv_vis = pending_kv.wait()
+            kv_vis = tuple(kept_kv) if plan.keep else pending_kv.wait()
             pending_kv = comm.shift(kv_vis) if step + 1 < len(steps) else None
             folds = plan.travel[step]
             if plan.raw_hop:  # home as they are; the previous rank's come back the same way

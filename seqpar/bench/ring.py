@@ -43,7 +43,7 @@ import torch.distributed as dist
 from seqpar import kernels
 from seqpar.attention import ring as ring_module
 from seqpar.attention.copy_engine import transport
-from seqpar.attention.ring import doc_balanced_schedule, doc_ring_schedule, ring_attention, ring_schedule
+from seqpar.attention.ring import doc_balanced_schedule, doc_ring_schedule, keep_kv, ring_attention, ring_schedule
 from seqpar.parallel.dims import init_world
 from seqpar.parallel.sharding import (DOC_LAYOUTS, doc_zigzag_plan, document_plan, local_ranges, shard_sequence,
                                      unshard_sequence)
@@ -384,6 +384,7 @@ def main(argv=None) -> int:
             nccl=".".join(map(str, torch.cuda.nccl.version())) if cuda else None, dtype=str(args.dtype),
             anchor="torch.distributed.tensor.experimental.context_parallel, same run, same kernel family",
             transport=transport(),  # the ring's transfers: NCCL's kernels or the copy engines (SEQPAR_RING_TRANSPORT)
+            keep_kv=keep_kv(),  # a ring of 2 keeping the peer's K/V for the backward (SEQPAR_RING_KEEP_KV)
             dense=bench_dense(args, device, timer, world), packed=bench_packed(args, device, timer, world))
         if dist.get_rank() == 0:
             os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -41,8 +41,10 @@ def load_benchmarks(root: Path | None = None) -> dict[str, list]:
         except (OSError, json.JSONDecodeError):
             continue
         kind = (data.get("benchmark") or data.get("bench")) if isinstance(data, dict) else None
-        if kind == "ring" and data.get("transport", "nccl") != "nccl":
-            continue  # the copy engines' transfers (SEQPAR_RING_TRANSPORT=copy): the model prices NCCL's
+        if kind == "ring" and (data.get("transport", "nccl") != "nccl" or data.get("keep_kv")):
+            # the copy engines' transfers (SEQPAR_RING_TRANSPORT=copy) or a backward with no K/V shift
+            # (SEQPAR_RING_KEEP_KV=1): the model prices NCCL's ring that moves K/V again
+            continue
         if kind in found and not diagnostic(path):
             found[kind].append((path, data))
     for path in sorted(glob.glob(str(root / "*" / "**" / "*metrics.jsonl"), recursive=True)):

@@ -1,0 +1,24 @@
+# Two GPUs (device tool), from the repo root, .whl carried:
+#   source docs/benchmarks/gpu_setup.sh && OUT=DIR bash docs/benchmarks/ring_keep_gpu.sh
+# Issue 3, one call of about 7 minutes: a ring of 2 keeping the peer's K/V for the backward
+# (SEQPAR_RING_KEEP_KV=1: no K/V shift in the backward, the own shard's backward as one call);
+# 1. the NCCL ring bf16 against float64 with it (and the FA2 family forced);
+# 2. the ring bench at 32k without and with it, on one machine (torch CP beside the first);
+# 3. the ring bench at 128k with it.
+[ -n "$SEQPAR_GPU_READY" ] || source docs/benchmarks/gpu_setup.sh
+bench() {  # name, keep (0|1), extra args
+    local name=$1 keep=$2; shift 2
+    SEQPAR_RING_KEEP_KV=$keep timeout 240 torchrun --standalone --nproc_per_node 2 -m seqpar.bench ring \
+        --packed-lens --methods ring --iters 10 --warmup 3 --out "$OUT/$name.json" "$@" > "$OUT/$name.log" 2>&1
+    echo "$name (keep $keep): exit $?"
+    python3 docs/benchmarks/ring_summary.py "$OUT/$name.log"
+}
+SEQPAR_RING_KEEP_KV=1 timeout 150 python3 -m pytest -q -m gpu tests/test_ring.py -k "bf16_on_nccl and not copy" \
+    > "$OUT/gpu_tests_keep.log" 2>&1
+echo "gpu tests, keep: exit $? ($(tail -1 "$OUT/gpu_tests_keep.log"))"
+SEQPAR_RING_KEEP_KV=1 SEQPAR_ATTN_KERNEL=flash timeout 100 python3 -m pytest -q -m gpu tests/test_ring.py \
+    -k "bf16_on_nccl and not copy" > "$OUT/gpu_tests_keep_flash.log" 2>&1
+echo "gpu tests, keep, FA2 family: exit $? ($(tail -1 "$OUT/gpu_tests_keep_flash.log"))"
+bench ring_32k 0 --seq-lens 32768
+bench ring_keep_32k 1 --seq-lens 32768 --torch-cp-rotate
+bench ring_keep_128k 1 --seq-lens 131072 --torch-cp-rotate
