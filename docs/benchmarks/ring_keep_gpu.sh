@@ -1,10 +1,12 @@
 # Two GPUs (device tool), from the repo root, .whl carried:
-#   source docs/benchmarks/gpu_setup.sh && OUT=DIR bash docs/benchmarks/ring_keep_gpu.sh
-# Issue 3, one call of about 7 minutes: a ring of 2 keeping the peer's K/V for the backward
+#   source docs/benchmarks/gpu_setup.sh && [PART=2] OUT=DIR bash docs/benchmarks/ring_keep_gpu.sh
+# Issue 3, two calls of about 5 minutes: a ring of 2 keeping the peer's K/V for the backward
 # (SEQPAR_RING_KEEP_KV=1: no K/V shift in the backward, the own shard's backward as one call);
-# 1. the NCCL ring bf16 against float64 with it (and the FA2 family forced);
-# 2. the ring bench at 32k without and with it, on one machine (torch CP beside the first);
-# 3. the ring bench at 128k with it.
+# part 1: 1. the NCCL ring bf16 against float64 with it (and the FA2 family forced);
+#         2. the ring bench at 32k without and with it, on one machine (torch CP beside the first);
+#         3. the ring bench at 128k with it;
+# part 2: the 32k bench three times each way, alternating (how far one run's figure is from the
+#         next), then with the copy engines' transport (SEQPAR_RING_TRANSPORT=copy) as well.
 [ -n "$SEQPAR_GPU_READY" ] || source docs/benchmarks/gpu_setup.sh
 bench() {  # name, keep (0|1), extra args
     local name=$1 keep=$2; shift 2
@@ -13,6 +15,14 @@ bench() {  # name, keep (0|1), extra args
     echo "$name (keep $keep): exit $?"
     python3 docs/benchmarks/ring_summary.py "$OUT/$name.log"
 }
+if [ "${PART:-1}" = 2 ]; then
+    for round in 1 2 3; do
+        bench ring_32k_r$round 0 --seq-lens 32768 --torch-cp-rotate
+        bench ring_keep_32k_r$round 1 --seq-lens 32768 --torch-cp-rotate
+    done
+    SEQPAR_RING_TRANSPORT=copy bench ring_keep_copy_32k 1 --seq-lens 32768 --torch-cp-rotate
+    exit 0
+fi
 SEQPAR_RING_KEEP_KV=1 timeout 150 python3 -m pytest -q -m gpu tests/test_ring.py -k "bf16_on_nccl and not copy" \
     > "$OUT/gpu_tests_keep.log" 2>&1
 echo "gpu tests, keep: exit $? ($(tail -1 "$OUT/gpu_tests_keep.log"))"
