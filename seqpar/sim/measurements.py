@@ -73,6 +73,9 @@ DIAGNOSTIC_FILES = {
         "code's rows in the same call as their A/B: its time says the new code's era, its code the one before"),
     "2026-11-27-gpu-17th/call5/old128k.json": (
         "as call4/ring_old_32k.json at 128k (FA2): the code before ba5602e, run beside the new as its A/B"),
+    "2026-11-27-gpu-18th/call2/ring_old_flash_32k.json": (
+        "the FA2 ring bench at the code before ce206fa (the backward's own blocks as a rectangle and a diagonal, "
+        "not one call over the prefix), run beside the new code in the same call as its A/B"),
     "2026-11-26-4xh200-4th/disagg_profiled.json": (
         "the disagg bench under docs/benchmarks/profile_gpu.py to see which kernels run, with untuned kernels "
         "(SEQPAR_FLASH_TUNE=0), one timed iteration and each case profiled: its times are not the benchmark's "
