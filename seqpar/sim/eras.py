@@ -245,6 +245,9 @@ COMMITTED_BY = {
     "2026-11-27-gpu-17th/call2": "2026-11-27T15:25:45+00:00",
     "2026-11-27-gpu-17th/call3": "2026-11-27T15:25:45+00:00",
     "2026-11-27-gpu-17th": "2026-11-27T15:39:06+00:00",  # 523dc18
+    # the eighteenth session: calls 1-4 ran 96e362f and later (ce206fa's era; SEQPAR_RING_KEEP_KV and the copy
+    # transport are off unless set, and the loader skips the runs that set them)
+    "2026-11-27-gpu-18th": "2026-11-27T18:03:03+00:00",
 }
 
 
