@@ -364,6 +364,13 @@ E2E_RUNS.update({f"{model}_{name}_metrics.jsonl": dict(world=2, script="docs/ben
                                                        overrides=[f"model={model}", *_FOURD, *layout])
                  for model in ("llama_1b", "hybrid_1b") for name, layout in _FOURD_LAYOUTS.items()})
 
+# docs/benchmarks/ring_keep_e2e_gpu.sh: llama_1b cp=2 with the ring at 32k, one sequence per step (held
+# out; its run with SEQPAR_RING_KEEP_KV=1 beside it is not read: the model prices the ring moving K/V again)
+E2E_RUNS["llama_1b_cp2_ring_keep0_metrics.jsonl"] = dict(
+    world=2, script="docs/benchmarks/ring_keep_e2e_gpu.sh", fit=None,
+    overrides=["model=llama_1b", *[o for o in _FOURD if not o.startswith("train.global_batch_size")],
+               "train.global_batch_size=1", "parallel.cp=2", "parallel.dp=1", "parallel.softmax_sp=ring"])
+
 # docs/benchmarks/scale_gpu.sh e2e: llama_1b and hybrid_1b at 64k tokens per GPU on 4 GPUs (held out);
 # hybrid_1b's TP pair ran with selective checkpointing from 7dbbc09 on (its 4xh200 run was refused)
 _SCALE4 = ["data=synthetic", "data.seq_len=262144", "data.distribution=fixed", "data.mean_len=262144", "train=long",
