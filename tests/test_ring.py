@@ -824,7 +824,8 @@ def test_plans_and_device_bounds_are_built_once_per_sharding():
         ring_attention(q, q, q, cu_seqlens=cu)
     info = ring_module._held_ring_plan.cache_info()
     assert (info.misses, info.hits) == (1, 2), info
-    plan = ring_module._held_ring_plan((tuple(local_ranges(96, 1, 0, "zigzag")),), 0, tuple(FOLD_DOCS), True, False)
+    plan = ring_module._held_ring_plan((tuple(local_ranges(96, 1, 0, "zigzag")),), 0, tuple(FOLD_DOCS), True, False,
+                                       False)  # as ring_attention asks: every argument given
     assert ring_module._held_ring_plan.cache_info().hits == 3 and list(plan._bounds) == [torch.device("cpu")]
     for cu_t in plan.bounds(torch.device("cpu")).cache.values():  # the aten varlen path's max, known on the host
         from seqpar.kernels.flash_attn.aten import _max_seqlen
