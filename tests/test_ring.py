@@ -106,7 +106,8 @@ def _check_world(rank, world):
         errors[("ring_prefix", layout, "dense", heads, True)] = _rel_errors(_ring_prefix, q, k, v, grad, None, True,
                                                                              layout, ref)
     extra = {2: lambda: {"order": _transfer_order(), "folds": _fold_results(), "keep": _keep_results()},
-             4: lambda: {"heads": _ulysses_head_error(), "folds": _fold_results()}}.get(world)
+             4: lambda: {"heads": _ulysses_head_error(), "folds": _fold_results(),
+                         "keep_usp": _keep_usp_results(*methods["usp"])}}.get(world)
     return errors, (extra() if extra else None), _doc_zigzag_results(world), _doc_balanced_results(world)
 
 
@@ -162,6 +163,24 @@ def _keep_results():
             ref = _reference(q, k, v, grad, cu, causal)
             errors[(layout, rows, heads, causal)] = _rel_errors(ring_attention, q, k, v, grad, cu, causal, layout, ref)
         return errors, _doc_zigzag_results(2), _doc_balanced_results(2), _transfer_order()
+
+
+def _keep_usp_results(fn, group):
+    """usp at world 4 is a ring of 2 (over the Ulysses groups): keeping the peer's K/V applies there.
+    Also which plans ran (`keep` of each ring call)."""
+    errors, kept = {}, []
+    apply = ring_module._RingAttention.apply
+    ring_module._RingAttention.apply = lambda *a: (kept.append(a[4].keep), apply(*a))[1]
+    try:
+        with _keeping_kv():
+            for i, (layout, rows, heads, causal) in enumerate(_cases()):
+                if heads == "gqa" and causal:
+                    q, k, v, grad, cu = _inputs(rows, heads, seed=400 + i)
+                    ref = _reference(q, k, v, grad, cu, causal)
+                    errors[(layout, rows)] = _rel_errors(fn, q, k, v, grad, cu, causal, layout, ref, group)
+    finally:
+        ring_module._RingAttention.apply = apply
+    return errors, kept
 
 
 def _transfer_order():
@@ -223,6 +242,18 @@ def test_ring_of_2_keeping_the_peer_kv_matches_single_process_and_moves_no_kv_in
         bwd_log = log[log.index("bwd"):]
         # the backward: the remote block, the dK/dV hop home posted, the own shard in one call, then the wait
         assert bwd_log == ["bwd", "shift", "bwd", "wait"], bwd_log
+
+
+def test_usp_keeping_the_peer_kv_matches_single_process(world_results):
+    world, results = world_results
+    if world != 4:
+        pytest.skip("usp's ring of 2 at world 4")
+    for _, extra, *_ in results:
+        errors, kept = extra["keep_usp"]
+        assert len(kept) == 6 and all(kept), kept  # every call: a ring of 2 that kept the peer's K/V
+        assert len(errors) == 6
+        for case, err in errors.items():
+            assert err <= TOL, f"usp keep {case}: relative error {err:.2e}"
 
 
 def test_keeping_kv_plans_the_own_shard_as_one_backward_call(monkeypatch):
