@@ -8,6 +8,7 @@
 # part 2: the 32k bench three times each way, alternating (how far one run's figure is from the
 #         next), then with the copy engines' transport (SEQPAR_RING_TRANSPORT=copy) as well.
 [ -n "$SEQPAR_GPU_READY" ] || source docs/benchmarks/gpu_setup.sh
+bash docs/benchmarks/device_info.sh "$OUT"  # which pair: the 32k figure depends on it (call 7)
 bench() {  # name, keep (0|1), extra args
     local name=$1 keep=$2; shift 2
     SEQPAR_RING_KEEP_KV=$keep timeout 240 torchrun --standalone --nproc_per_node 2 -m seqpar.bench ring \
