@@ -248,6 +248,9 @@ COMMITTED_BY = {
     # the eighteenth session: calls 1-4 ran 96e362f and later (ce206fa's era; SEQPAR_RING_KEEP_KV and the copy
     # transport are off unless set, and the loader skips the runs that set them)
     "2026-11-27-gpu-18th": "2026-11-27T18:03:03+00:00",
+    "2026-11-27-gpu-18th/call5": "2026-11-27T18:11:35+00:00",  # c7f81b4
+    "2026-11-27-gpu-18th/call6": "2026-11-27T18:16:43+00:00",  # 0d9c5ae
+    "2026-11-27-gpu-18th/call7": "2026-11-27T18:19:06+00:00",  # 968eaa8
 }
 
 
