@@ -183,6 +183,7 @@ def lightning_eras(era: int) -> tuple[int, ...]:
     return tuple(e for e in kernel_eras(era) if e >= since)
 
 
+@functools.lru_cache(maxsize=None)  # CODE_CHANGES is a constant; the cost model asks this per call priced
 def era_since(commit: str) -> int:
     """The era that begins with `commit` (the first hash of its CODE_CHANGES entry): the code from
     that commit on is era >= this."""
@@ -254,6 +255,7 @@ COMMITTED_BY = {
 }
 
 
+@functools.lru_cache(maxsize=None)
 def _parse_date(text):
     try:
         when = datetime.datetime.fromisoformat(str(text))
@@ -273,6 +275,7 @@ def run_folder(path) -> Path:
     return Path(path).parent
 
 
+@functools.lru_cache(maxsize=None)  # a pure function of the path (str or Path), asked of every file by every fit
 def run_key(path) -> str:
     """`folder/file` of a benchmark file, the folder being its run folder (`run_folder`): the key of
     COMMITTED_BY, DIAGNOSTIC_FILES and the other per-file lists."""

@@ -29,6 +29,38 @@ def bench_dir() -> Path:
 
 # ---------------------------------------------------------------- reading the benchmark folders
 
+_UNREADABLE = object()
+_PARSED: dict = {}
+
+
+def _parsed(path: str, lines: bool = False):
+    """A file's JSON (or its JSONL lines that parse), read once per version of the file: validate's
+    leave-one-out fits load the whole folder some 300 times. Callers only read what it returns.
+    An unreadable file: _UNREADABLE (no lines: [])."""
+    unreadable = [] if lines else _UNREADABLE
+    try:
+        st = os.stat(path)
+    except OSError:
+        return unreadable
+    key = (path, lines, st.st_mtime_ns, st.st_size)
+    if key not in _PARSED:
+        try:
+            text = Path(path).read_text()
+            if lines:
+                rows = []
+                for line in text.splitlines():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError:
+                        pass
+                _PARSED[key] = rows
+            else:
+                _PARSED[key] = json.loads(text)
+        except (OSError, json.JSONDecodeError):
+            _PARSED[key] = unreadable
+    return _PARSED[key]
+
+
 def load_benchmarks(root: Path | None = None) -> dict[str, list]:
     """Every JSON/JSONL under `root`/*/ by kind: ring, lasp, kernels, comm, disagg, maxlen, e2e (metrics.jsonl)."""
     root = Path(root or bench_dir())
@@ -36,9 +68,8 @@ def load_benchmarks(root: Path | None = None) -> dict[str, list]:
              "fourd_2gpu": [], "sim_hd64": []}
     # a run folder's files, or (fifth session on) its lanes' `callN/<lane>/` files below it
     for path in sorted(glob.glob(str(root / "*" / "**" / "*.json"), recursive=True)):
-        try:
-            data = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError):
+        data = _parsed(path)
+        if data is _UNREADABLE:
             continue
         kind = (data.get("benchmark") or data.get("bench")) if isinstance(data, dict) else None
         if kind == "ring" and (data.get("transport", "nccl") != "nccl" or data.get("keep_kv")):
@@ -48,12 +79,7 @@ def load_benchmarks(root: Path | None = None) -> dict[str, list]:
         if kind in found and not diagnostic(path):
             found[kind].append((path, data))
     for path in sorted(glob.glob(str(root / "*" / "**" / "*metrics.jsonl"), recursive=True)):
-        rows = []
-        for line in Path(path).read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass
+        rows = _parsed(path, lines=True)
         if rows:
             found["e2e"].append((path, rows))
     return found
