@@ -3,15 +3,23 @@ and wait for an outside process (Slurm, Ray) to reach a state."""
 from __future__ import annotations
 
 import gc
+import multiprocessing
 import os
+import pickle
 import socket
 import tempfile
 import time
-import pickle
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+# Ranks fork from a server that imported these once, not from a fresh interpreter each: on the CI's
+# two cores a spawned rank spent seconds importing torch and its distributed packages, per test.
+# Only libraries that read no seqpar setting at import: seqpar itself loads in the rank, after
+# _worker sets the caller's environment.
+multiprocessing.set_forkserver_preload(["torch", "torch.distributed", "torch.distributed.tensor",
+                                        "torch.distributed.checkpoint", "torch.distributed.fsdp", "omegaconf", "hydra"])
 
 
 def free_port() -> int:
@@ -20,7 +28,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world_size, port, out_dir, backend, fn, args):
+def _worker(rank, world_size, port, out_dir, backend, fn, args, environ):
+    # the fork server's environment is the one it started with; the caller's is the one a test set
+    os.environ.clear()
+    os.environ.update(environ)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
@@ -41,7 +52,8 @@ def _worker(rank, world_size, port, out_dir, backend, fn, args):
 def run_distributed(fn, world_size: int, *args, backend: str = "gloo"):
     """fn(rank, world_size, *args) on every rank; returns the list of per-rank results."""
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_worker, args=(world_size, free_port(), out_dir, backend, fn, args), nprocs=world_size, join=True)
+        mp.start_processes(_worker, args=(world_size, free_port(), out_dir, backend, fn, args, dict(os.environ)),
+                           nprocs=world_size, join=True, start_method="forkserver")
         results = []
         for r in range(world_size):
             with open(os.path.join(out_dir, f"{r}.pkl"), "rb") as f:
