@@ -6,7 +6,10 @@
 #         2. the ring bench at 32k without and with it, on one machine (torch CP beside the first);
 #         3. the ring bench at 128k with it;
 # part 2: the 32k bench three times each way, alternating (how far one run's figure is from the
-#         next), then with the copy engines' transport (SEQPAR_RING_TRANSPORT=copy) as well.
+#         next), then with the copy engines' transport (SEQPAR_RING_TRANSPORT=copy) as well;
+# part 3: the 32k keep ring, each family, with and without TORCH_NCCL_HIGH_PRIORITY=1 (NCCL's
+#         streams at high priority: its send/receive blocks take the next free SM before the
+#         attention's), alternating three rounds, then the FA2 keep ring profiled both ways.
 [ -n "$SEQPAR_GPU_READY" ] || source docs/benchmarks/gpu_setup.sh
 bash docs/benchmarks/device_info.sh "$OUT"  # which pair: the 32k figure depends on it (call 7)
 bench() {  # name, keep (0|1), extra args
@@ -16,6 +19,25 @@ bench() {  # name, keep (0|1), extra args
     echo "$name (keep $keep): exit $?"
     python3 docs/benchmarks/ring_summary.py "$OUT/$name.log"
 }
+if [ "${PART:-1}" = 3 ]; then
+    for round in 1 2 3; do
+        cp_rows=(); [ $round = 1 ] && cp_rows=(allgather)  # torch CP once, as the anchor of the call
+        for hp in 0 1; do
+            for family in flash cudnn; do
+                TORCH_NCCL_HIGH_PRIORITY=$hp bench ring_keep_${family}_hiprio${hp}_r$round 1 --seq-lens 32768 \
+                    --kernels $family --iters 20 --torch-cp-rotate "${cp_rows[@]}"
+            done
+        done
+    done
+    for hp in 0 1; do
+        SEQPAR_RING_KEEP_KV=1 TORCH_NCCL_HIGH_PRIORITY=$hp timeout 200 torchrun --standalone --nproc_per_node 2 \
+            docs/benchmarks/profile_gpu.py "$OUT/profile_hiprio$hp" ring --packed-lens --seq-lens 32768 \
+            --kernels flash --methods ring --torch-cp-rotate --iters 5 --out "$OUT/profile_hiprio$hp/ring.json" \
+            > "$OUT/profile_hiprio$hp.log" 2>&1
+        echo "profile hiprio $hp: exit $?"
+    done
+    exit 0
+fi
 if [ "${PART:-1}" = 2 ]; then
     for round in 1 2 3; do
         bench ring_32k_r$round 0 --seq-lens 32768 --torch-cp-rotate
