@@ -62,7 +62,7 @@ from seqpar.kernels.tma import use_tma
 CHUNK = 64
 # Segments: long enough that the boundary states (fp32, Dk x Dv per head) cost little memory
 # traffic next to q/k/v (2*Dv/seg_len of q's bytes), short enough for >= 4 programs per SM.
-MIN_SEGMENT, MAX_SEGMENT = 256, 2048
+MIN_SEGMENT, MAX_SEGMENT = 256, 8192
 SCAN_ROWS = 16
 # TMA loads of the chunks (kernels/tma.py) on sm_90+: 2-6 % faster fwd+bwd at every length on H100
 # and H200 (2026-11-27-gpu-16th calls 1, 2), so on by default (SEQPAR_TMA=0 turns them off)
@@ -349,7 +349,9 @@ def segment_length(tokens: int, heads: int, device: torch.device) -> int:
     """Tokens per segment: the longest (power of two times C) that still gives each SM a segment
     of some head (with the column blocks, about two programs per SM). Longer segments won over a
     fuller grid: one row of 16k tokens, H=32, ran 12.8 Mtok/s fwd+bwd at 2048 against 11.5 at 512
-    (one H200, docs/benchmarks/2026-11-26-4gpu-7th/call1), at 32k-128k 2048 was the fastest too.
+    (one H200, docs/benchmarks/2026-11-26-4gpu-7th/call1); with the TMA loads, capped at 8192
+    instead of 2048, one row of 32k ran fwd+bwd in 3.18 ms against 3.56 and 64k-256k 3-4% faster
+    (one H100, docs/benchmarks/2026-11-27-gpu-19th/call3): fewer boundary states to write and scan.
     Only the grid depends on it, never a compiled kernel or a tuning key."""
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
         if device.type == "cuda" else 8
