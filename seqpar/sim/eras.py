@@ -134,6 +134,10 @@ CODE_CHANGES = (
     ("2026-11-27T15:46:23+00:00", ("ce206fa the ring backward's own blocks after the remote steps as one call over "
                                    "their local prefix (bottom-right) where the kernel takes it as fast: FA2, "
                                    "Triton; not cuDNN")),
+    # the lightning kernels' grid (2026-11-27-gpu-19th/call4: LASP-2 at 256k on 2 H100 10.61 -> 10.07 ms,
+    # its one-GPU baseline 20.04 -> 19.64)
+    ("2026-11-27T21:37:20+00:00", ("c8f2856 the lightning kernels' segments up to 8192 tokens (2048 before): "
+                                   "fewer boundary states")),
 )
 
 
@@ -161,10 +165,12 @@ SAME_KERNEL_BENCHES += ("c52307c", "ff4de8f")
 SAME_KERNEL_BENCHES += ("195962d", "bb52ff6", "de46c0e", "e1a8f31")
 # ... and ba5602e (the ring's folds, as de46c0e)
 SAME_KERNEL_BENCHES += ("ba5602e",)
+# ... and c8f2856 (the lightning kernel only, as 195962d)
+SAME_KERNEL_BENCHES += ("c8f2856",)
 # (not 6eda7f2: the kernels bench's split rows and the disagg bench's servers change with it)
 # CODE_CHANGES entries that changed the lightning kernel (79fc72c's entry holds e049981's one-scan
 # exchange): its kernels-bench rows measure one kernel only between two of them
-LIGHTNING_CHANGES = ("79fc72c", "83f5aae", "195962d")
+LIGHTNING_CHANGES = ("79fc72c", "83f5aae", "195962d", "c8f2856")
 
 
 def kernel_eras(era: int) -> tuple[int, ...]:

@@ -108,6 +108,12 @@ DIAGNOSTIC_FILES = {
         "(no rebalancing on the 92k-document batch 1009 ms, against 690 ms in disagg_check_128k.json of the "
         "same call)"),
 }
+# lasp_segments_gpu.sh's runs of the code before c8f2856 (the lightning kernels' segments capped at 2048),
+# each beside the new code's on one machine as its A/B: their dates say the new code's era
+DIAGNOSTIC_FILES.update({f"2026-11-27-gpu-19th/{name}": (
+    "bench lasp at the code before c8f2856 (segments capped at 2048 tokens), run after that commit beside the "
+    "new code's rows in the same call as their A/B: its time says the new code's era, its code the one before")
+    for name in ("call4/lasp_seg2048_r1.json", "call4/lasp_seg2048_r2.json", "call5/lasp_1m_old.json")})
 # ring_nccl_gpu.sh's runs with NCCL's channels capped (an A/B of environment variables beside
 # call3/ring_default.json): NCCL_MAX_NCHANNELS=2 exposed 6.6 ms of transfer at 32k, the others no change
 DIAGNOSTIC_FILES.update({f"2026-11-27-gpu-17th/call3/ring_{setting.replace('=', '_')}.json": (
