@@ -12,16 +12,14 @@ its balanced ideal, for several planner weights and for the best weight chosen p
 Defaults: the forward and backward ratios measured on 2 H100 before the TMA kernels (planner.py:
 1.06, 1.74) and a backward 2.6x the forward; the answer is only as good as these.
 """
-import json
 import random
 import sys
-from pathlib import Path
 
 from seqpar.attention.disagg.planner import TASK_OVERHEAD, KernelSpeed, plan_owned
+from seqpar.bench.disagg import load_mix
 from seqpar.kernels.flash_attn.split import max_doc_len, min_doc_len
 from seqpar.kernels.flash_attn.split_tasks import cudnn_prefix
 
-MIXES = Path(__file__).resolve().parents[3] / "shared" / "data" / "doc_lengths"
 WEIGHTS = (1.06, 1.3, 1.55, 1.74, 2.0)
 
 
@@ -46,7 +44,7 @@ def layer_time(p, speed, fwd, bwd, bwd_time):
 def main(fwd=1.06, bwd=1.74, bwd_time=2.6, batches=40):
     lo, hi, prefix = min_doc_len(32), max_doc_len(32, 64, 2), cudnn_prefix()
     for mix in ("wlbllm", "prolong"):
-        lens = json.loads((MIXES / f"{mix}.json").read_text())
+        lens = load_mix(mix)
         for per_rank in (65536, 131072):
             rng, rows = random.Random(0), {w: [] for w in WEIGHTS}
             for _ in range(batches):
