@@ -52,13 +52,8 @@ class DisaggConfig:  # parallel.softmax_sp=disagg (core-attention servers); rule
     triton_cost: Optional[float] = None
     # one: the backward reuses the forward's plan (the servers keep their inputs); per_direction: the
     # forward is planned for the Triton kernel's forward speed (planner.TRITON_FWD_COST) and the
-    # backward for triton_cost, each balanced, the backward's servers sent their inputs again;
-    # balanced: one plan whose cuDNN and Triton work is swapped until both directions are level
-    # (planner.Directions: each direction's Triton cost and the backward's time)
+    # backward for triton_cost, each balanced, the backward's servers sent their inputs again
     plans: str = "one"
-    # plans=balanced: the cuDNN attention FLOPs in the time a byte of the servers' transfers takes,
-    # what a swap's extra bytes cost (0: bytes are free); null: planner.TRANSFER_FLOPS
-    transfer_flops: Optional[float] = None
     # dp_cp: also move attention work between the data-parallel ranks (their packed rows joined into
     # one); the same as cp where dp = 1 or softmax_sp is not disagg
     group: str = "dp_cp"

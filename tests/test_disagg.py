@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from seqpar import kernels
 from seqpar.attention import SOFTMAX_SP, disagg_attention
-from seqpar.attention.disagg import TASK_OVERHEAD, Directions, KernelSpeed, pairs, plan, task_cost
+from seqpar.attention.disagg import TASK_OVERHEAD, KernelSpeed, pairs, plan, task_cost
 from seqpar.parallel.sharding import local_ranges, shard_sequence, unshard_sequence
 from tests.distributed import run_distributed
 
@@ -117,48 +117,6 @@ def test_plan_weighs_pairs_by_the_kernel_that_runs_them():
     assert weighted(blind) > 1.15 and aware.imbalance == weighted(aware) <= 1.05, (weighted(blind), aware.loads)
 
 
-def _directions_layer(p, speed, dirs):
-    """(forward max/mean, backward max/mean, modelled layer + the plan's bytes) of a plan."""
-    from dataclasses import replace
-    F, B = [0.0] * len(p.loads), [0.0] * len(p.loads)
-    for t in p.tasks:
-        F[t.server] += task_cost(t.q_start, t.q_end, t.kv_start, speed=replace(speed, triton_cost=dirs.fwd))
-        B[t.server] += task_cost(t.q_start, t.q_end, t.kv_start, speed=replace(speed, triton_cost=dirs.bwd))
-    mf, mb = sum(F) / len(F), sum(B) / len(B)
-    return max(F) / mf, max(B) / mb, max(F) + dirs.bwd_time * max(B) + dirs.byte_cost * p.bytes_moved
-
-
-@pytest.mark.parametrize("byte_cost", [0.0, 0.3])
-def test_balanced_plans_level_both_directions(byte_cost):
-    """plans=balanced: the one plan, then swaps of cuDNN work one way and Triton work the other.
-    Where a Triton pair costs 1.06 cuDNN pairs forward and 1.64 backward, the one plan (weighed at
-    1.55) leaves the forward over; the balanced plan models a layer (max forward + 2.7 x max
-    backward, plus its bytes at byte_cost) never slower, and with free bytes the forward's excess
-    shrinks (pieces are whole short documents: granularity stops some mixes short of eps)."""
-    speed = KernelSpeed(min_len=512, max_len=6000, prefix=False, triton_cost=1.55)
-    dirs = Directions(1.06, 1.64, 2.7, byte_cost)
-    rng, gained, over = random.Random(3), 0, []
-    for seed in range(12):
-        lengths = [rng.choice([rng.randint(16, 500), rng.randint(600, 4000)]) for _ in range(rng.randint(30, 60))]
-        bounds = _bounds(lengths, 4)
-        world = 2 if seed % 3 else 4
-        kw = dict(eps=0.02, min_chunk=64, speed=speed, row_bytes=(64, 16))
-        one, bal = plan(bounds, world, **kw), plan(bounds, world, directions=dirs, **kw)
-        _check_plan(bal, bounds, world, "contiguous", 64, speed)
-        assert bal == plan(torch.tensor(bounds), world, directions=dirs, **kw), "deterministic"
-        (f1, b1, l1), (f2, b2, l2) = _directions_layer(one, speed, dirs), _directions_layer(bal, speed, dirs)
-        assert l2 <= l1 * (1 + 1e-12), (seed, l1, l2)
-        gained += l2 < l1 * 0.999
-        if f1 > 1.02:
-            over.append((f1 - 1, f2 - 1))
-    assert gained >= 3, f"balancing gained on {gained} of 12 mixes only: this test proves little"
-    if byte_cost == 0:  # the forward's excess over its mean, where the one plan left it over eps
-        before, after = (sum(x) / len(over) for x in zip(*over))
-        assert len(over) >= 4 and after <= 0.8 * before, over
-    with pytest.raises(ValueError, match="0 < fwd < bwd"):
-        Directions(1.6, 1.5)
-
-
 def test_plan_1000_documents_is_fast():
     rng = random.Random(1)
     lengths = [rng.choice([rng.randint(1, 500), rng.randint(2000, 30000)]) for _ in range(1000)]
@@ -260,10 +218,9 @@ PER_DIRECTION = [(True, "zigzag", 8, 2, "single"), (True, "contiguous", 4, 4, "p
                  (False, "zigzag", 8, 2, "halves")]
 
 
-def _per_direction(rank, world, plans="per_direction"):
-    from seqpar.attention.disagg import configure, runtime
+def _per_direction(rank, world):
+    from seqpar.attention.disagg import runtime
     runtime.kernel_speed = lambda q, k, v, opts: _CUDA_LIKE
-    configure(transfer_flops=0)  # plans=balanced: swaps free of bytes, so that the tiny rows swap at all
     cu = torch.tensor(DOCS, dtype=torch.int32)
     errs = {}
     for causal, layout, hq, hkv, schedule in PER_DIRECTION:
@@ -273,12 +230,8 @@ def _per_direction(rank, world, plans="per_direction"):
         ref_out.backward(grad)
         local = [shard_sequence(t, layout=layout).requires_grad_() for t in (q, k, v)]
         out = disagg_attention(*local, causal=causal, cu_seqlens=cu, layout=layout, min_chunk=16, schedule=schedule,
-                               plans=plans)
-        if plans == "per_direction":  # the call's ctx: a backward plan of its own
-            apart = out.grad_fn.next_functions[0][0].routes_b is not None
-        else:  # the balanced plan is not the one plan
-            kw = dict(layout=layout, min_chunk=16, causal=causal, speed=_CUDA_LIKE)
-            apart = plan(DOCS, world, **kw).tasks != plan(DOCS, world, directions=Directions(byte_cost=0), **kw).tasks
+                               plans="per_direction")
+        apart = out.grad_fn.next_functions[0][0].routes_b is not None  # the call's ctx: a backward plan of its own
         out.backward(shard_sequence(grad, layout=layout))
         err = [(unshard_sequence(out.detach(), layout=layout) - ref_out.detach()).abs().max().item()]
         err += [(l.grad - shard_sequence(f.grad, layout=layout)).abs().max().item() for l, f in zip(local, full)]
@@ -286,15 +239,13 @@ def _per_direction(rank, world, plans="per_direction"):
     return errs
 
 
-@pytest.mark.parametrize("plans", ["per_direction", "balanced"])
-def test_disagg_per_direction_and_balanced_plans_exact(plans):
+def test_disagg_per_direction_plans_exact():
     for world in (1, 2, 4):
-        for errs in run_distributed(_per_direction, world, plans):
+        for errs in run_distributed(_per_direction, world):
             for case, err in errs.items():
                 assert err < 1e-10, f"world {world}, (causal, layout, schedule, apart)={case}: max error {err}"
         if world == 4:
-            assert any(case[-1] for case in errs), f"no call's plan differs from the one plan ({plans}): " \
-                "this test proves nothing"
+            assert any(case[-1] for case in errs), "no call planned its backward apart: this test proves nothing"
 
 
 def test_disagg_is_a_registered_softmax_method():
@@ -415,24 +366,24 @@ def test_disagg_config_keys_reach_the_runtime(tmp_path):
     path.write_text(json.dumps(_table(3000)))
     cfg = _make_cfg("parallel.disagg.eps=0.03", "parallel.disagg.min_chunk=64", "parallel.disagg.schedule=halves",
                     f"parallel.disagg.cost_table={path}", "parallel.disagg.triton_cost=1.25",
-                    "parallel.disagg.plans=balanced", "parallel.disagg.transfer_flops=700")
+                    "parallel.disagg.plans=per_direction")
     validate(cfg, world=2)
     previous = configure(cfg.parallel.disagg)
     try:
         opts = current()
-        assert (opts.eps, opts.min_chunk, opts.schedule, opts.triton_cost, opts.plans, opts.transfer_flops) == (
-            0.03, 64, "halves", 1.25, "balanced", 700)
+        assert (opts.eps, opts.min_chunk, opts.schedule, opts.triton_cost, opts.plans) == (
+            0.03, 64, "halves", 1.25, "per_direction")
         assert abs(planner_overhead(opts) - 3000) <= 1
     finally:
         configure(previous)
     assert current() == previous
     # null (the default): the planner's measured weight
-    from seqpar.attention.disagg.planner import TRANSFER_FLOPS, TRITON_COST
+    from seqpar.attention.disagg.planner import TRITON_COST
     default = _make_cfg()
-    assert default.parallel.disagg.triton_cost is None and default.parallel.disagg.transfer_flops is None
+    assert default.parallel.disagg.triton_cost is None
     previous = configure(default.parallel.disagg)
     try:
-        assert (current().triton_cost, current().transfer_flops) == (TRITON_COST, TRANSFER_FLOPS)
+        assert current().triton_cost == TRITON_COST
     finally:
         configure(previous)
 
@@ -445,7 +396,6 @@ def test_disagg_config_keys_reach_the_runtime(tmp_path):
     ("parallel.disagg.cost_table=/nope/table.json", "parallel.disagg.cost_table=/nope/table.json: file not found"),
     ("parallel.disagg.triton_cost=-1", "parallel.disagg.triton_cost=-1.0: must be a number > 0"),
     ("parallel.disagg.plans=two", "parallel.disagg.plans='two': choose one (the backward reuses"),
-    ("parallel.disagg.transfer_flops=-1", "parallel.disagg.transfer_flops=-1.0: must be a number >= 0"),
 ])
 def test_bad_disagg_keys_fail_naming_the_key(override, message):
     from seqpar.config import ConfigError, validate

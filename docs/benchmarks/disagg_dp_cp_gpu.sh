@@ -18,9 +18,7 @@
 #    alone, balanced too; dp2_disagg_eps02: 0.02), dp2_disagg_tc105 (parallel.disagg.triton_cost=1.05:
 #    a Triton pair weighed as 1.05 cuDNN pairs: 1.079x, worse; dp2_disagg_tcNNN_eps02: weighed 1.NN, eps 0.02), dp2_disagg_apart
 #    (parallel.disagg.plans=per_direction: each direction planned for its own Triton speed; _eps02: and
-#    eps 0.02), dp2_disagg_balanced_eps02 (parallel.disagg.plans=balanced: one plan, cuDNN and Triton work
-#    swapped until both directions are level, a swap's bytes weighed; _balanced0_eps02: bytes free),
-#    dp2_disagg_halves and dp2_disagg_ping_pong (parallel.disagg.schedule: the
+#    eps 0.02), dp2_disagg_halves and dp2_disagg_ping_pong (parallel.disagg.schedule: the
 #    local work around the transfers, the transfers of one nano-batch under another's compute; _eps02:
 #    and eps 0.02);
 #    dp2_fixed and ideal_1gpu_fixed: every document SEQ / 4 long (balanced rows), so dp2_fixed over
@@ -62,8 +60,6 @@ for name in ${LANES:-dp2 ideal_1gpu dp2_disagg_dp_cp cp2_ring cp2_per_doc}; do
     dp2_disagg_eps02) extra="$disagg parallel.disagg.eps=0.02" ;;
     dp2_disagg_apart) extra="$disagg parallel.disagg.plans=per_direction" ;;
     dp2_disagg_apart_eps02) extra="$disagg parallel.disagg.plans=per_direction parallel.disagg.eps=0.02" ;;
-    dp2_disagg_balanced_eps02) extra="$disagg parallel.disagg.plans=balanced parallel.disagg.eps=0.02" ;;
-    dp2_disagg_balanced0_eps02) extra="$disagg parallel.disagg.plans=balanced parallel.disagg.transfer_flops=0 parallel.disagg.eps=0.02" ;;
     dp2_disagg_tc105) extra="$disagg parallel.disagg.triton_cost=1.05" ;;
     dp2_disagg_tc1[0-9]*_eps02) tc=${name#dp2_disagg_tc}; tc=${tc%_eps02}
       extra="$disagg parallel.disagg.triton_cost=1.${tc#1} parallel.disagg.eps=0.02" ;;

@@ -24,11 +24,9 @@
 #   twelfth session, 2 H100: eps 0.05 1.060x, eps 0.02 1.053x the ideal);
 # - apart (~8 min): dp2_as0, dp2_as1 and disagg with parallel.disagg.plans=per_direction at eps 0.02 and
 #   0.1 (each direction planned for its own Triton speed: modelled forward imbalance 1.048 -> 1.007 at
-#   eps 0.02, where the steps' ratios followed the forward's imbalance);
-# - balanced (~7 min): dp2_as0, dp2_as1, disagg at eps 0.02 with the one plan and with plans=balanced, its
-#   swaps' bytes free (transfer_flops=0; BLANES names other lanes, e.g. dp2_disagg_balanced_eps02).
+#   eps 0.02, where the steps' ratios followed the forward's imbalance).
 [ -n "$SEQPAR_GPU_READY" ] || source docs/benchmarks/gpu_setup.sh
-MODE=${1:?timeline, norecompile, noprebuild, plain, dpideal, schedules, apart or balanced}
+MODE=${1:?timeline, norecompile, noprebuild, plain, dpideal, schedules or apart}
 SEQ=${2:-65536}
 mkdir -p "$OUT/$MODE"
 lanes() {  # EXTRA, LANES (default: the three lanes), STEPS (default 10)
@@ -57,6 +55,5 @@ case $MODE in
   dpideal) EXTRA=" " STEPS=18 LANES="dp2_as0 dp2_as1 dp2_disagg_dp_cp dp2" lanes ;;
   schedules) EXTRA=" " STEPS=18 LANES="dp2_as0 dp2_as1 dp2_disagg_halves_eps02 dp2_disagg_ping_pong_eps02" lanes ;;
   apart) EXTRA=" " STEPS=18 LANES="dp2_as0 dp2_as1 dp2_disagg_apart_eps02 dp2_disagg_apart" lanes ;;
-  balanced) EXTRA=" " STEPS=18 LANES=${BLANES:-"dp2_as0 dp2_as1 dp2_disagg_eps02 dp2_disagg_balanced0_eps02"} lanes ;;
-  *) echo "MODE: timeline, norecompile, noprebuild, plain, dpideal, schedules, apart or balanced" >&2; exit 2 ;;
+  *) echo "MODE: timeline, norecompile, noprebuild, plain, dpideal, schedules or apart" >&2; exit 2 ;;
 esac

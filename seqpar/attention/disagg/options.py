@@ -9,15 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from typing import Optional
 
-from seqpar.attention.disagg.planner import TASK_OVERHEAD, TRANSFER_FLOPS, TRITON_COST
+from seqpar.attention.disagg.planner import TASK_OVERHEAD, TRITON_COST
 from seqpar.attention.disagg.rows import GROUPS
 
 # The runtime's nano-batch schedules (runtime.py's docstring): one call per server; local halves
 # L1 / remote R / L2; ping-pong L1 / R1 / R2 / L2.
 SCHEDULES = ("single", "halves", "ping_pong")
 # one: the backward reuses the forward's plan (servers keep their inputs); per_direction: each
-# direction balances its own cost (runtime.py's docstring); balanced: one plan, both directions level
-PLANS = ("one", "per_direction", "balanced")
+# direction balances its own cost (runtime.py's docstring)
+PLANS = ("one", "per_direction")
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,6 @@ class DisaggOptions:
     group: str = "dp_cp"             # cp: balance inside the cp group; dp_cp: across data-parallel ranks too (rows.py)
     triton_cost: float = TRITON_COST  # a score pair on the servers' Triton kernel, in cuDNN pairs (KernelSpeed)
     plans: str = "one"               # PLANS: one plan for both directions, or one per direction
-    transfer_flops: float = TRANSFER_FLOPS  # plans=balanced: cuDNN FLOPs per byte moved (0: bytes are free)
 
     def overhead(self) -> int:
         """The per-task overhead the planner uses."""
@@ -68,14 +67,10 @@ def validate(options) -> DisaggOptions:
         raise ValueError(f"parallel.disagg.schedule={opts.schedule!r}: choose {', '.join(SCHEDULES)} (single: one "
                          "kernel call per server, transfers exposed; halves: local work split around the remote "
                          "work; ping_pong: four nano-batches)")
-    if isinstance(opts.transfer_flops, bool) or not isinstance(opts.transfer_flops, (int, float)) \
-            or not opts.transfer_flops >= 0:
-        raise ValueError(f"parallel.disagg.transfer_flops={opts.transfer_flops}: must be a number >= 0 (the cuDNN "
-                         "attention FLOPs in the time a byte of the servers' transfers takes; 0: bytes are free)")
     if opts.plans not in PLANS:
-        raise ValueError(f"parallel.disagg.plans={opts.plans!r}: choose one (the backward reuses the forward's plan), "
-                         "per_direction (each direction balanced for its own kernel speeds, the backward's "
-                         "inputs sent again) or balanced (one plan, swaps that level both directions)")
+        raise ValueError(f"parallel.disagg.plans={opts.plans!r}: choose one (the backward reuses the forward's plan) "
+                         "or per_direction (each direction balanced for its own kernel speeds, the backward's "
+                         "inputs sent again)")
     if opts.group not in GROUPS:
         raise ValueError(f"parallel.disagg.group={opts.group!r}: choose cp (balance inside each cp group) or dp_cp "
                          "(balance across the data-parallel ranks too)")
@@ -112,6 +107,5 @@ def _coerce(options) -> DisaggOptions:
     unknown = sorted(set(items) - names)
     if unknown:
         raise ValueError(f"parallel.disagg.{unknown[0]}: unknown key; the keys are {sorted(names)}")
-    # a null triton_cost / transfer_flops is the planner's measured one (the field's default)
-    return DisaggOptions(**{k: v for k, v in items.items()
-                            if not (k in ("triton_cost", "transfer_flops") and v is None)})
+    # a null triton_cost is the planner's measured one (the field's default)
+    return DisaggOptions(**{k: v for k, v in items.items() if not (k == "triton_cost" and v is None)})

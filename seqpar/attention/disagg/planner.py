@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from seqpar.kernels.flash_attn.split import cudnn_head, runs_on_cudnn
 from seqpar.parallel.sharding import local_ranges
@@ -53,17 +53,6 @@ TASK_OVERHEAD = 128 * 128 // 2
 TRITON_COST = 1.55
 # ... and in the forward alone (the same run): what a per-direction forward plan weighs a Triton pair
 TRITON_FWD_COST = 1.06
-# `plans=balanced` (`Directions`): a Triton pair's cost in each direction and the backward's time over
-# the forward's for the same cuDNN pairs. The step's timeline of 2026-11-27-gpu-14th/call2 (before the
-# dk/dv tile and the TMA loads) measured 1.16, 1.93 and 2.71 (disagg_phases.py's timeline=);
-# these are that timeline's ratios less what the two kernel changes gained on the Triton side
-# (~7% forward, ~15% backward).
-TRITON_BWD_COST = 1.64
-BWD_TIME = 2.7
-# The cuDNN forward's attention FLOPs in the time one byte of a server all-to-all takes: ~350 TFLOP/s
-# (packed documents, D = 64) over ~250 GB/s (NCCL all_to_all between 2 H100, docs/benchmarks/README.md
-# 2026-11-25 "collectives": 264 GB/s bus bandwidth). `transfer_cost` turns it into score pairs.
-TRANSFER_FLOPS = 1400
 
 
 @dataclass(frozen=True)
@@ -90,28 +79,6 @@ class KernelSpeed:
         """The score pairs of a task of `queries` over `keys`, weighed by the kernels that run them."""
         fast, slow = self.by_kernel(queries, keys, causal)
         return fast + self.triton_cost * slow
-
-
-@dataclass(frozen=True)
-class Directions:
-    """What it takes to balance the forward and the backward with one plan (`plans=balanced`): a
-    Triton score pair in cuDNN pairs in each direction, and the backward's time over the forward's."""
-    fwd: float = TRITON_FWD_COST
-    bwd: float = TRITON_BWD_COST
-    bwd_time: float = BWD_TIME
-    byte_cost: float = 0.0  # a byte more in the plan's transfers, in forward cuDNN pairs (transfers_cost)
-
-    def __post_init__(self):
-        if not (0 < self.fwd < self.bwd and self.bwd_time > 0 and self.byte_cost >= 0):
-            raise ValueError(f"{self}: needs 0 < fwd < bwd (a Triton pair's cost in each direction), bwd_time > 0 "
-                             "and byte_cost >= 0")
-
-
-def transfer_cost(heads: int, d_qk: int, d_v: int, flops: float = TRANSFER_FLOPS) -> float:
-    """`Directions.byte_cost`: a byte of the plan's transfers, which travel in both directions (the
-    backward sends dO and returns dQ, dK, dV), in forward cuDNN score pairs of `heads` query heads,
-    a byte moving while cuDNN computes `flops`."""
-    return 2 * flops / (2 * heads * (d_qk + d_v))
 
 
 @dataclass(frozen=True)
@@ -167,23 +134,22 @@ def task_cost(q_start: int, q_end: int, kv_start: int, kv_end: int | None = None
 
 def plan(cu_seqlens, world_size: int, *, layout: str = "contiguous", eps: float = 0.1, min_chunk: int = 128,
          causal: bool = True, overhead: int = TASK_OVERHEAD, row_bytes: tuple[int, int] = (2, 2),
-         speed: KernelSpeed | None = None, directions: Directions | None = None) -> Plan:
+         speed: KernelSpeed | None = None) -> Plan:
     """Plan of the packed row with document boundaries `cu_seqlens` (GLOBAL, tensor or list)
     over `world_size` servers, the tokens held as `shard_sequence(layout)` cuts them.
 
     `overhead`: per-task cost in score pairs. `row_bytes`: (bytes per query row: Q sent and O
     returned; bytes per key/value row: K and V sent), used to prefer cheap moves; only their ratio
-    matters to the choice. `speed`: the servers' kernels (None: every pair costs the same).
-    `directions` (with a `speed`): then balance the forward and the backward each (`_balance_directions`)."""
+    matters to the choice. `speed`: the servers' kernels (None: every pair costs the same)."""
     bounds = [int(x) for x in (cu_seqlens.tolist() if hasattr(cu_seqlens, "tolist") else cu_seqlens)]
     owned = [local_ranges(bounds[-1], world_size, r, layout) for r in range(world_size)]
     return plan_owned(bounds, owned, eps=eps, min_chunk=min_chunk, causal=causal, overhead=overhead,
-                      row_bytes=row_bytes, speed=speed, directions=directions)
+                      row_bytes=row_bytes, speed=speed)
 
 
 def plan_owned(bounds: list[int], owned: list[list[tuple[int, int]]], *, eps: float = 0.1, min_chunk: int = 128,
                causal: bool = True, overhead: int = TASK_OVERHEAD, row_bytes: tuple[int, int] = (2, 2),
-               speed: KernelSpeed | None = None, directions: Directions | None = None) -> Plan:
+               speed: KernelSpeed | None = None) -> Plan:
     """`plan` for explicit ownership: `owned[r]` are the global token ranges rank r holds."""
     world = len(owned)
     if min_chunk < 1:
@@ -218,184 +184,28 @@ def plan_owned(bounds: list[int], owned: list[list[tuple[int, int]]], *, eps: fl
         if move is None:
             break  # no move from the most to the least loaded server lowers the imbalance
         idx, moved, keep = move
-        d_hi, d_lo = _apply(model, tasks, hi, lo, idx, moved, keep)
-        loads[hi] += d_hi
-        loads[lo] += d_lo
-    if directions is not None and speed is not None:
-        _balance_directions(model, tasks, directions, eps, min_chunk)
-        loads = [sum(model.cost(*t[:3]) for t in ts) for ts in tasks]
+        t = tasks[hi][idx]
+        d, owner = t[2], t[3]
+        loads[hi] -= model.cost(t[0], t[1], d) - sum(model.cost(a, b, d) for a, b in keep)
+        if keep:
+            t[0], t[1] = keep[0]
+        else:
+            del tasks[hi][idx]
+        for a, b in moved:
+            for u in tasks[lo]:  # a piece next to one lo already serves joins it: one task, one overhead
+                if u[2] == d and u[3] == owner and (u[1] == a or u[0] == b) and model.within_one_range(
+                        owner, min(u[0], a), max(u[1], b)):
+                    loads[lo] -= model.cost(u[0], u[1], d)
+                    u[0], u[1] = min(u[0], a), max(u[1], b)
+                    loads[lo] += model.cost(u[0], u[1], d)
+                    break
+            else:
+                tasks[lo].append([a, b, d, owner])
+                loads[lo] += model.cost(a, b, d)
 
     out = sorted((Task(s, a, b, d, o) for s, ts in enumerate(tasks) for a, b, d, o in ts),
                  key=lambda t: (t.q_start, t.server))
     return Plan(out, loads, initial, model.plan_bytes(out))
-
-
-def _apply(model, tasks, src, dst, idx, moved, keep):
-    """Hands the `moved` ranges of tasks[src][idx] to dst, src keeping `keep`; a piece next to one
-    dst already serves (same document and owner) joins it: one task, one overhead. Returns the
-    change of src's and dst's load under `model`."""
-    t = tasks[src][idx]
-    d, owner = t[2], t[3]
-    d_src = sum(model.cost(a, b, d) for a, b in keep) - model.cost(t[0], t[1], d)
-    if keep:
-        t[0], t[1] = keep[0]
-    else:
-        del tasks[src][idx]
-    d_dst = 0
-    for a, b in moved:
-        for u in tasks[dst]:
-            if u[2] == d and u[3] == owner and (u[1] == a or u[0] == b) and model.within_one_range(
-                    owner, min(u[0], a), max(u[1], b)):
-                d_dst -= model.cost(u[0], u[1], d)
-                u[0], u[1] = min(u[0], a), max(u[1], b)
-                d_dst += model.cost(u[0], u[1], d)
-                break
-        else:
-            tasks[dst].append([a, b, d, owner])
-            d_dst += model.cost(a, b, d)
-    return d_src, d_dst
-
-
-def _balance_directions(model, tasks, dirs: Directions, eps, min_chunk):
-    """One plan serves both directions, but a Triton pair costs `dirs.fwd` cuDNN pairs forward and
-    `dirs.bwd` backward, and every layer waits for its slowest server in each: the plan balanced
-    for one cost leaves the other direction over (2 ranks, DistCA's mixes: the forward 5-6% over
-    its mean where the backward is level). A single move cannot fix that once the backward is
-    level; a swap can: cuDNN pairs one way and Triton pairs the other, sized so that both
-    directions' gaps close (x - f*y = forward gap / 2, x - b*y = backward gap / 2, x cuDNN pairs
-    out, y Triton pairs in). Each candidate (the swaps and single moves between the servers of
-    the largest gaps) is scored in both directions by the layer it models, max forward +
-    bwd_time * max backward, less `dirs.byte_cost` per byte it adds to the plan's transfers; the
-    planner takes the best until both directions are within eps of their means or none gains."""
-    fwd, bwd = (model.with_speed(replace(model.speed, triton_cost=c)) for c in (dirs.fwd, dirs.bwd))
-    world = len(tasks)
-    F = [sum(fwd.cost(*t[:3]) for t in ts) for ts in tasks]
-    B = [sum(bwd.cost(*t[:3]) for t in ts) for ts in tasks]
-    for _ in range(4 * (sum(map(len, tasks)) + world) + 16):
-        if max(F) <= (1 + eps) * sum(F) / world and max(B) <= (1 + eps) * sum(B) / world:
-            break
-        move = _best_swap(fwd, bwd, tasks, F, B, dirs, min_chunk)
-        if move is None:
-            break
-        for src, dst, idx, moved, keep in move:
-            _apply(model, tasks, src, dst, idx, moved, keep)
-        for s in {m[0] for m in move} | {m[1] for m in move}:
-            F[s] = sum(fwd.cost(*t[:3]) for t in tasks[s])
-            B[s] = sum(bwd.cost(*t[:3]) for t in tasks[s])
-
-
-def _best_swap(fwd, bwd, tasks, F, B, dirs, min_chunk):
-    """The move list ([(src, dst, idx, moved, keep)], a swap's Triton side first) that shortens the
-    modelled layer most, its added bytes counted, or None."""
-    world, T = len(F), dirs.bwd_time
-    layer = max(F) + T * max(B)
-    scored = []
-    kinds = [[_runs_on(fwd, *t[:3]) for t in ts] for ts in tasks]
-    # from the slowest server of each direction (ties: the lowest index) to any other
-    for i in dict.fromkeys(max(range(world), key=xs.__getitem__) for xs in (F, B)):
-        for j in (j for j in range(world) if j != i):
-            for opt in _swap_options(fwd, bwd, tasks, kinds, F, B, dirs, i, j, min_chunk):
-                F2, B2 = list(F), list(B)
-                for m in opt:
-                    F2[m.src] += m.d_src[0]
-                    B2[m.src] += m.d_src[1]
-                    F2[m.dst] += m.d_dst[0]
-                    B2[m.dst] += m.d_dst[1]
-                good = layer - max(F2) - T * max(B2)
-                if good > 1e-9 * layer:
-                    scored.append((good, len(scored), (i, j), opt))
-    best = None
-    for good, n, pair, opt in sorted(scored, key=lambda s: (-s[0], s[1])):
-        if best is not None and good <= best[0]:
-            break  # sorted by good: no later option can net more
-        net = good - dirs.byte_cost * _added_bytes(fwd, tasks, pair, opt)
-        if net > 1e-9 * layer and (best is None or net > best[0]):
-            best = (net, opt)
-    return None if best is None else [(m.src, m.dst, m.idx, m.moved, m.keep) for m in best[1]]
-
-
-def _swap_options(fwd, bwd, tasks, kinds, F, B, dirs, i, j, min_chunk):
-    """Candidate move lists between servers i and j: single pieces i -> j sized to either gap, and
-    swaps. The swap closing both gaps moves y Triton pairs j -> i (negative: i -> j) and
-    x = g + fwd * y cuDNN pairs i -> j; Triton work comes in whole short documents, so a swap takes
-    one Triton piece and the cuDNN piece that then levels the backward (or the forward)."""
-    g, h = (F[i] - F[j]) / 2, (B[i] - B[j]) / 2
-    T = dirs.bwd_time
-    options = [[m] for want in sorted({g, h, (g + T * h) / (1 + T)}) if want > 0
-               for m in _pieces(fwd, bwd, tasks, kinds, i, j, None, want, min_chunk)]
-    y = (g - h) / (dirs.bwd - dirs.fwd)
-    a, c = (i, j) if y > 0 else (j, i)  # a sends cuDNN work to c and takes Triton work from it
-    ga, ha = (F[a] - F[c]) / 2, (B[a] - B[c]) / 2
-    for slow in _pieces(fwd, bwd, tasks, kinds, c, a, "triton", abs(y), min_chunk):
-        for want in sorted({ha + slow.d_dst[1], ga + slow.d_dst[0]}):
-            if want > 0:
-                options += [[slow, fast] for fast in _pieces(fwd, bwd, tasks, kinds, a, c, "cudnn", want,
-                                                             min_chunk) if fast.doc != slow.doc]
-    return options
-
-
-def _added_bytes(model, tasks, servers, opt):
-    """How many bytes the plan's transfers grow by (negative: shrink) when `opt` is applied: only
-    its documents' rows change."""
-    docs = {m.doc for m in opt}
-    before = sum(model.server_bytes(s, [t for t in tasks[s] if t[2] in docs]) for s in servers)
-    trial = list(tasks)
-    for s in servers:
-        trial[s] = [list(t) for t in tasks[s]]
-    for m in opt:
-        _apply(model, trial, m.src, m.dst, m.idx, m.moved, m.keep)
-    return sum(model.server_bytes(s, [t for t in trial[s] if t[2] in docs]) for s in servers) - before
-
-
-@dataclass(frozen=True)
-class _Piece:
-    src: int
-    dst: int
-    idx: int
-    doc: int
-    moved: tuple
-    keep: tuple
-    d_src: tuple[float, float]  # (forward, backward) change of src's load
-    d_dst: tuple[float, float]
-    nbytes: int
-
-
-def _runs_on(model, a, b, d):
-    """"cudnn", "triton" or None (both) for task [a, b) of document d."""
-    fast, slow = model.speed.by_kernel(b - a, model.key_end(b, d) - d, model.causal)
-    return None if fast and slow else "triton" if slow else "cudnn"
-
-
-def _pieces(fwd, bwd, tasks, kinds, src, dst, kernel, want, min_chunk, keep_best=4):
-    """Up to `keep_best` moves of work from src to dst, one per task, the pairs moved nearest `want`:
-    of tasks cuDNN runs whole (kernel="cudnn"), of tasks Triton runs whole ("triton"), or of any
-    (`kinds`: `_runs_on` of every task)."""
-    cands = []
-    for idx, (qs, qe, d, owner) in enumerate(tasks[src]):
-        if kernel is not None and kinds[src][idx] != kernel:
-            continue
-        kv_end = None if fwd.causal else fwd.doc_end[d]
-        whole = pairs(qs, qe, d, kv_end)
-        if whole <= want:  # a piece of it moves less still
-            cands.append((want - whole, idx, ((qs, qe),), ()))
-            continue
-        # a cut cuDNN task must stay cuDNN work on both sides (a short piece runs on Triton)
-        options = [(abs(sum(pairs(a, b, d, kv_end) for a, b in moved) - want), idx, moved, keep)
-                   for moved, keep in _candidates(fwd, qs, qe, d, want, min_chunk)
-                   if kernel != "cudnn" or all(_runs_on(fwd, a, b, d) == kernel for a, b in moved + keep)]
-        if options:
-            cands.append(min(options, key=lambda c: (c[0], c[2])))
-    cands.sort(key=lambda c: (c[0], c[1]))
-    have = {}
-    for a, b, d, _ in tasks[dst]:
-        have[d] = max(have.get(d, d), fwd.key_end(b, d))
-    out = []
-    for _, idx, moved, keep in cands[:keep_best]:
-        qs, qe, d, owner = tasks[src][idx]
-        d_src = tuple(sum(m.cost(a, b, d) for a, b in keep) - m.cost(qs, qe, d) for m in (fwd, bwd))
-        d_dst = tuple(sum(m.cost(a, b, d) for a, b in moved) for m in (fwd, bwd))
-        out.append(_Piece(src, dst, idx, d, moved, keep, d_src, d_dst, fwd.move_bytes(dst, have, moved, d, owner)))
-    return out
 
 
 class _Model:
@@ -404,11 +214,6 @@ class _Model:
     def __init__(self, causal, overhead, doc_end, owned, row_bytes, speed):
         self.causal, self.overhead, self.doc_end, self.owned, self.speed = causal, overhead, doc_end, owned, speed
         self.q_bytes, self.kv_bytes = (int(x) for x in row_bytes)
-
-    def with_speed(self, speed):
-        other = object.__new__(_Model)
-        other.__dict__.update(self.__dict__, speed=speed)
-        return other
 
     def cost(self, a, b, d):
         return task_cost(a, b, d, None if self.causal else self.doc_end[d], overhead=self.overhead, speed=self.speed)
@@ -440,20 +245,15 @@ class _Model:
         return q + (self.not_held(server, start, e) * self.kv_bytes if e > start else 0)
 
     def plan_bytes(self, tasks):
-        by_server = {}
-        for t in tasks:
-            by_server.setdefault(t.server, []).append((t.q_start, t.q_end, t.kv_start, t.owner))
-        return sum(self.server_bytes(s, ts) for s, ts in by_server.items())
-
-    def server_bytes(self, server, tasks):
-        """Bytes `server` receives to run `tasks` ((q_start, q_end, kv_start, owner) each): the
-        queries it does not own, and each document's key rows it does not hold, once."""
         ends, total = {}, 0
-        for a, b, d, owner in tasks:
-            if owner != server:
-                total += (b - a) * self.q_bytes
-            ends[d] = max(ends.get(d, 0), self.key_end(b, d))
-        return total + sum(self.not_held(server, d, e) * self.kv_bytes for d, e in ends.items())
+        for t in tasks:
+            if t.server != t.owner:
+                total += (t.q_end - t.q_start) * self.q_bytes
+            key = (t.server, t.kv_start)
+            ends[key] = max(ends.get(key, 0), self.key_end(t.q_end, t.kv_start))
+        for (s, d), e in ends.items():
+            total += self.not_held(s, d, e) * self.kv_bytes
+        return total
 
 
 def _best_move(model: _Model, tasks, lo_tasks, lo, load_hi, load_lo, mean, min_chunk):

@@ -52,10 +52,6 @@ returned beside the outputs, and the backward sends its servers Q|K|V, O|dO and 
 DistCA's backward does. Where the two plans hold the same tasks (one kernel runs every task: CPU,
 a forced kernel; or no Triton work moves) the one plan serves both directions.
 
-One plan balanced in both directions (`parallel.disagg.plans=balanced`): the one plan, then swaps
-of cuDNN work one way and Triton work the other until the forward and the backward are both level
-(`planner._balance_directions`); nothing is sent twice.
-
 A nano-batch without transfers on any rank skips its collectives. On CUDA, NCCL runs async
 collectives on its own stream and `wait()` only orders the compute stream after them, so no extra
 stream is needed.
@@ -75,7 +71,7 @@ import torch.distributed as dist
 
 from seqpar.attention.disagg import metrics
 from seqpar.attention.disagg.options import PLANS, SCHEDULES, current, planner_overhead
-from seqpar.attention.disagg.planner import TRITON_FWD_COST, Directions, KernelSpeed, plan_owned, transfer_cost
+from seqpar.attention.disagg.planner import TRITON_FWD_COST, KernelSpeed, plan_owned
 from seqpar.attention.disagg.routing import Route, nano_batches, owner_assemblies, owner_placements, route
 from seqpar.kernels import backend
 from seqpar.kernels.flash_attn import flash_attn, flash_attn_backward
@@ -114,10 +110,7 @@ def disagg_attention(q, k, v, *, group=None, causal=True, cu_seqlens=None, softm
     args = (bounds, seq_len, world, rank, layout, float(eps), int(min_chunk), bool(causal), planner_overhead(opts),
             (q_row, kv_row), schedule)
     speed = kernel_speed(q, k, v, opts)
-    directions = None
-    if plans == "balanced" and speed is not None:
-        directions = Directions(byte_cost=transfer_cost(hq, q.shape[3], v.shape[3], opts.transfer_flops))
-    routes, info = _plan_routes(*args, speed, directions)
+    routes, info = _plan_routes(*args, speed)
     routes_b = None
     if plans == "per_direction" and speed is not None:  # the forward balanced for its own Triton speed
         fwd_routes, fwd_info = _plan_routes(*args, replace(speed, triton_cost=TRITON_FWD_COST))
@@ -143,14 +136,14 @@ def kernel_speed(q, k, v, opts) -> KernelSpeed | None:
 
 @functools.lru_cache(maxsize=64)  # every layer of a step plans the same boundaries
 def _plan_routes(bounds, seq_len, world, rank, layout, eps, min_chunk, causal, overhead, row_bytes, schedule,
-                 speed=None, directions=None):
+                 speed=None):
     t0 = time.perf_counter()
     rows = bounds[-1] // seq_len
     # owned chunks in local storage order (row-major, then the layout's chunk order)
     owned = [[(row * seq_len + a, row * seq_len + b) for row in range(rows)
               for a, b in local_ranges(seq_len, world, r, layout)] for r in range(world)]
     p = plan_owned(list(bounds), owned, eps=eps, min_chunk=min_chunk, causal=causal, overhead=overhead,
-                   row_bytes=row_bytes, speed=speed, directions=directions)
+                   row_bytes=row_bytes, speed=speed)
     groups = (schedule != "single" and nano_batches(p.tasks, world, bounds, causal, min_chunk, owned,
                                                     split_remote=schedule == "ping_pong")
               or [sorted(p.tasks, key=lambda t: (t.q_start, t.server))])
