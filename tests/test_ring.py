@@ -923,8 +923,10 @@ def test_prefix_calls_where_the_family_takes_them(monkeypatch):
     assert prefix_calls_fast(q, mha, mha)
 
 
-def _ring_bf16_on_nccl(rank, world, transport="nccl"):
+def _ring_bf16_on_nccl(rank, world, transport="nccl", family=None):
     os.environ[TRANSPORT_ENV] = transport  # the ring's transfers: NCCL's kernels or the copy engines
+    if family:  # the local kernel family (SEQPAR_ATTN_KERNEL), else the dispatcher's choice
+        os.environ["SEQPAR_ATTN_KERNEL"] = family
     torch.manual_seed(0)
     errors = {}
     docs = [0, 1, 700, 701, 1800, 2048]  # doc_zigzag: 1-token documents and lengths that need padding
@@ -973,11 +975,11 @@ def _host_syncs(fn):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-@pytest.mark.parametrize("transport", ["nccl", "copy"])
-def test_ring_bf16_on_nccl_against_fp64(transport):
+@pytest.mark.parametrize("transport,family", [("nccl", None), ("copy", None), ("nccl", "triton")])
+def test_ring_bf16_on_nccl_against_fp64(transport, family):
     # ring size 4 where lent: ring-flash-attention's users saw backward precision loss at 4-8
     world = 4 if torch.cuda.device_count() >= 4 else 2
-    for errors in run_distributed(_ring_bf16_on_nccl, world, transport, backend="nccl"):
+    for errors in run_distributed(_ring_bf16_on_nccl, world, transport, family, backend="nccl"):
         for case, errs in errors.items():
             if case.endswith("host syncs"):
                 assert errs == [], (case, errs)

@@ -3,9 +3,10 @@ against one GPU, with PyTorch's context_parallel measured in the same run as the
 
 Causal attention fwd+bwd, bf16, one sequence of S tokens, H=32 heads of D=128 (the shape of
 `../shared/anchors/anchors_torch_cp.py`, whose method this repeats). For each S and each local
-kernel family (cuDNN, FlashAttention-2; `SEQPAR_ATTN_KERNEL`):
+kernel family (cuDNN, FlashAttention-2, seqpar's Triton kernel; `SEQPAR_ATTN_KERNEL`):
 
-- single_ms: one GPU, the whole sequence, SDPA with the same kernel family;
+- single_ms: one GPU, the whole sequence, SDPA with the same kernel family (`kernels.flash_attn` on
+  the Triton kernel for `triton`, which torch's context_parallel cannot run: no torch_cp row);
 - ring_ms: seqpar's ring attention over the ranks (zigzag), slowest rank;
 - efficiency = single_ms / (world * ring_ms), 1.0 ideal;
 - exposed_comm_ms = ring_ms - the same schedule with every transfer replaced by a local no-op
@@ -49,6 +50,7 @@ from seqpar.parallel.sharding import (DOC_LAYOUTS, doc_zigzag_plan, document_pla
                                      unshard_sequence)
 
 SDPA_BACKEND = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION"}
+FAMILIES = (*SDPA_BACKEND, "triton")
 
 
 def _timer(device, iters, warmup):
@@ -139,9 +141,10 @@ def _without_comm():
 
 
 def _single(q, k, v, do, kernel, device):
-    """fwd+bwd on one device over the whole sequence: SDPA pinned to `kernel` on CUDA."""
+    """fwd+bwd on one device over the whole sequence: SDPA pinned to `kernel` on CUDA (the Triton
+    family: `kernels.flash_attn`, which SEQPAR_ATTN_KERNEL=triton sends there)."""
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-    if device.type == "cuda":
+    if device.type == "cuda" and kernel in SDPA_BACKEND:
         from torch.nn.attention import SDPBackend, sdpa_kernel
         with sdpa_kernel(getattr(SDPBackend, SDPA_BACKEND[kernel])):
             o = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in leaves), is_causal=True)
@@ -241,7 +244,7 @@ def bench_dense(args, device, timer, world):
                 timer.last = None
             except Exception as e:  # a kernel family that fails here must not hide the others
                 row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-            if device.type == "cuda" and "error" not in row:
+            if device.type == "cuda" and "error" not in row and kernel in SDPA_BACKEND:
                 for rotate in args.torch_cp_rotate:
                     try:
                         t = _torch_cp(q, k, v, do, kernel, timer, device, rotate)
@@ -357,7 +360,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--seq-lens", type=int, nargs="*", default=None, help="dense total S (default 32768 131072)")
     p.add_argument("--packed-lens", type=int, nargs="*", default=None, help="packed total S (default 65536 131072)")
-    p.add_argument("--kernels", nargs="*", default=["cudnn", "flash"], choices=sorted(SDPA_BACKEND))
+    p.add_argument("--kernels", nargs="*", default=["cudnn", "flash"], choices=sorted(FAMILIES))
     p.add_argument("--torch-cp-rotate", nargs="*", default=["allgather", "alltoall"])
     p.add_argument("--methods", nargs="*", default=["ring"],
                    help="dense cases: also ulysses and usp:U (U = the Ulysses degree inside the world)")

@@ -187,6 +187,8 @@ def ring_samples(found) -> list[dict]:
             if "error" in row:
                 continue
             S, fam, H, D = row["S"], row["kernel"], row["H"], row["D"]
+            if fam not in ("cudnn", "flash"):  # the Triton family: the simulator prices torch's kernels only
+                continue
             base = dict(group=f"ring S={S}", family=fam, S=S, world=world, H=H, D=D, file=path,
                         bounds=(0, S), era=era)
             out.append(dict(base, kind="single", measured=row["single_ms"] / 1e3))
