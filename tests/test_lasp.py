@@ -4,6 +4,7 @@ and 4; the bytes each moves per layer, which must not grow with the sequence len
 Function on the Triton kernel (interpreted) that CUDA runs use.
 
 Each world size is one spawned run that checks every case (a gloo spawn costs seconds)."""
+import json
 import os
 import subprocess
 import sys
@@ -283,3 +284,23 @@ def test_receives_says_where_the_scan_brings_a_nonzero_state(world):
         chains = [_chain(_cut(2, r, 1, seq // 2, "contiguous", (0, seq), torch.device("cpu"), torch.float64), r,
                          torch.zeros(3, dtype=torch.float64)) for r in range(2)]
         assert [(c.receives(False), c.receives(True)) for c in chains] == [(False, True), (True, False)]
+
+
+def test_bench_lasp_rounds_take_each_measure_s_median(tmp_path):
+    """`bench lasp --rounds R`: every measure timed once per round, in turn; a row is the median
+    round of its method, beside the median one-GPU times, all rounds recorded (CPU, gloo, 2 ranks)."""
+    from seqpar.bench.lasp import _median
+    assert _median([3.0, 1.0, 2.0]) == 2.0 and _median([4.0, 1.0]) == 1.0 and _median([1.0, None]) is None
+    assert _median([{"ms": 2}, {"ms": 1}, {"ms": 3}], key=lambda r: r["ms"]) == {"ms": 2}
+    out = tmp_path / "lasp.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "seqpar.bench",
+           "lasp", "--out", str(out), "--tokens", "256", "--heads", "2", "--dim", "8", "--methods", "lasp2,lasp1",
+           "--rounds", "3", "--iters", "1", "--warmup", "0"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["rounds"] == 3 and [r["method"] for r in result["rows"]] == ["lasp2", "lasp1"]
+    for row in result["rows"]:
+        assert len(row["rounds_ms"]) == len(row["rounds_single_ms"]) == 3
+        assert row["ms"] == sorted(row["rounds_ms"])[1] and row["single_ms"] == sorted(row["rounds_single_ms"])[1]
+        assert row["efficiency"] == pytest.approx(row["single_ms"] / (2 * row["ms"]))

@@ -11,7 +11,11 @@ schedule (the exchange hidden behind extra passes over each chunk), LASP-1
 keys; up to --kv-max-tokens, as it needs the whole sequence's K and V on every GPU). Efficiency = one-GPU time for the whole sequence / (world x the
 method's time), as in ANCHORS.md; where one GPU cannot hold the whole sequence, from half of it
 (`efficiency_from_half`: T1(S/world) / T). Bytes per layer: what one fwd+bwd hands to
-torch.distributed on a rank (`seqpar.parallel.traffic`). Needs torch (+ triton for the kernel).
+torch.distributed on a rank (`seqpar.parallel.traffic`). With `--rounds R` every measure (one GPU,
+its half, each method) is timed once per round, in turn, and each takes its median over the rounds:
+drift of the GPUs' clocks or of a neighbour then hits all of them alike (2 H100, 2026-11-27: the one-GPU
+64k run timed first, alone, read 5.51 ms against 4.7-4.8 in other runs, efficiency 1.045). Needs torch
+(+ triton for the kernel).
 Off CUDA it runs a small gloo smoke form (`--tokens 2048 --heads 4 --dim 16`).
 """
 from __future__ import annotations
@@ -68,14 +72,14 @@ def _sync(device):
 WINDOWS = 3
 
 
-def _time_ms(step, device, iters, warmup, distributed):
+def _time_ms(step, device, iters, warmup, distributed, windows=WINDOWS):
     """Mean ms of `iters` back-to-back steps (the host may run ahead, as in training), the median
-    of WINDOWS such windows: one host hiccup in a window of a few ms-long steps moved a 2 H100
+    of `windows` such windows: one host hiccup in a window of a few ms-long steps moved a 2 H100
     figure by 1.3x (2026-11-26 seventh session, docs/benchmarks)."""
     for _ in range(warmup):
         step()
-    windows = []
-    for _ in range(WINDOWS):
+    times = []
+    for _ in range(windows):
         _sync(device)
         if distributed:
             dist.barrier()
@@ -83,8 +87,8 @@ def _time_ms(step, device, iters, warmup, distributed):
         for _ in range(iters):
             step()
         _sync(device)
-        windows.append((time.perf_counter() - start) * 1e3 / iters)
-    return sorted(windows)[len(windows) // 2]
+        times.append((time.perf_counter() - start) * 1e3 / iters)
+    return sorted(times)[len(times) // 2]
 
 
 def _inputs(shape, dv, device, dtype, seed):
@@ -108,7 +112,7 @@ def _single(tokens, args, device, lam):
         q, k, v, do = (t.requires_grad_() if i < 3 else t for i, t in
                        enumerate(_inputs((1, tokens, args.heads, args.dim), args.dim, device, args.dtype, seed=1)))
         step = _fwd_bwd(lambda a, b, c: kernels.lightning_attn(a, b, c, lam)[0], q, k, v, do)
-        return _time_ms(step, device, args.iters, args.warmup, distributed=False)
+        return _time_ms(step, device, args.iters, args.warmup, distributed=False, windows=args.windows)
     except torch.OutOfMemoryError:
         return None
     finally:
@@ -126,7 +130,7 @@ def _parallel(name, tokens, args, device, lam, world):
     step = _fwd_bwd(lambda a, b, c: fn(a, b, c, lam, layout), q, k, v, do)
     with count_traffic() as traffic:
         step()
-    ms = _time_ms(step, device, args.iters, args.warmup, distributed=True)
+    ms = _time_ms(step, device, args.iters, args.warmup, distributed=True, windows=args.windows)
     times = [None] * world
     dist.all_gather_object(times, ms)
     return dict(method=name, layout=layout, ms=max(times), ms_per_rank=times, bytes_per_layer=traffic.total_bytes,
@@ -158,7 +162,12 @@ def main(argv=None):
                    help="longest total sequence for kv_allgather (a rank that runs out of memory hangs its peer)")
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="time every measure once per round, in turn, one window each; medians over the rounds")
     args = p.parse_args(argv)
+    if args.rounds < 1:
+        raise SystemExit(f"--rounds {args.rounds}: must be >= 1")
+    args.windows = WINDOWS if args.rounds == 1 else 1
     cuda = torch.cuda.is_available()
     args.tokens = args.tokens or ([65536, 262144, 1048576] if cuda else [2048])
     args.heads = args.heads or (32 if cuda else 4)
@@ -176,14 +185,20 @@ def main(argv=None):
 
     rows = []
     for tokens in args.tokens:
-        single = _single(tokens, args, device, lam)
-        half = _single(tokens // world, args, device, lam)
-        single, half = _slowest(single), _slowest(half)
-        for name in methods:
-            if name == "kv_allgather" and tokens > args.kv_max_tokens:
-                continue
-            row = dict(tokens=tokens, **_parallel(name, tokens, args, device, lam, world), single_ms=single,
+        names = [n for n in methods if not (n == "kv_allgather" and tokens > args.kv_max_tokens)]
+        singles, halves, runs = [], [], {name: [] for name in names}
+        for _ in range(args.rounds):
+            singles.append(_slowest(_single(tokens, args, device, lam)))
+            halves.append(_slowest(_single(tokens // world, args, device, lam)))
+            for name in names:
+                runs[name].append(_parallel(name, tokens, args, device, lam, world))
+        single, half = _median(singles), _median(halves)
+        for name in names:
+            row = dict(tokens=tokens, **_median(runs[name], key=lambda r: r["ms"]), single_ms=single,
                        single_half_ms=half)
+            if args.rounds > 1:
+                row.update(rounds_ms=[r["ms"] for r in runs[name]], rounds_single_ms=singles,
+                           rounds_single_half_ms=halves)
             row["efficiency"] = None if single is None else single / (world * row["ms"])
             row["efficiency_from_half"] = None if half is None else half / row["ms"]
             row["tokens_per_s_per_gpu"] = tokens / world / (row["ms"] / 1e3)
@@ -200,12 +215,20 @@ def main(argv=None):
                       world=world, torch=torch.__version__, python=platform.python_version(), cuda=torch.version.cuda,
                       triton=_triton_version(), kernel=kernels.backend("lightning_attn", *_probe(args, device), lam),
                       heads=args.heads, dim=args.dim, dtype=str(args.dtype).removeprefix("torch."),
-                      iters=args.iters, warmup=args.warmup, rows=rows, rel_err_vs_single_gpu=check)
+                      iters=args.iters, warmup=args.warmup, rounds=args.rounds, rows=rows,
+                      rel_err_vs_single_gpu=check)
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
         print(json.dumps(check), flush=True)
     dist.destroy_process_group()
     return 0
+
+
+def _median(values, key=None):
+    """The middle of `values` by `key` (the lower middle of an even count); None if any is None."""
+    if any(v is None for v in values):
+        return None
+    return sorted(values, key=key)[(len(values) - 1) // 2]
 
 
 def _slowest(ms):
