@@ -114,6 +114,11 @@ DIAGNOSTIC_FILES.update({f"2026-11-27-gpu-19th/{name}": (
     "bench lasp at the code before c8f2856 (segments capped at 2048 tokens), run after that commit beside the "
     "new code's rows in the same call as their A/B: its time says the new code's era, its code the one before")
     for name in ("call4/lasp_seg2048_r1.json", "call4/lasp_seg2048_r2.json", "call5/lasp_1m_old.json")})
+# lasp_waves_gpu.py's runs with SEG_RULE=waves (the lightning kernels' segment length patched to fill
+# whole waves, never the default), each beside the default's runs in the same call as their A/B
+DIAGNOSTIC_FILES.update({f"2026-11-27-gpu-20th/call5/lasp_1m_waves_r{r}.json": (
+    "bench lasp with the segment length patched by docs/benchmarks/lasp_waves_gpu.py (SEG_RULE=waves), an A/B "
+    "beside call5/lasp_1m_default_r*.json; not code that ever was the default") for r in (1, 2)})
 # ring_nccl_gpu.sh's runs with NCCL's channels capped (an A/B of environment variables beside
 # call3/ring_default.json): NCCL_MAX_NCHANNELS=2 exposed 6.6 ms of transfer at 32k, the others no change
 DIAGNOSTIC_FILES.update({f"2026-11-27-gpu-17th/call3/ring_{setting.replace('=', '_')}.json": (
