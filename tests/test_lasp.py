@@ -286,7 +286,7 @@ def test_receives_says_where_the_scan_brings_a_nonzero_state(world):
         assert [(c.receives(False), c.receives(True)) for c in chains] == [(False, True), (True, False)]
 
 
-def test_bench_lasp_rounds_take_each_measure_s_median(tmp_path):
+def test_bench_lasp_rounds_take_the_median_of_each_measure(tmp_path):
     """`bench lasp --rounds R`: every measure timed once per round, in turn; a row is the median
     round of its method, beside the median one-GPU times, all rounds recorded (CPU, gloo, 2 ranks)."""
     from seqpar.bench.lasp import _median
