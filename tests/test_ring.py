@@ -7,6 +7,8 @@ import contextlib
 import itertools
 import json
 import os
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -985,3 +987,29 @@ def test_ring_bf16_on_nccl_against_fp64(transport, family):
                 assert errs == [], (case, errs)
             else:
                 assert max(errs) < 2e-2, (case, errs)
+
+
+def test_ring_bench_rounds_report_medians(tmp_path):
+    """`bench ring --rounds R`: a dense case's times are medians over the rounds, its efficiencies
+    and exposed time recomputed from them; a failed round's row stands as it is."""
+    from seqpar.bench.ring import _median_row
+    rounds = [dict(S=8, kernel="flash", world=2, single_ms=s, ring_ms=r, compute_only_ms=c, ulysses_ms=u,
+                   max_abs_diff_vs_single=d, efficiency=0.0, ulysses_efficiency=0.0, exposed_comm_ms=0.0)
+              for s, r, c, u, d in ((10.0, 6.0, 5.0, 7.0, 1e-6), (12.0, 5.0, 4.5, 8.0, 3e-6), (11.0, 7.0, 6.0, 9.0, 2e-6))]
+    row = _median_row(rounds)
+    assert (row["single_ms"], row["ring_ms"], row["compute_only_ms"], row["ulysses_ms"]) == (11.0, 6.0, 5.0, 8.0)
+    assert row["efficiency"] == round(11.0 / 12.0, 3) and row["ulysses_efficiency"] == round(11.0 / 16.0, 3)
+    assert row["exposed_comm_ms"] == 1.0 and row["max_abs_diff_vs_single"] == 3e-6
+    assert row["rounds_single_ms"] == [10.0, 12.0, 11.0] and row["rounds_ring_ms"] == [6.0, 5.0, 7.0]
+    failed = dict(rounds[1], error="RuntimeError: x")
+    assert _median_row([rounds[0], failed]) is failed and _median_row(rounds[:1]) is rounds[0]
+    # the whole bench on CPU (gloo, reference kernels): two rounds, Ulysses beside the ring
+    out = tmp_path / "ring.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "seqpar.bench",
+           "ring", "--out", str(out), "--rounds", "2", "--packed-lens", "--methods", "ring", "ulysses"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    (dense,) = result["dense"]
+    assert result["rounds"] == 2 and len(dense["rounds_ring_ms"]) == 2 and "ulysses_efficiency" in dense
+    assert dense["ring_ms"] == min(dense["rounds_ring_ms"]) and dense["max_abs_diff_vs_single"] < 1e-5

@@ -12,6 +12,9 @@ kernel family (cuDNN, FlashAttention-2, seqpar's Triton kernel; `SEQPAR_ATTN_KER
 - exposed_comm_ms = ring_ms - the same schedule with every transfer replaced by a local no-op
   (what the overlap failed to hide);
 - torch_cp: context_parallel with the same kernel (allgather and alltoall rotation), its efficiency;
+- with `--rounds R`: each dense case's times taken once per round, the families in turn, and the
+  medians over the rounds reported (each round's single_ms and ring_ms beside them): drift of the
+  GPUs' clocks or of the pair then hits the one-GPU run and the ring alike;
 - with `--methods ulysses usp:U allgather`: Ulysses, USP (Ulysses of degree U inside groups, ring
   across) and the all-gather (`attention.allgather`) on the same inputs, their times and efficiencies
   (`ulysses_ms`, `usp:2_efficiency`, `allgather_efficiency`, ...).
@@ -221,40 +224,73 @@ def bench_dense(args, device, timer, world):
                        for _ in range(4))
         local = [shard_sequence(t, layout="zigzag") for t in (q, k, v, do)]
         others = {name: _other_method(name, world) for name in args.methods if name != "ring"}
+        rounds = {kernel: [] for kernel in args.kernels}
+        for _ in range(args.rounds):  # every family's cases once per round, in turn
+            for kernel in args.kernels:
+                rounds[kernel].append(_dense_row(args, device, timer, world, kernel, (q, k, v, do), local, others))
         for kernel in args.kernels:
-            os.environ["SEQPAR_ATTN_KERNEL"] = kernel
-            row = dict(S=S, kernel=kernel, world=world, H=args.heads, D=args.head_dim)
-            try:
-                row["single_ms"] = _max_over_ranks(timer(lambda: _single(q, k, v, do, kernel, device)), device)
-                ref = timer.last.detach()
-                row["ring_ms"] = _max_over_ranks(timer(lambda: _ring_step(*local)), device)
-                out = unshard_sequence(timer.last.detach(), layout="zigzag")
-                row["max_abs_diff_vs_single"] = _max_abs_diff(out, ref)
-                del out
-                with _without_comm():
-                    row["compute_only_ms"] = _max_over_ranks(timer(lambda: _ring_step(*local)), device)
-                row["exposed_comm_ms"] = round(row["ring_ms"] - row["compute_only_ms"], 3)
-                row["efficiency"] = round(row["single_ms"] / (world * row["ring_ms"]), 3)
-                for name, step in others.items():  # Ulysses and USP beside the ring, same inputs
-                    row[f"{name}_ms"] = _max_over_ranks(timer(lambda: step(*local)), device)
-                    row[f"{name}_efficiency"] = round(row["single_ms"] / (world * row[f"{name}_ms"]), 3)
-                    got = unshard_sequence(timer.last.detach(), layout="zigzag")
-                    row[f"{name}_max_abs_diff_vs_single"] = _max_abs_diff(got, ref)
-                del ref
-                timer.last = None
-            except Exception as e:  # a kernel family that fails here must not hide the others
-                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-            if device.type == "cuda" and "error" not in row and kernel in SDPA_BACKEND:
-                for rotate in args.torch_cp_rotate:
-                    try:
-                        t = _torch_cp(q, k, v, do, kernel, timer, device, rotate)
-                        row[f"torch_cp_{rotate}_ms"] = round(t, 3)
-                        row[f"torch_cp_{rotate}_efficiency"] = round(row["single_ms"] / (world * t), 3)
-                    except Exception as e:
-                        row[f"torch_cp_{rotate}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
-            _report(row, rows)
+            _report(_median_row(rounds[kernel]), rows)
         del q, k, v, do, local
     return rows
+
+
+def _dense_row(args, device, timer, world, kernel, full, local, others):
+    q, k, v, do = full
+    os.environ["SEQPAR_ATTN_KERNEL"] = kernel
+    row = dict(S=q.shape[1], kernel=kernel, world=world, H=args.heads, D=args.head_dim)
+    try:
+        row["single_ms"] = _max_over_ranks(timer(lambda: _single(q, k, v, do, kernel, device)), device)
+        ref = timer.last.detach()
+        row["ring_ms"] = _max_over_ranks(timer(lambda: _ring_step(*local)), device)
+        out = unshard_sequence(timer.last.detach(), layout="zigzag")
+        row["max_abs_diff_vs_single"] = _max_abs_diff(out, ref)
+        del out
+        with _without_comm():
+            row["compute_only_ms"] = _max_over_ranks(timer(lambda: _ring_step(*local)), device)
+        row["exposed_comm_ms"] = round(row["ring_ms"] - row["compute_only_ms"], 3)
+        row["efficiency"] = round(row["single_ms"] / (world * row["ring_ms"]), 3)
+        for name, step in others.items():  # Ulysses and USP beside the ring, same inputs
+            row[f"{name}_ms"] = _max_over_ranks(timer(lambda: step(*local)), device)
+            row[f"{name}_efficiency"] = round(row["single_ms"] / (world * row[f"{name}_ms"]), 3)
+            got = unshard_sequence(timer.last.detach(), layout="zigzag")
+            row[f"{name}_max_abs_diff_vs_single"] = _max_abs_diff(got, ref)
+        del ref
+        timer.last = None
+    except Exception as e:  # a kernel family that fails here must not hide the others
+        row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    if device.type == "cuda" and "error" not in row and kernel in SDPA_BACKEND:
+        for rotate in args.torch_cp_rotate:
+            try:
+                t = _torch_cp(q, k, v, do, kernel, timer, device, rotate)
+                row[f"torch_cp_{rotate}_ms"] = round(t, 3)
+                row[f"torch_cp_{rotate}_efficiency"] = round(row["single_ms"] / (world * t), 3)
+            except Exception as e:
+                row[f"torch_cp_{rotate}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    return row
+
+
+def _median_row(rounds):
+    """A case's row from its rows of several rounds: every time the median over the rounds (the
+    lower middle of an even count), the efficiencies and the exposed time from those, the largest
+    difference from one GPU of any round, and each round's one-GPU and ring times. One round, or a
+    round that failed: that row as it is."""
+    if len(rounds) == 1 or any("error" in r for r in rounds):
+        return next((r for r in rounds if "error" in r), rounds[0])
+    row = dict(rounds[0])
+    for key, value in rounds[0].items():
+        values = [r.get(key) for r in rounds]
+        if key.endswith("_ms") and all(isinstance(x, float) for x in values):
+            row[key] = sorted(values)[(len(values) - 1) // 2]
+        elif "max_abs_diff" in key and all(isinstance(x, float) for x in values):
+            row[key] = max(values)
+    world = row["world"]
+    row["exposed_comm_ms"] = round(row["ring_ms"] - row["compute_only_ms"], 3)
+    for key in list(row):
+        if key.endswith("efficiency"):
+            ms = "ring_ms" if key == "efficiency" else key.removesuffix("efficiency") + "ms"
+            row[key] = round(row["single_ms"] / (world * row[ms]), 3)
+    row.update(rounds_single_ms=[r["single_ms"] for r in rounds], rounds_ring_ms=[r["ring_ms"] for r in rounds])
+    return row
 
 
 def lognormal_lengths(total, seed=0):
@@ -366,7 +402,11 @@ def main(argv=None) -> int:
                    help="dense cases: also ulysses and usp:U (U = the Ulysses degree inside the world)")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="dense cases: every family's times once per round, in turn; medians over the rounds")
     args = p.parse_args(argv)
+    if args.rounds < 1:
+        raise SystemExit(f"--rounds {args.rounds}: must be >= 1")
 
     cuda = torch.cuda.is_available()
     device = init_world(cuda)
@@ -388,7 +428,8 @@ def main(argv=None) -> int:
             anchor="torch.distributed.tensor.experimental.context_parallel, same run, same kernel family",
             transport=transport(),  # the ring's transfers: NCCL's kernels or the copy engines (SEQPAR_RING_TRANSPORT)
             keep_kv=keep_kv(),  # a ring of 2 keeping the peer's K/V for the backward (SEQPAR_RING_KEEP_KV)
-            dense=bench_dense(args, device, timer, world), packed=bench_packed(args, device, timer, world))
+            rounds=args.rounds, dense=bench_dense(args, device, timer, world),
+            packed=bench_packed(args, device, timer, world))
         if dist.get_rank() == 0:
             os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
             with open(args.out, "w") as f:
