@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from seqpar.kernels.flash_attn.reference import flash_attn_backward_reference, flash_attn_reference
+from seqpar.kernels.flash_attn import split
 from seqpar.kernels.flash_attn.split import SplitKernels, bucket_len, flash_attn_split, split_bounds
 from tests.triton_interpreter import interp_only, run_interpreter_tests
 
@@ -61,7 +62,6 @@ def test_split_bounds_awkward_mixes(lengths, min_len, long_idx):
 def test_documents_beyond_the_scratch_bound_give_cudnn_their_head(monkeypatch):
     """A document past max_len stays in the Triton call, except, causal, its head of max_len
     tokens: cuDNN runs their causal square, the Triton call the tail's queries over all the keys."""
-    from seqpar.kernels.flash_attn import split
 
     bounds = _cu([6, 1, 12, 9]).tolist()
     assert split_bounds(bounds, 5, 9)[0] == [(0, 6), (19, 28)]  # the 12-token document stays short
@@ -205,7 +205,6 @@ def test_split_bounds_rejects_bad_boundaries():
 
 
 def test_plan_reads_each_boundaries_tensor_once(monkeypatch):
-    from seqpar.kernels.flash_attn import split
 
     cu = _cu([5, 2, 9])
     other = cu.clone()
@@ -235,6 +234,22 @@ def test_min_doc_len_env(monkeypatch):
     monkeypatch.setenv("SEQPAR_CUDNN_DOC_MIN", "4k")
     with pytest.raises(ValueError, match="SEQPAR_CUDNN_DOC_MIN"):
         min_doc_len()
+
+
+def test_short_backward_env(monkeypatch):
+    monkeypatch.delenv(split.SHORT_BWD_ENV, raising=False)
+    assert split.short_backward() == "triton"
+    monkeypatch.setenv(split.SHORT_BWD_ENV, " Flash ")
+    assert split.short_backward() == "flash"
+    monkeypatch.setenv(split.SHORT_BWD_ENV, "cudnn")
+    with pytest.raises(ValueError, match="SEQPAR_SPLIT_SHORT_BWD='cudnn': choose one of triton, flash"):
+        split.short_backward()
+
+
+def test_split_plans_carry_their_longest_document():
+    plan = split.split_plan(torch.tensor([0, 5, 300, 307, 1000]), 200, "cpu", causal=True)
+    for cu in (plan.cu_q, plan.cu_k, plan.cu_full):
+        assert cu.seqpar_max_seqlen == int((cu[1:] - cu[:-1]).max())
 
 
 def test_bucket_len_bounds_the_padding_and_the_plans():
@@ -469,17 +484,19 @@ def _gpu_case(Hq, Hkv, D, causal, seed, max_len=None):
         out, lse = fn(*leaves, causal=causal, cu_seqlens=cu, return_lse=True, **kw)
         return (out, lse, *torch.autograd.grad(out, leaves, do.bfloat16()))
 
-    split = run(flash_attn_split, min_len=GPU_MIN, max_len=max_len)
-    return split, run(flash_attn_triton), (ref_out, ref_lse, *ref_grads)
+    split_ = run(flash_attn_split, min_len=GPU_MIN, max_len=max_len)
+    return split_, run(flash_attn_triton), (ref_out, ref_lse, *ref_grads)
 
 
 @gpu
+@pytest.mark.parametrize("short_bwd", split.SHORT_BWD)
 @pytest.mark.parametrize("Hq, Hkv, D, causal, max_len", [(16, 16, 128, True, None), (16, 16, 128, False, None),
                                                          (16, 4, 128, True, None), (8, 8, 64, True, None),
                                                          (16, 4, 128, True, 2400)])  # 3000 and 5000: heads
-def test_gpu_split_bf16_vs_reference_and_triton(Hq, Hkv, D, causal, max_len):
-    split, triton_, ref = _gpu_case(Hq, Hkv, D, causal, seed=Hq + D + causal, max_len=max_len)
-    for name, s, t, r in zip(("out", "lse", "dq", "dk", "dv"), split, triton_, ref):
+def test_gpu_split_bf16_vs_reference_and_triton(monkeypatch, Hq, Hkv, D, causal, max_len, short_bwd):
+    monkeypatch.setenv(split.SHORT_BWD_ENV, short_bwd)  # flash: FA2 takes pieces without queries or keys
+    split_, triton_, ref = _gpu_case(Hq, Hkv, D, causal, seed=Hq + D + causal, max_len=max_len)
+    for name, s, t, r in zip(("out", "lse", "dq", "dk", "dv"), split_, triton_, ref):
         assert s.dtype == t.dtype and s.shape == r.shape, name
         tol = 1e-3 if name == "lse" else 1e-2
         assert _rel(s, r) <= tol, f"{name} vs fp64: {_rel(s, r):.2e}"
@@ -546,7 +563,7 @@ def test_gpu_build_plans_run_nothing_on_the_gpu_and_the_plans_serve():
     """build_plans captures its calls in a CUDA graph it throws away: cuDNN builds the plans on the
     host, the GPU runs none of the calls (a write after each stays undone); the plans then compute
     the right attention."""
-    from seqpar.kernels.flash_attn import aten, split
+    from seqpar.kernels.flash_attn import aten
     from seqpar.kernels.flash_attn.split import _CAPTURE, build_plans, cudnn_triton_kernels
 
     split._WARM.clear()  # every thread warms up again: the count below is this test's own
