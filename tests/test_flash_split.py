@@ -236,22 +236,6 @@ def test_min_doc_len_env(monkeypatch):
         min_doc_len()
 
 
-def test_short_backward_env(monkeypatch):
-    monkeypatch.delenv(split.SHORT_BWD_ENV, raising=False)
-    assert split.short_backward() == "triton"
-    monkeypatch.setenv(split.SHORT_BWD_ENV, " Flash ")
-    assert split.short_backward() == "flash"
-    monkeypatch.setenv(split.SHORT_BWD_ENV, "cudnn")
-    with pytest.raises(ValueError, match="SEQPAR_SPLIT_SHORT_BWD='cudnn': choose one of triton, flash"):
-        split.short_backward()
-
-
-def test_split_plans_carry_their_longest_document():
-    plan = split.split_plan(torch.tensor([0, 5, 300, 307, 1000]), 200, "cpu", causal=True)
-    for cu in (plan.cu_q, plan.cu_k, plan.cu_full):
-        assert cu.seqpar_max_seqlen == int((cu[1:] - cu[:-1]).max())
-
-
 def test_bucket_len_bounds_the_padding_and_the_plans():
     assert [bucket_len(n, 4) for n in (1, 3, 4, 5, 8, 9, 12, 13, 16, 17)] == [1, 3, 4, 5, 8, 10, 12, 14, 16, 20]
     for p in (1, 2, 16):
@@ -489,12 +473,10 @@ def _gpu_case(Hq, Hkv, D, causal, seed, max_len=None):
 
 
 @gpu
-@pytest.mark.parametrize("short_bwd", split.SHORT_BWD)
 @pytest.mark.parametrize("Hq, Hkv, D, causal, max_len", [(16, 16, 128, True, None), (16, 16, 128, False, None),
                                                          (16, 4, 128, True, None), (8, 8, 64, True, None),
                                                          (16, 4, 128, True, 2400)])  # 3000 and 5000: heads
-def test_gpu_split_bf16_vs_reference_and_triton(monkeypatch, Hq, Hkv, D, causal, max_len, short_bwd):
-    monkeypatch.setenv(split.SHORT_BWD_ENV, short_bwd)  # flash: FA2 takes pieces without queries or keys
+def test_gpu_split_bf16_vs_reference_and_triton(Hq, Hkv, D, causal, max_len):
     split_, triton_, ref = _gpu_case(Hq, Hkv, D, causal, seed=Hq + D + causal, max_len=max_len)
     for name, s, t, r in zip(("out", "lse", "dq", "dk", "dv"), split_, triton_, ref):
         assert s.dtype == t.dtype and s.shape == r.shape, name

@@ -77,11 +77,6 @@ SCRATCH_MB = 2048
 SCRATCH_ENV = "SEQPAR_CUDNN_SCRATCH_MB"
 BUCKETS_PER_OCTAVE = 16
 BUCKETS_ENV = "SEQPAR_CUDNN_BUCKETS"
-# The backward of what the Triton call holds (documents under the cuDNN floor, tails past the
-# cap): seqpar's Triton kernel, or FlashAttention-2 through torch's varlen aten op, which takes the
-# same boundaries (pieces without queries or keys included) and the forward's out and lse.
-SHORT_BWD_ENV = "SEQPAR_SPLIT_SHORT_BWD"
-SHORT_BWD = ("triton", "flash")
 
 
 def min_doc_len(heads: int | None = None) -> int:
@@ -124,15 +119,6 @@ def buckets_per_octave() -> int:
         raise ValueError(f"{BUCKETS_ENV}={raw!r}: need 0 (exact lengths) or a power of two "
                          f"(default {BUCKETS_PER_OCTAVE})")
     return int(raw)
-
-
-def short_backward() -> str:
-    """SEQPAR_SPLIT_SHORT_BWD (read per call so that benchmarks can flip it): the family of the
-    split's packed backward, `triton` (the default) or `flash`."""
-    choice = os.environ.get(SHORT_BWD_ENV, "").strip().lower() or SHORT_BWD[0]
-    if choice not in SHORT_BWD:
-        raise ValueError(f"{SHORT_BWD_ENV}={choice!r}: choose one of {', '.join(SHORT_BWD)}")
-    return choice
 
 
 def bucket_len(length: int, per_octave: int) -> int:
@@ -248,11 +234,7 @@ def split_plan(cu_seqlens, min_len: int, device, per_octave: int = 0, max_len: i
 @lru_cache(maxsize=128)  # every layer of a step passes the same boundaries
 def _self_plan(bounds: tuple, min_len: int, max_len: int | None, per_octave: int, device, causal: bool) -> SplitPlan:
     long_docs, bq, bk = split_bounds(bounds, min_len, max_len, cut=causal)
-
-    def as_dev(b):  # with the longest document, which the aten varlen ops would otherwise read from the device
-        t = torch.tensor(b, dtype=torch.int32, device=device)
-        t.seqpar_max_seqlen = max((y - x for x, y in zip(b, b[1:])), default=0)
-        return t
+    as_dev = lambda b: torch.tensor(b, dtype=torch.int32, device=device)  # noqa: E731
     return SplitPlan(tuple(long_docs), as_dev(bq), as_dev(bk), as_dev(bounds), bounds[-1], per_octave)
 
 
@@ -280,9 +262,6 @@ def cudnn_triton_kernels() -> SplitKernels:
         return ft.attention_forward(q, k, v, causal=causal, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, softmax_scale=scale)
 
     def packed_bwd(dout, q, k, v, out, lse, causal, cu_q, cu_k, scale, dlse, q_table):
-        if dlse is None and short_backward() == "flash":
-            return aten.attention_backward(dout, q, k, v, out, lse, kernel="flash", causal=causal, cu_seqlens_q=cu_q,
-                                           cu_seqlens_k=cu_k, softmax_scale=scale)
         return ft.attention_backward(dout, q, k, v, out, lse, causal=causal, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
                                      softmax_scale=scale, dlse=dlse, q_table=q_table)
 
