@@ -22,6 +22,9 @@ Later issues add more ``"triton"`` ops. ``SEQPAR_KERNELS=reference`` forces the 
 on every call so that tests and benchmarks can flip it without re-importing).
 ``SEQPAR_ATTN_KERNEL=flash|cudnn`` picks the family of the lse paths (default: cuDNN where it applies,
 it is the faster one on H100/H200) so that benchmarks can compare both and a faulty one can be avoided;
+``SEQPAR_ATTN_KERNEL=graph`` sends every flash_attn / flash_attn_backward call that cuDNN's graph API
+takes (``"cudnn_graph"``: packed rows in one call, causal bottom-right, lse; the ``nvidia-cudnn-frontend``
+package, ``kernels/flash_attn/cudnn_graph.py``) there; where it does not import, calls dispatch as auto.
 ``SEQPAR_ATTN_KERNEL=triton`` sends every flash_attn / flash_attn_backward call that seqpar's Triton
 kernel takes (CUDA, fp16/bf16, head dim 64 or 128) there. Without it, a case (``attention_case``) goes
 to Triton only where the GPU benchmark measured it faster (``TRITON_FASTER``); ``flash_attn_choice``
@@ -72,6 +75,8 @@ def backend(op: str, *tensors: torch.Tensor | None, **features) -> str:
     if forced == "reference" or not present or not all(t.is_cuda for t in present):
         return "reference"
     if op in ("flash_attn", "flash_attn_backward"):
+        if _attn_choice() == "graph" and _graph_applies(*present[:3]):
+            return "cudnn_graph"
         if op == "flash_attn":
             name = _flash_attn_backend(*present[:3], **features)
         elif _wants_split(*present[:3], **{**features, "return_lse": True}):
@@ -213,9 +218,9 @@ def _lse_backend(q, k, v, *, causal=True, cu_seqlens=None, cu_seqlens_q=None, cu
 
 # ---------------------------------------------------------------- seqpar's Triton flash kernel
 
-ATTN_CHOICES = ("auto", "flash", "cudnn", "triton", "split")
+ATTN_CHOICES = ("auto", "flash", "cudnn", "triton", "split", "graph")
 # "split" forces the split where it applies (split_applies); every other call then dispatches as auto
-_AUTO = ("auto", "split")
+_AUTO = ("auto", "split", "graph")  # graph: where cuDNN's graph API does not take a call
 _TRITON_HEAD_DIMS = (64, 128)
 # Cases (attention_case) where the kernels benchmark (`--only flash`) measured the Triton kernel
 # faster than torch's cuDNN / flash kernels: on an H100 (2026-11-25, docs/benchmarks/2026-11-25-h100-kernels)
@@ -246,6 +251,11 @@ def _attn_choice() -> str:
     if choice not in ATTN_CHOICES:
         raise ValueError(f"{ATTN_ENV}={choice!r} is not one of: {', '.join(ATTN_CHOICES)}")
     return choice
+
+
+def _graph_applies(q, k, v) -> bool:
+    from seqpar.kernels.flash_attn import cudnn_graph
+    return cudnn_graph.applies(q, k, v)
 
 
 def attention_case(q, k, *, return_lse=False, cu_seqlens=None, cu_seqlens_q=None, cu_seqlens_k=None, **_) -> str:
@@ -347,6 +357,8 @@ def flash_attn_choice(q, k, v, *, backward=False, **features) -> tuple[str, str]
         why = f"{ATTN_ENV}=triton" if choice == "triton" else f"case {case}: measured faster than cuDNN/flash"
     elif name == "reference":
         why = "no fast kernel takes this call (device, dtype, head dim, mask alignment or lse gradients)"
+    elif name == "cudnn_graph":
+        why = f"{ATTN_ENV}=graph"
     elif choice in ("flash", "cudnn"):
         why = f"{ATTN_ENV}={choice}"
     elif triton_flash_applies(q, k, v):

@@ -61,6 +61,11 @@ def flash_attn(q, k, v, *, causal=True, cu_seqlens=None, cu_seqlens_q=None, cu_s
         cu_q, cu_k = (cu_seqlens, cu_seqlens) if cu_seqlens is not None else (cu_seqlens_q, cu_seqlens_k)
         return split_forward(q, k, v, causal=causal, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
                              softmax_scale=softmax_scale, out=out)
+    elif impl == "cudnn_graph":
+        from seqpar.kernels.flash_attn.cudnn_graph import GraphAttn
+        cu_q, cu_k = (cu_seqlens, cu_seqlens) if cu_seqlens is not None else (cu_seqlens_q, cu_seqlens_k)
+        result = GraphAttn.apply(q, k, v, causal, cu_q, cu_k, softmax_scale)
+        result = result if return_lse else result[0]
     elif impl == "sdpa":
         from seqpar.kernels.flash_attn.sdpa import sdpa_attention
         result = sdpa_attention(q, k, v, causal=causal, softmax_scale=softmax_scale)
@@ -106,7 +111,12 @@ def flash_attn_backward(dout, q, k, v, out, lse, *, causal=True, cu_seqlens=None
         cu_q, cu_k = (cu_seqlens, cu_seqlens) if cu_seqlens is not None else (cu_seqlens_q, cu_seqlens_k)
         return split_backward(dout, q, k, v, out, lse, causal=causal, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
                               softmax_scale=softmax_scale, dq=dq, dk=dk, dv=dv, accumulate=accumulate)
-    if impl.startswith("aten_"):
+    if impl == "cudnn_graph":
+        from seqpar.kernels.flash_attn.cudnn_graph import attention_backward
+        cu_q, cu_k = (cu_seqlens, cu_seqlens) if cu_seqlens is not None else (cu_seqlens_q, cu_seqlens_k)
+        grads = attention_backward(dout, q, k, v, out, lse, causal=causal, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                                   softmax_scale=softmax_scale)
+    elif impl.startswith("aten_"):
         from seqpar.kernels.flash_attn.aten import attention_backward
         cu_q, cu_k = (cu_seqlens, cu_seqlens) if cu_seqlens is not None else (cu_seqlens_q, cu_seqlens_k)
         grads = attention_backward(dout, q, k, v, out, lse, kernel=impl[5:], causal=causal, cu_seqlens_q=cu_q,

@@ -73,6 +73,9 @@ def _impls(S, lens, device):
 
     cu = None if lens is None else _cu(lens, device)
     impls = {"seqpar_triton": lambda q, k, v: flash_attn_triton(q, k, v, causal=True, cu_seqlens=cu)}
+    from seqpar.kernels.flash_attn import cudnn_graph
+    if cudnn_graph.available():  # a whole row in one cuDNN call (nvidia-cudnn-frontend)
+        impls["cudnn_graph"] = lambda q, k, v: cudnn_graph.GraphAttn.apply(q, k, v, True, cu, cu, None)[0]
     if lens is not None:
         from seqpar.kernels.flash_attn.split import flash_attn_split
         for name, min_len in SPLIT_ROWS.items():

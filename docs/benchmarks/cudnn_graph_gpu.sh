@@ -1,0 +1,36 @@
+# One H100 (device tool), from the repo root, .whl and .cfe (the nvidia-cudnn-frontend wheel) carried:
+#   source docs/benchmarks/gpu_setup.sh && OUT=DIR bash docs/benchmarks/cudnn_graph_gpu.sh
+# Issues 5 and 10, about 8 minutes: attention through cuDNN's graph API (kernels/flash_attn/cudnn_graph.py,
+# SEQPAR_ATTN_KERNEL=graph):
+# 1. its GPU tests (bf16 against float64: pieces over a prefix, blind rows, packed autograd);
+# 2. graph builds, workspaces and host time per call (cudnn_graph_build_gpu.py);
+# 3. `bench kernels --only flash`: dense 16k and packed lognormal 16k / 64k (H=32, D=128), the graph
+#    family beside the split, Triton, SDPA cuDNN and FlexAttention in one run;
+# 4. llama_1b on one GPU, 64k tokens of lognormal documents, 10 steps: default, then SEQPAR_ATTN_KERNEL=graph.
+[ -n "$SEQPAR_GPU_READY" ] || source docs/benchmarks/gpu_setup.sh
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/cfe .cfe/*.whl
+export PYTHONPATH=/tmp/cfe${PYTHONPATH:+:$PYTHONPATH}
+SEQPAR_FLASH_TUNE=0 timeout 200 python3 -m pytest -q -m gpu tests/test_cudnn_graph.py > "$OUT/gpu_tests.log" 2>&1
+echo "gpu tests: exit $? ($(tail -1 "$OUT/gpu_tests.log"))"
+timeout 120 python3 docs/benchmarks/cudnn_graph_build_gpu.py "$OUT/build.json" > "$OUT/build.log" 2>&1
+echo "builds: exit $?"; grep '^{' "$OUT/build.log"
+timeout 300 python3 -m seqpar.bench kernels --only flash --flash-dense-lens 16384 --flash-packed-lens 16384 65536 \
+    --flash-no-ring-step --out "$OUT/kernels.json" > "$OUT/kernels.log" 2>&1
+echo "bench kernels: exit $?"
+python3 - "$OUT/kernels.json" <<'PY'
+import json, sys
+for r in json.load(open(sys.argv[1]))["flash"]["rows"]:
+    print("   ", r.get("layout"), r.get("S"), r.get("kernel"), r.get("fwd_ms"), r.get("fwdbwd_ms"), r.get("fwdbwd_tflops"),
+          r.get("error", ""))
+PY
+for kern in auto graph; do
+    rm -rf /tmp/e2e_$kern
+    SEQPAR_ATTN_KERNEL=$kern timeout 150 seqpar-train model=llama_1b parallel=none data=synthetic data.seq_len=65536 \
+        data.distribution=lognormal data.mean_len=16384 data.sigma=1.0 train=long train.steps=10 train.warmup_steps=1 \
+        train.activation_checkpointing=selective train.global_batch_size=1 train.micro_batch_size=1 \
+        launcher.nproc_per_node=1 logging.console=false run_dir=/tmp/e2e_$kern > "$OUT/e2e_$kern.log" 2>&1
+    echo "e2e $kern: exit $?"
+    cp /tmp/e2e_$kern/metrics.jsonl "$OUT/e2e_${kern}_metrics.jsonl" 2>/dev/null
+    python3 -c "import json,sys; ms=[json.loads(l) for l in open(sys.argv[1])]; \
+print('   step s', [round(m['step_time_s'],3) for m in ms], 'loss', ms[-1]['loss'])" "$OUT/e2e_${kern}_metrics.jsonl"
+done

@@ -1,0 +1,107 @@
+"""Attention through cuDNN's graph API (kernels/flash_attn/cudnn_graph.py).
+
+CPU: the layout of a row's documents in cuDNN's slots (buckets, padded slots, blind rows) and the
+lse <-> stats index both ways. GPU (`-m gpu`, where nvidia-cudnn-frontend imports): bf16 against
+float64 on pieces over a prefix and packed rows of awkward lengths, through the public entry
+points with SEQPAR_ATTN_KERNEL=graph.
+"""
+import pytest
+import torch
+
+from seqpar.kernels.flash_attn import cudnn_graph as cg
+from seqpar.kernels.flash_attn.reference import flash_attn_backward_reference, flash_attn_reference
+from seqpar.kernels.flash_attn.split import bucket_len
+
+
+def test_layout_slots_buckets_and_blind_rows():
+    # documents: equal lengths, empty, more queries than keys (4 blind rows), fewer queries than keys
+    lay = cg.layout((0, 5, 5, 300, 1000), (0, 5, 9, 300, 1200), True, "cpu")
+    assert lay.docs == 4 and lay.max_q == bucket_len(700, cg.PER_OCTAVE) and lay.max_k == bucket_len(900, 16)
+    assert lay.q_off.tolist() == [0, 5, 5, 300, 1000] and lay.k_len.tolist() == [5, 4, 291, 900]
+    assert lay.blind.tolist() == [5, 6, 7, 8]
+    assert lay.rows.tolist() == list(range(5)) + [2 * lay.max_q + i for i in range(295)] + \
+        [3 * lay.max_q + i for i in range(700)]
+    # five documents take eight slots: the padded ones are empty and sit at the row's end
+    five = cg.layout((0, 1, 2, 3, 4, 5), (0, 1, 2, 3, 4, 5), False, "cpu")
+    assert five.docs == 8 and five.q_off.tolist() == [0, 1, 2, 3, 4, 5, 5, 5, 5] and five.q_len.tolist()[5:] == [0] * 3
+    assert five.blind is None  # non-causal: every row sees its document's keys
+    assert cg.layout((0, 2, 5), (0, 0, 4), False, "cpu").blind.tolist() == [0, 1]  # ... unless it has none
+    with pytest.raises(ValueError, match="same documents"):
+        cg.layout((0, 4, 8), (0, 8), True, "cpu")
+
+
+def test_lse_and_stats_round_trip():
+    lay = cg.layout((0, 3, 3, 10), (0, 3, 5, 10), True, "cpu")  # doc 1 empty; doc 2: 7 queries over 5 keys
+    lse = torch.randn(1, 4, 10, dtype=torch.float64)
+    lse[..., 3:5] = float("-inf")  # the blind rows
+    stats = cg.stats_from_lse(lse, lay)
+    assert stats.shape == (lay.docs, 4, lay.max_q, 1) and torch.isfinite(stats).all()
+    assert torch.equal(stats[2, :, 2:7, 0], lse[0, :, 5:10].float())
+    back = cg.lse_from_stats(stats, lay, 1, 10)
+    assert torch.equal(back[..., 5:], lse[..., 5:].float()) and torch.equal(back[..., :3], lse[..., :3].float())
+    assert torch.isneginf(back[..., 3:5]).all()
+    # dense rows of a batch are its documents
+    dense = cg.layout((0, 6, 12), (0, 6, 12), True, "cpu")
+    lse2 = torch.randn(2, 3, 6)
+    assert torch.equal(cg.lse_from_stats(cg.stats_from_lse(lse2, dense), dense, 2, 6), lse2)
+
+
+gpu = pytest.mark.gpu
+
+
+def _needs_frontend():
+    if not cg.available():
+        pytest.skip("nvidia-cudnn-frontend does not import here (docs/benchmarks/README.md: how it travels)")
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+@gpu
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("Hq, Hkv, D", [(8, 2, 64), (8, 8, 128)])
+def test_gpu_graph_tasks_bf16_vs_reference(monkeypatch, causal, Hq, Hkv, D):
+    """What disagg servers and ring steps send: query and key boundaries of their own (pieces over a
+    prefix, an empty document, one with more queries than keys), lse out, the backward from it."""
+    _needs_frontend()
+    from seqpar import kernels
+    from seqpar.kernels import dispatch
+    monkeypatch.setenv("SEQPAR_ATTN_KERNEL", "graph")
+    lq, lk = [300, 1, 0, 700, 17, 130, 9], [1000, 1, 5, 500, 17, 4000, 0]
+    g = torch.Generator(device="cuda").manual_seed(Hq + D + causal)
+    q, do = (torch.randn(1, sum(lq), Hq, D, device="cuda", generator=g).bfloat16() for _ in range(2))
+    k, v = (torch.randn(1, sum(lk), Hkv, D, device="cuda", generator=g).bfloat16() for _ in range(2))
+    cu = [torch.tensor([0] + torch.tensor(n).cumsum(0).tolist(), dtype=torch.int32, device="cuda") for n in (lq, lk)]
+    kw = dict(causal=causal, cu_seqlens_q=cu[0], cu_seqlens_k=cu[1])
+    assert dispatch.flash_attn_choice(q, k, v, return_lse=True, **kw)[0] == "cudnn_graph"
+    out, lse = kernels.flash_attn(q, k, v, return_lse=True, **kw)
+    grads = kernels.flash_attn_backward(do, q, k, v, out, lse, **kw)
+    exact = [t.double() for t in (q, k, v)]
+    r_out, r_lse = flash_attn_reference(*exact, return_lse=True, **kw)
+    r_grads = flash_attn_backward_reference(do.double(), *exact, r_out, r_lse, **kw)
+    seen = torch.isfinite(r_lse)
+    assert torch.equal(torch.isfinite(lse), seen), "rows without a visible key: lse -inf"
+    assert _rel(lse[seen], r_lse[seen]) <= 1e-3
+    for name, a, b in zip(("out", "dq", "dk", "dv"), (out, *grads), (r_out, *r_grads)):
+        assert _rel(a, b) <= 1e-2, f"{name} vs fp64: {_rel(a, b):.2e}"
+
+
+@gpu
+def test_gpu_graph_packed_autograd_vs_reference(monkeypatch):
+    """Packed self-attention through flash_attn's autograd (the model's path), awkward lengths."""
+    _needs_frontend()
+    from seqpar import kernels
+    monkeypatch.setenv("SEQPAR_ATTN_KERNEL", "graph")
+    lens = [3000, 1, 17, 5000, 2100, 600, 1, 999]
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v, do = (torch.randn(1, sum(lens), n, 128, device="cuda", generator=g).bfloat16() for n in (16, 4, 4, 16))
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = kernels.flash_attn(*leaves, cu_seqlens=cu)
+    grads = torch.autograd.grad(out, leaves, do)
+    exact = [t.double() for t in (q, k, v)]
+    r_out, r_lse = flash_attn_reference(*exact, cu_seqlens=cu, return_lse=True)
+    r_grads = flash_attn_backward_reference(do.double(), *exact, r_out, r_lse, cu_seqlens=cu)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), (out, *grads), (r_out, *r_grads)):
+        assert _rel(a, b) <= 1e-2, f"{name} vs fp64: {_rel(a, b):.2e}"
