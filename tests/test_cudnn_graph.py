@@ -65,8 +65,8 @@ def test_gpu_graph_tasks_bf16_vs_reference(monkeypatch, causal, Hq, Hkv, D):
     """What disagg servers and ring steps send: query and key boundaries of their own (pieces over a
     prefix, an empty document, one with more queries than keys), lse out, the backward from it."""
     _needs_frontend()
-    from seqpar import kernels
     from seqpar.kernels import dispatch
+    from seqpar.kernels.flash_attn import flash_attn, flash_attn_backward
     monkeypatch.setenv("SEQPAR_ATTN_KERNEL", "graph")
     lq, lk = [300, 1, 0, 700, 17, 130, 9], [1000, 1, 5, 500, 17, 4000, 0]
     g = torch.Generator(device="cuda").manual_seed(Hq + D + causal)
@@ -75,8 +75,8 @@ def test_gpu_graph_tasks_bf16_vs_reference(monkeypatch, causal, Hq, Hkv, D):
     cu = [torch.tensor([0] + torch.tensor(n).cumsum(0).tolist(), dtype=torch.int32, device="cuda") for n in (lq, lk)]
     kw = dict(causal=causal, cu_seqlens_q=cu[0], cu_seqlens_k=cu[1])
     assert dispatch.flash_attn_choice(q, k, v, return_lse=True, **kw)[0] == "cudnn_graph"
-    out, lse = kernels.flash_attn(q, k, v, return_lse=True, **kw)
-    grads = kernels.flash_attn_backward(do, q, k, v, out, lse, **kw)
+    out, lse = flash_attn(q, k, v, return_lse=True, **kw)
+    grads = flash_attn_backward(do, q, k, v, out, lse, **kw)
     exact = [t.double() for t in (q, k, v)]
     r_out, r_lse = flash_attn_reference(*exact, return_lse=True, **kw)
     r_grads = flash_attn_backward_reference(do.double(), *exact, r_out, r_lse, **kw)
