@@ -45,7 +45,8 @@ def main(out_path):
         gpu = (time.perf_counter() - t) / 20
         lay = cg.layout(tuple(cu[0].tolist()), tuple(cu[1].tolist()), True, "cuda")
         ws = {dirn: cg._graph(dirn == "bwd", lay.docs, lay.max_q, lay.max_k, hq, hkv, d, True, d ** -0.5,
-                              torch.bfloat16, 0)[2] for dirn in ("fwd", "bwd")}
+                              torch.bfloat16, 0, lay.square, (lay.total_q, lay.total_k) if dirn == "bwd" else ())[2]
+              for dirn in ("fwd", "bwd")}
         row = dict(docs=len(lq), slots=lay.docs, max_q=lay.max_q, max_k=lay.max_k, first_fwd_s=round(first_f, 3),
                    first_bwd_s=round(first_b, 3), next_fwd_s=round(next_f, 4), next_bwd_s=round(next_b, 4),
                    host_per_fwd_ms=round(host * 1e3, 3), gpu_per_fwd_ms=round(gpu * 1e3, 3), workspace_bytes=ws)

@@ -23,6 +23,7 @@ scattered through an index built once per boundaries.
 from __future__ import annotations
 
 import threading
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -72,6 +73,8 @@ class Layout:
     docs: int  # slots, a power of two
     max_q: int  # the longest query run, bucketed
     max_k: int
+    total_q: int  # all query tokens, bucketed (sizes the backward's workspace by tokens, not slots x max_q)
+    total_k: int
     q_off: torch.Tensor  # [docs + 1] int32 token offsets of each slot's queries (padded slots: the end)
     k_off: torch.Tensor
     q_len: torch.Tensor  # [docs] int32
@@ -103,7 +106,8 @@ def _layout(bq: tuple, bk: tuple, causal: bool, device) -> Layout:
         rows.extend(range(i * max_q, i * max_q + n))
         if m == 0 or (causal and n > m):  # bottom-right: the first n - m queries see no key
             blind.extend(range(a, a + (n if m == 0 else n - m)))
-    return Layout(docs, max_q, max_k, as_dev(list(bq) + [bq[-1]] * pad), as_dev(list(bk) + [bk[-1]] * pad),
+    total_q, total_k = (bucket_len(max(b[-1] - b[0], 1), PER_OCTAVE) for b in (bq, bk))
+    return Layout(docs, max_q, max_k, total_q, total_k, as_dev(list(bq) + [bq[-1]] * pad), as_dev(list(bk) + [bk[-1]] * pad),
                   as_dev(lq + [0] * pad), as_dev(lk + [0] * pad),
                   torch.tensor(rows, dtype=torch.int64, device=device),
                   torch.tensor(blind, dtype=torch.int64, device=device) if blind else None, causal, lq == lk)
@@ -113,13 +117,27 @@ def _stride(s, h, d):
     return [s * h * d, d, h * d, 1]  # dims [B, H, S, D] over seqpar's [B, S, H, D] memory
 
 
-@lru_cache(maxsize=None)
+@lru_cache(maxsize=256)
 def _graph(backward: bool, docs: int, max_q: int, max_k: int, hq: int, hkv: int, d: int, causal: bool,
-           scale: float, dtype: torch.dtype, device_index: int, square: bool = False):
+           scale: float, dtype: torch.dtype, device_index: int, square: bool = False, totals: tuple = ()):
     """(graph, its tensors by name, workspace bytes) of one direction and geometry, built once.
+
     `square`: causal documents with as many queries as keys get the top-left mask (the same mask):
     cuDNN's backward with the bottom-right one ran a packed 16k row 1.8x slower on an H100
-    (2026-11-28 call 6 against call 5's probe)."""
+    (2026-11-28 call 6 against call 5's probe). `totals` (backward): the bucketed query and key
+    token counts, which size the backward's workspace by the tokens there are rather than slots x
+    longest run (8.6 GB for 30 pieces of 2k queries over 30k keys at 32/8 x 64 without, call 6)."""
+    geometry = (backward, docs, max_q, max_k, hq, hkv, d, causal, scale, dtype, device_index, square)
+    if totals:
+        try:
+            return _build(*geometry, totals)
+        except Exception as e:  # a frontend or backend without the packed totals: the padded workspace
+            warnings.warn(f"cudnn_graph: the backward's max_total_seq_len was refused ({e!r:.200}); "
+                          "its workspace is sized by slots x the longest run", stacklevel=2)
+    return _build(*geometry, ())
+
+
+def _build(backward, docs, max_q, max_k, hq, hkv, d, causal, scale, dtype, device_index, square, totals):
     cudnn = _frontend()
     io = cudnn.data_type.BFLOAT16 if dtype == torch.bfloat16 else cudnn.data_type.HALF
     f32, i32 = cudnn.data_type.FLOAT, cudnn.data_type.INT32
@@ -148,7 +166,9 @@ def _graph(backward: bool, docs: int, max_q: int, max_k: int, hq: int, hkv: int,
         t.update(o=tokens("o", hq, max_q, t["q_off"]), dO=tokens("dO", hq, max_q, t["q_off"]),
                  stats=g.tensor(name="stats", dim=[docs, hq, max_q, 1], stride=[hq * max_q, max_q, 1, 1],
                                 data_type=f32))
-        grads = g.sdpa_backward(t["q"], t["k"], t["v"], t["o"], t["dO"], t["stats"], name="sdpa_backward", **mask)
+        sizes = dict(max_total_seq_len_q=totals[0], max_total_seq_len_kv=totals[1]) if totals else {}
+        grads = g.sdpa_backward(t["q"], t["k"], t["v"], t["o"], t["dO"], t["stats"], name="sdpa_backward", **sizes,
+                                **mask)
         for name, x, h, s, off in zip(("dQ", "dK", "dV"), grads, (hq, hkv, hkv), (max_q, max_k, max_k),
                                       (t["q_off"], t["k_off"], t["k_off"])):
             x.set_output(True).set_dim([docs, h, s, d]).set_stride(_stride(s, h, d)).set_ragged_offset(off)
@@ -161,7 +181,7 @@ def _run(backward, lay: Layout, q, k, bufs: dict, scale: float):
     hq, hkv, d = q.shape[2], k.shape[2], q.shape[3]
     index = q.device.index if q.device.index is not None else torch.cuda.current_device()
     g, t, ws = _graph(backward, lay.docs, lay.max_q, lay.max_k, hq, hkv, d, lay.causal, float(scale), q.dtype, index,
-                      lay.square)
+                      lay.square, (lay.total_q, lay.total_k) if backward else ())
     hd_q, hd_k = hq * d, hkv * d
     feed = {t["q_off"]: (lay.q_off * hd_q).view(-1, 1, 1, 1), t["k_off"]: (lay.k_off * hd_k).view(-1, 1, 1, 1),
             t["q_len"]: lay.q_len.view(-1, 1, 1, 1), t["k_len"]: lay.k_len.view(-1, 1, 1, 1)}
