@@ -131,6 +131,15 @@ DIAGNOSTIC_FILES.update({f"2026-11-26-4xh100-5th/{lane}/disagg_profiled.json": (
     "the disagg bench under docs/benchmarks/profile_gpu.py with untuned kernels (SEQPAR_FLASH_TUNE=0), one timed "
     "iteration and each case profiled: not the benchmark's times (disagg_check_128k.json beside it is)")
     for lane in ("call2/gpu01_disagg_check_gpu", "call6/gpu23_disagg_check_gpu")})
+# the twenty-first session: the benches under profile_gpu.py (every case profiled once; the LASP-2 run
+# at --iters 5) and the split's short-document backward on FlashAttention-2 (SEQPAR_SPLIT_SHORT_BWD=flash,
+# an option measured no faster and removed, 8596805), beside the default's runs as their A/B
+DIAGNOSTIC_FILES.update({f"2026-11-28-gpu-21st/call1/{name}/bench.json": (
+    "a bench under docs/benchmarks/profile_gpu.py (each timed case also profiled, --iters 5), run to see where "
+    "the time goes: not the benchmark's times") for name in ("profile_lasp", "profile_ring_cudnn_keep")})
+DIAGNOSTIC_FILES.update({f"2026-11-28-gpu-21st/call3/split_flash_r{r}.json": (
+    "bench kernels with SEQPAR_SPLIT_SHORT_BWD=flash (the split's short documents' backward on FlashAttention-2, "
+    "opt-in at f64a9a0, removed in 8596805), an A/B beside call3/split_triton_r*.json") for r in (1, 2)})
 
 
 # Runs whose step times something outside the run slowed (memory peaks unaffected: each process's own
