@@ -332,11 +332,12 @@ def prefix_calls_fast(q, k, v) -> bool:
     """Whether a causal call with an lse of some queries over a longer prefix of keys (aligned
     bottom-right: a varlen call of one document) runs on the kernel a square dense call of these
     heads runs on, so that one call over the prefix beats a full rectangle and a causal diagonal:
-    FA2 (its varlen kernel aligns bottom-right) and seqpar's Triton kernel take both. cuDNN aligns a
-    causal mask top-left when Sq < Sk (measured, 2026-11-27-gpu-16th/call2): there a prefix call
-    would leave cuDNN for FA2; and where the bounded call would go to the split (auto dispatch), its
-    pieces are not measured against the two dense calls: no."""
-    fast = ("aten_flash", "triton")
+    FA2 (its varlen kernel aligns bottom-right), seqpar's Triton kernel and cuDNN's graph API take
+    both. torch's cuDNN op aligns a causal mask top-left when Sq < Sk (measured,
+    2026-11-27-gpu-16th/call2): there a prefix call would leave cuDNN for FA2; and where the bounded
+    call would go to the split (auto dispatch), its pieces are not measured against the two dense
+    calls: no."""
+    fast = ("aten_flash", "triton", "cudnn_graph")
     one_document = {"cu_seqlens_q": (0, q.shape[1]), "cu_seqlens_k": (0, k.shape[1])}
     return (backend("flash_attn_backward", q, k, v) in fast
             and backend("flash_attn_backward", q, k, v, **one_document) in fast)

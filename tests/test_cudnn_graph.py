@@ -16,9 +16,9 @@ from seqpar.kernels.flash_attn.split import bucket_len
 def test_layout_slots_buckets_and_blind_rows():
     # documents: equal lengths, empty, more queries than keys (4 blind rows), fewer queries than keys
     lay = cg.layout((0, 5, 5, 300, 1000), (0, 5, 9, 300, 1200), True, "cpu")
-    assert lay.docs == 4 and lay.max_q == bucket_len(700, cg.PER_OCTAVE) and lay.max_k == bucket_len(900, 16)
+    assert lay.docs == 4 and lay.max_q == bucket_len(700, cg.PER_OCTAVE) and lay.max_k == bucket_len(900, cg.PER_OCTAVE)
     assert lay.q_off.tolist() == [0, 5, 5, 300, 1000] and lay.k_len.tolist() == [5, 4, 291, 900]
-    assert (lay.total_q, lay.total_k) == (bucket_len(1000, 16), bucket_len(1200, 16)) and not lay.square
+    assert (lay.total_q, lay.total_k) == (bucket_len(1000, cg.PER_OCTAVE), bucket_len(1200, cg.PER_OCTAVE)) and not lay.square
     assert lay.blind.tolist() == [5, 6, 7, 8]
     assert lay.rows.tolist() == list(range(5)) + [2 * lay.max_q + i for i in range(295)] + \
         [3 * lay.max_q + i for i in range(700)]

@@ -33,7 +33,10 @@ from seqpar.kernels.flash_attn.split import _host_bounds, bucket_len
 
 HEAD_DIMS = (64, 128)
 _DTYPES = (torch.float16, torch.bfloat16)
-PER_OCTAVE = 16  # length buckets per doubling, as the split's
+# Length buckets per doubling. The lengths a graph is built for only bound the real ones (the kernels
+# run each document's own length, the padding mask skips the rest): a coarse bucket costs empty
+# tiles in the grid and a larger stats buffer, a fine one more graphs to build.
+PER_OCTAVE = 4
 _LOCK = threading.Lock()  # one handle per device, its stream set per call (forward and autograd threads)
 
 

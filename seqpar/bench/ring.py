@@ -3,10 +3,11 @@ against one GPU, with PyTorch's context_parallel measured in the same run as the
 
 Causal attention fwd+bwd, bf16, one sequence of S tokens, H=32 heads of D=128 (the shape of
 `../shared/anchors/anchors_torch_cp.py`, whose method this repeats). For each S and each local
-kernel family (cuDNN, FlashAttention-2, seqpar's Triton kernel; `SEQPAR_ATTN_KERNEL`):
+kernel family (cuDNN, FlashAttention-2, seqpar's Triton kernel, cuDNN's graph API; `SEQPAR_ATTN_KERNEL`):
 
 - single_ms: one GPU, the whole sequence, SDPA with the same kernel family (`kernels.flash_attn` on
-  the Triton kernel for `triton`, which torch's context_parallel cannot run: no torch_cp row);
+  the Triton kernel for `triton` and on cuDNN's graphs for `graph`, which torch's context_parallel
+  cannot run: no torch_cp row);
 - ring_ms: seqpar's ring attention over the ranks (zigzag), slowest rank;
 - efficiency = single_ms / (world * ring_ms), 1.0 ideal;
 - exposed_comm_ms = ring_ms - the same schedule with every transfer replaced by a local no-op
@@ -53,7 +54,7 @@ from seqpar.parallel.sharding import (DOC_LAYOUTS, doc_zigzag_plan, document_pla
                                      unshard_sequence)
 
 SDPA_BACKEND = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION"}
-FAMILIES = (*SDPA_BACKEND, "triton")
+FAMILIES = (*SDPA_BACKEND, "triton", "graph")
 
 
 def _timer(device, iters, warmup):
