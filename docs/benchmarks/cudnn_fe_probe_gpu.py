@@ -22,6 +22,8 @@ import traceback
 
 import torch
 
+from piece_kernels_gpu import _ms  # noqa: E402 (the script beside this one: python puts its folder on the path)
+
 rows = []
 
 
@@ -155,20 +157,6 @@ def check(cudnn, handle, name, sq, sk, hq, hkv, d, lens=None):
                 **{n: _rel(g, r) for n, g, r in zip(("dq", "dk", "dv"), grads, r_grads)})
     log(step="check", case=name, rel_err_vs_fp64={n: f"{e:.2e}" for n, e in errs.items()},
         passed=all(e <= (1e-3 if n == "lse" else 1e-2) for n, e in errs.items()))
-
-
-def _ms(fn, reps=10):
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2]
 
 
 def timing(cudnn, handle, name, sq, sk, hq, hkv, d, lens=None):
