@@ -2,6 +2,7 @@
 single-process attention on a mix where the plan really moves and splits work."""
 import bisect
 import json
+import os
 import random
 import time
 
@@ -512,7 +513,9 @@ def test_bench_times_the_methods_in_rounds():
 
 # ---- GPU: bf16 on NCCL, async all-to-alls on CUDA streams (docs/benchmarks/disagg_gpu.sh runs these) ----
 
-def _gpu_bf16(rank, world):
+def _gpu_bf16(rank, world, family=None):
+    if family:  # the servers' kernel family (SEQPAR_ATTN_KERNEL), else the dispatcher's choice
+        os.environ["SEQPAR_ATTN_KERNEL"] = family
     torch.cuda.set_device(rank)
     dev = torch.device("cuda", rank)
     bounds = _bounds([6000, 3, 700] + [random.Random(i).randint(50, 900) for i in range(12)], 4 * world)
@@ -541,8 +544,12 @@ def _gpu_bf16(rank, world):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-def test_disagg_bf16_on_two_gpus_matches_fp32():
-    for errs in run_distributed(_gpu_bf16, 2, backend="nccl"):
+@pytest.mark.parametrize("family", [None, "graph"])
+def test_disagg_bf16_on_two_gpus_matches_fp32(family):
+    from seqpar.kernels.flash_attn import cudnn_graph
+    if family == "graph" and not cudnn_graph.available():
+        pytest.skip("cuDNN's graph family needs nvidia-cudnn-frontend")
+    for errs in run_distributed(_gpu_bf16, 2, family, backend="nccl"):
         for case, err in errs.items():
             assert err < 3e-2, f"(layout, schedule, plans)={case}: error {err} relative to the largest value"
 

@@ -923,6 +923,10 @@ def test_prefix_calls_where_the_family_takes_them(monkeypatch):
     assert not prefix_calls_fast(q, mha, mha)
     monkeypatch.setenv(ATTN_ENV, "triton")
     assert prefix_calls_fast(q, mha, mha)
+    from seqpar.kernels.flash_attn import cudnn_graph
+    if cudnn_graph.available():  # cuDNN's graphs align bottom-right
+        monkeypatch.setenv(ATTN_ENV, "graph")
+        assert prefix_calls_fast(q, gqa, gqa) and prefix_calls_fast(q, mha, mha)
 
 
 def _ring_bf16_on_nccl(rank, world, transport="nccl", family=None):
@@ -977,9 +981,12 @@ def _host_syncs(fn):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-@pytest.mark.parametrize("transport,family", [("nccl", None), ("copy", None), ("nccl", "triton")])
+@pytest.mark.parametrize("transport,family", [("nccl", None), ("copy", None), ("nccl", "triton"), ("nccl", "graph")])
 def test_ring_bf16_on_nccl_against_fp64(transport, family):
     # ring size 4 where lent: ring-flash-attention's users saw backward precision loss at 4-8
+    from seqpar.kernels.flash_attn import cudnn_graph
+    if family == "graph" and not cudnn_graph.available():
+        pytest.skip("cuDNN's graph family needs nvidia-cudnn-frontend")
     world = 4 if torch.cuda.device_count() >= 4 else 2
     for errors in run_distributed(_ring_bf16_on_nccl, world, transport, family, backend="nccl"):
         for case, errs in errors.items():
