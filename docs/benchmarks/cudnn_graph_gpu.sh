@@ -7,9 +7,27 @@
 # 3. `bench kernels --only flash`: dense 16k and packed lognormal 16k / 64k (H=32, D=128), the graph
 #    family beside the split, Triton, SDPA cuDNN and FlexAttention in one run;
 # 4. llama_1b on one GPU, 64k tokens of lognormal documents, 10 steps: default, then SEQPAR_ATTN_KERNEL=graph.
+# PART=2, two GPUs (about 9 minutes): the ring's and disagg's GPU tests on the graph family, `bench ring
+# --kernels graph cudnn` at 32k and 128k, and llama_1b's dp=2 disagg lanes at 64k/GPU with the servers on it
+# (the balanced ideal beside them: dp2_as0 / dp2_as1).
 [ -n "$SEQPAR_GPU_READY" ] || source docs/benchmarks/gpu_setup.sh
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/cfe .cfe/*.whl
 export PYTHONPATH=/tmp/cfe${PYTHONPATH:+:$PYTHONPATH}
+if [ "${PART:-1}" = 2 ]; then
+    SEQPAR_FLASH_TUNE=0 timeout 300 python3 -m pytest -q -m gpu tests/test_ring.py tests/test_disagg.py \
+        -k "graph" > "$OUT/gpu_tests_2gpu.log" 2>&1
+    echo "gpu tests (2 GPUs): exit $? ($(tail -1 "$OUT/gpu_tests_2gpu.log"))"
+    timeout 240 torchrun --standalone --nproc_per_node 2 -m seqpar.bench ring --seq-lens 32768 131072 --packed-lens \
+        --methods ring --kernels graph cudnn --rounds 2 --iters 10 --torch-cp-rotate allgather \
+        --out "$OUT/ring_graph.json" > "$OUT/ring_graph.log" 2>&1
+    echo "ring bench: exit $?"; python3 docs/benchmarks/ring_summary.py "$OUT/ring_graph.log"
+    STEPS=18 LANES="dp2_as0 dp2_as1 dp2_disagg_eps02" EXTRA=" " OUT="$OUT" bash docs/benchmarks/disagg_dp_cp_gpu.sh 65536 \
+        2>&1 | grep -v Warn | tail -4 | cut -c1-600
+    mkdir -p "$OUT/graph"
+    SEQPAR_ATTN_KERNEL=graph STEPS=18 LANES="dp2_as0 dp2_as1 dp2_disagg_eps02" EXTRA=" " OUT="$OUT/graph" \
+        bash docs/benchmarks/disagg_dp_cp_gpu.sh 65536 2>&1 | grep -v Warn | tail -4 | cut -c1-600
+    exit 0
+fi
 SEQPAR_FLASH_TUNE=0 timeout 200 python3 -m pytest -q -m gpu tests/test_cudnn_graph.py > "$OUT/gpu_tests.log" 2>&1
 echo "gpu tests: exit $? ($(tail -1 "$OUT/gpu_tests.log"))"
 timeout 120 python3 docs/benchmarks/cudnn_graph_build_gpu.py "$OUT/build.json" > "$OUT/build.log" 2>&1
