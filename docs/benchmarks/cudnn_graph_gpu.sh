@@ -7,9 +7,10 @@
 # 3. `bench kernels --only flash`: dense 16k and packed lognormal 16k / 64k (H=32, D=128), the graph
 #    family beside the split, Triton, SDPA cuDNN and FlexAttention in one run;
 # 4. llama_1b on one GPU, 64k tokens of lognormal documents, 10 steps: default, then SEQPAR_ATTN_KERNEL=graph.
-# PART=2, two GPUs (about 9 minutes): the ring's and disagg's GPU tests on the graph family, `bench ring
-# --kernels graph cudnn` at 32k and 128k, and llama_1b's dp=2 disagg lanes at 64k/GPU with the servers on it
-# (the balanced ideal beside them: dp2_as0 / dp2_as1).
+# PART=2, two GPUs (about 5 minutes): the ring's and disagg's GPU tests on the graph family and `bench ring
+# --kernels graph cudnn` at 32k and 128k. PART=3, two GPUs (about 10 minutes): llama_1b's dp=2 disagg
+# lanes at 64k/GPU (18 steps) with the default kernels, then with the servers on the graph family, each
+# beside its balanced ideal (dp2_as0 / dp2_as1).
 [ -n "$SEQPAR_GPU_READY" ] || source docs/benchmarks/gpu_setup.sh
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/cfe .cfe/*.whl
 export PYTHONPATH=/tmp/cfe${PYTHONPATH:+:$PYTHONPATH}
@@ -21,6 +22,9 @@ if [ "${PART:-1}" = 2 ]; then
         --methods ring --kernels graph cudnn --rounds 2 --iters 10 --torch-cp-rotate allgather \
         --out "$OUT/ring_graph.json" > "$OUT/ring_graph.log" 2>&1
     echo "ring bench: exit $?"; python3 docs/benchmarks/ring_summary.py "$OUT/ring_graph.log"
+    exit 0
+fi
+if [ "${PART:-1}" = 3 ]; then
     STEPS=18 LANES="dp2_as0 dp2_as1 dp2_disagg_eps02" EXTRA=" " OUT="$OUT" bash docs/benchmarks/disagg_dp_cp_gpu.sh 65536 \
         2>&1 | grep -v Warn | tail -4 | cut -c1-600
     mkdir -p "$OUT/graph"
