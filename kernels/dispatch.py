@@ -75,7 +75,7 @@ def backend(op: str, *tensors: torch.Tensor | None, **features) -> str:
     if forced == "reference" or not present or not all(t.is_cuda for t in present):
         return "reference"
     if op in ("flash_attn", "flash_attn_backward"):
-        if _attn_choice() == "graph" and _graph_applies(*present[:3]):
+        if _attn_choice() == "graph" and _graph_applies(*present[:3], **features):
             return "cudnn_graph"
         if op == "flash_attn":
             name = _flash_attn_backend(*present[:3], **features)
@@ -253,9 +253,9 @@ def _attn_choice() -> str:
     return choice
 
 
-def _graph_applies(q, k, v) -> bool:
+def _graph_applies(q, k, v, **features) -> bool:
     from seqpar.kernels.flash_attn import cudnn_graph
-    return cudnn_graph.applies(q, k, v)
+    return cudnn_graph.applies(q, k, v, **features)
 
 
 def attention_case(q, k, *, return_lse=False, cu_seqlens=None, cu_seqlens_q=None, cu_seqlens_k=None, **_) -> str:

@@ -31,6 +31,13 @@ def test_layout_slots_buckets_and_blind_rows():
         cg.layout((0, 4, 8), (0, 8), True, "cpu")
 
 
+def test_stats_fit_refuses_one_long_document_among_many_short_ones():
+    even = [0] + [512 * (i + 1) for i in range(64)]  # 64 documents of 512: 64 slots x 512 rows
+    assert cg.stats_fit(cg.layout(tuple(even), tuple(even), True, "cpu"))
+    skewed = (0, 30000) + tuple(30000 + 10 * (i + 1) for i in range(200))  # 256 slots x ~32k rows for 32k tokens
+    assert not cg.stats_fit(cg.layout(skewed, skewed, True, "cpu"))
+
+
 def test_lse_and_stats_round_trip():
     lay = cg.layout((0, 3, 3, 10), (0, 3, 5, 10), True, "cpu")  # doc 1 empty; doc 2: 7 queries over 5 keys
     lse = torch.randn(1, 4, 10, dtype=torch.float64)

@@ -57,12 +57,28 @@ def available() -> bool:
     return torch.cuda.is_available() and _frontend() is not None
 
 
-def applies(q, k, v) -> bool:
-    """Whether this family takes these tensors (CUDA, fp16/bf16, head dim 64 or 128, B = 1 for rows
-    given by boundaries; dense [B, S, H, D] rows count as B documents)."""
-    return (q.is_cuda and q.dtype in _DTYPES and k.dtype == q.dtype and v.dtype == q.dtype
+# cuDNN's per-slot stats hold slots x longest query run rows per head: past this many times the row's
+# own tokens (one long document among hundreds of short ones) the call goes elsewhere
+MAX_STATS_WASTE = 8
+
+
+def applies(q, k, v, *, causal=True, cu_seqlens=None, cu_seqlens_q=None, cu_seqlens_k=None, **_) -> bool:
+    """Whether this family takes the call (CUDA, fp16/bf16, head dim 64 or 128, element offsets
+    within int32; B = 1 for rows given by boundaries, dense [B, S, H, D] rows count as B documents;
+    per-slot stats within MAX_STATS_WASTE x the tokens)."""
+    if not (q.is_cuda and q.dtype in _DTYPES and k.dtype == q.dtype and v.dtype == q.dtype
             and q.shape[-1] in HEAD_DIMS and v.shape[-1] == q.shape[-1] and q.shape[2] % k.shape[2] == 0
-            and available())
+            and max(q.numel(), k.numel()) < 2 ** 31 and available()):
+        return False
+    cu_q, cu_k = (cu_seqlens, cu_seqlens) if cu_seqlens is not None else (cu_seqlens_q, cu_seqlens_k)
+    if cu_q is not None and q.shape[0] != 1:
+        return False
+    return stats_fit(_layout_of(q, k, cu_q, cu_k, causal))
+
+
+def stats_fit(lay: Layout) -> bool:
+    """Whether cuDNN's per-slot stats stay within MAX_STATS_WASTE x the row's query tokens."""
+    return lay.docs * lay.max_q <= MAX_STATS_WASTE * max(lay.rows.numel(), 1)
 
 
 @lru_cache(maxsize=None)
@@ -94,7 +110,7 @@ def layout(bounds_q: tuple, bounds_k: tuple, causal: bool, device) -> Layout:
     return _layout(tuple(bounds_q), tuple(bounds_k), bool(causal), torch.device(device))
 
 
-@lru_cache(maxsize=256)  # every layer of a step passes the same boundaries
+@lru_cache(maxsize=32)  # every layer of a step passes the same boundaries; each holds a [Tq] index
 def _layout(bq: tuple, bk: tuple, causal: bool, device) -> Layout:
     if len(bq) != len(bk) or len(bq) < 2:
         raise ValueError(f"cudnn_graph: query and key boundaries must list the same documents, got {len(bq) - 1} "
@@ -206,7 +222,8 @@ def _layout_of(q, k, cu_seqlens_q, cu_seqlens_k, causal) -> Layout:
     else:
         if q.shape[0] != 1:
             raise ValueError(f"cudnn_graph: packed documents need batch size 1, got q of shape {tuple(q.shape)}")
-        bq, bk = _host_bounds(cu_seqlens_q), _host_bounds(cu_seqlens_k)
+        host = lambda cu: _host_bounds(cu) if isinstance(cu, torch.Tensor) else tuple(cu)  # noqa: E731
+        bq, bk = host(cu_seqlens_q), host(cu_seqlens_k)
     return layout(bq, bk, causal, q.device)
 
 
