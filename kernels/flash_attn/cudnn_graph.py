@@ -115,6 +115,8 @@ def _layout(bq: tuple, bk: tuple, causal: bool, device) -> Layout:
     if len(bq) != len(bk) or len(bq) < 2:
         raise ValueError(f"cudnn_graph: query and key boundaries must list the same documents, got {len(bq) - 1} "
                          f"and {len(bk) - 1}")
+    if bq[0] != 0 or bk[0] != 0:
+        raise ValueError(f"cudnn_graph: boundaries must start at 0, got {bq[0]} (queries) and {bk[0]} (keys)")
     lq = [b - a for a, b in zip(bq, bq[1:])]
     lk = [b - a for a, b in zip(bk, bk[1:])]
     docs = 1 << (len(lq) - 1).bit_length()
@@ -122,15 +124,15 @@ def _layout(bq: tuple, bk: tuple, causal: bool, device) -> Layout:
     max_k = bucket_len(max(max(lk), 1), PER_OCTAVE)
     pad = docs - len(lq)
     as_dev = lambda x: torch.tensor(x, dtype=torch.int32, device=device)  # noqa: E731
-    rows, blind = [], []
-    for i, (a, n, m) in enumerate(zip(bq, lq, lk)):
-        rows.extend(range(i * max_q, i * max_q + n))
-        if m == 0 or (causal and n > m):  # bottom-right: the first n - m queries see no key
-            blind.extend(range(a, a + (n if m == 0 else n - m)))
-    total_q, total_k = (bucket_len(max(b[-1] - b[0], 1), PER_OCTAVE) for b in (bq, bk))
-    return Layout(docs, max_q, max_k, total_q, total_k, as_dev(list(bq) + [bq[-1]] * pad), as_dev(list(bk) + [bk[-1]] * pad),
-                  as_dev(lq + [0] * pad), as_dev(lk + [0] * pad),
-                  torch.tensor(rows, dtype=torch.int64, device=device),
+    # token t of document i sits at stats row i * max_q + (t - start of i): built on the host with
+    # torch (a list of a million positions takes ~0.1 s of Python), once per boundaries
+    doc = torch.repeat_interleave(torch.arange(len(lq)), torch.tensor(lq))
+    rows = doc * max_q + torch.arange(bq[-1]) - torch.tensor(bq[:-1])[doc]
+    blind = [t for a, n, m in zip(bq, lq, lk) if m == 0 or (causal and n > m)  # bottom-right: the first n - m
+             for t in range(a, a + (n if m == 0 else n - m))]                 # queries see no key
+    total_q, total_k = (bucket_len(max(b[-1], 1), PER_OCTAVE) for b in (bq, bk))
+    return Layout(docs, max_q, max_k, total_q, total_k, as_dev(list(bq) + [bq[-1]] * pad),
+                  as_dev(list(bk) + [bk[-1]] * pad), as_dev(lq + [0] * pad), as_dev(lk + [0] * pad), rows.to(device),
                   torch.tensor(blind, dtype=torch.int64, device=device) if blind else None, causal, lq == lk)
 
 
@@ -224,6 +226,9 @@ def _layout_of(q, k, cu_seqlens_q, cu_seqlens_k, causal) -> Layout:
             raise ValueError(f"cudnn_graph: packed documents need batch size 1, got q of shape {tuple(q.shape)}")
         host = lambda cu: _host_bounds(cu) if isinstance(cu, torch.Tensor) else tuple(cu)  # noqa: E731
         bq, bk = host(cu_seqlens_q), host(cu_seqlens_k)
+        if bq[-1] != q.shape[1] or bk[-1] != k.shape[1]:
+            raise ValueError(f"cudnn_graph: boundaries must end at the rows' lengths ({q.shape[1]} queries, "
+                             f"{k.shape[1]} keys), got {bq[-1]} and {bk[-1]}")
     return layout(bq, bk, causal, q.device)
 
 
