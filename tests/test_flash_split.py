@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from seqpar.kernels.flash_attn.reference import flash_attn_backward_reference, flash_attn_reference
-from seqpar.kernels.flash_attn import split
 from seqpar.kernels.flash_attn.split import SplitKernels, bucket_len, flash_attn_split, split_bounds
 from tests.triton_interpreter import interp_only, run_interpreter_tests
 
@@ -62,6 +61,7 @@ def test_split_bounds_awkward_mixes(lengths, min_len, long_idx):
 def test_documents_beyond_the_scratch_bound_give_cudnn_their_head(monkeypatch):
     """A document past max_len stays in the Triton call, except, causal, its head of max_len
     tokens: cuDNN runs their causal square, the Triton call the tail's queries over all the keys."""
+    from seqpar.kernels.flash_attn import split
 
     bounds = _cu([6, 1, 12, 9]).tolist()
     assert split_bounds(bounds, 5, 9)[0] == [(0, 6), (19, 28)]  # the 12-token document stays short
@@ -205,6 +205,7 @@ def test_split_bounds_rejects_bad_boundaries():
 
 
 def test_plan_reads_each_boundaries_tensor_once(monkeypatch):
+    from seqpar.kernels.flash_attn import split
 
     cu = _cu([5, 2, 9])
     other = cu.clone()
@@ -468,8 +469,8 @@ def _gpu_case(Hq, Hkv, D, causal, seed, max_len=None):
         out, lse = fn(*leaves, causal=causal, cu_seqlens=cu, return_lse=True, **kw)
         return (out, lse, *torch.autograd.grad(out, leaves, do.bfloat16()))
 
-    split_ = run(flash_attn_split, min_len=GPU_MIN, max_len=max_len)
-    return split_, run(flash_attn_triton), (ref_out, ref_lse, *ref_grads)
+    split = run(flash_attn_split, min_len=GPU_MIN, max_len=max_len)
+    return split, run(flash_attn_triton), (ref_out, ref_lse, *ref_grads)
 
 
 @gpu
@@ -477,8 +478,8 @@ def _gpu_case(Hq, Hkv, D, causal, seed, max_len=None):
                                                          (16, 4, 128, True, None), (8, 8, 64, True, None),
                                                          (16, 4, 128, True, 2400)])  # 3000 and 5000: heads
 def test_gpu_split_bf16_vs_reference_and_triton(Hq, Hkv, D, causal, max_len):
-    split_, triton_, ref = _gpu_case(Hq, Hkv, D, causal, seed=Hq + D + causal, max_len=max_len)
-    for name, s, t, r in zip(("out", "lse", "dq", "dk", "dv"), split_, triton_, ref):
+    split, triton_, ref = _gpu_case(Hq, Hkv, D, causal, seed=Hq + D + causal, max_len=max_len)
+    for name, s, t, r in zip(("out", "lse", "dq", "dk", "dv"), split, triton_, ref):
         assert s.dtype == t.dtype and s.shape == r.shape, name
         tol = 1e-3 if name == "lse" else 1e-2
         assert _rel(s, r) <= tol, f"{name} vs fp64: {_rel(s, r):.2e}"
@@ -545,7 +546,7 @@ def test_gpu_build_plans_run_nothing_on_the_gpu_and_the_plans_serve():
     """build_plans captures its calls in a CUDA graph it throws away: cuDNN builds the plans on the
     host, the GPU runs none of the calls (a write after each stays undone); the plans then compute
     the right attention."""
-    from seqpar.kernels.flash_attn import aten
+    from seqpar.kernels.flash_attn import aten, split
     from seqpar.kernels.flash_attn.split import _CAPTURE, build_plans, cudnn_triton_kernels
 
     split._WARM.clear()  # every thread warms up again: the count below is this test's own
