@@ -33,6 +33,14 @@ def test_layout_slots_buckets_and_blind_rows():
         cg.layout((2, 4, 8), (2, 4, 8), True, "cpu")
 
 
+def test_graph_buckets_env(monkeypatch):
+    monkeypatch.setenv(cg.BUCKETS_ENV, "1")  # powers of two: fewer graphs to build
+    assert cg.layout((0, 700), (0, 700), True, "cpu").max_q == 1024
+    monkeypatch.setenv(cg.BUCKETS_ENV, "3")
+    with pytest.raises(ValueError, match="SEQPAR_CUDNN_GRAPH_BUCKETS='3': need a power of two"):
+        cg.layout((0, 700), (0, 700), True, "cpu")
+
+
 def test_stats_fit_refuses_one_long_document_among_many_short_ones():
     even = [0] + [512 * (i + 1) for i in range(64)]  # 64 documents of 512: 64 slots x 512 rows
     assert cg.stats_fit(cg.layout(tuple(even), tuple(even), True, "cpu"))

@@ -6,7 +6,8 @@
 # 2. graph builds, workspaces and host time per call (cudnn_graph_build_gpu.py);
 # 3. `bench kernels --only flash`: dense 16k and packed lognormal 16k / 64k (H=32, D=128), the graph
 #    family beside the split, Triton, SDPA cuDNN and FlexAttention in one run;
-# 4. llama_1b on one GPU, 64k tokens of lognormal documents, 10 steps: default, then SEQPAR_ATTN_KERNEL=graph.
+# 4. llama_1b on one GPU, 64k tokens of lognormal documents, 10 steps: default, then SEQPAR_ATTN_KERNEL=graph
+#    with 4 and with 1 length bucket per octave (SEQPAR_CUDNN_GRAPH_BUCKETS).
 # PART=2, two GPUs (about 5 minutes): the ring's and disagg's GPU tests on the graph family and `bench ring
 # --kernels graph cudnn` at 32k and 128k. PART=3, two GPUs (about 10 minutes): llama_1b's dp=2 disagg
 # lanes at 64k/GPU (18 steps) with the default kernels, then with the servers on the graph family, each
@@ -45,9 +46,9 @@ for r in json.load(open(sys.argv[1]))["flash"]["rows"]:
     print("   ", r.get("layout"), r.get("S"), r.get("kernel"), r.get("fwd_ms"), r.get("fwdbwd_ms"), r.get("fwdbwd_tflops"),
           r.get("error", ""))
 PY
-for kern in auto graph; do
+for kern in auto graph graph1; do  # graph1: length buckets at powers of two (fewer graphs to build)
     rm -rf /tmp/e2e_$kern
-    SEQPAR_ATTN_KERNEL=$kern timeout 150 seqpar-train model=llama_1b parallel=none data=synthetic data.seq_len=65536 \
+    SEQPAR_CUDNN_GRAPH_BUCKETS=$([ $kern = graph1 ] && echo 1 || echo 4) SEQPAR_ATTN_KERNEL=${kern%1} timeout 150 seqpar-train model=llama_1b parallel=none data=synthetic data.seq_len=65536 \
         data.distribution=lognormal data.mean_len=16384 data.sigma=1.0 train=long train.steps=10 train.warmup_steps=1 \
         train.activation_checkpointing=selective train.global_batch_size=1 train.micro_batch_size=1 \
         launcher.nproc_per_node=1 logging.console=false run_dir=/tmp/e2e_$kern > "$OUT/e2e_$kern.log" 2>&1

@@ -24,6 +24,7 @@ scattered through an index built once per boundaries.
 """
 from __future__ import annotations
 
+import os
 import threading
 import warnings
 from dataclasses import dataclass
@@ -35,10 +36,22 @@ from seqpar.kernels.flash_attn.split import _host_bounds, bucket_len
 
 HEAD_DIMS = (64, 128)
 _DTYPES = (torch.float16, torch.bfloat16)
-# Length buckets per doubling. The lengths a graph is built for only bound the real ones (the kernels
-# run each document's own length, the padding mask skips the rest): a coarse bucket costs empty
-# tiles in the grid and a larger stats buffer, a fine one more graphs to build.
+# Length buckets per doubling (SEQPAR_CUDNN_GRAPH_BUCKETS, a power of two). The lengths a graph is
+# built for only bound the real ones (the kernels run each document's own length, the padding mask
+# skips the rest): a coarse bucket costs empty tiles in the grid and a larger stats buffer, a fine
+# one more graphs to build (0.11-0.18 s each: every new geometry stalls its step).
 PER_OCTAVE = 4
+BUCKETS_ENV = "SEQPAR_CUDNN_GRAPH_BUCKETS"
+
+
+def buckets_per_octave() -> int:
+    raw = os.environ.get(BUCKETS_ENV, "").strip()
+    if not raw:
+        return PER_OCTAVE
+    if not raw.isdigit() or int(raw) < 1 or int(raw) & (int(raw) - 1):
+        raise ValueError(f"{BUCKETS_ENV}={raw!r}: need a power of two (length buckets per doubling, default "
+                         f"{PER_OCTAVE})")
+    return int(raw)
 _LOCK = threading.Lock()  # one handle per device, its stream set per call (forward and autograd threads)
 
 
@@ -107,11 +120,11 @@ class Layout:
 
 
 def layout(bounds_q: tuple, bounds_k: tuple, causal: bool, device) -> Layout:
-    return _layout(tuple(bounds_q), tuple(bounds_k), bool(causal), torch.device(device))
+    return _layout(tuple(bounds_q), tuple(bounds_k), bool(causal), torch.device(device), buckets_per_octave())
 
 
 @lru_cache(maxsize=32)  # every layer of a step passes the same boundaries; each holds a [Tq] index
-def _layout(bq: tuple, bk: tuple, causal: bool, device) -> Layout:
+def _layout(bq: tuple, bk: tuple, causal: bool, device, per_octave: int) -> Layout:
     if len(bq) != len(bk) or len(bq) < 2:
         raise ValueError(f"cudnn_graph: query and key boundaries must list the same documents, got {len(bq) - 1} "
                          f"and {len(bk) - 1}")
@@ -120,8 +133,8 @@ def _layout(bq: tuple, bk: tuple, causal: bool, device) -> Layout:
     lq = [b - a for a, b in zip(bq, bq[1:])]
     lk = [b - a for a, b in zip(bk, bk[1:])]
     docs = 1 << (len(lq) - 1).bit_length()
-    max_q = bucket_len(max(max(lq), 1), PER_OCTAVE)
-    max_k = bucket_len(max(max(lk), 1), PER_OCTAVE)
+    max_q = bucket_len(max(max(lq), 1), per_octave)
+    max_k = bucket_len(max(max(lk), 1), per_octave)
     pad = docs - len(lq)
     as_dev = lambda x: torch.tensor(x, dtype=torch.int32, device=device)  # noqa: E731
     # token t of document i sits at stats row i * max_q + (t - start of i): built on the host with
@@ -130,7 +143,7 @@ def _layout(bq: tuple, bk: tuple, causal: bool, device) -> Layout:
     rows = doc * max_q + torch.arange(bq[-1]) - torch.tensor(bq[:-1])[doc]
     blind = [t for a, n, m in zip(bq, lq, lk) if m == 0 or (causal and n > m)  # bottom-right: the first n - m
              for t in range(a, a + (n if m == 0 else n - m))]                 # queries see no key
-    total_q, total_k = (bucket_len(max(b[-1], 1), PER_OCTAVE) for b in (bq, bk))
+    total_q, total_k = (bucket_len(max(b[-1], 1), per_octave) for b in (bq, bk))
     return Layout(docs, max_q, max_k, total_q, total_k, as_dev(list(bq) + [bq[-1]] * pad),
                   as_dev(list(bk) + [bk[-1]] * pad), as_dev(lq + [0] * pad), as_dev(lk + [0] * pad), rows.to(device),
                   torch.tensor(blind, dtype=torch.int64, device=device) if blind else None, causal, lq == lk)
