@@ -105,39 +105,33 @@ def test_gpu_graph_tasks_bf16_vs_reference(monkeypatch, causal, Hq, Hkv, D):
         assert _rel(a, b) <= 1e-2, f"{name} vs fp64: {_rel(a, b):.2e}"
 
 
-@gpu
-def test_gpu_graph_packed_autograd_vs_reference(monkeypatch):
-    """Packed self-attention through flash_attn's autograd (the model's path), awkward lengths."""
+def _autograd_vs_reference(monkeypatch, shape, heads, seed, **kw):
+    """flash_attn's autograd on the graph family (the model's path) against float64."""
     _needs_frontend()
     from seqpar import kernels
     monkeypatch.setenv("SEQPAR_ATTN_KERNEL", "graph")
-    lens = [3000, 1, 17, 5000, 2100, 600, 1, 999]
-    g = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v, do = (torch.randn(1, sum(lens), n, 128, device="cuda", generator=g).bfloat16() for n in (16, 4, 4, 16))
-    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q, k, v, do = (torch.randn(*shape, n, heads[2], device="cuda", generator=g).bfloat16()
+                   for n in (heads[0], heads[1], heads[1], heads[0]))
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    out = kernels.flash_attn(*leaves, cu_seqlens=cu)
+    out = kernels.flash_attn(*leaves, **kw)
     grads = torch.autograd.grad(out, leaves, do)
     exact = [t.double() for t in (q, k, v)]
-    r_out, r_lse = flash_attn_reference(*exact, cu_seqlens=cu, return_lse=True)
-    r_grads = flash_attn_backward_reference(do.double(), *exact, r_out, r_lse, cu_seqlens=cu)
+    r_out, r_lse = flash_attn_reference(*exact, return_lse=True, **kw)
+    r_grads = flash_attn_backward_reference(do.double(), *exact, r_out, r_lse, **kw)
     for name, a, b in zip(("out", "dq", "dk", "dv"), (out, *grads), (r_out, *r_grads)):
         assert _rel(a, b) <= 1e-2, f"{name} vs fp64: {_rel(a, b):.2e}"
+
+
+@gpu
+def test_gpu_graph_packed_autograd_vs_reference(monkeypatch):
+    """Packed self-attention, awkward lengths, GQA 16/4 x 128."""
+    lens = [3000, 1, 17, 5000, 2100, 600, 1, 999]
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
+    _autograd_vs_reference(monkeypatch, (1, sum(lens)), (16, 4, 128), 0, cu_seqlens=cu)
 
 
 @gpu
 def test_gpu_graph_dense_batch_autograd_vs_reference(monkeypatch):
     """Dense rows of a batch (no boundaries): each row one document, queries and keys equal."""
-    _needs_frontend()
-    from seqpar import kernels
-    monkeypatch.setenv("SEQPAR_ATTN_KERNEL", "graph")
-    g = torch.Generator(device="cuda").manual_seed(1)
-    q, k, v, do = (torch.randn(2, 1000, n, 64, device="cuda", generator=g).bfloat16() for n in (8, 2, 2, 8))
-    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    out = kernels.flash_attn(*leaves)
-    grads = torch.autograd.grad(out, leaves, do)
-    exact = [t.double() for t in (q, k, v)]
-    r_out, r_lse = flash_attn_reference(*exact, return_lse=True)
-    r_grads = flash_attn_backward_reference(do.double(), *exact, r_out, r_lse)
-    for name, a, b in zip(("out", "dq", "dk", "dv"), (out, *grads), (r_out, *r_grads)):
-        assert _rel(a, b) <= 1e-2, f"{name} vs fp64: {_rel(a, b):.2e}"
+    _autograd_vs_reference(monkeypatch, (2, 1000), (8, 2, 64), 1)
