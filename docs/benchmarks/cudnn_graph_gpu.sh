@@ -3,7 +3,8 @@
 # Issues 5 and 10, about 8 minutes: attention through cuDNN's graph API (kernels/flash_attn/cudnn_graph.py,
 # SEQPAR_ATTN_KERNEL=graph):
 # 1. its GPU tests (bf16 against float64: pieces over a prefix, blind rows, packed autograd);
-# 2. graph builds, workspaces and host time per call (cudnn_graph_build_gpu.py);
+# 2. graph builds, workspaces and host time per call (cudnn_graph_build_gpu.py), and every plan of
+#    heuristics A, B and FALLBACK timed (cudnn_graph_plans_gpu.py: is the first the fastest?);
 # 3. `bench kernels --only flash`: dense 16k and packed lognormal 16k / 64k (H=32, D=128), the graph
 #    family beside the split, Triton, SDPA cuDNN and FlexAttention in one run;
 # 4. llama_1b on one GPU, 64k tokens of lognormal documents, 10 steps: default, then SEQPAR_ATTN_KERNEL=graph
@@ -37,6 +38,8 @@ SEQPAR_FLASH_TUNE=0 timeout 200 python3 -m pytest -q -m gpu tests/test_cudnn_gra
 echo "gpu tests: exit $? ($(tail -1 "$OUT/gpu_tests.log"))"
 timeout 120 python3 docs/benchmarks/cudnn_graph_build_gpu.py "$OUT/build.json" > "$OUT/build.log" 2>&1
 echo "builds: exit $?"; grep '^{' "$OUT/build.log"
+timeout 150 python3 docs/benchmarks/cudnn_graph_plans_gpu.py "$OUT/plans.json" > "$OUT/plans.log" 2>&1
+echo "plans: exit $?"; cut -c1-700 "$OUT/plans.log" | grep '^{'
 timeout 300 python3 -m seqpar.bench kernels --only flash --flash-dense-lens 16384 --flash-packed-lens 16384 65536 \
     --flash-no-ring-step --out "$OUT/kernels.json" > "$OUT/kernels.log" 2>&1
 echo "bench kernels: exit $?"

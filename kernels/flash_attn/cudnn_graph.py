@@ -173,7 +173,15 @@ def _graph(backward: bool, docs: int, max_q: int, max_k: int, hq: int, hkv: int,
     return _build(*geometry, ())
 
 
-def _build(backward, docs, max_q, max_k, hq, hkv, d, causal, scale, dtype, device_index, square, totals):
+def _build(*geometry):
+    g, t = _declare(*geometry)
+    cudnn = _frontend()
+    g.build([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
+    return g, t, g.get_workspace_size()
+
+
+def _declare(backward, docs, max_q, max_k, hq, hkv, d, causal, scale, dtype, device_index, square, totals):
+    """The graph of one direction and geometry, declared, not built: (graph, its tensors by name)."""
     cudnn = _frontend()
     io = cudnn.data_type.BFLOAT16 if dtype == torch.bfloat16 else cudnn.data_type.HALF
     f32, i32 = cudnn.data_type.FLOAT, cudnn.data_type.INT32
@@ -209,8 +217,7 @@ def _build(backward, docs, max_q, max_k, hq, hkv, d, causal, scale, dtype, devic
                                       (t["q_off"], t["k_off"], t["k_off"])):
             x.set_output(True).set_dim([docs, h, s, d]).set_stride(_stride(s, h, d)).set_ragged_offset(off)
             t[name] = x
-    g.build([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
-    return g, t, g.get_workspace_size()
+    return g, t
 
 
 def _run(backward, lay: Layout, q, k, bufs: dict, scale: float):
@@ -218,16 +225,22 @@ def _run(backward, lay: Layout, q, k, bufs: dict, scale: float):
     index = q.device.index if q.device.index is not None else torch.cuda.current_device()
     g, t, ws = _graph(backward, lay.docs, lay.max_q, lay.max_k, hq, hkv, d, lay.causal, float(scale), q.dtype, index,
                       lay.square, (lay.total_q, lay.total_k) if backward else ())
-    hd_q, hd_k = hq * d, hkv * d
-    feed = {t["q_off"]: (lay.q_off * hd_q).view(-1, 1, 1, 1), t["k_off"]: (lay.k_off * hd_k).view(-1, 1, 1, 1),
-            t["q_len"]: lay.q_len.view(-1, 1, 1, 1), t["k_len"]: lay.k_len.view(-1, 1, 1, 1)}
-    feed.update({t[name]: x for name, x in bufs.items()})
+    feed = _feed(lay, t, q, k, bufs)
     workspace = torch.empty(max(ws, 1), dtype=torch.uint8, device=q.device)
     cudnn = _frontend()
     with _LOCK:
         handle = _handle(index)
         cudnn.set_stream(handle, torch.cuda.current_stream(q.device).cuda_stream)
         g.execute(feed, workspace, handle=handle)
+
+
+def _feed(lay: Layout, t: dict, q, k, bufs: dict) -> dict:
+    """A graph's tensors -> this call's data: the layout's offsets (in elements) and lengths, and `bufs`."""
+    hd_q, hd_k = q.shape[2] * q.shape[3], k.shape[2] * k.shape[3]
+    feed = {t["q_off"]: (lay.q_off * hd_q).view(-1, 1, 1, 1), t["k_off"]: (lay.k_off * hd_k).view(-1, 1, 1, 1),
+            t["q_len"]: lay.q_len.view(-1, 1, 1, 1), t["k_len"]: lay.k_len.view(-1, 1, 1, 1)}
+    feed.update({t[name]: x for name, x in bufs.items()})
+    return feed
 
 
 def _layout_of(q, k, cu_seqlens_q, cu_seqlens_k, causal) -> Layout:
