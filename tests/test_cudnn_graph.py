@@ -41,11 +41,16 @@ def test_graph_buckets_env(monkeypatch):
         cg.layout((0, 700), (0, 700), True, "cpu")
 
 
-def test_stats_fit_refuses_one_long_document_among_many_short_ones():
+def test_fits_bounds_the_stats_and_the_dq_accumulator(monkeypatch):
+    monkeypatch.delenv("SEQPAR_CUDNN_SCRATCH_MB", raising=False)
     even = [0] + [512 * (i + 1) for i in range(64)]  # 64 documents of 512: 64 slots x 512 rows
-    assert cg.stats_fit(cg.layout(tuple(even), tuple(even), True, "cpu"))
+    assert cg.fits(cg.layout(tuple(even), tuple(even), True, "cpu"), 32 * 128)
     skewed = (0, 30000) + tuple(30000 + 10 * (i + 1) for i in range(200))  # 256 slots x ~32k rows for 32k tokens
-    assert not cg.stats_fit(cg.layout(skewed, skewed, True, "cpu"))
+    assert not cg.fits(cg.layout(skewed, skewed, True, "cpu"), 32 * 128)
+    long_row = cg.layout((0, 1 << 20), (0, 1 << 20), True, "cpu")  # 1M tokens: dQ in fp32 16 GiB at 32 x 128
+    assert not cg.fits(long_row, 32 * 128) and cg.fits(long_row, 4 * 64)  # 1 GiB at 4 x 64
+    monkeypatch.setenv("SEQPAR_CUDNN_SCRATCH_MB", str(16 << 10))
+    assert cg.fits(long_row, 32 * 128)
 
 
 def test_lse_and_stats_round_trip():

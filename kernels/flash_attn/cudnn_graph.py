@@ -32,7 +32,7 @@ from functools import lru_cache
 
 import torch
 
-from seqpar.kernels.flash_attn.split import _host_bounds, bucket_len
+from seqpar.kernels.flash_attn.split import _host_bounds, bucket_len, scratch_bytes
 
 HEAD_DIMS = (64, 128)
 _DTYPES = (torch.float16, torch.bfloat16)
@@ -78,7 +78,8 @@ MAX_STATS_WASTE = 8
 def applies(q, k, v, *, causal=True, cu_seqlens=None, cu_seqlens_q=None, cu_seqlens_k=None, **_) -> bool:
     """Whether this family takes the call (CUDA, fp16/bf16, head dim 64 or 128, element offsets
     within int32; B = 1 for rows given by boundaries, dense [B, S, H, D] rows count as B documents;
-    per-slot stats within MAX_STATS_WASTE x the tokens)."""
+    the backward's dQ accumulator within SEQPAR_CUDNN_SCRATCH_MB; per-slot stats within
+    MAX_STATS_WASTE x the tokens)."""
     if not (q.is_cuda and q.dtype in _DTYPES and k.dtype == q.dtype and v.dtype == q.dtype
             and q.shape[-1] in HEAD_DIMS and v.shape[-1] == q.shape[-1] and q.shape[2] % k.shape[2] == 0
             and max(q.numel(), k.numel()) < 2 ** 31 and available()):
@@ -86,12 +87,16 @@ def applies(q, k, v, *, causal=True, cu_seqlens=None, cu_seqlens_q=None, cu_seql
     cu_q, cu_k = (cu_seqlens, cu_seqlens) if cu_seqlens is not None else (cu_seqlens_q, cu_seqlens_k)
     if cu_q is not None and q.shape[0] != 1:
         return False
-    return stats_fit(_layout_of(q, k, cu_q, cu_k, causal))
+    return fits(_layout_of(q, k, cu_q, cu_k, causal), q.shape[2] * q.shape[3])
 
 
-def stats_fit(lay: Layout) -> bool:
-    """Whether cuDNN's per-slot stats stay within MAX_STATS_WASTE x the row's query tokens."""
-    return lay.docs * lay.max_q <= MAX_STATS_WASTE * max(lay.rows.numel(), 1)
+def fits(lay: Layout, query_width: int) -> bool:
+    """Whether a call's cuDNN buffers stay bounded: the per-slot stats within MAX_STATS_WASTE x the
+    row's query tokens, and the backward's fp32 dQ accumulator (`query_width` = heads x head dim
+    per token) within SEQPAR_CUDNN_SCRATCH_MB, as the split's calls are (a 1M-token row of 32 x 128
+    would take 16 GiB)."""
+    tokens = lay.rows.numel()
+    return lay.docs * lay.max_q <= MAX_STATS_WASTE * max(tokens, 1) and 4 * tokens * query_width <= scratch_bytes()
 
 
 @lru_cache(maxsize=None)

@@ -99,14 +99,19 @@ def scratch_per_token(hq: int, head_dim: int, elem: int) -> int:
     return 10 * hq * head_dim * elem
 
 
-def max_doc_len(hq: int, head_dim: int, elem: int) -> int:
-    """Documents longer than this stay in the Triton call, so that the cuDNN calls' scratch stays
-    within SEQPAR_CUDNN_SCRATCH_MB (default 2048; seqpar.memory counts it)."""
+def scratch_bytes() -> int:
+    """What cuDNN's calls may allocate beside the other kernels' tensors: SEQPAR_CUDNN_SCRATCH_MB
+    (default 2048; seqpar.memory counts it)."""
     raw = os.environ.get(SCRATCH_ENV, "").strip()
     if raw and (not raw.isdigit() or int(raw) < 1):
         raise ValueError(f"{SCRATCH_ENV}={raw!r}: need a positive number of MiB (default {SCRATCH_MB})")
-    mb = int(raw) if raw else SCRATCH_MB
-    return (mb << 20) // scratch_per_token(hq, head_dim, elem)
+    return (int(raw) if raw else SCRATCH_MB) << 20
+
+
+def max_doc_len(hq: int, head_dim: int, elem: int) -> int:
+    """Documents longer than this stay in the Triton call, so that the cuDNN calls' scratch stays
+    within `scratch_bytes`."""
+    return scratch_bytes() // scratch_per_token(hq, head_dim, elem)
 
 
 def buckets_per_octave() -> int:
