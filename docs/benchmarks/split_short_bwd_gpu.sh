@@ -1,3 +1,5 @@
+# A record: SEQPAR_SPLIT_SHORT_BWD existed from f64a9a0 to 8596805 (measured no faster, removed); this
+# ran at f64a9a0 / 6070991 (2026-11-28-gpu-21st calls 3-4). At later code both families run Triton's backward.
 # One H100 (device tool), from the repo root, .whl carried:
 #   source docs/benchmarks/gpu_setup.sh && [PART=2] OUT=DIR bash docs/benchmarks/split_short_bwd_gpu.sh
 # Issue 5 (and 10), about 6 minutes: the split's short documents' backward on FlashAttention-2

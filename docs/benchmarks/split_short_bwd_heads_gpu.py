@@ -1,4 +1,7 @@
-"""The split's short-document backward on FlashAttention-2 against Triton at llama_1b's heads
+"""A record: SEQPAR_SPLIT_SHORT_BWD existed from f64a9a0 to 8596805 (measured no faster, removed);
+this ran at 6070991 (2026-11-28-gpu-21st call 4); at later code both families run Triton's backward.
+
+The split's short-document backward on FlashAttention-2 against Triton at llama_1b's heads
 (32/8, D = 64) and at 32 x 128, packed lognormal rows, one H100 (~2 min):
 
     python3 docs/benchmarks/split_short_bwd_heads_gpu.py OUT.json
