@@ -128,8 +128,9 @@ def disagg_attention(q, k, v, *, group=None, causal=True, cu_seqlens=None, softm
 def kernel_speed(q, k, v, opts) -> KernelSpeed | None:
     """Which of the servers' tasks cuDNN runs and what a pair costs on Triton, for the planner;
     None where one kernel runs them all (CPU, the Triton kernel forced, ...)."""
-    tasks = (0, 1, 2)  # what a server's call is: packed tasks, lse returned
-    if backend("flash_attn", q, k, v, return_lse=True, cu_seqlens_q=tasks, cu_seqlens_k=tasks) != "split":
+    n_q, n_k = q.shape[1], k.shape[1]  # what a server's call is: packed tasks, lse returned
+    tasks_q, tasks_k = (0, n_q // 2, n_q), (0, n_k // 2, n_k)
+    if backend("flash_attn", q, k, v, return_lse=True, cu_seqlens_q=tasks_q, cu_seqlens_k=tasks_k) != "split":
         return None
     return KernelSpeed(*cudnn_lengths(q), opts.triton_cost)
 
