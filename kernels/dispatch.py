@@ -22,9 +22,10 @@ Later issues add more ``"triton"`` ops. ``SEQPAR_KERNELS=reference`` forces the 
 on every call so that tests and benchmarks can flip it without re-importing).
 ``SEQPAR_ATTN_KERNEL=flash|cudnn`` picks the family of the lse paths (default: cuDNN where it applies,
 it is the faster one on H100/H200) so that benchmarks can compare both and a faulty one can be avoided;
-``SEQPAR_ATTN_KERNEL=graph`` sends every flash_attn / flash_attn_backward call that cuDNN's graph API
-takes (``"cudnn_graph"``: packed rows in one call, causal bottom-right, lse; the ``nvidia-cudnn-frontend``
-package, ``kernels/flash_attn/cudnn_graph.py``) there; where it does not import, calls dispatch as auto.
+``"cudnn_graph"`` (cuDNN's graph API: packed rows in one call, causal bottom-right, lse; the
+``nvidia-cudnn-frontend`` package, ``kernels/flash_attn/cudnn_graph.py``) takes the cases in
+``GRAPH_FASTER`` where it imports and the call fits its bounds; ``SEQPAR_ATTN_KERNEL=graph`` sends it
+every flash_attn / flash_attn_backward call it takes; where it does not import, calls dispatch as auto.
 ``SEQPAR_ATTN_KERNEL=triton`` sends every flash_attn / flash_attn_backward call that seqpar's Triton
 kernel takes (CUDA, fp16/bf16, head dim 64 or 128) there. Without it, a case (``attention_case``) goes
 to Triton only where the GPU benchmark measured it faster (``TRITON_FASTER``); ``flash_attn_choice``
@@ -75,7 +76,7 @@ def backend(op: str, *tensors: torch.Tensor | None, **features) -> str:
     if forced == "reference" or not present or not all(t.is_cuda for t in present):
         return "reference"
     if op in ("flash_attn", "flash_attn_backward"):
-        if _attn_choice() == "graph" and _graph_applies(*present[:3], **features):
+        if _wants_graph(op, *present[:3], **features):
             return "cudnn_graph"
         if op == "flash_attn":
             name = _flash_attn_backend(*present[:3], **features)
@@ -242,6 +243,16 @@ TRITON_FASTER: frozenset[str] = frozenset({"packed", "packed_lse"})
 # packed row 4-13% less on four of the five cases (64k: wlbllm 1.631 -> 1.567x the ideal, prolong
 # 1.538 -> 1.378, lognormal 1.671 -> 1.569; 128k prolong 1.534 -> 1.339; wlbllm 1.468 -> 1.479).
 SPLIT_FASTER: frozenset[str] = frozenset({"packed", "packed_lse"})
+# Cases where cuDNN's graph API (a whole packed row in one call, kernels/flash_attn/cudnn_graph.py;
+# where nvidia-cudnn-frontend imports and the call fits its bounds) measured faster than the split:
+# packed lognormal rows at 32 x 128, fwd+bwd 486.7 / 469.8 TFLOP/s at 16k / 64k against the split's
+# 413.8 / 390.5 and FlexAttention's document mask 370.4 / 244.3 in the same run (one H100,
+# `bench kernels --only flash`, docs/benchmarks/2026-11-28-gpu-22nd/call1); llama_1b (32/8 x 64) at
+# 64k tokens on one GPU ran its 9 steps after the first in 24.0 s against the split's 23.5 (each new
+# document-length bucket builds a graph, ~0.3 s). Not "packed_lse": the ring's prefix calls ran 14-18%
+# slower on it than on torch's cuDNN op (call2: 32k ring compute 34.8 against 29.5 ms) and disagg's
+# servers 27% slower end to end (2 H100, call4 against call3: 2.91 against 2.29 s per step).
+GRAPH_FASTER: frozenset[str] = frozenset({"packed"})
 # Which documents of a call the split hands to cuDNN depends on the call's query heads too
 # (split.min_doc_len: with a tensor-parallel rank's few heads only longer ones; none, one Triton call).
 
@@ -256,6 +267,16 @@ def _attn_choice() -> str:
 def _graph_applies(q, k, v, **features) -> bool:
     from seqpar.kernels.flash_attn import cudnn_graph
     return cudnn_graph.applies(q, k, v, **features)
+
+
+def _wants_graph(op, q, k, v, **features) -> bool:
+    """SEQPAR_ATTN_KERNEL=graph: every call the graph family takes; auto: the forward (with its own
+    backward through autograd) of the cases in GRAPH_FASTER."""
+    choice = _attn_choice()
+    if choice != "graph" and not (choice == "auto" and op == "flash_attn"
+                                  and attention_case(q, k, **features) in GRAPH_FASTER):
+        return False
+    return _graph_applies(q, k, v, **features)
 
 
 def attention_case(q, k, *, return_lse=False, cu_seqlens=None, cu_seqlens_q=None, cu_seqlens_k=None, **_) -> str:
@@ -359,7 +380,8 @@ def flash_attn_choice(q, k, v, *, backward=False, **features) -> tuple[str, str]
     elif name == "reference":
         why = "no fast kernel takes this call (device, dtype, head dim, mask alignment or lse gradients)"
     elif name == "cudnn_graph":
-        why = f"{ATTN_ENV}=graph"
+        why = (f"{ATTN_ENV}=graph" if choice == "graph"
+               else f"case {case}: cuDNN's graph API (one call per row) measured faster (GRAPH_FASTER)")
     elif choice in ("flash", "cudnn"):
         why = f"{ATTN_ENV}={choice}"
     elif triton_flash_applies(q, k, v):

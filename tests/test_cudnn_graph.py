@@ -5,6 +5,8 @@ lse <-> stats index both ways. GPU (`-m gpu`, where nvidia-cudnn-frontend import
 float64 on pieces over a prefix and packed rows of awkward lengths, through the public entry
 points with SEQPAR_ATTN_KERNEL=graph.
 """
+import itertools
+
 import pytest
 import torch
 
@@ -51,6 +53,42 @@ def test_fits_bounds_the_stats_and_the_dq_accumulator(monkeypatch):
     assert not cg.fits(long_row, 32 * 128) and cg.fits(long_row, 4 * 64)  # 1 GiB at 4 x 64
     monkeypatch.setenv("SEQPAR_CUDNN_SCRATCH_MB", str(16 << 10))
     assert cg.fits(long_row, 32 * 128)
+
+
+def test_backward_workspace_counts_gqa_key_gradients(monkeypatch):
+    monkeypatch.delenv("SEQPAR_CUDNN_SCRATCH_MB", raising=False)
+    # the shapes of the H100 measurements (2026-11-28-gpu-22nd/call1): the graphs' own figures within 1%
+    cases = [((4096,) * 8, (4096,) * 8, 32 * 64, True, 809_505_408),
+             ((8192, 1000, 300), (57344, 1000, 300), 32 * 64, True, 1_161_825_152),
+             ((2048,) * 30, (30720,) * 30, 32 * 64, True, 17_725_144_192)]
+    for lq, lk, width, gqa, measured in cases:
+        bounds = [tuple(itertools.accumulate(n, initial=0)) for n in (lq, lk)]
+        lay = cg.layout(*bounds, True, "cpu")
+        assert abs(cg.backward_workspace(lay, width, gqa) / measured - 1) < 1e-2
+    # a server's pieces over long prefixes with GQA: 17 GB of fp32 key gradients, refused; without GQA 0.5 GB
+    lay = cg.layout(*[tuple(itertools.accumulate(n, initial=0)) for n in cases[2][:2]], True, "cpu")
+    assert not cg.fits(lay, 32 * 64, gqa=True) and cg.fits(lay, 32 * 64, gqa=False)
+
+
+def test_dispatch_rule(monkeypatch):
+    """auto: packed rows (no lse, the model's forward with its autograd) where the family takes them;
+    the lse paths (ring steps, disagg servers) and dense rows stay off it; graph: every call it takes."""
+    from seqpar.kernels import dispatch
+    monkeypatch.setattr(dispatch, "_graph_applies", lambda *a, **kw: True)
+    x = torch.empty(1, 8, 2, 64)
+    cu = torch.tensor([0, 3, 8])
+    for choice, op, kw, want in [("auto", "flash_attn", dict(cu_seqlens=cu), True),
+                                 ("auto", "flash_attn", dict(cu_seqlens=cu, return_lse=True), False),
+                                 ("auto", "flash_attn_backward", dict(cu_seqlens=cu), False),
+                                 ("auto", "flash_attn", {}, False),
+                                 ("split", "flash_attn", dict(cu_seqlens=cu), False),
+                                 ("graph", "flash_attn", dict(cu_seqlens=cu, return_lse=True), True),
+                                 ("graph", "flash_attn_backward", {}, True)]:
+        monkeypatch.setenv("SEQPAR_ATTN_KERNEL", choice)
+        assert dispatch._wants_graph(op, x, x, x, **kw) is want, (choice, op, kw)
+    monkeypatch.setattr(dispatch, "_graph_applies", lambda *a, **kw: False)  # not imported, or past its bounds
+    monkeypatch.setenv("SEQPAR_ATTN_KERNEL", "auto")
+    assert not dispatch._wants_graph("flash_attn", x, x, x, cu_seqlens=cu)
 
 
 def test_lse_and_stats_round_trip():
@@ -110,14 +148,16 @@ def test_gpu_graph_tasks_bf16_vs_reference(monkeypatch, causal, Hq, Hkv, D):
         assert _rel(a, b) <= 1e-2, f"{name} vs fp64: {_rel(a, b):.2e}"
 
 
-def _autograd_vs_reference(monkeypatch, shape, heads, seed, **kw):
+def _autograd_vs_reference(monkeypatch, shape, heads, seed, choice="graph", **kw):
     """flash_attn's autograd on the graph family (the model's path) against float64."""
     _needs_frontend()
     from seqpar import kernels
-    monkeypatch.setenv("SEQPAR_ATTN_KERNEL", "graph")
+    from seqpar.kernels import dispatch
+    monkeypatch.setenv("SEQPAR_ATTN_KERNEL", choice)
     g = torch.Generator(device="cuda").manual_seed(seed)
     q, k, v, do = (torch.randn(*shape, n, heads[2], device="cuda", generator=g).bfloat16()
                    for n in (heads[0], heads[1], heads[1], heads[0]))
+    assert dispatch.flash_attn_choice(q, k, v, **kw)[0] == "cudnn_graph"
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     out = kernels.flash_attn(*leaves, **kw)
     grads = torch.autograd.grad(out, leaves, do)
@@ -130,10 +170,10 @@ def _autograd_vs_reference(monkeypatch, shape, heads, seed, **kw):
 
 @gpu
 def test_gpu_graph_packed_autograd_vs_reference(monkeypatch):
-    """Packed self-attention, awkward lengths, GQA 16/4 x 128."""
+    """Packed self-attention, awkward lengths, GQA 16/4 x 128: the default dispatch (GRAPH_FASTER)."""
     lens = [3000, 1, 17, 5000, 2100, 600, 1, 999]
     cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
-    _autograd_vs_reference(monkeypatch, (1, sum(lens)), (16, 4, 128), 0, cu_seqlens=cu)
+    _autograd_vs_reference(monkeypatch, (1, sum(lens)), (16, 4, 128), 0, choice="auto", cu_seqlens=cu)
 
 
 @gpu

@@ -87,16 +87,28 @@ def applies(q, k, v, *, causal=True, cu_seqlens=None, cu_seqlens_q=None, cu_seql
     cu_q, cu_k = (cu_seqlens, cu_seqlens) if cu_seqlens is not None else (cu_seqlens_q, cu_seqlens_k)
     if cu_q is not None and q.shape[0] != 1:
         return False
-    return fits(_layout_of(q, k, cu_q, cu_k, causal), q.shape[2] * q.shape[3])
+    return fits(_layout_of(q, k, cu_q, cu_k, causal), q.shape[2] * q.shape[3], gqa=k.shape[2] != q.shape[2])
 
 
-def fits(lay: Layout, query_width: int) -> bool:
+def fits(lay: Layout, query_width: int, gqa: bool = False) -> bool:
     """Whether a call's cuDNN buffers stay bounded: the per-slot stats within MAX_STATS_WASTE x the
-    row's query tokens, and the backward's fp32 dQ accumulator (`query_width` = heads x head dim
-    per token) within SEQPAR_CUDNN_SCRATCH_MB, as the split's calls are (a 1M-token row of 32 x 128
-    would take 16 GiB)."""
+    row's query tokens, and the backward's workspace (`backward_workspace`) within
+    SEQPAR_CUDNN_SCRATCH_MB, as the split's calls are."""
     tokens = lay.rows.numel()
-    return lay.docs * lay.max_q <= MAX_STATS_WASTE * max(tokens, 1) and 4 * tokens * query_width <= scratch_bytes()
+    return (lay.docs * lay.max_q <= MAX_STATS_WASTE * max(tokens, 1)
+            and backward_workspace(lay, query_width, gqa) <= scratch_bytes())
+
+
+def backward_workspace(lay: Layout, query_width: int, gqa: bool) -> int:
+    """Bytes of the backward's workspace: an fp32 dQ accumulator over the bucketed query tokens
+    (`query_width` = query heads x head dim), and with GQA fp32 dK and dV at the query heads' width
+    over the bucketed key tokens, reduced to the key heads afterwards. Measured on an H100 (cuDNN 9.19,
+    2026-11-28-gpu-22nd/call1 build.json and plans.json) within 0.6% of the graphs' own figure: 32/8 x 64
+    with 32k/32k tokens 809.5 MB (805 here), 10k/64k 1.162 GB (1.158), 64k/1M 17.73 GB (17.72); MHA
+    32 x 128, 16k tokens 274.7 MB (268.4). A 1M-token row of 32 x 128 would take 16 GiB, a server's
+    30 pieces over 30k-token prefixes with GQA 17 GB."""
+    keys = 2 * lay.total_k if gqa else 0
+    return 4 * query_width * (lay.total_q + keys)
 
 
 @lru_cache(maxsize=None)
