@@ -22,6 +22,7 @@ from seqpar.attention import AttnContext, disagg
 from seqpar.config import ConfigError, register_configs, resolve_nproc, use_cuda, validate, world_size
 from seqpar.data import PackedLoader, build_dataset
 from seqpar.kernels import dispatch
+from seqpar.kernels.flash_attn.cudnn_graph import build_stats as graph_build_stats
 from seqpar.kernels.flash_attn.split import prebuild_plans
 from seqpar.kernels.flash_attn.triton import tune_buckets
 from seqpar.launch import ray as ray_launcher, slurm, stop_signal
@@ -201,6 +202,7 @@ def train(cfg, device) -> None:
                 metrics["mfu"] = stats["flops"] / dt / (peak * world)
                 metrics["max_mem_gb"] = max_memory_gb(device)
                 metrics["alloc_retries"] = alloc_retries(device)
+                metrics.update(graph_build_stats())
             if tracing:
                 memtrace.dump(run_dir, rank, keep_pickle=cfg.logging.memory_snapshot_pickle)
                 tracing = False

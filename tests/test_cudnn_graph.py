@@ -91,6 +91,13 @@ def test_dispatch_rule(monkeypatch):
     assert not dispatch._wants_graph("flash_attn", x, x, x, cu_seqlens=cu)
 
 
+def test_build_stats_for_the_step_metrics(monkeypatch):
+    monkeypatch.setattr(cg, "_BUILT", {"count": 0, "seconds": 0.0})
+    assert cg.build_stats() == {}  # no key in runs that never build a graph
+    monkeypatch.setattr(cg, "_BUILT", {"count": 3, "seconds": 0.51234})
+    assert cg.build_stats() == {"attn_graph_builds": 3, "attn_graph_build_s": 0.512}
+
+
 def test_lse_and_stats_round_trip():
     lay = cg.layout((0, 3, 3, 10), (0, 3, 5, 10), True, "cpu")  # doc 1 empty; doc 2: 7 queries over 5 keys
     lse = torch.randn(1, 4, 10, dtype=torch.float64)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache
@@ -52,6 +53,8 @@ def buckets_per_octave() -> int:
         raise ValueError(f"{BUCKETS_ENV}={raw!r}: need a power of two (length buckets per doubling, default "
                          f"{PER_OCTAVE})")
     return int(raw)
+
+
 _LOCK = threading.Lock()  # one handle per device, its stream set per call (forward and autograd threads)
 
 
@@ -190,11 +193,25 @@ def _graph(backward: bool, docs: int, max_q: int, max_k: int, hq: int, hkv: int,
     return _build(*geometry, ())
 
 
+_BUILT = {"count": 0, "seconds": 0.0}  # every graph built in this process (the lru caches are per geometry)
+
+
 def _build(*geometry):
+    t0 = time.perf_counter()
     g, t = _declare(*geometry)
     cudnn = _frontend()
     g.build([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
+    _BUILT["count"] += 1
+    _BUILT["seconds"] += time.perf_counter() - t0
     return g, t, g.get_workspace_size()
+
+
+def build_stats() -> dict:
+    """Graphs built so far and the host seconds they took, for the step metrics (empty before the
+    first): a count that still grows late in a run is a stall in every step that builds one."""
+    if not _BUILT["count"]:
+        return {}
+    return {"attn_graph_builds": _BUILT["count"], "attn_graph_build_s": round(_BUILT["seconds"], 3)}
 
 
 def _declare(backward, docs, max_q, max_k, hq, hkv, d, causal, scale, dtype, device_index, square, totals):
