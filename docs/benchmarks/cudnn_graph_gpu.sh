@@ -12,7 +12,9 @@
 # PART=2, two GPUs (about 5 minutes): the ring's and disagg's GPU tests on the graph family and `bench ring
 # --kernels graph cudnn` at 32k and 128k. PART=3, two GPUs (about 10 minutes): llama_1b's dp=2 disagg
 # lanes at 64k/GPU (18 steps) with the default kernels, then with the servers on the graph family, each
-# beside its balanced ideal (dp2_as0 / dp2_as1).
+# beside its balanced ideal (dp2_as0 / dp2_as1). PART=4, two GPUs (~5 min): disagg's GPU tests on the graph family
+# and its lane with the servers on it, graphs built per step. PART=5, one GPU (~6 min): llama_1b 30 steps on
+# the split and on the default with the wheel (packed rows on the graph family), builds per step.
 [ -n "$SEQPAR_GPU_READY" ] || source docs/benchmarks/gpu_setup.sh
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/cfe .cfe/*.whl
 export PYTHONPATH=/tmp/cfe${PYTHONPATH:+:$PYTHONPATH}
@@ -24,6 +26,33 @@ if [ "${PART:-1}" = 2 ]; then
         --methods ring --kernels graph cudnn --rounds 2 --iters 10 --torch-cp-rotate allgather \
         --out "$OUT/ring_graph.json" > "$OUT/ring_graph.log" 2>&1
     echo "ring bench: exit $?"; python3 docs/benchmarks/ring_summary.py "$OUT/ring_graph.log"
+    exit 0
+fi
+if [ "${PART:-1}" = 4 ]; then  # two GPUs, ~5 min: the graph lane of disagg with the workspace bound (58d5e09)
+    SEQPAR_FLASH_TUNE=0 timeout 150 python3 -m pytest -q -m gpu tests/test_disagg.py -k "graph" \
+        > "$OUT/gpu_tests_disagg.log" 2>&1
+    echo "disagg gpu tests: exit $? ($(tail -1 "$OUT/gpu_tests_disagg.log"))"
+    mkdir -p "$OUT/graph"
+    SEQPAR_ATTN_KERNEL=graph STEPS=18 LANES="dp2_disagg_eps02" EXTRA=" " OUT="$OUT/graph" \
+        bash docs/benchmarks/disagg_dp_cp_gpu.sh 65536 2>&1 | grep -v Warn | tail -2 | cut -c1-600
+    python3 -c "import json,sys; ms=[json.loads(l) for l in open(sys.argv[1])]; \
+print('   graph builds', [m.get('attn_graph_builds') for m in ms])" "$OUT/graph/dp2_disagg_eps02_metrics.jsonl"
+    exit 0
+fi
+if [ "${PART:-1}" = 5 ]; then  # one GPU, ~6 min: llama_1b 30 steps, split (auto without the wheel) against graph
+    for kern in split auto; do  # auto with the wheel: packed rows on the graph family (GRAPH_FASTER)
+        rm -rf /tmp/e2e_$kern
+        SEQPAR_ATTN_KERNEL=$kern timeout 170 seqpar-train model=llama_1b parallel=none data=synthetic \
+            data.seq_len=65536 data.distribution=lognormal data.mean_len=16384 data.sigma=1.0 train=long \
+            train.steps=30 train.warmup_steps=1 train.activation_checkpointing=selective train.global_batch_size=1 \
+            train.micro_batch_size=1 launcher.nproc_per_node=1 logging.console=false run_dir=/tmp/e2e_$kern \
+            > "$OUT/e2e30_$kern.log" 2>&1
+        echo "e2e $kern: exit $?"
+        cp /tmp/e2e_$kern/metrics.jsonl "$OUT/e2e30_${kern}_metrics.jsonl" 2>/dev/null
+        python3 -c "import json,sys; ms=[json.loads(l) for l in open(sys.argv[1])]; t=[m['step_time_s'] for m in ms]; \
+print('   steps 2-30 s', round(sum(t[1:]), 2), 'steps 11-30 s', round(sum(t[10:]), 2), 'builds', \
+[m.get('attn_graph_builds') for m in ms][::5], 'loss', ms[-1]['loss'])" "$OUT/e2e30_${kern}_metrics.jsonl"
+    done
     exit 0
 fi
 if [ "${PART:-1}" = 3 ]; then
