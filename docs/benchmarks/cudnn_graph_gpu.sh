@@ -18,6 +18,18 @@
 [ -n "$SEQPAR_GPU_READY" ] || source docs/benchmarks/gpu_setup.sh
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/cfe .cfe/*.whl
 export PYTHONPATH=/tmp/cfe${PYTHONPATH:+:$PYTHONPATH}
+e2e() {  # NAME STEPS (environment from the caller): llama_1b on one GPU, 64k tokens of lognormal documents
+    rm -rf /tmp/e2e_$1
+    timeout $((90 + 4 * $2)) seqpar-train model=llama_1b parallel=none data=synthetic data.seq_len=65536 \
+        data.distribution=lognormal data.mean_len=16384 data.sigma=1.0 train=long train.steps=$2 train.warmup_steps=1 \
+        train.activation_checkpointing=selective train.global_batch_size=1 train.micro_batch_size=1 \
+        launcher.nproc_per_node=1 logging.console=false run_dir=/tmp/e2e_$1 > "$OUT/$1.log" 2>&1
+    echo "$1: exit $?"
+    cp /tmp/e2e_$1/metrics.jsonl "$OUT/$1_metrics.jsonl" 2>/dev/null
+    python3 -c "import json,sys; ms=[json.loads(l) for l in open(sys.argv[1])]; t=[m['step_time_s'] for m in ms]; \
+print('   step s', [round(x, 3) for x in t], 'steps 2- s', round(sum(t[1:]), 2), 'builds', \
+[m.get('attn_graph_builds') for m in ms], 'loss', ms[-1]['loss'])" "$OUT/$1_metrics.jsonl"
+}
 if [ "${PART:-1}" = 2 ]; then
     SEQPAR_FLASH_TUNE=0 timeout 300 python3 -m pytest -q -m gpu tests/test_ring.py tests/test_disagg.py \
         -k "graph" > "$OUT/gpu_tests_2gpu.log" 2>&1
@@ -41,17 +53,7 @@ print('   graph builds', [m.get('attn_graph_builds') for m in ms])" "$OUT/graph/
 fi
 if [ "${PART:-1}" = 5 ]; then  # one GPU, ~6 min: llama_1b 30 steps, split (auto without the wheel) against graph
     for kern in split auto; do  # auto with the wheel: packed rows on the graph family (GRAPH_FASTER)
-        rm -rf /tmp/e2e_$kern
-        SEQPAR_ATTN_KERNEL=$kern timeout 170 seqpar-train model=llama_1b parallel=none data=synthetic \
-            data.seq_len=65536 data.distribution=lognormal data.mean_len=16384 data.sigma=1.0 train=long \
-            train.steps=30 train.warmup_steps=1 train.activation_checkpointing=selective train.global_batch_size=1 \
-            train.micro_batch_size=1 launcher.nproc_per_node=1 logging.console=false run_dir=/tmp/e2e_$kern \
-            > "$OUT/e2e30_$kern.log" 2>&1
-        echo "e2e $kern: exit $?"
-        cp /tmp/e2e_$kern/metrics.jsonl "$OUT/e2e30_${kern}_metrics.jsonl" 2>/dev/null
-        python3 -c "import json,sys; ms=[json.loads(l) for l in open(sys.argv[1])]; t=[m['step_time_s'] for m in ms]; \
-print('   steps 2-30 s', round(sum(t[1:]), 2), 'steps 11-30 s', round(sum(t[10:]), 2), 'builds', \
-[m.get('attn_graph_builds') for m in ms][::5], 'loss', ms[-1]['loss'])" "$OUT/e2e30_${kern}_metrics.jsonl"
+        SEQPAR_ATTN_KERNEL=$kern e2e e2e30_$kern 30
     done
     exit 0
 fi
@@ -79,13 +81,5 @@ for r in json.load(open(sys.argv[1]))["flash"]["rows"]:
           r.get("error", ""))
 PY
 for kern in auto graph graph1; do  # graph1: length buckets at powers of two (fewer graphs to build)
-    rm -rf /tmp/e2e_$kern
-    SEQPAR_CUDNN_GRAPH_BUCKETS=$([ $kern = graph1 ] && echo 1 || echo 4) SEQPAR_ATTN_KERNEL=${kern%1} timeout 150 seqpar-train model=llama_1b parallel=none data=synthetic data.seq_len=65536 \
-        data.distribution=lognormal data.mean_len=16384 data.sigma=1.0 train=long train.steps=10 train.warmup_steps=1 \
-        train.activation_checkpointing=selective train.global_batch_size=1 train.micro_batch_size=1 \
-        launcher.nproc_per_node=1 logging.console=false run_dir=/tmp/e2e_$kern > "$OUT/e2e_$kern.log" 2>&1
-    echo "e2e $kern: exit $?"
-    cp /tmp/e2e_$kern/metrics.jsonl "$OUT/e2e_${kern}_metrics.jsonl" 2>/dev/null
-    python3 -c "import json,sys; ms=[json.loads(l) for l in open(sys.argv[1])]; \
-print('   step s', [round(m['step_time_s'],3) for m in ms], 'loss', ms[-1]['loss'])" "$OUT/e2e_${kern}_metrics.jsonl"
+    SEQPAR_CUDNN_GRAPH_BUCKETS=$([ $kern = graph1 ] && echo 1 || echo 4) SEQPAR_ATTN_KERNEL=${kern%1} e2e e2e_$kern 10
 done
