@@ -65,14 +65,11 @@ def main(out, local):
     torch.cuda.synchronize()
     dist.barrier()
     waits.clear()
-    host, gpu = [], []
+    host = []
     for _ in range(30):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
         t0 = time.perf_counter()
         step()
         host.append((time.perf_counter() - t0) * 1e3)
-        e1.record()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(30):
