@@ -8,6 +8,7 @@ on the host here: nothing is synchronised inside the loop), in microseconds:
 - a trivial Triton kernel with 4 arguments and with 40 (the per-argument cost of Triton's binder).
 
     python docs/benchmarks/triton_launch_host_gpu.py OUT.json [LOCAL_TOKENS]
+    python docs/benchmarks/triton_launch_host_gpu.py --profile OUT.txt [LOCAL_TOKENS]
 """
 import json
 import os
@@ -86,5 +87,44 @@ def main(out, local):
     print(json.dumps(res, indent=1))
 
 
+
+
+def profile_output(out, local):
+    """cProfile of 300 `_output` calls with TMA and without, top functions by own time (where the TMA
+    launch's extra host time goes)."""
+    import cProfile
+    import io
+    import pstats
+    dev = torch.device("cuda")
+    H, D = 32, 128
+    q, k, v = (torch.randn(local, H, D, device=dev, dtype=torch.bfloat16) for _ in range(3))
+    lam = -torch.linspace(1, 8, H, device=dev).exp2().reciprocal()
+    tab = lt.segment_table(None, 1, local, lt.segment_length(local, H, dev), dev)
+    bound = lt._boundary_states(k, v, tab, lam, 1.0, False)
+    text = {}
+    for tma in ("1", "0"):
+        os.environ["SEQPAR_TMA"] = tma
+        for _ in range(20):
+            lt._output(q, k, v, bound, bound.stride(), None, None, None, tab, lam, (0.1, 0.1, 1.0), False, q.dtype)
+        torch.cuda.synchronize()
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(300):
+            lt._output(q, k, v, bound, bound.stride(), None, None, None, tab, lam, (0.1, 0.1, 1.0), False, q.dtype)
+        prof.disable()
+        torch.cuda.synchronize()
+        s = io.StringIO()
+        pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(18)
+        text[f"tma{tma}"] = s.getvalue()
+    del os.environ["SEQPAR_TMA"]
+    with open(out, "w") as f:
+        for name, t in text.items():
+            f.write(f"===== {name}\n{t}\n")
+    print(open(out).read()[-9000:])
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 32768)
+    if sys.argv[1] == "--profile":
+        profile_output(sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 32768)
+    else:
+        main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 32768)
