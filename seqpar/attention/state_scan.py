@@ -51,13 +51,17 @@ class ChunkChain:
     def factor(self, g: int) -> torch.Tensor:
         return self.carry[g][:, None, None]
 
-    def weights(self, reverse: bool) -> torch.Tensor:
-        """`[n_local, n_chunks, H]`: the factor of every chunk's own state in the prefix entering each
-        of this rank's chunks (`reverse`: the suffix), the product of the a_g crossed on the way;
-        columns in the all-gather's (rank, slot) order. Built once per chain."""
+    def weights(self, reverse: bool) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+        """The fold of an all-gather: `(columns, index, w)` such that the prefix entering this rank's
+        chunk i (`reverse`: the suffix) is `sum_j w[i, j] * gathered[columns[j]]`, the gathered states
+        in the all-gather's (rank, slot) order (`index`: `columns` on the device); `w` is
+        `[n_local, len(columns), 1, H, 1, 1]`, the product of the a_g crossed on the way. Only columns that reach one of this rank's chunks without
+        crossing a document start are kept (on 2 ranks, one or none): the fold is a multiply or
+        two, not a contraction over every chunk (torch.einsum took ~170 us of host time per call,
+        and LASP-2 at 32k tokens per GPU is bound by its host: 2 H100, 2026-11-28). Built once."""
         if reverse not in self._weights:
             n, n_local = len(self.owners), 1 + max(i for _, i in self.owners)
-            w = self.carry.new_zeros(n_local, n, self.carry.shape[1])
+            w = {}  # (local chunk, column) -> factor [H]
             order = _order(n, reverse)
             for p, g in enumerate(order):
                 r, i = self.owners[g]
@@ -67,8 +71,15 @@ class ChunkChain:
                 for before in reversed(order[:p]):
                     rb, ib = self.owners[before]
                     w[i, rb * n_local + ib] = crossed
+                    if self.starts[before]:  # a_g = 0: nothing from further away reaches chunk g
+                        break
                     crossed = crossed * self.carry[before]
-            self._weights[reverse] = w
+            columns = sorted({c for _, c in w})
+            dense = self.carry.new_zeros(n_local, len(columns), self.carry.shape[1])
+            for (i, c), factor in w.items():
+                dense[i, columns.index(c)] = factor
+            index = torch.tensor(columns, dtype=torch.long).to(self.carry.device)
+            self._weights[reverse] = (columns, index, dense[:, :, None, :, None, None])
         return self._weights[reverse]
 
     def receives(self, reverse: bool) -> bool:
@@ -132,8 +143,13 @@ class _Gathered:
 
     def wait(self) -> torch.Tensor:
         self.settle()
-        # one contraction instead of a running fold chunk by chunk: a few launches whatever the world size
-        return torch.einsum("igh,gbhkv->ibhkv", self.chain.weights(self.reverse), self.parts.flatten(0, 1))
+        columns, index, w = self.chain.weights(self.reverse)
+        parts = self.parts.flatten(0, 1)
+        if not columns:
+            return parts.new_zeros(w.shape[0], *parts.shape[1:])
+        if len(columns) == 1:
+            return w[:, 0] * parts[columns[0]]
+        return (w * parts.index_select(0, index)).sum(1)
 
     def settle(self) -> None:
         """The collective done, its result unread: the compute stream waits for it from here on
