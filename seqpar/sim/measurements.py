@@ -141,6 +141,13 @@ DIAGNOSTIC_FILES.update({f"2026-11-28-gpu-21st/call3/split_flash_r{r}.json": (
     "bench kernels with SEQPAR_SPLIT_SHORT_BWD=flash (the split's short documents' backward on FlashAttention-2, "
     "opt-in at f64a9a0, removed in 8596805), an A/B beside call3/split_triton_r*.json") for r in (1, 2)})
 
+# the twenty-third session: lasp_host_ab_gpu.sh's runs of the code before 07a8811 (the all-gather's fold
+# through torch.einsum), each beside the new code's in the same call as its A/B
+DIAGNOSTIC_FILES.update({f"2026-11-28-gpu-23rd/call8/lasp_old_r{r}.json": (
+    "bench lasp at the code before 07a8811 (the state exchange folded by torch.einsum), run after that commit "
+    "beside the new code's rows in the same call as their A/B: its time says the new code's era, its code the "
+    "one before") for r in (1, 2)})
+
 
 # Runs whose step times something outside the run slowed (memory peaks unaffected: each process's own
 # allocator): (folder/file) -> why. Their times feed no constant (fit_e2e) and validate lists them
