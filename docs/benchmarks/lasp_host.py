@@ -27,15 +27,21 @@ def _steps(fn, q, k, v, do, n):
         fn(q, k, v).backward(do)
 
 
-def main(out_dir, local):
-    device = init_world(True)
-    rank = dist.get_rank()
-    H, D = 32, 128
+def layer_inputs(device, rank, local, H=32, D=128):
+    """One linear-attention layer's inputs on this rank (the other lasp_*_gpu.py scripts use them too):
+    the decays of the anchors, q, k, v (requiring grad) and dO, bf16 `[1, local, H, D]`."""
     lam = -torch.linspace(1, 8, H, device=device).exp2().reciprocal()
     gen = torch.Generator(device=device).manual_seed(rank)
     q, k, v, do = (torch.randn(1, local, H, D, device=device, dtype=torch.bfloat16, generator=gen) for _ in range(4))
     for t in (q, k, v):
         t.requires_grad_()
+    return lam, q, k, v, do
+
+
+def main(out_dir, local):
+    device = init_world(True)
+    rank = dist.get_rank()
+    lam, q, k, v, do = layer_inputs(device, rank, local)
     fns = {"lasp2": lambda a, b, c: lasp2_attention(a, b, c, log_decay=lam),
            "kernel_alone": lambda a, b, c: kernels.lightning_attn(a, b, c, lam)[0]}
     result = {}

@@ -15,6 +15,7 @@ from collections import defaultdict
 import torch
 import torch.distributed as dist
 
+from lasp_host import layer_inputs  # this folder's (scripts run from it)
 from seqpar import kernels
 from seqpar.attention import lasp, state_scan
 from seqpar.attention import lasp2_attention
@@ -67,11 +68,7 @@ def main(out, local):
         PIECES.append((state_scan.dist, "all_gather_single", "dist.all_gather_single"))
     for owner, name, label in PIECES:
         _wrap(owner, name, label)
-    H, D = 32, 128
-    lam = -torch.linspace(1, 8, H, device=device).exp2().reciprocal()
-    q, k, v, do = (torch.randn(1, local, H, D, device=device, dtype=torch.bfloat16) for _ in range(4))
-    for t in (q, k, v):
-        t.requires_grad_()
+    lam, q, k, v, do = layer_inputs(device, rank, local)
     fns = {"lasp2": lambda: lasp2_attention(q, k, v, log_decay=lam),
            "kernel_alone": lambda: kernels.lightning_attn(q, k, v, lam)[0]}
     result = {}

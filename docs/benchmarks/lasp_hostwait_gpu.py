@@ -17,6 +17,7 @@ import warnings
 import torch
 import torch.distributed as dist
 
+from lasp_host import layer_inputs  # this folder's (scripts run from it)
 from seqpar.attention import lasp2_attention, state_scan
 from seqpar.parallel.dims import init_world
 
@@ -49,11 +50,7 @@ def main(out, local):
         waits.append((time.perf_counter() - t0) * 1e3)
 
     state_scan._Gathered.settle = timed_settle
-    H, D = 32, 128
-    lam = -torch.linspace(1, 8, H, device=device).exp2().reciprocal()
-    q, k, v, do = (torch.randn(1, local, H, D, device=device, dtype=torch.bfloat16) for _ in range(4))
-    for t in (q, k, v):
-        t.requires_grad_()
+    lam, q, k, v, do = layer_inputs(device, rank, local)
 
     def step():
         for t in (q, k, v):

@@ -19,16 +19,10 @@ import torch
 import torch.distributed as dist
 from torch.profiler import ProfilerActivity, profile
 
+from lasp_host import _steps, layer_inputs  # this folder's (scripts run from it)
 from seqpar import kernels
 from seqpar.attention import lasp2_attention
 from seqpar.parallel.dims import init_world
-
-
-def _steps(fn, q, k, v, do, n):
-    for _ in range(n):
-        for t in (q, k, v):
-            t.grad = None
-        fn(q, k, v).backward(do)
 
 
 def _group(**config):
@@ -80,11 +74,7 @@ def main(out, local, rounds):
     device = init_world(True)
     rank, world = dist.get_rank(), dist.get_world_size()
     H, D = 32, 128
-    lam = -torch.linspace(1, 8, H, device=device).exp2().reciprocal()
-    gen = torch.Generator(device=device).manual_seed(rank)
-    q, k, v, do = (torch.randn(1, local, H, D, device=device, dtype=torch.bfloat16, generator=gen) for _ in range(4))
-    for t in (q, k, v):
-        t.requires_grad_()
+    lam, q, k, v, do = layer_inputs(device, rank, local, H, D)
     fns = {"kernel_alone": lambda a, b, c: kernels.lightning_attn(a, b, c, lam)[0],
            "lasp2": lambda a, b, c: lasp2_attention(a, b, c, log_decay=lam)}
     for name, config in (("lasp2_max_ctas2", dict(max_ctas=2)), ("lasp2_hiprio", dict(high_priority=True))):

@@ -55,10 +55,11 @@ class ChunkChain:
         """The fold of an all-gather: `(columns, index, w)` such that the prefix entering this rank's
         chunk i (`reverse`: the suffix) is `sum_j w[i, j] * gathered[columns[j]]`, the gathered states
         in the all-gather's (rank, slot) order (`index`: `columns` on the device); `w` is
-        `[n_local, len(columns), 1, H, 1, 1]`, the product of the a_g crossed on the way. Only columns that reach one of this rank's chunks without
-        crossing a document start are kept (on 2 ranks, one or none): the fold is a multiply or
-        two, not a contraction over every chunk (torch.einsum took ~170 us of host time per call,
-        and LASP-2 at 32k tokens per GPU is bound by its host: 2 H100, 2026-11-28). Built once."""
+        `[n_local, len(columns), 1, H, 1, 1]`, the product of the a_g crossed on the way. Only the
+        columns that reach one of this rank's chunks without crossing a document start are kept (on
+        2 ranks one or none): a multiply, not torch.einsum's contraction over every chunk, whose
+        host time LASP-2 at 32k tokens per GPU cannot spare (bound by its host; the fold 214 -> 100
+        us a call, 2 H100, 2026-11-28). Built once."""
         if reverse not in self._weights:
             n, n_local = len(self.owners), 1 + max(i for _, i in self.owners)
             w = {}  # (local chunk, column) -> factor [H]
