@@ -23,6 +23,8 @@ import os
 
 import triton
 
+from seqpar.kernels.launch import Launch
+
 _PARAMS = inspect.signature(triton.autotune).parameters
 _PERSISTS = "cache_results" in _PARAMS  # triton >= 3.2
 LONG_MS = 20.0
@@ -67,7 +69,8 @@ class Tuned:
     seventh session, docs/benchmarks). The first launch of each key goes through the autotuner
     (tuning, or its disk cache); later ones take the pick from a dict under the autotuner's own key
     (the key arguments' values, then every tensor argument's dtype) and launch the kernel with it,
-    as the autotuner does for a key it knows. Everything else is the autotuner's (`cache`,
+    as the autotuner does for a key it knows; `launch.Launch` then remembers the compiled kernel,
+    so a launch seen before skips Triton's binder too. Everything else is the autotuner's (`cache`,
     `configs`, ...); setting `configs` forgets the picks.
     """
 
@@ -76,6 +79,7 @@ class Tuned:
         object.__setattr__(self, "_picks", {})
         object.__setattr__(self, "_key_at", {k: tuner.arg_names.index(k) for k in tuner.keys})
         object.__setattr__(self, "_names", frozenset(tuner.arg_names))
+        object.__setattr__(self, "_launch", Launch(tuner.fn, exact=tuner.keys))
 
     def __getattr__(self, name):
         return getattr(self.tuner, name)
@@ -83,19 +87,23 @@ class Tuned:
     def __setattr__(self, name, value):
         setattr(self.tuner, name, value)
         self._picks.clear()
+        self._launch.forget()
 
     def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.run(*args, grid=grid, warmup=False, **kwargs)
+        return lambda *args, **kwargs: self._launch.run(grid, args, kwargs, self._first)
 
-    def run(self, *args, **kwargs):
+    def _first(self, grid, args, kwargs):
+        """A launch `Launch` has not seen: (its kernel, the config's launch options; None when a
+        config pre-hook must run at every launch)."""
         key = self._key(args, kwargs)
-        picked = self._picks.get(key)  # the config's launch options
+        picked = self._picks.get(key)
         if picked is None:
-            out = self.tuner.run(*args, **kwargs)
-            if self.tuner.best_config.pre_hook is None:
-                self._picks[key] = self.tuner.best_config.all_kwargs()
-            return out
-        return self.tuner.fn.run(*args, **kwargs, **picked)
+            kernel = self.tuner.run(*args, grid=grid, warmup=False, **kwargs)
+            if self.tuner.best_config.pre_hook is not None:
+                return kernel, None
+            picked = self._picks[key] = self.tuner.best_config.all_kwargs()
+            return kernel, picked
+        return self.tuner.fn.run(*args, grid=grid, warmup=False, **kwargs, **picked), picked
 
     def _key(self, args, kwargs) -> tuple:
         n = len(args)

@@ -523,6 +523,103 @@ def test_tuned_launches_skip_the_autotuner_once_a_key_is_tuned():
     assert tuner.configs == [small] and launched[-1] == 16 and through_tuner == [64, 64, 64]
 
 
+class _Compiled:
+    """Stands in for a compiled Triton kernel: records its launches."""
+
+    def __init__(self, options):
+        self.options, self.launches = options, []
+
+    def __getitem__(self, grid):
+        return lambda *args: self.launches.append((grid, args))
+
+
+def test_launch_reuses_a_compiled_kernel_only_under_the_same_specialisation():
+    """`Launch` goes through Triton for every key it has not seen, and its key changes with
+    everything Triton specialises on; a seen one launches the compiled kernel with every argument."""
+    triton = pytest.importorskip("triton")
+    import triton.language as tl
+
+    from seqpar.kernels import launch as launch_module
+    from seqpar.kernels.launch import Launch
+
+    @triton.jit(do_not_specialize=["n"])
+    def kernel(x_ptr, y_ptr, n, m, scale, BLOCK: tl.constexpr, FLAG: tl.constexpr = False):
+        pass
+
+    compiled, device = [], [0]
+
+    def through_triton(*args, grid, warmup, **kwargs):
+        compiled.append(_Compiled(kwargs))
+        return compiled[-1]
+
+    kernel.run = through_triton
+    launch = Launch(kernel, device=lambda: device[0])
+    x, y = torch.zeros(64), torch.zeros(64)
+    base = ((x, y, 100, 32, 1.0), {"BLOCK": 16})
+    launch[(4,)](*base[0], **base[1])
+    launch[(4,)](*base[0], **base[1])
+    launch[(4, 2)](x, y, 7, 32, 1.0, BLOCK=16)  # n's value does not specialise: the same kernel
+    assert len(compiled) == 1
+    assert compiled[0].launches == [((4, 1, 1), (x, y, 100, 32, 1.0, 16, False)),
+                                    ((4, 2, 1), (x, y, 7, 32, 1.0, 16, False))]
+    changes = [((x[1:], y, 100, 32, 1.0), {"BLOCK": 16}),  # an address off 16 bytes
+               ((x.double(), y, 100, 32, 1.0), {"BLOCK": 16}),  # a dtype
+               ((x, y, 100, 33, 1.0), {"BLOCK": 16}),  # an integer's value
+               ((x, y, 2 ** 40, 32, 1.0), {"BLOCK": 16}),  # a do-not-specialise integer's width
+               ((x, y, 100, 32, 1), {"BLOCK": 16}),  # an int where a float was (1 == 1.0)
+               ((x, y, 100, 32, 1.0), {"BLOCK": 32}),  # a constexpr
+               ((x, y, 100, 32, 1.0), {"BLOCK": 16, "num_warps": 8})]  # a launch option
+    for n, (args, kwargs) in enumerate(changes, start=2):
+        launch[(4,)](*args, **kwargs)
+        assert len(compiled) == n, (n, args, kwargs)
+        launch[(4,)](*args, **kwargs)
+        assert len(compiled) == n and compiled[-1].launches, (n, args, kwargs)
+    device[0] = 1  # another device
+    launch[(4,)](*base[0], **base[1])
+    assert len(compiled) == len(changes) + 2
+    # always through Triton: a constexpr passed by position, a grid reading a positional argument
+    for args, kwargs, grid in (((x, y, 100, 32, 1.0, 16), {}, (4,)), (base[0], base[1], lambda meta: (meta["n"],))):
+        before = len(compiled)
+        launch[grid](*args, **kwargs)
+        launch[grid](*args, **kwargs)
+        assert len(compiled) == before + 2
+    grid = lambda meta: (meta["BLOCK"] * 2,)  # noqa: E731  (reads a keyword argument: fine)
+    launch[grid](x, y, 5, 64, 1.0, BLOCK=8)
+    launch[grid](x, y, 5, 64, 1.0, BLOCK=8)
+    assert compiled[-1].launches == [((16, 1, 1), (x, y, 5, 64, 1.0, 8, False))]
+    for m in range(launch_module.LIMIT + 1):  # a bounded memory
+        launch[(1,)](x, y, 5, m, 1.0, BLOCK=8)
+    assert len(launch._known) <= launch_module.LIMIT
+
+
+def test_tuned_launches_remember_the_compiled_kernel_of_their_pick():
+    triton = pytest.importorskip("triton")
+    import triton.language as tl
+
+    from seqpar.kernels.autotune import autotune
+
+    small, large = triton.Config({"BLOCK": 16}, num_warps=4), triton.Config({"BLOCK": 32}, num_warps=8)
+
+    @autotune(configs=[small, large], key=["N"])
+    @triton.jit
+    def kernel(x_ptr, n, N: tl.constexpr, BLOCK: tl.constexpr):
+        pass
+
+    compiled = []
+    kernel.tuner.fn.run = lambda *args, grid, warmup, **kw: compiled.append(_Compiled(kw)) or compiled[-1]
+    x = torch.zeros(4)
+    kernel.tuner.cache[kernel._key((x, 7), {"N": 64})] = large
+    grid = lambda meta: (meta["BLOCK"],)  # noqa: E731
+    for _ in range(3):
+        kernel[grid](x, 7, N=64)
+    assert len(compiled) == 1 and compiled[0].options["BLOCK"] == 32 and compiled[0].options["num_warps"] == 8
+    assert compiled[0].launches == [((32, 1, 1), (x, 7, 64, 32))] * 2
+    kernel.configs = [small]  # forgets the picks and the kernels
+    kernel.tuner.cache[kernel._key((x, 7), {"N": 64})] = small
+    kernel[grid](x, 7, N=64)
+    assert len(compiled) == 2 and compiled[1].options["BLOCK"] == 16
+
+
 def test_autotune_times_long_configs_once():
     pytest.importorskip("triton")
     from seqpar.kernels.autotune import LONG_MS, bench

@@ -57,6 +57,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 import triton.language as tl
 
 from seqpar.kernels.autotune import autotune
+from seqpar.kernels.launch import Launch
 from seqpar.kernels.tma import use_tma
 
 CHUNK = 64
@@ -283,6 +284,7 @@ def _segment_state(y_ptr, z_ptr, local_ptr, tail_ptr, seg_ptr, lam_ptr, syt, syh
         tl.store(tail_ptr + tail, state, mask=(dy < DY * is_tail)[:, None] & zmask[None, :])
 
 
+@Launch
 @triton.jit
 def _segment_scan(local_ptr, tail_ptr, bound_ptr, edge_in_ptr, edge_out_ptr, seg_ptr, doc_seg_ptr, lam_ptr,
                   sen, seh, sey, sez, H,
