@@ -40,18 +40,13 @@ def test_cuda_varlen_query_key_ranges_align_bottom_right():
     assert (out.double().cpu() - ref).abs().max() < 3e-2
 
 
-def _sp_on_nccl(rank, world, state_transport):
-    import os
-
-    from seqpar.attention.copy_engine import STATE_ENV
+def _sp_on_nccl(rank, world):
     from tests.test_sequence_parallel import _check_all
-    os.environ[STATE_ENV] = state_transport  # LASP-2's all-gather: NCCL's kernels or the copy engines
     return _check_all(rank, world, device=f"cuda:{rank}")
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-@pytest.mark.parametrize("state_transport", ["nccl", "copy"])
-def test_sequence_parallel_on_nccl(state_transport):
-    for errors in run_distributed(_sp_on_nccl, 2, state_transport, backend="nccl"):
+def test_sequence_parallel_on_nccl():
+    for errors in run_distributed(_sp_on_nccl, 2, backend="nccl"):
         for case, err in errors.items():
             assert err < 1e-8, (case, err)

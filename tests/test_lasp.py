@@ -17,7 +17,6 @@ import torch.distributed as dist
 from seqpar import kernels
 from seqpar.attention import AttnContext, linear_attention
 from seqpar.attention.lasp import lasp2_attention, lasp_attention
-from seqpar.attention.copy_engine import STATE_ENV
 from seqpar.attention.lasp1 import lasp1_attention
 from seqpar.parallel.sharding import shard_sequence, unshard_sequence
 from seqpar.parallel.traffic import count_traffic
@@ -248,66 +247,6 @@ def test_lasp_on_the_triton_kernel():
                          env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=300,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert run.returncode == 0, run.stderr[-3000:]
-
-
-def _copy_transport_on_gloo(rank, world):
-    os.environ[STATE_ENV] = "copy"
-    q, k, v, _, log_decay, _ = _inputs(None, 0)
-    try:
-        lasp2_attention(*(shard_sequence(t) for t in (q, k, v)), log_decay=log_decay)
-    except ValueError as e:
-        return str(e)
-
-
-def test_copy_transport_of_states_names_what_it_needs(monkeypatch):
-    from seqpar.attention.copy_engine import transport
-    monkeypatch.setenv(STATE_ENV, "shm")
-    with pytest.raises(ValueError, match="SEQPAR_STATE_TRANSPORT='shm' is not one of: nccl, copy"):
-        transport(STATE_ENV)
-    for message in run_distributed(_copy_transport_on_gloo, 2):
-        assert "SEQPAR_STATE_TRANSPORT=copy needs CUDA tensors and an NCCL process group" in message
-        assert "not backend gloo" in message
-
-
-def _lasp2_bf16_on_nccl(rank, world, transport):
-    """LASP-2 on the Triton kernel, bf16, against the float64 reference on the whole sequence; then
-    the next layer's call, which must not wait for the GPU on the host."""
-    from tests.test_ring import _host_syncs
-    os.environ[STATE_ENV] = transport
-    errors = {}
-    for docs in (None, [0, 1, 700, 701, 1800, 3001, 4096]):
-        q, k, v, grad, _, cu = _inputs(docs, seed=3, seq=4096, heads=4, dk=64, dv=64)
-        q, k, v, grad = (t.bfloat16().double() for t in (q, k, v, grad))  # bf16 holds the inputs exactly
-        log_decay = -torch.linspace(1, 8, 4, dtype=torch.float64).exp2().reciprocal()
-        full = [t.clone().requires_grad_() for t in (q, k, v)]
-        ref = kernels.lightning_attn(*full, log_decay, cu_seqlens=cu)[0]
-        ref.backward(grad)
-        cu_d = None if cu is None else cu.cuda()
-        lam = log_decay.float().cuda()
-        for layout in ("contiguous", "zigzag"):
-            cut = lambda t: shard_sequence(t, layout=layout).cuda().bfloat16()  # noqa: E731
-            local = [cut(t).requires_grad_() for t in (q, k, v)]
-            out = lasp2_attention(*local, log_decay=lam, cu_seqlens=cu_d, layout=layout)
-            out.backward(cut(grad))
-            got = [unshard_sequence(t.double().cpu(), layout=layout) for t in (out.detach(), *(t.grad for t in local))]
-            want = [ref.detach()] + [t.grad for t in full]
-            errors[(docs is not None, layout)] = max(_rel(a, b) for a, b in zip(got, want))
-            again = [t.detach().requires_grad_() for t in local]
-            errors[(docs is not None, layout, "host syncs")] = _host_syncs(
-                lambda: lasp2_attention(*again, log_decay=lam, cu_seqlens=cu_d, layout=layout).backward(cut(grad)))
-    return errors
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-@pytest.mark.parametrize("transport", ["nccl", "copy"])
-def test_lasp2_bf16_on_nccl_against_fp64(transport):
-    for errors in run_distributed(_lasp2_bf16_on_nccl, 2, transport, backend="nccl"):
-        for case, err in errors.items():
-            if case[-1] == "host syncs":
-                assert err == [], (case, err)
-            else:
-                assert err < 1e-2, (case, err)
 
 
 @pytest.mark.parametrize("world", [1, 2, 4, 8])

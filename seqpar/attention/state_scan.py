@@ -14,8 +14,7 @@ Scans are split in two: `start` posts the communication and returns at once, `wa
 and returns y; the caller computes something useful (the intra-chunk attention) in between.
 
 - ``allgather`` (LASP-2): one all-gather of every chunk's x, then each rank folds the prefix
-  locally. One collective, latency of one hop, but each rank receives world x the state. By NCCL,
-  or by the copy engines within one node (SEQPAR_STATE_TRANSPORT=copy, `copy_engine.all_gather`).
+  locally. One collective, latency of one hop, but each rank receives world x the state.
 - ``pipelined`` (ZeCO's All-Scan): a chain in chunk order; each rank receives the running
   prefix from the holder of the previous chunk, adds its own and sends it on. The state is cut
   into blocks along Dv so that the next rank works on block j while block j+1 is in flight.
@@ -31,8 +30,6 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from seqpar.attention import copy_engine
-from seqpar.attention.copy_engine import STATE_ENV, transport
 from seqpar.parallel.sharding import group_size_rank
 
 PIPELINE_BLOCKS = 4  # Dv=128 -> 32 columns, 0.5 MiB per message at H=32, Dk=128, fp32
@@ -138,12 +135,6 @@ class _Gathered:
         self.work = None
         if world == 1:
             self.parts = x[None]
-        elif transport(STATE_ENV) == "copy":
-            if not x.is_cuda or dist.get_backend(group) != "nccl":
-                raise ValueError(f"{STATE_ENV}=copy needs CUDA tensors and an NCCL process group (the GPUs of one "
-                                 f"node), not backend {dist.get_backend(group)}: unset it")
-            self.parts = x.new_empty((world, *x.shape))
-            self.work = copy_engine.all_gather(self.parts, x.contiguous(), group)
         else:
             self.parts = x.new_empty((world * x.shape[0], *x.shape[1:]))
             # torch 2.13 renamed all_gather_into_tensor; the GPU machine's 2.11 has only the old name

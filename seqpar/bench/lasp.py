@@ -30,7 +30,6 @@ import torch
 import torch.distributed as dist
 
 from seqpar import kernels
-from seqpar.attention.copy_engine import STATE_ENV, transport
 from seqpar.attention.lasp import lasp2_attention, lasp_attention
 from seqpar.attention.lasp1 import lasp1_attention
 from seqpar.parallel.dims import init_world
@@ -215,7 +214,6 @@ def main(argv=None):
                       device=torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",
                       world=world, torch=torch.__version__, python=platform.python_version(), cuda=torch.version.cuda,
                       triton=_triton_version(), kernel=kernels.backend("lightning_attn", *_probe(args, device), lam),
-                      state_transport=transport(STATE_ENV),  # LASP-2's all-gather: NCCL or the copy engines
                       heads=args.heads, dim=args.dim, dtype=str(args.dtype).removeprefix("torch."),
                       iters=args.iters, warmup=args.warmup, rounds=args.rounds, rows=rows,
                       rel_err_vs_single_gpu=check)
