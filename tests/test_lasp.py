@@ -249,6 +249,45 @@ def test_lasp_on_the_triton_kernel():
     assert run.returncode == 0, run.stderr[-3000:]
 
 
+def _lasp2_bf16_on_nccl(rank, world):
+    """LASP-2 on the Triton kernel, bf16, against the float64 reference on the whole sequence; then
+    the next layer's call, which must not wait for the GPU on the host."""
+    from tests.test_ring import _host_syncs
+    errors = {}
+    for docs in (None, [0, 1, 700, 701, 1800, 3001, 4096]):
+        q, k, v, grad, _, cu = _inputs(docs, seed=3, seq=4096, heads=4, dk=64, dv=64)
+        q, k, v, grad = (t.bfloat16().double() for t in (q, k, v, grad))  # bf16 holds the inputs exactly
+        log_decay = -torch.linspace(1, 8, 4, dtype=torch.float64).exp2().reciprocal()
+        full = [t.clone().requires_grad_() for t in (q, k, v)]
+        ref = kernels.lightning_attn(*full, log_decay, cu_seqlens=cu)[0]
+        ref.backward(grad)
+        cu_d = None if cu is None else cu.cuda()
+        lam = log_decay.float().cuda()
+        for layout in ("contiguous", "zigzag"):
+            cut = lambda t: shard_sequence(t, layout=layout).cuda().bfloat16()  # noqa: E731
+            local = [cut(t).requires_grad_() for t in (q, k, v)]
+            out = lasp2_attention(*local, log_decay=lam, cu_seqlens=cu_d, layout=layout)
+            out.backward(cut(grad))
+            got = [unshard_sequence(t.double(), layout=layout).cpu() for t in (out.detach(), *(t.grad for t in local))]
+            want = [ref.detach()] + [t.grad for t in full]
+            errors[(docs is not None, layout)] = max(_rel(a, b) for a, b in zip(got, want))
+            again = [t.detach().requires_grad_() for t in local]
+            errors[(docs is not None, layout, "host syncs")] = _host_syncs(
+                lambda: lasp2_attention(*again, log_decay=lam, cu_seqlens=cu_d, layout=layout).backward(cut(grad)))
+    return errors
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_lasp2_bf16_on_nccl_against_fp64():
+    for errors in run_distributed(_lasp2_bf16_on_nccl, 2, backend="nccl"):
+        for case, err in errors.items():
+            if case[-1] == "host syncs":
+                assert err == [], (case, err)
+            else:
+                assert err < 1e-2, (case, err)
+
+
 @pytest.mark.parametrize("world", [1, 2, 4, 8])
 def test_receives_says_where_the_scan_brings_a_nonzero_state(world):
     """`ChunkChain.receives` (host only) against the scan's weights with no decay (a_g = 1 unless a
