@@ -39,7 +39,7 @@ def main(out):
     x = torch.randn(1, 1, 32, 128, 128, device=device)
     parts = x.new_empty((world, *x.shape[1:]))
     pg = dist.distributed_c10d._get_default_group()
-    opts = dist.AllgatherOptions()
+    opts = dist.distributed_c10d.AllgatherOptions()
     opts.asyncOp = True
     method = getattr(pg, "all_gather_single", None) or pg._allgather_base
     res = {"trace_buffer": os.environ.get("TORCH_NCCL_TRACE_BUFFER_SIZE", "default"),

@@ -1,3 +1,4 @@
+# Measured at 9ff6146 (bench lasp's backward in the calling thread; reverted after call 5: no measurable gain).
 # Two GPUs (device tool), .whl carried: source docs/benchmarks/gpu_setup.sh && OUT=DIR bash docs/benchmarks/lasp_thread_gpu.sh
 # Issue 4 (twenty-fourth session). 1. the LASP-2 bf16 GPU test (its host-sync check fixed); 2. the host cost of
 # posting the states' all-gather, through torch.distributed's function and the process group's method, with

@@ -14,11 +14,8 @@ method's time), as in ANCHORS.md; where one GPU cannot hold the whole sequence, 
 torch.distributed on a rank (`seqpar.parallel.traffic`). With `--rounds R` every measure (one GPU,
 its half, each method) is timed once per round, in turn, and each takes its median over the rounds:
 drift of the GPUs' clocks or of a neighbour then hits all of them alike (2 H100, 2026-11-27: the one-GPU
-64k run timed first, alone, read 5.51 ms against 4.7-4.8 in other runs, efficiency 1.045). The
-backward runs in the calling thread (`--engine-threads`: on autograd's device thread, torch's default):
-each step is one layer, and handing the backward to the engine's thread and back cost 0.3-0.5 ms of host
-per step on the 2 H200 machine (2026-11-28, docs/benchmarks/lasp_host_profile_gpu.py), which a model pays
-once per backward, not per layer. Needs torch (+ triton for the kernel).
+64k run timed first, alone, read 5.51 ms against 4.7-4.8 in other runs, efficiency 1.045). Needs torch
+(+ triton for the kernel).
 Off CUDA it runs a small gloo smoke form (`--tokens 2048 --heads 4 --dim 16`).
 """
 from __future__ import annotations
@@ -154,8 +151,38 @@ def _check(args, device, lam, world):
     return errs
 
 
-def _measure(args, methods, device, lam, world, rank):
-    """A row per method and length (rank 0 prints each)."""
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m seqpar.bench lasp", description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True, help="JSON file to write (by rank 0)")
+    p.add_argument("--tokens", type=int, nargs="+", default=None, help="total sequence lengths")
+    p.add_argument("--heads", type=int, default=None)
+    p.add_argument("--dim", type=int, default=None)
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma list of: {', '.join(METHODS)}")
+    p.add_argument("--kv-max-tokens", type=int, default=262144,
+                   help="longest total sequence for kv_allgather (a rank that runs out of memory hangs its peer)")
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="time every measure once per round, in turn, one window each; medians over the rounds")
+    args = p.parse_args(argv)
+    if args.rounds < 1:
+        raise SystemExit(f"--rounds {args.rounds}: must be >= 1")
+    args.windows = WINDOWS if args.rounds == 1 else 1
+    cuda = torch.cuda.is_available()
+    args.tokens = args.tokens or ([65536, 262144, 1048576] if cuda else [2048])
+    args.heads = args.heads or (32 if cuda else 4)
+    args.dim = args.dim or (128 if cuda else 16)
+    args.dtype = torch.bfloat16 if cuda else torch.float32
+    methods = args.methods.split(",")
+    for m in methods:
+        if m not in METHODS:
+            raise SystemExit(f"--methods: unknown method {m!r}; known: {', '.join(METHODS)}")
+
+    device = init_world(cuda)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    # per-head decays of lightning attention's kind, from -1/2 to -1/256
+    lam = -torch.linspace(1, 8, args.heads, device=device).exp2().reciprocal()
+
     rows = []
     for tokens in args.tokens:
         names = [n for n in methods if not (n == "kv_allgather" and tokens > args.kv_max_tokens)]
@@ -178,45 +205,6 @@ def _measure(args, methods, device, lam, world, rank):
             rows.append(row)
             if rank == 0:
                 print(_line(row), flush=True)
-    return rows
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m seqpar.bench lasp", description=__doc__.splitlines()[0])
-    p.add_argument("--out", required=True, help="JSON file to write (by rank 0)")
-    p.add_argument("--tokens", type=int, nargs="+", default=None, help="total sequence lengths")
-    p.add_argument("--heads", type=int, default=None)
-    p.add_argument("--dim", type=int, default=None)
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma list of: {', '.join(METHODS)}")
-    p.add_argument("--kv-max-tokens", type=int, default=262144,
-                   help="longest total sequence for kv_allgather (a rank that runs out of memory hangs its peer)")
-    p.add_argument("--iters", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=1,
-                   help="time every measure once per round, in turn, one window each; medians over the rounds")
-    p.add_argument("--engine-threads", action="store_true",
-                   help="run each step's backward on autograd's device thread (torch's default) instead of this one")
-    args = p.parse_args(argv)
-    if args.rounds < 1:
-        raise SystemExit(f"--rounds {args.rounds}: must be >= 1")
-    args.windows = WINDOWS if args.rounds == 1 else 1
-    cuda = torch.cuda.is_available()
-    args.tokens = args.tokens or ([65536, 262144, 1048576] if cuda else [2048])
-    args.heads = args.heads or (32 if cuda else 4)
-    args.dim = args.dim or (128 if cuda else 16)
-    args.dtype = torch.bfloat16 if cuda else torch.float32
-    methods = args.methods.split(",")
-    for m in methods:
-        if m not in METHODS:
-            raise SystemExit(f"--methods: unknown method {m!r}; known: {', '.join(METHODS)}")
-
-    device = init_world(cuda)
-    world, rank = dist.get_world_size(), dist.get_rank()
-    # per-head decays of lightning attention's kind, from -1/2 to -1/256
-    lam = -torch.linspace(1, 8, args.heads, device=device).exp2().reciprocal()
-
-    with torch.autograd.set_multithreading_enabled(args.engine_threads):
-        rows = _measure(args, methods, device, lam, world, rank)
     try:
         check = _check(args, device, lam, world)
     except torch.OutOfMemoryError as e:  # keep the timings measured above
@@ -227,9 +215,7 @@ def main(argv=None):
                       world=world, torch=torch.__version__, python=platform.python_version(), cuda=torch.version.cuda,
                       triton=_triton_version(), kernel=kernels.backend("lightning_attn", *_probe(args, device), lam),
                       heads=args.heads, dim=args.dim, dtype=str(args.dtype).removeprefix("torch."),
-                      iters=args.iters, warmup=args.warmup, rounds=args.rounds,
-                      backward_thread="autograd's device thread" if args.engine_threads else "the calling thread",
-                      rows=rows,
+                      iters=args.iters, warmup=args.warmup, rounds=args.rounds, rows=rows,
                       rel_err_vs_single_gpu=check)
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
