@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from seqpar.parallel import traffic
 from seqpar.parallel.sharding import group_size_rank
 
 PIPELINE_BLOCKS = 4  # Dv=128 -> 32 columns, 0.5 MiB per message at H=32, Dk=128, fp32
@@ -138,7 +137,9 @@ class _Gathered:
             self.parts = x[None]
         else:
             self.parts = x.new_empty((world * x.shape[0], *x.shape[1:]))
-            self.work = _post_all_gather(self.parts, x.contiguous(), group)
+            # torch 2.13 renamed all_gather_into_tensor; the GPU machine's 2.11 has only the old name
+            gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+            self.work = gather(self.parts, x.contiguous(), group=group, async_op=True)
             self.parts = self.parts.unflatten(0, (world, x.shape[0]))
 
     def wait(self) -> torch.Tensor:
@@ -157,29 +158,6 @@ class _Gathered:
         if self.work is not None:
             self.work.wait()
             self.work = None
-
-
-def _post_all_gather(out, x, group):
-    """`all_gather_into_tensor(out, x, group, async_op=True)` by the process group's own method.
-
-    torch.distributed's function only checks its arguments (complex views, coalescing contexts, torch
-    function modes: none of them LASP-2's) and looks the group up before calling that method, yet its
-    Python took ~100 us of host per call on the 2 H200 machine, of ~220 (2026-11-28,
-    docs/benchmarks/allgather_host_gpu.py); LASP-2 posts two per fwd+bwd and is bound by its host at 32k
-    tokens per GPU. Where the method is not there (another torch), the function."""
-    pg = group if group is not None else dist.distributed_c10d._get_default_group()
-    # torch 2.13 names the method all_gather_single; the GPU machine's 2.11 _allgather_base
-    post = getattr(pg, "all_gather_single", None) or getattr(pg, "_allgather_base", None)
-    if post is None:
-        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-        return gather(out, x, group=group, async_op=True)
-    if traffic.COUNTING:
-        traffic.note("all_gather_into_tensor", out, x)
-    return post(out, x, _ASYNC)
-
-
-_ASYNC = dist.distributed_c10d.AllgatherOptions()
-_ASYNC.asyncOp = True
 
 
 class _Chained:

@@ -2,8 +2,7 @@
 
 Used by the tests (a method's bytes per layer must not grow with the sequence) and by the
 benchmarks (bytes per layer in the JSON). Callers must reach the collectives through the module
-(`dist.all_gather(...)`) for the wrapper to see them, or, where seqpar calls a process group's own
-method to spare the host torch.distributed's checks (`state_scan`), report the call with `note`.
+(`dist.all_gather(...)`), as seqpar does everywhere, for the wrapper to see them.
 """
 from __future__ import annotations
 
@@ -43,16 +42,6 @@ def _nbytes(x) -> int:
     return 0
 
 
-COUNTING: list[Traffic] = []  # the open count_traffic contexts
-
-
-def note(name: str, *buffers) -> None:
-    """Count a collective made without torch.distributed's function `name` (as `count_traffic` would)."""
-    for traffic in COUNTING:
-        traffic.calls[name] += 1
-        traffic.bytes[name] += max((_nbytes(b) for b in buffers), default=0)
-
-
 @contextmanager
 def count_traffic():
     """Yields a `Traffic` that counts, per op, the calls and their payload as this rank sees it:
@@ -72,10 +61,8 @@ def count_traffic():
 
     for name, fn in originals.items():
         setattr(dist, name, wrap(name, fn))
-    COUNTING.append(traffic)
     try:
         yield traffic
     finally:
-        COUNTING.remove(traffic)
         for name, fn in originals.items():
             setattr(dist, name, fn)
