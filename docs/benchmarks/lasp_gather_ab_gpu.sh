@@ -1,3 +1,4 @@
+# Measured at aaa2001 (the process group's own all-gather method, reverted after call 6: ~10 us a post, no gain).
 # Two GPUs (device tool), from the new code's root, .whl carried, the old code in $OLD:
 #   source docs/benchmarks/gpu_setup.sh && OLD=.snap_old OUT=DIR bash docs/benchmarks/lasp_gather_ab_gpu.sh
 # Issue 4 (twenty-fourth session): LASP-2's all-gather posted by the process group's method (new) against
