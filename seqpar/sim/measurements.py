@@ -141,28 +141,30 @@ DIAGNOSTIC_FILES.update({f"2026-11-28-gpu-21st/call3/split_flash_r{r}.json": (
     "bench kernels with SEQPAR_SPLIT_SHORT_BWD=flash (the split's short documents' backward on FlashAttention-2, "
     "opt-in at f64a9a0, removed in 8596805), an A/B beside call3/split_triton_r*.json") for r in (1, 2)})
 
-# the twenty-third session: lasp_host_ab_gpu.sh's runs of the code before 07a8811 (the all-gather's fold
-# through torch.einsum), each beside the new code's in the same call as its A/B
-DIAGNOSTIC_FILES.update({f"2026-11-28-gpu-23rd/call8/lasp_old_r{r}.json": (
-    "bench lasp at the code before 07a8811 (the state exchange folded by torch.einsum), run after that commit "
-    "beside the new code's rows in the same call as their A/B: its time says the new code's era, its code the "
-    "one before") for r in (1, 2)})
-# the twenty-fourth session: A/B runs of code other than what stands (each beside the standing code's
-# rows in the same call), and runs of reverted variants
-DIAGNOSTIC_FILES.update({f"2026-11-28-gpu-24th/call2/lasp_old_r{r}.json": (
-    "bench lasp at 55f7469, before kernels/launch.py (every Triton launch through Triton's binder), run "
-    "beside the new code's rows in the same call as their A/B") for r in (1, 2)})
-DIAGNOSTIC_FILES.update({f"2026-11-28-gpu-24th/call3/lasp_copy_r{r}.json": (
-    "bench lasp with SEQPAR_STATE_TRANSPORT=copy (the states' all-gather by the copy engines, a062348, "
-    "reverted: slower)") for r in (1, 2)})
-DIAGNOSTIC_FILES.update({f"2026-11-28-gpu-24th/call5/lasp_r{r}.json": (
-    "bench lasp with each step's backward in the calling thread (9ff6146, reverted: no gain), a measurement "
-    "method the other lasp runs do not share") for r in (1, 2)})
-DIAGNOSTIC_FILES.update({f"2026-11-28-gpu-24th/call6/lasp_{side}_r{r}.json": (
-    "bench lasp of call 6's A/B of the process group's own all-gather method (aaa2001, reverted: ~10 us a "
-    "post): the new side ran reverted code, the old side the code before it, in one call")
-    for side in ("old", "new") for r in (1, 2)})
-
+# A/B runs of code other than what stands, each beside the standing code's rows in the same call, and
+# runs of reverted variants: (file, {r} for its rounds 1 and 2) -> why
+_CALL6 = ("bench lasp of call 6's A/B of the process group's own all-gather method (aaa2001, reverted: ~10 us a "
+          "post): the new side ran reverted code, the old side the code before it, in one call")
+_AB_ROUNDS = {
+    # the twenty-third session: lasp_host_ab_gpu.sh's runs of the code before 07a8811
+    "2026-11-28-gpu-23rd/call8/lasp_old_r{r}.json": (
+        "bench lasp at the code before 07a8811 (the state exchange folded by torch.einsum), run after that commit "
+        "beside the new code's rows in the same call as their A/B: its time says the new code's era, its code the "
+        "one before"),
+    # the twenty-fourth session
+    "2026-11-28-gpu-24th/call2/lasp_old_r{r}.json": (
+        "bench lasp at 55f7469, before kernels/launch.py (every Triton launch through Triton's binder), run "
+        "beside the new code's rows in the same call as their A/B"),
+    "2026-11-28-gpu-24th/call3/lasp_copy_r{r}.json": (
+        "bench lasp with SEQPAR_STATE_TRANSPORT=copy (the states' all-gather by the copy engines, a062348, "
+        "reverted: slower)"),
+    "2026-11-28-gpu-24th/call5/lasp_r{r}.json": (
+        "bench lasp with each step's backward in the calling thread (9ff6146, reverted: no gain), a measurement "
+        "method the other lasp runs do not share"),
+    "2026-11-28-gpu-24th/call6/lasp_old_r{r}.json": _CALL6,
+    "2026-11-28-gpu-24th/call6/lasp_new_r{r}.json": _CALL6,
+}
+DIAGNOSTIC_FILES.update({name.format(r=r): why for name, why in _AB_ROUNDS.items() for r in (1, 2)})
 
 # Runs whose step times something outside the run slowed (memory peaks unaffected: each process's own
 # allocator): (folder/file) -> why. Their times feed no constant (fit_e2e) and validate lists them
