@@ -110,28 +110,6 @@ def test_interp_batch_rows_odd_head_dims_strong_decay():
 
 
 @interp_only
-@pytest.mark.parametrize("tma", ["0", "1"])
-def test_interp_state_pass_in_long_token_blocks(monkeypatch, tma):
-    import triton
-
-    from seqpar.kernels.lightning_attn import triton as interpreted
-
-    # the state pass sums a^d(t) y_t^T z_t over blocks of 128 tokens and half the columns (the
-    # interpreter's default config is 64 tokens): segments of 256 with partial last blocks, a
-    # document of one token, decays from none to underflowing, both directions (fwd and bwd)
-    monkeypatch.setenv("SEQPAR_TMA", tma)
-    kernel = interpreted._segment_state
-    default = kernel.configs
-    kernel.configs = [triton.Config({"BLOCK_T": 128, "Z_SPLIT": 2}, num_warps=4)]
-    try:
-        c = _case([300, 1, 580, 77], 1, 3, 16, 32, [0.0, -0.02, -4.0], init=True, seed=7)
-        ours = _run(interpreted.lightning_attn_triton, c, torch.float32, seg_len=256)
-    finally:
-        kernel.configs = default
-    _check(ours, _run(lightning_attn_reference, c, F64), 1e-5)
-
-
-@interp_only
 def test_interp_tma_loads_equal_the_reference(monkeypatch):
     from seqpar.kernels.lightning_attn import triton as interpreted
     from seqpar.kernels.tma import use_tma

@@ -230,28 +230,17 @@ def _segment_output(x_ptr, y_ptr, z_ptr, out_ptr, bound_ptr, edge_in_ptr, edge_o
                  mask=(dy < DY * last_one)[:, None] & zmask[None, :])
 
 
-def _state_configs(options):
-    configs = [triton.Config({"BLOCK_T": t, "Z_SPLIT": z}, num_warps=w, num_stages=s) for t, z, w, s in options]
-    return configs[:1] if _interpreting() else configs
-
-
-@autotune(configs=_state_configs([(64, 1, 8, 3), (128, 1, 8, 3), (128, 1, 8, 2), (64, 2, 4, 4), (128, 2, 4, 3),
-                                  (128, 2, 8, 3)]),
-          key=["DY", "DZ", "TMA"], prune_configs_by={"early_config_prune": _prune})
+@autotune(configs=_configs([(1, 8, 2), (2, 8, 2), (2, 4, 3)]), key=["DY", "DZ", "TMA"],
+          prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _segment_state(y_ptr, z_ptr, local_ptr, tail_ptr, seg_ptr, lam_ptr, syt, syh, szt, szh,
                    H, update_scale,
                    DY: tl.constexpr, DZ: tl.constexpr, BLOCK_DY: tl.constexpr, BLOCK_DZ: tl.constexpr,
-                   REVERSE: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
-                   TAILS: tl.constexpr, TMA: tl.constexpr, BLOCK_T: tl.constexpr, Z_SPLIT: tl.constexpr):
-    # A segment's own state from zero, kept only at its end: needed where a boundary follows in
-    # the direction of travel, and with TAILS also for a document's last segment (its share of
-    # the document's own exit state, into tail[doc]). Unlike _segment_output, nothing reads the
-    # state on the way, so it is one weighted sum, sum_t a^d(t) y_t^T z_t (d(t): tokens from t to
-    # the segment's far end), over blocks of BLOCK_T tokens in any order: the accumulator is never
-    # rescaled, so the dots pipeline like a plain matmul's (the chunk recursion, which decays the
-    # accumulator before every dot, kept this pass at ~180 TFLOP/s on H100, 2026-11-27).
-    # a^d underflows to 0 only where the term is below fp32's range anyway.
+                   C: tl.constexpr, REVERSE: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+                   TAILS: tl.constexpr, TMA: tl.constexpr, Z_SPLIT: tl.constexpr):
+    # The same state recurrence as _segment_output, from a zero state, keeping only the end; it
+    # is needed where a boundary follows in the direction of travel, and with TAILS also for a
+    # document's last segment (its share of the document's own exit state, into tail[doc]).
     pid = tl.program_id(0)
     zb = pid % Z_SPLIT
     h = (pid // Z_SPLIT) % H
@@ -259,33 +248,34 @@ def _segment_state(y_ptr, z_ptr, local_ptr, tail_ptr, seg_ptr, lam_ptr, syt, syh
     start, end, doc, came_from, goes_to = _segment_info(seg_ptr, seg, REVERSE)
     lam = tl.load(lam_ptr + h).to(tl.float32)
 
-    rows = tl.arange(0, BLOCK_T)
+    rows = tl.arange(0, C)
     dy = tl.arange(0, BLOCK_DY)
     dz = zb * (BLOCK_DZ // Z_SPLIT) + tl.arange(0, BLOCK_DZ // Z_SPLIT)
     ymask, zmask = dy < DY, dz < DZ
     state = tl.zeros((BLOCK_DY, BLOCK_DZ // Z_SPLIT), dtype=tl.float32)
     if TAILS:
-        n_blocks = (end - start + BLOCK_T - 1) // BLOCK_T
+        n_chunks = (end - start + C - 1) // C
     else:
-        n_blocks = tl.where(goes_to >= 0, (end - start + BLOCK_T - 1) // BLOCK_T, 0)
+        n_chunks = tl.where(goes_to >= 0, (end - start + C - 1) // C, 0)
     z0 = zb * (BLOCK_DZ // Z_SPLIT)
     if TMA:
-        y_src = _segment_desc(y_ptr, start, end, H, syt, syh, DY, BLOCK_T, BLOCK_DY)
-        z_src = _segment_desc(z_ptr, start, end, H, szt, szh, DZ, BLOCK_T, BLOCK_DZ // Z_SPLIT)
+        y_src = _segment_desc(y_ptr, start, end, H, syt, syh, DY, C, BLOCK_DY)
+        z_src = _segment_desc(z_ptr, start, end, H, szt, szh, DZ, C, BLOCK_DZ // Z_SPLIT)
     else:
         y_src, z_src = y_ptr, z_ptr
-    for c in range(0, n_blocks):
-        row0 = c * BLOCK_T
-        valid = row0 + rows < end - start
-        tok = (start + row0 + rows).to(tl.int64)
-        y = _load_chunk(y_ptr, y_src, tok, row0, h, syt, syh, dy, 0, valid, ymask, TMA).to(DOT)
-        z = _load_chunk(z_ptr, z_src, tok, row0, h, szt, szh, dz, z0, valid, zmask, TMA).to(DOT)
+    for c in range(0, n_chunks):
         if REVERSE:
-            d = row0 + rows + 1
+            t0 = start + (n_chunks - 1 - c) * C
         else:
-            d = end - start - 1 - row0 - rows
-        w = tl.where(valid, tl.exp(lam * tl.maximum(d, 0).to(tl.float32)), 0.0) * update_scale
-        state = tl.dot(tl.trans(y), z * w.to(DOT)[:, None], acc=state, input_precision=PRECISION)
+            t0 = start + c * C
+        L = tl.minimum(end - t0, C)
+        valid = rows < L
+        tok = (t0 + rows).to(tl.int64)
+        y = _load_chunk(y_ptr, y_src, tok, t0 - start, h, syt, syh, dy, 0, valid, ymask, TMA).to(DOT)
+        z = _load_chunk(z_ptr, z_src, tok, t0 - start, h, szt, szh, dz, z0, valid, zmask, TMA).to(DOT)
+        _, write = _chunk_weights(lam, rows, L, REVERSE)
+        z_write = z * (write * update_scale).to(DOT)[:, None]
+        state = tl.dot(tl.trans(y), z_write, acc=state * tl.exp(lam * L.to(tl.float32)), input_precision=PRECISION)
     offs = ((tl.maximum(goes_to, 0).to(tl.int64) * H + h) * DY + dy[:, None]) * DZ + dz[None, :]
     tl.store(local_ptr + offs, state, mask=(dy < DY * (goes_to >= 0).to(tl.int32))[:, None] & zmask[None, :])
     if TAILS:  # unused table entries (start == end) write nothing
@@ -482,7 +472,7 @@ def _segment_locals(y, z, tab, lam, update_scale, reverse, tails=None):
     local = torch.empty(n_bounds, H, dy, dz, device=y.device, dtype=torch.float32)
     _segment_state[lambda meta: (n_max * H * meta["Z_SPLIT"],)](
         y, z, local, tails if tails is not None else local, segs, lam, y.stride(0), y.stride(1), z.stride(0),
-        z.stride(1), H, update_scale, REVERSE=reverse, DOT=dot, PRECISION=prec, TAILS=tails is not None,
+        z.stride(1), H, update_scale, C=CHUNK, REVERSE=reverse, DOT=dot, PRECISION=prec, TAILS=tails is not None,
         TMA=use_tma(y, z, default_on=TMA_DEFAULT), **_dims(dy, dz))
     return local
 
