@@ -1,0 +1,78 @@
+"""Issue 5's flatness: can the lightning kernel skip its state pass on long rows too?
+
+One row's segments are walked in parallel, so a long row needs each segment's own state first (the
+state pass: one more read of k, v forward and of q, dO backward, at H100's HBM roofline 0.64 ms per
+64k tokens at H=32, D=128; the twenty-fifth session's profile), which a row of one segment (a 4k
+row) skips: 4k rows ran 16.0 Mtok/s, one 64k row 14.0. Lightning Attention-2's own schedule walks
+the whole row in one program per head and column block, no state pass, parallel over heads x
+column blocks only. Here: fwd+bwd ms of `lightning_attn_triton` per row shape with (a) the default
+segments and tuned configs, (b) one segment per row (`seg_len` = the row) with the output pass's
+columns split in Z programs (forced config), each checked against (a)'s output.
+
+    python3 docs/benchmarks/lightning_rows_gpu.py OUT.json 16x4096 65536 262144
+"""
+import json
+import sys
+
+import torch
+import triton
+
+from seqpar.kernels.lightning_attn import triton as lt
+
+
+def _time(fn, iters=10):
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(iters):
+        fn()
+    b.record()
+    torch.cuda.synchronize()
+    return a.elapsed_time(b) / iters
+
+
+def main(out, specs):
+    H, D, dev = 32, 128, torch.device("cuda")
+    lam = -torch.linspace(1, 8, H, device=dev).exp2().reciprocal()
+    default = lt._segment_output.configs
+    variants = [("default", None, None)] + [(f"row_z{z}_w{w}_s{s}", z, (w, s)) for z, w, s in
+                                            [(2, 8, 2), (4, 4, 2), (4, 8, 2), (8, 4, 2)]]
+    result = {}
+    for spec in specs:
+        B, S = (int(x) for x in spec.split("x")) if "x" in spec else (1, int(spec))
+        torch.manual_seed(0)
+        q, k, v, do = (torch.randn(B, S, H, D, device=dev, dtype=torch.bfloat16) for _ in range(4))
+        for t in (q, k, v):
+            t.requires_grad_()
+        ref = None
+        for name, z, opts in variants:
+            if z is None:
+                lt._segment_output.configs = default
+                seg = None
+            else:
+                lt._segment_output.configs = [triton.Config({"Z_SPLIT": z}, num_warps=opts[0], num_stages=opts[1])]
+                seg = S
+
+            def step():
+                for t in (q, k, v):
+                    t.grad = None
+                lt.lightning_attn_triton(q, k, v, lam, seg_len=seg)[0].backward(do)
+            try:
+                ms = _time(step)
+                o = lt.lightning_attn_triton(q, k, v, lam, seg_len=seg)[0].detach().float()
+                ref = o if ref is None else ref
+                err = ((o - ref).norm() / ref.norm()).item()
+                row = dict(ms=round(ms, 4), Mtok_s=round(B * S / ms / 1e3, 3), rel_diff_vs_default=err)
+            except Exception as e:  # a forced config that does not fit: say so, go on
+                row = dict(error=f"{type(e).__name__}: {str(e)[:200]}")
+            result[f"{spec} {name}"] = row
+            print(spec, name, row, flush=True)
+    lt._segment_output.configs = default
+    with open(out, "w") as f:
+        json.dump(dict(device=torch.cuda.get_device_name(), rows=result), f, indent=1)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2:])
