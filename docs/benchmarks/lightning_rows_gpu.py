@@ -10,7 +10,12 @@ segments and tuned configs, (b) one segment per row (`seg_len` = the row) with t
 columns split in Z programs (forced config), each checked against (a)'s output.
 
     python3 docs/benchmarks/lightning_rows_gpu.py OUT.json 16x4096 65536 262144
+
+SEGS=4096,8192 instead times the default configs at each of these segment lengths (the question of
+LASP-2 at 64k: a rank's 32k row runs 3% slower per token at its 4096-token segments than one GPU's
+64k row at 8192, twentieth session).
 """
+import os
 import json
 import sys
 
@@ -39,6 +44,9 @@ def main(out, specs):
     default = lt._segment_output.configs
     variants = [("default", None, None)] + [(f"row_z{z}_w{w}_s{s}", z, (w, s)) for z, w, s in
                                             [(2, 8, 2), (4, 4, 2), (4, 8, 2), (8, 4, 2)]]
+    segs = [int(x) for x in os.environ.get("SEGS", "").split(",") if x]
+    if segs:
+        variants = [("default", None, None)] + [(f"seg{n}", None, n) for n in segs]
     result = {}
     for spec in specs:
         B, S = (int(x) for x in spec.split("x")) if "x" in spec else (1, int(spec))
@@ -50,7 +58,7 @@ def main(out, specs):
         for name, z, opts in variants:
             if z is None:
                 lt._segment_output.configs = default
-                seg = None
+                seg = opts
             else:
                 lt._segment_output.configs = [triton.Config({"Z_SPLIT": z}, num_warps=opts[0], num_stages=opts[1])]
                 seg = S
