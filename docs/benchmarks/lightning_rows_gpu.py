@@ -11,6 +11,10 @@ columns split in Z programs (forced config), each checked against (a)'s output.
 
     python3 docs/benchmarks/lightning_rows_gpu.py OUT.json 16x4096 65536 262144
 
+OUT_CONFIGS=C:Z:W:S,... instead times the default segments with the output pass forced to each config
+(C tokens a chunk, Z column blocks, W warps, S stages): the question of a 128-token chunk (half the
+serial steps of a segment's walk, larger dots, 29% more FLOPs).
+
 SEGS=4096,8192 instead times the default configs at each of these segment lengths (the question of
 LASP-2 at 64k: a rank's 32k row runs 3% slower per token at its 4096-token segments than one GPU's
 64k row at 8192, twentieth session).
@@ -47,6 +51,9 @@ def main(out, specs):
     segs = [int(x) for x in os.environ.get("SEGS", "").split(",") if x]
     if segs:
         variants = [("default", None, None)] + [(f"seg{n}", None, n) for n in segs]
+    forced = [tuple(int(x) for x in c.split(":")) for c in os.environ.get("OUT_CONFIGS", "").split(",") if c]
+    if forced:
+        variants = [("default", None, None)] + [(f"C{c}_z{z}_w{w}_s{s}", (c, z), (w, s)) for c, z, w, s in forced]
     result = {}
     for spec in specs:
         B, S = (int(x) for x in spec.split("x")) if "x" in spec else (1, int(spec))
@@ -60,8 +67,10 @@ def main(out, specs):
                 lt._segment_output.configs = default
                 seg = opts
             else:
-                lt._segment_output.configs = [triton.Config({"Z_SPLIT": z}, num_warps=opts[0], num_stages=opts[1])]
-                seg = S
+                c, z = z if isinstance(z, tuple) else (lt.CHUNK, z)
+                lt._segment_output.configs = [triton.Config({"Z_SPLIT": z, "C": c}, num_warps=opts[0],
+                                                            num_stages=opts[1])]
+                seg = None if forced else S
 
             def step():
                 for t in (q, k, v):
