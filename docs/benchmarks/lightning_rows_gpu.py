@@ -13,7 +13,8 @@ columns split in Z programs (forced config), each checked against (a)'s output.
 
 OUT_CONFIGS=C:Z:W:S,... instead times the default segments with the output pass forced to each config
 (C tokens a chunk, Z column blocks, W warps, S stages): the question of a 128-token chunk (half the
-serial steps of a segment's walk, larger dots, 29% more FLOPs).
+serial steps of a segment's walk, larger dots, 29% more FLOPs). It needs the chunk length in the output
+pass's configs (60184f1, reverted: 128-token chunks ran 1.3x slower, twenty-fifth session call 4).
 
 SEGS=4096,8192 instead times the default configs at each of these segment lengths (the question of
 LASP-2 at 64k: a rank's 32k row runs 3% slower per token at its 4096-token segments than one GPU's

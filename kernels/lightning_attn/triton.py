@@ -78,10 +78,10 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _configs(split_options, **fixed):
+def _configs(split_options):
     # Few configs, tuned once per (Dy, Dz, dtypes): the key holds no length, no token count and no
     # document count, so packed batches of changing lengths never trigger a re-tune.
-    configs = [triton.Config({"Z_SPLIT": z, **fixed}, num_warps=w, num_stages=s) for z, w, s in split_options]
+    configs = [triton.Config({"Z_SPLIT": z}, num_warps=w, num_stages=s) for z, w, s in split_options]
     return configs[:1] if _interpreting() else configs
 
 
@@ -146,7 +146,7 @@ def _load_chunk(ptr, desc, tok, row, h, s_t, s_h, cols, col0, valid, cmask, TMA:
     return x
 
 
-@autotune(configs=_configs([(1, 8, 2), (2, 8, 2), (2, 4, 2)], C=CHUNK), key=["DY", "DZ", "TMA"],
+@autotune(configs=_configs([(1, 8, 2), (2, 8, 2), (2, 4, 2)]), key=["DY", "DZ", "TMA"],
           prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _segment_output(x_ptr, y_ptr, z_ptr, out_ptr, bound_ptr, edge_in_ptr, edge_out_ptr, seg_ptr, lam_ptr,
@@ -456,7 +456,7 @@ def _output(x, y, z, bound, bound_strides, edge_in, edge_in_strides, edge_out, t
         edge_out if edge_out is not None else bound, segs, lam,
         x.stride(0), x.stride(1), y.stride(0), y.stride(1), z.stride(0), z.stride(1), out.stride(0), out.stride(1),
         *bound_strides, *(edge_in_strides if edge_in is not None else (0, 0, 0, 0)), H, *scales,
-        REVERSE=reverse, DOT=dot, PRECISION=prec, HAS_EDGE_IN=edge_in is not None,
+        C=CHUNK, REVERSE=reverse, DOT=dot, PRECISION=prec, HAS_EDGE_IN=edge_in is not None,
         STORE_EDGE_OUT=edge_out is not None, TMA=use_tma(x, y, z, default_on=TMA_DEFAULT), **_dims(dy, dz))
     return out
 
