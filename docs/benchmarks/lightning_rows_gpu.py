@@ -11,7 +11,7 @@ columns split in Z programs (forced config), each checked against (a)'s output.
 
     python3 docs/benchmarks/lightning_rows_gpu.py OUT.json 16x4096 65536 262144
 
-OUT_CONFIGS=C:Z:W:S,... instead times the default segments with the output pass forced to each config
+OUT_CONFIGS=[C:]Z:W:S,... instead times the default segments with the output pass forced to each config
 (C tokens a chunk, Z column blocks, W warps, S stages): the question of a 128-token chunk (half the
 serial steps of a segment's walk, larger dots, 29% more FLOPs). It needs the chunk length in the output
 pass's configs (60184f1, reverted: 128-token chunks ran 1.3x slower, twenty-fifth session call 4).
@@ -54,7 +54,8 @@ def main(out, specs):
         variants = [("default", None, None)] + [(f"seg{n}", None, n) for n in segs]
     forced = [tuple(int(x) for x in c.split(":")) for c in os.environ.get("OUT_CONFIGS", "").split(",") if c]
     if forced:
-        variants = [("default", None, None)] + [(f"C{c}_z{z}_w{w}_s{s}", (c, z), (w, s)) for c, z, w, s in forced]
+        variants = [("default", None, None)] + [("C{}_z{}_w{}_s{}".format(*f) if len(f) == 4 else "z{}_w{}_s{}".format(*f),
+                                                 f[:-2] if len(f) == 4 else f[0], f[-2:]) for f in forced]
     result = {}
     for spec in specs:
         B, S = (int(x) for x in spec.split("x")) if "x" in spec else (1, int(spec))
@@ -68,9 +69,8 @@ def main(out, specs):
                 lt._segment_output.configs = default
                 seg = opts
             else:
-                c, z = z if isinstance(z, tuple) else (lt.CHUNK, z)
-                lt._segment_output.configs = [triton.Config({"Z_SPLIT": z, "C": c}, num_warps=opts[0],
-                                                            num_stages=opts[1])]
+                meta = {"Z_SPLIT": z[1], "C": z[0]} if isinstance(z, tuple) else {"Z_SPLIT": z}
+                lt._segment_output.configs = [triton.Config(meta, num_warps=opts[0], num_stages=opts[1])]
                 seg = None if forced else S
 
             def step():
@@ -85,6 +85,8 @@ def main(out, specs):
                 row = dict(ms=round(ms, 4), Mtok_s=round(B * S / ms / 1e3, 3), rel_diff_vs_default=err)
             except Exception as e:  # a forced config that does not fit: say so, go on
                 row = dict(error=f"{type(e).__name__}: {str(e)[:200]}")
+            if z is None and name == "default":
+                row["picked"] = str(getattr(lt._segment_output, "best_config", None))
             result[f"{spec} {name}"] = row
             print(spec, name, row, flush=True)
     lt._segment_output.configs = default
