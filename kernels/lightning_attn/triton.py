@@ -223,8 +223,7 @@ def _segment_output(x_ptr, y_ptr, z_ptr, out_ptr, bound_ptr, edge_in_ptr, edge_o
                  mask=valid[:, None] & zmask[None, :])
 
         z_write = z * (write * update_scale).to(DOT)[:, None]
-        delta = tl.dot(tl.trans(y), z_write, input_precision=PRECISION)
-        state = state * tl.exp(lam * L.to(tl.float32)) + delta
+        state = tl.dot(tl.trans(y), z_write, acc=state * tl.exp(lam * L.to(tl.float32)), input_precision=PRECISION)
     if STORE_EDGE_OUT:  # the document's last segment in the direction of travel
         last_one = ((goes_to < 0) & (end > start)).to(tl.int32)
         tl.store(edge_out_ptr + ((doc.to(tl.int64) * H + h) * DY + dy[:, None]) * DZ + dz[None, :], state,
