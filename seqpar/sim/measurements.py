@@ -163,6 +163,10 @@ _AB_ROUNDS = {
         "method the other lasp runs do not share"),
     "2026-11-28-gpu-24th/call6/lasp_old_r{r}.json": _CALL6,
     "2026-11-28-gpu-24th/call6/lasp_new_r{r}.json": _CALL6,
+    # the twenty-fifth session
+    "2026-11-28-gpu-25th/call1/lightning_new_r{r}.json": (
+        "bench kernels --only lightning at ed89414 (the state pass as one weighted sum over token blocks, reverted "
+        "in f34a13f: no faster, the pass sits at the HBM roofline either way)"),
 }
 DIAGNOSTIC_FILES.update({name.format(r=r): why for name, why in _AB_ROUNDS.items() for r in (1, 2)})
 
