@@ -195,6 +195,7 @@ def _segment_output(x_ptr, y_ptr, z_ptr, out_ptr, bound_ptr, edge_in_ptr, edge_o
         x_src = _segment_desc(x_ptr, start, end, H, sxt, sxh, DY, C, BLOCK_DY)
         y_src = _segment_desc(y_ptr, start, end, H, syt, syh, DY, C, BLOCK_DY)
         z_src = _segment_desc(z_ptr, start, end, H, szt, szh, DZ, C, BLOCK_DZ // Z_SPLIT)
+        o_dst = _segment_desc(out_ptr, start, end, H, sot, soh, DZ, C, BLOCK_DZ // Z_SPLIT)
     else:
         x_src, y_src, z_src = x_ptr, y_ptr, z_ptr
     n_chunks = (end - start + C - 1) // C
@@ -211,16 +212,19 @@ def _segment_output(x_ptr, y_ptr, z_ptr, out_ptr, bound_ptr, edge_in_ptr, edge_o
         z = _load_chunk(z_ptr, z_src, tok, t0 - start, h, szt, szh, dz, z0, valid, zmask, TMA).to(DOT)
         read, write = _chunk_weights(lam, rows, L, REVERSE)
 
-        # Row weights go onto the dot operands (in their dtype) rather than onto fp32 results, so
-        # that one fp32 accumulator is live besides the state: at D = 128 the register file is the
-        # limit (ptxas, sm_90a, triton 3.6: 210 registers and no spills at Z_SPLIT=2 / 8 warps;
-        # ~200 bytes of spills at Z_SPLIT=1, left to the autotuner to weigh).
+        # At D = 128 the register file is the limit: the update's row weights go onto its z operand.
         scores = tl.dot(x, tl.trans(y), input_precision=PRECISION) * intra_decay
         out = tl.dot(scores.to(DOT), z, input_precision=PRECISION)
-        x_read = x * (read * read_scale).to(DOT)[:, None]
-        out = tl.dot(x_read, state.to(DOT), acc=out, input_precision=PRECISION)
-        tl.store(out_ptr + tok[:, None] * sot + h * soh + dz[None, :], out.to(out_ptr.dtype.element_ty),
-                 mask=valid[:, None] & zmask[None, :])
+        # The read's row weights go onto the fp32 result, not onto x: x then never leaves shared memory (both
+        # its dots take it from there), and the outputs leave by TMA where the loads came by it: at Z_SPLIT=2,
+        # 4 warps (the tuner's pick at D=128), ptxas (triton 3.6, sm_90a) put 496 bytes a thread on the stack
+        # before, 24 after.
+        out += tl.dot(x, state.to(DOT), input_precision=PRECISION) * (read * read_scale)[:, None]
+        if TMA:
+            o_dst.store([t0 - start, h, z0], out.to(out_ptr.dtype.element_ty).reshape(C, 1, BLOCK_DZ // Z_SPLIT))
+        else:
+            tl.store(out_ptr + tok[:, None] * sot + h * soh + dz[None, :], out.to(out_ptr.dtype.element_ty),
+                     mask=valid[:, None] & zmask[None, :])
 
         z_write = z * (write * update_scale).to(DOT)[:, None]
         state = tl.dot(tl.trans(y), z_write, acc=state * tl.exp(lam * L.to(tl.float32)), input_precision=PRECISION)
@@ -457,7 +461,7 @@ def _output(x, y, z, bound, bound_strides, edge_in, edge_in_strides, edge_out, t
         x.stride(0), x.stride(1), y.stride(0), y.stride(1), z.stride(0), z.stride(1), out.stride(0), out.stride(1),
         *bound_strides, *(edge_in_strides if edge_in is not None else (0, 0, 0, 0)), H, *scales,
         C=CHUNK, REVERSE=reverse, DOT=dot, PRECISION=prec, HAS_EDGE_IN=edge_in is not None,
-        STORE_EDGE_OUT=edge_out is not None, TMA=use_tma(x, y, z, default_on=TMA_DEFAULT), **_dims(dy, dz))
+        STORE_EDGE_OUT=edge_out is not None, TMA=use_tma(x, y, z, out, default_on=TMA_DEFAULT), **_dims(dy, dz))
     return out
 
 
