@@ -138,6 +138,10 @@ CODE_CHANGES = (
     # its one-GPU baseline 20.04 -> 19.64)
     ("2026-11-27T21:37:20+00:00", ("c8f2856 the lightning kernels' segments up to 8192 tokens (2048 before): "
                                    "fewer boundary states")),
+    # the lightning output pass's registers (2026-11-28-gpu-25th/call9, one H100: one 64k row 4.69 -> 4.23 ms
+    # fwd+bwd, 16 rows of 4k 4.11 -> 3.38); no kernels-bench row of it yet
+    ("2026-11-28T08:11:32+00:00", ("0231d9c the lightning output pass scales the state read's rows on its fp32 result and "
+                                   "stores its outputs by TMA: no register spills at the tuner's pick")),
 )
 
 
@@ -165,12 +169,12 @@ SAME_KERNEL_BENCHES += ("c52307c", "ff4de8f")
 SAME_KERNEL_BENCHES += ("195962d", "bb52ff6", "de46c0e", "e1a8f31")
 # ... and ba5602e (the ring's folds, as de46c0e)
 SAME_KERNEL_BENCHES += ("ba5602e",)
-# ... and c8f2856 (the lightning kernel only, as 195962d)
-SAME_KERNEL_BENCHES += ("c8f2856",)
+# ... and c8f2856, 0231d9c (the lightning kernel only, as 195962d)
+SAME_KERNEL_BENCHES += ("c8f2856", "0231d9c")
 # (not 6eda7f2: the kernels bench's split rows and the disagg bench's servers change with it)
 # CODE_CHANGES entries that changed the lightning kernel (79fc72c's entry holds e049981's one-scan
 # exchange): its kernels-bench rows measure one kernel only between two of them
-LIGHTNING_CHANGES = ("79fc72c", "83f5aae", "195962d", "c8f2856")
+LIGHTNING_CHANGES = ("79fc72c", "83f5aae", "195962d", "c8f2856", "0231d9c")
 
 
 def kernel_eras(era: int) -> tuple[int, ...]:
