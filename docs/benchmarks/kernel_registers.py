@@ -51,7 +51,8 @@ def usage(kernel, constexprs, num_warps, num_stages):
         f.write(compiled.asm["cubin"])
         f.flush()
         tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-        text = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True, check=True).stdout
+        text = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True,
+                              check=True).stdout
     line = next(part for part in text.splitlines() if "REG:" in part)
     fields = dict(item.split(":") for item in line.split() if ":" in item)
     return int(fields["REG"]), int(fields["STACK"])

@@ -54,8 +54,9 @@ def main(out, specs):
         variants = [("default", None, None)] + [(f"seg{n}", None, n) for n in segs]
     forced = [tuple(int(x) for x in c.split(":")) for c in os.environ.get("OUT_CONFIGS", "").split(",") if c]
     if forced:
-        variants = [("default", None, None)] + [("C{}_z{}_w{}_s{}".format(*f) if len(f) == 4 else "z{}_w{}_s{}".format(*f),
-                                                 f[:-2] if len(f) == 4 else f[0], f[-2:]) for f in forced]
+        names = ["C{}_z{}_w{}_s{}".format(*f) if len(f) == 4 else "z{}_w{}_s{}".format(*f) for f in forced]
+        variants = [("default", None, None)] + [(name, f[:-2] if len(f) == 4 else f[0], f[-2:])
+                                                for name, f in zip(names, forced)]
     result = {}
     for spec in specs:
         B, S = (int(x) for x in spec.split("x")) if "x" in spec else (1, int(spec))

@@ -140,8 +140,8 @@ CODE_CHANGES = (
                                    "fewer boundary states")),
     # the lightning output pass's registers (2026-11-28-gpu-25th/call9, one H100: one 64k row 4.69 -> 4.23 ms
     # fwd+bwd, 16 rows of 4k 4.11 -> 3.38); no kernels-bench row of it yet
-    ("2026-11-28T08:11:32+00:00", ("0231d9c the lightning output pass scales the state read's rows on its fp32 result and "
-                                   "stores its outputs by TMA: no register spills at the tuner's pick")),
+    ("2026-11-28T08:11:32+00:00", ("0231d9c the lightning output pass scales the state read's rows on its fp32 "
+                                   "result and stores its outputs by TMA: no register spills at the tuner's pick")),
 )
 
 
