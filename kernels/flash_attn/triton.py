@@ -345,17 +345,8 @@ def _attn_bwd_dkdv(q_ptr, k_ptr, v_ptr, do_ptr, lse2_ptr, delta_ptr, dk_ptr, dv_
     offs_d = tl.arange(0, HEAD_DIM)
     keys = (k0 + offs_n).to(tl.int64)
     kmask = offs_n < Lk
-    if TMA:  # the tile stays in shared memory: both its dots take it from there
-        first_key = b * skb + hk * skh + k0.to(tl.int64) * sks
-        k_desc = _rows_desc(k_ptr + first_key, Lk, 1, sks, skh, BLOCK_N, HEAD_DIM)
-        v_desc = _rows_desc(v_ptr + b * svb + hk * svh + k0.to(tl.int64) * svs, Lk, 1, svs, svh, BLOCK_N, HEAD_DIM)
-        k = _load_rows(k_ptr, k_desc, n0, 0, offs_n, kmask, sks, offs_d, TMA)
-        v = _load_rows(v_ptr, v_desc, n0, 0, offs_n, kmask, svs, offs_d, TMA)
-    else:
-        k = tl.load(k_ptr + b * skb + hk * skh + keys[:, None] * sks + offs_d[None, :], mask=kmask[:, None],
-                    other=0.0)
-        v = tl.load(v_ptr + b * svb + hk * svh + keys[:, None] * svs + offs_d[None, :], mask=kmask[:, None],
-                    other=0.0)
+    k = tl.load(k_ptr + b * skb + hk * skh + keys[:, None] * sks + offs_d[None, :], mask=kmask[:, None], other=0.0)
+    v = tl.load(v_ptr + b * svb + hk * svh + keys[:, None] * svs + offs_d[None, :], mask=kmask[:, None], other=0.0)
     k = k.to(DOT)
     v = v.to(DOT)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
