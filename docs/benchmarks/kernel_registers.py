@@ -1,4 +1,5 @@
-"""Registers and stack (spills) of the lightning kernels per config, compiled for sm_90a without a GPU.
+"""Registers and stack (spills) of the lightning kernels and the flash dk/dv kernel per config, compiled for
+sm_90a without a GPU.
 
 ptxas decides whether a kernel spills; Triton can compile for a target without a device, and the
 cubin's resource usage (`cuobjdump --dump-resource-usage`) says REG (per thread) and STACK (bytes per
@@ -12,8 +13,10 @@ newer one a CPU machine may have (their register allocation differs):
     chmod +x /tmp/tr36/triton/backends/nvidia/bin/*
     PYTHONPATH=/tmp/tr36 TRITON_CACHE_DIR=/tmp/tc36 python3 docs/benchmarks/kernel_registers.py
 
-Prints one line per (kernel, direction, Z_SPLIT, warps, stages, TMA). The twenty-fifth session found the
-output pass at the tuner's pick (2, 4, 2, TMA) on 255 registers and a 496-byte stack; 0231d9c took it to 24.
+Prints one line per kernel and config. The twenty-fifth session found the lightning output pass at the tuner's
+pick (2, 4, 2, TMA) on 255 registers and a 496-byte stack; 0231d9c took it to 24 (10-21% faster on H100). The
+flash dk/dv kernel's D=64 pick (128, 32, 4, 3, SPLIT) spills 768-968 B; b959a35 (reverted, not timed) took it to
+248-352 B.
 """
 import os
 import subprocess
@@ -25,11 +28,14 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from seqpar.kernels.flash_attn import triton as ft
 from seqpar.kernels.lightning_attn import triton as lt
 
+# pointers not named here point to bf16
 _POINTERS = {"seg_ptr": "*i32", "lam_ptr": "*fp32", "bound_ptr": "*fp32", "edge_in_ptr": "*fp32",
-             "edge_out_ptr": "*fp32", "local_ptr": "*fp32", "tail_ptr": "*fp32"}
-_SCALARS = ("intra_scale", "read_scale", "update_scale")
+             "edge_out_ptr": "*fp32", "local_ptr": "*fp32", "tail_ptr": "*fp32", "lse2_ptr": "*fp32",
+             "delta_ptr": "*fp32", "tiles_ptr": "*i32", "cu_q_ptr": "*i32", "cu_k_ptr": "*i32"}
+_SCALARS = ("intra_scale", "read_scale", "update_scale", "qk_scale", "sm_scale")
 
 
 def usage(kernel, constexprs, num_warps, num_stages):
@@ -74,6 +80,14 @@ def main():
             regs, stack = usage(lt._segment_state, consts, w, s)
             print(f"_segment_state reverse={reverse} Z_SPLIT={z} warps={w} stages={s} TMA=True: "
                   f"{regs} registers, {stack} B stack", flush=True)
+    for head_dim in (128, 64):
+        for keys, queries, w, s, split in ft._DKDV_OPTIONS:
+            for varlen in (False, True):
+                consts = dict(HEAD_DIM=head_dim, CAUSAL=True, VARLEN=varlen, ACCUM=False, DOT=tl.bfloat16,
+                              PRECISION="tf32", TMA=True, BLOCK_M=queries, BLOCK_N=keys, SPLIT=split)
+                regs, stack = usage(ft._attn_bwd_dkdv, consts, w, s)
+                print(f"_attn_bwd_dkdv D={head_dim} keys={keys} queries={queries} warps={w} stages={s} "
+                      f"SPLIT={split} varlen={varlen} TMA=True: {regs} registers, {stack} B stack", flush=True)
     return 0
 
 
