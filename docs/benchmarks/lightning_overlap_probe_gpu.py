@@ -14,6 +14,7 @@ import sys
 
 import torch
 
+from lightning_rows_gpu import _time  # (this folder: the script's own directory is on sys.path)
 from seqpar.kernels.lightning_attn import triton as lt
 
 
@@ -30,18 +31,6 @@ def _row(S, H, D, dev, lam):
     def state():
         lt._segment_locals(kt, vt, tab, lam, 1.0, False)
     return out, state
-
-
-def _ms(fn, iters=20):
-    fn()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(iters):
-        fn()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) / iters
 
 
 def main(out_path, pairs):
@@ -72,7 +61,7 @@ def main(out_path, pairs):
         for _ in range(2):  # two rounds, in turn
             for name, fn in (("output_alone", out_a), ("state_alone", state_b), ("serial", serial),
                              ("two_streams", both)):
-                row.setdefault(name, []).append(round(_ms(fn), 4))
+                row.setdefault(name, []).append(round(_time(fn, iters=20, warmup=1), 4))
         best = {k: min(v) for k, v in row.items()}
         row["two_streams_over_serial"] = round(best["two_streams"] / best["serial"], 3)
         row["two_streams_over_max"] = round(best["two_streams"] / max(best["output_alone"], best["state_alone"]), 3)

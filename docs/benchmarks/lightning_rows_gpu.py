@@ -30,8 +30,9 @@ import triton
 from seqpar.kernels.lightning_attn import triton as lt
 
 
-def _time(fn, iters=10):
-    for _ in range(3):
+def _time(fn, iters=10, warmup=3):
+    """CUDA-event ms per call of `fn`, `iters` back to back after `warmup` calls."""
+    for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
     a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
