@@ -187,11 +187,16 @@ def _keep_usp_results(fn, group):
 
 def _transfer_order():
     """Log of one fwd+bwd: 'shift' when a transfer is posted, 'wait' when it is awaited, 'fwd' and
-    'bwd' for each block computed."""
-    log = []
+    'bwd' for each block computed; and the rows of each tensor each transfer sent."""
+    log, sent = [], []
     shift, wait = ring_module.RingComm.exchange, ring_module.Pending.wait
     fwd, bwd = ring_module.flash_attn, ring_module.flash_attn_backward
-    ring_module.RingComm.exchange = lambda self, *a: (log.append("shift"), shift(self, *a))[1]
+
+    def exchange(self, send, recv):
+        log.append("shift")
+        sent.append([t.shape[1] for t in send])
+        return shift(self, send, recv)
+    ring_module.RingComm.exchange = exchange
     ring_module.Pending.wait = lambda self: (log.append("wait"), wait(self))[1]
     ring_module.flash_attn = lambda *a, **kw: (log.append("fwd"), fwd(*a, **kw))[1]
     ring_module.flash_attn_backward = lambda *a, **kw: (log.append("bwd"), bwd(*a, **kw))[1]
@@ -202,7 +207,7 @@ def _transfer_order():
     finally:
         ring_module.RingComm.exchange, ring_module.Pending.wait = shift, wait
         ring_module.flash_attn, ring_module.flash_attn_backward = fwd, bwd
-    return log
+    return log, sent
 
 
 def test_ulysses_names_the_heads_that_do_not_divide(world_results):
@@ -217,7 +222,7 @@ def test_transfers_are_posted_before_the_compute_they_overlap(world_results):
     world, results = world_results
     if world != 2:
         pytest.skip("checked in the world-2 run")
-    log = results[0][1]["order"]
+    log, sent = results[0][1]["order"]
     split = log.index("bwd") - 1  # the backward opens with its K/V shift
     fwd_log, bwd_log = log[:split], log[split:]
     # forward: the K/V shift goes out first and is awaited only after step 0's blocks
@@ -240,10 +245,30 @@ def test_ring_of_2_keeping_the_peer_kv_matches_single_process_and_moves_no_kv_in
             assert err <= TOL, f"keep {case}: relative error {err:.2e}"
     _assert_doc_zigzag([k[1] for k in keeps], 2)
     _assert_doc_balanced([k[2] for k in keeps], 2)
-    for *_, log in keeps:
+    for *_, (log, sent) in keeps:
         bwd_log = log[log.index("bwd"):]
         # the backward: the remote block, the dK/dV hop home posted, the own shard in one call, then the wait
         assert bwd_log == ["bwd", "shift", "bwd", "wait"], bwd_log
+
+
+def test_ring_of_2_sends_only_the_kv_rows_its_peer_reads(world_results):
+    """Zigzag, causal: rank 0 holds chunks 0 and 3 of 4; rank 1 reads only chunk 0 (chunk 3 is the
+    sequence's last), so rank 0's K/V shift carries half its rows; rank 1's queries (chunks 1, 2)
+    see all of its rows from rank 0's chunk 3. The same in the backward's K/V shift."""
+    world, results = world_results
+    if world != 2:
+        pytest.skip("a ring of 2 only")
+    half = SEQ // 4
+    for rank, (_, extra, *_) in enumerate(results):
+        _, sent = extra["order"]
+        want = [half, half] if rank == 0 else [2 * half, 2 * half]
+        assert sent[:2] == [want, want], (rank, sent)  # the forward's one K/V shift, then the backward's
+    for rank in range(2):
+        held = tuple(tuple(local_ranges(64, 2, r, "zigzag")) for r in range(2))
+        causal = ring_module._held_ring_plan(held, rank, None, True, False)
+        assert (causal.send_len, causal.recv_len) == ((16, 32) if rank == 0 else (32, 16))
+        full = ring_module._held_ring_plan(held, rank, None, False, False)
+        assert (full.send_len, full.recv_len) == (32, 32)  # without a mask every row is seen
 
 
 def test_usp_keeping_the_peer_kv_matches_single_process(world_results):
@@ -607,10 +632,14 @@ def _assert_doc_balanced(results, world):
             for causal in (True, False):  # only the cut documents' rows travel, and none when nothing is cut
                 msgs = sent[(rows, causal)]
                 # every message is split_len rows (the forward's world - 1 K/V shifts come first), but
-                # the ring of 2's raw hop home, which carries block gradients as the kernel wrote them
+                # the ring of 2's: its K/V shift carries the rows of those its peer reads, its raw hop
+                # home the block gradients as the kernel wrote them
                 travel = msgs if world > 2 else msgs[:world - 1]
                 assert (msgs == []) == (plan.split_len == 0), (rows, msgs)
-                assert all(set(m) == {plan.split_len} for m in travel), (rows, plan.split_len, msgs)
+                if world > 2:
+                    assert all(set(m) == {plan.split_len} for m in travel), (rows, plan.split_len, msgs)
+                else:
+                    assert all(len(set(m)) == 1 and m[0] <= plan.split_len for m in travel), (rows, msgs)
     if world == 1:
         return
     # the cases exercise what they are named for (both cut and whole documents where it says so)

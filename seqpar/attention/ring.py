@@ -330,6 +330,15 @@ class RingPlan:
         # folded, zero-filled or widened to fp32 before the transfer, and half the bytes move.
         self.raw_hop = len(steps) == 2
         self.peer_last = peer_last if self.raw_hop else None
+        # The K/V rows that leave (`send_len`) and arrive (`recv_len`): a ring of 2 sends only the
+        # leading rows its peer's one remote step reads (zigzag, causal: the earlier chunk; the later
+        # one is the sequence's last, which no other rank sees), in the forward and in the backward's
+        # shift; a longer ring moves `travel_len` rows on every hop.
+        if self.raw_hop:
+            self.send_len = max((b.k.stop for b in peer_last), default=0)
+            self.recv_len = max((b.k.stop for b in steps[1]), default=0)
+        else:
+            self.send_len = self.recv_len = self.travel_len
         own = [b.k for b in self.first + self.tail]
         if self.raw_hop:
             self.home = plan_folds(own + [b.k for b in peer_last], k_len, final=True, pairs=True, trios=True)
@@ -350,7 +359,7 @@ class RingPlan:
         the block gradients as the kernels wrote them, both ways) or the fp32 dK/dV travelling on."""
         row = [t[0, :1].numel() * t.element_size() * t.shape[0] for t in (k, v)]  # bytes per K / V row
         sizes = lambda counts, scale=1: [n * r * scale for n in counts for r in row]
-        kv = staged_bytes(sizes([self.travel_len]))
+        kv = staged_bytes(sizes([max(self.send_len, self.recv_len)]))
         if self.raw_hop:
             own, peer = ([b.k.stop - b.k.start for b in blocks] for blocks in (self.steps[1], self.peer_last))
             grads = max(staged_bytes(sizes(own)), staged_bytes(sizes(peer)))
@@ -434,7 +443,8 @@ class _RingAttention(torch.autograd.Function):
         kv = (k.contiguous(), v.contiguous())  # only the Hkv heads travel (GQA)
         kept, n = {}, 0  # results whose rows' next result merges with them, by number
         for step, blocks in enumerate(steps):
-            pending = comm.shift(_travelling(kv, plan) if step == 0 else kv) if step + 1 < len(steps) else None
+            pending = comm.shift(_travelling(kv, plan) if step == 0 else kv, plan.recv_len) \
+                if step + 1 < len(steps) else None
             k_vis, v_vis = kv
             for blk in blocks:
                 o, l = flash_attn(q[:, blk.q], k_vis[:, blk.k], v_vis[:, blk.k], causal=blk.causal,
@@ -485,12 +495,12 @@ class _RingAttention(torch.autograd.Function):
                 fold_grad(runs, dk_b, accs[0], finals[0], kept_k)
                 fold_grad(runs, dv_b, accs[1], finals[1], kept_v)
 
-        pending_kv = comm.shift(_travelling(kv, plan)) if len(steps) > 1 and not plan.keep else None
+        pending_kv = comm.shift(_travelling(kv, plan), plan.recv_len) if len(steps) > 1 and not plan.keep else None
         home = [grads(blk, kv) for blk in plan.first]  # hides the first K/V transfer
         pending_dkv, home_accs = None, None
         for step in range(1, len(steps)):
             kv_vis = tuple(kept_kv) if plan.keep else pending_kv.wait()
-            pending_kv = comm.shift(kv_vis) if step + 1 < len(steps) else None
+            pending_kv = comm.shift(kv_vis, plan.recv_len) if step + 1 < len(steps) else None
             folds = plan.travel[step]
             if plan.raw_hop:  # home as they are; the previous rank's come back the same way
                 sent = [t.contiguous() for blk in steps[step] for t in grads(blk, kv_vis)]
@@ -534,9 +544,10 @@ class _RingAttention(torch.autograd.Function):
 
 
 def _travelling(kv, plan):
-    """The leading rows of the own K/V that go round the ring (views: rows of a B=1 row are contiguous)."""
-    rows = plan.travel_len
-    return kv if rows == kv[0].shape[1] else tuple(t[:, :rows] for t in kv)
+    """The leading rows of the own K/V that leave this rank (views where B = 1: its rows are
+    contiguous; a copy of the rows otherwise)."""
+    rows = plan.send_len
+    return kv if rows == kv[0].shape[1] else tuple(t[:, :rows].contiguous() for t in kv)
 
 
 def _home_accumulator(final, acc_dtype):
@@ -619,17 +630,19 @@ class RingComm:
         if self.copy is not None:
             self.copy.reserve(*plan.exchange_bytes(k, v))
 
-    def shift(self, tensors) -> "Pending":
-        """Send `tensors` (contiguous) on, receive the previous rank's of the same shapes; K and V
-        go as two messages of one batch rather than one packed copy."""
-        return self.exchange(tensors, tuple(torch.empty_like(t) for t in tensors))
+    def shift(self, tensors, rows=None) -> "Pending":
+        """Send `tensors` (contiguous, [B, S, ...]) on, receive the previous rank's: of the same
+        shapes, or of `rows` rows; K and V go as two messages of one batch rather than one packed copy."""
+        shape = lambda t: t.shape if rows is None else (t.shape[0], rows) + t.shape[2:]  # noqa: E731
+        return self.exchange(tensors, tuple(t.new_empty(shape(t)) for t in tensors))
 
     def exchange(self, send, recv) -> "Pending":
-        """Send the tensors `send` to the next rank while receiving the previous rank's into `recv`."""
+        """Send the tensors `send` to the next rank while receiving the previous rank's into `recv`
+        (empty ones are left out: the peer leaves out its side of them too)."""
         if self.copy is not None:
             return self.copy.exchange(send, recv)
-        ops = [dist.P2POp(dist.isend, t, self.next, self.group) for t in send]
-        ops += [dist.P2POp(dist.irecv, b, self.prev, self.group) for b in recv]
+        ops = [dist.P2POp(dist.isend, t, self.next, self.group) for t in send if t.numel()]
+        ops += [dist.P2POp(dist.irecv, b, self.prev, self.group) for b in recv if b.numel()]
         return Pending(dist.batch_isend_irecv(ops) if ops else [], tuple(recv), send)
 
 
