@@ -1210,6 +1210,19 @@ def test_fourth_session_runs_belong_to_the_equal_tails_era():
     assert era_since("852d464") == era_since("755a3a8") + 1
 
 
+def test_lightning_rows_price_every_era_of_their_kernel():
+    """A lightning kernel's rows measure every era from its change to the next change of anything
+    but the ring's transfers: 0231d9c's kernels-bench rows (first run after 95a8d48) price the LASP
+    runs made between the two; the kernel before 0231d9c never takes them."""
+    from seqpar.sim.eras import era_since, lightning_eras
+
+    kernel, ring = era_since("0231d9c"), era_since("95a8d48")
+    assert ring == kernel + 1
+    assert set(lightning_eras(kernel)) >= {kernel, ring} and kernel - 1 not in lightning_eras(kernel)
+    assert set(lightning_eras(ring)) >= {kernel, ring}
+    assert kernel not in lightning_eras(kernel - 1) and ring not in lightning_eras(kernel - 1)
+
+
 def test_head_dim_rates_per_kernel_from_the_bench(tmp_path, calib):
     """sim_hd64 rows: per kernel, the median over the shapes of TFLOP/s at head dim 64 over 128
     ('dispatch' rows and shapes measured at one head dim only are not used); each call then runs

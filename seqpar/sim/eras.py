@@ -139,9 +139,13 @@ CODE_CHANGES = (
     ("2026-11-27T21:37:20+00:00", ("c8f2856 the lightning kernels' segments up to 8192 tokens (2048 before): "
                                    "fewer boundary states")),
     # the lightning output pass's registers (2026-11-28-gpu-25th/call9, one H100: one 64k row 4.69 -> 4.23 ms
-    # fwd+bwd, 16 rows of 4k 4.11 -> 3.38); no kernels-bench row of it yet
+    # fwd+bwd, 16 rows of 4k 4.11 -> 3.38); its kernels-bench rows: 2026-11-28-gpu-26th/call7 (one H200)
     ("2026-11-28T08:11:32+00:00", ("0231d9c the lightning output pass scales the state read's rows on its fp32 "
                                    "result and stores its outputs by TMA: no register spills at the tuner's pick")),
+    # the ring of 2's K/V shift (2026-11-28-gpu-26th/calls 3-4, 2 H200, alternating with the code before:
+    # ring ms at 32k equal within noise with keep, 0.08 ms faster without)
+    ("2026-11-28T09:44:17+00:00", ("95a8d48 a ring of 2 sends only the K/V rows its peer's remote step reads "
+                                   "(zigzag, causal: rank 0 half its rows), forward and backward")),
 )
 
 
@@ -171,6 +175,8 @@ SAME_KERNEL_BENCHES += ("195962d", "bb52ff6", "de46c0e", "e1a8f31")
 SAME_KERNEL_BENCHES += ("ba5602e",)
 # ... and c8f2856, 0231d9c (the lightning kernel only, as 195962d)
 SAME_KERNEL_BENCHES += ("c8f2856", "0231d9c")
+# ... and 95a8d48 (the ring's transfers, as 47528c5)
+SAME_KERNEL_BENCHES += ("95a8d48",)
 # (not 6eda7f2: the kernels bench's split rows and the disagg bench's servers change with it)
 # CODE_CHANGES entries that changed the lightning kernel (79fc72c's entry holds e049981's one-scan
 # exchange): its kernels-bench rows measure one kernel only between two of them
@@ -188,9 +194,15 @@ def kernel_eras(era: int) -> tuple[int, ...]:
 
 def lightning_eras(era: int) -> tuple[int, ...]:
     """The eras whose lightning kernel rows measure era `era`'s kernel: `kernel_eras` back to the last
-    of LIGHTNING_CHANGES at or before `era`."""
+    of LIGHTNING_CHANGES at or before `era`, and forward up to the next change that is not in
+    SAME_KERNEL_BENCHES or is itself a lightning change (a kernel first benchmarked after a ring
+    change, as 0231d9c's after 95a8d48, still prices the LASP runs made before that change)."""
     since = max((era_since(c) for c in LIGHTNING_CHANGES if era_since(c) <= era), default=0)
-    return tuple(e for e in kernel_eras(era) if e >= since)
+    last = era
+    while last < len(CODE_CHANGES) and CODE_CHANGES[last][1].split()[0] in SAME_KERNEL_BENCHES \
+            and CODE_CHANGES[last][1].split()[0] not in LIGHTNING_CHANGES:
+        last += 1
+    return tuple(e for e in kernel_eras(era) if e >= since) + tuple(range(era + 1, last + 1))
 
 
 @functools.lru_cache(maxsize=None)  # CODE_CHANGES is a constant; the cost model asks this per call priced

@@ -167,8 +167,17 @@ _AB_ROUNDS = {
     "2026-11-28-gpu-25th/call1/lightning_new_r{r}.json": (
         "bench kernels --only lightning at ed89414 (the state pass as one weighted sum over token blocks, reverted "
         "in f34a13f: no faster, the pass sits at the HBM roofline either way)"),
+    # the twenty-sixth session: ring_send_ab_gpu.sh's runs of the code before 95a8d48 (call 4: round 3 below)
+    **{f"2026-11-28-gpu-26th/call3/old_{case}_r{{r}}.json": (
+        "bench ring at cbd013f, before 95a8d48 (a ring of 2 sent all its K/V rows), run beside the new code's rows "
+        "in the same call as their A/B") for case in ("flash_keep1", "cudnn_keep1", "flash_keep0")},
 }
 DIAGNOSTIC_FILES.update({name.format(r=r): why for name, why in _AB_ROUNDS.items() for r in (1, 2)})
+DIAGNOSTIC_FILES.update({f"2026-11-28-gpu-26th/call4/old_{case}_r3.json": _AB_ROUNDS[
+    "2026-11-28-gpu-26th/call3/old_flash_keep1_r{r}.json"] for case in ("flash_keep1", "flash_keep0")})
+DIAGNOSTIC_FILES["2026-11-28-gpu-26th/call1/light/lightning.json"] = (
+    "bench kernels --only lightning on one GPU of two while the other ran flash_file_ab_gpu.py on the same host: "
+    "one 64k row 3.89 ms fwd+bwd against 3.45-3.78 in call 6 and 3.67 in call 7 (alone, one H200)")
 
 # Runs whose step times something outside the run slowed (memory peaks unaffected: each process's own
 # allocator): (folder/file) -> why. Their times feed no constant (fit_e2e) and validate lists them
