@@ -483,6 +483,10 @@ def test_bench_disagg_smoke_form(tmp_path):
     # compute and transfers alone on the parts batches (the first 4 by default: all of the smoke's)
     rows = [r for c in result["cases"] for r in c["rows"]]
     assert all(len(r["disagg_timeline"]) == 2 for r in rows)  # one per rank
+    # each rank's median wait per phase; a call that moved work waited (host time on CPU) somewhere
+    phases = {"fwd_in", "fwd_out", "bwd_in", "bwd_out"}
+    assert all(len(r["disagg_waited_by_phase"]) == 2 and all(set(w) == phases for w in r["disagg_waited_by_phase"])
+               for r in rows), rows[0]["disagg_waited_by_phase"]
     assert all(r["disagg_compute_only_ms"] > 0 and (r["disagg_collectives"] > 0) == (r["disagg_bytes"] > 0)
                for r in rows), rows
     # each rank's timeline of one call: marks in the order the compute reached them

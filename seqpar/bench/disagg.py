@@ -22,7 +22,8 @@ one layer (bf16, H=32 query heads, 8 key/value heads, D=128 on CUDA), per batch:
   that moved work, with the whole's time over the same batches; and waited (per call, the time
   the compute stream stood still on transfers, CUDA events around each wait, counted after a
   warm-up call), so hidden_fraction = 1 - waited / comm_only: the share of the transfers' own time
-  that the compute did not wait for (the issue's "ping-pong hiding"); and
+  that the compute did not wait for (the issue's "ping-pong hiding"), with each rank's waits per
+  phase (`{method}_waited_by_phase`: fwd_in, fwd_out, bwd_in, bwd_out); and
   one more call per parts batch recorded as each rank's timeline (`{method}_timeline`: per rank,
   (mark, ms) when each nano-batch's transfer was ready, its kernel done, each direction ended).
 
@@ -238,11 +239,14 @@ def bench_batch(args, bounds, device, timer, world, rank, check=False, parts=Fal
              "ring": lambda: _fwd_bwd(lambda *x: ring_attention(*x, causal=True, cu_seqlens=cu, layout="zigzag"), *zz),
              "per_doc_cp": lambda: _fwd_bwd(lambda *x: _DisaggAttention.apply(*x, pd_routes, None, True, None, None), *pd)}
     waited = {name: [] for name in disagg}
+    by_phase = {name: {phase: [] for phase in disagg_metrics.PHASES} for name in disagg}
 
     def after(name):  # compute stood still waiting for transfers, per call (read outside the timed run)
         m = step_metrics()
         if name in waited and m:
             waited[name].append(m["sp/exposed_comm_ms"] / m["sp/disagg_calls"])
+            for phase, times in by_phase[name].items():
+                times.append(m[f"sp/exposed_{phase}_ms"] / m["sp/disagg_calls"])
 
     ms = timer(calls, after=after)
     times = _all_ranks(ms["dp_no_rebalance"], device)
@@ -256,6 +260,10 @@ def bench_batch(args, bounds, device, timer, world, rank, check=False, parts=Fal
         fn = disagg[name]
         row[f"{name}_ms"] = _max_over_ranks(ms[name], device)
         row[f"{name}_waited_ms"] = _max_over_ranks(sorted(waited[name])[len(waited[name]) // 2], device)
+        # per rank, the median wait per call in each phase: where a rank stood still, and whether the
+        # transfer was slow (every rank waits) or one rank late (the others wait for it)
+        row[f"{name}_waited_by_phase"] = _gather_objects(
+            {phase: round(sorted(t)[len(t) // 2], 3) for phase, t in by_phase[name].items() if t})
         routes, info = _plan_routes(tuple(bounds), S, world, rank, "contiguous", float(opts.eps), int(opts.min_chunk),
                                     True, planner_overhead(opts), (q_row, kv_row), sch,
                                     kernel_speed(*contiguous[:3], opts))
