@@ -625,6 +625,29 @@ def test_disagg_across_ranks_bf16_on_two_gpus_matches_fp32():
         assert syncs == [], syncs
 
 
+def _attention_comm(rank, world):
+    """dp=2 disagg over dp_cp on NCCL: the communicator ParallelDims builds for its all-to-alls."""
+    import torch.distributed as dist
+
+    from seqpar.parallel.dims import ParallelDims, attention_comm_options
+    torch.cuda.set_device(rank)
+    dims = ParallelDims(dp=2, cp=1, tp=1, pp=1, world_size=world, attention_dp_cp=True)
+    dims.build_mesh("cuda")
+    group = dims.group("attn_dp_cp")
+    x = torch.full((world,), float(rank), device="cuda")
+    out = torch.empty_like(x)
+    dist.all_to_all_single(out, x, group=group)
+    return (attention_comm_options().is_high_priority_stream, group is not dims.group("dp_cp"),
+            dist.get_process_group_ranks(group), out.tolist())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_disagg_communicator_runs_at_high_priority_on_nccl():
+    for high, own, ranks, got in run_distributed(_attention_comm, 2, backend="nccl"):
+        assert high and own and ranks == [0, 1] and got == [0.0, 1.0]
+
+
 def test_step_metrics_sum_a_step_and_reset():
     from seqpar.attention.disagg import metrics
     metrics.step_metrics()

@@ -191,13 +191,15 @@ def _attention_groups(rank, world):
             attn, dp_cp = dims.group("attn_dp_cp"), dims.group("dp_cp")
             out.append((shared, dims.attention_dp_cp, attn is dp_cp, dist.get_process_group_ranks(attn),
                         dist.get_process_group_ranks(dp_cp)))
-    return out
+    from seqpar.parallel.dims import attention_comm_options
+    return out, attention_comm_options()
 
 
 def test_disagg_over_dp_cp_gets_its_own_communicator():
     """Disagg's all-to-alls over dp_cp do not queue behind FSDP's collectives on one communicator
     (unless SEQPAR_DISAGG_SHARED_GROUP=1); other layouts build no extra group."""
-    for rank_results in run_distributed(_attention_groups, 4):
+    for rank_results, options in run_distributed(_attention_groups, 4):
+        assert options is None  # gloo: no stream priority to set (NCCL's: test_disagg's GPU test)
         (_, joined, same, attn, dp_cp), (_, ring_joined, ring_same, _, _), shared_run, _ = rank_results
         assert joined and not same and attn == dp_cp == [0, 1, 2, 3]
         assert not ring_joined and ring_same

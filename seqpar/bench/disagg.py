@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import gzip
 import json
 import os
@@ -59,7 +60,7 @@ from seqpar.attention.disagg.runtime import _DisaggAttention, _plan_routes, disa
 from seqpar.attention.ring import ring_attention
 from seqpar.bench.ring import _all_ranks, _max_over_ranks, _sync, _triton_version, lognormal_lengths
 from seqpar.kernels.flash_attn import flash_attn, flash_attn_backward
-from seqpar.parallel.dims import init_world
+from seqpar.parallel.dims import attention_comm_options, init_world
 from seqpar.parallel.sharding import shard_sequence
 
 MIX_FILES = ("wlbllm", "prolong")
@@ -210,6 +211,15 @@ def hidden_fraction(waited, comm_only):
     return None if comm_only <= 0 else 1 - waited / comm_only
 
 
+@functools.lru_cache(maxsize=None)
+def _attention_group():
+    """The world's ranks on a communicator like training's for disaggregated attention
+    (`ParallelDims`: its own, NCCL streams at high priority); the world group where there are no
+    such options (gloo)."""
+    options = attention_comm_options()
+    return None if options is None else dist.new_group(pg_options=options)
+
+
 def bench_batch(args, bounds, device, timer, world, rank, check=False, parts=False) -> dict:
     S = bounds[-1]
     hq, hkv, d, dt = args.heads, args.kv_heads, args.head_dim, args.dtype
@@ -230,14 +240,16 @@ def bench_batch(args, bounds, device, timer, world, rank, check=False, parts=Fal
     pd_tasks = plan_owned(list(bounds), owned, eps=float("inf"), min_chunk=1).tasks  # every rank serves its own chunks
     pd_routes = (route(pd_tasks, bounds, owned, rank, True),)
     pd = [_route_rows(t, owned[rank]) for t in (q, k, v, do)]
-    disagg = {name: (lambda *x, sch=sch: disagg_attention(*x, causal=True, cu_seqlens=cu, layout="contiguous",
-                                                          schedule=sch))
+    group = _attention_group()
+    disagg = {name: (lambda *x, sch=sch: disagg_attention(*x, group=group, causal=True, cu_seqlens=cu,
+                                                          layout="contiguous", schedule=sch))
               for name, sch in SCHEDULES.items()}
     calls = {"dp_no_rebalance": lambda: _fwd_bwd(lambda *x: kernels.flash_attn(*x, causal=True, cu_seqlens=own_cu),
                                                  *mine),
              **{name: (lambda fn=fn: _fwd_bwd(fn, *contiguous)) for name, fn in disagg.items()},
              "ring": lambda: _fwd_bwd(lambda *x: ring_attention(*x, causal=True, cu_seqlens=cu, layout="zigzag"), *zz),
-             "per_doc_cp": lambda: _fwd_bwd(lambda *x: _DisaggAttention.apply(*x, pd_routes, None, True, None, None), *pd)}
+             "per_doc_cp": lambda: _fwd_bwd(lambda *x: _DisaggAttention.apply(*x, pd_routes, group, True, None, None),
+                                            *pd)}
     waited = {name: [] for name in disagg}
     by_phase = {name: {phase: [] for phase in disagg_metrics.PHASES} for name in disagg}
 
