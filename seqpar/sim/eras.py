@@ -146,6 +146,10 @@ CODE_CHANGES = (
     # ring ms at 32k equal within noise with keep, 0.08 ms faster without)
     ("2026-11-28T09:44:17+00:00", ("95a8d48 a ring of 2 sends only the K/V rows its peer's remote step reads "
                                    "(zigzag, causal: rank 0 half its rows), forward and backward")),
+    # disagg's communicator (2026-11-28-gpu-27th/call4, 2 H200, wlbllm 128k: ping-pong's waits per call
+    # 1.1-4.4 ms -> 0.02, the calls' times equal within noise; call 6: llama_1b dp_cp 1.042x as before)
+    ("2026-11-28T11:11:00+00:00", ("f0ec2cd disagg's all-to-alls on a communicator whose NCCL streams run at "
+                                   "high priority (training over dp_cp, and the disagg bench)")),
 )
 
 
@@ -173,6 +177,8 @@ SAME_KERNEL_BENCHES += ("c52307c", "ff4de8f")
 SAME_KERNEL_BENCHES += ("195962d", "bb52ff6", "de46c0e", "e1a8f31")
 # ... and ba5602e (the ring's folds, as de46c0e)
 SAME_KERNEL_BENCHES += ("ba5602e",)
+# ... and f0ec2cd (disagg's communicator's stream priority: no kernel, no ring)
+SAME_KERNEL_BENCHES += ("f0ec2cd",)
 # ... and c8f2856, 0231d9c (the lightning kernel only, as 195962d)
 SAME_KERNEL_BENCHES += ("c8f2856", "0231d9c")
 # ... and 95a8d48 (the ring's transfers, as 47528c5)

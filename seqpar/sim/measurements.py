@@ -175,6 +175,14 @@ _AB_ROUNDS = {
 DIAGNOSTIC_FILES.update({name.format(r=r): why for name, why in _AB_ROUNDS.items() for r in (1, 2)})
 DIAGNOSTIC_FILES.update({f"2026-11-28-gpu-26th/call4/old_{case}_r3.json": _AB_ROUNDS[
     "2026-11-28-gpu-26th/call3/old_flash_keep1_r{r}.json"] for case in ("flash_keep1", "flash_keep0")})
+# the twenty-seventh session: environment A/Bs of the disagg bench beside its plain runs (calls 1, 5)
+DIAGNOSTIC_FILES.update({f"2026-11-28-gpu-27th/call2/disagg_2gpu_{n}_scratch8g.json": (
+    "bench disagg with SEQPAR_CUDNN_SCRATCH_MB=8192 (documents up to 104k tokens on cuDNN, 26k by default), an A/B "
+    "of an environment variable beside call1's runs: every method faster, disagg's ratio to the ideal worse")
+    for n in ("64k", "128k")})
+DIAGNOSTIC_FILES.update({f"2026-11-28-gpu-27th/call4/disagg_128k_hiprio{hp}_r{r}.json": (
+    "bench disagg on three wlbllm 128k batches with TORCH_NCCL_HIGH_PRIORITY=0/1 alternating, the A/B that "
+    "f0ec2cd followed: ping-pong's waits, not a full case") for hp in (0, 1) for r in (1, 2)})
 DIAGNOSTIC_FILES["2026-11-28-gpu-26th/call1/light/lightning.json"] = (
     "bench kernels --only lightning on one GPU of two while the other ran flash_file_ab_gpu.py on the same host: "
     "one 64k row 3.89 ms fwd+bwd against 3.45-3.78 in call 6 and 3.67 in call 7 (alone, one H200)")
