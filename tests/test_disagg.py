@@ -339,6 +339,29 @@ def _table(overhead, a=1e-7):
                         for q in (128, 512, 2048) for kv in (2048, 8192) if q <= kv]}
 
 
+def test_cost_table_fits_the_triton_cost_per_direction():
+    """A Triton pair 1.2 cuDNN pairs forward and 2.0 backward (the backward 2.5x the forward on
+    cuDNN): the fit gives both, and their time-weighted blend for the two together; pieces under
+    512 queries (their fixed costs dominate) and tasks the kernels share do not count."""
+    from seqpar.attention.disagg import fit_triton_cost
+    fwd, bwd = 1e-6, 2.5e-6  # cuDNN ms per pair
+    entries = []
+    for q, kv, cudnn in ((8192, 8192, True), (16384, 16384, True), (1024, 16384, False), (4096, 65536, False),
+                         (128, 65536, False), (2048, 32768, None)):
+        n = pairs(kv - q, kv, 0)
+        wf, wb = (1.0, 1.0) if cudnn else (1.2, 2.0) if cudnn is False else (1.1, 1.5)
+        extra = 0.5 if q < 512 else 0.0  # a short piece's fixed cost: ignored
+        entries.append({"q_len": q, "kv_len": kv, "fwd_ms": n * fwd * wf + extra, "ms": n * (fwd * wf + bwd * wb) + extra,
+                        "cudnn_pairs": n if cudnn else 0 if cudnn is False else n // 2,
+                        "triton_pairs": 0 if cudnn else n if cudnn is False else n - n // 2})
+    got = fit_triton_cost({"entries": entries})
+    assert got == {"forward": 1.2, "backward": 2.0, "both": round((1.2 * fwd + 2.0 * bwd) / (fwd + bwd), 3)}
+    with pytest.raises(ValueError, match="wholly on cuDNN"):
+        fit_triton_cost({"entries": [e for e in entries if not e["cudnn_pairs"]]})
+    with pytest.raises(ValueError, match="per-direction times"):
+        fit_triton_cost(_table(0))
+
+
 def test_cost_table_fits_the_task_overhead(tmp_path):
     from seqpar.attention.disagg import fit_task_overhead, load_cost_table
     assert abs(fit_task_overhead(_table(5000)) - 5000) <= 1
@@ -495,8 +518,13 @@ def test_bench_disagg_smoke_form(tmp_path):
         assert labels[0] == "fwd" and labels[-1] == "bwd end" and "fwd end" in labels and ms == sorted(ms), tl
         assert any(label.startswith("bwd attn") for label in labels), tl
     assert result["server_kernels"]["one_task"] == {"forward": "reference", "backward": "reference"}  # CPU
-    entries = json.loads(table.read_text())["entries"]
-    assert {(e["q_len"], e["kv_len"]) for e in entries} == {(16, 64), (64, 64), (16, 256), (64, 256)}
+    table = json.loads(table.read_text())
+    entries = table["entries"]
+    assert {(e["q_len"], e["kv_len"]) for e in entries} == {(16, 64), (64, 64), (16, 256), (64, 256), (128, 128)}
+    # per direction, and which kernel takes the pairs: on CPU one kernel, so no Triton-to-cuDNN ratio
+    assert all(0 < e["fwd_ms"] and e["cudnn_pairs"] == 0 and e["triton_pairs"] == pairs(e["kv_len"] - e["q_len"],
+               e["kv_len"], 0) for e in entries), entries
+    assert table["fitted_triton_cost"] is None and "wholly on cuDNN" in table["fit_error_triton_cost"]
 
 
 def _rounds(rank, world):

@@ -29,9 +29,12 @@ one layer (bf16, H=32 query heads, 8 key/value heads, D=128 on CUDA), per batch:
 
 Reported per (mix, tokens per rank): modelled attention imbalance (max/mean) before and after
 planning, bytes each method sends (fwd+bwd, summed over ranks), and the methods' times averaged
-over the batches. `--profile-cost-table OUT.json` instead times one varlen flash fwd+bwd per task
-shape over a (q_len, kv_len) grid: the table `parallel.disagg.cost_table` fits the planner's
-per-task overhead from. Without CUDA: a small smoke form on gloo (CI runs it on 2 processes).
+over the batches. `--profile-cost-table OUT.json` instead times one varlen flash call per task
+shape, fwd+bwd and fwd alone, over a (q_len, kv_len) grid and whole squares up to cuDNN's length
+cap: the table `parallel.disagg.cost_table` fits the planner's per-task overhead from, with the cost
+of a Triton score pair in cuDNN pairs per direction beside it (`fitted_triton_cost`). `--heads`,
+`--kv-heads`, `--head-dim` set the shapes (a model's own, e.g. llama_1b's 32 / 8 / 64, for its table).
+Without CUDA: a small smoke form on gloo (CI runs it on 2 processes).
 """
 from __future__ import annotations
 
@@ -51,15 +54,16 @@ import torch
 import torch.distributed as dist
 
 from seqpar import kernels
-from seqpar.attention.disagg import configure, current, fit_task_overhead, runtime, step_metrics
+from seqpar.attention.disagg import configure, current, fit_task_overhead, fit_triton_cost, runtime, step_metrics
 from seqpar.attention.disagg import metrics as disagg_metrics
 from seqpar.attention.disagg.options import planner_overhead
-from seqpar.attention.disagg.planner import plan_owned
+from seqpar.attention.disagg.planner import pairs, plan_owned
 from seqpar.attention.disagg.routing import route
 from seqpar.attention.disagg.runtime import _DisaggAttention, _plan_routes, disagg_attention, kernel_speed
 from seqpar.attention.ring import ring_attention
 from seqpar.bench.ring import _all_ranks, _max_over_ranks, _sync, _triton_version, lognormal_lengths
 from seqpar.kernels.flash_attn import flash_attn, flash_attn_backward
+from seqpar.kernels.flash_attn.split import max_doc_len
 from seqpar.parallel.dims import attention_comm_options, init_world
 from seqpar.parallel.sharding import shard_sequence
 
@@ -345,33 +349,41 @@ def summarize(rows) -> dict:
 
 def profile_cost_table(args, device) -> dict:
     """ms of one task (q_len queries, the last of kv_len keys, causal) when `reps` such tasks share
-    one varlen flash fwd+bwd call, over a grid: the planner's per-task overhead is fitted from it."""
+    one varlen flash call, fwd+bwd and fwd alone, over a grid of pieces and of whole squares up to
+    cuDNN's length cap, with the score pairs each kernel of the servers' call takes: the planner's
+    per-task overhead is fitted from it, and what a Triton pair costs in cuDNN pairs per direction."""
     timer = _timer_local(device, max(args.iters, 5), max(args.warmup, 1))  # a fit wants steadier times than a sweep
+    shapes = [(q_len, kv_len) for kv_len in args.grid_kv for q_len in args.grid_q if q_len <= kv_len]
+    cap = max_doc_len(args.heads, args.head_dim, torch.tensor([], dtype=args.dtype).element_size())
+    shapes += [(n, n) for n in args.grid_square if n <= cap and (n, n) not in shapes]
     entries = []
-    for kv_len in args.grid_kv:
-        for q_len in args.grid_q:
-            if q_len > kv_len:
-                continue
-            reps = max(1, args.grid_tokens // kv_len)
-            g = torch.Generator(device=device).manual_seed(q_len * 31 + kv_len)
-            rand = lambda n, h: torch.randn(1, n, h, args.head_dim, device=device, dtype=args.dtype, generator=g)
-            q, do = rand(reps * q_len, args.heads), rand(reps * q_len, args.heads)
-            k, v = rand(reps * kv_len, args.kv_heads), rand(reps * kv_len, args.kv_heads)
-            cu_q = torch.arange(0, reps * q_len + 1, q_len, dtype=torch.int32, device=device)
-            cu_k = torch.arange(0, reps * kv_len + 1, kv_len, dtype=torch.int32, device=device)
+    for q_len, kv_len in shapes:
+        reps = max(1, args.grid_tokens // kv_len)
+        g = torch.Generator(device=device).manual_seed(q_len * 31 + kv_len)
+        rand = lambda n, h: torch.randn(1, n, h, args.head_dim, device=device, dtype=args.dtype, generator=g)
+        q, do = rand(reps * q_len, args.heads), rand(reps * q_len, args.heads)
+        k, v = rand(reps * kv_len, args.kv_heads), rand(reps * kv_len, args.kv_heads)
+        cu_q = torch.arange(0, reps * q_len + 1, q_len, dtype=torch.int32, device=device)
+        cu_k = torch.arange(0, reps * kv_len + 1, kv_len, dtype=torch.int32, device=device)
+        fwd = lambda: flash_attn(q, k, v, causal=True, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, return_lse=True)
 
-            def step():
-                o, lse = flash_attn(q, k, v, causal=True, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, return_lse=True)
-                flash_attn_backward(do, q, k, v, o, lse, causal=True, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
-            entries.append({"q_len": q_len, "kv_len": kv_len, "reps": reps, "ms": timer(step) / reps})
-            print(json.dumps(entries[-1]), flush=True)
-    table = {"what": "ms of one causal task (q_len queries = the last of kv_len keys), fwd+bwd, many per varlen call",
+        def step():
+            o, lse = fwd()
+            flash_attn_backward(do, q, k, v, o, lse, causal=True, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+        speed = kernel_speed(q, k, v, current())
+        cudnn, triton = speed.by_kernel(q_len, kv_len, True) if speed else (0, pairs(kv_len - q_len, kv_len, 0))
+        entries.append({"q_len": q_len, "kv_len": kv_len, "reps": reps, "ms": timer(step) / reps,
+                        "fwd_ms": timer(fwd) / reps, "cudnn_pairs": cudnn, "triton_pairs": triton})
+        print(json.dumps(entries[-1]), flush=True)
+    table = {"what": "ms of one causal task (q_len queries = the last of kv_len keys), fwd+bwd (ms) and fwd alone "
+                     "(fwd_ms), many per varlen call; the score pairs the servers' call gives each kernel",
              "heads": args.heads, "kv_heads": args.kv_heads, "head_dim": args.head_dim, "dtype": str(args.dtype),
              "entries": entries, **_env(device)}
-    try:
-        table["fitted_task_overhead_pairs"] = fit_task_overhead(table)
-    except ValueError as e:  # keep the measurements; the planner then uses its default overhead
-        table["fitted_task_overhead_pairs"], table["fit_error"] = None, str(e)
+    for key, fit in (("fitted_task_overhead_pairs", fit_task_overhead), ("fitted_triton_cost", fit_triton_cost)):
+        try:
+            table[key] = fit(table)
+        except ValueError as e:  # keep the measurements; the planner then uses its defaults
+            table[key], table[key.replace("fitted", "fit_error")] = None, str(e)
     return table
 
 
@@ -468,6 +480,9 @@ def main(argv=None) -> int:
     p.add_argument("--profile-cost-table", metavar="OUT.json", help="write the GPU cost table instead (one process)")
     p.add_argument("--cost-table", help="plan with the per-task overhead fitted from this table")
     p.add_argument("--mixes", nargs="*", default=["wlbllm", "prolong", "lognormal"])
+    p.add_argument("--heads", type=int, help="query heads (default 32 on CUDA)")
+    p.add_argument("--kv-heads", type=int, help="key/value heads (default 8 on CUDA)")
+    p.add_argument("--head-dim", type=int, help="head dim (default 128 on CUDA; llama_1b's is 64)")
     p.add_argument("--tokens", type=int, nargs="*", default=None, help="tokens per rank (default 65536 131072)")
     p.add_argument("--batches", type=int, default=None, help="batches per case (default 16)")
     p.add_argument("--parts-batches", type=int, default=4, help="batches that also time compute and comm alone")
@@ -484,14 +499,16 @@ def main(argv=None) -> int:
 
     cuda = torch.cuda.is_available() and not args.smoke
     if cuda:
-        args.heads, args.kv_heads, args.head_dim, args.dtype = 32, 8, 128, torch.bfloat16
+        heads, args.dtype = (32, 8, 128), torch.bfloat16
         tokens, batches, iters, warmup = [65536, 131072], 16, 2, 1
         args.grid_q, args.grid_kv = [128, 256, 512, 1024, 2048, 4096], [1024, 4096, 16384, 65536]
-        args.grid_tokens = 131072
+        args.grid_square, args.grid_tokens = [8192, 16384, 32768], 131072
     else:  # smoke form: small shapes through the reference kernels on gloo
-        args.heads, args.kv_heads, args.head_dim, args.dtype = 4, 2, 16, torch.float32
+        heads, args.dtype = (4, 2, 16), torch.float32
         tokens, batches, iters, warmup = [512], 2, 1, 0
-        args.grid_q, args.grid_kv, args.grid_tokens = [16, 64], [64, 256], 512
+        args.grid_q, args.grid_kv, args.grid_square, args.grid_tokens = [16, 64], [64, 256], [128], 512
+    args.heads, args.kv_heads, args.head_dim = (given or default for given, default in
+                                                zip((args.heads, args.kv_heads, args.head_dim), heads))
     args.tokens = args.tokens or tokens
     args.scale = args.scale or (1.0 if cuda else 1 / 16)  # the smoke's short rows still hold several documents
     args.batches = args.batches or batches

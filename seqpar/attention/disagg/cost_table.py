@@ -6,6 +6,10 @@ many such tasks share one varlen flash call (`python -m seqpar.bench disagg --pr
 writes it). The planner's model is `time = a * (pairs + overhead)`; least squares on the relative
 error (long tasks would otherwise drown the short ones, where the overhead shows) gives a and
 a * overhead, and the overhead in score pairs is their ratio.
+
+Entries may also hold `fwd_ms` (the forward alone) and `cudnn_pairs` / `triton_pairs` (how the
+servers' call splits the task between the kernels): then `fit_triton_cost` gives what a score pair
+costs on the Triton kernel in cuDNN pairs, per direction, at the table's head configuration.
 """
 from __future__ import annotations
 
@@ -51,3 +55,33 @@ def fit_task_overhead(table: dict) -> int:
     if a <= 0:
         raise ValueError(f"the cost table's time does not grow with the work (fitted slope {a:.3g} ms/pair)")
     return max(0, round(b / a))
+
+
+# pieces below this many queries pay their fixed costs on few pairs (the overhead's share of the fit)
+_RATIO_MIN_QUERIES = 512
+
+
+def fit_triton_cost(table: dict) -> dict:
+    """{"forward", "backward", "both"}: the median ms per score pair of the table's all-Triton tasks
+    of at least 512 queries over that of its all-cuDNN ones, for the forward, the backward (fwd+bwd
+    less fwd) and the two together: `planner.KernelSpeed.triton_cost` measured at this head
+    configuration. ValueError where the table lacks per-direction times or either kind of task."""
+    per_pair = {"cudnn": [], "triton": []}
+    for e in table["entries"]:
+        if "fwd_ms" not in e or "cudnn_pairs" not in e:
+            raise ValueError("the cost table has no per-direction times (fwd_ms) or kernel split (cudnn_pairs): "
+                             "profile it again with `python -m seqpar.bench disagg --profile-cost-table`")
+        n = pairs(e["kv_len"] - e["q_len"], e["kv_len"], 0)
+        if e["cudnn_pairs"] == n:
+            kind = "cudnn"
+        elif e["triton_pairs"] == n and e["q_len"] >= _RATIO_MIN_QUERIES:
+            kind = "triton"
+        else:
+            continue
+        per_pair[kind].append((e["fwd_ms"] / n, (e["ms"] - e["fwd_ms"]) / n, e["ms"] / n))
+    if not per_pair["cudnn"] or not per_pair["triton"]:
+        raise ValueError("the cost table needs tasks that run wholly on cuDNN and wholly on the Triton kernel "
+                         f"(>= {_RATIO_MIN_QUERIES} queries) to compare them")
+    median = lambda xs: sorted(xs)[len(xs) // 2]
+    return {name: round(median([t[i] for t in per_pair["triton"]]) / median([t[i] for t in per_pair["cudnn"]]), 3)
+            for i, name in enumerate(("forward", "backward", "both"))}
