@@ -281,8 +281,10 @@ def train_step(model, micro_batches, cfg, dims: ParallelDims, device, *, backwar
                           linear_scan=cfg.parallel.linear_scan)
         if dims.attention_dp_cp:
             # the dp rows joined, each cut in cp contiguous pieces (validated): the dp_cp shards of one row
-            ctx.softmax_view = dataclasses.replace(ctx, group=dims.group("attn_dp_cp"), layout="contiguous",
+            ctx.softmax_view = dataclasses.replace(ctx, group=dims.group("attn"), layout="contiguous",
                                                    cu_seqlens=disagg.join_row_bounds(cu_seqlens, dims.group("dp")))
+        elif dims.disagg:  # the same ranks as cp, on disagg's own communicator
+            ctx.softmax_view = dataclasses.replace(ctx, group=dims.group("attn"))
         with autocast(cfg, device):
             out = model(shard(mb.input_ids) if first else hidden, ctx, targets=shard(mb.targets, -100) if last else None,
                         chunk=chunk)

@@ -661,7 +661,7 @@ def _attention_comm(rank, world):
     torch.cuda.set_device(rank)
     dims = ParallelDims(dp=2, cp=1, tp=1, pp=1, world_size=world, attention_dp_cp=True)
     dims.build_mesh("cuda")
-    group = dims.group("attn_dp_cp")
+    group = dims.group("attn")
     x = torch.full((world,), float(rank), device="cuda")
     out = torch.empty_like(x)
     dist.all_to_all_single(out, x, group=group)

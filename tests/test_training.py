@@ -183,27 +183,31 @@ def _attention_groups(rank, world):
     from seqpar.parallel.dims import ParallelDims
 
     out = []
+    # cp2_dp2 with disagg over cp: the same four ranks, disagg balancing inside each cp pair
+    over_cp = [*LAYOUTS["cp2_dp2_disagg"][1][:-1], "parallel.disagg.group=cp"]
     for shared in ("0", "1"):
         os.environ["SEQPAR_DISAGG_SHARED_GROUP"] = shared
-        for overrides in (LAYOUTS["cp2_dp2_disagg"][1], LAYOUTS["cp2_ring"][1]):
+        for overrides in (LAYOUTS["cp2_dp2_disagg"][1], LAYOUTS["cp2_ring"][1], over_cp):
             dims = ParallelDims.from_config(_compose("run_dir=unused", *overrides).parallel, world)
             dims.build_mesh("cpu")
-            attn, dp_cp = dims.group("attn_dp_cp"), dims.group("dp_cp")
-            out.append((shared, dims.attention_dp_cp, attn is dp_cp, dist.get_process_group_ranks(attn),
-                        dist.get_process_group_ranks(dp_cp)))
+            attn, balanced = dims.group("attn"), dims.group("dp_cp" if dims.attention_dp_cp else "cp")
+            out.append((shared, dims.attention_dp_cp, attn is balanced, dist.get_process_group_ranks(attn),
+                        dist.get_process_group_ranks(balanced)))
     from seqpar.parallel.dims import attention_comm_options
     return out, attention_comm_options()
 
 
-def test_disagg_over_dp_cp_gets_its_own_communicator():
-    """Disagg's all-to-alls over dp_cp do not queue behind FSDP's collectives on one communicator
-    (unless SEQPAR_DISAGG_SHARED_GROUP=1); other layouts build no extra group."""
-    for rank_results, options in run_distributed(_attention_groups, 4):
+def test_disagg_gets_its_own_communicator():
+    """Disagg's all-to-alls do not queue behind FSDP's collectives (over dp_cp) or LASP-2's (over cp)
+    on one communicator (unless SEQPAR_DISAGG_SHARED_GROUP=1); other layouts build no extra group."""
+    for rank, (rank_results, options) in enumerate(run_distributed(_attention_groups, 4)):
         assert options is None  # gloo: no stream priority to set (NCCL's: test_disagg's GPU test)
-        (_, joined, same, attn, dp_cp), (_, ring_joined, ring_same, _, _), shared_run, _ = rank_results
+        (_, joined, same, attn, dp_cp), (_, ring_joined, ring_same, _, _), \
+            (_, cp_joined, cp_same, cp_attn, cp), *shared_runs = rank_results
         assert joined and not same and attn == dp_cp == [0, 1, 2, 3]
         assert not ring_joined and ring_same
-        assert shared_run[2]  # the A/B switch: FSDP's group itself
+        assert not cp_joined and not cp_same and cp_attn == cp == ([0, 1] if rank < 2 else [2, 3])
+        assert shared_runs[0][2] and shared_runs[2][2]  # the A/B switch: dp_cp's (cp's) group itself
 
 
 @pytest.mark.parametrize("nproc", [2, 4])

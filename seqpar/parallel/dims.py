@@ -9,11 +9,12 @@ and stays inside a node. Sub-meshes are named for what uses them:
 With `ulysses` > 1 (softmax_sp=usp) cp is itself a 2D mesh (cp_ring, cp_ulysses), Ulysses innermost
 so that its all-to-all stays inside a node; `cp` and `dp_cp` are then flattened from it, so cp
 rank = ring rank * ulysses + ulysses rank. `cp_split(cp_group)` hands the two groups to usp.
-With disaggregated attention over dp_cp (`attention_dp_cp`) its all-to-alls get a communicator of
-their own over the same ranks, `attn_dp_cp`: on FSDP's, NCCL would run them in issue order behind
-the parameter all-gathers and gradient reduce-scatters that FSDP posts ahead of each layer
-(`SEQPAR_DISAGG_SHARED_GROUP=1` shares FSDP's group, for an A/B). Its NCCL streams run at high
-priority (`attention_comm_options`).
+Disaggregated attention's all-to-alls get a communicator of their own, `attn`, over the ranks they
+balance: dp_cp's with `parallel.disagg.group=dp_cp` (`attention_dp_cp`), cp's otherwise. On FSDP's,
+NCCL would run them in issue order behind the parameter all-gathers and gradient reduce-scatters
+that FSDP posts ahead of each layer; on cp's, behind or beside LASP-2's state exchanges. Its NCCL
+streams run at high priority (`attention_comm_options`). `SEQPAR_DISAGG_SHARED_GROUP=1` keeps them
+on dp_cp's (cp's) group, for an A/B.
 """
 from __future__ import annotations
 
@@ -63,7 +64,8 @@ class ParallelDims:
     pp: int
     world_size: int
     ulysses: int = 1  # usp: the Ulysses degree inside cp (cp = ring x ulysses)
-    attention_dp_cp: bool = False  # disagg attention over dp_cp: its own communicator (module docstring)
+    attention_dp_cp: bool = False  # disagg attention over dp_cp (parallel.disagg.group=dp_cp, dp > 1)
+    disagg: bool = False  # softmax layers through disagg attention: its own communicator (module docstring)
 
     def __post_init__(self):
         if self.dp * self.cp * self.tp * self.pp != self.world_size:
@@ -78,7 +80,7 @@ class ParallelDims:
         ulysses = getattr(p, "ulysses_degree", 1) if p.softmax_sp == "usp" else 1
         from seqpar.attention.disagg.rows import joins_dp_rows  # config reading only; no import cycle
         return cls(dp=dp, cp=p.cp, tp=p.tp, pp=p.pp, world_size=world_size, ulysses=ulysses,
-                   attention_dp_cp=joins_dp_rows(p, dp))
+                   attention_dp_cp=joins_dp_rows(p, dp), disagg=p.softmax_sp == "disagg")
 
     def build_mesh(self, device_type: str) -> DeviceMesh:
         if self.ulysses == 1:
@@ -91,11 +93,15 @@ class ParallelDims:
             mesh["dp", "cp_ring", "cp_ulysses"]._flatten("dp_cp")
             _CP_SPLITS[mesh["cp"].get_group()] = (mesh["cp_ulysses"].get_group(), mesh["cp_ring"].get_group())
         object.__setattr__(self, "_mesh", mesh)
-        if self.attention_dp_cp and os.environ.get("SEQPAR_DISAGG_SHARED_GROUP", "0") != "1":
-            # every rank creates every dp_cp group (a collective call): rows of (pp, tp), ranks in (dp, cp) order
-            ranks = mesh.mesh.movedim(-1, 1).reshape(self.pp * self.tp, self.dp * self.cp).tolist()
+        balanced = self.dp * self.cp if self.attention_dp_cp else self.cp
+        if (self.disagg or self.attention_dp_cp) and balanced > 1 \
+                and os.environ.get("SEQPAR_DISAGG_SHARED_GROUP", "0") != "1":
+            # every rank creates every group (a collective call): rows of the other dimensions, ranks in
+            # (dp, cp) order; the world is ordered (pp, dp, cp..., tp), so tp moves next to pp first
+            ranks = mesh.mesh.reshape(self.pp, self.dp, self.cp, self.tp).movedim(-1, 1)
+            ranks = ranks.reshape(-1, balanced).tolist()
             own, _ = dist.new_subgroups_by_enumeration(ranks, pg_options=attention_comm_options())
-            object.__setattr__(self, "_attn_dp_cp", own)
+            object.__setattr__(self, "_attn", own)
         return mesh
 
     @property
@@ -106,11 +112,11 @@ class ParallelDims:
 
     def group(self, name: str) -> dist.ProcessGroup:
         """Process group of a named sub-mesh: pp, dp (alias batch), cp, tp, dp_cp (alias loss), and
-        with ulysses > 1 also cp_ring and cp_ulysses; attn_dp_cp: dp_cp's ranks for disaggregated
-        attention (its own communicator where one was built, else dp_cp's)."""
-        if name == "attn_dp_cp":
-            own = getattr(self, "_attn_dp_cp", None)
-            return self.group("dp_cp") if own is None else own
+        with ulysses > 1 also cp_ring and cp_ulysses; attn: the ranks disaggregated attention balances
+        over, dp_cp's or cp's (its own communicator where one was built, else that group)."""
+        if name == "attn":
+            own = getattr(self, "_attn", None)
+            return own if own is not None else self.group("dp_cp" if self.attention_dp_cp else "cp")
         name = {"batch": "dp", "loss": "dp_cp"}.get(name, name)
         return self.mesh[name].get_group()
 
