@@ -150,6 +150,9 @@ CODE_CHANGES = (
     # 1.1-4.4 ms -> 0.02, the calls' times equal within noise; call 6: llama_1b dp_cp 1.042x as before)
     ("2026-11-28T11:11:00+00:00", ("f0ec2cd disagg's all-to-alls on a communicator whose NCCL streams run at "
                                    "high priority (training over dp_cp, and the disagg bench)")),
+    # no run yet: training's disagg over cp on that communicator too (f0ec2cd's over dp_cp only)
+    ("2026-11-28T11:45:45+00:00", ("c885b3a disagg over cp on its own high-priority communicator, apart from "
+                                   "LASP-2's cp group")),
 )
 
 
@@ -177,8 +180,8 @@ SAME_KERNEL_BENCHES += ("c52307c", "ff4de8f")
 SAME_KERNEL_BENCHES += ("195962d", "bb52ff6", "de46c0e", "e1a8f31")
 # ... and ba5602e (the ring's folds, as de46c0e)
 SAME_KERNEL_BENCHES += ("ba5602e",)
-# ... and f0ec2cd (disagg's communicator's stream priority: no kernel, no ring)
-SAME_KERNEL_BENCHES += ("f0ec2cd",)
+# ... and f0ec2cd, c885b3a (disagg's communicator: no kernel, no ring)
+SAME_KERNEL_BENCHES += ("f0ec2cd", "c885b3a")
 # ... and c8f2856, 0231d9c (the lightning kernel only, as 195962d)
 SAME_KERNEL_BENCHES += ("c8f2856", "0231d9c")
 # ... and 95a8d48 (the ring's transfers, as 47528c5)
