@@ -351,7 +351,8 @@ def test_cost_table_fits_the_triton_cost_per_direction():
         n = pairs(kv - q, kv, 0)
         wf, wb = (1.0, 1.0) if cudnn else (1.2, 2.0) if cudnn is False else (1.1, 1.5)
         extra = 0.5 if q < 512 else 0.0  # a short piece's fixed cost: ignored
-        entries.append({"q_len": q, "kv_len": kv, "fwd_ms": n * fwd * wf + extra, "ms": n * (fwd * wf + bwd * wb) + extra,
+        entries.append({"q_len": q, "kv_len": kv, "fwd_ms": n * fwd * wf + extra,
+                        "ms": n * (fwd * wf + bwd * wb) + extra,
                         "cudnn_pairs": n if cudnn else 0 if cudnn is False else n // 2,
                         "triton_pairs": 0 if cudnn else n if cudnn is False else n - n // 2})
     got = fit_triton_cost({"entries": entries})

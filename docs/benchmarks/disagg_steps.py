@@ -58,10 +58,12 @@ for step in range(1, FIRST + len(as0)):
     moved.append(slow)
     longest = [sorted((b - a for a, b in zip(r, r[1:])), reverse=True)[:3] for r in rows]
     ratios = "  ".join(f"{name} {t[i] / ((as0[i] + as1[i]) / 2):.3f}" for name, t in runs.items())
+    past_cap = any(n > cap for r in longest for n in r)
     print(f"step {step:2d}  ideal {(as0[i] + as1[i]) / 2:.2f} s  {ratios}  rows' longest {longest}  "
-          f"Triton pairs moved {slow / 1e6:.0f}M" + ("  (past the cap)" if any(n > cap for r in longest for n in r) else ""))
+          f"Triton pairs moved {slow / 1e6:.0f}M" + ("  (past the cap)" if past_cap else ""))
 for name, t in runs.items():
     part = lambda keep: sum(t[i] for i in keep) / sum((as0[i] + as1[i]) / 2 for i in keep)
     steps = range(len(t))
-    print(f"{name}: all {part(steps):.4f}, steps moving under {MOVED / 1e6:.0f}M Triton pairs "
-          f"{part([i for i in steps if moved[i] < MOVED]):.4f}, the others {part([i for i in steps if moved[i] >= MOVED]):.4f}")
+    few, many = [i for i in steps if moved[i] < MOVED], [i for i in steps if moved[i] >= MOVED]
+    print(f"{name}: all {part(steps):.4f}, steps moving under {MOVED / 1e6:.0f}M Triton pairs {part(few):.4f}, "
+          f"the others {part(many):.4f}")
