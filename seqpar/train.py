@@ -24,6 +24,7 @@ from seqpar.data import PackedLoader, build_dataset
 from seqpar.kernels import dispatch
 from seqpar.kernels.flash_attn.cudnn_graph import build_stats as graph_build_stats
 from seqpar.kernels.flash_attn.split import prebuild_plans
+from seqpar.kernels.flash_attn.split_tasks import cudnn_prefix
 from seqpar.kernels.flash_attn.triton import tune_buckets
 from seqpar.launch import ray as ray_launcher, slurm, stop_signal
 from seqpar.launch.local import is_worker, launch_workers
@@ -227,7 +228,7 @@ def prebuild_attention_plans(cfg, dims: ParallelDims, device, rank: int) -> None
         return
     t0 = time.perf_counter()
     heads = m.n_heads // dims.tp
-    built = prebuild_plans(heads, head_dim(m), dtype=torch.bfloat16, device=device)
+    built = prebuild_plans(heads, head_dim(m), dtype=torch.bfloat16, device=device, prefix=cudnn_prefix())
     t1 = time.perf_counter()
     tuned = tune_buckets(heads, max(1, m.n_kv_heads // dims.tp), head_dim(m),
                          cfg.data.seq_len * cfg.train.micro_batch_size, device=device)

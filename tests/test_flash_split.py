@@ -101,23 +101,25 @@ def test_task_bounds_send_square_tasks_to_cudnn():
                              (9, 9, 12, 17), (2, 0, 21, 26)]
     with pytest.raises(ValueError, match="count the same documents"):
         split_task_bounds([0, 4], [0, 2, 4], 2)
-    # causal: a piece of at least min_len queries over its causal prefix too (4 over 6 keys), within
-    # max_len keys (4 over 9 stays), never one with fewer keys than queries (4 over 2)
-    bq, bk = _cu([4, 4, 4]).tolist(), _cu([6, 9, 2]).tolist()
-    assert split_task_bounds(bq, bk, 4, 8, causal=True)[0] == [(0, 4, 0, 6)]
+    # causal: a piece of at least min_len queries over its causal prefix too (4 over 6 keys), however
+    # long the prefix when its causal call (the queries after prefix % min_len blank rows) fits
+    # max_len (6 over 14: 6 rows), not where it does not (6 over 13: 3 + 6 rows), never one with fewer
+    # keys than queries (4 over 2)
+    bq, bk = _cu([4, 6, 6, 4]).tolist(), _cu([6, 14, 13, 2]).tolist()
+    assert split_task_bounds(bq, bk, 4, 8, causal=True)[0] == [(0, 4, 0, 6), (4, 10, 6, 20)]
     assert split_task_bounds(bq, bk, 4, 8)[0] == []
 
 
-def test_prefix_parts_bucket_both_calls():
-    from seqpar.kernels.flash_attn.split import bucket_len, prefix_parts
+def test_prefix_chunks_whole_chunks_then_one_causal_call():
+    from seqpar.kernels.flash_attn.split import prefix_chunks
 
-    assert prefix_parts(10, 10, 9, 4) == (0, 0)  # a square: one causal call
-    assert prefix_parts(10, 30, 9, 4) == (20, 0)  # a prefix of 20 keys, on the grid
-    assert prefix_parts(9, 32, 9, 4) == (20, 3)  # 23 keys of prefix: 20 in the non-causal call
-    assert prefix_parts(9, 14, 9, 4) == (0, 5)  # a prefix below min_len: all in the causal call
+    assert prefix_chunks(10, 10, 9) == (0, 0)  # a square: one causal call
+    assert prefix_chunks(10, 28, 9) == (18, 0)  # a prefix of two chunks
+    assert prefix_chunks(9, 32, 9) == (18, 5)  # 23 keys of prefix: two chunks, 5 blank rows
+    assert prefix_chunks(9, 14, 9) == (0, 5)  # a prefix below a chunk: all in the causal call
     for n, m in ((2300, 7000), (5000, 70000), (4096, 4097)):
-        p, f = prefix_parts(n, m, 2048, 16)
-        assert p + f == m - n and (p == 0 or bucket_len(p, 16) == p) and f < max(p / 16 + 1, 2048)
+        p, f = prefix_chunks(n, m, 2048)
+        assert p + f == m - n and p % 2048 == 0 and f < 2048
 
 
 @pytest.mark.parametrize("prefix", ["1", "0"])
@@ -145,11 +147,13 @@ def test_split_forward_backward_with_task_boundaries(monkeypatch, causal, Hq, Hk
                                             return_lse=True)
     assert _rel(out, ref_out) < 1e-12 and torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
     assert _rel(torch.where(torch.isinf(lse), 0, lse), torch.where(torch.isinf(ref_lse), 0, ref_lse)) < 1e-12
-    # causal, pieces over their prefix (prefix_parts): 10 over 30 keys as a causal square of 10 and
-    # a 10 x 20 block; 9 over 32 as a causal call of 3 blank + 9 queries and a 9 x 20 block; 9
-    # over 14 as one causal call of 5 blank + 9 queries (each call's queries at their bucket)
-    pieces = [10, 10, 12, 10, 14] if prefix == "1" else []  # without: in the packed call
-    assert [c[1] for c in calls if c[0] == "dense"] == ([10, 10, 12, *pieces] if causal else [9, 10, 11])
+    # causal, pieces over their prefix (prefix_chunks, chunks of min_len = 9 keys): 10 over 30 keys as
+    # a causal call of 2 blank + 10 queries and two 10 x 9 blocks; 9 over 32 as a causal call of 5
+    # blank + 9 queries and two 9 x 9 blocks; 9 over 14 as one causal call of 5 blank + 9 queries
+    # (each call's queries at their bucket: 9 -> 10, 11 -> 12)
+    pieces = [(12,), (10, 9), (10, 9), (14,), (10, 9), (10, 9), (14,)] if prefix == "1" else []
+    squares = [(10,), (10,), (12,)] if causal else [(9,), (10,), (11,)]
+    assert [c[1:] for c in calls if c[0] == "dense"] == squares + (pieces if causal else [])
     want = flash_attn_backward_reference(do, q, k, v, ref_out, ref_lse, causal=causal, cu_seqlens_q=cu_q,
                                          cu_seqlens_k=cu_k)
     dk0 = torch.randn(k.shape, generator=g, dtype=F64)
@@ -163,14 +167,17 @@ def test_split_forward_backward_with_task_boundaries(monkeypatch, causal, Hq, Hk
 
 @pytest.mark.parametrize("prefix", [True, False])
 def test_split_tasks_give_cudnn_the_head_of_a_task_past_max_len(monkeypatch, prefix):
-    """Causal tasks whose keys pass max_len: cuDNN takes the head (a square of max_len; over a
-    prefix, the queries whose keys fit, where pieces over a prefix may go), the Triton call the
-    tail over every key; the keys both read get both gradients. Exact against the reference."""
+    """Causal tasks cuDNN cannot take whole (too many keys, or with pieces over a prefix too many
+    queries after the prefix's blank rows for max_len): cuDNN takes the head (a square of max_len;
+    over a prefix, the queries it can take), the Triton call the tail over every key; the keys both
+    read get both gradients. Exact against the reference."""
     from seqpar.kernels.flash_attn import split_tasks
     from seqpar.kernels.flash_attn.split import cudnn_head
 
-    assert [cudnn_head(n, m, 9, 20, True) for n, m in ((30, 30), (14, 24), (12, 25), (15, 18), (10, 40))] == \
-        [20, 10, 0, 0, 0]
+    # min_len 9, max_len 20: 25 over 40 (6 blank rows) gives 14 queries, 22 over 26 (4 blank) 16; 14
+    # over 24 fits whole; 8 over 40 has too few queries
+    cases = ((30, 30), (25, 40), (22, 26), (14, 24), (8, 40))
+    assert [cudnn_head(n, m, 9, 20, True) for n, m in cases] == [20, 14, 16, 0, 0]
     assert cudnn_head(14, 24, 9, 20, False) == 0 and cudnn_head(30, 30, 9, 20, False) == 20
     monkeypatch.setenv(split_tasks.PREFIX_ENV, "1" if prefix else "0")
     lq, lk = [30, 14, 12, 5, 31], [30, 24, 25, 5, 40]
@@ -190,12 +197,13 @@ def test_split_tasks_give_cudnn_the_head_of_a_task_past_max_len(monkeypatch, pre
     assert _rel(out, ref_out) < 1e-12
     for name, a, w in zip(("dq", "dk", "dv"), got, want):
         assert _rel(a, w) < 1e-12, name
-    # the 30 square's head of 20 on cuDNN; with pieces over a prefix also the 14 over 24's head
-    # (10 queries over 10 + 10 keys) and the 31 over 40's (11 over 9 + 11); the 12 over 25's would be 7
+    # the 30 square's head of 20 on cuDNN; with pieces over a prefix also the 14 over 24 and the 12
+    # over 25 whole (1 and 4 blank rows) and the 31 over 40's head (20 queries after 9 prefix keys)
     plan = split_tasks.task_plan(tuple(cu_q.tolist()), tuple(cu_k.tolist()), 9, 20, 4, torch.device("cpu"),
                                  prefix, True)
     heads = [t[:4] for t in plan.long_tasks]
-    assert heads == ([(0, 20, 0, 20), (30, 40, 30, 50), (61, 72, 84, 104)] if prefix else [(0, 20, 0, 20)])
+    assert heads == ([(0, 20, 0, 20), (30, 44, 30, 54), (44, 56, 54, 79), (61, 81, 84, 113)] if prefix
+                     else [(0, 20, 0, 20)])
 
 
 def test_split_bounds_rejects_bad_boundaries():
@@ -268,7 +276,8 @@ def _reference_kernels(calls, stateless=False):
     backward that keeps nothing from its forward, as split_backward)."""
     def dense_fwd(q, k, v, causal, scale):
         assert q.shape[2] == k.shape[2], "the dense kernel (cuDNN) takes no GQA"
-        calls.append(("dense", q.shape[1]))
+        square = k.shape[1] == q.shape[1]
+        calls.append(("dense", q.shape[1]) + (() if square else (k.shape[1],)))
         return flash_attn_reference(q, k, v, causal=causal, softmax_scale=scale, return_lse=True)
 
     def dense_bwd(dout, q, k, v, out, lse, causal, scale):
@@ -488,15 +497,19 @@ def test_gpu_split_bf16_vs_reference_and_triton(Hq, Hkv, D, causal, max_len):
 
 
 @gpu
+@pytest.mark.parametrize("prefix", ["0", "1"])
 @pytest.mark.parametrize("Hq, Hkv, max_len", [(16, 16, None), (16, 4, None), (16, 4, 2400)])
-def test_gpu_task_split_bf16_vs_reference_and_triton(Hq, Hkv, max_len):
+def test_gpu_task_split_bf16_vs_reference_and_triton(monkeypatch, Hq, Hkv, max_len, prefix):
     # a disagg server's call: square tasks >= GPU_MIN through cuDNN (one at the buffer's end,
-    # padded with zeros), tail pieces and short tasks through Triton; the backward with lse = +inf
-    # on the padded queries, into destinations with accumulate
-    from seqpar.kernels.flash_attn.split_tasks import split_backward, split_forward
+    # padded with zeros), tail pieces and short tasks through Triton, or with SEQPAR_CUDNN_PREFIX=1
+    # through cuDNN in chunks (2300 over 7000: two prefix chunks, a causal call after 604 blank rows;
+    # 2100 over 9000: three chunks, 756 blank rows; at max_len 2400 the first goes to Triton); the
+    # backward with lse = +inf on the padded queries, into destinations with accumulate
+    from seqpar.kernels.flash_attn.split_tasks import PREFIX_ENV, split_backward, split_forward
     from seqpar.kernels.flash_attn.triton import attention_backward, attention_forward
 
-    lq, lk = [3000, 700, 2100, 1, 17, 2500, 2300], [3000, 5000, 2100, 1, 0, 2500, 7000]  # 2300 over 7000: prefix_parts
+    monkeypatch.setenv(PREFIX_ENV, prefix)
+    lq, lk = [3000, 700, 2100, 1, 17, 2500, 2300, 2100], [3000, 5000, 2100, 1, 0, 2500, 7000, 9000]
     g = torch.Generator().manual_seed(Hq + Hkv)
     q, do = (torch.randn(1, sum(lq), Hq, 128, generator=g, dtype=F64) for _ in range(2))
     k, v = (torch.randn(1, sum(lk), Hkv, 128, generator=g, dtype=F64) for _ in range(2))

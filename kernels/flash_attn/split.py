@@ -41,7 +41,7 @@ Gradients through the lse (return_lse=True and a loss that uses it): cuDNN's bac
 dlse, so that backward runs the Triton kernel over the whole row with the original boundaries.
 
 The lse form for ring steps and disagg servers (tasks with separate query and key boundaries,
-no autograd) is `split_tasks.py`; the planning both share (`split_task_bounds`, `prefix_parts`,
+no autograd) is `split_tasks.py`; the planning both share (`split_task_bounds`, `prefix_chunks`,
 the buckets and bounds) is here.
 
 The host needs the document lengths: `_host_bounds` reads cu_seqlens once per boundaries tensor
@@ -189,30 +189,36 @@ def split_task_bounds(bounds_q, bounds_k, min_len: int, max_len: int | None = No
 
 
 def runs_on_cudnn(n: int, m: int, min_len: int, max_len: int | None, causal: bool) -> bool:
-    """Whether a task of n queries over m keys is long (`split_task_bounds`): cuDNN computes it."""
-    return min_len <= n and (m == n or (causal and m > n)) and (max_len is None or m <= max_len)
+    """Whether a task of n queries over m keys is long (`split_task_bounds`): cuDNN computes it. A
+    square of min_len..max_len; `causal`, also a piece of at least min_len queries over a prefix
+    whose causal call (`prefix_chunks`: n queries after fewer than min_len blank ones) fits max_len."""
+    if n < min_len or m < n or (m > n and not causal):
+        return False
+    return max_len is None or n + (m - n) % min_len <= max_len
 
 
 def cudnn_head(n: int, m: int, min_len: int, max_len: int | None, causal: bool) -> int:
     """Of a causal task of n queries over m >= n keys (bottom-right aligned) that cuDNN cannot take
-    for its keys (more than max_len), the first queries whose keys fit, as many as a long task may
-    have (`runs_on_cudnn`; over a prefix only with `causal`); 0 where that is under min_len."""
-    if max_len is None or m < n or m <= max_len:
+    (`runs_on_cudnn`: too many queries or, without `causal`, keys for max_len), the first queries it
+    can, as many as a long task may have (over a prefix only with `causal`); 0 where that is under
+    min_len."""
+    if max_len is None or m < n or runs_on_cudnn(n, m, min_len, max_len, causal):
         return 0
-    head = max_len - (m - n)
+    head = max_len - ((m - n) % min_len if causal else m - n)
     return head if 0 < head < n and runs_on_cudnn(head, m - n + head, min_len, max_len, causal) else 0
 
 
-def prefix_parts(n: int, m: int, min_len: int, per_octave: int) -> tuple[int, int]:
-    """How a causal task of n queries over m >= n keys (its causal square, after m - n keys of
-    prefix that every query sees) runs on cuDNN: (p, f). The first p prefix keys, a bucket length
-    (or 0 below min_len), in one non-causal call; the last m - p keys in one causal call of f + n
-    queries, f = m - n - p blank ones before the n real ones, padded to their bucket. Both calls
-    then have bucketed shapes (a cuDNN plan per shape, built once), at the cost of the f blank rows
-    (f < (m - n) / per_octave, or < min_len without the prefix call)."""
+def prefix_chunks(n: int, m: int, min_len: int) -> tuple[int, int]:
+    """How a causal task of n queries over m >= n keys (its causal square after r = m - n keys of
+    prefix that every query sees) runs on cuDNN: (p, f). The first p = r - r % min_len prefix keys in
+    non-causal calls of min_len keys each (merged in fp32 like ring blocks); the last f + n keys in
+    one causal call of f = r % min_len blank queries before the n real ones. Every call's shape is
+    then (a query bucket, min_len) or a causal square bucket: a grid of one dimension, each shape's
+    cuDNN plans built before training (`prebuild_plans`), where a (queries, prefix) grid of two met
+    new shapes at most steps, each stalling its step ~0.2 s. The blank rows cost < min_len^2 / 2
+    pairs; min_len-key calls are as long as the split lets any cuDNN call be."""
     r = m - n
-    p = bucket_floor(r, per_octave) if r >= min_len else 0
-    return p, r - p
+    return r - r % min_len, r % min_len
 
 
 @dataclass(frozen=True)
@@ -279,18 +285,19 @@ def cudnn_triton_kernels() -> SplitKernels:
 
 
 def prebuild_plans(heads: int, head_dim: int, *, dtype=torch.bfloat16, device="cuda", scale=None,
-                   kernels: SplitKernels | None = None) -> list[int]:
+                   kernels: SplitKernels | None = None, prefix: bool = False) -> list[int]:
     """Builds cuDNN's forward and backward plans for every length bucket a long document of a call
     with `heads` query heads can run as (causal squares from `min_doc_len(heads)` to
     `max_doc_len`), before training rather than at each bucket's first document inside a step:
     each build stalls its rank's GPU for ~100 ms (H100: [4k, 16k]'s 33 buckets took 3.3 s), and
     under disaggregated attention the other ranks wait for it at the layer's next all-to-all.
-    Returns the bucket lengths built ([] without buckets, SEQPAR_CUDNN_BUCKETS=0: one per length).
-    Not built: the non-causal calls over a prefix of disagg servers' pieces (SEQPAR_CUDNN_PREFIX=1;
-    their shapes depend on each step's plan)."""
+    `prefix` (SEQPAR_CUDNN_PREFIX=1): also the non-causal calls of pieces over a prefix, every
+    query bucket over min_doc_len keys (`prefix_chunks`). Returns the bucket lengths built ([]
+    without buckets, SEQPAR_CUDNN_BUCKETS=0: one per length)."""
     lengths = prebuilt_lengths(heads, head_dim, torch.empty((), dtype=dtype).element_size())
-    build_plans([(True, n, n) for n in lengths], heads, head_dim, dtype=dtype, device=device, scale=scale,
-                kernels=kernels)
+    chunk = min_doc_len(heads)
+    build_plans([(True, n, n) for n in lengths] + [(False, n, chunk) for n in lengths if prefix], heads, head_dim,
+                dtype=dtype, device=device, scale=scale, kernels=kernels)
     return lengths
 
 

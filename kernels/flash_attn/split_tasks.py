@@ -6,13 +6,14 @@ Stateless, so that `split_backward` (or any backward that takes out and lse) can
 `split_forward`: the padded queries' lse is not kept, the backward gives them +inf.
 
 Causal, a piece of n >= min_len queries over m > n keys (a disagg server's piece of a document over
-its prefix) stays in the Triton call; with SEQPAR_CUDNN_PREFIX=1 it runs on cuDNN as two calls of
-bucketed shapes (`split.prefix_parts`), merged in fp32 like two ring blocks. Off by default: the
-kernels gain 0.3-3% of a disagg step (2 H100, docs/benchmarks/2026-11-26-4xh100-6th/call7), but
-the (queries, prefix) shapes are new in most steps for hundreds of steps, and each new shape's cuDNN
-plans cost ~0.2 s of host time while the other ranks wait at the next all-to-all (end to end on
-2 H200, llama_1b, 64k tokens per GPU: 1.050x the balanced ideal off over 16 steps,
-docs/benchmarks/2026-11-27-2gpu-11th; on, 1.071x over 8 steps, 2026-11-26-2gpu-10th).
+its prefix) stays in the Triton call; with SEQPAR_CUDNN_PREFIX=1 it runs on cuDNN: its prefix in
+non-causal calls of min_len keys, then one causal call of its queries over the rest
+(`split.prefix_chunks`), merged in fp32 like ring blocks. Every such shape is one of a 1D grid that
+`split.prebuild_plans` builds before training. (A first form, one non-causal call over a bucketed
+prefix, met a new (queries, prefix) shape at most steps for hundreds of steps, each new shape's
+plans ~0.2 s of host time while the other ranks waited at the next all-to-all: end to end on 2 H200,
+llama_1b, 64k tokens per GPU, 1.071x the balanced ideal over 8 steps against 1.050x off,
+docs/benchmarks/2026-11-26-2gpu-10th and 2026-11-27-2gpu-11th.)
 Causal, a task whose keys pass max_len gives cuDNN its head (`split.cudnn_head`) and keeps its tail
 in the Triton call: the key rows both read get both calls' dk, dv.
 """
@@ -27,7 +28,7 @@ import torch
 from seqpar.kernels.attn_merge import attn_merge_
 from seqpar.kernels.flash_attn.split import (SplitKernels, _fold, _host_bounds, _pad_rows, _rows, bucket_len,
                                              buckets_per_octave, cudnn_triton_kernels, max_doc_len, min_doc_len,
-                                             prefix_parts, split_task_bounds)
+                                             prefix_chunks, split_task_bounds)
 
 PREFIX_ENV = "SEQPAR_CUDNN_PREFIX"  # 1: causal pieces over a prefix on cuDNN too (benchmarks' A/B)
 
@@ -39,10 +40,11 @@ def cudnn_prefix() -> bool:
 
 @dataclass(frozen=True)
 class TaskPlan:
-    long_tasks: tuple  # ((qa, qb, ka, kb, p, f), ...): tasks that cuDNN runs (prefix_parts: p, f)
+    long_tasks: tuple  # ((qa, qb, ka, kb, p, f), ...): tasks that cuDNN runs (prefix_chunks: p, f)
     cu_q: torch.Tensor  # int32 boundaries of the Triton call
     cu_k: torch.Tensor
     per_octave: int
+    chunk: int  # the prefix calls' keys (prefix_chunks)
 
     def bucket(self, length: int) -> int:
         return bucket_len(length, self.per_octave)
@@ -53,8 +55,9 @@ def task_plan(bounds_q: tuple, bounds_k: tuple, min_len: int, max_len: int | Non
               device, causal: bool = False, cut: bool = False) -> TaskPlan:
     long_tasks, bq, bk = split_task_bounds(bounds_q, bounds_k, min_len, max_len, causal, cut)
     as_dev = lambda b: torch.tensor(b, dtype=torch.int32, device=device)  # noqa: E731
-    parts = [prefix_parts(qb - qa, kb - ka, min_len, per_octave) for qa, qb, ka, kb in long_tasks]
-    return TaskPlan(tuple((*t, p, f) for t, (p, f) in zip(long_tasks, parts)), as_dev(bq), as_dev(bk), per_octave)
+    parts = [prefix_chunks(qb - qa, kb - ka, min_len) for qa, qb, ka, kb in long_tasks]
+    return TaskPlan(tuple((*t, p, f) for t, (p, f) in zip(long_tasks, parts)), as_dev(bq), as_dev(bk), per_octave,
+                    min_len)
 
 
 def cudnn_lengths(q) -> tuple[int, int, bool]:
@@ -92,8 +95,9 @@ def split_forward(q, k, v, *, causal=True, cu_seqlens_q, cu_seqlens_k, softmax_s
                   min_len=None, max_len=None, per_octave=None, kernels: SplitKernels | None = None):
     """(out, lse) of packed attention with separate query and key boundaries (`flash_attn` with
     return_lse and cu_seqlens_q/_k, no autograd), its long tasks (squares, and causal pieces over a
-    prefix) through cuDNN: the split for ring steps and disagg servers. Stateless, so that `split_backward` (or any backward that
-    takes out and lse) can follow it: the padded queries' lse is not kept (see split_backward)."""
+    prefix) through cuDNN: the split for ring steps and disagg servers. Stateless, so that
+    `split_backward` (or any backward that takes out and lse) can follow it: the padded queries' lse
+    is not kept (see split_backward)."""
     plan = _task_plan_for(q, cu_seqlens_q, cu_seqlens_k, min_len, max_len, per_octave, causal)
     kn = kernels or cudnn_triton_kernels()
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
@@ -105,10 +109,11 @@ def split_forward(q, k, v, *, causal=True, cu_seqlens_q, cu_seqlens_k, softmax_s
         od, ld = kn.dense_fwd(_blank_front(q, qa, qb, f, rows), _rows(k, kb - t, kb, rows, group),
                               _rows(v, kb - t, kb, rows, group), causal, scale)
         od, ld = od[:, f:f + n], ld[:, :, f:f + n]
-        if p:  # the prefix's first p keys, seen by every query
-            o2, l2 = kn.dense_fwd(_rows(q, qa, qb, plan.bucket(n)), _rows(k, ka, ka + p, p, group),
-                                  _rows(v, ka, ka + p, p, group), False, scale)
-            od, ld = attn_merge_(od, o2[:, :n], ld, l2[:, :, :n], od)  # the union of the two calls' keys
+        if p:  # the prefix's first p keys, seen by every query, a chunk a call, merged in fp32
+            q_rows, c, od = _rows(q, qa, qb, plan.bucket(n)), plan.chunk, od.to(ld.dtype)  # lse: fp32 or fp64
+        for a in range(ka, ka + p, plan.chunk):
+            o2, l2 = kn.dense_fwd(q_rows, _rows(k, a, a + c, c, group), _rows(v, a, a + c, c, group), False, scale)
+            od, ld = attn_merge_(od, o2[:, :n], ld, l2[:, :, :n], od)  # the union of the calls' keys
         o[:, qa:qb].copy_(od)  # the Triton call left zeros here
         lse[:, :, qa:qb].copy_(ld)
     return (o if out is None else out.copy_(o)), lse
@@ -143,13 +148,15 @@ def split_backward(dout, q, k, v, out, lse, *, causal=True, cu_seqlens_q, cu_seq
         gk[:, kb - t:kb] += _fold(d_k[:, :t], group)  # zeros too, or a cut task's tail's share
         gv[:, kb - t:kb] += _fold(d_v[:, :t], group)
         if p:
-            rows = plan.bucket(n)
-            d_q, d_k, d_v = kn.dense_bwd(_pad_rows(dout[:, qa:qb], rows), _rows(q, qa, qb, rows),
-                                         _rows(k, ka, ka + p, p, group), _rows(v, ka, ka + p, p, group),
-                                         _rows(out, qa, qb, rows), _with_inf(lse[:, :, qa:qb], 0, rows), False, scale)
+            rows, c = plan.bucket(n), plan.chunk
+            padded = (_pad_rows(dout[:, qa:qb], rows), _rows(q, qa, qb, rows))
+            merged = (_rows(out, qa, qb, rows), _with_inf(lse[:, :, qa:qb], 0, rows))
+        for a in range(ka, ka + p, plan.chunk):
+            d_q, d_k, d_v = kn.dense_bwd(*padded, _rows(k, a, a + c, c, group), _rows(v, a, a + c, c, group), *merged,
+                                         False, scale)
             gq[:, qa:qb] += d_q[:, :n]
-            gk[:, ka:ka + p] += _fold(d_k, group)
-            gv[:, ka:ka + p] += _fold(d_v, group)
+            gk[:, a:a + c] += _fold(d_k, group)
+            gv[:, a:a + c] += _fold(d_v, group)
     from seqpar.kernels.flash_attn import _deliver
     return tuple(g if dest is None else _deliver(dest, g, accumulate and i > 0)
                  for i, (g, dest) in enumerate(zip((gq, gk, gv), (dq, dk, dv))))
