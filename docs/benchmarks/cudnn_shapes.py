@@ -10,7 +10,8 @@ so each build on one rank holds up the other there.
 `pow2`: count shapes as torch's TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1 keys them (its ragged path:
 sequence lengths rounded up to powers of two, batch strides ignored; torch >= 2.9, experimental).
 `prebuilt`: count only what `train.cudnn_prebuild` (the default) leaves to build inside the steps
-(the causal squares of every bucket are built before step 1).
+(the causal squares of every bucket are built before step 1, and with SEQPAR_CUDNN_PREFIX=1 every
+query bucket over min_len prefix keys: `split.prefix_chunks`).
 
 Per step and rank: new shapes of dp2 (its own row's long documents through split.py) and of disagg
 over dp_cp (the tasks each rank serves, through split_tasks.py: causal squares, and a causal call
@@ -27,7 +28,7 @@ from seqpar.attention.disagg.runtime import _plan_routes
 from seqpar.config import register_configs
 from seqpar.data import PackedLoader, build_dataset
 from seqpar.kernels.flash_attn.split import (BUCKETS_PER_OCTAVE, bucket_len, max_doc_len, min_doc_len, prebuilt_lengths,
-                                             prefix_parts, split_task_bounds)
+                                             prefix_chunks, split_task_bounds)
 
 
 def _rows(seq, steps):
@@ -55,10 +56,10 @@ def _task_shapes(bq, bk, lo, hi, causal, pow2=False):
     long_tasks, _, _ = split_task_bounds(bq, bk, lo, hi, causal, cut=causal)
     for qa, qb, ka, kb in long_tasks:
         n, m = qb - qa, kb - ka
-        p, f = prefix_parts(n, m, lo, BUCKETS_PER_OCTAVE) if causal else (0, 0)
+        p, f = prefix_chunks(n, m, lo) if causal else (0, 0)
         shapes.add(("causal", key(bucket_len(f + n, BUCKETS_PER_OCTAVE))))
         if p:
-            shapes.add(("prefix", key(bucket_len(n, BUCKETS_PER_OCTAVE)), key(p)))
+            shapes.add(("prefix", key(bucket_len(n, BUCKETS_PER_OCTAVE)), key(lo)))
     return shapes
 
 
@@ -67,7 +68,8 @@ def main(seq=65536, steps=12, pow2=False, prebuilt=False):
     lo, hi = min_doc_len(heads), max_doc_len(heads, head_dim, 2)
     opts = DisaggOptions()
     q_row, kv_row = heads * 2 * head_dim * 2, 8 * 2 * head_dim * 2
-    built = {("causal", n) for n in prebuilt_lengths(heads, head_dim, 2)} if prebuilt else set()
+    lengths = prebuilt_lengths(heads, head_dim, 2) if prebuilt else []
+    built = {("causal", n) for n in lengths} | {("prefix", n, lo) for n in lengths}
     seen = {(lane, r): set(built) for lane in ("dp2", "disagg") for r in range(2)}
     table = []
     for step, (r0, r1) in enumerate(rows, 1):

@@ -130,11 +130,14 @@ def split_call_seconds(calib, call, heads: int, head_dim: int, per_octave: int |
     segs = list(call.segments) if tasks else [(q, q) for q, _ in call.segments]
     top = max_doc_len(heads, head_dim, 2) if calib.era >= era_since("8969915") or tasks else max(q for q, _ in segs)
     prefix = tasks and call.causal and lse_prefix_applies(calib)
-    is_long = lambda q, k: runs_on_cudnn(q, k, low, top, prefix)  # noqa: E731
+    rule, head_of = runs_on_cudnn, cudnn_head
+    if prefix and calib.era < era_since("716cea5"):
+        rule, head_of = _bucketed_prefix_runs_on_cudnn, _bucketed_prefix_cudnn_head
+    is_long = lambda q, k: rule(q, k, low, top, prefix)  # noqa: E731
     if call.causal and calib.era >= era_since("6eda7f2"):
         cut = []  # each too-long segment as its head (long) and its tail (Triton)
         for q, k in segs:
-            head = 0 if is_long(q, k) else cudnn_head(q, k, low, top, prefix)
+            head = 0 if is_long(q, k) else head_of(q, k, low, top, prefix)
             cut += [(head, k - q + head), (q - head, k)] if head else [(q, k)]
         segs = cut
     octave = BUCKETS_PER_OCTAVE if per_octave is None else per_octave
@@ -155,18 +158,47 @@ def split_call_seconds(calib, call, heads: int, head_dim: int, per_octave: int |
 
 def _prefix_task_seconds(calib, n: int, m: int, heads: int, head_dim: int, per_octave: int,
                          min_len: int) -> float:
-    """A causal task of n queries over m > n keys on cuDNN (split.prefix_parts): one causal call of
-    f blank + n real queries over the last f + n keys, padded to their bucket, and where the
-    prefix reaches the split's minimum (`min_len`, the task's: `split_min_len`) one non-causal call
-    of the n queries (at their bucket) over the first p prefix keys (a bucket length)."""
-    from seqpar.kernels.flash_attn.split import bucket_len, prefix_parts
+    """A causal task of n queries over m > n keys on cuDNN, where the prefix reaches the split's
+    minimum (`min_len`, the task's: `split_min_len`): from 716cea5 (split.prefix_chunks) one
+    non-causal call of the n queries (at their bucket) over each min_len keys of the prefix and a
+    causal call of f < min_len blank + n real queries (at their bucket) over the last f + n keys;
+    before it one non-causal call over the first p prefix keys (a bucket length) and that causal
+    call after the rest (`_bucketed_prefix_parts`)."""
+    from seqpar.kernels.flash_attn.split import bucket_len, prefix_chunks
+    from seqpar.sim.eras import era_since
 
-    p, f = prefix_parts(n, m, min_len, per_octave)
+    chunked = calib.era >= era_since("716cea5")
+    p, f = prefix_chunks(n, m, min_len) if chunked else _bucketed_prefix_parts(n, m, min_len, per_octave)
     rows = bucket_len(f + n, per_octave)
     t = _call_seconds(calib, AttnCall.dense(rows, rows, True), heads, head_dim, "cudnn")
     if p:
-        t += _call_seconds(calib, AttnCall.dense(bucket_len(n, per_octave), p, False), heads, head_dim, "cudnn")
+        calls, keys = (p // min_len, min_len) if chunked else (1, p)
+        t += calls * _call_seconds(calib, AttnCall.dense(bucket_len(n, per_octave), keys, False), heads, head_dim,
+                                   "cudnn")
     return t
+
+
+# The lse split's pieces over a prefix before 716cea5: long when their keys fit max_len, the prefix in
+# one non-causal call of a bucket length
+def _bucketed_prefix_runs_on_cudnn(n: int, m: int, min_len: int, max_len: int | None, causal: bool) -> bool:
+    return min_len <= n and (m == n or (causal and m > n)) and (max_len is None or m <= max_len)
+
+
+def _bucketed_prefix_cudnn_head(n: int, m: int, min_len: int, max_len: int | None, causal: bool) -> int:
+    if max_len is None or m < n or m <= max_len:
+        return 0
+    head = max_len - (m - n)
+    return head if 0 < head < n and _bucketed_prefix_runs_on_cudnn(head, m - n + head, min_len, max_len, causal) else 0
+
+
+def _bucketed_prefix_parts(n: int, m: int, min_len: int, per_octave: int) -> tuple[int, int]:
+    """(p, f): the first p prefix keys, the largest bucket length within the prefix (0 below
+    min_len), in the non-causal call; f blank rows before the queries in the causal call."""
+    from seqpar.kernels.flash_attn.split import bucket_floor
+
+    r = m - n
+    p = bucket_floor(r, per_octave) if r >= min_len else 0
+    return p, r - p
 
 
 def attn_seconds(calib, calls, heads: int, head_dim: int, family: str = "cudnn") -> float:

@@ -153,6 +153,12 @@ CODE_CHANGES = (
     # no run yet: training's disagg over cp on that communicator too (f0ec2cd's over dp_cp only)
     ("2026-11-28T11:45:45+00:00", ("c885b3a disagg over cp on its own high-priority communicator, apart from "
                                    "LASP-2's cp group")),
+    # what attention_cost models changes where a run sets SEQPAR_CUDNN_PREFIX=1 (`era_since("716cea5")`:
+    # `_prefix_task_seconds`), not the default's kernels
+    ("2026-11-28T12:29:57+00:00", ("716cea5 pieces over a prefix on cuDNN (SEQPAR_CUDNN_PREFIX=1) as non-causal "
+                                   "calls of min_len keys and one causal call after < min_len blank rows, taken "
+                                   "whenever that causal call fits max_doc_len (was: at most max_doc_len keys, one "
+                                   "non-causal call over a bucketed prefix)")),
 )
 
 
@@ -186,6 +192,8 @@ SAME_KERNEL_BENCHES += ("f0ec2cd", "c885b3a")
 SAME_KERNEL_BENCHES += ("c8f2856", "0231d9c")
 # ... and 95a8d48 (the ring's transfers, as 47528c5)
 SAME_KERNEL_BENCHES += ("95a8d48",)
+# ... and 716cea5 (as 9a4c89d: only auto-dispatched calls with an lse, and only with SEQPAR_CUDNN_PREFIX=1)
+SAME_KERNEL_BENCHES += ("716cea5",)
 # (not 6eda7f2: the kernels bench's split rows and the disagg bench's servers change with it)
 # CODE_CHANGES entries that changed the lightning kernel (79fc72c's entry holds e049981's one-scan
 # exchange): its kernels-bench rows measure one kernel only between two of them
