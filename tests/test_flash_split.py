@@ -165,6 +165,39 @@ def test_split_forward_backward_with_task_boundaries(monkeypatch, causal, Hq, Hk
         assert _rel(a, w) < 1e-12, name
 
 
+def test_split_tasks_prefix_chunk_from_the_environment(monkeypatch):
+    # SEQPAR_CUDNN_PREFIX_CHUNK=18 (min_len 9): 10 over 30 keys as one 10 x 18 block and a causal call
+    # of 2 blank + 10 queries; 9 over 14 (5 prefix keys) one causal call; exact either way
+    from seqpar.kernels.flash_attn import split_tasks
+    from seqpar.kernels.flash_attn.split import prefix_chunk, runs_on_cudnn
+
+    monkeypatch.setenv(split_tasks.PREFIX_ENV, "1")
+    monkeypatch.setenv("SEQPAR_CUDNN_PREFIX_CHUNK", "18")
+    assert prefix_chunk(9) == 18
+    assert runs_on_cudnn(10, 30, 9, 12, True) and not runs_on_cudnn(10, 26, 9, 12, True)  # 2 / 16 blank rows
+    lq, lk = [10, 9], [30, 14]
+    g = torch.Generator().manual_seed(3)
+    q, do = (torch.randn(1, sum(lq), 4, 8, generator=g, dtype=F64) for _ in range(2))
+    k, v = (torch.randn(1, sum(lk), 2, 8, generator=g, dtype=F64) for _ in range(2))
+    cu_q, cu_k = _cu(lq), _cu(lk)
+    calls = []
+    kw = dict(causal=True, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, min_len=9, per_octave=4)
+    kn = _reference_kernels(calls, stateless=True)
+    out, lse = split_tasks.split_forward(q, k, v, kernels=kn, **kw)
+    got = split_tasks.split_backward(do, q, k, v, out, lse, kernels=kn, **kw)
+    assert [c[1:] for c in calls if c[0] == "dense"] == [(12,), (10, 18), (14,)]
+    ref_out, ref_lse = flash_attn_reference(q, k, v, causal=True, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                                            return_lse=True)
+    want = flash_attn_backward_reference(do, q, k, v, ref_out, ref_lse, causal=True, cu_seqlens_q=cu_q,
+                                         cu_seqlens_k=cu_k)
+    assert _rel(out, ref_out) < 1e-12
+    for name, a, w in zip(("dq", "dk", "dv"), got, want):
+        assert _rel(a, w) < 1e-12, name
+    monkeypatch.setenv("SEQPAR_CUDNN_PREFIX_CHUNK", "0")
+    with pytest.raises(ValueError, match="SEQPAR_CUDNN_PREFIX_CHUNK"):
+        prefix_chunk(9)
+
+
 @pytest.mark.parametrize("prefix", [True, False])
 def test_split_tasks_give_cudnn_the_head_of_a_task_past_max_len(monkeypatch, prefix):
     """Causal tasks cuDNN cannot take whole (too many keys, or with pieces over a prefix too many

@@ -28,7 +28,7 @@ from seqpar.attention.disagg.runtime import _plan_routes
 from seqpar.config import register_configs
 from seqpar.data import PackedLoader, build_dataset
 from seqpar.kernels.flash_attn.split import (BUCKETS_PER_OCTAVE, bucket_len, max_doc_len, min_doc_len, prebuilt_lengths,
-                                             prefix_chunks, split_task_bounds)
+                                             prefix_chunk, prefix_chunks, split_task_bounds)
 
 
 def _rows(seq, steps):
@@ -56,10 +56,10 @@ def _task_shapes(bq, bk, lo, hi, causal, pow2=False):
     long_tasks, _, _ = split_task_bounds(bq, bk, lo, hi, causal, cut=causal)
     for qa, qb, ka, kb in long_tasks:
         n, m = qb - qa, kb - ka
-        p, f = prefix_chunks(n, m, lo) if causal else (0, 0)
+        p, f = prefix_chunks(n, m, prefix_chunk(lo)) if causal else (0, 0)
         shapes.add(("causal", key(bucket_len(f + n, BUCKETS_PER_OCTAVE))))
         if p:
-            shapes.add(("prefix", key(bucket_len(n, BUCKETS_PER_OCTAVE)), key(lo)))
+            shapes.add(("prefix", key(bucket_len(n, BUCKETS_PER_OCTAVE)), key(prefix_chunk(lo))))
     return shapes
 
 
@@ -69,7 +69,7 @@ def main(seq=65536, steps=12, pow2=False, prebuilt=False):
     opts = DisaggOptions()
     q_row, kv_row = heads * 2 * head_dim * 2, 8 * 2 * head_dim * 2
     lengths = prebuilt_lengths(heads, head_dim, 2) if prebuilt else []
-    built = {("causal", n) for n in lengths} | {("prefix", n, lo) for n in lengths}
+    built = {("causal", n) for n in lengths} | {("prefix", n, prefix_chunk(lo)) for n in lengths}
     seen = {(lane, r): set(built) for lane in ("dp2", "disagg") for r in range(2)}
     table = []
     for step, (r0, r1) in enumerate(rows, 1):

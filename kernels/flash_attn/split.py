@@ -191,10 +191,11 @@ def split_task_bounds(bounds_q, bounds_k, min_len: int, max_len: int | None = No
 def runs_on_cudnn(n: int, m: int, min_len: int, max_len: int | None, causal: bool) -> bool:
     """Whether a task of n queries over m keys is long (`split_task_bounds`): cuDNN computes it. A
     square of min_len..max_len; `causal`, also a piece of at least min_len queries over a prefix
-    whose causal call (`prefix_chunks`: n queries after fewer than min_len blank ones) fits max_len."""
+    whose causal call (`prefix_chunks`: n queries after fewer than `prefix_chunk` blank ones) fits
+    max_len."""
     if n < min_len or m < n or (m > n and not causal):
         return False
-    return max_len is None or n + (m - n) % min_len <= max_len
+    return max_len is None or n + (m - n) % prefix_chunk(min_len) <= max_len
 
 
 def cudnn_head(n: int, m: int, min_len: int, max_len: int | None, causal: bool) -> int:
@@ -204,21 +205,34 @@ def cudnn_head(n: int, m: int, min_len: int, max_len: int | None, causal: bool) 
     min_len."""
     if max_len is None or m < n or runs_on_cudnn(n, m, min_len, max_len, causal):
         return 0
-    head = max_len - ((m - n) % min_len if causal else m - n)
+    head = max_len - ((m - n) % prefix_chunk(min_len) if causal else m - n)
     return head if 0 < head < n and runs_on_cudnn(head, m - n + head, min_len, max_len, causal) else 0
 
 
-def prefix_chunks(n: int, m: int, min_len: int) -> tuple[int, int]:
+def prefix_chunks(n: int, m: int, chunk: int) -> tuple[int, int]:
     """How a causal task of n queries over m >= n keys (its causal square after r = m - n keys of
-    prefix that every query sees) runs on cuDNN: (p, f). The first p = r - r % min_len prefix keys in
-    non-causal calls of min_len keys each (merged in fp32 like ring blocks); the last f + n keys in
-    one causal call of f = r % min_len blank queries before the n real ones. Every call's shape is
-    then (a query bucket, min_len) or a causal square bucket: a grid of one dimension, each shape's
+    prefix that every query sees) runs on cuDNN: (p, f). The first p = r - r % chunk prefix keys in
+    non-causal calls of `chunk` keys each (merged in fp32 like ring blocks); the last f + n keys in
+    one causal call of f = r % chunk blank queries before the n real ones. Every call's shape is
+    then (a query bucket, chunk) or a causal square bucket: a grid of one dimension, each shape's
     cuDNN plans built before training (`prebuild_plans`), where a (queries, prefix) grid of two met
-    new shapes at most steps, each stalling its step ~0.2 s. The blank rows cost < min_len^2 / 2
-    pairs; min_len-key calls are as long as the split lets any cuDNN call be."""
+    new shapes at most steps, each stalling its step ~0.2 s. The blank rows cost < chunk^2 / 2 pairs."""
     r = m - n
-    return r - r % min_len, r % min_len
+    return r - r % chunk, r % chunk
+
+
+PREFIX_CHUNK_ENV = "SEQPAR_CUDNN_PREFIX_CHUNK"
+
+
+def prefix_chunk(min_len: int) -> int:
+    """The keys of each non-causal prefix call (`prefix_chunks`): SEQPAR_CUDNN_PREFIX_CHUNK where set
+    (read per call, for benchmarks' A/B), else min_len, the shortest call the split gives cuDNN."""
+    raw = os.environ.get(PREFIX_CHUNK_ENV, "").strip()
+    if not raw:
+        return min_len
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"{PREFIX_CHUNK_ENV}={raw!r}: need a positive token count (default: min_doc_len)")
+    return int(raw)
 
 
 @dataclass(frozen=True)
@@ -292,10 +306,10 @@ def prebuild_plans(heads: int, head_dim: int, *, dtype=torch.bfloat16, device="c
     each build stalls its rank's GPU for ~100 ms (H100: [4k, 16k]'s 33 buckets took 3.3 s), and
     under disaggregated attention the other ranks wait for it at the layer's next all-to-all.
     `prefix` (SEQPAR_CUDNN_PREFIX=1): also the non-causal calls of pieces over a prefix, every
-    query bucket over min_doc_len keys (`prefix_chunks`). Returns the bucket lengths built ([]
+    query bucket over `prefix_chunk` keys (`prefix_chunks`). Returns the bucket lengths built ([]
     without buckets, SEQPAR_CUDNN_BUCKETS=0: one per length)."""
     lengths = prebuilt_lengths(heads, head_dim, torch.empty((), dtype=dtype).element_size())
-    chunk = min_doc_len(heads)
+    chunk = prefix_chunk(min_doc_len(heads))
     build_plans([(True, n, n) for n in lengths] + [(False, n, chunk) for n in lengths if prefix], heads, head_dim,
                 dtype=dtype, device=device, scale=scale, kernels=kernels)
     return lengths

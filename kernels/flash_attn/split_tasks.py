@@ -28,7 +28,7 @@ import torch
 from seqpar.kernels.attn_merge import attn_merge_
 from seqpar.kernels.flash_attn.split import (SplitKernels, _fold, _host_bounds, _pad_rows, _rows, bucket_len,
                                              buckets_per_octave, cudnn_triton_kernels, max_doc_len, min_doc_len,
-                                             prefix_chunks, split_task_bounds)
+                                             prefix_chunk, prefix_chunks, split_task_bounds)
 
 PREFIX_ENV = "SEQPAR_CUDNN_PREFIX"  # 1: causal pieces over a prefix on cuDNN too (benchmarks' A/B)
 
@@ -50,14 +50,15 @@ class TaskPlan:
         return bucket_len(length, self.per_octave)
 
 
-@lru_cache(maxsize=128)  # every layer of a step passes the same boundaries
+@lru_cache(maxsize=128)  # every layer of a step passes the same boundaries (and chunk: part of the key)
 def task_plan(bounds_q: tuple, bounds_k: tuple, min_len: int, max_len: int | None, per_octave: int,
-              device, causal: bool = False, cut: bool = False) -> TaskPlan:
+              device, causal: bool = False, cut: bool = False, chunk: int | None = None) -> TaskPlan:
     long_tasks, bq, bk = split_task_bounds(bounds_q, bounds_k, min_len, max_len, causal, cut)
     as_dev = lambda b: torch.tensor(b, dtype=torch.int32, device=device)  # noqa: E731
-    parts = [prefix_chunks(qb - qa, kb - ka, min_len) for qa, qb, ka, kb in long_tasks]
+    chunk = chunk or prefix_chunk(min_len)
+    parts = [prefix_chunks(qb - qa, kb - ka, chunk) for qa, qb, ka, kb in long_tasks]
     return TaskPlan(tuple((*t, p, f) for t, (p, f) in zip(long_tasks, parts)), as_dev(bq), as_dev(bk), per_octave,
-                    min_len)
+                    chunk)
 
 
 def cudnn_lengths(q) -> tuple[int, int, bool]:
@@ -69,9 +70,10 @@ def cudnn_lengths(q) -> tuple[int, int, bool]:
 
 def _task_plan_for(q, cu_q, cu_k, min_len, max_len, per_octave, causal) -> TaskPlan:
     lo, hi, prefix = cudnn_lengths(q)
-    return task_plan(_host_bounds(cu_q), _host_bounds(cu_k), lo if min_len is None else min_len,
-                     hi if max_len is None else max_len, buckets_per_octave() if per_octave is None else per_octave,
-                     q.device, bool(causal) and prefix, bool(causal))
+    min_len = lo if min_len is None else min_len
+    return task_plan(_host_bounds(cu_q), _host_bounds(cu_k), min_len, hi if max_len is None else max_len,
+                     buckets_per_octave() if per_octave is None else per_octave, q.device, bool(causal) and prefix,
+                     bool(causal), prefix_chunk(min_len))
 
 
 def _blank_front(t, a, b, front, rows):
