@@ -5,6 +5,7 @@ import json
 import os
 import random
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -93,17 +94,23 @@ def test_plan_balances_one_long_document_among_small_ones(layout):
 def test_plan_weighs_pairs_by_the_kernel_that_runs_them():
     """With a KernelSpeed, the pairs cuDNN would not take (a document's past its head of max_len;
     pieces under min_len queries) cost triton_cost each: the plan balances those weighted loads,
-    where balancing the bare pairs leaves the rank of the long document slowest."""
-    speed = KernelSpeed(min_len=256, max_len=3000, prefix=True, triton_cost=1.5)
+    where balancing the bare pairs leaves the rank of the long document slowest; and each query row
+    costs row_cost pairs more, whichever kernel runs it."""
+    speed = KernelSpeed(min_len=256, max_len=3000, prefix=True, triton_cost=1.5, row_cost=0)
     head = pairs(0, 3000, 0)
     assert task_cost(0, 3584, 0, speed=speed) == head + 1.5 * (pairs(0, 3584, 0) - head) + TASK_OVERHEAD
-    assert task_cost(3000, 3584, 0, speed=speed) == 1.5 * pairs(3000, 3584, 0) + TASK_OVERHEAD  # its tail
+    # its tail: on cuDNN with pieces over a prefix (a causal call of 584 queries after 3000 % 256 blank
+    # rows fits max_len), else on Triton
+    assert task_cost(3000, 3584, 0, speed=speed) == pairs(3000, 3584, 0) + TASK_OVERHEAD
+    assert task_cost(3000, 3584, 0, speed=replace(speed, prefix=False)) == 1.5 * pairs(3000, 3584, 0) + TASK_OVERHEAD
     assert task_cost(100, 3584, 0, speed=speed) == pairs(100, 3000, 0) + 1.5 * pairs(3000, 3584, 0) + TASK_OVERHEAD
     assert task_cost(0, 2896, 0, speed=speed) == task_cost(0, 2896, 0)
     assert task_cost(2800, 2896, 0, speed=speed) == 1.5 * pairs(2800, 2896, 0) + TASK_OVERHEAD  # 96 queries
     assert task_cost(1000, 2896, 0, speed=speed) == task_cost(1000, 2896, 0)  # a piece over its prefix
-    no_prefix = KernelSpeed(min_len=256, max_len=3000, prefix=False, triton_cost=1.5)
+    no_prefix = KernelSpeed(min_len=256, max_len=3000, prefix=False, triton_cost=1.5, row_cost=0)
     assert task_cost(1000, 2896, 0, speed=no_prefix) == 1.5 * pairs(1000, 2896, 0) + TASK_OVERHEAD
+    rows = KernelSpeed(min_len=256, max_len=3000, prefix=False, triton_cost=1.5, row_cost=10)
+    assert task_cost(1000, 2896, 0, speed=rows) == task_cost(1000, 2896, 0, speed=no_prefix) + 10 * 1896
     bounds = [0, 4096, 6992, 8192]  # rank 0: a document past max_len; rank 1: two under it
     speed = KernelSpeed(min_len=256, max_len=2900, prefix=True, triton_cost=1.7)
 

@@ -14,9 +14,11 @@ the default weights, `runtime._plan_routes`), and on one GPU, bf16, llama_1b's h
   boundaries and the lse, then `flash_attn_backward`), what disagg's ranks run;
 - `served_own`: each row's documents through that server path unplanned (what a plan that moves
   nothing runs).
-Times in ms per layer; the model's loads (cuDNN pairs) beside them. SEQPAR_CUDNN_PREFIX applies.
+Times in ms per layer; the model's loads (cuDNN pairs) beside them. SEQPAR_CUDNN_PREFIX applies;
+TRITON_COST=W plans with parallel.disagg.triton_cost=W.
 """
 import json
+import os
 import statistics
 import sys
 
@@ -43,7 +45,7 @@ with initialize_config_module(config_module="seqpar.conf", version_base=None):
                                       "train=long", "train.global_batch_size=2", "train.micro_batch_size=1"])
 m = cfg.model
 H, HKV, D = m.n_heads, m.n_kv_heads, m.head_dim or m.d_model // m.n_heads
-opts = DisaggOptions(eps=0.02)
+opts = DisaggOptions(eps=0.02, **({"triton_cost": float(os.environ["TRITON_COST"])} if "TRITON_COST" in os.environ else {}))
 speed = KernelSpeed(min_doc_len(H), max_doc_len(H, D, 2), cudnn_prefix(), opts.triton_cost)
 row_bytes = (H * 2 * D * 2, HKV * 2 * D * 2)
 dev = torch.device("cuda")
@@ -113,7 +115,7 @@ for step in range(1, LAST + 1):
     steps.append(line)
     torch.cuda.empty_cache()
 total = lambda key, f: sum(f(s[key]) for s in steps)  # noqa: E731
-summary = {"layers": m.n_layers, "prefix": cudnn_prefix(),
+summary = {"layers": m.n_layers, "prefix": cudnn_prefix(), "triton_cost": speed.triton_cost, "row_cost": speed.row_cost,
            "ideal_ms_per_layer": total("own", statistics.mean), "disagg_ms_per_layer": total("served", max),
            "served_own_mean_ms_per_layer": total("served_own", statistics.mean)}
 summary["excess_ms_per_step"] = m.n_layers * (summary["disagg_ms_per_layer"] - summary["ideal_ms_per_layer"]) / len(steps)

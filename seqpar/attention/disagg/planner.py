@@ -53,6 +53,14 @@ TASK_OVERHEAD = 128 * 128 // 2
 TRITON_COST = 1.55
 # ... and in the forward alone (the same run): what a per-direction forward plan weighs a Triton pair
 TRITON_FWD_COST = 1.06
+# What a query row costs a server beyond its score pairs, in cuDNN pairs: per-row work of both
+# directions (loading Q, dO, O; writing O, dQ; the lse and delta) and the diagonal tiles, which make a
+# short document dearer per pair than a long one (one H200, llama_1b's heads, fwd+bwd: causal squares
+# of 16k / 32k / 48k ran 76 / 71 / 67 ms per billion pairs). Fitted on the server calls of the 16
+# steps of llama_1b dp=2 64k/GPU (docs/benchmarks/2026-11-28-gpu-28th/call3, 64 calls, with and
+# without pieces over a prefix on cuDNN): pairs alone model a call within 5.2% rms (10.6% at worst),
+# with 1250 pairs a row 2.2% (5.6%).
+ROW_COST = 1250
 
 
 @dataclass(frozen=True)
@@ -60,11 +68,12 @@ class KernelSpeed:
     """Which tasks a server's call runs on cuDNN (`split.runs_on_cudnn` with these lengths;
     `prefix`: causal pieces over a prefix too, SEQPAR_CUDNN_PREFIX=1; of a causal task past max_len
     keys its head, `split.cudnn_head`) and the cost of a score pair on the Triton kernel that runs
-    the rest, relative to cuDNN (`parallel.disagg.triton_cost`)."""
+    the rest, relative to cuDNN (`parallel.disagg.triton_cost`), and of a query row (`ROW_COST`)."""
     min_len: int
     max_len: int | None
     prefix: bool
     triton_cost: float
+    row_cost: float = ROW_COST
 
     def by_kernel(self, queries: int, keys: int, causal: bool) -> tuple[int, int]:
         """(cuDNN pairs, Triton pairs) of a task of `queries` over `keys`."""
@@ -76,9 +85,10 @@ class KernelSpeed:
         return fast, total - fast
 
     def cost(self, queries: int, keys: int, causal: bool) -> float:
-        """The score pairs of a task of `queries` over `keys`, weighed by the kernels that run them."""
+        """The score pairs of a task of `queries` over `keys`, weighed by the kernels that run them,
+        and its query rows."""
         fast, slow = self.by_kernel(queries, keys, causal)
-        return fast + self.triton_cost * slow
+        return fast + self.triton_cost * slow + self.row_cost * queries
 
 
 @dataclass(frozen=True)
