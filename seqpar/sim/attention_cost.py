@@ -758,8 +758,8 @@ def disagg_moved_bytes(bounds, world, heads, kv_heads, head_dim, act=2, eps=0.1,
 def disagg_speed(calib, heads: int, head_dim: int, triton_cost: float | None = None):
     """The KernelSpeed disagg's planner is given (runtime.kernel_speed): from a8a710a on, where the
     servers' calls run the split's lse form; None before (every pair the same). `triton_cost`: the
-    run's parallel.disagg.triton_cost (None: the era's default)."""
-    from seqpar.attention.disagg.planner import TRITON_COST, KernelSpeed
+    run's parallel.disagg.triton_cost (None: the era's default). Query rows cost from 3a77b25 on."""
+    from seqpar.attention.disagg.planner import ROW_COST, TRITON_COST, KernelSpeed
     from seqpar.kernels.flash_attn.split import max_doc_len
     from seqpar.sim.eras import era_since
 
@@ -767,7 +767,8 @@ def disagg_speed(calib, heads: int, head_dim: int, triton_cost: float | None = N
     if calib.era < era_since("a8a710a") or not lse_split_applies(calib, server_call):
         return None
     return KernelSpeed(split_min_len(calib, heads), max_doc_len(heads, head_dim, 2), lse_prefix_applies(calib),
-                       triton_cost or (TRITON_COST if calib.era >= era_since("ff4de8f") else 1.7))
+                       triton_cost or (TRITON_COST if calib.era >= era_since("ff4de8f") else 1.7),
+                       ROW_COST if calib.era >= era_since("3a77b25") else 0)
 
 
 @functools.lru_cache(maxsize=1024)

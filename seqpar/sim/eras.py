@@ -159,6 +159,9 @@ CODE_CHANGES = (
                                    "calls of min_len keys and one causal call after < min_len blank rows, taken "
                                    "whenever that causal call fits max_doc_len (was: at most max_doc_len keys, one "
                                    "non-causal call over a bucketed prefix)")),
+    # what attention_cost models changes (`era_since("3a77b25")`: the plan's KernelSpeed.row_cost)
+    ("2026-11-28T12:54:58+00:00", ("3a77b25 disagg's planner weighs each query row as ROW_COST (1250) cuDNN "
+                                   "pairs beyond its score pairs")),
 )
 
 
@@ -194,6 +197,8 @@ SAME_KERNEL_BENCHES += ("c8f2856", "0231d9c")
 SAME_KERNEL_BENCHES += ("95a8d48",)
 # ... and 716cea5 (as 9a4c89d: only auto-dispatched calls with an lse, and only with SEQPAR_CUDNN_PREFIX=1)
 SAME_KERNEL_BENCHES += ("716cea5",)
+# ... and 3a77b25 (disagg's plan, as a8a710a)
+SAME_KERNEL_BENCHES += ("3a77b25",)
 # (not 6eda7f2: the kernels bench's split rows and the disagg bench's servers change with it)
 # CODE_CHANGES entries that changed the lightning kernel (79fc72c's entry holds e049981's one-scan
 # exchange): its kernels-bench rows measure one kernel only between two of them
