@@ -49,8 +49,14 @@ TASK_OVERHEAD = 128 * 128 // 2
 # the dk/dv kernel's 128-key tile at D = 64 (7262efd) has since made that backward ~9% faster, and TMA
 # loads (1693e8a) all the Triton kernels another 4-10%. Then 1.55 beat 1.7 end to end in two runs on
 # 2 H200 at eps 0.02 (docs/benchmarks/2026-11-27-gpu-15th/call4, call5): 1.038x / 1.044x the balanced
-# ideal against 1.047x / 1.048x, the heaviest steps gaining most.
-TRITON_COST = 1.55
+# ideal against 1.047x / 1.048x, the heaviest steps gaining most. On H200 with today's kernels
+# (2026-11-28-gpu-28th): the cost table at llama_1b's heads fits backward 1.30 / 1.34 (calls 1, 2;
+# forward 0.95 / 1.06), pieces of 4-17k queries over 40-65k keys ran 87-95 ms per billion pairs fwd+bwd
+# against 67-76 for long causal squares (call 4), the 64 server calls of 16 e2e steps fit 1.25 with
+# ROW_COST (call 3); end to end 1.30 ran 1.039x the balanced ideal, 1.55 1.043x, 1.18 1.045x (call 1,
+# one run each: within the runs' spread), and the planner's model, fitted on call 3, gives the steps
+# 12 ms less attention excess at 1.3 than at 1.55.
+TRITON_COST = 1.3
 # ... and in the forward alone (the same run): what a per-direction forward plan weighs a Triton pair
 TRITON_FWD_COST = 1.06
 # What a query row costs a server beyond its score pairs, in cuDNN pairs: per-row work of both

@@ -43,7 +43,7 @@ Three schedules (`parallel.disagg.schedule`):
 
 Two plans (`parallel.disagg.plans=per_direction`): the forward is planned with a Triton score
 pair at its forward cost (`planner.TRITON_FWD_COST`, 1.06 cuDNN pairs) and the backward with
-`triton_cost` (1.55), each balanced for its own direction; with one plan (the default, balanced for the
+`triton_cost` (1.3), each balanced for its own direction; with one plan (the default, balanced for the
 backward) the server given the Triton pieces is underloaded in the forward, and every layer's forward
 waits for the other (2 H100, llama_1b 64k tokens per GPU, 2026-11-27: the step's ratio to the
 balanced ideal followed the modelled forward imbalance, 1.048 at eps 0.02, correlation 0.89; per
