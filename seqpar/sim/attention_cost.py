@@ -767,8 +767,15 @@ def disagg_speed(calib, heads: int, head_dim: int, triton_cost: float | None = N
     if calib.era < era_since("a8a710a") or not lse_split_applies(calib, server_call):
         return None
     return KernelSpeed(split_min_len(calib, heads), max_doc_len(heads, head_dim, 2), lse_prefix_applies(calib),
-                       triton_cost or (TRITON_COST if calib.era >= era_since("ff4de8f") else 1.7),
+                       triton_cost or _default_triton_cost(calib.era, TRITON_COST),
                        ROW_COST if calib.era >= era_since("3a77b25") else 0)
+
+
+def _default_triton_cost(era: int, today: float) -> float:
+    """parallel.disagg.triton_cost's default in a code era: 1.7, 1.55 from ff4de8f, 1.3 from be4b206."""
+    from seqpar.sim.eras import era_since
+
+    return today if era >= era_since("be4b206") else 1.55 if era >= era_since("ff4de8f") else 1.7
 
 
 @functools.lru_cache(maxsize=1024)

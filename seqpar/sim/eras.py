@@ -162,6 +162,9 @@ CODE_CHANGES = (
     # what attention_cost models changes (`era_since("3a77b25")`: the plan's KernelSpeed.row_cost)
     ("2026-11-28T12:54:58+00:00", ("3a77b25 disagg's planner weighs each query row as ROW_COST (1250) cuDNN "
                                    "pairs beyond its score pairs")),
+    # what attention_cost models changes (`era_since("be4b206")`: the plan's default triton_cost)
+    ("2026-11-28T12:56:47+00:00", ("be4b206 disagg's planner weighs a Triton score pair as 1.3 cuDNN pairs by "
+                                   "default (was 1.55)")),
 )
 
 
@@ -197,8 +200,8 @@ SAME_KERNEL_BENCHES += ("c8f2856", "0231d9c")
 SAME_KERNEL_BENCHES += ("95a8d48",)
 # ... and 716cea5 (as 9a4c89d: only auto-dispatched calls with an lse, and only with SEQPAR_CUDNN_PREFIX=1)
 SAME_KERNEL_BENCHES += ("716cea5",)
-# ... and 3a77b25 (disagg's plan, as a8a710a)
-SAME_KERNEL_BENCHES += ("3a77b25",)
+# ... and 3a77b25, be4b206 (disagg's plan, as a8a710a)
+SAME_KERNEL_BENCHES += ("3a77b25", "be4b206")
 # (not 6eda7f2: the kernels bench's split rows and the disagg bench's servers change with it)
 # CODE_CHANGES entries that changed the lightning kernel (79fc72c's entry holds e049981's one-scan
 # exchange): its kernels-bench rows measure one kernel only between two of them
@@ -296,6 +299,9 @@ COMMITTED_BY = {
     "2026-11-27-gpu-18th/call5": "2026-11-27T18:11:35+00:00",  # c7f81b4
     "2026-11-27-gpu-18th/call6": "2026-11-27T18:16:43+00:00",  # 0d9c5ae
     "2026-11-27-gpu-18th/call7": "2026-11-27T18:19:06+00:00",  # 968eaa8
+    # the twenty-seventh session's end-to-end calls (their lanes undated; f0ec2cd's era, not a later one of the day)
+    "2026-11-28-gpu-27th/call6": "2026-11-28T11:20:02+00:00",  # 3214751
+    "2026-11-28-gpu-27th/call7": "2026-11-28T11:34:35+00:00",  # 226795d
 }
 
 

@@ -496,13 +496,16 @@ _DP_CP_LANES = {"dp2": ([], None), "dp2_disagg_dp_cp": (["parallel.softmax_sp=di
                 # SEQPAR_CUDNN_PREFIX=0: the servers' causal pieces over a prefix stay in the Triton call
                 "dp2_disagg_noprefix": (["parallel.softmax_sp=disagg", "parallel.disagg.group=dp_cp"], False),
                 "dp2_disagg_prefix": (["parallel.softmax_sp=disagg", "parallel.disagg.group=dp_cp"], True),
+                "dp2_disagg_prefix_eps02": (["parallel.softmax_sp=disagg", "parallel.disagg.group=dp_cp",
+                                             "parallel.disagg.eps=0.02"], True),
                 **{f"dp2_disagg_eps{e[2:]}": (["parallel.softmax_sp=disagg", "parallel.disagg.group=dp_cp",
                                                f"parallel.disagg.eps={e}"], None) for e in ("0.05", "0.02")},
                 # a Triton pair weighed as 1.NN cuDNN pairs by the planner (1.05: twelfth session, worse;
-                # 1.55: fifteenth, better than 1.7 and the default since)
+                # 1.55: fifteenth, better than 1.7 and the default since; 1.18 and 1.30: twenty-eighth,
+                # the cost table's fits, 1.30 the default since be4b206)
                 **{f"dp2_disagg_tc{tc}{x}": (["parallel.softmax_sp=disagg", "parallel.disagg.group=dp_cp",
                                               f"parallel.disagg.triton_cost=1.{tc[1:]}", *e], None)
-                   for tc in ("105", "140", "155") for x, e in (("", []), ("_eps02", ["parallel.disagg.eps=0.02"]))},
+                   for tc in ("105", "118", "130", "140", "155") for x, e in (("", []), ("_eps02", ["parallel.disagg.eps=0.02"]))},
                 **{f"dp2_disagg_{s}{x}": (["parallel.softmax_sp=disagg", "parallel.disagg.group=dp_cp",
                                            f"parallel.disagg.schedule={s}", *e], None)
                    for s in ("halves", "ping_pong") for x, e in (("", []), ("_eps02", ["parallel.disagg.eps=0.02"]))},
