@@ -96,14 +96,16 @@ def test_plan_weighs_pairs_by_the_kernel_that_runs_them():
     pieces under min_len queries) cost triton_cost each: the plan balances those weighted loads,
     where balancing the bare pairs leaves the rank of the long document slowest; and each query row
     costs row_cost pairs more, whichever kernel runs it."""
-    speed = KernelSpeed(min_len=256, max_len=3000, prefix=True, triton_cost=1.5, row_cost=0)
+    speed = KernelSpeed(min_len=256, max_len=3000, prefix=False, triton_cost=1.5, row_cost=0)
     head = pairs(0, 3000, 0)
     assert task_cost(0, 3584, 0, speed=speed) == head + 1.5 * (pairs(0, 3584, 0) - head) + TASK_OVERHEAD
-    # its tail: on cuDNN with pieces over a prefix (a causal call of 584 queries after 3000 % 256 blank
-    # rows fits max_len), else on Triton
-    assert task_cost(3000, 3584, 0, speed=speed) == pairs(3000, 3584, 0) + TASK_OVERHEAD
-    assert task_cost(3000, 3584, 0, speed=replace(speed, prefix=False)) == 1.5 * pairs(3000, 3584, 0) + TASK_OVERHEAD
-    assert task_cost(100, 3584, 0, speed=speed) == pairs(100, 3000, 0) + 1.5 * pairs(3000, 3584, 0) + TASK_OVERHEAD
+    assert task_cost(3000, 3584, 0, speed=speed) == 1.5 * pairs(3000, 3584, 0) + TASK_OVERHEAD  # its tail
+    assert task_cost(100, 3584, 0, speed=speed) == 1.5 * pairs(100, 3584, 0) + TASK_OVERHEAD  # over a prefix
+    # with pieces over a prefix on cuDNN the tail is one (a causal call of its 584 queries after 3000 % 256
+    # blank rows fits max_len): the whole document, and a piece cut past max_len, on cuDNN
+    speed = replace(speed, prefix=True)
+    for a in (0, 100, 3000):
+        assert task_cost(a, 3584, 0, speed=speed) == pairs(a, 3584, 0) + TASK_OVERHEAD
     assert task_cost(0, 2896, 0, speed=speed) == task_cost(0, 2896, 0)
     assert task_cost(2800, 2896, 0, speed=speed) == 1.5 * pairs(2800, 2896, 0) + TASK_OVERHEAD  # 96 queries
     assert task_cost(1000, 2896, 0, speed=speed) == task_cost(1000, 2896, 0)  # a piece over its prefix

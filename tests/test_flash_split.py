@@ -230,13 +230,14 @@ def test_split_tasks_give_cudnn_the_head_of_a_task_past_max_len(monkeypatch, pre
     assert _rel(out, ref_out) < 1e-12
     for name, a, w in zip(("dq", "dk", "dv"), got, want):
         assert _rel(a, w) < 1e-12, name
-    # the 30 square's head of 20 on cuDNN; with pieces over a prefix also the 14 over 24 and the 12
-    # over 25 whole (1 and 4 blank rows) and the 31 over 40's head (20 queries after 9 prefix keys)
+    # the 30 square's head of 20 on cuDNN; with pieces over a prefix also its tail (10 over 30), the 14
+    # over 24 and the 12 over 25 whole (1 and 4 blank rows), the 31 over 40's head (20 queries after 9
+    # prefix keys) and its tail (11 over 40)
     plan = split_tasks.task_plan(tuple(cu_q.tolist()), tuple(cu_k.tolist()), 9, 20, 4, torch.device("cpu"),
                                  prefix, True)
     heads = [t[:4] for t in plan.long_tasks]
-    assert heads == ([(0, 20, 0, 20), (30, 44, 30, 54), (44, 56, 54, 79), (61, 81, 84, 113)] if prefix
-                     else [(0, 20, 0, 20)])
+    assert heads == ([(0, 20, 0, 20), (20, 30, 0, 30), (30, 44, 30, 54), (44, 56, 54, 79), (61, 81, 84, 113),
+                      (81, 92, 84, 124)] if prefix else [(0, 20, 0, 20)])
 
 
 def test_split_bounds_rejects_bad_boundaries():
@@ -536,13 +537,14 @@ def test_gpu_task_split_bf16_vs_reference_and_triton(monkeypatch, Hq, Hkv, max_l
     # a disagg server's call: square tasks >= GPU_MIN through cuDNN (one at the buffer's end,
     # padded with zeros), tail pieces and short tasks through Triton, or with SEQPAR_CUDNN_PREFIX=1
     # through cuDNN in chunks (2300 over 7000: two prefix chunks, a causal call after 604 blank rows;
-    # 2100 over 9000: three chunks, 756 blank rows; at max_len 2400 the first goes to Triton); the
-    # backward with lse = +inf on the padded queries, into destinations with accumulate
+    # 2100 over 9000: three chunks, 756 blank rows; at max_len 2400 both go to Triton, and the
+    # 4448 square's tail of 2048 queries after its head of 2400 to cuDNN too); the backward with lse =
+    # +inf on the padded queries, into destinations with accumulate
     from seqpar.kernels.flash_attn.split_tasks import PREFIX_ENV, split_backward, split_forward
     from seqpar.kernels.flash_attn.triton import attention_backward, attention_forward
 
     monkeypatch.setenv(PREFIX_ENV, prefix)
-    lq, lk = [3000, 700, 2100, 1, 17, 2500, 2300, 2100], [3000, 5000, 2100, 1, 0, 2500, 7000, 9000]
+    lq, lk = [3000, 700, 2100, 1, 17, 2500, 2300, 2100, 4448], [3000, 5000, 2100, 1, 0, 2500, 7000, 9000, 4448]
     g = torch.Generator().manual_seed(Hq + Hkv)
     q, do = (torch.randn(1, sum(lq), Hq, 128, generator=g, dtype=F64) for _ in range(2))
     k, v = (torch.randn(1, sum(lk), Hkv, 128, generator=g, dtype=F64) for _ in range(2))

@@ -162,9 +162,9 @@ def split_task_bounds(bounds_q, bounds_k, min_len: int, max_len: int | None = No
     when it has min_len..max_len queries and as many keys (the causal square of one document, or
     of its head), or, `causal`, at least min_len queries over more keys, at most max_len (a piece
     of a document over its causal prefix): dense cuDNN calls compute it. `cut` (causal attention):
-    a task too long only for its keys gives cuDNN its head (`cudnn_head`) and keeps its tail, over
-    all its keys, in the Triton call. Returns ([(qa, qb, ka, kb)], the Triton call's q and k
-    boundaries)."""
+    a task too long gives cuDNN its head (`cudnn_head`) and keeps its tail, over all its keys, in
+    the Triton call, or, `causal`, gives cuDNN the tail too where it is a piece it takes
+    (`cudnn_tail`). Returns ([(qa, qb, ka, kb)], the Triton call's q and k boundaries)."""
     bq_in, bk_in = [int(x) for x in bounds_q], [int(x) for x in bounds_k]
     for bounds in (bq_in, bk_in):
         if len(bounds) < 2 or bounds[0] != 0 or any(x > y for x, y in zip(bounds, bounds[1:])):
@@ -180,6 +180,9 @@ def split_task_bounds(bounds_q, bounds_k, min_len: int, max_len: int | None = No
             head = cudnn_head(n, m, min_len, max_len, causal) if cut else 0
         if head:  # its queries without keys here; after them the tail (if any) over all the keys
             long_tasks.append((qa, qa + head, ka, kb - n + head))
+            if cudnn_tail(n, m, head, min_len, max_len, causal):
+                long_tasks.append((qa + head, qb, ka, kb))
+                head = n
             bq += [qa + head, qb]
             bk += [ka, kb]
         else:
@@ -207,6 +210,15 @@ def cudnn_head(n: int, m: int, min_len: int, max_len: int | None, causal: bool) 
         return 0
     head = max_len - ((m - n) % prefix_chunk(min_len) if causal else m - n)
     return head if 0 < head < n and runs_on_cudnn(head, m - n + head, min_len, max_len, causal) else 0
+
+
+def cudnn_tail(n: int, m: int, head: int, min_len: int, max_len: int | None, causal: bool) -> bool:
+    """Whether the tail of a cut task (its queries after a `head` that cuDNN takes, over all m keys)
+    runs on cuDNN too: with pieces over a prefix (`causal`) where it is one (`runs_on_cudnn`). A
+    document past max_len then runs wholly on cuDNN, as the model's one-document rows do (SDPA):
+    on one H200 a 64k document at llama_1b's heads ran 170 ms fwd+bwd with its tail on Triton
+    against 142-145 ms whole (docs/benchmarks/2026-11-28-gpu-28th/call3)."""
+    return causal and 0 < head < n and runs_on_cudnn(n - head, m, min_len, max_len, True)
 
 
 def prefix_chunks(n: int, m: int, chunk: int) -> tuple[int, int]:

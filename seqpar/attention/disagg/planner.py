@@ -29,7 +29,7 @@ import bisect
 import math
 from dataclasses import dataclass
 
-from seqpar.kernels.flash_attn.split import cudnn_head, runs_on_cudnn
+from seqpar.kernels.flash_attn.split import cudnn_head, cudnn_tail, runs_on_cudnn
 from seqpar.parallel.sharding import local_ranges
 
 # Default per-task cost on top of the score pairs, in score pairs: launch and tile inefficiency of
@@ -73,7 +73,8 @@ ROW_COST = 1250
 class KernelSpeed:
     """Which tasks a server's call runs on cuDNN (`split.runs_on_cudnn` with these lengths;
     `prefix`: causal pieces over a prefix too, SEQPAR_CUDNN_PREFIX=1; of a causal task past max_len
-    keys its head, `split.cudnn_head`) and the cost of a score pair on the Triton kernel that runs
+    keys its head, `split.cudnn_head`, and with `prefix` its tail where cuDNN takes it,
+    `split.cudnn_tail`) and the cost of a score pair on the Triton kernel that runs
     the rest, relative to cuDNN (`parallel.disagg.triton_cost`), and of a query row (`ROW_COST`)."""
     min_len: int
     max_len: int | None
@@ -87,6 +88,8 @@ class KernelSpeed:
         if runs_on_cudnn(queries, keys, self.min_len, self.max_len, causal and self.prefix):
             return total, 0
         head = cudnn_head(queries, keys, self.min_len, self.max_len, self.prefix) if causal else 0
+        if cudnn_tail(queries, keys, head, self.min_len, self.max_len, self.prefix):
+            return total, 0
         fast = pairs(keys - queries, keys - queries + head, 0) if head else 0
         return fast, total - fast
 
