@@ -120,9 +120,11 @@ def split_call_seconds(calib, call, heads: int, head_dim: int, per_octave: int |
     equally many (the causal square of a document or its head; a ring block's non-causal square
     runs at its exact length), and from 9a4c89d (`lse_prefix_applies`) also when it is causal with
     more keys than queries, at most max_doc_len keys (a piece over its document's prefix:
-    `_prefix_task_seconds`); the others keep their (queries, keys) in the Triton call. From 6eda7f2
-    on a causal document or task past max_doc_len gives cuDNN its head (`split.cudnn_head`) and
-    the Triton call its tail (its other queries over all its keys)."""
+    `_prefix_task_seconds`; from 716cea5 any keys, where its causal call fits max_doc_len); the
+    others keep their (queries, keys) in the Triton call. From 6eda7f2 on a causal document or task
+    past max_doc_len gives cuDNN its head (`split.cudnn_head`) and the Triton call its tail (its
+    other queries over all its keys); from 2ad0d6b, with the prefix pieces, cuDNN the tail too where
+    it is such a piece (`split.cudnn_tail`)."""
     from seqpar.kernels.flash_attn.split import BUCKETS_PER_OCTAVE, bucket_len, cudnn_head, max_doc_len, runs_on_cudnn
     from seqpar.sim.eras import era_since
 
@@ -134,21 +136,25 @@ def split_call_seconds(calib, call, heads: int, head_dim: int, per_octave: int |
     if prefix and calib.era < era_since("716cea5"):
         rule, head_of = _bucketed_prefix_runs_on_cudnn, _bucketed_prefix_cudnn_head
     is_long = lambda q, k: rule(q, k, low, top, prefix)  # noqa: E731
+    triton_tails = set()  # cut segments' tails that stay on Triton although a piece over a prefix (before 2ad0d6b)
     if call.causal and calib.era >= era_since("6eda7f2"):
-        cut = []  # each too-long segment as its head (long) and its tail (Triton)
+        cut = []  # each too-long segment as its head (long) and its tail (Triton, or from 2ad0d6b a long piece)
         for q, k in segs:
             head = 0 if is_long(q, k) else head_of(q, k, low, top, prefix)
             cut += [(head, k - q + head), (q - head, k)] if head else [(q, k)]
+            if head and calib.era < era_since("2ad0d6b"):
+                triton_tails.add(len(cut) - 1)
         segs = cut
+    long = [is_long(q, k) and i not in triton_tails for i, (q, k) in enumerate(segs)]
     octave = BUCKETS_PER_OCTAVE if per_octave is None else per_octave
     t = 0.0
-    for q, k in segs:
-        if is_long(q, k) and k > q:
+    for (q, k), on_cudnn in zip(segs, long):
+        if on_cudnn and k > q:
             t += _prefix_task_seconds(calib, q, k, heads, head_dim, octave, low)
-        elif is_long(q, k):
+        elif on_cudnn:
             n = bucket_len(q, octave) if call.causal else q
             t += _call_seconds(calib, AttnCall.dense(n, n, call.causal), heads, head_dim, "cudnn")
-    rest = tuple(s for s in segs if not is_long(*s))
+    rest = tuple(seg for seg, on_cudnn in zip(segs, long) if not on_cudnn)
     if rest:  # one Triton call with bounds (of one document or task: the bounded dense case)
         t += _call_seconds(calib, AttnCall(rest, call.causal, True), heads, head_dim, "triton")
     else:

@@ -165,6 +165,10 @@ CODE_CHANGES = (
     # what attention_cost models changes (`era_since("be4b206")`: the plan's default triton_cost)
     ("2026-11-28T12:56:47+00:00", ("be4b206 disagg's planner weighs a Triton score pair as 1.3 cuDNN pairs by "
                                    "default (was 1.55)")),
+    # what attention_cost models changes where a run sets SEQPAR_CUDNN_PREFIX=1 (`era_since("2ad0d6b")`:
+    # `split_call_seconds`' cut tails)
+    ("2026-11-28T13:04:57+00:00", ("2ad0d6b with pieces over a prefix on cuDNN, a cut task's tail goes to cuDNN "
+                                   "too where it is one (split.cudnn_tail)")),
 )
 
 
@@ -202,6 +206,8 @@ SAME_KERNEL_BENCHES += ("95a8d48",)
 SAME_KERNEL_BENCHES += ("716cea5",)
 # ... and 3a77b25, be4b206 (disagg's plan, as a8a710a)
 SAME_KERNEL_BENCHES += ("3a77b25", "be4b206")
+# ... and 2ad0d6b (as 716cea5: only with SEQPAR_CUDNN_PREFIX=1)
+SAME_KERNEL_BENCHES += ("2ad0d6b",)
 # (not 6eda7f2: the kernels bench's split rows and the disagg bench's servers change with it)
 # CODE_CHANGES entries that changed the lightning kernel (79fc72c's entry holds e049981's one-scan
 # exchange): its kernels-bench rows measure one kernel only between two of them
