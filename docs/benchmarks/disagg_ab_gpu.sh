@@ -3,7 +3,7 @@
 #   ... PART=2 OUT=DIR2 bash docs/benchmarks/disagg_ab_gpu.sh                                    (~6 minutes)
 # Issue 10 after the twenty-eighth session: is disagg within 1.03x the balanced ideal with the planner's
 # row cost and Triton weight 1.3 (3a77b25, be4b206), and do the servers' pieces over a prefix on cuDNN
-# in chunks (SEQPAR_CUDNN_PREFIX=1, 716cea5) help end to end? Part 1: attention alone per rank on the 16
+# in chunks (SEQPAR_CUDNN_PREFIX=1, 716cea5; with 2ad0d6b a document past cuDNN's cap whole) help end to end? Part 1: attention alone per rank on the 16
 # steps (disagg_step_kernels_gpu.py on one GPU; 2026-11-28-gpu-28th/call3 measured 64.6 ms a step of
 # excess over the ideal's attention with the old planner, 35.7 with the prefix pieces on cuDNN), then
 # llama_1b dp=2 64k/GPU, eps 0.02, 18 steps: the ideal's lanes, disagg, disagg with the prefix pieces on
