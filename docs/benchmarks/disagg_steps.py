@@ -6,10 +6,11 @@ IDEAL_DIR holds a `disagg_dp_cp.json` with the `dp2_as0` / `dp2_as1` lanes (the 
 their mean), RUN_DIR (default IDEAL_DIR) one with disagg lanes; SEQ tokens per GPU (65536). The rows
 of each step are redrawn exactly as training draws them (llama_1b, lognormal documents of mean SEQ/4,
 the script's data settings, train.seed), so each step's ratio prints beside its longest documents and
-the score pairs the plan (eps 0.02, one plan, the default weights) hands to the other rank that run on
-the Triton kernel: a piece over a long prefix (any query range of a document but its head), or a
-document's part past cuDNN's length cap (`split.max_doc_len`). Then the time-weighted ratio over all
-steps, over the steps that move under 100M such pairs, and over the rest.
+the score pairs the plan (eps 0.02, one plan, the default weights and row cost, SEQPAR_CUDNN_PREFIX as
+set) hands to the other rank that run on the Triton kernel: a piece over a long prefix (any query
+range of a document but its head), or a document's part past cuDNN's length cap
+(`split.max_doc_len`). Then the time-weighted ratio over all steps, over the steps that move under
+100M such pairs, and over the rest.
 """
 import json
 import sys
@@ -17,10 +18,11 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_module
 
-from seqpar.attention.disagg.planner import KernelSpeed, plan_owned
+from seqpar.attention.disagg.planner import TRITON_COST, KernelSpeed, plan_owned
 from seqpar.config import register_configs
 from seqpar.data import PackedLoader, build_dataset
 from seqpar.kernels.flash_attn.split import max_doc_len, min_doc_len
+from seqpar.kernels.flash_attn.split_tasks import cudnn_prefix
 
 ideal_dir = Path(sys.argv[1])
 run_dir = Path(sys.argv[2]) if len(sys.argv) > 2 else ideal_dir
@@ -34,7 +36,7 @@ with initialize_config_module(config_module="seqpar.conf", version_base=None):
                                       "train=long", "train.global_batch_size=2", "train.micro_batch_size=1"])
 head_dim = cfg.model.head_dim or cfg.model.d_model // cfg.model.n_heads
 cap = max_doc_len(cfg.model.n_heads, head_dim, 2)
-speed = KernelSpeed(min_doc_len(cfg.model.n_heads), cap, False, 1.55)
+speed = KernelSpeed(min_doc_len(cfg.model.n_heads), cap, cudnn_prefix(), TRITON_COST)  # the runtime's defaults
 row_bytes = (cfg.model.n_heads * 2 * head_dim * 2, cfg.model.n_kv_heads * 2 * head_dim * 2)
 MOVED = 100e6  # Triton-run pairs moved: a step above it "moves a prefix piece"
 ideal = json.loads((ideal_dir / "disagg_dp_cp.json").read_text())
