@@ -165,6 +165,28 @@ def test_split_forward_backward_with_task_boundaries(monkeypatch, causal, Hq, Hk
         assert _rel(a, w) < 1e-12, name
 
 
+def _causal_tasks_exact(lq, lk, *, seed, **kw):
+    """split_forward / split_backward of causal tasks (lq queries over lk keys each; 4 query heads
+    over 2 kv heads, fp64) on the reference kernels, exact against the reference; returns the
+    kernels' calls."""
+    from seqpar.kernels.flash_attn.split_tasks import split_backward, split_forward
+
+    g = torch.Generator().manual_seed(seed)
+    q, do = (torch.randn(1, sum(lq), 4, 8, generator=g, dtype=F64) for _ in range(2))
+    k, v = (torch.randn(1, sum(lk), 2, 8, generator=g, dtype=F64) for _ in range(2))
+    bounds = dict(causal=True, cu_seqlens_q=_cu(lq), cu_seqlens_k=_cu(lk))
+    calls = []
+    kn = _reference_kernels(calls, stateless=True)
+    out, lse = split_forward(q, k, v, kernels=kn, per_octave=4, **bounds, **kw)
+    got = split_backward(do, q, k, v, out, lse, kernels=kn, per_octave=4, **bounds, **kw)
+    ref_out, ref_lse = flash_attn_reference(q, k, v, return_lse=True, **bounds)
+    want = flash_attn_backward_reference(do, q, k, v, ref_out, ref_lse, **bounds)
+    assert _rel(out, ref_out) < 1e-12
+    for name, a, w in zip(("dq", "dk", "dv"), got, want):
+        assert _rel(a, w) < 1e-12, name
+    return calls
+
+
 def test_split_tasks_prefix_chunk_from_the_environment(monkeypatch):
     # SEQPAR_CUDNN_PREFIX_CHUNK=18 (min_len 9): 10 over 30 keys as one 10 x 18 block and a causal call
     # of 2 blank + 10 queries; 9 over 14 (5 prefix keys) one causal call; exact either way
@@ -175,24 +197,8 @@ def test_split_tasks_prefix_chunk_from_the_environment(monkeypatch):
     monkeypatch.setenv("SEQPAR_CUDNN_PREFIX_CHUNK", "18")
     assert prefix_chunk(9) == 18
     assert runs_on_cudnn(10, 30, 9, 12, True) and not runs_on_cudnn(10, 26, 9, 12, True)  # 2 / 16 blank rows
-    lq, lk = [10, 9], [30, 14]
-    g = torch.Generator().manual_seed(3)
-    q, do = (torch.randn(1, sum(lq), 4, 8, generator=g, dtype=F64) for _ in range(2))
-    k, v = (torch.randn(1, sum(lk), 2, 8, generator=g, dtype=F64) for _ in range(2))
-    cu_q, cu_k = _cu(lq), _cu(lk)
-    calls = []
-    kw = dict(causal=True, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, min_len=9, per_octave=4)
-    kn = _reference_kernels(calls, stateless=True)
-    out, lse = split_tasks.split_forward(q, k, v, kernels=kn, **kw)
-    got = split_tasks.split_backward(do, q, k, v, out, lse, kernels=kn, **kw)
+    calls = _causal_tasks_exact([10, 9], [30, 14], seed=3, min_len=9)
     assert [c[1:] for c in calls if c[0] == "dense"] == [(12,), (10, 18), (14,)]
-    ref_out, ref_lse = flash_attn_reference(q, k, v, causal=True, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
-                                            return_lse=True)
-    want = flash_attn_backward_reference(do, q, k, v, ref_out, ref_lse, causal=True, cu_seqlens_q=cu_q,
-                                         cu_seqlens_k=cu_k)
-    assert _rel(out, ref_out) < 1e-12
-    for name, a, w in zip(("dq", "dk", "dv"), got, want):
-        assert _rel(a, w) < 1e-12, name
     monkeypatch.setenv("SEQPAR_CUDNN_PREFIX_CHUNK", "0")
     with pytest.raises(ValueError, match="SEQPAR_CUDNN_PREFIX_CHUNK"):
         prefix_chunk(9)
@@ -214,22 +220,8 @@ def test_split_tasks_give_cudnn_the_head_of_a_task_past_max_len(monkeypatch, pre
     assert cudnn_head(14, 24, 9, 20, False) == 0 and cudnn_head(30, 30, 9, 20, False) == 20
     monkeypatch.setenv(split_tasks.PREFIX_ENV, "1" if prefix else "0")
     lq, lk = [30, 14, 12, 5, 31], [30, 24, 25, 5, 40]
-    g = torch.Generator().manual_seed(7 + prefix)
-    q, do = (torch.randn(1, sum(lq), 4, 8, generator=g, dtype=F64) for _ in range(2))
-    k, v = (torch.randn(1, sum(lk), 2, 8, generator=g, dtype=F64) for _ in range(2))
+    _causal_tasks_exact(lq, lk, seed=7 + prefix, min_len=9, max_len=20)
     cu_q, cu_k = _cu(lq), _cu(lk)
-    calls = []
-    kw = dict(causal=True, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, min_len=9, max_len=20, per_octave=4)
-    kn = _reference_kernels(calls, stateless=True)
-    out, lse = split_tasks.split_forward(q, k, v, kernels=kn, **kw)
-    got = split_tasks.split_backward(do, q, k, v, out, lse, kernels=kn, **kw)
-    ref_out, ref_lse = flash_attn_reference(q, k, v, causal=True, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
-                                            return_lse=True)
-    want = flash_attn_backward_reference(do, q, k, v, ref_out, ref_lse, causal=True, cu_seqlens_q=cu_q,
-                                         cu_seqlens_k=cu_k)
-    assert _rel(out, ref_out) < 1e-12
-    for name, a, w in zip(("dq", "dk", "dv"), got, want):
-        assert _rel(a, w) < 1e-12, name
     # the 30 square's head of 20 on cuDNN; with pieces over a prefix also its tail (10 over 30), the 14
     # over 24 and the 12 over 25 whole (1 and 4 blank rows), the 31 over 40's head (20 queries after 9
     # prefix keys) and its tail (11 over 40)

@@ -7,7 +7,8 @@ much work 1.06-1.10x. Is that the attention itself (the planner's model of the k
 those steps), or what surrounds it (transfers, copies, waits)? Each step's rows are redrawn as
 training draws them (docs/benchmarks/disagg_steps.py), planned as the runtime plans them (eps 0.02,
 the default weights, `runtime._plan_routes`), and on one GPU, bf16, llama_1b's heads, timed fwd+bwd
-(median of 3 after a warm-up):
+(triton's do_bench, median; 2026-11-28-gpu-28th/call3 ran an earlier form of this script: the median of
+3 CUDA-event timings after a warm-up):
 - `own`: each row's documents as the model's self-attention (`flash_attn` with autograd), what the
   ideal's ranks run;
 - `served`: each rank's server call of the plan (its tasks, `flash_attn` with separate query and key
@@ -33,6 +34,7 @@ from seqpar.data import PackedLoader, build_dataset
 from seqpar.kernels.flash_attn import flash_attn, flash_attn_backward
 from seqpar.kernels.flash_attn.split import max_doc_len, min_doc_len
 from seqpar.kernels.flash_attn.split_tasks import cudnn_prefix
+from triton.testing import do_bench
 
 out_path = sys.argv[1]
 SEQ = int(sys.argv[2]) if len(sys.argv) > 2 else 65536
@@ -56,17 +58,9 @@ def rand(*shape):
     return torch.randn(*shape, device=dev, dtype=torch.bfloat16, generator=gen)
 
 
-def timed(fn, reps=3):
-    fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+def timed(fn):
+    """Median ms (triton's do_bench, as `bench kernels` times)."""
+    return do_bench(fn, warmup=100, rep=300, return_mode="median")
 
 
 def own(bounds):

@@ -6,15 +6,16 @@ Issue 10: one task call (`flash_attn` with separate query and key boundaries and
 `flash_attn_backward`), bf16 at llama_1b's heads (32/8 x 64), for pieces of n queries over m keys
 from the e2e runs' plans: on the Triton kernel (SEQPAR_CUDNN_PREFIX=0) and on cuDNN with prefix
 chunks of 4096, 8192 and 16384 keys (SEQPAR_CUDNN_PREFIX=1, SEQPAR_CUDNN_PREFIX_CHUNK); beside them
-causal squares, what a long document on cuDNN costs a pair. Median ms of 5 after a warm-up (which
-builds the shapes' cuDNN plans), fwd and fwd+bwd, and ms per billion score pairs.
+causal squares, what a long document on cuDNN costs a pair. Median ms by triton's do_bench (its
+warm-up builds the shapes' cuDNN plans), fwd and fwd+bwd, and ms per billion score pairs
+(2026-11-28-gpu-28th/call4 ran an earlier form: the median of 5 CUDA-event timings after a warm-up).
 """
 import json
 import os
-import statistics
 import sys
 
 import torch
+from triton.testing import do_bench
 
 from seqpar.attention.disagg.planner import pairs
 from seqpar.kernels.flash_attn import flash_attn, flash_attn_backward
@@ -27,7 +28,7 @@ VARIANTS = [("triton", "0", ""), ("chunk4096", "1", "4096"), ("chunk8192", "1", 
 dev = torch.device("cuda")
 
 
-def timed(n, m, reps=5):
+def timed(n, m):
     g = torch.Generator(device=dev).manual_seed(n + m)
     q, do = (torch.randn(1, n, H, D, device=dev, dtype=torch.bfloat16, generator=g) for _ in range(2))
     k, v = (torch.randn(1, m, HKV, D, device=dev, dtype=torch.bfloat16, generator=g) for _ in range(2))
@@ -40,18 +41,7 @@ def timed(n, m, reps=5):
     def both():
         o, lse = fwd()
         flash_attn_backward(do, q, k, v, o, lse, **kw)
-    out = {}
-    for name, fn in (("fwd_ms", fwd), ("ms", both)):
-        fn()
-        times = []
-        for _ in range(reps):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
-        out[name] = statistics.median(times)
+    out = {name: do_bench(fn, warmup=25, rep=100, return_mode="median") for name, fn in (("fwd_ms", fwd), ("ms", both))}
     out["ms_per_gpair"] = out["ms"] / pairs(m - n, m, 0) * 1e9
     return out
 
