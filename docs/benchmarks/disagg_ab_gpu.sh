@@ -1,6 +1,6 @@
 # Two GPUs (device tool, nvidia-h200-x2), from the repo root, .whl carried:
 #   source docs/benchmarks/gpu_setup.sh && OUT=DIR bash docs/benchmarks/disagg_ab_gpu.sh        (~8 minutes)
-#   ... PART=2 OUT=DIR2 bash docs/benchmarks/disagg_ab_gpu.sh                                    (~6 minutes)
+#   ... PART=2 OUT=DIR2 bash docs/benchmarks/disagg_ab_gpu.sh                                    (~7 minutes)
 # Issue 10 after the twenty-eighth session: is disagg within 1.03x the balanced ideal with the planner's
 # row cost and Triton weight 1.3 (3a77b25, be4b206), and do the servers' pieces over a prefix on cuDNN
 # in chunks (SEQPAR_CUDNN_PREFIX=1, 716cea5; with 2ad0d6b a document past cuDNN's cap whole) help end to end? Part 1: attention alone per rank on the 16
@@ -8,7 +8,10 @@
 # excess over the ideal's attention with the old planner, 35.7 with the prefix pieces on cuDNN), then
 # llama_1b dp=2 64k/GPU, eps 0.02, 18 steps: the ideal's lanes, disagg, disagg with the prefix pieces on
 # cuDNN. Part 2, on another machine or the same: the ideal's lanes and both disagg lanes again in the
-# other order (one run's mean moves ~0.5% between runs: 1.043x / 1.049x for one configuration).
+# other order (one run's mean moves ~0.5% between runs: 1.043x / 1.049x for one configuration), and the
+# halves schedule with the prefix pieces on cuDNN (halves hid 0.98-0.99 of its transfers on 2 H200 but
+# ran 1.18-1.19x at 64k against single's 1.09-1.12x; its cut of each server's local work makes a piece
+# over a prefix, which runs on Triton unless the prefix pieces go to cuDNN: is that the difference?).
 set -u
 mkdir -p "$OUT"
 if [ "${PART:-1}" = 1 ]; then
@@ -18,7 +21,7 @@ if [ "${PART:-1}" = 1 ]; then
   done
   lanes="dp2_as0 dp2_as1 dp2_disagg_eps02 dp2_disagg_prefix_eps02"
 else
-  lanes="dp2_disagg_prefix_eps02 dp2_disagg_eps02 dp2_as1 dp2_as0"
+  lanes="dp2_disagg_prefix_eps02 dp2_disagg_eps02 dp2_as1 dp2_as0 dp2_disagg_prefix_halves_eps02"
 fi
 STEPS=18 LANES="$lanes" EXTRA=" " OUT="$OUT/gpu01_disagg_dp_cp_gpu_65536" \
   bash docs/benchmarks/disagg_dp_cp_gpu.sh 65536 2>&1 | grep -v Warn | tail -4

@@ -11,7 +11,8 @@
 #    two ranks' mean work with free communication); mean step time of steps 3..STEPS (12; 8 above
 #    16k) and the modelled attention imbalance before/after planning. LANES picks a subset; A/B
 #    lanes of disagg: dp2_disagg_prefix (SEQPAR_CUDNN_PREFIX=1: the servers' prefix pieces on
-#    cuDNN, since 716cea5 in chunks of prebuilt shapes; _eps02: and eps 0.02; dp2_disagg_noprefix:
+#    cuDNN, since 716cea5 in chunks of prebuilt shapes; _eps02: and eps 0.02; _halves_eps02: and the
+#    halves schedule, whose cut of the local work makes a piece over a prefix; dp2_disagg_noprefix:
 #    =0, the default since 2026-11-27), dp2_disagg_shared_group
 #    (SEQPAR_DISAGG_SHARED_GROUP=1: its all-to-alls on FSDP's communicator, as before 2026-11-26 7th),
 #    dp2_disagg_eps05 (parallel.disagg.eps=0.05: rows within 10% of balance, which the default leaves
@@ -56,6 +57,8 @@ for name in ${LANES:-dp2 ideal_1gpu dp2_disagg_dp_cp cp2_ring cp2_per_doc}; do
     dp2_disagg_noprefix) extra=$disagg envs="SEQPAR_CUDNN_PREFIX=0" ;;
     dp2_disagg_prefix) extra=$disagg envs="SEQPAR_CUDNN_PREFIX=1" ;;
     dp2_disagg_prefix_eps02) extra="$disagg parallel.disagg.eps=0.02" envs="SEQPAR_CUDNN_PREFIX=1" ;;
+    dp2_disagg_prefix_halves_eps02) extra="$disagg parallel.disagg.schedule=halves parallel.disagg.eps=0.02"
+      envs="SEQPAR_CUDNN_PREFIX=1" ;;
     dp2_disagg_shared_group) extra=$disagg envs="SEQPAR_DISAGG_SHARED_GROUP=1" ;;
     dp2_disagg_eps05) extra="$disagg parallel.disagg.eps=0.05" ;;
     dp2_disagg_eps02) extra="$disagg parallel.disagg.eps=0.02" ;;

@@ -498,6 +498,9 @@ _DP_CP_LANES = {"dp2": ([], None), "dp2_disagg_dp_cp": (["parallel.softmax_sp=di
                 "dp2_disagg_prefix": (["parallel.softmax_sp=disagg", "parallel.disagg.group=dp_cp"], True),
                 "dp2_disagg_prefix_eps02": (["parallel.softmax_sp=disagg", "parallel.disagg.group=dp_cp",
                                              "parallel.disagg.eps=0.02"], True),
+                "dp2_disagg_prefix_halves_eps02": (["parallel.softmax_sp=disagg", "parallel.disagg.group=dp_cp",
+                                                    "parallel.disagg.schedule=halves", "parallel.disagg.eps=0.02"],
+                                                   True),
                 **{f"dp2_disagg_eps{e[2:]}": (["parallel.softmax_sp=disagg", "parallel.disagg.group=dp_cp",
                                                f"parallel.disagg.eps={e}"], None) for e in ("0.05", "0.02")},
                 # a Triton pair weighed as 1.NN cuDNN pairs by the planner (1.05: twelfth session, worse;
