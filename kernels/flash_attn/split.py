@@ -135,14 +135,6 @@ def bucket_len(length: int, per_octave: int) -> int:
     return -(-length // step) * step
 
 
-def bucket_floor(length: int, per_octave: int) -> int:
-    """The largest bucket length (`bucket_len`'s grid) within `length`."""
-    if per_octave == 0 or length < per_octave:
-        return length
-    step = max(1, (1 << (length.bit_length() - 1)) // per_octave)
-    return length // step * step
-
-
 def split_bounds(bounds, min_len: int, max_len: int | None = None, cut: bool = False):
     """(long documents [(a, b)], boundaries of q, boundaries of k) of the Triton call; long: at
     least `min_len` and at most `max_len` tokens; `cut` (causal attention): of a longer document,
@@ -160,8 +152,9 @@ def split_task_bounds(bounds_q, bounds_k, min_len: int, max_len: int | None = No
     """`split_bounds` for separate query and key boundaries (tasks: queries bounds_q[i]..[i+1] over
     keys bounds_k[i]..[i+1], causal aligned bottom-right; a disagg server's call). A task is long
     when it has min_len..max_len queries and as many keys (the causal square of one document, or
-    of its head), or, `causal`, at least min_len queries over more keys, at most max_len (a piece
-    of a document over its causal prefix): dense cuDNN calls compute it. `cut` (causal attention):
+    of its head), or, `causal`, at least min_len queries over more keys whose causal call fits
+    max_len (a piece of a document over its causal prefix, `runs_on_cudnn`): dense cuDNN calls
+    compute it. `cut` (causal attention):
     a task too long gives cuDNN its head (`cudnn_head`) and keeps its tail, over all its keys, in
     the Triton call, or, `causal`, gives cuDNN the tail too where it is a piece it takes
     (`cudnn_tail`). Returns ([(qa, qb, ka, kb)], the Triton call's q and k boundaries)."""

@@ -15,7 +15,8 @@ plans ~0.2 s of host time while the other ranks waited at the next all-to-all: e
 llama_1b, 64k tokens per GPU, 1.071x the balanced ideal over 8 steps against 1.050x off,
 docs/benchmarks/2026-11-26-2gpu-10th and 2026-11-27-2gpu-11th.)
 Causal, a task whose keys pass max_len gives cuDNN its head (`split.cudnn_head`) and keeps its tail
-in the Triton call: the key rows both read get both calls' dk, dv.
+in the Triton call (with SEQPAR_CUDNN_PREFIX=1 gives cuDNN the tail too where it is a piece cuDNN
+takes, `split.cudnn_tail`): the key rows both read get both calls' dk, dv.
 """
 from __future__ import annotations
 

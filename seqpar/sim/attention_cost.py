@@ -198,12 +198,14 @@ def _bucketed_prefix_cudnn_head(n: int, m: int, min_len: int, max_len: int | Non
 
 
 def _bucketed_prefix_parts(n: int, m: int, min_len: int, per_octave: int) -> tuple[int, int]:
-    """(p, f): the first p prefix keys, the largest bucket length within the prefix (0 below
-    min_len), in the non-causal call; f blank rows before the queries in the causal call."""
-    from seqpar.kernels.flash_attn.split import bucket_floor
-
+    """(p, f): the first p prefix keys, the largest bucket length (`split.bucket_len`'s grid) within
+    the prefix (0 below min_len), in the non-causal call; f blank rows before the queries in the
+    causal call."""
     r = m - n
-    p = bucket_floor(r, per_octave) if r >= min_len else 0
+    if r < min_len:
+        return 0, r
+    step = max(1, (1 << (r.bit_length() - 1)) // per_octave) if per_octave and r >= per_octave else 1
+    p = r // step * step
     return p, r - p
 
 
