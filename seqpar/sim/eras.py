@@ -308,6 +308,10 @@ COMMITTED_BY = {
     # the twenty-seventh session's end-to-end calls (their lanes undated; f0ec2cd's era, not a later one of the day)
     "2026-11-28-gpu-27th/call6": "2026-11-28T11:20:02+00:00",  # 3214751
     "2026-11-28-gpu-27th/call7": "2026-11-28T11:34:35+00:00",  # 226795d
+    # the twenty-eighth and twenty-ninth sessions' end-to-end calls (lanes undated): the code each ran
+    "2026-11-28-gpu-28th/call1": "2026-11-28T11:49:32+00:00",  # 448ac3a: c885b3a's era
+    "2026-11-28-gpu-28th/call2": "2026-11-28T12:33:33+00:00",  # d213564: 716cea5's era
+    "2026-11-28-gpu-29th": "2026-11-28T13:31:27+00:00",  # 4914af5: 2ad0d6b's era (prefix pieces opt-in)
 }
 
 
