@@ -310,7 +310,7 @@ def prebuild_plans(heads: int, head_dim: int, *, dtype=torch.bfloat16, device="c
     `max_doc_len`), before training rather than at each bucket's first document inside a step:
     each build stalls its rank's GPU for ~100 ms (H100: [4k, 16k]'s 33 buckets took 3.3 s), and
     under disaggregated attention the other ranks wait for it at the layer's next all-to-all.
-    `prefix` (SEQPAR_CUDNN_PREFIX=1): also the non-causal calls of pieces over a prefix, every
+    `prefix` (`split_tasks.cudnn_prefix()`): also the non-causal calls of pieces over a prefix, every
     query bucket over `prefix_chunk` keys (`prefix_chunks`). Returns the bucket lengths built ([]
     without buckets, SEQPAR_CUDNN_BUCKETS=0: one per length)."""
     lengths = prebuilt_lengths(heads, head_dim, torch.empty((), dtype=dtype).element_size())

@@ -6,17 +6,19 @@ Stateless, so that `split_backward` (or any backward that takes out and lse) can
 `split_forward`: the padded queries' lse is not kept, the backward gives them +inf.
 
 Causal, a piece of n >= min_len queries over m > n keys (a disagg server's piece of a document over
-its prefix) stays in the Triton call; with SEQPAR_CUDNN_PREFIX=1 it runs on cuDNN: its prefix in
-non-causal calls of min_len keys, then one causal call of its queries over the rest
-(`split.prefix_chunks`), merged in fp32 like ring blocks. Every such shape is one of a 1D grid that
+its prefix) runs on cuDNN: its prefix in non-causal calls of min_len keys, then one causal call of
+its queries over the rest (`split.prefix_chunks`), merged in fp32 like ring blocks
+(SEQPAR_CUDNN_PREFIX=0 keeps it in the Triton call; on 2 H200, llama_1b dp=2 64k tokens per GPU,
+disagg at eps 0.02 ran 1.025x / 1.030x the balanced ideal with it against 1.036x / 1.042x without,
+docs/benchmarks/2026-11-28-gpu-29th). Every such shape is one of a 1D grid that
 `split.prebuild_plans` builds before training. (A first form, one non-causal call over a bucketed
 prefix, met a new (queries, prefix) shape at most steps for hundreds of steps, each new shape's
 plans ~0.2 s of host time while the other ranks waited at the next all-to-all: end to end on 2 H200,
 llama_1b, 64k tokens per GPU, 1.071x the balanced ideal over 8 steps against 1.050x off,
 docs/benchmarks/2026-11-26-2gpu-10th and 2026-11-27-2gpu-11th.)
-Causal, a task whose keys pass max_len gives cuDNN its head (`split.cudnn_head`) and keeps its tail
-in the Triton call (with SEQPAR_CUDNN_PREFIX=1 gives cuDNN the tail too where it is a piece cuDNN
-takes, `split.cudnn_tail`): the key rows both read get both calls' dk, dv.
+Causal, a task whose keys pass max_len gives cuDNN its head (`split.cudnn_head`) and its tail where
+that is a piece cuDNN takes (`split.cudnn_tail`; otherwise, or with SEQPAR_CUDNN_PREFIX=0, the tail
+runs in the Triton call): the key rows both read get both calls' dk, dv.
 """
 from __future__ import annotations
 
@@ -31,12 +33,12 @@ from seqpar.kernels.flash_attn.split import (SplitKernels, _fold, _host_bounds, 
                                              buckets_per_octave, cudnn_triton_kernels, max_doc_len, min_doc_len,
                                              prefix_chunk, prefix_chunks, split_task_bounds)
 
-PREFIX_ENV = "SEQPAR_CUDNN_PREFIX"  # 1: causal pieces over a prefix on cuDNN too (benchmarks' A/B)
+PREFIX_ENV = "SEQPAR_CUDNN_PREFIX"  # 0: causal pieces over a prefix in the Triton call (benchmarks' A/B)
 
 
 def cudnn_prefix() -> bool:
-    """Whether causal pieces over a prefix run on cuDNN (SEQPAR_CUDNN_PREFIX=1; off by default)."""
-    return os.environ.get(PREFIX_ENV, "0").strip() not in ("0", "")
+    """Whether causal pieces over a prefix run on cuDNN (by default; SEQPAR_CUDNN_PREFIX=0: not)."""
+    return os.environ.get(PREFIX_ENV, "1").strip() not in ("0", "")
 
 
 @dataclass(frozen=True)

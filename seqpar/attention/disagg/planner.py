@@ -72,7 +72,7 @@ ROW_COST = 1250
 @dataclass(frozen=True)
 class KernelSpeed:
     """Which tasks a server's call runs on cuDNN (`split.runs_on_cudnn` with these lengths;
-    `prefix`: causal pieces over a prefix too, SEQPAR_CUDNN_PREFIX=1; of a causal task past max_len
+    `prefix`: causal pieces over a prefix too (`split_tasks.cudnn_prefix()`); of a causal task past max_len
     keys its head, `split.cudnn_head`, and with `prefix` its tail where cuDNN takes it,
     `split.cudnn_tail`) and the cost of a score pair on the Triton kernel that runs
     the rest, relative to cuDNN (`parallel.disagg.triton_cost`), and of a query row (`ROW_COST`)."""
