@@ -314,11 +314,11 @@ def test_calls_with_bounds_and_an_lse_run_the_splits_lse_form_from_cec5aa8(calib
     of 4096..max_doc_len tokens one cuDNN call (causal: at its bucket length; a non-causal ring block at
     its own), the other tasks one Triton call with their (queries, keys); before it, or where a run
     recorded Triton servers, the one Triton call; the ring bench's forced torch kernels never. From
-    9a4c89d to a63d362 a causal piece over its document's prefix goes to cuDNN too."""
+    9a4c89d to a63d362, and from ee7b846 on, a causal piece over its document's prefix goes to cuDNN too."""
     from dataclasses import replace
 
     from seqpar.kernels.flash_attn.split import bucket_len
-    from seqpar.sim.attention_cost import _call_seconds, attn_seconds, lse_split_applies
+    from seqpar.sim.attention_cost import _call_seconds, attn_seconds, lse_prefix_applies, lse_split_applies
     from seqpar.sim.eras import era_since, kernel_eras
 
     now = replace(calib, era=era_since("cec5aa8"), packed_kernel="triton", lse_split=None)
@@ -359,6 +359,10 @@ def test_calls_with_bounds_and_an_lse_run_the_splits_lse_form_from_cec5aa8(calib
     assert attn_seconds(after, [piece], 32, 128) == pytest.approx(_call_seconds(now, piece, 32, 128, "x"))
     assert attn_seconds(replace(after, lse_prefix=True), [piece], 32, 128) == pytest.approx(
         cudnn(5120, 5120, True) + cudnn(5120, 6912, False) + launch)
+    # ee7b846: on cuDNN by default again (716cea5's chunks); a run that set SEQPAR_CUDNN_PREFIX=0 records it
+    latest = replace(now, era=era_since("ee7b846"))
+    assert lse_prefix_applies(latest) and not lse_prefix_applies(replace(latest, lse_prefix=False))
+    assert not lse_prefix_applies(replace(latest, era=era_since("ee7b846") - 1))
     # the ring bench forces torch's kernels and the kernels bench times no lse call: fitted across both
     assert kernel_eras(era_since("9a4c89d")) == (era_since("8969915"), era_since("cec5aa8"), era_since("9a4c89d"))
 

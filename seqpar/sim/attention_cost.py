@@ -97,14 +97,14 @@ def lse_split_applies(calib, call) -> bool:
 
 def lse_prefix_applies(calib) -> bool:
     """Whether the split's lse form also sends causal tasks over a longer prefix to cuDNN
-    (split.prefix_parts): from 9a4c89d to a63d362 by default, or where a run records it
-    (`calib.lse_prefix`: the disagg bench's `server_kernels.cudnn_prefix`, the e2e lane's
+    (split.prefix_parts): from 9a4c89d to a63d362 and from ee7b846 on by default, or where a run
+    records it (`calib.lse_prefix`: the disagg bench's `server_kernels.cudnn_prefix`, the e2e lane's
     SEQPAR_CUDNN_PREFIX)."""
     from seqpar.sim.eras import era_since
 
     if calib.lse_prefix is not None:
         return bool(calib.lse_prefix)
-    return era_since("9a4c89d") <= calib.era < era_since("a63d362")
+    return era_since("9a4c89d") <= calib.era < era_since("a63d362") or calib.era >= era_since("ee7b846")
 
 
 def split_call_seconds(calib, call, heads: int, head_dim: int, per_octave: int | None = None,

@@ -169,6 +169,10 @@ CODE_CHANGES = (
     # `split_call_seconds`' cut tails)
     ("2026-11-28T13:04:57+00:00", ("2ad0d6b with pieces over a prefix on cuDNN, a cut task's tail goes to cuDNN "
                                    "too where it is one (split.cudnn_tail)")),
+    # what attention_cost models changes (`era_since("ee7b846")`: `lse_prefix_applies`): 716cea5's and
+    # 2ad0d6b's pieces by default (2026-11-28-gpu-29th, 2 H200: e2e 1.025x / 1.030x against 1.036x / 1.042x)
+    ("2026-11-28T14:15:29+00:00", ("ee7b846 the split's lse form runs causal pieces over a prefix on cuDNN in "
+                                   "chunks by default (SEQPAR_CUDNN_PREFIX=0 keeps them in the Triton call)")),
 )
 
 
@@ -208,6 +212,8 @@ SAME_KERNEL_BENCHES += ("716cea5",)
 SAME_KERNEL_BENCHES += ("3a77b25", "be4b206")
 # ... and 2ad0d6b (as 716cea5: only with SEQPAR_CUDNN_PREFIX=1)
 SAME_KERNEL_BENCHES += ("2ad0d6b",)
+# ... and ee7b846 (as 9a4c89d: only auto-dispatched calls with an lse)
+SAME_KERNEL_BENCHES += ("ee7b846",)
 # (not 6eda7f2: the kernels bench's split rows and the disagg bench's servers change with it)
 # CODE_CHANGES entries that changed the lightning kernel (79fc72c's entry holds e049981's one-scan
 # exchange): its kernels-bench rows measure one kernel only between two of them
@@ -308,10 +314,8 @@ COMMITTED_BY = {
     # the twenty-seventh session's end-to-end calls (their lanes undated; f0ec2cd's era, not a later one of the day)
     "2026-11-28-gpu-27th/call6": "2026-11-28T11:20:02+00:00",  # 3214751
     "2026-11-28-gpu-27th/call7": "2026-11-28T11:34:35+00:00",  # 226795d
-    # the twenty-eighth and twenty-ninth sessions' end-to-end calls (lanes undated): the code each ran
-    "2026-11-28-gpu-28th/call1": "2026-11-28T11:49:32+00:00",  # 448ac3a: c885b3a's era
-    "2026-11-28-gpu-28th/call2": "2026-11-28T12:33:33+00:00",  # d213564: 716cea5's era
-    "2026-11-28-gpu-29th": "2026-11-28T13:31:27+00:00",  # 4914af5: 2ad0d6b's era (prefix pieces opt-in)
+    # the twenty-ninth session's calls (lanes and JSONs undated) ran 4914af5: 2ad0d6b's era, prefix pieces opt-in
+    "2026-11-28-gpu-29th": "2026-11-28T13:31:27+00:00",
 }
 
 
