@@ -42,7 +42,8 @@ class DisaggConfig:  # parallel.softmax_sp=disagg (core-attention servers); rule
     task_overhead: Optional[int] = None  # per-task cost in score pairs; null: fitted from cost_table, else 8192
     # single: every server runs its tasks in ONE kernel call per direction, its transfers exposed;
     # halves: its local work split around the remote work (L1 / R / L2), transfers behind L1 and L2;
-    # ping_pong: L1 / R1 / R2 / L2. single measured fastest on 2 H100 (all five mixes x lengths,
+    # ping_pong: L1 / R1 / R2 / L2; local_remote: L / R uncut (the backward R / L), Q|K|V in and
+    # dQ|dK|dV back behind L. single measured fastest on 2 H100 (all five mixes x lengths,
     # 16 batches each, 2026-11-26): the overlapped schedules' extra calls cost more than they hide
     schedule: str = "single"
     cost_table: Optional[str] = None  # JSON from `python -m seqpar.bench disagg --profile-cost-table`

@@ -144,10 +144,12 @@ def test_plan_1000_documents_is_fast():
 # 1-token document; min_chunk=16 lets the planner split the long document across servers.
 SEQ = 800
 DOCS = [0, 1, 9, 700, 701, 725, 800]
-# (causal, layout, hq, hkv, schedule): ping-pong everywhere, halves and single (the default) in two cases each
+# (causal, layout, hq, hkv, schedule): ping-pong everywhere, halves, local_remote and single (the default) in
+# two cases each
 CASES = [(c, lay, hq, hkv, "ping_pong") for c in (True, False) for lay in ("contiguous", "zigzag")
          for hq, hkv in ((8, 2), (4, 4))]
 CASES += [(True, "zigzag", 8, 2, "halves"), (False, "contiguous", 4, 4, "halves")]
+CASES += [(True, "contiguous", 8, 2, "local_remote"), (False, "zigzag", 4, 4, "local_remote")]
 CASES += [(True, "contiguous", 8, 2, "single"), (False, "zigzag", 4, 4, "single")]
 
 
@@ -225,7 +227,7 @@ def test_disagg_attention_exact_on_extreme_mix():
 # forward plan (a Triton pair at TRITON_FWD_COST) and the backward's (at 1.7) then differ
 _CUDA_LIKE = KernelSpeed(min_len=64, max_len=None, prefix=False, triton_cost=1.7)
 PER_DIRECTION = [(True, "zigzag", 8, 2, "single"), (True, "contiguous", 4, 4, "ping_pong"),
-                 (False, "zigzag", 8, 2, "halves")]
+                 (False, "zigzag", 8, 2, "halves"), (True, "zigzag", 8, 2, "local_remote")]
 
 
 def _per_direction(rank, world):
@@ -484,13 +486,16 @@ def test_nano_batches_put_remote_work_between_local_halves(causal, layout):
             if len(pair) > 1 or (pair and pair[0].q_end - pair[0].q_start >= 2 * 128):  # else nothing to split
                 assert min(wa, wb) > 0.3 * max(wa, wb), (s, a, b, wa, wb)
     # without ping-pong (the default): the same local halves around the remote work left whole
-    plain = nano_batches(p.tasks, 4, bounds, causal, 128, owned, split_remote=False)
+    plain = nano_batches(p.tasks, 4, bounds, causal, 128, owned, "halves")
     assert len(plain) == 3 and [len(g) for g in (plain[0], plain[2])] == [len(groups[0]), len(groups[3])]
     key = lambda g: sorted((t.server, t.q_start, t.q_end) for t in g)
     assert key(plain[0]) == key(groups[0]) and key(plain[2]) == key(groups[3])
     is_local = lambda t: t.server == t.owner and all(
         held(t.server, x) for x in range(t.kv_start, t.q_end if causal else doc_end[t.kv_start]))
     assert key(plain[1]) == key(t for t in p.tasks if not is_local(t)), "remote tasks whole, in one nano-batch"
+    # local_remote: the plan's tasks uncut, the local ones first
+    two = nano_batches(p.tasks, 4, bounds, causal, 128, owned, "local_remote")
+    assert [key(g) for g in two] == [key(t for t in p.tasks if is_local(t)), key(t for t in p.tasks if not is_local(t))]
 
 
 # ---- the benchmark's CPU smoke form ----

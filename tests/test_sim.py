@@ -987,19 +987,18 @@ def test_todays_one_task_server_runs_triton_and_l1_r_l2_returns_remote_results_e
     assert _nano_schedule([[1.0, 1.0], [0.0, 4.0], [1.0, 1.0]], 1.0, [None, 1.0, None], [None, 0.5, None],
                           0.0) == pytest.approx(6.0)
     assert _nano_schedule([[2.0, 2.0], [0.0, 4.0]], 1.0, [None, 1.0], [None, 0.5], 0.0) == pytest.approx(6.5)
-    # the model's default (no ping-pong) is the runtime's split_remote=False grouping: L1, R, L2
+    # the model's halves are the runtime's grouping: L1, R, L2
     bounds, g2 = (0, 20000, 120000, 131072), placed(2, 1, 8)
     row_bytes = (32 * 2 * 128 * 2, 8 * 2 * 128 * 2)
     from seqpar.attention.disagg.planner import TASK_OVERHEAD
 
     p = _disagg_plan(bounds, 2, 0.1, 128, TASK_OVERHEAD, row_bytes)
     owned = [[(0, 65536)], [(65536, 131072)]]
-    groups = nano_batches(p.tasks, 2, list(bounds), True, 128, owned, split_remote=False)
+    groups = nano_batches(p.tasks, 2, list(bounds), True, 128, owned, "halves")
     assert len(groups) == 3 and any(t.server != t.owner for t in groups[1])
     assert all(t.server == t.owner for t in groups[0] + groups[2])
     today = disagg_layer(new, h100, [bounds], 2, 32, 8, 128, g2, schedule="halves")
-    assert today == _ping_pong_layer(new, h100, [bounds], 2, 32, 8, 128, g2, "flash", 2, 0.1, 128, None,
-                                     split_remote=False)
+    assert today == _ping_pong_layer(new, h100, [bounds], 2, 32, 8, 128, g2, "flash", 2, 0.1, 128, None, "halves")
     # 219ea22: the default is one call per server again, its transfers exposed
     single = disagg_layer(new, h100, [bounds], 2, 32, 8, 128, g2)
     assert single == disagg_layer(new, h100, [bounds], 2, 32, 8, 128, g2, schedule="single")
@@ -1015,6 +1014,13 @@ def test_todays_one_task_server_runs_triton_and_l1_r_l2_returns_remote_results_e
                                      schedule="halves" if c.era >= era_since("c8d5eb5") else None)
     assert before[1] > 1e-3 and untaxed(new)[1] == pytest.approx(0.0, abs=1e-9)
     assert untaxed(old)[1] == pytest.approx(before[1])
+    # local_remote: L, R forward, R, L backward (the runtime's backward runs last to first): only O
+    # and dO exposed, by hand as above (R's dO 0.5 s in, then R 4 s, its gradients behind L's 2 s)
+    assert _nano_schedule([[2.0, 2.0], [0.0, 4.0]][::-1], 1.0, [None, 0.5][::-1], [None, 1.0][::-1],
+                          0.0) == pytest.approx(6.5)
+    lr = lambda c: disagg_layer(replace(c, overlap_tax=0.0), h100, [bounds], 2, 32, 8, 128, g2,  # noqa: E731
+                                schedule="local_remote")
+    assert single[1] > lr(new)[1] > untaxed(new)[1] and lr(new)[2] == pytest.approx(untaxed(new)[2], rel=0.02)
 
 
 def test_an_era_without_runs_inherits_the_fitted_constants(tmp_path):
@@ -1056,9 +1062,9 @@ def test_equal_l2_tails_join_the_output_all_to_all_together(h100, calib):
 
     bounds, g2 = (0, 3000, 95008, 131072), placed(2, 1, 8)
     args = (h100, [bounds], 2, 32, 8, 128, g2, "flash", 2, 0.1, 128, None)
-    tails = _ping_pong_layer(replace(calib, era=era_since("755a3a8")), *args, split_remote=False)
-    before = _ping_pong_layer(replace(calib, era=era_since("755a3a8") - 1), *args, split_remote=False)
-    now = _ping_pong_layer(replace(calib, era=era_since("852d464")), *args, split_remote=False)
+    tails = _ping_pong_layer(replace(calib, era=era_since("755a3a8")), *args, "halves")
+    before = _ping_pong_layer(replace(calib, era=era_since("755a3a8") - 1), *args, "halves")
+    now = _ping_pong_layer(replace(calib, era=era_since("852d464")), *args, "halves")
     assert tails[2] == pytest.approx(before[2], rel=0.02)  # the same kernels, cut elsewhere
     assert tails[1] < 0.5 * before[1] and tails[0] < before[0]
     assert now == before

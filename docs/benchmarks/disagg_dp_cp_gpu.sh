@@ -71,6 +71,7 @@ for name in ${LANES:-dp2 ideal_1gpu dp2_disagg_dp_cp cp2_ring cp2_per_doc}; do
     dp2_disagg_ping_pong) extra="$disagg parallel.disagg.schedule=ping_pong" ;;
     dp2_disagg_halves_eps02) extra="$disagg parallel.disagg.schedule=halves parallel.disagg.eps=0.02" ;;
     dp2_disagg_ping_pong_eps02) extra="$disagg parallel.disagg.schedule=ping_pong parallel.disagg.eps=0.02" ;;
+    dp2_disagg_local_remote_eps02) extra="$disagg parallel.disagg.schedule=local_remote parallel.disagg.eps=0.02" ;;
     cp2_ring) extra="parallel.cp=2 parallel.softmax_sp=ring parallel.layout=zigzag" ;;
     cp2_per_doc) extra="parallel.cp=2 parallel.softmax_sp=ring parallel.layout=doc_zigzag" ;;
     ideal_1gpu) extra="launcher.nproc_per_node=1" ;;

@@ -9,9 +9,10 @@ one layer (bf16, H=32 query heads, 8 key/value heads, D=128 on CUDA), per batch:
 
 - dp_no_rebalance: each rank attends its own micro-batch, no communication; the step waits for
   the slowest (max), and the mean over ranks is the balanced ideal;
-- disagg / disagg_no_pingpong / disagg_single: `disagg_attention` (layout contiguous: tokens stay
-  where the loader put them) under its three schedules (`schedule`): ping-pong nano-batches, local
-  halves around the remote work, and one call per server with its transfers exposed (the default);
+- disagg / disagg_no_pingpong / disagg_single / disagg_local_remote: `disagg_attention` (layout
+  contiguous: tokens stay where the loader put them) under its four schedules (`schedule`): ping-pong
+  nano-batches, local halves around the remote work, one call per server with its transfers exposed
+  (the default), and local work then remote work (the backward remote first);
 - ring: ring attention over the row re-cut zigzag (plain packing + ring CP);
 - per_doc_cp: every document cut into 2N chunks, rank r holding chunks r and 2N-1-r of each
   (WLB-ideal); queries stay, each rank gathers the key/value prefixes its chunks need;
@@ -314,7 +315,8 @@ def bench_batch(args, bounds, device, timer, world, rank, check=False, parts=Fal
 
 
 # disagg_attention's schedules by the names of the benchmark's keys (kept from before `schedule`)
-SCHEDULES = {"disagg": "ping_pong", "disagg_no_pingpong": "halves", "disagg_single": "single"}
+SCHEDULES = {"disagg": "ping_pong", "disagg_no_pingpong": "halves", "disagg_single": "single",
+             "disagg_local_remote": "local_remote"}
 PARTS = ("compute_only_ms", "comm_only_ms", "collectives", "exposed_comm_ms", "hidden_fraction", "server_calls")
 
 

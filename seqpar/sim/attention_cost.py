@@ -21,9 +21,9 @@ Per method, what the code in seqpar/attention/ issues per layer (forward + backw
   `parallel.disagg.schedule` (`default_schedule` by era where a config does not say): `single`
   (eras 0-1, and the default again from 219ea22) one nano-batch with the transfers exposed (the
   03:06 run's local-then-remote order, e3ee969, is modelled so too); `halves` (the default from
-  c8d5eb5/e23bcd3 to 219ea22) the runtime's L1, R, L2 (`routing.nano_batches(split_remote=False)`)
-  through the ping-pong schedule below, so the remote outputs and gradients return while L2
-  computes; `ping_pong` the runtime's own schedule (`_ping_pong_layer`):
+  c8d5eb5/e23bcd3 to 219ea22) the runtime's L1, R, L2 (`routing.nano_batches`) through the
+  ping-pong schedule below, so the remote outputs and gradients return while L2 computes;
+  `local_remote` L, R (the backward R, L) likewise; `ping_pong` the runtime's own schedule (`_ping_pong_layer`):
   up to four nano-batches, one kernel call each, remote K/V rows sent once per nano-batch, inputs
   issued up front and outputs as each nano-batch ends on one NCCL stream, and the SM-sharing tax
   on a rank's compute while its issued output waits for the server; a one-task call is torch's
@@ -545,8 +545,8 @@ def default_schedule(era: int) -> str:
 def disagg_layer(calib, cluster, rows, world, heads, kv_heads, head_dim, group, family="cudnn", act=2,
                  overlap=False, eps=0.1, min_chunk=128, task_overhead=None, schedule=None, triton_cost=None):
     """`schedule` (`parallel.disagg.schedule`): "single" (one nano-batch, the transfers exposed),
-    "halves" (L1, R, L2 through `_ping_pong_layer`), "ping_pong" (seqpar's ping-pong as its runtime
-    runs it); None: the era's default (`default_schedule`). `overlap`: True is "ping_pong" (the
+    "halves" (L1, R, L2 through `_ping_pong_layer`), "local_remote" (L, R; the backward R, L),
+    "ping_pong" (seqpar's ping-pong as its runtime runs it); None: the era's default (`default_schedule`). `overlap`: True is "ping_pong" (the
     option before 219ea22), "distca" DistCA's schedule, every transfer behind the other nano-batch's
     attention (the sweep's comparison with the paper)."""
     from seqpar.attention.disagg.planner import TASK_OVERHEAD
@@ -582,21 +582,23 @@ def disagg_layer(calib, cluster, rows, world, heads, kv_heads, head_dim, group, 
         total = overlapped(compute, comm, calib.overlap_tax)
         return total, total - compute, compute
     schedule = "ping_pong" if overlap is True else (schedule or default_schedule(calib.era))
-    if schedule in ("halves", "ping_pong"):
+    if schedule in ("halves", "ping_pong", "local_remote"):
         return _ping_pong_layer(calib, cluster, rows, world, heads, kv_heads, head_dim, group, family, act, eps,
-                                min_chunk, task_overhead, split_remote=schedule == "ping_pong", triton_cost=triton_cost)
+                                min_chunk, task_overhead, schedule, triton_cost=triton_cost)
     if schedule != "single":
-        raise ValueError(f"parallel.disagg.schedule={schedule!r}: the simulator models single, halves, ping_pong")
+        raise ValueError(f"parallel.disagg.schedule={schedule!r}: the simulator models single, halves, ping_pong, "
+                         "local_remote")
     return compute + comm, comm, compute
 
 
 def _ping_pong_layer(calib, cluster, rows, world, heads, kv_heads, head_dim, group, family, act, eps, min_chunk,
-                     task_overhead, split_remote=True, triton_cost=None):
-    """(seconds, exposed, compute) of `parallel.disagg.ping_pong=true` as seqpar's runtime runs it
-    (attention/disagg/runtime.py, routing.nano_batches): the tasks in up to four nano-batches L1,
-    R1, R2, L2, one varlen kernel call per nano-batch and server (so up to four calls' per-call
-    cost); `split_remote=False`: the default schedule since e23bcd3 (no ping-pong), L1, R, L2,
-    the same loop over up to three nano-batches. Every input all-to-all issued up front, each output all-to-all issued by a rank when
+                     task_overhead, schedule="ping_pong", triton_cost=None):
+    """(seconds, exposed, compute) of an overlapped `schedule` as seqpar's runtime runs it
+    (attention/disagg/runtime.py, routing.nano_batches): `ping_pong`, the tasks in up to four
+    nano-batches L1, R1, R2, L2, one varlen kernel call per nano-batch and server (so up to four
+    calls' per-call cost); `halves` (the default from e23bcd3 to 219ea22), L1, R, L2, and
+    `local_remote`, L, R, the same loop over up to three nano-batches; the backward runs them last
+    to first (for L, R: R, L; the others are symmetric). Every input all-to-all issued up front, each output all-to-all issued by a rank when
     its own share of that nano-batch is computed; all on NCCL's one stream, in issue order, each
     starting when every rank has issued it. Remote K/V rows travel once per nano-batch that reads
     them (`_nano_bytes`). A rank that issued an all-to-all its peers have not joined yet keeps
@@ -620,10 +622,10 @@ def _ping_pong_layer(calib, cluster, rows, world, heads, kv_heads, head_dim, gro
         owned = [[(r * per, (r + 1) * per)] for r in range(world)]
         # without ping-pong: each server's local work halved around R (the runtime's code before
         # 755a3a8 and again since 852d464); in between (era 3) the same local work for L2 on every server
-        if not split_remote and era_since("755a3a8") <= calib.era < era_since("852d464"):
+        if schedule == "halves" and era_since("755a3a8") <= calib.era < era_since("852d464"):
             groups = _equal_tail_batches(p.tasks, world, list(bounds), min_chunk, owned)
         else:
-            groups = nano_batches(p.tasks, world, list(bounds), True, min_chunk, owned, split_remote=split_remote)
+            groups = nano_batches(p.tasks, world, list(bounds), True, min_chunk, owned, schedule)
         work = []  # work[i][s]: server s's kernel time (fwd + bwd) in nano-batch i
         for g in groups:
             segs = [[] for _ in range(world)]
@@ -636,7 +638,9 @@ def _ping_pong_layer(calib, cluster, rows, world, heads, kv_heads, head_dim, gro
         fwd_out = [a2a(q * q_w) if q else None for q, kv in moved]
         bwd_out = [a2a(q * q_w + kv * kv_w) if q or kv else None for q, kv in moved]
         fwd = _nano_schedule(work, 1 / 3.5, fwd_in, fwd_out, calib.overlap_tax)
-        bwd = _nano_schedule(work, 2.5 / 3.5, fwd_out, bwd_out, calib.overlap_tax)  # dO in: one Q row each
+        # dO in: one Q row each; last to first where that differs (L, R), as the runtime's backward
+        back = (lambda x: x[::-1]) if schedule == "local_remote" else (lambda x: x)
+        bwd = _nano_schedule(back(work), 2.5 / 3.5, back(fwd_out), back(bwd_out), calib.overlap_tax)
         kernels = max(sum(w[s] for w in work) for s in range(world))
         extra = runtime_extra(calib, "disagg", bounds, heads, head_dim) / world
         total += fwd + bwd + extra
@@ -646,7 +650,7 @@ def _ping_pong_layer(calib, cluster, rows, world, heads, kv_heads, head_dim, gro
 
 
 def _equal_tail_batches(tasks, world, bounds, min_chunk, owned):
-    """routing.nano_batches(split_remote=False) as 755a3a8 ran it (the era-3 runs; 852d464 reverted
+    """routing.nano_batches's halves as 755a3a8 ran it (the era-3 runs; 852d464 reverted
     it, so the runtime no longer has it): L1, R, L2 with every server keeping the SAME local work
     for L2, half the least local work among the servers with remote work, so that the ranks join
     R's output all-to-all together; each server's L1 is a prefix of its local tasks in query order."""

@@ -10,24 +10,25 @@ from seqpar.sim.comm import placed
 
 DISAGG_METHODS = {"dp_no_rebalance": "data parallel, no rebalancing", "disagg": "disagg (ping-pong)",
                   "disagg_no_pingpong": "disagg (no ping-pong)", "disagg_single": "disagg (single)",
+                  "disagg_local_remote": "disagg (local, then remote)",
                   "ring": "ring (zigzag)", "per_doc_cp": "per-document CP"}
 
 # which runtime extra (attention_cost.runtime_extra) each benchmark method pays
-RUNTIME_OF = {"disagg": "disagg", "disagg_no_pingpong": "disagg", "disagg_single": "disagg", "per_doc_cp": "per_doc_cp",
-              "ring": "ring_packed"}
+RUNTIME_OF = {"disagg": "disagg", "disagg_no_pingpong": "disagg", "disagg_single": "disagg",
+              "disagg_local_remote": "disagg", "per_doc_cp": "per_doc_cp", "ring": "ring_packed"}
 
 
 def bench_schedule(method: str, era: int) -> str:
     """The runtime schedule a disagg bench key timed: `disagg` ping-pong, `disagg_single` one call per
-    server (d987b2e on), `disagg_no_pingpong` the era's schedule without ping-pong (one nano-batch in
+    server (d987b2e on), `disagg_local_remote` local then remote work, `disagg_no_pingpong` the era's schedule without ping-pong (one nano-batch in
     eras 0-1, the local halves since c8d5eb5 / e23bcd3, named `halves` since 219ea22)."""
     from seqpar.sim.attention_cost import default_schedule
     from seqpar.sim.eras import era_since
 
     if method == "disagg":
         return "ping_pong"
-    if method == "disagg_single":
-        return "single"
+    if method in ("disagg_single", "disagg_local_remote"):
+        return method.removeprefix("disagg_")
     return "halves" if era >= era_since("c8d5eb5") else default_schedule(era)
 
 

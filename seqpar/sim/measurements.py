@@ -511,7 +511,8 @@ _DP_CP_LANES = {"dp2": ([], None), "dp2_disagg_dp_cp": (["parallel.softmax_sp=di
                    for tc in ("105", "118", "130", "140", "155") for x, e in (("", []), ("_eps02", ["parallel.disagg.eps=0.02"]))},
                 **{f"dp2_disagg_{s}{x}": (["parallel.softmax_sp=disagg", "parallel.disagg.group=dp_cp",
                                            f"parallel.disagg.schedule={s}", *e], None)
-                   for s in ("halves", "ping_pong") for x, e in (("", []), ("_eps02", ["parallel.disagg.eps=0.02"]))},
+                   for s in ("halves", "ping_pong", "local_remote")
+                   for x, e in (("", []), ("_eps02", ["parallel.disagg.eps=0.02"]))},
                 "cp2_ring": (["parallel.cp=2", "parallel.softmax_sp=ring", "parallel.layout=zigzag"], None),
                 "cp2_per_doc": (["parallel.cp=2", "parallel.softmax_sp=ring", "parallel.layout=doc_zigzag"], None),
                 # one GPU running both rows (two micro-batches): half its step is the balanced ideal

@@ -13,8 +13,8 @@ from seqpar.attention.disagg.planner import TASK_OVERHEAD, TRITON_COST
 from seqpar.attention.disagg.rows import GROUPS
 
 # The runtime's nano-batch schedules (runtime.py's docstring): one call per server; local halves
-# L1 / remote R / L2; ping-pong L1 / R1 / R2 / L2.
-SCHEDULES = ("single", "halves", "ping_pong")
+# L1 / remote R / L2; ping-pong L1 / R1 / R2 / L2; local L then remote R (the backward R, L).
+SCHEDULES = ("single", "halves", "ping_pong", "local_remote")
 # one: the backward reuses the forward's plan (servers keep their inputs); per_direction: each
 # direction balances its own cost (runtime.py's docstring)
 PLANS = ("one", "per_direction")
@@ -66,7 +66,7 @@ def validate(options) -> DisaggOptions:
     if opts.schedule not in SCHEDULES:
         raise ValueError(f"parallel.disagg.schedule={opts.schedule!r}: choose {', '.join(SCHEDULES)} (single: one "
                          "kernel call per server, transfers exposed; halves: local work split around the remote "
-                         "work; ping_pong: four nano-batches)")
+                         "work; ping_pong: four nano-batches; local_remote: local work, then remote work)")
     if opts.plans not in PLANS:
         raise ValueError(f"parallel.disagg.plans={opts.plans!r}: choose one (the backward reuses the forward's plan) "
                          "or per_direction (each direction balanced for its own kernel speeds, the backward's "

@@ -399,16 +399,19 @@ def _add_cover(cover, a, b):
     return out
 
 
-def nano_batches(tasks: list[Task], world: int, bounds, causal: bool, min_chunk: int, owned, *,
-                 split_remote: bool = True) -> list[list[Task]]:
-    """The tasks in up to four nano-batches, run in this order: local work L1, remote work R1, R2,
-    local work L2 (`split_remote=False`, the default schedule: L1, R, L2, where the local halves
-    alone cover the transfers: no K/V row travels twice, one kernel call fewer per server). A task
-    is local when its server holds its queries and every key it reads, so it needs no transfer.
-    The inputs of R1 and R2 travel while L1 (and R1) compute, their outputs while R2 and L2
-    compute; with no local work this is plain ping-pong over R1/R2. With no remote
-    work on any server there is nothing to overlap: one nano-batch, no collective, and the server
-    runs on its rows in place.
+def nano_batches(tasks: list[Task], world: int, bounds, causal: bool, min_chunk: int, owned,
+                 schedule: str = "ping_pong") -> list[list[Task]]:
+    """The tasks in the nano-batches of an overlapped `schedule`, in the forward's order (the
+    backward runs them last to first). A task is local when its server holds its queries and every
+    key it reads, so it needs no transfer. `ping_pong`: local work L1, remote work R1, R2, local work
+    L2; the inputs of R1 and R2 travel while L1 (and R1) compute, their outputs while R2 and L2
+    compute; with no local work this is plain ping-pong over R1/R2. `halves`: L1, R, L2, where the
+    local halves alone cover the transfers (no K/V row travels twice, one kernel call fewer per
+    server). `local_remote`: L, R, nothing cut: the forward's inputs (Q|K|V) travel while L
+    computes and its outputs (O) return exposed; the backward's dO arrives exposed and its dQ|dK|dV,
+    the larger message, return while L computes; one kernel call more per server than `single`
+    and no task cut for it. With no remote work on any server there is nothing to overlap: one
+    nano-batch, no collective, and the server runs on its rows in place.
 
     Each pair splits every server's work in about equal halves. Local work is cut in query order
     (L1 a prefix of the local rows, L2 the rest, a task cut at the point of equal work if its
@@ -424,18 +427,23 @@ def nano_batches(tasks: list[Task], world: int, bounds, causal: bool, min_chunk:
     doc_end = {bounds[i]: bounds[i + 1] for i in range(len(bounds) - 1)}
     cost = lambda t: pairs(t.q_start, t.q_end, t.kv_start, None if causal else doc_end[t.kv_start])
     local = _is_local(bounds, causal, owned)
+    order = lambda g: sorted(g, key=lambda t: (t.q_start, t.server))  # noqa: E731
     if all(map(local, tasks)):
-        return [sorted(tasks, key=lambda t: (t.q_start, t.server))] if tasks else []
+        return [order(tasks)] if tasks else []
+    if schedule == "local_remote":
+        return [order(g) for g in ([t for t in tasks if local(t)], [t for t in tasks if not local(t)]) if g]
+    if schedule not in ("halves", "ping_pong"):
+        raise ValueError(f"nano_batches: schedule {schedule!r} is not one of halves, ping_pong, local_remote")
     groups: list[list[Task]] = [[], [], [], []]  # L1, R1, R2, L2
     for s in range(world):
         mine = [t for t in tasks if t.server == s]
-        remote = _split_work if split_remote else lambda ts, cost, min_chunk: (ts, [])
+        remote = _split_work if schedule == "ping_pong" else lambda ts, cost, min_chunk: (ts, [])
         for first, second, split, part in ((0, 3, _split_in_order, [t for t in mine if local(t)]),
                                            (1, 2, remote, [t for t in mine if not local(t)])):
             a, b = split(part, cost, min_chunk)
             groups[first] += a
             groups[second] += b
-    return [sorted(g, key=lambda t: (t.q_start, t.server)) for g in groups if g]
+    return [order(g) for g in groups if g]
 
 
 def _is_local(bounds, causal, owned):

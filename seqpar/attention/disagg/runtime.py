@@ -26,7 +26,7 @@ per rank and layer, fwd+bwd, counted on CPU, 2026-11-26) that cut the copies fro
 up to 0.3 GB per rank on those batches) and to 0.36-0.97 GB with ping-pong. A server call that mixes
 local and remote tasks (the single schedule's, where work moved) copies its outputs in.
 
-Three schedules (`parallel.disagg.schedule`):
+Four schedules (`parallel.disagg.schedule`); the backward runs their nano-batches last to first:
 
 - `single` (the default): the tasks run as one nano-batch. Each server's inputs arrive before its
   one kernel call per direction, its outputs leave after it: the transfers are exposed, but every
@@ -34,9 +34,14 @@ Three schedules (`parallel.disagg.schedule`):
   with its own launch and last-wave tail, and NCCL's kernels compete with them for SMs. On 2 H100
   (16 batches of each mix, 64k and 128k tokens per GPU, methods timed in rounds, 2026-11-26) it was
   the fastest of the three on every mix: 1.048-1.134x the balanced ideal against 1.060-1.168x.
-- `halves`: local work L1, remote work R, local work L2 (`routing.nano_batches(split_remote=False)`):
-  the same messages as one nano-batch, each server's local work halved so that it computes while
-  the remote inputs travel (L1) and while the outputs return (L2); in backward likewise.
+- `halves`: local work L1, remote work R, local work L2 (`routing.nano_batches`): the same
+  messages as one nano-batch, each server's local work halved so that it computes while the remote
+  inputs travel (L1) and while the outputs return (L2); in backward likewise.
+- `local_remote`: local work L, then remote work R, neither cut: the same messages, one call
+  more per server than `single`. The forward's Q|K|V travel while L computes (O returns exposed);
+  the backward runs R first, so dO arrives exposed and dQ|dK|dV, the larger message, return while
+  L computes. It hides the large transfers without halves' third call and the pieces over a
+  prefix that its cut of the local work makes.
 - `ping_pong`: local work L1, remote work R1 and R2, local work L2 (`routing.nano_batches`). Every
   input transfer is issued asynchronously up front and every output transfer as soon as its
   nano-batch is computed, so remote inputs travel during L1 (and R1) and outputs during R2 and L2.
@@ -145,8 +150,7 @@ def _plan_routes(bounds, seq_len, world, rank, layout, eps, min_chunk, causal, o
               for a, b in local_ranges(seq_len, world, r, layout)] for r in range(world)]
     p = plan_owned(list(bounds), owned, eps=eps, min_chunk=min_chunk, causal=causal, overhead=overhead,
                    row_bytes=row_bytes, speed=speed)
-    groups = (schedule != "single" and nano_batches(p.tasks, world, bounds, causal, min_chunk, owned,
-                                                    split_remote=schedule == "ping_pong")
+    groups = (schedule != "single" and nano_batches(p.tasks, world, bounds, causal, min_chunk, owned, schedule)
               or [sorted(p.tasks, key=lambda t: (t.q_start, t.server))])
     routes = tuple(route(ts, bounds, owned, rank, causal) for ts in groups)
     info = {"imbalance_before": p.initial_imbalance, "imbalance_after": p.imbalance, "tasks": len(p.tasks),
@@ -338,23 +342,26 @@ class _DisaggAttention(torch.autograd.Function):
         metrics.mark("bwd", dev)
         dout = dout.contiguous()
         flat = dout.new_empty(0)
+        # the nano-batches last to first: the forward's last (remote) work first, so that its
+        # gradients return while the local work computes (`local_remote`; the others are symmetric)
         if ctx.routes_b is None:  # the servers kept their inputs: dO goes to them
-            routes, counts = ctx.routes, ctx.counts
-            q_place = _placements(routes)[0]
+            routes, counts, n = ctx.routes[::-1], ctx.counts[::-1], len(ctx.routes)
+            q_place = _placements(ctx.routes)[0]  # where the forward wrote its outputs
             inbound = [_exchange([_pack((a, dout)) for a in r.send_q], c.sent_o, c.recv_o, flat, ctx.group,
                                  r.collective) for r, c in zip(routes, counts)]
 
             def inputs(i, r, c):
-                q_srv, k_task, v_task, o_srv, lse = saved[5 * i:5 * i + 5]
+                j = n - 1 - i  # the forward's nano-batch
+                q_srv, k_task, v_task, o_srv, lse = saved[5 * j:5 * j + 5]
                 if o_srv is None:
-                    o_srv = _dest(q_place, out, i)[0][0]
+                    o_srv = _dest(q_place, out, j)[0][0]
                 buf, work = inbound[i]
                 _wait(dev, "bwd_in", work)
                 do_srv = r.srv_q([dout] + [g[0] for g in _fields(buf, c.recv_q_rows, (out.shape[1:],))], dout)
                 return q_srv, k_task, v_task, o_srv, lse, do_srv
         else:  # the backward's own plan: its servers get Q|K|V, O|dO and the lse of their tasks
             q, k, v, lse_own = saved
-            routes = ctx.routes_b
+            routes = ctx.routes_b[::-1]
             counts = _counts(routes, q, k, v)
             inbound = _send_inputs(routes, counts, q, k, v, ctx.group)
             with_o = [_exchange([_pack((a, out), (a, dout)) for a in r.send_q], [2 * n for n in c.sent_o],
