@@ -173,13 +173,17 @@ CODE_CHANGES = (
     # 2ad0d6b's pieces by default (2026-11-28-gpu-29th, 2 H200: e2e 1.025x / 1.030x against 1.036x / 1.042x)
     ("2026-11-28T14:15:29+00:00", ("ee7b846 the split's lse form runs causal pieces over a prefix on cuDNN in "
                                    "chunks by default (SEQPAR_CUDNN_PREFIX=0 keeps them in the Triton call)")),
+    # no run yet: disagg's backward runs the nano-batches last to first (halves and ping_pong are
+    # symmetric: modelled as before), and the local_remote schedule (`_ping_pong_layer`)
+    ("2026-11-28T14:26:58+00:00", ("edcff20 disagg's backward runs its nano-batches last to first; schedule "
+                                   "local_remote (L, R; the backward R, L)")),
 )
 
 
 # CODE_CHANGES entries that changed only the disagg runtime's schedule (which local work runs when):
 # the ring, the attention kernels and their dispatch are the same code before and after them, so the
 # ring and kernels benchmarks of those eras measure one thing and are fitted together (`kernel_eras`)
-DISAGG_SCHEDULE_ONLY = ("755a3a8", "852d464", "219ea22")
+DISAGG_SCHEDULE_ONLY = ("755a3a8", "852d464", "219ea22", "edcff20")
 # CODE_CHANGES entries after which the ring and kernels benchmarks still measure the same thing: the
 # disagg schedule changes, and cec5aa8 and 9a4c89d, whose changes reach only auto-dispatched calls with an
 # lse (the ring bench forces torch's kernels with SEQPAR_ATTN_KERNEL, the kernels bench times no lse
