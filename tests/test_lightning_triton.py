@@ -124,6 +124,28 @@ def test_interp_tma_loads_equal_the_reference(monkeypatch):
 
 
 @interp_only
+@pytest.mark.parametrize("seg_len,tma", [(64, "0"), (128, "1")])
+def test_interp_chained_boundary_states_equal_the_reference(monkeypatch, seg_len, tma):
+    """SEQPAR_LIGHTNING_CHAIN=1: the forward's and the dv pass's output launches make the boundary
+    states themselves (kernels 1-2 never run), segments taken in the direction of travel; an empty
+    document's final state and d initial_state still come out."""
+    from seqpar.kernels.lightning_attn import triton as interpreted
+
+    def not_called(*args, **kwargs):
+        raise AssertionError("kernels 1-2 ran")
+
+    monkeypatch.setenv("SEQPAR_LIGHTNING_CHAIN", "1")
+    monkeypatch.setenv("SEQPAR_TMA", tma)
+    monkeypatch.setattr(interpreted, "_boundary_states", not_called)
+    c = _case([1, 70, 0, 5, 130, 64, 1], 1, 2, 16, 32, [0.0, -0.3], init=True, seed=11 + seg_len)
+    _check(_run(interpreted.lightning_attn_triton, c, torch.float32, seg_len=seg_len),
+           _run(lightning_attn_reference, c, F64), 1e-5)
+    c = _case(200, 2, 3, 24, 16, [-0.1, 0.0, -2.0], init=False, seed=3)  # rows of several segments, no documents
+    _check(_run(interpreted.lightning_attn_triton, c, torch.float32, seg_len=seg_len),
+           _run(lightning_attn_reference, c, F64), 1e-5)
+
+
+@interp_only
 def test_interp_only_the_final_state_is_used():
     from seqpar.kernels.lightning_attn import triton as interpreted
 
@@ -229,7 +251,9 @@ GPU_CASES = {
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("case", sorted(GPU_CASES))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])  # fp32 goes to the reference (dispatch.py)
-def test_cuda_lightning_attn_matches_fp64_reference(case, dtype):
+@pytest.mark.parametrize("chain", ["0", "1"])  # SEQPAR_LIGHTNING_CHAIN: boundary states inside the output passes
+def test_cuda_lightning_attn_matches_fp64_reference(monkeypatch, case, dtype, chain):
+    monkeypatch.setenv("SEQPAR_LIGHTNING_CHAIN", chain)
     lengths, B, H, Dk, Dv = GPU_CASES[case]
     decays = [0.0] * H if case == "long_no_decay" else (-torch.linspace(1, 8, H).exp2().reciprocal()).tolist()
     c = _case(lengths, B, H, Dk, Dv, decays, init=True, seed=7, device="cuda")

@@ -14,6 +14,12 @@ segment never crosses a document start) are the unit of parallelism. Three kerne
      plus the document's initial state decayed over the tokens before the segment) and writes
      the outputs; a document's last segment also writes the final state (parallel like 1).
 
+Chained (SEQPAR_LIGHTNING_CHAIN=1, `_chained`; plain calls, not LASP-2's exchange), kernel 3 does
+1 and 2 itself: each program computes its segment's own contribution, waits for the boundary before
+it (a flag its predecessor sets; programs take tickets in the direction of travel, so every program
+waited for has started), publishes the boundary after it, then writes its outputs: one launch, and
+the state pass's reads beside other segments' output work rather than before all of it.
+
 States are kept only at boundaries inside documents, at most tokens / seg_len of them whatever
 the number of documents (not one per chunk, as fla's chunk kernels do), so state traffic stays
 small next to q/k/v; the parallelism is (tokens / seg_len) x heads whatever the batch and
@@ -65,6 +71,8 @@ CHUNK = 64
 # traffic next to q/k/v (2*Dv/seg_len of q's bytes), short enough for >= 4 programs per SM.
 MIN_SEGMENT, MAX_SEGMENT = 256, 8192
 SCAN_ROWS = 16
+MAX_Z_SPLIT = 2  # the column blocks per program of `_segment_output`'s configs (its chain's flags)
+CHAIN_ENV = "SEQPAR_LIGHTNING_CHAIN"
 # TMA loads of the chunks (kernels/tma.py) on sm_90+: 2-6 % faster fwd+bwd at every length on H100
 # and H200 (2026-11-27-gpu-16th calls 1, 2), so on by default (SEQPAR_TMA=0 turns them off)
 TMA_DEFAULT = True
@@ -146,24 +154,55 @@ def _load_chunk(ptr, desc, tok, row, h, s_t, s_h, cols, col0, valid, cmask, TMA:
     return x
 
 
-@autotune(configs=_configs([(1, 8, 2), (2, 8, 2), (2, 4, 2)]), key=["DY", "DZ", "TMA"],
-          prune_configs_by={"early_config_prune": _prune})
 @triton.jit
-def _segment_output(x_ptr, y_ptr, z_ptr, out_ptr, bound_ptr, edge_in_ptr, edge_out_ptr, seg_ptr, lam_ptr,
+def _local_state(y_ptr, z_ptr, y_src, z_src, start, end, n_chunks, h, lam, update_scale, syt, syh, szt, szh,
+                 rows, dy, dz, z0, ymask, zmask, state, C: tl.constexpr, REVERSE: tl.constexpr,
+                 DOT: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
+    """`state` carried through the segment's first `n_chunks` chunks in the direction of travel
+    (from zero: the segment's own contribution to the state at its end)."""
+    for c in range(0, n_chunks):
+        if REVERSE:
+            t0 = start + (n_chunks - 1 - c) * C
+        else:
+            t0 = start + c * C
+        L = tl.minimum(end - t0, C)
+        valid = rows < L
+        tok = (t0 + rows).to(tl.int64)
+        y = _load_chunk(y_ptr, y_src, tok, t0 - start, h, syt, syh, dy, 0, valid, ymask, TMA).to(DOT)
+        z = _load_chunk(z_ptr, z_src, tok, t0 - start, h, szt, szh, dz, z0, valid, zmask, TMA).to(DOT)
+        _, write = _chunk_weights(lam, rows, L, REVERSE)
+        z_write = z * (write * update_scale).to(DOT)[:, None]
+        state = tl.dot(tl.trans(y), z_write, acc=state * tl.exp(lam * L.to(tl.float32)), input_precision=PRECISION)
+    return state
+
+
+@autotune(configs=_configs([(1, 8, 2), (2, 8, 2), (2, 4, 2)]), key=["DY", "DZ", "TMA", "CHAIN"],
+          prune_configs_by={"early_config_prune": _prune}, reset_to_zero=["flag_ptr"])
+@triton.jit
+def _segment_output(x_ptr, y_ptr, z_ptr, out_ptr, bound_ptr, edge_in_ptr, edge_out_ptr, seg_ptr, lam_ptr, flag_ptr,
                     sxt, sxh, syt, syh, szt, szh, sot, soh, sbn, sbh, sby, sbz, sen, seh, sey, sez,
-                    H, intra_scale, read_scale, update_scale,
+                    H, n_segs, intra_scale, read_scale, update_scale,
                     DY: tl.constexpr, DZ: tl.constexpr, BLOCK_DY: tl.constexpr, BLOCK_DZ: tl.constexpr,
                     C: tl.constexpr, REVERSE: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
                     HAS_EDGE_IN: tl.constexpr, STORE_EDGE_OUT: tl.constexpr, TMA: tl.constexpr,
-                    Z_SPLIT: tl.constexpr):
+                    CHAIN: tl.constexpr, Z_SPLIT: tl.constexpr):
     # One program: one segment, one head, one block of z's columns. Neighbouring programs share
     # the segment (and its x, y tiles through L2) and differ in column block, then head.
     # edge_in: the state before a document (initial state; dFinal going backward), edge_out: the
     # state after it (final state; d initial_state going backward), both per document.
+    # CHAIN: the boundary states are made here, not by kernels 1-2 (`_chained`): a program takes
+    # a ticket (flag_ptr[0]) instead of its program id, so segments are taken in the direction of
+    # travel and every program it waits for holds an earlier ticket, already running (no deadlock);
+    # it computes its own segment's contribution, waits for the boundary before it (flag_ptr[1:],
+    # per boundary, head and column block), publishes the boundary after it, then writes outputs.
     pid = tl.program_id(0)
+    if CHAIN:
+        pid = tl.atomic_add(flag_ptr, 1)
     zb = pid % Z_SPLIT
     h = (pid // Z_SPLIT) % H
     seg = pid // (Z_SPLIT * H)
+    if CHAIN and REVERSE:
+        seg = n_segs - 1 - seg
     start, end, doc, came_from, goes_to = _segment_info(seg_ptr, seg, REVERSE)
     lam = tl.load(lam_ptr + h).to(tl.float32)
 
@@ -171,14 +210,40 @@ def _segment_output(x_ptr, y_ptr, z_ptr, out_ptr, bound_ptr, edge_in_ptr, edge_o
     dy = tl.arange(0, BLOCK_DY)
     dz = zb * (BLOCK_DZ // Z_SPLIT) + tl.arange(0, BLOCK_DZ // Z_SPLIT)
     ymask, zmask = dy < DY, dz < DZ
+    z0 = zb * (BLOCK_DZ // Z_SPLIT)
+    if TMA:
+        x_src = _segment_desc(x_ptr, start, end, H, sxt, sxh, DY, C, BLOCK_DY)
+        y_src = _segment_desc(y_ptr, start, end, H, syt, syh, DY, C, BLOCK_DY)
+        z_src = _segment_desc(z_ptr, start, end, H, szt, szh, DZ, C, BLOCK_DZ // Z_SPLIT)
+        o_dst = _segment_desc(out_ptr, start, end, H, sot, soh, DZ, C, BLOCK_DZ // Z_SPLIT)
+    else:
+        x_src, y_src, z_src = x_ptr, y_ptr, z_ptr
+    n_chunks = (end - start + C - 1) // C
     # Scalar conditions enter masks as a row bound (DY or 0): Triton's interpreter rejects a
     # scalar boolean and-ed into a block mask.
     # the state entering the segment: the document's own part up to here (the boundary, computed
     # from zero) plus the state entering the document, decayed over the tokens before the segment
     from_bound = (came_from >= 0).to(tl.int32)
-    state = tl.load(bound_ptr + tl.maximum(came_from, 0).to(tl.int64) * sbn + h * sbh + dy[:, None] * sby
-                    + dz[None, :] * sbz, mask=(dy < DY * from_bound)[:, None] & zmask[None, :],
-                    other=0.0).to(tl.float32)
+    at = h * sbh + dy[:, None] * sby + dz[None, :] * sbz
+    if CHAIN:
+        own = _local_state(y_ptr, z_ptr, y_src, z_src, start, end, tl.where(goes_to >= 0, n_chunks, 0), h, lam,
+                           update_scale, syt, syh, szt, szh, rows, dy, dz, z0, ymask, zmask,
+                           tl.zeros((BLOCK_DY, BLOCK_DZ // Z_SPLIT), dtype=tl.float32), C, REVERSE, DOT, PRECISION,
+                           TMA)
+        if came_from >= 0:
+            while tl.atomic_add(flag_ptr + 1 + (came_from * H + h) * Z_SPLIT + zb, 0) == 0:
+                pass
+        state = tl.load(bound_ptr + tl.maximum(came_from, 0).to(tl.int64) * sbn + at,
+                        mask=(dy < DY * from_bound)[:, None] & zmask[None, :], other=0.0, volatile=True)
+        tl.store(bound_ptr + tl.maximum(goes_to, 0).to(tl.int64) * sbn + at,
+                 state * tl.exp(lam * (end - start).to(tl.float32)) + own,
+                 mask=(dy < DY * (goes_to >= 0).to(tl.int32))[:, None] & zmask[None, :])
+        tl.debug_barrier()  # every thread's part stored before the flag says so
+        if goes_to >= 0:
+            tl.atomic_xchg(flag_ptr + 1 + (goes_to * H + h) * Z_SPLIT + zb, 1)
+    else:
+        state = tl.load(bound_ptr + tl.maximum(came_from, 0).to(tl.int64) * sbn + at,
+                        mask=(dy < DY * from_bound)[:, None] & zmask[None, :], other=0.0).to(tl.float32)
     if HAS_EDGE_IN:
         before = _segment_offset(seg_ptr, seg, REVERSE).to(tl.float32)
         state += tl.exp(lam * before) * tl.load(
@@ -190,15 +255,6 @@ def _segment_output(x_ptr, y_ptr, z_ptr, out_ptr, bound_ptr, edge_in_ptr, edge_o
         dist = -dist
     intra_decay = tl.where(dist >= 0, tl.exp(lam * tl.maximum(dist, 0).to(tl.float32)), 0.0) * intra_scale
 
-    z0 = zb * (BLOCK_DZ // Z_SPLIT)
-    if TMA:
-        x_src = _segment_desc(x_ptr, start, end, H, sxt, sxh, DY, C, BLOCK_DY)
-        y_src = _segment_desc(y_ptr, start, end, H, syt, syh, DY, C, BLOCK_DY)
-        z_src = _segment_desc(z_ptr, start, end, H, szt, szh, DZ, C, BLOCK_DZ // Z_SPLIT)
-        o_dst = _segment_desc(out_ptr, start, end, H, sot, soh, DZ, C, BLOCK_DZ // Z_SPLIT)
-    else:
-        x_src, y_src, z_src = x_ptr, y_ptr, z_ptr
-    n_chunks = (end - start + C - 1) // C
     for c in range(0, n_chunks):
         if REVERSE:
             t0 = start + (n_chunks - 1 - c) * C
@@ -256,7 +312,6 @@ def _segment_state(y_ptr, z_ptr, local_ptr, tail_ptr, seg_ptr, lam_ptr, syt, syh
     dy = tl.arange(0, BLOCK_DY)
     dz = zb * (BLOCK_DZ // Z_SPLIT) + tl.arange(0, BLOCK_DZ // Z_SPLIT)
     ymask, zmask = dy < DY, dz < DZ
-    state = tl.zeros((BLOCK_DY, BLOCK_DZ // Z_SPLIT), dtype=tl.float32)
     if TAILS:
         n_chunks = (end - start + C - 1) // C
     else:
@@ -267,19 +322,9 @@ def _segment_state(y_ptr, z_ptr, local_ptr, tail_ptr, seg_ptr, lam_ptr, syt, syh
         z_src = _segment_desc(z_ptr, start, end, H, szt, szh, DZ, C, BLOCK_DZ // Z_SPLIT)
     else:
         y_src, z_src = y_ptr, z_ptr
-    for c in range(0, n_chunks):
-        if REVERSE:
-            t0 = start + (n_chunks - 1 - c) * C
-        else:
-            t0 = start + c * C
-        L = tl.minimum(end - t0, C)
-        valid = rows < L
-        tok = (t0 + rows).to(tl.int64)
-        y = _load_chunk(y_ptr, y_src, tok, t0 - start, h, syt, syh, dy, 0, valid, ymask, TMA).to(DOT)
-        z = _load_chunk(z_ptr, z_src, tok, t0 - start, h, szt, szh, dz, z0, valid, zmask, TMA).to(DOT)
-        _, write = _chunk_weights(lam, rows, L, REVERSE)
-        z_write = z * (write * update_scale).to(DOT)[:, None]
-        state = tl.dot(tl.trans(y), z_write, acc=state * tl.exp(lam * L.to(tl.float32)), input_precision=PRECISION)
+    state = _local_state(y_ptr, z_ptr, y_src, z_src, start, end, n_chunks, h, lam, update_scale, syt, syh, szt, szh,
+                         rows, dy, dz, z0, ymask, zmask, tl.zeros((BLOCK_DY, BLOCK_DZ // Z_SPLIT), dtype=tl.float32),
+                         C, REVERSE, DOT, PRECISION, TMA)
     offs = ((tl.maximum(goes_to, 0).to(tl.int64) * H + h) * DY + dy[:, None]) * DZ + dz[None, :]
     tl.store(local_ptr + offs, state, mask=(dy < DY * (goes_to >= 0).to(tl.int32))[:, None] & zmask[None, :])
     if TAILS:  # unused table entries (start == end) write nothing
@@ -446,10 +491,22 @@ def _dims(dy, dz):
                 BLOCK_DZ=max(16, triton.next_power_of_2(dz)))
 
 
+def chained() -> bool:
+    """Whether a plain call (no `exchange`) makes its boundary states inside the output pass
+    (`_chained`; SEQPAR_LIGHTNING_CHAIN=1, opt-in until a GPU times it)."""
+    return os.environ.get(CHAIN_ENV, "0").strip() not in ("0", "")
+
+
+@functools.lru_cache(maxsize=None)
+def _no_flags(device) -> torch.Tensor:
+    return torch.zeros(1, device=device, dtype=torch.int32)  # an unchained launch's flag argument
+
+
 def _output(x, y, z, bound, bound_strides, edge_in, edge_in_strides, edge_out, tab, lam, scales, reverse,
-            out_dtype):
+            out_dtype, flags=None):
     """One `_segment_output` launch: x, y `[T, H, Dy]`, z `[T, H, Dz]`, returns `[T, H, Dz]`.
-    Writes `edge_out` ([N, H, Dy, Dz] fp32, the state past each document) when it is given."""
+    Writes `edge_out` ([N, H, Dy, Dz] fp32, the state past each document) when it is given.
+    `flags` (zeros, `_chained`): the launch also writes `bound`, from y and z."""
     segs, _, _, n_max, _ = tab
     T, H, dy = x.shape
     dz = z.shape[-1]
@@ -457,12 +514,30 @@ def _output(x, y, z, bound, bound_strides, edge_in, edge_in_strides, edge_out, t
     dot, prec = _dot_types(x.dtype)
     _segment_output[lambda meta: (n_max * H * meta["Z_SPLIT"],)](
         x, y, z, out, bound, edge_in if edge_in is not None else bound,
-        edge_out if edge_out is not None else bound, segs, lam,
+        edge_out if edge_out is not None else bound, segs, lam, flags if flags is not None else _no_flags(x.device),
         x.stride(0), x.stride(1), y.stride(0), y.stride(1), z.stride(0), z.stride(1), out.stride(0), out.stride(1),
-        *bound_strides, *(edge_in_strides if edge_in is not None else (0, 0, 0, 0)), H, *scales,
+        *bound_strides, *(edge_in_strides if edge_in is not None else (0, 0, 0, 0)), H, n_max, *scales,
         C=CHUNK, REVERSE=reverse, DOT=dot, PRECISION=prec, HAS_EDGE_IN=edge_in is not None,
-        STORE_EDGE_OUT=edge_out is not None, TMA=use_tma(x, y, z, out, default_on=TMA_DEFAULT), **_dims(dy, dz))
+        STORE_EDGE_OUT=edge_out is not None, TMA=use_tma(x, y, z, out, default_on=TMA_DEFAULT),
+        CHAIN=flags is not None, **_dims(dy, dz))
     return out
+
+
+def _chained(x, y, z, edge_in, edge_out, tab, lam, scales, reverse, out_dtype):
+    """Kernels 1-3 as one launch (`_segment_output` with CHAIN): returns (outputs, the boundary
+    states `[n_bounds, H, Dy, Dz]` that kernels 1-2 would have made). A segment's pass over its
+    y, z for its own contribution then runs beside other segments' output passes, not in a launch
+    of its own before them all: the memory-bound state work under the output work."""
+    _, doc_seg, _, _, n_bounds = tab
+    H, dy, dz = x.shape[1], y.shape[2], z.shape[2]
+    bound = torch.empty(n_bounds, H, dy, dz, device=x.device, dtype=torch.float32)
+    flags = torch.zeros(1 + n_bounds * H * MAX_Z_SPLIT, device=x.device, dtype=torch.int32)
+    out = _output(x, y, z, bound, bound.stride(), edge_in, None if edge_in is None else edge_in.stride(), edge_out,
+                  tab, lam, scales, reverse, out_dtype, flags)
+    if edge_out is not None:  # an empty document has no segment to write its exit state: it is the entering one
+        empty = (doc_seg[1:] == doc_seg[:-1]).view(-1, 1, 1, 1)
+        edge_out.copy_(torch.where(empty, 0.0 if edge_in is None else edge_in.to(edge_out.dtype), edge_out))
+    return out, bound
 
 
 def _segment_locals(y, z, tab, lam, update_scale, reverse, tails=None):
@@ -546,9 +621,13 @@ class LightningAttnFunction(torch.autograd.Function):
             init = None if initial_state is None else initial_state.detach()
             if output_final_state:
                 final = torch.empty(tab[2], H, Dk, Dv, device=q.device, dtype=torch.float32)
-            bound = _boundary_states(kt, vt, tab, lam, 1.0, False, init, final)
-        o = _output(qt, kt, vt, bound, bound.stride(), init, None if init is None else init.stride(), final,
-                    tab, lam, (scale, scale, 1.0), False, q.dtype)
+        if exchange is None and chained():
+            o, bound = _chained(qt, kt, vt, init, final, tab, lam, (scale, scale, 1.0), False, q.dtype)
+        else:
+            if exchange is None:
+                bound = _boundary_states(kt, vt, tab, lam, 1.0, False, init, final)
+            o = _output(qt, kt, vt, bound, bound.stride(), init, None if init is None else init.stride(), final,
+                        tab, lam, (scale, scale, 1.0), False, q.dtype)
         ctx.save_for_backward(qt, kt, vt, lam, bound, init, tab[0], tab[1])
         ctx.meta = (q.shape, Dv, scale, tab[2], tab[3], tab[4], None if initial_state is None else initial_state.dtype)
         ctx.exchange = exchange
@@ -576,14 +655,20 @@ class LightningAttnFunction(torch.autograd.Function):
                          tab, lam, (scale, scale, 1.0), False, qt.dtype).view(shape)
         if pending is not None:
             dfinal = _exchange_wait(pending, (n_docs, H, Dk, Dv))
-        elif need_k or need_v or need_init:
-            # E: the gradient flowing into each segment from the tokens after it, and from dFinal
-            dinit = torch.empty(n_docs, H, Dk, Dv, device=qt.device, dtype=torch.float32) if need_init else None
-            grad_bound = _boundary_states(qt, go, tab, lam, scale, True, dfinal, dinit)
-        if need_v or need_init:  # this pass also writes d initial_state
-            dv = _output(kt, qt, go, grad_bound, grad_bound.stride(), dfinal,
-                         None if dfinal is None else dfinal.stride(), dinit, tab, lam, (scale, 1.0, scale), True,
-                         qt.dtype).view(B, S, H, Dv)
+        elif need_init:
+            dinit = torch.empty(n_docs, H, Dk, Dv, device=qt.device, dtype=torch.float32)
+        # E: the gradient flowing into each segment from the tokens after it, and from dFinal;
+        # the dv pass also writes d initial_state
+        if pending is None and (need_v or need_init) and chained():
+            dv, grad_bound = _chained(kt, qt, go, dfinal, dinit, tab, lam, (scale, 1.0, scale), True, qt.dtype)
+            dv = dv.view(B, S, H, Dv)
+        else:
+            if pending is None and (need_k or need_v or need_init):
+                grad_bound = _boundary_states(qt, go, tab, lam, scale, True, dfinal, dinit)
+            if need_v or need_init:
+                dv = _output(kt, qt, go, grad_bound, grad_bound.stride(), dfinal,
+                             None if dfinal is None else dfinal.stride(), dinit, tab, lam, (scale, 1.0, scale), True,
+                             qt.dtype).view(B, S, H, Dv)
         if need_k:
             dk = _output(vt, go, qt, grad_bound, _strides(grad_bound, transpose=True), dfinal,
                          None if dfinal is None else _strides(dfinal, transpose=True), None, tab, lam,

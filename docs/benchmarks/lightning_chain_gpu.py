@@ -1,0 +1,89 @@
+"""Issue 5's flatness: the lightning kernel with its boundary states made inside the output passes
+(SEQPAR_LIGHTNING_CHAIN=1) against the three-kernel default, alternating in one process.
+
+A 64k row pays a state pass (k, v forward; q, dO backward) that a 4k row skips: on one H200 the
+kernels' sums were 3.40 ms for a 64k row against 2.91 for 16 rows of 4k (0.86; the goal 0.9), the
+state passes 0.48 ms at the HBM roofline (twenty-sixth session, `lightning_profile.py`). Chained,
+each segment computes its own contribution in the same program that then writes its outputs, so the
+memory-bound state work runs beside other segments' output work instead of in launches before it.
+
+    python3 docs/benchmarks/lightning_chain_gpu.py OUT.json 16x4096 4x16384 65536 262144
+
+Per row shape and round (3 rounds, chain off then on): fwd+bwd ms (CUDA events, 10 calls back to
+back after 3; and triton's do_bench), Mtok/s, and the chained outputs' and gradients' relative
+difference from the default's; then each variant's flatness (min / max Mtok/s over the shapes).
+H=32, D=128, bf16, decays as the kernels bench's.
+"""
+import json
+import os
+import sys
+
+import torch
+import triton
+
+from seqpar.kernels.lightning_attn import triton as lt
+
+
+def _time(fn, iters=10, warmup=3):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(iters):
+        fn()
+    b.record()
+    torch.cuda.synchronize()
+    return a.elapsed_time(b) / iters
+
+
+def _shape(spec):
+    """"16x4096" -> (16, 4096); "65536" -> (1, 65536)."""
+    return tuple(int(x) for x in spec.split("x")) if "x" in spec else (1, int(spec))
+
+
+def main(out, specs, rounds=3):
+    H, D, dev = 32, 128, torch.device("cuda")
+    lam = -torch.linspace(1, 8, H, device=dev).exp2().reciprocal()
+    rows, best = [], {}
+    for spec in specs:
+        B, S = _shape(spec)
+        torch.manual_seed(0)
+        q, k, v, do = (torch.randn(B, S, H, D, device=dev, dtype=torch.bfloat16) for _ in range(4))
+        for t in (q, k, v):
+            t.requires_grad_()
+
+        def step():
+            for t in (q, k, v):
+                t.grad = None
+            lt.lightning_attn_triton(q, k, v, lam)[0].backward(do)
+
+        results = {}
+        for r in range(rounds):
+            for chain in ("0", "1"):
+                os.environ[lt.CHAIN_ENV] = chain
+                step()
+                got = [lt.lightning_attn_triton(q, k, v, lam)[0].detach().float()] + [t.grad.float() for t in (q, k, v)]
+                results.setdefault(chain, got)
+                diff = max(((a - b).norm() / b.norm()).item() for a, b in zip(got, results["0"]))
+                ms = _time(step)
+                bench_ms = triton.testing.do_bench(step)
+                row = dict(spec=spec, round=r, chain=chain == "1", ms=round(ms, 4), do_bench_ms=round(bench_ms, 4),
+                           Mtok_s=round(B * S / ms / 1e3, 3), rel_diff_vs_default=diff)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                key = (spec, chain)
+                best[key] = min(best.get(key, float("inf")), ms)
+    os.environ.pop(lt.CHAIN_ENV, None)
+    summary = {}
+    for chain in ("0", "1"):
+        rate = {spec: _shape(spec)[0] * _shape(spec)[1] / best[(spec, chain)] / 1e3 for spec in specs}
+        summary["chain" if chain == "1" else "default"] = dict(
+            best_Mtok_s={s: round(x, 3) for s, x in rate.items()}, flatness=round(min(rate.values()) / max(rate.values()), 3))
+    print(json.dumps(summary), flush=True)
+    with open(out, "w") as f:
+        json.dump(dict(device=torch.cuda.get_device_name(), rows=rows, summary=summary), f, indent=1)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2:])
