@@ -177,6 +177,9 @@ CODE_CHANGES = (
     # symmetric: modelled as before), and the local_remote schedule (`_ping_pong_layer`)
     ("2026-11-28T14:26:58+00:00", ("edcff20 disagg's backward runs its nano-batches last to first; schedule "
                                    "local_remote (L, R; the backward R, L)")),
+    # no run yet: opt-in (SEQPAR_LIGHTNING_CHAIN=1); the default launches the same three kernels
+    ("2026-11-28T14:35:32+00:00", ("d6df634 the lightning output pass can make the boundary states itself "
+                                   "(SEQPAR_LIGHTNING_CHAIN=1, opt-in)")),
 )
 
 
@@ -216,8 +219,8 @@ SAME_KERNEL_BENCHES += ("716cea5",)
 SAME_KERNEL_BENCHES += ("3a77b25", "be4b206")
 # ... and 2ad0d6b (as 716cea5: only with SEQPAR_CUDNN_PREFIX=1)
 SAME_KERNEL_BENCHES += ("2ad0d6b",)
-# ... and ee7b846 (as 9a4c89d: only auto-dispatched calls with an lse)
-SAME_KERNEL_BENCHES += ("ee7b846",)
+# ... and ee7b846 (as 9a4c89d: only auto-dispatched calls with an lse), d6df634 (opt-in, the default's kernels as before)
+SAME_KERNEL_BENCHES += ("ee7b846", "d6df634")
 # (not 6eda7f2: the kernels bench's split rows and the disagg bench's servers change with it)
 # CODE_CHANGES entries that changed the lightning kernel (79fc72c's entry holds e049981's one-scan
 # exchange): its kernels-bench rows measure one kernel only between two of them
