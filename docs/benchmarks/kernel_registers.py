@@ -34,7 +34,7 @@ from seqpar.kernels.lightning_attn import triton as lt
 # pointers not named here point to bf16
 _POINTERS = {"seg_ptr": "*i32", "lam_ptr": "*fp32", "bound_ptr": "*fp32", "edge_in_ptr": "*fp32",
              "edge_out_ptr": "*fp32", "local_ptr": "*fp32", "tail_ptr": "*fp32", "lse2_ptr": "*fp32",
-             "delta_ptr": "*fp32", "tiles_ptr": "*i32", "cu_q_ptr": "*i32", "cu_k_ptr": "*i32"}
+             "delta_ptr": "*fp32", "tiles_ptr": "*i32", "cu_q_ptr": "*i32", "cu_k_ptr": "*i32", "flag_ptr": "*i32"}
 _SCALARS = ("intra_scale", "read_scale", "update_scale", "qk_scale", "sm_scale")
 
 
@@ -69,11 +69,11 @@ def main():
     print(f"triton {triton.__version__}, sm_90a, D=128 bf16")
     for reverse in (False, True):
         for z, w, s in [(2, 4, 2), (1, 8, 2), (2, 8, 2)]:
-            for tma in (True, False):
+            for tma, chain in ((True, False), (False, False), (True, True)):
                 consts = dict(dims, C=lt.CHUNK, REVERSE=reverse, HAS_EDGE_IN=False, STORE_EDGE_OUT=False, TMA=tma,
-                              Z_SPLIT=z)
+                              CHAIN=chain, Z_SPLIT=z)
                 regs, stack = usage(lt._segment_output, consts, w, s)
-                print(f"_segment_output reverse={reverse} Z_SPLIT={z} warps={w} stages={s} TMA={tma}: "
+                print(f"_segment_output reverse={reverse} Z_SPLIT={z} warps={w} stages={s} TMA={tma} CHAIN={chain}: "
                       f"{regs} registers, {stack} B stack", flush=True)
         for z, w, s in [(1, 8, 2), (2, 8, 2), (2, 4, 3)]:
             consts = dict(dims, C=lt.CHUNK, REVERSE=reverse, TAILS=True, TMA=True, Z_SPLIT=z)
