@@ -79,7 +79,8 @@ def main(out, specs, rounds=3):
     for chain in ("0", "1"):
         rate = {spec: _shape(spec)[0] * _shape(spec)[1] / best[(spec, chain)] / 1e3 for spec in specs}
         summary["chain" if chain == "1" else "default"] = dict(
-            best_Mtok_s={s: round(x, 3) for s, x in rate.items()}, flatness=round(min(rate.values()) / max(rate.values()), 3))
+            best_Mtok_s={s: round(x, 3) for s, x in rate.items()},
+            flatness=round(min(rate.values()) / max(rate.values()), 3))
     print(json.dumps(summary), flush=True)
     with open(out, "w") as f:
         json.dump(dict(device=torch.cuda.get_device_name(), rows=rows, summary=summary), f, indent=1)
