@@ -193,6 +193,10 @@ def test_split_tasks_prefix_chunk_from_the_environment(monkeypatch):
     from seqpar.kernels.flash_attn import split_tasks
     from seqpar.kernels.flash_attn.split import prefix_chunk, runs_on_cudnn
 
+    monkeypatch.delenv(split_tasks.PREFIX_ENV, raising=False)
+    assert split_tasks.cudnn_prefix()  # on by default since ee7b846
+    monkeypatch.setenv(split_tasks.PREFIX_ENV, "0")
+    assert not split_tasks.cudnn_prefix()
     monkeypatch.setenv(split_tasks.PREFIX_ENV, "1")
     monkeypatch.setenv("SEQPAR_CUDNN_PREFIX_CHUNK", "18")
     assert prefix_chunk(9) == 18
