@@ -24,20 +24,8 @@ import sys
 import torch
 import triton
 
+from lightning_rows_gpu import _time  # docs/benchmarks, this script's folder
 from seqpar.kernels.lightning_attn import triton as lt
-
-
-def _time(fn, iters=10, warmup=3):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(iters):
-        fn()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) / iters
 
 
 VARIANTS = [("default", "0", None), ("chain", "1", None), ("chain_seg2048", "1", 2048), ("chain_seg1024", "1", 1024)]

@@ -155,19 +155,25 @@ def _load_chunk(ptr, desc, tok, row, h, s_t, s_h, cols, col0, valid, cmask, TMA:
 
 
 @triton.jit
+def _chunk_at(start, end, c, n_chunks, rows, C: tl.constexpr, REVERSE: tl.constexpr):
+    """The segment's c-th chunk in the direction of travel: its first token, its length, which of
+    `rows` it holds, and their token indices."""
+    if REVERSE:
+        t0 = start + (n_chunks - 1 - c) * C
+    else:
+        t0 = start + c * C
+    L = tl.minimum(end - t0, C)
+    return t0, L, rows < L, (t0 + rows).to(tl.int64)
+
+
+@triton.jit
 def _local_state(y_ptr, z_ptr, y_src, z_src, start, end, n_chunks, h, lam, update_scale, syt, syh, szt, szh,
                  rows, dy, dz, z0, ymask, zmask, state, C: tl.constexpr, REVERSE: tl.constexpr,
                  DOT: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr):
     """`state` carried through the segment's first `n_chunks` chunks in the direction of travel
     (from zero: the segment's own contribution to the state at its end)."""
     for c in range(0, n_chunks):
-        if REVERSE:
-            t0 = start + (n_chunks - 1 - c) * C
-        else:
-            t0 = start + c * C
-        L = tl.minimum(end - t0, C)
-        valid = rows < L
-        tok = (t0 + rows).to(tl.int64)
+        t0, L, valid, tok = _chunk_at(start, end, c, n_chunks, rows, C, REVERSE)
         y = _load_chunk(y_ptr, y_src, tok, t0 - start, h, syt, syh, dy, 0, valid, ymask, TMA).to(DOT)
         z = _load_chunk(z_ptr, z_src, tok, t0 - start, h, szt, szh, dz, z0, valid, zmask, TMA).to(DOT)
         _, write = _chunk_weights(lam, rows, L, REVERSE)
@@ -256,13 +262,7 @@ def _segment_output(x_ptr, y_ptr, z_ptr, out_ptr, bound_ptr, edge_in_ptr, edge_o
     intra_decay = tl.where(dist >= 0, tl.exp(lam * tl.maximum(dist, 0).to(tl.float32)), 0.0) * intra_scale
 
     for c in range(0, n_chunks):
-        if REVERSE:
-            t0 = start + (n_chunks - 1 - c) * C
-        else:
-            t0 = start + c * C
-        L = tl.minimum(end - t0, C)
-        valid = rows < L
-        tok = (t0 + rows).to(tl.int64)
+        t0, L, valid, tok = _chunk_at(start, end, c, n_chunks, rows, C, REVERSE)
         x = _load_chunk(x_ptr, x_src, tok, t0 - start, h, sxt, sxh, dy, 0, valid, ymask, TMA).to(DOT)
         y = _load_chunk(y_ptr, y_src, tok, t0 - start, h, syt, syh, dy, 0, valid, ymask, TMA).to(DOT)
         z = _load_chunk(z_ptr, z_src, tok, t0 - start, h, szt, szh, dz, z0, valid, zmask, TMA).to(DOT)
