@@ -408,6 +408,22 @@ def test_lane_folders_belong_to_their_run_folder(tmp_path):
     assert [p for p, _ in load_benchmarks(tmp_path)["maxlen"]] == [str(f)]
 
 
+def test_a_calls_dated_device_json_dates_its_undated_lanes(tmp_path):
+    """docs/benchmarks/device_info.sh writes the call's start into callN/device.json: an e2e lane's
+    metrics below it (no date of their own) take that time's era, not the day's last."""
+    from seqpar.sim.eras import CODE_CHANGES, _folder_date, era_of, era_since
+
+    lane = tmp_path / "2026-11-28-gpu-99th" / "call1" / "gpu01_disagg_dp_cp_gpu_65536"
+    lane.mkdir(parents=True)
+    metrics = lane / "dp2_disagg_eps02_metrics.jsonl"
+    metrics.write_text(json.dumps({"step": 1, "step_time_s": 2.0}) + "\n")
+    assert era_of(metrics) == len(CODE_CHANGES)  # undated: the latest era
+    _folder_date.cache_clear()  # a file's date is read once per process
+    (lane.parent / "device.json").write_text(json.dumps({"device": "NVIDIA H200 x2", "gpus": [],
+                                                         "date": "2026-11-28T13:40:00+00:00"}))
+    assert era_of(metrics) == era_since("2ad0d6b")  # 4914af5's code: before ee7b846 (14:15)
+
+
 def test_maxlen_memory_samples_rebuild_the_benchmarks_overrides(tmp_path):
     from seqpar.bench.maxlen import MODES, base_overrides, trial_overrides
     from seqpar.sim.measurements import maxlen_memory_samples
