@@ -23,6 +23,7 @@ import os
 
 import triton
 
+from seqpar.kernels import jit_stats
 from seqpar.kernels.launch import Launch
 
 _PARAMS = inspect.signature(triton.autotune).parameters
@@ -98,7 +99,8 @@ class Tuned:
         key = self._key(args, kwargs)
         picked = self._picks.get(key)
         if picked is None:
-            kernel = self.tuner.run(*args, grid=grid, warmup=False, **kwargs)
+            with jit_stats.tuning(self.tuner.fn.__name__, key):
+                kernel = self.tuner.run(*args, grid=grid, warmup=False, **kwargs)
             if self.tuner.best_config.pre_hook is not None:
                 return kernel, None
             picked = self._picks[key] = self.tuner.best_config.all_kwargs()

@@ -21,9 +21,10 @@ from seqpar import checkpoint, memory, memtrace
 from seqpar.attention import AttnContext, disagg
 from seqpar.config import ConfigError, register_configs, resolve_nproc, use_cuda, validate, world_size
 from seqpar.data import PackedLoader, build_dataset
-from seqpar.kernels import dispatch
+from seqpar.kernels import dispatch, jit_stats
 from seqpar.kernels.flash_attn.cudnn_graph import build_stats as graph_build_stats
 from seqpar.kernels.flash_attn.split import prebuild_plans
+from seqpar.kernels.flash_attn import split_tasks
 from seqpar.kernels.flash_attn.split_tasks import cudnn_prefix
 from seqpar.kernels.flash_attn.triton import tune_buckets
 from seqpar.launch import ray as ray_launcher, slurm, stop_signal
@@ -151,9 +152,11 @@ def train(cfg, device) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     tracing = cfg.logging.memory_snapshot and memtrace.start(device)  # until step 1's end, its peak
 
+    jit_timed = device.type == "cuda" and jit_stats.install()
     model = build_model(cfg, dims, device)
     if cfg.train.cudnn_prebuild:
         prebuild_attention_plans(cfg, dims, device, rank)
+    jit_stats.take()  # step 1's numbers start here
     optimizer, scheduler = build_optimizer(model, cfg, device)
     engine = build_engine(model, optimizer, scheduler, cfg, dims)  # FSDP2 or DeepSpeed: reduction, step, checkpoints
 
@@ -204,6 +207,12 @@ def train(cfg, device) -> None:
                 metrics["max_mem_gb"] = max_memory_gb(device)
                 metrics["alloc_retries"] = alloc_retries(device)
                 metrics.update(graph_build_stats())
+            if jit_timed:
+                jit, slow = jit_stats.take(dist.group.WORLD if world > 1 else None, device)
+                metrics.update(jit)
+                for what, detail, seconds in slow if step > start_step + 1 else ():
+                    print(f"seqpar: rank {rank}, step {step}: {what} {seconds:.2f} s: {detail}", file=sys.stderr,
+                          flush=True)
             if tracing:
                 memtrace.dump(run_dir, rank, keep_pickle=cfg.logging.memory_snapshot_pickle)
                 tracing = False
@@ -230,13 +239,24 @@ def prebuild_attention_plans(cfg, dims: ParallelDims, device, rank: int) -> None
     heads = m.n_heads // dims.tp
     built = prebuild_plans(heads, head_dim(m), dtype=torch.bfloat16, device=device, prefix=cudnn_prefix())
     t1 = time.perf_counter()
-    tuned = tune_buckets(heads, max(1, m.n_kv_heads // dims.tp), head_dim(m),
-                         cfg.data.seq_len * cfg.train.micro_batch_size, device=device)
+    kv_heads = max(1, m.n_kv_heads // dims.tp)
+    tuned = tune_buckets(heads, kv_heads, head_dim(m), attention_rows(cfg, dims), device=device)
+    if cudnn_prefix():
+        split_tasks.warm_up(heads, kv_heads, head_dim(m), device=device)
     torch.cuda.empty_cache()  # the tuning's inputs (GBs at long rows) back to the device, not the cache
     if rank == 0:
         print(f"seqpar: cuDNN attention plans of {len(built)} length buckets built in {t1 - t0:.1f} s, the Triton "
               f"kernel tuned for {tuned} tokens in {time.perf_counter() - t1:.1f} s (train.cudnn_prebuild)",
               flush=True)
+
+
+def attention_rows(cfg, dims: ParallelDims) -> int:
+    """The most query rows one attention call of this rank can hold: a micro-batch's sequence, or
+    under disagg a server's, which may take work from every rank of its group (llama_1b dp=2 at
+    64k tokens per GPU of DistCA's mixes: up to 25% past its own rows; a bucket not tuned here is
+    tuned inside the step that first meets it, while the other ranks wait)."""
+    rows = cfg.data.seq_len * cfg.train.micro_batch_size
+    return rows * dims.dp if dims.disagg and dims.attention_dp_cp else rows
 
 
 def build_model(cfg, dims: ParallelDims, device):

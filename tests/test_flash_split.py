@@ -660,3 +660,19 @@ def test_prebuild_covers_every_shape_the_split_then_runs(monkeypatch):
     assert seen and {key[:4] for key in seen} <= prebuilt, {key[:4] for key in seen} - prebuilt
     monkeypatch.setenv("SEQPAR_CUDNN_BUCKETS", "0")  # exact lengths: one plan per length, nothing to prebuild
     assert prebuild_plans(Hq, D, dtype=F64, device="cpu", kernels=kernels) == []
+
+
+def test_warm_up_runs_a_piece_over_a_prefix_through_its_merge(monkeypatch):
+    """`split_tasks.warm_up` (train.cudnn_prebuild) takes the path whose Triton kernels no other
+    call launches before training: a causal piece over a prefix in dense calls merged in fp32, beside
+    a task of the Triton call, forward and backward."""
+    from seqpar.kernels.flash_attn import split_tasks
+
+    monkeypatch.setenv(split_tasks.PREFIX_ENV, "1")
+    merges, calls = [], []
+    real_merge = split_tasks.attn_merge_
+    monkeypatch.setattr(split_tasks, "attn_merge_", lambda *a: merges.append(a[0].shape) or real_merge(*a))
+    split_tasks.warm_up(4, 2, 8, dtype=F64, device="cpu", min_len=9, kernels=_reference_kernels(calls, stateless=True))
+    # 9 queries after 9 + 7 prefix keys: a causal call of 7 blank + 9 queries (bucket 16), one block of 9 x 9
+    assert [c for c in calls if c[0] == "dense"] == [("dense", 16), ("dense", 9)]
+    assert [c[0] for c in calls if c[0] != "dense"] == ["packed"] and merges == [torch.Size([1, 9, 4, 8])]

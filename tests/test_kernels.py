@@ -523,6 +523,37 @@ def test_tuned_launches_skip_the_autotuner_once_a_key_is_tuned():
     assert tuner.configs == [small] and launched[-1] == 16 and through_tuner == [64, 64, 64]
 
 
+def test_jit_stats_time_compiles_and_tuning_runs_apart(monkeypatch):
+    """kernels/jit_stats.py: Triton's compile hooks (chained after any set before) count compiles,
+    a tuning run counts once with the compiles inside it, `take` hands out the step's numbers and
+    the slow events, then starts afresh."""
+    pytest.importorskip("triton")
+    from triton import knobs
+
+    from seqpar.kernels import jit_stats
+
+    seen = []
+    monkeypatch.setattr(knobs.runtime, "jit_cache_hook", lambda **kw: seen.append(("before", kw["repr"])))
+    monkeypatch.setattr(knobs.runtime, "jit_post_compile_hook", lambda **kw: seen.append(("after", kw["repr"])))
+    monkeypatch.setattr(jit_stats, "_installed", [False])
+    monkeypatch.setattr(jit_stats, "SLOW_S", 0.0)
+    jit_stats.take()
+    assert jit_stats.install()
+    clock = iter([10.0, 10.5, 20.0, 20.25, 21.0, 22.0])
+    monkeypatch.setattr(jit_stats.time, "perf_counter", lambda: next(clock))
+    knobs.runtime.jit_cache_hook(repr="_merge[...]")  # a compile outside tuning: 0.5 s
+    knobs.runtime.jit_post_compile_hook(repr="_merge[...]")
+    with jit_stats.tuning("_attn_fwd", (64, True)):  # 20 -> 22 s, its compile (0.25 s) inside
+        knobs.runtime.jit_cache_hook(repr="_attn_fwd[...]")
+        knobs.runtime.jit_post_compile_hook(repr="_attn_fwd[...]")
+    assert seen == [("before", "_merge[...]"), ("after", "_merge[...]"), ("before", "_attn_fwd[...]"),
+                    ("after", "_attn_fwd[...]")]
+    metrics, slow = jit_stats.take()
+    assert metrics == {"jit_compile_s": 0.5, "jit_tune_s": 2.0, "jit_compiles": 1, "jit_tunes": 1}
+    assert slow == [("compile", "_merge[...]", 0.5), ("tune", "_attn_fwd key=(64, True)", 2.0)]
+    assert jit_stats.take() == ({"jit_compile_s": 0.0, "jit_tune_s": 0.0, "jit_compiles": 0, "jit_tunes": 0}, [])
+
+
 class _Compiled:
     """Stands in for a compiled Triton kernel: records its launches."""
 

@@ -251,3 +251,17 @@ def test_resume_continues_bitwise(tmp_path, layout):
     assert [m["step"] for m in again] == list(range(1, 7))
     assert [m["loss"] for m in again[3:]] == [m["loss"] for m in full[3:]]
     assert [m["grad_norm"] for m in again[3:]] == [m["grad_norm"] for m in full[3:]]
+
+
+def test_attention_rows_bound_a_disagg_servers_rows():
+    """train.cudnn_prebuild tunes the Triton kernel up to `attention_rows`: a micro-batch's sequence,
+    or under disagg over dp_cp the whole group's (a server may take every rank's work)."""
+    from seqpar.parallel.dims import ParallelDims
+    from seqpar.train import attention_rows
+
+    got = {}
+    for name in ("dp2", "cp2_ring", "cp2_disagg", "dp2_disagg", "cp2_dp2_disagg"):
+        world, overrides = LAYOUTS[name]
+        cfg = _compose("run_dir=unused", "train.micro_batch_size=2", *overrides)
+        got[name] = attention_rows(cfg, ParallelDims.from_config(cfg.parallel, world)) / cfg.data.seq_len
+    assert got == {"dp2": 2, "cp2_ring": 2, "cp2_disagg": 2, "dp2_disagg": 4, "cp2_dp2_disagg": 4}

@@ -8,7 +8,11 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+# The row count, the strides that follow it and where an lse view starts (a padded call's rows from
+# its f-th) change with every call: no compiled variant per divisibility or alignment, each of which
+# cost a compile inside a training step (kernels/jit_stats.py).
+@triton.jit(do_not_specialize=["n_rows", "s_old_b", "s_o_b", "s_out_b", "s_lse_b", "s_lse_h", "s_l_b", "s_l_h"],
+            do_not_specialize_on_alignment=["lse", "l"])
 def _merge(old, o, lse, l, out, n_rows, H,
            s_old_b, s_old_n, s_old_h, s_o_b, s_o_n, s_o_h, s_out_b, s_out_n, s_out_h,
            s_lse_b, s_lse_h, s_lse_n, s_l_b, s_l_h, s_l_n,

@@ -165,3 +165,21 @@ def split_backward(dout, q, k, v, out, lse, *, causal=True, cu_seqlens_q, cu_seq
     from seqpar.kernels.flash_attn import _deliver
     return tuple(g if dest is None else _deliver(dest, g, accumulate and i > 0)
                  for i, (g, dest) in enumerate(zip((gq, gk, gv), (dq, dk, dv))))
+
+
+def warm_up(heads: int, kv_heads: int, head_dim: int, *, dtype=torch.bfloat16, device="cuda", scale=None,
+            min_len: int | None = None, kernels: SplitKernels | None = None) -> None:
+    """Runs `split_forward` and `split_backward` once over a causal piece over a prefix (cuDNN's
+    calls and their merge) beside a short task (the Triton call, separate query and key boundaries),
+    so that the Triton kernels only this path launches are compiled before training, not inside
+    the first step in which a rank serves such a piece while the other ranks wait for it (its cuDNN
+    shapes are `split.prebuild_plans`'s). `min_len`, `kernels`: as split_forward's (tests)."""
+    n = min_len or min_doc_len(heads)
+    m = n + prefix_chunk(n) + 7  # a prefix of one chunk, and blank rows before the causal call's queries
+    cu_q = torch.tensor([0, n, n + 3], dtype=torch.int32, device=device)
+    cu_k = torch.tensor([0, m, m + 8], dtype=torch.int32, device=device)
+    q = torch.randn(1, n + 3, heads, head_dim, dtype=dtype, device=device)
+    k, v = (torch.randn(1, m + 8, kv_heads, head_dim, dtype=dtype, device=device) for _ in range(2))
+    kw = dict(causal=True, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, softmax_scale=scale, min_len=n, kernels=kernels)
+    out, lse = split_forward(q, k, v, **kw)
+    split_backward(torch.randn_like(out), q, k, v, out, lse, **kw)
