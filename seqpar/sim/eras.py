@@ -180,6 +180,10 @@ CODE_CHANGES = (
     # no run yet: opt-in (SEQPAR_LIGHTNING_CHAIN=1); the default launches the same three kernels
     ("2026-11-28T14:35:32+00:00", ("d6df634 the lightning output pass can make the boundary states itself "
                                    "(SEQPAR_LIGHTNING_CHAIN=1, opt-in)")),
+    # what a disagg step costs beyond its kernels: no Triton compile or tuning inside steps 2+ (2 H200,
+    # 2026-11-28-gpu-30th, llama_1b dp=2 64k/GPU: wlbllm 1.058x -> 1.022x the ideal, prolong 1.075x -> 1.026x)
+    ("2026-11-28T15:50:46+00:00", ("2874c1c no compiles or tuning inside steps: the Triton kernel tuned up to a "
+                                   "disagg server's rows, the prefix path warmed up, attn_merge unspecialised")),
 )
 
 
@@ -221,6 +225,8 @@ SAME_KERNEL_BENCHES += ("3a77b25", "be4b206")
 SAME_KERNEL_BENCHES += ("2ad0d6b",)
 # ... and ee7b846 (as 9a4c89d: only auto-dispatched calls with an lse), d6df634 (opt-in, the default's kernels as before)
 SAME_KERNEL_BENCHES += ("ee7b846", "d6df634")
+# ... and 2874c1c (startup work; attn_merge keeps its kernel, unspecialised on the row count: memory-bound on o)
+SAME_KERNEL_BENCHES += ("2874c1c",)
 # (not 6eda7f2: the kernels bench's split rows and the disagg bench's servers change with it)
 # CODE_CHANGES entries that changed the lightning kernel (79fc72c's entry holds e049981's one-scan
 # exchange): its kernels-bench rows measure one kernel only between two of them
