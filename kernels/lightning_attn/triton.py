@@ -18,7 +18,11 @@ Chained (SEQPAR_LIGHTNING_CHAIN=1, `_chained`; plain calls, not LASP-2's exchang
 1 and 2 itself: each program computes its segment's own contribution, waits for the boundary before
 it (a flag its predecessor sets; programs take tickets in the direction of travel, so every program
 waited for has started), publishes the boundary after it, then writes its outputs: one launch, and
-the state pass's reads beside other segments' output work rather than before all of it.
+the state pass's reads beside other segments' output work rather than before all of it. Timed on
+one H200 (H=32, D=128, bf16, fwd+bwd; docs/benchmarks/2026-11-28-gpu-30th/call1) it ran slower at
+every length: 20.4 / 16.5 Mtok/s at 16 x 4k / 64k against the default's 22.1 / 18.2 (each program
+reads its keys and values twice, once for its own state, even where a document has one segment),
+and flat (0.94-0.98) only at 1-2k-token segments, at 15.1-16.9. So it stays opt-in.
 
 States are kept only at boundaries inside documents, at most tokens / seg_len of them whatever
 the number of documents (not one per chunk, as fla's chunk kernels do), so state traffic stays
@@ -493,7 +497,7 @@ def _dims(dy, dz):
 
 def chained() -> bool:
     """Whether a plain call (no `exchange`) makes its boundary states inside the output pass
-    (`_chained`; SEQPAR_LIGHTNING_CHAIN=1, opt-in until a GPU times it)."""
+    (`_chained`; SEQPAR_LIGHTNING_CHAIN=1, opt-in: slower, module docstring)."""
     return os.environ.get(CHAIN_ENV, "0").strip() not in ("0", "")
 
 
