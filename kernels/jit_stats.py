@@ -15,6 +15,7 @@ reports its tuning runs through `tuning`. Compiles inside a tuning run count as 
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 
 SLOW_S = 0.05
@@ -28,7 +29,7 @@ class _Stats:
 
 
 _stats = _Stats()
-_open: list = []  # [name, start] of the compile under way (Triton compiles one at a time per thread)
+_open = threading.local()  # .started: (detail, start) of the thread's compile under way (one at a time)
 _tuning_depth = [0]
 _installed = [False]
 
@@ -45,13 +46,13 @@ def install() -> bool:
     before_prev, after_prev = runtime.jit_cache_hook, runtime.jit_post_compile_hook
 
     def before(**kw):
-        _open[:] = [kw.get("repr") or str(kw.get("fn")), time.perf_counter()]
+        _open.started = (kw.get("repr") or str(kw.get("fn")), time.perf_counter())
         return before_prev(**kw) if before_prev else None  # True would skip the compile
 
     def after(**kw):
-        if _open:
-            compiled(_open[0], time.perf_counter() - _open[1])
-            _open.clear()
+        started, _open.started = getattr(_open, "started", None), None
+        if started:
+            compiled(started[0], time.perf_counter() - started[1])
         return after_prev(**kw) if after_prev else None
 
     runtime.jit_cache_hook, runtime.jit_post_compile_hook = before, after

@@ -22,9 +22,9 @@ from seqpar.attention import AttnContext, disagg
 from seqpar.config import ConfigError, register_configs, resolve_nproc, use_cuda, validate, world_size
 from seqpar.data import PackedLoader, build_dataset
 from seqpar.kernels import dispatch, jit_stats
+from seqpar.kernels.flash_attn import split_tasks
 from seqpar.kernels.flash_attn.cudnn_graph import build_stats as graph_build_stats
 from seqpar.kernels.flash_attn.split import prebuild_plans
-from seqpar.kernels.flash_attn import split_tasks
 from seqpar.kernels.flash_attn.split_tasks import cudnn_prefix
 from seqpar.kernels.flash_attn.triton import tune_buckets
 from seqpar.launch import ray as ray_launcher, slurm, stop_signal
