@@ -12,6 +12,9 @@ memory-bound state work runs beside other segments' output work instead of in la
 Per row shape and round (3 rounds; the default, chained, chained at 2048- and 1024-token segments): fwd+bwd
 ms (CUDA events, 10 calls back to back after 3; and triton's do_bench), Mtok/s, and the outputs' and gradients'
 relative difference from the default's; then each variant's flatness (min / max Mtok/s over the shapes).
+The thirtieth session's run (one H200) found every chained variant slower. Longer segments than the default's
+8192 (VARIANTS=default,seg16384,seg32768,seg65536) leave more of a long row's tokens in documents' last segments,
+which the state pass skips: at 64k, 1/8 of the row at 8192, 1/2 at 32768, with fewer programs in the grid.
 Shorter segments because the default length (`segment_length`: 8192 at 64k tokens, 32 heads, 132 SMs) makes
 ~2 waves of programs, each starting with its own segment's state read at once; with more, shorter programs
 the waves desynchronise and the state reads of some run beside the output work of others.
@@ -28,7 +31,11 @@ from lightning_rows_gpu import _time  # docs/benchmarks, this script's folder
 from seqpar.kernels.lightning_attn import triton as lt
 
 
-VARIANTS = [("default", "0", None), ("chain", "1", None), ("chain_seg2048", "1", 2048), ("chain_seg1024", "1", 1024)]
+ALL_VARIANTS = [("default", "0", None), ("chain", "1", None), ("chain_seg2048", "1", 2048), ("chain_seg1024", "1", 1024),
+                ("seg16384", "0", 16384), ("seg32768", "0", 32768), ("seg65536", "0", 65536)]
+# VARIANTS=name,name,... picks some (default first: the others' outputs are compared with its)
+VARIANTS = [v for v in ALL_VARIANTS if v[0] in os.environ.get("VARIANTS", "default,chain,chain_seg2048,chain_seg1024")
+            .split(",")]
 
 
 def _shape(spec):
@@ -56,7 +63,7 @@ def main(out, specs, rounds=3):
         for r in range(rounds):
             for name, chain, seg in VARIANTS:
                 os.environ[lt.CHAIN_ENV] = chain
-                seg = None if seg is None or seg >= S else seg
+                seg = None if seg is None or seg > S else seg
                 step(seg)
                 got = [lt.lightning_attn_triton(q, k, v, lam, seg_len=seg)[0].detach().float()]
                 got += [t.grad.float() for t in (q, k, v)]
