@@ -10,7 +10,7 @@
 # transfers were 43.8-44.9 ms a step, 21.6 of them waiting for dQ|dK|dV), lognormal, in alternating order.
 # Parts 2-3: the end-to-end goal on DistCA's mixes (wlbllm, prolong): the balanced ideal's lanes and
 # disagg at eps 0.02, 64k tokens per GPU (plain data parallelism's step is the slower of the two rows: each step's
-# max of the two ideal lanes). Part 4: the layer bench at llama_1b's heads (32/8 x 64), 64k tokens per GPU, every
+# max of the two ideal lanes; thirtieth session, 2 H200, after 2874c1c: 1.022x / 1.026x). Part 4: the layer bench at llama_1b's heads (32/8 x 64), 64k tokens per GPU, every
 # schedule with its compute and transfers timed apart.
 set -u
 mkdir -p "$OUT"
