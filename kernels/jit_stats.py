@@ -43,6 +43,8 @@ def install() -> bool:
     except ImportError:
         return False
     runtime = knobs.runtime
+    if not (hasattr(runtime, "jit_cache_hook") and hasattr(runtime, "jit_post_compile_hook")):
+        return False
     before_prev, after_prev = runtime.jit_cache_hook, runtime.jit_post_compile_hook
 
     def before(**kw):
