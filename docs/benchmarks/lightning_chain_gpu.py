@@ -14,7 +14,8 @@ ms (CUDA events, 10 calls back to back after 3; and triton's do_bench), Mtok/s, 
 relative difference from the default's; then each variant's flatness (min / max Mtok/s over the shapes).
 The thirtieth session's run (one H200) found every chained variant slower. Longer segments than the default's
 8192 (VARIANTS=default,seg16384,seg32768,seg65536) leave more of a long row's tokens in documents' last segments,
-which the state pass skips: at 64k, 1/8 of the row at 8192, 1/2 at 32768, with fewer programs in the grid.
+which the state pass skips: at 64k, 1/8 of the row at 8192, 1/2 at 32768, with fewer programs in the grid (on one
+32k row, twenty-fifth session: 2 segments of 16384 ran 3.88 ms against 2.42 at 8 of 4096).
 Shorter segments because the default length (`segment_length`: 8192 at 64k tokens, 32 heads, 132 SMs) makes
 ~2 waves of programs, each starting with its own segment's state read at once; with more, shorter programs
 the waves desynchronise and the state reads of some run beside the output work of others.
