@@ -25,7 +25,6 @@ from seqpar.kernels import dispatch, jit_stats
 from seqpar.kernels.flash_attn import split_tasks
 from seqpar.kernels.flash_attn.cudnn_graph import build_stats as graph_build_stats
 from seqpar.kernels.flash_attn.split import prebuild_plans
-from seqpar.kernels.flash_attn.split_tasks import cudnn_prefix
 from seqpar.kernels.flash_attn.triton import tune_buckets
 from seqpar.launch import ray as ray_launcher, slurm, stop_signal
 from seqpar.launch.local import is_worker, launch_workers
@@ -229,19 +228,21 @@ def train(cfg, device) -> None:
 
 def prebuild_attention_plans(cfg, dims: ParallelDims, device, rank: int) -> None:
     """`train.cudnn_prebuild`: where softmax attention runs on CUDA in bf16, the split's cuDNN plans
-    for this rank's heads (a tensor-parallel rank holds n_heads / tp of them) built now, and its
-    Triton kernel tuned for every length bucket of the rank's rows (`tune_buckets`)."""
+    for this rank's heads (a tensor-parallel rank holds n_heads / tp of them) built now, its
+    Triton kernel tuned for every length bucket of the rank's rows (`tune_buckets`, up to
+    `attention_rows`), and the pieces-over-a-prefix path run once (`split_tasks.warm_up`)."""
     m = cfg.model
     if (device.type != "cuda" or "S" not in m.layer_pattern or cfg.train.dtype not in ("auto", "bf16")
             or not dispatch.split_may_run()):
         return
     t0 = time.perf_counter()
     heads = m.n_heads // dims.tp
-    built = prebuild_plans(heads, head_dim(m), dtype=torch.bfloat16, device=device, prefix=cudnn_prefix())
+    prefix = split_tasks.cudnn_prefix()
+    built = prebuild_plans(heads, head_dim(m), dtype=torch.bfloat16, device=device, prefix=prefix)
     t1 = time.perf_counter()
     kv_heads = max(1, m.n_kv_heads // dims.tp)
     tuned = tune_buckets(heads, kv_heads, head_dim(m), attention_rows(cfg, dims), device=device)
-    if cudnn_prefix():
+    if prefix:
         split_tasks.warm_up(heads, kv_heads, head_dim(m), device=device)
     torch.cuda.empty_cache()  # the tuning's inputs (GBs at long rows) back to the device, not the cache
     if rank == 0:
