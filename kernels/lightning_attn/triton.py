@@ -72,8 +72,9 @@ from seqpar.kernels.tma import use_tma
 
 CHUNK = 64
 # Segments: long enough that the boundary states (fp32, Dk x Dv per head) cost little memory
-# traffic next to q/k/v (2*Dv/seg_len of q's bytes), short enough for >= 4 programs per SM.
-MIN_SEGMENT, MAX_SEGMENT = 256, 8192
+# traffic next to q/k/v (2*Dv/seg_len of q's bytes) and that rows of up to 16k skip the state pass,
+# short enough to fill the SMs (`segment_length`).
+MIN_SEGMENT, MAX_SEGMENT = 256, 16384
 SCAN_ROWS = 16
 MAX_Z_SPLIT = 2  # the column blocks per program of `_segment_output`'s configs (its chain's flags)
 CHAIN_ENV = "SEQPAR_LIGHTNING_CHAIN"
@@ -401,17 +402,20 @@ def _sm_count(index: int) -> int:
 
 
 def segment_length(tokens: int, heads: int, device: torch.device) -> int:
-    """Tokens per segment: the longest (power of two times C) that still gives each SM a segment
-    of some head (with the column blocks, about two programs per SM). Longer segments won over a
-    fuller grid: one row of 16k tokens, H=32, ran 12.8 Mtok/s fwd+bwd at 2048 against 11.5 at 512
-    (one H200, docs/benchmarks/2026-11-26-4gpu-7th/call1); with the TMA loads, capped at 8192
-    instead of 2048, one row of 32k ran fwd+bwd in 3.18 ms against 3.56 and 64k-256k 3-4% faster
-    (one H100, docs/benchmarks/2026-11-27-gpu-19th/call3): fewer boundary states to write and scan.
+    """Tokens per segment: the longest (power of two times C, at most MAX_SEGMENT) that still gives
+    each SM about one segment of some head (a grid of (tokens / seg_len) x heads x column blocks).
+    "About": 7/8 of the SMs, so that 4 segments of 32 heads count as a full grid on 132 SMs. A row that
+    fits in one segment skips the state pass (kernels 1-2), the rest of a long row pays it: on one H200
+    (H=32, D=128, bf16, fwd+bwd; docs/benchmarks/2026-11-28-gpu-31st/call1) 4 rows of 16k ran 22.0 Mtok/s
+    at 16384-token segments against 19.5 at 8192, one 64k row 18.3 against 17.8; 32768 and 65536 lost
+    at 64k (64 or 32 segment-heads: 11.3, 7.8) and tied at 256k. Earlier: longer won over a fuller grid
+    (one 16k row 12.8 Mtok/s at 2048 against 11.5 at 512, docs/benchmarks/2026-11-26-4gpu-7th/call1; with
+    the TMA loads one 32k row 3.18 ms at 8192 against 3.56, one H100, 2026-11-27-gpu-19th/call3).
     Only the grid depends on it, never a compiled kernel or a tuning key."""
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
         if device.type == "cuda" else 8
     seg = MIN_SEGMENT
-    while seg < MAX_SEGMENT and (tokens // (2 * seg)) * heads >= sms:
+    while seg < MAX_SEGMENT and 8 * (tokens // (2 * seg)) * heads >= 7 * sms:
         seg *= 2
     return seg
 
