@@ -184,6 +184,10 @@ CODE_CHANGES = (
     # 2026-11-28-gpu-30th, llama_1b dp=2 64k/GPU: wlbllm 1.058x -> 1.022x the ideal, prolong 1.075x -> 1.026x)
     ("2026-11-28T15:50:46+00:00", ("2874c1c no compiles or tuning inside steps: the Triton kernel tuned up to a "
                                    "disagg server's rows, the prefix path warmed up, attn_merge unspecialised")),
+    # the lightning kernel's grid (2026-11-28-gpu-31st/call4, one H200: 4 rows of 16k 19.6 -> 22.4 Mtok/s fwd+bwd,
+    # one 64k row 17.7 -> 18.4; call5, 2 H200: LASP-2 64k 2.43 -> 2.23 ms, 256k 7.33 -> 7.25, 1M 29.8 -> 28.4)
+    ("2026-11-28T17:30:28+00:00", ("7b5be80 lightning segments up to 16384 tokens, a grid of 7/8 of the SMs "
+                                   "counted full: rows of up to 16k skip the state pass")),
 )
 
 
@@ -227,10 +231,12 @@ SAME_KERNEL_BENCHES += ("2ad0d6b",)
 SAME_KERNEL_BENCHES += ("ee7b846", "d6df634")
 # ... and 2874c1c (startup work; attn_merge keeps its kernel, unspecialised on the row count: memory-bound on o)
 SAME_KERNEL_BENCHES += ("2874c1c",)
+# ... and 7b5be80 (the lightning kernel's grid only, as 0231d9c)
+SAME_KERNEL_BENCHES += ("7b5be80",)
 # (not 6eda7f2: the kernels bench's split rows and the disagg bench's servers change with it)
 # CODE_CHANGES entries that changed the lightning kernel (79fc72c's entry holds e049981's one-scan
 # exchange): its kernels-bench rows measure one kernel only between two of them
-LIGHTNING_CHANGES = ("79fc72c", "83f5aae", "195962d", "c8f2856", "0231d9c")
+LIGHTNING_CHANGES = ("79fc72c", "83f5aae", "195962d", "c8f2856", "0231d9c", "7b5be80")
 
 
 def kernel_eras(era: int) -> tuple[int, ...]:
