@@ -236,6 +236,22 @@ def test_exchange_reference_is_the_composition():
         kernels.lightning_attn(q, k, v, c["log_decay"], initial_state=initial, exchange=_Mix(3, 6))
 
 
+
+def test_segment_length_fills_the_sms_with_the_longest_segments(monkeypatch):
+    """The grid rule on 132 SMs (H100 / H200), 32 heads: a 64k call takes 16384-token segments (4 x 32
+    segment-heads, within 7/8 of the SMs), rows of 16k then run as one segment each; fewer tokens take
+    shorter segments, more never exceed MAX_SEGMENT; fewer heads take shorter ones."""
+    from seqpar.kernels.lightning_attn import triton as lt
+
+    monkeypatch.setattr(lt, "_sm_count", lambda index: 132)
+    cuda = torch.device("cuda", 0)
+    picks = {tokens: lt.segment_length(tokens, 32, cuda) for tokens in (4096, 16384, 32768, 65536, 1 << 20)}
+    assert picks == {4096: 1024, 16384: 4096, 32768: 8192, 65536: 16384, 1 << 20: lt.MAX_SEGMENT}
+    assert lt.MAX_SEGMENT == 16384
+    assert lt.segment_length(65536, 8, cuda) == 4096
+    assert lt.segment_length(64, 32, cuda) == lt.MIN_SEGMENT
+
+
 # ---------------------------------------------------------------- CUDA
 
 GPU_CASES = {

@@ -19,7 +19,7 @@ which the state pass skips: at 64k, 1/8 of the row at 8192, 1/2 at 32768, with f
 session (one H200, 2026-11-28-gpu-31st/call1): 16384 won where it leaves 128 segment-heads (4 rows of 16k: one
 segment a row, no state pass, 22.0 Mtok/s against 19.5; one 64k row 18.3 against 17.8), 32768 and 65536 lost at
 64k (11.3, 7.8) and tied at 256k; flatness 0.83 at best (7b5be80 made 16384 the default where the grid allows).
-Shorter segments because the default length (`segment_length`: 8192 at 64k tokens, 32 heads, 132 SMs) makes
+Shorter segments because the default length (`segment_length` before 7b5be80: 8192 at 64k tokens, 32 heads) makes
 ~2 waves of programs, each starting with its own segment's state read at once; with more, shorter programs
 the waves desynchronise and the state reads of some run beside the output work of others.
 H=32, D=128, bf16, decays as the kernels bench's.
