@@ -107,7 +107,8 @@ def _check_world(rank, world):
         ref = _reference(q, k, v, grad, None, True)
         errors[("ring_prefix", layout, "dense", heads, True)] = _rel_errors(_ring_prefix, q, k, v, grad, None, True,
                                                                              layout, ref)
-    extra = {2: lambda: {"order": _transfer_order(), "folds": _fold_results(), "keep": _keep_results()},
+    extra = {2: lambda: {"order": _transfer_order(), "folds": _fold_results(), "keep": _keep_results(),
+                         "tails": _tails_results()},
              4: lambda: {"heads": _ulysses_head_error(), "folds": _fold_results(),
                          "keep_usp": _keep_usp_results(*methods["usp"])}}.get(world)
     return errors, (extra() if extra else None), _doc_zigzag_results(world), _doc_balanced_results(world)
@@ -165,6 +166,27 @@ def _keep_results():
             ref = _reference(q, k, v, grad, cu, causal)
             errors[(layout, rows, heads, causal)] = _rel_errors(ring_attention, q, k, v, grad, cu, causal, layout, ref)
         return errors, _doc_zigzag_results(2), _doc_balanced_results(2), _transfer_order()
+
+
+def _tails_results():
+    """A ring of 2 with each pass's first call on the lead stream (`ring.Tails`, forced on: on CPU no
+    stream, but the followers' results fold after the join as on CUDA), keeping the peer's K/V or
+    not: relative errors per case, and the doc layouts' results."""
+    errors, real = {}, ring_module.tails_overlap
+    ring_module.tails_overlap = lambda *_: True
+    try:
+        for keep in (False, True):
+            with _keeping_kv() if keep else contextlib.nullcontext():
+                for i, (layout, rows, heads, causal) in enumerate(_cases()):
+                    if heads == "gqa":
+                        q, k, v, grad, cu = _inputs(rows, heads, seed=500 + i)
+                        ref = _reference(q, k, v, grad, cu, causal)
+                        errors[(keep, layout, rows, causal)] = _rel_errors(ring_attention, q, k, v, grad, cu, causal,
+                                                                           layout, ref)
+                docs = (_doc_zigzag_results(2), _doc_balanced_results(2)) if keep else None
+    finally:
+        ring_module.tails_overlap = real
+    return errors, docs
 
 
 def _keep_usp_results(fn, group):
@@ -249,6 +271,19 @@ def test_ring_of_2_keeping_the_peer_kv_matches_single_process_and_moves_no_kv_in
         bwd_log = log[log.index("bwd"):]
         # the backward: the remote block, the dK/dV hop home posted, the own shard in one call, then the wait
         assert bwd_log == ["bwd", "shift", "bwd", "wait"], bwd_log
+
+
+def test_ring_of_2_with_its_calls_on_two_streams_matches_single_process(world_results):
+    world, results = world_results
+    if world != 2:
+        pytest.skip("a ring of 2 only")
+    tails = [extra["tails"] for _, extra, *_ in results]
+    for errors, _ in tails:
+        assert len(errors) == 24
+        for case, err in errors.items():
+            assert err <= TOL, f"tails {case}: relative error {err:.2e}"
+    _assert_doc_zigzag([t[1][0] for t in tails], 2)
+    _assert_doc_balanced([t[1][1] for t in tails], 2)
 
 
 def test_ring_of_2_sends_only_the_kv_rows_its_peer_reads(world_results):
@@ -958,8 +993,9 @@ def test_prefix_calls_where_the_family_takes_them(monkeypatch):
         assert prefix_calls_fast(q, gqa, gqa) and prefix_calls_fast(q, mha, mha)
 
 
-def _ring_bf16_on_nccl(rank, world, transport="nccl", family=None):
+def _ring_bf16_on_nccl(rank, world, transport="nccl", family=None, keep="0"):
     os.environ[TRANSPORT_ENV] = transport  # the ring's transfers: NCCL's kernels or the copy engines
+    os.environ[ring_module.KEEP_ENV] = keep  # a ring of 2 keeping the peer's K/V (and with FA2/cuDNN: `Tails`)
     if family:  # the local kernel family (SEQPAR_ATTN_KERNEL), else the dispatcher's choice
         os.environ["SEQPAR_ATTN_KERNEL"] = family
     torch.manual_seed(0)
@@ -1010,14 +1046,16 @@ def _host_syncs(fn):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-@pytest.mark.parametrize("transport,family", [("nccl", None), ("copy", None), ("nccl", "triton"), ("nccl", "graph")])
-def test_ring_bf16_on_nccl_against_fp64(transport, family):
+@pytest.mark.parametrize("transport,family,keep", [("nccl", None, "0"), ("copy", None, "0"), ("nccl", "triton", "0"),
+                                                   ("nccl", "graph", "0"), ("nccl", "flash", "1"),
+                                                   ("copy", "cudnn", "1")])
+def test_ring_bf16_on_nccl_against_fp64(transport, family, keep):
     # ring size 4 where lent: ring-flash-attention's users saw backward precision loss at 4-8
     from seqpar.kernels.flash_attn import cudnn_graph
     if family == "graph" and not cudnn_graph.available():
         pytest.skip("cuDNN's graph family needs nvidia-cudnn-frontend")
     world = 4 if torch.cuda.device_count() >= 4 else 2
-    for errors in run_distributed(_ring_bf16_on_nccl, world, transport, family, backend="nccl"):
+    for errors in run_distributed(_ring_bf16_on_nccl, world, transport, family, keep, backend="nccl"):
         for case, errs in errors.items():
             if case.endswith("host syncs"):
                 assert errs == [], (case, errs)

@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-from seqpar.kernels import flash_attn, flash_attn_backward
+from seqpar.kernels.flash_attn import flash_attn, flash_attn_backward
 
 S, H, D, DT = 32768, 32, 128, torch.bfloat16
 HALF, QUARTER = S // 2, S // 4

@@ -44,10 +44,14 @@ where the ring saves its own only.
 A ring of 2 moves only the K/V rows the peer's one remote step reads (`RingPlan.send_len`): with
 zigzag and a causal mask rank 0's later chunk is the sequence's last, which rank 1 never sees, so
 rank 0 sends half its rows (the same ring time on 2 H200, 2026-11-28, fewer bytes and less kept).
+
+A ring of 2 on FA2 or cuDNN runs each pass's first call on a high-priority stream (`Tails`), so that
+the second starts in the SMs the first's last wave leaves idle instead of after it.
 """
 from __future__ import annotations
 
 import bisect
+import contextlib
 import os
 from dataclasses import dataclass
 from functools import lru_cache
@@ -58,7 +62,7 @@ import torch.distributed as dist
 from seqpar.attention.copy_engine import ENV as TRANSPORT_ENV
 from seqpar.attention.copy_engine import CopyEngineComm, staged_bytes, transport
 from seqpar.attention.ring_fold import fold_grad, fold_out, fold_out_rest, fold_rest, plan_folds
-from seqpar.kernels.dispatch import prefix_calls_fast
+from seqpar.kernels.dispatch import prefix_calls_fast, tails_overlap
 from seqpar.kernels.flash_attn import flash_attn, flash_attn_backward
 from seqpar.parallel.doc_balance import DocBalanced
 from seqpar.parallel.sharding import DOC_LAYOUTS, document_plan, group_size_rank, host_bounds, local_ranges
@@ -446,20 +450,32 @@ class _RingAttention(torch.autograd.Function):
         lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=acc_dtype)
         fold_out_rest(plan.out, out, lse)
         kv = (k.contiguous(), v.contiguous())  # only the Hkv heads travel (GQA)
-        kept, n = {}, 0  # results whose rows' next result merges with them, by number
+        tails = Tails(len(steps) == 2 and tails_overlap(q, k, v), q.device)
+        kept, n = {}, [0]  # results whose rows' next result merges with them, by number
+
+        def fold(o, l):
+            i = n[0]
+            fold_out(plan.out.runs[i], o, l, acc, lse, out, kept)
+            if plan.out_kept[i]:
+                kept[i] = o
+            for done in plan.out_released[i]:
+                del kept[done]
+            n[0] += 1
+
         for step, blocks in enumerate(steps):
             pending = comm.shift(_travelling(kv, plan) if step == 0 else kv, plan.recv_len) \
                 if step + 1 < len(steps) else None
             k_vis, v_vis = kv
-            for blk in blocks:
-                o, l = flash_attn(q[:, blk.q], k_vis[:, blk.k], v_vis[:, blk.k], causal=blk.causal,
-                                  softmax_scale=scale, return_lse=True, **bounds(blk))
-                fold_out(plan.out.runs[n], o, l, acc, lse, out, kept)
-                if plan.out_kept[n]:
-                    kept[n] = o
-                for done in plan.out_released[n]:
-                    del kept[done]
-                n += 1
+            results = []
+            with tails.lead(step == 0):
+                for blk in blocks:
+                    results.append(flash_attn(q[:, blk.q], k_vis[:, blk.k], v_vis[:, blk.k], causal=blk.causal,
+                                              softmax_scale=scale, return_lse=True, **bounds(blk)))
+                    if not tails.on or step == 0:  # a follower's results wait for the lead to finish
+                        fold(*results.pop())
+            tails.join(step > 0)
+            for o, l in results:
+                fold(o, l)
             if pending is not None:
                 kv = pending.wait()
         ctx.save_for_backward(q, k, v, out, lse, *(kv if plan.keep else ()))  # keep: kv is the peer's
@@ -478,13 +494,16 @@ class _RingAttention(torch.autograd.Function):
         dq_acc = _accumulator(dq, acc_dtype, plan.dq)
         fold_rest(plan.dq, dq_acc, dq)
         kv = (k.contiguous(), v.contiguous())
+        tails = Tails(plan.raw_hop and tails_overlap(q, k, v), q.device)
         dq_kept, n = {}, [0]
 
-        def grads(blk, kv_vis):
+        def block_grads(blk, kv_vis):
             k_vis, v_vis = kv_vis
-            dq_b, dk_b, dv_b = flash_attn_backward(
+            return flash_attn_backward(
                 dout[:, blk.q], q[:, blk.q], k_vis[:, blk.k], v_vis[:, blk.k], out[:, blk.q], lse[:, :, blk.q],
                 causal=blk.causal, softmax_scale=ctx.scale, **bounds(blk))
+
+        def fold_dq(dq_b):
             i = n[0]
             fold_grad(plan.dq.runs[i], dq_b, dq_acc, dq, dq_kept)
             if plan.dq_kept[i]:
@@ -492,6 +511,10 @@ class _RingAttention(torch.autograd.Function):
             for done in plan.dq_released[i]:
                 del dq_kept[done]
             n[0] += 1
+
+        def grads(blk, kv_vis):
+            dq_b, dk_b, dv_b = block_grads(blk, kv_vis)
+            fold_dq(dq_b)
             return dk_b, dv_b
 
         def fold_kv(folds, results, accs, finals):
@@ -504,15 +527,17 @@ class _RingAttention(torch.autograd.Function):
         home = [grads(blk, kv) for blk in plan.first]  # hides the first K/V transfer
         pending_dkv, home_accs = None, None
         for step in range(1, len(steps)):
-            kv_vis = tuple(kept_kv) if plan.keep else pending_kv.wait()
+            if plan.raw_hop:  # home as they are; the previous rank's come back the same way
+                with tails.lead():
+                    kv_vis = tuple(kept_kv) if plan.keep else pending_kv.wait()
+                    sent = [t.contiguous() for blk in steps[step] for t in grads(blk, kv_vis)]
+                    recv = [t.new_empty((t.shape[0], blk.k.stop - blk.k.start) + t.shape[2:])
+                            for blk in plan.peer_last for t in kv]
+                    pending_dkv = comm.exchange(sent, recv)
+                continue
+            kv_vis = pending_kv.wait()
             pending_kv = comm.shift(kv_vis, plan.recv_len) if step + 1 < len(steps) else None
             folds = plan.travel[step]
-            if plan.raw_hop:  # home as they are; the previous rank's come back the same way
-                sent = [t.contiguous() for blk in steps[step] for t in grads(blk, kv_vis)]
-                recv = [t.new_empty((t.shape[0], blk.k.stop - blk.k.start) + t.shape[2:])
-                        for blk in plan.peer_last for t in kv]
-                pending_dkv = comm.exchange(sent, recv)
-                continue
             if pending_dkv is None:  # step 1: this shard's dK/dV start here, in fp32
                 dkv = tuple(t.new_empty(t.shape, dtype=acc_dtype) for t in kv_vis)
                 for t in dkv:
@@ -529,7 +554,10 @@ class _RingAttention(torch.autograd.Function):
                 pending_dkv = comm.exchange(dkv, tuple(a[:, :plan.home.base] for a in home_accs))
             else:
                 pending_dkv = comm.shift(dkv)  # after the last step this hop takes it home
-        home += [grads(blk, kv) for blk in plan.tail]  # hides the last dK/dV transfer
+        # hides the last dK/dV transfer; with tails its dQ folds once the lead's is done
+        tail = [block_grads(blk, kv) if tails.on else grads(blk, kv) for blk in plan.tail]
+        tails.join()
+        home += [(fold_dq(g[0]), g[1:])[1] for g in tail] if tails.on else tail
         if home_accs is not None:  # dk and dv were made with them
             pending_dkv.wait()
             accs = home_accs
@@ -605,6 +633,43 @@ class BoundTensors:
         if blk.cu_k is not None:
             return {"cu_seqlens_q": self.tensor(blk.cu), "cu_seqlens_k": self.tensor(blk.cu_k)}
         return {"cu_seqlens": None if blk.cu is None else self.tensor(blk.cu)}
+
+
+class Tails:
+    """A ring of 2 runs two kernel calls in a row per pass (forward: the own shard's, then the remote
+    block; backward: the remote block, then the own shard's): the second cannot start on the same
+    stream until the first's last, partial wave of thread blocks is done, SMs idle meanwhile. `lead()`
+    runs the first on a high-priority stream, so the second, issued on the caller's stream, fills the
+    SMs the lead leaves idle and never delays it; `join()` orders the caller's stream after the lead
+    before the results meet. Only where the kernel family gains (`dispatch.tails_overlap`; FA2 at 32k
+    over 2 ranks, one H200: 0.976 -> 0.987 of the one-GPU time, 2026-11-28-gpu-32nd/call2). Off (or
+    on CPU, where there are no streams) the calls run in order; on, the caller also folds a follower's
+    results after the join, which CPU tests check by forcing `on`."""
+
+    _streams: dict = {}
+
+    def __init__(self, on: bool, device: torch.device):
+        self.on = on
+        self.stream = None
+        if on and device.type == "cuda":
+            if device not in Tails._streams:
+                Tails._streams[device] = torch.cuda.Stream(device, priority=-1)
+            self.stream = Tails._streams[device]
+
+    @contextlib.contextmanager
+    def lead(self, first: bool = True):
+        if self.stream is None or not first:
+            yield
+            return
+        self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
+        with torch.cuda.stream(self.stream):
+            yield
+
+    def join(self, now: bool = True) -> None:
+        # Buffers made on the lead stream and freed on the caller's are safe without record_stream:
+        # the lead's next work waits for the caller's stream first (`lead`).
+        if self.stream is not None and now:
+            torch.cuda.current_stream(self.stream.device).wait_stream(self.stream)
 
 
 class RingComm:
