@@ -394,7 +394,8 @@ def flash_attn_choice(q, k, v, *, backward=False, **features) -> tuple[str, str]
 def tails_overlap(q, k, v) -> bool:
     """Whether two attention calls in a row gain from running on two streams (the first on a
     high-priority one: `ring.Tails`), the second filling the SMs that the first's last wave leaves
-    idle. Measured (one H200, one rank's calls of a 32k ring of 2, fwd+bwd, 2026-11-28-gpu-32nd/call2):
-    FA2 0.976 -> 0.987 of the one-GPU time, cuDNN 0.974 -> 0.981; seqpar's Triton kernel lost
-    (0.998 -> 0.983). CUDA only (elsewhere a stream has no waves)."""
-    return backend("flash_attn_backward", q, k, v) in ("aten_flash", "aten_cudnn")
+    idle: FA2 only. One rank's calls of a 32k ring of 2 (one H200, fwd+bwd, 2026-11-28-gpu-32nd/call2):
+    FA2 0.976 -> 0.987 of the one-GPU time, cuDNN 0.974 -> 0.981, seqpar's Triton kernel lost (0.998 ->
+    0.983); the ring on 2 H200 (call3, A B A B): FA2 0.943 / 0.946 against 0.938 / 0.937 (compute-only
+    0.5 ms less), cuDNN 0.916 / 0.916 against 0.926 / 0.927 (beside the transfers it lost). CUDA only."""
+    return backend("flash_attn_backward", q, k, v) == "aten_flash"

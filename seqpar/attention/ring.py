@@ -45,7 +45,7 @@ A ring of 2 moves only the K/V rows the peer's one remote step reads (`RingPlan.
 zigzag and a causal mask rank 0's later chunk is the sequence's last, which rank 1 never sees, so
 rank 0 sends half its rows (the same ring time on 2 H200, 2026-11-28, fewer bytes and less kept).
 
-A ring of 2 on FA2 or cuDNN runs each pass's first call on a high-priority stream (`Tails`), so that
+A ring of 2 on FA2 runs each pass's first call on a high-priority stream (`Tails`), so that
 the second starts in the SMs the first's last wave leaves idle instead of after it.
 """
 from __future__ import annotations
@@ -641,8 +641,8 @@ class Tails:
     stream until the first's last, partial wave of thread blocks is done, SMs idle meanwhile. `lead()`
     runs the first on a high-priority stream, so the second, issued on the caller's stream, fills the
     SMs the lead leaves idle and never delays it; `join()` orders the caller's stream after the lead
-    before the results meet. Only where the kernel family gains (`dispatch.tails_overlap`; FA2 at 32k
-    over 2 ranks, one H200: 0.976 -> 0.987 of the one-GPU time, 2026-11-28-gpu-32nd/call2). Off (or
+    before the results meet. Only where the kernel family gains (`dispatch.tails_overlap`: FA2; the
+    ring at 32k on 2 H200 0.943-0.946 against 0.937-0.938, 2026-11-28-gpu-32nd/call3). Off (or
     on CPU, where there are no streams) the calls run in order; on, the caller also folds a follower's
     results after the join, which CPU tests check by forcing `on`."""
 
