@@ -34,7 +34,7 @@ def gaps(fn, hook_owner, hook_name, iters=10):
     marks = []
 
     def hooked(*a, **kw):
-        if not marks[-1]:
+        if marks and not marks[-1]:
             ev = torch.cuda.Event(enable_timing=True)
             ev.record()
             marks[-1].append(ev)
