@@ -462,16 +462,9 @@ class _RingAttention(torch.autograd.Function):
                 del kept[done]
             n[0] += 1
 
-        def post(step):  # the shift of the K/V held at `step` to the next rank (none after the last step)
-            return comm.shift(_travelling(kv, plan) if step == 0 else kv, plan.recv_len) \
-                if step + 1 < len(steps) else None
-
-        # Posting a transfer takes the host ~1 ms (NCCL, 2 H200: 2026-11-28-gpu-32nd/call5): on one
-        # stream it goes first (a transfer waits for the kernels before it on its stream), but where
-        # the lead has a stream of its own its kernel goes first and the GPU does not wait for the post.
-        post_first = tails.stream is None
         for step, blocks in enumerate(steps):
-            pending = post(step) if post_first else None
+            pending = comm.shift(_travelling(kv, plan) if step == 0 else kv, plan.recv_len) \
+                if step + 1 < len(steps) else None
             k_vis, v_vis = kv
             results = []
             with tails.lead(step == 0):
@@ -480,8 +473,6 @@ class _RingAttention(torch.autograd.Function):
                                               softmax_scale=scale, return_lse=True, **bounds(blk)))
                     if not tails.on or step == 0:  # a follower's results wait for the lead to finish
                         fold(*results.pop())
-            if not post_first:
-                pending = post(step)
             tails.join(step > 0)
             for o, l in results:
                 fold(o, l)
