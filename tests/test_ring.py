@@ -1063,6 +1063,13 @@ def test_ring_bf16_on_nccl_against_fp64(transport, family, keep):
                 assert max(errs) < 2e-2, (case, errs)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU form's refusal")
+def test_ring_bench_high_comm_priority_needs_nccl(tmp_path):
+    from seqpar.bench.ring import main
+    with pytest.raises(SystemExit, match="--comm-priority high: needs CUDA and NCCL"):
+        main(["--out", str(tmp_path / "ring.json"), "--comm-priority", "high"])
+
+
 def test_ring_bench_rounds_report_medians(tmp_path):
     """`bench ring --rounds R`: a dense case's times are medians over the rounds, its efficiencies
     and exposed time recomputed from them; a failed round's row stands as it is."""

@@ -18,7 +18,9 @@ kernel family (cuDNN, FlashAttention-2, seqpar's Triton kernel, cuDNN's graph AP
   GPUs' clocks or of the pair then hits the one-GPU run and the ring alike;
 - with `--methods ulysses usp:U allgather`: Ulysses, USP (Ulysses of degree U inside groups, ring
   across) and the all-gather (`attention.allgather`) on the same inputs, their times and efficiencies
-  (`ulysses_ms`, `usp:2_efficiency`, `allgather_efficiency`, ...).
+  (`ulysses_ms`, `usp:2_efficiency`, `allgather_efficiency`, ...);
+- with `--comm-priority high`: the ring on a communicator of its own whose NCCL streams run at high
+  priority (as disaggregated attention's), so a transfer posted behind long kernels gets the next free SMs.
 
 Packed documents (lognormal lengths, the draw of `anchors_varlen.py`): one GPU runs varlen flash
 on the whole row; the ring runs the same documents in three layouts: `zigzag` over the row's chunks
@@ -49,7 +51,7 @@ from seqpar import kernels
 from seqpar.attention import ring as ring_module
 from seqpar.attention.copy_engine import transport
 from seqpar.attention.ring import doc_balanced_schedule, doc_ring_schedule, keep_kv, ring_attention, ring_schedule
-from seqpar.parallel.dims import init_world
+from seqpar.parallel.dims import attention_comm_options, init_world
 from seqpar.parallel.sharding import (DOC_LAYOUTS, doc_zigzag_plan, document_plan, local_ranges, shard_sequence,
                                      unshard_sequence)
 
@@ -170,9 +172,12 @@ def _single(q, k, v, do, kernel, device):
     return o
 
 
+RING_GROUP = None  # the ring's communicator: None (the default group) or, with --comm-priority high, its own
+
+
 def _ring_step(q, k, v, do, cu=None, layout="zigzag"):
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-    o = ring_attention(*leaves, cu_seqlens=cu, layout=layout)
+    o = ring_attention(*leaves, group=RING_GROUP, cu_seqlens=cu, layout=layout)
     o.backward(do)
     return o
 
@@ -416,12 +421,20 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--rounds", type=int, default=1,
                    help="dense cases: every family's times once per round, in turn; medians over the rounds")
+    p.add_argument("--comm-priority", choices=("normal", "high"), default="normal",
+                   help="the ring's NCCL streams: the default group's (normal) or a communicator of its own "
+                        "whose streams run at high priority (parallel.dims.attention_comm_options)")
     args = p.parse_args(argv)
     if args.rounds < 1:
         raise SystemExit(f"--rounds {args.rounds}: must be >= 1")
 
+    global RING_GROUP
     cuda = torch.cuda.is_available()
+    if args.comm_priority == "high" and not cuda:
+        raise SystemExit("--comm-priority high: needs CUDA and NCCL (gloo has no stream priority); drop the flag")
     device = init_world(cuda)
+    if args.comm_priority == "high":
+        RING_GROUP = dist.new_group(list(range(dist.get_world_size())), pg_options=attention_comm_options())
     if cuda:
         args.heads, args.head_dim, args.dtype = 32, 128, torch.bfloat16
     else:  # smoke form: small shapes through the reference kernels on gloo
@@ -440,6 +453,7 @@ def main(argv=None) -> int:
             anchor="torch.distributed.tensor.experimental.context_parallel, same run, same kernel family",
             transport=transport(),  # the ring's transfers: NCCL's kernels or the copy engines (SEQPAR_RING_TRANSPORT)
             keep_kv=keep_kv(),  # a ring of 2 keeping the peer's K/V for the backward (SEQPAR_RING_KEEP_KV)
+            comm_priority=args.comm_priority,
             rounds=args.rounds, dense=bench_dense(args, device, timer, world),
             packed=bench_packed(args, device, timer, world))
         if dist.get_rank() == 0:
