@@ -188,6 +188,10 @@ CODE_CHANGES = (
     # one 64k row 17.7 -> 18.4; call5, 2 H200: LASP-2 64k 2.43 -> 2.23 ms, 256k 7.33 -> 7.25, 1M 29.8 -> 28.4)
     ("2026-11-28T17:30:28+00:00", ("7b5be80 lightning segments up to 16384 tokens, a grid of 7/8 of the SMs "
                                    "counted full: rows of up to 16k skip the state pass")),
+    # a ring of 2 on FA2: each pass's second call fills the first's last wave (2 H200, 2026-11-28-gpu-32nd/call3:
+    # 32k FA2 ring 50.48 / 50.53 -> 50.05 / 50.14 ms, compute-only 49.2 -> 48.7-48.9; call7 0.956 in 5 rounds)
+    ("2026-11-28T19:06:50+00:00", ("b4fe250 a ring of 2 runs each pass's first call on a high-priority stream "
+                                   "(b2cd4b5, 19:15:32: on FA2 only)")),
 )
 
 
@@ -233,6 +237,8 @@ SAME_KERNEL_BENCHES += ("ee7b846", "d6df634")
 SAME_KERNEL_BENCHES += ("2874c1c",)
 # ... and 7b5be80 (the lightning kernel's grid only, as 0231d9c)
 SAME_KERNEL_BENCHES += ("7b5be80",)
+# ... and b4fe250 (the ring's streams, as 95a8d48: the same kernels, the ring's time measured per run)
+SAME_KERNEL_BENCHES += ("b4fe250",)
 # (not 6eda7f2: the kernels bench's split rows and the disagg bench's servers change with it)
 # CODE_CHANGES entries that changed the lightning kernel (79fc72c's entry holds e049981's one-scan
 # exchange): its kernels-bench rows measure one kernel only between two of them
