@@ -11,7 +11,6 @@ launch (`first_kernel_gap_ms`, median of 10), the host's time to launch the whol
 import cProfile
 import io
 import json
-import os
 import pstats
 import statistics
 import sys
@@ -20,11 +19,8 @@ import time
 import torch
 import torch.distributed as dist
 
+from ring_profile_gpu import steps  # docs/benchmarks, this script's folder
 from seqpar.attention import ring as ring_module
-from seqpar.bench import ring as bench
-from seqpar.parallel.sharding import shard_sequence
-
-S, H, D = 32768, 32, 128
 
 
 def gaps(fn, hook_owner, hook_name, iters=10):
@@ -59,16 +55,7 @@ def gaps(fn, hook_owner, hook_name, iters=10):
 
 
 def main():
-    dist.init_process_group("nccl")
-    rank = dist.get_rank()
-    torch.cuda.set_device(rank)
-    device = torch.device("cuda", rank)
-    kernel = os.environ.get("SEQPAR_ATTN_KERNEL", "flash")
-    g = torch.Generator(device=device).manual_seed(S)
-    q, k, v, do = (torch.randn(1, S, H, D, device=device, dtype=torch.bfloat16, generator=g) for _ in range(4))
-    local = [shard_sequence(t, layout="zigzag") for t in (q, k, v, do)]
-    single = lambda: bench._single(q, k, v, do, kernel, device)  # noqa: E731
-    ring = lambda: bench._ring_step(*local)  # noqa: E731
+    rank, _, kernel, single, ring = steps()
     row = dict(rank=rank, kernel=kernel)
     row["single_first_kernel_gap_ms"], row["single_host_ms"] = gaps(single, torch.nn.functional,
                                                                     "scaled_dot_product_attention")

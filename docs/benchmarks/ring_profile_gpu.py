@@ -42,7 +42,9 @@ def kernel_table(fn, steps=3):
                 kernels={name: round(ms, 3) for name, ms in top})
 
 
-def main():
+def steps():
+    """Joins the NCCL world; (rank, device, kernel family, the one-GPU step, the ring's step) at 32k,
+    the bench's inputs and calls (`bench ring`'s `_single` and `_ring_step`)."""
     dist.init_process_group("nccl")
     rank = dist.get_rank()
     torch.cuda.set_device(rank)
@@ -51,9 +53,13 @@ def main():
     g = torch.Generator(device=device).manual_seed(S)
     q, k, v, do = (torch.randn(1, S, H, D, device=device, dtype=torch.bfloat16, generator=g) for _ in range(4))
     local = [shard_sequence(t, layout="zigzag") for t in (q, k, v, do)]
+    return rank, device, kernel, lambda: bench._single(q, k, v, do, kernel, device), lambda: bench._ring_step(*local)
+
+
+def main():
+    rank, device, kernel, single, ring = steps()
     timer = bench._timer(device, 10, 3)
-    cases = {"single": lambda: bench._single(q, k, v, do, kernel, device),
-             "ring": lambda: bench._ring_step(*local)}
+    cases = {"single": single, "ring": ring}
     row = dict(rank=rank, kernel=kernel, keep=os.environ.get("SEQPAR_RING_KEEP_KV", "0"))
     for name, fn in cases.items():
         row[f"{name}_ms"] = timer(fn)

@@ -171,16 +171,6 @@ _AB_ROUNDS = {
     **{f"2026-11-28-gpu-26th/call3/old_{case}_r{{r}}.json": (
         "bench ring at cbd013f, before 95a8d48 (a ring of 2 sent all its K/V rows), run beside the new code's rows "
         "in the same call as their A/B") for case in ("flash_keep1", "cudnn_keep1", "flash_keep0")},
-    # the thirty-second session: ring_ab_gpu.sh's A/Bs (A the new code, B the old, alternating)
-    "2026-11-28-gpu-32nd/call3/ab/ring_B{r}.json": (
-        "bench ring at b4fe250~1, before the ring's two streams (Tails), run after b4fe250 beside "
-        "its rows in the same call as their A/B"),
-    "2026-11-28-gpu-32nd/call3/ab/ring_A{r}.json": (
-        "bench ring at b4fe250: Tails on FA2 and cuDNN; b2cd4b5 took cuDNN off (it lost 0.01 here), so its cuDNN "
-        "rows ran code that no longer stands"),
-    "2026-11-28-gpu-32nd/call6/ab/ring_A{r}.json": (
-        "bench ring at 70acca6 (the forward's lead kernel before the K/V post, reverted in 53c1343: the same ring "
-        "time), beside b2cd4b5's rows (call6/ab/ring_B*) in the same call"),
 }
 DIAGNOSTIC_FILES.update({name.format(r=r): why for name, why in _AB_ROUNDS.items() for r in (1, 2)})
 DIAGNOSTIC_FILES.update({f"2026-11-28-gpu-26th/call4/old_{case}_r3.json": _AB_ROUNDS[
