@@ -466,15 +466,18 @@ class _RingAttention(torch.autograd.Function):
             pending = comm.shift(_travelling(kv, plan) if step == 0 else kv, plan.recv_len) \
                 if step + 1 < len(steps) else None
             k_vis, v_vis = kv
-            results = []
+            later = []  # a follower's results, folded once the lead is done
             with tails.lead(step == 0):
                 for blk in blocks:
-                    results.append(flash_attn(q[:, blk.q], k_vis[:, blk.k], v_vis[:, blk.k], causal=blk.causal,
-                                              softmax_scale=scale, return_lse=True, **bounds(blk)))
-                    if not tails.on or step == 0:  # a follower's results wait for the lead to finish
-                        fold(*results.pop())
-            tails.join(step > 0)
-            for o, l in results:
+                    o, l = flash_attn(q[:, blk.q], k_vis[:, blk.k], v_vis[:, blk.k], causal=blk.causal,
+                                      softmax_scale=scale, return_lse=True, **bounds(blk))
+                    if tails.on and step > 0:
+                        later.append((o, l))
+                    else:
+                        fold(o, l)
+            if later:
+                tails.join()
+            for o, l in later:
                 fold(o, l)
             if pending is not None:
                 kv = pending.wait()
@@ -554,10 +557,14 @@ class _RingAttention(torch.autograd.Function):
                 pending_dkv = comm.exchange(dkv, tuple(a[:, :plan.home.base] for a in home_accs))
             else:
                 pending_dkv = comm.shift(dkv)  # after the last step this hop takes it home
-        # hides the last dK/dV transfer; with tails its dQ folds once the lead's is done
-        tail = [block_grads(blk, kv) if tails.on else grads(blk, kv) for blk in plan.tail]
-        tails.join()
-        home += [(fold_dq(g[0]), g[1:])[1] for g in tail] if tails.on else tail
+        if tails.on:  # hides the last dK/dV transfer; its dQ folds once the lead's is done
+            tail = [block_grads(blk, kv) for blk in plan.tail]
+            tails.join()
+            for dq_b, dk_b, dv_b in tail:
+                fold_dq(dq_b)
+                home.append((dk_b, dv_b))
+        else:
+            home += [grads(blk, kv) for blk in plan.tail]  # hides the last dK/dV transfer
         if home_accs is not None:  # dk and dv were made with them
             pending_dkv.wait()
             accs = home_accs
@@ -657,18 +664,18 @@ class Tails:
             self.stream = Tails._streams[device]
 
     @contextlib.contextmanager
-    def lead(self, first: bool = True):
-        if self.stream is None or not first:
+    def lead(self, active: bool = True):
+        if self.stream is None or not active:
             yield
             return
         self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
         with torch.cuda.stream(self.stream):
             yield
 
-    def join(self, now: bool = True) -> None:
+    def join(self) -> None:
         # Buffers made on the lead stream and freed on the caller's are safe without record_stream:
         # the lead's next work waits for the caller's stream first (`lead`).
-        if self.stream is not None and now:
+        if self.stream is not None:
             torch.cuda.current_stream(self.stream.device).wait_stream(self.stream)
 
 
