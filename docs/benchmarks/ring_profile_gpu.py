@@ -5,9 +5,10 @@
 Per rank, for the one-GPU 32k fwd+bwd (SDPA, the bench's `_single`), the ring without transfers
 (`compute_only`, the bench's `_NoComm`) and the ring: ms per step (CUDA events, median of 10), and
 from torch.profiler over 3 steps: each kernel name's total ms per step, the sum of all kernels
-per step, and the step's span from its first kernel's start to its last kernel's end (kernels of
+per step, the step's span from its first kernel's start to its last kernel's end (kernels of
 every stream: a span above the sum is idle time or time spent waiting on a transfer; below it,
-kernels overlapped). bf16, H=32, D=128, zigzag, causal.
+kernels overlapped) and the first step's kernels of 50 us or more as (name, start ms, ms), in time
+order (a NCCL kernel's ms include its wait for the peer). bf16, H=32, D=128, zigzag, causal.
 """
 import collections
 import json
@@ -38,8 +39,12 @@ def kernel_table(fn, steps=3):
     start = min(e.time_range.start for e in events)
     end = max(e.time_range.end for e in events)
     top = sorted(totals.items(), key=lambda kv: -kv[1])[:25]
+    # the first step's longer kernels in time order: which run beside which (NCCL's beside attention's)
+    first = [e for e in events if e.time_range.start < start + (end - start) / steps and e.device_time >= 50]
+    timeline = [(e.name[:60], round((e.time_range.start - start) / 1e3, 3), round(e.device_time / 1e3, 3))
+                for e in sorted(first, key=lambda e: e.time_range.start)]
     return dict(kernel_ms_per_step=round(sum(totals.values()), 3), span_ms_per_step=round((end - start) / 1e3 / steps, 3),
-                kernels={name: round(ms, 3) for name, ms in top})
+                kernels={name: round(ms, 3) for name, ms in top}, first_step=timeline)
 
 
 def steps():
