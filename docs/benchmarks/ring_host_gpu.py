@@ -19,7 +19,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from ring_profile_gpu import steps  # docs/benchmarks, this script's folder
+from ring_profile_gpu import setup  # docs/benchmarks, this script's folder
 from seqpar.attention import ring as ring_module
 
 
@@ -55,7 +55,7 @@ def gaps(fn, hook_owner, hook_name, iters=10):
 
 
 def main():
-    rank, _, kernel, single, ring = steps()
+    rank, _, kernel, single, ring = setup()
     row = dict(rank=rank, kernel=kernel)
     row["single_first_kernel_gap_ms"], row["single_host_ms"] = gaps(single, torch.nn.functional,
                                                                     "scaled_dot_product_attention")

@@ -47,7 +47,7 @@ def kernel_table(fn, steps=3):
                 kernels={name: round(ms, 3) for name, ms in top}, first_step=timeline)
 
 
-def steps():
+def setup():
     """Joins the NCCL world; (rank, device, kernel family, the one-GPU step, the ring's step) at 32k,
     the bench's inputs and calls (`bench ring`'s `_single` and `_ring_step`)."""
     dist.init_process_group("nccl")
@@ -62,7 +62,7 @@ def steps():
 
 
 def main():
-    rank, device, kernel, single, ring = steps()
+    rank, device, kernel, single, ring = setup()
     timer = bench._timer(device, 10, 3)
     cases = {"single": single, "ring": ring}
     row = dict(rank=rank, kernel=kernel, keep=os.environ.get("SEQPAR_RING_KEEP_KV", "0"))
