@@ -995,7 +995,7 @@ def test_prefix_calls_where_the_family_takes_them(monkeypatch):
 
 def _ring_bf16_on_nccl(rank, world, transport="nccl", family=None, keep="0"):
     os.environ[TRANSPORT_ENV] = transport  # the ring's transfers: NCCL's kernels or the copy engines
-    os.environ[ring_module.KEEP_ENV] = keep  # a ring of 2 keeping the peer's K/V (with FA2: `Tails` too)
+    os.environ[ring_module.KEEP_ENV] = keep  # "1": a ring of 2 keeps the peer's K/V for the backward
     if family:  # the local kernel family (SEQPAR_ATTN_KERNEL), else the dispatcher's choice
         os.environ["SEQPAR_ATTN_KERNEL"] = family
     torch.manual_seed(0)
