@@ -1063,6 +1063,34 @@ def test_ring_bf16_on_nccl_against_fp64(transport, family, keep):
                 assert max(errs) < 2e-2, (case, errs)
 
 
+def _cp_groups_on_nccl(rank, world):
+    """The cp groups ParallelDims builds (ring alone, and USP's split), whether their NCCL streams
+    run at high priority, and a ring through cp's group against one through the default group."""
+    from seqpar.parallel.dims import ParallelDims
+    torch.cuda.set_device(rank)
+    high = lambda g: g._get_backend(torch.device("cuda")).options.is_high_priority_stream
+    flags, dims = {}, None
+    for ulysses in (world, 1):
+        dims = ParallelDims(dp=1, cp=world, tp=1, pp=1, world_size=world, ulysses=ulysses)
+        dims.build_mesh("cuda")
+        names = ("cp", "cp_ulysses") if ulysses > 1 else ("cp",)
+        flags.update({f"{name} (ulysses {ulysses})": high(dims.group(name)) for name in names})
+    torch.manual_seed(0)
+    q, k, v = (shard_sequence(torch.randn(1, 4096, 8, 128, device="cuda", dtype=torch.bfloat16)) for _ in range(3))
+    outs = [ring_attention(q, k, v, group=g) for g in (dims.group("cp"), None)]
+    return flags, (outs[0] - outs[1]).abs().max().item()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_cp_groups_run_at_high_priority_on_nccl():
+    """Training's cp groups get NCCL streams at high priority (`parallel.dims.attention_comm_options`):
+    the ring's transfers then take the next free SMs rather than queue behind the attention kernels."""
+    for flags, diff in run_distributed(_cp_groups_on_nccl, 2, backend="nccl"):
+        assert all(flags.values()), flags
+        assert diff == 0.0, f"the ring on the cp group differs from the default group's by {diff}"
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU form's refusal")
 def test_ring_bench_high_comm_priority_needs_nccl(tmp_path):
     from seqpar.bench.ring import main

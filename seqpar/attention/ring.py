@@ -462,9 +462,19 @@ class _RingAttention(torch.autograd.Function):
                 del kept[done]
             n[0] += 1
 
-        for step, blocks in enumerate(steps):
-            pending = comm.shift(_travelling(kv, plan) if step == 0 else kv, plan.recv_len) \
+        def post(step):  # the K/V held at `step` to the next rank; none after the last step
+            return comm.shift(_travelling(kv, plan) if step == 0 else kv, plan.recv_len) \
                 if step + 1 < len(steps) else None
+
+        # Posting a transfer takes the host ~0.8 ms (NCCL). On one stream it goes first: a transfer
+        # waits for the kernels before it on its stream. With the lead on a stream of its own, the
+        # lead's kernel goes first and the GPU does not wait for the post (on 2 H200 at 32k, with
+        # the cp group's streams at high priority: 49.35 / 49.50 ms against 49.76 / 49.93 posting
+        # first, 2026-11-28-gpu-33rd/call1; at normal priority the transfer queued behind the
+        # lead's blocks and nothing was gained, 2026-11-28-gpu-32nd/call6).
+        post_first = tails.stream is None
+        for step, blocks in enumerate(steps):
+            pending = post(step) if post_first else None
             k_vis, v_vis = kv
             later = []  # a follower's results, folded once the lead is done
             with tails.lead(step == 0):
@@ -475,6 +485,8 @@ class _RingAttention(torch.autograd.Function):
                         later.append((o, l))
                     else:
                         fold(o, l)
+            if not post_first:
+                pending = post(step)
             if later:
                 tails.join()
             for o, l in later:

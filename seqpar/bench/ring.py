@@ -19,8 +19,9 @@ kernel family (cuDNN, FlashAttention-2, seqpar's Triton kernel, cuDNN's graph AP
 - with `--methods ulysses usp:U allgather`: Ulysses, USP (Ulysses of degree U inside groups, ring
   across) and the all-gather (`attention.allgather`) on the same inputs, their times and efficiencies
   (`ulysses_ms`, `usp:2_efficiency`, `allgather_efficiency`, ...);
-- with `--comm-priority high`: the ring on a communicator of its own whose NCCL streams run at high
-  priority (as disaggregated attention's), so a transfer posted behind long kernels gets the next free SMs.
+- `--comm-priority`: on CUDA the ring runs on a communicator of its own whose NCCL streams run at
+  high priority, as training's cp group does (`parallel.dims.attention_comm_options`), so a transfer
+  posted behind long kernels gets the next free SMs; `normal` takes the default group's streams.
 
 Packed documents (lognormal lengths, the draw of `anchors_varlen.py`): one GPU runs varlen flash
 on the whole row; the ring runs the same documents in three layouts: `zigzag` over the row's chunks
@@ -421,9 +422,9 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--rounds", type=int, default=1,
                    help="dense cases: every family's times once per round, in turn; medians over the rounds")
-    p.add_argument("--comm-priority", choices=("normal", "high"), default="normal",
-                   help="the ring's NCCL streams: the default group's (normal) or a communicator of its own "
-                        "whose streams run at high priority (parallel.dims.attention_comm_options)")
+    p.add_argument("--comm-priority", choices=("normal", "high"), default=None,
+                   help="the ring's NCCL streams: a communicator of its own whose streams run at high priority, "
+                        "as training's cp group (high, the default on CUDA), or the default group's (normal)")
     args = p.parse_args(argv)
     if args.rounds < 1:
         raise SystemExit(f"--rounds {args.rounds}: must be >= 1")
@@ -433,6 +434,7 @@ def main(argv=None) -> int:
     if args.comm_priority == "high" and not cuda:
         raise SystemExit("--comm-priority high: needs CUDA and NCCL (gloo has no stream priority); drop the flag")
     device = init_world(cuda)
+    args.comm_priority = args.comm_priority or ("high" if cuda else "normal")
     if args.comm_priority == "high":
         RING_GROUP = dist.new_group(list(range(dist.get_world_size())), pg_options=attention_comm_options())
     if cuda:

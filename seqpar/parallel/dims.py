@@ -13,7 +13,7 @@ Disaggregated attention's all-to-alls get a communicator of their own, `attn`, o
 balance: dp_cp's with `parallel.disagg.group=dp_cp` (`attention_dp_cp`), cp's otherwise. On FSDP's,
 NCCL would run them in issue order behind the parameter all-gathers and gradient reduce-scatters
 that FSDP posts ahead of each layer; on cp's, behind or beside LASP-2's state exchanges. Its NCCL
-streams run at high priority (`attention_comm_options`). `SEQPAR_DISAGG_SHARED_GROUP=1` keeps them
+streams run at high priority (`attention_comm_options`), as the cp groups' do. `SEQPAR_DISAGG_SHARED_GROUP=1` keeps them
 on dp_cp's (cp's) group, for an A/B.
 """
 from __future__ import annotations
@@ -42,12 +42,13 @@ def init_world(cuda: bool) -> torch.device:
 
 
 def attention_comm_options():
-    """Options of a communicator for disaggregated attention's all-to-alls: NCCL streams at high
-    priority, so that a transfer posted while long attention kernels fill the GPU gets the next free
-    SMs rather than queueing behind their blocks. On 2 H200 (wlbllm, 128k tokens per GPU, a batch
-    holding a 92k-token document; 2026-11-28 27th session, call 4) ping-pong's output transfers
-    waited 1.1-9.2 ms per call behind the kernels at normal priority and 0.02 ms at high priority,
-    the calls as fast. None where the default group is not NCCL (nothing to set)."""
+    """Options of a communicator for attention's transfers (the cp groups', disaggregated
+    attention's): NCCL streams at high priority, so that a transfer posted while long attention
+    kernels fill the GPU gets the next free SMs rather than queueing behind their blocks. On 2 H200
+    (wlbllm, 128k tokens per GPU, a batch holding a 92k-token document; 2026-11-28 27th session,
+    call 4) ping-pong's output transfers waited 1.1-9.2 ms per call behind the kernels at normal
+    priority and 0.02 ms at high priority, the calls as fast; the ring at 32k gained 0.4 ms of 49.8
+    (2026-11-28-gpu-33rd/call1). None where the default group is not NCCL (nothing to set)."""
     nccl = getattr(dist, "ProcessGroupNCCL", None)
     if nccl is None or not dist.is_initialized() or dist.get_backend() != "nccl":
         return None
@@ -83,13 +84,16 @@ class ParallelDims:
                    attention_dp_cp=joins_dp_rows(p, dp), disagg=p.softmax_sp == "disagg")
 
     def build_mesh(self, device_type: str) -> DeviceMesh:
+        high = attention_comm_options()  # the cp groups' transfers go beside attention kernels
         if self.ulysses == 1:
-            mesh = init_device_mesh(device_type, (self.pp, self.dp, self.cp, self.tp), mesh_dim_names=("pp", "dp", "cp", "tp"))
+            mesh = init_device_mesh(device_type, (self.pp, self.dp, self.cp, self.tp), mesh_dim_names=("pp", "dp", "cp", "tp"),
+                                    backend_override={"cp": high} if high else None)
             mesh["dp", "cp"]._flatten("dp_cp")
         else:
             shape = (self.pp, self.dp, self.cp // self.ulysses, self.ulysses, self.tp)
-            mesh = init_device_mesh(device_type, shape, mesh_dim_names=("pp", "dp", "cp_ring", "cp_ulysses", "tp"))
-            mesh["cp_ring", "cp_ulysses"]._flatten("cp")
+            mesh = init_device_mesh(device_type, shape, mesh_dim_names=("pp", "dp", "cp_ring", "cp_ulysses", "tp"),
+                                    backend_override={"cp_ring": high, "cp_ulysses": high} if high else None)
+            mesh["cp_ring", "cp_ulysses"]._flatten("cp", backend_override=high)
             mesh["dp", "cp_ring", "cp_ulysses"]._flatten("dp_cp")
             _CP_SPLITS[mesh["cp"].get_group()] = (mesh["cp_ulysses"].get_group(), mesh["cp_ring"].get_group())
         object.__setattr__(self, "_mesh", mesh)
