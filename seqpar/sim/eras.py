@@ -192,6 +192,9 @@ CODE_CHANGES = (
     # 32k FA2 ring 50.48 / 50.53 -> 50.05 / 50.14 ms, compute-only 49.2 -> 48.7-48.9; call7 0.956 in 5 rounds)
     ("2026-11-28T19:06:50+00:00", ("b4fe250 a ring of 2 runs each pass's first call on a high-priority stream "
                                    "(b2cd4b5, 19:15:32: on FA2 only)")),
+    # the cp groups' NCCL streams at high priority, the lead's kernel before the K/V post (2 H200,
+    # 2026-11-28-gpu-33rd/call2: 32k FA2 keep ring 49.76 / 49.87 -> 49.33 / 49.32 ms; cuDNN the same)
+    ("2026-11-28T20:33:42+00:00", "3bb4ed5 the ring's transfers on high-priority NCCL streams, posted after the lead"),
 )
 
 
@@ -239,6 +242,8 @@ SAME_KERNEL_BENCHES += ("2874c1c",)
 SAME_KERNEL_BENCHES += ("7b5be80",)
 # ... and b4fe250 (the ring's streams, as 95a8d48: the same kernels, the ring's time measured per run)
 SAME_KERNEL_BENCHES += ("b4fe250",)
+# ... and 3bb4ed5 (the ring's communicator and post order)
+SAME_KERNEL_BENCHES += ("3bb4ed5",)
 # (not 6eda7f2: the kernels bench's split rows and the disagg bench's servers change with it)
 # CODE_CHANGES entries that changed the lightning kernel (79fc72c's entry holds e049981's one-scan
 # exchange): its kernels-bench rows measure one kernel only between two of them
