@@ -13,8 +13,9 @@ Disaggregated attention's all-to-alls get a communicator of their own, `attn`, o
 balance: dp_cp's with `parallel.disagg.group=dp_cp` (`attention_dp_cp`), cp's otherwise. On FSDP's,
 NCCL would run them in issue order behind the parameter all-gathers and gradient reduce-scatters
 that FSDP posts ahead of each layer; on cp's, behind or beside LASP-2's state exchanges. Its NCCL
-streams run at high priority (`attention_comm_options`), as the cp groups' do. `SEQPAR_DISAGG_SHARED_GROUP=1` keeps them
-on dp_cp's (cp's) group, for an A/B.
+streams run at high priority (`attention_comm_options`), as the cp groups' do (cp, cp_ring,
+cp_ulysses: their transfers go beside attention kernels). `SEQPAR_DISAGG_SHARED_GROUP=1` keeps
+them on dp_cp's (cp's) group, for an A/B.
 """
 from __future__ import annotations
 
