@@ -19,9 +19,10 @@ kernel family (cuDNN, FlashAttention-2, seqpar's Triton kernel, cuDNN's graph AP
 - with `--methods ulysses usp:U allgather`: Ulysses, USP (Ulysses of degree U inside groups, ring
   across) and the all-gather (`attention.allgather`) on the same inputs, their times and efficiencies
   (`ulysses_ms`, `usp:2_efficiency`, `allgather_efficiency`, ...);
-- `--comm-priority`: on CUDA the ring runs on a communicator of its own whose NCCL streams run at
-  high priority, as training's cp group does (`parallel.dims.attention_comm_options`), so a transfer
-  posted behind long kernels gets the next free SMs; `normal` takes the default group's streams.
+- `--comm-priority`: on CUDA the ring (and Ulysses, the all-gather) runs on a communicator of its
+  own whose NCCL streams run at high priority, as training's cp group does
+  (`parallel.dims.attention_comm_options`), so a transfer posted behind long kernels gets the next
+  free SMs; `normal` takes the default group's streams.
 
 Packed documents (lognormal lengths, the draw of `anchors_varlen.py`): one GPU runs varlen flash
 on the whole row; the ring runs the same documents in three layouts: `zigzag` over the row's chunks
@@ -173,7 +174,7 @@ def _single(q, k, v, do, kernel, device):
     return o
 
 
-RING_GROUP = None  # the ring's communicator: None (the default group) or, with --comm-priority high, its own
+RING_GROUP = None  # the ring's (Ulysses', the all-gather's) communicator: None (the default group) or, high, its own
 
 
 def _ring_step(q, k, v, do, cu=None, layout="zigzag"):
@@ -186,15 +187,16 @@ def _ring_step(q, k, v, do, cu=None, layout="zigzag"):
 def _other_method(name: str, world: int):
     """fwd+bwd of Ulysses (`ulysses`), USP (`usp:U`: Ulysses of degree U inside groups, ring
     across them, the process groups built as training builds them) or the all-gather (`allgather`,
-    `attention.allgather`) over the whole world, zigzag."""
+    `attention.allgather`) over the whole world, zigzag; Ulysses and the all-gather on the ring's
+    communicator (`--comm-priority`), as training runs them on the cp group."""
     from seqpar.attention.allgather import allgather_attention
     from seqpar.attention.ulysses import ulysses_attention, usp_attention
     from seqpar.parallel.dims import ParallelDims
 
     if name == "ulysses":
-        fn = ulysses_attention
+        fn = functools.partial(ulysses_attention, group=RING_GROUP)
     elif name == "allgather":
-        fn = allgather_attention
+        fn = functools.partial(allgather_attention, group=RING_GROUP)
     elif name.startswith("usp:") and name[4:].isdigit():
         dims = ParallelDims(dp=1, cp=world, tp=1, pp=1, world_size=world, ulysses=int(name[4:]))
         dims.build_mesh("cuda" if torch.cuda.is_available() else "cpu")
