@@ -46,7 +46,9 @@ zigzag and a causal mask rank 0's later chunk is the sequence's last, which rank
 rank 0 sends half its rows (the same ring time on 2 H200, 2026-11-28, fewer bytes and less kept).
 
 A ring of 2 on FA2 runs each pass's first call on a high-priority stream (`Tails`), so that
-the second starts in the SMs the first's last wave leaves idle instead of after it.
+the second starts in the SMs the first's last wave leaves idle instead of after it; the forward
+then posts its K/V shift after the lead's kernel, which the cp group's high-priority NCCL streams
+(`parallel.dims.attention_comm_options`) still run beside it.
 """
 from __future__ import annotations
 
